@@ -1,0 +1,28 @@
+import type { KeySnapshot } from "../store/store.js";
+
+/** Upstream identity headers; a client-sent header with this prefix never reaches upstream. */
+export const IDENTITY_PREFIX = "x-keygate-";
+
+/** The identity headers for a granted request, in a fixed order. */
+export function identityHeaders(snapshot: KeySnapshot): Array<[string, string]> {
+  const { key, account } = snapshot;
+  const headers: Array<[string, string]> = [
+    ["x-keygate-key-id", key.id],
+    ["x-keygate-owner-id", key.ownerId],
+  ];
+  if (key.projectId !== null) headers.push(["x-keygate-project-id", key.projectId]);
+  headers.push(["x-keygate-scopes", key.scopes.join(",")], ["x-keygate-plan", account.plan], ["x-keygate-mode", key.mode]);
+  return headers;
+}
+
+/** Client-sent x-keygate-* header names that the allow does not overwrite, so they must go. */
+export function spoofedIdentityHeaders(clientHeaderNames: Iterable<string>, granted: ReadonlyArray<[string, string]>): string[] {
+  const out: string[] = [];
+  for (const name of clientHeaderNames) {
+    const lower = name.toLowerCase();
+    if (!lower.startsWith(IDENTITY_PREFIX)) continue;
+    if (granted.some(([grantedName]) => grantedName === lower)) continue;
+    if (!out.includes(lower)) out.push(lower);
+  }
+  return out;
+}

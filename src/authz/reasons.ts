@@ -1,0 +1,138 @@
+/** Why a request was refused. Several reasons share one public code. */
+export type DenyReason =
+  | "MISSING_CREDENTIAL"
+  | "MALFORMED_KEY"
+  | "UNKNOWN_KEY"
+  | "KEY_REVOKED"
+  | "KEY_ROTATED"
+  | "KEY_EXPIRED"
+  | "PROJECT_MISMATCH"
+  | "PLAN_REQUIRED"
+  | "MISSING_SCOPE"
+  | "RATE_LIMITED"
+  | "QUOTA_EXCEEDED"
+  | "INSUFFICIENT_CREDITS";
+
+/** The public face of a denial: HTTP status, error code and wording. */
+export interface DenialSpec {
+  httpStatus: 401 | 402 | 403 | 429;
+  code: string;
+  title: string;
+  message: string;
+  retryable: boolean;
+  /** google.rpc.Code carried in CheckResponse.status. */
+  grpcCode: number;
+}
+
+const UNAUTHENTICATED = 16;
+const PERMISSION_DENIED = 7;
+const RESOURCE_EXHAUSTED = 8;
+
+/** The one table from reason to status, code and message, shared by every entry point. */
+export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
+  MISSING_CREDENTIAL: {
+    httpStatus: 401,
+    code: "UNAUTHENTICATED",
+    title: "Sign in required",
+    message: 'An API key is required. Send it as "Authorization: Bearer <key>" or "X-API-Key: <key>".',
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  MALFORMED_KEY: {
+    httpStatus: 401,
+    code: "UNAUTHENTICATED",
+    title: "Sign in required",
+    message: "The API key is malformed. Check that it was copied whole.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  UNKNOWN_KEY: {
+    httpStatus: 401,
+    code: "UNAUTHENTICATED",
+    title: "Sign in required",
+    message: "Invalid or expired API key.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  KEY_REVOKED: {
+    httpStatus: 401,
+    code: "KEY_REVOKED",
+    title: "API key revoked",
+    message: "This API key has been revoked.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  KEY_ROTATED: {
+    httpStatus: 401,
+    code: "KEY_REVOKED",
+    title: "API key revoked",
+    message: "This API key was rotated and its grace period has ended. Use its replacement.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  KEY_EXPIRED: {
+    httpStatus: 401,
+    code: "KEY_EXPIRED",
+    title: "API key expired",
+    message: "This API key has expired.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  PROJECT_MISMATCH: {
+    httpStatus: 403,
+    code: "FORBIDDEN",
+    title: "Access denied",
+    message: "This API key is locked to another project.",
+    retryable: false,
+    grpcCode: PERMISSION_DENIED,
+  },
+  PLAN_REQUIRED: {
+    httpStatus: 402,
+    code: "PLAN_REQUIRED",
+    title: "Plan required",
+    message: "This API key is valid, but its account has no active subscription.",
+    retryable: false,
+    grpcCode: PERMISSION_DENIED,
+  },
+  MISSING_SCOPE: {
+    httpStatus: 403,
+    code: "FORBIDDEN",
+    title: "Access denied",
+    message: "This API key does not have the required scope.",
+    retryable: false,
+    grpcCode: PERMISSION_DENIED,
+  },
+  RATE_LIMITED: {
+    httpStatus: 429,
+    code: "RATE_LIMITED",
+    title: "Too many requests",
+    message: "The rate limit was exceeded. Retry after the time in the Retry-After header.",
+    retryable: true,
+    grpcCode: RESOURCE_EXHAUSTED,
+  },
+  QUOTA_EXCEEDED: {
+    httpStatus: 402,
+    code: "QUOTA_EXCEEDED",
+    title: "Quota exceeded",
+    message: "The daily quota is used up.",
+    retryable: true,
+    grpcCode: RESOURCE_EXHAUSTED,
+  },
+  INSUFFICIENT_CREDITS: {
+    httpStatus: 402,
+    code: "INSUFFICIENT_CREDITS",
+    title: "Insufficient credits",
+    message: "The account has run out of credits.",
+    retryable: false,
+    grpcCode: RESOURCE_EXHAUSTED,
+  },
+};
+
+/** The JSON error body, identical for gRPC denied_response and the HTTP mode. */
+export function errorBody(spec: DenialSpec, message: string, requestId: string): string {
+  return JSON.stringify({
+    success: false,
+    error: { title: spec.title, message, retryable: spec.retryable, statusCode: spec.httpStatus, code: spec.code },
+    requestId,
+  });
+}

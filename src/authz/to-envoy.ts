@@ -1,0 +1,64 @@
+import { create } from "@bufbuild/protobuf";
+import { HeaderValueOption_HeaderAppendAction, HeaderValueOptionSchema } from "../gen/envoy/config/core/v3/base_pb.js";
+import type { HeaderValueOption } from "../gen/envoy/config/core/v3/base_pb.js";
+import {
+  CheckResponseSchema,
+  DeniedHttpResponseSchema,
+  OkHttpResponseSchema,
+} from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import { StatusSchema } from "../gen/google/rpc/status_pb.js";
+import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
+import type { Decision } from "./pipeline.js";
+import { DENIALS, errorBody } from "./reasons.js";
+
+/** The namespace Envoy files keygate's dynamic metadata under. */
+export const METADATA_NAMESPACE = "envoy.filters.http.ext_authz";
+
+function header(key: string, value: string): HeaderValueOption {
+  // OVERWRITE replaces any client-sent value of the same name, so identity cannot be spoofed.
+  return create(HeaderValueOptionSchema, {
+    header: { key, value },
+    appendAction: HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+  });
+}
+
+/** Maps a decision to Envoy's CheckResponse. `clientHeaderNames` are the request's header names. */
+export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string): CheckResponse {
+  if (decision.allow) {
+    const { key, account } = decision.snapshot;
+    const granted = identityHeaders(decision.snapshot);
+    const remove = spoofedIdentityHeaders(clientHeaderNames, granted);
+    if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
+    return create(CheckResponseSchema, {
+      status: create(StatusSchema, { code: 0 }),
+      httpResponse: {
+        case: "okResponse",
+        value: create(OkHttpResponseSchema, { headers: granted.map(([k, v]) => header(k, v)), headersToRemove: remove }),
+      },
+      dynamicMetadata: {
+        key_id: key.id,
+        owner_id: key.ownerId,
+        project_id: key.projectId ?? "",
+        plan: account.plan,
+        mode: key.mode,
+        scopes: key.scopes.join(","),
+      },
+    });
+  }
+  const spec = DENIALS[decision.reason];
+  const headers = [header("content-type", "application/json")];
+  if (spec.httpStatus === 401) headers.push(header("www-authenticate", "Bearer"));
+  if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
+  return create(CheckResponseSchema, {
+    status: create(StatusSchema, { code: spec.grpcCode, message: spec.code }),
+    httpResponse: {
+      case: "deniedResponse",
+      value: create(DeniedHttpResponseSchema, {
+        status: { code: spec.httpStatus },
+        headers,
+        body: errorBody(spec, decision.message, requestId),
+      }),
+    },
+  });
+}

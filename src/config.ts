@@ -1,0 +1,191 @@
+import { readFileSync } from "node:fs";
+import { parse as parseYaml } from "yaml";
+import { z } from "zod";
+
+/** Names of the account roles, used by role-based rate tiers. */
+export const ROLES = ["standard", "premium", "admin"] as const;
+/** Subscription states; only "active" passes the subscription step. */
+export const SUBSCRIPTION_STATUSES = ["active", "none", "past_due", "canceled"] as const;
+/** Key modes, the middle part of a key. */
+export const KEY_MODES = ["live", "test"] as const;
+
+const rateLimitSchema = z.object({
+  limit: z.number().int().positive(),
+  windowSeconds: z.number().int().positive(),
+});
+
+const planSchema = z.object({
+  maxActiveKeys: z.number().int().min(0),
+  rateLimit: rateLimitSchema,
+  dailyQuota: z.number().int().min(0).nullable().default(null),
+  monthlyCredits: z.number().int().min(0).nullable().default(null),
+});
+
+const scopeName = z.string().regex(/^[a-z][a-z0-9_.:-]{0,63}$/, "a scope is lowercase letters, digits and _ . : -");
+
+const routeSchema = z.object({
+  /** HTTP method, or "*" for any. */
+  method: z.string().default("*").transform((m) => m.toUpperCase()),
+  pathPrefix: z.string().startsWith("/"),
+  requiredScopes: z.array(scopeName).default([]),
+  projectId: z.string().min(1).optional(),
+  cost: z.number().int().min(0).default(1),
+});
+
+const policySchema = z
+  .object({
+    defaultPlan: z.string().default("basic"),
+    plans: z.record(z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/), planSchema),
+    scopes: z.object({
+      catalog: z.array(scopeName).min(1),
+      default: z.array(scopeName).min(1),
+    }),
+    routes: z.array(routeSchema).default([]),
+    credentialHeaders: z
+      .array(z.string().transform((h) => h.toLowerCase()))
+      .min(1)
+      .default(["authorization", "x-api-key"]),
+    cache: z
+      .object({
+        maxEntries: z.number().int().positive().default(100_000),
+        ttlSeconds: z.number().positive().default(30),
+        negativeMaxEntries: z.number().int().positive().default(100_000),
+        negativeTtlSeconds: z.number().positive().default(5),
+      })
+      .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
+    lastUsedFlushSeconds: z.number().positive().default(5),
+  })
+  .superRefine((policy, ctx) => {
+    if (!(policy.defaultPlan in policy.plans)) {
+      ctx.addIssue({ code: "custom", path: ["defaultPlan"], message: `unknown plan "${policy.defaultPlan}"` });
+    }
+    const catalog = new Set(policy.scopes.catalog);
+    policy.scopes.default.forEach((scope, i) => {
+      if (!catalog.has(scope)) {
+        ctx.addIssue({ code: "custom", path: ["scopes", "default", i], message: `"${scope}" is not in scopes.catalog` });
+      }
+    });
+    policy.routes.forEach((route, i) => {
+      route.requiredScopes.forEach((scope, j) => {
+        if (!catalog.has(scope)) {
+          ctx.addIssue({ code: "custom", path: ["routes", i, "requiredScopes", j], message: `"${scope}" is not in scopes.catalog` });
+        }
+      });
+    });
+  });
+
+/** Plans, scopes, routes and cache bounds: the YAML policy after validation. */
+export type Policy = z.infer<typeof policySchema>;
+/** One plan's limits. */
+export type Plan = z.infer<typeof planSchema>;
+/** One entry of the routes table. */
+export type Route = z.infer<typeof routeSchema>;
+
+/** The built-in policy: plan caps and rates follow the documents keygate was designed from. */
+export const DEFAULT_POLICY_INPUT = {
+  defaultPlan: "basic",
+  plans: {
+    basic: { maxActiveKeys: 1, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    pro: { maxActiveKeys: 3, rateLimit: { limit: 500, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    business: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+  },
+  scopes: { catalog: ["read", "write", "admin"], default: ["read"] },
+  routes: [],
+};
+
+const port = z.coerce.number().int().min(0).max(65535);
+
+const envSchema = z.object({
+  KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
+  KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
+  KEYGATE_REDIS_URL: z.string().regex(/^rediss?:\/\//, "must start with redis:// or rediss://").optional(),
+  KEYGATE_PEPPER: z.string().min(32, "must be at least 32 characters").optional(),
+  KEYGATE_ADMIN_TOKENS: z
+    .string()
+    .optional()
+    .transform((v) => (v === undefined ? undefined : v.split(",").map((t) => t.trim()).filter((t) => t.length > 0)))
+    .refine((v) => v === undefined || (v.length > 0 && v.every((t) => t.length >= 24)), "each token must be at least 24 characters"),
+  KEYGATE_KEY_PREFIX: z.string().regex(/^[a-z][a-z0-9]{1,9}$/, "2-10 lowercase letters or digits, starting with a letter").default("kg"),
+  KEYGATE_CONFIG: z.string().min(1).optional(),
+  KEYGATE_HOST: z.string().min(1).default("0.0.0.0"),
+  KEYGATE_GRPC_PORT: port.default(9191),
+  KEYGATE_HTTP_AUTHZ_PORT: port.default(8181),
+  KEYGATE_ADMIN_PORT: port.default(8080),
+  KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
+  KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
+});
+
+/** Everything keygate reads from its environment and policy file. */
+export interface Config {
+  dataDir: string;
+  mongodbUri: string | undefined;
+  redisUrl: string | undefined;
+  pepper: string | undefined;
+  adminTokens: string[] | undefined;
+  keyPrefix: string;
+  host: string;
+  grpcPort: number;
+  httpAuthzPort: number;
+  adminPort: number;
+  logLevel: z.infer<typeof envSchema>["KEYGATE_LOG_LEVEL"];
+  shutdownGraceSeconds: number;
+  policy: Policy;
+}
+
+/** A configuration problem; the message names the variable or policy field. */
+export class ConfigError extends Error {
+  override readonly name = "ConfigError";
+}
+
+function describeIssues(prefix: string, error: z.ZodError): string {
+  return error.issues
+    .map((issue) => `${prefix}${issue.path.map(String).join(".")}: ${issue.message}`)
+    .join("; ");
+}
+
+/** Validates a policy object (parsed YAML or the built-in default). */
+export function parsePolicy(input: unknown, source = "policy"): Policy {
+  const result = policySchema.safeParse(input);
+  if (!result.success) throw new ConfigError(`invalid ${source}: ${describeIssues("", result.error)}`);
+  return result.data;
+}
+
+/** Reads and validates a YAML policy file. */
+export function loadPolicyFile(path: string): Policy {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (cause) {
+    throw new ConfigError(`KEYGATE_CONFIG: cannot read ${path}`, { cause });
+  }
+  let parsed: unknown;
+  try {
+    parsed = parseYaml(text);
+  } catch (cause) {
+    throw new ConfigError(`KEYGATE_CONFIG: ${path} is not valid YAML: ${cause instanceof Error ? cause.message : String(cause)}`);
+  }
+  return parsePolicy(parsed, `KEYGATE_CONFIG (${path})`);
+}
+
+/** Parses the environment once; bad values fail with a message naming the variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const result = envSchema.safeParse(env);
+  if (!result.success) throw new ConfigError(`invalid environment: ${describeIssues("", result.error)}`);
+  const e = result.data;
+  const policy = e.KEYGATE_CONFIG === undefined ? parsePolicy(DEFAULT_POLICY_INPUT, "built-in policy") : loadPolicyFile(e.KEYGATE_CONFIG);
+  return {
+    dataDir: e.KEYGATE_DATA_DIR,
+    mongodbUri: e.KEYGATE_MONGODB_URI,
+    redisUrl: e.KEYGATE_REDIS_URL,
+    pepper: e.KEYGATE_PEPPER,
+    adminTokens: e.KEYGATE_ADMIN_TOKENS,
+    keyPrefix: e.KEYGATE_KEY_PREFIX,
+    host: e.KEYGATE_HOST,
+    grpcPort: e.KEYGATE_GRPC_PORT,
+    httpAuthzPort: e.KEYGATE_HTTP_AUTHZ_PORT,
+    adminPort: e.KEYGATE_ADMIN_PORT,
+    logLevel: e.KEYGATE_LOG_LEVEL,
+    shutdownGraceSeconds: e.KEYGATE_SHUTDOWN_GRACE_SECONDS,
+    policy,
+  };
+}

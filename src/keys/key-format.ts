@@ -1,0 +1,90 @@
+import { randomBytes } from "node:crypto";
+import { crc32 } from "node:zlib";
+import type { KeyMode } from "../store/store.js";
+
+const BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/** Random body characters; 32 base62 characters carry about 190 bits. */
+export const KEY_RANDOM_LENGTH = 32;
+/** Checksum characters: CRC32 of everything before them, fixed-width base62. */
+export const KEY_CHECKSUM_LENGTH = 6;
+const BODY_LENGTH = KEY_RANDOM_LENGTH + KEY_CHECKSUM_LENGTH;
+// 248 = 4 * 62: bytes at or above it are rejected so that every character is equally likely.
+const UNBIASED_BYTE_LIMIT = 248;
+
+// Lookup table: char code -> true when the character is base62. Built once per process.
+const IS_BASE62 = new Uint8Array(128);
+for (const ch of BASE62) IS_BASE62[ch.charCodeAt(0)] = 1;
+
+/** A key that passed the shape and checksum test. */
+export interface ParsedKey {
+  mode: KeyMode;
+  /** Display preview: prefix, mode and the first four body characters. */
+  start: string;
+  last4: string;
+}
+
+/** Key shape for one product prefix: generation, parsing and the documented regular expression. */
+export class KeyFormat {
+  readonly liveHead: string;
+  readonly testHead: string;
+  readonly length: number;
+
+  constructor(readonly prefix: string) {
+    this.liveHead = `${prefix}_live_`;
+    this.testHead = `${prefix}_test_`;
+    // Both heads have the same length, so every valid key has this exact length.
+    this.length = this.liveHead.length + BODY_LENGTH;
+  }
+
+  /** The regular expression secret scanners can use to find leaked keys. */
+  get pattern(): RegExp {
+    return new RegExp(`\\b${this.prefix}_(live|test)_[0-9A-Za-z]{${BODY_LENGTH}}\\b`);
+  }
+
+  /** Issues a new key from the CSPRNG. */
+  generate(mode: KeyMode): string {
+    const head = mode === "live" ? this.liveHead : this.testHead;
+    const withoutChecksum = head + randomBase62(KEY_RANDOM_LENGTH);
+    return withoutChecksum + checksum(withoutChecksum);
+  }
+
+  /** Shape and checksum test, with no I/O. Returns null for anything that is not a key. */
+  parse(candidate: string): ParsedKey | null {
+    if (candidate.length !== this.length) return null;
+    let mode: KeyMode;
+    if (candidate.startsWith(this.liveHead)) mode = "live";
+    else if (candidate.startsWith(this.testHead)) mode = "test";
+    else return null;
+    const bodyStart = this.liveHead.length;
+    for (let i = bodyStart; i < candidate.length; i++) {
+      const code = candidate.charCodeAt(i);
+      if (code >= 128 || IS_BASE62[code] === 0) return null;
+    }
+    const checksumStart = candidate.length - KEY_CHECKSUM_LENGTH;
+    if (checksum(candidate.slice(0, checksumStart)) !== candidate.slice(checksumStart)) return null;
+    return { mode, start: candidate.slice(0, bodyStart + 4), last4: candidate.slice(-4) };
+  }
+}
+
+function randomBase62(length: number): string {
+  let out = "";
+  while (out.length < length) {
+    const bytes = randomBytes(length * 2);
+    for (let i = 0; i < bytes.length && out.length < length; i++) {
+      const byte = bytes[i] ?? UNBIASED_BYTE_LIMIT;
+      if (byte < UNBIASED_BYTE_LIMIT) out += BASE62[byte % 62];
+    }
+  }
+  return out;
+}
+
+/** CRC32 of the text, as 6 base62 characters (62^6 > 2^32, so it is lossless). */
+export function checksum(text: string): string {
+  let value = crc32(text);
+  let out = "";
+  for (let i = 0; i < KEY_CHECKSUM_LENGTH; i++) {
+    out = BASE62.charAt(value % 62) + out;
+    value = Math.floor(value / 62);
+  }
+  return out;
+}

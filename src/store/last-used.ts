@@ -1,0 +1,59 @@
+import type { Logger } from "pino";
+import type { KeyStore } from "./store.js";
+
+/**
+ * Collects last-use times in memory and writes them to the store in batches, so the Check
+ * path never writes per request. `flush()` runs on a timer and on shutdown.
+ */
+export class LastUsedRecorder {
+  #pending = new Map<string, number>();
+  #timer: NodeJS.Timeout | undefined;
+  #flushing: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly store: KeyStore,
+    private readonly logger: Logger,
+    private readonly flushIntervalMs: number,
+  ) {}
+
+  /** Remembers that the key was used at `atMs`. */
+  record(keyId: string, atMs: number): void {
+    this.#pending.set(keyId, atMs);
+  }
+
+  get pendingCount(): number {
+    return this.#pending.size;
+  }
+
+  start(): void {
+    if (this.#timer !== undefined) return;
+    this.#timer = setInterval(() => void this.flush(), this.flushIntervalMs);
+    this.#timer.unref();
+  }
+
+  /** Writes everything pending. A failed batch is kept and retried on the next flush. */
+  flush(): Promise<void> {
+    this.#flushing = this.#flushing.then(async () => {
+      if (this.#pending.size === 0) return;
+      const batch = this.#pending;
+      this.#pending = new Map();
+      try {
+        await this.store.touchLastUsed(batch);
+      } catch (error) {
+        for (const [id, atMs] of batch) {
+          const newer = this.#pending.get(id);
+          if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);
+        }
+        this.logger.warn({ err: error, keys: batch.size }, "last-used flush failed; will retry");
+      }
+    });
+    return this.#flushing;
+  }
+
+  /** Stops the timer and writes what is pending. */
+  async stop(): Promise<void> {
+    if (this.#timer !== undefined) clearInterval(this.#timer);
+    this.#timer = undefined;
+    await this.flush();
+  }
+}

@@ -1,0 +1,353 @@
+import Database from "better-sqlite3";
+import type { Database as SqliteDatabase, Statement } from "better-sqlite3";
+import { CapExceededError, ConflictError, DuplicateError } from "./errors.js";
+import type {
+  AccountDefaults,
+  AccountRecord,
+  AccountUpsert,
+  CreateLimits,
+  KeyPatch,
+  KeyRecord,
+  KeySnapshot,
+  KeyStore,
+  ListKeysQuery,
+  Role,
+  Rotation,
+  SubscriptionStatus,
+  KeyMode,
+} from "./store.js";
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS accounts (
+  owner_id TEXT PRIMARY KEY,
+  plan TEXT NOT NULL,
+  subscription_status TEXT NOT NULL,
+  role TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+  id TEXT PRIMARY KEY,
+  hash TEXT NOT NULL UNIQUE,
+  owner_id TEXT NOT NULL REFERENCES accounts(owner_id),
+  project_id TEXT,
+  name TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  start TEXT NOT NULL,
+  last4 TEXT NOT NULL,
+  scopes TEXT NOT NULL,
+  metadata TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  last_used_at INTEGER,
+  expires_at INTEGER,
+  revoked_at INTEGER,
+  revoke_reason TEXT,
+  grace_ends_at INTEGER,
+  rotated_to_id TEXT
+);
+CREATE INDEX IF NOT EXISTS keys_owner_state ON keys (owner_id, revoked_at, id);
+CREATE INDEX IF NOT EXISTS keys_project ON keys (project_id);
+`;
+
+interface AccountRow {
+  owner_id: string;
+  plan: string;
+  subscription_status: string;
+  role: string;
+  created_at: number;
+  updated_at: number;
+}
+
+interface KeyRow {
+  id: string;
+  hash: string;
+  owner_id: string;
+  project_id: string | null;
+  name: string;
+  mode: string;
+  start: string;
+  last4: string;
+  scopes: string;
+  metadata: string;
+  created_at: number;
+  last_used_at: number | null;
+  expires_at: number | null;
+  revoked_at: number | null;
+  revoke_reason: string | null;
+  grace_ends_at: number | null;
+  rotated_to_id: string | null;
+}
+
+type SnapshotRow = KeyRow & {
+  a_plan: string;
+  a_subscription_status: string;
+  a_role: string;
+  a_created_at: number;
+  a_updated_at: number;
+};
+
+// Rows are written only by this module, so their enum columns hold values it wrote.
+function toAccount(row: AccountRow): AccountRecord {
+  return {
+    ownerId: row.owner_id,
+    plan: row.plan,
+    subscriptionStatus: row.subscription_status as SubscriptionStatus,
+    role: row.role as Role,
+    createdAtMs: row.created_at,
+    updatedAtMs: row.updated_at,
+  };
+}
+
+function toKey(row: KeyRow): KeyRecord {
+  return {
+    id: row.id,
+    hash: row.hash,
+    ownerId: row.owner_id,
+    projectId: row.project_id,
+    name: row.name,
+    mode: row.mode as KeyMode,
+    start: row.start,
+    last4: row.last4,
+    scopes: JSON.parse(row.scopes) as string[],
+    metadata: JSON.parse(row.metadata) as Record<string, string>,
+    createdAtMs: row.created_at,
+    lastUsedAtMs: row.last_used_at,
+    expiresAtMs: row.expires_at,
+    revokedAtMs: row.revoked_at,
+    revokeReason: row.revoke_reason,
+    graceEndsAtMs: row.grace_ends_at,
+    rotatedToId: row.rotated_to_id,
+  };
+}
+
+function keyParams(key: KeyRecord): Record<string, string | number | null> {
+  return {
+    id: key.id,
+    hash: key.hash,
+    owner_id: key.ownerId,
+    project_id: key.projectId,
+    name: key.name,
+    mode: key.mode,
+    start: key.start,
+    last4: key.last4,
+    scopes: JSON.stringify(key.scopes),
+    metadata: JSON.stringify(key.metadata),
+    created_at: key.createdAtMs,
+    last_used_at: key.lastUsedAtMs,
+    expires_at: key.expiresAtMs,
+    revoked_at: key.revokedAtMs,
+    revoke_reason: key.revokeReason,
+    grace_ends_at: key.graceEndsAtMs,
+    rotated_to_id: key.rotatedToId,
+  };
+}
+
+function isUniqueViolation(error: unknown): boolean {
+  return error instanceof Error && "code" in error && (error.code === "SQLITE_CONSTRAINT_UNIQUE" || error.code === "SQLITE_CONSTRAINT_PRIMARYKEY");
+}
+
+/** The embedded store: one SQLite file through better-sqlite3, in WAL mode. */
+export class SqliteKeyStore implements KeyStore {
+  readonly kind = "sqlite";
+  readonly #db: SqliteDatabase;
+  readonly #stmt: {
+    getAccount: Statement<[string], AccountRow>;
+    insertAccount: Statement<[AccountRow]>;
+    updateAccount: Statement<[AccountRow]>;
+    countActive: Statement<[string, number], { n: number }>;
+    insertKey: Statement<[Record<string, string | number | null>]>;
+    getKey: Statement<[string], KeyRow>;
+    snapshotByHash: Statement<[string], SnapshotRow>;
+    updateName: Statement<[string, string]>;
+    updateScopes: Statement<[string, string]>;
+    revoke: Statement<[number, string | null, string]>;
+    markRotated: Statement<[string, number, number | null, string | null, string]>;
+    touch: Statement<[number, string, number]>;
+  };
+
+  /** Opens (and creates) the database file; ":memory:" gives a private in-memory store. */
+  constructor(path: string) {
+    this.#db = new Database(path);
+    this.#db.pragma("journal_mode = WAL");
+    this.#db.pragma("synchronous = NORMAL");
+    this.#db.pragma("busy_timeout = 5000");
+    this.#db.pragma("foreign_keys = ON");
+    this.#db.exec(SCHEMA);
+    const db = this.#db;
+    this.#stmt = {
+      getAccount: db.prepare("SELECT * FROM accounts WHERE owner_id = ?"),
+      insertAccount: db.prepare(
+        "INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES (@owner_id, @plan, @subscription_status, @role, @created_at, @updated_at)",
+      ),
+      updateAccount: db.prepare(
+        "UPDATE accounts SET plan = @plan, subscription_status = @subscription_status, role = @role, updated_at = @updated_at WHERE owner_id = @owner_id",
+      ),
+      countActive: db.prepare(
+        "SELECT COUNT(*) AS n FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+      ),
+      insertKey: db.prepare(
+        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id)
+         VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id)`,
+      ),
+      getKey: db.prepare("SELECT * FROM keys WHERE id = ?"),
+      snapshotByHash: db.prepare(
+        `SELECT k.*, a.plan AS a_plan, a.subscription_status AS a_subscription_status, a.role AS a_role,
+                a.created_at AS a_created_at, a.updated_at AS a_updated_at
+         FROM keys k JOIN accounts a ON a.owner_id = k.owner_id WHERE k.hash = ?`,
+      ),
+      updateName: db.prepare("UPDATE keys SET name = ? WHERE id = ?"),
+      updateScopes: db.prepare("UPDATE keys SET scopes = ? WHERE id = ?"),
+      revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
+      markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
+      touch: db.prepare("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)"),
+    };
+  }
+
+  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
+    return this.#db.transaction(() => this.#upsertAccountSync(input, defaults, nowMs)).immediate();
+  }
+
+  #upsertAccountSync(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): AccountRecord {
+    const existing = this.#stmt.getAccount.get(input.ownerId);
+    const row: AccountRow = {
+      owner_id: input.ownerId,
+      plan: input.plan ?? existing?.plan ?? defaults.plan,
+      subscription_status: input.subscriptionStatus ?? existing?.subscription_status ?? defaults.subscriptionStatus,
+      role: input.role ?? existing?.role ?? defaults.role,
+      created_at: existing?.created_at ?? nowMs,
+      updated_at: nowMs,
+    };
+    if (existing === undefined) this.#stmt.insertAccount.run(row);
+    else this.#stmt.updateAccount.run(row);
+    return toAccount(row);
+  }
+
+  async getAccount(ownerId: string): Promise<AccountRecord | null> {
+    const row = this.#stmt.getAccount.get(ownerId);
+    return row === undefined ? null : toAccount(row);
+  }
+
+  async countActiveKeys(ownerId: string, nowMs: number): Promise<number> {
+    return this.#stmt.countActive.get(ownerId, nowMs)?.n ?? 0;
+  }
+
+  async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
+    // IMMEDIATE takes the write lock before counting, so the cap also holds across processes.
+    const create = this.#db.transaction(() => {
+      let account = this.#stmt.getAccount.get(record.ownerId);
+      if (account === undefined) {
+        this.#upsertAccountSync({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
+        account = this.#stmt.getAccount.get(record.ownerId);
+      }
+      const plan = account?.plan ?? limits.accountDefaults.plan;
+      const cap = limits.maxActiveKeysFor(plan);
+      const active = this.#stmt.countActive.get(record.ownerId, limits.nowMs)?.n ?? 0;
+      if (active >= cap) throw new CapExceededError(plan, cap);
+      this.#insertKeySync(record);
+    });
+    create.immediate();
+    return record;
+  }
+
+  #insertKeySync(record: KeyRecord): void {
+    try {
+      this.#stmt.insertKey.run(keyParams(record));
+    } catch (error) {
+      if (isUniqueViolation(error)) throw new DuplicateError("a key with this id or hash already exists", { cause: error });
+      throw error;
+    }
+  }
+
+  async getKey(id: string): Promise<KeyRecord | null> {
+    const row = this.#stmt.getKey.get(id);
+    return row === undefined ? null : toKey(row);
+  }
+
+  async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
+    const row = this.#stmt.snapshotByHash.get(hash);
+    if (row === undefined) return null;
+    return {
+      key: toKey(row),
+      account: toAccount({
+        owner_id: row.owner_id,
+        plan: row.a_plan,
+        subscription_status: row.a_subscription_status,
+        role: row.a_role,
+        created_at: row.a_created_at,
+        updated_at: row.a_updated_at,
+      }),
+    };
+  }
+
+  async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {
+    const where = ["owner_id = @owner_id"];
+    const params: Record<string, string | number> = { owner_id: query.ownerId, limit: query.limit, now: query.nowMs };
+    if (query.projectId !== undefined) {
+      where.push("project_id = @project_id");
+      params["project_id"] = query.projectId;
+    }
+    if (!query.includeRevoked) {
+      where.push("revoked_at IS NULL AND (rotated_to_id IS NULL OR grace_ends_at > @now)");
+    }
+    if (query.afterId !== undefined) {
+      where.push("id > @after_id");
+      params["after_id"] = query.afterId;
+    }
+    const rows = this.#db
+      .prepare<[Record<string, string | number>], KeyRow>(`SELECT * FROM keys WHERE ${where.join(" AND ")} ORDER BY id LIMIT @limit`)
+      .all(params);
+    return rows.map(toKey);
+  }
+
+  async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
+    const update = this.#db.transaction(() => {
+      if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
+      if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
+      return this.#stmt.getKey.get(id);
+    });
+    const row = update.immediate();
+    return row === undefined ? null : toKey(row);
+  }
+
+  async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
+    const revoke = this.#db.transaction(() => {
+      this.#stmt.revoke.run(nowMs, reason, id);
+      return this.#stmt.getKey.get(id);
+    });
+    const row = revoke.immediate();
+    return row === undefined ? null : toKey(row);
+  }
+
+  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
+    const rotate = this.#db.transaction(() => {
+      const row = this.#stmt.getKey.get(previousId);
+      if (row === undefined) throw new ConflictError(`key ${previousId} does not exist`);
+      const previous = toKey(row);
+      if (previous.revokedAtMs !== null || previous.rotatedToId !== null || (previous.expiresAtMs !== null && previous.expiresAtMs <= nowMs)) {
+        throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
+      }
+      this.#insertKeySync(next);
+      const immediate = graceEndsAtMs <= nowMs;
+      this.#stmt.markRotated.run(next.id, graceEndsAtMs, immediate ? nowMs : null, immediate ? "rotated" : null, previousId);
+      const updated = this.#stmt.getKey.get(previousId);
+      if (updated === undefined) throw new ConflictError(`key ${previousId} vanished during rotation`);
+      return { next, previous: toKey(updated) };
+    });
+    return rotate.immediate();
+  }
+
+  async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
+    const touchAll = this.#db.transaction(() => {
+      for (const [id, atMs] of lastUsed) this.#stmt.touch.run(atMs, id, atMs);
+    });
+    touchAll.immediate();
+  }
+
+  async ping(): Promise<void> {
+    this.#db.prepare("SELECT 1").get();
+  }
+
+  async close(): Promise<void> {
+    if (this.#db.open) this.#db.close();
+  }
+}

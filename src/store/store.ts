@@ -1,0 +1,135 @@
+/** "live" or "test": the middle part of a key. */
+export type KeyMode = "live" | "test";
+/** Only "active" passes the subscription step of the decision. */
+export type SubscriptionStatus = "active" | "none" | "past_due" | "canceled";
+/** Account role, used by role-based rate tiers. */
+export type Role = "standard" | "premium" | "admin";
+
+/** An account: the owner of keys. Times are epoch milliseconds. */
+export interface AccountRecord {
+  ownerId: string;
+  plan: string;
+  subscriptionStatus: SubscriptionStatus;
+  role: Role;
+  createdAtMs: number;
+  updatedAtMs: number;
+}
+
+/** A stored key. `hash` is HMAC-SHA256(pepper, key); the key itself is never stored. */
+export interface KeyRecord {
+  id: string;
+  hash: string;
+  ownerId: string;
+  projectId: string | null;
+  name: string;
+  mode: KeyMode;
+  start: string;
+  last4: string;
+  scopes: string[];
+  metadata: Record<string, string>;
+  createdAtMs: number;
+  lastUsedAtMs: number | null;
+  expiresAtMs: number | null;
+  revokedAtMs: number | null;
+  revokeReason: string | null;
+  /** Set on the old key of a rotation: it keeps working until this time. */
+  graceEndsAtMs: number | null;
+  rotatedToId: string | null;
+}
+
+/** What the decision needs about one key: the key and its account, read together. */
+export interface KeySnapshot {
+  key: KeyRecord;
+  account: AccountRecord;
+}
+
+/** Fields of UpsertAccount; unset fields keep their value (or take the default on insert). */
+export interface AccountUpsert {
+  ownerId: string;
+  plan?: string;
+  subscriptionStatus?: SubscriptionStatus;
+  role?: Role;
+}
+
+/** Defaults for an account created implicitly or by a partial upsert. */
+export interface AccountDefaults {
+  plan: string;
+  subscriptionStatus: SubscriptionStatus;
+  role: Role;
+}
+
+/** One page of ListKeys. Keys come in id (creation) order. */
+export interface ListKeysQuery {
+  ownerId: string;
+  projectId?: string;
+  includeRevoked: boolean;
+  limit: number;
+  afterId?: string;
+  nowMs: number;
+}
+
+/** Rename and/or rescope. */
+export interface KeyPatch {
+  name?: string;
+  scopes?: string[];
+}
+
+/** The outcome of a rotation: the new key and the old one with its grace period set. */
+export interface Rotation {
+  next: KeyRecord;
+  previous: KeyRecord;
+}
+
+/**
+ * Durable state for accounts and keys. SQLite and MongoDB implement it; the shared contract
+ * tests run against both. Methods that can violate a plan cap take the cap and enforce it
+ * atomically, so the cap holds across replicas.
+ */
+export interface KeyStore {
+  readonly kind: string;
+  upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord>;
+  getAccount(ownerId: string): Promise<AccountRecord | null>;
+  /** Keys that count against the plan cap: not revoked, not rotated away, not expired. */
+  countActiveKeys(ownerId: string, nowMs: number): Promise<number>;
+  /**
+   * Inserts a key if the owner has fewer than `maxActiveKeys` active keys, creating the
+   * account with `defaults` when it does not exist. Throws CapExceededError otherwise.
+   */
+  createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord>;
+  getKey(id: string): Promise<KeyRecord | null>;
+  /** The hot-path read on a cache miss: the key and its account by hash. */
+  findSnapshotByHash(hash: string): Promise<KeySnapshot | null>;
+  listKeys(query: ListKeysQuery): Promise<KeyRecord[]>;
+  updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
+  /** Idempotent: a revoked key keeps its first revocation time and reason. */
+  revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null>;
+  /**
+   * Inserts `next` and marks `previousId` rotated to it, with its grace period ending at
+   * `graceEndsAtMs` (revoked at once when that is now). Throws ConflictError if the old key
+   * is no longer active. The old key's slot passes to the new one, so the count is unchanged.
+   */
+  rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
+  /** Write-behind of last-use times; later times win. */
+  touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void>;
+  /** Throws when the store cannot serve requests. */
+  ping(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Cap and account defaults for CreateKey. */
+export interface CreateLimits {
+  maxActiveKeysFor(plan: string): number;
+  accountDefaults: AccountDefaults;
+  nowMs: number;
+}
+
+/** The lifecycle state of a key at a moment, derived from its times. */
+export type KeyState = "active" | "grace" | "rotated" | "revoked" | "expired";
+
+/** Derives a key's state at `nowMs`. */
+export function keyState(key: KeyRecord, nowMs: number): KeyState {
+  if (key.revokedAtMs !== null) return "revoked";
+  if (key.expiresAtMs !== null && nowMs >= key.expiresAtMs) return "expired";
+  if (key.rotatedToId !== null) return key.graceEndsAtMs !== null && nowMs < key.graceEndsAtMs ? "grace" : "rotated";
+  return "active";
+}
