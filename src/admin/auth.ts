@@ -1,0 +1,47 @@
+import { createHash, timingSafeEqual } from "node:crypto";
+import type { KeyFormat } from "../keys/key-format.js";
+
+/** The outcome of checking an admin bearer token. */
+export type AdminAuthResult = { ok: true; tokenId: string } | { ok: false; message: string };
+
+function digest(text: string): Buffer {
+  return createHash("sha256").update(text, "utf8").digest();
+}
+
+/**
+ * Admin bearer-token check. Tokens are compared as SHA-256 digests with timingSafeEqual,
+ * against every configured token without stopping early, so timing reveals neither the
+ * token nor which one matched. A token is identified in logs and audit only by its id.
+ */
+export class AdminAuth {
+  readonly #tokens: Array<{ id: string; digest: Buffer }>;
+
+  constructor(
+    tokens: readonly string[],
+    private readonly format: KeyFormat,
+  ) {
+    if (tokens.length === 0) throw new Error("at least one admin token is required");
+    this.#tokens = tokens.map((token) => {
+      const d = digest(token);
+      return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d };
+    });
+  }
+
+  /** Checks an Authorization header value. */
+  authenticate(authorization: string | null): AdminAuthResult {
+    if (authorization === null || authorization.trim() === "") {
+      return { ok: false, message: 'an admin token is required: send "Authorization: Bearer <admin token>"' };
+    }
+    const match = /^bearer[ \t]+([^ \t]+)[ \t]*$/i.exec(authorization);
+    const token = match?.[1];
+    if (token === undefined) return { ok: false, message: 'the Authorization header must be "Bearer <admin token>"' };
+    const candidate = digest(token);
+    let matchedId: string | null = null;
+    for (const known of this.#tokens) {
+      if (timingSafeEqual(candidate, known.digest)) matchedId = known.id;
+    }
+    if (matchedId !== null) return { ok: true, tokenId: matchedId };
+    if (this.format.parse(token) !== null) return { ok: false, message: "API keys cannot manage keys; use an admin token" };
+    return { ok: false, message: "the admin token is not valid" };
+  }
+}

@@ -1,0 +1,162 @@
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createContextKey } from "@connectrpc/connect";
+import type { ConnectRouter, Interceptor, ServiceImpl } from "@connectrpc/connect";
+import type { Logger } from "pino";
+import {
+  AccountSchema,
+  ApiKeySchema,
+  KeyAdmin,
+  VerifyKeyResponseSchema,
+} from "../gen/keygate/v1/key_admin_pb.js";
+import type { Account, ApiKey } from "../gen/keygate/v1/key_admin_pb.js";
+import { DENIALS } from "../authz/reasons.js";
+import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
+import { keyState } from "../store/store.js";
+import type { KeyRecord } from "../store/store.js";
+import type { AdminAuth } from "./auth.js";
+import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
+import type { AccountView, LifecycleService } from "./lifecycle.js";
+
+/** The admin token id of the caller, set by the auth interceptor. */
+export const adminIdentityKey = createContextKey<string>("", { description: "admin token id" });
+
+function ts(ms: number | null): Timestamp | undefined {
+  return ms === null ? undefined : timestampFromMs(ms);
+}
+
+function toApiKey(key: KeyRecord, nowMs: number): ApiKey {
+  return create(ApiKeySchema, {
+    id: key.id,
+    ownerId: key.ownerId,
+    projectId: key.projectId ?? "",
+    name: key.name,
+    mode: key.mode,
+    start: key.start,
+    last4: key.last4,
+    scopes: key.scopes,
+    createdAt: ts(key.createdAtMs),
+    lastUsedAt: ts(key.lastUsedAtMs),
+    expiresAt: ts(key.expiresAtMs),
+    revokedAt: ts(key.revokedAtMs),
+    graceEndsAt: ts(key.graceEndsAtMs),
+    rotatedToId: key.rotatedToId ?? "",
+    state: keyState(key, nowMs),
+    metadata: key.metadata,
+    revokeReason: key.revokeReason ?? "",
+  });
+}
+
+function toAccount(view: AccountView): Account {
+  const { account } = view;
+  return create(AccountSchema, {
+    ownerId: account.ownerId,
+    plan: account.plan,
+    subscriptionStatus: account.subscriptionStatus,
+    role: account.role,
+    activeKeyCount: view.activeKeyCount,
+    maxActiveKeys: view.maxActiveKeys,
+    createdAt: ts(account.createdAtMs),
+    updatedAt: ts(account.updatedAtMs),
+  });
+}
+
+/** Maps domain errors to Connect codes. Unexpected errors are logged and shown as INTERNAL. */
+export function toConnectError(error: unknown, logger: Logger): ConnectError {
+  if (error instanceof ConnectError) return error;
+  if (error instanceof InvalidArgumentError) return new ConnectError(error.message, Code.InvalidArgument);
+  if (error instanceof NotFoundError) return new ConnectError(error.message, Code.NotFound);
+  if (error instanceof FailedPreconditionError) return new ConnectError(error.message, Code.FailedPrecondition);
+  if (error instanceof CapExceededError) return new ConnectError(error.message, Code.ResourceExhausted);
+  if (error instanceof StoreUnavailableError) {
+    logger.warn({ err: error }, "store unavailable");
+    return new ConnectError("the key store is unavailable; retry shortly", Code.Unavailable);
+  }
+  logger.error({ err: error }, "KeyAdmin call failed");
+  return new ConnectError("internal error", Code.Internal);
+}
+
+/** Rejects calls without a valid admin token, and records the caller's token id. */
+export function adminAuthInterceptor(auth: AdminAuth): Interceptor {
+  return (next) => async (req) => {
+    const result = auth.authenticate(req.header.get("authorization"));
+    if (!result.ok) throw new ConnectError(result.message, Code.Unauthenticated);
+    req.contextValues.set(adminIdentityKey, result.tokenId);
+    return next(req);
+  };
+}
+
+/** KeyAdmin handlers: translate between proto and the lifecycle domain, nothing more. */
+export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, logger: Logger): (router: ConnectRouter) => void {
+  const guard =
+    <Req, Res>(fn: (req: Req) => Promise<Res>) =>
+    async (req: Req): Promise<Res> => {
+      try {
+        return await fn(req);
+      } catch (error) {
+        throw toConnectError(error, logger);
+      }
+    };
+
+  const impl: ServiceImpl<typeof KeyAdmin> = {
+    upsertAccount: guard(async (req) => ({
+      account: toAccount(
+        await service.upsertAccount({ ownerId: req.ownerId, plan: req.plan, subscriptionStatus: req.subscriptionStatus, role: req.role }),
+      ),
+    })),
+    getAccount: guard(async (req) => ({ account: toAccount(await service.getAccount(req.ownerId)) })),
+    createKey: guard(async (req) => {
+      const issued = await service.createKey({
+        ownerId: req.ownerId,
+        projectId: req.projectId,
+        name: req.name,
+        scopes: req.scopes,
+        mode: req.mode,
+        expiresAtMs: req.expiresAt === undefined ? null : timestampMs(req.expiresAt),
+        metadata: req.metadata,
+      });
+      return { key: toApiKey(issued.key, nowMs()), secret: issued.secret };
+    }),
+    getKey: guard(async (req) => ({ key: toApiKey(await service.getKey(req.id), nowMs()) })),
+    listKeys: guard(async (req) => {
+      const page = await service.listKeys({
+        ownerId: req.ownerId,
+        projectId: req.projectId,
+        includeRevoked: req.includeRevoked,
+        pageSize: req.pageSize,
+        pageToken: req.pageToken,
+      });
+      const now = nowMs();
+      return { keys: page.keys.map((k) => toApiKey(k, now)), nextPageToken: page.nextPageToken };
+    }),
+    updateKey: guard(async (req) => ({ key: toApiKey(await service.updateKey({ id: req.id, name: req.name, scopes: req.scopes }), nowMs()) })),
+    revokeKey: guard(async (req) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }), nowMs()) })),
+    rotateKey: guard(async (req) => {
+      const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays });
+      const now = nowMs();
+      return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
+    }),
+    verifyKey: guard(async (req) => {
+      const decision = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: req.projectId });
+      const now = nowMs();
+      const snapshot = decision.snapshot;
+      const account =
+        snapshot === undefined
+          ? undefined
+          : toAccount({
+              account: snapshot.account,
+              activeKeyCount: await service.getAccount(snapshot.account.ownerId).then((v) => v.activeKeyCount),
+              maxActiveKeys: service.maxActiveKeysFor(snapshot.account.plan),
+            });
+      return create(VerifyKeyResponseSchema, {
+        valid: decision.allow,
+        code: decision.allow ? "OK" : DENIALS[decision.reason].code,
+        message: decision.allow ? "" : decision.message,
+        key: snapshot === undefined ? undefined : toApiKey(snapshot.key, now),
+        account,
+      });
+    }),
+  };
+  return (router) => router.service(KeyAdmin, impl);
+}

@@ -1,0 +1,286 @@
+import { z } from "zod";
+import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
+import type { Policy } from "../config.js";
+import type { SnapshotLookup } from "../cache/lookup.js";
+import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
+import { isKeyId, newKeyId } from "../keys/ids.js";
+import type { KeyFormat } from "../keys/key-format.js";
+import type { KeyHasher } from "../keys/hasher.js";
+import { ConflictError } from "../store/errors.js";
+import type { AccountDefaults, AccountRecord, KeyMode, KeyRecord, KeyStore, Role, SubscriptionStatus } from "../store/store.js";
+import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
+
+/** Dependencies of the lifecycle service. */
+export interface LifecycleDeps {
+  store: KeyStore;
+  lookup: SnapshotLookup;
+  pipeline: DecisionPipeline;
+  format: KeyFormat;
+  hasher: KeyHasher;
+  policy: Policy;
+  nowMs: () => number;
+}
+
+/** An account with its plan cap and current count. */
+export interface AccountView {
+  account: AccountRecord;
+  activeKeyCount: number;
+  maxActiveKeys: number;
+}
+
+/** A new key and its secret, which is shown once. */
+export interface IssuedKey {
+  key: KeyRecord;
+  secret: string;
+}
+
+const DAY_MS = 86_400_000;
+/** Default and bounds of a rotation's grace period. */
+export const GRACE_DAYS = { default: 7, min: 0, max: 30 } as const;
+const DEFAULT_PAGE_SIZE = 50;
+const MAX_PAGE_SIZE = 100;
+const MAX_NAME_LENGTH = 100;
+
+// Identifiers from callers' systems (user ids, emails, UUIDs): printable ASCII, no spaces.
+const externalId = z.string().regex(/^[\x21-\x7e]{1,128}$/, "must be 1-128 printable ASCII characters without spaces");
+const keyName = z
+  .string()
+  .transform((s) => s.trim())
+  .pipe(
+    z
+      .string()
+      .min(1, "must not be empty")
+      .max(MAX_NAME_LENGTH, `must be at most ${MAX_NAME_LENGTH} characters`)
+      .regex(/^[^\p{Cc}]*$/u, "must not contain control characters"),
+  );
+const metadataSchema = z
+  .record(
+    z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, "keys are 1-64 letters, digits, _ . -"),
+    z.string().max(512, "values are at most 512 characters"),
+  )
+  .refine((m) => Object.keys(m).length <= 16, "at most 16 entries");
+
+function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  const sub = issue !== undefined && issue.path.length > 0 ? `.${issue.path.map(String).join(".")}` : "";
+  throw new InvalidArgumentError(field + sub, issue?.message ?? "is invalid");
+}
+
+function checkKeyId(field: string, id: string): string {
+  if (!isKeyId(id)) throw new InvalidArgumentError(field, 'must be a key id ("key_" followed by 26 ULID characters)');
+  return id;
+}
+
+function checkOneOf<T extends string>(field: string, value: string, allowed: readonly T[]): T {
+  const found = allowed.find((a) => a === value);
+  if (found === undefined) throw new InvalidArgumentError(field, `must be one of ${allowed.join(", ")}; got "${value.slice(0, 64)}"`);
+  return found;
+}
+
+/** Encodes the position after `lastId` as an opaque page token. */
+function encodePageToken(lastId: string): string {
+  return Buffer.from(`after:${lastId}`, "utf8").toString("base64url");
+}
+
+function decodePageToken(token: string): string {
+  const text = Buffer.from(token, "base64url").toString("utf8");
+  const id = text.startsWith("after:") ? text.slice(6) : "";
+  if (!isKeyId(id)) throw new InvalidArgumentError("page_token", "is not a token from a previous ListKeys response");
+  return id;
+}
+
+/**
+ * Key lifecycle: the domain behind KeyAdmin. Every input is validated before anything is
+ * written, and every change that affects a decision drops the cached snapshot everywhere.
+ */
+export class LifecycleService {
+  constructor(private readonly deps: LifecycleDeps) {}
+
+  get accountDefaults(): AccountDefaults {
+    return { plan: this.deps.policy.defaultPlan, subscriptionStatus: "active", role: "standard" };
+  }
+
+  maxActiveKeysFor(plan: string): number {
+    return this.deps.policy.plans[plan]?.maxActiveKeys ?? 0;
+  }
+
+  async upsertAccount(input: { ownerId: string; plan?: string | undefined; subscriptionStatus?: string | undefined; role?: string | undefined }): Promise<AccountView> {
+    const ownerId = check(externalId, "owner_id", input.ownerId);
+    const plans = Object.keys(this.deps.policy.plans);
+    const plan = input.plan === undefined ? undefined : checkOneOf("plan", input.plan, plans);
+    const subscriptionStatus =
+      input.subscriptionStatus === undefined ? undefined : checkOneOf<SubscriptionStatus>("subscription_status", input.subscriptionStatus, SUBSCRIPTION_STATUSES);
+    const role = input.role === undefined ? undefined : checkOneOf<Role>("role", input.role, ROLES);
+    const account = await this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs());
+    await this.deps.lookup.invalidate({ kind: "owner", ownerId });
+    return this.#view(account);
+  }
+
+  async getAccount(ownerIdInput: string): Promise<AccountView> {
+    const ownerId = check(externalId, "owner_id", ownerIdInput);
+    const account = await this.deps.store.getAccount(ownerId);
+    if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
+    return this.#view(account);
+  }
+
+  async #view(account: AccountRecord): Promise<AccountView> {
+    return {
+      account,
+      activeKeyCount: await this.deps.store.countActiveKeys(account.ownerId, this.deps.nowMs()),
+      maxActiveKeys: this.maxActiveKeysFor(account.plan),
+    };
+  }
+
+  #checkScopes(field: string, scopes: readonly string[]): string[] {
+    if (scopes.length > 64) throw new InvalidArgumentError(field, "at most 64 scopes");
+    const catalog = this.deps.policy.scopes.catalog;
+    const out: string[] = [];
+    scopes.forEach((scope, i) => {
+      if (!catalog.includes(scope)) {
+        throw new InvalidArgumentError(`${field}[${i}]`, `unknown scope "${scope.slice(0, 64)}"; known scopes: ${catalog.join(", ")}`);
+      }
+      if (!out.includes(scope)) out.push(scope);
+    });
+    return out;
+  }
+
+  /** Issues a key; an unknown owner gets an account on the default plan. */
+  async createKey(input: {
+    ownerId: string;
+    projectId: string;
+    name: string;
+    scopes: readonly string[];
+    mode: string;
+    expiresAtMs: number | null;
+    metadata: Record<string, string>;
+  }): Promise<IssuedKey> {
+    const nowMs = this.deps.nowMs();
+    const ownerId = check(externalId, "owner_id", input.ownerId);
+    const projectId = input.projectId === "" ? null : check(externalId, "project_id", input.projectId);
+    const name = check(keyName, "name", input.name);
+    const scopes = input.scopes.length === 0 ? [...this.deps.policy.scopes.default] : this.#checkScopes("scopes", input.scopes);
+    const mode: KeyMode = input.mode === "" ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
+    if (input.expiresAtMs !== null && input.expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
+    const metadata = check(metadataSchema, "metadata", input.metadata);
+    const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata }, nowMs);
+    await this.deps.store.createKey(record, {
+      maxActiveKeysFor: (plan) => this.maxActiveKeysFor(plan),
+      accountDefaults: this.accountDefaults,
+      nowMs,
+    });
+    await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    return { key: record, secret };
+  }
+
+  #newRecord(
+    fields: Pick<KeyRecord, "ownerId" | "projectId" | "name" | "scopes" | "mode" | "expiresAtMs" | "metadata">,
+    nowMs: number,
+  ): { record: KeyRecord; secret: string } {
+    const secret = this.deps.format.generate(fields.mode);
+    const parsed = this.deps.format.parse(secret);
+    if (parsed === null) throw new Error("generated key failed its own checksum");
+    return {
+      secret,
+      record: {
+        ...fields,
+        id: newKeyId(),
+        hash: this.deps.hasher.hash(secret),
+        start: parsed.start,
+        last4: parsed.last4,
+        createdAtMs: nowMs,
+        lastUsedAtMs: null,
+        revokedAtMs: null,
+        revokeReason: null,
+        graceEndsAtMs: null,
+        rotatedToId: null,
+      },
+    };
+  }
+
+  async getKey(idInput: string): Promise<KeyRecord> {
+    const id = checkKeyId("id", idInput);
+    const key = await this.deps.store.getKey(id);
+    if (key === null) throw new NotFoundError(`key ${id} does not exist`);
+    return key;
+  }
+
+  async listKeys(input: { ownerId: string; projectId: string; includeRevoked: boolean; pageSize: number; pageToken: string }): Promise<{ keys: KeyRecord[]; nextPageToken: string }> {
+    const ownerId = check(externalId, "owner_id", input.ownerId);
+    const projectId = input.projectId === "" ? undefined : check(externalId, "project_id", input.projectId);
+    if (!Number.isInteger(input.pageSize) || input.pageSize < 0 || input.pageSize > MAX_PAGE_SIZE) {
+      throw new InvalidArgumentError("page_size", `must be between 0 and ${MAX_PAGE_SIZE}`);
+    }
+    const limit = input.pageSize === 0 ? DEFAULT_PAGE_SIZE : input.pageSize;
+    const afterId = input.pageToken === "" ? undefined : decodePageToken(input.pageToken);
+    // One extra row tells whether another page exists.
+    const rows = await this.deps.store.listKeys({
+      ownerId,
+      projectId,
+      includeRevoked: input.includeRevoked,
+      limit: limit + 1,
+      afterId,
+      nowMs: this.deps.nowMs(),
+    });
+    const keys = rows.slice(0, limit);
+    const last = keys.at(-1);
+    return { keys, nextPageToken: rows.length > limit && last !== undefined ? encodePageToken(last.id) : "" };
+  }
+
+  async updateKey(input: { id: string; name?: string | undefined; scopes: readonly string[] }): Promise<KeyRecord> {
+    const id = checkKeyId("id", input.id);
+    const name = input.name === undefined ? undefined : check(keyName, "name", input.name);
+    const scopes = input.scopes.length === 0 ? undefined : this.#checkScopes("scopes", input.scopes);
+    if (name === undefined && scopes === undefined) throw new InvalidArgumentError("name", "set name or scopes (or both)");
+    const updated = await this.deps.store.updateKey(id, { name, scopes });
+    if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
+    await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
+    return updated;
+  }
+
+  /** Idempotent; refused by every cache at once. */
+  async revokeKey(input: { id: string; reason: string }): Promise<KeyRecord> {
+    const id = checkKeyId("id", input.id);
+    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    const revoked = await this.deps.store.revokeKey(id, this.deps.nowMs(), input.reason === "" ? null : input.reason);
+    if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
+    await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash });
+    return revoked;
+  }
+
+  /** Issues a successor with the same owner, project, name, scopes and mode. */
+  async rotateKey(input: { id: string; graceDays: number | undefined }): Promise<{ key: KeyRecord; secret: string; previous: KeyRecord }> {
+    const id = checkKeyId("id", input.id);
+    const graceDays = input.graceDays ?? GRACE_DAYS.default;
+    if (!Number.isInteger(graceDays) || graceDays < GRACE_DAYS.min || graceDays > GRACE_DAYS.max) {
+      throw new InvalidArgumentError("grace_days", `must be a whole number from ${GRACE_DAYS.min} to ${GRACE_DAYS.max}; got ${graceDays}`);
+    }
+    const nowMs = this.deps.nowMs();
+    const old = await this.deps.store.getKey(id);
+    if (old === null) throw new NotFoundError(`key ${id} does not exist`);
+    const { record, secret } = this.#newRecord(
+      { ownerId: old.ownerId, projectId: old.projectId, name: old.name, scopes: old.scopes, mode: old.mode, expiresAtMs: old.expiresAtMs, metadata: old.metadata },
+      nowMs,
+    );
+    let rotation;
+    try {
+      rotation = await this.deps.store.rotateKey(id, record, nowMs + graceDays * DAY_MS, nowMs);
+    } catch (error) {
+      if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
+      throw error;
+    }
+    await this.deps.lookup.invalidate({ kind: "key", hash: rotation.previous.hash });
+    await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    return { key: rotation.next, secret, previous: rotation.previous };
+  }
+
+  /** "Who is this key": the decision without charging, plus the key and account when known. */
+  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId: string }): Promise<Decision> {
+    if (input.secret === "") throw new InvalidArgumentError("secret", "is required");
+    if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
+    const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
+    const projectId = input.projectId === "" ? null : check(externalId, "project_id", input.projectId);
+    return this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0 });
+  }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env node
+import { Command } from "commander";
+import { ConfigError, loadConfig } from "./config.js";
+import { buildKeygate } from "./server/app.js";
+import { createLogger } from "./server/logger.js";
+
+async function serve(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`keygate: ${error.message}\n`);
+      process.exit(2);
+    }
+    throw error;
+  }
+  const logger = createLogger(config.logLevel);
+  const keygate = await buildKeygate(config, { logger });
+  const ports = await keygate.start();
+  if (keygate.generatedAdminToken !== null) {
+    // Printed once, on the start that created it, and never logged.
+    process.stdout.write(
+      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${keygate.generatedAdminToken}\n` +
+        `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
+        `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
+    );
+  }
+  let stopping = false;
+  const shutdown = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    logger.info({ signal }, "draining");
+    keygate.stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        logger.error({ err: error }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", () => shutdown("SIGTERM"));
+  process.on("SIGINT", () => shutdown("SIGINT"));
+}
+
+const program = new Command()
+  .name("keygate")
+  .description("API-key service: Envoy ext_authz Check and the KeyAdmin lifecycle API");
+program
+  .command("serve", { isDefault: true })
+  .description("run the authz (gRPC and HTTP) and admin listeners")
+  .action(serve);
+
+await program.parseAsync(process.argv);

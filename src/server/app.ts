@@ -1,0 +1,117 @@
+import { join } from "node:path";
+import type { Logger } from "pino";
+import { AdminAuth } from "../admin/auth.js";
+import { keyAdminRoutes } from "../admin/handlers.js";
+import { LifecycleService } from "../admin/lifecycle.js";
+import { DecisionPipeline } from "../authz/pipeline.js";
+import { RouteTable } from "../authz/routes.js";
+import { SnapshotLookup } from "../cache/lookup.js";
+import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
+import type { Config } from "../config.js";
+import { KeyHasher } from "../keys/hasher.js";
+import { KeyFormat } from "../keys/key-format.js";
+import { LastUsedRecorder } from "../store/last-used.js";
+import { SqliteKeyStore } from "../store/sqlite.js";
+import type { KeyStore } from "../store/store.js";
+import { createAdminServer } from "./admin.js";
+import { createGrpcAuthzServer } from "./grpc-authz.js";
+import type { StartedServer } from "./grpc-authz.js";
+import { createHttpAuthzServer } from "./http-authz.js";
+import { Metrics } from "./metrics.js";
+import { Readiness } from "./readiness.js";
+import { ensureDataDir, loadSecrets } from "./secrets.js";
+
+/** The ports a running keygate is bound to. */
+export interface BoundPorts {
+  grpc: number;
+  http: number;
+  admin: number;
+}
+
+/** A built keygate: start binds the three listeners, stop drains and closes everything. */
+export interface Keygate {
+  readonly lifecycle: LifecycleService;
+  readonly store: KeyStore;
+  readonly metrics: Metrics;
+  readonly generatedAdminToken: string | null;
+  readonly adminTokens: readonly string[];
+  start(): Promise<BoundPorts>;
+  stop(): Promise<void>;
+}
+
+/** Options a test or the CLI may add to the config. */
+export interface BuildOptions {
+  logger: Logger;
+  nowMs?: () => number;
+  /** Prometheus default process metrics; off in tests that build many instances. */
+  defaultMetrics?: boolean;
+}
+
+/** The one composition root: builds store, caches, pipeline, services and listeners from Config. */
+export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
+  const { logger } = options;
+  const nowMs = options.nowMs ?? Date.now;
+  ensureDataDir(config.dataDir);
+  const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
+
+  const store: KeyStore = new SqliteKeyStore(join(config.dataDir, "keygate.db"));
+  const format = new KeyFormat(config.keyPrefix);
+  const hasher = new KeyHasher(secrets.pepper);
+  const bus = new LocalInvalidationBus();
+  const local = new MemoryCache(config.policy.cache);
+  const lookup = new SnapshotLookup({ local, store, bus });
+  const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
+  const pipeline = new DecisionPipeline({
+    format,
+    hasher,
+    lookup,
+    routes: new RouteTable(config.policy.routes),
+    credentialHeaders: config.policy.credentialHeaders,
+    lastUsed,
+    nowMs,
+  });
+  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, nowMs });
+  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
+  const readiness = new Readiness();
+  const auth = new AdminAuth(secrets.adminTokens, format);
+
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger });
+  const admin = createAdminServer({
+    routes: keyAdminRoutes(lifecycle, nowMs, logger),
+    auth,
+    readiness,
+    metrics,
+    logger,
+    probe: () => store.ping(),
+  });
+
+  let started: StartedServer[] = [];
+  return {
+    lifecycle,
+    store,
+    metrics,
+    generatedAdminToken: secrets.generatedAdminToken,
+    adminTokens: secrets.adminTokens,
+    async start() {
+      const g = await grpc.start(config.host, config.grpcPort);
+      const h = await http.start(config.host, config.httpAuthzPort);
+      const a = await admin.start(config.host, config.adminPort);
+      started = [g, h, a];
+      lastUsed.start();
+      readiness.setReady(true);
+      logger.info({ grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind }, "keygate listening");
+      return { grpc: g.port, http: h.port, admin: a.port };
+    },
+    async stop() {
+      readiness.drain();
+      const graceMs = config.shutdownGraceSeconds * 1000;
+      await Promise.all(started.map((s) => s.stop(graceMs)));
+      started = [];
+      await lastUsed.stop();
+      await bus.close();
+      await store.close();
+      logger.info("keygate stopped");
+    },
+  };
+}

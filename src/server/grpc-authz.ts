@@ -1,0 +1,188 @@
+import { randomUUID } from "node:crypto";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Server, ServerCredentials, status as GrpcStatus } from "@grpc/grpc-js";
+import type { sendUnaryData, ServerUnaryCall, ServerWritableStream, ServiceDefinition, UntypedServiceImplementation } from "@grpc/grpc-js";
+import type { Logger } from "pino";
+import type { HeaderBag } from "../authz/credential.js";
+import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
+import { RouteConfigError } from "../authz/routes.js";
+import { toCheckResponse } from "../authz/to-envoy.js";
+import type { AttributeContext_HttpRequest } from "../gen/envoy/service/auth/v3/attribute_context_pb.js";
+import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckRequest, CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import {
+  HealthCheckRequestSchema,
+  HealthCheckResponse_ServingStatus,
+  HealthCheckResponseSchema,
+} from "../gen/grpc/health/v1/health_pb.js";
+import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
+import { create } from "@bufbuild/protobuf";
+import type { Metrics } from "./metrics.js";
+import type { Readiness } from "./readiness.js";
+
+const DECODE = { readUnknownFields: false };
+
+/** grpc-js definition of envoy.service.auth.v3.Authorization, coded by protobuf-es. */
+export const authorizationDefinition: ServiceDefinition = {
+  Check: {
+    path: "/envoy.service.auth.v3.Authorization/Check",
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: (message: CheckRequest) => Buffer.from(toBinary(CheckRequestSchema, message)),
+    requestDeserialize: (bytes: Buffer) => fromBinary(CheckRequestSchema, bytes, DECODE),
+    responseSerialize: (message: CheckResponse) => Buffer.from(toBinary(CheckResponseSchema, message)),
+    responseDeserialize: (bytes: Buffer) => fromBinary(CheckResponseSchema, bytes, DECODE),
+  },
+};
+
+/** grpc-js definition of the standard grpc.health.v1.Health service. */
+export const healthDefinition: ServiceDefinition = {
+  Check: {
+    path: "/grpc.health.v1.Health/Check",
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: (message: HealthCheckRequest) => Buffer.from(toBinary(HealthCheckRequestSchema, message)),
+    requestDeserialize: (bytes: Buffer) => fromBinary(HealthCheckRequestSchema, bytes),
+    responseSerialize: (message: HealthCheckResponse) => Buffer.from(toBinary(HealthCheckResponseSchema, message)),
+    responseDeserialize: (bytes: Buffer) => fromBinary(HealthCheckResponseSchema, bytes),
+  },
+  Watch: {
+    path: "/grpc.health.v1.Health/Watch",
+    requestStream: false,
+    responseStream: true,
+    requestSerialize: (message: HealthCheckRequest) => Buffer.from(toBinary(HealthCheckRequestSchema, message)),
+    requestDeserialize: (bytes: Buffer) => fromBinary(HealthCheckRequestSchema, bytes),
+    responseSerialize: (message: HealthCheckResponse) => Buffer.from(toBinary(HealthCheckResponseSchema, message)),
+    responseDeserialize: (bytes: Buffer) => fromBinary(HealthCheckResponseSchema, bytes),
+  },
+};
+
+const HEALTH_SERVICES = new Set(["", "envoy.service.auth.v3.Authorization"]);
+const EMPTY_HEADERS: HeaderBag = {};
+const utf8 = new TextDecoder();
+
+/**
+ * Envoy sends headers in `headers`, or, with encode_raw_headers on, in `header_map` with the
+ * value in raw_value. Repeated names in header_map become arrays, which the credential step
+ * refuses.
+ */
+export function headersOf(http: AttributeContext_HttpRequest | undefined): HeaderBag {
+  if (http === undefined) return EMPTY_HEADERS;
+  const raw = http.headerMap?.headers;
+  if (raw === undefined || raw.length === 0) return http.headers;
+  const out: Record<string, string | string[]> = {};
+  for (const entry of raw) {
+    const name = entry.key.toLowerCase();
+    const value = entry.rawValue.length > 0 ? utf8.decode(entry.rawValue) : entry.value;
+    const existing = out[name];
+    if (existing === undefined) out[name] = value;
+    else if (typeof existing === "string") out[name] = [existing, value];
+    else existing.push(value);
+  }
+  return out;
+}
+
+/** What the gRPC authz server needs. */
+export interface GrpcAuthzDeps {
+  pipeline: DecisionPipeline;
+  readiness: Readiness;
+  metrics: Metrics;
+  logger: Logger;
+}
+
+/** A started gRPC listener. */
+export interface StartedServer {
+  port: number;
+  /** Stops accepting, waits up to `graceMs` for in-flight calls, then closes. */
+  stop(graceMs: number): Promise<void>;
+}
+
+/** Builds the Envoy ext_authz gRPC server (Check and health). `start` binds it. */
+export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
+  const { pipeline, metrics, logger, readiness } = deps;
+
+  function check(call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void {
+    const http = call.request.attributes?.request?.http;
+    const headers = headersOf(http);
+    let decision: Decision | Promise<Decision>;
+    try {
+      decision = pipeline.decide({
+        method: http?.method ?? "",
+        path: http?.path ?? "/",
+        headers,
+        contextExtensions: call.request.attributes?.contextExtensions,
+      });
+    } catch (error) {
+      fail(error, callback);
+      return;
+    }
+    const answer = (d: Decision): void => {
+      metrics.countDecision("grpc", d.allow ? "OK" : d.reason);
+      const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
+      callback(null, toCheckResponse(d, Object.keys(headers), requestId));
+    };
+    if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback));
+    else answer(decision);
+  }
+
+  function fail(error: unknown, callback: sendUnaryData<CheckResponse>): void {
+    metrics.failures.labels("grpc").inc();
+    if (error instanceof RouteConfigError) {
+      logger.error({ err: error }, "bad per-route settings from the proxy");
+      callback({ code: GrpcStatus.INTERNAL, details: error.message });
+      return;
+    }
+    // Undecidable: Envoy's failure_mode_allow decides what happens, keygate never guesses.
+    logger.warn({ err: error }, "check could not be decided");
+    callback({ code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" });
+  }
+
+  function servingStatus(service: string): HealthCheckResponse | null {
+    if (!HEALTH_SERVICES.has(service)) return null;
+    return create(HealthCheckResponseSchema, {
+      status: readiness.serving ? HealthCheckResponse_ServingStatus.SERVING : HealthCheckResponse_ServingStatus.NOT_SERVING,
+    });
+  }
+
+  const health: UntypedServiceImplementation = {
+    Check(call: ServerUnaryCall<HealthCheckRequest, HealthCheckResponse>, callback: sendUnaryData<HealthCheckResponse>) {
+      const answer = servingStatus(call.request.service);
+      if (answer === null) callback({ code: GrpcStatus.NOT_FOUND, details: `unknown service "${call.request.service}"` });
+      else callback(null, answer);
+    },
+    Watch(call: ServerWritableStream<HealthCheckRequest, HealthCheckResponse>) {
+      const send = (): void => {
+        call.write(
+          servingStatus(call.request.service) ??
+            create(HealthCheckResponseSchema, { status: HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN }),
+        );
+      };
+      send();
+      const unsubscribe = readiness.onChange(send);
+      call.on("cancelled", unsubscribe);
+      call.on("close", unsubscribe);
+    },
+  };
+
+  return {
+    async start(host, port) {
+      const server = new Server({ "grpc.keepalive_permit_without_calls": 1 });
+      server.addService(authorizationDefinition, { Check: check });
+      server.addService(healthDefinition, health);
+      const boundPort = await new Promise<number>((resolve, reject) => {
+        server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));
+      });
+      return {
+        port: boundPort,
+        stop: (graceMs) =>
+          new Promise<void>((resolve) => {
+            const force = setTimeout(() => server.forceShutdown(), graceMs);
+            server.tryShutdown(() => {
+              clearTimeout(force);
+              resolve();
+            });
+          }),
+      };
+    },
+  };
+}
