@@ -53,12 +53,19 @@ const keyName = z
       .max(MAX_NAME_LENGTH, `must be at most ${MAX_NAME_LENGTH} characters`)
       .regex(/^[^\p{Cc}]*$/u, "must not contain control characters"),
   );
-const metadataSchema = z
-  .record(
-    z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/, "keys are 1-64 letters, digits, _ . -"),
-    z.string().max(512, "values are at most 512 characters"),
-  )
-  .refine((m) => Object.keys(m).length <= 16, "at most 16 entries");
+const METADATA_KEY = /^[A-Za-z0-9_.-]{1,64}$/;
+const MAX_METADATA_ENTRIES = 16;
+const MAX_METADATA_VALUE_LENGTH = 512;
+
+function checkMetadata(metadata: Record<string, string>): Record<string, string> {
+  const entries = Object.entries(metadata);
+  if (entries.length > MAX_METADATA_ENTRIES) throw new InvalidArgumentError("metadata", `at most ${MAX_METADATA_ENTRIES} entries`);
+  for (const [key, value] of entries) {
+    if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${key.slice(0, 64)}`, "keys are 1-64 letters, digits, _ . -");
+    if (value.length > MAX_METADATA_VALUE_LENGTH) throw new InvalidArgumentError(`metadata.${key}`, `values are at most ${MAX_METADATA_VALUE_LENGTH} characters`);
+  }
+  return Object.fromEntries(entries);
+}
 
 function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T {
   const result = schema.safeParse(value);
@@ -163,7 +170,7 @@ export class LifecycleService {
     const scopes = input.scopes.length === 0 ? [...this.deps.policy.scopes.default] : this.#checkScopes("scopes", input.scopes);
     const mode: KeyMode = input.mode === "" ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
     if (input.expiresAtMs !== null && input.expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
-    const metadata = check(metadataSchema, "metadata", input.metadata);
+    const metadata = checkMetadata(input.metadata);
     const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata }, nowMs);
     await this.deps.store.createKey(record, {
       maxActiveKeysFor: (plan) => this.maxActiveKeysFor(plan),

@@ -1,0 +1,262 @@
+import { create } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { HeaderMapSchema } from "../../src/gen/envoy/config/core/v3/base_pb.js";
+import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+
+let kg: TestKeygate;
+let seq = 0;
+beforeAll(async () => {
+  kg = await startKeygate();
+});
+afterAll(async () => {
+  await kg.stop();
+});
+
+async function issue(options: { scopes?: string[]; projectId?: string; plan?: string } = {}): Promise<{ id: string; secret: string; owner: string }> {
+  const owner = `owner-check-${++seq}`;
+  await kg.admin.upsertAccount({ ownerId: owner, plan: options.plan ?? "business" });
+  const created = await kg.admin.createKey({ ownerId: owner, name: "check", scopes: options.scopes ?? [], projectId: options.projectId ?? "" });
+  if (created.key === undefined) throw new Error("no key");
+  return { id: created.key.id, secret: created.secret, owner };
+}
+
+function okOf(response: CheckResponse) {
+  if (response.httpResponse.case !== "okResponse") throw new Error(`expected ok, got ${response.httpResponse.case ?? "nothing"}`);
+  return response.httpResponse.value;
+}
+
+function headerMap(response: CheckResponse): Record<string, string> {
+  return Object.fromEntries(okOf(response).headers.map((h) => [h.header?.key ?? "", h.header?.value ?? ""]));
+}
+
+function deniedStatus(response: CheckResponse): number {
+  if (response.httpResponse.case !== "deniedResponse") throw new Error(`expected denial, got ${response.httpResponse.case ?? "nothing"}`);
+  return response.httpResponse.value.status?.code ?? 0;
+}
+
+describe("gRPC Check happy", () => {
+  it("allows a valid bearer key with identity headers, removals and dynamic metadata", async () => {
+    const key = await issue({ scopes: ["tutor", "decks"] });
+    const response = await kg.check(
+      checkInit({ authorization: `Bearer ${key.secret}`, "x-keygate-owner-id": "spoofed", "x-keygate-extra": "spoofed", accept: "*/*" }, "/v1/decks/7"),
+    );
+    expect(response.status?.code).toBe(0);
+    const ok = okOf(response);
+    expect(headerMap(response)).toEqual({
+      "x-keygate-key-id": key.id,
+      "x-keygate-owner-id": key.owner,
+      "x-keygate-scopes": "tutor,decks",
+      "x-keygate-plan": "business",
+      "x-keygate-mode": "live",
+    });
+    // Identity headers are overwritten, not appended, so a client value cannot survive.
+    expect(ok.headers.every((h) => h.appendAction === 2)).toBe(true);
+    expect(ok.headersToRemove).toEqual(["authorization", "x-keygate-extra"]);
+    expect(response.dynamicMetadata).toEqual({
+      key_id: key.id,
+      owner_id: key.owner,
+      project_id: "",
+      plan: "business",
+      mode: "live",
+      scopes: "tutor,decks",
+    });
+  });
+
+  it("reads X-API-Key and removes that header", async () => {
+    const key = await issue();
+    const response = await kg.check(checkInit({ "x-api-key": key.secret }));
+    expect(okOf(response).headersToRemove).toEqual(["x-api-key"]);
+  });
+
+  it("accepts Bearer in any case and with extra spacing", async () => {
+    const key = await issue();
+    const response = await kg.check(checkInit({ authorization: `bEaReR \t ${key.secret}  ` }));
+    expect(response.status?.code).toBe(0);
+  });
+
+  it("reads headers from header_map raw_value when Envoy encodes raw headers", async () => {
+    const key = await issue();
+    const encoder = new TextEncoder();
+    const request = create(CheckRequestSchema, {
+      attributes: {
+        request: {
+          http: {
+            method: "GET",
+            path: "/v1/things",
+            headerMap: create(HeaderMapSchema, {
+              headers: [
+                { key: "authorization", rawValue: encoder.encode(`Bearer ${key.secret}`) },
+                { key: ":path", rawValue: encoder.encode("/v1/things") },
+              ],
+            }),
+          },
+        },
+      },
+    });
+    const response = await kg.checkRaw(request);
+    expect(response.status?.code).toBe(0);
+    expect(headerMap(response)["x-keygate-key-id"]).toBe(key.id);
+  });
+
+  it("sets x-keygate-project-id for a project-locked key on its own project", async () => {
+    const key = await issue({ projectId: "alpha" });
+    const response = await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/projects/alpha/jobs"));
+    expect(headerMap(response)["x-keygate-project-id"]).toBe("alpha");
+  });
+
+  it("context_extensions override the routes table", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    // The routes table asks nothing of /v1/things; the extension asks for "progress".
+    const denied = await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/things", "GET", { required_scopes: "tutor, progress" }));
+    expect(deniedStatus(denied)).toBe(403);
+    if (denied.httpResponse.case !== "deniedResponse") throw new Error("unreachable");
+    expect(JSON.parse(denied.httpResponse.value.body).error.message).toBe('This API key does not have the "progress" scope.');
+    // The table asks for "decks" on /v1/decks; an extension of "tutor" replaces it.
+    const allowed = await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/decks", "GET", { required_scopes: "tutor" }));
+    expect(allowed.status?.code).toBe(0);
+    const locked = await kg.check(checkInit({ authorization: `Bearer ${(await issue({ projectId: "beta" })).secret}` }, "/x", "GET", { project_id: "gamma" }));
+    expect(deniedStatus(locked)).toBe(403);
+  });
+
+  it("route matching survives path tricks", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    for (const path of ["/v1/decks", "/v1//decks/1", "/v1/./decks", "/v1/x/../decks?y=1", "/v1/%64ecks/2"]) {
+      const response = await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, path));
+      expect(deniedStatus(response), path).toBe(403);
+    }
+    const response = await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/decksandmore"));
+    expect(response.status?.code).toBe(0);
+  });
+
+  it("method-specific routes apply only to that method", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    expect((await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/webhooks", "GET"))).status?.code).toBe(0);
+    expect(deniedStatus(await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/webhooks", "POST")))).toBe(403);
+  });
+});
+
+describe("gRPC Check error", () => {
+  it("refuses two different keys in Authorization and X-API-Key", async () => {
+    const a = await issue();
+    const b = await issue();
+    const response = await kg.check(checkInit({ authorization: `Bearer ${a.secret}`, "x-api-key": b.secret }));
+    expect(deniedStatus(response)).toBe(401);
+  });
+
+  it("refuses a repeated credential header in header_map", async () => {
+    const key = await issue();
+    const encoder = new TextEncoder();
+    const response = await kg.checkRaw(
+      create(CheckRequestSchema, {
+        attributes: {
+          request: {
+            http: {
+              method: "GET",
+              path: "/",
+              headerMap: {
+                headers: [
+                  { key: "x-api-key", rawValue: encoder.encode(key.secret) },
+                  { key: "x-api-key", rawValue: encoder.encode(key.secret) },
+                ],
+              },
+            },
+          },
+        },
+      }),
+    );
+    expect(deniedStatus(response)).toBe(401);
+  });
+
+  it("answers INTERNAL for a cost extension that is not a number", async () => {
+    const key = await issue();
+    await expect(kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/", "GET", { cost: "free" }))).rejects.toMatchObject({ code: 13 });
+  });
+});
+
+describe("HTTP mode", () => {
+  it("allows with identity headers and x-envoy-auth-headers-to-remove", async () => {
+    const key = await issue({ scopes: ["decks"] });
+    const res = await httpCheck(kg.ports.http, "/check/v1/decks/1", { authorization: `Bearer ${key.secret}`, "x-keygate-plan": "spoofed", "x-keygate-foo": "x" });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("x-keygate-key-id")).toBe(key.id);
+    expect(res.headers.get("x-keygate-owner-id")).toBe(key.owner);
+    expect(res.headers.get("x-keygate-plan")).toBe("business");
+    expect(res.headers.get("x-keygate-scopes")).toBe("decks");
+    expect(res.headers.get("x-envoy-auth-headers-to-remove")).toBe("authorization,x-keygate-foo");
+  });
+
+  it("takes the original path and method from X-Original-URI / X-Forwarded-* headers", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    const viaOriginal = await httpCheck(kg.ports.http, "/check", { "x-api-key": key.secret, "x-original-uri": "/v1/decks/9" });
+    expect(viaOriginal.status).toBe(403);
+    const viaForwarded = await httpCheck(kg.ports.http, "/check", { "x-api-key": key.secret, "x-forwarded-uri": "/v1/webhooks", "x-forwarded-method": "POST" });
+    expect(viaForwarded.status).toBe(403);
+    const getWebhooks = await httpCheck(kg.ports.http, "/check", { "x-api-key": key.secret, "x-forwarded-uri": "/v1/webhooks", "x-forwarded-method": "GET" });
+    expect(getWebhooks.status).toBe(200);
+  });
+
+  it("serves /healthz and 404 outside /check", async () => {
+    expect((await httpCheck(kg.ports.http, "/healthz", {})).status).toBe(200);
+    expect((await httpCheck(kg.ports.http, "/other", {})).status).toBe(404);
+  });
+});
+
+describe("revocation and rotation", () => {
+  it("the very next Check after RevokeKey returns is refused, on both entry points", async () => {
+    const key = await issue();
+    const auth = { authorization: `Bearer ${key.secret}` };
+    expect((await kg.check(checkInit(auth))).status?.code).toBe(0);
+    expect((await httpCheck(kg.ports.http, "/check", auth)).status).toBe(200);
+    await kg.admin.revokeKey({ id: key.id });
+    expect(deniedStatus(await kg.check(checkInit(auth)))).toBe(401);
+    expect((await httpCheck(kg.ports.http, "/check", auth)).status).toBe(401);
+  });
+
+  it("both keys work during grace, the old one fails after it", async () => {
+    const key = await issue({ plan: "basic" });
+    const rotated = await kg.admin.rotateKey({ id: key.id, graceDays: 3 });
+    expect(rotated.previous?.state).toBe("grace");
+    expect(rotated.previous?.rotatedToId).toBe(rotated.key?.id);
+    const old = { authorization: `Bearer ${key.secret}` };
+    const fresh = { authorization: `Bearer ${rotated.secret}` };
+    expect((await kg.check(checkInit(old))).status?.code).toBe(0);
+    expect((await kg.check(checkInit(fresh))).status?.code).toBe(0);
+    kg.clock.advanceDays(2.9);
+    expect((await kg.check(checkInit(old))).status?.code).toBe(0);
+    kg.clock.advanceDays(0.2);
+    expect(deniedStatus(await kg.check(checkInit(old)))).toBe(401);
+    expect((await kg.check(checkInit(fresh))).status?.code).toBe(0);
+    kg.clock.offsetMs = 0;
+  });
+
+  it("grace_days 0 refuses the old key at once", async () => {
+    const key = await issue();
+    const old = { authorization: `Bearer ${key.secret}` };
+    expect((await kg.check(checkInit(old))).status?.code).toBe(0);
+    const rotated = await kg.admin.rotateKey({ id: key.id, graceDays: 0 });
+    expect(rotated.previous?.state).toBe("revoked");
+    expect(deniedStatus(await kg.check(checkInit(old)))).toBe(401);
+    expect((await kg.check(checkInit({ authorization: `Bearer ${rotated.secret}` }))).status?.code).toBe(0);
+  });
+
+  it("a rescope takes effect on the next Check", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    const auth = { authorization: `Bearer ${key.secret}` };
+    expect(deniedStatus(await kg.check(checkInit(auth, "/v1/decks")))).toBe(403);
+    await kg.admin.updateKey({ id: key.id, scopes: ["tutor", "decks"] });
+    expect((await kg.check(checkInit(auth, "/v1/decks"))).status?.code).toBe(0);
+  });
+
+  it("a subscription change takes effect on the next Check", async () => {
+    const key = await issue();
+    const auth = { authorization: `Bearer ${key.secret}` };
+    expect((await kg.check(checkInit(auth))).status?.code).toBe(0);
+    await kg.admin.upsertAccount({ ownerId: key.owner, subscriptionStatus: "canceled" });
+    expect(deniedStatus(await kg.check(checkInit(auth)))).toBe(402);
+    await kg.admin.upsertAccount({ ownerId: key.owner, subscriptionStatus: "active" });
+    expect((await kg.check(checkInit(auth))).status?.code).toBe(0);
+  });
+});
