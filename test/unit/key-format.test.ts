@@ -1,0 +1,63 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { KeyFormat, checksum } from "../../src/keys/key-format.js";
+
+const format = new KeyFormat("kg");
+
+describe("key format happy", () => {
+  it("generates keys that match the documented pattern and parse back", () => {
+    for (let i = 0; i < 200; i++) {
+      const mode = i % 2 === 0 ? "live" : "test";
+      const key = format.generate(mode);
+      expect(key).toMatch(/^kg_(live|test)_[0-9A-Za-z]{38}$/);
+      expect(format.pattern.test(`leaked in a log: ${key} here`)).toBe(true);
+      expect(format.parse(key)).toEqual({ mode, start: key.slice(0, 12), last4: key.slice(-4) });
+    }
+  });
+
+  it("the checksum is 6 base62 characters of CRC32", () => {
+    expect(checksum("")).toBe("000000");
+    expect(checksum("kg_live_")).toMatch(/^[0-9A-Za-z]{6}$/);
+  });
+
+  it("uses every base62 character about equally (no modulo bias)", () => {
+    const counts = new Map<string, number>();
+    for (let i = 0; i < 2000; i++) {
+      for (const ch of format.generate("live").slice(8, 40)) counts.set(ch, (counts.get(ch) ?? 0) + 1);
+    }
+    expect(counts.size).toBe(62);
+    const expected = (2000 * 32) / 62;
+    for (const count of counts.values()) {
+      expect(count).toBeGreaterThan(expected * 0.8);
+      expect(count).toBeLessThan(expected * 1.2);
+    }
+  });
+});
+
+describe("key format error", () => {
+  it("rejects a key with any single character changed", () => {
+    const key = format.generate("live");
+    const alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_";
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: key.length - 1 }), fc.constantFrom(...alphabet), (index, ch) => {
+        fc.pre(key[index] !== ch);
+        const mutated = key.slice(0, index) + ch + key.slice(index + 1);
+        expect(format.parse(mutated)).toBeNull();
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  it("rejects keys one character too short or too long, other prefixes and arbitrary text", () => {
+    const key = format.generate("test");
+    expect(format.parse(key.slice(0, -1))).toBeNull();
+    expect(format.parse(`${key}A`)).toBeNull();
+    expect(format.parse(key.replace("kg_", "xx_"))).toBeNull();
+    expect(new KeyFormat("acme").parse(key)).toBeNull();
+    fc.assert(
+      fc.property(fc.string({ maxLength: 100 }), (text) => {
+        expect(format.parse(text)).toBeNull();
+      }),
+    );
+  });
+});
