@@ -1,0 +1,182 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { newKeyId } from "../../src/keys/ids.js";
+import { CapExceededError, ConflictError, DuplicateError } from "../../src/store/errors.js";
+import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
+
+const CAPS: Record<string, number> = { basic: 1, pro: 3, business: 5 };
+const NOW = 1_800_000_000_000;
+const DAY = 86_400_000;
+
+function limits(nowMs = NOW): CreateLimits {
+  return {
+    maxActiveKeysFor: (plan) => CAPS[plan] ?? 0,
+    accountDefaults: { plan: "basic", subscriptionStatus: "active", role: "standard" },
+    nowMs,
+  };
+}
+
+let seq = 0;
+function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord {
+  seq += 1;
+  return {
+    id: newKeyId(),
+    hash: `hash-${ownerId}-${seq}-${Math.random().toString(36).slice(2)}`,
+    ownerId,
+    projectId: null,
+    name: `key ${seq}`,
+    mode: "live",
+    start: "kg_live_abcd",
+    last4: "wxyz",
+    scopes: ["read"],
+    metadata: { team: "core" },
+    createdAtMs: NOW,
+    lastUsedAtMs: null,
+    expiresAtMs: null,
+    revokedAtMs: null,
+    revokeReason: null,
+    graceEndsAtMs: null,
+    rotatedToId: null,
+    ...overrides,
+  };
+}
+
+/** The KeyStore contract: every implementation must pass these same cases. */
+export function runKeyStoreContract(name: string, open: () => Promise<{ store: KeyStore; close(): Promise<void> } | null>): void {
+  describe(`KeyStore contract: ${name}`, () => {
+    let store: KeyStore;
+    let close: (() => Promise<void>) | undefined;
+    let owner = 0;
+    const nextOwner = (): string => `${name}-owner-${++owner}-${Date.now()}`;
+
+    beforeAll(async () => {
+      const opened = await open();
+      if (opened === null) throw new Error(`${name}: store could not be opened`);
+      store = opened.store;
+      close = opened.close;
+    });
+    afterAll(async () => {
+      await close?.();
+    });
+
+    it("creates the account on first key and reads the snapshot back by hash", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId, { projectId: "p1", expiresAtMs: NOW + DAY });
+      await store.createKey(key, limits());
+      const snapshot = await store.findSnapshotByHash(key.hash);
+      expect(snapshot?.key).toEqual(key);
+      expect(snapshot?.account).toMatchObject({ ownerId, plan: "basic", subscriptionStatus: "active", role: "standard" });
+      expect(await store.getKey(key.id)).toEqual(key);
+      expect(await store.findSnapshotByHash("no-such-hash")).toBeNull();
+      expect(await store.getKey(newKeyId())).toBeNull();
+    });
+
+    it("upserts accounts partially", async () => {
+      const ownerId = nextOwner();
+      const defaults = limits().accountDefaults;
+      const created = await store.upsertAccount({ ownerId, plan: "pro" }, defaults, NOW);
+      expect(created).toMatchObject({ ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: NOW });
+      const updated = await store.upsertAccount({ ownerId, role: "admin" }, defaults, NOW + 5);
+      expect(updated).toMatchObject({ plan: "pro", role: "admin", createdAtMs: NOW, updatedAtMs: NOW + 5 });
+      expect(await store.getAccount(ownerId)).toEqual(updated);
+      expect(await store.getAccount(nextOwner())).toBeNull();
+    });
+
+    it("refuses a duplicate hash", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId, plan: "business" }, limits().accountDefaults, NOW);
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      await expect(store.createKey(record(ownerId, { hash: key.hash }), limits())).rejects.toBeInstanceOf(DuplicateError);
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(1);
+    });
+
+    it("lists with paging, project filter and revoked filter", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId, plan: "business" }, limits().accountDefaults, NOW);
+      const keys: KeyRecord[] = [];
+      for (let i = 0; i < 5; i++) {
+        const key = record(ownerId, { projectId: i < 2 ? "p1" : null });
+        keys.push(key);
+        await store.createKey(key, limits());
+      }
+      const ids = keys.map((k) => k.id).sort();
+      const page1 = await store.listKeys({ ownerId, includeRevoked: false, limit: 2, nowMs: NOW });
+      expect(page1.map((k) => k.id)).toEqual(ids.slice(0, 2));
+      const page2 = await store.listKeys({ ownerId, includeRevoked: false, limit: 2, afterId: page1[1]?.id, nowMs: NOW });
+      expect(page2.map((k) => k.id)).toEqual(ids.slice(2, 4));
+      expect(await store.listKeys({ ownerId, projectId: "p1", includeRevoked: false, limit: 10, nowMs: NOW })).toHaveLength(2);
+      await store.revokeKey(ids[0] ?? "", NOW, "test");
+      expect(await store.listKeys({ ownerId, includeRevoked: false, limit: 10, nowMs: NOW })).toHaveLength(4);
+      expect(await store.listKeys({ ownerId, includeRevoked: true, limit: 10, nowMs: NOW })).toHaveLength(5);
+    });
+
+    it("renames and rescopes", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      expect((await store.updateKey(key.id, { name: "renamed" }))?.name).toBe("renamed");
+      const rescoped = await store.updateKey(key.id, { scopes: ["read", "write"] });
+      expect(rescoped).toMatchObject({ name: "renamed", scopes: ["read", "write"] });
+      expect((await store.findSnapshotByHash(key.hash))?.key.scopes).toEqual(["read", "write"]);
+      expect(await store.updateKey(newKeyId(), { name: "x" })).toBeNull();
+    });
+
+    it("revokes idempotently and gives the slot back once", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      await expect(store.createKey(record(ownerId), limits())).rejects.toBeInstanceOf(CapExceededError);
+      const first = await store.revokeKey(key.id, NOW + 1, "leaked");
+      const second = await store.revokeKey(key.id, NOW + 2, "again");
+      expect(first).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked" });
+      expect(second).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked" });
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(0);
+      await store.createKey(record(ownerId), limits());
+      await expect(store.createKey(record(ownerId), limits())).rejects.toBeInstanceOf(CapExceededError);
+    });
+
+    it("rotates with grace: the slot passes to the new key, and a rotated key cannot rotate again", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      const next = record(ownerId);
+      const rotation = await store.rotateKey(key.id, next, NOW + 7 * DAY, NOW);
+      expect(rotation.previous).toMatchObject({ rotatedToId: next.id, graceEndsAtMs: NOW + 7 * DAY, revokedAtMs: null });
+      expect(rotation.next).toEqual(next);
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(1);
+      await expect(store.rotateKey(key.id, record(ownerId), NOW + DAY, NOW)).rejects.toBeInstanceOf(ConflictError);
+      const immediate = await store.rotateKey(next.id, record(ownerId), NOW, NOW);
+      expect(immediate.previous).toMatchObject({ revokedAtMs: NOW, revokeReason: "rotated" });
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(1);
+    });
+
+    it("expired keys do not count against the cap", async () => {
+      const ownerId = nextOwner();
+      await store.createKey(record(ownerId, { expiresAtMs: NOW + 10 }), limits());
+      await expect(store.createKey(record(ownerId), limits(NOW + 5))).rejects.toBeInstanceOf(CapExceededError);
+      await store.createKey(record(ownerId), limits(NOW + 10));
+      expect(await store.countActiveKeys(ownerId, NOW + 10)).toBe(1);
+    });
+
+    it("holds the cap under 50 concurrent creates", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId, plan: "pro" }, limits().accountDefaults, NOW);
+      const results = await Promise.allSettled(Array.from({ length: 50 }, () => store.createKey(record(ownerId), limits())));
+      expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(3);
+      const refused = results.filter((r): r is PromiseRejectedResult => r.status === "rejected");
+      expect(refused).toHaveLength(47);
+      expect(refused.every((r) => r.reason instanceof CapExceededError)).toBe(true);
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(3);
+      expect(await store.listKeys({ ownerId, includeRevoked: true, limit: 100, nowMs: NOW })).toHaveLength(3);
+    });
+
+    it("writes last use behind; a later time wins", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      await store.touchLastUsed(new Map([[key.id, NOW + 100]]));
+      await store.touchLastUsed(new Map([[key.id, NOW + 50]]));
+      expect((await store.getKey(key.id))?.lastUsedAtMs).toBe(NOW + 100);
+    });
+  });
+}
