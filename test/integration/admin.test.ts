@@ -1,6 +1,8 @@
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
-import { ConnectError } from "@connectrpc/connect";
+import { ConnectError, createClient } from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-node";
+import { KeyAdmin } from "../../src/gen/keygate/v1/key_admin_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { checkInit, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -66,6 +68,25 @@ describe("KeyAdmin happy (Connect JSON, as curl sends it)", () => {
     expect(account["role"]).toBe("premium");
     expect(account["subscriptionStatus"]).toBe("active");
     expect(account["maxActiveKeys"]).toBe(3);
+  });
+
+  it("answers gRPC-Web on the same port", async () => {
+    const web = createClient(
+      KeyAdmin,
+      createGrpcWebTransport({
+        baseUrl: `http://127.0.0.1:${kg.ports.admin}`,
+        httpVersion: "1.1",
+        interceptors: [
+          (next) => (req) => {
+            req.header.set("authorization", "Bearer kgadm_test_token_0123456789abcdefghij");
+            return next(req);
+          },
+        ],
+      }),
+    );
+    const ownerId = owner();
+    const upserted = await web.upsertAccount({ ownerId, plan: "business", subscriptionStatus: "none" });
+    expect(upserted.account).toMatchObject({ ownerId, plan: "business", subscriptionStatus: "none", maxActiveKeys: 5, activeKeyCount: 0 });
   });
 
   it("lists with paging, renames, rescopes and revokes idempotently", async () => {

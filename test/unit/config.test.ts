@@ -1,0 +1,35 @@
+import { resolve } from "node:path";
+import { describe, expect, it } from "vitest";
+import { ConfigError, loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
+
+describe("config", () => {
+  it("has working defaults with no environment", () => {
+    const config = loadConfig({});
+    expect(config).toMatchObject({ dataDir: "./data", keyPrefix: "kg", host: "0.0.0.0", grpcPort: 9191, httpAuthzPort: 8181, adminPort: 8080 });
+    expect(config.policy.plans["basic"]?.maxActiveKeys).toBe(1);
+    expect(config.policy.plans["pro"]?.rateLimit.limit).toBe(500);
+    expect(config.policy.plans["business"]?.maxActiveKeys).toBe(5);
+  });
+
+  it("names the variable that is wrong", () => {
+    expect(() => loadConfig({ KEYGATE_ADMIN_PORT: "99999" })).toThrow(/KEYGATE_ADMIN_PORT/);
+    expect(() => loadConfig({ KEYGATE_PEPPER: "short" })).toThrow(/KEYGATE_PEPPER: must be at least 32 characters/);
+    expect(() => loadConfig({ KEYGATE_KEY_PREFIX: "KG" })).toThrow(/KEYGATE_KEY_PREFIX/);
+    expect(() => loadConfig({ KEYGATE_ADMIN_TOKENS: "tooshort" })).toThrow(/KEYGATE_ADMIN_TOKENS/);
+    expect(() => loadConfig({ KEYGATE_CONFIG: "/nonexistent.yaml" })).toThrow(ConfigError);
+  });
+
+  it("loads the shipped example policy", () => {
+    const policy = loadPolicyFile(resolve(import.meta.dirname, "../../deploy/config/keygate.example.yaml"));
+    expect(policy.routes).toHaveLength(3);
+    expect(policy.scopes.default).toEqual(["read"]);
+  });
+
+  it("names the policy field that is wrong", () => {
+    const base = { plans: { basic: { maxActiveKeys: 1, rateLimit: { limit: 1, windowSeconds: 1 } } }, scopes: { catalog: ["a"], default: ["a"] } };
+    expect(parsePolicy(base).defaultPlan).toBe("basic");
+    expect(() => parsePolicy({ ...base, defaultPlan: "gold" })).toThrow(/defaultPlan: unknown plan "gold"/);
+    expect(() => parsePolicy({ ...base, scopes: { catalog: ["a"], default: ["b"] } })).toThrow(/scopes.default.0: "b" is not in scopes.catalog/);
+    expect(() => parsePolicy({ ...base, routes: [{ pathPrefix: "/x", requiredScopes: ["zz"] }] })).toThrow(/routes.0.requiredScopes.0/);
+  });
+});
