@@ -4,19 +4,24 @@ import { ConfigError, loadConfig } from "./config.js";
 import { buildKeygate } from "./server/app.js";
 import { createLogger } from "./server/logger.js";
 
+/** Configuration mistakes exit 2 with the message; anything else is a crash. */
+function exitOnConfigError(error: unknown): never {
+  if (error instanceof ConfigError) {
+    process.stderr.write(`keygate: ${error.message}\n`);
+    process.exit(2);
+  }
+  throw error;
+}
+
 async function serve(): Promise<void> {
   let config;
   try {
     config = loadConfig();
   } catch (error) {
-    if (error instanceof ConfigError) {
-      process.stderr.write(`keygate: ${error.message}\n`);
-      process.exit(2);
-    }
-    throw error;
+    exitOnConfigError(error);
   }
   const logger = createLogger(config.logLevel);
-  const keygate = await buildKeygate(config, { logger });
+  const keygate = await buildKeygate(config, { logger }).catch(exitOnConfigError);
   const ports = await keygate.start();
   if (keygate.generatedAdminToken !== null) {
     // Printed once, on the start that created it, and never logged.

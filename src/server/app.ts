@@ -7,10 +7,12 @@ import { DecisionPipeline } from "../authz/pipeline.js";
 import { RouteTable } from "../authz/routes.js";
 import { SnapshotLookup } from "../cache/lookup.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
+import { ConfigError } from "../config.js";
 import type { Config } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
 import { KeyFormat } from "../keys/key-format.js";
 import { LastUsedRecorder } from "../store/last-used.js";
+import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
 import { createAdminServer } from "./admin.js";
@@ -20,6 +22,7 @@ import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
 import { Readiness } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
+import type { Secrets } from "./secrets.js";
 
 /** The ports a running keygate is bound to. */
 export interface BoundPorts {
@@ -47,14 +50,28 @@ export interface BuildOptions {
   defaultMetrics?: boolean;
 }
 
+/**
+ * Embedded mode keeps everything in the data directory. With MongoDB, replicas share the
+ * store, so they must share the pepper and admin tokens too: both must come from the
+ * environment, and nothing is generated.
+ */
+async function openStore(config: Config): Promise<{ store: KeyStore; secrets: Secrets }> {
+  if (config.mongodbUri === undefined) {
+    ensureDataDir(config.dataDir);
+    const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
+    return { store: new SqliteKeyStore(join(config.dataDir, "keygate.db")), secrets };
+  }
+  if (config.pepper === undefined) throw new ConfigError("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
+  if (config.adminTokens === undefined) throw new ConfigError("KEYGATE_ADMIN_TOKENS is required when KEYGATE_MONGODB_URI is set");
+  const store = await MongoKeyStore.connect(config.mongodbUri);
+  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens, generatedAdminToken: null } };
+}
+
 /** The one composition root: builds store, caches, pipeline, services and listeners from Config. */
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
   const nowMs = options.nowMs ?? Date.now;
-  ensureDataDir(config.dataDir);
-  const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
-
-  const store: KeyStore = new SqliteKeyStore(join(config.dataDir, "keygate.db"));
+  const { store, secrets } = await openStore(config);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   const bus = new LocalInvalidationBus();

@@ -1,0 +1,379 @@
+import mongoose from "mongoose";
+import type { Connection, Model } from "mongoose";
+import { CapExceededError, ConflictError, DuplicateError, StoreUnavailableError } from "./errors.js";
+import type {
+  AccountDefaults,
+  AccountRecord,
+  AccountUpsert,
+  CreateLimits,
+  KeyMode,
+  KeyPatch,
+  KeyRecord,
+  KeySnapshot,
+  KeyStore,
+  ListKeysQuery,
+  Role,
+  Rotation,
+  SubscriptionStatus,
+} from "./store.js";
+
+/** An account document. `active_key_count` is the counter the cap is enforced on. */
+interface AccountDoc {
+  _id: string;
+  plan: string;
+  subscription_status: SubscriptionStatus;
+  role: Role;
+  active_key_count: number;
+  created_at: Date;
+  updated_at: Date;
+}
+
+/** A key document. `counted` is true while the key holds one of the account's slots. */
+interface KeyDoc {
+  _id: string;
+  hash: string;
+  owner_id: string;
+  project_id: string | null;
+  name: string;
+  mode: KeyMode;
+  start: string;
+  last4: string;
+  scopes: string[];
+  metadata: Record<string, string>;
+  created_at: Date;
+  last_used_at: Date | null;
+  expires_at: Date | null;
+  revoked_at: Date | null;
+  revoke_reason: string | null;
+  grace_ends_at: Date | null;
+  rotated_to_id: string | null;
+  counted: boolean;
+}
+
+const accountSchema = new mongoose.Schema<AccountDoc>(
+  {
+    _id: { type: String, required: true },
+    plan: { type: String, required: true },
+    subscription_status: { type: String, required: true, enum: ["active", "none", "past_due", "canceled"] },
+    role: { type: String, required: true, enum: ["standard", "premium", "admin"] },
+    active_key_count: { type: Number, required: true, default: 0 },
+    created_at: { type: Date, required: true },
+    updated_at: { type: Date, required: true },
+  },
+  { collection: "accounts", versionKey: false, strict: "throw" },
+);
+
+const keySchema = new mongoose.Schema<KeyDoc>(
+  {
+    _id: { type: String, required: true },
+    hash: { type: String, required: true },
+    owner_id: { type: String, required: true },
+    project_id: { type: String, default: null },
+    name: { type: String, required: true },
+    mode: { type: String, required: true, enum: ["live", "test"] },
+    start: { type: String, required: true },
+    last4: { type: String, required: true },
+    scopes: { type: [String], required: true },
+    metadata: { type: Map, of: String, default: {} },
+    created_at: { type: Date, required: true },
+    last_used_at: { type: Date, default: null },
+    expires_at: { type: Date, default: null },
+    revoked_at: { type: Date, default: null },
+    revoke_reason: { type: String, default: null },
+    grace_ends_at: { type: Date, default: null },
+    rotated_to_id: { type: String, default: null },
+    counted: { type: Boolean, required: true },
+  },
+  { collection: "keys", versionKey: false, strict: "throw" },
+);
+keySchema.index({ hash: 1 }, { unique: true, name: "hash_unique" });
+keySchema.index({ owner_id: 1, revoked_at: 1, _id: 1 }, { name: "owner_state" });
+keySchema.index({ project_id: 1 }, { name: "project" });
+
+const ms = (date: Date | null): number | null => (date === null ? null : date.getTime());
+const date = (value: number | null): Date | null => (value === null ? null : new Date(value));
+
+function toAccount(doc: AccountDoc): AccountRecord {
+  return {
+    ownerId: doc._id,
+    plan: doc.plan,
+    subscriptionStatus: doc.subscription_status,
+    role: doc.role,
+    createdAtMs: doc.created_at.getTime(),
+    updatedAtMs: doc.updated_at.getTime(),
+  };
+}
+
+function toKey(doc: KeyDoc): KeyRecord {
+  return {
+    id: doc._id,
+    hash: doc.hash,
+    ownerId: doc.owner_id,
+    projectId: doc.project_id,
+    name: doc.name,
+    mode: doc.mode,
+    start: doc.start,
+    last4: doc.last4,
+    scopes: [...doc.scopes],
+    metadata: { ...doc.metadata },
+    createdAtMs: doc.created_at.getTime(),
+    lastUsedAtMs: ms(doc.last_used_at),
+    expiresAtMs: ms(doc.expires_at),
+    revokedAtMs: ms(doc.revoked_at),
+    revokeReason: doc.revoke_reason,
+    graceEndsAtMs: ms(doc.grace_ends_at),
+    rotatedToId: doc.rotated_to_id,
+  };
+}
+
+function toDoc(key: KeyRecord, counted: boolean): KeyDoc {
+  return {
+    _id: key.id,
+    hash: key.hash,
+    owner_id: key.ownerId,
+    project_id: key.projectId,
+    name: key.name,
+    mode: key.mode,
+    start: key.start,
+    last4: key.last4,
+    scopes: key.scopes,
+    metadata: key.metadata,
+    created_at: new Date(key.createdAtMs),
+    last_used_at: date(key.lastUsedAtMs),
+    expires_at: date(key.expiresAtMs),
+    revoked_at: date(key.revokedAtMs),
+    revoke_reason: key.revokeReason,
+    grace_ends_at: date(key.graceEndsAtMs),
+    rotated_to_id: key.rotatedToId,
+    counted,
+  };
+}
+
+const NETWORK_ERRORS = new Set(["MongoNetworkError", "MongoServerSelectionError", "MongoNotConnectedError", "MongoNetworkTimeoutError", "MongoTopologyClosedError"]);
+
+/** Maps driver errors: E11000 to DuplicateError, lost connections to StoreUnavailableError. */
+function translate(error: unknown): unknown {
+  if (error instanceof Error) {
+    if ("code" in error && error.code === 11000) return new DuplicateError("a key with this id or hash already exists", { cause: error });
+    if (NETWORK_ERRORS.has(error.name) || /buffering timed out|connection .* closed|Client must be connected/i.test(error.message)) {
+      return new StoreUnavailableError("MongoDB is unreachable", { cause: error });
+    }
+  }
+  return error;
+}
+
+async function guarded<T>(operation: () => Promise<T>): Promise<T> {
+  try {
+    return await operation();
+  } catch (error) {
+    throw translate(error);
+  }
+}
+
+/** Filter for keys that hold a slot: not revoked, not rotated away, not expired. */
+function activeFilter(ownerId: string, nowMs: number): mongoose.QueryFilter<KeyDoc> {
+  return { owner_id: ownerId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: new Date(nowMs) } }] };
+}
+
+/**
+ * The production store: MongoDB through mongoose. The active-key cap holds across replicas
+ * without transactions: one conditional increment on the account admits a key, the insert
+ * follows, and a failed insert gives the slot back. Each key's `counted` flag makes the
+ * release on revoke or expiry happen exactly once.
+ */
+export class MongoKeyStore implements KeyStore {
+  readonly kind = "mongodb";
+  readonly #connection: Connection;
+  readonly #accounts: Model<AccountDoc>;
+  readonly #keys: Model<KeyDoc>;
+
+  private constructor(connection: Connection) {
+    this.#connection = connection;
+    this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
+    this.#keys = connection.model<KeyDoc>("Key", keySchema);
+  }
+
+  /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
+  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
+    const connection = mongoose.createConnection(uri, {
+      bufferCommands: false,
+      serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
+      autoIndex: false,
+    });
+    await guarded(() => connection.asPromise());
+    const store = new MongoKeyStore(connection);
+    await guarded(() => store.#keys.createIndexes());
+    return store;
+  }
+
+  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
+    const now = new Date(nowMs);
+    const set: Partial<AccountDoc> = { updated_at: now };
+    const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0 };
+    if (input.plan !== undefined) set.plan = input.plan;
+    else onInsert.plan = defaults.plan;
+    if (input.subscriptionStatus !== undefined) set.subscription_status = input.subscriptionStatus;
+    else onInsert.subscription_status = defaults.subscriptionStatus;
+    if (input.role !== undefined) set.role = input.role;
+    else onInsert.role = defaults.role;
+    const doc = await guarded(() =>
+      this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, new: true }).lean<AccountDoc>(),
+    );
+    if (doc === null) throw new Error(`upsert of account ${input.ownerId} returned nothing`);
+    return toAccount(doc);
+  }
+
+  async getAccount(ownerId: string): Promise<AccountRecord | null> {
+    const doc = await guarded(() => this.#accounts.findById(ownerId).lean<AccountDoc>());
+    return doc === null ? null : toAccount(doc);
+  }
+
+  async countActiveKeys(ownerId: string, nowMs: number): Promise<number> {
+    return guarded(() => this.#keys.countDocuments(activeFilter(ownerId, nowMs)));
+  }
+
+  /** Gives back the slots of keys that expired; the `counted` flag makes each release happen once. */
+  async #releaseExpired(ownerId: string, nowMs: number): Promise<void> {
+    const expired = await this.#keys
+      .find({ owner_id: ownerId, counted: true, expires_at: { $ne: null, $lte: new Date(nowMs) } }, { _id: 1 })
+      .lean<Array<{ _id: string }>>();
+    for (const { _id } of expired) await this.#releaseSlot(_id, ownerId);
+  }
+
+  async #releaseSlot(keyId: string, ownerId: string): Promise<void> {
+    const released = await this.#keys.updateOne({ _id: keyId, counted: true }, { $set: { counted: false } });
+    if (released.modifiedCount === 1) await this.#accounts.updateOne({ _id: ownerId }, { $inc: { active_key_count: -1 } });
+  }
+
+  async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
+    return guarded(async () => {
+      await this.upsertAccount({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
+      await this.#releaseExpired(record.ownerId, limits.nowMs);
+      // The plan is part of the filter, so a concurrent plan change makes this retry, not miscount.
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const account = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
+        if (account === null) throw new Error(`account ${record.ownerId} vanished`);
+        const cap = limits.maxActiveKeysFor(account.plan);
+        const admitted = await this.#accounts.updateOne(
+          { _id: record.ownerId, plan: account.plan, active_key_count: { $lt: cap } },
+          { $inc: { active_key_count: 1 } },
+        );
+        if (admitted.modifiedCount === 0) {
+          const now = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
+          if (now !== null && now.plan !== account.plan) continue;
+          throw new CapExceededError(account.plan, cap);
+        }
+        try {
+          await this.#keys.create(toDoc(record, true));
+        } catch (error) {
+          await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { active_key_count: -1 } });
+          throw error;
+        }
+        return record;
+      }
+      throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
+    });
+  }
+
+  async getKey(id: string): Promise<KeyRecord | null> {
+    const doc = await guarded(() => this.#keys.findById(id).lean<KeyDoc>());
+    return doc === null ? null : toKey(doc);
+  }
+
+  async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
+    return guarded(async () => {
+      const key = await this.#keys.findOne({ hash }).lean<KeyDoc>();
+      if (key === null) return null;
+      const account = await this.#accounts.findById(key.owner_id).lean<AccountDoc>();
+      if (account === null) return null;
+      return { key: toKey(key), account: toAccount(account) };
+    });
+  }
+
+  async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {
+    const filter: mongoose.QueryFilter<KeyDoc> = { owner_id: query.ownerId };
+    if (query.projectId !== undefined) filter.project_id = query.projectId;
+    if (!query.includeRevoked) {
+      filter.revoked_at = null;
+      filter.$or = [{ rotated_to_id: null }, { grace_ends_at: { $gt: new Date(query.nowMs) } }];
+    }
+    if (query.afterId !== undefined) filter._id = { $gt: query.afterId };
+    const docs = await guarded(() => this.#keys.find(filter).sort({ _id: 1 }).limit(query.limit).lean<KeyDoc[]>());
+    return docs.map(toKey);
+  }
+
+  async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
+    const set: Partial<KeyDoc> = {};
+    if (patch.name !== undefined) set.name = patch.name;
+    if (patch.scopes !== undefined) set.scopes = patch.scopes;
+    const doc = await guarded(() => this.#keys.findByIdAndUpdate(id, { $set: set }, { new: true }).lean<KeyDoc>());
+    return doc === null ? null : toKey(doc);
+  }
+
+  async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
+    return guarded(async () => {
+      await this.#keys.updateOne({ _id: id, revoked_at: null }, { $set: { revoked_at: new Date(nowMs), revoke_reason: reason } });
+      const doc = await this.#keys.findById(id).lean<KeyDoc>();
+      if (doc === null) return null;
+      await this.#releaseSlot(doc._id, doc.owner_id);
+      return toKey(doc);
+    });
+  }
+
+  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
+    return guarded(async () => {
+      const immediate = graceEndsAtMs <= nowMs;
+      const now = new Date(nowMs);
+      // The slot passes from the old key to the new one: the old key stops counting, the new one counts.
+      const previous = await this.#keys
+        .findOneAndUpdate(
+          { _id: previousId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] },
+          {
+            $set: {
+              rotated_to_id: next.id,
+              grace_ends_at: new Date(graceEndsAtMs),
+              revoked_at: immediate ? now : null,
+              revoke_reason: immediate ? "rotated" : null,
+              counted: false,
+            },
+          },
+          { new: true },
+        )
+        .lean<KeyDoc>();
+      if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
+      try {
+        await this.#keys.create(toDoc(next, true));
+      } catch (error) {
+        await this.#keys.updateOne(
+          { _id: previousId },
+          { $set: { rotated_to_id: null, grace_ends_at: null, revoked_at: null, revoke_reason: null, counted: true } },
+        );
+        throw error;
+      }
+      return { next, previous: toKey(previous) };
+    });
+  }
+
+  async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
+    if (lastUsed.size === 0) return;
+    const operations = [...lastUsed].map(([id, atMs]) => ({
+      updateOne: {
+        filter: { _id: id, $or: [{ last_used_at: null }, { last_used_at: { $lt: new Date(atMs) } }] },
+        update: { $set: { last_used_at: new Date(atMs) } },
+      },
+    }));
+    await guarded(() => this.#keys.bulkWrite(operations, { ordered: false }));
+  }
+
+  async ping(): Promise<void> {
+    await guarded(async () => {
+      const db = this.#connection.db;
+      if (db === undefined) throw new StoreUnavailableError("MongoDB is not connected");
+      await db.admin().ping();
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.#connection.close();
+  }
+}
