@@ -12,6 +12,7 @@ import {
 } from "../gen/keygate/v1/key_admin_pb.js";
 import type { Account, ApiKey } from "../gen/keygate/v1/key_admin_pb.js";
 import { DENIALS } from "../authz/reasons.js";
+import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
@@ -69,6 +70,10 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
   if (error instanceof NotFoundError) return new ConnectError(error.message, Code.NotFound);
   if (error instanceof FailedPreconditionError) return new ConnectError(error.message, Code.FailedPrecondition);
   if (error instanceof CapExceededError) return new ConnectError(error.message, Code.ResourceExhausted);
+  if (error instanceof CacheUnavailableError) {
+    logger.warn({ err: error }, "cache invalidation failed");
+    return new ConnectError(error.message, Code.Unavailable);
+  }
   if (error instanceof StoreUnavailableError) {
     logger.warn({ err: error }, "store unavailable");
     return new ConnectError("the key store is unavailable; retry shortly", Code.Unavailable);

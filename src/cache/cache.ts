@@ -27,3 +27,8 @@ export interface InvalidationBus {
   subscribe(handler: (event: Invalidation) => void): void;
   close(): Promise<void>;
 }
+
+/** The shared cache or bus failed; the store change was made, but replicas may not know yet. */
+export class CacheUnavailableError extends Error {
+  override readonly name = "CacheUnavailableError";
+}

@@ -1,4 +1,6 @@
+import type { Logger } from "pino";
 import type { KeySnapshot, KeyStore } from "../store/store.js";
+import { CacheUnavailableError } from "./cache.js";
 import type { Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
 
 /** Parts of the read path: L1, an optional shared L2, the store and the bus. */
@@ -7,11 +9,13 @@ export interface SnapshotLookupDeps {
   shared?: SharedCache | undefined;
   store: KeyStore;
   bus: InvalidationBus;
+  logger?: Logger | undefined;
 }
 
 /**
  * Finds a key's snapshot by hash: L1, then L2, then the store. Misses are cached too, so a
- * flood of well-formed fakes stops at the cache.
+ * flood of well-formed fakes stops at the cache. An L2 failure degrades to the store; a store
+ * failure propagates, because then the key cannot be decided.
  */
 export class SnapshotLookup {
   readonly #deps: SnapshotLookupDeps;
@@ -26,11 +30,11 @@ export class SnapshotLookup {
     return this.#deps.local.get(hash);
   }
 
-  /** The slow path after an L1 miss. Store failures propagate as errors. */
+  /** The slow path after an L1 miss. */
   async load(hash: string): Promise<KeySnapshot | null> {
     const { local, shared, store } = this.#deps;
     if (shared !== undefined) {
-      const cached = await shared.get(hash);
+      const cached = await this.#sharedGet(shared, hash);
       if (cached !== undefined) {
         if (cached === null) local.setMissing(hash);
         else local.set(hash, cached);
@@ -38,20 +42,37 @@ export class SnapshotLookup {
       }
     }
     const snapshot = await store.findSnapshotByHash(hash);
-    if (snapshot === null) {
-      local.setMissing(hash);
-      if (shared !== undefined) await shared.setMissing(hash);
-    } else {
-      local.set(hash, snapshot);
-      if (shared !== undefined) await shared.set(hash, snapshot);
+    if (snapshot === null) local.setMissing(hash);
+    else local.set(hash, snapshot);
+    if (shared !== undefined) {
+      const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot);
+      // Filling L2 is best effort and off the answer's path.
+      write.catch((error: unknown) => this.#deps.logger?.warn({ err: error }, "L2 cache write failed"));
     }
     return snapshot;
   }
 
-  /** Drops entries everywhere: L2 first, then every replica's L1 through the bus. */
+  async #sharedGet(shared: SharedCache, hash: string): Promise<KeySnapshot | null | undefined> {
+    try {
+      return await shared.get(hash);
+    } catch (error) {
+      this.#deps.logger?.warn({ err: error }, "L2 cache read failed; reading the store");
+      return undefined;
+    }
+  }
+
+  /**
+   * Drops entries everywhere: L2 first, then this replica's L1, then every other replica's L1
+   * through the bus. A failure is thrown so the admin call reports it and can be retried; the
+   * store change it follows has already been made.
+   */
   async invalidate(event: Invalidation): Promise<void> {
-    if (this.#deps.shared !== undefined) await this.#deps.shared.invalidate(event);
     this.#deps.local.invalidate(event);
-    await this.#deps.bus.publish(event);
+    try {
+      if (this.#deps.shared !== undefined) await this.#deps.shared.invalidate(event);
+      await this.#deps.bus.publish(event);
+    } catch (error) {
+      throw new CacheUnavailableError("the change is saved, but the shared cache could not be told; retry the call", { cause: error });
+    }
   }
 }
