@@ -7,8 +7,9 @@ export type Invalidation = { kind: "key"; hash: string } | { kind: "owner"; owne
 export interface LocalCache {
   /** A snapshot, null for a cached miss, or undefined when nothing is cached. */
   get(hash: string): KeySnapshot | null | undefined;
-  set(hash: string, snapshot: KeySnapshot): void;
-  setMissing(hash: string): void;
+  /** `ttlMs` shortens the entry's life below the default (used while invalidations may be missed). */
+  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void;
+  setMissing(hash: string, ttlMs?: number): void;
   invalidate(event: Invalidation): void;
   readonly size: number;
 }
@@ -23,6 +24,8 @@ export interface SharedCache {
 
 /** Tells every replica to drop cache entries. The local bus only reaches this process. */
 export interface InvalidationBus {
+  /** False while this replica may be missing other replicas' invalidations. */
+  readonly connected: boolean;
   publish(event: Invalidation): Promise<void>;
   subscribe(handler: (event: Invalidation) => void): void;
   close(): Promise<void>;

@@ -13,6 +13,12 @@ export interface SnapshotLookupDeps {
 }
 
 /**
+ * L1 lifetime while the invalidation bus is down: this replica cannot hear revocations then,
+ * so it re-reads a key at least this often. It bounds how long a revoked key can pass here.
+ */
+export const DISCONNECTED_TTL_MS = 1000;
+
+/**
  * Finds a key's snapshot by hash: L1, then L2, then the store. Misses are cached too, so a
  * flood of well-formed fakes stops at the cache. An L2 failure degrades to the store; a store
  * failure propagates, because then the key cannot be decided.
@@ -32,24 +38,28 @@ export class SnapshotLookup {
 
   /** The slow path after an L1 miss. */
   async load(hash: string): Promise<KeySnapshot | null> {
-    const { local, shared, store } = this.#deps;
+    const { shared, store } = this.#deps;
     if (shared !== undefined) {
       const cached = await this.#sharedGet(shared, hash);
       if (cached !== undefined) {
-        if (cached === null) local.setMissing(hash);
-        else local.set(hash, cached);
+        this.#remember(hash, cached);
         return cached;
       }
     }
     const snapshot = await store.findSnapshotByHash(hash);
-    if (snapshot === null) local.setMissing(hash);
-    else local.set(hash, snapshot);
+    this.#remember(hash, snapshot);
     if (shared !== undefined) {
       const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot);
       // Filling L2 is best effort and off the answer's path.
       write.catch((error: unknown) => this.#deps.logger?.warn({ err: error }, "L2 cache write failed"));
     }
     return snapshot;
+  }
+
+  #remember(hash: string, snapshot: KeySnapshot | null): void {
+    const ttlMs = this.#deps.bus.connected ? undefined : DISCONNECTED_TTL_MS;
+    if (snapshot === null) this.#deps.local.setMissing(hash, ttlMs);
+    else this.#deps.local.set(hash, snapshot, ttlMs);
   }
 
   async #sharedGet(shared: SharedCache, hash: string): Promise<KeySnapshot | null | undefined> {

@@ -30,13 +30,13 @@ export class MemoryCache implements LocalCache {
     return this.#misses.get(hash) === true ? null : undefined;
   }
 
-  set(hash: string, snapshot: KeySnapshot): void {
+  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void {
     this.#misses.delete(hash);
-    this.#hits.set(hash, snapshot);
+    this.#hits.set(hash, snapshot, ttlMs === undefined ? undefined : { ttl: ttlMs });
   }
 
-  setMissing(hash: string): void {
-    this.#misses.set(hash, true);
+  setMissing(hash: string, ttlMs?: number): void {
+    this.#misses.set(hash, true, ttlMs === undefined ? undefined : { ttl: ttlMs });
   }
 
   invalidate(event: Invalidation): void {
@@ -61,6 +61,7 @@ export class MemoryCache implements LocalCache {
 
 /** The bus of a single process: publish calls the handlers directly. */
 export class LocalInvalidationBus implements InvalidationBus {
+  readonly connected = true;
   readonly #handlers: Array<(event: Invalidation) => void> = [];
 
   async publish(event: Invalidation): Promise<void> {

@@ -6,7 +6,9 @@ import { LifecycleService } from "../admin/lifecycle.js";
 import { DecisionPipeline } from "../authz/pipeline.js";
 import { RouteTable } from "../authz/routes.js";
 import { SnapshotLookup } from "../cache/lookup.js";
+import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
+import { RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
 import { ConfigError } from "../config.js";
 import type { Config } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -67,6 +69,27 @@ async function openStore(config: Config): Promise<{ store: KeyStore; secrets: Se
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens, generatedAdminToken: null } };
 }
 
+/** Shared cache and bus: Redis when configured, else the single-process bus. */
+async function openCache(config: Config, logger: Logger): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; close(): Promise<void> }> {
+  if (config.redisUrl === undefined) {
+    const bus = new LocalInvalidationBus();
+    return { shared: undefined, bus, close: () => bus.close() };
+  }
+  const main = await connectRedis(config.redisUrl);
+  const subscriber = await connectRedis(config.redisUrl);
+  const bus = new RedisInvalidationBus(main, subscriber, logger);
+  await bus.start();
+  const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
+  return {
+    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds }),
+    bus,
+    async close() {
+      await bus.close();
+      await Promise.allSettled([main.quit(), subscriber.quit()]);
+    },
+  };
+}
+
 /** The one composition root: builds store, caches, pipeline, services and listeners from Config. */
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
@@ -74,9 +97,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const { store, secrets } = await openStore(config);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
-  const bus = new LocalInvalidationBus();
+  const cache = await openCache(config, logger);
+  const { bus, shared } = cache;
   const local = new MemoryCache(config.policy.cache);
-  const lookup = new SnapshotLookup({ local, store, bus });
+  const lookup = new SnapshotLookup({ local, shared, store, bus, logger });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({
     format,
@@ -117,7 +141,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       started = [g, h, a];
       lastUsed.start();
       readiness.setReady(true);
-      logger.info({ grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind }, "keygate listening");
+      logger.info(
+        { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
+        "keygate listening",
+      );
       return { grpc: g.port, http: h.port, admin: a.port };
     },
     async stop() {
@@ -126,7 +153,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];
       await lastUsed.stop();
-      await bus.close();
+      await cache.close();
       await store.close();
       logger.info("keygate stopped");
     },
