@@ -198,6 +198,8 @@ export class MongoKeyStore implements KeyStore {
     const connection = mongoose.createConnection(uri, {
       bufferCommands: false,
       serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
+      heartbeatFrequencyMS: 2000,
+      socketTimeoutMS: 10_000,
       autoIndex: false,
     });
     await guarded(() => connection.asPromise());
@@ -281,6 +283,8 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
+    // On the Check path a known-dead connection answers at once instead of waiting for server selection.
+    if (this.#connection.readyState !== mongoose.ConnectionStates.connected) throw new StoreUnavailableError("MongoDB is not connected");
     return guarded(async () => {
       const key = await this.#keys.findOne({ hash }).lean<KeyDoc>();
       if (key === null) return null;

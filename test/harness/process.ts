@@ -1,0 +1,78 @@
+import { spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import { z } from "zod";
+
+const root = resolve(import.meta.dirname, "../..");
+const cli = join(root, "src/cli.ts");
+// Children may run in another directory, so the TypeScript loader is named by absolute URL.
+const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
+
+/** A keygate started as its own process, the way `keygate serve` runs in production. */
+export interface KeygateProcess {
+  child: ChildProcess;
+  ports: { grpc: number; http: number; admin: number };
+  stdout(): string;
+  stderr(): string;
+  exit: Promise<number | null>;
+  /** Sends the signal and resolves with the exit code. */
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+const listeningLine = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), httpPort: z.number(), adminPort: z.number() });
+
+function readPorts(line: string): { grpc: number; http: number; admin: number } | null {
+  let json: unknown;
+  try {
+    json = JSON.parse(line);
+  } catch {
+    return null;
+  }
+  const parsed = listeningLine.safeParse(json);
+  return parsed.success ? { grpc: parsed.data.grpcPort, http: parsed.data.httpPort, admin: parsed.data.adminPort } : null;
+}
+
+/**
+ * Spawns `keygate serve` with exactly `env` for its KEYGATE_* variables (inherited ones are
+ * dropped) and waits for its "keygate listening" line.
+ */
+export function spawnKeygate(options: { cwd: string; env: Record<string, string> }): Promise<KeygateProcess> {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
+  Object.assign(env, options.env);
+  const child = spawn(process.execPath, ["--import", tsxLoader, cli, "serve"], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  let err = "";
+  child.stdout?.on("data", (chunk: Buffer) => (out += chunk.toString()));
+  child.stderr?.on("data", (chunk: Buffer) => (err += chunk.toString()));
+  const exit = new Promise<number | null>((done) => child.on("exit", (code) => done(code)));
+  return new Promise((ready, fail) => {
+    const timer = setTimeout(() => fail(new Error(`keygate did not start within 30 s:\n${out}\n${err}`)), 30_000);
+    const poll = setInterval(() => {
+      for (const line of out.split("\n")) {
+        const ports = readPorts(line);
+        if (ports === null) continue;
+        clearInterval(poll);
+        clearTimeout(timer);
+        ready({
+          child,
+          ports,
+          stdout: () => out,
+          stderr: () => err,
+          exit,
+          stop(signal = "SIGTERM") {
+            if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+            return exit;
+          },
+        });
+        return;
+      }
+    }, 25);
+    void exit.then((code) => {
+      clearInterval(poll);
+      clearTimeout(timer);
+      fail(new Error(`keygate exited with ${code}:\n${out}\n${err}`));
+    });
+  });
+}
