@@ -10,7 +10,7 @@ import type { Logger } from "pino";
 import type { AdminAuth } from "../admin/auth.js";
 import { adminAuthInterceptor } from "../admin/handlers.js";
 import type { StartedServer } from "./grpc-authz.js";
-import { closeHttpServer, listen } from "./http-lifecycle.js";
+import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 
@@ -78,11 +78,19 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       const http1 = createHttp1Server(handle);
       const http2 = createHttp2Server(handle);
       const sessions = new Set<Http2Session>();
+      const sockets = new Set<Socket>();
+      let inFlight = 0;
+      http1.on("request", (_req: IncomingMessage, res: ServerResponse) => {
+        inFlight += 1;
+        res.once("close", () => (inFlight -= 1));
+      });
       http2.on("session", (session: Http2Session) => {
         sessions.add(session);
         session.once("close", () => sessions.delete(session));
       });
       const tcp = createNetServer((socket: Socket) => {
+        sockets.add(socket);
+        socket.once("close", () => sockets.delete(socket));
         socket.once("error", () => socket.destroy());
         socket.once("data", (chunk: Buffer) => {
           socket.pause();
@@ -102,11 +110,17 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
         async stop(graceMs) {
           const tcpClosed = new Promise<void>((resolve) => tcp.close(() => resolve()));
           for (const session of sessions) session.close();
-          const force = setTimeout(() => {
-            for (const session of sessions) session.destroy();
-          }, graceMs);
-          await Promise.all([closeHttpServer(http1, graceMs), new Promise<void>((resolve) => http2.close(() => resolve())), tcpClosed]);
-          clearTimeout(force);
+          http1.closeIdleConnections();
+          // Sockets were handed to the HTTP servers by hand, so they are closed here: once the
+          // in-flight calls are done, or when the grace period is over.
+          const deadline = Date.now() + graceMs;
+          while (Date.now() < deadline && (inFlight > 0 || sessions.size > 0)) {
+            await new Promise((resolve) => setTimeout(resolve, 20));
+            http1.closeIdleConnections();
+          }
+          for (const session of sessions) session.destroy();
+          for (const socket of sockets) socket.destroy();
+          await tcpClosed;
         },
       };
     },
