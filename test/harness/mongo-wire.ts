@@ -1,8 +1,8 @@
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { homedir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { randomBytes } from "node:crypto";
 import { freePort, waitForPort } from "./ports.js";
 
@@ -25,9 +25,18 @@ function installDir(): string {
   return join(process.env["KEYGATE_CACHE_DIR"] ?? join(homedir(), ".cache", "keygate"), `mongo-java-server-${VERSION}`);
 }
 
-/** True when the server is installed (by .ci/install-mongo-wire.sh) or an external URI is set. */
+const installScript = resolve(import.meta.dirname, "../../.ci/install-mongo-wire.sh");
+
+/**
+ * True when an external URI is set or the server is installed. A missing server is installed
+ * (and cached) by .ci/install-mongo-wire.sh on first use, when Java and Maven are present.
+ */
 export function mongoWireAvailable(): boolean {
-  return process.env["KEYGATE_TEST_MONGODB_URI"] !== undefined || existsSync(join(installDir(), "classes", "MongoWireServer.class"));
+  if (process.env["KEYGATE_TEST_MONGODB_URI"] !== undefined) return true;
+  const launcher = join(installDir(), "classes", "MongoWireServer.class");
+  if (existsSync(launcher)) return true;
+  spawnSync("bash", [installScript], { stdio: "inherit" });
+  return existsSync(launcher);
 }
 
 function stopChild(child: ChildProcess): Promise<void> {
