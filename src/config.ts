@@ -54,6 +54,21 @@ const policySchema = z
       })
       .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
     lastUsedFlushSeconds: z.number().positive().default(5),
+    limits: z
+      .object({
+        /** Whose requests share a rate-limit bucket. A key with its own limit always has its own. */
+        rateLimitPer: z.enum(["account", "key"]).default("account"),
+        /** Rate limits by account role; they replace the plan's limit for that role. */
+        roleRateLimits: z.object({ standard: rateLimitSchema, premium: rateLimitSchema, admin: rateLimitSchema }).partial().default({}),
+        /**
+         * When Redis fails: "fallback" counts in-process on each replica (the default), "fail-open"
+         * lets requests through uncharged, "fail-closed" answers UNAVAILABLE.
+         */
+        onRedisError: z.enum(["fallback", "fail-open", "fail-closed"]).default("fallback"),
+        /** How often counted usage and spent credits are written to the store. */
+        usageFlushSeconds: z.number().positive().default(5),
+      })
+      .default({ rateLimitPer: "account", roleRateLimits: {}, onRedisError: "fallback", usageFlushSeconds: 5 }),
   })
   .superRefine((policy, ctx) => {
     if (!(policy.defaultPlan in policy.plans)) {
@@ -78,6 +93,8 @@ const policySchema = z
 export type Policy = z.infer<typeof policySchema>;
 /** One plan's limits. */
 export type Plan = z.infer<typeof planSchema>;
+/** A rate limit: `limit` requests per `windowSeconds`. */
+export type RateLimitRule = z.infer<typeof rateLimitSchema>;
 /** One entry of the routes table. */
 export type Route = z.infer<typeof routeSchema>;
 

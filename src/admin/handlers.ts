@@ -4,10 +4,13 @@ import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createContextKey } from "@connectrpc/connect";
 import type { ConnectRouter, Interceptor, ServiceImpl } from "@connectrpc/connect";
 import type { Logger } from "pino";
+import type { MessageInitShape } from "@bufbuild/protobuf";
 import {
   AccountSchema,
   ApiKeySchema,
+  GetUsageResponseSchema,
   KeyAdmin,
+  UsageCountsSchema,
   VerifyKeyResponseSchema,
 } from "../gen/keygate/v1/key_admin_pb.js";
 import type { Account, ApiKey } from "../gen/keygate/v1/key_admin_pb.js";
@@ -18,7 +21,7 @@ import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminAuth } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
-import type { AccountView, LifecycleService } from "./lifecycle.js";
+import type { AccountView, LifecycleService, UsageCounts } from "./lifecycle.js";
 
 /** The admin token id of the caller, set by the auth interceptor. */
 export const adminIdentityKey = createContextKey<string>("", { description: "admin token id" });
@@ -46,6 +49,7 @@ function toApiKey(key: KeyRecord, nowMs: number): ApiKey {
     state: keyState(key, nowMs),
     metadata: key.metadata,
     revokeReason: key.revokeReason ?? "",
+    rateLimit: key.rateLimit === null ? undefined : { limit: key.rateLimit.limit, windowSeconds: key.rateLimit.windowSeconds },
   });
 }
 
@@ -60,7 +64,20 @@ function toAccount(view: AccountView): Account {
     maxActiveKeys: view.maxActiveKeys,
     createdAt: ts(account.createdAtMs),
     updatedAt: ts(account.updatedAtMs),
+    creditBalance: BigInt(view.credits.balance),
+    monthlyCredits: BigInt(view.credits.monthlyCredits),
+    topupCredits: BigInt(view.credits.topupCredits),
+    dailyQuota: view.dailyQuota === null ? undefined : BigInt(view.dailyQuota),
+    rateLimit: { limit: view.rateLimit.limit, windowSeconds: view.rateLimit.windowSeconds },
   });
+}
+
+function toCounts(counts: UsageCounts): MessageInitShape<typeof UsageCountsSchema> {
+  return {
+    allowed: BigInt(counts.allowed),
+    denied: Object.fromEntries(Object.entries(counts.denied).map(([code, n]) => [code, BigInt(n)])),
+    creditsUsed: BigInt(counts.creditsUsed),
+  };
 }
 
 /** Maps domain errors to Connect codes. Unexpected errors are logged and shown as INTERNAL. */
@@ -120,6 +137,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         mode: req.mode,
         expiresAtMs: req.expiresAt === undefined ? null : timestampMs(req.expiresAt),
         metadata: req.metadata,
+        rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
       });
       return { key: toApiKey(issued.key, nowMs()), secret: issued.secret };
     }),
@@ -135,7 +153,16 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       const now = nowMs();
       return { keys: page.keys.map((k) => toApiKey(k, now)), nextPageToken: page.nextPageToken };
     }),
-    updateKey: guard(async (req) => ({ key: toApiKey(await service.updateKey({ id: req.id, name: req.name, scopes: req.scopes }), nowMs()) })),
+    updateKey: guard(async (req) => {
+      const updated = await service.updateKey({
+        id: req.id,
+        name: req.name,
+        scopes: req.scopes,
+        rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
+        clearRateLimit: req.clearRateLimit,
+      });
+      return { key: toApiKey(updated, nowMs()) };
+    }),
     revokeKey: guard(async (req) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }), nowMs()) })),
     rotateKey: guard(async (req) => {
       const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays });
@@ -146,20 +173,23 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       const decision = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: req.projectId });
       const now = nowMs();
       const snapshot = decision.snapshot;
-      const account =
-        snapshot === undefined
-          ? undefined
-          : toAccount({
-              account: snapshot.account,
-              activeKeyCount: await service.getAccount(snapshot.account.ownerId).then((v) => v.activeKeyCount),
-              maxActiveKeys: service.maxActiveKeysFor(snapshot.account.plan),
-            });
+      const account = snapshot === undefined ? undefined : toAccount(await service.getAccount(snapshot.account.ownerId));
       return create(VerifyKeyResponseSchema, {
         valid: decision.allow,
         code: decision.allow ? "OK" : DENIALS[decision.reason].code,
         message: decision.allow ? "" : decision.message,
         key: snapshot === undefined ? undefined : toApiKey(snapshot.key, now),
         account,
+      });
+    }),
+    addCredits: guard(async (req) => ({
+      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: req.amount, reason: req.reason })),
+    })),
+    getUsage: guard(async (req) => {
+      const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
+      return create(GetUsageResponseSchema, {
+        totals: toCounts(report.totals),
+        byKey: report.byKey.map((entry) => ({ keyId: entry.keyId, day: entry.day, usage: toCounts(entry.usage) })),
       });
     }),
   };

@@ -7,7 +7,9 @@ import { isKeyId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import { ConflictError } from "../store/errors.js";
-import type { AccountDefaults, AccountRecord, KeyMode, KeyRecord, KeyStore, Role, SubscriptionStatus } from "../store/store.js";
+import type { Meter } from "../limits/limits.js";
+import type { UsageRecorder } from "../limits/usage.js";
+import type { AccountDefaults, AccountRecord, KeyMode, KeyRateLimit, KeyRecord, KeyStore, Role, SubscriptionStatus, UsageRow } from "../store/store.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 
 /** Dependencies of the lifecycle service. */
@@ -18,15 +20,37 @@ export interface LifecycleDeps {
   format: KeyFormat;
   hasher: KeyHasher;
   policy: Policy;
+  meter: Meter;
+  usage: UsageRecorder;
   nowMs: () => number;
 }
 
-/** An account with its plan cap and current count. */
+/** An account with its plan cap, current count, credits and limits. */
 export interface AccountView {
   account: AccountRecord;
   activeKeyCount: number;
   maxActiveKeys: number;
+  credits: { balance: number; monthlyCredits: number; topupCredits: number };
+  dailyQuota: number | null;
+  rateLimit: KeyRateLimit;
 }
+
+/** Usage counts of one key and day, or of a whole range. */
+export interface UsageCounts {
+  allowed: number;
+  denied: Record<string, number>;
+  creditsUsed: number;
+}
+
+/** GetUsage: totals and the per-key, per-day breakdown. */
+export interface UsageReport {
+  totals: UsageCounts;
+  byKey: Array<{ keyId: string; day: string; usage: UsageCounts }>;
+}
+
+const DAY_PATTERN = /^\d{4}-\d{2}-\d{2}$/;
+const MAX_USAGE_DAYS = 366;
+const MAX_CREDITS_PER_TOPUP = 1_000_000_000;
 
 /** A new key and its secret, which is shown once. */
 export interface IssuedKey {
@@ -86,6 +110,50 @@ function checkOneOf<T extends string>(field: string, value: string, allowed: rea
   return found;
 }
 
+function checkRateLimit(rule: { limit: number; windowSeconds: number }): KeyRateLimit {
+  if (!Number.isInteger(rule.limit) || rule.limit < 1 || rule.limit > 1_000_000) {
+    throw new InvalidArgumentError("rate_limit.limit", "must be a whole number from 1 to 1000000");
+  }
+  if (!Number.isInteger(rule.windowSeconds) || rule.windowSeconds < 1 || rule.windowSeconds > 86_400) {
+    throw new InvalidArgumentError("rate_limit.window_seconds", "must be a whole number of seconds from 1 to 86400");
+  }
+  return { limit: rule.limit, windowSeconds: rule.windowSeconds };
+}
+
+function checkDay(field: string, day: string): string {
+  if (!DAY_PATTERN.test(day) || Number.isNaN(Date.parse(`${day}T00:00:00Z`)) || new Date(`${day}T00:00:00Z`).toISOString().slice(0, 10) !== day) {
+    throw new InvalidArgumentError(field, 'must be a UTC day "YYYY-MM-DD"');
+  }
+  return day;
+}
+
+function emptyCounts(): UsageCounts {
+  return { allowed: 0, denied: {}, creditsUsed: 0 };
+}
+
+function addRow(counts: UsageCounts, row: UsageRow): void {
+  if (row.outcome === "ALLOWED") counts.allowed += row.count;
+  else counts.denied[row.outcome] = (counts.denied[row.outcome] ?? 0) + row.count;
+  counts.creditsUsed += row.credits;
+}
+
+/** Folds stored rows into totals and one entry per key and day. */
+export function summarizeUsage(rows: readonly UsageRow[]): UsageReport {
+  const totals = emptyCounts();
+  const byKey = new Map<string, { keyId: string; day: string; usage: UsageCounts }>();
+  for (const row of rows) {
+    addRow(totals, row);
+    const id = `${row.day}|${row.keyId}`;
+    let entry = byKey.get(id);
+    if (entry === undefined) {
+      entry = { keyId: row.keyId, day: row.day, usage: emptyCounts() };
+      byKey.set(id, entry);
+    }
+    addRow(entry.usage, row);
+  }
+  return { totals, byKey: [...byKey.values()] };
+}
+
 /** Encodes the position after `lastId` as an opaque page token. */
 function encodePageToken(lastId: string): string {
   return Buffer.from(`after:${lastId}`, "utf8").toString("base64url");
@@ -133,11 +201,60 @@ export class LifecycleService {
   }
 
   async #view(account: AccountRecord): Promise<AccountView> {
+    const nowMs = this.deps.nowMs();
+    const plan = this.deps.policy.plans[account.plan] ?? this.deps.policy.plans[this.deps.policy.defaultPlan];
+    const allowance = plan?.monthlyCredits ?? 0;
+    const credits = await this.#credits(account.ownerId, nowMs, allowance);
     return {
       account,
-      activeKeyCount: await this.deps.store.countActiveKeys(account.ownerId, this.deps.nowMs()),
+      activeKeyCount: await this.deps.store.countActiveKeys(account.ownerId, nowMs),
       maxActiveKeys: this.maxActiveKeysFor(account.plan),
+      credits: {
+        balance: plan?.monthlyCredits === null ? 0 : Math.max(0, allowance - credits.monthlyUsed) + Math.max(0, credits.topupBalance),
+        monthlyCredits: allowance,
+        topupCredits: Math.max(0, credits.topupBalance),
+      },
+      dailyQuota: plan?.dailyQuota ?? null,
+      rateLimit: this.deps.policy.limits.roleRateLimits[account.role] ?? plan?.rateLimit ?? { limit: 0, windowSeconds: 60 },
     };
+  }
+
+  /** The live credit state when a meter holds it, else the store's plus this replica's unflushed spend. */
+  async #credits(ownerId: string, nowMs: number, allowance: number): Promise<{ monthlyUsed: number; topupBalance: number }> {
+    const live = await this.deps.meter.credits(ownerId, nowMs, allowance).catch(() => null);
+    if (live !== null) return live;
+    const stored = await this.deps.store.getCredits(ownerId);
+    const period = new Date(nowMs).toISOString().slice(0, 7);
+    const unflushed = this.deps.usage.pendingSpend(ownerId, period);
+    const monthlyUsed = stored.period === period ? stored.monthlyUsed + unflushed.monthly : stored.period < period ? unflushed.monthly : 0;
+    return { monthlyUsed, topupBalance: stored.topupBalance - unflushed.topup };
+  }
+
+  /** Tops up: the store first (durable), then the live counters. */
+  async addCredits(input: { ownerId: string; amount: bigint; reason: string }): Promise<AccountView> {
+    const ownerId = check(externalId, "owner_id", input.ownerId);
+    if (input.amount < 1n || input.amount > BigInt(MAX_CREDITS_PER_TOPUP)) {
+      throw new InvalidArgumentError("amount", `must be a whole number from 1 to ${MAX_CREDITS_PER_TOPUP}`);
+    }
+    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    const amount = Number(input.amount);
+    const account = await this.deps.store.getAccount(ownerId);
+    if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
+    await this.deps.store.addCredits(ownerId, amount);
+    await this.deps.meter.addCredits(ownerId, amount);
+    return this.#view(account);
+  }
+
+  /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */
+  async getUsage(input: { ownerId: string; from: string; to: string }): Promise<UsageReport> {
+    const ownerId = check(externalId, "owner_id", input.ownerId);
+    const from = checkDay("from", input.from);
+    const to = checkDay("to", input.to);
+    const spanDays = (Date.parse(`${to}T00:00:00Z`) - Date.parse(`${from}T00:00:00Z`)) / 86_400_000;
+    if (spanDays < 0) throw new InvalidArgumentError("to", "must not be before from");
+    if (spanDays >= MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `the range is at most ${MAX_USAGE_DAYS} days`);
+    await this.deps.usage.flush();
+    return summarizeUsage(await this.deps.store.listUsage(ownerId, from, to));
   }
 
   #checkScopes(field: string, scopes: readonly string[]): string[] {
@@ -162,6 +279,7 @@ export class LifecycleService {
     mode: string;
     expiresAtMs: number | null;
     metadata: Record<string, string>;
+    rateLimit?: { limit: number; windowSeconds: number } | undefined;
   }): Promise<IssuedKey> {
     const nowMs = this.deps.nowMs();
     const ownerId = check(externalId, "owner_id", input.ownerId);
@@ -171,7 +289,8 @@ export class LifecycleService {
     const mode: KeyMode = input.mode === "" ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
     if (input.expiresAtMs !== null && input.expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
     const metadata = checkMetadata(input.metadata);
-    const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata }, nowMs);
+    const rateLimit = input.rateLimit === undefined ? null : checkRateLimit(input.rateLimit);
+    const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata, rateLimit }, nowMs);
     await this.deps.store.createKey(record, {
       maxActiveKeysFor: (plan) => this.maxActiveKeysFor(plan),
       accountDefaults: this.accountDefaults,
@@ -182,7 +301,7 @@ export class LifecycleService {
   }
 
   #newRecord(
-    fields: Pick<KeyRecord, "ownerId" | "projectId" | "name" | "scopes" | "mode" | "expiresAtMs" | "metadata">,
+    fields: Pick<KeyRecord, "ownerId" | "projectId" | "name" | "scopes" | "mode" | "expiresAtMs" | "metadata" | "rateLimit">,
     nowMs: number,
   ): { record: KeyRecord; secret: string } {
     const secret = this.deps.format.generate(fields.mode);
@@ -235,12 +354,22 @@ export class LifecycleService {
     return { keys, nextPageToken: rows.length > limit && last !== undefined ? encodePageToken(last.id) : "" };
   }
 
-  async updateKey(input: { id: string; name?: string | undefined; scopes: readonly string[] }): Promise<KeyRecord> {
+  async updateKey(input: {
+    id: string;
+    name?: string | undefined;
+    scopes: readonly string[];
+    rateLimit?: { limit: number; windowSeconds: number } | undefined;
+    clearRateLimit?: boolean;
+  }): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     const name = input.name === undefined ? undefined : check(keyName, "name", input.name);
     const scopes = input.scopes.length === 0 ? undefined : this.#checkScopes("scopes", input.scopes);
-    if (name === undefined && scopes === undefined) throw new InvalidArgumentError("name", "set name or scopes (or both)");
-    const updated = await this.deps.store.updateKey(id, { name, scopes });
+    if (input.clearRateLimit === true && input.rateLimit !== undefined) throw new InvalidArgumentError("clear_rate_limit", "cannot be set together with rate_limit");
+    const rateLimit = input.clearRateLimit === true ? null : input.rateLimit === undefined ? undefined : checkRateLimit(input.rateLimit);
+    if (name === undefined && scopes === undefined && rateLimit === undefined) {
+      throw new InvalidArgumentError("name", "set name, scopes or rate_limit");
+    }
+    const updated = await this.deps.store.updateKey(id, { name, scopes, rateLimit });
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
     return updated;
@@ -267,7 +396,16 @@ export class LifecycleService {
     const old = await this.deps.store.getKey(id);
     if (old === null) throw new NotFoundError(`key ${id} does not exist`);
     const { record, secret } = this.#newRecord(
-      { ownerId: old.ownerId, projectId: old.projectId, name: old.name, scopes: old.scopes, mode: old.mode, expiresAtMs: old.expiresAtMs, metadata: old.metadata },
+      {
+        ownerId: old.ownerId,
+        projectId: old.projectId,
+        name: old.name,
+        scopes: old.scopes,
+        mode: old.mode,
+        expiresAtMs: old.expiresAtMs,
+        metadata: old.metadata,
+        rateLimit: old.rateLimit,
+      },
       nowMs,
     );
     let rotation;

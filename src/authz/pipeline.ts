@@ -1,4 +1,8 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
+import type { Plan, Policy, RateLimitRule } from "../config.js";
+import { UtcCalendar } from "../limits/limits.js";
+import type { ChargeResult, Meter } from "../limits/limits.js";
+import type { UsageRecorder } from "../limits/usage.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
@@ -26,6 +30,8 @@ export interface Allow {
   /** The header the key came in, to strip before the request goes upstream. */
   credentialHeader: string;
   route: RouteRequirements;
+  /** Where the caller stands on rate, quota and credits; null for VerifyKey, which charges nothing. */
+  limits: ChargeResult | null;
 }
 
 /** A refused request. Denials are data; failures are thrown. */
@@ -36,6 +42,8 @@ export interface Deny {
   /** Known when the key was found: lets VerifyKey say whose key it was. */
   snapshot?: KeySnapshot;
   retryAfterSeconds?: number;
+  /** Set when the limits step ran: its headers go out with 402 and 429. */
+  limits?: ChargeResult;
 }
 
 /** The outcome of the pipeline. */
@@ -49,6 +57,9 @@ export interface PipelineDeps {
   routes: RouteTable;
   credentialHeaders: readonly string[];
   lastUsed: LastUsedRecorder;
+  meter: Meter;
+  usage: UsageRecorder;
+  policy: Pick<Policy, "plans" | "defaultPlan" | "limits">;
   nowMs: () => number;
 }
 
@@ -69,7 +80,14 @@ function deny(reason: DenyReason, snapshot: KeySnapshot, message = DENIALS[reaso
  * step that refuses ends it, so nothing is charged for a request that is refused anyway.
  */
 export class DecisionPipeline {
-  constructor(private readonly deps: PipelineDeps) {}
+  readonly #calendar = new UtcCalendar();
+  readonly #defaultPlan: Plan;
+
+  constructor(private readonly deps: PipelineDeps) {
+    const plan = deps.policy.plans[deps.policy.defaultPlan];
+    if (plan === undefined) throw new Error(`default plan "${deps.policy.defaultPlan}" is not configured`);
+    this.#defaultPlan = plan;
+  }
 
   /** Decides a proxied request. Synchronous when the key is in L1. */
   decide(input: CheckInput): Decision | Promise<Decision> {
@@ -86,17 +104,42 @@ export class DecisionPipeline {
     return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, "", route, false));
   }
 
-  #withSnapshot(key: string, judge: (snapshot: KeySnapshot | null) => Decision): Decision | Promise<Decision> {
+  #withSnapshot(key: string, judge: (snapshot: KeySnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {
     const hash = this.deps.hasher.hash(key);
     const cached = this.deps.lookup.peek(hash);
     if (cached !== undefined) return judge(cached);
     return this.deps.lookup.load(hash).then(judge);
   }
 
-  #judge(snapshot: KeySnapshot | null, credentialHeader: string, route: RouteRequirements, charge: boolean): Decision {
+  #judge(snapshot: KeySnapshot | null, credentialHeader: string, route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
-    const { key, account } = snapshot;
     const nowMs = this.deps.nowMs();
+    const refusal = this.#refusal(snapshot, route, nowMs);
+    if (refusal !== null) {
+      if (charge) this.#count(snapshot, nowMs, refusal.reason, 0);
+      return refusal;
+    }
+    if (!charge) return { allow: true, snapshot, credentialHeader, route, limits: null };
+    const { key, account } = snapshot;
+    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
+    const rate = this.#rateRule(snapshot, plan);
+    const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
+    const charged = this.deps.meter.charge({
+      ownerId: account.ownerId,
+      bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
+      rate,
+      dailyQuota: plan.dailyQuota,
+      monthlyCredits: plan.monthlyCredits,
+      cost: route.cost,
+      nowMs,
+    });
+    const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeader, route, limits, nowMs);
+    return charged instanceof Promise ? charged.then(finish) : finish(charged);
+  }
+
+  /** Key state, project lock, subscription and scopes: the steps that cost nothing. */
+  #refusal(snapshot: KeySnapshot, route: RouteRequirements, nowMs: number): Deny | null {
+    const { key, account } = snapshot;
     switch (keyState(key, nowMs)) {
       case "revoked":
         return deny("KEY_REVOKED", snapshot);
@@ -117,8 +160,55 @@ export class DecisionPipeline {
         return deny("MISSING_SCOPE", snapshot, `This API key does not have the "${scope}" scope.`);
       }
     }
-    // Rate limit, then daily quota and credits, go here: after every step that can refuse for free.
-    if (charge) this.deps.lastUsed.record(key.id, nowMs);
-    return { allow: true, snapshot, credentialHeader, route };
+    return null;
   }
+
+  /** The key's own limit, else its account role's tier, else the plan's. */
+  #rateRule(snapshot: KeySnapshot, plan: Plan): RateLimitRule {
+    return snapshot.key.rateLimit ?? this.deps.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
+  }
+
+  #afterLimits(snapshot: KeySnapshot, credentialHeader: string, route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
+    if (limits.spent !== null && (limits.spent.monthly > 0 || limits.spent.topup > 0)) {
+      this.deps.usage.spend(snapshot.account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
+    }
+    if (limits.allowed || limits.reason === null) {
+      this.#count(snapshot, nowMs, null, route.cost);
+      this.deps.lastUsed.record(snapshot.key.id, nowMs);
+      return { allow: true, snapshot, credentialHeader, route, limits };
+    }
+    this.#count(snapshot, nowMs, limits.reason, 0);
+    const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));
+    refused.limits = limits;
+    if (limits.retryAfterSeconds !== null) refused.retryAfterSeconds = limits.retryAfterSeconds;
+    return refused;
+  }
+
+  #count(snapshot: KeySnapshot, nowMs: number, reason: DenyReason | null, credits: number): void {
+    const outcome = reason === null ? "ALLOWED" : DENIALS[reason].code;
+    this.deps.usage.record(snapshot.account.ownerId, snapshot.key.id, this.#calendar.day(nowMs), outcome, credits);
+  }
+}
+
+/** The words of a limits refusal: what ran out and when it comes back. */
+function limitMessage(limits: ChargeResult, cost: number): string {
+  switch (limits.reason) {
+    case "RATE_LIMITED":
+      return `Rate limit of ${limits.rate.limit} requests per ${describeWindow(limits.rate.windowSeconds)} exceeded. Retry in ${limits.retryAfterSeconds ?? 1} seconds.`;
+    case "QUOTA_EXCEEDED":
+      return `The daily quota of ${limits.quota?.limit ?? 0} requests is used up. It resets at ${new Date(limits.quota?.resetAtMs ?? 0).toISOString()}.`;
+    case "INSUFFICIENT_CREDITS":
+      return `This request costs ${cost} credit${cost === 1 ? "" : "s"} and the account has ${limits.credits?.balance ?? 0} left. Add credits or wait for the monthly renewal.`;
+    case null:
+      return "";
+  }
+}
+
+/** "minute" for 60, "hour" for 3600, "day" for 86400, else "N seconds". */
+export function describeWindow(windowSeconds: number): string {
+  if (windowSeconds === 60) return "minute";
+  if (windowSeconds === 3600) return "hour";
+  if (windowSeconds === 86_400) return "day";
+  if (windowSeconds === 1) return "second";
+  return `${windowSeconds} seconds`;
 }

@@ -9,6 +9,7 @@ import {
 import type { CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { StatusSchema } from "../gen/google/rpc/status_pb.js";
 import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
+import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 
@@ -24,7 +25,7 @@ function header(key: string, value: string): HeaderValueOption {
 }
 
 /** Maps a decision to Envoy's CheckResponse. `clientHeaderNames` are the request's header names. */
-export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string): CheckResponse {
+export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): CheckResponse {
   if (decision.allow) {
     const { key, account } = decision.snapshot;
     const granted = identityHeaders(decision.snapshot);
@@ -34,7 +35,11 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
       status: create(StatusSchema, { code: 0 }),
       httpResponse: {
         case: "okResponse",
-        value: create(OkHttpResponseSchema, { headers: granted.map(([k, v]) => header(k, v)), headersToRemove: remove }),
+        value: create(OkHttpResponseSchema, {
+          headers: granted.map(([k, v]) => header(k, v)),
+          headersToRemove: remove,
+          responseHeadersToAdd: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v)),
+        }),
       },
       dynamicMetadata: {
         key_id: key.id,
@@ -50,6 +55,7 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
   const headers = [header("content-type", "application/json")];
   if (spec.httpStatus === 401) headers.push(header("www-authenticate", "Bearer"));
   if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
+  if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
   return create(CheckResponseSchema, {
     status: create(StatusSchema, { code: spec.grpcCode, message: spec.code }),
     httpResponse: {

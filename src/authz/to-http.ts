@@ -1,4 +1,5 @@
 import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
+import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 
@@ -10,7 +11,7 @@ export interface HttpAnswer {
 }
 
 /** Maps a decision to the HTTP answer. Allow is 200 with identity headers; deny mirrors gRPC. */
-export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string): HttpAnswer {
+export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): HttpAnswer {
   if (decision.allow) {
     const granted = identityHeaders(decision.snapshot);
     const headers: Record<string, string> = Object.fromEntries(granted);
@@ -18,12 +19,14 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
     if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
     // Envoy's HTTP ext_authz service reads this list and strips the headers before upstream.
     if (remove.length > 0) headers["x-envoy-auth-headers-to-remove"] = remove.join(",");
+    if (decision.limits !== null) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers[k] = v;
     return { status: 200, headers, body: "" };
   }
   const spec = DENIALS[decision.reason];
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (spec.httpStatus === 401) headers["www-authenticate"] = "Bearer";
   if (decision.retryAfterSeconds !== undefined) headers["retry-after"] = String(decision.retryAfterSeconds);
+  if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers[k] = v;
   return { status: spec.httpStatus, headers, body: errorBody(spec, decision.message, requestId) };
 }
 

@@ -29,12 +29,15 @@ export async function connectRedis(url: string, overrides: RedisOptions = {}): P
   return redis;
 }
 
+const nullableString = z.string().nullable();
+const nullableNumber = z.number().nullable();
+
 const snapshotSchema = z.object({
   key: z.object({
     id: z.string(),
     hash: z.string(),
     ownerId: z.string(),
-    projectId: z.string().nullable(),
+    projectId: nullableString,
     name: z.string(),
     mode: z.enum(["live", "test"]),
     start: z.string(),
@@ -42,12 +45,13 @@ const snapshotSchema = z.object({
     scopes: z.array(z.string()),
     metadata: z.record(z.string(), z.string()),
     createdAtMs: z.number(),
-    lastUsedAtMs: z.number().nullable(),
-    expiresAtMs: z.number().nullable(),
-    revokedAtMs: z.number().nullable(),
-    revokeReason: z.string().nullable(),
-    graceEndsAtMs: z.number().nullable(),
-    rotatedToId: z.string().nullable(),
+    lastUsedAtMs: nullableNumber,
+    expiresAtMs: nullableNumber,
+    revokedAtMs: nullableNumber,
+    revokeReason: nullableString,
+    graceEndsAtMs: nullableNumber,
+    rotatedToId: nullableString,
+    rateLimit: z.object({ limit: z.number(), windowSeconds: z.number() }).nullable(),
   }),
   account: z.object({
     ownerId: z.string(),
@@ -59,174 +63,270 @@ const snapshotSchema = z.object({
   }),
 });
 
+// Checked both ways, so the build breaks when KeySnapshot and the schema drift apart
+// (a missing field, or an enum that gained a member the schema would reject).
+type CachedSnapshot = z.infer<typeof snapshotSchema>;
+true satisfies [CachedSnapshot, KeySnapshot] extends [KeySnapshot, CachedSnapshot] ? true : never;
+
 const invalidationSchema = z.discriminatedUnion("kind", [
   z.object({ kind: z.literal("key"), hash: z.string() }),
   z.object({ kind: z.literal("owner"), ownerId: z.string() }),
   z.object({ kind: z.literal("all") }),
 ]);
 
+/** DEL arguments per command when dropping an owner's snapshots; keeps one command bounded. */
+const DELETE_BATCH = 500;
+
 /** TTLs and key prefix of the Redis L2. */
 export interface RedisCacheOptions {
   ttlSeconds: number;
   negativeTtlSeconds: number;
+  /** Prepended to every key; default "kg:". */
   keyPrefix?: string;
 }
 
 /**
  * L2 in Redis: snapshots as JSON under `snap:<hash>`, cached misses under `miss:<hash>`, and a
- * set per owner so an account change can drop all of its snapshots. A read is one MGET.
+ * set of hashes per owner under `owner:<ownerId>` so an account change can drop all of its
+ * snapshots. A read is one MGET. Redis errors propagate; the caller decides how to degrade.
  */
 export class RedisSharedCache implements SharedCache {
+  readonly #redis: Redis;
+  readonly #ttlSeconds: number;
+  readonly #negativeTtlSeconds: number;
   readonly #prefix: string;
 
-  constructor(
-    private readonly redis: Redis,
-    private readonly options: RedisCacheOptions,
-  ) {
+  constructor(redis: Redis, options: RedisCacheOptions) {
+    this.#redis = redis;
+    this.#ttlSeconds = options.ttlSeconds;
+    this.#negativeTtlSeconds = options.negativeTtlSeconds;
     this.#prefix = options.keyPrefix ?? "kg:";
   }
 
+  /** A snapshot, null for a cached miss, undefined when nothing (valid) is cached. */
   async get(hash: string): Promise<KeySnapshot | null | undefined> {
-    const snapKey = `${this.#prefix}snap:${hash}`;
-    const [snap, miss] = await this.redis.mget(snapKey, `${this.#prefix}miss:${hash}`);
+    const snapKey = this.#snapKey(hash);
+    const [snap, miss] = await this.#redis.mget(snapKey, this.#missKey(hash));
+    // A snapshot wins over a miss marker: a miss written late by a slow replica is older news.
     if (snap !== null && snap !== undefined) {
-      const parsed = this.#parse(snap);
+      const parsed = parseSnapshot(snap);
       if (parsed !== undefined) return parsed;
-      await this.redis.del(snapKey);
+      await this.#redis.del(snapKey);
       return undefined;
     }
     return miss === null || miss === undefined ? undefined : null;
   }
 
-  #parse(text: string): KeySnapshot | undefined {
-    let json: unknown;
-    try {
-      json = JSON.parse(text);
-    } catch {
-      return undefined;
-    }
-    const result = snapshotSchema.safeParse(json);
-    return result.success ? result.data : undefined;
-  }
-
+  /** Stores the snapshot, clears a miss marker and indexes the hash under its owner, atomically. */
   async set(hash: string, snapshot: KeySnapshot): Promise<void> {
-    const ownerKey = `${this.#prefix}owner:${snapshot.account.ownerId}`;
-    await this.redis
+    const ownerKey = this.#ownerKey(snapshot.account.ownerId);
+    const results = await this.#redis
       .multi()
-      .set(`${this.#prefix}snap:${hash}`, JSON.stringify(snapshot), "EX", this.options.ttlSeconds)
-      .del(`${this.#prefix}miss:${hash}`)
+      .set(this.#snapKey(hash), JSON.stringify(snapshot), "EX", this.#ttlSeconds)
+      .del(this.#missKey(hash))
       .sadd(ownerKey, hash)
-      .expire(ownerKey, this.options.ttlSeconds)
+      // Each write pushes the index's expiry past that of every snapshot it lists.
+      .expire(ownerKey, this.#ttlSeconds)
       .exec();
+    throwFirstError(results);
   }
 
+  /** Remembers that no key has this hash, for the negative TTL. */
   async setMissing(hash: string): Promise<void> {
-    await this.redis.set(`${this.#prefix}miss:${hash}`, "1", "EX", this.options.negativeTtlSeconds);
+    await this.#redis.set(this.#missKey(hash), "1", "EX", this.#negativeTtlSeconds);
   }
 
-  /** `all` is an L1-only signal (a replica that lost its subscription); L2 keeps its entries. */
+  /**
+   * Deletes the entries of a key or of every key of an owner. `all` deletes nothing here: it is
+   * an L1-only signal (a replica that lost its subscription), and L2 entries stay valid because
+   * every change deletes them before it is published.
+   */
   async invalidate(event: Invalidation): Promise<void> {
     switch (event.kind) {
       case "key":
-        await this.redis.del(`${this.#prefix}snap:${event.hash}`, `${this.#prefix}miss:${event.hash}`);
+        await this.#redis.del(this.#snapKey(event.hash), this.#missKey(event.hash));
         return;
-      case "owner": {
-        const ownerKey = `${this.#prefix}owner:${event.ownerId}`;
-        const hashes = await this.redis.smembers(ownerKey);
-        await this.redis.del(ownerKey, ...hashes.map((h) => `${this.#prefix}snap:${h}`));
+      case "owner":
+        await this.#invalidateOwner(event.ownerId);
         return;
-      }
       case "all":
         return;
     }
   }
+
+  async #invalidateOwner(ownerId: string): Promise<void> {
+    const ownerKey = this.#ownerKey(ownerId);
+    const hashes = await this.#redis.smembers(ownerKey);
+    const keys = [...hashes.map((hash) => this.#snapKey(hash)), ownerKey];
+    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
+      await this.#redis.del(...keys.slice(i, i + DELETE_BATCH));
+    }
+  }
+
+  #snapKey(hash: string): string {
+    return `${this.#prefix}snap:${hash}`;
+  }
+
+  #missKey(hash: string): string {
+    return `${this.#prefix}miss:${hash}`;
+  }
+
+  #ownerKey(ownerId: string): string {
+    return `${this.#prefix}owner:${ownerId}`;
+  }
+}
+
+function parseSnapshot(text: string): KeySnapshot | undefined {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  const result = snapshotSchema.safeParse(json);
+  return result.success ? result.data : undefined;
+}
+
+function parseInvalidation(text: string): Invalidation | undefined {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  const result = invalidationSchema.safeParse(json);
+  return result.success ? result.data : undefined;
+}
+
+/** MULTI reports a failed command inside its results rather than rejecting. */
+function throwFirstError(results: Array<[error: Error | null, result: unknown]> | null): void {
+  if (results === null) throw new Error("Redis transaction was aborted");
+  for (const [error] of results) if (error !== null) throw error;
+}
+
+/** Channel and logger of the Redis invalidation bus. */
+export interface RedisInvalidationBusOptions {
+  /** Pub/sub channel shared by every replica; default "keygate:invalidate". */
+  channel?: string;
+  logger?: Logger;
 }
 
 /**
- * Cross-replica invalidation over Redis pub/sub. The bus uses the connections it is given and
- * does not close them. When the subscription drops, and again when it is back, handlers get
- * `{kind: "all"}`: invalidations sent in between were missed.
+ * Cross-replica invalidation over Redis pub/sub. The bus borrows both connections: the caller
+ * opens them, and closes them after `close()`. `subscriber` must be ready before `start()` and
+ * is used for nothing else, since a subscribed connection cannot run other commands. When the
+ * subscription drops, and again once it is back, handlers get `{kind: "all"}`: invalidations
+ * sent in between were missed.
  */
 export class RedisInvalidationBus implements InvalidationBus {
-  readonly #handlers: Array<(event: Invalidation) => void> = [];
+  readonly #publisher: Redis;
+  readonly #subscriber: Redis;
   readonly #channel: string;
+  readonly #logger: Logger | undefined;
+  readonly #handlers: Array<(event: Invalidation) => void> = [];
   #connected = false;
   #listening = false;
 
-  constructor(
-    private readonly publisher: Redis,
-    private readonly subscriber: Redis,
-    private readonly logger?: Logger,
-    channel = "keygate:invalidate",
-  ) {
-    this.#channel = channel;
+  /** The third argument may still be a bare logger (the earlier signature). */
+  constructor(publisher: Redis, subscriber: Redis, options: RedisInvalidationBusOptions | Logger = {}) {
+    const { channel, logger } = "info" in options ? { channel: undefined, logger: options } : options;
+    this.#publisher = publisher;
+    this.#subscriber = subscriber;
+    this.#channel = channel ?? "keygate:invalidate";
+    this.#logger = logger;
   }
 
-  /** True while the subscription is live; while false, L1 entries may miss invalidations. */
+  /** True while the subscription is live; while false, this replica may miss invalidations. */
   get connected(): boolean {
     return this.#connected;
   }
 
-  /** Subscribes; resolves once the subscription is confirmed. */
+  /** Subscribes; resolves once Redis has confirmed the subscription. */
   async start(): Promise<void> {
     if (this.#listening) return;
     this.#listening = true;
-    this.subscriber.on("message", this.#onMessage);
-    this.subscriber.on("close", this.#onDrop);
-    this.subscriber.on("ready", this.#onReady);
-    await this.subscriber.subscribe(this.#channel);
+    this.#subscriber.on("message", this.#onMessage);
+    this.#subscriber.on("close", this.#onDrop);
+    this.#subscriber.on("ready", this.#onReady);
+    await this.#subscriber.subscribe(this.#channel);
     this.#connected = true;
   }
 
-  readonly #onMessage = (channel: string, message: string): void => {
-    if (channel !== this.#channel) return;
-    let json: unknown;
-    try {
-      json = JSON.parse(message);
-    } catch {
-      json = undefined;
-    }
-    const parsed = invalidationSchema.safeParse(json);
-    if (!parsed.success) {
-      this.logger?.warn({ channel }, "ignored a malformed invalidation message");
-      return;
-    }
-    this.#emit(parsed.data);
-  };
-
-  readonly #onDrop = (): void => {
-    if (!this.#connected) return;
-    this.#connected = false;
-    this.logger?.warn("invalidation subscription lost; clearing L1");
-    this.#emit({ kind: "all" });
-  };
-
-  readonly #onReady = (): void => {
-    if (this.#connected) return;
-    // ioredis re-subscribes on reconnect; anything published meanwhile was missed.
-    this.#connected = true;
-    this.logger?.info("invalidation subscription restored; clearing L1");
-    this.#emit({ kind: "all" });
-  };
-
-  #emit(event: Invalidation): void {
-    for (const handler of this.#handlers) handler(event);
-  }
-
+  /** Sends the event to every replica's handlers, this one's included. */
   async publish(event: Invalidation): Promise<void> {
-    await this.publisher.publish(this.#channel, JSON.stringify(event));
+    await this.#publisher.publish(this.#channel, JSON.stringify(event));
   }
 
   subscribe(handler: (event: Invalidation) => void): void {
     this.#handlers.push(handler);
   }
 
+  /** Unsubscribes and drops the handlers; the connections stay open for their owner to close. */
   async close(): Promise<void> {
-    this.subscriber.off("message", this.#onMessage);
-    this.subscriber.off("close", this.#onDrop);
-    this.subscriber.off("ready", this.#onReady);
-    this.#handlers.length = 0;
-    if (this.#listening && this.subscriber.status === "ready") await this.subscriber.unsubscribe(this.#channel);
+    const wasListening = this.#listening;
     this.#listening = false;
+    this.#connected = false;
+    this.#handlers.length = 0;
+    this.#subscriber.off("message", this.#onMessage);
+    this.#subscriber.off("close", this.#onDrop);
+    this.#subscriber.off("ready", this.#onReady);
+    if (!wasListening || this.#subscriber.status !== "ready") return;
+    try {
+      await this.#subscriber.unsubscribe(this.#channel);
+    } catch (error) {
+      // Shutdown goes on: the owner is about to close the connection anyway.
+      this.#logger?.warn({ err: error }, "could not unsubscribe from invalidations");
+    }
+  }
+
+  readonly #onMessage = (channel: string, message: string): void => {
+    if (channel !== this.#channel) return;
+    const event = parseInvalidation(message);
+    if (event === undefined) {
+      this.#logger?.warn({ channel, length: message.length }, "ignored a malformed invalidation message");
+      return;
+    }
+    this.#emit(event);
+  };
+
+  readonly #onDrop = (): void => {
+    if (!this.#connected) return;
+    this.#connected = false;
+    this.#logger?.warn({ channel: this.#channel }, "invalidation subscription lost; clearing L1");
+    this.#emit({ kind: "all" });
+  };
+
+  readonly #onReady = (): void => {
+    if (this.#connected || !this.#listening) return;
+    void this.#resubscribe();
+  };
+
+  /**
+   * ioredis re-subscribes on its own after "ready", but without telling us when it is done.
+   * Subscribing again and awaiting it means "all" goes out only once no event can slip by.
+   */
+  async #resubscribe(): Promise<void> {
+    try {
+      await this.#subscriber.subscribe(this.#channel);
+    } catch (error) {
+      // The connection dropped again; the next "ready" retries.
+      this.#logger?.warn({ err: error }, "re-subscribing to invalidations failed");
+      return;
+    }
+    if (this.#connected || !this.#listening) return;
+    this.#connected = true;
+    this.#logger?.info({ channel: this.#channel }, "invalidation subscription restored; clearing L1");
+    this.#emit({ kind: "all" });
+  }
+
+  #emit(event: Invalidation): void {
+    for (const handler of this.#handlers) {
+      try {
+        handler(event);
+      } catch (error) {
+        // One failing handler must not keep the others from dropping their entries.
+        this.#logger?.error({ err: error, event }, "invalidation handler failed");
+      }
+    }
   }
 }

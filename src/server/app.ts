@@ -14,6 +14,10 @@ import type { Config } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
 import { KeyFormat } from "../keys/key-format.js";
 import { LastUsedRecorder } from "../store/last-used.js";
+import { MemoryMeter } from "../limits/memory.js";
+import type { Meter } from "../limits/limits.js";
+import { RedisMeter } from "../limits/redis.js";
+import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
@@ -70,10 +74,16 @@ async function openStore(config: Config): Promise<{ store: KeyStore; secrets: Se
 }
 
 /** Shared cache and bus: Redis when configured, else the single-process bus. */
-async function openCache(config: Config, logger: Logger): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; close(): Promise<void> }> {
+async function openCache(
+  config: Config,
+  logger: Logger,
+  store: KeyStore,
+  usage: UsageRecorder,
+): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; close(): Promise<void> }> {
+  const memoryMeter = new MemoryMeter(store, usage);
   if (config.redisUrl === undefined) {
     const bus = new LocalInvalidationBus();
-    return { shared: undefined, bus, close: () => bus.close() };
+    return { shared: undefined, bus, meter: memoryMeter, close: () => bus.close() };
   }
   const main = await connectRedis(config.redisUrl);
   const subscriber = await connectRedis(config.redisUrl);
@@ -83,6 +93,7 @@ async function openCache(config: Config, logger: Logger): Promise<{ shared: Shar
   return {
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds }),
     bus,
+    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger),
     async close() {
       await bus.close();
       await Promise.allSettled([main.quit(), subscriber.quit()]);
@@ -97,8 +108,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const { store, secrets } = await openStore(config);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
-  const cache = await openCache(config, logger);
-  const { bus, shared } = cache;
+  const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
+  const cache = await openCache(config, logger, store, usage);
+  const { bus, shared, meter } = cache;
   const local = new MemoryCache(config.policy.cache);
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
@@ -109,15 +121,18 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     routes: new RouteTable(config.policy.routes),
     credentialHeaders: config.policy.credentialHeaders,
     lastUsed,
+    meter,
+    usage,
+    policy: config.policy,
     nowMs,
   });
-  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, nowMs });
+  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, nowMs });
   const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
   const readiness = new Readiness();
   const auth = new AdminAuth(secrets.adminTokens, format);
 
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger });
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -140,6 +155,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const a = await admin.start(config.host, config.adminPort);
       started = [g, h, a];
       lastUsed.start();
+      usage.start();
       readiness.setReady(true);
       logger.info(
         { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
@@ -153,6 +169,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];
       await lastUsed.stop();
+      await usage.stop();
+      await meter.close();
       await cache.close();
       await store.close();
       logger.info("keygate stopped");

@@ -88,6 +88,7 @@ export interface GrpcAuthzDeps {
   readiness: Readiness;
   metrics: Metrics;
   logger: Logger;
+  nowMs: () => number;
 }
 
 /** A started gRPC listener. */
@@ -119,7 +120,7 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
     const answer = (d: Decision): void => {
       metrics.countDecision("grpc", d.allow ? "OK" : d.reason);
       const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
-      callback(null, toCheckResponse(d, Object.keys(headers), requestId));
+      callback(null, toCheckResponse(d, Object.keys(headers), requestId, deps.nowMs()));
     };
     if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback));
     else answer(decision);

@@ -16,6 +16,7 @@ export interface HttpAuthzDeps {
   readiness: Readiness;
   metrics: Metrics;
   logger: Logger;
+  nowMs: () => number;
 }
 
 const CHECK_PREFIX = "/check";
@@ -68,7 +69,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const headerNames = Object.keys(req.headers);
     const answer = (decision: Decision): void => {
       metrics.countDecision("http", decision.allow ? "OK" : decision.reason);
-      send(res, toHttpAnswer(decision, headerNames, requestId));
+      send(res, toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
     };
     const fail = (error: unknown): void => {
       metrics.failures.labels("http").inc();

@@ -15,6 +15,10 @@ import type {
   Role,
   Rotation,
   SubscriptionStatus,
+  CreditState,
+  CreditDelta,
+  UsageDelta,
+  UsageRow,
 } from "./store.js";
 
 /** An account document. `active_key_count` is the counter the cap is enforced on. */
@@ -26,6 +30,20 @@ interface AccountDoc {
   active_key_count: number;
   created_at: Date;
   updated_at: Date;
+  credit_period?: string;
+  monthly_used?: number;
+  topup_balance?: number;
+}
+
+/** A usage document: one key, one UTC day, one outcome. */
+interface UsageDoc {
+  _id: string;
+  owner_id: string;
+  key_id: string;
+  day: string;
+  outcome: string;
+  count: number;
+  credits: number;
 }
 
 /** A key document. `counted` is true while the key holds one of the account's slots. */
@@ -47,6 +65,7 @@ interface KeyDoc {
   revoke_reason: string | null;
   grace_ends_at: Date | null;
   rotated_to_id: string | null;
+  rate_limit: { limit: number; window_seconds: number } | null;
   counted: boolean;
 }
 
@@ -59,9 +78,26 @@ const accountSchema = new mongoose.Schema<AccountDoc>(
     active_key_count: { type: Number, required: true, default: 0 },
     created_at: { type: Date, required: true },
     updated_at: { type: Date, required: true },
+    credit_period: { type: String, default: "" },
+    monthly_used: { type: Number, default: 0 },
+    topup_balance: { type: Number, default: 0 },
   },
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
+
+const usageSchema = new mongoose.Schema<UsageDoc>(
+  {
+    _id: { type: String, required: true },
+    owner_id: { type: String, required: true },
+    key_id: { type: String, required: true },
+    day: { type: String, required: true },
+    outcome: { type: String, required: true },
+    count: { type: Number, required: true },
+    credits: { type: Number, required: true },
+  },
+  { collection: "usage", versionKey: false, strict: "throw" },
+);
+usageSchema.index({ owner_id: 1, day: 1 }, { name: "owner_day" });
 
 const keySchema = new mongoose.Schema<KeyDoc>(
   {
@@ -82,6 +118,7 @@ const keySchema = new mongoose.Schema<KeyDoc>(
     revoke_reason: { type: String, default: null },
     grace_ends_at: { type: Date, default: null },
     rotated_to_id: { type: String, default: null },
+    rate_limit: { type: new mongoose.Schema({ limit: Number, window_seconds: Number }, { _id: false }), default: null },
     counted: { type: Boolean, required: true },
   },
   { collection: "keys", versionKey: false, strict: "throw" },
@@ -123,6 +160,7 @@ function toKey(doc: KeyDoc): KeyRecord {
     revokeReason: doc.revoke_reason,
     graceEndsAtMs: ms(doc.grace_ends_at),
     rotatedToId: doc.rotated_to_id,
+    rateLimit: doc.rate_limit === null || doc.rate_limit === undefined ? null : { limit: doc.rate_limit.limit, windowSeconds: doc.rate_limit.window_seconds },
   };
 }
 
@@ -145,6 +183,7 @@ function toDoc(key: KeyRecord, counted: boolean): KeyDoc {
     revoke_reason: key.revokeReason,
     grace_ends_at: date(key.graceEndsAtMs),
     rotated_to_id: key.rotatedToId,
+    rate_limit: key.rateLimit === null ? null : { limit: key.rateLimit.limit, window_seconds: key.rateLimit.windowSeconds },
     counted,
   };
 }
@@ -186,11 +225,13 @@ export class MongoKeyStore implements KeyStore {
   readonly #connection: Connection;
   readonly #accounts: Model<AccountDoc>;
   readonly #keys: Model<KeyDoc>;
+  readonly #usage: Model<UsageDoc>;
 
   private constructor(connection: Connection) {
     this.#connection = connection;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
+    this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
   }
 
   /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
@@ -205,6 +246,7 @@ export class MongoKeyStore implements KeyStore {
     await guarded(() => connection.asPromise());
     const store = new MongoKeyStore(connection);
     await guarded(() => store.#keys.createIndexes());
+    await guarded(() => store.#usage.createIndexes());
     return store;
   }
 
@@ -310,6 +352,9 @@ export class MongoKeyStore implements KeyStore {
     const set: Partial<KeyDoc> = {};
     if (patch.name !== undefined) set.name = patch.name;
     if (patch.scopes !== undefined) set.scopes = patch.scopes;
+    if (patch.rateLimit !== undefined) {
+      set.rate_limit = patch.rateLimit === null ? null : { limit: patch.rateLimit.limit, window_seconds: patch.rateLimit.windowSeconds };
+    }
     const doc = await guarded(() => this.#keys.findByIdAndUpdate(id, { $set: set }, { new: true }).lean<KeyDoc>());
     return doc === null ? null : toKey(doc);
   }
@@ -356,6 +401,56 @@ export class MongoKeyStore implements KeyStore {
       }
       return { next, previous: toKey(previous) };
     });
+  }
+
+  async getCredits(ownerId: string): Promise<CreditState> {
+    const doc = await guarded(() => this.#accounts.findById(ownerId, { credit_period: 1, monthly_used: 1, topup_balance: 1 }).lean<AccountDoc>());
+    return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0 };
+  }
+
+  async addCredits(ownerId: string, amount: number): Promise<CreditState> {
+    const doc = await guarded(() => this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount } }, { new: true }).lean<AccountDoc>());
+    return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0 };
+  }
+
+  async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
+    await guarded(async () => {
+      if (usage.length > 0) {
+        await this.#usage.bulkWrite(
+          usage.map((u) => ({
+            updateOne: {
+              filter: { _id: `${u.ownerId}|${u.day}|${u.keyId}|${u.outcome}` },
+              update: {
+                $inc: { count: u.count, credits: u.credits },
+                $setOnInsert: { owner_id: u.ownerId, key_id: u.keyId, day: u.day, outcome: u.outcome },
+              },
+              upsert: true,
+            },
+          })),
+          { ordered: false },
+        );
+      }
+      for (const c of credits) await this.#spendCredits(c);
+    });
+  }
+
+  /** Same rule as SQLite: the stored period adds, a later period starts over, an older one spends top-up only. */
+  async #spendCredits(c: CreditDelta): Promise<void> {
+    const same = await this.#accounts.updateOne({ _id: c.ownerId, credit_period: c.period }, { $inc: { monthly_used: c.monthlyUsed, topup_balance: -c.topupUsed } });
+    if (same.matchedCount === 1) return;
+    const later = await this.#accounts.updateOne(
+      { _id: c.ownerId, $or: [{ credit_period: { $lt: c.period } }, { credit_period: { $exists: false } }] },
+      { $set: { credit_period: c.period, monthly_used: c.monthlyUsed }, $inc: { topup_balance: -c.topupUsed } },
+    );
+    if (later.matchedCount === 1) return;
+    await this.#accounts.updateOne({ _id: c.ownerId }, { $inc: { topup_balance: -c.topupUsed } });
+  }
+
+  async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
+    const docs = await guarded(() =>
+      this.#usage.find({ owner_id: ownerId, day: { $gte: fromDay, $lte: toDay } }).sort({ day: 1, key_id: 1, outcome: 1 }).lean<UsageDoc[]>(),
+    );
+    return docs.map((d) => ({ keyId: d.key_id, day: d.day, outcome: d.outcome, count: d.count, credits: d.credits }));
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {

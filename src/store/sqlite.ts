@@ -15,6 +15,11 @@ import type {
   Rotation,
   SubscriptionStatus,
   KeyMode,
+  KeyRateLimit,
+  CreditState,
+  UsageDelta,
+  CreditDelta,
+  UsageRow,
 } from "./store.js";
 
 const SCHEMA = `
@@ -24,7 +29,10 @@ CREATE TABLE IF NOT EXISTS accounts (
   subscription_status TEXT NOT NULL,
   role TEXT NOT NULL,
   created_at INTEGER NOT NULL,
-  updated_at INTEGER NOT NULL
+  updated_at INTEGER NOT NULL,
+  credit_period TEXT NOT NULL DEFAULT '',
+  monthly_used INTEGER NOT NULL DEFAULT 0,
+  topup_balance INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS keys (
   id TEXT PRIMARY KEY,
@@ -43,7 +51,17 @@ CREATE TABLE IF NOT EXISTS keys (
   revoked_at INTEGER,
   revoke_reason TEXT,
   grace_ends_at INTEGER,
-  rotated_to_id TEXT
+  rotated_to_id TEXT,
+  rate_limit TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+  owner_id TEXT NOT NULL,
+  key_id TEXT NOT NULL,
+  day TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  count INTEGER NOT NULL,
+  credits INTEGER NOT NULL,
+  PRIMARY KEY (owner_id, day, key_id, outcome)
 );
 CREATE INDEX IF NOT EXISTS keys_owner_state ON keys (owner_id, revoked_at, id);
 CREATE INDEX IF NOT EXISTS keys_project ON keys (project_id);
@@ -76,6 +94,13 @@ interface KeyRow {
   revoke_reason: string | null;
   grace_ends_at: number | null;
   rotated_to_id: string | null;
+  rate_limit: string | null;
+}
+
+interface CreditRow {
+  credit_period: string;
+  monthly_used: number;
+  topup_balance: number;
 }
 
 type SnapshotRow = KeyRow & {
@@ -117,6 +142,7 @@ function toKey(row: KeyRow): KeyRecord {
     revokeReason: row.revoke_reason,
     graceEndsAtMs: row.grace_ends_at,
     rotatedToId: row.rotated_to_id,
+    rateLimit: row.rate_limit === null ? null : (JSON.parse(row.rate_limit) as KeyRateLimit),
   };
 }
 
@@ -139,6 +165,7 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
     revoke_reason: key.revokeReason,
     grace_ends_at: key.graceEndsAtMs,
     rotated_to_id: key.rotatedToId,
+    rate_limit: key.rateLimit === null ? null : JSON.stringify(key.rateLimit),
   };
 }
 
@@ -160,6 +187,12 @@ export class SqliteKeyStore implements KeyStore {
     snapshotByHash: Statement<[string], SnapshotRow>;
     updateName: Statement<[string, string]>;
     updateScopes: Statement<[string, string]>;
+    updateRateLimit: Statement<[string | null, string]>;
+    getCredits: Statement<[string], CreditRow>;
+    addCredits: Statement<[number, string]>;
+    spendCredits: Statement<[{ period: string; monthly: number; topup: number; owner: string }]>;
+    addUsage: Statement<[Record<string, string | number>]>;
+    listUsage: Statement<[string, string, string], UsageRow>;
     revoke: Statement<[number, string | null, string]>;
     markRotated: Statement<[string, number, number | null, string | null, string]>;
     touch: Statement<[number, string, number]>;
@@ -186,8 +219,8 @@ export class SqliteKeyStore implements KeyStore {
         "SELECT COUNT(*) AS n FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id IS NULL AND (expires_at IS NULL OR expires_at > ?)",
       ),
       insertKey: db.prepare(
-        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id)
-         VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id)`,
+        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id, rate_limit)
+         VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id, @rate_limit)`,
       ),
       getKey: db.prepare("SELECT * FROM keys WHERE id = ?"),
       snapshotByHash: db.prepare(
@@ -197,6 +230,25 @@ export class SqliteKeyStore implements KeyStore {
       ),
       updateName: db.prepare("UPDATE keys SET name = ? WHERE id = ?"),
       updateScopes: db.prepare("UPDATE keys SET scopes = ? WHERE id = ?"),
+      updateRateLimit: db.prepare("UPDATE keys SET rate_limit = ? WHERE id = ?"),
+      getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance FROM accounts WHERE owner_id = ?"),
+      addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + ? WHERE owner_id = ?"),
+      // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
+      // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
+      spendCredits: db.prepare(
+        `UPDATE accounts SET
+           monthly_used = CASE WHEN credit_period = @period THEN monthly_used + @monthly WHEN credit_period < @period THEN @monthly ELSE monthly_used END,
+           credit_period = CASE WHEN credit_period < @period THEN @period ELSE credit_period END,
+           topup_balance = topup_balance - @topup
+         WHERE owner_id = @owner`,
+      ),
+      addUsage: db.prepare(
+        `INSERT INTO usage (owner_id, key_id, day, outcome, count, credits) VALUES (@owner_id, @key_id, @day, @outcome, @count, @credits)
+         ON CONFLICT (owner_id, day, key_id, outcome) DO UPDATE SET count = count + excluded.count, credits = credits + excluded.credits`,
+      ),
+      listUsage: db.prepare(
+        "SELECT key_id AS keyId, day, outcome, count, credits FROM usage WHERE owner_id = ? AND day >= ? AND day <= ? ORDER BY day, key_id, outcome",
+      ),
       revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
       markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
       touch: db.prepare("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)"),
@@ -303,6 +355,7 @@ export class SqliteKeyStore implements KeyStore {
     const update = this.#db.transaction(() => {
       if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
       if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
+      if (patch.rateLimit !== undefined) this.#stmt.updateRateLimit.run(patch.rateLimit === null ? null : JSON.stringify(patch.rateLimit), id);
       return this.#stmt.getKey.get(id);
     });
     const row = update.immediate();
@@ -341,6 +394,34 @@ export class SqliteKeyStore implements KeyStore {
       for (const [id, atMs] of lastUsed) this.#stmt.touch.run(atMs, id, atMs);
     });
     touchAll.immediate();
+  }
+
+  async getCredits(ownerId: string): Promise<CreditState> {
+    const row = this.#stmt.getCredits.get(ownerId);
+    return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0 };
+  }
+
+  async addCredits(ownerId: string, amount: number): Promise<CreditState> {
+    const add = this.#db.transaction(() => {
+      this.#stmt.addCredits.run(amount, ownerId);
+      return this.#stmt.getCredits.get(ownerId);
+    });
+    const row = add.immediate();
+    return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0 };
+  }
+
+  async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
+    const apply = this.#db.transaction(() => {
+      for (const u of usage) {
+        this.#stmt.addUsage.run({ owner_id: u.ownerId, key_id: u.keyId, day: u.day, outcome: u.outcome, count: u.count, credits: u.credits });
+      }
+      for (const c of credits) this.#stmt.spendCredits.run({ period: c.period, monthly: c.monthlyUsed, topup: c.topupUsed, owner: c.ownerId });
+    });
+    apply.immediate();
+  }
+
+  async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
+    return this.#stmt.listUsage.all(ownerId, fromDay, toDay);
   }
 
   async ping(): Promise<void> {

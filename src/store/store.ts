@@ -35,7 +35,45 @@ export interface KeyRecord {
   /** Set on the old key of a rotation: it keeps working until this time. */
   graceEndsAtMs: number | null;
   rotatedToId: string | null;
+  /** The key's own rate limit, replacing the plan's; it also gives the key its own bucket. */
+  rateLimit: KeyRateLimit | null;
 }
+
+/** A per-key rate limit: `limit` requests per `windowSeconds`. */
+export interface KeyRateLimit {
+  limit: number;
+  windowSeconds: number;
+}
+
+/** An account's credits: what it used of this month's allowance, and its top-up balance. */
+export interface CreditState {
+  /** "YYYY-MM" (UTC) of `monthlyUsed`; "" before the first charge. */
+  period: string;
+  monthlyUsed: number;
+  topupBalance: number;
+}
+
+/** Counted requests of one key on one UTC day with one outcome ("ALLOWED" or a denial code). */
+export interface UsageDelta {
+  ownerId: string;
+  keyId: string;
+  /** "YYYY-MM-DD" (UTC). */
+  day: string;
+  outcome: string;
+  count: number;
+  credits: number;
+}
+
+/** Credits spent by one account since the last flush. */
+export interface CreditDelta {
+  ownerId: string;
+  period: string;
+  monthlyUsed: number;
+  topupUsed: number;
+}
+
+/** A stored usage row. */
+export type UsageRow = Omit<UsageDelta, "ownerId">;
 
 /** What the decision needs about one key: the key and its account, read together. */
 export interface KeySnapshot {
@@ -70,8 +108,10 @@ export interface ListKeysQuery {
 
 /** Rename and/or rescope. */
 export interface KeyPatch {
-  name?: string;
-  scopes?: string[];
+  name?: string | undefined;
+  scopes?: string[] | undefined;
+  /** null removes the key's own limit. */
+  rateLimit?: KeyRateLimit | null | undefined;
 }
 
 /** The outcome of a rotation: the new key and the old one with its grace period set. */
@@ -109,6 +149,14 @@ export interface KeyStore {
    * is no longer active. The old key's slot passes to the new one, so the count is unchanged.
    */
   rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
+  /** The account's credit state; zeros for an account that never had any. */
+  getCredits(ownerId: string): Promise<CreditState>;
+  /** Adds to the top-up balance (never replaces it). */
+  addCredits(ownerId: string, amount: number): Promise<CreditState>;
+  /** Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush. */
+  applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;
+  /** Usage rows of an owner for days in [fromDay, toDay] ("YYYY-MM-DD", inclusive). */
+  listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]>;
   /** Write-behind of last-use times; later times win. */
   touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void>;
   /** Throws when the store cannot serve requests. */

@@ -16,7 +16,7 @@ function limits(nowMs = NOW): CreateLimits {
 }
 
 let seq = 0;
-function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord {
+function record(ownerId: string, overrides: Partial<Omit<KeyRecord, "rateLimit">> & { rateLimit?: KeyRecord["rateLimit"] } = {}): KeyRecord {
   seq += 1;
   return {
     id: newKeyId(),
@@ -36,6 +36,7 @@ function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord 
     revokeReason: null,
     graceEndsAtMs: null,
     rotatedToId: null,
+    rateLimit: null,
     ...overrides,
   };
 }

@@ -26,7 +26,7 @@ async function check(replica: KeygateProcess, key: string): Promise<number> {
 async function createKey(replica: KeygateProcess, ownerId: string): Promise<{ id: string; secret: string }> {
   await postJson(replica.ports.admin, "UpsertAccount", { ownerId, plan: "business" });
   const created = await postJson(replica.ports.admin, "CreateKey", { ownerId, name: "replica test" });
-  expect(created.status).toBe(200);
+  expect(created.status, JSON.stringify(created.json)).toBe(200);
   const key = created.json["key"];
   const secret = created.json["secret"];
   if (typeof secret !== "string" || typeof key !== "object" || key === null || !("id" in key) || typeof key.id !== "string") {
@@ -100,6 +100,8 @@ describe.runIf(ready)("two replicas sharing MongoDB and Redis", () => {
     for (let i = 0; i < 50; i++) statuses.push(await check(b, warm.secret), await check(b, cold.secret));
     expect(statuses.filter((s) => s !== 200)).toEqual([]);
     await redis.start();
+    // Until A's connection is back, changes answer UNAVAILABLE (the caches could not be told).
+    await until(async () => (await postJson(a.ports.admin, "UpsertAccount", { ownerId: "rep-redis-after" })).status === 200, 10_000, "A reconnected");
     // Back: invalidations flow again, so a revoke through A reaches B's L1 within 1 s.
     const key = await createKey(a, "rep-redis-after");
     await until(async () => (await check(b, key.secret)) === 200, 5000, "B serving after Redis returned");

@@ -1,55 +1,158 @@
-import { spawn, spawnSync } from "node:child_process";
+import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { freePort, waitForPort } from "./ports.js";
+import { accessSync, constants, statSync } from "node:fs";
+import { connect } from "node:net";
+import { delimiter, join } from "node:path";
+import { freePort } from "./ports.js";
 
-/** A redis-server for tests, on a free port of 127.0.0.1. */
+/** A redis-server for tests, on a free port of 127.0.0.1, with persistence off. */
 export interface RedisServer {
   url: string;
   port: number;
+  /** SIGTERM, then SIGKILL after 3 s; resolves once the process has exited. */
   stop(): Promise<void>;
-  /** Starts it again on the same port (empty: no persistence), after `stop()`. */
+  /** Stops it and starts it again, empty, on the same port (for reconnect tests). */
+  restart(): Promise<void>;
+  /** Starts it again on the same port after `stop()` (for outage tests). */
   start(): Promise<void>;
+}
+
+const READY_TIMEOUT_MS = 10_000;
+const KILL_AFTER_MS = 3000;
+const OUTPUT_LIMIT = 8192;
+
+// A worker that dies before afterAll must not leave redis-servers behind.
+const running = new Set<ChildProcess>();
+process.once("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+
+/** The absolute path of `name` on PATH, or null. */
+function findOnPath(name: string): string | null {
+  for (const dir of (process.env["PATH"] ?? "").split(delimiter)) {
+    if (dir === "") continue;
+    const candidate = join(dir, name);
+    try {
+      accessSync(candidate, constants.X_OK);
+      if (statSync(candidate).isFile()) return candidate;
+    } catch {
+      // Not here; keep looking.
+    }
+  }
+  return null;
 }
 
 /** True when redis-server is on PATH or KEYGATE_TEST_REDIS_URL is set. */
 export function redisAvailable(): boolean {
-  if (process.env["KEYGATE_TEST_REDIS_URL"] !== undefined) return true;
-  return spawnSync("redis-server", ["--version"], { stdio: "ignore" }).status === 0;
+  return externalRedisUrl() !== undefined || findOnPath("redis-server") !== null;
 }
 
-/** Starts redis-server with persistence off, or uses KEYGATE_TEST_REDIS_URL when set. */
-export async function startRedis(): Promise<RedisServer> {
-  const external = process.env["KEYGATE_TEST_REDIS_URL"];
-  if (external !== undefined) {
-    const unsupported = async (): Promise<void> => {
-      throw new Error("outage tests need the harness's own redis-server, not KEYGATE_TEST_REDIS_URL");
-    };
-    return { url: external, port: Number(new URL(external).port || 6379), stop: unsupported, start: unsupported };
-  }
+function externalRedisUrl(): string | undefined {
+  const url = process.env["KEYGATE_TEST_REDIS_URL"];
+  return url === undefined || url === "" ? undefined : url;
+}
+
+/**
+ * Starts redis-server on a free port and waits for PING, or returns KEYGATE_TEST_REDIS_URL when
+ * set (then stop is a no-op and restart throws). Null when redis-server is not on PATH.
+ */
+export async function startRedis(): Promise<RedisServer | null> {
+  const external = externalRedisUrl();
+  if (external !== undefined) return externalServer(external);
+  const binary = findOnPath("redis-server");
+  if (binary === null) return null;
   const port = await freePort();
   let child: ChildProcess | null = null;
-  let stderr = "";
+
   const start = async (): Promise<void> => {
-    const started = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"], {
-      stdio: ["ignore", "ignore", "pipe"],
-    });
-    started.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
-    child = started;
-    await waitForPort(port, 10_000, () => stderr);
+    if (child !== null) throw new Error(`redis-server on port ${port} is already running`);
+    child = await spawnRedis(binary, port);
   };
   const stop = async (): Promise<void> => {
-    const running = child;
+    const current = child;
     child = null;
-    if (running === null || running.exitCode !== null || running.signalCode !== null) return;
-    await new Promise<void>((resolve) => {
-      const kill = setTimeout(() => running.kill("SIGKILL"), 3000);
-      running.once("exit", () => {
-        clearTimeout(kill);
-        resolve();
-      });
-      running.kill("SIGKILL");
-    });
+    if (current !== null) await terminate(current);
   };
   await start();
-  return { url: `redis://127.0.0.1:${port}`, port, stop, start };
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    port,
+    start,
+    stop,
+    async restart() {
+      await stop();
+      await start();
+    },
+  };
+}
+
+function externalServer(url: string): RedisServer {
+  const unsupported = async (): Promise<void> => {
+    throw new Error("not supported with an external Redis (KEYGATE_TEST_REDIS_URL)");
+  };
+  return { url, port: Number(new URL(url).port || "6379"), stop: async () => {}, restart: unsupported, start: unsupported };
+}
+
+async function spawnRedis(binary: string, port: number): Promise<ChildProcess> {
+  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"];
+  const child = spawn(binary, args, { stdio: ["ignore", "pipe", "pipe"] });
+  running.add(child);
+  child.once("exit", () => running.delete(child));
+  // redis-server logs startup failures (e.g. the port is taken) to stdout, so keep both.
+  let output = "";
+  const keep = (chunk: Buffer): void => {
+    output = (output + chunk.toString("utf8")).slice(-OUTPUT_LIMIT);
+  };
+  child.stdout?.on("data", keep);
+  child.stderr?.on("data", keep);
+  try {
+    await waitForPing(port, child, () => output);
+  } catch (error) {
+    await terminate(child);
+    throw error;
+  }
+  return child;
+}
+
+async function waitForPing(port: number, child: ChildProcess, output: () => string): Promise<void> {
+  const deadline = Date.now() + READY_TIMEOUT_MS;
+  for (;;) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`redis-server on port ${port} exited (${child.exitCode ?? child.signalCode}) before answering PING:\n${output()}`);
+    }
+    if (await ping(port)) return;
+    if (Date.now() > deadline) throw new Error(`redis-server on port ${port} did not answer PING within ${READY_TIMEOUT_MS} ms:\n${output()}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** One raw PING; true on +PONG. A loading server answers -LOADING, which counts as not ready. */
+function ping(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    let reply = "";
+    const socket = connect(port, "127.0.0.1", () => socket.write("PING\r\n"));
+    const done = (ok: boolean): void => {
+      socket.destroy();
+      resolve(ok);
+    };
+    socket.setTimeout(1000, () => done(false));
+    socket.on("data", (chunk: Buffer) => {
+      reply += chunk.toString("utf8");
+      if (reply.includes("\r\n")) done(reply.startsWith("+PONG"));
+    });
+    socket.once("error", () => done(false));
+    socket.once("close", () => done(false));
+  });
+}
+
+async function terminate(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  await new Promise<void>((resolve) => {
+    const kill = setTimeout(() => child.kill("SIGKILL"), KILL_AFTER_MS);
+    child.once("exit", () => {
+      clearTimeout(kill);
+      resolve();
+    });
+    child.kill("SIGTERM");
+  });
 }

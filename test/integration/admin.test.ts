@@ -206,7 +206,7 @@ describe("KeyAdmin error: bad input is INVALID_ARGUMENT naming the field, and wr
     ["grace_days -1", "RotateKey", { id: "key_01ARZ3NDEKTSV4RRFFQ69G5FAV", graceDays: -1 }, /grace_days: must be a whole number from 0 to 30; got -1/],
     ["page_size 1000", "ListKeys", { ownerId: "bad-input", pageSize: 1000 }, /page_size: must be between 0 and 100/],
     ["forged page token", "ListKeys", { ownerId: "bad-input", pageToken: "bm9wZQ" }, /page_token/],
-    ["update with nothing to change", "UpdateKey", { id: "key_01ARZ3NDEKTSV4RRFFQ69G5FAV" }, /set name or scopes/],
+    ["update with nothing to change", "UpdateKey", { id: "key_01ARZ3NDEKTSV4RRFFQ69G5FAV" }, /set name, scopes or rate_limit/],
     ["huge scope array", "CreateKey", { ownerId: "bad-input", name: "n", scopes: Array.from({ length: 10_000 }, () => "tutor") }, /scopes: at most 64 scopes/],
   ];
 

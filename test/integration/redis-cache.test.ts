@@ -27,6 +27,7 @@ function snapshot(ownerId: string, id: string): KeySnapshot {
       revokeReason: null,
       graceEndsAtMs: null,
       rotatedToId: null,
+      rateLimit: { limit: 10, windowSeconds: 60 },
     },
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };

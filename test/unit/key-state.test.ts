@@ -20,6 +20,7 @@ const base: KeyRecord = {
   revokeReason: null,
   graceEndsAtMs: null,
   rotatedToId: null,
+  rateLimit: null,
 };
 
 describe("key state", () => {

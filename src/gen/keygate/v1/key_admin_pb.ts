@@ -12,7 +12,31 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keygate/v1/key_admin.proto.
  */
 export const file_keygate_v1_key_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChprZXlnYXRlL3YxL2tleV9hZG1pbi5wcm90bxIKa2V5Z2F0ZS52MSLnAQoHQWNjb3VudBIQCghvd25lcl9pZBgBIAEoCRIMCgRwbGFuGAIgASgJEhsKE3N1YnNjcmlwdGlvbl9zdGF0dXMYAyABKAkSDAoEcm9sZRgEIAEoCRIYChBhY3RpdmVfa2V5X2NvdW50GAUgASgFEhcKD21heF9hY3RpdmVfa2V5cxgGIAEoBRIuCgpjcmVhdGVkX2F0GAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKbBAoGQXBpS2V5EgoKAmlkGAEgASgJEhAKCG93bmVyX2lkGAIgASgJEhIKCnByb2plY3RfaWQYAyABKAkSDAoEbmFtZRgEIAEoCRIMCgRtb2RlGAUgASgJEg0KBXN0YXJ0GAYgASgJEg0KBWxhc3Q0GAcgASgJEg4KBnNjb3BlcxgIIAMoCRIuCgpjcmVhdGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxsYXN0X3VzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnJldm9rZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWdyYWNlX2VuZHNfYXQYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJvdGF0ZWRfdG9faWQYDiABKAkSDQoFc3RhdGUYDyABKAkSMgoIbWV0YWRhdGEYECADKAsyIC5rZXlnYXRlLnYxLkFwaUtleS5NZXRhZGF0YUVudHJ5EhUKDXJldm9rZV9yZWFzb24YESABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpoBChRVcHNlcnRBY2NvdW50UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRIRCgRwbGFuGAIgASgJSACIAQESIAoTc3Vic2NyaXB0aW9uX3N0YXR1cxgDIAEoCUgBiAEBEhEKBHJvbGUYBCABKAlIAogBAUIHCgVfcGxhbkIWChRfc3Vic2NyaXB0aW9uX3N0YXR1c0IHCgVfcm9sZSI9ChVVcHNlcnRBY2NvdW50UmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCIlChFHZXRBY2NvdW50UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCSI6ChJHZXRBY2NvdW50UmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCKDAgoQQ3JlYXRlS2V5UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSDgoGc2NvcGVzGAQgAygJEgwKBG1vZGUYBSABKAkSLgoKZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASPAoIbWV0YWRhdGEYByADKAsyKi5rZXlnYXRlLnYxLkNyZWF0ZUtleVJlcXVlc3QuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiRAoRQ3JlYXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJIhsKDUdldEtleVJlcXVlc3QSCgoCaWQYASABKAkiMQoOR2V0S2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkidwoPTGlzdEtleXNSZXF1ZXN0EhAKCG93bmVyX2lkGAEgASgJEhIKCnByb2plY3RfaWQYAiABKAkSFwoPaW5jbHVkZV9yZXZva2VkGAMgASgIEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIk0KEExpc3RLZXlzUmVzcG9uc2USIAoEa2V5cxgBIAMoCzISLmtleWdhdGUudjEuQXBpS2V5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJKChBVcGRhdGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhEKBG5hbWUYAiABKAlIAIgBARIOCgZzY29wZXMYAyADKAlCBwoFX25hbWUiNAoRVXBkYXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiLgoQUmV2b2tlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiNAoRUmV2b2tlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiRgoQUm90YXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIXCgpncmFjZV9kYXlzGAIgASgFSACIAQFCDQoLX2dyYWNlX2RheXMiagoRUm90YXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJEiQKCHByZXZpb3VzGAMgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiTwoQVmVyaWZ5S2V5UmVxdWVzdBIOCgZzZWNyZXQYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhIKCnByb2plY3RfaWQYAyABKAkiiAEKEVZlcmlmeUtleVJlc3BvbnNlEg0KBXZhbGlkGAEgASgIEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIfCgNrZXkYBCABKAsyEi5rZXlnYXRlLnYxLkFwaUtleRIkCgdhY2NvdW50GAUgASgLMhMua2V5Z2F0ZS52MS5BY2NvdW50MqcFCghLZXlBZG1pbhJUCg1VcHNlcnRBY2NvdW50EiAua2V5Z2F0ZS52MS5VcHNlcnRBY2NvdW50UmVxdWVzdBohLmtleWdhdGUudjEuVXBzZXJ0QWNjb3VudFJlc3BvbnNlEksKCkdldEFjY291bnQSHS5rZXlnYXRlLnYxLkdldEFjY291bnRSZXF1ZXN0Gh4ua2V5Z2F0ZS52MS5HZXRBY2NvdW50UmVzcG9uc2USSAoJQ3JlYXRlS2V5Ehwua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXNwb25zZRI/CgZHZXRLZXkSGS5rZXlnYXRlLnYxLkdldEtleVJlcXVlc3QaGi5rZXlnYXRlLnYxLkdldEtleVJlc3BvbnNlEkUKCExpc3RLZXlzEhsua2V5Z2F0ZS52MS5MaXN0S2V5c1JlcXVlc3QaHC5rZXlnYXRlLnYxLkxpc3RLZXlzUmVzcG9uc2USSAoJVXBkYXRlS2V5Ehwua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXNwb25zZRJICglSZXZva2VLZXkSHC5rZXlnYXRlLnYxLlJldm9rZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLlJldm9rZUtleVJlc3BvbnNlEkgKCVJvdGF0ZUtleRIcLmtleWdhdGUudjEuUm90YXRlS2V5UmVxdWVzdBodLmtleWdhdGUudjEuUm90YXRlS2V5UmVzcG9uc2USSAoJVmVyaWZ5S2V5Ehwua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChprZXlnYXRlL3YxL2tleV9hZG1pbi5wcm90bxIKa2V5Z2F0ZS52MSIyCglSYXRlTGltaXQSDQoFbGltaXQYASABKAUSFgoOd2luZG93X3NlY29uZHMYAiABKAUihAMKB0FjY291bnQSEAoIb3duZXJfaWQYASABKAkSDAoEcGxhbhgCIAEoCRIbChNzdWJzY3JpcHRpb25fc3RhdHVzGAMgASgJEgwKBHJvbGUYBCABKAkSGAoQYWN0aXZlX2tleV9jb3VudBgFIAEoBRIXCg9tYXhfYWN0aXZlX2tleXMYBiABKAUSLgoKY3JlYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOY3JlZGl0X2JhbGFuY2UYCSABKAMSFwoPbW9udGhseV9jcmVkaXRzGAogASgDEhUKDXRvcHVwX2NyZWRpdHMYCyABKAMSGAoLZGFpbHlfcXVvdGEYDCABKANIAIgBARIpCgpyYXRlX2xpbWl0GA0gASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXRCDgoMX2RhaWx5X3F1b3RhIsYECgZBcGlLZXkSCgoCaWQYASABKAkSEAoIb3duZXJfaWQYAiABKAkSEgoKcHJvamVjdF9pZBgDIAEoCRIMCgRuYW1lGAQgASgJEgwKBG1vZGUYBSABKAkSDQoFc3RhcnQYBiABKAkSDQoFbGFzdDQYByABKAkSDgoGc2NvcGVzGAggAygJEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZ3JhY2VfZW5kc19hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcm90YXRlZF90b19pZBgOIAEoCRINCgVzdGF0ZRgPIAEoCRIyCghtZXRhZGF0YRgQIAMoCzIgLmtleWdhdGUudjEuQXBpS2V5Lk1ldGFkYXRhRW50cnkSFQoNcmV2b2tlX3JlYXNvbhgRIAEoCRIpCgpyYXRlX2xpbWl0GBIgASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXQaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIpoBChRVcHNlcnRBY2NvdW50UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRIRCgRwbGFuGAIgASgJSACIAQESIAoTc3Vic2NyaXB0aW9uX3N0YXR1cxgDIAEoCUgBiAEBEhEKBHJvbGUYBCABKAlIAogBAUIHCgVfcGxhbkIWChRfc3Vic2NyaXB0aW9uX3N0YXR1c0IHCgVfcm9sZSI9ChVVcHNlcnRBY2NvdW50UmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCIlChFHZXRBY2NvdW50UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCSI6ChJHZXRBY2NvdW50UmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCKuAgoQQ3JlYXRlS2V5UmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEgwKBG5hbWUYAyABKAkSDgoGc2NvcGVzGAQgAygJEgwKBG1vZGUYBSABKAkSLgoKZXhwaXJlc19hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASPAoIbWV0YWRhdGEYByADKAsyKi5rZXlnYXRlLnYxLkNyZWF0ZUtleVJlcXVlc3QuTWV0YWRhdGFFbnRyeRIpCgpyYXRlX2xpbWl0GAggASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXQaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkQKEUNyZWF0ZUtleVJlc3BvbnNlEh8KA2tleRgBIAEoCzISLmtleWdhdGUudjEuQXBpS2V5Eg4KBnNlY3JldBgCIAEoCSIbCg1HZXRLZXlSZXF1ZXN0EgoKAmlkGAEgASgJIjEKDkdldEtleVJlc3BvbnNlEh8KA2tleRgBIAEoCzISLmtleWdhdGUudjEuQXBpS2V5IncKD0xpc3RLZXlzUmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRISCgpwcm9qZWN0X2lkGAIgASgJEhcKD2luY2x1ZGVfcmV2b2tlZBgDIAEoCBIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJNChBMaXN0S2V5c1Jlc3BvbnNlEiAKBGtleXMYASADKAsyEi5rZXlnYXRlLnYxLkFwaUtleRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkijwEKEFVwZGF0ZUtleVJlcXVlc3QSCgoCaWQYASABKAkSEQoEbmFtZRgCIAEoCUgAiAEBEg4KBnNjb3BlcxgDIAMoCRIpCgpyYXRlX2xpbWl0GAQgASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXQSGAoQY2xlYXJfcmF0ZV9saW1pdBgFIAEoCEIHCgVfbmFtZSI0ChFVcGRhdGVLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSIuChBSZXZva2VLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEg4KBnJlYXNvbhgCIAEoCSI0ChFSZXZva2VLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSJGChBSb3RhdGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhcKCmdyYWNlX2RheXMYAiABKAVIAIgBAUINCgtfZ3JhY2VfZGF5cyJqChFSb3RhdGVLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkSJAoIcHJldmlvdXMYAyABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSJPChBWZXJpZnlLZXlSZXF1ZXN0Eg4KBnNlY3JldBgBIAEoCRIXCg9yZXF1aXJlZF9zY29wZXMYAiADKAkSEgoKcHJvamVjdF9pZBgDIAEoCSKIAQoRVmVyaWZ5S2V5UmVzcG9uc2USDQoFdmFsaWQYASABKAgSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEh8KA2tleRgEIAEoCzISLmtleWdhdGUudjEuQXBpS2V5EiQKB2FjY291bnQYBSABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQiRQoRQWRkQ3JlZGl0c1JlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEg4KBnJlYXNvbhgDIAEoCSI6ChJBZGRDcmVkaXRzUmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCI9Cg9HZXRVc2FnZVJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCSKYAQoLVXNhZ2VDb3VudHMSDwoHYWxsb3dlZBgBIAEoAxIzCgZkZW5pZWQYAiADKAsyIy5rZXlnYXRlLnYxLlVzYWdlQ291bnRzLkRlbmllZEVudHJ5EhQKDGNyZWRpdHNfdXNlZBgDIAEoAxotCgtEZW5pZWRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBIlIKC0tleURheVVzYWdlEg4KBmtleV9pZBgBIAEoCRILCgNkYXkYAiABKAkSJgoFdXNhZ2UYAyABKAsyFy5rZXlnYXRlLnYxLlVzYWdlQ291bnRzImQKEEdldFVzYWdlUmVzcG9uc2USJwoGdG90YWxzGAEgASgLMhcua2V5Z2F0ZS52MS5Vc2FnZUNvdW50cxInCgZieV9rZXkYAiADKAsyFy5rZXlnYXRlLnYxLktleURheVVzYWdlMrsGCghLZXlBZG1pbhJUCg1VcHNlcnRBY2NvdW50EiAua2V5Z2F0ZS52MS5VcHNlcnRBY2NvdW50UmVxdWVzdBohLmtleWdhdGUudjEuVXBzZXJ0QWNjb3VudFJlc3BvbnNlEksKCkdldEFjY291bnQSHS5rZXlnYXRlLnYxLkdldEFjY291bnRSZXF1ZXN0Gh4ua2V5Z2F0ZS52MS5HZXRBY2NvdW50UmVzcG9uc2USSAoJQ3JlYXRlS2V5Ehwua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXNwb25zZRI/CgZHZXRLZXkSGS5rZXlnYXRlLnYxLkdldEtleVJlcXVlc3QaGi5rZXlnYXRlLnYxLkdldEtleVJlc3BvbnNlEkUKCExpc3RLZXlzEhsua2V5Z2F0ZS52MS5MaXN0S2V5c1JlcXVlc3QaHC5rZXlnYXRlLnYxLkxpc3RLZXlzUmVzcG9uc2USSAoJVXBkYXRlS2V5Ehwua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXNwb25zZRJICglSZXZva2VLZXkSHC5rZXlnYXRlLnYxLlJldm9rZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLlJldm9rZUtleVJlc3BvbnNlEkgKCVJvdGF0ZUtleRIcLmtleWdhdGUudjEuUm90YXRlS2V5UmVxdWVzdBodLmtleWdhdGUudjEuUm90YXRlS2V5UmVzcG9uc2USSAoJVmVyaWZ5S2V5Ehwua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXNwb25zZRJLCgpBZGRDcmVkaXRzEh0ua2V5Z2F0ZS52MS5BZGRDcmVkaXRzUmVxdWVzdBoeLmtleWdhdGUudjEuQWRkQ3JlZGl0c1Jlc3BvbnNlEkUKCEdldFVzYWdlEhsua2V5Z2F0ZS52MS5HZXRVc2FnZVJlcXVlc3QaHC5rZXlnYXRlLnYxLkdldFVzYWdlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+
+/**
+ * A rate limit: `limit` requests per `window_seconds`.
+ *
+ * @generated from message keygate.v1.RateLimit
+ */
+export type RateLimit = Message<"keygate.v1.RateLimit"> & {
+  /**
+   * @generated from field: int32 limit = 1;
+   */
+  limit: number;
+
+  /**
+   * @generated from field: int32 window_seconds = 2;
+   */
+  windowSeconds: number;
+};
+
+/**
+ * Describes the message keygate.v1.RateLimit.
+ * Use `create(RateLimitSchema)` to create a new message.
+ */
+export const RateLimitSchema: GenMessage<RateLimit> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 0);
 
 /**
  * An account: the owner of keys, with its plan and subscription.
@@ -69,6 +93,41 @@ export type Account = Message<"keygate.v1.Account"> & {
    * @generated from field: google.protobuf.Timestamp updated_at = 8;
    */
   updatedAt?: Timestamp | undefined;
+
+  /**
+   * Credits the account can spend now: what is left of this month's allowance plus top-ups.
+   *
+   * @generated from field: int64 credit_balance = 9;
+   */
+  creditBalance: bigint;
+
+  /**
+   * The plan's monthly allowance; 0 when the plan is not metered.
+   *
+   * @generated from field: int64 monthly_credits = 10;
+   */
+  monthlyCredits: bigint;
+
+  /**
+   * Top-up credits left; they do not expire at the monthly renewal.
+   *
+   * @generated from field: int64 topup_credits = 11;
+   */
+  topupCredits: bigint;
+
+  /**
+   * The plan's daily request quota; unset when unlimited.
+   *
+   * @generated from field: optional int64 daily_quota = 12;
+   */
+  dailyQuota?: bigint | undefined;
+
+  /**
+   * The rate limit that applies to the account's keys (the plan's, or its role's).
+   *
+   * @generated from field: keygate.v1.RateLimit rate_limit = 13;
+   */
+  rateLimit?: RateLimit | undefined;
 };
 
 /**
@@ -76,7 +135,7 @@ export type Account = Message<"keygate.v1.Account"> & {
  * Use `create(AccountSchema)` to create a new message.
  */
 export const AccountSchema: GenMessage<Account> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 0);
+  messageDesc(file_keygate_v1_key_admin, 1);
 
 /**
  * An API key's metadata. It never carries the secret or its hash.
@@ -182,6 +241,13 @@ export type ApiKey = Message<"keygate.v1.ApiKey"> & {
    * @generated from field: string revoke_reason = 17;
    */
   revokeReason: string;
+
+  /**
+   * The key's own rate limit, if it has one; it replaces the plan's and gives the key its own bucket.
+   *
+   * @generated from field: keygate.v1.RateLimit rate_limit = 18;
+   */
+  rateLimit?: RateLimit | undefined;
 };
 
 /**
@@ -189,7 +255,7 @@ export type ApiKey = Message<"keygate.v1.ApiKey"> & {
  * Use `create(ApiKeySchema)` to create a new message.
  */
 export const ApiKeySchema: GenMessage<ApiKey> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 1);
+  messageDesc(file_keygate_v1_key_admin, 2);
 
 /**
  * @generated from message keygate.v1.UpsertAccountRequest
@@ -221,7 +287,7 @@ export type UpsertAccountRequest = Message<"keygate.v1.UpsertAccountRequest"> & 
  * Use `create(UpsertAccountRequestSchema)` to create a new message.
  */
 export const UpsertAccountRequestSchema: GenMessage<UpsertAccountRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 2);
+  messageDesc(file_keygate_v1_key_admin, 3);
 
 /**
  * @generated from message keygate.v1.UpsertAccountResponse
@@ -238,7 +304,7 @@ export type UpsertAccountResponse = Message<"keygate.v1.UpsertAccountResponse"> 
  * Use `create(UpsertAccountResponseSchema)` to create a new message.
  */
 export const UpsertAccountResponseSchema: GenMessage<UpsertAccountResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 3);
+  messageDesc(file_keygate_v1_key_admin, 4);
 
 /**
  * @generated from message keygate.v1.GetAccountRequest
@@ -255,7 +321,7 @@ export type GetAccountRequest = Message<"keygate.v1.GetAccountRequest"> & {
  * Use `create(GetAccountRequestSchema)` to create a new message.
  */
 export const GetAccountRequestSchema: GenMessage<GetAccountRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 4);
+  messageDesc(file_keygate_v1_key_admin, 5);
 
 /**
  * @generated from message keygate.v1.GetAccountResponse
@@ -272,7 +338,7 @@ export type GetAccountResponse = Message<"keygate.v1.GetAccountResponse"> & {
  * Use `create(GetAccountResponseSchema)` to create a new message.
  */
 export const GetAccountResponseSchema: GenMessage<GetAccountResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 5);
+  messageDesc(file_keygate_v1_key_admin, 6);
 
 /**
  * @generated from message keygate.v1.CreateKeyRequest
@@ -320,6 +386,13 @@ export type CreateKeyRequest = Message<"keygate.v1.CreateKeyRequest"> & {
    * @generated from field: map<string, string> metadata = 7;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * Optional: the key's own rate limit.
+   *
+   * @generated from field: keygate.v1.RateLimit rate_limit = 8;
+   */
+  rateLimit?: RateLimit | undefined;
 };
 
 /**
@@ -327,7 +400,7 @@ export type CreateKeyRequest = Message<"keygate.v1.CreateKeyRequest"> & {
  * Use `create(CreateKeyRequestSchema)` to create a new message.
  */
 export const CreateKeyRequestSchema: GenMessage<CreateKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 6);
+  messageDesc(file_keygate_v1_key_admin, 7);
 
 /**
  * @generated from message keygate.v1.CreateKeyResponse
@@ -351,7 +424,7 @@ export type CreateKeyResponse = Message<"keygate.v1.CreateKeyResponse"> & {
  * Use `create(CreateKeyResponseSchema)` to create a new message.
  */
 export const CreateKeyResponseSchema: GenMessage<CreateKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 7);
+  messageDesc(file_keygate_v1_key_admin, 8);
 
 /**
  * @generated from message keygate.v1.GetKeyRequest
@@ -368,7 +441,7 @@ export type GetKeyRequest = Message<"keygate.v1.GetKeyRequest"> & {
  * Use `create(GetKeyRequestSchema)` to create a new message.
  */
 export const GetKeyRequestSchema: GenMessage<GetKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 8);
+  messageDesc(file_keygate_v1_key_admin, 9);
 
 /**
  * @generated from message keygate.v1.GetKeyResponse
@@ -385,7 +458,7 @@ export type GetKeyResponse = Message<"keygate.v1.GetKeyResponse"> & {
  * Use `create(GetKeyResponseSchema)` to create a new message.
  */
 export const GetKeyResponseSchema: GenMessage<GetKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 9);
+  messageDesc(file_keygate_v1_key_admin, 10);
 
 /**
  * @generated from message keygate.v1.ListKeysRequest
@@ -424,7 +497,7 @@ export type ListKeysRequest = Message<"keygate.v1.ListKeysRequest"> & {
  * Use `create(ListKeysRequestSchema)` to create a new message.
  */
 export const ListKeysRequestSchema: GenMessage<ListKeysRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 10);
+  messageDesc(file_keygate_v1_key_admin, 11);
 
 /**
  * @generated from message keygate.v1.ListKeysResponse
@@ -446,7 +519,7 @@ export type ListKeysResponse = Message<"keygate.v1.ListKeysResponse"> & {
  * Use `create(ListKeysResponseSchema)` to create a new message.
  */
 export const ListKeysResponseSchema: GenMessage<ListKeysResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 11);
+  messageDesc(file_keygate_v1_key_admin, 12);
 
 /**
  * @generated from message keygate.v1.UpdateKeyRequest
@@ -468,6 +541,20 @@ export type UpdateKeyRequest = Message<"keygate.v1.UpdateKeyRequest"> & {
    * @generated from field: repeated string scopes = 3;
    */
   scopes: string[];
+
+  /**
+   * Set: the key gets this rate limit.
+   *
+   * @generated from field: keygate.v1.RateLimit rate_limit = 4;
+   */
+  rateLimit?: RateLimit | undefined;
+
+  /**
+   * True: the key goes back to the plan's rate limit.
+   *
+   * @generated from field: bool clear_rate_limit = 5;
+   */
+  clearRateLimit: boolean;
 };
 
 /**
@@ -475,7 +562,7 @@ export type UpdateKeyRequest = Message<"keygate.v1.UpdateKeyRequest"> & {
  * Use `create(UpdateKeyRequestSchema)` to create a new message.
  */
 export const UpdateKeyRequestSchema: GenMessage<UpdateKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 12);
+  messageDesc(file_keygate_v1_key_admin, 13);
 
 /**
  * @generated from message keygate.v1.UpdateKeyResponse
@@ -492,7 +579,7 @@ export type UpdateKeyResponse = Message<"keygate.v1.UpdateKeyResponse"> & {
  * Use `create(UpdateKeyResponseSchema)` to create a new message.
  */
 export const UpdateKeyResponseSchema: GenMessage<UpdateKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 13);
+  messageDesc(file_keygate_v1_key_admin, 14);
 
 /**
  * @generated from message keygate.v1.RevokeKeyRequest
@@ -514,7 +601,7 @@ export type RevokeKeyRequest = Message<"keygate.v1.RevokeKeyRequest"> & {
  * Use `create(RevokeKeyRequestSchema)` to create a new message.
  */
 export const RevokeKeyRequestSchema: GenMessage<RevokeKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 14);
+  messageDesc(file_keygate_v1_key_admin, 15);
 
 /**
  * @generated from message keygate.v1.RevokeKeyResponse
@@ -531,7 +618,7 @@ export type RevokeKeyResponse = Message<"keygate.v1.RevokeKeyResponse"> & {
  * Use `create(RevokeKeyResponseSchema)` to create a new message.
  */
 export const RevokeKeyResponseSchema: GenMessage<RevokeKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 15);
+  messageDesc(file_keygate_v1_key_admin, 16);
 
 /**
  * @generated from message keygate.v1.RotateKeyRequest
@@ -555,7 +642,7 @@ export type RotateKeyRequest = Message<"keygate.v1.RotateKeyRequest"> & {
  * Use `create(RotateKeyRequestSchema)` to create a new message.
  */
 export const RotateKeyRequestSchema: GenMessage<RotateKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 16);
+  messageDesc(file_keygate_v1_key_admin, 17);
 
 /**
  * @generated from message keygate.v1.RotateKeyResponse
@@ -586,7 +673,7 @@ export type RotateKeyResponse = Message<"keygate.v1.RotateKeyResponse"> & {
  * Use `create(RotateKeyResponseSchema)` to create a new message.
  */
 export const RotateKeyResponseSchema: GenMessage<RotateKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 17);
+  messageDesc(file_keygate_v1_key_admin, 18);
 
 /**
  * @generated from message keygate.v1.VerifyKeyRequest
@@ -617,7 +704,7 @@ export type VerifyKeyRequest = Message<"keygate.v1.VerifyKeyRequest"> & {
  * Use `create(VerifyKeyRequestSchema)` to create a new message.
  */
 export const VerifyKeyRequestSchema: GenMessage<VerifyKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 18);
+  messageDesc(file_keygate_v1_key_admin, 19);
 
 /**
  * @generated from message keygate.v1.VerifyKeyResponse
@@ -656,7 +743,170 @@ export type VerifyKeyResponse = Message<"keygate.v1.VerifyKeyResponse"> & {
  * Use `create(VerifyKeyResponseSchema)` to create a new message.
  */
 export const VerifyKeyResponseSchema: GenMessage<VerifyKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 19);
+  messageDesc(file_keygate_v1_key_admin, 20);
+
+/**
+ * @generated from message keygate.v1.AddCreditsRequest
+ */
+export type AddCreditsRequest = Message<"keygate.v1.AddCreditsRequest"> & {
+  /**
+   * @generated from field: string owner_id = 1;
+   */
+  ownerId: string;
+
+  /**
+   * Credits to add, 1 to 1,000,000,000.
+   *
+   * @generated from field: int64 amount = 2;
+   */
+  amount: bigint;
+
+  /**
+   * Why (an order id, say); kept in the log and the audit trail.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message keygate.v1.AddCreditsRequest.
+ * Use `create(AddCreditsRequestSchema)` to create a new message.
+ */
+export const AddCreditsRequestSchema: GenMessage<AddCreditsRequest> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 21);
+
+/**
+ * @generated from message keygate.v1.AddCreditsResponse
+ */
+export type AddCreditsResponse = Message<"keygate.v1.AddCreditsResponse"> & {
+  /**
+   * @generated from field: keygate.v1.Account account = 1;
+   */
+  account?: Account | undefined;
+};
+
+/**
+ * Describes the message keygate.v1.AddCreditsResponse.
+ * Use `create(AddCreditsResponseSchema)` to create a new message.
+ */
+export const AddCreditsResponseSchema: GenMessage<AddCreditsResponse> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 22);
+
+/**
+ * @generated from message keygate.v1.GetUsageRequest
+ */
+export type GetUsageRequest = Message<"keygate.v1.GetUsageRequest"> & {
+  /**
+   * @generated from field: string owner_id = 1;
+   */
+  ownerId: string;
+
+  /**
+   * First day, "YYYY-MM-DD" (UTC), inclusive.
+   *
+   * @generated from field: string from = 2;
+   */
+  from: string;
+
+  /**
+   * Last day, "YYYY-MM-DD" (UTC), inclusive; at most 366 days after `from`.
+   *
+   * @generated from field: string to = 3;
+   */
+  to: string;
+};
+
+/**
+ * Describes the message keygate.v1.GetUsageRequest.
+ * Use `create(GetUsageRequestSchema)` to create a new message.
+ */
+export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 23);
+
+/**
+ * Counted requests and spent credits.
+ *
+ * @generated from message keygate.v1.UsageCounts
+ */
+export type UsageCounts = Message<"keygate.v1.UsageCounts"> & {
+  /**
+   * @generated from field: int64 allowed = 1;
+   */
+  allowed: bigint;
+
+  /**
+   * Refused requests by error code, e.g. RATE_LIMITED, QUOTA_EXCEEDED, FORBIDDEN.
+   *
+   * @generated from field: map<string, int64> denied = 2;
+   */
+  denied: { [key: string]: bigint };
+
+  /**
+   * @generated from field: int64 credits_used = 3;
+   */
+  creditsUsed: bigint;
+};
+
+/**
+ * Describes the message keygate.v1.UsageCounts.
+ * Use `create(UsageCountsSchema)` to create a new message.
+ */
+export const UsageCountsSchema: GenMessage<UsageCounts> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 24);
+
+/**
+ * One key's usage on one day.
+ *
+ * @generated from message keygate.v1.KeyDayUsage
+ */
+export type KeyDayUsage = Message<"keygate.v1.KeyDayUsage"> & {
+  /**
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * "YYYY-MM-DD" (UTC).
+   *
+   * @generated from field: string day = 2;
+   */
+  day: string;
+
+  /**
+   * @generated from field: keygate.v1.UsageCounts usage = 3;
+   */
+  usage?: UsageCounts | undefined;
+};
+
+/**
+ * Describes the message keygate.v1.KeyDayUsage.
+ * Use `create(KeyDayUsageSchema)` to create a new message.
+ */
+export const KeyDayUsageSchema: GenMessage<KeyDayUsage> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 25);
+
+/**
+ * @generated from message keygate.v1.GetUsageResponse
+ */
+export type GetUsageResponse = Message<"keygate.v1.GetUsageResponse"> & {
+  /**
+   * @generated from field: keygate.v1.UsageCounts totals = 1;
+   */
+  totals?: UsageCounts | undefined;
+
+  /**
+   * @generated from field: repeated keygate.v1.KeyDayUsage by_key = 2;
+   */
+  byKey: KeyDayUsage[];
+};
+
+/**
+ * Describes the message keygate.v1.GetUsageResponse.
+ * Use `create(GetUsageResponseSchema)` to create a new message.
+ */
+export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 26);
 
 /**
  * KeyAdmin manages API keys and the accounts that own them.
@@ -754,6 +1004,26 @@ export const KeyAdmin: GenService<{
     methodKind: "unary";
     input: typeof VerifyKeyRequestSchema;
     output: typeof VerifyKeyResponseSchema;
+  },
+  /**
+   * AddCredits tops up an account's credit balance. It adds; it never replaces.
+   *
+   * @generated from rpc keygate.v1.KeyAdmin.AddCredits
+   */
+  addCredits: {
+    methodKind: "unary";
+    input: typeof AddCreditsRequestSchema;
+    output: typeof AddCreditsResponseSchema;
+  },
+  /**
+   * GetUsage returns counted requests and spent credits, in total and per key and day.
+   *
+   * @generated from rpc keygate.v1.KeyAdmin.GetUsage
+   */
+  getUsage: {
+    methodKind: "unary";
+    input: typeof GetUsageRequestSchema;
+    output: typeof GetUsageResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keygate_v1_key_admin, 0);

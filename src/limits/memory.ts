@@ -1,0 +1,141 @@
+import { LRUCache } from "lru-cache";
+import type { KeyStore } from "../store/store.js";
+import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
+import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
+import type { UsageRecorder } from "./usage.js";
+
+interface CreditCell {
+  period: string;
+  monthlyUsed: number;
+  topupBalance: number;
+}
+
+const MAX_ENTRIES = 1_000_000;
+
+/**
+ * In-process limits: GCRA buckets, daily quota counters and credit balances. Quota counts and
+ * balances are seeded from the store (plus usage not yet flushed) on an account's first
+ * request, so a restart neither forgets today's usage nor re-grants spent credits.
+ */
+export class MemoryMeter implements Meter {
+  readonly #tats = new LRUCache<string, number>({ max: MAX_ENTRIES, ttlAutopurge: false });
+  readonly #quota = new LRUCache<string, { count: number }>({ max: MAX_ENTRIES });
+  readonly #credits = new LRUCache<string, CreditCell>({ max: MAX_ENTRIES });
+  readonly #seeding = new Map<string, Promise<void>>();
+  readonly #calendar = new UtcCalendar();
+
+  constructor(
+    private readonly store: KeyStore,
+    private readonly usage: UsageRecorder,
+  ) {}
+
+  charge(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    const day = this.#calendar.day(input.nowMs);
+    const quotaKey = `${input.ownerId}|${day}`;
+    const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
+    const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
+    if (needsQuota || needsCredits) {
+      return this.#seed(input.ownerId, day, quotaKey, needsQuota, needsCredits, input.nowMs).then(() => this.#evaluate(input, quotaKey));
+    }
+    return this.#evaluate(input, quotaKey);
+  }
+
+  #seed(ownerId: string, day: string, quotaKey: string, quota: boolean, credits: boolean, nowMs: number): Promise<void> {
+    const id = `${quotaKey}|${quota}|${credits}`;
+    let pending = this.#seeding.get(id);
+    if (pending === undefined) {
+      pending = (async () => {
+        if (quota && !this.#quota.has(quotaKey)) {
+          const rows = await this.store.listUsage(ownerId, day, day);
+          const stored = rows.reduce((sum, row) => sum + (row.outcome === "ALLOWED" ? row.count : 0), 0);
+          if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day) });
+        }
+        if (credits && !this.#credits.has(ownerId)) {
+          const stored = await this.store.getCredits(ownerId);
+          const period = this.#calendar.month(nowMs);
+          const unflushed = this.usage.pendingSpend(ownerId, period);
+          if (!this.#credits.has(ownerId)) this.#credits.set(ownerId, applyCreditDelta(stored, period, unflushed.monthly, unflushed.topup));
+        }
+      })().finally(() => this.#seeding.delete(id));
+      this.#seeding.set(id, pending);
+    }
+    return pending;
+  }
+
+  #evaluate(input: ChargeInput, quotaKey: string): ChargeResult {
+    const { rate, nowMs } = input;
+    const step = gcra(this.#tats.get(input.bucket), rate, nowMs);
+    const result: ChargeResult = {
+      allowed: false,
+      reason: null,
+      rate: { limit: rate.limit, windowSeconds: rate.windowSeconds, remaining: step.remaining, resetSeconds: step.resetSeconds },
+      retryAfterSeconds: null,
+      quota: null,
+      credits: null,
+      spent: null,
+    };
+    if (!step.allowed) {
+      result.reason = "RATE_LIMITED";
+      result.retryAfterSeconds = step.retryAfterSeconds;
+      return result;
+    }
+    const quotaCell = input.dailyQuota === null ? undefined : this.#quota.get(quotaKey);
+    if (input.dailyQuota !== null) {
+      const used = quotaCell?.count ?? 0;
+      const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
+      result.quota = { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
+      if (used >= input.dailyQuota) {
+        return this.#refuse(result, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
+      }
+    }
+    let cell: CreditCell | undefined;
+    let spend: ReturnType<typeof spendCredits> = null;
+    const period = this.#calendar.month(nowMs);
+    if (input.monthlyCredits !== null) {
+      cell = this.#credits.get(input.ownerId) ?? { period, monthlyUsed: 0, topupBalance: 0 };
+      if (cell.period !== period) cell = applyCreditDelta(cell, period, 0, 0);
+      spend = spendCredits(cell, input.monthlyCredits, input.cost);
+      if (spend === null) {
+        result.credits = { balance: Math.max(0, input.monthlyCredits - cell.monthlyUsed) + Math.max(0, cell.topupBalance) };
+        return this.#refuse(result, "INSUFFICIENT_CREDITS", null);
+      }
+    }
+    // Every step passed: charge them all.
+    this.#tats.set(input.bucket, step.tatMs, { ttl: Math.ceil(step.tatMs - nowMs) + 1000 });
+    if (input.dailyQuota !== null && result.quota !== null) {
+      if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
+      else quotaCell.count += 1;
+      result.quota.remaining -= 1;
+    }
+    if (cell !== undefined && spend !== null) {
+      this.#credits.set(input.ownerId, applyCreditDelta(cell, period, spend.monthly, spend.topup));
+      result.credits = { balance: spend.balanceAfter };
+      result.spent = { period, monthly: spend.monthly, topup: spend.topup };
+    }
+    result.allowed = true;
+    return result;
+  }
+
+  /** A refusal after the rate step: the request was not charged, so it keeps its rate slot. */
+  #refuse(result: ChargeResult, reason: "QUOTA_EXCEEDED" | "INSUFFICIENT_CREDITS", retryAfterSeconds: number | null): ChargeResult {
+    result.reason = reason;
+    result.retryAfterSeconds = retryAfterSeconds;
+    result.rate.remaining = Math.min(result.rate.limit, result.rate.remaining + 1);
+    return result;
+  }
+
+  async addCredits(ownerId: string, amount: number): Promise<void> {
+    const cell = this.#credits.get(ownerId);
+    if (cell !== undefined) cell.topupBalance += amount;
+  }
+
+  async credits(ownerId: string, nowMs: number): Promise<CreditCell | null> {
+    const cell = this.#credits.get(ownerId);
+    if (cell === undefined) return null;
+    return applyCreditDelta(cell, this.#calendar.month(nowMs), 0, 0);
+  }
+
+  async close(): Promise<void> {
+    this.#tats.clear();
+  }
+}
