@@ -169,11 +169,13 @@ export class DecisionPipeline {
   }
 
   #afterLimits(snapshot: KeySnapshot, credentialHeader: string, route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
-    if (limits.spent !== null && (limits.spent.monthly > 0 || limits.spent.topup > 0)) {
+    // Credits count as used only when the plan is metered and they were actually spent.
+    const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
+    if (limits.spent !== null && spent > 0) {
       this.deps.usage.spend(snapshot.account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     }
     if (limits.allowed || limits.reason === null) {
-      this.#count(snapshot, nowMs, null, route.cost);
+      this.#count(snapshot, nowMs, null, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
       return { allow: true, snapshot, credentialHeader, route, limits };
     }

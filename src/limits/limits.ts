@@ -85,6 +85,8 @@ export interface GcraStep {
   tatMs: number;
   remaining: number;
   resetSeconds: number;
+  /** Reset as it stood before this request, for a refusal that does not charge the bucket. */
+  resetSecondsBefore: number;
   retryAfterSeconds: number;
 }
 
@@ -106,6 +108,7 @@ export function gcra(storedTatMs: number | undefined, rule: RateLimitRule, nowMs
       tatMs,
       remaining: 0,
       resetSeconds: Math.ceil((tatMs - nowMs) / 1000),
+      resetSecondsBefore: Math.ceil((tatMs - nowMs) / 1000),
       retryAfterSeconds: Math.max(1, Math.ceil((nextTatMs - windowMs - nowMs) / 1000)),
     };
   }
@@ -114,6 +117,7 @@ export function gcra(storedTatMs: number | undefined, rule: RateLimitRule, nowMs
     tatMs: nextTatMs,
     remaining: Math.max(0, Math.floor((windowMs - (nextTatMs - nowMs) + EPSILON_MS) / intervalMs)),
     resetSeconds: Math.ceil((nextTatMs - nowMs) / 1000),
+    resetSecondsBefore: Math.ceil((tatMs - nowMs) / 1000),
     retryAfterSeconds: 0,
   };
 }

@@ -1,7 +1,7 @@
 import { LRUCache } from "lru-cache";
 import type { KeyStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
-import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
+import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
 import type { UsageRecorder } from "./usage.js";
 
 interface CreditCell {
@@ -85,7 +85,7 @@ export class MemoryMeter implements Meter {
       const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
       result.quota = { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
       if (used >= input.dailyQuota) {
-        return this.#refuse(result, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
+        return this.#refuse(result, step, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
       }
     }
     let cell: CreditCell | undefined;
@@ -97,7 +97,7 @@ export class MemoryMeter implements Meter {
       spend = spendCredits(cell, input.monthlyCredits, input.cost);
       if (spend === null) {
         result.credits = { balance: Math.max(0, input.monthlyCredits - cell.monthlyUsed) + Math.max(0, cell.topupBalance) };
-        return this.#refuse(result, "INSUFFICIENT_CREDITS", null);
+        return this.#refuse(result, step, "INSUFFICIENT_CREDITS", null);
       }
     }
     // Every step passed: charge them all.
@@ -117,10 +117,11 @@ export class MemoryMeter implements Meter {
   }
 
   /** A refusal after the rate step: the request was not charged, so it keeps its rate slot. */
-  #refuse(result: ChargeResult, reason: "QUOTA_EXCEEDED" | "INSUFFICIENT_CREDITS", retryAfterSeconds: number | null): ChargeResult {
+  #refuse(result: ChargeResult, step: GcraStep, reason: "QUOTA_EXCEEDED" | "INSUFFICIENT_CREDITS", retryAfterSeconds: number | null): ChargeResult {
     result.reason = reason;
     result.retryAfterSeconds = retryAfterSeconds;
     result.rate.remaining = Math.min(result.rate.limit, result.rate.remaining + 1);
+    result.rate.resetSeconds = step.resetSecondsBefore;
     return result;
   }
 

@@ -27,17 +27,18 @@ if nextTat - now > windowMs + eps then
 end
 local remainingAfter = math.max(0, math.floor((windowMs - (nextTat - now) + eps) / interval))
 local resetMs = math.ceil(nextTat - now)
+local resetBeforeMs = math.ceil(tat - now)
 local quota = tonumber(ARGV[4])
 local used = 0
 if quota >= 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if used >= quota then return {2, remainingAfter + 1, resetMs, 0, used, -1, 0, 0} end
+  if used >= quota then return {2, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
 end
 local balance = -1
 local spendMonthly = 0
 local spendTopup = 0
 if ARGV[6] == '1' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then return {4, remainingAfter + 1, resetMs, 0, used, -1, 0, 0} end
+  if redis.call('EXISTS', KEYS[3]) == 0 then return {4, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
   local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
   local period = c[1] or ''
   local monthlyUsed = tonumber(c[2] or '0')
@@ -50,7 +51,7 @@ if ARGV[6] == '1' then
   local monthlyLeft = math.max(0, allowance - monthlyUsed)
   local cost = tonumber(ARGV[9])
   balance = monthlyLeft + math.max(0, topup)
-  if balance < cost then return {3, remainingAfter + 1, resetMs, 0, used, balance, 0, 0} end
+  if balance < cost then return {3, remainingAfter + 1, resetBeforeMs, 0, used, balance, 0, 0} end
   spendMonthly = math.min(monthlyLeft, cost)
   spendTopup = cost - spendMonthly
   balance = balance - cost

@@ -171,6 +171,44 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect(await store.listKeys({ ownerId, includeRevoked: true, limit: 100, nowMs: NOW })).toHaveLength(3);
     });
 
+    it("adds usage counters from several flushes and lists them by day range", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+      const row = { ownerId, keyId: "key_A", day: "2026-11-22", outcome: "ALLOWED", count: 3, credits: 6 };
+      await store.applyUsage([row, { ...row, outcome: "RATE_LIMITED", count: 2, credits: 0 }], []);
+      await store.applyUsage([{ ...row, count: 1, credits: 2 }, { ...row, day: "2026-11-23", keyId: "key_B" }, { ...row, day: "2026-12-01" }], []);
+      const rows = await store.listUsage(ownerId, "2026-11-22", "2026-11-30");
+      expect(rows).toEqual([
+        { keyId: "key_A", day: "2026-11-22", outcome: "ALLOWED", count: 4, credits: 8 },
+        { keyId: "key_A", day: "2026-11-22", outcome: "RATE_LIMITED", count: 2, credits: 0 },
+        { keyId: "key_B", day: "2026-11-23", outcome: "ALLOWED", count: 3, credits: 6 },
+      ]);
+      expect(await store.listUsage(nextOwner(), "2026-11-22", "2026-11-30")).toEqual([]);
+    });
+
+    it("keeps credits: top-ups add, spending follows the period rule", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+      expect(await store.getCredits(ownerId)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0 });
+      await store.addCredits(ownerId, 10);
+      expect(await store.addCredits(ownerId, 5)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 15 });
+      await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 4, topupUsed: 1 }]);
+      await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 2, topupUsed: 0 }]);
+      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 6, topupBalance: 14 });
+      // A later month starts over; a late flush for an older month only spends top-up.
+      await store.applyUsage([], [{ ownerId, period: "2026-12", monthlyUsed: 1, topupUsed: 0 }]);
+      await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 3, topupUsed: 2 }]);
+      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-12", monthlyUsed: 1, topupBalance: 12 });
+    });
+
+    it("stores a key's own rate limit and clears it", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId, { rateLimit: { limit: 7, windowSeconds: 30 } });
+      await store.createKey(key, limits());
+      expect((await store.findSnapshotByHash(key.hash))?.key.rateLimit).toEqual({ limit: 7, windowSeconds: 30 });
+      expect((await store.updateKey(key.id, { rateLimit: null }))?.rateLimit).toBeNull();
+    });
+
     it("writes last use behind; a later time wins", async () => {
       const ownerId = nextOwner();
       const key = record(ownerId);

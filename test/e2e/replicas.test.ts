@@ -53,7 +53,9 @@ describe.runIf(ready)("two replicas sharing MongoDB and Redis", () => {
   let dir: string;
 
   beforeAll(async () => {
-    [mongo, redis] = await Promise.all([startMongoWire(), startRedis()]);
+    const [startedMongo, startedRedis] = await Promise.all([startMongoWire(), startRedis()]);
+    if (startedRedis === null) throw new Error("redis-server is not on PATH");
+    [mongo, redis] = [startedMongo, startedRedis];
     dir = mkdtempSync(join(tmpdir(), "keygate-replicas-"));
     const policy = join(dir, "policy.yaml");
     writeFileSync(policy, stringify(TEST_POLICY));

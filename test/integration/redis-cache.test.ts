@@ -52,7 +52,9 @@ describe.runIf(requireServer("redis-server", redisAvailable(), "apt-get install 
   };
 
   beforeAll(async () => {
-    server = await startRedis();
+    const started = await startRedis();
+    if (started === null) throw new Error("redis-server is not on PATH");
+    server = started;
   });
   afterAll(async () => {
     for (const redis of connections) redis.disconnect();

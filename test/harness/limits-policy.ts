@@ -1,0 +1,19 @@
+import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
+
+/** Plans with small numbers, so tests can reach every limit. */
+export const LIMITS_POLICY = {
+  ...DEFAULT_POLICY_INPUT,
+  defaultPlan: "small",
+  plans: {
+    small: { maxActiveKeys: 5, rateLimit: { limit: 10, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    quota: { maxActiveKeys: 5, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 5, monthlyCredits: null },
+    metered: { maxActiveKeys: 5, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 3 },
+  },
+  scopes: { catalog: ["read", "write"], default: ["read"] },
+  routes: [
+    { method: "*", pathPrefix: "/write", requiredScopes: ["write"] },
+    { method: "*", pathPrefix: "/expensive", cost: 2 },
+    { method: "*", pathPrefix: "/free", cost: 0 },
+  ],
+  limits: { roleRateLimits: { admin: { limit: 20, windowSeconds: 60 } } },
+};

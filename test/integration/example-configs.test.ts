@@ -1,0 +1,73 @@
+import { resolve } from "node:path";
+import { parse } from "yaml";
+import { readFileSync } from "node:fs";
+import { afterEach, describe, expect, it } from "vitest";
+import { loadPolicyFile } from "../../src/config.js";
+import { httpCheck, startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+
+const configDir = resolve(import.meta.dirname, "../../deploy/config");
+const load = (name: string): unknown => parse(readFileSync(resolve(configDir, name), "utf8"));
+
+let kg: TestKeygate | undefined;
+afterEach(async () => {
+  await kg?.stop();
+  kg = undefined;
+});
+
+async function keyFor(instance: TestKeygate, ownerId: string, account: { plan?: string; role?: string; subscriptionStatus?: string }, scopes: string[] = []): Promise<string> {
+  await instance.admin.upsertAccount({ ownerId, ...account });
+  return (await instance.admin.createKey({ ownerId, name: "example", scopes })).secret;
+}
+
+describe("shipped example configs", () => {
+  it.each(["keygate.example.yaml", "daily-message-tiers.yaml", "monthly-credits.yaml", "role-rate-tiers.yaml"])("%s is a valid policy", (name) => {
+    expect(() => loadPolicyFile(resolve(configDir, name))).not.toThrow();
+  });
+
+  it("daily message tiers: free 5 a day, pro 500, lifetime unlimited", async () => {
+    kg = await startKeygate({ policy: load("daily-message-tiers.yaml") });
+    kg.clock.freeze("2026-11-22T08:00:00.000Z");
+    const free = await keyFor(kg, "tier-free", { plan: "free" });
+    for (let i = 0; i < 5; i++) expect((await httpCheck(kg.ports.http, "/check/api/v1/chat", { authorization: `Bearer ${free}` })).status).toBe(200);
+    const refused = await httpCheck(kg.ports.http, "/check/api/v1/chat", { authorization: `Bearer ${free}` });
+    expect(refused.status).toBe(402);
+    expect(JSON.parse(refused.body).error.code).toBe("QUOTA_EXCEEDED");
+    const pro = await keyFor(kg, "tier-pro", { plan: "pro" });
+    const proAnswer = await httpCheck(kg.ports.http, "/check/api/v1/chat", { authorization: `Bearer ${pro}` });
+    expect(proAnswer.headers.get("ratelimit-policy")).toBe('"minute";q=300;w=60, "day";q=500;w=86400');
+    const lifetime = await keyFor(kg, "tier-lifetime", { plan: "lifetime" });
+    for (let i = 0; i < 20; i++) expect((await httpCheck(kg.ports.http, "/check/api/v1/chat", { authorization: `Bearer ${lifetime}` })).status).toBe(200);
+    const decks = await httpCheck(kg.ports.http, "/check/api/v1/decks", { authorization: `Bearer ${lifetime}` });
+    expect(JSON.parse(decks.body).error.message).toBe('This API key does not have the "decks" scope.');
+  });
+
+  it("monthly credits with top-ups: route costs, top-up, and 402 PLAN_REQUIRED without a subscription", async () => {
+    kg = await startKeygate({ policy: load("monthly-credits.yaml") });
+    kg.clock.freeze("2026-11-22T08:00:00.000Z");
+    const secret = await keyFor(kg, "credits-basic", { plan: "basic" }, ["scrape", "crawl"]);
+    const crawl = await fetch(`http://127.0.0.1:${kg.ports.http}/check`, {
+      headers: { "x-api-key": secret, "x-forwarded-uri": "/v1/crawl", "x-forwarded-method": "POST" },
+    });
+    expect(crawl.status).toBe(200);
+    expect(crawl.headers.get("x-credits-remaining")).toBe("990");
+    expect((await httpCheck(kg.ports.http, "/check/v1/scrape", { "x-api-key": secret })).headers.get("x-credits-remaining")).toBe("989");
+    expect((await httpCheck(kg.ports.http, "/check/user", { "x-api-key": secret })).headers.get("x-credits-remaining")).toBe("989");
+    const topped = await kg.admin.addCredits({ ownerId: "credits-basic", amount: 500n, reason: "top-up" });
+    expect(topped.account?.creditBalance).toBe(1489n);
+    await kg.admin.upsertAccount({ ownerId: "credits-basic", subscriptionStatus: "none" });
+    const unpaid = await httpCheck(kg.ports.http, "/check/v1/scrape", { "x-api-key": secret });
+    expect(unpaid.status).toBe(402);
+    expect(JSON.parse(unpaid.body).error.code).toBe("PLAN_REQUIRED");
+  });
+
+  it("rate tiers by role: standard 100, premium 500, admin 1000 a minute", async () => {
+    kg = await startKeygate({ policy: load("role-rate-tiers.yaml") });
+    const limits: Record<string, string> = {};
+    for (const role of ["standard", "premium", "admin"]) {
+      const secret = await keyFor(kg, `role-${role}`, { role });
+      limits[role] = (await httpCheck(kg.ports.http, "/check/anything", { "x-api-key": secret })).headers.get("x-ratelimit-limit") ?? "";
+    }
+    expect(limits).toEqual({ standard: "100", premium: "500", admin: "1000" });
+  });
+});
