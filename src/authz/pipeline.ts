@@ -1,7 +1,7 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
-import type { ChargeResult, Meter } from "../limits/limits.js";
+import type { ChargeInput, ChargeResult, Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
@@ -116,23 +116,12 @@ export class DecisionPipeline {
     const nowMs = this.deps.nowMs();
     const refusal = this.#refusal(snapshot, route, nowMs);
     if (refusal !== null) {
-      if (charge) this.#count(snapshot, nowMs, refusal.reason, 0);
-      return refusal;
+      if (!charge) return refusal;
+      this.#count(snapshot, nowMs, refusal.reason, 0);
+      return this.#withLimitHeaders(refusal, this.#chargeInput(snapshot, route, nowMs));
     }
     if (!charge) return { allow: true, snapshot, credentialHeader, route, limits: null };
-    const { key, account } = snapshot;
-    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
-    const rate = this.#rateRule(snapshot, plan);
-    const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
-    const charged = this.deps.meter.charge({
-      ownerId: account.ownerId,
-      bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
-      rate,
-      dailyQuota: plan.dailyQuota,
-      monthlyCredits: plan.monthlyCredits,
-      cost: route.cost,
-      nowMs,
-    });
+    const charged = this.deps.meter.charge(this.#chargeInput(snapshot, route, nowMs));
     const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeader, route, limits, nowMs);
     return charged instanceof Promise ? charged.then(finish) : finish(charged);
   }
@@ -161,6 +150,38 @@ export class DecisionPipeline {
       }
     }
     return null;
+  }
+
+  #chargeInput(snapshot: KeySnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
+    const { key, account } = snapshot;
+    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
+    const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
+    return {
+      ownerId: account.ownerId,
+      bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
+      rate: this.#rateRule(snapshot, plan),
+      dailyQuota: plan.dailyQuota,
+      monthlyCredits: plan.monthlyCredits,
+      cost: route.cost,
+      nowMs,
+    };
+  }
+
+  /**
+   * A refusal of a known key still tells the caller where it stands on its limits, charging
+   * nothing. If the limits cannot be read, the refusal goes out without those headers.
+   */
+  #withLimitHeaders(refusal: Deny, input: ChargeInput): Deny | Promise<Deny> {
+    const attach = (limits: ChargeResult): Deny => {
+      refusal.limits = limits;
+      return refusal;
+    };
+    try {
+      const peeked = this.deps.meter.peek(input);
+      return peeked instanceof Promise ? peeked.then(attach, () => refusal) : attach(peeked);
+    } catch {
+      return refusal;
+    }
   }
 
   /** The key's own limit, else its account role's tier, else the plan's. */

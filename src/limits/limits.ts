@@ -35,6 +35,8 @@ export interface ChargeResult {
 export interface Meter {
   /** Synchronous when all the state is at hand. Charges nothing unless every step passes. */
   charge(input: ChargeInput): ChargeResult | Promise<ChargeResult>;
+  /** Where the caller stands, charging nothing: for refusals that happen before the limits step. */
+  peek(input: ChargeInput): ChargeResult | Promise<ChargeResult>;
   /** Tells the live counters about a top-up already written to the store. */
   addCredits(ownerId: string, amount: number): Promise<void>;
   /** The live credit state, if this meter holds it. */

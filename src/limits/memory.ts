@@ -30,14 +30,52 @@ export class MemoryMeter implements Meter {
   ) {}
 
   charge(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    return this.#withState(input, (quotaKey) => this.#evaluate(input, quotaKey));
+  }
+
+  peek(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    return this.#withState(input, (quotaKey) => this.#peek(input, quotaKey));
+  }
+
+  /** Runs `fn` once the account's quota count and balance are loaded. */
+  #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
     const quotaKey = `${input.ownerId}|${day}`;
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
-      return this.#seed(input.ownerId, day, quotaKey, needsQuota, needsCredits, input.nowMs).then(() => this.#evaluate(input, quotaKey));
+      return this.#seed(input.ownerId, day, quotaKey, needsQuota, needsCredits, input.nowMs).then(() => fn(quotaKey));
     }
-    return this.#evaluate(input, quotaKey);
+    return fn(quotaKey);
+  }
+
+  #peek(input: ChargeInput, quotaKey: string): ChargeResult {
+    const { rate, nowMs } = input;
+    const step = gcra(this.#tats.get(input.bucket), rate, nowMs);
+    const used = this.#quota.get(quotaKey)?.count ?? 0;
+    const period = this.#calendar.month(nowMs);
+    const cell = this.#credits.get(input.ownerId);
+    const current = cell === undefined ? undefined : applyCreditDelta(cell, period, 0, 0);
+    return {
+      allowed: false,
+      reason: null,
+      rate: {
+        limit: rate.limit,
+        windowSeconds: rate.windowSeconds,
+        remaining: step.allowed ? Math.min(rate.limit, step.remaining + 1) : 0,
+        resetSeconds: step.resetSecondsBefore,
+      },
+      retryAfterSeconds: null,
+      quota:
+        input.dailyQuota === null
+          ? null
+          : { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs: this.#calendar.nextMidnightMs(nowMs) },
+      credits:
+        input.monthlyCredits === null || current === undefined
+          ? null
+          : { balance: Math.max(0, input.monthlyCredits - current.monthlyUsed) + Math.max(0, current.topupBalance) },
+      spent: null,
+    };
   }
 
   #seed(ownerId: string, day: string, quotaKey: string, quota: boolean, credits: boolean, nowMs: number): Promise<void> {

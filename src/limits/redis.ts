@@ -10,8 +10,9 @@ import type { UsageRecorder } from "./usage.js";
 // One round trip per Check: rate (GCRA), daily quota and credits are tested in that order and
 // charged together only when all pass. Same arithmetic as limits.ts.
 // KEYS: rate bucket, quota counter, credit hash.
-// ARGV: now ms, window ms, limit, quota (-1 none), quota expiry ms, metered (0/1), allowance, period, cost.
-// Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded), rate remaining,
+// ARGV: now ms, window ms, limit, quota (-1 none), quota expiry ms, metered (0/1), allowance, period, cost,
+//       dry run (1: report the state and write nothing).
+// Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up.
 const CHARGE = `
 local now = tonumber(ARGV[1])
@@ -22,6 +23,22 @@ local eps = 0.000001
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local nextTat = tat + interval
+if ARGV[10] == '1' then
+  local before = 0
+  if nextTat - now <= windowMs + eps then
+    before = math.min(limit, math.max(0, math.floor((windowMs - (nextTat - now) + eps) / interval)) + 1)
+  end
+  local usedNow = 0
+  if tonumber(ARGV[4]) >= 0 then usedNow = tonumber(redis.call('GET', KEYS[2]) or '0') end
+  local balanceNow = -1
+  if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+    local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
+    local monthlyUsed = tonumber(c[2] or '0')
+    if (c[1] or '') < ARGV[8] then monthlyUsed = 0 end
+    balanceNow = math.max(0, tonumber(ARGV[7]) - monthlyUsed) + math.max(0, tonumber(c[3] or '0'))
+  end
+  return {5, before, math.ceil(tat - now), 0, usedNow, balanceNow, 0, 0}
+end
 if nextTat - now > windowMs + eps then
   return {1, 0, math.ceil(tat - now), math.max(1000, math.ceil(nextTat - windowMs - now)), -1, -1, 0, 0}
 end
@@ -115,10 +132,17 @@ export class RedisMeter implements Meter {
   }
 
   charge(input: ChargeInput): Promise<ChargeResult> {
-    return this.#charge(input, true).catch((error: unknown) => this.#degrade(input, error));
+    return this.#charge(input, true, false).catch((error: unknown) => this.#degrade(input, error));
   }
 
-  async #charge(input: ChargeInput, mayLoad: boolean): Promise<ChargeResult> {
+  peek(input: ChargeInput): Promise<ChargeResult> {
+    return this.#charge(input, false, true).catch((error: unknown) => {
+      if (this.onError === "fallback") return this.fallback.peek(input);
+      throw error;
+    });
+  }
+
+  async #charge(input: ChargeInput, mayLoad: boolean, dryRun: boolean): Promise<ChargeResult> {
     const { nowMs } = input;
     const day = this.#calendar.day(nowMs);
     const period = this.#calendar.month(nowMs);
@@ -136,6 +160,7 @@ export class RedisMeter implements Meter {
         input.monthlyCredits ?? 0,
         period,
         input.cost,
+        dryRun ? 1 : 0,
       ],
     );
     if (!Array.isArray(reply) || reply.length !== 8 || !reply.every((v): v is number => typeof v === "number")) {
@@ -145,7 +170,7 @@ export class RedisMeter implements Meter {
     if (status === 4) {
       if (!mayLoad) throw new Error("credit state did not load");
       await this.#loadCredits(input.ownerId, period);
-      return this.#charge(input, false);
+      return this.#charge(input, false, false);
     }
     const reason = STATUS_REASON[status] ?? null;
     const quotaUsed = status === 0 ? used : Math.max(0, used);

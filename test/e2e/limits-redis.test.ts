@@ -79,6 +79,11 @@ describe.runIf(ready)("limits shared through Redis", () => {
       expect(limited).toHaveLength(20);
       const remaining = answers.filter((x) => x.status === 200).map((x) => Number(x.headers.get("x-ratelimit-remaining")));
       expect(remaining.sort((p, q) => p - q)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+      const unpaid = await postJson(single.ports.admin, "UpsertAccount", { ownerId: "redis-one-rate", subscriptionStatus: "past_due" });
+      expect(unpaid.status).toBe(200);
+      const planRequired = await check(single.ports.http, secret);
+      expect(planRequired.status).toBe(402);
+      expect(planRequired.headers.get("ratelimit")).toBe('"minute";r=0;t=60');
       for (const answer of limited) {
         expect(JSON.parse(answer.body).error.code).toBe("RATE_LIMITED");
         expect(answer.headers.get("retry-after")).toBe("6");

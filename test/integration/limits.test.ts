@@ -104,7 +104,13 @@ describe("rate limits", () => {
   it("refused requests are never charged", async () => {
     kg.clock.freeze(T0);
     const key = await issue("small", { scopes: ["read"] });
-    for (let i = 0; i < 15; i++) expect((await get(key.secret, "/write")).status).toBe(403);
+    for (let i = 0; i < 15; i++) {
+      const refused = await get(key.secret, "/write");
+      expect(refused.status).toBe(403);
+      // A refusal of a known key still reports the limits, uncharged.
+      expect(refused.headers.get("x-ratelimit-remaining")).toBe("10");
+      expect(refused.headers.get("ratelimit")).toBe('"minute";r=10;t=0');
+    }
     const after = await get(key.secret);
     expect(after.status).toBe(200);
     expect(after.headers.get("x-ratelimit-remaining")).toBe("9");
