@@ -15,6 +15,9 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
   if (decision.allow) {
     const granted = identityHeaders(decision.snapshot);
     const headers: Record<string, string> = Object.fromEntries(granted);
+    // Always present, empty for a key without a project: a proxy that copies a fixed list of
+    // headers (Caddy's copy_headers) must not be left to copy a client-sent value or nothing.
+    headers["x-keygate-project-id"] ??= "";
     const remove = spoofedIdentityHeaders(clientHeaderNames, granted);
     if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
     // Envoy's HTTP ext_authz service reads this list and strips the headers before upstream.
@@ -47,4 +50,30 @@ export function unavailableAnswer(requestId: string): HttpAnswer {
       requestId,
     }),
   };
+}
+
+/** Statuses the denial echo will render; anything else is treated as a failure to decide. */
+const ECHO_STATUSES = new Set([401, 402, 403, 429, 503]);
+
+/**
+ * nginx's auth_request passes on only 2xx, 401 and 403 and drops the subrequest's body. When the
+ * proxy asks for it (X-Keygate-Denial-Headers), a denial also carries its status and body in
+ * X-Keygate-Status / X-Keygate-Body (base64url), so the proxy's error page can have keygate
+ * render the exact answer again through /denied, without a second decision.
+ */
+export function withDenialHeaders(answer: HttpAnswer): HttpAnswer {
+  if (answer.status < 400) return answer;
+  return {
+    ...answer,
+    headers: { ...answer.headers, "x-keygate-status": String(answer.status), "x-keygate-body": Buffer.from(answer.body, "utf8").toString("base64url") },
+  };
+}
+
+/** Renders a denial from the headers `withDenialHeaders` added, for the proxy's error page. */
+export function renderDeniedEcho(statusText: string | undefined, bodyBase64: string | undefined, requestId: string): HttpAnswer {
+  const status = Number(statusText);
+  if (!ECHO_STATUSES.has(status) || bodyBase64 === undefined || !/^[A-Za-z0-9_-]*$/.test(bodyBase64)) return unavailableAnswer(requestId);
+  const body = Buffer.from(bodyBase64, "base64url").toString("utf8");
+  // nginx already passes on the WWW-Authenticate of a 401 from the auth subrequest.
+  return { status, headers: { "content-type": "application/json" }, body };
 }

@@ -3,7 +3,7 @@ import { createServer } from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Logger } from "pino";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
-import { toHttpAnswer, unavailableAnswer } from "../authz/to-http.js";
+import { renderDeniedEcho, toHttpAnswer, unavailableAnswer, withDenialHeaders } from "../authz/to-http.js";
 import type { HttpAnswer } from "../authz/to-http.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -58,6 +58,12 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       res.writeHead(readiness.serving ? 200 : 503, { "content-type": "text/plain" }).end(readiness.serving ? "ready\n" : "not ready\n");
       return;
     }
+    if (url === "/denied") {
+      req.resume();
+      const requestId = firstHeader(req, "x-request-id") || randomUUID();
+      send(res, renderDeniedEcho(firstHeader(req, "x-keygate-status"), firstHeader(req, "x-keygate-body"), requestId));
+      return;
+    }
     const original = originalRequest(req);
     if (original === null) {
       res.writeHead(404, { "content-type": "application/json" }).end('{"success":false,"error":{"code":"NOT_FOUND","message":"use /check"}}');
@@ -67,14 +73,16 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     req.resume();
     const requestId = firstHeader(req, "x-request-id") || randomUUID();
     const headerNames = Object.keys(req.headers);
+    const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
+    const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
     const answer = (decision: Decision): void => {
       metrics.countDecision("http", decision.allow ? "OK" : decision.reason);
-      send(res, toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
+      reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
     };
     const fail = (error: unknown): void => {
       metrics.failures.labels("http").inc();
       logger.warn({ err: error }, "check could not be decided");
-      send(res, unavailableAnswer(requestId));
+      reply(unavailableAnswer(requestId));
     };
     try {
       const decision = pipeline.decide({ method: original.method, path: original.path, headers: req.headers, contextExtensions: undefined });

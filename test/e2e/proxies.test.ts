@@ -1,0 +1,144 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+import { requireServer } from "../harness/ports.js";
+import { binaryAvailable, startCaddy, startEchoUpstream, startNginx } from "../harness/proxies.js";
+import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
+import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
+
+const PROXY_POLICY = {
+  ...DEFAULT_POLICY_INPUT,
+  defaultPlan: "standard",
+  plans: {
+    standard: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    tiny: { maxActiveKeys: 10, rateLimit: { limit: 2, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    quota: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 1, monthlyCredits: null },
+  },
+  scopes: { catalog: ["read", "decks"], default: ["read"] },
+  routes: [{ method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"] }],
+};
+
+const proxies: Array<[string, boolean, (keygatePort: number, upstreamPort: number) => Promise<RunningProxy>]> = [
+  ["nginx", requireServer("nginx", binaryAvailable("nginx", ["-v"]), "apt-get install nginx"), startNginx],
+  ["caddy", requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy"), startCaddy],
+];
+
+interface ErrorBody {
+  success: boolean;
+  error: { code: string; message: string; statusCode: number };
+}
+
+describe.each(proxies)("behind %s (the shipped config)", (_name, available, start) => {
+  let kg: TestKeygate;
+  let upstream: { port: number; stop(): Promise<void> };
+  let proxy: RunningProxy;
+  let seq = 0;
+
+  beforeAll(async () => {
+    if (!available) return;
+    kg = await startKeygate({ policy: PROXY_POLICY });
+    upstream = await startEchoUpstream();
+    proxy = await start(kg.ports.http, upstream.port);
+  });
+  afterAll(async () => {
+    if (!available) return;
+    await proxy?.stop();
+    await upstream?.stop();
+    await kg?.stop();
+  });
+
+  async function issue(plan = "standard", scopes: string[] = []): Promise<{ ownerId: string; id: string; secret: string }> {
+    const ownerId = `proxy-${_name}-${++seq}`;
+    await kg.admin.upsertAccount({ ownerId, plan });
+    const created = await kg.admin.createKey({ ownerId, name: "proxy", scopes });
+    return { ownerId, id: created.key?.id ?? "", secret: created.secret };
+  }
+
+  const call = async (path: string, headers: Record<string, string>) => {
+    const res = await fetch(`http://127.0.0.1:${proxy.port}${path}`, { headers });
+    return { status: res.status, headers: res.headers, text: await res.text() };
+  };
+
+  it.runIf(available)("an allowed request reaches the upstream with identity headers and without the key", async () => {
+    const key = await issue();
+    const res = await call("/v1/things?x=1", { authorization: `Bearer ${key.secret}` });
+    expect(res.status).toBe(200);
+    const seen = JSON.parse(res.text) as EchoedRequest;
+    expect(seen.url).toBe("/v1/things?x=1");
+    expect(seen.headers["x-keygate-key-id"]).toBe(key.id);
+    expect(seen.headers["x-keygate-owner-id"]).toBe(key.ownerId);
+    expect(seen.headers["x-keygate-scopes"]).toBe("read");
+    expect(seen.headers["x-keygate-plan"]).toBe("standard");
+    expect(seen.headers["x-keygate-mode"]).toBe("live");
+    expect(seen.headers["authorization"]).toBeUndefined();
+    expect(seen.headers["x-api-key"]).toBeUndefined();
+    const viaApiKey = JSON.parse((await call("/v1/things", { "x-api-key": key.secret })).text) as EchoedRequest;
+    expect(viaApiKey.headers["x-api-key"]).toBeUndefined();
+    expect(viaApiKey.headers["x-keygate-key-id"]).toBe(key.id);
+  });
+
+  it.runIf(available)("a client-sent X-Keygate-Owner-Id (or project id) never reaches the upstream", async () => {
+    const key = await issue();
+    const res = await call("/v1/things", { "x-api-key": key.secret, "x-keygate-owner-id": "evil", "x-keygate-project-id": "evil-project" });
+    const seen = JSON.parse(res.text) as EchoedRequest;
+    expect(seen.headers["x-keygate-owner-id"]).toBe(key.ownerId);
+    // Unlocked key: no project id, or an empty one (Caddy copies the header keygate always sends).
+    expect(seen.headers["x-keygate-project-id"] ?? "").toBe("");
+  });
+
+  it.runIf(available)("rate-limit headers reach the client", async () => {
+    const key = await issue();
+    const res = await call("/v1/things", { "x-api-key": key.secret });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("x-ratelimit-limit")).toBe("100");
+    expect(res.headers.get("x-ratelimit-remaining")).toBe("99");
+    expect(res.headers.get("ratelimit-policy")).toBe('"minute";q=100;w=60');
+    expect(res.headers.get("ratelimit")).toBe('"minute";r=99;t=1');
+    expect(res.headers.get("x-credits-remaining")).toBeNull();
+  });
+
+  it.runIf(available)("401 with keygate's JSON body and WWW-Authenticate", async () => {
+    const res = await call("/v1/things", {});
+    expect(res.status).toBe(401);
+    expect(res.headers.get("content-type")).toBe("application/json");
+    expect(res.headers.get("www-authenticate")).toBe("Bearer");
+    const body = JSON.parse(res.text) as ErrorBody;
+    expect(body).toMatchObject({ success: false, error: { code: "UNAUTHENTICATED", statusCode: 401 } });
+  });
+
+  it.runIf(available)("403 naming the missing scope", async () => {
+    const key = await issue();
+    const res = await call("/v1/decks/1", { "x-api-key": key.secret });
+    expect(res.status).toBe(403);
+    const body = JSON.parse(res.text) as ErrorBody;
+    expect(body.error).toMatchObject({ code: "FORBIDDEN", message: 'This API key does not have the "decks" scope.' });
+  });
+
+  it.runIf(available)("402 PLAN_REQUIRED and 402 QUOTA_EXCEEDED keep keygate's status and body", async () => {
+    const unpaid = await issue();
+    await kg.admin.upsertAccount({ ownerId: unpaid.ownerId, subscriptionStatus: "canceled" });
+    const planRequired = await call("/v1/things", { "x-api-key": unpaid.secret });
+    expect(planRequired.status).toBe(402);
+    expect((JSON.parse(planRequired.text) as ErrorBody).error.code).toBe("PLAN_REQUIRED");
+
+    const quota = await issue("quota");
+    expect((await call("/v1/things", { "x-api-key": quota.secret })).status).toBe(200);
+    const exceeded = await call("/v1/things", { "x-api-key": quota.secret });
+    expect(exceeded.status).toBe(402);
+    expect((JSON.parse(exceeded.text) as ErrorBody).error.code).toBe("QUOTA_EXCEEDED");
+    expect(Number(exceeded.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect(exceeded.headers.get("ratelimit-policy")).toBe('"minute";q=100;w=60, "day";q=1;w=86400');
+  });
+
+  it.runIf(available)("429 with Retry-After, rate-limit headers and keygate's body", async () => {
+    const key = await issue("tiny");
+    expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+    expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+    const limited = await call("/v1/things", { "x-api-key": key.secret });
+    expect(limited.status).toBe(429);
+    expect(limited.headers.get("content-type")).toBe("application/json");
+    expect(Number(limited.headers.get("retry-after"))).toBeGreaterThanOrEqual(29);
+    expect(limited.headers.get("x-ratelimit-remaining")).toBe("0");
+    expect((JSON.parse(limited.text) as ErrorBody).error).toMatchObject({ code: "RATE_LIMITED", statusCode: 429 });
+  });
+});

@@ -1,0 +1,148 @@
+import { spawn, spawnSync } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import type { Server } from "node:http";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { freePort, waitForPort } from "./ports.js";
+
+const deployDir = resolve(import.meta.dirname, "../../deploy");
+
+/** A proxy started from the config shipped under deploy/. */
+export interface RunningProxy {
+  port: number;
+  stop(): Promise<void>;
+}
+
+/** What the sample upstream saw: it answers every request with this, as JSON. */
+export interface EchoedRequest {
+  method: string;
+  url: string;
+  headers: Record<string, string | string[] | undefined>;
+}
+
+/** A sample upstream that echoes the request it received. */
+export async function startEchoUpstream(): Promise<{ port: number; stop(): Promise<void> }> {
+  const server: Server = createServer((req, res) => {
+    const echoed: EchoedRequest = { method: req.method ?? "", url: req.url ?? "", headers: req.headers };
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify(echoed));
+  });
+  await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
+  const address = server.address();
+  const port = typeof address === "object" && address !== null ? address.port : 0;
+  return {
+    port,
+    stop: () =>
+      new Promise<void>((done) => {
+        server.closeAllConnections();
+        server.close(() => done());
+      }),
+  };
+}
+
+/** True when the binary runs (`nginx -v`, `caddy version`). */
+export function binaryAvailable(command: string, args: string[]): boolean {
+  return spawnSync(command, args, { stdio: "ignore" }).status === 0;
+}
+
+function stopChild(child: ChildProcess, signal: NodeJS.Signals): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((done) => {
+    const kill = setTimeout(() => child.kill("SIGKILL"), 5000);
+    child.once("exit", () => {
+      clearTimeout(kill);
+      done();
+    });
+    child.kill(signal);
+  });
+}
+
+/** Fills ${NAME} placeholders the way envsubst does; a missing value is an error, not "". */
+export function substitute(template: string, values: Record<string, string>): string {
+  return template.replace(/\$\{([A-Z_][A-Z0-9_]*)\}/g, (_match, name: string) => {
+    const value = values[name];
+    if (value === undefined) throw new Error(`no value for \${${name}}`);
+    return value;
+  });
+}
+
+/** Runs nginx with deploy/nginx/keygate.conf.template inside a minimal main config. */
+export async function startNginx(keygateHttpPort: number, upstreamPort: number): Promise<RunningProxy> {
+  const dir = mkdtempSync(join(tmpdir(), "keygate-nginx-"));
+  const port = await freePort();
+  const site = substitute(readFileSync(join(deployDir, "nginx/keygate.conf.template"), "utf8"), {
+    KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygateHttpPort}`,
+    API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
+    LISTEN_PORT: `127.0.0.1:${port}`,
+  });
+  writeFileSync(join(dir, "keygate.conf"), site);
+  const runAs = process.getuid?.() === 0 ? "user root;" : "";
+  writeFileSync(
+    join(dir, "nginx.conf"),
+    `${runAs}
+worker_processes 1;
+daemon off;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path ${dir}/body;
+  proxy_temp_path ${dir}/proxy;
+  fastcgi_temp_path ${dir}/fastcgi;
+  uwsgi_temp_path ${dir}/uwsgi;
+  scgi_temp_path ${dir}/scgi;
+  include ${dir}/keygate.conf;
+}
+`,
+  );
+  let stderr = "";
+  const child = spawn("nginx", ["-p", dir, "-c", join(dir, "nginx.conf")], { stdio: ["ignore", "ignore", "pipe"] });
+  child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  await waitForPort(port, 10_000, () => `${stderr}\n${safeRead(join(dir, "error.log"))}`);
+  return {
+    port,
+    async stop() {
+      await stopChild(child, "SIGQUIT");
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Runs Caddy with deploy/caddy/Caddyfile, its placeholders filled from the environment. */
+export async function startCaddy(keygateHttpPort: number, upstreamPort: number): Promise<RunningProxy> {
+  const dir = mkdtempSync(join(tmpdir(), "keygate-caddy-"));
+  const port = await freePort();
+  let stderr = "";
+  const child = spawn("caddy", ["run", "--config", join(deployDir, "caddy/Caddyfile"), "--adapter", "caddyfile"], {
+    stdio: ["ignore", "ignore", "pipe"],
+    env: {
+      ...process.env,
+      HOME: dir,
+      XDG_DATA_HOME: dir,
+      XDG_CONFIG_HOME: dir,
+      LISTEN_PORT: String(port),
+      KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygateHttpPort}`,
+      API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
+    },
+  });
+  child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  await waitForPort(port, 15_000, () => stderr);
+  return {
+    port,
+    async stop() {
+      await stopChild(child, "SIGTERM");
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function safeRead(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
