@@ -1,5 +1,5 @@
-import Database from "better-sqlite3";
 import type { Database as SqliteDatabase, Statement } from "better-sqlite3";
+import { Database } from "./sqlite-driver.js";
 import { CapExceededError, ConflictError, DuplicateError } from "./errors.js";
 import type {
   AccountDefaults,
