@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import type { CreditDelta, KeyStore, UsageDelta } from "../store/store.js";
+import { WriteBehind } from "../store/write-behind.js";
 
 /**
  * Counts usage in memory and adds it to the store in batches: requests by key, day and
@@ -9,14 +10,15 @@ import type { CreditDelta, KeyStore, UsageDelta } from "../store/store.js";
 export class UsageRecorder {
   #usage = new Map<string, UsageDelta>();
   #credits = new Map<string, CreditDelta>();
-  #timer: NodeJS.Timeout | undefined;
-  #flushing: Promise<void> = Promise.resolve();
+  readonly #writer: WriteBehind;
 
   constructor(
     private readonly store: KeyStore,
     private readonly logger: Logger,
-    private readonly flushIntervalMs: number,
-  ) {}
+    flushIntervalMs: number,
+  ) {
+    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs);
+  }
 
   /** Counts one request of `keyId` on `day` with `outcome` ("ALLOWED" or a denial code). */
   record(ownerId: string, keyId: string, day: string, outcome: string, credits: number): void {
@@ -66,33 +68,30 @@ export class UsageRecorder {
   }
 
   start(): void {
-    if (this.#timer !== undefined) return;
-    this.#timer = setInterval(() => void this.flush(), this.flushIntervalMs);
-    this.#timer.unref();
+    this.#writer.start();
   }
 
   /** Writes everything pending; a failed batch is merged back and retried next time. */
   flush(): Promise<void> {
-    this.#flushing = this.#flushing.then(async () => {
-      if (this.#usage.size === 0 && this.#credits.size === 0) return;
-      const usage = this.#usage;
-      const credits = this.#credits;
-      this.#usage = new Map();
-      this.#credits = new Map();
-      try {
-        await this.store.applyUsage([...usage.values()], [...credits.values()]);
-      } catch (error) {
-        for (const e of usage.values()) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
-        for (const entry of credits.values()) this.spend(entry.ownerId, entry.period, entry.monthlyUsed, entry.topupUsed);
-        this.logger.warn({ err: error, rows: usage.size }, "usage flush failed; will retry");
-      }
-    });
-    return this.#flushing;
+    return this.#writer.flush();
   }
 
-  async stop(): Promise<void> {
-    if (this.#timer !== undefined) clearInterval(this.#timer);
-    this.#timer = undefined;
-    await this.flush();
+  stop(): Promise<void> {
+    return this.#writer.stop();
+  }
+
+  async #flushOnce(): Promise<void> {
+    if (this.#usage.size === 0 && this.#credits.size === 0) return;
+    const usage = this.#usage;
+    const credits = this.#credits;
+    this.#usage = new Map();
+    this.#credits = new Map();
+    try {
+      await this.store.applyUsage([...usage.values()], [...credits.values()]);
+    } catch (error) {
+      for (const e of usage.values()) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
+      for (const e of credits.values()) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
+      this.logger.warn({ err: error, rows: usage.size }, "usage flush failed; will retry");
+    }
   }
 }

@@ -1,7 +1,16 @@
 import { randomUUID } from "node:crypto";
 import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { Message } from "@bufbuild/protobuf";
+import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { Server, ServerCredentials, status as GrpcStatus } from "@grpc/grpc-js";
-import type { sendUnaryData, ServerUnaryCall, ServerWritableStream, ServiceDefinition, UntypedServiceImplementation } from "@grpc/grpc-js";
+import type {
+  MethodDefinition,
+  sendUnaryData,
+  ServerUnaryCall,
+  ServerWritableStream,
+  ServiceDefinition,
+  UntypedServiceImplementation,
+} from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
@@ -22,40 +31,34 @@ import type { Readiness } from "./readiness.js";
 
 const DECODE = { readUnknownFields: false };
 
-/** grpc-js definition of envoy.service.auth.v3.Authorization, coded by protobuf-es. */
-export const authorizationDefinition: ServiceDefinition = {
-  Check: {
-    path: "/envoy.service.auth.v3.Authorization/Check",
+/** A grpc-js method definition whose messages are coded by protobuf-es schemas. */
+function method<I extends Message, O extends Message>(
+  path: string,
+  input: GenMessage<I>,
+  output: GenMessage<O>,
+  responseStream = false,
+): MethodDefinition<I, O> {
+  return {
+    path,
     requestStream: false,
-    responseStream: false,
-    requestSerialize: (message: CheckRequest) => Buffer.from(toBinary(CheckRequestSchema, message)),
-    requestDeserialize: (bytes: Buffer) => fromBinary(CheckRequestSchema, bytes, DECODE),
-    responseSerialize: (message: CheckResponse) => Buffer.from(toBinary(CheckResponseSchema, message)),
-    responseDeserialize: (bytes: Buffer) => fromBinary(CheckResponseSchema, bytes, DECODE),
-  },
-};
+    responseStream,
+    requestSerialize: (message: I) => Buffer.from(toBinary(input, message)),
+    requestDeserialize: (bytes: Buffer) => fromBinary(input, bytes, DECODE),
+    responseSerialize: (message: O) => Buffer.from(toBinary(output, message)),
+    responseDeserialize: (bytes: Buffer) => fromBinary(output, bytes, DECODE),
+  };
+}
+
+/** grpc-js definition of envoy.service.auth.v3.Authorization. */
+export const authorizationDefinition = {
+  Check: method("/envoy.service.auth.v3.Authorization/Check", CheckRequestSchema, CheckResponseSchema),
+} satisfies ServiceDefinition;
 
 /** grpc-js definition of the standard grpc.health.v1.Health service. */
-export const healthDefinition: ServiceDefinition = {
-  Check: {
-    path: "/grpc.health.v1.Health/Check",
-    requestStream: false,
-    responseStream: false,
-    requestSerialize: (message: HealthCheckRequest) => Buffer.from(toBinary(HealthCheckRequestSchema, message)),
-    requestDeserialize: (bytes: Buffer) => fromBinary(HealthCheckRequestSchema, bytes),
-    responseSerialize: (message: HealthCheckResponse) => Buffer.from(toBinary(HealthCheckResponseSchema, message)),
-    responseDeserialize: (bytes: Buffer) => fromBinary(HealthCheckResponseSchema, bytes),
-  },
-  Watch: {
-    path: "/grpc.health.v1.Health/Watch",
-    requestStream: false,
-    responseStream: true,
-    requestSerialize: (message: HealthCheckRequest) => Buffer.from(toBinary(HealthCheckRequestSchema, message)),
-    requestDeserialize: (bytes: Buffer) => fromBinary(HealthCheckRequestSchema, bytes),
-    responseSerialize: (message: HealthCheckResponse) => Buffer.from(toBinary(HealthCheckResponseSchema, message)),
-    responseDeserialize: (bytes: Buffer) => fromBinary(HealthCheckResponseSchema, bytes),
-  },
-};
+export const healthDefinition = {
+  Check: method("/grpc.health.v1.Health/Check", HealthCheckRequestSchema, HealthCheckResponseSchema),
+  Watch: method("/grpc.health.v1.Health/Watch", HealthCheckRequestSchema, HealthCheckResponseSchema, true),
+} satisfies ServiceDefinition;
 
 const HEALTH_SERVICES = new Set(["", "envoy.service.auth.v3.Authorization"]);
 const EMPTY_HEADERS: HeaderBag = {};

@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import type { KeyStore } from "./store.js";
+import { WriteBehind } from "./write-behind.js";
 
 /**
  * Collects last-use times in memory and writes them to the store in batches, so the Check
@@ -7,14 +8,15 @@ import type { KeyStore } from "./store.js";
  */
 export class LastUsedRecorder {
   #pending = new Map<string, number>();
-  #timer: NodeJS.Timeout | undefined;
-  #flushing: Promise<void> = Promise.resolve();
+  readonly #writer: WriteBehind;
 
   constructor(
     private readonly store: KeyStore,
     private readonly logger: Logger,
-    private readonly flushIntervalMs: number,
-  ) {}
+    flushIntervalMs: number,
+  ) {
+    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs);
+  }
 
   /** Remembers that the key was used at `atMs`. */
   record(keyId: string, atMs: number): void {
@@ -26,34 +28,31 @@ export class LastUsedRecorder {
   }
 
   start(): void {
-    if (this.#timer !== undefined) return;
-    this.#timer = setInterval(() => void this.flush(), this.flushIntervalMs);
-    this.#timer.unref();
+    this.#writer.start();
   }
 
   /** Writes everything pending. A failed batch is kept and retried on the next flush. */
   flush(): Promise<void> {
-    this.#flushing = this.#flushing.then(async () => {
-      if (this.#pending.size === 0) return;
-      const batch = this.#pending;
-      this.#pending = new Map();
-      try {
-        await this.store.touchLastUsed(batch);
-      } catch (error) {
-        for (const [id, atMs] of batch) {
-          const newer = this.#pending.get(id);
-          if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);
-        }
-        this.logger.warn({ err: error, keys: batch.size }, "last-used flush failed; will retry");
-      }
-    });
-    return this.#flushing;
+    return this.#writer.flush();
   }
 
   /** Stops the timer and writes what is pending. */
-  async stop(): Promise<void> {
-    if (this.#timer !== undefined) clearInterval(this.#timer);
-    this.#timer = undefined;
-    await this.flush();
+  stop(): Promise<void> {
+    return this.#writer.stop();
+  }
+
+  async #flushOnce(): Promise<void> {
+    if (this.#pending.size === 0) return;
+    const batch = this.#pending;
+    this.#pending = new Map();
+    try {
+      await this.store.touchLastUsed(batch);
+    } catch (error) {
+      for (const [id, atMs] of batch) {
+        const newer = this.#pending.get(id);
+        if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);
+      }
+      this.logger.warn({ err: error, keys: batch.size }, "last-used flush failed; will retry");
+    }
   }
 }

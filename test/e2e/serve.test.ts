@@ -1,48 +1,23 @@
 import { spawn } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { pathToFileURL } from "node:url";
+import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-
-const root = resolve(import.meta.dirname, "../..");
-const cli = join(root, "src/cli.ts");
-// The child runs in a temporary directory, so the TypeScript loader is named by absolute URL.
-const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
-
-interface Served {
-  child: ChildProcess;
-  stdout: () => string;
-  exit: Promise<number | null>;
-}
+import { SERVE_ARGS, spawnKeygate } from "../harness/process.js";
+import type { KeygateProcess } from "../harness/process.js";
 
 /** Starts `keygate serve` as `npm start` would, in `cwd`, with no KEYGATE_* variable set. */
-function serve(cwd: string): Promise<Served> {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
-  const child = spawn(process.execPath, ["--import", tsxLoader, cli, "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
-  let out = "";
-  let err = "";
-  child.stdout?.on("data", (chunk: Buffer) => (out += chunk.toString()));
-  child.stderr?.on("data", (chunk: Buffer) => (err += chunk.toString()));
-  const exit = new Promise<number | null>((done) => child.on("exit", (code) => done(code)));
-  return new Promise((ready, fail) => {
-    const timer = setTimeout(() => fail(new Error(`keygate did not start:\n${out}\n${err}`)), 20_000);
-    const poll = setInterval(() => {
-      if (out.includes('"msg":"keygate listening"')) {
-        clearInterval(poll);
-        clearTimeout(timer);
-        ready({ child, stdout: () => out, exit });
-      }
-    }, 50);
-    void exit.then((code) => {
-      clearInterval(poll);
-      clearTimeout(timer);
-      fail(new Error(`keygate exited with ${code}:\n${out}\n${err}`));
-    });
-  });
+async function serve(cwd: string): Promise<KeygateProcess> {
+  const started = await spawnKeygate({ cwd, env: {} });
+  running.push(started);
+  return started;
 }
+
+// A failed assertion must not leave a keygate holding the default ports.
+const running: KeygateProcess[] = [];
+afterAll(async () => {
+  await Promise.all(running.map((p) => p.stop("SIGKILL")));
+});
 
 const dirs: string[] = [];
 afterAll(() => {
@@ -89,22 +64,20 @@ describe("keygate serve with no environment (the Quick start)", () => {
       socket.once("error", fail);
     });
 
-    first.child.kill("SIGTERM");
-    expect(await first.exit).toBe(0);
+    expect(await first.stop("SIGTERM")).toBe(0);
 
     // A second start reuses the data: the token is not printed again and the key still verifies.
     const second = await serve(cwd);
     expect(second.stdout()).not.toContain(token);
     const again = await fetch("http://127.0.0.1:8181/check", { headers: { authorization: `Bearer ${secret}` } });
     expect(again.status).toBe(200);
-    second.child.kill("SIGTERM");
-    expect(await second.exit).toBe(0);
+    expect(await second.stop("SIGTERM")).toBe(0);
   });
 
   it("refuses to start on a bad variable, naming it", async () => {
     const cwd = mkdtempSync(join(tmpdir(), "keygate-badenv-"));
     dirs.push(cwd);
-    const child = spawn(process.execPath, ["--import", tsxLoader, cli, "serve"], {
+    const child = spawn(process.execPath, [...SERVE_ARGS], {
       cwd,
       env: { ...process.env, KEYGATE_GRPC_PORT: "not-a-port" },
       stdio: ["ignore", "pipe", "pipe"],

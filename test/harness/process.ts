@@ -9,6 +9,9 @@ const cli = join(root, "src/cli.ts");
 // Children may run in another directory, so the TypeScript loader is named by absolute URL.
 const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
 
+/** Node arguments that run `keygate serve` from the TypeScript sources. */
+export const SERVE_ARGS: readonly string[] = ["--import", tsxLoader, cli, "serve"];
+
 /** A keygate started as its own process, the way `keygate serve` runs in production. */
 export interface KeygateProcess {
   child: ChildProcess;
@@ -41,7 +44,7 @@ export function spawnKeygate(options: { cwd: string; env: Record<string, string>
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
   Object.assign(env, options.env);
-  const child = spawn(process.execPath, ["--import", tsxLoader, cli, "serve"], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...SERVE_ARGS], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   let err = "";
   child.stdout?.on("data", (chunk: Buffer) => (out += chunk.toString()));
