@@ -2,12 +2,13 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createContextKey } from "@connectrpc/connect";
-import type { ConnectRouter, Interceptor, ServiceImpl } from "@connectrpc/connect";
+import type { ConnectRouter, HandlerContext, Interceptor, ServiceImpl } from "@connectrpc/connect";
 import type { Logger } from "pino";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import {
   AccountSchema,
   ApiKeySchema,
+  AuditEventSchema,
   GetUsageResponseSchema,
   KeyAdmin,
   UsageCountsSchema,
@@ -21,10 +22,17 @@ import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminAuth } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
-import type { AccountView, LifecycleService, UsageCounts } from "./lifecycle.js";
+import type { AccountView, Actor, LifecycleService, UsageCounts } from "./lifecycle.js";
+import type { AuditRecord } from "../store/store.js";
 
 /** The admin token id of the caller, set by the auth interceptor. */
 export const adminIdentityKey = createContextKey<string>("", { description: "admin token id" });
+/** The caller's network address, set by the admin server for each request. */
+export const sourceAddressKey = createContextKey<string>("", { description: "source address" });
+
+function actorOf(ctx: HandlerContext): Actor {
+  return { tokenId: ctx.values.get(adminIdentityKey), source: ctx.values.get(sourceAddressKey) };
+}
 
 function ts(ms: number | null): Timestamp | undefined {
   return ms === null ? undefined : timestampFromMs(ms);
@@ -72,6 +80,19 @@ function toAccount(view: AccountView): Account {
   });
 }
 
+function toAuditEvent(record: AuditRecord): MessageInitShape<typeof AuditEventSchema> {
+  return {
+    id: record.id,
+    time: timestampFromMs(record.atMs),
+    actor: record.actor,
+    action: record.action,
+    keyId: record.keyId ?? "",
+    ownerId: record.ownerId ?? "",
+    changes: Object.fromEntries(Object.entries(record.changes).map(([field, value]) => [field, JSON.stringify(value)])),
+    source: record.source,
+  };
+}
+
 function toCounts(counts: UsageCounts): MessageInitShape<typeof UsageCountsSchema> {
   return {
     allowed: BigInt(counts.allowed),
@@ -112,23 +133,23 @@ export function adminAuthInterceptor(auth: AdminAuth): Interceptor {
 /** KeyAdmin handlers: translate between proto and the lifecycle domain, nothing more. */
 export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, logger: Logger): (router: ConnectRouter) => void {
   const guard =
-    <Req, Res>(fn: (req: Req) => Promise<Res>) =>
-    async (req: Req): Promise<Res> => {
+    <Req, Res>(fn: (req: Req, actor: Actor) => Promise<Res>) =>
+    async (req: Req, ctx: HandlerContext): Promise<Res> => {
       try {
-        return await fn(req);
+        return await fn(req, actorOf(ctx));
       } catch (error) {
         throw toConnectError(error, logger);
       }
     };
 
   const impl: ServiceImpl<typeof KeyAdmin> = {
-    upsertAccount: guard(async (req) => ({
+    upsertAccount: guard(async (req, actor) => ({
       account: toAccount(
-        await service.upsertAccount({ ownerId: req.ownerId, plan: req.plan, subscriptionStatus: req.subscriptionStatus, role: req.role }),
+        await service.upsertAccount({ ownerId: req.ownerId, plan: req.plan, subscriptionStatus: req.subscriptionStatus, role: req.role }, actor),
       ),
     })),
     getAccount: guard(async (req) => ({ account: toAccount(await service.getAccount(req.ownerId)) })),
-    createKey: guard(async (req) => {
+    createKey: guard(async (req, actor) => {
       const issued = await service.createKey({
         ownerId: req.ownerId,
         projectId: req.projectId,
@@ -138,7 +159,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         expiresAtMs: req.expiresAt === undefined ? null : timestampMs(req.expiresAt),
         metadata: req.metadata,
         rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
-      });
+      }, actor);
       return { key: toApiKey(issued.key, nowMs()), secret: issued.secret };
     }),
     getKey: guard(async (req) => ({ key: toApiKey(await service.getKey(req.id), nowMs()) })),
@@ -153,19 +174,19 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       const now = nowMs();
       return { keys: page.keys.map((k) => toApiKey(k, now)), nextPageToken: page.nextPageToken };
     }),
-    updateKey: guard(async (req) => {
+    updateKey: guard(async (req, actor) => {
       const updated = await service.updateKey({
         id: req.id,
         name: req.name,
         scopes: req.scopes,
         rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
         clearRateLimit: req.clearRateLimit,
-      });
+      }, actor);
       return { key: toApiKey(updated, nowMs()) };
     }),
-    revokeKey: guard(async (req) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }), nowMs()) })),
-    rotateKey: guard(async (req) => {
-      const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays });
+    revokeKey: guard(async (req, actor) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }, actor), nowMs()) })),
+    rotateKey: guard(async (req, actor) => {
+      const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays }, actor);
       const now = nowMs();
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
     }),
@@ -182,9 +203,19 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         account,
       });
     }),
-    addCredits: guard(async (req) => ({
-      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: req.amount, reason: req.reason })),
+    addCredits: guard(async (req, actor) => ({
+      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: req.amount, reason: req.reason }, actor)),
     })),
+    listAuditEvents: guard(async (req) => {
+      const page = await service.listAudit({
+        ownerId: req.ownerId,
+        keyId: req.keyId,
+        sinceMs: req.since === undefined ? null : timestampMs(req.since),
+        pageSize: req.pageSize,
+        pageToken: req.pageToken,
+      });
+      return { events: page.events.map(toAuditEvent), nextPageToken: page.nextPageToken };
+    }),
     getUsage: guard(async (req) => {
       const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
       return create(GetUsageResponseSchema, {

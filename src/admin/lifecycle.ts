@@ -1,15 +1,27 @@
+import type { Logger } from "pino";
 import { z } from "zod";
 import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
 import type { Policy } from "../config.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
-import { isKeyId, newKeyId } from "../keys/ids.js";
+import { isKeyId, newEventId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import { ConflictError } from "../store/errors.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
-import type { AccountDefaults, AccountRecord, KeyMode, KeyRateLimit, KeyRecord, KeyStore, Role, SubscriptionStatus, UsageRow } from "../store/store.js";
+import type {
+  AccountDefaults,
+  AccountRecord,
+  AuditRecord,
+  KeyMode,
+  KeyRateLimit,
+  KeyRecord,
+  KeyStore,
+  Role,
+  SubscriptionStatus,
+  UsageRow,
+} from "../store/store.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 
 /** Dependencies of the lifecycle service. */
@@ -23,7 +35,17 @@ export interface LifecycleDeps {
   meter: Meter;
   usage: UsageRecorder;
   nowMs: () => number;
+  logger?: Logger | undefined;
 }
+
+/** Who made a change: the admin token's id and the caller's address. */
+export interface Actor {
+  tokenId: string;
+  source: string;
+}
+
+/** The actor of changes made outside KeyAdmin (tests, tools in the same process). */
+export const SYSTEM_ACTOR: Actor = { tokenId: "system", source: "" };
 
 /** An account with its plan cap, current count, credits and limits. */
 export interface AccountView {
@@ -159,11 +181,25 @@ function encodePageToken(lastId: string): string {
   return Buffer.from(`after:${lastId}`, "utf8").toString("base64url");
 }
 
-function decodePageToken(token: string): string {
+const AUDIT_ID = /^evt_[0-9A-HJKMNP-TV-Z]{26}$/;
+
+function decodeToken(token: string, shape: RegExp | ((id: string) => boolean)): string {
   const text = Buffer.from(token, "base64url").toString("utf8");
   const id = text.startsWith("after:") ? text.slice(6) : "";
-  if (!isKeyId(id)) throw new InvalidArgumentError("page_token", "is not a token from a previous ListKeys response");
+  const ok = typeof shape === "function" ? shape(id) : shape.test(id);
+  if (!ok) throw new InvalidArgumentError("page_token", "is not a token from a previous response");
   return id;
+}
+
+function decodePageToken(token: string): string {
+  return decodeToken(token, isKeyId);
+}
+
+function checkPageSize(pageSize: number): number {
+  if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > MAX_PAGE_SIZE) {
+    throw new InvalidArgumentError("page_size", `must be between 0 and ${MAX_PAGE_SIZE}`);
+  }
+  return pageSize === 0 ? DEFAULT_PAGE_SIZE : pageSize;
 }
 
 /**
@@ -181,7 +217,10 @@ export class LifecycleService {
     return this.deps.policy.plans[plan]?.maxActiveKeys ?? 0;
   }
 
-  async upsertAccount(input: { ownerId: string; plan?: string | undefined; subscriptionStatus?: string | undefined; role?: string | undefined }): Promise<AccountView> {
+  async upsertAccount(
+    input: { ownerId: string; plan?: string | undefined; subscriptionStatus?: string | undefined; role?: string | undefined },
+    actor: Actor = SYSTEM_ACTOR,
+  ): Promise<AccountView> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     const plans = Object.keys(this.deps.policy.plans);
     const plan = input.plan === undefined ? undefined : checkOneOf("plan", input.plan, plans);
@@ -190,6 +229,7 @@ export class LifecycleService {
     const role = input.role === undefined ? undefined : checkOneOf<Role>("role", input.role, ROLES);
     const account = await this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs());
     await this.deps.lookup.invalidate({ kind: "owner", ownerId });
+    await this.#audit(actor, "account.upsert", null, ownerId, { plan, subscription_status: subscriptionStatus, role });
     return this.#view(account);
   }
 
@@ -231,7 +271,7 @@ export class LifecycleService {
   }
 
   /** Tops up: the store first (durable), then the live counters. */
-  async addCredits(input: { ownerId: string; amount: bigint; reason: string }): Promise<AccountView> {
+  async addCredits(input: { ownerId: string; amount: bigint; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<AccountView> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     if (input.amount < 1n || input.amount > BigInt(MAX_CREDITS_PER_TOPUP)) {
       throw new InvalidArgumentError("amount", `must be a whole number from 1 to ${MAX_CREDITS_PER_TOPUP}`);
@@ -242,6 +282,7 @@ export class LifecycleService {
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
     await this.deps.store.addCredits(ownerId, amount);
     await this.deps.meter.addCredits(ownerId, amount);
+    await this.#audit(actor, "credits.add", null, ownerId, { amount, reason: input.reason });
     return this.#view(account);
   }
 
@@ -280,7 +321,7 @@ export class LifecycleService {
     expiresAtMs: number | null;
     metadata: Record<string, string>;
     rateLimit?: { limit: number; windowSeconds: number } | undefined;
-  }): Promise<IssuedKey> {
+  }, actor: Actor = SYSTEM_ACTOR): Promise<IssuedKey> {
     const nowMs = this.deps.nowMs();
     const ownerId = check(externalId, "owner_id", input.ownerId);
     const projectId = input.projectId === "" ? null : check(externalId, "project_id", input.projectId);
@@ -297,6 +338,15 @@ export class LifecycleService {
       nowMs,
     });
     await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    await this.#audit(actor, "key.create", record.id, ownerId, {
+      name,
+      scopes,
+      mode,
+      project_id: projectId,
+      expires_at: input.expiresAtMs === null ? null : new Date(input.expiresAtMs).toISOString(),
+      rate_limit: rateLimit,
+      metadata,
+    });
     return { key: record, secret };
   }
 
@@ -335,10 +385,7 @@ export class LifecycleService {
   async listKeys(input: { ownerId: string; projectId: string; includeRevoked: boolean; pageSize: number; pageToken: string }): Promise<{ keys: KeyRecord[]; nextPageToken: string }> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     const projectId = input.projectId === "" ? undefined : check(externalId, "project_id", input.projectId);
-    if (!Number.isInteger(input.pageSize) || input.pageSize < 0 || input.pageSize > MAX_PAGE_SIZE) {
-      throw new InvalidArgumentError("page_size", `must be between 0 and ${MAX_PAGE_SIZE}`);
-    }
-    const limit = input.pageSize === 0 ? DEFAULT_PAGE_SIZE : input.pageSize;
+    const limit = checkPageSize(input.pageSize);
     const afterId = input.pageToken === "" ? undefined : decodePageToken(input.pageToken);
     // One extra row tells whether another page exists.
     const rows = await this.deps.store.listKeys({
@@ -360,7 +407,7 @@ export class LifecycleService {
     scopes: readonly string[];
     rateLimit?: { limit: number; windowSeconds: number } | undefined;
     clearRateLimit?: boolean;
-  }): Promise<KeyRecord> {
+  }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     const name = input.name === undefined ? undefined : check(keyName, "name", input.name);
     const scopes = input.scopes.length === 0 ? undefined : this.#checkScopes("scopes", input.scopes);
@@ -372,21 +419,26 @@ export class LifecycleService {
     const updated = await this.deps.store.updateKey(id, { name, scopes, rateLimit });
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
+    await this.#audit(actor, "key.update", id, updated.ownerId, { name, scopes, rate_limit: rateLimit });
     return updated;
   }
 
   /** Idempotent; refused by every cache at once. */
-  async revokeKey(input: { id: string; reason: string }): Promise<KeyRecord> {
+  async revokeKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
     const revoked = await this.deps.store.revokeKey(id, this.deps.nowMs(), input.reason === "" ? null : input.reason);
     if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash });
+    await this.#audit(actor, "key.revoke", id, revoked.ownerId, { reason: input.reason });
     return revoked;
   }
 
   /** Issues a successor with the same owner, project, name, scopes and mode. */
-  async rotateKey(input: { id: string; graceDays: number | undefined }): Promise<{ key: KeyRecord; secret: string; previous: KeyRecord }> {
+  async rotateKey(
+    input: { id: string; graceDays: number | undefined },
+    actor: Actor = SYSTEM_ACTOR,
+  ): Promise<{ key: KeyRecord; secret: string; previous: KeyRecord }> {
     const id = checkKeyId("id", input.id);
     const graceDays = input.graceDays ?? GRACE_DAYS.default;
     if (!Number.isInteger(graceDays) || graceDays < GRACE_DAYS.min || graceDays > GRACE_DAYS.max) {
@@ -417,7 +469,46 @@ export class LifecycleService {
     }
     await this.deps.lookup.invalidate({ kind: "key", hash: rotation.previous.hash });
     await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    await this.#audit(actor, "key.rotate", id, old.ownerId, {
+      rotated_to_id: record.id,
+      grace_days: graceDays,
+      grace_ends_at: new Date(rotation.previous.graceEndsAtMs ?? nowMs).toISOString(),
+    });
     return { key: rotation.next, secret, previous: rotation.previous };
+  }
+
+  /**
+   * Appends to the audit trail. The change is already made, so a failed append is logged (the
+   * event in full, which holds no secret) rather than failing the call and losing a new secret.
+   */
+  async #audit(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>): Promise<void> {
+    const record: AuditRecord = {
+      id: newEventId(),
+      atMs: this.deps.nowMs(),
+      actor: actor.tokenId,
+      action,
+      keyId,
+      ownerId,
+      changes: Object.fromEntries(Object.entries(changes).filter(([, value]) => value !== undefined)),
+      source: actor.source,
+    };
+    try {
+      await this.deps.store.appendAudit(record);
+    } catch (error) {
+      this.deps.logger?.error({ err: error, audit: record }, "audit append failed");
+    }
+  }
+
+  /** Pages through the audit trail, oldest first. */
+  async listAudit(input: { ownerId: string; keyId: string; sinceMs: number | null; pageSize: number; pageToken: string }): Promise<{ events: AuditRecord[]; nextPageToken: string }> {
+    const ownerId = input.ownerId === "" ? undefined : check(externalId, "owner_id", input.ownerId);
+    const keyId = input.keyId === "" ? undefined : checkKeyId("key_id", input.keyId);
+    const limit = checkPageSize(input.pageSize);
+    const afterId = input.pageToken === "" ? undefined : decodeToken(input.pageToken, AUDIT_ID);
+    const rows = await this.deps.store.listAudit({ ownerId, keyId, sinceMs: input.sinceMs ?? undefined, afterId, limit: limit + 1 });
+    const events = rows.slice(0, limit);
+    const last = events.at(-1);
+    return { events, nextPageToken: rows.length > limit && last !== undefined ? encodePageToken(last.id) : "" };
   }
 
   /** "Who is this key": the decision without charging, plus the key and account when known. */

@@ -4,11 +4,12 @@ import { createServer as createHttp2Server } from "node:http2";
 import type { Http2ServerRequest, Http2ServerResponse, Http2Session } from "node:http2";
 import { createServer as createNetServer } from "node:net";
 import type { Socket } from "node:net";
+import { createContextValues } from "@connectrpc/connect";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { AdminAuth } from "../admin/auth.js";
-import { adminAuthInterceptor } from "../admin/handlers.js";
+import { adminAuthInterceptor, sourceAddressKey } from "../admin/handlers.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
@@ -42,6 +43,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     interceptors: [adminAuthInterceptor(deps.auth)],
     // Unknown JSON keys ("__proto__", "constructor", typos) are refused rather than dropped.
     jsonOptions: { ignoreUnknownFields: false },
+    contextValues: (req) => createContextValues().set(sourceAddressKey, req.socket.remoteAddress ?? ""),
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {

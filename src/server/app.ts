@@ -126,7 +126,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     policy: config.policy,
     nowMs,
   });
-  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, nowMs });
+  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, nowMs, logger });
   const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
   const readiness = new Readiness();
   const auth = new AdminAuth(secrets.adminTokens, format);

@@ -19,6 +19,8 @@ import type {
   CreditDelta,
   UsageDelta,
   UsageRow,
+  AuditRecord,
+  AuditQuery,
 } from "./store.js";
 
 /** An account document. `active_key_count` is the counter the cap is enforced on. */
@@ -33,6 +35,18 @@ interface AccountDoc {
   credit_period?: string;
   monthly_used?: number;
   topup_balance?: number;
+}
+
+/** An audit document. */
+interface AuditDoc {
+  _id: string;
+  at: Date;
+  actor: string;
+  action: string;
+  key_id: string | null;
+  owner_id: string | null;
+  changes: Record<string, unknown>;
+  source: string;
 }
 
 /** A usage document: one key, one UTC day, one outcome. */
@@ -84,6 +98,22 @@ const accountSchema = new mongoose.Schema<AccountDoc>(
   },
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
+
+const auditSchema = new mongoose.Schema<AuditDoc>(
+  {
+    _id: { type: String, required: true },
+    at: { type: Date, required: true },
+    actor: { type: String, required: true },
+    action: { type: String, required: true },
+    key_id: { type: String, default: null },
+    owner_id: { type: String, default: null },
+    changes: { type: mongoose.Schema.Types.Mixed, required: true },
+    source: { type: String, required: true },
+  },
+  { collection: "audit", versionKey: false, strict: "throw", minimize: false },
+);
+auditSchema.index({ owner_id: 1, _id: 1 }, { name: "owner" });
+auditSchema.index({ key_id: 1, _id: 1 }, { name: "key" });
 
 const usageSchema = new mongoose.Schema<UsageDoc>(
   {
@@ -226,12 +256,14 @@ export class MongoKeyStore implements KeyStore {
   readonly #accounts: Model<AccountDoc>;
   readonly #keys: Model<KeyDoc>;
   readonly #usage: Model<UsageDoc>;
+  readonly #audit: Model<AuditDoc>;
 
   private constructor(connection: Connection) {
     this.#connection = connection;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
+    this.#audit = connection.model<AuditDoc>("Audit", auditSchema);
   }
 
   /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
@@ -247,6 +279,7 @@ export class MongoKeyStore implements KeyStore {
     const store = new MongoKeyStore(connection);
     await guarded(() => store.#keys.createIndexes());
     await guarded(() => store.#usage.createIndexes());
+    await guarded(() => store.#audit.createIndexes());
     return store;
   }
 
@@ -451,6 +484,40 @@ export class MongoKeyStore implements KeyStore {
       this.#usage.find({ owner_id: ownerId, day: { $gte: fromDay, $lte: toDay } }).sort({ day: 1, key_id: 1, outcome: 1 }).lean<UsageDoc[]>(),
     );
     return docs.map((d) => ({ keyId: d.key_id, day: d.day, outcome: d.outcome, count: d.count, credits: d.credits }));
+  }
+
+  async appendAudit(record: AuditRecord): Promise<void> {
+    await guarded(() =>
+      this.#audit.create({
+        _id: record.id,
+        at: new Date(record.atMs),
+        actor: record.actor,
+        action: record.action,
+        key_id: record.keyId,
+        owner_id: record.ownerId,
+        changes: record.changes,
+        source: record.source,
+      }),
+    );
+  }
+
+  async listAudit(query: AuditQuery): Promise<AuditRecord[]> {
+    const filter: mongoose.QueryFilter<AuditDoc> = {};
+    if (query.ownerId !== undefined) filter.owner_id = query.ownerId;
+    if (query.keyId !== undefined) filter.key_id = query.keyId;
+    if (query.sinceMs !== undefined) filter.at = { $gte: new Date(query.sinceMs) };
+    if (query.afterId !== undefined) filter._id = { $gt: query.afterId };
+    const docs = await guarded(() => this.#audit.find(filter).sort({ _id: 1 }).limit(query.limit).lean<AuditDoc[]>());
+    return docs.map((d) => ({
+      id: d._id,
+      atMs: d.at.getTime(),
+      actor: d.actor,
+      action: d.action,
+      keyId: d.key_id,
+      ownerId: d.owner_id,
+      changes: d.changes,
+      source: d.source,
+    }));
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {

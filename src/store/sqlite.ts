@@ -20,6 +20,8 @@ import type {
   UsageDelta,
   CreditDelta,
   UsageRow,
+  AuditRecord,
+  AuditQuery,
 } from "./store.js";
 
 const SCHEMA = `
@@ -54,6 +56,18 @@ CREATE TABLE IF NOT EXISTS keys (
   rotated_to_id TEXT,
   rate_limit TEXT
 );
+CREATE TABLE IF NOT EXISTS audit (
+  id TEXT PRIMARY KEY,
+  at INTEGER NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  key_id TEXT,
+  owner_id TEXT,
+  changes TEXT NOT NULL,
+  source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_owner ON audit (owner_id, id);
+CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id, id);
 CREATE TABLE IF NOT EXISTS usage (
   owner_id TEXT NOT NULL,
   key_id TEXT NOT NULL,
@@ -422,6 +436,47 @@ export class SqliteKeyStore implements KeyStore {
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
     return this.#stmt.listUsage.all(ownerId, fromDay, toDay);
+  }
+
+  async appendAudit(record: AuditRecord): Promise<void> {
+    this.#db
+      .prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+      .run(record.id, record.atMs, record.actor, record.action, record.keyId, record.ownerId, JSON.stringify(record.changes), record.source);
+  }
+
+  async listAudit(query: AuditQuery): Promise<AuditRecord[]> {
+    const where: string[] = [];
+    const params: Record<string, string | number> = { limit: query.limit };
+    if (query.ownerId !== undefined) {
+      where.push("owner_id = @owner_id");
+      params["owner_id"] = query.ownerId;
+    }
+    if (query.keyId !== undefined) {
+      where.push("key_id = @key_id");
+      params["key_id"] = query.keyId;
+    }
+    if (query.sinceMs !== undefined) {
+      where.push("at >= @since");
+      params["since"] = query.sinceMs;
+    }
+    if (query.afterId !== undefined) {
+      where.push("id > @after_id");
+      params["after_id"] = query.afterId;
+    }
+    const sql = `SELECT * FROM audit ${where.length > 0 ? `WHERE ${where.join(" AND ")}` : ""} ORDER BY id LIMIT @limit`;
+    const rows = this.#db
+      .prepare<[Record<string, string | number>], { id: string; at: number; actor: string; action: string; key_id: string | null; owner_id: string | null; changes: string; source: string }>(sql)
+      .all(params);
+    return rows.map((row) => ({
+      id: row.id,
+      atMs: row.at,
+      actor: row.actor,
+      action: row.action,
+      keyId: row.key_id,
+      ownerId: row.owner_id,
+      changes: JSON.parse(row.changes) as Record<string, unknown>,
+      source: row.source,
+    }));
   }
 
   async ping(): Promise<void> {

@@ -75,6 +75,27 @@ export interface CreditDelta {
 /** A stored usage row. */
 export type UsageRow = Omit<UsageDelta, "ownerId">;
 
+/** One audited KeyAdmin change. `changes` maps field names to their new values; never a secret. */
+export interface AuditRecord {
+  id: string;
+  atMs: number;
+  actor: string;
+  action: string;
+  keyId: string | null;
+  ownerId: string | null;
+  changes: Record<string, unknown>;
+  source: string;
+}
+
+/** A page of the audit trail, in id (time) order. */
+export interface AuditQuery {
+  ownerId?: string | undefined;
+  keyId?: string | undefined;
+  sinceMs?: number | undefined;
+  afterId?: string | undefined;
+  limit: number;
+}
+
 /** What the decision needs about one key: the key and its account, read together. */
 export interface KeySnapshot {
   key: KeyRecord;
@@ -157,6 +178,8 @@ export interface KeyStore {
   applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;
   /** Usage rows of an owner for days in [fromDay, toDay] ("YYYY-MM-DD", inclusive). */
   listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]>;
+  appendAudit(record: AuditRecord): Promise<void>;
+  listAudit(query: AuditQuery): Promise<AuditRecord[]>;
   /** Write-behind of last-use times; later times win. */
   touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void>;
   /** Throws when the store cannot serve requests. */

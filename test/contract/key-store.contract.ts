@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { newKeyId } from "../../src/keys/ids.js";
+import { newEventId, newKeyId } from "../../src/keys/ids.js";
 import { CapExceededError, ConflictError, DuplicateError } from "../../src/store/errors.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
 
@@ -207,6 +207,27 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       await store.createKey(key, limits());
       expect((await store.findSnapshotByHash(key.hash))?.key.rateLimit).toEqual({ limit: 7, windowSeconds: 30 });
       expect((await store.updateKey(key.id, { rateLimit: null }))?.rateLimit).toBeNull();
+    });
+
+    it("appends audit records and lists them by owner, key, time and page", async () => {
+      const ownerId = nextOwner();
+      const keyId = newKeyId();
+      const make = (i: number, key: string | null) => ({
+        id: newEventId(),
+        atMs: NOW + i,
+        actor: "tok_test",
+        action: `action.${i}`,
+        keyId: key,
+        ownerId,
+        changes: { n: i, list: ["a"], nothing: null },
+        source: "127.0.0.1",
+      });
+      const records = [make(0, null), make(1, keyId), make(2, keyId), make(3, null)];
+      for (const record of records) await store.appendAudit(record);
+      expect(await store.listAudit({ ownerId, limit: 10 })).toEqual(records);
+      expect((await store.listAudit({ keyId, limit: 10 })).map((r) => r.action)).toEqual(["action.1", "action.2"]);
+      expect((await store.listAudit({ ownerId, sinceMs: NOW + 2, limit: 10 })).map((r) => r.action)).toEqual(["action.2", "action.3"]);
+      expect((await store.listAudit({ ownerId, afterId: records[1]?.id, limit: 1 })).map((r) => r.action)).toEqual(["action.2"]);
     });
 
     it("writes last use behind; a later time wins", async () => {

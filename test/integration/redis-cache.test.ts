@@ -16,6 +16,7 @@ import type {
   KeyStore,
   Rotation,
   UsageRow,
+  AuditRecord,
 } from "../../src/store/store.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -132,6 +133,12 @@ class CountingKeyStore implements KeyStore {
     return notUsed();
   }
   listUsage(): Promise<UsageRow[]> {
+    return notUsed();
+  }
+  appendAudit(): Promise<void> {
+    return notUsed();
+  }
+  listAudit(): Promise<AuditRecord[]> {
     return notUsed();
   }
   touchLastUsed(): Promise<void> {
