@@ -3,8 +3,17 @@ import type { KeySnapshot, KeyStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
 import type { Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
 
+/** Receives cache results and backend timings (the metrics). */
+export interface LookupObserver {
+  cacheResult(layer: "l1" | "l2", result: "hit" | "negative" | "miss"): void;
+  backendCall(backend: "store" | "redis", op: string, seconds: number, ok: boolean): void;
+}
+
+const NO_OBSERVER: LookupObserver = { cacheResult: () => undefined, backendCall: () => undefined };
+
 /** Parts of the read path: L1, an optional shared L2, the store and the bus. */
 export interface SnapshotLookupDeps {
+  observer?: LookupObserver | undefined;
   local: LocalCache;
   shared?: SharedCache | undefined;
   store: KeyStore;
@@ -25,15 +34,19 @@ export const DISCONNECTED_TTL_MS = 1000;
  */
 export class SnapshotLookup {
   readonly #deps: SnapshotLookupDeps;
+  readonly #observer: LookupObserver;
 
   constructor(deps: SnapshotLookupDeps) {
     this.#deps = deps;
+    this.#observer = deps.observer ?? NO_OBSERVER;
     deps.bus.subscribe((event) => deps.local.invalidate(event));
   }
 
   /** Synchronous L1 read: the cached-path answer, without a promise. */
   peek(hash: string): KeySnapshot | null | undefined {
-    return this.#deps.local.get(hash);
+    const cached = this.#deps.local.get(hash);
+    this.#observer.cacheResult("l1", cached === undefined ? "miss" : cached === null ? "negative" : "hit");
+    return cached;
   }
 
   /** The slow path after an L1 miss. */
@@ -46,7 +59,15 @@ export class SnapshotLookup {
         return cached;
       }
     }
-    const snapshot = await store.findSnapshotByHash(hash);
+    const started = performance.now();
+    let snapshot: KeySnapshot | null;
+    try {
+      snapshot = await store.findSnapshotByHash(hash);
+    } catch (error) {
+      this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, false);
+      throw error;
+    }
+    this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
     this.#remember(hash, snapshot);
     if (shared !== undefined) {
       const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot);
@@ -63,9 +84,14 @@ export class SnapshotLookup {
   }
 
   async #sharedGet(shared: SharedCache, hash: string): Promise<KeySnapshot | null | undefined> {
+    const started = performance.now();
     try {
-      return await shared.get(hash);
+      const cached = await shared.get(hash);
+      this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, true);
+      this.#observer.cacheResult("l2", cached === undefined ? "miss" : cached === null ? "negative" : "hit");
+      return cached;
     } catch (error) {
+      this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, false);
       this.#deps.logger?.warn({ err: error }, "L2 cache read failed; reading the store");
       return undefined;
     }

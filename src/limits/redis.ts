@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
+import type { LookupObserver } from "../cache/lookup.js";
 import type { KeyStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
@@ -114,6 +115,7 @@ export class RedisMeter implements Meter {
     private readonly fallback: MemoryMeter,
     private readonly onError: RedisFailureMode,
     private readonly logger: Logger,
+    private readonly observer?: LookupObserver,
     private readonly prefix = "kg:",
   ) {}
 
@@ -123,11 +125,17 @@ export class RedisMeter implements Meter {
       sha = createHash("sha1").update(script).digest("hex");
       this.#sha.set(script, sha);
     }
+    const started = performance.now();
+    let ok = false;
     try {
-      return await this.redis.evalsha(sha, keys.length, ...keys, ...args);
-    } catch (error) {
-      if (!(error instanceof Error) || !error.message.startsWith("NOSCRIPT")) throw error;
-      return this.redis.eval(script, keys.length, ...keys, ...args);
+      const reply = await this.redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
+        if (!(error instanceof Error) || !error.message.startsWith("NOSCRIPT")) throw error;
+        return this.redis.eval(script, keys.length, ...keys, ...args);
+      });
+      ok = true;
+      return reply;
+    } finally {
+      this.observer?.backendCall("redis", script === CHARGE ? "charge" : "credits", (performance.now() - started) / 1000, ok);
     }
   }
 

@@ -46,6 +46,11 @@ export class UsageRecorder {
     }
   }
 
+  /** Rows waiting for the next flush. */
+  get pendingCount(): number {
+    return this.#usage.size + this.#credits.size;
+  }
+
   /** Allowed requests of an owner on a day not yet in the store. */
   pendingAllowed(ownerId: string, day: string): number {
     let total = 0;

@@ -79,6 +79,7 @@ async function openCache(
   logger: Logger,
   store: KeyStore,
   usage: UsageRecorder,
+  metrics: Metrics,
 ): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
   if (config.redisUrl === undefined) {
@@ -93,7 +94,7 @@ async function openCache(
   return {
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds }),
     bus,
-    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger),
+    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics),
     async close() {
       await bus.close();
       await Promise.allSettled([main.quit(), subscriber.quit()]);
@@ -109,10 +110,11 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
-  const cache = await openCache(config, logger, store, usage);
+  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
+  const cache = await openCache(config, logger, store, usage, metrics);
   const { bus, shared, meter } = cache;
   const local = new MemoryCache(config.policy.cache);
-  const lookup = new SnapshotLookup({ local, shared, store, bus, logger });
+  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({
     format,
@@ -127,7 +129,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     nowMs,
   });
   const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, nowMs, logger });
-  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
+  metrics.watchQueue("last_used", () => lastUsed.pendingCount);
+  metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();
   const auth = new AdminAuth(secrets.adminTokens, format);
 

@@ -106,6 +106,7 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
   const { pipeline, metrics, logger, readiness } = deps;
 
   function check(call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void {
+    const startedAt = performance.now();
     const http = call.request.attributes?.request?.http;
     const headers = headersOf(http);
     let decision: Decision | Promise<Decision>;
@@ -117,20 +118,22 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
         contextExtensions: call.request.attributes?.contextExtensions,
       });
     } catch (error) {
-      fail(error, callback);
+      fail(error, callback, startedAt);
       return;
     }
     const answer = (d: Decision): void => {
-      metrics.countDecision("grpc", d.allow ? "OK" : d.reason);
       const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
       callback(null, toCheckResponse(d, Object.keys(headers), requestId, deps.nowMs()));
+      const reason = d.allow ? "OK" : d.reason;
+      metrics.recordCheck("grpc", reason, startedAt, performance.now());
+      if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
     };
-    if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback));
+    if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback, startedAt));
     else answer(decision);
   }
 
-  function fail(error: unknown, callback: sendUnaryData<CheckResponse>): void {
-    metrics.failures.labels("grpc").inc();
+  function fail(error: unknown, callback: sendUnaryData<CheckResponse>, startedAt: number): void {
+    metrics.recordCheck("grpc", error instanceof RouteConfigError ? "INTERNAL" : "UNAVAILABLE", startedAt, performance.now());
     if (error instanceof RouteConfigError) {
       logger.error({ err: error }, "bad per-route settings from the proxy");
       callback({ code: GrpcStatus.INTERNAL, details: error.message });

@@ -64,6 +64,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       send(res, renderDeniedEcho(firstHeader(req, "x-keygate-status"), firstHeader(req, "x-keygate-body"), requestId));
       return;
     }
+    const startedAt = performance.now();
     const original = originalRequest(req);
     if (original === null) {
       res.writeHead(404, { "content-type": "application/json" }).end('{"success":false,"error":{"code":"NOT_FOUND","message":"use /check"}}');
@@ -76,11 +77,13 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
     const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
     const answer = (decision: Decision): void => {
-      metrics.countDecision("http", decision.allow ? "OK" : decision.reason);
       reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
+      const reason = decision.allow ? "OK" : decision.reason;
+      metrics.recordCheck("http", reason, startedAt, performance.now());
+      if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: decision.snapshot?.key.id, decision: reason, mode: "http" }, "check");
     };
     const fail = (error: unknown): void => {
-      metrics.failures.labels("http").inc();
+      metrics.recordCheck("http", "UNAVAILABLE", startedAt, performance.now());
       logger.warn({ err: error }, "check could not be decided");
       reply(unavailableAnswer(requestId));
     };

@@ -1,36 +1,106 @@
-import { Counter, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import type { LookupObserver } from "../cache/lookup.js";
 
-/** Prometheus metrics of one keygate process. */
-export class Metrics {
+// Sub-millisecond buckets: a cached Check takes tens of microseconds.
+const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
+const IO_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5];
+
+/** Prometheus metrics of one keygate process, served on the admin port's /metrics. */
+export class Metrics implements LookupObserver {
   readonly registry = new Registry();
-  readonly decisions: Counter<"entry" | "result" | "reason">;
-  readonly failures: Counter<"entry">;
-  readonly #children = new Map<string, Counter.Internal>();
+  readonly #checks: Counter<"decision" | "reason" | "mode">;
+  readonly #checkDuration: Histogram<"mode">;
+  readonly #cache: Counter<"layer" | "result">;
+  readonly #ioDuration: Histogram<"backend" | "op">;
+  readonly #ioErrors: Counter<"backend" | "op">;
+  readonly #queueSizes = new Map<string, () => number>();
+  // Label children are looked up once; the hot path then only increments.
+  readonly #checkChildren = new Map<string, Counter.Internal>();
+  readonly #durationChildren = new Map<string, Histogram.Internal<"mode">>();
+  readonly #cacheChildren = new Map<string, Counter.Internal>();
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) collectDefaultMetrics({ register: this.registry });
-    this.decisions = new Counter({
-      name: "keygate_decisions_total",
-      help: "Check decisions by entry point, result and reason",
-      labelNames: ["entry", "result", "reason"],
-      registers: [this.registry],
+    const registers = [this.registry];
+    this.#checks = new Counter({
+      name: "keygate_checks_total",
+      help: "Check decisions by decision (allow, deny, error), reason and mode (grpc, http)",
+      labelNames: ["decision", "reason", "mode"],
+      registers,
     });
-    this.failures = new Counter({
-      name: "keygate_check_failures_total",
-      help: "Checks that could not be decided (store or cache failure)",
-      labelNames: ["entry"],
-      registers: [this.registry],
+    this.#checkDuration = new Histogram({
+      name: "keygate_check_duration_seconds",
+      help: "Time from a Check arriving to its answer, by mode",
+      labelNames: ["mode"],
+      buckets: CHECK_BUCKETS,
+      registers,
+    });
+    this.#cache = new Counter({
+      name: "keygate_cache_lookups_total",
+      help: "Snapshot lookups by cache layer (l1, l2) and result (hit, negative, miss)",
+      labelNames: ["layer", "result"],
+      registers,
+    });
+    this.#ioDuration = new Histogram({
+      name: "keygate_backend_duration_seconds",
+      help: "Latency of store and Redis calls on the Check path, by backend and operation",
+      labelNames: ["backend", "op"],
+      buckets: IO_BUCKETS,
+      registers,
+    });
+    this.#ioErrors = new Counter({
+      name: "keygate_backend_errors_total",
+      help: "Failed store and Redis calls on the Check path, by backend and operation",
+      labelNames: ["backend", "op"],
+      registers,
+    });
+    const sizes = this.#queueSizes;
+    new Gauge({
+      name: "keygate_write_behind_pending",
+      help: "Entries waiting to be written to the store, by queue",
+      labelNames: ["queue"],
+      registers,
+      collect() {
+        for (const [queue, size] of sizes) this.set({ queue }, size());
+      },
     });
   }
 
-  /** Counts a decision; label children are cached so the hot path does no label hashing. */
-  countDecision(entry: string, reason: string): void {
-    const id = `${entry}|${reason}`;
-    let child = this.#children.get(id);
+  /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" an error. */
+  recordCheck(mode: "grpc" | "http", reason: string, startedAtMs: number, endedAtMs: number): void {
+    const id = `${mode}|${reason}`;
+    let child = this.#checkChildren.get(id);
     if (child === undefined) {
-      child = this.decisions.labels(entry, reason === "OK" ? "allow" : "deny", reason);
-      this.#children.set(id, child);
+      const decision = reason === "OK" ? "allow" : reason === "UNAVAILABLE" || reason === "INTERNAL" ? "error" : "deny";
+      child = this.#checks.labels(decision, reason, mode);
+      this.#checkChildren.set(id, child);
     }
     child.inc();
+    let duration = this.#durationChildren.get(mode);
+    if (duration === undefined) {
+      duration = this.#checkDuration.labels(mode);
+      this.#durationChildren.set(mode, duration);
+    }
+    duration.observe((endedAtMs - startedAtMs) / 1000);
+  }
+
+  cacheResult(layer: "l1" | "l2", result: "hit" | "negative" | "miss"): void {
+    const id = `${layer}|${result}`;
+    let child = this.#cacheChildren.get(id);
+    if (child === undefined) {
+      child = this.#cache.labels(layer, result);
+      this.#cacheChildren.set(id, child);
+    }
+    child.inc();
+  }
+
+  backendCall(backend: "store" | "redis", op: string, seconds: number, ok: boolean): void {
+    this.#ioDuration.labels(backend, op).observe(seconds);
+    if (!ok) this.#ioErrors.labels(backend, op).inc();
+  }
+
+  /** Reports a write-behind queue's size at each scrape. */
+  watchQueue(queue: string, size: () => number): void {
+    this.#queueSizes.set(queue, size);
   }
 }
