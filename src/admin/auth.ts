@@ -1,4 +1,6 @@
 import { createHash, timingSafeEqual } from "node:crypto";
+import { LRUCache } from "lru-cache";
+import { gcra } from "../limits/limits.js";
 import type { KeyFormat } from "../keys/key-format.js";
 
 /** The outcome of checking an admin bearer token. */
@@ -43,5 +45,32 @@ export class AdminAuth {
     if (matchedId !== null) return { ok: true, tokenId: matchedId };
     if (this.format.parse(token) !== null) return { ok: false, message: "API keys cannot manage keys; use an admin token" };
     return { ok: false, message: "the admin token is not valid" };
+  }
+}
+
+/** Failed admin logins allowed per source address: a burst of 10, then one every 6 s. */
+export const AUTH_FAILURE_LIMIT = { limit: 10, windowSeconds: 60 } as const;
+
+/**
+ * Counts failed admin authentications per source address and refuses that address for a while
+ * once it has failed too often, so tokens cannot be guessed at network speed. Successful calls
+ * are not counted.
+ */
+export class AuthFailureLimiter {
+  readonly #buckets = new LRUCache<string, number>({ max: 100_000 });
+
+  constructor(private readonly nowMs: () => number = Date.now) {}
+
+  /** Seconds until `source` may try again, or 0 when it may try now. */
+  blockedForSeconds(source: string): number {
+    const step = gcra(this.#buckets.get(source), AUTH_FAILURE_LIMIT, this.nowMs());
+    return step.allowed ? 0 : step.retryAfterSeconds;
+  }
+
+  /** Records one failure from `source`. */
+  fail(source: string): void {
+    const nowMs = this.nowMs();
+    const step = gcra(this.#buckets.get(source), AUTH_FAILURE_LIMIT, nowMs);
+    if (step.allowed) this.#buckets.set(source, step.tatMs, { ttl: Math.ceil(step.tatMs - nowMs) + 1000 });
   }
 }

@@ -20,7 +20,7 @@ import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
-import type { AdminAuth } from "./auth.js";
+import type { AdminAuth, AuthFailureLimiter } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 import type { AccountView, Actor, LifecycleService, UsageCounts } from "./lifecycle.js";
 import type { AuditRecord } from "../store/store.js";
@@ -120,11 +120,23 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
   return new ConnectError("internal error", Code.Internal);
 }
 
-/** Rejects calls without a valid admin token, and records the caller's token id. */
-export function adminAuthInterceptor(auth: AdminAuth): Interceptor {
+/**
+ * Rejects calls without a valid admin token, and records the caller's token id. An address
+ * that keeps failing is refused with RESOURCE_EXHAUSTED before its token is even compared.
+ */
+export function adminAuthInterceptor(auth: AdminAuth, failures: AuthFailureLimiter, logger: Logger): Interceptor {
   return (next) => async (req) => {
+    const source = req.contextValues.get(sourceAddressKey);
+    const waitSeconds = failures.blockedForSeconds(source);
+    if (waitSeconds > 0) {
+      throw new ConnectError(`too many failed admin authentications from this address; retry in ${waitSeconds} s`, Code.ResourceExhausted);
+    }
     const result = auth.authenticate(req.header.get("authorization"));
-    if (!result.ok) throw new ConnectError(result.message, Code.Unauthenticated);
+    if (!result.ok) {
+      failures.fail(source);
+      logger.warn({ source, method: req.method.name }, "admin authentication failed");
+      throw new ConnectError(result.message, Code.Unauthenticated);
+    }
     req.contextValues.set(adminIdentityKey, result.tokenId);
     return next(req);
   };

@@ -107,7 +107,7 @@ function checkMetadata(metadata: Record<string, string>): Record<string, string>
   const entries = Object.entries(metadata);
   if (entries.length > MAX_METADATA_ENTRIES) throw new InvalidArgumentError("metadata", `at most ${MAX_METADATA_ENTRIES} entries`);
   for (const [key, value] of entries) {
-    if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${key.slice(0, 64)}`, "keys are 1-64 letters, digits, _ . -");
+    if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${echo(key)}`, "keys are 1-64 letters, digits, _ . -");
     if (value.length > MAX_METADATA_VALUE_LENGTH) throw new InvalidArgumentError(`metadata.${key}`, `values are at most ${MAX_METADATA_VALUE_LENGTH} characters`);
   }
   return Object.fromEntries(entries);
@@ -121,6 +121,14 @@ function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T {
   throw new InvalidArgumentError(field + sub, issue?.message ?? "is invalid");
 }
 
+// Anything that looks like a key or a token is not repeated back, even in an error.
+const SECRET_LIKE = /[A-Za-z0-9]{2,10}_(live|test)_[0-9A-Za-z]{8,}|kgadm_|[A-Za-z0-9_-]{32,}/;
+
+/** A bad value, quoted back to the caller: short, and never something that looks like a secret. */
+function echo(value: string): string {
+  return SECRET_LIKE.test(value) ? "[redacted]" : value.slice(0, 64);
+}
+
 function checkKeyId(field: string, id: string): string {
   if (!isKeyId(id)) throw new InvalidArgumentError(field, 'must be a key id ("key_" followed by 26 ULID characters)');
   return id;
@@ -128,7 +136,7 @@ function checkKeyId(field: string, id: string): string {
 
 function checkOneOf<T extends string>(field: string, value: string, allowed: readonly T[]): T {
   const found = allowed.find((a) => a === value);
-  if (found === undefined) throw new InvalidArgumentError(field, `must be one of ${allowed.join(", ")}; got "${value.slice(0, 64)}"`);
+  if (found === undefined) throw new InvalidArgumentError(field, `must be one of ${allowed.join(", ")}; got "${echo(value)}"`);
   return found;
 }
 
@@ -304,7 +312,7 @@ export class LifecycleService {
     const out: string[] = [];
     scopes.forEach((scope, i) => {
       if (!catalog.includes(scope)) {
-        throw new InvalidArgumentError(`${field}[${i}]`, `unknown scope "${scope.slice(0, 64)}"; known scopes: ${catalog.join(", ")}`);
+        throw new InvalidArgumentError(`${field}[${i}]`, `unknown scope "${echo(scope)}"; known scopes: ${catalog.join(", ")}`);
       }
       if (!out.includes(scope)) out.push(scope);
     });

@@ -8,6 +8,7 @@ import { createContextValues } from "@connectrpc/connect";
 import type { ConnectRouter } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
+import { AuthFailureLimiter } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
 import { adminAuthInterceptor, sourceAddressKey } from "../admin/handlers.js";
 import type { StartedServer } from "./grpc-authz.js";
@@ -40,7 +41,7 @@ const H2_PREFACE_START = "PRI";
 export function createAdminServer(deps: AdminServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const connect = connectNodeAdapter({
     routes: deps.routes,
-    interceptors: [adminAuthInterceptor(deps.auth)],
+    interceptors: [adminAuthInterceptor(deps.auth, new AuthFailureLimiter(), deps.logger)],
     // Unknown JSON keys ("__proto__", "constructor", typos) are refused rather than dropped.
     jsonOptions: { ignoreUnknownFields: false },
     contextValues: (req) => createContextValues().set(sourceAddressKey, req.socket.remoteAddress ?? ""),
