@@ -130,6 +130,7 @@ const envSchema = z.object({
   KEYGATE_ADMIN_PORT: port.default(8080),
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
+  KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
 });
 
 /** Everything keygate reads from its environment and policy file. */
@@ -146,6 +147,8 @@ export interface Config {
   adminPort: number;
   logLevel: z.infer<typeof envSchema>["KEYGATE_LOG_LEVEL"];
   shutdownGraceSeconds: number;
+  /** After SIGTERM: report not-ready but keep serving this long, so load balancers move away first. */
+  shutdownDelaySeconds: number;
   policy: Policy;
 }
 
@@ -203,6 +206,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     adminPort: e.KEYGATE_ADMIN_PORT,
     logLevel: e.KEYGATE_LOG_LEVEL,
     shutdownGraceSeconds: e.KEYGATE_SHUTDOWN_GRACE_SECONDS,
+    shutdownDelaySeconds: e.KEYGATE_SHUTDOWN_DELAY_SECONDS,
     policy,
   };
 }

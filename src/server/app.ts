@@ -168,6 +168,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     },
     async stop() {
       readiness.drain();
+      if (config.shutdownDelaySeconds > 0) await new Promise((resolve) => setTimeout(resolve, config.shutdownDelaySeconds * 1000));
       const graceMs = config.shutdownGraceSeconds * 1000;
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];

@@ -151,6 +151,9 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
     });
   }
 
+  // Health Watch streams never end on their own; shutdown ends them after NOT_SERVING went out.
+  const watchers = new Set<ServerWritableStream<HealthCheckRequest, HealthCheckResponse>>();
+
   const health: UntypedServiceImplementation = {
     Check(call: ServerUnaryCall<HealthCheckRequest, HealthCheckResponse>, callback: sendUnaryData<HealthCheckResponse>) {
       const answer = servingStatus(call.request.service);
@@ -166,8 +169,13 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
       };
       send();
       const unsubscribe = readiness.onChange(send);
-      call.on("cancelled", unsubscribe);
-      call.on("close", unsubscribe);
+      watchers.add(call);
+      const forget = (): void => {
+        unsubscribe();
+        watchers.delete(call);
+      };
+      call.on("cancelled", forget);
+      call.on("close", forget);
     },
   };
 
@@ -183,6 +191,8 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
         port: boundPort,
         stop: (graceMs) =>
           new Promise<void>((resolve) => {
+            for (const call of watchers) call.end();
+            watchers.clear();
             const force = setTimeout(() => server.forceShutdown(), graceMs);
             server.tryShutdown(() => {
               clearTimeout(force);
