@@ -8,10 +8,14 @@ import {
 } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { StatusSchema } from "../gen/google/rpc/status_pb.js";
+import type { KeySnapshot } from "../store/store.js";
 import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
+
+// Messages are only read when encoded, so constant parts are shared between responses.
+const OK_STATUS = create(StatusSchema, { code: 0 });
 
 /** The namespace Envoy files keygate's dynamic metadata under. */
 export const METADATA_NAMESPACE = "envoy.filters.http.ext_authz";
@@ -24,24 +28,21 @@ function header(key: string, value: string): HeaderValueOption {
   });
 }
 
-/** Maps a decision to Envoy's CheckResponse. `clientHeaderNames` are the request's header names. */
-export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): CheckResponse {
-  if (decision.allow) {
-    const { key, account } = decision.snapshot;
-    const granted = identityHeaders(decision.snapshot);
-    const remove = spoofedIdentityHeaders(clientHeaderNames, granted);
-    if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
-    return create(CheckResponseSchema, {
-      status: create(StatusSchema, { code: 0 }),
-      httpResponse: {
-        case: "okResponse",
-        value: create(OkHttpResponseSchema, {
-          headers: granted.map(([k, v]) => header(k, v)),
-          headersToRemove: remove,
-          responseHeadersToAdd: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v)),
-        }),
-      },
-      dynamicMetadata: {
+interface EnvoyIdentity {
+  headers: HeaderValueOption[];
+  metadata: { [field: string]: string };
+}
+
+// Built once per cached snapshot: the same key's identity headers and metadata every time.
+const identities = new WeakMap<KeySnapshot, EnvoyIdentity>();
+
+function envoyIdentity(snapshot: KeySnapshot): EnvoyIdentity {
+  let identity = identities.get(snapshot);
+  if (identity === undefined) {
+    const { key, account } = snapshot;
+    identity = {
+      headers: identityHeaders(snapshot).map(([k, v]) => header(k, v)),
+      metadata: {
         key_id: key.id,
         owner_id: key.ownerId,
         project_id: key.projectId ?? "",
@@ -49,6 +50,29 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
         mode: key.mode,
         scopes: key.scopes.join(","),
       },
+    };
+    identities.set(snapshot, identity);
+  }
+  return identity;
+}
+
+/** Maps a decision to Envoy's CheckResponse. `clientHeaderNames` are the request's header names. */
+export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): CheckResponse {
+  if (decision.allow) {
+    const identity = envoyIdentity(decision.snapshot);
+    const remove = spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot));
+    if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
+    return create(CheckResponseSchema, {
+      status: OK_STATUS,
+      httpResponse: {
+        case: "okResponse",
+        value: create(OkHttpResponseSchema, {
+          headers: identity.headers,
+          headersToRemove: remove,
+          responseHeadersToAdd: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v)),
+        }),
+      },
+      dynamicMetadata: identity.metadata,
     });
   }
   const spec = DENIALS[decision.reason];
