@@ -1,0 +1,1026 @@
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync, readdirSync, statSync } from "node:fs";
+import { join, relative, resolve } from "node:path";
+import { describe, expect, it } from "vitest";
+import { parse as parseYaml, parseAllDocuments } from "yaml";
+import { z } from "zod";
+import { RouteTable } from "../../src/authz/routes.js";
+import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
+import type { Config } from "../../src/config.js";
+
+// Structural checks of everything under deploy/: the manifests must agree with keygate itself
+// (ports, probes, policy, routes) and with each other (selectors, ports, names). Nothing here
+// needs a cluster or the network; kubectl, when installed, cross-checks the kustomize renders.
+
+const ROOT = resolve(import.meta.dirname, "../..");
+const DEPLOY = join(ROOT, "deploy");
+const K8S = join(DEPLOY, "k8s");
+const BASE = join(K8S, "base");
+const OVERLAYS = { dev: join(K8S, "overlays/dev"), prod: join(K8S, "overlays/prod") } as const;
+const EXAMPLE_POLICY = join(DEPLOY, "config/keygate.example.yaml");
+const ENVOY = join(DEPLOY, "envoy/envoy.yaml");
+const COMPOSE = join(DEPLOY, "compose.yaml");
+const DOCKERFILE = join(DEPLOY, "Dockerfile");
+
+const DEFAULTS = loadConfig({});
+const SECRET_ENV = /PEPPER|TOKEN|URI|URL|PASSWORD/;
+const EXTENSION_KEYS = new Set(["required_scopes", "project_id", "cost"]);
+
+const ALLOWED_KINDS: Readonly<Record<string, readonly string[]>> = {
+  Deployment: ["apps/v1"],
+  Service: ["v1"],
+  PodDisruptionBudget: ["policy/v1"],
+  HorizontalPodAutoscaler: ["autoscaling/v2"],
+  NetworkPolicy: ["networking.k8s.io/v1"],
+  ConfigMap: ["v1"],
+  ServiceAccount: ["v1"],
+  Kustomization: ["kustomize.config.k8s.io/v1beta1"],
+  AuthorizationPolicy: ["security.istio.io/v1", "security.istio.io/v1beta1"],
+  IstioOperator: ["install.istio.io/v1alpha1"],
+};
+
+// ---- reading ------------------------------------------------------------------------------------
+
+function isRecord(value: unknown): value is Record<string, unknown> {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
+function yamlFilesUnder(dir: string): string[] {
+  const out: string[] = [];
+  for (const entry of readdirSync(dir)) {
+    const path = join(dir, entry);
+    if (statSync(path).isDirectory()) out.push(...yamlFilesUnder(path));
+    else if (/\.ya?ml$/.test(entry)) out.push(path);
+  }
+  return out.sort();
+}
+
+/** Every non-empty document of a (multi-document) YAML file; a syntax error throws. */
+function loadDocs(path: string): unknown[] {
+  const docs: unknown[] = [];
+  for (const doc of parseAllDocuments(readFileSync(path, "utf8"))) {
+    if (doc.errors.length > 0) throw new Error(`${relative(ROOT, path)}: ${doc.errors.map((e) => e.message).join("; ")}`);
+    const value: unknown = doc.toJS();
+    if (value !== null && value !== undefined) docs.push(value);
+  }
+  return docs;
+}
+
+function loadOne(path: string): unknown {
+  const docs = loadDocs(path);
+  if (docs.length !== 1) throw new Error(`${relative(ROOT, path)}: expected one document, found ${docs.length}`);
+  return docs[0];
+}
+
+// ---- Kubernetes shapes (only the fields the checks read) -------------------------------------------
+
+const labelsSchema = z.record(z.string(), z.string());
+const portRefSchema = z.union([z.number().int(), z.string()]);
+const idSchema = z.object({ apiVersion: z.string(), kind: z.string(), metadata: z.object({ name: z.string() }) });
+
+const probeSchema = z.object({
+  grpc: z.object({ port: z.number().int(), service: z.string().optional() }).optional(),
+  httpGet: z.object({ path: z.string(), port: portRefSchema }).optional(),
+  tcpSocket: z.object({ port: portRefSchema }).optional(),
+  exec: z.object({ command: z.array(z.string()) }).optional(),
+});
+
+const envVarSchema = z.object({
+  name: z.string(),
+  value: z.string().optional(),
+  valueFrom: z
+    .object({ secretKeyRef: z.object({ name: z.string(), key: z.string() }).optional() })
+    .optional(),
+});
+
+const securityContextSchema = z.object({
+  runAsNonRoot: z.boolean().optional(),
+  runAsUser: z.number().int().optional(),
+  readOnlyRootFilesystem: z.boolean().optional(),
+  allowPrivilegeEscalation: z.boolean().optional(),
+  capabilities: z.object({ drop: z.array(z.string()).optional() }).optional(),
+  seccompProfile: z.object({ type: z.string() }).optional(),
+});
+
+const quantitySchema = z.union([z.string(), z.number()]);
+const containerSchema = z.object({
+  name: z.string(),
+  image: z.string(),
+  ports: z.array(z.object({ name: z.string().optional(), containerPort: z.number().int() })).default([]),
+  env: z.array(envVarSchema).default([]),
+  volumeMounts: z.array(z.object({ name: z.string(), mountPath: z.string(), readOnly: z.boolean().optional() })).default([]),
+  resources: z.object({
+    requests: z.object({ cpu: quantitySchema, memory: quantitySchema }),
+    limits: z.object({ cpu: quantitySchema, memory: quantitySchema }),
+  }),
+  securityContext: securityContextSchema.default({}),
+  startupProbe: probeSchema,
+  livenessProbe: probeSchema,
+  readinessProbe: probeSchema,
+  lifecycle: z.object({
+    preStop: z.object({
+      exec: z.object({ command: z.array(z.string()) }).optional(),
+      sleep: z.object({ seconds: z.number().int() }).optional(),
+    }),
+  }),
+});
+type Container = z.infer<typeof containerSchema>;
+
+const volumeSchema = z.object({
+  name: z.string(),
+  emptyDir: z.object({}).optional(),
+  persistentVolumeClaim: z.object({ claimName: z.string() }).optional(),
+  configMap: z.object({ name: z.string() }).optional(),
+});
+
+const deploymentSchema = z.object({
+  apiVersion: z.literal("apps/v1"),
+  kind: z.literal("Deployment"),
+  metadata: z.object({ name: z.string() }),
+  spec: z.object({
+    replicas: z.number().int().default(1),
+    selector: z.object({ matchLabels: labelsSchema }),
+    template: z.object({
+      metadata: z.object({ labels: labelsSchema }),
+      spec: z.object({
+        terminationGracePeriodSeconds: z.number().int().default(30),
+        securityContext: securityContextSchema.default({}),
+        containers: z.array(containerSchema).length(1),
+        volumes: z.array(volumeSchema).default([]),
+        topologySpreadConstraints: z
+          .array(z.object({ topologyKey: z.string(), labelSelector: z.object({ matchLabels: labelsSchema }) }))
+          .default([]),
+        affinity: z
+          .object({
+            podAntiAffinity: z
+              .object({
+                requiredDuringSchedulingIgnoredDuringExecution: z
+                  .array(z.object({ topologyKey: z.string(), labelSelector: z.object({ matchLabels: labelsSchema }) }))
+                  .default([]),
+              })
+              .optional(),
+          })
+          .optional(),
+      }),
+    }),
+  }),
+});
+type Deployment = z.infer<typeof deploymentSchema>;
+
+const serviceSchema = z.object({
+  kind: z.literal("Service"),
+  metadata: z.object({ name: z.string() }),
+  spec: z.object({
+    selector: labelsSchema,
+    ports: z.array(
+      z.object({ name: z.string().optional(), port: z.number().int(), targetPort: portRefSchema.optional(), appProtocol: z.string().optional() }),
+    ),
+  }),
+});
+type Service = z.infer<typeof serviceSchema>;
+
+const peerSchema = z.object({
+  namespaceSelector: z.object({ matchLabels: labelsSchema.optional() }).optional(),
+  podSelector: z.object({ matchLabels: labelsSchema.optional() }).optional(),
+  ipBlock: z.object({ cidr: z.string() }).optional(),
+});
+const networkPolicySchema = z.object({
+  kind: z.literal("NetworkPolicy"),
+  metadata: z.object({ name: z.string() }),
+  spec: z.object({
+    podSelector: z.object({ matchLabels: labelsSchema }),
+    policyTypes: z.array(z.string()),
+    ingress: z.array(
+      z.object({
+        from: z.array(peerSchema).optional(),
+        ports: z.array(z.object({ port: portRefSchema, protocol: z.string().optional() })).optional(),
+      }),
+    ),
+  }),
+});
+type NetworkPolicy = z.infer<typeof networkPolicySchema>;
+
+const pdbSchema = z.object({
+  kind: z.literal("PodDisruptionBudget"),
+  spec: z.object({ minAvailable: z.number().int(), selector: z.object({ matchLabels: labelsSchema }) }),
+});
+
+const hpaSchema = z.object({
+  kind: z.literal("HorizontalPodAutoscaler"),
+  spec: z.object({
+    scaleTargetRef: z.object({ apiVersion: z.string(), kind: z.string(), name: z.string() }),
+    minReplicas: z.number().int(),
+    maxReplicas: z.number().int(),
+    metrics: z.array(
+      z.object({
+        type: z.string(),
+        resource: z.object({ name: z.string(), target: z.object({ type: z.string(), averageUtilization: z.number().optional() }) }).optional(),
+      }),
+    ),
+  }),
+});
+
+const configMapSchema = z.object({ kind: z.literal("ConfigMap"), metadata: z.object({ name: z.string() }), data: z.record(z.string(), z.string()) });
+
+const kustomizationSchema = z.object({
+  apiVersion: z.literal("kustomize.config.k8s.io/v1beta1"),
+  kind: z.literal("Kustomization"),
+  namespace: z.string().optional(),
+  resources: z.array(z.string()).default([]),
+  patches: z.array(z.object({ path: z.string() })).default([]),
+});
+
+// ---- a small kustomize: resources, strategic-merge patches, $patch: delete -----------------------
+
+/** List fields that strategic merge patches merge by key instead of replacing. */
+const MERGE_KEYS: Readonly<Record<string, string>> = {
+  containers: "name",
+  initContainers: "name",
+  env: "name",
+  volumes: "name",
+  volumeMounts: "mountPath",
+  ports: "containerPort",
+};
+
+function strategicMerge(base: unknown, patch: unknown, field = ""): unknown {
+  if (isRecord(base) && isRecord(patch)) {
+    const out: Record<string, unknown> = { ...base };
+    for (const [key, value] of Object.entries(patch)) {
+      if (key === "$patch") continue;
+      if (value === null) delete out[key];
+      else out[key] = key in base ? strategicMerge(base[key], value, key) : value;
+    }
+    return out;
+  }
+  const mergeKey = MERGE_KEYS[field];
+  if (Array.isArray(base) && Array.isArray(patch) && mergeKey !== undefined) {
+    const out: unknown[] = [...base];
+    for (const item of patch) {
+      const at = isRecord(item) ? out.findIndex((b) => isRecord(b) && b[mergeKey] === item[mergeKey]) : -1;
+      if (at >= 0) out[at] = strategicMerge(out[at], item);
+      else out.push(item);
+    }
+    return out;
+  }
+  return patch;
+}
+
+function sameObject(a: unknown, b: unknown): boolean {
+  const x = idSchema.safeParse(a);
+  const y = idSchema.safeParse(b);
+  return x.success && y.success && x.data.kind === y.data.kind && x.data.metadata.name === y.data.metadata.name;
+}
+
+/** The documents a kustomization produces (resources, then its patches applied in order). */
+function renderKustomization(dir: string): unknown[] {
+  const kustomization = kustomizationSchema.parse(loadOne(join(dir, "kustomization.yaml")));
+  const docs: unknown[] = [];
+  for (const resource of kustomization.resources) {
+    const path = resolve(dir, resource);
+    docs.push(...(statSync(path).isDirectory() ? renderKustomization(path) : loadDocs(path)));
+  }
+  for (const { path } of kustomization.patches) {
+    for (const patch of loadDocs(resolve(dir, path))) {
+      const at = docs.findIndex((doc) => sameObject(doc, patch));
+      if (at < 0) throw new Error(`${relative(ROOT, join(dir, path))}: patch matches no resource`);
+      if (isRecord(patch) && patch["$patch"] === "delete") docs.splice(at, 1);
+      else docs[at] = strategicMerge(docs[at], patch);
+    }
+  }
+  return docs;
+}
+
+function ofKind<T>(docs: readonly unknown[], kind: string, schema: z.ZodType<T>): T[] {
+  return docs.filter((doc) => isRecord(doc) && doc["kind"] === kind).map((doc) => schema.parse(doc));
+}
+
+function theDeployment(docs: readonly unknown[]): Deployment {
+  const deployments = ofKind(docs, "Deployment", deploymentSchema);
+  expect(deployments).toHaveLength(1);
+  const [deployment] = deployments;
+  if (deployment === undefined) throw new Error("no Deployment");
+  return deployment;
+}
+
+function theContainer(deployment: Deployment): Container {
+  const [container] = deployment.spec.template.spec.containers;
+  if (container === undefined) throw new Error("no container");
+  return container;
+}
+
+function selects(selector: Readonly<Record<string, string>>, labels: Readonly<Record<string, string>>): boolean {
+  const entries = Object.entries(selector);
+  return entries.length > 0 && entries.every(([k, v]) => labels[k] === v);
+}
+
+/** The container port a probe, Service or NetworkPolicy port names (by number or by name). */
+function containerPort(container: Container, ref: number | string): number | undefined {
+  const port = container.ports.find((p) => (typeof ref === "number" ? p.containerPort === ref : p.name === ref));
+  return port?.containerPort;
+}
+
+/** keygate's effective settings for this container: its literal env over keygate's defaults. */
+function keygateConfigOf(container: Container): Config {
+  const env: Record<string, string> = {};
+  for (const name of ["KEYGATE_GRPC_PORT", "KEYGATE_HTTP_AUTHZ_PORT", "KEYGATE_ADMIN_PORT", "KEYGATE_SHUTDOWN_GRACE_SECONDS", "KEYGATE_SHUTDOWN_DELAY_SECONDS"]) {
+    const value = container.env.find((e) => e.name === name)?.value;
+    if (value !== undefined) env[name] = value;
+  }
+  return loadConfig(env);
+}
+
+function preStopSeconds(container: Container): number {
+  const { exec, sleep } = container.lifecycle.preStop;
+  if (sleep !== undefined) return sleep.seconds;
+  const command = exec?.command ?? [];
+  const seconds = command[0] === "sleep" || command[0] === "/bin/sleep" ? Number(command[1]) : Number.NaN;
+  if (!Number.isInteger(seconds)) throw new Error(`preStop must sleep a whole number of seconds, got ${JSON.stringify(command)}`);
+  return seconds;
+}
+
+// ---- the variants: base, dev, prod ------------------------------------------------------------------
+
+/** Memoizes a reader, so a broken file fails the tests that read it instead of the whole module. */
+function lazy<T>(make: () => T): () => T {
+  let value: { ok: T } | undefined;
+  return () => (value ??= { ok: make() }).ok;
+}
+
+const VARIANTS = [
+  { name: "base", docs: lazy(() => renderKustomization(BASE)), replicas: (n: number) => n >= 2, store: "none" },
+  { name: "dev", docs: lazy(() => renderKustomization(OVERLAYS.dev)), replicas: (n: number) => n === 1, store: "embedded" },
+  { name: "prod", docs: lazy(() => renderKustomization(OVERLAYS.prod)), replicas: (n: number) => n >= 2, store: "mongodb" },
+] as const;
+
+function variantDocs(name: "base" | "dev" | "prod"): unknown[] {
+  const variant = VARIANTS.find((v) => v.name === name);
+  if (variant === undefined) throw new Error(`no variant ${name}`);
+  return variant.docs();
+}
+
+function checkDeployment(docs: readonly unknown[]): void {
+  const deployment = theDeployment(docs);
+  const pod = deployment.spec.template;
+  const container = theContainer(deployment);
+  const config = keygateConfigOf(container);
+
+  expect(deployment.metadata.name).toBe("keygate");
+  expect(pod.metadata.labels["app.kubernetes.io/name"]).toBe("keygate");
+  expect(selects(deployment.spec.selector.matchLabels, pod.metadata.labels)).toBe(true);
+
+  // Named container ports carry keygate's listeners.
+  expect(Object.fromEntries(container.ports.map((p) => [p.name, p.containerPort]))).toEqual({
+    "grpc-authz": config.grpcPort,
+    "http-authz": config.httpAuthzPort,
+    admin: config.adminPort,
+  });
+
+  // Liveness and startup: gRPC health on the Check port. Readiness: /readyz on the admin port.
+  for (const probe of [container.startupProbe, container.livenessProbe]) {
+    expect(probe.grpc?.port).toBe(config.grpcPort);
+    expect(containerPort(container, probe.grpc?.port ?? -1)).toBe(config.grpcPort);
+  }
+  expect(container.readinessProbe.httpGet?.path).toBe("/readyz");
+  expect(containerPort(container, container.readinessProbe.httpGet?.port ?? -1)).toBe(config.adminPort);
+
+  // Hardening, on the container (the pod-level context may repeat it).
+  const sc = container.securityContext;
+  expect(sc.runAsNonRoot).toBe(true);
+  expect(sc.runAsUser).toBe(10001);
+  expect(sc.readOnlyRootFilesystem).toBe(true);
+  expect(sc.allowPrivilegeEscalation).toBe(false);
+  expect(sc.capabilities?.drop).toContain("ALL");
+  expect(sc.seccompProfile?.type ?? pod.spec.securityContext.seccompProfile?.type).toBe("RuntimeDefault");
+  expect(pod.spec.securityContext.runAsNonRoot).toBe(true);
+
+  // A read-only root still needs a writable /tmp; every mount names a declared volume.
+  const volumes = new Map(pod.spec.volumes.map((v) => [v.name, v]));
+  for (const mount of container.volumeMounts) expect(volumes.has(mount.name), `volume ${mount.name}`).toBe(true);
+  const tmp = container.volumeMounts.find((m) => m.mountPath === "/tmp");
+  expect(tmp !== undefined && volumes.get(tmp.name)?.emptyDir !== undefined).toBe(true);
+
+  // SIGTERM: preStop sleep, then keygate's drain; the kubelet must wait for both.
+  const preStop = preStopSeconds(container);
+  expect(preStop).toBeGreaterThan(0);
+  expect(pod.spec.terminationGracePeriodSeconds).toBeGreaterThan(preStop + config.shutdownDelaySeconds + config.shutdownGraceSeconds);
+
+  // Replicas spread over nodes.
+  const spreadByHost = pod.spec.topologySpreadConstraints.some(
+    (c) => c.topologyKey === "kubernetes.io/hostname" && selects(c.labelSelector.matchLabels, pod.metadata.labels),
+  );
+  const antiAffinityByHost = (pod.spec.affinity?.podAntiAffinity?.requiredDuringSchedulingIgnoredDuringExecution ?? []).some(
+    (t) => t.topologyKey === "kubernetes.io/hostname" && selects(t.labelSelector.matchLabels, pod.metadata.labels),
+  );
+  expect(spreadByHost || antiAffinityByHost).toBe(true);
+
+  // KEYGATE_CONFIG names the policy file inside a mounted ConfigMap that has that key.
+  const configPath = container.env.find((e) => e.name === "KEYGATE_CONFIG")?.value ?? "";
+  const policyMount = container.volumeMounts.find((m) => configPath.startsWith(`${m.mountPath}/`));
+  const configMapName = policyMount === undefined ? undefined : volumes.get(policyMount.name)?.configMap?.name;
+  const configMap = ofKind(docs, "ConfigMap", configMapSchema).find((c) => c.metadata.name === configMapName);
+  expect(configMap?.data[configPath.slice((policyMount?.mountPath.length ?? 0) + 1)]).toBeTypeOf("string");
+
+  // Secrets only by reference.
+  for (const env of container.env) {
+    if (SECRET_ENV.test(env.name)) expect(env.valueFrom?.secretKeyRef, env.name).toBeDefined();
+  }
+}
+
+// ---- envoy shapes -------------------------------------------------------------------------------
+
+const perRouteSchema = z.object({
+  "@type": z.literal("type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"),
+  disabled: z.boolean().optional(),
+  check_settings: z.object({ context_extensions: z.record(z.string(), z.string()).default({}) }).optional(),
+});
+
+const envoyRouteSchema = z.object({
+  match: z.object({
+    path: z.string().optional(),
+    prefix: z.string().optional(),
+    path_separated_prefix: z.string().optional(),
+    safe_regex: z.unknown().optional(),
+    headers: z.array(z.object({ name: z.string(), string_match: z.object({ exact: z.string() }) })).default([]),
+  }),
+  route: z.object({ cluster: z.string() }).optional(),
+  typed_per_filter_config: z.record(z.string(), z.unknown()).default({}),
+});
+type EnvoyRoute = z.infer<typeof envoyRouteSchema>;
+
+const extAuthzSchema = z.object({
+  "@type": z.literal("type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"),
+  transport_api_version: z.string(),
+  grpc_service: z.object({ envoy_grpc: z.object({ cluster_name: z.string() }), timeout: z.string() }),
+  failure_mode_allow: z.boolean(),
+  include_peer_certificate: z.boolean().optional(),
+  with_request_body: z.unknown().optional(),
+});
+
+const hcmSchema = z.object({
+  "@type": z.literal("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
+  route_config: z.object({ virtual_hosts: z.array(z.object({ name: z.string(), routes: z.array(envoyRouteSchema) })) }),
+  http_filters: z.array(z.object({ name: z.string(), typed_config: z.record(z.string(), z.unknown()) })),
+});
+
+const socketAddressSchema = z.object({ address: z.string(), port_value: z.number().int() });
+const envoySchema = z.object({
+  static_resources: z.object({
+    listeners: z.array(
+      z.object({
+        address: z.object({ socket_address: socketAddressSchema }),
+        filter_chains: z.array(z.object({ filters: z.array(z.object({ name: z.string(), typed_config: z.unknown() })) })),
+      }),
+    ),
+    clusters: z.array(
+      z.object({
+        name: z.string(),
+        typed_extension_protocol_options: z.record(z.string(), z.unknown()).optional(),
+        load_assignment: z.object({
+          endpoints: z.array(z.object({ lb_endpoints: z.array(z.object({ endpoint: z.object({ address: z.object({ socket_address: socketAddressSchema }) }) })) })),
+        }),
+      }),
+    ),
+  }),
+});
+const http2OptionsSchema = z.object({
+  "@type": z.literal("type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+  explicit_http_config: z.object({ http2_protocol_options: z.object({}) }),
+});
+
+function readEnvoy() {
+  const bootstrap = envoySchema.parse(loadOne(ENVOY));
+  const [listener] = bootstrap.static_resources.listeners;
+  if (listener === undefined) throw new Error("envoy.yaml has no listener");
+  const hcmFilter = listener.filter_chains.flatMap((c) => c.filters).find((f) => f.name === "envoy.filters.network.http_connection_manager");
+  if (hcmFilter === undefined) throw new Error("envoy.yaml has no http_connection_manager");
+  const hcm = hcmSchema.parse(hcmFilter.typed_config);
+  const authzFilter = hcm.http_filters.find((f) => f.name === "envoy.filters.http.ext_authz");
+  if (authzFilter === undefined) throw new Error("envoy.yaml has no ext_authz filter");
+  const routes = hcm.route_config.virtual_hosts.flatMap((v) => v.routes);
+  const endpoints = new Map(
+    bootstrap.static_resources.clusters.map((c) => [c.name, c.load_assignment.endpoints.flatMap((e) => e.lb_endpoints.map((l) => l.endpoint.address.socket_address))]),
+  );
+  return { bootstrap, listener, hcm, extAuthz: extAuthzSchema.parse(authzFilter.typed_config), routes, endpoints };
+}
+
+function perRouteAuthz(route: EnvoyRoute): z.infer<typeof perRouteSchema> | undefined {
+  const raw = route.typed_per_filter_config["envoy.filters.http.ext_authz"];
+  return raw === undefined ? undefined : perRouteSchema.parse(raw);
+}
+
+/** Envoy's first-match rule for the matchers this config uses; anything else is refused. */
+function envoyRouteMatches(route: EnvoyRoute, method: string, path: string): boolean {
+  const { match } = route;
+  const kinds = [match.path, match.prefix, match.path_separated_prefix, match.safe_regex].filter((m) => m !== undefined);
+  if (kinds.length !== 1) throw new Error(`route needs exactly one path matcher: ${JSON.stringify(match)}`);
+  for (const header of match.headers) {
+    if (header.name !== ":method") throw new Error(`the route simulation knows only :method header matches, not ${header.name}`);
+    if (header.string_match.exact !== method) return false;
+  }
+  if (match.path !== undefined) return path === match.path;
+  if (match.prefix !== undefined) return path.startsWith(match.prefix);
+  if (match.path_separated_prefix !== undefined) return path === match.path_separated_prefix || path.startsWith(`${match.path_separated_prefix}/`);
+  throw new Error("safe_regex routes cannot be checked against keygate's routes table");
+}
+
+// ---- the tests ------------------------------------------------------------------------------------
+
+describe("deploy manifests: files and kinds", () => {
+  const k8sAndIstio = [...yamlFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))];
+
+  it("finds the manifests this test is about", () => {
+    const names = k8sAndIstio.map((f) => relative(DEPLOY, f));
+    expect(names).toEqual(
+      expect.arrayContaining([
+        "k8s/base/kustomization.yaml",
+        "k8s/base/deployment.yaml",
+        "k8s/base/service.yaml",
+        "k8s/base/networkpolicy.yaml",
+        "k8s/overlays/dev/kustomization.yaml",
+        "k8s/overlays/prod/kustomization.yaml",
+        "istio/mesh-config.yaml",
+        "istio/authorization-policy.yaml",
+      ]),
+    );
+    expect(existsSync(ENVOY)).toBe(true);
+  });
+
+  it("parses every YAML document, and each has an allowed apiVersion and kind", () => {
+    for (const file of [...k8sAndIstio, ENVOY]) expect(() => loadDocs(file), relative(ROOT, file)).not.toThrow();
+    for (const file of k8sAndIstio) {
+      const docs = loadDocs(file);
+      expect(docs.length, relative(ROOT, file)).toBeGreaterThan(0);
+      for (const doc of docs) {
+        const head = z.object({ apiVersion: z.string(), kind: z.string() }).parse(doc);
+        expect(ALLOWED_KINDS[head.kind] ?? [], `${relative(ROOT, file)}: ${head.kind}`).toContain(head.apiVersion);
+      }
+    }
+  });
+
+  it("holds no inline Secret anywhere under deploy/", () => {
+    for (const file of yamlFilesUnder(DEPLOY)) {
+      for (const doc of loadDocs(file)) {
+        const inlineSecret = isRecord(doc) && doc["kind"] === "Secret" && (doc["data"] !== undefined || doc["stringData"] !== undefined);
+        expect(inlineSecret, relative(ROOT, file)).toBe(false);
+      }
+    }
+  });
+});
+
+describe("deploy manifests: kustomize", () => {
+  it("references only files that exist, and lists every manifest beside each kustomization", () => {
+    for (const dir of [BASE, OVERLAYS.dev, OVERLAYS.prod]) {
+      const kustomization = kustomizationSchema.parse(loadOne(join(dir, "kustomization.yaml")));
+      const referenced = [...kustomization.resources, ...kustomization.patches.map((p) => p.path)];
+      for (const ref of referenced) expect(existsSync(resolve(dir, ref)), `${relative(ROOT, dir)}: ${ref}`).toBe(true);
+      const beside = readdirSync(dir).filter((f) => /\.ya?ml$/.test(f) && f !== "kustomization.yaml");
+      for (const file of beside) expect(referenced, `${relative(ROOT, dir)} does not list ${file}`).toContain(file);
+    }
+  });
+
+  it("puts everything in the keygate namespace, which the Istio provider addresses", () => {
+    const base = kustomizationSchema.parse(loadOne(join(BASE, "kustomization.yaml")));
+    expect(base.namespace).toBe("keygate");
+  });
+
+  it("drops autoscaling and the disruption budget only in dev", () => {
+    const kinds = (docs: readonly unknown[]) => docs.map((d) => idSchema.parse(d).kind).sort();
+    const [base, dev, prod] = VARIANTS.map((v) => kinds(v.docs()));
+    expect(base).toEqual(prod);
+    expect(base).toEqual(expect.arrayContaining(["HorizontalPodAutoscaler", "PodDisruptionBudget"]));
+    expect(dev).not.toContain("HorizontalPodAutoscaler");
+    expect(dev).not.toContain("PodDisruptionBudget");
+  });
+});
+
+const STORE_TEST_TITLES = {
+  none: "picks no store: the overlays do",
+  embedded: "stores SQLite on a volume at KEYGATE_DATA_DIR",
+  mongodb: "takes MongoDB, Redis and secrets only from keygate-secrets",
+} as const;
+
+describe.each(VARIANTS)("deploy manifests: $name", ({ name, docs: render, replicas, store }) => {
+  it("runs a hardened, probed keygate Deployment", () => {
+    checkDeployment(render());
+  });
+
+  it(`has the replica count ${name} needs`, () => {
+    expect(replicas(theDeployment(render()).spec.replicas)).toBe(true);
+  });
+
+  it(STORE_TEST_TITLES[store], () => {
+    const deployment = theDeployment(render());
+    const container = theContainer(deployment);
+    const env = new Map(container.env.map((e) => [e.name, e]));
+    if (store === "none") {
+      expect([...env.keys()].filter((k) => k === "KEYGATE_DATA_DIR" || k === "KEYGATE_MONGODB_URI")).toEqual([]);
+      return;
+    }
+    if (store === "embedded") {
+      expect(env.has("KEYGATE_MONGODB_URI")).toBe(false);
+      const dataDir = env.get("KEYGATE_DATA_DIR")?.value;
+      const mount = container.volumeMounts.find((m) => m.mountPath === dataDir);
+      const volume = deployment.spec.template.spec.volumes.find((v) => v.name === mount?.name);
+      expect(volume?.emptyDir !== undefined || volume?.persistentVolumeClaim !== undefined).toBe(true);
+      return;
+    }
+    for (const variable of ["KEYGATE_MONGODB_URI", "KEYGATE_REDIS_URL", "KEYGATE_PEPPER", "KEYGATE_ADMIN_TOKENS"]) {
+      expect(env.get(variable)?.value, variable).toBeUndefined();
+      expect(env.get(variable)?.valueFrom?.secretKeyRef?.name, variable).toBe("keygate-secrets");
+    }
+  });
+
+  it("routes both Services to the pods and to declared container ports", () => {
+    const deployment = theDeployment(render());
+    const container = theContainer(deployment);
+    const services = new Map(ofKind(render(), "Service", serviceSchema).map((s) => [s.metadata.name, s]));
+    expect([...services.keys()].sort()).toEqual(["keygate-admin", "keygate-authz"]);
+    for (const service of services.values()) {
+      expect(selects(service.spec.selector, deployment.spec.template.metadata.labels), service.metadata.name).toBe(true);
+      for (const port of service.spec.ports) {
+        expect(containerPort(container, port.targetPort ?? port.port), `${service.metadata.name}:${port.port}`).toBeDefined();
+      }
+    }
+    const target = (service: Service | undefined, port: number) => {
+      const entry = service?.spec.ports.find((p) => p.port === port);
+      return { appProtocol: entry?.appProtocol, containerPort: entry === undefined ? undefined : containerPort(container, entry.targetPort ?? entry.port) };
+    };
+    expect(target(services.get("keygate-authz"), DEFAULTS.grpcPort)).toEqual({ appProtocol: "grpc", containerPort: DEFAULTS.grpcPort });
+    expect(target(services.get("keygate-authz"), DEFAULTS.httpAuthzPort).containerPort).toBe(DEFAULTS.httpAuthzPort);
+    expect(target(services.get("keygate-admin"), DEFAULTS.adminPort).containerPort).toBe(DEFAULTS.adminPort);
+  });
+
+  it("lets only the proxies reach the authz ports, and only clients and Prometheus the admin port", () => {
+    const deployment = theDeployment(render());
+    const container = theContainer(deployment);
+    const policies = ofKind(render(), "NetworkPolicy", networkPolicySchema);
+    expect(policies.length).toBeGreaterThan(0);
+    const sourcesByPort = new Map<number, NetworkPolicy["spec"]["ingress"][number]["from"][]>();
+    for (const policy of policies) {
+      expect(selects(policy.spec.podSelector.matchLabels, deployment.spec.template.metadata.labels), policy.metadata.name).toBe(true);
+      expect(policy.spec.policyTypes).toContain("Ingress");
+      for (const rule of policy.spec.ingress) {
+        // A rule without `from` or `ports` opens to everyone or to every port.
+        expect(rule.from?.length ?? 0, policy.metadata.name).toBeGreaterThan(0);
+        expect(rule.ports?.length ?? 0, policy.metadata.name).toBeGreaterThan(0);
+        for (const port of rule.ports ?? []) {
+          const resolved = containerPort(container, port.port);
+          expect(resolved, `${policy.metadata.name}: port ${port.port}`).toBeDefined();
+          if (resolved !== undefined) sourcesByPort.set(resolved, [...(sourcesByPort.get(resolved) ?? []), rule.from]);
+        }
+      }
+    }
+    expect([...sourcesByPort.keys()].sort()).toEqual([DEFAULTS.adminPort, DEFAULTS.httpAuthzPort, DEFAULTS.grpcPort].sort());
+
+    const peers = (port: number) => (sourcesByPort.get(port) ?? []).flatMap((from) => from ?? []);
+    const namespaces = (port: number) => peers(port).map((p) => p.namespaceSelector?.matchLabels?.["kubernetes.io/metadata.name"]);
+    for (const port of [DEFAULTS.grpcPort, DEFAULTS.httpAuthzPort]) {
+      expect(namespaces(port)).toEqual(expect.arrayContaining(["ingress-nginx", "istio-system"]));
+      // Namespaces only, each named or labelled: no pod label alone opens the Check port.
+      for (const peer of peers(port)) {
+        expect(peer.podSelector).toBeUndefined();
+        expect(peer.ipBlock).toBeUndefined();
+        expect(Object.keys(peer.namespaceSelector?.matchLabels ?? {}).length).toBeGreaterThan(0);
+      }
+    }
+    const adminPeers = peers(DEFAULTS.adminPort);
+    expect(adminPeers.some((p) => p.podSelector?.matchLabels?.["keygate.io/client"] === "true")).toBe(true);
+    expect(
+      adminPeers.some(
+        (p) => p.namespaceSelector?.matchLabels?.["kubernetes.io/metadata.name"] === "monitoring" && p.podSelector?.matchLabels?.["app.kubernetes.io/name"] === "prometheus",
+      ),
+    ).toBe(true);
+    for (const peer of adminPeers) expect(peer.podSelector?.matchLabels, "every admin peer is selected by pod label").toBeDefined();
+  });
+
+  it("keeps one replica through voluntary disruptions and autoscales on CPU", () => {
+    if (store === "embedded") {
+      // One embedded replica: a budget of one could never be met, and a second replica would
+      // have a store of its own.
+      expect(ofKind(render(), "PodDisruptionBudget", pdbSchema)).toEqual([]);
+      expect(ofKind(render(), "HorizontalPodAutoscaler", hpaSchema)).toEqual([]);
+      return;
+    }
+    const deployment = theDeployment(render());
+    const [pdb] = ofKind(render(), "PodDisruptionBudget", pdbSchema);
+    expect(pdb?.spec.minAvailable).toBe(1);
+    expect(selects(pdb?.spec.selector.matchLabels ?? {}, deployment.spec.template.metadata.labels)).toBe(true);
+    const [hpa] = ofKind(render(), "HorizontalPodAutoscaler", hpaSchema);
+    expect(hpa?.spec.scaleTargetRef).toEqual({ apiVersion: "apps/v1", kind: "Deployment", name: deployment.metadata.name });
+    expect(hpa?.spec.minReplicas).toBeGreaterThanOrEqual(2);
+    expect(hpa?.spec.minReplicas).toBeLessThanOrEqual(deployment.spec.replicas);
+    expect(hpa?.spec.maxReplicas).toBeGreaterThan(hpa?.spec.minReplicas ?? Infinity);
+    expect(hpa?.spec.metrics.some((m) => m.type === "Resource" && m.resource?.name === "cpu")).toBe(true);
+  });
+});
+
+describe("deploy manifests: policy ConfigMap", () => {
+  it("holds the example policy, valid by keygate's own parser", () => {
+    const [configMap] = ofKind(renderKustomization(BASE), "ConfigMap", configMapSchema);
+    const text = configMap?.data["policy.yaml"];
+    expect(text).toBeTypeOf("string");
+    const policy = parsePolicy(parseYaml(text ?? ""), "ConfigMap keygate-policy");
+    expect(policy).toEqual(loadPolicyFile(EXAMPLE_POLICY));
+  });
+});
+
+describe("deploy manifests: envoy.yaml", () => {
+  const read = lazy(() => {
+    const policy = loadPolicyFile(EXAMPLE_POLICY);
+    return { envoy: readEnvoy(), policy, table: new RouteTable(policy.routes) };
+  });
+
+  it("listens on 10000 and runs ext_authz, failing closed, before the router", () => {
+    const { envoy } = read();
+    expect(envoy.listener.address.socket_address.port_value).toBe(10000);
+    const names = envoy.hcm.http_filters.map((f) => f.name);
+    expect(names.at(-1)).toBe("envoy.filters.http.router");
+    expect(names.indexOf("envoy.filters.http.ext_authz")).toBeLessThan(names.indexOf("envoy.filters.http.router"));
+    expect(envoy.extAuthz.transport_api_version).toBe("V3");
+    expect(envoy.extAuthz.failure_mode_allow).toBe(false);
+    expect(envoy.extAuthz.include_peer_certificate).toBe(true);
+    expect(envoy.extAuthz.grpc_service.timeout).toMatch(/^\d+(\.\d+)?s$/);
+    // keygate decides on headers only: no body buffering.
+    expect(envoy.extAuthz.with_request_body).toBeUndefined();
+  });
+
+  it("sends Checks over HTTP/2 to keygate's gRPC port", () => {
+    const { envoy } = read();
+    const clusterName = envoy.extAuthz.grpc_service.envoy_grpc.cluster_name;
+    const cluster = envoy.bootstrap.static_resources.clusters.find((c) => c.name === clusterName);
+    expect(cluster).toBeDefined();
+    expect(envoy.endpoints.get(clusterName)?.map((a) => a.port_value)).toEqual([DEFAULTS.grpcPort]);
+    const options = cluster?.typed_extension_protocol_options?.["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+    expect(http2OptionsSchema.safeParse(options).success).toBe(true);
+  });
+
+  it("routes only to defined clusters, and only /healthz skips keygate", () => {
+    const { envoy } = read();
+    for (const route of envoy.routes) expect(envoy.endpoints.has(route.route?.cluster ?? ""), JSON.stringify(route.match)).toBe(true);
+    const skipping = envoy.routes.filter((r) => perRouteAuthz(r)?.disabled === true);
+    expect(skipping.map((r) => r.match.path)).toEqual(["/healthz"]);
+  });
+
+  it("sets only context_extensions keys keygate reads, with scopes from the policy's catalog", () => {
+    const { envoy, policy } = read();
+    const catalog = new Set(policy.scopes.catalog);
+    const withExtensions = envoy.routes.map((r) => perRouteAuthz(r)?.check_settings?.context_extensions).filter((e) => e !== undefined);
+    expect(withExtensions.length).toBeGreaterThan(0);
+    for (const extensions of withExtensions) {
+      for (const key of Object.keys(extensions)) expect(EXTENSION_KEYS.has(key), key).toBe(true);
+      for (const scope of (extensions["required_scopes"] ?? "").split(",").map((s) => s.trim()).filter((s) => s !== "")) {
+        expect(catalog.has(scope), scope).toBe(true);
+      }
+      if (extensions["cost"] !== undefined) expect(extensions["cost"]).toMatch(/^\d{1,9}$/);
+    }
+  });
+
+  it("asks for exactly what keygate's routes table would, for every method and path", () => {
+    const { envoy, policy, table } = read();
+    const prefixes = new Set<string>(["/", "/unrouted", "/healthz"]);
+    for (const route of policy.routes) prefixes.add(route.pathPrefix);
+    for (const route of envoy.routes) {
+      const p = route.match.path_separated_prefix ?? route.match.prefix ?? route.match.path;
+      if (p !== undefined) prefixes.add(p);
+    }
+    const paths = [...prefixes].flatMap((p) => [p, `${p.replace(/\/$/, "")}/x`, `${p}x`]);
+    const methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+    let compared = 0;
+    for (const method of methods) {
+      for (const path of paths) {
+        const route = envoy.routes.find((r) => envoyRouteMatches(r, method, path));
+        expect(route, `${method} ${path} matches no Envoy route`).toBeDefined();
+        const authz = route === undefined ? undefined : perRouteAuthz(route);
+        if (authz?.disabled === true) continue;
+        const extensions = authz?.check_settings?.context_extensions;
+        expect(table.requirements(method, path, extensions), `${method} ${path}`).toEqual(table.requirements(method, path, undefined));
+        if (extensions !== undefined) compared += 1;
+      }
+    }
+    // Every route of the policy is mirrored by an Envoy route that sends its scopes.
+    for (const route of policy.routes) {
+      const method = route.method === "*" ? "GET" : route.method;
+      const envoyRoute = envoy.routes.find((r) => envoyRouteMatches(r, method, route.pathPrefix));
+      const sent = envoyRoute === undefined ? undefined : perRouteAuthz(envoyRoute)?.check_settings?.context_extensions?.["required_scopes"];
+      expect(sent, `${method} ${route.pathPrefix}`).toBe(route.requiredScopes.join(","));
+    }
+    expect(compared).toBeGreaterThan(0);
+  });
+});
+
+// ---- compose ------------------------------------------------------------------------------------
+
+const composeSchema = z.object({
+  services: z.record(
+    z.string(),
+    z.object({
+      image: z.string().optional(),
+      build: z.object({ context: z.string(), dockerfile: z.string() }).optional(),
+      environment: z.record(z.string(), z.union([z.string(), z.number(), z.boolean()])).default({}),
+      ports: z.array(z.string()).default([]),
+      volumes: z.array(z.string()).default([]),
+      depends_on: z.record(z.string(), z.object({ condition: z.string() })).default({}),
+    }),
+  ),
+});
+
+describe("deploy manifests: compose.yaml", () => {
+  const read = lazy(() => ({ compose: composeSchema.parse(loadOne(COMPOSE)), envoy: readEnvoy() }));
+
+  it("names its services as envoy.yaml addresses them", () => {
+    const { compose, envoy } = read();
+    const addresses = [...envoy.endpoints.values()].flat().map((a) => a.address);
+    expect(addresses.sort()).toEqual(["app", "keygate"]);
+    for (const address of addresses) expect(Object.keys(compose.services), address).toContain(address);
+    const envoyService = compose.services["envoy"];
+    expect(envoyService?.volumes.some((v) => v.startsWith("./envoy/envoy.yaml:"))).toBe(true);
+    expect(envoyService?.ports.some((p) => p.endsWith(":10000"))).toBe(true);
+    for (const [name, service] of Object.entries(compose.services)) {
+      for (const dependency of Object.keys(service.depends_on)) expect(Object.keys(compose.services), `${name} depends on ${dependency}`).toContain(dependency);
+    }
+    expect(Object.keys(compose.services["envoy"]?.depends_on ?? {}).sort()).toEqual(["app", "keygate"]);
+    const appPort = envoy.endpoints.get("app")?.[0]?.port_value;
+    expect(compose.services["app"]?.environment["HTTP_PORT"]).toBe(String(appPort));
+  });
+
+  it("builds keygate from deploy/Dockerfile and publishes its gRPC port", () => {
+    const { compose } = read();
+    const keygate = compose.services["keygate"];
+    expect(keygate?.build).toBeDefined();
+    const build = keygate?.build ?? { context: "", dockerfile: "" };
+    expect(resolve(DEPLOY, build.context, build.dockerfile)).toBe(DOCKERFILE);
+    const containerPorts = (keygate?.ports ?? []).map((p) => Number(p.split(":").at(-1)?.split("/")[0]));
+    expect(containerPorts).toContain(DEFAULTS.grpcPort);
+  });
+
+  it("points keygate at the compose MongoDB and Redis, and writes no secret inline", () => {
+    const { compose } = read();
+    const env = compose.services["keygate"]?.environment ?? {};
+    expect(Object.keys(compose.services)).toContain(new URL(String(env["KEYGATE_MONGODB_URI"])).hostname);
+    expect(Object.keys(compose.services)).toContain(new URL(String(env["KEYGATE_REDIS_URL"])).hostname);
+    const secretNames = Object.values(compose.services).flatMap((s) => Object.entries(s.environment)).filter(([k]) => /PEPPER|TOKEN|PASSWORD|SECRET/.test(k));
+    expect(secretNames.map(([k]) => k).sort()).toEqual(["KEYGATE_ADMIN_TOKENS", "KEYGATE_PEPPER"]);
+    for (const [key, value] of secretNames) expect(String(value), key).toMatch(new RegExp(`^\\$\\{${key}:\\?[^}]*\\}$`));
+  });
+});
+
+// ---- Dockerfile ---------------------------------------------------------------------------------
+
+interface Instruction {
+  op: string;
+  args: string;
+}
+
+/** Dockerfile instructions by stage, with line continuations joined and comments dropped. */
+function readDockerfile(path: string): Instruction[][] {
+  const joined = readFileSync(path, "utf8")
+    .split("\n")
+    .filter((line) => !/^\s*#/.test(line))
+    .join("\n")
+    .replace(/\\\n/g, " ");
+  const stages: Instruction[][] = [];
+  for (const line of joined.split("\n")) {
+    const m = /^\s*([A-Za-z]+)\s+(.*)$/.exec(line);
+    if (m === null) continue;
+    const op = (m[1] ?? "").toUpperCase();
+    if (op === "FROM") stages.push([]);
+    stages.at(-1)?.push({ op, args: (m[2] ?? "").trim() });
+  }
+  return stages;
+}
+
+describe("deploy manifests: Dockerfile", () => {
+  const stagesOf = lazy(() => readDockerfile(DOCKERFILE));
+  const args = (op: string) => (stagesOf().at(-1) ?? []).filter((i) => i.op === op).map((i) => i.args);
+
+  it("builds on Node 24 in every stage", () => {
+    const stages = stagesOf();
+    expect(stages.length).toBeGreaterThanOrEqual(2);
+    for (const stage of stages) expect(stage[0]?.args).toMatch(/^node:24[-.\w]*(\s+AS\s+\w+)?$/i);
+  });
+
+  it("runs as the same non-root uid the Deployment requires", () => {
+    const user = args("USER").at(-1) ?? "";
+    expect(user).not.toMatch(/^(root|0)(:|$)/);
+    const container = theContainer(theDeployment(renderKustomization(BASE)));
+    expect(user.split(":")[0]).toBe(String(container.securityContext.runAsUser));
+  });
+
+  it("starts keygate under tini, in production mode, with only production dependencies", () => {
+    const stages = stagesOf();
+    expect(args("ENV").join(" ")).toMatch(/\bNODE_ENV=production\b/);
+    expect(args("RUN").join(" ")).toMatch(/apt-get install[^&]*\btini\b/);
+    expect(JSON.parse(args("ENTRYPOINT").at(-1) ?? "null")).toEqual(["/usr/bin/tini", "--"]);
+    const bin = z.object({ bin: z.object({ keygate: z.string() }) }).parse(JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"))).bin.keygate;
+    expect(JSON.parse(args("CMD").at(-1) ?? "null")).toEqual(["node", bin, "serve"]);
+    expect(stages.flat().some((i) => i.op === "RUN" && i.args.includes("--omit=dev"))).toBe(true);
+  });
+
+  it("exposes keygate's ports and a data volume at KEYGATE_DATA_DIR", () => {
+    const exposed = args("EXPOSE").join(" ").split(/\s+/).map(Number);
+    expect(exposed).toEqual(expect.arrayContaining([DEFAULTS.grpcPort, DEFAULTS.httpAuthzPort, DEFAULTS.adminPort]));
+    const dataDir = /\bKEYGATE_DATA_DIR=(\S+)/.exec(args("ENV").join(" "))?.[1];
+    expect(dataDir).toBeDefined();
+    expect(JSON.parse(args("VOLUME").at(-1) ?? "null")).toEqual([dataDir]);
+  });
+
+  it("copies only paths that exist in the repository", () => {
+    const stages = stagesOf();
+    const copies = stages.flat().filter((i) => i.op === "COPY" && !i.args.startsWith("--from"));
+    expect(copies.length).toBeGreaterThan(0);
+    for (const copy of copies) {
+      const parts = copy.args.split(/\s+/).filter((p) => !p.startsWith("--"));
+      for (const source of parts.slice(0, -1)) expect(existsSync(join(ROOT, source)), source).toBe(true);
+    }
+  });
+});
+
+// ---- kubectl cross-check --------------------------------------------------------------------------
+
+function kubectlAvailable(): boolean {
+  try {
+    execFileSync("kubectl", ["version", "--client"], { stdio: "ignore" });
+    return true;
+  } catch {
+    return false;
+  }
+}
+const HAS_KUBECTL = kubectlAvailable();
+if (!HAS_KUBECTL) console.warn("deploy-manifests: kubectl not found; skipping the `kubectl kustomize` cross-check");
+
+describe.skipIf(!HAS_KUBECTL)("deploy manifests: kubectl kustomize", () => {
+  it.each([
+    { name: "dev", dir: OVERLAYS.dev },
+    { name: "prod", dir: OVERLAYS.prod },
+  ] as const)("renders $name as the checks above assume", ({ name, dir }) => {
+    const rendered = parseAllDocuments(execFileSync("kubectl", ["kustomize", dir], { encoding: "utf8" })).map((d): unknown => d.toJS());
+    const ids = (docs: readonly unknown[]) => docs.map((d) => `${idSchema.parse(d).kind}/${idSchema.parse(d).metadata.name}`).sort();
+    const ours = variantDocs(name);
+    expect(ids(rendered)).toEqual(ids(ours));
+    checkDeployment(rendered);
+    const deployment = theDeployment(rendered);
+    expect(deployment.spec.replicas).toBe(theDeployment(ours).spec.replicas);
+    expect(theContainer(deployment).env).toEqual(expect.arrayContaining(theContainer(theDeployment(ours)).env));
+    for (const doc of rendered) expect(z.object({ metadata: z.object({ namespace: z.string() }) }).parse(doc).metadata.namespace).toBe("keygate");
+    // The base kustomization's `images` entry replaces the placeholder name.
+    expect(theContainer(deployment).image).not.toBe("keygate");
+  });
+});
+
+// ---- Istio --------------------------------------------------------------------------------------
+
+describe("deploy manifests: Istio", () => {
+  const operator = lazy(() =>
+    z.object({
+      kind: z.literal("IstioOperator"),
+      spec: z.object({
+        meshConfig: z.object({
+          extensionProviders: z.array(z.object({ name: z.string(), envoyExtAuthzGrpc: z.record(z.string(), z.unknown()).optional() })),
+        }),
+      }),
+    })
+    .parse(loadOne(join(DEPLOY, "istio/mesh-config.yaml"))),
+  );
+  const policy = lazy(() =>
+    z.object({
+      kind: z.literal("AuthorizationPolicy"),
+      spec: z.object({
+        selector: z.object({ matchLabels: labelsSchema }),
+        action: z.string(),
+        provider: z.object({ name: z.string() }),
+        rules: z.array(z.object({ to: z.array(z.object({ operation: z.object({ paths: z.array(z.string()).optional(), notPaths: z.array(z.string()).optional() }) })) })),
+      }),
+    })
+    .parse(loadOne(join(DEPLOY, "istio/authorization-policy.yaml"))),
+  );
+
+  it("registers keygate's gRPC Service as a fail-closed ext_authz provider", () => {
+    const provider = operator().spec.meshConfig.extensionProviders.find((p) => p.name === "keygate");
+    const grpc = z
+      .strictObject({
+        service: z.string(),
+        port: z.number().int(),
+        timeout: z.string().regex(/^\d+(\.\d+)?(ms|s)$/),
+        failOpen: z.boolean(),
+        statusOnError: z.string().optional(),
+        clearRouteCache: z.boolean().optional(),
+        includeRequestBodyInCheck: z.unknown().optional(),
+      })
+      .parse(provider?.envoyExtAuthzGrpc);
+    const namespace = kustomizationSchema.parse(loadOne(join(BASE, "kustomization.yaml"))).namespace;
+    expect(grpc.service).toBe(`keygate-authz.${namespace}.svc.cluster.local`);
+    const authz = ofKind(variantDocs("prod"), "Service", serviceSchema).find((s) => s.metadata.name === "keygate-authz");
+    expect(authz?.spec.ports.find((p) => p.port === grpc.port)?.appProtocol).toBe("grpc");
+    expect(grpc.failOpen).toBe(false);
+    expect(grpc.includeRequestBodyInCheck).toBeUndefined();
+  });
+
+  it("sends every request to sample-api except /healthz through keygate", () => {
+    expect(policy().spec.action).toBe("CUSTOM");
+    expect(operator().spec.meshConfig.extensionProviders.map((p) => p.name)).toContain(policy().spec.provider.name);
+    expect(policy().spec.selector.matchLabels).toEqual({ app: "sample-api" });
+    const operations = policy().spec.rules.flatMap((r) => r.to.map((t) => t.operation));
+    expect(operations).toHaveLength(1);
+    expect(operations[0]).toEqual({ notPaths: ["/healthz"] });
+  });
+});
