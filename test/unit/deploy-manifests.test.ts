@@ -37,6 +37,7 @@ const ALLOWED_KINDS: Readonly<Record<string, readonly string[]>> = {
   Kustomization: ["kustomize.config.k8s.io/v1beta1"],
   AuthorizationPolicy: ["security.istio.io/v1", "security.istio.io/v1beta1"],
   IstioOperator: ["install.istio.io/v1alpha1"],
+  ServiceMonitor: ["monitoring.coreos.com/v1"],
 };
 
 // ---- reading ------------------------------------------------------------------------------------
@@ -1022,5 +1023,46 @@ describe("deploy manifests: Istio", () => {
     const operations = policy().spec.rules.flatMap((r) => r.to.map((t) => t.operation));
     expect(operations).toHaveLength(1);
     expect(operations[0]).toEqual({ notPaths: ["/healthz"] });
+  });
+});
+
+describe("deploy manifests: monitoring", () => {
+  it("the ServiceMonitor scrapes /metrics on the admin Service's named port", () => {
+    const monitor = z
+      .object({
+        spec: z.object({
+          selector: z.object({ matchLabels: z.record(z.string(), z.string()) }),
+          endpoints: z.array(z.object({ port: z.string(), path: z.string() })),
+        }),
+      })
+      .parse(loadOne(join(K8S, "monitoring", "servicemonitor.yaml")));
+    const services = ofKind(loadDocs(join(BASE, "service.yaml")), "Service", z.object({
+      metadata: z.object({ name: z.string(), labels: z.record(z.string(), z.string()) }),
+      spec: z.object({ ports: z.array(z.object({ name: z.string() })) }),
+    }));
+    const selected = services.filter((s) => selects(monitor.spec.selector.matchLabels, s.metadata.labels));
+    expect(selected.map((s) => s.metadata.name)).toEqual(["keygate-admin"]);
+    for (const endpoint of monitor.spec.endpoints) {
+      expect(endpoint.path).toBe("/metrics");
+      expect(selected[0]?.spec.ports.map((p) => p.name)).toContain(endpoint.port);
+    }
+  });
+
+  it("the Grafana dashboard queries only metrics keygate exports", async () => {
+    const dashboard = z
+      .object({ panels: z.array(z.object({ title: z.string(), targets: z.array(z.object({ expr: z.string() })) })) })
+      .parse(JSON.parse(readFileSync(join(DEPLOY, "grafana", "keygate-dashboard.json"), "utf8")));
+    const { Metrics } = await import("../../src/server/metrics.js");
+    const exported = new Set((await new Metrics({ defaultMetrics: true }).registry.getMetricsAsJSON()).map((m) => m.name));
+    const titles = dashboard.panels.map((p) => p.title.toLowerCase()).join(" | ");
+    for (const topic of ["checks per second", "errors", "p99", "cache hit ratio", "denials by reason"]) expect(titles).toContain(topic);
+    for (const panel of dashboard.panels) {
+      for (const target of panel.targets) {
+        for (const [name] of target.expr.matchAll(/\b(keygate_[a-z_]+|process_[a-z_]+)/g)) {
+          const base = name.replace(/_(bucket|sum|count)$/, "");
+          expect(exported.has(base), `${panel.title}: ${name}`).toBe(true);
+        }
+      }
+    }
   });
 });
