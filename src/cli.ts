@@ -1,59 +1,66 @@
 #!/usr/bin/env node
-import { Command } from "commander";
-import { ConfigError, loadConfig } from "./config.js";
-import { buildKeygate } from "./server/app.js";
-import { createLogger } from "./server/logger.js";
+import { Command, CommanderError, Option } from "commander";
+import { DEFAULT_ADMIN_URL } from "./cli/client.js";
+import { registerAccounts } from "./cli/commands/accounts.js";
+import { registerAudit } from "./cli/commands/audit.js";
+import { registerKeys } from "./cli/commands/keys.js";
+import { registerUsage } from "./cli/commands/usage.js";
+import { CliFailure } from "./cli/errors.js";
 
-/** Configuration mistakes exit 2 with the message; anything else is a crash. */
-function exitOnConfigError(error: unknown): never {
-  if (error instanceof ConfigError) {
-    process.stderr.write(`keygate: ${error.message}\n`);
-    process.exit(2);
-  }
-  throw error;
-}
+// Exit codes: 0 ok, 1 an error from keygate (or no keygate to talk to), 2 bad usage.
+const EXIT_USAGE = 2;
 
-async function serve(): Promise<void> {
-  let config;
-  try {
-    config = loadConfig();
-  } catch (error) {
-    exitOnConfigError(error);
-  }
-  const logger = createLogger(config.logLevel);
-  const keygate = await buildKeygate(config, { logger }).catch(exitOnConfigError);
-  const ports = await keygate.start();
-  if (keygate.generatedAdminToken !== null) {
-    // Printed once, on the start that created it, and never logged.
-    process.stdout.write(
-      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${keygate.generatedAdminToken}\n` +
-        `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
-        `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
-    );
-  }
-  let stopping = false;
-  const shutdown = (signal: string): void => {
-    if (stopping) return;
-    stopping = true;
-    logger.info({ signal }, "draining");
-    keygate.stop().then(
-      () => process.exit(0),
-      (error: unknown) => {
-        logger.error({ err: error }, "shutdown failed");
-        process.exit(1);
-      },
-    );
-  };
-  process.on("SIGTERM", () => shutdown("SIGTERM"));
-  process.on("SIGINT", () => shutdown("SIGINT"));
-}
-
+// Settings made before .command() are inherited by every subcommand: usage errors throw (so they
+// exit 2, not commander's 1) and every --help lists --url, --token and --json.
 const program = new Command()
   .name("keygate")
-  .description("API-key service: Envoy ext_authz Check and the KeyAdmin lifecycle API");
-program
+  .description("API-key service: Envoy ext_authz Check and the KeyAdmin lifecycle API")
+  .exitOverride()
+  .configureHelp({ showGlobalOptions: true })
+  // The CLI is a KeyAdmin client, not the server: these two variables are its own and are not
+  // part of the server's Config (src/config.ts), which only `serve` reads.
+  .addOption(new Option("--url <url>", "keygate's admin (KeyAdmin) URL").env("KEYGATE_URL").default(DEFAULT_ADMIN_URL))
+  .addOption(new Option("--token <token>", "an admin token; prefer the variable, which stays out of shell history").env("KEYGATE_ADMIN_TOKEN"))
+  .option("--json", "print the KeyAdmin response as proto JSON (for scripts)")
+  .addHelpText("after", "\nExit codes: 0 ok; 1 keygate refused the call or could not be reached; 2 bad usage.");
+
+const serveCommand = program
   .command("serve", { isDefault: true })
   .description("run the authz (gRPC and HTTP) and admin listeners")
-  .action(serve);
+  // As the default command, serve receives whatever word was not a command; it refuses it below
+  // as an unknown command rather than as an argument serve never takes.
+  .allowExcessArguments()
+  .action(async () => {
+    const [unknown] = serveCommand.args;
+    if (unknown !== undefined) program.error(`unknown command '${unknown}'`, { code: "commander.unknownCommand" });
+    // Loaded on demand, so client subcommands do not pay for the server's modules.
+    const { serve } = await import("./cli/commands/serve.js");
+    await serve();
+  });
+registerKeys(program);
+registerAccounts(program);
+registerUsage(program);
+registerAudit(program);
 
-await program.parseAsync(process.argv);
+/** Commander's usage errors as one line that says where the usage is explained. */
+function oneLineErrors(command: Command, path: string): void {
+  command.configureOutput({
+    outputError: (message, write) => write(`keygate: ${message.replace(/^error: /, "").trimEnd()} (see: ${path} --help)\n`),
+  });
+  for (const sub of command.commands) oneLineErrors(sub, `${path} ${sub.name()}`);
+}
+oneLineErrors(program, "keygate");
+
+try {
+  await program.parseAsync(process.argv);
+} catch (error) {
+  if (error instanceof CommanderError) {
+    // --help exits 0; everything else commander refuses (including a bare `keygate keys`) is usage.
+    process.exitCode = error.exitCode === 0 ? 0 : EXIT_USAGE;
+  } else if (error instanceof CliFailure) {
+    process.stderr.write(`keygate: ${error.message}\n`);
+    process.exitCode = error.exitCode;
+  } else {
+    throw error;
+  }
+}

@@ -1,0 +1,52 @@
+import type { Command } from "commander";
+import { z } from "zod";
+import { AddCreditsResponseSchema, GetAccountResponseSchema, UpsertAccountResponseSchema } from "../../gen/keygate/v1/key_admin_pb.js";
+import type { Account } from "../../gen/keygate/v1/key_admin_pb.js";
+import { argsOf, onRun, optionsOf } from "../context.js";
+import { credits } from "../parsers.js";
+import { oneId } from "../schemas.js";
+import { accountDetails } from "../views.js";
+
+function shown(account: Account | undefined): string {
+  return account === undefined ? "" : accountDetails(account);
+}
+
+/** `keygate accounts …`: the owners of keys, their plans and credits. */
+export function registerAccounts(program: Command): void {
+  const accounts = program.command("accounts").description("create and change accounts (the owners of keys), their plans and credits");
+
+  const set = accounts
+    .command("set")
+    .description("create an account, or change the fields given")
+    .argument("<owner>", "owner id")
+    .option("--plan <plan>", "a plan from the policy, e.g. basic, pro, business")
+    .option("--subscription <status>", "active, none, past_due or canceled")
+    .option("--role <role>", "standard, premium or admin");
+  const setSchema = z.object({ plan: z.string().optional(), subscription: z.string().optional(), role: z.string().optional() });
+  onRun(set, async (context) => {
+    const [ownerId] = argsOf(set, oneId);
+    const options = optionsOf(set, setSchema);
+    const response = await context.admin.upsertAccount({ ownerId, plan: options.plan, subscriptionStatus: options.subscription, role: options.role });
+    context.emit(UpsertAccountResponseSchema, response, () => shown(response.account));
+  });
+
+  const get = accounts.command("get").description("show an account: plan, key cap, credits, quota and rate limit").argument("<owner>", "owner id");
+  onRun(get, async (context) => {
+    const [ownerId] = argsOf(get, oneId);
+    const response = await context.admin.getAccount({ ownerId });
+    context.emit(GetAccountResponseSchema, response, () => shown(response.account));
+  });
+
+  const addCredits = accounts
+    .command("add-credits")
+    .description("top up an account's credit balance (adds; never replaces)")
+    .argument("<owner>", "owner id")
+    .argument("<amount>", "credits to add, 1 to 1000000000", credits)
+    .option("--reason <text>", "why (an order id, say); kept in the log and the audit trail");
+  onRun(addCredits, async (context) => {
+    const [ownerId, amount] = argsOf(addCredits, z.tuple([z.string(), z.bigint()]));
+    const options = optionsOf(addCredits, z.object({ reason: z.string().optional() }));
+    const response = await context.admin.addCredits({ ownerId, amount, reason: options.reason ?? "" });
+    context.emit(AddCreditsResponseSchema, response, () => shown(response.account));
+  });
+}

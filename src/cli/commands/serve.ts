@@ -1,0 +1,48 @@
+import { ConfigError, loadConfig } from "../../config.js";
+import { buildKeygate } from "../../server/app.js";
+import { createLogger } from "../../server/logger.js";
+
+/** Configuration mistakes exit 2 with the message; anything else is a crash. */
+function exitOnConfigError(error: unknown): never {
+  if (error instanceof ConfigError) {
+    process.stderr.write(`keygate: ${error.message}\n`);
+    process.exit(2);
+  }
+  throw error;
+}
+
+/** `keygate serve`: reads the environment, starts every listener, and drains on SIGTERM or SIGINT. */
+export async function serve(): Promise<void> {
+  let config;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    exitOnConfigError(error);
+  }
+  const logger = createLogger(config.logLevel);
+  const keygate = await buildKeygate(config, { logger }).catch(exitOnConfigError);
+  const ports = await keygate.start();
+  if (keygate.generatedAdminToken !== null) {
+    // Printed once, on the start that created it, and never logged.
+    process.stdout.write(
+      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${keygate.generatedAdminToken}\n` +
+        `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
+        `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
+    );
+  }
+  let stopping = false;
+  const shutdown = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
+    logger.info({ signal }, "draining");
+    keygate.stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        logger.error({ err: error }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", () => shutdown("SIGTERM"));
+  process.on("SIGINT", () => shutdown("SIGINT"));
+}

@@ -1,0 +1,65 @@
+import { toJson } from "@bufbuild/protobuf";
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import { ConnectError } from "@connectrpc/connect";
+import type { Command } from "commander";
+import { z } from "zod";
+import { createAdminClient } from "./client.js";
+import type { AdminClient } from "./client.js";
+import { serverFailure } from "./errors.js";
+
+/** What a KeyAdmin subcommand runs with: the client, where it points, and how to print. */
+export interface CliContext {
+  admin: AdminClient;
+  url: string;
+  json: boolean;
+  /** Prints a response: proto JSON (as the KeyAdmin API sends it) with --json, else the human text. */
+  emit<Desc extends DescMessage>(schema: Desc, message: MessageShape<Desc>, human: () => string): void;
+}
+
+// Commander hands option values over as `any`; these schemas are where they become typed.
+const globalOptions = z.object({ url: z.string(), token: z.string().optional(), json: z.boolean().optional() });
+
+function contextFor(command: Command): CliContext {
+  const globals = globalOptions.parse(command.optsWithGlobals());
+  let url: URL;
+  try {
+    url = new URL(globals.url);
+  } catch {
+    command.error(`--url must be an http(s) URL such as http://127.0.0.1:8080; got "${globals.url}"`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") command.error(`--url must start with http:// or https://; got "${globals.url}"`);
+  if (globals.token === undefined || globals.token === "") command.error("no admin token: set --token or KEYGATE_ADMIN_TOKEN");
+  const baseUrl = globals.url.replace(/\/+$/, "");
+  const json = globals.json === true;
+  return {
+    admin: createAdminClient(baseUrl, globals.token),
+    url: baseUrl,
+    json,
+    emit(schema, message, human) {
+      process.stdout.write(json ? `${JSON.stringify(toJson(schema, message), null, 2)}\n` : human());
+    },
+  };
+}
+
+/** Commander's untyped positional arguments for `command`, checked against a zod schema. */
+export function argsOf<S extends z.ZodType>(command: Command, schema: S): z.output<S> {
+  return schema.parse(command.processedArgs);
+}
+
+/** Commander's untyped options for `command` (its own, not the global ones), checked against a zod schema. */
+export function optionsOf<S extends z.ZodType>(command: Command, schema: S): z.output<S> {
+  return schema.parse(command.opts());
+}
+
+/** Sets `command`'s action to `run` with a KeyAdmin context; a server error becomes a one-line failure (exit 1). */
+export function onRun(command: Command, run: (context: CliContext) => Promise<void>): Command {
+  return command.action(async () => {
+    const context = contextFor(command);
+    try {
+      await run(context);
+    } catch (error) {
+      if (error instanceof ConnectError) throw serverFailure(error, context.url);
+      throw error;
+    }
+  });
+}
