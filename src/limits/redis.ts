@@ -11,7 +11,7 @@ import type { UsageRecorder } from "./usage.js";
 // One round trip per Check: rate (GCRA), daily quota and credits are tested in that order and
 // charged together only when all pass. Same arithmetic as limits.ts.
 // KEYS: rate bucket, quota counter, credit hash.
-// ARGV: now ms, window ms, limit, quota (-1 none), quota expiry ms, metered (0/1), allowance, period, cost,
+// ARGV: now ms, window ms, limit, quota (-1 none), quota lifetime ms, metered (0/1), allowance, period, cost,
 //       dry run (1: report the state and write nothing).
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up.
@@ -78,7 +78,7 @@ end
 redis.call('SET', KEYS[1], string.format('%.4f', nextTat), 'PX', resetMs + 1000)
 if quota >= 0 then
   used = redis.call('INCR', KEYS[2])
-  redis.call('PEXPIREAT', KEYS[2], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 return {0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup}
 `;
@@ -163,7 +163,8 @@ export class RedisMeter implements Meter {
         input.rate.windowSeconds * 1000,
         input.rate.limit,
         input.dailyQuota ?? -1,
-        midnightMs + QUOTA_KEEP_MS,
+        // Relative, so the counter's life does not depend on Redis's clock agreeing with ours.
+        midnightMs + QUOTA_KEEP_MS - nowMs,
         input.monthlyCredits === null ? 0 : 1,
         input.monthlyCredits ?? 0,
         period,

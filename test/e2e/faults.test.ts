@@ -58,7 +58,10 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     mongo = await startMongoWire();
     dir = mkdtempSync(join(tmpdir(), "keygate-faults-"));
     const policy = join(dir, "policy.yaml");
-    writeFileSync(policy, stringify(TEST_POLICY));
+    // A plan whose rate limit the load cannot reach: these tests count fault answers, and a
+    // 429 from a fast machine would be a correct refusal that hides what they measure.
+    const plans = { ...TEST_POLICY.plans, load: { maxActiveKeys: 100, rateLimit: { limit: 10_000_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } };
+    writeFileSync(policy, stringify({ ...TEST_POLICY, plans }));
     keygate = await spawnKeygate({
       cwd: dir,
       env: {
@@ -75,7 +78,7 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
       },
     });
     for (let i = 0; i < 20; i++) {
-      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: `faults-${i}`, plan: "business" });
+      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: `faults-${i}`, plan: "load" });
       const created = await postJson(keygate.ports.admin, "CreateKey", { ownerId: `faults-${i}`, name: "f" });
       const secret = created.json["secret"];
       if (typeof secret === "string") secrets.push(secret);
@@ -97,7 +100,7 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     const restartedAt = performance.now();
     // Recovered when a change can tell the caches again (the bus and L2 are back).
     for (;;) {
-      if ((await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "business" })).status === 200) break;
+      if ((await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "load" })).status === 200) break;
       if (performance.now() - restartedAt > 15_000) throw new Error("Redis did not come back within 15 s");
       await new Promise((r) => setTimeout(r, 20));
     }
@@ -121,7 +124,7 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     // The test server comes back empty; recovery is the first key created and checked after it.
     let recoveryMs = 0;
     for (;;) {
-      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-after", plan: "business" }).catch(() => undefined);
+      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-after", plan: "load" }).catch(() => undefined);
       const created = await postJson(keygate.ports.admin, "CreateKey", { ownerId: "faults-after", name: `after-${fresh.length}` }).catch(() => null);
       const secret = created?.json["secret"];
       if (typeof secret === "string") {
