@@ -1,0 +1,117 @@
+import { Command, InvalidArgumentError } from "commander";
+import { z } from "zod";
+
+/** Every setting of a bench run, after defaults for full or quick mode. */
+export interface BenchOptions {
+  quick: boolean;
+  keys: number;
+  accounts: number;
+  seconds: number;
+  rps: number;
+  modes: Array<"embedded" | "redis-mongo">;
+  memory: boolean;
+  memoryKeys: number;
+  memoryTouch: number;
+  hotKeys: number;
+  mixedEntries: number;
+  floodEntries: number;
+  profile: boolean;
+  out: string;
+  node: string;
+  build: boolean;
+  source: boolean;
+  dataFormat: "binary" | "json";
+  satConnections: number;
+  satConcurrency: number;
+  fixedConnections: number;
+  fixedConcurrency: number;
+  ghzCpus: number;
+}
+
+const FULL = { keys: 100_000, accounts: 10_000, seconds: 10, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
+const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 2_000, mixedEntries: 2_000, floodEntries: 2_000 };
+
+function count(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError("expected a whole number above 0");
+  return n;
+}
+
+const rawSchema = z.object({
+  quick: z.boolean().default(false),
+  keys: z.number().optional(),
+  accounts: z.number().optional(),
+  seconds: z.number().optional(),
+  rps: z.number(),
+  modes: z.string(),
+  memory: z.boolean(),
+  memoryKeys: z.number().optional(),
+  memoryTouch: z.number().optional(),
+  hotKeys: z.number().optional(),
+  mixedEntries: z.number().optional(),
+  floodEntries: z.number().optional(),
+  profile: z.boolean().default(false),
+  out: z.string(),
+  node: z.string(),
+  build: z.boolean(),
+  source: z.boolean().default(false),
+  dataFormat: z.enum(["binary", "json"]),
+  satConnections: z.number(),
+  satConcurrency: z.number(),
+  fixedConnections: z.number(),
+  fixedConcurrency: z.number(),
+  ghzCpus: z.number(),
+});
+
+const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
+
+function command(): Command {
+  return new Command()
+    .name("bench")
+    .description("Benchmarks keygate's Authorization/Check against a no-op grpc-js server with ghz (see issue 6)")
+    .option("--quick", "small sizes and short runs (under 2 minutes)")
+    .option("--keys <n>", "keys to seed (full 100000, quick 5000)", count)
+    .option("--accounts <n>", "accounts the keys spread over (full 10000, quick 500)", count)
+    .option("--seconds <n>", "length of each saturation and fixed-rate run (full 10, quick 2)", count)
+    .option("--rps <n>", "the fixed rate for latency", count, 5000)
+    .option("--modes <list>", "keygate modes: embedded, redis-mongo", "embedded,redis-mongo")
+    .option("--no-memory", "skip the memory scenario")
+    .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
+    .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)
+    .option("--hot-keys <n>", "distinct keys in the hot set (full 20000, quick 2000)", count)
+    .option("--mixed-entries <n>", "requests in the mixed data file", count)
+    .option("--flood-entries <n>", "requests in the flood data files", count)
+    .option("--profile", "also run hot once under node --cpu-prof and summarize the profile")
+    .option("--out <dir>", "where the results JSON goes", "bench/results")
+    .option("--node <path>", "node binary for keygate and the no-op server", process.execPath)
+    .option("--no-build", "use the existing dist/ instead of building it first")
+    .option("--source", "run keygate from src/ through tsx instead of dist/")
+    .option("--data-format <format>", "ghz request data: binary (size-delimited) or json (array)", "binary")
+    .option("--sat-connections <n>", "ghz connections for saturation runs", count, 4)
+    .option("--sat-concurrency <n>", "ghz workers for saturation runs", count, 64)
+    .option("--fixed-connections <n>", "ghz connections for fixed-rate runs", count, 2)
+    .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs (enough to hold the rate at a few ms of latency)", count, 32)
+    .option("--ghz-cpus <n>", "GOMAXPROCS of ghz (1 leaves a core to the server on 2 cores)", count, 1);
+}
+
+/** Parses the command line (commander) and fills in the full or quick defaults. */
+export function parseOptions(argv: readonly string[]): BenchOptions {
+  const program = command();
+  program.parse([...argv]);
+  const raw = rawSchema.parse(program.opts());
+  const sizes = raw.quick ? QUICK : FULL;
+  const keys = raw.keys ?? sizes.keys;
+  const accounts = Math.min(raw.accounts ?? sizes.accounts, keys);
+  return {
+    ...raw,
+    keys,
+    accounts,
+    seconds: raw.seconds ?? sizes.seconds,
+    modes: modeSchema.parse(raw.modes.split(",").map((m) => m.trim())),
+    memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
+    memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,
+    hotKeys: raw.hotKeys ?? sizes.hotKeys,
+    mixedEntries: raw.mixedEntries ?? sizes.mixedEntries,
+    floodEntries: raw.floodEntries ?? sizes.floodEntries,
+  };
+}

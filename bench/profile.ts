@@ -1,0 +1,144 @@
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { z } from "zod";
+import type { DataFile } from "./data.js";
+import { pass, saturation } from "./measure.js";
+import type { LoadSettings, PhaseResult } from "./measure.js";
+import { round } from "./processes.js";
+import type { Target } from "./targets.js";
+
+const root = resolve(import.meta.dirname, "..");
+
+const callFrameSchema = z.object({ functionName: z.string(), url: z.string(), lineNumber: z.number() });
+const cpuProfileSchema = z.object({
+  nodes: z.array(z.object({ id: z.number(), callFrame: callFrameSchema })),
+  startTime: z.number(),
+  endTime: z.number(),
+  samples: z.array(z.number()),
+  timeDeltas: z.array(z.number()),
+});
+
+/** One function's share of the sampled CPU time. */
+export interface HotFunction {
+  functionName: string;
+  location: string;
+  category: string;
+  selfMs: number;
+  selfPercent: number;
+}
+
+/** The self-time summary of a .cpuprofile over a window. */
+export interface ProfileSummary {
+  /** Samples in the window, and the share of them that was idle. */
+  samples: number;
+  windowSeconds: number;
+  idlePercent: number;
+  /** Percentages are of the non-idle samples. */
+  top: HotFunction[];
+  byCategory: Array<{ category: string; selfPercent: number }>;
+}
+
+function relativeLocation(url: string, line: number): string {
+  if (url === "") return "";
+  const path = url.startsWith("file://") ? fileURLToPath(url) : url;
+  const shown = path.startsWith(`${root}/`) ? path.slice(root.length + 1) : path;
+  return `${shown}:${line + 1}`;
+}
+
+/** Where a function lives: a package, node's internals, keygate's own code, or V8 itself. */
+export function categoryOf(functionName: string, url: string): string {
+  if (url === "") return functionName.startsWith("(") ? functionName : "(native)";
+  if (url.startsWith("node:")) return "node internals";
+  const modules = url.lastIndexOf("/node_modules/");
+  if (modules >= 0) {
+    const parts = url.slice(modules + "/node_modules/".length).split("/");
+    return (parts[0] ?? "").startsWith("@") ? `${parts[0] ?? ""}/${parts[1] ?? ""}` : (parts[0] ?? "");
+  }
+  const path = url.startsWith("file://") ? fileURLToPath(url) : url;
+  if (path.startsWith(join(root, "src")) || path.startsWith(join(root, "dist"))) return `keygate ${path.slice(root.length + 1).split("/").slice(0, 2).join("/")}`;
+  return "other";
+}
+
+/**
+ * Self time per function from a .cpuprofile, counting only samples taken between
+ * `fromEndMs` and `toEndMs` before the profile's end (the measured run, not start-up or warm-up).
+ */
+export function summarizeProfile(text: string, window: { fromEndMs: number; toEndMs: number }, topN = 25): ProfileSummary {
+  const profile = cpuProfileSchema.parse(JSON.parse(text));
+  const frames = new Map(profile.nodes.map((n) => [n.id, n.callFrame]));
+  const from = profile.endTime - window.fromEndMs * 1000;
+  const to = profile.endTime - window.toEndMs * 1000;
+  const selfSamples = new Map<number, number>();
+  let time = profile.startTime;
+  let counted = 0;
+  profile.samples.forEach((nodeId, i) => {
+    time += profile.timeDeltas[i] ?? 0;
+    if (time < from || time > to) return;
+    selfSamples.set(nodeId, (selfSamples.get(nodeId) ?? 0) + 1);
+    counted++;
+  });
+  const byFunction = new Map<string, HotFunction>();
+  let idle = 0;
+  for (const [nodeId, n] of selfSamples) {
+    const frame = frames.get(nodeId);
+    if (frame === undefined) continue;
+    if (frame.functionName === "(idle)") {
+      idle += n;
+      continue;
+    }
+    const location = relativeLocation(frame.url, frame.lineNumber);
+    const key = `${frame.functionName}@${location}`;
+    const entry = byFunction.get(key) ?? { functionName: frame.functionName || "(anonymous)", location, category: categoryOf(frame.functionName, frame.url), selfMs: 0, selfPercent: 0 };
+    entry.selfMs += n;
+    byFunction.set(key, entry);
+  }
+  const busy = Math.max(1, counted - idle);
+  const msPerSample = counted > 0 ? (to - from) / 1000 / counted : 0;
+  const functions = [...byFunction.values()].map((f) => ({ ...f, selfPercent: round((100 * f.selfMs) / busy, 1), selfMs: round(f.selfMs * msPerSample, 1) }));
+  const categories = new Map<string, number>();
+  for (const f of functions) categories.set(f.category, (categories.get(f.category) ?? 0) + f.selfPercent);
+  return {
+    samples: counted,
+    windowSeconds: round((to - from) / 1e6, 2),
+    idlePercent: round((100 * idle) / Math.max(1, counted), 1),
+    top: functions.sort((a, b) => b.selfPercent - a.selfPercent).slice(0, topN),
+    byCategory: [...categories].map(([category, selfPercent]) => ({ category, selfPercent: round(selfPercent, 1) })).sort((a, b) => b.selfPercent - a.selfPercent),
+  };
+}
+
+/** A profiled hot run: the run itself and the profile of keygate during it. */
+export interface ProfiledRun {
+  run: PhaseResult;
+  profile: ProfileSummary;
+}
+
+/**
+ * Runs hot against a keygate started with --cpu-prof: a warm-up pass, one saturation run, then
+ * SIGTERM so that node writes the profile, which is cut to the saturation run.
+ */
+export async function profileHot(start: (label: string, nodeArgs: readonly string[]) => Promise<Target>, settings: LoadSettings, hot: DataFile): Promise<ProfiledRun> {
+  const dir = mkdtempSync(join(tmpdir(), "keygate-cpuprof-"));
+  try {
+    const target = await start("keygate embedded (--cpu-prof)", ["--cpu-prof", "--cpu-prof-dir", dir]);
+    let run: PhaseResult;
+    let startedAt: number;
+    let endedAt: number;
+    try {
+      await pass(target, settings, hot);
+      startedAt = performance.now();
+      run = await saturation(target, settings, hot);
+      endedAt = performance.now();
+    } finally {
+      await target.stop();
+    }
+    const exitedAt = performance.now();
+    const file = readdirSync(dir).find((name) => name.endsWith(".cpuprofile"));
+    if (file === undefined) throw new Error(`keygate wrote no .cpuprofile into ${dir}`);
+    const profile = summarizeProfile(readFileSync(join(dir, file), "utf8"), { fromEndMs: exitedAt - startedAt, toEndMs: exitedAt - endedAt });
+    return { run, profile };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}

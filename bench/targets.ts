@@ -1,0 +1,81 @@
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+import { z } from "zod";
+import { spawnTracked, waitForJsonLine } from "./processes.js";
+import type { TrackedChild } from "./processes.js";
+
+const root = resolve(import.meta.dirname, "..");
+// Children run in other directories, so the TypeScript loader is named by absolute URL.
+const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
+const START_TIMEOUT_MS = 60_000;
+
+/** How keygate is run: the built JavaScript (as `npm start` does) or the sources through tsx. */
+export type KeygateBuild = "dist" | "source";
+
+/** A server the load generator drives. */
+export interface Target {
+  readonly label: string;
+  readonly grpcPort: number;
+  /** keygate's admin port (for /metrics); null for the no-op server. */
+  readonly adminPort: number | null;
+  readonly process: TrackedChild;
+  /** Backend servers whose CPU is measured with the target's (Redis, the MongoDB-wire server). */
+  readonly companions?: ReadonlyArray<{ name: string; pid: number }>;
+  stop(): Promise<void>;
+}
+
+/** How to start keygate. */
+export interface KeygateLaunch {
+  node: string;
+  build: KeygateBuild;
+  cwd: string;
+  /** Exactly the KEYGATE_* variables the child gets. */
+  env: Record<string, string>;
+  /** Extra node flags, e.g. --cpu-prof. */
+  nodeArgs?: readonly string[];
+}
+
+const keygateListening = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), adminPort: z.number() });
+const noopListening = z.object({ msg: z.literal("noop listening"), grpcPort: z.number() });
+
+/** The entry file of keygate for a build. */
+export function keygateEntry(build: KeygateBuild): string[] {
+  return build === "dist" ? [join(root, "dist/cli.js")] : ["--import", tsxLoader, join(root, "src/cli.ts")];
+}
+
+/** True when `npm run build` output is present. */
+export function distBuilt(): boolean {
+  return existsSync(join(root, "dist/cli.js"));
+}
+
+async function stopGracefully(child: TrackedChild, label: string): Promise<void> {
+  const code = await child.stop("SIGTERM");
+  if (code !== 0) process.stderr.write(`bench: ${label} exited with ${String(code)} on SIGTERM:\n${child.output().slice(-2000)}\n`);
+}
+
+/** Starts `keygate serve` on 127.0.0.1 with ephemeral ports and waits until it listens. */
+export async function startKeygate(label: string, launch: KeygateLaunch): Promise<Target> {
+  const env = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
+  const args = [...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
+  const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env });
+  try {
+    const ready = await waitForJsonLine(child, keygateListening, START_TIMEOUT_MS);
+    return { label, grpcPort: ready.grpcPort, adminPort: ready.adminPort, process: child, stop: () => stopGracefully(child, label) };
+  } catch (error) {
+    await child.stop("SIGKILL");
+    throw error;
+  }
+}
+
+/** Starts the no-op Check server (bench/noop-server.ts) as its own process. */
+export async function startNoop(node: string): Promise<Target> {
+  const child = spawnTracked("noop", node, ["--import", tsxLoader, join(root, "bench/noop-server.ts")], { cwd: root, env: {} });
+  try {
+    const ready = await waitForJsonLine(child, noopListening, START_TIMEOUT_MS);
+    return { label: "noop", grpcPort: ready.grpcPort, adminPort: null, process: child, stop: () => stopGracefully(child, "noop") };
+  } catch (error) {
+    await child.stop("SIGKILL");
+    throw error;
+  }
+}
