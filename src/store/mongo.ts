@@ -294,7 +294,7 @@ export class MongoKeyStore implements KeyStore {
     if (input.role !== undefined) set.role = input.role;
     else onInsert.role = defaults.role;
     const doc = await guarded(() =>
-      this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, new: true }).lean<AccountDoc>(),
+      this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, returnDocument: "after" }).lean<AccountDoc>(),
     );
     if (doc === null) throw new Error(`upsert of account ${input.ownerId} returned nothing`);
     return toAccount(doc);
@@ -388,7 +388,7 @@ export class MongoKeyStore implements KeyStore {
     if (patch.rateLimit !== undefined) {
       set.rate_limit = patch.rateLimit === null ? null : { limit: patch.rateLimit.limit, window_seconds: patch.rateLimit.windowSeconds };
     }
-    const doc = await guarded(() => this.#keys.findByIdAndUpdate(id, { $set: set }, { new: true }).lean<KeyDoc>());
+    const doc = await guarded(() => this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>());
     return doc === null ? null : toKey(doc);
   }
 
@@ -419,7 +419,7 @@ export class MongoKeyStore implements KeyStore {
               counted: false,
             },
           },
-          { new: true },
+          { returnDocument: "after" },
         )
         .lean<KeyDoc>();
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
@@ -442,7 +442,7 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async addCredits(ownerId: string, amount: number): Promise<CreditState> {
-    const doc = await guarded(() => this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount } }, { new: true }).lean<AccountDoc>());
+    const doc = await guarded(() => this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount } }, { returnDocument: "after" }).lean<AccountDoc>());
     return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0 };
   }
 
