@@ -248,7 +248,6 @@ export class SqliteKeyStore implements KeyStore {
       getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance FROM accounts WHERE owner_id = ?"),
       addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + ? WHERE owner_id = ?"),
       // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
-      // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
       spendCredits: db.prepare(
         `UPDATE accounts SET
            monthly_used = CASE WHEN credit_period = @period THEN monthly_used + @monthly WHEN credit_period < @period THEN @monthly ELSE monthly_used END,
