@@ -41,6 +41,28 @@ function record(ownerId: string, overrides: Partial<Omit<KeyRecord, "rateLimit">
   };
 }
 
+/** The error `attempt` rejects with, or "fulfilled" when it does not reject. */
+async function refusal(attempt: Promise<unknown>): Promise<unknown> {
+  return attempt.then(
+    () => "fulfilled",
+    (error: unknown) => error,
+  );
+}
+
+/** Checks that `attempt` was refused by the one-key cap of the default "basic" plan. */
+async function expectBasicCapRefusal(attempt: Promise<unknown>): Promise<void> {
+  const error = await refusal(attempt);
+  expect(error).toBeInstanceOf(CapExceededError);
+  expect(error).toMatchObject({ plan: "basic", maxActiveKeys: 1, message: 'plan "basic" allows at most 1 active key' });
+}
+
+/** Checks that `attempt` was refused because the key's hash (or id) is taken. */
+async function expectDuplicateRefusal(attempt: Promise<unknown>): Promise<void> {
+  const error = await refusal(attempt);
+  expect(error).toBeInstanceOf(DuplicateError);
+  expect(error).toMatchObject({ message: "a key with this id or hash already exists" });
+}
+
 /** The KeyStore contract: every implementation must pass these same cases. */
 export function runKeyStoreContract(name: string, open: () => Promise<{ store: KeyStore; close(): Promise<void> } | null>): void {
   describe(`KeyStore contract: ${name}`, () => {
@@ -169,6 +191,96 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect(refused.every((r) => r.reason instanceof CapExceededError)).toBe(true);
       expect(await store.countActiveKeys(ownerId, NOW)).toBe(3);
       expect(await store.listKeys({ ownerId, includeRevoked: true, limit: 100, nowMs: NOW })).toHaveLength(3);
+    });
+
+    // Cap 1 makes every leaked or double-released slot visible as a wrong create outcome. MongoDB
+    // enforces the cap on a per-account counter, which countActiveKeys (a document count) does not
+    // read, so these cases probe the counter through createKey itself.
+    describe("active-key cap of a one-key plan", () => {
+      it("a create refused for a duplicate hash gives its slot back", async () => {
+        const taken = record(nextOwner());
+        await store.createKey(taken, limits());
+        const ownerId = nextOwner();
+        await expectDuplicateRefusal(store.createKey(record(ownerId, { hash: taken.hash }), limits()));
+        await expect(store.createKey(record(ownerId), limits())).resolves.toMatchObject({ ownerId });
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits()));
+      });
+
+      it("a rotation refused for a duplicate hash leaves the old key holding its slot", async () => {
+        const taken = record(nextOwner());
+        await store.createKey(taken, limits());
+        const ownerId = nextOwner();
+        const key = record(ownerId);
+        await store.createKey(key, limits());
+        await expectDuplicateRefusal(store.rotateKey(key.id, record(ownerId, { hash: taken.hash }), NOW + DAY, NOW));
+        expect(await store.getKey(key.id)).toEqual(key);
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 1)));
+        // The restored key must still give its slot back when revoked.
+        await store.revokeKey(key.id, NOW + 2, "test");
+        await store.createKey(record(ownerId), limits(NOW + 3));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 4)));
+      });
+
+      it("after a rotation with grace the new key holds the only slot; the old key in grace holds none", async () => {
+        const ownerId = nextOwner();
+        const key = record(ownerId);
+        await store.createKey(key, limits());
+        const next = record(ownerId);
+        await store.rotateKey(key.id, next, NOW + 7 * DAY, NOW);
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 1)));
+        // Once the new key is gone a create fits, which it would not if the key in grace still counted.
+        await store.revokeKey(next.id, NOW + 2, "test");
+        const listed = await store.listKeys({ ownerId, includeRevoked: false, limit: 10, nowMs: NOW + 3 });
+        expect(listed.map((k) => k.id)).toEqual([key.id]);
+        await store.createKey(record(ownerId), limits(NOW + 3));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 4)));
+      });
+
+      it("revoking the old key while it is in grace frees no slot", async () => {
+        const ownerId = nextOwner();
+        const key = record(ownerId);
+        await store.createKey(key, limits());
+        await store.rotateKey(key.id, record(ownerId), NOW + 7 * DAY, NOW);
+        const revoked = await store.revokeKey(key.id, NOW + 1, "leaked");
+        expect(revoked).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked" });
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 2)));
+        expect(await store.countActiveKeys(ownerId, NOW + 2)).toBe(1);
+      });
+
+      it("revoking the active key frees exactly one slot, however often it is revoked", async () => {
+        const ownerId = nextOwner();
+        const key = record(ownerId);
+        await store.createKey(key, limits());
+        await store.revokeKey(key.id, NOW + 1, "leaked");
+        await store.revokeKey(key.id, NOW + 2, "again");
+        await store.createKey(record(ownerId), limits(NOW + 3));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 4)));
+      });
+
+      it("the end of a rotation's grace frees no slot: the slot passed to the new key at rotation", async () => {
+        const ownerId = nextOwner();
+        const key = record(ownerId);
+        await store.createKey(key, limits());
+        const next = record(ownerId);
+        await store.rotateKey(key.id, next, NOW + 10, NOW);
+        const afterGrace = NOW + 11;
+        expect(await store.listKeys({ ownerId, includeRevoked: false, limit: 10, nowMs: afterGrace })).toEqual([next]);
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(afterGrace)));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(afterGrace + 1)));
+        await store.revokeKey(next.id, afterGrace + 2, "test");
+        await store.createKey(record(ownerId), limits(afterGrace + 3));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(afterGrace + 4)));
+      });
+
+      it("an expired key gives its slot back exactly once, also when it is revoked afterwards", async () => {
+        const ownerId = nextOwner();
+        const expiring = record(ownerId, { expiresAtMs: NOW + 10 });
+        await store.createKey(expiring, limits());
+        await store.createKey(record(ownerId), limits(NOW + 10));
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 11)));
+        await store.revokeKey(expiring.id, NOW + 12, "cleanup");
+        await expectBasicCapRefusal(store.createKey(record(ownerId), limits(NOW + 13)));
+      });
     });
 
     it("adds usage counters from several flushes and lists them by day range", async () => {
