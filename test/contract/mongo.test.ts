@@ -1,20 +1,83 @@
-import { describe, it } from "vitest";
+import mongoose from "mongoose";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { MongoKeyStore } from "../../src/store/mongo.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
+/** An index as listed by the server: its name, its key spec in field order, and uniqueness. */
+interface ListedIndex {
+  name: string | undefined;
+  fields: Array<[string, unknown]>;
+  unique: boolean;
+}
+
+async function listIndexes(client: mongoose.mongo.MongoClient, collection: string): Promise<ListedIndex[]> {
+  const indexes = await client.db().collection(collection).indexes();
+  // Field order is part of a compound index, so the spec is compared as an ordered list.
+  return indexes.map((index) => ({ name: index.name, fields: Object.entries(index.key), unique: index.unique === true }));
+}
+
 if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI")) {
   let server: MongoWire | undefined;
-  runKeyStoreContract("mongodb", async () => {
+  const started = (): MongoWire => {
+    if (server === undefined) throw new Error("the MongoDB-wire server did not start");
+    return server;
+  };
+  beforeAll(async () => {
     server = await startMongoWire();
-    const store = await MongoKeyStore.connect(server.uri);
+  });
+  afterAll(async () => {
+    await server?.stop();
+  });
+
+  // Declared first, so it runs first: its connect is the first one on the fresh database.
+  describe("MongoKeyStore.connect", () => {
+    let client: mongoose.mongo.MongoClient | undefined;
+    let store: MongoKeyStore | undefined;
+    let collectionsBeforeConnect: string[] = [];
+
+    beforeAll(async () => {
+      client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      collectionsBeforeConnect = (await client.db().listCollections().toArray()).map((c) => c.name);
+      store = await MongoKeyStore.connect(started().uri);
+    });
+    afterAll(async () => {
+      await store?.close();
+      await client?.close();
+    });
+
+    function connected(): mongoose.mongo.MongoClient {
+      if (client === undefined) throw new Error("the MongoDB client did not connect");
+      return client;
+    }
+
+    it("creates the keys indexes at start: unique hash, owner+state listing, project", async () => {
+      expect(collectionsBeforeConnect).not.toContain("keys");
+      const indexes = await listIndexes(connected(), "keys");
+      expect(indexes).toContainEqual({ name: "hash_unique", fields: [["hash", 1]], unique: true });
+      expect(indexes).toContainEqual({ name: "owner_state", fields: [["owner_id", 1], ["revoked_at", 1], ["_id", 1]], unique: false });
+      expect(indexes).toContainEqual({ name: "project", fields: [["project_id", 1]], unique: false });
+    });
+
+    it("creates the usage and audit indexes at start", async () => {
+      expect(collectionsBeforeConnect).not.toContain("usage");
+      expect(collectionsBeforeConnect).not.toContain("audit");
+      expect(await listIndexes(connected(), "usage")).toContainEqual({ name: "owner_day", fields: [["owner_id", 1], ["day", 1]], unique: false });
+      const audit = await listIndexes(connected(), "audit");
+      expect(audit).toContainEqual({ name: "owner", fields: [["owner_id", 1], ["_id", 1]], unique: false });
+      expect(audit).toContainEqual({ name: "key", fields: [["key_id", 1], ["_id", 1]], unique: false });
+    });
+  });
+
+  runKeyStoreContract("mongodb", async () => {
+    const store = await MongoKeyStore.connect(started().uri);
     return {
       store,
       async close() {
         await store.close();
-        await server?.stop();
       },
     };
   });
