@@ -6,7 +6,7 @@ import { z } from "zod";
 import type { Invalidation } from "../../src/cache/cache.js";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
-import { RedisInvalidationBus, RedisSharedCache, redisOptions } from "../../src/cache/redis.js";
+import { RedisInvalidationBus, RedisSharedCache, connectRedis, redisOptions } from "../../src/cache/redis.js";
 import { createLogger } from "../../src/server/logger.js";
 import type {
   AccountRecord,
@@ -160,6 +160,8 @@ function redisSuites(redisServer: RedisServer): void {
   describe(SUITE, () => {
     const connections: Redis[] = [];
     const buses: RedisInvalidationBus[] = [];
+    // Outage tests stop and start their own redis-server; KEYGATE_TEST_REDIS_URL gives them none.
+    const external = process.env["KEYGATE_TEST_REDIS_URL"] !== undefined && process.env["KEYGATE_TEST_REDIS_URL"] !== "";
     let admin: Redis;
 
     /** A connection with the production options, but quick to reconnect. */
@@ -200,6 +202,18 @@ function redisSuites(redisServer: RedisServer): void {
     });
 
     describe("happy", () => {
+      it("builds the hot-path options: auto-pipelining, no offline queue, a command timeout, bounded retries", () => {
+        for (const options of [redisOptions(), redisOptions({ lazyConnect: false })]) {
+          expect(options.enableAutoPipelining).toBe(true);
+          expect(options.enableOfflineQueue).toBe(false);
+          // ioredis waits forever without a commandTimeout, and retries without end when maxRetriesPerRequest is null.
+          expect(options.commandTimeout).toBeGreaterThan(0);
+          expect(options.commandTimeout).toBeLessThanOrEqual(2000);
+          expect(options.maxRetriesPerRequest).toBeGreaterThanOrEqual(0);
+          expect(options.maxRetriesPerRequest).toBeLessThanOrEqual(3);
+        }
+      });
+
       it("round-trips a snapshot exactly, with TTLs and the owner index", async () => {
         const redis = await open();
         const cache = new RedisSharedCache(redis, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}t1:` });
@@ -413,6 +427,40 @@ function redisSuites(redisServer: RedisServer): void {
         await expect(offline.get("h")).rejects.toThrow();
       });
 
+      it.skipIf(external)("rejects a get at once while redis-server is down, instead of queueing it", async () => {
+        // A server of its own: stopping the shared one would break the tests around this one.
+        const downServer = await startRedis();
+        if (downServer === null) throw new Error("redis-server is not on PATH");
+        try {
+          const redis = await connectRedis(downServer.url);
+          connections.push(redis);
+          redis.on("error", () => {});
+          const cache = new RedisSharedCache(redis, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}t14:` });
+          expect(await cache.get("h14")).toBeUndefined();
+
+          await downServer.stop();
+          await until(() => redis.status !== "ready", 2000, "the client saw the server go");
+          let timer: NodeJS.Timeout | undefined;
+          const stillPending = new Promise<"still pending">((resolve) => {
+            timer = setTimeout(() => resolve("still pending"), 2000);
+          });
+          const outcome = await Promise.race([
+            cache.get("h14").then(
+              () => "resolved",
+              (error: unknown) => error,
+            ),
+            stillPending,
+          ]);
+          clearTimeout(timer);
+          expect(outcome).toBeInstanceOf(Error);
+          // ioredis's own wording for a command refused because the offline queue is off.
+          expect(outcome).toMatchObject({ message: "Stream isn't writeable and enableOfflineQueue options is false" });
+          redis.disconnect();
+        } finally {
+          await downServer.stop();
+        }
+      });
+
       it("ignores and logs malformed messages, and one failing handler does not stop the others", async () => {
         const [pubA, subA, pubB, subB] = await Promise.all([open(), open(), open(), open()]);
         const logLines: string[] = [];
@@ -439,7 +487,6 @@ function redisSuites(redisServer: RedisServer): void {
     });
 
     describe("reconnect", () => {
-      const external = process.env["KEYGATE_TEST_REDIS_URL"] !== undefined && process.env["KEYGATE_TEST_REDIS_URL"] !== "";
       if (external) console.warn(`\n!!! SKIPPING the Redis restart test: it needs the harness's own redis-server, not KEYGATE_TEST_REDIS_URL\n`);
 
       it.skipIf(external)("clears L1 everywhere after the subscriber reconnects, and publishes again", async () => {
