@@ -1,8 +1,16 @@
-import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { spawn, spawnSync } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { join, resolve } from "node:path";
+import { create } from "@bufbuild/protobuf";
+import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { z } from "zod";
+import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { authorizationDefinition } from "../../src/server/grpc-authz.js";
 import { SERVE_ARGS, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
@@ -87,5 +95,129 @@ describe("keygate serve with no environment (the Quick start)", () => {
     const code = await new Promise<number | null>((done) => child.on("exit", done));
     expect(code).toBe(2);
     expect(err).toContain("KEYGATE_GRPC_PORT");
+  });
+});
+
+const root = resolve(import.meta.dirname, "../..");
+const builtCli = join(root, "dist/cli.js");
+
+const packageScripts = z.object({ scripts: z.object({ start: z.string() }) });
+const listeningLine = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), httpPort: z.number(), adminPort: z.number() });
+
+function listeningPorts(stdout: string): { grpc: number; http: number; admin: number } | null {
+  for (const line of stdout.split("\n")) {
+    if (!line.startsWith("{")) continue;
+    let json: unknown;
+    try {
+      json = JSON.parse(line);
+    } catch {
+      continue;
+    }
+    const parsed = listeningLine.safeParse(json);
+    if (parsed.success) return { grpc: parsed.data.grpcPort, http: parsed.data.httpPort, admin: parsed.data.adminPort };
+  }
+  return null;
+}
+
+/** Runs `node dist/cli.js serve` with only the port variables set (to 0), until its listening line. */
+async function serveBuilt(cwd: string): Promise<{ child: ChildProcess; ports: { grpc: number; http: number; admin: number }; stdout: () => string }> {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
+  Object.assign(env, { KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" });
+  const child = spawn(process.execPath, [builtCli, "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  builtRunning.push(child);
+  let out = "";
+  let err = "";
+  child.stdout.on("data", (chunk: Buffer) => (out += chunk.toString()));
+  child.stderr.on("data", (chunk: Buffer) => (err += chunk.toString()));
+  const started = performance.now();
+  for (;;) {
+    const ports = listeningPorts(out);
+    if (ports !== null) return { child, ports, stdout: () => out };
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`dist/cli.js serve exited with ${child.exitCode ?? child.signalCode}:\n${out}\n${err}`);
+    if (performance.now() - started > 30_000) throw new Error(`dist/cli.js serve did not start within 30 s:\n${out}\n${err}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+const builtRunning: ChildProcess[] = [];
+afterAll(() => {
+  for (const child of builtRunning) if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+});
+
+function grpcCheck(port: number, request: CheckRequest): Promise<CheckResponse> {
+  const client = new GrpcClient(`127.0.0.1:${port}`, credentials.createInsecure());
+  const def = authorizationDefinition.Check;
+  return new Promise<CheckResponse>((done, fail) => {
+    client.makeUnaryRequest<CheckRequest, CheckResponse>(def.path, def.requestSerialize, def.responseDeserialize, request, (error: ServiceError | null, response?: CheckResponse) => {
+      if (error !== null) fail(error);
+      else if (response === undefined) fail(new Error("empty Check response"));
+      else done(response);
+    });
+  }).finally(() => client.close());
+}
+
+function checkRequest(headers: Record<string, string>): CheckRequest {
+  return create(CheckRequestSchema, { attributes: { request: { http: { id: "req-built", method: "GET", path: "/v1/things", host: "api.example.com", headers } } } });
+}
+
+describe("npm start: the compiled dist/cli.js", () => {
+  beforeAll(() => {
+    // CI runs `npm run build` before the tests; a developer's checkout may not have dist yet.
+    if (existsSync(builtCli)) return;
+    const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: root, encoding: "utf8" });
+    if (built.status !== 0) throw new Error(`tsc -p tsconfig.build.json failed:\n${built.stdout}\n${built.stderr}`);
+  }, 120_000);
+
+  it("is what `npm start` runs", () => {
+    const pkg = packageScripts.parse(JSON.parse(readFileSync(join(root, "package.json"), "utf8")));
+    expect(pkg.scripts.start).toBe("node dist/cli.js serve");
+  });
+
+  it("serves a gRPC Check and a KeyAdmin JSON call with the token it printed, from an empty directory", async () => {
+    const cwd = mkdtempSync(join(tmpdir(), "keygate-dist-"));
+    dirs.push(cwd);
+    const built = await serveBuilt(cwd);
+    const { ports } = built;
+    expect(ports.grpc).toBeGreaterThan(0);
+
+    // The token is printed once, with a curl line aimed at the port actually bound.
+    const printed = /admin token[^\n]*:\n\s+(kgadm_[A-Za-z0-9_-]+)\n/.exec(built.stdout());
+    const token = printed?.[1];
+    if (token === undefined) throw new Error(`no admin token printed:\n${built.stdout()}`);
+    expect(token).toBe(readFileSync(join(cwd, "data", "admin-token"), "utf8").trim());
+    expect(built.stdout()).toContain(`http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey`);
+
+    // gRPC Check with no key: a DENIED answer (UNAUTHENTICATED, 401), not a transport error.
+    const denied = await grpcCheck(ports.grpc, checkRequest({}));
+    expect(denied.status?.code).toBe(16);
+    if (denied.httpResponse.case !== "deniedResponse") throw new Error(`expected a denial, got ${denied.httpResponse.case ?? "nothing"}`);
+    expect(denied.httpResponse.value.status?.code).toBe(401);
+    expect(JSON.parse(denied.httpResponse.value.body)).toMatchObject({ success: false, error: { code: "UNAUTHENTICATED", statusCode: 401 } });
+
+    // KeyAdmin over Connect JSON, exactly as the printed curl line sends it.
+    const created = await fetch(`http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+      body: JSON.stringify({ ownerId: "user_1", name: "first key" }),
+    });
+    expect(created.status).toBe(200);
+    const { secret } = z.object({ secret: z.string().startsWith("kg_live_") }).parse(await created.json());
+    const refused = await fetch(`http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: "Bearer kgadm_not_the_printed_token_0123456789" },
+      body: JSON.stringify({ ownerId: "user_1", name: "second key" }),
+    });
+    await refused.arrayBuffer();
+    expect(refused.status).toBe(401);
+
+    // And the new key passes a real Check.
+    const allowed = await grpcCheck(ports.grpc, checkRequest({ authorization: `Bearer ${secret}` }));
+    expect(allowed.status?.code).toBe(0);
+    expect(allowed.httpResponse.case).toBe("okResponse");
+
+    const exited = new Promise<number | null>((done) => built.child.once("exit", (code) => done(code)));
+    built.child.kill("SIGTERM");
+    expect(await exited).toBe(0);
   });
 });
