@@ -198,6 +198,27 @@ describe("HTTP mode", () => {
     expect(getWebhooks.status).toBe(200);
   });
 
+  it("takes the method from X-Original-Method alongside X-Original-URI, as nginx auth_request sends them", async () => {
+    const key = await issue({ scopes: ["tutor"] });
+    // POST /v1/webhooks needs "webhooks"; GET /v1/webhooks needs nothing.
+    const post = await httpCheck(kg.ports.http, "/check", { "x-api-key": key.secret, "x-original-uri": "/v1/webhooks", "x-original-method": "POST" });
+    expect(post.status).toBe(403);
+    expect(JSON.parse(post.body).error.message).toBe('This API key does not have the "webhooks" scope.');
+    const get = await httpCheck(kg.ports.http, "/check", { "x-api-key": key.secret, "x-original-uri": "/v1/webhooks", "x-original-method": "GET" });
+    expect(get.status).toBe(200);
+    // The subrequest's own method is nginx's, not the client's: the header wins over it...
+    const postedGet = await fetch(`http://127.0.0.1:${kg.ports.http}/check`, {
+      method: "POST",
+      headers: { "x-api-key": key.secret, "x-original-uri": "/v1/webhooks", "x-original-method": "GET" },
+    });
+    await postedGet.arrayBuffer();
+    expect(postedGet.status).toBe(200);
+    // ...and is used only when the proxy sends no method header.
+    const bare = await fetch(`http://127.0.0.1:${kg.ports.http}/check`, { method: "POST", headers: { "x-api-key": key.secret, "x-original-uri": "/v1/webhooks" } });
+    await bare.arrayBuffer();
+    expect(bare.status).toBe(403);
+  });
+
   it("serves /healthz and 404 outside /check", async () => {
     expect((await httpCheck(kg.ports.http, "/healthz", {})).status).toBe(200);
     expect((await httpCheck(kg.ports.http, "/other", {})).status).toBe(404);

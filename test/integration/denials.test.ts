@@ -50,6 +50,7 @@ const entries: Record<string, (key: string | null, path: string, requiredScopes:
     expect(body.error.statusCode).toBe(res.status);
     expect(res.headers.get("x-keygate-owner-id")).toBeNull();
     if (res.status === 401) expect(res.headers.get("www-authenticate")).toBe("Bearer");
+    else expect(res.headers.get("www-authenticate")).toBeNull();
     return { status: res.status, code: body.error.code, message: body.error.message };
   },
 };
@@ -61,6 +62,19 @@ describe.each(Object.entries(entries))("denials via %s", (_entry, call) => {
     expect(answer.status).toBe(denial.status);
     expect(answer.code).toBe(denial.code);
     expect(answer.message).toContain(denial.message);
+  });
+});
+
+// The table stops at 403; a 429 is the other denial a client must not read as "sign in again".
+describe.each(Object.entries(entries))("rate-limited denial via %s", (_entry, call) => {
+  it("is 429 RATE_LIMITED without WWW-Authenticate", async () => {
+    const owner = `owner-deny-${++ownerSeq}`;
+    await kg.admin.upsertAccount({ ownerId: owner, plan: "business" });
+    const created = await kg.admin.createKey({ ownerId: owner, name: "one a minute", rateLimit: { limit: 1, windowSeconds: 60 } });
+    expect((await kg.check(checkInit(authHeaders(created.secret)))).status?.code).toBe(0);
+    const answer = await call(created.secret, "/v1/things", [], "");
+    expect(answer.status).toBe(429);
+    expect(answer.code).toBe("RATE_LIMITED");
   });
 });
 
