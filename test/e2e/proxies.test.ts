@@ -18,17 +18,33 @@ const PROXY_POLICY = {
   routes: [{ method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"] }],
 };
 
-const proxies: Array<[string, boolean, (keygatePort: number, upstreamPort: number) => Promise<RunningProxy>]> = [
-  ["nginx", requireServer("nginx", binaryAvailable("nginx", ["-v"]), "apt-get install nginx"), startNginx],
-  ["caddy", requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy"), startCaddy],
+/** How each shipped config treats a client-sent x-keygate-* header keygate never sets. */
+type UnknownIdentityHeaders = "dropped" | "passed (documented nginx limitation)";
+
+const proxies: Array<[string, boolean, (keygatePort: number, upstreamPort: number) => Promise<RunningProxy>, UnknownIdentityHeaders]> = [
+  ["nginx", requireServer("nginx", binaryAvailable("nginx", ["-v"]), "apt-get install nginx"), startNginx, "passed (documented nginx limitation)"],
+  ["caddy", requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy"), startCaddy, "dropped"],
 ];
+
+/** A client's forged value for every identity header keygate sets. */
+const SPOOFED_IDENTITY = {
+  "x-keygate-key-id": "evil-key",
+  "x-keygate-owner-id": "evil",
+  "x-keygate-project-id": "evil-project",
+  "x-keygate-scopes": "admin",
+  "x-keygate-plan": "enterprise",
+  "x-keygate-mode": "live-evil",
+} as const;
+
+// A frozen instant, so Retry-After is exact: 12:00 UTC is 43200 s before the daily quota resets.
+const FROZEN_AT = "2026-03-10T12:00:00.000Z";
 
 interface ErrorBody {
   success: boolean;
   error: { code: string; message: string; statusCode: number };
 }
 
-describe.each(proxies)("behind %s (the shipped config)", (_name, available, start) => {
+describe.each(proxies)("behind %s (the shipped config)", (_name, available, start, unknownIdentityHeaders) => {
   let kg: TestKeygate;
   let upstream: { port: number; stop(): Promise<void> };
   let proxy: RunningProxy;
@@ -47,10 +63,10 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     await kg?.stop();
   });
 
-  async function issue(plan = "standard", scopes: string[] = []): Promise<{ ownerId: string; id: string; secret: string }> {
+  async function issue(plan = "standard", scopes: string[] = [], projectId = ""): Promise<{ ownerId: string; id: string; secret: string }> {
     const ownerId = `proxy-${_name}-${++seq}`;
     await kg.admin.upsertAccount({ ownerId, plan });
-    const created = await kg.admin.createKey({ ownerId, name: "proxy", scopes });
+    const created = await kg.admin.createKey({ ownerId, name: "proxy", scopes, projectId });
     return { ownerId, id: created.key?.id ?? "", secret: created.secret };
   }
 
@@ -77,13 +93,46 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     expect(viaApiKey.headers["x-keygate-key-id"]).toBe(key.id);
   });
 
-  it.runIf(available)("a client-sent X-Keygate-Owner-Id (or project id) never reaches the upstream", async () => {
+  it.runIf(available)("every client-sent identity header is replaced by keygate's value or dropped", async () => {
+    for (const projectId of ["proj-1", ""]) {
+      const key = await issue("standard", [], projectId);
+      const res = await call("/v1/things", { "x-api-key": key.secret, ...SPOOFED_IDENTITY });
+      expect(res.status).toBe(200);
+      const seen = JSON.parse(res.text) as EchoedRequest;
+      expect(seen.headers["x-keygate-key-id"]).toBe(key.id);
+      expect(seen.headers["x-keygate-owner-id"]).toBe(key.ownerId);
+      // Unlocked key: no project id, or an empty one (Caddy copies the header keygate always sends).
+      expect(seen.headers["x-keygate-project-id"] ?? "").toBe(projectId);
+      expect(seen.headers["x-keygate-scopes"]).toBe("read");
+      expect(seen.headers["x-keygate-plan"]).toBe("standard");
+      expect(seen.headers["x-keygate-mode"]).toBe("live");
+    }
+  });
+
+  it.runIf(available)(`a client-sent x-keygate-* header keygate never sets is ${unknownIdentityHeaders}`, async () => {
     const key = await issue();
-    const res = await call("/v1/things", { "x-api-key": key.secret, "x-keygate-owner-id": "evil", "x-keygate-project-id": "evil-project" });
+    const res = await call("/v1/things", { "x-api-key": key.secret, "x-keygate-tenant": "evil", "X-KEYGATE-ROLE": "admin" });
+    expect(res.status).toBe(200);
     const seen = JSON.parse(res.text) as EchoedRequest;
+    if (unknownIdentityHeaders === "dropped") {
+      expect(Object.keys(seen.headers).filter((name) => name.startsWith("x-keygate-")).sort()).toEqual(
+        Object.keys(SPOOFED_IDENTITY).sort(),
+      );
+    } else {
+      // nginx cannot remove request headers by prefix; keygate.conf.template and the README say
+      // so. If this starts failing, nginx drops them now: update both.
+      expect(seen.headers["x-keygate-tenant"]).toBe("evil");
+      expect(seen.headers["x-keygate-role"]).toBe("admin");
+    }
+  });
+
+  it.runIf(available)("an underscore spelling of an identity header never reaches the upstream", async () => {
+    const key = await issue();
+    const res = await call("/v1/things", { "x-api-key": key.secret, x_keygate_owner_id: "evil", x_keygate_tenant: "evil" });
+    expect(res.status).toBe(200);
+    const seen = JSON.parse(res.text) as EchoedRequest;
+    expect(Object.keys(seen.headers).filter((name) => /^x.keygate/i.test(name) && name.includes("_"))).toEqual([]);
     expect(seen.headers["x-keygate-owner-id"]).toBe(key.ownerId);
-    // Unlocked key: no project id, or an empty one (Caddy copies the header keygate always sends).
-    expect(seen.headers["x-keygate-project-id"] ?? "").toBe("");
   });
 
   it.runIf(available)("rate-limit headers reach the client", async () => {
@@ -114,31 +163,47 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     expect(body.error).toMatchObject({ code: "FORBIDDEN", message: 'This API key does not have the "decks" scope.' });
   });
 
-  it.runIf(available)("402 PLAN_REQUIRED and 402 QUOTA_EXCEEDED keep keygate's status and body", async () => {
+  it.runIf(available)("402 PLAN_REQUIRED and 402 QUOTA_EXCEEDED keep keygate's status, body and Retry-After", async () => {
     const unpaid = await issue();
     await kg.admin.upsertAccount({ ownerId: unpaid.ownerId, subscriptionStatus: "canceled" });
     const planRequired = await call("/v1/things", { "x-api-key": unpaid.secret });
     expect(planRequired.status).toBe(402);
-    expect((JSON.parse(planRequired.text) as ErrorBody).error.code).toBe("PLAN_REQUIRED");
+    expect(planRequired.headers.get("content-type")).toBe("application/json");
+    expect((JSON.parse(planRequired.text) as ErrorBody).error).toMatchObject({ code: "PLAN_REQUIRED", statusCode: 402 });
+    expect(planRequired.headers.get("retry-after")).toBeNull();
 
     const quota = await issue("quota");
-    expect((await call("/v1/things", { "x-api-key": quota.secret })).status).toBe(200);
-    const exceeded = await call("/v1/things", { "x-api-key": quota.secret });
-    expect(exceeded.status).toBe(402);
-    expect((JSON.parse(exceeded.text) as ErrorBody).error.code).toBe("QUOTA_EXCEEDED");
-    expect(Number(exceeded.headers.get("retry-after"))).toBeGreaterThan(0);
-    expect(exceeded.headers.get("ratelimit-policy")).toBe('"minute";q=100;w=60, "day";q=1;w=86400');
+    kg.clock.freeze(FROZEN_AT);
+    try {
+      expect((await call("/v1/things", { "x-api-key": quota.secret })).status).toBe(200);
+      const exceeded = await call("/v1/things", { "x-api-key": quota.secret });
+      expect(exceeded.status).toBe(402);
+      expect(exceeded.headers.get("content-type")).toBe("application/json");
+      expect((JSON.parse(exceeded.text) as ErrorBody).error).toMatchObject({ code: "QUOTA_EXCEEDED", statusCode: 402 });
+      // Seconds from the frozen noon to the next UTC midnight, when the daily quota resets.
+      expect(exceeded.headers.get("retry-after")).toBe(String((Date.parse("2026-03-11T00:00:00.000Z") - Date.parse(FROZEN_AT)) / 1000));
+      expect(exceeded.headers.get("ratelimit-policy")).toBe('"minute";q=100;w=60, "day";q=1;w=86400');
+    } finally {
+      kg.clock.unfreeze();
+    }
   });
 
-  it.runIf(available)("429 with Retry-After, rate-limit headers and keygate's body", async () => {
+  it.runIf(available)("429 with an exact Retry-After, rate-limit headers and keygate's body", async () => {
     const key = await issue("tiny");
-    expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
-    expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
-    const limited = await call("/v1/things", { "x-api-key": key.secret });
-    expect(limited.status).toBe(429);
-    expect(limited.headers.get("content-type")).toBe("application/json");
-    expect(Number(limited.headers.get("retry-after"))).toBeGreaterThanOrEqual(29);
-    expect(limited.headers.get("x-ratelimit-remaining")).toBe("0");
-    expect((JSON.parse(limited.text) as ErrorBody).error).toMatchObject({ code: "RATE_LIMITED", statusCode: 429 });
+    kg.clock.freeze(FROZEN_AT);
+    try {
+      expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+      expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+      const limited = await call("/v1/things", { "x-api-key": key.secret });
+      expect(limited.status).toBe(429);
+      expect(limited.headers.get("content-type")).toBe("application/json");
+      // 2 requests per 60 s: one slot frees every 30 s, and the clock has not moved.
+      expect(limited.headers.get("retry-after")).toBe("30");
+      expect(limited.headers.get("x-ratelimit-limit")).toBe("2");
+      expect(limited.headers.get("x-ratelimit-remaining")).toBe("0");
+      expect((JSON.parse(limited.text) as ErrorBody).error).toMatchObject({ code: "RATE_LIMITED", statusCode: 429 });
+    } finally {
+      kg.clock.unfreeze();
+    }
   });
 });

@@ -59,7 +59,10 @@ function stopChild(child: ChildProcess, signal: NodeJS.Signals): Promise<void> {
   });
 }
 
-/** Fills ${NAME} placeholders the way envsubst does; a missing value is an error, not "". */
+/**
+ * Fills ${NAME} placeholders as `envsubst '${A} ${B}'` (given the list, as the README runs it)
+ * does, leaving nginx's own $variables alone; a missing value is an error, not "".
+ */
 export function substitute(template: string, values: Record<string, string>): string {
   return template.replace(/\$\{([A-Z_][A-Z0-9_]*)\}/g, (_match, name: string) => {
     const value = values[name];
