@@ -1,16 +1,19 @@
-import { execFileSync } from "node:child_process";
-import { existsSync, readFileSync, readdirSync, statSync } from "node:fs";
+import { execFileSync, spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { homedir, tmpdir } from "node:os";
 import { join, relative, resolve } from "node:path";
-import { describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { parse as parseYaml, parseAllDocuments } from "yaml";
 import { z } from "zod";
 import { RouteTable } from "../../src/authz/routes.js";
 import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import type { Config } from "../../src/config.js";
+import { requireServer } from "../harness/ports.js";
 
 // Structural checks of everything under deploy/: the manifests must agree with keygate itself
 // (ports, probes, policy, routes) and with each other (selectors, ports, names). Nothing here
-// needs a cluster or the network; kubectl, when installed, cross-checks the kustomize renders.
+// needs a cluster or the network. kustomize cross-checks the renders, and kubernetes-validate
+// checks them against the Kubernetes JSON schemas (both from .ci/install-k8s-tools.sh).
 
 const ROOT = resolve(import.meta.dirname, "../..");
 const DEPLOY = join(ROOT, "deploy");
@@ -229,6 +232,7 @@ const kustomizationSchema = z.object({
   namespace: z.string().optional(),
   resources: z.array(z.string()).default([]),
   patches: z.array(z.object({ path: z.string() })).default([]),
+  images: z.array(z.object({ name: z.string(), newName: z.string().optional(), newTag: z.string().optional() })).default([]),
 });
 
 // ---- a small kustomize: resources, strategic-merge patches, $patch: delete -----------------------
@@ -897,7 +901,14 @@ describe("deploy manifests: Dockerfile", () => {
   it("builds on Node 24 in every stage", () => {
     const stages = stagesOf();
     expect(stages.length).toBeGreaterThanOrEqual(2);
-    for (const stage of stages) expect(stage[0]?.args).toMatch(/^node:24[-.\w]*(\s+AS\s+\w+)?$/i);
+    const earlier = new Set<string>();
+    for (const stage of stages) {
+      const from = /^(\S+)(?:\s+AS\s+(\w+))?$/i.exec(stage[0]?.args ?? "");
+      const image = from?.[1] ?? "";
+      // Either a Node 24 image or an earlier stage (which is one).
+      if (!earlier.has(image)) expect(image).toMatch(/^node:24[-.\w]*$/);
+      if (from?.[2] !== undefined) earlier.add(from[2]);
+    }
   });
 
   it("runs as the same non-root uid the Deployment requires", () => {
@@ -907,14 +918,32 @@ describe("deploy manifests: Dockerfile", () => {
     expect(user.split(":")[0]).toBe(String(container.securityContext.runAsUser));
   });
 
-  it("starts keygate under tini, in production mode, with only production dependencies", () => {
-    const stages = stagesOf();
+  it("starts keygate under tini, in production mode", () => {
     expect(args("ENV").join(" ")).toMatch(/\bNODE_ENV=production\b/);
     expect(args("RUN").join(" ")).toMatch(/apt-get install[^&]*\btini\b/);
     expect(JSON.parse(args("ENTRYPOINT").at(-1) ?? "null")).toEqual(["/usr/bin/tini", "--"]);
     const bin = z.object({ bin: z.object({ keygate: z.string() }) }).parse(JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"))).bin.keygate;
     expect(JSON.parse(args("CMD").at(-1) ?? "null")).toEqual(["node", bin, "serve"]);
-    expect(stages.flat().some((i) => i.op === "RUN" && i.args.includes("--omit=dev"))).toBe(true);
+  });
+
+  it("installs exactly the lockfile: npm ci to build, npm ci --omit=dev for what ships", () => {
+    const stages = stagesOf();
+    const runs = stages.flat().filter((i) => i.op === "RUN").map((i) => i.args);
+    // No fallback that could resolve a tree the lockfile does not record, and no pruning.
+    for (const run of runs) {
+      expect(run, run).not.toContain("||");
+      expect(run, run).not.toMatch(/\bnpm (install|i|prune)\b/);
+    }
+    const stageName = (stage: Instruction[]) => /\s+AS\s+(\w+)$/i.exec(stage[0]?.args ?? "")?.[1];
+    const runsIn = (stage: Instruction[]) => stage.filter((i) => i.op === "RUN").map((i) => i.args);
+    const builder = stages.find((stage) => runsIn(stage).some((r) => r.includes("npm run build")));
+    expect(builder === undefined ? [] : runsIn(builder)).toContainEqual(expect.stringMatching(/^npm ci(?!.*--omit)/));
+    const deps = stages.find((stage) => runsIn(stage).some((r) => /npm ci --omit=dev/.test(r)));
+    expect(deps, "a stage runs npm ci --omit=dev").toBeDefined();
+    // The runtime image takes node_modules from that stage and dist from the builder.
+    const copiesFrom = (target: string) => args("COPY").find((a) => a.endsWith(` ./${target}`))?.match(/^--from=(\w+)/)?.[1];
+    expect(copiesFrom("node_modules")).toBe(deps === undefined ? "?" : stageName(deps));
+    expect(copiesFrom("dist")).toBe(builder === undefined ? "?" : stageName(builder));
   });
 
   it("exposes keygate's ports and a data volume at KEYGATE_DATA_DIR", () => {
@@ -936,25 +965,45 @@ describe("deploy manifests: Dockerfile", () => {
   });
 });
 
-// ---- kubectl cross-check --------------------------------------------------------------------------
+// ---- real tools: kustomize renders, kubernetes-validate schemas ------------------------------------
+// .ci/install-k8s-tools.sh installs both into the cache directory; PATH works too.
 
-function kubectlAvailable(): boolean {
-  try {
-    execFileSync("kubectl", ["version", "--client"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
+const TOOL_DIR = join(process.env["KEYGATE_CACHE_DIR"] ?? join(homedir(), ".cache/keygate"), "bin");
+
+/** The cached tool, else the one on PATH, if it runs with `args`; undefined otherwise. */
+function findTool(name: string, args: readonly string[]): string | undefined {
+  for (const candidate of [join(TOOL_DIR, name), name]) {
+    if (spawnSync(candidate, args, { stdio: "ignore" }).status === 0) return candidate;
   }
+  return undefined;
 }
-const HAS_KUBECTL = kubectlAvailable();
-if (!HAS_KUBECTL) console.warn("deploy-manifests: kubectl not found; skipping the `kubectl kustomize` cross-check");
 
-describe.skipIf(!HAS_KUBECTL)("deploy manifests: kubectl kustomize", () => {
-  it.each([
-    { name: "dev", dir: OVERLAYS.dev },
-    { name: "prod", dir: OVERLAYS.prod },
-  ] as const)("renders $name as the checks above assume", ({ name, dir }) => {
-    const rendered = parseAllDocuments(execFileSync("kubectl", ["kustomize", dir], { encoding: "utf8" })).map((d): unknown => d.toJS());
+const INSTALL_HINT = "run bash .ci/install-k8s-tools.sh";
+
+/** `kustomize build DIR`, or `kubectl kustomize DIR` where only kubectl is installed. */
+const kustomizeCommand = ((): readonly string[] | undefined => {
+  const kustomize = findTool("kustomize", ["version"]);
+  if (kustomize !== undefined) return [kustomize, "build"];
+  const kubectl = findTool("kubectl", ["version", "--client"]);
+  return kubectl === undefined ? undefined : [kubectl, "kustomize"];
+})();
+const HAS_KUSTOMIZE = requireServer("kustomize", kustomizeCommand !== undefined, INSTALL_HINT);
+
+const builds = new Map<string, string>();
+function kustomizeBuild(dir: string): string {
+  const [command, ...args] = kustomizeCommand ?? [];
+  if (command === undefined) throw new Error("no kustomize");
+  let text = builds.get(dir);
+  if (text === undefined) {
+    text = execFileSync(command, [...args, dir], { encoding: "utf8" });
+    builds.set(dir, text);
+  }
+  return text;
+}
+
+describe.skipIf(!HAS_KUSTOMIZE)("deploy manifests: kustomize build", () => {
+  it.each(VARIANTS)("renders $name as the checks above assume", ({ name }) => {
+    const rendered = parseAllDocuments(kustomizeBuild(name === "base" ? BASE : OVERLAYS[name])).map((d): unknown => d.toJS());
     const ids = (docs: readonly unknown[]) => docs.map((d) => `${idSchema.parse(d).kind}/${idSchema.parse(d).metadata.name}`).sort();
     const ours = variantDocs(name);
     expect(ids(rendered)).toEqual(ids(ours));
@@ -964,7 +1013,90 @@ describe.skipIf(!HAS_KUBECTL)("deploy manifests: kubectl kustomize", () => {
     expect(theContainer(deployment).env).toEqual(expect.arrayContaining(theContainer(theDeployment(ours)).env));
     for (const doc of rendered) expect(z.object({ metadata: z.object({ namespace: z.string() }) }).parse(doc).metadata.namespace).toBe("keygate");
     // The base kustomization's `images` entry replaces the placeholder name.
-    expect(theContainer(deployment).image).not.toBe("keygate");
+    const images = kustomizationSchema.parse(loadOne(join(BASE, "kustomization.yaml"))).images;
+    const placeholder = images.find((i) => i.name === theContainer(theDeployment(ours)).image);
+    expect(placeholder?.newName).toBeDefined();
+    expect(theContainer(deployment).image).toBe(`${placeholder?.newName}:${placeholder?.newTag}`);
+  });
+});
+
+// Custom resources: kubernetes-validate ships only the built-in Kubernetes schemas, so these are
+// not schema-checked (their shape is checked by the Istio and monitoring tests below).
+const SCHEMALESS_CRDS: Readonly<Record<string, string>> = {
+  "deploy/istio/mesh-config.yaml": "IstioOperator install.istio.io/v1alpha1",
+  "deploy/istio/authorization-policy.yaml": "AuthorizationPolicy security.istio.io/v1",
+  "deploy/k8s/monitoring/servicemonitor.yaml": "ServiceMonitor monitoring.coreos.com/v1",
+};
+// The oldest release whose schemas accept every field used (unhealthyPodEvictionPolicy and
+// matchLabelKeys are beta from 1.27), and the newest the package ships (its default, 1.37).
+const KUBERNETES_VERSIONS = ["1.27.0", "newest bundled"] as const;
+
+const kubernetesValidate = findTool("kubernetes-validate", ["--version"]);
+const HAS_VALIDATOR = requireServer("kubernetes-validate", kubernetesValidate !== undefined, INSTALL_HINT);
+
+interface Validation {
+  status: number | null;
+  passed: string[];
+  problems: string[];
+}
+
+/** Runs `kubernetes-validate --strict` on one file: which resources passed, and every other line. */
+function validate(file: string, version: (typeof KUBERNETES_VERSIONS)[number]): Validation {
+  const args = ["--strict", ...(version === "newest bundled" ? [] : ["-k", version]), file];
+  const run = spawnSync(kubernetesValidate ?? "kubernetes-validate", args, { encoding: "utf8" });
+  const lines = `${run.stdout}\n${run.stderr}`.split("\n").filter((line) => line.trim() !== "");
+  const passed = lines.flatMap((line) => /^INFO \S+ passed for resource (\S+) against version/.exec(line)?.[1] ?? []);
+  return { status: run.status, passed: passed.sort(), problems: lines.filter((line) => !line.startsWith("INFO ")) };
+}
+
+describe.skipIf(!HAS_VALIDATOR || !HAS_KUSTOMIZE)("deploy manifests: kubernetes-validate --strict", () => {
+  const scratch = lazy(() => mkdtempSync(join(tmpdir(), "keygate-validate-")));
+  afterAll(() => rmSync(scratch(), { recursive: true, force: true }));
+
+  const renderedFile = (name: string, text: string): string => {
+    const file = join(scratch(), `${name}.yaml`);
+    writeFileSync(file, text);
+    return file;
+  };
+
+  it.each(VARIANTS.flatMap((variant) => KUBERNETES_VERSIONS.map((version) => ({ name: variant.name, version }))))(
+    "$name matches the Kubernetes $version schemas, every resource, no unknown field",
+    ({ name, version }) => {
+      const text = kustomizeBuild(name === "base" ? BASE : OVERLAYS[name]);
+      const result = validate(renderedFile(name, text), version);
+      expect(result.problems).toEqual([]);
+      expect(result.status).toBe(0);
+      const expected = parseAllDocuments(text).map((d) => {
+        const id = idSchema.parse(d.toJS());
+        return `${id.kind.toLowerCase()}/${id.metadata.name}`;
+      });
+      expect(result.passed).toEqual(expected.sort());
+    },
+  );
+
+  it("rejects an unknown field and a wrong type (the validator is strict, not silent)", () => {
+    const text = kustomizeBuild(OVERLAYS.prod);
+    const misspelt = validate(renderedFile("misspelt", text.replace("terminationGracePeriodSeconds:", "terminationGracePeriodSecs:")), "newest bundled");
+    expect(misspelt.status).not.toBe(0);
+    expect(misspelt.problems.join("\n")).toMatch(/deployment\/keygate.*'terminationGracePeriodSecs' was unexpected/);
+    const wrongType = validate(renderedFile("wrong-type", text.replace(/^(\s+)minAvailable: 1$/m, "$1minAvailable: [1]")), "newest bundled");
+    expect(wrongType.status).not.toBe(0);
+    expect(wrongType.problems.join("\n")).toMatch(/poddisruptionbudget\/keygate/);
+  });
+
+  it("leaves unchecked only the listed custom resources, which have no bundled schema", () => {
+    const outsideKustomize = [...yamlFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))]
+      .filter((file) => ![BASE, OVERLAYS.dev, OVERLAYS.prod].some((dir) => file.startsWith(`${dir}/`)))
+      .map((file) => relative(ROOT, file));
+    expect(outsideKustomize.sort()).toEqual(Object.keys(SCHEMALESS_CRDS).sort());
+    for (const [file, kindAndVersion] of Object.entries(SCHEMALESS_CRDS)) {
+      const [kind, apiVersion] = kindAndVersion.split(" ");
+      const head = z.object({ apiVersion: z.string(), kind: z.string() }).parse(loadOne(join(ROOT, file)));
+      expect(`${head.kind} ${head.apiVersion}`, file).toBe(kindAndVersion);
+      const result = validate(join(ROOT, file), "newest bundled");
+      expect(result.passed, file).toEqual([]);
+      expect(result.problems, file).toEqual([expect.stringContaining(`Couldn't find schema for kind ${kind} with api version ${apiVersion}`)]);
+    }
   });
 });
 
