@@ -8,6 +8,8 @@ export const LIMITS_POLICY = {
     small: { maxActiveKeys: 5, rateLimit: { limit: 10, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
     quota: { maxActiveKeys: 5, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 5, monthlyCredits: null },
     metered: { maxActiveKeys: 5, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 3 },
+    // Refills one request every 15 minutes, so tests on a real clock hit 429 deterministically.
+    hourly: { maxActiveKeys: 5, rateLimit: { limit: 4, windowSeconds: 3600 }, dailyQuota: null, monthlyCredits: null },
   },
   scopes: { catalog: ["read", "write"], default: ["read"] },
   routes: [
