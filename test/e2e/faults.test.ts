@@ -1,8 +1,10 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Redis } from "ioredis";
 import { stringify } from "yaml";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { KeyFormat } from "../../src/keys/key-format.js";
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
@@ -16,32 +18,112 @@ const ready =
   requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&
   requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
-/** A load loop over HTTP-mode checks, counting answers by status, until stopped. */
-function load(port: number, secrets: () => string[], concurrency: number) {
-  const counts = new Map<number, number>();
-  let running = true;
-  const loops = Array.from({ length: concurrency }, async (_, i) => {
-    for (let n = i; running; n++) {
-      const list = secrets();
-      const secret = list[n % list.length] ?? "";
-      let status = 0;
-      try {
-        const res = await fetch(`http://127.0.0.1:${port}/check/v1/x`, { headers: { "x-api-key": secret } });
-        await res.arrayBuffer();
-        status = res.status;
-      } catch {
-        status = -1;
-      }
-      counts.set(status, (counts.get(status) ?? 0) + 1);
+/** The rate limit of the "small" plan: after Redis comes back, exactly this many pass, then 429. */
+const SMALL_LIMIT = 5;
+
+type Phase = "before" | "down" | "after";
+
+/**
+ * HTTP-mode Check loops counting answers by phase, kind of key and status (-1: transport error).
+ * An answer to a request that was sent in one phase and answered in another, or sent while the
+ * test was switching phases, counts under "transition": it proves nothing about either side.
+ */
+class PhasedLoad {
+  #phase: Phase | "transition" = "before";
+  #running = true;
+  readonly #loops: Array<Promise<void>> = [];
+  readonly #counts = new Map<string, Map<number, number>>();
+  readonly #slowestMs = new Map<string, number>();
+
+  constructor(private readonly port: number) {}
+
+  set phase(phase: Phase | "transition") {
+    this.#phase = phase;
+  }
+
+  /** Starts `concurrency` loops that send `next(n)` as the key and count the answers under `kind`. */
+  add(kind: string, concurrency: number, next: (n: number) => string): void {
+    for (let i = 0; i < concurrency; i++) {
+      this.#loops.push(
+        (async () => {
+          for (let n = i; this.#running; n += concurrency) {
+            const sentIn = this.#phase;
+            const sentAt = performance.now();
+            let status = -1;
+            try {
+              const res = await fetch(`http://127.0.0.1:${this.port}/check/v1/x`, { headers: { "x-api-key": next(n) } });
+              await res.arrayBuffer();
+              status = res.status;
+            } catch {
+              // Counted as -1: a transport error is a failed check.
+            }
+            const phase = sentIn === this.#phase ? sentIn : "transition";
+            const id = `${phase}|${kind}`;
+            const byStatus = this.#counts.get(id) ?? new Map<number, number>();
+            byStatus.set(status, (byStatus.get(status) ?? 0) + 1);
+            this.#counts.set(id, byStatus);
+            this.#slowestMs.set(id, Math.max(this.#slowestMs.get(id) ?? 0, Math.round(performance.now() - sentAt)));
+          }
+        })(),
+      );
     }
-  });
-  return {
-    counts,
-    async stop(): Promise<void> {
-      running = false;
-      await Promise.all(loops);
-    },
-  };
+  }
+
+  /** Answers by status for one phase and kind. */
+  answers(phase: Phase, kind: string): Map<number, number> {
+    return this.#counts.get(`${phase}|${kind}`) ?? new Map<number, number>();
+  }
+
+  count(phase: Phase, kind: string, status?: number): number {
+    const byStatus = this.answers(phase, kind);
+    if (status !== undefined) return byStatus.get(status) ?? 0;
+    let total = 0;
+    for (const n of byStatus.values()) total += n;
+    return total;
+  }
+
+  /** `{ phase: { kind: { status: count, slowestMs } } }`, for the log. */
+  summary(): Record<string, Record<string, Record<string, number>>> {
+    const out: Record<string, Record<string, Record<string, number>>> = {};
+    for (const [id, byStatus] of this.#counts) {
+      const [phase = "", kind = ""] = id.split("|");
+      const forPhase = out[phase] ?? {};
+      forPhase[kind] = { ...Object.fromEntries(byStatus), slowestMs: this.#slowestMs.get(id) ?? 0 };
+      out[phase] = forPhase;
+    }
+    return out;
+  }
+
+  async stop(): Promise<void> {
+    this.#running = false;
+    await Promise.all(this.#loops);
+  }
+}
+
+/** Polls `done` every 20 ms until it holds; throws `what` with `detail()` after `timeoutMs`. */
+async function until(done: () => boolean | Promise<boolean>, timeoutMs: number, what: string, detail: () => string = () => ""): Promise<void> {
+  const startedAt = performance.now();
+  while (!(await done())) {
+    if (performance.now() - startedAt > timeoutMs) throw new Error(`${what} within ${timeoutMs} ms ${detail()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** The value of one sample in Prometheus text, or undefined when the series is absent. */
+function sample(text: string, name: string, labels: Record<string, string>): number | undefined {
+  for (const line of text.split("\n")) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    const [series, value] = line.split(" ");
+    if (series === undefined || value === undefined) continue;
+    if (Object.entries(labels).every(([k, v]) => series.includes(`${k}="${v}"`))) return Number(value);
+  }
+  return undefined;
+}
+
+function secretOf(created: { json: Record<string, unknown> }): string {
+  const secret = created.json["secret"];
+  if (typeof secret !== "string") throw new Error(`CreateKey failed: ${JSON.stringify(created.json)}`);
+  return secret;
 }
 
 describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", () => {
@@ -49,7 +131,11 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
   let redis: RedisServer;
   let keygate: KeygateProcess;
   let dir: string;
+  /** Keys the load checks from the start: cached in L1 and L2 before any outage. */
   const secrets: string[] = [];
+  /** Keys created before the MongoDB outage and kept out of the load until it begins: in no cache. */
+  const neverChecked: string[] = [];
+  let smallSecret = "";
 
   beforeAll(async () => {
     const started = await startRedis();
@@ -58,10 +144,17 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     mongo = await startMongoWire();
     dir = mkdtempSync(join(tmpdir(), "keygate-faults-"));
     const policy = join(dir, "policy.yaml");
-    // A plan whose rate limit the load cannot reach: these tests count fault answers, and a
-    // 429 from a fast machine would be a correct refusal that hides what they measure.
-    const plans = { ...TEST_POLICY.plans, load: { maxActiveKeys: 100, rateLimit: { limit: 10_000_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } };
-    writeFileSync(policy, stringify({ ...TEST_POLICY, plans }));
+    // "load": a rate limit the load cannot reach; these tests count fault answers, and a 429 from
+    // a fast machine would be a correct refusal that hides what they measure. "small": a limit
+    // the test reaches on purpose, to see limits enforced again after Redis returns.
+    const plans = {
+      ...TEST_POLICY.plans,
+      load: { maxActiveKeys: 100, rateLimit: { limit: 10_000_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+      small: { maxActiveKeys: 1, rateLimit: { limit: SMALL_LIMIT, windowSeconds: 3600 }, dailyQuota: null, monthlyCredits: null },
+    };
+    // Cache lifetimes longer than the file runs, so "cached" stays cached through both outages.
+    const cache = { maxEntries: 10_000, ttlSeconds: 600, negativeMaxEntries: 10_000, negativeTtlSeconds: 5 };
+    writeFileSync(policy, stringify({ ...TEST_POLICY, plans, cache }));
     keygate = await spawnKeygate({
       cwd: dir,
       env: {
@@ -77,12 +170,15 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
         KEYGATE_LOG_LEVEL: "info",
       },
     });
+    const admin = keygate.ports.admin;
     for (let i = 0; i < 20; i++) {
-      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: `faults-${i}`, plan: "load" });
-      const created = await postJson(keygate.ports.admin, "CreateKey", { ownerId: `faults-${i}`, name: "f" });
-      const secret = created.json["secret"];
-      if (typeof secret === "string") secrets.push(secret);
+      await postJson(admin, "UpsertAccount", { ownerId: `faults-${i}`, plan: "load" });
+      secrets.push(secretOf(await postJson(admin, "CreateKey", { ownerId: `faults-${i}`, name: "f" })));
     }
+    await postJson(admin, "UpsertAccount", { ownerId: "faults-reserve", plan: "load" });
+    for (let i = 0; i < 10; i++) neverChecked.push(secretOf(await postJson(admin, "CreateKey", { ownerId: "faults-reserve", name: `r${i}` })));
+    await postJson(admin, "UpsertAccount", { ownerId: "faults-small", plan: "small" });
+    smallSecret = secretOf(await postJson(admin, "CreateKey", { ownerId: "faults-small", name: "s" }));
   }, 120_000);
 
   afterAll(async () => {
@@ -92,60 +188,114 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
   });
 
   it("Redis killed and restarted during load: no failed check, and limits come back", async () => {
-    const traffic = load(keygate.ports.http, () => secrets, 8);
+    const traffic = new PhasedLoad(keygate.ports.http);
+    traffic.add("cached", 8, (n) => secrets[n % secrets.length] ?? "");
     await new Promise((r) => setTimeout(r, 500));
+    traffic.phase = "transition";
     await redis.stop();
+    traffic.phase = "down";
     await new Promise((r) => setTimeout(r, 1500));
+    traffic.phase = "transition";
     await redis.start();
     const restartedAt = performance.now();
     // Recovered when a change can tell the caches again (the bus and L2 are back).
-    for (;;) {
-      if ((await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "load" })).status === 200) break;
-      if (performance.now() - restartedAt > 15_000) throw new Error("Redis did not come back within 15 s");
-      await new Promise((r) => setTimeout(r, 20));
-    }
+    await until(async () => (await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "load" })).status === 200, 15_000, "Redis did not come back");
     const recoveryMs = performance.now() - restartedAt;
+    traffic.phase = "after";
     await new Promise((r) => setTimeout(r, 300));
+
+    // The small plan's bucket lives in Redis again: exactly its limit passes, then 429, and the
+    // bucket key exists in the restarted (empty) Redis, so the in-process fallback did not do it.
+    const small: number[] = [];
+    for (let i = 0; i <= SMALL_LIMIT; i++) {
+      const res = await fetch(`http://127.0.0.1:${keygate.ports.http}/check/v1/x`, { headers: { "x-api-key": smallSecret } });
+      await res.arrayBuffer();
+      small.push(res.status);
+    }
+    const client = new Redis(redis.url, { lazyConnect: true, maxRetriesPerRequest: 1 });
+    await client.connect();
+    const bucket = await client.get("kg:rl:a:faults-small");
+    await client.quit();
     await traffic.stop();
-    const answers = Object.fromEntries(traffic.counts);
-    console.log(`Redis outage under load: answers by status ${JSON.stringify(answers)}; recovered ${recoveryMs.toFixed(0)} ms after restart`);
-    expect([...traffic.counts.keys()]).toEqual([200]);
+
+    console.log(
+      `Redis outage under load: answers by phase and status ${JSON.stringify(traffic.summary())}; recovered ${recoveryMs.toFixed(0)} ms after restart; small plan after recovery ${JSON.stringify(small)}`,
+    );
+    for (const phase of ["before", "down", "after"] as const) {
+      expect(traffic.count(phase, "cached"), phase).toBeGreaterThan(0);
+      expect([...traffic.answers(phase, "cached").keys()], phase).toEqual([200]);
+    }
+    expect(small).toEqual([...Array.from({ length: SMALL_LIMIT }, () => 200), 429]);
+    expect(bucket).not.toBeNull();
   });
 
-  it("MongoDB stopped during load: cached keys keep passing, errors are 503 only, and it recovers", async () => {
-    const fresh: string[] = [];
-    const traffic = load(keygate.ports.http, () => [...secrets, ...fresh], 8);
+  it("MongoDB stopped during load: cached keys pass, undecidable keys get 503 and never an allow, and it recovers", async () => {
+    const format = new KeyFormat("kg");
+    const traffic = new PhasedLoad(keygate.ports.http);
+    traffic.add("cached", 4, (n) => secrets[n % secrets.length] ?? "");
     await new Promise((r) => setTimeout(r, 500));
+    traffic.phase = "transition";
     await mongo.pause();
     const stoppedAt = performance.now();
-    await new Promise((r) => setTimeout(r, 2000));
+    traffic.phase = "down";
+    // Only now do keys that no cache holds join the load: created before the outage but never
+    // checked, and well-formed keys no store has ever seen (a new one each request, so the
+    // negative cache cannot answer them either).
+    traffic.add("never-checked", 2, (n) => neverChecked[n % neverChecked.length] ?? "");
+    traffic.add("fresh", 2, () => format.generate("live"));
+    // The driver waits up to its server-selection timeout before it fails a read, so the
+    // first 503s come a few seconds into the outage; wait for enough of them.
+    await until(
+      () => traffic.count("down", "never-checked", 503) >= 20 && traffic.count("down", "fresh", 503) >= 20,
+      20_000,
+      "too few 503s during the MongoDB outage",
+      () => JSON.stringify(traffic.summary()),
+    );
+    traffic.phase = "transition";
     await mongo.start();
     const restartedAt = performance.now();
     // The test server comes back empty; recovery is the first key created and checked after it.
-    let recoveryMs = 0;
-    for (;;) {
-      await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-after", plan: "load" }).catch(() => undefined);
-      const created = await postJson(keygate.ports.admin, "CreateKey", { ownerId: "faults-after", name: `after-${fresh.length}` }).catch(() => null);
-      const secret = created?.json["secret"];
-      if (typeof secret === "string") {
-        fresh.push(secret);
-        const res = await fetch(`http://127.0.0.1:${keygate.ports.http}/check`, { headers: { "x-api-key": secret } });
-        if (res.status === 200) {
-          recoveryMs = performance.now() - restartedAt;
-          break;
-        }
-      }
-      if (performance.now() - restartedAt > 30_000) throw new Error("MongoDB did not come back within 30 s");
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    await traffic.stop();
-    const answers = Object.fromEntries(traffic.counts);
-    console.log(
-      `MongoDB outage under load (${((restartedAt - stoppedAt) / 1000).toFixed(1)} s): answers by status ${JSON.stringify(answers)}; recovered ${recoveryMs.toFixed(0)} ms after restart`,
+    let created = 0;
+    await until(
+      async () => {
+        await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-after", plan: "load" }).catch(() => undefined);
+        const after = await postJson(keygate.ports.admin, "CreateKey", { ownerId: "faults-after", name: `after-${created++}` }).catch(() => null);
+        const secret = after?.json["secret"];
+        if (typeof secret !== "string") return false;
+        return (await fetch(`http://127.0.0.1:${keygate.ports.http}/check`, { headers: { "x-api-key": secret } })).status === 200;
+      },
+      30_000,
+      "MongoDB did not come back",
     );
-    // Keys cached before the outage kept passing; nothing was allowed by guesswork: the only
-    // other answers are 503 (undecidable) and 401 for keys the emptied test server no longer has.
-    expect(traffic.counts.get(200)).toBeGreaterThan(100);
-    for (const status of traffic.counts.keys()) expect([200, 401, 503]).toContain(status);
+    const recoveryMs = performance.now() - restartedAt;
+    traffic.phase = "after";
+    await until(
+      () => ["cached", "never-checked", "fresh"].every((kind) => traffic.count("after", kind) >= 20),
+      15_000,
+      "too few answers after recovery",
+      () => JSON.stringify(traffic.summary()),
+    );
+    await traffic.stop();
+    const metrics = await (await fetch(`http://127.0.0.1:${keygate.ports.admin}/metrics`)).text();
+    const storeErrors = sample(metrics, "keygate_backend_errors_total", { backend: "store", op: "find_snapshot" });
+
+    console.log(
+      `MongoDB outage under load (${((restartedAt - stoppedAt) / 1000).toFixed(1)} s): answers by phase, kind and status ${JSON.stringify(traffic.summary())}; recovered ${recoveryMs.toFixed(0)} ms after restart; store find_snapshot errors ${storeErrors}`,
+    );
+    expect([...traffic.answers("before", "cached").keys()]).toEqual([200]);
+    // While MongoDB was down: cached keys passed. A key no cache held could not be decided, so
+    // it got 503 every time: never a 200, and never a 401 that would call a real key unknown
+    // (nor a negative-cache entry that would keep saying so after recovery).
+    expect(traffic.count("down", "cached", 200)).toBeGreaterThan(0);
+    expect([...traffic.answers("down", "cached").keys()]).toEqual([200]);
+    for (const kind of ["never-checked", "fresh"]) {
+      expect(traffic.count("down", kind, 503), kind).toBeGreaterThan(0);
+      expect([...traffic.answers("down", kind).keys()], kind).toEqual([503]);
+    }
+    // After recovery nothing is undecidable. The test server came back empty, so keys only the
+    // store knew are now unknown (401), never allowed; cached keys still pass from the caches.
+    expect([...traffic.answers("after", "cached").keys()]).toEqual([200]);
+    for (const kind of ["never-checked", "fresh"]) expect([...traffic.answers("after", kind).keys()], kind).toEqual([401]);
+    expect(storeErrors).toBeGreaterThan(0);
   });
 });
