@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { create } from "@bufbuild/protobuf";
@@ -14,6 +15,23 @@ import { authorizationDefinition, healthDefinition } from "../../src/server/grpc
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
+
+/** The error code of a TCP connect to 127.0.0.1:port, or "connected". */
+function dial(port: number): Promise<string> {
+  return new Promise((done) => {
+    const socket = connect(port, "127.0.0.1");
+    socket.once("connect", () => {
+      socket.destroy();
+      done("connected");
+    });
+    socket.once("error", (error: NodeJS.ErrnoException) => done(error.code ?? error.message));
+  });
+}
+
+/** A UTC day as "YYYY-MM-DD", `offsetDays` from today. */
+function utcDay(offsetDays: number): string {
+  return new Date(Date.now() + offsetDays * 86_400_000).toISOString().slice(0, 10);
+}
 
 const dirs: string[] = [];
 const running: KeygateProcess[] = [];
@@ -44,18 +62,20 @@ async function start(dir: string): Promise<KeygateProcess> {
 }
 
 describe("SIGTERM during steady load", () => {
-  it("completes every in-flight Check, answers until the balancer has moved away, flushes last use, and exits 0", async () => {
+  it("completes every in-flight Check, answers until the balancer has moved away, flushes last use and usage, exits 0, and refuses connections after", async () => {
     const dir = mkdtempSync(join(tmpdir(), "keygate-shutdown-"));
     dirs.push(dir);
     const first = await start(dir);
-    const keys: Array<{ id: string; secret: string }> = [];
+    const keys: Array<{ id: string; secret: string; owner: string }> = [];
     for (let i = 0; i < 20; i++) {
-      const created = await postJson(first.ports.admin, "CreateKey", { ownerId: `shutdown-${i % 4}`, name: `k${i}` });
+      const owner = `shutdown-${i % 4}`;
+      const created = await postJson(first.ports.admin, "CreateKey", { ownerId: owner, name: `k${i}` });
       const key = created.json["key"];
       const secret = created.json["secret"];
       if (typeof secret !== "string" || typeof key !== "object" || key === null || !("id" in key) || typeof key.id !== "string") throw new Error("CreateKey failed");
-      keys.push({ id: key.id, secret });
+      keys.push({ id: key.id, secret, owner });
     }
+    const okByOwner = new Map(keys.map((key) => [key.owner, 0]));
 
     // The load generator behaves like a proxy with active health checks: it stops sending new
     // Checks to this replica once health says NOT_SERVING.
@@ -77,7 +97,7 @@ describe("SIGTERM during steady load", () => {
     let okAfterSignal = 0;
     let signalled = false;
     const failures: string[] = [];
-    const checkOnce = (channel: GrpcClient, secret: string): Promise<void> =>
+    const checkOnce = (channel: GrpcClient, secret: string, owner: string): Promise<void> =>
       new Promise((done) => {
         channel.makeUnaryRequest<ReturnType<typeof create<typeof CheckRequestSchema>>, CheckResponse>(
           authorizationDefinition.Check.path,
@@ -90,6 +110,7 @@ describe("SIGTERM during steady load", () => {
             else {
               ok += 1;
               if (signalled) okAfterSignal += 1;
+              okByOwner.set(owner, (okByOwner.get(owner) ?? 0) + 1);
             }
             done();
           },
@@ -98,7 +119,10 @@ describe("SIGTERM during steady load", () => {
     const loops = Array.from({ length: 32 }, async (_, i) => {
       const channel = channels[i % channels.length];
       if (channel === undefined) return;
-      for (let n = i; serving; n++) await checkOnce(channel, keys[n % keys.length]?.secret ?? "");
+      for (let n = i; serving; n++) {
+        const key = keys[n % keys.length];
+        if (key !== undefined) await checkOnce(channel, key.secret, key.owner);
+      }
     });
 
     await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -109,9 +133,12 @@ describe("SIGTERM during steady load", () => {
     for (const channel of channels) channel.close();
     health.close();
 
+    // The process is gone: a new connection is refused, not accepted and left hanging.
+    expect(await dial(first.ports.grpc)).toBe("ECONNREFUSED");
+
     console.log(`shutdown under load: ${ok} Checks answered, ${okAfterSignal} after SIGTERM, ${failures.length} failed`);
     expect(failures).toEqual([]);
-    expect(ok).toBeGreaterThan(500);
+    expect(ok - okAfterSignal).toBeGreaterThan(0);
     expect(okAfterSignal).toBeGreaterThan(0);
 
     // Write-behind state reached the store before exit.
@@ -120,6 +147,17 @@ describe("SIGTERM during steady load", () => {
       const got = await postJson(second.ports.admin, "GetKey", { id: key.id });
       expect(typeof (got.json["key"] as { lastUsedAt?: unknown }).lastUsedAt, key.id).toBe("string");
     }
+    // Every allowed Check the load generator saw was counted, and the count reached the store.
+    // The range spans yesterday to tomorrow so that a run across UTC midnight still adds up.
+    const usageByOwner = new Map<string, number>();
+    for (const owner of okByOwner.keys()) {
+      const usage = await postJson(second.ports.admin, "GetUsage", { ownerId: owner, from: utcDay(-1), to: utcDay(1) });
+      expect(usage.status, JSON.stringify(usage.json)).toBe(200);
+      const totals = usage.json["totals"];
+      const allowed = typeof totals === "object" && totals !== null && "allowed" in totals ? Number(totals.allowed) : 0;
+      usageByOwner.set(owner, allowed);
+    }
+    expect(usageByOwner).toEqual(okByOwner);
     await second.stop("SIGTERM");
   });
 });
