@@ -1,4 +1,5 @@
-import { execFile } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
 import { createServer } from "node:net";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -13,6 +14,8 @@ import type { TestKeygate } from "../harness/keygate.js";
 const root = resolve(import.meta.dirname, "../..");
 const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
 const CLI_ARGS: readonly string[] = ["--import", tsxLoader, join(root, "src/cli.ts")];
+// What `npm start` and the package's bin run: the compiled CLI.
+const BUILT_CLI_ARGS: readonly string[] = [join(root, "dist/cli.js")];
 
 const NOW = "2026-11-22T10:00:00.000Z";
 const NOW_JSON = "2026-11-22T10:00:00Z";
@@ -33,12 +36,13 @@ let adminUrl: string;
  * Runs `keygate <args>` with KEYGATE_URL and KEYGATE_ADMIN_TOKEN pointing at the test keygate
  * (inherited KEYGATE_* variables are dropped); `env` overrides them, `stdin` is piped in.
  */
-function cli(args: readonly string[], options: { stdin?: string; env?: Record<string, string> } = {}): Promise<CliResult> {
+function cli(args: readonly string[], options: { stdin?: string; env?: Record<string, string>; built?: boolean } = {}): Promise<CliResult> {
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
   Object.assign(env, { KEYGATE_URL: adminUrl, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN }, options.env);
+  const program = options.built === true ? BUILT_CLI_ARGS : CLI_ARGS;
   return new Promise((done, fail) => {
-    const child = execFile(process.execPath, [...CLI_ARGS, ...args], { env, cwd: root, timeout: 20_000 }, (error, stdout, stderr) => {
+    const child = execFile(process.execPath, [...program, ...args], { env, cwd: root, timeout: 20_000 }, (error, stdout, stderr) => {
       if (error === null) done({ code: 0, stdout, stderr });
       else if (typeof error.code === "number") done({ code: error.code, stdout, stderr });
       else fail(new Error(`keygate ${args.join(" ")} did not exit normally (${error.message}):\n${stdout}\n${stderr}`));
@@ -108,6 +112,11 @@ const fixtures: Record<"get" | "rename" | "scopes" | "revoke" | "rotateJson" | "
 };
 
 beforeAll(async () => {
+  // CI runs `npm run build` before the tests; a developer's checkout may not have dist yet.
+  if (!existsSync(join(root, "dist/cli.js"))) {
+    const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: root, encoding: "utf8" });
+    if (built.status !== 0) throw new Error(`tsc -p tsconfig.build.json failed:\n${built.stdout}\n${built.stderr}`);
+  }
   kg = await startKeygate();
   kg.clock.freeze(NOW);
   adminUrl = `http://127.0.0.1:${kg.ports.admin}`;
@@ -459,6 +468,25 @@ describe("keygate: error", { timeout: 60_000 }, () => {
     expect((await kg.admin.getKey({ id: fixtures.get.id })).key?.state).toBe("active");
   });
 
+  it("exits 1 with one line when keygate refuses accounts get, usage or audit", async () => {
+    const [unknownOwner, backwards, notAKey] = await Promise.all([
+      cli(["accounts", "get", "cli-nobody"]),
+      // Both days parse, so only keygate can refuse the range.
+      cli(["usage", "cli-usage", "--from", "2026-11-22", "--to", "2026-11-01"]),
+      cli(["audit", "--key", "key_not_an_id", "--json"]),
+    ]);
+    const cases: Array<[CliResult, RegExp]> = [
+      [unknownOwner, /^keygate: not_found: account "cli-nobody" does not exist/],
+      [backwards, /^keygate: invalid_argument: to: must not be before from/],
+      [notAKey, /^keygate: invalid_argument: key_id: must be a key id/],
+    ];
+    for (const [result, message] of cases) {
+      expect(result.code, result.stderr).toBe(1);
+      expect(result.stdout).toBe("");
+      expect(oneLine(result.stderr)).toMatch(message);
+    }
+  });
+
   it("exits 2 on bad usage, with one line naming the problem", async () => {
     const [unknownSub, unknownTop, missing, badValue, noToken, quietJson] = await Promise.all([
       cli(["keys", "bogus"]),
@@ -490,5 +518,50 @@ describe("keygate: error", { timeout: 60_000 }, () => {
     expect(help.code).toBe(0);
     for (const option of ["--owner <id>", "--name <name>", "--scope <scope>", "--rate-limit <requests/seconds>", "--quiet", "--url <url>", "--token <token>", "--json"])
       expect(help.stdout).toContain(option);
+  });
+});
+
+/** The subcommand names a `--help` output lists under "Commands:", without commander's `help`. */
+function subcommandsIn(help: string): string[] {
+  const listed = /\nCommands:\n([\s\S]*?)(?:\n\n|$)/.exec(help)?.[1] ?? "";
+  return [...listed.matchAll(/^ {2}([a-z][\w-]*)/gm)].map((m) => m[1] ?? "").filter((name) => name !== "help");
+}
+
+describe("keygate --help on every command: happy", { timeout: 60_000 }, () => {
+  it("exits 0 with a usage line naming the command, for the program and each command and subcommand", async () => {
+    // The command tree as the program itself lists it, level by level, so a new command is covered.
+    const seen: string[][] = [];
+    let level: string[][] = [[]];
+    while (level.length > 0) {
+      const helps = await Promise.all(level.map((path) => cli([...path, "--help"])));
+      const next: string[][] = [];
+      helps.forEach((help, i) => {
+        const path = level[i] ?? [];
+        expect(help.code, `keygate ${path.join(" ")} --help: ${help.stderr}`).toBe(0);
+        expect(help.stderr).toBe("");
+        const usage = help.stdout.split("\n")[0] ?? "";
+        expect(usage).toMatch(new RegExp(`^Usage: ${["keygate", ...path].join(" ")}( |$)`));
+        seen.push(path);
+        for (const name of subcommandsIn(help.stdout)) next.push([...path, name]);
+      });
+      level = next;
+    }
+    const names = seen.map((path) => path.join(" "));
+    // What issue 8 asks for must be among them; the walk found each through the program's help.
+    const required = ["serve", "usage", "audit", "accounts set", "accounts get", "accounts add-credits"];
+    for (const sub of ["create", "list", "get", "rename", "scopes", "revoke", "rotate", "verify"]) required.push(`keys ${sub}`);
+    expect(names).toEqual(expect.arrayContaining(["", "keys", "accounts", ...required]));
+    expect(names).toHaveLength(new Set(names).size);
+  });
+});
+
+describe("node dist/cli.js, the package's bin: happy", { timeout: 60_000 }, () => {
+  it("runs a subcommand against keygate with --json, as the sources do", async () => {
+    const [built, sources] = await Promise.all([
+      cli(["--json", "accounts", "get", "cli-acct-get"], { built: true }),
+      cli(["--json", "accounts", "get", "cli-acct-get"]),
+    ]);
+    expect(json(built)).toMatchObject({ account: { ownerId: "cli-acct-get", plan: "business", maxActiveKeys: 5 } });
+    expect(built.stdout).toBe(sources.stdout);
   });
 });
