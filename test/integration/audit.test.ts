@@ -1,91 +1,279 @@
 import { createHash } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { createClient } from "@connectrpc/connect";
+import type { Client, Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { stringify } from "yaml";
+import { z } from "zod";
+import { KeyAdmin } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import type { AuditEvent } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { KeyHasher } from "../../src/keys/hasher.js";
 import { ADMIN_TOKEN, TEST_POLICY, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
+import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
+import { requireServer } from "../harness/ports.js";
+import { spawnKeygate } from "../harness/process.js";
 
-let kg: TestKeygate;
-beforeAll(async () => {
-  kg = await startKeygate({ policy: { ...TEST_POLICY, plans: { ...TEST_POLICY.plans, basic: { ...TEST_POLICY.plans.basic, monthlyCredits: 10 } } } });
-});
-afterAll(async () => {
-  await kg.stop();
-});
+// ListAuditEvents and the trail behind it, on both stores: SQLite (keygate in-process) and
+// MongoDB (`keygate serve` spawned on the MongoDB-wire server), through the same KeyAdmin client.
+
+const POLICY = { ...TEST_POLICY, plans: { ...TEST_POLICY.plans, basic: { ...TEST_POLICY.plans.basic, monthlyCredits: 10 } } };
+const MONGO_PEPPER = "audit-test-pepper-0123456789abcdefghijkl";
+
+/** A keygate on one store, seen through KeyAdmin, with what the security cases look for. */
+interface AuditBackend {
+  admin: Client<typeof KeyAdmin>;
+  pepper: string;
+  /** The hash the store itself holds for a key. */
+  storedHash(id: string): Promise<string>;
+  stop(): Promise<void>;
+}
+
+function adminClient(port: number): Client<typeof KeyAdmin> {
+  const auth: Interceptor = (next) => (req) => {
+    req.header.set("authorization", `Bearer ${ADMIN_TOKEN}`);
+    return next(req);
+  };
+  return createClient(KeyAdmin, createGrpcTransport({ baseUrl: `http://127.0.0.1:${port}`, interceptors: [auth] }));
+}
+
+async function startSqlite(): Promise<AuditBackend> {
+  const kg = await startKeygate({ policy: POLICY });
+  return {
+    admin: kg.admin,
+    pepper: readFileSync(join(kg.dataDir, "pepper"), "utf8").trim(),
+    async storedHash(id) {
+      const key = await kg.app.store.getKey(id);
+      if (key === null) throw new Error(`${id} is not in the SQLite store`);
+      return key.hash;
+    },
+    stop: () => kg.stop(),
+  };
+}
+
+const storedKey = z.object({ hash: z.string() });
+
+async function startMongo(): Promise<AuditBackend> {
+  const mongo = await startMongoWire();
+  const dir = mkdtempSync(join(tmpdir(), "keygate-audit-mongo-"));
+  const policy = join(dir, "policy.yaml");
+  writeFileSync(policy, stringify(POLICY));
+  const started = await spawnKeygate({
+    cwd: dir,
+    env: {
+      KEYGATE_MONGODB_URI: mongo.uri,
+      KEYGATE_PEPPER: MONGO_PEPPER,
+      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
+      KEYGATE_CONFIG: policy,
+      KEYGATE_HOST: "127.0.0.1",
+      KEYGATE_GRPC_PORT: "0",
+      KEYGATE_HTTP_AUTHZ_PORT: "0",
+      KEYGATE_ADMIN_PORT: "0",
+      // spawnKeygate waits for the info-level "keygate listening" line.
+      KEYGATE_LOG_LEVEL: "info",
+    },
+  }).catch(async (error: unknown) => {
+    await mongo.stop();
+    throw error;
+  });
+  // The store's own documents, read past keygate, so the hashes are the ones really kept.
+  const client = new mongoose.mongo.MongoClient(mongo.uri, { directConnection: true, serverSelectionTimeoutMS: 5000 });
+  await client.connect();
+  return {
+    admin: adminClient(started.ports.admin),
+    pepper: MONGO_PEPPER,
+    async storedHash(id) {
+      // Keys are stored under their id, not an ObjectId.
+      const doc: unknown = await client.db().collection<{ _id: string }>("keys").findOne({ _id: id });
+      return storedKey.parse(doc).hash;
+    },
+    async stop() {
+      await client.close();
+      await started.stop("SIGTERM");
+      await mongo.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
+
+const BACKENDS = [
+  { name: "SQLite (keygate in-process)", ready: true, start: startSqlite },
+  { name: "MongoDB (keygate serve on the MongoDB-wire server)", ready: mongoReady, start: startMongo },
+];
 
 const tokenId = `tok_${createHash("sha256").update(ADMIN_TOKEN).digest().subarray(0, 4).toString("hex")}`;
 
-describe("audit trail", () => {
-  it("records every KeyAdmin change with actor, action, key, owner, changed fields and source, and no secret", async () => {
-    const ownerId = "audit-owner";
-    await kg.admin.upsertAccount({ ownerId, plan: "business" });
-    const created = await kg.admin.createKey({ ownerId, name: "first", scopes: ["tutor"], rateLimit: { limit: 5, windowSeconds: 60 } });
-    const id = created.key?.id ?? "";
-    await kg.admin.updateKey({ id, name: "renamed", scopes: ["tutor", "decks"] });
-    const rotated = await kg.admin.rotateKey({ id, graceDays: 2 });
-    await kg.admin.revokeKey({ id: rotated.key?.id ?? "", reason: "leaked" });
-    await kg.admin.addCredits({ ownerId, amount: 5n, reason: "order 7" });
-    // Reads are not audited.
-    await kg.admin.getKey({ id });
-    await kg.admin.listKeys({ ownerId });
+/** Every event in the trail, all owners, page by page. */
+async function everyEvent(admin: Client<typeof KeyAdmin>): Promise<AuditEvent[]> {
+  const events: AuditEvent[] = [];
+  let pageToken = "";
+  do {
+    const page = await admin.listAuditEvents({ pageSize: 100, pageToken });
+    events.push(...page.events);
+    pageToken = page.nextPageToken;
+  } while (pageToken !== "");
+  return events;
+}
 
-    const { events, nextPageToken } = await kg.admin.listAuditEvents({ ownerId });
-    expect(nextPageToken).toBe("");
-    expect(events.map((e) => [e.action, e.keyId])).toEqual([
-      ["account.upsert", ""],
-      ["key.create", id],
-      ["key.update", id],
-      ["key.rotate", id],
-      ["key.revoke", rotated.key?.id],
-      ["credits.add", ""],
-    ]);
-    for (const event of events) {
-      expect(event.actor).toBe(tokenId);
-      expect(event.ownerId).toBe(ownerId);
-      expect(event.source).toMatch(/^(::ffff:)?127\.0\.0\.1$/);
-      expect(event.id).toMatch(/^evt_[0-9A-HJKMNP-TV-Z]{26}$/);
-    }
-    expect(events[0]?.changes).toEqual({ plan: '"business"' });
-    expect(events[1]?.changes).toEqual({
-      name: '"first"',
-      scopes: '["tutor"]',
-      mode: '"live"',
-      project_id: "null",
-      expires_at: "null",
-      rate_limit: '{"limit":5,"windowSeconds":60}',
-      metadata: "{}",
+function asText(events: readonly AuditEvent[]): string {
+  return JSON.stringify(events, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
+}
+
+for (const { name, ready, start } of BACKENDS) {
+  describe.runIf(ready)(`audit trail on ${name}`, { timeout: 60_000 }, () => {
+    let backend: AuditBackend;
+    beforeAll(async () => {
+      backend = await start();
+    }, 120_000);
+    afterAll(async () => {
+      await backend?.stop();
     });
-    expect(events[2]?.changes).toEqual({ name: '"renamed"', scopes: '["tutor","decks"]' });
-    expect(events[3]?.changes["rotated_to_id"]).toBe(JSON.stringify(rotated.key?.id));
-    expect(events[3]?.changes["grace_days"]).toBe("2");
-    expect(events[4]?.changes).toEqual({ reason: '"leaked"' });
-    expect(events[5]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
-    const everything = JSON.stringify(events, (_k, v: unknown) => (typeof v === "bigint" ? v.toString() : v));
-    expect(everything).not.toContain(created.secret);
-    expect(everything).not.toContain(rotated.secret);
-    expect(everything).not.toContain(ADMIN_TOKEN);
-  });
 
-  it("filters by key and time, and pages", async () => {
-    const ownerId = "audit-pages";
-    const created = await kg.admin.createKey({ ownerId, name: "k" });
-    const id = created.key?.id ?? "";
-    for (let i = 0; i < 4; i++) await kg.admin.updateKey({ id, name: `n${i}` });
-    const byKey = await kg.admin.listAuditEvents({ keyId: id });
-    expect(byKey.events.map((e) => e.action)).toEqual(["key.create", "key.update", "key.update", "key.update", "key.update"]);
-    const first = await kg.admin.listAuditEvents({ keyId: id, pageSize: 2 });
-    const second = await kg.admin.listAuditEvents({ keyId: id, pageSize: 2, pageToken: first.nextPageToken });
-    const third = await kg.admin.listAuditEvents({ keyId: id, pageSize: 2, pageToken: second.nextPageToken });
-    expect([...first.events, ...second.events, ...third.events].map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
-    expect(third.nextPageToken).toBe("");
-    const future = await kg.admin.listAuditEvents({ keyId: id, since: timestampFromMs(Date.now() + 60_000) });
-    expect(future.events).toEqual([]);
-    await expect(kg.admin.listAuditEvents({ keyId: "nope" })).rejects.toThrow(/key_id: must be a key id/);
-    await expect(kg.admin.listAuditEvents({ pageToken: "garbage" })).rejects.toThrow(/page_token/);
-  });
+    describe("happy", () => {
+      it("records every KeyAdmin change with actor, action, key, owner, changed fields and source", async () => {
+        const { admin } = backend;
+        const ownerId = "audit-owner";
+        await admin.upsertAccount({ ownerId, plan: "business" });
+        const created = await admin.createKey({ ownerId, name: "first", scopes: ["tutor"], rateLimit: { limit: 5, windowSeconds: 60 } });
+        const id = created.key?.id ?? "";
+        await admin.updateKey({ id, name: "renamed", scopes: ["tutor", "decks"] });
+        const rotated = await admin.rotateKey({ id, graceDays: 2 });
+        await admin.revokeKey({ id: rotated.key?.id ?? "", reason: "leaked" });
+        await admin.addCredits({ ownerId, amount: 5n, reason: "order 7" });
+        // Reads are not audited.
+        await admin.getKey({ id });
+        await admin.listKeys({ ownerId });
 
-  it("a refused change is not audited", async () => {
-    const before = (await kg.admin.listAuditEvents({ ownerId: "audit-refused" })).events.length;
-    await expect(kg.admin.createKey({ ownerId: "audit-refused", name: "" })).rejects.toThrow(/name/);
-    expect((await kg.admin.listAuditEvents({ ownerId: "audit-refused" })).events.length).toBe(before);
+        const { events, nextPageToken } = await admin.listAuditEvents({ ownerId });
+        expect(nextPageToken).toBe("");
+        expect(events.map((e) => [e.action, e.keyId])).toEqual([
+          ["account.upsert", ""],
+          ["key.create", id],
+          ["key.update", id],
+          ["key.rotate", id],
+          ["key.revoke", rotated.key?.id],
+          ["credits.add", ""],
+        ]);
+        for (const event of events) {
+          expect(event.actor).toBe(tokenId);
+          expect(event.ownerId).toBe(ownerId);
+          expect(event.source).toMatch(/^(::ffff:)?127\.0\.0\.1$/);
+          expect(event.id).toMatch(/^evt_[0-9A-HJKMNP-TV-Z]{26}$/);
+        }
+        expect(events[0]?.changes).toEqual({ plan: '"business"' });
+        expect(events[1]?.changes).toEqual({
+          name: '"first"',
+          scopes: '["tutor"]',
+          mode: '"live"',
+          project_id: "null",
+          expires_at: "null",
+          rate_limit: '{"limit":5,"windowSeconds":60}',
+          metadata: "{}",
+        });
+        expect(events[2]?.changes).toEqual({ name: '"renamed"', scopes: '["tutor","decks"]' });
+        expect(events[3]?.changes["rotated_to_id"]).toBe(JSON.stringify(rotated.key?.id));
+        expect(events[3]?.changes["grace_days"]).toBe("2");
+        expect(events[4]?.changes).toEqual({ reason: '"leaked"' });
+        expect(events[5]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
+      });
+
+      it("filters by key and time, and pages", async () => {
+        const { admin } = backend;
+        const ownerId = "audit-pages";
+        const created = await admin.createKey({ ownerId, name: "k" });
+        const id = created.key?.id ?? "";
+        for (let i = 0; i < 4; i++) await admin.updateKey({ id, name: `n${i}` });
+        const byKey = await admin.listAuditEvents({ keyId: id });
+        expect(byKey.events.map((e) => e.action)).toEqual(["key.create", "key.update", "key.update", "key.update", "key.update"]);
+        expect(byKey.events.map((e) => e.changes["name"])).toEqual(['"k"', '"n0"', '"n1"', '"n2"', '"n3"']);
+        const first = await admin.listAuditEvents({ keyId: id, pageSize: 2 });
+        const second = await admin.listAuditEvents({ keyId: id, pageSize: 2, pageToken: first.nextPageToken });
+        const third = await admin.listAuditEvents({ keyId: id, pageSize: 2, pageToken: second.nextPageToken });
+        expect([first.events.length, second.events.length, third.events.length]).toEqual([2, 2, 1]);
+        expect([...first.events, ...second.events, ...third.events].map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
+        expect(third.nextPageToken).toBe("");
+        // The owner filter holds the account's key events too (CreateKey made the account, unaudited).
+        expect((await admin.listAuditEvents({ ownerId })).events.map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
+        const sinceLast = await admin.listAuditEvents({ keyId: id, since: byKey.events.at(-1)?.time });
+        expect(sinceLast.events.map((e) => e.id)).toContain(byKey.events.at(-1)?.id);
+        const future = await admin.listAuditEvents({ keyId: id, since: timestampFromMs(Date.now() + 60_000) });
+        expect(future.events).toEqual([]);
+      });
+    });
+
+    describe("error", () => {
+      it("refuses a malformed key id or page token", async () => {
+        const { admin } = backend;
+        await expect(admin.listAuditEvents({ keyId: "nope" })).rejects.toThrow(/key_id: must be a key id/);
+        await expect(admin.listAuditEvents({ pageToken: "garbage" })).rejects.toThrow(/page_token/);
+      });
+
+      it("a refused change is not audited", async () => {
+        const { admin } = backend;
+        const before = (await admin.listAuditEvents({ ownerId: "audit-refused" })).events.length;
+        await expect(admin.createKey({ ownerId: "audit-refused", name: "" })).rejects.toThrow(/name/);
+        expect((await admin.listAuditEvents({ ownerId: "audit-refused" })).events.length).toBe(before);
+      });
+    });
+
+    describe("security", () => {
+      it("no event holds a secret, a key hash, the pepper or the admin token", async () => {
+        const { admin } = backend;
+        const ownerId = "audit-secrets";
+        await admin.upsertAccount({ ownerId, plan: "business" });
+        const first = await admin.createKey({ ownerId, name: "s1", scopes: ["tutor"], metadata: { team: "billing" } });
+        const second = await admin.createKey({ ownerId, name: "s2", mode: "test" });
+        const firstId = first.key?.id ?? "";
+        const graced = await admin.rotateKey({ id: firstId, graceDays: 3 });
+        const immediate = await admin.rotateKey({ id: second.key?.id ?? "", graceDays: 0 });
+        await admin.updateKey({ id: graced.key?.id ?? "", name: "s1-rotated", scopes: ["tutor", "decks"] });
+        await admin.revokeKey({ id: graced.key?.id ?? "", reason: "test" });
+        expect((await admin.verifyKey({ secret: immediate.secret })).valid).toBe(true);
+        await admin.addCredits({ ownerId, amount: 7n, reason: "order 9" });
+
+        const issued = [first, second, graced, immediate].map((answer) => ({ id: answer.key?.id ?? "", secret: answer.secret }));
+        const hasher = new KeyHasher(backend.pepper);
+        const hashes: string[] = [];
+        for (const { id, secret } of issued) {
+          expect(secret).toMatch(/^kg_(live|test)_/);
+          const hash = await backend.storedHash(id);
+          // The hash looked for is the one kept, so the search below could find it.
+          expect(hash).toBe(hasher.hash(secret));
+          hashes.push(hash);
+        }
+
+        const events = await everyEvent(admin);
+        expect(events.filter((e) => e.ownerId === ownerId).map((e) => e.action)).toEqual([
+          "account.upsert",
+          "key.create",
+          "key.create",
+          "key.rotate",
+          "key.rotate",
+          "key.update",
+          "key.revoke",
+          "credits.add",
+        ]);
+        const trail = asText(events);
+        // The trail does name the keys, by id: the searches below look in the right text.
+        for (const { id } of issued) expect(trail).toContain(id);
+        for (const { secret } of issued) {
+          expect(trail).not.toContain(secret);
+          // Nor a recognisable part: what a key preview (start…last4) does not already show.
+          expect(trail).not.toContain(secret.slice(12, -4));
+        }
+        for (const hash of hashes) {
+          expect(trail).not.toContain(hash);
+          expect(trail).not.toContain(hash.slice(0, 16));
+        }
+        expect(trail).not.toContain(backend.pepper);
+        expect(trail).not.toContain(ADMIN_TOKEN);
+      });
+    });
   });
-});
+}
