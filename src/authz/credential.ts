@@ -14,7 +14,8 @@ const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i;
 /**
  * Reads the API key from the configured headers. `authorization` counts only with the Bearer
  * scheme. Two headers carrying different keys, or a repeated header, are refused as malformed:
- * a proxy and an upstream could disagree about which one wins.
+ * a proxy and an upstream could disagree about which one wins. A repeat must arrive as an array:
+ * Node's req.headers keeps only the first Authorization, so HTTP mode passes distinct values.
  */
 export function extractCredential(headers: HeaderBag, headerNames: readonly string[]): CredentialResult {
   let found: string | undefined;

@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { createServer } from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Logger } from "pino";
+import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { renderDeniedEcho, toHttpAnswer, unavailableAnswer, withDenialHeaders } from "../authz/to-http.js";
 import type { HttpAnswer } from "../authz/to-http.js";
@@ -37,6 +38,21 @@ export function originalRequest(req: IncomingMessage): { method: string; path: s
   const path = below || firstHeader(req, "x-forwarded-uri") || firstHeader(req, "x-original-uri") || "/";
   const method = firstHeader(req, "x-forwarded-method") || firstHeader(req, "x-original-method") || req.method || "GET";
   return { method, path };
+}
+
+/**
+ * The headers the pipeline reads, with every repeated header as the array of its values. Node
+ * keeps only the first Authorization and joins other repeats with ", ", so without this a second
+ * credential header would never reach extractCredential, which refuses it.
+ */
+export function headerBag(req: IncomingMessage, distinctNameCount: number): HeaderBag {
+  // As many raw lines as distinct names means nothing repeats: the common path allocates nothing.
+  if (req.rawHeaders.length === distinctNameCount * 2) return req.headers;
+  const bag: Record<string, string | string[] | undefined> = { ...req.headers };
+  for (const [name, values] of Object.entries(req.headersDistinct)) {
+    if (values !== undefined && values.length > 1) bag[name] = values;
+  }
+  return bag;
 }
 
 function send(res: ServerResponse, answer: HttpAnswer): void {
@@ -88,7 +104,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       reply(unavailableAnswer(requestId));
     };
     try {
-      const decision = pipeline.decide({ method: original.method, path: original.path, headers: req.headers, contextExtensions: undefined });
+      const decision = pipeline.decide({ method: original.method, path: original.path, headers: headerBag(req, headerNames.length), contextExtensions: undefined });
       if (decision instanceof Promise) decision.then(answer, fail);
       else answer(decision);
     } catch (error) {

@@ -22,6 +22,10 @@ describe("credential extraction", () => {
   it("refuses conflicting, repeated and broken Bearer values", () => {
     expect(extractCredential({ authorization: "Bearer abc", "x-api-key": "xyz" }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
     expect(extractCredential({ "x-api-key": ["abc", "abc"] }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
+    // HTTP mode hands repeats over as arrays: Node itself would keep only the first Authorization.
+    expect(extractCredential({ authorization: ["Bearer abc", "Bearer xyz"] }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
+    expect(extractCredential({ authorization: ["Bearer abc", "Bearer abc"] }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
+    expect(extractCredential({ authorization: ["Basic dXNlcjpwYXNz", "Bearer abc"], "x-api-key": "abc" }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
     expect(extractCredential({ authorization: "Bearer" }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
     expect(extractCredential({ authorization: "Bearer a b" }, names)).toEqual({ ok: false, reason: "MALFORMED_KEY" });
   });
