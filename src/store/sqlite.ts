@@ -1,3 +1,4 @@
+import { chmodSync, closeSync, openSync } from "node:fs";
 import type { Database as SqliteDatabase, Statement } from "better-sqlite3";
 import { Database } from "./sqlite-driver.js";
 import { CapExceededError, ConflictError, DuplicateError } from "./errors.js";
@@ -187,6 +188,26 @@ function isUniqueViolation(error: unknown): boolean {
   return error instanceof Error && "code" in error && (error.code === "SQLITE_CONSTRAINT_UNIQUE" || error.code === "SQLITE_CONSTRAINT_PRIMARYKEY");
 }
 
+/** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
+const OWNER_ONLY = 0o600;
+
+/** Creates the database file owner-only before SQLite opens it; SQLite gives its -wal and -shm the same mode. */
+function createOwnerOnly(path: string): void {
+  closeSync(openSync(path, "a", OWNER_ONLY));
+  chmodSync(path, OWNER_ONLY);
+}
+
+/** Tightens WAL files an older version left world-readable; SQLite keeps the mode of a file it reuses. */
+function tightenWalFiles(path: string): void {
+  for (const suffix of ["-wal", "-shm"]) {
+    try {
+      chmodSync(`${path}${suffix}`, OWNER_ONLY);
+    } catch (error) {
+      if (!(error instanceof Error && "code" in error && error.code === "ENOENT")) throw error;
+    }
+  }
+}
+
 /** The embedded store: one SQLite file through better-sqlite3, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
   readonly kind = "sqlite";
@@ -214,12 +235,15 @@ export class SqliteKeyStore implements KeyStore {
 
   /** Opens (and creates) the database file; ":memory:" gives a private in-memory store. */
   constructor(path: string) {
+    const onDisk = path !== ":memory:" && path !== "";
+    if (onDisk) createOwnerOnly(path);
     this.#db = new Database(path);
     this.#db.pragma("journal_mode = WAL");
     this.#db.pragma("synchronous = NORMAL");
     this.#db.pragma("busy_timeout = 5000");
     this.#db.pragma("foreign_keys = ON");
     this.#db.exec(SCHEMA);
+    if (onDisk) tightenWalFiles(path);
     const db = this.#db;
     this.#stmt = {
       getAccount: db.prepare("SELECT * FROM accounts WHERE owner_id = ?"),

@@ -1,10 +1,12 @@
-import { readFileSync } from "node:fs";
+import { chmodSync, closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
 import { loadConfig } from "../../src/config.js";
 import { KeyHasher } from "../../src/keys/hasher.js";
 import { buildKeygate } from "../../src/server/app.js";
 import { createLogger } from "../../src/server/logger.js";
+import { SqliteKeyStore } from "../../src/store/sqlite.js";
 import { ADMIN_TOKEN, checkInit, httpCheck, postJson, startKeygate } from "../harness/keygate.js";
 
 describe("secrets never travel", () => {
@@ -55,6 +57,42 @@ describe("secrets never travel", () => {
     }
     // The key's body, even without its prefix, is not there either.
     for (const key of secrets.slice(2)) expect(logText.includes(key.slice(12, 30))).toBe(false);
+  });
+
+  it("creates every file in the data directory owner-only: the database, its WAL files and the pepper", async () => {
+    const kg = await startKeygate();
+    try {
+      // A write makes sure the WAL and shared-memory files exist.
+      await kg.admin.createKey({ ownerId: "modes-owner", name: "m" });
+      const modes = Object.fromEntries(
+        readdirSync(kg.dataDir)
+          .filter((name) => name !== "policy.yaml") // written by the test harness, not by keygate
+          .map((name) => [name, (statSync(join(kg.dataDir, name)).mode & 0o777).toString(8)]),
+      );
+      expect(Object.keys(modes).sort()).toEqual(expect.arrayContaining(["keygate.db", "keygate.db-shm", "keygate.db-wal", "pepper"]));
+      for (const [name, mode] of Object.entries(modes)) expect(mode, name).toBe("600");
+      expect((statSync(kg.dataDir).mode & 0o777).toString(8)).toBe("700");
+    } finally {
+      await kg.stop();
+    }
+  });
+
+  it("tightens a world-readable database and WAL files left by an older version", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "keygate-modes-"));
+    const path = join(dir, "keygate.db");
+    try {
+      const old = new SqliteKeyStore(path);
+      await old.close();
+      for (const file of [path, `${path}-wal`, `${path}-shm`]) {
+        closeSync(openSync(file, "a"));
+        chmodSync(file, 0o644);
+      }
+      const store = new SqliteKeyStore(path);
+      for (const file of [path, `${path}-wal`, `${path}-shm`]) expect((statSync(file).mode & 0o777).toString(8), file).toBe("600");
+      await store.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("refuses to start with MongoDB and no explicit pepper or admin tokens, naming the variable", async () => {
