@@ -32,6 +32,17 @@ const routeSchema = z.object({
   cost: z.number().int().min(0).default(1),
 });
 
+/** The longest write-behind flush interval: one day. */
+export const MAX_FLUSH_SECONDS = 86_400;
+
+// Node timers hold at most 2^31 - 1 ms (about 24.8 days); a longer delay fires after 1 ms, so an
+// interval past that would flush to the store in a busy loop. One day is far below the limit.
+const flushSeconds = z
+  .number()
+  .positive()
+  .max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`)
+  .default(5);
+
 const policySchema = z
   .object({
     defaultPlan: z.string().default("basic"),
@@ -53,7 +64,7 @@ const policySchema = z
         negativeTtlSeconds: z.number().positive().default(5),
       })
       .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
-    lastUsedFlushSeconds: z.number().positive().default(5),
+    lastUsedFlushSeconds: flushSeconds,
     limits: z
       .object({
         /** Whose requests share a rate-limit bucket. A key with its own limit always has its own. */
@@ -66,7 +77,7 @@ const policySchema = z
          */
         onRedisError: z.enum(["fallback", "fail-open", "fail-closed"]).default("fallback"),
         /** How often counted usage and spent credits are written to the store. */
-        usageFlushSeconds: z.number().positive().default(5),
+        usageFlushSeconds: flushSeconds,
       })
       .default({ rateLimitPer: "account", roleRateLimits: {}, onRedisError: "fallback", usageFlushSeconds: 5 }),
   })

@@ -32,4 +32,18 @@ describe("config", () => {
     expect(() => parsePolicy({ ...base, scopes: { catalog: ["a"], default: ["b"] } })).toThrow(/scopes.default.0: "b" is not in scopes.catalog/);
     expect(() => parsePolicy({ ...base, routes: [{ pathPrefix: "/x", requiredScopes: ["zz"] }] })).toThrow(/routes.0.requiredScopes.0/);
   });
+
+  it("caps the flush intervals at one day, below where Node timers overflow and fire every 1 ms", () => {
+    const base = { plans: { basic: { maxActiveKeys: 1, rateLimit: { limit: 1, windowSeconds: 1 } } }, scopes: { catalog: ["a"], default: ["a"] } };
+    const overflow = 2_147_484; // seconds: just past 2^31 - 1 ms
+    expect(parsePolicy({ ...base, lastUsedFlushSeconds: 86_400, limits: { usageFlushSeconds: 86_400 } })).toMatchObject({
+      lastUsedFlushSeconds: 86_400,
+      limits: { usageFlushSeconds: 86_400 },
+    });
+    for (const seconds of [86_401, overflow]) {
+      expect(() => parsePolicy({ ...base, lastUsedFlushSeconds: seconds })).toThrow(/lastUsedFlushSeconds: must be at most 86400 \(one day\); it is in seconds/);
+      expect(() => parsePolicy({ ...base, limits: { usageFlushSeconds: seconds } })).toThrow(/limits.usageFlushSeconds: must be at most 86400 \(one day\); it is in seconds/);
+    }
+    expect(() => parsePolicy({ ...base, lastUsedFlushSeconds: 0 })).toThrow(/lastUsedFlushSeconds/);
+  });
 });
