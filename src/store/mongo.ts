@@ -157,6 +157,9 @@ keySchema.index({ hash: 1 }, { unique: true, name: "hash_unique" });
 keySchema.index({ owner_id: 1, revoked_at: 1, _id: 1 }, { name: "owner_state" });
 keySchema.index({ project_id: 1 }, { name: "project" });
 
+// A concurrent period change makes an attempt miss; more than a few in a row means the account is gone.
+const SPEND_ATTEMPTS = 4;
+
 const ms = (date: Date | null): number | null => (date === null ? null : date.getTime());
 const date = (value: number | null): Date | null => (value === null ? null : new Date(value));
 
@@ -467,16 +470,24 @@ export class MongoKeyStore implements KeyStore {
     });
   }
 
-  /** Same rule as SQLite: the stored period adds, a later period starts over, an older one spends top-up only. */
+  /**
+   * Same rule as SQLite: the stored period adds, a later period starts over, an older one spends
+   * top-up only. Each update is conditional on the period it read, so when another replica moves
+   * the period between two of them, nothing matches and the delta is tried again from the top.
+   */
   async #spendCredits(c: CreditDelta): Promise<void> {
-    const same = await this.#accounts.updateOne({ _id: c.ownerId, credit_period: c.period }, { $inc: { monthly_used: c.monthlyUsed, topup_balance: -c.topupUsed } });
-    if (same.matchedCount === 1) return;
-    const later = await this.#accounts.updateOne(
-      { _id: c.ownerId, $or: [{ credit_period: { $lt: c.period } }, { credit_period: { $exists: false } }] },
-      { $set: { credit_period: c.period, monthly_used: c.monthlyUsed }, $inc: { topup_balance: -c.topupUsed } },
-    );
-    if (later.matchedCount === 1) return;
-    await this.#accounts.updateOne({ _id: c.ownerId }, { $inc: { topup_balance: -c.topupUsed } });
+    for (let attempt = 0; attempt < SPEND_ATTEMPTS; attempt++) {
+      const same = await this.#accounts.updateOne({ _id: c.ownerId, credit_period: c.period }, { $inc: { monthly_used: c.monthlyUsed, topup_balance: -c.topupUsed } });
+      if (same.matchedCount === 1) return;
+      const later = await this.#accounts.updateOne(
+        { _id: c.ownerId, $or: [{ credit_period: { $lt: c.period } }, { credit_period: { $exists: false } }] },
+        { $set: { credit_period: c.period, monthly_used: c.monthlyUsed }, $inc: { topup_balance: -c.topupUsed } },
+      );
+      if (later.matchedCount === 1) return;
+      const older = await this.#accounts.updateOne({ _id: c.ownerId, credit_period: { $gt: c.period } }, { $inc: { topup_balance: -c.topupUsed } });
+      if (older.matchedCount === 1) return;
+    }
+    // Three misses in a row on every attempt: the account no longer exists.
   }
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {

@@ -313,6 +313,22 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect(await store.getCredits(ownerId)).toEqual({ period: "2026-12", monthlyUsed: 1, topupBalance: 12 });
     });
 
+    it("loses no spend when two replicas flush a new month's first credits at once", async () => {
+      // Both flushes find the stored period older than theirs; only one may start the month, and
+      // the other's spend must still be added to it.
+      const owners = Array.from({ length: 20 }, () => nextOwner());
+      for (const ownerId of owners) await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+      await Promise.all(
+        owners.flatMap((ownerId) => [
+          store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 3, topupUsed: 0 }]),
+          store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 4, topupUsed: 1 }]),
+        ]),
+      );
+      for (const ownerId of owners) {
+        expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 7, topupBalance: -1 });
+      }
+    });
+
     it("stores a key's own rate limit and clears it", async () => {
       const ownerId = nextOwner();
       const key = record(ownerId, { rateLimit: { limit: 7, windowSeconds: 30 } });
