@@ -22,9 +22,23 @@ export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
   };
 }
 
-/** Opens a connection and waits until it is ready. */
-export async function connectRedis(url: string, overrides: RedisOptions = {}): Promise<Redis> {
+/**
+ * Opens a connection and waits until it is ready. Connection errors go to `logger` (ioredis
+ * reconnects by itself); without a listener ioredis prints each one as an unhandled error event.
+ */
+export async function connectRedis(url: string, overrides: RedisOptions = {}, logger?: Logger): Promise<Redis> {
   const redis = new Redis(url, redisOptions(overrides));
+  let lastMessage = "";
+  redis.on("error", (error: unknown) => {
+    // One line per distinct failure, not one per reconnect attempt.
+    const message = error instanceof Error ? error.message : String(error);
+    if (message === lastMessage) return;
+    lastMessage = message;
+    logger?.warn({ err: error }, "Redis connection error");
+  });
+  redis.on("ready", () => {
+    lastMessage = "";
+  });
   await redis.connect();
   return redis;
 }

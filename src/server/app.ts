@@ -86,8 +86,8 @@ async function openCache(
     const bus = new LocalInvalidationBus();
     return { shared: undefined, bus, meter: memoryMeter, close: () => bus.close() };
   }
-  const main = await connectRedis(config.redisUrl);
-  const subscriber = await connectRedis(config.redisUrl);
+  const main = await connectRedis(config.redisUrl, {}, logger);
+  const subscriber = await connectRedis(config.redisUrl, {}, logger);
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
