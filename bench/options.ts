@@ -29,7 +29,7 @@ export interface BenchOptions {
 }
 
 const FULL = { keys: 100_000, accounts: 10_000, seconds: 10, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
-const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 2_000, mixedEntries: 2_000, floodEntries: 2_000 };
+const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 1_000, mixedEntries: 1_000, floodEntries: 2_000 };
 
 function count(value: string): number {
   const n = Number(value);
@@ -78,7 +78,7 @@ function command(): Command {
     .option("--no-memory", "skip the memory scenario")
     .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
     .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)
-    .option("--hot-keys <n>", "distinct keys in the hot set (full 20000, quick 2000)", count)
+    .option("--hot-keys <n>", "distinct keys in the hot set (full 20000, quick 1000)", count)
     .option("--mixed-entries <n>", "requests in the mixed data file", count)
     .option("--flood-entries <n>", "requests in the flood data files", count)
     .option("--profile", "also run hot once under node --cpu-prof and summarize the profile")

@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz against keygate
  * (embedded; Redis + MongoDB-wire) and a no-op grpc-js server, and reports throughput, latency
- * at a fixed rate, CPU, memory and errors per scenario. See bench/README.md.
+ * at a fixed rate, CPU, memory and errors per scenario. README.md, "Performance", explains the figures.
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";

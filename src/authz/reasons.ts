@@ -130,9 +130,22 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
 
 /** The JSON error body, identical for gRPC denied_response and the HTTP mode. */
 export function errorBody(spec: DenialSpec, message: string, requestId: string): string {
-  return JSON.stringify({
-    success: false,
-    error: { title: spec.title, message, retryable: spec.retryable, statusCode: spec.httpStatus, code: spec.code },
-    requestId,
-  });
+  // The standard wording is the common case (every bad-key flood), so its prefix is kept.
+  if (message === spec.message) {
+    let prefix = STANDARD_PREFIXES.get(spec);
+    if (prefix === undefined) {
+      prefix = bodyPrefix(spec, message);
+      STANDARD_PREFIXES.set(spec, prefix);
+    }
+    return `${prefix}${JSON.stringify(requestId)}}`;
+  }
+  return `${bodyPrefix(spec, message)}${JSON.stringify(requestId)}}`;
+}
+
+const STANDARD_PREFIXES = new Map<DenialSpec, string>();
+
+/** Everything of the body before the request id's value: `{"success":false,"error":{…},"requestId":`. */
+function bodyPrefix(spec: DenialSpec, message: string): string {
+  const error = { title: spec.title, message, retryable: spec.retryable, statusCode: spec.httpStatus, code: spec.code };
+  return `{"success":false,"error":${JSON.stringify(error)},"requestId":`;
 }

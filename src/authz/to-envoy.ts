@@ -8,11 +8,15 @@ import {
 } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { StatusSchema } from "../gen/google/rpc/status_pb.js";
+import type { Status } from "../gen/google/rpc/status_pb.js";
+import { HttpStatusSchema } from "../gen/envoy/type/v3/http_status_pb.js";
+import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { KeySnapshot } from "../store/store.js";
 import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
+import type { DenyReason } from "./reasons.js";
 
 // Messages are only read when encoded, so constant parts are shared between responses.
 const OK_STATUS = create(StatusSchema, { code: 0 });
@@ -75,20 +79,49 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
       dynamicMetadata: identity.metadata,
     });
   }
-  const spec = DENIALS[decision.reason];
-  const headers = [header("content-type", "application/json")];
-  if (spec.httpStatus === 401) headers.push(header("www-authenticate", "Bearer"));
-  if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
-  if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
+  const parts = denialParts(decision.reason);
+  let headers = parts.headers;
+  if (decision.retryAfterSeconds !== undefined || decision.limits !== undefined) {
+    headers = parts.headers.slice();
+    if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
+    if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
+  }
   return create(CheckResponseSchema, {
-    status: create(StatusSchema, { code: spec.grpcCode, message: spec.code }),
+    status: parts.status,
     httpResponse: {
       case: "deniedResponse",
       value: create(DeniedHttpResponseSchema, {
-        status: { code: spec.httpStatus },
+        status: parts.httpStatus,
         headers,
-        body: errorBody(spec, decision.message, requestId),
+        body: errorBody(DENIALS[decision.reason], decision.message, requestId),
       }),
     },
   });
+}
+
+/** The parts of a denial that depend only on its reason. */
+interface DenialParts {
+  status: Status;
+  httpStatus: HttpStatus;
+  /** Shared by every answer for the reason: extend a copy, never this array. */
+  headers: HeaderValueOption[];
+}
+
+// Built once per reason: a flood of bad keys is answered without rebuilding them.
+const DENIAL_PARTS = new Map<DenyReason, DenialParts>();
+
+function denialParts(reason: DenyReason): DenialParts {
+  let parts = DENIAL_PARTS.get(reason);
+  if (parts === undefined) {
+    const spec = DENIALS[reason];
+    const headers = [header("content-type", "application/json")];
+    if (spec.httpStatus === 401) headers.push(header("www-authenticate", "Bearer"));
+    parts = {
+      status: create(StatusSchema, { code: spec.grpcCode, message: spec.code }),
+      httpStatus: create(HttpStatusSchema, { code: spec.httpStatus }),
+      headers,
+    };
+    DENIAL_PARTS.set(reason, parts);
+  }
+  return parts;
 }

@@ -62,6 +62,7 @@ export const healthDefinition = {
 
 const HEALTH_SERVICES = new Set(["", "envoy.service.auth.v3.Authorization"]);
 const EMPTY_HEADERS: HeaderBag = {};
+const NO_NAMES: readonly string[] = [];
 const utf8 = new TextDecoder();
 
 /**
@@ -123,7 +124,8 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
     }
     const answer = (d: Decision): void => {
       const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
-      callback(null, toCheckResponse(d, Object.keys(headers), requestId, deps.nowMs()));
+      // Only an allow needs the request's header names (to strip spoofed identity headers).
+      callback(null, toCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs()));
       const reason = d.allow ? "OK" : d.reason;
       metrics.recordCheck("grpc", reason, startedAt, performance.now());
       if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
