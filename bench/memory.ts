@@ -7,7 +7,7 @@ import type { LoadSettings } from "./measure.js";
 import { gauge, scrape } from "./metrics.js";
 import { BENCH_CACHE } from "./policy.js";
 import { memoryOf } from "./processes.js";
-import { seedFiller, storeWriter } from "./seed.js";
+import { seedFiller, sqliteImportWriter } from "./seed.js";
 import type { SeedTiming } from "./seed.js";
 import type { Target } from "./targets.js";
 
@@ -52,7 +52,7 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
   const store = new SqliteKeyStore(input.databasePath);
   let filler: SeedTiming;
   try {
-    filler = await seedFiller(storeWriter(store, input.maxActiveKeys), input.existingKeys, input.totalKeys, input.accounts, input.pepper);
+    filler = await seedFiller(sqliteImportWriter(store, input.maxActiveKeys), input.existingKeys, input.totalKeys, input.accounts, input.pepper);
   } finally {
     await store.close();
   }

@@ -284,7 +284,13 @@ async function main(): Promise<void> {
       profile = embedded.profile;
     }
     if (options.modes.includes("redis-mongo")) {
-      const redisMongo = await runRedisMongo(ctx);
+      // A mode that breaks part-way still leaves the others' figures to report; the run then exits 1.
+      const redisMongo = await runRedisMongo(ctx).catch((error: unknown) => {
+        const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
+        ctx.skipped.push({ what: "redis-mongo", why: `failed part-way: ${firstLine}` });
+        process.exitCode = 1;
+        return null;
+      });
       if (redisMongo !== null) {
         results.push(...redisMongo.results);
         seeding["redis-mongo"] = redisMongo.seeding;

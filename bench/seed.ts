@@ -2,6 +2,7 @@ import mongoose from "mongoose";
 import { KeyFormat } from "../src/keys/key-format.js";
 import { KeyHasher } from "../src/keys/hasher.js";
 import { newKeyId } from "../src/keys/ids.js";
+import type { SqliteKeyStore } from "../src/store/sqlite.js";
 import type { AccountDefaults, CreateLimits, KeyRecord, KeyStore } from "../src/store/store.js";
 import { METERED_PLAN, UNLIMITED_PLAN } from "./policy.js";
 
@@ -208,6 +209,20 @@ export function storeWriter(store: KeyStore, maxActiveKeys: number): SeedWriter 
       }
     },
     close: async () => undefined,
+  };
+}
+
+/**
+ * Adds keys to an embedded store in one SQLite transaction per chunk (SqliteKeyStore.importKeys):
+ * the memory scenario's filler, where a transaction per key would take minutes for 1,000,000.
+ */
+export function sqliteImportWriter(store: SqliteKeyStore, maxActiveKeys: number): SeedWriter {
+  return {
+    ...storeWriter(store, maxActiveKeys),
+    method: "sqlite: SqliteKeyStore.importKeys, one transaction per chunk",
+    async writeKeys(records) {
+      store.importKeys(records);
+    },
   };
 }
 

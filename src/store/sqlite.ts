@@ -338,6 +338,16 @@ export class SqliteKeyStore implements KeyStore {
     return record;
   }
 
+  /**
+   * Inserts keys of existing accounts in one transaction, without the active-key cap: for
+   * restores and for seeding large stores, where one transaction per key would take minutes.
+   */
+  importKeys(records: readonly KeyRecord[]): void {
+    this.#db.transaction(() => {
+      for (const record of records) this.#insertKeySync(record);
+    }).immediate();
+  }
+
   #insertKeySync(record: KeyRecord): void {
     try {
       this.#stmt.insertKey.run(keyParams(record));
