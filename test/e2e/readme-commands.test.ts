@@ -6,6 +6,7 @@ import { join, resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { loadConfig } from "../../src/config.js";
+import { listeningPorts } from "../harness/process.js";
 
 // The README read as a new user would: every ```sh command of "Quick start", "KeyAdmin examples"
 // and "CLI", taken from README.md by heading, run in order with bash against one keygate, as
@@ -99,23 +100,6 @@ interface Session {
 const session: Session = { cwd: "", ports: { grpc: 0, http: 0, admin: 0 }, assignments: [], keyId: null, secret: null };
 let server: ChildProcess | null = null;
 let serverOut = "";
-
-const listeningLine = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), httpPort: z.number(), adminPort: z.number() });
-
-function listeningPorts(stdout: string): Ports | null {
-  for (const line of stdout.split("\n")) {
-    if (!line.startsWith("{")) continue;
-    let json: unknown;
-    try {
-      json = JSON.parse(line);
-    } catch {
-      continue;
-    }
-    const parsed = listeningLine.safeParse(json);
-    if (parsed.success) return { grpc: parsed.data.grpcPort, http: parsed.data.httpPort, admin: parsed.data.adminPort };
-  }
-  return null;
-}
 
 /** The environment without inherited KEYGATE_* variables: the README's commands set their own. */
 function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {

@@ -11,7 +11,7 @@ import { z } from "zod";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { authorizationDefinition } from "../../src/server/grpc-authz.js";
-import { SERVE_ARGS, spawnKeygate } from "../harness/process.js";
+import { SERVE_ARGS, listeningPorts, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
 /** Starts `keygate serve` as `npm start` would, in `cwd`, with no KEYGATE_* variable set. */
@@ -102,23 +102,6 @@ const root = resolve(import.meta.dirname, "../..");
 const builtCli = join(root, "dist/cli.js");
 
 const packageScripts = z.object({ scripts: z.object({ start: z.string() }) });
-const listeningLine = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), httpPort: z.number(), adminPort: z.number() });
-
-function listeningPorts(stdout: string): { grpc: number; http: number; admin: number } | null {
-  for (const line of stdout.split("\n")) {
-    if (!line.startsWith("{")) continue;
-    let json: unknown;
-    try {
-      json = JSON.parse(line);
-    } catch {
-      continue;
-    }
-    const parsed = listeningLine.safeParse(json);
-    if (parsed.success) return { grpc: parsed.data.grpcPort, http: parsed.data.httpPort, admin: parsed.data.adminPort };
-  }
-  return null;
-}
-
 /** Runs `node dist/cli.js serve` with only the port variables set (to 0), until its listening line. */
 async function serveBuilt(cwd: string): Promise<{ child: ChildProcess; ports: { grpc: number; http: number; admin: number }; stdout: () => string }> {
   const env: NodeJS.ProcessEnv = {};

@@ -36,6 +36,16 @@ function readPorts(line: string): { grpc: number; http: number; admin: number } 
   return parsed.success ? { grpc: parsed.data.grpcPort, http: parsed.data.httpPort, admin: parsed.data.adminPort } : null;
 }
 
+/** The ports of the first "keygate listening" line in a process's stdout so far, or null. */
+export function listeningPorts(stdout: string): { grpc: number; http: number; admin: number } | null {
+  for (const line of stdout.split("\n")) {
+    if (!line.startsWith("{")) continue;
+    const ports = readPorts(line);
+    if (ports !== null) return ports;
+  }
+  return null;
+}
+
 /**
  * Spawns `keygate serve` with exactly `env` for its KEYGATE_* variables (inherited ones are
  * dropped) and waits for its "keygate listening" line.
