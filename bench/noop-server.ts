@@ -1,28 +1,31 @@
 /**
- * The ceiling: a grpc-js Authorization/Check server that decodes each CheckRequest with the same
- * protobuf-es schema keygate uses and answers a fixed OK. Run as its own process so that its CPU
- * is accounted apart from keygate's; it prints one JSON line with its port, then serves until
- * SIGTERM.
+ * The ceiling: a grpc-js Authorization/Check server with keygate's own server options and
+ * request decoding (the same protobuf-es schema) that answers every Check with one fixed OK,
+ * encoded once. Run as its own process so that its CPU is accounted apart from keygate's; it
+ * prints one JSON line with its port, then serves until SIGTERM.
  */
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import type { sendUnaryData, ServerUnaryCall } from "@grpc/grpc-js";
 import { CheckResponseSchema } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import type { CheckRequest, CheckResponse } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import { authorizationDefinition } from "../src/server/grpc-authz.js";
+import type { CheckRequest } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { authorizationServerDefinition, GRPC_SERVER_OPTIONS } from "../src/server/grpc-authz.js";
 
-const OK: CheckResponse = create(CheckResponseSchema, {
-  status: { code: 0 },
-  httpResponse: { case: "okResponse", value: {} },
-});
+const OK = toBinary(
+  CheckResponseSchema,
+  create(CheckResponseSchema, {
+    status: { code: 0 },
+    httpResponse: { case: "okResponse", value: {} },
+  }),
+);
 
-function check(_call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void {
+function check(_call: ServerUnaryCall<CheckRequest, Uint8Array>, callback: sendUnaryData<Uint8Array>): void {
   callback(null, OK);
 }
 
 async function main(): Promise<void> {
-  const server = new Server({ "grpc.keepalive_permit_without_calls": 1 });
-  server.addService(authorizationDefinition, { Check: check });
+  const server = new Server(GRPC_SERVER_OPTIONS);
+  server.addService(authorizationServerDefinition, { Check: check });
   const port = await new Promise<number>((resolve, reject) => {
     server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));
   });

@@ -7,6 +7,10 @@ export interface RouteRequirements {
   cost: number;
 }
 
+// Anything the slow path of normalizePath would change: a query or fragment, an escape, a
+// segment that is empty or starts with a dot, or a trailing slash.
+const NOT_NORMAL = /[?#%]|\/\/|\/\.|\/$/;
+
 const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1 };
 
 /**
@@ -14,6 +18,8 @@ const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null
  * "/v1/x/../decks" and "/v1/%64ecks" cannot slip past a route that guards "/v1/decks".
  */
 export function normalizePath(rawPath: string): string {
+  // Most paths are already normal: no query or fragment, escapes, empty, "." or ".." segments.
+  if (rawPath.length > 1 && rawPath.charCodeAt(0) === 0x2f && !NOT_NORMAL.test(rawPath)) return rawPath;
   let path = rawPath;
   const cut = path.search(/[?#]/);
   if (cut >= 0) path = path.slice(0, cut);
@@ -37,10 +43,13 @@ export function normalizePath(rawPath: string): string {
 
 /** The routes table from config, matched by method and longest path prefix. */
 export class RouteTable {
-  readonly #routes: Route[];
+  /** Longest prefix first, each with its prefix less any trailing slash. */
+  readonly #routes: Array<{ route: Route; prefix: string }>;
 
   constructor(routes: readonly Route[]) {
-    this.#routes = [...routes].sort((a, b) => b.pathPrefix.length - a.pathPrefix.length);
+    this.#routes = [...routes]
+      .sort((a, b) => b.pathPrefix.length - a.pathPrefix.length)
+      .map((route) => ({ route, prefix: route.pathPrefix.endsWith("/") ? route.pathPrefix.slice(0, -1) : route.pathPrefix }));
   }
 
   get isEmpty(): boolean {
@@ -52,10 +61,9 @@ export class RouteTable {
     if (this.#routes.length === 0) return null;
     const path = normalizePath(rawPath);
     const upperMethod = method.toUpperCase();
-    for (const route of this.#routes) {
+    for (const { route, prefix } of this.#routes) {
       if (route.method !== "*" && route.method !== upperMethod) continue;
-      const prefix = route.pathPrefix.endsWith("/") ? route.pathPrefix.slice(0, -1) : route.pathPrefix;
-      if (prefix === "" || path === prefix || path.startsWith(`${prefix}/`)) return route;
+      if (prefix === "" || (path.startsWith(prefix) && (path.length === prefix.length || path.charCodeAt(prefix.length) === 0x2f))) return route;
     }
     return null;
   }

@@ -1,4 +1,5 @@
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
+import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
 import { HeaderValueOption_HeaderAppendAction, HeaderValueOptionSchema } from "../gen/envoy/config/core/v3/base_pb.js";
 import type { HeaderValueOption } from "../gen/envoy/config/core/v3/base_pb.js";
 import {
@@ -14,7 +15,7 @@ import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { KeySnapshot } from "../store/store.js";
 import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
-import type { Decision } from "./pipeline.js";
+import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
 
@@ -24,6 +25,10 @@ const OK_STATUS = create(StatusSchema, { code: 0 });
 /** The namespace Envoy files keygate's dynamic metadata under. */
 export const METADATA_NAMESPACE = "envoy.filters.http.ext_authz";
 
+// CheckResponse field numbers (envoy/service/auth/v3/external_auth.proto).
+const DENIED_RESPONSE_FIELD = 2;
+const OK_RESPONSE_FIELD = 3;
+
 function header(key: string, value: string): HeaderValueOption {
   // OVERWRITE replaces any client-sent value of the same name, so identity cannot be spoofed.
   return create(HeaderValueOptionSchema, {
@@ -32,9 +37,14 @@ function header(key: string, value: string): HeaderValueOption {
   });
 }
 
+/** The parts of an allow that depend only on the key: its message parts and their encodings. */
 interface EnvoyIdentity {
   headers: HeaderValueOption[];
   metadata: { [field: string]: string };
+  /** OkHttpResponse { headers } encoded. */
+  okHead: Uint8Array;
+  /** CheckResponse { dynamic_metadata } encoded: the field's tag, length and Struct. */
+  metadataField: Uint8Array;
 }
 
 // Built once per cached snapshot: the same key's identity headers and metadata every time.
@@ -44,59 +54,96 @@ function envoyIdentity(snapshot: KeySnapshot): EnvoyIdentity {
   let identity = identities.get(snapshot);
   if (identity === undefined) {
     const { key, account } = snapshot;
+    const headers = identityHeaders(snapshot).map(([k, v]) => header(k, v));
+    const metadata = {
+      key_id: key.id,
+      owner_id: key.ownerId,
+      project_id: key.projectId ?? "",
+      plan: account.plan,
+      mode: key.mode,
+      scopes: key.scopes.join(","),
+    };
     identity = {
-      headers: identityHeaders(snapshot).map(([k, v]) => header(k, v)),
-      metadata: {
-        key_id: key.id,
-        owner_id: key.ownerId,
-        project_id: key.projectId ?? "",
-        plan: account.plan,
-        mode: key.mode,
-        scopes: key.scopes.join(","),
-      },
+      headers,
+      metadata,
+      okHead: toBinary(OkHttpResponseSchema, create(OkHttpResponseSchema, { headers })),
+      metadataField: toBinary(CheckResponseSchema, create(CheckResponseSchema, { dynamicMetadata: metadata })),
     };
     identities.set(snapshot, identity);
   }
   return identity;
 }
 
-/** Maps a decision to Envoy's CheckResponse. `clientHeaderNames` are the request's header names. */
+/** The parts of an allow that change per request: headers to strip, and the caller's limits. */
+function allowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): { headersToRemove: string[]; responseHeadersToAdd: HeaderValueOption[] } {
+  const headersToRemove = spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot));
+  if (decision.credentialHeader !== "") headersToRemove.unshift(decision.credentialHeader);
+  const responseHeadersToAdd = decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v));
+  return { headersToRemove, responseHeadersToAdd };
+}
+
+/** The parts of a denial that change per request: Retry-After and limit headers, and the body. */
+function denialRest(decision: Deny, requestId: string, nowMs: number): { headers: HeaderValueOption[]; body: string } {
+  const headers: HeaderValueOption[] = [];
+  if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
+  if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
+  return { headers, body: errorBody(DENIALS[decision.reason], decision.message, requestId) };
+}
+
+/**
+ * Maps a decision to Envoy's CheckResponse message. `clientHeaderNames` are the request's header
+ * names. The server sends encodeCheckResponse's bytes, which are this message's encoding.
+ */
 export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): CheckResponse {
   if (decision.allow) {
     const identity = envoyIdentity(decision.snapshot);
-    const remove = spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot));
-    if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
+    const rest = allowRest(decision, clientHeaderNames, nowMs);
     return create(CheckResponseSchema, {
       status: OK_STATUS,
-      httpResponse: {
-        case: "okResponse",
-        value: create(OkHttpResponseSchema, {
-          headers: identity.headers,
-          headersToRemove: remove,
-          responseHeadersToAdd: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v)),
-        }),
-      },
+      httpResponse: { case: "okResponse", value: create(OkHttpResponseSchema, { headers: identity.headers, ...rest }) },
       dynamicMetadata: identity.metadata,
     });
   }
   const parts = denialParts(decision.reason);
-  let headers = parts.headers;
-  if (decision.retryAfterSeconds !== undefined || decision.limits !== undefined) {
-    headers = parts.headers.slice();
-    if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
-    if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
-  }
+  const rest = denialRest(decision, requestId, nowMs);
   return create(CheckResponseSchema, {
     status: parts.status,
     httpResponse: {
       case: "deniedResponse",
-      value: create(DeniedHttpResponseSchema, {
-        status: parts.httpStatus,
-        headers,
-        body: errorBody(DENIALS[decision.reason], decision.message, requestId),
-      }),
+      value: create(DeniedHttpResponseSchema, { status: parts.httpStatus, headers: [...parts.headers, ...rest.headers], body: rest.body }),
     },
   });
+}
+
+const OK_STATUS_FIELD = toBinary(CheckResponseSchema, create(CheckResponseSchema, { status: OK_STATUS }));
+
+/**
+ * The wire encoding of toCheckResponse's message, byte for byte, without encoding its fixed parts
+ * again: they are kept encoded per key (identity headers, metadata) and per reason (status,
+ * standard headers). Fields are written in field-number order as protobuf-es writes them, and an
+ * embedded message's encoding is the concatenation of its fixed part's and the request's part's,
+ * which hold disjoint fields in ascending order.
+ */
+export function encodeCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): Uint8Array {
+  if (decision.allow) {
+    const identity = envoyIdentity(decision.snapshot);
+    const rest = toBinary(OkHttpResponseSchema, create(OkHttpResponseSchema, allowRest(decision, clientHeaderNames, nowMs)));
+    return join([OK_STATUS_FIELD, fieldHead(OK_RESPONSE_FIELD, identity.okHead.length + rest.length), identity.okHead, rest, identity.metadataField]);
+  }
+  const parts = denialParts(decision.reason);
+  const rest = toBinary(DeniedHttpResponseSchema, create(DeniedHttpResponseSchema, denialRest(decision, requestId, nowMs)));
+  return join([parts.statusField, fieldHead(DENIED_RESPONSE_FIELD, parts.deniedHead.length + rest.length), parts.deniedHead, rest]);
+}
+
+/** The tag and length of a length-delimited field whose payload follows. */
+function fieldHead(fieldNo: number, length: number): Uint8Array {
+  return new BinaryWriter().tag(fieldNo, WireType.LengthDelimited).uint32(length).finish();
+}
+
+function join(parts: Uint8Array[]): Uint8Array {
+  let length = 0;
+  for (const part of parts) length += part.length;
+  return Buffer.concat(parts, length);
 }
 
 /** The parts of a denial that depend only on its reason. */
@@ -105,6 +152,10 @@ interface DenialParts {
   httpStatus: HttpStatus;
   /** Shared by every answer for the reason: extend a copy, never this array. */
   headers: HeaderValueOption[];
+  /** CheckResponse { status } encoded. */
+  statusField: Uint8Array;
+  /** DeniedHttpResponse { status, headers } encoded. */
+  deniedHead: Uint8Array;
 }
 
 // Built once per reason: a flood of bad keys is answered without rebuilding them.
@@ -116,10 +167,14 @@ function denialParts(reason: DenyReason): DenialParts {
     const spec = DENIALS[reason];
     const headers = [header("content-type", "application/json")];
     if (spec.httpStatus === 401) headers.push(header("www-authenticate", "Bearer"));
+    const status = create(StatusSchema, { code: spec.grpcCode, message: spec.code });
+    const httpStatus = create(HttpStatusSchema, { code: spec.httpStatus });
     parts = {
-      status: create(StatusSchema, { code: spec.grpcCode, message: spec.code }),
-      httpStatus: create(HttpStatusSchema, { code: spec.httpStatus }),
+      status,
+      httpStatus,
       headers,
+      statusField: toBinary(CheckResponseSchema, create(CheckResponseSchema, { status })),
+      deniedHead: toBinary(DeniedHttpResponseSchema, create(DeniedHttpResponseSchema, { status: httpStatus, headers })),
     };
     DENIAL_PARTS.set(reason, parts);
   }

@@ -15,10 +15,10 @@ import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { RouteConfigError } from "../authz/routes.js";
-import { toCheckResponse } from "../authz/to-envoy.js";
+import { encodeCheckResponse } from "../authz/to-envoy.js";
 import type { AttributeContext_HttpRequest } from "../gen/envoy/service/auth/v3/attribute_context_pb.js";
 import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
-import type { CheckRequest, CheckResponse } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckRequest } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import {
   HealthCheckRequestSchema,
   HealthCheckResponse_ServingStatus,
@@ -53,6 +53,25 @@ function method<I extends Message, O extends Message>(
 export const authorizationDefinition = {
   Check: method("/envoy.service.auth.v3.Authorization/Check", CheckRequestSchema, CheckResponseSchema),
 } satisfies ServiceDefinition;
+
+/**
+ * The server's side of Check: answers leave the handler already encoded (encodeCheckResponse),
+ * so serializing one is wrapping its bytes.
+ */
+export const authorizationServerDefinition = {
+  Check: {
+    ...authorizationDefinition.Check,
+    responseSerialize: (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+    responseDeserialize: (bytes: Buffer): Uint8Array => bytes,
+  },
+} satisfies ServiceDefinition;
+
+/** grpc-js server options keygate's listeners use (the bench's no-op ceiling uses the same). */
+export const GRPC_SERVER_OPTIONS = {
+  "grpc.keepalive_permit_without_calls": 1,
+  // keygate serves no channelz service, so the per-call channelz bookkeeping is left off.
+  "grpc.enable_channelz": 0,
+} as const;
 
 /** grpc-js definition of the standard grpc.health.v1.Health service. */
 export const healthDefinition = {
@@ -106,7 +125,7 @@ export interface StartedServer {
 export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { pipeline, metrics, logger, readiness } = deps;
 
-  function check(call: ServerUnaryCall<CheckRequest, CheckResponse>, callback: sendUnaryData<CheckResponse>): void {
+  function check(call: ServerUnaryCall<CheckRequest, Uint8Array>, callback: sendUnaryData<Uint8Array>): void {
     const startedAt = performance.now();
     const http = call.request.attributes?.request?.http;
     const headers = headersOf(http);
@@ -125,7 +144,7 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
     const answer = (d: Decision): void => {
       const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
       // Only an allow needs the request's header names (to strip spoofed identity headers).
-      callback(null, toCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs()));
+      callback(null, encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs()));
       const reason = d.allow ? "OK" : d.reason;
       metrics.recordCheck("grpc", reason, startedAt, performance.now());
       if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
@@ -134,7 +153,7 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
     else answer(decision);
   }
 
-  function fail(error: unknown, callback: sendUnaryData<CheckResponse>, startedAt: number): void {
+  function fail(error: unknown, callback: sendUnaryData<Uint8Array>, startedAt: number): void {
     metrics.recordCheck("grpc", error instanceof RouteConfigError ? "INTERNAL" : "UNAVAILABLE", startedAt, performance.now());
     if (error instanceof RouteConfigError) {
       logger.error({ err: error }, "bad per-route settings from the proxy");
@@ -183,8 +202,8 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
 
   return {
     async start(host, port) {
-      const server = new Server({ "grpc.keepalive_permit_without_calls": 1 });
-      server.addService(authorizationDefinition, { Check: check });
+      const server = new Server(GRPC_SERVER_OPTIONS);
+      server.addService(authorizationServerDefinition, { Check: check });
       server.addService(healthDefinition, health);
       const boundPort = await new Promise<number>((resolve, reject) => {
         server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));

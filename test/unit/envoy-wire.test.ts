@@ -1,9 +1,9 @@
-import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { fromBinary } from "@bufbuild/protobuf";
 import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import { describe, expect, it } from "vitest";
 import type { Allow, Deny } from "../../src/authz/pipeline.js";
-import { toCheckResponse } from "../../src/authz/to-envoy.js";
-import { CheckRequestSchema, CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { encodeCheckResponse } from "../../src/authz/to-envoy.js";
+import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { ChargeResult } from "../../src/limits/limits.js";
 import { headersOf } from "../../src/server/grpc-authz.js";
 import type { KeySnapshot } from "../../src/store/store.js";
@@ -195,7 +195,7 @@ describe("Envoy wire format happy", () => {
       route: { requiredScopes: [], projectId: null, cost: 1 },
       limits: LIMITS,
     };
-    const bytes = toBinary(CheckResponseSchema, toCheckResponse(allow, ["authorization", "x-keygate-spoof"], "req-1", 0));
+    const bytes = encodeCheckResponse(allow, ["authorization", "x-keygate-spoof"], "req-1", 0);
 
     // status = 1 (0x0a), ok_response = 3 (0x1a), dynamic_metadata = 4 (0x22); never denied_response = 2.
     expect(tagsOf(bytes)).toEqual([0x0a, 0x1a, 0x22]);
@@ -237,7 +237,7 @@ describe("Envoy wire format happy", () => {
 
   it("encodes a 401 deny with Envoy's DeniedHttpResponse and google.rpc.Status numbers", () => {
     const deny: Deny = { allow: false, reason: "UNKNOWN_KEY", message: "Invalid or expired API key." };
-    const bytes = toBinary(CheckResponseSchema, toCheckResponse(deny, [], "req-deny", 0));
+    const bytes = encodeCheckResponse(deny, [], "req-deny", 0);
 
     // status = 1 (0x0a) and denied_response = 2 (0x12) only.
     expect(tagsOf(bytes)).toEqual([0x0a, 0x12]);
@@ -269,7 +269,7 @@ describe("Envoy wire format happy", () => {
       retryAfterSeconds: 7,
       limits: { ...LIMITS, allowed: false, reason: "RATE_LIMITED", retryAfterSeconds: 7, rate: { ...LIMITS.rate, remaining: 0 } },
     };
-    const bytes = toBinary(CheckResponseSchema, toCheckResponse(deny, [], "req-429", 0));
+    const bytes = encodeCheckResponse(deny, [], "req-429", 0);
     expect(tagsOf(bytes)).toEqual([0x0a, 0x12]);
     // RESOURCE_EXHAUSTED (8).
     expect(only(only(bytes, 0x0a).bytes, 0x08).varint).toBe(8);

@@ -1,3 +1,4 @@
+import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { RouteConfigError, RouteTable, normalizePath } from "../../src/authz/routes.js";
 
@@ -13,6 +14,21 @@ describe("routes", () => {
     expect(normalizePath("/v1/%64ecks")).toBe("/v1/decks");
     expect(normalizePath("/../../etc")).toBe("/etc");
     expect(normalizePath("/bad/%zz")).toBe("/bad/%zz");
+    expect(normalizePath("/v1/decks/")).toBe("/v1/decks");
+    expect(normalizePath("/.hidden/x")).toBe("/.hidden/x");
+    expect(normalizePath("/")).toBe("/");
+  });
+
+  it("an already normal path comes back as the segment-by-segment normalization gives it", () => {
+    const segment = fc.constantFrom("", ".", "..", "v1", "decks", "%64ecks", "%zz", "a.b", ".x", "x?y", "#f", "%2F");
+    const path = fc.array(segment, { maxLength: 6 }).map((parts) => `/${parts.join("/")}`);
+    fc.assert(
+      fc.property(path, (p) => {
+        // A "/x/.." prefix always takes the segment-by-segment route, and cancels itself out.
+        expect(normalizePath(p)).toBe(normalizePath(`/x/..${p}`));
+      }),
+      { numRuns: 2000 },
+    );
   });
 
   it("matches the longest prefix on a segment boundary, by method", () => {
