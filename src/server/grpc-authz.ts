@@ -16,9 +16,9 @@ import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { RouteConfigError } from "../authz/routes.js";
 import { encodeCheckResponse } from "../authz/to-envoy.js";
-import type { AttributeContext_HttpRequest } from "../gen/envoy/service/auth/v3/attribute_context_pb.js";
 import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
-import type { CheckRequest } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
+import { CheckRequestViewSchema } from "../gen/keygate/authz/v1/check_view_pb.js";
+import type { CheckRequestView } from "../gen/keygate/authz/v1/check_view_pb.js";
 import {
   HealthCheckRequestSchema,
   HealthCheckResponse_ServingStatus,
@@ -55,12 +55,18 @@ export const authorizationDefinition = {
 } satisfies ServiceDefinition;
 
 /**
- * The server's side of Check: answers leave the handler already encoded (encodeCheckResponse),
- * so serializing one is wrapping its bytes.
+ * The server's side of Check. A request decodes as keygate.authz.v1.CheckRequestView, the
+ * fields keygate reads under Envoy's numbers, so nothing else of it is built into objects.
+ * Answers leave the handler already encoded (encodeCheckResponse): serializing one is wrapping
+ * its bytes.
  */
 export const authorizationServerDefinition = {
   Check: {
-    ...authorizationDefinition.Check,
+    path: authorizationDefinition.Check.path,
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: (message: CheckRequestView) => Buffer.from(toBinary(CheckRequestViewSchema, message)),
+    requestDeserialize: (bytes: Buffer) => fromBinary(CheckRequestViewSchema, bytes, DECODE),
     responseSerialize: (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
     responseDeserialize: (bytes: Buffer): Uint8Array => bytes,
   },
@@ -84,12 +90,18 @@ const EMPTY_HEADERS: HeaderBag = {};
 const NO_NAMES: readonly string[] = [];
 const utf8 = new TextDecoder();
 
+/** The header fields of an HttpRequest, as Envoy's message and keygate's view both hold them. */
+export interface RequestHeaders {
+  headers: { [name: string]: string };
+  headerMap?: { headers: ReadonlyArray<{ key: string; value: string; rawValue: Uint8Array }> };
+}
+
 /**
  * Envoy sends headers in `headers`, or, with encode_raw_headers on, in `header_map` with the
  * value in raw_value. Repeated names in header_map become arrays, which the credential step
  * refuses.
  */
-export function headersOf(http: AttributeContext_HttpRequest | undefined): HeaderBag {
+export function headersOf(http: RequestHeaders | undefined): HeaderBag {
   if (http === undefined) return EMPTY_HEADERS;
   const raw = http.headerMap?.headers;
   if (raw === undefined || raw.length === 0) return http.headers;
@@ -125,7 +137,7 @@ export interface StartedServer {
 export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { pipeline, metrics, logger, readiness } = deps;
 
-  function check(call: ServerUnaryCall<CheckRequest, Uint8Array>, callback: sendUnaryData<Uint8Array>): void {
+  function check(call: ServerUnaryCall<CheckRequestView, Uint8Array>, callback: sendUnaryData<Uint8Array>): void {
     const startedAt = performance.now();
     const http = call.request.attributes?.request?.http;
     const headers = headersOf(http);

@@ -5,7 +5,7 @@ import type { Allow, Deny } from "../../src/authz/pipeline.js";
 import { encodeCheckResponse } from "../../src/authz/to-envoy.js";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { ChargeResult } from "../../src/limits/limits.js";
-import { headersOf } from "../../src/server/grpc-authz.js";
+import { authorizationServerDefinition, headersOf } from "../../src/server/grpc-authz.js";
 import type { KeySnapshot } from "../../src/store/store.js";
 
 // The client harness and the server both code messages with src/gen, so a wrong field number
@@ -185,6 +185,21 @@ describe("Envoy wire format happy", () => {
     expect(attrs?.contextExtensions).toEqual({ required_scopes: "decks", project_id: "alpha" });
     // With header_map present, the server reads it instead of `headers`, raw_value first.
     expect(headersOf(got)).toEqual({ "x-raw": "raw bytes", "x-plain": "plain" });
+
+    // The server decodes the same bytes as its CheckRequestView: the fields it reads, and no others.
+    const view = authorizationServerDefinition.Check.requestDeserialize(Buffer.from(bytes));
+    const viewHttp = view.attributes?.request?.http;
+    expect(viewHttp?.id).toBe("req-wire-1");
+    expect(viewHttp?.method).toBe("POST");
+    expect(viewHttp?.path).toBe("/v1/decks/7?x=1");
+    expect(viewHttp?.headers).toEqual({ authorization: "Bearer kg_live_x", "x-api-key": "second" });
+    expect(viewHttp?.headerMap?.headers.map((h) => [h.key, h.value, text.decode(h.rawValue)])).toEqual([
+      ["x-raw", "", "raw bytes"],
+      ["x-plain", "plain", ""],
+    ]);
+    expect(view.attributes?.contextExtensions).toEqual({ required_scopes: "decks", project_id: "alpha" });
+    expect(Object.keys(viewHttp ?? {}).filter((k) => !k.startsWith("$")).sort()).toEqual(["headerMap", "headers", "id", "method", "path"]);
+    expect(headersOf(viewHttp)).toEqual(headersOf(got));
   });
 
   it("encodes an allow with Envoy's CheckResponse, OkHttpResponse and HeaderValueOption numbers", () => {
