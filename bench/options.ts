@@ -28,7 +28,7 @@ export interface BenchOptions {
   ghzCpus: number;
 }
 
-const FULL = { keys: 100_000, accounts: 10_000, seconds: 10, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
+const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
 const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 1_000, mixedEntries: 1_000, floodEntries: 2_000 };
 
 function count(value: string): number {
@@ -72,7 +72,7 @@ function command(): Command {
     .option("--quick", "small sizes and short runs (under 2 minutes)")
     .option("--keys <n>", "keys to seed (full 100000, quick 5000)", count)
     .option("--accounts <n>", "accounts the keys spread over (full 10000, quick 500)", count)
-    .option("--seconds <n>", "length of each saturation and fixed-rate run (full 10, quick 2)", count)
+    .option("--seconds <n>", "length of each saturation and fixed-rate run (full 6, quick 2)", count)
     .option("--rps <n>", "the fixed rate for latency", count, 5000)
     .option("--modes <list>", "keygate modes: embedded, redis-mongo", "embedded,redis-mongo")
     .option("--no-memory", "skip the memory scenario")

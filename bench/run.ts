@@ -286,7 +286,9 @@ async function main(): Promise<void> {
     if (options.modes.includes("redis-mongo")) {
       // A mode that breaks part-way still leaves the others' figures to report; the run then exits 1.
       const redisMongo = await runRedisMongo(ctx).catch((error: unknown) => {
-        const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
+        const message = error instanceof Error ? error.message : String(error);
+        log(`redis-mongo failed:\n${message}`);
+        const firstLine = message.split("\n")[0] ?? "";
         ctx.skipped.push({ what: "redis-mongo", why: `failed part-way: ${firstLine}` });
         process.exitCode = 1;
         return null;

@@ -534,10 +534,9 @@ export class MongoKeyStore implements KeyStore {
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
     if (lastUsed.size === 0) return;
     const operations = [...lastUsed].map(([id, atMs]) => ({
-      updateOne: {
-        filter: { _id: id, $or: [{ last_used_at: null }, { last_used_at: { $lt: new Date(atMs) } }] },
-        update: { $set: { last_used_at: new Date(atMs) } },
-      },
+      // $max keeps the later time (null and a missing field sort below any date) behind a plain
+      // _id filter, which every server answers from the _id index.
+      updateOne: { filter: { _id: id }, update: { $max: { last_used_at: new Date(atMs) } } },
     }));
     await guarded(() => this.#keys.bulkWrite(operations, { ordered: false }));
   }
