@@ -255,9 +255,20 @@ function standingNotes(results: readonly ScenarioResult[], options: BenchOptions
   return notes;
 }
 
+/** Runs a repository install script when what it installs is missing; its output goes to stderr. */
+function installIfMissing(what: string, present: () => boolean, script: string): void {
+  if (present()) return;
+  log(`${what} is not installed: running bash ${script}`);
+  const result = spawnSync("bash", [join(root, script)], { cwd: root, stdio: ["ignore", 2, 2] });
+  if (result.status !== 0) log(`bash ${script} exited with ${String(result.status)}`);
+}
+
 async function main(): Promise<void> {
   installSignalCleanup();
   const options = parseOptions(process.argv);
+  // A fresh clone after `npm install` has neither: Go builds ghz, Java and Maven the MongoDB-wire server.
+  installIfMissing("ghz", () => findGhz() !== null, "bench/install-ghz.sh");
+  if (options.modes.includes("redis-mongo")) installIfMissing("the MongoDB-wire server", mongoWireAvailable, ".ci/install-mongo-wire.sh");
   const ghz = findGhz();
   if (ghz === null) throw new Error(`ghz not found at ${ghzInstallPath()} or on PATH: run bash bench/install-ghz.sh (needs Go)`);
   const startedAt = new Date();
