@@ -77,19 +77,18 @@ function envoyIdentity(snapshot: KeySnapshot): EnvoyIdentity {
   return identity;
 }
 
-/** The parts of an allow that change per request: headers to strip, and the caller's limits. */
-function allowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): { headersToRemove: string[]; responseHeadersToAdd: HeaderValueOption[] } {
-  const headersToRemove = spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot));
-  if (decision.credentialHeader !== "") headersToRemove.unshift(decision.credentialHeader);
-  const responseHeadersToAdd = decision.limits === null ? [] : limitHeaders(decision.limits, nowMs).map(([k, v]) => header(k, v));
-  return { headersToRemove, responseHeadersToAdd };
+/** What of an allow changes per request: headers to strip, and the caller's limit headers. */
+function allowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): { remove: string[]; add: ReadonlyArray<[string, string]> } {
+  const remove = spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot));
+  if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
+  return { remove, add: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs) };
 }
 
-/** The parts of a denial that change per request: Retry-After and limit headers, and the body. */
-function denialRest(decision: Deny, requestId: string, nowMs: number): { headers: HeaderValueOption[]; body: string } {
-  const headers: HeaderValueOption[] = [];
-  if (decision.retryAfterSeconds !== undefined) headers.push(header("retry-after", String(decision.retryAfterSeconds)));
-  if (decision.limits !== undefined) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers.push(header(k, v));
+/** What of a denial changes per request: Retry-After and limit headers, and the body. */
+function denialRest(decision: Deny, requestId: string, nowMs: number): { headers: Array<[string, string]>; body: string } {
+  const headers: Array<[string, string]> = [];
+  if (decision.retryAfterSeconds !== undefined) headers.push(["retry-after", String(decision.retryAfterSeconds)]);
+  if (decision.limits !== undefined) headers.push(...limitHeaders(decision.limits, nowMs));
   return { headers, body: errorBody(DENIALS[decision.reason], decision.message, requestId) };
 }
 
@@ -103,7 +102,14 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
     const rest = allowRest(decision, clientHeaderNames, nowMs);
     return create(CheckResponseSchema, {
       status: OK_STATUS,
-      httpResponse: { case: "okResponse", value: create(OkHttpResponseSchema, { headers: identity.headers, ...rest }) },
+      httpResponse: {
+        case: "okResponse",
+        value: create(OkHttpResponseSchema, {
+          headers: identity.headers,
+          headersToRemove: rest.remove,
+          responseHeadersToAdd: rest.add.map(([k, v]) => header(k, v)),
+        }),
+      },
       dynamicMetadata: identity.metadata,
     });
   }
@@ -113,7 +119,11 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
     status: parts.status,
     httpResponse: {
       case: "deniedResponse",
-      value: create(DeniedHttpResponseSchema, { status: parts.httpStatus, headers: [...parts.headers, ...rest.headers], body: rest.body }),
+      value: create(DeniedHttpResponseSchema, {
+        status: parts.httpStatus,
+        headers: [...parts.headers, ...rest.headers.map(([k, v]) => header(k, v))],
+        body: rest.body,
+      }),
     },
   });
 }
@@ -139,31 +149,23 @@ export function encodeCheckResponse(decision: Decision, clientHeaderNames: Itera
 }
 
 // The per-request parts are written field by field: protobuf-es's reflective toBinary costs more
-// than the rest of a cached Check. They mirror allowRest and denialRest, and the encoding test
-// holds them to toBinary's bytes.
+// than the rest of a cached Check. The encoding test holds them to toBinary's bytes.
 
 /** OkHttpResponse { headers_to_remove, response_headers_to_add } encoded. */
 function encodeAllowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
+  const rest = allowRest(decision, clientHeaderNames, nowMs);
   const writer = new BinaryWriter();
-  if (decision.credentialHeader !== "") writer.tag(OkHttpResponseField.headersToRemove, WireType.LengthDelimited).string(decision.credentialHeader);
-  for (const name of spoofedIdentityHeaders(clientHeaderNames, identityHeaders(decision.snapshot))) {
-    writer.tag(OkHttpResponseField.headersToRemove, WireType.LengthDelimited).string(name);
-  }
-  if (decision.limits !== null) {
-    for (const [k, v] of limitHeaders(decision.limits, nowMs)) writeHeaderOption(writer, OkHttpResponseField.responseHeadersToAdd, k, v);
-  }
+  for (const name of rest.remove) writer.tag(OkHttpResponseField.headersToRemove, WireType.LengthDelimited).string(name);
+  for (const [k, v] of rest.add) writeHeaderOption(writer, OkHttpResponseField.responseHeadersToAdd, k, v);
   return writer.finish();
 }
 
 /** DeniedHttpResponse { headers (the request's own), body } encoded. */
 function encodeDenialRest(decision: Deny, requestId: string, nowMs: number): Uint8Array {
+  const rest = denialRest(decision, requestId, nowMs);
   const writer = new BinaryWriter();
-  if (decision.retryAfterSeconds !== undefined) writeHeaderOption(writer, DeniedHttpResponseField.headers, "retry-after", String(decision.retryAfterSeconds));
-  if (decision.limits !== undefined) {
-    for (const [k, v] of limitHeaders(decision.limits, nowMs)) writeHeaderOption(writer, DeniedHttpResponseField.headers, k, v);
-  }
-  const body = errorBody(DENIALS[decision.reason], decision.message, requestId);
-  if (body !== "") writer.tag(DeniedHttpResponseField.body, WireType.LengthDelimited).string(body);
+  for (const [k, v] of rest.headers) writeHeaderOption(writer, DeniedHttpResponseField.headers, k, v);
+  if (rest.body !== "") writer.tag(DeniedHttpResponseField.body, WireType.LengthDelimited).string(rest.body);
   return writer.finish();
 }
 
@@ -184,9 +186,7 @@ function fieldHead(fieldNo: number, length: number): Uint8Array {
 }
 
 function join(parts: Uint8Array[]): Uint8Array {
-  let length = 0;
-  for (const part of parts) length += part.length;
-  return Buffer.concat(parts, length);
+  return Buffer.concat(parts);
 }
 
 /** The parts of a denial that depend only on its reason. */
