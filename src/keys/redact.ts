@@ -1,22 +1,69 @@
-/** Log paths whose values are secrets: pino replaces them with "[redacted]". */
-export const REDACTED_LOG_PATHS = [
+import { stdSerializers } from "pino";
+
+/** What a redacted value becomes in a log line, so a reader sees that something was there. */
+export const REDACTED = "[redacted]";
+
+/**
+ * Field names whose values are secrets, matched case-insensitively at any depth: a key, its hash,
+ * the pepper, an admin token, and the headers that carry them.
+ */
+const SECRET_FIELDS = new Set([
   "secret",
-  "*.secret",
   "key",
+  "apikey",
+  "api_key",
   "pepper",
   "hash",
-  "*.hash",
   "token",
-  "adminToken",
-  "headers.authorization",
-  "headers['x-api-key']",
-  "headers.cookie",
-  "req.headers.authorization",
-  "req.headers['x-api-key']",
-  "req.headers.cookie",
-];
+  "admintoken",
+  "admintokens",
+  "password",
+  "authorization",
+  "proxy-authorization",
+  "x-api-key",
+  "cookie",
+  "set-cookie",
+]);
 
-/** A key's display form: "kg_live_AbC1…wxyz". Never the whole key. */
-export function previewKey(start: string, last4: string): string {
-  return `${start}…${last4}`;
+/**
+ * Secret shapes inside any string, such as an error message that quotes a value:
+ * an API key (`<prefix>_live_…` or `<prefix>_test_…`), a generated admin token (`kgadm_…`), a
+ * 64-hex-digit key hash, and the credential after an HTTP authentication scheme.
+ */
+const SECRET_IN_TEXT = /\b[A-Za-z0-9]{1,16}_(?:live|test)_[0-9A-Za-z]{8,}|\bkgadm_[A-Za-z0-9_-]{8,}|\b[0-9a-fA-F]{64}\b|\b(?:Bearer|Basic)\s+[^\s"',;]+/gi;
+const AUTH_SCHEME = /^(Bearer|Basic)\s/i;
+
+/** Deeper than this, a log value is replaced whole: keygate logs nothing nested this far. */
+const MAX_DEPTH = 8;
+
+/** `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. */
+export function redactText(text: string, secrets: readonly string[] = []): string {
+  let out = text.replace(SECRET_IN_TEXT, (match) => {
+    const scheme = AUTH_SCHEME.exec(match);
+    return scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}`;
+  });
+  for (const secret of secrets) if (secret !== "" && out.includes(secret)) out = out.split(secret).join(REDACTED);
+  return out;
+}
+
+/**
+ * A copy of a log object with secrets replaced by "[redacted]": fields named as secrets at any depth
+ * (case-insensitive), and secret-shaped text or any of `secrets` inside every string, errors
+ * included. The input is not changed.
+ */
+export function redactLogObject(value: unknown, secrets: readonly string[] = [], depth = 0): unknown {
+  if (typeof value === "string") return redactText(value, secrets);
+  if (value === null || typeof value !== "object") return value;
+  if (depth >= MAX_DEPTH) return REDACTED;
+  if (Array.isArray(value)) return value.map((item: unknown) => redactLogObject(item, secrets, depth + 1));
+  if (value instanceof Date) return Number.isNaN(value.getTime()) ? "Invalid Date" : value.toISOString();
+  // Raw bytes may be a key: their length is all a log line gets.
+  if (ArrayBuffer.isView(value)) return `[${value.byteLength} bytes]`;
+  // An error becomes pino's usual fields first: type, message and stack with causes, and its own fields.
+  const fields: object = value instanceof Error ? stdSerializers.err(value) : value;
+  const out: Record<string, unknown> = {};
+  for (const [name, field] of Object.entries(fields)) {
+    out[name] = SECRET_FIELDS.has(name.toLowerCase()) ? REDACTED : redactLogObject(field, secrets, depth + 1);
+  }
+  return out;
 }

@@ -3,9 +3,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import { stringify } from "yaml";
+import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { loadConfig } from "../../src/config.js";
 import { buildKeygate } from "../../src/server/app.js";
+import { KeyFormat } from "../../src/keys/key-format.js";
+import { redactLogObject } from "../../src/keys/redact.js";
 import { createLogger } from "../../src/server/logger.js";
 import { ADMIN_TOKEN, TEST_POLICY, checkInit, httpCheck, postJson, startKeygate } from "../harness/keygate.js";
 
@@ -54,6 +57,59 @@ describe("logger security: redaction", () => {
     expect(entries[2]).toMatchObject({ secret: "[redacted]" });
     expect(entries[3]).toMatchObject({ created: { id: "key_1", secret: "[redacted]" } });
     expect(entries[4]).toMatchObject({ secret: "[redacted]", headers: { authorization: "[redacted]" } });
+  });
+});
+
+describe("logger security: redaction at any depth, in any case, inside text and errors", () => {
+  const format = new KeyFormat("kg");
+  const key = format.generate("live");
+  const hash = "ab".repeat(32);
+  const pepper = "pepper-literal-0123456789";
+  const adminToken = "admin-token-literal-abcdef";
+
+  it("redacts secret fields nested deep and in mixed case, and secrets quoted inside messages and errors", () => {
+    const { sink, lines } = captured();
+    const logger = createLogger("debug", sink, [pepper, adminToken]);
+    logger.info({ a: { b: { c: { d: { secret: "DEEPsecretvalue" } } } } }, "deep secret");
+    logger.info({ req: { headers: { Authorization: "Token MIXEDCASEsecret", "X-Api-Key": "MIXEDKEYsecret", Cookie: "c=MIXEDCOOKIE" } } }, "mixed case headers");
+    logger.warn({ err: new Error(`duplicate key: { hash: "${hash}" } for ${key}`, { cause: new Error(`pepper was ${pepper}`) }) }, "store failed");
+    logger.info({ note: `called with Bearer ${adminToken} and bearer kgadm_${"x".repeat(43)}`, list: [{ Hash: hash }] }, `message naming ${key}`);
+    logger.info({ bytes: Buffer.from(key), at: new Date(0) }, "bytes and dates");
+    expect(lines).toHaveLength(5);
+    const text = lines.join("");
+    for (const value of [key, hash, pepper, adminToken, "DEEPsecretvalue", "MIXEDCASEsecret", "MIXEDKEYsecret", "MIXEDCOOKIE", "kgadm_xxxx"]) {
+      expect(text.includes(value), `${value.slice(0, 12)}… reached the log`).toBe(false);
+    }
+    const entries = lines.map((line) => JSON.parse(line) as Record<string, unknown>);
+    expect(entries[0]).toMatchObject({ a: { b: { c: { d: { secret: "[redacted]" } } } } });
+    expect(entries[1]).toMatchObject({ req: { headers: { Authorization: "[redacted]", "X-Api-Key": "[redacted]", Cookie: "[redacted]" } } });
+    // The error keeps its shape (type, message, stack); only the secrets in it are replaced.
+    expect(entries[2]).toMatchObject({ level: 40, err: { type: "Error", message: 'duplicate key: { hash: "[redacted]" } for [redacted]: pepper was [redacted]' } });
+    expect(String((entries[2]["err"] as { stack: unknown }).stack)).toMatch(/^Error: duplicate key/);
+    expect(entries[3]).toMatchObject({ msg: "message naming [redacted]", note: "called with Bearer [redacted] and bearer [redacted]", list: [{ Hash: "[redacted]" }] });
+    expect(entries[4]).toMatchObject({ bytes: `[${key.length} bytes]`, at: "1970-01-01T00:00:00.000Z" });
+  });
+
+  it("never lets a key through wherever it sits in a log object, and leaves other values and the input as they were", () => {
+    const plain = fc.oneof(fc.integer(), fc.boolean(), fc.constant(null), fc.stringMatching(/^[a-z ]{0,12}$/));
+    const fieldName = fc.stringMatching(/^[a-z]{3,8}$/).filter((name) => !["secret", "key", "apikey", "pepper", "hash", "token", "password", "cookie"].includes(name));
+    const tree = fc.letrec((tie) => ({
+      node: fc.oneof({ depthSize: "small" }, plain, fc.array(tie("node"), { maxLength: 3 }), fc.dictionary(fieldName, tie("node"), { maxKeys: 3, noNullPrototype: true })),
+    })).node;
+    fc.assert(
+      fc.property(tree, fc.array(fieldName, { minLength: 1, maxLength: 5 }), fc.stringMatching(/^[a-z ]{0,8}$/), (base, path, around) => {
+        // Plant the key, inside some text, at a path of up to five objects.
+        let planted: unknown = `${around}${key}${around}`;
+        for (const name of [...path].reverse()) planted = { [name]: planted };
+        const input = { base, planted };
+        const before = JSON.stringify(input);
+        const out = redactLogObject(input);
+        expect(JSON.stringify(input)).toBe(before);
+        expect(JSON.stringify(out).includes(key)).toBe(false);
+        expect((out as { base: unknown }).base).toStrictEqual(base);
+      }),
+      { numRuns: 300 },
+    );
   });
 });
 

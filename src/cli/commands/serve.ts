@@ -19,7 +19,8 @@ export async function serve(): Promise<void> {
   } catch (error) {
     exitOnConfigError(error);
   }
-  const logger = createLogger(config.logLevel);
+  // The configured pepper and admin tokens are scrubbed from every log line by value, too.
+  const logger = createLogger(config.logLevel, undefined, [config.pepper ?? "", ...(config.adminTokens ?? [])]);
   const keygate = await buildKeygate(config, { logger }).catch(exitOnConfigError);
   const ports = await keygate.start();
   if (keygate.generatedAdminToken !== null) {
