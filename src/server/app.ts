@@ -54,6 +54,11 @@ export interface BuildOptions {
   nowMs?: () => number;
   /** Prometheus default process metrics; off in tests that build many instances. */
   defaultMetrics?: boolean;
+  /**
+   * Called once the listeners are bound, before the "keygate listening" line is logged, so what
+   * it prints is out by the time a supervisor or test sees that line.
+   */
+  announce?: (ports: BoundPorts) => void;
 }
 
 /**
@@ -160,11 +165,13 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       lastUsed.start();
       usage.start();
       readiness.setReady(true);
+      const ports = { grpc: g.port, http: h.port, admin: a.port };
+      options.announce?.(ports);
       logger.info(
         { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
         "keygate listening",
       );
-      return { grpc: g.port, http: h.port, admin: a.port };
+      return ports;
     },
     async stop() {
       readiness.drain();

@@ -234,6 +234,13 @@ function translate(error: unknown): unknown {
   return error;
 }
 
+/**
+ * How long a Check waits for MongoDB to find a key: above a loaded store's slowest answer (the
+ * bench's cold p99 against mongo-java-server is about 120 ms at overload), below the seconds a
+ * caller would otherwise wait for server selection to give up.
+ */
+const CHECK_READ_TIMEOUT_MS = 1000;
+
 async function guarded<T>(operation: () => Promise<T>): Promise<T> {
   try {
     return await operation();
@@ -261,16 +268,22 @@ export class MongoKeyStore implements KeyStore {
   readonly #usage: Model<UsageDoc>;
   readonly #audit: Model<AuditDoc>;
 
-  private constructor(connection: Connection) {
+  readonly #checkReadTimeoutMs: number;
+
+  private constructor(connection: Connection, checkReadTimeoutMs: number) {
     this.#connection = connection;
+    this.#checkReadTimeoutMs = checkReadTimeoutMs;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
     this.#audit = connection.model<AuditDoc>("Audit", auditSchema);
   }
 
-  /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
-  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
+  /**
+   * Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down.
+   * `checkReadTimeoutMs` bounds a Check's key lookup (default 1000 ms).
+   */
+  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number; checkReadTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
     const connection = mongoose.createConnection(uri, {
       bufferCommands: false,
       serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
@@ -279,7 +292,7 @@ export class MongoKeyStore implements KeyStore {
       autoIndex: false,
     });
     await guarded(() => connection.asPromise());
-    const store = new MongoKeyStore(connection);
+    const store = new MongoKeyStore(connection, options.checkReadTimeoutMs ?? CHECK_READ_TIMEOUT_MS);
     await guarded(() => store.#keys.createIndexes());
     await guarded(() => store.#usage.createIndexes());
     await guarded(() => store.#audit.createIndexes());
@@ -363,13 +376,27 @@ export class MongoKeyStore implements KeyStore {
   async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
     // On the Check path a known-dead connection answers at once instead of waiting for server selection.
     if (this.#connection.readyState !== mongoose.ConnectionStates.connected) throw new StoreUnavailableError("MongoDB is not connected");
-    return guarded(async () => {
+    const lookup = guarded(async () => {
       const key = await this.#keys.findOne({ hash }).lean<KeyDoc>();
       if (key === null) return null;
       const account = await this.#accounts.findById(key.owner_id).lean<AccountDoc>();
       if (account === null) return null;
       return { key: toKey(key), account: toAccount(account) };
     });
+    // A server that stops answering (paused, partitioned) is not seen as disconnected until the
+    // driver's heartbeat gives up, so the lookup itself has a deadline: the Check answers
+    // UNAVAILABLE / 503 then, while the proxy is still waiting, instead of after server selection.
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new StoreUnavailableError(`MongoDB did not answer a key lookup within ${this.#checkReadTimeoutMs} ms`)), this.#checkReadTimeoutMs);
+    });
+    try {
+      return await Promise.race([lookup, deadline]);
+    } finally {
+      clearTimeout(timer);
+      // The abandoned lookup settles later; its failure is already reported as the deadline's.
+      lookup.catch(() => undefined);
+    }
   }
 
   async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {

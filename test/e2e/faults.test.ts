@@ -243,8 +243,8 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     // negative cache cannot answer them either).
     traffic.add("never-checked", 2, (n) => neverChecked[n % neverChecked.length] ?? "");
     traffic.add("fresh", 2, () => format.generate("live"));
-    // The driver waits up to its server-selection timeout before it fails a read, so the
-    // first 503s come a few seconds into the outage; wait for enough of them.
+    // A paused server is not seen as disconnected at once: each lookup waits out its deadline
+    // (CHECK_READ_TIMEOUT_MS) before it is answered 503, so wait for enough of them.
     await until(
       () => traffic.count("down", "never-checked", 503) >= 20 && traffic.count("down", "fresh", 503) >= 20,
       20_000,

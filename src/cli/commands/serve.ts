@@ -1,5 +1,6 @@
 import { ConfigError, loadConfig } from "../../config.js";
 import { buildKeygate } from "../../server/app.js";
+import type { BoundPorts } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
 
 /** Configuration mistakes exit 2 with the message; anything else is a crash. */
@@ -21,16 +22,20 @@ export async function serve(): Promise<void> {
   }
   // The configured pepper and admin tokens are scrubbed from every log line by value, too.
   const logger = createLogger(config.logLevel, undefined, [config.pepper ?? "", ...(config.adminTokens ?? [])]);
-  const keygate = await buildKeygate(config, { logger }).catch(exitOnConfigError);
-  const ports = await keygate.start();
-  if (keygate.generatedAdminToken !== null) {
-    // Printed once, on the start that created it, and never logged.
+  let generatedAdminToken: string | null = null;
+  // Printed once, on the start that created it, and never logged; before the "keygate listening"
+  // line, so whoever waits for that line has the token too.
+  const announce = (ports: BoundPorts): void => {
+    if (generatedAdminToken === null) return;
     process.stdout.write(
-      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${keygate.generatedAdminToken}\n` +
+      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${generatedAdminToken}\n` +
         `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
         `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
     );
-  }
+  };
+  const keygate = await buildKeygate(config, { logger, announce }).catch(exitOnConfigError);
+  generatedAdminToken = keygate.generatedAdminToken;
+  await keygate.start();
   let stopping = false;
   const shutdown = (signal: string): void => {
     if (stopping) return;
