@@ -7,6 +7,7 @@ import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
 import { isKeyId, newEventId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
+import { REDACTED } from "../keys/redact.js";
 import { ConflictError } from "../store/errors.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -126,7 +127,7 @@ const SECRET_LIKE = /[A-Za-z0-9]{2,10}_(live|test)_[0-9A-Za-z]{8,}|kgadm_|[A-Za-
 
 /** A bad value, quoted back to the caller: short, and never something that looks like a secret. */
 function echo(value: string): string {
-  return SECRET_LIKE.test(value) ? "[redacted]" : value.slice(0, 64);
+  return SECRET_LIKE.test(value) ? REDACTED : value.slice(0, 64);
 }
 
 function checkKeyId(field: string, id: string): string {

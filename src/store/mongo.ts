@@ -268,22 +268,16 @@ export class MongoKeyStore implements KeyStore {
   readonly #usage: Model<UsageDoc>;
   readonly #audit: Model<AuditDoc>;
 
-  readonly #checkReadTimeoutMs: number;
-
-  private constructor(connection: Connection, checkReadTimeoutMs: number) {
+  private constructor(connection: Connection) {
     this.#connection = connection;
-    this.#checkReadTimeoutMs = checkReadTimeoutMs;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
     this.#audit = connection.model<AuditDoc>("Audit", auditSchema);
   }
 
-  /**
-   * Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down.
-   * `checkReadTimeoutMs` bounds a Check's key lookup (default 1000 ms).
-   */
-  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number; checkReadTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
+  /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
+  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
     const connection = mongoose.createConnection(uri, {
       bufferCommands: false,
       serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
@@ -292,7 +286,7 @@ export class MongoKeyStore implements KeyStore {
       autoIndex: false,
     });
     await guarded(() => connection.asPromise());
-    const store = new MongoKeyStore(connection, options.checkReadTimeoutMs ?? CHECK_READ_TIMEOUT_MS);
+    const store = new MongoKeyStore(connection);
     await guarded(() => store.#keys.createIndexes());
     await guarded(() => store.#usage.createIndexes());
     await guarded(() => store.#audit.createIndexes());
@@ -388,7 +382,7 @@ export class MongoKeyStore implements KeyStore {
     // UNAVAILABLE / 503 then, while the proxy is still waiting, instead of after server selection.
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new StoreUnavailableError(`MongoDB did not answer a key lookup within ${this.#checkReadTimeoutMs} ms`)), this.#checkReadTimeoutMs);
+      timer = setTimeout(() => reject(new StoreUnavailableError(`MongoDB did not answer a key lookup within ${CHECK_READ_TIMEOUT_MS} ms`)), CHECK_READ_TIMEOUT_MS);
     });
     try {
       return await Promise.race([lookup, deadline]);
