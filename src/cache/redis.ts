@@ -29,18 +29,53 @@ export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
 export async function connectRedis(url: string, overrides: RedisOptions = {}, logger?: Logger): Promise<Redis> {
   const redis = new Redis(url, redisOptions(overrides));
   let lastMessage = "";
+  let lastError: unknown = null;
   redis.on("error", (error: unknown) => {
+    lastError = error;
     // One line per distinct failure, not one per reconnect attempt.
     const message = error instanceof Error ? error.message : String(error);
     if (message === lastMessage) return;
     lastMessage = message;
-    logger?.warn({ err: error }, "Redis connection error");
+    logger?.warn({ err: withoutCommand(error) }, "Redis connection error");
   });
   redis.on("ready", () => {
     lastMessage = "";
   });
-  await redis.connect();
+  try {
+    await redis.connect();
+  } catch (error) {
+    redis.disconnect();
+    throw new RedisConnectError(describeConnectFailure(lastError ?? error), { cause: withoutCommand(lastError ?? error) });
+  }
   return redis;
+}
+
+/** Redis could not be reached or refused the connection when keygate started. */
+export class RedisConnectError extends Error {
+  override readonly name = "RedisConnectError";
+}
+
+/**
+ * ioredis attaches the failed command to a reply error, and for HELLO or AUTH its arguments hold
+ * the password: the copy that is logged leaves the command out.
+ */
+function withoutCommand(error: unknown): unknown {
+  if (!(error instanceof Error) || !("command" in error)) return error;
+  const copy = new Error(error.message);
+  copy.name = error.name;
+  copy.stack = error.stack ?? error.message;
+  return copy;
+}
+
+/** One line on why a connection failed, from the error's code or Redis's reply; never the URL. */
+function describeConnectFailure(error: unknown): string {
+  const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
+  const message = error instanceof Error ? error.message : String(error);
+  if (/^(WRONGPASS|NOAUTH|NOPERM)\b/.test(message)) return `Redis refused the credentials (${message.split(" ")[0]})`;
+  if (code === "ECONNREFUSED") return "nothing accepts connections at that host and port (ECONNREFUSED)";
+  if (code === "ENOTFOUND" || code === "EAI_AGAIN") return `the host name does not resolve (${code})`;
+  if (code === "ETIMEDOUT" || /timeout/i.test(message)) return "the connection timed out";
+  return `the connection failed (${code || message.slice(0, 120)})`;
 }
 
 const nullableString = z.string().nullable();

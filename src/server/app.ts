@@ -8,7 +8,7 @@ import { RouteTable } from "../authz/routes.js";
 import { SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
-import { RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
+import { RedisConnectError, RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
 import { ConfigError } from "../config.js";
 import type { Config } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -28,6 +28,7 @@ import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
 import { Readiness } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
+import { listenerStartError, mongoStartError } from "./startup-errors.js";
 import type { Secrets } from "./secrets.js";
 
 /** The ports a running keygate is bound to. */
@@ -74,8 +75,16 @@ async function openStore(config: Config): Promise<{ store: KeyStore; secrets: Se
   }
   if (config.pepper === undefined) throw new ConfigError("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
   if (config.adminTokens === undefined) throw new ConfigError("KEYGATE_ADMIN_TOKENS is required when KEYGATE_MONGODB_URI is set");
-  const store = await MongoKeyStore.connect(config.mongodbUri);
+  const store = await MongoKeyStore.connect(config.mongodbUri).catch((error: unknown) => {
+    throw mongoStartError(error);
+  });
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens, generatedAdminToken: null } };
+}
+
+/** Redis failing at start, as one line naming KEYGATE_REDIS_URL (the URL may hold a password). */
+function redisStartError(error: unknown): never {
+  if (error instanceof RedisConnectError) throw new ConfigError(`KEYGATE_REDIS_URL: ${error.message}`, { cause: error });
+  throw error;
 }
 
 /** Shared cache and bus: Redis when configured, else the single-process bus. */
@@ -91,8 +100,11 @@ async function openCache(
     const bus = new LocalInvalidationBus();
     return { shared: undefined, bus, meter: memoryMeter, close: () => bus.close() };
   }
-  const main = await connectRedis(config.redisUrl, {}, logger);
-  const subscriber = await connectRedis(config.redisUrl, {}, logger);
+  const main = await connectRedis(config.redisUrl, {}, logger).catch(redisStartError);
+  const subscriber = await connectRedis(config.redisUrl, {}, logger).catch(async (error: unknown) => {
+    main.disconnect();
+    return redisStartError(error);
+  });
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
@@ -158,10 +170,21 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     generatedAdminToken: secrets.generatedAdminToken,
     adminTokens: secrets.adminTokens,
     async start() {
-      const g = await grpc.start(config.host, config.grpcPort);
-      const h = await http.start(config.host, config.httpAuthzPort);
-      const a = await admin.start(config.host, config.adminPort);
-      started = [g, h, a];
+      // A listener that cannot bind closes the ones already bound and names its variable.
+      const bind = async (variable: string, port: number, listener: { start(host: string, port: number): Promise<StartedServer> }): Promise<StartedServer> => {
+        try {
+          const server = await listener.start(config.host, port);
+          started.push(server);
+          return server;
+        } catch (error) {
+          await Promise.all(started.map((s) => s.stop(0)));
+          started = [];
+          throw listenerStartError(variable, config.host, port, error);
+        }
+      };
+      const g = await bind("KEYGATE_GRPC_PORT", config.grpcPort, grpc);
+      const h = await bind("KEYGATE_HTTP_AUTHZ_PORT", config.httpAuthzPort, http);
+      const a = await bind("KEYGATE_ADMIN_PORT", config.adminPort, admin);
       lastUsed.start();
       usage.start();
       readiness.setReady(true);

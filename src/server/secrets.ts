@@ -1,12 +1,12 @@
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 /** The pepper and admin tokens in force, and whether this start generated the token. */
 export interface Secrets {
   pepper: string;
   adminTokens: string[];
-  /** Set only on the start that created the admin-token file: print it once. */
+  /** Set on the start that created the admin-token file, and on later ones until one printed it. */
   generatedAdminToken: string | null;
 }
 
@@ -36,5 +36,16 @@ export function loadSecrets(dataDir: string, fromEnv: { pepper: string | undefin
   const pepper = fromEnv.pepper ?? readOrCreate(join(dataDir, "pepper"), () => randomBytes(32).toString("base64url")).value;
   if (fromEnv.adminTokens !== undefined) return { pepper, adminTokens: fromEnv.adminTokens, generatedAdminToken: null };
   const token = readOrCreate(join(dataDir, "admin-token"), () => `kgadm_${randomBytes(32).toString("base64url")}`);
-  return { pepper, adminTokens: [token.value], generatedAdminToken: token.created ? token.value : null };
+  // Until a start has printed the generated token, every start prints it: a first start that
+  // fails (a busy port, say) must not leave a token nobody was shown.
+  const unshown = join(dataDir, UNSHOWN_MARKER);
+  if (token.created) writeFileSync(unshown, "", { mode: 0o600 });
+  return { pepper, adminTokens: [token.value], generatedAdminToken: token.created || existsSync(unshown) ? token.value : null };
+}
+
+const UNSHOWN_MARKER = "admin-token.unshown";
+
+/** Records that the generated admin token has been printed, so later starts do not print it. */
+export function markAdminTokenShown(dataDir: string): void {
+  rmSync(join(dataDir, UNSHOWN_MARKER), { force: true });
 }

@@ -1,7 +1,10 @@
+import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
 import { ConfigError, loadConfig } from "../../config.js";
+import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
 import type { BoundPorts } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
+import { markAdminTokenShown } from "../../server/secrets.js";
 
 /** Configuration mistakes exit 2 with the message; anything else is a crash. */
 function exitOnConfigError(error: unknown): never {
@@ -21,10 +24,14 @@ export async function serve(): Promise<void> {
     exitOnConfigError(error);
   }
   // The configured pepper and admin tokens are scrubbed from every log line by value, too.
-  const logger = createLogger(config.logLevel, undefined, [config.pepper ?? "", ...(config.adminTokens ?? [])]);
+  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? [])];
+  const logger = createLogger(config.logLevel, undefined, secrets);
+  // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
+  // JSON log instead, and a failure that stops the start is reported once, below.
+  setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
   let generatedAdminToken: string | null = null;
-  // Printed once, on the start that created it, and never logged; before the "keygate listening"
-  // line, so whoever waits for that line has the token too.
+  // Printed by the first start that gets its listeners up, and never logged; before the "keygate
+  // listening" line, so whoever waits for that line has the token too.
   const announce = (ports: BoundPorts): void => {
     if (generatedAdminToken === null) return;
     process.stdout.write(
@@ -33,9 +40,18 @@ export async function serve(): Promise<void> {
         `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
     );
   };
-  const keygate = await buildKeygate(config, { logger, announce }).catch(exitOnConfigError);
+  // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
+  const exitOnStartError = (error: unknown): never => {
+    if (error instanceof ConfigError) exitOnConfigError(error);
+    logger.fatal({ err: error }, "keygate could not start");
+    const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
+    process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
+    process.exit(1);
+  };
+  const keygate = await buildKeygate(config, { logger, announce }).catch(exitOnStartError);
   generatedAdminToken = keygate.generatedAdminToken;
-  await keygate.start();
+  await keygate.start().catch(exitOnStartError);
+  if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
   let stopping = false;
   const shutdown = (signal: string): void => {
     if (stopping) return;

@@ -1,0 +1,54 @@
+import { ConfigError } from "../config.js";
+
+/** The error's system code (EADDRINUSE, ...), also when a library only kept it in the message. */
+function systemCode(error: unknown): string {
+  if (error instanceof Error && "code" in error && typeof error.code === "string" && /^E[A-Z]+$/.test(error.code)) return error.code;
+  const text = error instanceof Error ? error.message : String(error);
+  return /\b(EADDRINUSE|EACCES|EADDRNOTAVAIL|ENOTFOUND|EAI_AGAIN|EPERM)\b/.exec(text)?.[1] ?? "";
+}
+
+/**
+ * A listener that could not bind, as one line naming the variable to change. grpc-js reports a
+ * busy port only inside its own message, so the code is also looked for there.
+ */
+export function listenerStartError(variable: string, host: string, port: number, error: unknown): Error {
+  const where = `${host}:${port}`;
+  switch (systemCode(error)) {
+    case "EADDRINUSE":
+      return new ConfigError(`${variable}: port ${port} on ${host} is already in use; stop what holds it or choose another port`, { cause: error });
+    case "EACCES":
+    case "EPERM":
+      return new ConfigError(`${variable}: not allowed to listen on ${where} (ports below 1024 need privileges)`, { cause: error });
+    case "EADDRNOTAVAIL":
+      return new ConfigError(`KEYGATE_HOST: ${host} is not an address of this machine`, { cause: error });
+    case "ENOTFOUND":
+    case "EAI_AGAIN":
+      return new ConfigError(`KEYGATE_HOST: ${host} does not resolve`, { cause: error });
+    default:
+      return error instanceof Error ? error : new Error(String(error));
+  }
+}
+
+/** MongoDB driver errors that mean the server refused who we said we are. */
+const AUTH_CODES = new Set([11, 13, 18, 59]);
+
+/**
+ * MongoDB failing at start, as one line naming KEYGATE_MONGODB_URI. The URI carries the password,
+ * so it is never repeated; the driver's own message names the host at most.
+ */
+export function mongoStartError(error: unknown): Error {
+  if (!(error instanceof Error)) return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB could not be opened (${String(error)})`);
+  const code = "code" in error && typeof error.code === "number" ? error.code : null;
+  const handshake = "errorLabelSet" in error && error.errorLabelSet instanceof Set && error.errorLabelSet.has("HandshakeError");
+  const cause = error instanceof Error && error.cause !== undefined ? error.cause : error;
+  const inner = cause instanceof Error ? cause : error;
+  const innerCode = "code" in inner && typeof inner.code === "number" ? inner.code : code;
+  const innerHandshake = "errorLabelSet" in inner && inner.errorLabelSet instanceof Set && inner.errorLabelSet.has("HandshakeError");
+  if ((innerCode !== null && AUTH_CODES.has(innerCode) && (handshake || innerHandshake)) || /authentication failed/i.test(inner.message)) {
+    return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB refused the credentials (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
+  }
+  if (/ServerSelection|Network|Topology/.test(inner.name) || /ECONNREFUSED|ENOTFOUND|timed out/i.test(inner.message)) {
+    return new ConfigError(`KEYGATE_MONGODB_URI: no MongoDB server answered (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
+  }
+  return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB could not be opened (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
+}

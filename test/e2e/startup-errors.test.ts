@@ -1,0 +1,178 @@
+import { spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import type { Server } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
+import type { MongoWire } from "../harness/mongo-wire.js";
+import { freePort, requireServer, waitForPort } from "../harness/ports.js";
+import { SERVE_ARGS, spawnKeygate } from "../harness/process.js";
+import { redisAvailable } from "../harness/redis-server.js";
+
+const PEPPER = "p".repeat(40);
+const ADMIN = `kgadm_${"t".repeat(30)}`;
+
+/** Runs `keygate serve` with exactly `env` for KEYGATE_* and waits for it to exit by itself. */
+function serveUntilExit(cwd: string, env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const childEnv: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
+  Object.assign(childEnv, env);
+  const child = spawn(process.execPath, [...SERVE_ARGS], { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
+  children.add(child);
+  let stdout = "";
+  let stderr = "";
+  child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  return new Promise((done) =>
+    child.on("close", (code) => {
+      children.delete(child);
+      done({ code, stdout, stderr });
+    }),
+  );
+}
+
+const children = new Set<ChildProcess>();
+const dirs: string[] = [];
+const blockers: Server[] = [];
+afterAll(() => {
+  for (const child of children) child.kill("SIGKILL");
+  for (const server of blockers) server.close();
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+});
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), "keygate-startup-"));
+  dirs.push(dir);
+  return dir;
+}
+
+/** Holds a port on 127.0.0.1, as another program would. */
+async function occupiedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
+  blockers.push(server);
+  const address = server.address();
+  if (typeof address !== "object" || address === null) throw new Error("no port");
+  return address.port;
+}
+
+/** The one line a start failure must be: the variable first, no stack trace, nothing else. */
+function expectOneLine(stderr: string, variable: string): string {
+  const lines = stderr.trimEnd().split("\n");
+  expect(lines).toHaveLength(1);
+  const [line = ""] = lines;
+  expect(line.startsWith(`keygate: ${variable}: `)).toBe(true);
+  expect(stderr).not.toMatch(/\n\s+at /);
+  return line;
+}
+
+describe("start-up errors.error", () => {
+  it.each(["KEYGATE_GRPC_PORT", "KEYGATE_HTTP_AUTHZ_PORT", "KEYGATE_ADMIN_PORT"])(
+    "a busy %s is one line naming the variable and the port, exit 2",
+    async (variable) => {
+      const busy = await occupiedPort();
+      const env: Record<string, string> = {
+        KEYGATE_DATA_DIR: join(tempDir(), "data"),
+        KEYGATE_HOST: "127.0.0.1",
+        KEYGATE_GRPC_PORT: "0",
+        KEYGATE_HTTP_AUTHZ_PORT: "0",
+        KEYGATE_ADMIN_PORT: "0",
+        [variable]: String(busy),
+      };
+      const result = await serveUntilExit(tempDir(), env);
+      expect(result.code).toBe(2);
+      const line = expectOneLine(result.stderr, variable);
+      expect(line).toBe(`keygate: ${variable}: port ${busy} on 127.0.0.1 is already in use; stop what holds it or choose another port`);
+      expect(result.stdout).not.toContain("keygate listening");
+    },
+  );
+
+  it("a generated admin token is printed by the first start that gets its listeners up, once", async () => {
+    const cwd = tempDir();
+    const dataDir = join(cwd, "data");
+    const busy = await occupiedPort();
+    const base = { KEYGATE_DATA_DIR: dataDir, KEYGATE_HOST: "127.0.0.1", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const failed = await serveUntilExit(cwd, { ...base, KEYGATE_GRPC_PORT: String(busy) });
+    expect(failed.code).toBe(2);
+    const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
+    expect(failed.stdout).not.toContain(token);
+    expect(failed.stderr).not.toContain(token);
+
+    const second = await spawnKeygate({ cwd, env: { ...base, KEYGATE_GRPC_PORT: "0" } });
+    expect(second.stdout().split(token).length - 1).toBe(1);
+    expect(await second.stop("SIGTERM")).toBe(0);
+    expect(existsSync(join(dataDir, "admin-token.unshown"))).toBe(false);
+
+    const third = await spawnKeygate({ cwd, env: { ...base, KEYGATE_GRPC_PORT: "0" } });
+    expect(third.stdout()).not.toContain(token);
+    expect(await third.stop("SIGTERM")).toBe(0);
+  });
+});
+
+const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
+
+describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
+  let mongo: MongoWire;
+  beforeAll(async () => {
+    mongo = await startMongoWire();
+  });
+  afterAll(async () => {
+    await mongo.stop();
+  });
+
+  it("refused credentials are one line naming KEYGATE_MONGODB_URI, without the password", async () => {
+    const password = `pw${randomBytes(12).toString("hex")}`;
+    const uri = mongo.uri.replace("mongodb://", `mongodb://keygate:${password}@`);
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: uri, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    const line = expectOneLine(result.stderr, "KEYGATE_MONGODB_URI");
+    expect(line).toContain("MongoDB refused the credentials");
+    expect(result.stdout + result.stderr).not.toContain(password);
+  });
+
+  it("an unreachable MongoDB is one line naming KEYGATE_MONGODB_URI", async () => {
+    const port = await freePort();
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: `mongodb://127.0.0.1:${port}/keygate`, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(expectOneLine(result.stderr, "KEYGATE_MONGODB_URI")).toContain("no MongoDB server answered");
+  });
+});
+
+const redisReady = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
+
+describe.runIf(redisReady)("start-up errors: Redis.error", () => {
+  let redis: ChildProcess;
+  let port = 0;
+  const password = `pw${randomBytes(12).toString("hex")}`;
+  beforeAll(async () => {
+    port = await freePort();
+    redis = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--requirepass", password], { stdio: "ignore" });
+    children.add(redis);
+    await waitForPort(port, 10_000, () => "redis-server with requirepass");
+  });
+
+  it("a wrong Redis password is one line naming KEYGATE_REDIS_URL, and neither password is printed", async () => {
+    const wrong = `wrong${randomBytes(8).toString("hex")}`;
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://:${wrong}@127.0.0.1:${port}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: Redis refused the credentials (WRONGPASS)");
+    // The connection error is logged, but ioredis's copy of the AUTH command (with the password) is not.
+    expect(result.stdout + result.stderr).not.toContain(wrong);
+    expect(result.stdout + result.stderr).not.toContain(password);
+  });
+
+  it("a Redis that refuses connections is one line naming KEYGATE_REDIS_URL", async () => {
+    const closed = await freePort();
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED)");
+  });
+});
