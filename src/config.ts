@@ -21,12 +21,24 @@ const planSchema = z.object({
   monthlyCredits: z.number().int().min(0).nullable().default(null),
 });
 
-const scopeName = z.string().regex(/^[a-z][a-z0-9_.:-]{0,63}$/, "a scope is lowercase letters, digits and _ . : -");
+/** A scope name: the policy's catalog and Envoy's per-route required_scopes are held to it. */
+export const SCOPE_NAME_PATTERN = /^[a-z][a-z0-9_.:-]{0,63}$/;
+const scopeName = z.string().regex(SCOPE_NAME_PATTERN, "a scope is lowercase letters, digits and _ . : -");
+
+// A prefix is matched against canonical paths segment by segment, so it must be one itself, with
+// only unreserved characters: then no escape in a request can stand for one of its segments.
+const CANONICAL_PREFIX = /^(?:\/[A-Za-z0-9._~-]*[A-Za-z0-9_~-])*\/?$/;
 
 const routeSchema = z.object({
   /** HTTP method, or "*" for any. */
   method: z.string().default("*").transform((m) => m.toUpperCase()),
-  pathPrefix: z.string().startsWith("/"),
+  pathPrefix: z
+    .string()
+    .startsWith("/")
+    .regex(
+      CANONICAL_PREFIX,
+      'a path prefix is "/" or "/"-separated segments of letters, digits and - . _ ~ (no empty, "." or ".." segment, none ending in "."), as keygate matches canonical paths',
+    ),
   requiredScopes: z.array(scopeName).default([]),
   projectId: z.string().min(1).optional(),
   cost: z.number().int().min(0).default(1),
@@ -52,6 +64,12 @@ const policySchema = z
       default: z.array(scopeName).min(1),
     }),
     routes: z.array(routeSchema).default([]),
+    /**
+     * How paths meet route prefixes. caseInsensitive: true for upstreams that serve "/V1/Decks" as
+     * "/v1/decks" (IIS, ASP.NET): matching ignores letter case. false (the default) matches case
+     * exactly and refuses a path that would match another route with case ignored.
+     */
+    routeMatching: z.object({ caseInsensitive: z.boolean().default(false) }).default({ caseInsensitive: false }),
     credentialHeaders: z
       .array(z.string().transform((h) => h.toLowerCase()))
       .min(1)
@@ -108,6 +126,8 @@ export type Plan = z.infer<typeof planSchema>;
 export type RateLimitRule = z.infer<typeof rateLimitSchema>;
 /** One entry of the routes table. */
 export type Route = z.infer<typeof routeSchema>;
+/** The policy's routeMatching options. */
+export type RouteMatching = z.infer<typeof policySchema>["routeMatching"];
 
 /** The built-in policy: plan caps and rates follow the documents keygate was designed from. */
 export const DEFAULT_POLICY_INPUT = {
@@ -122,6 +142,17 @@ export const DEFAULT_POLICY_INPUT = {
 };
 
 const port = z.coerce.number().int().min(0).max(65535);
+// Fractions are allowed (tests use tenths of a second); an hour is far past any sane value.
+const timeoutSeconds = z.coerce.number().positive().max(3600);
+
+/**
+ * Which proxy calls the HTTP authorization port, and so where the judged method and path come
+ * from: envoy, the path below /check and the request's own method; nginx, X-Original-URI and
+ * X-Original-Method; caddy and traefik, X-Forwarded-Uri and X-Forwarded-Method.
+ */
+export const HTTP_AUTHZ_PROXIES = ["envoy", "nginx", "caddy", "traefik"] as const;
+/** One of HTTP_AUTHZ_PROXIES. */
+export type HttpAuthzProxy = (typeof HTTP_AUTHZ_PROXIES)[number];
 
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
@@ -138,10 +169,18 @@ const envSchema = z.object({
   KEYGATE_HOST: z.string().min(1).default("0.0.0.0"),
   KEYGATE_GRPC_PORT: port.default(9191),
   KEYGATE_HTTP_AUTHZ_PORT: port.default(8181),
+  // envoy by default: a proxy that sends X-Original-* or X-Forwarded-* headers to a keygate left
+  // at the default is refused, never judged on a path it did not mean.
+  KEYGATE_HTTP_AUTHZ_PROXY: z.enum(HTTP_AUTHZ_PROXIES, { error: `must be one of ${HTTP_AUTHZ_PROXIES.join(", ")}` }).default("envoy"),
   KEYGATE_ADMIN_PORT: port.default(8080),
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
   KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
+  KEYGATE_ADMIN_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
+  KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),
+  KEYGATE_REQUEST_TIMEOUT_SECONDS: timeoutSeconds.default(30),
+  KEYGATE_IDLE_TIMEOUT_SECONDS: timeoutSeconds.default(65),
+  KEYGATE_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).optional(),
 });
 
 /** Everything keygate reads from its environment and policy file. */
@@ -155,12 +194,32 @@ export interface Config {
   host: string;
   grpcPort: number;
   httpAuthzPort: number;
+  /** The proxy in front of the HTTP authorization port: the one source of the judged request. */
+  httpAuthzProxy: HttpAuthzProxy;
   adminPort: number;
   logLevel: z.infer<typeof envSchema>["KEYGATE_LOG_LEVEL"];
   shutdownGraceSeconds: number;
   /** After SIGTERM: report not-ready but keep serving this long, so load balancers move away first. */
   shutdownDelaySeconds: number;
+  /** Largest admin request message, as sent and after decompression. */
+  adminMaxBodyBytes: number;
+  /** Timeouts and the connection cap of every listener. */
+  listeners: ListenerSettings;
   policy: Policy;
+}
+
+/**
+ * How long each listener waits for a peer, and how many connections it holds at once.
+ * `maxConnections` null means: derived from the process's open-file limit at start.
+ */
+export interface ListenerSettings {
+  /** A request head, or the HTTP/2 preface and SETTINGS, or a PING acknowledgement, must arrive within this. */
+  headersTimeoutMs: number;
+  /** A whole request (head and body) must arrive within this. */
+  requestTimeoutMs: number;
+  /** A connection with no request or stream in flight is closed after this. */
+  idleTimeoutMs: number;
+  maxConnections: number | null;
 }
 
 /** A configuration problem; the message names the variable or policy field. */
@@ -203,6 +262,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const result = envSchema.safeParse(env);
   if (!result.success) throw new ConfigError(`invalid environment: ${describeIssues("", result.error)}`);
   const e = result.data;
+  if (e.KEYGATE_HEADERS_TIMEOUT_SECONDS > e.KEYGATE_REQUEST_TIMEOUT_SECONDS) {
+    throw new ConfigError("invalid environment: KEYGATE_HEADERS_TIMEOUT_SECONDS must not exceed KEYGATE_REQUEST_TIMEOUT_SECONDS (the head is part of the request)");
+  }
   const policy = e.KEYGATE_CONFIG === undefined ? parsePolicy(DEFAULT_POLICY_INPUT, "built-in policy") : loadPolicyFile(e.KEYGATE_CONFIG);
   return {
     dataDir: e.KEYGATE_DATA_DIR,
@@ -214,10 +276,18 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     host: e.KEYGATE_HOST,
     grpcPort: e.KEYGATE_GRPC_PORT,
     httpAuthzPort: e.KEYGATE_HTTP_AUTHZ_PORT,
+    httpAuthzProxy: e.KEYGATE_HTTP_AUTHZ_PROXY,
     adminPort: e.KEYGATE_ADMIN_PORT,
     logLevel: e.KEYGATE_LOG_LEVEL,
     shutdownGraceSeconds: e.KEYGATE_SHUTDOWN_GRACE_SECONDS,
     shutdownDelaySeconds: e.KEYGATE_SHUTDOWN_DELAY_SECONDS,
+    adminMaxBodyBytes: e.KEYGATE_ADMIN_MAX_BODY_BYTES,
+    listeners: {
+      headersTimeoutMs: Math.round(e.KEYGATE_HEADERS_TIMEOUT_SECONDS * 1000),
+      requestTimeoutMs: Math.round(e.KEYGATE_REQUEST_TIMEOUT_SECONDS * 1000),
+      idleTimeoutMs: Math.round(e.KEYGATE_IDLE_TIMEOUT_SECONDS * 1000),
+      maxConnections: e.KEYGATE_MAX_CONNECTIONS ?? null,
+    },
     policy,
   };
 }

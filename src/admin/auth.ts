@@ -74,3 +74,31 @@ export class AuthFailureLimiter {
     if (step.allowed) this.#buckets.set(source, step.tatMs, { ttl: Math.ceil(step.tatMs - nowMs) + 1000 });
   }
 }
+
+/** Whether a caller may use KeyAdmin: its token id, or why not. */
+export type AdminAdmission =
+  | { ok: true; tokenId: string }
+  | { ok: false; refusal: "unauthenticated" | "blocked"; message: string };
+
+/**
+ * The admin API's door: the failed-login limiter first (a blocked address costs one map
+ * lookup), then the bearer token. It needs only the source address and the Authorization
+ * header, so the admin server asks it before reading a byte of the body.
+ */
+export class AdminGate {
+  constructor(
+    private readonly auth: AdminAuth,
+    private readonly failures: AuthFailureLimiter = new AuthFailureLimiter(),
+  ) {}
+
+  admit(source: string, authorization: string | null): AdminAdmission {
+    const waitSeconds = this.failures.blockedForSeconds(source);
+    if (waitSeconds > 0) {
+      return { ok: false, refusal: "blocked", message: `too many failed admin authentications from this address; retry in ${waitSeconds} s` };
+    }
+    const result = this.auth.authenticate(authorization);
+    if (result.ok) return result;
+    this.failures.fail(source);
+    return { ok: false, refusal: "unauthenticated", message: result.message };
+  }
+}

@@ -20,7 +20,7 @@ import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
-import type { AdminAuth, AuthFailureLimiter } from "./auth.js";
+import type { AdminGate } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 import type { AccountView, Actor, LifecycleService, UsageCounts } from "./lifecycle.js";
 import type { AuditRecord } from "../store/store.js";
@@ -121,23 +121,23 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
 }
 
 /**
- * Rejects calls without a valid admin token, and records the caller's token id. An address
- * that keeps failing is refused with RESOURCE_EXHAUSTED before its token is even compared.
+ * Rejects calls without a valid admin token, and records the caller's token id. The admin
+ * server admits a call before its body is read and passes the token id in adminIdentityKey;
+ * a call that arrives here without one (routes mounted some other way) is admitted here, so
+ * no route is ever reachable without a token. An address that keeps failing is refused with
+ * RESOURCE_EXHAUSTED before its token is even compared.
  */
-export function adminAuthInterceptor(auth: AdminAuth, failures: AuthFailureLimiter, logger: Logger): Interceptor {
+export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Interceptor {
   return (next) => async (req) => {
+    if (req.contextValues.get(adminIdentityKey) !== "") return next(req);
     const source = req.contextValues.get(sourceAddressKey);
-    const waitSeconds = failures.blockedForSeconds(source);
-    if (waitSeconds > 0) {
-      throw new ConnectError(`too many failed admin authentications from this address; retry in ${waitSeconds} s`, Code.ResourceExhausted);
-    }
-    const result = auth.authenticate(req.header.get("authorization"));
-    if (!result.ok) {
-      failures.fail(source);
+    const admission = gate.admit(source, req.header.get("authorization"));
+    if (!admission.ok) {
+      if (admission.refusal === "blocked") throw new ConnectError(admission.message, Code.ResourceExhausted);
       logger.warn({ source, method: req.method.name }, "admin authentication failed");
-      throw new ConnectError(result.message, Code.Unauthenticated);
+      throw new ConnectError(admission.message, Code.Unauthenticated);
     }
-    req.contextValues.set(adminIdentityKey, result.tokenId);
+    req.contextValues.set(adminIdentityKey, admission.tokenId);
     return next(req);
   };
 }

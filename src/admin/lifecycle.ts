@@ -2,6 +2,7 @@ import type { Logger } from "pino";
 import { z } from "zod";
 import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
 import type { Policy } from "../config.js";
+import { CacheUnavailableError } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
 import { isKeyId, newEventId, newKeyId } from "../keys/ids.js";
@@ -279,7 +280,12 @@ export class LifecycleService {
     return { monthlyUsed, topupBalance: stored.topupBalance - unflushed.topup };
   }
 
-  /** Tops up: the store first (durable), then the live counters. */
+  /**
+   * Tops up: the store first (durable), then the live counters, told the store's new top-up
+   * total rather than the amount, so a top-up racing a balance being loaded is counted once.
+   * The live counters never fail the call (one they cannot reach is retried in the background):
+   * after the store write, an error would make the caller retry and add the credits twice.
+   */
   async addCredits(input: { ownerId: string; amount: bigint; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<AccountView> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     if (input.amount < 1n || input.amount > BigInt(MAX_CREDITS_PER_TOPUP)) {
@@ -289,8 +295,8 @@ export class LifecycleService {
     const amount = Number(input.amount);
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
-    await this.deps.store.addCredits(ownerId, amount);
-    await this.deps.meter.addCredits(ownerId, amount);
+    const credited = await this.deps.store.addCredits(ownerId, amount);
+    await this.deps.meter.addCredits(ownerId, credited.topupTotal);
     await this.#audit(actor, "credits.add", null, ownerId, { amount, reason: input.reason });
     return this.#view(account);
   }
@@ -346,7 +352,9 @@ export class LifecycleService {
       accountDefaults: this.accountDefaults,
       nowMs,
     });
-    await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    // No cache is told: nothing can be cached under a hash that did not exist. Only a caller who
+    // presented this exact secret before it was issued (a 190-bit guess) could have left a
+    // negative entry, and that lasts the negative TTL. So the secret is never lost to a cache error.
     await this.#audit(actor, "key.create", record.id, ownerId, {
       name,
       scopes,
@@ -476,8 +484,14 @@ export class LifecycleService {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
       throw error;
     }
-    await this.deps.lookup.invalidate({ kind: "key", hash: rotation.previous.hash });
-    await this.deps.lookup.invalidate({ kind: "key", hash: record.hash });
+    // The old key changed (grace end, or revoked with grace 0), so caches must drop it. When they
+    // cannot be told now, the lookup keeps retrying; the new secret is still returned and audited,
+    // since failing here would lose it with the rotation already saved. The new hash, like
+    // CreateKey's, needs no invalidation.
+    await this.deps.lookup.invalidate({ kind: "key", hash: rotation.previous.hash }).catch((error: unknown) => {
+      if (!(error instanceof CacheUnavailableError)) throw error;
+      this.deps.logger?.warn({ err: error, keyId: id }, "rotated key: caches not told yet; retrying in the background");
+    });
     await this.#audit(actor, "key.rotate", id, old.ownerId, {
       rotated_to_id: record.id,
       grace_days: graceDays,

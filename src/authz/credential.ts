@@ -44,3 +44,36 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
   }
   return found === undefined ? MISSING : { ok: true, key: found, header: foundHeader };
 }
+
+// With more configured headers than this, the present ones are listed per request instead.
+const MAX_TABLED_HEADERS = 8;
+
+/**
+ * Which configured credential headers a request carries. Every one present is removed upstream,
+ * not only the one the key came in: a second copy of the key must not reach the API either.
+ * The answer comes from a table of every subset, built once, so the Check path allocates nothing.
+ */
+export class PresentCredentialHeaders {
+  readonly #names: readonly string[];
+  readonly #subsets: ReadonlyArray<readonly string[]>;
+
+  constructor(names: readonly string[]) {
+    this.#names = [...new Set(names)];
+    const count = this.#names.length;
+    this.#subsets =
+      count > MAX_TABLED_HEADERS ? [] : Array.from({ length: 1 << count }, (_, mask) => this.#names.filter((_name, i) => (mask & (1 << i)) !== 0));
+  }
+
+  /** The configured names present in `headers`, in configured order. Shared: do not mutate. */
+  of(headers: HeaderBag): readonly string[] {
+    const names = this.#names;
+    if (names.length > MAX_TABLED_HEADERS) return names.filter((name) => headers[name] !== undefined);
+    let mask = 0;
+    for (let i = 0; i < names.length; i++) {
+      const name = names[i];
+      if (name !== undefined && headers[name] !== undefined) mask |= 1 << i;
+    }
+    // Every mask is in the table; all names is the safe answer should that ever not hold.
+    return this.#subsets[mask] ?? names;
+  }
+}

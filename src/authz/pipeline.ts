@@ -8,10 +8,11 @@ import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
 import { keyState } from "../store/store.js";
 import type { KeySnapshot } from "../store/store.js";
-import { extractCredential } from "./credential.js";
+import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./credential.js";
 import { DENIALS } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
+import { RouteRefusal } from "./routes.js";
 import type { RouteRequirements, RouteTable } from "./routes.js";
 
 /** One request to decide, as both entry points present it. */
@@ -27,8 +28,8 @@ export interface CheckInput {
 export interface Allow {
   allow: true;
   snapshot: KeySnapshot;
-  /** The header the key came in, to strip before the request goes upstream. */
-  credentialHeader: string;
+  /** Every configured credential header the request carries, to strip before it goes upstream. */
+  credentialHeaders: readonly string[];
   route: RouteRequirements;
   /** Where the caller stands on rate, quota and credits; null for VerifyKey, which charges nothing. */
   limits: ChargeResult | null;
@@ -70,6 +71,9 @@ const FIXED: Readonly<Record<"MISSING_CREDENTIAL" | "MALFORMED_KEY" | "UNKNOWN_K
   UNKNOWN_KEY: { allow: false, reason: "UNKNOWN_KEY", message: DENIALS.UNKNOWN_KEY.message },
 };
 
+// VerifyKey answers for a bare key: there is no request whose headers would go upstream.
+const NO_HEADERS: readonly string[] = [];
+
 function deny(reason: DenyReason, snapshot: KeySnapshot, message = DENIALS[reason].message): Deny {
   return { allow: false, reason, message, snapshot };
 }
@@ -82,11 +86,13 @@ function deny(reason: DenyReason, snapshot: KeySnapshot, message = DENIALS[reaso
 export class DecisionPipeline {
   readonly #calendar = new UtcCalendar();
   readonly #defaultPlan: Plan;
+  readonly #presentCredentials: PresentCredentialHeaders;
 
   constructor(private readonly deps: PipelineDeps) {
     const plan = deps.policy.plans[deps.policy.defaultPlan];
     if (plan === undefined) throw new Error(`default plan "${deps.policy.defaultPlan}" is not configured`);
     this.#defaultPlan = plan;
+    this.#presentCredentials = new PresentCredentialHeaders(deps.credentialHeaders);
   }
 
   /** Decides a proxied request. Synchronous when the key is in L1. */
@@ -94,14 +100,18 @@ export class DecisionPipeline {
     const credential = extractCredential(input.headers, this.deps.credentialHeaders);
     if (!credential.ok) return FIXED[credential.reason];
     if (this.deps.format.parse(credential.key) === null) return FIXED.MALFORMED_KEY;
+    // After the credential's shape (a keyless or malformed request is a 401 whatever its path, and
+    // a flood of bad keys pays nothing for routing) and before the lookup: a path with no canonical
+    // form, or unusable per-route settings, is refused before anything is looked up or charged.
     const route = this.deps.routes.requirements(input.method, input.path, input.contextExtensions);
-    return this.#withSnapshot(credential.key, (snapshot) => this.#judge(snapshot, credential.header, route, true));
+    if (route instanceof RouteRefusal) return route;
+    return this.#withSnapshot(credential.key, (snapshot) => this.#judge(snapshot, this.#presentCredentials.of(input.headers), route, true));
   }
 
   /** VerifyKey: the same steps for a bare key, with optional requirements, charging nothing. */
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
     if (this.deps.format.parse(key) === null) return FIXED.MALFORMED_KEY;
-    return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, "", route, false));
+    return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, NO_HEADERS, route, false));
   }
 
   #withSnapshot(key: string, judge: (snapshot: KeySnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {
@@ -111,7 +121,7 @@ export class DecisionPipeline {
     return this.deps.lookup.load(hash).then(judge);
   }
 
-  #judge(snapshot: KeySnapshot | null, credentialHeader: string, route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
+  #judge(snapshot: KeySnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
     const refusal = this.#refusal(snapshot, route, nowMs);
@@ -120,9 +130,9 @@ export class DecisionPipeline {
       this.#count(snapshot, nowMs, refusal.reason, 0);
       return this.#withLimitHeaders(refusal, this.#chargeInput(snapshot, route, nowMs));
     }
-    if (!charge) return { allow: true, snapshot, credentialHeader, route, limits: null };
+    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null };
     const charged = this.deps.meter.charge(this.#chargeInput(snapshot, route, nowMs));
-    const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeader, route, limits, nowMs);
+    const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeaders, route, limits, nowMs);
     return charged instanceof Promise ? charged.then(finish) : finish(charged);
   }
 
@@ -189,7 +199,7 @@ export class DecisionPipeline {
     return snapshot.key.rateLimit ?? this.deps.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
   }
 
-  #afterLimits(snapshot: KeySnapshot, credentialHeader: string, route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
+  #afterLimits(snapshot: KeySnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
     // Credits count as used only when the plan is metered and they were actually spent.
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) {
@@ -198,7 +208,7 @@ export class DecisionPipeline {
     if (limits.allowed || limits.reason === null) {
       this.#count(snapshot, nowMs, null, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
-      return { allow: true, snapshot, credentialHeader, route, limits };
+      return { allow: true, snapshot, credentialHeaders, route, limits };
     }
     this.#count(snapshot, nowMs, limits.reason, 0);
     const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));

@@ -11,11 +11,15 @@ export type DenyReason =
   | "MISSING_SCOPE"
   | "RATE_LIMITED"
   | "QUOTA_EXCEEDED"
-  | "INSUFFICIENT_CREDITS";
+  | "INSUFFICIENT_CREDITS"
+  | "CONFLICTING_REQUEST"
+  | "PROXY_MISCONFIGURED"
+  | "INVALID_PATH"
+  | "ROUTE_MISCONFIGURED";
 
 /** The public face of a denial: HTTP status, error code and wording. */
 export interface DenialSpec {
-  httpStatus: 401 | 402 | 403 | 429;
+  httpStatus: 400 | 401 | 402 | 403 | 429 | 500;
   code: string;
   title: string;
   message: string;
@@ -27,6 +31,8 @@ export interface DenialSpec {
 const UNAUTHENTICATED = 16;
 const PERMISSION_DENIED = 7;
 const RESOURCE_EXHAUSTED = 8;
+const INVALID_ARGUMENT_CODE = 3;
+const INTERNAL_CODE = 13;
 
 /** The one table from reason to status, code and message, shared by every entry point. */
 export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
@@ -125,6 +131,45 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     message: "The account has run out of credits.",
     retryable: false,
     grpcCode: RESOURCE_EXHAUSTED,
+  },
+  // HTTP mode only: the request names its original method or path twice, with different values.
+  CONFLICTING_REQUEST: {
+    httpStatus: 400,
+    code: "CONFLICTING_REQUEST",
+    title: "Bad request",
+    message: "The request names its original method or path more than once, with different values.",
+    retryable: false,
+    grpcCode: INVALID_ARGUMENT_CODE,
+  },
+  // HTTP mode only: the source KEYGATE_HTTP_AUTHZ_PROXY names is missing. Only a bare /check gets
+  // it, which Envoy never sends, so no failure_mode_allow can turn this 500 into an allow.
+  PROXY_MISCONFIGURED: {
+    httpStatus: 500,
+    code: "PROXY_MISCONFIGURED",
+    title: "Proxy misconfigured",
+    message: "keygate cannot tell which request to judge: KEYGATE_HTTP_AUTHZ_PROXY must name the proxy in front of it.",
+    retryable: false,
+    grpcCode: INTERNAL_CODE,
+  },
+  // A path that servers could read differently; refused before the key is looked up. The
+  // message names what is wrong with the path (routes.ts), never echoing it.
+  INVALID_PATH: {
+    httpStatus: 400,
+    code: "INVALID_REQUEST",
+    title: "Invalid request path",
+    message: "The request path is not in canonical form, so it is refused.",
+    retryable: false,
+    grpcCode: INVALID_ARGUMENT_CODE,
+  },
+  // gRPC only: Envoy's per-route context_extensions are unusable (a cost that is not a number).
+  // A denial, not a gRPC error, which failure_mode_allow would turn into an allow.
+  ROUTE_MISCONFIGURED: {
+    httpStatus: 500,
+    code: "ROUTE_MISCONFIGURED",
+    title: "Gateway misconfigured",
+    message: "The gateway's per-route settings for this request are invalid. This is a gateway configuration error.",
+    retryable: false,
+    grpcCode: INTERNAL_CODE,
   },
 };
 

@@ -1,4 +1,6 @@
-import type { Route } from "../config.js";
+import { SCOPE_NAME_PATTERN } from "../config.js";
+import type { Route, RouteMatching } from "../config.js";
+import type { DenyReason } from "./reasons.js";
 
 /** What a route demands of a key. */
 export interface RouteRequirements {
@@ -7,96 +9,363 @@ export interface RouteRequirements {
   cost: number;
 }
 
-// Anything the slow path of normalizePath would change: a query or fragment, an escape, a
-// segment that is empty or starts with a dot, or a trailing slash.
-const NOT_NORMAL = /[?#%]|\/\/|\/\.|\/$/;
+/**
+ * A request the routes step refuses: a path that servers could read differently (INVALID_PATH,
+ * 400), or per-route settings from the proxy that keygate cannot use (ROUTE_MISCONFIGURED, 500).
+ * It has the shape of the pipeline's Deny, so the pipeline answers it as it is.
+ */
+export class RouteRefusal {
+  readonly allow = false;
+  constructor(
+    readonly reason: Extract<DenyReason, "INVALID_PATH" | "ROUTE_MISCONFIGURED">,
+    readonly message: string,
+  ) {}
+}
+
+const invalidPath = (problem: string): RouteRefusal =>
+  new RouteRefusal("INVALID_PATH", `The request path ${problem}, which servers read differently, so it is refused. Send the path in canonical form.`);
+
+/**
+ * Every reason a path is refused, one message each (built once; the path itself is never echoed).
+ * Exported so tests can name the class they expect.
+ */
+export const PATH_REFUSALS = {
+  notOriginForm: invalidPath('does not start with "/"'),
+  control: invalidPath("contains a control character, a space or a NUL"),
+  fragment: invalidPath('contains "#"'),
+  backslash: invalidPath('contains a backslash ("\\")'),
+  parameter: invalidPath('contains ";" (a path parameter, as in ";x=1" or "..;/")'),
+  malformedEscape: invalidPath('has a malformed percent-escape ("%" not followed by two hex digits, or escapes that are not UTF-8)'),
+  encodedSlash: invalidPath('contains an encoded "/" or "\\" (%2F or %5C)'),
+  encodedDot: invalidPath('contains an encoded "." (%2E)'),
+  encodedControl: invalidPath("contains an encoded control character or NUL (such as %00)"),
+  encodedDelimiter: invalidPath('contains an encoded "%", ";", "?" or "#" (%25, %3B, %3F or %23)'),
+  emptySegment: invalidPath('contains an empty segment ("//")'),
+  dotSegment: invalidPath('contains a "." or ".." segment'),
+  trailingDot: invalidPath('has a segment ending in "." or a space, which Windows servers strip'),
+  letterCase: new RouteRefusal(
+    "INVALID_PATH",
+    "The request path matches another route when letter case is ignored, as case-insensitive servers do, so it is refused. Send it in the letter case of the route.",
+  ),
+} as const;
+
+/** Proxy per-route settings keygate cannot use: a denial with status 500, never a guess. */
+export const ROUTE_CONFIG_REFUSALS = {
+  cost: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "cost" (context_extensions) is not a whole number. This is a gateway configuration error.'),
+  requiredScopes: new RouteRefusal(
+    "ROUTE_MISCONFIGURED",
+    'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
+  ),
+} as const;
+
+const HAS_UPPER = /[A-Z]/;
+const BLANK = /^\s*$/;
+const WHOLE_NUMBER = /^\s*\d{1,9}\s*$/;
+
+const SLASH = 0x2f;
+const DOT = 0x2e;
+
+/**
+ * False when the canonical form of a path that starts with "/" is the path itself: no query,
+ * fragment, escape, ";", backslash, control character or space, no "//", and no segment ending
+ * in "." (which covers "." and ".." segments). A loop: it runs on every Check, and measured
+ * faster than a regular expression with these alternatives.
+ */
+function needsWork(path: string): boolean {
+  let previous = 0;
+  for (let i = 0; i < path.length; i++) {
+    const code = path.charCodeAt(i);
+    if (code <= 0x20 || code === 0x7f || code === 0x3f || code === 0x23 || code === 0x25 || code === 0x3b || code === 0x5c) return true;
+    if (code === SLASH && (previous === SLASH || previous === DOT)) return true;
+    previous = code;
+  }
+  return previous === DOT;
+}
+
+function hexValue(code: number): number {
+  if (code >= 0x30 && code <= 0x39) return code - 0x30;
+  if (code >= 0x41 && code <= 0x46) return code - 0x37;
+  if (code >= 0x61 && code <= 0x66) return code - 0x57;
+  return -1;
+}
+
+/** RFC 3986 unreserved: ALPHA / DIGIT / "-" / "." / "_" / "~". */
+function isUnreserved(byte: number): boolean {
+  return (
+    (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a) || (byte >= 0x30 && byte <= 0x39) || byte === 0x2d || byte === DOT || byte === 0x5f || byte === 0x7e
+  );
+}
+
+/** The refusal for an escaped byte that must never be decoded, or null if it is an ordinary one. */
+function escapedRefusal(byte: number): RouteRefusal | null {
+  if (byte < 0x20 || byte === 0x7f) return PATH_REFUSALS.encodedControl;
+  switch (byte) {
+    case 0x2f: // "/"
+    case 0x5c: // "\"
+      return PATH_REFUSALS.encodedSlash;
+    case DOT:
+      return PATH_REFUSALS.encodedDot;
+    case 0x25: // "%": a double-encoded escape, which a server that decodes twice reads as the escaped character
+    case 0x3b: // ";"
+    case 0x3f: // "?"
+    case 0x23: // "#"
+      return PATH_REFUSALS.encodedDelimiter;
+    default:
+      return null;
+  }
+}
+
+/** How many continuation bytes a UTF-8 lead byte announces, or -1 for a byte that cannot lead. */
+function utf8Continuations(lead: number): number {
+  if (lead >= 0xc2 && lead <= 0xdf) return 1;
+  if (lead >= 0xe0 && lead <= 0xef) return 2;
+  if (lead >= 0xf0 && lead <= 0xf4) return 3;
+  return -1;
+}
+
+/** The allowed range of the first continuation byte after `lead` (no overlongs, surrogates or > U+10FFFF). */
+function firstContinuationOk(lead: number, byte: number): boolean {
+  if (lead === 0xe0) return byte >= 0xa0 && byte <= 0xbf;
+  if (lead === 0xed) return byte >= 0x80 && byte <= 0x9f;
+  if (lead === 0xf0) return byte >= 0x90 && byte <= 0xbf;
+  if (lead === 0xf4) return byte >= 0x80 && byte <= 0x8f;
+  return byte >= 0x80 && byte <= 0xbf;
+}
+
+/** The decoded byte of the escape at `i` ("%XY"), or -1 when it is malformed. */
+function escapeAt(path: string, i: number, end: number): number {
+  if (i + 2 >= end) return -1;
+  const high = hexValue(path.charCodeAt(i + 1));
+  const low = hexValue(path.charCodeAt(i + 2));
+  return high < 0 || low < 0 ? -1 : high * 16 + low;
+}
+
+/**
+ * The canonical form of a request path, or the refusal that names why it has none.
+ *
+ * Canonical is what Envoy's `normalize_path` and `merge_slashes` give for a path that needs no
+ * guessing: the query is cut off, escapes of unreserved characters are decoded (%64 is "d"), and
+ * every other escape is kept with upper-case hex. Anything that servers could read differently is
+ * refused instead of normalized: "." and ".." segments and "//" (servers that do not normalize
+ * route them elsewhere), encoded "/", "\", ".", "%", ";", "?", "#" and control characters, raw
+ * backslashes, ";" path parameters, control characters and spaces, "#", segments ending in "." or
+ * a space (Windows strips them), malformed escapes and escapes that are not UTF-8. A path that is
+ * already canonical is returned as it is, without allocating.
+ */
+export function canonicalPath(rawPath: string): string | RouteRefusal {
+  if (rawPath.charCodeAt(0) !== SLASH) return PATH_REFUSALS.notOriginForm;
+  if (!needsWork(rawPath)) return rawPath;
+  let end = rawPath.indexOf("?");
+  if (end < 0) end = rawPath.length;
+  let out = "/";
+  // Start of the current segment within `out`.
+  let segmentStart = 1;
+  for (let i = 1; i < end; i++) {
+    const code = rawPath.charCodeAt(i);
+    if (code <= 0x20 || code === 0x7f) return PATH_REFUSALS.control;
+    switch (code) {
+      case SLASH: {
+        const problem = segmentProblem(out, segmentStart);
+        if (problem !== null) return problem;
+        out += "/";
+        segmentStart = out.length;
+        continue;
+      }
+      case 0x23: // "#"
+        return PATH_REFUSALS.fragment;
+      case 0x5c: // "\"
+        return PATH_REFUSALS.backslash;
+      case 0x3b: // ";"
+        return PATH_REFUSALS.parameter;
+      case 0x25: {
+        const byte = escapeAt(rawPath, i, end);
+        if (byte < 0) return PATH_REFUSALS.malformedEscape;
+        const refused = escapedRefusal(byte);
+        if (refused !== null) return refused;
+        if (isUnreserved(byte)) {
+          out += String.fromCharCode(byte);
+          i += 2;
+          continue;
+        }
+        if (byte >= 0x80) {
+          const next = utf8Sequence(rawPath, i, end, byte);
+          if (next < 0) return PATH_REFUSALS.malformedEscape;
+          out += rawPath.slice(i, next).toUpperCase();
+          i = next - 1;
+          continue;
+        }
+        out += rawPath.slice(i, i + 3).toUpperCase();
+        i += 2;
+        continue;
+      }
+      default:
+        out += rawPath[i] ?? "";
+    }
+  }
+  // The last segment: an empty one is a trailing slash, which every server reads alike.
+  if (out.length > segmentStart) {
+    const problem = segmentProblem(out, segmentStart);
+    if (problem !== null) return problem;
+  }
+  return out;
+}
+
+/**
+ * Checks the escaped UTF-8 sequence starting with the escape at `i` (whose byte is `lead`) and
+ * returns the index just past it, or -1 when it is not well-formed UTF-8 (overlong forms such as
+ * %C0%AE, which old servers decoded to ".", included).
+ */
+function utf8Sequence(path: string, i: number, end: number, lead: number): number {
+  const continuations = utf8Continuations(lead);
+  if (continuations < 0) return -1;
+  let at = i + 3;
+  for (let k = 0; k < continuations; k++, at += 3) {
+    if (path.charCodeAt(at) !== 0x25) return -1;
+    const byte = escapeAt(path, at, end);
+    if (byte < 0) return -1;
+    if (k === 0 ? !firstContinuationOk(lead, byte) : byte < 0x80 || byte > 0xbf) return -1;
+  }
+  return at;
+}
+
+/** Why the segment of `out` from `start` to its end is refused, or null. */
+function segmentProblem(out: string, start: number): RouteRefusal | null {
+  const length = out.length - start;
+  if (length === 0) return PATH_REFUSALS.emptySegment;
+  if (out.charCodeAt(out.length - 1) === DOT) {
+    const dotSegment = length === 1 || (length === 2 && out.charCodeAt(start) === DOT);
+    return dotSegment ? PATH_REFUSALS.dotSegment : PATH_REFUSALS.trailingDot;
+  }
+  if (length >= 3 && out.endsWith("%20")) return PATH_REFUSALS.trailingDot;
+  return null;
+}
+
+interface Entry {
+  route: Route;
+  /** The prefix less any trailing slash, lower-cased when matching ignores case. */
+  prefix: string;
+  /** The prefix less any trailing slash, lower-cased: for the letter-case check. */
+  foldedPrefix: string;
+  /** What the route asks when the proxy sends no per-route settings. */
+  requirements: RouteRequirements;
+}
 
 const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1 };
 
-/**
- * Normalizes a request path before prefix matching, so "/v1//decks", "/v1/./decks",
- * "/v1/x/../decks" and "/v1/%64ecks" cannot slip past a route that guards "/v1/decks".
- */
-export function normalizePath(rawPath: string): string {
-  // Most paths are already normal: no query or fragment, escapes, empty, "." or ".." segments.
-  if (rawPath.length > 1 && rawPath.charCodeAt(0) === 0x2f && !NOT_NORMAL.test(rawPath)) return rawPath;
-  let path = rawPath;
-  const cut = path.search(/[?#]/);
-  if (cut >= 0) path = path.slice(0, cut);
-  const out: string[] = [];
-  for (const segment of path.split("/")) {
-    let decoded: string;
-    try {
-      decoded = decodeURIComponent(segment);
-    } catch {
-      decoded = segment;
-    }
-    if (decoded === "" || decoded === ".") continue;
-    if (decoded === "..") {
-      out.pop();
-      continue;
-    }
-    out.push(decoded);
-  }
-  return `/${out.join("/")}`;
-}
+// Distinct context_extensions values are few (one per proxy route), so parsed ones are kept.
+const MAX_PARSED_SCOPES = 1024;
 
-/** The routes table from config, matched by method and longest path prefix. */
+/** The routes table from config, matched by method and longest path prefix on canonical paths. */
 export class RouteTable {
-  /** Longest prefix first, each with its prefix less any trailing slash. */
-  readonly #routes: Array<{ route: Route; prefix: string }>;
+  /** Longest prefix first. */
+  readonly #entries: Entry[];
+  readonly #caseInsensitive: boolean;
+  /** Some prefix has an upper-case letter: then even a lower-case path may match differently folded. */
+  readonly #upperInPrefixes: boolean;
+  /** Letters past this many characters never decide a match (the longest prefix, and its "/"). */
+  readonly #decidingLength: number;
+  readonly #parsedScopes = new Map<string, readonly string[] | null>();
 
-  constructor(routes: readonly Route[]) {
-    this.#routes = [...routes]
+  constructor(routes: readonly Route[], matching: RouteMatching = { caseInsensitive: false }) {
+    this.#caseInsensitive = matching.caseInsensitive;
+    this.#entries = [...routes]
       .sort((a, b) => b.pathPrefix.length - a.pathPrefix.length)
-      .map((route) => ({ route, prefix: route.pathPrefix.endsWith("/") ? route.pathPrefix.slice(0, -1) : route.pathPrefix }));
+      .map((route) => {
+        const bare = route.pathPrefix.endsWith("/") ? route.pathPrefix.slice(0, -1) : route.pathPrefix;
+        const folded = bare.toLowerCase();
+        return {
+          route,
+          prefix: matching.caseInsensitive ? folded : bare,
+          foldedPrefix: folded,
+          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost },
+        };
+      });
+    this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.prefix));
+    this.#decidingLength = (this.#entries[0]?.prefix.length ?? 0) + 1;
   }
 
   get isEmpty(): boolean {
-    return this.#routes.length === 0;
+    return this.#entries.length === 0;
   }
 
-  /** The most specific route for the request, or null. */
-  match(method: string, rawPath: string): Route | null {
-    if (this.#routes.length === 0) return null;
-    const path = normalizePath(rawPath);
-    const upperMethod = method.toUpperCase();
-    for (const { route, prefix } of this.#routes) {
-      if (route.method !== "*" && route.method !== upperMethod) continue;
-      if (prefix === "" || (path.startsWith(prefix) && (path.length === prefix.length || path.charCodeAt(prefix.length) === 0x2f))) return route;
-    }
-    return null;
+  /** The most specific route for the request, null when none matches, or why the path is refused. */
+  match(method: string, rawPath: string): Route | null | RouteRefusal {
+    const entry = this.#resolve(method, rawPath);
+    return entry === null || entry instanceof RouteRefusal ? entry : entry.route;
   }
 
   /**
-   * Envoy's per-route context_extensions win field by field; the routes table fills the rest.
-   * A cost that is not a whole number is the proxy's misconfiguration: it throws, and the
-   * caller answers INTERNAL rather than guess a price.
+   * What the request must satisfy. Envoy's per-route context_extensions win field by field and
+   * the routes table fills the rest; a blank value means "not set". A path that has no canonical
+   * form, or a per-route value that keygate cannot use, is a refusal: never an exception, which
+   * Envoy's failure_mode_allow could turn into an allow, and never a guess.
    */
-  requirements(method: string, path: string, extensions: Readonly<Record<string, string>> | undefined): RouteRequirements {
-    const route = this.match(method, path);
-    const fromExt = extensions ?? {};
-    const scopesText = fromExt["required_scopes"];
-    const projectText = fromExt["project_id"];
-    const costText = fromExt["cost"];
-    if (route === null && scopesText === undefined && projectText === undefined && costText === undefined) return NO_REQUIREMENTS;
-    let cost = route?.cost ?? 1;
-    if (costText !== undefined) {
-      if (!/^\d{1,9}$/.test(costText.trim())) throw new RouteConfigError(`context_extensions.cost must be a whole number, got "${costText}"`);
-      cost = Number(costText.trim());
+  requirements(method: string, rawPath: string, extensions: Readonly<Record<string, string>> | undefined): RouteRequirements | RouteRefusal {
+    const entry = this.#resolve(method, rawPath);
+    if (entry instanceof RouteRefusal) return entry;
+    const base = entry === null ? NO_REQUIREMENTS : entry.requirements;
+    if (extensions === undefined) return base;
+    const scopesText = extensions["required_scopes"];
+    const projectText = extensions["project_id"];
+    const costText = extensions["cost"];
+    const scopesSet = scopesText !== undefined && !BLANK.test(scopesText);
+    const projectSet = projectText !== undefined && !BLANK.test(projectText);
+    const costSet = costText !== undefined && !BLANK.test(costText);
+    if (!scopesSet && !projectSet && !costSet) return base;
+    let requiredScopes = base.requiredScopes;
+    if (scopesSet) {
+      const parsed = this.#scopes(scopesText);
+      if (parsed === null) return ROUTE_CONFIG_REFUSALS.requiredScopes;
+      requiredScopes = parsed;
     }
-    return {
-      requiredScopes:
-        scopesText !== undefined
-          ? scopesText.split(",").map((s) => s.trim()).filter((s) => s.length > 0)
-          : (route?.requiredScopes ?? []),
-      projectId: projectText !== undefined && projectText.trim() !== "" ? projectText.trim() : (route?.projectId ?? null),
-      cost,
-    };
+    let cost = base.cost;
+    if (costSet) {
+      if (!WHOLE_NUMBER.test(costText)) return ROUTE_CONFIG_REFUSALS.cost;
+      cost = Number(costText);
+    }
+    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost };
   }
-}
 
-/** A per-route setting from the proxy that keygate cannot use. */
-export class RouteConfigError extends Error {
-  override readonly name = "RouteConfigError";
+  /** A non-blank required_scopes value as scope names, or null when one is not a scope name. */
+  #scopes(text: string): readonly string[] | null {
+    let parsed = this.#parsedScopes.get(text);
+    if (parsed !== undefined) return parsed;
+    const names = text.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
+    parsed = names.every((name) => SCOPE_NAME_PATTERN.test(name)) ? names : null;
+    if (this.#parsedScopes.size >= MAX_PARSED_SCOPES) this.#parsedScopes.clear();
+    this.#parsedScopes.set(text, parsed);
+    return parsed;
+  }
+
+  #resolve(method: string, rawPath: string): Entry | null | RouteRefusal {
+    const path = canonicalPath(rawPath);
+    if (path instanceof RouteRefusal) return path;
+    if (this.#entries.length === 0) return null;
+    const upperMethod = method.toUpperCase();
+    if (this.#caseInsensitive) return this.#find(upperMethod, path.toLowerCase(), false);
+    const exact = this.#find(upperMethod, path, false);
+    // A case-insensitive upstream serves "/V1/Decks" as "/v1/decks": if that is another route,
+    // whichever keygate picked would be wrong for some upstream, so the path is refused.
+    if ((this.#upperInPrefixes || this.#upperWhereItMatters(path)) && this.#find(upperMethod, path.toLowerCase(), true) !== exact) return PATH_REFUSALS.letterCase;
+    return exact;
+  }
+
+  /** Whether an upper-case ASCII letter sits where a prefix could meet it (ids further on do not). */
+  #upperWhereItMatters(path: string): boolean {
+    const end = Math.min(path.length, this.#decidingLength);
+    for (let i = 1; i < end; i++) {
+      const code = path.charCodeAt(i);
+      if (code >= 0x41 && code <= 0x5a) return true;
+    }
+    return false;
+  }
+
+  #find(upperMethod: string, path: string, folded: boolean): Entry | null {
+    for (const entry of this.#entries) {
+      if (entry.route.method !== "*" && entry.route.method !== upperMethod) continue;
+      const prefix = folded ? entry.foldedPrefix : entry.prefix;
+      if (prefix === "" || (path.startsWith(prefix) && (path.length === prefix.length || path.charCodeAt(prefix.length) === SLASH))) return entry;
+    }
+    return null;
+  }
 }

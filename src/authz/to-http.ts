@@ -1,4 +1,4 @@
-import { identityHeaders, spoofedIdentityHeaders } from "./identity.js";
+import { headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
@@ -18,8 +18,7 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
     // Always present, empty for a key without a project: a proxy that copies a fixed list of
     // headers (Caddy's copy_headers) must not be left to copy a client-sent value or nothing.
     headers["x-keygate-project-id"] ??= "";
-    const remove = spoofedIdentityHeaders(clientHeaderNames, granted);
-    if (decision.credentialHeader !== "") remove.unshift(decision.credentialHeader);
+    const remove = headersToRemove(clientHeaderNames, granted, decision.credentialHeaders);
     // Envoy's HTTP ext_authz service reads this list and strips the headers before upstream.
     if (remove.length > 0) headers["x-envoy-auth-headers-to-remove"] = remove.join(",");
     if (decision.limits !== null) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers[k] = v;
@@ -52,8 +51,8 @@ export function unavailableAnswer(requestId: string): HttpAnswer {
   };
 }
 
-/** Statuses the denial echo will render; anything else is treated as a failure to decide. */
-const ECHO_STATUSES = new Set([401, 402, 403, 429, 503]);
+/** Statuses the denial echo will render (every denial's, and 503); anything else is a failure to decide. */
+const ECHO_STATUSES = new Set<number>([...Object.values(DENIALS).map((spec) => spec.httpStatus), 503]);
 
 /**
  * nginx's auth_request passes on only 2xx, 401 and 403 and drops the subrequest's body. When the

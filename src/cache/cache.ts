@@ -14,15 +14,47 @@ export interface LocalCache {
   readonly size: number;
 }
 
+/**
+ * Where the shared cache's invalidations stood when it was read. A snapshot read from the store
+ * after that read is written back with it, and refused if the key or its owner was invalidated
+ * in between (the store read may predate that change) or if the write comes too late to tell.
+ */
+export interface FillToken {
+  readonly generation: number;
+  readonly atMs: number;
+}
+
+/** One read of the shared cache: what it holds, and the token to fill it with a store read. */
+export interface SharedRead {
+  /** A snapshot, null for a cached miss, or undefined when nothing (trusted) is cached. */
+  value: KeySnapshot | null | undefined;
+  fill: FillToken;
+}
+
 /** A cache shared by replicas (Redis). Reads are asynchronous. */
 export interface SharedCache {
   get(hash: string): Promise<KeySnapshot | null | undefined>;
-  set(hash: string, snapshot: KeySnapshot): Promise<void>;
+  read(hash: string): Promise<SharedRead>;
+  /**
+   * Stores a snapshot. With `fill` (from a read made before the store read), only if no
+   * invalidation of the key or its owner came after that read; resolves false when refused.
+   * Without it, the snapshot is taken as current.
+   */
+  set(hash: string, snapshot: KeySnapshot, fill?: FillToken): Promise<boolean>;
   setMissing(hash: string): Promise<void>;
   invalidate(event: Invalidation): Promise<void>;
+  /**
+   * Stops trusting every entry written so far, for all replicas. Used when this replica could
+   * not hear invalidations for a while: one that failed to reach Redis then may have left a
+   * stale entry behind.
+   */
+  distrustEarlierEntries(): Promise<void>;
 }
 
-/** Tells every replica to drop cache entries. The local bus only reaches this process. */
+/**
+ * Tells every replica to drop cache entries. The local bus only reaches this process. A bus
+ * sends `{kind: "all"}` to its handlers whenever `connected` changes, either way.
+ */
 export interface InvalidationBus {
   /** False while this replica may be missing other replicas' invalidations. */
   readonly connected: boolean;

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import type { KeySnapshot, KeyStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
-import type { Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
+import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
 
 /** Receives cache results and backend timings (the metrics). */
 export interface LookupObserver {
@@ -28,18 +28,70 @@ export interface SnapshotLookupDeps {
 export const DISCONNECTED_TTL_MS = 1000;
 
 /**
+ * How long a Check waits for L2 before it reads the store instead. An L2 answer takes well under
+ * a millisecond; a Redis that takes this long is failing, and the store answers correctly.
+ */
+export const L2_TIMEOUT_MS = 250;
+
+/** How often invalidations that did not reach Redis are sent again, and how many may wait. */
+const INVALIDATION_RETRY_MS = 1000;
+const MAX_PENDING_INVALIDATIONS = 10_000;
+
+/** Rejects with a timeout error when `promise` has not settled within `ms`. */
+async function withDeadline<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} took longer than ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([promise, deadline]);
+  } finally {
+    clearTimeout(timer);
+    // The abandoned call settles later; its failure is already reported as the deadline's.
+    promise.catch(() => undefined);
+  }
+}
+
+function pendingId(event: Invalidation): string {
+  switch (event.kind) {
+    case "key":
+      return `k:${event.hash}`;
+    case "owner":
+      return `o:${event.ownerId}`;
+    case "all":
+      return "all";
+  }
+}
+
+/**
  * Finds a key's snapshot by hash: L1, then L2, then the store. Misses are cached too, so a
- * flood of well-formed fakes stops at the cache. An L2 failure degrades to the store; a store
- * failure propagates, because then the key cannot be decided.
+ * flood of well-formed fakes stops at the cache. Concurrent loads of one hash share one read.
+ * An L2 failure or delay degrades to the store; a store failure propagates, because then the
+ * key cannot be decided.
+ *
+ * While the bus is disconnected (including a Redis that stopped answering), L2 is neither read
+ * nor written, and L1 keeps snapshots for DISCONNECTED_TTL_MS only. When the bus comes back,
+ * L2 entries written before are distrusted (an invalidation may have failed to reach them)
+ * before L2 is used again.
  */
 export class SnapshotLookup {
   readonly #deps: SnapshotLookupDeps;
   readonly #observer: LookupObserver;
+  readonly #inflight = new Map<string, Promise<KeySnapshot | null>>();
+  /** Counts invalidations seen here: a read that began before one is answered but not cached. */
+  #epoch = 0;
+  /** Counts the bus's `all` events, and the count when L2 was last distrusted up to date. */
+  #busChanges = 0;
+  #l2TrustedAt = 0;
+  #distrusting: Promise<void> | null = null;
+  readonly #pending = new Map<string, Invalidation>();
+  #retryTimer: NodeJS.Timeout | undefined;
+  #retrying = false;
 
   constructor(deps: SnapshotLookupDeps) {
     this.#deps = deps;
     this.#observer = deps.observer ?? NO_OBSERVER;
-    deps.bus.subscribe((event) => deps.local.invalidate(event));
+    deps.bus.subscribe((event) => this.#dropLocal(event));
   }
 
   /** Synchronous L1 read: the cached-path answer, without a promise. */
@@ -49,32 +101,79 @@ export class SnapshotLookup {
     return cached;
   }
 
-  /** The slow path after an L1 miss. */
-  async load(hash: string): Promise<KeySnapshot | null> {
-    const { shared, store } = this.#deps;
+  /** The slow path after an L1 miss; callers loading the same hash at once share one read. */
+  load(hash: string): Promise<KeySnapshot | null> {
+    const inflight = this.#inflight.get(hash);
+    if (inflight !== undefined) return inflight;
+    const loading: Promise<KeySnapshot | null> = this.#load(hash).finally(() => {
+      if (this.#inflight.get(hash) === loading) this.#inflight.delete(hash);
+    });
+    this.#inflight.set(hash, loading);
+    return loading;
+  }
+
+  async #load(hash: string): Promise<KeySnapshot | null> {
+    const epoch = this.#epoch;
+    const { shared: configured, bus } = this.#deps;
+    let shared = configured !== undefined && bus.connected ? configured : undefined;
+    if (shared !== undefined && this.#l2TrustedAt !== this.#busChanges) shared = await this.#distrustEarlier(shared);
+    let fill: FillToken | undefined;
     if (shared !== undefined) {
-      const cached = await this.#sharedGet(shared, hash);
+      const cached = await this.#sharedRead(shared, hash);
       if (cached !== undefined) {
-        this.#remember(hash, cached);
-        return cached;
+        if (cached.value !== undefined) {
+          if (epoch === this.#epoch) this.#remember(hash, cached.value);
+          return cached.value;
+        }
+        fill = cached.fill;
       }
     }
-    const started = performance.now();
-    let snapshot: KeySnapshot | null;
-    try {
-      snapshot = await store.findSnapshotByHash(hash);
-    } catch (error) {
-      this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, false);
-      throw error;
-    }
-    this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
+    const snapshot = await this.#storeRead(hash);
+    // A change seen while this read was running may have come after it: answer, but keep nothing.
+    if (epoch !== this.#epoch) return snapshot;
     this.#remember(hash, snapshot);
-    if (shared !== undefined) {
-      const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot);
+    if (shared !== undefined && fill !== undefined) {
+      const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot, fill);
       // Filling L2 is best effort and off the answer's path.
       write.catch((error: unknown) => this.#deps.logger?.warn({ err: error }, "L2 cache write failed"));
     }
     return snapshot;
+  }
+
+  async #storeRead(hash: string): Promise<KeySnapshot | null> {
+    const started = performance.now();
+    try {
+      const snapshot = await this.#deps.store.findSnapshotByHash(hash);
+      this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
+      return snapshot;
+    } catch (error) {
+      this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, false);
+      throw error;
+    }
+  }
+
+  /**
+   * After the bus changed state, L2 is used again only once the entries written before are
+   * distrusted: a replica that could not hear invalidations cannot know which entries they would
+   * have deleted. Resolves to L2 when that is done, else to undefined (read the store).
+   */
+  async #distrustEarlier(shared: SharedCache): Promise<SharedCache | undefined> {
+    if (this.#distrusting === null) {
+      const upTo = this.#busChanges;
+      this.#distrusting = withDeadline(shared.distrustEarlierEntries(), L2_TIMEOUT_MS, "distrusting L2")
+        .then(
+          () => {
+            this.#l2TrustedAt = upTo;
+            this.#deps.logger?.info("L2 entries from before the invalidation channel came back are no longer trusted");
+          },
+          (error: unknown) => this.#deps.logger?.warn({ err: error }, "could not distrust earlier L2 entries; reading the store"),
+        )
+        .finally(() => {
+          this.#distrusting = null;
+        });
+    }
+    await this.#distrusting;
+    return this.#l2TrustedAt === this.#busChanges && this.#deps.bus.connected ? shared : undefined;
   }
 
   #remember(hash: string, snapshot: KeySnapshot | null): void {
@@ -83,12 +182,12 @@ export class SnapshotLookup {
     else this.#deps.local.set(hash, snapshot, ttlMs);
   }
 
-  async #sharedGet(shared: SharedCache, hash: string): Promise<KeySnapshot | null | undefined> {
+  async #sharedRead(shared: SharedCache, hash: string): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {
     const started = performance.now();
     try {
-      const cached = await shared.get(hash);
+      const cached = await withDeadline(shared.read(hash), L2_TIMEOUT_MS, "L2 read");
       this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, true);
-      this.#observer.cacheResult("l2", cached === undefined ? "miss" : cached === null ? "negative" : "hit");
+      this.#observer.cacheResult("l2", cached.value === undefined ? "miss" : cached.value === null ? "negative" : "hit");
       return cached;
     } catch (error) {
       this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, false);
@@ -97,18 +196,95 @@ export class SnapshotLookup {
     }
   }
 
+  /** Drops L1 entries for an event from this replica or another; reads in flight stop counting. */
+  #dropLocal(event: Invalidation): void {
+    this.#deps.local.invalidate(event);
+    this.#epoch += 1;
+    this.#inflight.clear();
+    if (event.kind === "all") this.#busChanges += 1;
+  }
+
   /**
-   * Drops entries everywhere: L2 first, then this replica's L1, then every other replica's L1
-   * through the bus. A failure is thrown so the admin call reports it and can be retried; the
-   * store change it follows has already been made.
+   * Drops entries everywhere: this replica's L1, then L2, then every other replica's L1 through
+   * the bus. When L2 or the bus cannot be told, the event is kept and sent again every second
+   * until it lands, and CacheUnavailableError is thrown: the store change it follows is made,
+   * and other replicas learn of it when Redis answers again (or, if they cannot hear it either,
+   * within their disconnected bound).
    */
   async invalidate(event: Invalidation): Promise<void> {
-    this.#deps.local.invalidate(event);
+    this.#dropLocal(event);
     try {
-      if (this.#deps.shared !== undefined) await this.#deps.shared.invalidate(event);
-      await this.#deps.bus.publish(event);
+      await this.#deliver(event);
     } catch (error) {
-      throw new CacheUnavailableError("the change is saved, but the shared cache could not be told; retry the call", { cause: error });
+      this.#keepForRetry(event, error);
+      throw new CacheUnavailableError("the change is saved; other replicas could not be told yet, and keygate keeps telling them until Redis answers", {
+        cause: error,
+      });
+    }
+  }
+
+  async #deliver(event: Invalidation): Promise<void> {
+    const { shared, bus } = this.#deps;
+    if (shared !== undefined) {
+      if (event.kind === "all") await shared.distrustEarlierEntries();
+      else await shared.invalidate(event);
+    }
+    await bus.publish(event);
+  }
+
+  #keepForRetry(event: Invalidation, error: unknown): void {
+    let kept = event;
+    if (this.#pending.size >= MAX_PENDING_INVALIDATIONS && !this.#pending.has(pendingId(event))) {
+      // Too many to track one by one: one `all` covers them (L2 distrusted, every L1 cleared).
+      this.#pending.clear();
+      kept = { kind: "all" };
+      this.#deps.logger?.error({ max: MAX_PENDING_INVALIDATIONS }, "too many invalidations waiting for Redis; will distrust all of L2 and clear every L1 instead");
+    }
+    this.#pending.set(pendingId(kept), kept);
+    this.#deps.logger?.warn(
+      { err: error, kind: kept.kind, ...(kept.kind === "owner" ? { ownerId: kept.ownerId } : {}), waiting: this.#pending.size },
+      "could not tell other replicas about a change; retrying until Redis answers",
+    );
+    if (this.#retryTimer === undefined) {
+      this.#retryTimer = setInterval(() => void this.#retryPending(), INVALIDATION_RETRY_MS);
+      this.#retryTimer.unref();
+    }
+  }
+
+  /** One pass over the waiting invalidations, oldest first; stops at the first failure. */
+  async #retryPending(): Promise<void> {
+    if (this.#retrying) return;
+    this.#retrying = true;
+    try {
+      for (const [id, event] of [...this.#pending]) {
+        await this.#deliver(event);
+        if (this.#pending.get(id) === event) this.#pending.delete(id);
+      }
+    } catch {
+      // Redis still fails; the next pass tries again.
+    } finally {
+      this.#retrying = false;
+    }
+    if (this.#pending.size === 0 && this.#retryTimer !== undefined) {
+      clearInterval(this.#retryTimer);
+      this.#retryTimer = undefined;
+      this.#deps.logger?.info("waiting invalidations reached the other replicas");
+    }
+  }
+
+  /** Invalidations still waiting for Redis. */
+  get pendingInvalidations(): number {
+    return this.#pending.size;
+  }
+
+  /** Stops retrying, after one last pass; what is still waiting is logged. */
+  async close(): Promise<void> {
+    if (this.#retryTimer === undefined) return;
+    clearInterval(this.#retryTimer);
+    this.#retryTimer = undefined;
+    await this.#retryPending();
+    if (this.#pending.size > 0) {
+      this.#deps.logger?.error({ waiting: this.#pending.size }, "invalidations never reached the other replicas; their caches expire within the cache TTL");
     }
   }
 }

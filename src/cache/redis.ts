@@ -1,9 +1,10 @@
+import { createHash } from "node:crypto";
 import { Redis } from "ioredis";
 import type { RedisOptions } from "ioredis";
 import type { Logger } from "pino";
 import { z } from "zod";
 import type { KeySnapshot } from "../store/store.js";
-import type { Invalidation, InvalidationBus, SharedCache } from "./cache.js";
+import type { FillToken, Invalidation, InvalidationBus, SharedCache, SharedRead } from "./cache.js";
 
 /**
  * ioredis options for the hot path: commands are auto-pipelined, fail fast instead of queueing
@@ -126,6 +127,97 @@ const invalidationSchema = z.discriminatedUnion("kind", [
 /** DEL arguments per command when dropping an owner's snapshots; keeps one command bounded. */
 const DELETE_BATCH = 500;
 
+/**
+ * How long after its cache read a store read may still be written to L2. Above a slow store
+ * read (MongoDB's lookup deadline is 1 s); a write held up longer (Redis frozen with it in the
+ * socket, a partition) is refused, since invalidations may have come and gone meanwhile.
+ */
+const FILL_WINDOW_MS = 5000;
+/** How long an invalidation keeps refusing fills read before it: well past FILL_WINDOW_MS. */
+const MARKER_TTL_SECONDS = 60;
+
+// L2 entries carry the invalidation generation they were read under: "<generation>|<json>".
+// `gen` counts invalidations; `floor` is the lowest generation still trusted. Older entries,
+// and entries without a generation (written by an earlier version), read as not cached.
+// KEYS: snapshot, miss marker, gen, floor.
+// Reply: status (0 nothing, 1 snapshot, 2 cached miss), snapshot JSON, generation, Redis time ms.
+const READ = `
+local gen = tonumber(redis.call('GET', KEYS[3]) or '0')
+local t = redis.call('TIME')
+local nowMs = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = redis.call('GET', KEYS[1])
+if v then
+  local sep = string.find(v, '|', 1, true)
+  local stamp = sep and tonumber(string.sub(v, 1, sep - 1))
+  if stamp and stamp >= tonumber(redis.call('GET', KEYS[4]) or '0') then
+    return {1, string.sub(v, sep + 1), gen, nowMs}
+  end
+  redis.call('DEL', KEYS[1])
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, '', gen, nowMs} end
+return {0, '', gen, nowMs}
+`;
+
+// Writes a snapshot read from the store, unless the key or its owner was invalidated after the
+// cache read that preceded the store read (its marker is newer), everything before some point
+// was distrusted since (floor), or the write comes more than the fill window after that read.
+// KEYS: snapshot, miss marker, owner index, gen, floor, key marker, owner marker.
+// ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL s, window ms, hash.
+const FILL = `
+local stamp = ARGV[1]
+if stamp == '' then
+  stamp = redis.call('GET', KEYS[4]) or '0'
+else
+  local g = tonumber(stamp)
+  if g < tonumber(redis.call('GET', KEYS[5]) or '0') then return 0 end
+  if tonumber(redis.call('GET', KEYS[6]) or '0') > g then return 0 end
+  if tonumber(redis.call('GET', KEYS[7]) or '0') > g then return 0 end
+  local t = redis.call('TIME')
+  local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
+  if age < 0 or age > tonumber(ARGV[5]) then return 0 end
+end
+redis.call('SET', KEYS[1], stamp .. '|' .. ARGV[3], 'EX', ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('SADD', KEYS[3], ARGV[6])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 1
+`;
+
+// Invalidates one key: a new generation, the key's marker at it, and its entries deleted.
+// KEYS: snapshot, miss marker, gen, key marker. ARGV: marker TTL s.
+const INVALIDATE_KEY = `
+local g = redis.call('INCR', KEYS[3])
+redis.call('SET', KEYS[4], g, 'EX', ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+return g
+`;
+
+// Invalidates every key of an owner, in one step so a fill cannot slip between listing the
+// owner's hashes and deleting them. KEYS: owner index, gen, owner marker.
+// ARGV: marker TTL s, snapshot key prefix, batch size.
+const INVALIDATE_OWNER = `
+local g = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[3], g, 'EX', ARGV[1])
+local hashes = redis.call('SMEMBERS', KEYS[1])
+local batch = tonumber(ARGV[3])
+for i = 1, #hashes, batch do
+  local keys = {}
+  for j = i, math.min(i + batch - 1, #hashes) do keys[#keys + 1] = ARGV[2] .. hashes[j] end
+  redis.call('DEL', unpack(keys))
+end
+redis.call('DEL', KEYS[1])
+return g
+`;
+
+// Distrusts every entry written so far. KEYS: gen, floor.
+const DISTRUST = `
+local g = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], g)
+return g
+`;
+
+const readReply = z.tuple([z.number(), z.string(), z.number(), z.number()]);
+
 /** TTLs and key prefix of the Redis L2. */
 export interface RedisCacheOptions {
   ttlSeconds: number;
@@ -135,49 +227,69 @@ export interface RedisCacheOptions {
 }
 
 /**
- * L2 in Redis: snapshots as JSON under `snap:<hash>`, cached misses under `miss:<hash>`, and a
- * set of hashes per owner under `owner:<ownerId>` so an account change can drop all of its
- * snapshots. A read is one MGET. Redis errors propagate; the caller decides how to degrade.
+ * L2 in Redis: snapshots under `snap:<hash>` (with the generation they were read under), cached
+ * misses under `miss:<hash>`, and a set of hashes per owner under `owner:<ownerId>` so an
+ * account change can drop all of its snapshots. A read is one script call. Redis errors
+ * propagate; the caller decides how to degrade.
  */
 export class RedisSharedCache implements SharedCache {
   readonly #redis: Redis;
   readonly #ttlSeconds: number;
   readonly #negativeTtlSeconds: number;
   readonly #prefix: string;
+  readonly #genKey: string;
+  readonly #floorKey: string;
+  readonly #sha = new Map<string, string>();
 
   constructor(redis: Redis, options: RedisCacheOptions) {
     this.#redis = redis;
     this.#ttlSeconds = options.ttlSeconds;
     this.#negativeTtlSeconds = options.negativeTtlSeconds;
     this.#prefix = options.keyPrefix ?? "kg:";
+    this.#genKey = `${this.#prefix}l2:gen`;
+    this.#floorKey = `${this.#prefix}l2:floor`;
+  }
+
+  async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
+    let sha = this.#sha.get(script);
+    if (sha === undefined) {
+      sha = createHash("sha1").update(script).digest("hex");
+      this.#sha.set(script, sha);
+    }
+    return this.#redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
+      if (!(error instanceof Error) || !error.message.startsWith("NOSCRIPT")) throw error;
+      return this.#redis.eval(script, keys.length, ...keys, ...args);
+    });
   }
 
   /** A snapshot, null for a cached miss, undefined when nothing (valid) is cached. */
   async get(hash: string): Promise<KeySnapshot | null | undefined> {
+    return (await this.read(hash)).value;
+  }
+
+  async read(hash: string): Promise<SharedRead> {
     const snapKey = this.#snapKey(hash);
-    const [snap, miss] = await this.#redis.mget(snapKey, this.#missKey(hash));
-    // A snapshot wins over a miss marker: a miss written late by a slow replica is older news.
-    if (snap !== null && snap !== undefined) {
-      const parsed = parseSnapshot(snap);
-      if (parsed !== undefined) return parsed;
-      await this.#redis.del(snapKey);
-      return undefined;
-    }
-    return miss === null || miss === undefined ? undefined : null;
+    const reply = readReply.safeParse(await this.#run(READ, [snapKey, this.#missKey(hash), this.#genKey, this.#floorKey], []));
+    if (!reply.success) throw new Error("unexpected reply from the L2 read script");
+    const [status, json, generation, atMs] = reply.data;
+    const fill: FillToken = { generation, atMs };
+    if (status === 2) return { value: null, fill };
+    if (status !== 1) return { value: undefined, fill };
+    const parsed = parseSnapshot(json);
+    if (parsed !== undefined) return { value: parsed, fill };
+    await this.#redis.del(snapKey);
+    return { value: undefined, fill };
   }
 
   /** Stores the snapshot, clears a miss marker and indexes the hash under its owner, atomically. */
-  async set(hash: string, snapshot: KeySnapshot): Promise<void> {
-    const ownerKey = this.#ownerKey(snapshot.account.ownerId);
-    const results = await this.#redis
-      .multi()
-      .set(this.#snapKey(hash), JSON.stringify(snapshot), "EX", this.#ttlSeconds)
-      .del(this.#missKey(hash))
-      .sadd(ownerKey, hash)
-      // Each write pushes the index's expiry past that of every snapshot it lists.
-      .expire(ownerKey, this.#ttlSeconds)
-      .exec();
-    throwFirstError(results);
+  async set(hash: string, snapshot: KeySnapshot, fill?: FillToken): Promise<boolean> {
+    const ownerId = snapshot.account.ownerId;
+    const written = await this.#run(
+      FILL,
+      [this.#snapKey(hash), this.#missKey(hash), this.#ownerKey(ownerId), this.#genKey, this.#floorKey, this.#keyMarker(hash), this.#ownerMarker(ownerId)],
+      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, JSON.stringify(snapshot), this.#ttlSeconds, FILL_WINDOW_MS, hash],
+    );
+    return written === 1;
   }
 
   /** Remembers that no key has this hash, for the negative TTL. */
@@ -186,30 +298,29 @@ export class RedisSharedCache implements SharedCache {
   }
 
   /**
-   * Deletes the entries of a key or of every key of an owner. `all` deletes nothing here: it is
-   * an L1-only signal (a replica that lost its subscription), and L2 entries stay valid because
-   * every change deletes them before it is published.
+   * Deletes the entries of a key or of every key of an owner, and refuses fills read before
+   * now. `all` deletes nothing here: it is an L1-only signal (a replica's bus went silent or came
+   * back); see distrustEarlierEntries for its L2 counterpart.
    */
   async invalidate(event: Invalidation): Promise<void> {
     switch (event.kind) {
       case "key":
-        await this.#redis.del(this.#snapKey(event.hash), this.#missKey(event.hash));
+        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS]);
         return;
       case "owner":
-        await this.#invalidateOwner(event.ownerId);
+        await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
+          MARKER_TTL_SECONDS,
+          `${this.#prefix}snap:`,
+          DELETE_BATCH,
+        ]);
         return;
       case "all":
         return;
     }
   }
 
-  async #invalidateOwner(ownerId: string): Promise<void> {
-    const ownerKey = this.#ownerKey(ownerId);
-    const hashes = await this.#redis.smembers(ownerKey);
-    const keys = [...hashes.map((hash) => this.#snapKey(hash)), ownerKey];
-    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
-      await this.#redis.del(...keys.slice(i, i + DELETE_BATCH));
-    }
+  async distrustEarlierEntries(): Promise<void> {
+    await this.#run(DISTRUST, [this.#genKey, this.#floorKey], []);
   }
 
   #snapKey(hash: string): string {
@@ -222,6 +333,14 @@ export class RedisSharedCache implements SharedCache {
 
   #ownerKey(ownerId: string): string {
     return `${this.#prefix}owner:${ownerId}`;
+  }
+
+  #keyMarker(hash: string): string {
+    return `${this.#prefix}l2:inv:k:${hash}`;
+  }
+
+  #ownerMarker(ownerId: string): string {
+    return `${this.#prefix}l2:inv:o:${ownerId}`;
   }
 }
 
@@ -247,45 +366,64 @@ function parseInvalidation(text: string): Invalidation | undefined {
   return result.success ? result.data : undefined;
 }
 
-/** MULTI reports a failed command inside its results rather than rejecting. */
-function throwFirstError(results: Array<[error: Error | null, result: unknown]> | null): void {
-  if (results === null) throw new Error("Redis transaction was aborted");
-  for (const [error] of results) if (error !== null) throw error;
-}
+/** How often the bus pings Redis over its subscriber connection. */
+export const HEARTBEAT_INTERVAL_MS = 500;
+/**
+ * How long the subscriber connection may stay silent before the bus counts itself
+ * disconnected. A frozen or hung Redis keeps its connections open and says nothing; this is
+ * how the bus notices. Revocation then reaches this replica within about this long.
+ */
+export const HEARTBEAT_SILENCE_MS = 2000;
 
-/** Channel and logger of the Redis invalidation bus. */
+/** Channel, logger and heartbeat of the Redis invalidation bus. */
 export interface RedisInvalidationBusOptions {
   /** Pub/sub channel shared by every replica; default "keygate:invalidate". */
   channel?: string;
   logger?: Logger;
+  /** Default HEARTBEAT_INTERVAL_MS. */
+  heartbeatIntervalMs?: number;
+  /** Default HEARTBEAT_SILENCE_MS. */
+  silenceLimitMs?: number;
 }
 
 /**
  * Cross-replica invalidation over Redis pub/sub. The bus borrows both connections: the caller
  * opens them, and closes them after `close()`. `subscriber` must be ready before `start()` and
- * is used for nothing else, since a subscribed connection cannot run other commands. When the
- * subscription drops, and again once it is back, handlers get `{kind: "all"}`: invalidations
- * sent in between were missed.
+ * is used for nothing else but its own pings, since a subscribed connection cannot run other
+ * commands. The bus is connected while its subscription is confirmed and Redis has answered on
+ * that connection within the silence limit. When that stops (the connection drops, or Redis
+ * stops answering: frozen, hung, partitioned), and again once it is back, handlers get
+ * `{kind: "all"}`: invalidations sent in between may have been missed.
  */
 export class RedisInvalidationBus implements InvalidationBus {
   readonly #publisher: Redis;
   readonly #subscriber: Redis;
   readonly #channel: string;
   readonly #logger: Logger | undefined;
+  readonly #heartbeatIntervalMs: number;
+  readonly #silenceLimitMs: number;
   readonly #handlers: Array<(event: Invalidation) => void> = [];
   #connected = false;
   #listening = false;
+  /** The subscription is confirmed on the current connection. */
+  #subscribed = false;
+  /** When Redis last answered on the subscriber connection (performance.now()). */
+  #lastHeardMs = 0;
+  #pinging = false;
+  #heartbeat: NodeJS.Timeout | undefined;
 
   /** The third argument may still be a bare logger (the earlier signature). */
   constructor(publisher: Redis, subscriber: Redis, options: RedisInvalidationBusOptions | Logger = {}) {
-    const { channel, logger } = "info" in options ? { channel: undefined, logger: options } : options;
+    const settings: RedisInvalidationBusOptions = "info" in options ? { logger: options } : options;
     this.#publisher = publisher;
     this.#subscriber = subscriber;
-    this.#channel = channel ?? "keygate:invalidate";
-    this.#logger = logger;
+    this.#channel = settings.channel ?? "keygate:invalidate";
+    this.#logger = settings.logger;
+    this.#heartbeatIntervalMs = settings.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS;
+    this.#silenceLimitMs = settings.silenceLimitMs ?? HEARTBEAT_SILENCE_MS;
   }
 
-  /** True while the subscription is live; while false, this replica may miss invalidations. */
+  /** True while the subscription is live and answering; while false, this replica may miss invalidations. */
   get connected(): boolean {
     return this.#connected;
   }
@@ -298,7 +436,11 @@ export class RedisInvalidationBus implements InvalidationBus {
     this.#subscriber.on("close", this.#onDrop);
     this.#subscriber.on("ready", this.#onReady);
     await this.#subscriber.subscribe(this.#channel);
+    this.#subscribed = true;
+    this.#lastHeardMs = performance.now();
     this.#connected = true;
+    this.#heartbeat = setInterval(this.#beat, this.#heartbeatIntervalMs);
+    this.#heartbeat.unref();
   }
 
   /** Sends the event to every replica's handlers, this one's included. */
@@ -315,6 +457,9 @@ export class RedisInvalidationBus implements InvalidationBus {
     const wasListening = this.#listening;
     this.#listening = false;
     this.#connected = false;
+    this.#subscribed = false;
+    if (this.#heartbeat !== undefined) clearInterval(this.#heartbeat);
+    this.#heartbeat = undefined;
     this.#handlers.length = 0;
     this.#subscriber.off("message", this.#onMessage);
     this.#subscriber.off("close", this.#onDrop);
@@ -330,6 +475,7 @@ export class RedisInvalidationBus implements InvalidationBus {
 
   readonly #onMessage = (channel: string, message: string): void => {
     if (channel !== this.#channel) return;
+    this.#lastHeardMs = performance.now();
     const event = parseInvalidation(message);
     if (event === undefined) {
       this.#logger?.warn({ channel, length: message.length }, "ignored a malformed invalidation message");
@@ -338,15 +484,34 @@ export class RedisInvalidationBus implements InvalidationBus {
     this.#emit(event);
   };
 
+  /**
+   * One heartbeat: a PING on the subscriber connection (at most one outstanding; ioredis's
+   * command timeout ends one that gets no answer), then a look at how long Redis has been silent.
+   */
+  readonly #beat = (): void => {
+    if (this.#subscribed && !this.#pinging && this.#subscriber.status === "ready") {
+      this.#pinging = true;
+      this.#subscriber.ping().then(
+        () => {
+          this.#pinging = false;
+          this.#lastHeardMs = performance.now();
+          this.#update();
+        },
+        () => {
+          this.#pinging = false;
+        },
+      );
+    }
+    this.#update();
+  };
+
   readonly #onDrop = (): void => {
-    if (!this.#connected) return;
-    this.#connected = false;
-    this.#logger?.warn({ channel: this.#channel }, "invalidation subscription lost; clearing L1");
-    this.#emit({ kind: "all" });
+    this.#subscribed = false;
+    this.#update();
   };
 
   readonly #onReady = (): void => {
-    if (this.#connected || !this.#listening) return;
+    if (this.#subscribed || !this.#listening) return;
     void this.#resubscribe();
   };
 
@@ -362,9 +527,28 @@ export class RedisInvalidationBus implements InvalidationBus {
       this.#logger?.warn({ err: error }, "re-subscribing to invalidations failed");
       return;
     }
-    if (this.#connected || !this.#listening) return;
-    this.#connected = true;
-    this.#logger?.info({ channel: this.#channel }, "invalidation subscription restored; clearing L1");
+    if (this.#subscribed || !this.#listening) return;
+    this.#subscribed = true;
+    this.#lastHeardMs = performance.now();
+    this.#update();
+  }
+
+  /** Moves `connected` to what the subscription and the last answer say; every change clears L1 everywhere here. */
+  #update(): void {
+    const silentMs = performance.now() - this.#lastHeardMs;
+    const healthy = this.#listening && this.#subscribed && silentMs <= this.#silenceLimitMs;
+    if (healthy === this.#connected) return;
+    this.#connected = healthy;
+    if (healthy) {
+      this.#logger?.info({ channel: this.#channel }, "invalidation channel answering again; clearing L1");
+    } else if (!this.#subscribed) {
+      this.#logger?.warn({ channel: this.#channel }, "invalidation subscription lost; clearing L1 and reading keys from the store until it is back");
+    } else {
+      this.#logger?.warn(
+        { channel: this.#channel, silentMs: Math.round(silentMs) },
+        "Redis stopped answering on the invalidation channel; clearing L1 and reading keys from the store until it answers",
+      );
+    }
     this.#emit({ kind: "all" });
   }
 

@@ -37,8 +37,14 @@ export interface Meter {
   charge(input: ChargeInput): ChargeResult | Promise<ChargeResult>;
   /** Where the caller stands, charging nothing: for refusals that happen before the limits step. */
   peek(input: ChargeInput): ChargeResult | Promise<ChargeResult>;
-  /** Tells the live counters about a top-up already written to the store. */
-  addCredits(ownerId: string, amount: number): Promise<void>;
+  /**
+   * Tells the live counters about a top-up already written to the store: `topupTotal` is the
+   * account's top-up total (CreditState.topupTotal) after it. Counters that reflect a lower total
+   * add the difference; any other call does nothing, so a repeat, a late call or one before the
+   * balance was loaded can neither count a top-up twice nor lose it. Never rejects: a counter it
+   * cannot reach is retried in the background.
+   */
+  addCredits(ownerId: string, topupTotal: number): Promise<void>;
   /** The live credit state, if this meter holds it. */
   credits(ownerId: string, nowMs: number, monthlyCredits: number | null): Promise<{ monthlyUsed: number; topupBalance: number; period: string } | null>;
   close(): Promise<void>;
@@ -147,5 +153,5 @@ export function applyCreditDelta(
   const topupBalance = state.topupBalance - topup;
   if (state.period === period) return { period, monthlyUsed: state.monthlyUsed + monthly, topupBalance };
   if (state.period < period) return { period, monthlyUsed: monthly, topupBalance };
-  return { ...state, topupBalance };
+  return { period: state.period, monthlyUsed: state.monthlyUsed, topupBalance };
 }

@@ -8,6 +8,8 @@ interface CreditCell {
   period: string;
   monthlyUsed: number;
   topupBalance: number;
+  /** The store's top-up total this balance includes (CreditState.topupTotal). */
+  seenTotal: number;
 }
 
 const MAX_ENTRIES = 1_000_000;
@@ -88,16 +90,35 @@ export class MemoryMeter implements Meter {
           const stored = rows.reduce((sum, row) => sum + (row.outcome === "ALLOWED" ? row.count : 0), 0);
           if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day) });
         }
-        if (credits && !this.#credits.has(ownerId)) {
-          const stored = await this.store.getCredits(ownerId);
-          const period = this.#calendar.month(nowMs);
-          const unflushed = this.usage.pendingSpend(ownerId, period);
-          if (!this.#credits.has(ownerId)) this.#credits.set(ownerId, applyCreditDelta(stored, period, unflushed.monthly, unflushed.topup));
-        }
+        if (credits && !this.#credits.has(ownerId)) await this.#seedCredits(ownerId, this.#calendar.month(nowMs));
       })().finally(() => this.#seeding.delete(id));
       this.#seeding.set(id, pending);
     }
     return pending;
+  }
+
+  /**
+   * Loads a balance: the store's, less what this process spent and has not flushed. A top-up
+   * whose addCredits ran before the cell existed changed nothing here, so the top-up total is
+   * read again once the cell is in place and any difference is added.
+   */
+  async #seedCredits(ownerId: string, period: string): Promise<void> {
+    const { stored, unflushed } = await this.usage.withoutFlush(async () => {
+      const state = await this.store.getCredits(ownerId);
+      return { stored: state, unflushed: this.usage.pendingSpend(ownerId, period) };
+    });
+    if (this.#credits.has(ownerId)) return;
+    this.#credits.set(ownerId, { ...applyCreditDelta(stored, period, unflushed.monthly, unflushed.topup), seenTotal: stored.topupTotal });
+    const after = await this.store.getCredits(ownerId);
+    this.#catchUp(ownerId, after.topupTotal);
+  }
+
+  /** Adds top-ups this cell does not include yet; a total it already reflects changes nothing. */
+  #catchUp(ownerId: string, topupTotal: number): void {
+    const cell = this.#credits.get(ownerId);
+    if (cell === undefined || topupTotal <= cell.seenTotal) return;
+    cell.topupBalance += topupTotal - cell.seenTotal;
+    cell.seenTotal = topupTotal;
   }
 
   #evaluate(input: ChargeInput, quotaKey: string): ChargeResult {
@@ -130,8 +151,10 @@ export class MemoryMeter implements Meter {
     let spend: ReturnType<typeof spendCredits> = null;
     const period = this.#calendar.month(nowMs);
     if (input.monthlyCredits !== null) {
-      cell = this.#credits.get(input.ownerId) ?? { period, monthlyUsed: 0, topupBalance: 0 };
-      if (cell.period !== period) cell = applyCreditDelta(cell, period, 0, 0);
+      // No cell only after an eviction between seeding and this charge: it then counts from zero
+      // and takes no later top-up (an infinite total), so it can undercount but never overcount.
+      cell = this.#credits.get(input.ownerId) ?? { period, monthlyUsed: 0, topupBalance: 0, seenTotal: Number.POSITIVE_INFINITY };
+      if (cell.period !== period) cell = { ...applyCreditDelta(cell, period, 0, 0), seenTotal: cell.seenTotal };
       spend = spendCredits(cell, input.monthlyCredits, input.cost);
       if (spend === null) {
         result.credits = { balance: Math.max(0, input.monthlyCredits - cell.monthlyUsed) + Math.max(0, cell.topupBalance) };
@@ -146,7 +169,7 @@ export class MemoryMeter implements Meter {
       result.quota.remaining -= 1;
     }
     if (cell !== undefined && spend !== null) {
-      this.#credits.set(input.ownerId, applyCreditDelta(cell, period, spend.monthly, spend.topup));
+      this.#credits.set(input.ownerId, { ...applyCreditDelta(cell, period, spend.monthly, spend.topup), seenTotal: cell.seenTotal });
       result.credits = { balance: spend.balanceAfter };
       result.spent = { period, monthly: spend.monthly, topup: spend.topup };
     }
@@ -163,12 +186,11 @@ export class MemoryMeter implements Meter {
     return result;
   }
 
-  async addCredits(ownerId: string, amount: number): Promise<void> {
-    const cell = this.#credits.get(ownerId);
-    if (cell !== undefined) cell.topupBalance += amount;
+  async addCredits(ownerId: string, topupTotal: number): Promise<void> {
+    this.#catchUp(ownerId, topupTotal);
   }
 
-  async credits(ownerId: string, nowMs: number): Promise<CreditCell | null> {
+  async credits(ownerId: string, nowMs: number): Promise<{ period: string; monthlyUsed: number; topupBalance: number } | null> {
     const cell = this.#credits.get(ownerId);
     if (cell === undefined) return null;
     return applyCreditDelta(cell, this.#calendar.month(nowMs), 0, 0);

@@ -12,7 +12,9 @@ import type { UsageRecorder } from "./usage.js";
 // charged together only when all pass. Same arithmetic as limits.ts.
 // KEYS: rate bucket, quota counter, credit hash.
 // ARGV: now ms, window ms, limit, quota (-1 none), quota lifetime ms, metered (0/1), allowance, period, cost,
-//       dry run (1: report the state and write nothing).
+//       dry run (1: report the state and write nothing), credit idle lifetime ms.
+// A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
+// earlier version) is reported as not loaded and seeded again.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up.
 const CHARGE = `
@@ -32,7 +34,7 @@ if ARGV[10] == '1' then
   local usedNow = 0
   if tonumber(ARGV[4]) >= 0 then usedNow = tonumber(redis.call('GET', KEYS[2]) or '0') end
   local balanceNow = -1
-  if ARGV[6] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+  if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[3], 'seen') == 1 then
     local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
     local monthlyUsed = tonumber(c[2] or '0')
     if (c[1] or '') < ARGV[8] then monthlyUsed = 0 end
@@ -56,7 +58,7 @@ local balance = -1
 local spendMonthly = 0
 local spendTopup = 0
 if ARGV[6] == '1' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then return {4, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
+  if redis.call('HEXISTS', KEYS[3], 'seen') == 0 then return {4, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
   local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
   local period = c[1] or ''
   local monthlyUsed = tonumber(c[2] or '0')
@@ -74,6 +76,7 @@ if ARGV[6] == '1' then
   spendTopup = cost - spendMonthly
   balance = balance - cost
   redis.call('HSET', KEYS[3], 'period', period, 'monthly_used', monthlyUsed + spendMonthly, 'topup', topup - spendTopup)
+  redis.call('PEXPIRE', KEYS[3], ARGV[11])
 end
 redis.call('SET', KEYS[1], string.format('%.4f', nextTat), 'PX', resetMs + 1000)
 if quota >= 0 then
@@ -83,22 +86,44 @@ end
 return {0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup}
 `;
 
-// Loads an account's credit state from the store, unless another replica already did.
+// Loads an account's credit state read from the store, unless another replica already did.
+// `seen` is the store's top-up total (CreditState.topupTotal) the balance includes; it is
+// written in the same command as every other field, so its presence means the whole hash is
+// there. A hash without it is replaced whole. The hash lives while the account is charged and expires once it has
+// been idle for the idle lifetime, by when every replica has flushed its spend: the next
+// charge then reloads it from the store, so a wrong balance does not last forever.
+// KEYS: credit hash. ARGV: period, monthly used, top-up balance, top-up total, idle lifetime ms.
 const SEED = `
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'period', ARGV[1], 'monthly_used', ARGV[2], 'topup', ARGV[3])
+if redis.call('HEXISTS', KEYS[1], 'seen') == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'period', ARGV[1], 'monthly_used', ARGV[2], 'topup', ARGV[3], 'seen', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 `;
 
-// A top-up reaches a loaded balance; an unloaded one reads the store, which already has it.
+// Brings a loaded balance up to a top-up total: adds what it has not seen, and nothing twice.
+// An unloaded balance is left alone: whoever loads it reads the total again after seeding it.
+// KEYS: credit hash. ARGV: top-up total. Reply: 0 not loaded, 1 already included, 2 added.
 const ADD = `
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'topup', ARGV[1])
-return 1
+local seen = redis.call('HGET', KEYS[1], 'seen')
+if not seen then return 0 end
+local gap = tonumber(ARGV[1]) - tonumber(seen)
+if gap <= 0 then return 1 end
+redis.call('HINCRBY', KEYS[1], 'topup', gap)
+redis.call('HSET', KEYS[1], 'seen', ARGV[1])
+return 2
 `;
 
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
 const QUOTA_KEEP_MS = 86_400_000;
+/**
+ * Least idle lifetime of a credit hash; it is also at least three usage flush intervals, so a
+ * reload from the store after it expired finds every replica's spend flushed.
+ */
+const CREDIT_IDLE_MIN_MS = 3_600_000;
+/** How often a top-up that did not reach Redis is tried again, and how many wait at most. */
+const TOPUP_RETRY_MS = 1000;
+const MAX_UNSYNCED_TOPUPS = 100_000;
 
 /** What to do when Redis fails: count in-process, let through uncharged, or refuse to decide. */
 export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
@@ -107,6 +132,10 @@ export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
 export class RedisMeter implements Meter {
   readonly #calendar = new UtcCalendar();
   readonly #sha = new Map<string, string>();
+  /** Top-up totals Redis has not confirmed, by owner, oldest first. */
+  readonly #unsynced = new Map<string, number>();
+  #retryTimer: NodeJS.Timeout | undefined;
+  #retrying = false;
 
   constructor(
     private readonly redis: Redis,
@@ -170,6 +199,7 @@ export class RedisMeter implements Meter {
         period,
         input.cost,
         dryRun ? 1 : 0,
+        this.#creditIdleMs,
       ],
     );
     if (!Array.isArray(reply) || reply.length !== 8 || !reply.every((v): v is number => typeof v === "number")) {
@@ -198,16 +228,31 @@ export class RedisMeter implements Meter {
     };
   }
 
+  get #creditIdleMs(): number {
+    return Math.max(CREDIT_IDLE_MIN_MS, 3 * this.usage.flushIntervalMs);
+  }
+
   /**
    * Seeds Redis with the store's balance minus what this replica spent and has not flushed.
    * Credits other replicas spent in their last flush interval are not in it: that is the
    * bound of what a lost Redis can give back.
+   *
+   * A top-up racing the seed cannot be lost or doubled: the seed records the top-up total it
+   * read, so a top-up it already includes is not added again when its ADD comes later; and an
+   * ADD that came first found nothing loaded, so the total is read again after the seed and the
+   * difference added. (That ADD was sent after its store write, and this read follows the seed,
+   * which Redis ran after the ADD: the read sees the write.)
    */
   async #loadCredits(ownerId: string, period: string): Promise<void> {
-    const stored = await this.store.getCredits(ownerId);
-    const unflushed = this.usage.pendingSpend(ownerId, period);
+    const key = `${this.prefix}c:${ownerId}`;
+    const { stored, unflushed } = await this.usage.withoutFlush(async () => {
+      const state = await this.store.getCredits(ownerId);
+      return { stored: state, unflushed: this.usage.pendingSpend(ownerId, period) };
+    });
     const state = applyCreditDelta(stored, period, unflushed.monthly, unflushed.topup);
-    await this.#run(SEED, [`${this.prefix}c:${ownerId}`], [state.period, state.monthlyUsed, state.topupBalance]);
+    await this.#run(SEED, [key], [state.period, state.monthlyUsed, state.topupBalance, stored.topupTotal, this.#creditIdleMs]);
+    const after = await this.store.getCredits(ownerId);
+    if (after.topupTotal > stored.topupTotal) await this.#run(ADD, [key], [after.topupTotal]);
   }
 
   async #degrade(input: ChargeInput, error: unknown): Promise<ChargeResult> {
@@ -225,18 +270,74 @@ export class RedisMeter implements Meter {
     };
   }
 
-  async addCredits(ownerId: string, amount: number): Promise<void> {
-    await this.#run(ADD, [`${this.prefix}c:${ownerId}`], [amount]);
-    await this.fallback.addCredits(ownerId, amount);
+  async addCredits(ownerId: string, topupTotal: number): Promise<void> {
+    await this.fallback.addCredits(ownerId, topupTotal);
+    try {
+      await this.#run(ADD, [`${this.prefix}c:${ownerId}`], [topupTotal]);
+    } catch (error) {
+      this.#queueTopup(ownerId, topupTotal, error);
+    }
+  }
+
+  /**
+   * Keeps a top-up total Redis did not take, to send again until it does. The top-up is in the
+   * store already, so AddCredits has succeeded; ADD is idempotent, so a late first attempt
+   * landing as well does no harm.
+   */
+  #queueTopup(ownerId: string, topupTotal: number, error: unknown): void {
+    const queued = this.#unsynced.get(ownerId);
+    this.#unsynced.delete(ownerId);
+    this.#unsynced.set(ownerId, Math.max(queued ?? 0, topupTotal));
+    if (queued === undefined) this.logger.warn({ err: error, ownerId }, "a top-up did not reach Redis; retrying until it does");
+    if (this.#unsynced.size > MAX_UNSYNCED_TOPUPS) {
+      const [oldest] = this.#unsynced.keys();
+      if (oldest !== undefined) {
+        this.#unsynced.delete(oldest);
+        this.logger.error({ ownerId: oldest }, "gave up telling Redis about a top-up: the balance there catches up at the next top-up or reload");
+      }
+    }
+    if (this.#retryTimer === undefined) {
+      this.#retryTimer = setInterval(() => void this.#retryTopups(), TOPUP_RETRY_MS);
+      this.#retryTimer.unref();
+    }
+  }
+
+  /** One pass over the waiting top-ups, oldest first; stops at the first failure. */
+  async #retryTopups(): Promise<void> {
+    if (this.#retrying) return;
+    this.#retrying = true;
+    try {
+      for (const [ownerId, topupTotal] of [...this.#unsynced]) {
+        await this.#run(ADD, [`${this.prefix}c:${ownerId}`], [topupTotal]);
+        if (this.#unsynced.get(ownerId) === topupTotal) this.#unsynced.delete(ownerId);
+      }
+    } catch {
+      // Redis still fails; the next pass tries again.
+    } finally {
+      this.#retrying = false;
+    }
+    if (this.#unsynced.size === 0 && this.#retryTimer !== undefined) {
+      clearInterval(this.#retryTimer);
+      this.#retryTimer = undefined;
+      this.logger.info("waiting top-ups reached Redis");
+    }
   }
 
   async credits(ownerId: string, nowMs: number): Promise<{ period: string; monthlyUsed: number; topupBalance: number } | null> {
-    const [period, monthlyUsed, topup] = await this.redis.hmget(`${this.prefix}c:${ownerId}`, "period", "monthly_used", "topup");
-    if (period === null || period === undefined) return null;
+    const [period, monthlyUsed, topup, seen] = await this.redis.hmget(`${this.prefix}c:${ownerId}`, "period", "monthly_used", "topup", "seen");
+    if (period === null || period === undefined || seen === null || seen === undefined) return null;
     return applyCreditDelta({ period, monthlyUsed: Number(monthlyUsed ?? 0), topupBalance: Number(topup ?? 0) }, this.#calendar.month(nowMs), 0, 0);
   }
 
   async close(): Promise<void> {
+    if (this.#retryTimer !== undefined) {
+      clearInterval(this.#retryTimer);
+      this.#retryTimer = undefined;
+      await this.#retryTopups();
+      if (this.#unsynced.size > 0) {
+        this.logger.error({ owners: this.#unsynced.size }, "top-ups not yet in Redis at shutdown: those balances catch up at their next top-up or reload from the store");
+      }
+    }
     await this.fallback.close();
   }
 }

@@ -11,13 +11,34 @@ export class UsageRecorder {
   #usage = new Map<string, UsageDelta>();
   #credits = new Map<string, CreditDelta>();
   readonly #writer: WriteBehind;
+  /** The batch being written, while it is. */
+  #writing: Promise<void> | null = null;
+  /** Reads running under withoutFlush, and the flush waiting for them to end. */
+  #readers = 0;
+  #readersDone: Array<() => void> = [];
 
   constructor(
     private readonly store: KeyStore,
     private readonly logger: Logger,
-    flushIntervalMs: number,
+    readonly flushIntervalMs: number,
   ) {
     this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs);
+  }
+
+  /**
+   * Runs `read` (a store read of credits) while no batch is being written, so the store's answer
+   * and pendingSpend() agree: each spent credit is in exactly one of them. A batch written during
+   * the read could be in both (counted twice) or, when the read came first, in neither.
+   */
+  async withoutFlush<T>(read: () => Promise<T>): Promise<T> {
+    while (this.#writing !== null) await this.#writing;
+    this.#readers += 1;
+    try {
+      return await read();
+    } finally {
+      this.#readers -= 1;
+      if (this.#readers === 0) for (const wake of this.#readersDone.splice(0)) wake();
+    }
   }
 
   /** Counts one request of `keyId` on `day` with `outcome` ("ALLOWED" or a denial code). */
@@ -87,10 +108,22 @@ export class UsageRecorder {
 
   async #flushOnce(): Promise<void> {
     if (this.#usage.size === 0 && this.#credits.size === 0) return;
+    while (this.#readers > 0) await new Promise<void>((resolve) => this.#readersDone.push(resolve));
     const usage = this.#usage;
     const credits = this.#credits;
     this.#usage = new Map();
     this.#credits = new Map();
+    const writing = this.#write(usage, credits);
+    this.#writing = writing;
+    try {
+      await writing;
+    } finally {
+      this.#writing = null;
+    }
+  }
+
+  /** Adds one batch to the store; never rejects, since a failed batch goes back into the maps. */
+  async #write(usage: Map<string, UsageDelta>, credits: Map<string, CreditDelta>): Promise<void> {
     try {
       await this.store.applyUsage([...usage.values()], [...credits.values()]);
     } catch (error) {

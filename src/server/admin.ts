@@ -1,16 +1,21 @@
 import { createServer as createHttp1Server } from "node:http";
-import type { IncomingMessage, ServerResponse } from "node:http";
-import { createServer as createHttp2Server } from "node:http2";
-import type { Http2ServerRequest, Http2ServerResponse, Http2Session } from "node:http2";
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
+import { constants as http2Constants, createServer as createHttp2Server } from "node:http2";
+import type { Http2ServerRequest, Http2ServerResponse, Http2Session, ServerHttp2Stream } from "node:http2";
 import { createServer as createNetServer } from "node:net";
 import type { Socket } from "node:net";
-import { createContextValues } from "@connectrpc/connect";
+import { Code, ConnectError, createContextValues } from "@connectrpc/connect";
 import type { ConnectRouter } from "@connectrpc/connect";
+import { codeToHttpStatus, errorToJson } from "@connectrpc/connect/protocol-connect";
+import { contentTypeRegExp as grpcContentType, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { contentTypeRegExp as grpcWebContentType } from "@connectrpc/connect/protocol-grpc-web";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
-import { AuthFailureLimiter } from "../admin/auth.js";
+import { AdminGate } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
-import { adminAuthInterceptor, sourceAddressKey } from "../admin/handlers.js";
+import { adminAuthInterceptor, adminIdentityKey, sourceAddressKey } from "../admin/handlers.js";
+import { awaitOpening, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
@@ -25,26 +30,105 @@ export interface AdminServerDeps {
   logger: Logger;
   /** Extra readiness probe (the store's ping); a throw means not ready. */
   probe: () => Promise<void>;
+  /** Largest request message, as sent and after decompression. */
+  maxBodyBytes: number;
+  limits: ListenerLimits;
 }
 
 type AnyRequest = IncomingMessage | Http2ServerRequest;
 type AnyResponse = ServerResponse | Http2ServerResponse;
 
-// The client connection preface of cleartext HTTP/2 starts with these bytes.
-const H2_PREFACE_START = "PRI";
+// Concurrent streams one admin HTTP/2 connection may open; each may hold a flow-control window of body.
+const MAX_CONCURRENT_STREAMS = 100;
+// After an answer that leaves request bytes unread, how long an HTTP/1.1 connection is kept
+// half-closed, discarding input, so that the answer is not lost to a TCP reset (RFC 9112 §9.6).
+const LINGER_MS = 2000;
+
+/** The body size a request declares, or null when it declares none (chunked, or HTTP/2). */
+function declaredLength(req: AnyRequest): number | null {
+  const value = req.headers["content-length"];
+  return value !== undefined && /^\d{1,15}$/.test(value) ? Number(value) : null;
+}
+
+function isHttp2(req: AnyRequest): req is Http2ServerRequest {
+  return "stream" in req;
+}
+
+/**
+ * Half-closes an HTTP/1.1 connection whose request was not read to the end, discards what
+ * still arrives for a moment, then closes it, rather than reading an unbounded body through.
+ */
+function lingeringClose(socket: Socket): void {
+  if (socket.destroyed) return;
+  socket.end();
+  socket.resume();
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once("close", () => clearTimeout(timer));
+}
+
+/**
+ * Answers a KeyAdmin call with an error without reading its body, in the caller's protocol:
+ * gRPC and gRPC-Web as a trailers-only response (grpc-status in the headers), Connect as the
+ * JSON error with its HTTP status. The request's stream is then reset (HTTP/2) or its
+ * connection closed (HTTP/1.1), so an unread body is never drained.
+ */
+function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string): void {
+  const contentType = req.headers["content-type"] ?? "";
+  const error = new ConnectError(message, code);
+  let status: number;
+  let headers: OutgoingHttpHeaders;
+  let body: string;
+  if (grpcContentType.test(contentType) || grpcWebContentType.test(contentType)) {
+    status = 200;
+    headers = { "content-type": contentType };
+    setTrailerStatus(new Headers(), error).forEach((value, name) => (headers[name] = value));
+    body = "";
+  } else {
+    status = codeToHttpStatus(code);
+    headers = { "content-type": "application/json" };
+    body = JSON.stringify(errorToJson(error, undefined));
+  }
+  if (isHttp2(req)) {
+    const stream: ServerHttp2Stream = req.stream;
+    if (stream.destroyed || stream.headersSent) return;
+    stream.respond({ ":status": status, ...headers }, { endStream: body === "" });
+    if (body !== "") stream.end(body);
+    // RFC 9113 §8.1: once answered, the server may tell the client to stop sending with NO_ERROR.
+    if (!stream.endAfterHeaders) stream.close(http2Constants.NGHTTP2_NO_ERROR);
+    return;
+  }
+  // Node ends a "Connection: close" answer with destroySoon(), which closes the socket with the
+  // body still arriving: the kernel then resets the connection and the client may lose the
+  // answer. A lingering close half-closes instead and discards input for a bounded moment.
+  const socket = req.socket;
+  socket.destroySoon = () => lingeringClose(socket);
+  res.writeHead(status, { ...headers, connection: "close" });
+  res.end(body);
+}
 
 /**
  * Builds the admin listener: KeyAdmin over Connect (gRPC, gRPC-Web and JSON), plus /healthz,
  * /readyz and /metrics. HTTP/1.1 and cleartext HTTP/2 share one port: the first bytes of a
- * connection pick the server.
+ * connection pick the server. A KeyAdmin call is admitted (failed-login limit, then token) and
+ * its declared size checked before a byte of its body is read.
  */
 export function createAdminServer(deps: AdminServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
+  const { limits, logger, maxBodyBytes } = deps;
+  const gate = new AdminGate(deps.auth);
+  // The token id of each admitted request, for the handlers' audit entries.
+  const admitted = new WeakMap<AnyRequest, string>();
   const connect = connectNodeAdapter({
     routes: deps.routes,
-    interceptors: [adminAuthInterceptor(deps.auth, new AuthFailureLimiter(), deps.logger)],
+    interceptors: [adminAuthInterceptor(gate, logger)],
     // Unknown JSON keys ("__proto__", "constructor", typos) are refused rather than dropped.
     jsonOptions: { ignoreUnknownFields: false },
-    contextValues: (req) => createContextValues().set(sourceAddressKey, req.socket.remoteAddress ?? ""),
+    // Bounds the body as read and each message after decompression: inflating stops at the limit.
+    readMaxBytes: maxBodyBytes,
+    contextValues: (req) =>
+      createContextValues()
+        .set(sourceAddressKey, req.socket.remoteAddress ?? "")
+        .set(adminIdentityKey, admitted.get(req) ?? ""),
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {
@@ -52,15 +136,43 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     res.end(body);
   }
 
-  function handle(req: AnyRequest, res: AnyResponse): void {
-    const path = (req.url ?? "/").split("?")[0];
+  /** `admittedBody` runs once the call may send its body (for HTTP/1.1 "Expect: 100-continue"). */
+  function keyAdmin(req: AnyRequest, res: AnyResponse, path: string, admittedBody?: () => void): void {
+    const source = req.socket.remoteAddress ?? "";
+    const admission = gate.admit(source, req.headers.authorization ?? null);
+    if (!admission.ok) {
+      if (admission.refusal === "blocked") return refuse(req, res, Code.ResourceExhausted, admission.message);
+      logger.warn({ source, method: path.slice(path.lastIndexOf("/") + 1) }, "admin authentication failed");
+      return refuse(req, res, Code.Unauthenticated, admission.message);
+    }
+    const declared = declaredLength(req);
+    if (declared !== null && declared > maxBodyBytes) {
+      const message = `the request body is ${declared} bytes; the admin API accepts at most ${maxBodyBytes} (KEYGATE_ADMIN_MAX_BODY_BYTES)`;
+      return refuse(req, res, Code.ResourceExhausted, message);
+    }
+    admitted.set(req, admission.tokenId);
+    // An error answered mid-body (a message over the limit) leaves the rest unread: stop it.
+    const socket = req.socket;
+    res.once("finish", () => {
+      if (req.complete) return;
+      if (isHttp2(req)) req.stream.close(http2Constants.NGHTTP2_NO_ERROR);
+      else lingeringClose(socket);
+    });
+    admittedBody?.();
+    connect(req, res);
+  }
+
+  function handle(req: AnyRequest, res: AnyResponse, admittedBody?: () => void): void {
+    const path = (req.url ?? "/").split("?")[0] ?? "/";
+    const probe = path === "/healthz" || path === "/readyz" || path === "/metrics";
+    if (probe) admittedBody?.();
     if (path === "/healthz") return plain(res, 200, "text/plain", "ok\n");
     if (path === "/readyz") {
       if (!deps.readiness.serving) return plain(res, 503, "text/plain", "not ready: draining or starting\n");
       deps.probe().then(
         () => plain(res, 200, "text/plain", "ready\n"),
         (error: unknown) => {
-          deps.logger.warn({ err: error }, "readiness probe failed");
+          logger.warn({ err: error }, "readiness probe failed");
           plain(res, 503, "text/plain", "not ready: store unreachable\n");
         },
       );
@@ -73,32 +185,80 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       );
       return;
     }
-    connect(req, res);
+    keyAdmin(req, res, path, admittedBody);
+  }
+
+  /**
+   * An HTTP/2 session with no stream open for the idle timeout is closed (GOAWAY, then cut if
+   * the peer does not let it finish), and a stream still open after the request timeout is reset.
+   */
+  function guardSession(session: Http2Session): void {
+    let open = 0;
+    let idle: NodeJS.Timeout | undefined;
+    const closeIdle = (): void => {
+      session.close();
+      setTimeout(() => session.destroy(), limits.headersTimeoutMs).unref();
+    };
+    const armIdle = (): void => {
+      idle = setTimeout(closeIdle, limits.idleTimeoutMs);
+      idle.unref();
+    };
+    armIdle();
+    session.on("stream", (stream: ServerHttp2Stream) => {
+      open += 1;
+      clearTimeout(idle);
+      const overdue = setTimeout(() => stream.close(http2Constants.NGHTTP2_CANCEL), limits.requestTimeoutMs);
+      overdue.unref();
+      stream.once("close", () => {
+        clearTimeout(overdue);
+        open -= 1;
+        if (open === 0 && !session.closed && !session.destroyed) armIdle();
+      });
+    });
+    session.once("close", () => clearTimeout(idle));
   }
 
   return {
     async start(host, port) {
-      const http1 = createHttp1Server(handle);
-      const http2 = createHttp2Server(handle);
+      const http1 = createHttp1Server(
+        {
+          headersTimeout: limits.headersTimeoutMs,
+          requestTimeout: limits.requestTimeoutMs,
+          keepAliveTimeout: limits.idleTimeoutMs,
+          connectionsCheckingInterval: timeoutCheckIntervalMs(limits),
+        },
+        handle,
+      );
+      // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
+      http1.timeout = limits.requestTimeoutMs;
+      // Node enforces headersTimeout and requestTimeout from a check it starts on "listening";
+      // this server never listens itself (the TCP server below hands it connections).
+      http1.emit("listening");
+      const http2 = createHttp2Server({ settings: { maxConcurrentStreams: MAX_CONCURRENT_STREAMS } }, handle);
       const sessions = new Set<Http2Session>();
       const sockets = new Set<Socket>();
       let inFlight = 0;
-      http1.on("request", (_req: IncomingMessage, res: ServerResponse) => {
+      const countInFlight = (res: ServerResponse): void => {
         inFlight += 1;
         res.once("close", () => (inFlight -= 1));
+      };
+      http1.on("request", (_req: IncomingMessage, res: ServerResponse) => countInFlight(res));
+      // curl and others ask before sending a large body: "100 Continue" only goes to an admitted
+      // call, so a refused one never sends its body at all.
+      http1.on("checkContinue", (req: IncomingMessage, res: ServerResponse) => {
+        countInFlight(res);
+        handle(req, res, () => res.writeContinue());
       });
       http2.on("session", (session: Http2Session) => {
         sessions.add(session);
         session.once("close", () => sessions.delete(session));
+        guardSession(session);
       });
       const tcp = createNetServer((socket: Socket) => {
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
-        socket.once("error", () => socket.destroy());
-        socket.once("data", (chunk: Buffer) => {
-          socket.pause();
-          socket.unshift(chunk);
-          if (chunk.subarray(0, 3).toString("latin1") === H2_PREFACE_START) {
+        awaitOpening(socket, limits.headersTimeoutMs, true, (opening) => {
+          if (opening === "http2") {
             // The HTTP/2 session reads the unshifted bytes itself; resuming would drop them.
             http2.emit("connection", socket);
           } else {
@@ -107,6 +267,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
           }
         });
       });
+      trackConnections(tcp, "admin", limits, deps.metrics);
       const boundPort = await listen(tcp, host, port);
       return {
         port: boundPort,
@@ -123,6 +284,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
           }
           for (const session of sessions) session.destroy();
           for (const socket of sockets) socket.destroy();
+          http1.close();
           await tcpClosed;
         },
       };

@@ -22,6 +22,7 @@ import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
 import { createAdminServer } from "./admin.js";
+import { listenerLimits } from "./connections.js";
 import { createGrpcAuthzServer } from "./grpc-authz.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { createHttpAuthzServer } from "./http-authz.js";
@@ -137,7 +138,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     format,
     hasher,
     lookup,
-    routes: new RouteTable(config.policy.routes),
+    routes: new RouteTable(config.policy.routes, config.policy.routeMatching),
     credentialHeaders: config.policy.credentialHeaders,
     lastUsed,
     meter,
@@ -151,8 +152,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const readiness = new Readiness();
   const auth = new AdminAuth(secrets.adminTokens, format);
 
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs });
+  const limits = listenerLimits(config.listeners);
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -160,6 +162,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     metrics,
     logger,
     probe: () => store.ping(),
+    maxBodyBytes: config.adminMaxBodyBytes,
+    limits,
   });
 
   let started: StartedServer[] = [];
@@ -205,6 +209,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await lastUsed.stop();
       await usage.stop();
       await meter.close();
+      await lookup.close();
       await cache.close();
       await store.close();
       logger.info("keygate stopped");

@@ -4,6 +4,7 @@ import type { Message } from "@bufbuild/protobuf";
 import type { GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { Server, ServerCredentials, status as GrpcStatus } from "@grpc/grpc-js";
 import type {
+  ChannelOptions,
   MethodDefinition,
   sendUnaryData,
   ServerUnaryCall,
@@ -14,7 +15,6 @@ import type {
 import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
-import { RouteConfigError } from "../authz/routes.js";
 import { encodeCheckResponse } from "../authz/to-envoy.js";
 import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { CheckRequestViewSchema } from "../gen/keygate/authz/v1/check_view_pb.js";
@@ -28,6 +28,11 @@ import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health
 import { create } from "@bufbuild/protobuf";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
+import { createServer as createNetServer } from "node:net";
+import type { Socket } from "node:net";
+import { awaitOpening, trackConnections } from "./connections.js";
+import type { ListenerLimits } from "./connections.js";
+import { listen } from "./http-lifecycle.js";
 
 const DECODE = { readUnknownFields: false };
 
@@ -72,12 +77,31 @@ export const authorizationServerDefinition = {
   },
 } satisfies ServiceDefinition;
 
-/** grpc-js server options keygate's listeners use (the bench's no-op ceiling uses the same). */
+/**
+ * grpc-js server options that shape what a call costs, shared by keygate's listener and the
+ * bench's no-op ceiling; grpcServerOptions adds the listener's timeouts (per connection, not per call).
+ */
 export const GRPC_SERVER_OPTIONS = {
   "grpc.keepalive_permit_without_calls": 1,
   // keygate serves no channelz service, so the per-call channelz bookkeeping is left off.
   "grpc.enable_channelz": 0,
 } as const;
+
+/**
+ * GRPC_SERVER_OPTIONS with this listener's timeouts. A connection with no call for the idle
+ * timeout gets GOAWAY (clients reconnect for their next call, none fails). Every connection is
+ * pinged once per idle timeout and closed if the ping goes unanswered for the headers timeout:
+ * a peer that vanished, or one holding a half-sent call open without speaking HTTP/2, loses its
+ * connection, while a live stream such as Health Watch answers the pings and stays.
+ */
+export function grpcServerOptions(limits: ListenerLimits): ChannelOptions {
+  return {
+    ...GRPC_SERVER_OPTIONS,
+    "grpc.max_connection_idle_ms": limits.idleTimeoutMs,
+    "grpc.keepalive_time_ms": limits.idleTimeoutMs,
+    "grpc.keepalive_timeout_ms": limits.headersTimeoutMs,
+  };
+}
 
 /** grpc-js definition of the standard grpc.health.v1.Health service. */
 export const healthDefinition = {
@@ -99,22 +123,24 @@ export interface RequestHeaders {
 /**
  * Envoy sends headers in `headers`, or, with encode_raw_headers on, in `header_map` with the
  * value in raw_value. Repeated names in header_map become arrays, which the credential step
- * refuses.
+ * refuses. One pass, constant work a header.
  */
 export function headersOf(http: RequestHeaders | undefined): HeaderBag {
   if (http === undefined) return EMPTY_HEADERS;
   const raw = http.headerMap?.headers;
   if (raw === undefined || raw.length === 0) return http.headers;
-  const out: Record<string, string | string[]> = {};
+  // Grouped in a Map, not an object: a client's header named __proto__ is a header like any
+  // other, never the object's prototype (Object.fromEntries defines it as an own property).
+  const byName = new Map<string, string | string[]>();
   for (const entry of raw) {
     const name = entry.key.toLowerCase();
     const value = entry.rawValue.length > 0 ? utf8.decode(entry.rawValue) : entry.value;
-    const existing = out[name];
-    if (existing === undefined) out[name] = value;
-    else if (typeof existing === "string") out[name] = [existing, value];
+    const existing = byName.get(name);
+    if (existing === undefined) byName.set(name, value);
+    else if (typeof existing === "string") byName.set(name, [existing, value]);
     else existing.push(value);
   }
-  return out;
+  return Object.fromEntries(byName);
 }
 
 /** What the gRPC authz server needs. */
@@ -124,6 +150,8 @@ export interface GrpcAuthzDeps {
   metrics: Metrics;
   logger: Logger;
   nowMs: () => number;
+  /** Timeouts and connection cap of this listener. */
+  limits: ListenerLimits;
 }
 
 /** A started gRPC listener. */
@@ -159,6 +187,8 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
       callback(null, encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs()));
       const reason = d.allow ? "OK" : d.reason;
       metrics.recordCheck("grpc", reason, startedAt, performance.now());
+      // The client's answer names the bad setting; the operator's log also gets its value.
+      if (reason === "ROUTE_MISCONFIGURED") logger.error({ requestId, contextExtensions: call.request.attributes?.contextExtensions }, "bad per-route settings from the proxy");
       if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
     };
     if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback, startedAt));
@@ -166,13 +196,9 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
   }
 
   function fail(error: unknown, callback: sendUnaryData<Uint8Array>, startedAt: number): void {
-    metrics.recordCheck("grpc", error instanceof RouteConfigError ? "INTERNAL" : "UNAVAILABLE", startedAt, performance.now());
-    if (error instanceof RouteConfigError) {
-      logger.error({ err: error }, "bad per-route settings from the proxy");
-      callback({ code: GrpcStatus.INTERNAL, details: error.message });
-      return;
-    }
-    // Undecidable: Envoy's failure_mode_allow decides what happens, keygate never guesses.
+    metrics.recordCheck("grpc", "UNAVAILABLE", startedAt, performance.now());
+    // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
+    // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
     logger.warn({ err: error }, "check could not be decided");
     callback({ code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" });
   }
@@ -214,16 +240,30 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
 
   return {
     async start(host, port) {
-      const server = new Server(GRPC_SERVER_OPTIONS);
+      const { limits } = deps;
+      const server = new Server(grpcServerOptions(limits));
       server.addService(authorizationServerDefinition, { Check: check });
       server.addService(healthDefinition, health);
-      const boundPort = await new Promise<number>((resolve, reject) => {
-        server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));
+      // keygate owns the TCP listener and hands grpc-js only connections that opened with the
+      // HTTP/2 preface and SETTINGS in time, so it can cap them and close silent ones.
+      const injector = server.createConnectionInjector(ServerCredentials.createInsecure());
+      const opening = new Set<Socket>();
+      const tcp = createNetServer((socket: Socket) => {
+        opening.add(socket);
+        socket.once("close", () => opening.delete(socket));
+        awaitOpening(socket, limits.headersTimeoutMs, false, () => {
+          opening.delete(socket);
+          injector.injectConnection(socket);
+        });
       });
+      trackConnections(tcp, "grpc", limits, metrics);
+      const boundPort = await listen(tcp, host, port);
       return {
         port: boundPort,
         stop: (graceMs) =>
           new Promise<void>((resolve) => {
+            tcp.close();
+            for (const socket of opening) socket.destroy();
             for (const call of watchers) call.end();
             watchers.clear();
             const force = setTimeout(() => server.forceShutdown(), graceMs);

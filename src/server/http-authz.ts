@@ -3,13 +3,17 @@ import { createServer } from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
+import type { HttpAuthzProxy } from "../config.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { renderDeniedEcho, toHttpAnswer, unavailableAnswer, withDenialHeaders } from "../authz/to-http.js";
 import type { HttpAnswer } from "../authz/to-http.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 import { closeHttpServer, listen } from "./http-lifecycle.js";
+import { timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
+import { OriginalRequestReader } from "./original-request.js";
 
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
@@ -18,26 +22,15 @@ export interface HttpAuthzDeps {
   metrics: Metrics;
   logger: Logger;
   nowMs: () => number;
+  /** The proxy in front (KEYGATE_HTTP_AUTHZ_PROXY): where the judged method and path come from. */
+  proxy: HttpAuthzProxy;
+  /** Timeouts and connection cap of this listener. */
+  limits: ListenerLimits;
 }
-
-const CHECK_PREFIX = "/check";
 
 function firstHeader(req: IncomingMessage, name: string): string | undefined {
   const value = req.headers[name];
   return Array.isArray(value) ? value[0] : value;
-}
-
-/**
- * The original request as the proxy describes it. Envoy's HTTP service appends the path to
- * /check; nginx and Caddy call /check and send X-Original-URI / X-Forwarded-Uri.
- */
-export function originalRequest(req: IncomingMessage): { method: string; path: string } | null {
-  const url = req.url ?? "/";
-  if (url !== CHECK_PREFIX && !url.startsWith(`${CHECK_PREFIX}/`) && !url.startsWith(`${CHECK_PREFIX}?`)) return null;
-  const below = url.startsWith(`${CHECK_PREFIX}/`) ? url.slice(CHECK_PREFIX.length) : "";
-  const path = below || firstHeader(req, "x-forwarded-uri") || firstHeader(req, "x-original-uri") || "/";
-  const method = firstHeader(req, "x-forwarded-method") || firstHeader(req, "x-original-method") || req.method || "GET";
-  return { method, path };
 }
 
 /**
@@ -48,11 +41,9 @@ export function originalRequest(req: IncomingMessage): { method: string; path: s
 export function headerBag(req: IncomingMessage, distinctNameCount: number): HeaderBag {
   // As many raw lines as distinct names means nothing repeats: the common path allocates nothing.
   if (req.rawHeaders.length === distinctNameCount * 2) return req.headers;
-  const bag: Record<string, string | string[] | undefined> = { ...req.headers };
-  for (const [name, values] of Object.entries(req.headersDistinct)) {
-    if (values !== undefined && values.length > 1) bag[name] = values;
-  }
-  return bag;
+  // Spread and fromEntries define own properties: a header named __proto__ stays a header.
+  const repeated = Object.entries(req.headersDistinct).filter(([, values]) => values !== undefined && values.length > 1);
+  return { ...req.headers, ...Object.fromEntries(repeated) };
 }
 
 function send(res: ServerResponse, answer: HttpAnswer): void {
@@ -63,6 +54,8 @@ function send(res: ServerResponse, answer: HttpAnswer): void {
 /** Builds the HTTP authorization server for nginx auth_request, Caddy forward_auth and Envoy's HTTP service. */
 export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { pipeline, metrics, logger, readiness } = deps;
+  const source = new OriginalRequestReader(deps.proxy);
+  let misconfigurationLogged = false;
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
     const url = req.url ?? "/";
@@ -81,7 +74,8 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       return;
     }
     const startedAt = performance.now();
-    const original = originalRequest(req);
+    const headerNames = Object.keys(req.headers);
+    const original = source.read(req, req.rawHeaders.length !== headerNames.length * 2);
     if (original === null) {
       res.writeHead(404, { "content-type": "application/json" }).end('{"success":false,"error":{"code":"NOT_FOUND","message":"use /check"}}');
       return;
@@ -89,7 +83,6 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     // The body of an authorization subrequest is never read; drain it so keep-alive works.
     req.resume();
     const requestId = firstHeader(req, "x-request-id") || randomUUID();
-    const headerNames = Object.keys(req.headers);
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
     const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
     const answer = (decision: Decision): void => {
@@ -103,6 +96,15 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       logger.warn({ err: error }, "check could not be decided");
       reply(unavailableAnswer(requestId));
     };
+    if (!original.ok) {
+      // Every request fails the same way until the setting or the proxy is fixed: say it once.
+      if (original.refusal.reason === "PROXY_MISCONFIGURED" && !misconfigurationLogged) {
+        misconfigurationLogged = true;
+        logger.error({ requestId }, original.refusal.message);
+      }
+      answer(original.refusal);
+      return;
+    }
     try {
       const decision = pipeline.decide({ method: original.method, path: original.path, headers: headerBag(req, headerNames.length), contextExtensions: undefined });
       if (decision instanceof Promise) decision.then(answer, fail);
@@ -114,7 +116,20 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
 
   return {
     async start(host, port) {
-      const server = createServer({ keepAliveTimeout: 65_000 }, handle);
+      const { limits } = deps;
+      const server = createServer(
+        {
+          headersTimeout: limits.headersTimeoutMs,
+          requestTimeout: limits.requestTimeoutMs,
+          // Above nginx's 60 s upstream keepalive_timeout by default, so the proxy closes first.
+          keepAliveTimeout: limits.idleTimeoutMs,
+          connectionsCheckingInterval: timeoutCheckIntervalMs(limits),
+        },
+        handle,
+      );
+      // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
+      server.timeout = limits.requestTimeoutMs;
+      trackConnections(server, "http", limits, deps.metrics);
       const boundPort = await listen(server, host, port);
       return { port: boundPort, stop: (graceMs) => closeHttpServer(server, graceMs) };
     },

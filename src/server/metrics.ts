@@ -5,6 +5,10 @@ import type { LookupObserver } from "../cache/lookup.js";
 const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 const IO_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5];
 
+/** keygate's three listeners, as metrics label them. */
+export type ListenerName = "grpc" | "http" | "admin";
+const LISTENERS: readonly ListenerName[] = ["grpc", "http", "admin"];
+
 /** Prometheus metrics of one keygate process, served on the admin port's /metrics. */
 export class Metrics implements LookupObserver {
   readonly registry = new Registry();
@@ -18,6 +22,8 @@ export class Metrics implements LookupObserver {
   readonly #checkChildren = new Map<string, Counter.Internal>();
   readonly #durationChildren = new Map<string, Histogram.Internal<"mode">>();
   readonly #cacheChildren = new Map<string, Counter.Internal>();
+  readonly #connections: Gauge<"listener">;
+  readonly #connectionsRejected: Counter<"listener">;
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) collectDefaultMetrics({ register: this.registry });
@@ -54,6 +60,23 @@ export class Metrics implements LookupObserver {
       labelNames: ["backend", "op"],
       registers,
     });
+    this.#connections = new Gauge({
+      name: "keygate_connections",
+      help: "Open client connections, by listener (grpc, http, admin)",
+      labelNames: ["listener"],
+      registers,
+    });
+    this.#connectionsRejected = new Counter({
+      name: "keygate_connections_rejected_total",
+      help: "Connections closed on arrival because the listener held its maximum, by listener",
+      labelNames: ["listener"],
+      registers,
+    });
+    // Every listener's series exists from the start, so a dashboard shows 0 rather than nothing.
+    for (const listener of LISTENERS) {
+      this.#connections.labels(listener).set(0);
+      this.#connectionsRejected.labels(listener).inc(0);
+    }
     const sizes = this.#queueSizes;
     new Gauge({
       name: "keygate_write_behind_pending",
@@ -97,6 +120,20 @@ export class Metrics implements LookupObserver {
   backendCall(backend: "store" | "redis", op: string, seconds: number, ok: boolean): void {
     this.#ioDuration.labels(backend, op).observe(seconds);
     if (!ok) this.#ioErrors.labels(backend, op).inc();
+  }
+
+  /** Counts a connection a listener accepted, until it closes. */
+  connectionOpened(listener: ListenerName): void {
+    this.#connections.labels(listener).inc();
+  }
+
+  connectionClosed(listener: ListenerName): void {
+    this.#connections.labels(listener).dec();
+  }
+
+  /** Counts a connection refused because the listener was at its cap. */
+  connectionRejected(listener: ListenerName): void {
+    this.#connectionsRejected.labels(listener).inc();
   }
 
   /** Reports a write-behind queue's size at each scrape. */

@@ -35,6 +35,8 @@ interface AccountDoc {
   credit_period?: string;
   monthly_used?: number;
   topup_balance?: number;
+  /** Absent on accounts written by versions before it existed: read as 0, and $inc starts it there. */
+  topup_total?: number;
 }
 
 /** An audit document. */
@@ -95,6 +97,7 @@ const accountSchema = new mongoose.Schema<AccountDoc>(
     credit_period: { type: String, default: "" },
     monthly_used: { type: Number, default: 0 },
     topup_balance: { type: Number, default: 0 },
+    topup_total: { type: Number, default: 0 },
   },
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
@@ -172,6 +175,10 @@ function toAccount(doc: AccountDoc): AccountRecord {
     createdAtMs: doc.created_at.getTime(),
     updatedAtMs: doc.updated_at.getTime(),
   };
+}
+
+function toCredits(doc: AccountDoc | null): CreditState {
+  return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0, topupTotal: doc?.topup_total ?? 0 };
 }
 
 function toKey(doc: KeyDoc): KeyRecord {
@@ -461,13 +468,18 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
-    const doc = await guarded(() => this.#accounts.findById(ownerId, { credit_period: 1, monthly_used: 1, topup_balance: 1 }).lean<AccountDoc>());
-    return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0 };
+    const doc = await guarded(() =>
+      this.#accounts.findById(ownerId, { credit_period: 1, monthly_used: 1, topup_balance: 1, topup_total: 1 }).lean<AccountDoc>(),
+    );
+    return toCredits(doc);
   }
 
   async addCredits(ownerId: string, amount: number): Promise<CreditState> {
-    const doc = await guarded(() => this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount } }, { returnDocument: "after" }).lean<AccountDoc>());
-    return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0 };
+    // One update: the balance and the total move together.
+    const doc = await guarded(() =>
+      this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount, topup_total: amount } }, { returnDocument: "after" }).lean<AccountDoc>(),
+    );
+    return toCredits(doc);
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {

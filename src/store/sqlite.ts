@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS accounts (
   updated_at INTEGER NOT NULL,
   credit_period TEXT NOT NULL DEFAULT '',
   monthly_used INTEGER NOT NULL DEFAULT 0,
-  topup_balance INTEGER NOT NULL DEFAULT 0
+  topup_balance INTEGER NOT NULL DEFAULT 0,
+  topup_total INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS keys (
   id TEXT PRIMARY KEY,
@@ -116,6 +117,29 @@ interface CreditRow {
   credit_period: string;
   monthly_used: number;
   topup_balance: number;
+  topup_total: number;
+}
+
+function toCredits(row: CreditRow | undefined): CreditState {
+  return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0, topupTotal: row?.topup_total ?? 0 };
+}
+
+/**
+ * Columns added after the first release, with the definition that fills existing rows. A file
+ * written by an older version gets them on open; SCHEMA has them for a new file.
+ */
+const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; definition: string }> = [
+  { table: "accounts", column: "topup_total", definition: "INTEGER NOT NULL DEFAULT 0" },
+];
+
+/** Adds ADDED_COLUMNS that an older file lacks. IMMEDIATE, so two processes opening it at once do not both add one. */
+function addMissingColumns(db: SqliteDatabase): void {
+  db.transaction(() => {
+    for (const { table, column, definition } of ADDED_COLUMNS) {
+      const columns = db.prepare<[], { name: string }>(`SELECT name FROM pragma_table_info('${table}')`).all();
+      if (!columns.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${definition}`);
+    }
+  }).immediate();
 }
 
 type SnapshotRow = KeyRow & {
@@ -224,7 +248,7 @@ export class SqliteKeyStore implements KeyStore {
     updateScopes: Statement<[string, string]>;
     updateRateLimit: Statement<[string | null, string]>;
     getCredits: Statement<[string], CreditRow>;
-    addCredits: Statement<[number, string]>;
+    addCredits: Statement<[{ amount: number; owner: string }]>;
     spendCredits: Statement<[{ period: string; monthly: number; topup: number; owner: string }]>;
     addUsage: Statement<[Record<string, string | number>]>;
     listUsage: Statement<[string, string, string], UsageRow>;
@@ -243,6 +267,7 @@ export class SqliteKeyStore implements KeyStore {
     this.#db.pragma("busy_timeout = 5000");
     this.#db.pragma("foreign_keys = ON");
     this.#db.exec(SCHEMA);
+    addMissingColumns(this.#db);
     if (onDisk) tightenWalFiles(path);
     const db = this.#db;
     this.#stmt = {
@@ -269,8 +294,8 @@ export class SqliteKeyStore implements KeyStore {
       updateName: db.prepare("UPDATE keys SET name = ? WHERE id = ?"),
       updateScopes: db.prepare("UPDATE keys SET scopes = ? WHERE id = ?"),
       updateRateLimit: db.prepare("UPDATE keys SET rate_limit = ? WHERE id = ?"),
-      getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance FROM accounts WHERE owner_id = ?"),
-      addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + ? WHERE owner_id = ?"),
+      getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance, topup_total FROM accounts WHERE owner_id = ?"),
+      addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + @amount, topup_total = topup_total + @amount WHERE owner_id = @owner"),
       // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
       spendCredits: db.prepare(
         `UPDATE accounts SET
@@ -444,17 +469,15 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
-    const row = this.#stmt.getCredits.get(ownerId);
-    return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0 };
+    return toCredits(this.#stmt.getCredits.get(ownerId));
   }
 
   async addCredits(ownerId: string, amount: number): Promise<CreditState> {
     const add = this.#db.transaction(() => {
-      this.#stmt.addCredits.run(amount, ownerId);
+      this.#stmt.addCredits.run({ amount, owner: ownerId });
       return this.#stmt.getCredits.get(ownerId);
     });
-    const row = add.immediate();
-    return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0 };
+    return toCredits(add.immediate());
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {

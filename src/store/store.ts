@@ -51,6 +51,12 @@ export interface CreditState {
   period: string;
   monthlyUsed: number;
   topupBalance: number;
+  /**
+   * Every top-up ever added, summed; it only grows, and changes together with `topupBalance`.
+   * Live counters remember the total they reflect, so telling them about a top-up twice, or
+   * before they have loaded the balance, cannot count it twice or lose it.
+   */
+  topupTotal: number;
 }
 
 /** Counted requests of one key on one UTC day with one outcome ("ALLOWED" or a denial code). */
@@ -172,7 +178,7 @@ export interface KeyStore {
   rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
   /** The account's credit state; zeros for an account that never had any. */
   getCredits(ownerId: string): Promise<CreditState>;
-  /** Adds to the top-up balance (never replaces it). */
+  /** Adds to the top-up balance and to the top-up total, atomically (never replaces either). */
   addCredits(ownerId: string, amount: number): Promise<CreditState>;
   /** Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush. */
   applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;

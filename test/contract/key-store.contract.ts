@@ -301,16 +301,32 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
     it("keeps credits: top-ups add, spending follows the period rule", async () => {
       const ownerId = nextOwner();
       await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
-      expect(await store.getCredits(ownerId)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0 });
+      expect(await store.getCredits(ownerId)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 });
       await store.addCredits(ownerId, 10);
-      expect(await store.addCredits(ownerId, 5)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 15 });
+      expect(await store.addCredits(ownerId, 5)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 15, topupTotal: 15 });
       await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 4, topupUsed: 1 }]);
       await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 2, topupUsed: 0 }]);
-      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 6, topupBalance: 14 });
+      // Spending lowers the balance; the total counts only what was ever added.
+      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 6, topupBalance: 14, topupTotal: 15 });
       // A later month starts over; a late flush for an older month only spends top-up.
       await store.applyUsage([], [{ ownerId, period: "2026-12", monthlyUsed: 1, topupUsed: 0 }]);
       await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 3, topupUsed: 2 }]);
-      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-12", monthlyUsed: 1, topupBalance: 12 });
+      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-12", monthlyUsed: 1, topupBalance: 12, topupTotal: 15 });
+    });
+
+    it("moves the top-up balance and total together under concurrent top-ups and flushes", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+      const answers = await Promise.all([
+        ...Array.from({ length: 20 }, (_, i) => store.addCredits(ownerId, i + 1)),
+        ...Array.from({ length: 10 }, () => store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 0, topupUsed: 2 }])),
+      ]);
+      // Each top-up's answer includes at least its own increment (a later one's too, at most all).
+      answers.slice(0, 20).forEach((answer, i) => {
+        expect(answer?.topupTotal).toBeGreaterThanOrEqual(i + 1);
+        expect(answer?.topupTotal).toBeLessThanOrEqual(210);
+      });
+      expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 0, topupBalance: 210 - 20, topupTotal: 210 });
     });
 
     it("loses no spend when two replicas flush a new month's first credits at once", async () => {
@@ -325,7 +341,7 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
         ]),
       );
       for (const ownerId of owners) {
-        expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 7, topupBalance: -1 });
+        expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 7, topupBalance: -1, topupTotal: 0 });
       }
     });
 

@@ -19,6 +19,20 @@ async function listIndexes(client: mongoose.mongo.MongoClient, collection: strin
   return indexes.map((index) => ({ name: index.name, fields: Object.entries(index.key), unique: index.unique === true }));
 }
 
+/** An account document as the first release wrote it. */
+interface LegacyAccount {
+  _id: string;
+  plan: string;
+  subscription_status: string;
+  role: string;
+  active_key_count: number;
+  created_at: Date;
+  updated_at: Date;
+  credit_period: string;
+  monthly_used: number;
+  topup_balance: number;
+}
+
 if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI")) {
   let server: MongoWire | undefined;
   const started = (): MongoWire => {
@@ -69,6 +83,38 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       const audit = await listIndexes(connected(), "audit");
       expect(audit).toContainEqual({ name: "owner", fields: [["owner_id", 1], ["_id", 1]], unique: false });
       expect(audit).toContainEqual({ name: "key", fields: [["key_id", 1], ["_id", 1]], unique: false });
+    });
+  });
+
+  describe("MongoKeyStore on documents from an earlier version", () => {
+    it("reads an account without a top-up total as 0 and starts counting it at the next top-up", async () => {
+      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      const store = await MongoKeyStore.connect(started().uri);
+      try {
+        // An account document as the first release wrote it: no topup_total field.
+        await client
+          .db()
+          .collection<LegacyAccount>("accounts")
+          .insertOne({
+            _id: "legacy-mongo",
+            plan: "pro",
+            subscription_status: "active",
+            role: "standard",
+            active_key_count: 0,
+            created_at: new Date(1),
+            updated_at: new Date(2),
+            credit_period: "2026-10",
+            monthly_used: 4,
+            topup_balance: 70,
+          });
+        expect(await store.getCredits("legacy-mongo")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 70, topupTotal: 0 });
+        expect(await store.addCredits("legacy-mongo", 30)).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
+        expect((await store.getAccount("legacy-mongo"))?.plan).toBe("pro");
+      } finally {
+        await store.close();
+        await client.close();
+      }
     });
   });
 

@@ -1,6 +1,8 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { describe, expect, it } from "vitest";
+import { Database } from "../../src/store/sqlite-driver.js";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
@@ -14,4 +16,37 @@ runKeyStoreContract("sqlite", async () => {
       rmSync(dir, { recursive: true, force: true });
     },
   };
+});
+
+describe("SqliteKeyStore on a file from an earlier version", () => {
+  it("adds the top-up total to an accounts table that lacks it, keeping the credits already there", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "keygate-sqlite-upgrade-"));
+    const path = join(dir, "keygate.db");
+    try {
+      // The accounts table as the first release wrote it: no topup_total column.
+      const old = new Database(path);
+      old.exec(`CREATE TABLE accounts (
+        owner_id TEXT PRIMARY KEY, plan TEXT NOT NULL, subscription_status TEXT NOT NULL, role TEXT NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+        credit_period TEXT NOT NULL DEFAULT '', monthly_used INTEGER NOT NULL DEFAULT 0, topup_balance INTEGER NOT NULL DEFAULT 0)`);
+      old.prepare("INSERT INTO accounts VALUES ('legacy', 'pro', 'active', 'standard', 1, 2, '2026-10', 4, 70)").run();
+      old.close();
+
+      // Two opens at once, as two processes upgrading the same file would.
+      const first = new SqliteKeyStore(path);
+      const second = new SqliteKeyStore(path);
+      expect(await first.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 70, topupTotal: 0 });
+      expect(await second.addCredits("legacy", 30)).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
+      expect((await first.getAccount("legacy"))?.plan).toBe("pro");
+      await first.close();
+      await second.close();
+
+      // Opening again finds the column and changes nothing.
+      const again = new SqliteKeyStore(path);
+      expect(await again.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
+      await again.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

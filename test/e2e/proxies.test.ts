@@ -1,9 +1,9 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
-import { requireServer } from "../harness/ports.js";
-import { binaryAvailable, startCaddy, startEchoUpstream, startNginx } from "../harness/proxies.js";
+import { shippedProxies, startEchoUpstream } from "../harness/proxies.js";
 import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
+import type { HttpAuthzProxy } from "../../src/config.js";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 
 const PROXY_POLICY = {
@@ -21,10 +21,15 @@ const PROXY_POLICY = {
 /** How each shipped config treats a client-sent x-keygate-* header keygate never sets. */
 type UnknownIdentityHeaders = "dropped" | "passed (documented nginx limitation)";
 
-const proxies: Array<[string, boolean, (keygatePort: number, upstreamPort: number) => Promise<RunningProxy>, UnknownIdentityHeaders]> = [
-  ["nginx", requireServer("nginx", binaryAvailable("nginx", ["-v"]), "apt-get install nginx"), startNginx, "passed (documented nginx limitation)"],
-  ["caddy", requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy"), startCaddy, "dropped"],
-];
+const UNKNOWN_IDENTITY_HEADERS: Readonly<Record<"nginx" | "caddy", UnknownIdentityHeaders>> = {
+  nginx: "passed (documented nginx limitation)",
+  caddy: "dropped",
+};
+
+// Each proxy runs in front of a keygate set for it (KEYGATE_HTTP_AUTHZ_PROXY).
+const proxies: Array<[string, boolean, (keygatePort: number, upstreamPort: number) => Promise<RunningProxy>, UnknownIdentityHeaders, HttpAuthzProxy]> = shippedProxies().map(
+  (p) => [p.name, p.available, p.start, UNKNOWN_IDENTITY_HEADERS[p.name], p.setting],
+);
 
 /** A client's forged value for every identity header keygate sets. */
 const SPOOFED_IDENTITY = {
@@ -44,7 +49,7 @@ interface ErrorBody {
   error: { code: string; message: string; statusCode: number };
 }
 
-describe.each(proxies)("behind %s (the shipped config)", (_name, available, start, unknownIdentityHeaders) => {
+describe.each(proxies)("behind %s (the shipped config)", (_name, available, start, unknownIdentityHeaders, httpAuthzProxy) => {
   let kg: TestKeygate;
   let upstream: { port: number; stop(): Promise<void> };
   let proxy: RunningProxy;
@@ -52,7 +57,7 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
 
   beforeAll(async () => {
     if (!available) return;
-    kg = await startKeygate({ policy: PROXY_POLICY });
+    kg = await startKeygate({ policy: PROXY_POLICY, httpAuthzProxy });
     upstream = await startEchoUpstream();
     proxy = await start(kg.ports.http, upstream.port);
   });

@@ -11,6 +11,7 @@ import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
 import type { ServiceError } from "@grpc/grpc-js";
 import { DEFAULT_POLICY_INPUT, loadConfig } from "../../src/config.js";
+import type { HttpAuthzProxy } from "../../src/config.js";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { KeyAdmin } from "../../src/gen/keygate/v1/key_admin_pb.js";
@@ -48,8 +49,13 @@ export interface TestKeygate {
   stop(options?: { keepData?: boolean }): Promise<void>;
 }
 
-/** Starts keygate with the test policy. Pass `dataDir` to reuse one (restart tests). */
-export async function startKeygate(options: { dataDir?: string; policy?: unknown; clock?: TestClock; env?: Record<string, string> } = {}): Promise<TestKeygate> {
+/**
+ * Starts keygate with the test policy. Pass `dataDir` to reuse one (restart tests), and
+ * `httpAuthzProxy` for the proxy in front of the HTTP mode (KEYGATE_HTTP_AUTHZ_PROXY; default envoy).
+ */
+export async function startKeygate(
+  options: { dataDir?: string; policy?: unknown; clock?: TestClock; env?: Record<string, string>; httpAuthzProxy?: HttpAuthzProxy } = {},
+): Promise<TestKeygate> {
   const dataDir = options.dataDir ?? mkdtempSync(join(tmpdir(), "keygate-test-"));
   const policyPath = join(dataDir, "policy.yaml");
   writeFileSync(policyPath, stringify(options.policy ?? TEST_POLICY));
@@ -62,6 +68,7 @@ export async function startKeygate(options: { dataDir?: string; policy?: unknown
     KEYGATE_HTTP_AUTHZ_PORT: "0",
     KEYGATE_ADMIN_PORT: "0",
     KEYGATE_SHUTDOWN_GRACE_SECONDS: "2",
+    ...(options.httpAuthzProxy === undefined ? {} : { KEYGATE_HTTP_AUTHZ_PROXY: options.httpAuthzProxy }),
     ...options.env,
   });
   const logLines: string[] = [];

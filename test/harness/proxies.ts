@@ -5,7 +5,8 @@ import { createServer } from "node:http";
 import type { Server } from "node:http";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { freePort, waitForPort } from "./ports.js";
+import type { HttpAuthzProxy } from "../../src/config.js";
+import { freePort, requireServer, waitForPort } from "./ports.js";
 
 const deployDir = resolve(import.meta.dirname, "../../deploy");
 
@@ -15,6 +16,24 @@ export interface RunningProxy {
   stop(): Promise<void>;
 }
 
+/** A proxy config shipped under deploy/ that the tests run for real, in front of keygate. */
+export interface ShippedProxy {
+  name: "nginx" | "caddy";
+  /** The KEYGATE_HTTP_AUTHZ_PROXY keygate must run with behind this proxy. */
+  setting: HttpAuthzProxy;
+  /** False (with the reason printed) where the binary is missing; in CI a missing one throws. */
+  available: boolean;
+  start(keygateHttpPort: number, upstreamPort: number): Promise<RunningProxy>;
+}
+
+/** The shipped nginx and Caddy configs, each with the keygate setting it needs. */
+export function shippedProxies(): ShippedProxy[] {
+  return [
+    { name: "nginx", setting: "nginx", available: requireServer("nginx", binaryAvailable("nginx", ["-v"]), "apt-get install nginx"), start: startNginx },
+    { name: "caddy", setting: "caddy", available: requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy"), start: startCaddy },
+  ];
+}
+
 /** What the sample upstream saw: it answers every request with this, as JSON. */
 export interface EchoedRequest {
   method: string;
@@ -22,10 +41,12 @@ export interface EchoedRequest {
   headers: Record<string, string | string[] | undefined>;
 }
 
-/** A sample upstream that echoes the request it received. */
-export async function startEchoUpstream(): Promise<{ port: number; stop(): Promise<void> }> {
+/** A sample upstream that echoes the request it received, and keeps every one in `requests`. */
+export async function startEchoUpstream(): Promise<{ port: number; requests: EchoedRequest[]; stop(): Promise<void> }> {
+  const requests: EchoedRequest[] = [];
   const server: Server = createServer((req, res) => {
     const echoed: EchoedRequest = { method: req.method ?? "", url: req.url ?? "", headers: req.headers };
+    requests.push(echoed);
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify(echoed));
   });
@@ -34,6 +55,7 @@ export async function startEchoUpstream(): Promise<{ port: number; stop(): Promi
   const port = typeof address === "object" && address !== null ? address.port : 0;
   return {
     port,
+    requests,
     stop: () =>
       new Promise<void>((done) => {
         server.closeAllConnections();

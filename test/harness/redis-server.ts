@@ -15,6 +15,10 @@ export interface RedisServer {
   restart(): Promise<void>;
   /** Starts it again on the same port after `stop()` (for outage tests). */
   start(): Promise<void>;
+  /** SIGSTOP: connections stay open and nothing answers, as with a hung or frozen Redis. */
+  freeze(): void;
+  /** SIGCONT after `freeze()`. */
+  thaw(): void;
 }
 
 const READY_TIMEOUT_MS = 10_000;
@@ -73,12 +77,18 @@ export async function startRedis(): Promise<RedisServer | null> {
     child = null;
     if (current !== null) await terminate(current);
   };
+  const signal = (name: "SIGSTOP" | "SIGCONT"): void => {
+    if (child === null) throw new Error(`redis-server on port ${port} is not running`);
+    child.kill(name);
+  };
   await start();
   return {
     url: `redis://127.0.0.1:${port}`,
     port,
     start,
     stop,
+    freeze: () => signal("SIGSTOP"),
+    thaw: () => signal("SIGCONT"),
     async restart() {
       await stop();
       await start();
@@ -90,7 +100,10 @@ function externalServer(url: string): RedisServer {
   const unsupported = async (): Promise<void> => {
     throw new Error("not supported with an external Redis (KEYGATE_TEST_REDIS_URL)");
   };
-  return { url, port: Number(new URL(url).port || "6379"), stop: async () => {}, restart: unsupported, start: unsupported };
+  const cannotSignal = (): void => {
+    throw new Error("not supported with an external Redis (KEYGATE_TEST_REDIS_URL)");
+  };
+  return { url, port: Number(new URL(url).port || "6379"), stop: async () => {}, restart: unsupported, start: unsupported, freeze: cannotSignal, thaw: cannotSignal };
 }
 
 async function spawnRedis(binary: string, port: number): Promise<ChildProcess> {

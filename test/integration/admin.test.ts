@@ -207,7 +207,7 @@ describe("KeyAdmin error: bad input is INVALID_ARGUMENT naming the field, and wr
     ["page_size 1000", "ListKeys", { ownerId: "bad-input", pageSize: 1000 }, /page_size: must be between 0 and 100/],
     ["forged page token", "ListKeys", { ownerId: "bad-input", pageToken: "bm9wZQ" }, /page_token/],
     ["update with nothing to change", "UpdateKey", { id: "key_01ARZ3NDEKTSV4RRFFQ69G5FAV" }, /set name, scopes or rate_limit/],
-    ["huge scope array", "CreateKey", { ownerId: "bad-input", name: "n", scopes: Array.from({ length: 10_000 }, () => "tutor") }, /scopes: at most 64 scopes/],
+    ["huge scope array", "CreateKey", { ownerId: "bad-input", name: "n", scopes: Array.from({ length: 5_000 }, () => "tutor") }, /scopes: at most 64 scopes/],
   ];
 
   it.each(cases)("%s", async (_name, method, body, message) => {

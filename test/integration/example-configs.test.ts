@@ -2,10 +2,12 @@ import { resolve } from "node:path";
 import { parse } from "yaml";
 import { readFileSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
+import { z } from "zod";
 import { loadPolicyFile } from "../../src/config.js";
 import { httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
+const errorBodySchema = z.object({ error: z.object({ code: z.string(), message: z.string() }) });
 const configDir = resolve(import.meta.dirname, "../../deploy/config");
 const load = (name: string): unknown => parse(readFileSync(resolve(configDir, name), "utf8"));
 
@@ -23,6 +25,25 @@ async function keyFor(instance: TestKeygate, ownerId: string, account: { plan?: 
 describe("shipped example configs", () => {
   it.each(["keygate.example.yaml", "daily-message-tiers.yaml", "monthly-credits.yaml", "role-rate-tiers.yaml"])("%s is a valid policy", (name) => {
     expect(() => loadPolicyFile(resolve(configDir, name))).not.toThrow();
+  });
+
+  it("keygate.example.yaml: a read key reads under /v1, and every write method needs write", async () => {
+    kg = await startKeygate({ policy: load("keygate.example.yaml") });
+    const reader = await keyFor(kg, "example-reader", {}, ["read"]);
+    const writer = await keyFor(kg, "example-writer", {}, ["read", "write"]);
+    const ask = async (method: string, secret: string, path = "/v1/decks/1") => {
+      // The Envoy HTTP service's form: the path below /check, the request's own method.
+      const res = await fetch(`http://127.0.0.1:${kg?.ports.http ?? 0}/check${path}`, { method, headers: { authorization: `Bearer ${secret}` } });
+      const text = await res.text();
+      return { status: res.status, error: text === "" ? null : errorBodySchema.parse(JSON.parse(text)).error };
+    };
+    for (const method of ["GET", "HEAD"]) expect(await ask(method, reader), method).toEqual({ status: 200, error: null });
+    for (const method of ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"]) {
+      expect(await ask(method, reader), method).toEqual({ status: 403, error: expect.objectContaining({ code: "FORBIDDEN", message: 'This API key does not have the "write" scope.' }) });
+      expect(await ask(method, writer), method).toEqual({ status: 200, error: null });
+    }
+    expect((await ask("PUT", reader, "/v1")).status).toBe(403);
+    expect(await ask("GET", writer, "/v1/admin/keys")).toEqual({ status: 403, error: expect.objectContaining({ code: "FORBIDDEN", message: 'This API key does not have the "admin" scope.' }) });
   });
 
   it("daily message tiers: free 5 a day, pro 500, lifetime unlimited", async () => {
@@ -46,8 +67,9 @@ describe("shipped example configs", () => {
     kg = await startKeygate({ policy: load("monthly-credits.yaml") });
     kg.clock.freeze("2026-11-22T08:00:00.000Z");
     const secret = await keyFor(kg, "credits-basic", { plan: "basic" }, ["scrape", "crawl"]);
-    const crawl = await fetch(`http://127.0.0.1:${kg.ports.http}/check`, {
-      headers: { "x-api-key": secret, "x-forwarded-uri": "/v1/crawl", "x-forwarded-method": "POST" },
+    const crawl = await fetch(`http://127.0.0.1:${kg.ports.http}/check/v1/crawl`, {
+      method: "POST",
+      headers: { "x-api-key": secret },
     });
     expect(crawl.status).toBe(200);
     expect(crawl.headers.get("x-credits-remaining")).toBe("990");
@@ -59,6 +81,18 @@ describe("shipped example configs", () => {
     const unpaid = await httpCheck(kg.ports.http, "/check/v1/scrape", { "x-api-key": secret });
     expect(unpaid.status).toBe(402);
     expect(JSON.parse(unpaid.body).error.code).toBe("PLAN_REQUIRED");
+  });
+
+  it("monthly credits: methods that no route names are guarded by the prefix's scope too", async () => {
+    kg = await startKeygate({ policy: load("monthly-credits.yaml") });
+    const scraper = await keyFor(kg, "credits-scraper", { plan: "basic" }, ["scrape"]);
+    const ask = async (method: string, path: string) =>
+      (await fetch(`http://127.0.0.1:${kg?.ports.http ?? 0}/check${path}`, { method, headers: { "x-api-key": scraper } })).status;
+    expect(await ask("DELETE", "/v1/scrape/1")).toBe(200);
+    for (const [method, path] of [["GET", "/v1/crawl/1"], ["PUT", "/v1/crawl"], ["DELETE", "/v1/crawl/1"], ["PATCH", "/user"], ["DELETE", "/user"]] as const) {
+      expect(await ask(method, path), `${method} ${path}`).toBe(403);
+    }
+    expect(await ask("GET", "/user")).toBe(200);
   });
 
   it("rate tiers by role: standard 100, premium 500, admin 1000 a minute", async () => {

@@ -399,7 +399,7 @@ describe("hostile input: real listeners", () => {
       ["CreateKey", '{"ownerId":"o","name":"n","scopes":{"$in":["tutor"]}}'],
       ["CreateKey", '{"ownerId":"o","name":"n","__proto__":{"isAdmin":true}}'],
       ["CreateKey", '{"ownerId":"o","name":"n","constructor":{"prototype":{"isAdmin":true}}}'],
-      ["CreateKey", JSON.stringify({ ownerId: "o", name: "n", scopes: Array.from({ length: 100_000 }, () => "tutor") })],
+      ["CreateKey", JSON.stringify({ ownerId: "o", name: "n", scopes: Array.from({ length: 5_000 }, () => "tutor") })],
       ["CreateKey", `{"ownerId":"o","name":"n","metadata":${deep}}`],
       ["UpsertAccount", '{"ownerId":"hostile-existing","plan":{"$set":"business"}}'],
       ["RevokeKey", '{"id":{"$regex":".*"}}'],

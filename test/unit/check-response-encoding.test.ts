@@ -60,7 +60,7 @@ const limitsArb: fc.Arbitrary<ChargeResult> = fc.record({
 const allowArb: fc.Arbitrary<Allow> = fc.record({
   allow: fc.constant(true as const),
   snapshot: snapshotArb,
-  credentialHeader: fc.constantFrom("authorization", "x-api-key", ""),
+  credentialHeaders: fc.constantFrom([], ["authorization"], ["x-api-key"], ["authorization", "x-api-key"]),
   route: fc.constant({ requiredScopes: [], projectId: null, cost: 1 }),
   limits: fc.option(limitsArb, { nil: null }),
 });
@@ -80,7 +80,10 @@ const denyArb: fc.Arbitrary<Deny> = fc
     return deny;
   });
 
-const clientHeaders = fc.array(fc.constantFrom("authorization", "x-api-key", "accept", "x-keygate-key-id", "x-keygate-spoof", "X-Keygate-Plan", "x-keygate-project-id"), { maxLength: 6 });
+const clientHeaders = fc.array(
+  fc.constantFrom("authorization", "x-api-key", "accept", "x-keygate-key-id", "x-keygate-spoof", "X-Keygate-Plan", "x-keygate-project-id", "x_keygate_owner_id", "X_KEYGATE-Scopes"),
+  { maxLength: 8 },
+);
 
 function same(decision: Decision, names: string[], requestId: string, nowMs: number): void {
   const encoded = encodeCheckResponse(decision, names, requestId, nowMs);
@@ -119,5 +122,69 @@ describe("Check response encoding happy", () => {
       expect(decoded.dynamicMetadata?.["key_id"]).toBe(allow.snapshot.key.id);
       expect(decoded.httpResponse.case).toBe("okResponse");
     }
+  });
+});
+
+// A fixed allow whose answer was captured from the encoder before credential removal covered
+// every credential header: with one credential header present, the bytes must not change.
+const GOLDEN_SNAPSHOT: KeySnapshot = {
+  key: {
+    id: "key_golden",
+    hash: "h",
+    ownerId: "owner-golden",
+    projectId: "alpha",
+    name: "n",
+    mode: "live",
+    start: "kg_live_abcd",
+    last4: "wxyz",
+    scopes: ["read", "decks"],
+    metadata: {},
+    createdAtMs: 0,
+    lastUsedAtMs: null,
+    expiresAtMs: null,
+    revokedAtMs: null,
+    revokeReason: null,
+    graceEndsAtMs: null,
+    rotatedToId: null,
+    rateLimit: null,
+  },
+  account: { ownerId: "owner-golden", plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
+};
+const GOLDEN_LIMITS: ChargeResult = {
+  allowed: true,
+  reason: null,
+  rate: { limit: 100, windowSeconds: 60, remaining: 99, resetSeconds: 60 },
+  retryAfterSeconds: null,
+  quota: null,
+  credits: null,
+  spent: null,
+};
+const GOLDEN_NAMES = ["authorization", "accept", "x-keygate-owner-id", "x-keygate-tenant", "X-Keygate-Role", "x-keygate-tenant"];
+const GOLDEN_HEX =
+  "0a001aa90312220a1e0a10782d6b6579676174652d6b65792d6964120a6b65795f676f6c64656e180212260a220a12782d6b6579676174652d6f776e65722d6964120c6f776e65722d676f6c64656e180212210a1d0a14782d6b6579676174652d70726f6a6563742d69641205616c706861180212220a1e0a10782d6b6579676174652d73636f706573120a726561642c6465636b73180212190a150a0e782d6b6579676174652d706c616e120370726f1802121a0a160a0e782d6b6579676174652d6d6f646512046c69766518022a0d617574686f72697a6174696f6e2a10782d6b6579676174652d74656e616e742a0e782d6b6579676174652d726f6c65321c0a180a11782d726174656c696d69742d6c696d697412033130301802321f0a1b0a15782d726174656c696d69742d72656d61696e696e67120239391802321b0a170a11782d726174656c696d69742d7265736574120236301802322b0a270a10726174656c696d69742d706f6c6963791213226d696e757465223b713d3130303b773d3630180232230a1f0a09726174656c696d69741212226d696e757465223b723d39393b743d363018022282010a160a066b65795f6964120c1a0a6b65795f676f6c64656e0a1a0a086f776e65725f6964120e1a0c6f776e65722d676f6c64656e0a150a0a70726f6a6563745f696412071a05616c7068610a0d0a04706c616e12051a0370726f0a0e0a046d6f646512061a046c6976650a160a0673636f706573120c1a0a726561642c6465636b73";
+
+function goldenAllow(credentialHeaders: string[]): Allow {
+  return { allow: true, snapshot: GOLDEN_SNAPSHOT, credentialHeaders, route: { requiredScopes: [], projectId: null, cost: 1 }, limits: GOLDEN_LIMITS };
+}
+
+function removalOf(bytes: Uint8Array): string[] {
+  const decoded = fromBinary(CheckResponseSchema, bytes);
+  if (decoded.httpResponse.case !== "okResponse") throw new Error(`expected ok, got ${decoded.httpResponse.case ?? "nothing"}`);
+  return decoded.httpResponse.value.headersToRemove;
+}
+
+describe("Check response encoding: what is removed upstream", () => {
+  it("is byte for byte the earlier answer when one credential header is present", () => {
+    const bytes = encodeCheckResponse(goldenAllow(["authorization"]), GOLDEN_NAMES, "req-golden", 1_700_000_000_000);
+    expect(Buffer.from(bytes).toString("hex")).toBe(GOLDEN_HEX);
+  });
+
+  it("lists every credential header present, then every identity spelling the allow does not overwrite, once each", () => {
+    const names = ["authorization", "x-api-key", "x_keygate_owner_id", "X-KEYGATE-Owner-Id", "x-keygate-owner-id", "X_Keygate_Tenant", "x-keygate_tenant", "x-keygateway", "xkeygate-x"];
+    const bytes = encodeCheckResponse(goldenAllow(["authorization", "x-api-key"]), names, "r", 0);
+    same(goldenAllow(["authorization", "x-api-key"]), names, "r", 0);
+    // X-KEYGATE-Owner-Id is x-keygate-owner-id to Envoy, which the allow overwrites; the
+    // underscore spellings are other names to Envoy, and the same name to a WSGI or PHP upstream.
+    expect(removalOf(bytes)).toEqual(["authorization", "x-api-key", "x_keygate_owner_id", "x_keygate_tenant", "x-keygate_tenant"]);
   });
 });

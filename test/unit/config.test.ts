@@ -21,7 +21,8 @@ describe("config", () => {
 
   it("loads the shipped example policy", () => {
     const policy = loadPolicyFile(resolve(import.meta.dirname, "../../deploy/config/keygate.example.yaml"));
-    expect(policy.routes).toHaveLength(3);
+    expect(policy.routes).toHaveLength(4);
+    expect(policy.routeMatching).toEqual({ caseInsensitive: false });
     expect(policy.scopes.default).toEqual(["read"]);
   });
 

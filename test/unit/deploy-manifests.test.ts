@@ -9,6 +9,7 @@ import { RouteTable } from "../../src/authz/routes.js";
 import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import type { Config } from "../../src/config.js";
 import { requireServer } from "../harness/ports.js";
+import { judgedHeaders } from "../../src/server/original-request.js";
 
 // Structural checks of everything under deploy/: the manifests must agree with keygate itself
 // (ports, probes, policy, routes) and with each other (selectors, ports, names). Nothing here
@@ -464,6 +465,10 @@ const extAuthzSchema = z.object({
 const hcmSchema = z.object({
   "@type": z.literal("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
   route_config: z.object({ virtual_hosts: z.array(z.object({ name: z.string(), routes: z.array(envoyRouteSchema) })) }),
+  normalize_path: z.boolean().optional(),
+  merge_slashes: z.boolean().optional(),
+  path_with_escaped_slashes_action: z.string().optional(),
+  common_http_protocol_options: z.object({ headers_with_underscores_action: z.string().optional() }).optional(),
   http_filters: z.array(z.object({ name: z.string(), typed_config: z.record(z.string(), z.unknown()) })),
 });
 
@@ -732,7 +737,7 @@ describe("deploy manifests: policy ConfigMap", () => {
 describe("deploy manifests: envoy.yaml", () => {
   const read = lazy(() => {
     const policy = loadPolicyFile(EXAMPLE_POLICY);
-    return { envoy: readEnvoy(), policy, table: new RouteTable(policy.routes) };
+    return { envoy: readEnvoy(), policy, table: new RouteTable(policy.routes, policy.routeMatching) };
   });
 
   it("listens on 10000 and runs ext_authz, failing closed, before the router", () => {
@@ -747,6 +752,15 @@ describe("deploy manifests: envoy.yaml", () => {
     expect(envoy.extAuthz.grpc_service.timeout).toMatch(/^\d+(\.\d+)?s$/);
     // keygate decides on headers only: no body buffering.
     expect(envoy.extAuthz.with_request_body).toBeUndefined();
+  });
+
+  it("normalizes paths before routing, and refuses escaped slashes and underscored header names", () => {
+    const { envoy } = read();
+    expect(envoy.hcm.normalize_path).toBe(true);
+    expect(envoy.hcm.merge_slashes).toBe(true);
+    // keygate refuses %2F and %5C too; a redirect to the unescaped path would change its meaning.
+    expect(envoy.hcm.path_with_escaped_slashes_action).toBe("REJECT_REQUEST");
+    expect(envoy.hcm.common_http_protocol_options?.headers_with_underscores_action).toBe("REJECT_REQUEST");
   });
 
   it("sends Checks over HTTP/2 to keygate's gRPC port", () => {
@@ -804,7 +818,8 @@ describe("deploy manifests: envoy.yaml", () => {
     }
     // Every route of the policy is mirrored by an Envoy route that sends its scopes.
     for (const route of policy.routes) {
-      const method = route.method === "*" ? "GET" : route.method;
+      // A "*" route is checked with a method it actually serves (GET may belong to another).
+      const method = route.method !== "*" ? route.method : (methods.find((m) => table.match(m, route.pathPrefix) === route) ?? "GET");
       const envoyRoute = envoy.routes.find((r) => envoyRouteMatches(r, method, route.pathPrefix));
       const sent = envoyRoute === undefined ? undefined : perRouteAuthz(envoyRoute)?.check_settings?.context_extensions?.["required_scopes"];
       expect(sent, `${method} ${route.pathPrefix}`).toBe(route.requiredScopes.join(","));
@@ -1108,6 +1123,7 @@ describe("deploy manifests: Istio", () => {
       kind: z.literal("IstioOperator"),
       spec: z.object({
         meshConfig: z.object({
+          pathNormalization: z.object({ normalization: z.string() }).optional(),
           extensionProviders: z.array(z.object({ name: z.string(), envoyExtAuthzGrpc: z.record(z.string(), z.unknown()).optional() })),
         }),
       }),
@@ -1146,6 +1162,10 @@ describe("deploy manifests: Istio", () => {
     expect(authz?.spec.ports.find((p) => p.port === grpc.port)?.appProtocol).toBe("grpc");
     expect(grpc.failOpen).toBe(false);
     expect(grpc.includeRequestBodyInCheck).toBeUndefined();
+  });
+
+  it("has sidecars normalize paths and merge slashes, leaving escaped slashes for keygate to refuse", () => {
+    expect(operator().spec.meshConfig.pathNormalization).toEqual({ normalization: "MERGE_SLASHES" });
   });
 
   it("sends every request to sample-api except /healthz through keygate", () => {
@@ -1196,5 +1216,103 @@ describe("deploy manifests: monitoring", () => {
         }
       }
     }
+  });
+});
+
+// ---- HTTP-mode proxies: nginx, Caddy, Traefik ------------------------------------------------------
+
+describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keygate judges", () => {
+  const NGINX = join(DEPLOY, "nginx/keygate.conf.template");
+  const CADDY = join(DEPLOY, "caddy/Caddyfile");
+  const TRAEFIK = join(DEPLOY, "traefik/keygate.yaml");
+  const OTHER_FAMILY = ["X-Forwarded-Uri", "X-Forwarded-Method", "X-Forwarded-Host", "X-Original-URL"];
+
+  /** The body of an nginx `location <name> { ... }` block (no nested blocks in these). */
+  function nginxLocation(template: string, name: string): string {
+    const start = template.indexOf(`location ${name} {`);
+    expect(start, name).toBeGreaterThanOrEqual(0);
+    return template.slice(start, template.indexOf("\n    }", start));
+  }
+
+  it("nginx: the check sets keygate's pair from what nginx serves and clears the other proxies' names", () => {
+    const check = nginxLocation(readFileSync(NGINX, "utf8"), "= /_keygate_check");
+    const judged = judgedHeaders("nginx");
+    expect(judged).toEqual({ uri: "X-Original-URI", method: "X-Original-Method" });
+    expect(check).toMatch(/proxy_pass http:\/\/keygate_authz\/check;/);
+    const set = new Map([...check.matchAll(/^\s*proxy_set_header (\S+) (.+);$/gm)].map((m) => [m[1] ?? "", m[2] ?? ""]));
+    expect(set.get(judged?.uri ?? "")).toBe("$request_uri");
+    expect(set.get(judged?.method ?? "")).toBe("$request_method");
+    for (const name of OTHER_FAMILY) expect(set.get(name), name).toBe('""');
+    expect(readFileSync(NGINX, "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY=nginx");
+  });
+
+  it("Caddy: forward_auth calls a bare /check and nginx's names are dropped before it", () => {
+    const caddyfile = readFileSync(CADDY, "utf8");
+    // forward_auth itself sets X-Forwarded-Method and X-Forwarded-Uri, replacing a client's.
+    expect(judgedHeaders("caddy")).toEqual({ uri: "X-Forwarded-Uri", method: "X-Forwarded-Method" });
+    expect(caddyfile).toMatch(/forward_auth \{\$KEYGATE_HTTP_AUTHZ\} \{\s*uri \/check\s/);
+    const drop = caddyfile.indexOf("request_header -X-Original-*");
+    expect(drop).toBeGreaterThanOrEqual(0);
+    expect(drop).toBeLessThan(caddyfile.search(/^\s*forward_auth \{/m));
+    expect(caddyfile).toContain("KEYGATE_HTTP_AUTHZ_PROXY=caddy");
+  });
+
+  const traefikSchema = z.object({
+    http: z.object({
+      routers: z.record(z.string(), z.object({ entryPoints: z.array(z.string()), rule: z.string(), middlewares: z.array(z.string()), service: z.string() })),
+      middlewares: z.object({
+        "keygate-auth": z.object({
+          forwardAuth: z.object({
+            address: z.string(),
+            trustForwardHeader: z.literal(false),
+            authRequestHeaders: z.array(z.string()),
+            authResponseHeadersRegex: z.string(),
+            authResponseHeaders: z.array(z.string()),
+          }),
+        }),
+        "keygate-strip-credentials": z.object({ headers: z.object({ customRequestHeaders: z.record(z.string(), z.string()) }) }),
+      }),
+      services: z.record(z.string(), z.object({ loadBalancer: z.object({ servers: z.array(z.object({ url: z.string() })) }) })),
+    }),
+  });
+
+  /** The file as Traefik's file provider reads it: `{{ env "NAME" }}` filled in first. */
+  function traefik(): z.infer<typeof traefikSchema> {
+    const values: Record<string, string> = { KEYGATE_HTTP_AUTHZ: "keygate:8181", API_UPSTREAM: "api:8000" };
+    const rendered = readFileSync(TRAEFIK, "utf8").replace(/\{\{\s*env "(\w+)"\s*\}\}/g, (_m, name: string) => values[name] ?? `<unset ${name}>`);
+    expect(rendered).not.toContain("{{");
+    // The file parses as YAML as it ships, and means the same once Traefik has filled it in.
+    loadOne(TRAEFIK);
+    return traefikSchema.parse(parseYaml(rendered));
+  }
+
+  it("Traefik: ForwardAuth to a bare /check, never trusting a client's X-Forwarded-*, with only the key's headers sent", () => {
+    const { http } = traefik();
+    expect(judgedHeaders("traefik")).toEqual({ uri: "X-Forwarded-Uri", method: "X-Forwarded-Method" });
+    const auth = http.middlewares["keygate-auth"].forwardAuth;
+    expect(auth.address).toBe("http://keygate:8181/check");
+    const sent = auth.authRequestHeaders.map((h) => h.toLowerCase());
+    for (const credential of DEFAULTS.policy.credentialHeaders) expect(sent).toContain(credential);
+    expect(sent.filter((h) => /^x-(original|forwarded)-/.test(h))).toEqual([]);
+    expect(http.services["keygate-api-upstream"]?.loadBalancer.servers).toEqual([{ url: "http://api:8000" }]);
+  });
+
+  it("Traefik: every x-keygate-* spelling is replaced by keygate's, rate-limit headers go upstream, and the key is removed after the check", () => {
+    const { http } = traefik();
+    const auth = http.middlewares["keygate-auth"].forwardAuth;
+    // Go's RE2 takes the (?i) flag inline; JavaScript takes it as a flag.
+    expect(auth.authResponseHeadersRegex.startsWith("(?i)")).toBe(true);
+    const identity = new RegExp(auth.authResponseHeadersRegex.slice("(?i)".length), "i");
+    for (const name of ["X-Keygate-Owner-Id", "X_keygate_owner_id", "X-Keygate_tenant", "X-KEYGATE-Scopes"]) expect(identity.test(name), name).toBe(true);
+    for (const name of ["X-Keygateway", "Authorization", "X-Request-Id"]) expect(identity.test(name), name).toBe(false);
+    expect(auth.authResponseHeaders).toEqual(["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "RateLimit-Policy", "RateLimit", "X-Credits-Remaining"]);
+    const stripped = http.middlewares["keygate-strip-credentials"].headers.customRequestHeaders;
+    expect(Object.fromEntries(Object.entries(stripped).map(([k, v]) => [k.toLowerCase(), v]))).toEqual(
+      Object.fromEntries(DEFAULTS.policy.credentialHeaders.map((h) => [h, ""])),
+    );
+    const router = http.routers["keygate-api"];
+    expect(router?.middlewares).toEqual(["keygate-auth", "keygate-strip-credentials"]);
+    expect(router?.service).toBe("keygate-api-upstream");
+    expect(readFileSync(TRAEFIK, "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY=traefik");
   });
 });

@@ -206,7 +206,7 @@ describe("Envoy wire format happy", () => {
     const allow: Allow = {
       allow: true,
       snapshot: SNAPSHOT,
-      credentialHeader: "authorization",
+      credentialHeaders: ["authorization"],
       route: { requiredScopes: [], projectId: null, cost: 1 },
       limits: LIMITS,
     };

@@ -1,6 +1,8 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { RouteConfigError, RouteTable, normalizePath } from "../../src/authz/routes.js";
+import { DEFAULT_POLICY_INPUT, parsePolicy } from "../../src/config.js";
+import { DENIALS } from "../../src/authz/reasons.js";
+import { PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
   { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1 },
@@ -8,44 +10,177 @@ const table = new RouteTable([
   { method: "POST", pathPrefix: "/v1/hooks", requiredScopes: ["webhooks"], cost: 1 },
 ]);
 
-describe("routes", () => {
-  it("normalizes dot segments, repeated slashes, encodings and queries", () => {
-    expect(normalizePath("/v1//decks/./1/../2?x=/v1")).toBe("/v1/decks/2");
-    expect(normalizePath("/v1/%64ecks")).toBe("/v1/decks");
-    expect(normalizePath("/../../etc")).toBe("/etc");
-    expect(normalizePath("/bad/%zz")).toBe("/bad/%zz");
-    expect(normalizePath("/v1/decks/")).toBe("/v1/decks");
-    expect(normalizePath("/.hidden/x")).toBe("/.hidden/x");
-    expect(normalizePath("/")).toBe("/");
+/** The requirements, failing the test on a refusal. */
+function required(method: string, path: string, extensions?: Record<string, string>) {
+  const result = table.requirements(method, path, extensions);
+  if (result instanceof RouteRefusal) throw new Error(`refused ${path}: ${result.message}`);
+  return result;
+}
+
+describe("canonical path happy", () => {
+  it("returns an already canonical path as the same string", () => {
+    for (const path of ["/", "/v1/decks", "/v1/decks/", "/.hidden/x", "/v1/a.b/c~d_e-f", "/v1/UPPER/42"]) expect(canonicalPath(path)).toBe(path);
   });
 
-  it("an already normal path comes back as the segment-by-segment normalization gives it", () => {
-    const segment = fc.constantFrom("", ".", "..", "v1", "decks", "%64ecks", "%zz", "a.b", ".x", "x?y", "#f", "%2F");
-    const path = fc.array(segment, { maxLength: 6 }).map((parts) => `/${parts.join("/")}`);
+  it("cuts the query, decodes unreserved escapes and upper-cases the hex of the others", () => {
+    expect(canonicalPath("/v1/decks?x=/../%2F;#")).toBe("/v1/decks");
+    expect(canonicalPath("/v1/%64ecks")).toBe("/v1/decks");
+    expect(canonicalPath("/v1/%7Euser%2D%5F%41")).toBe("/v1/~user-_A");
+    expect(canonicalPath("/v1/a%3ab%40c%20d")).toBe("/v1/a%3Ab%40c%20d");
+    expect(canonicalPath("/v1/caf%c3%a9")).toBe("/v1/caf%C3%A9");
+    expect(canonicalPath("/v1/%F0%9F%94%91")).toBe("/v1/%F0%9F%94%91");
+    expect(canonicalPath("/v1/decks/?q")).toBe("/v1/decks/");
+  });
+
+  it("is idempotent, and a canonical path takes the fast path to itself", () => {
+    const piece = fc.constantFrom("v1", "decks", "%64", "%7e", "a.b", ".x", "%20x", "%C3%A9", "X", "~", "-");
+    const path = fc.array(fc.array(piece, { minLength: 1, maxLength: 3 }).map((p) => p.join("")), { maxLength: 5 }).map((s) => `/${s.join("/")}`);
     fc.assert(
-      fc.property(path, (p) => {
-        // A "/x/.." prefix always takes the segment-by-segment route, and cancels itself out.
-        expect(normalizePath(p)).toBe(normalizePath(`/x/..${p}`));
+      fc.property(path, fc.constantFrom("", "?q=1", "/"), (p, tail) => {
+        const once = canonicalPath(p + tail);
+        if (once instanceof RouteRefusal) return;
+        expect(canonicalPath(once)).toBe(once);
       }),
-      { numRuns: 2000 },
+      { numRuns: 2000, seed: 12 },
     );
   });
+});
 
+describe("canonical path security", () => {
+  const refused: Array<[string, RouteRefusal, string[]]> = [
+    ["not origin-form", PATH_REFUSALS.notOriginForm, ["", "v1/decks", "*", "http://evil/v1/decks", "%2Fv1"]],
+    ["control characters, spaces and NUL", PATH_REFUSALS.control, ["/v1/decks\u0000", "/v1/de\tcks", "/v1/decks ", "/v1 /decks", "/v1/\u007f", "/v1/decks\r\nx: y"]],
+    ["a fragment", PATH_REFUSALS.fragment, ["/v1/public#/../decks", "/v1/decks#"]],
+    ["a raw backslash", PATH_REFUSALS.backslash, ["/v1\\decks", "/v1/x\\..\\decks", "/v1/decks\\"]],
+    ["; path parameters", PATH_REFUSALS.parameter, ["/v1/decks;x=1", "/v1/x/..;/decks", "/v1;/decks", "/v1/decks;"]],
+    ["malformed escapes", PATH_REFUSALS.malformedEscape, ["/v1/%zz", "/v1/%", "/v1/%6", "/v1/%6?x", "/v1/%C0%AE", "/v1/%C3", "/v1/%C3%28", "/v1/%ED%A0%80", "/v1/%F5%80%80%80", "/v1/%80"]],
+    ["encoded / and \\", PATH_REFUSALS.encodedSlash, ["/v1%2Fdecks", "/v1%2fdecks", "/v1/x/..%2Fdecks", "/v1/x/..%2fdecks", "/v1%5Cdecks", "/v1%5cdecks"]],
+    ["encoded dots", PATH_REFUSALS.encodedDot, ["/v1/x/%2E%2E/decks", "/v1/x/%2e%2e/decks", "/v1/%2E/decks", "/v1/decks%2e", "/v1/x/.%2E/decks"]],
+    ["encoded NUL and control characters", PATH_REFUSALS.encodedControl, ["/v1/decks%00", "/v1/decks%00.json", "/v1/%0A", "/v1/%0d%0a", "/v1/%7F", "/v1/%1f"]],
+    ["encoded %, ;, ? and #", PATH_REFUSALS.encodedDelimiter, ["/v1/%252F", "/v1/decks%3Bx=1", "/v1/decks%3bx", "/v1/decks%3Fx", "/v1/decks%23x"]],
+    ["empty segments", PATH_REFUSALS.emptySegment, ["//v1/decks", "/v1//decks", "/v1/decks//", "/v1//"]],
+    ["dot segments", PATH_REFUSALS.dotSegment, ["/v1/x/../decks", "/v1/./decks", "/..", "/.", "/../v1/decks", "/v1/decks/.", "/v1/decks/..", "/v1/%78/../decks"]],
+    ["segments ending in a dot or a space", PATH_REFUSALS.trailingDot, ["/v1/decks.", "/v1/decks./x", "/v1/decks...", "/v1/decks%20", "/v1/decks%20/x", "/v1/%64ecks."]],
+  ];
+
+  it.each(refused)("refuses %s", (_name, refusal, paths) => {
+    for (const path of paths) expect(canonicalPath(path), JSON.stringify(path)).toBe(refusal);
+  });
+
+  it("every refusal is an INVALID_PATH denial whose message names the problem", () => {
+    expect(DENIALS.INVALID_PATH).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST", retryable: false });
+    const messages = new Set<string>();
+    for (const refusal of Object.values(PATH_REFUSALS)) {
+      expect(refusal).toMatchObject({ allow: false, reason: "INVALID_PATH" });
+      expect(refusal.message).toMatch(/^The request path .+, so it is refused\. Send /);
+      messages.add(refusal.message);
+    }
+    expect(messages.size).toBe(Object.keys(PATH_REFUSALS).length);
+  });
+
+  it("a query may hold anything: it is cut before the path is judged", () => {
+    expect(canonicalPath("/v1/decks?a=%2F&b=..;/\\&c=%zz")).toBe("/v1/decks");
+  });
+
+  it("the routes table refuses what canonicalPath refuses, for every method", () => {
+    for (const method of ["GET", "POST", "DELETE"]) {
+      expect(table.requirements(method, "/v1/decks;x=1", undefined)).toBe(PATH_REFUSALS.parameter);
+      expect(table.match(method, "/v1/x/..%2Fdecks")).toBe(PATH_REFUSALS.encodedSlash);
+    }
+    // Even an empty table: what the path means is undecidable whatever the routes are.
+    expect(new RouteTable([]).requirements("GET", "/v1\\decks", undefined)).toBe(PATH_REFUSALS.backslash);
+  });
+});
+
+describe("routes happy", () => {
   it("matches the longest prefix on a segment boundary, by method", () => {
-    expect(table.requirements("GET", "/v1/decks/export/all", undefined)).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5 });
-    expect(table.requirements("GET", "/v1/decks", undefined).requiredScopes).toEqual(["decks"]);
-    expect(table.requirements("GET", "/v1/decksx", undefined).requiredScopes).toEqual([]);
-    expect(table.requirements("GET", "/v1/hooks", undefined).requiredScopes).toEqual([]);
-    expect(table.requirements("post", "/v1/hooks/1", undefined).requiredScopes).toEqual(["webhooks"]);
+    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5 });
+    expect(required("GET", "/v1/decks").requiredScopes).toEqual(["decks"]);
+    expect(required("GET", "/v1/%64ecks/").requiredScopes).toEqual(["decks"]);
+    expect(required("GET", "/v1/decksx").requiredScopes).toEqual([]);
+    expect(required("GET", "/v1/hooks").requiredScopes).toEqual([]);
+    expect(required("post", "/v1/hooks/1").requiredScopes).toEqual(["webhooks"]);
   });
 
   it("context_extensions win field by field", () => {
-    expect(table.requirements("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0 });
-    expect(table.requirements("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1 });
+    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0 });
+    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1 });
+    expect(required("GET", "/v1/decks", { cost: " 7 " }).cost).toBe(7);
   });
 
-  it("a cost that is not a whole number is a configuration error", () => {
-    expect(() => table.requirements("GET", "/", { cost: "-1" })).toThrow(RouteConfigError);
-    expect(() => table.requirements("GET", "/", { cost: "1.5" })).toThrow(/context_extensions.cost/);
+  it("blank context_extensions mean not set, so the routes table applies", () => {
+    for (const blank of ["", " ", "\t ", "\n"]) {
+      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5 });
+    }
+    expect(required("GET", "/v1/decks", { required_scopes: "" }).requiredScopes).toEqual(["decks"]);
+  });
+});
+
+describe("routes error", () => {
+  it("a cost that is not a whole number is a ROUTE_MISCONFIGURED denial, not an exception", () => {
+    for (const cost of ["-1", "1.5", "abc", "1e3", "0x10", "1234567890", "1 2"]) expect(table.requirements("GET", "/v1/decks", { cost })).toBe(ROUTE_CONFIG_REFUSALS.cost);
+    expect(DENIALS.ROUTE_MISCONFIGURED).toMatchObject({ httpStatus: 500, retryable: false });
+  });
+
+  it("required_scopes that are not scope names are a ROUTE_MISCONFIGURED denial", () => {
+    for (const scopes of ["Decks", "read write", "read;write", "decks,*", "ünï"]) {
+      expect(table.requirements("GET", "/v1/decks", { required_scopes: scopes }), scopes).toBe(ROUTE_CONFIG_REFUSALS.requiredScopes);
+    }
+  });
+
+  it("a path refusal wins over bad per-route settings", () => {
+    expect(table.requirements("GET", "/v1/decks;x", { cost: "abc" })).toBe(PATH_REFUSALS.parameter);
+  });
+});
+
+describe("letter case", () => {
+  const routes = [
+    { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1 },
+    { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1 },
+  ];
+
+  it("by default, matches case exactly and refuses a path that another route would serve with case ignored", () => {
+    const exact = new RouteTable(routes);
+    expect(exact.match("GET", "/v1/decks/AbC")).toBe(routes[0]);
+    expect(exact.match("GET", "/v1/things/AbC")).toBe(routes[1]);
+    for (const path of ["/V1/decks", "/v1/Decks", "/v1/DECKS/1", "/V1/things", "/v1/%44ecks"]) expect(exact.match("GET", path), path).toBe(PATH_REFUSALS.letterCase);
+    // Case ignored, these still find the same route.
+    expect(exact.match("GET", "/v1/Things")).toBe(routes[1]);
+    expect(exact.match("GET", "/Other")).toBeNull();
+  });
+
+  it("a mixed-case prefix is held to the same rule, even for a lower-case path", () => {
+    const mixed = new RouteTable([
+      { method: "*", pathPrefix: "/v1/Admin", requiredScopes: ["admin"], cost: 1 },
+      { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1 },
+    ]);
+    expect(mixed.match("GET", "/v1/admin")).toBe(PATH_REFUSALS.letterCase);
+    expect(mixed.match("GET", "/v1/Admin")).toMatchObject({ pathPrefix: "/v1/Admin" });
+  });
+
+  it("routeMatching.caseInsensitive folds letter case instead of refusing", () => {
+    const folded = new RouteTable(routes, { caseInsensitive: true });
+    for (const path of ["/V1/decks", "/v1/Decks", "/V1/DECKS/1", "/v1/%44ecks"]) expect(folded.match("GET", path), path).toBe(routes[0]);
+    expect(folded.match("GET", "/V1/things")).toBe(routes[1]);
+  });
+
+  it("is a policy option, off by default", () => {
+    expect(parsePolicy(DEFAULT_POLICY_INPUT).routeMatching).toEqual({ caseInsensitive: false });
+    expect(parsePolicy({ ...DEFAULT_POLICY_INPUT, routeMatching: { caseInsensitive: true } }).routeMatching).toEqual({ caseInsensitive: true });
+    expect(() => parsePolicy({ ...DEFAULT_POLICY_INPUT, routeMatching: { caseInsensitive: "yes" } })).toThrow(/routeMatching\.caseInsensitive/);
+  });
+});
+
+describe("route prefixes in the policy", () => {
+  const withPrefix = (pathPrefix: string) => ({ ...DEFAULT_POLICY_INPUT, routes: [{ method: "*", pathPrefix, requiredScopes: ["read"] }] });
+
+  it("accepts canonical prefixes of unreserved characters", () => {
+    for (const prefix of ["/", "/v1", "/v1/", "/v1/decks", "/api/v1.2/x_y-z~", "/.well-known"]) expect(() => parsePolicy(withPrefix(prefix)), prefix).not.toThrow();
+  });
+
+  it("refuses a prefix that no canonical path could match segment for segment", () => {
+    for (const prefix of ["/v1//decks", "/v1/./decks", "/v1/../decks", "/v1/decks.", "/v1/%64ecks", "/v1/a;b", "/v1\\decks", "/v1/a b", "/v1/a:b", "//"]) {
+      expect(() => parsePolicy(withPrefix(prefix)), prefix).toThrow(/routes\.0\.pathPrefix: a path prefix is "\/" or "\/"-separated segments/);
+    }
   });
 });

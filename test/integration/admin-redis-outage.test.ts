@@ -1,0 +1,139 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TEST_POLICY, checkInit, startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+import { requireServer } from "../harness/ports.js";
+import { redisAvailable, startRedis } from "../harness/redis-server.js";
+import type { RedisServer } from "../harness/redis-server.js";
+
+// CreateKey, RotateKey and AddCredits while Redis is stopped or frozen: the store change is the
+// call's result, so a cache that cannot be told must not turn it into an error (the secret would
+// be lost, no audit row written, and the caller's retry would hit the plan cap or add twice).
+
+const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
+
+const POLICY = {
+  ...TEST_POLICY,
+  plans: {
+    ...TEST_POLICY.plans,
+    // One key at most: a second CreateKey for the same account proves how many the first made.
+    single: { maxActiveKeys: 1, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
+    metered: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 },
+  },
+};
+
+async function until(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const started = performance.now();
+  while (!(await condition())) {
+    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () => {
+  let redis: RedisServer;
+  let kg: TestKeygate;
+
+  beforeAll(async () => {
+    const started = await startRedis();
+    if (started === null) throw new Error("redis-server is not on PATH");
+    redis = started;
+    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: redis.url } });
+  });
+
+  afterAll(async () => {
+    await kg?.stop();
+    await redis?.stop();
+  });
+
+  /**
+   * UpsertAccount once Redis is reachable again: an account change must tell the caches, so
+   * after a restart or a thaw it answers UNAVAILABLE until keygate's connection is back.
+   */
+  async function upsertAccount(ownerId: string, plan: string): Promise<void> {
+    await until(
+      () =>
+        kg.admin.upsertAccount({ ownerId, plan }).then(
+          () => true,
+          (error: unknown) => {
+            if (error instanceof Error && "code" in error && error.code === 14) return false;
+            throw error;
+          },
+        ),
+      15_000,
+      "UpsertAccount with Redis reachable",
+    );
+  }
+
+  const allowed = async (secret: string): Promise<boolean> => (await kg.check(checkInit({ "x-api-key": secret }))).httpResponse.case === "okResponse";
+
+  async function auditActions(ownerId: string): Promise<string[]> {
+    return (await kg.admin.listAuditEvents({ ownerId, pageSize: 100 })).events.map((e) => e.action);
+  }
+
+  async function expectOneWorkingKey(ownerId: string): Promise<void> {
+    const created = await kg.admin.createKey({ ownerId, name: "during outage" });
+    expect(created.secret).toMatch(/^kg_live_/);
+    expect(await allowed(created.secret)).toBe(true);
+    expect(await auditActions(ownerId)).toEqual(["account.upsert", "key.create"]);
+    // Exactly one key was made, so the plan's one slot is taken once: a retry would be refused.
+    expect((await kg.admin.getAccount({ ownerId })).account?.activeKeyCount).toBe(1);
+    await expect(kg.admin.createKey({ ownerId, name: "second" })).rejects.toMatchObject({ code: 8 });
+  }
+
+  it("CreateKey with Redis stopped returns a working key and writes its audit row", async () => {
+    await upsertAccount("outage-stopped", "single");
+    await redis.stop();
+    try {
+      await expectOneWorkingKey("outage-stopped");
+    } finally {
+      await redis.start();
+    }
+  });
+
+  it("CreateKey with Redis frozen returns a working key and writes its audit row", async () => {
+    await upsertAccount("outage-frozen", "single");
+    redis.freeze();
+    try {
+      await expectOneWorkingKey("outage-frozen");
+    } finally {
+      redis.thaw();
+    }
+  });
+
+  it("RotateKey with Redis frozen returns the new secret, audits, refuses the old key here, and tells the others once Redis answers", async () => {
+    await upsertAccount("outage-rotate", "business");
+    const old = await kg.admin.createKey({ ownerId: "outage-rotate", name: "to rotate" });
+    expect(await allowed(old.secret)).toBe(true);
+    const logged = kg.logLines.length;
+    redis.freeze();
+    try {
+      const rotated = await kg.admin.rotateKey({ id: old.key?.id ?? "", graceDays: 0 });
+      expect(rotated.secret).toMatch(/^kg_live_/);
+      expect(rotated.secret).not.toBe(old.secret);
+      expect(await auditActions("outage-rotate")).toEqual(["account.upsert", "key.create", "key.rotate"]);
+      expect(await allowed(old.secret)).toBe(false);
+      expect(await allowed(rotated.secret)).toBe(true);
+    } finally {
+      redis.thaw();
+    }
+    const delivered = (): boolean => kg.logLines.slice(logged).some((line) => line.includes("waiting invalidations reached the other replicas"));
+    await until(delivered, 10_000, "the queued invalidation reaching Redis");
+    expect(await allowed(old.secret)).toBe(false);
+  });
+
+  it("AddCredits with Redis frozen succeeds once, and the live balance has the top-up once Redis answers", async () => {
+    await upsertAccount("outage-credits", "metered");
+    const key = await kg.admin.createKey({ ownerId: "outage-credits", name: "metered" });
+    // A charged Check loads the balance into Redis: 10 - 1.
+    expect(await allowed(key.secret)).toBe(true);
+    expect((await kg.admin.getAccount({ ownerId: "outage-credits" })).account?.creditBalance).toBe(9n);
+    redis.freeze();
+    try {
+      await kg.admin.addCredits({ ownerId: "outage-credits", amount: 100n, reason: "during a freeze" });
+    } finally {
+      redis.thaw();
+    }
+    await until(async () => (await kg.admin.getAccount({ ownerId: "outage-credits" })).account?.creditBalance === 109n, 10_000, "balance 109");
+    expect(await auditActions("outage-credits")).toEqual(["account.upsert", "key.create", "credits.add"]);
+  });
+});
