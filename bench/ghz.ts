@@ -149,7 +149,7 @@ export async function runGhz(ghz: string, run: GhzRun): Promise<GhzResult> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-ghz-"));
   try {
     const output = join(dir, "report.json");
-    const child = spawnTracked("ghz", ghz, ghzArgs(run, output), { cwd: root, env: {} });
+    const child = spawnTracked("ghz", ghz, ghzArgs(run, output), { cwd: root, env: {}, role: "load" });
     const deadline = setTimeout(() => void child.stop("SIGKILL"), DEADLINE_MS);
     const code = await child.exit.finally(() => clearTimeout(deadline));
     if (code !== 0) throw new Error(`ghz exited with ${String(code)}:\n${child.output()}`);

@@ -1,6 +1,8 @@
 import type { DataFile } from "./data.js";
 import { runGhz } from "./ghz.js";
 import type { GhzResult, RunLength } from "./ghz.js";
+import { probeCheck, runH2load } from "./h2load.js";
+import type { FixedRequest, H2loadResult, ProbeResult } from "./h2load.js";
 import { checkCounts, scrape } from "./metrics.js";
 import type { CheckCounts } from "./metrics.js";
 import { cpuSeconds, measureResources, round } from "./processes.js";
@@ -19,7 +21,10 @@ export interface LoadShape {
 export interface LoadSettings {
   ghz: string;
   saturation: LoadShape;
-  fixedRate: LoadShape & { rps: number };
+  /** Latency is measured at each of `rates` Checks a second. */
+  fixedRate: LoadShape & { rates: readonly number[] };
+  /** h2load with one key; null when h2load is not installed. */
+  h2load: { path: string; clients: number; streams: number } | null;
   seconds: number;
 }
 
@@ -43,8 +48,21 @@ interface RunSpec {
   rps?: number;
 }
 
-/** Runs ghz once against `target`, measuring the target's process around it. */
+// A timed run that got no answer at all (ghz still connecting on a starved machine) says nothing
+// about the server; it is run again, up to this many times, before its zero is reported.
+const EMPTY_RUN_RETRIES = 2;
+
+/** Runs ghz against `target`, measuring the target's process around it. */
 export async function measure(target: Target, settings: LoadSettings, spec: RunSpec): Promise<PhaseResult> {
+  let result = await measureOnce(target, settings, spec);
+  for (let retry = 1; retry <= EMPTY_RUN_RETRIES && result.ghz.requests === 0 && "durationSeconds" in spec.length; retry++) {
+    process.stderr.write(`bench: ${target.label}: ghz got no answer in ${spec.length.durationSeconds} s; running it again (${retry} of ${EMPTY_RUN_RETRIES})\n`);
+    result = await measureOnce(target, settings, spec);
+  }
+  return result;
+}
+
+async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec): Promise<PhaseResult> {
   const before = target.adminPort === null ? null : await scrape(target.adminPort);
   const end = measureResources(target.process.pid);
   const companions = (target.companions ?? []).map((c) => ({ ...c, before: cpuSeconds(c.pid) }));
@@ -72,9 +90,76 @@ export function saturation(target: Target, settings: LoadSettings, data: DataFil
   return measure(target, settings, { data, shape: settings.saturation, length: { durationSeconds: settings.seconds } });
 }
 
-/** Fixed rate: `rps` Checks a second for the run's duration. */
-export function fixedRate(target: Target, settings: LoadSettings, data: DataFile): Promise<PhaseResult> {
-  return measure(target, settings, { data, shape: settings.fixedRate, length: { durationSeconds: settings.seconds }, rps: settings.fixedRate.rps });
+/** One fixed-rate run: latency at a set number of Checks a second. */
+export interface FixedRateResult extends PhaseResult {
+  /** The rate asked of ghz; `ghz.rps` is what it got. */
+  targetRps: number;
+}
+
+/** Fixed rates: each of the run's rates for the run's duration, in turn. */
+export async function fixedRates(target: Target, settings: LoadSettings, data: DataFile): Promise<FixedRateResult[]> {
+  const out: FixedRateResult[] = [];
+  for (const rps of settings.fixedRate.rates) {
+    const phase = await measure(target, settings, { data, shape: settings.fixedRate, length: { durationSeconds: settings.seconds }, rps });
+    out.push({ targetRps: rps, ...phase });
+  }
+  return out;
+}
+
+/** h2load driving one key (one fixed request) against one target, with the target's CPU and counts. */
+export interface OneKeyResult {
+  target: string;
+  h2load: H2loadResult;
+  /** grpc-js's answer to the same bytes just before and just after the run. */
+  probe: { before: ProbeResult; after: ProbeResult };
+  resources: ResourceUse;
+  /**
+   * Answers that were gRPC OK: HTTP 200 less keygate's own error decisions (h2load cannot read
+   * grpc-status, which travels in trailers). For a no-op every HTTP 200 is its fixed OK.
+   */
+  grpcOk: number;
+  /** Non-OK gRPC statuses keygate counted (decision "error"); null for a no-op. */
+  grpcErrors: number | null;
+  /** keygate's allows over the run; null for a no-op. */
+  allows: number | null;
+  cpuMicrosPerCheck: number;
+  checks: CheckCounts | null;
+}
+
+/**
+ * Saturation with h2load and one fixed request. The request must first be a gRPC OK allow when
+ * grpc-js sends the same bytes, so HTTP 200 from h2load means what it claims.
+ */
+export async function oneKey(name: string, target: Target, settings: LoadSettings, request: FixedRequest): Promise<OneKeyResult | null> {
+  if (settings.h2load === null) return null;
+  const before = await probeCheck(target.grpcPort, request.message);
+  if (before.grpcStatus !== 0 || !before.allowed) {
+    throw new Error(`${name}: the fixed h2load request is not an allow (gRPC status ${before.grpcStatus}, Check status ${String(before.checkStatus)})`);
+  }
+  const scraped = target.adminPort === null ? null : await scrape(target.adminPort);
+  const end = measureResources(target.process.pid);
+  const run = { port: target.grpcPort, request, clients: settings.h2load.clients, streams: settings.h2load.streams, seconds: settings.seconds };
+  let h2load = await runH2load(settings.h2load.path, run);
+  for (let retry = 1; retry <= EMPTY_RUN_RETRIES && h2load.http200 === 0; retry++) {
+    process.stderr.write(`bench: ${name}: h2load got no answer in ${settings.seconds} s; running it again (${retry} of ${EMPTY_RUN_RETRIES})\n`);
+    h2load = await runH2load(settings.h2load.path, run);
+  }
+  const resources = end();
+  const checks = scraped === null || target.adminPort === null ? null : checkCounts(scraped, await scrape(target.adminPort));
+  const after = await probeCheck(target.grpcPort, request.message);
+  const grpcErrors = checks === null ? null : (checks.decisions["error"] ?? 0);
+  const grpcOk = Math.max(0, h2load.http200 - (grpcErrors ?? 0));
+  return {
+    target: name,
+    h2load,
+    probe: { before, after },
+    resources,
+    grpcOk,
+    grpcErrors,
+    allows: checks === null ? null : (checks.reasons["OK"] ?? 0),
+    cpuMicrosPerCheck: round((resources.cpuSeconds * 1e6) / Math.max(1, grpcOk), 1),
+    checks,
+  };
 }
 
 /** One pass over the first `total` entries of `data` at saturation: warm-ups and touches. */

@@ -1,5 +1,8 @@
-import { existsSync, statSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, statSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { pathToFileURL } from "node:url";
+import { z } from "zod";
 import { SqliteKeyStore } from "../src/store/sqlite.js";
 import type { DataFile } from "./data.js";
 import { pass } from "./measure.js";
@@ -11,6 +14,28 @@ import { seedFiller, sqliteImportWriter } from "./seed.js";
 import type { SeedTiming } from "./seed.js";
 import type { Target } from "./targets.js";
 
+const root = resolve(import.meta.dirname, "..");
+// The bench-only preload that runs gc() on SIGUSR2 and writes process.memoryUsage().
+const GC_PROBE = pathToFileURL(join(root, "bench/gc-probe.mjs")).href;
+const GC_REPORT_TIMEOUT_MS = 30_000;
+
+const usageSchema = z.object({ rss: z.number(), heapTotal: z.number(), heapUsed: z.number(), external: z.number(), arrayBuffers: z.number() });
+
+/** process.memoryUsage() of keygate right after forced full GCs. */
+export type MemoryAfterGc = z.infer<typeof usageSchema>;
+
+/** Asks the probe in `pid` for a GC and its memory, and waits for the report file. */
+async function afterGc(pid: number, reportPath: string): Promise<MemoryAfterGc> {
+  rmSync(reportPath, { force: true });
+  process.kill(pid, "SIGUSR2");
+  const deadline = performance.now() + GC_REPORT_TIMEOUT_MS;
+  while (performance.now() < deadline) {
+    if (existsSync(reportPath)) return usageSchema.parse(JSON.parse(readFileSync(reportPath, "utf8")));
+    await sleep(50);
+  }
+  throw new Error(`keygate wrote no memory report to ${reportPath} within ${GC_REPORT_TIMEOUT_MS} ms of SIGUSR2`);
+}
+
 /** keygate's memory with a large store and many distinct keys touched. */
 export interface MemoryResult {
   storeKeys: number;
@@ -21,8 +46,18 @@ export interface MemoryResult {
   rssAfterStartBytes: number;
   rssAfterTouchBytes: number;
   peakRssBytes: number;
-  /** V8 heap in use after the touch (from keygate's /metrics). */
+  /** V8 heap in use after the touch (from keygate's /metrics, no GC). */
   heapUsedBytes: number | null;
+  /** After start-up, after forced full GCs (keygate ran with --expose-gc and bench/gc-probe.mjs). */
+  atStartAfterGc: MemoryAfterGc;
+  /** After the touch, after forced full GCs. */
+  afterTouchAfterGc: MemoryAfterGc;
+  /** Keys that went into L1: the distinct keys touched, up to L1's bound. */
+  cachedKeys: number;
+  /** (RSS after touch − RSS after start), both after GC, over the cached keys. */
+  rssBytesPerCachedKey: number;
+  /** The same for the V8 heap in use. */
+  heapBytesPerCachedKey: number;
   touch: { requests: number; seconds: number; rps: number; errors: number; l1Misses: number; storeLookups: number };
 }
 
@@ -37,7 +72,10 @@ export interface MemoryInput {
   maxActiveKeys: number;
   touch: DataFile;
   settings: LoadSettings;
-  start(label: string): Promise<Target>;
+  /** Starts keygate with extra node flags and extra (non-KEYGATE_) environment. */
+  start(label: string, nodeArgs: readonly string[], env: Record<string, string>): Promise<Target>;
+  /** A directory for the GC report file. */
+  workDir: string;
 }
 
 function fileBytes(path: string): number {
@@ -56,16 +94,20 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
   } finally {
     await store.close();
   }
-  const target = await input.start("keygate embedded (memory)");
+  const reportPath = join(input.workDir, "gc-report.json");
+  const target = await input.start("keygate embedded (memory)", ["--expose-gc", "--import", GC_PROBE], { BENCH_GC_REPORT: reportPath });
   try {
     // Let start-up allocation settle before the baseline.
     await sleep(1000);
     const atStart = memoryOf(target.process.pid);
+    const atStartAfterGc = await afterGc(target.process.pid, reportPath);
     const touched = Math.min(input.touchKeys, input.touch.entries);
     const run = await pass(target, input.settings, input.touch, touched);
     await sleep(500);
     const after = memoryOf(target.process.pid);
     const samples = target.adminPort === null ? null : await scrape(target.adminPort);
+    const afterTouchAfterGc = await afterGc(target.process.pid, reportPath);
+    const cachedKeys = Math.max(1, Math.min(touched, BENCH_CACHE.maxEntries));
     return {
       storeKeys: Math.max(input.totalKeys, input.existingKeys),
       touchedKeys: touched,
@@ -76,6 +118,11 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
       rssAfterTouchBytes: after.rssBytes,
       peakRssBytes: after.peakRssBytes,
       heapUsedBytes: samples === null ? null : gauge(samples, "nodejs_heap_size_used_bytes"),
+      atStartAfterGc,
+      afterTouchAfterGc,
+      cachedKeys,
+      rssBytesPerCachedKey: Math.round((afterTouchAfterGc.rss - atStartAfterGc.rss) / cachedKeys),
+      heapBytesPerCachedKey: Math.round((afterTouchAfterGc.heapUsed - atStartAfterGc.heapUsed) / cachedKeys),
       touch: {
         requests: run.ghz.requests,
         seconds: run.ghz.seconds,

@@ -1,5 +1,6 @@
 /**
- * The ceiling: a grpc-js Authorization/Check server with keygate's own server options that
+ * The grpc-js no-op (the raw `node:http2` one, bench/noop-h2-server.ts, is the ceiling): a grpc-js
+ * Authorization/Check server with keygate's own grpc-js server options that
  * decodes each request as envoy.service.auth.v3.CheckRequest (proto/envoy's subset: the
  * request line, time, host, scheme, protocol and headers; keygate decodes only the fields it
  * reads, keygate.authz.v1.CheckRequestView) and answers every Check with one fixed OK, encoded

@@ -7,8 +7,14 @@ export interface BenchOptions {
   keys: number;
   accounts: number;
   seconds: number;
-  rps: number;
+  /** Fixed rates for latency, in Checks a second. */
+  rps: number[];
   modes: Array<"embedded" | "redis-mongo">;
+  /** keygate's gRPC engines to run (KEYGATE_GRPC_ENGINE); [null] runs keygate's default, unset. */
+  engines: Array<"h2" | "grpc-js" | null>;
+  pin: boolean;
+  h2loadClients: number;
+  h2loadStreams: number;
   memory: boolean;
   memoryKeys: number;
   memoryTouch: number;
@@ -42,8 +48,12 @@ const rawSchema = z.object({
   keys: z.number().optional(),
   accounts: z.number().optional(),
   seconds: z.number().optional(),
-  rps: z.number(),
+  rps: z.string(),
   modes: z.string(),
+  engines: z.string().optional(),
+  pin: z.boolean(),
+  h2loadClients: z.number(),
+  h2loadStreams: z.number(),
   memory: z.boolean(),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
@@ -64,17 +74,27 @@ const rawSchema = z.object({
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
+const engineSchema = z.array(z.enum(["h2", "grpc-js"])).min(1);
+const ratesSchema = z.array(z.number().int().positive()).min(1);
+
+function list(value: string): string[] {
+  return value.split(",").map((m) => m.trim()).filter((m) => m !== "");
+}
 
 function command(): Command {
   return new Command()
     .name("bench")
-    .description("Benchmarks keygate's Authorization/Check against a no-op grpc-js server with ghz (see issue 6)")
+    .description("Benchmarks keygate's Authorization/Check against no-op node:http2 and grpc-js servers with ghz and h2load (see issue 13)")
     .option("--quick", "small sizes and short runs (under 2 minutes)")
     .option("--keys <n>", "keys to seed (full 100000, quick 5000)", count)
     .option("--accounts <n>", "accounts the keys spread over (full 10000, quick 500)", count)
     .option("--seconds <n>", "length of each saturation and fixed-rate run (full 6, quick 2)", count)
-    .option("--rps <n>", "the fixed rate for latency", count, 5000)
+    .option("--rps <list>", "the fixed rates for latency, Checks a second (e.g. 1000,3000,5000)", "1000,3000")
     .option("--modes <list>", "keygate modes: embedded, redis-mongo", "embedded,redis-mongo")
+    .option("--engines <list>", "keygate gRPC engines to run each mode with (KEYGATE_GRPC_ENGINE): h2, grpc-js; default: keygate's own default")
+    .option("--no-pin", "do not pin servers and load generators to separate cores with taskset")
+    .option("--h2load-clients <n>", "h2load connections for the one-key run", count, 4)
+    .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")
     .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
     .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)
@@ -107,7 +127,9 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     keys,
     accounts,
     seconds: raw.seconds ?? sizes.seconds,
-    modes: modeSchema.parse(raw.modes.split(",").map((m) => m.trim())),
+    rps: ratesSchema.parse(list(raw.rps).map(Number)),
+    modes: modeSchema.parse(list(raw.modes)),
+    engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
     memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,
     hotKeys: raw.hotKeys ?? sizes.hotKeys,

@@ -2,6 +2,8 @@ import { spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { z } from "zod";
+import { pinnedCommand, recordAffinity } from "./pinning.js";
+import type { Role } from "./pinning.js";
 
 const OUTPUT_LIMIT = 64 * 1024;
 const KILL_AFTER_MS = 5000;
@@ -35,13 +37,20 @@ export interface TrackedChild {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** Spawns a tracked child on 127.0.0.1-only services; env replaces the inherited KEYGATE_* variables. */
-export function spawnTracked(name: string, command: string, args: readonly string[], options: { cwd: string; env: Record<string, string> }): TrackedChild {
+/**
+ * Spawns a tracked child on 127.0.0.1-only services; env replaces the inherited KEYGATE_* variables.
+ * A role pins it to the server or load core (bench/pinning.ts) when the run pins.
+ */
+export function spawnTracked(name: string, command: string, args: readonly string[], options: { cwd: string; env: Record<string, string>; role?: Role }): TrackedChild {
   const env: NodeJS.ProcessEnv = {};
   for (const [key, value] of Object.entries(process.env)) if (!key.startsWith("KEYGATE_")) env[key] = value;
   Object.assign(env, options.env);
-  const child = spawn(command, [...args], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
-  if (child.pid === undefined) throw new Error(`${name}: could not start ${command}`);
+  const pinned = pinnedCommand(options.role, command, args);
+  const child = spawn(pinned.command, pinned.args, { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const pid = child.pid;
+  if (pid === undefined) throw new Error(`${name}: could not start ${command}`);
+  // Read a moment later: until taskset has set the affinity and exec'd, the child has the bench's.
+  if (options.role !== undefined) setTimeout(() => recordAffinity(name, pid), 200).unref();
   running.add(child);
   let stdout = "";
   let all = "";
@@ -60,7 +69,7 @@ export function spawnTracked(name: string, command: string, args: readonly strin
   });
   return {
     name,
-    pid: child.pid,
+    pid,
     child,
     stdout: () => stdout,
     output: () => all,

@@ -1,7 +1,9 @@
 /**
- * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz against keygate
- * (embedded; Redis + MongoDB-wire) and a no-op grpc-js server, and reports throughput, latency
- * at a fixed rate, CPU, memory and errors per scenario. README.md, "Performance", explains the figures.
+ * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz (many keys) and
+ * h2load (one key) against keygate (embedded; Redis + MongoDB-wire) and two no-op servers (raw
+ * `node:http2`, the ceiling, and grpc-js), with servers and load generators pinned to separate
+ * cores, and reports throughput, CPU per Check, latency at fixed rates, memory after GC and
+ * errors per scenario. README.md, "Performance", explains the figures.
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -13,24 +15,27 @@ import { MongoKeyStore } from "../src/store/mongo.js";
 import { SqliteKeyStore } from "../src/store/sqlite.js";
 import { mongoWireAvailable, tryStartMongoWire } from "../test/harness/mongo-wire.js";
 import { startRedis } from "../test/harness/redis-server.js";
-import { writeScenarioData } from "./data.js";
+import { checkRequest, writeScenarioData } from "./data.js";
 import type { ScenarioData } from "./data.js";
 import { findGhz, ghzInstallPath } from "./ghz.js";
-import type { LoadSettings } from "./measure.js";
+import { findH2load, writeFixedRequest } from "./h2load.js";
+import type { FixedRequest } from "./h2load.js";
+import type { LoadSettings, OneKeyResult } from "./measure.js";
 import { runMemory } from "./memory.js";
 import type { MemoryResult } from "./memory.js";
 import { parseOptions } from "./options.js";
 import type { BenchOptions } from "./options.js";
 import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
+import { configurePinning, observedAffinity, pinning, pinServerPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
 import { profileHot } from "./profile.js";
 import type { ProfiledRun } from "./profile.js";
-import { budget, machineInfo, memoryText, profileText, ratios, resultsTable, writeResults } from "./report.js";
+import { budget, latencyTable, machineInfo, memoryText, oneKeyTable, profileText, ratios, resultsTable, writeResults } from "./report.js";
 import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
-import type { KeygateMode, ScenarioResult } from "./scenarios.js";
+import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
 import type { PlannedKeys, SeedPlan, SeedTiming } from "./seed.js";
-import { distBuilt, startKeygate, startNoop } from "./targets.js";
+import { CEILING, NOOP_NAMES, NOOPS, distBuilt, startKeygate, startNoop } from "./targets.js";
 import type { KeygateBuild, Target } from "./targets.js";
 
 const root = resolve(import.meta.dirname, "..");
@@ -52,6 +57,8 @@ interface RunContext {
   maxActiveKeys: number;
   planned: PlannedKeys;
   data: ScenarioData;
+  /** h2load's one request: a hot (unlimited-plan) key, framed once. */
+  oneKeyRequest: FixedRequest;
   timings: Record<string, number>;
   notes: string[];
   skipped: Array<{ what: string; why: string }>;
@@ -95,8 +102,41 @@ function startWith(ctx: RunContext, env: Record<string, string>, nodeArgs: reado
   return (label) => startKeygate(label, { node: ctx.options.node, build: ctx.build, cwd: ctx.work, env: { ...ctx.env, ...env }, nodeArgs });
 }
 
+/** A target's name: the mode, with the gRPC engine when the run names engines. */
+function targetName(mode: string, engine: string | null): string {
+  return engine === null ? mode : `${mode}:${engine}`;
+}
+
+/** The environment that selects a gRPC engine; empty for keygate's default. */
+function engineEnv(engine: string | null): Record<string, string> {
+  return engine === null ? {} : { KEYGATE_GRPC_ENGINE: engine };
+}
+
+/** Results of several targets: every scenario, and h2load's one-key runs. */
+interface Collected {
+  scenarios: ScenarioResult[];
+  oneKey: OneKeyResult[];
+}
+
+function collect(into: Collected, r: TargetResults): void {
+  into.scenarios.push(...r.scenarios);
+  if (r.oneKey !== null) into.oneKey.push(r.oneKey);
+}
+
+/** Runs every scenario once per engine of the run; results of all engines, in order. */
+async function perEngine(ctx: RunContext, mode: string, env: Record<string, string>, wrap: (start: (label: string) => Promise<Target>) => (label: string) => Promise<Target>, resetShared: () => Promise<void>): Promise<Collected> {
+  const all: Collected = { scenarios: [], oneKey: [] };
+  for (const engine of ctx.options.engines) {
+    const name = targetName(mode, engine);
+    const km: KeygateMode = { name, start: wrap(startWith(ctx, { ...env, ...engineEnv(engine) })), resetShared };
+    const r = await timed(ctx, `${name}: scenarios`, () => runKeygateScenarios(km, ctx.settings, ctx.data, ctx.oneKeyRequest, log));
+    collect(all, r);
+  }
+  return all;
+}
+
 /** Embedded mode: SQLite seeded through the KeyStore API, then every scenario, the profile and memory. */
-async function runEmbedded(ctx: RunContext): Promise<{ results: ScenarioResult[]; seeding: SeedTiming; memory: MemoryResult | null; profile: ProfiledRun | null }> {
+async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profile: ProfiledRun | null }> {
   const dataDir = join(ctx.work, "embedded");
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const databasePath = join(dataDir, "keygate.db");
@@ -109,13 +149,14 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: ScenarioResult[]
   } finally {
     await store.close();
   }
+  // The profile and the memory scenario run on the first engine named (keygate's default when none is).
   const env = { KEYGATE_DATA_DIR: dataDir };
-  const mode: KeygateMode = { name: "embedded", start: startWith(ctx, env), resetShared: async () => undefined };
-  const results = await timed(ctx, "embedded: scenarios", () => runKeygateScenarios(mode, ctx.settings, ctx.data, log));
+  const first = { ...env, ...engineEnv(ctx.options.engines[0] ?? null) };
+  const results = await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
   let profile: ProfiledRun | null = null;
   if (ctx.options.profile) {
     log("embedded: hot under --cpu-prof");
-    profile = await timed(ctx, "embedded: profile", () => profileHot((label, nodeArgs) => startWith(ctx, env, nodeArgs)(label), ctx.settings, ctx.data.hot));
+    profile = await timed(ctx, "embedded: profile", () => profileHot((label, nodeArgs) => startWith(ctx, first, nodeArgs)(label), ctx.settings, ctx.data.hot));
   }
   let memory: MemoryResult | null = null;
   if (ctx.options.memory) {
@@ -131,7 +172,8 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: ScenarioResult[]
         maxActiveKeys: ctx.maxActiveKeys,
         touch: ctx.data.touch,
         settings: ctx.settings,
-        start: mode.start,
+        start: (label, nodeArgs, extraEnv) => startWith(ctx, { ...first, ...extraEnv }, nodeArgs)(label),
+        workDir: ctx.work,
       }),
     );
     if (memory.touchedKeys < ctx.options.memoryTouch) ctx.notes.push(`memory: only ${memory.touchedKeys} keys could be touched (the secrets kept are those of the ${ctx.planned.records.length} seeded keys)`);
@@ -149,7 +191,7 @@ async function flushRedis(url: string): Promise<void> {
 }
 
 /** Redis + MongoDB-wire: servers from the test harness, MongoDB seeded in bulk, then every scenario. */
-async function runRedisMongo(ctx: RunContext): Promise<{ results: ScenarioResult[]; seeding: SeedTiming } | null> {
+async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming } | null> {
   const redis = await startRedis();
   if (redis === null) {
     ctx.skipped.push({ what: "redis-mongo", why: "redis-server is not on PATH (apt-get install redis-server)" });
@@ -182,13 +224,10 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: ScenarioResult
         ...childPids(`:${redis.port}`).map((pid) => ({ name: "redis-server", pid })),
         ...childPids("MongoWireServer").map((pid) => ({ name: "mongo-java-server", pid })),
       ];
-      const start = startWith(ctx, env);
-      const mode: KeygateMode = {
-        name: "redis-mongo",
-        start: async (label) => ({ ...(await start(label)), companions }),
-        resetShared: () => flushRedis(redis.url),
-      };
-      const results = await timed(ctx, "redis-mongo: scenarios", () => runKeygateScenarios(mode, ctx.settings, ctx.data, log));
+      // The backends are part of the served side: on the server core with keygate, every thread.
+      for (const c of companions) pinServerPid(c.pid, c.name);
+      const wrap = (start: (label: string) => Promise<Target>) => async (label: string) => ({ ...(await start(label)), companions });
+      const results = await perEngine(ctx, "redis-mongo", env, wrap, () => flushRedis(redis.url));
       return { results, seeding };
     } finally {
       await wire.stop();
@@ -198,16 +237,17 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: ScenarioResult
   }
 }
 
-function settingsOf(options: BenchOptions, ghz: string): LoadSettings {
+function settingsOf(options: BenchOptions, ghz: string, h2load: string | null): LoadSettings {
   return {
     ghz,
     seconds: options.seconds,
     saturation: { connections: options.satConnections, concurrency: options.satConcurrency, cpus: options.ghzCpus },
-    fixedRate: { connections: options.fixedConnections, concurrency: options.fixedConcurrency, cpus: options.ghzCpus, rps: options.rps },
+    fixedRate: { connections: options.fixedConnections, concurrency: options.fixedConcurrency, cpus: options.ghzCpus, rates: options.rps },
+    h2load: h2load === null ? null : { path: h2load, clients: options.h2loadClients, streams: options.h2loadStreams },
   };
 }
 
-function context(options: BenchOptions, ghz: string, work: string, notes: string[]): RunContext {
+function context(options: BenchOptions, ghz: string, h2load: string | null, work: string, notes: string[]): RunContext {
   const build = prepareBuild(options, notes);
   const pepper = randomBytes(32).toString("base64url");
   const plan: SeedPlan = { keys: options.keys, accounts: options.accounts, meteredShare: 0.5, revokedShare: 0.01 };
@@ -219,9 +259,12 @@ function context(options: BenchOptions, ghz: string, work: string, notes: string
   const dataDir = join(work, "data");
   mkdirSync(dataDir);
   const data = writeScenarioData(dataDir, planned.secrets, { hotKeys: options.hotKeys, mixedEntries: options.mixedEntries, floodEntries: options.floodEntries }, options.dataFormat);
+  const hotKey = planned.secrets.unlimited[0];
+  if (hotKey === undefined) throw new Error("no unlimited-plan key to build h2load's request from");
+  const oneKeyRequest = writeFixedRequest(join(dataDir, "one-key.grpc"), checkRequest(hotKey, 0));
   return {
     options,
-    settings: settingsOf(options, ghz),
+    settings: settingsOf(options, ghz, h2load),
     build,
     work,
     pepper,
@@ -234,6 +277,7 @@ function context(options: BenchOptions, ghz: string, work: string, notes: string
     maxActiveKeys,
     planned,
     data,
+    oneKeyRequest,
     timings: {},
     notes,
     skipped: [],
@@ -241,16 +285,20 @@ function context(options: BenchOptions, ghz: string, work: string, notes: string
 }
 
 function standingNotes(results: readonly ScenarioResult[], options: BenchOptions): string[] {
+  const pin = pinning();
   const notes = [
+    pin.note,
     "cluster workers: not measured; keygate has no cluster mode to start (issue 6 makes it optional)",
-    `ghz runs on the same machine as the servers, with GOMAXPROCS=${options.ghzCpus}; saturation figures are what one ghz process could drive`,
-    "latency percentiles are ghz's, client side, and include ghz's own scheduling on the shared cores",
+    `ghz runs with GOMAXPROCS=${options.ghzCpus} and h2load with one thread, on the same machine as the servers; saturation figures are what one load generator could drive`,
+    "latency percentiles are the load generator's, client side, and include its own scheduling",
     "a DENIED CheckResponse is gRPC OK: errors count non-OK gRPC statuses and keygate's own error decisions; denials come from keygate's /metrics",
+    `every ratio is to ${CEILING} (a unary gRPC handler on node:http2 answering one fixed OK) in the same run; ${CEILING} does not decode the request, noop-grpc-js decodes it as a CheckRequest`,
   ];
-  for (const r of results) {
-    if (r.target !== "noop") continue;
-    const cores = r.saturation.resources.cpuCores;
-    if (cores < 0.9) notes.push(`noop ${r.scenario}: the ceiling used ${cores} cores at saturation, so the load generator, not the server, set it; "x noop CPU" (CPU per Check) is the load-independent ratio`);
+  for (const name of Object.keys(NOOPS)) {
+    const short = results.filter((r) => r.target === name && r.saturation.resources.cpuCores < 0.9);
+    if (short.length === 0) continue;
+    const used = short.map((r) => `${r.scenario} ${r.saturation.resources.cpuCores}`).join(", ");
+    notes.push(`${name} used less than 0.9 of its core at saturation (${used} cores), so the load generator, not the server, set its throughput there; CPU per Check is the load-independent figure`);
   }
   return notes;
 }
@@ -266,30 +314,39 @@ function installIfMissing(what: string, present: () => boolean, script: string):
 async function main(): Promise<void> {
   installSignalCleanup();
   const options = parseOptions(process.argv);
-  // A fresh clone after `npm install` has neither: Go builds ghz, Java and Maven the MongoDB-wire server.
+  // A fresh clone after `npm install` has none: Go builds ghz, apt installs h2load (nghttp2-client),
+  // Java and Maven build the MongoDB-wire server.
   installIfMissing("ghz", () => findGhz() !== null, "bench/install-ghz.sh");
+  installIfMissing("h2load", () => findH2load() !== null, "bench/install-h2load.sh");
   if (options.modes.includes("redis-mongo")) installIfMissing("the MongoDB-wire server", mongoWireAvailable, ".ci/install-mongo-wire.sh");
   const ghz = findGhz();
   if (ghz === null) throw new Error(`ghz not found at ${ghzInstallPath()} or on PATH: run bash bench/install-ghz.sh (needs Go)`);
+  const h2load = findH2load();
+  const pin = configurePinning(options.pin);
+  log(pin.note);
   const startedAt = new Date();
   const notes: string[] = [];
   const work = mkdtempSync(join(tmpdir(), "keygate-bench-"));
   try {
-    const ctx = context(options, ghz, work, notes);
+    const ctx = context(options, ghz, h2load, work, notes);
+    if (h2load === null) ctx.skipped.push({ what: "h2load one-key runs", why: "h2load is not on PATH (apt-get install nghttp2-client, or bash bench/install-h2load.sh)" });
     const machine = machineInfo(options.node);
-    const results: ScenarioResult[] = [];
-    const noop = await startNoop(options.node);
-    try {
-      results.push(...(await timed(ctx, "noop: scenarios", () => runNoopScenarios(noop, ctx.settings, ctx.data, log))));
-    } finally {
-      await noop.stop();
+    const all: Collected = { scenarios: [], oneKey: [] };
+    for (const name of NOOP_NAMES) {
+      const noop = await startNoop(options.node, name);
+      try {
+        collect(all, await timed(ctx, `${name}: scenarios`, () => runNoopScenarios(name, noop, ctx.settings, ctx.data, ctx.oneKeyRequest, log)));
+      } finally {
+        await noop.stop();
+      }
     }
     const seeding: Record<string, SeedTiming> = {};
     let memory: MemoryResult | null = null;
     let profile: ProfiledRun | null = null;
     if (options.modes.includes("embedded")) {
       const embedded = await runEmbedded(ctx);
-      results.push(...embedded.results);
+      all.scenarios.push(...embedded.results.scenarios);
+      all.oneKey.push(...embedded.results.oneKey);
       seeding["embedded"] = embedded.seeding;
       memory = embedded.memory;
       profile = embedded.profile;
@@ -305,12 +362,13 @@ async function main(): Promise<void> {
         return null;
       });
       if (redisMongo !== null) {
-        results.push(...redisMongo.results);
+        all.scenarios.push(...redisMongo.results.scenarios);
+        all.oneKey.push(...redisMongo.results.oneKey);
         seeding["redis-mongo"] = redisMongo.seeding;
       }
     }
     for (const s of ctx.skipped) log(`!!! SKIPPED ${s.what}: ${s.why}`);
-    report({ ctx, machine, startedAt, results, seeding, memory, profile });
+    report({ ctx, machine, startedAt, results: all.scenarios, oneKey: all.oneKey, seeding, memory, profile });
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -321,31 +379,36 @@ function report(input: {
   machine: ReturnType<typeof machineInfo>;
   startedAt: Date;
   results: ScenarioResult[];
+  oneKey: OneKeyResult[];
   seeding: Record<string, SeedTiming>;
   memory: MemoryResult | null;
   profile: ProfiledRun | null;
 }): void {
   const { ctx, results } = input;
-  const rates = ratios(results);
-  const lines = budget(results, rates);
+  const rates = ratios(results, input.oneKey);
+  const lines = budget(results, input.oneKey, input.memory, ctx.options.rps);
   const notes = [...ctx.notes, ...standingNotes(results, ctx.options)];
   const wallSeconds = round((performance.now() - startedAtMs) / 1000, 1);
+  const pin = pinning();
+  const affinity = observedAffinity();
   const path = writeResults(resolve(root, ctx.options.out), {
-    schema: "keygate-bench/1",
+    schema: "keygate-bench/2",
     startedAt: input.startedAt.toISOString(),
     finishedAt: new Date().toISOString(),
     wallSeconds,
     quick: ctx.options.quick,
     machine: { ...input.machine, loadAverageAtEnd: loadavg().map((l) => round(l, 2)) },
+    pinning: { serverCpu: pin.server, loadCpu: pin.load, note: pin.note, observedCpusAllowed: affinity },
     config: {
       keys: ctx.options.keys,
       accounts: ctx.options.accounts,
       plans: { meteredShare: 0.5, revokedShare: 0.01, maxActiveKeys: ctx.maxActiveKeys },
       policy: benchPolicyInput(ctx.maxActiveKeys),
       seconds: ctx.options.seconds,
-      fixedRateRps: ctx.options.rps,
+      fixedRates: ctx.options.rps,
       saturation: ctx.settings.saturation,
       fixedRate: ctx.settings.fixedRate,
+      h2load: ctx.settings.h2load,
       dataFormat: ctx.options.dataFormat,
       hotKeys: ctx.data.hot.entries,
       mixedEntries: ctx.options.mixedEntries,
@@ -354,11 +417,14 @@ function report(input: {
       memoryTouch: ctx.options.memory ? ctx.options.memoryTouch : null,
       keygateBuild: ctx.build,
       modes: ctx.options.modes,
+      engines: ctx.options.engines.map((e) => e ?? "default"),
+      ceiling: CEILING,
       ghz: ctx.settings.ghz,
     },
     scenarioDescriptions: SCENARIO_DESCRIPTIONS,
     seeding: input.seeding,
     scenarios: results,
+    oneKey: input.oneKey,
     ratios: rates,
     budget: lines,
     memory: input.memory,
@@ -369,13 +435,32 @@ function report(input: {
   }, input.startedAt);
   const out = [
     "",
-    resultsTable(results, rates, ctx.options.rps),
+    `pinning: ${pin.note}`,
+    `  CPUs each process was allowed (Cpus_allowed_list): ${Object.entries(affinity).map(([k, v]) => `${k} ${v}`).join(", ") || "none recorded"}`,
     "",
-    "x noop: saturation throughput over the no-op server's; x noop CPU: the no-op's CPU per Check over keygate's (1.00 = as cheap as the ceiling).",
-    `p50/p90/p99 and CPU cores at ${ctx.options.rps} Checks/s; backend cores (Redis + MongoDB-wire) at saturation. Peak RSS is per scenario.`,
-    "L1 hit %: lookups answered by L1 (hits and cached misses) at saturation. Denials are gRPC OK answers that refuse (401/402/403/429).",
+    `ghz, many keys, saturation (${ctx.settings.saturation.connections} connections, ${ctx.settings.saturation.concurrency} in flight):`,
+    resultsTable(results, rates),
     "",
-    "budget (DESIGN.md, issue 6):",
+    `x h2 rps: throughput over ${CEILING}'s; x h2 CPU: CPU per Check over ${CEILING}'s (1.00 = as cheap as node:http2 itself; goals: hot <= 1.5, flood-malformed <= 1.2).`,
+    "server cores: the server's CPU over wall time; backend cores: Redis + MongoDB-wire. Peak RSS is per scenario. Errors and denials include the fixed-rate runs.",
+    "Ratios are target over ceiling: lower is better (the bench before issue 13 printed the ceiling over keygate).",
+    "L1 hit %: lookups answered by L1 (hits and cached misses). Denials are gRPC OK answers that refuse (401/402/403/429).",
+    "",
+    `ghz, many keys, latency at fixed rates (${ctx.settings.fixedRate.connections} connections, ${ctx.settings.fixedRate.concurrency} workers):`,
+    latencyTable(results),
+    "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",
+    "",
+    ...(input.oneKey.length === 0
+      ? ["h2load one key: not run (h2load missing)"]
+      : [
+          `h2load, one key (one fixed framed CheckRequest; ${ctx.settings.h2load?.clients ?? 0} connections x ${ctx.settings.h2load?.streams ?? 0} streams, 1 thread), saturation:`,
+          oneKeyTable(input.oneKey, rates),
+          "",
+          "gRPC OK: HTTP 200 less keygate's own error decisions (h2load cannot read grpc-status trailers); grpc-js sent the same bytes before and after each run and got a gRPC OK allow.",
+          "allows: keygate's own count over the run; it can exceed HTTP 200 by the streams in flight when h2load stopped.",
+        ]),
+    "",
+    "budget (DESIGN.md, issue 13):",
     ...lines.map((l) => `  [${l.met === null ? " -- " : l.met ? " ok " : "MISS"}] ${l.goal}: ${l.measured}`),
     ...(input.memory === null ? [] : ["", memoryText(input.memory)]),
     ...(input.profile === null ? [] : ["", profileText(input.profile)]),
@@ -383,6 +468,7 @@ function report(input: {
     ...notes.map((n) => `note: ${n}`),
     ...ctx.skipped.map((s) => `SKIPPED ${s.what}: ${s.why}`),
     "",
+    `machine: ${input.machine.cpuModel}, ${input.machine.cores} cores, Node ${input.machine.keygateNode}, commit ${input.machine.gitCommit.slice(0, 12)}${input.machine.gitDirty ? " (with uncommitted changes)" : ""}`,
     `results: ${path}`,
     `total ${wallSeconds} s; phases: ${Object.entries(ctx.timings).map(([k, v]) => `${k} ${v} s`).join(", ")}`,
   ];

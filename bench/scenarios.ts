@@ -1,6 +1,7 @@
 import type { DataFile, ScenarioData } from "./data.js";
-import { fixedRate, pass, saturation } from "./measure.js";
-import type { LoadSettings, PhaseResult } from "./measure.js";
+import type { FixedRequest } from "./h2load.js";
+import { fixedRates, oneKey, pass, saturation } from "./measure.js";
+import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from "./measure.js";
 import type { Target } from "./targets.js";
 
 /** Every scenario, in report order. */
@@ -24,7 +25,14 @@ export interface ScenarioResult {
   data: { entries: number; composition: Record<string, number> };
   warmUp: { requests: number; seconds: number; errors: number } | null;
   saturation: PhaseResult;
-  fixedRate: PhaseResult;
+  /** One run per fixed rate of the bench run, in the order given. */
+  fixedRates: FixedRateResult[];
+}
+
+/** Every scenario of one target, and h2load's one-key run against it (null without h2load). */
+export interface TargetResults {
+  scenarios: ScenarioResult[];
+  oneKey: OneKeyResult | null;
 }
 
 /** How to start keygate in one mode, and how to empty its shared cache between cold runs. */
@@ -36,14 +44,14 @@ export interface KeygateMode {
 
 type Log = (message: string) => void;
 
-function result(target: string, scenario: ScenarioName, data: DataFile, sat: PhaseResult, fixed: PhaseResult, warm: PhaseResult | null): ScenarioResult {
+function result(target: string, scenario: ScenarioName, data: DataFile, sat: PhaseResult, fixed: FixedRateResult[], warm: PhaseResult | null): ScenarioResult {
   return {
     target,
     scenario,
     data: { entries: data.entries, composition: data.composition },
     warmUp: warm === null ? null : { requests: warm.ghz.requests, seconds: warm.ghz.seconds, errors: warm.ghz.errors },
     saturation: sat,
-    fixedRate: fixed,
+    fixedRates: fixed,
   };
 }
 
@@ -51,21 +59,27 @@ function fileOf(data: ScenarioData, scenario: ScenarioName): DataFile {
   return scenario === "flood-malformed" ? data.floodMalformed : data[scenario];
 }
 
-/** The no-op ceiling: the same requests as every keygate scenario. */
-export async function runNoopScenarios(noop: Target, settings: LoadSettings, data: ScenarioData, log: Log): Promise<ScenarioResult[]> {
+const NOOP_WARM_UP_REQUESTS = 5000;
+
+/** A no-op server: the same requests as every keygate scenario, then h2load's one key. */
+export async function runNoopScenarios(name: string, noop: Target, settings: LoadSettings, data: ScenarioData, request: FixedRequest, log: Log): Promise<TargetResults> {
   const out: ScenarioResult[] = [];
+  // Warm the no-op's JIT and connections first, as keygate's hot and mixed are warmed, so the
+  // ceiling's first scenario is not charged for start-up.
+  await pass(noop, settings, data.hot, Math.min(data.hot.entries, NOOP_WARM_UP_REQUESTS));
   for (const scenario of SCENARIOS) {
-    log(`noop: ${scenario}`);
+    log(`${name}: ${scenario}`);
     const file = fileOf(data, scenario);
     const sat = await saturation(noop, settings, file);
-    const fixed = await fixedRate(noop, settings, file);
-    out.push(result("noop", scenario, file, sat, fixed, null));
+    const fixed = await fixedRates(noop, settings, file);
+    out.push(result(name, scenario, file, sat, fixed, null));
   }
-  return out;
+  if (settings.h2load !== null) log(`${name}: one key (h2load)`);
+  return { scenarios: out, oneKey: await oneKey(name, noop, settings, request) };
 }
 
 /** Cold: each run on a fresh process (and emptied Redis), every request a key it has not seen. */
-async function runCold(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<{ sat: PhaseResult; fixed: PhaseResult; next: Target }> {
+async function runCold(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<{ sat: PhaseResult; fixed: FixedRateResult[]; next: Target }> {
   await mode.resetShared();
   const first = await mode.start(`keygate ${mode.name} (cold saturation)`);
   let sat: PhaseResult;
@@ -80,8 +94,10 @@ async function runCold(mode: KeygateMode, settings: LoadSettings, data: Scenario
   await mode.resetShared();
   const next = await mode.start(`keygate ${mode.name}`);
   try {
-    log(`${mode.name}: cold fixed rate`);
-    const fixed = await fixedRate(next, settings, data.cold);
+    log(`${mode.name}: cold fixed rates`);
+    // Every rate on the same process: a later rate's keys wrap to ones an earlier rate cached
+    // only past entries/seconds Checks a second, which "L1 hit %" of saturation would not show.
+    const fixed = await fixedRates(next, settings, data.cold);
     return { sat, fixed, next };
   } catch (error) {
     await next.stop();
@@ -89,8 +105,8 @@ async function runCold(mode: KeygateMode, settings: LoadSettings, data: Scenario
   }
 }
 
-/** All scenarios against one keygate mode; the target after cold serves the rest. */
-export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<ScenarioResult[]> {
+/** All scenarios against one keygate mode, then h2load's one key; the target after cold serves the rest. */
+export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, request: FixedRequest, log: Log): Promise<TargetResults> {
   const cold = await runCold(mode, settings, data, log);
   const target = cold.next;
   const out = new Map<ScenarioName, ScenarioResult>();
@@ -103,14 +119,17 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
       const warm = scenario === "hot" || scenario === "mixed" ? await pass(target, settings, file) : null;
       log(`${mode.name}: ${scenario}${warm === null ? "" : ` (warm-up: ${warm.ghz.requests} requests in ${warm.ghz.seconds.toFixed(1)} s)`}`);
       const sat = await saturation(target, settings, file);
-      const fixed = await fixedRate(target, settings, file);
+      const fixed = await fixedRates(target, settings, file);
       out.set(scenario, result(mode.name, scenario, file, sat, fixed, warm));
     }
+    if (settings.h2load !== null) log(`${mode.name}: one key (h2load)`);
+    const single = await oneKey(mode.name, target, settings, request);
+    const scenarios = SCENARIOS.flatMap((s) => {
+      const r = out.get(s);
+      return r === undefined ? [] : [r];
+    });
+    return { scenarios, oneKey: single };
   } finally {
     await target.stop();
   }
-  return SCENARIOS.flatMap((s) => {
-    const r = out.get(s);
-    return r === undefined ? [] : [r];
-  });
 }

@@ -58,7 +58,7 @@ async function stopGracefully(child: TrackedChild, label: string): Promise<void>
 export async function startKeygate(label: string, launch: KeygateLaunch): Promise<Target> {
   const env = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
   const args = [...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
-  const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env });
+  const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env, role: "server" });
   try {
     const ready = await waitForJsonLine(child, keygateListening, START_TIMEOUT_MS);
     return { label, grpcPort: ready.grpcPort, adminPort: ready.adminPort, process: child, stop: () => stopGracefully(child, label) };
@@ -68,12 +68,24 @@ export async function startKeygate(label: string, launch: KeygateLaunch): Promis
   }
 }
 
-/** Starts the no-op Check server (bench/noop-server.ts) as its own process. */
-export async function startNoop(node: string): Promise<Target> {
-  const child = spawnTracked("noop", node, ["--import", tsxLoader, join(root, "bench/noop-server.ts")], { cwd: root, env: {} });
+/** The two no-op Check servers: the raw `node:http2` one is the ceiling every ratio is taken against. */
+export const NOOPS = {
+  "noop-h2": "bench/noop-h2-server.ts",
+  "noop-grpc-js": "bench/noop-server.ts",
+} as const;
+/** A no-op server's target name. */
+export type NoopName = keyof typeof NOOPS;
+/** Both no-ops, in the order they run: the ceiling first. */
+export const NOOP_NAMES: readonly NoopName[] = ["noop-h2", "noop-grpc-js"];
+/** The target every ratio is taken against. */
+export const CEILING: NoopName = "noop-h2";
+
+/** Starts a no-op Check server (bench/noop-h2-server.ts or bench/noop-server.ts) as its own process. */
+export async function startNoop(node: string, name: NoopName): Promise<Target> {
+  const child = spawnTracked(name, node, ["--import", tsxLoader, join(root, NOOPS[name])], { cwd: root, env: {}, role: "server" });
   try {
     const ready = await waitForJsonLine(child, noopListening, START_TIMEOUT_MS);
-    return { label: "noop", grpcPort: ready.grpcPort, adminPort: null, process: child, stop: () => stopGracefully(child, "noop") };
+    return { label: name, grpcPort: ready.grpcPort, adminPort: null, process: child, stop: () => stopGracefully(child, name) };
   } catch (error) {
     await child.stop("SIGKILL");
     throw error;

@@ -154,6 +154,14 @@ export const HTTP_AUTHZ_PROXIES = ["envoy", "nginx", "caddy", "traefik"] as cons
 /** One of HTTP_AUTHZ_PROXIES. */
 export type HttpAuthzProxy = (typeof HTTP_AUTHZ_PROXIES)[number];
 
+/**
+ * What serves Check and gRPC health on the gRPC port: h2, keygate's own strict unary gRPC server
+ * on node:http2; grpc-js, the @grpc/grpc-js server, kept as a fallback.
+ */
+export const GRPC_ENGINES = ["h2", "grpc-js"] as const;
+/** One of GRPC_ENGINES. */
+export type GrpcEngine = (typeof GRPC_ENGINES)[number];
+
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
   KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
@@ -168,6 +176,7 @@ const envSchema = z.object({
   KEYGATE_CONFIG: z.string().min(1).optional(),
   KEYGATE_HOST: z.string().min(1).default("0.0.0.0"),
   KEYGATE_GRPC_PORT: port.default(9191),
+  KEYGATE_GRPC_ENGINE: z.enum(GRPC_ENGINES, { error: `must be one of ${GRPC_ENGINES.join(", ")}` }).default("h2"),
   KEYGATE_HTTP_AUTHZ_PORT: port.default(8181),
   // envoy by default: a proxy that sends X-Original-* or X-Forwarded-* headers to a keygate left
   // at the default is refused, never judged on a path it did not mean.
@@ -193,6 +202,8 @@ export interface Config {
   keyPrefix: string;
   host: string;
   grpcPort: number;
+  /** Which server implementation answers on the gRPC port. */
+  grpcEngine: GrpcEngine;
   httpAuthzPort: number;
   /** The proxy in front of the HTTP authorization port: the one source of the judged request. */
   httpAuthzProxy: HttpAuthzProxy;
@@ -275,6 +286,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     keyPrefix: e.KEYGATE_KEY_PREFIX,
     host: e.KEYGATE_HOST,
     grpcPort: e.KEYGATE_GRPC_PORT,
+    grpcEngine: e.KEYGATE_GRPC_ENGINE,
     httpAuthzPort: e.KEYGATE_HTTP_AUTHZ_PORT,
     httpAuthzProxy: e.KEYGATE_HTTP_AUTHZ_PROXY,
     adminPort: e.KEYGATE_ADMIN_PORT,

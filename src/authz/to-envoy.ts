@@ -40,14 +40,31 @@ function header(key: string, value: string): HeaderValueOption {
   });
 }
 
-/** The parts of an allow that depend only on the key: its message parts and their encodings. */
+/** The metadata an allow files under METADATA_NAMESPACE, for Envoy's access log and rate-limit filters. */
+function identityMetadata(snapshot: KeySnapshot): { [field: string]: string } {
+  const { key, account } = snapshot;
+  return {
+    key_id: key.id,
+    owner_id: key.ownerId,
+    project_id: key.projectId ?? "",
+    plan: account.plan,
+    mode: key.mode,
+    scopes: key.scopes.join(","),
+  };
+}
+
+/**
+ * The parts of an allow that depend only on the key, encoded. Only the bytes are kept per cached
+ * key (message objects for them would cost several times more memory, and only toCheckResponse,
+ * which tests use, needs those: it builds them when asked). The bytes are held as latin1 strings,
+ * one character a byte: a string is one V8 heap object, where a Buffer adds an ArrayBuffer, a
+ * backing store and its bookkeeping, about 200 bytes more per key.
+ */
 interface EnvoyIdentity {
-  headers: HeaderValueOption[];
-  metadata: { [field: string]: string };
   /** OkHttpResponse { headers } encoded. */
-  okHead: Uint8Array;
+  okHead: string;
   /** CheckResponse { dynamic_metadata } encoded: the field's tag, length and Struct. */
-  metadataField: Uint8Array;
+  metadataField: string;
 }
 
 // Built once per cached snapshot: the same key's identity headers and metadata every time.
@@ -56,25 +73,20 @@ const identities = new WeakMap<KeySnapshot, EnvoyIdentity>();
 function envoyIdentity(snapshot: KeySnapshot): EnvoyIdentity {
   let identity = identities.get(snapshot);
   if (identity === undefined) {
-    const { key, account } = snapshot;
-    const headers = identityHeaders(snapshot).map(([k, v]) => header(k, v));
-    const metadata = {
-      key_id: key.id,
-      owner_id: key.ownerId,
-      project_id: key.projectId ?? "",
-      plan: account.plan,
-      mode: key.mode,
-      scopes: key.scopes.join(","),
-    };
-    identity = {
-      headers,
-      metadata,
-      okHead: toBinary(OkHttpResponseSchema, create(OkHttpResponseSchema, { headers })),
-      metadataField: toBinary(CheckResponseSchema, create(CheckResponseSchema, { dynamicMetadata: metadata })),
-    };
+    const okHead = toBinary(OkHttpResponseSchema, create(OkHttpResponseSchema, { headers: identityHeaderOptions(snapshot) }));
+    const metadataField = toBinary(CheckResponseSchema, create(CheckResponseSchema, { dynamicMetadata: identityMetadata(snapshot) }));
+    identity = { okHead: latin1(okHead), metadataField: latin1(metadataField) };
     identities.set(snapshot, identity);
   }
   return identity;
+}
+
+function latin1(bytes: Uint8Array): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("latin1");
+}
+
+function identityHeaderOptions(snapshot: KeySnapshot): HeaderValueOption[] {
+  return identityHeaders(snapshot).map(([k, v]) => header(k, v));
 }
 
 /** What of an allow changes per request: headers to strip, and the caller's limit headers. */
@@ -97,19 +109,18 @@ function denialRest(decision: Deny, requestId: string, nowMs: number): { headers
  */
 export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): CheckResponse {
   if (decision.allow) {
-    const identity = envoyIdentity(decision.snapshot);
     const rest = allowRest(decision, clientHeaderNames, nowMs);
     return create(CheckResponseSchema, {
       status: OK_STATUS,
       httpResponse: {
         case: "okResponse",
         value: create(OkHttpResponseSchema, {
-          headers: identity.headers,
+          headers: identityHeaderOptions(decision.snapshot),
           headersToRemove: rest.remove,
           responseHeadersToAdd: rest.add.map(([k, v]) => header(k, v)),
         }),
       },
-      dynamicMetadata: identity.metadata,
+      dynamicMetadata: identityMetadata(decision.snapshot),
     });
   }
   const parts = denialParts(decision.reason);
@@ -138,9 +149,20 @@ const OK_STATUS_FIELD = toBinary(CheckResponseSchema, create(CheckResponseSchema
  */
 export function encodeCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): Uint8Array {
   if (decision.allow) {
-    const identity = envoyIdentity(decision.snapshot);
+    const { okHead, metadataField } = envoyIdentity(decision.snapshot);
     const rest = encodeAllowRest(decision, clientHeaderNames, nowMs);
-    return join([OK_STATUS_FIELD, fieldHead(CheckResponseField.okResponse, identity.okHead.length + rest.length), identity.okHead, rest, identity.metadataField]);
+    // One buffer for the answer: status, the ok_response field's head, its fixed and per-request
+    // parts, then the metadata field.
+    const okLength = okHead.length + rest.length;
+    const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + 1 + varintLength(okLength) + okLength + metadataField.length);
+    out.set(OK_STATUS_FIELD, 0);
+    let at = OK_STATUS_FIELD.length;
+    out[at++] = OK_RESPONSE_TAG;
+    at = writeVarint(out, at, okLength);
+    at += out.write(okHead, at, "latin1");
+    out.set(rest, at);
+    out.write(metadataField, at + rest.length, "latin1");
+    return out;
   }
   const parts = denialParts(decision.reason);
   const rest = encodeDenialRest(decision, requestId, nowMs);
@@ -177,6 +199,28 @@ function writeHeaderOption(writer: BinaryWriter, fieldNo: number, key: string, v
   writer.join();
   writer.tag(HeaderValueOptionField.appendAction, WireType.Varint).int32(HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD);
   writer.join();
+}
+
+// CheckResponse.ok_response's tag: field 3, length-delimited.
+const OK_RESPONSE_TAG = (CheckResponseField.okResponse << 3) | WireType.LengthDelimited;
+
+/** Bytes of `value` as a varint (value < 2^32). */
+function varintLength(value: number): number {
+  let length = 1;
+  for (let rest = value >>> 7; rest !== 0; rest >>>= 7) length++;
+  return length;
+}
+
+/** Writes `value` (< 2^32) as a varint at `at`; returns the position after it. */
+function writeVarint(out: Uint8Array, at: number, value: number): number {
+  let rest = value >>> 0;
+  let pos = at;
+  while (rest > 0x7f) {
+    out[pos++] = (rest & 0x7f) | 0x80;
+    rest >>>= 7;
+  }
+  out[pos++] = rest;
+  return pos;
 }
 
 /** The tag and length of a length-delimited field whose payload follows. */

@@ -2,6 +2,46 @@ import { LRUCache } from "lru-cache";
 import type { KeySnapshot } from "../store/store.js";
 import type { Invalidation, InvalidationBus, LocalCache } from "./cache.js";
 
+// Plans, subscription states, roles, modes and scope names come from small configured sets, but
+// every snapshot read from the store brings its own copies of them. L1 keeps one copy per value.
+// The bound only guards against a store full of unexpected values.
+const MAX_SHARED_VALUES = 4096;
+
+/** One copy per distinct value. */
+class SharedValues<T extends string> {
+  readonly #values = new Map<T, T>();
+
+  /** The process's copy of `value`, the same text. */
+  of(value: T): T {
+    const known = this.#values.get(value);
+    if (known !== undefined) return known;
+    if (this.#values.size < MAX_SHARED_VALUES) this.#values.set(value, value);
+    return value;
+  }
+}
+
+const modes = new SharedValues<KeySnapshot["key"]["mode"]>();
+const names = new SharedValues<string>();
+const statuses = new SharedValues<KeySnapshot["account"]["subscriptionStatus"]>();
+const roles = new SharedValues<KeySnapshot["account"]["role"]>();
+
+/**
+ * Points a snapshot's low-cardinality fields at the process's copies (equal text, so nothing
+ * reads differently), and its account's owner id at the key's: L1 holds up to maxEntries of them.
+ */
+function shareValues(snapshot: KeySnapshot): void {
+  const { key, account } = snapshot;
+  key.mode = modes.of(key.mode);
+  for (let i = 0; i < key.scopes.length; i++) {
+    const scope = key.scopes[i];
+    if (scope !== undefined) key.scopes[i] = names.of(scope);
+  }
+  if (account.ownerId === key.ownerId) account.ownerId = key.ownerId;
+  account.plan = names.of(account.plan);
+  account.subscriptionStatus = statuses.of(account.subscriptionStatus);
+  account.role = roles.of(account.role);
+}
+
 /** Bounds of the in-process cache. */
 export interface MemoryCacheOptions {
   maxEntries: number;
@@ -32,7 +72,11 @@ export class MemoryCache implements LocalCache {
 
   set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void {
     this.#misses.delete(hash);
-    this.#hits.set(hash, snapshot, ttlMs === undefined ? undefined : { ttl: ttlMs });
+    // Keyed by the snapshot's own copy of the hash when it is the same text: the caller's copy
+    // (computed for the request) can then go, instead of a second 64-character string per key.
+    const key = snapshot.key.hash === hash ? snapshot.key.hash : hash;
+    shareValues(snapshot);
+    this.#hits.set(key, snapshot, ttlMs === undefined ? undefined : { ttl: ttlMs });
   }
 
   setMissing(hash: string, ttlMs?: number): void {

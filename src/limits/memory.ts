@@ -1,4 +1,3 @@
-import { LRUCache } from "lru-cache";
 import type { KeyStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
 import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
@@ -15,14 +14,60 @@ interface CreditCell {
 const MAX_ENTRIES = 1_000_000;
 
 /**
+ * A map bounded to `max` entries that forgets the least recently used one past it. It holds
+ * only what it has been given: lru-cache preallocates tables for its whole bound, which for
+ * three tables of a million entries is about 84 MB before the first request.
+ */
+export class RecentMap<K, V> {
+  // A Map iterates in insertion order, so re-inserting on use keeps the least recent first.
+  readonly #entries = new Map<K, V>();
+
+  constructor(readonly max: number) {}
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** The value, marked as just used. */
+  get(key: K): V | undefined {
+    const value = this.#entries.get(key);
+    if (value !== undefined) {
+      this.#entries.delete(key);
+      this.#entries.set(key, value);
+    }
+    return value;
+  }
+
+  /** Whether the key is held; does not count as a use. */
+  has(key: K): boolean {
+    return this.#entries.has(key);
+  }
+
+  set(key: K, value: V): void {
+    this.#entries.delete(key);
+    this.#entries.set(key, value);
+    if (this.#entries.size > this.max) {
+      const oldest = this.#entries.keys().next();
+      if (oldest.done !== true) this.#entries.delete(oldest.value);
+    }
+  }
+
+  clear(): void {
+    this.#entries.clear();
+  }
+}
+
+/**
  * In-process limits: GCRA buckets, daily quota counters and credit balances. Quota counts and
  * balances are seeded from the store (plus usage not yet flushed) on an account's first
  * request, so a restart neither forgets today's usage nor re-grants spent credits.
  */
 export class MemoryMeter implements Meter {
-  readonly #tats = new LRUCache<string, number>({ max: MAX_ENTRIES, ttlAutopurge: false });
-  readonly #quota = new LRUCache<string, { count: number }>({ max: MAX_ENTRIES });
-  readonly #credits = new LRUCache<string, CreditCell>({ max: MAX_ENTRIES });
+  // A bucket's theoretical arrival time; one in the past means a full bucket (gcra reads it as
+  // none), so an entry needs no expiry of its own: it is only the oldest to go when full.
+  readonly #tats = new RecentMap<string, number>(MAX_ENTRIES);
+  readonly #quota = new RecentMap<string, { count: number }>(MAX_ENTRIES);
+  readonly #credits = new RecentMap<string, CreditCell>(MAX_ENTRIES);
   readonly #seeding = new Map<string, Promise<void>>();
   readonly #calendar = new UtcCalendar();
 
@@ -162,7 +207,7 @@ export class MemoryMeter implements Meter {
       }
     }
     // Every step passed: charge them all.
-    this.#tats.set(input.bucket, step.tatMs, { ttl: Math.ceil(step.tatMs - nowMs) + 1000 });
+    this.#tats.set(input.bucket, step.tatMs);
     if (input.dailyQuota !== null && result.quota !== null) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
       else quotaCell.count += 1;

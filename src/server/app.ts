@@ -153,7 +153,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const auth = new AdminAuth(secrets.adminTokens, format);
 
   const limits = listenerLimits(config.listeners);
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits });
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine });
   const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),

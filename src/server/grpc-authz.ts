@@ -15,6 +15,7 @@ import type {
 import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
+import { decodeCheckRequest } from "../authz/check-request.js";
 import { encodeCheckResponse } from "../authz/to-envoy.js";
 import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { CheckRequestViewSchema } from "../gen/keygate/authz/v1/check_view_pb.js";
@@ -33,6 +34,9 @@ import type { Socket } from "node:net";
 import { awaitOpening, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import { listen } from "./http-lifecycle.js";
+// grpc-h2 imports only types from this module, so there is no import cycle at run time.
+import { CHECK_UNAVAILABLE_MESSAGE, createH2GrpcServer } from "./grpc-h2.js";
+import type { GrpcEngine } from "../config.js";
 
 const DECODE = { readUnknownFields: false };
 
@@ -71,7 +75,7 @@ export const authorizationServerDefinition = {
     requestStream: false,
     responseStream: false,
     requestSerialize: (message: CheckRequestView) => Buffer.from(toBinary(CheckRequestViewSchema, message)),
-    requestDeserialize: (bytes: Buffer) => fromBinary(CheckRequestViewSchema, bytes, DECODE),
+    requestDeserialize: (bytes: Buffer) => decodeCheck(bytes),
     responseSerialize: (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
     responseDeserialize: (bytes: Buffer): Uint8Array => bytes,
   },
@@ -143,15 +147,26 @@ export function headersOf(http: RequestHeaders | undefined): HeaderBag {
   return Object.fromEntries(byName);
 }
 
+/**
+ * The one place a Check request's bytes become the view check() reads; both engines call it,
+ * so a decoder is swapped in this single line.
+ */
+export function decodeCheck(bytes: Uint8Array): CheckRequestView {
+  return decodeCheckRequest(bytes);
+}
+
 /** What the gRPC authz server needs. */
 export interface GrpcAuthzDeps {
-  pipeline: DecisionPipeline;
+  /** Only `decide` is called, so tests can hand in a pipeline they control. */
+  pipeline: Pick<DecisionPipeline, "decide">;
   readiness: Readiness;
   metrics: Metrics;
   logger: Logger;
   nowMs: () => number;
   /** Timeouts and connection cap of this listener. */
   limits: ListenerLimits;
+  /** Which server implementation answers (KEYGATE_GRPC_ENGINE). */
+  engine: GrpcEngine;
 }
 
 /** A started gRPC listener. */
@@ -161,70 +176,119 @@ export interface StartedServer {
   stop(graceMs: number): Promise<void>;
 }
 
-/** Builds the Envoy ext_authz gRPC server (Check and health). `start` binds it. */
-export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
+/**
+ * Receives a Check's answer: the encoded CheckResponse, or null when the key could not be
+ * decided (the engine answers UNAVAILABLE). It must not throw: it may run from a promise.
+ */
+export type CheckReply<T> = (target: T, answer: Uint8Array | null) => void;
+
+/** Check and health as both engines serve them: the engine only moves bytes and statuses. */
+export interface AuthzCore {
+  decodeCheck(bytes: Uint8Array): CheckRequestView;
+  /** Decides one Check and hands the answer to `reply(target, …)`, at once or later. */
+  check<T>(request: CheckRequestView, target: T, reply: CheckReply<T>): void;
+  /** SERVING or NOT_SERVING for the services keygate reports on, null for any other (NOT_FOUND). */
+  servingStatus(service: string): HealthCheckResponse_ServingStatus | null;
+  readiness: Readiness;
+}
+
+/** Builds the engine-independent Check and health logic. */
+export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">): AuthzCore {
   const { pipeline, metrics, logger, readiness } = deps;
 
-  function check(call: ServerUnaryCall<CheckRequestView, Uint8Array>, callback: sendUnaryData<Uint8Array>): void {
-    const startedAt = performance.now();
-    const http = call.request.attributes?.request?.http;
-    const headers = headersOf(http);
-    let decision: Decision | Promise<Decision>;
-    try {
-      decision = pipeline.decide({
-        method: http?.method ?? "",
-        path: http?.path ?? "/",
-        headers,
-        contextExtensions: call.request.attributes?.contextExtensions,
-      });
-    } catch (error) {
-      fail(error, callback, startedAt);
-      return;
-    }
-    const answer = (d: Decision): void => {
-      const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
-      // Only an allow needs the request's header names (to strip spoofed identity headers).
-      callback(null, encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs()));
-      const reason = d.allow ? "OK" : d.reason;
-      metrics.recordCheck("grpc", reason, startedAt, performance.now());
-      // The client's answer names the bad setting; the operator's log also gets its value.
-      if (reason === "ROUTE_MISCONFIGURED") logger.error({ requestId, contextExtensions: call.request.attributes?.contextExtensions }, "bad per-route settings from the proxy");
-      if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
-    };
-    if (decision instanceof Promise) decision.then(answer, (error: unknown) => fail(error, callback, startedAt));
-    else answer(decision);
-  }
-
-  function fail(error: unknown, callback: sendUnaryData<Uint8Array>, startedAt: number): void {
+  function fail(error: unknown, startedAt: number): void {
     metrics.recordCheck("grpc", "UNAVAILABLE", startedAt, performance.now());
     // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
     // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
     logger.warn({ err: error }, "check could not be decided");
-    callback({ code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" });
   }
 
-  function servingStatus(service: string): HealthCheckResponse | null {
-    if (!HEALTH_SERVICES.has(service)) return null;
-    return create(HealthCheckResponseSchema, {
-      status: readiness.serving ? HealthCheckResponse_ServingStatus.SERVING : HealthCheckResponse_ServingStatus.NOT_SERVING,
-    });
+  function answer<T>(d: Decision, request: CheckRequestView, headers: HeaderBag, startedAt: number, target: T, reply: CheckReply<T>): void {
+    const http = request.attributes?.request?.http;
+    const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
+    let bytes: Uint8Array;
+    try {
+      // Only an allow needs the request's header names (to strip spoofed identity headers).
+      bytes = encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs());
+    } catch (error) {
+      fail(error, startedAt);
+      reply(target, null);
+      return;
+    }
+    reply(target, bytes);
+    const reason = d.allow ? "OK" : d.reason;
+    metrics.recordCheck("grpc", reason, startedAt, performance.now());
+    // The client's answer names the bad setting; the operator's log also gets its value.
+    if (reason === "ROUTE_MISCONFIGURED") logger.error({ requestId, contextExtensions: request.attributes?.contextExtensions }, "bad per-route settings from the proxy");
+    if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
   }
+
+  return {
+    decodeCheck,
+    readiness,
+    check(request, target, reply) {
+      const startedAt = performance.now();
+      const http = request.attributes?.request?.http;
+      const headers = headersOf(http);
+      let decision: Decision | Promise<Decision>;
+      try {
+        decision = pipeline.decide({
+          method: http?.method ?? "",
+          path: http?.path ?? "/",
+          headers,
+          contextExtensions: request.attributes?.contextExtensions,
+        });
+      } catch (error) {
+        fail(error, startedAt);
+        reply(target, null);
+        return;
+      }
+      if (decision instanceof Promise) {
+        decision.then(
+          (d) => answer(d, request, headers, startedAt, target, reply),
+          (error: unknown) => {
+            fail(error, startedAt);
+            reply(target, null);
+          },
+        );
+      } else answer(decision, request, headers, startedAt, target, reply);
+    },
+    servingStatus(service) {
+      if (!HEALTH_SERVICES.has(service)) return null;
+      return readiness.serving ? HealthCheckResponse_ServingStatus.SERVING : HealthCheckResponse_ServingStatus.NOT_SERVING;
+    },
+  };
+}
+
+/** Builds the Envoy ext_authz gRPC server (Check and health) on the configured engine. `start` binds it. */
+export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
+  const core = createAuthzCore(deps);
+  if (deps.engine === "h2") return createH2GrpcServer(core, { limits: deps.limits, metrics: deps.metrics, logger: deps.logger });
+  return createGrpcJsServer(core, deps.limits, deps.metrics);
+}
+
+function replyGrpcJs(callback: sendUnaryData<Uint8Array>, answer: Uint8Array | null): void {
+  if (answer === null) callback({ code: GrpcStatus.UNAVAILABLE, details: CHECK_UNAVAILABLE_MESSAGE });
+  else callback(null, answer);
+}
+
+/** The grpc-js engine: @grpc/grpc-js behind keygate's own TCP listener. */
+function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Metrics): { start(host: string, port: number): Promise<StartedServer> } {
+  const { readiness } = core;
+  const responseFor = (service: string): HealthCheckResponse =>
+    create(HealthCheckResponseSchema, { status: core.servingStatus(service) ?? HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN });
 
   // Health Watch streams never end on their own; shutdown ends them after NOT_SERVING went out.
   const watchers = new Set<ServerWritableStream<HealthCheckRequest, HealthCheckResponse>>();
 
   const health: UntypedServiceImplementation = {
     Check(call: ServerUnaryCall<HealthCheckRequest, HealthCheckResponse>, callback: sendUnaryData<HealthCheckResponse>) {
-      const answer = servingStatus(call.request.service);
-      if (answer === null) callback({ code: GrpcStatus.NOT_FOUND, details: `unknown service "${call.request.service}"` });
-      else callback(null, answer);
+      if (core.servingStatus(call.request.service) === null) callback({ code: GrpcStatus.NOT_FOUND, details: `unknown service "${call.request.service}"` });
+      else callback(null, responseFor(call.request.service));
     },
     Watch(call: ServerWritableStream<HealthCheckRequest, HealthCheckResponse>) {
       const send = (): void => {
-        call.write(
-          servingStatus(call.request.service) ??
-            create(HealthCheckResponseSchema, { status: HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN }),
-        );
+        call.write(responseFor(call.request.service));
       };
       send();
       const unsubscribe = readiness.onChange(send);
@@ -240,17 +304,25 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
 
   return {
     async start(host, port) {
-      const { limits } = deps;
       const server = new Server(grpcServerOptions(limits));
-      server.addService(authorizationServerDefinition, { Check: check });
+      server.addService(authorizationServerDefinition, {
+        Check(call: ServerUnaryCall<CheckRequestView, Uint8Array>, callback: sendUnaryData<Uint8Array>) {
+          core.check(call.request, callback, replyGrpcJs);
+        },
+      });
       server.addService(healthDefinition, health);
       // keygate owns the TCP listener and hands grpc-js only connections that opened with the
       // HTTP/2 preface and SETTINGS in time, so it can cap them and close silent ones.
       const injector = server.createConnectionInjector(ServerCredentials.createInsecure());
       const opening = new Set<Socket>();
+      const sockets = new Set<Socket>();
       const tcp = createNetServer((socket: Socket) => {
         opening.add(socket);
-        socket.once("close", () => opening.delete(socket));
+        sockets.add(socket);
+        socket.once("close", () => {
+          opening.delete(socket);
+          sockets.delete(socket);
+        });
         awaitOpening(socket, limits.headersTimeoutMs, false, () => {
           opening.delete(socket);
           injector.injectConnection(socket);
@@ -266,7 +338,12 @@ export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string
             for (const socket of opening) socket.destroy();
             for (const call of watchers) call.end();
             watchers.clear();
-            const force = setTimeout(() => server.forceShutdown(), graceMs);
+            const force = setTimeout(() => {
+              server.forceShutdown();
+              // With channelz off grpc-js does not track injected sessions, so forceShutdown
+              // alone leaves a stuck call's connection open: its socket is cut here.
+              for (const socket of sockets) socket.destroy();
+            }, graceMs);
             server.tryShutdown(() => {
               clearTimeout(force);
               resolve();

@@ -160,13 +160,83 @@ keySchema.index({ hash: 1 }, { unique: true, name: "hash_unique" });
 keySchema.index({ owner_id: 1, revoked_at: 1, _id: 1 }, { name: "owner_state" });
 keySchema.index({ project_id: 1 }, { name: "project" });
 
+/** The fields of an account that toAccount reads: a Check needs no counters or credits. */
+type AccountSnapshotDoc = Pick<AccountDoc, "_id" | "plan" | "subscription_status" | "role" | "created_at" | "updated_at">;
+/** The fields of a key that toKey reads: all but the slot flag. */
+type KeySnapshotDoc = Omit<KeyDoc, "counted">;
+/** What the cold lookup's aggregation returns: the key and its account, each absent when not found. */
+interface AnchoredSnapshotDoc {
+  key?: KeySnapshotDoc;
+  account?: AccountSnapshotDoc;
+}
+/** The anchor collection's document (see snapshotPipeline). */
+interface AnchorDoc {
+  _id: string;
+  note: string;
+}
+const ANCHOR_COLLECTION = "lookup_anchor";
+const ANCHOR_ID = "anchor";
+
+const KEY_SNAPSHOT_FIELDS: ReadonlyArray<keyof KeySnapshotDoc> = [
+  "_id",
+  "hash",
+  "owner_id",
+  "project_id",
+  "name",
+  "mode",
+  "start",
+  "last4",
+  "scopes",
+  "metadata",
+  "created_at",
+  "last_used_at",
+  "expires_at",
+  "revoked_at",
+  "revoke_reason",
+  "grace_ends_at",
+  "rotated_to_id",
+  "rate_limit",
+];
+const ACCOUNT_SNAPSHOT_FIELDS: ReadonlyArray<keyof AccountSnapshotDoc> = ["_id", "plan", "subscription_status", "role", "created_at", "updated_at"];
+
+/**
+ * The cold lookup: one aggregation, so a Check on a key no cache holds costs one round trip, not
+ * two (key, then account). It runs on a one-document anchor collection and joins the key in by
+ * hash and the account by owner with `$lookup`, which reads both through their indexes (the
+ * unique hash index, the accounts' _id). Why not `$match` on the keys collection first: the
+ * MongoDB-wire test server (mongo-java-server 1.46) runs every aggregation over a full scan of
+ * its collection, which cost it 38 ms of CPU per lookup at 100,000 keys; MongoDB itself uses
+ * indexes either way. `$unwind` turns each joined array into a subdocument (absent when nothing
+ * matched, and the document kept, so "no such key" still comes back as a document) before the
+ * next path reads it, because that server resolves neither a dotted `localField` nor a dotted
+ * projection through an array; its `$arrayElemAt` evaluates the elements' strings as
+ * expressions, so a name starting with "$" would break it. The last projection keeps only what
+ * toKey and toAccount read, as an inclusion: a field an earlier version never wrote stays
+ * missing, and the mappers read it as they read it from any other query.
+ */
+function snapshotPipeline(keys: string, accounts: string): (hash: string) => mongoose.mongo.Document[] {
+  const projection: Record<string, 0 | 1> = { _id: 0 };
+  for (const field of KEY_SNAPSHOT_FIELDS) projection[`key.${field}`] = 1;
+  for (const field of ACCOUNT_SNAPSHOT_FIELDS) projection[`account.${field}`] = 1;
+  const limit = { $limit: 1 };
+  const joins = [
+    { $lookup: { from: keys, localField: "hash", foreignField: "hash", as: "key" } },
+    { $unwind: { path: "$key", preserveNullAndEmptyArrays: true } },
+    { $lookup: { from: accounts, localField: "key.owner_id", foreignField: "_id", as: "account" } },
+    { $unwind: { path: "$account", preserveNullAndEmptyArrays: true } },
+    { $project: projection },
+  ];
+  // $literal: the hash is data, never read as a field path or an operator.
+  return (hash) => [limit, { $project: { _id: 0, hash: { $literal: hash } } }, ...joins];
+}
+
 // A concurrent period change makes an attempt miss; more than a few in a row means the account is gone.
 const SPEND_ATTEMPTS = 4;
 
 const ms = (date: Date | null): number | null => (date === null ? null : date.getTime());
 const date = (value: number | null): Date | null => (value === null ? null : new Date(value));
 
-function toAccount(doc: AccountDoc): AccountRecord {
+function toAccount(doc: AccountSnapshotDoc): AccountRecord {
   return {
     ownerId: doc._id,
     plan: doc.plan,
@@ -181,7 +251,7 @@ function toCredits(doc: AccountDoc | null): CreditState {
   return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0, topupTotal: doc?.topup_total ?? 0 };
 }
 
-function toKey(doc: KeyDoc): KeyRecord {
+function toKey(doc: KeySnapshotDoc): KeyRecord {
   return {
     id: doc._id,
     hash: doc.hash,
@@ -261,6 +331,17 @@ function activeFilter(ownerId: string, nowMs: number): mongoose.QueryFilter<KeyD
   return { owner_id: ownerId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: new Date(nowMs) } }] };
 }
 
+/** Options of MongoKeyStore.connect. */
+export interface MongoConnectOptions {
+  serverSelectionTimeoutMs?: number;
+  /**
+   * Sees every command the driver sends (the driver's command monitoring, off unless this is
+   * set): tests and measurements count the round trips of an operation with it. Heartbeats and
+   * connection handshakes are not commands and are not seen.
+   */
+  onCommandStarted?: (event: mongoose.mongo.CommandStartedEvent) => void;
+}
+
 /**
  * The production store: MongoDB through mongoose. The active-key cap holds across replicas
  * without transactions: one conditional increment on the account admits a key, the insert
@@ -274,30 +355,66 @@ export class MongoKeyStore implements KeyStore {
   readonly #keys: Model<KeyDoc>;
   readonly #usage: Model<UsageDoc>;
   readonly #audit: Model<AuditDoc>;
+  /**
+   * The cold lookup's anchor collection on the MongoDB driver itself: a Check on a key no cache
+   * holds skips mongoose's query building, casting and hooks.
+   */
+  readonly #anchor: mongoose.mongo.Collection<AnchorDoc>;
+  readonly #snapshotPipeline: (hash: string) => mongoose.mongo.Document[];
 
+  /** Called once the connection is open, so its driver database exists. */
   private constructor(connection: Connection) {
     this.#connection = connection;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
     this.#audit = connection.model<AuditDoc>("Audit", auditSchema);
+    const db = connection.db;
+    if (db === undefined) throw new StoreUnavailableError("MongoDB is not connected");
+    this.#anchor = db.collection<AnchorDoc>(ANCHOR_COLLECTION);
+    this.#snapshotPipeline = snapshotPipeline(this.#keys.collection.collectionName, this.#accounts.collection.collectionName);
   }
 
   /** Connects and creates the indexes. Fails fast (not buffered) when MongoDB is down. */
-  static async connect(uri: string, options: { serverSelectionTimeoutMs?: number } = {}): Promise<MongoKeyStore> {
+  static async connect(uri: string, options: MongoConnectOptions = {}): Promise<MongoKeyStore> {
+    const onCommandStarted = options.onCommandStarted;
     const connection = mongoose.createConnection(uri, {
       bufferCommands: false,
       serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
       heartbeatFrequencyMS: 2000,
       socketTimeoutMS: 10_000,
       autoIndex: false,
+      monitorCommands: onCommandStarted !== undefined,
     });
+    if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     await guarded(() => connection.asPromise());
     const store = new MongoKeyStore(connection);
     await guarded(() => store.#keys.createIndexes());
     await guarded(() => store.#usage.createIndexes());
     await guarded(() => store.#audit.createIndexes());
+    await guarded(() => store.#placeAnchor());
     return store;
+  }
+
+  /**
+   * Puts the cold lookup's anchor document in place; idempotent. Lookups that all find the anchor
+   * gone (a database restored without it, or emptied) place it at once, and every upsert but one
+   * can then fail on the _id index: the anchor is there, which is all that was asked.
+   */
+  async #placeAnchor(): Promise<void> {
+    const note = "keygate's cold key lookup starts its aggregation from this document (MongoKeyStore.findSnapshotByHash)";
+    try {
+      await this.#anchor.updateOne({ _id: ANCHOR_ID }, { $setOnInsert: { note } }, { upsert: true });
+    } catch (error) {
+      if (!(error instanceof Error && "code" in error && error.code === 11000)) throw error;
+    }
+  }
+
+  /** The one document of the cold lookup, or undefined when the anchor collection is empty. */
+  async #readSnapshot(hash: string): Promise<AnchoredSnapshotDoc | undefined> {
+    // The first batch holds the whole answer (one document), so no getMore or killCursors follows.
+    const [doc] = await this.#anchor.aggregate<AnchoredSnapshotDoc>(this.#snapshotPipeline(hash)).toArray();
+    return doc;
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
@@ -378,11 +495,15 @@ export class MongoKeyStore implements KeyStore {
     // On the Check path a known-dead connection answers at once instead of waiting for server selection.
     if (this.#connection.readyState !== mongoose.ConnectionStates.connected) throw new StoreUnavailableError("MongoDB is not connected");
     const lookup = guarded(async () => {
-      const key = await this.#keys.findOne({ hash }).lean<KeyDoc>();
-      if (key === null) return null;
-      const account = await this.#accounts.findById(key.owner_id).lean<AccountDoc>();
-      if (account === null) return null;
-      return { key: toKey(key), account: toAccount(account) };
+      let doc = await this.#readSnapshot(hash);
+      if (doc === undefined) {
+        // No anchor, so nothing was asked: never read that as "no such key". Put it back and ask again.
+        await this.#placeAnchor();
+        doc = await this.#readSnapshot(hash);
+        if (doc === undefined) throw new StoreUnavailableError("MongoDB's lookup anchor could not be placed");
+      }
+      // A key whose account is gone reads as unknown, as it always has.
+      return doc.key === undefined || doc.account === undefined ? null : { key: toKey(doc.key), account: toAccount(doc.account) };
     });
     // A server that stops answering (paused, partitioned) is not seen as disconnected until the
     // driver's heartbeat gives up, so the lookup itself has a deadline: the Check answers

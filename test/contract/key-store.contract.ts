@@ -93,6 +93,26 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect(await store.getKey(newKeyId())).toBeNull();
     });
 
+    it("reads the snapshot by hash as the by-id reads give the key and its account, in every key state", async () => {
+      const ownerId = nextOwner();
+      await store.upsertAccount({ ownerId, plan: "business", subscriptionStatus: "past_due", role: "premium" }, limits().accountDefaults, NOW);
+      const old = record(ownerId, { scopes: [], metadata: {} });
+      await store.createKey(old, limits());
+      await store.updateKey(old.id, { rateLimit: { limit: 7, windowSeconds: 30 } });
+      await store.touchLastUsed(new Map([[old.id, NOW + 11]]));
+      const next = record(ownerId, { projectId: "p2", expiresAtMs: NOW + DAY });
+      await store.rotateKey(old.id, next, NOW + DAY, NOW);
+      const revoked = record(ownerId);
+      await store.createKey(revoked, limits());
+      await store.revokeKey(revoked.id, NOW + 5, "leaked");
+      const account = await store.getAccount(ownerId);
+      expect(account).toMatchObject({ plan: "business", subscriptionStatus: "past_due", role: "premium" });
+      for (const key of [old, next, revoked]) {
+        expect(await store.findSnapshotByHash(key.hash)).toEqual({ key: await store.getKey(key.id), account });
+      }
+      expect((await store.findSnapshotByHash(old.hash))?.key).toMatchObject({ rotatedToId: next.id, rateLimit: { limit: 7, windowSeconds: 30 }, lastUsedAtMs: NOW + 11 });
+    });
+
     it("upserts accounts partially", async () => {
       const ownerId = nextOwner();
       const defaults = limits().accountDefaults;

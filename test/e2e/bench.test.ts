@@ -6,6 +6,7 @@ import { pathToFileURL } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { findGhz } from "../../bench/ghz.js";
+import { findH2load } from "../../bench/h2load.js";
 import { SCENARIOS } from "../../bench/scenarios.js";
 import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
@@ -24,6 +25,7 @@ function ghzPresent(): boolean {
 }
 
 const ready = requireServer("ghz (the bench's load generator)", ghzPresent(), "run bash bench/install-ghz.sh (needs Go)");
+const withH2load = ready && requireServer("h2load (the bench's one-key load generator)", findH2load() !== null, "apt-get install nghttp2-client");
 const withRedisMongo =
   ready &&
   requireServer("redis-server (bench redis-mongo mode)", redisAvailable(), "apt-get install redis-server") &&
@@ -43,13 +45,36 @@ const phaseSchema = z.object({
     .object({ reasons: z.record(z.string(), z.number()), backendCalls: z.record(z.string(), z.number()) })
     .nullable(),
 });
+const afterGcSchema = z.object({ rss: z.number().positive(), heapUsed: z.number().positive() });
+const oneKeySchema = z.object({
+  target: z.string(),
+  h2load: z.object({ http200: counted, failed: counted, rps: counted }),
+  probe: z.object({ before: z.object({ grpcStatus: z.literal(0), allowed: z.literal(true) }), after: z.object({ grpcStatus: z.literal(0), allowed: z.literal(true) }) }),
+  grpcOk: counted,
+  grpcErrors: counted.nullable(),
+  allows: counted.nullable(),
+  cpuMicrosPerCheck: counted,
+  checks: z.object({ reasons: z.record(z.string(), z.number()) }).nullable(),
+});
 const resultSchema = z.object({
   machine: z.object({ cores: z.number().int().positive(), keygateNode: z.string().startsWith("v"), gitCommit: z.string() }),
-  config: z.object({ keys: z.literal(200), accounts: z.literal(20) }),
-  scenarios: z.array(z.object({ target: z.string(), scenario: z.enum(SCENARIOS), saturation: phaseSchema, fixedRate: phaseSchema })),
-  ratios: z.array(z.object({ target: z.string(), scenario: z.string(), throughput: counted, cpuEfficiency: counted })),
+  pinning: z.object({ serverCpu: z.number().nullable(), loadCpu: z.number().nullable(), note: z.string(), observedCpusAllowed: z.record(z.string(), z.string()) }),
+  config: z.object({ keys: z.literal(200), accounts: z.literal(20), fixedRates: z.array(z.number()) }),
+  scenarios: z.array(
+    z.object({ target: z.string(), scenario: z.enum(SCENARIOS), saturation: phaseSchema, fixedRates: z.array(phaseSchema.extend({ targetRps: counted })) }),
+  ),
+  oneKey: z.array(oneKeySchema),
+  ratios: z.array(z.object({ target: z.string(), scenario: z.string(), throughput: counted, cpu: counted })),
   budget: z.array(z.object({ goal: z.string(), met: z.boolean().nullable() })),
-  memory: z.object({ storeKeys: z.literal(1000), touchedKeys: z.literal(100), rssAfterTouchBytes: z.number().positive() }),
+  memory: z.object({
+    storeKeys: z.literal(1000),
+    touchedKeys: z.literal(100),
+    cachedKeys: z.literal(100),
+    rssAfterTouchBytes: z.number().positive(),
+    atStartAfterGc: afterGcSchema,
+    afterTouchAfterGc: afterGcSchema,
+    rssBytesPerCachedKey: z.number(),
+  }),
 });
 
 function runBench(args: string[]): Promise<{ code: number | null; output: string }> {
@@ -68,7 +93,7 @@ afterAll(() => {
 });
 
 describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () => {
-  it("runs every scenario against the no-op ceiling and keygate, and writes a results JSON", { timeout: 150_000 }, async () => {
+  it("runs every scenario against both no-ops and keygate, h2load's one key, memory after GC, and writes a results JSON", { timeout: 240_000 }, async () => {
     const out = mkdtempSync(join(tmpdir(), "keygate-bench-test-"));
     dirs.push(out);
     const modes = withRedisMongo ? "embedded,redis-mongo" : "embedded";
@@ -79,21 +104,51 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
       ...["--modes", modes, "--out", out, "--no-build"],
     ]);
     expect(code, output).toBe(0);
-    expect(output).toContain("budget (DESIGN.md, issue 6):");
+    expect(output).toContain("budget (DESIGN.md, issue 13):");
 
     const files = readdirSync(out).filter((f) => f.endsWith(".json"));
     expect(files).toHaveLength(1);
     const result = resultSchema.parse(JSON.parse(readFileSync(join(out, files[0] ?? ""), "utf8")));
 
-    const targets = ["noop", ...modes.split(",")];
+    const targets = ["noop-h2", "noop-grpc-js", ...modes.split(",")];
     for (const target of targets) {
       expect(result.scenarios.filter((s) => s.target === target).map((s) => s.scenario)).toEqual([...SCENARIOS]);
     }
-    expect(result.ratios).toHaveLength((targets.length - 1) * SCENARIOS.length);
+    // Every ratio is to the raw node:http2 no-op, for every other target.
+    expect(result.ratios.filter((r) => r.scenario !== "one-key")).toHaveLength((targets.length - 1) * SCENARIOS.length);
+    expect(result.ratios.some((r) => r.target === "noop-h2")).toBe(false);
+    expect(result.config.fixedRates).toEqual([1000, 3000]);
     for (const s of result.scenarios) {
       expect(s.saturation.ghz.requests, `${s.target} ${s.scenario}`).toBeGreaterThan(0);
-      expect(s.fixedRate.ghz.requests, `${s.target} ${s.scenario}`).toBeGreaterThan(0);
-      expect(s.saturation.ghz.errors + s.fixedRate.ghz.errors, `${s.target} ${s.scenario}: non-OK gRPC statuses`).toBe(0);
+      expect(s.fixedRates.map((f) => f.targetRps), `${s.target} ${s.scenario}`).toEqual([1000, 3000]);
+      for (const f of s.fixedRates) expect(f.ghz.requests, `${s.target} ${s.scenario} @${f.targetRps}/s`).toBeGreaterThan(0);
+      const errors = s.saturation.ghz.errors + s.fixedRates.reduce((sum, f) => sum + f.ghz.errors, 0);
+      expect(errors, `${s.target} ${s.scenario}: non-OK gRPC statuses`).toBe(0);
+    }
+
+    // Memory is read after forced full GCs in keygate itself.
+    expect(result.memory.afterTouchAfterGc.rss).toBeGreaterThan(0);
+
+    // Pinned when the machine allows it: servers on CPU 0, load generators on CPU 1, as the kernel saw them.
+    if (result.pinning.serverCpu !== null) {
+      expect(result.pinning).toMatchObject({ serverCpu: 0, loadCpu: 1 });
+      expect(result.pinning.observedCpusAllowed).toMatchObject({ ghz: "1", "noop-h2": "0", "noop-grpc-js": "0", "keygate embedded": "0" });
+      if (withH2load) expect(result.pinning.observedCpusAllowed["h2load"]).toBe("1");
+    }
+
+    if (withH2load) {
+      expect(result.oneKey.map((o) => o.target)).toEqual(targets);
+      for (const o of result.oneKey) {
+        expect(o.h2load.http200, o.target).toBeGreaterThan(0);
+        expect(o.h2load.failed, o.target).toBe(0);
+        expect(o.grpcOk, o.target).toBe(o.h2load.http200);
+      }
+      for (const o of result.oneKey.filter((x) => !x.target.startsWith("noop"))) {
+        // keygate's own counts: every Check of the run was the allowed key, none a gRPC error.
+        expect(o.grpcErrors, o.target).toBe(0);
+        expect(Object.keys(o.checks?.reasons ?? {}), o.target).toEqual(["OK"]);
+      }
+      expect(result.ratios.filter((r) => r.scenario === "one-key").map((r) => r.target)).toEqual(targets.slice(1));
     }
 
     // keygate's own counts say the data files mean what the scenario names say.

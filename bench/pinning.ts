@@ -1,0 +1,97 @@
+import { spawnSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+
+/**
+ * Which core each side of a run gets. Servers (keygate, both no-ops, and the backends redis-server
+ * and the MongoDB-wire server) share the server core, so that "one core" means all of the served
+ * side; the load generators (ghz, h2load) and the bench's own process get the other core, so that
+ * neither steals the server's CPU.
+ */
+export interface Pinning {
+  /** The core servers run on; null when nothing is pinned. */
+  server: number | null;
+  /** The core ghz, h2load and the bench itself run on; null when nothing is pinned. */
+  load: number | null;
+  /** How pinning was done, or why it was not. */
+  note: string;
+}
+
+/** What a spawned process is, for pinning. */
+export type Role = "server" | "load";
+
+const SERVER_CPU = 0;
+const LOAD_CPU = 1;
+
+let current: Pinning = { server: null, load: null, note: "not configured" };
+// Observed Cpus_allowed_list of every pinned process, by name, for the report.
+const observed = new Map<string, string>();
+
+function tasksetWorks(): boolean {
+  const result = spawnSync("taskset", ["-c", String(SERVER_CPU), "true"], { stdio: "ignore" });
+  return result.error === undefined && result.status === 0;
+}
+
+/**
+ * Decides pinning once per run and moves the bench's own process onto the load core, so that the
+ * orchestration (scrapes, result parsing) is never charged to the server's core. Without taskset,
+ * or with fewer than 2 cores, nothing is pinned and the note says so.
+ */
+export function configurePinning(enabled: boolean): Pinning {
+  const cores = availableParallelism();
+  if (!enabled) current = { server: null, load: null, note: "not pinned (--no-pin): servers and load generators share every core" };
+  else if (cores < 2) current = { server: null, load: null, note: `not pinned: this machine has ${cores} core, so servers and load generators share it and CPU per Check includes contention` };
+  else if (!tasksetWorks()) current = { server: null, load: null, note: "not pinned: taskset is missing or refused (Debian util-linux); servers and load generators share every core" };
+  else {
+    current = { server: SERVER_CPU, load: LOAD_CPU, note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, h2load and the bench itself on CPU ${LOAD_CPU}` };
+    pinPid(process.pid, LOAD_CPU, "bench");
+  }
+  return current;
+}
+
+/** The run's pinning. */
+export function pinning(): Pinning {
+  return current;
+}
+
+/** `command args` wrapped in `taskset -c <core>` for its role; unchanged when not pinned. taskset execs, so the pid is the command's. */
+export function pinnedCommand(role: Role | undefined, command: string, args: readonly string[]): { command: string; args: string[] } {
+  const cpu = role === undefined ? null : role === "server" ? current.server : current.load;
+  return cpu === null ? { command, args: [...args] } : { command: "taskset", args: ["-c", String(cpu), command, ...args] };
+}
+
+/** Moves a running process and all its threads onto `cpu` (servers the test harness started). */
+export function pinPid(pid: number, cpu: number, name: string): boolean {
+  const result = spawnSync("taskset", ["-a", "-p", "-c", String(cpu), String(pid)], { stdio: "ignore" });
+  const ok = result.error === undefined && result.status === 0;
+  if (ok) recordAffinity(name, pid);
+  return ok;
+}
+
+/** Moves a running server process onto the server core, when pinning. */
+export function pinServerPid(pid: number, name: string): void {
+  if (current.server !== null) pinPid(pid, current.server, name);
+}
+
+/** The kernel's view of where `pid` may run (Cpus_allowed_list), or "?" once it has exited. */
+export function affinityOf(pid: number): string {
+  try {
+    const match = /^Cpus_allowed_list:\s*(\S+)/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return match?.[1] ?? "?";
+  } catch {
+    return "?";
+  }
+}
+
+/** Notes where a process was allowed to run, read from the kernel right after it started. */
+export function recordAffinity(name: string, pid: number): void {
+  // One entry per kind of process: "keygate embedded (cold saturation)" counts as "keygate embedded".
+  const kind = name.split(" (")[0] ?? name;
+  const cpus = affinityOf(pid);
+  if (cpus !== "?") observed.set(kind, cpus);
+}
+
+/** Every recorded process kind with the CPUs it was allowed, e.g. { ghz: "1", "keygate embedded": "0" }. */
+export function observedAffinity(): Record<string, string> {
+  return Object.fromEntries(observed);
+}

@@ -1,0 +1,148 @@
+import { BinaryReader } from "@bufbuild/protobuf/wire";
+import type {
+  AttributeContextView,
+  CheckRequestView,
+  HeaderMapView,
+  HeaderValueView,
+  HttpRequestView,
+  RequestView,
+} from "../gen/keygate/authz/v1/check_view_pb.js";
+
+// Field numbers of envoy/service/auth/v3/{external_auth,attribute_context}.proto and
+// envoy/config/core/v3/base.proto, as keygate/authz/v1/check_view.proto mirrors them.
+const CheckRequestField = { attributes: 1 } as const;
+const AttributeContextField = { request: 4, contextExtensions: 10 } as const;
+const RequestField = { http: 2 } as const;
+const HttpRequestField = { id: 1, method: 2, headers: 3, path: 4, headerMap: 13 } as const;
+const HeaderMapField = { headers: 1 } as const;
+const HeaderValueField = { key: 1, value: 2, rawValue: 3 } as const;
+const MapEntryField = { key: 1, value: 2 } as const;
+
+// protobuf-es's default recursion limit. Unknown fields are skipped with what is left of it at
+// the message's depth (CheckRequest is depth 1), so a deep group nest fails where it fails there.
+const RECURSION_LIMIT = 100;
+const Depth = { checkRequest: 1, attributeContext: 2, request: 3, httpRequest: 4, headerMap: 5, headerValue: 6 } as const;
+
+// proto3 strings are validated: invalid UTF-8 throws, as protobuf-es's fromBinary does.
+const STRICT_UTF8 = true;
+
+/**
+ * Decodes an envoy.service.auth.v3.CheckRequest into the fields Check reads, straight from the
+ * wire: everything else Envoy sends (addresses, TLS, the body, query parameters, metadata) is
+ * skipped without being built. The result equals `fromBinary(CheckRequestViewSchema, bytes)`
+ * (test/unit/check-request-decode.test.ts holds it to that), including its merging of repeated
+ * message fields, last-one-wins map keys, and which malformed inputs throw.
+ */
+export function decodeCheckRequest(bytes: Uint8Array): CheckRequestView {
+  const reader = new BinaryReader(bytes);
+  const message: CheckRequestView = { $typeName: "keygate.authz.v1.CheckRequestView" };
+  const end = bytes.byteLength;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    // Like protobuf-es, a known field is read as its declared type whatever its wire type says.
+    if (fieldNo === CheckRequestField.attributes) message.attributes = readAttributeContext(reader, message.attributes);
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.checkRequest);
+  }
+  return message;
+}
+
+// Each reader below takes the message a previous occurrence of its field built (or undefined)
+// and merges into it, as protobuf-es does when a singular message field repeats.
+
+function readAttributeContext(reader: BinaryReader, into: AttributeContextView | undefined): AttributeContextView {
+  const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: {} };
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === AttributeContextField.request) message.request = readRequest(reader, message.request);
+    else if (fieldNo === AttributeContextField.contextExtensions) readStringMapEntry(reader, message.contextExtensions, Depth.attributeContext);
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.attributeContext);
+  }
+  return message;
+}
+
+function readRequest(reader: BinaryReader, into: RequestView | undefined): RequestView {
+  const message: RequestView = into ?? { $typeName: "keygate.authz.v1.RequestView" };
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === RequestField.http) message.http = readHttpRequest(reader, message.http);
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.request);
+  }
+  return message;
+}
+
+function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined): HttpRequestView {
+  const message: HttpRequestView = into ?? { $typeName: "keygate.authz.v1.HttpRequestView", id: "", method: "", headers: {}, path: "" };
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    switch (fieldNo) {
+      case HttpRequestField.id:
+        message.id = reader.string(STRICT_UTF8);
+        break;
+      case HttpRequestField.method:
+        message.method = reader.string(STRICT_UTF8);
+        break;
+      case HttpRequestField.headers:
+        readStringMapEntry(reader, message.headers, Depth.httpRequest);
+        break;
+      case HttpRequestField.path:
+        message.path = reader.string(STRICT_UTF8);
+        break;
+      case HttpRequestField.headerMap:
+        message.headerMap = readHeaderMap(reader, message.headerMap);
+        break;
+      default:
+        reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.httpRequest);
+    }
+  }
+  return message;
+}
+
+function readHeaderMap(reader: BinaryReader, into: HeaderMapView | undefined): HeaderMapView {
+  const message: HeaderMapView = into ?? { $typeName: "keygate.authz.v1.HeaderMapView", headers: [] };
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === HeaderMapField.headers) message.headers.push(readHeaderValue(reader));
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.headerMap);
+  }
+  return message;
+}
+
+function readHeaderValue(reader: BinaryReader): HeaderValueView {
+  let key = "";
+  let value = "";
+  let rawValue: Uint8Array | undefined;
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === HeaderValueField.key) key = reader.string(STRICT_UTF8);
+    else if (fieldNo === HeaderValueField.value) value = reader.string(STRICT_UTF8);
+    else if (fieldNo === HeaderValueField.rawValue) rawValue = reader.bytes();
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.headerValue);
+  }
+  // raw_value is a view of the request's bytes, as protobuf-es returns it.
+  return { $typeName: "keygate.authz.v1.HeaderValueView", key, value, rawValue: rawValue ?? new Uint8Array(0) };
+}
+
+/**
+ * One map<string, string> entry into `record`: a missing key or value is "", a repeated one
+ * counts its last occurrence, and a key seen before is overwritten. `depth` is the depth of the
+ * message holding the map.
+ */
+function readStringMapEntry(reader: BinaryReader, record: { [key: string]: string }, depth: number): void {
+  let key = "";
+  let value = "";
+  const end = reader.uint32() + reader.pos;
+  while (reader.pos < end) {
+    const [fieldNo, wireType] = reader.tag();
+    if (fieldNo === MapEntryField.key) key = reader.string(STRICT_UTF8);
+    else if (fieldNo === MapEntryField.value) value = reader.string(STRICT_UTF8);
+    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - depth);
+  }
+  // A header named __proto__ is an own property like any other, never the record's prototype.
+  if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
+  else record[key] = value;
+}

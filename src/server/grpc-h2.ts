@@ -1,0 +1,558 @@
+import { constants as h2, createServer as createHttp2Server } from "node:http2";
+import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Session, ServerHttp2Stream } from "node:http2";
+import { createServer as createNetServer } from "node:net";
+import type { Socket } from "node:net";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import type { Logger } from "pino";
+import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus, HealthCheckResponseSchema } from "../gen/grpc/health/v1/health_pb.js";
+import { awaitOpening, trackConnections } from "./connections.js";
+import type { ListenerLimits } from "./connections.js";
+import type { CheckRequestView } from "../gen/keygate/authz/v1/check_view_pb.js";
+import type { AuthzCore, StartedServer } from "./grpc-authz.js";
+import { listen } from "./http-lifecycle.js";
+import type { Metrics } from "./metrics.js";
+
+/** gRPC status codes keygate's server answers with (grpc/doc/statuscodes.md). */
+export const GrpcCode = {
+  OK: 0,
+  DEADLINE_EXCEEDED: 4,
+  NOT_FOUND: 5,
+  RESOURCE_EXHAUSTED: 8,
+  UNIMPLEMENTED: 12,
+  INTERNAL: 13,
+  UNAVAILABLE: 14,
+} as const;
+type GrpcCodeValue = (typeof GrpcCode)[keyof typeof GrpcCode];
+
+/** The grpc-message of a Check that could not be decided (UNAVAILABLE), on either engine. */
+export const CHECK_UNAVAILABLE_MESSAGE = "the key could not be checked right now";
+
+/** Largest request message accepted, as grpc-js's default receive limit (4 MiB). */
+export const MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+const PREFIX_BYTES = 5;
+// Node's timers hold at most 2^31 - 1 ms; a deadline further away than that (about 24.8 days)
+// is as good as none, and a longer delay would fire after 1 ms.
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+const CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check";
+const HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check";
+const HEALTH_WATCH_PATH = "/grpc.health.v1.Health/Watch";
+
+const enum Kind {
+  Check,
+  HealthCheck,
+  HealthWatch,
+}
+
+const KIND_BY_PATH = new Map<string, Kind>([
+  [CHECK_PATH, Kind.Check],
+  [HEALTH_CHECK_PATH, Kind.HealthCheck],
+  [HEALTH_WATCH_PATH, Kind.HealthWatch],
+]);
+
+// Every answer names only the identity encoding: keygate neither decompresses requests nor
+// compresses answers (the answers are a few hundred bytes).
+const ACCEPT_ENCODING = "identity";
+const CONTENT_TYPE = "application/grpc";
+
+// Headers that do not change per call, built once (Node copies them before adding `date`).
+const OK_HEADERS: OutgoingHttpHeaders = {
+  [h2.HTTP2_HEADER_STATUS]: 200,
+  [h2.HTTP2_HEADER_CONTENT_TYPE]: CONTENT_TYPE,
+  "grpc-accept-encoding": ACCEPT_ENCODING,
+};
+const OK_TRAILERS: OutgoingHttpHeaders = { "grpc-status": "0" };
+const WAIT_FOR_TRAILERS = { waitForTrailers: true };
+const END_STREAM = { endStream: true };
+const NOT_POST_HEADERS: OutgoingHttpHeaders = { [h2.HTTP2_HEADER_STATUS]: 405, [h2.HTTP2_HEADER_ALLOW]: "POST" };
+const NOT_GRPC_HEADERS: OutgoingHttpHeaders = { [h2.HTTP2_HEADER_STATUS]: 415, "grpc-accept-encoding": ACCEPT_ENCODING };
+
+/** A trailers-only answer (`:status 200` and the status in the one HEADERS frame). */
+function errorHeaders(code: GrpcCodeValue, message: string): OutgoingHttpHeaders {
+  return {
+    [h2.HTTP2_HEADER_STATUS]: 200,
+    [h2.HTTP2_HEADER_CONTENT_TYPE]: CONTENT_TYPE,
+    "grpc-accept-encoding": ACCEPT_ENCODING,
+    "grpc-status": String(code),
+    "grpc-message": encodeGrpcMessage(message),
+  };
+}
+
+// A Watch ended by shutdown ends with status OK.
+const WATCH_END_HEADERS: OutgoingHttpHeaders = { "grpc-status": "0" };
+const UNAVAILABLE_HEADERS = errorHeaders(GrpcCode.UNAVAILABLE, CHECK_UNAVAILABLE_MESSAGE);
+const DEADLINE_HEADERS = errorHeaders(GrpcCode.DEADLINE_EXCEEDED, "Deadline exceeded");
+const COMPRESSED_HEADERS = errorHeaders(GrpcCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity encoding");
+const TOO_LARGE_HEADERS = errorHeaders(GrpcCode.RESOURCE_EXHAUSTED, `Received message larger than max (${MAX_MESSAGE_BYTES} bytes)`);
+const SECOND_MESSAGE_HEADERS = errorHeaders(GrpcCode.INTERNAL, "a unary call carries exactly one request message; a second one arrived");
+const NO_MESSAGE_HEADERS = errorHeaders(GrpcCode.INTERNAL, "a unary call carries exactly one request message; none arrived");
+const TRUNCATED_HEADERS = errorHeaders(GrpcCode.INTERNAL, "the request ended inside a message");
+const BAD_FLAG_HEADERS = errorHeaders(GrpcCode.INTERNAL, "a message's compressed flag is neither 0 nor 1");
+const UNDECODABLE_HEADERS = errorHeaders(GrpcCode.INTERNAL, "Error deserializing request");
+
+const utf8 = new TextEncoder();
+const HEX = "0123456789ABCDEF";
+
+/**
+ * Percent-encodes a grpc-message value as the gRPC spec says: bytes outside printable ASCII
+ * (0x20–0x7E) and `%` itself become %XX of their UTF-8 bytes.
+ */
+export function encodeGrpcMessage(message: string): string {
+  let plain = true;
+  for (let i = 0; i < message.length; i++) {
+    const c = message.charCodeAt(i);
+    if (c < 0x20 || c > 0x7e || c === 0x25) {
+      plain = false;
+      break;
+    }
+  }
+  if (plain) return message;
+  let out = "";
+  for (const byte of utf8.encode(message)) {
+    if (byte >= 0x20 && byte <= 0x7e && byte !== 0x25) out += String.fromCharCode(byte);
+    else out += `%${HEX.charAt(byte >> 4)}${HEX.charAt(byte & 0xf)}`;
+  }
+  return out;
+}
+
+/**
+ * Parses a grpc-timeout value (1 to 8 ASCII digits and a unit H M S m u n) into milliseconds,
+ * or null when it is not of that form.
+ */
+export function parseGrpcTimeoutMs(value: string): number | null {
+  const last = value.length - 1;
+  if (last < 1 || last > 8) return null;
+  let amount = 0;
+  for (let i = 0; i < last; i++) {
+    const digit = value.charCodeAt(i) - 48;
+    if (digit < 0 || digit > 9) return null;
+    amount = amount * 10 + digit;
+  }
+  switch (value.charAt(last)) {
+    case "H":
+      return amount * 3_600_000;
+    case "M":
+      return amount * 60_000;
+    case "S":
+      return amount * 1000;
+    case "m":
+      return amount;
+    case "u":
+      return amount / 1000;
+    case "n":
+      return amount / 1_000_000;
+    default:
+      return null;
+  }
+}
+
+/** True for `application/grpc` and `application/grpc+proto`, with or without parameters. */
+export function isGrpcContentType(value: string | string[] | undefined): boolean {
+  if (value === "application/grpc" || value === "application/grpc+proto") return true;
+  if (typeof value !== "string") return false;
+  const end = value.indexOf(";");
+  const type = (end === -1 ? value : value.slice(0, end)).trim().toLowerCase();
+  return type === "application/grpc" || type === "application/grpc+proto";
+}
+
+/** One length-prefixed message: flag 0, big-endian length, the bytes. */
+function frame(message: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafe(PREFIX_BYTES + message.length);
+  out[0] = 0;
+  out.writeUInt32BE(message.length, 1);
+  out.set(message, PREFIX_BYTES);
+  return out;
+}
+
+const healthFrames = new Map<HealthCheckResponse_ServingStatus, Buffer>(
+  [HealthCheckResponse_ServingStatus.SERVING, HealthCheckResponse_ServingStatus.NOT_SERVING, HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN].map(
+    (status) => [status, frame(toBinary(HealthCheckResponseSchema, create(HealthCheckResponseSchema, { status })))],
+  ),
+);
+
+function healthFrame(status: HealthCheckResponse_ServingStatus): Buffer {
+  const bytes = healthFrames.get(status);
+  if (bytes === undefined) throw new Error(`no health answer for status ${status}`);
+  return bytes;
+}
+
+/** One call's state: where its framing stands, and whether it has been answered. */
+class Call {
+  kind: Kind;
+  stream: ServerHttp2Stream;
+  /** The 5-byte prefix while it arrives split across DATA frames. */
+  prefix: Buffer | null = null;
+  prefixFilled = 0;
+  /** Length of the message being read, or -1 while reading a prefix. */
+  bodyLength = -1;
+  /**
+   * The parts of a message split across DATA frames, as views of them. Nothing is allocated
+   * from the prefix's length alone, so memory follows the bytes a client actually sent.
+   */
+  parts: Buffer[] | null = null;
+  bodyFilled = 0;
+  message: Buffer | null = null;
+  /** The answer is out, or the stream is gone: nothing more is written. */
+  done = false;
+  /** The client sent END_STREAM. */
+  halfClosed = false;
+  deadline: NodeJS.Timeout | undefined = undefined;
+  unsubscribe: (() => void) | undefined = undefined;
+  pendingTrailers: OutgoingHttpHeaders = OK_TRAILERS;
+
+  constructor(kind: Kind, stream: ServerHttp2Stream) {
+    this.kind = kind;
+    this.stream = stream;
+  }
+}
+
+const CALL = Symbol("keygate.call");
+interface CallStream extends ServerHttp2Stream {
+  [CALL]?: Call;
+}
+
+function ignore(): void {}
+
+function sendTrailers(this: CallStream): void {
+  const call = this[CALL];
+  try {
+    this.sendTrailers(call === undefined ? OK_TRAILERS : call.pendingTrailers);
+  } catch {
+    this.destroy();
+  }
+}
+
+/** Ends a call with a trailers-only answer (or trailers, when a Watch already sent headers). */
+function finish(call: Call, headers: OutgoingHttpHeaders): void {
+  if (call.done) return;
+  settle(call);
+  const stream = call.stream;
+  if (stream.destroyed || stream.closed) return;
+  try {
+    if (stream.headersSent) {
+      const message = headers["grpc-message"];
+      call.pendingTrailers = message === undefined ? { "grpc-status": headers["grpc-status"] } : { "grpc-status": headers["grpc-status"], "grpc-message": message };
+      stream.end();
+      return;
+    }
+    stream.respond(headers, END_STREAM);
+    // The client may still be sending (an oversize body, say): RST_STREAM NO_ERROR after the
+    // answer tells it to stop (RFC 9113 §8.1), and keygate reads no more of it.
+    if (!call.halfClosed) stream.close(h2.NGHTTP2_NO_ERROR);
+  } catch {
+    stream.destroy();
+  }
+}
+
+/** Marks a call answered and lets go of its timer and subscriptions. */
+function settle(call: Call): void {
+  call.done = true;
+  if (call.deadline !== undefined) clearTimeout(call.deadline);
+  call.deadline = undefined;
+  call.unsubscribe?.();
+  call.unsubscribe = undefined;
+  call.parts = null;
+  call.message = null;
+}
+
+/** Sends one message and OK trailers: one output buffer, constant headers. */
+function answer(call: Call, framed: Buffer): void {
+  if (call.done) return;
+  settle(call);
+  const stream = call.stream;
+  if (stream.destroyed || stream.closed) return;
+  try {
+    stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
+    stream.once("wantTrailers", sendTrailers);
+    stream.end(framed);
+  } catch {
+    stream.destroy();
+  }
+}
+
+function replyCheck(call: Call, bytes: Uint8Array | null): void {
+  if (bytes === null) finish(call, UNAVAILABLE_HEADERS);
+  else answer(call, frame(bytes));
+}
+
+/** Reads DATA into the call's one message; a framing fault answers at once. */
+function onData(this: CallStream, chunk: Buffer): void {
+  const call = this[CALL];
+  if (call === undefined || call.done) return;
+  let at = 0;
+  while (at < chunk.length) {
+    if (call.bodyLength === -1) {
+      if (call.message !== null) return finish(call, SECOND_MESSAGE_HEADERS);
+      let flag: number;
+      let length: number;
+      if (call.prefixFilled === 0 && chunk.length - at >= PREFIX_BYTES) {
+        flag = chunk[at] ?? 0;
+        length = chunk.readUInt32BE(at + 1);
+        at += PREFIX_BYTES;
+      } else {
+        const prefix = (call.prefix ??= Buffer.allocUnsafe(PREFIX_BYTES));
+        const take = Math.min(PREFIX_BYTES - call.prefixFilled, chunk.length - at);
+        chunk.copy(prefix, call.prefixFilled, at, at + take);
+        call.prefixFilled += take;
+        at += take;
+        if (call.prefixFilled < PREFIX_BYTES) return;
+        call.prefixFilled = 0;
+        flag = prefix[0] ?? 0;
+        length = prefix.readUInt32BE(1);
+      }
+      if (flag === 1) return finish(call, COMPRESSED_HEADERS);
+      if (flag !== 0) return finish(call, BAD_FLAG_HEADERS);
+      // Refused on the prefix alone: nothing of an oversize message is held.
+      if (length > MAX_MESSAGE_BYTES) return finish(call, TOO_LARGE_HEADERS);
+      if (chunk.length - at >= length) {
+        // The common case: the whole message is in this chunk, so it is a view, not a copy.
+        call.message = chunk.subarray(at, at + length);
+        at += length;
+        continue;
+      }
+      call.bodyLength = length;
+      call.parts = [];
+      call.bodyFilled = 0;
+    }
+    const parts = call.parts;
+    if (parts === null) return;
+    const take = Math.min(call.bodyLength - call.bodyFilled, chunk.length - at);
+    parts.push(chunk.subarray(at, at + take));
+    call.bodyFilled += take;
+    at += take;
+    if (call.bodyFilled === call.bodyLength) {
+      call.message = Buffer.concat(parts, call.bodyLength);
+      call.parts = null;
+      call.bodyLength = -1;
+    }
+  }
+}
+
+function onStreamClose(this: CallStream): void {
+  const call = this[CALL];
+  if (call !== undefined && !call.done) settle(call);
+}
+
+function onDeadline(call: Call): void {
+  call.deadline = undefined;
+  finish(call, DEADLINE_HEADERS);
+}
+
+/** What the h2 engine needs besides the shared Check and health logic. */
+export interface H2ServerDeps {
+  limits: ListenerLimits;
+  metrics: Metrics;
+  logger: Logger;
+}
+
+/**
+ * keygate's own unary gRPC server on node:http2: Check, health Check and Watch, identity
+ * encoding only, one message per call, grpc-timeout deadlines, trailers-only errors.
+ */
+export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
+  const { limits, metrics, logger } = deps;
+  const watchers = new Set<Call>();
+
+  /** The client half-closed: the one message is complete, or the call is malformed. */
+  function onEnd(this: CallStream): void {
+    const call = this[CALL];
+    if (call === undefined) return;
+    call.halfClosed = true;
+    if (call.done) return;
+    if (call.bodyLength !== -1 || call.prefixFilled !== 0) return finish(call, TRUNCATED_HEADERS);
+    const message = call.message;
+    if (message === null) return finish(call, NO_MESSAGE_HEADERS);
+    call.message = null;
+    if (call.kind === Kind.Check) {
+      let request: CheckRequestView;
+      try {
+        request = core.decodeCheck(message);
+      } catch {
+        return finish(call, UNDECODABLE_HEADERS);
+      }
+      core.check(request, call, replyCheck);
+      return;
+    }
+    let service: string;
+    try {
+      service = fromBinary(HealthCheckRequestSchema, message, { readUnknownFields: false }).service;
+    } catch {
+      return finish(call, UNDECODABLE_HEADERS);
+    }
+    if (call.kind === Kind.HealthCheck) {
+      const status = core.servingStatus(service);
+      if (status === null) finish(call, errorHeaders(GrpcCode.NOT_FOUND, `unknown service "${service}"`));
+      else answer(call, healthFrame(status));
+      return;
+    }
+    watch(call, service);
+  }
+
+  /** Health Watch: the current status now, every change after, ended by shutdown. */
+  function watch(call: Call, service: string): void {
+    const stream = call.stream;
+    const send = (): void => {
+      if (call.done || stream.destroyed) return;
+      stream.write(healthFrame(core.servingStatus(service) ?? HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN));
+    };
+    try {
+      stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
+      stream.once("wantTrailers", sendTrailers);
+      send();
+    } catch {
+      stream.destroy();
+      return;
+    }
+    watchers.add(call);
+    const unsubscribe = core.readiness.onChange(send);
+    call.unsubscribe = () => {
+      unsubscribe();
+      watchers.delete(call);
+    };
+  }
+
+  function onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
+    // Every fault of a stream (a reset, a write after the peer left) ends up in 'close'.
+    stream.on("error", ignore);
+    if (headers[h2.HTTP2_HEADER_METHOD] !== "POST") return rejectHttp(stream, NOT_POST_HEADERS);
+    if (!isGrpcContentType(headers[h2.HTTP2_HEADER_CONTENT_TYPE])) return rejectHttp(stream, NOT_GRPC_HEADERS);
+    const pathHeader = headers[h2.HTTP2_HEADER_PATH];
+    const path = typeof pathHeader === "string" ? pathHeader : "";
+    const kind = KIND_BY_PATH.get(path);
+    const call = new Call(kind ?? Kind.Check, stream);
+    const callStream: CallStream = stream;
+    callStream[CALL] = call;
+    stream.once("close", onStreamClose);
+    stream.once("end", onEnd);
+    if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));
+    const encoding = headers["grpc-encoding"];
+    if (encoding !== undefined && encoding !== "identity") return finish(call, COMPRESSED_HEADERS);
+    const timeout = headers["grpc-timeout"];
+    if (timeout !== undefined) {
+      const timeoutMs = typeof timeout === "string" ? parseGrpcTimeoutMs(timeout) : null;
+      if (timeoutMs === null) return finish(call, errorHeaders(GrpcCode.INTERNAL, `Invalid grpc-timeout value "${String(timeout)}"`));
+      if (timeoutMs < MAX_TIMER_MS) call.deadline = setTimeout(onDeadline, Math.floor(timeoutMs), call);
+    }
+    stream.on("data", onData);
+  }
+
+  function rejectHttp(stream: ServerHttp2Stream, headers: OutgoingHttpHeaders): void {
+    try {
+      stream.respond(headers, END_STREAM);
+      if (!stream.endAfterHeaders) stream.close(h2.NGHTTP2_NO_ERROR);
+    } catch {
+      stream.destroy();
+    }
+  }
+
+  /**
+   * A session with no stream for the idle timeout gets GOAWAY; every session is pinged once per
+   * idle timeout and destroyed if the ping goes unanswered for the headers timeout. So a peer
+   * that vanished, or holds a call open without speaking HTTP/2, loses its connection, while a
+   * live Watch answers the pings and stays (as grpc-js's keepalive and max_connection_idle).
+   */
+  function guardSession(session: ServerHttp2Session): void {
+    let open = 0;
+    let idle: NodeJS.Timeout | undefined;
+    let keepalive: NodeJS.Timeout | undefined;
+    const closeIdle = (): void => {
+      session.close();
+      setTimeout(() => session.destroy(), limits.headersTimeoutMs).unref();
+    };
+    const armIdle = (): void => {
+      idle = setTimeout(closeIdle, limits.idleTimeoutMs);
+      idle.unref();
+    };
+    const ping = (): void => {
+      if (session.destroyed) return;
+      keepalive = setTimeout(() => session.destroy(), limits.headersTimeoutMs);
+      keepalive.unref();
+      let sent = false;
+      try {
+        sent = session.ping((error) => {
+          clearTimeout(keepalive);
+          if (error === null) armKeepalive();
+          else session.destroy();
+        });
+      } catch {
+        sent = false;
+      }
+      if (!sent) session.destroy();
+    };
+    const armKeepalive = (): void => {
+      if (session.destroyed) return;
+      keepalive = setTimeout(ping, limits.idleTimeoutMs);
+      keepalive.unref();
+    };
+    armIdle();
+    armKeepalive();
+    session.on("stream", (stream: ServerHttp2Stream) => {
+      open += 1;
+      clearTimeout(idle);
+      stream.once("close", () => {
+        open -= 1;
+        if (open === 0 && !session.closed && !session.destroyed) armIdle();
+      });
+    });
+    session.once("close", () => {
+      clearTimeout(idle);
+      clearTimeout(keepalive);
+    });
+  }
+
+  return {
+    async start(host, port) {
+      const http2 = createHttp2Server();
+      http2.on("stream", onStream);
+      // A session's protocol errors close it; they are the peer's fault, not keygate's.
+      http2.on("sessionError", (error: Error) => logger.debug({ err: error }, "grpc session error"));
+      const sessions = new Set<ServerHttp2Session>();
+      let drained: (() => void) | undefined;
+      http2.on("session", (session: ServerHttp2Session) => {
+        sessions.add(session);
+        session.on("error", ignore);
+        session.once("close", () => {
+          sessions.delete(session);
+          drained?.();
+        });
+        guardSession(session);
+      });
+      // keygate owns the TCP listener and hands HTTP/2 only connections that opened with the
+      // preface and SETTINGS in time, so it can cap them and close silent ones.
+      const opening = new Set<Socket>();
+      const tcp = createNetServer((socket: Socket) => {
+        opening.add(socket);
+        socket.once("close", () => opening.delete(socket));
+        awaitOpening(socket, limits.headersTimeoutMs, false, () => {
+          opening.delete(socket);
+          // The session reads the unshifted bytes itself; resuming would drop them.
+          http2.emit("connection", socket);
+        });
+      });
+      trackConnections(tcp, "grpc", limits, metrics);
+      const boundPort = await listen(tcp, host, port);
+      return {
+        port: boundPort,
+        stop: (graceMs) =>
+          new Promise<void>((resolve) => {
+            tcp.close();
+            for (const socket of opening) socket.destroy();
+            // Readiness has already sent NOT_SERVING to every Watch; now they end with OK.
+            for (const call of [...watchers]) finish(call, WATCH_END_HEADERS);
+            // GOAWAY to every session: in-flight calls finish, new ones go elsewhere.
+            for (const session of sessions) session.close();
+            const force = setTimeout(() => {
+              for (const session of sessions) session.destroy();
+            }, graceMs);
+            drained = () => {
+              if (sessions.size > 0) return;
+              clearTimeout(force);
+              drained = undefined;
+              resolve();
+            };
+            drained();
+          }),
+      };
+    },
+  };
+}

@@ -1,0 +1,688 @@
+import { connect as h2Connect, constants as h2 } from "node:http2";
+import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders } from "node:http2";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
+import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
+import fc from "fast-check";
+import { afterEach, describe, expect, it } from "vitest";
+import type { CheckInput, Decision } from "../../src/authz/pipeline.js";
+import { ConfigError, loadConfig } from "../../src/config.js";
+import type { GrpcEngine } from "../../src/config.js";
+import { CheckRequestSchema, CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus } from "../../src/gen/grpc/health/v1/health_pb.js";
+import type { HealthCheckRequest, HealthCheckResponse } from "../../src/gen/grpc/health/v1/health_pb.js";
+import { authorizationDefinition, createGrpcAuthzServer, healthDefinition } from "../../src/server/grpc-authz.js";
+import type { StartedServer } from "../../src/server/grpc-authz.js";
+import { encodeGrpcMessage, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../src/server/grpc-h2.js";
+import { createLogger } from "../../src/server/logger.js";
+import { Metrics } from "../../src/server/metrics.js";
+import { Readiness } from "../../src/server/readiness.js";
+
+// The same cases run against both engines that can serve the gRPC port: keygate's own server on
+// node:http2 and @grpc/grpc-js. grpc-js is the reference client throughout; raw node:http2 client
+// streams send what no gRPC client would. Where grpc-js's server departs from the gRPC spec, the
+// table below says so, and the case asserts each engine's exact answer.
+
+const CHECK_PATH = authorizationDefinition.Check.path;
+const ENGINES: GrpcEngine[] = ["h2", "grpc-js"];
+const WAIT_MS = 10_000;
+
+// The pipeline is the test's: a Check with x-test-hold waits for release(), one with x-test-throw
+// fails to decide, any other is the missing-credential denial, which carries the request's id.
+const DENIAL: Decision = { allow: false, reason: "MISSING_CREDENTIAL", message: "No API key was sent." };
+
+class ControlledPipeline {
+  readonly held: Array<(decision: Decision) => void> = [];
+  decided = 0;
+  decide(input: CheckInput): Decision | Promise<Decision> {
+    this.decided += 1;
+    if (input.headers["x-test-throw"] === "1") throw new Error("store down");
+    if (input.headers["x-test-hold"] === "1") return new Promise<Decision>((resolve) => this.held.push(resolve));
+    return DENIAL;
+  }
+  release(): void {
+    for (const resolve of this.held.splice(0)) resolve(DENIAL);
+  }
+}
+
+interface Running {
+  server: StartedServer;
+  pipeline: ControlledPipeline;
+  readiness: Readiness;
+  url: string;
+  stopped: boolean;
+}
+
+const running: Running[] = [];
+const clients: GrpcClient[] = [];
+const sessions: ClientHttp2Session[] = [];
+
+async function start(engine: GrpcEngine): Promise<Running> {
+  const pipeline = new ControlledPipeline();
+  const readiness = new Readiness();
+  readiness.setReady(true);
+  const grpc = createGrpcAuthzServer({
+    pipeline,
+    readiness,
+    metrics: new Metrics({ defaultMetrics: false }),
+    logger: createLogger("silent"),
+    nowMs: () => Date.now(),
+    limits: { headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
+    engine,
+  });
+  const server = await grpc.start("127.0.0.1", 0);
+  const entry = { server, pipeline, readiness, url: `http://127.0.0.1:${server.port}`, stopped: false };
+  running.push(entry);
+  return entry;
+}
+
+async function stop(entry: Running, graceMs = 5000): Promise<void> {
+  if (entry.stopped) return;
+  entry.stopped = true;
+  entry.readiness.drain();
+  await entry.server.stop(graceMs);
+}
+
+afterEach(async () => {
+  for (const client of clients.splice(0)) client.close();
+  for (const session of sessions.splice(0)) session.destroy();
+  for (const entry of running.splice(0)) {
+    entry.pipeline.release();
+    await stop(entry, 0);
+  }
+});
+
+function grpcClient(entry: Running): GrpcClient {
+  const client = new GrpcClient(`127.0.0.1:${entry.server.port}`, credentials.createInsecure());
+  clients.push(client);
+  return client;
+}
+
+function checkRequest(id: string, headers: Record<string, string> = {}): CheckRequest {
+  return create(CheckRequestSchema, { attributes: { request: { http: { id, method: "GET", path: "/v1/decks", headers } } } });
+}
+
+/** The request id a denial's JSON body carries. */
+function requestIdOf(response: CheckResponse): string {
+  if (response.httpResponse.case !== "deniedResponse") throw new Error(`expected a denial, got ${response.httpResponse.case ?? "nothing"}`);
+  const body: unknown = JSON.parse(response.httpResponse.value.body);
+  if (typeof body !== "object" || body === null || !("requestId" in body) || typeof body.requestId !== "string") throw new Error("denial body without requestId");
+  return body.requestId;
+}
+
+type Outcome<T> = { ok: true; value: T } | { ok: false; code: number; details: string };
+
+function unary<I, O>(client: GrpcClient, path: string, serialize: (m: I) => Buffer, deserialize: (b: Buffer) => O, request: I, metadata = new Metadata()): Promise<Outcome<O>> {
+  return new Promise((resolve) => {
+    client.makeUnaryRequest<I, O>(path, serialize, deserialize, request, metadata, (error: ServiceError | null, response?: O) => {
+      if (error !== null) resolve({ ok: false, code: error.code, details: error.details });
+      else if (response === undefined) resolve({ ok: false, code: -1, details: "no response" });
+      else resolve({ ok: true, value: response });
+    });
+  });
+}
+
+function check(client: GrpcClient, request: CheckRequest, path = CHECK_PATH): Promise<Outcome<CheckResponse>> {
+  const def = authorizationDefinition.Check;
+  return unary(client, path, def.requestSerialize, def.responseDeserialize, request);
+}
+
+function healthCheck(client: GrpcClient, service: string): Promise<Outcome<HealthCheckResponse>> {
+  const def = healthDefinition.Check;
+  return unary(client, def.path, def.requestSerialize, def.responseDeserialize, create(HealthCheckRequestSchema, { service }));
+}
+
+/** What a raw HTTP/2 exchange came back with. */
+interface RawAnswer {
+  headers: IncomingHttpHeaders;
+  trailers: IncomingHttpHeaders | null;
+  body: Buffer;
+  rstCode: number;
+}
+
+function rawSession(entry: Running): ClientHttp2Session {
+  const session = h2Connect(entry.url);
+  session.on("error", () => undefined);
+  sessions.push(session);
+  return session;
+}
+
+/**
+ * Sends one stream: the request headers, then each chunk as its own write (awaited, so each
+ * leaves as its own DATA frame), then END_STREAM unless `end` is false.
+ */
+async function raw(entry: Running, chunks: Uint8Array[], options: { headers?: OutgoingHttpHeaders; path?: string; end?: boolean; session?: ClientHttp2Session } = {}): Promise<RawAnswer> {
+  const session = options.session ?? rawSession(entry);
+  const stream = session.request({
+    ":method": "POST",
+    ":path": options.path ?? CHECK_PATH,
+    "content-type": "application/grpc",
+    te: "trailers",
+    ...options.headers,
+  });
+  stream.on("error", () => undefined);
+  const answer: RawAnswer = { headers: {}, trailers: null, body: Buffer.alloc(0), rstCode: 0 };
+  const parts: Buffer[] = [];
+  stream.on("response", (headers) => (answer.headers = headers));
+  stream.on("trailers", (trailers) => (answer.trailers = trailers));
+  stream.on("data", (chunk: Buffer) => parts.push(chunk));
+  // With `end: false` the client's half stays open: the answer is complete when the server's
+  // half ends (h2 also resets the stream; grpc-js leaves it open).
+  const closed = new Promise<void>((resolve) => {
+    stream.once("close", () => resolve());
+    if (options.end === false) stream.once("end", () => resolve());
+  });
+  for (const chunk of chunks) {
+    if (stream.closed) break;
+    await new Promise<void>((resolve) => stream.write(chunk, () => resolve()));
+  }
+  if (options.end !== false && !stream.closed) stream.end();
+  await closed;
+  answer.body = Buffer.concat(parts);
+  answer.rstCode = stream.rstCode ?? 0;
+  if (!stream.closed) stream.close(h2.NGHTTP2_CANCEL);
+  return answer;
+}
+
+/** The grpc-status of a raw answer: from the trailers, or the headers of a trailers-only one. */
+function grpcStatusOf(answer: RawAnswer): number | undefined {
+  const value = answer.trailers?.["grpc-status"] ?? answer.headers["grpc-status"];
+  return typeof value === "string" ? Number(value) : undefined;
+}
+
+function framed(message: Uint8Array, flag = 0): Buffer {
+  const out = Buffer.alloc(5 + message.length);
+  out[0] = flag;
+  out.writeUInt32BE(message.length, 1);
+  out.set(message, 5);
+  return out;
+}
+
+function checkBytes(id: string): Uint8Array {
+  return toBinary(CheckRequestSchema, checkRequest(id));
+}
+
+/** The CheckResponse of a raw answer that must be OK with exactly one framed message. */
+function checkResponseOf(answer: RawAnswer): CheckResponse {
+  expect(answer.headers[":status"]).toBe(200);
+  expect(grpcStatusOf(answer)).toBe(GrpcStatus.OK);
+  expect(answer.body.readUInt8(0)).toBe(0);
+  expect(answer.body.readUInt32BE(1)).toBe(answer.body.length - 5);
+  return fromBinary(CheckResponseSchema, answer.body.subarray(5));
+}
+
+async function eventually(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + WAIT_MS;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/**
+ * Where grpc-js's server and the gRPC spec part, each engine's exact answer. h2 follows the spec
+ * (and grpc-java / grpc-go); grpc-js answers as its own server code does.
+ */
+interface Departures {
+  cardinality: number;
+  compressedIdentity: number;
+  notPost: { httpStatus: number; grpcStatus: number | undefined };
+  timeoutJunk: number;
+  timeoutWithSpace: boolean;
+}
+const DEPARTURES: Record<GrpcEngine, Departures> = {
+  // A unary call with zero or two messages, or a truncated one: INTERNAL. A compressed flag
+  // with no grpc-encoding cannot be decoded: UNIMPLEMENTED. A method other than POST: 405.
+  // grpc-timeout is exactly 1-8 digits and a unit, anything else INTERNAL.
+  h2: {
+    cardinality: GrpcStatus.INTERNAL,
+    compressedIdentity: GrpcStatus.UNIMPLEMENTED,
+    notPost: { httpStatus: 405, grpcStatus: undefined },
+    timeoutJunk: GrpcStatus.INTERNAL,
+    timeoutWithSpace: false,
+  },
+  // grpc-js answers a cardinality fault with UNIMPLEMENTED, reads a compressed flag without
+  // grpc-encoding as uncompressed, does not look at :method (Node's client ends a GET at its
+  // headers, so grpc-js answers it as a call with no message), and finds a timeout anywhere in
+  // the value (its pattern is unanchored and allows spaces before the unit).
+  "grpc-js": {
+    cardinality: GrpcStatus.UNIMPLEMENTED,
+    compressedIdentity: GrpcStatus.OK,
+    notPost: { httpStatus: 200, grpcStatus: GrpcStatus.UNIMPLEMENTED },
+    timeoutJunk: GrpcStatus.OK,
+    timeoutWithSpace: true,
+  },
+};
+
+describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
+  const departs = DEPARTURES[engine];
+
+  describe("happy", () => {
+    it("a Check from grpc-js is answered with the CheckResponse of its own request", async () => {
+      const entry = await start(engine);
+      const outcome = await check(grpcClient(entry), checkRequest("req-1"));
+      if (!outcome.ok) throw new Error(`Check failed: ${outcome.code} ${outcome.details}`);
+      expect(requestIdOf(outcome.value)).toBe("req-1");
+    });
+
+    it("a message split across DATA frames byte by byte is reassembled", async () => {
+      const entry = await start(engine);
+      const bytes = framed(checkBytes("split"));
+      const chunks = [...bytes].map((byte) => Uint8Array.of(byte));
+      const answer = await raw(entry, chunks);
+      expect(requestIdOf(checkResponseOf(answer))).toBe("split");
+      expect(answer.trailers?.["grpc-status"]).toBe("0");
+    });
+
+    it("an empty message is an empty CheckRequest (decided: no credential)", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(new Uint8Array(0))]);
+      const response = checkResponseOf(answer);
+      expect(response.httpResponse.case).toBe("deniedResponse");
+      expect(entry.pipeline.decided).toBe(1);
+    });
+
+    it("application/grpc+proto is served like application/grpc", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("proto"))], { headers: { "content-type": "application/grpc+proto" } });
+      expect(requestIdOf(checkResponseOf(answer))).toBe("proto");
+    });
+
+    it("1000 concurrent Checks on one session are each answered with their own request's id", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      const ids = Array.from({ length: 1000 }, (_, i) => `pipelined-${i}`);
+      const outcomes = await Promise.all(ids.map((id) => check(client, checkRequest(id))));
+      const answered = outcomes.map((o) => (o.ok ? requestIdOf(o.value) : `failed ${o.code}`));
+      expect(answered).toEqual(ids);
+      expect(entry.pipeline.decided).toBe(1000);
+    });
+  });
+
+  describe("error", () => {
+    it("two messages on a unary call", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [Buffer.concat([framed(checkBytes("a")), framed(checkBytes("b"))])]);
+      expect(answer.headers[":status"]).toBe(200);
+      expect(grpcStatusOf(answer)).toBe(departs.cardinality);
+      expect(answer.body.length).toBe(0);
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("a frame cut short, then END_STREAM", async () => {
+      const entry = await start(engine);
+      const whole = framed(checkBytes("cut"));
+      const answer = await raw(entry, [whole.subarray(0, whole.length - 3)]);
+      expect(grpcStatusOf(answer)).toBe(departs.cardinality);
+      expect(answer.body.length).toBe(0);
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("a prefix cut short, then END_STREAM", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [Uint8Array.of(0, 0, 0)]);
+      expect(grpcStatusOf(answer)).toBe(departs.cardinality);
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("no message at all", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, []);
+      expect(grpcStatusOf(answer)).toBe(departs.cardinality);
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("the compressed flag with no grpc-encoding", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("flag"), 1)]);
+      expect(grpcStatusOf(answer)).toBe(departs.compressedIdentity);
+      if (engine === "h2") expect(answer.headers["grpc-accept-encoding"]).toBe("identity");
+    });
+
+    it("an unknown grpc-encoding with the compressed flag: UNIMPLEMENTED, naming identity as accepted", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("snappy"), 1)], { headers: { "grpc-encoding": "snappy" } });
+      expect(answer.headers[":status"]).toBe(200);
+      expect(grpcStatusOf(answer)).toBe(GrpcStatus.UNIMPLEMENTED);
+      expect(entry.pipeline.decided).toBe(0);
+      if (engine === "h2") expect(answer.headers["grpc-accept-encoding"]).toBe("identity");
+    });
+
+    it("a content-type that is not gRPC is refused with HTTP 415", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("json"))], { headers: { "content-type": "application/json" } });
+      expect(answer.headers[":status"]).toBe(415);
+      expect(answer.headers["grpc-status"]).toBeUndefined();
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("GET instead of POST", async () => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("get"))], { headers: { ":method": "GET" } });
+      expect(answer.headers[":status"]).toBe(departs.notPost.httpStatus);
+      expect(grpcStatusOf(answer)).toBe(departs.notPost.grpcStatus);
+      if (engine === "h2") expect(answer.headers.allow).toBe("POST");
+    });
+
+    it("a message over 4 MiB is refused on its prefix with RESOURCE_EXHAUSTED", async () => {
+      const entry = await start(engine);
+      const prefix = Buffer.alloc(5);
+      prefix.writeUInt32BE(MAX_MESSAGE_BYTES + 1, 1);
+      // Only the prefix and a little of the body are sent: the refusal must not wait for the rest.
+      const answer = await raw(entry, [prefix, Buffer.alloc(1024)], { end: false });
+      expect(grpcStatusOf(answer)).toBe(GrpcStatus.RESOURCE_EXHAUSTED);
+      expect(entry.pipeline.decided).toBe(0);
+    });
+
+    it("a message of exactly 4 MiB is read and decided", async () => {
+      const entry = await start(engine);
+      // A CheckRequest padded to exactly the limit with an unknown field (15, length-delimited,
+      // its length a 4-byte varint), which decoding skips.
+      const head = checkBytes("big");
+      const padLength = MAX_MESSAGE_BYTES - head.length - 1 - 4;
+      const varint = Uint8Array.of((padLength & 0x7f) | 0x80, ((padLength >> 7) & 0x7f) | 0x80, ((padLength >> 14) & 0x7f) | 0x80, padLength >> 21);
+      const message = Buffer.concat([head, Uint8Array.of((15 << 3) | 2), varint, Buffer.alloc(padLength)]);
+      expect(message.length).toBe(MAX_MESSAGE_BYTES);
+      const answer = await raw(entry, [framed(message)]);
+      expect(requestIdOf(checkResponseOf(answer))).toBe("big");
+    });
+
+    it("a Check that cannot be decided in its grpc-timeout is answered DEADLINE_EXCEEDED by the server", async () => {
+      const entry = await start(engine);
+      const request = framed(toBinary(CheckRequestSchema, checkRequest("slow", { "x-test-hold": "1" })));
+      const answer = await raw(entry, [request], { headers: { "grpc-timeout": "50m" } });
+      expect(answer.headers[":status"]).toBe(200);
+      expect(grpcStatusOf(answer)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+      expect(answer.body.length).toBe(0);
+      // The decision arriving after the deadline writes nothing and breaks nothing.
+      entry.pipeline.release();
+      const after = await check(grpcClient(entry), checkRequest("after"));
+      expect(after.ok).toBe(true);
+    });
+
+    it("grpc-js's own deadline reaches the server as grpc-timeout and ends a held Check", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      const def = authorizationDefinition.Check;
+      const outcome = await new Promise<Outcome<CheckResponse>>((resolve) => {
+        client.makeUnaryRequest<CheckRequest, CheckResponse>(
+          def.path,
+          def.requestSerialize,
+          def.responseDeserialize,
+          checkRequest("deadline", { "x-test-hold": "1" }),
+          new Metadata(),
+          { deadline: Date.now() + 100 },
+          (error: ServiceError | null) => resolve(error === null ? { ok: false, code: -1, details: "answered" } : { ok: false, code: error.code, details: error.details }),
+        );
+      });
+      expect(outcome).toEqual(expect.objectContaining({ ok: false, code: GrpcStatus.DEADLINE_EXCEEDED }));
+    });
+
+    const malformedTimeouts = ["abc", "5", "S", "10x", "1 S"];
+    it.each(malformedTimeouts)("a malformed grpc-timeout %j is INTERNAL, naming the value", async (timeout) => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("t"))], { headers: { "grpc-timeout": timeout } });
+      expect(answer.headers[":status"]).toBe(200);
+      expect(grpcStatusOf(answer)).toBe(departs.timeoutWithSpace && timeout === "1 S" ? GrpcStatus.OK : GrpcStatus.INTERNAL);
+      if (grpcStatusOf(answer) === GrpcStatus.INTERNAL) {
+        const message = answer.headers["grpc-message"];
+        expect(typeof message === "string" && decodeURIComponent(message)).toBe(`Invalid grpc-timeout value "${timeout}"`);
+      }
+    });
+
+    const junkTimeouts = ["-1S", "1.5S", "123456789S", "1SS"];
+    it.each(junkTimeouts)("a grpc-timeout %j with a valid value inside it", async (timeout) => {
+      const entry = await start(engine);
+      const answer = await raw(entry, [framed(checkBytes("t"))], { headers: { "grpc-timeout": timeout } });
+      expect(grpcStatusOf(answer)).toBe(departs.timeoutJunk);
+    });
+
+    it("a Check that fails to decide is UNAVAILABLE, never an answer", async () => {
+      const entry = await start(engine);
+      const outcome = await check(grpcClient(entry), checkRequest("down", { "x-test-throw": "1" }));
+      expect(outcome).toEqual({ ok: false, code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" });
+    });
+
+    it("an unknown method of a known service is UNIMPLEMENTED", async () => {
+      const entry = await start(engine);
+      const outcome = await check(grpcClient(entry), checkRequest("x"), "/envoy.service.auth.v3.Authorization/Nope");
+      expect(outcome).toEqual({ ok: false, code: GrpcStatus.UNIMPLEMENTED, details: "The server does not implement the method /envoy.service.auth.v3.Authorization/Nope" });
+    });
+
+    it("an unknown service is UNIMPLEMENTED, as a trailers-only answer", async () => {
+      const entry = await start(engine);
+      const outcome = await check(grpcClient(entry), checkRequest("x"), "/foo.Bar/Baz");
+      expect(outcome).toEqual({ ok: false, code: GrpcStatus.UNIMPLEMENTED, details: "The server does not implement the method /foo.Bar/Baz" });
+      const answer = await raw(entry, [framed(checkBytes("x"))], { path: "/foo.Bar/Baz" });
+      expect(answer.headers[":status"]).toBe(200);
+      expect(answer.headers["grpc-status"]).toBe(String(GrpcStatus.UNIMPLEMENTED));
+      expect(answer.trailers).toBeNull();
+      expect(answer.body.length).toBe(0);
+    });
+  });
+
+  describe("health", () => {
+    it("Check: SERVING for the server and for Authorization, NOT_SERVING once draining, NOT_FOUND for others", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      for (const service of ["", "envoy.service.auth.v3.Authorization"]) {
+        const outcome = await healthCheck(client, service);
+        expect(outcome.ok && outcome.value.status).toBe(HealthCheckResponse_ServingStatus.SERVING);
+      }
+      // A service name that needs percent-encoding in grpc-message comes back intact.
+      expect(await healthCheck(client, "nope ü%")).toEqual({ ok: false, code: GrpcStatus.NOT_FOUND, details: 'unknown service "nope ü%"' });
+      entry.readiness.drain();
+      const draining = await healthCheck(client, "");
+      expect(draining.ok && draining.value.status).toBe(HealthCheckResponse_ServingStatus.NOT_SERVING);
+    });
+
+    it("Watch: the status now, every change, and the end with OK on drain", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      const def = healthDefinition.Watch;
+      const statuses: HealthCheckResponse_ServingStatus[] = [];
+      let ended: { code: number } | null = null;
+      const watch: ClientReadableStream<HealthCheckResponse> = client.makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
+        def.path,
+        def.requestSerialize,
+        def.responseDeserialize,
+        create(HealthCheckRequestSchema, { service: "envoy.service.auth.v3.Authorization" }),
+      );
+      watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
+      watch.on("status", (status: { code: number }) => (ended = status));
+      watch.on("error", () => undefined);
+      await eventually(() => statuses.length === 1, "the first status");
+      entry.readiness.setReady(false);
+      await eventually(() => statuses.length === 2, "NOT_SERVING");
+      entry.readiness.setReady(true);
+      await eventually(() => statuses.length === 3, "SERVING again");
+      await stop(entry);
+      await eventually(() => ended !== null, "the end of the Watch");
+      const { SERVING, NOT_SERVING } = HealthCheckResponse_ServingStatus;
+      expect(statuses).toEqual([SERVING, NOT_SERVING, SERVING, NOT_SERVING]);
+      expect(ended).toEqual(expect.objectContaining({ code: GrpcStatus.OK }));
+    });
+
+    it("Watch of an unknown service streams SERVICE_UNKNOWN", async () => {
+      const entry = await start(engine);
+      const def = healthDefinition.Watch;
+      const statuses: HealthCheckResponse_ServingStatus[] = [];
+      const watch = grpcClient(entry).makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
+        def.path,
+        def.requestSerialize,
+        def.responseDeserialize,
+        create(HealthCheckRequestSchema, { service: "other" }),
+      );
+      watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
+      watch.on("error", () => undefined);
+      await eventually(() => statuses.length === 1, "the first status");
+      expect(statuses).toEqual([HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN]);
+      watch.cancel();
+    });
+  });
+
+  describe("drain", () => {
+    it("stop() lets an in-flight Check finish, sends GOAWAY, and refuses new connections", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      expect((await check(client, checkRequest("warm"))).ok).toBe(true);
+      const session = rawSession(entry);
+      const goaway = new Promise<number>((resolve) => session.once("goaway", (code: number) => resolve(code)));
+      const inFlight = raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest("in-flight", { "x-test-hold": "1" })))], { session });
+      const heldByClient = check(client, checkRequest("in-flight-2", { "x-test-hold": "1" }));
+      await eventually(() => entry.pipeline.held.length === 2, "both Checks to reach the pipeline");
+      let stopped = false;
+      const stopping = stop(entry, 10_000).then(() => (stopped = true));
+      expect(await goaway).toBe(h2.NGHTTP2_NO_ERROR);
+      // A new connection is refused: the listener is closed.
+      const refused = await new Promise<string>((resolve) => {
+        const fresh = h2Connect(entry.url);
+        fresh.on("error", (error: Error & { code?: string }) => resolve(error.code ?? "error"));
+        fresh.on("connect", () => resolve("connected"));
+      });
+      expect(refused).toBe("ECONNREFUSED");
+      expect(stopped).toBe(false);
+      entry.pipeline.release();
+      expect(requestIdOf(checkResponseOf(await inFlight))).toBe("in-flight");
+      const second = await heldByClient;
+      expect(second.ok && requestIdOf(second.value)).toBe("in-flight-2");
+      await stopping;
+      expect(stopped).toBe(true);
+    });
+
+    it("stop() cuts calls still in flight after the grace period", async () => {
+      const entry = await start(engine);
+      const inFlight = raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest("stuck", { "x-test-hold": "1" })))]);
+      await eventually(() => entry.pipeline.held.length === 1, "the Check to reach the pipeline");
+      await stop(entry, 50);
+      const answer = await inFlight;
+      expect(grpcStatusOf(answer)).toBeUndefined();
+      // The late decision lands on a closed stream without harm.
+      entry.pipeline.release();
+    });
+  });
+
+  describe("security", () => {
+    it("a client reset while its Check is being decided does not disturb the server", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers" });
+      stream.on("error", () => undefined);
+      stream.end(framed(toBinary(CheckRequestSchema, checkRequest("reset", { "x-test-hold": "1" }))));
+      await eventually(() => entry.pipeline.held.length === 1, "the Check to reach the pipeline");
+      stream.close(h2.NGHTTP2_CANCEL);
+      await new Promise<void>((resolve) => stream.once("close", () => resolve()));
+      entry.pipeline.release();
+      const after = await raw(entry, [framed(checkBytes("after-reset"))], { session });
+      expect(requestIdOf(checkResponseOf(after))).toBe("after-reset");
+    });
+
+    it("a client reset in the middle of a message does not disturb the server", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers" });
+      stream.on("error", () => undefined);
+      const whole = framed(checkBytes("half"));
+      await new Promise<void>((resolve) => stream.write(whole.subarray(0, 8), () => resolve()));
+      stream.close(h2.NGHTTP2_CANCEL);
+      await new Promise<void>((resolve) => stream.once("close", () => resolve()));
+      const after = await raw(entry, [framed(checkBytes("after-half"))], { session });
+      expect(requestIdOf(checkResponseOf(after))).toBe("after-half");
+      expect(entry.pipeline.decided).toBe(1);
+    });
+
+    it("arbitrary bytes, chunked arbitrarily, always end in an HTTP or gRPC status and never stop the server", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const paths = [CHECK_PATH, healthDefinition.Check.path, "/foo.Bar/Baz"];
+      const timeouts = [undefined, "1S", "abc", "0n", "99999999H"];
+      await fc.assert(
+        fc.asyncProperty(
+          fc.array(fc.uint8Array({ maxLength: 48 }), { maxLength: 6 }),
+          fc.boolean(),
+          fc.constantFrom(...paths),
+          fc.constantFrom(...timeouts),
+          async (chunks, validPrefix, path, timeout) => {
+            // Half the runs start with a well-formed prefix for the bytes that follow, so the
+            // bodies reach the decoders rather than stopping at the length check.
+            const sent = validPrefix ? [framed(Buffer.concat(chunks)).subarray(0, 5), ...chunks] : chunks;
+            const answer = await raw(entry, sent, { session, path, headers: timeout === undefined ? {} : { "grpc-timeout": timeout } });
+            const status = Number(answer.headers[":status"]);
+            expect(status === 200 ? grpcStatusOf(answer) : status).toBeTypeOf("number");
+            expect([200, 415]).toContain(status);
+          },
+        ),
+        { numRuns: 150 },
+      );
+      const after = await check(grpcClient(entry), checkRequest("after-fuzz"));
+      expect(after.ok && requestIdOf(after.value)).toBe("after-fuzz");
+    });
+
+    it("streams that announce 4 MiB messages and send 1 byte cost memory for the bytes sent, not the announced length", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const STREAMS = 100;
+      const prefix = Buffer.alloc(6);
+      prefix.writeUInt32BE(MAX_MESSAGE_BYTES, 1);
+      const before = process.memoryUsage().arrayBuffers;
+      const streams = Array.from({ length: STREAMS }, () => {
+        const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers" });
+        stream.on("error", () => undefined);
+        stream.write(prefix);
+        return stream;
+      });
+      // Frames of one session are read in order: once a later Check is answered, every prefix
+      // above has been read by the server.
+      const after = await raw(entry, [framed(checkBytes("after-prefixes"))], { session });
+      expect(requestIdOf(checkResponseOf(after))).toBe("after-prefixes");
+      const grownBytes = process.memoryUsage().arrayBuffers - before;
+      // Allocating the announced length would be STREAMS × 4 MiB = 400 MiB.
+      expect(grownBytes).toBeLessThan(64 * 1024 * 1024);
+      for (const stream of streams) stream.close(h2.NGHTTP2_CANCEL);
+      expect(entry.pipeline.decided).toBe(1);
+    });
+
+    it("a session destroyed with Checks pending leaves the server serving", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const pending = Array.from({ length: 20 }, (_, i) =>
+        raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest(`gone-${i}`, { "x-test-hold": "1" })))], { session }),
+      );
+      await eventually(() => entry.pipeline.held.length === 20, "the Checks to reach the pipeline");
+      session.destroy();
+      await Promise.all(pending);
+      entry.pipeline.release();
+      const after = await check(grpcClient(entry), checkRequest("after-destroy"));
+      expect(after.ok && requestIdOf(after.value)).toBe("after-destroy");
+    });
+  });
+});
+
+describe("KEYGATE_GRPC_ENGINE", () => {
+  it("is h2 unless set, takes grpc-js, and refuses anything else naming the variable", () => {
+    expect(loadConfig({}).grpcEngine).toBe("h2");
+    expect(loadConfig({ KEYGATE_GRPC_ENGINE: "grpc-js" }).grpcEngine).toBe("grpc-js");
+    expect(() => loadConfig({ KEYGATE_GRPC_ENGINE: "grpc" })).toThrow(new ConfigError("invalid environment: KEYGATE_GRPC_ENGINE: must be one of h2, grpc-js"));
+  });
+});
+
+describe("h2 engine units", () => {
+  it("grpc-timeout: every unit, at most 8 digits", () => {
+    expect(parseGrpcTimeoutMs("1H")).toBe(3_600_000);
+    expect(parseGrpcTimeoutMs("2M")).toBe(120_000);
+    expect(parseGrpcTimeoutMs("3S")).toBe(3000);
+    expect(parseGrpcTimeoutMs("250m")).toBe(250);
+    expect(parseGrpcTimeoutMs("1500u")).toBe(1.5);
+    expect(parseGrpcTimeoutMs("2000000n")).toBe(2);
+    expect(parseGrpcTimeoutMs("99999999S")).toBe(99_999_999_000);
+    for (const bad of ["", "S", "123456789S", "1s", "1 S", " 1S", "1SS", "+1S", "1e3m"]) expect(parseGrpcTimeoutMs(bad)).toBeNull();
+  });
+
+  it("grpc-message is percent-encoded as the spec says, and grpc-js decodes it back", () => {
+    expect(encodeGrpcMessage("plain text: ok")).toBe("plain text: ok");
+    expect(encodeGrpcMessage("100%")).toBe("100%25");
+    expect(encodeGrpcMessage("ü\n")).toBe("%C3%BC%0A");
+    for (const text of ["a%b", "ünïcödé ✓", "tab\there", "\u0000"]) expect(decodeURIComponent(encodeGrpcMessage(text))).toBe(text);
+  });
+});

@@ -1,0 +1,129 @@
+import { toBinary } from "@bufbuild/protobuf";
+import fc from "fast-check";
+import { LRUCache } from "lru-cache";
+import { describe, expect, it } from "vitest";
+import type { Allow } from "../../src/authz/pipeline.js";
+import { encodeCheckResponse, toCheckResponse } from "../../src/authz/to-envoy.js";
+import { MemoryCache } from "../../src/cache/memory.js";
+import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { RecentMap } from "../../src/limits/memory.js";
+import type { KeySnapshot } from "../../src/store/store.js";
+
+// What keygate keeps per cached key is cut to what Check reads: the limiter's tables grow with
+// use instead of being preallocated, and an allow's fixed parts are kept as encoded bytes only.
+// Each replacement is held to what it replaces.
+
+type Op = { kind: "get" | "has"; key: number } | { kind: "set"; key: number; value: number } | { kind: "clear" };
+
+const opArb: fc.Arbitrary<Op> = fc.oneof(
+  { weight: 4, arbitrary: fc.record({ kind: fc.constant("set" as const), key: fc.integer({ min: 0, max: 12 }), value: fc.integer() }) },
+  { weight: 4, arbitrary: fc.record({ kind: fc.constant("get" as const), key: fc.integer({ min: 0, max: 12 }) }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant("has" as const), key: fc.integer({ min: 0, max: 12 }) }) },
+  { weight: 1, arbitrary: fc.constant({ kind: "clear" as const }) },
+);
+
+describe("RecentMap happy", () => {
+  it("answers every get, has and size as lru-cache with the same bound does", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 6 }), fc.array(opArb, { maxLength: 80 }), (max, ops) => {
+        const reference = new LRUCache<number, number>({ max });
+        const recent = new RecentMap<number, number>(max);
+        for (const op of ops) {
+          switch (op.kind) {
+            case "set":
+              reference.set(op.key, op.value);
+              recent.set(op.key, op.value);
+              break;
+            case "get":
+              expect(recent.get(op.key)).toBe(reference.get(op.key));
+              break;
+            case "has":
+              expect(recent.has(op.key)).toBe(reference.has(op.key));
+              break;
+            case "clear":
+              reference.clear();
+              recent.clear();
+              break;
+          }
+          expect(recent.size).toBe(reference.size);
+        }
+        for (let key = 0; key <= 12; key++) expect(recent.has(key)).toBe(reference.has(key));
+      }),
+      { seed: 1313, numRuns: 1000 },
+    );
+  });
+
+  it("holds at most its bound, dropping the least recently used", () => {
+    const recent = new RecentMap<string, number>(3);
+    recent.set("a", 1);
+    recent.set("b", 2);
+    recent.set("c", 3);
+    expect(recent.get("a")).toBe(1);
+    recent.set("d", 4);
+    expect([recent.has("a"), recent.has("b"), recent.has("c"), recent.has("d")]).toStrictEqual([true, false, true, true]);
+    expect(recent.size).toBe(3);
+  });
+});
+
+function snapshot(overrides: { id: string; ownerId: string; projectId: string | null; scopes: string[]; plan: string }): KeySnapshot {
+  return {
+    key: {
+      id: overrides.id,
+      hash: "0".repeat(64),
+      ownerId: overrides.ownerId,
+      projectId: overrides.projectId,
+      name: "n",
+      mode: "live",
+      start: "kg_live_abcd",
+      last4: "wxyz",
+      scopes: overrides.scopes,
+      metadata: {},
+      createdAtMs: 0,
+      lastUsedAtMs: null,
+      expiresAtMs: null,
+      revokedAtMs: null,
+      revokeReason: null,
+      graceEndsAtMs: null,
+      rotatedToId: null,
+      rateLimit: null,
+    },
+    account: { ownerId: overrides.ownerId, plan: overrides.plan, subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
+  };
+}
+
+describe("cached allow bytes happy", () => {
+  // The kept bytes are latin1 strings, one character a byte: any UTF-8 a key's fields hold, and
+  // lengths whose varints take two or three bytes, must come out as protobuf-es writes them.
+  it("encodes allows with non-ASCII and long identity values byte for byte as protobuf-es does", () => {
+    const value = fc.oneof(fc.string({ maxLength: 20 }), fc.string({ unit: "binary", maxLength: 20 }), fc.string({ minLength: 100, maxLength: 9000 }));
+    fc.assert(
+      fc.property(value, value, fc.option(value, { nil: null }), fc.array(value, { maxLength: 3 }), value, (id, ownerId, projectId, scopes, plan) => {
+        const allow: Allow = {
+          allow: true,
+          snapshot: snapshot({ id, ownerId, projectId, scopes, plan }),
+          credentialHeaders: ["x-api-key"],
+          route: { requiredScopes: [], projectId: null, cost: 1 },
+          limits: null,
+        };
+        const expected = Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0))).toString("hex");
+        // First answer builds the kept bytes, the second is served from them.
+        expect(Buffer.from(encodeCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
+        expect(Buffer.from(encodeCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
+      }),
+      { seed: 1313, numRuns: 300 },
+    );
+  });
+});
+
+describe("L1 happy", () => {
+  it("finds a snapshot by a different copy of its hash, and invalidates it by either", () => {
+    const cache = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 });
+    const stored = snapshot({ id: "key_a", ownerId: "o", projectId: null, scopes: [], plan: "basic" });
+    const requestCopy = ["0".repeat(32), "0".repeat(32)].join("");
+    cache.set(requestCopy, stored);
+    expect(cache.get("0".repeat(64))).toBe(stored);
+    cache.invalidate({ kind: "key", hash: requestCopy });
+    expect(cache.get("0".repeat(64))).toBeUndefined();
+    expect(cache.size).toBe(0);
+  });
+});
