@@ -3,21 +3,21 @@ import type { KeySnapshot } from "../store/store.js";
 /** Upstream identity headers; a client-sent header with this prefix never reaches upstream. */
 export const IDENTITY_PREFIX = "x-keygate-";
 
-// A snapshot in L1 is the same object for every request of its key, so what is derived from it
-// is built once and kept beside it; it goes when the snapshot is evicted or replaced.
-const derived = new WeakMap<KeySnapshot, ReadonlyArray<[string, string]>>();
+// The names an allow sets, which depend only on whether the key has a project: two fixed lists,
+// so the removal step needs nothing kept per key.
+const NAMES_WITHOUT_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-mode"];
+const NAMES_WITH_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-mode"];
 
-/** The identity headers for a granted request, in a fixed order. Shared: do not mutate. */
-export function identityHeaders(snapshot: KeySnapshot): ReadonlyArray<[string, string]> {
-  let headers = derived.get(snapshot);
-  if (headers === undefined) {
-    headers = buildIdentityHeaders(snapshot);
-    derived.set(snapshot, headers);
-  }
-  return headers;
+/** The identity header names an allow for this key sets, in the order identityHeaders gives them. Shared: do not mutate. */
+export function identityHeaderNames(snapshot: KeySnapshot): readonly string[] {
+  return snapshot.key.projectId === null ? NAMES_WITHOUT_PROJECT : NAMES_WITH_PROJECT;
 }
 
-function buildIdentityHeaders(snapshot: KeySnapshot): Array<[string, string]> {
+/**
+ * The identity headers for a granted request, in a fixed order. Built on each call: the gRPC
+ * answer keeps them only as encoded bytes per key (to-envoy.ts), so nothing else is kept per key.
+ */
+export function identityHeaders(snapshot: KeySnapshot): Array<[string, string]> {
   const { key, account } = snapshot;
   const headers: Array<[string, string]> = [
     ["x-keygate-key-id", key.id],
@@ -56,7 +56,7 @@ export function isIdentitySpelling(name: string): boolean {
  */
 export function headersToRemove(
   clientHeaderNames: Iterable<string>,
-  granted: ReadonlyArray<[string, string]>,
+  granted: readonly string[],
   credentialHeaders: readonly string[],
 ): string[] {
   const out = credentialHeaders.slice();
@@ -74,7 +74,7 @@ export function headersToRemove(
 }
 
 // The allow sets these names with OVERWRITE, which replaces a client-sent value: no removal needed.
-function isGranted(granted: ReadonlyArray<[string, string]>, lower: string): boolean {
-  for (const [grantedName] of granted) if (grantedName === lower) return true;
+function isGranted(granted: readonly string[], lower: string): boolean {
+  for (const name of granted) if (name === lower) return true;
   return false;
 }

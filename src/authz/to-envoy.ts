@@ -13,7 +13,7 @@ import type { Status } from "../gen/google/rpc/status_pb.js";
 import { HttpStatusSchema } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { KeySnapshot } from "../store/store.js";
-import { headersToRemove, identityHeaders } from "./identity.js";
+import { headersToRemove, identityHeaderNames, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
@@ -91,7 +91,7 @@ function identityHeaderOptions(snapshot: KeySnapshot): HeaderValueOption[] {
 
 /** What of an allow changes per request: headers to strip, and the caller's limit headers. */
 function allowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): { remove: string[]; add: ReadonlyArray<[string, string]> } {
-  const remove = headersToRemove(clientHeaderNames, identityHeaders(decision.snapshot), decision.credentialHeaders);
+  const remove = headersToRemove(clientHeaderNames, identityHeaderNames(decision.snapshot), decision.credentialHeaders);
   return { remove, add: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs) };
 }
 
