@@ -316,12 +316,14 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
       const injector = server.createConnectionInjector(ServerCredentials.createInsecure());
       const opening = new Set<Socket>();
       const sockets = new Set<Socket>();
+      let onSocketClosed = (): void => undefined;
       const tcp = createNetServer((socket: Socket) => {
         opening.add(socket);
         sockets.add(socket);
         socket.once("close", () => {
           opening.delete(socket);
           sockets.delete(socket);
+          onSocketClosed();
         });
         awaitOpening(socket, limits.headersTimeoutMs, false, () => {
           opening.delete(socket);
@@ -338,15 +340,25 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
             for (const socket of opening) socket.destroy();
             for (const call of watchers) call.end();
             watchers.clear();
+            // Stopped means grpc-js has shut down and every connection is gone. grpc-js alone is
+            // not enough: depending on the Node version it may not track injected sessions and
+            // report done while their calls still run.
+            let shutDown = false;
+            const finish = (): void => {
+              if (!shutDown || sockets.size > 0) return;
+              clearTimeout(force);
+              resolve();
+            };
             const force = setTimeout(() => {
               server.forceShutdown();
               // With channelz off grpc-js does not track injected sessions, so forceShutdown
               // alone leaves a stuck call's connection open: its socket is cut here.
               for (const socket of sockets) socket.destroy();
             }, graceMs);
+            onSocketClosed = finish;
             server.tryShutdown(() => {
-              clearTimeout(force);
-              resolve();
+              shutDown = true;
+              finish();
             });
           }),
       };
