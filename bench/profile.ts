@@ -1,11 +1,8 @@
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { z } from "zod";
-import type { DataFile } from "./data.js";
-import { pass, saturation } from "./measure.js";
-import type { LoadSettings, PhaseResult } from "./measure.js";
 import { round } from "./processes.js";
 import type { Target } from "./targets.js";
 
@@ -108,27 +105,37 @@ export function summarizeProfile(text: string, window: { fromEndMs: number; toEn
   };
 }
 
-/** A profiled hot run: the run itself and the profile of keygate during it. */
+/** A profiled run: what ran, its throughput while profiled, and the profile of keygate during it. */
 export interface ProfiledRun {
-  run: PhaseResult;
+  /** What was profiled, e.g. "hot saturation (ghz, many keys)". */
+  scenario: string;
+  rps: number;
   profile: ProfileSummary;
+  /** Where the whole .cpuprofile was kept, if it was. */
+  file?: string;
 }
 
 /**
- * Runs hot against a keygate started with --cpu-prof: a warm-up pass, one saturation run, then
- * SIGTERM so that node writes the profile, which is cut to the saturation run.
+ * Runs `measured` against a keygate started with --cpu-prof (after `warm`), then SIGTERM so that
+ * node writes the profile, which is cut to the measured run. `measured` returns its throughput.
  */
-export async function profileHot(start: (label: string, nodeArgs: readonly string[]) => Promise<Target>, settings: LoadSettings, hot: DataFile): Promise<ProfiledRun> {
+export async function profileRun(
+  scenario: string,
+  start: (label: string, nodeArgs: readonly string[]) => Promise<Target>,
+  warm: (target: Target) => Promise<unknown>,
+  measured: (target: Target) => Promise<number>,
+  keepAs?: string,
+): Promise<ProfiledRun> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-cpuprof-"));
   try {
     const target = await start("keygate embedded (--cpu-prof)", ["--cpu-prof", "--cpu-prof-dir", dir]);
-    let run: PhaseResult;
+    let rps: number;
     let startedAt: number;
     let endedAt: number;
     try {
-      await pass(target, settings, hot);
+      await warm(target);
       startedAt = performance.now();
-      run = await saturation(target, settings, hot);
+      rps = await measured(target);
       endedAt = performance.now();
     } finally {
       await target.stop();
@@ -136,8 +143,11 @@ export async function profileHot(start: (label: string, nodeArgs: readonly strin
     const exitedAt = performance.now();
     const file = readdirSync(dir).find((name) => name.endsWith(".cpuprofile"));
     if (file === undefined) throw new Error(`keygate wrote no .cpuprofile into ${dir}`);
-    const profile = summarizeProfile(readFileSync(join(dir, file), "utf8"), { fromEndMs: exitedAt - startedAt, toEndMs: exitedAt - endedAt });
-    return { run, profile };
+    const text = readFileSync(join(dir, file), "utf8");
+    const profile = summarizeProfile(text, { fromEndMs: exitedAt - startedAt, toEndMs: exitedAt - endedAt });
+    // The whole profile is kept beside the results, for Chrome DevTools or speedscope.
+    if (keepAs !== undefined) writeFileSync(keepAs, text);
+    return { scenario, rps, profile, ...(keepAs === undefined ? {} : { file: keepAs }) };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -283,10 +283,11 @@ export function memoryText(memory: MemoryResult): string {
 export function profileText(profiled: ProfiledRun): string {
   const p = profiled.profile;
   const lines = [
-    `cpu profile (embedded, hot saturation, ${Math.round(profiled.run.ghz.rps)} rps while profiled): ${p.samples} samples over ${p.windowSeconds} s, ${p.idlePercent}% idle; self time, % of busy samples:`,
+    `cpu profile (embedded, ${profiled.scenario}, ${Math.round(profiled.rps)} rps while profiled): ${p.samples} samples over ${p.windowSeconds} s, ${p.idlePercent}% idle; self time, % of busy samples:`,
     ...p.top.slice(0, 15).map((f) => `  ${f.selfPercent.toFixed(1).padStart(5)}%  ${f.functionName}  (${f.location || f.category})`),
     "  by where the code lives:",
     ...p.byCategory.slice(0, 12).map((c) => `  ${c.selfPercent.toFixed(1).padStart(5)}%  ${c.category}`),
+    ...(profiled.file === undefined ? [] : [`  whole profile: ${profiled.file}`]),
   ];
   return lines.join("\n");
 }

@@ -18,8 +18,9 @@ import { startRedis } from "../test/harness/redis-server.js";
 import { checkRequest, writeScenarioData } from "./data.js";
 import type { ScenarioData } from "./data.js";
 import { findGhz, ghzInstallPath } from "./ghz.js";
-import { findH2load, writeFixedRequest } from "./h2load.js";
+import { findH2load, probeCheck, writeFixedRequest } from "./h2load.js";
 import type { FixedRequest } from "./h2load.js";
+import { oneKey, pass, saturation } from "./measure.js";
 import type { LoadSettings, OneKeyResult } from "./measure.js";
 import { runMemory } from "./memory.js";
 import type { MemoryResult } from "./memory.js";
@@ -28,7 +29,7 @@ import type { BenchOptions } from "./options.js";
 import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
 import { configurePinning, observedAffinity, pinning, pinServerPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
-import { profileHot } from "./profile.js";
+import { profileRun } from "./profile.js";
 import type { ProfiledRun } from "./profile.js";
 import { budget, latencyTable, machineInfo, memoryText, oneKeyTable, profileText, ratios, resultsTable, writeResults } from "./report.js";
 import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
@@ -59,6 +60,8 @@ interface RunContext {
   data: ScenarioData;
   /** h2load's one request: a hot (unlimited-plan) key, framed once. */
   oneKeyRequest: FixedRequest;
+  /** When the run started: names its results and kept profiles. */
+  startedAt: Date;
   timings: Record<string, number>;
   notes: string[];
   skipped: Array<{ what: string; why: string }>;
@@ -135,8 +138,15 @@ async function perEngine(ctx: RunContext, mode: string, env: Record<string, stri
   return all;
 }
 
+/** Where a profile of `scenario` is kept: beside the results JSON, named by the run's start. */
+function profileFile(ctx: RunContext, scenario: string): string {
+  const dir = resolve(root, ctx.options.out);
+  mkdirSync(dir, { recursive: true });
+  return join(dir, `${ctx.startedAt.toISOString().replace(/[:.]/g, "-")}-${scenario}.cpuprofile`);
+}
+
 /** Embedded mode: SQLite seeded through the KeyStore API, then every scenario, the profile and memory. */
-async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profile: ProfiledRun | null }> {
+async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profiles: ProfiledRun[] }> {
   const dataDir = join(ctx.work, "embedded");
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const databasePath = join(dataDir, "keygate.db");
@@ -153,10 +163,23 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
   const env = { KEYGATE_DATA_DIR: dataDir };
   const first = { ...env, ...engineEnv(ctx.options.engines[0] ?? null) };
   const results = await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
-  let profile: ProfiledRun | null = null;
+  const profiles: ProfiledRun[] = [];
   if (ctx.options.profile) {
+    const start = (label: string, nodeArgs: readonly string[]): Promise<Target> => startWith(ctx, first, nodeArgs)(label);
     log("embedded: hot under --cpu-prof");
-    profile = await timed(ctx, "embedded: profile", () => profileHot((label, nodeArgs) => startWith(ctx, first, nodeArgs)(label), ctx.settings, ctx.data.hot));
+    profiles.push(
+      await timed(ctx, "embedded: profile hot", () =>
+        profileRun("hot saturation (ghz, many keys)", start, (t) => pass(t, ctx.settings, ctx.data.hot), async (t) => (await saturation(t, ctx.settings, ctx.data.hot)).ghz.rps, profileFile(ctx, "hot")),
+      ),
+    );
+    if (ctx.settings.h2load !== null) {
+      log("embedded: one key (h2load) under --cpu-prof");
+      profiles.push(
+        await timed(ctx, "embedded: profile one key", () =>
+          profileRun("one key (h2load)", start, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey("embedded (profiled)", t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, "one-key")),
+        ),
+      );
+    }
   }
   let memory: MemoryResult | null = null;
   if (ctx.options.memory) {
@@ -178,7 +201,7 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
     );
     if (memory.touchedKeys < ctx.options.memoryTouch) ctx.notes.push(`memory: only ${memory.touchedKeys} keys could be touched (the secrets kept are those of the ${ctx.planned.records.length} seeded keys)`);
   }
-  return { results, seeding, memory, profile };
+  return { results, seeding, memory, profiles };
 }
 
 async function flushRedis(url: string): Promise<void> {
@@ -247,7 +270,7 @@ function settingsOf(options: BenchOptions, ghz: string, h2load: string | null): 
   };
 }
 
-function context(options: BenchOptions, ghz: string, h2load: string | null, work: string, notes: string[]): RunContext {
+function context(options: BenchOptions, ghz: string, h2load: string | null, work: string, notes: string[], startedAt: Date): RunContext {
   const build = prepareBuild(options, notes);
   const pepper = randomBytes(32).toString("base64url");
   const plan: SeedPlan = { keys: options.keys, accounts: options.accounts, meteredShare: 0.5, revokedShare: 0.01 };
@@ -278,6 +301,7 @@ function context(options: BenchOptions, ghz: string, h2load: string | null, work
     planned,
     data,
     oneKeyRequest,
+    startedAt,
     timings: {},
     notes,
     skipped: [],
@@ -328,7 +352,7 @@ async function main(): Promise<void> {
   const notes: string[] = [];
   const work = mkdtempSync(join(tmpdir(), "keygate-bench-"));
   try {
-    const ctx = context(options, ghz, h2load, work, notes);
+    const ctx = context(options, ghz, h2load, work, notes, startedAt);
     if (h2load === null) ctx.skipped.push({ what: "h2load one-key runs", why: "h2load is not on PATH (apt-get install nghttp2-client, or bash bench/install-h2load.sh)" });
     const machine = machineInfo(options.node);
     const all: Collected = { scenarios: [], oneKey: [] };
@@ -342,14 +366,14 @@ async function main(): Promise<void> {
     }
     const seeding: Record<string, SeedTiming> = {};
     let memory: MemoryResult | null = null;
-    let profile: ProfiledRun | null = null;
+    let profiles: ProfiledRun[] = [];
     if (options.modes.includes("embedded")) {
       const embedded = await runEmbedded(ctx);
       all.scenarios.push(...embedded.results.scenarios);
       all.oneKey.push(...embedded.results.oneKey);
       seeding["embedded"] = embedded.seeding;
       memory = embedded.memory;
-      profile = embedded.profile;
+      profiles = embedded.profiles;
     }
     if (options.modes.includes("redis-mongo")) {
       // A mode that breaks part-way still leaves the others' figures to report; the run then exits 1.
@@ -368,7 +392,7 @@ async function main(): Promise<void> {
       }
     }
     for (const s of ctx.skipped) log(`!!! SKIPPED ${s.what}: ${s.why}`);
-    report({ ctx, machine, startedAt, results: all.scenarios, oneKey: all.oneKey, seeding, memory, profile });
+    report({ ctx, machine, startedAt, results: all.scenarios, oneKey: all.oneKey, seeding, memory, profiles });
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -382,7 +406,7 @@ function report(input: {
   oneKey: OneKeyResult[];
   seeding: Record<string, SeedTiming>;
   memory: MemoryResult | null;
-  profile: ProfiledRun | null;
+  profiles: ProfiledRun[];
 }): void {
   const { ctx, results } = input;
   const rates = ratios(results, input.oneKey);
@@ -428,7 +452,7 @@ function report(input: {
     ratios: rates,
     budget: lines,
     memory: input.memory,
-    profile: input.profile,
+    profiles: input.profiles,
     skipped: ctx.skipped,
     notes,
     timings: ctx.timings,
@@ -463,7 +487,7 @@ function report(input: {
     "budget (DESIGN.md, issue 13):",
     ...lines.map((l) => `  [${l.met === null ? " -- " : l.met ? " ok " : "MISS"}] ${l.goal}: ${l.measured}`),
     ...(input.memory === null ? [] : ["", memoryText(input.memory)]),
-    ...(input.profile === null ? [] : ["", profileText(input.profile)]),
+    ...input.profiles.flatMap((p) => ["", profileText(p)]),
     "",
     ...notes.map((n) => `note: ${n}`),
     ...ctx.skipped.map((s) => `SKIPPED ${s.what}: ${s.why}`),

@@ -148,22 +148,7 @@ const OK_STATUS_FIELD = toBinary(CheckResponseSchema, create(CheckResponseSchema
  * which hold disjoint fields in ascending order.
  */
 export function encodeCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): Uint8Array {
-  if (decision.allow) {
-    const { okHead, metadataField } = envoyIdentity(decision.snapshot);
-    const rest = encodeAllowRest(decision, clientHeaderNames, nowMs);
-    // One buffer for the answer: status, the ok_response field's head, its fixed and per-request
-    // parts, then the metadata field.
-    const okLength = okHead.length + rest.length;
-    const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + 1 + varintLength(okLength) + okLength + metadataField.length);
-    out.set(OK_STATUS_FIELD, 0);
-    let at = OK_STATUS_FIELD.length;
-    out[at++] = OK_RESPONSE_TAG;
-    at = writeVarint(out, at, okLength);
-    at += out.write(okHead, at, "latin1");
-    out.set(rest, at);
-    out.write(metadataField, at + rest.length, "latin1");
-    return out;
-  }
+  if (decision.allow) return encodeAllow(decision, clientHeaderNames, nowMs);
   const parts = denialParts(decision.reason);
   const rest = encodeDenialRest(decision, requestId, nowMs);
   return join([parts.statusField, fieldHead(CheckResponseField.deniedResponse, parts.deniedHead.length + rest.length), parts.deniedHead, rest]);
@@ -172,13 +157,77 @@ export function encodeCheckResponse(decision: Decision, clientHeaderNames: Itera
 // The per-request parts are written field by field: protobuf-es's reflective toBinary costs more
 // than the rest of a cached Check. The encoding test holds them to toBinary's bytes.
 
-/** OkHttpResponse { headers_to_remove, response_headers_to_add } encoded. */
-function encodeAllowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
-  const rest = allowRest(decision, clientHeaderNames, nowMs);
-  const writer = new BinaryWriter();
-  for (const name of rest.remove) writer.tag(OkHttpResponseField.headersToRemove, WireType.LengthDelimited).string(name);
-  for (const [k, v] of rest.add) writeHeaderOption(writer, OkHttpResponseField.responseHeadersToAdd, k, v);
-  return writer.finish();
+// Tags of the length-delimited fields an allow writes per request, and HeaderValueOption's
+// append_action (field 3, varint) set to OVERWRITE_IF_EXISTS_OR_ADD.
+const REMOVE_TAG = (OkHttpResponseField.headersToRemove << 3) | WireType.LengthDelimited;
+const ADD_TAG = (OkHttpResponseField.responseHeadersToAdd << 3) | WireType.LengthDelimited;
+const HEADER_TAG = (HeaderValueOptionField.header << 3) | WireType.LengthDelimited;
+const KEY_TAG = (HeaderValueField.key << 3) | WireType.LengthDelimited;
+const VALUE_TAG = (HeaderValueField.value << 3) | WireType.LengthDelimited;
+const APPEND_ACTION = [(HeaderValueOptionField.appendAction << 3) | WireType.Varint, HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD] as const;
+
+/** Bytes of a length-delimited field holding `length` bytes, with its tag (one byte). */
+function fieldBytes(length: number): number {
+  return 1 + varintLength(length) + length;
+}
+
+/** A HeaderValue's encoding: key and value fields, each left out when empty (proto3). */
+function headerValueBytes(keyBytes: number, valueBytes: number): number {
+  return (keyBytes === 0 ? 0 : fieldBytes(keyBytes)) + (valueBytes === 0 ? 0 : fieldBytes(valueBytes));
+}
+
+/**
+ * An allow in one buffer: the OK status, the ok_response field (the key's encoded identity
+ * headers, then headers_to_remove and response_headers_to_add), then the key's encoded metadata.
+ */
+function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
+  const { okHead, metadataField } = envoyIdentity(decision.snapshot);
+  const { remove, add } = allowRest(decision, clientHeaderNames, nowMs);
+  let restLength = 0;
+  for (const name of remove) restLength += fieldBytes(Buffer.byteLength(name));
+  // Sizes of each added header: [key bytes, value bytes, HeaderValue bytes], three per header.
+  const sizes = new Array<number>(add.length * 3);
+  for (let i = 0; i < add.length; i++) {
+    const [k, v] = add[i] as [string, string];
+    const keyBytes = Buffer.byteLength(k);
+    const valueBytes = Buffer.byteLength(v);
+    const headerBytes = headerValueBytes(keyBytes, valueBytes);
+    sizes[i * 3] = keyBytes;
+    sizes[i * 3 + 1] = valueBytes;
+    sizes[i * 3 + 2] = headerBytes;
+    restLength += fieldBytes(fieldBytes(headerBytes) + APPEND_ACTION.length);
+  }
+  const okLength = okHead.length + restLength;
+  const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + fieldBytes(okLength) + metadataField.length);
+  out.set(OK_STATUS_FIELD, 0);
+  let at = OK_STATUS_FIELD.length;
+  out[at++] = OK_RESPONSE_TAG;
+  at = writeVarint(out, at, okLength);
+  at += out.write(okHead, at, "latin1");
+  for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, Buffer.byteLength(name));
+  for (let i = 0; i < add.length; i++) {
+    const [k, v] = add[i] as [string, string];
+    const keyBytes = sizes[i * 3] as number;
+    const valueBytes = sizes[i * 3 + 1] as number;
+    const headerBytes = sizes[i * 3 + 2] as number;
+    out[at++] = ADD_TAG;
+    at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
+    out[at++] = HEADER_TAG;
+    at = writeVarint(out, at, headerBytes);
+    if (keyBytes !== 0) at = writeString(out, at, KEY_TAG, k, keyBytes);
+    if (valueBytes !== 0) at = writeString(out, at, VALUE_TAG, v, valueBytes);
+    out[at++] = APPEND_ACTION[0];
+    out[at++] = APPEND_ACTION[1];
+  }
+  out.write(metadataField, at, "latin1");
+  return out;
+}
+
+/** Writes a length-delimited string field (`bytes` = its UTF-8 length); returns the position after it. */
+function writeString(out: Buffer, at: number, tag: number, value: string, bytes: number): number {
+  out[at] = tag;
+  const start = writeVarint(out, at + 1, bytes);
+  return start + out.write(value, start, "utf8");
 }
 
 /** DeniedHttpResponse { headers (the request's own), body } encoded. */

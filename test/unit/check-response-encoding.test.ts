@@ -80,8 +80,14 @@ const denyArb: fc.Arbitrary<Deny> = fc
     return deny;
   });
 
+// Known names, and identity spellings with any suffix (any Unicode, lone surrogates too: they are
+// removed, so encoded).
 const clientHeaders = fc.array(
-  fc.constantFrom("authorization", "x-api-key", "accept", "x-keygate-key-id", "x-keygate-spoof", "X-Keygate-Plan", "x-keygate-project-id", "x_keygate_owner_id", "X_KEYGATE-Scopes"),
+  fc.oneof(
+    fc.constantFrom("authorization", "x-api-key", "accept", "x-keygate-key-id", "x-keygate-spoof", "X-Keygate-Plan", "x-keygate-project-id", "x_keygate_owner_id", "X_KEYGATE-Scopes"),
+    fc.string({ unit: "grapheme", maxLength: 12 }).map((suffix) => `x-keygate-${suffix}`),
+    fc.string({ unit: "binary", maxLength: 12 }).map((suffix) => `x_keygate_${suffix}`),
+  ),
   { maxLength: 8 },
 );
 
