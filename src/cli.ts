@@ -30,12 +30,21 @@ const serveCommand = program
   // As the default command, serve receives whatever word was not a command; it refuses it below
   // as an unknown command rather than as an argument serve never takes.
   .allowExcessArguments()
-  .action(async () => {
+  .option("--no-migrate", "refuse to start if the store needs schema steps, instead of applying them (then run keygate migrate)")
+  .action(async (options: { migrate: boolean }) => {
     const [unknown] = serveCommand.args;
     if (unknown !== undefined) program.error(`unknown command '${unknown}'`, { code: "commander.unknownCommand" });
     // Loaded on demand, so client subcommands do not pay for the server's modules.
     const { serve } = await import("./cli/commands/serve.js");
-    await serve();
+    await serve({ migrate: options.migrate });
+  });
+program
+  .command("migrate")
+  .description("bring the store's schema (SQLite in KEYGATE_DATA_DIR, or KEYGATE_MONGODB_URI) up to this keygate's; serve does it on start")
+  .option("--dry-run", "print the schema steps that would be applied, and change nothing")
+  .action(async (options: { dryRun?: boolean }) => {
+    const { migrate } = await import("./cli/commands/migrate.js");
+    await migrate(options.dryRun === true);
   });
 registerKeys(program);
 registerAccounts(program);

@@ -61,6 +61,8 @@ export interface BuildOptions {
    * it prints is out by the time a supervisor or test sees that line.
    */
   announce?: (ports: BoundPorts) => void;
+  /** Apply pending schema steps on start (the default); false refuses a store that needs any. */
+  migrate?: boolean;
 }
 
 /**
@@ -68,15 +70,15 @@ export interface BuildOptions {
  * store, so they must share the pepper and admin tokens too: both must come from the
  * environment, and nothing is generated.
  */
-async function openStore(config: Config): Promise<{ store: KeyStore; secrets: Secrets }> {
+async function openStore(config: Config, migrate: boolean): Promise<{ store: KeyStore; secrets: Secrets }> {
   if (config.mongodbUri === undefined) {
     ensureDataDir(config.dataDir);
     const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
-    return { store: new SqliteKeyStore(join(config.dataDir, "keygate.db")), secrets };
+    return { store: new SqliteKeyStore(join(config.dataDir, "keygate.db"), { migrate }), secrets };
   }
   if (config.pepper === undefined) throw new ConfigError("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
   if (config.adminTokens === undefined) throw new ConfigError("KEYGATE_ADMIN_TOKENS is required when KEYGATE_MONGODB_URI is set");
-  const store = await MongoKeyStore.connect(config.mongodbUri).catch((error: unknown) => {
+  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens, generatedAdminToken: null } };
@@ -124,7 +126,7 @@ async function openCache(
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
   const nowMs = options.nowMs ?? Date.now;
-  const { store, secrets } = await openStore(config);
+  const { store, secrets } = await openStore(config, options.migrate ?? true);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);

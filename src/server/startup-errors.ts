@@ -1,4 +1,5 @@
 import { ConfigError } from "../config.js";
+import { MigrationsPendingError, NewerSchemaError } from "../store/errors.js";
 
 /** The error's system code (EADDRINUSE, ...), also when a library only kept it in the message. */
 function systemCode(error: unknown): string {
@@ -37,6 +38,8 @@ const AUTH_CODES = new Set([11, 13, 18, 59]);
  * so it is never repeated; the driver's own message names the host at most.
  */
 export function mongoStartError(error: unknown): Error {
+  // The store's own refusals already say what to do.
+  if (error instanceof NewerSchemaError || error instanceof MigrationsPendingError) return error;
   if (!(error instanceof Error)) return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB could not be opened (${String(error)})`);
   const code = "code" in error && typeof error.code === "number" ? error.code : null;
   const handshake = "errorLabelSet" in error && error.errorLabelSet instanceof Set && error.errorLabelSet.has("HandshakeError");

@@ -23,3 +23,38 @@ export class DuplicateError extends Error {
 export class StoreUnavailableError extends Error {
   override readonly name = "StoreUnavailableError";
 }
+
+/** A schema step as `keygate migrate --dry-run` lists it. */
+export interface SchemaStep {
+  version: number;
+  description: string;
+}
+
+/** A database written by a newer keygate than this one: this one would not know its fields. */
+export class NewerSchemaError extends Error {
+  override readonly name = "NewerSchemaError";
+  constructor(
+    readonly store: string,
+    readonly found: number,
+    readonly known: number,
+  ) {
+    super(
+      `the ${store} database is at schema version ${found}, newer than this keygate knows (${known}): ` +
+        "it was written by a newer keygate; run that version (or restore a backup made before the upgrade)",
+    );
+  }
+}
+
+/** A database that needs schema steps, opened with migration turned off. */
+export class MigrationsPendingError extends Error {
+  override readonly name = "MigrationsPendingError";
+  constructor(
+    readonly store: string,
+    readonly pending: readonly SchemaStep[],
+  ) {
+    super(
+      `the ${store} database needs schema step${pending.length === 1 ? "" : "s"} ${pending.map((m) => m.version).join(", ")}: ` +
+        "run `keygate migrate`, or start without --no-migrate",
+    );
+  }
+}

@@ -1,6 +1,7 @@
 import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
-import { CapExceededError, ConflictError, DuplicateError, StoreUnavailableError } from "./errors.js";
+import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, StoreUnavailableError } from "./errors.js";
+import type { SchemaStep } from "./errors.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -175,6 +176,15 @@ interface AnchorDoc {
   note: string;
 }
 const ANCHOR_COLLECTION = "lookup_anchor";
+/** Where the schema version is kept: one document, { _id: "schema", version }. */
+const SCHEMA_COLLECTION = "keygate_schema";
+const SCHEMA_ID = "schema";
+/** The schema version this keygate writes: the last step of MongoKeyStore's migrations. */
+export const MONGO_SCHEMA_VERSION = 1;
+interface SchemaDoc {
+  _id: string;
+  version: number;
+}
 const ANCHOR_ID = "anchor";
 
 const KEY_SNAPSHOT_FIELDS: ReadonlyArray<keyof KeySnapshotDoc> = [
@@ -340,6 +350,8 @@ export interface MongoConnectOptions {
    * connection handshakes are not commands and are not seen.
    */
   onCommandStarted?: (event: mongoose.mongo.CommandStartedEvent) => void;
+  /** Apply pending schema steps (the default); false refuses a database that needs any. */
+  migrate?: boolean;
 }
 
 /**
@@ -360,6 +372,7 @@ export class MongoKeyStore implements KeyStore {
    * holds skips mongoose's query building, casting and hooks.
    */
   readonly #anchor: mongoose.mongo.Collection<AnchorDoc>;
+  readonly #schema: mongoose.mongo.Collection<SchemaDoc>;
   readonly #snapshotPipeline: (hash: string) => mongoose.mongo.Document[];
 
   /** Called once the connection is open, so its driver database exists. */
@@ -372,6 +385,7 @@ export class MongoKeyStore implements KeyStore {
     const db = connection.db;
     if (db === undefined) throw new StoreUnavailableError("MongoDB is not connected");
     this.#anchor = db.collection<AnchorDoc>(ANCHOR_COLLECTION);
+    this.#schema = db.collection<SchemaDoc>(SCHEMA_COLLECTION);
     this.#snapshotPipeline = snapshotPipeline(this.#keys.collection.collectionName, this.#accounts.collection.collectionName);
   }
 
@@ -389,11 +403,75 @@ export class MongoKeyStore implements KeyStore {
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     await guarded(() => connection.asPromise());
     const store = new MongoKeyStore(connection);
-    await guarded(() => store.#keys.createIndexes());
-    await guarded(() => store.#usage.createIndexes());
-    await guarded(() => store.#audit.createIndexes());
-    await guarded(() => store.#placeAnchor());
+    try {
+      const pending = await guarded(() => store.pendingMigrations());
+      if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("MongoDB", pending);
+      await guarded(() => store.#migrate(pending));
+      // Every start, not only a migration: a database restored without the anchor gets it back.
+      await guarded(() => store.#placeAnchor());
+    } catch (error) {
+      await connection.close().catch(() => undefined);
+      throw error;
+    }
     return store;
+  }
+
+  /** The steps `uri`'s database still needs, read without writing anything (`keygate migrate --dry-run`). */
+  static async pendingAt(uri: string, options: Pick<MongoConnectOptions, "serverSelectionTimeoutMs"> = {}): Promise<SchemaStep[]> {
+    const connection = mongoose.createConnection(uri, { bufferCommands: false, serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000, autoIndex: false });
+    try {
+      await guarded(() => connection.asPromise());
+      return await guarded(() => new MongoKeyStore(connection).pendingMigrations());
+    } finally {
+      await connection.close().catch(() => undefined);
+    }
+  }
+
+  /**
+   * The schema steps this database still needs, in order (NewerSchemaError for a database written
+   * by a newer keygate). The version is one document in SCHEMA_COLLECTION; a database written
+   * before versions were recorded has none and reads as version 0.
+   */
+  async pendingMigrations(): Promise<SchemaStep[]> {
+    const doc = await this.#schema.findOne({ _id: SCHEMA_ID });
+    const current = doc?.version ?? 0;
+    if (current > MONGO_SCHEMA_VERSION) throw new NewerSchemaError("MongoDB", current, MONGO_SCHEMA_VERSION);
+    return this.#migrations().filter((m) => m.version > current);
+  }
+
+  /**
+   * Applies the steps. Each is idempotent, so two replicas starting at once may both run one:
+   * the version only moves forward ($max), and a step that ran twice changed nothing the second time.
+   */
+  async #migrate(steps: readonly SchemaStep[]): Promise<void> {
+    const byVersion = new Map(this.#migrations().map((m) => [m.version, m]));
+    for (const { version } of steps) {
+      await byVersion.get(version)?.apply();
+      try {
+        await this.#schema.updateOne({ _id: SCHEMA_ID }, { $max: { version } }, { upsert: true });
+      } catch (error) {
+        // Two upserts at once: one inserted, the other hit the _id index; apply $max again.
+        if (!(error instanceof Error && "code" in error && error.code === 11000)) throw error;
+        await this.#schema.updateOne({ _id: SCHEMA_ID }, { $max: { version } });
+      }
+    }
+  }
+
+  /** The MongoDB schema's history. Never edit a released step: add the next one. */
+  #migrations(): Array<SchemaStep & { apply(): Promise<unknown> }> {
+    return [
+      {
+        version: 1,
+        description:
+          "baseline: indexes keys.hash_unique, keys.owner_state, keys.project, usage.owner_day, audit.owner and audit.key " +
+          "(created where missing; documents from earlier versions need no change: absent credit fields read as 0)",
+        apply: async () => {
+          await this.#keys.createIndexes();
+          await this.#usage.createIndexes();
+          await this.#audit.createIndexes();
+        },
+      },
+    ];
   }
 
   /**

@@ -1,7 +1,8 @@
 import { chmodSync, closeSync, openSync } from "node:fs";
 import type { Database as SqliteDatabase, Statement } from "better-sqlite3";
 import { Database } from "./sqlite-driver.js";
-import { CapExceededError, ConflictError, DuplicateError } from "./errors.js";
+import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
+import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -25,63 +26,6 @@ import type {
   AuditQuery,
 } from "./store.js";
 
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS accounts (
-  owner_id TEXT PRIMARY KEY,
-  plan TEXT NOT NULL,
-  subscription_status TEXT NOT NULL,
-  role TEXT NOT NULL,
-  created_at INTEGER NOT NULL,
-  updated_at INTEGER NOT NULL,
-  credit_period TEXT NOT NULL DEFAULT '',
-  monthly_used INTEGER NOT NULL DEFAULT 0,
-  topup_balance INTEGER NOT NULL DEFAULT 0,
-  topup_total INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS keys (
-  id TEXT PRIMARY KEY,
-  hash TEXT NOT NULL UNIQUE,
-  owner_id TEXT NOT NULL REFERENCES accounts(owner_id),
-  project_id TEXT,
-  name TEXT NOT NULL,
-  mode TEXT NOT NULL,
-  start TEXT NOT NULL,
-  last4 TEXT NOT NULL,
-  scopes TEXT NOT NULL,
-  metadata TEXT NOT NULL,
-  created_at INTEGER NOT NULL,
-  last_used_at INTEGER,
-  expires_at INTEGER,
-  revoked_at INTEGER,
-  revoke_reason TEXT,
-  grace_ends_at INTEGER,
-  rotated_to_id TEXT,
-  rate_limit TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-  id TEXT PRIMARY KEY,
-  at INTEGER NOT NULL,
-  actor TEXT NOT NULL,
-  action TEXT NOT NULL,
-  key_id TEXT,
-  owner_id TEXT,
-  changes TEXT NOT NULL,
-  source TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_owner ON audit (owner_id, id);
-CREATE INDEX IF NOT EXISTS audit_key ON audit (key_id, id);
-CREATE TABLE IF NOT EXISTS usage (
-  owner_id TEXT NOT NULL,
-  key_id TEXT NOT NULL,
-  day TEXT NOT NULL,
-  outcome TEXT NOT NULL,
-  count INTEGER NOT NULL,
-  credits INTEGER NOT NULL,
-  PRIMARY KEY (owner_id, day, key_id, outcome)
-);
-CREATE INDEX IF NOT EXISTS keys_owner_state ON keys (owner_id, revoked_at, id);
-CREATE INDEX IF NOT EXISTS keys_project ON keys (project_id);
-`;
 
 interface AccountRow {
   owner_id: string;
@@ -124,23 +68,6 @@ function toCredits(row: CreditRow | undefined): CreditState {
   return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0, topupTotal: row?.topup_total ?? 0 };
 }
 
-/**
- * Columns added after the first release, with the definition that fills existing rows. A file
- * written by an older version gets them on open; SCHEMA has them for a new file.
- */
-const ADDED_COLUMNS: ReadonlyArray<{ table: string; column: string; definition: string }> = [
-  { table: "accounts", column: "topup_total", definition: "INTEGER NOT NULL DEFAULT 0" },
-];
-
-/** Adds ADDED_COLUMNS that an older file lacks. IMMEDIATE, so two processes opening it at once do not both add one. */
-function addMissingColumns(db: SqliteDatabase): void {
-  db.transaction(() => {
-    for (const { table, column, definition } of ADDED_COLUMNS) {
-      const columns = db.prepare<[], { name: string }>(`SELECT name FROM pragma_table_info('${table}')`).all();
-      if (!columns.some((c) => c.name === column)) db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${definition}`);
-    }
-  }).immediate();
-}
 
 type SnapshotRow = KeyRow & {
   a_plan: string;
@@ -257,8 +184,12 @@ export class SqliteKeyStore implements KeyStore {
     touch: Statement<[number, string, number]>;
   };
 
-  /** Opens (and creates) the database file; ":memory:" gives a private in-memory store. */
-  constructor(path: string) {
+  /**
+   * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
+   * schema steps are applied first; with `migrate: false` a database that needs any is refused
+   * (MigrationsPendingError), and one written by a newer keygate always is (NewerSchemaError).
+   */
+  constructor(path: string, options: { migrate?: boolean } = {}) {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
     this.#db = new Database(path);
@@ -266,8 +197,14 @@ export class SqliteKeyStore implements KeyStore {
     this.#db.pragma("synchronous = NORMAL");
     this.#db.pragma("busy_timeout = 5000");
     this.#db.pragma("foreign_keys = ON");
-    this.#db.exec(SCHEMA);
-    addMissingColumns(this.#db);
+    try {
+      const pending = pendingSqliteMigrations(this.#db);
+      if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
+      migrateSqlite(this.#db);
+    } catch (error) {
+      this.#db.close();
+      throw error;
+    }
     if (onDisk) tightenWalFiles(path);
     const db = this.#db;
     this.#stmt = {

@@ -16,7 +16,7 @@ function exitOnConfigError(error: unknown): never {
 }
 
 /** `keygate serve`: reads the environment, starts every listener, and drains on SIGTERM or SIGINT. */
-export async function serve(): Promise<void> {
+export async function serve(options: { migrate: boolean } = { migrate: true }): Promise<void> {
   let config;
   try {
     config = loadConfig();
@@ -48,7 +48,7 @@ export async function serve(): Promise<void> {
     process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
     process.exit(1);
   };
-  const keygate = await buildKeygate(config, { logger, announce }).catch(exitOnStartError);
+  const keygate = await buildKeygate(config, { logger, announce, migrate: options.migrate }).catch(exitOnStartError);
   generatedAdminToken = keygate.generatedAdminToken;
   await keygate.start().catch(exitOnStartError);
   if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);

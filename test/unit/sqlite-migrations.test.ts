@@ -1,0 +1,156 @@
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import type { Database as SqliteDatabase } from "better-sqlite3";
+import { afterEach, describe, expect, it } from "vitest";
+import { MigrationsPendingError, NewerSchemaError } from "../../src/store/errors.js";
+import { Database } from "../../src/store/sqlite-driver.js";
+import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION, migrateSqlite, pendingSqliteMigrations } from "../../src/store/sqlite-migrations.js";
+import { SqliteKeyStore } from "../../src/store/sqlite.js";
+
+// Schemas of earlier keygate commits, extracted from git (test/fixtures/sqlite-schemas/README.md).
+const schemas = resolve(import.meta.dirname, "../fixtures/sqlite-schemas");
+const HISTORY = ["8653988", "6d7e42b", "43858b8", "1dffb08"] as const;
+
+const dirs: string[] = [];
+afterEach(() => {
+  for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
+function tempDb(): string {
+  const dir = mkdtempSync(join(tmpdir(), "keygate-migrate-"));
+  dirs.push(dir);
+  return join(dir, "keygate.db");
+}
+
+/** Every table's columns (name, type, not-null, default) and every index, in a comparable form. */
+function shape(db: SqliteDatabase): Record<string, unknown> {
+  const tables = db.prepare<[], { name: string }>("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all();
+  const out: Record<string, unknown> = {};
+  for (const { name } of tables) {
+    out[name] = db
+      .prepare<[], { name: string; type: string; notnull: number; dflt_value: string | null; pk: number }>(`SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info('${name}') ORDER BY name`)
+      .all();
+  }
+  out["indexes"] = db.prepare<[], { name: string; tbl_name: string }>("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' ORDER BY name").all();
+  return out;
+}
+
+function freshShape(): Record<string, unknown> {
+  const db = new Database(":memory:");
+  try {
+    migrateSqlite(db);
+    return shape(db);
+  } finally {
+    db.close();
+  }
+}
+
+describe("SQLite schema migrations happy", () => {
+  it.each(HISTORY)("a database made with the schema of %s migrates to the same schema as a new one, keeping its rows", async (commit) => {
+    const path = tempDb();
+    const old = new Database(path);
+    old.exec(readFileSync(join(schemas, `${commit}.sql`), "utf8"));
+    old.prepare("INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES ('acct_1', 'pro', 'active', 'standard', 1, 2)").run();
+    old
+      .prepare(
+        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at)
+         VALUES ('key_1', 'hash_1', 'acct_1', NULL, 'old key', 'live', 'kg_live_abcd', 'wxyz', '["read"]', '{"team":"core"}', 3)`,
+      )
+      .run();
+    expect(old.pragma("user_version", { simple: true })).toBe(0);
+    old.close();
+
+    const store = new SqliteKeyStore(path);
+    try {
+      const snapshot = await store.findSnapshotByHash("hash_1");
+      expect(snapshot?.key).toMatchObject({ id: "key_1", name: "old key", scopes: ["read"], metadata: { team: "core" }, rateLimit: null });
+      expect(snapshot?.account).toMatchObject({ ownerId: "acct_1", plan: "pro", subscriptionStatus: "active" });
+      expect(await store.getCredits("acct_1")).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 });
+    } finally {
+      await store.close();
+    }
+    const migrated = new Database(path, { readonly: true });
+    try {
+      expect(migrated.pragma("user_version", { simple: true })).toBe(SQLITE_SCHEMA_VERSION);
+      expect(shape(migrated)).toEqual(freshShape());
+    } finally {
+      migrated.close();
+    }
+  });
+
+  it("a second open, or a second process opening the file, applies nothing again", () => {
+    const path = tempDb();
+    const first = new Database(path);
+    const second = new Database(path);
+    try {
+      expect(migrateSqlite(first)).toEqual(SQLITE_MIGRATIONS.map((m) => m.version));
+      expect(migrateSqlite(second)).toEqual([]);
+      expect(pendingSqliteMigrations(second)).toEqual([]);
+    } finally {
+      first.close();
+      second.close();
+    }
+  });
+
+  it("steps are numbered 1, 2, 3… in order, and each says what it changes", () => {
+    expect(SQLITE_MIGRATIONS.map((m) => m.version)).toEqual(SQLITE_MIGRATIONS.map((_, i) => i + 1));
+    for (const step of SQLITE_MIGRATIONS) expect(step.description.length).toBeGreaterThan(20);
+  });
+});
+
+describe("SQLite schema migrations sad", () => {
+  it("a database written by a newer keygate is refused, and nothing is written", () => {
+    const path = tempDb();
+    const db = new Database(path);
+    db.pragma(`user_version = ${SQLITE_SCHEMA_VERSION + 1}`);
+    db.close();
+    expect(() => new SqliteKeyStore(path)).toThrow(NewerSchemaError);
+    expect(() => new SqliteKeyStore(path)).toThrow(`schema version ${SQLITE_SCHEMA_VERSION + 1}, newer than this keygate knows (${SQLITE_SCHEMA_VERSION})`);
+    const after = new Database(path, { readonly: true });
+    try {
+      expect(after.prepare("SELECT name FROM sqlite_master").all()).toEqual([]);
+    } finally {
+      after.close();
+    }
+  });
+
+  it("with migration turned off, a database that needs a step is refused by name, and nothing is written", () => {
+    const path = tempDb();
+    const old = new Database(path);
+    old.exec(readFileSync(join(schemas, "1dffb08.sql"), "utf8"));
+    old.close();
+    expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow(MigrationsPendingError);
+    expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow("needs schema step 1: run `keygate migrate`");
+    const after = new Database(path, { readonly: true });
+    try {
+      expect(after.pragma("user_version", { simple: true })).toBe(0);
+      const columns = after.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('accounts')").all().map((c) => c.name);
+      expect(columns).not.toContain("topup_total");
+    } finally {
+      after.close();
+    }
+  });
+
+  it("a step that fails leaves the database at the version before it", () => {
+    const db = new Database(":memory:");
+    try {
+      const failing = [
+        ...SQLITE_MIGRATIONS,
+        {
+          version: SQLITE_SCHEMA_VERSION + 1,
+          description: "a step that adds a table, then fails",
+          apply(target: SqliteDatabase) {
+            target.exec("CREATE TABLE half_done (x INTEGER)");
+            throw new Error("step failed");
+          },
+        },
+      ];
+      expect(() => migrateSqlite(db, failing)).toThrow("step failed");
+      expect(db.pragma("user_version", { simple: true })).toBe(SQLITE_SCHEMA_VERSION);
+      expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'half_done'").all()).toEqual([]);
+    } finally {
+      db.close();
+    }
+  });
+});
