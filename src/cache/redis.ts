@@ -276,6 +276,7 @@ export class RedisSharedCache implements SharedCache {
     if (status === 2) return { value: null, fill };
     if (status !== 1) return { value: undefined, fill };
     const parsed = parseSnapshot(json);
+    if (parsed === NEWER) return { value: undefined, fill };
     if (parsed !== undefined) return { value: parsed, fill };
     await this.#redis.del(snapKey);
     return { value: undefined, fill };
@@ -287,7 +288,7 @@ export class RedisSharedCache implements SharedCache {
     const written = await this.#run(
       FILL,
       [this.#snapKey(hash), this.#missKey(hash), this.#ownerKey(ownerId), this.#genKey, this.#floorKey, this.#keyMarker(hash), this.#ownerMarker(ownerId)],
-      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, JSON.stringify(snapshot), this.#ttlSeconds, FILL_WINDOW_MS, hash],
+      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlSeconds, FILL_WINDOW_MS, hash],
     );
     return written === 1;
   }
@@ -344,13 +345,34 @@ export class RedisSharedCache implements SharedCache {
   }
 }
 
-function parseSnapshot(text: string): KeySnapshot | undefined {
+/**
+ * The format of a snapshot in L2, kept in its "v" field. Replicas of two keygate versions share
+ * Redis during a rolling upgrade: each reads the formats it knows (an entry without "v" was
+ * written before formats were numbered, and is format 1's shape), reads a newer one as not
+ * cached (the store answers, and the entry is left for the replicas that wrote it), and drops
+ * one it cannot parse. A Check never fails because of an L2 entry. A change to KeySnapshot's
+ * shape makes the build fail (above) until this number moves with it.
+ */
+export const SNAPSHOT_FORMAT = 1;
+
+function encodeSnapshot(snapshot: KeySnapshot): string {
+  return JSON.stringify({ v: SNAPSHOT_FORMAT, ...snapshot });
+}
+
+/** Read as "not cached" and left in place: a newer keygate wrote it. */
+const NEWER = Symbol("newer snapshot format");
+
+function parseSnapshot(text: string): KeySnapshot | typeof NEWER | undefined {
   let json: unknown;
   try {
     json = JSON.parse(text);
   } catch {
     return undefined;
   }
+  if (typeof json !== "object" || json === null) return undefined;
+  const format: unknown = (json as { v?: unknown }).v ?? 1;
+  if (typeof format !== "number" || !Number.isInteger(format) || format < 1) return undefined;
+  if (format > SNAPSHOT_FORMAT) return NEWER;
   const result = snapshotSchema.safeParse(json);
   return result.success ? result.data : undefined;
 }

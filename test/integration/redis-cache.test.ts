@@ -6,7 +6,7 @@ import { z } from "zod";
 import type { Invalidation } from "../../src/cache/cache.js";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
-import { RedisInvalidationBus, RedisSharedCache, connectRedis, redisOptions } from "../../src/cache/redis.js";
+import { RedisInvalidationBus, RedisSharedCache, SNAPSHOT_FORMAT, connectRedis, redisOptions } from "../../src/cache/redis.js";
 import { createLogger } from "../../src/server/logger.js";
 import type {
   AccountRecord,
@@ -517,6 +517,65 @@ function redisSuites(redisServer: RedisServer): void {
         await until(() => seenB.length === 3 && seenA.length === 3, 1000, "the event after the restart arrived");
         expect(seenB[2]).toEqual({ event: { kind: "key", hash: "after-restart" }, connected: true });
         expect(seenA).toEqual([{ kind: "all" }, { kind: "all" }, { kind: "key", hash: "after-restart" }]);
+      });
+    });
+
+    // Replicas of two keygate versions share Redis during a rolling upgrade: each reads what the
+    // other wrote, or leaves it be, and never fails because of it.
+    describe("snapshot formats", () => {
+      /** The stored entry is "<generation>|<json>": its JSON, and a way to replace it. */
+      async function entry(key: string): Promise<{ generation: string; json: Record<string, unknown> }> {
+        const raw = await admin.get(key);
+        if (raw === null) throw new Error(`no entry at ${key}`);
+        const bar = raw.indexOf("|");
+        return { generation: raw.slice(0, bar), json: JSON.parse(raw.slice(bar + 1)) as Record<string, unknown> };
+      }
+
+      it(`writes format ${SNAPSHOT_FORMAT} in a "v" field`, async () => {
+        const cache = new RedisSharedCache(await open(), { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f1:` });
+        await cache.set("h", snapshot("o", "k"));
+        expect((await entry(`${ns}f1:snap:h`)).json).toStrictEqual({ v: SNAPSHOT_FORMAT, ...snapshot("o", "k") });
+      });
+
+      it("reads an entry the previous release wrote (no format field) as a hit", async () => {
+        const cache = new RedisSharedCache(await open(), { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f2:` });
+        await cache.set("h", snapshot("o", "k"));
+        const { generation } = await entry(`${ns}f2:snap:h`);
+        // Exactly what 1dffb08's RedisSharedCache.set stored: the snapshot's JSON, nothing else.
+        await admin.set(`${ns}f2:snap:h`, `${generation}|${JSON.stringify(snapshot("o", "k"))}`, "KEEPTTL");
+        expect(await cache.get("h")).toStrictEqual(snapshot("o", "k"));
+      });
+
+      it("reads a newer keygate's entry as not cached, leaves it for that keygate, and answers from the store", async () => {
+        const redis = await open();
+        const cache = new RedisSharedCache(redis, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f3:` });
+        await cache.set("h", snapshot("o", "k"));
+        const { generation } = await entry(`${ns}f3:snap:h`);
+        const newer = `${generation}|${JSON.stringify({ v: SNAPSHOT_FORMAT + 1, ...snapshot("o", "k"), key: { ...snapshot("o", "k").key, disabledAtMs: 5, scopes: "now an object" } })}`;
+        await admin.set(`${ns}f3:snap:h`, newer, "KEEPTTL");
+        expect(await cache.get("h")).toBeUndefined();
+        expect(await admin.get(`${ns}f3:snap:h`)).toBe(newer);
+
+        const store = new CountingKeyStore();
+        store.snapshots.set("h", snapshot("o", "from-store"));
+        const [pub, sub] = await Promise.all([open(), open()]);
+        const replicaBus = bus(pub, sub, `${ns}f3:inv`);
+        await replicaBus.start();
+        const lookup = new SnapshotLookup({ local: new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 }), shared: cache, bus: replicaBus, store });
+        expect((await lookup.load("h"))?.key.id).toBe("from-store");
+        expect(store.findCalls).toBe(1);
+      });
+
+      it("drops an entry it cannot read (not JSON, a wrong shape, a bad format number) and reads the store", async () => {
+        const cache = new RedisSharedCache(await open(), { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f4:` });
+        const bad = ["{not json", JSON.stringify({ v: SNAPSHOT_FORMAT, key: {} }), JSON.stringify({ v: "1", ...snapshot("o", "k") }), JSON.stringify({ v: 0, ...snapshot("o", "k") }), "null"];
+        for (const [i, json] of bad.entries()) {
+          await cache.set(`h${i}`, snapshot("o", `k${i}`));
+          const { generation } = await entry(`${ns}f4:snap:h${i}`);
+          await admin.set(`${ns}f4:snap:h${i}`, `${generation}|${json}`, "KEEPTTL");
+          expect(await cache.get(`h${i}`)).toBeUndefined();
+          expect(await admin.exists(`${ns}f4:snap:h${i}`)).toBe(0);
+        }
       });
     });
   });
