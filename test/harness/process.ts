@@ -48,13 +48,14 @@ export function listeningPorts(stdout: string): { grpc: number; http: number; ad
 
 /**
  * Spawns `keygate serve` with exactly `env` for its KEYGATE_* variables (inherited ones are
- * dropped) and waits for its "keygate listening" line.
+ * dropped) and waits for its "keygate listening" line. `args` (node's arguments) runs another
+ * build, such as an earlier release's `dist/cli.js serve`.
  */
-export function spawnKeygate(options: { cwd: string; env: Record<string, string> }): Promise<KeygateProcess> {
+export function spawnKeygate(options: { cwd: string; env: Record<string, string>; args?: readonly string[] }): Promise<KeygateProcess> {
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
   Object.assign(env, options.env);
-  const child = spawn(process.execPath, [...SERVE_ARGS], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...(options.args ?? SERVE_ARGS)], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   let err = "";
   child.stdout?.on("data", (chunk: Buffer) => (out += chunk.toString()));
