@@ -335,6 +335,11 @@ const CLI_ANSWERS: Record<string, (run: Run, command: string) => void> = {
     expect(events.map((e) => e.action)).toContain("key.create");
     for (const event of events) expect(event.ownerId).toBe(option(command, "--owner"));
   },
+  // The running keygate migrated its database on start, so there is nothing left to do.
+  migrate: (run, command) => {
+    expect(command).toContain("--dry-run");
+    expect(run.stdout).toMatch(/^SQLite \(.*keygate\.db\): up to date, nothing to do\n$/);
+  },
 };
 
 /** Fails unless `run` is the answer the README promises for `command`. */
