@@ -3,6 +3,7 @@ import { KeyFormat } from "../src/keys/key-format.js";
 import { KeyHasher } from "../src/keys/hasher.js";
 import { newKeyId } from "../src/keys/ids.js";
 import type { SqliteKeyStore } from "../src/store/sqlite.js";
+import { newKeyRecord } from "../src/store/store.js";
 import type { AccountDefaults, CreateLimits, KeyRecord, KeyStore } from "../src/store/store.js";
 import { METERED_PLAN, UNLIMITED_PLAN } from "./policy.js";
 
@@ -93,26 +94,17 @@ class KeyFactory {
     const secret = this.#format.generate("live");
     const parsed = this.#format.parse(secret);
     if (parsed === null) throw new Error("a generated key failed its own checksum");
-    const record: KeyRecord = {
+    const record = newKeyRecord({
       id: newKeyId(),
       hash: this.#hasher.hash(secret),
       ownerId: owner,
-      projectId: null,
       name: "bench",
       mode: parsed.mode,
       start: parsed.start,
       last4: parsed.last4,
       scopes: ["read"],
-      metadata: {},
       createdAtMs: this.#nowMs,
-      lastUsedAtMs: null,
-      expiresAtMs: null,
-      revokedAtMs: null,
-      revokeReason: null,
-      graceEndsAtMs: null,
-      rotatedToId: null,
-      rateLimit: null,
-    };
+    });
     return { record, secret };
   }
 }

@@ -58,6 +58,7 @@ function toApiKey(key: KeyRecord, nowMs: number): ApiKey {
     metadata: key.metadata,
     revokeReason: key.revokeReason ?? "",
     rateLimit: key.rateLimit === null ? undefined : { limit: key.rateLimit.limit, windowSeconds: key.rateLimit.windowSeconds },
+    disabledAt: ts(key.disabledAtMs),
   });
 }
 
@@ -197,6 +198,8 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       return { key: toApiKey(updated, nowMs()) };
     }),
     revokeKey: guard(async (req, actor) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }, actor), nowMs()) })),
+    disableKey: guard(async (req, actor) => ({ key: toApiKey(await service.disableKey({ id: req.id, reason: req.reason }, actor), nowMs()) })),
+    enableKey: guard(async (req, actor) => ({ key: toApiKey(await service.enableKey({ id: req.id }, actor), nowMs()) })),
     rotateKey: guard(async (req, actor) => {
       const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays }, actor);
       const now = nowMs();

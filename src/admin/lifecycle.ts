@@ -12,6 +12,7 @@ import { REDACTED } from "../keys/redact.js";
 import { ConflictError } from "../store/errors.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
+import { newKeyRecord } from "../store/store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -376,19 +377,14 @@ export class LifecycleService {
     if (parsed === null) throw new Error("generated key failed its own checksum");
     return {
       secret,
-      record: {
+      record: newKeyRecord({
         ...fields,
         id: newKeyId(),
         hash: this.deps.hasher.hash(secret),
         start: parsed.start,
         last4: parsed.last4,
         createdAtMs: nowMs,
-        lastUsedAtMs: null,
-        revokedAtMs: null,
-        revokeReason: null,
-        graceEndsAtMs: null,
-        rotatedToId: null,
-      },
+      }),
     };
   }
 
@@ -449,6 +445,33 @@ export class LifecycleService {
     await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash });
     await this.#audit(actor, "key.revoke", id, revoked.ownerId, { reason: input.reason });
     return revoked;
+  }
+
+  /**
+   * Refuses the key (KEY_DISABLED) until enableKey, at once in every cache, like a revoke. A
+   * disabled key keeps its slot under the plan's cap, so enabling it never exceeds the cap.
+   * Idempotent; a revoked key cannot be disabled (a revoke is final).
+   */
+  async disableKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
+    const id = checkKeyId("id", input.id);
+    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    return this.#setDisabled(id, this.deps.nowMs(), actor, "key.disable", { reason: input.reason });
+  }
+
+  /** Lets a disabled key through again, at once in every cache. Idempotent; not for a revoked key. */
+  async enableKey(input: { id: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
+    return this.#setDisabled(checkKeyId("id", input.id), null, actor, "key.enable", {});
+  }
+
+  async #setDisabled(id: string, disabledAtMs: number | null, actor: Actor, action: "key.disable" | "key.enable", changes: Record<string, unknown>): Promise<KeyRecord> {
+    const current = await this.deps.store.getKey(id);
+    if (current === null) throw new NotFoundError(`key ${id} does not exist`);
+    if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
+    const updated = await this.deps.store.updateKey(id, { disabledAtMs });
+    if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
+    await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
+    await this.#audit(actor, action, id, updated.ownerId, changes);
+    return updated;
   }
 
   /** Issues a successor with the same owner, project, name, scopes and mode. */

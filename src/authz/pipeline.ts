@@ -146,6 +146,8 @@ export class DecisionPipeline {
         return deny("KEY_ROTATED", snapshot);
       case "expired":
         return deny("KEY_EXPIRED", snapshot);
+      case "disabled":
+        return deny("KEY_DISABLED", snapshot);
       case "active":
       case "grace":
         break;

@@ -6,6 +6,7 @@ export type DenyReason =
   | "KEY_REVOKED"
   | "KEY_ROTATED"
   | "KEY_EXPIRED"
+  | "KEY_DISABLED"
   | "PROJECT_MISMATCH"
   | "PLAN_REQUIRED"
   | "MISSING_SCOPE"
@@ -81,6 +82,14 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     code: "KEY_EXPIRED",
     title: "API key expired",
     message: "This API key has expired.",
+    retryable: false,
+    grpcCode: UNAUTHENTICATED,
+  },
+  KEY_DISABLED: {
+    httpStatus: 401,
+    code: "KEY_DISABLED",
+    title: "API key disabled",
+    message: "This API key is disabled. Ask the API's owner to enable it again.",
     retryable: false,
     grpcCode: UNAUTHENTICATED,
   },

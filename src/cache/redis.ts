@@ -102,6 +102,7 @@ const snapshotSchema = z.object({
     graceEndsAtMs: nullableNumber,
     rotatedToId: nullableString,
     rateLimit: z.object({ limit: z.number(), windowSeconds: z.number() }).nullable(),
+    disabledAtMs: nullableNumber,
   }),
   account: z.object({
     ownerId: z.string(),
@@ -276,7 +277,7 @@ export class RedisSharedCache implements SharedCache {
     if (status === 2) return { value: null, fill };
     if (status !== 1) return { value: undefined, fill };
     const parsed = parseSnapshot(json);
-    if (parsed === NEWER) return { value: undefined, fill };
+    if (parsed === OTHER_FORMAT) return { value: undefined, fill };
     if (parsed !== undefined) return { value: parsed, fill };
     await this.#redis.del(snapKey);
     return { value: undefined, fill };
@@ -347,22 +348,23 @@ export class RedisSharedCache implements SharedCache {
 
 /**
  * The format of a snapshot in L2, kept in its "v" field. Replicas of two keygate versions share
- * Redis during a rolling upgrade: each reads the formats it knows (an entry without "v" was
- * written before formats were numbered, and is format 1's shape), reads a newer one as not
- * cached (the store answers, and the entry is left for the replicas that wrote it), and drops
- * one it cannot parse. A Check never fails because of an L2 entry. A change to KeySnapshot's
- * shape makes the build fail (above) until this number moves with it.
+ * Redis during a rolling upgrade, and a snapshot holds what its writer knew of the key: one
+ * written before keys could be disabled (format 1, or no "v" at all) says nothing of it. So a
+ * replica reads only its own format. Another format reads as not cached (the store answers, and
+ * this replica's fill replaces it), and an entry it cannot parse is dropped. A Check never fails
+ * because of an L2 entry. A change to KeySnapshot's shape makes the build fail (above) until the
+ * schema, and this number, move with it.
  */
-export const SNAPSHOT_FORMAT = 1;
+export const SNAPSHOT_FORMAT = 2;
 
 function encodeSnapshot(snapshot: KeySnapshot): string {
   return JSON.stringify({ v: SNAPSHOT_FORMAT, ...snapshot });
 }
 
-/** Read as "not cached" and left in place: a newer keygate wrote it. */
-const NEWER = Symbol("newer snapshot format");
+/** Read as "not cached" and not dropped: another keygate version wrote it. */
+const OTHER_FORMAT = Symbol("another snapshot format");
 
-function parseSnapshot(text: string): KeySnapshot | typeof NEWER | undefined {
+function parseSnapshot(text: string): KeySnapshot | typeof OTHER_FORMAT | undefined {
   let json: unknown;
   try {
     json = JSON.parse(text);
@@ -372,7 +374,7 @@ function parseSnapshot(text: string): KeySnapshot | typeof NEWER | undefined {
   if (typeof json !== "object" || json === null) return undefined;
   const format: unknown = (json as { v?: unknown }).v ?? 1;
   if (typeof format !== "number" || !Number.isInteger(format) || format < 1) return undefined;
-  if (format > SNAPSHOT_FORMAT) return NEWER;
+  if (format !== SNAPSHOT_FORMAT) return OTHER_FORMAT;
   const result = snapshotSchema.safeParse(json);
   return result.success ? result.data : undefined;
 }

@@ -83,6 +83,8 @@ interface KeyDoc {
   grace_ends_at: Date | null;
   rotated_to_id: string | null;
   rate_limit: { limit: number; window_seconds: number } | null;
+  /** Absent in documents written before keys could be disabled: read as null. */
+  disabled_at?: Date | null;
   counted: boolean;
 }
 
@@ -153,6 +155,7 @@ const keySchema = new mongoose.Schema<KeyDoc>(
     grace_ends_at: { type: Date, default: null },
     rotated_to_id: { type: String, default: null },
     rate_limit: { type: new mongoose.Schema({ limit: Number, window_seconds: Number }, { _id: false }), default: null },
+    disabled_at: { type: Date, default: null },
     counted: { type: Boolean, required: true },
   },
   { collection: "keys", versionKey: false, strict: "throw" },
@@ -206,6 +209,7 @@ const KEY_SNAPSHOT_FIELDS: ReadonlyArray<keyof KeySnapshotDoc> = [
   "grace_ends_at",
   "rotated_to_id",
   "rate_limit",
+  "disabled_at",
 ];
 const ACCOUNT_SNAPSHOT_FIELDS: ReadonlyArray<keyof AccountSnapshotDoc> = ["_id", "plan", "subscription_status", "role", "created_at", "updated_at"];
 
@@ -281,6 +285,7 @@ function toKey(doc: KeySnapshotDoc): KeyRecord {
     graceEndsAtMs: ms(doc.grace_ends_at),
     rotatedToId: doc.rotated_to_id,
     rateLimit: doc.rate_limit === null || doc.rate_limit === undefined ? null : { limit: doc.rate_limit.limit, windowSeconds: doc.rate_limit.window_seconds },
+    disabledAtMs: ms(doc.disabled_at ?? null),
   };
 }
 
@@ -304,6 +309,7 @@ function toDoc(key: KeyRecord, counted: boolean): KeyDoc {
     grace_ends_at: date(key.graceEndsAtMs),
     rotated_to_id: key.rotatedToId,
     rate_limit: key.rateLimit === null ? null : { limit: key.rateLimit.limit, window_seconds: key.rateLimit.windowSeconds },
+    disabled_at: date(key.disabledAtMs),
     counted,
   };
 }
@@ -618,7 +624,14 @@ export class MongoKeyStore implements KeyStore {
     if (patch.rateLimit !== undefined) {
       set.rate_limit = patch.rateLimit === null ? null : { limit: patch.rateLimit.limit, window_seconds: patch.rateLimit.windowSeconds };
     }
-    const doc = await guarded(() => this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>());
+    if (patch.disabledAtMs === null) set.disabled_at = null;
+    const doc = await guarded(async () => {
+      // Disabling a disabled key keeps the time it was first disabled.
+      if (patch.disabledAtMs !== null && patch.disabledAtMs !== undefined) {
+        await this.#keys.updateOne({ _id: id, disabled_at: null }, { $set: { disabled_at: new Date(patch.disabledAtMs) } });
+      }
+      return this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>();
+    });
     return doc === null ? null : toKey(doc);
   }
 

@@ -98,6 +98,13 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
       }
     },
   },
+  {
+    version: 2,
+    description: "add keys.disabled_at (a disabled key is refused with KEY_DISABLED until enabled); existing keys stay enabled",
+    apply(db) {
+      db.exec("ALTER TABLE keys ADD COLUMN disabled_at INTEGER");
+    },
+  },
 ];
 
 /** The schema version this keygate writes. */

@@ -55,6 +55,7 @@ interface KeyRow {
   grace_ends_at: number | null;
   rotated_to_id: string | null;
   rate_limit: string | null;
+  disabled_at: number | null;
 }
 
 interface CreditRow {
@@ -109,6 +110,7 @@ function toKey(row: KeyRow): KeyRecord {
     graceEndsAtMs: row.grace_ends_at,
     rotatedToId: row.rotated_to_id,
     rateLimit: row.rate_limit === null ? null : (JSON.parse(row.rate_limit) as KeyRateLimit),
+    disabledAtMs: row.disabled_at,
   };
 }
 
@@ -132,6 +134,7 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
     grace_ends_at: key.graceEndsAtMs,
     rotated_to_id: key.rotatedToId,
     rate_limit: key.rateLimit === null ? null : JSON.stringify(key.rateLimit),
+    disabled_at: key.disabledAtMs,
   };
 }
 
@@ -174,6 +177,8 @@ export class SqliteKeyStore implements KeyStore {
     updateName: Statement<[string, string]>;
     updateScopes: Statement<[string, string]>;
     updateRateLimit: Statement<[string | null, string]>;
+    disable: Statement<[number, string]>;
+    enable: Statement<[string]>;
     getCredits: Statement<[string], CreditRow>;
     addCredits: Statement<[{ amount: number; owner: string }]>;
     spendCredits: Statement<[{ period: string; monthly: number; topup: number; owner: string }]>;
@@ -219,8 +224,8 @@ export class SqliteKeyStore implements KeyStore {
         "SELECT COUNT(*) AS n FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id IS NULL AND (expires_at IS NULL OR expires_at > ?)",
       ),
       insertKey: db.prepare(
-        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id, rate_limit)
-         VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id, @rate_limit)`,
+        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id, rate_limit, disabled_at)
+         VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id, @rate_limit, @disabled_at)`,
       ),
       getKey: db.prepare("SELECT * FROM keys WHERE id = ?"),
       snapshotByHash: db.prepare(
@@ -231,6 +236,9 @@ export class SqliteKeyStore implements KeyStore {
       updateName: db.prepare("UPDATE keys SET name = ? WHERE id = ?"),
       updateScopes: db.prepare("UPDATE keys SET scopes = ? WHERE id = ?"),
       updateRateLimit: db.prepare("UPDATE keys SET rate_limit = ? WHERE id = ?"),
+      // Disabling a disabled key keeps the time it was first disabled.
+      disable: db.prepare("UPDATE keys SET disabled_at = COALESCE(disabled_at, ?) WHERE id = ?"),
+      enable: db.prepare("UPDATE keys SET disabled_at = NULL WHERE id = ?"),
       getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance, topup_total FROM accounts WHERE owner_id = ?"),
       addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + @amount, topup_total = topup_total + @amount WHERE owner_id = @owner"),
       // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
@@ -365,6 +373,8 @@ export class SqliteKeyStore implements KeyStore {
       if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
       if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
       if (patch.rateLimit !== undefined) this.#stmt.updateRateLimit.run(patch.rateLimit === null ? null : JSON.stringify(patch.rateLimit), id);
+      if (patch.disabledAtMs === null) this.#stmt.enable.run(id);
+      else if (patch.disabledAtMs !== undefined) this.#stmt.disable.run(patch.disabledAtMs, id);
       return this.#stmt.getKey.get(id);
     });
     const row = update.immediate();

@@ -37,6 +37,33 @@ export interface KeyRecord {
   rotatedToId: string | null;
   /** The key's own rate limit, replacing the plan's; it also gives the key its own bucket. */
   rateLimit: KeyRateLimit | null;
+  /** Set while the key is disabled (refused, KEY_DISABLED); null once enabled again. */
+  disabledAtMs: number | null;
+}
+
+/** What a new key record must be given; every other attribute starts unset. */
+export type NewKeyFields = Pick<KeyRecord, "id" | "hash" | "ownerId" | "name" | "mode" | "start" | "last4" | "createdAtMs"> & Partial<KeyRecord>;
+
+/**
+ * A key record with every attribute not given unset. Code that makes records (KeyAdmin, the
+ * bench's seeding, test fixtures) goes through here, so a new attribute gets its starting value
+ * in one place.
+ */
+export function newKeyRecord(fields: NewKeyFields): KeyRecord {
+  return {
+    projectId: null,
+    scopes: [],
+    metadata: {},
+    lastUsedAtMs: null,
+    expiresAtMs: null,
+    revokedAtMs: null,
+    revokeReason: null,
+    graceEndsAtMs: null,
+    rotatedToId: null,
+    rateLimit: null,
+    disabledAtMs: null,
+    ...fields,
+  };
 }
 
 /** A per-key rate limit: `limit` requests per `windowSeconds`. */
@@ -139,6 +166,8 @@ export interface KeyPatch {
   scopes?: string[] | undefined;
   /** null removes the key's own limit. */
   rateLimit?: KeyRateLimit | null | undefined;
+  /** A time disables the key, null enables it. */
+  disabledAtMs?: number | null | undefined;
 }
 
 /** The outcome of a rotation: the new key and the old one with its grace period set. */
@@ -201,12 +230,13 @@ export interface CreateLimits {
 }
 
 /** The lifecycle state of a key at a moment, derived from its times. */
-export type KeyState = "active" | "grace" | "rotated" | "revoked" | "expired";
+export type KeyState = "active" | "disabled" | "grace" | "rotated" | "revoked" | "expired";
 
 /** Derives a key's state at `nowMs`. */
 export function keyState(key: KeyRecord, nowMs: number): KeyState {
   if (key.revokedAtMs !== null) return "revoked";
   if (key.expiresAtMs !== null && nowMs >= key.expiresAtMs) return "expired";
+  if (key.disabledAtMs !== null) return "disabled";
   if (key.rotatedToId !== null) return key.graceEndsAtMs !== null && nowMs < key.graceEndsAtMs ? "grace" : "rotated";
   return "active";
 }

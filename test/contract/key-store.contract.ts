@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
 import { CapExceededError, ConflictError, DuplicateError } from "../../src/store/errors.js";
+import { newKeyRecord } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
 
 const CAPS: Record<string, number> = { basic: 1, pro: 3, business: 5 };
@@ -18,11 +19,10 @@ function limits(nowMs = NOW): CreateLimits {
 let seq = 0;
 function record(ownerId: string, overrides: Partial<Omit<KeyRecord, "rateLimit">> & { rateLimit?: KeyRecord["rateLimit"] } = {}): KeyRecord {
   seq += 1;
-  return {
+  return newKeyRecord({
     id: newKeyId(),
     hash: `hash-${ownerId}-${seq}-${Math.random().toString(36).slice(2)}`,
     ownerId,
-    projectId: null,
     name: `key ${seq}`,
     mode: "live",
     start: "kg_live_abcd",
@@ -30,15 +30,8 @@ function record(ownerId: string, overrides: Partial<Omit<KeyRecord, "rateLimit">
     scopes: ["read"],
     metadata: { team: "core" },
     createdAtMs: NOW,
-    lastUsedAtMs: null,
-    expiresAtMs: null,
-    revokedAtMs: null,
-    revokeReason: null,
-    graceEndsAtMs: null,
-    rotatedToId: null,
-    rateLimit: null,
     ...overrides,
-  };
+  });
 }
 
 /** The error `attempt` rejects with, or "fulfilled" when it does not reject. */

@@ -5,7 +5,7 @@ import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterEach, describe, expect, it } from "vitest";
 import { Database } from "../../src/store/sqlite-driver.js";
-import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
+import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { spawnKeygate } from "../harness/process.js";
 
 // `keygate migrate` and `keygate serve --no-migrate`, as an operator runs them, on the data the
@@ -56,14 +56,15 @@ describe("keygate migrate happy", () => {
     const before = readFileSync(join(dataDir, "keygate.db"));
     const dry = await run(["migrate", "--dry-run"], env);
     expect(dry).toMatchObject({ code: 0, stderr: "" });
-    expect(dry.stdout).toBe(`SQLite (${join(dataDir, "keygate.db")}): would apply 1 schema step\n  1: baseline: ${dry.stdout.split("1: baseline: ")[1] ?? ""}`);
+    const steps = SQLITE_MIGRATIONS.map((m) => `  ${m.version}: ${m.description}\n`).join("");
+    expect(dry.stdout).toBe(`SQLite (${join(dataDir, "keygate.db")}): would apply ${SQLITE_MIGRATIONS.length} schema steps\n${steps}`);
     expect(dry.stdout).toContain("accounts.credit_period, monthly_used, topup_balance, topup_total");
     expect(readFileSync(join(dataDir, "keygate.db")).equals(before)).toBe(true);
     expect(userVersion(join(dataDir, "keygate.db"))).toBe(0);
 
     const applied = await run(["migrate"], env);
     expect(applied).toMatchObject({ code: 0, stderr: "" });
-    expect(applied.stdout.split("\n")[0]).toBe(`SQLite (${join(dataDir, "keygate.db")}): applied 1 schema step`);
+    expect(applied.stdout).toBe(`SQLite (${join(dataDir, "keygate.db")}): applied ${SQLITE_MIGRATIONS.length} schema steps\n${steps}`);
     expect(userVersion(join(dataDir, "keygate.db"))).toBe(SQLITE_SCHEMA_VERSION);
 
     const again = await run(["migrate"], env);
@@ -75,7 +76,7 @@ describe("keygate migrate happy", () => {
     dirs.push(resolve(dataDir, ".."));
     const dry = await run(["migrate", "--dry-run"], { KEYGATE_DATA_DIR: dataDir });
     expect(dry.code).toBe(0);
-    expect(dry.stdout.split("\n")[0]).toBe(`SQLite (${join(dataDir, "keygate.db")}, not there yet): would apply 1 schema step`);
+    expect(dry.stdout.split("\n")[0]).toBe(`SQLite (${join(dataDir, "keygate.db")}, not there yet): would apply ${SQLITE_MIGRATIONS.length} schema steps`);
     expect(existsSync(dataDir)).toBe(false);
   });
 });
@@ -85,7 +86,7 @@ describe("keygate migrate sad", () => {
     const dataDir = releaseDataDir();
     const refused = await run(["serve", "--no-migrate"], { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: pepper, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_HOST: "127.0.0.1" });
     expect(refused.code).toBe(1);
-    expect(refused.stderr).toBe("keygate: could not start: the SQLite database needs schema step 1: run `keygate migrate`, or start without --no-migrate\n");
+    expect(refused.stderr).toBe(`keygate: could not start: the SQLite database needs schema steps ${SQLITE_MIGRATIONS.map((m) => m.version).join(", ")}: run \`keygate migrate\`, or start without --no-migrate\n`);
     expect(userVersion(join(dataDir, "keygate.db"))).toBe(0);
   });
 

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newKeyId } from "../../src/keys/ids.js";
 import { StoreUnavailableError } from "../../src/store/errors.js";
 import { MongoKeyStore } from "../../src/store/mongo.js";
+import { newKeyRecord } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord } from "../../src/store/store.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
@@ -27,11 +28,10 @@ const LIMITS: CreateLimits = {
 let seq = 0;
 function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord {
   seq += 1;
-  return {
+  return newKeyRecord({
     id: newKeyId(),
     hash: `round-trips-${seq}-${Math.random().toString(36).slice(2)}`,
     ownerId,
-    projectId: null,
     name: `key ${seq}`,
     mode: "live",
     start: "kg_live_abcd",
@@ -39,15 +39,8 @@ function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord 
     scopes: ["read"],
     metadata: { team: "core" },
     createdAtMs: NOW,
-    lastUsedAtMs: null,
-    expiresAtMs: null,
-    revokedAtMs: null,
-    revokeReason: null,
-    graceEndsAtMs: null,
-    rotatedToId: null,
-    rateLimit: null,
     ...overrides,
-  };
+  });
 }
 
 /** A key document as the releases before per-key rate limits wrote it: no rate_limit field. */

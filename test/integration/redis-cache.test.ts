@@ -66,6 +66,7 @@ function snapshot(ownerId: string, id: string): KeySnapshot {
       graceEndsAtMs: null,
       rotatedToId: null,
       rateLimit: { limit: 10, windowSeconds: 60 },
+      disabledAtMs: null,
     },
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };
@@ -537,13 +538,29 @@ function redisSuites(redisServer: RedisServer): void {
         expect((await entry(`${ns}f1:snap:h`)).json).toStrictEqual({ v: SNAPSHOT_FORMAT, ...snapshot("o", "k") });
       });
 
-      it("reads an entry the previous release wrote (no format field) as a hit", async () => {
-        const cache = new RedisSharedCache(await open(), { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f2:` });
-        await cache.set("h", snapshot("o", "k"));
+      it("reads an entry of an older format (the previous release wrote none) as not cached: it says nothing of whether the key is disabled", async () => {
+        const redis = await open();
+        const cache = new RedisSharedCache(redis, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}f2:` });
+        const current = snapshot("o", "k");
+        await cache.set("h", current);
         const { generation } = await entry(`${ns}f2:snap:h`);
+        const { disabledAtMs: _unknownThen, ...olderKey } = current.key;
         // Exactly what 1dffb08's RedisSharedCache.set stored: the snapshot's JSON, nothing else.
-        await admin.set(`${ns}f2:snap:h`, `${generation}|${JSON.stringify(snapshot("o", "k"))}`, "KEEPTTL");
-        expect(await cache.get("h")).toStrictEqual(snapshot("o", "k"));
+        for (const older of [JSON.stringify({ ...current, key: olderKey }), JSON.stringify({ v: 1, ...current, key: olderKey })]) {
+          await admin.set(`${ns}f2:snap:h`, `${generation}|${older}`, "KEEPTTL");
+          expect(await cache.get("h")).toBeUndefined();
+        }
+        // The store answers, and this replica's fill replaces the older entry.
+        const store = new CountingKeyStore();
+        store.snapshots.set("h", { ...current, key: { ...current.key, disabledAtMs: 7 } });
+        const [pub, sub] = await Promise.all([open(), open()]);
+        const replicaBus = bus(pub, sub, `${ns}f2:inv`);
+        await replicaBus.start();
+        const lookup = new SnapshotLookup({ local: new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 }), shared: cache, bus: replicaBus, store });
+        expect((await lookup.load("h"))?.key.disabledAtMs).toBe(7);
+        expect(store.findCalls).toBe(1);
+        await until(async () => (await entry(`${ns}f2:snap:h`)).json["v"] === SNAPSHOT_FORMAT, 2000, "the fill in the current format");
+        expect((await entry(`${ns}f2:snap:h`)).json).toStrictEqual({ v: SNAPSHOT_FORMAT, ...current, key: { ...current.key, disabledAtMs: 7 } });
       });
 
       it("reads a newer keygate's entry as not cached, leaves it for that keygate, and answers from the store", async () => {

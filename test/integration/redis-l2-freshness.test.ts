@@ -39,6 +39,7 @@ function snapshot(ownerId: string, id: string, revokedAtMs: number | null = null
       graceEndsAtMs: null,
       rotatedToId: null,
       rateLimit: null,
+      disabledAtMs: null,
     },
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };

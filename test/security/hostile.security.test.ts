@@ -49,6 +49,7 @@ const VALID_SNAPSHOT: KeySnapshot = {
     graceEndsAtMs: null,
     rotatedToId: null,
     rateLimit: null,
+    disabledAtMs: null,
   },
   account: { ownerId: "owner-hostile", plan: "business", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };

@@ -86,6 +86,7 @@ function snapshot(overrides: { id: string; ownerId: string; projectId: string | 
       graceEndsAtMs: null,
       rotatedToId: null,
       rateLimit: null,
+      disabledAtMs: null,
     },
     account: { ownerId: overrides.ownerId, plan: overrides.plan, subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
   };

@@ -35,6 +35,7 @@ const snapshotArb: fc.Arbitrary<KeySnapshot> = fc.record({
     graceEndsAtMs: fc.constant(null),
     rotatedToId: fc.constant(null),
     rateLimit: fc.constant(null),
+    disabledAtMs: fc.constant(null),
   }),
   account: fc.record({
     ownerId: ident,
@@ -153,6 +154,7 @@ const GOLDEN_SNAPSHOT: KeySnapshot = {
     graceEndsAtMs: null,
     rotatedToId: null,
     rateLimit: null,
+    disabledAtMs: null,
   },
   account: { ownerId: "owner-golden", plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };

@@ -118,6 +118,7 @@ const SNAPSHOT: KeySnapshot = {
     graceEndsAtMs: null,
     rotatedToId: null,
     rateLimit: null,
+    disabledAtMs: null,
   },
   account: { ownerId: "owner-wire", plan: "business", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };

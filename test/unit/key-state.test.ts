@@ -21,6 +21,7 @@ const base: KeyRecord = {
   graceEndsAtMs: null,
   rotatedToId: null,
   rateLimit: null,
+  disabledAtMs: null,
 };
 
 describe("key state", () => {

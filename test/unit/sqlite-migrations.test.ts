@@ -121,7 +121,7 @@ describe("SQLite schema migrations sad", () => {
     old.exec(readFileSync(join(schemas, "1dffb08.sql"), "utf8"));
     old.close();
     expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow(MigrationsPendingError);
-    expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow("needs schema step 1: run `keygate migrate`");
+    expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow(`needs schema steps ${SQLITE_MIGRATIONS.map((m) => m.version).join(", ")}: run \`keygate migrate\``);
     const after = new Database(path, { readonly: true });
     try {
       expect(after.pragma("user_version", { simple: true })).toBe(0);
