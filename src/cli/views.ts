@@ -43,6 +43,7 @@ export function keyDetails(key: ApiKey, extra: readonly Pair[] = []): string {
     ["last used", time(key.lastUsedAt)],
     ["expires", time(key.expiresAt)],
   ];
+  if (key.disabledAt !== undefined) pairs.push(["disabled", time(key.disabledAt)]);
   if (key.revokedAt !== undefined) pairs.push(["revoked", time(key.revokedAt)], ["reason", key.revokeReason === "" ? NONE : key.revokeReason]);
   if (key.graceEndsAt !== undefined) pairs.push(["grace ends", time(key.graceEndsAt)]);
   if (key.rotatedToId !== "") pairs.push(["rotated to", key.rotatedToId]);

@@ -366,6 +366,20 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect((await store.updateKey(key.id, { rateLimit: null }))?.rateLimit).toBeNull();
     });
 
+    it("disables a key (keeping the first time), enables it, and the snapshot carries it; a disabled key keeps its slot", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBeNull();
+      expect((await store.updateKey(key.id, { disabledAtMs: NOW + 1000 }))?.disabledAtMs).toBe(NOW + 1000);
+      expect((await store.updateKey(key.id, { disabledAtMs: NOW + 5000 }))?.disabledAtMs).toBe(NOW + 1000);
+      expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBe(NOW + 1000);
+      expect((await store.getKey(key.id))?.disabledAtMs).toBe(NOW + 1000);
+      expect(await store.countActiveKeys(ownerId, NOW)).toBe(1);
+      expect((await store.updateKey(key.id, { disabledAtMs: null }))?.disabledAtMs).toBeNull();
+      expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBeNull();
+    });
+
     it("appends audit records and lists them by owner, key, time and page", async () => {
       const ownerId = nextOwner();
       const keyId = newKeyId();

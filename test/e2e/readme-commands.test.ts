@@ -319,6 +319,9 @@ const CLI_ANSWERS: Record<string, (run: Run, command: string) => void> = {
     expect(run.stdout).toMatch(new RegExp(`^previous state:\\s+${Number(option(command, "--grace-days")) > 0 ? "grace" : "revoked"}$`, "m"));
   },
   "keys verify": (run) => expect(run.stdout).toMatch(/^valid:\s+yes$/m),
+  "keys disable": (run) => expect(run.stdout).toMatch(/^state:\s+disabled$/m),
+  // The README rotates this key first, so once enabled it is back in its grace period.
+  "keys enable": (run) => expect(run.stdout).toMatch(/^state:\s+grace$/m),
   "keys revoke": (run) => expect(run.stdout).toMatch(/^state:\s+revoked$/m),
   "accounts add-credits": (run, command) => {
     const amount = /add-credits \S+ (\d+)/.exec(command)?.[1] ?? "";

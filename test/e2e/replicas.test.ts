@@ -121,6 +121,19 @@ describe.runIf(ready)("two replicas sharing MongoDB and Redis", () => {
     expect(await check(a, key.secret)).toBe(401);
   });
 
+  it("a key disabled through replica A is refused by replica B within 1 s, and passes again once enabled", async () => {
+    const key = await createKey(a, "rep-disable");
+    expect(await check(b, key.secret)).toBe(200);
+    expect((await postJson(a.ports.admin, "DisableKey", { id: key.id, reason: "paused" })).status).toBe(200);
+    const disabledAt = performance.now();
+    await until(async () => (await check(b, key.secret)) === 401, 1000, "replica B refusing the disabled key");
+    console.log(`disable propagation A -> B: ${(performance.now() - disabledAt).toFixed(1)} ms`);
+    expect(await check(a, key.secret)).toBe(401);
+    expect((await postJson(b.ports.admin, "EnableKey", { id: key.id })).status).toBe(200);
+    await until(async () => (await check(a, key.secret)) === 200, 1000, "replica A allowing the enabled key");
+    expect(await check(b, key.secret)).toBe(200);
+  });
+
   it("a key rotated with grace 0 through replica A is refused by replica B within 1 s, and its successor passes", async () => {
     const key = await createKey(a, "rep-rotate");
     expect(await check(b, key.secret)).toBe(200);

@@ -3,6 +3,8 @@ import type { Command } from "commander";
 import { z } from "zod";
 import {
   CreateKeyResponseSchema,
+  DisableKeyResponseSchema,
+  EnableKeyResponseSchema,
   GetKeyResponseSchema,
   ListKeysResponseSchema,
   RevokeKeyResponseSchema,
@@ -141,6 +143,25 @@ function registerUpdates(keys: Command): void {
     const options = optionsOf(revoke, z.object({ reason: z.string().optional() }));
     const response = await context.admin.revokeKey({ id, reason: options.reason ?? "" });
     context.emit(RevokeKeyResponseSchema, response, () => shown(response.key));
+  });
+
+  const disable = keys
+    .command("disable")
+    .description("refuse a key until it is enabled again (KEY_DISABLED); unlike revoke, it can be undone")
+    .argument("<id>", "key id (key_…)")
+    .option("--reason <text>", "why, kept in the audit trail");
+  onRun(disable, async (context) => {
+    const [id] = argsOf(disable, oneId);
+    const options = optionsOf(disable, z.object({ reason: z.string().optional() }));
+    const response = await context.admin.disableKey({ id, reason: options.reason ?? "" });
+    context.emit(DisableKeyResponseSchema, response, () => shown(response.key));
+  });
+
+  const enable = keys.command("enable").description("let a disabled key through again").argument("<id>", "key id (key_…)");
+  onRun(enable, async (context) => {
+    const [id] = argsOf(enable, oneId);
+    const response = await context.admin.enableKey({ id });
+    context.emit(EnableKeyResponseSchema, response, () => shown(response.key));
   });
 }
 
