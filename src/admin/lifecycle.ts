@@ -20,7 +20,9 @@ import type {
   KeyMode,
   KeyRateLimit,
   KeyRecord,
-  KeyStore,
+  LifecycleStore,
+  MeteringStore,
+  AuditStore,
   Role,
   SubscriptionStatus,
   UsageRow,
@@ -29,7 +31,7 @@ import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./
 
 /** Dependencies of the lifecycle service. */
 export interface LifecycleDeps {
-  store: KeyStore;
+  store: LifecycleStore & MeteringStore & AuditStore;
   lookup: SnapshotLookup;
   pipeline: DecisionPipeline;
   format: KeyFormat;

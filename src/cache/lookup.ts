@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import type { KeySnapshot, KeyStore } from "../store/store.js";
+import type { KeySnapshot, SnapshotStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
 import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
 
@@ -16,7 +16,7 @@ export interface SnapshotLookupDeps {
   observer?: LookupObserver | undefined;
   local: LocalCache;
   shared?: SharedCache | undefined;
-  store: KeyStore;
+  store: SnapshotStore;
   bus: InvalidationBus;
   logger?: Logger | undefined;
 }

@@ -82,7 +82,7 @@ function describeConnectFailure(error: unknown): string {
 const nullableString = z.string().nullable();
 const nullableNumber = z.number().nullable();
 
-const snapshotSchema = z.object({
+export const snapshotSchema = z.object({
   key: z.object({
     id: z.string(),
     hash: z.string(),

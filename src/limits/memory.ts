@@ -1,4 +1,4 @@
-import type { KeyStore } from "../store/store.js";
+import type { MeteringStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
 import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
 import type { UsageRecorder } from "./usage.js";
@@ -72,7 +72,7 @@ export class MemoryMeter implements Meter {
   readonly #calendar = new UtcCalendar();
 
   constructor(
-    private readonly store: KeyStore,
+    private readonly store: Pick<MeteringStore, "getCredits" | "listUsage">,
     private readonly usage: UsageRecorder,
   ) {}
 

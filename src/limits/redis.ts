@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
-import type { KeyStore } from "../store/store.js";
+import type { MeteringStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
 import type { MemoryMeter } from "./memory.js";
@@ -139,7 +139,7 @@ export class RedisMeter implements Meter {
 
   constructor(
     private readonly redis: Redis,
-    private readonly store: KeyStore,
+    private readonly store: Pick<MeteringStore, "getCredits">,
     private readonly usage: UsageRecorder,
     private readonly fallback: MemoryMeter,
     private readonly onError: RedisFailureMode,

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import type { CreditDelta, KeyStore, UsageDelta } from "../store/store.js";
+import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
 import { WriteBehind } from "../store/write-behind.js";
 
 /**
@@ -18,7 +18,7 @@ export class UsageRecorder {
   #readersDone: Array<() => void> = [];
 
   constructor(
-    private readonly store: KeyStore,
+    private readonly store: Pick<MeteringStore, "applyUsage">,
     private readonly logger: Logger,
     readonly flushIntervalMs: number,
   ) {

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import type { KeyStore } from "./store.js";
+import type { LastUsedStore } from "./store.js";
 import { WriteBehind } from "./write-behind.js";
 
 /**
@@ -11,7 +11,7 @@ export class LastUsedRecorder {
   readonly #writer: WriteBehind;
 
   constructor(
-    private readonly store: KeyStore,
+    private readonly store: LastUsedStore,
     private readonly logger: Logger,
     flushIntervalMs: number,
   ) {

@@ -88,7 +88,7 @@ interface KeyDoc {
   counted: boolean;
 }
 
-const accountSchema = new mongoose.Schema<AccountDoc>(
+export const accountSchema = new mongoose.Schema<AccountDoc>(
   {
     _id: { type: String, required: true },
     plan: { type: String, required: true },
@@ -135,7 +135,7 @@ const usageSchema = new mongoose.Schema<UsageDoc>(
 );
 usageSchema.index({ owner_id: 1, day: 1 }, { name: "owner_day" });
 
-const keySchema = new mongoose.Schema<KeyDoc>(
+export const keySchema = new mongoose.Schema<KeyDoc>(
   {
     _id: { type: String, required: true },
     hash: { type: String, required: true },

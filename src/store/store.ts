@@ -176,13 +176,14 @@ export interface Rotation {
   previous: KeyRecord;
 }
 
-/**
- * Durable state for accounts and keys. SQLite and MongoDB implement it; the shared contract
- * tests run against both. Methods that can violate a plan cap take the cap and enforce it
- * atomically, so the cap holds across replicas.
- */
-export interface KeyStore {
-  readonly kind: string;
+/** The hot path's read on a cache miss (SnapshotLookup). */
+export interface SnapshotStore {
+  /** The key and its account by hash. */
+  findSnapshotByHash(hash: string): Promise<KeySnapshot | null>;
+}
+
+/** Accounts and the key lifecycle (KeyAdmin). */
+export interface LifecycleStore {
   upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord>;
   getAccount(ownerId: string): Promise<AccountRecord | null>;
   /** Keys that count against the plan cap: not revoked, not rotated away, not expired. */
@@ -193,8 +194,6 @@ export interface KeyStore {
    */
   createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord>;
   getKey(id: string): Promise<KeyRecord | null>;
-  /** The hot-path read on a cache miss: the key and its account by hash. */
-  findSnapshotByHash(hash: string): Promise<KeySnapshot | null>;
   listKeys(query: ListKeysQuery): Promise<KeyRecord[]>;
   updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
   /** Idempotent: a revoked key keeps its first revocation time and reason. */
@@ -205,6 +204,10 @@ export interface KeyStore {
    * is no longer active. The old key's slot passes to the new one, so the count is unchanged.
    */
   rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
+}
+
+/** Credits and counted usage (the meters, the usage recorder, KeyAdmin's credit calls). */
+export interface MeteringStore {
   /** The account's credit state; zeros for an account that never had any. */
   getCredits(ownerId: string): Promise<CreditState>;
   /** Adds to the top-up balance and to the top-up total, atomically (never replaces either). */
@@ -213,10 +216,27 @@ export interface KeyStore {
   applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;
   /** Usage rows of an owner for days in [fromDay, toDay] ("YYYY-MM-DD", inclusive). */
   listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]>;
+}
+
+/** The audit trail of KeyAdmin changes. */
+export interface AuditStore {
   appendAudit(record: AuditRecord): Promise<void>;
   listAudit(query: AuditQuery): Promise<AuditRecord[]>;
-  /** Write-behind of last-use times; later times win. */
+}
+
+/** Write-behind of last-use times; later times win. */
+export interface LastUsedStore {
   touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void>;
+}
+
+/**
+ * Durable state for accounts and keys: every part above. SQLite and MongoDB implement it; the
+ * shared contract tests run against both. Methods that can violate a plan cap take the cap and
+ * enforce it atomically, so the cap holds across replicas. Each consumer takes only the part it
+ * uses, so a test double implements only that.
+ */
+export interface KeyStore extends SnapshotStore, LifecycleStore, MeteringStore, AuditStore, LastUsedStore {
+  readonly kind: string;
   /** Throws when the store cannot serve requests. */
   ping(): Promise<void>;
   close(): Promise<void>;

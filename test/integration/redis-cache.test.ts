@@ -8,16 +8,7 @@ import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
 import { RedisInvalidationBus, RedisSharedCache, SNAPSHOT_FORMAT, connectRedis, redisOptions } from "../../src/cache/redis.js";
 import { createLogger } from "../../src/server/logger.js";
-import type {
-  AccountRecord,
-  CreditState,
-  KeyRecord,
-  KeySnapshot,
-  KeyStore,
-  Rotation,
-  UsageRow,
-  AuditRecord,
-} from "../../src/store/store.js";
+import type { KeySnapshot, SnapshotStore } from "../../src/store/store.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 
@@ -86,9 +77,8 @@ const monitorEvent = z.tuple([z.string(), z.array(z.string()), z.string()]).rest
 const numsubReply = z.tuple([z.string(), z.number()]);
 const logLine = z.object({ level: z.number(), msg: z.string() });
 
-/** A KeyStore that serves snapshots from a map and counts reads; nothing else is used here. */
-class CountingKeyStore implements KeyStore {
-  readonly kind = "counting-fake";
+/** The lookup's part of the store: snapshots from a map, reads counted. */
+class CountingKeyStore implements SnapshotStore {
   readonly snapshots = new Map<string, KeySnapshot>();
   findCalls = 0;
 
@@ -96,66 +86,8 @@ class CountingKeyStore implements KeyStore {
     this.findCalls += 1;
     return this.snapshots.get(hash) ?? null;
   }
-
-  upsertAccount(): Promise<AccountRecord> {
-    return notUsed();
-  }
-  getAccount(): Promise<AccountRecord | null> {
-    return notUsed();
-  }
-  countActiveKeys(): Promise<number> {
-    return notUsed();
-  }
-  createKey(): Promise<KeyRecord> {
-    return notUsed();
-  }
-  getKey(): Promise<KeyRecord | null> {
-    return notUsed();
-  }
-  listKeys(): Promise<KeyRecord[]> {
-    return notUsed();
-  }
-  updateKey(): Promise<KeyRecord | null> {
-    return notUsed();
-  }
-  revokeKey(): Promise<KeyRecord | null> {
-    return notUsed();
-  }
-  rotateKey(): Promise<Rotation> {
-    return notUsed();
-  }
-  getCredits(): Promise<CreditState> {
-    return notUsed();
-  }
-  addCredits(): Promise<CreditState> {
-    return notUsed();
-  }
-  applyUsage(): Promise<void> {
-    return notUsed();
-  }
-  listUsage(): Promise<UsageRow[]> {
-    return notUsed();
-  }
-  appendAudit(): Promise<void> {
-    return notUsed();
-  }
-  listAudit(): Promise<AuditRecord[]> {
-    return notUsed();
-  }
-  touchLastUsed(): Promise<void> {
-    return notUsed();
-  }
-  ping(): Promise<void> {
-    return notUsed();
-  }
-  close(): Promise<void> {
-    return notUsed();
-  }
 }
 
-async function notUsed(): Promise<never> {
-  throw new Error("not used");
-}
 
 function redisSuites(redisServer: RedisServer): void {
   describe(SUITE, () => {

@@ -1,0 +1,52 @@
+import { describe, expect, it } from "vitest";
+import { snapshotSchema } from "../../src/cache/redis.js";
+import { AccountSchema, ApiKeySchema } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY } from "../../src/store/fields.js";
+import { accountSchema, keySchema } from "../../src/store/mongo.js";
+import { Database } from "../../src/store/sqlite-driver.js";
+import { migrateSqlite } from "../../src/store/sqlite-migrations.js";
+import { newKeyRecord } from "../../src/store/store.js";
+
+// One definition of each record (src/store/fields.ts), held against every place the record is
+// spelled out: a field added to one and not the others fails here, naming where it is missing.
+
+function sqliteColumns(table: string): string[] {
+  const db = new Database(":memory:");
+  try {
+    migrateSqlite(db);
+    return db.prepare<[], { name: string }>(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => c.name);
+  } finally {
+    db.close();
+  }
+}
+
+/** Top-level paths of a mongoose schema (a sub-document's own paths are not counted). */
+function mongoPaths(schema: { paths: Record<string, unknown> }): string[] {
+  return [...new Set(Object.keys(schema.paths).map((path) => path.split(".")[0] ?? path))];
+}
+
+// Account fields the API derives (from the plan, the key count and the credit state) rather than stores.
+const ACCOUNT_PROTO_ONLY = ["activeKeyCount", "maxActiveKeys", "creditBalance", "monthlyCredits", "topupCredits", "dailyQuota", "rateLimit"];
+
+const sorted = (names: Iterable<string>): string[] => [...names].sort();
+
+describe("record fields happy", () => {
+  it("the key record: SQLite columns, MongoDB fields, the Redis snapshot, the proto and newKeyRecord all hold exactly its fields", () => {
+    const fields = Object.values(KEY_FIELDS);
+    expect(sorted(sqliteColumns("keys"))).toEqual(sorted([...fields.map((f) => f.sqlite), ...KEY_STORE_ONLY.sqlite]));
+    expect(sorted(mongoPaths(keySchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...KEY_STORE_ONLY.mongo]));
+    expect(sorted(Object.keys(snapshotSchema.shape.key.shape))).toEqual(sorted(Object.keys(KEY_FIELDS)));
+    const proto = fields.flatMap((f) => (f.proto === null ? [] : [f.proto]));
+    expect(sorted(ApiKeySchema.fields.map((f) => f.localName))).toEqual(sorted([...proto, ...KEY_PROTO_ONLY]));
+    const made = newKeyRecord({ id: "key_x", hash: "h", ownerId: "o", name: "n", mode: "live", start: "kg_live_abcd", last4: "wxyz", createdAtMs: 1 });
+    expect(sorted(Object.keys(made))).toEqual(sorted(Object.keys(KEY_FIELDS)));
+  });
+
+  it("the account record: SQLite columns, MongoDB fields, the Redis snapshot and the proto all hold its fields", () => {
+    const fields = Object.values(ACCOUNT_FIELDS);
+    expect(sorted(sqliteColumns("accounts"))).toEqual(sorted([...fields.map((f) => f.sqlite), ...ACCOUNT_STORE_ONLY.sqlite]));
+    expect(sorted(mongoPaths(accountSchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...ACCOUNT_STORE_ONLY.mongo]));
+    expect(sorted(Object.keys(snapshotSchema.shape.account.shape))).toEqual(sorted(Object.keys(ACCOUNT_FIELDS)));
+    expect(sorted(AccountSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.map((f) => f.proto), ...ACCOUNT_PROTO_ONLY]));
+  });
+});
