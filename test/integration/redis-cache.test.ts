@@ -11,6 +11,7 @@ import { createLogger } from "../../src/server/logger.js";
 import type { KeySnapshot, SnapshotStore } from "../../src/store/store.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
 const SUITE = "Redis L2 cache and invalidation bus";
 // Keys and channels of this run, so reruns against a shared KEYGATE_TEST_REDIS_URL do not collide.
@@ -38,11 +39,10 @@ if (server === null) {
 
 function snapshot(ownerId: string, id: string): KeySnapshot {
   return {
-    key: {
+    key: newKeyRecord({
       id,
       hash: `h-${id}`,
       ownerId,
-      projectId: null,
       name: `key ${id}`,
       mode: "live",
       start: "kg_live_abcd",
@@ -50,15 +50,9 @@ function snapshot(ownerId: string, id: string): KeySnapshot {
       scopes: ["decks", "tutor"],
       metadata: { team: "core" },
       createdAtMs: 1_700_000_000_000,
-      lastUsedAtMs: null,
       expiresAtMs: 1_800_000_000_000,
-      revokedAtMs: null,
-      revokeReason: null,
-      graceEndsAtMs: null,
-      rotatedToId: null,
       rateLimit: { limit: 10, windowSeconds: 60 },
-      disabledAtMs: null,
-    },
+    }),
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };
 }

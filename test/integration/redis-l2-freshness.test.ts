@@ -9,6 +9,7 @@ import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
 // What keeps L2 from serving a snapshot older than a change: entries carry the invalidation
 // generation they were read under, a store read is written back only if nothing invalidated the
@@ -20,27 +21,18 @@ const ns = `l2f-${randomUUID().slice(0, 8)}:`;
 
 function snapshot(ownerId: string, id: string, revokedAtMs: number | null = null): KeySnapshot {
   return {
-    key: {
+    key: newKeyRecord({
       id,
       hash: `h-${id}`,
       ownerId,
-      projectId: null,
       name: id,
       mode: "live",
       start: "kg_live_abcd",
       last4: "wxyz",
       scopes: ["read"],
-      metadata: {},
       createdAtMs: 1_700_000_000_000,
-      lastUsedAtMs: null,
-      expiresAtMs: null,
       revokedAtMs,
-      revokeReason: null,
-      graceEndsAtMs: null,
-      rotatedToId: null,
-      rateLimit: null,
-      disabledAtMs: null,
-    },
+    }),
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };
 }

@@ -20,6 +20,7 @@ import { Database } from "../../src/store/sqlite-driver.js";
 import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
 import { ADMIN_TOKEN, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
 const format = new KeyFormat("kg");
 const hasher = new KeyHasher("p".repeat(32));
@@ -30,27 +31,16 @@ const UNKNOWN = format.generate("test");
 const CREDENTIAL_HEADERS = ["authorization", "x-api-key"] as const;
 
 const VALID_SNAPSHOT: KeySnapshot = {
-  key: {
+  key: newKeyRecord({
     id: "key_01HOSTILEVALID",
     hash: hasher.hash(VALID),
     ownerId: "owner-hostile",
-    projectId: null,
     name: "valid",
     mode: "live",
     start: VALID.slice(0, 12),
     last4: VALID.slice(-4),
-    scopes: [],
-    metadata: {},
     createdAtMs: 0,
-    lastUsedAtMs: null,
-    expiresAtMs: null,
-    revokedAtMs: null,
-    revokeReason: null,
-    graceEndsAtMs: null,
-    rotatedToId: null,
-    rateLimit: null,
-    disabledAtMs: null,
-  },
+  }),
   account: { ownerId: "owner-hostile", plan: "business", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };
 

@@ -8,6 +8,7 @@ import { MemoryCache } from "../../src/cache/memory.js";
 import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { RecentMap } from "../../src/limits/memory.js";
 import type { KeySnapshot } from "../../src/store/store.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
 // What keygate keeps per cached key is cut to what Check reads: the limiter's tables grow with
 // use instead of being preallocated, and an allow's fixed parts are kept as encoded bytes only.
@@ -67,7 +68,7 @@ describe("RecentMap happy", () => {
 
 function snapshot(overrides: { id: string; ownerId: string; projectId: string | null; scopes: string[]; plan: string }): KeySnapshot {
   return {
-    key: {
+    key: newKeyRecord({
       id: overrides.id,
       hash: "0".repeat(64),
       ownerId: overrides.ownerId,
@@ -77,17 +78,8 @@ function snapshot(overrides: { id: string; ownerId: string; projectId: string | 
       start: "kg_live_abcd",
       last4: "wxyz",
       scopes: overrides.scopes,
-      metadata: {},
       createdAtMs: 0,
-      lastUsedAtMs: null,
-      expiresAtMs: null,
-      revokedAtMs: null,
-      revokeReason: null,
-      graceEndsAtMs: null,
-      rotatedToId: null,
-      rateLimit: null,
-      disabledAtMs: null,
-    },
+    }),
     account: { ownerId: overrides.ownerId, plan: overrides.plan, subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
   };
 }

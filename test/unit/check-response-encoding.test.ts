@@ -5,6 +5,7 @@ import type { Allow, Decision, Deny } from "../../src/authz/pipeline.js";
 import { DENIALS } from "../../src/authz/reasons.js";
 import type { DenyReason } from "../../src/authz/reasons.js";
 import { encodeCheckResponse, toCheckResponse } from "../../src/authz/to-envoy.js";
+import { newKeyRecord } from "../../src/store/store.js";
 import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { ChargeResult } from "../../src/limits/limits.js";
 import type { KeySnapshot } from "../../src/store/store.js";
@@ -135,7 +136,7 @@ describe("Check response encoding happy", () => {
 // A fixed allow whose answer was captured from the encoder before credential removal covered
 // every credential header: with one credential header present, the bytes must not change.
 const GOLDEN_SNAPSHOT: KeySnapshot = {
-  key: {
+  key: newKeyRecord({
     id: "key_golden",
     hash: "h",
     ownerId: "owner-golden",
@@ -145,17 +146,8 @@ const GOLDEN_SNAPSHOT: KeySnapshot = {
     start: "kg_live_abcd",
     last4: "wxyz",
     scopes: ["read", "decks"],
-    metadata: {},
     createdAtMs: 0,
-    lastUsedAtMs: null,
-    expiresAtMs: null,
-    revokedAtMs: null,
-    revokeReason: null,
-    graceEndsAtMs: null,
-    rotatedToId: null,
-    rateLimit: null,
-    disabledAtMs: null,
-  },
+  }),
   account: { ownerId: "owner-golden", plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };
 const GOLDEN_LIMITS: ChargeResult = {

@@ -7,6 +7,7 @@ import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external
 import type { ChargeResult } from "../../src/limits/limits.js";
 import { authorizationServerDefinition, headersOf } from "../../src/server/grpc-authz.js";
 import type { KeySnapshot } from "../../src/store/store.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
 // The client harness and the server both code messages with src/gen, so a wrong field number
 // there would round-trip fine in every other test. These bytes are written from Envoy's published
@@ -99,7 +100,7 @@ function headerOption(bytes: Uint8Array): { key: string; value: string; tags: nu
 }
 
 const SNAPSHOT: KeySnapshot = {
-  key: {
+  key: newKeyRecord({
     id: "key_01HWIRE",
     hash: "h",
     ownerId: "owner-wire",
@@ -109,17 +110,8 @@ const SNAPSHOT: KeySnapshot = {
     start: "kg_live_abcd",
     last4: "wxyz",
     scopes: ["tutor", "decks"],
-    metadata: {},
     createdAtMs: 0,
-    lastUsedAtMs: null,
-    expiresAtMs: null,
-    revokedAtMs: null,
-    revokeReason: null,
-    graceEndsAtMs: null,
-    rotatedToId: null,
-    rateLimit: null,
-    disabledAtMs: null,
-  },
+  }),
   account: { ownerId: "owner-wire", plan: "business", subscriptionStatus: "active", role: "standard", createdAtMs: 0, updatedAtMs: 0 },
 };
 

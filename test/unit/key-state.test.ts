@@ -1,28 +1,18 @@
 import { describe, expect, it } from "vitest";
 import { keyState } from "../../src/store/store.js";
 import type { KeyRecord } from "../../src/store/store.js";
+import { newKeyRecord } from "../../src/store/store.js";
 
-const base: KeyRecord = {
+const base: KeyRecord = newKeyRecord({
   id: "key_01ARZ3NDEKTSV4RRFFQ69G5FAV",
   hash: "h",
   ownerId: "o",
-  projectId: null,
   name: "n",
   mode: "live",
   start: "kg_live_abcd",
   last4: "wxyz",
-  scopes: [],
-  metadata: {},
   createdAtMs: 0,
-  lastUsedAtMs: null,
-  expiresAtMs: null,
-  revokedAtMs: null,
-  revokeReason: null,
-  graceEndsAtMs: null,
-  rotatedToId: null,
-  rateLimit: null,
-  disabledAtMs: null,
-};
+});
 
 describe("key state", () => {
   it("derives every state from the key's times", () => {
