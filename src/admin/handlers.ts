@@ -22,7 +22,8 @@ import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminGate } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
-import type { AccountView, Actor, LifecycleService, UsageCounts } from "./lifecycle.js";
+import type { AccountView, Actor, LifecycleService } from "./lifecycle.js";
+import type { UsageCounts } from "./usage-report.js";
 import type { AuditRecord } from "../store/store.js";
 
 /** The admin token id of the caller, set by the auth interceptor. */

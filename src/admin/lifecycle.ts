@@ -1,15 +1,14 @@
 import type { Logger } from "pino";
-import { z } from "zod";
 import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
 import type { Policy } from "../config.js";
 import { CacheUnavailableError } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
-import { isKeyId, newEventId, newKeyId } from "../keys/ids.js";
+import { newEventId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
-import { REDACTED } from "../keys/redact.js";
 import { ConflictError } from "../store/errors.js";
+import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
 import { newKeyRecord } from "../store/store.js";
@@ -25,9 +24,30 @@ import type {
   AuditStore,
   Role,
   SubscriptionStatus,
-  UsageRow,
 } from "../store/store.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
+import { summarizeUsage } from "./usage-report.js";
+import type { UsageReport } from "./usage-report.js";
+import {
+  AUDIT_ID,
+  DAY_MS,
+  GRACE_DAYS,
+  MAX_CREDITS_PER_TOPUP,
+  MAX_USAGE_DAYS,
+  check,
+  checkDay,
+  checkKeyId,
+  checkMetadata,
+  checkOneOf,
+  checkPageSize,
+  checkRateLimit,
+  decodePageToken,
+  decodeToken,
+  echo,
+  encodePageToken,
+  externalId,
+  keyName,
+} from "./vocabulary.js";
 
 /** Dependencies of the lifecycle service. */
 export interface LifecycleDeps {
@@ -62,157 +82,10 @@ export interface AccountView {
   rateLimit: KeyRateLimit;
 }
 
-/** Usage counts of one key and day, or of a whole range. */
-export interface UsageCounts {
-  allowed: number;
-  denied: Record<string, number>;
-  creditsUsed: number;
-}
-
-/** GetUsage: totals and the per-key, per-day breakdown. */
-export interface UsageReport {
-  totals: UsageCounts;
-  byKey: Array<{ keyId: string; day: string; usage: UsageCounts }>;
-}
-
-const DAY_PATTERN = /^\d{4}-\d{2}-\d{2}$/;
-const MAX_USAGE_DAYS = 366;
-const MAX_CREDITS_PER_TOPUP = 1_000_000_000;
-
 /** A new key and its secret, which is shown once. */
 export interface IssuedKey {
   key: KeyRecord;
   secret: string;
-}
-
-const DAY_MS = 86_400_000;
-/** Default and bounds of a rotation's grace period. */
-export const GRACE_DAYS = { default: 7, min: 0, max: 30 } as const;
-const DEFAULT_PAGE_SIZE = 50;
-const MAX_PAGE_SIZE = 100;
-const MAX_NAME_LENGTH = 100;
-
-// Identifiers from callers' systems (user ids, emails, UUIDs): printable ASCII, no spaces.
-const externalId = z.string().regex(/^[\x21-\x7e]{1,128}$/, "must be 1-128 printable ASCII characters without spaces");
-const keyName = z
-  .string()
-  .transform((s) => s.trim())
-  .pipe(
-    z
-      .string()
-      .min(1, "must not be empty")
-      .max(MAX_NAME_LENGTH, `must be at most ${MAX_NAME_LENGTH} characters`)
-      .regex(/^[^\p{Cc}]*$/u, "must not contain control characters"),
-  );
-const METADATA_KEY = /^[A-Za-z0-9_.-]{1,64}$/;
-const MAX_METADATA_ENTRIES = 16;
-const MAX_METADATA_VALUE_LENGTH = 512;
-
-function checkMetadata(metadata: Record<string, string>): Record<string, string> {
-  const entries = Object.entries(metadata);
-  if (entries.length > MAX_METADATA_ENTRIES) throw new InvalidArgumentError("metadata", `at most ${MAX_METADATA_ENTRIES} entries`);
-  for (const [key, value] of entries) {
-    if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${echo(key)}`, "keys are 1-64 letters, digits, _ . -");
-    if (value.length > MAX_METADATA_VALUE_LENGTH) throw new InvalidArgumentError(`metadata.${key}`, `values are at most ${MAX_METADATA_VALUE_LENGTH} characters`);
-  }
-  return Object.fromEntries(entries);
-}
-
-function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T {
-  const result = schema.safeParse(value);
-  if (result.success) return result.data;
-  const issue = result.error.issues[0];
-  const sub = issue !== undefined && issue.path.length > 0 ? `.${issue.path.map(String).join(".")}` : "";
-  throw new InvalidArgumentError(field + sub, issue?.message ?? "is invalid");
-}
-
-// Anything that looks like a key or a token is not repeated back, even in an error.
-const SECRET_LIKE = /[A-Za-z0-9]{2,10}_(live|test)_[0-9A-Za-z]{8,}|kgadm_|[A-Za-z0-9_-]{32,}/;
-
-/** A bad value, quoted back to the caller: short, and never something that looks like a secret. */
-function echo(value: string): string {
-  return SECRET_LIKE.test(value) ? REDACTED : value.slice(0, 64);
-}
-
-function checkKeyId(field: string, id: string): string {
-  if (!isKeyId(id)) throw new InvalidArgumentError(field, 'must be a key id ("key_" followed by 26 ULID characters)');
-  return id;
-}
-
-function checkOneOf<T extends string>(field: string, value: string, allowed: readonly T[]): T {
-  const found = allowed.find((a) => a === value);
-  if (found === undefined) throw new InvalidArgumentError(field, `must be one of ${allowed.join(", ")}; got "${echo(value)}"`);
-  return found;
-}
-
-function checkRateLimit(rule: { limit: number; windowSeconds: number }): KeyRateLimit {
-  if (!Number.isInteger(rule.limit) || rule.limit < 1 || rule.limit > 1_000_000) {
-    throw new InvalidArgumentError("rate_limit.limit", "must be a whole number from 1 to 1000000");
-  }
-  if (!Number.isInteger(rule.windowSeconds) || rule.windowSeconds < 1 || rule.windowSeconds > 86_400) {
-    throw new InvalidArgumentError("rate_limit.window_seconds", "must be a whole number of seconds from 1 to 86400");
-  }
-  return { limit: rule.limit, windowSeconds: rule.windowSeconds };
-}
-
-function checkDay(field: string, day: string): string {
-  if (!DAY_PATTERN.test(day) || Number.isNaN(Date.parse(`${day}T00:00:00Z`)) || new Date(`${day}T00:00:00Z`).toISOString().slice(0, 10) !== day) {
-    throw new InvalidArgumentError(field, 'must be a UTC day "YYYY-MM-DD"');
-  }
-  return day;
-}
-
-function emptyCounts(): UsageCounts {
-  return { allowed: 0, denied: {}, creditsUsed: 0 };
-}
-
-function addRow(counts: UsageCounts, row: UsageRow): void {
-  if (row.outcome === "ALLOWED") counts.allowed += row.count;
-  else counts.denied[row.outcome] = (counts.denied[row.outcome] ?? 0) + row.count;
-  counts.creditsUsed += row.credits;
-}
-
-/** Folds stored rows into totals and one entry per key and day. */
-export function summarizeUsage(rows: readonly UsageRow[]): UsageReport {
-  const totals = emptyCounts();
-  const byKey = new Map<string, { keyId: string; day: string; usage: UsageCounts }>();
-  for (const row of rows) {
-    addRow(totals, row);
-    const id = `${row.day}|${row.keyId}`;
-    let entry = byKey.get(id);
-    if (entry === undefined) {
-      entry = { keyId: row.keyId, day: row.day, usage: emptyCounts() };
-      byKey.set(id, entry);
-    }
-    addRow(entry.usage, row);
-  }
-  return { totals, byKey: [...byKey.values()] };
-}
-
-/** Encodes the position after `lastId` as an opaque page token. */
-function encodePageToken(lastId: string): string {
-  return Buffer.from(`after:${lastId}`, "utf8").toString("base64url");
-}
-
-const AUDIT_ID = /^evt_[0-9A-HJKMNP-TV-Z]{26}$/;
-
-function decodeToken(token: string, shape: RegExp | ((id: string) => boolean)): string {
-  const text = Buffer.from(token, "base64url").toString("utf8");
-  const id = text.startsWith("after:") ? text.slice(6) : "";
-  const ok = typeof shape === "function" ? shape(id) : shape.test(id);
-  if (!ok) throw new InvalidArgumentError("page_token", "is not a token from a previous response");
-  return id;
-}
-
-function decodePageToken(token: string): string {
-  return decodeToken(token, isKeyId);
-}
-
-function checkPageSize(pageSize: number): number {
-  if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > MAX_PAGE_SIZE) {
-    throw new InvalidArgumentError("page_size", `must be between 0 and ${MAX_PAGE_SIZE}`);
-  }
-  return pageSize === 0 ? DEFAULT_PAGE_SIZE : pageSize;
 }
 
 /**
@@ -279,8 +152,10 @@ export class LifecycleService {
     const stored = await this.deps.store.getCredits(ownerId);
     const period = new Date(nowMs).toISOString().slice(0, 7);
     const unflushed = this.deps.usage.pendingSpend(ownerId, period);
-    const monthlyUsed = stored.period === period ? stored.monthlyUsed + unflushed.monthly : stored.period < period ? unflushed.monthly : 0;
-    return { monthlyUsed, topupBalance: stored.topupBalance - unflushed.topup };
+    // The meters' own arithmetic: a stored period newer than this replica's month (another
+    // replica's clock ahead) keeps its spend rather than reading as none.
+    const { monthlyUsed, topupBalance } = applyCreditDelta(stored, period, unflushed.monthly, unflushed.topup);
+    return { monthlyUsed, topupBalance };
   }
 
   /**

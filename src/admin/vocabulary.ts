@@ -1,0 +1,116 @@
+import { z } from "zod";
+import { REDACTED } from "../keys/redact.js";
+import { isKeyId } from "../keys/ids.js";
+import type { KeyRateLimit } from "../store/store.js";
+import { InvalidArgumentError } from "./errors.js";
+
+// KeyAdmin's input vocabulary: what each field may hold, the message that names a bad one, and
+// page tokens. Every check throws InvalidArgumentError naming the field; nothing is written before.
+
+export const DAY_PATTERN = /^\d{4}-\d{2}-\d{2}$/;
+export const MAX_USAGE_DAYS = 366;
+export const MAX_CREDITS_PER_TOPUP = 1_000_000_000;
+
+
+export const DAY_MS = 86_400_000;
+/** Default and bounds of a rotation's grace period. */
+export const GRACE_DAYS = { default: 7, min: 0, max: 30 } as const;
+export const DEFAULT_PAGE_SIZE = 50;
+export const MAX_PAGE_SIZE = 100;
+export const MAX_NAME_LENGTH = 100;
+
+// Identifiers from callers' systems (user ids, emails, UUIDs): printable ASCII, no spaces.
+export const externalId = z.string().regex(/^[\x21-\x7e]{1,128}$/, "must be 1-128 printable ASCII characters without spaces");
+export const keyName = z
+  .string()
+  .transform((s) => s.trim())
+  .pipe(
+    z
+      .string()
+      .min(1, "must not be empty")
+      .max(MAX_NAME_LENGTH, `must be at most ${MAX_NAME_LENGTH} characters`)
+      .regex(/^[^\p{Cc}]*$/u, "must not contain control characters"),
+  );
+export const METADATA_KEY = /^[A-Za-z0-9_.-]{1,64}$/;
+export const MAX_METADATA_ENTRIES = 16;
+export const MAX_METADATA_VALUE_LENGTH = 512;
+
+export function checkMetadata(metadata: Record<string, string>): Record<string, string> {
+  const entries = Object.entries(metadata);
+  if (entries.length > MAX_METADATA_ENTRIES) throw new InvalidArgumentError("metadata", `at most ${MAX_METADATA_ENTRIES} entries`);
+  for (const [key, value] of entries) {
+    if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${echo(key)}`, "keys are 1-64 letters, digits, _ . -");
+    if (value.length > MAX_METADATA_VALUE_LENGTH) throw new InvalidArgumentError(`metadata.${key}`, `values are at most ${MAX_METADATA_VALUE_LENGTH} characters`);
+  }
+  return Object.fromEntries(entries);
+}
+
+export function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  const sub = issue !== undefined && issue.path.length > 0 ? `.${issue.path.map(String).join(".")}` : "";
+  throw new InvalidArgumentError(field + sub, issue?.message ?? "is invalid");
+}
+
+// Anything that looks like a key or a token is not repeated back, even in an error.
+export const SECRET_LIKE = /[A-Za-z0-9]{2,10}_(live|test)_[0-9A-Za-z]{8,}|kgadm_|[A-Za-z0-9_-]{32,}/;
+
+/** A bad value, quoted back to the caller: short, and never something that looks like a secret. */
+export function echo(value: string): string {
+  return SECRET_LIKE.test(value) ? REDACTED : value.slice(0, 64);
+}
+
+export function checkKeyId(field: string, id: string): string {
+  if (!isKeyId(id)) throw new InvalidArgumentError(field, 'must be a key id ("key_" followed by 26 ULID characters)');
+  return id;
+}
+
+export function checkOneOf<T extends string>(field: string, value: string, allowed: readonly T[]): T {
+  const found = allowed.find((a) => a === value);
+  if (found === undefined) throw new InvalidArgumentError(field, `must be one of ${allowed.join(", ")}; got "${echo(value)}"`);
+  return found;
+}
+
+export function checkRateLimit(rule: { limit: number; windowSeconds: number }): KeyRateLimit {
+  if (!Number.isInteger(rule.limit) || rule.limit < 1 || rule.limit > 1_000_000) {
+    throw new InvalidArgumentError("rate_limit.limit", "must be a whole number from 1 to 1000000");
+  }
+  if (!Number.isInteger(rule.windowSeconds) || rule.windowSeconds < 1 || rule.windowSeconds > 86_400) {
+    throw new InvalidArgumentError("rate_limit.window_seconds", "must be a whole number of seconds from 1 to 86400");
+  }
+  return { limit: rule.limit, windowSeconds: rule.windowSeconds };
+}
+
+export function checkDay(field: string, day: string): string {
+  if (!DAY_PATTERN.test(day) || Number.isNaN(Date.parse(`${day}T00:00:00Z`)) || new Date(`${day}T00:00:00Z`).toISOString().slice(0, 10) !== day) {
+    throw new InvalidArgumentError(field, 'must be a UTC day "YYYY-MM-DD"');
+  }
+  return day;
+}
+
+/** Encodes the position after `lastId` as an opaque page token. */
+export function encodePageToken(lastId: string): string {
+  return Buffer.from(`after:${lastId}`, "utf8").toString("base64url");
+}
+
+export const AUDIT_ID = /^evt_[0-9A-HJKMNP-TV-Z]{26}$/;
+
+export function decodeToken(token: string, shape: RegExp | ((id: string) => boolean)): string {
+  const text = Buffer.from(token, "base64url").toString("utf8");
+  const id = text.startsWith("after:") ? text.slice(6) : "";
+  const ok = typeof shape === "function" ? shape(id) : shape.test(id);
+  if (!ok) throw new InvalidArgumentError("page_token", "is not a token from a previous response");
+  return id;
+}
+
+export function decodePageToken(token: string): string {
+  return decodeToken(token, isKeyId);
+}
+
+export function checkPageSize(pageSize: number): number {
+  if (!Number.isInteger(pageSize) || pageSize < 0 || pageSize > MAX_PAGE_SIZE) {
+    throw new InvalidArgumentError("page_size", `must be between 0 and ${MAX_PAGE_SIZE}`);
+  }
+  return pageSize === 0 ? DEFAULT_PAGE_SIZE : pageSize;
+}
