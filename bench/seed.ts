@@ -2,6 +2,7 @@ import mongoose from "mongoose";
 import { KeyFormat } from "../src/keys/key-format.js";
 import { KeyHasher } from "../src/keys/hasher.js";
 import { newKeyId } from "../src/keys/ids.js";
+import { keyDocument } from "../src/store/mongo.js";
 import type { SqliteKeyStore } from "../src/store/sqlite.js";
 import { newKeyRecord } from "../src/store/store.js";
 import type { AccountDefaults, CreateLimits, KeyRecord, KeyStore } from "../src/store/store.js";
@@ -247,7 +248,7 @@ export async function mongoBulkWriter(uri: string): Promise<SeedWriter> {
       for (let i = 0; i < docs.length; i += KEY_CHUNK) await db.collection<{ _id: string }>("accounts").insertMany(docs.slice(i, i + KEY_CHUNK), { ordered: false });
     },
     async writeKeys(records) {
-      await db.collection<{ _id: string }>("keys").insertMany(records.map(toKeyDocument), { ordered: false });
+      await db.collection<{ _id: string }>("keys").insertMany(records.map((record) => keyDocument(record, true)), { ordered: false });
       // Every seeded key holds a slot of its account, as createKey would have counted it.
       const perOwner = new Map<string, number>();
       for (const r of records) perOwner.set(r.ownerId, (perOwner.get(r.ownerId) ?? 0) + 1);
@@ -269,29 +270,6 @@ export async function mongoBulkWriter(uri: string): Promise<SeedWriter> {
   };
 }
 
-function toKeyDocument(key: KeyRecord): { _id: string } & Record<string, unknown> {
-  return {
-    _id: key.id,
-    hash: key.hash,
-    owner_id: key.ownerId,
-    project_id: key.projectId,
-    name: key.name,
-    mode: key.mode,
-    start: key.start,
-    last4: key.last4,
-    scopes: key.scopes,
-    metadata: key.metadata,
-    created_at: new Date(key.createdAtMs),
-    last_used_at: null,
-    expires_at: null,
-    revoked_at: null,
-    revoke_reason: null,
-    grace_ends_at: null,
-    rotated_to_id: null,
-    rate_limit: null,
-    counted: true,
-  };
-}
 
 /**
  * Reads one key of each kind back through the store, as a Check would, so that a seeded shape

@@ -25,7 +25,7 @@ import type {
 } from "./store.js";
 
 /** An account document. `active_key_count` is the counter the cap is enforced on. */
-interface AccountDoc {
+export interface AccountDoc {
   _id: string;
   plan: string;
   subscription_status: SubscriptionStatus;
@@ -64,7 +64,7 @@ interface UsageDoc {
 }
 
 /** A key document. `counted` is true while the key holds one of the account's slots. */
-interface KeyDoc {
+export interface KeyDoc {
   _id: string;
   hash: string;
   owner_id: string;
@@ -289,7 +289,8 @@ function toKey(doc: KeySnapshotDoc): KeyRecord {
   };
 }
 
-function toDoc(key: KeyRecord, counted: boolean): KeyDoc {
+/** A key record as MongoKeyStore stores it; `counted` says whether it holds a slot under the plan cap. */
+export function keyDocument(key: KeyRecord, counted: boolean): KeyDoc {
   return {
     _id: key.id,
     hash: key.hash,
@@ -559,7 +560,7 @@ export class MongoKeyStore implements KeyStore {
           throw new CapExceededError(account.plan, cap);
         }
         try {
-          await this.#keys.create(toDoc(record, true));
+          await this.#keys.create(keyDocument(record, true));
         } catch (error) {
           await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { active_key_count: -1 } });
           throw error;
@@ -667,7 +668,7 @@ export class MongoKeyStore implements KeyStore {
         .lean<KeyDoc>();
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
       try {
-        await this.#keys.create(toDoc(next, true));
+        await this.#keys.create(keyDocument(next, true));
       } catch (error) {
         await this.#keys.updateOne(
           { _id: previousId },

@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
 import { CapExceededError, ConflictError, DuplicateError } from "../../src/store/errors.js";
-import { newKeyRecord } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
+import { testKeyRecord } from "../harness/records.js";
 
 const CAPS: Record<string, number> = { basic: 1, pro: 3, business: 5 };
 const NOW = 1_800_000_000_000;
@@ -16,22 +16,8 @@ function limits(nowMs = NOW): CreateLimits {
   };
 }
 
-let seq = 0;
-function record(ownerId: string, overrides: Partial<Omit<KeyRecord, "rateLimit">> & { rateLimit?: KeyRecord["rateLimit"] } = {}): KeyRecord {
-  seq += 1;
-  return newKeyRecord({
-    id: newKeyId(),
-    hash: `hash-${ownerId}-${seq}-${Math.random().toString(36).slice(2)}`,
-    ownerId,
-    name: `key ${seq}`,
-    mode: "live",
-    start: "kg_live_abcd",
-    last4: "wxyz",
-    scopes: ["read"],
-    metadata: { team: "core" },
-    createdAtMs: NOW,
-    ...overrides,
-  });
+function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord {
+  return testKeyRecord(ownerId, NOW, overrides);
 }
 
 /** The error `attempt` rejects with, or "fulfilled" when it does not reject. */

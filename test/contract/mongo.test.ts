@@ -5,6 +5,7 @@ import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
+import type { AccountDoc } from "../../src/store/mongo.js";
 
 /** An index as listed by the server: its name, its key spec in field order, and uniqueness. */
 interface ListedIndex {
@@ -19,19 +20,8 @@ async function listIndexes(client: mongoose.mongo.MongoClient, collection: strin
   return indexes.map((index) => ({ name: index.name, fields: Object.entries(index.key), unique: index.unique === true }));
 }
 
-/** An account document as the first release wrote it. */
-interface LegacyAccount {
-  _id: string;
-  plan: string;
-  subscription_status: string;
-  role: string;
-  active_key_count: number;
-  created_at: Date;
-  updated_at: Date;
-  credit_period: string;
-  monthly_used: number;
-  topup_balance: number;
-}
+/** An account document as the first release wrote it: no top-up total. */
+type LegacyAccount = Omit<AccountDoc, "topup_total">;
 
 if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI")) {
   let server: MongoWire | undefined;

@@ -6,11 +6,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newKeyId } from "../../src/keys/ids.js";
 import { StoreUnavailableError } from "../../src/store/errors.js";
 import { MongoKeyStore } from "../../src/store/mongo.js";
-import { newKeyRecord } from "../../src/store/store.js";
+import type { AccountDoc, KeyDoc } from "../../src/store/mongo.js";
 import type { CreateLimits, KeyRecord } from "../../src/store/store.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
+import { testKeyRecord } from "../harness/records.js";
 
 // A Check on a key that no cache holds reads it from MongoDB with findSnapshotByHash. These cases
 // count the commands that read sends, with the driver's command monitoring, against the
@@ -25,59 +26,15 @@ const LIMITS: CreateLimits = {
   nowMs: NOW,
 };
 
-let seq = 0;
 function record(ownerId: string, overrides: Partial<KeyRecord> = {}): KeyRecord {
-  seq += 1;
-  return newKeyRecord({
-    id: newKeyId(),
-    hash: `round-trips-${seq}-${Math.random().toString(36).slice(2)}`,
-    ownerId,
-    name: `key ${seq}`,
-    mode: "live",
-    start: "kg_live_abcd",
-    last4: "wxyz",
-    scopes: ["read"],
-    metadata: { team: "core" },
-    createdAtMs: NOW,
-    ...overrides,
-  });
+  return testKeyRecord(ownerId, NOW, overrides);
 }
 
-/** A key document as the releases before per-key rate limits wrote it: no rate_limit field. */
-interface LegacyKey {
-  _id: string;
-  hash: string;
-  owner_id: string;
-  project_id: string | null;
-  name: string;
-  mode: string;
-  start: string;
-  last4: string;
-  scopes: string[];
-  metadata: Record<string, string>;
-  created_at: Date;
-  last_used_at: Date | null;
-  expires_at: Date | null;
-  revoked_at: Date | null;
-  revoke_reason: string | null;
-  grace_ends_at: Date | null;
-  rotated_to_id: string | null;
-  counted: boolean;
-}
+/** A key document as the releases before per-key rate limits wrote it: no rate_limit field (nor disabled_at). */
+type LegacyKey = Omit<KeyDoc, "rate_limit" | "disabled_at">;
 
 /** An account document as the first release wrote it: no top-up total. */
-interface LegacyAccount {
-  _id: string;
-  plan: string;
-  subscription_status: string;
-  role: string;
-  active_key_count: number;
-  created_at: Date;
-  updated_at: Date;
-  credit_period: string;
-  monthly_used: number;
-  topup_balance: number;
-}
+type LegacyAccount = Omit<AccountDoc, "topup_total">;
 
 /**
  * A TCP relay in front of the MongoDB-wire server that can stop forwarding, as a paused or
