@@ -1,11 +1,11 @@
 import { execFileSync, spawnSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync, symlinkSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
 const root = resolve(import.meta.dirname, "../..");
 
-/** An earlier keygate release built from this repository's history, ready to run. */
+/** An earlier keygate release built from its committed sources, ready to run. */
 export interface BuiltRelease {
   commit: string;
   /** Node's arguments that run its `keygate serve`. */
@@ -13,26 +13,35 @@ export interface BuiltRelease {
   remove(): void;
 }
 
-/** Whether git history holds `commit` (a shallow clone may not). */
-export function releaseAvailable(commit: string): boolean {
-  return spawnSync("git", ["-C", root, "cat-file", "-e", `${commit}^{commit}`], { stdio: "ignore" }).status === 0;
+/**
+ * The release's sources as `git archive` gave them (src, proto, package files, tsconfigs),
+ * committed beside its upgrade fixture so that a clone without history can still build it:
+ *
+ *   git archive --format=tar.gz 1dffb08 src proto package.json package-lock.json tsconfig.json \
+ *     tsconfig.build.json > test/fixtures/upgrade/1dffb08/release-src.tar.gz
+ */
+export function releaseSources(commit: string): string {
+  return join(root, "test/fixtures/upgrade", commit, "release-src.tar.gz");
 }
 
 /**
- * Builds `commit`'s sources with this checkout's TypeScript and node_modules (the release's
- * package.json must pin the same dependencies: the caller checks that it does).
+ * Builds `commit`'s sources with this checkout's TypeScript and node_modules. The release must
+ * pin the same packages as this checkout (it is refused otherwise: it could not run on them).
  */
 export function buildRelease(commit: string): BuiltRelease {
+  const archive = releaseSources(commit);
+  if (!existsSync(archive)) throw new Error(`no sources of release ${commit} at ${archive}`);
   const dir = mkdtempSync(join(tmpdir(), `keygate-release-${commit}-`));
   try {
-    const archive = execFileSync("git", ["-C", root, "archive", "--format=tar", commit, "src", "proto", "package.json", "tsconfig.json", "tsconfig.build.json"]);
-    mkdirSync(dir, { recursive: true });
-    execFileSync("tar", ["-x", "-C", dir], { input: archive });
+    execFileSync("tar", ["-xzf", archive, "-C", dir]);
+    for (const file of ["package.json", "package-lock.json"]) {
+      if (!readFileSync(join(dir, file)).equals(readFileSync(join(root, file)))) {
+        throw new Error(`release ${commit} pins other packages than this checkout (${file} differs): it cannot run on this node_modules`);
+      }
+    }
     symlinkSync(join(root, "node_modules"), join(dir, "node_modules"), "dir");
     const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: dir, encoding: "utf8" });
     if (built.status !== 0) throw new Error(`building ${commit} failed:\n${built.stdout}${built.stderr}`);
-    const samePackages = spawnSync("git", ["-C", root, "diff", "--quiet", commit, "HEAD", "--", "package.json", "package-lock.json"]).status === 0;
-    if (!samePackages) throw new Error(`${commit} pins other packages than this checkout: it cannot run on this node_modules`);
   } catch (error) {
     rmSync(dir, { recursive: true, force: true });
     throw error;
