@@ -1,4 +1,4 @@
-import type { AccountRecord, KeyRecord } from "./store.js";
+import type { AccountRecord, AuditRecord, KeyRecord, UsageDelta } from "./store.js";
 
 /**
  * Where one record field lives in each representation: its SQLite column, its MongoDB document
@@ -58,3 +58,31 @@ export const ACCOUNT_STORE_ONLY = {
   sqlite: ["credit_period", "monthly_used", "topup_balance", "topup_total"] as readonly string[],
   mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count"] as readonly string[],
 };
+
+/**
+ * A usage counter (UsageDelta, UsageRow without the owner), field by field. In the API a row is
+ * KeyDayUsage { key_id, day, usage: UsageCounts }, its outcome and count folded into the counts.
+ */
+export const USAGE_FIELDS = {
+  ownerId: { sqlite: "owner_id", mongo: "owner_id", proto: null },
+  keyId: { sqlite: "key_id", mongo: "key_id", proto: "keyId" },
+  day: { sqlite: "day", mongo: "day", proto: "day" },
+  outcome: { sqlite: "outcome", mongo: "outcome", proto: null },
+  count: { sqlite: "count", mongo: "count", proto: null },
+  credits: { sqlite: "credits", mongo: "credits", proto: null },
+} as const satisfies Record<keyof UsageDelta, FieldPlaces>;
+
+/** Stored with a usage counter, in no field: MongoDB's document id (owner, day, key and outcome). */
+export const USAGE_STORE_ONLY = { sqlite: [] as readonly string[], mongo: ["_id"] as readonly string[] };
+
+/** An audit event, field by field. */
+export const AUDIT_FIELDS = {
+  id: { sqlite: "id", mongo: "_id", proto: "id" },
+  atMs: { sqlite: "at", mongo: "at", proto: "time" },
+  actor: { sqlite: "actor", mongo: "actor", proto: "actor" },
+  action: { sqlite: "action", mongo: "action", proto: "action" },
+  keyId: { sqlite: "key_id", mongo: "key_id", proto: "keyId" },
+  ownerId: { sqlite: "owner_id", mongo: "owner_id", proto: "ownerId" },
+  changes: { sqlite: "changes", mongo: "changes", proto: "changes" },
+  source: { sqlite: "source", mongo: "source", proto: "source" },
+} as const satisfies Record<keyof AuditRecord, FieldPlaces>;

@@ -105,7 +105,7 @@ export const accountSchema = new mongoose.Schema<AccountDoc>(
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
 
-const auditSchema = new mongoose.Schema<AuditDoc>(
+export const auditSchema = new mongoose.Schema<AuditDoc>(
   {
     _id: { type: String, required: true },
     at: { type: Date, required: true },
@@ -121,7 +121,7 @@ const auditSchema = new mongoose.Schema<AuditDoc>(
 auditSchema.index({ owner_id: 1, _id: 1 }, { name: "owner" });
 auditSchema.index({ key_id: 1, _id: 1 }, { name: "key" });
 
-const usageSchema = new mongoose.Schema<UsageDoc>(
+export const usageSchema = new mongoose.Schema<UsageDoc>(
   {
     _id: { type: String, required: true },
     owner_id: { type: String, required: true },

@@ -1,8 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { snapshotSchema } from "../../src/cache/redis.js";
-import { AccountSchema, ApiKeySchema } from "../../src/gen/keygate/v1/key_admin_pb.js";
-import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY } from "../../src/store/fields.js";
-import { accountSchema, keySchema } from "../../src/store/mongo.js";
+import { AccountSchema, ApiKeySchema, AuditEventSchema, KeyDayUsageSchema } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, AUDIT_FIELDS, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY, USAGE_FIELDS, USAGE_STORE_ONLY } from "../../src/store/fields.js";
+import { accountSchema, auditSchema, keySchema, usageSchema } from "../../src/store/mongo.js";
 import { Database } from "../../src/store/sqlite-driver.js";
 import { migrateSqlite } from "../../src/store/sqlite-migrations.js";
 import { newKeyRecord } from "../../src/store/store.js";
@@ -48,5 +48,20 @@ describe("record fields happy", () => {
     expect(sorted(mongoPaths(accountSchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...ACCOUNT_STORE_ONLY.mongo]));
     expect(sorted(Object.keys(snapshotSchema.shape.account.shape))).toEqual(sorted(Object.keys(ACCOUNT_FIELDS)));
     expect(sorted(AccountSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.map((f) => f.proto), ...ACCOUNT_PROTO_ONLY]));
+  });
+
+  it("the usage counter: SQLite columns, MongoDB fields and the proto's per-key row hold its fields", () => {
+    const fields = Object.values(USAGE_FIELDS);
+    expect(sorted(sqliteColumns("usage"))).toEqual(sorted([...fields.map((f) => f.sqlite), ...USAGE_STORE_ONLY.sqlite]));
+    expect(sorted(mongoPaths(usageSchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...USAGE_STORE_ONLY.mongo]));
+    // KeyDayUsage's `usage` holds the outcome, count and credits, folded into counts.
+    expect(sorted(KeyDayUsageSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.flatMap((f) => (f.proto === null ? [] : [f.proto])), "usage"]));
+  });
+
+  it("the audit event: SQLite columns, MongoDB fields and the proto hold exactly its fields", () => {
+    const fields = Object.values(AUDIT_FIELDS);
+    expect(sorted(sqliteColumns("audit"))).toEqual(sorted(fields.map((f) => f.sqlite)));
+    expect(sorted(mongoPaths(auditSchema))).toEqual(sorted(fields.map((f) => f.mongo)));
+    expect(sorted(AuditEventSchema.fields.map((f) => f.localName))).toEqual(sorted(fields.map((f) => f.proto)));
   });
 });
