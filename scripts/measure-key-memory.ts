@@ -118,7 +118,7 @@ async function main(): Promise<void> {
   // built tables, compiled code) is not counted per key.
   const secrets: string[] = [];
   for (let i = 0; i <= count; i++) {
-    const issued = await lifecycle.createKey({ ownerId: `owner-${i}`, projectId: "", name: "k", scopes: [], mode: "live", expiresAtMs: null, metadata: {} });
+    const issued = await lifecycle.createKey({ ownerId: `owner-${i}`, name: "k", scopes: [], mode: "live", expiresAtMs: null, metadata: {} });
     secrets.push(issued.secret);
   }
   const [first = ""] = secrets;

@@ -39,6 +39,19 @@ function ts(ms: number | null): Timestamp | undefined {
   return ms === null ? undefined : timestampFromMs(ms);
 }
 
+// Proto3 conventions stop here: the domain (lifecycle.ts) takes undefined for "not set" where the
+// wire has "", and numbers where the wire has int64.
+
+/** A proto3 string field: "" is "not set". */
+function unset(value: string): string | undefined {
+  return value === "" ? undefined : value;
+}
+
+/** An int64 as a number; one beyond the safe range reads as NaN, which every range check refuses. */
+function wholeNumber(value: bigint): number {
+  return value > BigInt(Number.MAX_SAFE_INTEGER) || value < BigInt(Number.MIN_SAFE_INTEGER) ? Number.NaN : Number(value);
+}
+
 function toApiKey(key: KeyRecord, nowMs: number): ApiKey {
   return create(ApiKeySchema, {
     id: key.id,
@@ -166,10 +179,10 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
     createKey: guard(async (req, actor) => {
       const issued = await service.createKey({
         ownerId: req.ownerId,
-        projectId: req.projectId,
+        projectId: unset(req.projectId),
         name: req.name,
         scopes: req.scopes,
-        mode: req.mode,
+        mode: unset(req.mode),
         expiresAtMs: req.expiresAt === undefined ? null : timestampMs(req.expiresAt),
         metadata: req.metadata,
         rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
@@ -180,10 +193,10 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
     listKeys: guard(async (req) => {
       const page = await service.listKeys({
         ownerId: req.ownerId,
-        projectId: req.projectId,
+        projectId: unset(req.projectId),
         includeRevoked: req.includeRevoked,
         pageSize: req.pageSize,
-        pageToken: req.pageToken,
+        pageToken: unset(req.pageToken),
       });
       const now = nowMs();
       return { keys: page.keys.map((k) => toApiKey(k, now)), nextPageToken: page.nextPageToken };
@@ -207,7 +220,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
     }),
     verifyKey: guard(async (req) => {
-      const decision = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: req.projectId });
+      const decision = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId) });
       const now = nowMs();
       const snapshot = decision.snapshot;
       const account = snapshot === undefined ? undefined : toAccount(await service.getAccount(snapshot.account.ownerId));
@@ -220,15 +233,15 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       });
     }),
     addCredits: guard(async (req, actor) => ({
-      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: req.amount, reason: req.reason }, actor)),
+      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: wholeNumber(req.amount), reason: req.reason }, actor)),
     })),
     listAuditEvents: guard(async (req) => {
       const page = await service.listAudit({
-        ownerId: req.ownerId,
-        keyId: req.keyId,
+        ownerId: unset(req.ownerId),
+        keyId: unset(req.keyId),
         sinceMs: req.since === undefined ? null : timestampMs(req.since),
         pageSize: req.pageSize,
-        pageToken: req.pageToken,
+        pageToken: unset(req.pageToken),
       });
       return { events: page.events.map(toAuditEvent), nextPageToken: page.nextPageToken };
     }),

@@ -164,13 +164,13 @@ export class LifecycleService {
    * The live counters never fail the call (one they cannot reach is retried in the background):
    * after the store write, an error would make the caller retry and add the credits twice.
    */
-  async addCredits(input: { ownerId: string; amount: bigint; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<AccountView> {
+  async addCredits(input: { ownerId: string; amount: number; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<AccountView> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
-    if (input.amount < 1n || input.amount > BigInt(MAX_CREDITS_PER_TOPUP)) {
+    const amount = input.amount;
+    if (!Number.isInteger(amount) || amount < 1 || amount > MAX_CREDITS_PER_TOPUP) {
       throw new InvalidArgumentError("amount", `must be a whole number from 1 to ${MAX_CREDITS_PER_TOPUP}`);
     }
     if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
-    const amount = Number(input.amount);
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
     const credited = await this.deps.store.addCredits(ownerId, amount);
@@ -207,20 +207,20 @@ export class LifecycleService {
   /** Issues a key; an unknown owner gets an account on the default plan. */
   async createKey(input: {
     ownerId: string;
-    projectId: string;
+    projectId?: string | undefined;
     name: string;
     scopes: readonly string[];
-    mode: string;
+    mode?: string | undefined;
     expiresAtMs: number | null;
     metadata: Record<string, string>;
     rateLimit?: { limit: number; windowSeconds: number } | undefined;
   }, actor: Actor = SYSTEM_ACTOR): Promise<IssuedKey> {
     const nowMs = this.deps.nowMs();
     const ownerId = check(externalId, "owner_id", input.ownerId);
-    const projectId = input.projectId === "" ? null : check(externalId, "project_id", input.projectId);
+    const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
     const name = check(keyName, "name", input.name);
     const scopes = input.scopes.length === 0 ? [...this.deps.policy.scopes.default] : this.#checkScopes("scopes", input.scopes);
-    const mode: KeyMode = input.mode === "" ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
+    const mode: KeyMode = input.mode === undefined ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
     if (input.expiresAtMs !== null && input.expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
     const metadata = checkMetadata(input.metadata);
     const rateLimit = input.rateLimit === undefined ? null : checkRateLimit(input.rateLimit);
@@ -272,11 +272,11 @@ export class LifecycleService {
     return key;
   }
 
-  async listKeys(input: { ownerId: string; projectId: string; includeRevoked: boolean; pageSize: number; pageToken: string }): Promise<{ keys: KeyRecord[]; nextPageToken: string }> {
+  async listKeys(input: { ownerId: string; projectId?: string | undefined; includeRevoked: boolean; pageSize: number; pageToken?: string | undefined }): Promise<{ keys: KeyRecord[]; nextPageToken: string }> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
-    const projectId = input.projectId === "" ? undefined : check(externalId, "project_id", input.projectId);
+    const projectId = input.projectId === undefined ? undefined : check(externalId, "project_id", input.projectId);
     const limit = checkPageSize(input.pageSize);
-    const afterId = input.pageToken === "" ? undefined : decodePageToken(input.pageToken);
+    const afterId = input.pageToken === undefined ? undefined : decodePageToken(input.pageToken);
     // One extra row tells whether another page exists.
     const rows = await this.deps.store.listKeys({
       ownerId,
@@ -423,11 +423,11 @@ export class LifecycleService {
   }
 
   /** Pages through the audit trail, oldest first. */
-  async listAudit(input: { ownerId: string; keyId: string; sinceMs: number | null; pageSize: number; pageToken: string }): Promise<{ events: AuditRecord[]; nextPageToken: string }> {
-    const ownerId = input.ownerId === "" ? undefined : check(externalId, "owner_id", input.ownerId);
-    const keyId = input.keyId === "" ? undefined : checkKeyId("key_id", input.keyId);
+  async listAudit(input: { ownerId?: string | undefined; keyId?: string | undefined; sinceMs: number | null; pageSize: number; pageToken?: string | undefined }): Promise<{ events: AuditRecord[]; nextPageToken: string }> {
+    const ownerId = input.ownerId === undefined ? undefined : check(externalId, "owner_id", input.ownerId);
+    const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
     const limit = checkPageSize(input.pageSize);
-    const afterId = input.pageToken === "" ? undefined : decodeToken(input.pageToken, AUDIT_ID);
+    const afterId = input.pageToken === undefined ? undefined : decodeToken(input.pageToken, AUDIT_ID);
     const rows = await this.deps.store.listAudit({ ownerId, keyId, sinceMs: input.sinceMs ?? undefined, afterId, limit: limit + 1 });
     const events = rows.slice(0, limit);
     const last = events.at(-1);
@@ -435,11 +435,11 @@ export class LifecycleService {
   }
 
   /** "Who is this key": the decision without charging, plus the key and account when known. */
-  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId: string }): Promise<Decision> {
+  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId?: string | undefined }): Promise<Decision> {
     if (input.secret === "") throw new InvalidArgumentError("secret", "is required");
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
-    const projectId = input.projectId === "" ? null : check(externalId, "project_id", input.projectId);
+    const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
     return this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0 });
   }
 }
