@@ -249,7 +249,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
       return create(GetUsageResponseSchema, {
         totals: toCounts(report.totals),
-        byKey: report.byKey.map((entry) => ({ keyId: entry.keyId, day: entry.day, usage: toCounts(entry.usage) })),
+        byKey: report.byKey.map((entry) => ({ keyId: entry.keyId, keyName: report.names.get(entry.keyId) ?? "", day: entry.day, usage: toCounts(entry.usage) })),
       });
     }),
   };

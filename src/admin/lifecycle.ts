@@ -188,7 +188,14 @@ export class LifecycleService {
     if (spanDays < 0) throw new InvalidArgumentError("to", "must not be before from");
     if (spanDays >= MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `the range is at most ${MAX_USAGE_DAYS} days`);
     await this.deps.usage.flush();
-    return summarizeUsage(await this.deps.store.listUsage(ownerId, from, to));
+    const rows = await this.deps.store.listUsage(ownerId, from, to);
+    // Names as they are now, one read per key in the range (a report, not the hot path).
+    const names = new Map<string, string>();
+    for (const keyId of new Set(rows.map((row) => row.keyId))) {
+      const key = await this.deps.store.getKey(keyId);
+      if (key !== null) names.set(keyId, key.name);
+    }
+    return summarizeUsage(rows, names);
   }
 
   #checkScopes(field: string, scopes: readonly string[]): string[] {

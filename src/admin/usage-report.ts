@@ -11,6 +11,8 @@ export interface UsageCounts {
 export interface UsageReport {
   totals: UsageCounts;
   byKey: Array<{ keyId: string; day: string; usage: UsageCounts }>;
+  /** Each key's name now, by id; a key that no longer exists has none. */
+  names: ReadonlyMap<string, string>;
 }
 
 function emptyCounts(): UsageCounts {
@@ -24,7 +26,7 @@ function addRow(counts: UsageCounts, row: UsageRow): void {
 }
 
 /** Folds stored rows into totals and one entry per key and day. */
-export function summarizeUsage(rows: readonly UsageRow[]): UsageReport {
+export function summarizeUsage(rows: readonly UsageRow[], names: ReadonlyMap<string, string> = new Map()): UsageReport {
   const totals = emptyCounts();
   const byKey = new Map<string, { keyId: string; day: string; usage: UsageCounts }>();
   for (const row of rows) {
@@ -37,5 +39,5 @@ export function summarizeUsage(rows: readonly UsageRow[]): UsageReport {
     }
     addRow(entry.usage, row);
   }
-  return { totals, byKey: [...byKey.values()] };
+  return { totals, byKey: [...byKey.values()], names };
 }

@@ -99,8 +99,8 @@ export function usageReport(usage: GetUsageResponse): string {
     ["credits used", String(usage.totals?.creditsUsed ?? 0n)],
   ]);
   if (usage.byKey.length === 0) return `${totals}\nno usage in this range\n`;
-  const rows = usage.byKey.map((u) => [u.day, u.keyId, String(u.usage?.allowed ?? 0n), denied(u.usage), String(u.usage?.creditsUsed ?? 0n)]);
-  return `${totals}\n${table(["DAY", "KEY", "ALLOWED", "DENIED", "CREDITS"], rows)}`;
+  const rows = usage.byKey.map((u) => [u.day, u.keyId, u.keyName || NONE, String(u.usage?.allowed ?? 0n), denied(u.usage), String(u.usage?.creditsUsed ?? 0n)]);
+  return `${totals}\n${table(["DAY", "KEY", "NAME", "ALLOWED", "DENIED", "CREDITS"], rows)}`;
 }
 
 /** Audit events as a table; CHANGES names the changed fields (their values are in --json). */

@@ -332,10 +332,11 @@ describe("keygate keys: happy", { timeout: 60_000 }, () => {
     expect(human.stdout).toMatch(/^owner:\s+cli-verify$/m);
     expect(human.stdout + human.stderr).not.toContain(fixtures.verify.secret);
 
-    // A denial is an answer, not an error: exit 0, and `valid` (false) is omitted as proto JSON does.
+    // A denial is an answer, not an error: exit 0, and `valid` is there as false (field presence).
     const verdict = json(denied);
-    expect(fieldsOf(verdict)).toEqual(["account", "code", "key", "message"]);
+    expect(fieldsOf(verdict)).toEqual(["account", "code", "key", "message", "valid"]);
     expect(verdict).toMatchObject({
+      valid: false,
       code: "FORBIDDEN",
       message: expect.stringContaining("webhooks"),
       key: { id: fixtures.verify.id, ownerId: "cli-verify" },
@@ -394,11 +395,11 @@ describe("keygate accounts, usage and audit: happy", { timeout: 60_000 }, () => 
     expect(human.code).toBe(0);
     expect(human.stdout).toMatch(/^allowed:\s+2$/m);
     expect(human.stdout).toMatch(/^denied:\s+FORBIDDEN=1$/m);
-    expect(human.stdout).toMatch(/^DAY\s+KEY\s+ALLOWED\s+DENIED\s+CREDITS$/m);
-    expect(human.stdout).toMatch(new RegExp(`^2026-11-22\\s+${fixtures.usage.id}\\s+2\\s+FORBIDDEN=1\\s+0$`, "m"));
+    expect(human.stdout).toMatch(/^DAY\s+KEY\s+NAME\s+ALLOWED\s+DENIED\s+CREDITS$/m);
+    expect(human.stdout).toMatch(new RegExp(`^2026-11-22\\s+${fixtures.usage.id}\\s+usage\\s+2\\s+FORBIDDEN=1\\s+0$`, "m"));
     expect(json(asJson)).toEqual({
       totals: { allowed: "2", denied: { FORBIDDEN: "1" } },
-      byKey: [{ keyId: fixtures.usage.id, day: "2026-11-22", usage: { allowed: "2", denied: { FORBIDDEN: "1" } } }],
+      byKey: [{ keyId: fixtures.usage.id, keyName: "usage", day: "2026-11-22", usage: { allowed: "2", denied: { FORBIDDEN: "1" } } }],
     });
   });
 

@@ -275,14 +275,14 @@ describe.runIf(ready)("limits shared through Redis", () => {
       expect(rateUsage.json["totals"]).toEqual({ allowed: "4", denied: { RATE_LIMITED: "3", FORBIDDEN: "1" } });
       expect(byKeySorted(rateUsage.json["byKey"])).toEqual(
         byKeySorted([
-          { keyId: first.keyId, day: today, usage: { allowed: "3", denied: { RATE_LIMITED: "1", FORBIDDEN: "1" } } },
-          { keyId: second.keyId, day: today, usage: { allowed: "1", denied: { RATE_LIMITED: "2" } } },
+          { keyId: first.keyId, keyName: "limits", day: today, usage: { allowed: "3", denied: { RATE_LIMITED: "1", FORBIDDEN: "1" } } },
+          { keyId: second.keyId, keyName: "limits", day: today, usage: { allowed: "1", denied: { RATE_LIMITED: "2" } } },
         ]),
       );
       const creditUsage = await postJson(fresh.ports.admin, "GetUsage", { ownerId: creditOwner, from: today, to: today });
       const meteredCounts = { allowed: "6", denied: { INSUFFICIENT_CREDITS: "1" }, creditsUsed: "8" };
       expect(creditUsage.json["totals"]).toEqual(meteredCounts);
-      expect(creditUsage.json["byKey"]).toEqual([{ keyId: metered.keyId, day: today, usage: meteredCounts }]);
+      expect(creditUsage.json["byKey"]).toEqual([{ keyId: metered.keyId, keyName: "limits", day: today, usage: meteredCounts }]);
 
       expect(await credits(fresh.ports.admin, creditOwner)).toEqual(before);
       // The rate bucket is Redis's, so the restart did not refill it.

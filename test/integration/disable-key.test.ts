@@ -76,8 +76,8 @@ describe("DisableKey and EnableKey happy", () => {
     expect((disabled.json["key"] as { state: string }).state).toBe("disabled");
     const verified = await postJson(kg.ports.admin, "VerifyKey", { secret: key.secret });
     expect(verified.json["code"]).toBe("KEY_DISABLED");
-    // proto JSON leaves out a false bool.
-    expect(verified.json["valid"] ?? false).toBe(false);
+    // `valid` has field presence: JSON carries it when false too.
+    expect(verified.json["valid"]).toBe(false);
   });
 
   it("records key.disable with its reason and key.enable in the audit trail", async () => {

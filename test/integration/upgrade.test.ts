@@ -65,8 +65,8 @@ function upgradeSuite(store: "sqlite" | "mongo", start: (clock: TestClock) => Pr
 
   it("usage, credits and the audit trail the release wrote are all there", async () => {
     const usage = await running().admin.getUsage({ ownerId: data.usage.ownerId, from: data.day, to: data.day });
-    expect(usage.byKey.map((row) => ({ keyId: row.keyId, day: row.day, allowed: Number(row.usage?.allowed ?? -1) }))).toEqual([
-      { keyId: data.usage.keyId, day: data.day, allowed: data.usage.allowed },
+    expect(usage.byKey.map((row) => ({ keyId: row.keyId, keyName: row.keyName, day: row.day, allowed: Number(row.usage?.allowed ?? -1) }))).toEqual([
+      { keyId: data.usage.keyId, keyName: "active", day: data.day, allowed: data.usage.allowed },
     ]);
     const account = await running().admin.getAccount({ ownerId: data.credits.ownerId });
     expect(account.account?.topupCredits).toBe(BigInt(data.credits.added));
