@@ -42,6 +42,11 @@ const routeSchema = z.object({
   requiredScopes: z.array(scopeName).default([]),
   projectId: z.string().min(1).optional(),
   cost: z.number().int().min(0).default(1),
+  /**
+   * Whether the route counts toward the daily quota and spends credits (its cost). An unmetered
+   * route is never refused for either; the rate limit still applies. Default: metered.
+   */
+  metered: z.boolean().default(true),
 });
 
 /** The longest write-behind flush interval: one day. */

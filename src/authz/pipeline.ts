@@ -6,7 +6,7 @@ import type { UsageRecorder } from "../limits/usage.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
-import { keyState } from "../store/store.js";
+import { ALLOWED, ALLOWED_UNMETERED, keyState } from "../store/store.js";
 import type { KeySnapshot } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./credential.js";
@@ -127,7 +127,7 @@ export class DecisionPipeline {
     const refusal = this.#refusal(snapshot, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
-      this.#count(snapshot, nowMs, refusal.reason, 0);
+      this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
       return this.#withLimitHeaders(refusal, this.#chargeInput(snapshot, route, nowMs));
     }
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null };
@@ -172,9 +172,10 @@ export class DecisionPipeline {
       ownerId: account.ownerId,
       bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
       rate: this.#rateRule(snapshot, plan),
-      dailyQuota: plan.dailyQuota,
+      // An unmetered route counts toward no quota and spends nothing.
+      dailyQuota: route.metered ? plan.dailyQuota : null,
       monthlyCredits: plan.monthlyCredits,
-      cost: route.cost,
+      cost: route.metered ? route.cost : 0,
       nowMs,
     };
   }
@@ -208,19 +209,19 @@ export class DecisionPipeline {
       this.deps.usage.spend(snapshot.account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     }
     if (limits.allowed || limits.reason === null) {
-      this.#count(snapshot, nowMs, null, spent);
+      this.#count(snapshot, nowMs, route.metered ? ALLOWED : ALLOWED_UNMETERED, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
       return { allow: true, snapshot, credentialHeaders, route, limits };
     }
-    this.#count(snapshot, nowMs, limits.reason, 0);
+    this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);
     const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));
     refused.limits = limits;
     if (limits.retryAfterSeconds !== null) refused.retryAfterSeconds = limits.retryAfterSeconds;
     return refused;
   }
 
-  #count(snapshot: KeySnapshot, nowMs: number, reason: DenyReason | null, credits: number): void {
-    const outcome = reason === null ? "ALLOWED" : DENIALS[reason].code;
+  /** Counts one request: `outcome` is ALLOWED, ALLOWED_UNMETERED or the denial's public code. */
+  #count(snapshot: KeySnapshot, nowMs: number, outcome: string, credits: number): void {
     this.deps.usage.record(snapshot.account.ownerId, snapshot.key.id, this.#calendar.day(nowMs), outcome, credits);
   }
 }

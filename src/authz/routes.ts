@@ -7,6 +7,8 @@ export interface RouteRequirements {
   requiredScopes: readonly string[];
   projectId: string | null;
   cost: number;
+  /** Counts toward the daily quota and spends `cost` credits; false: neither (rate limits still apply). */
+  metered: boolean;
 }
 
 /**
@@ -52,6 +54,7 @@ export const PATH_REFUSALS = {
 /** Proxy per-route settings keygate cannot use: a denial with status 500, never a guess. */
 export const ROUTE_CONFIG_REFUSALS = {
   cost: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "cost" (context_extensions) is not a whole number. This is a gateway configuration error.'),
+  metered: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "metered" (context_extensions) is neither "true" nor "false". This is a gateway configuration error.'),
   requiredScopes: new RouteRefusal(
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
@@ -250,7 +253,7 @@ interface Entry {
   requirements: RouteRequirements;
 }
 
-const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1 };
+const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true };
 
 // Distinct context_extensions values are few (one per proxy route), so parsed ones are kept.
 const MAX_PARSED_SCOPES = 1024;
@@ -277,7 +280,7 @@ export class RouteTable {
           route,
           prefix: matching.caseInsensitive ? folded : bare,
           foldedPrefix: folded,
-          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost },
+          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost, metered: route.metered },
         };
       });
     this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.prefix));
@@ -308,10 +311,12 @@ export class RouteTable {
     const scopesText = extensions["required_scopes"];
     const projectText = extensions["project_id"];
     const costText = extensions["cost"];
+    const meteredText = extensions["metered"];
     const scopesSet = scopesText !== undefined && !BLANK.test(scopesText);
     const projectSet = projectText !== undefined && !BLANK.test(projectText);
     const costSet = costText !== undefined && !BLANK.test(costText);
-    if (!scopesSet && !projectSet && !costSet) return base;
+    const meteredSet = meteredText !== undefined && !BLANK.test(meteredText);
+    if (!scopesSet && !projectSet && !costSet && !meteredSet) return base;
     let requiredScopes = base.requiredScopes;
     if (scopesSet) {
       const parsed = this.#scopes(scopesText);
@@ -323,7 +328,13 @@ export class RouteTable {
       if (!WHOLE_NUMBER.test(costText)) return ROUTE_CONFIG_REFUSALS.cost;
       cost = Number(costText);
     }
-    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost };
+    let metered = base.metered;
+    if (meteredSet) {
+      const flag = meteredText.trim();
+      if (flag !== "true" && flag !== "false") return ROUTE_CONFIG_REFUSALS.metered;
+      metered = flag === "true";
+    }
+    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost, metered };
   }
 
   /** A non-blank required_scopes value as scope names, or null when one is not a scope name. */

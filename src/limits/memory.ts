@@ -1,3 +1,4 @@
+import { ALLOWED } from "../store/store.js";
 import type { MeteringStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
 import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
@@ -132,7 +133,7 @@ export class MemoryMeter implements Meter {
       pending = (async () => {
         if (quota && !this.#quota.has(quotaKey)) {
           const rows = await this.store.listUsage(ownerId, day, day);
-          const stored = rows.reduce((sum, row) => sum + (row.outcome === "ALLOWED" ? row.count : 0), 0);
+          const stored = rows.reduce((sum, row) => sum + (row.outcome === ALLOWED ? row.count : 0), 0);
           if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day) });
         }
         if (credits && !this.#credits.has(ownerId)) await this.#seedCredits(ownerId, this.#calendar.month(nowMs));

@@ -1,4 +1,5 @@
 import type { Logger } from "pino";
+import { ALLOWED } from "../store/store.js";
 import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
 import { WriteBehind } from "../store/write-behind.js";
 
@@ -41,7 +42,7 @@ export class UsageRecorder {
     }
   }
 
-  /** Counts one request of `keyId` on `day` with `outcome` ("ALLOWED" or a denial code). */
+  /** Counts one request of `keyId` on `day` with `outcome` (ALLOWED, ALLOWED_UNMETERED or a denial code). */
   record(ownerId: string, keyId: string, day: string, outcome: string, credits: number): void {
     this.#addUsage(ownerId, keyId, day, outcome, 1, credits);
   }
@@ -76,7 +77,7 @@ export class UsageRecorder {
   pendingAllowed(ownerId: string, day: string): number {
     let total = 0;
     for (const entry of this.#usage.values()) {
-      if (entry.ownerId === ownerId && entry.day === day && entry.outcome === "ALLOWED") total += entry.count;
+      if (entry.ownerId === ownerId && entry.day === day && entry.outcome === ALLOWED) total += entry.count;
     }
     return total;
   }

@@ -86,7 +86,15 @@ export interface CreditState {
   topupTotal: number;
 }
 
-/** Counted requests of one key on one UTC day with one outcome ("ALLOWED" or a denial code). */
+/**
+ * A usage outcome of an allowed request on a metered route: these, and only these, count toward
+ * the daily quota (a restart reseeds the day's count from them).
+ */
+export const ALLOWED = "ALLOWED";
+/** A usage outcome of an allowed request on an unmetered route: reported as allowed, never a quota use. */
+export const ALLOWED_UNMETERED = "ALLOWED_UNMETERED";
+
+/** Counted requests of one key on one UTC day with one outcome (ALLOWED, ALLOWED_UNMETERED or a denial code). */
 export interface UsageDelta {
   ownerId: string;
   keyId: string;

@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { afterEach, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { loadPolicyFile } from "../../src/config.js";
-import { httpCheck, startKeygate } from "../harness/keygate.js";
+import { checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
 const errorBodySchema = z.object({ error: z.object({ code: z.string(), message: z.string() }) });
@@ -61,6 +61,37 @@ describe("shipped example configs", () => {
     for (let i = 0; i < 20; i++) expect((await httpCheck(kg.ports.http, "/check/api/v1/chat", { authorization: `Bearer ${lifetime}` })).status).toBe(200);
     const decks = await httpCheck(kg.ports.http, "/check/api/v1/decks", { authorization: `Bearer ${lifetime}` });
     expect(JSON.parse(decks.body).error.message).toBe('This API key does not have the "decks" scope.');
+  });
+
+  it("daily message tiers: only chat counts; a free account fetches decks all day and is refused its sixth chat message only, in both entry points", async () => {
+    kg = await startKeygate({ policy: load("daily-message-tiers.yaml") });
+    kg.clock.freeze("2026-11-22T08:00:00.000Z");
+    const free = await keyFor(kg, "tier-free-decks", { plan: "free" }, ["tutor", "decks"]);
+    const auth = { authorization: `Bearer ${free}` };
+    const grpc = async (path: string): Promise<number> => {
+      const answer = await kg?.check(checkInit(auth, path));
+      return answer?.httpResponse.case === "okResponse" ? 200 : (answer?.httpResponse.case === "deniedResponse" ? (answer.httpResponse.value.status?.code ?? 0) : 0);
+    };
+    // Decks and other routes, through both entry points, before and between chat messages: free.
+    for (let i = 0; i < 10; i++) {
+      expect((await httpCheck(kg.ports.http, "/check/api/v1/decks/1", auth)).status).toBe(200);
+      expect(await grpc("/api/v1/decks/2")).toBe(200);
+    }
+    const deck = await httpCheck(kg.ports.http, "/check/api/v1/decks/1", auth);
+    expect(deck.headers.get("ratelimit-policy")).toBe('"minute";q=60;w=60');
+    for (let i = 0; i < 3; i++) expect((await httpCheck(kg.ports.http, "/check/api/v1/chat", auth)).status).toBe(200);
+    for (let i = 0; i < 2; i++) expect(await grpc("/api/v1/chat")).toBe(200);
+    const chat = await httpCheck(kg.ports.http, "/check/api/v1/chat", auth);
+    expect(chat.status).toBe(402);
+    expect(JSON.parse(chat.body).error.code).toBe("QUOTA_EXCEEDED");
+    expect(await grpc("/api/v1/chat")).toBe(402);
+    // The day's chat is spent; the rest still answers.
+    expect((await httpCheck(kg.ports.http, "/check/api/v1/decks/1", auth)).status).toBe(200);
+    expect(await grpc("/api/v1/other")).toBe(200);
+    const usage = await kg.admin.getUsage({ ownerId: "tier-free-decks", from: "2026-11-22", to: "2026-11-22" });
+    // 23 free requests (decks and another route) and 5 chat messages.
+    expect(usage.totals?.allowed).toBe(28n);
+    expect(usage.totals?.denied).toEqual({ QUOTA_EXCEEDED: 2n });
   });
 
   it("monthly credits with top-ups: route costs, top-up, and 402 PLAN_REQUIRED without a subscription", async () => {

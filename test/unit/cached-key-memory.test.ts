@@ -95,7 +95,7 @@ describe("cached allow bytes happy", () => {
           allow: true,
           snapshot: snapshot({ id, ownerId, projectId, scopes, plan }),
           credentialHeaders: ["x-api-key"],
-          route: { requiredScopes: [], projectId: null, cost: 1 },
+          route: { requiredScopes: [], projectId: null, cost: 1, metered: true },
           limits: null,
         };
         const expected = Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0))).toString("hex");

@@ -200,7 +200,7 @@ describe("Envoy wire format happy", () => {
       allow: true,
       snapshot: SNAPSHOT,
       credentialHeaders: ["authorization"],
-      route: { requiredScopes: [], projectId: null, cost: 1 },
+      route: { requiredScopes: [], projectId: null, cost: 1, metered: true },
       limits: LIMITS,
     };
     const bytes = encodeCheckResponse(allow, ["authorization", "x-keygate-spoof"], "req-1", 0);

@@ -54,8 +54,8 @@ describe("record fields happy", () => {
     const fields = Object.values(USAGE_FIELDS);
     expect(sorted(sqliteColumns("usage"))).toEqual(sorted([...fields.map((f) => f.sqlite), ...USAGE_STORE_ONLY.sqlite]));
     expect(sorted(mongoPaths(usageSchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...USAGE_STORE_ONLY.mongo]));
-    // KeyDayUsage's `usage` holds the outcome, count and credits, folded into counts.
-    expect(sorted(KeyDayUsageSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.flatMap((f) => (f.proto === null ? [] : [f.proto])), "usage"]));
+    // KeyDayUsage's `usage` holds the outcome, count and credits, folded into counts; `keyName` is the key's, looked up.
+    expect(sorted(KeyDayUsageSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.flatMap((f) => (f.proto === null ? [] : [f.proto])), "usage", "keyName"]));
   });
 
   it("the audit event: SQLite columns, MongoDB fields and the proto hold exactly its fields", () => {

@@ -5,9 +5,9 @@ import { DENIALS } from "../../src/authz/reasons.js";
 import { PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
-  { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1 },
-  { method: "*", pathPrefix: "/v1/decks/export", requiredScopes: ["decks", "export"], cost: 5 },
-  { method: "POST", pathPrefix: "/v1/hooks", requiredScopes: ["webhooks"], cost: 1 },
+  { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
+  { method: "*", pathPrefix: "/v1/decks/export", requiredScopes: ["decks", "export"], cost: 5, metered: true },
+  { method: "POST", pathPrefix: "/v1/hooks", requiredScopes: ["webhooks"], cost: 1, metered: true },
 ]);
 
 /** The requirements, failing the test on a refusal. */
@@ -94,7 +94,7 @@ describe("canonical path security", () => {
 
 describe("routes happy", () => {
   it("matches the longest prefix on a segment boundary, by method", () => {
-    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5 });
+    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true });
     expect(required("GET", "/v1/decks").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/%64ecks/").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/decksx").requiredScopes).toEqual([]);
@@ -103,14 +103,14 @@ describe("routes happy", () => {
   });
 
   it("context_extensions win field by field", () => {
-    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0 });
-    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1 });
+    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true });
+    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true });
     expect(required("GET", "/v1/decks", { cost: " 7 " }).cost).toBe(7);
   });
 
   it("blank context_extensions mean not set, so the routes table applies", () => {
     for (const blank of ["", " ", "\t ", "\n"]) {
-      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5 });
+      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true });
     }
     expect(required("GET", "/v1/decks", { required_scopes: "" }).requiredScopes).toEqual(["decks"]);
   });
@@ -128,6 +128,25 @@ describe("routes error", () => {
     }
   });
 
+  it("a route is metered unless the policy or context_extensions says otherwise", () => {
+    const metering = new RouteTable([
+      { method: "*", pathPrefix: "/v1/chat", requiredScopes: [], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1/decks", requiredScopes: [], cost: 1, metered: false },
+    ]);
+    const of = (path: string, extensions?: Record<string, string>) => {
+      const result = metering.requirements("GET", path, extensions);
+      if (result instanceof RouteRefusal) throw new Error(result.message);
+      return result.metered;
+    };
+    expect([of("/v1/chat"), of("/v1/decks"), of("/elsewhere")]).toEqual([true, false, true]);
+    expect([of("/v1/chat", { metered: "false" }), of("/v1/decks", { metered: "true" }), of("/v1/decks", { metered: " " })]).toEqual([false, true, false]);
+    expect(parsePolicy({ ...DEFAULT_POLICY_INPUT, routes: [{ method: "*", pathPrefix: "/v1" }] }).routes[0]?.metered).toBe(true);
+  });
+
+  it("an unusable metered value from the proxy is ROUTE_MISCONFIGURED, never a guess", () => {
+    for (const value of ["yes", "1", "TRUE", "false,true"]) expect(table.requirements("GET", "/v1/decks", { metered: value }), value).toBe(ROUTE_CONFIG_REFUSALS.metered);
+  });
+
   it("a path refusal wins over bad per-route settings", () => {
     expect(table.requirements("GET", "/v1/decks;x", { cost: "abc" })).toBe(PATH_REFUSALS.parameter);
   });
@@ -135,8 +154,8 @@ describe("routes error", () => {
 
 describe("letter case", () => {
   const routes = [
-    { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1 },
-    { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1 },
+    { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
+    { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
   ];
 
   it("by default, matches case exactly and refuses a path that another route would serve with case ignored", () => {
@@ -151,8 +170,8 @@ describe("letter case", () => {
 
   it("a mixed-case prefix is held to the same rule, even for a lower-case path", () => {
     const mixed = new RouteTable([
-      { method: "*", pathPrefix: "/v1/Admin", requiredScopes: ["admin"], cost: 1 },
-      { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1 },
+      { method: "*", pathPrefix: "/v1/Admin", requiredScopes: ["admin"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
     ]);
     expect(mixed.match("GET", "/v1/admin")).toBe(PATH_REFUSALS.letterCase);
     expect(mixed.match("GET", "/v1/Admin")).toMatchObject({ pathPrefix: "/v1/Admin" });
