@@ -11,7 +11,7 @@ import { ConflictError } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
-import { newKeyRecord } from "../store/store.js";
+import { keyState, newKeyRecord } from "../store/store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -81,6 +81,9 @@ export interface AccountView {
   dailyQuota: number | null;
   rateLimit: KeyRateLimit;
 }
+
+/** Keys of one owner read when ending an earlier rotation's grace (an owner has its cap plus one in grace). */
+const MAX_KEYS_SCANNED = 1000;
 
 /** A new key and its secret, which is shown once. */
 export interface IssuedKey {
@@ -358,6 +361,26 @@ export class LifecycleService {
     return updated;
   }
 
+  /**
+   * A rotation chain keeps at most one key in grace: the one just rotated. A key still in grace
+   * from rotating to `rotated` (an earlier link) is revoked now, or chained rotations would leave
+   * a one-key plan with a working key per rotation.
+   */
+  async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
+    const keys = await this.deps.store.listKeys({ ownerId: rotated.ownerId, includeRevoked: false, limit: MAX_KEYS_SCANNED, nowMs });
+    for (const earlier of keys) {
+      if (earlier.rotatedToId !== rotated.id || keyState(earlier, nowMs) !== "grace") continue;
+      const reason = "a later rotation ended its grace period";
+      const revoked = await this.deps.store.revokeKey(earlier.id, nowMs, reason);
+      if (revoked === null) continue;
+      await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash }).catch((error: unknown) => {
+        if (!(error instanceof CacheUnavailableError)) throw error;
+        this.deps.logger?.warn({ err: error, keyId: earlier.id }, "superseded key: caches not told yet; retrying in the background");
+      });
+      await this.#audit(actor, "key.revoke", earlier.id, earlier.ownerId, { reason });
+    }
+  }
+
   /** Issues a successor with the same owner, project, name, scopes and mode. */
   async rotateKey(
     input: { id: string; graceDays: number | undefined },
@@ -404,6 +427,7 @@ export class LifecycleService {
       grace_days: graceDays,
       grace_ends_at: new Date(rotation.previous.graceEndsAtMs ?? nowMs).toISOString(),
     });
+    await this.#endEarlierGrace(old, nowMs, actor);
     return { key: rotation.next, secret, previous: rotation.previous };
   }
 
