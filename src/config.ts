@@ -47,6 +47,8 @@ const routeSchema = z.object({
    * route is never refused for either; the rate limit still applies. Default: metered.
    */
   metered: z.boolean().default(true),
+  /** The lowest account role that may use the route (roles rank standard < premium < admin); unset: any. */
+  minRole: z.enum(ROLES).optional(),
 });
 
 /** The longest write-behind flush interval: one day. */

@@ -471,6 +471,6 @@ export class LifecycleService {
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
     const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
-    return this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false });
+    return this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null });
   }
 }

@@ -5,8 +5,8 @@ export const IDENTITY_PREFIX = "x-keygate-";
 
 // The names an allow sets, which depend only on whether the key has a project: two fixed lists,
 // so the removal step needs nothing kept per key.
-const NAMES_WITHOUT_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-mode"];
-const NAMES_WITH_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-mode"];
+const NAMES_WITHOUT_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
+const NAMES_WITH_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
 
 /** The identity header names an allow for this key sets, in the order identityHeaders gives them. Shared: do not mutate. */
 export function identityHeaderNames(snapshot: KeySnapshot): readonly string[] {
@@ -24,7 +24,7 @@ export function identityHeaders(snapshot: KeySnapshot): Array<[string, string]> 
     ["x-keygate-owner-id", key.ownerId],
   ];
   if (key.projectId !== null) headers.push(["x-keygate-project-id", key.projectId]);
-  headers.push(["x-keygate-scopes", key.scopes.join(",")], ["x-keygate-plan", account.plan], ["x-keygate-mode", key.mode]);
+  headers.push(["x-keygate-scopes", key.scopes.join(",")], ["x-keygate-plan", account.plan], ["x-keygate-role", account.role], ["x-keygate-mode", key.mode]);
   return headers;
 }
 

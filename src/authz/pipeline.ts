@@ -1,4 +1,5 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
+import { ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "../limits/limits.js";
@@ -160,6 +161,9 @@ export class DecisionPipeline {
       if (!key.scopes.includes(scope)) {
         return deny("MISSING_SCOPE", snapshot, `This API key does not have the "${scope}" scope.`);
       }
+    }
+    if (route.minRole !== null && ROLES.indexOf(account.role) < ROLES.indexOf(route.minRole)) {
+      return deny("MISSING_ROLE", snapshot, `This route needs the "${route.minRole}" role; the API key's account has "${account.role}".`);
     }
     return null;
   }

@@ -10,6 +10,7 @@ export type DenyReason =
   | "PROJECT_MISMATCH"
   | "PLAN_REQUIRED"
   | "MISSING_SCOPE"
+  | "MISSING_ROLE"
   | "RATE_LIMITED"
   | "QUOTA_EXCEEDED"
   | "INSUFFICIENT_CREDITS"
@@ -114,6 +115,14 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     code: "FORBIDDEN",
     title: "Access denied",
     message: "This API key does not have the required scope.",
+    retryable: false,
+    grpcCode: PERMISSION_DENIED,
+  },
+  MISSING_ROLE: {
+    httpStatus: 403,
+    code: "FORBIDDEN",
+    title: "Access denied",
+    message: "This API key's account does not have the role this route requires.",
     retryable: false,
     grpcCode: PERMISSION_DENIED,
   },

@@ -1,4 +1,5 @@
-import { SCOPE_NAME_PATTERN } from "../config.js";
+import { ROLES, SCOPE_NAME_PATTERN } from "../config.js";
+import type { Role } from "../store/store.js";
 import type { Route, RouteMatching } from "../config.js";
 import type { DenyReason } from "./reasons.js";
 
@@ -9,6 +10,8 @@ export interface RouteRequirements {
   cost: number;
   /** Counts toward the daily quota and spends `cost` credits; false: neither (rate limits still apply). */
   metered: boolean;
+  /** The lowest account role allowed (ROLES order); null: any role. */
+  minRole: Role | null;
 }
 
 /**
@@ -54,6 +57,7 @@ export const PATH_REFUSALS = {
 /** Proxy per-route settings keygate cannot use: a denial with status 500, never a guess. */
 export const ROUTE_CONFIG_REFUSALS = {
   cost: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "cost" (context_extensions) is not a whole number. This is a gateway configuration error.'),
+  minRole: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "min_role" (context_extensions) is not a role keygate knows. This is a gateway configuration error.'),
   metered: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "metered" (context_extensions) is neither "true" nor "false". This is a gateway configuration error.'),
   requiredScopes: new RouteRefusal(
     "ROUTE_MISCONFIGURED",
@@ -253,7 +257,8 @@ interface Entry {
   requirements: RouteRequirements;
 }
 
-const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true };
+/** What a request that no route names must satisfy: nothing beyond a valid key; metered, cost 1. */
+export const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true, minRole: null };
 
 // Distinct context_extensions values are few (one per proxy route), so parsed ones are kept.
 const MAX_PARSED_SCOPES = 1024;
@@ -280,7 +285,7 @@ export class RouteTable {
           route,
           prefix: matching.caseInsensitive ? folded : bare,
           foldedPrefix: folded,
-          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost, metered: route.metered },
+          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost, metered: route.metered, minRole: route.minRole ?? null },
         };
       });
     this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.prefix));
@@ -312,11 +317,13 @@ export class RouteTable {
     const projectText = extensions["project_id"];
     const costText = extensions["cost"];
     const meteredText = extensions["metered"];
+    const roleText = extensions["min_role"];
     const scopesSet = scopesText !== undefined && !BLANK.test(scopesText);
     const projectSet = projectText !== undefined && !BLANK.test(projectText);
     const costSet = costText !== undefined && !BLANK.test(costText);
     const meteredSet = meteredText !== undefined && !BLANK.test(meteredText);
-    if (!scopesSet && !projectSet && !costSet && !meteredSet) return base;
+    const roleSet = roleText !== undefined && !BLANK.test(roleText);
+    if (!scopesSet && !projectSet && !costSet && !meteredSet && !roleSet) return base;
     let requiredScopes = base.requiredScopes;
     if (scopesSet) {
       const parsed = this.#scopes(scopesText);
@@ -334,7 +341,13 @@ export class RouteTable {
       if (flag !== "true" && flag !== "false") return ROUTE_CONFIG_REFUSALS.metered;
       metered = flag === "true";
     }
-    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost, metered };
+    let minRole = base.minRole;
+    if (roleSet) {
+      const role = ROLES.find((r) => r === roleText.trim());
+      if (role === undefined) return ROUTE_CONFIG_REFUSALS.minRole;
+      minRole = role;
+    }
+    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost, metered, minRole };
   }
 
   /** A non-blank required_scopes value as scope names, or null when one is not a scope name. */

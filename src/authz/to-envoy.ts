@@ -48,6 +48,7 @@ function identityMetadata(snapshot: KeySnapshot): { [field: string]: string } {
     owner_id: key.ownerId,
     project_id: key.projectId ?? "",
     plan: account.plan,
+    role: account.role,
     mode: key.mode,
     scopes: key.scopes.join(","),
   };

@@ -38,6 +38,7 @@ const SPOOFED_IDENTITY = {
   "x-keygate-project-id": "evil-project",
   "x-keygate-scopes": "admin",
   "x-keygate-plan": "enterprise",
+  "x-keygate-role": "admin",
   "x-keygate-mode": "live-evil",
 } as const;
 
@@ -90,6 +91,7 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     expect(seen.headers["x-keygate-owner-id"]).toBe(key.ownerId);
     expect(seen.headers["x-keygate-scopes"]).toBe("read");
     expect(seen.headers["x-keygate-plan"]).toBe("standard");
+    expect(seen.headers["x-keygate-role"]).toBe("standard");
     expect(seen.headers["x-keygate-mode"]).toBe("live");
     expect(seen.headers["authorization"]).toBeUndefined();
     expect(seen.headers["x-api-key"]).toBeUndefined();
@@ -110,13 +112,14 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
       expect(seen.headers["x-keygate-project-id"] ?? "").toBe(projectId);
       expect(seen.headers["x-keygate-scopes"]).toBe("read");
       expect(seen.headers["x-keygate-plan"]).toBe("standard");
+      expect(seen.headers["x-keygate-role"]).toBe("standard");
       expect(seen.headers["x-keygate-mode"]).toBe("live");
     }
   });
 
   it.runIf(available)(`a client-sent x-keygate-* header keygate never sets is ${unknownIdentityHeaders}`, async () => {
     const key = await issue();
-    const res = await call("/v1/things", { "x-api-key": key.secret, "x-keygate-tenant": "evil", "X-KEYGATE-ROLE": "admin" });
+    const res = await call("/v1/things", { "x-api-key": key.secret, "x-keygate-tenant": "evil", "X-KEYGATE-TIER": "gold" });
     expect(res.status).toBe(200);
     const seen = JSON.parse(res.text) as EchoedRequest;
     if (unknownIdentityHeaders === "dropped") {
@@ -127,7 +130,7 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
       // nginx cannot remove request headers by prefix; keygate.conf.template and the README say
       // so. If this starts failing, nginx drops them now: update both.
       expect(seen.headers["x-keygate-tenant"]).toBe("evil");
-      expect(seen.headers["x-keygate-role"]).toBe("admin");
+      expect(seen.headers["x-keygate-tier"]).toBe("gold");
     }
   });
 

@@ -50,6 +50,7 @@ describe("gRPC Check happy", () => {
       "x-keygate-owner-id": key.owner,
       "x-keygate-scopes": "tutor,decks",
       "x-keygate-plan": "business",
+      "x-keygate-role": "standard",
       "x-keygate-mode": "live",
     });
     // Identity headers are overwritten, not appended, so a client value cannot survive.
@@ -60,6 +61,7 @@ describe("gRPC Check happy", () => {
       owner_id: key.owner,
       project_id: "",
       plan: "business",
+      role: "standard",
       mode: "live",
       scopes: "tutor,decks",
     });

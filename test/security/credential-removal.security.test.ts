@@ -22,7 +22,7 @@ const POLICY = {
   routes: [],
 };
 
-const IDENTITY_NAMES = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-mode"];
+const IDENTITY_NAMES = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
 
 let kg: TestKeygate;
 let seq = 0;
@@ -262,6 +262,7 @@ describe("credential removal security: header handling is linear", () => {
         "x-keygate-owner-id": key.ownerId,
         "x-keygate-scopes": "read",
         "x-keygate-plan": "standard",
+        "x-keygate-role": "standard",
         "x-keygate-mode": "live",
       });
       expect(response.dynamicMetadata?.["owner_id"]).toBe(key.ownerId);

@@ -9,6 +9,7 @@ import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/externa
 import { RecentMap } from "../../src/limits/memory.js";
 import type { KeySnapshot } from "../../src/store/store.js";
 import { newKeyRecord } from "../../src/store/store.js";
+import { NO_REQUIREMENTS } from "../../src/authz/routes.js";
 
 // What keygate keeps per cached key is cut to what Check reads: the limiter's tables grow with
 // use instead of being preallocated, and an allow's fixed parts are kept as encoded bytes only.
@@ -95,7 +96,7 @@ describe("cached allow bytes happy", () => {
           allow: true,
           snapshot: snapshot({ id, ownerId, projectId, scopes, plan }),
           credentialHeaders: ["x-api-key"],
-          route: { requiredScopes: [], projectId: null, cost: 1, metered: true },
+          route: NO_REQUIREMENTS,
           limits: null,
         };
         const expected = Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0))).toString("hex");

@@ -9,6 +9,7 @@ import { newKeyRecord } from "../../src/store/store.js";
 import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { ChargeResult } from "../../src/limits/limits.js";
 import type { KeySnapshot } from "../../src/store/store.js";
+import { NO_REQUIREMENTS } from "../../src/authz/routes.js";
 
 // The server sends encodeCheckResponse's bytes, assembled from parts encoded once per key and per
 // reason. They must be exactly what protobuf-es makes of the whole message.
@@ -63,7 +64,7 @@ const allowArb: fc.Arbitrary<Allow> = fc.record({
   allow: fc.constant(true as const),
   snapshot: snapshotArb,
   credentialHeaders: fc.constantFrom([], ["authorization"], ["x-api-key"], ["authorization", "x-api-key"]),
-  route: fc.constant({ requiredScopes: [], projectId: null, cost: 1, metered: true }),
+  route: fc.constant(NO_REQUIREMENTS),
   limits: fc.option(limitsArb, { nil: null }),
 });
 
@@ -159,12 +160,12 @@ const GOLDEN_LIMITS: ChargeResult = {
   credits: null,
   spent: null,
 };
-const GOLDEN_NAMES = ["authorization", "accept", "x-keygate-owner-id", "x-keygate-tenant", "X-Keygate-Role", "x-keygate-tenant"];
+const GOLDEN_NAMES = ["authorization", "accept", "x-keygate-owner-id", "x-keygate-tenant", "X-Keygate-Tier", "x-keygate-tenant"];
 const GOLDEN_HEX =
-  "0a001aa90312220a1e0a10782d6b6579676174652d6b65792d6964120a6b65795f676f6c64656e180212260a220a12782d6b6579676174652d6f776e65722d6964120c6f776e65722d676f6c64656e180212210a1d0a14782d6b6579676174652d70726f6a6563742d69641205616c706861180212220a1e0a10782d6b6579676174652d73636f706573120a726561642c6465636b73180212190a150a0e782d6b6579676174652d706c616e120370726f1802121a0a160a0e782d6b6579676174652d6d6f646512046c69766518022a0d617574686f72697a6174696f6e2a10782d6b6579676174652d74656e616e742a0e782d6b6579676174652d726f6c65321c0a180a11782d726174656c696d69742d6c696d697412033130301802321f0a1b0a15782d726174656c696d69742d72656d61696e696e67120239391802321b0a170a11782d726174656c696d69742d7265736574120236301802322b0a270a10726174656c696d69742d706f6c6963791213226d696e757465223b713d3130303b773d3630180232230a1f0a09726174656c696d69741212226d696e757465223b723d39393b743d363018022282010a160a066b65795f6964120c1a0a6b65795f676f6c64656e0a1a0a086f776e65725f6964120e1a0c6f776e65722d676f6c64656e0a150a0a70726f6a6563745f696412071a05616c7068610a0d0a04706c616e12051a0370726f0a0e0a046d6f646512061a046c6976650a160a0673636f706573120c1a0a726561642c6465636b73";
+  "0a001ac90312220a1e0a10782d6b6579676174652d6b65792d6964120a6b65795f676f6c64656e180212260a220a12782d6b6579676174652d6f776e65722d6964120c6f776e65722d676f6c64656e180212210a1d0a14782d6b6579676174652d70726f6a6563742d69641205616c706861180212220a1e0a10782d6b6579676174652d73636f706573120a726561642c6465636b73180212190a150a0e782d6b6579676174652d706c616e120370726f1802121e0a1a0a0e782d6b6579676174652d726f6c6512087374616e646172641802121a0a160a0e782d6b6579676174652d6d6f646512046c69766518022a0d617574686f72697a6174696f6e2a10782d6b6579676174652d74656e616e742a0e782d6b6579676174652d74696572321c0a180a11782d726174656c696d69742d6c696d697412033130301802321f0a1b0a15782d726174656c696d69742d72656d61696e696e67120239391802321b0a170a11782d726174656c696d69742d7265736574120236301802322b0a270a10726174656c696d69742d706f6c6963791213226d696e757465223b713d3130303b773d3630180232230a1f0a09726174656c696d69741212226d696e757465223b723d39393b743d363018022296010a160a066b65795f6964120c1a0a6b65795f676f6c64656e0a1a0a086f776e65725f6964120e1a0c6f776e65722d676f6c64656e0a150a0a70726f6a6563745f696412071a05616c7068610a0d0a04706c616e12051a0370726f0a120a04726f6c65120a1a087374616e646172640a0e0a046d6f646512061a046c6976650a160a0673636f706573120c1a0a726561642c6465636b73";
 
 function goldenAllow(credentialHeaders: string[]): Allow {
-  return { allow: true, snapshot: GOLDEN_SNAPSHOT, credentialHeaders, route: { requiredScopes: [], projectId: null, cost: 1, metered: true }, limits: GOLDEN_LIMITS };
+  return { allow: true, snapshot: GOLDEN_SNAPSHOT, credentialHeaders, route: NO_REQUIREMENTS, limits: GOLDEN_LIMITS };
 }
 
 function removalOf(bytes: Uint8Array): string[] {
@@ -174,7 +175,7 @@ function removalOf(bytes: Uint8Array): string[] {
 }
 
 describe("Check response encoding: what is removed upstream", () => {
-  it("is byte for byte the earlier answer when one credential header is present", () => {
+  it("is byte for byte the recorded answer when one credential header is present", () => {
     const bytes = encodeCheckResponse(goldenAllow(["authorization"]), GOLDEN_NAMES, "req-golden", 1_700_000_000_000);
     expect(Buffer.from(bytes).toString("hex")).toBe(GOLDEN_HEX);
   });

@@ -8,6 +8,7 @@ import type { ChargeResult } from "../../src/limits/limits.js";
 import { authorizationServerDefinition, headersOf } from "../../src/server/grpc-authz.js";
 import type { KeySnapshot } from "../../src/store/store.js";
 import { newKeyRecord } from "../../src/store/store.js";
+import { NO_REQUIREMENTS } from "../../src/authz/routes.js";
 
 // The client harness and the server both code messages with src/gen, so a wrong field number
 // there would round-trip fine in every other test. These bytes are written from Envoy's published
@@ -200,7 +201,7 @@ describe("Envoy wire format happy", () => {
       allow: true,
       snapshot: SNAPSHOT,
       credentialHeaders: ["authorization"],
-      route: { requiredScopes: [], projectId: null, cost: 1, metered: true },
+      route: NO_REQUIREMENTS,
       limits: LIMITS,
     };
     const bytes = encodeCheckResponse(allow, ["authorization", "x-keygate-spoof"], "req-1", 0);
@@ -220,6 +221,7 @@ describe("Envoy wire format happy", () => {
       ["x-keygate-project-id", "alpha"],
       ["x-keygate-scopes", "tutor,decks"],
       ["x-keygate-plan", "business"],
+      ["x-keygate-role", "standard"],
       ["x-keygate-mode", "live"],
     ]);
     for (const h of upstream) {

@@ -200,7 +200,7 @@ describe("README: Deploy commands match deploy/", () => {
     const template = readFileSync(join(DEPLOY, "nginx/keygate.conf.template"), "utf8");
     const upstreamLocation = template.slice(template.indexOf("location / {"));
     const cleared = [...upstreamLocation.matchAll(/proxy_set_header (X-Keygate-[\w-]+) \$kg_/g)].map((m) => (m[1] ?? "").toLowerCase());
-    expect(cleared.sort()).toEqual(["x-keygate-key-id", "x-keygate-mode", "x-keygate-owner-id", "x-keygate-plan", "x-keygate-project-id", "x-keygate-scopes"]);
+    expect(cleared.sort()).toEqual(["x-keygate-key-id", "x-keygate-mode", "x-keygate-owner-id", "x-keygate-plan", "x-keygate-project-id", "x-keygate-role", "x-keygate-scopes"]);
     expect(template).toMatch(/cannot remove\s+(#\s*)?request headers by prefix/);
     expect(deploySection()).toMatch(/nginx cannot remove request headers by\s+prefix/);
   });

@@ -94,7 +94,7 @@ describe("canonical path security", () => {
 
 describe("routes happy", () => {
   it("matches the longest prefix on a segment boundary, by method", () => {
-    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true });
+    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null });
     expect(required("GET", "/v1/decks").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/%64ecks/").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/decksx").requiredScopes).toEqual([]);
@@ -103,14 +103,14 @@ describe("routes happy", () => {
   });
 
   it("context_extensions win field by field", () => {
-    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true });
-    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true });
+    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true, minRole: null });
+    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true, minRole: null });
     expect(required("GET", "/v1/decks", { cost: " 7 " }).cost).toBe(7);
   });
 
   it("blank context_extensions mean not set, so the routes table applies", () => {
     for (const blank of ["", " ", "\t ", "\n"]) {
-      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true });
+      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null });
     }
     expect(required("GET", "/v1/decks", { required_scopes: "" }).requiredScopes).toEqual(["decks"]);
   });
@@ -141,6 +141,16 @@ describe("routes error", () => {
     expect([of("/v1/chat"), of("/v1/decks"), of("/elsewhere")]).toEqual([true, false, true]);
     expect([of("/v1/chat", { metered: "false" }), of("/v1/decks", { metered: "true" }), of("/v1/decks", { metered: " " })]).toEqual([false, true, false]);
     expect(parsePolicy({ ...DEFAULT_POLICY_INPUT, routes: [{ method: "*", pathPrefix: "/v1" }] }).routes[0]?.metered).toBe(true);
+  });
+
+  it("a route's lowest role comes from the policy or context_extensions.min_role; an unknown role is ROUTE_MISCONFIGURED", () => {
+    const ranked = new RouteTable([{ method: "*", pathPrefix: "/v1/admin", requiredScopes: [], cost: 1, metered: true, minRole: "admin" }]);
+    const of = (path: string, extensions?: Record<string, string>) => {
+      const result = ranked.requirements("GET", path, extensions);
+      return result instanceof RouteRefusal ? result : result.minRole;
+    };
+    expect([of("/v1/admin"), of("/v1/other"), of("/v1/other", { min_role: " premium " }), of("/v1/admin", { min_role: "" })]).toEqual(["admin", null, "premium", "admin"]);
+    for (const value of ["root", "Admin", "admin,premium"]) expect(of("/v1/admin", { min_role: value }), value).toBe(ROUTE_CONFIG_REFUSALS.minRole);
   });
 
   it("an unusable metered value from the proxy is ROUTE_MISCONFIGURED, never a guess", () => {
