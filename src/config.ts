@@ -47,7 +47,7 @@ const routeSchema = z.object({
    * route is never refused for either; the rate limit still applies. Default: metered.
    */
   metered: z.boolean().default(true),
-  /** The lowest account role that may use the route (roles rank standard < premium < admin); unset: any. */
+  /** The lowest account role that may use the route (roles rank standard < premium < admin); unset: every role. */
   minRole: z.enum(ROLES).optional(),
 });
 

@@ -10,7 +10,7 @@ export interface RouteRequirements {
   cost: number;
   /** Counts toward the daily quota and spends `cost` credits; false: neither (rate limits still apply). */
   metered: boolean;
-  /** The lowest account role allowed (ROLES order); null: any role. */
+  /** The lowest account role allowed (ROLES order); null: every role is allowed. */
   minRole: Role | null;
 }
 
