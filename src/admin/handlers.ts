@@ -220,15 +220,14 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
     }),
     verifyKey: guard(async (req) => {
-      const decision = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId) });
+      const { decision, key } = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId) });
       const now = nowMs();
-      const snapshot = decision.snapshot;
-      const account = snapshot === undefined ? undefined : toAccount(await service.getAccount(snapshot.account.ownerId));
+      const account = key === null ? undefined : toAccount(await service.getAccount(key.ownerId));
       return create(VerifyKeyResponseSchema, {
         valid: decision.allow,
         code: decision.allow ? "OK" : DENIALS[decision.reason].code,
         message: decision.allow ? "" : decision.message,
-        key: snapshot === undefined ? undefined : toApiKey(snapshot.key, now),
+        key: key === null ? undefined : toApiKey(key, now),
         account,
       });
     }),

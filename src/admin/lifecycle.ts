@@ -465,12 +465,18 @@ export class LifecycleService {
     return { events, nextPageToken: rows.length > limit && last !== undefined ? encodePageToken(last.id) : "" };
   }
 
-  /** "Who is this key": the decision without charging, plus the key and account when known. */
-  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId?: string | undefined }): Promise<Decision> {
+  /**
+   * "Who is this key": the decision without charging, and the key's record when it was found.
+   * The decision may come from the in-process cache, which keeps only what a Check reads; the
+   * record (name, metadata, times) is read from the store.
+   */
+  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId?: string | undefined }): Promise<{ decision: Decision; key: KeyRecord | null }> {
     if (input.secret === "") throw new InvalidArgumentError("secret", "is required");
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
     const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
-    return this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null });
+    const decision = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null });
+    const key = decision.snapshot === undefined ? null : await this.deps.store.getKey(decision.snapshot.key.id);
+    return { decision, key };
   }
 }

@@ -1,4 +1,4 @@
-import type { KeySnapshot } from "../store/store.js";
+import type { CheckSnapshot } from "../store/store.js";
 
 /** Upstream identity headers; a client-sent header with this prefix never reaches upstream. */
 export const IDENTITY_PREFIX = "x-keygate-";
@@ -9,7 +9,7 @@ const NAMES_WITHOUT_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate
 const NAMES_WITH_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
 
 /** The identity header names an allow for this key sets, in the order identityHeaders gives them. Shared: do not mutate. */
-export function identityHeaderNames(snapshot: KeySnapshot): readonly string[] {
+export function identityHeaderNames(snapshot: CheckSnapshot): readonly string[] {
   return snapshot.key.projectId === null ? NAMES_WITHOUT_PROJECT : NAMES_WITH_PROJECT;
 }
 
@@ -17,7 +17,7 @@ export function identityHeaderNames(snapshot: KeySnapshot): readonly string[] {
  * The identity headers for a granted request, in a fixed order. Built on each call: the gRPC
  * answer keeps them only as encoded bytes per key (to-envoy.ts), so nothing else is kept per key.
  */
-export function identityHeaders(snapshot: KeySnapshot): Array<[string, string]> {
+export function identityHeaders(snapshot: CheckSnapshot): Array<[string, string]> {
   const { key, account } = snapshot;
   const headers: Array<[string, string]> = [
     ["x-keygate-key-id", key.id],

@@ -8,7 +8,7 @@ import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
 import { ALLOWED, ALLOWED_UNMETERED, keyState } from "../store/store.js";
-import type { KeySnapshot } from "../store/store.js";
+import type { CheckSnapshot } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./credential.js";
 import { DENIALS } from "./reasons.js";
@@ -28,7 +28,7 @@ export interface CheckInput {
 /** A granted request: who it is, and what the route asked for. */
 export interface Allow {
   allow: true;
-  snapshot: KeySnapshot;
+  snapshot: CheckSnapshot;
   /** Every configured credential header the request carries, to strip before it goes upstream. */
   credentialHeaders: readonly string[];
   route: RouteRequirements;
@@ -42,7 +42,7 @@ export interface Deny {
   reason: DenyReason;
   message: string;
   /** Known when the key was found: lets VerifyKey say whose key it was. */
-  snapshot?: KeySnapshot;
+  snapshot?: CheckSnapshot;
   retryAfterSeconds?: number;
   /** Set when the limits step ran: its headers go out with 402 and 429. */
   limits?: ChargeResult;
@@ -75,7 +75,7 @@ const FIXED: Readonly<Record<"MISSING_CREDENTIAL" | "MALFORMED_KEY" | "UNKNOWN_K
 // VerifyKey answers for a bare key: there is no request whose headers would go upstream.
 const NO_HEADERS: readonly string[] = [];
 
-function deny(reason: DenyReason, snapshot: KeySnapshot, message = DENIALS[reason].message): Deny {
+function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[reason].message): Deny {
   return { allow: false, reason, message, snapshot };
 }
 
@@ -115,14 +115,14 @@ export class DecisionPipeline {
     return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, NO_HEADERS, route, false));
   }
 
-  #withSnapshot(key: string, judge: (snapshot: KeySnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {
+  #withSnapshot(key: string, judge: (snapshot: CheckSnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {
     const hash = this.deps.hasher.hash(key);
     const cached = this.deps.lookup.peek(hash);
     if (cached !== undefined) return judge(cached);
     return this.deps.lookup.load(hash).then(judge);
   }
 
-  #judge(snapshot: KeySnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
+  #judge(snapshot: CheckSnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
     const refusal = this.#refusal(snapshot, route, nowMs);
@@ -138,7 +138,7 @@ export class DecisionPipeline {
   }
 
   /** Key state, project lock, subscription and scopes: the steps that cost nothing. */
-  #refusal(snapshot: KeySnapshot, route: RouteRequirements, nowMs: number): Deny | null {
+  #refusal(snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): Deny | null {
     const { key, account } = snapshot;
     switch (keyState(key, nowMs)) {
       case "revoked":
@@ -168,7 +168,7 @@ export class DecisionPipeline {
     return null;
   }
 
-  #chargeInput(snapshot: KeySnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
+  #chargeInput(snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
     const { key, account } = snapshot;
     const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
     const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
@@ -202,11 +202,11 @@ export class DecisionPipeline {
   }
 
   /** The key's own limit, else its account role's tier, else the plan's. */
-  #rateRule(snapshot: KeySnapshot, plan: Plan): RateLimitRule {
+  #rateRule(snapshot: CheckSnapshot, plan: Plan): RateLimitRule {
     return snapshot.key.rateLimit ?? this.deps.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
   }
 
-  #afterLimits(snapshot: KeySnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
+  #afterLimits(snapshot: CheckSnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
     // Credits count as used only when the plan is metered and they were actually spent.
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) {
@@ -225,7 +225,7 @@ export class DecisionPipeline {
   }
 
   /** Counts one request: `outcome` is ALLOWED, ALLOWED_UNMETERED or the denial's public code. */
-  #count(snapshot: KeySnapshot, nowMs: number, outcome: string, credits: number): void {
+  #count(snapshot: CheckSnapshot, nowMs: number, outcome: string, credits: number): void {
     this.deps.usage.record(snapshot.account.ownerId, snapshot.key.id, this.#calendar.day(nowMs), outcome, credits);
   }
 }

@@ -12,7 +12,7 @@ import { StatusSchema } from "../gen/google/rpc/status_pb.js";
 import type { Status } from "../gen/google/rpc/status_pb.js";
 import { HttpStatusSchema } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
-import type { KeySnapshot } from "../store/store.js";
+import type { CheckSnapshot } from "../store/store.js";
 import { headersToRemove, identityHeaderNames, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
@@ -26,8 +26,12 @@ const OK_STATUS = create(StatusSchema, { code: 0 });
 export const METADATA_NAMESPACE = "envoy.filters.http.ext_authz";
 
 // Field numbers of envoy/service/auth/v3/external_auth.proto and envoy/config/core/v3/base.proto.
-const CheckResponseField = { deniedResponse: 2, okResponse: 3 } as const;
-const OkHttpResponseField = { headersToRemove: 5, responseHeadersToAdd: 6 } as const;
+const CheckResponseField = { deniedResponse: 2, okResponse: 3, dynamicMetadata: 4 } as const;
+const OkHttpResponseField = { headers: 2, headersToRemove: 5, responseHeadersToAdd: 6 } as const;
+// google/protobuf/struct.proto: Struct.fields (map entries: key 1, value 2) and Value.string_value.
+const StructField = { fields: 1 } as const;
+const MapEntryField = { key: 1, value: 2 } as const;
+const ValueField = { stringValue: 3 } as const;
 const DeniedHttpResponseField = { headers: 2, body: 3 } as const;
 const HeaderValueOptionField = { header: 1, appendAction: 3 } as const;
 const HeaderValueField = { key: 1, value: 2 } as const;
@@ -40,53 +44,35 @@ function header(key: string, value: string): HeaderValueOption {
   });
 }
 
-/** The metadata an allow files under METADATA_NAMESPACE, for Envoy's access log and rate-limit filters. */
-function identityMetadata(snapshot: KeySnapshot): { [field: string]: string } {
-  const { key, account } = snapshot;
-  return {
-    key_id: key.id,
-    owner_id: key.ownerId,
-    project_id: key.projectId ?? "",
-    plan: account.plan,
-    role: account.role,
-    mode: key.mode,
-    scopes: key.scopes.join(","),
-  };
-}
-
 /**
- * The parts of an allow that depend only on the key, encoded. Only the bytes are kept per cached
- * key (message objects for them would cost several times more memory, and only toCheckResponse,
- * which tests use, needs those: it builds them when asked). The bytes are held as latin1 strings,
- * one character a byte: a string is one V8 heap object, where a Buffer adds an ArrayBuffer, a
- * backing store and its bookkeeping, about 200 bytes more per key.
+ * The identity an allow carries: each value as an upstream header (identity.ts's names, in its
+ * order) and as a field of the metadata filed under METADATA_NAMESPACE, for Envoy's access log
+ * and rate-limit filters. The project header is left out for a key without a project; its
+ * metadata field is then "".
  */
-interface EnvoyIdentity {
-  /** OkHttpResponse { headers } encoded. */
-  okHead: string;
-  /** CheckResponse { dynamic_metadata } encoded: the field's tag, length and Struct. */
-  metadataField: string;
-}
+const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string; value: (snapshot: CheckSnapshot) => string }> = [
+  { header: "x-keygate-key-id", metadata: "key_id", value: (s) => s.key.id },
+  { header: "x-keygate-owner-id", metadata: "owner_id", value: (s) => s.key.ownerId },
+  { header: "x-keygate-project-id", metadata: "project_id", value: (s) => s.key.projectId ?? "" },
+  { header: "x-keygate-scopes", metadata: "scopes", value: (s) => s.key.scopes.join(",") },
+  { header: "x-keygate-plan", metadata: "plan", value: (s) => s.account.plan },
+  { header: "x-keygate-role", metadata: "role", value: (s) => s.account.role },
+  { header: "x-keygate-mode", metadata: "mode", value: (s) => s.key.mode },
+];
+const PROJECT_FIELD = 2;
+// The metadata fields go out in the order keygate has always written them, scopes last.
+const METADATA_ORDER: readonly number[] = [0, 1, 2, 4, 5, 6, 3];
 
-// Built once per cached snapshot: the same key's identity headers and metadata every time.
-const identities = new WeakMap<KeySnapshot, EnvoyIdentity>();
-
-function envoyIdentity(snapshot: KeySnapshot): EnvoyIdentity {
-  let identity = identities.get(snapshot);
-  if (identity === undefined) {
-    const okHead = toBinary(OkHttpResponseSchema, create(OkHttpResponseSchema, { headers: identityHeaderOptions(snapshot) }));
-    const metadataField = toBinary(CheckResponseSchema, create(CheckResponseSchema, { dynamicMetadata: identityMetadata(snapshot) }));
-    identity = { okHead: latin1(okHead), metadataField: latin1(metadataField) };
-    identities.set(snapshot, identity);
+function identityMetadata(snapshot: CheckSnapshot): { [field: string]: string } {
+  const metadata: { [field: string]: string } = {};
+  for (const i of METADATA_ORDER) {
+    const field = IDENTITY_FIELDS[i] as (typeof IDENTITY_FIELDS)[number];
+    metadata[field.metadata] = field.value(snapshot);
   }
-  return identity;
+  return metadata;
 }
 
-function latin1(bytes: Uint8Array): string {
-  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("latin1");
-}
-
-function identityHeaderOptions(snapshot: KeySnapshot): HeaderValueOption[] {
+function identityHeaderOptions(snapshot: CheckSnapshot): HeaderValueOption[] {
   return identityHeaders(snapshot).map(([k, v]) => header(k, v));
 }
 
@@ -142,9 +128,9 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
 const OK_STATUS_FIELD = toBinary(CheckResponseSchema, create(CheckResponseSchema, { status: OK_STATUS }));
 
 /**
- * The wire encoding of toCheckResponse's message, byte for byte, without encoding its fixed parts
- * again: they are kept encoded per key (identity headers, metadata) and per reason (status,
- * standard headers). Fields are written in field-number order as protobuf-es writes them, and an
+ * The wire encoding of toCheckResponse's message, byte for byte, without protobuf-es's reflective
+ * encoder: an allow is written field by field, a denial's fixed parts are kept encoded per reason
+ * (status, standard headers). Fields are written in field-number order as protobuf-es writes them, and an
  * embedded message's encoding is the concatenation of its fixed part's and the request's part's,
  * which hold disjoint fields in ascending order.
  */
@@ -160,11 +146,23 @@ export function encodeCheckResponse(decision: Decision, clientHeaderNames: Itera
 
 // Tags of the length-delimited fields an allow writes per request, and HeaderValueOption's
 // append_action (field 3, varint) set to OVERWRITE_IF_EXISTS_OR_ADD.
+const IDENTITY_TAG = (OkHttpResponseField.headers << 3) | WireType.LengthDelimited;
 const REMOVE_TAG = (OkHttpResponseField.headersToRemove << 3) | WireType.LengthDelimited;
 const ADD_TAG = (OkHttpResponseField.responseHeadersToAdd << 3) | WireType.LengthDelimited;
 const HEADER_TAG = (HeaderValueOptionField.header << 3) | WireType.LengthDelimited;
 const KEY_TAG = (HeaderValueField.key << 3) | WireType.LengthDelimited;
 const VALUE_TAG = (HeaderValueField.value << 3) | WireType.LengthDelimited;
+const METADATA_TAG = (CheckResponseField.dynamicMetadata << 3) | WireType.LengthDelimited;
+const STRUCT_ENTRY_TAG = (StructField.fields << 3) | WireType.LengthDelimited;
+const ENTRY_VALUE_TAG = (MapEntryField.value << 3) | WireType.LengthDelimited;
+const STRING_VALUE_TAG = (ValueField.stringValue << 3) | WireType.LengthDelimited;
+/** An ASCII name as a length-delimited field with `tag`: the bytes written for it in every allow. */
+function nameField(tag: number, name: string): Buffer {
+  return Buffer.concat([Buffer.from([tag, name.length]), Buffer.from(name, "latin1")]);
+}
+// Each identity header name as HeaderValue.key's field, and metadata name as a map entry's key field.
+const IDENTITY_HEADERS: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameField(KEY_TAG, field.header));
+const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameField((MapEntryField.key << 3) | WireType.LengthDelimited, field.metadata));
 const APPEND_ACTION = [(HeaderValueOptionField.appendAction << 3) | WireType.Varint, HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD] as const;
 
 /** Bytes of a length-delimited field holding `length` bytes, with its tag (one byte). */
@@ -172,63 +170,127 @@ function fieldBytes(length: number): number {
   return 1 + varintLength(length) + length;
 }
 
-/** A HeaderValue's encoding: key and value fields, each left out when empty (proto3). */
-function headerValueBytes(keyBytes: number, valueBytes: number): number {
-  return (keyBytes === 0 ? 0 : fieldBytes(keyBytes)) + (valueBytes === 0 ? 0 : fieldBytes(valueBytes));
-}
-
 /**
- * An allow in one buffer: the OK status, the ok_response field (the key's encoded identity
- * headers, then headers_to_remove and response_headers_to_add), then the key's encoded metadata.
+ * An allow in one buffer: the OK status, the ok_response field (the key's identity headers, then
+ * headers_to_remove and response_headers_to_add), then the key's identity metadata. The identity
+ * is encoded here from the cached fields, names and framing from per-process constants: keeping
+ * its bytes per key would cost about 400 bytes of memory for each cached key to save about a
+ * microsecond per allow.
  */
 function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
-  const { okHead, metadataField } = envoyIdentity(decision.snapshot);
+  const { snapshot } = decision;
+  const withProject = snapshot.key.projectId !== null;
+  const values = IDENTITY_FIELDS.map((field) => field.value(snapshot));
   const { remove, add } = allowRest(decision, clientHeaderNames, nowMs);
-  let restLength = 0;
-  for (const name of remove) restLength += fieldBytes(Buffer.byteLength(name));
-  // Sizes of each added header: [key bytes, value bytes, HeaderValue bytes], three per header.
-  const sizes = new Array<number>(add.length * 3);
-  for (let i = 0; i < add.length; i++) {
-    const [k, v] = add[i] as [string, string];
-    const keyBytes = Buffer.byteLength(k);
-    const valueBytes = Buffer.byteLength(v);
-    const headerBytes = headerValueBytes(keyBytes, valueBytes);
-    sizes[i * 3] = keyBytes;
-    sizes[i * 3 + 1] = valueBytes;
-    sizes[i * 3 + 2] = headerBytes;
-    restLength += fieldBytes(fieldBytes(headerBytes) + APPEND_ACTION.length);
+  // UTF-8 sizes: of each identity value, and of each added header's key, value and HeaderValue.
+  const valueBytes = values.map(utf8Length);
+  const addSizes = new Array<number>(add.length * 3);
+  let okLength = 0;
+  let structLength = 0;
+  for (let i = 0; i < values.length; i++) {
+    const bytes = valueBytes[i] as number;
+    if (i !== PROJECT_FIELD || withProject) okLength += fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, bytes)) + APPEND_ACTION.length);
+    structLength += fieldBytes(metadataEntryBytes(i, bytes));
   }
-  const okLength = okHead.length + restLength;
-  const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + fieldBytes(okLength) + metadataField.length);
+  for (const name of remove) okLength += fieldBytes(utf8Length(name));
+  for (let i = 0; i < add.length; i++) {
+    const [k, v] = add[i] as readonly [string, string];
+    const keyBytes = utf8Length(k);
+    const bytes = utf8Length(v);
+    const headerBytes = (keyBytes === 0 ? 0 : fieldBytes(keyBytes)) + (bytes === 0 ? 0 : fieldBytes(bytes));
+    addSizes[i * 3] = keyBytes;
+    addSizes[i * 3 + 1] = bytes;
+    addSizes[i * 3 + 2] = headerBytes;
+    okLength += fieldBytes(fieldBytes(headerBytes) + APPEND_ACTION.length);
+  }
+  const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + fieldBytes(okLength) + fieldBytes(structLength));
   out.set(OK_STATUS_FIELD, 0);
   let at = OK_STATUS_FIELD.length;
   out[at++] = OK_RESPONSE_TAG;
   at = writeVarint(out, at, okLength);
-  at += out.write(okHead, at, "latin1");
-  for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, Buffer.byteLength(name));
+  for (let i = 0; i < values.length; i++) {
+    if (i === PROJECT_FIELD && !withProject) continue;
+    const name = IDENTITY_HEADERS[i] as Buffer;
+    const bytes = valueBytes[i] as number;
+    const headerBytes = headerValueBytes(name, bytes);
+    out[at++] = IDENTITY_TAG;
+    at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
+    out[at++] = HEADER_TAG;
+    at = writeVarint(out, at, headerBytes);
+    out.set(name, at);
+    at += name.length;
+    if (bytes !== 0) at = writeString(out, at, VALUE_TAG, values[i] as string, bytes);
+    out[at++] = APPEND_ACTION[0];
+    out[at++] = APPEND_ACTION[1];
+  }
+  for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, utf8Length(name));
   for (let i = 0; i < add.length; i++) {
-    const [k, v] = add[i] as [string, string];
-    const keyBytes = sizes[i * 3] as number;
-    const valueBytes = sizes[i * 3 + 1] as number;
-    const headerBytes = sizes[i * 3 + 2] as number;
+    const [k, v] = add[i] as readonly [string, string];
+    const keyBytes = addSizes[i * 3] as number;
+    const bytes = addSizes[i * 3 + 1] as number;
+    const headerBytes = addSizes[i * 3 + 2] as number;
     out[at++] = ADD_TAG;
     at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
     out[at++] = HEADER_TAG;
     at = writeVarint(out, at, headerBytes);
     if (keyBytes !== 0) at = writeString(out, at, KEY_TAG, k, keyBytes);
-    if (valueBytes !== 0) at = writeString(out, at, VALUE_TAG, v, valueBytes);
+    if (bytes !== 0) at = writeString(out, at, VALUE_TAG, v, bytes);
     out[at++] = APPEND_ACTION[0];
     out[at++] = APPEND_ACTION[1];
   }
-  out.write(metadataField, at, "latin1");
+  out[at++] = METADATA_TAG;
+  at = writeVarint(out, at, structLength);
+  for (const i of METADATA_ORDER) {
+    const bytes = valueBytes[i] as number;
+    const name = METADATA_NAMES[i] as Buffer;
+    out[at++] = STRUCT_ENTRY_TAG;
+    at = writeVarint(out, at, metadataEntryBytes(i, bytes));
+    out.set(name, at);
+    at += name.length;
+    out[at++] = ENTRY_VALUE_TAG;
+    at = writeVarint(out, at, fieldBytes(bytes));
+    at = writeString(out, at, STRING_VALUE_TAG, values[i] as string, bytes);
+  }
   return out;
+}
+
+/** An identity header's HeaderValue: its encoded key field, then the value field unless empty. */
+function headerValueBytes(name: Buffer, valueBytes: number): number {
+  return name.length + (valueBytes === 0 ? 0 : fieldBytes(valueBytes));
+}
+
+/** A Struct map entry: the encoded name, then the Value (a string_value, written even when empty). */
+function metadataEntryBytes(field: number, valueBytes: number): number {
+  return (METADATA_NAMES[field] as Buffer).length + fieldBytes(fieldBytes(valueBytes));
 }
 
 /** Writes a length-delimited string field (`bytes` = its UTF-8 length); returns the position after it. */
 function writeString(out: Buffer, at: number, tag: number, value: string, bytes: number): number {
   out[at] = tag;
   const start = writeVarint(out, at + 1, bytes);
-  return start + out.write(value, start, "utf8");
+  if (bytes !== value.length) return start + out.write(value, start, "utf8");
+  // ASCII, the usual case: copied here, short strings cost less than a call into Buffer.write.
+  for (let i = 0; i < bytes; i++) out[start + i] = value.charCodeAt(i);
+  return start + bytes;
+}
+
+/**
+ * Buffer.byteLength(value) for UTF-8, counted here: an allow measures about twenty short
+ * strings, each cheaper to count than a call into Buffer.byteLength. A lone surrogate counts
+ * 3 bytes, as Buffer.write replaces it with U+FFFD.
+ */
+function utf8Length(value: string): number {
+  let bytes = value.length;
+  for (let i = 0; i < value.length; i++) {
+    const c = value.charCodeAt(i);
+    if (c < 0x80) continue;
+    if (c < 0x800) bytes += 1;
+    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < value.length && (value.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+      bytes += 2;
+      i++;
+    } else bytes += 2;
+  }
+  return bytes;
 }
 
 /** DeniedHttpResponse { headers (the request's own), body } encoded. */

@@ -1,12 +1,12 @@
-import type { KeySnapshot } from "../store/store.js";
+import type { CheckSnapshot, KeySnapshot } from "../store/store.js";
 
 /** What to drop from caches after a change: one key (by hash) or every key of an owner. */
 export type Invalidation = { kind: "key"; hash: string } | { kind: "owner"; ownerId: string } | { kind: "all" };
 
 /** The in-process cache in front of everything else. Reads are synchronous. */
 export interface LocalCache {
-  /** A snapshot, null for a cached miss, or undefined when nothing is cached. */
-  get(hash: string): KeySnapshot | null | undefined;
+  /** What a Check reads of the key, null for a cached miss, or undefined when nothing is cached. */
+  get(hash: string): CheckSnapshot | null | undefined;
   /** `ttlMs` shortens the entry's life below the default (used while invalidations may be missed). */
   set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void;
   setMissing(hash: string, ttlMs?: number): void;

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import type { KeySnapshot, SnapshotStore } from "../store/store.js";
+import type { CheckSnapshot, KeySnapshot, SnapshotStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
 import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
 
@@ -95,7 +95,7 @@ export class SnapshotLookup {
   }
 
   /** Synchronous L1 read: the cached-path answer, without a promise. */
-  peek(hash: string): KeySnapshot | null | undefined {
+  peek(hash: string): CheckSnapshot | null | undefined {
     const cached = this.#deps.local.get(hash);
     this.#observer.cacheResult("l1", cached === undefined ? "miss" : cached === null ? "negative" : "hit");
     return cached;

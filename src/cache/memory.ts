@@ -1,45 +1,73 @@
 import { LRUCache } from "lru-cache";
-import type { KeySnapshot } from "../store/store.js";
+import type { CheckSnapshot, CheckedKey, KeySnapshot } from "../store/store.js";
 import type { Invalidation, InvalidationBus, LocalCache } from "./cache.js";
 
-// Plans, subscription states, roles, modes and scope names come from small configured sets, but
+// Plans, subscription states, roles, modes and scope lists come from small configured sets, but
 // every snapshot read from the store brings its own copies of them. L1 keeps one copy per value.
 // The bound only guards against a store full of unexpected values.
 const MAX_SHARED_VALUES = 4096;
 
-/** One copy per distinct value. */
-class SharedValues<T extends string> {
-  readonly #values = new Map<T, T>();
+/** One copy per distinct value, found by its text. */
+class SharedValues<T> {
+  readonly #values = new Map<string, T>();
 
-  /** The process's copy of `value`, the same text. */
+  /** `textOf` names a value; `keep` makes the copy that is shared (the value itself by default). */
+  constructor(
+    private readonly textOf: (value: T) => string,
+    private readonly keep: (value: T) => T = (value) => value,
+  ) {}
+
+  /** The process's copy of `value`, equal to it. */
   of(value: T): T {
-    const known = this.#values.get(value);
+    const text = this.textOf(value);
+    const known = this.#values.get(text);
     if (known !== undefined) return known;
-    if (this.#values.size < MAX_SHARED_VALUES) this.#values.set(value, value);
-    return value;
+    const kept = this.keep(value);
+    if (this.#values.size < MAX_SHARED_VALUES) this.#values.set(text, kept);
+    return kept;
   }
 }
 
-const modes = new SharedValues<KeySnapshot["key"]["mode"]>();
-const names = new SharedValues<string>();
-const statuses = new SharedValues<KeySnapshot["account"]["subscriptionStatus"]>();
-const roles = new SharedValues<KeySnapshot["account"]["role"]>();
+const modes = new SharedValues<CheckedKey["mode"]>(String);
+const plans = new SharedValues<string>(String);
+const statuses = new SharedValues<CheckSnapshot["account"]["subscriptionStatus"]>(String);
+const roles = new SharedValues<CheckSnapshot["account"]["role"]>(String);
+// Scope names hold no comma (config.ts's SCOPE_NAME_PATTERN), so a joined list names its scopes.
+// Shared lists are frozen: one key's list is every such key's.
+const scopeLists = new SharedValues<readonly string[]>(
+  (scopes) => scopes.join(","),
+  (scopes) => Object.freeze(scopes.slice()),
+);
 
 /**
- * Points a snapshot's low-cardinality fields at the process's copies (equal text, so nothing
- * reads differently), and its account's owner id at the key's: L1 holds up to maxEntries of them.
+ * What L1 keeps of a snapshot: only the fields a Check reads, in two small objects of fixed
+ * shape, with low-cardinality values (and the scope list, frozen) shared with every other key
+ * that has them, and the account's owner id pointing at the key's (they are equal).
  */
-function shareValues(snapshot: KeySnapshot): void {
+function checkSnapshot(snapshot: KeySnapshot): CheckSnapshot {
   const { key, account } = snapshot;
-  key.mode = modes.of(key.mode);
-  for (let i = 0; i < key.scopes.length; i++) {
-    const scope = key.scopes[i];
-    if (scope !== undefined) key.scopes[i] = names.of(scope);
-  }
-  if (account.ownerId === key.ownerId) account.ownerId = key.ownerId;
-  account.plan = names.of(account.plan);
-  account.subscriptionStatus = statuses.of(account.subscriptionStatus);
-  account.role = roles.of(account.role);
+  const ownerId = key.ownerId;
+  return {
+    key: {
+      id: key.id,
+      ownerId,
+      projectId: key.projectId,
+      mode: modes.of(key.mode),
+      scopes: scopeLists.of(key.scopes),
+      expiresAtMs: key.expiresAtMs,
+      revokedAtMs: key.revokedAtMs,
+      graceEndsAtMs: key.graceEndsAtMs,
+      rotatedToId: key.rotatedToId,
+      rateLimit: key.rateLimit,
+      disabledAtMs: key.disabledAtMs,
+    },
+    account: {
+      ownerId: account.ownerId === ownerId ? ownerId : account.ownerId,
+      plan: plans.of(account.plan),
+      subscriptionStatus: statuses.of(account.subscriptionStatus),
+      role: roles.of(account.role),
+    },
+  };
 }
 
 /** Bounds of the in-process cache. */
@@ -50,9 +78,9 @@ export interface MemoryCacheOptions {
   negativeTtlSeconds: number;
 }
 
-/** L1: a bounded LRU of snapshots by hash, and a shorter-lived LRU of unknown hashes. */
+/** L1: a bounded LRU of what a Check reads, by hash, and a shorter-lived LRU of unknown hashes. */
 export class MemoryCache implements LocalCache {
-  readonly #hits: LRUCache<string, KeySnapshot>;
+  readonly #hits: LRUCache<string, CheckSnapshot>;
   readonly #misses: LRUCache<string, true>;
 
   constructor(options: MemoryCacheOptions) {
@@ -64,7 +92,7 @@ export class MemoryCache implements LocalCache {
     return this.#hits.size;
   }
 
-  get(hash: string): KeySnapshot | null | undefined {
+  get(hash: string): CheckSnapshot | null | undefined {
     const hit = this.#hits.get(hash);
     if (hit !== undefined) return hit;
     return this.#misses.get(hash) === true ? null : undefined;
@@ -75,8 +103,7 @@ export class MemoryCache implements LocalCache {
     // Keyed by the snapshot's own copy of the hash when it is the same text: the caller's copy
     // (computed for the request) can then go, instead of a second 64-character string per key.
     const key = snapshot.key.hash === hash ? snapshot.key.hash : hash;
-    shareValues(snapshot);
-    this.#hits.set(key, snapshot, ttlMs === undefined ? undefined : { ttl: ttlMs });
+    this.#hits.set(key, checkSnapshot(snapshot), ttlMs === undefined ? undefined : { ttl: ttlMs });
   }
 
   setMissing(hash: string, ttlMs?: number): void {

@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
 import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
-import { WriteBehind } from "../store/write-behind.js";
+import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "../store/write-behind.js";
 
 /**
  * Counts usage in memory and adds it to the store in batches: requests by key, day and
@@ -123,14 +123,30 @@ export class UsageRecorder {
     }
   }
 
-  /** Adds one batch to the store; never rejects, since a failed batch goes back into the maps. */
+  /**
+   * Adds one batch to the store, FLUSH_CHUNK rows a call, yielding to the event loop between
+   * calls: a synchronous store (SQLite) writing a whole busy interval at once would hold every
+   * Check for the length of the write. Never rejects: the rows of the call that failed, and of
+   * those after it, go back into the maps (each call is one transaction, so none of them counted).
+   */
   async #write(usage: Map<string, UsageDelta>, credits: Map<string, CreditDelta>): Promise<void> {
+    const rows = [...usage.values()];
+    const spent = [...credits.values()];
+    let u = 0;
+    let c = 0;
     try {
-      await this.store.applyUsage([...usage.values()], [...credits.values()]);
+      while (u < rows.length || c < spent.length) {
+        if (u > 0 || c > 0) await yieldToEventLoop();
+        const usageChunk = rows.slice(u, u + FLUSH_CHUNK);
+        const creditChunk = spent.slice(c, c + FLUSH_CHUNK - usageChunk.length);
+        await this.store.applyUsage(usageChunk, creditChunk);
+        u += usageChunk.length;
+        c += creditChunk.length;
+      }
     } catch (error) {
-      for (const e of usage.values()) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
-      for (const e of credits.values()) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
-      this.logger.warn({ err: error, rows: usage.size }, "usage flush failed; will retry");
+      for (const e of rows.slice(u)) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
+      for (const e of spent.slice(c)) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
+      this.logger.warn({ err: error, rows: rows.length - u + spent.length - c }, "usage flush failed; will retry");
     }
   }
 }

@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { LastUsedStore } from "./store.js";
-import { WriteBehind } from "./write-behind.js";
+import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "./write-behind.js";
 
 /**
  * Collects last-use times in memory and writes them to the store in batches, so the Check
@@ -41,18 +41,25 @@ export class LastUsedRecorder {
     return this.#writer.stop();
   }
 
+  /** Writes FLUSH_CHUNK keys a call, yielding between calls (see UsageRecorder's flush). */
   async #flushOnce(): Promise<void> {
     if (this.#pending.size === 0) return;
-    const batch = this.#pending;
+    const batch = [...this.#pending];
     this.#pending = new Map();
+    let written = 0;
     try {
-      await this.store.touchLastUsed(batch);
+      while (written < batch.length) {
+        if (written > 0) await yieldToEventLoop();
+        const chunk = batch.slice(written, written + FLUSH_CHUNK);
+        await this.store.touchLastUsed(new Map(chunk));
+        written += chunk.length;
+      }
     } catch (error) {
-      for (const [id, atMs] of batch) {
+      for (const [id, atMs] of batch.slice(written)) {
         const newer = this.#pending.get(id);
         if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);
       }
-      this.logger.warn({ err: error, keys: batch.size }, "last-used flush failed; will retry");
+      this.logger.warn({ err: error, keys: batch.length - written }, "last-used flush failed; will retry");
     }
   }
 }

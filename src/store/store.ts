@@ -143,6 +143,20 @@ export interface KeySnapshot {
   account: AccountRecord;
 }
 
+/** The key fields a Check reads: its state, its identity, its limits. */
+export type CheckedKey = Pick<KeyRecord, "id" | "ownerId" | "projectId" | "mode" | "expiresAtMs" | "revokedAtMs" | "graceEndsAtMs" | "rotatedToId" | "rateLimit" | "disabledAtMs"> & {
+  readonly scopes: readonly string[];
+};
+
+/**
+ * What a Check reads of a snapshot, and all that the in-process cache keeps per key (names,
+ * metadata and times a Check never reads stay in the store). A KeySnapshot is one.
+ */
+export interface CheckSnapshot {
+  key: CheckedKey;
+  account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus" | "role">;
+}
+
 /** Fields of UpsertAccount; unset fields keep their value (or take the default on insert). */
 export interface AccountUpsert {
   ownerId: string;
@@ -261,7 +275,7 @@ export interface CreateLimits {
 export type KeyState = "active" | "disabled" | "grace" | "rotated" | "revoked" | "expired";
 
 /** Derives a key's state at `nowMs`. */
-export function keyState(key: KeyRecord, nowMs: number): KeyState {
+export function keyState(key: Pick<KeyRecord, "revokedAtMs" | "expiresAtMs" | "disabledAtMs" | "rotatedToId" | "graceEndsAtMs">, nowMs: number): KeyState {
   if (key.revokedAtMs !== null) return "revoked";
   if (key.expiresAtMs !== null && nowMs >= key.expiresAtMs) return "expired";
   if (key.disabledAtMs !== null) return "disabled";

@@ -1,4 +1,16 @@
 /**
+ * Rows a write-behind flush gives the store in one call (one transaction). On SQLite, whose
+ * writes run on the event loop, a call of this size takes about a millisecond, so Checks wait at
+ * most that long behind a flush, however many keys were busy in the interval.
+ */
+export const FLUSH_CHUNK = 256;
+
+/** Lets I/O and timers queued behind a long job run before it goes on. */
+export function yieldToEventLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/**
  * Runs a flush on a timer, one at a time, and once more on stop: the write-behind rhythm of
  * last-use times and usage counts. The flush itself keeps failed batches for the next run.
  */

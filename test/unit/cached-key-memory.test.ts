@@ -12,8 +12,8 @@ import { newKeyRecord } from "../../src/store/store.js";
 import { NO_REQUIREMENTS } from "../../src/authz/routes.js";
 
 // What keygate keeps per cached key is cut to what Check reads: the limiter's tables grow with
-// use instead of being preallocated, and an allow's fixed parts are kept as encoded bytes only.
-// Each replacement is held to what it replaces.
+// use instead of being preallocated, L1 keeps only the fields a Check reads, and an allow is
+// encoded from them without protobuf-es. Each replacement is held to what it replaces.
 
 type Op = { kind: "get" | "has"; key: number } | { kind: "set"; key: number; value: number } | { kind: "clear" };
 
@@ -86,23 +86,28 @@ function snapshot(overrides: { id: string; ownerId: string; projectId: string | 
 }
 
 describe("cached allow bytes happy", () => {
-  // The kept bytes are latin1 strings, one character a byte: any UTF-8 a key's fields hold, and
-  // lengths whose varints take two or three bytes, must come out as protobuf-es writes them.
+  // Any UTF-8 a key's fields hold (lone surrogates too), and lengths whose varints take two or
+  // three bytes, must come out as protobuf-es writes them.
   it("encodes allows with non-ASCII and long identity values byte for byte as protobuf-es does", () => {
     const value = fc.oneof(fc.string({ maxLength: 20 }), fc.string({ unit: "binary", maxLength: 20 }), fc.string({ minLength: 100, maxLength: 9000 }));
     fc.assert(
       fc.property(value, value, fc.option(value, { nil: null }), fc.array(value, { maxLength: 3 }), value, (id, ownerId, projectId, scopes, plan) => {
+        const full = snapshot({ id, ownerId, projectId, scopes, plan });
         const allow: Allow = {
           allow: true,
-          snapshot: snapshot({ id, ownerId, projectId, scopes, plan }),
+          snapshot: full,
           credentialHeaders: ["x-api-key"],
           route: NO_REQUIREMENTS,
           limits: null,
         };
         const expected = Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0))).toString("hex");
-        // First answer builds the kept bytes, the second is served from them.
         expect(Buffer.from(encodeCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
-        expect(Buffer.from(encodeCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
+        // And from what L1 keeps of the same snapshot.
+        const cache = new MemoryCache({ maxEntries: 1, ttlSeconds: 60, negativeMaxEntries: 1, negativeTtlSeconds: 5 });
+        cache.set("h", full);
+        const kept = cache.get("h");
+        if (kept === null || kept === undefined) throw new Error("L1 did not keep the snapshot");
+        expect(Buffer.from(encodeCheckResponse({ ...allow, snapshot: kept }, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
       }),
       { seed: 1313, numRuns: 300 },
     );
@@ -115,9 +120,53 @@ describe("L1 happy", () => {
     const stored = snapshot({ id: "key_a", ownerId: "o", projectId: null, scopes: [], plan: "basic" });
     const requestCopy = ["0".repeat(32), "0".repeat(32)].join("");
     cache.set(requestCopy, stored);
-    expect(cache.get("0".repeat(64))).toBe(stored);
+    expect(cache.get("0".repeat(64))?.key.id).toBe("key_a");
     cache.invalidate({ kind: "key", hash: requestCopy });
     expect(cache.get("0".repeat(64))).toBeUndefined();
     expect(cache.size).toBe(0);
+  });
+
+  it("keeps exactly the fields a Check reads, with their values", () => {
+    const cache = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 });
+    const stored = snapshot({ id: "key_a", ownerId: "owner_a", projectId: "proj_a", scopes: ["decks:read", "chat:write"], plan: "pro" });
+    stored.key.expiresAtMs = 1_900_000_000_000;
+    stored.key.graceEndsAtMs = 1_800_000_000_000;
+    stored.key.rotatedToId = "key_b";
+    stored.key.rateLimit = { limit: 5, windowSeconds: 60 };
+    stored.key.metadata = { team: "billing" };
+    cache.set("h", stored);
+    expect(cache.get("h")).toStrictEqual({
+      key: {
+        id: "key_a",
+        ownerId: "owner_a",
+        projectId: "proj_a",
+        mode: "live",
+        scopes: ["decks:read", "chat:write"],
+        expiresAtMs: 1_900_000_000_000,
+        revokedAtMs: null,
+        graceEndsAtMs: 1_800_000_000_000,
+        rotatedToId: "key_b",
+        rateLimit: { limit: 5, windowSeconds: 60 },
+        disabledAtMs: null,
+      },
+      account: { ownerId: "owner_a", plan: "pro", subscriptionStatus: "active", role: "standard" },
+    });
+  });
+
+  it("shares one frozen scope list between keys with the same scopes, and none with the store's records", () => {
+    const cache = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 });
+    const first = snapshot({ id: "key_a", ownerId: "a", projectId: null, scopes: ["decks:read", "chat:write"], plan: "pro" });
+    const second = snapshot({ id: "key_b", ownerId: "b", projectId: null, scopes: ["decks:read", "chat:write"], plan: "pro" });
+    const other = snapshot({ id: "key_c", ownerId: "c", projectId: null, scopes: ["chat:write", "decks:read"], plan: "pro" });
+    cache.set("1", first);
+    cache.set("2", second);
+    cache.set("3", other);
+    const [a, b, c] = ["1", "2", "3"].map((hash) => cache.get(hash)?.key.scopes);
+    expect(a).toBe(b);
+    expect(a).not.toBe(first.key.scopes);
+    expect(Object.isFrozen(a)).toBe(true);
+    expect(c).toStrictEqual(["chat:write", "decks:read"]);
+    first.key.scopes.push("admin");
+    expect(cache.get("1")?.key.scopes).toStrictEqual(["decks:read", "chat:write"]);
   });
 });

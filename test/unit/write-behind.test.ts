@@ -1,0 +1,125 @@
+import { pino } from "pino";
+import { describe, expect, it } from "vitest";
+import { UsageRecorder } from "../../src/limits/usage.js";
+import { LastUsedRecorder } from "../../src/store/last-used.js";
+import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
+import { FLUSH_CHUNK } from "../../src/store/write-behind.js";
+
+// Write-behind flushes give the store FLUSH_CHUNK rows a call and let the event loop run between
+// calls, so a busy interval's flush never holds Checks for its whole length. A failed call puts
+// back its rows and those after it, and nothing before it: each call is one transaction.
+
+const silent = pino({ level: "silent" });
+
+/** Usage totals by key|day|outcome, as a store adding the deltas would hold them. */
+class UsageTotals {
+  readonly counts = new Map<string, number>();
+  readonly spent = new Map<string, number>();
+  readonly calls: Array<{ usage: number; credits: number }> = [];
+  /** Call numbers (from 1) that fail, once each. */
+  readonly failing = new Set<number>();
+  /** What else ran on the event loop, in order with the calls. */
+  readonly events: string[] = [];
+
+  async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
+    this.calls.push({ usage: usage.length, credits: credits.length });
+    this.events.push(`call ${this.calls.length}`);
+    if (this.failing.delete(this.calls.length)) throw new Error("store unavailable");
+    for (const u of usage) this.counts.set(`${u.keyId}|${u.day}|${u.outcome}`, (this.counts.get(`${u.keyId}|${u.day}|${u.outcome}`) ?? 0) + u.count);
+    for (const c of credits) this.spent.set(c.ownerId, (this.spent.get(c.ownerId) ?? 0) + c.monthlyUsed + c.topupUsed);
+  }
+}
+
+describe("write-behind flush happy", () => {
+  it("writes a busy interval in calls of at most FLUSH_CHUNK rows, letting other work run between them", async () => {
+    const store = new UsageTotals();
+    const recorder = new UsageRecorder(store, silent, 60_000);
+    const keys = FLUSH_CHUNK * 3 + 10;
+    for (let i = 0; i < keys; i++) recorder.record(`owner-${i}`, `key-${i}`, "2026-12-03", "ALLOWED", 1);
+    for (let i = 0; i < 20; i++) recorder.spend(`owner-${i}`, "2026-12", 2, 0);
+    // Work that keeps arriving on the event loop while the flush runs, as Checks would.
+    let running = true;
+    const tick = (): void => {
+      store.events.push("tick");
+      if (running) setImmediate(tick);
+    };
+    setImmediate(tick);
+    await recorder.flush();
+    running = false;
+    expect(store.calls).toStrictEqual([
+      { usage: FLUSH_CHUNK, credits: 0 },
+      { usage: FLUSH_CHUNK, credits: 0 },
+      { usage: FLUSH_CHUNK, credits: 0 },
+      { usage: 10, credits: 20 },
+    ]);
+    // Between any two calls, something else ran.
+    const calls = store.events.map((event, i) => [event, i] as const).filter(([event]) => event.startsWith("call"));
+    for (let i = 1; i < calls.length; i++) {
+      const between = store.events.slice((calls[i - 1]?.[1] ?? 0) + 1, calls[i]?.[1]);
+      expect(between.length).toBeGreaterThan(0);
+    }
+    expect(store.counts.size).toBe(keys);
+    expect([...store.counts.values()].every((count) => count === 1)).toBe(true);
+    expect(store.spent.get("owner-0")).toBe(2);
+    expect(recorder.pendingCount).toBe(0);
+  });
+
+  it("puts back the failed call's rows and the later ones, never the written ones: every request counted once", async () => {
+    const store = new UsageTotals();
+    store.failing.add(3);
+    const recorder = new UsageRecorder(store, silent, 60_000);
+    const keys = FLUSH_CHUNK * 4;
+    for (let i = 0; i < keys; i++) recorder.record("owner", `key-${i}`, "2026-12-03", "ALLOWED", 0);
+    recorder.spend("owner", "2026-12", 5, 1);
+    await recorder.flush();
+    expect(store.calls.map((c) => c.usage)).toStrictEqual([FLUSH_CHUNK, FLUSH_CHUNK, FLUSH_CHUNK]);
+    expect(store.counts.size).toBe(FLUSH_CHUNK * 2);
+    expect(recorder.pendingCount).toBe(FLUSH_CHUNK * 2 + 1);
+    expect(recorder.pendingSpend("owner", "2026-12")).toStrictEqual({ monthly: 5, topup: 1 });
+    // A request counted meanwhile joins the put-back row.
+    recorder.record("owner", `key-${keys - 1}`, "2026-12-03", "ALLOWED", 0);
+    await recorder.flush();
+    expect(store.counts.size).toBe(keys);
+    expect(store.counts.get(`key-${keys - 1}|2026-12-03|ALLOWED`)).toBe(2);
+    expect([...store.counts.values()].reduce((a, b) => a + b, 0)).toBe(keys + 1);
+    expect(store.spent.get("owner")).toBe(6);
+    expect(recorder.pendingCount).toBe(0);
+  });
+
+  it("writes last-use times in calls of at most FLUSH_CHUNK keys and keeps the newer time of a failed call's keys", async () => {
+    const calls: number[] = [];
+    const stored = new Map<string, number>();
+    let failNext = false;
+    const recorder = new LastUsedRecorder(
+      {
+        async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
+          calls.push(lastUsed.size);
+          if (failNext) {
+            failNext = false;
+            throw new Error("store unavailable");
+          }
+          for (const [id, atMs] of lastUsed) stored.set(id, Math.max(stored.get(id) ?? 0, atMs));
+        },
+      },
+      silent,
+      60_000,
+    );
+    const keys = FLUSH_CHUNK * 2 + 1;
+    for (let i = 0; i < keys; i++) recorder.record(`key-${i}`, 1000);
+    await recorder.flush();
+    expect(calls).toStrictEqual([FLUSH_CHUNK, FLUSH_CHUNK, 1]);
+    expect(stored.size).toBe(keys);
+
+    calls.length = 0;
+    for (let i = 0; i < keys; i++) recorder.record(`key-${i}`, 2000);
+    failNext = true;
+    await recorder.flush();
+    expect(calls).toStrictEqual([FLUSH_CHUNK]);
+    expect(recorder.pendingCount).toBe(keys);
+    recorder.record("key-0", 3000);
+    await recorder.flush();
+    expect(stored.get("key-0")).toBe(3000);
+    expect(stored.get(`key-${keys - 1}`)).toBe(2000);
+    expect(recorder.pendingCount).toBe(0);
+  });
+});
