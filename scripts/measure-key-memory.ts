@@ -23,6 +23,7 @@ import { DEFAULT_POLICY_INPUT, parsePolicy } from "../src/config.js";
 import { CheckRequestSchema } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { KeyHasher } from "../src/keys/hasher.js";
 import { KeyFormat } from "../src/keys/key-format.js";
+import { LocalIdempotencyLedger } from "../src/limits/idempotency.js";
 import { MemoryMeter } from "../src/limits/memory.js";
 import { UsageRecorder } from "../src/limits/usage.js";
 import { LastUsedRecorder } from "../src/store/last-used.js";
@@ -80,7 +81,7 @@ async function main(): Promise<void> {
     policy,
     nowMs,
   });
-  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy, meter, usage, nowMs, logger });
+  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy, meter, usage, idempotency: new LocalIdempotencyLedger(), nowMs, logger });
   const built = await settled();
 
   // A typical Envoy request: the credential among fifteen headers.

@@ -26,8 +26,12 @@ export const SCOPE_NAME_PATTERN = /^[a-z][a-z0-9_.:-]{0,63}$/;
 const scopeName = z.string().regex(SCOPE_NAME_PATTERN, "a scope is lowercase letters, digits and _ . : -");
 
 // A prefix is matched against canonical paths segment by segment, so it must be one itself, with
-// only unreserved characters: then no escape in a request can stand for one of its segments.
-const CANONICAL_PREFIX = /^(?:\/[A-Za-z0-9._~-]*[A-Za-z0-9_~-])*\/?$/;
+// only unreserved characters: then no escape in a request can stand for one of its segments. One
+// segment may be PROJECT_SEGMENT: it matches any one segment, and names the request's project.
+const CANONICAL_PREFIX = /^(?:\/(?:[A-Za-z0-9._~-]*[A-Za-z0-9_~-]|\{project\}))*\/?$/;
+
+/** The path segment of a route prefix that matches any one segment and gives the project the key must be locked to (or unlocked). */
+export const PROJECT_SEGMENT = "{project}";
 
 const routeSchema = z.object({
   /** HTTP method, or "*" for any. */
@@ -37,7 +41,7 @@ const routeSchema = z.object({
     .startsWith("/")
     .regex(
       CANONICAL_PREFIX,
-      'a path prefix is "/" or "/"-separated segments of letters, digits and - . _ ~ (no empty, "." or ".." segment, none ending in "."), as keygate matches canonical paths',
+      'a path prefix is "/" or "/"-separated segments of letters, digits and - . _ ~ (no empty, "." or ".." segment, none ending in "."), as keygate matches canonical paths; one segment may be {project}',
     ),
   requiredScopes: z.array(scopeName).default([]),
   projectId: z.string().min(1).optional(),
@@ -61,6 +65,9 @@ const flushSeconds = z
   .positive()
   .max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`)
   .default(5);
+
+/** ChargeUsage calls an account may make by default: 6,000 a minute. */
+const DEFAULT_CHARGE_RATE_LIMIT = { limit: 6000, windowSeconds: 60 };
 
 const policySchema = z
   .object({
@@ -103,8 +110,13 @@ const policySchema = z
         onRedisError: z.enum(["fallback", "fail-open", "fail-closed"]).default("fallback"),
         /** How often counted usage and spent credits are written to the store. */
         usageFlushSeconds: flushSeconds,
+        /**
+         * ChargeUsage calls an account may make, in a bucket of their own: backend charging never
+         * uses up the account's rate limit for Checks, and a runaway job is stopped.
+         */
+        chargeRateLimit: rateLimitSchema.default(DEFAULT_CHARGE_RATE_LIMIT),
       })
-      .default({ rateLimitPer: "account", roleRateLimits: {}, onRedisError: "fallback", usageFlushSeconds: 5 }),
+      .default({ rateLimitPer: "account", roleRateLimits: {}, onRedisError: "fallback", usageFlushSeconds: 5, chargeRateLimit: DEFAULT_CHARGE_RATE_LIMIT }),
   })
   .superRefine((policy, ctx) => {
     if (!(policy.defaultPlan in policy.plans)) {
@@ -117,6 +129,11 @@ const policySchema = z
       }
     });
     policy.routes.forEach((route, i) => {
+      const projectSegments = route.pathPrefix.split("/").filter((segment) => segment === PROJECT_SEGMENT).length;
+      if (projectSegments > 1) ctx.addIssue({ code: "custom", path: ["routes", i, "pathPrefix"], message: `at most one ${PROJECT_SEGMENT} segment` });
+      if (projectSegments > 0 && route.projectId !== undefined) {
+        ctx.addIssue({ code: "custom", path: ["routes", i, "projectId"], message: `a route whose path names the project (${PROJECT_SEGMENT}) cannot also fix one` });
+      }
       route.requiredScopes.forEach((scope, j) => {
         if (!catalog.has(scope)) {
           ctx.addIssue({ code: "custom", path: ["routes", i, "requiredScopes", j], message: `"${scope}" is not in scopes.catalog` });

@@ -13,11 +13,14 @@ import {
   KeyAdmin,
   UsageCountsSchema,
   VerifyKeyResponseSchema,
+  ChargeUsageResponseSchema,
 } from "../gen/keygate/v1/key_admin_pb.js";
 import type { Account, ApiKey } from "../gen/keygate/v1/key_admin_pb.js";
 import { DENIALS } from "../authz/reasons.js";
 import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
+import { IdempotencyInProgressError, IdempotencyUnavailableError } from "../limits/idempotency.js";
+import { limitHeaders } from "../authz/rate-headers.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminGate } from "./auth.js";
@@ -127,6 +130,11 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
     logger.warn({ err: error }, "cache invalidation failed");
     return new ConnectError(error.message, Code.Unavailable);
   }
+  if (error instanceof IdempotencyInProgressError) return new ConnectError(error.message, Code.Aborted);
+  if (error instanceof IdempotencyUnavailableError) {
+    logger.warn({ err: error.cause }, "idempotency ledger unavailable");
+    return new ConnectError(error.message, Code.Unavailable);
+  }
   if (error instanceof StoreUnavailableError) {
     logger.warn({ err: error }, "store unavailable");
     return new ConnectError("the key store is unavailable; retry shortly", Code.Unavailable);
@@ -229,6 +237,22 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         message: decision.allow ? "" : decision.message,
         key: key === null ? undefined : toApiKey(key, now),
         account,
+      });
+    }),
+    chargeUsage: guard(async (req) => {
+      const answer = await service.chargeUsage({ ownerId: unset(req.ownerId), keyId: unset(req.keyId), cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey });
+      const { charge } = answer;
+      const headers: Record<string, string> = {};
+      if (charge.retryAfterSeconds !== null) headers["retry-after"] = String(charge.retryAfterSeconds);
+      if (charge.limits !== null) for (const [name, value] of limitHeaders(charge.limits, answer.atMs)) headers[name] = value;
+      return create(ChargeUsageResponseSchema, {
+        charged: charge.charged,
+        code: charge.reason === null ? "OK" : DENIALS[charge.reason].code,
+        message: charge.message,
+        ownerId: answer.ownerId,
+        keyId: answer.keyId,
+        headers,
+        replayed: answer.replayed,
       });
     }),
     addCredits: guard(async (req, actor) => ({

@@ -3,7 +3,8 @@ import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
 import type { Policy } from "../config.js";
 import { CacheUnavailableError } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
-import type { DecisionPipeline, Decision } from "../authz/pipeline.js";
+import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
+import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { newEventId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
@@ -59,9 +60,25 @@ export interface LifecycleDeps {
   policy: Policy;
   meter: Meter;
   usage: UsageRecorder;
+  /** Remembers ChargeUsage's idempotency keys: in Redis when replicas share it. */
+  idempotency: IdempotencyLedger;
   nowMs: () => number;
   logger?: Logger | undefined;
 }
+
+/** A ChargeUsage answer: whose usage it was, the charge, and whether it is an earlier call's answer. */
+export interface ChargeUsageAnswer {
+  ownerId: string;
+  keyId: string;
+  charge: UsageCharge;
+  /** When the charge was decided: its limit headers are as of then. */
+  atMs: number;
+  replayed: boolean;
+}
+
+/** The most credits one ChargeUsage may cost. */
+const MAX_CHARGE_COST = 1_000_000_000;
+const IDEMPOTENCY_KEY = /^[\x20-\x7e]{1,200}$/;
 
 /** Who made a change: the admin token's id and the caller's address. */
 export interface Actor {
@@ -463,6 +480,38 @@ export class LifecycleService {
     const events = rows.slice(0, limit);
     const last = events.at(-1);
     return { events, nextPageToken: rows.length > limit && last !== undefined ? encodePageToken(last.id) : "" };
+  }
+
+  /**
+   * ChargeUsage: one metered use of `cost` credits by an account or one of its keys, from a
+   * backend. Every input is checked before anything is charged; a retry with the same
+   * idempotency key (per owner) gets the first answer and charges nothing.
+   */
+  async chargeUsage(input: { ownerId?: string | undefined; keyId?: string | undefined; cost: number; idempotencyKey: string }): Promise<ChargeUsageAnswer> {
+    const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
+    let ownerId = input.ownerId === undefined ? undefined : check(externalId, "owner_id", input.ownerId);
+    if (keyId === undefined && ownerId === undefined) throw new InvalidArgumentError("owner_id", "is required when key_id is not given");
+    if (!Number.isInteger(input.cost) || input.cost < 0 || input.cost > MAX_CHARGE_COST) {
+      throw new InvalidArgumentError("cost", `must be a whole number from 0 to ${MAX_CHARGE_COST}`);
+    }
+    if (!IDEMPOTENCY_KEY.test(input.idempotencyKey)) throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per charge (it is required)");
+    const key = keyId === undefined ? null : await this.deps.store.getKey(keyId);
+    if (keyId !== undefined && key === null) throw new NotFoundError(`key ${keyId} does not exist`);
+    if (key !== null) {
+      if (ownerId !== undefined && ownerId !== key.ownerId) throw new InvalidArgumentError("key_id", `belongs to another owner than "${ownerId}"`);
+      ownerId = key.ownerId;
+    }
+    if (ownerId === undefined) throw new InvalidArgumentError("owner_id", "is required when key_id is not given");
+    const owner = ownerId;
+    const stored = await this.deps.store.getAccount(owner);
+    if (stored === null && key === null) throw new NotFoundError(`account "${owner}" does not exist`);
+    const account = stored ?? { ownerId: owner, ...this.accountDefaults };
+    // Owner ids are printable ASCII without spaces, so the first space ends one.
+    const once = await this.deps.idempotency.once(`${owner} ${input.idempotencyKey}`, async () => ({
+      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost),
+      atMs: this.deps.nowMs(),
+    }));
+    return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed };
   }
 
   /**

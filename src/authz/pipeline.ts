@@ -8,7 +8,7 @@ import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
 import { ALLOWED, ALLOWED_UNMETERED, keyState } from "../store/store.js";
-import type { CheckSnapshot } from "../store/store.js";
+import type { AccountRecord, CheckSnapshot, CheckedKey } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./credential.js";
 import { DENIALS } from "./reasons.js";
@@ -51,6 +51,17 @@ export interface Deny {
 /** The outcome of the pipeline. */
 export type Decision = Allow | Deny;
 
+/** The outcome of a ChargeUsage: charged, or refused as a Check would be, and where the account stands. */
+export interface UsageCharge {
+  charged: boolean;
+  /** Null when charged. */
+  reason: DenyReason | null;
+  message: string;
+  /** Null when refused before the limits step (the key's state, the subscription). */
+  limits: ChargeResult | null;
+  retryAfterSeconds: number | null;
+}
+
 /** Everything the pipeline reads. Tests pass real or in-memory parts. */
 export interface PipelineDeps {
   format: KeyFormat;
@@ -74,6 +85,9 @@ const FIXED: Readonly<Record<"MISSING_CREDENTIAL" | "MALFORMED_KEY" | "UNKNOWN_K
 
 // VerifyKey answers for a bare key: there is no request whose headers would go upstream.
 const NO_HEADERS: readonly string[] = [];
+
+// A key state that refuses, and the denial it is.
+const KEY_STATE_DENIALS = { revoked: "KEY_REVOKED", rotated: "KEY_ROTATED", expired: "KEY_EXPIRED", disabled: "KEY_DISABLED" } as const satisfies Record<string, DenyReason>;
 
 function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[reason].message): Deny {
   return { allow: false, reason, message, snapshot };
@@ -113,6 +127,41 @@ export class DecisionPipeline {
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
     if (this.deps.format.parse(key) === null) return FIXED.MALFORMED_KEY;
     return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, NO_HEADERS, route, false));
+  }
+
+  /**
+   * ChargeUsage: one metered use costing `cost` credits, by an account (and one of its keys, when
+   * given), without a request: the daily quota and credits a Check on a metered route uses, in the
+   * same meter and as atomically. Charges have a rate bucket of their own per account
+   * (limits.chargeRateLimit), so backend charging never uses up the account's Check rate.
+   */
+  async chargeUsage(account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">, key: CheckedKey | null, cost: number): Promise<UsageCharge> {
+    const nowMs = this.deps.nowMs();
+    const keyId = key === null ? "" : key.id;
+    const refused = (reason: DenyReason, limits: ChargeResult | null, message = DENIALS[reason].message): UsageCharge => {
+      this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), DENIALS[reason].code, 0);
+      return { charged: false, reason, message, limits, retryAfterSeconds: limits?.retryAfterSeconds ?? null };
+    };
+    if (key !== null) {
+      const state = keyState(key, nowMs);
+      if (state !== "active" && state !== "grace") return refused(KEY_STATE_DENIALS[state], null);
+    }
+    if (account.subscriptionStatus !== "active") return refused("PLAN_REQUIRED", null);
+    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
+    const limits = await this.deps.meter.charge({
+      ownerId: account.ownerId,
+      bucket: `u:${account.ownerId}`,
+      rate: this.deps.policy.limits.chargeRateLimit,
+      dailyQuota: plan.dailyQuota,
+      monthlyCredits: plan.monthlyCredits,
+      cost,
+      nowMs,
+    });
+    const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
+    if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
+    if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
+    this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), ALLOWED, spent);
+    return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
   }
 
   #withSnapshot(key: string, judge: (snapshot: CheckSnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {

@@ -1,4 +1,4 @@
-import { ROLES, SCOPE_NAME_PATTERN } from "../config.js";
+import { PROJECT_SEGMENT, ROLES, SCOPE_NAME_PATTERN } from "../config.js";
 import type { Role } from "../store/store.js";
 import type { Route, RouteMatching } from "../config.js";
 import type { DenyReason } from "./reasons.js";
@@ -62,6 +62,10 @@ export const ROUTE_CONFIG_REFUSALS = {
   requiredScopes: new RouteRefusal(
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
+  ),
+  projectId: new RouteRefusal(
+    "ROUTE_MISCONFIGURED",
+    'The gateway\'s per-route "project_id" (context_extensions) names another project than the request path does. This is a gateway configuration error.',
   ),
 } as const;
 
@@ -249,12 +253,36 @@ function segmentProblem(out: string, start: number): RouteRefusal | null {
 
 interface Entry {
   route: Route;
-  /** The prefix less any trailing slash, lower-cased when matching ignores case. */
-  prefix: string;
-  /** The prefix less any trailing slash, lower-cased: for the letter-case check. */
-  foldedPrefix: string;
+  /**
+   * The prefix before its {project} segment (all of it when it has none), less any trailing
+   * slash; lower-cased when matching ignores case.
+   */
+  head: string;
+  /** The prefix after its {project} segment ("" when nothing follows); null when it has none. */
+  tail: string | null;
+  /** head and tail lower-cased: for the letter-case check. */
+  foldedHead: string;
+  foldedTail: string | null;
   /** What the route asks when the proxy sends no per-route settings. */
   requirements: RouteRequirements;
+}
+
+const PROJECT_PART = `/${PROJECT_SEGMENT}`;
+
+/** Whether a canonical path falls under a prefix split at its {project} segment (see Entry). */
+function under(path: string, head: string, tail: string | null): boolean {
+  if (tail === null) return head === "" || (path.startsWith(head) && (path.length === head.length || path.charCodeAt(head.length) === SLASH));
+  if (!path.startsWith(head) || path.charCodeAt(head.length) !== SLASH) return false;
+  const end = projectEnd(path, head.length);
+  if (end === head.length + 1) return false;
+  if (tail === "") return true;
+  return path.startsWith(tail, end) && (path.length === end + tail.length || path.charCodeAt(end + tail.length) === SLASH);
+}
+
+/** Where the segment after `path[slashAt]` ends. */
+function projectEnd(path: string, slashAt: number): number {
+  const end = path.indexOf("/", slashAt + 1);
+  return end === -1 ? path.length : end;
 }
 
 /** What a request that no route names must satisfy: nothing beyond a valid key; metered, cost 1. */
@@ -276,20 +304,33 @@ export class RouteTable {
 
   constructor(routes: readonly Route[], matching: RouteMatching = { caseInsensitive: false }) {
     this.#caseInsensitive = matching.caseInsensitive;
-    this.#entries = [...routes]
-      .sort((a, b) => b.pathPrefix.length - a.pathPrefix.length)
+    this.#entries = routes
       .map((route) => {
         const bare = route.pathPrefix.endsWith("/") ? route.pathPrefix.slice(0, -1) : route.pathPrefix;
-        const folded = bare.toLowerCase();
-        return {
+        const at = bare.indexOf(PROJECT_PART);
+        const head = at === -1 ? bare : bare.slice(0, at);
+        const tail = at === -1 ? null : bare.slice(at + PROJECT_PART.length);
+        const foldedHead = head.toLowerCase();
+        const foldedTail = tail === null ? null : tail.toLowerCase();
+        const entry: Entry = {
           route,
-          prefix: matching.caseInsensitive ? folded : bare,
-          foldedPrefix: folded,
+          head: matching.caseInsensitive ? foldedHead : head,
+          tail: matching.caseInsensitive ? foldedTail : tail,
+          foldedHead,
+          foldedTail,
           requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost, metered: route.metered, minRole: route.minRole ?? null },
         };
-      });
-    this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.prefix));
-    this.#decidingLength = (this.#entries[0]?.prefix.length ?? 0) + 1;
+        return { entry, segments: bare.split("/").length - 1 };
+      })
+      // Most segments first (for literal prefixes, the longest); at equal depth a literal segment
+      // before {project}, so "/projects/shared" wins over "/projects/{project}".
+      .sort((a, b) => b.segments - a.segments || Number(a.entry.tail !== null) - Number(b.entry.tail !== null) || b.entry.head.length - a.entry.head.length)
+      .map(({ entry }) => entry);
+    this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.head) || HAS_UPPER.test(entry.tail ?? ""));
+    // Past a {project} segment, of any length, letters may still decide a match.
+    this.#decidingLength = this.#entries.some((entry) => entry.tail !== null)
+      ? Number.POSITIVE_INFINITY
+      : (this.#entries[0]?.head.length ?? 0) + 1;
   }
 
   get isEmpty(): boolean {
@@ -311,7 +352,12 @@ export class RouteTable {
   requirements(method: string, rawPath: string, extensions: Readonly<Record<string, string>> | undefined): RouteRequirements | RouteRefusal {
     const entry = this.#resolve(method, rawPath);
     if (entry instanceof RouteRefusal) return entry;
-    const base = entry === null ? NO_REQUIREMENTS : entry.requirements;
+    let base = entry === null ? NO_REQUIREMENTS : entry.requirements;
+    if (entry !== null && entry.tail !== null) {
+      const project = this.#pathProject(entry, rawPath);
+      if (project instanceof RouteRefusal) return project;
+      base = { ...base, projectId: project };
+    }
     if (extensions === undefined) return base;
     const scopesText = extensions["required_scopes"];
     const projectText = extensions["project_id"];
@@ -347,7 +393,25 @@ export class RouteTable {
       if (role === undefined) return ROUTE_CONFIG_REFUSALS.minRole;
       minRole = role;
     }
-    return { requiredScopes, projectId: projectSet ? projectText.trim() : base.projectId, cost, metered, minRole };
+    let projectId = base.projectId;
+    if (projectSet) {
+      // A route whose path names the project: a per-route project may only agree with it.
+      if (entry !== null && entry.tail !== null && projectText.trim() !== projectId) return ROUTE_CONFIG_REFUSALS.projectId;
+      projectId = projectText.trim();
+    }
+    return { requiredScopes, projectId, cost, metered, minRole };
+  }
+
+  /**
+   * The project a matched {project} route's path names: the segment as the upstream reads it
+   * (canonical, so unreserved escapes decoded and nothing else escaped to stand for "/"). Compared
+   * with the key's project exactly, even when matching ignores case: a differently cased project
+   * is refused, never guessed equal.
+   */
+  #pathProject(entry: Entry, rawPath: string): string | RouteRefusal {
+    const path = canonicalPath(rawPath);
+    if (path instanceof RouteRefusal) return path;
+    return path.slice(entry.head.length + 1, projectEnd(path, entry.head.length));
   }
 
   /** A non-blank required_scopes value as scope names, or null when one is not a scope name. */
@@ -387,8 +451,7 @@ export class RouteTable {
   #find(upperMethod: string, path: string, folded: boolean): Entry | null {
     for (const entry of this.#entries) {
       if (entry.route.method !== "*" && entry.route.method !== upperMethod) continue;
-      const prefix = folded ? entry.foldedPrefix : entry.prefix;
-      if (prefix === "" || (path.startsWith(prefix) && (path.length === prefix.length || path.charCodeAt(prefix.length) === SLASH))) return entry;
+      if (folded ? under(path, entry.foldedHead, entry.foldedTail) : under(path, entry.head, entry.tail)) return entry;
     }
     return null;
   }

@@ -1,14 +1,6 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import type {
-  Account,
-  ApiKey,
-  AuditEvent,
-  GetUsageResponse,
-  RateLimit,
-  UsageCounts,
-  VerifyKeyResponse,
-} from "../gen/keygate/v1/key_admin_pb.js";
+import type { Account, ApiKey, AuditEvent, ChargeUsageResponse, GetUsageResponse, RateLimit, UsageCounts, VerifyKeyResponse } from "../gen/keygate/v1/key_admin_pb.js";
 import { NONE, details, list, table } from "./format.js";
 
 /** A timestamp as ISO 8601 UTC, or NONE when unset. */
@@ -83,6 +75,19 @@ export function verifyDetails(answer: VerifyKeyResponse): string {
     pairs.push(["key", answer.key.id], ["owner", answer.key.ownerId], ["state", answer.key.state], ["scopes", list(answer.key.scopes)]);
   }
   if (answer.account !== undefined) pairs.push(["plan", answer.account.plan]);
+  return details(pairs);
+}
+
+export function chargeDetails(answer: ChargeUsageResponse): string {
+  const pairs: Pair[] = [
+    ["charged", answer.charged === true ? "yes" : "no"],
+    ["code", answer.code],
+    ["message", answer.message === "" ? NONE : answer.message],
+    ["owner", answer.ownerId],
+    ["key", answer.keyId === "" ? NONE : answer.keyId],
+    ["replayed", answer.replayed ? "yes (the first answer for this idempotency key)" : "no"],
+  ];
+  for (const [name, value] of Object.entries(answer.headers).sort(([a], [b]) => a.localeCompare(b))) pairs.push([name, value]);
   return details(pairs);
 }
 

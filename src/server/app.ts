@@ -17,6 +17,8 @@ import { LastUsedRecorder } from "../store/last-used.js";
 import { MemoryMeter } from "../limits/memory.js";
 import type { Meter } from "../limits/limits.js";
 import { RedisMeter } from "../limits/redis.js";
+import { LocalIdempotencyLedger, RedisIdempotencyLedger } from "../limits/idempotency.js";
+import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
@@ -97,11 +99,11 @@ async function openCache(
   store: KeyStore,
   usage: UsageRecorder,
   metrics: Metrics,
-): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; close(): Promise<void> }> {
+): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; idempotency: IdempotencyLedger; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
   if (config.redisUrl === undefined) {
     const bus = new LocalInvalidationBus();
-    return { shared: undefined, bus, meter: memoryMeter, close: () => bus.close() };
+    return { shared: undefined, bus, meter: memoryMeter, idempotency: new LocalIdempotencyLedger(), close: () => bus.close() };
   }
   const main = await connectRedis(config.redisUrl, {}, logger).catch(redisStartError);
   const subscriber = await connectRedis(config.redisUrl, {}, logger).catch(async (error: unknown) => {
@@ -115,6 +117,7 @@ async function openCache(
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds }),
     bus,
     meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics),
+    idempotency: new RedisIdempotencyLedger(main),
     async close() {
       await bus.close();
       await Promise.allSettled([main.quit(), subscriber.quit()]);
@@ -132,7 +135,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
   const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
   const cache = await openCache(config, logger, store, usage, metrics);
-  const { bus, shared, meter } = cache;
+  const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache(config.policy.cache);
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
@@ -148,7 +151,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     policy: config.policy,
     nowMs,
   });
-  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, nowMs, logger });
+  const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, idempotency, nowMs, logger });
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
   metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();

@@ -389,6 +389,20 @@ describe("keygate accounts, usage and audit: happy", { timeout: 60_000 }, () => 
     expect((await kg.admin.getAccount({ ownerId: "cli-credits" })).account?.topupCredits).toBe(500n);
   });
 
+  it("accounts charge charges once per idempotency key and prints the answer", async () => {
+    await kg.admin.upsertAccount({ ownerId: "cli-charge" });
+    const first = await cli(["accounts", "charge", "cli-charge", "3", "--idempotency-key", "order-9"]);
+    expect(first.code).toBe(0);
+    expect(first.stdout).toMatch(/^charged:\s+yes$/m);
+    expect(first.stdout).toMatch(/^code:\s+OK$/m);
+    expect(first.stdout).toMatch(/^replayed:\s+no$/m);
+    const retry = await cli(["--json", "accounts", "charge", "cli-charge", "3", "--idempotency-key", "order-9"]);
+    expect(json(retry)).toMatchObject({ charged: true, code: "OK", ownerId: "cli-charge", replayed: true });
+    const bad = await cli(["accounts", "charge", "cli-charge", "3"]);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--idempotency-key/);
+  });
+
   it("usage prints totals and a row per key and day", async () => {
     const range = ["--from", "2026-11-22", "--to", "2026-11-22"];
     const [human, asJson] = await Promise.all([cli(["usage", "cli-usage", ...range]), cli(["usage", "cli-usage", ...range, "--json"])]);
@@ -549,7 +563,7 @@ describe("keygate --help on every command: happy", { timeout: 60_000 }, () => {
     }
     const names = seen.map((path) => path.join(" "));
     // What issue 8 asks for must be among them; the walk found each through the program's help.
-    const required = ["serve", "usage", "audit", "accounts set", "accounts get", "accounts add-credits"];
+    const required = ["serve", "usage", "audit", "accounts set", "accounts get", "accounts add-credits", "accounts charge"];
     for (const sub of ["create", "list", "get", "rename", "scopes", "revoke", "rotate", "verify"]) required.push(`keys ${sub}`);
     expect(names).toEqual(expect.arrayContaining(["", "keys", "accounts", ...required]));
     expect(names).toHaveLength(new Set(names).size);

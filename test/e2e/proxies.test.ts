@@ -15,7 +15,10 @@ const PROXY_POLICY = {
     quota: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 1, monthlyCredits: null },
   },
   scopes: { catalog: ["read", "decks"], default: ["read"] },
-  routes: [{ method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"] }],
+  routes: [
+    { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"] },
+    { method: "*", pathPrefix: "/projects/{project}" },
+  ],
 };
 
 /** How each shipped config treats a client-sent x-keygate-* header keygate never sets. */
@@ -115,6 +118,22 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
       expect(seen.headers["x-keygate-role"]).toBe("standard");
       expect(seen.headers["x-keygate-mode"]).toBe("live");
     }
+  });
+
+  it.runIf(available)("a key locked to a project reaches that project's paths only; the project comes from the path", async () => {
+    const locked = await issue("standard", [], "proj_a");
+    const own = await call("/projects/proj_a/jobs?page=2", { "x-api-key": locked.secret });
+    expect(own.status).toBe(200);
+    expect((JSON.parse(own.text) as EchoedRequest).headers["x-keygate-project-id"]).toBe("proj_a");
+    const other = await call("/projects/proj_b/jobs", { "x-api-key": locked.secret });
+    expect(other.status).toBe(403);
+    expect((JSON.parse(other.text) as ErrorBody).error).toMatchObject({ code: "FORBIDDEN", message: "This API key is locked to another project." });
+    // The same project spelled with an escape is the same project; a path that dot-segments or
+    // escapes a slash into another project is refused before anything is looked up.
+    expect((await call("/projects/proj%5Fa/jobs", { "x-api-key": locked.secret })).status).toBe(200);
+    expect((await call("/projects/proj_a%2F..%2Fproj_b/jobs", { "x-api-key": locked.secret })).status).toBe(400);
+    const unlocked = await issue();
+    expect((await call("/projects/proj_b/jobs", { "x-api-key": unlocked.secret })).status).toBe(200);
   });
 
   it.runIf(available)(`a client-sent x-keygate-* header keygate never sets is ${unknownIdentityHeaders}`, async () => {

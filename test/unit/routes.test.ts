@@ -213,3 +213,72 @@ describe("route prefixes in the policy", () => {
     }
   });
 });
+
+describe("project from the path", () => {
+  const routes = [
+    { method: "*", pathPrefix: "/projects/{project}/jobs", requiredScopes: ["read"], cost: 2, metered: true },
+    { method: "*", pathPrefix: "/projects/shared/jobs", requiredScopes: ["read"], cost: 1, metered: true },
+    { method: "*", pathPrefix: "/projects/{project}", requiredScopes: [], cost: 1, metered: true },
+    { method: "*", pathPrefix: "/v1", requiredScopes: [], cost: 1, metered: true },
+  ];
+  const projects = new RouteTable(routes);
+  const project = (path: string, extensions?: Record<string, string>, on = projects) => {
+    const result = on.requirements("GET", path, extensions);
+    if (result instanceof RouteRefusal) throw new Error(`refused ${path}: ${result.message}`);
+    return result.projectId;
+  };
+
+  it("a {project} segment matches any one segment and names the project the key is held to", () => {
+    expect(projects.match("GET", "/projects/proj_a/jobs")).toBe(routes[0]);
+    expect(project("/projects/proj_a/jobs")).toBe("proj_a");
+    expect(project("/projects/proj_b/jobs/42/logs?x=1")).toBe("proj_b");
+    expect(project("/projects/proj_b")).toBe("proj_b");
+    expect(project("/projects/proj_b/other")).toBe("proj_b");
+    expect(projects.match("GET", "/projects/proj_b/other")).toBe(routes[2]);
+    // An escaped unreserved character is the same segment the upstream reads.
+    expect(project("/projects/proj%5Fa/jobs")).toBe("proj_a");
+    expect(project("/v1/projects/proj_a/jobs")).toBeNull();
+    expect(project("/projects")).toBeNull();
+  });
+
+  it("a literal segment wins over {project} at the same depth", () => {
+    expect(projects.match("GET", "/projects/shared/jobs/1")).toBe(routes[1]);
+    expect(project("/projects/shared/jobs/1")).toBeNull();
+    expect(project("/projects/shared")).toBe("shared");
+  });
+
+  it("a path that escapes a slash or dot-segments its way to another project is refused, not read as one", () => {
+    for (const path of ["/projects/proj_a%2F..%2Fproj_b/jobs", "/projects/proj_a/../proj_b/jobs", "/projects//jobs", "/projects/proj_a;x=1/jobs", "/projects/./jobs"]) {
+      expect(projects.requirements("GET", path, undefined), path).toBeInstanceOf(RouteRefusal);
+    }
+  });
+
+  it("context_extensions.project_id may only agree with the path's project", () => {
+    expect(project("/projects/proj_a/jobs", { project_id: "proj_a" })).toBe("proj_a");
+    expect(projects.requirements("GET", "/projects/proj_a/jobs", { project_id: "proj_b" })).toBe(ROUTE_CONFIG_REFUSALS.projectId);
+    expect(DENIALS[ROUTE_CONFIG_REFUSALS.projectId.reason].httpStatus).toBe(500);
+    expect(project("/v1/x", { project_id: "proj_b" })).toBe("proj_b");
+  });
+
+  it("with case ignored, routes match folded but the project keeps the path's own letters", () => {
+    const folded = new RouteTable(routes, { caseInsensitive: true });
+    expect(folded.match("GET", "/Projects/Proj_A/JOBS")).toBe(routes[0]);
+    expect(project("/Projects/Proj_A/JOBS", undefined, folded)).toBe("Proj_A");
+  });
+
+  it("with case exact, a path another route would serve case-folded is refused, past the project too", () => {
+    expect(projects.match("GET", "/projects/proj_a/JOBS")).toBe(PATH_REFUSALS.letterCase);
+    expect(projects.match("GET", "/projects/Proj_A/jobs")).toBe(routes[0]);
+  });
+
+  it("the policy takes one {project} segment, and not beside a fixed projectId", () => {
+    const withRoute = (route: Record<string, unknown>) => ({ ...DEFAULT_POLICY_INPUT, routes: [{ method: "*", requiredScopes: ["read"], ...route }] });
+    expect(parsePolicy(withRoute({ pathPrefix: "/projects/{project}/jobs" })).routes[0]?.pathPrefix).toBe("/projects/{project}/jobs");
+    expect(parsePolicy(withRoute({ pathPrefix: "/{project}" })).routes[0]?.pathPrefix).toBe("/{project}");
+    expect(() => parsePolicy(withRoute({ pathPrefix: "/a/{project}/b/{project}" }))).toThrow(/routes\.0\.pathPrefix: at most one \{project\} segment/);
+    expect(() => parsePolicy(withRoute({ pathPrefix: "/a/{project}", projectId: "p" }))).toThrow(/routes\.0\.projectId: a route whose path names the project/);
+    for (const prefix of ["/a/{projects}", "/a/x{project}", "/a/{project}x", "/a/{Project}"]) {
+      expect(() => parsePolicy(withRoute({ pathPrefix: prefix })), prefix).toThrow(/routes\.0\.pathPrefix: a path prefix is/);
+    }
+  });
+});

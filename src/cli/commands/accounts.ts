@@ -1,11 +1,11 @@
 import type { Command } from "commander";
 import { z } from "zod";
-import { AddCreditsResponseSchema, GetAccountResponseSchema, UpsertAccountResponseSchema } from "../../gen/keygate/v1/key_admin_pb.js";
+import { AddCreditsResponseSchema, ChargeUsageResponseSchema, GetAccountResponseSchema, UpsertAccountResponseSchema } from "../../gen/keygate/v1/key_admin_pb.js";
 import type { Account } from "../../gen/keygate/v1/key_admin_pb.js";
 import { argsOf, onRun, optionsOf } from "../context.js";
 import { credits } from "../parsers.js";
 import { oneId } from "../schemas.js";
-import { accountDetails } from "../views.js";
+import { accountDetails, chargeDetails } from "../views.js";
 
 function shown(account: Account | undefined): string {
   return account === undefined ? "" : accountDetails(account);
@@ -48,5 +48,19 @@ export function registerAccounts(program: Command): void {
     const options = optionsOf(addCredits, z.object({ reason: z.string().optional() }));
     const response = await context.admin.addCredits({ ownerId, amount, reason: options.reason ?? "" });
     context.emit(AddCreditsResponseSchema, response, () => shown(response.account));
+  });
+
+  const charge = accounts
+    .command("charge")
+    .description("charge one metered use of <cost> credits from a backend (the daily quota and credits a Check uses); exits 0 whenever keygate answered, so read charged: (.charged with --json)")
+    .argument("<owner>", "owner id (with --key: the key's owner)")
+    .argument("<cost>", "credits to spend, 0 to 1000000000; every charge also counts one use of the daily quota", credits)
+    .requiredOption("--idempotency-key <key>", "unique per charge: a retry with the same key within 24 hours charges nothing and prints the first answer")
+    .option("--key <id>", "charge as this key's usage (it must be the owner's and in use)");
+  onRun(charge, async (context) => {
+    const [ownerId, cost] = argsOf(charge, z.tuple([z.string(), z.bigint()]));
+    const options = optionsOf(charge, z.object({ idempotencyKey: z.string(), key: z.string().optional() }));
+    const response = await context.admin.chargeUsage({ ownerId, keyId: options.key ?? "", cost, idempotencyKey: options.idempotencyKey });
+    context.emit(ChargeUsageResponseSchema, response, () => chargeDetails(response));
   });
 }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keygate/v1/key_admin.proto.
  */
 export const file_keygate_v1_key_admin: GenFile = /*@__PURE__*/
-  fileDesc("ChprZXlnYXRlL3YxL2tleV9hZG1pbi5wcm90bxIKa2V5Z2F0ZS52MSIyCglSYXRlTGltaXQSDQoFbGltaXQYASABKAUSFgoOd2luZG93X3NlY29uZHMYAiABKAUihAMKB0FjY291bnQSEAoIb3duZXJfaWQYASABKAkSDAoEcGxhbhgCIAEoCRIbChNzdWJzY3JpcHRpb25fc3RhdHVzGAMgASgJEgwKBHJvbGUYBCABKAkSGAoQYWN0aXZlX2tleV9jb3VudBgFIAEoBRIXCg9tYXhfYWN0aXZlX2tleXMYBiABKAUSLgoKY3JlYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOY3JlZGl0X2JhbGFuY2UYCSABKAMSFwoPbW9udGhseV9jcmVkaXRzGAogASgDEhUKDXRvcHVwX2NyZWRpdHMYCyABKAMSGAoLZGFpbHlfcXVvdGEYDCABKANIAIgBARIpCgpyYXRlX2xpbWl0GA0gASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXRCDgoMX2RhaWx5X3F1b3RhIvcECgZBcGlLZXkSCgoCaWQYASABKAkSEAoIb3duZXJfaWQYAiABKAkSEgoKcHJvamVjdF9pZBgDIAEoCRIMCgRuYW1lGAQgASgJEgwKBG1vZGUYBSABKAkSDQoFc3RhcnQYBiABKAkSDQoFbGFzdDQYByABKAkSDgoGc2NvcGVzGAggAygJEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZ3JhY2VfZW5kc19hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcm90YXRlZF90b19pZBgOIAEoCRINCgVzdGF0ZRgPIAEoCRIyCghtZXRhZGF0YRgQIAMoCzIgLmtleWdhdGUudjEuQXBpS2V5Lk1ldGFkYXRhRW50cnkSFQoNcmV2b2tlX3JlYXNvbhgRIAEoCRIpCgpyYXRlX2xpbWl0GBIgASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXQSLwoLZGlzYWJsZWRfYXQYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKaAQoUVXBzZXJ0QWNjb3VudFJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEQoEcGxhbhgCIAEoCUgAiAEBEiAKE3N1YnNjcmlwdGlvbl9zdGF0dXMYAyABKAlIAYgBARIRCgRyb2xlGAQgASgJSAKIAQFCBwoFX3BsYW5CFgoUX3N1YnNjcmlwdGlvbl9zdGF0dXNCBwoFX3JvbGUiPQoVVXBzZXJ0QWNjb3VudFJlc3BvbnNlEiQKB2FjY291bnQYASABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQiJQoRR2V0QWNjb3VudFJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkiOgoSR2V0QWNjb3VudFJlc3BvbnNlEiQKB2FjY291bnQYASABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQirgIKEENyZWF0ZUtleVJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEg4KBnNjb3BlcxgEIAMoCRIMCgRtb2RlGAUgASgJEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjwKCG1ldGFkYXRhGAcgAygLMioua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSKQoKcmF0ZV9saW1pdBgIIAEoCzIVLmtleWdhdGUudjEuUmF0ZUxpbWl0Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJEChFDcmVhdGVLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkiGwoNR2V0S2V5UmVxdWVzdBIKCgJpZBgBIAEoCSIxCg5HZXRLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSJ3Cg9MaXN0S2V5c1JlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIXCg9pbmNsdWRlX3Jldm9rZWQYAyABKAgSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiTQoQTGlzdEtleXNSZXNwb25zZRIgCgRrZXlzGAEgAygLMhIua2V5Z2F0ZS52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIo8BChBVcGRhdGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhEKBG5hbWUYAiABKAlIAIgBARIOCgZzY29wZXMYAyADKAkSKQoKcmF0ZV9saW1pdBgEIAEoCzIVLmtleWdhdGUudjEuUmF0ZUxpbWl0EhgKEGNsZWFyX3JhdGVfbGltaXQYBSABKAhCBwoFX25hbWUiNAoRVXBkYXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiLgoQUmV2b2tlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiNAoRUmV2b2tlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiRgoQUm90YXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIXCgpncmFjZV9kYXlzGAIgASgFSACIAQFCDQoLX2dyYWNlX2RheXMiagoRUm90YXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJEiQKCHByZXZpb3VzGAMgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiTwoQVmVyaWZ5S2V5UmVxdWVzdBIOCgZzZWNyZXQYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhIKCnByb2plY3RfaWQYAyABKAkilwEKEVZlcmlmeUtleVJlc3BvbnNlEhIKBXZhbGlkGAEgASgISACIAQESDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEh8KA2tleRgEIAEoCzISLmtleWdhdGUudjEuQXBpS2V5EiQKB2FjY291bnQYBSABKAsyEy5rZXlnYXRlLnYxLkFjY291bnRCCAoGX3ZhbGlkIkUKEUFkZENyZWRpdHNSZXF1ZXN0EhAKCG93bmVyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIOCgZyZWFzb24YAyABKAkiOgoSQWRkQ3JlZGl0c1Jlc3BvbnNlEiQKB2FjY291bnQYASABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQiPQoPR2V0VXNhZ2VSZXF1ZXN0EhAKCG93bmVyX2lkGAEgASgJEgwKBGZyb20YAiABKAkSCgoCdG8YAyABKAkimAEKC1VzYWdlQ291bnRzEg8KB2FsbG93ZWQYASABKAMSMwoGZGVuaWVkGAIgAygLMiMua2V5Z2F0ZS52MS5Vc2FnZUNvdW50cy5EZW5pZWRFbnRyeRIUCgxjcmVkaXRzX3VzZWQYAyABKAMaLQoLRGVuaWVkRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgDOgI4ASJkCgtLZXlEYXlVc2FnZRIOCgZrZXlfaWQYASABKAkSEAoIa2V5X25hbWUYBCABKAkSCwoDZGF5GAIgASgJEiYKBXVzYWdlGAMgASgLMhcua2V5Z2F0ZS52MS5Vc2FnZUNvdW50cyJkChBHZXRVc2FnZVJlc3BvbnNlEicKBnRvdGFscxgBIAEoCzIXLmtleWdhdGUudjEuVXNhZ2VDb3VudHMSJwoGYnlfa2V5GAIgAygLMhcua2V5Z2F0ZS52MS5LZXlEYXlVc2FnZSL5AQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVhY3RvchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDgoGa2V5X2lkGAUgASgJEhAKCG93bmVyX2lkGAYgASgJEjQKB2NoYW5nZXMYByADKAsyIy5rZXlnYXRlLnYxLkF1ZGl0RXZlbnQuQ2hhbmdlc0VudHJ5Eg4KBnNvdXJjZRgIIAEoCRouCgxDaGFuZ2VzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKMAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSKQoFc2luY2UYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJIloKF0xpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlEiYKBmV2ZW50cxgBIAMoCzIWLmtleWdhdGUudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLwoRRGlzYWJsZUtleVJlcXVlc3QSCgoCaWQYASABKAkSDgoGcmVhc29uGAIgASgJIjUKEkRpc2FibGVLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSIeChBFbmFibGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJIjQKEUVuYWJsZUtleVJlc3BvbnNlEh8KA2tleRgBIAEoCzISLmtleWdhdGUudjEuQXBpS2V5Mq4ICghLZXlBZG1pbhJUCg1VcHNlcnRBY2NvdW50EiAua2V5Z2F0ZS52MS5VcHNlcnRBY2NvdW50UmVxdWVzdBohLmtleWdhdGUudjEuVXBzZXJ0QWNjb3VudFJlc3BvbnNlEksKCkdldEFjY291bnQSHS5rZXlnYXRlLnYxLkdldEFjY291bnRSZXF1ZXN0Gh4ua2V5Z2F0ZS52MS5HZXRBY2NvdW50UmVzcG9uc2USSAoJQ3JlYXRlS2V5Ehwua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXNwb25zZRI/CgZHZXRLZXkSGS5rZXlnYXRlLnYxLkdldEtleVJlcXVlc3QaGi5rZXlnYXRlLnYxLkdldEtleVJlc3BvbnNlEkUKCExpc3RLZXlzEhsua2V5Z2F0ZS52MS5MaXN0S2V5c1JlcXVlc3QaHC5rZXlnYXRlLnYxLkxpc3RLZXlzUmVzcG9uc2USSAoJVXBkYXRlS2V5Ehwua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5VcGRhdGVLZXlSZXNwb25zZRJICglSZXZva2VLZXkSHC5rZXlnYXRlLnYxLlJldm9rZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLlJldm9rZUtleVJlc3BvbnNlEkgKCVJvdGF0ZUtleRIcLmtleWdhdGUudjEuUm90YXRlS2V5UmVxdWVzdBodLmtleWdhdGUudjEuUm90YXRlS2V5UmVzcG9uc2USSwoKRGlzYWJsZUtleRIdLmtleWdhdGUudjEuRGlzYWJsZUtleVJlcXVlc3QaHi5rZXlnYXRlLnYxLkRpc2FibGVLZXlSZXNwb25zZRJICglFbmFibGVLZXkSHC5rZXlnYXRlLnYxLkVuYWJsZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLkVuYWJsZUtleVJlc3BvbnNlEkgKCVZlcmlmeUtleRIcLmtleWdhdGUudjEuVmVyaWZ5S2V5UmVxdWVzdBodLmtleWdhdGUudjEuVmVyaWZ5S2V5UmVzcG9uc2USSwoKQWRkQ3JlZGl0cxIdLmtleWdhdGUudjEuQWRkQ3JlZGl0c1JlcXVlc3QaHi5rZXlnYXRlLnYxLkFkZENyZWRpdHNSZXNwb25zZRJFCghHZXRVc2FnZRIbLmtleWdhdGUudjEuR2V0VXNhZ2VSZXF1ZXN0Ghwua2V5Z2F0ZS52MS5HZXRVc2FnZVJlc3BvbnNlEloKD0xpc3RBdWRpdEV2ZW50cxIiLmtleWdhdGUudjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBojLmtleWdhdGUudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChprZXlnYXRlL3YxL2tleV9hZG1pbi5wcm90bxIKa2V5Z2F0ZS52MSIyCglSYXRlTGltaXQSDQoFbGltaXQYASABKAUSFgoOd2luZG93X3NlY29uZHMYAiABKAUihAMKB0FjY291bnQSEAoIb3duZXJfaWQYASABKAkSDAoEcGxhbhgCIAEoCRIbChNzdWJzY3JpcHRpb25fc3RhdHVzGAMgASgJEgwKBHJvbGUYBCABKAkSGAoQYWN0aXZlX2tleV9jb3VudBgFIAEoBRIXCg9tYXhfYWN0aXZlX2tleXMYBiABKAUSLgoKY3JlYXRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOY3JlZGl0X2JhbGFuY2UYCSABKAMSFwoPbW9udGhseV9jcmVkaXRzGAogASgDEhUKDXRvcHVwX2NyZWRpdHMYCyABKAMSGAoLZGFpbHlfcXVvdGEYDCABKANIAIgBARIpCgpyYXRlX2xpbWl0GA0gASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXRCDgoMX2RhaWx5X3F1b3RhIvcECgZBcGlLZXkSCgoCaWQYASABKAkSEAoIb3duZXJfaWQYAiABKAkSEgoKcHJvamVjdF9pZBgDIAEoCRIMCgRuYW1lGAQgASgJEgwKBG1vZGUYBSABKAkSDQoFc3RhcnQYBiABKAkSDQoFbGFzdDQYByABKAkSDgoGc2NvcGVzGAggAygJEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGxhc3RfdXNlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlc19hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKcmV2b2tlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNZ3JhY2VfZW5kc19hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNcm90YXRlZF90b19pZBgOIAEoCRINCgVzdGF0ZRgPIAEoCRIyCghtZXRhZGF0YRgQIAMoCzIgLmtleWdhdGUudjEuQXBpS2V5Lk1ldGFkYXRhRW50cnkSFQoNcmV2b2tlX3JlYXNvbhgRIAEoCRIpCgpyYXRlX2xpbWl0GBIgASgLMhUua2V5Z2F0ZS52MS5SYXRlTGltaXQSLwoLZGlzYWJsZWRfYXQYEyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKaAQoUVXBzZXJ0QWNjb3VudFJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEQoEcGxhbhgCIAEoCUgAiAEBEiAKE3N1YnNjcmlwdGlvbl9zdGF0dXMYAyABKAlIAYgBARIRCgRyb2xlGAQgASgJSAKIAQFCBwoFX3BsYW5CFgoUX3N1YnNjcmlwdGlvbl9zdGF0dXNCBwoFX3JvbGUiPQoVVXBzZXJ0QWNjb3VudFJlc3BvbnNlEiQKB2FjY291bnQYASABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQiJQoRR2V0QWNjb3VudFJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkiOgoSR2V0QWNjb3VudFJlc3BvbnNlEiQKB2FjY291bnQYASABKAsyEy5rZXlnYXRlLnYxLkFjY291bnQirgIKEENyZWF0ZUtleVJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIMCgRuYW1lGAMgASgJEg4KBnNjb3BlcxgEIAMoCRIMCgRtb2RlGAUgASgJEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjwKCG1ldGFkYXRhGAcgAygLMioua2V5Z2F0ZS52MS5DcmVhdGVLZXlSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSKQoKcmF0ZV9saW1pdBgIIAEoCzIVLmtleWdhdGUudjEuUmF0ZUxpbWl0Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJEChFDcmVhdGVLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleRIOCgZzZWNyZXQYAiABKAkiGwoNR2V0S2V5UmVxdWVzdBIKCgJpZBgBIAEoCSIxCg5HZXRLZXlSZXNwb25zZRIfCgNrZXkYASABKAsyEi5rZXlnYXRlLnYxLkFwaUtleSJ3Cg9MaXN0S2V5c1JlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSEgoKcHJvamVjdF9pZBgCIAEoCRIXCg9pbmNsdWRlX3Jldm9rZWQYAyABKAgSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiTQoQTGlzdEtleXNSZXNwb25zZRIgCgRrZXlzGAEgAygLMhIua2V5Z2F0ZS52MS5BcGlLZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIo8BChBVcGRhdGVLZXlSZXF1ZXN0EgoKAmlkGAEgASgJEhEKBG5hbWUYAiABKAlIAIgBARIOCgZzY29wZXMYAyADKAkSKQoKcmF0ZV9saW1pdBgEIAEoCzIVLmtleWdhdGUudjEuUmF0ZUxpbWl0EhgKEGNsZWFyX3JhdGVfbGltaXQYBSABKAhCBwoFX25hbWUiNAoRVXBkYXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiLgoQUmV2b2tlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiNAoRUmV2b2tlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiRgoQUm90YXRlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIXCgpncmFjZV9kYXlzGAIgASgFSACIAQFCDQoLX2dyYWNlX2RheXMiagoRUm90YXRlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkSDgoGc2VjcmV0GAIgASgJEiQKCHByZXZpb3VzGAMgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXkiTwoQVmVyaWZ5S2V5UmVxdWVzdBIOCgZzZWNyZXQYASABKAkSFwoPcmVxdWlyZWRfc2NvcGVzGAIgAygJEhIKCnByb2plY3RfaWQYAyABKAkilwEKEVZlcmlmeUtleVJlc3BvbnNlEhIKBXZhbGlkGAEgASgISACIAQESDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEh8KA2tleRgEIAEoCzISLmtleWdhdGUudjEuQXBpS2V5EiQKB2FjY291bnQYBSABKAsyEy5rZXlnYXRlLnYxLkFjY291bnRCCAoGX3ZhbGlkIl0KEkNoYXJnZVVzYWdlUmVxdWVzdBIQCghvd25lcl9pZBgBIAEoCRIOCgZrZXlfaWQYAiABKAkSDAoEY29zdBgDIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYBCABKAki+QEKE0NoYXJnZVVzYWdlUmVzcG9uc2USFAoHY2hhcmdlZBgBIAEoCEgAiAEBEgwKBGNvZGUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCRIQCghvd25lcl9pZBgEIAEoCRIOCgZrZXlfaWQYBSABKAkSPQoHaGVhZGVycxgGIAMoCzIsLmtleWdhdGUudjEuQ2hhcmdlVXNhZ2VSZXNwb25zZS5IZWFkZXJzRW50cnkSEAoIcmVwbGF5ZWQYByABKAgaLgoMSGVhZGVyc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAFCCgoIX2NoYXJnZWQiRQoRQWRkQ3JlZGl0c1JlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEg4KBnJlYXNvbhgDIAEoCSI6ChJBZGRDcmVkaXRzUmVzcG9uc2USJAoHYWNjb3VudBgBIAEoCzITLmtleWdhdGUudjEuQWNjb3VudCI9Cg9HZXRVc2FnZVJlcXVlc3QSEAoIb3duZXJfaWQYASABKAkSDAoEZnJvbRgCIAEoCRIKCgJ0bxgDIAEoCSKYAQoLVXNhZ2VDb3VudHMSDwoHYWxsb3dlZBgBIAEoAxIzCgZkZW5pZWQYAiADKAsyIy5rZXlnYXRlLnYxLlVzYWdlQ291bnRzLkRlbmllZEVudHJ5EhQKDGNyZWRpdHNfdXNlZBgDIAEoAxotCgtEZW5pZWRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBImQKC0tleURheVVzYWdlEg4KBmtleV9pZBgBIAEoCRIQCghrZXlfbmFtZRgEIAEoCRILCgNkYXkYAiABKAkSJgoFdXNhZ2UYAyABKAsyFy5rZXlnYXRlLnYxLlVzYWdlQ291bnRzImQKEEdldFVzYWdlUmVzcG9uc2USJwoGdG90YWxzGAEgASgLMhcua2V5Z2F0ZS52MS5Vc2FnZUNvdW50cxInCgZieV9rZXkYAiADKAsyFy5rZXlnYXRlLnYxLktleURheVVzYWdlIvkBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg0KBWFjdG9yGAMgASgJEg4KBmFjdGlvbhgEIAEoCRIOCgZrZXlfaWQYBSABKAkSEAoIb3duZXJfaWQYBiABKAkSNAoHY2hhbmdlcxgHIAMoCzIjLmtleWdhdGUudjEuQXVkaXRFdmVudC5DaGFuZ2VzRW50cnkSDgoGc291cmNlGAggASgJGi4KDENoYW5nZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIowBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhAKCG93bmVyX2lkGAEgASgJEg4KBmtleV9pZBgCIAEoCRIpCgVzaW5jZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkiWgoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USJgoGZXZlbnRzGAEgAygLMhYua2V5Z2F0ZS52MS5BdWRpdEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIvChFEaXNhYmxlS2V5UmVxdWVzdBIKCgJpZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiNQoSRGlzYWJsZUtleVJlc3BvbnNlEh8KA2tleRgBIAEoCzISLmtleWdhdGUudjEuQXBpS2V5Ih4KEEVuYWJsZUtleVJlcXVlc3QSCgoCaWQYASABKAkiNAoRRW5hYmxlS2V5UmVzcG9uc2USHwoDa2V5GAEgASgLMhIua2V5Z2F0ZS52MS5BcGlLZXky/ggKCEtleUFkbWluElQKDVVwc2VydEFjY291bnQSIC5rZXlnYXRlLnYxLlVwc2VydEFjY291bnRSZXF1ZXN0GiEua2V5Z2F0ZS52MS5VcHNlcnRBY2NvdW50UmVzcG9uc2USSwoKR2V0QWNjb3VudBIdLmtleWdhdGUudjEuR2V0QWNjb3VudFJlcXVlc3QaHi5rZXlnYXRlLnYxLkdldEFjY291bnRSZXNwb25zZRJICglDcmVhdGVLZXkSHC5rZXlnYXRlLnYxLkNyZWF0ZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLkNyZWF0ZUtleVJlc3BvbnNlEj8KBkdldEtleRIZLmtleWdhdGUudjEuR2V0S2V5UmVxdWVzdBoaLmtleWdhdGUudjEuR2V0S2V5UmVzcG9uc2USRQoITGlzdEtleXMSGy5rZXlnYXRlLnYxLkxpc3RLZXlzUmVxdWVzdBocLmtleWdhdGUudjEuTGlzdEtleXNSZXNwb25zZRJICglVcGRhdGVLZXkSHC5rZXlnYXRlLnYxLlVwZGF0ZUtleVJlcXVlc3QaHS5rZXlnYXRlLnYxLlVwZGF0ZUtleVJlc3BvbnNlEkgKCVJldm9rZUtleRIcLmtleWdhdGUudjEuUmV2b2tlS2V5UmVxdWVzdBodLmtleWdhdGUudjEuUmV2b2tlS2V5UmVzcG9uc2USSAoJUm90YXRlS2V5Ehwua2V5Z2F0ZS52MS5Sb3RhdGVLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5Sb3RhdGVLZXlSZXNwb25zZRJLCgpEaXNhYmxlS2V5Eh0ua2V5Z2F0ZS52MS5EaXNhYmxlS2V5UmVxdWVzdBoeLmtleWdhdGUudjEuRGlzYWJsZUtleVJlc3BvbnNlEkgKCUVuYWJsZUtleRIcLmtleWdhdGUudjEuRW5hYmxlS2V5UmVxdWVzdBodLmtleWdhdGUudjEuRW5hYmxlS2V5UmVzcG9uc2USSAoJVmVyaWZ5S2V5Ehwua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXF1ZXN0Gh0ua2V5Z2F0ZS52MS5WZXJpZnlLZXlSZXNwb25zZRJOCgtDaGFyZ2VVc2FnZRIeLmtleWdhdGUudjEuQ2hhcmdlVXNhZ2VSZXF1ZXN0Gh8ua2V5Z2F0ZS52MS5DaGFyZ2VVc2FnZVJlc3BvbnNlEksKCkFkZENyZWRpdHMSHS5rZXlnYXRlLnYxLkFkZENyZWRpdHNSZXF1ZXN0Gh4ua2V5Z2F0ZS52MS5BZGRDcmVkaXRzUmVzcG9uc2USRQoIR2V0VXNhZ2USGy5rZXlnYXRlLnYxLkdldFVzYWdlUmVxdWVzdBocLmtleWdhdGUudjEuR2V0VXNhZ2VSZXNwb25zZRJaCg9MaXN0QXVkaXRFdmVudHMSIi5rZXlnYXRlLnYxLkxpc3RBdWRpdEV2ZW50c1JlcXVlc3QaIy5rZXlnYXRlLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * A rate limit: `limit` requests per `window_seconds`.
@@ -755,6 +755,106 @@ export const VerifyKeyResponseSchema: GenMessage<VerifyKeyResponse> = /*@__PURE_
   messageDesc(file_keygate_v1_key_admin, 20);
 
 /**
+ * @generated from message keygate.v1.ChargeUsageRequest
+ */
+export type ChargeUsageRequest = Message<"keygate.v1.ChargeUsageRequest"> & {
+  /**
+   * Whose usage: the account, or the key (then its account is charged and the usage is the key's).
+   * At least one; both must then agree.
+   *
+   * @generated from field: string owner_id = 1;
+   */
+  ownerId: string;
+
+  /**
+   * @generated from field: string key_id = 2;
+   */
+  keyId: string;
+
+  /**
+   * Credits to spend, 0 to 1,000,000,000; every charge also counts one use of the daily quota.
+   *
+   * @generated from field: int64 cost = 3;
+   */
+  cost: bigint;
+
+  /**
+   * Required, 1-200 printable ASCII characters, unique per charge within the owner: a retry with
+   * the same key within 24 hours charges nothing and gets the first answer (replayed = true).
+   *
+   * @generated from field: string idempotency_key = 4;
+   */
+  idempotencyKey: string;
+};
+
+/**
+ * Describes the message keygate.v1.ChargeUsageRequest.
+ * Use `create(ChargeUsageRequestSchema)` to create a new message.
+ */
+export const ChargeUsageRequestSchema: GenMessage<ChargeUsageRequest> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 21);
+
+/**
+ * @generated from message keygate.v1.ChargeUsageResponse
+ */
+export type ChargeUsageResponse = Message<"keygate.v1.ChargeUsageResponse"> & {
+  /**
+   * Always set: true when the use was charged (field presence, so JSON says false too).
+   *
+   * @generated from field: optional bool charged = 1;
+   */
+  charged?: boolean | undefined;
+
+  /**
+   * "OK" or the denial code a Check would get: QUOTA_EXCEEDED, INSUFFICIENT_CREDITS, RATE_LIMITED,
+   * PLAN_REQUIRED, KEY_REVOKED, KEY_EXPIRED, KEY_DISABLED, KEY_ROTATED.
+   *
+   * @generated from field: string code = 2;
+   */
+  code: string;
+
+  /**
+   * @generated from field: string message = 3;
+   */
+  message: string;
+
+  /**
+   * @generated from field: string owner_id = 4;
+   */
+  ownerId: string;
+
+  /**
+   * Empty for a charge to the account alone.
+   *
+   * @generated from field: string key_id = 5;
+   */
+  keyId: string;
+
+  /**
+   * Where the account stands after the charge (or the refusal): the headers a Check's answer
+   * would carry (x-ratelimit-*, ratelimit-policy, ratelimit, x-credits-remaining, retry-after); the
+   * rate limit there is ChargeUsage's own (policy limits.chargeRateLimit).
+   *
+   * @generated from field: map<string, string> headers = 6;
+   */
+  headers: { [key: string]: string };
+
+  /**
+   * True when this answer is the first one of an earlier call with the same idempotency key.
+   *
+   * @generated from field: bool replayed = 7;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message keygate.v1.ChargeUsageResponse.
+ * Use `create(ChargeUsageResponseSchema)` to create a new message.
+ */
+export const ChargeUsageResponseSchema: GenMessage<ChargeUsageResponse> = /*@__PURE__*/
+  messageDesc(file_keygate_v1_key_admin, 22);
+
+/**
  * @generated from message keygate.v1.AddCreditsRequest
  */
 export type AddCreditsRequest = Message<"keygate.v1.AddCreditsRequest"> & {
@@ -783,7 +883,7 @@ export type AddCreditsRequest = Message<"keygate.v1.AddCreditsRequest"> & {
  * Use `create(AddCreditsRequestSchema)` to create a new message.
  */
 export const AddCreditsRequestSchema: GenMessage<AddCreditsRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 21);
+  messageDesc(file_keygate_v1_key_admin, 23);
 
 /**
  * @generated from message keygate.v1.AddCreditsResponse
@@ -800,7 +900,7 @@ export type AddCreditsResponse = Message<"keygate.v1.AddCreditsResponse"> & {
  * Use `create(AddCreditsResponseSchema)` to create a new message.
  */
 export const AddCreditsResponseSchema: GenMessage<AddCreditsResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 22);
+  messageDesc(file_keygate_v1_key_admin, 24);
 
 /**
  * @generated from message keygate.v1.GetUsageRequest
@@ -831,7 +931,7 @@ export type GetUsageRequest = Message<"keygate.v1.GetUsageRequest"> & {
  * Use `create(GetUsageRequestSchema)` to create a new message.
  */
 export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 23);
+  messageDesc(file_keygate_v1_key_admin, 25);
 
 /**
  * Counted requests and spent credits.
@@ -862,7 +962,7 @@ export type UsageCounts = Message<"keygate.v1.UsageCounts"> & {
  * Use `create(UsageCountsSchema)` to create a new message.
  */
 export const UsageCountsSchema: GenMessage<UsageCounts> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 24);
+  messageDesc(file_keygate_v1_key_admin, 26);
 
 /**
  * One key's usage on one day.
@@ -900,7 +1000,7 @@ export type KeyDayUsage = Message<"keygate.v1.KeyDayUsage"> & {
  * Use `create(KeyDayUsageSchema)` to create a new message.
  */
 export const KeyDayUsageSchema: GenMessage<KeyDayUsage> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 25);
+  messageDesc(file_keygate_v1_key_admin, 27);
 
 /**
  * @generated from message keygate.v1.GetUsageResponse
@@ -922,7 +1022,7 @@ export type GetUsageResponse = Message<"keygate.v1.GetUsageResponse"> & {
  * Use `create(GetUsageResponseSchema)` to create a new message.
  */
 export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 26);
+  messageDesc(file_keygate_v1_key_admin, 28);
 
 /**
  * One KeyAdmin change. It never holds a secret or a hash.
@@ -986,7 +1086,7 @@ export type AuditEvent = Message<"keygate.v1.AuditEvent"> & {
  * Use `create(AuditEventSchema)` to create a new message.
  */
 export const AuditEventSchema: GenMessage<AuditEvent> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 27);
+  messageDesc(file_keygate_v1_key_admin, 29);
 
 /**
  * @generated from message keygate.v1.ListAuditEventsRequest
@@ -1027,7 +1127,7 @@ export type ListAuditEventsRequest = Message<"keygate.v1.ListAuditEventsRequest"
  * Use `create(ListAuditEventsRequestSchema)` to create a new message.
  */
 export const ListAuditEventsRequestSchema: GenMessage<ListAuditEventsRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 28);
+  messageDesc(file_keygate_v1_key_admin, 30);
 
 /**
  * @generated from message keygate.v1.ListAuditEventsResponse
@@ -1049,7 +1149,7 @@ export type ListAuditEventsResponse = Message<"keygate.v1.ListAuditEventsRespons
  * Use `create(ListAuditEventsResponseSchema)` to create a new message.
  */
 export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 29);
+  messageDesc(file_keygate_v1_key_admin, 31);
 
 /**
  * @generated from message keygate.v1.DisableKeyRequest
@@ -1073,7 +1173,7 @@ export type DisableKeyRequest = Message<"keygate.v1.DisableKeyRequest"> & {
  * Use `create(DisableKeyRequestSchema)` to create a new message.
  */
 export const DisableKeyRequestSchema: GenMessage<DisableKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 30);
+  messageDesc(file_keygate_v1_key_admin, 32);
 
 /**
  * @generated from message keygate.v1.DisableKeyResponse
@@ -1090,7 +1190,7 @@ export type DisableKeyResponse = Message<"keygate.v1.DisableKeyResponse"> & {
  * Use `create(DisableKeyResponseSchema)` to create a new message.
  */
 export const DisableKeyResponseSchema: GenMessage<DisableKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 31);
+  messageDesc(file_keygate_v1_key_admin, 33);
 
 /**
  * @generated from message keygate.v1.EnableKeyRequest
@@ -1107,7 +1207,7 @@ export type EnableKeyRequest = Message<"keygate.v1.EnableKeyRequest"> & {
  * Use `create(EnableKeyRequestSchema)` to create a new message.
  */
 export const EnableKeyRequestSchema: GenMessage<EnableKeyRequest> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 32);
+  messageDesc(file_keygate_v1_key_admin, 34);
 
 /**
  * @generated from message keygate.v1.EnableKeyResponse
@@ -1124,7 +1224,7 @@ export type EnableKeyResponse = Message<"keygate.v1.EnableKeyResponse"> & {
  * Use `create(EnableKeyResponseSchema)` to create a new message.
  */
 export const EnableKeyResponseSchema: GenMessage<EnableKeyResponse> = /*@__PURE__*/
-  messageDesc(file_keygate_v1_key_admin, 33);
+  messageDesc(file_keygate_v1_key_admin, 35);
 
 /**
  * KeyAdmin manages API keys and the accounts that own them.
@@ -1243,6 +1343,18 @@ export const KeyAdmin: GenService<{
     methodKind: "unary";
     input: typeof VerifyKeyRequestSchema;
     output: typeof VerifyKeyResponseSchema;
+  },
+  /**
+   * Charges one metered use of `cost` credits to an account (or a key's account) from a backend:
+   * the daily quota and credits a Check on a metered route would use, atomically with Checks.
+   * Retried with the same idempotency key, it charges once and answers as the first time.
+   *
+   * @generated from rpc keygate.v1.KeyAdmin.ChargeUsage
+   */
+  chargeUsage: {
+    methodKind: "unary";
+    input: typeof ChargeUsageRequestSchema;
+    output: typeof ChargeUsageResponseSchema;
   },
   /**
    * AddCredits tops up an account's credit balance. It adds; it never replaces.
