@@ -66,6 +66,8 @@ const flushSeconds = z
   .max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`)
   .default(5);
 
+const FORWARDED_METADATA_NAME = /^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$/;
+
 /** ChargeUsage calls an account may make by default: 6,000 a minute. */
 const DEFAULT_CHARGE_RATE_LIMIT = { limit: 6000, windowSeconds: 60 };
 
@@ -84,6 +86,15 @@ const policySchema = z
      * exactly and refuses a path that would match another route with case ignored.
      */
     routeMatching: z.object({ caseInsensitive: z.boolean().default(false) }).default({ caseInsensitive: false }),
+    /**
+     * Key metadata entries the upstream is told, each as x-keygate-meta-<name> (a value that is
+     * not printable ASCII is left out). Names are lowercase letters, digits and "-".
+     */
+    forwardMetadata: z
+      .array(z.string().regex(FORWARDED_METADATA_NAME, 'a forwarded metadata name is lowercase letters, digits and "-" (it becomes x-keygate-meta-<name>)'))
+      .max(16)
+      .refine((names) => new Set(names).size === names.length, "names must not repeat")
+      .default([]),
     credentialHeaders: z
       .array(z.string().transform((h) => h.toLowerCase()))
       .min(1)

@@ -14,6 +14,15 @@ export function identityHeaderNames(snapshot: CheckSnapshot): readonly string[] 
 }
 
 /**
+ * The names an allow sets: the identity headers, then any forwarded metadata's. Shared when
+ * nothing is forwarded: do not mutate.
+ */
+export function grantedHeaderNames(snapshot: CheckSnapshot, forwarded: ReadonlyArray<readonly [string, string]>): readonly string[] {
+  const names = identityHeaderNames(snapshot);
+  return forwarded.length === 0 ? names : [...names, ...forwarded.map(([name]) => name)];
+}
+
+/**
  * The identity headers for a granted request, in a fixed order. Built on each call: the gRPC
  * answer keeps them only as encoded bytes per key (to-envoy.ts), so nothing else is kept per key.
  */

@@ -34,6 +34,8 @@ export interface Allow {
   route: RouteRequirements;
   /** Where the caller stands on rate, quota and credits; null for VerifyKey, which charges nothing. */
   limits: ChargeResult | null;
+  /** The key's metadata the policy forwards, as [x-keygate-meta-<name>, value]; usually none. */
+  forwarded: ReadonlyArray<readonly [string, string]>;
 }
 
 /** A refused request. Denials are data; failures are thrown. */
@@ -72,7 +74,7 @@ export interface PipelineDeps {
   lastUsed: LastUsedRecorder;
   meter: Meter;
   usage: UsageRecorder;
-  policy: Pick<Policy, "plans" | "defaultPlan" | "limits">;
+  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata">>;
   nowMs: () => number;
 }
 
@@ -85,6 +87,14 @@ const FIXED: Readonly<Record<"MISSING_CREDENTIAL" | "MALFORMED_KEY" | "UNKNOWN_K
 
 // VerifyKey answers for a bare key: there is no request whose headers would go upstream.
 const NO_HEADERS: readonly string[] = [];
+const NOTHING_FORWARDED: ReadonlyArray<readonly [string, string]> = [];
+
+/** The prefix of a forwarded metadata entry's header. */
+export const METADATA_HEADER_PREFIX = "x-keygate-meta-";
+
+// A value forwarded as a header: printable ASCII, no space at either end. Anything else (line
+// breaks above all) is left out rather than sent.
+const HEADER_VALUE = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
 
 // A key state that refuses, and the denial it is.
 const KEY_STATE_DENIALS = { revoked: "KEY_REVOKED", rotated: "KEY_ROTATED", expired: "KEY_EXPIRED", disabled: "KEY_DISABLED" } as const satisfies Record<string, DenyReason>;
@@ -102,12 +112,27 @@ export class DecisionPipeline {
   readonly #calendar = new UtcCalendar();
   readonly #defaultPlan: Plan;
   readonly #presentCredentials: PresentCredentialHeaders;
+  /** [metadata name, header name] of each forwarded entry. */
+  readonly #forward: ReadonlyArray<readonly [string, string]>;
 
   constructor(private readonly deps: PipelineDeps) {
     const plan = deps.policy.plans[deps.policy.defaultPlan];
     if (plan === undefined) throw new Error(`default plan "${deps.policy.defaultPlan}" is not configured`);
     this.#defaultPlan = plan;
     this.#presentCredentials = new PresentCredentialHeaders(deps.credentialHeaders);
+    this.#forward = (deps.policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
+  }
+
+  /** The key's forwarded metadata as headers. */
+  #forwarded(snapshot: CheckSnapshot): ReadonlyArray<readonly [string, string]> {
+    if (this.#forward.length === 0) return NOTHING_FORWARDED;
+    const { metadata } = snapshot.key;
+    const out: Array<readonly [string, string]> = [];
+    for (const [name, header] of this.#forward) {
+      const value = Object.hasOwn(metadata, name) ? metadata[name] : undefined;
+      if (value !== undefined && HEADER_VALUE.test(value)) out.push([header, value]);
+    }
+    return out;
   }
 
   /** Decides a proxied request. Synchronous when the key is in L1. */
@@ -180,7 +205,7 @@ export class DecisionPipeline {
       this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
       return this.#withLimitHeaders(refusal, this.#chargeInput(snapshot, route, nowMs));
     }
-    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null };
+    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(snapshot) };
     const charged = this.deps.meter.charge(this.#chargeInput(snapshot, route, nowMs));
     const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeaders, route, limits, nowMs);
     return charged instanceof Promise ? charged.then(finish) : finish(charged);
@@ -264,7 +289,7 @@ export class DecisionPipeline {
     if (limits.allowed || limits.reason === null) {
       this.#count(snapshot, nowMs, route.metered ? ALLOWED : ALLOWED_UNMETERED, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
-      return { allow: true, snapshot, credentialHeaders, route, limits };
+      return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(snapshot) };
     }
     this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);
     const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));

@@ -13,7 +13,7 @@ import type { Status } from "../gen/google/rpc/status_pb.js";
 import { HttpStatusSchema } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { CheckSnapshot } from "../store/store.js";
-import { headersToRemove, identityHeaderNames, identityHeaders } from "./identity.js";
+import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
@@ -78,7 +78,7 @@ function identityHeaderOptions(snapshot: CheckSnapshot): HeaderValueOption[] {
 
 /** What of an allow changes per request: headers to strip, and the caller's limit headers. */
 function allowRest(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): { remove: string[]; add: ReadonlyArray<[string, string]> } {
-  const remove = headersToRemove(clientHeaderNames, identityHeaderNames(decision.snapshot), decision.credentialHeaders);
+  const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
   return { remove, add: decision.limits === null ? [] : limitHeaders(decision.limits, nowMs) };
 }
 
@@ -102,7 +102,7 @@ export function toCheckResponse(decision: Decision, clientHeaderNames: Iterable<
       httpResponse: {
         case: "okResponse",
         value: create(OkHttpResponseSchema, {
-          headers: identityHeaderOptions(decision.snapshot),
+          headers: [...identityHeaderOptions(decision.snapshot), ...decision.forwarded.map(([k, v]) => header(k, v))],
           headersToRemove: rest.remove,
           responseHeadersToAdd: rest.add.map(([k, v]) => header(k, v)),
         }),
@@ -182,9 +182,11 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   const withProject = snapshot.key.projectId !== null;
   const values = IDENTITY_FIELDS.map((field) => field.value(snapshot));
   const { remove, add } = allowRest(decision, clientHeaderNames, nowMs);
-  // UTF-8 sizes: of each identity value, and of each added header's key, value and HeaderValue.
+  const { forwarded } = decision;
+  // UTF-8 sizes: of each identity value, and of each forwarded, then added, header's key, value
+  // and HeaderValue (three a header).
   const valueBytes = values.map(utf8Length);
-  const addSizes = new Array<number>(add.length * 3);
+  const sizes = new Array<number>((forwarded.length + add.length) * 3);
   let okLength = 0;
   let structLength = 0;
   for (let i = 0; i < values.length; i++) {
@@ -192,17 +194,9 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
     if (i !== PROJECT_FIELD || withProject) okLength += fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, bytes)) + APPEND_ACTION.length);
     structLength += fieldBytes(metadataEntryBytes(i, bytes));
   }
+  okLength += sizeHeaders(forwarded, sizes, 0);
   for (const name of remove) okLength += fieldBytes(utf8Length(name));
-  for (let i = 0; i < add.length; i++) {
-    const [k, v] = add[i] as readonly [string, string];
-    const keyBytes = utf8Length(k);
-    const bytes = utf8Length(v);
-    const headerBytes = (keyBytes === 0 ? 0 : fieldBytes(keyBytes)) + (bytes === 0 ? 0 : fieldBytes(bytes));
-    addSizes[i * 3] = keyBytes;
-    addSizes[i * 3 + 1] = bytes;
-    addSizes[i * 3 + 2] = headerBytes;
-    okLength += fieldBytes(fieldBytes(headerBytes) + APPEND_ACTION.length);
-  }
+  okLength += sizeHeaders(add, sizes, forwarded.length * 3);
   const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + fieldBytes(okLength) + fieldBytes(structLength));
   out.set(OK_STATUS_FIELD, 0);
   let at = OK_STATUS_FIELD.length;
@@ -223,21 +217,9 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
     out[at++] = APPEND_ACTION[0];
     out[at++] = APPEND_ACTION[1];
   }
+  at = writeHeaders(out, at, IDENTITY_TAG, forwarded, sizes, 0);
   for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, utf8Length(name));
-  for (let i = 0; i < add.length; i++) {
-    const [k, v] = add[i] as readonly [string, string];
-    const keyBytes = addSizes[i * 3] as number;
-    const bytes = addSizes[i * 3 + 1] as number;
-    const headerBytes = addSizes[i * 3 + 2] as number;
-    out[at++] = ADD_TAG;
-    at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
-    out[at++] = HEADER_TAG;
-    at = writeVarint(out, at, headerBytes);
-    if (keyBytes !== 0) at = writeString(out, at, KEY_TAG, k, keyBytes);
-    if (bytes !== 0) at = writeString(out, at, VALUE_TAG, v, bytes);
-    out[at++] = APPEND_ACTION[0];
-    out[at++] = APPEND_ACTION[1];
-  }
+  at = writeHeaders(out, at, ADD_TAG, add, sizes, forwarded.length * 3);
   out[at++] = METADATA_TAG;
   at = writeVarint(out, at, structLength);
   for (const i of METADATA_ORDER) {
@@ -252,6 +234,45 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
     at = writeString(out, at, STRING_VALUE_TAG, values[i] as string, bytes);
   }
   return out;
+}
+
+/**
+ * Measures headers written as HeaderValueOption fields: puts each one's key bytes, value bytes
+ * and HeaderValue bytes in `sizes` from `offset`, and returns the bytes of all the fields.
+ */
+function sizeHeaders(headers: ReadonlyArray<readonly [string, string]>, sizes: number[], offset: number): number {
+  let total = 0;
+  for (let i = 0; i < headers.length; i++) {
+    const [k, v] = headers[i] as readonly [string, string];
+    const keyBytes = utf8Length(k);
+    const valueBytes = utf8Length(v);
+    const headerBytes = (keyBytes === 0 ? 0 : fieldBytes(keyBytes)) + (valueBytes === 0 ? 0 : fieldBytes(valueBytes));
+    sizes[offset + i * 3] = keyBytes;
+    sizes[offset + i * 3 + 1] = valueBytes;
+    sizes[offset + i * 3 + 2] = headerBytes;
+    total += fieldBytes(fieldBytes(headerBytes) + APPEND_ACTION.length);
+  }
+  return total;
+}
+
+/** Writes headers measured by sizeHeaders as HeaderValueOption fields with `tag`; returns the position after them. */
+function writeHeaders(out: Buffer, at: number, tag: number, headers: ReadonlyArray<readonly [string, string]>, sizes: number[], offset: number): number {
+  let pos = at;
+  for (let i = 0; i < headers.length; i++) {
+    const [k, v] = headers[i] as readonly [string, string];
+    const keyBytes = sizes[offset + i * 3] as number;
+    const valueBytes = sizes[offset + i * 3 + 1] as number;
+    const headerBytes = sizes[offset + i * 3 + 2] as number;
+    out[pos++] = tag;
+    pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
+    out[pos++] = HEADER_TAG;
+    pos = writeVarint(out, pos, headerBytes);
+    if (keyBytes !== 0) pos = writeString(out, pos, KEY_TAG, k, keyBytes);
+    if (valueBytes !== 0) pos = writeString(out, pos, VALUE_TAG, v, valueBytes);
+    out[pos++] = APPEND_ACTION[0];
+    out[pos++] = APPEND_ACTION[1];
+  }
+  return pos;
 }
 
 /** An identity header's HeaderValue: its encoded key field, then the value field unless empty. */

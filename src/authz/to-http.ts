@@ -1,4 +1,4 @@
-import { headersToRemove, identityHeaderNames, identityHeaders } from "./identity.js";
+import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
@@ -18,7 +18,8 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
     // Always present, empty for a key without a project: a proxy that copies a fixed list of
     // headers (Caddy's copy_headers) must not be left to copy a client-sent value or nothing.
     headers["x-keygate-project-id"] ??= "";
-    const remove = headersToRemove(clientHeaderNames, identityHeaderNames(decision.snapshot), decision.credentialHeaders);
+    for (const [name, value] of decision.forwarded) headers[name] = value;
+    const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
     // Envoy's HTTP ext_authz service reads this list and strips the headers before upstream.
     if (remove.length > 0) headers["x-envoy-auth-headers-to-remove"] = remove.join(",");
     if (decision.limits !== null) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers[k] = v;

@@ -44,7 +44,7 @@ const scopeLists = new SharedValues<readonly string[]>(
  * shape, with low-cardinality values (and the scope list, frozen) shared with every other key
  * that has them, and the account's owner id pointing at the key's (they are equal).
  */
-function checkSnapshot(snapshot: KeySnapshot): CheckSnapshot {
+function checkSnapshot(snapshot: KeySnapshot, forwardMetadata: readonly string[]): CheckSnapshot {
   const { key, account } = snapshot;
   const ownerId = key.ownerId;
   return {
@@ -60,6 +60,7 @@ function checkSnapshot(snapshot: KeySnapshot): CheckSnapshot {
       rotatedToId: key.rotatedToId,
       rateLimit: key.rateLimit,
       disabledAtMs: key.disabledAtMs,
+      metadata: forwardedOnly(key.metadata, forwardMetadata),
     },
     account: {
       ownerId: account.ownerId === ownerId ? ownerId : account.ownerId,
@@ -70,20 +71,37 @@ function checkSnapshot(snapshot: KeySnapshot): CheckSnapshot {
   };
 }
 
-/** Bounds of the in-process cache. */
+const NO_METADATA: Readonly<Record<string, string>> = Object.freeze({});
+
+/** The metadata entries a Check forwards, or one shared empty object when the key has none. */
+function forwardedOnly(metadata: Readonly<Record<string, string>>, names: readonly string[]): Readonly<Record<string, string>> {
+  let kept: Record<string, string> | undefined;
+  for (const name of names) {
+    const value = Object.hasOwn(metadata, name) ? metadata[name] : undefined;
+    if (value === undefined) continue;
+    kept ??= {};
+    kept[name] = value;
+  }
+  return kept ?? NO_METADATA;
+}
+
+/** Bounds of the in-process cache, and the metadata entries it keeps (the policy's forwardMetadata). */
 export interface MemoryCacheOptions {
   maxEntries: number;
   ttlSeconds: number;
   negativeMaxEntries: number;
   negativeTtlSeconds: number;
+  forwardMetadata?: readonly string[];
 }
 
 /** L1: a bounded LRU of what a Check reads, by hash, and a shorter-lived LRU of unknown hashes. */
 export class MemoryCache implements LocalCache {
   readonly #hits: LRUCache<string, CheckSnapshot>;
   readonly #misses: LRUCache<string, true>;
+  readonly #forwardMetadata: readonly string[];
 
   constructor(options: MemoryCacheOptions) {
+    this.#forwardMetadata = options.forwardMetadata ?? [];
     this.#hits = new LRUCache({ max: options.maxEntries, ttl: options.ttlSeconds * 1000, ttlAutopurge: false });
     this.#misses = new LRUCache({ max: options.negativeMaxEntries, ttl: options.negativeTtlSeconds * 1000, ttlAutopurge: false });
   }
@@ -103,7 +121,7 @@ export class MemoryCache implements LocalCache {
     // Keyed by the snapshot's own copy of the hash when it is the same text: the caller's copy
     // (computed for the request) can then go, instead of a second 64-character string per key.
     const key = snapshot.key.hash === hash ? snapshot.key.hash : hash;
-    this.#hits.set(key, checkSnapshot(snapshot), ttlMs === undefined ? undefined : { ttl: ttlMs });
+    this.#hits.set(key, checkSnapshot(snapshot, this.#forwardMetadata), ttlMs === undefined ? undefined : { ttl: ttlMs });
   }
 
   setMissing(hash: string, ttlMs?: number): void {

@@ -136,7 +136,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
   const cache = await openCache(config, logger, store, usage, metrics);
   const { bus, shared, meter, idempotency } = cache;
-  const local = new MemoryCache(config.policy.cache);
+  const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({

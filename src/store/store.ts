@@ -146,6 +146,8 @@ export interface KeySnapshot {
 /** The key fields a Check reads: its state, its identity, its limits. */
 export type CheckedKey = Pick<KeyRecord, "id" | "ownerId" | "projectId" | "mode" | "expiresAtMs" | "revokedAtMs" | "graceEndsAtMs" | "rotatedToId" | "rateLimit" | "disabledAtMs"> & {
   readonly scopes: readonly string[];
+  /** In L1, only the entries the policy forwards (forwardMetadata). */
+  readonly metadata: Readonly<Record<string, string>>;
 };
 
 /**

@@ -90,8 +90,9 @@ describe("cached allow bytes happy", () => {
   // three bytes, must come out as protobuf-es writes them.
   it("encodes allows with non-ASCII and long identity values byte for byte as protobuf-es does", () => {
     const value = fc.oneof(fc.string({ maxLength: 20 }), fc.string({ unit: "binary", maxLength: 20 }), fc.string({ minLength: 100, maxLength: 9000 }));
+    const forwarded = fc.array(fc.tuple(fc.constantFrom("x-keygate-meta-team", "x-keygate-meta-tier"), value), { maxLength: 2 });
     fc.assert(
-      fc.property(value, value, fc.option(value, { nil: null }), fc.array(value, { maxLength: 3 }), value, (id, ownerId, projectId, scopes, plan) => {
+      fc.property(value, value, fc.option(value, { nil: null }), fc.array(value, { maxLength: 3 }), value, forwarded, (id, ownerId, projectId, scopes, plan, extra) => {
         const full = snapshot({ id, ownerId, projectId, scopes, plan });
         const allow: Allow = {
           allow: true,
@@ -99,6 +100,7 @@ describe("cached allow bytes happy", () => {
           credentialHeaders: ["x-api-key"],
           route: NO_REQUIREMENTS,
           limits: null,
+          forwarded: extra,
         };
         const expected = Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0))).toString("hex");
         expect(Buffer.from(encodeCheckResponse(allow, ["x-api-key", "x-keygate-plan"], "r", 0)).toString("hex")).toBe(expected);
@@ -148,9 +150,23 @@ describe("L1 happy", () => {
         rotatedToId: "key_b",
         rateLimit: { limit: 5, windowSeconds: 60 },
         disabledAtMs: null,
+        // Only the entries the policy forwards (none here).
+        metadata: {},
       },
       account: { ownerId: "owner_a", plan: "pro", subscriptionStatus: "active", role: "standard" },
     });
+  });
+
+  it("keeps only the metadata entries the policy forwards", () => {
+    const cache = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5, forwardMetadata: ["team", "tier"] });
+    const stored = snapshot({ id: "key_a", ownerId: "o", projectId: null, scopes: [], plan: "pro" });
+    stored.key.metadata = { team: "billing", internal: "not forwarded" };
+    const bare = snapshot({ id: "key_b", ownerId: "o", projectId: null, scopes: [], plan: "pro" });
+    bare.key.metadata = { internal: "not forwarded" };
+    cache.set("a", stored);
+    cache.set("b", bare);
+    expect(cache.get("a")?.key.metadata).toStrictEqual({ team: "billing" });
+    expect(cache.get("b")?.key.metadata).toStrictEqual({});
   });
 
   it("shares one frozen scope list between keys with the same scopes, and none with the store's records", () => {

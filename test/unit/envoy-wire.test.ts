@@ -203,6 +203,7 @@ describe("Envoy wire format happy", () => {
       credentialHeaders: ["authorization"],
       route: NO_REQUIREMENTS,
       limits: LIMITS,
+      forwarded: [],
     };
     const bytes = encodeCheckResponse(allow, ["authorization", "x-keygate-spoof"], "req-1", 0);
 
