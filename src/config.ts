@@ -87,6 +87,18 @@ const policySchema = z
      */
     routeMatching: z.object({ caseInsensitive: z.boolean().default(false) }).default({ caseInsensitive: false }),
     /**
+     * Limits of test-mode keys (kg_test_…), kept apart from live keys': their own rate bucket per
+     * account (or per key), their own daily quota, their own key cap, and no credits spent.
+     * rateLimit null: the plan's; dailyQuota null: unlimited; maxActiveKeys null: the plan's cap.
+     */
+    testMode: z
+      .object({
+        rateLimit: rateLimitSchema.nullable().default(null),
+        dailyQuota: z.number().int().min(0).nullable().default(null),
+        maxActiveKeys: z.number().int().min(0).nullable().default(null),
+      })
+      .default({ rateLimit: null, dailyQuota: null, maxActiveKeys: null }),
+    /**
      * Key metadata entries the upstream is told, each as x-keygate-meta-<name> (a value that is
      * not printable ASCII is left out). Names are lowercase letters, digits and "-".
      */

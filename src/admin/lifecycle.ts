@@ -119,8 +119,10 @@ export class LifecycleService {
     return { plan: this.deps.policy.defaultPlan, subscriptionStatus: "active", role: "standard" };
   }
 
-  maxActiveKeysFor(plan: string): number {
-    return this.deps.policy.plans[plan]?.maxActiveKeys ?? 0;
+  /** The cap of a plan's live keys, or of its test keys (testMode.maxActiveKeys, else the same number, counted apart). */
+  maxActiveKeysFor(plan: string, mode: KeyMode = "live"): number {
+    const live = this.deps.policy.plans[plan]?.maxActiveKeys ?? 0;
+    return mode === "test" ? (this.deps.policy.testMode.maxActiveKeys ?? live) : live;
   }
 
   async upsertAccount(
@@ -253,7 +255,7 @@ export class LifecycleService {
     const rateLimit = input.rateLimit === undefined ? null : checkRateLimit(input.rateLimit);
     const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata, rateLimit }, nowMs);
     await this.deps.store.createKey(record, {
-      maxActiveKeysFor: (plan) => this.maxActiveKeysFor(plan),
+      maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
       accountDefaults: this.accountDefaults,
       nowMs,
     });

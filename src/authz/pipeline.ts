@@ -7,7 +7,7 @@ import type { UsageRecorder } from "../limits/usage.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
 import type { LastUsedRecorder } from "../store/last-used.js";
-import { ALLOWED, ALLOWED_UNMETERED, keyState } from "../store/store.js";
+import { ALLOWED_UNMETERED, allowedOutcome, keyState } from "../store/store.js";
 import type { AccountRecord, CheckSnapshot, CheckedKey } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./credential.js";
@@ -74,7 +74,7 @@ export interface PipelineDeps {
   lastUsed: LastUsedRecorder;
   meter: Meter;
   usage: UsageRecorder;
-  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata">>;
+  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata" | "testMode">>;
   nowMs: () => number;
 }
 
@@ -173,19 +173,22 @@ export class DecisionPipeline {
     }
     if (account.subscriptionStatus !== "active") return refused("PLAN_REQUIRED", null);
     const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
+    // A test key's charge uses the test-mode quota and spends nothing, as its Checks do.
+    const test = key !== null && key.mode === "test";
     const limits = await this.deps.meter.charge({
       ownerId: account.ownerId,
-      bucket: `u:${account.ownerId}`,
+      bucket: test ? `ut:${account.ownerId}` : `u:${account.ownerId}`,
       rate: this.deps.policy.limits.chargeRateLimit,
-      dailyQuota: plan.dailyQuota,
-      monthlyCredits: plan.monthlyCredits,
-      cost,
+      dailyQuota: test ? (this.deps.policy.testMode?.dailyQuota ?? null) : plan.dailyQuota,
+      monthlyCredits: test ? null : plan.monthlyCredits,
+      cost: test ? 0 : cost,
       nowMs,
+      meter: test ? "test" : "live",
     });
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
-    this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), ALLOWED, spent);
+    this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live"), spent);
     return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
   }
 
@@ -246,6 +249,20 @@ export class DecisionPipeline {
     const { key, account } = snapshot;
     const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
     const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
+    if (key.mode === "test") {
+      // Test keys are counted apart from live keys: their own bucket and quota, no credits.
+      const test = this.deps.policy.testMode;
+      return {
+        ownerId: account.ownerId,
+        bucket: ownBucket ? `k:${key.id}` : `t:${account.ownerId}`,
+        rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(snapshot, plan),
+        dailyQuota: route.metered ? (test?.dailyQuota ?? null) : null,
+        monthlyCredits: null,
+        cost: 0,
+        nowMs,
+        meter: "test",
+      };
+    }
     return {
       ownerId: account.ownerId,
       bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
@@ -255,6 +272,7 @@ export class DecisionPipeline {
       monthlyCredits: plan.monthlyCredits,
       cost: route.metered ? route.cost : 0,
       nowMs,
+      meter: "live",
     };
   }
 
@@ -287,7 +305,7 @@ export class DecisionPipeline {
       this.deps.usage.spend(snapshot.account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     }
     if (limits.allowed || limits.reason === null) {
-      this.#count(snapshot, nowMs, route.metered ? ALLOWED : ALLOWED_UNMETERED, spent);
+      this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode) : ALLOWED_UNMETERED, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
       return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(snapshot) };
     }

@@ -1,4 +1,5 @@
 import type { RateLimitRule } from "../config.js";
+import type { KeyMode } from "../store/store.js";
 
 /** The per-request charge: rate bucket, plan limits and the route's cost. */
 export interface ChargeInput {
@@ -12,6 +13,11 @@ export interface ChargeInput {
   monthlyCredits: number | null;
   cost: number;
   nowMs: number;
+  /**
+   * Whose counters: a live key's, or a test-mode key's, whose daily quota is counted apart (test
+   * keys never spend credits: the pipeline passes no monthlyCredits for them).
+   */
+  meter: KeyMode;
 }
 
 /** Why the limits step refused. */

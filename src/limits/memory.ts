@@ -1,4 +1,4 @@
-import { ALLOWED } from "../store/store.js";
+import { allowedOutcome } from "../store/store.js";
 import type { MeteringStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
 import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
@@ -92,11 +92,11 @@ export class MemoryMeter implements Meter {
   /** Runs `fn` once the account's quota count and balance are loaded. */
   #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
-    const quotaKey = `${input.ownerId}|${day}`;
+    const quotaKey = `${input.ownerId}|${day}|${input.meter}`;
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
-      return this.#seed(input.ownerId, day, quotaKey, needsQuota, needsCredits, input.nowMs).then(() => fn(quotaKey));
+      return this.#seed(input, day, quotaKey, needsQuota, needsCredits).then(() => fn(quotaKey));
     }
     return fn(quotaKey);
   }
@@ -130,15 +130,17 @@ export class MemoryMeter implements Meter {
     };
   }
 
-  #seed(ownerId: string, day: string, quotaKey: string, quota: boolean, credits: boolean, nowMs: number): Promise<void> {
+  #seed(input: ChargeInput, day: string, quotaKey: string, quota: boolean, credits: boolean): Promise<void> {
+    const { ownerId, nowMs } = input;
+    const counted = allowedOutcome(input.meter);
     const id = `${quotaKey}|${quota}|${credits}`;
     let pending = this.#seeding.get(id);
     if (pending === undefined) {
       pending = (async () => {
         if (quota && !this.#quota.has(quotaKey)) {
           const rows = await this.store.listUsage(ownerId, day, day);
-          const stored = rows.reduce((sum, row) => sum + (row.outcome === ALLOWED ? row.count : 0), 0);
-          if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day) });
+          const stored = rows.reduce((sum, row) => sum + (row.outcome === counted ? row.count : 0), 0);
+          if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day, counted) });
         }
         if (credits && !this.#credits.has(ownerId)) await this.#seedCredits(ownerId, this.#calendar.month(nowMs));
       })().finally(() => this.#seeding.delete(id));

@@ -186,7 +186,7 @@ export class RedisMeter implements Meter {
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
     const reply = await this.#run(
       CHARGE,
-      [`${this.prefix}rl:${input.bucket}`, `${this.prefix}q:${input.ownerId}:${day}`, `${this.prefix}c:${input.ownerId}`],
+      [`${this.prefix}rl:${input.bucket}`, `${this.prefix}q:${input.ownerId}:${day}${input.meter === "test" ? ":test" : ""}`, `${this.prefix}c:${input.ownerId}`],
       [
         nowMs,
         input.rate.windowSeconds * 1000,

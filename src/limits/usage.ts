@@ -73,11 +73,11 @@ export class UsageRecorder {
     return this.#usage.size + this.#credits.size;
   }
 
-  /** Allowed requests of an owner on a day not yet in the store. */
-  pendingAllowed(ownerId: string, day: string): number {
+  /** Requests of an owner on a day with `outcome` (ALLOWED by default) not yet in the store. */
+  pendingAllowed(ownerId: string, day: string, outcome: string = ALLOWED): number {
     let total = 0;
     for (const entry of this.#usage.values()) {
-      if (entry.ownerId === ownerId && entry.day === day && entry.outcome === ALLOWED) total += entry.count;
+      if (entry.ownerId === ownerId && entry.day === day && entry.outcome === outcome) total += entry.count;
     }
     return total;
   }

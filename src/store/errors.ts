@@ -1,11 +1,12 @@
-/** The plan's cap on active keys is reached. */
+/** The plan's cap on active keys (of one mode: test keys are counted apart) is reached. */
 export class CapExceededError extends Error {
   override readonly name = "CapExceededError";
   constructor(
     readonly plan: string,
     readonly maxActiveKeys: number,
+    readonly mode: "live" | "test" = "live",
   ) {
-    super(`plan "${plan}" allows at most ${maxActiveKeys} active key${maxActiveKeys === 1 ? "" : "s"}`);
+    super(`plan "${plan}" allows at most ${maxActiveKeys} active ${mode === "test" ? "test-mode " : ""}key${maxActiveKeys === 1 ? "" : "s"}`);
   }
 }
 

@@ -38,8 +38,8 @@ export const KEY_FIELDS = {
   disabledAtMs: { sqlite: "disabled_at", mongo: "disabled_at", proto: "disabledAt" },
 } as const satisfies Record<keyof KeyRecord, FieldPlaces>;
 
-/** Stored with a key, in no record field: MongoDB's count of the key against its plan's cap. */
-export const KEY_STORE_ONLY = { sqlite: [] as readonly string[], mongo: ["counted"] as readonly string[] };
+/** Stored with a key, in no record field: MongoDB's count of the key against its plan's cap, and in which counter (live or test). */
+export const KEY_STORE_ONLY = { sqlite: [] as readonly string[], mongo: ["counted", "test_slot"] as readonly string[] };
 /** In KeyAdmin's ApiKey, derived rather than stored: the key's state at the time of the answer. */
 export const KEY_PROTO_ONLY: readonly string[] = ["state"];
 
@@ -53,10 +53,10 @@ export const ACCOUNT_FIELDS = {
   updatedAtMs: { sqlite: "updated_at", mongo: "updated_at", proto: "updatedAt" },
 } as const satisfies Record<keyof AccountRecord, FieldPlaces>;
 
-/** Stored with an account, in no AccountRecord field: the credit state (CreditState) and MongoDB's cap count. */
+/** Stored with an account, in no AccountRecord field: the credit state (CreditState) and MongoDB's cap counts (live and test keys). */
 export const ACCOUNT_STORE_ONLY = {
   sqlite: ["credit_period", "monthly_used", "topup_balance", "topup_total"] as readonly string[],
-  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count"] as readonly string[],
+  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count", "active_test_key_count"] as readonly string[],
 };
 
 /**

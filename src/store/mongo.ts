@@ -24,13 +24,18 @@ import type {
   AuditQuery,
 } from "./store.js";
 
-/** An account document. `active_key_count` is the counter the cap is enforced on. */
+/**
+ * An account document. `active_key_count` is the counter the cap of live keys is enforced on,
+ * `active_test_key_count` that of test keys.
+ */
 export interface AccountDoc {
   _id: string;
   plan: string;
   subscription_status: SubscriptionStatus;
   role: Role;
   active_key_count: number;
+  /** Absent on accounts written before test keys were counted apart: read as 0. */
+  active_test_key_count?: number;
   created_at: Date;
   updated_at: Date;
   credit_period?: string;
@@ -86,6 +91,12 @@ export interface KeyDoc {
   /** Absent in documents written before keys could be disabled: read as null. */
   disabled_at?: Date | null;
   counted: boolean;
+  /**
+   * True when the key's slot is in the account's active_test_key_count; absent or false, in
+   * active_key_count (every key written before test keys were counted apart; schema step 2
+   * moves the test keys among them).
+   */
+  test_slot?: boolean;
 }
 
 export const accountSchema = new mongoose.Schema<AccountDoc>(
@@ -95,6 +106,7 @@ export const accountSchema = new mongoose.Schema<AccountDoc>(
     subscription_status: { type: String, required: true, enum: ["active", "none", "past_due", "canceled"] },
     role: { type: String, required: true, enum: ["standard", "premium", "admin"] },
     active_key_count: { type: Number, required: true, default: 0 },
+    active_test_key_count: { type: Number, default: 0 },
     created_at: { type: Date, required: true },
     updated_at: { type: Date, required: true },
     credit_period: { type: String, default: "" },
@@ -157,6 +169,7 @@ export const keySchema = new mongoose.Schema<KeyDoc>(
     rate_limit: { type: new mongoose.Schema({ limit: Number, window_seconds: Number }, { _id: false }), default: null },
     disabled_at: { type: Date, default: null },
     counted: { type: Boolean, required: true },
+    test_slot: { type: Boolean, default: false },
   },
   { collection: "keys", versionKey: false, strict: "throw" },
 );
@@ -166,8 +179,15 @@ keySchema.index({ project_id: 1 }, { name: "project" });
 
 /** The fields of an account that toAccount reads: a Check needs no counters or credits. */
 type AccountSnapshotDoc = Pick<AccountDoc, "_id" | "plan" | "subscription_status" | "role" | "created_at" | "updated_at">;
-/** The fields of a key that toKey reads: all but the slot flag. */
-type KeySnapshotDoc = Omit<KeyDoc, "counted">;
+/** The fields of a key that toKey reads: all but the slot flags. */
+type KeySnapshotDoc = Omit<KeyDoc, "counted" | "test_slot">;
+
+/** The account counter a key's slot is held in. */
+type SlotCounter = "active_key_count" | "active_test_key_count";
+
+function slotCounter(key: Pick<KeyDoc, "test_slot">): SlotCounter {
+  return key.test_slot === true ? "active_test_key_count" : "active_key_count";
+}
 /** What the cold lookup's aggregation returns: the key and its account, each absent when not found. */
 interface AnchoredSnapshotDoc {
   key?: KeySnapshotDoc;
@@ -183,7 +203,7 @@ const ANCHOR_COLLECTION = "lookup_anchor";
 const SCHEMA_COLLECTION = "keygate_schema";
 const SCHEMA_ID = "schema";
 /** The schema version this keygate writes: the last step of MongoKeyStore's migrations. */
-export const MONGO_SCHEMA_VERSION = 1;
+export const MONGO_SCHEMA_VERSION = 2;
 interface SchemaDoc {
   _id: string;
   version: number;
@@ -312,6 +332,7 @@ export function keyDocument(key: KeyRecord, counted: boolean): KeyDoc {
     rate_limit: key.rateLimit === null ? null : { limit: key.rateLimit.limit, window_seconds: key.rateLimit.windowSeconds },
     disabled_at: date(key.disabledAtMs),
     counted,
+    test_slot: key.mode === "test",
   };
 }
 
@@ -478,6 +499,22 @@ export class MongoKeyStore implements KeyStore {
           await this.#audit.createIndexes();
         },
       },
+      {
+        version: 2,
+        description:
+          "test-mode keys hold slots of their own: each counted test key moves from accounts.active_key_count to " +
+          "accounts.active_test_key_count (once per key: keys.test_slot)",
+        apply: async () => {
+          const legacy = await this.#keys.find({ mode: "test", test_slot: { $ne: true } }, { _id: 1, owner_id: 1, counted: 1 }).lean<Array<Pick<KeyDoc, "_id" | "owner_id" | "counted">>>();
+          for (const key of legacy) {
+            // The filter makes each move happen once, whoever runs the step.
+            const moved = await this.#keys.updateOne({ _id: key._id, test_slot: { $ne: true } }, { $set: { test_slot: true } });
+            if (moved.modifiedCount === 1 && key.counted) {
+              await this.#accounts.updateOne({ _id: key.owner_id }, { $inc: { active_key_count: -1, active_test_key_count: 1 } });
+            }
+          }
+        },
+      },
     ];
   }
 
@@ -505,7 +542,7 @@ export class MongoKeyStore implements KeyStore {
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
     const now = new Date(nowMs);
     const set: Partial<AccountDoc> = { updated_at: now };
-    const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0 };
+    const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0, active_test_key_count: 0 };
     if (input.plan !== undefined) set.plan = input.plan;
     else onInsert.plan = defaults.plan;
     if (input.subscriptionStatus !== undefined) set.subscription_status = input.subscriptionStatus;
@@ -524,8 +561,8 @@ export class MongoKeyStore implements KeyStore {
     return doc === null ? null : toAccount(doc);
   }
 
-  async countActiveKeys(ownerId: string, nowMs: number): Promise<number> {
-    return guarded(() => this.#keys.countDocuments(activeFilter(ownerId, nowMs)));
+  async countActiveKeys(ownerId: string, nowMs: number, mode: KeyMode = "live"): Promise<number> {
+    return guarded(() => this.#keys.countDocuments({ ...activeFilter(ownerId, nowMs), mode }));
   }
 
   /** Gives back the slots of keys that expired; the `counted` flag makes each release happen once. */
@@ -537,8 +574,9 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async #releaseSlot(keyId: string, ownerId: string): Promise<void> {
-    const released = await this.#keys.updateOne({ _id: keyId, counted: true }, { $set: { counted: false } });
-    if (released.modifiedCount === 1) await this.#accounts.updateOne({ _id: ownerId }, { $inc: { active_key_count: -1 } });
+    // The document as it was: only the call that turned `counted` off gives the slot back.
+    const released = await this.#keys.findOneAndUpdate({ _id: keyId, counted: true }, { $set: { counted: false } }, { projection: { test_slot: 1 } }).lean<Pick<KeyDoc, "test_slot">>();
+    if (released !== null) await this.#accounts.updateOne({ _id: ownerId }, { $inc: { [slotCounter(released)]: -1 } });
   }
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
@@ -549,20 +587,21 @@ export class MongoKeyStore implements KeyStore {
       for (let attempt = 0; attempt < 3; attempt++) {
         const account = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
         if (account === null) throw new Error(`account ${record.ownerId} vanished`);
-        const cap = limits.maxActiveKeysFor(account.plan);
-        const admitted = await this.#accounts.updateOne(
-          { _id: record.ownerId, plan: account.plan, active_key_count: { $lt: cap } },
-          { $inc: { active_key_count: 1 } },
-        );
+        const cap = limits.maxActiveKeysFor(account.plan, record.mode);
+        const counter = slotCounter({ test_slot: record.mode === "test" });
+        if (cap <= 0) throw new CapExceededError(account.plan, cap, record.mode);
+        // An account written before test keys were counted apart has no test counter: 0.
+        const free = counter === "active_test_key_count" ? { $or: [{ [counter]: { $lt: cap } }, { [counter]: { $exists: false } }] } : { [counter]: { $lt: cap } };
+        const admitted = await this.#accounts.updateOne({ _id: record.ownerId, plan: account.plan, ...free }, { $inc: { [counter]: 1 } });
         if (admitted.modifiedCount === 0) {
           const now = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
           if (now !== null && now.plan !== account.plan) continue;
-          throw new CapExceededError(account.plan, cap);
+          throw new CapExceededError(account.plan, cap, record.mode);
         }
         try {
           await this.#keys.create(keyDocument(record, true));
         } catch (error) {
-          await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { active_key_count: -1 } });
+          await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { [counter]: -1 } });
           throw error;
         }
         return record;

@@ -170,7 +170,7 @@ export class SqliteKeyStore implements KeyStore {
     getAccount: Statement<[string], AccountRow>;
     insertAccount: Statement<[AccountRow]>;
     updateAccount: Statement<[AccountRow]>;
-    countActive: Statement<[string, number], { n: number }>;
+    countActive: Statement<[string, string, number], { n: number }>;
     insertKey: Statement<[Record<string, string | number | null>]>;
     getKey: Statement<[string], KeyRow>;
     snapshotByHash: Statement<[string], SnapshotRow>;
@@ -221,7 +221,7 @@ export class SqliteKeyStore implements KeyStore {
         "UPDATE accounts SET plan = @plan, subscription_status = @subscription_status, role = @role, updated_at = @updated_at WHERE owner_id = @owner_id",
       ),
       countActive: db.prepare(
-        "SELECT COUNT(*) AS n FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+        "SELECT COUNT(*) AS n FROM keys WHERE owner_id = ? AND mode = ? AND revoked_at IS NULL AND rotated_to_id IS NULL AND (expires_at IS NULL OR expires_at > ?)",
       ),
       insertKey: db.prepare(
         `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, last_used_at, expires_at, revoked_at, revoke_reason, grace_ends_at, rotated_to_id, rate_limit, disabled_at)
@@ -286,8 +286,8 @@ export class SqliteKeyStore implements KeyStore {
     return row === undefined ? null : toAccount(row);
   }
 
-  async countActiveKeys(ownerId: string, nowMs: number): Promise<number> {
-    return this.#stmt.countActive.get(ownerId, nowMs)?.n ?? 0;
+  async countActiveKeys(ownerId: string, nowMs: number, mode: KeyMode = "live"): Promise<number> {
+    return this.#stmt.countActive.get(ownerId, mode, nowMs)?.n ?? 0;
   }
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
@@ -299,9 +299,9 @@ export class SqliteKeyStore implements KeyStore {
         account = this.#stmt.getAccount.get(record.ownerId);
       }
       const plan = account?.plan ?? limits.accountDefaults.plan;
-      const cap = limits.maxActiveKeysFor(plan);
-      const active = this.#stmt.countActive.get(record.ownerId, limits.nowMs)?.n ?? 0;
-      if (active >= cap) throw new CapExceededError(plan, cap);
+      const cap = limits.maxActiveKeysFor(plan, record.mode);
+      const active = this.#stmt.countActive.get(record.ownerId, record.mode, limits.nowMs)?.n ?? 0;
+      if (active >= cap) throw new CapExceededError(plan, cap, record.mode);
       this.#insertKeySync(record);
     });
     create.immediate();

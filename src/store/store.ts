@@ -93,6 +93,16 @@ export interface CreditState {
 export const ALLOWED = "ALLOWED";
 /** A usage outcome of an allowed request on an unmetered route: reported as allowed, never a quota use. */
 export const ALLOWED_UNMETERED = "ALLOWED_UNMETERED";
+/**
+ * A usage outcome of an allowed request of a test-mode key on a metered route: reported as
+ * allowed, and counted toward the test-mode daily quota only (a restart reseeds it from these).
+ */
+export const ALLOWED_TEST = "ALLOWED_TEST";
+
+/** The outcome that counts toward a meter's daily quota. */
+export function allowedOutcome(meter: KeyMode): string {
+  return meter === "test" ? ALLOWED_TEST : ALLOWED;
+}
 
 /** Counted requests of one key on one UTC day with one outcome (ALLOWED, ALLOWED_UNMETERED or a denial code). */
 export interface UsageDelta {
@@ -211,7 +221,8 @@ export interface LifecycleStore {
   upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord>;
   getAccount(ownerId: string): Promise<AccountRecord | null>;
   /** Keys that count against the plan cap: not revoked, not rotated away, not expired. */
-  countActiveKeys(ownerId: string, nowMs: number): Promise<number>;
+  /** Keys of an owner that hold a slot under the cap of `mode` (live by default). */
+  countActiveKeys(ownerId: string, nowMs: number, mode?: KeyMode): Promise<number>;
   /**
    * Inserts a key if the owner has fewer than `maxActiveKeys` active keys, creating the
    * account with `defaults` when it does not exist. Throws CapExceededError otherwise.
@@ -268,7 +279,8 @@ export interface KeyStore extends SnapshotStore, LifecycleStore, MeteringStore, 
 
 /** Cap and account defaults for CreateKey. */
 export interface CreateLimits {
-  maxActiveKeysFor(plan: string): number;
+  /** The cap of a plan's keys of one mode: test keys are counted apart from live keys. */
+  maxActiveKeysFor(plan: string, mode: KeyMode): number;
   accountDefaults: AccountDefaults;
   nowMs: number;
 }

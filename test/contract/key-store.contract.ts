@@ -172,6 +172,27 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect(await store.countActiveKeys(ownerId, NOW)).toBe(1);
     });
 
+    it("test-mode keys hold slots of their own: neither cap counts the other's keys, and a revoke gives back the right one", async () => {
+      const ownerId = nextOwner();
+      const live = record(ownerId);
+      await store.createKey(live, limits());
+      const tests = [record(ownerId, { mode: "test" })];
+      await store.createKey(tests[0] as KeyRecord, limits());
+      const error = await refusal(store.createKey(record(ownerId, { mode: "test" }), limits()));
+      expect(error).toMatchObject({ plan: "basic", maxActiveKeys: 1, mode: "test", message: 'plan "basic" allows at most 1 active test-mode key' });
+      await expectBasicCapRefusal(store.createKey(record(ownerId), limits()));
+      expect([await store.countActiveKeys(ownerId, NOW), await store.countActiveKeys(ownerId, NOW, "live"), await store.countActiveKeys(ownerId, NOW, "test")]).toEqual([1, 1, 1]);
+      // The test key's revoke frees a test slot, not a live one.
+      await store.revokeKey((tests[0] as KeyRecord).id, NOW, null);
+      await expectBasicCapRefusal(store.createKey(record(ownerId), limits()));
+      await store.createKey(record(ownerId, { mode: "test" }), limits());
+      expect(await store.countActiveKeys(ownerId, NOW, "test")).toBe(1);
+      // And the live key's revoke frees a live slot.
+      await store.revokeKey(live.id, NOW, null);
+      await store.createKey(record(ownerId), limits());
+      await expect(store.createKey(record(ownerId, { mode: "test" }), limits())).rejects.toBeInstanceOf(CapExceededError);
+    });
+
     it("expired keys do not count against the cap", async () => {
       const ownerId = nextOwner();
       await store.createKey(record(ownerId, { expiresAtMs: NOW + 10 }), limits());

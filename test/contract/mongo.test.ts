@@ -1,6 +1,9 @@
 import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { MongoKeyStore } from "../../src/store/mongo.js";
+import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
+import type { KeyDoc } from "../../src/store/mongo.js";
+import { CapExceededError } from "../../src/store/errors.js";
+import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
@@ -103,6 +106,52 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         expect((await store.getAccount("legacy-mongo"))?.plan).toBe("pro");
       } finally {
         await store.close();
+        await client.close();
+      }
+    });
+  });
+
+  describe("schema step 2: test keys counted apart", () => {
+    it("moves each counted test key of an earlier version from the live counter to the test counter, once", async () => {
+      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      const db = client.db();
+      const ownerId = "legacy-test-slot";
+      const legacyKey = (mode: "live" | "test", counted: boolean) => {
+        const doc: Partial<KeyDoc> = keyDocument(testKeyRecord(ownerId, 1_800_000_000_000, { mode }), counted);
+        // Written before test keys were counted apart: no test_slot.
+        delete doc.test_slot;
+        return doc as KeyDoc;
+      };
+      const rerunStepTwo = async (): Promise<MongoKeyStore> => {
+        await db.collection<{ _id: string; version: number }>("keygate_schema").updateOne({ _id: "schema" }, { $set: { version: 1 } });
+        return MongoKeyStore.connect(started().uri);
+      };
+      try {
+        await db.collection<LegacyAccount>("accounts").insertOne({
+          _id: ownerId,
+          plan: "basic",
+          subscription_status: "active",
+          role: "standard",
+          active_key_count: 2,
+          created_at: new Date(1),
+          updated_at: new Date(2),
+        });
+        await db.collection<KeyDoc>("keys").insertMany([legacyKey("live", true), legacyKey("test", true), legacyKey("test", false)]);
+        for (let run = 0; run < 2; run++) await (await rerunStepTwo()).close();
+        const account = await db.collection<AccountDoc>("accounts").findOne({ _id: ownerId });
+        expect([account?.active_key_count, account?.active_test_key_count]).toEqual([1, 1]);
+        expect(await db.collection<KeyDoc>("keys").countDocuments({ owner_id: ownerId, mode: "test", test_slot: true })).toBe(2);
+        const store = await MongoKeyStore.connect(started().uri);
+        try {
+          const caps = { maxActiveKeysFor: (_plan: string, mode: string) => (mode === "test" ? 2 : 1), accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: 1_800_000_000_000 };
+          await expect(store.createKey(testKeyRecord(ownerId, 1_800_000_000_000), caps)).rejects.toBeInstanceOf(CapExceededError);
+          await store.createKey(testKeyRecord(ownerId, 1_800_000_000_000, { mode: "test" }), caps);
+          await expect(store.createKey(testKeyRecord(ownerId, 1_800_000_000_000, { mode: "test" }), caps)).rejects.toBeInstanceOf(CapExceededError);
+        } finally {
+          await store.close();
+        }
+      } finally {
         await client.close();
       }
     });
