@@ -18,7 +18,10 @@ const PROXY_POLICY = {
   routes: [
     { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"] },
     { method: "*", pathPrefix: "/projects/{project}" },
+    { method: "*", pathPrefix: "/v1/free", metered: false },
+    { method: "*", pathPrefix: "/v1/admin", minRole: "admin" },
   ],
+  testMode: { dailyQuota: 1 },
 };
 
 /** How each shipped config treats a client-sent x-keygate-* header keygate never sets. */
@@ -171,6 +174,49 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     expect(res.headers.get("ratelimit-policy")).toBe('"minute";q=100;w=60');
     expect(res.headers.get("ratelimit")).toBe('"minute";r=99;t=1');
     expect(res.headers.get("x-credits-remaining")).toBeNull();
+  });
+
+  it.runIf(available)("an unmetered route stays open past the daily quota, which metered routes use up", async () => {
+    const key = await issue("quota");
+    kg.clock.freeze(FROZEN_AT);
+    try {
+      for (let i = 0; i < 3; i++) expect((await call("/v1/free/decks", { "x-api-key": key.secret })).status).toBe(200);
+      expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+      const exceeded = await call("/v1/things", { "x-api-key": key.secret });
+      expect([exceeded.status, (JSON.parse(exceeded.text) as ErrorBody).error.code]).toEqual([402, "QUOTA_EXCEEDED"]);
+      expect((await call("/v1/free/decks", { "x-api-key": key.secret })).status).toBe(200);
+    } finally {
+      kg.clock.unfreeze();
+    }
+  });
+
+  it.runIf(available)("a route's lowest role: 403 naming the role below it, the role reaches the upstream above it", async () => {
+    const standard = await issue();
+    const refused = await call("/v1/admin/users", { "x-api-key": standard.secret });
+    expect(refused.status).toBe(403);
+    expect((JSON.parse(refused.text) as ErrorBody).error.message).toBe('This route needs the "admin" role; the API key\'s account has "standard".');
+    const admin = await issue();
+    await kg.admin.upsertAccount({ ownerId: admin.ownerId, role: "admin" });
+    const allowed = await call("/v1/admin/users", { "x-api-key": admin.secret, "x-keygate-role": "standard" });
+    expect(allowed.status).toBe(200);
+    expect((JSON.parse(allowed.text) as EchoedRequest).headers["x-keygate-role"]).toBe("admin");
+  });
+
+  it.runIf(available)("a test-mode key has its own daily quota and leaves the live one whole", async () => {
+    const ownerId = `proxy-${_name}-${++seq}`;
+    await kg.admin.upsertAccount({ ownerId, plan: "quota" });
+    const test = (await kg.admin.createKey({ ownerId, name: "test", mode: "test" })).secret;
+    const live = (await kg.admin.createKey({ ownerId, name: "live" })).secret;
+    kg.clock.freeze(FROZEN_AT);
+    try {
+      expect((await call("/v1/things", { "x-api-key": test })).status).toBe(200);
+      expect((await call("/v1/things", { "x-api-key": test })).status).toBe(402);
+      const liveAnswer = await call("/v1/things", { "x-api-key": live });
+      expect(liveAnswer.status).toBe(200);
+      expect((JSON.parse(liveAnswer.text) as EchoedRequest).headers["x-keygate-mode"]).toBe("live");
+    } finally {
+      kg.clock.unfreeze();
+    }
   });
 
   it.runIf(available)("401 with keygate's JSON body and WWW-Authenticate", async () => {
