@@ -14,10 +14,20 @@ const rateLimitSchema = z.object({
   windowSeconds: z.number().int().positive(),
 });
 
+/** A named daily quota: lowercase letters, digits, "_" and "-". */
+export const QUOTA_NAME_PATTERN = /^[a-z][a-z0-9_-]{0,31}$/;
+const quotaName = z.string().regex(QUOTA_NAME_PATTERN, 'a quota name is lowercase letters, digits, "_" and "-", starting with a letter');
+
 const planSchema = z.object({
   maxActiveKeys: z.number().int().min(0),
   rateLimit: rateLimitSchema,
+  /** Requests a UTC day to metered routes that name no quota; null: unlimited. */
   dailyQuota: z.number().int().min(0).nullable().default(null),
+  /**
+   * Named daily quotas, counted apart: a metered route with `quota: <name>` counts toward this
+   * one instead of dailyQuota. A name the plan does not list (or null) is unlimited on it.
+   */
+  quotas: z.record(quotaName, z.number().int().min(0).nullable()).default({}),
   monthlyCredits: z.number().int().min(0).nullable().default(null),
 });
 
@@ -53,6 +63,8 @@ const routeSchema = z.object({
   metered: z.boolean().default(true),
   /** The lowest account role that may use the route (roles rank standard < premium < admin); unset: every role. */
   minRole: z.enum(ROLES).optional(),
+  /** The named daily quota (plans' `quotas`) a metered route counts toward; unset: the plan's dailyQuota. */
+  quota: quotaName.optional(),
 });
 
 /** The longest write-behind flush interval: one day. */
@@ -151,7 +163,11 @@ const policySchema = z
         ctx.addIssue({ code: "custom", path: ["scopes", "default", i], message: `"${scope}" is not in scopes.catalog` });
       }
     });
+    const quotaNames = new Set(Object.values(policy.plans).flatMap((plan) => Object.keys(plan.quotas)));
     policy.routes.forEach((route, i) => {
+      if (route.quota !== undefined && !quotaNames.has(route.quota)) {
+        ctx.addIssue({ code: "custom", path: ["routes", i, "quota"], message: `no plan has a quota "${route.quota}" (plans' quotas: ${[...quotaNames].join(", ") || "none"})` });
+      }
       const projectSegments = route.pathPrefix.split("/").filter((segment) => segment === PROJECT_SEGMENT).length;
       if (projectSegments > 1) ctx.addIssue({ code: "custom", path: ["routes", i, "pathPrefix"], message: `at most one ${PROJECT_SEGMENT} segment` });
       if (projectSegments > 0 && route.projectId !== undefined) {

@@ -240,7 +240,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       });
     }),
     chargeUsage: guard(async (req) => {
-      const answer = await service.chargeUsage({ ownerId: unset(req.ownerId), keyId: unset(req.keyId), cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey });
+      const answer = await service.chargeUsage({ ownerId: unset(req.ownerId), keyId: unset(req.keyId), cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey, quota: unset(req.quota) });
       const { charge } = answer;
       const headers: Record<string, string> = {};
       if (charge.retryAfterSeconds !== null) headers["retry-after"] = String(charge.retryAfterSeconds);

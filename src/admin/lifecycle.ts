@@ -489,7 +489,7 @@ export class LifecycleService {
    * backend. Every input is checked before anything is charged; a retry with the same
    * idempotency key (per owner) gets the first answer and charges nothing.
    */
-  async chargeUsage(input: { ownerId?: string | undefined; keyId?: string | undefined; cost: number; idempotencyKey: string }): Promise<ChargeUsageAnswer> {
+  async chargeUsage(input: { ownerId?: string | undefined; keyId?: string | undefined; cost: number; idempotencyKey: string; quota?: string | undefined }): Promise<ChargeUsageAnswer> {
     const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
     let ownerId = input.ownerId === undefined ? undefined : check(externalId, "owner_id", input.ownerId);
     if (keyId === undefined && ownerId === undefined) throw new InvalidArgumentError("owner_id", "is required when key_id is not given");
@@ -497,6 +497,10 @@ export class LifecycleService {
       throw new InvalidArgumentError("cost", `must be a whole number from 0 to ${MAX_CHARGE_COST}`);
     }
     if (!IDEMPOTENCY_KEY.test(input.idempotencyKey)) throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per charge (it is required)");
+    const quotas = [...new Set(Object.values(this.deps.policy.plans).flatMap((plan) => Object.keys(plan.quotas)))];
+    if (input.quota !== undefined && !quotas.includes(input.quota)) {
+      throw new InvalidArgumentError("quota", `unknown quota "${echo(input.quota)}"; the plans' quotas: ${quotas.join(", ") || "none"}`);
+    }
     const key = keyId === undefined ? null : await this.deps.store.getKey(keyId);
     if (keyId !== undefined && key === null) throw new NotFoundError(`key ${keyId} does not exist`);
     if (key !== null) {
@@ -510,7 +514,7 @@ export class LifecycleService {
     const account = stored ?? { ownerId: owner, ...this.accountDefaults };
     // Owner ids are printable ASCII without spaces, so the first space ends one.
     const once = await this.deps.idempotency.once(`${owner} ${input.idempotencyKey}`, async () => ({
-      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost),
+      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null),
       atMs: this.deps.nowMs(),
     }));
     return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed };
@@ -526,7 +530,7 @@ export class LifecycleService {
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
     const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
-    const decision = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null });
+    const decision = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null, quota: null });
     const key = decision.snapshot === undefined ? null : await this.deps.store.getKey(decision.snapshot.key.id);
     return { decision, key };
   }

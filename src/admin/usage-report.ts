@@ -1,4 +1,4 @@
-import { ALLOWED, ALLOWED_TEST, ALLOWED_UNMETERED } from "../store/store.js";
+import { isAllowedOutcome } from "../store/store.js";
 import type { UsageRow } from "../store/store.js";
 
 /** Usage counts of one key and day, or of a whole range. */
@@ -21,7 +21,7 @@ function emptyCounts(): UsageCounts {
 }
 
 function addRow(counts: UsageCounts, row: UsageRow): void {
-  if (row.outcome === ALLOWED || row.outcome === ALLOWED_UNMETERED || row.outcome === ALLOWED_TEST) counts.allowed += row.count;
+  if (isAllowedOutcome(row.outcome)) counts.allowed += row.count;
   else counts.denied[row.outcome] = (counts.denied[row.outcome] ?? 0) + row.count;
   counts.creditsUsed += row.credits;
 }

@@ -160,7 +160,7 @@ export class DecisionPipeline {
    * same meter and as atomically. Charges have a rate bucket of their own per account
    * (limits.chargeRateLimit), so backend charging never uses up the account's Check rate.
    */
-  async chargeUsage(account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">, key: CheckedKey | null, cost: number): Promise<UsageCharge> {
+  async chargeUsage(account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">, key: CheckedKey | null, cost: number, quotaName: string | null = null): Promise<UsageCharge> {
     const nowMs = this.deps.nowMs();
     const keyId = key === null ? "" : key.id;
     const refused = (reason: DenyReason, limits: ChargeResult | null, message = DENIALS[reason].message): UsageCharge => {
@@ -175,20 +175,22 @@ export class DecisionPipeline {
     const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
     // A test key's charge uses the test-mode quota and spends nothing, as its Checks do.
     const test = key !== null && key.mode === "test";
+    const quota = test ? null : quotaName;
     const limits = await this.deps.meter.charge({
       ownerId: account.ownerId,
       bucket: test ? `ut:${account.ownerId}` : `u:${account.ownerId}`,
       rate: this.deps.policy.limits.chargeRateLimit,
-      dailyQuota: test ? (this.deps.policy.testMode?.dailyQuota ?? null) : plan.dailyQuota,
+      dailyQuota: test ? (this.deps.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
       monthlyCredits: test ? null : plan.monthlyCredits,
       cost: test ? 0 : cost,
       nowMs,
       meter: test ? "test" : "live",
+      quota,
     });
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
-    this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live"), spent);
+    this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live", quota), spent);
     return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
   }
 
@@ -261,18 +263,23 @@ export class DecisionPipeline {
         cost: 0,
         nowMs,
         meter: "test",
+        // Test keys have one daily quota, whatever quota the route names.
+        quota: null,
       };
     }
+    const quota = route.metered ? route.quota : null;
     return {
       ownerId: account.ownerId,
       bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
       rate: this.#rateRule(snapshot, plan),
-      // An unmetered route counts toward no quota and spends nothing.
-      dailyQuota: route.metered ? plan.dailyQuota : null,
+      // An unmetered route counts toward no quota and spends nothing; a named quota the plan
+      // does not list is unlimited on it.
+      dailyQuota: !route.metered ? null : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
       monthlyCredits: plan.monthlyCredits,
       cost: route.metered ? route.cost : 0,
       nowMs,
       meter: "live",
+      quota,
     };
   }
 
@@ -305,7 +312,8 @@ export class DecisionPipeline {
       this.deps.usage.spend(snapshot.account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     }
     if (limits.allowed || limits.reason === null) {
-      this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode) : ALLOWED_UNMETERED, spent);
+      const test = snapshot.key.mode === "test";
+      this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode, test ? null : route.quota) : ALLOWED_UNMETERED, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
       return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(snapshot) };
     }
@@ -327,8 +335,12 @@ function limitMessage(limits: ChargeResult, cost: number): string {
   switch (limits.reason) {
     case "RATE_LIMITED":
       return `Rate limit of ${limits.rate.limit} requests per ${describeWindow(limits.rate.windowSeconds)} exceeded. Retry in ${limits.retryAfterSeconds ?? 1} seconds.`;
-    case "QUOTA_EXCEEDED":
-      return `The daily quota of ${limits.quota?.limit ?? 0} requests is used up. It resets at ${new Date(limits.quota?.resetAtMs ?? 0).toISOString()}.`;
+    case "QUOTA_EXCEEDED": {
+      const resets = new Date(limits.quota?.resetAtMs ?? 0).toISOString();
+      const name = limits.quota?.name ?? null;
+      if (name !== null) return `The daily "${name}" quota of ${limits.quota?.limit ?? 0} is used up. It resets at ${resets}.`;
+      return `The daily quota of ${limits.quota?.limit ?? 0} requests is used up. It resets at ${resets}.`;
+    }
     case "INSUFFICIENT_CREDITS":
       return `This request costs ${cost} credit${cost === 1 ? "" : "s"} and the account has ${limits.credits?.balance ?? 0} left. Add credits or wait for the monthly renewal.`;
     case null:

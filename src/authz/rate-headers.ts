@@ -18,8 +18,10 @@ export function limitHeaders(limits: ChargeResult, nowMs: number): Array<[string
   let policy = `"${name}";q=${rate.limit};w=${rate.windowSeconds}`;
   let state = `"${name}";r=${rate.remaining};t=${rate.resetSeconds}`;
   if (quota !== null) {
-    policy += `, "day";q=${quota.limit};w=86400`;
-    state += `, "day";r=${quota.remaining};t=${Math.max(0, Math.ceil((quota.resetAtMs - nowMs) / 1000))}`;
+    // The plan's daily quota is "day"; a named one goes by its name.
+    const label = quota.name ?? "day";
+    policy += `, "${label}";q=${quota.limit};w=86400`;
+    state += `, "${label}";r=${quota.remaining};t=${Math.max(0, Math.ceil((quota.resetAtMs - nowMs) / 1000))}`;
   }
   const headers: Array<[string, string]> = [
     ["x-ratelimit-limit", String(rate.limit)],

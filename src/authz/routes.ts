@@ -1,4 +1,4 @@
-import { PROJECT_SEGMENT, ROLES, SCOPE_NAME_PATTERN } from "../config.js";
+import { PROJECT_SEGMENT, QUOTA_NAME_PATTERN, ROLES, SCOPE_NAME_PATTERN } from "../config.js";
 import type { Role } from "../store/store.js";
 import type { Route, RouteMatching } from "../config.js";
 import type { DenyReason } from "./reasons.js";
@@ -12,6 +12,8 @@ export interface RouteRequirements {
   metered: boolean;
   /** The lowest account role allowed (ROLES order); null: every role is allowed. */
   minRole: Role | null;
+  /** The named daily quota a metered request counts toward; null: the plan's dailyQuota. */
+  quota: string | null;
 }
 
 /**
@@ -63,6 +65,7 @@ export const ROUTE_CONFIG_REFUSALS = {
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
   ),
+  quota: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "quota" (context_extensions) is not a quota name. This is a gateway configuration error.'),
   projectId: new RouteRefusal(
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "project_id" (context_extensions) names another project than the request path does. This is a gateway configuration error.',
@@ -286,7 +289,7 @@ function projectEnd(path: string, slashAt: number): number {
 }
 
 /** What a request that no route names must satisfy: nothing beyond a valid key; metered, cost 1. */
-export const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true, minRole: null };
+export const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true, minRole: null, quota: null };
 
 // Distinct context_extensions values are few (one per proxy route), so parsed ones are kept.
 const MAX_PARSED_SCOPES = 1024;
@@ -318,7 +321,14 @@ export class RouteTable {
           tail: matching.caseInsensitive ? foldedTail : tail,
           foldedHead,
           foldedTail,
-          requirements: { requiredScopes: route.requiredScopes, projectId: route.projectId ?? null, cost: route.cost, metered: route.metered, minRole: route.minRole ?? null },
+          requirements: {
+            requiredScopes: route.requiredScopes,
+            projectId: route.projectId ?? null,
+            cost: route.cost,
+            metered: route.metered,
+            minRole: route.minRole ?? null,
+            quota: route.quota ?? null,
+          },
         };
         return { entry, segments: bare.split("/").length - 1 };
       })
@@ -364,12 +374,14 @@ export class RouteTable {
     const costText = extensions["cost"];
     const meteredText = extensions["metered"];
     const roleText = extensions["min_role"];
+    const quotaText = extensions["quota"];
     const scopesSet = scopesText !== undefined && !BLANK.test(scopesText);
     const projectSet = projectText !== undefined && !BLANK.test(projectText);
     const costSet = costText !== undefined && !BLANK.test(costText);
     const meteredSet = meteredText !== undefined && !BLANK.test(meteredText);
     const roleSet = roleText !== undefined && !BLANK.test(roleText);
-    if (!scopesSet && !projectSet && !costSet && !meteredSet && !roleSet) return base;
+    const quotaSet = quotaText !== undefined && !BLANK.test(quotaText);
+    if (!scopesSet && !projectSet && !costSet && !meteredSet && !roleSet && !quotaSet) return base;
     let requiredScopes = base.requiredScopes;
     if (scopesSet) {
       const parsed = this.#scopes(scopesText);
@@ -393,13 +405,19 @@ export class RouteTable {
       if (role === undefined) return ROUTE_CONFIG_REFUSALS.minRole;
       minRole = role;
     }
+    let quota = base.quota;
+    if (quotaSet) {
+      const name = quotaText.trim();
+      if (!QUOTA_NAME_PATTERN.test(name)) return ROUTE_CONFIG_REFUSALS.quota;
+      quota = name;
+    }
     let projectId = base.projectId;
     if (projectSet) {
       // A route whose path names the project: a per-route project may only agree with it.
       if (entry !== null && entry.tail !== null && projectText.trim() !== projectId) return ROUTE_CONFIG_REFUSALS.projectId;
       projectId = projectText.trim();
     }
-    return { requiredScopes, projectId, cost, metered, minRole };
+    return { requiredScopes, projectId, cost, metered, minRole, quota };
   }
 
   /**

@@ -18,6 +18,8 @@ export interface ChargeInput {
    * keys never spend credits: the pipeline passes no monthlyCredits for them).
    */
   meter: KeyMode;
+  /** The named daily quota `dailyQuota` is (counted apart from the others); null: the plan's dailyQuota. */
+  quota: string | null;
 }
 
 /** Why the limits step refused. */
@@ -30,7 +32,8 @@ export interface ChargeResult {
   rate: { limit: number; windowSeconds: number; remaining: number; resetSeconds: number };
   /** Set on RATE_LIMITED and QUOTA_EXCEEDED. */
   retryAfterSeconds: number | null;
-  quota: { limit: number; remaining: number; resetAtMs: number } | null;
+  /** `name`: the named quota charged, null for the plan's dailyQuota. */
+  quota: { name: string | null; limit: number; remaining: number; resetAtMs: number } | null;
   /** Balance after the charge; null when the plan is not metered. */
   credits: { balance: number } | null;
   /** Credits this request spent, split by bucket, for the write-behind. */

@@ -92,7 +92,7 @@ export class MemoryMeter implements Meter {
   /** Runs `fn` once the account's quota count and balance are loaded. */
   #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
-    const quotaKey = `${input.ownerId}|${day}|${input.meter}`;
+    const quotaKey = `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}`;
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
@@ -121,7 +121,7 @@ export class MemoryMeter implements Meter {
       quota:
         input.dailyQuota === null
           ? null
-          : { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs: this.#calendar.nextMidnightMs(nowMs) },
+          : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs: this.#calendar.nextMidnightMs(nowMs) },
       credits:
         input.monthlyCredits === null || current === undefined
           ? null
@@ -132,7 +132,7 @@ export class MemoryMeter implements Meter {
 
   #seed(input: ChargeInput, day: string, quotaKey: string, quota: boolean, credits: boolean): Promise<void> {
     const { ownerId, nowMs } = input;
-    const counted = allowedOutcome(input.meter);
+    const counted = allowedOutcome(input.meter, input.quota);
     const id = `${quotaKey}|${quota}|${credits}`;
     let pending = this.#seeding.get(id);
     if (pending === undefined) {
@@ -194,7 +194,7 @@ export class MemoryMeter implements Meter {
     if (input.dailyQuota !== null) {
       const used = quotaCell?.count ?? 0;
       const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
-      result.quota = { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
+      result.quota = { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
       if (used >= input.dailyQuota) {
         return this.#refuse(result, step, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
       }

@@ -128,6 +128,11 @@ const MAX_UNSYNCED_TOPUPS = 100_000;
 /** What to do when Redis fails: count in-process, let through uncharged, or refuse to decide. */
 export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
 
+/** The Redis key of a daily quota counter: per owner and day, test keys' and each named quota's apart. */
+function quotaCounter(prefix: string, input: ChargeInput, day: string): string {
+  return `${prefix}q:${input.ownerId}:${day}${input.meter === "test" ? ":test" : ""}${input.quota === null ? "" : `:n:${input.quota}`}`;
+}
+
 /** Limits shared by every replica, in Redis: one Lua script per Check. */
 export class RedisMeter implements Meter {
   readonly #calendar = new UtcCalendar();
@@ -186,7 +191,7 @@ export class RedisMeter implements Meter {
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
     const reply = await this.#run(
       CHARGE,
-      [`${this.prefix}rl:${input.bucket}`, `${this.prefix}q:${input.ownerId}:${day}${input.meter === "test" ? ":test" : ""}`, `${this.prefix}c:${input.ownerId}`],
+      [`${this.prefix}rl:${input.bucket}`, quotaCounter(this.prefix, input, day), `${this.prefix}c:${input.ownerId}`],
       [
         nowMs,
         input.rate.windowSeconds * 1000,
@@ -222,7 +227,7 @@ export class RedisMeter implements Meter {
       quota:
         input.dailyQuota === null || status === 1
           ? null
-          : { limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
+          : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
       credits: input.monthlyCredits === null || balance < 0 ? null : { balance },
       spent: status === 0 && input.monthlyCredits !== null ? { period, monthly: spentMonthly, topup: spentTopup } : null,
     };

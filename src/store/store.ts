@@ -99,9 +99,19 @@ export const ALLOWED_UNMETERED = "ALLOWED_UNMETERED";
  */
 export const ALLOWED_TEST = "ALLOWED_TEST";
 
-/** The outcome that counts toward a meter's daily quota. */
-export function allowedOutcome(meter: KeyMode): string {
-  return meter === "test" ? ALLOWED_TEST : ALLOWED;
+/**
+ * The outcome of an allowed request that counts toward a daily quota: the meter's (live or test),
+ * and for a named quota its name after a colon (ALLOWED:messages), so each quota reseeds from its
+ * own requests.
+ */
+export function allowedOutcome(meter: KeyMode, quota: string | null = null): string {
+  const base = meter === "test" ? ALLOWED_TEST : ALLOWED;
+  return quota === null ? base : `${base}:${quota}`;
+}
+
+/** Whether a usage outcome is an allowed request (of any meter or quota), not a denial code. */
+export function isAllowedOutcome(outcome: string): boolean {
+  return outcome.startsWith(ALLOWED);
 }
 
 /** Counted requests of one key on one UTC day with one outcome (ALLOWED, ALLOWED_UNMETERED or a denial code). */

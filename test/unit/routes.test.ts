@@ -94,7 +94,7 @@ describe("canonical path security", () => {
 
 describe("routes happy", () => {
   it("matches the longest prefix on a segment boundary, by method", () => {
-    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null });
+    expect(required("GET", "/v1/decks/export/all")).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null, quota: null });
     expect(required("GET", "/v1/decks").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/%64ecks/").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/decksx").requiredScopes).toEqual([]);
@@ -103,14 +103,14 @@ describe("routes happy", () => {
   });
 
   it("context_extensions win field by field", () => {
-    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true, minRole: null });
-    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true, minRole: null });
+    expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true, minRole: null, quota: null });
+    expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true, minRole: null, quota: null });
     expect(required("GET", "/v1/decks", { cost: " 7 " }).cost).toBe(7);
   });
 
   it("blank context_extensions mean not set, so the routes table applies", () => {
     for (const blank of ["", " ", "\t ", "\n"]) {
-      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null });
+      expect(required("GET", "/v1/decks/export", { required_scopes: blank, project_id: blank, cost: blank })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 5, metered: true, minRole: null, quota: null });
     }
     expect(required("GET", "/v1/decks", { required_scopes: "" }).requiredScopes).toEqual(["decks"]);
   });
@@ -126,6 +126,22 @@ describe("routes error", () => {
     for (const scopes of ["Decks", "read write", "read;write", "decks,*", "ünï"]) {
       expect(table.requirements("GET", "/v1/decks", { required_scopes: scopes }), scopes).toBe(ROUTE_CONFIG_REFUSALS.requiredScopes);
     }
+  });
+
+  it("a metered route counts toward the named quota the policy or context_extensions.quota gives; a bad name is ROUTE_MISCONFIGURED", () => {
+    const named = new RouteTable([{ method: "*", pathPrefix: "/v1/chat", requiredScopes: [], cost: 1, metered: true, quota: "messages" }]);
+    const at = (path: string, extensions?: Record<string, string>) => named.requirements("GET", path, extensions);
+    expect(at("/v1/chat/send")).toMatchObject({ quota: "messages" });
+    expect(at("/v1/other")).toMatchObject({ quota: null });
+    expect(at("/v1/other", { quota: " exports " })).toMatchObject({ quota: "exports" });
+    expect(at("/v1/chat", { quota: "Exports!" })).toBe(ROUTE_CONFIG_REFUSALS.quota);
+  });
+
+  it("a route's quota must be one some plan lists", () => {
+    const plans = { free: { maxActiveKeys: 1, rateLimit: { limit: 10, windowSeconds: 60 }, quotas: { messages: 5 } } };
+    const policy = (quota: string) => ({ ...DEFAULT_POLICY_INPUT, defaultPlan: "free", plans, routes: [{ method: "*", pathPrefix: "/v1/chat", quota }] });
+    expect(parsePolicy(policy("messages")).routes[0]?.quota).toBe("messages");
+    expect(() => parsePolicy(policy("mesages"))).toThrow(/routes\.0\.quota: no plan has a quota "mesages" \(plans' quotas: messages\)/);
   });
 
   it("a route is metered unless the policy or context_extensions says otherwise", () => {

@@ -56,11 +56,12 @@ export function registerAccounts(program: Command): void {
     .argument("<owner>", "owner id (with --key: the key's owner)")
     .argument("<cost>", "credits to spend, 0 to 1000000000; every charge also counts one use of the daily quota", credits)
     .requiredOption("--idempotency-key <key>", "unique per charge: a retry with the same key within 24 hours charges nothing and prints the first answer")
-    .option("--key <id>", "charge as this key's usage (it must be the owner's and in use)");
+    .option("--key <id>", "charge as this key's usage (it must be the owner's and in use)")
+    .option("--quota <name>", "the named daily quota the use counts toward (a plan's quotas); default: the plan's daily quota");
   onRun(charge, async (context) => {
     const [ownerId, cost] = argsOf(charge, z.tuple([z.string(), z.bigint()]));
-    const options = optionsOf(charge, z.object({ idempotencyKey: z.string(), key: z.string().optional() }));
-    const response = await context.admin.chargeUsage({ ownerId, keyId: options.key ?? "", cost, idempotencyKey: options.idempotencyKey });
+    const options = optionsOf(charge, z.object({ idempotencyKey: z.string(), key: z.string().optional(), quota: z.string().optional() }));
+    const response = await context.admin.chargeUsage({ ownerId, keyId: options.key ?? "", cost, idempotencyKey: options.idempotencyKey, quota: options.quota ?? "" });
     context.emit(ChargeUsageResponseSchema, response, () => chargeDetails(response));
   });
 }
