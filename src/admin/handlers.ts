@@ -25,7 +25,7 @@ import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminGate } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
-import type { AccountView, Actor, LifecycleService } from "./lifecycle.js";
+import type { AccountView, Actor, ChargeUsageAnswer, LifecycleService } from "./lifecycle.js";
 import type { UsageCounts } from "./usage-report.js";
 import type { AuditRecord } from "../store/store.js";
 
@@ -88,6 +88,8 @@ function toAccount(view: AccountView): Account {
     role: account.role,
     activeKeyCount: view.activeKeyCount,
     maxActiveKeys: view.maxActiveKeys,
+    activeTestKeyCount: view.activeTestKeyCount,
+    maxActiveTestKeys: view.maxActiveTestKeys,
     createdAt: ts(account.createdAtMs),
     updatedAt: ts(account.updatedAtMs),
     creditBalance: BigInt(view.credits.balance),
@@ -117,6 +119,14 @@ function toCounts(counts: UsageCounts): MessageInitShape<typeof UsageCountsSchem
     denied: Object.fromEntries(Object.entries(counts.denied).map(([code, n]) => [code, BigInt(n)])),
     creditsUsed: BigInt(counts.creditsUsed),
   };
+}
+
+/** The limit headers a Check's answer would carry, for a ChargeUsage (or a charging VerifyKey). */
+function chargeHeaders(answer: ChargeUsageAnswer): Record<string, string> {
+  const headers: Record<string, string> = {};
+  if (answer.charge.retryAfterSeconds !== null) headers["retry-after"] = String(answer.charge.retryAfterSeconds);
+  if (answer.charge.limits !== null) for (const [name, value] of limitHeaders(answer.charge.limits, answer.atMs)) headers[name] = value;
+  return headers;
 }
 
 /** Maps domain errors to Connect codes. Unexpected errors are logged and shown as INTERNAL. */
@@ -228,23 +238,26 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
     }),
     verifyKey: guard(async (req) => {
-      const { decision, key } = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId) });
+      const charge = req.cost === undefined ? undefined : { cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey, quota: unset(req.quota) };
+      const { decision, key, charge: charged } = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId), charge });
       const now = nowMs();
       const account = key === null ? undefined : toAccount(await service.getAccount(key.ownerId));
+      // A refused charge makes a valid key's answer invalid, with the charge's code and message.
+      let verdict = { valid: true, code: "OK", message: "" };
+      if (!decision.allow) verdict = { valid: false, code: DENIALS[decision.reason].code, message: decision.message };
+      else if (charged !== null && charged.charge.reason !== null) verdict = { valid: false, code: DENIALS[charged.charge.reason].code, message: charged.charge.message };
       return create(VerifyKeyResponseSchema, {
-        valid: decision.allow,
-        code: decision.allow ? "OK" : DENIALS[decision.reason].code,
-        message: decision.allow ? "" : decision.message,
+        ...verdict,
         key: key === null ? undefined : toApiKey(key, now),
         account,
+        charged: charged?.charge.charged ?? false,
+        headers: charged === null ? {} : chargeHeaders(charged),
       });
     }),
     chargeUsage: guard(async (req) => {
       const answer = await service.chargeUsage({ ownerId: unset(req.ownerId), keyId: unset(req.keyId), cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey, quota: unset(req.quota) });
       const { charge } = answer;
-      const headers: Record<string, string> = {};
-      if (charge.retryAfterSeconds !== null) headers["retry-after"] = String(charge.retryAfterSeconds);
-      if (charge.limits !== null) for (const [name, value] of limitHeaders(charge.limits, answer.atMs)) headers[name] = value;
+      const headers = chargeHeaders(answer);
       return create(ChargeUsageResponseSchema, {
         charged: charge.charged,
         code: charge.reason === null ? "OK" : DENIALS[charge.reason].code,

@@ -94,6 +94,8 @@ export interface AccountView {
   account: AccountRecord;
   activeKeyCount: number;
   maxActiveKeys: number;
+  activeTestKeyCount: number;
+  maxActiveTestKeys: number;
   credits: { balance: number; monthlyCredits: number; topupCredits: number };
   dailyQuota: number | null;
   rateLimit: KeyRateLimit;
@@ -157,6 +159,8 @@ export class LifecycleService {
       account,
       activeKeyCount: await this.deps.store.countActiveKeys(account.ownerId, nowMs),
       maxActiveKeys: this.maxActiveKeysFor(account.plan),
+      activeTestKeyCount: await this.deps.store.countActiveKeys(account.ownerId, nowMs, "test"),
+      maxActiveTestKeys: this.maxActiveKeysFor(account.plan, "test"),
       credits: {
         balance: plan?.monthlyCredits === null ? 0 : Math.max(0, allowance - credits.monthlyUsed) + Math.max(0, credits.topupBalance),
         monthlyCredits: allowance,
@@ -493,14 +497,7 @@ export class LifecycleService {
     const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
     let ownerId = input.ownerId === undefined ? undefined : check(externalId, "owner_id", input.ownerId);
     if (keyId === undefined && ownerId === undefined) throw new InvalidArgumentError("owner_id", "is required when key_id is not given");
-    if (!Number.isInteger(input.cost) || input.cost < 0 || input.cost > MAX_CHARGE_COST) {
-      throw new InvalidArgumentError("cost", `must be a whole number from 0 to ${MAX_CHARGE_COST}`);
-    }
-    if (!IDEMPOTENCY_KEY.test(input.idempotencyKey)) throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per charge (it is required)");
-    const quotas = [...new Set(Object.values(this.deps.policy.plans).flatMap((plan) => Object.keys(plan.quotas)))];
-    if (input.quota !== undefined && !quotas.includes(input.quota)) {
-      throw new InvalidArgumentError("quota", `unknown quota "${echo(input.quota)}"; the plans' quotas: ${quotas.join(", ") || "none"}`);
-    }
+    this.#checkCharge(input);
     const key = keyId === undefined ? null : await this.deps.store.getKey(keyId);
     if (keyId !== undefined && key === null) throw new NotFoundError(`key ${keyId} does not exist`);
     if (key !== null) {
@@ -520,18 +517,39 @@ export class LifecycleService {
     return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed };
   }
 
+  /** A charge's cost, idempotency key and quota name, checked before anything is read or charged. */
+  #checkCharge(charge: { cost: number; idempotencyKey: string; quota?: string | undefined }): void {
+    if (!Number.isInteger(charge.cost) || charge.cost < 0 || charge.cost > MAX_CHARGE_COST) {
+      throw new InvalidArgumentError("cost", `must be a whole number from 0 to ${MAX_CHARGE_COST}`);
+    }
+    if (!IDEMPOTENCY_KEY.test(charge.idempotencyKey)) throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per charge (it is required)");
+    const quotas = [...new Set(Object.values(this.deps.policy.plans).flatMap((plan) => Object.keys(plan.quotas)))];
+    if (charge.quota !== undefined && !quotas.includes(charge.quota)) {
+      throw new InvalidArgumentError("quota", `unknown quota "${echo(charge.quota)}"; the plans' quotas: ${quotas.join(", ") || "none"}`);
+    }
+  }
+
   /**
    * "Who is this key": the decision without charging, and the key's record when it was found.
    * The decision may come from the in-process cache, which keeps only what a Check reads; the
    * record (name, metadata, times) is read from the store.
    */
-  async verifyKey(input: { secret: string; requiredScopes: readonly string[]; projectId?: string | undefined }): Promise<{ decision: Decision; key: KeyRecord | null }> {
+  async verifyKey(input: {
+    secret: string;
+    requiredScopes: readonly string[];
+    projectId?: string | undefined;
+    /** When set, a valid key is also charged as ChargeUsage would charge it. */
+    charge?: { cost: number; idempotencyKey: string; quota?: string | undefined } | undefined;
+  }): Promise<{ decision: Decision; key: KeyRecord | null; charge: ChargeUsageAnswer | null }> {
     if (input.secret === "") throw new InvalidArgumentError("secret", "is required");
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
     const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
+    if (input.charge !== undefined) this.#checkCharge(input.charge);
     const decision = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null, quota: null });
     const key = decision.snapshot === undefined ? null : await this.deps.store.getKey(decision.snapshot.key.id);
-    return { decision, key };
+    // Only a valid key is charged: a refused verify costs nothing.
+    const charge = input.charge === undefined || !decision.allow || key === null ? null : await this.chargeUsage({ keyId: key.id, ...input.charge });
+    return { decision, key, charge };
   }
 }

@@ -120,6 +120,24 @@ describe("ChargeUsage (one replica)", () => {
     expect([await balance(kg, a.ownerId), await balance(kg, b.ownerId)]).toEqual([BigInt(BALANCE - 2), BigInt(BALANCE - 2)]);
   });
 
+  it("VerifyKey with a cost charges a valid key, once per idempotency key; a refused charge makes the answer invalid; an invalid key costs nothing", async () => {
+    const { ownerId, keyId, secret } = await account("paid");
+    const first = await kg.admin.verifyKey({ secret, cost: 12n, idempotencyKey: "verify-1" });
+    expect([first.valid, first.code, first.charged, first.key?.id, first.headers["x-credits-remaining"]]).toEqual([true, "OK", true, keyId, String(BALANCE - 12)]);
+    const retry = await kg.admin.verifyKey({ secret, cost: 12n, idempotencyKey: "verify-1" });
+    expect([retry.valid, retry.charged, retry.headers["x-credits-remaining"]]).toEqual([true, true, String(BALANCE - 12)]);
+    const short = await kg.admin.verifyKey({ secret, cost: 12n, idempotencyKey: "verify-2" });
+    expect([short.valid, short.code, short.charged, short.message]).toEqual([false, "INSUFFICIENT_CREDITS", false, "This request costs 12 credits and the account has 8 left. Add credits or wait for the monthly renewal."]);
+    // Without a cost, VerifyKey charges nothing, as before.
+    const plain = await kg.admin.verifyKey({ secret });
+    expect([plain.valid, plain.charged, plain.headers]).toEqual([true, false, {}]);
+    await kg.admin.revokeKey({ id: keyId, reason: "done" });
+    const revoked = await kg.admin.verifyKey({ secret, cost: 1n, idempotencyKey: "verify-3" });
+    expect([revoked.valid, revoked.code, revoked.charged]).toEqual([false, "KEY_REVOKED", false]);
+    expect(await balance(kg, ownerId)).toBe(BigInt(BALANCE - 12));
+    expect((await refusal(kg.admin.verifyKey({ secret, cost: 1n }))).code).toBe(Code.InvalidArgument);
+  });
+
   it(`50 concurrent ChargeUsage and Checks against a balance of ${BALANCE} leave exactly ${BALANCE} charged`, async () => {
     const { ownerId, secret } = await account("paid");
     const outcomes = await Promise.all(
