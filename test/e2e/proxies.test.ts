@@ -12,7 +12,7 @@ const PROXY_POLICY = {
   plans: {
     standard: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
     tiny: { maxActiveKeys: 10, rateLimit: { limit: 2, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null },
-    quota: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 1, monthlyCredits: null },
+    quota: { maxActiveKeys: 10, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: 1, quotas: { exports: 1 }, monthlyCredits: null },
   },
   scopes: { catalog: ["read", "decks"], default: ["read"] },
   routes: [
@@ -20,6 +20,7 @@ const PROXY_POLICY = {
     { method: "*", pathPrefix: "/projects/{project}" },
     { method: "*", pathPrefix: "/v1/free", metered: false },
     { method: "*", pathPrefix: "/v1/admin", minRole: "admin" },
+    { method: "*", pathPrefix: "/v1/export", quota: "exports" },
   ],
   testMode: { dailyQuota: 1 },
 };
@@ -200,6 +201,20 @@ describe.each(proxies)("behind %s (the shipped config)", (_name, available, star
     const allowed = await call("/v1/admin/users", { "x-api-key": admin.secret, "x-keygate-role": "standard" });
     expect(allowed.status).toBe(200);
     expect((JSON.parse(allowed.text) as EchoedRequest).headers["x-keygate-role"]).toBe("admin");
+  });
+
+  it.runIf(available)("a named quota runs out on its own routes, named in the 402, and leaves the plan's daily quota whole", async () => {
+    const key = await issue("quota");
+    kg.clock.freeze(FROZEN_AT);
+    try {
+      expect((await call("/v1/export/csv", { "x-api-key": key.secret })).status).toBe(200);
+      const exceeded = await call("/v1/export/csv", { "x-api-key": key.secret });
+      expect(exceeded.status).toBe(402);
+      expect((JSON.parse(exceeded.text) as ErrorBody).error.message).toBe('The daily "exports" quota of 1 is used up. It resets at 2026-03-11T00:00:00.000Z.');
+      expect((await call("/v1/things", { "x-api-key": key.secret })).status).toBe(200);
+    } finally {
+      kg.clock.unfreeze();
+    }
   });
 
   it.runIf(available)("a test-mode key has its own daily quota and leaves the live one whole", async () => {

@@ -93,15 +93,38 @@ export function substitute(template: string, values: Record<string, string>): st
   });
 }
 
-/** Runs nginx with deploy/nginx/keygate.conf.template inside a minimal main config. */
-export async function startNginx(keygateHttpPort: number, upstreamPort: number): Promise<RunningProxy> {
+/**
+ * The two lines the README tells an operator to add to the nginx config for each forwarded
+ * metadata name (policy forwardMetadata): read it from keygate's answer, and set it upstream.
+ */
+export function nginxForwardedMetadataLines(name: string): { read: string; set: string } {
+  const variable = `kg_meta_${name.replaceAll("-", "_")}`;
+  const header = `X-Keygate-Meta-${name.split("-").map((part) => part.charAt(0).toUpperCase() + part.slice(1)).join("-")}`;
+  return {
+    read: `auth_request_set $${variable} $upstream_http_x_keygate_meta_${name.replaceAll("-", "_")};`,
+    set: `proxy_set_header ${header} $${variable};`,
+  };
+}
+
+/**
+ * Runs nginx with deploy/nginx/keygate.conf.template inside a minimal main config; with
+ * `forwardMetadata`, plus the README's two lines for each name (after the identity headers').
+ */
+export async function startNginx(keygateHttpPort: number, upstreamPort: number, options: { forwardMetadata?: readonly string[] } = {}): Promise<RunningProxy> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-nginx-"));
   const port = await freePort();
-  const site = substitute(readFileSync(join(deployDir, "nginx/keygate.conf.template"), "utf8"), {
+  let site = substitute(readFileSync(join(deployDir, "nginx/keygate.conf.template"), "utf8"), {
     KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygateHttpPort}`,
     API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
     LISTEN_PORT: `127.0.0.1:${port}`,
   });
+  for (const name of options.forwardMetadata ?? []) {
+    const lines = nginxForwardedMetadataLines(name);
+    const readAnchor = "auth_request_set $kg_mode $upstream_http_x_keygate_mode;";
+    const setAnchor = "proxy_set_header X-Keygate-Mode $kg_mode;";
+    if (!site.includes(readAnchor) || !site.includes(setAnchor)) throw new Error("the nginx template no longer has the identity header lines to add forwarded metadata after");
+    site = site.replace(readAnchor, `${readAnchor}\n        ${lines.read}`).replace(setAnchor, `${setAnchor}\n        ${lines.set}`);
+  }
   writeFileSync(join(dir, "keygate.conf"), site);
   const runAs = process.getuid?.() === 0 ? "user root;" : "";
   writeFileSync(
