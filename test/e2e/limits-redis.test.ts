@@ -178,7 +178,11 @@ describe.runIf(ready)("limits shared through Redis", () => {
   describe("two keygate processes", () => {
     it("exactly `limit` of 3 x limit concurrent checks pass across both replicas", async () => {
       const secret = await issue(a.ports.admin, "redis-two-rate", "small");
+      const burstStarted = Date.now();
       const answers = await Promise.all(Array.from({ length: 30 }, (_, i) => check(i % 2 === 0 ? a.ports.http : b.ports.http, secret)));
+      // Each replica reads its clock before its script reaches Redis: on a busy machine a refusal
+      // can carry a time from before the last allow, up to the burst's length earlier.
+      const burstSeconds = Math.ceil((Date.now() - burstStarted) / 1000);
       expect(answers.filter((x) => x.status === 200)).toHaveLength(10);
       const limited = answers.filter((x) => x.status === 429);
       expect(limited).toHaveLength(20);
@@ -188,7 +192,7 @@ describe.runIf(ready)("limits shared through Redis", () => {
         expect(answer.headers.get("x-ratelimit-remaining")).toBe("0");
         // A real clock here: the next slot opens at most 6 s after the burst.
         expect(Number(answer.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
-        expect(Number(answer.headers.get("retry-after"))).toBeLessThanOrEqual(6);
+        expect(Number(answer.headers.get("retry-after"))).toBeLessThanOrEqual(6 + burstSeconds);
       }
     });
 
