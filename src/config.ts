@@ -235,6 +235,7 @@ const envSchema = z.object({
     .optional()
     .transform((v) => (v === undefined ? undefined : v.split(",").map((t) => t.trim()).filter((t) => t.length > 0)))
     .refine((v) => v === undefined || (v.length > 0 && v.every((t) => t.length >= 24)), "each token must be at least 24 characters"),
+  KEYGATE_ADMIN_TOKENS_FILE: z.string().min(1).optional(),
   KEYGATE_KEY_PREFIX: z.string().regex(/^[a-z][a-z0-9]{1,9}$/, "2-10 lowercase letters or digits, starting with a letter").default("kg"),
   KEYGATE_CONFIG: z.string().min(1).optional(),
   KEYGATE_HOST: z.string().min(1).default("0.0.0.0"),
@@ -262,6 +263,8 @@ export interface Config {
   redisUrl: string | undefined;
   pepper: string | undefined;
   adminTokens: string[] | undefined;
+  /** A YAML file of named admin tokens, each with its permissions (src/admin/permissions.ts). */
+  adminTokensFile: string | undefined;
   keyPrefix: string;
   host: string;
   grpcPort: number;
@@ -346,6 +349,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     redisUrl: e.KEYGATE_REDIS_URL,
     pepper: e.KEYGATE_PEPPER,
     adminTokens: e.KEYGATE_ADMIN_TOKENS,
+    adminTokensFile: e.KEYGATE_ADMIN_TOKENS_FILE,
     keyPrefix: e.KEYGATE_KEY_PREFIX,
     host: e.KEYGATE_HOST,
     grpcPort: e.KEYGATE_GRPC_PORT,

@@ -2,12 +2,21 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { LRUCache } from "lru-cache";
 import { gcra } from "../limits/limits.js";
 import type { KeyFormat } from "../keys/key-format.js";
+import { ALL_PERMISSIONS } from "./permissions.js";
+import type { Permission, ScopedToken } from "./permissions.js";
 
-/** The outcome of checking an admin bearer token. */
-export type AdminAuthResult = { ok: true; tokenId: string } | { ok: false; message: string };
+/** The outcome of checking an admin bearer token: who it is and what it may do, or why not. */
+export type AdminAuthResult = { ok: true; tokenId: string; permissions: ReadonlySet<Permission> } | { ok: false; message: string };
 
 function digest(text: string): Buffer {
   return createHash("sha256").update(text, "utf8").digest();
+}
+
+/** A configured token: its id (for logs and audit), digest and permissions. */
+interface KnownToken {
+  id: string;
+  digest: Buffer;
+  permissions: ReadonlySet<Permission>;
 }
 
 /**
@@ -16,17 +25,22 @@ function digest(text: string): Buffer {
  * token nor which one matched. A token is identified in logs and audit only by its id.
  */
 export class AdminAuth {
-  readonly #tokens: Array<{ id: string; digest: Buffer }>;
+  readonly #tokens: KnownToken[];
 
+  /** `tokens` may do everything (named by a digest prefix); `scoped` what each lists (named by its name). */
   constructor(
     tokens: readonly string[],
     private readonly format: KeyFormat,
+    scoped: readonly ScopedToken[] = [],
   ) {
-    if (tokens.length === 0) throw new Error("at least one admin token is required");
-    this.#tokens = tokens.map((token) => {
-      const d = digest(token);
-      return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d };
-    });
+    if (tokens.length + scoped.length === 0) throw new Error("at least one admin token is required");
+    this.#tokens = [
+      ...tokens.map((token) => {
+        const d = digest(token);
+        return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d, permissions: ALL_PERMISSIONS };
+      }),
+      ...scoped.map((entry) => ({ id: entry.name, digest: digest(entry.token), permissions: entry.permissions })),
+    ];
   }
 
   /** Checks an Authorization header value. */
@@ -38,11 +52,11 @@ export class AdminAuth {
     const token = match?.[1];
     if (token === undefined) return { ok: false, message: 'the Authorization header must be "Bearer <admin token>"' };
     const candidate = digest(token);
-    let matchedId: string | null = null;
+    let matched: KnownToken | null = null;
     for (const known of this.#tokens) {
-      if (timingSafeEqual(candidate, known.digest)) matchedId = known.id;
+      if (timingSafeEqual(candidate, known.digest)) matched = known;
     }
-    if (matchedId !== null) return { ok: true, tokenId: matchedId };
+    if (matched !== null) return { ok: true, tokenId: matched.id, permissions: matched.permissions };
     if (this.format.parse(token) !== null) return { ok: false, message: "API keys cannot manage keys; use an admin token" };
     return { ok: false, message: "the admin token is not valid" };
   }
@@ -77,7 +91,7 @@ export class AuthFailureLimiter {
 
 /** Whether a caller may use KeyAdmin: its token id, or why not. */
 export type AdminAdmission =
-  | { ok: true; tokenId: string }
+  | { ok: true; tokenId: string; permissions: ReadonlySet<Permission> }
   | { ok: false; refusal: "unauthenticated" | "blocked"; message: string };
 
 /**

@@ -21,6 +21,8 @@ import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
 import { IdempotencyInProgressError, IdempotencyUnavailableError } from "../limits/idempotency.js";
 import { limitHeaders } from "../authz/rate-headers.js";
+import { METHOD_PERMISSIONS, missingPermission } from "./permissions.js";
+import type { Permission } from "./permissions.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminGate } from "./auth.js";
@@ -31,11 +33,18 @@ import type { AuditRecord } from "../store/store.js";
 
 /** The admin token id of the caller, set by the auth interceptor. */
 export const adminIdentityKey = createContextKey<string>("", { description: "admin token id" });
+/** Nothing: the permissions of a call no token admitted. */
+export const NO_PERMISSIONS: ReadonlySet<Permission> = new Set();
+export const adminPermissionsKey = createContextKey<ReadonlySet<Permission>>(NO_PERMISSIONS, { description: "admin token permissions" });
 /** The caller's network address, set by the admin server for each request. */
 export const sourceAddressKey = createContextKey<string>("", { description: "source address" });
 
 function actorOf(ctx: HandlerContext): Actor {
   return { tokenId: ctx.values.get(adminIdentityKey), source: ctx.values.get(sourceAddressKey) };
+}
+
+function permissionsOf(ctx: HandlerContext): ReadonlySet<Permission> {
+  return ctx.values.get(adminPermissionsKey);
 }
 
 function ts(ms: number | null): Timestamp | undefined {
@@ -162,15 +171,22 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
  */
 export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Interceptor {
   return (next) => async (req) => {
-    if (req.contextValues.get(adminIdentityKey) !== "") return next(req);
-    const source = req.contextValues.get(sourceAddressKey);
-    const admission = gate.admit(source, req.header.get("authorization"));
-    if (!admission.ok) {
-      if (admission.refusal === "blocked") throw new ConnectError(admission.message, Code.ResourceExhausted);
-      logger.warn({ source, method: req.method.name }, "admin authentication failed");
-      throw new ConnectError(admission.message, Code.Unauthenticated);
+    if (req.contextValues.get(adminIdentityKey) === "") {
+      const source = req.contextValues.get(sourceAddressKey);
+      const admission = gate.admit(source, req.header.get("authorization"));
+      if (!admission.ok) {
+        if (admission.refusal === "blocked") throw new ConnectError(admission.message, Code.ResourceExhausted);
+        logger.warn({ source, method: req.method.name }, "admin authentication failed");
+        throw new ConnectError(admission.message, Code.Unauthenticated);
+      }
+      req.contextValues.set(adminIdentityKey, admission.tokenId);
+      req.contextValues.set(adminPermissionsKey, admission.permissions);
     }
-    req.contextValues.set(adminIdentityKey, admission.tokenId);
+    // Checked here as well as in the admin server: no route is reachable without its permission.
+    const needed = METHOD_PERMISSIONS[req.method.name];
+    const tokenId = req.contextValues.get(adminIdentityKey);
+    if (needed === undefined) throw new ConnectError(`${req.method.name} has no permission assigned; refusing it`, Code.PermissionDenied);
+    if (!req.contextValues.get(adminPermissionsKey).has(needed)) throw new ConnectError(missingPermission(tokenId, needed, req.method.name), Code.PermissionDenied);
     return next(req);
   };
 }
@@ -178,10 +194,10 @@ export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Intercept
 /** KeyAdmin handlers: translate between proto and the lifecycle domain, nothing more. */
 export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, logger: Logger): (router: ConnectRouter) => void {
   const guard =
-    <Req, Res>(fn: (req: Req, actor: Actor) => Promise<Res>) =>
+    <Req, Res>(fn: (req: Req, actor: Actor, ctx: HandlerContext) => Promise<Res>) =>
     async (req: Req, ctx: HandlerContext): Promise<Res> => {
       try {
-        return await fn(req, actorOf(ctx));
+        return await fn(req, actorOf(ctx), ctx);
       } catch (error) {
         throw toConnectError(error, logger);
       }
@@ -237,7 +253,10 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       const now = nowMs();
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
     }),
-    verifyKey: guard(async (req) => {
+    verifyKey: guard(async (req, actor, ctx) => {
+      if (req.cost !== undefined && !permissionsOf(ctx).has("usage:write")) {
+        throw new ConnectError(missingPermission(actor.tokenId, "usage:write", "VerifyKey with a cost"), Code.PermissionDenied);
+      }
       const charge = req.cost === undefined ? undefined : { cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey, quota: unset(req.quota) };
       const { decision, key, charge: charged } = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId), charge });
       const now = nowMs();

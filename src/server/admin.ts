@@ -13,7 +13,9 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import { AdminGate } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
-import { adminAuthInterceptor, adminIdentityKey, sourceAddressKey } from "../admin/handlers.js";
+import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
+import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
+import type { Permission } from "../admin/permissions.js";
 import { awaitOpening, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
@@ -116,8 +118,8 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
 export function createAdminServer(deps: AdminServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { limits, logger, maxBodyBytes } = deps;
   const gate = new AdminGate(deps.auth);
-  // The token id of each admitted request, for the handlers' audit entries.
-  const admitted = new WeakMap<AnyRequest, string>();
+  // The token of each admitted request: its id for the handlers' audit entries, and its permissions.
+  const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission> }>();
   const connect = connectNodeAdapter({
     routes: deps.routes,
     interceptors: [adminAuthInterceptor(gate, logger)],
@@ -128,7 +130,8 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     contextValues: (req) =>
       createContextValues()
         .set(sourceAddressKey, req.socket.remoteAddress ?? "")
-        .set(adminIdentityKey, admitted.get(req) ?? ""),
+        .set(adminIdentityKey, admitted.get(req)?.tokenId ?? "")
+        .set(adminPermissionsKey, admitted.get(req)?.permissions ?? NO_PERMISSIONS),
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {
@@ -145,12 +148,19 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       logger.warn({ source, method: path.slice(path.lastIndexOf("/") + 1) }, "admin authentication failed");
       return refuse(req, res, Code.Unauthenticated, admission.message);
     }
+    // A method the token may not call is refused here too, before its body is read.
+    const method = path.slice(path.lastIndexOf("/") + 1);
+    const needed = METHOD_PERMISSIONS[method];
+    if (needed !== undefined && !admission.permissions.has(needed)) {
+      logger.warn({ source, method, token: admission.tokenId, needed }, "admin call refused: missing permission");
+      return refuse(req, res, Code.PermissionDenied, missingPermission(admission.tokenId, needed, method));
+    }
     const declared = declaredLength(req);
     if (declared !== null && declared > maxBodyBytes) {
       const message = `the request body is ${declared} bytes; the admin API accepts at most ${maxBodyBytes} (KEYGATE_ADMIN_MAX_BODY_BYTES)`;
       return refuse(req, res, Code.ResourceExhausted, message);
     }
-    admitted.set(req, admission.tokenId);
+    admitted.set(req, { tokenId: admission.tokenId, permissions: admission.permissions });
     // An error answered mid-body (a message over the limit) leaves the rest unread: stop it.
     const socket = req.socket;
     res.once("finish", () => {

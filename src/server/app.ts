@@ -18,6 +18,8 @@ import { MemoryMeter } from "../limits/memory.js";
 import type { Meter } from "../limits/limits.js";
 import { RedisMeter } from "../limits/redis.js";
 import { LocalIdempotencyLedger, RedisIdempotencyLedger } from "../limits/idempotency.js";
+import { loadTokensFile } from "../admin/permissions.js";
+import type { ScopedToken } from "../admin/permissions.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
@@ -79,11 +81,22 @@ async function openStore(config: Config, migrate: boolean): Promise<{ store: Key
     return { store: new SqliteKeyStore(join(config.dataDir, "keygate.db"), { migrate }), secrets };
   }
   if (config.pepper === undefined) throw new ConfigError("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
-  if (config.adminTokens === undefined) throw new ConfigError("KEYGATE_ADMIN_TOKENS is required when KEYGATE_MONGODB_URI is set");
+  if (config.adminTokens === undefined && config.adminTokensFile === undefined) {
+    throw new ConfigError("KEYGATE_ADMIN_TOKENS (or KEYGATE_ADMIN_TOKENS_FILE) is required when KEYGATE_MONGODB_URI is set");
+  }
   const store = await MongoKeyStore.connect(config.mongodbUri, { migrate }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
-  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens, generatedAdminToken: null } };
+  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null } };
+}
+
+/** The named admin tokens of KEYGATE_ADMIN_TOKENS_FILE; a bad file is a ConfigError naming it. */
+function scopedTokensFrom(path: string): ScopedToken[] {
+  try {
+    return loadTokensFile(path);
+  } catch (error) {
+    throw new ConfigError(error instanceof Error ? error.message : String(error));
+  }
 }
 
 /** Redis failing at start, as one line naming KEYGATE_REDIS_URL (the URL may hold a password). */
@@ -155,7 +168,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
   metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();
-  const auth = new AdminAuth(secrets.adminTokens, format);
+  const scopedTokens = config.adminTokensFile === undefined ? [] : scopedTokensFrom(config.adminTokensFile);
+  const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
   const limits = listenerLimits(config.listeners);
   const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine });

@@ -101,6 +101,6 @@ describe("secrets never travel", () => {
     await expect(buildKeygate(loadConfig(base), { logger })).rejects.toThrow("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
     await expect(
       buildKeygate(loadConfig({ ...base, KEYGATE_PEPPER: "p".repeat(32) }), { logger }),
-    ).rejects.toThrow("KEYGATE_ADMIN_TOKENS is required when KEYGATE_MONGODB_URI is set");
+    ).rejects.toThrow("KEYGATE_ADMIN_TOKENS (or KEYGATE_ADMIN_TOKENS_FILE) is required when KEYGATE_MONGODB_URI is set");
   });
 });

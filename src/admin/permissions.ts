@@ -1,0 +1,82 @@
+import { readFileSync } from "node:fs";
+import { parse as parseYaml } from "yaml";
+import { z } from "zod";
+
+/** What an admin token may do. A token from KEYGATE_ADMIN_TOKENS may do everything. */
+export const PERMISSIONS = ["keys:read", "keys:write", "accounts:read", "accounts:write", "usage:read", "usage:write", "verify", "audit:read"] as const;
+/** One of PERMISSIONS. */
+export type Permission = (typeof PERMISSIONS)[number];
+
+/** Every permission: the grant of an unscoped token. */
+export const ALL_PERMISSIONS: ReadonlySet<Permission> = new Set(PERMISSIONS);
+
+/**
+ * The permission each KeyAdmin method needs. VerifyKey with a cost also needs usage:write (its
+ * handler checks that, since it depends on the request).
+ */
+export const METHOD_PERMISSIONS: Readonly<Record<string, Permission>> = {
+  UpsertAccount: "accounts:write",
+  GetAccount: "accounts:read",
+  AddCredits: "accounts:write",
+  CreateKey: "keys:write",
+  UpdateKey: "keys:write",
+  RevokeKey: "keys:write",
+  RotateKey: "keys:write",
+  DisableKey: "keys:write",
+  EnableKey: "keys:write",
+  GetKey: "keys:read",
+  ListKeys: "keys:read",
+  VerifyKey: "verify",
+  ChargeUsage: "usage:write",
+  GetUsage: "usage:read",
+  ListAuditEvents: "audit:read",
+};
+
+/** An admin token with a name and the permissions it grants. */
+export interface ScopedToken {
+  name: string;
+  token: string;
+  permissions: ReadonlySet<Permission>;
+}
+
+const tokensFileSchema = z.object({
+  tokens: z
+    .array(
+      z.object({
+        /** Shown in logs and the audit trail instead of the token. */
+        name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,63}$/, 'a token name is 1-64 lowercase letters, digits, "_", "." and "-"'),
+        token: z.string().min(24, "must be at least 24 characters"),
+        permissions: z.array(z.enum(PERMISSIONS)).min(1),
+      }),
+    )
+    .min(1),
+});
+
+/** Reads KEYGATE_ADMIN_TOKENS_FILE; an error names the file and the problem, never a token. */
+export function loadTokensFile(path: string): ScopedToken[] {
+  let parsed: unknown;
+  try {
+    parsed = parseYaml(readFileSync(path, "utf8"));
+  } catch (cause) {
+    throw new Error(`KEYGATE_ADMIN_TOKENS_FILE: cannot read ${path} as YAML: ${cause instanceof Error ? cause.message.split("\n")[0] : String(cause)}`);
+  }
+  const result = tokensFileSchema.safeParse(parsed);
+  if (!result.success) {
+    const issues = result.error.issues.map((issue) => `${issue.path.map(String).join(".")}: ${issue.message}`).join("; ");
+    throw new Error(`KEYGATE_ADMIN_TOKENS_FILE (${path}): ${issues}`);
+  }
+  const names = new Set<string>();
+  const tokens = new Set<string>();
+  for (const entry of result.data.tokens) {
+    if (names.has(entry.name)) throw new Error(`KEYGATE_ADMIN_TOKENS_FILE (${path}): the name "${entry.name}" is used twice`);
+    if (tokens.has(entry.token)) throw new Error(`KEYGATE_ADMIN_TOKENS_FILE (${path}): two entries (one is "${entry.name}") have the same token`);
+    names.add(entry.name);
+    tokens.add(entry.token);
+  }
+  return result.data.tokens.map((entry) => ({ name: entry.name, token: entry.token, permissions: new Set(entry.permissions) }));
+}
+
+/** The refusal of a call whose token lacks `needed`. */
+export function missingPermission(tokenId: string, needed: Permission, what: string): string {
+  return `the admin token "${tokenId}" lacks the "${needed}" permission, which ${what} needs`;
+}
