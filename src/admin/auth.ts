@@ -6,7 +6,7 @@ import { ALL_PERMISSIONS } from "./permissions.js";
 import type { Permission, ScopedToken } from "./permissions.js";
 
 /** The outcome of checking an admin bearer token: who it is and what it may do, or why not. */
-export type AdminAuthResult = { ok: true; tokenId: string; permissions: ReadonlySet<Permission> } | { ok: false; message: string };
+export type AdminAuthResult = { ok: true; tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null } | { ok: false; message: string };
 
 function digest(text: string): Buffer {
   return createHash("sha256").update(text, "utf8").digest();
@@ -17,6 +17,7 @@ interface KnownToken {
   id: string;
   digest: Buffer;
   permissions: ReadonlySet<Permission>;
+  owners: ReadonlySet<string> | null;
 }
 
 /**
@@ -37,9 +38,9 @@ export class AdminAuth {
     this.#tokens = [
       ...tokens.map((token) => {
         const d = digest(token);
-        return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d, permissions: ALL_PERMISSIONS };
+        return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d, permissions: ALL_PERMISSIONS, owners: null };
       }),
-      ...scoped.map((entry) => ({ id: entry.name, digest: digest(entry.token), permissions: entry.permissions })),
+      ...scoped.map((entry) => ({ id: entry.name, digest: digest(entry.token), permissions: entry.permissions, owners: entry.owners })),
     ];
   }
 
@@ -56,7 +57,7 @@ export class AdminAuth {
     for (const known of this.#tokens) {
       if (timingSafeEqual(candidate, known.digest)) matched = known;
     }
-    if (matched !== null) return { ok: true, tokenId: matched.id, permissions: matched.permissions };
+    if (matched !== null) return { ok: true, tokenId: matched.id, permissions: matched.permissions, owners: matched.owners };
     if (this.format.parse(token) !== null) return { ok: false, message: "API keys cannot manage keys; use an admin token" };
     return { ok: false, message: "the admin token is not valid" };
   }
@@ -91,7 +92,7 @@ export class AuthFailureLimiter {
 
 /** Whether a caller may use KeyAdmin: its token id, or why not. */
 export type AdminAdmission =
-  | { ok: true; tokenId: string; permissions: ReadonlySet<Permission> }
+  | { ok: true; tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null }
   | { ok: false; refusal: "unauthenticated" | "blocked"; message: string };
 
 /**

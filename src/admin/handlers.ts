@@ -36,6 +36,8 @@ export const adminIdentityKey = createContextKey<string>("", { description: "adm
 /** Nothing: the permissions of a call no token admitted. */
 export const NO_PERMISSIONS: ReadonlySet<Permission> = new Set();
 export const adminPermissionsKey = createContextKey<ReadonlySet<Permission>>(NO_PERMISSIONS, { description: "admin token permissions" });
+/** The owners an admin token is limited to; null: every owner. */
+export const adminOwnersKey = createContextKey<ReadonlySet<string> | null>(null, { description: "admin token owners" });
 /** The caller's network address, set by the admin server for each request. */
 export const sourceAddressKey = createContextKey<string>("", { description: "source address" });
 
@@ -181,6 +183,7 @@ export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Intercept
       }
       req.contextValues.set(adminIdentityKey, admission.tokenId);
       req.contextValues.set(adminPermissionsKey, admission.permissions);
+      req.contextValues.set(adminOwnersKey, admission.owners);
     }
     // Checked here as well as in the admin server: no route is reachable without its permission.
     const needed = METHOD_PERMISSIONS[req.method.name];
@@ -193,10 +196,31 @@ export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Intercept
 
 /** KeyAdmin handlers: translate between proto and the lifecycle domain, nothing more. */
 export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, logger: Logger): (router: ConnectRouter) => void {
+  /**
+   * A token limited to listed owners may act only for them: `subject` names the owner and/or key
+   * a call acts for. Another owner's account is PERMISSION_DENIED; another owner's key reads as
+   * one that does not exist, so key ids of other owners are not confirmed.
+   */
+  const checkSubject = async (ctx: HandlerContext, subject: { ownerId?: string; keyId?: string }): Promise<void> => {
+    const owners = ctx.values.get(adminOwnersKey);
+    if (owners === null) return;
+    const tokenId = ctx.values.get(adminIdentityKey);
+    if (subject.keyId !== undefined && subject.keyId !== "") {
+      const key = await service.getKey(subject.keyId);
+      if (!owners.has(key.ownerId)) throw new NotFoundError(`key ${key.id} does not exist`);
+      if (subject.ownerId === undefined || subject.ownerId === "") return;
+    }
+    if (subject.ownerId === undefined || subject.ownerId === "") {
+      throw new ConnectError(`the admin token "${tokenId}" is limited to listed owners: name one in owner_id`, Code.PermissionDenied);
+    }
+    if (!owners.has(subject.ownerId)) throw new ConnectError(`the admin token "${tokenId}" may not act for this owner_id`, Code.PermissionDenied);
+  };
+
   const guard =
-    <Req, Res>(fn: (req: Req, actor: Actor, ctx: HandlerContext) => Promise<Res>) =>
+    <Req, Res>(fn: (req: Req, actor: Actor, ctx: HandlerContext) => Promise<Res>, subject?: (req: Req) => { ownerId?: string; keyId?: string }) =>
     async (req: Req, ctx: HandlerContext): Promise<Res> => {
       try {
+        if (subject !== undefined) await checkSubject(ctx, subject(req));
         return await fn(req, actorOf(ctx), ctx);
       } catch (error) {
         throw toConnectError(error, logger);
@@ -208,8 +232,8 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       account: toAccount(
         await service.upsertAccount({ ownerId: req.ownerId, plan: req.plan, subscriptionStatus: req.subscriptionStatus, role: req.role }, actor),
       ),
-    })),
-    getAccount: guard(async (req) => ({ account: toAccount(await service.getAccount(req.ownerId)) })),
+    }), (r) => ({ ownerId: r.ownerId })),
+    getAccount: guard(async (req) => ({ account: toAccount(await service.getAccount(req.ownerId)) }), (r) => ({ ownerId: r.ownerId })),
     createKey: guard(async (req, actor) => {
       const issued = await service.createKey({
         ownerId: req.ownerId,
@@ -222,8 +246,8 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         rateLimit: req.rateLimit === undefined ? undefined : { limit: req.rateLimit.limit, windowSeconds: req.rateLimit.windowSeconds },
       }, actor);
       return { key: toApiKey(issued.key, nowMs()), secret: issued.secret };
-    }),
-    getKey: guard(async (req) => ({ key: toApiKey(await service.getKey(req.id), nowMs()) })),
+    }, (r) => ({ ownerId: r.ownerId })),
+    getKey: guard(async (req) => ({ key: toApiKey(await service.getKey(req.id), nowMs()) }), (r) => ({ keyId: r.id })),
     listKeys: guard(async (req) => {
       const page = await service.listKeys({
         ownerId: req.ownerId,
@@ -234,7 +258,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       });
       const now = nowMs();
       return { keys: page.keys.map((k) => toApiKey(k, now)), nextPageToken: page.nextPageToken };
-    }),
+    }, (r) => ({ ownerId: r.ownerId })),
     updateKey: guard(async (req, actor) => {
       const updated = await service.updateKey({
         id: req.id,
@@ -244,21 +268,27 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         clearRateLimit: req.clearRateLimit,
       }, actor);
       return { key: toApiKey(updated, nowMs()) };
-    }),
-    revokeKey: guard(async (req, actor) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }, actor), nowMs()) })),
-    disableKey: guard(async (req, actor) => ({ key: toApiKey(await service.disableKey({ id: req.id, reason: req.reason }, actor), nowMs()) })),
-    enableKey: guard(async (req, actor) => ({ key: toApiKey(await service.enableKey({ id: req.id }, actor), nowMs()) })),
+    }, (r) => ({ keyId: r.id })),
+    revokeKey: guard(async (req, actor) => ({ key: toApiKey(await service.revokeKey({ id: req.id, reason: req.reason }, actor), nowMs()) }), (r) => ({ keyId: r.id })),
+    disableKey: guard(async (req, actor) => ({ key: toApiKey(await service.disableKey({ id: req.id, reason: req.reason }, actor), nowMs()) }), (r) => ({ keyId: r.id })),
+    enableKey: guard(async (req, actor) => ({ key: toApiKey(await service.enableKey({ id: req.id }, actor), nowMs()) }), (r) => ({ keyId: r.id })),
     rotateKey: guard(async (req, actor) => {
       const rotation = await service.rotateKey({ id: req.id, graceDays: req.graceDays }, actor);
       const now = nowMs();
       return { key: toApiKey(rotation.key, now), secret: rotation.secret, previous: toApiKey(rotation.previous, now) };
-    }),
+    }, (r) => ({ keyId: r.id })),
     verifyKey: guard(async (req, actor, ctx) => {
       if (req.cost !== undefined && !permissionsOf(ctx).has("usage:write")) {
         throw new ConnectError(missingPermission(actor.tokenId, "usage:write", "VerifyKey with a cost"), Code.PermissionDenied);
       }
       const charge = req.cost === undefined ? undefined : { cost: wholeNumber(req.cost), idempotencyKey: req.idempotencyKey, quota: unset(req.quota) };
-      const { decision, key, charge: charged } = await service.verifyKey({ secret: req.secret, requiredScopes: req.requiredScopes, projectId: unset(req.projectId), charge });
+      const { decision, key, charge: charged } = await service.verifyKey({
+        secret: req.secret,
+        requiredScopes: req.requiredScopes,
+        projectId: unset(req.projectId),
+        charge,
+        owners: ctx.values.get(adminOwnersKey),
+      });
       const now = nowMs();
       const account = key === null ? undefined : toAccount(await service.getAccount(key.ownerId));
       // A refused charge makes a valid key's answer invalid, with the charge's code and message.
@@ -286,10 +316,10 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         headers,
         replayed: answer.replayed,
       });
-    }),
+    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId })),
     addCredits: guard(async (req, actor) => ({
       account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: wholeNumber(req.amount), reason: req.reason }, actor)),
-    })),
+    }), (r) => ({ ownerId: r.ownerId })),
     listAuditEvents: guard(async (req) => {
       const page = await service.listAudit({
         ownerId: unset(req.ownerId),
@@ -299,14 +329,14 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         pageToken: unset(req.pageToken),
       });
       return { events: page.events.map(toAuditEvent), nextPageToken: page.nextPageToken };
-    }),
+    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId })),
     getUsage: guard(async (req) => {
       const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
       return create(GetUsageResponseSchema, {
         totals: toCounts(report.totals),
         byKey: report.byKey.map((entry) => ({ keyId: entry.keyId, keyName: report.names.get(entry.keyId) ?? "", day: entry.day, usage: toCounts(entry.usage) })),
       });
-    }),
+    }, (r) => ({ ownerId: r.ownerId })),
   };
   return (router) => router.service(KeyAdmin, impl);
 }

@@ -5,6 +5,7 @@ import { CacheUnavailableError } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
+import { DENIALS } from "../authz/reasons.js";
 import { newEventId, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
@@ -540,13 +541,18 @@ export class LifecycleService {
     projectId?: string | undefined;
     /** When set, a valid key is also charged as ChargeUsage would charge it. */
     charge?: { cost: number; idempotencyKey: string; quota?: string | undefined } | undefined;
+    /** The owners the caller may see (a scoped admin token's); another owner's key reads as unknown. */
+    owners?: ReadonlySet<string> | null | undefined;
   }): Promise<{ decision: Decision; key: KeyRecord | null; charge: ChargeUsageAnswer | null }> {
     if (input.secret === "") throw new InvalidArgumentError("secret", "is required");
     if (input.secret.length > 1024) throw new InvalidArgumentError("secret", "is too long to be a key");
     const requiredScopes = this.#checkScopes("required_scopes", input.requiredScopes);
     const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
     if (input.charge !== undefined) this.#checkCharge(input.charge);
-    const decision = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null, quota: null });
+    const verified = await this.deps.pipeline.verify(input.secret, { requiredScopes, projectId, cost: 0, metered: false, minRole: null, quota: null });
+    const owners = input.owners ?? null;
+    const hidden = owners !== null && verified.snapshot !== undefined && !owners.has(verified.snapshot.key.ownerId);
+    const decision: Decision = hidden ? { allow: false, reason: "UNKNOWN_KEY", message: DENIALS.UNKNOWN_KEY.message } : verified;
     const key = decision.snapshot === undefined ? null : await this.deps.store.getKey(decision.snapshot.key.id);
     // Only a valid key is charged: a refused verify costs nothing.
     const charge = input.charge === undefined || !decision.allow || key === null ? null : await this.chargeUsage({ keyId: key.id, ...input.charge });

@@ -37,6 +37,8 @@ export interface ScopedToken {
   name: string;
   token: string;
   permissions: ReadonlySet<Permission>;
+  /** The owners whose accounts and keys it may touch; null: every owner. */
+  owners: ReadonlySet<string> | null;
 }
 
 const tokensFileSchema = z.object({
@@ -47,6 +49,8 @@ const tokensFileSchema = z.object({
         name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,63}$/, 'a token name is 1-64 lowercase letters, digits, "_", "." and "-"'),
         token: z.string().min(24, "must be at least 24 characters"),
         permissions: z.array(z.enum(PERMISSIONS)).min(1),
+        /** Optional: only these owners' accounts, keys, usage and audit events. */
+        owners: z.array(z.string().regex(/^[\x21-\x7e]{1,128}$/, "an owner id is 1-128 printable ASCII characters without spaces")).min(1).optional(),
       }),
     )
     .min(1),
@@ -73,7 +77,12 @@ export function loadTokensFile(path: string): ScopedToken[] {
     names.add(entry.name);
     tokens.add(entry.token);
   }
-  return result.data.tokens.map((entry) => ({ name: entry.name, token: entry.token, permissions: new Set(entry.permissions) }));
+  return result.data.tokens.map((entry) => ({
+    name: entry.name,
+    token: entry.token,
+    permissions: new Set(entry.permissions),
+    owners: entry.owners === undefined ? null : new Set(entry.owners),
+  }));
 }
 
 /** The refusal of a call whose token lacks `needed`. */

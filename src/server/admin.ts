@@ -13,7 +13,7 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import { AdminGate } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
-import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
+import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
 import type { Permission } from "../admin/permissions.js";
 import { awaitOpening, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
@@ -119,7 +119,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
   const { limits, logger, maxBodyBytes } = deps;
   const gate = new AdminGate(deps.auth);
   // The token of each admitted request: its id for the handlers' audit entries, and its permissions.
-  const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission> }>();
+  const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null }>();
   const connect = connectNodeAdapter({
     routes: deps.routes,
     interceptors: [adminAuthInterceptor(gate, logger)],
@@ -131,7 +131,8 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       createContextValues()
         .set(sourceAddressKey, req.socket.remoteAddress ?? "")
         .set(adminIdentityKey, admitted.get(req)?.tokenId ?? "")
-        .set(adminPermissionsKey, admitted.get(req)?.permissions ?? NO_PERMISSIONS),
+        .set(adminPermissionsKey, admitted.get(req)?.permissions ?? NO_PERMISSIONS)
+        .set(adminOwnersKey, admitted.get(req)?.owners ?? null),
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {
@@ -160,7 +161,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       const message = `the request body is ${declared} bytes; the admin API accepts at most ${maxBodyBytes} (KEYGATE_ADMIN_MAX_BODY_BYTES)`;
       return refuse(req, res, Code.ResourceExhausted, message);
     }
-    admitted.set(req, { tokenId: admission.tokenId, permissions: admission.permissions });
+    admitted.set(req, { tokenId: admission.tokenId, permissions: admission.permissions, owners: admission.owners });
     // An error answered mid-body (a message over the limit) leaves the rest unread: stop it.
     const socket = req.socket;
     res.once("finish", () => {

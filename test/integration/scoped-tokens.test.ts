@@ -14,6 +14,7 @@ const TOKENS = {
   verifier: { token: "verifier-token-0123456789abcdefghijk", permissions: ["verify"] },
   billing: { token: "billing-token-0123456789abcdefghijklm", permissions: ["verify", "usage:write", "accounts:read"] },
   "key-admin": { token: "key-admin-token-0123456789abcdefghij", permissions: ["keys:write", "keys:read"] },
+  "acme-only": { token: "acme-only-token-0123456789abcdefghij", permissions: ["keys:write", "keys:read", "accounts:read", "verify", "usage:write", "audit:read"], owners: ["acme"] },
 } as const;
 
 function tokensFile(entries: unknown): string {
@@ -68,6 +69,33 @@ describe("scoped admin tokens security", () => {
     expect(created.status).toBe(200);
     const events = await kg.admin.listAuditEvents({ ownerId: "scoped-4" });
     expect(events.events.map((e) => [e.action, e.actor])).toEqual([["key.create", "key-admin"]]);
+  });
+});
+
+describe("owner-limited admin tokens security", () => {
+  it("acts for its listed owners only: another owner's account is refused, another owner's key reads as unknown, and nothing is charged or changed", async () => {
+    await kg.admin.upsertAccount({ ownerId: "acme", plan: "business" });
+    const mine = await kg.admin.createKey({ ownerId: "acme", name: "acme-key" });
+    const theirs = await kg.admin.createKey({ ownerId: "globex", name: "globex-key" });
+    expect((await as("acme-only", "CreateKey", { ownerId: "acme", name: "made" })).status).toBe(200);
+    const otherAccount = await as("acme-only", "CreateKey", { ownerId: "globex", name: "nope" });
+    expect([otherAccount.status, otherAccount.json["message"]]).toEqual([403, 'the admin token "acme-only" may not act for this owner_id']);
+    expect((await as("acme-only", "GetAccount", { ownerId: "globex" })).status).toBe(403);
+    const revokeTheirs = await as("acme-only", "RevokeKey", { id: theirs.key?.id });
+    expect([revokeTheirs.status, revokeTheirs.json["code"], revokeTheirs.json["message"]]).toEqual([404, "not_found", `key ${theirs.key?.id} does not exist`]);
+    expect((await kg.admin.getKey({ id: theirs.key?.id ?? "" })).key?.state).toBe("active");
+    expect((await as("acme-only", "GetKey", { id: mine.key?.id })).status).toBe(200);
+    // VerifyKey: another owner's key is an unknown key, and a cost is not charged for it.
+    const verifyTheirs = await as("acme-only", "VerifyKey", { secret: theirs.secret, cost: "1", idempotencyKey: "x-1" });
+    expect([verifyTheirs.json["valid"], verifyTheirs.json["code"], verifyTheirs.json["charged"], verifyTheirs.json["key"]]).toEqual([false, "UNAUTHENTICATED", undefined, undefined]);
+    expect((await as("acme-only", "VerifyKey", { secret: mine.secret })).json["valid"]).toBe(true);
+    expect((await as("acme-only", "ChargeUsage", { keyId: theirs.key?.id, cost: "0", idempotencyKey: "c-1" })).status).toBe(404);
+    // Audit events: an owner must be named, and only a listed one.
+    expect((await as("acme-only", "ListAuditEvents", {})).status).toBe(403);
+    expect((await as("acme-only", "ListAuditEvents", { ownerId: "globex" })).status).toBe(403);
+    expect((await as("acme-only", "ListAuditEvents", { ownerId: "acme" })).status).toBe(200);
+    const globexEvents = await kg.admin.listAuditEvents({ ownerId: "globex" });
+    expect(globexEvents.events.map((e) => e.action)).toEqual(["key.create"]);
   });
 });
 
