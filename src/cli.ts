@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { readFileSync } from "node:fs";
 import { Command, CommanderError, Option } from "commander";
 import { DEFAULT_ADMIN_URL } from "./cli/client.js";
 import { registerAccounts } from "./cli/commands/accounts.js";
@@ -6,6 +7,12 @@ import { registerAudit } from "./cli/commands/audit.js";
 import { registerKeys } from "./cli/commands/keys.js";
 import { registerUsage } from "./cli/commands/usage.js";
 import { CliFailure } from "./cli/errors.js";
+
+/** The version in keygate's package.json, two directories up from src/cli.ts and dist/cli.js alike. */
+function packageVersion(): string {
+  const manifest = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as { version?: unknown };
+  return typeof manifest.version === "string" ? manifest.version : "unknown";
+}
 
 // Exit codes: 0 ok, 1 an error from keygate (or no keygate to talk to), 2 bad usage.
 const EXIT_USAGE = 2;
@@ -15,6 +22,7 @@ const EXIT_USAGE = 2;
 const program = new Command()
   .name("keygate")
   .description("API-key service: Envoy ext_authz Check and the KeyAdmin lifecycle API")
+  .version(packageVersion(), "-V, --version", "print keygate's version")
   .exitOverride()
   .configureHelp({ showGlobalOptions: true })
   // The CLI is a KeyAdmin client, not the server: these two variables are its own and are not

@@ -1,5 +1,5 @@
 import { execFile, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -528,6 +528,13 @@ describe("keygate: error", { timeout: 60_000 }, () => {
     }
     // The refused create issued nothing.
     expect((await kg.admin.listKeys({ ownerId: "cli-create" })).keys.map((k) => k.name)).not.toContain("x");
+  });
+
+  it("--version prints package.json's version and exits 0, from the sources and dist/", async () => {
+    const { version } = JSON.parse(readFileSync(join(import.meta.dirname, "../../package.json"), "utf8")) as { version: string };
+    for (const result of await Promise.all([cli(["--version"]), cli(["--version"], { built: true })])) {
+      expect([result.code, result.stdout, result.stderr]).toEqual([0, `${version}\n`, ""]);
+    }
   });
 
   it("--help describes every option and exits 0", async () => {
