@@ -1200,7 +1200,7 @@ describe("deploy manifests: monitoring", () => {
     }
   });
 
-  it("the Grafana dashboard queries only metrics keygate exports", async () => {
+  it("the Grafana dashboard queries only metrics keygate exports, each filtered by job", async () => {
     const dashboard = z
       .object({ panels: z.array(z.object({ title: z.string(), targets: z.array(z.object({ expr: z.string() })) })) })
       .parse(JSON.parse(readFileSync(join(DEPLOY, "grafana", "keygate-dashboard.json"), "utf8")));
@@ -1210,9 +1210,11 @@ describe("deploy manifests: monitoring", () => {
     for (const topic of ["checks per second", "errors", "p99", "cache hit ratio", "denials by reason"]) expect(titles).toContain(topic);
     for (const panel of dashboard.panels) {
       for (const target of panel.targets) {
-        for (const [name] of target.expr.matchAll(/\b(keygate_[a-z_]+|process_[a-z_]+)/g)) {
+        for (const [, name = "", selector = ""] of target.expr.matchAll(/\b(keygate_[a-z_]+|process_[a-z_]+)(\{[^}]*\})?/g)) {
           const base = name.replace(/_(bucket|sum|count)$/, "");
           expect(exported.has(base), `${panel.title}: ${name}`).toBe(true);
+          // Every series is filtered by the dashboard's job variable, so one Prometheus can hold several keygates.
+          expect(selector, `${panel.title}: ${name}`).toContain('job=~"$job"');
         }
       }
     }
