@@ -143,7 +143,8 @@ const deploymentSchema = z.object({
   kind: z.literal("Deployment"),
   metadata: z.object({ name: z.string() }),
   spec: z.object({
-    replicas: z.number().int().default(1),
+    /** Absent when the HPA owns the count. */
+    replicas: z.number().int().optional(),
     selector: z.object({ matchLabels: labelsSchema }),
     template: z.object({
       metadata: z.object({ labels: labelsSchema }),
@@ -207,7 +208,7 @@ type NetworkPolicy = z.infer<typeof networkPolicySchema>;
 
 const pdbSchema = z.object({
   kind: z.literal("PodDisruptionBudget"),
-  spec: z.object({ minAvailable: z.number().int(), selector: z.object({ matchLabels: labelsSchema }) }),
+  spec: z.object({ maxUnavailable: z.number().int(), selector: z.object({ matchLabels: labelsSchema }) }),
 });
 
 const hpaSchema = z.object({
@@ -353,9 +354,10 @@ function lazy<T>(make: () => T): () => T {
 }
 
 const VARIANTS = [
-  { name: "base", docs: lazy(() => renderKustomization(BASE)), replicas: (n: number) => n >= 2, store: "none" },
-  { name: "dev", docs: lazy(() => renderKustomization(OVERLAYS.dev)), replicas: (n: number) => n === 1, store: "embedded" },
-  { name: "prod", docs: lazy(() => renderKustomization(OVERLAYS.prod)), replicas: (n: number) => n >= 2, store: "mongodb" },
+  // With an HPA the Deployment names no count (the HPA's floor is checked below); dev runs one.
+  { name: "base", docs: lazy(() => renderKustomization(BASE)), replicas: (n: number | undefined) => n === undefined, store: "none" },
+  { name: "dev", docs: lazy(() => renderKustomization(OVERLAYS.dev)), replicas: (n: number | undefined) => n === 1, store: "embedded" },
+  { name: "prod", docs: lazy(() => renderKustomization(OVERLAYS.prod)), replicas: (n: number | undefined) => n === undefined, store: "mongodb" },
 ] as const;
 
 function variantDocs(name: "base" | "dev" | "prod"): unknown[] {
@@ -703,7 +705,7 @@ describe.each(VARIANTS)("deploy manifests: $name", ({ name, docs: render, replic
     for (const peer of adminPeers) expect(peer.podSelector?.matchLabels, "every admin peer is selected by pod label").toBeDefined();
   });
 
-  it("keeps one replica through voluntary disruptions and autoscales on CPU", () => {
+  it("takes one replica at a time in voluntary disruptions and autoscales on CPU from at least 2", () => {
     if (store === "embedded") {
       // One embedded replica: a budget of one could never be met, and a second replica would
       // have a store of its own.
@@ -713,12 +715,12 @@ describe.each(VARIANTS)("deploy manifests: $name", ({ name, docs: render, replic
     }
     const deployment = theDeployment(render());
     const [pdb] = ofKind(render(), "PodDisruptionBudget", pdbSchema);
-    expect(pdb?.spec.minAvailable).toBe(1);
+    expect(pdb?.spec.maxUnavailable).toBe(1);
     expect(selects(pdb?.spec.selector.matchLabels ?? {}, deployment.spec.template.metadata.labels)).toBe(true);
     const [hpa] = ofKind(render(), "HorizontalPodAutoscaler", hpaSchema);
     expect(hpa?.spec.scaleTargetRef).toEqual({ apiVersion: "apps/v1", kind: "Deployment", name: deployment.metadata.name });
     expect(hpa?.spec.minReplicas).toBeGreaterThanOrEqual(2);
-    expect(hpa?.spec.minReplicas).toBeLessThanOrEqual(deployment.spec.replicas);
+    expect(deployment.spec.replicas).toBeUndefined();
     expect(hpa?.spec.maxReplicas).toBeGreaterThan(hpa?.spec.minReplicas ?? Infinity);
     expect(hpa?.spec.metrics.some((m) => m.type === "Resource" && m.resource?.name === "cpu")).toBe(true);
   });
@@ -1094,7 +1096,7 @@ describe.skipIf(!HAS_VALIDATOR || !HAS_KUSTOMIZE)("deploy manifests: kubernetes-
     const misspelt = validate(renderedFile("misspelt", text.replace("terminationGracePeriodSeconds:", "terminationGracePeriodSecs:")), "newest bundled");
     expect(misspelt.status).not.toBe(0);
     expect(misspelt.problems.join("\n")).toMatch(/deployment\/keygate.*'terminationGracePeriodSecs' was unexpected/);
-    const wrongType = validate(renderedFile("wrong-type", text.replace(/^(\s+)minAvailable: 1$/m, "$1minAvailable: [1]")), "newest bundled");
+    const wrongType = validate(renderedFile("wrong-type", text.replace(/^(\s+)maxUnavailable: 1$/m, "$1maxUnavailable: [1]")), "newest bundled");
     expect(wrongType.status).not.toBe(0);
     expect(wrongType.problems.join("\n")).toMatch(/poddisruptionbudget\/keygate/);
   });
