@@ -164,6 +164,10 @@ describe("/metrics of keygate serve", () => {
       expect(sample(text, "nodejs_eventloop_lag_p99_seconds", {})).toBeGreaterThanOrEqual(0);
       expect(sample(text, "nodejs_heap_size_used_bytes", {})).toBeGreaterThan(0);
       expect(text).toContain("# TYPE keygate_checks_total counter");
+      // promtool check metrics: only counters end in _total.
+      const misnamed = [...text.matchAll(/^# TYPE (\S+_total) (\S+)$/gm)].filter(([, , type]) => type !== "counter").map(([, name]) => name);
+      expect(misnamed).toEqual([]);
+      expect(sample(text, "nodejs_active_handles", { type: "Server" })).toBeGreaterThanOrEqual(1);
     } finally {
       await served.stop("SIGTERM");
       rmSync(dir, { recursive: true, force: true });
