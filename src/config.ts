@@ -283,6 +283,8 @@ export interface Config {
   /** Timeouts and the connection cap of every listener. */
   listeners: ListenerSettings;
   policy: Policy;
+  /** The policy's file (KEYGATE_CONFIG); undefined for the built-in policy. */
+  policyFile: string | undefined;
 }
 
 /**
@@ -345,6 +347,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const policy = e.KEYGATE_CONFIG === undefined ? parsePolicy(DEFAULT_POLICY_INPUT, "built-in policy") : loadPolicyFile(e.KEYGATE_CONFIG);
   return {
     dataDir: e.KEYGATE_DATA_DIR,
+    policyFile: e.KEYGATE_CONFIG,
     mongodbUri: e.KEYGATE_MONGODB_URI,
     redisUrl: e.KEYGATE_REDIS_URL,
     pepper: e.KEYGATE_PEPPER,

@@ -26,7 +26,8 @@ interface KnownToken {
  * token nor which one matched. A token is identified in logs and audit only by its id.
  */
 export class AdminAuth {
-  readonly #tokens: KnownToken[];
+  #tokens: KnownToken[];
+  readonly #unscoped: KnownToken[];
 
   /** `tokens` may do everything (named by a digest prefix); `scoped` what each lists (named by its name). */
   constructor(
@@ -35,13 +36,21 @@ export class AdminAuth {
     scoped: readonly ScopedToken[] = [],
   ) {
     if (tokens.length + scoped.length === 0) throw new Error("at least one admin token is required");
-    this.#tokens = [
-      ...tokens.map((token) => {
-        const d = digest(token);
-        return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d, permissions: ALL_PERMISSIONS, owners: null };
-      }),
-      ...scoped.map((entry) => ({ id: entry.name, digest: digest(entry.token), permissions: entry.permissions, owners: entry.owners })),
-    ];
+    this.#unscoped = tokens.map((token) => {
+      const d = digest(token);
+      return { id: `tok_${d.subarray(0, 4).toString("hex")}`, digest: d, permissions: ALL_PERMISSIONS, owners: null };
+    });
+    this.#tokens = [...this.#unscoped, ...AdminAuth.#known(scoped)];
+  }
+
+  static #known(scoped: readonly ScopedToken[]): KnownToken[] {
+    return scoped.map((entry) => ({ id: entry.name, digest: digest(entry.token), permissions: entry.permissions, owners: entry.owners }));
+  }
+
+  /** Puts a new set of named tokens in force (a reload of KEYGATE_ADMIN_TOKENS_FILE); the others stay. */
+  replaceScoped(scoped: readonly ScopedToken[]): void {
+    if (this.#unscoped.length + scoped.length === 0) throw new Error("at least one admin token is required");
+    this.#tokens = [...this.#unscoped, ...AdminAuth.#known(scoped)];
   }
 
   /** Checks an Authorization header value. */

@@ -118,6 +118,11 @@ export interface IssuedKey {
 export class LifecycleService {
   constructor(private readonly deps: LifecycleDeps) {}
 
+  /** Puts a reloaded policy in force for the calls that start after it. */
+  reconfigure(policy: Policy): void {
+    this.deps.policy = policy;
+  }
+
   get accountDefaults(): AccountDefaults {
     return { plan: this.deps.policy.defaultPlan, subscriptionStatus: "active", role: "standard" };
   }

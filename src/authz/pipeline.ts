@@ -103,6 +103,26 @@ function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[rea
   return { allow: false, reason, message, snapshot };
 }
 
+/** One policy and what is derived from it, built once when it comes into force. */
+class PolicyVersion {
+  readonly defaultPlan: Plan;
+  readonly presentCredentials: PresentCredentialHeaders;
+  /** [metadata name, header name] of each forwarded entry. */
+  readonly forward: ReadonlyArray<readonly [string, string]>;
+
+  constructor(
+    readonly policy: PipelineDeps["policy"],
+    readonly routes: RouteTable,
+    readonly credentialHeaders: readonly string[],
+  ) {
+    const plan = policy.plans[policy.defaultPlan];
+    if (plan === undefined) throw new Error(`default plan "${policy.defaultPlan}" is not configured`);
+    this.defaultPlan = plan;
+    this.presentCredentials = new PresentCredentialHeaders(credentialHeaders);
+    this.forward = (policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
+  }
+}
+
 /**
  * The decision, in the order DESIGN.md fixes: credential, shape and checksum, lookup,
  * key state, project lock, subscription, scopes, then the rate and quota slots. The first
@@ -110,25 +130,27 @@ function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[rea
  */
 export class DecisionPipeline {
   readonly #calendar = new UtcCalendar();
-  readonly #defaultPlan: Plan;
-  readonly #presentCredentials: PresentCredentialHeaders;
-  /** [metadata name, header name] of each forwarded entry. */
-  readonly #forward: ReadonlyArray<readonly [string, string]>;
+  /** The policy in force; a decision reads the one it started with to its end. */
+  #version: PolicyVersion;
 
   constructor(private readonly deps: PipelineDeps) {
-    const plan = deps.policy.plans[deps.policy.defaultPlan];
-    if (plan === undefined) throw new Error(`default plan "${deps.policy.defaultPlan}" is not configured`);
-    this.#defaultPlan = plan;
-    this.#presentCredentials = new PresentCredentialHeaders(deps.credentialHeaders);
-    this.#forward = (deps.policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
+    this.#version = new PolicyVersion(deps.policy, deps.routes, deps.credentialHeaders);
+  }
+
+  /**
+   * Puts a new policy in force (a live reload). Decisions already started finish on the version
+   * they started with; the next one reads this.
+   */
+  reconfigure(policy: PipelineDeps["policy"], routes: RouteTable, credentialHeaders: readonly string[]): void {
+    this.#version = new PolicyVersion(policy, routes, credentialHeaders);
   }
 
   /** The key's forwarded metadata as headers. */
-  #forwarded(snapshot: CheckSnapshot): ReadonlyArray<readonly [string, string]> {
-    if (this.#forward.length === 0) return NOTHING_FORWARDED;
+  #forwarded(v: PolicyVersion, snapshot: CheckSnapshot): ReadonlyArray<readonly [string, string]> {
+    if (v.forward.length === 0) return NOTHING_FORWARDED;
     const { metadata } = snapshot.key;
     const out: Array<readonly [string, string]> = [];
-    for (const [name, header] of this.#forward) {
+    for (const [name, header] of v.forward) {
       const value = Object.hasOwn(metadata, name) ? metadata[name] : undefined;
       if (value !== undefined && HEADER_VALUE.test(value)) out.push([header, value]);
     }
@@ -137,21 +159,23 @@ export class DecisionPipeline {
 
   /** Decides a proxied request. Synchronous when the key is in L1. */
   decide(input: CheckInput): Decision | Promise<Decision> {
-    const credential = extractCredential(input.headers, this.deps.credentialHeaders);
+    const v = this.#version;
+    const credential = extractCredential(input.headers, v.credentialHeaders);
     if (!credential.ok) return FIXED[credential.reason];
     if (this.deps.format.parse(credential.key) === null) return FIXED.MALFORMED_KEY;
     // After the credential's shape (a keyless or malformed request is a 401 whatever its path, and
     // a flood of bad keys pays nothing for routing) and before the lookup: a path with no canonical
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
-    const route = this.deps.routes.requirements(input.method, input.path, input.contextExtensions);
+    const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
     if (route instanceof RouteRefusal) return route;
-    return this.#withSnapshot(credential.key, (snapshot) => this.#judge(snapshot, this.#presentCredentials.of(input.headers), route, true));
+    return this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true));
   }
 
   /** VerifyKey: the same steps for a bare key, with optional requirements, charging nothing. */
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
+    const v = this.#version;
     if (this.deps.format.parse(key) === null) return FIXED.MALFORMED_KEY;
-    return this.#withSnapshot(key, (snapshot) => this.#judge(snapshot, NO_HEADERS, route, false));
+    return this.#withSnapshot(key, (snapshot) => this.#judge(v, snapshot, NO_HEADERS, route, false));
   }
 
   /**
@@ -172,15 +196,16 @@ export class DecisionPipeline {
       if (state !== "active" && state !== "grace") return refused(KEY_STATE_DENIALS[state], null);
     }
     if (account.subscriptionStatus !== "active") return refused("PLAN_REQUIRED", null);
-    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
+    const v = this.#version;
+    const plan = v.policy.plans[account.plan] ?? v.defaultPlan;
     // A test key's charge uses the test-mode quota and spends nothing, as its Checks do.
     const test = key !== null && key.mode === "test";
     const quota = test ? null : quotaName;
     const limits = await this.deps.meter.charge({
       ownerId: account.ownerId,
       bucket: test ? `ut:${account.ownerId}` : `u:${account.ownerId}`,
-      rate: this.deps.policy.limits.chargeRateLimit,
-      dailyQuota: test ? (this.deps.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
+      rate: v.policy.limits.chargeRateLimit,
+      dailyQuota: test ? (v.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
       monthlyCredits: test ? null : plan.monthlyCredits,
       cost: test ? 0 : cost,
       nowMs,
@@ -201,18 +226,18 @@ export class DecisionPipeline {
     return this.deps.lookup.load(hash).then(judge);
   }
 
-  #judge(snapshot: CheckSnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
+  #judge(v: PolicyVersion, snapshot: CheckSnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
     const refusal = this.#refusal(snapshot, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
       this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
-      return this.#withLimitHeaders(refusal, this.#chargeInput(snapshot, route, nowMs));
+      return this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, route, nowMs));
     }
-    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(snapshot) };
-    const charged = this.deps.meter.charge(this.#chargeInput(snapshot, route, nowMs));
-    const finish = (limits: ChargeResult): Decision => this.#afterLimits(snapshot, credentialHeaders, route, limits, nowMs);
+    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
+    const charged = this.deps.meter.charge(this.#chargeInput(v, snapshot, route, nowMs));
+    const finish = (limits: ChargeResult): Decision => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs);
     return charged instanceof Promise ? charged.then(finish) : finish(charged);
   }
 
@@ -247,17 +272,17 @@ export class DecisionPipeline {
     return null;
   }
 
-  #chargeInput(snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
+  #chargeInput(v: PolicyVersion, snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
     const { key, account } = snapshot;
-    const plan = this.deps.policy.plans[account.plan] ?? this.#defaultPlan;
-    const ownBucket = key.rateLimit !== null || this.deps.policy.limits.rateLimitPer === "key";
+    const plan = v.policy.plans[account.plan] ?? v.defaultPlan;
+    const ownBucket = key.rateLimit !== null || v.policy.limits.rateLimitPer === "key";
     if (key.mode === "test") {
       // Test keys are counted apart from live keys: their own bucket and quota, no credits.
-      const test = this.deps.policy.testMode;
+      const test = v.policy.testMode;
       return {
         ownerId: account.ownerId,
         bucket: ownBucket ? `k:${key.id}` : `t:${account.ownerId}`,
-        rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(snapshot, plan),
+        rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(v, snapshot, plan),
         dailyQuota: route.metered ? (test?.dailyQuota ?? null) : null,
         monthlyCredits: null,
         cost: 0,
@@ -271,7 +296,7 @@ export class DecisionPipeline {
     return {
       ownerId: account.ownerId,
       bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
-      rate: this.#rateRule(snapshot, plan),
+      rate: this.#rateRule(v, snapshot, plan),
       // An unmetered route counts toward no quota and spends nothing; a named quota the plan
       // does not list is unlimited on it.
       dailyQuota: !route.metered ? null : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
@@ -301,11 +326,11 @@ export class DecisionPipeline {
   }
 
   /** The key's own limit, else its account role's tier, else the plan's. */
-  #rateRule(snapshot: CheckSnapshot, plan: Plan): RateLimitRule {
-    return snapshot.key.rateLimit ?? this.deps.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
+  #rateRule(v: PolicyVersion, snapshot: CheckSnapshot, plan: Plan): RateLimitRule {
+    return snapshot.key.rateLimit ?? v.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
   }
 
-  #afterLimits(snapshot: CheckSnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
+  #afterLimits(v: PolicyVersion, snapshot: CheckSnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
     // Credits count as used only when the plan is metered and they were actually spent.
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) {
@@ -315,7 +340,7 @@ export class DecisionPipeline {
       const test = snapshot.key.mode === "test";
       this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode, test ? null : route.quota) : ALLOWED_UNMETERED, spent);
       this.deps.lastUsed.record(snapshot.key.id, nowMs);
-      return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(snapshot) };
+      return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(v, snapshot) };
     }
     this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);
     const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));

@@ -98,7 +98,7 @@ export interface MemoryCacheOptions {
 export class MemoryCache implements LocalCache {
   readonly #hits: LRUCache<string, CheckSnapshot>;
   readonly #misses: LRUCache<string, true>;
-  readonly #forwardMetadata: readonly string[];
+  #forwardMetadata: readonly string[];
 
   constructor(options: MemoryCacheOptions) {
     this.#forwardMetadata = options.forwardMetadata ?? [];
@@ -108,6 +108,16 @@ export class MemoryCache implements LocalCache {
 
   get size(): number {
     return this.#hits.size;
+  }
+
+  /**
+   * Keeps another set of metadata entries from now on (a reloaded policy's forwardMetadata).
+   * Entries cached with the old set are dropped, so no allow forwards by the old list.
+   */
+  reconfigure(forwardMetadata: readonly string[]): void {
+    const same = forwardMetadata.length === this.#forwardMetadata.length && forwardMetadata.every((name, i) => name === this.#forwardMetadata[i]);
+    this.#forwardMetadata = forwardMetadata;
+    if (!same) this.#hits.clear();
   }
 
   get(hash: string): CheckSnapshot | null | undefined {

@@ -1,4 +1,5 @@
 import { join } from "node:path";
+import { isDeepStrictEqual } from "node:util";
 import type { Logger } from "pino";
 import { AdminAuth } from "../admin/auth.js";
 import { keyAdminRoutes } from "../admin/handlers.js";
@@ -9,8 +10,8 @@ import { SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
 import { RedisConnectError, RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
-import { ConfigError } from "../config.js";
-import type { Config } from "../config.js";
+import { ConfigError, loadPolicyFile } from "../config.js";
+import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
 import { KeyFormat } from "../keys/key-format.js";
 import { LastUsedRecorder } from "../store/last-used.js";
@@ -52,7 +53,16 @@ export interface Keygate {
   readonly adminTokens: readonly string[];
   start(): Promise<BoundPorts>;
   stop(): Promise<void>;
+  /**
+   * Reads the policy file (KEYGATE_CONFIG) and the admin tokens file (KEYGATE_ADMIN_TOKENS_FILE)
+   * again and puts each in force if it is valid; a bad file keeps the version in force, logs one
+   * line and sets keygate_config_reload_failing. Checks already started finish on their version.
+   */
+  reload(): { policy: ReloadResult; adminTokens: ReloadResult };
 }
+
+/** What a reload did with one file. */
+export type ReloadResult = "applied" | "unchanged" | "failed";
 
 /** Options a test or the CLI may add to the config. */
 export interface BuildOptions {
@@ -89,6 +99,17 @@ async function openStore(config: Config, migrate: boolean): Promise<{ store: Key
   });
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null } };
 }
+
+/**
+ * Policy settings read once, by parts built at start (cache bounds, write-behind timers, the
+ * Redis error mode): a reload that changes them says they wait for a restart.
+ */
+const RESTART_ONLY_SETTINGS: ReadonlyArray<readonly [string, (policy: Policy) => unknown]> = [
+  ["cache", (p) => p.cache],
+  ["lastUsedFlushSeconds", (p) => p.lastUsedFlushSeconds],
+  ["limits.usageFlushSeconds", (p) => p.limits.usageFlushSeconds],
+  ["limits.onRedisError", (p) => p.limits.onRedisError],
+];
 
 /** The named admin tokens of KEYGATE_ADMIN_TOKENS_FILE; a bad file is a ConfigError naming it. */
 function scopedTokensFrom(path: string): ScopedToken[] {
@@ -185,8 +206,58 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     limits,
   });
 
+  // Live reload: what is in force, and how to put a new version in force.
+  let policyInForce = config.policy;
+  let tokensInForce = JSON.stringify(scopedTokens.map((t) => [t.name, t.token, [...t.permissions], t.owners === null ? null : [...t.owners]]));
+  const reloadPolicy = (): ReloadResult => {
+    if (config.policyFile === undefined) return "unchanged";
+    let next: Policy;
+    try {
+      next = loadPolicyFile(config.policyFile);
+    } catch (error) {
+      logger.error({ file: config.policyFile, problem: error instanceof Error ? error.message : String(error) }, "policy reload failed; the policy in force stays");
+      metrics.configReloaded("policy", "failed");
+      return "failed";
+    }
+    if (isDeepStrictEqual(next, policyInForce)) {
+      metrics.configReloaded("policy", "unchanged");
+      return "unchanged";
+    }
+    const atRestart = RESTART_ONLY_SETTINGS.filter(([, read]) => !isDeepStrictEqual(read(next), read(policyInForce))).map(([name]) => name);
+    if (atRestart.length > 0) logger.warn({ settings: atRestart }, "these policy settings take effect at the next restart");
+    pipeline.reconfigure(next, new RouteTable(next.routes, next.routeMatching), next.credentialHeaders);
+    lifecycle.reconfigure(next);
+    local.reconfigure(next.forwardMetadata);
+    policyInForce = next;
+    logger.info({ file: config.policyFile }, "policy reloaded");
+    metrics.configReloaded("policy", "applied");
+    return "applied";
+  };
+  const reloadTokens = (): ReloadResult => {
+    if (config.adminTokensFile === undefined) return "unchanged";
+    let next: ScopedToken[];
+    try {
+      next = loadTokensFile(config.adminTokensFile);
+    } catch (error) {
+      logger.error({ file: config.adminTokensFile, problem: error instanceof Error ? error.message : String(error) }, "admin tokens reload failed; the tokens in force stay");
+      metrics.configReloaded("admin_tokens", "failed");
+      return "failed";
+    }
+    const text = JSON.stringify(next.map((t) => [t.name, t.token, [...t.permissions], t.owners === null ? null : [...t.owners]]));
+    if (text === tokensInForce) {
+      metrics.configReloaded("admin_tokens", "unchanged");
+      return "unchanged";
+    }
+    auth.replaceScoped(next);
+    tokensInForce = text;
+    logger.info({ file: config.adminTokensFile, tokens: next.map((t) => t.name) }, "admin tokens reloaded");
+    metrics.configReloaded("admin_tokens", "applied");
+    return "applied";
+  };
+
   let started: StartedServer[] = [];
   return {
+    reload: () => ({ policy: reloadPolicy(), adminTokens: reloadTokens() }),
     lifecycle,
     store,
     metrics,

@@ -27,6 +27,8 @@ export class Metrics implements LookupObserver {
   readonly #cacheChildren = new Map<string, Counter.Internal>();
   readonly #connections: Gauge<"listener">;
   readonly #connectionsRejected: Counter<"listener">;
+  readonly #reloads: Counter<"file" | "result">;
+  readonly #reloadFailing: Gauge<"file">;
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -36,6 +38,18 @@ export class Metrics implements LookupObserver {
       for (const name of MISNAMED_DEFAULT_GAUGES) this.registry.removeSingleMetric(name);
     }
     const registers = [this.registry];
+    this.#reloads = new Counter({
+      name: "keygate_config_reloads_total",
+      help: "Reloads of the policy file or the admin tokens file by result: applied, unchanged, or failed (the previous version stays in force)",
+      labelNames: ["file", "result"],
+      registers,
+    });
+    this.#reloadFailing = new Gauge({
+      name: "keygate_config_reload_failing",
+      help: "1 while the last reload of the file failed (a bad edit is on disk; the previous version is in force), else 0",
+      labelNames: ["file"],
+      registers,
+    });
     this.#checks = new Counter({
       name: "keygate_checks_total",
       help: "Check decisions by decision (allow, deny, error), reason and mode (grpc, http)",
@@ -142,6 +156,12 @@ export class Metrics implements LookupObserver {
   /** Counts a connection refused because the listener was at its cap. */
   connectionRejected(listener: ListenerName): void {
     this.#connectionsRejected.labels(listener).inc();
+  }
+
+  /** Counts a reload of a configuration file ("policy" or "admin_tokens") and whether it was applied. */
+  configReloaded(file: "policy" | "admin_tokens", result: "applied" | "unchanged" | "failed"): void {
+    this.#reloads.labels(file, result).inc();
+    this.#reloadFailing.labels(file).set(result === "failed" ? 1 : 0);
   }
 
   /** Reports a write-behind queue's size at each scrape. */

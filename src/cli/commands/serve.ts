@@ -1,4 +1,9 @@
+import { watch } from "node:fs";
+import type { FSWatcher } from "node:fs";
+import { basename, dirname, resolve } from "node:path";
 import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
+import type { Logger } from "pino";
+import { loadTokensFile } from "../../admin/permissions.js";
 import { ConfigError, loadConfig } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
@@ -24,7 +29,7 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
     exitOnConfigError(error);
   }
   // The configured pepper and admin tokens are scrubbed from every log line by value, too.
-  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? [])];
+  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile)];
   const logger = createLogger(config.logLevel, undefined, secrets);
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
@@ -65,6 +70,48 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
       },
     );
   };
+  // Live reload: SIGHUP, or a change to either file (a ConfigMap or Secret update swaps the
+  // directory's ..data link, so the directory is watched). A burst of events is one reload.
+  let pending: NodeJS.Timeout | undefined;
+  const reload = (why: string): void => {
+    if (stopping) return;
+    const outcome = keygate.reload();
+    logger.info({ why, ...outcome }, "configuration reload");
+  };
+  const soon = (): void => {
+    if (pending !== undefined) clearTimeout(pending);
+    pending = setTimeout(() => reload("file changed"), RELOAD_SETTLE_MS);
+    pending.unref();
+  };
+  const watchers = [config.policyFile, config.adminTokensFile].flatMap((file) => (file === undefined ? [] : [watchFile(file, soon, logger)]));
+  process.on("SIGHUP", () => reload("SIGHUP"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
   process.on("SIGINT", () => shutdown("SIGINT"));
+  process.once("exit", () => {
+    for (const watcher of watchers) watcher.close();
+  });
+}
+
+/** How long a file must stay quiet after a change before it is read: editors write in steps. */
+const RELOAD_SETTLE_MS = 200;
+
+/** Watches a file's directory for changes to it (or to the ..data link Kubernetes swaps). */
+function watchFile(file: string, changed: () => void, logger: Logger): FSWatcher {
+  const name = basename(file);
+  const watcher = watch(dirname(resolve(file)), (_event, changedName) => {
+    if (changedName === null || changedName === name || changedName === "..data") changed();
+  });
+  watcher.on("error", (error: unknown) => logger.warn({ err: error, file }, "cannot watch the file for changes; reload with SIGHUP"));
+  watcher.unref();
+  return watcher;
+}
+
+/** The tokens of KEYGATE_ADMIN_TOKENS_FILE, to scrub from logs; none if it cannot be read (the start reports that). */
+function fileTokens(path: string | undefined): string[] {
+  if (path === undefined) return [];
+  try {
+    return loadTokensFile(path).map((t) => t.token);
+  } catch {
+    return [];
+  }
 }

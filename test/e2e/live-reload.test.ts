@@ -1,0 +1,102 @@
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { stringify } from "yaml";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
+import { postJson } from "../harness/keygate.js";
+import { spawnKeygate } from "../harness/process.js";
+import type { KeygateProcess } from "../harness/process.js";
+
+// The policy file and the admin tokens file are reloaded on a running keygate (file watch and
+// SIGHUP): a valid edit takes effect, a broken one keeps the version in force.
+
+const FULL_TOKEN = "live-reload-full-token-0123456789abcdef";
+const OPS = { name: "ops", token: "live-reload-ops-token-0123456789abcdef", permissions: ["keys:read"] };
+const LATE = { name: "late", token: "live-reload-late-token-0123456789abcdef", permissions: ["keys:read"] };
+const ADMIN_ROUTE = { method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"] };
+
+async function until(condition: () => Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
+  const started = performance.now();
+  while (!(await condition())) {
+    if (performance.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe("live reload", { timeout: 120_000 }, () => {
+  let dir: string;
+  let policyFile: string;
+  let tokensFile: string;
+  let kg: KeygateProcess;
+  let secret = "";
+
+  beforeAll(async () => {
+    dir = mkdtempSync(join(tmpdir(), "keygate-reload-"));
+    policyFile = join(dir, "policy.yaml");
+    tokensFile = join(dir, "admin-tokens.yaml");
+    writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [ADMIN_ROUTE] }));
+    writeFileSync(tokensFile, stringify({ tokens: [OPS] }));
+    kg = await spawnKeygate({
+      cwd: dir,
+      env: {
+        KEYGATE_DATA_DIR: join(dir, "data"),
+        KEYGATE_CONFIG: policyFile,
+        KEYGATE_ADMIN_TOKENS: FULL_TOKEN,
+        KEYGATE_ADMIN_TOKENS_FILE: tokensFile,
+        KEYGATE_HOST: "127.0.0.1",
+        KEYGATE_GRPC_PORT: "0",
+        KEYGATE_HTTP_AUTHZ_PORT: "0",
+        KEYGATE_ADMIN_PORT: "0",
+      },
+    });
+    const created = await postJson(kg.ports.admin, "CreateKey", { ownerId: "reload-owner", name: "k", scopes: ["read"] }, FULL_TOKEN);
+    secret = String(created.json["secret"]);
+  });
+  afterAll(async () => {
+    await kg?.stop("SIGTERM");
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  const adminRoute = async (): Promise<number> => (await fetch(`http://127.0.0.1:${kg.ports.http}/check/v1/admin/users`, { headers: { "x-api-key": secret } })).status;
+  const metrics = async (): Promise<string> => (await fetch(`http://127.0.0.1:${kg.ports.admin}/metrics`)).text();
+  const sample = (text: string, name: string, labels: string): number => Number(new RegExp(`^${name}\\{${labels}\\} (\\S+)$`, "m").exec(text)?.[1] ?? "NaN");
+  const listAs = async (token: string): Promise<number> => (await postJson(kg.ports.admin, "ListKeys", { ownerId: "reload-owner" }, token)).status;
+
+  it("a policy edit takes effect on the running process; a broken edit does not, and says so", async () => {
+    expect(await adminRoute()).toBe(403);
+    writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [] }));
+    await until(async () => (await adminRoute()) === 200, "the route's scope requirement to go");
+    expect(sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="applied"')).toBeGreaterThanOrEqual(1);
+
+    writeFileSync(policyFile, "plans: [this is not a policy\n");
+    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="policy"') === 1, "the failed reload to show");
+    expect(kg.stdout()).toContain("policy reload failed; the policy in force stays");
+    expect(await adminRoute()).toBe(200);
+
+    writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [ADMIN_ROUTE] }));
+    await until(async () => (await adminRoute()) === 403, "the route to come back");
+    expect(sample(await metrics(), "keygate_config_reload_failing", 'file="policy"')).toBe(0);
+  });
+
+  it("an admin tokens edit takes effect; a broken one keeps the tokens in force", async () => {
+    expect([await listAs(OPS.token), await listAs(LATE.token)]).toEqual([200, 401]);
+    writeFileSync(tokensFile, stringify({ tokens: [OPS, LATE] }));
+    await until(async () => (await listAs(LATE.token)) === 200, "the new token to work");
+    writeFileSync(tokensFile, stringify({ tokens: [{ ...LATE, token: "short" }] }));
+    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="admin_tokens"') === 1, "the failed reload to show");
+    expect([await listAs(OPS.token), await listAs(LATE.token)]).toEqual([200, 200]);
+    expect(kg.stdout()).not.toContain(LATE.token);
+    expect(kg.stdout()).not.toContain(OPS.token);
+    writeFileSync(tokensFile, stringify({ tokens: [LATE] }));
+    await until(async () => (await listAs(OPS.token)) === 401, "the removed token to stop working");
+    expect(await listAs(LATE.token)).toBe(200);
+  });
+
+  it("SIGHUP reloads both files", async () => {
+    const before = sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="unchanged"');
+    kg.child.kill("SIGHUP");
+    await until(async () => sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="unchanged"') === (Number.isNaN(before) ? 1 : before + 1), "the SIGHUP reload");
+    expect(kg.stdout()).toContain('"why":"SIGHUP"');
+  });
+});
