@@ -26,7 +26,7 @@ function mongoPaths(schema: { paths: Record<string, unknown> }): string[] {
 }
 
 // Account fields the API derives (from the plan, the key count and the credit state) rather than stores.
-const ACCOUNT_PROTO_ONLY = ["activeKeyCount", "maxActiveKeys", "creditBalance", "monthlyCredits", "topupCredits", "dailyQuota", "rateLimit"];
+const ACCOUNT_PROTO_ONLY = ["activeKeyCount", "maxActiveKeys", "activeTestKeyCount", "maxActiveTestKeys", "creditBalance", "monthlyCredits", "topupCredits", "dailyQuota", "rateLimit"];
 
 const sorted = (names: Iterable<string>): string[] => [...names].sort();
 
