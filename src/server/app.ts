@@ -101,6 +101,46 @@ async function openStore(config: Config, migrate: boolean): Promise<{ store: Key
 }
 
 /**
+ * Reads a configuration file again and puts it in force when it is valid and changed; a bad
+ * file keeps the version in force and logs one line naming the file and the problem.
+ */
+function fileReloader<T>(spec: {
+  file: string | undefined;
+  kind: "policy" | "admin_tokens";
+  /** The log lines of a failed and of an applied reload. */
+  messages: { failed: string; applied: string };
+  initial: T;
+  load: (file: string) => T;
+  same: (a: T, b: T) => boolean;
+  apply: (next: T, previous: T) => void;
+  logger: Logger;
+  metrics: Metrics;
+}): () => ReloadResult {
+  let inForce = spec.initial;
+  return () => {
+    if (spec.file === undefined) return "unchanged";
+    let next: T;
+    try {
+      next = spec.load(spec.file);
+    } catch (error) {
+      const problem = error instanceof Error ? error.message : String(error);
+      spec.logger.error({ file: spec.file, problem }, spec.messages.failed);
+      spec.metrics.configReloaded(spec.kind, "failed");
+      return "failed";
+    }
+    if (spec.same(next, inForce)) {
+      spec.metrics.configReloaded(spec.kind, "unchanged");
+      return "unchanged";
+    }
+    spec.apply(next, inForce);
+    inForce = next;
+    spec.logger.info({ file: spec.file }, spec.messages.applied);
+    spec.metrics.configReloaded(spec.kind, "applied");
+    return "applied";
+  };
+}
+
+/**
  * Policy settings read once, by parts built at start (cache bounds, write-behind timers, the
  * Redis error mode): a reload that changes them says they wait for a restart.
  */
@@ -206,54 +246,36 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     limits,
   });
 
-  // Live reload: what is in force, and how to put a new version in force.
-  let policyInForce = config.policy;
-  let tokensInForce = JSON.stringify(scopedTokens.map((t) => [t.name, t.token, [...t.permissions], t.owners === null ? null : [...t.owners]]));
-  const reloadPolicy = (): ReloadResult => {
-    if (config.policyFile === undefined) return "unchanged";
-    let next: Policy;
-    try {
-      next = loadPolicyFile(config.policyFile);
-    } catch (error) {
-      logger.error({ file: config.policyFile, problem: error instanceof Error ? error.message : String(error) }, "policy reload failed; the policy in force stays");
-      metrics.configReloaded("policy", "failed");
-      return "failed";
-    }
-    if (isDeepStrictEqual(next, policyInForce)) {
-      metrics.configReloaded("policy", "unchanged");
-      return "unchanged";
-    }
-    const atRestart = RESTART_ONLY_SETTINGS.filter(([, read]) => !isDeepStrictEqual(read(next), read(policyInForce))).map(([name]) => name);
-    if (atRestart.length > 0) logger.warn({ settings: atRestart }, "these policy settings take effect at the next restart");
-    pipeline.reconfigure(next, new RouteTable(next.routes, next.routeMatching), next.credentialHeaders);
-    lifecycle.reconfigure(next);
-    local.reconfigure(next.forwardMetadata);
-    policyInForce = next;
-    logger.info({ file: config.policyFile }, "policy reloaded");
-    metrics.configReloaded("policy", "applied");
-    return "applied";
-  };
-  const reloadTokens = (): ReloadResult => {
-    if (config.adminTokensFile === undefined) return "unchanged";
-    let next: ScopedToken[];
-    try {
-      next = loadTokensFile(config.adminTokensFile);
-    } catch (error) {
-      logger.error({ file: config.adminTokensFile, problem: error instanceof Error ? error.message : String(error) }, "admin tokens reload failed; the tokens in force stay");
-      metrics.configReloaded("admin_tokens", "failed");
-      return "failed";
-    }
-    const text = JSON.stringify(next.map((t) => [t.name, t.token, [...t.permissions], t.owners === null ? null : [...t.owners]]));
-    if (text === tokensInForce) {
-      metrics.configReloaded("admin_tokens", "unchanged");
-      return "unchanged";
-    }
-    auth.replaceScoped(next);
-    tokensInForce = text;
-    logger.info({ file: config.adminTokensFile, tokens: next.map((t) => t.name) }, "admin tokens reloaded");
-    metrics.configReloaded("admin_tokens", "applied");
-    return "applied";
-  };
+  // Live reload: each file's version in force, and how to put a new one in force.
+  const reloadPolicy = fileReloader<Policy>({
+    file: config.policyFile,
+    kind: "policy",
+    messages: { failed: "policy reload failed; the policy in force stays", applied: "policy reloaded" },
+    initial: config.policy,
+    load: loadPolicyFile,
+    same: isDeepStrictEqual,
+    apply: (next, previous) => {
+      const atRestart = RESTART_ONLY_SETTINGS.filter(([, read]) => !isDeepStrictEqual(read(next), read(previous))).map(([name]) => name);
+      if (atRestart.length > 0) logger.warn({ settings: atRestart }, "these policy settings take effect at the next restart");
+      pipeline.reconfigure(next, new RouteTable(next.routes, next.routeMatching), next.credentialHeaders);
+      lifecycle.reconfigure(next);
+      local.reconfigure(next.forwardMetadata);
+    },
+    logger,
+    metrics,
+  });
+  const tokensText = (tokens: readonly ScopedToken[]): string => JSON.stringify(tokens.map((t) => [t.name, t.token, [...t.permissions], t.owners === null ? null : [...t.owners]]));
+  const reloadTokens = fileReloader<ScopedToken[]>({
+    file: config.adminTokensFile,
+    kind: "admin_tokens",
+    messages: { failed: "admin tokens reload failed; the tokens in force stay", applied: "admin tokens reloaded" },
+    initial: scopedTokens,
+    load: loadTokensFile,
+    same: (a, b) => tokensText(a) === tokensText(b),
+    apply: (next) => auth.replaceScoped(next),
+    logger,
+    metrics,
+  });
 
   let started: StartedServer[] = [];
   return {

@@ -1,10 +1,10 @@
-import { execFile, spawn, spawnSync } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
+import { execFile, spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { listeningPorts } from "../harness/process.js";
+import { spawnKeygate } from "../harness/process.js";
+import type { KeygateProcess } from "../harness/process.js";
 
 // README "Billing recipes", run as written: each "### " recipe is one ```sh block and the ```text
 // block after it. The block's first line starts keygate (`KEYGATE_CONFIG=… KEYGATE_DATA_DIR=… npm
@@ -45,16 +45,11 @@ function recipes(): Recipe[] {
     });
 }
 
-const servers: ChildProcess[] = [];
+const servers: KeygateProcess[] = [];
 const dirs: string[] = [];
 
 afterAll(async () => {
-  for (const child of servers) {
-    if (child.exitCode !== null || child.signalCode !== null) continue;
-    const exited = new Promise((done) => child.once("exit", done));
-    child.kill("SIGTERM");
-    await exited;
-  }
+  await Promise.all(servers.map((server) => server.stop("SIGTERM")));
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 });
 
@@ -65,30 +60,22 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return Object.assign(env, { npm_config_offline: "true", npm_config_update_notifier: "false" }, extra);
 }
 
-/** Starts keygate as the recipe's first line says, in `cwd`, and waits for its ports. */
+/** Starts keygate as the recipe's first line says, in `cwd`, from dist/ as `npm start` runs it. */
 async function startServer(cwd: string, recipe: Recipe): Promise<{ admin: number; http: number; grpc: number }> {
-  const env = cleanEnv({
-    KEYGATE_CONFIG: recipe.start.config,
-    KEYGATE_DATA_DIR: recipe.start.dataDir,
-    KEYGATE_HOST: "127.0.0.1",
-    KEYGATE_GRPC_PORT: "0",
-    KEYGATE_HTTP_AUTHZ_PORT: "0",
-    KEYGATE_ADMIN_PORT: "0",
+  const server = await spawnKeygate({
+    cwd,
+    args: [builtCli, "serve"],
+    env: {
+      KEYGATE_CONFIG: recipe.start.config,
+      KEYGATE_DATA_DIR: recipe.start.dataDir,
+      KEYGATE_HOST: "127.0.0.1",
+      KEYGATE_GRPC_PORT: "0",
+      KEYGATE_HTTP_AUTHZ_PORT: "0",
+      KEYGATE_ADMIN_PORT: "0",
+    },
   });
-  const child = spawn(process.execPath, [builtCli, "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
-  servers.push(child);
-  let out = "";
-  let err = "";
-  child.stdout.on("data", (chunk: Buffer) => (out += chunk.toString()));
-  child.stderr.on("data", (chunk: Buffer) => (err += chunk.toString()));
-  const started = performance.now();
-  for (;;) {
-    const ports = listeningPorts(out);
-    if (ports !== null) return ports;
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`keygate exited:\n${out}\n${err}`);
-    if (performance.now() - started > 60_000) throw new Error(`keygate did not start within 60 s:\n${out}\n${err}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
+  servers.push(server);
+  return server.ports;
 }
 
 function bash(cwd: string, script: string): Promise<{ code: number; stdout: string; stderr: string }> {
