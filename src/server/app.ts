@@ -132,7 +132,14 @@ function fileReloader<T>(spec: {
       spec.metrics.configReloaded(spec.kind, "unchanged");
       return "unchanged";
     }
-    spec.apply(next, inForce);
+    try {
+      spec.apply(next, inForce);
+    } catch (error) {
+      // Never out of a signal handler: a version that cannot be built is a failed reload.
+      spec.logger.error({ file: spec.file, problem: error instanceof Error ? error.message : String(error) }, spec.messages.failed);
+      spec.metrics.configReloaded(spec.kind, "failed");
+      return "failed";
+    }
     inForce = next;
     spec.logger.info({ file: spec.file }, spec.messages.applied);
     spec.metrics.configReloaded(spec.kind, "applied");
@@ -257,7 +264,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     apply: (next, previous) => {
       const atRestart = RESTART_ONLY_SETTINGS.filter(([, read]) => !isDeepStrictEqual(read(next), read(previous))).map(([name]) => name);
       if (atRestart.length > 0) logger.warn({ settings: atRestart }, "these policy settings take effect at the next restart");
-      pipeline.reconfigure(next, new RouteTable(next.routes, next.routeMatching), next.credentialHeaders);
+      const routes = new RouteTable(next.routes, next.routeMatching);
+      pipeline.reconfigure(next, routes, next.credentialHeaders);
       lifecycle.reconfigure(next);
       local.reconfigure(next.forwardMetadata);
     },
