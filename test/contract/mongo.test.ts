@@ -113,7 +113,9 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
 
   describe("schema step 2: test keys counted apart", () => {
     it("moves each counted test key of an earlier version from the live counter to the test counter, once", async () => {
-      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+      // A database of its own: resetting the schema version must not touch the contract's.
+      const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_step2$2");
+      const client = new mongoose.mongo.MongoClient(uri, { serverSelectionTimeoutMS: 3000 });
       await client.connect();
       const db = client.db();
       const ownerId = "legacy-test-slot";
@@ -125,7 +127,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       };
       const rerunStepTwo = async (): Promise<MongoKeyStore> => {
         await db.collection<{ _id: string; version: number }>("keygate_schema").updateOne({ _id: "schema" }, { $set: { version: 1 } });
-        return MongoKeyStore.connect(started().uri);
+        return MongoKeyStore.connect(uri);
       };
       try {
         await db.collection<LegacyAccount>("accounts").insertOne({
@@ -142,7 +144,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         const account = await db.collection<AccountDoc>("accounts").findOne({ _id: ownerId });
         expect([account?.active_key_count, account?.active_test_key_count]).toEqual([1, 1]);
         expect(await db.collection<KeyDoc>("keys").countDocuments({ owner_id: ownerId, mode: "test", test_slot: true })).toBe(2);
-        const store = await MongoKeyStore.connect(started().uri);
+        const store = await MongoKeyStore.connect(uri);
         try {
           const caps = { maxActiveKeysFor: (_plan: string, mode: string) => (mode === "test" ? 2 : 1), accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: 1_800_000_000_000 };
           await expect(store.createKey(testKeyRecord(ownerId, 1_800_000_000_000), caps)).rejects.toBeInstanceOf(CapExceededError);
