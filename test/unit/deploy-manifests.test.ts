@@ -42,6 +42,7 @@ const ALLOWED_KINDS: Readonly<Record<string, readonly string[]>> = {
   AuthorizationPolicy: ["security.istio.io/v1", "security.istio.io/v1beta1"],
   IstioOperator: ["install.istio.io/v1alpha1"],
   ServiceMonitor: ["monitoring.coreos.com/v1"],
+  PrometheusRule: ["monitoring.coreos.com/v1"],
 };
 
 // ---- reading ------------------------------------------------------------------------------------
@@ -1043,6 +1044,7 @@ const SCHEMALESS_CRDS: Readonly<Record<string, string>> = {
   "deploy/istio/mesh-config.yaml": "IstioOperator install.istio.io/v1alpha1",
   "deploy/istio/authorization-policy.yaml": "AuthorizationPolicy security.istio.io/v1",
   "deploy/k8s/monitoring/servicemonitor.yaml": "ServiceMonitor monitoring.coreos.com/v1",
+  "deploy/k8s/monitoring/prometheusrule.yaml": "PrometheusRule monitoring.coreos.com/v1",
 };
 // The oldest release whose schemas accept every field used (unhealthyPodEvictionPolicy and
 // matchLabelKeys are beta from 1.27), and the newest the package ships (its default, 1.37).
