@@ -1,4 +1,5 @@
 import { execFileSync, spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { join, relative, resolve } from "node:path";
@@ -59,6 +60,14 @@ function yamlFilesUnder(dir: string): string[] {
     else if (/\.ya?ml$/.test(entry)) out.push(path);
   }
   return out.sort();
+}
+
+/** The policy files configMapGenerators read: YAML, but keygate policy, not Kubernetes manifests. */
+const GENERATOR_SOURCES = new Set([join(BASE, "policy/policy.yaml")]);
+
+/** Kubernetes manifests under dir: its YAML files except the generators' sources. */
+function manifestFilesUnder(dir: string): string[] {
+  return yamlFilesUnder(dir).filter((file) => !GENERATOR_SOURCES.has(file));
 }
 
 /** Every non-empty document of a (multi-document) YAML file; a syntax error throws. */
@@ -236,6 +245,15 @@ const kustomizationSchema = z.object({
   resources: z.array(z.string()).default([]),
   patches: z.array(z.object({ path: z.string() })).default([]),
   images: z.array(z.object({ name: z.string(), newName: z.string().optional(), newTag: z.string().optional() })).default([]),
+  configMapGenerator: z
+    .array(
+      z.object({
+        name: z.string(),
+        files: z.array(z.string()),
+        options: z.object({ labels: labelsSchema.optional() }).optional(),
+      }),
+    )
+    .default([]),
 });
 
 // ---- a small kustomize: resources, strategic-merge patches, $patch: delete -----------------------
@@ -279,14 +297,49 @@ function sameObject(a: unknown, b: unknown): boolean {
   return x.success && y.success && x.data.kind === y.data.kind && x.data.metadata.name === y.data.metadata.name;
 }
 
-/** The documents a kustomization produces (resources, then its patches applied in order). */
+/** A ConfigMap name as kustomize generates it: the generator's name and a 10-character content hash. */
+const GENERATED_NAME = /^(.+)-[a-z0-9]{10}$/;
+
+/** ConfigMaps from a configMapGenerator (`key=path` or `path` files), named with a content hash like kustomize's. */
+function generateConfigMaps(dir: string, generators: z.infer<typeof kustomizationSchema>["configMapGenerator"]): { docs: unknown[]; renames: Map<string, string> } {
+  const docs: unknown[] = [];
+  const renames = new Map<string, string>();
+  for (const generator of generators) {
+    const data: Record<string, string> = {};
+    for (const file of generator.files) {
+      const [key, path] = file.includes("=") ? file.split("=", 2) : [file.split("/").at(-1), file];
+      data[key ?? ""] = readFileSync(resolve(dir, path ?? ""), "utf8");
+    }
+    const hash = createHash("sha256").update(JSON.stringify({ data, kind: "ConfigMap", name: generator.name })).digest("hex").slice(0, 10);
+    const name = `${generator.name}-${hash}`;
+    renames.set(generator.name, name);
+    docs.push({ apiVersion: "v1", kind: "ConfigMap", metadata: { name, labels: generator.options?.labels ?? {} }, data });
+  }
+  return { docs, renames };
+}
+
+/** Points pod volumes that name a generated ConfigMap at its hashed name, as kustomize does. */
+function renameConfigMapReferences(doc: unknown, renames: ReadonlyMap<string, string>): unknown {
+  if (Array.isArray(doc)) return doc.map((item) => renameConfigMapReferences(item, renames));
+  if (!isRecord(doc)) return doc;
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(doc)) {
+    const renamed = key === "configMap" && isRecord(value) && typeof value["name"] === "string" ? renames.get(value["name"]) : undefined;
+    out[key] = renamed !== undefined && isRecord(value) ? { ...value, name: renamed } : renameConfigMapReferences(value, renames);
+  }
+  return out;
+}
+
+/** The documents a kustomization produces (resources and generated ConfigMaps, then its patches applied in order). */
 function renderKustomization(dir: string): unknown[] {
   const kustomization = kustomizationSchema.parse(loadOne(join(dir, "kustomization.yaml")));
-  const docs: unknown[] = [];
+  let docs: unknown[] = [];
   for (const resource of kustomization.resources) {
     const path = resolve(dir, resource);
     docs.push(...(statSync(path).isDirectory() ? renderKustomization(path) : loadDocs(path)));
   }
+  const generated = generateConfigMaps(dir, kustomization.configMapGenerator);
+  docs = [...docs.map((doc) => renameConfigMapReferences(doc, generated.renames)), ...generated.docs];
   for (const { path } of kustomization.patches) {
     for (const patch of loadDocs(resolve(dir, path))) {
       const at = docs.findIndex((doc) => sameObject(doc, patch));
@@ -539,7 +592,7 @@ function envoyRouteMatches(route: EnvoyRoute, method: string, path: string): boo
 // ---- the tests ------------------------------------------------------------------------------------
 
 describe("deploy manifests: files and kinds", () => {
-  const k8sAndIstio = [...yamlFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))];
+  const k8sAndIstio = [...manifestFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))];
 
   it("finds the manifests this test is about", () => {
     const names = k8sAndIstio.map((f) => relative(DEPLOY, f));
@@ -734,7 +787,9 @@ describe("deploy manifests: policy ConfigMap", () => {
     expect(text).toBeTypeOf("string");
     const policy = parsePolicy(parseYaml(text ?? ""), "ConfigMap keygate-policy");
     expect(policy).toEqual(loadPolicyFile(EXAMPLE_POLICY));
+    expect(configMap?.metadata.name).toMatch(GENERATED_NAME);
   });
+
 });
 
 describe("deploy manifests: envoy.yaml", () => {
@@ -1022,7 +1077,12 @@ function kustomizeBuild(dir: string): string {
 describe.skipIf(!HAS_KUSTOMIZE)("deploy manifests: kustomize build", () => {
   it.each(VARIANTS)("renders $name as the checks above assume", ({ name }) => {
     const rendered = parseAllDocuments(kustomizeBuild(name === "base" ? BASE : OVERLAYS[name])).map((d): unknown => d.toJS());
-    const ids = (docs: readonly unknown[]) => docs.map((d) => `${idSchema.parse(d).kind}/${idSchema.parse(d).metadata.name}`).sort();
+    // Generated ConfigMaps compare by generator name: the content hash is kustomize's own.
+    const ids = (docs: readonly unknown[]) =>
+      docs
+        .map((d) => idSchema.parse(d))
+        .map((id) => `${id.kind}/${id.kind === "ConfigMap" ? (GENERATED_NAME.exec(id.metadata.name)?.[1] ?? id.metadata.name) : id.metadata.name}`)
+        .sort();
     const ours = variantDocs(name);
     expect(ids(rendered)).toEqual(ids(ours));
     checkDeployment(rendered);
@@ -1035,6 +1095,32 @@ describe.skipIf(!HAS_KUSTOMIZE)("deploy manifests: kustomize build", () => {
     const placeholder = images.find((i) => i.name === theContainer(theDeployment(ours)).image);
     expect(placeholder?.newName).toBeDefined();
     expect(theContainer(deployment).image).toBe(`${placeholder?.newName}:${placeholder?.newTag}`);
+  });
+});
+
+describe.skipIf(!HAS_KUSTOMIZE)("deploy manifests: generated policy ConfigMap", () => {
+  it("kustomize names it by content, so a policy edit rolls the Deployment onto a new ConfigMap", () => {
+    const rendered = (baseDir: string) => {
+      const docs = parseAllDocuments(kustomizeBuild(baseDir)).map((d): unknown => d.toJS());
+      const [configMap] = ofKind(docs, "ConfigMap", configMapSchema);
+      const volume = theDeployment(docs).spec.template.spec.volumes.find((v) => v.name === "policy");
+      return { name: configMap?.metadata.name, mounted: volume?.configMap?.name };
+    };
+    const before = rendered(BASE);
+    expect(before.name).toMatch(/^keygate-policy-[a-z0-9]{10}$/);
+    expect(before.mounted).toBe(before.name);
+    const copy = mkdtempSync(join(tmpdir(), "keygate-base-"));
+    try {
+      execFileSync("cp", ["-r", `${BASE}/.`, copy]);
+      const policyFile = join(copy, "policy/policy.yaml");
+      writeFileSync(policyFile, readFileSync(policyFile, "utf8").replace("ttlSeconds: 30", "ttlSeconds: 20"));
+      const after = rendered(copy);
+      expect(after.name).toMatch(/^keygate-policy-[a-z0-9]{10}$/);
+      expect(after.name).not.toBe(before.name);
+      expect(after.mounted).toBe(after.name);
+    } finally {
+      rmSync(copy, { recursive: true, force: true });
+    }
   });
 });
 
@@ -1104,7 +1190,7 @@ describe.skipIf(!HAS_VALIDATOR || !HAS_KUSTOMIZE)("deploy manifests: kubernetes-
   });
 
   it("leaves unchecked only the listed custom resources, which have no bundled schema", () => {
-    const outsideKustomize = [...yamlFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))]
+    const outsideKustomize = [...manifestFilesUnder(K8S), ...yamlFilesUnder(join(DEPLOY, "istio"))]
       .filter((file) => ![BASE, OVERLAYS.dev, OVERLAYS.prod].some((dir) => file.startsWith(`${dir}/`)))
       .map((file) => relative(ROOT, file));
     expect(outsideKustomize.sort()).toEqual(Object.keys(SCHEMALESS_CRDS).sort());
