@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { DEFAULT_CHECK_BUDGET_MS } from "./authz/budget.js";
 
 /** Names of the account roles, used by role-based rate tiers. */
 export const ROLES = ["standard", "premium", "admin"] as const;
@@ -248,6 +249,7 @@ const envSchema = z.object({
   KEYGATE_ADMIN_PORT: port.default(8080),
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
+  KEYGATE_CHECK_BUDGET_MS: z.coerce.number().int().min(10).max(60_000).default(DEFAULT_CHECK_BUDGET_MS),
   KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
   KEYGATE_ADMIN_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
   KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),
@@ -276,6 +278,8 @@ export interface Config {
   adminPort: number;
   logLevel: z.infer<typeof envSchema>["KEYGATE_LOG_LEVEL"];
   shutdownGraceSeconds: number;
+  /** The most one Check may wait on L2, the store and the Redis meter before it answers UNAVAILABLE. */
+  checkBudgetMs: number;
   /** After SIGTERM: report not-ready but keep serving this long, so load balancers move away first. */
   shutdownDelaySeconds: number;
   /** Largest admin request message, as sent and after decompression. */
@@ -362,6 +366,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     adminPort: e.KEYGATE_ADMIN_PORT,
     logLevel: e.KEYGATE_LOG_LEVEL,
     shutdownGraceSeconds: e.KEYGATE_SHUTDOWN_GRACE_SECONDS,
+    checkBudgetMs: e.KEYGATE_CHECK_BUDGET_MS,
     shutdownDelaySeconds: e.KEYGATE_SHUTDOWN_DELAY_SECONDS,
     adminMaxBodyBytes: e.KEYGATE_ADMIN_MAX_BODY_BYTES,
     listeners: {

@@ -1,4 +1,5 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
+import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
 import { ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
@@ -76,6 +77,8 @@ export interface PipelineDeps {
   usage: UsageRecorder;
   policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata" | "testMode">>;
   nowMs: () => number;
+  /** The most a Check may wait on its backends (KEYGATE_CHECK_BUDGET_MS); then it is UNAVAILABLE. */
+  checkBudgetMs?: number;
 }
 
 // Denials that carry no per-request data are built once.
@@ -133,8 +136,11 @@ export class DecisionPipeline {
   /** The policy in force; a decision reads the one it started with to its end. */
   #version: PolicyVersion;
 
+  readonly #checkBudgetMs: number;
+
   constructor(private readonly deps: PipelineDeps) {
     this.#version = new PolicyVersion(deps.policy, deps.routes, deps.credentialHeaders);
+    this.#checkBudgetMs = deps.checkBudgetMs ?? DEFAULT_CHECK_BUDGET_MS;
   }
 
   /**
@@ -168,7 +174,9 @@ export class DecisionPipeline {
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
     const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
     if (route instanceof RouteRefusal) return route;
-    return this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true));
+    const decision = this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true));
+    // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
+    return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;
   }
 
   /** VerifyKey: the same steps for a bare key, with optional requirements, charging nothing. */

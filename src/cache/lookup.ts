@@ -19,6 +19,8 @@ export interface SnapshotLookupDeps {
   store: SnapshotStore;
   bus: InvalidationBus;
   logger?: Logger | undefined;
+  /** How long an L1 miss waits for L2 before reading the store (default L2_TIMEOUT_MS). */
+  l2TimeoutMs?: number | undefined;
 }
 
 /**
@@ -88,8 +90,11 @@ export class SnapshotLookup {
   #retryTimer: NodeJS.Timeout | undefined;
   #retrying = false;
 
+  readonly #l2TimeoutMs: number;
+
   constructor(deps: SnapshotLookupDeps) {
     this.#deps = deps;
+    this.#l2TimeoutMs = deps.l2TimeoutMs ?? L2_TIMEOUT_MS;
     this.#observer = deps.observer ?? NO_OBSERVER;
     deps.bus.subscribe((event) => this.#dropLocal(event));
   }
@@ -160,7 +165,7 @@ export class SnapshotLookup {
   async #distrustEarlier(shared: SharedCache): Promise<SharedCache | undefined> {
     if (this.#distrusting === null) {
       const upTo = this.#busChanges;
-      this.#distrusting = withDeadline(shared.distrustEarlierEntries(), L2_TIMEOUT_MS, "distrusting L2")
+      this.#distrusting = withDeadline(shared.distrustEarlierEntries(), this.#l2TimeoutMs, "distrusting L2")
         .then(
           () => {
             this.#l2TrustedAt = upTo;
@@ -185,7 +190,7 @@ export class SnapshotLookup {
   async #sharedRead(shared: SharedCache, hash: string): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {
     const started = performance.now();
     try {
-      const cached = await withDeadline(shared.read(hash), L2_TIMEOUT_MS, "L2 read");
+      const cached = await withDeadline(shared.read(hash), this.#l2TimeoutMs, "L2 read");
       this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, true);
       this.#observer.cacheResult("l2", cached.value === undefined ? "miss" : cached.value === null ? "negative" : "hit");
       return cached;

@@ -6,7 +6,7 @@ import { keyAdminRoutes } from "../admin/handlers.js";
 import { LifecycleService } from "../admin/lifecycle.js";
 import { DecisionPipeline } from "../authz/pipeline.js";
 import { RouteTable } from "../authz/routes.js";
-import { SnapshotLookup } from "../cache/lookup.js";
+import { L2_TIMEOUT_MS, SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
 import { RedisConnectError, RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
@@ -94,7 +94,7 @@ async function openStore(config: Config, migrate: boolean): Promise<{ store: Key
   if (config.adminTokens === undefined && config.adminTokensFile === undefined) {
     throw new ConfigError("KEYGATE_ADMIN_TOKENS (or KEYGATE_ADMIN_TOKENS_FILE) is required when KEYGATE_MONGODB_URI is set");
   }
-  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate }).catch((error: unknown) => {
+  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null } };
@@ -218,7 +218,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const cache = await openCache(config, logger, store, usage, metrics);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
-  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
+  // Every backend call of a Check gives up within the Check's budget; L2 sooner, so the store
+  // still has time to answer after a slow Redis.
+  const l2TimeoutMs = Math.min(L2_TIMEOUT_MS, Math.ceil(config.checkBudgetMs / 3));
+  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, l2TimeoutMs });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({
     format,
@@ -231,6 +234,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     usage,
     policy: config.policy,
     nowMs,
+    checkBudgetMs: config.checkBudgetMs,
   });
   const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, idempotency, nowMs, logger });
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);

@@ -350,11 +350,11 @@ function translate(error: unknown): unknown {
 }
 
 /**
- * How long a Check waits for MongoDB to find a key: above a loaded store's slowest answer (the
- * bench's cold p99 against mongo-java-server is about 120 ms at overload), below the seconds a
- * caller would otherwise wait for server selection to give up.
+ * How long a key lookup waits for MongoDB unless told otherwise (keygate serve passes the Check
+ * budget, KEYGATE_CHECK_BUDGET_MS): below the seconds a caller would otherwise wait for server
+ * selection to give up.
  */
-const CHECK_READ_TIMEOUT_MS = 1000;
+const LOOKUP_TIMEOUT_MS = 1000;
 
 async function guarded<T>(operation: () => Promise<T>): Promise<T> {
   try {
@@ -380,6 +380,8 @@ export interface MongoConnectOptions {
   onCommandStarted?: (event: mongoose.mongo.CommandStartedEvent) => void;
   /** Apply pending schema steps (the default); false refuses a database that needs any. */
   migrate?: boolean;
+  /** How long a Check's key lookup waits before it fails as unavailable (default 1000 ms). */
+  lookupTimeoutMs?: number;
 }
 
 /**
@@ -403,9 +405,12 @@ export class MongoKeyStore implements KeyStore {
   readonly #schema: mongoose.mongo.Collection<SchemaDoc>;
   readonly #snapshotPipeline: (hash: string) => mongoose.mongo.Document[];
 
+  readonly #lookupTimeoutMs: number;
+
   /** Called once the connection is open, so its driver database exists. */
-  private constructor(connection: Connection) {
+  private constructor(connection: Connection, lookupTimeoutMs = LOOKUP_TIMEOUT_MS) {
     this.#connection = connection;
+    this.#lookupTimeoutMs = lookupTimeoutMs;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
@@ -430,7 +435,7 @@ export class MongoKeyStore implements KeyStore {
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     await guarded(() => connection.asPromise());
-    const store = new MongoKeyStore(connection);
+    const store = new MongoKeyStore(connection, options.lookupTimeoutMs);
     try {
       const pending = await guarded(() => store.pendingMigrations());
       if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("MongoDB", pending);
@@ -634,7 +639,8 @@ export class MongoKeyStore implements KeyStore {
     // UNAVAILABLE / 503 then, while the proxy is still waiting, instead of after server selection.
     let timer: NodeJS.Timeout | undefined;
     const deadline = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new StoreUnavailableError(`MongoDB did not answer a key lookup within ${CHECK_READ_TIMEOUT_MS} ms`)), CHECK_READ_TIMEOUT_MS);
+      const ms = this.#lookupTimeoutMs;
+      timer = setTimeout(() => reject(new StoreUnavailableError(`MongoDB did not answer a key lookup within ${ms} ms`)), ms);
     });
     try {
       return await Promise.race([lookup, deadline]);

@@ -168,6 +168,8 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
         KEYGATE_HTTP_AUTHZ_PORT: "0",
         KEYGATE_ADMIN_PORT: "0",
         KEYGATE_LOG_LEVEL: "info",
+        // A paused MongoDB costs each uncached Check its whole budget: 1 s keeps the test short.
+        KEYGATE_CHECK_BUDGET_MS: "1000",
       },
     });
     const admin = keygate.ports.admin;
@@ -244,7 +246,7 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     traffic.add("never-checked", 2, (n) => neverChecked[n % neverChecked.length] ?? "");
     traffic.add("fresh", 2, () => format.generate("live"));
     // A paused server is not seen as disconnected at once: each lookup waits out its deadline
-    // (CHECK_READ_TIMEOUT_MS) before it is answered 503, so wait for enough of them.
+    // (the Check budget) before it is answered 503, so wait for enough of them.
     await until(
       () => traffic.count("down", "never-checked", 503) >= 20 && traffic.count("down", "fresh", 503) >= 20,
       20_000,

@@ -68,6 +68,9 @@ export async function startKeygate(
     KEYGATE_HTTP_AUTHZ_PORT: "0",
     KEYGATE_ADMIN_PORT: "0",
     KEYGATE_SHUTDOWN_GRACE_SECONDS: "2",
+    // Test machines are shared and loaded: a budget as short as production's would turn a slow
+    // test run into UNAVAILABLE answers. Tests of the budget set their own.
+    KEYGATE_CHECK_BUDGET_MS: "5000",
     ...(options.httpAuthzProxy === undefined ? {} : { KEYGATE_HTTP_AUTHZ_PROXY: options.httpAuthzProxy }),
     ...options.env,
   });

@@ -54,6 +54,9 @@ export function listeningPorts(stdout: string): { grpc: number; http: number; ad
 export function spawnKeygate(options: { cwd: string; env: Record<string, string>; args?: readonly string[] }): Promise<KeygateProcess> {
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
+  // Test machines are shared and loaded: a budget as short as production's would turn a slow
+  // test run into UNAVAILABLE answers. Tests of the budget set their own.
+  env["KEYGATE_CHECK_BUDGET_MS"] = "5000";
   Object.assign(env, options.env);
   const child = spawn(process.execPath, [...(options.args ?? SERVE_ARGS)], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";

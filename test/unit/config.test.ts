@@ -15,6 +15,8 @@ describe("config", () => {
     expect(() => loadConfig({ KEYGATE_ADMIN_PORT: "99999" })).toThrow(/KEYGATE_ADMIN_PORT/);
     expect(() => loadConfig({ KEYGATE_PEPPER: "short" })).toThrow(/KEYGATE_PEPPER: must be at least 32 characters/);
     expect(() => loadConfig({ KEYGATE_KEY_PREFIX: "KG" })).toThrow(/KEYGATE_KEY_PREFIX/);
+    expect(() => loadConfig({ KEYGATE_CHECK_BUDGET_MS: "5" })).toThrow(/KEYGATE_CHECK_BUDGET_MS/);
+    expect(() => loadConfig({ KEYGATE_CHECK_BUDGET_MS: "fast" })).toThrow(/KEYGATE_CHECK_BUDGET_MS/);
     expect(() => loadConfig({ KEYGATE_ADMIN_TOKENS: "tooshort" })).toThrow(/KEYGATE_ADMIN_TOKENS/);
     expect(() => loadConfig({ KEYGATE_CONFIG: "/nonexistent.yaml" })).toThrow(ConfigError);
   });
