@@ -4,6 +4,7 @@ import { Command, CommanderError, Option } from "commander";
 import { DEFAULT_ADMIN_URL } from "./cli/client.js";
 import { registerAccounts } from "./cli/commands/accounts.js";
 import { registerAudit } from "./cli/commands/audit.js";
+import { registerIstio } from "./cli/commands/istio.js";
 import { registerKeys } from "./cli/commands/keys.js";
 import { registerUsage } from "./cli/commands/usage.js";
 import { CliFailure } from "./cli/errors.js";
@@ -58,6 +59,7 @@ registerKeys(program);
 registerAccounts(program);
 registerUsage(program);
 registerAudit(program);
+registerIstio(program);
 
 /** Commander's usage errors as one line that says where the usage is explained. */
 function oneLineErrors(command: Command, path: string): void {

@@ -118,7 +118,11 @@ describe("README: Deploy commands match deploy/", () => {
     const createNamespace = indexOfCommand(commands, new RegExp(`^kubectl create namespace ${namespace}$`));
     const createSecret = indexOfCommand(commands, /create secret generic/);
     const applyProd = indexOfCommand(commands, /^kubectl apply -k deploy\/k8s\/overlays\/prod\b/);
-    const installIstio = indexOfCommand(commands, /^istioctl install -y -f deploy\/istio\/mesh-config\.yaml$/);
+    // The provider is merged into the running mesh config, never installed over it.
+    expect(commands.some((c) => /^istioctl install\b/.test(c))).toBe(false);
+    const installIstio = indexOfCommand(commands, /^keygate istio mesh-config mesh\.yaml > mesh-with-keygate\.yaml$/);
+    const applyMesh = indexOfCommand(commands, /^kubectl -n istio-system create configmap istio --from-file=mesh=mesh-with-keygate\.yaml .*\| kubectl apply /);
+    expect(installIstio).toBeLessThan(applyMesh);
     const applyPolicy = indexOfCommand(commands, /^kubectl apply -f deploy\/istio\/authorization-policy\.yaml$/);
     expect(createNamespace).toBeLessThan(createSecret);
     expect(createSecret).toBeLessThan(applyProd);
