@@ -5,6 +5,7 @@ import type { Logger } from "pino";
 import { z } from "zod";
 import type { KeySnapshot } from "../store/store.js";
 import type { FillToken, Invalidation, InvalidationBus, SharedCache, SharedRead } from "./cache.js";
+import type { RedisClient, SubscriberConnection } from "./redis-client.js";
 
 /**
  * ioredis options for the hot path: commands are auto-pipelined, fail fast instead of queueing
@@ -60,7 +61,7 @@ export class RedisConnectError extends Error {
  * ioredis attaches the failed command to a reply error, and for HELLO or AUTH its arguments hold
  * the password: the copy that is logged leaves the command out.
  */
-function withoutCommand(error: unknown): unknown {
+export function withoutCommand(error: unknown): unknown {
   if (!(error instanceof Error) || !("command" in error)) return error;
   const copy = new Error(error.message);
   copy.name = error.name;
@@ -69,7 +70,7 @@ function withoutCommand(error: unknown): unknown {
 }
 
 /** One line on why a connection failed, from the error's code or Redis's reply; never the URL. */
-function describeConnectFailure(error: unknown): string {
+export function describeConnectFailure(error: unknown): string {
   const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
   const message = error instanceof Error ? error.message : String(error);
   if (/^(WRONGPASS|NOAUTH|NOPERM)\b/.test(message)) return `Redis refused the credentials (${message.split(" ")[0]})`;
@@ -234,7 +235,7 @@ export interface RedisCacheOptions {
  * propagate; the caller decides how to degrade.
  */
 export class RedisSharedCache implements SharedCache {
-  readonly #redis: Redis;
+  readonly #redis: RedisClient;
   readonly #ttlSeconds: number;
   readonly #negativeTtlSeconds: number;
   readonly #prefix: string;
@@ -242,7 +243,7 @@ export class RedisSharedCache implements SharedCache {
   readonly #floorKey: string;
   readonly #sha = new Map<string, string>();
 
-  constructor(redis: Redis, options: RedisCacheOptions) {
+  constructor(redis: RedisClient, options: RedisCacheOptions) {
     this.#redis = redis;
     this.#ttlSeconds = options.ttlSeconds;
     this.#negativeTtlSeconds = options.negativeTtlSeconds;
@@ -420,8 +421,8 @@ export interface RedisInvalidationBusOptions {
  * `{kind: "all"}`: invalidations sent in between may have been missed.
  */
 export class RedisInvalidationBus implements InvalidationBus {
-  readonly #publisher: Redis;
-  readonly #subscriber: Redis;
+  readonly #publisher: Pick<RedisClient, "publish">;
+  readonly #subscriber: SubscriberConnection;
   readonly #channel: string;
   readonly #logger: Logger | undefined;
   readonly #heartbeatIntervalMs: number;
@@ -437,7 +438,7 @@ export class RedisInvalidationBus implements InvalidationBus {
   #heartbeat: NodeJS.Timeout | undefined;
 
   /** The third argument may still be a bare logger (the earlier signature). */
-  constructor(publisher: Redis, subscriber: Redis, options: RedisInvalidationBusOptions | Logger = {}) {
+  constructor(publisher: Pick<RedisClient, "publish">, subscriber: SubscriberConnection, options: RedisInvalidationBusOptions | Logger = {}) {
     const settings: RedisInvalidationBusOptions = "info" in options ? { logger: options } : options;
     this.#publisher = publisher;
     this.#subscriber = subscriber;
