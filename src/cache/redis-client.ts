@@ -40,6 +40,14 @@ export interface RedisKeyLayout {
   l2Prefix: string;
 }
 
+/**
+ * Replicas an invalidation must reach before it is acknowledged: one through Sentinel (so a
+ * failover cannot lose an acknowledged revocation), none elsewhere.
+ */
+export function replicasToAcknowledge(topology: RedisTopology): number {
+  return topology.kind === "sentinel" ? 1 : 0;
+}
+
 /** The names the released keygate used, for one server and for Sentinel. */
 export const BARE_LAYOUT: RedisKeyLayout = { owner: (ownerId) => ownerId, bucket: (_ownerId, bucket) => bucket, l2Prefix: "kg:" };
 /** Hash-tagged names, for a Cluster. */

@@ -226,7 +226,16 @@ export interface RedisCacheOptions {
   negativeTtlSeconds: number;
   /** Prepended to every key; default "kg:". */
   keyPrefix?: string;
+  /**
+   * Replicas that must hold an invalidation before it counts as made (Redis WAIT); default 0.
+   * Through Sentinel it is 1: a master that lost its replica, or was already replaced by a
+   * failover, cannot acknowledge a revocation the promoted master would never see.
+   */
+  replicasToAcknowledge?: number;
 }
+
+/** How long an invalidation waits for its replicas before it counts as not made (and is retried). */
+const REPLICA_WAIT_MS = 1000;
 
 /**
  * L2 in Redis: snapshots under `snap:<hash>` (with the generation they were read under), cached
@@ -241,9 +250,11 @@ export class RedisSharedCache implements SharedCache {
   readonly #prefix: string;
   readonly #genKey: string;
   readonly #floorKey: string;
+  readonly #replicasToAcknowledge: number;
   readonly #sha = new Map<string, string>();
 
   constructor(redis: RedisClient, options: RedisCacheOptions) {
+    this.#replicasToAcknowledge = options.replicasToAcknowledge ?? 0;
     this.#redis = redis;
     this.#ttlSeconds = options.ttlSeconds;
     this.#negativeTtlSeconds = options.negativeTtlSeconds;
@@ -309,16 +320,25 @@ export class RedisSharedCache implements SharedCache {
     switch (event.kind) {
       case "key":
         await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS]);
-        return;
+        return this.#replicated();
       case "owner":
         await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
           MARKER_TTL_SECONDS,
           `${this.#prefix}snap:`,
           DELETE_BATCH,
         ]);
-        return;
+        return this.#replicated();
       case "all":
         return;
+    }
+  }
+
+  /** Waits until the invalidation just written reached its replicas; throws when it did not. */
+  async #replicated(): Promise<void> {
+    if (this.#replicasToAcknowledge === 0) return;
+    const acknowledged = await this.#redis.wait(this.#replicasToAcknowledge, REPLICA_WAIT_MS);
+    if (acknowledged < this.#replicasToAcknowledge) {
+      throw new Error(`the invalidation reached ${acknowledged} of ${this.#replicasToAcknowledge} Redis replicas within ${REPLICA_WAIT_MS} ms`);
     }
   }
 

@@ -10,7 +10,7 @@ import { SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
 import { RedisConnectError, RedisInvalidationBus, RedisSharedCache } from "../cache/redis.js";
-import { connectRedisClient, keyLayout, openSubscriber } from "../cache/redis-client.js";
+import { connectRedisClient, keyLayout, openSubscriber, replicasToAcknowledge } from "../cache/redis-client.js";
 import { ConfigError, loadPolicyFile } from "../config.js";
 import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -198,7 +198,7 @@ async function openCache(
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
   return {
-    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix }),
+    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, replicasToAcknowledge: replicasToAcknowledge(topology) }),
     bus,
     meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout),
     idempotency: new RedisIdempotencyLedger(main),
