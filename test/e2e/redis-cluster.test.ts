@@ -151,6 +151,9 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
         expect(out.includes("CROSSSLOT")).toBe(false);
         expect(out.includes("L2 cache read failed")).toBe(false);
         expect(out.includes("L2 cache write failed")).toBe(false);
+        // The bus stayed subscribed and answering: revocations came by PUBLISH, not by L1 expiry.
+        expect(out.includes("invalidation subscription lost")).toBe(false);
+        expect(out.includes("stopped answering on the invalidation channel")).toBe(false);
       }
     });
 
@@ -175,6 +178,22 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
       expect(changed.status, JSON.stringify(changed.json)).toBe(200);
       const elapsedMs = await until(async () => (await check(a, key.secret)).status === 402, REVOCATION_BOUND_MS, "replica A refusing the past_due account");
       console.log(`cluster account change B -> A: ${elapsedMs.toFixed(1)} ms`);
+    });
+  });
+
+  describe("error", () => {
+    it("a subscriber whose node connection is killed moves to a node again, clears L1, and hears the next revocation", async () => {
+      const key = await issue(a, "cluster-resubscribe", "small");
+      expect((await check(b, key.secret)).status).toBe(200);
+      const killed = await Promise.all(cluster.nodes.map((node) => redisCommand(node.port, "CLIENT", "KILL", "TYPE", "pubsub")));
+      expect(killed.reduce((sum: number, n) => sum + Number(n), 0)).toBeGreaterThanOrEqual(2);
+      for (const replica of [a, b]) {
+        await until(async () => replica.stdout().includes("the invalidation subscriber lost its Cluster node"), 10_000, "the subscriber noticing its node is gone");
+        await until(async () => replica.stdout().includes("invalidation channel answering again"), 10_000, "the subscriber back on a node");
+      }
+      expect((await check(b, key.secret)).status).toBe(200);
+      expect((await postJson(a.ports.admin, "RevokeKey", { id: key.id })).status).toBe(200);
+      await until(async () => (await check(b, key.secret)).status === 401, REVOCATION_BOUND_MS, "replica B refusing the key revoked after the move");
     });
   });
 });
