@@ -40,14 +40,6 @@ export interface RedisKeyLayout {
   l2Prefix: string;
 }
 
-/**
- * Replicas an invalidation must reach before it is acknowledged: one through Sentinel (so a
- * failover cannot lose an acknowledged revocation), none elsewhere.
- */
-export function replicasToAcknowledge(topology: RedisTopology): number {
-  return topology.kind === "sentinel" ? 1 : 0;
-}
-
 /** The names the released keygate used, for one server and for Sentinel. */
 export const BARE_LAYOUT: RedisKeyLayout = { owner: (ownerId) => ownerId, bucket: (_ownerId, bucket) => bucket, l2Prefix: "kg:" };
 /** Hash-tagged names, for a Cluster. */
@@ -60,6 +52,62 @@ export const CLUSTER_LAYOUT: RedisKeyLayout = {
 /** The key layout for a topology: hash tags on a Cluster, the released names elsewhere. */
 export function keyLayout(topology: RedisTopology): RedisKeyLayout {
   return topology.kind === "cluster" ? CLUSTER_LAYOUT : BARE_LAYOUT;
+}
+
+/** How long an invalidation through Sentinel waits for a replica to hold it. */
+const REPLICA_WAIT_MS = 500;
+
+/**
+ * The check an invalidation through Sentinel must pass before it counts as made. Replication is
+ * asynchronous, and in a failover two nodes can both act as master for a moment: a revocation
+ * written only to the one being replaced would be lost, and replicas already moved to the new
+ * master would never hear it. So: a replica must hold it (WAIT 1), or, when the master has no
+ * replica left, a majority of the Sentinels must name the node this connection is on as the
+ * master. Otherwise it throws, and the invalidation is retried until it lands on the master.
+ */
+export function sentinelConfirmation(client: Redis, topology: Extract<RedisTopology, { kind: "sentinel" }>): () => Promise<void> {
+  return async () => {
+    const acknowledged = await client.wait(1, REPLICA_WAIT_MS);
+    if (acknowledged >= 1) return;
+    const here = { host: normalizeAddress(client.stream.remoteAddress ?? ""), port: client.stream.remotePort ?? 0 };
+    const named = await Promise.all(topology.sentinels.map((sentinel) => askSentinelForMaster(sentinel, topology)));
+    const answered = named.filter((address): address is RedisAddress => address !== null);
+    const agree = answered.filter((address) => normalizeAddress(address.host) === here.host && address.port === here.port).length;
+    if (agree === answered.length && agree > topology.sentinels.length / 2) return;
+    throw new Error("the invalidation reached no replica, and the Sentinels do not name this node as the master");
+  };
+}
+
+function normalizeAddress(address: string): string {
+  return address.startsWith("::ffff:") ? address.slice(7) : address;
+}
+
+/** The master one Sentinel names, or null when it does not answer. */
+async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<RedisTopology, { kind: "sentinel" }>): Promise<RedisAddress | null> {
+  const connection = new Redis({
+    host: sentinel.host,
+    port: sentinel.port,
+    username: topology.sentinelUsername,
+    password: topology.sentinelPassword,
+    ...(topology.tls ? { tls: {} } : {}),
+    lazyConnect: true,
+    retryStrategy: () => null,
+    maxRetriesPerRequest: 0,
+    connectTimeout: 1000,
+    commandTimeout: 1000,
+  });
+  connection.on("error", () => undefined);
+  try {
+    await connection.connect();
+    const reply = await connection.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", topology.masterName);
+    if (!Array.isArray(reply)) return null;
+    const [host, port] = reply;
+    return typeof host === "string" && typeof port === "string" ? { host, port: Number(port) } : null;
+  } catch {
+    return null;
+  } finally {
+    connection.disconnect();
+  }
 }
 
 // A Sentinel that demoted the master kills its clients; a client that still reaches it gets

@@ -227,15 +227,19 @@ export interface RedisCacheOptions {
   /** Prepended to every key; default "kg:". */
   keyPrefix?: string;
   /**
-   * Replicas that must hold an invalidation before it counts as made (Redis WAIT); default 0.
-   * Through Sentinel it is 1: a master that lost its replica, or was already replaced by a
-   * failover, cannot acknowledge a revocation the promoted master would never see.
+   * Runs after an invalidation is written and throws when it cannot be trusted to last (through
+   * Sentinel: no replica holds it and this node may no longer be the master). It then counts as
+   * not made: the caller retries it, and the admin call answers UNAVAILABLE.
    */
-  replicasToAcknowledge?: number;
+  confirmInvalidation?: () => Promise<void>;
+  /**
+   * The connection invalidations are written on, when not the main one: confirmInvalidation may
+   * block its connection (WAIT), which must not hold up the Checks queued on the main one.
+   */
+  invalidationConnection?: RedisClient;
 }
 
-/** How long an invalidation waits for its replicas before it counts as not made (and is retried). */
-const REPLICA_WAIT_MS = 1000;
+
 
 /**
  * L2 in Redis: snapshots under `snap:<hash>` (with the generation they were read under), cached
@@ -245,16 +249,18 @@ const REPLICA_WAIT_MS = 1000;
  */
 export class RedisSharedCache implements SharedCache {
   readonly #redis: RedisClient;
+  readonly #invalidator: RedisClient;
   readonly #ttlSeconds: number;
   readonly #negativeTtlSeconds: number;
   readonly #prefix: string;
   readonly #genKey: string;
   readonly #floorKey: string;
-  readonly #replicasToAcknowledge: number;
+  readonly #confirm: () => Promise<void>;
   readonly #sha = new Map<string, string>();
 
   constructor(redis: RedisClient, options: RedisCacheOptions) {
-    this.#replicasToAcknowledge = options.replicasToAcknowledge ?? 0;
+    this.#confirm = options.confirmInvalidation ?? (async () => undefined);
+    this.#invalidator = options.invalidationConnection ?? redis;
     this.#redis = redis;
     this.#ttlSeconds = options.ttlSeconds;
     this.#negativeTtlSeconds = options.negativeTtlSeconds;
@@ -263,15 +269,15 @@ export class RedisSharedCache implements SharedCache {
     this.#floorKey = `${this.#prefix}l2:floor`;
   }
 
-  async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
+  async #run(script: string, keys: string[], args: Array<string | number>, redis: RedisClient = this.#redis): Promise<unknown> {
     let sha = this.#sha.get(script);
     if (sha === undefined) {
       sha = createHash("sha1").update(script).digest("hex");
       this.#sha.set(script, sha);
     }
-    return this.#redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
+    return redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
       if (!(error instanceof Error) || !error.message.startsWith("NOSCRIPT")) throw error;
-      return this.#redis.eval(script, keys.length, ...keys, ...args);
+      return redis.eval(script, keys.length, ...keys, ...args);
     });
   }
 
@@ -319,26 +325,17 @@ export class RedisSharedCache implements SharedCache {
   async invalidate(event: Invalidation): Promise<void> {
     switch (event.kind) {
       case "key":
-        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS]);
-        return this.#replicated();
+        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS], this.#invalidator);
+        return this.#confirm();
       case "owner":
         await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
           MARKER_TTL_SECONDS,
           `${this.#prefix}snap:`,
           DELETE_BATCH,
-        ]);
-        return this.#replicated();
+        ], this.#invalidator);
+        return this.#confirm();
       case "all":
         return;
-    }
-  }
-
-  /** Waits until the invalidation just written reached its replicas; throws when it did not. */
-  async #replicated(): Promise<void> {
-    if (this.#replicasToAcknowledge === 0) return;
-    const acknowledged = await this.#redis.wait(this.#replicasToAcknowledge, REPLICA_WAIT_MS);
-    if (acknowledged < this.#replicasToAcknowledge) {
-      throw new Error(`the invalidation reached ${acknowledged} of ${this.#replicasToAcknowledge} Redis replicas within ${REPLICA_WAIT_MS} ms`);
     }
   }
 

@@ -1,5 +1,6 @@
 import { join } from "node:path";
 import { isDeepStrictEqual } from "node:util";
+import { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { AdminAuth } from "../admin/auth.js";
 import { keyAdminRoutes } from "../admin/handlers.js";
@@ -10,7 +11,7 @@ import { SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
 import { RedisConnectError, RedisInvalidationBus, RedisSharedCache } from "../cache/redis.js";
-import { connectRedisClient, keyLayout, openSubscriber, replicasToAcknowledge } from "../cache/redis-client.js";
+import { connectRedisClient, keyLayout, openSubscriber, sentinelConfirmation } from "../cache/redis-client.js";
 import { ConfigError, loadPolicyFile } from "../config.js";
 import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -194,17 +195,25 @@ async function openCache(
     return redisStartError(error);
   });
   const layout = keyLayout(topology);
+  // Through Sentinel, invalidations go on a connection of their own: confirming one may wait
+  // (WAIT) on it, and Checks must not queue behind that.
+  const invalidator = topology.kind === "sentinel" ? await connectRedisClient(topology, logger).catch(async (error: unknown) => {
+    main.disconnect();
+    subscriber.disconnect();
+    return redisStartError(error);
+  }) : undefined;
+  const confirmation = topology.kind === "sentinel" && invalidator instanceof Redis ? { confirmInvalidation: sentinelConfirmation(invalidator, topology), invalidationConnection: invalidator } : {};
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
   return {
-    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, replicasToAcknowledge: replicasToAcknowledge(topology) }),
+    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, ...confirmation }),
     bus,
     meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout),
     idempotency: new RedisIdempotencyLedger(main),
     async close() {
       await bus.close();
-      await Promise.allSettled([main.quit(), subscriber.quit()]);
+      await Promise.allSettled([main.quit(), subscriber.quit(), invalidator?.quit()]);
     },
   };
 }

@@ -319,6 +319,8 @@ export interface RedisSentinelSet {
   masterPort(): Promise<number>;
   /** SENTINEL FAILOVER, then waits until the other node is master and the Sentinels agree. */
   failover(): Promise<number>;
+  /** Waits until every Sentinel names a master other than `before` and it answers ROLE as master. */
+  awaitNewMaster(before: number): Promise<number>;
   stop(): Promise<void>;
 }
 
@@ -381,6 +383,25 @@ export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
       if (!Array.isArray(reply) || typeof reply[1] !== "string") throw new Error(`unexpected SENTINEL GET-MASTER-ADDR-BY-NAME reply ${JSON.stringify(reply)}`);
       return Number(reply[1]);
     };
+    const awaitNewMaster = async (before: number): Promise<number> => {
+      let after = before;
+      await waitFor(
+        async () => {
+          const named = await Promise.all(
+            sentinelPorts.map(async (port) => {
+              const reply = await redisCommand(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", masterName);
+              return Array.isArray(reply) ? Number(reply[1]) : 0;
+            }),
+          );
+          after = named[0] ?? before;
+          if (after === before || !named.every((p) => p === after)) return false;
+          return String(await redisCommand(after, "ROLE")).startsWith("master");
+        },
+        60_000,
+        "the Sentinels agreeing on a promoted master",
+      );
+      return after;
+    };
     return {
       url: `redis+sentinel://${sentinelPorts.map((p) => `127.0.0.1:${p}`).join(",")}/${masterName}`,
       masterName,
@@ -390,22 +411,9 @@ export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
       async failover() {
         const before = await currentMaster();
         await redisCommand(sentinelPorts[0] ?? 0, "SENTINEL", "FAILOVER", masterName);
-        let after = before;
-        await waitFor(
-          async () => {
-            const named = await Promise.all(sentinelPorts.map(async (port) => {
-              const reply = await redisCommand(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", masterName);
-              return Array.isArray(reply) ? Number(reply[1]) : 0;
-            }));
-            after = named[0] ?? before;
-            if (after === before || !named.every((p) => p === after)) return false;
-            return String(await redisCommand(after, "ROLE")).startsWith("master");
-          },
-          60_000,
-          "the Sentinels agreeing on the promoted master",
-        );
-        return after;
+        return awaitNewMaster(before);
       },
+      awaitNewMaster,
       stop,
     };
   } catch (error) {
