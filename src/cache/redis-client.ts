@@ -127,9 +127,9 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>,
     ...(topology.tls ? { tls: {}, sentinelTLS: {}, enableTLSForSentinelMode: true } : {}),
     // Told by the Sentinels' +switch-master, a connection moves at once, not at its next error.
     failoverDetector: true,
-    // Bounded, so a start with no Sentinel reachable fails instead of retrying forever; after
-    // start the connection's own retryStrategy keeps trying.
-    sentinelRetryStrategy: (attempt: number) => (attempt > 5 ? null : Math.min(attempt * 200, 1000)),
+    // Never gives up: ioredis ends a connection for good once this returns null, and a
+    // replica must come back when the Sentinels do. A start waits START_TIMEOUT_MS at most.
+    sentinelRetryStrategy: (attempt: number) => Math.min(attempt * 100, 1000),
     reconnectOnError: reconnectOnReadonly,
     ...overrides,
   });

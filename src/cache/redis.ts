@@ -76,6 +76,9 @@ export function describeConnectFailure(error: unknown): string {
   if (/^(WRONGPASS|NOAUTH|NOPERM)\b/.test(message)) return `Redis refused the credentials (${message.split(" ")[0]})`;
   if (code === "ECONNREFUSED") return "nothing accepts connections at that host and port (ECONNREFUSED)";
   if (code === "ENOTFOUND" || code === "EAI_AGAIN") return `the host name does not resolve (${code})`;
+  if (/^All sentinels are unreachable/.test(message)) return "no Sentinel answered";
+  if (/^Failed to refresh slots cache/.test(message)) return "no seed node of the Cluster answered";
+  if (/^SENTINEL|No master|master name/i.test(message)) return `the Sentinels do not know that master (${message.slice(0, 120)})`;
   if (code === "ETIMEDOUT" || /timeout/i.test(message)) return "the connection timed out";
   return `the connection failed (${code || message.slice(0, 120)})`;
 }
