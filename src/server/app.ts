@@ -197,12 +197,15 @@ async function openCache(
   const layout = keyLayout(topology);
   // Through Sentinel, invalidations go on a connection of their own: confirming one may wait
   // (WAIT) on it, and Checks must not queue behind that.
-  const invalidator = topology.kind === "sentinel" ? await connectRedisClient(topology, logger).catch(async (error: unknown) => {
-    main.disconnect();
-    subscriber.disconnect();
-    return redisStartError(error);
-  }) : undefined;
-  const confirmation = topology.kind === "sentinel" && invalidator instanceof Redis ? { confirmInvalidation: sentinelConfirmation(invalidator, topology), invalidationConnection: invalidator } : {};
+  let confirmation: { confirmInvalidation: () => Promise<void>; invalidationConnection: Redis } | undefined;
+  if (topology.kind === "sentinel") {
+    const invalidator = await connectRedisClient(topology, logger).catch(async (error: unknown) => {
+      main.disconnect();
+      subscriber.disconnect();
+      return redisStartError(error);
+    });
+    if (invalidator instanceof Redis) confirmation = { confirmInvalidation: sentinelConfirmation(invalidator, topology), invalidationConnection: invalidator };
+  }
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
@@ -213,7 +216,7 @@ async function openCache(
     idempotency: new RedisIdempotencyLedger(main),
     async close() {
       await bus.close();
-      await Promise.allSettled([main.quit(), subscriber.quit(), invalidator?.quit()]);
+      await Promise.allSettled([main.quit(), subscriber.quit(), confirmation?.invalidationConnection.quit()]);
     },
   };
 }
