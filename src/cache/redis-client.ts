@@ -125,8 +125,11 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>,
     sentinelUsername: topology.sentinelUsername,
     sentinelPassword: topology.sentinelPassword,
     ...(topology.tls ? { tls: {}, sentinelTLS: {}, enableTLSForSentinelMode: true } : {}),
-    // Told by the Sentinels' +switch-master, a connection moves at once, not at its next error.
-    failoverDetector: true,
+    // Off: ioredis's detector closes the connector on +switch-master, and if that lands while a
+    // reconnect is resolving the master, the connection ends for good ("Connection is closed.").
+    // A failover reaches keygate anyway: Sentinel kills the old master's clients when it
+    // reconfigures it, a dead master drops them, and a write to a demoted one is READONLY.
+    failoverDetector: false,
     // Never gives up: ioredis ends a connection for good once this returns null, and a
     // replica must come back when the Sentinels do. A start waits START_TIMEOUT_MS at most.
     sentinelRetryStrategy: (attempt: number) => Math.min(attempt * 100, 1000),

@@ -54,15 +54,22 @@ async function issue(replica: KeygateProcess, ownerId: string): Promise<{ id: st
   return { id: key.id, secret };
 }
 
-/** RevokeKey, sent again until it answers 200 (503 while Redis moves); resolves with when it did. */
+/**
+ * RevokeKey, sent again until it answers 200 (503 while Redis moves; a Sentinel election that
+ * splits its votes waits twice failover-timeout before the next one); resolves with when it did.
+ */
 async function revokeAcknowledged(replica: KeygateProcess, id: string): Promise<{ ackMs: number; unavailable: number }> {
   let unavailable = 0;
+  const started = performance.now();
   for (;;) {
     const answer = await postJson(replica.ports.admin, "RevokeKey", { id });
     if (answer.status === 200) return { ackMs: performance.now(), unavailable };
     expect(answer.status, JSON.stringify(answer.json)).toBe(503);
     unavailable += 1;
-    if (unavailable > 600) throw new Error("RevokeKey did not succeed within 600 tries");
+    if (performance.now() - started > 90_000) {
+      const reasons = replica.stdout().split("\n").filter((line) => line.includes("could not tell other replicas")).slice(-2);
+      throw new Error(`RevokeKey still 503 after 90 s: ${JSON.stringify(answer.json)}\n${reasons.join("\n")}`);
+    }
     await new Promise((r) => setTimeout(r, 50));
   }
 }
@@ -208,7 +215,7 @@ describe.runIf(ready)("two replicas on a Sentinel-managed Redis", () => {
         await revokeDuring();
         expect(await sentinel.awaitNewMaster(before)).toBe(replicaPort);
       });
-    }, 180_000);
+    }, 240_000);
 
     it("the master killed (SIGKILL) during traffic: no revocation lost, no wrong allow", async () => {
       const before = await sentinel.masterPort();
@@ -222,6 +229,6 @@ describe.runIf(ready)("two replicas on a Sentinel-managed Redis", () => {
         await revokeDuring();
         expect(await sentinel.awaitNewMaster(before)).toBe(survivor.port);
       });
-    }, 180_000);
+    }, 240_000);
   });
 });

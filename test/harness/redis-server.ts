@@ -326,7 +326,7 @@ export interface RedisSentinelSet {
 
 /**
  * Starts a master, a replica of it and three Sentinels (`redis-server <conf> --sentinel`, with
- * down-after-milliseconds 1000), and waits until every Sentinel knows the replica and the other
+ * down-after-milliseconds 1000, failover-timeout 3000), and waits until every Sentinel knows the replica and the other
  * Sentinels, so that a failover can be agreed. Null when redis-server is missing.
  */
 export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
@@ -359,7 +359,8 @@ export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
           `dir ${dir}`,
           `sentinel monitor ${masterName} 127.0.0.1 ${masterPort} 2`,
           `sentinel down-after-milliseconds ${masterName} 1000`,
-          `sentinel failover-timeout ${masterName} 10000`,
+          // A split election is retried after twice this.
+          `sentinel failover-timeout ${masterName} 3000`,
           `sentinel parallel-syncs ${masterName} 1`,
           "",
         ].join("\n"),
