@@ -131,6 +131,27 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
       expect((await check(a, secret)).status).toBe(402);
     });
 
+    it("ChargeUsage with one idempotency key, sent to both replicas at once, charges once", async () => {
+      const ownerId = "cluster-charge-usage";
+      await issue(a, ownerId, "metered");
+      expect((await postJson(a.ports.admin, "AddCredits", { ownerId, amount: "10", reason: "test" })).status).toBe(200);
+      const body = { ownerId, cost: "4", idempotencyKey: "order-cluster-1" };
+      const answers = await Promise.all([a, b, a, b].map((replica) => postJson(replica.ports.admin, "ChargeUsage", body)));
+      // One runs; a repeat answers the first answer, or asks to retry while the first still runs.
+      const replayed = answers.filter((x) => x.status === 200 && x.json["replayed"] === true);
+      const first = answers.filter((x) => x.status === 200 && x.json["replayed"] !== true);
+      expect(first).toHaveLength(1);
+      const inProgress = answers.filter((x) => x.status !== 200);
+      // Connect maps ABORTED to HTTP 409.
+      for (const answer of inProgress) expect([answer.status, answer.json["code"]]).toEqual([409, "aborted"]);
+      expect(replayed.length + inProgress.length).toBe(3);
+      const account = await postJson(b.ports.admin, "GetAccount", { ownerId });
+      expect(account.json["account"]).toMatchObject({ creditBalance: "9" });
+      const again = await postJson(b.ports.admin, "ChargeUsage", body);
+      expect([again.status, again.json["replayed"]]).toEqual([200, true]);
+      expect((await postJson(a.ports.admin, "GetAccount", { ownerId })).json["account"]).toMatchObject({ creditBalance: "9" });
+    });
+
     it("the counts live in the Cluster under one owner's hash tag, and nothing fell back to in-process limits", async () => {
       for (const owner of ["cluster-rate", "cluster-quota", "cluster-credits"]) {
         const slots = await Promise.all(
