@@ -115,7 +115,7 @@ async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<Re
 const reconnectOnReadonly = (error: Error): boolean => error.message.startsWith("READONLY");
 
 /** ioredis options for a Sentinel-managed master (credentials, TLS, master name). */
-function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>, overrides: RedisOptions): RedisOptions {
+function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>): RedisOptions {
   return redisOptions({
     sentinels: topology.sentinels,
     name: topology.masterName,
@@ -134,7 +134,6 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>,
     // replica must come back when the Sentinels do. A start waits START_TIMEOUT_MS at most.
     sentinelRetryStrategy: (attempt: number) => Math.min(attempt * 100, 1000),
     reconnectOnError: reconnectOnReadonly,
-    ...overrides,
   });
 }
 
@@ -168,7 +167,7 @@ export async function connectRedisClient(topology: RedisTopology, logger?: Logge
     case "standalone":
       return connectRedis(topology.url, {}, logger);
     case "sentinel":
-      return connectWatched(new Redis(sentinelOptions(topology, {})), logger);
+      return connectWatched(new Redis(sentinelOptions(topology)), logger);
     case "cluster":
       return connectWatched(new Cluster(topology.nodes, clusterOptions(topology)), logger);
   }
@@ -216,7 +215,7 @@ export async function openSubscriber(topology: RedisTopology, main: RedisClient,
     case "standalone":
       return connectRedis(topology.url, {}, logger);
     case "sentinel":
-      return connectWatched(new Redis(sentinelOptions(topology, {})), logger);
+      return connectWatched(new Redis(sentinelOptions(topology)), logger);
     case "cluster": {
       if (!(main instanceof Cluster)) throw new Error("a Cluster topology needs a Cluster client");
       const subscriber = new ClusterNodeSubscriber(main, topology.nodes, { username: topology.username, password: topology.password, tls: topology.tls }, logger);
