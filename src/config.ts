@@ -226,10 +226,115 @@ export const GRPC_ENGINES = ["h2", "grpc-js"] as const;
 /** One of GRPC_ENGINES. */
 export type GrpcEngine = (typeof GRPC_ENGINES)[number];
 
+/** A host and port of a Redis node or Sentinel. */
+export interface RedisAddress {
+  host: string;
+  port: number;
+}
+
+/** Credentials sent to Redis (AUTH); both absent for none. */
+export interface RedisCredentials {
+  username: string | undefined;
+  password: string | undefined;
+}
+
+/**
+ * How keygate reaches Redis, from KEYGATE_REDIS_URL: one server (`redis://`, `rediss://`), a
+ * Redis Cluster from seed nodes (`redis+cluster://h1:7000,h2:7001`), or the master a set of
+ * Sentinels names (`redis+sentinel://s1:26379,s2:26379/mymaster`). `tls` is the `rediss` form.
+ */
+export type RedisTopology =
+  | { kind: "standalone"; url: string }
+  | ({ kind: "cluster"; nodes: RedisAddress[]; tls: boolean } & RedisCredentials)
+  | ({
+      kind: "sentinel";
+      sentinels: RedisAddress[];
+      masterName: string;
+      db: number;
+      tls: boolean;
+      sentinelUsername: string | undefined;
+      sentinelPassword: string | undefined;
+    } & RedisCredentials);
+
+// scheme, userinfo (up to the last "@" before the path), hosts, path, query. Passwords with
+// "/", "?", "#" or "@" are percent-encoded, as in any URL.
+const MULTI_HOST_URL = /^(rediss?)\+(cluster|sentinel):\/\/(?:([^/?#]*)@)?([^/?#@]*)(\/[^?#]*)?(?:\?([^#]*))?$/;
+const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9._-]+))(?::(\d{1,5}))?$/;
+const MASTER_NAME = /^[A-Za-z0-9._-]{1,128}$/;
+const SENTINEL_QUERY = new Set(["sentinelUsername", "sentinelPassword", "db"]);
+
+/**
+ * Parses KEYGATE_REDIS_URL; a bad form adds an issue saying what is wrong. Messages never
+ * repeat the URL, which may hold a password.
+ */
+function parseRedisUrl(url: string, ctx: z.RefinementCtx): RedisTopology {
+  const fail = (message: string): RedisTopology => {
+    ctx.addIssue({ code: "custom", message });
+    return z.NEVER;
+  };
+  if (/^rediss?:\/\//.test(url)) return { kind: "standalone", url };
+  const match = MULTI_HOST_URL.exec(url);
+  if (match === null) {
+    return fail("must start with redis://, rediss://, redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel:// (one host:port list, no fragment)");
+  }
+  const [, scheme = "", kind = "", userinfo, hostList = "", path = "", query = ""] = match;
+  const credentials = parseUserinfo(userinfo);
+  if (credentials === null) return fail("the user name and password must be percent-encoded (user:password@)");
+  const defaultPort = kind === "cluster" ? 6379 : 26379;
+  const addresses: RedisAddress[] = [];
+  for (const part of hostList.split(",")) {
+    const hostPort = HOST_PORT.exec(part.trim());
+    const port = Number(hostPort?.[3] ?? defaultPort);
+    const host = hostPort?.[1] ?? hostPort?.[2];
+    if (host === undefined || !Number.isInteger(port) || port < 1 || port > 65535) {
+      return fail(`each ${kind === "cluster" ? "seed node" : "Sentinel"} is host:port (port 1-65535), separated by commas`);
+    }
+    addresses.push({ host, port });
+  }
+  const params = new URLSearchParams(query);
+  const tls = scheme === "rediss";
+  if (kind === "cluster") {
+    if (path !== "" && path !== "/" && path !== "/0") return fail("a Redis Cluster has only database 0: leave the path empty");
+    if ([...params.keys()].length > 0) return fail("redis+cluster:// takes no query parameters");
+    return { kind: "cluster", nodes: addresses, tls, ...credentials };
+  }
+  const segments = path.split("/").filter((s) => s !== "");
+  const masterName = segments[0];
+  if (masterName === undefined || !MASTER_NAME.test(masterName)) return fail("redis+sentinel:// needs the master's name as its path: redis+sentinel://host:26379/mymaster");
+  for (const name of params.keys()) if (!SENTINEL_QUERY.has(name)) return fail(`unknown query parameter "${name.slice(0, 40)}" (known: ${[...SENTINEL_QUERY].join(", ")})`);
+  const dbText = segments[1] ?? params.get("db") ?? "0";
+  if (segments.length > 2 || !/^\d{1,2}$/.test(dbText)) return fail("the database is a number after the master's name (/mymaster/0) or ?db=");
+  return {
+    kind: "sentinel",
+    sentinels: addresses,
+    masterName,
+    db: Number(dbText),
+    tls,
+    ...credentials,
+    sentinelUsername: params.get("sentinelUsername") ?? undefined,
+    sentinelPassword: params.get("sentinelPassword") ?? undefined,
+  };
+}
+
+/** "user:password", ":password" or "user", percent-decoded; null when it does not decode. */
+function parseUserinfo(userinfo: string | undefined): RedisCredentials | null {
+  if (userinfo === undefined || userinfo === "") return { username: undefined, password: undefined };
+  const colon = userinfo.indexOf(":");
+  const rawUser = colon < 0 ? userinfo : userinfo.slice(0, colon);
+  const rawPassword = colon < 0 ? undefined : userinfo.slice(colon + 1);
+  try {
+    const username = rawUser === "" ? undefined : decodeURIComponent(rawUser);
+    const password = rawPassword === undefined || rawPassword === "" ? undefined : decodeURIComponent(rawPassword);
+    return { username, password };
+  } catch {
+    return null;
+  }
+}
+
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
   KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
-  KEYGATE_REDIS_URL: z.string().regex(/^rediss?:\/\//, "must start with redis:// or rediss://").optional(),
+  KEYGATE_REDIS_URL: z.string().transform(parseRedisUrl).optional(),
   KEYGATE_PEPPER: z.string().min(32, "must be at least 32 characters").optional(),
   KEYGATE_ADMIN_TOKENS: z
     .string()
@@ -262,7 +367,8 @@ const envSchema = z.object({
 export interface Config {
   dataDir: string;
   mongodbUri: string | undefined;
-  redisUrl: string | undefined;
+  /** Where Redis is (KEYGATE_REDIS_URL): one server, a Cluster, or a Sentinel-managed master. */
+  redis: RedisTopology | undefined;
   pepper: string | undefined;
   adminTokens: string[] | undefined;
   /** A YAML file of named admin tokens, each with its permissions (src/admin/permissions.ts). */
@@ -353,7 +459,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     dataDir: e.KEYGATE_DATA_DIR,
     policyFile: e.KEYGATE_CONFIG,
     mongodbUri: e.KEYGATE_MONGODB_URI,
-    redisUrl: e.KEYGATE_REDIS_URL,
+    redis: e.KEYGATE_REDIS_URL,
     pepper: e.KEYGATE_PEPPER,
     adminTokens: e.KEYGATE_ADMIN_TOKENS,
     adminTokensFile: e.KEYGATE_ADMIN_TOKENS_FILE,

@@ -5,6 +5,7 @@ import type { Logger } from "pino";
 import { z } from "zod";
 import type { KeySnapshot } from "../store/store.js";
 import type { FillToken, Invalidation, InvalidationBus, SharedCache, SharedRead } from "./cache.js";
+import type { RedisClient, SubscriberConnection } from "./redis-client.js";
 
 /**
  * ioredis options for the hot path: commands are auto-pipelined, fail fast instead of queueing
@@ -60,7 +61,7 @@ export class RedisConnectError extends Error {
  * ioredis attaches the failed command to a reply error, and for HELLO or AUTH its arguments hold
  * the password: the copy that is logged leaves the command out.
  */
-function withoutCommand(error: unknown): unknown {
+export function withoutCommand(error: unknown): unknown {
   if (!(error instanceof Error) || !("command" in error)) return error;
   const copy = new Error(error.message);
   copy.name = error.name;
@@ -69,12 +70,15 @@ function withoutCommand(error: unknown): unknown {
 }
 
 /** One line on why a connection failed, from the error's code or Redis's reply; never the URL. */
-function describeConnectFailure(error: unknown): string {
+export function describeConnectFailure(error: unknown): string {
   const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
   const message = error instanceof Error ? error.message : String(error);
   if (/^(WRONGPASS|NOAUTH|NOPERM)\b/.test(message)) return `Redis refused the credentials (${message.split(" ")[0]})`;
   if (code === "ECONNREFUSED") return "nothing accepts connections at that host and port (ECONNREFUSED)";
   if (code === "ENOTFOUND" || code === "EAI_AGAIN") return `the host name does not resolve (${code})`;
+  if (/^All sentinels are unreachable/.test(message)) return "no Sentinel answered";
+  if (/^Failed to refresh slots cache/.test(message)) return "no seed node of the Cluster answered";
+  if (/^SENTINEL|No master|master name/i.test(message)) return `the Sentinels do not know that master (${message.slice(0, 120)})`;
   if (code === "ETIMEDOUT" || /timeout/i.test(message)) return "the connection timed out";
   return `the connection failed (${code || message.slice(0, 120)})`;
 }
@@ -225,7 +229,20 @@ export interface RedisCacheOptions {
   negativeTtlSeconds: number;
   /** Prepended to every key; default "kg:". */
   keyPrefix?: string;
+  /**
+   * Runs after an invalidation is written and throws when it cannot be trusted to last (through
+   * Sentinel: no replica holds it and this node may no longer be the master). It then counts as
+   * not made: the caller retries it, and the admin call answers UNAVAILABLE.
+   */
+  confirmInvalidation?: () => Promise<void>;
+  /**
+   * The connection invalidations are written on, when not the main one: confirmInvalidation may
+   * block its connection (WAIT), which must not hold up the Checks queued on the main one.
+   */
+  invalidationConnection?: RedisClient;
 }
+
+
 
 /**
  * L2 in Redis: snapshots under `snap:<hash>` (with the generation they were read under), cached
@@ -234,15 +251,19 @@ export interface RedisCacheOptions {
  * propagate; the caller decides how to degrade.
  */
 export class RedisSharedCache implements SharedCache {
-  readonly #redis: Redis;
+  readonly #redis: RedisClient;
+  readonly #invalidator: RedisClient;
   readonly #ttlSeconds: number;
   readonly #negativeTtlSeconds: number;
   readonly #prefix: string;
   readonly #genKey: string;
   readonly #floorKey: string;
+  readonly #confirm: () => Promise<void>;
   readonly #sha = new Map<string, string>();
 
-  constructor(redis: Redis, options: RedisCacheOptions) {
+  constructor(redis: RedisClient, options: RedisCacheOptions) {
+    this.#confirm = options.confirmInvalidation ?? (async () => undefined);
+    this.#invalidator = options.invalidationConnection ?? redis;
     this.#redis = redis;
     this.#ttlSeconds = options.ttlSeconds;
     this.#negativeTtlSeconds = options.negativeTtlSeconds;
@@ -251,15 +272,15 @@ export class RedisSharedCache implements SharedCache {
     this.#floorKey = `${this.#prefix}l2:floor`;
   }
 
-  async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
+  async #run(script: string, keys: string[], args: Array<string | number>, redis: RedisClient = this.#redis): Promise<unknown> {
     let sha = this.#sha.get(script);
     if (sha === undefined) {
       sha = createHash("sha1").update(script).digest("hex");
       this.#sha.set(script, sha);
     }
-    return this.#redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
+    return redis.evalsha(sha, keys.length, ...keys, ...args).catch((error: unknown) => {
       if (!(error instanceof Error) || !error.message.startsWith("NOSCRIPT")) throw error;
-      return this.#redis.eval(script, keys.length, ...keys, ...args);
+      return redis.eval(script, keys.length, ...keys, ...args);
     });
   }
 
@@ -307,15 +328,15 @@ export class RedisSharedCache implements SharedCache {
   async invalidate(event: Invalidation): Promise<void> {
     switch (event.kind) {
       case "key":
-        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS]);
-        return;
+        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS], this.#invalidator);
+        return this.#confirm();
       case "owner":
         await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
           MARKER_TTL_SECONDS,
           `${this.#prefix}snap:`,
           DELETE_BATCH,
-        ]);
-        return;
+        ], this.#invalidator);
+        return this.#confirm();
       case "all":
         return;
     }
@@ -420,8 +441,8 @@ export interface RedisInvalidationBusOptions {
  * `{kind: "all"}`: invalidations sent in between may have been missed.
  */
 export class RedisInvalidationBus implements InvalidationBus {
-  readonly #publisher: Redis;
-  readonly #subscriber: Redis;
+  readonly #publisher: Pick<RedisClient, "publish">;
+  readonly #subscriber: SubscriberConnection;
   readonly #channel: string;
   readonly #logger: Logger | undefined;
   readonly #heartbeatIntervalMs: number;
@@ -437,7 +458,7 @@ export class RedisInvalidationBus implements InvalidationBus {
   #heartbeat: NodeJS.Timeout | undefined;
 
   /** The third argument may still be a bare logger (the earlier signature). */
-  constructor(publisher: Redis, subscriber: Redis, options: RedisInvalidationBusOptions | Logger = {}) {
+  constructor(publisher: Pick<RedisClient, "publish">, subscriber: SubscriberConnection, options: RedisInvalidationBusOptions | Logger = {}) {
     const settings: RedisInvalidationBusOptions = "info" in options ? { logger: options } : options;
     this.#publisher = publisher;
     this.#subscriber = subscriber;

@@ -1,4 +1,4 @@
-import type { Redis } from "ioredis";
+import type { RedisClient } from "../cache/redis-client.js";
 import { RecentMap } from "./memory.js";
 
 /** How long an idempotency key is remembered: a retry within this time charges nothing. */
@@ -69,7 +69,7 @@ const RUNNING = "running";
  */
 export class RedisIdempotencyLedger implements IdempotencyLedger {
   constructor(
-    private readonly redis: Redis,
+    private readonly redis: RedisClient,
     private readonly prefix = "kg:idem:",
   ) {}
 

@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
-import type { Redis } from "ioredis";
+import { BARE_LAYOUT } from "../cache/redis-client.js";
+import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
@@ -129,8 +130,8 @@ const MAX_UNSYNCED_TOPUPS = 100_000;
 export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
 
 /** The Redis key of a daily quota counter: per owner and day, test keys' and each named quota's apart. */
-function quotaCounter(prefix: string, input: ChargeInput, day: string): string {
-  return `${prefix}q:${input.ownerId}:${day}${input.meter === "test" ? ":test" : ""}${input.quota === null ? "" : `:n:${input.quota}`}`;
+function quotaCounter(prefix: string, layout: RedisKeyLayout, input: ChargeInput, day: string): string {
+  return `${prefix}q:${layout.owner(input.ownerId)}:${day}${input.meter === "test" ? ":test" : ""}${input.quota === null ? "" : `:n:${input.quota}`}`;
 }
 
 /** Limits shared by every replica, in Redis: one Lua script per Check. */
@@ -143,7 +144,7 @@ export class RedisMeter implements Meter {
   #retrying = false;
 
   constructor(
-    private readonly redis: Redis,
+    private readonly redis: RedisClient,
     private readonly store: Pick<MeteringStore, "getCredits">,
     private readonly usage: UsageRecorder,
     private readonly fallback: MemoryMeter,
@@ -151,6 +152,7 @@ export class RedisMeter implements Meter {
     private readonly logger: Logger,
     private readonly observer?: LookupObserver,
     private readonly prefix = "kg:",
+    private readonly layout: RedisKeyLayout = BARE_LAYOUT,
   ) {}
 
   async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
@@ -191,7 +193,7 @@ export class RedisMeter implements Meter {
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
     const reply = await this.#run(
       CHARGE,
-      [`${this.prefix}rl:${input.bucket}`, quotaCounter(this.prefix, input, day), `${this.prefix}c:${input.ownerId}`],
+      [`${this.prefix}rl:${this.layout.bucket(input.ownerId, input.bucket)}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)],
       [
         nowMs,
         input.rate.windowSeconds * 1000,
@@ -233,6 +235,11 @@ export class RedisMeter implements Meter {
     };
   }
 
+  /** The hash holding an owner's credit state. */
+  #creditKey(ownerId: string): string {
+    return `${this.prefix}c:${this.layout.owner(ownerId)}`;
+  }
+
   get #creditIdleMs(): number {
     return Math.max(CREDIT_IDLE_MIN_MS, 3 * this.usage.flushIntervalMs);
   }
@@ -249,7 +256,7 @@ export class RedisMeter implements Meter {
    * which Redis ran after the ADD: the read sees the write.)
    */
   async #loadCredits(ownerId: string, period: string): Promise<void> {
-    const key = `${this.prefix}c:${ownerId}`;
+    const key = this.#creditKey(ownerId);
     const { stored, unflushed } = await this.usage.withoutFlush(async () => {
       const state = await this.store.getCredits(ownerId);
       return { stored: state, unflushed: this.usage.pendingSpend(ownerId, period) };
@@ -278,7 +285,7 @@ export class RedisMeter implements Meter {
   async addCredits(ownerId: string, topupTotal: number): Promise<void> {
     await this.fallback.addCredits(ownerId, topupTotal);
     try {
-      await this.#run(ADD, [`${this.prefix}c:${ownerId}`], [topupTotal]);
+      await this.#run(ADD, [this.#creditKey(ownerId)], [topupTotal]);
     } catch (error) {
       this.#queueTopup(ownerId, topupTotal, error);
     }
@@ -313,7 +320,7 @@ export class RedisMeter implements Meter {
     this.#retrying = true;
     try {
       for (const [ownerId, topupTotal] of [...this.#unsynced]) {
-        await this.#run(ADD, [`${this.prefix}c:${ownerId}`], [topupTotal]);
+        await this.#run(ADD, [this.#creditKey(ownerId)], [topupTotal]);
         if (this.#unsynced.get(ownerId) === topupTotal) this.#unsynced.delete(ownerId);
       }
     } catch {
@@ -329,7 +336,7 @@ export class RedisMeter implements Meter {
   }
 
   async credits(ownerId: string, nowMs: number): Promise<{ period: string; monthlyUsed: number; topupBalance: number } | null> {
-    const [period, monthlyUsed, topup, seen] = await this.redis.hmget(`${this.prefix}c:${ownerId}`, "period", "monthly_used", "topup", "seen");
+    const [period, monthlyUsed, topup, seen] = await this.redis.hmget(this.#creditKey(ownerId), "period", "monthly_used", "topup", "seen");
     if (period === null || period === undefined || seen === null || seen === undefined) return null;
     return applyCreditDelta({ period, monthlyUsed: Number(monthlyUsed ?? 0), topupBalance: Number(topup ?? 0) }, this.#calendar.month(nowMs), 0, 0);
   }

@@ -1,5 +1,6 @@
 import { join } from "node:path";
 import { isDeepStrictEqual } from "node:util";
+import { Redis } from "ioredis";
 import type { Logger } from "pino";
 import { AdminAuth } from "../admin/auth.js";
 import { keyAdminRoutes } from "../admin/handlers.js";
@@ -9,7 +10,8 @@ import { RouteTable } from "../authz/routes.js";
 import { L2_TIMEOUT_MS, SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
-import { RedisConnectError, RedisInvalidationBus, RedisSharedCache, connectRedis } from "../cache/redis.js";
+import { RedisConnectError, RedisInvalidationBus, RedisSharedCache } from "../cache/redis.js";
+import { connectRedisClient, keyLayout, openSubscriber, sentinelConfirmation } from "../cache/redis-client.js";
 import { ConfigError, loadPolicyFile } from "../config.js";
 import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -182,26 +184,39 @@ async function openCache(
   metrics: Metrics,
 ): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; idempotency: IdempotencyLedger; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
-  if (config.redisUrl === undefined) {
+  if (config.redis === undefined) {
     const bus = new LocalInvalidationBus();
     return { shared: undefined, bus, meter: memoryMeter, idempotency: new LocalIdempotencyLedger(), close: () => bus.close() };
   }
-  const main = await connectRedis(config.redisUrl, {}, logger).catch(redisStartError);
-  const subscriber = await connectRedis(config.redisUrl, {}, logger).catch(async (error: unknown) => {
+  const topology = config.redis;
+  const main = await connectRedisClient(topology, logger).catch(redisStartError);
+  const subscriber = await openSubscriber(topology, main, logger).catch(async (error: unknown) => {
     main.disconnect();
     return redisStartError(error);
   });
+  const layout = keyLayout(topology);
+  // Through Sentinel, invalidations go on a connection of their own: confirming one may wait
+  // (WAIT) on it, and Checks must not queue behind that.
+  let confirmation: { confirmInvalidation: () => Promise<void>; invalidationConnection: Redis } | undefined;
+  if (topology.kind === "sentinel") {
+    const invalidator = await connectRedisClient(topology, logger).catch(async (error: unknown) => {
+      main.disconnect();
+      subscriber.disconnect();
+      return redisStartError(error);
+    });
+    if (invalidator instanceof Redis) confirmation = { confirmInvalidation: sentinelConfirmation(invalidator, topology), invalidationConnection: invalidator };
+  }
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
   return {
-    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds }),
+    shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, ...confirmation }),
     bus,
-    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics),
+    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout),
     idempotency: new RedisIdempotencyLedger(main),
     async close() {
       await bus.close();
-      await Promise.allSettled([main.quit(), subscriber.quit()]);
+      await Promise.allSettled([main.quit(), subscriber.quit(), confirmation?.invalidationConnection.quit()]);
     },
   };
 }

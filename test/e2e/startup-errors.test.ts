@@ -175,4 +175,38 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED)");
   });
+
+  it("a Cluster whose seed nodes do not answer is one line naming KEYGATE_REDIS_URL, without the password", async () => {
+    const secret = `clusterpw${randomBytes(8).toString("hex")}`;
+    const [p1, p2] = [await freePort(), await freePort()];
+    const url = `redis+cluster://:${secret}@127.0.0.1:${p1},127.0.0.1:${p2}`;
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no seed node of the Cluster answered");
+    expect(result.stdout + result.stderr).not.toContain(secret);
+  });
+
+  it("Sentinels that do not answer are one line naming KEYGATE_REDIS_URL, without either password", async () => {
+    const secret = `masterpw${randomBytes(8).toString("hex")}`;
+    const sentinelSecret = `sentinelpw${randomBytes(8).toString("hex")}`;
+    const url = `redis+sentinel://:${secret}@127.0.0.1:${await freePort()}/mymaster?sentinelPassword=${sentinelSecret}`;
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no Sentinel answered");
+    expect(result.stdout + result.stderr).not.toContain(secret);
+    expect(result.stdout + result.stderr).not.toContain(sentinelSecret);
+  }, 60_000);
+
+  it("a malformed topology URL is refused before any connection, naming the variable and not the password", async () => {
+    const secret = `formpw${randomBytes(8).toString("hex")}`;
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis+sentinel://:${secret}@127.0.0.1:26379`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const result = await serveUntilExit(tempDir(), env);
+    expect(result.code).toBe(2);
+    expect(result.stderr.trimEnd()).toBe(
+      "keygate: invalid environment: KEYGATE_REDIS_URL: redis+sentinel:// needs the master's name as its path: redis+sentinel://host:26379/mymaster",
+    );
+    expect(result.stdout + result.stderr).not.toContain(secret);
+  });
 });

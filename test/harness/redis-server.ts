@@ -1,8 +1,10 @@
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { accessSync, constants, statSync } from "node:fs";
-import { connect } from "node:net";
+import { accessSync, constants, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { connect, createServer } from "node:net";
+import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
+import { Redis } from "ioredis";
 import { freePort } from "./ports.js";
 
 /** A redis-server for tests, on a free port of 127.0.0.1, with persistence off. */
@@ -106,9 +108,14 @@ function externalServer(url: string): RedisServer {
   return { url, port: Number(new URL(url).port || "6379"), stop: async () => {}, restart: unsupported, start: unsupported, freeze: cannotSignal, thaw: cannotSignal };
 }
 
-async function spawnRedis(binary: string, port: number): Promise<ChildProcess> {
-  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning"];
-  const child = spawn(binary, args, { stdio: ["ignore", "pipe", "pipe"] });
+async function spawnRedis(binary: string, port: number, extraArgs: readonly string[] = [], cwd?: string): Promise<ChildProcess> {
+  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning", ...extraArgs];
+  return spawnRedisWith(binary, port, args, cwd);
+}
+
+/** Spawns redis-server with exactly `args` and waits until it answers PING on `port`. */
+async function spawnRedisWith(binary: string, port: number, args: readonly string[], cwd?: string): Promise<ChildProcess> {
+  const child = spawn(binary, args, { stdio: ["ignore", "pipe", "pipe"], ...(cwd === undefined ? {} : { cwd }) });
   running.add(child);
   child.once("exit", () => running.delete(child));
   // redis-server logs startup failures (e.g. the port is taken) to stdout, so keep both.
@@ -168,4 +175,250 @@ async function terminate(child: ChildProcess): Promise<void> {
     });
     child.kill("SIGTERM");
   });
+}
+
+/** True when redis-server and redis-cli are on PATH (a Cluster or Sentinel set needs both). */
+export function redisTopologyAvailable(): boolean {
+  return findOnPath("redis-server") !== null && findOnPath("redis-cli") !== null;
+}
+
+/** A running redis-server process of a Cluster or Sentinel set. */
+export interface RedisNode {
+  port: number;
+  /** SIGKILL: the node is gone at once, as on a crash. */
+  kill(): Promise<void>;
+}
+
+/** A Redis Cluster of three masters on free ports of 127.0.0.1. */
+export interface RedisClusterSet {
+  /** KEYGATE_REDIS_URL for it: redis+cluster:// with every node as a seed. */
+  url: string;
+  nodes: RedisNode[];
+  stop(): Promise<void>;
+}
+
+/** A free port whose cluster bus port (port + 10000) is free too. */
+async function freeClusterPort(): Promise<number> {
+  for (;;) {
+    const port = await freePort();
+    if (port + 10_000 > 65_535) continue;
+    const busFree = await new Promise<boolean>((done) => {
+      const server = createServer();
+      server.once("error", () => done(false));
+      server.listen(port + 10_000, "127.0.0.1", () => server.close(() => done(true)));
+    });
+    if (busFree) return port;
+  }
+}
+
+/** Runs redis-cli with `args`; rejects with its output when it exits non-zero. */
+function redisCli(args: readonly string[]): Promise<string> {
+  const binary = findOnPath("redis-cli");
+  if (binary === null) return Promise.reject(new Error("redis-cli is not on PATH"));
+  return new Promise((resolve, reject) => {
+    const child = spawn(binary, [...args], { stdio: ["ignore", "pipe", "pipe"] });
+    let output = "";
+    child.stdout.on("data", (chunk: Buffer) => (output += chunk.toString("utf8")));
+    child.stderr.on("data", (chunk: Buffer) => (output += chunk.toString("utf8")));
+    child.once("error", reject);
+    child.once("exit", (code) => (code === 0 ? resolve(output) : reject(new Error(`redis-cli ${args.join(" ")} exited ${code}:\n${output}`))));
+  });
+}
+
+/** One command over a short-lived ioredis connection to 127.0.0.1:port. */
+export async function redisCommand(port: number, command: string, ...args: Array<string | number>): Promise<unknown> {
+  const client = new Redis({ host: "127.0.0.1", port, lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000, commandTimeout: 5000 });
+  client.on("error", () => undefined);
+  try {
+    await client.connect();
+    return await client.call(command, ...args);
+  } finally {
+    client.disconnect();
+  }
+}
+
+/** Polls `probe` every 100 ms until it is true; throws naming `what` after `timeoutMs`. */
+export async function waitFor(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let ok = false;
+    try {
+      ok = await probe();
+    } catch {
+      ok = false;
+    }
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function nodeOf(port: number, child: ChildProcess): RedisNode {
+  return {
+    port,
+    kill: async () => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      await new Promise<void>((resolve) => {
+        child.once("exit", () => resolve());
+        child.kill("SIGKILL");
+      });
+    },
+  };
+}
+
+/**
+ * Starts three `redis-server --cluster-enabled yes` masters, joins them with
+ * `redis-cli --cluster create`, and waits until every node reports cluster_state:ok.
+ * Null when redis-server or redis-cli is missing.
+ */
+export async function startRedisCluster(): Promise<RedisClusterSet | null> {
+  const binary = findOnPath("redis-server");
+  if (binary === null || findOnPath("redis-cli") === null) return null;
+  const dir = mkdtempSync(join(tmpdir(), "keygate-redis-cluster-"));
+  const children: ChildProcess[] = [];
+  const stop = async (): Promise<void> => {
+    await Promise.all(children.map((child) => terminate(child)));
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const ports: number[] = [];
+    for (let i = 0; i < 3; i++) ports.push(await freeClusterPort());
+    for (const port of ports) {
+      children.push(
+        await spawnRedis(binary, port, ["--cluster-enabled", "yes", "--cluster-config-file", `nodes-${port}.conf`, "--cluster-node-timeout", "2000", "--dir", dir], dir),
+      );
+    }
+    await redisCli(["--cluster", "create", ...ports.map((p) => `127.0.0.1:${p}`), "--cluster-yes"]);
+    for (const port of ports) {
+      await waitFor(async () => String(await redisCommand(port, "CLUSTER", "INFO")).includes("cluster_state:ok"), 30_000, `cluster node ${port} reporting cluster_state:ok`);
+    }
+    return {
+      url: `redis+cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}`,
+      nodes: ports.map((port, i) => nodeOf(port, children[i] ?? spawnFailed())),
+      stop,
+    };
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+}
+
+function spawnFailed(): never {
+  throw new Error("a redis-server of the set did not start");
+}
+
+/** A master, one replica and three Sentinels watching them as "mymaster". */
+export interface RedisSentinelSet {
+  /** KEYGATE_REDIS_URL for it: redis+sentinel:// naming the three Sentinels and "mymaster". */
+  url: string;
+  masterName: string;
+  /** The two data nodes; which is master changes with a failover. */
+  dataNodes: RedisNode[];
+  sentinelPorts: number[];
+  /** The port the Sentinels currently name as master. */
+  masterPort(): Promise<number>;
+  /** SENTINEL FAILOVER, then waits until the other node is master and the Sentinels agree. */
+  failover(): Promise<number>;
+  /** Waits until every Sentinel names a master other than `before` and it answers ROLE as master. */
+  awaitNewMaster(before: number): Promise<number>;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts a master, a replica of it and three Sentinels (`redis-server <conf> --sentinel`, with
+ * down-after-milliseconds 1000, failover-timeout 3000), and waits until every Sentinel knows the replica and the other
+ * Sentinels, so that a failover can be agreed. Null when redis-server is missing.
+ */
+export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
+  const binary = findOnPath("redis-server");
+  if (binary === null) return null;
+  const masterName = "mymaster";
+  const dir = mkdtempSync(join(tmpdir(), "keygate-redis-sentinel-"));
+  const children: ChildProcess[] = [];
+  const stop = async (): Promise<void> => {
+    await Promise.all(children.map((child) => terminate(child)));
+    rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    const masterPort = await freePort();
+    const replicaPort = await freePort();
+    const master = await spawnRedis(binary, masterPort, [], dir);
+    children.push(master);
+    const replica = await spawnRedis(binary, replicaPort, ["--replicaof", "127.0.0.1", String(masterPort)], dir);
+    children.push(replica);
+    await waitFor(async () => String(await redisCommand(replicaPort, "INFO", "replication")).includes("master_link_status:up"), 30_000, "replica linked to its master");
+    const sentinelPorts: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const port = await freePort();
+      const conf = join(dir, `sentinel-${port}.conf`);
+      writeFileSync(
+        conf,
+        [
+          `port ${port}`,
+          "bind 127.0.0.1",
+          `dir ${dir}`,
+          `sentinel monitor ${masterName} 127.0.0.1 ${masterPort} 2`,
+          `sentinel down-after-milliseconds ${masterName} 1000`,
+          // A split election is retried after twice this.
+          `sentinel failover-timeout ${masterName} 3000`,
+          `sentinel parallel-syncs ${masterName} 1`,
+          "",
+        ].join("\n"),
+      );
+      children.push(await spawnRedisWith(binary, port, [conf, "--sentinel", "--loglevel", "warning"], dir));
+      sentinelPorts.push(port);
+    }
+    for (const port of sentinelPorts) {
+      await waitFor(
+        async () => {
+          const replicas = await redisCommand(port, "SENTINEL", "REPLICAS", masterName);
+          const sentinels = await redisCommand(port, "SENTINEL", "SENTINELS", masterName);
+          return Array.isArray(replicas) && replicas.length === 1 && Array.isArray(sentinels) && sentinels.length === 2;
+        },
+        60_000,
+        `Sentinel ${port} knowing the replica and the other Sentinels`,
+      );
+    }
+    const currentMaster = async (): Promise<number> => {
+      const reply = await redisCommand(sentinelPorts[0] ?? 0, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", masterName);
+      if (!Array.isArray(reply) || typeof reply[1] !== "string") throw new Error(`unexpected SENTINEL GET-MASTER-ADDR-BY-NAME reply ${JSON.stringify(reply)}`);
+      return Number(reply[1]);
+    };
+    const awaitNewMaster = async (before: number): Promise<number> => {
+      let after = before;
+      await waitFor(
+        async () => {
+          const named = await Promise.all(
+            sentinelPorts.map(async (port) => {
+              const reply = await redisCommand(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", masterName);
+              return Array.isArray(reply) ? Number(reply[1]) : 0;
+            }),
+          );
+          after = named[0] ?? before;
+          if (after === before || !named.every((p) => p === after)) return false;
+          return String(await redisCommand(after, "ROLE")).startsWith("master");
+        },
+        60_000,
+        "the Sentinels agreeing on a promoted master",
+      );
+      return after;
+    };
+    return {
+      url: `redis+sentinel://${sentinelPorts.map((p) => `127.0.0.1:${p}`).join(",")}/${masterName}`,
+      masterName,
+      dataNodes: [nodeOf(masterPort, master), nodeOf(replicaPort, replica)],
+      sentinelPorts,
+      masterPort: currentMaster,
+      async failover() {
+        const before = await currentMaster();
+        await redisCommand(sentinelPorts[0] ?? 0, "SENTINEL", "FAILOVER", masterName);
+        return awaitNewMaster(before);
+      },
+      awaitNewMaster,
+      stop,
+    };
+  } catch (error) {
+    await stop();
+    throw error;
+  }
 }

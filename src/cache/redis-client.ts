@@ -1,0 +1,367 @@
+import { EventEmitter } from "node:events";
+import { Cluster, Redis } from "ioredis";
+import type { ClusterOptions, RedisOptions } from "ioredis";
+import type { Logger } from "pino";
+import type { RedisAddress, RedisTopology } from "../config.js";
+import { RedisConnectError, connectRedis, describeConnectFailure, redisOptions, withoutCommand } from "./redis.js";
+
+/** A connection keygate runs commands on: one server (standalone or through Sentinel) or a Cluster. */
+export type RedisClient = Redis | Cluster;
+
+/**
+ * What the invalidation bus needs of its subscriber connection: a plain ioredis connection
+ * satisfies it, and so does ClusterNodeSubscriber. "close" means messages may be missed from
+ * now on; "ready" means a fresh connection is up and the channel must be subscribed again.
+ */
+export interface SubscriberConnection {
+  readonly status: string;
+  subscribe(channel: string): Promise<unknown>;
+  unsubscribe(channel: string): Promise<unknown>;
+  ping(): Promise<string>;
+  on(event: "message", listener: (channel: string, message: string) => void): unknown;
+  on(event: "close" | "ready", listener: () => void): unknown;
+  off(event: "message", listener: (channel: string, message: string) => void): unknown;
+  off(event: "close" | "ready", listener: () => void): unknown;
+}
+
+/**
+ * How keygate names its Redis keys on this topology. On a Cluster an owner's id is wrapped in a
+ * hash tag, so its rate bucket, quota counters and credit hash share a slot (one script touches
+ * them together), and every L2 key shares one tag (L2's scripts share its invalidation
+ * counters). Elsewhere the names are the ones the released keygate wrote, so its state
+ * (credit balances, quota counts) carries over an upgrade untouched.
+ */
+export interface RedisKeyLayout {
+  /** The owner part of a quota counter or credit hash name. */
+  owner(ownerId: string): string;
+  /** The rate bucket part of a rate key name ("a:<owner>" or "k:<key id>"). */
+  bucket(ownerId: string, bucket: string): string;
+  /** Prefix of every L2 key. */
+  l2Prefix: string;
+}
+
+/** The names the released keygate used, for one server and for Sentinel. */
+export const BARE_LAYOUT: RedisKeyLayout = { owner: (ownerId) => ownerId, bucket: (_ownerId, bucket) => bucket, l2Prefix: "kg:" };
+/** Hash-tagged names, for a Cluster. */
+export const CLUSTER_LAYOUT: RedisKeyLayout = {
+  owner: (ownerId) => `{${ownerId}}`,
+  bucket: (ownerId, bucket) => `{${ownerId}}:${bucket}`,
+  l2Prefix: "kg:{l2}:",
+};
+
+/** The key layout for a topology: hash tags on a Cluster, the released names elsewhere. */
+export function keyLayout(topology: RedisTopology): RedisKeyLayout {
+  return topology.kind === "cluster" ? CLUSTER_LAYOUT : BARE_LAYOUT;
+}
+
+/** How long an invalidation through Sentinel waits for a replica to hold it. */
+const REPLICA_WAIT_MS = 500;
+
+/**
+ * The check an invalidation through Sentinel must pass before it counts as made. Replication is
+ * asynchronous, and in a failover two nodes can both act as master for a moment: a revocation
+ * written only to the one being replaced would be lost, and replicas already moved to the new
+ * master would never hear it. So: a replica must hold it (WAIT 1), or, when the master has no
+ * replica left, a majority of the Sentinels must name the node this connection is on as the
+ * master. Otherwise it throws, and the invalidation is retried until it lands on the master.
+ */
+export function sentinelConfirmation(client: Redis, topology: Extract<RedisTopology, { kind: "sentinel" }>): () => Promise<void> {
+  return async () => {
+    const acknowledged = await client.wait(1, REPLICA_WAIT_MS);
+    if (acknowledged >= 1) return;
+    const here = { host: normalizeAddress(client.stream.remoteAddress ?? ""), port: client.stream.remotePort ?? 0 };
+    const named = await Promise.all(topology.sentinels.map((sentinel) => askSentinelForMaster(sentinel, topology)));
+    const answered = named.filter((address): address is RedisAddress => address !== null);
+    const agree = answered.filter((address) => normalizeAddress(address.host) === here.host && address.port === here.port).length;
+    if (agree === answered.length && agree > topology.sentinels.length / 2) return;
+    throw new Error("the invalidation reached no replica, and the Sentinels do not name this node as the master");
+  };
+}
+
+function normalizeAddress(address: string): string {
+  return address.startsWith("::ffff:") ? address.slice(7) : address;
+}
+
+/** The master one Sentinel names, or null when it does not answer. */
+async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<RedisTopology, { kind: "sentinel" }>): Promise<RedisAddress | null> {
+  const connection = new Redis({
+    host: sentinel.host,
+    port: sentinel.port,
+    username: topology.sentinelUsername,
+    password: topology.sentinelPassword,
+    ...(topology.tls ? { tls: {} } : {}),
+    lazyConnect: true,
+    retryStrategy: () => null,
+    maxRetriesPerRequest: 0,
+    connectTimeout: 1000,
+    commandTimeout: 1000,
+  });
+  connection.on("error", () => undefined);
+  try {
+    await connection.connect();
+    const reply = await connection.call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", topology.masterName);
+    if (!Array.isArray(reply)) return null;
+    const [host, port] = reply;
+    return typeof host === "string" && typeof port === "string" ? { host, port: Number(port) } : null;
+  } catch {
+    return null;
+  } finally {
+    connection.disconnect();
+  }
+}
+
+// A Sentinel that demoted the master kills its clients; a client that still reaches it gets
+// READONLY on a write: reconnect, which asks the Sentinels for the master again.
+const reconnectOnReadonly = (error: Error): boolean => error.message.startsWith("READONLY");
+
+/** ioredis options for a Sentinel-managed master (credentials, TLS, master name). */
+function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>): RedisOptions {
+  return redisOptions({
+    sentinels: topology.sentinels,
+    name: topology.masterName,
+    db: topology.db,
+    username: topology.username,
+    password: topology.password,
+    sentinelUsername: topology.sentinelUsername,
+    sentinelPassword: topology.sentinelPassword,
+    ...(topology.tls ? { tls: {}, sentinelTLS: {}, enableTLSForSentinelMode: true } : {}),
+    // Off: ioredis's detector closes the connector on +switch-master, and if that lands while a
+    // reconnect is resolving the master, the connection ends for good ("Connection is closed.").
+    // A failover reaches keygate anyway: Sentinel kills the old master's clients when it
+    // reconfigures it, a dead master drops them, and a write to a demoted one is READONLY.
+    failoverDetector: false,
+    // Never gives up: ioredis ends a connection for good once this returns null, and a
+    // replica must come back when the Sentinels do. A start waits START_TIMEOUT_MS at most.
+    sentinelRetryStrategy: (attempt: number) => Math.min(attempt * 100, 1000),
+    reconnectOnError: reconnectOnReadonly,
+  });
+}
+
+/** ioredis Cluster options: the hot path's fail-fast settings on every node connection. */
+function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>): ClusterOptions {
+  const { retryStrategy: _ignored, enableOfflineQueue: _offline, ...nodeOptions } = redisOptions();
+  return {
+    lazyConnect: true,
+    enableOfflineQueue: false,
+    enableAutoPipelining: true,
+    scaleReads: "master",
+    // A failover moves slots: refresh the map and retry within a command's budget.
+    retryDelayOnFailover: 100,
+    retryDelayOnClusterDown: 100,
+    retryDelayOnTryAgain: 100,
+    slotsRefreshTimeout: 2000,
+    clusterRetryStrategy: (attempt: number) => Math.min(attempt * 100, 2000),
+    redisOptions: { ...nodeOptions, username: topology.username, password: topology.password, ...(topology.tls ? { tls: {} } : {}) },
+  };
+}
+
+/** How long a start waits for a Cluster or a Sentinel-managed master before it fails. */
+const START_TIMEOUT_MS = 15_000;
+
+/**
+ * Opens the command connection for a topology and waits until it is ready. Failures at start
+ * are a RedisConnectError that never holds the URL or a password.
+ */
+export async function connectRedisClient(topology: RedisTopology, logger?: Logger): Promise<RedisClient> {
+  switch (topology.kind) {
+    case "standalone":
+      return connectRedis(topology.url, {}, logger);
+    case "sentinel":
+      return connectWatched(new Redis(sentinelOptions(topology)), logger);
+    case "cluster":
+      return connectWatched(new Cluster(topology.nodes, clusterOptions(topology)), logger);
+  }
+}
+
+/** Connects a client built lazily, logging one line per distinct error, within START_TIMEOUT_MS. */
+async function connectWatched<T extends RedisClient>(client: T, logger: Logger | undefined): Promise<T> {
+  let lastMessage = "";
+  let lastError: unknown = null;
+  client.on("error", (error: unknown) => {
+    lastError = error;
+    const message = error instanceof Error ? error.message : String(error);
+    if (message === lastMessage) return;
+    lastMessage = message;
+    logger?.warn({ err: withoutCommand(error) }, "Redis connection error");
+  });
+  client.on("ready", () => {
+    lastMessage = "";
+  });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      client.connect(),
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no ready connection within ${START_TIMEOUT_MS} ms (timeout)`)), START_TIMEOUT_MS);
+      }),
+    ]);
+  } catch (error) {
+    client.disconnect();
+    throw new RedisConnectError(describeConnectFailure(lastError ?? error), { cause: withoutCommand(lastError ?? error) });
+  } finally {
+    clearTimeout(timer);
+  }
+  return client;
+}
+
+/**
+ * Opens the invalidation bus's subscriber. Standalone and Sentinel: a connection of its own
+ * (through Sentinel it follows the master across a failover, dropping and coming back, so the
+ * bus clears L1 and subscribes again). Cluster: PUBLISH reaches every node, so one node's
+ * connection hears every replica; ClusterNodeSubscriber moves to another node when it drops.
+ */
+export async function openSubscriber(topology: RedisTopology, main: RedisClient, logger?: Logger): Promise<SubscriberConnection & { disconnect(): void; quit(): Promise<unknown> }> {
+  switch (topology.kind) {
+    case "standalone":
+      return connectRedis(topology.url, {}, logger);
+    case "sentinel":
+      return connectWatched(new Redis(sentinelOptions(topology)), logger);
+    case "cluster": {
+      if (!(main instanceof Cluster)) throw new Error("a Cluster topology needs a Cluster client");
+      const subscriber = new ClusterNodeSubscriber(main, topology.nodes, { username: topology.username, password: topology.password, tls: topology.tls }, logger);
+      await subscriber.connect();
+      return subscriber;
+    }
+  }
+}
+
+/** How often a Cluster subscriber that lost its node tries the next one. */
+const NODE_RETRY_MS = 250;
+
+/**
+ * A subscriber on one Cluster node, chosen from the nodes the Cluster client knows (the seed
+ * nodes before it knows any). Unlike ioredis's own Cluster subscriber, which moves to another
+ * node silently, this one says so: "close" when its node is lost (invalidations may be missed
+ * from then on), "ready" once another node's connection is up.
+ */
+export class ClusterNodeSubscriber extends EventEmitter implements SubscriberConnection {
+  readonly #cluster: Cluster;
+  readonly #seeds: readonly RedisAddress[];
+  readonly #auth: { username: string | undefined; password: string | undefined; tls: boolean };
+  readonly #logger: Logger | undefined;
+  #connection: Redis | null = null;
+  #attempt = 0;
+  #closing = false;
+  #retry: NodeJS.Timeout | undefined;
+
+  constructor(cluster: Cluster, seeds: readonly RedisAddress[], auth: { username: string | undefined; password: string | undefined; tls: boolean }, logger?: Logger) {
+    super();
+    this.#cluster = cluster;
+    this.#seeds = seeds;
+    this.#auth = auth;
+    this.#logger = logger;
+  }
+
+  get status(): string {
+    return this.#connection?.status ?? "wait";
+  }
+
+  /** Connects to the first node that answers; rejects when none does (at start). */
+  async connect(): Promise<void> {
+    const candidates = this.#candidates();
+    let lastError: unknown = null;
+    for (let i = 0; i < candidates.length; i++) {
+      try {
+        await this.#open(candidates[(this.#attempt + i) % candidates.length] ?? { host: "127.0.0.1", port: 6379 });
+        return;
+      } catch (error) {
+        lastError = error;
+      }
+    }
+    throw new RedisConnectError(`no Cluster node accepted the invalidation subscriber: ${describeConnectFailure(lastError)}`, { cause: withoutCommand(lastError) });
+  }
+
+  async subscribe(channel: string): Promise<unknown> {
+    return this.#current().subscribe(channel);
+  }
+
+  async unsubscribe(channel: string): Promise<unknown> {
+    return this.#current().unsubscribe(channel);
+  }
+
+  async ping(): Promise<string> {
+    return this.#current().ping();
+  }
+
+  disconnect(): void {
+    this.#closing = true;
+    clearTimeout(this.#retry);
+    this.#connection?.disconnect();
+    this.#connection = null;
+  }
+
+  async quit(): Promise<unknown> {
+    this.#closing = true;
+    clearTimeout(this.#retry);
+    const connection = this.#connection;
+    this.#connection = null;
+    return connection?.quit();
+  }
+
+  #current(): Redis {
+    if (this.#connection === null || this.#connection.status !== "ready") throw new Error("the invalidation subscriber has no Cluster node connected");
+    return this.#connection;
+  }
+
+  /** The nodes the Cluster client knows now, else the seeds. */
+  #candidates(): RedisAddress[] {
+    const known: RedisAddress[] = [];
+    for (const node of this.#cluster.nodes("all")) {
+      const { host, port } = node.options;
+      if (host !== undefined && port !== undefined) known.push({ host, port });
+    }
+    return known.length > 0 ? known : [...this.#seeds];
+  }
+
+  async #open(address: RedisAddress): Promise<void> {
+    const connection = new Redis(
+      redisOptions({
+        host: address.host,
+        port: address.port,
+        username: this.#auth.username,
+        password: this.#auth.password,
+        ...(this.#auth.tls ? { tls: {} } : {}),
+        // One node, once: when it goes, another node is chosen here, not this one retried.
+        retryStrategy: () => null,
+        connectionName: "keygate-invalidation",
+      }),
+    );
+    connection.on("error", (error: unknown) => this.#logger?.debug({ err: withoutCommand(error), node: `${address.host}:${address.port}` }, "Cluster subscriber connection error"));
+    try {
+      await connection.connect();
+    } catch (error) {
+      connection.disconnect();
+      throw error;
+    }
+    if (this.#closing) {
+      connection.disconnect();
+      return;
+    }
+    connection.on("message", (channel: string, message: string) => this.emit("message", channel, message));
+    connection.once("end", () => this.#lost(connection, address));
+    this.#connection = connection;
+    this.emit("ready");
+  }
+
+  #lost(connection: Redis, address: RedisAddress): void {
+    if (this.#connection !== connection) return;
+    this.#connection = null;
+    this.emit("close");
+    if (this.#closing) return;
+    this.#logger?.warn({ node: `${address.host}:${address.port}` }, "the invalidation subscriber lost its Cluster node; moving to another");
+    this.#scheduleRetry();
+  }
+
+  #scheduleRetry(): void {
+    this.#retry = setTimeout(() => {
+      this.#attempt += 1;
+      const candidates = this.#candidates();
+      const next = candidates[this.#attempt % candidates.length];
+      if (next === undefined || this.#closing) return;
+      this.#open(next).catch(() => {
+        if (!this.#closing) this.#scheduleRetry();
+      });
+    }, NODE_RETRY_MS);
+    this.#retry.unref();
+  }
+}
