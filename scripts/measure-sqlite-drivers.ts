@@ -5,8 +5,8 @@
 //   npm install --no-save better-sqlite3@13      # the comparison driver is not a dependency
 //   taskset -c 1 npx tsx scripts/measure-sqlite-drivers.ts [--rounds 7] [--keys 20000] [--owners 200]
 // Both drivers open copies of one seeded file (WAL, the store's pragmas). Each round runs every
-// figure once per driver, alternating which driver goes first, so a neighbour's load on a shared
-// machine falls on both. Prints one JSON line per figure: the median µs per operation over the
+// figure for both drivers in 20 alternating slices, so a neighbour's load on a shared machine falls
+// on both. Prints one JSON line per figure: the median µs per operation over the
 // rounds for each driver and the median of the per-round ratios (node:sqlite / better-sqlite3;
 // below 1 means node:sqlite is faster).
 import { randomBytes } from "node:crypto";
@@ -218,6 +218,9 @@ function nodeFigures(path: string, seed: Seed): { figures: Figures; close(): voi
 /** Operations per timed run, so each run takes tens of milliseconds. */
 const OPS: Record<FigureName, number> = { lookupHit: 20_000, lookupMiss: 20_000, getAccount: 20_000, touchBatch100: 100, usageBatch50: 100, listPage50: 1_000 };
 
+/** Alternating slices per figure and round. */
+const SLICES = 20;
+
 function time(run: (n: number) => void, n: number): number {
   const started = process.hrtime.bigint();
   run(n);
@@ -289,11 +292,21 @@ try {
     for (const name of FIGURES) {
       const sample = samples.get(name);
       if (sample === undefined) continue;
-      const order = round % 2 === 0 ? (["better-sqlite3", "node:sqlite"] as const) : (["node:sqlite", "better-sqlite3"] as const);
-      const us: Record<string, number> = {};
-      for (const driver of order) us[driver] = time(drivers[driver].figures[name], OPS[name]);
-      const b = us["better-sqlite3"] ?? NaN;
-      const n = us["node:sqlite"] ?? NaN;
+      // Slices alternate between the drivers, so a burst of a neighbour's load lands on both.
+      let b = 0;
+      let n = 0;
+      const slice = Math.max(1, Math.floor(OPS[name] / SLICES));
+      for (let i = 0; i < SLICES; i++) {
+        if ((i + round) % 2 === 0) {
+          b += time(drivers["better-sqlite3"].figures[name], slice);
+          n += time(drivers["node:sqlite"].figures[name], slice);
+        } else {
+          n += time(drivers["node:sqlite"].figures[name], slice);
+          b += time(drivers["better-sqlite3"].figures[name], slice);
+        }
+      }
+      b /= SLICES;
+      n /= SLICES;
       sample.better.push(b);
       sample.node.push(n);
       sample.ratio.push(n / b);

@@ -3,8 +3,9 @@ import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from "nod
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
+import { DatabaseSync } from "node:sqlite";
 import { afterEach, describe, expect, it } from "vitest";
-import { Database } from "../../src/store/sqlite-driver.js";
+import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { spawnKeygate } from "../harness/process.js";
 
@@ -41,9 +42,9 @@ function releaseDataDir(): string {
 }
 
 function userVersion(path: string): number {
-  const db = new Database(path, { readonly: true, fileMustExist: true });
+  const db = new DatabaseSync(path, { readOnly: true });
   try {
-    return db.pragma("user_version", { simple: true }) as number;
+    return schemaVersion(db);
   } finally {
     db.close();
   }
@@ -92,8 +93,8 @@ describe("keygate migrate sad", () => {
 
   it("migrate and serve refuse a database written by a newer keygate, exit 1, and change nothing", async () => {
     const dataDir = releaseDataDir();
-    const db = new Database(join(dataDir, "keygate.db"));
-    db.pragma(`user_version = ${SQLITE_SCHEMA_VERSION + 5}`);
+    const db = new DatabaseSync(join(dataDir, "keygate.db"));
+    db.exec(`PRAGMA user_version = ${SQLITE_SCHEMA_VERSION + 5}`);
     db.close();
     const env = { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: pepper, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_HOST: "127.0.0.1" };
     const message = `the SQLite database is at schema version ${SQLITE_SCHEMA_VERSION + 5}, newer than this keygate knows (${SQLITE_SCHEMA_VERSION}): it was written by a newer keygate; run that version (or restore a backup made before the upgrade)`;
