@@ -2,18 +2,16 @@ import { execFile } from "node:child_process";
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { pathToFileURL } from "node:url";
 import { DatabaseSync } from "node:sqlite";
 import { afterEach, describe, expect, it } from "vitest";
 import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
+import { builtCli } from "../harness/built-cli.js";
 import { spawnKeygate } from "../harness/process.js";
 
 // `keygate migrate` and `keygate serve --no-migrate`, as an operator runs them, on the data the
 // previous release wrote (test/fixtures/upgrade).
 const root = resolve(import.meta.dirname, "../..");
-const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
-const cli = join(root, "src/cli.ts");
 const fixtureDb = join(root, "test/fixtures/upgrade/1dffb08/sqlite/keygate.db");
 const pepper = (JSON.parse(readFileSync(join(root, "test/fixtures/upgrade/1dffb08/release.json"), "utf8")) as { pepper: string }).pepper;
 
@@ -22,7 +20,7 @@ function run(args: string[], env: Record<string, string>): Promise<{ code: numbe
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
   Object.assign(childEnv, env);
   return new Promise((done) => {
-    execFile(process.execPath, ["--import", tsxLoader, cli, ...args], { env: childEnv, cwd: root, timeout: 60_000 }, (error, stdout, stderr) => {
+    execFile(process.execPath, [builtCli(), ...args], { env: childEnv, cwd: root, timeout: 60_000 }, (error, stdout, stderr) => {
       done({ code: error === null ? 0 : typeof error.code === "number" ? error.code : 1, stdout, stderr });
     });
   });

@@ -11,7 +11,7 @@ import { z } from "zod";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { authorizationDefinition } from "../../src/server/grpc-authz.js";
-import { SERVE_ARGS, listeningPorts, spawnKeygate } from "../harness/process.js";
+import { listeningPorts, serveArgs, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
 /** Starts `keygate serve` as `npm start` would, in `cwd`, with no KEYGATE_* variable set. */
@@ -85,7 +85,7 @@ describe("keygate serve with no environment (the Quick start)", () => {
   it("refuses to start on a bad variable, naming it", async () => {
     const cwd = mkdtempSync(join(tmpdir(), "keygate-badenv-"));
     dirs.push(cwd);
-    const child = spawn(process.execPath, [...SERVE_ARGS], {
+    const child = spawn(process.execPath, serveArgs(), {
       cwd,
       env: { ...process.env, KEYGATE_GRPC_PORT: "not-a-port" },
       stdio: ["ignore", "pipe", "pipe"],
