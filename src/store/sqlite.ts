@@ -169,6 +169,9 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
   };
 }
 
+/** How long a statement waits for another process's lock before failing with SQLITE_BUSY. */
+const BUSY_TIMEOUT_MS = 5000;
+
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
 const OWNER_ONLY = 0o600;
 
@@ -209,10 +212,12 @@ export class SqliteKeyStore implements KeyStore {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
     // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
-    this.#db = new DatabaseSync(path, { allowBareNamedParameters: true });
+    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL while
+    // another process holds the file waits, as the PRAGMA below does for everything after.
+    this.#db = new DatabaseSync(path, { allowBareNamedParameters: true, timeout: BUSY_TIMEOUT_MS });
     this.#db.exec("PRAGMA journal_mode = WAL");
     this.#db.exec("PRAGMA synchronous = NORMAL");
-    this.#db.exec("PRAGMA busy_timeout = 5000");
+    this.#db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
     this.#db.exec("PRAGMA foreign_keys = ON");
     try {
       const pending = pendingSqliteMigrations(this.#db);

@@ -29,7 +29,8 @@ async function migrateSqlite(config: Config, dryRun: boolean): Promise<MigrateRe
   const { pendingSqliteMigrations } = await import("../../store/sqlite-migrations.js");
   const exists = existsSync(path);
   // Read without writing: a file that is not there yet needs every step, and nothing creates it.
-  const probe = exists ? new DatabaseSync(path, { readOnly: true }) : new DatabaseSync(":memory:");
+  // A running keygate may hold a lock for a moment: wait for it as the store does.
+  const probe = exists ? new DatabaseSync(path, { readOnly: true, timeout: 5000 }) : new DatabaseSync(":memory:");
   let pending: SchemaStep[];
   try {
     pending = pendingSqliteMigrations(probe);
