@@ -9,6 +9,7 @@ import type { ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
 import type { ServiceError } from "@grpc/grpc-js";
@@ -19,11 +20,12 @@ import { DEFAULT_POLICY_INPUT } from "../src/config.js";
 import { CheckRequestSchema } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckRequest, CheckResponse } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { authorizationDefinition } from "../src/server/grpc-authz.js";
-import { SERVE_ARGS } from "../test/harness/process.js";
 
 const ADMIN_TOKEN = "kgadm_soak_token_0123456789abcdefghij";
 const root = resolve(import.meta.dirname, "..");
 const distCli = join(root, "dist/cli.js");
+// --runner tsx: the sources through the tsx loader, named by absolute URL since keygate runs in another directory.
+const SOURCE_SERVE_ARGS = ["--import", pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href, join(root, "src/cli.ts"), "serve"];
 /** Growth limits of the verdict, from the end of warm-up to the end of the run. */
 const MAX_RSS_GROWTH = 1.25;
 const MAX_LAG_GROWTH = 3;
@@ -172,7 +174,7 @@ async function main(): Promise<number> {
       plans: { soak: { maxActiveKeys: 1000, rateLimit: { limit: 1_000_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } },
     }),
   );
-  const keygate = await serve(options.runner === "dist" ? [distCli, "serve"] : SERVE_ARGS, dir, {
+  const keygate = await serve(options.runner === "dist" ? [distCli, "serve"] : SOURCE_SERVE_ARGS, dir, {
     KEYGATE_DATA_DIR: join(dir, "data"),
     KEYGATE_CONFIG: policy,
     KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,

@@ -40,6 +40,12 @@ export interface AdminServerDeps {
 type AnyRequest = IncomingMessage | Http2ServerRequest;
 type AnyResponse = ServerResponse | Http2ServerResponse;
 
+/** `res.writeHead` on either response type: @types/node 24's two overload sets do not unify, so each is called as itself. */
+function writeHead(res: AnyResponse, status: number, headers: OutgoingHttpHeaders): void {
+  if ("stream" in res) res.writeHead(status, headers);
+  else res.writeHead(status, headers);
+}
+
 // Concurrent streams one admin HTTP/2 connection may open; each may hold a flow-control window of body.
 const MAX_CONCURRENT_STREAMS = 100;
 // After an answer that leaves request bytes unread, how long an HTTP/1.1 connection is kept
@@ -105,7 +111,7 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
   // answer. A lingering close half-closes instead and discards input for a bounded moment.
   const socket = req.socket;
   socket.destroySoon = () => lingeringClose(socket);
-  res.writeHead(status, { ...headers, connection: "close" });
+  writeHead(res, status, { ...headers, connection: "close" });
   res.end(body);
 }
 
@@ -136,7 +142,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {
-    res.writeHead(status, { "content-type": contentType });
+    writeHead(res, status, { "content-type": contentType });
     res.end(body);
   }
 

@@ -1,6 +1,7 @@
-import type { Database as SqliteDatabase } from "better-sqlite3";
+import type { DatabaseSync } from "node:sqlite";
 import { NewerSchemaError } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
+import { immediateTransaction, schemaVersion, text } from "./sqlite-db.js";
 
 /**
  * The SQLite schema's history. A database records the last step applied in `PRAGMA user_version`;
@@ -11,7 +12,7 @@ import type { SchemaStep } from "./errors.js";
  * Never edit a released step: add the next one.
  */
 export interface SqliteMigration extends SchemaStep {
-  apply(db: SqliteDatabase): void;
+  apply(db: DatabaseSync): void;
 }
 
 /** Tables and indexes as keygate has them, minus columns added after each table first shipped. */
@@ -80,9 +81,9 @@ const UNVERSIONED_COLUMNS: ReadonlyArray<{ table: string; column: string; defini
   { table: "accounts", column: "topup_total", definition: "INTEGER NOT NULL DEFAULT 0" },
 ];
 
-function columnsOf(db: SqliteDatabase, table: string): Set<string> {
+function columnsOf(db: DatabaseSync, table: string): Set<string> {
   // `table` is one of this module's own names, never input.
-  return new Set(db.prepare<[], { name: string }>(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => c.name));
+  return new Set(db.prepare(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => text(c, "name")));
 }
 
 export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
@@ -111,12 +112,8 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
 export const SQLITE_SCHEMA_VERSION = SQLITE_MIGRATIONS.at(-1)?.version ?? 0;
 
 
-export function schemaVersion(db: SqliteDatabase): number {
-  return db.pragma("user_version", { simple: true }) as number;
-}
-
 /** The steps a database still needs, in order; throws NewerSchemaError for a newer one. */
-export function pendingSqliteMigrations(db: SqliteDatabase, migrations: readonly SqliteMigration[] = SQLITE_MIGRATIONS): SqliteMigration[] {
+export function pendingSqliteMigrations(db: DatabaseSync, migrations: readonly SqliteMigration[] = SQLITE_MIGRATIONS): SqliteMigration[] {
   const current = schemaVersion(db);
   const latest = migrations.at(-1)?.version ?? 0;
   if (current > latest) throw new NewerSchemaError("SQLite", current, latest);
@@ -128,16 +125,16 @@ export function pendingSqliteMigrations(db: SqliteDatabase, migrations: readonly
  * another process applied meanwhile is skipped: the version is read again inside the transaction.
  * Returns the versions applied here.
  */
-export function migrateSqlite(db: SqliteDatabase, migrations: readonly SqliteMigration[] = SQLITE_MIGRATIONS): number[] {
+export function migrateSqlite(db: DatabaseSync, migrations: readonly SqliteMigration[] = SQLITE_MIGRATIONS): number[] {
   const applied: number[] = [];
   for (const step of pendingSqliteMigrations(db, migrations)) {
-    db.transaction(() => {
+    immediateTransaction(db, () => {
       if (schemaVersion(db) >= step.version) return;
       step.apply(db);
       // PRAGMA takes no bound parameters; the version is this module's own integer.
-      db.pragma(`user_version = ${Math.trunc(step.version)}`);
+      db.exec(`PRAGMA user_version = ${Math.trunc(step.version)}`);
       applied.push(step.version);
-    }).immediate();
+    });
   }
   return applied;
 }

@@ -1,7 +1,9 @@
 import { chmodSync, closeSync, openSync } from "node:fs";
-import type { Database as SqliteDatabase, Statement } from "better-sqlite3";
-import { Database } from "./sqlite-driver.js";
+import { DatabaseSync } from "node:sqlite";
+import type { StatementSync } from "node:sqlite";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
+import { immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
+import type { SqliteRow } from "./sqlite-db.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import type {
   AccountDefaults,
@@ -58,25 +60,54 @@ interface KeyRow {
   disabled_at: number | null;
 }
 
-interface CreditRow {
-  credit_period: string;
-  monthly_used: number;
-  topup_balance: number;
-  topup_total: number;
+
+function toCredits(row: SqliteRow | undefined): CreditState {
+  if (row === undefined) return { period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 };
+  return { period: text(row, "credit_period"), monthlyUsed: integer(row, "monthly_used"), topupBalance: integer(row, "topup_balance"), topupTotal: integer(row, "topup_total") };
 }
 
-function toCredits(row: CreditRow | undefined): CreditState {
-  return { period: row?.credit_period ?? "", monthlyUsed: row?.monthly_used ?? 0, topupBalance: row?.topup_balance ?? 0, topupTotal: row?.topup_total ?? 0 };
+// Column reads are checked (node:sqlite types a row as name to any SQLite value); a value of the
+// wrong type means a file keygate did not write, and fails the call instead of passing through.
+function readAccountRow(row: SqliteRow): AccountRow {
+  return {
+    owner_id: text(row, "owner_id"),
+    plan: text(row, "plan"),
+    subscription_status: text(row, "subscription_status"),
+    role: text(row, "role"),
+    created_at: integer(row, "created_at"),
+    updated_at: integer(row, "updated_at"),
+  };
+}
+
+function readKeyRow(row: SqliteRow): KeyRow {
+  return {
+    id: text(row, "id"),
+    hash: text(row, "hash"),
+    owner_id: text(row, "owner_id"),
+    project_id: textOrNull(row, "project_id"),
+    name: text(row, "name"),
+    mode: text(row, "mode"),
+    start: text(row, "start"),
+    last4: text(row, "last4"),
+    scopes: text(row, "scopes"),
+    metadata: text(row, "metadata"),
+    created_at: integer(row, "created_at"),
+    last_used_at: integerOrNull(row, "last_used_at"),
+    expires_at: integerOrNull(row, "expires_at"),
+    revoked_at: integerOrNull(row, "revoked_at"),
+    revoke_reason: textOrNull(row, "revoke_reason"),
+    grace_ends_at: integerOrNull(row, "grace_ends_at"),
+    rotated_to_id: textOrNull(row, "rotated_to_id"),
+    rate_limit: textOrNull(row, "rate_limit"),
+    disabled_at: integerOrNull(row, "disabled_at"),
+  };
+}
+
+function readUsageRow(row: SqliteRow): UsageRow {
+  return { keyId: text(row, "keyId"), day: text(row, "day"), outcome: text(row, "outcome"), count: integer(row, "count"), credits: integer(row, "credits") };
 }
 
 
-type SnapshotRow = KeyRow & {
-  a_plan: string;
-  a_subscription_status: string;
-  a_role: string;
-  a_created_at: number;
-  a_updated_at: number;
-};
 
 // Rows are written only by this module, so their enum columns hold values it wrote.
 function toAccount(row: AccountRow): AccountRecord {
@@ -138,9 +169,8 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
   };
 }
 
-function isUniqueViolation(error: unknown): boolean {
-  return error instanceof Error && "code" in error && (error.code === "SQLITE_CONSTRAINT_UNIQUE" || error.code === "SQLITE_CONSTRAINT_PRIMARYKEY");
-}
+/** How long a statement waits for another process's lock before failing with SQLITE_BUSY. */
+const BUSY_TIMEOUT_MS = 5000;
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
 const OWNER_ONLY = 0o600;
@@ -162,32 +192,16 @@ function tightenWalFiles(path: string): void {
   }
 }
 
-/** The embedded store: one SQLite file through better-sqlite3, in WAL mode. */
+type StatementName =
+  | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
+  | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
+  | "spendCredits" | "addUsage" | "listUsage" | "revoke" | "markRotated" | "touch" | "appendAudit" | "ping";
+
+/** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
   readonly kind = "sqlite";
-  readonly #db: SqliteDatabase;
-  readonly #stmt: {
-    getAccount: Statement<[string], AccountRow>;
-    insertAccount: Statement<[AccountRow]>;
-    updateAccount: Statement<[AccountRow]>;
-    countActive: Statement<[string, string, number], { n: number }>;
-    insertKey: Statement<[Record<string, string | number | null>]>;
-    getKey: Statement<[string], KeyRow>;
-    snapshotByHash: Statement<[string], SnapshotRow>;
-    updateName: Statement<[string, string]>;
-    updateScopes: Statement<[string, string]>;
-    updateRateLimit: Statement<[string | null, string]>;
-    disable: Statement<[number, string]>;
-    enable: Statement<[string]>;
-    getCredits: Statement<[string], CreditRow>;
-    addCredits: Statement<[{ amount: number; owner: string }]>;
-    spendCredits: Statement<[{ period: string; monthly: number; topup: number; owner: string }]>;
-    addUsage: Statement<[Record<string, string | number>]>;
-    listUsage: Statement<[string, string, string], UsageRow>;
-    revoke: Statement<[number, string | null, string]>;
-    markRotated: Statement<[string, number, number | null, string | null, string]>;
-    touch: Statement<[number, string, number]>;
-  };
+  readonly #db: DatabaseSync;
+  readonly #stmt: Record<StatementName, StatementSync>;
 
   /**
    * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
@@ -197,11 +211,14 @@ export class SqliteKeyStore implements KeyStore {
   constructor(path: string, options: { migrate?: boolean } = {}) {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
-    this.#db = new Database(path);
-    this.#db.pragma("journal_mode = WAL");
-    this.#db.pragma("synchronous = NORMAL");
-    this.#db.pragma("busy_timeout = 5000");
-    this.#db.pragma("foreign_keys = ON");
+    // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
+    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL while
+    // another process holds the file waits, as the PRAGMA below does for everything after.
+    this.#db = new DatabaseSync(path, { allowBareNamedParameters: true, timeout: BUSY_TIMEOUT_MS });
+    this.#db.exec("PRAGMA journal_mode = WAL");
+    this.#db.exec("PRAGMA synchronous = NORMAL");
+    this.#db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    this.#db.exec("PRAGMA foreign_keys = ON");
     try {
       const pending = pendingSqliteMigrations(this.#db);
       if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
@@ -259,15 +276,32 @@ export class SqliteKeyStore implements KeyStore {
       revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
       markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
       touch: db.prepare("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)"),
+      appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+      ping: db.prepare("SELECT 1"),
     };
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
-    return this.#db.transaction(() => this.#upsertAccountSync(input, defaults, nowMs)).immediate();
+    return immediateTransaction(this.#db, () => this.#upsertAccountSync(input, defaults, nowMs));
+  }
+
+  #getAccountRow(ownerId: string): AccountRow | undefined {
+    const row = this.#stmt.getAccount.get(ownerId);
+    return row === undefined ? undefined : readAccountRow(row);
+  }
+
+  #getKeyRow(id: string): KeyRow | undefined {
+    const row = this.#stmt.getKey.get(id);
+    return row === undefined ? undefined : readKeyRow(row);
+  }
+
+  #countActive(ownerId: string, mode: KeyMode, nowMs: number): number {
+    const row = this.#stmt.countActive.get(ownerId, mode, nowMs);
+    return row === undefined ? 0 : integer(row, "n");
   }
 
   #upsertAccountSync(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): AccountRecord {
-    const existing = this.#stmt.getAccount.get(input.ownerId);
+    const existing = this.#getAccountRow(input.ownerId);
     const row: AccountRow = {
       owner_id: input.ownerId,
       plan: input.plan ?? existing?.plan ?? defaults.plan,
@@ -276,35 +310,35 @@ export class SqliteKeyStore implements KeyStore {
       created_at: existing?.created_at ?? nowMs,
       updated_at: nowMs,
     };
-    if (existing === undefined) this.#stmt.insertAccount.run(row);
-    else this.#stmt.updateAccount.run(row);
+    if (existing === undefined) this.#stmt.insertAccount.run({ ...row });
+    // node:sqlite refuses a named parameter the statement does not have: created_at stays as it is.
+    else this.#stmt.updateAccount.run({ owner_id: row.owner_id, plan: row.plan, subscription_status: row.subscription_status, role: row.role, updated_at: row.updated_at });
     return toAccount(row);
   }
 
   async getAccount(ownerId: string): Promise<AccountRecord | null> {
-    const row = this.#stmt.getAccount.get(ownerId);
+    const row = this.#getAccountRow(ownerId);
     return row === undefined ? null : toAccount(row);
   }
 
   async countActiveKeys(ownerId: string, nowMs: number, mode: KeyMode = "live"): Promise<number> {
-    return this.#stmt.countActive.get(ownerId, mode, nowMs)?.n ?? 0;
+    return this.#countActive(ownerId, mode, nowMs);
   }
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
     // IMMEDIATE takes the write lock before counting, so the cap also holds across processes.
-    const create = this.#db.transaction(() => {
-      let account = this.#stmt.getAccount.get(record.ownerId);
+    immediateTransaction(this.#db, () => {
+      let account = this.#getAccountRow(record.ownerId);
       if (account === undefined) {
         this.#upsertAccountSync({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
-        account = this.#stmt.getAccount.get(record.ownerId);
+        account = this.#getAccountRow(record.ownerId);
       }
       const plan = account?.plan ?? limits.accountDefaults.plan;
       const cap = limits.maxActiveKeysFor(plan, record.mode);
-      const active = this.#stmt.countActive.get(record.ownerId, record.mode, limits.nowMs)?.n ?? 0;
+      const active = this.#countActive(record.ownerId, record.mode, limits.nowMs);
       if (active >= cap) throw new CapExceededError(plan, cap, record.mode);
       this.#insertKeySync(record);
     });
-    create.immediate();
     return record;
   }
 
@@ -313,9 +347,9 @@ export class SqliteKeyStore implements KeyStore {
    * restores and for seeding large stores, where one transaction per key would take minutes.
    */
   importKeys(records: readonly KeyRecord[]): void {
-    this.#db.transaction(() => {
+    immediateTransaction(this.#db, () => {
       for (const record of records) this.#insertKeySync(record);
-    }).immediate();
+    });
   }
 
   #insertKeySync(record: KeyRecord): void {
@@ -328,71 +362,70 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
-    const row = this.#stmt.getKey.get(id);
+    const row = this.#getKeyRow(id);
     return row === undefined ? null : toKey(row);
   }
 
   async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
     const row = this.#stmt.snapshotByHash.get(hash);
     if (row === undefined) return null;
+    const key = readKeyRow(row);
     return {
-      key: toKey(row),
+      key: toKey(key),
       account: toAccount({
-        owner_id: row.owner_id,
-        plan: row.a_plan,
-        subscription_status: row.a_subscription_status,
-        role: row.a_role,
-        created_at: row.a_created_at,
-        updated_at: row.a_updated_at,
+        owner_id: key.owner_id,
+        plan: text(row, "a_plan"),
+        subscription_status: text(row, "a_subscription_status"),
+        role: text(row, "a_role"),
+        created_at: integer(row, "a_created_at"),
+        updated_at: integer(row, "a_updated_at"),
       }),
     };
   }
 
   async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {
     const where = ["owner_id = @owner_id"];
-    const params: Record<string, string | number> = { owner_id: query.ownerId, limit: query.limit, now: query.nowMs };
+    const params: Record<string, string | number> = { owner_id: query.ownerId, limit: query.limit };
     if (query.projectId !== undefined) {
       where.push("project_id = @project_id");
       params["project_id"] = query.projectId;
     }
     if (!query.includeRevoked) {
       where.push("revoked_at IS NULL AND (rotated_to_id IS NULL OR grace_ends_at > @now)");
+      // node:sqlite refuses a named parameter the statement does not have, so it is bound only with its condition.
+      params["now"] = query.nowMs;
     }
     if (query.afterId !== undefined) {
       where.push("id > @after_id");
       params["after_id"] = query.afterId;
     }
-    const rows = this.#db
-      .prepare<[Record<string, string | number>], KeyRow>(`SELECT * FROM keys WHERE ${where.join(" AND ")} ORDER BY id LIMIT @limit`)
-      .all(params);
-    return rows.map(toKey);
+    const rows = this.#db.prepare(`SELECT * FROM keys WHERE ${where.join(" AND ")} ORDER BY id LIMIT @limit`).all(params);
+    return rows.map((row) => toKey(readKeyRow(row)));
   }
 
   async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
-    const update = this.#db.transaction(() => {
+    const row = immediateTransaction(this.#db, () => {
       if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
       if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
       if (patch.rateLimit !== undefined) this.#stmt.updateRateLimit.run(patch.rateLimit === null ? null : JSON.stringify(patch.rateLimit), id);
       if (patch.disabledAtMs === null) this.#stmt.enable.run(id);
       else if (patch.disabledAtMs !== undefined) this.#stmt.disable.run(patch.disabledAtMs, id);
-      return this.#stmt.getKey.get(id);
+      return this.#getKeyRow(id);
     });
-    const row = update.immediate();
     return row === undefined ? null : toKey(row);
   }
 
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
-    const revoke = this.#db.transaction(() => {
+    const row = immediateTransaction(this.#db, () => {
       this.#stmt.revoke.run(nowMs, reason, id);
-      return this.#stmt.getKey.get(id);
+      return this.#getKeyRow(id);
     });
-    const row = revoke.immediate();
     return row === undefined ? null : toKey(row);
   }
 
   async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
-    const rotate = this.#db.transaction(() => {
-      const row = this.#stmt.getKey.get(previousId);
+    return immediateTransaction(this.#db, () => {
+      const row = this.#getKeyRow(previousId);
       if (row === undefined) throw new ConflictError(`key ${previousId} does not exist`);
       const previous = toKey(row);
       if (previous.revokedAtMs !== null || previous.rotatedToId !== null || (previous.expiresAtMs !== null && previous.expiresAtMs <= nowMs)) {
@@ -401,18 +434,16 @@ export class SqliteKeyStore implements KeyStore {
       this.#insertKeySync(next);
       const immediate = graceEndsAtMs <= nowMs;
       this.#stmt.markRotated.run(next.id, graceEndsAtMs, immediate ? nowMs : null, immediate ? "rotated" : null, previousId);
-      const updated = this.#stmt.getKey.get(previousId);
+      const updated = this.#getKeyRow(previousId);
       if (updated === undefined) throw new ConflictError(`key ${previousId} vanished during rotation`);
       return { next, previous: toKey(updated) };
     });
-    return rotate.immediate();
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
-    const touchAll = this.#db.transaction(() => {
+    immediateTransaction(this.#db, () => {
       for (const [id, atMs] of lastUsed) this.#stmt.touch.run(atMs, id, atMs);
     });
-    touchAll.immediate();
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
@@ -420,31 +451,28 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async addCredits(ownerId: string, amount: number): Promise<CreditState> {
-    const add = this.#db.transaction(() => {
+    const row = immediateTransaction(this.#db, () => {
       this.#stmt.addCredits.run({ amount, owner: ownerId });
       return this.#stmt.getCredits.get(ownerId);
     });
-    return toCredits(add.immediate());
+    return toCredits(row);
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
-    const apply = this.#db.transaction(() => {
+    immediateTransaction(this.#db, () => {
       for (const u of usage) {
         this.#stmt.addUsage.run({ owner_id: u.ownerId, key_id: u.keyId, day: u.day, outcome: u.outcome, count: u.count, credits: u.credits });
       }
       for (const c of credits) this.#stmt.spendCredits.run({ period: c.period, monthly: c.monthlyUsed, topup: c.topupUsed, owner: c.ownerId });
     });
-    apply.immediate();
   }
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
-    return this.#stmt.listUsage.all(ownerId, fromDay, toDay);
+    return this.#stmt.listUsage.all(ownerId, fromDay, toDay).map(readUsageRow);
   }
 
   async appendAudit(record: AuditRecord): Promise<void> {
-    this.#db
-      .prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-      .run(record.id, record.atMs, record.actor, record.action, record.keyId, record.ownerId, JSON.stringify(record.changes), record.source);
+    this.#stmt.appendAudit.run(record.id, record.atMs, record.actor, record.action, record.keyId, record.ownerId, JSON.stringify(record.changes), record.source);
   }
 
   async listAudit(query: AuditQuery): Promise<AuditRecord[]> {
@@ -467,26 +495,23 @@ export class SqliteKeyStore implements KeyStore {
       params["after_id"] = query.afterId;
     }
     const sql = `SELECT * FROM audit ${where.length > 0 ? `WHERE ${where.join(" AND ")}` : ""} ORDER BY id LIMIT @limit`;
-    const rows = this.#db
-      .prepare<[Record<string, string | number>], { id: string; at: number; actor: string; action: string; key_id: string | null; owner_id: string | null; changes: string; source: string }>(sql)
-      .all(params);
-    return rows.map((row) => ({
-      id: row.id,
-      atMs: row.at,
-      actor: row.actor,
-      action: row.action,
-      keyId: row.key_id,
-      ownerId: row.owner_id,
-      changes: JSON.parse(row.changes) as Record<string, unknown>,
-      source: row.source,
+    return this.#db.prepare(sql).all(params).map((row) => ({
+      id: text(row, "id"),
+      atMs: integer(row, "at"),
+      actor: text(row, "actor"),
+      action: text(row, "action"),
+      keyId: textOrNull(row, "key_id"),
+      ownerId: textOrNull(row, "owner_id"),
+      changes: JSON.parse(text(row, "changes")) as Record<string, unknown>,
+      source: text(row, "source"),
     }));
   }
 
   async ping(): Promise<void> {
-    this.#db.prepare("SELECT 1").get();
+    this.#stmt.ping.get();
   }
 
   async close(): Promise<void> {
-    if (this.#db.open) this.#db.close();
+    if (this.#db.isOpen) this.#db.close();
   }
 }

@@ -1,8 +1,8 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
-import { Database } from "../../src/store/sqlite-driver.js";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
@@ -24,7 +24,7 @@ describe("SqliteKeyStore on a file from an earlier version", () => {
     const path = join(dir, "keygate.db");
     try {
       // The accounts table as the first release wrote it: no topup_total column.
-      const old = new Database(path);
+      const old = new DatabaseSync(path);
       old.exec(`CREATE TABLE accounts (
         owner_id TEXT PRIMARY KEY, plan TEXT NOT NULL, subscription_status TEXT NOT NULL, role TEXT NOT NULL,
         created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,

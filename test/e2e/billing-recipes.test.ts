@@ -1,8 +1,9 @@
-import { execFile, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
+import { execFile } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { builtCli } from "../harness/built-cli.js";
 import { spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
@@ -13,7 +14,6 @@ import type { KeygateProcess } from "../harness/process.js";
 // replaced by the bound ones, and must print exactly the text block.
 
 const root = resolve(import.meta.dirname, "../..");
-const builtCli = join(root, "dist/cli.js");
 const readme = readFileSync(join(root, "README.md"), "utf8");
 // The defaults, as the README's port table gives them (test/e2e/readme-commands.test.ts reads it).
 const DEFAULT_PORTS = { admin: 8080, http: 8181, grpc: 9191 };
@@ -64,7 +64,7 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
 async function startServer(cwd: string, recipe: Recipe): Promise<{ admin: number; http: number; grpc: number }> {
   const server = await spawnKeygate({
     cwd,
-    args: [builtCli, "serve"],
+    args: [builtCli(), "serve"],
     env: {
       KEYGATE_CONFIG: recipe.start.config,
       KEYGATE_DATA_DIR: recipe.start.dataDir,
@@ -89,10 +89,8 @@ function bash(cwd: string, script: string): Promise<{ code: number; stdout: stri
 }
 
 describe("README billing recipes", { timeout: 180_000 }, () => {
-  if (!existsSync(builtCli)) {
-    const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: root, encoding: "utf8" });
-    if (built.status !== 0) throw new Error(`tsc -p tsconfig.build.json failed:\n${built.stdout}\n${built.stderr}`);
-  }
+  // Fails by name when dist/ is missing or older than src/ (`npm run build` makes it).
+  builtCli();
   const all = recipes();
 
   it("has one recipe per example policy in deploy/config", () => {

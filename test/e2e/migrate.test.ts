@@ -2,17 +2,16 @@ import { execFile } from "node:child_process";
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import { pathToFileURL } from "node:url";
+import { DatabaseSync } from "node:sqlite";
 import { afterEach, describe, expect, it } from "vitest";
-import { Database } from "../../src/store/sqlite-driver.js";
+import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
+import { builtCli } from "../harness/built-cli.js";
 import { spawnKeygate } from "../harness/process.js";
 
 // `keygate migrate` and `keygate serve --no-migrate`, as an operator runs them, on the data the
 // previous release wrote (test/fixtures/upgrade).
 const root = resolve(import.meta.dirname, "../..");
-const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
-const cli = join(root, "src/cli.ts");
 const fixtureDb = join(root, "test/fixtures/upgrade/1dffb08/sqlite/keygate.db");
 const pepper = (JSON.parse(readFileSync(join(root, "test/fixtures/upgrade/1dffb08/release.json"), "utf8")) as { pepper: string }).pepper;
 
@@ -21,7 +20,7 @@ function run(args: string[], env: Record<string, string>): Promise<{ code: numbe
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
   Object.assign(childEnv, env);
   return new Promise((done) => {
-    execFile(process.execPath, ["--import", tsxLoader, cli, ...args], { env: childEnv, cwd: root, timeout: 60_000 }, (error, stdout, stderr) => {
+    execFile(process.execPath, [builtCli(), ...args], { env: childEnv, cwd: root, timeout: 60_000 }, (error, stdout, stderr) => {
       done({ code: error === null ? 0 : typeof error.code === "number" ? error.code : 1, stdout, stderr });
     });
   });
@@ -41,9 +40,9 @@ function releaseDataDir(): string {
 }
 
 function userVersion(path: string): number {
-  const db = new Database(path, { readonly: true, fileMustExist: true });
+  const db = new DatabaseSync(path, { readOnly: true });
   try {
-    return db.pragma("user_version", { simple: true }) as number;
+    return schemaVersion(db);
   } finally {
     db.close();
   }
@@ -92,8 +91,8 @@ describe("keygate migrate sad", () => {
 
   it("migrate and serve refuse a database written by a newer keygate, exit 1, and change nothing", async () => {
     const dataDir = releaseDataDir();
-    const db = new Database(join(dataDir, "keygate.db"));
-    db.pragma(`user_version = ${SQLITE_SCHEMA_VERSION + 5}`);
+    const db = new DatabaseSync(join(dataDir, "keygate.db"));
+    db.exec(`PRAGMA user_version = ${SQLITE_SCHEMA_VERSION + 5}`);
     db.close();
     const env = { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: pepper, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_HOST: "127.0.0.1" };
     const message = `the SQLite database is at schema version ${SQLITE_SCHEMA_VERSION + 5}, newer than this keygate knows (${SQLITE_SCHEMA_VERSION}): it was written by a newer keygate; run that version (or restore a backup made before the upgrade)`;

@@ -1,11 +1,12 @@
-import { execFile, spawn, spawnSync } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, statSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { loadConfig } from "../../src/config.js";
+import { builtCli } from "../harness/built-cli.js";
 import { listeningPorts } from "../harness/process.js";
 
 // The README read as a new user would: every ```sh command of "Quick start", "KeyAdmin examples"
@@ -14,7 +15,6 @@ import { listeningPorts } from "../harness/process.js";
 // the listen ports (PORTS), the `…` placeholders (fill) and a curl wrapper (CURL_WRAPPER).
 
 const root = resolve(import.meta.dirname, "../..");
-const builtCli = join(root, "dist/cli.js");
 const SECTIONS = ["Quick start", "KeyAdmin examples", "CLI"] as const;
 // Commands for tools a test machine does not have; none of SECTIONS uses one today.
 const EXTERNAL_TOOLS = ["docker", "docker-compose", "kubectl", "kustomize", "helm", "kind", "envoy", "istioctl"];
@@ -117,7 +117,7 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
  */
 async function quickStart(cwd: string): Promise<Ports> {
   const env = cleanEnv({ KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" });
-  const child = spawn(process.execPath, [builtCli, "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [builtCli(), "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   server = child;
   let err = "";
   child.stdout.on("data", (chunk: Buffer) => (serverOut += chunk.toString()));
@@ -133,10 +133,8 @@ async function quickStart(cwd: string): Promise<Ports> {
 }
 
 beforeAll(async () => {
-  if (!existsSync(builtCli)) {
-    const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: root, encoding: "utf8" });
-    if (built.status !== 0) throw new Error(`tsc -p tsconfig.build.json failed:\n${built.stdout}\n${built.stderr}`);
-  }
+  // Fails by name when dist/ is missing or older than src/ (`npm run build` makes it).
+  builtCli();
   // The README's commands run in a checkout (`cat data/admin-token`, `npx keygate`, `--schema
   // proto`). This directory is one: the checkout's files linked in, and its own ./data.
   session.cwd = mkdtempSync(join(tmpdir(), "keygate-readme-"));

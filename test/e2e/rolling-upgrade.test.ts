@@ -16,18 +16,20 @@ import type { KeygateProcess } from "../harness/process.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
-import { buildRelease } from "../harness/release.js";
+import { installedRelease, releaseInstalled } from "../harness/release.js";
 import type { BuiltRelease } from "../harness/release.js";
 
 // A rolling upgrade: a replica of the previous release and one of this keygate share MongoDB and
 // Redis (each reads, or leaves be, what the other caches), then the old one is replaced. The old
-// replica is the release's own code, built from its sources (test/fixtures/upgrade/<commit>). Every
+// replica is the release's own code, built from its sources (test/fixtures/upgrade/<commit>) on its
+// own dependency tree by .ci/install-release.sh. Every
 // Check through either is answered, and answered right: no gRPC error, no wrong allow.
 const RELEASE = "1dffb08";
 
 const servers =
   requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&
-  requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
+  requireServer("redis-server", redisAvailable(), "apt-get install redis-server") &&
+  requireServer(`keygate release ${RELEASE}`, releaseInstalled(RELEASE), `run bash .ci/install-release.sh ${RELEASE}`);
 
 /** What a replica answered: "allow", a denial's HTTP status, or the gRPC error that failed the Check. */
 type Answer = "allow" | number | `grpc error ${number}`;
@@ -80,7 +82,7 @@ describe.runIf(servers)(`rolling upgrade from ${RELEASE}: both versions on one M
   };
 
   beforeAll(async () => {
-    release = buildRelease(RELEASE);
+    release = installedRelease(RELEASE);
     const [startedMongo, startedRedis] = await Promise.all([startMongoWire(), startRedis()]);
     if (startedRedis === null) throw new Error("redis-server is not on PATH");
     [mongo, redis] = [startedMongo, startedRedis];
@@ -104,7 +106,6 @@ describe.runIf(servers)(`rolling upgrade from ${RELEASE}: both versions on one M
   afterAll(async () => {
     await Promise.allSettled([old?.stop("SIGKILL"), current?.stop("SIGKILL")]);
     await Promise.allSettled([mongo?.stop(), redis?.stop()]);
-    release?.remove();
     if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
   });
 

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { freePort, requireServer, waitForPort } from "../harness/ports.js";
-import { SERVE_ARGS, spawnKeygate } from "../harness/process.js";
+import { serveArgs, spawnKeygate } from "../harness/process.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
 const PEPPER = "p".repeat(40);
@@ -21,7 +21,7 @@ function serveUntilExit(cwd: string, env: Record<string, string>): Promise<{ cod
   const childEnv: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
   Object.assign(childEnv, env);
-  const child = spawn(process.execPath, [...SERVE_ARGS], { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, serveArgs(), { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
   children.add(child);
   let stdout = "";
   let stderr = "";

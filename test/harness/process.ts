@@ -1,16 +1,12 @@
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { join, resolve } from "node:path";
-import { pathToFileURL } from "node:url";
 import { z } from "zod";
+import { builtCli } from "./built-cli.js";
 
-const root = resolve(import.meta.dirname, "../..");
-const cli = join(root, "src/cli.ts");
-// Children may run in another directory, so the TypeScript loader is named by absolute URL.
-const tsxLoader = pathToFileURL(join(root, "node_modules/tsx/dist/loader.mjs")).href;
-
-/** Node arguments that run `keygate serve` from the TypeScript sources. */
-export const SERVE_ARGS: readonly string[] = ["--import", tsxLoader, cli, "serve"];
+/** Node arguments that run `keygate serve` as `npm start` does, from dist/ (which must be built from the current src/). */
+export function serveArgs(): string[] {
+  return [builtCli(), "serve"];
+}
 
 /** A keygate started as its own process, the way `keygate serve` runs in production. */
 export interface KeygateProcess {
@@ -58,7 +54,7 @@ export function spawnKeygate(options: { cwd: string; env: Record<string, string>
   // test run into UNAVAILABLE answers. Tests of the budget set their own.
   env["KEYGATE_CHECK_BUDGET_MS"] = "5000";
   Object.assign(env, options.env);
-  const child = spawn(process.execPath, [...(options.args ?? SERVE_ARGS)], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...(options.args ?? serveArgs())], { cwd: options.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   let err = "";
   child.stdout?.on("data", (chunk: Buffer) => (out += chunk.toString()));

@@ -1,16 +1,14 @@
-import { execFileSync, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync } from "node:fs";
+import { homedir } from "node:os";
 import { join, resolve } from "node:path";
 
 const root = resolve(import.meta.dirname, "../..");
 
-/** An earlier keygate release built from its committed sources, ready to run. */
+/** An earlier keygate release, built from its committed sources on its own dependency tree, ready to run. */
 export interface BuiltRelease {
   commit: string;
   /** Node's arguments that run its `keygate serve`. */
   serveArgs: readonly string[];
-  remove(): void;
 }
 
 /**
@@ -24,27 +22,23 @@ export function releaseSources(commit: string): string {
   return join(root, "test/fixtures/upgrade", commit, "release-src.tar.gz");
 }
 
+/** Where .ci/install-release.sh builds `commit`: the release's own node_modules and dist/. */
+function releaseDir(commit: string): string {
+  const cacheDir = process.env["KEYGATE_CACHE_DIR"] ?? join(homedir(), ".cache/keygate");
+  return join(cacheDir, `release-${commit}`);
+}
+
+/** Whether .ci/install-release.sh has built `commit`. */
+export function releaseInstalled(commit: string): boolean {
+  return existsSync(join(releaseDir(commit), ".installed")) && existsSync(join(releaseDir(commit), "dist/cli.js"));
+}
+
 /**
- * Builds `commit`'s sources with this checkout's TypeScript and node_modules. The release must
- * pin the same packages as this checkout (it is refused otherwise: it could not run on them).
+ * The release as .ci/install-release.sh built it. It pins packages this checkout no longer has
+ * (better-sqlite3), so it runs on its own node_modules, never this checkout's.
  */
-export function buildRelease(commit: string): BuiltRelease {
-  const archive = releaseSources(commit);
-  if (!existsSync(archive)) throw new Error(`no sources of release ${commit} at ${archive}`);
-  const dir = mkdtempSync(join(tmpdir(), `keygate-release-${commit}-`));
-  try {
-    execFileSync("tar", ["-xzf", archive, "-C", dir]);
-    for (const file of ["package.json", "package-lock.json"]) {
-      if (!readFileSync(join(dir, file)).equals(readFileSync(join(root, file)))) {
-        throw new Error(`release ${commit} pins other packages than this checkout (${file} differs): it cannot run on this node_modules`);
-      }
-    }
-    symlinkSync(join(root, "node_modules"), join(dir, "node_modules"), "dir");
-    const built = spawnSync(join(root, "node_modules/.bin/tsc"), ["-p", "tsconfig.build.json"], { cwd: dir, encoding: "utf8" });
-    if (built.status !== 0) throw new Error(`building ${commit} failed:\n${built.stdout}${built.stderr}`);
-  } catch (error) {
-    rmSync(dir, { recursive: true, force: true });
-    throw error;
-  }
-  return { commit, serveArgs: [join(dir, "dist/cli.js"), "serve"], remove: () => rmSync(dir, { recursive: true, force: true }) };
+export function installedRelease(commit: string): BuiltRelease {
+  if (!existsSync(releaseSources(commit))) throw new Error(`no sources of release ${commit} at ${releaseSources(commit)}`);
+  if (!releaseInstalled(commit)) throw new Error(`release ${commit} is not built: run \`bash .ci/install-release.sh ${commit}\``);
+  return { commit, serveArgs: [join(releaseDir(commit), "dist/cli.js"), "serve"] };
 }

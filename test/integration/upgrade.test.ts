@@ -1,9 +1,10 @@
 import { copyFileSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { Database } from "../../src/store/sqlite-driver.js";
+import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { MONGO_SCHEMA_VERSION } from "../../src/store/mongo.js";
 import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
@@ -107,10 +108,10 @@ describe(`upgrade from ${RELEASE}: SQLite`, () => {
   afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 
   it("the fixture is the release's own, unversioned schema (no accounts.topup_total)", () => {
-    const db = new Database(join(fixtureDir, "sqlite/keygate.db"), { readonly: true, fileMustExist: true });
+    const db = new DatabaseSync(join(fixtureDir, "sqlite/keygate.db"), { readOnly: true });
     try {
-      expect(db.pragma("user_version", { simple: true })).toBe(0);
-      const columns = db.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('accounts')").all().map((c) => c.name);
+      expect(schemaVersion(db)).toBe(0);
+      const columns = db.prepare("SELECT name FROM pragma_table_info('accounts')").all().map((c) => c["name"]);
       expect(columns).not.toContain("topup_total");
     } finally {
       db.close();
@@ -123,9 +124,9 @@ describe(`upgrade from ${RELEASE}: SQLite`, () => {
   });
 
   it("the database is migrated to this keygate's schema version", () => {
-    const db = new Database(join(dataDir, "keygate.db"), { readonly: true, fileMustExist: true });
+    const db = new DatabaseSync(join(dataDir, "keygate.db"), { readOnly: true });
     try {
-      expect(db.pragma("user_version", { simple: true })).toBe(SQLITE_SCHEMA_VERSION);
+      expect(schemaVersion(db)).toBe(SQLITE_SCHEMA_VERSION);
     } finally {
       db.close();
     }

@@ -1,6 +1,7 @@
 import { request } from "node:http";
 import { connect } from "node:net";
 import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import fc from "fast-check";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -16,7 +17,6 @@ import { KeyFormat } from "../../src/keys/key-format.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { UsageRecorder } from "../../src/limits/usage.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
-import { Database } from "../../src/store/sqlite-driver.js";
 import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
 import { ADMIN_TOKEN, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -372,9 +372,9 @@ describe("hostile input: real listeners", () => {
 
   /** Every row of every table, for before/after comparisons. */
   function dumpStore(): string {
-    const db = new Database(join(kg.dataDir, "keygate.db"), { readonly: true });
+    const db = new DatabaseSync(join(kg.dataDir, "keygate.db"), { readOnly: true });
     try {
-      const tables = db.prepare<[], { name: string }>("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all();
+      const tables = db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all();
       return JSON.stringify(tables.map(({ name }) => [name, db.prepare(`SELECT * FROM "${name}" ORDER BY rowid`).all()]));
     } finally {
       db.close();

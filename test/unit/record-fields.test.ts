@@ -1,9 +1,10 @@
+import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { snapshotSchema } from "../../src/cache/redis.js";
 import { AccountSchema, ApiKeySchema, AuditEventSchema, KeyDayUsageSchema } from "../../src/gen/keygate/v1/key_admin_pb.js";
 import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, AUDIT_FIELDS, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY, USAGE_FIELDS, USAGE_STORE_ONLY } from "../../src/store/fields.js";
 import { accountSchema, auditSchema, keySchema, usageSchema } from "../../src/store/mongo.js";
-import { Database } from "../../src/store/sqlite-driver.js";
+import { text } from "../../src/store/sqlite-db.js";
 import { migrateSqlite } from "../../src/store/sqlite-migrations.js";
 import { newKeyRecord } from "../../src/store/store.js";
 
@@ -11,10 +12,10 @@ import { newKeyRecord } from "../../src/store/store.js";
 // spelled out: a field added to one and not the others fails here, naming where it is missing.
 
 function sqliteColumns(table: string): string[] {
-  const db = new Database(":memory:");
+  const db = new DatabaseSync(":memory:");
   try {
     migrateSqlite(db);
-    return db.prepare<[], { name: string }>(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => c.name);
+    return db.prepare(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => text(c, "name"));
   } finally {
     db.close();
   }

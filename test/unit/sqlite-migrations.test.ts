@@ -1,10 +1,10 @@
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
-import type { Database as SqliteDatabase } from "better-sqlite3";
+import { DatabaseSync } from "node:sqlite";
 import { afterEach, describe, expect, it } from "vitest";
 import { MigrationsPendingError, NewerSchemaError } from "../../src/store/errors.js";
-import { Database } from "../../src/store/sqlite-driver.js";
+import { schemaVersion, text } from "../../src/store/sqlite-db.js";
 import { SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION, migrateSqlite, pendingSqliteMigrations } from "../../src/store/sqlite-migrations.js";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
 
@@ -24,20 +24,21 @@ function tempDb(): string {
 }
 
 /** Every table's columns (name, type, not-null, default) and every index, in a comparable form. */
-function shape(db: SqliteDatabase): Record<string, unknown> {
-  const tables = db.prepare<[], { name: string }>("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all();
+function shape(db: DatabaseSync): Record<string, unknown> {
+  const tables = db.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name").all();
   const out: Record<string, unknown> = {};
-  for (const { name } of tables) {
+  for (const table of tables) {
+    const name = text(table, "name");
     out[name] = db
-      .prepare<[], { name: string; type: string; notnull: number; dflt_value: string | null; pk: number }>(`SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info('${name}') ORDER BY name`)
+      .prepare(`SELECT name, type, "notnull", dflt_value, pk FROM pragma_table_info('${name}') ORDER BY name`)
       .all();
   }
-  out["indexes"] = db.prepare<[], { name: string; tbl_name: string }>("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' ORDER BY name").all();
+  out["indexes"] = db.prepare("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' ORDER BY name").all();
   return out;
 }
 
 function freshShape(): Record<string, unknown> {
-  const db = new Database(":memory:");
+  const db = new DatabaseSync(":memory:");
   try {
     migrateSqlite(db);
     return shape(db);
@@ -49,7 +50,7 @@ function freshShape(): Record<string, unknown> {
 describe("SQLite schema migrations happy", () => {
   it.each(HISTORY)("a database made with the schema of %s migrates to the same schema as a new one, keeping its rows", async (commit) => {
     const path = tempDb();
-    const old = new Database(path);
+    const old = new DatabaseSync(path);
     old.exec(readFileSync(join(schemas, `${commit}.sql`), "utf8"));
     old.prepare("INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES ('acct_1', 'pro', 'active', 'standard', 1, 2)").run();
     old
@@ -58,7 +59,7 @@ describe("SQLite schema migrations happy", () => {
          VALUES ('key_1', 'hash_1', 'acct_1', NULL, 'old key', 'live', 'kg_live_abcd', 'wxyz', '["read"]', '{"team":"core"}', 3)`,
       )
       .run();
-    expect(old.pragma("user_version", { simple: true })).toBe(0);
+    expect(schemaVersion(old)).toBe(0);
     old.close();
 
     const store = new SqliteKeyStore(path);
@@ -70,9 +71,9 @@ describe("SQLite schema migrations happy", () => {
     } finally {
       await store.close();
     }
-    const migrated = new Database(path, { readonly: true });
+    const migrated = new DatabaseSync(path, { readOnly: true });
     try {
-      expect(migrated.pragma("user_version", { simple: true })).toBe(SQLITE_SCHEMA_VERSION);
+      expect(schemaVersion(migrated)).toBe(SQLITE_SCHEMA_VERSION);
       expect(shape(migrated)).toEqual(freshShape());
     } finally {
       migrated.close();
@@ -81,8 +82,8 @@ describe("SQLite schema migrations happy", () => {
 
   it("a second open, or a second process opening the file, applies nothing again", () => {
     const path = tempDb();
-    const first = new Database(path);
-    const second = new Database(path);
+    const first = new DatabaseSync(path);
+    const second = new DatabaseSync(path);
     try {
       expect(migrateSqlite(first)).toEqual(SQLITE_MIGRATIONS.map((m) => m.version));
       expect(migrateSqlite(second)).toEqual([]);
@@ -102,12 +103,12 @@ describe("SQLite schema migrations happy", () => {
 describe("SQLite schema migrations sad", () => {
   it("a database written by a newer keygate is refused, and nothing is written", () => {
     const path = tempDb();
-    const db = new Database(path);
-    db.pragma(`user_version = ${SQLITE_SCHEMA_VERSION + 1}`);
+    const db = new DatabaseSync(path);
+    db.exec(`PRAGMA user_version = ${SQLITE_SCHEMA_VERSION + 1}`);
     db.close();
     expect(() => new SqliteKeyStore(path)).toThrow(NewerSchemaError);
     expect(() => new SqliteKeyStore(path)).toThrow(`schema version ${SQLITE_SCHEMA_VERSION + 1}, newer than this keygate knows (${SQLITE_SCHEMA_VERSION})`);
-    const after = new Database(path, { readonly: true });
+    const after = new DatabaseSync(path, { readOnly: true });
     try {
       expect(after.prepare("SELECT name FROM sqlite_master").all()).toEqual([]);
     } finally {
@@ -117,15 +118,15 @@ describe("SQLite schema migrations sad", () => {
 
   it("with migration turned off, a database that needs a step is refused by name, and nothing is written", () => {
     const path = tempDb();
-    const old = new Database(path);
+    const old = new DatabaseSync(path);
     old.exec(readFileSync(join(schemas, "1dffb08.sql"), "utf8"));
     old.close();
     expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow(MigrationsPendingError);
     expect(() => new SqliteKeyStore(path, { migrate: false })).toThrow(`needs schema steps ${SQLITE_MIGRATIONS.map((m) => m.version).join(", ")}: run \`keygate migrate\``);
-    const after = new Database(path, { readonly: true });
+    const after = new DatabaseSync(path, { readOnly: true });
     try {
-      expect(after.pragma("user_version", { simple: true })).toBe(0);
-      const columns = after.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('accounts')").all().map((c) => c.name);
+      expect(schemaVersion(after)).toBe(0);
+      const columns = after.prepare("SELECT name FROM pragma_table_info('accounts')").all().map((c) => c["name"]);
       expect(columns).not.toContain("topup_total");
     } finally {
       after.close();
@@ -133,21 +134,21 @@ describe("SQLite schema migrations sad", () => {
   });
 
   it("a step that fails leaves the database at the version before it", () => {
-    const db = new Database(":memory:");
+    const db = new DatabaseSync(":memory:");
     try {
       const failing = [
         ...SQLITE_MIGRATIONS,
         {
           version: SQLITE_SCHEMA_VERSION + 1,
           description: "a step that adds a table, then fails",
-          apply(target: SqliteDatabase) {
+          apply(target: DatabaseSync) {
             target.exec("CREATE TABLE half_done (x INTEGER)");
             throw new Error("step failed");
           },
         },
       ];
       expect(() => migrateSqlite(db, failing)).toThrow("step failed");
-      expect(db.pragma("user_version", { simple: true })).toBe(SQLITE_SCHEMA_VERSION);
+      expect(schemaVersion(db)).toBe(SQLITE_SCHEMA_VERSION);
       expect(db.prepare("SELECT name FROM sqlite_master WHERE name = 'half_done'").all()).toEqual([]);
     } finally {
       db.close();

@@ -24,12 +24,13 @@ function describe(report: MigrateReport, dryRun: boolean): string {
 
 async function migrateSqlite(config: Config, dryRun: boolean): Promise<MigrateReport> {
   const path = join(config.dataDir, "keygate.db");
-  // Loaded on demand: the driver is native, and the MongoDB path does not need it.
-  const { Database } = await import("../../store/sqlite-driver.js");
+  // Loaded on demand: the MongoDB path does not need SQLite.
+  const { DatabaseSync } = await import("node:sqlite");
   const { pendingSqliteMigrations } = await import("../../store/sqlite-migrations.js");
   const exists = existsSync(path);
   // Read without writing: a file that is not there yet needs every step, and nothing creates it.
-  const probe = exists ? new Database(path, { readonly: true, fileMustExist: true }) : new Database(":memory:");
+  // A running keygate may hold a lock for a moment: wait for it as the store does.
+  const probe = exists ? new DatabaseSync(path, { readOnly: true, timeout: 5000 }) : new DatabaseSync(":memory:");
   let pending: SchemaStep[];
   try {
     pending = pendingSqliteMigrations(probe);

@@ -1,0 +1,75 @@
+import type { DatabaseSync, SQLOutputValue } from "node:sqlite";
+
+// The embedded store runs on Node's built-in node:sqlite (a release candidate, without the
+// ExperimentalWarning, from Node 24.15 on; see package.json's engines). This module holds what
+// better-sqlite3 gave the store and node:sqlite leaves out: transactions and typed column reads.
+
+/** A row as node:sqlite returns it: column name to value. */
+export type SqliteRow = Record<string, SQLOutputValue>;
+
+/** SQLite's extended result codes for a violated UNIQUE or PRIMARY KEY constraint (node:sqlite's `errcode`). */
+const SQLITE_CONSTRAINT_PRIMARYKEY = 1555;
+const SQLITE_CONSTRAINT_UNIQUE = 2067;
+
+/** Whether `error` is SQLite refusing a row whose primary key or unique column is taken. */
+export function isUniqueViolation(error: unknown): boolean {
+  return error instanceof Error && "errcode" in error && (error.errcode === SQLITE_CONSTRAINT_UNIQUE || error.errcode === SQLITE_CONSTRAINT_PRIMARYKEY);
+}
+
+/**
+ * Runs `fn` in one IMMEDIATE transaction (the write lock is taken at BEGIN, so a read-then-write
+ * inside cannot lose to another process): committed when it returns, rolled back when it throws.
+ */
+export function immediateTransaction<T>(db: DatabaseSync, fn: () => T): T {
+  // Nesting would need savepoints; no caller nests, so one would be a bug.
+  if (db.isTransaction) throw new Error("SQLite: a transaction is already open on this connection");
+  db.exec("BEGIN IMMEDIATE");
+  try {
+    const result = fn();
+    db.exec("COMMIT");
+    return result;
+  } catch (error) {
+    // SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR, ...).
+    if (db.isTransaction) db.exec("ROLLBACK");
+    throw error;
+  }
+}
+
+/** The schema version a database records (PRAGMA user_version). */
+export function schemaVersion(db: DatabaseSync): number {
+  return integer(db.prepare("PRAGMA user_version").get() ?? {}, "user_version");
+}
+
+function wrongType(column: string, expected: string, value: SQLOutputValue | undefined): Error {
+  return new Error(`SQLite column ${column}: expected ${expected}, found ${value === null ? "NULL" : typeof value}`);
+}
+
+/** A TEXT column that is never NULL. */
+export function text(row: SqliteRow, column: string): string {
+  const value = row[column];
+  if (typeof value !== "string") throw wrongType(column, "text", value);
+  return value;
+}
+
+/** A TEXT column that may be NULL. */
+export function textOrNull(row: SqliteRow, column: string): string | null {
+  const value = row[column];
+  if (value === null) return null;
+  if (typeof value !== "string") throw wrongType(column, "text or NULL", value);
+  return value;
+}
+
+/** An INTEGER column that is never NULL (node:sqlite throws for one beyond Number.MAX_SAFE_INTEGER). */
+export function integer(row: SqliteRow, column: string): number {
+  const value = row[column];
+  if (typeof value !== "number") throw wrongType(column, "integer", value);
+  return value;
+}
+
+/** An INTEGER column that may be NULL. */
+export function integerOrNull(row: SqliteRow, column: string): number | null {
+  const value = row[column];
+  if (value === null) return null;
+  if (typeof value !== "number") throw wrongType(column, "integer or NULL", value);
+  return value;
+}

@@ -1,0 +1,39 @@
+import { existsSync, readdirSync, statSync } from "node:fs";
+import { join, relative, resolve } from "node:path";
+
+const root = resolve(import.meta.dirname, "../..");
+const src = join(root, "src");
+const dist = join(root, "dist");
+
+/** The compiled CLI: what `npm start` and the package's bin run. */
+export const BUILT_CLI = join(dist, "cli.js");
+
+/** Why dist/ does not hold a build of the current src/, or null when it does. */
+function staleness(): string | null {
+  if (!existsSync(BUILT_CLI)) return "dist/cli.js is missing";
+  for (const entry of readdirSync(src, { recursive: true, withFileTypes: true })) {
+    if (!entry.isFile() || !entry.name.endsWith(".ts") || entry.name.endsWith(".d.ts")) continue;
+    const source = join(entry.parentPath, entry.name);
+    const output = join(dist, relative(src, source)).replace(/\.ts$/, ".js");
+    const name = (path: string): string => relative(root, path);
+    if (!existsSync(output)) return `${name(output)} is missing (${name(source)} was never built)`;
+    // tsc writes every output on each build, so an older output means its source changed since.
+    if (statSync(output).mtimeMs < statSync(source).mtimeMs) return `${name(output)} is older than ${name(source)}`;
+  }
+  return null;
+}
+
+let checked = false;
+
+/**
+ * The compiled CLI's path, once dist/ is known to be built from the current src/. Spawned
+ * keygates run dist/ as operators do (never the sources through a loader), so a missing or stale
+ * build fails the test here, by name, instead of testing old code.
+ */
+export function builtCli(): string {
+  if (checked) return BUILT_CLI;
+  const stale = staleness();
+  if (stale !== null) throw new Error(`${stale}: tests spawn the compiled CLI; run \`npm run build\` first`);
+  checked = true;
+  return BUILT_CLI;
+}
