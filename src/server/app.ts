@@ -26,6 +26,8 @@ import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
+import { createTracing } from "../tracing/otlp.js";
+import { AccessLog } from "./access-log.js";
 import { createAdminServer } from "./admin.js";
 import { listenerLimits } from "./connections.js";
 import { createGrpcAuthzServer } from "./grpc-authz.js";
@@ -218,7 +220,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const cache = await openCache(config, logger, store, usage, metrics);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
-  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
+  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, storeSystem: store.kind });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({
     format,
@@ -231,6 +233,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     usage,
     policy: config.policy,
     nowMs,
+    limitsBackend: shared === undefined ? "memory" : "redis",
   });
   const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, idempotency, nowMs, logger });
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
@@ -240,8 +243,12 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
   const limits = listenerLimits(config.listeners);
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy });
+  // Both stay undefined when off: a Check then builds no span and writes no access line.
+  const tracing = config.tracing === undefined ? undefined : createTracing(config.tracing, logger);
+  const tracer = tracing?.tracer;
+  const accessLog = AccessLog.create(logger, config.accessLogSampleRate);
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy, tracer, accessLog });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -315,7 +322,15 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const ports = { grpc: g.port, http: h.port, admin: a.port };
       options.announce?.(ports);
       logger.info(
-        { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
+        {
+          grpcPort: g.port,
+          httpPort: h.port,
+          adminPort: a.port,
+          store: store.kind,
+          cache: shared === undefined ? "memory" : "redis",
+          tracing: config.tracing === undefined ? "off" : config.tracing.protocol,
+          accessLogSample: config.accessLogSampleRate,
+        },
         "keygate listening",
       );
       return ports;
@@ -332,6 +347,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await lookup.close();
       await cache.close();
       await store.close();
+      // After the listeners drained: the spans of the last Checks go out before the process ends.
+      await tracing?.shutdown();
       logger.info("keygate stopped");
     },
   };
