@@ -269,8 +269,8 @@ const envSchema = z.object({
   KEYGATE_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).optional(),
   KEYGATE_ACCESS_LOG_SAMPLE: z.coerce.number({ error: "must be a number from 0 to 1" }).min(0, "must be from 0 to 1").max(1, "must be from 0 to 1").default(0),
   // OpenTelemetry's own variables (opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables).
-  OTEL_SDK_DISABLED: z.enum(["true", "false", ""], { error: 'must be "true" or "false"' }).optional(),
-  OTEL_TRACES_EXPORTER: z.enum(["otlp", "none", ""], { error: 'keygate exports traces with "otlp" only; "none" (or unset) leaves them off' }).optional(),
+  OTEL_SDK_DISABLED: z.enum(["true", "false"], { error: 'must be "true" or "false"' }).optional(),
+  OTEL_TRACES_EXPORTER: z.enum(["otlp", "none"], { error: 'keygate exports traces with "otlp" only; "none" (or unset) leaves them off' }).optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: otlpUrl.optional(),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: otlpUrl.optional(),
   OTEL_EXPORTER_OTLP_PROTOCOL: otlpProtocol.optional(),
@@ -389,7 +389,7 @@ export function loadPolicyFile(path: string): Policy {
  */
 function tracingSettings(e: z.infer<typeof envSchema>): TracingSettings | undefined {
   if (e.OTEL_SDK_DISABLED === "true") return undefined;
-  const exporter = e.OTEL_TRACES_EXPORTER === "" ? undefined : e.OTEL_TRACES_EXPORTER;
+  const exporter = e.OTEL_TRACES_EXPORTER;
   if (exporter === "none") return undefined;
   const endpointSet = e.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined || e.OTEL_EXPORTER_OTLP_ENDPOINT !== undefined;
   if (exporter === undefined && !endpointSet) return undefined;
@@ -407,7 +407,8 @@ function tracingSettings(e: z.infer<typeof envSchema>): TracingSettings | undefi
 
 /** Parses the environment once; bad values fail with a message naming the variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const result = envSchema.safeParse(env);
+  // OpenTelemetry treats an empty OTEL_* variable as unset (a manifest may set it to "").
+  const result = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([name, value]) => !(name.startsWith("OTEL_") && value === ""))));
   if (!result.success) throw new ConfigError(`invalid environment: ${describeIssues("", result.error)}`);
   const e = result.data;
   if (e.KEYGATE_HEADERS_TIMEOUT_SECONDS > e.KEYGATE_REQUEST_TIMEOUT_SECONDS) {
