@@ -43,16 +43,19 @@ export class DecisionTrace {
   cacheTier: CacheTier | undefined = undefined;
   readonly #tracer: Tracer;
   readonly span: Span;
-  readonly #context: Context;
+  readonly #parent: Context;
+  // Built on the first child: a decision from L1 has none, and skips it.
+  #context: Context | undefined = undefined;
 
   constructor(tracer: Tracer, span: Span, parent: Context) {
     this.#tracer = tracer;
     this.span = span;
-    this.#context = trace.setSpan(parent, span);
+    this.#parent = parent;
   }
 
   /** Starts a child span for one backend call; the caller ends it (see `traced`). */
   child(name: string, attributes: Attributes): Span {
+    this.#context ??= trace.setSpan(this.#parent, this.span);
     return this.#tracer.startSpan(name, { kind: SpanKind.CLIENT, attributes }, this.#context);
   }
 }
