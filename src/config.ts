@@ -269,7 +269,12 @@ const envSchema = z.object({
   KEYGATE_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).optional(),
   KEYGATE_ACCESS_LOG_SAMPLE: z.coerce.number({ error: "must be a number from 0 to 1" }).min(0, "must be from 0 to 1").max(1, "must be from 0 to 1").default(0),
   // OpenTelemetry's own variables (opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables).
-  OTEL_SDK_DISABLED: z.enum(["true", "false"], { error: 'must be "true" or "false"' }).optional(),
+  // The spec reads booleans case-insensitively.
+  OTEL_SDK_DISABLED: z
+    .string()
+    .transform((v) => v.toLowerCase())
+    .pipe(z.enum(["true", "false"], { error: 'must be "true" or "false"' }))
+    .optional(),
   OTEL_TRACES_EXPORTER: z.enum(["otlp", "none"], { error: 'keygate exports traces with "otlp" only; "none" (or unset) leaves them off' }).optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: otlpUrl.optional(),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: otlpUrl.optional(),

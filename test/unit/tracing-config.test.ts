@@ -40,6 +40,7 @@ describe("tracing and access log config happy", () => {
 
   it("OTEL_SDK_DISABLED=true and OTEL_TRACES_EXPORTER=none keep it off; empty variables count as unset", () => {
     expect(loadConfig({ OTEL_SDK_DISABLED: "true", OTEL_TRACES_EXPORTER: "otlp" }).tracing).toBeUndefined();
+    expect(loadConfig({ OTEL_SDK_DISABLED: "TRUE", OTEL_TRACES_EXPORTER: "otlp" }).tracing).toBeUndefined();
     expect(loadConfig({ OTEL_TRACES_EXPORTER: "none", OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318" }).tracing).toBeUndefined();
     expect(loadConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: "", OTEL_TRACES_EXPORTER: "" }).tracing).toBeUndefined();
     expect(loadConfig({ OTEL_SDK_DISABLED: "false", OTEL_EXPORTER_OTLP_ENDPOINT: "http://c:4318" }).tracing?.url).toBe("http://c:4318/v1/traces");
