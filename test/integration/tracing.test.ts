@@ -133,6 +133,26 @@ describe("tracing happy", () => {
   });
 });
 
+describe("tracing happy, grpc-js engine", () => {
+  it("the fallback engine traces Check the same way", async () => {
+    const collector = await startOtlpCollector();
+    const kg = await startKeygate({ env: { KEYGATE_GRPC_ENGINE: "grpc-js", OTEL_EXPORTER_OTLP_ENDPOINT: collector.endpoint, OTEL_BSP_SCHEDULE_DELAY: "50" } });
+    try {
+      const key = await issue(kg, "owner-trace-grpcjs");
+      const proxy = proxyContext();
+      expect((await kg.check(checkInit({ authorization: `Bearer ${key.secret}`, traceparent: proxy.traceparent }))).status?.code).toBe(0);
+      const check = await collector.waitForSpan(inTrace(proxy.traceId, "keygate.check"));
+      expect(check.parentSpanId).toBe(proxy.spanId);
+      expect(check.attributes["keygate.key.id"]).toBe(key.id);
+      const lookup = await collector.waitForSpan(inTrace(proxy.traceId, "keygate.store.lookup"));
+      expect(lookup.parentSpanId).toBe(check.spanId);
+    } finally {
+      await kg.stop();
+      await collector.close();
+    }
+  }, 60_000);
+});
+
 describe("tracing security", () => {
   it("a denial is traced by reason and code; no secret or credential header reaches the collector", async () => {
     const collector = await startOtlpCollector();
