@@ -1,3 +1,4 @@
+import { DiagLogLevel, diag } from "@opentelemetry/api";
 import { OTLPTraceExporter as JsonExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { OTLPTraceExporter as ProtobufExporter } from "@opentelemetry/exporter-trace-otlp-proto";
 import { resourceFromAttributes } from "@opentelemetry/resources";
@@ -12,6 +13,25 @@ import { DecisionTracer } from "./tracing.js";
 const SCOPE = "keygate";
 /** How long the last spans may take to reach the collector at shutdown. */
 const SHUTDOWN_FLUSH_MS = 5000;
+/** The SDK's complaints (a collector that does not answer) are logged at most this often. */
+const DIAG_LOG_INTERVAL_MS = 60_000;
+
+/**
+ * Routes the SDK's own errors and warnings (a failed export, say) to keygate's log, at most one
+ * line a minute: a collector that is down costs spans, never a flood of log lines.
+ */
+function logSdkProblems(logger: Logger): void {
+  let lastAtMs = -Infinity;
+  const report = (message: string, ...args: unknown[]): void => {
+    const now = Date.now();
+    if (now - lastAtMs < DIAG_LOG_INTERVAL_MS) return;
+    lastAtMs = now;
+    const detail = [message, ...args.map((arg) => (arg instanceof Error ? arg.message : String(arg)))].join(" ").slice(0, 500);
+    logger.warn({ detail }, "tracing: spans could not be exported (or the SDK reported another problem); further reports wait a minute");
+  };
+  const ignore = (): void => undefined;
+  diag.setLogger({ error: report, warn: report, info: ignore, debug: ignore, verbose: ignore }, { logLevel: DiagLogLevel.WARN, suppressOverrideMessage: true });
+}
 
 /** The SDK sampler an OTEL_TRACES_SAMPLER value names. */
 export function samplerFor(name: TraceSampler, ratio: number): Sampler {
@@ -48,6 +68,7 @@ export function createTracing(
   logger: Logger,
   exporter?: SpanExporter,
 ): Tracing {
+  logSdkProblems(logger);
   const out = exporter ?? otlpExporter(settings);
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: settings.serviceName }),
