@@ -12,8 +12,9 @@ export const CHECK_SPAN = "keygate.check";
 export const STORE_LOOKUP_SPAN = "keygate.store.lookup";
 /** The child span of an L2 read in Redis. */
 export const REDIS_L2_GET_SPAN = "keygate.redis.l2_get";
-/** The child spans of the rate, quota and credit step in Redis. */
+/** The child span of the rate, quota and credit step in Redis. */
 export const REDIS_CHARGE_SPAN = "keygate.redis.charge";
+/** The child span of reading the limits in Redis for a refused known key's headers (charges nothing). */
 export const REDIS_PEEK_SPAN = "keygate.redis.peek";
 
 /** Where a decision's key snapshot came from: L1, L2, the store, or another Check's read of it. */
