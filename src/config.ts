@@ -331,6 +331,19 @@ function parseUserinfo(userinfo: string | undefined): RedisCredentials | null {
   }
 }
 
+/** OTEL_TRACES_SAMPLER values keygate understands (the SDK's built-in samplers). */
+export const TRACE_SAMPLERS = ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"] as const;
+/** One of TRACE_SAMPLERS. */
+export type TraceSampler = (typeof TRACE_SAMPLERS)[number];
+/** OTLP transports keygate can send traces with (OTLP over HTTP; gRPC is not built in). */
+export const OTLP_PROTOCOLS = ["http/protobuf", "http/json"] as const;
+/** One of OTLP_PROTOCOLS. */
+export type OtlpProtocol = (typeof OTLP_PROTOCOLS)[number];
+const otlpUrl = z.url({ protocol: /^https?$/, error: "must be an http:// or https:// URL" });
+const otlpProtocol = z.enum(OTLP_PROTOCOLS, { error: `must be one of ${OTLP_PROTOCOLS.join(", ")} (OTLP over gRPC is not supported)` });
+/** The OTLP/HTTP collector's default traces URL (the OpenTelemetry spec's). */
+export const DEFAULT_OTLP_TRACES_URL = "http://localhost:4318/v1/traces";
+
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
   KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
@@ -361,7 +374,41 @@ const envSchema = z.object({
   KEYGATE_REQUEST_TIMEOUT_SECONDS: timeoutSeconds.default(30),
   KEYGATE_IDLE_TIMEOUT_SECONDS: timeoutSeconds.default(65),
   KEYGATE_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).optional(),
+  KEYGATE_ACCESS_LOG_SAMPLE: z.coerce.number({ error: "must be a number from 0 to 1" }).min(0, "must be from 0 to 1").max(1, "must be from 0 to 1").default(0),
+  // OpenTelemetry's own variables (opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables).
+  // The spec reads booleans case-insensitively.
+  OTEL_SDK_DISABLED: z
+    .string()
+    .transform((v) => v.toLowerCase())
+    .pipe(z.enum(["true", "false"], { error: 'must be "true" or "false"' }))
+    .optional(),
+  OTEL_TRACES_EXPORTER: z.enum(["otlp", "none"], { error: 'keygate exports traces with "otlp" only; "none" (or unset) leaves them off' }).optional(),
+  OTEL_EXPORTER_OTLP_ENDPOINT: otlpUrl.optional(),
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: otlpUrl.optional(),
+  OTEL_EXPORTER_OTLP_PROTOCOL: otlpProtocol.optional(),
+  OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: otlpProtocol.optional(),
+  OTEL_SERVICE_NAME: z.string().min(1).default("keygate"),
+  OTEL_TRACES_SAMPLER: z.enum(TRACE_SAMPLERS, { error: `must be one of ${TRACE_SAMPLERS.join(", ")}` }).default("parentbased_always_on"),
+  OTEL_TRACES_SAMPLER_ARG: z.coerce.number({ error: "must be a ratio from 0 to 1" }).min(0, "must be a ratio from 0 to 1").max(1, "must be a ratio from 0 to 1").optional(),
+  OTEL_BSP_SCHEDULE_DELAY: z.coerce.number().int().min(0).max(60_000).default(1000),
 });
+
+/**
+ * Where and how decision traces go; undefined when tracing is off. On: OTEL_TRACES_EXPORTER=otlp, or
+ * an OTLP endpoint set with OTEL_TRACES_EXPORTER unset; never with OTEL_SDK_DISABLED=true or
+ * OTEL_TRACES_EXPORTER=none.
+ */
+export interface TracingSettings {
+  /** The OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces. */
+  url: string;
+  protocol: OtlpProtocol;
+  serviceName: string;
+  sampler: TraceSampler;
+  /** The ratio of the traceidratio samplers. */
+  samplerRatio: number;
+  /** How long a finished span may wait before its batch is sent. */
+  scheduleDelayMs: number;
+}
 
 /** Everything keygate reads from its environment and policy file. */
 export interface Config {
@@ -392,6 +439,10 @@ export interface Config {
   adminMaxBodyBytes: number;
   /** Timeouts and the connection cap of every listener. */
   listeners: ListenerSettings;
+  /** Decision traces over OTLP; undefined: tracing is off (the default). */
+  tracing: TracingSettings | undefined;
+  /** Share of decided Checks written to the access log at info level, 0 (off, the default) to 1. */
+  accessLogSampleRate: number;
   policy: Policy;
   /** The policy's file (KEYGATE_CONFIG); undefined for the built-in policy. */
   policyFile: string | undefined;
@@ -446,9 +497,33 @@ export function loadPolicyFile(path: string): Policy {
   return parsePolicy(parsed, `KEYGATE_CONFIG (${path})`);
 }
 
+/**
+ * Tracing is on when OTEL_TRACES_EXPORTER is otlp, or when it is unset and an OTLP endpoint is
+ * given; OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none turn it off whatever else is set.
+ * The traces endpoint is used as given; the general one gets /v1/traces appended, as the spec says.
+ */
+function tracingSettings(e: z.infer<typeof envSchema>): TracingSettings | undefined {
+  if (e.OTEL_SDK_DISABLED === "true") return undefined;
+  const exporter = e.OTEL_TRACES_EXPORTER;
+  if (exporter === "none") return undefined;
+  const endpointSet = e.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined || e.OTEL_EXPORTER_OTLP_ENDPOINT !== undefined;
+  if (exporter === undefined && !endpointSet) return undefined;
+  const general = e.OTEL_EXPORTER_OTLP_ENDPOINT;
+  const url = e.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ?? (general === undefined ? DEFAULT_OTLP_TRACES_URL : `${general.replace(/\/+$/, "")}/v1/traces`);
+  return {
+    url,
+    protocol: e.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL ?? e.OTEL_EXPORTER_OTLP_PROTOCOL ?? "http/protobuf",
+    serviceName: e.OTEL_SERVICE_NAME,
+    sampler: e.OTEL_TRACES_SAMPLER,
+    samplerRatio: e.OTEL_TRACES_SAMPLER_ARG ?? 1,
+    scheduleDelayMs: e.OTEL_BSP_SCHEDULE_DELAY,
+  };
+}
+
 /** Parses the environment once; bad values fail with a message naming the variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const result = envSchema.safeParse(env);
+  // OpenTelemetry treats an empty OTEL_* variable as unset (a manifest may set it to "").
+  const result = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([name, value]) => !(name.startsWith("OTEL_") && value === ""))));
   if (!result.success) throw new ConfigError(`invalid environment: ${describeIssues("", result.error)}`);
   const e = result.data;
   if (e.KEYGATE_HEADERS_TIMEOUT_SECONDS > e.KEYGATE_REQUEST_TIMEOUT_SECONDS) {
@@ -481,6 +556,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       idleTimeoutMs: Math.round(e.KEYGATE_IDLE_TIMEOUT_SECONDS * 1000),
       maxConnections: e.KEYGATE_MAX_CONNECTIONS ?? null,
     },
+    tracing: tracingSettings(e),
+    accessLogSampleRate: e.KEYGATE_ACCESS_LOG_SAMPLE,
     policy,
   };
 }

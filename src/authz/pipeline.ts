@@ -15,6 +15,8 @@ import type { HeaderBag } from "./credential.js";
 import { DENIALS } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
 import { RouteRefusal } from "./routes.js";
+import { REDIS_CHARGE_SPAN, REDIS_PEEK_SPAN, backendAttributes, traceCall } from "../tracing/tracing.js";
+import type { DecisionTrace } from "../tracing/tracing.js";
 import type { RouteRequirements, RouteTable } from "./routes.js";
 
 /** One request to decide, as both entry points present it. */
@@ -24,6 +26,8 @@ export interface CheckInput {
   headers: HeaderBag;
   /** Envoy's per-route context_extensions; undefined in the HTTP mode. */
   contextExtensions: Readonly<Record<string, string>> | undefined;
+  /** The decision's span while tracing is on; undefined (nothing traced, nothing built) when off. */
+  trace?: DecisionTrace | undefined;
 }
 
 /** A granted request: who it is, and what the route asked for. */
@@ -79,7 +83,12 @@ export interface PipelineDeps {
   nowMs: () => number;
   /** The most a Check may wait on its backends (KEYGATE_CHECK_BUDGET_MS); then it is UNAVAILABLE. */
   checkBudgetMs?: number;
+  /** Where the meter keeps its counts: with "redis", a traced decision's charge is a Redis span. */
+  limitsBackend?: "memory" | "redis";
 }
+
+const CHARGE_ATTRIBUTES = backendAttributes("redis", "charge");
+const PEEK_ATTRIBUTES = backendAttributes("redis", "peek");
 
 // Denials that carry no per-request data are built once.
 const FIXED: Readonly<Record<"MISSING_CREDENTIAL" | "MALFORMED_KEY" | "UNKNOWN_KEY", Deny>> = {
@@ -174,7 +183,8 @@ export class DecisionPipeline {
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
     const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
     if (route instanceof RouteRefusal) return route;
-    const decision = this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true));
+    const trace = input.trace;
+    const decision = this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace), trace);
     // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
     return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;
   }
@@ -183,7 +193,7 @@ export class DecisionPipeline {
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
     const v = this.#version;
     if (this.deps.format.parse(key) === null) return FIXED.MALFORMED_KEY;
-    return this.#withSnapshot(key, (snapshot) => this.#judge(v, snapshot, NO_HEADERS, route, false));
+    return this.#withSnapshot(key, (snapshot) => this.#judge(v, snapshot, NO_HEADERS, route, false, undefined), undefined);
   }
 
   /**
@@ -227,24 +237,40 @@ export class DecisionPipeline {
     return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
   }
 
-  #withSnapshot(key: string, judge: (snapshot: CheckSnapshot | null) => Decision | Promise<Decision>): Decision | Promise<Decision> {
+  #withSnapshot(key: string, judge: (snapshot: CheckSnapshot | null) => Decision | Promise<Decision>, trace: DecisionTrace | undefined): Decision | Promise<Decision> {
     const hash = this.deps.hasher.hash(key);
     const cached = this.deps.lookup.peek(hash);
-    if (cached !== undefined) return judge(cached);
-    return this.deps.lookup.load(hash).then(judge);
+    if (cached !== undefined) {
+      if (trace !== undefined) trace.cacheTier = "l1";
+      return judge(cached);
+    }
+    return this.deps.lookup.load(hash, trace).then(judge);
   }
 
-  #judge(v: PolicyVersion, snapshot: CheckSnapshot | null, credentialHeaders: readonly string[], route: RouteRequirements, charge: boolean): Decision | Promise<Decision> {
+  /** The limits step; a Redis meter's call is a span of a traced decision. */
+  #charge(input: ChargeInput, trace: DecisionTrace | undefined): ChargeResult | Promise<ChargeResult> {
+    if (trace === undefined || this.deps.limitsBackend !== "redis") return this.deps.meter.charge(input);
+    return traceCall(trace, REDIS_CHARGE_SPAN, CHARGE_ATTRIBUTES, () => this.deps.meter.charge(input));
+  }
+
+  #judge(
+    v: PolicyVersion,
+    snapshot: CheckSnapshot | null,
+    credentialHeaders: readonly string[],
+    route: RouteRequirements,
+    charge: boolean,
+    trace: DecisionTrace | undefined,
+  ): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
     const refusal = this.#refusal(snapshot, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
       this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
-      return this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, route, nowMs));
+      return this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, route, nowMs), trace);
     }
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
-    const charged = this.deps.meter.charge(this.#chargeInput(v, snapshot, route, nowMs));
+    const charged = this.#charge(this.#chargeInput(v, snapshot, route, nowMs), trace);
     const finish = (limits: ChargeResult): Decision => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs);
     return charged instanceof Promise ? charged.then(finish) : finish(charged);
   }
@@ -320,13 +346,16 @@ export class DecisionPipeline {
    * A refusal of a known key still tells the caller where it stands on its limits, charging
    * nothing. If the limits cannot be read, the refusal goes out without those headers.
    */
-  #withLimitHeaders(refusal: Deny, input: ChargeInput): Deny | Promise<Deny> {
+  #withLimitHeaders(refusal: Deny, input: ChargeInput, trace: DecisionTrace | undefined): Deny | Promise<Deny> {
     const attach = (limits: ChargeResult): Deny => {
       refusal.limits = limits;
       return refusal;
     };
     try {
-      const peeked = this.deps.meter.peek(input);
+      const peeked =
+        trace === undefined || this.deps.limitsBackend !== "redis"
+          ? this.deps.meter.peek(input)
+          : traceCall(trace, REDIS_PEEK_SPAN, PEEK_ATTRIBUTES, () => this.deps.meter.peek(input));
       return peeked instanceof Promise ? peeked.then(attach, () => refusal) : attach(peeked);
     } catch {
       return refusal;

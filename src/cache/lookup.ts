@@ -1,4 +1,7 @@
+import type { Attributes } from "@opentelemetry/api";
 import type { Logger } from "pino";
+import { REDIS_L2_GET_SPAN, STORE_LOOKUP_SPAN, backendAttributes, traced } from "../tracing/tracing.js";
+import type { DecisionTrace } from "../tracing/tracing.js";
 import type { CheckSnapshot, KeySnapshot, SnapshotStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
 import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
@@ -21,7 +24,11 @@ export interface SnapshotLookupDeps {
   logger?: Logger | undefined;
   /** How long an L1 miss waits for L2 before reading the store (default L2_TIMEOUT_MS). */
   l2TimeoutMs?: number | undefined;
+  /** The store's db.system.name in trace spans ("sqlite", "mongodb"). */
+  storeSystem?: string | undefined;
 }
+
+const L2_GET_ATTRIBUTES: Attributes = backendAttributes("redis", "l2_get");
 
 /**
  * L1 lifetime while the invalidation bus is down: this replica cannot hear revocations then,
@@ -89,12 +96,14 @@ export class SnapshotLookup {
   readonly #pending = new Map<string, Invalidation>();
   #retryTimer: NodeJS.Timeout | undefined;
   #retrying = false;
+  readonly #storeAttributes: Attributes;
 
   readonly #l2TimeoutMs: number;
 
   constructor(deps: SnapshotLookupDeps) {
     this.#deps = deps;
     this.#l2TimeoutMs = deps.l2TimeoutMs ?? L2_TIMEOUT_MS;
+    this.#storeAttributes = backendAttributes(deps.storeSystem ?? "unknown", "find_snapshot");
     this.#observer = deps.observer ?? NO_OBSERVER;
     deps.bus.subscribe((event) => this.#dropLocal(event));
   }
@@ -106,34 +115,42 @@ export class SnapshotLookup {
     return cached;
   }
 
-  /** The slow path after an L1 miss; callers loading the same hash at once share one read. */
-  load(hash: string): Promise<KeySnapshot | null> {
+  /**
+   * The slow path after an L1 miss; callers loading the same hash at once share one read. With a
+   * decision's trace, the backend calls this load makes are spans under it.
+   */
+  load(hash: string, trace?: DecisionTrace): Promise<KeySnapshot | null> {
     const inflight = this.#inflight.get(hash);
-    if (inflight !== undefined) return inflight;
-    const loading: Promise<KeySnapshot | null> = this.#load(hash).finally(() => {
+    if (inflight !== undefined) {
+      if (trace !== undefined) trace.cacheTier = "shared";
+      return inflight;
+    }
+    const loading: Promise<KeySnapshot | null> = this.#load(hash, trace).finally(() => {
       if (this.#inflight.get(hash) === loading) this.#inflight.delete(hash);
     });
     this.#inflight.set(hash, loading);
     return loading;
   }
 
-  async #load(hash: string): Promise<KeySnapshot | null> {
+  async #load(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
     const epoch = this.#epoch;
     const { shared: configured, bus } = this.#deps;
     let shared = configured !== undefined && bus.connected ? configured : undefined;
     if (shared !== undefined && this.#l2TrustedAt !== this.#busChanges) shared = await this.#distrustEarlier(shared);
     let fill: FillToken | undefined;
     if (shared !== undefined) {
-      const cached = await this.#sharedRead(shared, hash);
+      const cached = await this.#sharedRead(shared, hash, trace);
       if (cached !== undefined) {
         if (cached.value !== undefined) {
+          if (trace !== undefined) trace.cacheTier = "l2";
           if (epoch === this.#epoch) this.#remember(hash, cached.value);
           return cached.value;
         }
         fill = cached.fill;
       }
     }
-    const snapshot = await this.#storeRead(hash);
+    if (trace !== undefined) trace.cacheTier = "store";
+    const snapshot = await this.#storeRead(hash, trace);
     // A change seen while this read was running may have come after it: answer, but keep nothing.
     if (epoch !== this.#epoch) return snapshot;
     this.#remember(hash, snapshot);
@@ -145,10 +162,11 @@ export class SnapshotLookup {
     return snapshot;
   }
 
-  async #storeRead(hash: string): Promise<KeySnapshot | null> {
+  async #storeRead(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
     const started = performance.now();
     try {
-      const snapshot = await this.#deps.store.findSnapshotByHash(hash);
+      const read = this.#deps.store.findSnapshotByHash(hash);
+      const snapshot = await (trace === undefined ? read : traced(trace.child(STORE_LOOKUP_SPAN, this.#storeAttributes), read));
       this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
       return snapshot;
     } catch (error) {
@@ -187,10 +205,11 @@ export class SnapshotLookup {
     else this.#deps.local.set(hash, snapshot, ttlMs);
   }
 
-  async #sharedRead(shared: SharedCache, hash: string): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {
+  async #sharedRead(shared: SharedCache, hash: string, trace: DecisionTrace | undefined): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {
     const started = performance.now();
     try {
-      const cached = await withDeadline(shared.read(hash), this.#l2TimeoutMs, "L2 read");
+      const read = withDeadline(shared.read(hash), this.#l2TimeoutMs, "L2 read");
+      const cached = await (trace === undefined ? read : traced(trace.child(REDIS_L2_GET_SPAN, L2_GET_ATTRIBUTES), read));
       this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, true);
       this.#observer.cacheResult("l2", cached.value === undefined ? "miss" : cached.value === null ? "negative" : "hit");
       return cached;

@@ -28,6 +28,8 @@ import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
+import { createTracing } from "../tracing/otlp.js";
+import { AccessLog } from "./access-log.js";
 import { createAdminServer } from "./admin.js";
 import { listenerLimits } from "./connections.js";
 import { createGrpcAuthzServer } from "./grpc-authz.js";
@@ -236,7 +238,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // Every backend call of a Check gives up within the Check's budget; L2 sooner, so the store
   // still has time to answer after a slow Redis.
   const l2TimeoutMs = Math.min(L2_TIMEOUT_MS, Math.ceil(config.checkBudgetMs / 3));
-  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, l2TimeoutMs });
+  const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, l2TimeoutMs, storeSystem: store.kind });
   const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
   const pipeline = new DecisionPipeline({
     format,
@@ -250,6 +252,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     policy: config.policy,
     nowMs,
     checkBudgetMs: config.checkBudgetMs,
+    limitsBackend: shared === undefined ? "memory" : "redis",
   });
   const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, idempotency, nowMs, logger });
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
@@ -259,8 +262,12 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
   const limits = listenerLimits(config.listeners);
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy });
+  // Both stay undefined when off: a Check then builds no span and writes no access line.
+  const tracing = config.tracing === undefined ? undefined : createTracing(config.tracing, logger);
+  const tracer = tracing?.tracer;
+  const accessLog = AccessLog.create(logger, config.accessLogSampleRate);
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy, tracer, accessLog });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -334,7 +341,15 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const ports = { grpc: g.port, http: h.port, admin: a.port };
       options.announce?.(ports);
       logger.info(
-        { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
+        {
+          grpcPort: g.port,
+          httpPort: h.port,
+          adminPort: a.port,
+          store: store.kind,
+          cache: shared === undefined ? "memory" : "redis",
+          tracing: config.tracing === undefined ? "off" : config.tracing.protocol,
+          accessLogSample: config.accessLogSampleRate,
+        },
         "keygate listening",
       );
       return ports;
@@ -351,6 +366,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await lookup.close();
       await cache.close();
       await store.close();
+      // After the listeners drained: the spans of the last Checks go out before the process ends.
+      await tracing?.shutdown();
       logger.info("keygate stopped");
     },
   };

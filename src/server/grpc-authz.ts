@@ -37,6 +37,8 @@ import { listen } from "./http-lifecycle.js";
 // grpc-h2 imports only types from this module, so there is no import cycle at run time.
 import { CHECK_UNAVAILABLE_MESSAGE, createH2GrpcServer } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
+import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
+import type { AccessLog } from "./access-log.js";
 
 const DECODE = { readUnknownFields: false };
 
@@ -167,6 +169,10 @@ export interface GrpcAuthzDeps {
   limits: ListenerLimits;
   /** Which server implementation answers (KEYGATE_GRPC_ENGINE). */
   engine: GrpcEngine;
+  /** Decision spans; undefined when tracing is off. */
+  tracer?: DecisionTracer | undefined;
+  /** The sampled access log; undefined when it is off. */
+  accessLog?: AccessLog | undefined;
 }
 
 /** A started gRPC listener. */
@@ -192,32 +198,55 @@ export interface AuthzCore {
   readiness: Readiness;
 }
 
+/** The request id Check answers with: Envoy's, else the x-request-id header, else a new one. */
+function requestIdOf(request: CheckRequestView, headers: HeaderBag): string {
+  const http = request.attributes?.request?.http;
+  return http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
+}
+
 /** Builds the engine-independent Check and health logic. */
 export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">): AuthzCore {
-  const { pipeline, metrics, logger, readiness } = deps;
+  const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
 
-  function fail(error: unknown, startedAt: number): void {
+  function fail(error: unknown, startedAt: number, request: CheckRequestView, headers: HeaderBag, trace: DecisionTrace | undefined): void {
     metrics.recordCheck("grpc", "UNAVAILABLE", startedAt, performance.now());
     // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
     // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
     logger.warn({ err: error }, "check could not be decided");
+    if (trace !== undefined) tracer?.fail(trace, error);
+    if (accessLog !== undefined) {
+      const http = request.attributes?.request?.http;
+      accessLog.failed("grpc", http?.method ?? "", http?.path ?? "/", requestIdOf(request, headers), startedAt);
+    }
   }
 
-  function answer<T>(d: Decision, request: CheckRequestView, headers: HeaderBag, startedAt: number, target: T, reply: CheckReply<T>): void {
-    const http = request.attributes?.request?.http;
-    const requestId = http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
+  function answer<T>(
+    d: Decision,
+    request: CheckRequestView,
+    headers: HeaderBag,
+    startedAt: number,
+    target: T,
+    reply: CheckReply<T>,
+    trace: DecisionTrace | undefined,
+  ): void {
+    const requestId = requestIdOf(request, headers);
     let bytes: Uint8Array;
     try {
       // Only an allow needs the request's header names (to strip spoofed identity headers).
       bytes = encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs());
     } catch (error) {
-      fail(error, startedAt);
+      fail(error, startedAt, request, headers, trace);
       reply(target, null);
       return;
     }
     reply(target, bytes);
     const reason = d.allow ? "OK" : d.reason;
     metrics.recordCheck("grpc", reason, startedAt, performance.now());
+    if (trace !== undefined) tracer?.finish(trace, d);
+    if (accessLog !== undefined) {
+      const http = request.attributes?.request?.http;
+      accessLog.decided("grpc", d, http?.method ?? "", http?.path ?? "/", requestId, startedAt);
+    }
     // The client's answer names the bad setting; the operator's log also gets its value.
     if (reason === "ROUTE_MISCONFIGURED") logger.error({ requestId, contextExtensions: request.attributes?.contextExtensions }, "bad per-route settings from the proxy");
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
@@ -230,28 +259,27 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">):
       const startedAt = performance.now();
       const http = request.attributes?.request?.http;
       const headers = headersOf(http);
+      const method = http?.method ?? "";
+      const path = http?.path ?? "/";
+      // The proxy's traceparent is read only when tracing is on; off, this is the one check.
+      const trace = tracer === undefined ? undefined : tracer.start("grpc", method, path, headers);
       let decision: Decision | Promise<Decision>;
       try {
-        decision = pipeline.decide({
-          method: http?.method ?? "",
-          path: http?.path ?? "/",
-          headers,
-          contextExtensions: request.attributes?.contextExtensions,
-        });
+        decision = pipeline.decide({ method, path, headers, contextExtensions: request.attributes?.contextExtensions, trace });
       } catch (error) {
-        fail(error, startedAt);
+        fail(error, startedAt, request, headers, trace);
         reply(target, null);
         return;
       }
       if (decision instanceof Promise) {
         decision.then(
-          (d) => answer(d, request, headers, startedAt, target, reply),
+          (d) => answer(d, request, headers, startedAt, target, reply, trace),
           (error: unknown) => {
-            fail(error, startedAt);
+            fail(error, startedAt, request, headers, trace);
             reply(target, null);
           },
         );
-      } else answer(decision, request, headers, startedAt, target, reply);
+      } else answer(decision, request, headers, startedAt, target, reply, trace);
     },
     servingStatus(service) {
       if (!HEALTH_SERVICES.has(service)) return null;

@@ -14,6 +14,8 @@ import { timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
+import type { DecisionTracer } from "../tracing/tracing.js";
+import type { AccessLog } from "./access-log.js";
 
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
@@ -26,6 +28,10 @@ export interface HttpAuthzDeps {
   proxy: HttpAuthzProxy;
   /** Timeouts and connection cap of this listener. */
   limits: ListenerLimits;
+  /** Decision spans; undefined when tracing is off. */
+  tracer?: DecisionTracer | undefined;
+  /** The sampled access log; undefined when it is off. */
+  accessLog?: AccessLog | undefined;
 }
 
 function firstHeader(req: IncomingMessage, name: string): string | undefined {
@@ -53,7 +59,7 @@ function send(res: ServerResponse, answer: HttpAnswer): void {
 
 /** Builds the HTTP authorization server for nginx auth_request, Caddy forward_auth and Envoy's HTTP service. */
 export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
-  const { pipeline, metrics, logger, readiness } = deps;
+  const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
   const source = new OriginalRequestReader(deps.proxy);
   let misconfigurationLogged = false;
 
@@ -85,15 +91,23 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const requestId = firstHeader(req, "x-request-id") || randomUUID();
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
     const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
+    const method = original.ok ? original.method : (req.method ?? "");
+    const path = original.ok ? original.path : url;
+    // The proxy's traceparent is read only when tracing is on; off, this is the one check.
+    const trace = tracer === undefined ? undefined : tracer.start("http", method, path, req.headers);
     const answer = (decision: Decision): void => {
       reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
       const reason = decision.allow ? "OK" : decision.reason;
       metrics.recordCheck("http", reason, startedAt, performance.now());
+      if (trace !== undefined) tracer?.finish(trace, decision);
+      if (accessLog !== undefined) accessLog.decided("http", decision, method, path, requestId, startedAt);
       if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: decision.snapshot?.key.id, decision: reason, mode: "http" }, "check");
     };
     const fail = (error: unknown): void => {
       metrics.recordCheck("http", "UNAVAILABLE", startedAt, performance.now());
       logger.warn({ err: error }, "check could not be decided");
+      if (trace !== undefined) tracer?.fail(trace, error);
+      if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt);
       reply(unavailableAnswer(requestId));
     };
     if (!original.ok) {
@@ -106,7 +120,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       return;
     }
     try {
-      const decision = pipeline.decide({ method: original.method, path: original.path, headers: headerBag(req, headerNames.length), contextExtensions: undefined });
+      const decision = pipeline.decide({ method, path, headers: headerBag(req, headerNames.length), contextExtensions: undefined, trace });
       if (decision instanceof Promise) decision.then(answer, fail);
       else answer(decision);
     } catch (error) {

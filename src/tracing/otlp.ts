@@ -1,0 +1,99 @@
+import { DiagLogLevel, diag } from "@opentelemetry/api";
+import { OTLPTraceExporter as JsonExporter } from "@opentelemetry/exporter-trace-otlp-http";
+import { OTLPTraceExporter as ProtobufExporter } from "@opentelemetry/exporter-trace-otlp-proto";
+import { resourceFromAttributes } from "@opentelemetry/resources";
+import { AlwaysOffSampler, AlwaysOnSampler, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, TracerProvider } from "@opentelemetry/sdk-trace";
+import type { Sampler, SpanExporter } from "@opentelemetry/sdk-trace";
+import { ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
+import type { Logger } from "pino";
+import type { TraceSampler, TracingSettings } from "../config.js";
+import { DecisionTracer } from "./tracing.js";
+
+/** The instrumentation scope spans are reported under. */
+const SCOPE = "keygate";
+/** How long the last spans may take to reach the collector at shutdown. */
+const SHUTDOWN_FLUSH_MS = 5000;
+/** The SDK's complaints (a collector that does not answer) are logged at most this often. */
+const DIAG_LOG_INTERVAL_MS = 60_000;
+
+/**
+ * Routes the SDK's own errors and warnings (a failed export, say) to keygate's log, at most one
+ * line a minute: a collector that is down costs spans, never a flood of log lines.
+ */
+function logSdkProblems(logger: Logger): void {
+  let lastAtMs = -Infinity;
+  const report = (message: string, ...args: unknown[]): void => {
+    const now = Date.now();
+    if (now - lastAtMs < DIAG_LOG_INTERVAL_MS) return;
+    lastAtMs = now;
+    const detail = [message, ...args.map((arg) => (arg instanceof Error ? arg.message : String(arg)))].join(" ").slice(0, 500);
+    logger.warn({ detail }, "tracing: spans could not be exported (or the SDK reported another problem); further reports wait a minute");
+  };
+  const ignore = (): void => undefined;
+  diag.setLogger({ error: report, warn: report, info: ignore, debug: ignore, verbose: ignore }, { logLevel: DiagLogLevel.WARN, suppressOverrideMessage: true });
+}
+
+/** The SDK sampler an OTEL_TRACES_SAMPLER value names. */
+export function samplerFor(name: TraceSampler, ratio: number): Sampler {
+  switch (name) {
+    case "always_on":
+      return new AlwaysOnSampler();
+    case "always_off":
+      return new AlwaysOffSampler();
+    case "traceidratio":
+      return new TraceIdRatioBasedSampler(ratio);
+    case "parentbased_always_on":
+      return new ParentBasedSampler({ root: new AlwaysOnSampler() });
+    case "parentbased_always_off":
+      return new ParentBasedSampler({ root: new AlwaysOffSampler() });
+    case "parentbased_traceidratio":
+      return new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio) });
+  }
+}
+
+/** Decision tracing while it runs, and how to send what is left when keygate stops. */
+export interface Tracing {
+  readonly tracer: DecisionTracer;
+  /** Sends the spans still batched and stops exporting (SIGTERM path). */
+  shutdown(): Promise<void>;
+}
+
+/**
+ * Builds decision tracing from the OTEL_* settings, or for tests and the benchmark, around a given
+ * exporter and sampler. The provider is not registered globally: keygate hands its tracer down
+ * to the entry points, so no other library's instrumentation starts emitting through it.
+ */
+export function createTracing(
+  settings: Pick<TracingSettings, "serviceName" | "sampler" | "samplerRatio" | "scheduleDelayMs"> & Partial<Pick<TracingSettings, "url" | "protocol">>,
+  logger: Logger,
+  exporter?: SpanExporter,
+): Tracing {
+  logSdkProblems(logger);
+  const out = exporter ?? otlpExporter(settings);
+  const provider = new TracerProvider({
+    resource: resourceFromAttributes({ [ATTR_SERVICE_NAME]: settings.serviceName }),
+    sampler: samplerFor(settings.sampler, settings.samplerRatio),
+    spanProcessors: [new BatchSpanProcessor({ exporter: out, scheduledDelayMillis: settings.scheduleDelayMs })],
+    forceFlushTimeoutMillis: SHUTDOWN_FLUSH_MS,
+  });
+  const tracer = new DecisionTracer(provider.getTracer(SCOPE));
+  return {
+    tracer,
+    async shutdown() {
+      try {
+        await provider.shutdown();
+      } catch (error) {
+        logger.warn({ err: error }, "could not send the last trace spans");
+      }
+    },
+  };
+}
+
+/**
+ * The OTLP/HTTP exporter. Its URL comes from keygate's config; headers, timeout, compression and
+ * TLS files come from the exporter's own OTEL_EXPORTER_OTLP_* variables.
+ */
+function otlpExporter(settings: Partial<Pick<TracingSettings, "url" | "protocol">>): SpanExporter {
+  const config = settings.url === undefined ? {} : { url: settings.url };
+  return settings.protocol === "http/json" ? new JsonExporter(config) : new ProtobufExporter(config);
+}

@@ -1,0 +1,172 @@
+import { ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
+import type { Attributes, Context, Span, TextMapGetter, Tracer } from "@opentelemetry/api";
+import { W3CTraceContextPropagator } from "@opentelemetry/core";
+import { ATTR_DB_SYSTEM_NAME, ATTR_HTTP_REQUEST_METHOD, ATTR_URL_PATH } from "@opentelemetry/semantic-conventions";
+import type { HeaderBag } from "../authz/credential.js";
+import type { Decision } from "../authz/pipeline.js";
+import { DENIALS } from "../authz/reasons.js";
+
+/** The decision span's name. */
+export const CHECK_SPAN = "keygate.check";
+/** The child span of a key lookup in the store (SQLite or MongoDB). */
+export const STORE_LOOKUP_SPAN = "keygate.store.lookup";
+/** The child span of an L2 read in Redis. */
+export const REDIS_L2_GET_SPAN = "keygate.redis.l2_get";
+/** The child span of the rate, quota and credit step in Redis. */
+export const REDIS_CHARGE_SPAN = "keygate.redis.charge";
+/** The child span of reading the limits in Redis for a refused known key's headers (charges nothing). */
+export const REDIS_PEEK_SPAN = "keygate.redis.peek";
+
+/** Where a decision's key snapshot came from: L1, L2, the store, or another Check's read of it. */
+export type CacheTier = "l1" | "l2" | "store" | "shared";
+
+/** Where a Check came in. */
+export type EntryPoint = "grpc" | "http";
+
+/** Attribute names of keygate's own span attributes. */
+export const TraceAttr = {
+  entry: "keygate.entry",
+  decision: "keygate.decision",
+  reason: "keygate.reason",
+  code: "keygate.code",
+  keyId: "keygate.key.id",
+  ownerId: "keygate.owner.id",
+  requiredScopes: "keygate.route.required_scopes",
+  cacheTier: "keygate.cache.tier",
+} as const;
+
+/**
+ * One decision's span, and the context its backend calls start their spans in. It exists only
+ * while tracing is on: with tracing off a Check carries `undefined` and builds nothing.
+ */
+export class DecisionTrace {
+  /** Which layer answered the lookup; set by the pipeline and the lookup as they go. */
+  cacheTier: CacheTier | undefined = undefined;
+  readonly #tracer: Tracer;
+  readonly span: Span;
+  readonly #parent: Context;
+  // Built on the first child: a decision from L1 has none, and skips it.
+  #context: Context | undefined = undefined;
+
+  constructor(tracer: Tracer, span: Span, parent: Context) {
+    this.#tracer = tracer;
+    this.span = span;
+    this.#parent = parent;
+  }
+
+  /** Starts a child span for one backend call; the caller ends it (see `traced`). */
+  child(name: string, attributes: Attributes): Span {
+    this.#context ??= trace.setSpan(this.#parent, this.span);
+    return this.#tracer.startSpan(name, { kind: SpanKind.CLIENT, attributes }, this.#context);
+  }
+}
+
+// Envoy and Node hand headers over with lower-case names; a repeated header is an array, and the
+// propagator reads its first value.
+const HEADER_GETTER: TextMapGetter<HeaderBag> = {
+  get: (carrier, key) => carrier[key],
+  keys: (carrier) => Object.keys(carrier),
+};
+
+/** The request path without its query string, which may carry anything (even a credential). */
+export function pathOnly(path: string): string {
+  const query = path.indexOf("?");
+  return query === -1 ? path : path.slice(0, query);
+}
+
+/**
+ * Starts and ends decision spans. A Check's `traceparent` and `tracestate` headers (the
+ * proxy's span) make the decision span its child; without them the decision starts a trace.
+ */
+export class DecisionTracer {
+  readonly #tracer: Tracer;
+  readonly #propagator = new W3CTraceContextPropagator();
+
+  constructor(tracer: Tracer) {
+    this.#tracer = tracer;
+  }
+
+  /** Opens the decision span of one Check. */
+  start(entry: EntryPoint, method: string, path: string, headers: HeaderBag): DecisionTrace {
+    const parent = this.#propagator.extract(ROOT_CONTEXT, headers, HEADER_GETTER);
+    const span = this.#tracer.startSpan(
+      CHECK_SPAN,
+      { kind: SpanKind.SERVER, attributes: { [TraceAttr.entry]: entry, [ATTR_HTTP_REQUEST_METHOD]: method, [ATTR_URL_PATH]: pathOnly(path) } },
+      parent,
+    );
+    return new DecisionTrace(this.#tracer, span, parent);
+  }
+
+  /** Ends the span with the decision: allow or deny, the reason, and the key by id (never its secret). */
+  finish(traced: DecisionTrace, decision: Decision): void {
+    const { span } = traced;
+    if (span.isRecording()) {
+      const attributes: Attributes = { [TraceAttr.decision]: decision.allow ? "allow" : "deny" };
+      if (decision.allow) {
+        attributes[TraceAttr.reason] = "OK";
+        attributes[TraceAttr.code] = "OK";
+        if (decision.route.requiredScopes.length > 0) attributes[TraceAttr.requiredScopes] = decision.route.requiredScopes.join(",");
+      } else {
+        attributes[TraceAttr.reason] = decision.reason;
+        attributes[TraceAttr.code] = DENIALS[decision.reason].code;
+      }
+      const snapshot = decision.snapshot;
+      if (snapshot !== undefined) {
+        attributes[TraceAttr.keyId] = snapshot.key.id;
+        attributes[TraceAttr.ownerId] = snapshot.account.ownerId;
+      }
+      if (traced.cacheTier !== undefined) attributes[TraceAttr.cacheTier] = traced.cacheTier;
+      span.setAttributes(attributes);
+    }
+    span.end();
+  }
+
+  /** Ends the span of a Check that could not be decided (UNAVAILABLE). */
+  fail(traced: DecisionTrace, error: unknown): void {
+    const { span } = traced;
+    span.setAttribute(TraceAttr.decision, "unavailable");
+    if (traced.cacheTier !== undefined) span.setAttribute(TraceAttr.cacheTier, traced.cacheTier);
+    failSpan(span, error);
+    span.end();
+  }
+}
+
+/** Marks a span failed; only the error's class is recorded, since its message may quote input. */
+function failSpan(span: Span, error: unknown): void {
+  const type = error instanceof Error ? error.name : typeof error;
+  span.setAttribute("error.type", type);
+  span.setStatus({ code: SpanStatusCode.ERROR, message: type });
+}
+
+/** Ends `span` when `promise` settles (marking it failed on a rejection) and returns the promise. */
+export function traced<T>(span: Span, promise: Promise<T>): Promise<T> {
+  promise.then(
+    () => span.end(),
+    (error: unknown) => {
+      failSpan(span, error);
+      span.end();
+    },
+  );
+  return promise;
+}
+
+/** The attributes of a backend call's span: which system, and what was done. */
+export function backendAttributes(system: string, operation: string): Attributes {
+  return { [ATTR_DB_SYSTEM_NAME]: system, "db.operation.name": operation };
+}
+
+/** Runs one backend call as a child span of the decision: ended when its answer is in, failed if it throws or rejects. */
+export function traceCall<T>(trace: DecisionTrace, name: string, attributes: Attributes, call: () => T | Promise<T>): T | Promise<T> {
+  const span = trace.child(name, attributes);
+  let result: T | Promise<T>;
+  try {
+    result = call();
+  } catch (error) {
+    failSpan(span, error);
+    span.end();
+    throw error;
+  }
+  if (result instanceof Promise) return traced(span, result);
+  span.end();
+  return result;
+}
