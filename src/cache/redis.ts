@@ -76,6 +76,8 @@ function describeConnectFailure(error: unknown): string {
   if (code === "ECONNREFUSED") return "nothing accepts connections at that host and port (ECONNREFUSED)";
   if (code === "ENOTFOUND" || code === "EAI_AGAIN") return `the host name does not resolve (${code})`;
   if (code === "ETIMEDOUT" || /timeout/i.test(message)) return "the connection timed out";
+  // Node's certificate verification codes (UNABLE_TO_VERIFY_LEAF_SIGNATURE, ...) and hostname mismatch.
+  if (/CERT|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL/.test(code)) return `the server's TLS certificate was not accepted (${code}); set KEYGATE_REDIS_TLS_CA_FILE to the CA that signed it`;
   return `the connection failed (${code || message.slice(0, 120)})`;
 }
 

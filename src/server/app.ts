@@ -36,6 +36,7 @@ import { Readiness } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { listenerStartError, mongoStartError } from "./startup-errors.js";
 import type { Secrets } from "./secrets.js";
+import { TlsCertificates, redisTlsOptions } from "./tls.js";
 
 /** The ports a running keygate is bound to. */
 export interface BoundPorts {
@@ -57,8 +58,9 @@ export interface Keygate {
    * Reads the policy file (KEYGATE_CONFIG) and the admin tokens file (KEYGATE_ADMIN_TOKENS_FILE)
    * again and puts each in force if it is valid; a bad file keeps the version in force, logs one
    * line and sets keygate_config_reload_failing. Checks already started finish on their version.
+   * The TLS certificate files are looked at too: changed ones serve new connections from now on.
    */
-  reload(): { policy: ReloadResult; adminTokens: ReloadResult };
+  reload(): { policy: ReloadResult; adminTokens: ReloadResult; tls: ReloadResult };
 }
 
 /** What a reload did with one file. */
@@ -180,14 +182,18 @@ async function openCache(
   store: KeyStore,
   usage: UsageRecorder,
   metrics: Metrics,
+  redisTls: ReturnType<typeof redisTlsOptions> | undefined,
 ): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; idempotency: IdempotencyLedger; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
   if (config.redisUrl === undefined) {
     const bus = new LocalInvalidationBus();
     return { shared: undefined, bus, meter: memoryMeter, idempotency: new LocalIdempotencyLedger(), close: () => bus.close() };
   }
-  const main = await connectRedis(config.redisUrl, {}, logger).catch(redisStartError);
-  const subscriber = await connectRedis(config.redisUrl, {}, logger).catch(async (error: unknown) => {
+  // rediss:// alone verifies Redis against the system's CAs; a private CA or a client
+  // certificate comes from the KEYGATE_REDIS_TLS_* files.
+  const overrides = redisTls === undefined ? {} : { tls: redisTls };
+  const main = await connectRedis(config.redisUrl, overrides, logger).catch(redisStartError);
+  const subscriber = await connectRedis(config.redisUrl, overrides, logger).catch(async (error: unknown) => {
     main.disconnect();
     return redisStartError(error);
   });
@@ -210,12 +216,15 @@ async function openCache(
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
   const nowMs = options.nowMs ?? Date.now;
+  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
+  // Before anything is opened: a bad certificate or key fails the start naming its variable.
+  const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
+  const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
   const { store, secrets } = await openStore(config, options.migrate ?? true);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
-  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
-  const cache = await openCache(config, logger, store, usage, metrics);
+  const cache = await openCache(config, logger, store, usage, metrics, redisTls);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics });
@@ -240,8 +249,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
   const limits = listenerLimits(config.listeners);
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy });
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tls: tls?.forListener("grpc") ?? null });
+  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy, tls: tls?.forListener("http") ?? null });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -251,6 +260,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     probe: () => store.ping(),
     maxBodyBytes: config.adminMaxBodyBytes,
     limits,
+    tls: tls?.forListener("admin") ?? null,
   });
 
   // Live reload: each file's version in force, and how to put a new one in force.
@@ -287,7 +297,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
 
   let started: StartedServer[] = [];
   return {
-    reload: () => ({ policy: reloadPolicy(), adminTokens: reloadTokens() }),
+    reload: () => ({ policy: reloadPolicy(), adminTokens: reloadTokens(), tls: tls?.reload() ?? "unchanged" }),
     lifecycle,
     store,
     metrics,
@@ -311,11 +321,21 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const a = await bind("KEYGATE_ADMIN_PORT", config.adminPort, admin);
       lastUsed.start();
       usage.start();
+      tls?.watch();
       readiness.setReady(true);
       const ports = { grpc: g.port, http: h.port, admin: a.port };
       options.announce?.(ports);
       logger.info(
-        { grpcPort: g.port, httpPort: h.port, adminPort: a.port, store: store.kind, cache: shared === undefined ? "memory" : "redis" },
+        {
+          grpcPort: g.port,
+          httpPort: h.port,
+          adminPort: a.port,
+          store: store.kind,
+          cache: shared === undefined ? "memory" : "redis",
+          tls: config.tls === null ? [] : [...config.tls.listeners],
+          clientAuth: config.tls === null ? [] : [...config.tls.clientAuthListeners],
+          ...(tls === null ? {} : { certificate: tls.fingerprint }),
+        },
         "keygate listening",
       );
       return ports;
@@ -326,6 +346,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const graceMs = config.shutdownGraceSeconds * 1000;
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];
+      tls?.close();
       await lastUsed.stop();
       await usage.stop();
       await meter.close();

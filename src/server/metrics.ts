@@ -29,6 +29,7 @@ export class Metrics implements LookupObserver {
   readonly #connectionsRejected: Counter<"listener">;
   readonly #reloads: Counter<"file" | "result">;
   readonly #reloadFailing: Gauge<"file">;
+  readonly #tlsHandshakeFailures: Counter<"listener">;
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -40,7 +41,7 @@ export class Metrics implements LookupObserver {
     const registers = [this.registry];
     this.#reloads = new Counter({
       name: "keygate_config_reloads_total",
-      help: "Reloads of the policy file or the admin tokens file by result: applied, unchanged, or failed (the previous version stays in force)",
+      help: "Reloads of the policy file, the admin tokens file or the TLS certificate files (file=tls) by result: applied, unchanged, or failed (the previous version stays in force)",
       labelNames: ["file", "result"],
       registers,
     });
@@ -91,6 +92,12 @@ export class Metrics implements LookupObserver {
     this.#connectionsRejected = new Counter({
       name: "keygate_connections_rejected_total",
       help: "Connections closed on arrival because the listener held its maximum, by listener",
+      labelNames: ["listener"],
+      registers,
+    });
+    this.#tlsHandshakeFailures = new Counter({
+      name: "keygate_tls_handshake_failures_total",
+      help: "TLS handshakes that failed or timed out (no or an untrusted client certificate, no shared protocol), by listener",
       labelNames: ["listener"],
       registers,
     });
@@ -159,9 +166,14 @@ export class Metrics implements LookupObserver {
   }
 
   /** Counts a reload of a configuration file ("policy" or "admin_tokens") and whether it was applied. */
-  configReloaded(file: "policy" | "admin_tokens", result: "applied" | "unchanged" | "failed"): void {
+  configReloaded(file: "policy" | "admin_tokens" | "tls", result: "applied" | "unchanged" | "failed"): void {
     this.#reloads.labels(file, result).inc();
     this.#reloadFailing.labels(file).set(result === "failed" ? 1 : 0);
+  }
+
+  /** Counts a TLS handshake that failed on a listener. */
+  tlsHandshakeFailed(listener: ListenerName): void {
+    this.#tlsHandshakeFailures.labels(listener).inc();
   }
 
   /** Reports a write-behind queue's size at each scrape. */
