@@ -42,10 +42,11 @@ export function makeCa(dir: string, name: string): CertFiles {
 }
 
 /**
- * A leaf certificate signed by `ca`: a server one (SAN localhost and 127.0.0.1) or a client one.
- * Each call gets a fresh key and serial, so a replacement is told apart by its fingerprint.
+ * A leaf certificate signed by `ca`: a server one (SAN 127.0.0.1 and `dnsNames`, by default
+ * localhost) or a client one. Each call gets a fresh key and serial, so a replacement is told
+ * apart by its fingerprint.
  */
-export function makeLeaf(dir: string, name: string, ca: CertFiles, usage: "server" | "client"): CertFiles {
+export function makeLeaf(dir: string, name: string, ca: CertFiles, usage: "server" | "client", dnsNames: readonly string[] = ["localhost"]): CertFiles {
   const files = { cert: join(dir, `${name}.crt`), key: join(dir, `${name}.key`) };
   const csr = join(dir, `${name}.csr`);
   const ext = join(dir, `${name}.ext`);
@@ -53,7 +54,7 @@ export function makeLeaf(dir: string, name: string, ca: CertFiles, usage: "serve
   writeFileSync(
     ext,
     usage === "server"
-      ? "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n"
+      ? `subjectAltName=${dnsNames.map((n) => `DNS:${n}`).join(",")},IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n`
       : "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
   );
   openssl(["x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-set_serial", `0x${randomSerial()}`, "-out", files.cert, "-days", "2", "-extfile", ext]);
