@@ -18,7 +18,11 @@ export interface ClientTls {
 
 /** A grpc-js Check client over TLS (credentials.createSsl), as Envoy's gRPC ext_authz would connect. */
 export function grpcTlsCheckClient(port: number, tls: ClientTls): { check(init: MessageInitShape<typeof CheckRequestSchema>): Promise<CheckResponse>; close(): void } {
-  const client = new GrpcClient(`127.0.0.1:${port}`, credentials.createSsl(tls.ca, tls.key ?? null, tls.cert ?? null));
+  // The certificate names localhost; naming it avoids sending an IP address as SNI (RFC 6066).
+  const client = new GrpcClient(`127.0.0.1:${port}`, credentials.createSsl(tls.ca, tls.key ?? null, tls.cert ?? null), {
+    "grpc.ssl_target_name_override": "localhost",
+    "grpc.default_authority": "localhost",
+  });
   const def = authorizationDefinition.Check;
   return {
     check: (init) =>
@@ -70,6 +74,14 @@ export function servedFingerprint(port: number, tls: ClientTls, alpn: string[]):
     socket.once("error", reject);
   });
 }
+
+/**
+ * curl's exit codes for a server that refused the client's certificate. Under TLS 1.3 the
+ * client's side of the handshake ends before the server checks the certificate, so curl meets
+ * the server's alert in the handshake (35), or on its next write (55) or read (56), or finds the
+ * connection closed with no answer (52), by timing alone. Each means: no HTTP answer at all.
+ */
+export const CURL_REFUSED_TLS = [35, 52, 55, 56] as const;
 
 /** curl's exit code, the HTTP status it printed (000 when none) and the body. */
 export interface CurlResult {
