@@ -3,6 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import type { Server } from "node:net";
+import { connect as tlsConnect } from "node:tls";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { LISTENER_NAMES } from "../../src/config.js";
 import { createLogger } from "../../src/server/logger.js";
@@ -114,6 +115,52 @@ describe.runIf(requireServer("openssl", opensslAvailable(), "install the openssl
     expect(await served()).toBe(fingerprintOf(three.cert));
     nowMs += 500;
     expect(await served()).toBe(fingerprintOf(one.cert));
+  });
+
+  it("keeps requiring client certificates after a reload", async () => {
+    const [one, two] = certs;
+    if (one === undefined || two === undefined) throw new Error("certificates missing");
+    const clientCert = makeLeaf(dir, "client", ca, "client");
+    const mtlsDir = mkdtempSync(join(dir, "mtls-"));
+    copyFileSync(one.cert, join(mtlsDir, "tls.crt"));
+    copyFileSync(one.key, join(mtlsDir, "tls.key"));
+    const mtls = new TlsCertificates(
+      { certFile: join(mtlsDir, "tls.crt"), keyFile: join(mtlsDir, "tls.key"), clientCaFile: ca.cert, listeners: new Set(LISTENER_NAMES), clientAuthListeners: new Set(["admin"] as const) },
+      { logger: createLogger("silent"), metrics: new Metrics({ defaultMetrics: false }), nowMs: () => nowMs },
+    );
+    // The server answers one byte once the handshake, client certificate included, is through.
+    // Refused, the client sees an alert (an error) or, by timing, only the close: no byte either way.
+    const NO_ANSWER = ["refused:", ""];
+    const mtlsServer = createAcceptor(mtls.forListener("admin"), 5000, (socket) => socket.end("k"));
+    await new Promise<void>((resolve) => mtlsServer.listen(0, "127.0.0.1", resolve));
+    const address = mtlsServer.address();
+    const mtlsPort = typeof address === "object" && address !== null ? address.port : 0;
+    const answer = (withCert: boolean): Promise<string> =>
+      new Promise((resolve) => {
+        const socket = tlsConnect({
+          host: "127.0.0.1",
+          servername: "localhost",
+          port: mtlsPort,
+          ca: readFileSync(ca.cert),
+          ...(withCert ? { cert: readFileSync(clientCert.cert), key: readFileSync(clientCert.key) } : {}),
+        });
+        let data = "";
+        socket.on("data", (chunk: Buffer) => (data += chunk.toString("utf8")));
+        socket.once("error", () => resolve(`refused:${data}`));
+        socket.once("close", () => resolve(data));
+      });
+    try {
+      expect(await answer(true)).toBe("k");
+      expect(NO_ANSWER).toContain(await answer(false));
+      copyFileSync(two.key, join(mtlsDir, "tls.key"));
+      copyFileSync(two.cert, join(mtlsDir, "tls.crt"));
+      expect(mtls.reload()).toBe("applied");
+      expect(await servedFingerprint(mtlsPort, { ca: readFileSync(ca.cert), cert: readFileSync(clientCert.cert), key: readFileSync(clientCert.key) }, ["h2"])).toBe(fingerprintOf(two.cert));
+      expect(await answer(true)).toBe("k");
+      expect(NO_ANSWER).toContain(await answer(false));
+    } finally {
+      await new Promise<void>((resolve) => mtlsServer.close(() => resolve()));
+    }
   });
 
   it("never writes key material to the log", () => {
