@@ -1,13 +1,15 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { LookupObserver } from "../cache/lookup.js";
+import { LISTENER_NAMES } from "../config.js";
+import type { ListenerId } from "../config.js";
 
 // Sub-millisecond buckets: a cached Check takes tens of microseconds.
 const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 const IO_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5];
 
-/** keygate's three listeners, as metrics label them. */
-export type ListenerName = "grpc" | "http" | "admin";
-const LISTENERS: readonly ListenerName[] = ["grpc", "http", "admin"];
+/** keygate's three listeners, as metrics label them (and the TLS settings name them). */
+export type ListenerName = ListenerId;
+const LISTENERS: readonly ListenerName[] = LISTENER_NAMES;
 
 /** prom-client's default gauges whose names end in _total, as only counters' should. */
 const MISNAMED_DEFAULT_GAUGES = ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"] as const;
