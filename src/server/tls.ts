@@ -185,7 +185,16 @@ export class TlsCertificates {
       this.#metrics.configReloaded("tls", "unchanged");
       return "unchanged";
     }
-    for (const [server, listener] of this.#servers) server.setSecureContext(this.#contextOptions(this.#settings.clientAuthListeners.has(listener), next));
+    try {
+      for (const [server, listener] of this.#servers) server.setSecureContext(this.#contextOptions(this.#settings.clientAuthListeners.has(listener), next));
+    } catch (error) {
+      // Never out of the accept path or a signal handler: loadTlsMaterial built this context
+      // already, so this is not expected; the listeners that did not take it keep the old one.
+      const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "rejected";
+      this.#logger.error({ problem: `OpenSSL refused the new context (${code})`, serving: this.#material.fingerprint }, "TLS certificate reload failed; the certificate in force stays");
+      this.#metrics.configReloaded("tls", "failed");
+      return "failed";
+    }
     this.#material = next;
     this.#logger.info({ fingerprint: next.fingerprint, validTo: next.validTo }, "TLS certificate reloaded");
     this.#metrics.configReloaded("tls", "applied");
