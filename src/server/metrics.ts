@@ -107,6 +107,7 @@ export class Metrics implements LookupObserver {
     for (const listener of LISTENERS) {
       this.#connections.labels(listener).set(0);
       this.#connectionsRejected.labels(listener).inc(0);
+      this.#tlsHandshakeFailures.labels(listener).inc(0);
     }
     const sizes = this.#queueSizes;
     new Gauge({

@@ -75,14 +75,6 @@ export function servedFingerprint(port: number, tls: ClientTls, alpn: string[]):
   });
 }
 
-/**
- * curl's exit codes for a server that refused the client's certificate. Under TLS 1.3 the
- * client's side of the handshake ends before the server checks the certificate, so curl meets
- * the server's alert in the handshake (35), or on its next write (55) or read (56), or finds the
- * connection closed with no answer (52), by timing alone. Each means: no HTTP answer at all.
- */
-export const CURL_REFUSED_TLS = [35, 52, 55, 56] as const;
-
 /** curl's exit code, the HTTP status it printed (000 when none) and the body. */
 export interface CurlResult {
   exitCode: number;
@@ -99,6 +91,12 @@ export function curl(args: readonly string[]): Promise<CurlResult> {
       resolve({ exitCode, status: stdout.slice(cut + 1), body: stdout.slice(0, Math.max(cut, 0)) });
     });
   });
+}
+
+/** A listener's keygate_tls_handshake_failures_total, read from the admin port's /metrics. */
+export async function handshakeFailures(adminPort: number, tls: ClientTls, listener: "grpc" | "http" | "admin"): Promise<number> {
+  const text = (await httpsCall(adminPort, "/metrics", tls)).body;
+  return Number(new RegExp(`^keygate_tls_handshake_failures_total\\{listener="${listener}"\\} (\\S+)$`, "m").exec(text)?.[1] ?? "NaN");
 }
 
 /** Polls until `condition` holds; throws naming `what` after `timeoutMs`. */
