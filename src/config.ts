@@ -344,6 +344,23 @@ const otlpProtocol = z.enum(OTLP_PROTOCOLS, { error: `must be one of ${OTLP_PROT
 /** The OTLP/HTTP collector's default traces URL (the OpenTelemetry spec's). */
 export const DEFAULT_OTLP_TRACES_URL = "http://localhost:4318/v1/traces";
 
+/** keygate's three listeners, as KEYGATE_TLS_LISTENERS and KEYGATE_TLS_CLIENT_AUTH_LISTENERS name them. */
+export const LISTENER_NAMES = ["grpc", "http", "admin"] as const;
+/** One of LISTENER_NAMES. */
+export type ListenerId = (typeof LISTENER_NAMES)[number];
+
+// A comma-separated set of listener names; unset stays undefined (the default applies later).
+const listenerList = z
+  .string()
+  .optional()
+  .transform((v) => (v === undefined ? undefined : v.split(",").map((name) => name.trim()).filter((name) => name.length > 0)))
+  .pipe(
+    z
+      .array(z.enum(LISTENER_NAMES, { error: `each listener must be one of ${LISTENER_NAMES.join(", ")}` }))
+      .min(1, `name at least one of ${LISTENER_NAMES.join(", ")}`)
+      .optional(),
+  );
+
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
   KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
@@ -391,6 +408,14 @@ const envSchema = z.object({
   OTEL_TRACES_SAMPLER: z.enum(TRACE_SAMPLERS, { error: `must be one of ${TRACE_SAMPLERS.join(", ")}` }).default("parentbased_always_on"),
   OTEL_TRACES_SAMPLER_ARG: z.coerce.number({ error: "must be a ratio from 0 to 1" }).min(0, "must be a ratio from 0 to 1").max(1, "must be a ratio from 0 to 1").optional(),
   OTEL_BSP_SCHEDULE_DELAY: z.coerce.number().int().min(0).max(60_000).default(1000),
+  KEYGATE_TLS_CERT_FILE: z.string().min(1).optional(),
+  KEYGATE_TLS_KEY_FILE: z.string().min(1).optional(),
+  KEYGATE_TLS_CLIENT_CA_FILE: z.string().min(1).optional(),
+  KEYGATE_TLS_LISTENERS: listenerList,
+  KEYGATE_TLS_CLIENT_AUTH_LISTENERS: listenerList,
+  KEYGATE_REDIS_TLS_CA_FILE: z.string().min(1).optional(),
+  KEYGATE_REDIS_TLS_CERT_FILE: z.string().min(1).optional(),
+  KEYGATE_REDIS_TLS_KEY_FILE: z.string().min(1).optional(),
 });
 
 /**
@@ -408,6 +433,27 @@ export interface TracingSettings {
   samplerRatio: number;
   /** How long a finished span may wait before its batch is sent. */
   scheduleDelayMs: number;
+}
+
+/**
+ * TLS on the listeners: the certificate and key (PEM files, reloaded when they change on disk),
+ * the CA client certificates must be signed by, and which listeners use each.
+ */
+export interface TlsSettings {
+  certFile: string;
+  keyFile: string;
+  /** Set: the listeners in clientAuthListeners require a client certificate signed by it (mTLS). */
+  clientCaFile: string | undefined;
+  listeners: ReadonlySet<ListenerId>;
+  /** Empty when clientCaFile is unset. */
+  clientAuthListeners: ReadonlySet<ListenerId>;
+}
+
+/** TLS options of the Redis connections (the URL must be rediss://); files read once, at start. */
+export interface RedisTlsSettings {
+  caFile: string | undefined;
+  certFile: string | undefined;
+  keyFile: string | undefined;
 }
 
 /** Everything keygate reads from its environment and policy file. */
@@ -446,6 +492,10 @@ export interface Config {
   policy: Policy;
   /** The policy's file (KEYGATE_CONFIG); undefined for the built-in policy. */
   policyFile: string | undefined;
+  /** TLS on the listeners; null: every listener is plaintext. */
+  tls: TlsSettings | null;
+  /** Extra TLS options for rediss:// (a private CA, a client certificate); null: none. */
+  redisTls: RedisTlsSettings | null;
 }
 
 /**
@@ -529,6 +579,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if (e.KEYGATE_HEADERS_TIMEOUT_SECONDS > e.KEYGATE_REQUEST_TIMEOUT_SECONDS) {
     throw new ConfigError("invalid environment: KEYGATE_HEADERS_TIMEOUT_SECONDS must not exceed KEYGATE_REQUEST_TIMEOUT_SECONDS (the head is part of the request)");
   }
+  const tls = tlsSettings(e);
+  const redisTls = redisTlsSettings(e);
   const policy = e.KEYGATE_CONFIG === undefined ? parsePolicy(DEFAULT_POLICY_INPUT, "built-in policy") : loadPolicyFile(e.KEYGATE_CONFIG);
   return {
     dataDir: e.KEYGATE_DATA_DIR,
@@ -559,5 +611,49 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     tracing: tracingSettings(e),
     accessLogSampleRate: e.KEYGATE_ACCESS_LOG_SAMPLE,
     policy,
+    tls,
+    redisTls,
   };
+}
+
+type Env = z.infer<typeof envSchema>;
+
+/** The listeners' TLS settings; a half-given pair or a setting with nothing to act on is an error naming it. */
+function tlsSettings(e: Env): TlsSettings | null {
+  const cert = e.KEYGATE_TLS_CERT_FILE;
+  const key = e.KEYGATE_TLS_KEY_FILE;
+  if (cert === undefined && key === undefined) {
+    const orphan = (["KEYGATE_TLS_CLIENT_CA_FILE", "KEYGATE_TLS_LISTENERS", "KEYGATE_TLS_CLIENT_AUTH_LISTENERS"] as const).find((name) => e[name] !== undefined);
+    if (orphan !== undefined) throw new ConfigError(`invalid environment: ${orphan}: needs KEYGATE_TLS_CERT_FILE and KEYGATE_TLS_KEY_FILE (the listeners' certificate and key)`);
+    return null;
+  }
+  if (cert === undefined) throw new ConfigError("invalid environment: KEYGATE_TLS_CERT_FILE: must be set with KEYGATE_TLS_KEY_FILE (the certificate of that key)");
+  if (key === undefined) throw new ConfigError("invalid environment: KEYGATE_TLS_KEY_FILE: must be set with KEYGATE_TLS_CERT_FILE (the private key of that certificate)");
+  const listeners = new Set(e.KEYGATE_TLS_LISTENERS ?? LISTENER_NAMES);
+  const ca = e.KEYGATE_TLS_CLIENT_CA_FILE;
+  if (ca === undefined && e.KEYGATE_TLS_CLIENT_AUTH_LISTENERS !== undefined) {
+    throw new ConfigError("invalid environment: KEYGATE_TLS_CLIENT_AUTH_LISTENERS: needs KEYGATE_TLS_CLIENT_CA_FILE (the CA client certificates are checked against)");
+  }
+  const clientAuth = new Set(ca === undefined ? [] : (e.KEYGATE_TLS_CLIENT_AUTH_LISTENERS ?? [...listeners]));
+  const plaintext = [...clientAuth].filter((name) => !listeners.has(name));
+  if (plaintext.length > 0) {
+    throw new ConfigError(`invalid environment: KEYGATE_TLS_CLIENT_AUTH_LISTENERS: ${plaintext.join(", ")} ${plaintext.length === 1 ? "is" : "are"} not in KEYGATE_TLS_LISTENERS (client certificates need TLS)`);
+  }
+  return { certFile: cert, keyFile: key, clientCaFile: ca, listeners, clientAuthListeners: clientAuth };
+}
+
+/** Redis TLS options; each needs a rediss:// URL, and a client certificate needs its key. */
+function redisTlsSettings(e: Env): RedisTlsSettings | null {
+  const { KEYGATE_REDIS_TLS_CA_FILE: caFile, KEYGATE_REDIS_TLS_CERT_FILE: certFile, KEYGATE_REDIS_TLS_KEY_FILE: keyFile } = e;
+  if (caFile === undefined && certFile === undefined && keyFile === undefined) return null;
+  const named = caFile !== undefined ? "KEYGATE_REDIS_TLS_CA_FILE" : certFile !== undefined ? "KEYGATE_REDIS_TLS_CERT_FILE" : "KEYGATE_REDIS_TLS_KEY_FILE";
+  const redis = e.KEYGATE_REDIS_URL;
+  const redisUsesTls = redis !== undefined && (redis.kind === "standalone" ? redis.url.startsWith("rediss://") : redis.tls);
+  if (!redisUsesTls) {
+    throw new ConfigError(`invalid environment: ${named}: needs KEYGATE_REDIS_URL to start with rediss://, rediss+cluster:// or rediss+sentinel:// (TLS)`);
+  }
+  if ((certFile === undefined) !== (keyFile === undefined)) {
+    throw new ConfigError(`invalid environment: ${certFile === undefined ? "KEYGATE_REDIS_TLS_CERT_FILE: must be set with KEYGATE_REDIS_TLS_KEY_FILE" : "KEYGATE_REDIS_TLS_KEY_FILE: must be set with KEYGATE_REDIS_TLS_CERT_FILE"}`);
+  }
+  return { caFile, certFile, keyFile };
 }

@@ -1,4 +1,5 @@
 import { EventEmitter } from "node:events";
+import type { ConnectionOptions } from "node:tls";
 import { Cluster, Redis } from "ioredis";
 import type { ClusterOptions, RedisOptions } from "ioredis";
 import type { Logger } from "pino";
@@ -65,12 +66,12 @@ const REPLICA_WAIT_MS = 500;
  * replica left, a majority of the Sentinels must name the node this connection is on as the
  * master. Otherwise it throws, and the invalidation is retried until it lands on the master.
  */
-export function sentinelConfirmation(client: Redis, topology: Extract<RedisTopology, { kind: "sentinel" }>): () => Promise<void> {
+export function sentinelConfirmation(client: Redis, topology: Extract<RedisTopology, { kind: "sentinel" }>, tls: RedisTlsOptions = {}): () => Promise<void> {
   return async () => {
     const acknowledged = await client.wait(1, REPLICA_WAIT_MS);
     if (acknowledged >= 1) return;
     const here = { host: normalizeAddress(client.stream.remoteAddress ?? ""), port: client.stream.remotePort ?? 0 };
-    const named = await Promise.all(topology.sentinels.map((sentinel) => askSentinelForMaster(sentinel, topology)));
+    const named = await Promise.all(topology.sentinels.map((sentinel) => askSentinelForMaster(sentinel, topology, tls)));
     const answered = named.filter((address): address is RedisAddress => address !== null);
     const agree = answered.filter((address) => normalizeAddress(address.host) === here.host && address.port === here.port).length;
     if (agree === answered.length && agree > topology.sentinels.length / 2) return;
@@ -83,13 +84,13 @@ function normalizeAddress(address: string): string {
 }
 
 /** The master one Sentinel names, or null when it does not answer. */
-async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<RedisTopology, { kind: "sentinel" }>): Promise<RedisAddress | null> {
+async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<RedisTopology, { kind: "sentinel" }>, tls: RedisTlsOptions = {}): Promise<RedisAddress | null> {
   const connection = new Redis({
     host: sentinel.host,
     port: sentinel.port,
     username: topology.sentinelUsername,
     password: topology.sentinelPassword,
-    ...(topology.tls ? { tls: {} } : {}),
+    ...(topology.tls ? { tls } : {}),
     lazyConnect: true,
     retryStrategy: () => null,
     maxRetriesPerRequest: 0,
@@ -115,7 +116,7 @@ async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<Re
 const reconnectOnReadonly = (error: Error): boolean => error.message.startsWith("READONLY");
 
 /** ioredis options for a Sentinel-managed master (credentials, TLS, master name). */
-function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>): RedisOptions {
+function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>, tls: RedisTlsOptions): RedisOptions {
   return redisOptions({
     sentinels: topology.sentinels,
     name: topology.masterName,
@@ -124,7 +125,7 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>)
     password: topology.password,
     sentinelUsername: topology.sentinelUsername,
     sentinelPassword: topology.sentinelPassword,
-    ...(topology.tls ? { tls: {}, sentinelTLS: {}, enableTLSForSentinelMode: true } : {}),
+    ...(topology.tls ? { tls, sentinelTLS: tls, enableTLSForSentinelMode: true } : {}),
     // Off: ioredis's detector closes the connector on +switch-master, and if that lands while a
     // reconnect is resolving the master, the connection ends for good ("Connection is closed.").
     // A failover reaches keygate anyway: Sentinel kills the old master's clients when it
@@ -138,7 +139,7 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>)
 }
 
 /** ioredis Cluster options: the hot path's fail-fast settings on every node connection. */
-function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>): ClusterOptions {
+function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>, tls: RedisTlsOptions): ClusterOptions {
   const { retryStrategy: _ignored, enableOfflineQueue: _offline, ...nodeOptions } = redisOptions();
   return {
     lazyConnect: true,
@@ -151,8 +152,19 @@ function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>): 
     retryDelayOnTryAgain: 100,
     slotsRefreshTimeout: 2000,
     clusterRetryStrategy: (attempt: number) => Math.min(attempt * 100, 2000),
-    redisOptions: { ...nodeOptions, username: topology.username, password: topology.password, ...(topology.tls ? { tls: {} } : {}) },
+    redisOptions: { ...nodeOptions, username: topology.username, password: topology.password, ...(topology.tls ? { tls } : {}) },
   };
+}
+
+/**
+ * TLS options for rediss URLs beyond the system CAs (KEYGATE_REDIS_TLS_*: a private CA, a client
+ * certificate); empty: Node's defaults.
+ */
+export type RedisTlsOptions = Pick<ConnectionOptions, "ca" | "cert" | "key">;
+
+/** A standalone rediss:// connection takes the TLS options as overrides; redis:// ignores them. */
+function standaloneOverrides(tls: RedisTlsOptions): RedisOptions {
+  return Object.keys(tls).length === 0 ? {} : { tls };
 }
 
 /** How long a start waits for a Cluster or a Sentinel-managed master before it fails. */
@@ -162,14 +174,14 @@ const START_TIMEOUT_MS = 15_000;
  * Opens the command connection for a topology and waits until it is ready. Failures at start
  * are a RedisConnectError that never holds the URL or a password.
  */
-export async function connectRedisClient(topology: RedisTopology, logger?: Logger): Promise<RedisClient> {
+export async function connectRedisClient(topology: RedisTopology, logger?: Logger, tls: RedisTlsOptions = {}): Promise<RedisClient> {
   switch (topology.kind) {
     case "standalone":
-      return connectRedis(topology.url, {}, logger);
+      return connectRedis(topology.url, standaloneOverrides(tls), logger);
     case "sentinel":
-      return connectWatched(new Redis(sentinelOptions(topology)), logger);
+      return connectWatched(new Redis(sentinelOptions(topology, tls)), logger);
     case "cluster":
-      return connectWatched(new Cluster(topology.nodes, clusterOptions(topology)), logger);
+      return connectWatched(new Cluster(topology.nodes, clusterOptions(topology, tls)), logger);
   }
 }
 
@@ -210,19 +222,32 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
  * bus clears L1 and subscribes again). Cluster: PUBLISH reaches every node, so one node's
  * connection hears every replica; ClusterNodeSubscriber moves to another node when it drops.
  */
-export async function openSubscriber(topology: RedisTopology, main: RedisClient, logger?: Logger): Promise<SubscriberConnection & { disconnect(): void; quit(): Promise<unknown> }> {
+export async function openSubscriber(
+  topology: RedisTopology,
+  main: RedisClient,
+  logger?: Logger,
+  tls: RedisTlsOptions = {},
+): Promise<SubscriberConnection & { disconnect(): void; quit(): Promise<unknown> }> {
   switch (topology.kind) {
     case "standalone":
-      return connectRedis(topology.url, {}, logger);
+      return connectRedis(topology.url, standaloneOverrides(tls), logger);
     case "sentinel":
-      return connectWatched(new Redis(sentinelOptions(topology)), logger);
+      return connectWatched(new Redis(sentinelOptions(topology, tls)), logger);
     case "cluster": {
       if (!(main instanceof Cluster)) throw new Error("a Cluster topology needs a Cluster client");
-      const subscriber = new ClusterNodeSubscriber(main, topology.nodes, { username: topology.username, password: topology.password, tls: topology.tls }, logger);
+      const auth = { username: topology.username, password: topology.password, tls: topology.tls ? tls : undefined };
+      const subscriber = new ClusterNodeSubscriber(main, topology.nodes, auth, logger);
       await subscriber.connect();
       return subscriber;
     }
   }
+}
+
+/** A Cluster node connection's credentials, and its TLS options when the URL is rediss+cluster. */
+interface ClusterNodeAuth {
+  username: string | undefined;
+  password: string | undefined;
+  tls: RedisTlsOptions | undefined;
 }
 
 /** How often a Cluster subscriber that lost its node tries the next one. */
@@ -237,14 +262,14 @@ const NODE_RETRY_MS = 250;
 export class ClusterNodeSubscriber extends EventEmitter implements SubscriberConnection {
   readonly #cluster: Cluster;
   readonly #seeds: readonly RedisAddress[];
-  readonly #auth: { username: string | undefined; password: string | undefined; tls: boolean };
+  readonly #auth: ClusterNodeAuth;
   readonly #logger: Logger | undefined;
   #connection: Redis | null = null;
   #attempt = 0;
   #closing = false;
   #retry: NodeJS.Timeout | undefined;
 
-  constructor(cluster: Cluster, seeds: readonly RedisAddress[], auth: { username: string | undefined; password: string | undefined; tls: boolean }, logger?: Logger) {
+  constructor(cluster: Cluster, seeds: readonly RedisAddress[], auth: ClusterNodeAuth, logger?: Logger) {
     super();
     this.#cluster = cluster;
     this.#seeds = seeds;
@@ -320,7 +345,7 @@ export class ClusterNodeSubscriber extends EventEmitter implements SubscriberCon
         port: address.port,
         username: this.#auth.username,
         password: this.#auth.password,
-        ...(this.#auth.tls ? { tls: {} } : {}),
+        ...(this.#auth.tls === undefined ? {} : { tls: this.#auth.tls }),
         // One node, once: when it goes, another node is chosen here, not this one retried.
         retryStrategy: () => null,
         connectionName: "keygate-invalidation",

@@ -80,6 +80,8 @@ export function describeConnectFailure(error: unknown): string {
   if (/^Failed to refresh slots cache/.test(message)) return "no seed node of the Cluster answered";
   if (/^SENTINEL|No master|master name/i.test(message)) return `the Sentinels do not know that master (${message.slice(0, 120)})`;
   if (code === "ETIMEDOUT" || /timeout/i.test(message)) return "the connection timed out";
+  // Node's certificate verification codes (UNABLE_TO_VERIFY_LEAF_SIGNATURE, ...) and hostname mismatch.
+  if (/CERT|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL/.test(code)) return `the server's TLS certificate was not accepted (${code}); set KEYGATE_REDIS_TLS_CA_FILE to the CA that signed it`;
   return `the connection failed (${code || message.slice(0, 120)})`;
 }
 

@@ -2,7 +2,6 @@ import { createServer as createHttp1Server } from "node:http";
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
 import { constants as http2Constants, createServer as createHttp2Server } from "node:http2";
 import type { Http2ServerRequest, Http2ServerResponse, Http2Session, ServerHttp2Stream } from "node:http2";
-import { createServer as createNetServer } from "node:net";
 import type { Socket } from "node:net";
 import { Code, ConnectError, createContextValues } from "@connectrpc/connect";
 import type { ConnectRouter } from "@connectrpc/connect";
@@ -22,6 +21,8 @@ import type { StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
+import { createAcceptor } from "./tls.js";
+import type { ListenerTls } from "./tls.js";
 
 /** What the admin server needs. */
 export interface AdminServerDeps {
@@ -35,6 +36,8 @@ export interface AdminServerDeps {
   /** Largest request message, as sent and after decompression. */
   maxBodyBytes: number;
   limits: ListenerLimits;
+  /** TLS on this listener (ALPN h2 and http/1.1), or null for cleartext. */
+  tls?: ListenerTls | null;
 }
 
 type AnyRequest = IncomingMessage | Http2ServerRequest;
@@ -271,7 +274,9 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
         session.once("close", () => sessions.delete(session));
         guardSession(session);
       });
-      const tcp = createNetServer((socket: Socket) => {
+      // With TLS the opening is still read from the decrypted bytes; ALPN has told the client
+      // which protocol to open with, so the two agree.
+      const tcp = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
         awaitOpening(socket, limits.headersTimeoutMs, true, (opening) => {

@@ -40,6 +40,7 @@ import { Readiness } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { listenerStartError, mongoStartError } from "./startup-errors.js";
 import type { Secrets } from "./secrets.js";
+import { TlsCertificates, redisTlsOptions } from "./tls.js";
 
 /** The ports a running keygate is bound to. */
 export interface BoundPorts {
@@ -61,8 +62,9 @@ export interface Keygate {
    * Reads the policy file (KEYGATE_CONFIG) and the admin tokens file (KEYGATE_ADMIN_TOKENS_FILE)
    * again and puts each in force if it is valid; a bad file keeps the version in force, logs one
    * line and sets keygate_config_reload_failing. Checks already started finish on their version.
+   * The TLS certificate files are looked at too: changed ones serve new connections from now on.
    */
-  reload(): { policy: ReloadResult; adminTokens: ReloadResult };
+  reload(): { policy: ReloadResult; adminTokens: ReloadResult; tls: ReloadResult };
 }
 
 /** What a reload did with one file. */
@@ -184,6 +186,7 @@ async function openCache(
   store: KeyStore,
   usage: UsageRecorder,
   metrics: Metrics,
+  redisTls: ReturnType<typeof redisTlsOptions> | undefined,
 ): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; idempotency: IdempotencyLedger; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
   if (config.redis === undefined) {
@@ -191,8 +194,11 @@ async function openCache(
     return { shared: undefined, bus, meter: memoryMeter, idempotency: new LocalIdempotencyLedger(), close: () => bus.close() };
   }
   const topology = config.redis;
-  const main = await connectRedisClient(topology, logger).catch(redisStartError);
-  const subscriber = await openSubscriber(topology, main, logger).catch(async (error: unknown) => {
+  // rediss alone verifies Redis against the system's CAs; a private CA or a client certificate
+  // comes from the KEYGATE_REDIS_TLS_* files, for every topology.
+  const tls = redisTls ?? {};
+  const main = await connectRedisClient(topology, logger, tls).catch(redisStartError);
+  const subscriber = await openSubscriber(topology, main, logger, tls).catch(async (error: unknown) => {
     main.disconnect();
     return redisStartError(error);
   });
@@ -201,12 +207,12 @@ async function openCache(
   // (WAIT) on it, and Checks must not queue behind that.
   let confirmation: { confirmInvalidation: () => Promise<void>; invalidationConnection: Redis } | undefined;
   if (topology.kind === "sentinel") {
-    const invalidator = await connectRedisClient(topology, logger).catch(async (error: unknown) => {
+    const invalidator = await connectRedisClient(topology, logger, tls).catch(async (error: unknown) => {
       main.disconnect();
       subscriber.disconnect();
       return redisStartError(error);
     });
-    if (invalidator instanceof Redis) confirmation = { confirmInvalidation: sentinelConfirmation(invalidator, topology), invalidationConnection: invalidator };
+    if (invalidator instanceof Redis) confirmation = { confirmInvalidation: sentinelConfirmation(invalidator, topology, tls), invalidationConnection: invalidator };
   }
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
@@ -227,12 +233,15 @@ async function openCache(
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
   const nowMs = options.nowMs ?? Date.now;
+  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
+  // Before anything is opened: a bad certificate or key fails the start naming its variable.
+  const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
+  const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
   const { store, secrets } = await openStore(config, options.migrate ?? true);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
-  const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
-  const cache = await openCache(config, logger, store, usage, metrics);
+  const cache = await openCache(config, logger, store, usage, metrics, redisTls);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
   // Every backend call of a Check gives up within the Check's budget; L2 sooner, so the store
@@ -266,8 +275,19 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const tracing = config.tracing === undefined ? undefined : createTracing(config.tracing, logger);
   const tracer = tracing?.tracer;
   const accessLog = AccessLog.create(logger, config.accessLogSampleRate);
-  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog });
-  const http = createHttpAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, proxy: config.httpAuthzProxy, tracer, accessLog });
+  const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog, tls: tls?.forListener("grpc") ?? null });
+  const http = createHttpAuthzServer({
+    pipeline,
+    readiness,
+    metrics,
+    logger,
+    nowMs,
+    limits,
+    proxy: config.httpAuthzProxy,
+    tracer,
+    accessLog,
+    tls: tls?.forListener("http") ?? null,
+  });
   const admin = createAdminServer({
     routes: keyAdminRoutes(lifecycle, nowMs, logger),
     auth,
@@ -277,6 +297,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     probe: () => store.ping(),
     maxBodyBytes: config.adminMaxBodyBytes,
     limits,
+    tls: tls?.forListener("admin") ?? null,
   });
 
   // Live reload: each file's version in force, and how to put a new one in force.
@@ -313,7 +334,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
 
   let started: StartedServer[] = [];
   return {
-    reload: () => ({ policy: reloadPolicy(), adminTokens: reloadTokens() }),
+    reload: () => ({ policy: reloadPolicy(), adminTokens: reloadTokens(), tls: tls?.reload() ?? "unchanged" }),
     lifecycle,
     store,
     metrics,
@@ -337,6 +358,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const a = await bind("KEYGATE_ADMIN_PORT", config.adminPort, admin);
       lastUsed.start();
       usage.start();
+      tls?.watch();
       readiness.setReady(true);
       const ports = { grpc: g.port, http: h.port, admin: a.port };
       options.announce?.(ports);
@@ -349,6 +371,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
           cache: shared === undefined ? "memory" : "redis",
           tracing: config.tracing === undefined ? "off" : config.tracing.protocol,
           accessLogSample: config.accessLogSampleRate,
+          tls: config.tls === null ? [] : [...config.tls.listeners],
+          clientAuth: config.tls === null ? [] : [...config.tls.clientAuthListeners],
+          ...(tls === null ? {} : { certificate: tls.fingerprint }),
         },
         "keygate listening",
       );
@@ -360,6 +385,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       const graceMs = config.shutdownGraceSeconds * 1000;
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];
+      tls?.close();
       await lastUsed.stop();
       await usage.stop();
       await meter.close();

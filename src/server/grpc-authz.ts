@@ -29,7 +29,6 @@ import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health
 import { create } from "@bufbuild/protobuf";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
-import { createServer as createNetServer } from "node:net";
 import type { Socket } from "node:net";
 import { awaitOpening, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
@@ -39,6 +38,8 @@ import { CHECK_UNAVAILABLE_MESSAGE, createH2GrpcServer } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
 import type { AccessLog } from "./access-log.js";
+import { createAcceptor } from "./tls.js";
+import type { ListenerTls } from "./tls.js";
 
 const DECODE = { readUnknownFields: false };
 
@@ -173,6 +174,8 @@ export interface GrpcAuthzDeps {
   tracer?: DecisionTracer | undefined;
   /** The sampled access log; undefined when it is off. */
   accessLog?: AccessLog | undefined;
+  /** TLS on this listener (ALPN h2), or null for cleartext HTTP/2. */
+  tls?: ListenerTls | null;
 }
 
 /** A started gRPC listener. */
@@ -291,8 +294,8 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">):
 /** Builds the Envoy ext_authz gRPC server (Check and health) on the configured engine. `start` binds it. */
 export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const core = createAuthzCore(deps);
-  if (deps.engine === "h2") return createH2GrpcServer(core, { limits: deps.limits, metrics: deps.metrics, logger: deps.logger });
-  return createGrpcJsServer(core, deps.limits, deps.metrics);
+  if (deps.engine === "h2") return createH2GrpcServer(core, { limits: deps.limits, metrics: deps.metrics, logger: deps.logger, tls: deps.tls ?? null });
+  return createGrpcJsServer(core, deps.limits, deps.metrics, deps.tls ?? null);
 }
 
 function replyGrpcJs(callback: sendUnaryData<Uint8Array>, answer: Uint8Array | null): void {
@@ -301,7 +304,7 @@ function replyGrpcJs(callback: sendUnaryData<Uint8Array>, answer: Uint8Array | n
 }
 
 /** The grpc-js engine: @grpc/grpc-js behind keygate's own TCP listener. */
-function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Metrics): { start(host: string, port: number): Promise<StartedServer> } {
+function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Metrics, tls: ListenerTls | null): { start(host: string, port: number): Promise<StartedServer> } {
   const { readiness } = core;
   const responseFor = (service: string): HealthCheckResponse =>
     create(HealthCheckResponseSchema, { status: core.servingStatus(service) ?? HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN });
@@ -340,12 +343,14 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
       });
       server.addService(healthDefinition, health);
       // keygate owns the TCP listener and hands grpc-js only connections that opened with the
-      // HTTP/2 preface and SETTINGS in time, so it can cap them and close silent ones.
+      // HTTP/2 preface and SETTINGS in time, so it can cap them and close silent ones. With TLS,
+      // keygate's listener terminates it too (one reloadable context for both engines), so
+      // grpc-js gets decrypted sockets and insecure credentials either way.
       const injector = server.createConnectionInjector(ServerCredentials.createInsecure());
       const opening = new Set<Socket>();
       const sockets = new Set<Socket>();
       let onSocketClosed = (): void => undefined;
-      const tcp = createNetServer((socket: Socket) => {
+      const tcp = createAcceptor(tls, limits.headersTimeoutMs, (socket: Socket) => {
         opening.add(socket);
         sockets.add(socket);
         socket.once("close", () => {

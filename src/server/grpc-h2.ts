@@ -1,6 +1,5 @@
 import { constants as h2, createServer as createHttp2Server } from "node:http2";
 import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Session, ServerHttp2Stream } from "node:http2";
-import { createServer as createNetServer } from "node:net";
 import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
@@ -11,6 +10,8 @@ import type { CheckRequestView } from "../gen/keygate/authz/v1/check_view_pb.js"
 import type { AuthzCore, StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
+import { createAcceptor } from "./tls.js";
+import type { ListenerTls } from "./tls.js";
 
 /** gRPC status codes keygate's server answers with (grpc/doc/statuscodes.md). */
 export const GrpcCode = {
@@ -343,6 +344,8 @@ export interface H2ServerDeps {
   limits: ListenerLimits;
   metrics: Metrics;
   logger: Logger;
+  /** TLS on this listener (ALPN h2), or null for cleartext HTTP/2 with prior knowledge. */
+  tls?: ListenerTls | null;
 }
 
 /**
@@ -520,7 +523,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       // keygate owns the TCP listener and hands HTTP/2 only connections that opened with the
       // preface and SETTINGS in time, so it can cap them and close silent ones.
       const opening = new Set<Socket>();
-      const tcp = createNetServer((socket: Socket) => {
+      const tcp = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
         opening.add(socket);
         socket.once("close", () => opening.delete(socket));
         awaitOpening(socket, limits.headersTimeoutMs, false, () => {

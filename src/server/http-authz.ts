@@ -1,5 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { createServer } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Logger } from "pino";
 import type { HeaderBag } from "../authz/credential.js";
@@ -16,6 +17,7 @@ import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
 import type { DecisionTracer } from "../tracing/tracing.js";
 import type { AccessLog } from "./access-log.js";
+import type { ListenerTls } from "./tls.js";
 
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
@@ -32,6 +34,8 @@ export interface HttpAuthzDeps {
   tracer?: DecisionTracer | undefined;
   /** The sampled access log; undefined when it is off. */
   accessLog?: AccessLog | undefined;
+  /** TLS on this listener (ALPN http/1.1), or null for plain HTTP. */
+  tls?: ListenerTls | null;
 }
 
 function firstHeader(req: IncomingMessage, name: string): string | undefined {
@@ -131,16 +135,21 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
   return {
     async start(host, port) {
       const { limits } = deps;
-      const server = createServer(
-        {
-          headersTimeout: limits.headersTimeoutMs,
-          requestTimeout: limits.requestTimeoutMs,
-          // Above nginx's 60 s upstream keepalive_timeout by default, so the proxy closes first.
-          keepAliveTimeout: limits.idleTimeoutMs,
-          connectionsCheckingInterval: timeoutCheckIntervalMs(limits),
-        },
-        handle,
-      );
+      const tls = deps.tls ?? null;
+      const options = {
+        headersTimeout: limits.headersTimeoutMs,
+        requestTimeout: limits.requestTimeoutMs,
+        // Above nginx's 60 s upstream keepalive_timeout by default, so the proxy closes first.
+        keepAliveTimeout: limits.idleTimeoutMs,
+        connectionsCheckingInterval: timeoutCheckIntervalMs(limits),
+      };
+      let server;
+      if (tls === null) {
+        server = createServer(options, handle);
+      } else {
+        server = createHttpsServer({ ...options, ...tls.serverOptions(), handshakeTimeout: limits.headersTimeoutMs }, handle);
+        tls.attach(server);
+      }
       // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
       server.timeout = limits.requestTimeoutMs;
       trackConnections(server, "http", limits, deps.metrics);

@@ -1,13 +1,15 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
 import type { LookupObserver } from "../cache/lookup.js";
+import { LISTENER_NAMES } from "../config.js";
+import type { ListenerId } from "../config.js";
 
 // Sub-millisecond buckets: a cached Check takes tens of microseconds.
 const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
 const IO_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5];
 
-/** keygate's three listeners, as metrics label them. */
-export type ListenerName = "grpc" | "http" | "admin";
-const LISTENERS: readonly ListenerName[] = ["grpc", "http", "admin"];
+/** keygate's three listeners, as metrics label them (and the TLS settings name them). */
+export type ListenerName = ListenerId;
+const LISTENERS: readonly ListenerName[] = LISTENER_NAMES;
 
 /** prom-client's default gauges whose names end in _total, as only counters' should. */
 const MISNAMED_DEFAULT_GAUGES = ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"] as const;
@@ -29,6 +31,7 @@ export class Metrics implements LookupObserver {
   readonly #connectionsRejected: Counter<"listener">;
   readonly #reloads: Counter<"file" | "result">;
   readonly #reloadFailing: Gauge<"file">;
+  readonly #tlsHandshakeFailures: Counter<"listener">;
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -40,7 +43,7 @@ export class Metrics implements LookupObserver {
     const registers = [this.registry];
     this.#reloads = new Counter({
       name: "keygate_config_reloads_total",
-      help: "Reloads of the policy file or the admin tokens file by result: applied, unchanged, or failed (the previous version stays in force)",
+      help: "Reloads of the policy file, the admin tokens file or the TLS certificate files (file=tls) by result: applied, unchanged, or failed (the previous version stays in force)",
       labelNames: ["file", "result"],
       registers,
     });
@@ -94,10 +97,17 @@ export class Metrics implements LookupObserver {
       labelNames: ["listener"],
       registers,
     });
+    this.#tlsHandshakeFailures = new Counter({
+      name: "keygate_tls_handshake_failures_total",
+      help: "TLS handshakes that failed or timed out (no or an untrusted client certificate, no shared protocol), by listener",
+      labelNames: ["listener"],
+      registers,
+    });
     // Every listener's series exists from the start, so a dashboard shows 0 rather than nothing.
     for (const listener of LISTENERS) {
       this.#connections.labels(listener).set(0);
       this.#connectionsRejected.labels(listener).inc(0);
+      this.#tlsHandshakeFailures.labels(listener).inc(0);
     }
     const sizes = this.#queueSizes;
     new Gauge({
@@ -159,9 +169,14 @@ export class Metrics implements LookupObserver {
   }
 
   /** Counts a reload of a configuration file ("policy" or "admin_tokens") and whether it was applied. */
-  configReloaded(file: "policy" | "admin_tokens", result: "applied" | "unchanged" | "failed"): void {
+  configReloaded(file: "policy" | "admin_tokens" | "tls", result: "applied" | "unchanged" | "failed"): void {
     this.#reloads.labels(file, result).inc();
     this.#reloadFailing.labels(file).set(result === "failed" ? 1 : 0);
+  }
+
+  /** Counts a TLS handshake that failed on a listener. */
+  tlsHandshakeFailed(listener: ListenerName): void {
+    this.#tlsHandshakeFailures.labels(listener).inc();
   }
 
   /** Reports a write-behind queue's size at each scrape. */

@@ -1,6 +1,6 @@
-import { spawn, spawnSync } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import type { Server } from "node:http";
 import { tmpdir } from "node:os";
@@ -107,13 +107,47 @@ export function nginxForwardedMetadataLines(name: string): { read: string; set: 
 }
 
 /**
- * Runs nginx with deploy/nginx/keygate.conf.template inside a minimal main config; with
- * `forwardMetadata`, plus the README's two lines for each name (after the identity headers').
+ * TLS from a proxy to keygate: the CA keygate's certificate is checked against and, for mTLS,
+ * the client certificate the proxy presents. keygate's certificate must name "keygate".
  */
-export async function startNginx(keygateHttpPort: number, upstreamPort: number, options: { forwardMetadata?: readonly string[] } = {}): Promise<RunningProxy> {
+export interface ProxyTls {
+  caFile: string;
+  client?: { certFile: string; keyFile: string };
+}
+
+/**
+ * The shipped config made into its TLS variant by the sed command its comments give: "#tls"
+ * lines uncommented, and "#mtls" lines too when a client certificate is used.
+ */
+function tlsVariant(file: string, tls: ProxyTls, extra: readonly string[]): string {
+  const uncomment = tls.client === undefined ? "s/^(\\s*)#tls /\\1/" : "s/^(\\s*)#m?tls /\\1/";
+  return execFileSync("sed", ["-E", ...extra, "-e", uncomment, file], { encoding: "utf8" });
+}
+
+/**
+ * Runs nginx with deploy/nginx/keygate.conf.template inside a minimal main config; with
+ * `forwardMetadata`, plus the README's two lines for each name (after the identity headers');
+ * with `tls`, its TLS variant, the files copied to keygate-tls/ beside the config.
+ */
+export async function startNginx(
+  keygateHttpPort: number,
+  upstreamPort: number,
+  options: { forwardMetadata?: readonly string[]; tls?: ProxyTls } = {},
+): Promise<RunningProxy> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-nginx-"));
   const port = await freePort();
-  let site = substitute(readFileSync(join(deployDir, "nginx/keygate.conf.template"), "utf8"), {
+  const templateFile = join(deployDir, "nginx/keygate.conf.template");
+  const template =
+    options.tls === undefined ? readFileSync(templateFile, "utf8") : tlsVariant(templateFile, options.tls, ["-e", "s|proxy_pass http://keygate_authz|proxy_pass https://keygate_authz|"]);
+  if (options.tls !== undefined) {
+    mkdirSync(join(dir, "keygate-tls"));
+    copyFileSync(options.tls.caFile, join(dir, "keygate-tls", "ca.crt"));
+    if (options.tls.client !== undefined) {
+      copyFileSync(options.tls.client.certFile, join(dir, "keygate-tls", "client.crt"));
+      copyFileSync(options.tls.client.keyFile, join(dir, "keygate-tls", "client.key"));
+    }
+  }
+  let site = substitute(template, {
     KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygateHttpPort}`,
     API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
     LISTEN_PORT: `127.0.0.1:${port}`,
@@ -159,12 +193,26 @@ http {
   };
 }
 
-/** Runs Caddy with deploy/caddy/Caddyfile, its placeholders filled from the environment. */
-export async function startCaddy(keygateHttpPort: number, upstreamPort: number): Promise<RunningProxy> {
+/**
+ * Runs Caddy with deploy/caddy/Caddyfile, its placeholders filled from the environment; with
+ * `tls`, its TLS variant, given the files through KEYGATE_CA_CERT and KEYGATE_CLIENT_CERT/KEY.
+ */
+export async function startCaddy(keygateHttpPort: number, upstreamPort: number, options: { tls?: ProxyTls } = {}): Promise<RunningProxy> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-caddy-"));
   const port = await freePort();
   let stderr = "";
-  const child = spawn("caddy", ["run", "--config", join(deployDir, "caddy/Caddyfile"), "--adapter", "caddyfile"], {
+  let config = join(deployDir, "caddy/Caddyfile");
+  const tlsEnv: Record<string, string> = {};
+  if (options.tls !== undefined) {
+    config = join(dir, "Caddyfile");
+    writeFileSync(config, tlsVariant(join(deployDir, "caddy/Caddyfile"), options.tls, []));
+    tlsEnv["KEYGATE_CA_CERT"] = options.tls.caFile;
+    if (options.tls.client !== undefined) {
+      tlsEnv["KEYGATE_CLIENT_CERT"] = options.tls.client.certFile;
+      tlsEnv["KEYGATE_CLIENT_KEY"] = options.tls.client.keyFile;
+    }
+  }
+  const child = spawn("caddy", ["run", "--config", config, "--adapter", "caddyfile"], {
     stdio: ["ignore", "ignore", "pipe"],
     env: {
       ...process.env,
@@ -174,6 +222,7 @@ export async function startCaddy(keygateHttpPort: number, upstreamPort: number):
       LISTEN_PORT: String(port),
       KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygateHttpPort}`,
       API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
+      ...tlsEnv,
     },
   });
   child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));

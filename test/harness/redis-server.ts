@@ -1,8 +1,9 @@
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { accessSync, constants, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { accessSync, constants, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
+import { connect as tlsConnect } from "node:tls";
 import { delimiter, join } from "node:path";
 import { Redis } from "ioredis";
 import { freePort } from "./ports.js";
@@ -58,12 +59,21 @@ function externalRedisUrl(): string | undefined {
   return url === undefined || url === "" ? undefined : url;
 }
 
+/** A certificate, its key and the CA that signed it, for a redis-server that speaks only TLS. */
+export interface RedisTlsFiles {
+  certFile: string;
+  keyFile: string;
+  caFile: string;
+}
+
 /**
  * Starts redis-server on a free port and waits for PING, or returns KEYGATE_TEST_REDIS_URL when
- * set (then stop is a no-op and restart throws). Null when redis-server is not on PATH.
+ * set (then stop is a no-op and restart throws). Null when redis-server is not on PATH. With
+ * `tls`, the server listens with TLS only (--tls-port, no plaintext port) and the URL is rediss://;
+ * clients need not present a certificate. An external Redis is never used for a TLS server.
  */
-export async function startRedis(): Promise<RedisServer | null> {
-  const external = externalRedisUrl();
+export async function startRedis(options: { tls?: RedisTlsFiles } = {}): Promise<RedisServer | null> {
+  const external = options.tls === undefined ? externalRedisUrl() : undefined;
   if (external !== undefined) return externalServer(external);
   const binary = findOnPath("redis-server");
   if (binary === null) return null;
@@ -72,7 +82,7 @@ export async function startRedis(): Promise<RedisServer | null> {
 
   const start = async (): Promise<void> => {
     if (child !== null) throw new Error(`redis-server on port ${port} is already running`);
-    child = await spawnRedis(binary, port);
+    child = await spawnRedis(binary, port, [], undefined, options.tls);
   };
   const stop = async (): Promise<void> => {
     const current = child;
@@ -85,7 +95,7 @@ export async function startRedis(): Promise<RedisServer | null> {
   };
   await start();
   return {
-    url: `redis://127.0.0.1:${port}`,
+    url: `${options.tls === undefined ? "redis" : "rediss"}://127.0.0.1:${port}`,
     port,
     start,
     stop,
@@ -108,13 +118,17 @@ function externalServer(url: string): RedisServer {
   return { url, port: Number(new URL(url).port || "6379"), stop: async () => {}, restart: unsupported, start: unsupported, freeze: cannotSignal, thaw: cannotSignal };
 }
 
-async function spawnRedis(binary: string, port: number, extraArgs: readonly string[] = [], cwd?: string): Promise<ChildProcess> {
-  const args = ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning", ...extraArgs];
-  return spawnRedisWith(binary, port, args, cwd);
+async function spawnRedis(binary: string, port: number, extraArgs: readonly string[] = [], cwd?: string, tls?: RedisTlsFiles): Promise<ChildProcess> {
+  const listen =
+    tls === undefined
+      ? ["--port", String(port)]
+      : ["--port", "0", "--tls-port", String(port), "--tls-cert-file", tls.certFile, "--tls-key-file", tls.keyFile, "--tls-ca-cert-file", tls.caFile, "--tls-auth-clients", "no"];
+  const args = [...listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--loglevel", "warning", ...extraArgs];
+  return spawnRedisWith(binary, port, args, cwd, tls);
 }
 
-/** Spawns redis-server with exactly `args` and waits until it answers PING on `port`. */
-async function spawnRedisWith(binary: string, port: number, args: readonly string[], cwd?: string): Promise<ChildProcess> {
+/** Spawns redis-server with exactly `args` and waits until it answers PING on `port` (over TLS with `tls`). */
+async function spawnRedisWith(binary: string, port: number, args: readonly string[], cwd?: string, tls?: RedisTlsFiles): Promise<ChildProcess> {
   const child = spawn(binary, args, { stdio: ["ignore", "pipe", "pipe"], ...(cwd === undefined ? {} : { cwd }) });
   running.add(child);
   child.once("exit", () => running.delete(child));
@@ -126,7 +140,7 @@ async function spawnRedisWith(binary: string, port: number, args: readonly strin
   child.stdout?.on("data", keep);
   child.stderr?.on("data", keep);
   try {
-    await waitForPing(port, child, () => output);
+    await waitForPing(port, child, () => output, tls === undefined ? undefined : readFileSync(tls.caFile));
   } catch (error) {
     await terminate(child);
     throw error;
@@ -134,23 +148,26 @@ async function spawnRedisWith(binary: string, port: number, args: readonly strin
   return child;
 }
 
-async function waitForPing(port: number, child: ChildProcess, output: () => string): Promise<void> {
+async function waitForPing(port: number, child: ChildProcess, output: () => string, ca: Buffer | undefined): Promise<void> {
   const deadline = Date.now() + READY_TIMEOUT_MS;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       throw new Error(`redis-server on port ${port} exited (${child.exitCode ?? child.signalCode}) before answering PING:\n${output()}`);
     }
-    if (await ping(port)) return;
+    if (await ping(port, ca)) return;
     if (Date.now() > deadline) throw new Error(`redis-server on port ${port} did not answer PING within ${READY_TIMEOUT_MS} ms:\n${output()}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
 
-/** One raw PING; true on +PONG. A loading server answers -LOADING, which counts as not ready. */
-function ping(port: number): Promise<boolean> {
+/** One raw PING (over TLS when `ca` is given); true on +PONG. A loading server answers -LOADING, which counts as not ready. */
+function ping(port: number, ca: Buffer | undefined): Promise<boolean> {
   return new Promise((resolve) => {
     let reply = "";
-    const socket = connect(port, "127.0.0.1", () => socket.write("PING\r\n"));
+    const socket =
+      ca === undefined
+        ? connect(port, "127.0.0.1", () => socket.write("PING\r\n"))
+        : tlsConnect({ port, host: "127.0.0.1", servername: "localhost", ca }, () => socket.write("PING\r\n"));
     const done = (ok: boolean): void => {
       socket.destroy();
       resolve(ok);

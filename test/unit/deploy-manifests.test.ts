@@ -42,6 +42,7 @@ const ALLOWED_KINDS: Readonly<Record<string, readonly string[]>> = {
   Kustomization: ["kustomize.config.k8s.io/v1beta1"],
   AuthorizationPolicy: ["security.istio.io/v1", "security.istio.io/v1beta1"],
   IstioOperator: ["install.istio.io/v1alpha1"],
+  DestinationRule: ["networking.istio.io/v1"],
   ServiceMonitor: ["monitoring.coreos.com/v1"],
   PrometheusRule: ["monitoring.coreos.com/v1"],
 };
@@ -1130,6 +1131,7 @@ describe.skipIf(!HAS_KUSTOMIZE)("deploy manifests: generated policy ConfigMap", 
 const SCHEMALESS_CRDS: Readonly<Record<string, string>> = {
   "deploy/istio/mesh-config.yaml": "IstioOperator install.istio.io/v1alpha1",
   "deploy/istio/authorization-policy.yaml": "AuthorizationPolicy security.istio.io/v1",
+  "deploy/istio/destination-rule-tls.yaml": "DestinationRule networking.istio.io/v1",
   "deploy/k8s/monitoring/servicemonitor.yaml": "ServiceMonitor monitoring.coreos.com/v1",
   "deploy/k8s/monitoring/prometheusrule.yaml": "PrometheusRule monitoring.coreos.com/v1",
 };

@@ -35,6 +35,7 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
   // JSON log instead, and a failure that stops the start is reported once, below.
   setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
   let generatedAdminToken: string | null = null;
+  const adminScheme = config.tls?.listeners.has("admin") === true ? "https" : "http";
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate
   // listening" line, so whoever waits for that line has the token too.
   const announce = (ports: BoundPorts): void => {
@@ -42,7 +43,7 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
     process.stdout.write(
       `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${generatedAdminToken}\n` +
         `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
-        `-d '{"ownerId":"user_1","name":"first key"}' http://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
+        `-d '{"ownerId":"user_1","name":"first key"}' ${adminScheme}://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
     );
   };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
