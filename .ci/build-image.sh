@@ -14,6 +14,8 @@
 #   KEYGATE_IMAGE_TAG          what to tag the result (default localhost/keygate:ci)
 #   KEYGATE_IMAGE_BASE_DAYS    rebuild the base after this many days, for Debian's updates (default 7)
 #   KEYGATE_IMAGE_JOBS         Dockerfile stages built at once (default 2)
+#   KEYGATE_IMAGE_STORAGE_GB   empty the storage first when it holds more than this (default 8): each
+#                              build leaves its layers for the next one's cache
 #   KEYGATE_IMAGE_REFRESH=1    rebuild the base and every layer now
 #   KEYGATE_DEBIAN_MIRROR      Debian mirror (default http://deb.debian.org/debian)
 set -euo pipefail
@@ -80,6 +82,13 @@ if [ -z "$DRIVER" ]; then
   fi
 fi
 echo "$DRIVER" >"$STORAGE.driver"
+storage_gb=$(($(du -sk "$STORAGE" | cut -f1) / 1048576))
+if [ "$storage_gb" -gt "${KEYGATE_IMAGE_STORAGE_GB:-8}" ]; then
+  echo "storage holds ${storage_gb} GB: emptying it (the base is reassembled from the cached tarballs)"
+  bah rm --all >/dev/null 2>&1 || true
+  bah rmi --all --force >/dev/null
+  rm -f "$STORAGE.base"
+fi
 log "buildah $(buildah --version | awk '{print $3}'), storage $STORAGE ($DRIVER)"
 
 # "<epoch> <image id>" of the base assembled last: kept beside the storage, not as an image label,
@@ -193,6 +202,13 @@ if [ -n "$ca_file" ] && [ "$ca_file" != null ] && [ "$ca_file" != undefined ] &&
   build_mounts=(-v "$workdir/npm-etc:/usr/local/etc:ro")
   echo "npm in the build trusts $ca_file"
 fi
+# The same values again as --label: buildah 1.28's layer cache ignores build-arg values for a
+# LABEL step (it would keep the first build's created and revision); a --label value is part of
+# the final step's cache key, so the labels are always this build's.
+labels=(
+  --label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.revision=$revision"
+  --label "org.opencontainers.image.created=$created" --label "org.opencontainers.image.source=$source_url"
+)
 layers=(--layers)
 if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ]; then layers+=(--no-cache); fi
 log "buildah bud -f $DOCKERFILE -t $TAG (log: $BUILD_LOG)"
@@ -200,6 +216,7 @@ set +e
 bah bud --pull=never --isolation chroot --jobs "${KEYGATE_IMAGE_JOBS:-2}" "${layers[@]}" "${build_mounts[@]}" \
   --build-arg VERSION="$version" --build-arg REVISION="$revision" \
   --build-arg CREATED="$created" --build-arg SOURCE="$source_url" \
+  "${labels[@]}" \
   -f "$DOCKERFILE" -t "$TAG" . >"$BUILD_LOG" 2>&1 &
 bud=$!
 # The steps as they run; npm's and the compiler's output stays in the log.
@@ -217,7 +234,7 @@ fi
 # ---- smoke test, without a daemon -------------------------------------------------------------
 log "smoke test $TAG"
 config="$(bah inspect --type image "$TAG")"
-EXPECT_VERSION="$version" EXPECT_REVISION="$revision" node -e '
+EXPECT_VERSION="$version" EXPECT_REVISION="$revision" EXPECT_CREATED="$created" EXPECT_SOURCE="$source_url" node -e '
   const c = JSON.parse(require("fs").readFileSync(0, "utf8")).OCIv1.config;
   const labels = c.Labels || {};
   const problems = [];
@@ -226,10 +243,11 @@ EXPECT_VERSION="$version" EXPECT_REVISION="$revision" node -e '
     "org.opencontainers.image.version": process.env.EXPECT_VERSION,
     "org.opencontainers.image.licenses": "Apache-2.0",
     "org.opencontainers.image.revision": process.env.EXPECT_REVISION,
+    "org.opencontainers.image.created": process.env.EXPECT_CREATED,
+    "org.opencontainers.image.source": process.env.EXPECT_SOURCE,
   };
   for (const [k, v] of Object.entries(want)) if (labels[k] !== v) problems.push(`label ${k} is ${JSON.stringify(labels[k])}, want ${JSON.stringify(v)}`);
-  for (const k of ["description", "created"]) if (!labels[`org.opencontainers.image.${k}`]) problems.push(`label org.opencontainers.image.${k} is empty`);
-  if (!("org.opencontainers.image.source" in labels)) problems.push("no org.opencontainers.image.source label");
+  if (!labels["org.opencontainers.image.description"]) problems.push("label org.opencontainers.image.description is empty");
   if (c.User !== "10001:10001") problems.push(`user is ${JSON.stringify(c.User)}, want 10001:10001`);
   if (JSON.stringify(c.Entrypoint) !== JSON.stringify(["/usr/bin/tini", "--"])) problems.push(`entrypoint is ${JSON.stringify(c.Entrypoint)}`);
   if (JSON.stringify(c.Cmd) !== JSON.stringify(["node", "dist/cli.js", "serve"])) problems.push(`cmd is ${JSON.stringify(c.Cmd)}`);
@@ -241,8 +259,8 @@ if [ -z "$source_url" ]; then echo "note: no git remote, so org.opencontainers.i
 ctr="$(bah from --pull=never --quiet "$TAG")"
 containers+=("$ctr")
 run() { bah run --isolation chroot "$ctr" -- "$@"; }
-# Through tini, as the entrypoint runs it.
-got="$(run /usr/bin/tini -- node dist/cli.js --version)" || fail "keygate --version failed in $TAG"
+# Through tini, as the entrypoint runs it (-s: here tini is not PID 1, so it registers as subreaper).
+got="$(run /usr/bin/tini -s -- node dist/cli.js --version)" || fail "keygate --version failed in $TAG"
 [ "$got" = "$version" ] || fail "keygate --version printed '$got' in $TAG, want '$version'"
 uid="$(run id -u)"
 [ "$uid" = 10001 ] || fail "$TAG runs as uid $uid, want 10001"
