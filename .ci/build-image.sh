@@ -37,7 +37,8 @@ done
 CACHE_DIR="${KEYGATE_CACHE_DIR:-$HOME/.cache/keygate}"
 IMAGE_CACHE="$CACHE_DIR/image"
 STORAGE="${KEYGATE_IMAGE_STORAGE:-$IMAGE_CACHE/storage}"
-RUNROOT="${TMPDIR:-/tmp}/keygate-buildah-run"
+# Locks and mount state, one directory per storage root; not cached (it does not outlive a boot).
+RUNROOT="${TMPDIR:-/tmp}/keygate-buildah-run-$(printf '%s' "$STORAGE" | sha256sum | cut -c1-12)"
 TAG="${KEYGATE_IMAGE_TAG:-localhost/keygate:ci}"
 BASE_DAYS="${KEYGATE_IMAGE_BASE_DAYS:-7}"
 MIRROR="${KEYGATE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
