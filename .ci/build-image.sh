@@ -16,6 +16,7 @@
 #   KEYGATE_IMAGE_JOBS         Dockerfile stages built at once (default 2)
 #   KEYGATE_IMAGE_STORAGE_GB   empty the storage first when it holds more than this (default 8): each
 #                              build leaves its layers for the next one's cache
+#   KEYGATE_IMAGE_LAYERS=1|0   keep every step for the next build's cache (default: with overlay only)
 #   KEYGATE_IMAGE_REFRESH=1    rebuild the base and every layer now
 #   KEYGATE_DEBIAN_MIRROR      Debian mirror (default http://deb.debian.org/debian)
 set -euo pipefail
@@ -210,7 +211,11 @@ labels=(
   --label "org.opencontainers.image.version=$version" --label "org.opencontainers.image.revision=$revision"
   --label "org.opencontainers.image.created=$created" --label "org.opencontainers.image.source=$source_url"
 )
-layers=(--layers)
+# With overlay every step's layer is cheap, so each is kept for the next build's cache. With vfs
+# every committed step is a full copy of the filesystem (minutes for the runtime stage's dozen
+# metadata steps), so only the stages' results are committed and nothing is cached.
+layers=(--layers=false)
+if [ "${KEYGATE_IMAGE_LAYERS:-$([ "$DRIVER" = overlay ] && echo 1)}" = 1 ]; then layers=(--layers); fi
 if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ]; then layers+=(--no-cache); fi
 log "buildah bud -f $DOCKERFILE -t $TAG (log: $BUILD_LOG)"
 set +e
