@@ -1029,6 +1029,42 @@ describe("deploy manifests: Dockerfile", () => {
     expect(JSON.parse(args("VOLUME").at(-1) ?? "null")).toEqual([dataDir]);
   });
 
+  it("starts every stage from one Debian 13 (trixie) Node 24 image, the base .ci/build-image.sh assembles", () => {
+    const stages = stagesOf();
+    const names = new Set(stages.map((stage) => /\s+AS\s+(\w+)$/i.exec(stage[0]?.args ?? "")?.[1]));
+    const bases = new Set(stages.map((stage) => (stage[0]?.args ?? "").split(/\s+/)[0] ?? "").filter((image) => !names.has(image)));
+    expect([...bases]).toEqual(["node:24-trixie-slim"]);
+    // The runtime stage builds on it directly, not on a stage that carries a compiler.
+    expect(stages.at(-1)?.[0]?.args).toMatch(/^node:24-trixie-slim\s+AS\s+runtime$/i);
+  });
+
+  it("labels the image with the OCI annotations, versioned as package.json", () => {
+    const pkg = z.object({ version: z.string(), description: z.string(), license: z.string() }).parse(JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")));
+    const unquote = (value: string) => value.replace(/^"(.*)"$/, "$1");
+    const argDefaults = new Map(
+      args("ARG").map((a) => {
+        const [name = "", value = ""] = a.split(/=(.*)/s);
+        return [name, unquote(value)] as const;
+      }),
+    );
+    const labels = new Map([...args("LABEL").join(" ").matchAll(/([\w.-]+)=("(?:[^"\\]|\\.)*"|\S+)/g)].map((m) => [m[1] ?? "", unquote(m[2] ?? "")]));
+    const oci = (key: string) => labels.get(`org.opencontainers.image.${key}`);
+    expect(oci("title")).toBe("keygate");
+    expect(oci("description")).toBe(pkg.description);
+    expect(oci("licenses")).toBe(pkg.license);
+    expect(oci("licenses")).toBe("Apache-2.0");
+    expect(oci("base.name")).toBe(`docker.io/library/${(stagesOf().at(-1)?.[0]?.args ?? "").split(/\s+/)[0] ?? ""}`);
+    // version, revision, created and source come from build args; VERSION defaults to package.json's.
+    for (const [key, arg] of [["version", "VERSION"], ["revision", "REVISION"], ["created", "CREATED"], ["source", "SOURCE"]] as const) {
+      expect(oci(key), key).toBe(`\${${arg}}`);
+      expect(argDefaults.has(arg), `ARG ${arg} in the runtime stage`).toBe(true);
+    }
+    expect(argDefaults.get("VERSION")).toBe(pkg.version);
+    // Last, so that a new revision or date rebuilds no layer.
+    const ops = (stagesOf().at(-1) ?? []).map((i) => i.op);
+    expect(ops.slice(ops.indexOf("ARG"))).toEqual([...ops.slice(ops.indexOf("ARG")).filter((op) => op === "ARG"), "LABEL"]);
+  });
+
   it("copies only paths that exist in the repository", () => {
     const stages = stagesOf();
     const copies = stages.flat().filter((i) => i.op === "COPY" && !i.args.startsWith("--from"));
