@@ -1,0 +1,23 @@
+import { createHmac } from "node:crypto";
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { KeyHasher } from "../../src/keys/hasher.js";
+
+// Every stored hash depends on this digest: it must stay HMAC-SHA256(pepper as UTF-8, key as
+// UTF-8) in hex, whatever form the pepper is held in.
+describe("KeyHasher", () => {
+  it("equals HMAC-SHA256 under the pepper's UTF-8 bytes, for any pepper and key", () => {
+    fc.assert(
+      fc.property(fc.string({ minLength: 32, maxLength: 96, unit: "grapheme" }), fc.string({ maxLength: 120, unit: "grapheme" }), (pepper, key) => {
+        const reference = createHmac("sha256", Buffer.from(pepper, "utf8")).update(key, "utf8").digest("hex");
+        expect(new KeyHasher(pepper).hash(key)).toBe(reference);
+      }),
+      { numRuns: 500 },
+    );
+  });
+
+  it("gives the digest the released keygate stored for a known pepper and key", () => {
+    const hasher = new KeyHasher("frozen-redis-test-pepper-0123456789abcdef");
+    expect(hasher.hash("kg_live_0123456789abcdefghijklmnopqrstuvwxyzAB")).toBe("342b45b3e4b7d02818dde39a3999ab74d5ddcb8f53fd914fcdccb01ba6512bdc");
+  });
+});
