@@ -13,7 +13,7 @@ import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -103,19 +103,14 @@ describe.runIf(ready)("the Check budget", () => {
     writeFileSync(policy, stringify(TEST_POLICY));
     keygate = await spawnKeygate({
       cwd: dir,
-      env: {
-        KEYGATE_MONGODB_URI: mongo.uri,
-        KEYGATE_REDIS_URL: redis.url,
-        KEYGATE_PEPPER: "budget-test-pepper-0123456789abcdefghijklm",
-        KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-        KEYGATE_CONFIG: policy,
-        KEYGATE_HOST: "127.0.0.1",
-        KEYGATE_GRPC_PORT: "0",
-        KEYGATE_HTTP_AUTHZ_PORT: "0",
-        KEYGATE_ADMIN_PORT: "0",
-        KEYGATE_LOG_LEVEL: "info",
-        KEYGATE_CHECK_BUDGET_MS: String(BUDGET_MS),
-      },
+      env: sharedBackendEnv({
+        mongoUri: mongo.uri,
+        redisUrl: redis.url,
+        pepper: "budget-test-pepper-0123456789abcdefghijklm",
+        policyFile: policy,
+        adminToken: ADMIN_TOKEN,
+        extra: { KEYGATE_CHECK_BUDGET_MS: String(BUDGET_MS) },
+      }),
     });
   }, 120_000);
 

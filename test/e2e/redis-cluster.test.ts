@@ -9,7 +9,7 @@ import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisCommand, redisTopologyAvailable, startRedisCluster } from "../harness/redis-server.js";
 import type { RedisClusterSet } from "../harness/redis-server.js";
@@ -67,18 +67,7 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
     dir = mkdtempSync(join(tmpdir(), "keygate-redis-cluster-"));
     const policy = join(dir, "policy.yaml");
     writeFileSync(policy, stringify(LIMITS_POLICY));
-    const env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: cluster.url,
-      KEYGATE_PEPPER: "cluster-test-pepper-0123456789abcdefghijklmn",
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: policy,
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_LOG_LEVEL: "info",
-    };
+    const env = sharedBackendEnv({ mongoUri: mongo.uri, redisUrl: cluster.url, pepper: "cluster-test-pepper-0123456789abcdefghijklmn", policyFile: policy, adminToken: ADMIN_TOKEN });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
     probe = new Cluster(
       cluster.nodes.map((node) => ({ host: "127.0.0.1", port: node.port })),

@@ -8,7 +8,7 @@ import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, redisCommand, startRedisSentinel, waitFor } from "../harness/redis-server.js";
 import type { RedisSentinelSet } from "../harness/redis-server.js";
@@ -125,18 +125,7 @@ describe.runIf(ready)("two replicas on a Sentinel-managed Redis", () => {
     dir = mkdtempSync(join(tmpdir(), "keygate-redis-sentinel-"));
     const policy = join(dir, "policy.yaml");
     writeFileSync(policy, stringify(POLICY));
-    const env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: sentinel.url,
-      KEYGATE_PEPPER: "sentinel-test-pepper-0123456789abcdefghijkl",
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: policy,
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_LOG_LEVEL: "info",
-    };
+    const env = sharedBackendEnv({ mongoUri: mongo.uri, redisUrl: sentinel.url, pepper: "sentinel-test-pepper-0123456789abcdefghijkl", policyFile: policy, adminToken: ADMIN_TOKEN });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
   }, 180_000);
 

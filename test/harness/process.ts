@@ -43,6 +43,27 @@ export function listeningPorts(stdout: string): { grpc: number; http: number; ad
 }
 
 /**
+ * The environment of a `keygate serve` on MongoDB and Redis that tests start as a replica:
+ * listeners on 127.0.0.1 port 0, the harness's admin token, info logs (the ports line). `extra`
+ * adds or overrides variables.
+ */
+export function sharedBackendEnv(options: { mongoUri: string; redisUrl: string; pepper: string; policyFile: string; adminToken: string; extra?: Record<string, string> }): Record<string, string> {
+  return {
+    KEYGATE_MONGODB_URI: options.mongoUri,
+    KEYGATE_REDIS_URL: options.redisUrl,
+    KEYGATE_PEPPER: options.pepper,
+    KEYGATE_ADMIN_TOKENS: options.adminToken,
+    KEYGATE_CONFIG: options.policyFile,
+    KEYGATE_HOST: "127.0.0.1",
+    KEYGATE_GRPC_PORT: "0",
+    KEYGATE_HTTP_AUTHZ_PORT: "0",
+    KEYGATE_ADMIN_PORT: "0",
+    KEYGATE_LOG_LEVEL: "info",
+    ...options.extra,
+  };
+}
+
+/**
  * Spawns `keygate serve` with exactly `env` for its KEYGATE_* variables (inherited ones are
  * dropped) and waits for its "keygate listening" line. `args` (node's arguments) runs another
  * build, such as an earlier release's `dist/cli.js serve`.
