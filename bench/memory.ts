@@ -19,7 +19,21 @@ const root = resolve(import.meta.dirname, "..");
 const GC_PROBE = pathToFileURL(join(root, "bench/gc-probe.mjs")).href;
 const GC_REPORT_TIMEOUT_MS = 30_000;
 
-const usageSchema = z.object({ rss: z.number(), heapTotal: z.number(), heapUsed: z.number(), external: z.number(), arrayBuffers: z.number() });
+const snapshotSchema = z.object({
+  rss: z.number(),
+  heapTotal: z.number(),
+  heapUsed: z.number(),
+  external: z.number(),
+  arrayBuffers: z.number(),
+  /** Resident kB by mapping, largest first (Linux only). */
+  residentByMapping: z.array(z.object({ mapping: z.string(), kb: z.number() })).nullable().optional(),
+  /** v8.getHeapSpaceStatistics(): what each V8 space holds and has committed. */
+  heapSpaces: z.array(z.object({ space: z.string(), size: z.number(), used: z.number(), physical: z.number() })).optional(),
+});
+const usageSchema = snapshotSchema.extend({
+  /** The same after a memory-reducing GC (V8's last resort): free pages returned to the system. */
+  reduced: snapshotSchema,
+});
 
 /** process.memoryUsage() of keygate right after forced full GCs. */
 export type MemoryAfterGc = z.infer<typeof usageSchema>;
@@ -56,6 +70,8 @@ export interface MemoryResult {
   cachedKeys: number;
   /** (RSS after touch − RSS after start), both after GC, over the cached keys. */
   rssBytesPerCachedKey: number;
+  /** The same after memory-reducing GCs: what the cached keys hold once V8 returns its free pages. */
+  reducedRssBytesPerCachedKey: number;
   /** The same for the V8 heap in use. */
   heapBytesPerCachedKey: number;
   touch: { requests: number; seconds: number; rps: number; errors: number; l1Misses: number; storeLookups: number };
@@ -122,6 +138,7 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
       afterTouchAfterGc,
       cachedKeys,
       rssBytesPerCachedKey: Math.round((afterTouchAfterGc.rss - atStartAfterGc.rss) / cachedKeys),
+      reducedRssBytesPerCachedKey: Math.round((afterTouchAfterGc.reduced.rss - atStartAfterGc.reduced.rss) / cachedKeys),
       heapBytesPerCachedKey: Math.round((afterTouchAfterGc.heapUsed - atStartAfterGc.heapUsed) / cachedKeys),
       touch: {
         requests: run.ghz.requests,

@@ -16,6 +16,10 @@ export interface BenchOptions {
   h2loadClients: number;
   h2loadStreams: number;
   memory: boolean;
+  /** Only the seed and the memory scenario. */
+  memoryOnly: boolean;
+  /** Extra node flags for every keygate process (an experiment's V8 flags, say). */
+  nodeFlags: string[];
   memoryKeys: number;
   memoryTouch: number;
   hotKeys: number;
@@ -55,6 +59,8 @@ const rawSchema = z.object({
   h2loadClients: z.number(),
   h2loadStreams: z.number(),
   memory: z.boolean(),
+  memoryOnly: z.boolean().default(false),
+  nodeFlags: z.string().default(""),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
   hotKeys: z.number().optional(),
@@ -96,6 +102,7 @@ function command(): Command {
     .option("--h2load-clients <n>", "h2load connections for the one-key run", count, 4)
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")
+    .option("--memory-only", "only seed the embedded store and run the memory scenario (no throughput, latency or profile runs)")
     .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
     .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)
     .option("--hot-keys <n>", "distinct keys in the hot set (full 20000, quick 1000)", count)
@@ -104,6 +111,7 @@ function command(): Command {
     .option("--profile", "also run hot once under node --cpu-prof and summarize the profile")
     .option("--out <dir>", "where the results JSON goes", "bench/results")
     .option("--node <path>", "node binary for keygate and the no-op server", process.execPath)
+    .option("--node-flags <flags>", "extra node flags for keygate, space-separated (e.g. --max-semi-space-size=8)")
     .option("--no-build", "use the existing dist/ instead of building it first")
     .option("--source", "run keygate from src/ through tsx instead of dist/")
     .option("--data-format <format>", "ghz request data: binary (size-delimited) or json (array)", "binary")
@@ -130,6 +138,7 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     rps: ratesSchema.parse(list(raw.rps).map(Number)),
     modes: modeSchema.parse(list(raw.modes)),
     engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
+    nodeFlags: raw.nodeFlags.split(" ").filter((f) => f !== ""),
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
     memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,
     hotKeys: raw.hotKeys ?? sizes.hotKeys,

@@ -146,8 +146,17 @@ export function budget(results: readonly ScenarioResult[], oneKey: readonly OneK
     const l = line(goal, value, ok, (v) => `${show(v)}${sizes}`);
     return fullSize ? l : { ...l, met: null };
   };
-  lines.push(memoryLine("RSS after GC <= 250 MB with 1,000,000 keys stored, 100,000 cached", memory?.afterTouchAfterGc.rss, (v) => v <= 250 * MB, (v) => `${(v / MB).toFixed(0)} MB`));
-  lines.push(memoryLine("RSS per cached key after GC < 1,000 bytes", memory?.rssBytesPerCachedKey, (v) => v < 1000, (v) => `${v} bytes`));
+  // Judged after a memory-reducing GC: what keygate's data holds. A plain full GC leaves V8's
+  // free pages resident for reuse, which the next line reports beside the RSS under load.
+  lines.push(memoryLine("RSS after a memory-reducing GC <= 250 MB with 1,000,000 keys stored, 100,000 cached", memory?.afterTouchAfterGc.reduced.rss, (v) => v <= 250 * MB, (v) => `${(v / MB).toFixed(0)} MB`));
+  lines.push(memoryLine("RSS per cached key after a memory-reducing GC < 1,000 bytes", memory?.reducedRssBytesPerCachedKey, (v) => v < 1000, (v) => `${v} bytes`));
+  if (memory !== null) {
+    lines.push({
+      goal: "RSS with V8's free pages kept (not judged)",
+      measured: `${(memory.afterTouchAfterGc.rss / MB).toFixed(0)} MB after a plain full GC (${memory.rssBytesPerCachedKey} bytes per cached key), ${(memory.rssAfterTouchBytes / MB).toFixed(0)} MB right after the load without GC`,
+      met: null,
+    });
+  }
   return lines;
 }
 
@@ -262,6 +271,21 @@ export function oneKeyTable(oneKey: readonly OneKeyResult[], rates: readonly Rat
   return table(header, rows, 1);
 }
 
+/** Resident MB by mapping after the touch, with the growth since start (the five largest). */
+function residentLines(atStart: MemoryResult["atStartAfterGc"], afterTouch: MemoryResult["afterTouchAfterGc"]): string[] {
+  const after = afterTouch.residentByMapping;
+  if (after === null || after === undefined) return [];
+  const before = new Map((atStart.residentByMapping ?? []).map((m) => [m.mapping, m.kb]));
+  const parts = after.slice(0, 5).map((m) => `${m.mapping} ${(m.kb / 1024).toFixed(0)} MB (+${((m.kb - (before.get(m.mapping) ?? 0)) / 1024).toFixed(0)})`);
+  const spaces = (afterTouch.heapSpaces ?? [])
+    .filter((s) => s.physical >= MB)
+    .map((s) => `${s.space} ${(s.used / MB).toFixed(0)}/${(s.physical / MB).toFixed(0)}`);
+  return [
+    `  resident after touch by mapping (after GC; growth since start): ${parts.join(", ")}`,
+    ...(spaces.length === 0 ? [] : [`  V8 spaces after touch (after GC; MB used/resident): ${spaces.join(", ")}`]),
+  ];
+}
+
 /** The memory figures as text. */
 export function memoryText(memory: MemoryResult): string {
   const b = memory.l1Bounds;
@@ -273,8 +297,10 @@ export function memoryText(memory: MemoryResult): string {
     `  L1 bounds: maxEntries ${b.maxEntries}, ttl ${b.ttlSeconds} s; negative: maxEntries ${b.negativeMaxEntries}, ttl ${b.negativeTtlSeconds} s`,
     `  after forced GC (--expose-gc, bench/gc-probe.mjs): RSS ${mb(g0.rss)} after start, ${mb(g1.rss)} after touch; V8 heap used ${mb(g0.heapUsed)} -> ${mb(g1.heapUsed)}; external ${mb(g1.external)}`,
     `  per cached key after GC: ${memory.rssBytesPerCachedKey} bytes of RSS, ${memory.heapBytesPerCachedKey} bytes of V8 heap`,
+    `  after a memory-reducing GC (V8's last resort: free pages returned): RSS ${mb(g0.reduced.rss)} after start, ${mb(g1.reduced.rss)} after touch, ${memory.reducedRssBytesPerCachedKey} bytes per cached key; V8 heap ${mb(g1.reduced.heapUsed)} used of ${mb(g1.reduced.heapTotal)}`,
     `  without GC: RSS ${mb(memory.rssAfterStartBytes)} after start, ${mb(memory.rssAfterTouchBytes)} after touch, peak ${mb(memory.peakRssBytes)}` +
       (memory.heapUsedBytes === null ? "" : `, V8 heap used ${mb(memory.heapUsedBytes)}`),
+    ...residentLines(g0, g1),
     `  touch: ${memory.touch.requests} requests in ${memory.touch.seconds.toFixed(1)} s, ${memory.touch.storeLookups} store lookups, ${memory.touch.errors} errors; filler insert ${memory.filler.keys} keys in ${memory.filler.seconds.toFixed(1)} s`,
   ].join("\n");
 }
