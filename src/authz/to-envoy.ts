@@ -1,5 +1,5 @@
 import { create, toBinary } from "@bufbuild/protobuf";
-import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire";
+import { WireType } from "@bufbuild/protobuf/wire";
 import { HeaderValueOption_HeaderAppendAction, HeaderValueOptionSchema } from "../gen/envoy/config/core/v3/base_pb.js";
 import type { HeaderValueOption } from "../gen/envoy/config/core/v3/base_pb.js";
 import {
@@ -135,10 +135,7 @@ const OK_STATUS_FIELD = toBinary(CheckResponseSchema, create(CheckResponseSchema
  * which hold disjoint fields in ascending order.
  */
 export function encodeCheckResponse(decision: Decision, clientHeaderNames: Iterable<string>, requestId: string, nowMs: number): Uint8Array {
-  if (decision.allow) return encodeAllow(decision, clientHeaderNames, nowMs);
-  const parts = denialParts(decision.reason);
-  const rest = encodeDenialRest(decision, requestId, nowMs);
-  return join([parts.statusField, fieldHead(CheckResponseField.deniedResponse, parts.deniedHead.length + rest.length), parts.deniedHead, rest]);
+  return decision.allow ? encodeAllow(decision, clientHeaderNames, nowMs) : encodeDeny(decision, requestId, nowMs);
 }
 
 // The per-request parts are written field by field: protobuf-es's reflective toBinary costs more
@@ -285,12 +282,15 @@ function metadataEntryBytes(field: number, valueBytes: number): number {
   return (METADATA_NAMES[field] as Buffer).length + fieldBytes(fieldBytes(valueBytes));
 }
 
+// From this length on, Buffer.write copies faster than a loop (a denial's JSON body, say).
+const NATIVE_COPY_FROM = 64;
+
 /** Writes a length-delimited string field (`bytes` = its UTF-8 length); returns the position after it. */
 function writeString(out: Buffer, at: number, tag: number, value: string, bytes: number): number {
   out[at] = tag;
   const start = writeVarint(out, at + 1, bytes);
-  if (bytes !== value.length) return start + out.write(value, start, "utf8");
-  // ASCII, the usual case: copied here, short strings cost less than a call into Buffer.write.
+  // ASCII, the usual case: short strings are copied here, for less than a call into Buffer.write.
+  if (bytes !== value.length || bytes > NATIVE_COPY_FROM) return start + out.write(value, start, bytes, "utf8");
   for (let i = 0; i < bytes; i++) out[start + i] = value.charCodeAt(i);
   return start + bytes;
 }
@@ -314,25 +314,33 @@ function utf8Length(value: string): number {
   return bytes;
 }
 
-/** DeniedHttpResponse { headers (the request's own), body } encoded. */
-function encodeDenialRest(decision: Deny, requestId: string, nowMs: number): Uint8Array {
+/**
+ * A denial in one buffer: the reason's status, then the denied_response field: the reason's
+ * encoded status and standard headers, this request's Retry-After and limit headers, and the
+ * JSON body. A flood of bad keys is answered with one allocation each.
+ */
+function encodeDeny(decision: Deny, requestId: string, nowMs: number): Uint8Array {
+  const parts = denialParts(decision.reason);
   const rest = denialRest(decision, requestId, nowMs);
-  const writer = new BinaryWriter();
-  for (const [k, v] of rest.headers) writeHeaderOption(writer, DeniedHttpResponseField.headers, k, v);
-  if (rest.body !== "") writer.tag(DeniedHttpResponseField.body, WireType.LengthDelimited).string(rest.body);
-  return writer.finish();
+  const sizes = new Array<number>(rest.headers.length * 3);
+  const bodyBytes = utf8Length(rest.body);
+  const deniedLength = parts.deniedHead.length + sizeHeaders(rest.headers, sizes, 0) + (bodyBytes === 0 ? 0 : fieldBytes(bodyBytes));
+  const out = Buffer.allocUnsafe(parts.statusField.length + fieldBytes(deniedLength));
+  out.set(parts.statusField, 0);
+  let at = parts.statusField.length;
+  out[at++] = DENIED_RESPONSE_TAG;
+  at = writeVarint(out, at, deniedLength);
+  out.set(parts.deniedHead, at);
+  at += parts.deniedHead.length;
+  at = writeHeaders(out, at, DENIED_HEADER_TAG, rest.headers, sizes, 0);
+  if (bodyBytes !== 0) writeString(out, at, BODY_TAG, rest.body, bodyBytes);
+  return out;
 }
 
-/** A HeaderValueOption field as header() builds it: the header, then OVERWRITE_IF_EXISTS_OR_ADD. */
-function writeHeaderOption(writer: BinaryWriter, fieldNo: number, key: string, value: string): void {
-  writer.tag(fieldNo, WireType.LengthDelimited).fork();
-  writer.tag(HeaderValueOptionField.header, WireType.LengthDelimited).fork();
-  if (key !== "") writer.tag(HeaderValueField.key, WireType.LengthDelimited).string(key);
-  if (value !== "") writer.tag(HeaderValueField.value, WireType.LengthDelimited).string(value);
-  writer.join();
-  writer.tag(HeaderValueOptionField.appendAction, WireType.Varint).int32(HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD);
-  writer.join();
-}
+// CheckResponse.denied_response's tag, and DeniedHttpResponse's headers and body tags.
+const DENIED_RESPONSE_TAG = (CheckResponseField.deniedResponse << 3) | WireType.LengthDelimited;
+const DENIED_HEADER_TAG = (DeniedHttpResponseField.headers << 3) | WireType.LengthDelimited;
+const BODY_TAG = (DeniedHttpResponseField.body << 3) | WireType.LengthDelimited;
 
 // CheckResponse.ok_response's tag: field 3, length-delimited.
 const OK_RESPONSE_TAG = (CheckResponseField.okResponse << 3) | WireType.LengthDelimited;
@@ -354,15 +362,6 @@ function writeVarint(out: Uint8Array, at: number, value: number): number {
   }
   out[pos++] = rest;
   return pos;
-}
-
-/** The tag and length of a length-delimited field whose payload follows. */
-function fieldHead(fieldNo: number, length: number): Uint8Array {
-  return new BinaryWriter().tag(fieldNo, WireType.LengthDelimited).uint32(length).finish();
-}
-
-function join(parts: Uint8Array[]): Uint8Array {
-  return Buffer.concat(parts);
 }
 
 /** The parts of a denial that depend only on its reason. */

@@ -15,6 +15,8 @@ import { NO_REQUIREMENTS } from "../../src/authz/routes.js";
 // reason. They must be exactly what protobuf-es makes of the whole message.
 
 const text = fc.string({ maxLength: 24 });
+// Any Unicode, lone surrogates too: a denial's message and request id go into its JSON body.
+const unicode = fc.oneof(fc.string({ unit: "grapheme", maxLength: 40 }), fc.string({ unit: "binary", maxLength: 12 }));
 const ident = fc.stringMatching(/^[a-z][a-z0-9_-]{0,15}$/);
 
 const snapshotArb: fc.Arbitrary<KeySnapshot> = fc.record({
@@ -73,7 +75,7 @@ const reasons = Object.keys(DENIALS) as DenyReason[];
 const denyArb: fc.Arbitrary<Deny> = fc
   .record({
     reason: fc.constantFrom(...reasons),
-    custom: fc.option(text, { nil: undefined }),
+    custom: fc.option(fc.oneof(text, unicode), { nil: undefined }),
     retryAfterSeconds: fc.option(count, { nil: undefined }),
     limits: fc.option(limitsArb, { nil: undefined }),
   })
@@ -114,7 +116,7 @@ describe("Check response encoding happy", () => {
 
   it("encodes every denial byte for byte as protobuf-es encodes the message", () => {
     fc.assert(
-      fc.property(denyArb, text, count, (deny, requestId, nowMs) => {
+      fc.property(denyArb, fc.oneof(text, unicode), count, (deny, requestId, nowMs) => {
         same(deny, [], requestId, nowMs);
       }),
       { numRuns: 300 },
