@@ -18,6 +18,8 @@ export interface BenchOptions {
   memory: boolean;
   /** Only the seed and the memory scenario. */
   memoryOnly: boolean;
+  /** Only the seed and the profiled runs (no ratios: the no-ops are not run). */
+  profileOnly: boolean;
   /** Extra node flags for every keygate process (an experiment's V8 flags, say). */
   nodeFlags: string[];
   memoryKeys: number;
@@ -60,6 +62,7 @@ const rawSchema = z.object({
   h2loadStreams: z.number(),
   memory: z.boolean(),
   memoryOnly: z.boolean().default(false),
+  profileOnly: z.boolean().default(false),
   nodeFlags: z.string().default(""),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
@@ -103,6 +106,7 @@ function command(): Command {
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")
     .option("--memory-only", "only seed the embedded store and run the memory scenario (no throughput, latency or profile runs)")
+    .option("--profile-only", "only seed the embedded store and run the profiled runs (implies --profile --no-memory)")
     .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
     .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)
     .option("--hot-keys <n>", "distinct keys in the hot set (full 20000, quick 1000)", count)
@@ -132,6 +136,8 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
   const accounts = Math.min(raw.accounts ?? sizes.accounts, keys);
   return {
     ...raw,
+    profile: raw.profile || raw.profileOnly,
+    memory: raw.memory && !raw.profileOnly,
     keys,
     accounts,
     seconds: raw.seconds ?? sizes.seconds,

@@ -162,7 +162,7 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
   // The profile and the memory scenario run on the first engine named (keygate's default when none is).
   const env = { KEYGATE_DATA_DIR: dataDir };
   const first = { ...env, ...engineEnv(ctx.options.engines[0] ?? null) };
-  const results = ctx.options.memoryOnly ? { scenarios: [], oneKey: [] } : await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
+  const results = ctx.options.memoryOnly || ctx.options.profileOnly ? { scenarios: [], oneKey: [] } : await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
   const profiles: ProfiledRun[] = [];
   if (ctx.options.profile && !ctx.options.memoryOnly) {
     const start = (label: string, nodeArgs: readonly string[]): Promise<Target> => startWith(ctx, first, nodeArgs)(label);
@@ -360,7 +360,7 @@ async function main(): Promise<void> {
     if (h2load === null) ctx.skipped.push({ what: "h2load one-key runs", why: "h2load is not on PATH (apt-get install nghttp2-client, or bash bench/install-h2load.sh)" });
     const machine = machineInfo(options.node);
     const all: Collected = { scenarios: [], oneKey: [] };
-    for (const name of options.memoryOnly ? [] : NOOP_NAMES) {
+    for (const name of options.memoryOnly || options.profileOnly ? [] : NOOP_NAMES) {
       const noop = await startNoop(options.node, name);
       try {
         collect(all, await timed(ctx, `${name}: scenarios`, () => runNoopScenarios(name, noop, ctx.settings, ctx.data, ctx.oneKeyRequest, log)));
@@ -379,7 +379,7 @@ async function main(): Promise<void> {
       memory = embedded.memory;
       profiles = embedded.profiles;
     }
-    if (options.modes.includes("redis-mongo") && !options.memoryOnly) {
+    if (options.modes.includes("redis-mongo") && !options.memoryOnly && !options.profileOnly) {
       // A mode that breaks part-way still leaves the others' figures to report; the run then exits 1.
       const redisMongo = await runRedisMongo(ctx).catch((error: unknown) => {
         const message = error instanceof Error ? error.message : String(error);
