@@ -2,8 +2,19 @@ import type { ChargeResult } from "../limits/limits.js";
 
 const POLICY_NAMES: Readonly<Record<number, string>> = { 1: "second", 60: "minute", 3600: "hour", 86_400: "day" };
 
-function policyName(windowSeconds: number): string {
+/** A rate window's name in the RateLimit fields: "minute" for 60, else "<n>s" for an unnamed one. */
+export function policyName(windowSeconds: number): string {
   return POLICY_NAMES[windowSeconds] ?? `${windowSeconds}s`;
+}
+
+/** A daily quota's name in the RateLimit fields: the plan's own is "day", a named one its name. */
+export function quotaLabel(name: string | null): string {
+  return name ?? "day";
+}
+
+/** The seconds until a daily quota resets, as the RateLimit field's t= gives them. */
+export function quotaResetSeconds(resetAtMs: number, nowMs: number): number {
+  return Math.max(0, Math.ceil((resetAtMs - nowMs) / 1000));
 }
 
 /**
@@ -18,10 +29,9 @@ export function limitHeaders(limits: ChargeResult, nowMs: number): Array<[string
   let policy = `"${name}";q=${rate.limit};w=${rate.windowSeconds}`;
   let state = `"${name}";r=${rate.remaining};t=${rate.resetSeconds}`;
   if (quota !== null) {
-    // The plan's daily quota is "day"; a named one goes by its name.
-    const label = quota.name ?? "day";
+    const label = quotaLabel(quota.name);
     policy += `, "${label}";q=${quota.limit};w=86400`;
-    state += `, "${label}";r=${quota.remaining};t=${Math.max(0, Math.ceil((quota.resetAtMs - nowMs) / 1000))}`;
+    state += `, "${label}";r=${quota.remaining};t=${quotaResetSeconds(quota.resetAtMs, nowMs)}`;
   }
   const headers: Array<[string, string]> = [
     ["x-ratelimit-limit", String(rate.limit)],

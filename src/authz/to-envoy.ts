@@ -15,6 +15,8 @@ import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { CheckSnapshot } from "../store/store.js";
 import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
+import { directLimits, sizeLimitHeaders, writeLimitHeaders } from "./limit-headers.js";
+import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, fieldBytes, nameField, utf8Length, writeString, writeVarint } from "./wire.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
@@ -33,8 +35,6 @@ const StructField = { fields: 1 } as const;
 const MapEntryField = { key: 1, value: 2 } as const;
 const ValueField = { stringValue: 3 } as const;
 const DeniedHttpResponseField = { headers: 2, body: 3 } as const;
-const HeaderValueOptionField = { header: 1, appendAction: 3 } as const;
-const HeaderValueField = { key: 1, value: 2 } as const;
 
 function header(key: string, value: string): HeaderValueOption {
   // OVERWRITE replaces any client-sent value of the same name, so identity cannot be spoofed.
@@ -60,6 +60,7 @@ const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string; value: 
   { header: "x-keygate-mode", metadata: "mode", value: (s) => s.key.mode },
 ];
 const PROJECT_FIELD = 2;
+const NO_HEADERS: ReadonlyArray<[string, string]> = [];
 // The metadata fields go out in the order keygate has always written them, scopes last.
 const METADATA_ORDER: readonly number[] = [0, 1, 2, 4, 5, 6, 3];
 
@@ -145,27 +146,14 @@ export function encodeCheckResponse(decision: Decision, clientHeaderNames: Itera
 // append_action (field 3, varint) set to OVERWRITE_IF_EXISTS_OR_ADD.
 const IDENTITY_TAG = (OkHttpResponseField.headers << 3) | WireType.LengthDelimited;
 const REMOVE_TAG = (OkHttpResponseField.headersToRemove << 3) | WireType.LengthDelimited;
-const ADD_TAG = (OkHttpResponseField.responseHeadersToAdd << 3) | WireType.LengthDelimited;
-const HEADER_TAG = (HeaderValueOptionField.header << 3) | WireType.LengthDelimited;
-const KEY_TAG = (HeaderValueField.key << 3) | WireType.LengthDelimited;
-const VALUE_TAG = (HeaderValueField.value << 3) | WireType.LengthDelimited;
 const METADATA_TAG = (CheckResponseField.dynamicMetadata << 3) | WireType.LengthDelimited;
 const STRUCT_ENTRY_TAG = (StructField.fields << 3) | WireType.LengthDelimited;
 const ENTRY_VALUE_TAG = (MapEntryField.value << 3) | WireType.LengthDelimited;
 const STRING_VALUE_TAG = (ValueField.stringValue << 3) | WireType.LengthDelimited;
-/** An ASCII name as a length-delimited field with `tag`: the bytes written for it in every allow. */
-function nameField(tag: number, name: string): Buffer {
-  return Buffer.concat([Buffer.from([tag, name.length]), Buffer.from(name, "latin1")]);
-}
 // Each identity header name as HeaderValue.key's field, and metadata name as a map entry's key field.
 const IDENTITY_HEADERS: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameField(KEY_TAG, field.header));
 const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameField((MapEntryField.key << 3) | WireType.LengthDelimited, field.metadata));
-const APPEND_ACTION = [(HeaderValueOptionField.appendAction << 3) | WireType.Varint, HeaderValueOption_HeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD] as const;
 
-/** Bytes of a length-delimited field holding `length` bytes, with its tag (one byte). */
-function fieldBytes(length: number): number {
-  return 1 + varintLength(length) + length;
-}
 
 /**
  * An allow in one buffer: the OK status, the ok_response field (the key's identity headers, then
@@ -178,7 +166,12 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   const { snapshot } = decision;
   const withProject = snapshot.key.projectId !== null;
   const values = IDENTITY_FIELDS.map((field) => field.value(snapshot));
-  const { remove, add } = allowRest(decision, clientHeaderNames, nowMs);
+  const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
+  // The limit headers are written from the numbers (limit-headers.ts) unless one of them is not
+  // a plain count, which takes the general path through limitHeaders' strings.
+  const limits = decision.limits;
+  const direct = limits === null || directLimits(limits, nowMs);
+  const add = direct ? NO_HEADERS : limitHeaders(limits, nowMs);
   const { forwarded } = decision;
   // UTF-8 sizes: of each identity value, and of each forwarded, then added, header's key, value
   // and HeaderValue (three a header).
@@ -194,6 +187,7 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   okLength += sizeHeaders(forwarded, sizes, 0);
   for (const name of remove) okLength += fieldBytes(utf8Length(name));
   okLength += sizeHeaders(add, sizes, forwarded.length * 3);
+  if (direct && limits !== null) okLength += sizeLimitHeaders(limits, nowMs);
   const out = Buffer.allocUnsafe(OK_STATUS_FIELD.length + fieldBytes(okLength) + fieldBytes(structLength));
   out.set(OK_STATUS_FIELD, 0);
   let at = OK_STATUS_FIELD.length;
@@ -217,6 +211,7 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   at = writeHeaders(out, at, IDENTITY_TAG, forwarded, sizes, 0);
   for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, utf8Length(name));
   at = writeHeaders(out, at, ADD_TAG, add, sizes, forwarded.length * 3);
+  if (direct && limits !== null) at = writeLimitHeaders(out, at, limits, nowMs);
   out[at++] = METADATA_TAG;
   at = writeVarint(out, at, structLength);
   for (const i of METADATA_ORDER) {
@@ -282,37 +277,7 @@ function metadataEntryBytes(field: number, valueBytes: number): number {
   return (METADATA_NAMES[field] as Buffer).length + fieldBytes(fieldBytes(valueBytes));
 }
 
-// From this length on, Buffer.write copies faster than a loop (a denial's JSON body, say).
-const NATIVE_COPY_FROM = 64;
 
-/** Writes a length-delimited string field (`bytes` = its UTF-8 length); returns the position after it. */
-function writeString(out: Buffer, at: number, tag: number, value: string, bytes: number): number {
-  out[at] = tag;
-  const start = writeVarint(out, at + 1, bytes);
-  // ASCII, the usual case: short strings are copied here, for less than a call into Buffer.write.
-  if (bytes !== value.length || bytes > NATIVE_COPY_FROM) return start + out.write(value, start, bytes, "utf8");
-  for (let i = 0; i < bytes; i++) out[start + i] = value.charCodeAt(i);
-  return start + bytes;
-}
-
-/**
- * Buffer.byteLength(value) for UTF-8, counted here: an allow measures about twenty short
- * strings, each cheaper to count than a call into Buffer.byteLength. A lone surrogate counts
- * 3 bytes, as Buffer.write replaces it with U+FFFD.
- */
-function utf8Length(value: string): number {
-  let bytes = value.length;
-  for (let i = 0; i < value.length; i++) {
-    const c = value.charCodeAt(i);
-    if (c < 0x80) continue;
-    if (c < 0x800) bytes += 1;
-    else if (c >= 0xd800 && c < 0xdc00 && i + 1 < value.length && (value.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
-      bytes += 2;
-      i++;
-    } else bytes += 2;
-  }
-  return bytes;
-}
 
 /**
  * A denial in one buffer: the reason's status, then the denied_response field: the reason's
@@ -345,24 +310,7 @@ const BODY_TAG = (DeniedHttpResponseField.body << 3) | WireType.LengthDelimited;
 // CheckResponse.ok_response's tag: field 3, length-delimited.
 const OK_RESPONSE_TAG = (CheckResponseField.okResponse << 3) | WireType.LengthDelimited;
 
-/** Bytes of `value` as a varint (value < 2^32). */
-function varintLength(value: number): number {
-  let length = 1;
-  for (let rest = value >>> 7; rest !== 0; rest >>>= 7) length++;
-  return length;
-}
 
-/** Writes `value` (< 2^32) as a varint at `at`; returns the position after it. */
-function writeVarint(out: Uint8Array, at: number, value: number): number {
-  let rest = value >>> 0;
-  let pos = at;
-  while (rest > 0x7f) {
-    out[pos++] = (rest & 0x7f) | 0x80;
-    rest >>>= 7;
-  }
-  out[pos++] = rest;
-  return pos;
-}
 
 /** The parts of a denial that depend only on its reason. */
 interface DenialParts {
