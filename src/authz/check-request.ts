@@ -137,6 +137,24 @@ function newRecord(): { [key: string]: string } {
   return Object.create(null) as { [key: string]: string };
 }
 
+// Header names repeat from request to request. A name decoded afresh is a new string, and adding
+// it to a record sends V8 to its runtime to find the name's canonical (internalized) copy; under
+// the copy kept here, the add stays in generated code. Bounded, so a client's made-up names
+// cannot grow it: past the bound a name is used as decoded.
+const MAX_NAMES = 1024;
+const names = new Map<string, string>();
+
+/** The process's canonical copy of a name used as a property key. */
+function canonicalName(name: string): string {
+  const known = names.get(name);
+  if (known !== undefined) return known;
+  if (names.size >= MAX_NAMES) return name;
+  // A property key is always held internalized: the key read back is the canonical copy.
+  const canonical = Object.keys({ [name]: 0 })[0] ?? name;
+  names.set(canonical, canonical);
+  return canonical;
+}
+
 /**
  * One map<string, string> entry into `record`: a missing key or value is "", a repeated one
  * counts its last occurrence, and a key seen before is overwritten. `depth` is the depth of the
@@ -154,5 +172,5 @@ function readStringMapEntry(reader: BinaryReader, record: { [key: string]: strin
   }
   // A header named __proto__ is an own property like any other, never the record's prototype.
   if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
-  else record[key] = value;
+  else record[canonicalName(key)] = value;
 }

@@ -264,7 +264,9 @@ function answer(call: Call, framed: Buffer): void {
   if (stream.destroyed || stream.closed) return;
   try {
     stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
-    stream.once("wantTrailers", sendTrailers);
+    // 'wantTrailers', 'close' and 'end' come once per stream: `on` with a shared handler spares
+    // the wrapper `once` makes per call.
+    stream.on("wantTrailers", sendTrailers);
     stream.end(framed);
   } catch {
     stream.destroy();
@@ -400,7 +402,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     };
     try {
       stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
-      stream.once("wantTrailers", sendTrailers);
+      stream.on("wantTrailers", sendTrailers);
       send();
     } catch {
       stream.destroy();
@@ -425,8 +427,8 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const call = new Call(kind ?? Kind.Check, stream);
     const callStream: CallStream = stream;
     callStream[CALL] = call;
-    stream.once("close", onStreamClose);
-    stream.once("end", onEnd);
+    stream.on("close", onStreamClose);
+    stream.on("end", onEnd);
     if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));
     const encoding = headers["grpc-encoding"];
     if (encoding !== undefined && encoding !== "identity") return finish(call, COMPRESSED_HEADERS);
