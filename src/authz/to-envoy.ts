@@ -16,7 +16,7 @@ import type { CheckSnapshot } from "../store/store.js";
 import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import { directLimits, sizeLimitHeaders, writeLimitHeaders } from "./limit-headers.js";
-import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, fieldBytes, nameField, utf8Length, writeString, writeVarint } from "./wire.js";
+import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, utf8Length, writeString, writeVarint } from "./wire.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
@@ -50,26 +50,30 @@ function header(key: string, value: string): HeaderValueOption {
  * and rate-limit filters. The project header is left out for a key without a project; its
  * metadata field is then "".
  */
-const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string; value: (snapshot: CheckSnapshot) => string }> = [
-  { header: "x-keygate-key-id", metadata: "key_id", value: (s) => s.key.id },
-  { header: "x-keygate-owner-id", metadata: "owner_id", value: (s) => s.key.ownerId },
-  { header: "x-keygate-project-id", metadata: "project_id", value: (s) => s.key.projectId ?? "" },
-  { header: "x-keygate-scopes", metadata: "scopes", value: (s) => s.key.scopes.join(",") },
-  { header: "x-keygate-plan", metadata: "plan", value: (s) => s.account.plan },
-  { header: "x-keygate-role", metadata: "role", value: (s) => s.account.role },
-  { header: "x-keygate-mode", metadata: "mode", value: (s) => s.key.mode },
+const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string }> = [
+  { header: "x-keygate-key-id", metadata: "key_id" },
+  { header: "x-keygate-owner-id", metadata: "owner_id" },
+  { header: "x-keygate-project-id", metadata: "project_id" },
+  { header: "x-keygate-scopes", metadata: "scopes" },
+  { header: "x-keygate-plan", metadata: "plan" },
+  { header: "x-keygate-role", metadata: "role" },
+  { header: "x-keygate-mode", metadata: "mode" },
 ];
 const PROJECT_FIELD = 2;
 const NO_HEADERS: ReadonlyArray<[string, string]> = [];
 // The metadata fields go out in the order keygate has always written them, scopes last.
 const METADATA_ORDER: readonly number[] = [0, 1, 2, 4, 5, 6, 3];
 
+/** The identity values in IDENTITY_FIELDS' order, read without a call per field. */
+function identityValues(snapshot: CheckSnapshot): string[] {
+  const { key, account } = snapshot;
+  return [key.id, key.ownerId, key.projectId ?? "", key.scopes.length === 1 ? (key.scopes[0] as string) : key.scopes.join(","), account.plan, account.role, key.mode];
+}
+
 function identityMetadata(snapshot: CheckSnapshot): { [field: string]: string } {
+  const values = identityValues(snapshot);
   const metadata: { [field: string]: string } = {};
-  for (const i of METADATA_ORDER) {
-    const field = IDENTITY_FIELDS[i] as (typeof IDENTITY_FIELDS)[number];
-    metadata[field.metadata] = field.value(snapshot);
-  }
+  for (const i of METADATA_ORDER) metadata[(IDENTITY_FIELDS[i] as (typeof IDENTITY_FIELDS)[number]).metadata] = values[i] as string;
   return metadata;
 }
 
@@ -165,7 +169,7 @@ const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameFie
 function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
   const { snapshot } = decision;
   const withProject = snapshot.key.projectId !== null;
-  const values = IDENTITY_FIELDS.map((field) => field.value(snapshot));
+  const values = identityValues(snapshot);
   const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
   // The limit headers are written from the numbers (limit-headers.ts) unless one of them is not
   // a plain count, which takes the general path through limitHeaders' strings.
@@ -175,7 +179,8 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   const { forwarded } = decision;
   // UTF-8 sizes: of each identity value, and of each forwarded, then added, header's key, value
   // and HeaderValue (three a header).
-  const valueBytes = values.map(utf8Length);
+  const valueBytes = new Array<number>(values.length);
+  for (let i = 0; i < values.length; i++) valueBytes[i] = utf8Length(values[i] as string);
   const sizes = new Array<number>((forwarded.length + add.length) * 3);
   let okLength = 0;
   let structLength = 0;
@@ -202,8 +207,7 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
     at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
     out[at++] = HEADER_TAG;
     at = writeVarint(out, at, headerBytes);
-    out.set(name, at);
-    at += name.length;
+    at = copyBytes(out, at, name);
     if (bytes !== 0) at = writeString(out, at, VALUE_TAG, values[i] as string, bytes);
     out[at++] = APPEND_ACTION[0];
     out[at++] = APPEND_ACTION[1];
@@ -214,13 +218,13 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   if (direct && limits !== null) at = writeLimitHeaders(out, at, limits, nowMs);
   out[at++] = METADATA_TAG;
   at = writeVarint(out, at, structLength);
-  for (const i of METADATA_ORDER) {
+  for (let m = 0; m < METADATA_ORDER.length; m++) {
+    const i = METADATA_ORDER[m] as number;
     const bytes = valueBytes[i] as number;
     const name = METADATA_NAMES[i] as Buffer;
     out[at++] = STRUCT_ENTRY_TAG;
     at = writeVarint(out, at, metadataEntryBytes(i, bytes));
-    out.set(name, at);
-    at += name.length;
+    at = copyBytes(out, at, name);
     out[at++] = ENTRY_VALUE_TAG;
     at = writeVarint(out, at, fieldBytes(bytes));
     at = writeString(out, at, STRING_VALUE_TAG, values[i] as string, bytes);
