@@ -2,8 +2,9 @@
  * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz (many keys, at
  * saturation), rategen (the same keys at fixed rates, open loop) and h2load (one key) against
  * keygate (embedded; Redis + MongoDB-wire) and two no-op servers (raw `node:http2`, the ceiling,
- * and grpc-js), with servers and load generators pinned to separate cores, and reports throughput, CPU per Check, latency at fixed rates, memory after GC and
- * errors per scenario. README.md, "Performance", explains the figures.
+ * and grpc-js), with servers and load generators pinned to separate cores, and reports
+ * throughput, CPU per Check, latency at fixed rates, memory after GC and errors per scenario.
+ * README.md, "Performance", explains the figures.
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
