@@ -9,13 +9,19 @@ const root = resolve(import.meta.dirname, "..");
 const PROTO = "envoy/service/auth/v3/external_auth.proto";
 const CALL = "envoy.service.auth.v3.Authorization/Check";
 
-/** Where bench/install-ghz.sh puts ghz. */
-export function ghzInstallPath(): string {
+/** The directory the bench's install scripts put load generators in (KEYGATE_CACHE_DIR/bin). */
+export function cacheBinDir(): string {
   const cache = process.env["KEYGATE_CACHE_DIR"] ?? join(homedir(), ".cache", "keygate");
-  return join(cache, "bin", "ghz");
+  return join(cache, "bin");
 }
 
-function executable(path: string): boolean {
+/** Where bench/install-ghz.sh puts ghz. */
+export function ghzInstallPath(): string {
+  return join(cacheBinDir(), "ghz");
+}
+
+/** True when `path` is a file this process may execute. */
+export function executable(path: string): boolean {
   try {
     accessSync(path, constants.X_OK);
     return true;
@@ -66,8 +72,32 @@ const ghzReportSchema = z.object({
   latencyDistribution: z.array(z.object({ percentage: z.number(), latency: z.number() })).nullable().optional(),
 });
 
-/** What one ghz run measured. Latencies are of successful calls only (ghz leaves errors out). */
+/** The load generator behind a result: ghz (closed loop, workers) or rategen (open loop, bench/rategen). */
+export type LoadTool = "ghz" | "rategen";
+
+/** What rategen reports beyond ghz's figures: the open-loop schedule and how well it was kept. */
+export interface OpenLoopDetail {
+  scheduled: number;
+  sent: number;
+  /** Not sent: more than rategen's -max-inflight calls were already in flight. */
+  dropped: number;
+  /** Calls with no answer within the timeout, counted from their scheduled send time. */
+  timedOut: number;
+  /** Streams reset, connections lost, answers without grpc-status. */
+  transportErrors: number;
+  p999Ms: number;
+  /** How late rategen wrote requests against their schedule: large values mean the generator, not the server, fell behind. */
+  sendLagMs: { p50: number; p99: number; max: number };
+  /** How rategen waits for the next send time: "timerfd" on Linux. */
+  timer: string;
+}
+
+/**
+ * What one load-generator run measured (ghz, or rategen at fixed rates). ghz's latencies are of
+ * successful calls only; rategen's are of every call answered with a grpc-status.
+ */
 export interface GhzResult {
+  tool: LoadTool;
   requests: number;
   seconds: number;
   rps: number;
@@ -78,6 +108,8 @@ export interface GhzResult {
   errors: number;
   errorMessages: Record<string, number>;
   endReason: string;
+  /** rategen's schedule figures; absent for ghz. */
+  openLoop?: OpenLoopDetail;
 }
 
 const NS_PER_MS = 1e6;
@@ -89,6 +121,7 @@ export function parseGhzReport(text: string): GhzResult {
   const statusCodes = report.statusCodeDistribution ?? {};
   const errors = Object.entries(statusCodes).reduce((sum, [code, n]) => (code === "OK" ? sum : sum + n), 0);
   return {
+    tool: "ghz",
     requests: report.count,
     seconds: report.total / 1e9,
     rps: report.rps,

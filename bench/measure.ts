@@ -7,19 +7,23 @@ import { checkCounts, scrape } from "./metrics.js";
 import type { CheckCounts } from "./metrics.js";
 import { cpuSeconds, measureResources, round } from "./processes.js";
 import type { ResourceUse } from "./processes.js";
+import { runRategen } from "./rategen.js";
 import type { Target } from "./targets.js";
 
-/** How ghz drives one kind of run. */
+/** How the load generator drives one kind of run. */
 export interface LoadShape {
   connections: number;
+  /** ghz's workers; rategen has none (open loop). */
   concurrency: number;
-  /** GOMAXPROCS of ghz: 1 leaves the other core to the server on a 2-core machine. */
+  /** GOMAXPROCS of ghz and rategen: 1 leaves the other core to the server on a 2-core machine. */
   cpus: number;
 }
 
 /** Load settings of a whole bench run. */
 export interface LoadSettings {
   ghz: string;
+  /** rategen, which measures the fixed-rate runs when set (binary data files); null: ghz does. */
+  rategen: string | null;
   saturation: LoadShape;
   /** Latency is measured at each of `rates` Checks a second. */
   fixedRate: LoadShape & { rates: readonly number[] };
@@ -28,8 +32,9 @@ export interface LoadSettings {
   seconds: number;
 }
 
-/** One ghz run against one target, with the target's own CPU, memory and decision counts. */
+/** One load-generator run against one target, with the target's own CPU, memory and decision counts. */
 export interface PhaseResult {
+  /** The load generator's figures: ghz's, or rategen's at fixed rates (`ghz.tool` says which). */
   ghz: GhzResult;
   resources: ResourceUse;
   /** Server CPU per answered Check: independent of how fast the load generator is. */
@@ -52,22 +57,29 @@ interface RunSpec {
 // about the server; it is run again, up to this many times, before its zero is reported.
 const EMPTY_RUN_RETRIES = 2;
 
-/** Runs ghz against `target`, measuring the target's process around it. */
+/** Runs the load generator against `target`, measuring the target's process around it. */
 export async function measure(target: Target, settings: LoadSettings, spec: RunSpec): Promise<PhaseResult> {
   let result = await measureOnce(target, settings, spec);
   for (let retry = 1; retry <= EMPTY_RUN_RETRIES && result.ghz.requests === 0 && "durationSeconds" in spec.length; retry++) {
-    process.stderr.write(`bench: ${target.label}: ghz got no answer in ${spec.length.durationSeconds} s; running it again (${retry} of ${EMPTY_RUN_RETRIES})\n`);
+    process.stderr.write(`bench: ${target.label}: ${result.ghz.tool} got no answer in ${spec.length.durationSeconds} s; running it again (${retry} of ${EMPTY_RUN_RETRIES})\n`);
     result = await measureOnce(target, settings, spec);
   }
   return result;
 }
 
-async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec): Promise<PhaseResult> {
-  const before = target.adminPort === null ? null : await scrape(target.adminPort);
-  const end = measureResources(target.process.pid);
-  const companions = (target.companions ?? []).map((c) => ({ ...c, before: cpuSeconds(c.pid) }));
-  const startedAt = performance.now();
-  const ghz = await runGhz(settings.ghz, {
+/** A fixed-rate run by time goes to rategen when it is there and can read the data; the rest to ghz. */
+function drive(target: Target, settings: LoadSettings, spec: RunSpec): Promise<GhzResult> {
+  if (spec.rps !== undefined && settings.rategen !== null && spec.data.format === "binary" && "durationSeconds" in spec.length) {
+    return runRategen(settings.rategen, {
+      port: target.grpcPort,
+      data: spec.data,
+      rps: spec.rps,
+      seconds: spec.length.durationSeconds,
+      connections: spec.shape.connections,
+      cpus: spec.shape.cpus,
+    });
+  }
+  return runGhz(settings.ghz, {
     port: target.grpcPort,
     data: spec.data,
     connections: spec.shape.connections,
@@ -76,6 +88,14 @@ async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec
     length: spec.length,
     ...(spec.rps === undefined ? {} : { rps: spec.rps }),
   });
+}
+
+async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec): Promise<PhaseResult> {
+  const before = target.adminPort === null ? null : await scrape(target.adminPort);
+  const end = measureResources(target.process.pid);
+  const companions = (target.companions ?? []).map((c) => ({ ...c, before: cpuSeconds(c.pid) }));
+  const startedAt = performance.now();
+  const ghz = await drive(target, settings, spec);
   const resources = end();
   const wallSeconds = Math.max(1e-9, (performance.now() - startedAt) / 1000);
   const backendCores: Record<string, number> = {};
@@ -92,7 +112,7 @@ export function saturation(target: Target, settings: LoadSettings, data: DataFil
 
 /** One fixed-rate run: latency at a set number of Checks a second. */
 export interface FixedRateResult extends PhaseResult {
-  /** The rate asked of ghz; `ghz.rps` is what it got. */
+  /** The rate asked of the load generator; `ghz.rps` is what it got. */
   targetRps: number;
 }
 

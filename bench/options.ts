@@ -38,6 +38,8 @@ export interface BenchOptions {
   fixedConnections: number;
   fixedConcurrency: number;
   ghzCpus: number;
+  /** Measure fixed-rate latency with rategen (open loop) when it is built; false: with ghz. */
+  rategen: boolean;
 }
 
 const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
@@ -80,6 +82,7 @@ const rawSchema = z.object({
   fixedConnections: z.number(),
   fixedConcurrency: z.number(),
   ghzCpus: z.number(),
+  rategen: z.boolean(),
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
@@ -121,9 +124,10 @@ function command(): Command {
     .option("--data-format <format>", "ghz request data: binary (size-delimited) or json (array)", "binary")
     .option("--sat-connections <n>", "ghz connections for saturation runs", count, 4)
     .option("--sat-concurrency <n>", "ghz workers for saturation runs", count, 64)
-    .option("--fixed-connections <n>", "ghz connections for fixed-rate runs", count, 2)
-    .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs (enough to hold the rate at a few ms of latency)", count, 32)
-    .option("--ghz-cpus <n>", "GOMAXPROCS of ghz (1 leaves a core to the server on 2 cores)", count, 1);
+    .option("--fixed-connections <n>", "connections for fixed-rate runs (rategen or ghz)", count, 2)
+    .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs when ghz measures them (enough to hold the rate at a few ms of latency)", count, 32)
+    .option("--ghz-cpus <n>", "GOMAXPROCS of ghz and rategen (1 leaves a core to the server on 2 cores)", count, 1)
+    .option("--no-rategen", "measure fixed-rate latency with ghz (closed loop) even when rategen is built");
 }
 
 /** Parses the command line (commander) and fills in the full or quick defaults. */

@@ -5,13 +5,13 @@ import { availableParallelism } from "node:os";
 /**
  * Which core each side of a run gets. Servers (keygate, both no-ops, and the backends redis-server
  * and the MongoDB-wire server) share the server core, so that "one core" means all of the served
- * side; the load generators (ghz, h2load) and the bench's own process get the other core, so that
+ * side; the load generators (ghz, rategen, h2load) and the bench's own process get the other core, so that
  * neither steals the server's CPU.
  */
 export interface Pinning {
   /** The core servers run on; null when nothing is pinned. */
   server: number | null;
-  /** The core ghz, h2load and the bench itself run on; null when nothing is pinned. */
+  /** The core ghz, rategen, h2load and the bench itself run on; null when nothing is pinned. */
   load: number | null;
   /** How pinning was done, or why it was not. */
   note: string;
@@ -43,7 +43,7 @@ export function configurePinning(enabled: boolean): Pinning {
   else if (cores < 2) current = { server: null, load: null, note: `not pinned: this machine has ${cores} core, so servers and load generators share it and CPU per Check includes contention` };
   else if (!tasksetWorks()) current = { server: null, load: null, note: "not pinned: taskset is missing or refused (Debian util-linux); servers and load generators share every core" };
   else {
-    current = { server: SERVER_CPU, load: LOAD_CPU, note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, h2load and the bench itself on CPU ${LOAD_CPU}` };
+    current = { server: SERVER_CPU, load: LOAD_CPU, note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}` };
     pinPid(process.pid, LOAD_CPU, "bench");
   }
   return current;

@@ -2,7 +2,8 @@ import { spawnSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, release, totalmem } from "node:os";
 import { join, resolve } from "node:path";
-import type { FixedRateResult, OneKeyResult, PhaseResult } from "./measure.js";
+import type { LoadTool } from "./ghz.js";
+import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from "./measure.js";
 import type { MemoryResult } from "./memory.js";
 import { round } from "./processes.js";
 import type { ProfiledRun } from "./profile.js";
@@ -226,24 +227,64 @@ export function resultsTable(results: readonly ScenarioResult[], rates: readonly
   return table(header, rows);
 }
 
+/** The load generators that measured the fixed-rate rows, in first-use order. */
+export function fixedRateTools(results: readonly ScenarioResult[]): LoadTool[] {
+  return [...new Set(results.flatMap((r) => r.fixedRates.map((f) => f.ghz.tool)))];
+}
+
+/** The title of the fixed-rate table: which tool, and how it drove the load. */
+export function latencyHeading(results: readonly ScenarioResult[], settings: LoadSettings): string {
+  const tools = fixedRateTools(results);
+  const { connections, concurrency } = settings.fixedRate;
+  if (tools.length === 1 && tools[0] === "rategen") {
+    return `rategen (open loop), many keys, latency at fixed rates (${connections} connections; from each request's scheduled send time)`;
+  }
+  const ghz = `ghz, many keys, latency at fixed rates (${connections} connections, ${concurrency} workers)`;
+  return tools.includes("rategen") ? `${ghz}; rows marked rategen are open loop` : ghz;
+}
+
+/** The note that says which tool measured fixed-rate latency, how, and why rategen did not if it did not. */
+export function latencyNote(results: readonly ScenarioResult[], settings: LoadSettings, rategenWanted: boolean): string {
+  const tools = fixedRateTools(results);
+  const parts: string[] = [];
+  if (tools.includes("rategen")) {
+    parts.push(
+      "fixed-rate latency measured by rategen (bench/rategen): open loop, request i sent at start + i/rate whatever earlier answers did, latency from its scheduled send time to its trailers, so every request queued behind a stall is charged for it; lag p99 is how late rategen itself wrote requests",
+    );
+  }
+  if (tools.includes("ghz")) {
+    const why = !rategenWanted ? "--no-rategen" : settings.rategen === null ? "rategen is not built (bash bench/install-rategen.sh, needs Go)" : "rategen reads binary data files only";
+    parts.push(`fixed-rate latency measured by ghz (closed loop, ${settings.fixedRate.concurrency} workers) because ${why}: latency from each call's own send, without the time a call waited for a worker, and ghz's own scheduling adds to the tail`);
+  }
+  return parts.length === 0 ? "no fixed-rate runs" : parts.join("; ");
+}
+
+function orDash(value: number | undefined): string {
+  return value === undefined || Number.isNaN(value) ? "-" : value.toFixed(2);
+}
+
 /** Latency at each fixed rate: one row per target, scenario and rate. */
 export function latencyTable(results: readonly ScenarioResult[]): string {
-  const header = ["target", "scenario", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "server cores", "CPU us/chk", "errors"];
+  const header = ["target", "scenario", "tool", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lag p99 ms", "server cores", "CPU us/chk", "errors"];
   const rows = results.flatMap((r) =>
     r.fixedRates.map((f) => [
       r.target,
       r.scenario,
+      f.ghz.tool,
       String(f.targetRps),
       Math.round(f.ghz.rps).toString(),
       f.ghz.latencyMs.p50.toFixed(2),
       f.ghz.latencyMs.p90.toFixed(2),
       f.ghz.latencyMs.p99.toFixed(2),
+      orDash(f.ghz.openLoop?.p999Ms),
+      f.ghz.latencyMs.max.toFixed(2),
+      orDash(f.ghz.openLoop?.sendLagMs.p99),
       f.resources.cpuCores.toFixed(2),
       f.cpuMicrosPerCheck.toFixed(0),
       String(errorsOf(f)),
     ]),
   );
-  return table(header, rows);
+  return table(header, rows, 3);
 }
 
 /** h2load with one key: one row per target. */

@@ -1,9 +1,10 @@
 /**
- * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz (many keys) and
- * h2load (one key) against keygate (embedded; Redis + MongoDB-wire) and two no-op servers (raw
- * `node:http2`, the ceiling, and grpc-js), with servers and load generators pinned to separate
- * cores, and reports throughput, CPU per Check, latency at fixed rates, memory after GC and
- * errors per scenario. README.md, "Performance", explains the figures.
+ * `npm run bench`: seeds keygate's stores, drives Authorization/Check with ghz (many keys, at
+ * saturation), rategen (the same keys at fixed rates, open loop) and h2load (one key) against
+ * keygate (embedded; Redis + MongoDB-wire) and two no-op servers (raw `node:http2`, the ceiling,
+ * and grpc-js), with servers and load generators pinned to separate cores, and reports
+ * throughput, CPU per Check, latency at fixed rates, memory after GC and errors per scenario.
+ * README.md, "Performance", explains the figures.
  */
 import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
@@ -30,8 +31,9 @@ import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
 import { configurePinning, observedAffinity, pinning, pinServerPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
 import { profileRun } from "./profile.js";
+import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
-import { budget, latencyTable, machineInfo, memoryText, oneKeyTable, profileText, ratios, resultsTable, writeResults } from "./report.js";
+import { budget, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileText, ratios, resultsTable, writeResults } from "./report.js";
 import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
 import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
@@ -260,9 +262,10 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
   }
 }
 
-function settingsOf(options: BenchOptions, ghz: string, h2load: string | null): LoadSettings {
+function settingsOf(options: BenchOptions, ghz: string, rategen: string | null, h2load: string | null): LoadSettings {
   return {
     ghz,
+    rategen,
     seconds: options.seconds,
     saturation: { connections: options.satConnections, concurrency: options.satConcurrency, cpus: options.ghzCpus },
     fixedRate: { connections: options.fixedConnections, concurrency: options.fixedConcurrency, cpus: options.ghzCpus, rates: options.rps },
@@ -270,7 +273,7 @@ function settingsOf(options: BenchOptions, ghz: string, h2load: string | null): 
   };
 }
 
-function context(options: BenchOptions, ghz: string, h2load: string | null, work: string, notes: string[], startedAt: Date): RunContext {
+function context(options: BenchOptions, ghz: string, rategen: string | null, h2load: string | null, work: string, notes: string[], startedAt: Date): RunContext {
   const build = prepareBuild(options, notes);
   const pepper = randomBytes(32).toString("base64url");
   const plan: SeedPlan = { keys: options.keys, accounts: options.accounts, meteredShare: 0.5, revokedShare: 0.01 };
@@ -287,7 +290,7 @@ function context(options: BenchOptions, ghz: string, h2load: string | null, work
   const oneKeyRequest = writeFixedRequest(join(dataDir, "one-key.grpc"), checkRequest(hotKey, 0));
   return {
     options,
-    settings: settingsOf(options, ghz, h2load),
+    settings: settingsOf(options, ghz, rategen, h2load),
     build,
     work,
     pepper,
@@ -312,13 +315,13 @@ function context(options: BenchOptions, ghz: string, h2load: string | null, work
   };
 }
 
-function standingNotes(results: readonly ScenarioResult[], options: BenchOptions): string[] {
+function standingNotes(results: readonly ScenarioResult[], options: BenchOptions, settings: LoadSettings): string[] {
   const pin = pinning();
   const notes = [
     pin.note,
     "cluster workers: not measured; keygate has no cluster mode to start (issue 6 makes it optional)",
-    `ghz runs with GOMAXPROCS=${options.ghzCpus} and h2load with one thread, on the same machine as the servers; saturation figures are what one load generator could drive`,
-    "latency percentiles are the load generator's, client side, and include its own scheduling",
+    `ghz and rategen run with GOMAXPROCS=${options.ghzCpus} and h2load with one thread, on the same machine as the servers; saturation figures are what one load generator could drive`,
+    latencyNote(results, settings, options.rategen),
     "a DENIED CheckResponse is gRPC OK: errors count non-OK gRPC statuses and keygate's own error decisions; denials come from keygate's /metrics",
     `every ratio is to ${CEILING} (a unary gRPC handler on node:http2 answering one fixed OK) in the same run; ${CEILING} does not decode the request, noop-grpc-js decodes it as a CheckRequest`,
   ];
@@ -347,8 +350,12 @@ async function main(): Promise<void> {
   installIfMissing("ghz", () => findGhz() !== null, "bench/install-ghz.sh");
   installIfMissing("h2load", () => findH2load() !== null, "bench/install-h2load.sh");
   if (options.modes.includes("redis-mongo")) installIfMissing("the MongoDB-wire server", mongoWireAvailable, ".ci/install-mongo-wire.sh");
+  // rategen is built from this checkout's source: a changed source builds again (seconds, with Go).
+  if (options.rategen) installIfMissing("rategen (for this source)", () => findRategen() !== null, "bench/install-rategen.sh");
   const ghz = findGhz();
   if (ghz === null) throw new Error(`ghz not found at ${ghzInstallPath()} or on PATH: run bash bench/install-ghz.sh (needs Go)`);
+  const rategen = options.rategen ? findRategen() : null;
+  if (options.rategen && rategen === null) log(`rategen is not built at ${rategenInstallPath()}: ghz measures fixed-rate latency (bash bench/install-rategen.sh needs Go)`);
   const h2load = findH2load();
   const pin = configurePinning(options.pin);
   log(pin.note);
@@ -356,7 +363,7 @@ async function main(): Promise<void> {
   const notes: string[] = [];
   const work = mkdtempSync(join(tmpdir(), "keygate-bench-"));
   try {
-    const ctx = context(options, ghz, h2load, work, notes, startedAt);
+    const ctx = context(options, ghz, rategen, h2load, work, notes, startedAt);
     if (h2load === null) ctx.skipped.push({ what: "h2load one-key runs", why: "h2load is not on PATH (apt-get install nghttp2-client, or bash bench/install-h2load.sh)" });
     const machine = machineInfo(options.node);
     const all: Collected = { scenarios: [], oneKey: [] };
@@ -415,7 +422,7 @@ function report(input: {
   const { ctx, results } = input;
   const rates = ratios(results, input.oneKey);
   const lines = budget(results, input.oneKey, input.memory, ctx.options.rps);
-  const notes = [...ctx.notes, ...standingNotes(results, ctx.options)];
+  const notes = [...ctx.notes, ...standingNotes(results, ctx.options, ctx.settings)];
   const wallSeconds = round((performance.now() - startedAtMs) / 1000, 1);
   const pin = pinning();
   const affinity = observedAffinity();
@@ -448,6 +455,8 @@ function report(input: {
       engines: ctx.options.engines.map((e) => e ?? "default"),
       ceiling: CEILING,
       ghz: ctx.settings.ghz,
+      rategen: ctx.settings.rategen,
+      fixedRateTools: fixedRateTools(results),
     },
     scenarioDescriptions: SCENARIO_DESCRIPTIONS,
     seeding: input.seeding,
@@ -474,7 +483,7 @@ function report(input: {
     "Ratios are target over ceiling: lower is better (the bench before issue 13 printed the ceiling over keygate).",
     "L1 hit %: lookups answered by L1 (hits and cached misses). Denials are gRPC OK answers that refuse (401/402/403/429).",
     "",
-    `ghz, many keys, latency at fixed rates (${ctx.settings.fixedRate.connections} connections, ${ctx.settings.fixedRate.concurrency} workers):`,
+    `${latencyHeading(results, ctx.settings)}:`,
     latencyTable(results),
     "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",
     "",

@@ -7,6 +7,7 @@ import { afterAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { findGhz } from "../../bench/ghz.js";
 import { findH2load } from "../../bench/h2load.js";
+import { findRategen } from "../../bench/rategen.js";
 import { SCENARIOS } from "../../bench/scenarios.js";
 import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
@@ -24,7 +25,17 @@ function ghzPresent(): boolean {
   return findGhz() !== null;
 }
 
-const ready = requireServer("ghz (the bench's load generator)", ghzPresent(), "run bash bench/install-ghz.sh (needs Go)");
+/** rategen built from this checkout's source by bench/install-rategen.sh, when Go is there. */
+function rategenPresent(): boolean {
+  if (findRategen() !== null) return true;
+  if (spawnSync("go", ["version"], { stdio: "ignore" }).status !== 0) return false;
+  spawnSync("bash", [join(root, "bench/install-rategen.sh")], { stdio: "inherit", timeout: 300_000 });
+  return findRategen() !== null;
+}
+
+const ready =
+  requireServer("ghz (the bench's load generator)", ghzPresent(), "run bash bench/install-ghz.sh (needs Go)") &&
+  requireServer("rategen (the bench's fixed-rate latency generator)", rategenPresent(), "run bash bench/install-rategen.sh (needs Go)");
 const withH2load = ready && requireServer("h2load (the bench's one-key load generator)", findH2load() !== null, "apt-get install nghttp2-client");
 const withRedisMongo =
   ready &&
@@ -32,13 +43,15 @@ const withRedisMongo =
   requireServer("MongoDB-wire server (bench redis-mongo mode)", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
 
 const counted = z.number().nonnegative();
+const loadSchema = z.object({
+  tool: z.enum(["ghz", "rategen"]),
+  requests: counted,
+  rps: counted,
+  errors: counted,
+  latencyMs: z.object({ p50: counted, p90: counted, p99: counted }),
+});
 const phaseSchema = z.object({
-  ghz: z.object({
-    requests: counted,
-    rps: counted,
-    errors: counted,
-    latencyMs: z.object({ p50: counted, p90: counted, p99: counted }),
-  }),
+  ghz: loadSchema,
   resources: z.object({ cpuSeconds: counted, cpuCores: counted, peakRssBytes: counted }),
   cpuMicrosPerCheck: counted,
   checks: z
@@ -60,9 +73,21 @@ const oneKeySchema = z.object({
 const resultSchema = z.object({
   machine: z.object({ cores: z.number().int().positive(), keygateNode: z.string().startsWith("v"), gitCommit: z.string() }),
   pinning: z.object({ serverCpu: z.number().nullable(), loadCpu: z.number().nullable(), note: z.string(), observedCpusAllowed: z.record(z.string(), z.string()) }),
-  config: z.object({ keys: z.literal(200), accounts: z.literal(20), fixedRates: z.array(z.number()) }),
+  config: z.object({ keys: z.literal(200), accounts: z.literal(20), fixedRates: z.array(z.number()), fixedRateTools: z.array(z.string()) }),
   scenarios: z.array(
-    z.object({ target: z.string(), scenario: z.enum(SCENARIOS), saturation: phaseSchema, fixedRates: z.array(phaseSchema.extend({ targetRps: counted })) }),
+    z.object({
+      target: z.string(),
+      scenario: z.enum(SCENARIOS),
+      saturation: phaseSchema,
+      fixedRates: z.array(
+        phaseSchema.extend({
+          targetRps: counted,
+          ghz: loadSchema.extend({
+            openLoop: z.object({ scheduled: counted, sent: counted, dropped: counted, timedOut: counted, transportErrors: counted, sendLagMs: z.object({ p99: counted, max: counted }) }).optional(),
+          }),
+        }),
+      ),
+    }),
   ),
   oneKey: z.array(oneKeySchema),
   ratios: z.array(z.object({ target: z.string(), scenario: z.string(), throughput: counted, cpu: counted })),
@@ -120,10 +145,27 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     expect(result.ratios.filter((r) => r.scenario !== "one-key")).toHaveLength((targets.length - 1) * SCENARIOS.length);
     expect(result.ratios.some((r) => r.target === "noop-h2")).toBe(false);
     expect(result.config.fixedRates).toEqual([1000, 3000]);
+    // Saturation is ghz's; every fixed-rate row is rategen's, open loop, with every scheduled call sent and answered.
+    expect(result.config.fixedRateTools).toEqual(["rategen"]);
+    expect(output).toContain("rategen (open loop), many keys, latency at fixed rates");
+    expect(output).toContain("note: fixed-rate latency measured by rategen (bench/rategen): open loop");
     for (const s of result.scenarios) {
       expect(s.saturation.ghz.requests, `${s.target} ${s.scenario}`).toBeGreaterThan(0);
+      expect(s.saturation.ghz.tool, `${s.target} ${s.scenario}`).toBe("ghz");
       expect(s.fixedRates.map((f) => f.targetRps), `${s.target} ${s.scenario}`).toEqual([1000, 3000]);
-      for (const f of s.fixedRates) expect(f.ghz.requests, `${s.target} ${s.scenario} @${f.targetRps}/s`).toBeGreaterThan(0);
+      for (const f of s.fixedRates) {
+        const at = `${s.target} ${s.scenario} @${f.targetRps}/s`;
+        expect(f.ghz.tool, at).toBe("rategen");
+        expect(f.ghz.requests, at).toBeGreaterThan(0);
+        expect(f.ghz.errors, at).toBe(0);
+        const open = f.ghz.openLoop;
+        expect(open, at).toBeDefined();
+        // --seconds 1: the schedule is the rate's worth of calls, each sent and answered.
+        expect(open?.scheduled, at).toBe(f.targetRps);
+        expect(open?.sent, at).toBe(f.targetRps);
+        expect(f.ghz.requests, at).toBe(f.targetRps);
+        expect([open?.dropped, open?.timedOut, open?.transportErrors], at).toEqual([0, 0, 0]);
+      }
       const errors = s.saturation.ghz.errors + s.fixedRates.reduce((sum, f) => sum + f.ghz.errors, 0);
       expect(errors, `${s.target} ${s.scenario}: non-OK gRPC statuses`).toBe(0);
     }
@@ -136,7 +178,7 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     // Pinned when the machine allows it: servers on CPU 0, load generators on CPU 1, as the kernel saw them.
     if (result.pinning.serverCpu !== null) {
       expect(result.pinning).toMatchObject({ serverCpu: 0, loadCpu: 1 });
-      expect(result.pinning.observedCpusAllowed).toMatchObject({ ghz: "1", "noop-h2": "0", "noop-grpc-js": "0", "keygate embedded": "0" });
+      expect(result.pinning.observedCpusAllowed).toMatchObject({ ghz: "1", rategen: "1", "noop-h2": "0", "noop-grpc-js": "0", "keygate embedded": "0" });
       if (withH2load) expect(result.pinning.observedCpusAllowed["h2load"]).toBe("1");
     }
 
