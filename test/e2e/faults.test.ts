@@ -9,7 +9,7 @@ import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -157,20 +157,15 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     writeFileSync(policy, stringify({ ...TEST_POLICY, plans, cache }));
     keygate = await spawnKeygate({
       cwd: dir,
-      env: {
-        KEYGATE_MONGODB_URI: mongo.uri,
-        KEYGATE_REDIS_URL: redis.url,
-        KEYGATE_PEPPER: "faults-test-pepper-0123456789abcdefghijklm",
-        KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-        KEYGATE_CONFIG: policy,
-        KEYGATE_HOST: "127.0.0.1",
-        KEYGATE_GRPC_PORT: "0",
-        KEYGATE_HTTP_AUTHZ_PORT: "0",
-        KEYGATE_ADMIN_PORT: "0",
-        KEYGATE_LOG_LEVEL: "info",
+      env: sharedBackendEnv({
+        mongoUri: mongo.uri,
+        redisUrl: redis.url,
+        pepper: "faults-test-pepper-0123456789abcdefghijklm",
+        policyFile: policy,
+        adminToken: ADMIN_TOKEN,
         // A paused MongoDB costs each uncached Check its whole budget: 1 s keeps the test short.
-        KEYGATE_CHECK_BUDGET_MS: "1000",
-      },
+        extra: { KEYGATE_CHECK_BUDGET_MS: "1000" },
+      }),
     });
     const admin = keygate.ports.admin;
     for (let i = 0; i < 20; i++) {

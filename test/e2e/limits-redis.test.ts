@@ -10,7 +10,7 @@ import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -81,18 +81,7 @@ describe.runIf(ready)("limits shared through Redis", () => {
     dir = mkdtempSync(join(tmpdir(), "keygate-limits-"));
     const policy = join(dir, "policy.yaml");
     writeFileSync(policy, stringify(LIMITS_POLICY));
-    env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: redis.url,
-      KEYGATE_PEPPER: "limits-test-pepper-0123456789abcdefghijklmn",
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: policy,
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_LOG_LEVEL: "info",
-    };
+    env = sharedBackendEnv({ mongoUri: mongo.uri, redisUrl: redis.url, pepper: "limits-test-pepper-0123456789abcdefghijklmn", policyFile: policy, adminToken: ADMIN_TOKEN });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
   }, 120_000);
 

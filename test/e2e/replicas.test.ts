@@ -11,7 +11,7 @@ import { authorizationDefinition } from "../../src/server/grpc-authz.js";
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
@@ -87,21 +87,18 @@ describe.runIf(ready)("two replicas sharing MongoDB and Redis", () => {
     // Last-use times are flushed only on shutdown (a day is the longest interval a Node timer
     // holds), so the SIGTERM test below cannot pass through the periodic flush.
     writeFileSync(policy, stringify({ ...TEST_POLICY, lastUsedFlushSeconds: 86_400 }));
-    const env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: redis.url,
-      KEYGATE_PEPPER: "replica-test-pepper-0123456789abcdefghijkl",
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: policy,
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_LOG_LEVEL: "info",
-      KEYGATE_SHUTDOWN_GRACE_SECONDS: "5",
-      // A paused MongoDB costs each uncached Check its whole budget: 1 s keeps the test short.
-      KEYGATE_CHECK_BUDGET_MS: "1000",
-    };
+    const env = sharedBackendEnv({
+      mongoUri: mongo.uri,
+      redisUrl: redis.url,
+      pepper: "replica-test-pepper-0123456789abcdefghijkl",
+      policyFile: policy,
+      adminToken: ADMIN_TOKEN,
+      extra: {
+        KEYGATE_SHUTDOWN_GRACE_SECONDS: "5",
+        // A paused MongoDB costs each uncached Check its whole budget: 1 s keeps the test short.
+        KEYGATE_CHECK_BUDGET_MS: "1000",
+      },
+    });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
   }, 120_000);
 

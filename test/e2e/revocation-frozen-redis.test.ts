@@ -9,7 +9,7 @@ import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -122,18 +122,7 @@ describe.runIf(ready)("revocation between two replicas while Redis is frozen (SI
     // A cache TTL far above the refusal deadline: only the bus's heartbeat can make B re-read in time.
     const cache = { maxEntries: 10_000, ttlSeconds: 60, negativeMaxEntries: 10_000, negativeTtlSeconds: 5 };
     writeFileSync(policy, stringify({ ...TEST_POLICY, cache }));
-    const env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: redis.url,
-      KEYGATE_PEPPER: PEPPER,
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: policy,
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_LOG_LEVEL: "info",
-    };
+    const env = sharedBackendEnv({ mongoUri: mongo.uri, redisUrl: redis.url, pepper: PEPPER, policyFile: policy, adminToken: ADMIN_TOKEN });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
     probe = new Redis(redis.url, { lazyConnect: true, maxRetriesPerRequest: 1 });
     await probe.connect();
