@@ -20,6 +20,8 @@ export interface BenchOptions {
   memoryOnly: boolean;
   /** Only the seed and the profiled runs (no ratios: the no-ops are not run). */
   profileOnly: boolean;
+  /** Run the no-op ceilings (without them no ratio is computed). */
+  noops: boolean;
   /** Extra node flags for every keygate process (an experiment's V8 flags, say). */
   nodeFlags: string[];
   memoryKeys: number;
@@ -65,6 +67,7 @@ const rawSchema = z.object({
   memory: z.boolean(),
   memoryOnly: z.boolean().default(false),
   profileOnly: z.boolean().default(false),
+  noops: z.boolean().default(true),
   nodeFlags: z.string().default(""),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
@@ -109,6 +112,7 @@ function command(): Command {
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")
     .option("--memory-only", "only seed the embedded store and run the memory scenario (no throughput, latency or profile runs)")
+    .option("--no-noops", "skip the no-op ceilings (keygate's own figures only, no ratios)")
     .option("--profile-only", "only seed the embedded store and run the profiled runs (implies --profile --no-memory)")
     .option("--memory-keys <n>", "keys in the store for the memory scenario (full 1000000, quick 10000)", count)
     .option("--memory-touch <n>", "distinct keys touched in the memory scenario (full 100000, quick 1000)", count)

@@ -367,7 +367,7 @@ async function main(): Promise<void> {
     if (h2load === null) ctx.skipped.push({ what: "h2load one-key runs", why: "h2load is not on PATH (apt-get install nghttp2-client, or bash bench/install-h2load.sh)" });
     const machine = machineInfo(options.node);
     const all: Collected = { scenarios: [], oneKey: [] };
-    for (const name of options.memoryOnly || options.profileOnly ? [] : NOOP_NAMES) {
+    for (const name of options.memoryOnly || options.profileOnly || !options.noops ? [] : NOOP_NAMES) {
       const noop = await startNoop(options.node, name);
       try {
         collect(all, await timed(ctx, `${name}: scenarios`, () => runNoopScenarios(name, noop, ctx.settings, ctx.data, ctx.oneKeyRequest, log)));

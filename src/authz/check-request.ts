@@ -1,4 +1,5 @@
 import { BinaryReader } from "@bufbuild/protobuf/wire";
+import type { WireType } from "@bufbuild/protobuf/wire";
 import type {
   AttributeContextView,
   CheckRequestView,
@@ -35,15 +36,42 @@ const STRICT_UTF8 = true;
  */
 export function decodeCheckRequest(bytes: Uint8Array): CheckRequestView {
   const reader = new BinaryReader(bytes);
+  decoding = bytes;
   const message: CheckRequestView = { $typeName: "keygate.authz.v1.CheckRequestView" };
   const end = bytes.byteLength;
-  while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
-    // Like protobuf-es, a known field is read as its declared type whatever its wire type says.
-    if (fieldNo === CheckRequestField.attributes) message.attributes = readAttributeContext(reader, message.attributes);
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.checkRequest);
+  try {
+    while (reader.pos < end) {
+      const tag = readTag(reader);
+      const fieldNo = tag >>> 3;
+      const wireType: WireType = tag & 7;
+      // Like protobuf-es, a known field is read as its declared type whatever its wire type says.
+      if (fieldNo === CheckRequestField.attributes) message.attributes = readAttributeContext(reader, message.attributes);
+      else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.checkRequest);
+    }
+  } finally {
+    decoding = NOTHING;
   }
   return message;
+}
+
+// The message decodeCheckRequest is reading (decoding is synchronous), for readTag's overflow
+// check; the reader keeps its buffer private.
+const NOTHING = new Uint8Array(0);
+let decoding: Uint8Array = NOTHING;
+
+/**
+ * BinaryReader.tag() without its [fieldNo, wireType] array (one per field read): the raw tag,
+ * checked as tag() checks it and refused with tag()'s words.
+ */
+function readTag(reader: BinaryReader): number {
+  const start = reader.pos;
+  const tag = reader.uint32();
+  const bytesRead = reader.pos - start;
+  if (bytesRead > 5 || (bytesRead === 5 && (decoding[reader.pos - 1] ?? 0) > 0x0f)) throw new Error("illegal tag: varint overflows uint32");
+  const fieldNo = tag >>> 3;
+  const wireType = tag & 7;
+  if (fieldNo <= 0 || wireType > 5) throw new Error(`illegal tag: field no ${fieldNo} wire type ${wireType}`);
+  return tag;
 }
 
 // Each reader below takes the message a previous occurrence of its field built (or undefined)
@@ -53,7 +81,9 @@ function readAttributeContext(reader: BinaryReader, into: AttributeContextView |
   const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: newRecord() };
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     if (fieldNo === AttributeContextField.request) message.request = readRequest(reader, message.request);
     else if (fieldNo === AttributeContextField.contextExtensions) readStringMapEntry(reader, message.contextExtensions, Depth.attributeContext);
     else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.attributeContext);
@@ -65,7 +95,9 @@ function readRequest(reader: BinaryReader, into: RequestView | undefined): Reque
   const message: RequestView = into ?? { $typeName: "keygate.authz.v1.RequestView" };
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     if (fieldNo === RequestField.http) message.http = readHttpRequest(reader, message.http);
     else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.request);
   }
@@ -76,7 +108,9 @@ function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined
   const message: HttpRequestView = into ?? { $typeName: "keygate.authz.v1.HttpRequestView", id: "", method: "", headers: newRecord(), path: "" };
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     switch (fieldNo) {
       case HttpRequestField.id:
         message.id = reader.string(STRICT_UTF8);
@@ -104,7 +138,9 @@ function readHeaderMap(reader: BinaryReader, into: HeaderMapView | undefined): H
   const message: HeaderMapView = into ?? { $typeName: "keygate.authz.v1.HeaderMapView", headers: [] };
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     if (fieldNo === HeaderMapField.headers) message.headers.push(readHeaderValue(reader));
     else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.headerMap);
   }
@@ -117,7 +153,9 @@ function readHeaderValue(reader: BinaryReader): HeaderValueView {
   let rawValue: Uint8Array | undefined;
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     if (fieldNo === HeaderValueField.key) key = reader.string(STRICT_UTF8);
     else if (fieldNo === HeaderValueField.value) value = reader.string(STRICT_UTF8);
     else if (fieldNo === HeaderValueField.rawValue) rawValue = reader.bytes();
@@ -165,7 +203,9 @@ function readStringMapEntry(reader: BinaryReader, record: { [key: string]: strin
   let value = "";
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
-    const [fieldNo, wireType] = reader.tag();
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
     if (fieldNo === MapEntryField.key) key = reader.string(STRICT_UTF8);
     else if (fieldNo === MapEntryField.value) value = reader.string(STRICT_UTF8);
     else reader.skip(wireType, fieldNo, RECURSION_LIMIT - depth);
