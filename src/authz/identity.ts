@@ -3,10 +3,34 @@ import type { CheckSnapshot } from "../store/store.js";
 /** Upstream identity headers; a client-sent header with this prefix never reaches upstream. */
 export const IDENTITY_PREFIX = "x-keygate-";
 
+/**
+ * The identity an allow carries, in its fixed order: each value goes upstream as a header and,
+ * in the gRPC answer, as a field of Envoy's dynamic metadata. The project header is left out for
+ * a key without a project (its metadata field is then "").
+ */
+export const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string }> = [
+  { header: "x-keygate-key-id", metadata: "key_id" },
+  { header: "x-keygate-owner-id", metadata: "owner_id" },
+  { header: "x-keygate-project-id", metadata: "project_id" },
+  { header: "x-keygate-scopes", metadata: "scopes" },
+  { header: "x-keygate-plan", metadata: "plan" },
+  { header: "x-keygate-role", metadata: "role" },
+  { header: "x-keygate-mode", metadata: "mode" },
+];
+/** IDENTITY_FIELDS' index of the project, the one field a key may lack. */
+export const PROJECT_FIELD = 2;
+
+/** The identity values in IDENTITY_FIELDS' order (the project "" when the key has none). */
+export function identityValues(snapshot: CheckSnapshot): string[] {
+  const { key, account } = snapshot;
+  const scopes = key.scopes.length === 1 ? (key.scopes[0] as string) : key.scopes.join(",");
+  return [key.id, key.ownerId, key.projectId ?? "", scopes, account.plan, account.role, key.mode];
+}
+
 // The names an allow sets, which depend only on whether the key has a project: two fixed lists,
 // so the removal step needs nothing kept per key.
-const NAMES_WITHOUT_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
-const NAMES_WITH_PROJECT: readonly string[] = ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"];
+const NAMES_WITH_PROJECT: readonly string[] = IDENTITY_FIELDS.map((field) => field.header);
+const NAMES_WITHOUT_PROJECT: readonly string[] = NAMES_WITH_PROJECT.filter((_, i) => i !== PROJECT_FIELD);
 
 /** The identity header names an allow for this key sets, in the order identityHeaders gives them. Shared: do not mutate. */
 export function identityHeaderNames(snapshot: CheckSnapshot): readonly string[] {
@@ -23,17 +47,16 @@ export function grantedHeaderNames(snapshot: CheckSnapshot, forwarded: ReadonlyA
 }
 
 /**
- * The identity headers for a granted request, in a fixed order. Built on each call: the gRPC
- * answer keeps them only as encoded bytes per key (to-envoy.ts), so nothing else is kept per key.
+ * The identity headers for a granted request, in IDENTITY_FIELDS' order. Built on each call: the
+ * gRPC answer writes them from the values (to-envoy.ts), so nothing else is kept per key.
  */
 export function identityHeaders(snapshot: CheckSnapshot): Array<[string, string]> {
-  const { key, account } = snapshot;
-  const headers: Array<[string, string]> = [
-    ["x-keygate-key-id", key.id],
-    ["x-keygate-owner-id", key.ownerId],
-  ];
-  if (key.projectId !== null) headers.push(["x-keygate-project-id", key.projectId]);
-  headers.push(["x-keygate-scopes", key.scopes.join(",")], ["x-keygate-plan", account.plan], ["x-keygate-role", account.role], ["x-keygate-mode", key.mode]);
+  const values = identityValues(snapshot);
+  const withProject = snapshot.key.projectId !== null;
+  const headers: Array<[string, string]> = [];
+  for (let i = 0; i < IDENTITY_FIELDS.length; i++) {
+    if (i !== PROJECT_FIELD || withProject) headers.push([(IDENTITY_FIELDS[i] as (typeof IDENTITY_FIELDS)[number]).header, values[i] as string]);
+  }
   return headers;
 }
 

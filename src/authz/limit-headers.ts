@@ -1,6 +1,6 @@
 import type { ChargeResult } from "../limits/limits.js";
 import { policyName, quotaLabel, quotaResetSeconds } from "./rate-headers.js";
-import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, fieldBytes, nameField, writeVarint } from "./wire.js";
+import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, writeVarint } from "./wire.js";
 
 // An allow's limit headers (rate-headers.ts's limitHeaders) written straight into the answer from
 // the numbers: building their strings first, then measuring and copying them, was about half of
@@ -86,8 +86,7 @@ function writeHead(out: Buffer, at: number, name: Buffer, valueBytes: number): n
   pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
   out[pos++] = HEADER_TAG;
   pos = writeVarint(out, pos, headerBytes);
-  out.set(name, pos);
-  pos += name.length;
+  pos = copyBytes(out, pos, name);
   out[pos++] = VALUE_TAG;
   return writeVarint(out, pos, valueBytes);
 }

@@ -13,7 +13,7 @@ import type { Status } from "../gen/google/rpc/status_pb.js";
 import { HttpStatusSchema } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { HttpStatus } from "../gen/envoy/type/v3/http_status_pb.js";
 import type { CheckSnapshot } from "../store/store.js";
-import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
+import { IDENTITY_FIELDS, PROJECT_FIELD, grantedHeaderNames, headersToRemove, identityHeaders, identityValues } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import { directLimits, sizeLimitHeaders, writeLimitHeaders } from "./limit-headers.js";
 import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, utf8Length, writeString, writeVarint } from "./wire.js";
@@ -44,31 +44,9 @@ function header(key: string, value: string): HeaderValueOption {
   });
 }
 
-/**
- * The identity an allow carries: each value as an upstream header (identity.ts's names, in its
- * order) and as a field of the metadata filed under METADATA_NAMESPACE, for Envoy's access log
- * and rate-limit filters. The project header is left out for a key without a project; its
- * metadata field is then "".
- */
-const IDENTITY_FIELDS: ReadonlyArray<{ header: string; metadata: string }> = [
-  { header: "x-keygate-key-id", metadata: "key_id" },
-  { header: "x-keygate-owner-id", metadata: "owner_id" },
-  { header: "x-keygate-project-id", metadata: "project_id" },
-  { header: "x-keygate-scopes", metadata: "scopes" },
-  { header: "x-keygate-plan", metadata: "plan" },
-  { header: "x-keygate-role", metadata: "role" },
-  { header: "x-keygate-mode", metadata: "mode" },
-];
-const PROJECT_FIELD = 2;
 const NO_HEADERS: ReadonlyArray<[string, string]> = [];
 // The metadata fields go out in the order keygate has always written them, scopes last.
 const METADATA_ORDER: readonly number[] = [0, 1, 2, 4, 5, 6, 3];
-
-/** The identity values in IDENTITY_FIELDS' order, read without a call per field. */
-function identityValues(snapshot: CheckSnapshot): string[] {
-  const { key, account } = snapshot;
-  return [key.id, key.ownerId, key.projectId ?? "", key.scopes.length === 1 ? (key.scopes[0] as string) : key.scopes.join(","), account.plan, account.role, key.mode];
-}
 
 function identityMetadata(snapshot: CheckSnapshot): { [field: string]: string } {
   const values = identityValues(snapshot);
