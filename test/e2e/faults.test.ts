@@ -8,11 +8,15 @@ import { KeyFormat } from "../../src/keys/key-format.js";
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+
+/** Polls every 20 ms: these waits are for traffic to pile up and backends to come back, not measured delays. */
+const POLL = { intervalMs: 20 } as const;
 
 const ready =
   requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&
@@ -97,15 +101,6 @@ class PhasedLoad {
   async stop(): Promise<void> {
     this.#running = false;
     await Promise.all(this.#loops);
-  }
-}
-
-/** Polls `done` every 20 ms until it holds; throws `what` with `detail()` after `timeoutMs`. */
-async function until(done: () => boolean | Promise<boolean>, timeoutMs: number, what: string, detail: () => string = () => ""): Promise<void> {
-  const startedAt = performance.now();
-  while (!(await done())) {
-    if (performance.now() - startedAt > timeoutMs) throw new Error(`${what} within ${timeoutMs} ms ${detail()}`);
-    await new Promise((r) => setTimeout(r, 20));
   }
 }
 
@@ -196,7 +191,7 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     await redis.start();
     const restartedAt = performance.now();
     // Recovered when a change can tell the caches again (the bus and L2 are back).
-    await until(async () => (await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "load" })).status === 200, 15_000, "Redis did not come back");
+    await until(async () => (await postJson(keygate.ports.admin, "UpsertAccount", { ownerId: "faults-0", plan: "load" })).status === 200, 15_000, "Redis back (UpsertAccount answering 200)", POLL);
     const recoveryMs = performance.now() - restartedAt;
     traffic.phase = "after";
     await new Promise((r) => setTimeout(r, 300));
@@ -245,8 +240,8 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
     await until(
       () => traffic.count("down", "never-checked", 503) >= 20 && traffic.count("down", "fresh", 503) >= 20,
       20_000,
-      "too few 503s during the MongoDB outage",
-      () => JSON.stringify(traffic.summary()),
+      "20 503s each for never-checked and fresh keys during the MongoDB outage",
+      { ...POLL, detail: () => ` ${JSON.stringify(traffic.summary())}` },
     );
     traffic.phase = "transition";
     await mongo.start();
@@ -262,15 +257,16 @@ describe.runIf(ready)("faults under load (one replica on MongoDB and Redis)", ()
         return (await fetch(`http://127.0.0.1:${keygate.ports.http}/check`, { headers: { "x-api-key": secret } })).status === 200;
       },
       30_000,
-      "MongoDB did not come back",
+      "MongoDB back (a new key created and allowed)",
+      POLL,
     );
     const recoveryMs = performance.now() - restartedAt;
     traffic.phase = "after";
     await until(
       () => ["cached", "never-checked", "fresh"].every((kind) => traffic.count("after", kind) >= 20),
       15_000,
-      "too few answers after recovery",
-      () => JSON.stringify(traffic.summary()),
+      "20 answers for each kind of key after recovery",
+      { ...POLL, detail: () => ` ${JSON.stringify(traffic.summary())}` },
     );
     await traffic.stop();
     const metrics = await (await fetch(`http://127.0.0.1:${keygate.ports.admin}/metrics`)).text();

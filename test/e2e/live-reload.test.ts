@@ -5,8 +5,13 @@ import { stringify } from "yaml";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import { postJson } from "../harness/keygate.js";
+import { until } from "../harness/poll.js";
 import { spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
+
+/** A reload is noticed by a file watcher; 15 s is generous, and polling every 50 ms keeps the probes light. */
+const RELOAD_TIMEOUT_MS = 15_000;
+const POLL = { intervalMs: 50 } as const;
 
 // The policy file and the admin tokens file are reloaded on a running keygate (file watch and
 // SIGHUP): a valid edit takes effect, a broken one keeps the version in force.
@@ -15,14 +20,6 @@ const FULL_TOKEN = "live-reload-full-token-0123456789abcdef";
 const OPS = { name: "ops", token: "live-reload-ops-token-0123456789abcdef", permissions: ["keys:read"] };
 const LATE = { name: "late", token: "live-reload-late-token-0123456789abcdef", permissions: ["keys:read"] };
 const ADMIN_ROUTE = { method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"] };
-
-async function until(condition: () => Promise<boolean>, what: string, timeoutMs = 15_000): Promise<void> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe("live reload", { timeout: 120_000 }, () => {
   let dir: string;
@@ -66,37 +63,37 @@ describe("live reload", { timeout: 120_000 }, () => {
   it("a policy edit takes effect on the running process; a broken edit does not, and says so", async () => {
     expect(await adminRoute()).toBe(403);
     writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [] }));
-    await until(async () => (await adminRoute()) === 200, "the route's scope requirement to go");
+    await until(async () => (await adminRoute()) === 200, RELOAD_TIMEOUT_MS, "the route's scope requirement to go", POLL);
     expect(sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="applied"')).toBeGreaterThanOrEqual(1);
 
     writeFileSync(policyFile, "plans: [this is not a policy\n");
-    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="policy"') === 1, "the failed reload to show");
+    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="policy"') === 1, RELOAD_TIMEOUT_MS, "the failed reload to show", POLL);
     expect(kg.stdout()).toContain("policy reload failed; the policy in force stays");
     expect(await adminRoute()).toBe(200);
 
     writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [ADMIN_ROUTE] }));
-    await until(async () => (await adminRoute()) === 403, "the route to come back");
+    await until(async () => (await adminRoute()) === 403, RELOAD_TIMEOUT_MS, "the route to come back", POLL);
     expect(sample(await metrics(), "keygate_config_reload_failing", 'file="policy"')).toBe(0);
   });
 
   it("an admin tokens edit takes effect; a broken one keeps the tokens in force", async () => {
     expect([await listAs(OPS.token), await listAs(LATE.token)]).toEqual([200, 401]);
     writeFileSync(tokensFile, stringify({ tokens: [OPS, LATE] }));
-    await until(async () => (await listAs(LATE.token)) === 200, "the new token to work");
+    await until(async () => (await listAs(LATE.token)) === 200, RELOAD_TIMEOUT_MS, "the new token to work", POLL);
     writeFileSync(tokensFile, stringify({ tokens: [{ ...LATE, token: "short" }] }));
-    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="admin_tokens"') === 1, "the failed reload to show");
+    await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="admin_tokens"') === 1, RELOAD_TIMEOUT_MS, "the failed reload to show", POLL);
     expect([await listAs(OPS.token), await listAs(LATE.token)]).toEqual([200, 200]);
     expect(kg.stdout()).not.toContain(LATE.token);
     expect(kg.stdout()).not.toContain(OPS.token);
     writeFileSync(tokensFile, stringify({ tokens: [LATE] }));
-    await until(async () => (await listAs(OPS.token)) === 401, "the removed token to stop working");
+    await until(async () => (await listAs(OPS.token)) === 401, RELOAD_TIMEOUT_MS, "the removed token to stop working", POLL);
     expect(await listAs(LATE.token)).toBe(200);
   });
 
   it("SIGHUP reloads both files", async () => {
     const before = sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="unchanged"');
     kg.child.kill("SIGHUP");
-    await until(async () => sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="unchanged"') === (Number.isNaN(before) ? 1 : before + 1), "the SIGHUP reload");
+    await until(async () => sample(await metrics(), "keygate_config_reloads_total", 'file="policy",result="unchanged"') === (Number.isNaN(before) ? 1 : before + 1), RELOAD_TIMEOUT_MS, "the SIGHUP reload", POLL);
     expect(kg.stdout()).toContain('"why":"SIGHUP"');
   });
 });

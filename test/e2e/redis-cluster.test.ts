@@ -8,6 +8,7 @@ import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
@@ -40,16 +41,6 @@ async function issue(replica: KeygateProcess, ownerId: string, plan: string): Pr
     throw new Error(`unexpected CreateKey answer ${JSON.stringify(created.json)}`);
   }
   return { id: key.id, secret };
-}
-
-/** Polls until `probe` is true; returns the elapsed milliseconds. */
-async function until(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
-  const started = performance.now();
-  for (;;) {
-    if (await probe()) return performance.now() - started;
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }
 
 describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {

@@ -5,6 +5,8 @@ import type { RedisFailureMode } from "../../src/limits/redis.js";
 import { checkInit, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
+import { untilValue } from "../harness/poll.js";
+import type { PollOptions } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -19,6 +21,14 @@ const T0 = "2026-11-22T12:00:00.000Z";
 // charge in an empty Redis moves the bucket to T0 + 6 s.
 const FIRST_CHARGE_TAT = `${Date.parse(T0) + 6000}.0000`;
 const RECOVERY_TIMEOUT_MS = 20_000;
+/**
+ * Checks are repeated every 100 ms until keygate is back on Redis (it reconnects on its own
+ * schedule); a timeout names the last answer.
+ */
+const RECOVERY: PollOptions<Answer> = {
+  intervalMs: 100,
+  detail: (last) => (last === undefined ? "" : `; last answer ${last.status} ${last.body}`),
+};
 
 interface Answer {
   status: number;
@@ -43,17 +53,6 @@ async function rateBucket(url: string, ownerId: string): Promise<string | null> 
     return await redis.get(`kg:rl:a:${ownerId}`);
   } finally {
     redis.disconnect();
-  }
-}
-
-/** Repeats `attempt` until `done` holds; keygate reconnects to Redis on its own schedule. */
-async function until(attempt: () => Promise<Answer>, done: (answer: Answer) => boolean, what: string): Promise<Answer> {
-  const deadline = Date.now() + RECOVERY_TIMEOUT_MS;
-  for (;;) {
-    const answer = await attempt();
-    if (done(answer)) return answer;
-    if (Date.now() > deadline) throw new Error(`${what} within ${RECOVERY_TIMEOUT_MS} ms; last answer ${answer.status} ${answer.body}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
 
@@ -122,7 +121,7 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
       expect(failureLines(keygate, "fail-closed").length).toBeGreaterThanOrEqual(2);
 
       await redis.start();
-      const back = await until(() => check(keygate.ports.http, secret), (x) => x.status === 200, "checks did not pass again after Redis restarted");
+      const back = (await untilValue(() => check(keygate.ports.http, secret), (x) => x.status === 200, RECOVERY_TIMEOUT_MS, "checks passing again after Redis restarted", RECOVERY)).value;
       // An empty Redis: the first request after the outage is its first charge.
       expect(back.headers.get("x-ratelimit-remaining")).toBe("9");
       await expectRedisInUse(redis, keygate, secret, ownerId, "fail-closed");
@@ -147,7 +146,7 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
 
       await redis.start();
       // Uncharged answers report a full bucket; the first one Redis charges reports 9.
-      await until(() => check(keygate.ports.http, secret), (x) => x.headers.get("x-ratelimit-remaining") === "9", "Redis did not charge again after it restarted");
+      await untilValue(() => check(keygate.ports.http, secret), (x) => x.headers.get("x-ratelimit-remaining") === "9", RECOVERY_TIMEOUT_MS, "Redis charging again after it restarted", RECOVERY);
       await expectRedisInUse(redis, keygate, secret, ownerId, "fail-open");
       const limited = await concurrentChecks(keygate.ports.http, secret, 20);
       expect(limited.filter((x) => x.status === 200)).toHaveLength(8);
@@ -177,7 +176,7 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
 
       await redis.start();
       // In-process the bucket is empty at the frozen clock, so a 200 means Redis decided.
-      const back = await until(() => check(keygate.ports.http, secret), (x) => x.status === 200, "checks did not pass again after Redis restarted");
+      const back = (await untilValue(() => check(keygate.ports.http, secret), (x) => x.status === 200, RECOVERY_TIMEOUT_MS, "checks passing again after Redis restarted", RECOVERY)).value;
       expect(back.headers.get("x-ratelimit-remaining")).toBe("9");
       await expectRedisInUse(redis, keygate, secret, ownerId, "fallback");
     }, 60_000);

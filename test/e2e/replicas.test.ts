@@ -11,6 +11,7 @@ import { authorizationDefinition } from "../../src/server/grpc-authz.js";
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { until } from "../harness/poll.js";
 import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { requireServer } from "../harness/ports.js";
@@ -59,16 +60,6 @@ function issued(answer: { status: number; json: Record<string, unknown> }): { id
 async function createKey(replica: KeygateProcess, ownerId: string, scopes: string[] = []): Promise<{ id: string; secret: string }> {
   await postJson(replica.ports.admin, "UpsertAccount", { ownerId, plan: "business" });
   return issued(await postJson(replica.ports.admin, "CreateKey", { ownerId, name: "replica test", scopes }));
-}
-
-/** Polls until `probe` is true; returns the elapsed milliseconds. */
-async function until(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
-  const started = performance.now();
-  for (;;) {
-    if (await probe()) return performance.now() - started;
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }
 
 describe.runIf(ready)("two replicas sharing MongoDB and Redis", () => {

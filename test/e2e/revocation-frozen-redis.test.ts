@@ -8,11 +8,15 @@ import { KeyHasher } from "../../src/keys/hasher.js";
 import { ADMIN_TOKEN, TEST_POLICY, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { sharedBackendEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+
+/** Polls every 20 ms: these waits are for Redis and delivery to come back; the revocation delay is timed separately. */
+const POLL = { intervalMs: 20 } as const;
 
 // Revocation across two replicas (two `keygate serve` processes sharing the MongoDB-wire server
 // and one redis-server) while Redis is frozen with SIGSTOP: its connections stay open and nothing
@@ -85,14 +89,6 @@ async function firstRefusal(replica: KeygateProcess, key: string, sinceMs: numbe
   return refusedSentAt;
 }
 
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
 function logCount(replica: KeygateProcess, message: string): number {
   return replica.stdout().split(`"msg":"${message}`).length - 1;
 }
@@ -151,7 +147,7 @@ describe.runIf(ready)("revocation between two replicas while Redis is frozen (SI
     if (typeof secret !== "string" || typeof id !== "string") throw new Error(`CreateKey failed: ${JSON.stringify(created.json)}`);
     const l2Key = `kg:snap:${hasher.hash(secret)}`;
     expect(await check(b, secret)).toEqual({ status: 200, code: null });
-    await until(async () => (await probe.exists(l2Key)) === 1, 5000, "B filled L2");
+    await until(async () => (await probe.exists(l2Key)) === 1, 5000, "B filled L2", POLL);
     return { id, secret, l2Key };
   }
 
@@ -197,8 +193,9 @@ describe.runIf(ready)("revocation between two replicas while Redis is frozen (SI
         () => logCount(a, "invalidation channel answering again") > recoveredA && logCount(b, "invalidation channel answering again") > recoveredB,
         15_000,
         "both replicas hearing Redis again",
+        POLL,
       );
-      await until(() => logCount(a, "waiting invalidations reached the other replicas") > deliveredA, 15_000, "A's queued invalidation delivered");
+      await until(() => logCount(a, "waiting invalidations reached the other replicas") > deliveredA, 15_000, "A's queued invalidation delivered", POLL);
       expect(await probe.exists(key.l2Key)).toBe(0);
       // The worst case: the pre-revocation entry back in L2, and B's L1 entry dropped, so B's next
       // Check reads L2. Entries from before the outage are no longer trusted, so B reads the store.

@@ -11,6 +11,7 @@ import { authorizationDefinition } from "../../src/server/grpc-authz.js";
 import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { until } from "../harness/poll.js";
 import { spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { requireServer } from "../harness/ports.js";
@@ -18,6 +19,9 @@ import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 import { installedRelease, releaseInstalled } from "../harness/release.js";
 import type { BuiltRelease } from "../harness/release.js";
+
+/** Polls every 20 ms: each probe is a request to a replica, and nothing here times the wait. */
+const POLL = { intervalMs: 20 } as const;
 
 // A rolling upgrade: a replica of the previous release and one of this keygate share MongoDB and
 // Redis (each reads, or leaves be, what the other caches), then the old one is replaced. The old
@@ -54,15 +58,6 @@ async function createKey(replica: KeygateProcess, ownerId: string): Promise<{ id
   const answer = await postJson(replica.ports.admin, "CreateKey", { ownerId, name: "rolling upgrade" });
   expect(answer.status, JSON.stringify(answer.json)).toBe(200);
   return { id: (answer.json["key"] as { id: string }).id, secret: answer.json["secret"] as string };
-}
-
-/** Polls until `probe` holds, or throws after `timeoutMs`. */
-async function until(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const started = performance.now();
-  while (!(await probe())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 describe.runIf(servers)(`rolling upgrade from ${RELEASE}: both versions on one MongoDB and one Redis`, () => {
@@ -132,7 +127,7 @@ describe.runIf(servers)(`rolling upgrade from ${RELEASE}: both versions on one M
     expect((await postJson(old.ports.admin, "RevokeKey", { id: revokedByOld.id, reason: "rolling" })).status).toBe(200);
     for (const replica of [old, current]) {
       for (const key of [revokedByNew, revokedByOld]) {
-        await until(async () => (await checked(replica, key.secret)) === 401, 5000, "the revoked key refused");
+        await until(async () => (await checked(replica, key.secret)) === 401, 5000, "the revoked key refused", POLL);
       }
     }
   });

@@ -7,11 +7,19 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { checkInit } from "../harness/keygate.js";
 import { fingerprintOf, makeCa, makeLeaf, opensslAvailable } from "../harness/certs.js";
 import type { CertFiles } from "../harness/certs.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
-import { curl, grpcTlsCheckClient, handshakeFailures, httpsCall, servedFingerprint, until } from "../harness/tls-clients.js";
+import { curl, grpcTlsCheckClient, handshakeFailures, httpsCall, servedFingerprint } from "../harness/tls-clients.js";
 import type { ClientTls } from "../harness/tls-clients.js";
+
+/**
+ * Waits for a certificate reload or a counted handshake: 20 s, polling every 50 ms; a probe's
+ * failed handshake or refused connection while the listener reloads counts as "not yet".
+ */
+const TLS_TIMEOUT_MS = 20_000;
+const TLS_POLL = { intervalMs: 50, retryErrors: true } as const;
 
 // TLS on every listener of a `keygate serve` process: Check with a grpc-js TLS client and curl
 // against the HTTP mode and the admin API, client certificates (mTLS) required and refused, and
@@ -166,7 +174,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       // In place: the files the links point at are rewritten (key first, as a careless writer might).
       writeFileSync(join(secretDir, "..2026_01", "tls.key"), readFileSync(second.key));
       writeFileSync(join(secretDir, "..2026_01", "tls.crt"), readFileSync(second.cert));
-      await until(() => allServe(fingerprintOf(second.cert)), "the rewritten certificate on every listener");
+      await until(() => allServe(fingerprintOf(second.cert)), TLS_TIMEOUT_MS, "the rewritten certificate on every listener", TLS_POLL);
       const grpc = grpcTlsCheckClient(kg.ports.grpc, trust);
       try {
         expect((await grpc.check(checkInit({ "x-api-key": secret }))).status?.code).toBe(0);
@@ -181,7 +189,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       const failedBefore = Number.isNaN(failedSoFar) ? 0 : failedSoFar;
       const failureLines = (): number => kg.stdout().split("TLS certificate reload failed; the certificate in force stays").length - 1;
       // Log lines arrive in order: once the reload's own line is here, so is any failure before it.
-      await until(async () => kg.stdout().includes(`"fingerprint":"${fingerprintOf(second.cert)}"`), "the reload's log line");
+      await until(async () => kg.stdout().includes(`"fingerprint":"${fingerprintOf(second.cert)}"`), TLS_TIMEOUT_MS, "the reload's log line", TLS_POLL);
       const linesBefore = failureLines();
 
       // Broken: the certificate file is replaced (atomically, so it is read once) by one cut
@@ -189,10 +197,10 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       const cut = join(secretDir, "..2026_01", ".tls.crt.tmp");
       writeFileSync(cut, readFileSync(third.cert, "utf8").slice(0, 200));
       renameSync(cut, join(secretDir, "..2026_01", "tls.crt"));
-      await until(async () => sample(await metrics(), 'keygate_config_reload_failing{file="tls"}') === 1, "the failed TLS reload to show");
+      await until(async () => sample(await metrics(), 'keygate_config_reload_failing{file="tls"}') === 1, TLS_TIMEOUT_MS, "the failed TLS reload to show", TLS_POLL);
       expect(await allServe(fingerprintOf(second.cert))).toBe(true);
       // The log line travels through a pipe of its own: it may arrive after the metric's answer.
-      await until(async () => failureLines() === linesBefore + 1, "the failed reload's log line");
+      await until(async () => failureLines() === linesBefore + 1, TLS_TIMEOUT_MS, "the failed reload's log line", TLS_POLL);
       expect(sample(await metrics(), 'keygate_config_reloads_total{file="tls",result="failed"}')).toBe(failedBefore + 1);
       const text = kg.stdout() + kg.stderr();
       for (const cert of served) expect(showsNoKey(text, cert.key)).toBe(true);
@@ -201,7 +209,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       publish("..2026_02", third);
       symlinkSync("..2026_02", join(secretDir, "..data_tmp"));
       renameSync(join(secretDir, "..data_tmp"), join(secretDir, "..data"));
-      await until(() => allServe(fingerprintOf(third.cert)), "the swapped-in certificate on every listener");
+      await until(() => allServe(fingerprintOf(third.cert)), TLS_TIMEOUT_MS, "the swapped-in certificate on every listener", TLS_POLL);
       const after = await metrics();
       expect(sample(after, 'keygate_config_reload_failing{file="tls"}')).toBe(0);
       expect(sample(after, 'keygate_config_reloads_total{file="tls",result="applied"}')).toBe(2);
@@ -274,7 +282,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
           expect(refused.exitCode).not.toBe(0);
         }
       }
-      await until(async () => (await handshakeFailures(kg.ports.admin, withCert, "http")) === before.http + 2, "two refused handshakes on the HTTP port");
+      await until(async () => (await handshakeFailures(kg.ports.admin, withCert, "http")) === before.http + 2, TLS_TIMEOUT_MS, "two refused handshakes on the HTTP port", TLS_POLL);
       expect(await handshakeFailures(kg.ports.admin, withCert, "admin")).toBe(before.admin + 2);
     });
   });
@@ -313,7 +321,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       const noCert = await curl(["--cacert", ca.cert, `https://127.0.0.1:${kg.ports.admin}/healthz`]);
       expect(noCert.status).toBe("000");
       expect(noCert.exitCode).not.toBe(0);
-      await until(async () => (await handshakeFailures(kg.ports.admin, mtls, "admin")) === before + 1, "the refused handshake on the admin port");
+      await until(async () => (await handshakeFailures(kg.ports.admin, mtls, "admin")) === before + 1, TLS_TIMEOUT_MS, "the refused handshake on the admin port", TLS_POLL);
       expect(await handshakeFailures(kg.ports.admin, mtls, "grpc")).toBe(0);
       const withCert = await curl(["--cacert", ca.cert, "--cert", client.cert, "--key", client.key, `https://127.0.0.1:${kg.ports.admin}/healthz`]);
       expect([withCert.exitCode, withCert.status]).toEqual([0, "200"]);
@@ -392,7 +400,7 @@ describe.skipIf(!haveOpenssl)("TLS listeners", { timeout: 180_000 }, () => {
       const refused = await run(check.replace("--cert client.crt --key client.key ", ""));
       expect(refused.stdout).toBe("\n000");
       expect(refused.code).not.toBe(0);
-      await until(async () => (await handshakeFailures(kg.ports.admin, trust, "http")) === before + 1, "the refused handshake on the HTTP port");
+      await until(async () => (await handshakeFailures(kg.ports.admin, trust, "http")) === before + 1, TLS_TIMEOUT_MS, "the refused handshake on the HTTP port", TLS_POLL);
       // An open TLS gRPC connection does not hold up the drain.
       const grpc = grpcTlsCheckClient(kg.ports.grpc, { ca: readFileSync(ca.cert), cert: readFileSync(client.cert), key: readFileSync(client.key) });
       try {

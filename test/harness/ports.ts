@@ -1,4 +1,5 @@
 import { createServer } from "node:net";
+import { until } from "./poll.js";
 
 /** A port that was free on 127.0.0.1 a moment ago. */
 export function freePort(): Promise<number> {
@@ -13,22 +14,18 @@ export function freePort(): Promise<number> {
   });
 }
 
-/** Resolves once a TCP connection to host:port succeeds, or rejects after `timeoutMs`. */
+/** Resolves once a TCP connection to 127.0.0.1:port succeeds (polling every 50 ms), or rejects after `timeoutMs` with `describe()`. */
 export async function waitForPort(port: number, timeoutMs: number, describe: () => string): Promise<void> {
   const { connect } = await import("node:net");
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((done) => {
+  const listening = (): Promise<boolean> =>
+    new Promise<boolean>((done) => {
       const socket = connect(port, "127.0.0.1", () => {
         socket.destroy();
         done(true);
       });
       socket.once("error", () => done(false));
     });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`nothing listens on 127.0.0.1:${port} after ${timeoutMs} ms: ${describe()}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  await until(listening, timeoutMs, `something listening on 127.0.0.1:${port}`, { intervalMs: 50, detail: () => `: ${describe()}` });
 }
 
 /** Fails in CI, where every server must be present; elsewhere warns and lets the suite skip. */

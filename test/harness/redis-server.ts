@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { connect as tlsConnect } from "node:tls";
 import { delimiter, join } from "node:path";
 import { Redis } from "ioredis";
+import { until } from "./poll.js";
 import { freePort } from "./ports.js";
 
 /** A redis-server for tests, on a free port of 127.0.0.1, with persistence off. */
@@ -254,20 +255,13 @@ export async function redisCommand(port: number, command: string, ...args: Array
   }
 }
 
-/** Polls `probe` every 100 ms until it is true; throws naming `what` after `timeoutMs`. */
+/**
+ * Polls `probe` every 100 ms until it is true, counting a probe that throws (a node still
+ * starting or electing) as "not yet"; throws naming `what` after `timeoutMs`. The harness's
+ * {@link until} with those two settings.
+ */
 export async function waitFor(probe: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    let ok = false;
-    try {
-      ok = await probe();
-    } catch {
-      ok = false;
-    }
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await until(probe, timeoutMs, what, { intervalMs: 100, retryErrors: true });
 }
 
 function nodeOf(port: number, child: ChildProcess): RedisNode {

@@ -98,12 +98,3 @@ export async function handshakeFailures(adminPort: number, tls: ClientTls, liste
   const text = (await httpsCall(adminPort, "/metrics", tls)).body;
   return Number(new RegExp(`^keygate_tls_handshake_failures_total\\{listener="${listener}"\\} (\\S+)$`, "m").exec(text)?.[1] ?? "NaN");
 }
-
-/** Polls until `condition` holds; throws naming `what` after `timeoutMs`. */
-export async function until(condition: () => Promise<boolean>, what: string, timeoutMs = 20_000): Promise<void> {
-  const started = performance.now();
-  while (!(await condition().catch(() => false))) {
-    if (performance.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}

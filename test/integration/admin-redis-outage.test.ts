@@ -1,9 +1,13 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_POLICY, checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+
+/** Polls every 20 ms: these waits are for Redis and delivery to come back, not measured delays. */
+const POLL = { intervalMs: 20 } as const;
 
 // CreateKey, RotateKey and AddCredits while Redis is stopped or frozen: the store change is the
 // call's result, so a cache that cannot be told must not turn it into an error (the secret would
@@ -20,14 +24,6 @@ const POLICY = {
     metered: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 },
   },
 };
-
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () => {
   let redis: RedisServer;
@@ -61,6 +57,7 @@ describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () =>
         ),
       15_000,
       "UpsertAccount with Redis reachable",
+      POLL,
     );
   }
 
@@ -117,7 +114,7 @@ describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () =>
       redis.thaw();
     }
     const delivered = (): boolean => kg.logLines.slice(logged).some((line) => line.includes("waiting invalidations reached the other replicas"));
-    await until(delivered, 10_000, "the queued invalidation reaching Redis");
+    await until(delivered, 10_000, "the queued invalidation reaching Redis", POLL);
     expect(await allowed(old.secret)).toBe(false);
   });
 
@@ -133,7 +130,7 @@ describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () =>
     } finally {
       redis.thaw();
     }
-    await until(async () => (await kg.admin.getAccount({ ownerId: "outage-credits" })).account?.creditBalance === 109n, 10_000, "balance 109");
+    await until(async () => (await kg.admin.getAccount({ ownerId: "outage-credits" })).account?.creditBalance === 109n, 10_000, "balance 109", POLL);
     expect(await auditActions("outage-credits")).toEqual(["account.upsert", "key.create", "credits.add"]);
   });
 });

@@ -8,9 +8,13 @@ import { TestClock } from "../harness/clock.js";
 import { checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+
+/** Polls every 2 ms: the Check must be seen reaching Redis while its reload is still held back. */
+const POLL = { intervalMs: 2 } as const;
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
@@ -106,14 +110,6 @@ async function redisCharges(kg: TestKeygate): Promise<number> {
   if (metric === undefined) throw new Error("keygate_backend_duration_seconds is not registered");
   const { values } = await metric.get();
   return values.find((v) => "metricName" in v && v.metricName === "keygate_backend_duration_seconds_count" && v.labels["backend"] === "redis" && v.labels["op"] === "charge")?.value ?? 0;
-}
-
-async function until(condition: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
 }
 
 describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)", () => {
@@ -264,7 +260,7 @@ describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)"
     const reloading = charge();
     // The Check's charge found no balance in Redis; what follows at once is the reload from the
     // store, which must not read the store while the held batch is in neither place.
-    await until(async () => (await redisCharges(kg)) > chargesBefore, 10_000, "the Check reaching Redis");
+    await until(async () => (await redisCharges(kg)) > chargesBefore, 10_000, "the Check reaching Redis", POLL);
     await new Promise((resolve) => setImmediate(resolve));
     gate.release();
     await Promise.all([reloading, report]);

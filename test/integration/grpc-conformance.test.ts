@@ -18,6 +18,7 @@ import { encodeGrpcMessage, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../
 import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
+import { until } from "../harness/poll.js";
 
 // The same cases run against both engines that can serve the gRPC port: keygate's own server on
 // node:http2 and @grpc/grpc-js. grpc-js is the reference client throughout; raw node:http2 client
@@ -210,14 +211,6 @@ function checkResponseOf(answer: RawAnswer): CheckResponse {
   expect(answer.body.readUInt8(0)).toBe(0);
   expect(answer.body.readUInt32BE(1)).toBe(answer.body.length - 5);
   return fromBinary(CheckResponseSchema, answer.body.subarray(5));
-}
-
-async function eventually(condition: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + WAIT_MS;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 /**
@@ -492,13 +485,13 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
       watch.on("status", (status: { code: number }) => (ended = status));
       watch.on("error", () => undefined);
-      await eventually(() => statuses.length === 1, "the first status");
+      await until(() => statuses.length === 1, WAIT_MS, "the first status");
       entry.readiness.setReady(false);
-      await eventually(() => statuses.length === 2, "NOT_SERVING");
+      await until(() => statuses.length === 2, WAIT_MS, "NOT_SERVING");
       entry.readiness.setReady(true);
-      await eventually(() => statuses.length === 3, "SERVING again");
+      await until(() => statuses.length === 3, WAIT_MS, "SERVING again");
       await stop(entry);
-      await eventually(() => ended !== null, "the end of the Watch");
+      await until(() => ended !== null, WAIT_MS, "the end of the Watch");
       const { SERVING, NOT_SERVING } = HealthCheckResponse_ServingStatus;
       expect(statuses).toEqual([SERVING, NOT_SERVING, SERVING, NOT_SERVING]);
       expect(ended).toEqual(expect.objectContaining({ code: GrpcStatus.OK }));
@@ -516,7 +509,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       );
       watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
       watch.on("error", () => undefined);
-      await eventually(() => statuses.length === 1, "the first status");
+      await until(() => statuses.length === 1, WAIT_MS, "the first status");
       expect(statuses).toEqual([HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN]);
       watch.cancel();
     });
@@ -531,7 +524,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       const goaway = new Promise<number>((resolve) => session.once("goaway", (code: number) => resolve(code)));
       const inFlight = raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest("in-flight", { "x-test-hold": "1" })))], { session });
       const heldByClient = check(client, checkRequest("in-flight-2", { "x-test-hold": "1" }));
-      await eventually(() => entry.pipeline.held.length === 2, "both Checks to reach the pipeline");
+      await until(() => entry.pipeline.held.length === 2, WAIT_MS, "both Checks to reach the pipeline");
       let stopped = false;
       const stopping = stop(entry, 10_000).then(() => (stopped = true));
       expect(await goaway).toBe(h2.NGHTTP2_NO_ERROR);
@@ -554,7 +547,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
     it("stop() cuts calls still in flight after the grace period", async () => {
       const entry = await start(engine);
       const inFlight = raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest("stuck", { "x-test-hold": "1" })))]);
-      await eventually(() => entry.pipeline.held.length === 1, "the Check to reach the pipeline");
+      await until(() => entry.pipeline.held.length === 1, WAIT_MS, "the Check to reach the pipeline");
       await stop(entry, 50);
       const answer = await inFlight;
       expect(grpcStatusOf(answer)).toBeUndefined();
@@ -570,7 +563,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers" });
       stream.on("error", () => undefined);
       stream.end(framed(toBinary(CheckRequestSchema, checkRequest("reset", { "x-test-hold": "1" }))));
-      await eventually(() => entry.pipeline.held.length === 1, "the Check to reach the pipeline");
+      await until(() => entry.pipeline.held.length === 1, WAIT_MS, "the Check to reach the pipeline");
       stream.close(h2.NGHTTP2_CANCEL);
       await new Promise<void>((resolve) => stream.once("close", () => resolve()));
       entry.pipeline.release();
@@ -649,7 +642,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       const pending = Array.from({ length: 20 }, (_, i) =>
         raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest(`gone-${i}`, { "x-test-hold": "1" })))], { session }),
       );
-      await eventually(() => entry.pipeline.held.length === 20, "the Checks to reach the pipeline");
+      await until(() => entry.pipeline.held.length === 20, WAIT_MS, "the Checks to reach the pipeline");
       session.destroy();
       await Promise.all(pending);
       entry.pipeline.release();

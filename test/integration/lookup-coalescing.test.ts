@@ -4,6 +4,7 @@ import { StoreUnavailableError } from "../../src/store/errors.js";
 import type { KeySnapshot } from "../../src/store/store.js";
 import { checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
@@ -17,14 +18,6 @@ async function l1Misses(kg: TestKeygate): Promise<number> {
   if (metric === undefined) throw new Error("keygate_cache_lookups_total is not registered");
   const { values } = await metric.get();
   return values.find((v) => v.labels["layer"] === "l1" && v.labels["result"] === "miss")?.value ?? 0;
-}
-
-async function until(condition: () => Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
 }
 
 /**

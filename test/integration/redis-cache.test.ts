@@ -9,9 +9,13 @@ import { MemoryCache } from "../../src/cache/memory.js";
 import { RedisInvalidationBus, RedisSharedCache, SNAPSHOT_FORMAT, connectRedis, redisOptions } from "../../src/cache/redis.js";
 import { createLogger } from "../../src/server/logger.js";
 import type { KeySnapshot, SnapshotStore } from "../../src/store/store.js";
+import { until } from "../harness/poll.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 import { newKeyRecord } from "../../src/store/store.js";
+
+/** Polls every 10 ms: fine enough for the elapsed times reported, light on the shared Redis. */
+const POLL = { intervalMs: 10 } as const;
 
 const SUITE = "Redis L2 cache and invalidation bus";
 // Keys and channels of this run, so reruns against a shared KEYGATE_TEST_REDIS_URL do not collide.
@@ -57,16 +61,6 @@ function snapshot(ownerId: string, id: string): KeySnapshot {
   };
 }
 
-/** Polls until `condition` holds; returns the elapsed milliseconds or throws after `timeoutMs`. */
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
-  const started = Date.now();
-  while (!(await condition())) {
-    if (Date.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return Date.now() - started;
-}
-
 const monitorEvent = z.tuple([z.string(), z.array(z.string()), z.string()]).rest(z.unknown());
 const numsubReply = z.tuple([z.string(), z.number()]);
 const logLine = z.object({ level: z.number(), msg: z.string() });
@@ -82,7 +76,6 @@ class CountingKeyStore implements SnapshotStore {
   }
 }
 
-
 function redisSuites(redisServer: RedisServer): void {
   describe(SUITE, () => {
     const connections: Redis[] = [];
@@ -97,7 +90,7 @@ function redisSuites(redisServer: RedisServer): void {
       connections.push(redis);
       // Refused reconnects during the restart test are expected; without a listener ioredis prints them.
       redis.on("error", () => {});
-      await until(() => redis.status === "ready", 5000, "connection ready");
+      await until(() => redis.status === "ready", 5000, "connection ready", POLL);
       return redis;
     }
 
@@ -199,10 +192,10 @@ function redisSuites(redisServer: RedisServer): void {
         });
         // MONITOR is asynchronous: markers from the same connection bracket what get() sent.
         await redis.echo("count-start");
-        await until(() => commands.some((c) => c[0] === "echo" && c[1] === "count-start"), 2000, "start marker seen");
+        await until(() => commands.some((c) => c[0] === "echo" && c[1] === "count-start"), 2000, "start marker seen", POLL);
         await cache.get("h1");
         await redis.echo("count-end");
-        await until(() => commands.some((c) => c[0] === "echo" && c[1] === "count-end"), 2000, "end marker seen");
+        await until(() => commands.some((c) => c[0] === "echo" && c[1] === "count-end"), 2000, "end marker seen", POLL);
 
         const start = commands.findIndex((c) => c[1] === "count-start");
         const end = commands.findIndex((c) => c[1] === "count-end");
@@ -260,9 +253,9 @@ function redisSuites(redisServer: RedisServer): void {
         expect(await subscriberCount(`${ns}t7:inv`)).toBe(2);
 
         await busA.publish({ kind: "key", hash: "zz" });
-        await until(() => seenA.length === 1 && seenB.length === 1, 1000, "both replicas saw the event");
+        await until(() => seenA.length === 1 && seenB.length === 1, 1000, "both replicas saw the event", POLL);
         await busB.publish({ kind: "owner", ownerId: "o7" });
-        await until(() => seenA.length === 2 && seenB.length === 2, 1000, "both replicas saw the second event");
+        await until(() => seenA.length === 2 && seenB.length === 2, 1000, "both replicas saw the second event", POLL);
 
         const expected: Invalidation[] = [
           { kind: "key", hash: "zz" },
@@ -288,7 +281,7 @@ function redisSuites(redisServer: RedisServer): void {
         expect(await subscriberCount(`${ns}t8:inv`)).toBe(1);
         expect([pubB.status, subB.status]).toEqual(["ready", "ready"]);
         await busA.publish({ kind: "key", hash: "after-close" });
-        await until(() => seenA.length === 1, 1000, "the open bus saw the event");
+        await until(() => seenA.length === 1, 1000, "the open bus saw the event", POLL);
         expect(seenB).toEqual([]);
       });
 
@@ -309,7 +302,7 @@ function redisSuites(redisServer: RedisServer): void {
         expect(await replicaA.load("h9")).toStrictEqual(snap);
         expect(store.findCalls).toBe(1);
         // Replica A fills L2 off the answer's path; wait for it rather than race it.
-        await until(async () => (await admin.exists(`${ns}t9:snap:h9`)) === 1, 1000, "L2 filled by replica A");
+        await until(async () => (await admin.exists(`${ns}t9:snap:h9`)) === 1, 1000, "L2 filled by replica A", POLL);
         expect(replicaB.peek("h9")).toBeUndefined();
         expect(await replicaB.load("h9")).toStrictEqual(snap);
         expect(store.findCalls).toBe(1);
@@ -318,14 +311,14 @@ function redisSuites(redisServer: RedisServer): void {
 
         expect(await replicaA.load("unknown")).toBeNull();
         expect(store.findCalls).toBe(2);
-        await until(async () => (await admin.exists(`${ns}t9:miss:unknown`)) === 1, 1000, "L2 miss marker filled by replica A");
+        await until(async () => (await admin.exists(`${ns}t9:miss:unknown`)) === 1, 1000, "L2 miss marker filled by replica A", POLL);
         expect(await replicaB.load("unknown")).toBeNull();
         expect(store.findCalls).toBe(2);
 
         await replicaA.invalidate({ kind: "key", hash: "h9" });
         expect(replicaA.peek("h9")).toBeUndefined();
         expect(await admin.exists(`${ns}t9:snap:h9`)).toBe(0);
-        const elapsedMs = await until(() => replicaB.peek("h9") === undefined, 1000, "replica B dropped its L1 entry");
+        const elapsedMs = await until(() => replicaB.peek("h9") === undefined, 1000, "replica B dropped its L1 entry", POLL);
         expect(elapsedMs).toBeLessThanOrEqual(1000);
         expect(await replicaB.load("h9")).toStrictEqual(snap);
         expect(store.findCalls).toBe(3);
@@ -370,7 +363,7 @@ function redisSuites(redisServer: RedisServer): void {
           expect(await cache.get("h14")).toBeUndefined();
 
           await downServer.stop();
-          await until(() => redis.status !== "ready", 2000, "the client saw the server go");
+          await until(() => redis.status !== "ready", 2000, "the client saw the server go", POLL);
           let timer: NodeJS.Timeout | undefined;
           const stillPending = new Promise<"still pending">((resolve) => {
             timer = setTimeout(() => resolve("still pending"), 2000);
@@ -408,7 +401,7 @@ function redisSuites(redisServer: RedisServer): void {
         for (const raw of ["not json", '{"kind":"key"}', '{"kind":"nope","hash":"x"}', "[]"]) await pubA.publish(`${ns}t12:inv`, raw);
         // Messages on one channel arrive in order, so the valid one comes after all the bad ones.
         await busA.publish({ kind: "key", hash: "valid" });
-        await until(() => seenB.length === 1, 1000, "the valid event arrived");
+        await until(() => seenB.length === 1, 1000, "the valid event arrived", POLL);
 
         expect(seenB).toEqual([{ kind: "key", hash: "valid" }]);
         const messages = logLines.map((line) => logLine.parse(JSON.parse(line)).msg);
@@ -432,17 +425,17 @@ function redisSuites(redisServer: RedisServer): void {
         await busB.start();
 
         await redisServer.restart();
-        await until(() => busB.connected && seenB.length === 2, 10_000, "bus B resubscribed");
+        await until(() => busB.connected && seenB.length === 2, 10_000, "bus B resubscribed", POLL);
         // One `all` when the subscription dropped, one once it was confirmed again.
         expect(seenB).toEqual([
           { event: { kind: "all" }, connected: false },
           { event: { kind: "all" }, connected: true },
         ]);
-        await until(() => busA.connected && pubA.status === "ready" && admin.status === "ready", 10_000, "replica A reconnected");
+        await until(() => busA.connected && pubA.status === "ready" && admin.status === "ready", 10_000, "replica A reconnected", POLL);
         expect(await subscriberCount(`${ns}t13:inv`)).toBe(2);
 
         await busA.publish({ kind: "key", hash: "after-restart" });
-        await until(() => seenB.length === 3 && seenA.length === 3, 1000, "the event after the restart arrived");
+        await until(() => seenB.length === 3 && seenA.length === 3, 1000, "the event after the restart arrived", POLL);
         expect(seenB[2]).toEqual({ event: { kind: "key", hash: "after-restart" }, connected: true });
         expect(seenA).toEqual([{ kind: "all" }, { kind: "all" }, { kind: "key", hash: "after-restart" }]);
       });
@@ -486,7 +479,7 @@ function redisSuites(redisServer: RedisServer): void {
         const lookup = new SnapshotLookup({ local: new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 }), shared: cache, bus: replicaBus, store });
         expect((await lookup.load("h"))?.key.disabledAtMs).toBe(7);
         expect(store.findCalls).toBe(1);
-        await until(async () => (await entry(`${ns}f2:snap:h`)).json["v"] === SNAPSHOT_FORMAT, 2000, "the fill in the current format");
+        await until(async () => (await entry(`${ns}f2:snap:h`)).json["v"] === SNAPSHOT_FORMAT, 2000, "the fill in the current format", POLL);
         expect((await entry(`${ns}f2:snap:h`)).json).toStrictEqual({ v: SNAPSHOT_FORMAT, ...current, key: { ...current.key, disabledAtMs: 7 } });
       });
 

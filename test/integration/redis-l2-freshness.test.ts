@@ -6,10 +6,14 @@ import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
 import { RedisInvalidationBus, RedisSharedCache, redisOptions } from "../../src/cache/redis.js";
 import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
+import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 import { newKeyRecord } from "../../src/store/store.js";
+
+/** Polls every 10 ms: fine enough for the elapsed times reported, light on the shared Redis. */
+const POLL = { intervalMs: 10 } as const;
 
 // What keeps L2 from serving a snapshot older than a change: entries carry the invalidation
 // generation they were read under, a store read is written back only if nothing invalidated the
@@ -35,15 +39,6 @@ function snapshot(ownerId: string, id: string, revokedAtMs: number | null = null
     }),
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };
-}
-
-async function until(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<number> {
-  const started = performance.now();
-  while (!(await condition())) {
-    if (performance.now() - started > timeoutMs) throw new Error(`${what}: not within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return performance.now() - started;
 }
 
 /** Only findSnapshotByHash is used by the lookup; it serves a map and counts calls. */
@@ -88,7 +83,7 @@ describe.runIf(ready)("L2 freshness and the bus heartbeat (Redis)", () => {
     const redis = new Redis(server.url, redisOptions({ lazyConnect: false, retryStrategy: () => 100, ...options }));
     redis.on("error", () => undefined);
     connections.push(redis);
-    await until(() => redis.status === "ready", 5000, "connection ready");
+    await until(() => redis.status === "ready", 5000, "connection ready", POLL);
     return redis;
   }
 
@@ -205,12 +200,12 @@ describe.runIf(ready)("L2 freshness and the bus heartbeat (Redis)", () => {
       server.freeze();
       let silentMs: number;
       try {
-        silentMs = await until(() => !bus.connected, 10_000, "the bus noticing the frozen Redis");
+        silentMs = await until(() => !bus.connected, 10_000, "the bus noticing the frozen Redis", POLL);
         expect(seen).toEqual([{ event: { kind: "all" }, connected: false }]);
       } finally {
         server.thaw();
       }
-      await until(() => bus.connected, 10_000, "the bus hearing Redis again");
+      await until(() => bus.connected, 10_000, "the bus hearing Redis again", POLL);
       expect(seen).toEqual([
         { event: { kind: "all" }, connected: false },
         { event: { kind: "all" }, connected: true },
@@ -219,7 +214,7 @@ describe.runIf(ready)("L2 freshness and the bus heartbeat (Redis)", () => {
 
       // Still subscribed on the same connection: events flow again.
       await bus.publish({ kind: "key", hash: "after-thaw" });
-      await until(() => seen.length === 3, 5000, "the event after the thaw");
+      await until(() => seen.length === 3, 5000, "the event after the thaw", POLL);
       expect(seen[2]).toEqual({ event: { kind: "key", hash: "after-thaw" }, connected: true });
       await bus.close();
     });

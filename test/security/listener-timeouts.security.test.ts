@@ -9,6 +9,7 @@ import type { HealthCheckRequest, HealthCheckResponse } from "../../src/gen/grpc
 import { healthDefinition } from "../../src/server/grpc-authz.js";
 import { ADMIN_TOKEN, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { untilValue } from "../harness/poll.js";
 import { H2_PREFACE, H2_SETTINGS, closedByServer, h2Frame, h2OpenStream, openSocket } from "../harness/sockets.js";
 
 // Finding 5: silent, half-sent and preface-only connections stayed open for minutes, and enough
@@ -46,15 +47,12 @@ function sample(text: string, name: string, labels: Record<string, string>): num
   return undefined;
 }
 
-/** Polls `read` until it returns `expected`, or fails after the deadline with the last value. */
+/** Polls `read` every 20 ms until it returns `expected`, or fails after the deadline naming the last value. */
 async function eventually<T>(read: () => Promise<T>, expected: T, what: string): Promise<void> {
-  const deadline = Date.now() + CLOSE_DEADLINE_MS;
-  let last = await read();
-  while (last !== expected && Date.now() < deadline) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
-    last = await read();
-  }
-  expect(last, what).toBe(expected);
+  await untilValue(read, (value) => value === expected, CLOSE_DEADLINE_MS, `${what} at ${String(expected)}`, {
+    intervalMs: 20,
+    detail: (last) => `; last ${String(last)}`,
+  });
 }
 
 describe("listener timeouts security: connections that never finish are closed by the server", () => {
