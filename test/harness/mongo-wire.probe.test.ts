@@ -52,6 +52,10 @@ if (server === null) {
       conn = await mongoose.createConnection(server.uri, { serverSelectionTimeoutMS: 10_000 }).asPromise();
       Account = accountModel(conn);
       Key = keyModel(conn);
+      // A model creates its collection in the background (mongoose's autoCreate). Until that
+      // is done, the index test below can race it: on a busy machine the collection was created
+      // after the indexes, and the server then enforced neither.
+      await Promise.all([Account.init(), Key.init()]);
     });
 
     afterAll(async () => {
