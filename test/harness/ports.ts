@@ -1,3 +1,4 @@
+import { describe, it } from "vitest";
 import { createServer } from "node:net";
 import { until } from "./poll.js";
 
@@ -37,4 +38,27 @@ export function requireServer(name: string, available: boolean, hint: string): b
   }
   console.warn(`\n!!! SKIPPING ${name} suites: ${message}\n`);
   return false;
+}
+
+/**
+ * Declares `suite(server)` when `server` is there. Without it the suite fails in CI (a missing
+ * server must never pass as green) and is skipped with a loud warning elsewhere.
+ */
+export function suiteWithServer<T>(name: string, server: T | null, reason: string, suite: (server: T) => void): void {
+  if (server !== null) {
+    suite(server);
+    return;
+  }
+  if (process.env["CI"] !== undefined && process.env["CI"] !== "" && process.env["CI"] !== "false") {
+    describe(name, () => {
+      it("has the server it needs", () => {
+        throw new Error(`CI must run ${name}, but ${reason}`);
+      });
+    });
+    return;
+  }
+  console.warn(`\n!!! SKIPPING ${name}: ${reason}\n`);
+  describe.skip(name, () => {
+    it(`needs: ${reason}`, () => undefined);
+  });
 }

@@ -13,6 +13,7 @@ import { until } from "../harness/poll.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 import { newKeyRecord } from "../../src/store/store.js";
+import { suiteWithServer } from "../harness/ports.js";
 
 /** Polls every 10 ms: fine enough for the elapsed times reported, light on the shared Redis. */
 const POLL = { intervalMs: 10 } as const;
@@ -22,24 +23,7 @@ const SUITE = "Redis L2 cache and invalidation bus";
 const ns = `run-${randomUUID().slice(0, 8)}:`;
 const server = await startRedis();
 
-if (server === null) {
-  const reason = "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)";
-  const ci = process.env["CI"];
-  if (ci !== undefined && ci !== "" && ci !== "false") {
-    describe(SUITE, () => {
-      it("has a redis-server to run against", () => {
-        throw new Error(`CI must run the Redis suites, but ${reason}`);
-      });
-    });
-  } else {
-    console.warn(`\n!!! SKIPPING ${SUITE}: ${reason}\n`);
-    describe.skip(SUITE, () => {
-      it(`needs redis-server: ${reason}`, () => {});
-    });
-  }
-} else {
-  redisSuites(server);
-}
+suiteWithServer(SUITE, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", redisSuites);
 
 function snapshot(ownerId: string, id: string): KeySnapshot {
   return {

@@ -6,28 +6,12 @@ import { startOtlpCollector } from "../harness/otlp-collector.js";
 import type { OtlpCollector, ReceivedSpan } from "../harness/otlp-collector.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { suiteWithServer } from "../harness/ports.js";
 
 const SUITE = "tracing with Redis";
 const server = await startRedis();
 
-if (server === null) {
-  const reason = "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)";
-  const ci = process.env["CI"];
-  if (ci !== undefined && ci !== "" && ci !== "false") {
-    describe(SUITE, () => {
-      it("has a redis-server to run against", () => {
-        throw new Error(`CI must run the Redis suites, but ${reason}`);
-      });
-    });
-  } else {
-    console.warn(`\n!!! SKIPPING ${SUITE}: ${reason}\n`);
-    describe.skip(SUITE, () => {
-      it(`needs redis-server: ${reason}`, () => {});
-    });
-  }
-} else {
-  redisTracing(server);
-}
+suiteWithServer(SUITE, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", redisTracing);
 
 function redisTracing(redis: RedisServer): void {
   describe(`${SUITE} happy`, () => {
