@@ -9,7 +9,7 @@ import { fingerprintOf, makeCa, makeLeaf, opensslAvailable } from "../harness/ce
 import type { CertFiles } from "../harness/certs.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { spawnKeygate } from "../harness/process.js";
+import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { curl, grpcTlsCheckClient, handshakeFailures, httpsCall, servedFingerprint } from "../harness/tls-clients.js";
 import type { ClientTls } from "../harness/tls-clients.js";
@@ -30,16 +30,7 @@ const ADMIN_TOKEN = "tls-suite-admin-token-0123456789abcdef";
 const haveOpenssl = requireServer("openssl", opensslAvailable(), "install the openssl package (/usr/bin/openssl)");
 
 function baseEnv(dir: string, extra: Record<string, string>): Record<string, string> {
-  return {
-    KEYGATE_DATA_DIR: join(dir, "data"),
-    KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-    KEYGATE_HOST: "127.0.0.1",
-    KEYGATE_GRPC_PORT: "0",
-    KEYGATE_HTTP_AUTHZ_PORT: "0",
-    KEYGATE_ADMIN_PORT: "0",
-    KEYGATE_SHUTDOWN_GRACE_SECONDS: "2",
-    ...extra,
-  };
+  return embeddedEnv({ dataDir: join(dir, "data"), adminToken: ADMIN_TOKEN, extra: { KEYGATE_SHUTDOWN_GRACE_SECONDS: "2", ...extra } });
 }
 
 /** True when no line of the key's PEM body appears in `text` (asserted as a boolean, so a failure prints no key). */

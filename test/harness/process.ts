@@ -42,6 +42,28 @@ export function listeningPorts(stdout: string): { grpc: number; http: number; ad
   return null;
 }
 
+/** Every listener on 127.0.0.1, on ports the system picks (the process prints them). */
+const LOOPBACK_LISTENERS: Readonly<Record<string, string>> = {
+  KEYGATE_HOST: "127.0.0.1",
+  KEYGATE_GRPC_PORT: "0",
+  KEYGATE_HTTP_AUTHZ_PORT: "0",
+  KEYGATE_ADMIN_PORT: "0",
+};
+
+/**
+ * The environment of a keygate on the embedded store in `dataDir`, listening on loopback ports
+ * the system picks; `policyFile` when given, then `extra`, which may override any of it.
+ */
+export function embeddedEnv(options: { dataDir: string; adminToken: string; policyFile?: string; extra?: Record<string, string> }): Record<string, string> {
+  return {
+    KEYGATE_DATA_DIR: options.dataDir,
+    ...(options.policyFile === undefined ? {} : { KEYGATE_CONFIG: options.policyFile }),
+    KEYGATE_ADMIN_TOKENS: options.adminToken,
+    ...LOOPBACK_LISTENERS,
+    ...options.extra,
+  };
+}
+
 /**
  * The environment of a `keygate serve` on MongoDB and Redis that tests start as a replica:
  * listeners on 127.0.0.1 port 0, the harness's admin token, info logs (the ports line). `extra`
@@ -54,10 +76,7 @@ export function sharedBackendEnv(options: { mongoUri: string; redisUrl: string; 
     KEYGATE_PEPPER: options.pepper,
     KEYGATE_ADMIN_TOKENS: options.adminToken,
     KEYGATE_CONFIG: options.policyFile,
-    KEYGATE_HOST: "127.0.0.1",
-    KEYGATE_GRPC_PORT: "0",
-    KEYGATE_HTTP_AUTHZ_PORT: "0",
-    KEYGATE_ADMIN_PORT: "0",
+    ...LOOPBACK_LISTENERS,
     KEYGATE_LOG_LEVEL: "info",
     ...options.extra,
   };

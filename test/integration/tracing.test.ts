@@ -14,7 +14,7 @@ import { ADMIN_TOKEN, TEST_POLICY, checkInit, httpCheck, postJson, startKeygate 
 import type { TestKeygate } from "../harness/keygate.js";
 import { startOtlpCollector } from "../harness/otlp-collector.js";
 import type { OtlpCollector, ReceivedSpan } from "../harness/otlp-collector.js";
-import { spawnKeygate } from "../harness/process.js";
+import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 
 const SERVER = 2;
 const CLIENT = 3;
@@ -204,20 +204,18 @@ describe("tracing shutdown", () => {
     writeFileSync(policyPath, stringify(TEST_POLICY));
     const kg = await spawnKeygate({
       cwd: dataDir,
-      env: {
-        KEYGATE_DATA_DIR: dataDir,
-        KEYGATE_CONFIG: policyPath,
-        KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-        KEYGATE_HOST: "127.0.0.1",
-        KEYGATE_GRPC_PORT: "0",
-        KEYGATE_HTTP_AUTHZ_PORT: "0",
-        KEYGATE_ADMIN_PORT: "0",
-        OTEL_TRACES_EXPORTER: "otlp",
-        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: collector.url,
-        OTEL_SDK_DISABLED: "false",
-        // A batch would wait a minute: only the shutdown flush can deliver it in time.
-        OTEL_BSP_SCHEDULE_DELAY: "60000",
-      },
+      env: embeddedEnv({
+        dataDir,
+        policyFile: policyPath,
+        adminToken: ADMIN_TOKEN,
+        extra: {
+          OTEL_TRACES_EXPORTER: "otlp",
+          OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: collector.url,
+          OTEL_SDK_DISABLED: "false",
+          // A batch would wait a minute: only the shutdown flush can deliver it in time.
+          OTEL_BSP_SCHEDULE_DELAY: "60000",
+        },
+      }),
     });
     const client = new GrpcClient(`127.0.0.1:${kg.ports.grpc}`, credentials.createInsecure());
     try {
