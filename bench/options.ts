@@ -42,6 +42,8 @@ export interface BenchOptions {
   ghzCpus: number;
   /** Measure fixed-rate latency with rategen (open loop) when it is built; false: with ghz. */
   rategen: boolean;
+  /** Where redis-server and the MongoDB-wire server run when pinned: with keygate (server) or beside the load. */
+  backendsOn: "server" | "load";
 }
 
 const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
@@ -86,6 +88,7 @@ const rawSchema = z.object({
   fixedConcurrency: z.number(),
   ghzCpus: z.number(),
   rategen: z.boolean(),
+  backendsOn: z.enum(["server", "load"]),
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
@@ -108,6 +111,7 @@ function command(): Command {
     .option("--modes <list>", "keygate modes: embedded, redis-mongo", "embedded,redis-mongo")
     .option("--engines <list>", "keygate gRPC engines to run each mode with (KEYGATE_GRPC_ENGINE): h2, grpc-js; default: keygate's own default")
     .option("--no-pin", "do not pin servers and load generators to separate cores with taskset")
+    .option("--backends-on <core>", "where redis-server and the MongoDB-wire server run when pinned: server (with keygate) or load (beside the load generators)", "server")
     .option("--h2load-clients <n>", "h2load connections for the one-key run", count, 4)
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")

@@ -13,9 +13,16 @@ export interface Pinning {
   server: number | null;
   /** The core ghz, rategen, h2load and the bench itself run on; null when nothing is pinned. */
   load: number | null;
+  /** The core redis-server and the MongoDB-wire server run on; null when nothing is pinned. */
+  backends: number | null;
+  /** Niceness the load generators run at (below the bench's own, so its work cannot delay them), or null. */
+  loadNice: number | null;
   /** How pinning was done, or why it was not. */
   note: string;
 }
+
+/** Where the backends (redis-server, the MongoDB-wire server) run: with keygate, or beside the load. */
+export type BackendsCore = "server" | "load";
 
 /** What a spawned process is, for pinning. */
 export type Role = "server" | "load";
@@ -23,9 +30,21 @@ export type Role = "server" | "load";
 const SERVER_CPU = 0;
 const LOAD_CPU = 1;
 
-let current: Pinning = { server: null, load: null, note: "not configured" };
+let current: Pinning = { server: null, load: null, backends: null, loadNice: null, note: "not configured" };
 // Observed Cpus_allowed_list of every pinned process, by name, for the report.
 const observed = new Map<string, string>();
+
+// The bench shares the load core with the load generators; its own garbage collection and
+// bookkeeping must not delay an open-loop generator's sends (rategen's lag column shows it when
+// they do). Raising a process's priority takes root, so without it the generators run at the
+// bench's.
+const LOAD_NICE = -10;
+
+function loadNice(): number | null {
+  if (process.getuid?.() !== 0) return null;
+  const result = spawnSync("nice", ["-n", String(LOAD_NICE), "true"], { stdio: "ignore" });
+  return result.error === undefined && result.status === 0 ? LOAD_NICE : null;
+}
 
 function tasksetWorks(): boolean {
   const result = spawnSync("taskset", ["-c", String(SERVER_CPU), "true"], { stdio: "ignore" });
@@ -37,15 +56,32 @@ function tasksetWorks(): boolean {
  * orchestration (scrapes, result parsing) is never charged to the server's core. Without taskset,
  * or with fewer than 2 cores, nothing is pinned and the note says so.
  */
-export function configurePinning(enabled: boolean): Pinning {
+export function configurePinning(enabled: boolean, backendsOn: BackendsCore = "server"): Pinning {
   const cores = availableParallelism();
-  if (!enabled) current = { server: null, load: null, note: "not pinned (--no-pin): servers and load generators share every core" };
-  else if (cores < 2) current = { server: null, load: null, note: `not pinned: this machine has ${cores} core, so servers and load generators share it and CPU per Check includes contention` };
-  else if (!tasksetWorks()) current = { server: null, load: null, note: "not pinned: taskset is missing or refused (Debian util-linux); servers and load generators share every core" };
-  else {
-    current = { server: SERVER_CPU, load: LOAD_CPU, note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}` };
+  const none = { server: null, load: null, backends: null, loadNice: null };
+  if (!enabled) current = { ...none, note: "not pinned (--no-pin): servers and load generators share every core" };
+  else if (cores < 2) current = { ...none, note: `not pinned: this machine has ${cores} core, so servers and load generators share it and CPU per Check includes contention` };
+  else if (!tasksetWorks()) current = { ...none, note: "not pinned: taskset is missing or refused (Debian util-linux); servers and load generators share every core" };
+  else if (backendsOn === "load") {
+    current = {
+      server: SERVER_CPU,
+      load: LOAD_CPU,
+      backends: LOAD_CPU,
+      loadNice: loadNice(),
+      note: `pinned with taskset: keygate and the no-ops on CPU ${SERVER_CPU}; redis-server and MongoDB-wire (--backends-on load), ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`,
+    };
+    pinPid(process.pid, LOAD_CPU, "bench");
+  } else {
+    current = {
+      server: SERVER_CPU,
+      load: LOAD_CPU,
+      backends: SERVER_CPU,
+      loadNice: loadNice(),
+      note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`,
+    };
     pinPid(process.pid, LOAD_CPU, "bench");
   }
+  if (current.loadNice !== null) current.note += `; load generators at nice ${current.loadNice}, ahead of the bench's own work on their core`;
   return current;
 }
 
@@ -57,7 +93,9 @@ export function pinning(): Pinning {
 /** `command args` wrapped in `taskset -c <core>` for its role; unchanged when not pinned. taskset execs, so the pid is the command's. */
 export function pinnedCommand(role: Role | undefined, command: string, args: readonly string[]): { command: string; args: string[] } {
   const cpu = role === undefined ? null : role === "server" ? current.server : current.load;
-  return cpu === null ? { command, args: [...args] } : { command: "taskset", args: ["-c", String(cpu), command, ...args] };
+  if (cpu === null) return { command, args: [...args] };
+  const nice = role === "load" && current.loadNice !== null ? ["nice", "-n", String(current.loadNice)] : [];
+  return { command: "taskset", args: ["-c", String(cpu), ...nice, command, ...args] };
 }
 
 /** Moves a running process and all its threads onto `cpu` (servers the test harness started). */
@@ -68,9 +106,9 @@ export function pinPid(pid: number, cpu: number, name: string): boolean {
   return ok;
 }
 
-/** Moves a running server process onto the server core, when pinning. */
-export function pinServerPid(pid: number, name: string): void {
-  if (current.server !== null) pinPid(pid, current.server, name);
+/** Moves a running backend (redis-server, the MongoDB-wire server) onto the backends' core, when pinning. */
+export function pinBackendPid(pid: number, name: string): void {
+  if (current.backends !== null) pinPid(pid, current.backends, name);
 }
 
 /** The kernel's view of where `pid` may run (Cpus_allowed_list), or "?" once it has exited. */

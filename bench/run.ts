@@ -28,8 +28,9 @@ import type { MemoryResult } from "./memory.js";
 import { parseOptions } from "./options.js";
 import type { BenchOptions } from "./options.js";
 import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
-import { configurePinning, observedAffinity, pinning, pinServerPid } from "./pinning.js";
+import { configurePinning, observedAffinity, pinning, pinBackendPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
+import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
@@ -249,8 +250,9 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
         ...childPids(`:${redis.port}`).map((pid) => ({ name: "redis-server", pid })),
         ...childPids("MongoWireServer").map((pid) => ({ name: "mongo-java-server", pid })),
       ];
-      // The backends are part of the served side: on the server core with keygate, every thread.
-      for (const c of companions) pinServerPid(c.pid, c.name);
+      // By default the backends are part of the served side: on the server core with keygate, every
+      // thread (--backends-on load moves them beside the load generators).
+      for (const c of companions) pinBackendPid(c.pid, c.name);
       const wrap = (start: (label: string) => Promise<Target>) => async (label: string) => ({ ...(await start(label)), companions });
       const results = await perEngine(ctx, "redis-mongo", env, wrap, () => flushRedis(redis.url));
       return { results, seeding };
@@ -275,6 +277,9 @@ function settingsOf(options: BenchOptions, ghz: string, rategen: string | null, 
 
 function context(options: BenchOptions, ghz: string, rategen: string | null, h2load: string | null, work: string, notes: string[], startedAt: Date): RunContext {
   const build = prepareBuild(options, notes);
+  notes.push(
+    `keygate ran with the node flags it ships with (npm start, the image): ${KEYGATE_NODE_FLAGS.join(" ")}${options.nodeFlags.length > 0 ? `, then --node-flags: ${options.nodeFlags.join(" ")}` : ""}; the no-ops with node's defaults`,
+  );
   const pepper = randomBytes(32).toString("base64url");
   const plan: SeedPlan = { keys: options.keys, accounts: options.accounts, meteredShare: 0.5, revokedShare: 0.01 };
   const maxActiveKeys = Math.max(keysPerAccount(options.keys, options.accounts), keysPerAccount(options.memoryKeys, options.accounts));
@@ -357,7 +362,7 @@ async function main(): Promise<void> {
   const rategen = options.rategen ? findRategen() : null;
   if (options.rategen && rategen === null) log(`rategen is not built at ${rategenInstallPath()}: ghz measures fixed-rate latency (bash bench/install-rategen.sh needs Go)`);
   const h2load = findH2load();
-  const pin = configurePinning(options.pin);
+  const pin = configurePinning(options.pin, options.backendsOn);
   log(pin.note);
   const startedAt = new Date();
   const notes: string[] = [];

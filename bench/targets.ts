@@ -2,6 +2,7 @@ import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { z } from "zod";
+import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { spawnTracked, waitForJsonLine } from "./processes.js";
 import type { TrackedChild } from "./processes.js";
 
@@ -57,7 +58,8 @@ async function stopGracefully(child: TrackedChild, label: string): Promise<void>
 /** Starts `keygate serve` on 127.0.0.1 with ephemeral ports and waits until it listens. */
 export async function startKeygate(label: string, launch: KeygateLaunch): Promise<Target> {
   const env = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
-  const args = [...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
+  // keygate runs with the flags it ships with (npm start, the image), then the run's own.
+  const args = [...KEYGATE_NODE_FLAGS, ...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
   const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env, role: "server" });
   try {
     const ready = await waitForJsonLine(child, keygateListening, START_TIMEOUT_MS);

@@ -11,6 +11,7 @@ import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import type { Config } from "../../src/config.js";
 import { requireServer } from "../harness/ports.js";
 import { judgedHeaders } from "../../src/server/original-request.js";
+import { KEYGATE_NODE_FLAGS } from "../../src/server/node-flags.js";
 
 // Structural checks of everything under deploy/: the manifests must agree with keygate itself
 // (ports, probes, policy, routes) and with each other (selectors, ports, names). Nothing here
@@ -993,12 +994,14 @@ describe("deploy manifests: Dockerfile", () => {
     expect(user.split(":")[0]).toBe(String(container.securityContext.runAsUser));
   });
 
-  it("starts keygate under tini, in production mode", () => {
+  it("starts keygate under tini, in production mode, with keygate's node flags", () => {
     expect(args("ENV").join(" ")).toMatch(/\bNODE_ENV=production\b/);
     expect(args("RUN").join(" ")).toMatch(/apt-get install[^&]*\btini\b/);
     expect(JSON.parse(args("ENTRYPOINT").at(-1) ?? "null")).toEqual(["/usr/bin/tini", "--"]);
-    const bin = z.object({ bin: z.object({ keygate: z.string() }) }).parse(JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8"))).bin.keygate;
-    expect(JSON.parse(args("CMD").at(-1) ?? "null")).toEqual(["node", bin, "serve"]);
+    const pkg = z.object({ bin: z.object({ keygate: z.string() }), scripts: z.object({ start: z.string() }) }).parse(JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")));
+    expect(JSON.parse(args("CMD").at(-1) ?? "null")).toEqual(["node", ...KEYGATE_NODE_FLAGS, pkg.bin.keygate, "serve"]);
+    // `npm start` launches the same way.
+    expect(pkg.scripts.start).toBe(["node", ...KEYGATE_NODE_FLAGS, pkg.bin.keygate, "serve"].join(" "));
   });
 
   it("installs exactly the lockfile: npm ci to build, npm ci --omit=dev for what ships", () => {
