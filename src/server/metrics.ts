@@ -14,19 +14,63 @@ const LISTENERS: readonly ListenerName[] = LISTENER_NAMES;
 /** prom-client's default gauges whose names end in _total, as only counters' should. */
 const MISNAMED_DEFAULT_GAUGES = ["nodejs_active_handles_total", "nodejs_active_requests_total", "nodejs_active_resources_total"] as const;
 
+/**
+ * A count kept as a plain number on the hot path and added to its prom-client counter at each
+ * scrape: prom-client hashes a child's labels into a new string on every inc(), which for the
+ * two counts each Check makes was most of the metrics' cost per Check.
+ */
+interface CountCell<L extends string> {
+  labels: Record<L, string>;
+  count: number;
+  reported: number;
+}
+
+/** Cells by two label values, found without building a key string per count. */
+class CountCells<L extends string> {
+  readonly #cells = new Map<string, Map<string, CountCell<L>>>();
+
+  constructor(private readonly labelsOf: (a: string, b: string) => Record<L, string>) {}
+
+  /** Counts one for (a, b). */
+  add(a: string, b: string): void {
+    let inner = this.#cells.get(a);
+    if (inner === undefined) {
+      inner = new Map();
+      this.#cells.set(a, inner);
+    }
+    const cell = inner.get(b);
+    if (cell === undefined) inner.set(b, { labels: this.labelsOf(a, b), count: 1, reported: 0 });
+    else cell.count += 1;
+  }
+
+  /** Adds what was counted since the last scrape to `counter`. */
+  report(counter: Counter<L>): void {
+    for (const inner of this.#cells.values()) {
+      for (const cell of inner.values()) {
+        if (cell.count === cell.reported) continue;
+        counter.inc(cell.labels, cell.count - cell.reported);
+        cell.reported = cell.count;
+      }
+    }
+  }
+}
+
+function decisionOf(reason: string): string {
+  return reason === "OK" ? "allow" : reason === "UNAVAILABLE" || reason === "INTERNAL" ? "error" : "deny";
+}
+
 /** Prometheus metrics of one keygate process, served on the admin port's /metrics. */
 export class Metrics implements LookupObserver {
   readonly registry = new Registry();
-  readonly #checks: Counter<"decision" | "reason" | "mode">;
   readonly #checkDuration: Histogram<"mode">;
-  readonly #cache: Counter<"layer" | "result">;
   readonly #ioDuration: Histogram<"backend" | "op">;
   readonly #ioErrors: Counter<"backend" | "op">;
   readonly #queueSizes = new Map<string, () => number>();
-  // Label children are looked up once; the hot path then only increments.
-  readonly #checkChildren = new Map<string, Counter.Internal>();
+  // Counted per Check as plain numbers, reported at each scrape.
+  readonly #checkCounts = new CountCells<"decision" | "reason" | "mode">((mode, reason) => ({ decision: decisionOf(reason), reason, mode }));
+  readonly #cacheCounts = new CountCells<"layer" | "result">((layer, result) => ({ layer, result }));
+  // Histogram children are looked up once.
   readonly #durationChildren = new Map<string, Histogram.Internal<"mode">>();
-  readonly #cacheChildren = new Map<string, Counter.Internal>();
   readonly #connections: Gauge<"listener">;
   readonly #connectionsRejected: Counter<"listener">;
   readonly #reloads: Counter<"file" | "result">;
@@ -53,11 +97,15 @@ export class Metrics implements LookupObserver {
       labelNames: ["file"],
       registers,
     });
-    this.#checks = new Counter({
+    const checkCounts = this.#checkCounts;
+    new Counter({
       name: "keygate_checks_total",
       help: "Check decisions by decision (allow, deny, error), reason and mode (grpc, http)",
       labelNames: ["decision", "reason", "mode"],
       registers,
+      collect() {
+        checkCounts.report(this);
+      },
     });
     this.#checkDuration = new Histogram({
       name: "keygate_check_duration_seconds",
@@ -66,11 +114,15 @@ export class Metrics implements LookupObserver {
       buckets: CHECK_BUCKETS,
       registers,
     });
-    this.#cache = new Counter({
+    const cacheCounts = this.#cacheCounts;
+    new Counter({
       name: "keygate_cache_lookups_total",
       help: "Snapshot lookups by cache layer (l1, l2) and result (hit, negative, miss)",
       labelNames: ["layer", "result"],
       registers,
+      collect() {
+        cacheCounts.report(this);
+      },
     });
     this.#ioDuration = new Histogram({
       name: "keygate_backend_duration_seconds",
@@ -123,14 +175,7 @@ export class Metrics implements LookupObserver {
 
   /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" an error. */
   recordCheck(mode: "grpc" | "http", reason: string, startedAtMs: number, endedAtMs: number): void {
-    const id = `${mode}|${reason}`;
-    let child = this.#checkChildren.get(id);
-    if (child === undefined) {
-      const decision = reason === "OK" ? "allow" : reason === "UNAVAILABLE" || reason === "INTERNAL" ? "error" : "deny";
-      child = this.#checks.labels(decision, reason, mode);
-      this.#checkChildren.set(id, child);
-    }
-    child.inc();
+    this.#checkCounts.add(mode, reason);
     let duration = this.#durationChildren.get(mode);
     if (duration === undefined) {
       duration = this.#checkDuration.labels(mode);
@@ -140,13 +185,7 @@ export class Metrics implements LookupObserver {
   }
 
   cacheResult(layer: "l1" | "l2", result: "hit" | "negative" | "miss"): void {
-    const id = `${layer}|${result}`;
-    let child = this.#cacheChildren.get(id);
-    if (child === undefined) {
-      child = this.#cache.labels(layer, result);
-      this.#cacheChildren.set(id, child);
-    }
-    child.inc();
+    this.#cacheCounts.add(layer, result);
   }
 
   backendCall(backend: "store" | "redis", op: string, seconds: number, ok: boolean): void {
