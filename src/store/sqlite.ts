@@ -1,9 +1,13 @@
+import { once } from "node:events";
 import { chmodSync, closeSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
+import { Worker } from "node:worker_threads";
 import type { StatementSync } from "node:sqlite";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
 import { immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
 import type { SqliteRow } from "./sqlite-db.js";
+import { CHECKPOINTER_ROLE, STOP_CHECKPOINTER } from "./sqlite-checkpointer.js";
+import type { CheckpointerData } from "./sqlite-checkpointer.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import type {
   AccountDefaults,
@@ -171,6 +175,26 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
 
 /** How long a statement waits for another process's lock before failing with SQLITE_BUSY. */
 const BUSY_TIMEOUT_MS = 5000;
+/** How often the checkpoint thread copies the WAL into the database file. */
+const CHECKPOINT_INTERVAL_MS = 1000;
+const CHECKPOINTER_STOP_MS = 5000;
+/** SQLite's own automatic checkpoint threshold, in pages, restored if the thread fails. */
+const DEFAULT_AUTOCHECKPOINT_PAGES = 1000;
+// From src/ (tests, tsx) the thread runs from its .ts file, which node strips of types; from dist/, the .js.
+const CHECKPOINTER_URL = new URL(import.meta.url.endsWith(".ts") ? "./sqlite-checkpointer.ts" : "./sqlite-checkpointer.js", import.meta.url);
+
+/** How an embedded store is opened. */
+export interface SqliteStoreOptions {
+  /** false: refuse a database that needs migrating (MigrationsPendingError) instead of migrating it. */
+  migrate?: boolean;
+  /**
+   * Checkpoint the WAL on a thread of its own instead of on the writing connection (keygate
+   * serve): a checkpoint no longer holds the event loop. Off for short-lived stores (the CLI).
+   */
+  checkpointInBackground?: boolean;
+  /** Told when the checkpoint thread fails or stops (it then falls back to checkpointing here). */
+  onCheckpointerFailure?: (message: string) => void;
+}
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
 const OWNER_ONLY = 0o600;
@@ -202,13 +226,14 @@ export class SqliteKeyStore implements KeyStore {
   readonly kind = "sqlite";
   readonly #db: DatabaseSync;
   readonly #stmt: Record<StatementName, StatementSync>;
+  #checkpointer: Worker | null = null;
 
   /**
    * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
    * schema steps are applied first; with `migrate: false` a database that needs any is refused
    * (MigrationsPendingError), and one written by a newer keygate always is (NewerSchemaError).
    */
-  constructor(path: string, options: { migrate?: boolean } = {}) {
+  constructor(path: string, options: SqliteStoreOptions = {}) {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
     // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
@@ -228,6 +253,7 @@ export class SqliteKeyStore implements KeyStore {
       throw error;
     }
     if (onDisk) tightenWalFiles(path);
+    if (onDisk && options.checkpointInBackground === true) this.#startCheckpointer(path, options.onCheckpointerFailure);
     const db = this.#db;
     this.#stmt = {
       getAccount: db.prepare("SELECT * FROM accounts WHERE owner_id = ?"),
@@ -511,7 +537,55 @@ export class SqliteKeyStore implements KeyStore {
     this.#stmt.ping.get();
   }
 
+  /**
+   * Moves WAL checkpoints to a thread of their own (sqlite-checkpointer.ts): this connection
+   * stops checkpointing, and the thread checkpoints every CHECKPOINT_INTERVAL_MS. If the thread
+   * fails, this connection checkpoints again as SQLite does by default, so the log stays bounded.
+   */
+  #startCheckpointer(path: string, onFailure: ((message: string) => void) | undefined): void {
+    const data: CheckpointerData = { role: CHECKPOINTER_ROLE, path, intervalMs: CHECKPOINT_INTERVAL_MS, busyTimeoutMs: BUSY_TIMEOUT_MS };
+    // None of the process's node flags: the thread needs none, and some (--cpu-prof, a loader's
+    // --input-type) would misapply to it.
+    const worker = new Worker(CHECKPOINTER_URL, { workerData: data, execArgv: [] });
+    this.#db.exec("PRAGMA wal_autocheckpoint = 0");
+    this.#checkpointer = worker;
+    const fallBack = (message: string): void => {
+      if (this.#checkpointer !== worker) return;
+      this.#checkpointer = null;
+      if (this.#db.isOpen) this.#db.exec(`PRAGMA wal_autocheckpoint = ${DEFAULT_AUTOCHECKPOINT_PAGES}`);
+      onFailure?.(`the WAL checkpoint thread stopped (${message}); checkpoints run on the main thread again`);
+    };
+    worker.on("error", (error: Error) => fallBack(error.message));
+    worker.on("exit", (code: number) => fallBack(`exit code ${code}`));
+    worker.on("message", (message: unknown) => {
+      const error: unknown = typeof message === "object" && message !== null ? Reflect.get(message, "error") : undefined;
+      if (typeof error === "string") onFailure?.(`a WAL checkpoint failed: ${error}`);
+    });
+    // The store's owner decides when the process ends; the thread never holds it open. After the
+    // listeners: adding a 'message' listener refs the worker again.
+    worker.unref();
+  }
+
+  /** Stops the checkpoint thread (it closes its connection first), waiting at most CHECKPOINTER_STOP_MS. */
+  async #stopCheckpointer(): Promise<void> {
+    const worker = this.#checkpointer;
+    if (worker === null) return;
+    this.#checkpointer = null;
+    const exited = once(worker, "exit");
+    worker.postMessage(STOP_CHECKPOINTER);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<"late">((resolve) => {
+      timer = setTimeout(() => resolve("late"), CHECKPOINTER_STOP_MS);
+    });
+    try {
+      if ((await Promise.race([exited, late])) === "late") await worker.terminate();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async close(): Promise<void> {
+    await this.#stopCheckpointer();
     if (this.#db.isOpen) this.#db.close();
   }
 }
