@@ -6,6 +6,7 @@ import { join, resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { loadConfig } from "../../src/config.js";
+import { KEYGATE_NODE_FLAGS } from "../../src/server/node-flags.js";
 import { builtCli } from "../harness/built-cli.js";
 import { listeningPorts } from "../harness/process.js";
 
@@ -112,12 +113,12 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
 /**
  * `npm install && npm start`, minus the install: node_modules is already installed, and a second
  * `npm install` would rewrite the shared checkout's tree. `npm start` is `prestart` (`npm run
- * build`, done here when dist/cli.js is missing) and then `node dist/cli.js serve`, run as is.
+ * build`, done here when dist/cli.js is missing) and then `node <KEYGATE_NODE_FLAGS> dist/cli.js serve`, run as is.
  * Only the ports change: 0 instead of the defaults, so parallel suites cannot collide.
  */
 async function quickStart(cwd: string): Promise<Ports> {
   const env = cleanEnv({ KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" });
-  const child = spawn(process.execPath, [builtCli(), "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...KEYGATE_NODE_FLAGS, builtCli(), "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   server = child;
   let err = "";
   child.stdout.on("data", (chunk: Buffer) => (serverOut += chunk.toString()));
@@ -402,9 +403,9 @@ describe("README commands, run as written against a real keygate: happy", { time
         if (tool !== undefined) {
           it.skip(`${name} (needs ${tool})`, () => undefined);
         } else if (command === "npm install && npm start") {
-          it(`${name} (run as \`node dist/cli.js serve\`, already installed)`, () => {
+          it(`${name} (run as \`npm start\` runs it, already installed)`, () => {
             const { scripts } = packageJson.parse(JSON.parse(readFileSync(join(root, "package.json"), "utf8")));
-            expect(scripts.start).toBe("node dist/cli.js serve");
+            expect(scripts.start).toBe(["node", ...KEYGATE_NODE_FLAGS, "dist/cli.js", "serve"].join(" "));
             expect(scripts.prestart).toBe("npm run build");
             // What the Quick start says the first start does.
             const tokenFile = join(session.cwd, "data", "admin-token");

@@ -11,6 +11,7 @@ import { z } from "zod";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { authorizationDefinition } from "../../src/server/grpc-authz.js";
+import { KEYGATE_NODE_FLAGS } from "../../src/server/node-flags.js";
 import { builtCli } from "../harness/built-cli.js";
 import { listeningPorts, serveArgs, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
@@ -102,12 +103,12 @@ describe("keygate serve with no environment (the Quick start)", () => {
 const root = resolve(import.meta.dirname, "../..");
 
 const packageScripts = z.object({ scripts: z.object({ start: z.string() }) });
-/** Runs `node dist/cli.js serve` with only the port variables set (to 0), until its listening line. */
+/** Runs `node <keygate's node flags> dist/cli.js serve` with only the port variables set (to 0), until its listening line. */
 async function serveBuilt(cwd: string): Promise<{ child: ChildProcess; ports: { grpc: number; http: number; admin: number }; stdout: () => string; stderr: () => string }> {
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
   Object.assign(env, { KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" });
-  const child = spawn(process.execPath, [builtCli(), "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, [...KEYGATE_NODE_FLAGS, builtCli(), "serve"], { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
   builtRunning.push(child);
   let out = "";
   let err = "";
@@ -152,7 +153,7 @@ describe("npm start: the compiled dist/cli.js", () => {
 
   it("is what `npm start` runs", () => {
     const pkg = packageScripts.parse(JSON.parse(readFileSync(join(root, "package.json"), "utf8")));
-    expect(pkg.scripts.start).toBe("node dist/cli.js serve");
+    expect(pkg.scripts.start).toBe(["node", ...KEYGATE_NODE_FLAGS, "dist/cli.js", "serve"].join(" "));
   });
 
   it("serves a gRPC Check and a KeyAdmin JSON call with the token it printed, from an empty directory", async () => {
