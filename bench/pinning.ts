@@ -62,23 +62,13 @@ export function configurePinning(enabled: boolean, backendsOn: BackendsCore = "s
   if (!enabled) current = { ...none, note: "not pinned (--no-pin): servers and load generators share every core" };
   else if (cores < 2) current = { ...none, note: `not pinned: this machine has ${cores} core, so servers and load generators share it and CPU per Check includes contention` };
   else if (!tasksetWorks()) current = { ...none, note: "not pinned: taskset is missing or refused (Debian util-linux); servers and load generators share every core" };
-  else if (backendsOn === "load") {
-    current = {
-      server: SERVER_CPU,
-      load: LOAD_CPU,
-      backends: LOAD_CPU,
-      loadNice: loadNice(),
-      note: `pinned with taskset: keygate and the no-ops on CPU ${SERVER_CPU}; redis-server and MongoDB-wire (--backends-on load), ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`,
-    };
-    pinPid(process.pid, LOAD_CPU, "bench");
-  } else {
-    current = {
-      server: SERVER_CPU,
-      load: LOAD_CPU,
-      backends: SERVER_CPU,
-      loadNice: loadNice(),
-      note: `pinned with taskset: servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`,
-    };
+  else {
+    const backends = backendsOn === "load" ? LOAD_CPU : SERVER_CPU;
+    const placement =
+      backendsOn === "load"
+        ? `keygate and the no-ops on CPU ${SERVER_CPU}; redis-server and MongoDB-wire (--backends-on load), ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`
+        : `servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`;
+    current = { server: SERVER_CPU, load: LOAD_CPU, backends, loadNice: loadNice(), note: `pinned with taskset: ${placement}` };
     pinPid(process.pid, LOAD_CPU, "bench");
   }
   if (current.loadNice !== null) current.note += `; load generators at nice ${current.loadNice}, ahead of the bench's own work on their core`;

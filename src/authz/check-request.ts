@@ -82,8 +82,9 @@ let decodingText: Buffer = NO_TEXT;
  * (header names and values, the path, the method) is ASCII, which reads as one latin1 slice of
  * the message's bytes; protobuf-es builds an array of char codes (up to 32 bytes) or a view for
  * its TextDecoder first, which made decoding allocate twice as much (a million bench requests
- * decoded: 725 scavenges of an 8 MiB young generation before, 364 after). Anything else, and any string running past the message, is left to
- * BinaryReader.string, so invalid UTF-8 and truncation throw exactly as there.
+ * decoded: 725 scavenges of an 8 MiB young generation before, 364 after). Anything else, and
+ * any string running past the message, is left to BinaryReader.string, so invalid UTF-8 and
+ * truncation throw exactly as there.
  */
 function readString(reader: BinaryReader): string {
   const at = reader.pos;

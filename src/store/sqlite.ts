@@ -571,16 +571,13 @@ export class SqliteKeyStore implements KeyStore {
     const worker = this.#checkpointer;
     if (worker === null) return;
     this.#checkpointer = null;
-    const exited = once(worker, "exit");
+    const exited = once(worker, "exit", { signal: AbortSignal.timeout(CHECKPOINTER_STOP_MS) });
     worker.postMessage(STOP_CHECKPOINTER);
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<"late">((resolve) => {
-      timer = setTimeout(() => resolve("late"), CHECKPOINTER_STOP_MS);
-    });
     try {
-      if ((await Promise.race([exited, late])) === "late") await worker.terminate();
-    } finally {
-      clearTimeout(timer);
+      await exited;
+    } catch {
+      // Not gone within CHECKPOINTER_STOP_MS (or it went with an error): end the thread.
+      await worker.terminate();
     }
   }
 
