@@ -572,6 +572,9 @@ export class SqliteKeyStore implements KeyStore {
     if (worker === null) return;
     this.#checkpointer = null;
     const exited = once(worker, "exit", { signal: AbortSignal.timeout(CHECKPOINTER_STOP_MS) });
+    // Held while it stops: with the thread unref'd (and AbortSignal.timeout's timer too), a process
+    // with nothing else left would exit here, before the rest of its shutdown ran.
+    worker.ref();
     worker.postMessage(STOP_CHECKPOINTER);
     try {
       await exited;
