@@ -1,4 +1,3 @@
-import { availableParallelism } from "node:os";
 import { join } from "node:path";
 import { isDeepStrictEqual } from "node:util";
 import { Redis } from "ioredis";
@@ -97,12 +96,8 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
     const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
     const store = new SqliteKeyStore(join(config.dataDir, "keygate.db"), {
       migrate,
-      // With a second core the checkpoint thread takes WAL checkpoints off the event loop (a
-      // 20,000-key write-behind flush held it over 5 ms 4-19 times with SQLite's own checkpoints,
-      // 0-3 times with the thread). On one core it only competes with the event loop for it
-      // (12-61 times), so SQLite checkpoints on the writing connection as before.
-      checkpointInBackground: availableParallelism() > 1,
-      onCheckpointerFailure: (message) => logger.warn(message),
+      writeInBackground: true,
+      onWriterFailure: (message) => logger.warn(message),
     });
     return { store, secrets };
   }

@@ -1,13 +1,10 @@
-import { once } from "node:events";
 import { chmodSync, closeSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
-import { Worker } from "node:worker_threads";
 import type { StatementSync } from "node:sqlite";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
 import { immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
 import type { SqliteRow } from "./sqlite-db.js";
-import { CHECKPOINTER_ROLE, STOP_CHECKPOINTER } from "./sqlite-checkpointer.js";
-import type { CheckpointerData } from "./sqlite-checkpointer.js";
+import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import type {
   AccountDefaults,
@@ -175,25 +172,25 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
 
 /** How long a statement waits for another process's lock before failing with SQLITE_BUSY. */
 const BUSY_TIMEOUT_MS = 5000;
-/** How often the checkpoint thread copies the WAL into the database file. */
+/** How often the writing thread copies the WAL into the database file. */
 const CHECKPOINT_INTERVAL_MS = 1000;
-const CHECKPOINTER_STOP_MS = 5000;
+const WRITER_STOP_MS = 5000;
 /** SQLite's own automatic checkpoint threshold, in pages, restored if the thread fails. */
 const DEFAULT_AUTOCHECKPOINT_PAGES = 1000;
 // From src/ (tests, tsx) the thread runs from its .ts file, which node strips of types; from dist/, the .js.
-const CHECKPOINTER_URL = new URL(import.meta.url.endsWith(".ts") ? "./sqlite-checkpointer.ts" : "./sqlite-checkpointer.js", import.meta.url);
+const WRITER_URL = new URL(import.meta.url.endsWith(".ts") ? "./sqlite-writer.ts" : "./sqlite-writer.js", import.meta.url);
 
 /** How an embedded store is opened. */
 export interface SqliteStoreOptions {
   /** false: refuse a database that needs migrating (MigrationsPendingError) instead of migrating it. */
   migrate?: boolean;
   /**
-   * Checkpoint the WAL on a thread of its own instead of on the writing connection (keygate
-   * serve): a checkpoint no longer holds the event loop. Off for short-lived stores (the CLI).
+   * Write-behind batches and WAL checkpoints on a thread of their own (sqlite-writer.ts) instead
+   * of the event loop (keygate serve). Off for short-lived stores (the CLI).
    */
-  checkpointInBackground?: boolean;
-  /** Told when the checkpoint thread fails or stops (it then falls back to checkpointing here). */
-  onCheckpointerFailure?: (message: string) => void;
+  writeInBackground?: boolean;
+  /** Told when the writing thread fails or stops (the store then writes and checkpoints here), or a checkpoint fails. */
+  onWriterFailure?: (message: string) => void;
 }
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
@@ -219,14 +216,15 @@ function tightenWalFiles(path: string): void {
 type StatementName =
   | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
   | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
-  | "spendCredits" | "addUsage" | "listUsage" | "revoke" | "markRotated" | "touch" | "appendAudit" | "ping";
+  | "listUsage" | "revoke" | "markRotated" | "appendAudit" | "ping";
 
 /** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
   readonly kind = "sqlite";
   readonly #db: DatabaseSync;
   readonly #stmt: Record<StatementName, StatementSync>;
-  #checkpointer: Worker | null = null;
+  readonly #writeBehind: WriteBehindStatements;
+  #writer: WriterThread | null = null;
 
   /**
    * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
@@ -253,8 +251,9 @@ export class SqliteKeyStore implements KeyStore {
       throw error;
     }
     if (onDisk) tightenWalFiles(path);
-    if (onDisk && options.checkpointInBackground === true) this.#startCheckpointer(path, options.onCheckpointerFailure);
+    if (onDisk && options.writeInBackground === true) this.#startWriter(path, options.onWriterFailure);
     const db = this.#db;
+    this.#writeBehind = new WriteBehindStatements(db);
     this.#stmt = {
       getAccount: db.prepare("SELECT * FROM accounts WHERE owner_id = ?"),
       insertAccount: db.prepare(
@@ -284,24 +283,11 @@ export class SqliteKeyStore implements KeyStore {
       enable: db.prepare("UPDATE keys SET disabled_at = NULL WHERE id = ?"),
       getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance, topup_total FROM accounts WHERE owner_id = ?"),
       addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + @amount, topup_total = topup_total + @amount WHERE owner_id = @owner"),
-      // A delta for the stored period adds; one for a later period starts that period; an older one only spends top-up.
-      spendCredits: db.prepare(
-        `UPDATE accounts SET
-           monthly_used = CASE WHEN credit_period = @period THEN monthly_used + @monthly WHEN credit_period < @period THEN @monthly ELSE monthly_used END,
-           credit_period = CASE WHEN credit_period < @period THEN @period ELSE credit_period END,
-           topup_balance = topup_balance - @topup
-         WHERE owner_id = @owner`,
-      ),
-      addUsage: db.prepare(
-        `INSERT INTO usage (owner_id, key_id, day, outcome, count, credits) VALUES (@owner_id, @key_id, @day, @outcome, @count, @credits)
-         ON CONFLICT (owner_id, day, key_id, outcome) DO UPDATE SET count = count + excluded.count, credits = credits + excluded.credits`,
-      ),
       listUsage: db.prepare(
         "SELECT key_id AS keyId, day, outcome, count, credits FROM usage WHERE owner_id = ? AND day >= ? AND day <= ? ORDER BY day, key_id, outcome",
       ),
       revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
       markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
-      touch: db.prepare("UPDATE keys SET last_used_at = ? WHERE id = ? AND (last_used_at IS NULL OR last_used_at < ?)"),
       appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
       ping: db.prepare("SELECT 1"),
     };
@@ -467,9 +453,8 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
-    immediateTransaction(this.#db, () => {
-      for (const [id, atMs] of lastUsed) this.#stmt.touch.run(atMs, id, atMs);
-    });
+    if (this.#writer !== null) return this.#writer.touch(lastUsed);
+    this.#writeBehind.touch(lastUsed);
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
@@ -485,12 +470,8 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
-    immediateTransaction(this.#db, () => {
-      for (const u of usage) {
-        this.#stmt.addUsage.run({ owner_id: u.ownerId, key_id: u.keyId, day: u.day, outcome: u.outcome, count: u.count, credits: u.credits });
-      }
-      for (const c of credits) this.#stmt.spendCredits.run({ period: c.period, monthly: c.monthlyUsed, topup: c.topupUsed, owner: c.ownerId });
-    });
+    if (this.#writer !== null) return this.#writer.applyUsage(usage, credits);
+    this.#writeBehind.applyUsage(usage, credits);
   }
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
@@ -538,54 +519,34 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   /**
-   * Moves WAL checkpoints to a thread of their own (sqlite-checkpointer.ts): this connection
-   * stops checkpointing, and the thread checkpoints every CHECKPOINT_INTERVAL_MS. If the thread
-   * fails, this connection checkpoints again as SQLite does by default, so the log stays bounded.
+   * Moves write-behind batches and WAL checkpoints to the writing thread: this connection stops
+   * checkpointing. If the thread fails, this connection writes and checkpoints again as SQLite
+   * does by default, so the log stays bounded; batches the thread had not answered are rejected,
+   * and their recorders keep them for the next flush.
    */
-  #startCheckpointer(path: string, onFailure: ((message: string) => void) | undefined): void {
-    const data: CheckpointerData = { role: CHECKPOINTER_ROLE, path, intervalMs: CHECKPOINT_INTERVAL_MS, busyTimeoutMs: BUSY_TIMEOUT_MS };
-    // None of the process's node flags: the thread needs none, and some (--cpu-prof, a loader's
-    // --input-type) would misapply to it.
-    const worker = new Worker(CHECKPOINTER_URL, { workerData: data, execArgv: [] });
+  #startWriter(path: string, onFailure: ((message: string) => void) | undefined): void {
     this.#db.exec("PRAGMA wal_autocheckpoint = 0");
-    this.#checkpointer = worker;
-    const fallBack = (message: string): void => {
-      if (this.#checkpointer !== worker) return;
-      this.#checkpointer = null;
-      if (this.#db.isOpen) this.#db.exec(`PRAGMA wal_autocheckpoint = ${DEFAULT_AUTOCHECKPOINT_PAGES}`);
-      onFailure?.(`the WAL checkpoint thread stopped (${message}); checkpoints run on the main thread again`);
-    };
-    worker.on("error", (error: Error) => fallBack(error.message));
-    worker.on("exit", (code: number) => fallBack(`exit code ${code}`));
-    worker.on("message", (message: unknown) => {
-      const error: unknown = typeof message === "object" && message !== null ? Reflect.get(message, "error") : undefined;
-      if (typeof error === "string") onFailure?.(`a WAL checkpoint failed: ${error}`);
+    const writer = new WriterThread({
+      path,
+      url: WRITER_URL,
+      checkpointIntervalMs: CHECKPOINT_INTERVAL_MS,
+      busyTimeoutMs: BUSY_TIMEOUT_MS,
+      stopTimeoutMs: WRITER_STOP_MS,
+      onStopped: (message) => {
+        if (this.#writer !== writer) return;
+        this.#writer = null;
+        if (this.#db.isOpen) this.#db.exec(`PRAGMA wal_autocheckpoint = ${DEFAULT_AUTOCHECKPOINT_PAGES}`);
+        onFailure?.(`the SQLite writing thread stopped (${message}); write-behind batches and checkpoints run on the main thread again`);
+      },
+      onCheckpointError: (message) => onFailure?.(`a WAL checkpoint failed: ${message}`),
     });
-    // The store's owner decides when the process ends; the thread never holds it open. After the
-    // listeners: adding a 'message' listener refs the worker again.
-    worker.unref();
-  }
-
-  /** Stops the checkpoint thread (it closes its connection first), waiting at most CHECKPOINTER_STOP_MS. */
-  async #stopCheckpointer(): Promise<void> {
-    const worker = this.#checkpointer;
-    if (worker === null) return;
-    this.#checkpointer = null;
-    const exited = once(worker, "exit", { signal: AbortSignal.timeout(CHECKPOINTER_STOP_MS) });
-    // Held while it stops: with the thread unref'd (and AbortSignal.timeout's timer too), a process
-    // with nothing else left would exit here, before the rest of its shutdown ran.
-    worker.ref();
-    worker.postMessage(STOP_CHECKPOINTER);
-    try {
-      await exited;
-    } catch {
-      // Not gone within CHECKPOINTER_STOP_MS (or it went with an error): end the thread.
-      await worker.terminate();
-    }
+    this.#writer = writer;
   }
 
   async close(): Promise<void> {
-    await this.#stopCheckpointer();
+    const writer = this.#writer;
+    this.#writer = null;
+    await writer?.stop();
     if (this.#db.isOpen) this.#db.close();
   }
 }

@@ -1,7 +1,8 @@
 /**
- * Rows a write-behind flush gives the store in one call (one transaction). On SQLite, whose
- * writes run on the event loop, a call of this size takes about a millisecond, so Checks wait at
- * most that long behind a flush, however many keys were busy in the interval.
+ * Rows a write-behind flush gives the store in one call (one transaction). On SQLite without its
+ * writing thread (writes on the event loop) a call of this size takes about a millisecond, so
+ * Checks wait at most that long behind a flush, however many keys were busy in the interval; with
+ * the thread, it bounds each message and each transaction that other connections wait behind.
  */
 export const FLUSH_CHUNK = 256;
 
