@@ -9,7 +9,10 @@ import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "../store/write-behin
  * own. `flush()` runs on a timer and on shutdown.
  */
 export class UsageRecorder {
-  #usage = new Map<string, UsageDelta>();
+  // By key id, then its (day, outcome) rows, usually one: a Check finds its row by the key id
+  // its snapshot already holds, without building a composite key (a string per Check).
+  #usage = new Map<string, UsageDelta[]>();
+  #usageRows = 0;
   #credits = new Map<string, CreditDelta>();
   readonly #writer: WriteBehind;
   /** The batch being written, while it is. */
@@ -48,13 +51,20 @@ export class UsageRecorder {
   }
 
   #addUsage(ownerId: string, keyId: string, day: string, outcome: string, count: number, credits: number): void {
-    const id = `${keyId}|${day}|${outcome}`;
-    const entry = this.#usage.get(id);
-    if (entry === undefined) this.#usage.set(id, { ownerId, keyId, day, outcome, count, credits });
-    else {
-      entry.count += count;
-      entry.credits += credits;
+    let rows = this.#usage.get(keyId);
+    if (rows === undefined) {
+      rows = [];
+      this.#usage.set(keyId, rows);
     }
+    for (const row of rows) {
+      if (row.day === day && row.outcome === outcome) {
+        row.count += count;
+        row.credits += credits;
+        return;
+      }
+    }
+    rows.push({ ownerId, keyId, day, outcome, count, credits });
+    this.#usageRows += 1;
   }
 
   /** Counts credits spent by an account in `period`. */
@@ -70,14 +80,14 @@ export class UsageRecorder {
 
   /** Rows waiting for the next flush. */
   get pendingCount(): number {
-    return this.#usage.size + this.#credits.size;
+    return this.#usageRows + this.#credits.size;
   }
 
   /** Requests of an owner on a day with `outcome` (ALLOWED by default) not yet in the store. */
   pendingAllowed(ownerId: string, day: string, outcome: string = ALLOWED): number {
     let total = 0;
-    for (const entry of this.#usage.values()) {
-      if (entry.ownerId === ownerId && entry.day === day && entry.outcome === outcome) total += entry.count;
+    for (const rows of this.#usage.values()) {
+      for (const entry of rows) if (entry.ownerId === ownerId && entry.day === day && entry.outcome === outcome) total += entry.count;
     }
     return total;
   }
@@ -108,11 +118,12 @@ export class UsageRecorder {
   }
 
   async #flushOnce(): Promise<void> {
-    if (this.#usage.size === 0 && this.#credits.size === 0) return;
+    if (this.#usageRows === 0 && this.#credits.size === 0) return;
     while (this.#readers > 0) await new Promise<void>((resolve) => this.#readersDone.push(resolve));
-    const usage = this.#usage;
+    const usage = [...this.#usage.values()].flat();
     const credits = this.#credits;
     this.#usage = new Map();
+    this.#usageRows = 0;
     this.#credits = new Map();
     const writing = this.#write(usage, credits);
     this.#writing = writing;
@@ -129,8 +140,7 @@ export class UsageRecorder {
    * Check for the length of the write. Never rejects: the rows of the call that failed, and of
    * those after it, go back into the maps (each call is one transaction, so none of them counted).
    */
-  async #write(usage: Map<string, UsageDelta>, credits: Map<string, CreditDelta>): Promise<void> {
-    const rows = [...usage.values()];
+  async #write(rows: UsageDelta[], credits: Map<string, CreditDelta>): Promise<void> {
     const spent = [...credits.values()];
     let u = 0;
     let c = 0;

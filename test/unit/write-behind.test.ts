@@ -31,6 +31,33 @@ class UsageTotals {
 }
 
 describe("write-behind flush happy", () => {
+  it("counts one row per key, day and outcome, and reads back what is pending", async () => {
+    const totals = new UsageTotals();
+    const usage = new UsageRecorder(totals, silent, 60_000);
+    for (let i = 0; i < 3; i++) usage.record("acct_a", "key_a", "2026-12-03", "ALLOWED", 0);
+    usage.record("acct_a", "key_a", "2026-12-03", "RATE_LIMITED", 0);
+    usage.record("acct_a", "key_a", "2026-12-04", "ALLOWED", 0);
+    usage.record("acct_a", "key_a", "2026-12-04", "ALLOWED", 0);
+    usage.record("acct_a", "key_b", "2026-12-03", "ALLOWED", 0);
+    usage.record("acct_b", "key_c", "2026-12-03", "ALLOWED", 0);
+    expect(usage.pendingCount).toBe(5);
+    expect(usage.pendingAllowed("acct_a", "2026-12-03")).toBe(4);
+    expect(usage.pendingAllowed("acct_a", "2026-12-04")).toBe(2);
+    expect(usage.pendingAllowed("acct_a", "2026-12-03", "RATE_LIMITED")).toBe(1);
+    expect(usage.pendingAllowed("acct_b", "2026-12-03")).toBe(1);
+    await usage.flush();
+    expect(usage.pendingCount).toBe(0);
+    expect(usage.pendingAllowed("acct_a", "2026-12-03")).toBe(0);
+    expect(totals.calls).toEqual([{ usage: 5, credits: 0 }]);
+    expect(Object.fromEntries(totals.counts)).toEqual({
+      "key_a|2026-12-03|ALLOWED": 3,
+      "key_a|2026-12-03|RATE_LIMITED": 1,
+      "key_a|2026-12-04|ALLOWED": 2,
+      "key_b|2026-12-03|ALLOWED": 1,
+      "key_c|2026-12-03|ALLOWED": 1,
+    });
+  });
+
   it("writes a busy interval in calls of at most FLUSH_CHUNK rows, letting other work run between them", async () => {
     const store = new UsageTotals();
     const recorder = new UsageRecorder(store, silent, 60_000);
