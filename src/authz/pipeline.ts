@@ -221,7 +221,8 @@ export class DecisionPipeline {
     const quota = test ? null : quotaName;
     const limits = await this.deps.meter.charge({
       ownerId: account.ownerId,
-      bucket: test ? `ut:${account.ownerId}` : `u:${account.ownerId}`,
+      bucketKind: test ? "ut" : "u",
+      bucketId: account.ownerId,
       rate: v.policy.limits.chargeRateLimit,
       dailyQuota: test ? (v.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
       monthlyCredits: test ? null : plan.monthlyCredits,
@@ -315,7 +316,8 @@ export class DecisionPipeline {
       const test = v.policy.testMode;
       return {
         ownerId: account.ownerId,
-        bucket: ownBucket ? `k:${key.id}` : `t:${account.ownerId}`,
+        bucketKind: ownBucket ? "k" : "t",
+        bucketId: ownBucket ? key.id : account.ownerId,
         rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(v, snapshot, plan),
         dailyQuota: route.metered ? (test?.dailyQuota ?? null) : null,
         monthlyCredits: null,
@@ -329,7 +331,8 @@ export class DecisionPipeline {
     const quota = route.metered ? route.quota : null;
     return {
       ownerId: account.ownerId,
-      bucket: ownBucket ? `k:${key.id}` : `a:${account.ownerId}`,
+      bucketKind: ownBucket ? "k" : "a",
+      bucketId: ownBucket ? key.id : account.ownerId,
       rate: this.#rateRule(v, snapshot, plan),
       // An unmetered route counts toward no quota and spends nothing; a named quota the plan
       // does not list is unlimited on it.

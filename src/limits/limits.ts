@@ -1,11 +1,27 @@
 import type { RateLimitRule } from "../config.js";
 import type { KeyMode } from "../store/store.js";
 
+/**
+ * Who shares a rate-limit bucket: one key ("k"), an account's live or test-mode keys ("a", "t"),
+ * or an account's live or test-mode ChargeUsage calls ("u", "ut").
+ */
+export type BucketKind = "k" | "a" | "t" | "u" | "ut";
+
+/**
+ * A bucket's name, "<kind>:<id>", as Redis keys spell it. The in-process meter keys its buckets
+ * by kind and id instead: a name built per Check cost about a microsecond in hashing alone.
+ */
+export function bucketName(input: Pick<ChargeInput, "bucketKind" | "bucketId">): string {
+  return `${input.bucketKind}:${input.bucketId}`;
+}
+
 /** The per-request charge: rate bucket, plan limits and the route's cost. */
 export interface ChargeInput {
   ownerId: string;
-  /** Rate-limit bucket: "a:<owner>" (per account) or "k:<key id>" (per key). */
-  bucket: string;
+  /** Whose rate-limit bucket this request counts in (see bucketName). */
+  bucketKind: BucketKind;
+  /** The key id for "k", else the owner id. */
+  bucketId: string;
   rate: RateLimitRule;
   /** Requests a UTC day; null is unlimited. */
   dailyQuota: number | null;

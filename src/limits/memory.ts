@@ -1,7 +1,7 @@
 import { allowedOutcome } from "../store/store.js";
 import type { MeteringStore } from "../store/store.js";
 import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
-import type { ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
+import type { BucketKind, ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
 import type { UsageRecorder } from "./usage.js";
 
 interface CreditCell {
@@ -70,7 +70,14 @@ export class RecentMap<K, V> {
 export class MemoryMeter implements Meter {
   // A bucket's theoretical arrival time; one in the past means a full bucket (gcra reads it as
   // none), so an entry needs no expiry of its own: it is only the oldest to go when full.
-  readonly #tats = new RecentMap<string, number>(MAX_ENTRIES);
+  // By bucket kind, then id (ChargeInput's bucketKind and bucketId), each bounded on its own.
+  readonly #tats: Record<BucketKind, RecentMap<string, number>> = {
+    k: new RecentMap(MAX_ENTRIES),
+    a: new RecentMap(MAX_ENTRIES),
+    t: new RecentMap(MAX_ENTRIES),
+    u: new RecentMap(MAX_ENTRIES),
+    ut: new RecentMap(MAX_ENTRIES),
+  };
   readonly #quota = new RecentMap<string, { count: number }>(MAX_ENTRIES);
   readonly #credits = new RecentMap<string, CreditCell>(MAX_ENTRIES);
   readonly #seeding = new Map<string, Promise<void>>();
@@ -103,7 +110,7 @@ export class MemoryMeter implements Meter {
 
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
-    const step = gcra(this.#tats.get(input.bucket), rate, nowMs);
+    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
     const used = this.#quota.get(quotaKey)?.count ?? 0;
     const period = this.#calendar.month(nowMs);
     const cell = this.#credits.get(input.ownerId);
@@ -175,7 +182,7 @@ export class MemoryMeter implements Meter {
 
   #evaluate(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
-    const step = gcra(this.#tats.get(input.bucket), rate, nowMs);
+    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
     const result: ChargeResult = {
       allowed: false,
       reason: null,
@@ -214,7 +221,7 @@ export class MemoryMeter implements Meter {
       }
     }
     // Every step passed: charge them all.
-    this.#tats.set(input.bucket, step.tatMs);
+    this.#tats[input.bucketKind].set(input.bucketId, step.tatMs);
     if (input.dailyQuota !== null && result.quota !== null) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
       else quotaCell.count += 1;
@@ -249,6 +256,6 @@ export class MemoryMeter implements Meter {
   }
 
   async close(): Promise<void> {
-    this.#tats.clear();
+    for (const tats of Object.values(this.#tats)) tats.clear();
   }
 }

@@ -4,7 +4,7 @@ import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
-import { UtcCalendar, applyCreditDelta } from "./limits.js";
+import { UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
 import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
@@ -193,7 +193,7 @@ export class RedisMeter implements Meter {
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
     const reply = await this.#run(
       CHARGE,
-      [`${this.prefix}rl:${this.layout.bucket(input.ownerId, input.bucket)}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)],
+      [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)],
       [
         nowMs,
         input.rate.windowSeconds * 1000,
