@@ -10,6 +10,7 @@ import { SqliteKeyStore } from "../../src/store/sqlite.js";
 import { WriterThread } from "../../src/store/sqlite-writer.js";
 import type { UsageDelta } from "../../src/store/store.js";
 import { until } from "../harness/poll.js";
+import { testKeyRecord } from "../harness/records.js";
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -72,6 +73,25 @@ describe("SqliteKeyStore: write-behind batches on the writing thread", () => {
       expect(failures).toEqual([]);
     } finally {
       holder.close();
+      await store.close();
+    }
+  });
+
+  it("spends credits and moves last-use times forward only, on the thread", async () => {
+    const path = tempDb();
+    const store = new SqliteKeyStore(path, { writeInBackground: true });
+    try {
+      await store.upsertAccount({ ownerId: "acct_writer" }, { plan: "free", subscriptionStatus: "active", role: "standard" }, 1);
+      await store.addCredits("acct_writer", 50);
+      await store.applyUsage([], [{ ownerId: "acct_writer", period: "2026-12", monthlyUsed: 7, topupUsed: 3 }]);
+      await store.applyUsage([], [{ ownerId: "acct_writer", period: "2026-12", monthlyUsed: 1, topupUsed: 0 }]);
+      expect(await store.getCredits("acct_writer")).toEqual({ period: "2026-12", monthlyUsed: 8, topupBalance: 47, topupTotal: 50 });
+      const defaults = { plan: "free", subscriptionStatus: "active", role: "standard" } as const;
+      const key = await store.createKey(testKeyRecord("acct_writer", 1), { maxActiveKeysFor: () => 10, accountDefaults: defaults, nowMs: 1 });
+      await store.touchLastUsed(new Map([[key.id, 5000]]));
+      await store.touchLastUsed(new Map([[key.id, 4000]]));
+      expect((await store.getKey(key.id))?.lastUsedAtMs).toBe(5000);
+    } finally {
       await store.close();
     }
   });
