@@ -5,6 +5,7 @@ import { probeCheck, runH2load } from "./h2load.js";
 import type { FixedRequest, H2loadResult, ProbeResult } from "./h2load.js";
 import { checkCounts, scrape } from "./metrics.js";
 import type { CheckCounts } from "./metrics.js";
+import type { ScenarioName } from "./scenarios.js";
 import { cpuSeconds, measureResources, round } from "./processes.js";
 import type { ResourceUse } from "./processes.js";
 import { runRategen } from "./rategen.js";
@@ -30,6 +31,8 @@ export interface LoadSettings {
   /** h2load with one key; null when h2load is not installed. */
   h2load: { path: string; clients: number; streams: number } | null;
   seconds: number;
+  /** The scenarios to run, in report order. */
+  scenarios: readonly ScenarioName[];
 }
 
 /** One load-generator run against one target, with the target's own CPU, memory and decision counts. */

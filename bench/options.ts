@@ -1,5 +1,7 @@
 import { Command, InvalidArgumentError } from "commander";
 import { z } from "zod";
+import { SCENARIOS } from "./scenarios.js";
+import type { ScenarioName } from "./scenarios.js";
 
 /** Every setting of a bench run, after defaults for full or quick mode. */
 export interface BenchOptions {
@@ -10,6 +12,10 @@ export interface BenchOptions {
   /** Fixed rates for latency, in Checks a second. */
   rps: number[];
   modes: Array<"embedded" | "redis-mongo">;
+  /** The scenarios to run, in report order. */
+  scenarios: ScenarioName[];
+  /** Run h2load's one-key runs (when h2load is installed). */
+  oneKey: boolean;
   /** keygate's gRPC engines to run (KEYGATE_GRPC_ENGINE); [null] runs keygate's default, unset. */
   engines: Array<"h2" | "grpc-js" | null>;
   pin: boolean;
@@ -62,6 +68,8 @@ const rawSchema = z.object({
   seconds: z.number().optional(),
   rps: z.string(),
   modes: z.string(),
+  scenarios: z.string(),
+  oneKey: z.boolean().default(true),
   engines: z.string().optional(),
   pin: z.boolean(),
   h2loadClients: z.number(),
@@ -99,6 +107,16 @@ function list(value: string): string[] {
   return value.split(",").map((m) => m.trim()).filter((m) => m !== "");
 }
 
+/** The scenarios named in `value`, in report order whatever order they were given in. */
+function scenarioList(value: string): ScenarioName[] {
+  const named = list(value);
+  const unknown = named.filter((n) => !SCENARIOS.some((s) => s === n));
+  if (unknown.length > 0 || named.length === 0) {
+    throw new InvalidArgumentError(`--scenarios: unknown or missing scenario ${JSON.stringify(unknown.join(","))}; expected some of ${SCENARIOS.join(", ")}`);
+  }
+  return SCENARIOS.filter((s) => named.includes(s));
+}
+
 function command(): Command {
   return new Command()
     .name("bench")
@@ -109,6 +127,8 @@ function command(): Command {
     .option("--seconds <n>", "length of each saturation and fixed-rate run (full 6, quick 2)", count)
     .option("--rps <list>", "the fixed rates for latency, Checks a second (e.g. 1000,3000,5000)", "1000,3000")
     .option("--modes <list>", "keygate modes: embedded, redis-mongo", "embedded,redis-mongo")
+    .option("--scenarios <list>", `scenarios to run: ${SCENARIOS.join(", ")}`, SCENARIOS.join(","))
+    .option("--no-one-key", "skip h2load's one-key runs")
     .option("--engines <list>", "keygate gRPC engines to run each mode with (KEYGATE_GRPC_ENGINE): h2, grpc-js; default: keygate's own default")
     .option("--no-pin", "do not pin servers and load generators to separate cores with taskset")
     .option("--backends-on <core>", "where redis-server and the MongoDB-wire server run when pinned: server (with keygate) or load (beside the load generators)", "server")
@@ -155,6 +175,7 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     seconds: raw.seconds ?? sizes.seconds,
     rps: ratesSchema.parse(list(raw.rps).map(Number)),
     modes: modeSchema.parse(list(raw.modes)),
+    scenarios: scenarioList(raw.scenarios),
     engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
     nodeFlags: raw.nodeFlags.split(" ").filter((f) => f !== ""),
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),

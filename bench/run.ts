@@ -269,9 +269,10 @@ function settingsOf(options: BenchOptions, ghz: string, rategen: string | null, 
     ghz,
     rategen,
     seconds: options.seconds,
+    scenarios: options.scenarios,
     saturation: { connections: options.satConnections, concurrency: options.satConcurrency, cpus: options.ghzCpus },
     fixedRate: { connections: options.fixedConnections, concurrency: options.fixedConcurrency, cpus: options.ghzCpus, rates: options.rps },
-    h2load: h2load === null ? null : { path: h2load, clients: options.h2loadClients, streams: options.h2loadStreams },
+    h2load: h2load === null || !options.oneKey ? null : { path: h2load, clients: options.h2loadClients, streams: options.h2loadStreams },
   };
 }
 

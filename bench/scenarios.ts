@@ -67,7 +67,7 @@ export async function runNoopScenarios(name: string, noop: Target, settings: Loa
   // Warm the no-op's JIT and connections first, as keygate's hot and mixed are warmed, so the
   // ceiling's first scenario is not charged for start-up.
   await pass(noop, settings, data.hot, Math.min(data.hot.entries, NOOP_WARM_UP_REQUESTS));
-  for (const scenario of SCENARIOS) {
+  for (const scenario of settings.scenarios) {
     log(`${name}: ${scenario}`);
     const file = fileOf(data, scenario);
     const sat = await saturation(noop, settings, file);
@@ -107,12 +107,17 @@ async function runCold(mode: KeygateMode, settings: LoadSettings, data: Scenario
 
 /** All scenarios against one keygate mode, then h2load's one key; the target after cold serves the rest. */
 export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, request: FixedRequest, log: Log): Promise<TargetResults> {
-  const cold = await runCold(mode, settings, data, log);
-  const target = cold.next;
   const out = new Map<ScenarioName, ScenarioResult>();
-  out.set("cold", result(mode.name, "cold", data.cold, cold.sat, cold.fixed, null));
+  let target: Target;
+  if (settings.scenarios.includes("cold")) {
+    const cold = await runCold(mode, settings, data, log);
+    target = cold.next;
+    out.set("cold", result(mode.name, "cold", data.cold, cold.sat, cold.fixed, null));
+  } else {
+    target = await mode.start(`keygate ${mode.name}`);
+  }
   try {
-    for (const scenario of SCENARIOS) {
+    for (const scenario of settings.scenarios) {
       if (scenario === "cold") continue;
       const file = fileOf(data, scenario);
       // Hot and mixed are measured in steady state: every key of the data file seen once before.

@@ -1,0 +1,23 @@
+import { describe, expect, it } from "vitest";
+import { parseOptions } from "../../bench/options.js";
+import { SCENARIOS } from "../../bench/scenarios.js";
+
+const argv = (...args: string[]) => ["node", "bench", ...args];
+
+describe("bench options", () => {
+  it("runs every scenario and the one-key runs by default", () => {
+    const options = parseOptions(argv());
+    expect(options.scenarios).toEqual([...SCENARIOS]);
+    expect(options.oneKey).toBe(true);
+  });
+
+  it("--scenarios keeps report order whatever order it is given in, and --no-one-key skips h2load", () => {
+    const options = parseOptions(argv("--scenarios", "flood, cold,hot", "--no-one-key"));
+    expect(options.scenarios).toEqual(["hot", "cold", "flood"]);
+    expect(options.oneKey).toBe(false);
+  });
+
+  it("refuses a scenario it does not know, naming it", () => {
+    expect(() => parseOptions(argv("--scenarios", "hot,warm"))).toThrow(/warm/);
+  });
+});
