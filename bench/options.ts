@@ -131,7 +131,7 @@ function command(): Command {
     .option("--no-one-key", "skip h2load's one-key runs")
     .option("--engines <list>", "keygate gRPC engines to run each mode with (KEYGATE_GRPC_ENGINE): h2, grpc-js; default: keygate's own default")
     .option("--no-pin", "do not pin servers and load generators to separate cores with taskset")
-    .option("--backends-on <core>", "where redis-server and the MongoDB-wire server run when pinned: server (with keygate) or load (beside the load generators)", "server")
+    .option("--backends-on <core>", "where redis-server and the MongoDB-wire server run when pinned: load (beside the load generators, keygate's core its own) or server (with keygate)", "load")
     .option("--h2load-clients <n>", "h2load connections for the one-key run", count, 4)
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")

@@ -3,10 +3,11 @@ import { readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 
 /**
- * Which core each side of a run gets. Servers (keygate, both no-ops, and the backends redis-server
- * and the MongoDB-wire server) share the server core, so that "one core" means all of the served
- * side; the load generators (ghz, rategen, h2load) and the bench's own process get the other core, so that
- * neither steals the server's CPU.
+ * Which core each side of a run gets. keygate and the no-ops run alone on the server core; the
+ * load generators (ghz, rategen, h2load), the bench's own process and, by default, the backends
+ * (redis-server and the MongoDB-wire server, which a deployment runs on other machines) get the
+ * other core, so that none of them steals the server's CPU. `--backends-on server` puts the
+ * backends on keygate's core instead, to see the whole served side on one core.
  */
 export interface Pinning {
   /** The core servers run on; null when nothing is pinned. */
@@ -56,7 +57,7 @@ function tasksetWorks(): boolean {
  * orchestration (scrapes, result parsing) is never charged to the server's core. Without taskset,
  * or with fewer than 2 cores, nothing is pinned and the note says so.
  */
-export function configurePinning(enabled: boolean, backendsOn: BackendsCore = "server"): Pinning {
+export function configurePinning(enabled: boolean, backendsOn: BackendsCore = "load"): Pinning {
   const cores = availableParallelism();
   const none = { server: null, load: null, backends: null, loadNice: null };
   if (!enabled) current = { ...none, note: "not pinned (--no-pin): servers and load generators share every core" };
@@ -66,8 +67,8 @@ export function configurePinning(enabled: boolean, backendsOn: BackendsCore = "s
     const backends = backendsOn === "load" ? LOAD_CPU : SERVER_CPU;
     const placement =
       backendsOn === "load"
-        ? `keygate and the no-ops on CPU ${SERVER_CPU}; redis-server and MongoDB-wire (--backends-on load), ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`
-        : `servers (keygate, no-ops, redis-server, MongoDB-wire) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`;
+        ? `keygate and the no-ops on CPU ${SERVER_CPU}; redis-server and MongoDB-wire, ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`
+        : `servers (keygate, no-ops, redis-server, MongoDB-wire: --backends-on server) on CPU ${SERVER_CPU}; ghz, rategen, h2load and the bench itself on CPU ${LOAD_CPU}`;
     current = { server: SERVER_CPU, load: LOAD_CPU, backends, loadNice: loadNice(), note: `pinned with taskset: ${placement}` };
     pinPid(process.pid, LOAD_CPU, "bench");
   }

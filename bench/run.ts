@@ -250,8 +250,8 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
         ...childPids(`:${redis.port}`).map((pid) => ({ name: "redis-server", pid })),
         ...childPids("MongoWireServer").map((pid) => ({ name: "mongo-java-server", pid })),
       ];
-      // By default the backends are part of the served side: on the server core with keygate, every
-      // thread (--backends-on load moves them beside the load generators).
+      // By default the backends run beside the load generators, every thread, so that keygate's
+      // core is keygate's alone (--backends-on server moves them onto it).
       for (const c of companions) pinBackendPid(c.pid, c.name);
       const wrap = (start: (label: string) => Promise<Target>) => async (label: string) => ({ ...(await start(label)), companions });
       const results = await perEngine(ctx, "redis-mongo", env, wrap, () => flushRedis(redis.url));
@@ -494,7 +494,7 @@ function report(input: {
     "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",
     "",
     ...(input.oneKey.length === 0
-      ? ["h2load one key: not run (h2load missing)"]
+      ? [`h2load one key: not run (${ctx.options.oneKey ? "h2load missing" : "--no-one-key"})`]
       : [
           `h2load, one key (one fixed framed CheckRequest; ${ctx.settings.h2load?.clients ?? 0} connections x ${ctx.settings.h2load?.streams ?? 0} streams, 1 thread), saturation:`,
           oneKeyTable(input.oneKey, rates),
