@@ -193,6 +193,21 @@ interface AnchoredSnapshotDoc {
   key?: KeySnapshotDoc;
   account?: AccountSnapshotDoc;
 }
+/** The one document of an `aggregate` command's first batch, or undefined when it is empty. */
+function firstOfBatch(reply: mongoose.mongo.Document): AnchoredSnapshotDoc | undefined {
+  const cursor: unknown = reply["cursor"];
+  const batch: unknown = typeof cursor === "object" && cursor !== null && "firstBatch" in cursor ? cursor.firstBatch : undefined;
+  if (!Array.isArray(batch)) throw new StoreUnavailableError("MongoDB answered the key lookup without a first batch");
+  const doc: unknown = batch[0];
+  if (doc === undefined) return undefined;
+  if (!isAnchoredSnapshot(doc)) throw new StoreUnavailableError("MongoDB answered the key lookup with something other than a document");
+  return doc;
+}
+
+function isAnchoredSnapshot(value: unknown): value is AnchoredSnapshotDoc {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+
 /** The anchor collection's document (see snapshotPipeline). */
 interface AnchorDoc {
   _id: string;
@@ -397,11 +412,13 @@ export class MongoKeyStore implements KeyStore {
   readonly #keys: Model<KeyDoc>;
   readonly #usage: Model<UsageDoc>;
   readonly #audit: Model<AuditDoc>;
-  /**
-   * The cold lookup's anchor collection on the MongoDB driver itself: a Check on a key no cache
-   * holds skips mongoose's query building, casting and hooks.
-   */
+  /** The cold lookup's anchor collection, where its one document is placed. */
   readonly #anchor: mongoose.mongo.Collection<AnchorDoc>;
+  /**
+   * The database on the MongoDB driver itself, for the cold lookup's `aggregate` command: a Check
+   * on a key no cache holds skips mongoose's query building, casting and hooks.
+   */
+  readonly #db: mongoose.mongo.Db;
   readonly #schema: mongoose.mongo.Collection<SchemaDoc>;
   /**
    * Write-behind's collections on the driver: its rows already hold the schema's types, and
@@ -424,6 +441,7 @@ export class MongoKeyStore implements KeyStore {
     const db = connection.db;
     if (db === undefined) throw new StoreUnavailableError("MongoDB is not connected");
     this.#anchor = db.collection<AnchorDoc>(ANCHOR_COLLECTION);
+    this.#db = db;
     this.#schema = db.collection<SchemaDoc>(SCHEMA_COLLECTION);
     this.#usageRows = db.collection<UsageDoc>(this.#usage.collection.collectionName);
     this.#keyRows = db.collection<KeyDoc>(this.#keys.collection.collectionName);
@@ -547,9 +565,11 @@ export class MongoKeyStore implements KeyStore {
 
   /** The one document of the cold lookup, or undefined when the anchor collection is empty. */
   async #readSnapshot(hash: string): Promise<AnchoredSnapshotDoc | undefined> {
-    // The first batch holds the whole answer (one document), so no getMore or killCursors follows.
-    const [doc] = await this.#anchor.aggregate<AnchoredSnapshotDoc>(this.#snapshotPipeline(hash)).toArray();
-    return doc;
+    // One `aggregate` command, read from its reply: the driver's cursor around it (its options,
+    // session and cleanup) cost about a fifth of a cold lookup's CPU. The anchor gives one
+    // document, so the first batch holds the whole answer and the server keeps no cursor.
+    const reply = await this.#db.command({ aggregate: ANCHOR_COLLECTION, pipeline: this.#snapshotPipeline(hash), cursor: {} });
+    return firstOfBatch(reply);
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
