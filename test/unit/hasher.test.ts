@@ -16,6 +16,27 @@ describe("KeyHasher", () => {
     );
   });
 
+  it("equals HMAC-SHA256 with one hasher reused across keys, peppers past SHA-256's block and keys past its buffer", () => {
+    fc.assert(
+      fc.property(fc.string({ minLength: 1, maxLength: 200, unit: "grapheme" }), fc.array(fc.string({ maxLength: 400, unit: "grapheme" }), { minLength: 1, maxLength: 8 }), (pepper, keys) => {
+        const hasher = new KeyHasher(pepper);
+        for (const key of keys) {
+          const reference = createHmac("sha256", Buffer.from(pepper, "utf8")).update(key, "utf8").digest("hex");
+          expect(hasher.hash(key)).toBe(reference);
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it("equals HMAC-SHA256 at the edges of the buffers: a key of exactly the room it has, one past it, and multi-byte keys", () => {
+    const hasher = new KeyHasher("edge-pepper-0123456789abcdef0123456789");
+    const reference = (key: string) => createHmac("sha256", Buffer.from("edge-pepper-0123456789abcdef0123456789", "utf8")).update(key, "utf8").digest("hex");
+    for (const key of ["", "a".repeat(170), "a".repeat(171), "a".repeat(512), "\u20ac".repeat(170), "\u20ac".repeat(171), "\u{1F600}".repeat(85), "kg_live_x"]) {
+      expect(hasher.hash(key)).toBe(reference(key));
+    }
+  });
+
   it("gives the digest the released keygate stored for a known pepper and key", () => {
     const hasher = new KeyHasher("frozen-redis-test-pepper-0123456789abcdef");
     expect(hasher.hash("kg_live_0123456789abcdefghijklmnopqrstuvwxyzAB")).toBe("342b45b3e4b7d02818dde39a3999ab74d5ddcb8f53fd914fcdccb01ba6512bdc");
