@@ -29,10 +29,10 @@ describe("KeyHasher", () => {
     );
   });
 
-  it("equals HMAC-SHA256 at the edges of the buffers: a key of exactly the room it has, one past it, and multi-byte keys", () => {
+  it("equals HMAC-SHA256 at the edges of the buffers: a key of exactly the room it has, one past it, multi-byte keys and lone surrogates", () => {
     const hasher = new KeyHasher("edge-pepper-0123456789abcdef0123456789");
     const reference = (key: string) => createHmac("sha256", Buffer.from("edge-pepper-0123456789abcdef0123456789", "utf8")).update(key, "utf8").digest("hex");
-    for (const key of ["", "a".repeat(170), "a".repeat(171), "a".repeat(512), "\u20ac".repeat(170), "\u20ac".repeat(171), "\u{1F600}".repeat(85), "kg_live_x"]) {
+    for (const key of ["", "a".repeat(170), "a".repeat(171), "a".repeat(512), "\u20ac".repeat(170), "\u20ac".repeat(171), "\u{1F600}".repeat(85), "\uD800abc", "abc\uDC00", "\uD800".repeat(170), "x\u0000y", "kg_live_x"]) {
       expect(hasher.hash(key)).toBe(reference(key));
     }
   });
