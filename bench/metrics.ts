@@ -60,6 +60,30 @@ export interface CheckCounts {
   cache: Record<string, number>;
   /** Store and Redis calls on the Check path, e.g. "store find_snapshot", "redis charge". */
   backendCalls: Record<string, number>;
+  /**
+   * keygate's GC pauses by kind (major, minor, incremental, weakcb), from prom-client's
+   * nodejs_gc_duration_seconds: how many, their total, and how many took over 10 ms.
+   */
+  gc: Record<string, GcPauses>;
+}
+
+/** GC pauses of one kind during a run. */
+export interface GcPauses {
+  count: number;
+  totalMs: number;
+  over10Ms: number;
+}
+
+function gcPauses(before: Samples, after: Samples): Record<string, GcPauses> {
+  const byKind = (labels: Record<string, string>) => labels["kind"] ?? null;
+  const counts = deltaBy(before, after, "nodejs_gc_duration_seconds_count", byKind);
+  const sums = deltaBy(before, after, "nodejs_gc_duration_seconds_sum", byKind);
+  const within10Ms = deltaBy(before, after, "nodejs_gc_duration_seconds_bucket", (l) => (l["le"] === "0.01" ? (l["kind"] ?? null) : null));
+  const out: Record<string, GcPauses> = {};
+  for (const [kind, count] of Object.entries(counts)) {
+    out[kind] = { count, totalMs: Math.round((sums[kind] ?? 0) * 10_000) / 10, over10Ms: count - (within10Ms[kind] ?? 0) };
+  }
+  return out;
 }
 
 /** The difference between two scrapes, gRPC mode only. */
@@ -70,6 +94,7 @@ export function checkCounts(before: Samples, after: Samples): CheckCounts {
     reasons: deltaBy(before, after, "keygate_checks_total", grpc("reason")),
     cache: deltaBy(before, after, "keygate_cache_lookups_total", (l) => `${l["layer"] ?? ""} ${l["result"] ?? ""}`),
     backendCalls: deltaBy(before, after, "keygate_backend_duration_seconds_count", (l) => `${l["backend"] ?? ""} ${l["op"] ?? ""}`),
+    gc: gcPauses(before, after),
   };
 }
 

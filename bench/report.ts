@@ -265,7 +265,7 @@ function orDash(value: number | undefined): string {
 
 /** Latency at each fixed rate: one row per target, scenario and rate. */
 export function latencyTable(results: readonly ScenarioResult[]): string {
-  const header = ["target", "scenario", "tool", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lag p99 ms", "server cores", "CPU us/chk", "errors"];
+  const header = ["target", "scenario", "tool", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lag p99 ms", "server cores", "CPU us/chk", "GC >10ms", "major GC ms", "errors"];
   const rows = results.flatMap((r) =>
     r.fixedRates.map((f) => [
       r.target,
@@ -281,6 +281,8 @@ export function latencyTable(results: readonly ScenarioResult[]): string {
       orDash(f.ghz.openLoop?.sendLagMs.p99),
       f.resources.cpuCores.toFixed(2),
       f.cpuMicrosPerCheck.toFixed(0),
+      f.checks === null ? "-" : String(Object.values(f.checks.gc).reduce((n, g) => n + g.over10Ms, 0)),
+      f.checks === null ? "-" : (f.checks.gc["major"]?.totalMs ?? 0).toFixed(1),
       String(errorsOf(f)),
     ]),
   );

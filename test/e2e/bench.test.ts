@@ -55,7 +55,11 @@ const phaseSchema = z.object({
   resources: z.object({ cpuSeconds: counted, cpuCores: counted, peakRssBytes: counted }),
   cpuMicrosPerCheck: counted,
   checks: z
-    .object({ reasons: z.record(z.string(), z.number()), backendCalls: z.record(z.string(), z.number()) })
+    .object({
+      reasons: z.record(z.string(), z.number()),
+      backendCalls: z.record(z.string(), z.number()),
+      gc: z.record(z.string(), z.object({ count: counted, totalMs: counted, over10Ms: counted })),
+    })
     .nullable(),
 });
 const usageSchema = z.object({ rss: z.number().positive(), heapUsed: z.number().positive(), heapTotal: z.number().positive() });
@@ -204,5 +208,9 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     expect(Object.keys(embedded("flood-malformed")?.reasons ?? {})).toEqual(["MALFORMED_KEY"]);
     expect(embedded("flood-malformed")?.backendCalls["store find_snapshot"] ?? 0).toBe(0);
     expect(embedded("cold")?.backendCalls["store find_snapshot"] ?? 0).toBeGreaterThan(0);
+    // keygate's GC pauses come from its own /metrics: a saturation run allocates enough for scavenges.
+    const hotGc = embedded("hot")?.gc ?? {};
+    expect(hotGc["minor"]?.count ?? 0).toBeGreaterThan(0);
+    for (const pauses of Object.values(hotGc)) expect(pauses.over10Ms).toBeLessThanOrEqual(pauses.count);
   });
 });
