@@ -208,9 +208,11 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     expect(Object.keys(embedded("flood-malformed")?.reasons ?? {})).toEqual(["MALFORMED_KEY"]);
     expect(embedded("flood-malformed")?.backendCalls["store find_snapshot"] ?? 0).toBe(0);
     expect(embedded("cold")?.backendCalls["store find_snapshot"] ?? 0).toBeGreaterThan(0);
-    // keygate's GC pauses come from its own /metrics: a saturation run allocates enough for scavenges.
-    const hotGc = embedded("hot")?.gc ?? {};
-    expect(hotGc["minor"]?.count ?? 0).toBeGreaterThan(0);
-    for (const pauses of Object.values(hotGc)) expect(pauses.over10Ms).toBeLessThanOrEqual(pauses.count);
+    // keygate's GC pauses come from its own /metrics. One short run on a busy machine may see no
+    // scavenge, so the count is taken over every keygate phase of the run.
+    const keygatePhases = result.scenarios.filter((s) => s.target === "embedded" || s.target === "redis-mongo").flatMap((s) => [s.saturation, ...s.fixedRates]);
+    const gcs = keygatePhases.flatMap((phase) => Object.values(phase.checks?.gc ?? {}));
+    expect(gcs.reduce((n, g) => n + g.count, 0)).toBeGreaterThan(0);
+    for (const pauses of gcs) expect(pauses.over10Ms).toBeLessThanOrEqual(pauses.count);
   });
 });
