@@ -60,6 +60,8 @@ export interface CheckCounts {
   cache: Record<string, number>;
   /** Store and Redis calls on the Check path, e.g. "store find_snapshot", "redis charge". */
   backendCalls: Record<string, number>;
+  /** The same calls that took over 10 ms (keygate_backend_duration_seconds above its 0.01 bucket). */
+  backendOver10Ms: Record<string, number>;
   /**
    * keygate's GC pauses by kind (major, minor, incremental, weakcb), from prom-client's
    * nodejs_gc_duration_seconds: how many, their total, and how many took over 10 ms.
@@ -88,14 +90,26 @@ function gcPauses(before: Samples, after: Samples): Record<string, GcPauses> {
 
 /** The difference between two scrapes, gRPC mode only. */
 export function checkCounts(before: Samples, after: Samples): CheckCounts {
+  const backendCalls = deltaBy(before, after, "keygate_backend_duration_seconds_count", (l) => `${l["backend"] ?? ""} ${l["op"] ?? ""}`);
   const grpc = (pick: string) => (labels: Record<string, string>) => (labels["mode"] === "grpc" ? (labels[pick] ?? "") : null);
   return {
     decisions: deltaBy(before, after, "keygate_checks_total", grpc("decision")),
     reasons: deltaBy(before, after, "keygate_checks_total", grpc("reason")),
     cache: deltaBy(before, after, "keygate_cache_lookups_total", (l) => `${l["layer"] ?? ""} ${l["result"] ?? ""}`),
-    backendCalls: deltaBy(before, after, "keygate_backend_duration_seconds_count", (l) => `${l["backend"] ?? ""} ${l["op"] ?? ""}`),
+    backendCalls,
+    backendOver10Ms: over(backendCalls, deltaBy(before, after, "keygate_backend_duration_seconds_bucket", (l) => (l["le"] === "0.01" ? `${l["backend"] ?? ""} ${l["op"] ?? ""}` : null))),
     gc: gcPauses(before, after),
   };
+}
+
+/** Of each series' `total`, how many are not in `within`; series with none are left out. */
+function over(total: Record<string, number>, within: Record<string, number>): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [series, count] of Object.entries(total)) {
+    const slow = count - (within[series] ?? 0);
+    if (slow > 0) out[series] = slow;
+  }
+  return out;
 }
 
 /** One gauge's value, e.g. nodejs_heap_size_used_bytes. */

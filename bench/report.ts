@@ -5,6 +5,7 @@ import { join, resolve } from "node:path";
 import type { LoadTool } from "./ghz.js";
 import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from "./measure.js";
 import type { MemoryResult } from "./memory.js";
+import type { CheckCounts } from "./metrics.js";
 import { round } from "./processes.js";
 import type { ProfiledRun } from "./profile.js";
 import type { ScenarioName, ScenarioResult } from "./scenarios.js";
@@ -263,9 +264,16 @@ function orDash(value: number | undefined): string {
   return value === undefined || Number.isNaN(value) ? "-" : value.toFixed(2);
 }
 
+/** Backend calls over 10 ms during a run, of all its backend calls ("0 of 0" with none). */
+function slowIo(checks: CheckCounts): string {
+  const slow = Object.values(checks.backendOver10Ms).reduce((n, c) => n + c, 0);
+  const all = Object.values(checks.backendCalls).reduce((n, c) => n + c, 0);
+  return `${slow} of ${all}`;
+}
+
 /** Latency at each fixed rate: one row per target, scenario and rate. */
 export function latencyTable(results: readonly ScenarioResult[]): string {
-  const header = ["target", "scenario", "tool", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lag p99 ms", "server cores", "CPU us/chk", "GC >10ms", "major GC ms", "errors"];
+  const header = ["target", "scenario", "tool", "rate/s", "got/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "lag p99 ms", "server cores", "CPU us/chk", "GC >10ms", "major GC ms", "I/O >10ms", "errors"];
   const rows = results.flatMap((r) =>
     r.fixedRates.map((f) => [
       r.target,
@@ -283,6 +291,7 @@ export function latencyTable(results: readonly ScenarioResult[]): string {
       f.cpuMicrosPerCheck.toFixed(0),
       f.checks === null ? "-" : String(Object.values(f.checks.gc).reduce((n, g) => n + g.over10Ms, 0)),
       f.checks === null ? "-" : (f.checks.gc["major"]?.totalMs ?? 0).toFixed(1),
+      f.checks === null ? "-" : slowIo(f.checks),
       String(errorsOf(f)),
     ]),
   );

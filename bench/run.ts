@@ -492,7 +492,7 @@ function report(input: {
     `${latencyHeading(results, ctx.settings)}:`,
     latencyTable(results),
     "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",
-    "GC >10ms: keygate's GC pauses over 10 ms during the run, any kind; major GC ms: its mark-compact pauses in total (nodejs_gc_duration_seconds, main thread only).",
+    "GC >10ms: keygate's GC pauses over 10 ms during the run, any kind; major GC ms: its mark-compact pauses in total (nodejs_gc_duration_seconds, main thread only). I/O >10ms: keygate's Redis and store calls on the Check path that took over 10 ms, of all of them (keygate_backend_duration_seconds).",
     "",
     ...(input.oneKey.length === 0
       ? [`h2load one key: not run (${ctx.options.oneKey ? "h2load missing" : "--no-one-key"})`]

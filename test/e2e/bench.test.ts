@@ -58,6 +58,7 @@ const phaseSchema = z.object({
     .object({
       reasons: z.record(z.string(), z.number()),
       backendCalls: z.record(z.string(), z.number()),
+      backendOver10Ms: z.record(z.string(), counted),
       gc: z.record(z.string(), z.object({ count: counted, totalMs: counted, over10Ms: counted })),
     })
     .nullable(),
@@ -214,5 +215,11 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     const gcs = keygatePhases.flatMap((phase) => Object.values(phase.checks?.gc ?? {}));
     expect(gcs.reduce((n, g) => n + g.count, 0)).toBeGreaterThan(0);
     for (const pauses of gcs) expect(pauses.over10Ms).toBeLessThanOrEqual(pauses.count);
+    // Slow backend calls are a subset of the calls of the same backend and operation.
+    for (const phase of keygatePhases) {
+      for (const [series, slow] of Object.entries(phase.checks?.backendOver10Ms ?? {})) {
+        expect(slow, series).toBeLessThanOrEqual(phase.checks?.backendCalls[series] ?? 0);
+      }
+    }
   });
 });
