@@ -252,6 +252,33 @@ describe("decodeCheckRequest happy", () => {
     });
   });
 
+  it("reads the same strings from a message under and over 4 KiB (a request body Envoy sends along)", () => {
+    // Strings of a message up to 4 KiB are cut from one text of it, of a larger one one by one.
+    const request = (body: string) =>
+      create(CheckRequestSchema, {
+        attributes: {
+          request: {
+            http: {
+              id: "req-2",
+              method: "POST",
+              path: "/v1/decks?q=ünïcode",
+              // HttpRequest.body (field 11), which keygate's copy of the proto leaves out.
+              $unknown: [{ no: 11, wireType: WireType.LengthDelimited, data: raw((w) => w.string(body)) }],
+              headers: { authorization: "Bearer kg_live_abc", "x-name": "Zoë", "x-long": "v".repeat(300), "x-ascii": "plain" },
+            },
+          },
+          contextExtensions: { scopes: "decks:write" },
+        },
+      });
+    for (const bodyLength of [0, 3000, 4096, 70_000]) {
+      const bytes = toBinary(CheckRequestSchema, request("b".repeat(bodyLength)));
+      const decoded = expectSameAsProtobufEs(bytes);
+      const http = decoded.ok ? decoded.value.attributes?.request?.http : undefined;
+      expect(http?.headers, `body of ${bodyLength}`).toStrictEqual({ authorization: "Bearer kg_live_abc", "x-name": "Zoë", "x-long": "v".repeat(300), "x-ascii": "plain" });
+      expect(http?.path).toBe("/v1/decks?q=ünïcode");
+    }
+  });
+
   it("gives proto3 defaults for an empty request and empty messages", () => {
     expect(expectSameAsProtobufEs(new Uint8Array(0))).toStrictEqual({ ok: true, value: { $typeName: "keygate.authz.v1.CheckRequestView" } });
     const decoded = expectSameAsProtobufEs(aroundHttp(raw((w) => w.tag(13, WireType.LengthDelimited).bytes(raw((m) => m.tag(1, WireType.LengthDelimited).bytes(new Uint8Array(0)))))));
