@@ -138,16 +138,84 @@ const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameFie
 
 
 /**
+ * The encoded identity of keys that keep coming: each one's identity headers (the start of
+ * ok_response) and metadata entries (the Struct's fields), kept per snapshot in a small
+ * direct-mapped table. Every KEEP_EVERY-th answer not served from the table keeps its key's
+ * identity in the key's slot, so a key that keeps coming is soon answered by copying two
+ * buffers, while traffic spread over many keys pays a comparison per answer and a copy per
+ * KEEP_EVERY. Snapshots are never changed in place: a revoked, rescoped or re-planned key comes
+ * back as a new snapshot, which its slot does not match. The table is bounded (IDENTITY_SLOTS
+ * slots of SLOT_BYTES, in one buffer), so the memory per cached key stays that of L1.
+ */
+class IdentitySlot {
+  /** The snapshot whose identity the slot holds, or null. */
+  snapshot: CheckSnapshot | null = null;
+  /** The slot's room for the identity headers, and the part of it they fill. */
+  readonly headersRoom: Buffer;
+  headers: Buffer;
+  /** The slot's room for the metadata entries, and the part of it they fill. */
+  readonly metadataRoom: Buffer;
+  metadata: Buffer;
+
+  constructor(arena: Buffer, at: number) {
+    this.headersRoom = arena.subarray(at, at + HEADERS_ROOM);
+    this.metadataRoom = arena.subarray(at + HEADERS_ROOM, at + SLOT_BYTES);
+    this.headers = this.headersRoom.subarray(0, 0);
+    this.metadata = this.metadataRoom.subarray(0, 0);
+  }
+
+  /** Holds the identity of `snapshot`, copied from an answer's bytes. */
+  keep(snapshot: CheckSnapshot, answer: Buffer, headersAt: number, headersEnd: number, metadataAt: number, metadataEnd: number): void {
+    this.snapshot = snapshot;
+    this.headers = this.headersRoom.subarray(0, answer.copy(this.headersRoom, 0, headersAt, headersEnd));
+    this.metadata = this.metadataRoom.subarray(0, answer.copy(this.metadataRoom, 0, metadataAt, metadataEnd));
+  }
+
+  clear(): void {
+    this.snapshot = null;
+    this.headers = this.headersRoom.subarray(0, 0);
+    this.metadata = this.metadataRoom.subarray(0, 0);
+  }
+}
+const IDENTITY_SLOTS = 1024;
+const KEEP_EVERY = 16;
+// Room a slot has for a key's identity: one buffer for the table, made once, so keeping an
+// identity allocates no memory of its own (small buffers would pin Node's 8 KiB pool slabs), and
+// left uninitialized, so only the slots used take memory. A slot's bytes are read only up to what
+// was copied in. An identity too long for it (a long list of scopes, say) is never kept.
+const HEADERS_ROOM = 512;
+const METADATA_ROOM = 384;
+const SLOT_BYTES = HEADERS_ROOM + METADATA_ROOM;
+const identitySlots: IdentitySlot[] = (() => {
+  const arena = Buffer.allocUnsafeSlow(IDENTITY_SLOTS * SLOT_BYTES);
+  return Array.from({ length: IDENTITY_SLOTS }, (_, i) => new IdentitySlot(arena, i * SLOT_BYTES));
+})();
+/** Answers not served from the table, counted to pick every KEEP_EVERY-th. */
+let unkept = 0;
+
+/** A key's slot: by the last three characters of its id (a ULID's, which vary most). */
+function identitySlot(snapshot: CheckSnapshot): IdentitySlot {
+  const id = snapshot.key.id;
+  const n = id.length;
+  const index = (id.charCodeAt(n - 1) + 61 * id.charCodeAt(n - 2) + 3721 * id.charCodeAt(n - 3)) & (IDENTITY_SLOTS - 1);
+  // A shorter id reads NaN, which picks slot 0.
+  return identitySlots[index] as IdentitySlot;
+}
+
+/** Forgets every kept identity, and makes the next answer not served from the table keep its key's (tests of the table). */
+export function clearIdentitySlots(): void {
+  unkept = KEEP_EVERY - 1;
+  for (const slot of identitySlots) slot.clear();
+}
+
+/**
  * An allow in one buffer: the OK status, the ok_response field (the key's identity headers, then
  * headers_to_remove and response_headers_to_add), then the key's identity metadata. The identity
- * is encoded here from the cached fields, names and framing from per-process constants: keeping
- * its bytes per key would cost about 400 bytes of memory for each cached key to save about a
- * microsecond per allow.
+ * comes from the key's slot when it holds it, else it is encoded here from the cached fields,
+ * names and framing from per-process constants.
  */
 function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number): Uint8Array {
   const { snapshot } = decision;
-  const withProject = snapshot.key.projectId !== null;
-  const values = identityValues(snapshot);
   const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
   // The limit headers are written from the numbers (limit-headers.ts) unless one of them is not
   // a plain count, which takes the general path through limitHeaders' strings.
@@ -155,18 +223,27 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   const direct = limits === null || directLimits(limits, nowMs);
   const add = direct ? NO_HEADERS : limitHeaders(limits, nowMs);
   const { forwarded } = decision;
-  // UTF-8 sizes: of each identity value, and of each forwarded, then added, header's key, value
-  // and HeaderValue (three a header).
-  const valueBytes = new Array<number>(values.length);
+  const slot = identitySlot(snapshot);
+  const kept = slot.snapshot === snapshot;
+  // Unless kept: the identity values and their UTF-8 sizes.
+  const values = kept ? NO_VALUES : identityValues(snapshot);
+  const valueBytes = kept ? NO_SIZES : new Array<number>(values.length);
   for (let i = 0; i < values.length; i++) valueBytes[i] = utf8Length(values[i] as string);
-  const sizes = new Array<number>((forwarded.length + add.length) * 3);
+  const withProject = snapshot.key.projectId !== null;
   let okLength = 0;
   let structLength = 0;
-  for (let i = 0; i < values.length; i++) {
-    const bytes = valueBytes[i] as number;
-    if (i !== PROJECT_FIELD || withProject) okLength += fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, bytes)) + APPEND_ACTION.length);
-    structLength += fieldBytes(metadataEntryBytes(i, bytes));
+  if (kept) {
+    okLength = slot.headers.length;
+    structLength = slot.metadata.length;
+  } else {
+    for (let i = 0; i < values.length; i++) {
+      const bytes = valueBytes[i] as number;
+      if (i !== PROJECT_FIELD || withProject) okLength += fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, bytes)) + APPEND_ACTION.length);
+      structLength += fieldBytes(metadataEntryBytes(i, bytes));
+    }
   }
+  // UTF-8 sizes of each forwarded, then added, header's key, value and HeaderValue (three a header).
+  const sizes = forwarded.length + add.length === 0 ? NO_SIZES : new Array<number>((forwarded.length + add.length) * 3);
   okLength += sizeHeaders(forwarded, sizes, 0);
   for (const name of remove) okLength += fieldBytes(utf8Length(name));
   okLength += sizeHeaders(add, sizes, forwarded.length * 3);
@@ -176,38 +253,70 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   let at = OK_STATUS_FIELD.length;
   out[at++] = OK_RESPONSE_TAG;
   at = writeVarint(out, at, okLength);
-  for (let i = 0; i < values.length; i++) {
-    if (i === PROJECT_FIELD && !withProject) continue;
-    const name = IDENTITY_HEADERS[i] as Buffer;
-    const bytes = valueBytes[i] as number;
-    const headerBytes = headerValueBytes(name, bytes);
-    out[at++] = IDENTITY_TAG;
-    at = writeVarint(out, at, fieldBytes(headerBytes) + APPEND_ACTION.length);
-    out[at++] = HEADER_TAG;
-    at = writeVarint(out, at, headerBytes);
-    at = copyBytes(out, at, name);
-    if (bytes !== 0) at = writeString(out, at, VALUE_TAG, values[i] as string, bytes);
-    out[at++] = APPEND_ACTION[0];
-    out[at++] = APPEND_ACTION[1];
-  }
+  const headersAt = at;
+  if (kept) {
+    out.set(slot.headers, at);
+    at += slot.headers.length;
+  } else at = writeIdentityHeaders(out, at, values, valueBytes, withProject);
+  const headersEnd = at;
   at = writeHeaders(out, at, IDENTITY_TAG, forwarded, sizes, 0);
   for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, utf8Length(name));
   at = writeHeaders(out, at, ADD_TAG, add, sizes, forwarded.length * 3);
   if (direct && limits !== null) at = writeLimitHeaders(out, at, limits, nowMs);
   out[at++] = METADATA_TAG;
   at = writeVarint(out, at, structLength);
+  if (kept) {
+    out.set(slot.metadata, at);
+    return out;
+  }
+  const metadataAt = at;
+  at = writeMetadata(out, at, values, valueBytes);
+  if (++unkept % KEEP_EVERY === 0 && headersEnd - headersAt <= HEADERS_ROOM && at - metadataAt <= METADATA_ROOM) {
+    slot.keep(snapshot, out, headersAt, headersEnd, metadataAt, at);
+  }
+  return out;
+}
+
+// Of the same element kinds as identityValues' and new Array<number>(n)'s arrays, so the code
+// reading them sees one kind of array either way. Always empty: nothing is written to them.
+const NO_VALUES: readonly string[] = [""].slice(1);
+const NO_SIZES: number[] = new Array<number>(0);
+
+/** The identity headers (ok_response's first fields) from the values; returns the position after them. */
+function writeIdentityHeaders(out: Buffer, at: number, values: readonly string[], valueBytes: readonly number[], withProject: boolean): number {
+  let pos = at;
+  for (let i = 0; i < values.length; i++) {
+    if (i === PROJECT_FIELD && !withProject) continue;
+    const name = IDENTITY_HEADERS[i] as Buffer;
+    const bytes = valueBytes[i] as number;
+    const headerBytes = headerValueBytes(name, bytes);
+    out[pos++] = IDENTITY_TAG;
+    pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
+    out[pos++] = HEADER_TAG;
+    pos = writeVarint(out, pos, headerBytes);
+    pos = copyBytes(out, pos, name);
+    if (bytes !== 0) pos = writeString(out, pos, VALUE_TAG, values[i] as string, bytes);
+    out[pos++] = APPEND_ACTION[0];
+    out[pos++] = APPEND_ACTION[1];
+  }
+  return pos;
+}
+
+/** The identity metadata's Struct entries from the values; returns the position after them. */
+function writeMetadata(out: Buffer, at: number, values: readonly string[], valueBytes: readonly number[]): number {
+  let pos = at;
   for (let m = 0; m < METADATA_ORDER.length; m++) {
     const i = METADATA_ORDER[m] as number;
     const bytes = valueBytes[i] as number;
     const name = METADATA_NAMES[i] as Buffer;
-    out[at++] = STRUCT_ENTRY_TAG;
-    at = writeVarint(out, at, metadataEntryBytes(i, bytes));
-    at = copyBytes(out, at, name);
-    out[at++] = ENTRY_VALUE_TAG;
-    at = writeVarint(out, at, fieldBytes(bytes));
-    at = writeString(out, at, STRING_VALUE_TAG, values[i] as string, bytes);
+    out[pos++] = STRUCT_ENTRY_TAG;
+    pos = writeVarint(out, pos, metadataEntryBytes(i, bytes));
+    pos = copyBytes(out, pos, name);
+    out[pos++] = ENTRY_VALUE_TAG;
+    pos = writeVarint(out, pos, fieldBytes(bytes));
+    pos = writeString(out, pos, STRING_VALUE_TAG, values[i] as string, bytes);
   }
-  return out;
+  return pos;
 }
 
 /**

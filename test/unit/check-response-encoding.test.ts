@@ -4,7 +4,7 @@ import { describe, expect, it } from "vitest";
 import type { Allow, Decision, Deny } from "../../src/authz/pipeline.js";
 import { DENIALS } from "../../src/authz/reasons.js";
 import type { DenyReason } from "../../src/authz/reasons.js";
-import { encodeCheckResponse, toCheckResponse } from "../../src/authz/to-envoy.js";
+import { clearIdentitySlots, encodeCheckResponse, toCheckResponse } from "../../src/authz/to-envoy.js";
 import { newKeyRecord } from "../../src/store/store.js";
 import { CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { ChargeResult } from "../../src/limits/limits.js";
@@ -108,8 +108,10 @@ describe("Check response encoding happy", () => {
     fc.assert(
       fc.property(allowArb, clientHeaders, text, count, (allow, names, requestId, nowMs) => {
         same(allow, names, requestId, nowMs);
-        // Again for the same snapshot: now from the parts kept for it.
+        // Twice more for the same snapshot: its slot keeps its identity on the second answer
+        // and copies it on the third.
         same(allow, names, requestId, nowMs + 1000);
+        same(allow, names, requestId, nowMs + 2000);
       }),
       { numRuns: 300 },
     );
@@ -134,6 +136,48 @@ describe("Check response encoding happy", () => {
       const decoded = fromBinary(CheckResponseSchema, encodeCheckResponse(allow, [], "r", 0));
       expect(decoded.dynamicMetadata?.["key_id"]).toBe(allow.snapshot.key.id);
       expect(decoded.httpResponse.case).toBe("okResponse");
+    }
+  });
+});
+
+describe("Check response encoding: identities kept for keys that keep coming", () => {
+  const sample = (seed: number): Allow => {
+    const [allow] = fc.sample(allowArb, { numRuns: 1, seed });
+    if (allow === undefined) throw new Error("no sample");
+    return allow;
+  };
+  const identityOf = (allow: Allow) => {
+    const decoded = fromBinary(CheckResponseSchema, encodeCheckResponse(allow, [], "r", 0));
+    if (decoded.httpResponse.case !== "okResponse") throw new Error("expected an allow");
+    return { headers: decoded.httpResponse.value.headers.map((h) => `${h.header?.key}=${h.header?.value}`), metadata: decoded.dynamicMetadata };
+  };
+
+  it("answers a key changed in L1 (a new snapshot, same id) with its new identity at once", () => {
+    clearIdentitySlots();
+    const sampled = sample(7);
+    const before: Allow = {
+      ...sampled,
+      snapshot: { key: { ...sampled.snapshot.key, id: "key_01JCHANGED0000000000000000", scopes: ["read"] }, account: { ...sampled.snapshot.account, plan: "free" } },
+    };
+    for (let i = 0; i < 3; i++) same(before, [], "r", 0);
+    // Rescoped and moved to another plan: L1 holds a new snapshot object for the key.
+    const after: Allow = { ...before, snapshot: { key: { ...before.snapshot.key, scopes: ["read", "write"] }, account: { ...before.snapshot.account, plan: "pro" } } };
+    expect(identityOf(after).metadata?.["scopes"]).toBe("read,write");
+    expect(identityOf(after).metadata?.["plan"]).toBe("pro");
+    expect(identityOf(after).headers).toContain("x-keygate-scopes=read,write");
+    for (const allow of [after, after, before, after]) same(allow, [], "r", 0);
+  });
+
+  it("keeps two keys of one slot apart however they alternate", () => {
+    clearIdentitySlots();
+    const a = sample(11);
+    const b = sample(12);
+    // The same last three characters: the same slot.
+    a.snapshot.key.id = "key_01JAAAAAAAAAAAAAAAAAAAAXYZ";
+    b.snapshot.key.id = "key_01JBBBBBBBBBBBBBBBBBBBBXYZ";
+    for (const allow of [a, a, a, b, b, b, a, b, a, a, b, b]) {
+      same(allow, ["x-keygate-key-id"], "r", 5);
+      expect(identityOf(allow).metadata?.["key_id"]).toBe(allow.snapshot.key.id);
     }
   });
 });
