@@ -1,5 +1,4 @@
-import { BinaryReader } from "@bufbuild/protobuf/wire";
-import type { WireType } from "@bufbuild/protobuf/wire";
+import { BinaryReader, WireType } from "@bufbuild/protobuf/wire";
 import type {
   AttributeContextView,
   CheckRequestView,
@@ -48,7 +47,7 @@ export function decodeCheckRequest(bytes: Uint8Array): CheckRequestView {
       const wireType: WireType = tag & 7;
       // Like protobuf-es, a known field is read as its declared type whatever its wire type says.
       if (fieldNo === CheckRequestField.attributes) message.attributes = readAttributeContext(reader, message.attributes);
-      else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.checkRequest);
+      else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.checkRequest);
     }
   } finally {
     decoding = NOTHING;
@@ -137,6 +136,40 @@ function readTag(reader: BinaryReader): number {
   return tag;
 }
 
+/**
+ * BinaryReader.skip without the view of the skipped bytes it returns: one allocation per field
+ * skipped, and most of what Envoy sends is skipped. The same steps, bounds check and error for
+ * varints, fixed-width and length-delimited fields; groups (which Envoy never sends) and unknown
+ * wire types are left to skip itself.
+ */
+function skipField(reader: BinaryReader, wireType: WireType, fieldNo: number, recursionLimit: number): void {
+  switch (wireType) {
+    case WireType.Varint: {
+      // Bytes until one without the continuation bit; past the end reads as that byte.
+      let byte: number;
+      do byte = decoding[reader.pos++] ?? 0;
+      while ((byte & 0x80) !== 0);
+      break;
+    }
+    case WireType.Bit64:
+      reader.pos += 8;
+      break;
+    case WireType.Bit32:
+      reader.pos += 4;
+      break;
+    case WireType.LengthDelimited: {
+      // Read first: `pos += uint32()` would add the length to pos as it was before the varint.
+      const length = reader.uint32();
+      reader.pos += length;
+      break;
+    }
+    default:
+      reader.skip(wireType, fieldNo, recursionLimit);
+      return;
+  }
+  if (reader.pos > reader.len) throw new RangeError("premature EOF");
+}
+
 // Each reader below takes the message a previous occurrence of its field built (or undefined)
 // and merges into it, as protobuf-es does when a singular message field repeats.
 
@@ -149,7 +182,7 @@ function readAttributeContext(reader: BinaryReader, into: AttributeContextView |
     const wireType: WireType = tag & 7;
     if (fieldNo === AttributeContextField.request) message.request = readRequest(reader, message.request);
     else if (fieldNo === AttributeContextField.contextExtensions) readStringMapEntry(reader, message.contextExtensions, Depth.attributeContext);
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.attributeContext);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.attributeContext);
   }
   return message;
 }
@@ -162,7 +195,7 @@ function readRequest(reader: BinaryReader, into: RequestView | undefined): Reque
     const fieldNo = tag >>> 3;
     const wireType: WireType = tag & 7;
     if (fieldNo === RequestField.http) message.http = readHttpRequest(reader, message.http);
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.request);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.request);
   }
   return message;
 }
@@ -191,7 +224,7 @@ function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined
         message.headerMap = readHeaderMap(reader, message.headerMap);
         break;
       default:
-        reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.httpRequest);
+        skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.httpRequest);
     }
   }
   return message;
@@ -205,7 +238,7 @@ function readHeaderMap(reader: BinaryReader, into: HeaderMapView | undefined): H
     const fieldNo = tag >>> 3;
     const wireType: WireType = tag & 7;
     if (fieldNo === HeaderMapField.headers) message.headers.push(readHeaderValue(reader));
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.headerMap);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.headerMap);
   }
   return message;
 }
@@ -222,7 +255,7 @@ function readHeaderValue(reader: BinaryReader): HeaderValueView {
     if (fieldNo === HeaderValueField.key) key = readString(reader);
     else if (fieldNo === HeaderValueField.value) value = readString(reader);
     else if (fieldNo === HeaderValueField.rawValue) rawValue = reader.bytes();
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - Depth.headerValue);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.headerValue);
   }
   // raw_value is a view of the request's bytes, as protobuf-es returns it.
   return { $typeName: "keygate.authz.v1.HeaderValueView", key, value, rawValue: rawValue ?? new Uint8Array(0) };
@@ -271,7 +304,7 @@ function readStringMapEntry(reader: BinaryReader, record: { [key: string]: strin
     const wireType: WireType = tag & 7;
     if (fieldNo === MapEntryField.key) key = readString(reader);
     else if (fieldNo === MapEntryField.value) value = readString(reader);
-    else reader.skip(wireType, fieldNo, RECURSION_LIMIT - depth);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - depth);
   }
   // A header named __proto__ is an own property like any other, never the record's prototype.
   if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
