@@ -177,7 +177,7 @@ export class DecisionPipeline {
     const v = this.#version;
     const credential = extractCredential(input.headers, v.credentialHeaders);
     if (!credential.ok) return FIXED[credential.reason];
-    if (this.deps.format.parse(credential.key) === null) return FIXED.MALFORMED_KEY;
+    if (!this.deps.format.isWellFormed(credential.key)) return FIXED.MALFORMED_KEY;
     // After the credential's shape (a keyless or malformed request is a 401 whatever its path, and
     // a flood of bad keys pays nothing for routing) and before the lookup: a path with no canonical
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
@@ -192,7 +192,7 @@ export class DecisionPipeline {
   /** VerifyKey: the same steps for a bare key, with optional requirements, charging nothing. */
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
     const v = this.#version;
-    if (this.deps.format.parse(key) === null) return FIXED.MALFORMED_KEY;
+    if (!this.deps.format.isWellFormed(key)) return FIXED.MALFORMED_KEY;
     return this.#withSnapshot(key, (snapshot) => this.#judge(v, snapshot, NO_HEADERS, route, false, undefined), undefined);
   }
 

@@ -50,19 +50,30 @@ export class KeyFormat {
 
   /** Shape and checksum test, with no I/O. Returns null for anything that is not a key. */
   parse(candidate: string): ParsedKey | null {
-    if (candidate.length !== this.length) return null;
-    let mode: KeyMode;
-    if (candidate.startsWith(this.liveHead)) mode = "live";
-    else if (candidate.startsWith(this.testHead)) mode = "test";
-    else return null;
-    const bodyStart = this.liveHead.length;
-    for (let i = bodyStart; i < candidate.length; i++) {
+    if (!this.isWellFormed(candidate)) return null;
+    const mode: KeyMode = candidate.startsWith(this.liveHead) ? "live" : "test";
+    return { mode, start: candidate.slice(0, this.liveHead.length + 4), last4: candidate.slice(-4) };
+  }
+
+  /**
+   * parse's test alone, for the Check path: the checksum is compared character by character,
+   * without building its text or the parsed key.
+   */
+  isWellFormed(candidate: string): boolean {
+    if (candidate.length !== this.length) return false;
+    if (!candidate.startsWith(this.liveHead) && !candidate.startsWith(this.testHead)) return false;
+    for (let i = this.liveHead.length; i < candidate.length; i++) {
       const code = candidate.charCodeAt(i);
-      if (code >= 128 || IS_BASE62[code] === 0) return null;
+      if (code >= 128 || IS_BASE62[code] === 0) return false;
     }
+    // checksum() writes the CRC's base62 digits most significant first: read them from the end.
     const checksumStart = candidate.length - KEY_CHECKSUM_LENGTH;
-    if (checksum(candidate.slice(0, checksumStart)) !== candidate.slice(checksumStart)) return null;
-    return { mode, start: candidate.slice(0, bodyStart + 4), last4: candidate.slice(-4) };
+    let value = crc32(candidate.slice(0, checksumStart));
+    for (let i = candidate.length - 1; i >= checksumStart; i--) {
+      if (candidate.charCodeAt(i) !== BASE62.charCodeAt(value % 62)) return false;
+      value = Math.floor(value / 62);
+    }
+    return true;
   }
 }
 

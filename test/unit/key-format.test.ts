@@ -34,6 +34,30 @@ describe("key format happy", () => {
   });
 });
 
+/** The shape and checksum test spelled out: the documented pattern, and the checksum's text. */
+function wellFormedReference(candidate: string): boolean {
+  return /^kg_(live|test)_[0-9A-Za-z]{38}$/.test(candidate) && checksum(candidate.slice(0, -6)) === candidate.slice(-6);
+}
+
+describe("key format: the Check path's test", () => {
+  it("isWellFormed agrees with the pattern and checksum text for keys, altered keys and any text", () => {
+    const keys = Array.from({ length: 20 }, (_, i) => format.generate(i % 2 === 0 ? "live" : "test"));
+    const alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_é";
+    const altered = fc
+      .tuple(fc.constantFrom(...keys), fc.nat(), fc.constantFrom(...alphabet))
+      .map(([key, at, ch]) => key.slice(0, at % key.length) + ch + key.slice((at % key.length) + 1));
+    const candidates = fc.oneof(fc.constantFrom(...keys), altered, fc.string({ maxLength: 60 }), fc.string({ unit: "binary", minLength: 46, maxLength: 46 }));
+    fc.assert(
+      fc.property(candidates, (candidate) => {
+        expect(format.isWellFormed(candidate)).toBe(wellFormedReference(candidate));
+        expect(format.parse(candidate) !== null).toBe(wellFormedReference(candidate));
+      }),
+      { numRuns: 3000, seed: 77 },
+    );
+    for (const key of keys) expect(format.isWellFormed(key)).toBe(true);
+  });
+});
+
 describe("key format error", () => {
   it("rejects a key with any single character changed", () => {
     const key = format.generate("live");
