@@ -184,7 +184,16 @@ export class DecisionPipeline {
     const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
     if (route instanceof RouteRefusal) return route;
     const trace = input.trace;
-    const decision = this.#withSnapshot(credential.key, (snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace), trace);
+    // A key in L1 is judged here and now, without the closure a lookup waits with.
+    const hash = this.deps.hasher.hash(credential.key);
+    const cached = this.deps.lookup.peek(hash);
+    let decision: Decision | Promise<Decision>;
+    if (cached !== undefined) {
+      if (trace !== undefined) trace.cacheTier = "l1";
+      decision = this.#judge(v, cached, v.presentCredentials.of(input.headers), route, true, trace);
+    } else {
+      decision = this.deps.lookup.load(hash, trace).then((snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace));
+    }
     // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
     return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;
   }
@@ -193,7 +202,11 @@ export class DecisionPipeline {
   async verify(key: string, route: RouteRequirements): Promise<Decision> {
     const v = this.#version;
     if (!this.deps.format.isWellFormed(key)) return FIXED.MALFORMED_KEY;
-    return this.#withSnapshot(key, (snapshot) => this.#judge(v, snapshot, NO_HEADERS, route, false, undefined), undefined);
+    const hash = this.deps.hasher.hash(key);
+    const cached = this.deps.lookup.peek(hash);
+    // undefined: not in L1; null: in L1 as unknown.
+    const snapshot = cached !== undefined ? cached : await this.deps.lookup.load(hash, undefined);
+    return this.#judge(v, snapshot, NO_HEADERS, route, false, undefined);
   }
 
   /**
@@ -238,16 +251,6 @@ export class DecisionPipeline {
     return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
   }
 
-  #withSnapshot(key: string, judge: (snapshot: CheckSnapshot | null) => Decision | Promise<Decision>, trace: DecisionTrace | undefined): Decision | Promise<Decision> {
-    const hash = this.deps.hasher.hash(key);
-    const cached = this.deps.lookup.peek(hash);
-    if (cached !== undefined) {
-      if (trace !== undefined) trace.cacheTier = "l1";
-      return judge(cached);
-    }
-    return this.deps.lookup.load(hash, trace).then(judge);
-  }
-
   /** The limits step; a Redis meter's call is a span of a traced decision. */
   #charge(input: ChargeInput, trace: DecisionTrace | undefined): ChargeResult | Promise<ChargeResult> {
     if (trace === undefined || this.deps.limitsBackend !== "redis") return this.deps.meter.charge(input);
@@ -272,8 +275,8 @@ export class DecisionPipeline {
     }
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
     const charged = this.#charge(this.#chargeInput(v, snapshot, route, nowMs), trace);
-    const finish = (limits: ChargeResult): Decision => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs);
-    return charged instanceof Promise ? charged.then(finish) : finish(charged);
+    if (charged instanceof Promise) return charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs));
+    return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
   }
 
   /** Key state, project lock, subscription and scopes: the steps that cost nothing. */
