@@ -302,11 +302,56 @@ function readStringMapEntry(reader: BinaryReader, record: { [key: string]: strin
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
     const wireType: WireType = tag & 7;
-    if (fieldNo === MapEntryField.key) key = readString(reader);
+    if (fieldNo === MapEntryField.key) key = readName(reader);
     else if (fieldNo === MapEntryField.value) value = readString(reader);
     else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - depth);
   }
   // A header named __proto__ is an own property like any other, never the record's prototype.
   if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
-  else record[canonicalName(key)] = value;
+  else record[key] = value;
+}
+
+// The names read most recently, by a hash of their bytes: a name found here is returned without
+// being cut from the message or looked up by its text. A slot holds one name, replaced by the
+// next name of its hash that is not in it; the copy kept is canonicalName's. An empty slot holds
+// "", which is what an empty name reads as.
+const NAME_SLOTS = 256;
+const slotNames: string[] = new Array<string>(NAME_SLOTS).fill("");
+
+/**
+ * A map entry's key as readString reads it, as the process's canonical copy (canonicalName). An
+ * ASCII name under 128 bytes is found in the slots by its bytes when it was read before.
+ */
+function readName(reader: BinaryReader): string {
+  const at = reader.pos;
+  const from = at + 1;
+  const length = decoding[at] ?? 0x80;
+  if (length < 0x80 && from + length <= decoding.length) {
+    const to = from + length;
+    let hash = length;
+    let i = from;
+    for (; i < to; i++) {
+      const byte = decoding[i] ?? 0x80;
+      if (byte >= 0x80) break;
+      hash = (Math.imul(hash, 31) + byte) | 0;
+    }
+    if (i === to) {
+      const slot = hash & (NAME_SLOTS - 1);
+      const known = slotNames[slot] as string;
+      if (known.length === length && sameText(known, from)) {
+        reader.pos = to;
+        return known;
+      }
+      const name = canonicalName(readString(reader));
+      slotNames[slot] = name;
+      return name;
+    }
+  }
+  return canonicalName(readString(reader));
+}
+
+/** True when the message's bytes from `from` are `text`'s character codes (text is ASCII). */
+function sameText(text: string, from: number): boolean {
+  for (let i = 0; i < text.length; i++) if (decoding[from + i] !== text.charCodeAt(i)) return false;
+  return true;
 }

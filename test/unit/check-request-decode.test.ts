@@ -279,6 +279,20 @@ describe("decodeCheckRequest happy", () => {
     }
   });
 
+  it("reads header names of the same length and hash (x-Aa, x-BB) as themselves, together or apart", () => {
+    // keygate finds a name it read before by a hash of its bytes; these two have the same one.
+    const request = (headers: Record<string, string>) =>
+      toBinary(CheckRequestSchema, create(CheckRequestSchema, { attributes: { request: { http: { method: "GET", path: "/", headers } } } }));
+    const namesOf = (bytes: Uint8Array) => {
+      const decoded = expectSameAsProtobufEs(bytes);
+      return decoded.ok ? decoded.value.attributes?.request?.http?.headers : undefined;
+    };
+    expect(namesOf(request({ "x-Aa": "1" }))).toStrictEqual({ "x-Aa": "1" });
+    expect(namesOf(request({ "x-BB": "2" }))).toStrictEqual({ "x-BB": "2" });
+    expect(namesOf(request({ "x-Aa": "3", "x-BB": "4" }))).toStrictEqual({ "x-Aa": "3", "x-BB": "4" });
+    expect(namesOf(request({ "x-BB": "5", "x-Aa": "6", "": "7" }))).toStrictEqual({ "x-BB": "5", "x-Aa": "6", "": "7" });
+  });
+
   it("gives proto3 defaults for an empty request and empty messages", () => {
     expect(expectSameAsProtobufEs(new Uint8Array(0))).toStrictEqual({ ok: true, value: { $typeName: "keygate.authz.v1.CheckRequestView" } });
     const decoded = expectSameAsProtobufEs(aroundHttp(raw((w) => w.tag(13, WireType.LengthDelimited).bytes(raw((m) => m.tag(1, WireType.LengthDelimited).bytes(new Uint8Array(0)))))));
