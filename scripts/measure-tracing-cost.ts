@@ -88,9 +88,9 @@ async function main(): Promise<void> {
   const dropped: Tracing = createTracing({ serviceName: "keygate", sampler: "always_off", samplerRatio: 1, scheduleDelayMs: 100 }, logger, new NoopExporter());
   const sampled: Tracing = createTracing({ serviceName: "keygate", sampler: "parentbased_always_on", samplerRatio: 1, scheduleDelayMs: 100 }, logger, sampledExporter);
   const cores: Record<string, AuthzCore> = {
-    off: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs }),
-    dropped: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs, tracer: dropped.tracer }),
-    sampled: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs, tracer: sampled.tracer }),
+    off: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs }, true),
+    dropped: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs, tracer: dropped.tracer }, true),
+    sampled: createAuthzCore({ pipeline, readiness, metrics, logger, nowMs, tracer: sampled.tracer }, true),
   };
 
   // A typical Envoy request with the proxy's trace context, decoded once: the decoder is the same for all three.

@@ -186,8 +186,9 @@ export interface StartedServer {
 }
 
 /**
- * Receives a Check's answer: the encoded CheckResponse, or null when the key could not be
- * decided (the engine answers UNAVAILABLE). It must not throw: it may run from a promise.
+ * Receives a Check's answer: the encoded CheckResponse (gRPC-framed when the core was made
+ * `framed`), or null when the key could not be decided (the engine answers UNAVAILABLE). It
+ * must not throw: it may run from a promise.
  */
 export type CheckReply<T> = (target: T, answer: Uint8Array | null) => void;
 
@@ -207,8 +208,11 @@ function requestIdOf(request: CheckRequestView, headers: HeaderBag): string {
   return http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
 }
 
-/** Builds the engine-independent Check and health logic. */
-export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">): AuthzCore {
+/**
+ * Builds the engine-independent Check and health logic. `framed`: answers come with their gRPC
+ * message prefix (the h2 engine writes them as they are; grpc-js frames messages itself).
+ */
+export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, framed: boolean): AuthzCore {
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
 
   function fail(error: unknown, startedAt: number, request: CheckRequestView, headers: HeaderBag, trace: DecisionTrace | undefined): void {
@@ -236,7 +240,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">):
     let bytes: Uint8Array;
     try {
       // Only an allow needs the request's header names (to strip spoofed identity headers).
-      bytes = encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs());
+      bytes = encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs(), framed);
     } catch (error) {
       fail(error, startedAt, request, headers, trace);
       reply(target, null);
@@ -293,9 +297,8 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">):
 
 /** Builds the Envoy ext_authz gRPC server (Check and health) on the configured engine. `start` binds it. */
 export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
-  const core = createAuthzCore(deps);
-  if (deps.engine === "h2") return createH2GrpcServer(core, { limits: deps.limits, metrics: deps.metrics, logger: deps.logger, tls: deps.tls ?? null });
-  return createGrpcJsServer(core, deps.limits, deps.metrics, deps.tls ?? null);
+  if (deps.engine === "h2") return createH2GrpcServer(createAuthzCore(deps, true), { limits: deps.limits, metrics: deps.metrics, logger: deps.logger, tls: deps.tls ?? null });
+  return createGrpcJsServer(createAuthzCore(deps, false), deps.limits, deps.metrics, deps.tls ?? null);
 }
 
 function replyGrpcJs(callback: sendUnaryData<Uint8Array>, answer: Uint8Array | null): void {

@@ -1,5 +1,5 @@
 import { constants as h2, createServer as createHttp2Server } from "node:http2";
-import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Session, ServerHttp2Stream } from "node:http2";
+import type { Http2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Session, ServerHttp2Stream } from "node:http2";
 import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
@@ -208,8 +208,20 @@ class Call {
 }
 
 const CALL = Symbol("keygate.call");
+const GUARD = Symbol("keygate.sessionGuard");
 interface CallStream extends ServerHttp2Stream {
   [CALL]?: Call;
+  /** Its session's guard, told when the stream closes. */
+  [GUARD]?: SessionGuard;
+}
+interface GuardedSession extends Http2Session {
+  [GUARD]?: SessionGuard;
+}
+
+/** What a session's idle limit needs to know of its streams: how many are open. */
+interface SessionGuard {
+  opened(): void;
+  closed(): void;
 }
 
 function ignore(): void {}
@@ -256,8 +268,8 @@ function settle(call: Call): void {
   call.message = null;
 }
 
-/** Sends one message and OK trailers: one output buffer, constant headers. */
-function answer(call: Call, framed: Buffer): void {
+/** Sends one framed message and OK trailers: one output buffer, constant headers. */
+function answer(call: Call, framed: Uint8Array): void {
   if (call.done) return;
   settle(call);
   const stream = call.stream;
@@ -273,9 +285,10 @@ function answer(call: Call, framed: Buffer): void {
   }
 }
 
-function replyCheck(call: Call, bytes: Uint8Array | null): void {
-  if (bytes === null) finish(call, UNAVAILABLE_HEADERS);
-  else answer(call, frame(bytes));
+/** A Check's answer, framed by the core (createAuthzCore's `framed`), or null for UNAVAILABLE. */
+function replyCheck(call: Call, framed: Uint8Array | null): void {
+  if (framed === null) finish(call, UNAVAILABLE_HEADERS);
+  else answer(call, framed);
 }
 
 /** Reads DATA into the call's one message; a framing fault answers at once. */
@@ -334,6 +347,7 @@ function onData(this: CallStream, chunk: Buffer): void {
 function onStreamClose(this: CallStream): void {
   const call = this[CALL];
   if (call !== undefined && !call.done) settle(call);
+  this[GUARD]?.closed();
 }
 
 function onDeadline(call: Call): void {
@@ -419,15 +433,22 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
   function onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
     // Every fault of a stream (a reset, a write after the peer left) ends up in 'close'.
     stream.on("error", ignore);
+    // One 'close' handler per stream, shared: it settles the call and tells the session's guard.
+    const callStream: CallStream = stream;
+    const session: GuardedSession | undefined = stream.session;
+    const guard = session?.[GUARD];
+    if (guard !== undefined) {
+      callStream[GUARD] = guard;
+      guard.opened();
+    }
+    stream.on("close", onStreamClose);
     if (headers[h2.HTTP2_HEADER_METHOD] !== "POST") return rejectHttp(stream, NOT_POST_HEADERS);
     if (!isGrpcContentType(headers[h2.HTTP2_HEADER_CONTENT_TYPE])) return rejectHttp(stream, NOT_GRPC_HEADERS);
     const pathHeader = headers[h2.HTTP2_HEADER_PATH];
     const path = typeof pathHeader === "string" ? pathHeader : "";
     const kind = KIND_BY_PATH.get(path);
     const call = new Call(kind ?? Kind.Check, stream);
-    const callStream: CallStream = stream;
     callStream[CALL] = call;
-    stream.on("close", onStreamClose);
     stream.on("end", onEnd);
     if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));
     const encoding = headers["grpc-encoding"];
@@ -491,14 +512,18 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     };
     armIdle();
     armKeepalive();
-    session.on("stream", (stream: ServerHttp2Stream) => {
-      open += 1;
-      clearTimeout(idle);
-      stream.once("close", () => {
+    // onStream and onStreamClose report each stream: no listener or closure per stream here.
+    const guarded: GuardedSession = session;
+    guarded[GUARD] = {
+      opened() {
+        open += 1;
+        clearTimeout(idle);
+      },
+      closed() {
         open -= 1;
         if (open === 0 && !session.closed && !session.destroyed) armIdle();
-      });
-    });
+      },
+    };
     session.once("close", () => {
       clearTimeout(idle);
       clearTimeout(keepalive);

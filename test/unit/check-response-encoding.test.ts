@@ -101,6 +101,10 @@ const clientHeaders = fc.array(
 function same(decision: Decision, names: string[], requestId: string, nowMs: number): void {
   const encoded = encodeCheckResponse(decision, names, requestId, nowMs);
   expect(Buffer.from(encoded).toString("hex")).toBe(Buffer.from(toBinary(CheckResponseSchema, toCheckResponse(decision, names, requestId, nowMs))).toString("hex"));
+  // Framed for the h2 engine: flag 0, the length big-endian, then the same bytes.
+  const framed = Buffer.from(encodeCheckResponse(decision, names, requestId, nowMs, true));
+  expect([framed[0], framed.readUInt32BE(1)]).toStrictEqual([0, encoded.length]);
+  expect(framed.subarray(5).toString("hex")).toBe(Buffer.from(encoded).toString("hex"));
 }
 
 describe("Check response encoding happy", () => {
