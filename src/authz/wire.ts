@@ -75,10 +75,12 @@ export function writeString(out: Buffer, at: number, tag: number, value: string,
 
 /**
  * Buffer.byteLength(value) for UTF-8, counted here: an allow measures about twenty short
- * strings, each cheaper to count than a call into Buffer.byteLength. A lone surrogate counts
- * 3 bytes, as Buffer.write replaces it with U+FFFD.
+ * strings, each cheaper to count than a call into Buffer.byteLength. A longer string (a
+ * denial's JSON body) is counted by Buffer.byteLength. A lone surrogate counts 3 bytes, as
+ * Buffer.write replaces it with U+FFFD.
  */
 export function utf8Length(value: string): number {
+  if (value.length > NATIVE_COPY_FROM) return Buffer.byteLength(value, "utf8");
   let bytes = value.length;
   for (let i = 0; i < value.length; i++) {
     const c = value.charCodeAt(i);
