@@ -105,8 +105,10 @@ export function summarizeProfile(text: string, window: { fromEndMs: number; toEn
   };
 }
 
-/** A profiled run: what ran, its throughput while profiled, and the profile of keygate during it. */
+/** A profiled run: what ran, its throughput while profiled, and the profile of the server during it. */
 export interface ProfiledRun {
+  /** The server profiled: "embedded" (keygate) or a no-op's name. */
+  target: string;
   /** What was profiled, e.g. "hot saturation (ghz, many keys)". */
   scenario: string;
   rps: number;
@@ -116,10 +118,12 @@ export interface ProfiledRun {
 }
 
 /**
- * Runs `measured` against a keygate started with --cpu-prof (after `warm`), then SIGTERM so that
- * node writes the profile, which is cut to the measured run. `measured` returns its throughput.
+ * Runs `measured` against a server (keygate or a no-op) started with --cpu-prof (after `warm`),
+ * then SIGTERM so that node writes the profile, which is cut to the measured run. `measured`
+ * returns its throughput.
  */
 export async function profileRun(
+  target: string,
   scenario: string,
   start: (label: string, nodeArgs: readonly string[]) => Promise<Target>,
   warm: (target: Target) => Promise<unknown>,
@@ -128,27 +132,58 @@ export async function profileRun(
 ): Promise<ProfiledRun> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-cpuprof-"));
   try {
-    const target = await start("keygate embedded (--cpu-prof)", ["--cpu-prof", "--cpu-prof-dir", dir]);
+    const server = await start(`${target} (--cpu-prof)`, ["--cpu-prof", "--cpu-prof-dir", dir]);
     let rps: number;
     let startedAt: number;
     let endedAt: number;
     try {
-      await warm(target);
+      await warm(server);
       startedAt = performance.now();
-      rps = await measured(target);
+      rps = await measured(server);
       endedAt = performance.now();
     } finally {
-      await target.stop();
+      await server.stop();
     }
     const exitedAt = performance.now();
     const file = readdirSync(dir).find((name) => name.endsWith(".cpuprofile"));
-    if (file === undefined) throw new Error(`keygate wrote no .cpuprofile into ${dir}`);
+    if (file === undefined) throw new Error(`${target} wrote no .cpuprofile into ${dir}`);
     const text = readFileSync(join(dir, file), "utf8");
     const profile = summarizeProfile(text, { fromEndMs: exitedAt - startedAt, toEndMs: exitedAt - endedAt });
     // The whole profile is kept beside the results, for Chrome DevTools or speedscope.
     if (keepAs !== undefined) writeFileSync(keepAs, text);
-    return { scenario, rps, profile, ...(keepAs === undefined ? {} : { file: keepAs }) };
+    return { target, scenario, rps, profile, ...(keepAs === undefined ? {} : { file: keepAs }) };
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Busy main-thread time per Check in a profiled run: the window's non-idle share of one core over
+ * the Checks a second answered while profiled (NaN with none).
+ */
+export function busyMicrosPerCheck(run: ProfiledRun): number {
+  if (!(run.rps > 0)) return Number.NaN;
+  return ((100 - run.profile.idlePercent) / 100) * (1e6 / run.rps);
+}
+
+/** One place code lives, in µs of busy main thread a Check in two profiled runs. */
+export interface CategoryCost {
+  category: string;
+  target: number;
+  ceiling: number;
+}
+
+/**
+ * Where `target` spends its busy time a Check next to `ceiling` (the same load on a no-op), by
+ * where the code lives: `target`'s categories in its order, then any only `ceiling` has.
+ */
+export function costByCategory(target: ProfiledRun, ceiling: ProfiledRun): CategoryCost[] {
+  const micros = (run: ProfiledRun) => {
+    const busy = busyMicrosPerCheck(run);
+    return new Map(run.profile.byCategory.map((c) => [c.category, (c.selfPercent / 100) * busy]));
+  };
+  const a = micros(target);
+  const b = micros(ceiling);
+  const names = [...a.keys(), ...[...b.keys()].filter((name) => !a.has(name))];
+  return names.map((category) => ({ category, target: round(a.get(category) ?? 0, 2), ceiling: round(b.get(category) ?? 0, 2) }));
 }

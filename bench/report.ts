@@ -7,6 +7,7 @@ import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from ".
 import type { MemoryResult } from "./memory.js";
 import type { CheckCounts } from "./metrics.js";
 import { round } from "./processes.js";
+import { busyMicrosPerCheck, costByCategory } from "./profile.js";
 import type { ProfiledRun } from "./profile.js";
 import type { ScenarioName, ScenarioResult } from "./scenarios.js";
 import { CEILING, NOOPS } from "./targets.js";
@@ -361,13 +362,31 @@ export function memoryText(memory: MemoryResult): string {
 export function profileText(profiled: ProfiledRun): string {
   const p = profiled.profile;
   const lines = [
-    `cpu profile (embedded, ${profiled.scenario}, ${Math.round(profiled.rps)} rps while profiled): ${p.samples} samples over ${p.windowSeconds} s, ${p.idlePercent}% idle; self time, % of busy samples:`,
+    `cpu profile (${profiled.target}, ${profiled.scenario}, ${Math.round(profiled.rps)} rps while profiled): ${p.samples} samples over ${p.windowSeconds} s, ${p.idlePercent}% idle, ${busyMicrosPerCheck(profiled).toFixed(1)} us of busy main thread a Check; self time, % of busy samples:`,
     ...p.top.slice(0, 15).map((f) => `  ${f.selfPercent.toFixed(1).padStart(5)}%  ${f.functionName}  (${f.location || f.category})`),
     "  by where the code lives:",
     ...p.byCategory.slice(0, 12).map((c) => `  ${c.selfPercent.toFixed(1).padStart(5)}%  ${c.category}`),
     ...(profiled.file === undefined ? [] : [`  whole profile: ${profiled.file}`]),
   ];
   return lines.join("\n");
+}
+
+/**
+ * keygate's profile next to the ceiling's under the same load (one key, h2load): busy main thread
+ * a Check by where the code lives, in µs, and what keygate adds. Empty unless both were profiled.
+ */
+export function profileComparisonText(profiles: readonly ProfiledRun[], ceiling: string): string {
+  const scenario = "one key (h2load)";
+  const target = profiles.find((p) => p.target === "embedded" && p.scenario === scenario);
+  const noop = profiles.find((p) => p.target === ceiling && p.scenario === scenario);
+  if (target === undefined || noop === undefined) return "";
+  const rows = costByCategory(target, noop).map((c) => [c.category, c.target.toFixed(2), c.ceiling.toFixed(2), (c.target - c.ceiling).toFixed(2)]);
+  const total = busyMicrosPerCheck(target);
+  const ceilingTotal = busyMicrosPerCheck(noop);
+  return [
+    `busy main thread a Check, ${scenario}: embedded ${total.toFixed(1)} us, ${ceiling} ${ceilingTotal.toFixed(1)} us (${(total / ceilingTotal).toFixed(2)}x; CPU per Check above also counts the kernel's share), by where the code lives:`,
+    table(["where", "embedded us", `${ceiling} us`, "added us"], rows, 1),
+  ].join("\n");
 }
 
 /** Writes the results JSON into `dir` as <timestamp>.json and returns its path. */

@@ -34,7 +34,7 @@ import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
-import { budget, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileText, ratios, resultsTable, writeResults } from "./report.js";
+import { budget, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, writeResults } from "./report.js";
 import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
 import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
@@ -172,14 +172,22 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
     log("embedded: hot under --cpu-prof");
     profiles.push(
       await timed(ctx, "embedded: profile hot", () =>
-        profileRun("hot saturation (ghz, many keys)", start, (t) => pass(t, ctx.settings, ctx.data.hot), async (t) => (await saturation(t, ctx.settings, ctx.data.hot)).ghz.rps, profileFile(ctx, "hot")),
+        profileRun("embedded", "hot saturation (ghz, many keys)", start, (t) => pass(t, ctx.settings, ctx.data.hot), async (t) => (await saturation(t, ctx.settings, ctx.data.hot)).ghz.rps, profileFile(ctx, "hot")),
       ),
     );
     if (ctx.settings.h2load !== null) {
       log("embedded: one key (h2load) under --cpu-prof");
       profiles.push(
         await timed(ctx, "embedded: profile one key", () =>
-          profileRun("one key (h2load)", start, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey("embedded (profiled)", t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, "one-key")),
+          profileRun("embedded", "one key (h2load)", start, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey("embedded (profiled)", t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, "one-key")),
+        ),
+      );
+      // The ceiling under the same load, so the report can say what keygate adds to the transport.
+      log(`${CEILING}: one key (h2load) under --cpu-prof`);
+      const startCeiling = (_label: string, nodeArgs: readonly string[]): Promise<Target> => startNoop(ctx.options.node, CEILING, nodeArgs);
+      profiles.push(
+        await timed(ctx, `${CEILING}: profile one key`, () =>
+          profileRun(CEILING, "one key (h2load)", startCeiling, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey(`${CEILING} (profiled)`, t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, `${CEILING}-one-key`)),
         ),
       );
     }
@@ -429,6 +437,7 @@ function report(input: {
   const rates = ratios(results, input.oneKey);
   const lines = budget(results, input.oneKey, input.memory, ctx.options.rps);
   const notes = [...ctx.notes, ...standingNotes(results, ctx.options, ctx.settings)];
+  const comparison = profileComparisonText(input.profiles, CEILING);
   const wallSeconds = round((performance.now() - startedAtMs) / 1000, 1);
   const pin = pinning();
   const affinity = observedAffinity();
@@ -508,6 +517,7 @@ function report(input: {
     ...lines.map((l) => `  [${l.met === null ? " -- " : l.met ? " ok " : "MISS"}] ${l.goal}: ${l.measured}`),
     ...(input.memory === null ? [] : ["", memoryText(input.memory)]),
     ...input.profiles.flatMap((p) => ["", profileText(p)]),
+    ...(comparison === "" ? [] : ["", comparison]),
     "",
     ...notes.map((n) => `note: ${n}`),
     ...ctx.skipped.map((s) => `SKIPPED ${s.what}: ${s.why}`),

@@ -82,9 +82,12 @@ export const NOOP_NAMES: readonly NoopName[] = ["noop-h2", "noop-grpc-js"];
 /** The target every ratio is taken against. */
 export const CEILING: NoopName = "noop-h2";
 
-/** Starts a no-op Check server (bench/noop-h2-server.ts or bench/noop-server.ts) as its own process. */
-export async function startNoop(node: string, name: NoopName): Promise<Target> {
-  const child = spawnTracked(name, node, ["--import", tsxLoader, join(root, NOOPS[name])], { cwd: root, env: {}, role: "server" });
+/**
+ * Starts a no-op Check server (bench/noop-h2-server.ts or bench/noop-server.ts) as its own
+ * process, with `nodeArgs` (e.g. --cpu-prof) before its script.
+ */
+export async function startNoop(node: string, name: NoopName, nodeArgs: readonly string[] = []): Promise<Target> {
+  const child = spawnTracked(name, node, [...nodeArgs, "--import", tsxLoader, join(root, NOOPS[name])], { cwd: root, env: {}, role: "server" });
   try {
     const ready = await waitForJsonLine(child, noopListening, START_TIMEOUT_MS);
     return { label: name, grpcPort: ready.grpcPort, adminPort: null, process: child, stop: () => stopGracefully(child, name) };
