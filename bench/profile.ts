@@ -105,6 +105,9 @@ export function summarizeProfile(text: string, window: { fromEndMs: number; toEn
   };
 }
 
+/** The scenario name of the profiled one-key runs (h2load), keygate's and the ceiling's. */
+export const ONE_KEY_PROFILE = "one key (h2load)";
+
 /** A profiled run: what ran, its throughput while profiled, and the profile of the server during it. */
 export interface ProfiledRun {
   /** The server profiled: "embedded" (keygate) or a no-op's name. */

@@ -7,7 +7,7 @@ import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from ".
 import type { MemoryResult } from "./memory.js";
 import type { CheckCounts } from "./metrics.js";
 import { round } from "./processes.js";
-import { busyMicrosPerCheck, costByCategory } from "./profile.js";
+import { ONE_KEY_PROFILE, busyMicrosPerCheck, costByCategory } from "./profile.js";
 import type { ProfiledRun } from "./profile.js";
 import type { ScenarioName, ScenarioResult } from "./scenarios.js";
 import { CEILING, NOOPS } from "./targets.js";
@@ -376,7 +376,7 @@ export function profileText(profiled: ProfiledRun): string {
  * a Check by where the code lives, in µs, and what keygate adds. Empty unless both were profiled.
  */
 export function profileComparisonText(profiles: readonly ProfiledRun[], ceiling: string): string {
-  const scenario = "one key (h2load)";
+  const scenario = ONE_KEY_PROFILE;
   const target = profiles.find((p) => p.target === "embedded" && p.scenario === scenario);
   const noop = profiles.find((p) => p.target === ceiling && p.scenario === scenario);
   if (target === undefined || noop === undefined) return "";

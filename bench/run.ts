@@ -31,7 +31,7 @@ import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
 import { configurePinning, observedAffinity, pinning, pinBackendPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
 import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
-import { profileRun } from "./profile.js";
+import { ONE_KEY_PROFILE, profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
 import { budget, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, writeResults } from "./report.js";
@@ -176,20 +176,17 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
       ),
     );
     if (ctx.settings.h2load !== null) {
-      log("embedded: one key (h2load) under --cpu-prof");
-      profiles.push(
-        await timed(ctx, "embedded: profile one key", () =>
-          profileRun("embedded", "one key (h2load)", start, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey("embedded (profiled)", t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, "one-key")),
-        ),
-      );
-      // The ceiling under the same load, so the report can say what keygate adds to the transport.
-      log(`${CEILING}: one key (h2load) under --cpu-prof`);
+      // keygate, then the ceiling under the same load, so the report can say what keygate adds
+      // to the transport.
       const startCeiling = (_label: string, nodeArgs: readonly string[]): Promise<Target> => startNoop(ctx.options.node, CEILING, nodeArgs);
-      profiles.push(
-        await timed(ctx, `${CEILING}: profile one key`, () =>
-          profileRun(CEILING, "one key (h2load)", startCeiling, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey(`${CEILING} (profiled)`, t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, `${CEILING}-one-key`)),
-        ),
-      );
+      for (const [target, startTarget, file] of [["embedded", start, "one-key"], [CEILING, startCeiling, `${CEILING}-one-key`]] as const) {
+        log(`${target}: ${ONE_KEY_PROFILE} under --cpu-prof`);
+        profiles.push(
+          await timed(ctx, `${target}: profile one key`, () =>
+            profileRun(target, ONE_KEY_PROFILE, startTarget, (t) => probeCheck(t.grpcPort, ctx.oneKeyRequest.message), async (t) => (await oneKey(`${target} (profiled)`, t, ctx.settings, ctx.oneKeyRequest))?.h2load.rps ?? 0, profileFile(ctx, file)),
+          ),
+        );
+      }
     }
   }
   let memory: MemoryResult | null = null;
