@@ -77,7 +77,8 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
   const reload = (why: string): void => {
     if (stopping) return;
     const outcome = keygate.reload();
-    logger.info({ why, ...outcome }, "configuration reload");
+    // "adminTokens" is a secret's field name to the log redaction, so the outcome is logged per file.
+    logger.info({ why, policyFile: outcome.policy, adminTokensFile: outcome.adminTokens, tlsFiles: outcome.tls }, "configuration reload");
   };
   const soon = (): void => {
     if (pending !== undefined) clearTimeout(pending);
