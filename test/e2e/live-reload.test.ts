@@ -68,7 +68,8 @@ describe("live reload", { timeout: 120_000 }, () => {
 
     writeFileSync(policyFile, "plans: [this is not a policy\n");
     await until(async () => sample(await metrics(), "keygate_config_reload_failing", 'file="policy"') === 1, RELOAD_TIMEOUT_MS, "the failed reload to show", POLL);
-    expect(kg.stdout()).toContain("policy reload failed; the policy in force stays");
+    // The log line comes over the child's stdout pipe, which can trail the metrics answer.
+    await until(() => kg.stdout().includes("policy reload failed; the policy in force stays"), RELOAD_TIMEOUT_MS, "the failed reload's log line", POLL);
     expect(await adminRoute()).toBe(200);
 
     writeFileSync(policyFile, stringify({ ...DEFAULT_POLICY_INPUT, routes: [ADMIN_ROUTE] }));
