@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { crc32 } from "node:zlib";
 import type { KeyMode } from "../store/store.js";
+import { crc32Ascii } from "./crc32.js";
 
 const BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /** Random body characters; 32 base62 characters carry about 190 bits. */
@@ -28,12 +29,15 @@ export class KeyFormat {
   readonly liveHead: string;
   readonly testHead: string;
   readonly length: number;
+  /** The prefix is ASCII (configuration allows nothing else), so a checked key is too. */
+  readonly #asciiHead: boolean;
 
   constructor(readonly prefix: string) {
     this.liveHead = `${prefix}_live_`;
     this.testHead = `${prefix}_test_`;
     // Both heads have the same length, so every valid key has this exact length.
     this.length = this.liveHead.length + BODY_LENGTH;
+    this.#asciiHead = /^[\x00-\x7f]*$/.test(prefix);
   }
 
   /** The regular expression secret scanners can use to find leaked keys. */
@@ -68,7 +72,8 @@ export class KeyFormat {
     }
     // checksum() writes the CRC's base62 digits most significant first: read them from the end.
     const checksumStart = candidate.length - KEY_CHECKSUM_LENGTH;
-    let value = crc32(candidate.slice(0, checksumStart));
+    // The head matched and the body is base62, so an ASCII head makes every code a UTF-8 byte.
+    let value = this.#asciiHead ? crc32Ascii(candidate, checksumStart) : crc32(candidate.slice(0, checksumStart));
     for (let i = candidate.length - 1; i >= checksumStart; i--) {
       if (candidate.charCodeAt(i) !== BASE62.charCodeAt(value % 62)) return false;
       value = Math.floor(value / 62);

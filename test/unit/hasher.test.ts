@@ -37,6 +37,25 @@ describe("KeyHasher", () => {
     }
   });
 
+  it("equals HMAC-SHA256 for ASCII keys around one SHA-256 block (the JavaScript path) and non-ASCII ones beside them", () => {
+    const ascii = fc.string({ unit: fc.integer({ min: 0, max: 127 }).map((c) => String.fromCharCode(c)), maxLength: 70 });
+    const near = fc.oneof(ascii, fc.string({ maxLength: 60, unit: "grapheme" }), fc.integer({ min: 50, max: 60 }).map((n) => "k".repeat(n)));
+    fc.assert(
+      fc.property(fc.string({ minLength: 1, maxLength: 100, unit: "grapheme" }), fc.array(near, { minLength: 1, maxLength: 10 }), (pepper, keys) => {
+        const hasher = new KeyHasher(pepper);
+        for (const key of keys) expect(hasher.hash(key)).toBe(createHmac("sha256", Buffer.from(pepper, "utf8")).update(key, "utf8").digest("hex"));
+      }),
+      { numRuns: 600, seed: 55 },
+    );
+    const hasher = new KeyHasher("edge-pepper-0123456789abcdef0123456789");
+    for (let n = 0; n <= 64; n++) {
+      const key = "abcdefghij".repeat(7).slice(0, n);
+      expect(hasher.hash(key)).toBe(createHmac("sha256", "edge-pepper-0123456789abcdef0123456789").update(key).digest("hex"));
+      // A key's last character outside ASCII takes the native path, after the JavaScript one began.
+      expect(hasher.hash(`${key}é`)).toBe(createHmac("sha256", "edge-pepper-0123456789abcdef0123456789").update(`${key}é`).digest("hex"));
+    }
+  });
+
   it("gives the digest the released keygate stored for a known pepper and key", () => {
     const hasher = new KeyHasher("frozen-redis-test-pepper-0123456789abcdef");
     expect(hasher.hash("kg_live_0123456789abcdefghijklmnopqrstuvwxyzAB")).toBe("342b45b3e4b7d02818dde39a3999ab74d5ddcb8f53fd914fcdccb01ba6512bdc");

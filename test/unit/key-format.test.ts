@@ -56,6 +56,13 @@ describe("key format: the Check path's test", () => {
     );
     for (const key of keys) expect(format.isWellFormed(key)).toBe(true);
   });
+
+  it("checks the checksum over UTF-8 bytes for a prefix outside ASCII too", () => {
+    const wide = new KeyFormat("ké");
+    const key = wide.generate("live");
+    expect(wide.isWellFormed(key)).toBe(true);
+    expect(wide.isWellFormed(key.slice(0, -1) + (key.endsWith("A") ? "B" : "A"))).toBe(false);
+  });
 });
 
 describe("key format error", () => {
