@@ -63,8 +63,12 @@ const OK_HEADERS: OutgoingHttpHeaders = {
   "grpc-accept-encoding": ACCEPT_ENCODING,
 };
 const OK_TRAILERS: OutgoingHttpHeaders = { "grpc-status": "0" };
-const WAIT_FOR_TRAILERS = { waitForTrailers: true };
-const END_STREAM = { endStream: true };
+// gRPC answers carry no Date header (as grpc-go's server): nothing in gRPC reads it, and
+// node:http2 would format, add and encode one for every answer.
+const WAIT_FOR_TRAILERS = { waitForTrailers: true, sendDate: false };
+const END_STREAM = { endStream: true, sendDate: false };
+// A plain HTTP refusal (not POST, not gRPC) keeps its Date, as HTTP asks of an origin server.
+const END_HTTP = { endStream: true };
 const NOT_POST_HEADERS: OutgoingHttpHeaders = { [h2.HTTP2_HEADER_STATUS]: 405, [h2.HTTP2_HEADER_ALLOW]: "POST" };
 const NOT_GRPC_HEADERS: OutgoingHttpHeaders = { [h2.HTTP2_HEADER_STATUS]: 415, "grpc-accept-encoding": ACCEPT_ENCODING };
 
@@ -464,7 +468,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
 
   function rejectHttp(stream: ServerHttp2Stream, headers: OutgoingHttpHeaders): void {
     try {
-      stream.respond(headers, END_STREAM);
+      stream.respond(headers, END_HTTP);
       if (!stream.endAfterHeaders) stream.close(h2.NGHTTP2_NO_ERROR);
     } catch {
       stream.destroy();
@@ -479,14 +483,25 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
    */
   function guardSession(session: ServerHttp2Session): void {
     let open = 0;
+    // When the last stream closed (performance.now()); the idle timer reads it when it fires,
+    // so a stream opening and closing touches no timer.
+    let idleSince = performance.now();
     let idle: NodeJS.Timeout | undefined;
     let keepalive: NodeJS.Timeout | undefined;
     const closeIdle = (): void => {
       session.close();
       setTimeout(() => session.destroy(), limits.headersTimeoutMs).unref();
     };
-    const armIdle = (): void => {
-      idle = setTimeout(closeIdle, limits.idleTimeoutMs);
+    const checkIdle = (): void => {
+      idle = undefined;
+      if (session.closed || session.destroyed) return;
+      // Busy now: idle can begin no sooner than a whole timeout from now.
+      const wait = open > 0 ? limits.idleTimeoutMs : idleSince + limits.idleTimeoutMs - performance.now();
+      if (wait <= 0) return closeIdle();
+      armIdle(wait);
+    };
+    const armIdle = (wait: number): void => {
+      idle = setTimeout(checkIdle, Math.ceil(wait));
       idle.unref();
     };
     const ping = (): void => {
@@ -510,18 +525,17 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       keepalive = setTimeout(ping, limits.idleTimeoutMs);
       keepalive.unref();
     };
-    armIdle();
+    armIdle(limits.idleTimeoutMs);
     armKeepalive();
     // onStream and onStreamClose report each stream: no listener or closure per stream here.
     const guarded: GuardedSession = session;
     guarded[GUARD] = {
       opened() {
         open += 1;
-        clearTimeout(idle);
       },
       closed() {
         open -= 1;
-        if (open === 0 && !session.closed && !session.destroyed) armIdle();
+        if (open === 0) idleSince = performance.now();
       },
     };
     session.once("close", () => {
