@@ -174,18 +174,28 @@ function skipField(reader: BinaryReader, wireType: WireType, fieldNo: number, re
 // and merges into it, as protobuf-es does when a singular message field repeats.
 
 function readAttributeContext(reader: BinaryReader, into: AttributeContextView | undefined): AttributeContextView {
-  const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: newRecord() };
+  const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: NO_EXTENSIONS };
   const end = reader.uint32() + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
     const wireType: WireType = tag & 7;
     if (fieldNo === AttributeContextField.request) message.request = readRequest(reader, message.request);
-    else if (fieldNo === AttributeContextField.contextExtensions) readStringMapEntry(reader, message.contextExtensions, Depth.attributeContext);
+    else if (fieldNo === AttributeContextField.contextExtensions) {
+      if (message.contextExtensions === NO_EXTENSIONS) message.contextExtensions = newRecord();
+      readStringMapEntry(reader, message.contextExtensions, Depth.attributeContext);
+    }
     else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - Depth.attributeContext);
   }
   return message;
 }
+
+/**
+ * The context extensions of a request without any (most of them): one frozen empty record for
+ * all, where a record of its own would be a hash table allocated per request; the first entry
+ * gets the request a record of its own.
+ */
+const NO_EXTENSIONS: { [key: string]: string } = Object.freeze(Object.create(null) as { [key: string]: string });
 
 function readRequest(reader: BinaryReader, into: RequestView | undefined): RequestView {
   const message: RequestView = into ?? { $typeName: "keygate.authz.v1.RequestView" };

@@ -56,12 +56,12 @@ const KIND_BY_PATH = new Map<string, Kind>([
 const ACCEPT_ENCODING = "identity";
 const CONTENT_TYPE = "application/grpc";
 
-// Headers that do not change per call, built once (Node copies them before adding `date`).
-const OK_HEADERS: OutgoingHttpHeaders = {
-  [h2.HTTP2_HEADER_STATUS]: 200,
-  [h2.HTTP2_HEADER_CONTENT_TYPE]: CONTENT_TYPE,
-  "grpc-accept-encoding": ACCEPT_ENCODING,
-};
+// The headers of every answer with a message, as a flat name/value list: node:http2 copies a
+// headers object into a new one and lists its keys for each call, while a list that already
+// holds :status (and, with sendDate false, gets no date added) is read as it is, never changed.
+// Frozen: were node:http2 ever to add to it, the answer would fail loudly (the conformance suite)
+// rather than every later answer carrying the addition.
+const OK_HEADERS: readonly string[] = Object.freeze([h2.HTTP2_HEADER_STATUS, "200", h2.HTTP2_HEADER_CONTENT_TYPE, CONTENT_TYPE, "grpc-accept-encoding", ACCEPT_ENCODING]);
 const OK_TRAILERS: OutgoingHttpHeaders = { "grpc-status": "0" };
 // gRPC answers carry no Date header (as grpc-go's server): nothing in gRPC reads it, and
 // node:http2 would format, add and encode one for every answer.
@@ -279,7 +279,7 @@ function answer(call: Call, framed: Uint8Array): void {
   const stream = call.stream;
   if (stream.destroyed || stream.closed) return;
   try {
-    stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
+    stream.respond(OK_HEADERS as string[], WAIT_FOR_TRAILERS);
     // 'wantTrailers', 'close' and 'end' come once per stream: `on` with a shared handler spares
     // the wrapper `once` makes per call.
     stream.on("wantTrailers", sendTrailers);
@@ -419,7 +419,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       stream.write(healthFrame(core.servingStatus(service) ?? HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN));
     };
     try {
-      stream.respond(OK_HEADERS, WAIT_FOR_TRAILERS);
+      stream.respond(OK_HEADERS as string[], WAIT_FOR_TRAILERS);
       stream.on("wantTrailers", sendTrailers);
       send();
     } catch {

@@ -2,6 +2,8 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom
 import type { LookupObserver } from "../cache/lookup.js";
 import { LISTENER_NAMES } from "../config.js";
 import type { ListenerId } from "../config.js";
+import { OneLabelHistogram } from "./histogram.js";
+import type { HistogramCell } from "./histogram.js";
 
 // Sub-millisecond buckets: a cached Check takes tens of microseconds.
 const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
@@ -62,15 +64,15 @@ function decisionOf(reason: string): string {
 /** Prometheus metrics of one keygate process, served on the admin port's /metrics. */
 export class Metrics implements LookupObserver {
   readonly registry = new Registry();
-  readonly #checkDuration: Histogram<"mode">;
+  readonly #checkDuration: OneLabelHistogram;
   readonly #ioDuration: Histogram<"backend" | "op">;
   readonly #ioErrors: Counter<"backend" | "op">;
   readonly #queueSizes = new Map<string, () => number>();
   // Counted per Check as plain numbers, reported at each scrape.
   readonly #checkCounts = new CountCells<"decision" | "reason" | "mode">((mode, reason) => ({ decision: decisionOf(reason), reason, mode }));
   readonly #cacheCounts = new CountCells<"layer" | "result">((layer, result) => ({ layer, result }));
-  // Histogram children are looked up once.
-  readonly #durationChildren = new Map<string, Histogram.Internal<"mode">>();
+  // Each mode's cell of the Check duration histogram, looked up once.
+  readonly #durationCells = new Map<string, HistogramCell>();
   readonly #connections: Gauge<"listener">;
   readonly #connectionsRejected: Counter<"listener">;
   readonly #reloads: Counter<"file" | "result">;
@@ -107,13 +109,8 @@ export class Metrics implements LookupObserver {
         checkCounts.report(this);
       },
     });
-    this.#checkDuration = new Histogram({
-      name: "keygate_check_duration_seconds",
-      help: "Time from a Check arriving to its answer, by mode",
-      labelNames: ["mode"],
-      buckets: CHECK_BUCKETS,
-      registers,
-    });
+    // Observed on every Check: kept as plain numbers, read out as prom-client's Histogram would.
+    this.#checkDuration = new OneLabelHistogram("keygate_check_duration_seconds", "Time from a Check arriving to its answer, by mode", "mode", CHECK_BUCKETS, registers);
     const cacheCounts = this.#cacheCounts;
     new Counter({
       name: "keygate_cache_lookups_total",
@@ -176,10 +173,10 @@ export class Metrics implements LookupObserver {
   /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" an error. */
   recordCheck(mode: "grpc" | "http", reason: string, startedAtMs: number, endedAtMs: number): void {
     this.#checkCounts.add(mode, reason);
-    let duration = this.#durationChildren.get(mode);
+    let duration = this.#durationCells.get(mode);
     if (duration === undefined) {
-      duration = this.#checkDuration.labels(mode);
-      this.#durationChildren.set(mode, duration);
+      duration = this.#checkDuration.cell(mode);
+      this.#durationCells.set(mode, duration);
     }
     duration.observe((endedAtMs - startedAtMs) / 1000);
   }
