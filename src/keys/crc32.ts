@@ -11,9 +11,22 @@ for (let n = 0; n < 256; n++) {
   TABLE[n] = c;
 }
 
+/** The CRC register before any byte. */
+export const CRC32_START = -1;
+
+/** The register after one more byte (a character code under 128). */
+export function crc32Step(crc: number, byte: number): number {
+  return (TABLE[(crc ^ byte) & 0xff] as number) ^ (crc >>> 8);
+}
+
+/** The CRC-32 of the bytes a register has taken, as an unsigned 32-bit number. */
+export function crc32Final(crc: number): number {
+  return (crc ^ -1) >>> 0;
+}
+
 /** CRC-32 of `text`'s first `end` characters, each under 128, as an unsigned 32-bit number. */
 export function crc32Ascii(text: string, end: number): number {
-  let crc = -1;
-  for (let i = 0; i < end; i++) crc = (TABLE[(crc ^ text.charCodeAt(i)) & 0xff] as number) ^ (crc >>> 8);
-  return (crc ^ -1) >>> 0;
+  let crc = CRC32_START;
+  for (let i = 0; i < end; i++) crc = crc32Step(crc, text.charCodeAt(i));
+  return crc32Final(crc);
 }

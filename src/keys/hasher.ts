@@ -120,7 +120,13 @@ export class KeyHasher {
     sha256Compress(state, w);
     w.fill(0);
     const digest = this.#digest;
-    for (let i = 0; i < 8; i++) digest.writeInt32BE(state[i] as number, 4 * i);
+    for (let i = 0; i < 8; i++) {
+      const word = state[i] as number;
+      digest[4 * i] = word >>> 24;
+      digest[4 * i + 1] = word >>> 16;
+      digest[4 * i + 2] = word >>> 8;
+      digest[4 * i + 3] = word;
+    }
     return HEX_SLICE ? digest.hexSlice(0, 32) : digest.toString("hex");
   }
 }

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { crc32 } from "node:zlib";
 import type { KeyMode } from "../store/store.js";
-import { crc32Ascii } from "./crc32.js";
+import { CRC32_START, crc32Final, crc32Step } from "./crc32.js";
 
 const BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /** Random body characters; 32 base62 characters carry about 190 bits. */
@@ -29,15 +29,21 @@ export class KeyFormat {
   readonly liveHead: string;
   readonly testHead: string;
   readonly length: number;
-  /** The prefix is ASCII (configuration allows nothing else), so a checked key is too. */
-  readonly #asciiHead: boolean;
+  /**
+   * The CRC register after each head, when the prefix is ASCII (configuration allows nothing
+   * else): a key's checksum then continues from it over the random part. null otherwise.
+   */
+  readonly #liveHeadCrc: number | null;
+  readonly #testHeadCrc: number | null;
 
   constructor(readonly prefix: string) {
     this.liveHead = `${prefix}_live_`;
     this.testHead = `${prefix}_test_`;
     // Both heads have the same length, so every valid key has this exact length.
     this.length = this.liveHead.length + BODY_LENGTH;
-    this.#asciiHead = /^[\x00-\x7f]*$/.test(prefix);
+    const ascii = /^[\x00-\x7f]*$/.test(prefix);
+    this.#liveHeadCrc = ascii ? headCrc(this.liveHead) : null;
+    this.#testHeadCrc = ascii ? headCrc(this.testHead) : null;
   }
 
   /** The regular expression secret scanners can use to find leaked keys. */
@@ -65,21 +71,32 @@ export class KeyFormat {
    */
   isWellFormed(candidate: string): boolean {
     if (candidate.length !== this.length) return false;
-    if (!candidate.startsWith(this.liveHead) && !candidate.startsWith(this.testHead)) return false;
-    for (let i = this.liveHead.length; i < candidate.length; i++) {
+    const live = candidate.startsWith(this.liveHead);
+    if (!live && !candidate.startsWith(this.testHead)) return false;
+    const checksumStart = candidate.length - KEY_CHECKSUM_LENGTH;
+    let crc = live ? this.#liveHeadCrc : this.#testHeadCrc;
+    // One pass over the random part: base62, and the checksum's CRC from the head's register.
+    for (let i = this.liveHead.length; i < checksumStart; i++) {
       const code = candidate.charCodeAt(i);
       if (code >= 128 || IS_BASE62[code] === 0) return false;
+      if (crc !== null) crc = crc32Step(crc, code);
     }
+    let value = crc !== null ? crc32Final(crc) : crc32(candidate.slice(0, checksumStart));
     // checksum() writes the CRC's base62 digits most significant first: read them from the end.
-    const checksumStart = candidate.length - KEY_CHECKSUM_LENGTH;
-    // The head matched and the body is base62, so an ASCII head makes every code a UTF-8 byte.
-    let value = this.#asciiHead ? crc32Ascii(candidate, checksumStart) : crc32(candidate.slice(0, checksumStart));
+    // A character that is not the expected base62 digit, base62 or not, fails here.
     for (let i = candidate.length - 1; i >= checksumStart; i--) {
       if (candidate.charCodeAt(i) !== BASE62.charCodeAt(value % 62)) return false;
       value = Math.floor(value / 62);
     }
     return true;
   }
+}
+
+/** The CRC register after an ASCII head. */
+function headCrc(head: string): number {
+  let crc = CRC32_START;
+  for (let i = 0; i < head.length; i++) crc = crc32Step(crc, head.charCodeAt(i));
+  return crc;
 }
 
 function randomBase62(length: number): string {
