@@ -1,0 +1,163 @@
+// Compares the CPU a Check costs on two builds of keygate, the working tree's and a git
+// revision's, in alternating runs on this machine: a change of a few percent is lost in the
+// noise between two bench runs (which measure each build once, minutes apart), but shows when
+// the builds take turns under the same one-key load. Not part of `npm test`.
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed]
+// Each run: a fresh embedded keygate (the bench's policy, `--max-semi-space-size=8` as shipped)
+// pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
+// --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
+// answered. Prints one line per run and, per build, the median and the range, then the ratio of
+// the medians. The key: `valid` (created through KeyAdmin, unlimited plan: the cached allow),
+// `unknown` (well formed, never stored: a cached miss) or `malformed` (refused by its checksum).
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { Command } from "commander";
+import { z } from "zod";
+import { checkRequest, malformedKey } from "../bench/data.js";
+import { findH2load, runH2load, writeFixedRequest } from "../bench/h2load.js";
+import { configurePinning } from "../bench/pinning.js";
+import { writeBenchPolicy } from "../bench/policy.js";
+import { cpuSeconds, installSignalCleanup, spawnTracked } from "../bench/processes.js";
+import { KeyFormat } from "../src/keys/key-format.js";
+
+const root = resolve(import.meta.dirname, "..");
+// Under node_modules so that each build's dist/ resolves keygate's dependencies from here.
+const buildsDir = join(root, "node_modules", ".cache", "keygate-compare");
+
+const options = z
+  .object({
+    base: z.string().min(1),
+    rounds: z.coerce.number().int().positive(),
+    seconds: z.coerce.number().int().positive(),
+    warmup: z.coerce.number().int().nonnegative(),
+    key: z.enum(["valid", "unknown", "malformed"]),
+  })
+  .parse(
+    new Command()
+      .requiredOption("--base <rev>", "the git revision to compare the working tree with")
+      .option("--rounds <n>", "runs of each build, alternating", "5")
+      .option("--seconds <n>", "measured seconds a run", "5")
+      .option("--warmup <n>", "seconds of the same load before each measurement", "3")
+      .option("--key <kind>", "valid, unknown or malformed", "valid")
+      .parse()
+      .opts(),
+  );
+
+/** Builds the sources in `dir` (src/, tsconfig*.json, package.json) into `dir`/dist. */
+function build(dir: string): void {
+  execFileSync(join(root, "node_modules", ".bin", "tsc"), ["-p", join(dir, "tsconfig.build.json")], { stdio: "inherit" });
+}
+
+function prepare(name: string, fill: (dir: string) => void): string {
+  const dir = join(buildsDir, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  fill(dir);
+  build(dir);
+  return dir;
+}
+
+const SOURCES = ["src", "tsconfig.json", "tsconfig.build.json", "package.json"];
+const working = prepare("working-tree", (dir) => {
+  for (const entry of SOURCES) cpSync(join(root, entry), join(dir, entry), { recursive: true });
+});
+const baseCommit = execFileSync("git", ["rev-parse", "--short", options.base], { cwd: root, encoding: "utf8" }).trim();
+const base = prepare(`base-${baseCommit}`, (dir) => {
+  const archive = execFileSync("git", ["archive", "--format=tar", baseCommit, ...SOURCES], { cwd: root, maxBuffer: 1 << 30 });
+  execFileSync("tar", ["-x", "-C", dir], { input: archive });
+});
+
+const h2load = findH2load();
+if (h2load === null) throw new Error("h2load is not on PATH: bash bench/install-h2load.sh");
+installSignalCleanup();
+configurePinning(true);
+
+const PORTS = { grpc: 19381, http: 19382, admin: 19383 } as const;
+
+async function ready(): Promise<void> {
+  for (let attempt = 0; attempt < 300; attempt++) {
+    try {
+      if ((await fetch(`http://127.0.0.1:${PORTS.admin}/readyz`)).ok) return;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((done) => setTimeout(done, 100));
+  }
+  throw new Error("keygate did not become ready within 30 s");
+}
+
+async function keyFor(dataDir: string): Promise<string> {
+  const format = new KeyFormat("kg");
+  if (options.key === "unknown") return format.generate("live");
+  if (options.key === "malformed") return malformedKey(format.generate("live"), 0);
+  const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
+  const response = await fetch(`http://127.0.0.1:${PORTS.admin}/keygate.v1.KeyAdmin/CreateKey`, {
+    method: "POST",
+    headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+    body: JSON.stringify({ ownerId: "compare", name: "compare", scopes: ["read"] }),
+  });
+  const secret = ((await response.json()) as { secret?: unknown }).secret;
+  if (typeof secret !== "string") throw new Error(`CreateKey answered ${response.status} without a secret`);
+  return secret;
+}
+
+/** One run of `build`: CPU µs per Check answered. */
+async function measure(build: string): Promise<{ micros: number; checks: number }> {
+  const dataDir = mkdtempSync(join(tmpdir(), "keygate-compare-"));
+  try {
+    const policy = join(dataDir, "policy.yaml");
+    writeBenchPolicy(policy, 100);
+    const env = {
+      PATH: process.env["PATH"] ?? "",
+      KEYGATE_CONFIG: policy,
+      KEYGATE_DATA_DIR: join(dataDir, "data"),
+      KEYGATE_GRPC_PORT: String(PORTS.grpc),
+      KEYGATE_HTTP_AUTHZ_PORT: String(PORTS.http),
+      KEYGATE_ADMIN_PORT: String(PORTS.admin),
+      KEYGATE_LOG_LEVEL: "warn",
+    };
+    const server = spawnTracked("keygate", process.execPath, ["--max-semi-space-size=8", join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
+    try {
+      await ready();
+      const request = writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(await keyFor(env.KEYGATE_DATA_DIR), 0));
+      const run = { port: PORTS.grpc, request, clients: 4, streams: 16 };
+      if (options.warmup > 0) await runH2load(h2load as string, { ...run, seconds: options.warmup });
+      const before = cpuSeconds(server.pid);
+      const result = await runH2load(h2load as string, { ...run, seconds: options.seconds });
+      const used = cpuSeconds(server.pid) - before;
+      if (result.failed > 0) throw new Error(`${result.failed} of the measured requests failed`);
+      return { micros: (used * 1e6) / result.http200, checks: result.http200 };
+    } finally {
+      await server.stop("SIGTERM");
+    }
+  } finally {
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+const builds = [
+  { name: "working tree", dir: working, runs: [] as number[] },
+  { name: `base ${baseCommit}`, dir: base, runs: [] as number[] },
+];
+for (let round = 0; round < options.rounds; round++) {
+  // Alternate which build goes first, so neither always follows the other.
+  const order = round % 2 === 0 ? builds : [...builds].reverse();
+  for (const b of order) {
+    const { micros, checks } = await measure(b.dir);
+    b.runs.push(micros);
+    process.stdout.write(`round ${round + 1} ${b.name}: ${micros.toFixed(2)} µs CPU a Check (${checks} Checks)\n`);
+  }
+}
+const median = (values: readonly number[]): number => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? (sorted[middle] as number) : ((sorted[middle - 1] as number) + (sorted[middle] as number)) / 2;
+};
+for (const b of builds) {
+  process.stdout.write(`${b.name}: median ${median(b.runs).toFixed(2)} µs, ${Math.min(...b.runs).toFixed(2)} to ${Math.max(...b.runs).toFixed(2)} (${options.key} key)\n`);
+}
+const [head, old] = builds as [(typeof builds)[number], (typeof builds)[number]];
+process.stdout.write(`working tree / base: ${(median(head.runs) / median(old.runs)).toFixed(3)}\n`);
+writeFileSync(join(buildsDir, "last.json"), JSON.stringify({ base: baseCommit, key: options.key, builds: builds.map(({ name, runs }) => ({ name, runs })) }, null, 2));
