@@ -122,12 +122,27 @@ function readString(reader: BinaryReader): string {
 }
 
 /**
+ * BinaryReader.uint32() with the one-byte varint read here: nearly every tag and length in a
+ * CheckRequest is under 128, and the call into protobuf-es's varint reader was a tenth of a
+ * decode. Anything longer, and a read past the end, is left to uint32 itself.
+ */
+function readUint32(reader: BinaryReader): number {
+  const at = reader.pos;
+  const byte = decoding[at] ?? 0x80;
+  if (byte < 0x80) {
+    reader.pos = at + 1;
+    return byte;
+  }
+  return reader.uint32();
+}
+
+/**
  * BinaryReader.tag() without its [fieldNo, wireType] array (one per field read): the raw tag,
  * checked as tag() checks it and refused with tag()'s words.
  */
 function readTag(reader: BinaryReader): number {
   const start = reader.pos;
-  const tag = reader.uint32();
+  const tag = readUint32(reader);
   const bytesRead = reader.pos - start;
   if (bytesRead > 5 || (bytesRead === 5 && (decoding[reader.pos - 1] ?? 0) > 0x0f)) throw new Error("illegal tag: varint overflows uint32");
   const fieldNo = tag >>> 3;
@@ -159,7 +174,7 @@ function skipField(reader: BinaryReader, wireType: WireType, fieldNo: number, re
       break;
     case WireType.LengthDelimited: {
       // Read first: `pos += uint32()` would add the length to pos as it was before the varint.
-      const length = reader.uint32();
+      const length = readUint32(reader);
       reader.pos += length;
       break;
     }
@@ -175,7 +190,7 @@ function skipField(reader: BinaryReader, wireType: WireType, fieldNo: number, re
 
 function readAttributeContext(reader: BinaryReader, into: AttributeContextView | undefined): AttributeContextView {
   const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: NO_EXTENSIONS };
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
@@ -199,7 +214,7 @@ const NO_EXTENSIONS: { [key: string]: string } = Object.freeze(Object.create(nul
 
 function readRequest(reader: BinaryReader, into: RequestView | undefined): RequestView {
   const message: RequestView = into ?? { $typeName: "keygate.authz.v1.RequestView" };
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
@@ -212,7 +227,7 @@ function readRequest(reader: BinaryReader, into: RequestView | undefined): Reque
 
 function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined): HttpRequestView {
   const message: HttpRequestView = into ?? { $typeName: "keygate.authz.v1.HttpRequestView", id: "", method: "", headers: newRecord(), path: "" };
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
@@ -242,7 +257,7 @@ function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined
 
 function readHeaderMap(reader: BinaryReader, into: HeaderMapView | undefined): HeaderMapView {
   const message: HeaderMapView = into ?? { $typeName: "keygate.authz.v1.HeaderMapView", headers: [] };
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
@@ -257,7 +272,7 @@ function readHeaderValue(reader: BinaryReader): HeaderValueView {
   let key = "";
   let value = "";
   let rawValue: Uint8Array | undefined;
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
@@ -307,7 +322,7 @@ function canonicalName(name: string): string {
 function readStringMapEntry(reader: BinaryReader, record: { [key: string]: string }, depth: number): void {
   let key = "";
   let value = "";
-  const end = reader.uint32() + reader.pos;
+  const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
     const fieldNo = tag >>> 3;
