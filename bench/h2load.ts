@@ -77,6 +77,8 @@ export interface H2loadRun {
   /** Concurrent streams per client. */
   streams: number;
   seconds: number;
+  /** More request headers, as `name: value` (e.g. a grpc-timeout, as Envoy sends with every Check). */
+  headers?: readonly string[];
 }
 
 /** What one h2load run measured. h2load sees HTTP status only; gRPC status is in trailers it does not read. */
@@ -136,6 +138,7 @@ export async function runH2load(h2load: string, run: H2loadRun): Promise<H2loadR
       ...["--threads", "1", "--clients", String(run.clients), "--max-concurrent-streams", String(run.streams)],
       ...["--duration", String(run.seconds), "--data", run.request.path, "--log-file", log],
       ...["--header", "content-type: application/grpc", "--header", "te: trailers"],
+      ...(run.headers ?? []).flatMap((header) => ["--header", header]),
       `http://127.0.0.1:${run.port}${CHECK_PATH}`,
     ];
     const child = spawnTracked("h2load", h2load, args, { cwd: root, env: {}, role: "load" });

@@ -2,12 +2,12 @@
 // revision's, in alternating runs on this machine: a change of a few percent is lost in the
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
-//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed]
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S]
 // Each run: a fresh embedded keygate (the bench's policy, `--max-semi-space-size=8` as shipped)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
 // answered. Prints one line per run and, per build, the median and the range, then the ratio of
-// the medians. The key: `valid` (created through KeyAdmin, unlimited plan: the cached allow),
+// the medians. --grpc-timeout sends that header with every Check, as Envoy does. The key: `valid` (created through KeyAdmin, unlimited plan: the cached allow),
 // `unknown` (well formed, never stored: a cached miss) or `malformed` (refused by its checksum).
 import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
@@ -33,6 +33,7 @@ const options = z
     seconds: z.coerce.number().int().positive(),
     warmup: z.coerce.number().int().nonnegative(),
     key: z.enum(["valid", "unknown", "malformed"]),
+    grpcTimeout: z.string().regex(/^\d{1,8}[HMSmun]$/, "1 to 8 digits and a unit: H M S m u n").optional(),
   })
   .parse(
     new Command()
@@ -41,6 +42,7 @@ const options = z
       .option("--seconds <n>", "measured seconds a run", "5")
       .option("--warmup <n>", "seconds of the same load before each measurement", "3")
       .option("--key <kind>", "valid, unknown or malformed", "valid")
+      .option("--grpc-timeout <value>", "a grpc-timeout header on every Check (e.g. 1S)")
       .parse()
       .opts(),
   );
@@ -122,7 +124,7 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
     try {
       await ready();
       const request = writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(await keyFor(env.KEYGATE_DATA_DIR), 0));
-      const run = { port: PORTS.grpc, request, clients: 4, streams: 16 };
+      const run = { port: PORTS.grpc, request, clients: 4, streams: 16, headers: options.grpcTimeout === undefined ? [] : [`grpc-timeout: ${options.grpcTimeout}`] };
       if (options.warmup > 0) await runH2load(h2load as string, { ...run, seconds: options.warmup });
       const before = cpuSeconds(server.pid);
       const result = await runH2load(h2load as string, { ...run, seconds: options.seconds });

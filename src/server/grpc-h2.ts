@@ -201,7 +201,13 @@ class Call {
   done = false;
   /** The client sent END_STREAM. */
   halfClosed = false;
+  /** The call's own deadline timer, when its timeout has no shared list (DeadlineLists). */
   deadline: NodeJS.Timeout | undefined = undefined;
+  /** The shared list the call waits in for its deadline, its place in it, and when it passes. */
+  deadlineList: DeadlineList | null = null;
+  previousInList: Call | null = null;
+  nextInList: Call | null = null;
+  deadlineAt = 0;
   unsubscribe: (() => void) | undefined = undefined;
   pendingTrailers: OutgoingHttpHeaders = OK_TRAILERS;
 
@@ -266,6 +272,7 @@ function settle(call: Call): void {
   call.done = true;
   if (call.deadline !== undefined) clearTimeout(call.deadline);
   call.deadline = undefined;
+  call.deadlineList?.remove(call);
   call.unsubscribe?.();
   call.unsubscribe = undefined;
   call.parts = null;
@@ -359,6 +366,89 @@ function onDeadline(call: Call): void {
   finish(call, DEADLINE_HEADERS);
 }
 
+/**
+ * The calls waiting on one grpc-timeout value, in the order they came, which is their deadline
+ * order: one timer, set for the first call's deadline, serves them all, and a call that is
+ * answered leaves the list in constant time. A proxy sends the same timeout with every call
+ * (Envoy's ext_authz timeout), so this replaces a timer made and cleared per call.
+ */
+class DeadlineList {
+  #first: Call | null = null;
+  #last: Call | null = null;
+  #timer: NodeJS.Timeout | undefined = undefined;
+
+  constructor(
+    readonly timeoutMs: number,
+    private readonly lists: DeadlineLists,
+  ) {}
+
+  add(call: Call, now: number): void {
+    call.deadlineList = this;
+    call.deadlineAt = now + this.timeoutMs;
+    call.previousInList = this.#last;
+    call.nextInList = null;
+    if (this.#last === null) this.#first = call;
+    else this.#last.nextInList = call;
+    this.#last = call;
+    // A timer already set fires no later than this call's deadline; it stays set when the list
+    // empties and finds nothing to do, so a steady load sets one timer per timeout, not per call.
+    if (this.#timer === undefined) this.#arm(this.timeoutMs);
+  }
+
+  remove(call: Call): void {
+    const { previousInList: previous, nextInList: next } = call;
+    if (previous === null) this.#first = next;
+    else previous.nextInList = next;
+    if (next === null) this.#last = previous;
+    else next.previousInList = previous;
+    call.deadlineList = null;
+    call.previousInList = null;
+    call.nextInList = null;
+  }
+
+  #arm(ms: number): void {
+    this.#timer = setTimeout(this.#fire, Math.max(1, Math.ceil(ms)));
+    this.#timer.unref();
+  }
+
+  readonly #fire = (): void => {
+    this.#timer = undefined;
+    const now = performance.now();
+    let call = this.#first;
+    while (call !== null && call.deadlineAt <= now) {
+      this.remove(call);
+      onDeadline(call);
+      call = this.#first;
+    }
+    if (call !== null) this.#arm(call.deadlineAt - now);
+    else this.lists.forget(this);
+  };
+}
+
+/** The deadline lists of one server by timeout value, at most MAX_DEADLINE_LISTS of them. */
+class DeadlineLists {
+  readonly #byTimeout = new Map<number, DeadlineList>();
+
+  /** Puts the call on its timeout's list; false when a client's many timeouts used up the lists. */
+  add(call: Call, timeoutMs: number): boolean {
+    let list = this.#byTimeout.get(timeoutMs);
+    if (list === undefined) {
+      if (this.#byTimeout.size >= MAX_DEADLINE_LISTS) return false;
+      list = new DeadlineList(timeoutMs, this);
+      this.#byTimeout.set(timeoutMs, list);
+    }
+    list.add(call, performance.now());
+    return true;
+  }
+
+  forget(list: DeadlineList): void {
+    this.#byTimeout.delete(list.timeoutMs);
+  }
+}
+
+/** Distinct timeout values with a shared list; a call with yet another has a timer of its own. */
+const MAX_DEADLINE_LISTS = 64;
+
 /** What the h2 engine needs besides the shared Check and health logic. */
 export interface H2ServerDeps {
   limits: ListenerLimits;
@@ -375,6 +465,7 @@ export interface H2ServerDeps {
 export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { limits, metrics, logger } = deps;
   const watchers = new Set<Call>();
+  const deadlines = new DeadlineLists();
 
   /** The client half-closed: the one message is complete, or the call is malformed. */
   function onEnd(this: CallStream): void {
@@ -461,7 +552,10 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     if (timeout !== undefined) {
       const timeoutMs = typeof timeout === "string" ? parseGrpcTimeoutMs(timeout) : null;
       if (timeoutMs === null) return finish(call, errorHeaders(GrpcCode.INTERNAL, `Invalid grpc-timeout value "${String(timeout)}"`));
-      if (timeoutMs < MAX_TIMER_MS) call.deadline = setTimeout(onDeadline, Math.floor(timeoutMs), call);
+      if (timeoutMs < MAX_TIMER_MS) {
+        const ms = Math.floor(timeoutMs);
+        if (!deadlines.add(call, ms)) call.deadline = setTimeout(onDeadline, ms, call);
+      }
     }
     stream.on("data", onData);
   }

@@ -394,6 +394,37 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       expect(after.ok).toBe(true);
     });
 
+    it("each call ends at its own grpc-timeout, whatever other calls wait with the same or another", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const held = (id: string): Buffer => framed(toBinary(CheckRequestSchema, checkRequest(id, { "x-test-hold": "1" })));
+      const long = raw(entry, [held("long")], { session, headers: { "grpc-timeout": "60S" } });
+      const short = raw(entry, [held("short")], { session, headers: { "grpc-timeout": "50m" } });
+      const quick = await raw(entry, [framed(checkBytes("quick"))], { session, headers: { "grpc-timeout": "50m" } });
+      expect(grpcStatusOf(quick)).toBe(GrpcStatus.OK);
+      expect(requestIdOf(checkResponseOf(quick))).toBe("quick");
+      expect(grpcStatusOf(await short)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+      // The same timeout again after its earlier calls are gone, on a request that never ends.
+      const unfinished = await raw(entry, [framed(checkBytes("open"))], { session, headers: { "grpc-timeout": "50m" }, end: false });
+      expect(grpcStatusOf(unfinished)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+      // The 60 s call was neither ended with the 50 ms ones nor kept from its answer.
+      entry.pipeline.release();
+      const answered = await long;
+      expect(grpcStatusOf(answered)).toBe(GrpcStatus.OK);
+      expect(requestIdOf(checkResponseOf(answered))).toBe("long");
+    });
+
+    it("a client's many distinct grpc-timeouts each end their call (past the shared lists, a timer per call)", async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      const answers = await Promise.all(
+        Array.from({ length: 80 }, (_, i) =>
+          raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest(`t${i}`, { "x-test-hold": "1" })))], { session, headers: { "grpc-timeout": `${40 + i}m` } }),
+        ),
+      );
+      expect(answers.map(grpcStatusOf)).toEqual(answers.map(() => GrpcStatus.DEADLINE_EXCEEDED));
+    });
+
     it("grpc-js's own deadline reaches the server as grpc-timeout and ends a held Check", async () => {
       const entry = await start(engine);
       const client = grpcClient(entry);
