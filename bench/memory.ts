@@ -50,6 +50,27 @@ async function afterGc(pid: number, reportPath: string): Promise<MemoryAfterGc> 
   throw new Error(`keygate wrote no memory report to ${reportPath} within ${GC_REPORT_TIMEOUT_MS} ms of SIGUSR2`);
 }
 
+/** How long the write-behind may take to write what the touch left (100,000 keys' rows). */
+const DRAIN_TIMEOUT_MS = 120_000;
+
+/** Waits until keygate's write-behind has nothing left to write: what there was, and how long it took. */
+async function drainWriteBehind(adminPort: number): Promise<{ pendingAfterTouch: number; drainSeconds: number }> {
+  const pending = (samples: Map<string, number>): number => {
+    let total = 0;
+    for (const [name, value] of samples) if (name.startsWith("keygate_write_behind_pending{")) total += value;
+    return total;
+  };
+  const startedAt = performance.now();
+  const first = pending(await scrape(adminPort));
+  let left = first;
+  while (left > 0) {
+    if (performance.now() - startedAt > DRAIN_TIMEOUT_MS) throw new Error(`keygate's write-behind still had ${left} entries to write ${DRAIN_TIMEOUT_MS / 1000} s after the touch`);
+    await sleep(200);
+    left = pending(await scrape(adminPort));
+  }
+  return { pendingAfterTouch: first, drainSeconds: (performance.now() - startedAt) / 1000 };
+}
+
 /** keygate's memory with a large store and many distinct keys touched. */
 export interface MemoryResult {
   storeKeys: number;
@@ -72,6 +93,12 @@ export interface MemoryResult {
   rssBytesPerCachedKey: number;
   /** The same after memory-reducing GCs: what the cached keys hold once V8 returns its free pages. */
   reducedRssBytesPerCachedKey: number;
+  /**
+   * Write-behind entries (usage rows, last-used times) not yet in the store right after the
+   * touch, and the seconds until they were: the after-touch GC figures are read once none are
+   * left, so they measure the cached keys, not how far a flush had got. Null without an admin port.
+   */
+  writeBehind: { pendingAfterTouch: number; drainSeconds: number } | null;
   /** The same for the V8 heap in use. */
   heapBytesPerCachedKey: number;
   touch: { requests: number; seconds: number; rps: number; errors: number; l1Misses: number; storeLookups: number };
@@ -122,6 +149,7 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
     await sleep(500);
     const after = memoryOf(target.process.pid);
     const samples = target.adminPort === null ? null : await scrape(target.adminPort);
+    const writeBehind = target.adminPort === null ? null : await drainWriteBehind(target.adminPort);
     const afterTouchAfterGc = await afterGc(target.process.pid, reportPath);
     const cachedKeys = Math.max(1, Math.min(touched, BENCH_CACHE.maxEntries));
     return {
@@ -140,6 +168,7 @@ export async function runMemory(input: MemoryInput): Promise<MemoryResult> {
       rssBytesPerCachedKey: Math.round((afterTouchAfterGc.rss - atStartAfterGc.rss) / cachedKeys),
       reducedRssBytesPerCachedKey: Math.round((afterTouchAfterGc.reduced.rss - atStartAfterGc.reduced.rss) / cachedKeys),
       heapBytesPerCachedKey: Math.round((afterTouchAfterGc.heapUsed - atStartAfterGc.heapUsed) / cachedKeys),
+      writeBehind,
       touch: {
         requests: run.ghz.requests,
         seconds: run.ghz.seconds,

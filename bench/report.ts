@@ -353,6 +353,9 @@ export function memoryText(memory: MemoryResult): string {
     `  after a memory-reducing GC (V8's last resort: free pages returned): RSS ${mb(g0.reduced.rss)} after start, ${mb(g1.reduced.rss)} after touch, ${memory.reducedRssBytesPerCachedKey} bytes per cached key; V8 heap ${mb(g1.reduced.heapUsed)} used of ${mb(g1.reduced.heapTotal)}`,
     `  without GC: RSS ${mb(memory.rssAfterStartBytes)} after start, ${mb(memory.rssAfterTouchBytes)} after touch, peak ${mb(memory.peakRssBytes)}` +
       (memory.heapUsedBytes === null ? "" : `, V8 heap used ${mb(memory.heapUsedBytes)}`),
+    ...(memory.writeBehind === null
+      ? []
+      : [`  after-touch GC figures read once the write-behind had written the ${memory.writeBehind.pendingAfterTouch.toLocaleString("en-US")} entries (usage rows, last-used times) not yet in the store after the touch, ${memory.writeBehind.drainSeconds.toFixed(1)} s later`]),
     ...residentLines(g0, g1),
     `  touch: ${memory.touch.requests} requests in ${memory.touch.seconds.toFixed(1)} s, ${memory.touch.storeLookups} store lookups, ${memory.touch.errors} errors; filler insert ${memory.filler.keys} keys in ${memory.filler.seconds.toFixed(1)} s`,
   ].join("\n");

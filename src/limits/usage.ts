@@ -14,6 +14,8 @@ export class UsageRecorder {
   #usage = new Map<string, UsageDelta[]>();
   #usageRows = 0;
   #credits = new Map<string, CreditDelta>();
+  /** Rows and credit entries of the batch being written, not yet in the store. */
+  #inFlight = 0;
   readonly #writer: WriteBehind;
   /** The batch being written, while it is. */
   #writing: Promise<void> | null = null;
@@ -78,9 +80,9 @@ export class UsageRecorder {
     }
   }
 
-  /** Rows waiting for the next flush. */
+  /** Rows not yet in the store: waiting for the next flush, or in the batch being written. */
   get pendingCount(): number {
-    return this.#usageRows + this.#credits.size;
+    return this.#usageRows + this.#credits.size + this.#inFlight;
   }
 
   /** Requests of an owner on a day with `outcome` (ALLOWED by default) not yet in the store. */
@@ -144,6 +146,7 @@ export class UsageRecorder {
     const spent = [...credits.values()];
     let u = 0;
     let c = 0;
+    this.#inFlight = rows.length + spent.length;
     try {
       while (u < rows.length || c < spent.length) {
         if (u > 0 || c > 0) await yieldToEventLoop();
@@ -152,8 +155,11 @@ export class UsageRecorder {
         await this.store.applyUsage(usageChunk, creditChunk);
         u += usageChunk.length;
         c += creditChunk.length;
+        this.#inFlight -= usageChunk.length + creditChunk.length;
       }
     } catch (error) {
+      // What was not written goes back to the maps, where pendingCount counts it.
+      this.#inFlight = 0;
       for (const e of rows.slice(u)) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
       for (const e of spent.slice(c)) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
       this.logger.warn({ err: error, rows: rows.length - u + spent.length - c }, "usage flush failed; will retry");

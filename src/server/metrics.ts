@@ -161,7 +161,7 @@ export class Metrics implements LookupObserver {
     const sizes = this.#queueSizes;
     new Gauge({
       name: "keygate_write_behind_pending",
-      help: "Entries waiting to be written to the store, by queue",
+      help: "Entries not yet written to the store, waiting for a flush or in one under way, by queue",
       labelNames: ["queue"],
       registers,
       collect() {

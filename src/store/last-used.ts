@@ -8,6 +8,8 @@ import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "./write-behind.js";
  */
 export class LastUsedRecorder {
   #pending = new Map<string, number>();
+  /** Keys of the batch being written, not yet in the store. */
+  #inFlight = 0;
   readonly #writer: WriteBehind;
 
   constructor(
@@ -23,8 +25,9 @@ export class LastUsedRecorder {
     this.#pending.set(keyId, atMs);
   }
 
+  /** Keys whose time is not yet in the store: waiting for the next flush, or being written. */
   get pendingCount(): number {
-    return this.#pending.size;
+    return this.#pending.size + this.#inFlight;
   }
 
   start(): void {
@@ -47,14 +50,18 @@ export class LastUsedRecorder {
     const batch = [...this.#pending];
     this.#pending = new Map();
     let written = 0;
+    this.#inFlight = batch.length;
     try {
       while (written < batch.length) {
         if (written > 0) await yieldToEventLoop();
         const chunk = batch.slice(written, written + FLUSH_CHUNK);
         await this.store.touchLastUsed(new Map(chunk));
         written += chunk.length;
+        this.#inFlight -= chunk.length;
       }
     } catch (error) {
+      // What was not written goes back to the map, where pendingCount counts it.
+      this.#inFlight = 0;
       for (const [id, atMs] of batch.slice(written)) {
         const newer = this.#pending.get(id);
         if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);

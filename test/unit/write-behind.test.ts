@@ -113,6 +113,47 @@ describe("write-behind flush happy", () => {
     expect(recorder.pendingCount).toBe(0);
   });
 
+  it("counts the entries of a batch being written as pending until each call has written them", async () => {
+    // A store whose calls wait for release(): the flush stands still inside its first call.
+    const gates: Array<() => void> = [];
+    const entered: Array<() => void> = [];
+    const gated = <T>(write: () => T): Promise<T> =>
+      new Promise<T>((resolve) => {
+        gates.push(() => resolve(write()));
+        entered.shift()?.();
+      });
+    const nextCall = (): Promise<void> => new Promise<void>((resolve) => entered.push(resolve));
+    const totals = new UsageTotals();
+    const usage = new UsageRecorder({ applyUsage: async (u, c) => gated(() => totals.applyUsage(u, c)).then((written) => written) }, silent, 60_000);
+    const keys = FLUSH_CHUNK + 3;
+    for (let i = 0; i < keys; i++) usage.record("owner", `key-${i}`, "2026-12-04", "ALLOWED", 0);
+    let called = nextCall();
+    const flushed = usage.flush();
+    await called;
+    expect(usage.pendingCount).toBe(keys);
+    called = nextCall();
+    gates.shift()?.();
+    await called;
+    expect(usage.pendingCount).toBe(3);
+    gates.shift()?.();
+    await flushed;
+    expect(usage.pendingCount).toBe(0);
+
+    const lastUsed = new LastUsedRecorder({ touchLastUsed: () => gated(() => undefined) }, silent, 60_000);
+    for (let i = 0; i < keys; i++) lastUsed.record(`key-${i}`, 1000);
+    called = nextCall();
+    const touched = lastUsed.flush();
+    await called;
+    expect(lastUsed.pendingCount).toBe(keys);
+    called = nextCall();
+    gates.shift()?.();
+    await called;
+    expect(lastUsed.pendingCount).toBe(3);
+    gates.shift()?.();
+    await touched;
+    expect(lastUsed.pendingCount).toBe(0);
+  });
+
   it("writes last-use times in calls of at most FLUSH_CHUNK keys and keeps the newer time of a failed call's keys", async () => {
     const calls: number[] = [];
     const stored = new Map<string, number>();
