@@ -114,7 +114,7 @@ describe("write-behind flush happy", () => {
   });
 
   it("counts the entries of a batch being written as pending until each call has written them", async () => {
-    // A store whose calls wait for release(): the flush stands still inside its first call.
+    // A store whose calls wait for the test: the flush stands still inside each call in turn.
     const gates: Array<() => void> = [];
     const entered: Array<() => void> = [];
     const gated = <T>(write: () => T): Promise<T> =>
@@ -123,35 +123,30 @@ describe("write-behind flush happy", () => {
         entered.shift()?.();
       });
     const nextCall = (): Promise<void> => new Promise<void>((resolve) => entered.push(resolve));
+    /** pendingCount inside the first call, inside the second, and after the flush. */
+    const pendingThroughFlush = async (recorder: { pendingCount: number; flush(): Promise<void> }): Promise<number[]> => {
+      const seen: number[] = [];
+      let called = nextCall();
+      const flushed = recorder.flush();
+      await called;
+      seen.push(recorder.pendingCount);
+      called = nextCall();
+      gates.shift()?.();
+      await called;
+      seen.push(recorder.pendingCount);
+      gates.shift()?.();
+      await flushed;
+      seen.push(recorder.pendingCount);
+      return seen;
+    };
+    const keys = FLUSH_CHUNK + 3;
     const totals = new UsageTotals();
     const usage = new UsageRecorder({ applyUsage: async (u, c) => gated(() => totals.applyUsage(u, c)).then((written) => written) }, silent, 60_000);
-    const keys = FLUSH_CHUNK + 3;
     for (let i = 0; i < keys; i++) usage.record("owner", `key-${i}`, "2026-12-04", "ALLOWED", 0);
-    let called = nextCall();
-    const flushed = usage.flush();
-    await called;
-    expect(usage.pendingCount).toBe(keys);
-    called = nextCall();
-    gates.shift()?.();
-    await called;
-    expect(usage.pendingCount).toBe(3);
-    gates.shift()?.();
-    await flushed;
-    expect(usage.pendingCount).toBe(0);
-
+    expect(await pendingThroughFlush(usage)).toStrictEqual([keys, 3, 0]);
     const lastUsed = new LastUsedRecorder({ touchLastUsed: () => gated(() => undefined) }, silent, 60_000);
     for (let i = 0; i < keys; i++) lastUsed.record(`key-${i}`, 1000);
-    called = nextCall();
-    const touched = lastUsed.flush();
-    await called;
-    expect(lastUsed.pendingCount).toBe(keys);
-    called = nextCall();
-    gates.shift()?.();
-    await called;
-    expect(lastUsed.pendingCount).toBe(3);
-    gates.shift()?.();
-    await touched;
-    expect(lastUsed.pendingCount).toBe(0);
+    expect(await pendingThroughFlush(lastUsed)).toStrictEqual([keys, 3, 0]);
   });
 
   it("writes last-use times in calls of at most FLUSH_CHUNK keys and keeps the newer time of a failed call's keys", async () => {
