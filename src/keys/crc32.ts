@@ -24,9 +24,9 @@ export function crc32Final(crc: number): number {
   return (crc ^ -1) >>> 0;
 }
 
-/** CRC-32 of `text`'s first `end` characters, each under 128, as an unsigned 32-bit number. */
-export function crc32Ascii(text: string, end: number): number {
-  let crc = CRC32_START;
-  for (let i = 0; i < end; i++) crc = crc32Step(crc, text.charCodeAt(i));
-  return crc32Final(crc);
+/** The register after `text`'s first `end` characters (each under 128), from `crc`. */
+export function crc32Update(crc: number, text: string, end: number): number {
+  let register = crc;
+  for (let i = 0; i < end; i++) register = crc32Step(register, text.charCodeAt(i));
+  return register;
 }

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { crc32 } from "node:zlib";
 import type { KeyMode } from "../store/store.js";
-import { CRC32_START, crc32Final, crc32Step } from "./crc32.js";
+import { CRC32_START, crc32Final, crc32Step, crc32Update } from "./crc32.js";
 
 const BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /** Random body characters; 32 base62 characters carry about 190 bits. */
@@ -42,8 +42,8 @@ export class KeyFormat {
     // Both heads have the same length, so every valid key has this exact length.
     this.length = this.liveHead.length + BODY_LENGTH;
     const ascii = /^[\x00-\x7f]*$/.test(prefix);
-    this.#liveHeadCrc = ascii ? headCrc(this.liveHead) : null;
-    this.#testHeadCrc = ascii ? headCrc(this.testHead) : null;
+    this.#liveHeadCrc = ascii ? crc32Update(CRC32_START, this.liveHead, this.liveHead.length) : null;
+    this.#testHeadCrc = ascii ? crc32Update(CRC32_START, this.testHead, this.testHead.length) : null;
   }
 
   /** The regular expression secret scanners can use to find leaked keys. */
@@ -90,13 +90,6 @@ export class KeyFormat {
     }
     return true;
   }
-}
-
-/** The CRC register after an ASCII head. */
-function headCrc(head: string): number {
-  let crc = CRC32_START;
-  for (let i = 0; i < head.length; i++) crc = crc32Step(crc, head.charCodeAt(i));
-  return crc;
 }
 
 function randomBase62(length: number): string {

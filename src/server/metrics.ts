@@ -3,7 +3,6 @@ import type { LookupObserver } from "../cache/lookup.js";
 import { LISTENER_NAMES } from "../config.js";
 import type { ListenerId } from "../config.js";
 import { OneLabelHistogram } from "./histogram.js";
-import type { HistogramCell } from "./histogram.js";
 
 // Sub-millisecond buckets: a cached Check takes tens of microseconds.
 const CHECK_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
@@ -71,8 +70,6 @@ export class Metrics implements LookupObserver {
   // Counted per Check as plain numbers, reported at each scrape.
   readonly #checkCounts = new CountCells<"decision" | "reason" | "mode">((mode, reason) => ({ decision: decisionOf(reason), reason, mode }));
   readonly #cacheCounts = new CountCells<"layer" | "result">((layer, result) => ({ layer, result }));
-  // Each mode's cell of the Check duration histogram, looked up once.
-  readonly #durationCells = new Map<string, HistogramCell>();
   readonly #connections: Gauge<"listener">;
   readonly #connectionsRejected: Counter<"listener">;
   readonly #reloads: Counter<"file" | "result">;
@@ -173,12 +170,7 @@ export class Metrics implements LookupObserver {
   /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" an error. */
   recordCheck(mode: "grpc" | "http", reason: string, startedAtMs: number, endedAtMs: number): void {
     this.#checkCounts.add(mode, reason);
-    let duration = this.#durationCells.get(mode);
-    if (duration === undefined) {
-      duration = this.#checkDuration.cell(mode);
-      this.#durationCells.set(mode, duration);
-    }
-    duration.observe((endedAtMs - startedAtMs) / 1000);
+    this.#checkDuration.cell(mode).observe((endedAtMs - startedAtMs) / 1000);
   }
 
   cacheResult(layer: "l1" | "l2", result: "hit" | "negative" | "miss"): void {
