@@ -359,6 +359,15 @@ function onStreamClose(this: CallStream): void {
   const call = this[CALL];
   if (call !== undefined && !call.done) settle(call);
   this[GUARD]?.closed();
+  this[CALL] = undefined;
+  this[GUARD] = undefined;
+  // 'close' is a stream's last event. Until then node:http2's own listeners on the stream hold
+  // closures over the request (its headers among them). Removing every listener here cut what
+  // each young-generation GC promoted to the old generation from about 575 KB to under 50 KB at
+  // 3,000 Checks/s (about 1 KB a Check before), and with it the mark-compacts that set the p99
+  // at that rate (README, Performance). An 'error' after this still finds its handler.
+  this.removeAllListeners();
+  this.on("error", ignore);
 }
 
 function onDeadline(call: Call): void {
