@@ -20,6 +20,7 @@ import { findH2load, runH2load, writeFixedRequest } from "../bench/h2load.js";
 import { configurePinning } from "../bench/pinning.js";
 import { writeBenchPolicy } from "../bench/policy.js";
 import { cpuSeconds, installSignalCleanup, spawnTracked } from "../bench/processes.js";
+import { CEILING, startNoop } from "../bench/targets.js";
 import { KeyFormat } from "../src/keys/key-format.js";
 
 const root = resolve(import.meta.dirname, "..");
@@ -37,7 +38,7 @@ const options = z
   })
   .parse(
     new Command()
-      .requiredOption("--base <rev>", "the git revision to compare the working tree with")
+      .requiredOption("--base <rev>", "the git revision to compare the working tree with, or noop for the node:http2 no-op")
       .option("--rounds <n>", "runs of each build, alternating", "5")
       .option("--seconds <n>", "measured seconds a run", "5")
       .option("--warmup <n>", "seconds of the same load before each measurement", "3")
@@ -65,11 +66,14 @@ const SOURCES = ["src", "tsconfig.json", "tsconfig.build.json", "package.json"];
 const working = prepare("working-tree", (dir) => {
   for (const entry of SOURCES) cpSync(join(root, entry), join(dir, entry), { recursive: true });
 });
-const baseCommit = execFileSync("git", ["rev-parse", "--short", options.base], { cwd: root, encoding: "utf8" }).trim();
-const base = prepare(`base-${baseCommit}`, (dir) => {
-  const archive = execFileSync("git", ["archive", "--format=tar", baseCommit, ...SOURCES], { cwd: root, maxBuffer: 1 << 30 });
-  execFileSync("tar", ["-x", "-C", dir], { input: archive });
-});
+const AGAINST_NOOP = options.base === "noop";
+const baseCommit = AGAINST_NOOP ? "" : execFileSync("git", ["rev-parse", "--short", options.base], { cwd: root, encoding: "utf8" }).trim();
+const base = AGAINST_NOOP
+  ? null
+  : prepare(`base-${baseCommit}`, (dir) => {
+      const archive = execFileSync("git", ["archive", "--format=tar", baseCommit, ...SOURCES], { cwd: root, maxBuffer: 1 << 30 });
+      execFileSync("tar", ["-x", "-C", dir], { input: archive });
+    });
 
 const h2load = findH2load();
 if (h2load === null) throw new Error("h2load is not on PATH: bash bench/install-h2load.sh");
@@ -105,6 +109,37 @@ async function keyFor(dataDir: string): Promise<string> {
   return secret;
 }
 
+/** One h2load run of `request` against `port` after the warm-up: CPU µs of `pid` per Check answered. */
+async function loadAndMeasure(pid: number, port: number, request: ReturnType<typeof writeFixedRequest>): Promise<{ micros: number; checks: number }> {
+  const run = { port, request, clients: 4, streams: 16, headers: options.grpcTimeout === undefined ? [] : [`grpc-timeout: ${options.grpcTimeout}`] };
+  if (options.warmup > 0) await runH2load(h2load as string, { ...run, seconds: options.warmup });
+  const before = cpuSeconds(pid);
+  const result = await runH2load(h2load as string, { ...run, seconds: options.seconds });
+  const used = cpuSeconds(pid) - before;
+  if (result.failed > 0) throw new Error(`${result.failed} of the measured requests failed`);
+  return { micros: (used * 1e6) / result.http200, checks: result.http200 };
+}
+
+/**
+ * One run of the node:http2 no-op as the bench starts it (its own process, Node's default
+ * flags), pinned where keygate runs, under the same load and request.
+ */
+async function measureNoop(): Promise<{ micros: number; checks: number }> {
+  const dataDir = mkdtempSync(join(tmpdir(), "keygate-compare-"));
+  try {
+    const noop = await startNoop(process.execPath, CEILING);
+    try {
+      const format = new KeyFormat("kg");
+      const key = options.key === "malformed" ? malformedKey(format.generate("live"), 0) : format.generate("live");
+      return await loadAndMeasure(noop.process.pid, noop.grpcPort, writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(key, 0)));
+    } finally {
+      await noop.stop();
+    }
+  } finally {
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
 /** One run of `build`: CPU µs per Check answered. */
 async function measure(build: string): Promise<{ micros: number; checks: number }> {
   const dataDir = mkdtempSync(join(tmpdir(), "keygate-compare-"));
@@ -124,13 +159,7 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
     try {
       await ready();
       const request = writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(await keyFor(env.KEYGATE_DATA_DIR), 0));
-      const run = { port: PORTS.grpc, request, clients: 4, streams: 16, headers: options.grpcTimeout === undefined ? [] : [`grpc-timeout: ${options.grpcTimeout}`] };
-      if (options.warmup > 0) await runH2load(h2load as string, { ...run, seconds: options.warmup });
-      const before = cpuSeconds(server.pid);
-      const result = await runH2load(h2load as string, { ...run, seconds: options.seconds });
-      const used = cpuSeconds(server.pid) - before;
-      if (result.failed > 0) throw new Error(`${result.failed} of the measured requests failed`);
-      return { micros: (used * 1e6) / result.http200, checks: result.http200 };
+      return await loadAndMeasure(server.pid, PORTS.grpc, request);
     } finally {
       await server.stop("SIGTERM");
     }
@@ -140,14 +169,14 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
 }
 
 const builds = [
-  { name: "working tree", dir: working, runs: [] as number[] },
-  { name: `base ${baseCommit}`, dir: base, runs: [] as number[] },
+  { name: "working tree", run: () => measure(working), runs: [] as number[] },
+  base === null ? { name: CEILING, run: measureNoop, runs: [] as number[] } : { name: `base ${baseCommit}`, run: () => measure(base), runs: [] as number[] },
 ];
 for (let round = 0; round < options.rounds; round++) {
   // Alternate which build goes first, so neither always follows the other.
   const order = round % 2 === 0 ? builds : [...builds].reverse();
   for (const b of order) {
-    const { micros, checks } = await measure(b.dir);
+    const { micros, checks } = await b.run();
     b.runs.push(micros);
     process.stdout.write(`round ${round + 1} ${b.name}: ${micros.toFixed(2)} µs CPU a Check (${checks} Checks)\n`);
   }
@@ -161,5 +190,5 @@ for (const b of builds) {
   process.stdout.write(`${b.name}: median ${median(b.runs).toFixed(2)} µs, ${Math.min(...b.runs).toFixed(2)} to ${Math.max(...b.runs).toFixed(2)} (${options.key} key)\n`);
 }
 const [head, old] = builds as [(typeof builds)[number], (typeof builds)[number]];
-process.stdout.write(`working tree / base: ${(median(head.runs) / median(old.runs)).toFixed(3)}\n`);
-writeFileSync(join(buildsDir, "last.json"), JSON.stringify({ base: baseCommit, key: options.key, builds: builds.map(({ name, runs }) => ({ name, runs })) }, null, 2));
+process.stdout.write(`working tree / ${AGAINST_NOOP ? CEILING : "base"}: ${(median(head.runs) / median(old.runs)).toFixed(3)}\n`);
+writeFileSync(join(buildsDir, "last.json"), JSON.stringify({ base: AGAINST_NOOP ? CEILING : baseCommit, key: options.key, builds: builds.map(({ name, runs }) => ({ name, runs })) }, null, 2));
