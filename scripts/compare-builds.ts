@@ -3,7 +3,7 @@
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
 //   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S]
-// Each run: a fresh embedded keygate (the bench's policy, `--max-semi-space-size=8` as shipped)
+// Each run: a fresh embedded keygate (the bench's policy, the node flags keygate ships with)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
 // answered. Prints one line per run and, per build, the median and the range, then the ratio of
@@ -22,6 +22,7 @@ import { writeBenchPolicy } from "../bench/policy.js";
 import { cpuSeconds, installSignalCleanup, spawnTracked } from "../bench/processes.js";
 import { CEILING, startNoop } from "../bench/targets.js";
 import { KeyFormat } from "../src/keys/key-format.js";
+import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 
 const root = resolve(import.meta.dirname, "..");
 // Under node_modules so that each build's dist/ resolves keygate's dependencies from here.
@@ -155,7 +156,7 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
       KEYGATE_ADMIN_PORT: String(PORTS.admin),
       KEYGATE_LOG_LEVEL: "warn",
     };
-    const server = spawnTracked("keygate", process.execPath, ["--max-semi-space-size=8", join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
+    const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
     try {
       await ready();
       const request = writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(await keyFor(env.KEYGATE_DATA_DIR), 0));
