@@ -1,5 +1,6 @@
+import diagnostics from "node:diagnostics_channel";
 import { connect as h2Connect, constants as h2 } from "node:http2";
-import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders } from "node:http2";
+import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
 import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
@@ -710,5 +711,36 @@ describe("h2 engine units", () => {
     expect(encodeGrpcMessage("100%")).toBe("100%25");
     expect(encodeGrpcMessage("ü\n")).toBe("%C3%BC%0A");
     for (const text of ["a%b", "ünïcödé ✓", "tab\there", "\u0000"]) expect(decodeURIComponent(encodeGrpcMessage(text))).toBe(text);
+  });
+});
+
+// node:http2 publishes each server stream's close on this channel before the stream's 'close'
+// listeners run; what a stream still holds is read on the next turn, after them.
+const STREAM_CLOSE_CHANNEL = "http2.server.stream.close";
+
+describe("h2 engine, closed streams", () => {
+  it("keeps only its shared 'error' handler on a stream after 'close', so what the other listeners held can die young", async () => {
+    const entry = await start("h2");
+    const left: string[][] = [];
+    const onClose = (message: unknown): void => {
+      const stream = (message as { stream: ServerHttp2Stream }).stream;
+      setImmediate(() => left.push(stream.eventNames().map(String)));
+    };
+    diagnostics.subscribe(STREAM_CLOSE_CHANNEL, onClose);
+    try {
+      const client = grpcClient(entry);
+      // An answer at once, one that waits on the pipeline, and one the pipeline fails to decide.
+      const answered = check(client, checkRequest("req-now"));
+      const held = check(client, checkRequest("req-held", { "x-test-hold": "1" }));
+      await until(() => entry.pipeline.held.length === 1, WAIT_MS, "the held Check to reach the pipeline");
+      entry.pipeline.release();
+      const failed = check(client, checkRequest("req-throw", { "x-test-throw": "1" }));
+      const outcomes = await Promise.all([answered, held, failed]);
+      expect(outcomes.map((outcome) => (outcome.ok ? "ok" : outcome.code))).toEqual(["ok", "ok", GrpcStatus.UNAVAILABLE]);
+      await until(() => left.length === 3, WAIT_MS, "three closed streams");
+      expect(left).toEqual([["error"], ["error"], ["error"]]);
+    } finally {
+      diagnostics.unsubscribe(STREAM_CLOSE_CHANNEL, onClose);
+    }
   });
 });
