@@ -718,13 +718,25 @@ describe("h2 engine units", () => {
 // listeners run; what a stream still holds is read on the next turn, after them.
 const STREAM_CLOSE_CHANNEL = "http2.server.stream.close";
 
+/** node:events' table of an emitter's listeners (`_events`), by name. */
+function listenerTable(emitter: NodeJS.EventEmitter): Record<string, unknown> {
+  return (emitter as unknown as { _events: Record<string, unknown> })._events;
+}
+
 describe("h2 engine, closed streams", () => {
   it("keeps only its shared 'error' handler on a stream after 'close', so what the other listeners held can die young", async () => {
     const entry = await start("h2");
     const left: string[][] = [];
+    // A listener table the stream has dropped must point to nothing: it may sit in the old
+    // generation, where anything it points to outlives every young-generation GC.
+    const stillHeld: string[][] = [];
     const onClose = (message: unknown): void => {
       const stream = (message as { stream: ServerHttp2Stream }).stream;
-      setImmediate(() => left.push(stream.eventNames().map(String)));
+      const table = listenerTable(stream);
+      setImmediate(() => {
+        left.push(stream.eventNames().map(String));
+        stillHeld.push(table === listenerTable(stream) ? [] : Object.keys(table).filter((name) => table[name] !== undefined));
+      });
     };
     diagnostics.subscribe(STREAM_CLOSE_CHANNEL, onClose);
     try {
@@ -739,6 +751,7 @@ describe("h2 engine, closed streams", () => {
       expect(outcomes.map((outcome) => (outcome.ok ? "ok" : outcome.code))).toEqual(["ok", "ok", GrpcStatus.UNAVAILABLE]);
       await until(() => left.length === 3, WAIT_MS, "three closed streams");
       expect(left).toEqual([["error"], ["error"], ["error"]]);
+      expect(stillHeld).toEqual([[], [], []]);
     } finally {
       diagnostics.unsubscribe(STREAM_CLOSE_CHANNEL, onClose);
     }
