@@ -144,7 +144,8 @@ function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>, t
   return {
     lazyConnect: true,
     enableOfflineQueue: false,
-    enableAutoPipelining: true,
+    // Not auto-pipelined, as on one server (redisOptions): each command is written as it is issued.
+    enableAutoPipelining: false,
     scaleReads: "master",
     // A failover moves slots: refresh the map and retry within a command's budget.
     retryDelayOnFailover: 100,
