@@ -53,19 +53,21 @@ export class UsageRecorder {
   }
 
   #addUsage(ownerId: string, keyId: string, day: string, outcome: string, count: number, credits: number): void {
-    let rows = this.#usage.get(keyId);
-    if (rows === undefined) {
-      rows = [];
-      this.#usage.set(keyId, rows);
-    }
-    for (const row of rows) {
-      if (row.day === day && row.outcome === outcome) {
-        row.count += count;
-        row.credits += credits;
-        return;
+    const rows = this.#usage.get(keyId);
+    if (rows !== undefined) {
+      for (const row of rows) {
+        if (row.day === day && row.outcome === outcome) {
+          row.count += count;
+          row.credits += credits;
+          return;
+        }
       }
+      rows.push({ ownerId, keyId, day, outcome, count, credits });
+    } else {
+      // A key's first row of the interval: an array made to hold one (an empty one grows to
+      // room for 17 on its first push), kept until the flush like the row itself.
+      this.#usage.set(keyId, [{ ownerId, keyId, day, outcome, count, credits }]);
     }
-    rows.push({ ownerId, keyId, day, outcome, count, credits });
     this.#usageRows += 1;
   }
 

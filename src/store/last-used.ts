@@ -7,7 +7,13 @@ import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "./write-behind.js";
  * path never writes per request. `flush()` runs on a timer and on shutdown.
  */
 export class LastUsedRecorder {
+  // By key id, the time of its last use as milliseconds after #base, the first time recorded
+  // since the last flush: a small integer, which V8 keeps in the map's own table. A whole epoch
+  // time does not fit there and is a heap number, allocated by every Check and kept alive by the
+  // map (long-lived, so in the old generation) until the next one: about 16 bytes a Check that
+  // young-generation GCs promote for a mark-compact to sweep.
   #pending = new Map<string, number>();
+  #base = 0;
   /** Keys of the batch being written, not yet in the store. */
   #inFlight = 0;
   readonly #writer: WriteBehind;
@@ -22,7 +28,8 @@ export class LastUsedRecorder {
 
   /** Remembers that the key was used at `atMs`. */
   record(keyId: string, atMs: number): void {
-    this.#pending.set(keyId, atMs);
+    if (this.#pending.size === 0) this.#base = atMs;
+    this.#pending.set(keyId, atMs - this.#base);
   }
 
   /** Keys whose time is not yet in the store: waiting for the next flush, or being written. */
@@ -44,29 +51,42 @@ export class LastUsedRecorder {
     return this.#writer.stop();
   }
 
-  /** Writes FLUSH_CHUNK keys a call, yielding between calls (see UsageRecorder's flush). */
+  /**
+   * Writes FLUSH_CHUNK keys a call, yielding between calls (see UsageRecorder's flush). The batch
+   * is the pending map itself, read key by key: no list of [id, time] pairs, which would live as
+   * long as the batch takes to write.
+   */
   async #flushOnce(): Promise<void> {
     if (this.#pending.size === 0) return;
-    const batch = [...this.#pending];
+    const batch = this.#pending;
+    const base = this.#base;
     this.#pending = new Map();
+    const ids = batch.keys();
     let written = 0;
-    this.#inFlight = batch.length;
+    this.#inFlight = batch.size;
     try {
-      while (written < batch.length) {
+      while (written < batch.size) {
         if (written > 0) await yieldToEventLoop();
-        const chunk = batch.slice(written, written + FLUSH_CHUNK);
-        await this.store.touchLastUsed(new Map(chunk));
-        written += chunk.length;
-        this.#inFlight -= chunk.length;
+        const chunk = new Map<string, number>();
+        for (let next = ids.next(); !next.done; next = ids.next()) {
+          chunk.set(next.value, base + (batch.get(next.value) as number));
+          if (chunk.size === FLUSH_CHUNK) break;
+        }
+        await this.store.touchLastUsed(chunk);
+        written += chunk.size;
+        this.#inFlight -= chunk.size;
       }
     } catch (error) {
       // What was not written goes back to the map, where pendingCount counts it.
       this.#inFlight = 0;
-      for (const [id, atMs] of batch.slice(written)) {
+      let index = 0;
+      for (const [id, offset] of batch) {
+        if (index++ < written) continue;
+        const atMs = base + offset;
         const newer = this.#pending.get(id);
-        if (newer === undefined || newer < atMs) this.#pending.set(id, atMs);
+        if (newer === undefined || this.#base + newer < atMs) this.record(id, atMs);
       }
-      this.logger.warn({ err: error, keys: batch.length - written }, "last-used flush failed; will retry");
+      this.logger.warn({ err: error, keys: batch.size - written }, "last-used flush failed; will retry");
     }
   }
 }

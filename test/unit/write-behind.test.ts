@@ -185,4 +185,39 @@ describe("write-behind flush happy", () => {
     expect(stored.get(`key-${keys - 1}`)).toBe(2000);
     expect(recorder.pendingCount).toBe(0);
   });
+
+  it("writes each key's last-use time exactly as recorded, epoch times earlier and later than the first, across flushes and a failed call", async () => {
+    const stored = new Map<string, number>();
+    let fail = false;
+    const recorder = new LastUsedRecorder(
+      {
+        async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
+          if (fail) throw new Error("store unavailable");
+          for (const [id, atMs] of lastUsed) stored.set(id, atMs);
+        },
+      },
+      silent,
+      60_000,
+    );
+    const t = Date.UTC(2026, 11, 5, 3, 0, 0);
+    recorder.record("key-a", t);
+    recorder.record("key-b", t - 86_400_000);
+    recorder.record("key-c", t + 0.5);
+    recorder.record("key-a", t + 1234);
+    await recorder.flush();
+    expect(Object.fromEntries(stored)).toStrictEqual({ "key-a": t + 1234, "key-b": t - 86_400_000, "key-c": t + 0.5 });
+
+    recorder.record("key-a", t + 50_000);
+    recorder.record("key-d", t + 40_000);
+    fail = true;
+    await recorder.flush();
+    fail = false;
+    expect(recorder.pendingCount).toBe(2);
+    // One key used again after the failure, one not: the new time, and the time put back.
+    recorder.record("key-a", t + 55_000);
+    await recorder.flush();
+    expect(stored.get("key-a")).toBe(t + 55_000);
+    expect(stored.get("key-d")).toBe(t + 40_000);
+    expect(recorder.pendingCount).toBe(0);
+  });
 });
