@@ -385,6 +385,7 @@ const envSchema = z.object({
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
   KEYGATE_CHECK_BUDGET_MS: z.coerce.number().int().min(10).max(60_000).default(DEFAULT_CHECK_BUDGET_MS),
+  KEYGATE_GC_THREAD_NICE: z.coerce.number({ error: "must be a whole number from 0 to 19" }).int("must be a whole number from 0 to 19").min(0, "must be a whole number from 0 to 19").max(19, "must be a whole number from 0 to 19").default(19),
   KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
   KEYGATE_ADMIN_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
   KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),
@@ -479,6 +480,8 @@ export interface Config {
   shutdownGraceSeconds: number;
   /** The most one Check may wait on L2, the store and the Redis meter before it answers UNAVAILABLE. */
   checkBudgetMs: number;
+  /** The nice value of V8's GC worker threads (KEYGATE_GC_THREAD_NICE; 0 leaves them as they are). */
+  gcThreadNice: number;
   /** After SIGTERM: report not-ready but keep serving this long, so load balancers move away first. */
   shutdownDelaySeconds: number;
   /** Largest admin request message, as sent and after decompression. */
@@ -600,6 +603,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     logLevel: e.KEYGATE_LOG_LEVEL,
     shutdownGraceSeconds: e.KEYGATE_SHUTDOWN_GRACE_SECONDS,
     checkBudgetMs: e.KEYGATE_CHECK_BUDGET_MS,
+    gcThreadNice: e.KEYGATE_GC_THREAD_NICE,
     shutdownDelaySeconds: e.KEYGATE_SHUTDOWN_DELAY_SECONDS,
     adminMaxBodyBytes: e.KEYGATE_ADMIN_MAX_BODY_BYTES,
     listeners: {

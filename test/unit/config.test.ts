@@ -5,7 +5,7 @@ import { ConfigError, loadConfig, loadPolicyFile, parsePolicy } from "../../src/
 describe("config", () => {
   it("has working defaults with no environment", () => {
     const config = loadConfig({});
-    expect(config).toMatchObject({ dataDir: "./data", keyPrefix: "kg", host: "0.0.0.0", grpcPort: 9191, httpAuthzPort: 8181, adminPort: 8080 });
+    expect(config).toMatchObject({ dataDir: "./data", keyPrefix: "kg", host: "0.0.0.0", grpcPort: 9191, httpAuthzPort: 8181, adminPort: 8080, gcThreadNice: 19 });
     expect(config.policy.plans["basic"]?.maxActiveKeys).toBe(1);
     expect(config.policy.plans["pro"]?.rateLimit.limit).toBe(500);
     expect(config.policy.plans["business"]?.maxActiveKeys).toBe(5);
@@ -17,6 +17,11 @@ describe("config", () => {
     expect(() => loadConfig({ KEYGATE_KEY_PREFIX: "KG" })).toThrow(/KEYGATE_KEY_PREFIX/);
     expect(() => loadConfig({ KEYGATE_CHECK_BUDGET_MS: "5" })).toThrow(/KEYGATE_CHECK_BUDGET_MS/);
     expect(() => loadConfig({ KEYGATE_CHECK_BUDGET_MS: "fast" })).toThrow(/KEYGATE_CHECK_BUDGET_MS/);
+    for (const nice of ["20", "-1", "1.5", "low"]) {
+      expect(() => loadConfig({ KEYGATE_GC_THREAD_NICE: nice })).toThrow(/KEYGATE_GC_THREAD_NICE: must be a whole number from 0 to 19/);
+    }
+    expect(loadConfig({ KEYGATE_GC_THREAD_NICE: "0" }).gcThreadNice).toBe(0);
+    expect(loadConfig({ KEYGATE_GC_THREAD_NICE: "10" }).gcThreadNice).toBe(10);
     expect(() => loadConfig({ KEYGATE_ADMIN_TOKENS: "tooshort" })).toThrow(/KEYGATE_ADMIN_TOKENS/);
     expect(() => loadConfig({ KEYGATE_CONFIG: "/nonexistent.yaml" })).toThrow(ConfigError);
   });

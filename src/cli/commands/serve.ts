@@ -7,6 +7,7 @@ import { loadTokensFile } from "../../admin/permissions.js";
 import { ConfigError, loadConfig } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
+import { lowerGcThreadPriority } from "../../server/gc-threads.js";
 import type { BoundPorts } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
@@ -34,6 +35,9 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
   setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
+  const gc = lowerGcThreadPriority(config.gcThreadNice);
+  if (gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
+  else logger.debug({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority set");
   let generatedAdminToken: string | null = null;
   const adminScheme = config.tls?.listeners.has("admin") === true ? "https" : "http";
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate

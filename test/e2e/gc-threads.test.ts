@@ -1,0 +1,81 @@
+import { mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { lowerGcThreadPriority } from "../../src/server/gc-threads.js";
+import { embeddedEnv, spawnKeygate } from "../harness/process.js";
+import type { KeygateProcess } from "../harness/process.js";
+
+// keygate sets V8's worker threads (GC marking, sweeping, compaction) to KEYGATE_GC_THREAD_NICE
+// (default 19) at start, and nothing else: the event loop's thread keeps the process's priority.
+// Nice values are per thread on Linux only, where this is checked from /proc.
+
+const linux = process.platform === "linux";
+if (!linux) console.warn(`gc-threads: SKIPPED, per-thread nice values are Linux's (this is ${process.platform})`);
+
+/** Each thread of `pid`: its name and nice value (field 19 of /proc/<pid>/task/<tid>/stat). */
+function threads(pid: number): Array<{ tid: number; name: string; nice: number }> {
+  const found: Array<{ tid: number; name: string; nice: number }> = [];
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, "utf8");
+    // The name is in parentheses and may hold spaces; the fields after it start at field 3 (state).
+    const name = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    found.push({ tid: Number(tid), name, nice: Number(fields[19 - 3]) });
+  }
+  return found;
+}
+
+/** The nice value this test runs at, which a keygate it starts inherits. */
+function ownNice(): number {
+  return threads(process.pid).find((t) => t.tid === process.pid)?.nice ?? 0;
+}
+
+const running: KeygateProcess[] = [];
+const dirs: string[] = [];
+afterAll(async () => {
+  await Promise.all(running.map((p) => p.stop("SIGKILL")));
+  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+});
+
+async function start(extra: Record<string, string>): Promise<KeygateProcess> {
+  const dataDir = mkdtempSync(join(tmpdir(), "keygate-gc-threads-"));
+  dirs.push(dataDir);
+  const started = await spawnKeygate({ cwd: dataDir, env: embeddedEnv({ dataDir, adminToken: "gc-threads-admin-token-0123456789abcdef", extra }) });
+  running.push(started);
+  return started;
+}
+
+describe.runIf(linux)("V8's GC threads at a lower priority", () => {
+  it("sets every V8Worker thread to nice 19 by default and leaves the event loop's thread as it was", async () => {
+    const keygate = await start({});
+    const pid = keygate.child.pid as number;
+    const all = threads(pid);
+    const workers = all.filter((t) => t.name === "V8Worker");
+    expect(workers.length).toBeGreaterThan(0);
+    expect(workers.map((t) => t.nice)).toStrictEqual(workers.map(() => 19));
+    expect(all.find((t) => t.tid === pid)?.nice).toBe(ownNice());
+    await keygate.stop();
+  });
+
+  it("uses KEYGATE_GC_THREAD_NICE, and 0 leaves the threads as they are", async () => {
+    // A value above the inherited one: raising a nice value needs no privilege.
+    const chosen = Math.min(19, ownNice() + 7);
+    const seven = await start({ KEYGATE_GC_THREAD_NICE: String(chosen) });
+    const sevenWorkers = threads(seven.child.pid as number).filter((t) => t.name === "V8Worker");
+    expect(sevenWorkers.length).toBeGreaterThan(0);
+    expect(sevenWorkers.map((t) => t.nice)).toStrictEqual(sevenWorkers.map(() => chosen));
+    await seven.stop();
+
+    const zero = await start({ KEYGATE_GC_THREAD_NICE: "0" });
+    const zeroWorkers = threads(zero.child.pid as number).filter((t) => t.name === "V8Worker");
+    expect(zeroWorkers.length).toBeGreaterThan(0);
+    expect(zeroWorkers.map((t) => t.nice)).toStrictEqual(zeroWorkers.map(() => ownNice()));
+    await zero.stop();
+  });
+
+  it("changes nothing off Linux or at 0, and counts the threads it set", () => {
+    expect(lowerGcThreadPriority(19, "darwin")).toStrictEqual({ nice: 19, threads: 0, error: null });
+    expect(lowerGcThreadPriority(0)).toStrictEqual({ nice: 0, threads: 0, error: null });
+  });
+});
