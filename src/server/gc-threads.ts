@@ -1,6 +1,9 @@
 import { readFileSync, readdirSync } from "node:fs";
 import { setPriority } from "node:os";
 
+/** KEYGATE_GC_THREAD_NICE's default: the lowest priority. */
+export const DEFAULT_GC_THREAD_NICE = 19;
+
 /** Linux's name for V8's worker threads (/proc/<pid>/task/<tid>/comm). */
 const V8_WORKER = "V8Worker";
 
@@ -52,6 +55,18 @@ export function lowerGcThreadPriority(nice: number, platform: NodeJS.Platform = 
     }
   }
   return result;
+}
+
+/**
+ * KEYGATE_GC_THREAD_NICE as `keygate serve` reads it before its modules load, ahead of the
+ * configuration: a value the configuration will refuse (it names the problem and keygate exits)
+ * changes nothing here.
+ */
+export function gcThreadNiceFromEnv(env: NodeJS.ProcessEnv): number {
+  const raw = env["KEYGATE_GC_THREAD_NICE"];
+  if (raw === undefined) return DEFAULT_GC_THREAD_NICE;
+  const nice = Number(raw);
+  return Number.isInteger(nice) && nice >= 0 && nice <= 19 ? nice : 0;
 }
 
 function describe(error: unknown): string {

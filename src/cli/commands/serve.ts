@@ -7,7 +7,7 @@ import { loadTokensFile } from "../../admin/permissions.js";
 import { ConfigError, loadConfig } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
-import { lowerGcThreadPriority } from "../../server/gc-threads.js";
+import type { GcThreadPriority } from "../../server/gc-threads.js";
 import type { BoundPorts } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
@@ -22,7 +22,7 @@ function exitOnConfigError(error: unknown): never {
 }
 
 /** `keygate serve`: reads the environment, starts every listener, and drains on SIGTERM or SIGINT. */
-export async function serve(options: { migrate: boolean } = { migrate: true }): Promise<void> {
+export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPriority } = { migrate: true }): Promise<void> {
   let config;
   try {
     config = loadConfig();
@@ -35,7 +35,7 @@ export async function serve(options: { migrate: boolean } = { migrate: true }): 
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
   setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
-  const gc = lowerGcThreadPriority(config.gcThreadNice);
+  const gc = options.gcThreads ?? { nice: 0, threads: 0, error: null };
   if (gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
   else logger.debug({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority set");
   let generatedAdminToken: string | null = null;
