@@ -44,16 +44,48 @@ function snapshot() {
   return { ...process.memoryUsage(), residentByMapping: residentByMapping(), heapSpaces };
 }
 
+/** Resident bytes now (/proc/self/statm's second field), or null off Linux. */
+function residentBytes() {
+  try {
+    return Number(readFileSync("/proc/self/statm", "utf8").split(" ")[1]) * 4096;
+  } catch {
+    return null;
+  }
+}
+
+const SETTLE_POLL_MS = 50;
+const SETTLE_MAX_POLLS = 40;
+
+/**
+ * Waits, with the event loop idle, until resident memory stops falling (two polls alike, at most
+ * SETTLE_MAX_POLLS): V8 returns freed pages to the system from its worker threads, which keygate
+ * runs at a low priority (KEYGATE_GC_THREAD_NICE), so a reading taken the moment a collection
+ * ends can still count pages already given up.
+ */
+async function settled() {
+  let last = residentBytes();
+  for (let i = 0; i < SETTLE_MAX_POLLS && last !== null; i++) {
+    await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
+    const now = residentBytes();
+    if (now === last) return;
+    last = now;
+  }
+}
+
 process.on("SIGUSR2", () => {
-  // Twice: the first collection can leave objects that finalizers or weak callbacks free for the second.
-  gc();
-  gc();
-  const regular = snapshot();
-  // Then a memory-reducing collection (V8's last resort, as on a low-memory notification): it
-  // compacts the old generation, shrinks the young one and returns pooled pages to the system,
-  // so what stays resident is what the live data needs. A plain full GC keeps those pages for
-  // the next allocations.
-  gc({ type: "major", execution: "sync", flavor: "last-resort" });
-  writeFileSync(`${report}.tmp`, JSON.stringify({ ...regular, at: Date.now(), reduced: snapshot() }));
-  renameSync(`${report}.tmp`, report);
+  void (async () => {
+    // Twice: the first collection can leave objects that finalizers or weak callbacks free for the second.
+    gc();
+    gc();
+    await settled();
+    const regular = snapshot();
+    // Then a memory-reducing collection (V8's last resort, as on a low-memory notification): it
+    // compacts the old generation, shrinks the young one and returns pooled pages to the system,
+    // so what stays resident is what the live data needs. A plain full GC keeps those pages for
+    // the next allocations.
+    gc({ type: "major", execution: "sync", flavor: "last-resort" });
+    await settled();
+    writeFileSync(`${report}.tmp`, JSON.stringify({ ...regular, at: Date.now(), reduced: snapshot() }));
+    renameSync(`${report}.tmp`, report);
+  })();
 });
