@@ -1,8 +1,12 @@
 import { readFileSync, readdirSync } from "node:fs";
 import { setPriority } from "node:os";
 
-/** KEYGATE_GC_THREAD_NICE's default: the lowest priority. */
-export const DEFAULT_GC_THREAD_NICE = 19;
+/**
+ * KEYGATE_GC_THREAD_NICE's default: the threads keep the process's priority. At 19 they cost CPU
+ * where the GC works hardest, and some processes settled where young-generation GCs promoted
+ * far more (README, Performance, "V8's GC threads").
+ */
+export const DEFAULT_GC_THREAD_NICE = 0;
 
 /** Linux's name for V8's worker threads (/proc/<pid>/task/<tid>/comm). */
 const V8_WORKER = "V8Worker";
@@ -19,9 +23,10 @@ export interface GcThreadPriority {
  * event loop. On a core of their own that is free work; on a core they share with the event loop
  * (a pod held to one CPU, a process pinned to one core) each is one more thread the scheduler
  * takes turns with, and every Check that arrives meanwhile waits for its turn to end: at 3,000
- * Checks/s on one pinned core, with 100,000 keys, p99 rose to 56-98 ms around a mark-compact.
- * At nice 19 they run when the event loop leaves the core idle (README, Performance), and V8
- * does what they have not done on the event loop, in small steps.
+ * Checks/s on one key and one pinned core, p99 was 56-60 ms in 8-second runs of fresh processes,
+ * and 2.4-6.8 ms with the threads at nice 19 (README, Performance). At a low priority they run
+ * when the event loop leaves the core idle, and V8 does what they have not done on the event
+ * loop, in small steps.
  *
  * Linux keeps a nice value per thread, so setpriority(2) on a thread id sets that thread alone;
  * elsewhere, and with `nice` 0, nothing is changed. A thread that refuses (a sandbox that forbids

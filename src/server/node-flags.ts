@@ -9,10 +9,11 @@
  * more GC time in total, and the young generation no longer holds ~100 MB resident.
  *
  * `--no-parallel-scavenge` does each young-generation GC on the event loop's thread alone. Its
- * helpers run V8's worker threads, which keygate sets to nice 19 (KEYGATE_GC_THREAD_NICE): on a
- * core they share with the event loop they add hand-offs and no speed. Embedded hot, 100,000
- * keys, on one pinned core, six runs each: scavenges took 0.77 to 1.02 ms on average against
- * 0.87 to 1.20 ms with the helpers (3.79 ms in a run that promoted 1.2 MB a scavenge), and p99 at
- * 3,000 Checks/s was 0.87 to 1.20 ms against 1.11 to 14.3 ms.
+ * helpers are V8's worker threads, which on a keygate held to one core share it with the event
+ * loop: hand-offs and no speed. Embedded hot, 100,000 keys, one pinned core, three runs each in
+ * turns: scavenges took 0.79 to 0.82 ms on average against 0.82 to 0.88 ms with the helpers, and
+ * p99 at 3,000 Checks/s was 1.37 to 1.49 ms against 1.47 to 1.54 ms (with the worker threads at
+ * nice 19, six runs each: 0.77 to 1.02 ms against 0.87 to 3.79 ms, and 0.87 to 1.20 ms against
+ * 1.11 to 14.3 ms).
  */
 export const KEYGATE_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=8", "--no-parallel-scavenge"];

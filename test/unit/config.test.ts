@@ -5,7 +5,7 @@ import { ConfigError, loadConfig, loadPolicyFile, parsePolicy } from "../../src/
 describe("config", () => {
   it("has working defaults with no environment", () => {
     const config = loadConfig({});
-    expect(config).toMatchObject({ dataDir: "./data", keyPrefix: "kg", host: "0.0.0.0", grpcPort: 9191, httpAuthzPort: 8181, adminPort: 8080, gcThreadNice: 19 });
+    expect(config).toMatchObject({ dataDir: "./data", keyPrefix: "kg", host: "0.0.0.0", grpcPort: 9191, httpAuthzPort: 8181, adminPort: 8080, gcThreadNice: 0 });
     expect(config.policy.plans["basic"]?.maxActiveKeys).toBe(1);
     expect(config.policy.plans["pro"]?.rateLimit.limit).toBe(500);
     expect(config.policy.plans["business"]?.maxActiveKeys).toBe(5);
