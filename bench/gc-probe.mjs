@@ -59,7 +59,7 @@ const SETTLE_MAX_POLLS = 40;
 /**
  * Waits, with the event loop idle, until resident memory stops falling (two polls alike, at most
  * SETTLE_MAX_POLLS): V8 returns freed pages to the system from its worker threads, which keygate
- * runs at a low priority (KEYGATE_GC_THREAD_NICE), so a reading taken the moment a collection
+ * can run at a low priority (KEYGATE_GC_THREAD_NICE), so a reading taken the moment a collection
  * ends can still count pages already given up.
  */
 async function settled() {

@@ -35,9 +35,10 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
   setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
-  const gc = options.gcThreads ?? { nice: 0, threads: 0, error: null };
-  if (gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
-  else logger.debug({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority set");
+  // What the start did with KEYGATE_GC_THREAD_NICE (src/cli.ts, before these modules loaded).
+  const gc = options.gcThreads;
+  if (gc !== undefined && gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
+  else if (gc !== undefined && gc.nice !== 0) logger.info({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority lowered");
   let generatedAdminToken: string | null = null;
   const adminScheme = config.tls?.listeners.has("admin") === true ? "https" : "http";
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate
