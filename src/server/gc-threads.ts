@@ -23,10 +23,10 @@ export interface GcThreadPriority {
  * event loop. On a core of their own that is free work; on a core they share with the event loop
  * (a pod held to one CPU, a process pinned to one core) each is one more thread the scheduler
  * takes turns with, and every Check that arrives meanwhile waits for its turn to end: at 3,000
- * Checks/s on one key and one pinned core, p99 was 56-60 ms in 8-second runs of fresh processes,
- * and 2.4-6.8 ms with the threads at nice 19 (README, Performance). At a low priority they run
- * when the event loop leaves the core idle, and V8 does what they have not done on the event
- * loop, in small steps.
+ * Checks/s on one key and one pinned core, p99 was 56-61 ms in four 8-second runs of fresh
+ * processes of five, and 2.2-6.8 ms in 21 of 22 with the threads at nice 19 (README,
+ * Performance). At a low priority they run when the event loop leaves the core idle, and V8 does
+ * what they have not done on the event loop, in small steps.
  *
  * Linux keeps a nice value per thread, so setpriority(2) on a thread id sets that thread alone;
  * elsewhere, and with `nice` 0, nothing is changed. A thread that refuses (a sandbox that forbids
