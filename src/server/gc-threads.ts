@@ -8,6 +8,9 @@ import { setPriority } from "node:os";
  */
 export const DEFAULT_GC_THREAD_NICE = 0;
 
+/** The highest nice value, Linux's lowest priority: KEYGATE_GC_THREAD_NICE runs from 0 to this. */
+export const MAX_GC_THREAD_NICE = 19;
+
 /** Linux's name for V8's worker threads (/proc/<pid>/task/<tid>/comm). */
 const V8_WORKER = "V8Worker";
 
@@ -71,7 +74,7 @@ export function gcThreadNiceFromEnv(env: NodeJS.ProcessEnv): number {
   const raw = env["KEYGATE_GC_THREAD_NICE"];
   if (raw === undefined) return DEFAULT_GC_THREAD_NICE;
   const nice = Number(raw);
-  return Number.isInteger(nice) && nice >= 0 && nice <= 19 ? nice : 0;
+  return Number.isInteger(nice) && nice >= 0 && nice <= MAX_GC_THREAD_NICE ? nice : 0;
 }
 
 function describe(error: unknown): string {
