@@ -277,8 +277,11 @@ uid="$(run id -u)"
 # The storage driver loads: with no database yet, `migrate --dry-run` opens one in memory.
 migrate="$(run node dist/cli.js migrate --dry-run 2>&1)" || fail "keygate migrate --dry-run failed in $TAG: $migrate"
 [[ "$migrate" == "SQLite (/data/keygate.db, not there yet): would apply"* ]] || fail "keygate migrate --dry-run in $TAG said: $migrate"
+# jemalloc is node's malloc in the image (LD_PRELOAD), as keygate itself sees it.
+malloc="$(run node --input-type=module -e 'import { processAllocator } from "/app/dist/server/allocator.js"; process.stdout.write(processAllocator());' 2>&1)" || fail "reading keygate's allocator failed in $TAG: $malloc"
+[ "$malloc" = jemalloc ] || fail "keygate in $TAG runs on the '$malloc' malloc, want jemalloc (deploy/Dockerfile's LD_PRELOAD)"
 debian="$(run cat /etc/debian_version)"
 node_in="$(run node --version)"
 size="$(bah images --format '{{.Size}}' "$TAG" | head -1)"
 
-echo "image $TAG: keygate $version (${revision:0:12}), node $node_in on Debian $debian, uid 10001, tini, OCI labels, $size; $DRIVER storage; $(elapsed)"
+echo "image $TAG: keygate $version (${revision:0:12}), node $node_in on Debian $debian, uid 10001, tini, $malloc, OCI labels, $size; $DRIVER storage; $(elapsed)"

@@ -30,6 +30,8 @@ export interface BenchOptions {
   noops: boolean;
   /** Extra node flags for every keygate process (an experiment's V8 flags, say). */
   nodeFlags: string[];
+  /** keygate's malloc: jemalloc preloaded as the image preloads it (when installed), or the system's. */
+  malloc: "jemalloc" | "system";
   memoryKeys: number;
   memoryTouch: number;
   hotKeys: number;
@@ -79,6 +81,7 @@ const rawSchema = z.object({
   profileOnly: z.boolean().default(false),
   noops: z.boolean().default(true),
   nodeFlags: z.string().default(""),
+  malloc: z.enum(["jemalloc", "system"]),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
   hotKeys: z.number().optional(),
@@ -147,6 +150,7 @@ function command(): Command {
     .option("--out <dir>", "where the results JSON goes", "bench/results")
     .option("--node <path>", "node binary for keygate and the no-op server", process.execPath)
     .option("--node-flags <flags>", "extra node flags for keygate, space-separated (e.g. --max-semi-space-size=8)")
+    .option("--malloc <allocator>", "keygate's malloc: jemalloc (LD_PRELOAD, as the image runs it; when libjemalloc2 is installed) or system", "jemalloc")
     .option("--no-build", "use the existing dist/ instead of building it first")
     .option("--source", "run keygate from src/ through tsx instead of dist/")
     .option("--data-format <format>", "ghz request data: binary (size-delimited) or json (array)", "binary")

@@ -30,6 +30,7 @@ import type { BenchOptions } from "./options.js";
 import { benchPolicyInput, writeBenchPolicy } from "./policy.js";
 import { configurePinning, observedAffinity, pinning, pinBackendPid } from "./pinning.js";
 import { childPids, installSignalCleanup, round } from "./processes.js";
+import { findJemalloc } from "../src/server/allocator.js";
 import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { ONE_KEY_PROFILE, profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
@@ -68,6 +69,10 @@ interface RunContext {
   timings: Record<string, number>;
   notes: string[];
   skipped: Array<{ what: string; why: string }>;
+  /** The malloc library keygate is started with (LD_PRELOAD), or null for the system's. */
+  preload: string | null;
+  /** The allocators keygate processes of the run reported, for the notes. */
+  allocators: Set<string>;
 }
 
 async function timed<T>(ctx: RunContext, phase: string, work: () => Promise<T>): Promise<T> {
@@ -105,7 +110,11 @@ function prepareBuild(options: BenchOptions, notes: string[]): KeygateBuild {
 }
 
 function startWith(ctx: RunContext, env: Record<string, string>, nodeArgs: readonly string[] = []): (label: string) => Promise<Target> {
-  return (label) => startKeygate(label, { node: ctx.options.node, build: ctx.build, cwd: ctx.work, env: { ...ctx.env, ...env }, nodeArgs: [...ctx.options.nodeFlags, ...nodeArgs] });
+  return async (label) => {
+    const target = await startKeygate(label, { node: ctx.options.node, build: ctx.build, cwd: ctx.work, env: { ...ctx.env, ...env }, nodeArgs: [...ctx.options.nodeFlags, ...nodeArgs], preload: ctx.preload });
+    ctx.allocators.add(target.allocator ?? "not reported");
+    return target;
+  };
 }
 
 /** A target's name: the mode, with the gRPC engine when the run names engines. */
@@ -299,6 +308,7 @@ function context(options: BenchOptions, ghz: string, rategen: string | null, h2l
   const hotKey = planned.secrets.unlimited[0];
   if (hotKey === undefined) throw new Error("no unlimited-plan key to build h2load's request from");
   const oneKeyRequest = writeFixedRequest(join(dataDir, "one-key.grpc"), checkRequest(hotKey, 0));
+  const preload = options.malloc === "jemalloc" ? findJemalloc() : null;
   return {
     options,
     settings: settingsOf(options, ghz, rategen, h2load),
@@ -323,7 +333,17 @@ function context(options: BenchOptions, ghz: string, rategen: string | null, h2l
     timings: {},
     notes,
     skipped: [],
+    preload,
+    allocators: new Set<string>(),
   };
+}
+
+/** What the run's keygate processes ran on: what was asked, what was preloaded, what keygate reported. */
+function mallocNote(ctx: RunContext): string {
+  const reported = ctx.allocators.size === 0 ? "no keygate started" : `keygate reported ${[...ctx.allocators].join(", ")}`;
+  if (ctx.preload !== null) return `keygate's malloc: jemalloc, LD_PRELOAD=${ctx.preload} as the image runs it (${reported}); the no-ops with the system's`;
+  if (ctx.options.malloc === "jemalloc") return `keygate's malloc: the system's, not jemalloc as the image runs it: libjemalloc2 is not installed (apt-get install libjemalloc2) (${reported})`;
+  return `keygate's malloc: the system's (--malloc system) (${reported})`;
 }
 
 function standingNotes(results: readonly ScenarioResult[], options: BenchOptions, settings: LoadSettings): string[] {
@@ -433,7 +453,7 @@ function report(input: {
   const { ctx, results } = input;
   const rates = ratios(results, input.oneKey);
   const lines = budget(results, input.oneKey, input.memory, ctx.options.rps);
-  const notes = [...ctx.notes, ...standingNotes(results, ctx.options, ctx.settings)];
+  const notes = [...ctx.notes, mallocNote(ctx), ...standingNotes(results, ctx.options, ctx.settings)];
   const comparison = profileComparisonText(input.profiles, CEILING);
   const wallSeconds = round((performance.now() - startedAtMs) / 1000, 1);
   const pin = pinning();
@@ -463,6 +483,7 @@ function report(input: {
       memoryKeys: ctx.options.memory ? ctx.options.memoryKeys : null,
       memoryTouch: ctx.options.memory ? ctx.options.memoryTouch : null,
       keygateBuild: ctx.build,
+      malloc: { asked: ctx.options.malloc, preload: ctx.preload, reported: [...ctx.allocators] },
       modes: ctx.options.modes,
       engines: ctx.options.engines.map((e) => e ?? "default"),
       ceiling: CEILING,

@@ -23,6 +23,8 @@ export interface Target {
   readonly process: TrackedChild;
   /** Backend servers whose CPU is measured with the target's (Redis, the MongoDB-wire server). */
   readonly companions?: ReadonlyArray<{ name: string; pid: number }>;
+  /** The malloc keygate said it runs on ("keygate listening"'s allocator); absent for the no-op servers. */
+  readonly allocator?: string;
   stop(): Promise<void>;
 }
 
@@ -35,9 +37,11 @@ export interface KeygateLaunch {
   env: Record<string, string>;
   /** Extra node flags, e.g. --cpu-prof. */
   nodeArgs?: readonly string[];
+  /** A malloc library to preload (LD_PRELOAD), as the image preloads jemalloc; null: the system's. */
+  preload?: string | null;
 }
 
-const keygateListening = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), adminPort: z.number() });
+const keygateListening = z.object({ msg: z.literal("keygate listening"), grpcPort: z.number(), adminPort: z.number(), allocator: z.string().default("not reported") });
 const noopListening = z.object({ msg: z.literal("noop listening"), grpcPort: z.number() });
 
 /** The entry file of keygate for a build. */
@@ -57,13 +61,14 @@ async function stopGracefully(child: TrackedChild, label: string): Promise<void>
 
 /** Starts `keygate serve` on 127.0.0.1 with ephemeral ports and waits until it listens. */
 export async function startKeygate(label: string, launch: KeygateLaunch): Promise<Target> {
-  const env = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
+  const env: Record<string, string> = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
+  if (launch.preload) env["LD_PRELOAD"] = launch.preload;
   // keygate runs with the flags it ships with (npm start, the image), then the run's own.
   const args = [...KEYGATE_NODE_FLAGS, ...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
   const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env, role: "server" });
   try {
     const ready = await waitForJsonLine(child, keygateListening, START_TIMEOUT_MS);
-    return { label, grpcPort: ready.grpcPort, adminPort: ready.adminPort, process: child, stop: () => stopGracefully(child, label) };
+    return { label, grpcPort: ready.grpcPort, adminPort: ready.adminPort, allocator: ready.allocator, process: child, stop: () => stopGracefully(child, label) };
   } catch (error) {
     await child.stop("SIGKILL");
     throw error;

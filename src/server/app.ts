@@ -31,6 +31,7 @@ import type { KeyStore } from "../store/store.js";
 import { createTracing } from "../tracing/otlp.js";
 import { AccessLog } from "./access-log.js";
 import { createAdminServer } from "./admin.js";
+import { processAllocator } from "./allocator.js";
 import { listenerLimits } from "./connections.js";
 import { createGrpcAuthzServer } from "./grpc-authz.js";
 import type { StartedServer } from "./grpc-authz.js";
@@ -376,6 +377,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
           cache: shared === undefined ? "memory" : "redis",
           tracing: config.tracing === undefined ? "off" : config.tracing.protocol,
           accessLogSample: config.accessLogSampleRate,
+          allocator: processAllocator(),
           tls: config.tls === null ? [] : [...config.tls.listeners],
           clientAuth: config.tls === null ? [] : [...config.tls.clientAuthListeners],
           ...(tls === null ? {} : { certificate: tls.fingerprint }),

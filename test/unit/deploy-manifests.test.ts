@@ -11,6 +11,7 @@ import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import type { Config } from "../../src/config.js";
 import { requireServer } from "../harness/ports.js";
 import { judgedHeaders } from "../../src/server/original-request.js";
+import { IMAGE_JEMALLOC } from "../../src/server/allocator.js";
 import { KEYGATE_NODE_FLAGS } from "../../src/server/node-flags.js";
 
 // Structural checks of everything under deploy/: the manifests must agree with keygate itself
@@ -1002,6 +1003,13 @@ describe("deploy manifests: Dockerfile", () => {
     expect(JSON.parse(args("CMD").at(-1) ?? "null")).toEqual(["node", ...KEYGATE_NODE_FLAGS, pkg.bin.keygate, "serve"]);
     // `npm start` launches the same way.
     expect(pkg.scripts.start).toBe(["node", ...KEYGATE_NODE_FLAGS, pkg.bin.keygate, "serve"].join(" "));
+  });
+
+  it("runs keygate on jemalloc: installs libjemalloc2, links it where LD_PRELOAD names it", () => {
+    expect(args("RUN").join(" ")).toMatch(/apt-get install[^&]*\blibjemalloc2\b/);
+    const link = args("RUN").join(" ").match(/\bln -s (?:"[^"]*"|\S+) (\S+)/)?.[1];
+    expect(link).toBe(IMAGE_JEMALLOC);
+    expect(/\bLD_PRELOAD=(\S+)/.exec(args("ENV").join(" "))?.[1]).toBe(IMAGE_JEMALLOC);
   });
 
   it("installs exactly the lockfile: npm ci to build, npm ci --omit=dev for what ships", () => {
