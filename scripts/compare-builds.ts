@@ -2,13 +2,15 @@
 // revision's, in alternating runs on this machine: a change of a few percent is lost in the
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
-//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S]
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system]
 // Each run: a fresh embedded keygate (the bench's policy, the node flags keygate ships with)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
 // answered. Prints one line per run and, per build, the median and the range, then the ratio of
 // the medians. --grpc-timeout sends that header with every Check, as Envoy does. The key: `valid` (created through KeyAdmin, unlimited plan: the cached allow),
 // `unknown` (well formed, never stored: a cached miss) or `malformed` (refused by its checksum).
+// keygate runs on jemalloc (LD_PRELOAD, as the image runs it) unless --malloc system;
+// `--base system-malloc` takes turns between the working tree on jemalloc and on the system's.
 import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { tmpdir } from "node:os";
@@ -22,6 +24,7 @@ import { writeBenchPolicy } from "../bench/policy.js";
 import { cpuSeconds, installSignalCleanup, spawnTracked } from "../bench/processes.js";
 import { CEILING, startNoop } from "../bench/targets.js";
 import { KeyFormat } from "../src/keys/key-format.js";
+import { findJemalloc } from "../src/server/allocator.js";
 import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 
 const root = resolve(import.meta.dirname, "..");
@@ -36,15 +39,17 @@ const options = z
     warmup: z.coerce.number().int().nonnegative(),
     key: z.enum(["valid", "unknown", "malformed"]),
     grpcTimeout: z.string().regex(/^\d{1,8}[HMSmun]$/, "1 to 8 digits and a unit: H M S m u n").optional(),
+    malloc: z.enum(["jemalloc", "system"]),
   })
   .parse(
     new Command()
-      .requiredOption("--base <rev>", "the git revision to compare the working tree with, or noop for the node:http2 no-op")
+      .requiredOption("--base <rev>", "the git revision to compare the working tree with, noop for the node:http2 no-op, or system-malloc for the working tree on the system's malloc")
       .option("--rounds <n>", "runs of each build, alternating", "5")
       .option("--seconds <n>", "measured seconds a run", "5")
       .option("--warmup <n>", "seconds of the same load before each measurement", "3")
       .option("--key <kind>", "valid, unknown or malformed", "valid")
       .option("--grpc-timeout <value>", "a grpc-timeout header on every Check (e.g. 1S)")
+      .option("--malloc <allocator>", "keygate's malloc: jemalloc (LD_PRELOAD, as the image runs it) or system", "jemalloc")
       .parse()
       .opts(),
   );
@@ -68,8 +73,11 @@ const working = prepare("working-tree", (dir) => {
   for (const entry of SOURCES) cpSync(join(root, entry), join(dir, entry), { recursive: true });
 });
 const AGAINST_NOOP = options.base === "noop";
-const baseCommit = AGAINST_NOOP ? "" : execFileSync("git", ["rev-parse", "--short", options.base], { cwd: root, encoding: "utf8" }).trim();
-const base = AGAINST_NOOP
+const AGAINST_SYSTEM_MALLOC = options.base === "system-malloc";
+const JEMALLOC = options.malloc === "jemalloc" || AGAINST_SYSTEM_MALLOC ? findJemalloc() : null;
+if (JEMALLOC === null && (options.malloc === "jemalloc" || AGAINST_SYSTEM_MALLOC)) throw new Error("libjemalloc2 is not installed (apt-get install libjemalloc2), or pass --malloc system");
+const baseCommit = AGAINST_NOOP || AGAINST_SYSTEM_MALLOC ? "" : execFileSync("git", ["rev-parse", "--short", options.base], { cwd: root, encoding: "utf8" }).trim();
+const base = AGAINST_NOOP || AGAINST_SYSTEM_MALLOC
   ? null
   : prepare(`base-${baseCommit}`, (dir) => {
       const archive = execFileSync("git", ["archive", "--format=tar", baseCommit, ...SOURCES], { cwd: root, maxBuffer: 1 << 30 });
@@ -141,8 +149,8 @@ async function measureNoop(): Promise<{ micros: number; checks: number }> {
   }
 }
 
-/** One run of `build`: CPU µs per Check answered. */
-async function measure(build: string): Promise<{ micros: number; checks: number }> {
+/** One run of `build` on `preload` (LD_PRELOAD; null: the system's malloc): CPU µs per Check answered. */
+async function measure(build: string, preload: string | null): Promise<{ micros: number; checks: number }> {
   const dataDir = mkdtempSync(join(tmpdir(), "keygate-compare-"));
   try {
     const policy = join(dataDir, "policy.yaml");
@@ -155,6 +163,7 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
       KEYGATE_HTTP_AUTHZ_PORT: String(PORTS.http),
       KEYGATE_ADMIN_PORT: String(PORTS.admin),
       KEYGATE_LOG_LEVEL: "warn",
+      LD_PRELOAD: preload ?? "",
     };
     const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
     try {
@@ -170,8 +179,12 @@ async function measure(build: string): Promise<{ micros: number; checks: number 
 }
 
 const builds = [
-  { name: "working tree", run: () => measure(working), runs: [] as number[] },
-  base === null ? { name: CEILING, run: measureNoop, runs: [] as number[] } : { name: `base ${baseCommit}`, run: () => measure(base), runs: [] as number[] },
+  { name: AGAINST_SYSTEM_MALLOC ? "working tree on jemalloc" : "working tree", run: () => measure(working, JEMALLOC), runs: [] as number[] },
+  AGAINST_SYSTEM_MALLOC
+    ? { name: "working tree on the system's malloc", run: () => measure(working, null), runs: [] as number[] }
+    : base === null
+      ? { name: CEILING, run: measureNoop, runs: [] as number[] }
+      : { name: `base ${baseCommit}`, run: () => measure(base, JEMALLOC), runs: [] as number[] },
 ];
 for (let round = 0; round < options.rounds; round++) {
   // Alternate which build goes first, so neither always follows the other.
@@ -191,5 +204,5 @@ for (const b of builds) {
   process.stdout.write(`${b.name}: median ${median(b.runs).toFixed(2)} µs, ${Math.min(...b.runs).toFixed(2)} to ${Math.max(...b.runs).toFixed(2)} (${options.key} key)\n`);
 }
 const [head, old] = builds as [(typeof builds)[number], (typeof builds)[number]];
-process.stdout.write(`working tree / ${AGAINST_NOOP ? CEILING : "base"}: ${(median(head.runs) / median(old.runs)).toFixed(3)}\n`);
-writeFileSync(join(buildsDir, "last.json"), JSON.stringify({ base: AGAINST_NOOP ? CEILING : baseCommit, key: options.key, builds: builds.map(({ name, runs }) => ({ name, runs })) }, null, 2));
+process.stdout.write(`${head.name} / ${AGAINST_NOOP ? CEILING : AGAINST_SYSTEM_MALLOC ? "the system's malloc" : "base"}: ${(median(head.runs) / median(old.runs)).toFixed(3)}\n`);
+writeFileSync(join(buildsDir, "last.json"), JSON.stringify({ base: AGAINST_NOOP ? CEILING : AGAINST_SYSTEM_MALLOC ? "system-malloc" : baseCommit, malloc: options.malloc, key: options.key, builds: builds.map(({ name, runs }) => ({ name, runs })) }, null, 2));

@@ -20,4 +20,10 @@ describe("bench options", () => {
   it("refuses a scenario it does not know, naming it", () => {
     expect(() => parseOptions(argv("--scenarios", "hot,warm"))).toThrow(/warm/);
   });
+
+  it("starts keygate on jemalloc as the image does unless --malloc system, and refuses another allocator", () => {
+    expect(parseOptions(argv()).malloc).toBe("jemalloc");
+    expect(parseOptions(argv("--malloc", "system")).malloc).toBe("system");
+    expect(() => parseOptions(argv("--malloc", "tcmalloc"))).toThrow(/jemalloc|system/);
+  });
 });
