@@ -1,5 +1,6 @@
 import { Command, InvalidArgumentError } from "commander";
 import { z } from "zod";
+import { MAX_GC_THREAD_NICE } from "../src/server/gc-threads.js";
 import { SCENARIOS } from "./scenarios.js";
 import type { ScenarioName } from "./scenarios.js";
 
@@ -32,6 +33,8 @@ export interface BenchOptions {
   nodeFlags: string[];
   /** keygate's malloc: jemalloc preloaded as the image preloads it (when installed), or the system's. */
   malloc: "jemalloc" | "system";
+  /** KEYGATE_GC_THREAD_NICE for every keygate process; null leaves it unset (keygate's default). */
+  gcThreadNice: number | null;
   memoryKeys: number;
   memoryTouch: number;
   hotKeys: number;
@@ -82,6 +85,12 @@ const rawSchema = z.object({
   noops: z.boolean().default(true),
   nodeFlags: z.string().default(""),
   malloc: z.enum(["jemalloc", "system"]),
+  gcThreadNice: z
+    .string()
+    .regex(/^\d{1,2}$/, `--gc-thread-nice: a whole number from 0 to ${MAX_GC_THREAD_NICE}`)
+    .transform(Number)
+    .refine((n) => n <= MAX_GC_THREAD_NICE, `--gc-thread-nice: a whole number from 0 to ${MAX_GC_THREAD_NICE}`)
+    .optional(),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
   hotKeys: z.number().optional(),
@@ -151,6 +160,7 @@ function command(): Command {
     .option("--node <path>", "node binary for keygate and the no-op server", process.execPath)
     .option("--node-flags <flags>", "extra node flags for keygate, space-separated (e.g. --max-semi-space-size=8)")
     .option("--malloc <allocator>", "keygate's malloc: jemalloc (LD_PRELOAD, as the image runs it; when libjemalloc2 is installed) or system", "jemalloc")
+    .option("--gc-thread-nice <n>", "KEYGATE_GC_THREAD_NICE for keygate (0 to 19; default: unset, keygate's default)")
     .option("--no-build", "use the existing dist/ instead of building it first")
     .option("--source", "run keygate from src/ through tsx instead of dist/")
     .option("--data-format <format>", "ghz request data: binary (size-delimited) or json (array)", "binary")
@@ -182,6 +192,7 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     scenarios: scenarioList(raw.scenarios),
     engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
     nodeFlags: raw.nodeFlags.split(" ").filter((f) => f !== ""),
+    gcThreadNice: raw.gcThreadNice ?? null,
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
     memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,
     hotKeys: raw.hotKeys ?? sizes.hotKeys,

@@ -295,6 +295,7 @@ function context(options: BenchOptions, ghz: string, rategen: string | null, h2l
   notes.push(
     `keygate ran with the node flags it ships with (npm start, the image): ${KEYGATE_NODE_FLAGS.join(" ")}${options.nodeFlags.length > 0 ? `, then --node-flags: ${options.nodeFlags.join(" ")}` : ""}; the no-ops with node's defaults`,
   );
+  if (options.gcThreadNice !== null) notes.push(`keygate ran with KEYGATE_GC_THREAD_NICE=${options.gcThreadNice} (--gc-thread-nice): V8's worker threads at that nice value`);
   const pepper = randomBytes(32).toString("base64url");
   const plan: SeedPlan = { keys: options.keys, accounts: options.accounts, meteredShare: 0.5, revokedShare: 0.01 };
   const maxActiveKeys = Math.max(keysPerAccount(options.keys, options.accounts), keysPerAccount(options.memoryKeys, options.accounts));
@@ -324,6 +325,7 @@ function context(options: BenchOptions, ghz: string, rategen: string | null, h2l
       // production budget (150 ms), which would turn them into UNAVAILABLE answers and count
       // refused work as throughput. The budget is moved out of the way, as in the tests.
       KEYGATE_CHECK_BUDGET_MS: "10000",
+      ...(options.gcThreadNice === null ? {} : { KEYGATE_GC_THREAD_NICE: String(options.gcThreadNice) }),
     },
     maxActiveKeys,
     planned,
@@ -484,6 +486,7 @@ function report(input: {
       memoryTouch: ctx.options.memory ? ctx.options.memoryTouch : null,
       keygateBuild: ctx.build,
       malloc: { asked: ctx.options.malloc, preload: ctx.preload, reported: [...ctx.allocators] },
+      gcThreadNice: ctx.options.gcThreadNice,
       modes: ctx.options.modes,
       engines: ctx.options.engines.map((e) => e ?? "default"),
       ceiling: CEILING,

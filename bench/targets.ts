@@ -37,7 +37,7 @@ export interface KeygateLaunch {
   env: Record<string, string>;
   /** Extra node flags, e.g. --cpu-prof. */
   nodeArgs?: readonly string[];
-  /** A malloc library to preload (LD_PRELOAD), as the image preloads jemalloc; null: the system's. */
+  /** A malloc library to preload (LD_PRELOAD), as the image preloads jemalloc; null: the system's; absent: as inherited. */
   preload?: string | null;
 }
 
@@ -62,7 +62,8 @@ async function stopGracefully(child: TrackedChild, label: string): Promise<void>
 /** Starts `keygate serve` on 127.0.0.1 with ephemeral ports and waits until it listens. */
 export async function startKeygate(label: string, launch: KeygateLaunch): Promise<Target> {
   const env: Record<string, string> = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", ...launch.env };
-  if (launch.preload) env["LD_PRELOAD"] = launch.preload;
+  // null clears a preload the bench itself was started with: the system's malloc, as asked.
+  if (launch.preload !== undefined) env["LD_PRELOAD"] = launch.preload ?? "";
   // keygate runs with the flags it ships with (npm start, the image), then the run's own.
   const args = [...KEYGATE_NODE_FLAGS, ...(launch.nodeArgs ?? []), ...keygateEntry(launch.build), "serve"];
   const child = spawnTracked(label, launch.node, args, { cwd: launch.cwd, env, role: "server" });

@@ -26,4 +26,11 @@ describe("bench options", () => {
     expect(parseOptions(argv("--malloc", "system")).malloc).toBe("system");
     expect(() => parseOptions(argv("--malloc", "tcmalloc"))).toThrow(/jemalloc|system/);
   });
+
+  it("--gc-thread-nice sets KEYGATE_GC_THREAD_NICE's value (0 to 19) and is unset by default", () => {
+    expect(parseOptions(argv()).gcThreadNice).toBeNull();
+    expect(parseOptions(argv("--gc-thread-nice", "19")).gcThreadNice).toBe(19);
+    expect(parseOptions(argv("--gc-thread-nice", "0")).gcThreadNice).toBe(0);
+    for (const bad of ["20", "-1", "1.5", "high"]) expect(() => parseOptions(argv("--gc-thread-nice", bad)), bad).toThrow(/0 to 19/);
+  });
 });
