@@ -1,6 +1,6 @@
 import { Command, InvalidArgumentError } from "commander";
 import { z } from "zod";
-import { MAX_GC_THREAD_NICE } from "../src/server/gc-threads.js";
+import { gcThreadNiceSchema } from "../src/config.js";
 import { SCENARIOS } from "./scenarios.js";
 import type { ScenarioName } from "./scenarios.js";
 
@@ -85,12 +85,7 @@ const rawSchema = z.object({
   noops: z.boolean().default(true),
   nodeFlags: z.string().default(""),
   malloc: z.enum(["jemalloc", "system"]),
-  gcThreadNice: z
-    .string()
-    .regex(/^\d{1,2}$/, `--gc-thread-nice: a whole number from 0 to ${MAX_GC_THREAD_NICE}`)
-    .transform(Number)
-    .refine((n) => n <= MAX_GC_THREAD_NICE, `--gc-thread-nice: a whole number from 0 to ${MAX_GC_THREAD_NICE}`)
-    .optional(),
+  gcThreadNice: gcThreadNiceSchema.optional(),
   memoryKeys: z.number().optional(),
   memoryTouch: z.number().optional(),
   hotKeys: z.number().optional(),

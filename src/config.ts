@@ -364,6 +364,13 @@ const listenerList = z
 
 const GC_THREAD_NICE_RANGE = `must be a whole number from 0 to ${MAX_GC_THREAD_NICE}`;
 
+/** A KEYGATE_GC_THREAD_NICE value (0 to 19); the bench's --gc-thread-nice takes the same. */
+export const gcThreadNiceSchema = z.coerce
+  .number({ error: GC_THREAD_NICE_RANGE })
+  .int(GC_THREAD_NICE_RANGE)
+  .min(0, GC_THREAD_NICE_RANGE)
+  .max(MAX_GC_THREAD_NICE, GC_THREAD_NICE_RANGE);
+
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
   KEYGATE_MONGODB_URI: z.string().regex(/^mongodb(\+srv)?:\/\//, "must start with mongodb:// or mongodb+srv://").optional(),
@@ -388,7 +395,7 @@ const envSchema = z.object({
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
   KEYGATE_CHECK_BUDGET_MS: z.coerce.number().int().min(10).max(60_000).default(DEFAULT_CHECK_BUDGET_MS),
-  KEYGATE_GC_THREAD_NICE: z.coerce.number({ error: GC_THREAD_NICE_RANGE }).int(GC_THREAD_NICE_RANGE).min(0, GC_THREAD_NICE_RANGE).max(MAX_GC_THREAD_NICE, GC_THREAD_NICE_RANGE).default(DEFAULT_GC_THREAD_NICE),
+  KEYGATE_GC_THREAD_NICE: gcThreadNiceSchema.default(DEFAULT_GC_THREAD_NICE),
   KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
   KEYGATE_ADMIN_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
   KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),

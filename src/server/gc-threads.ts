@@ -74,7 +74,7 @@ export function gcThreadNiceFromEnv(env: NodeJS.ProcessEnv): number {
   const raw = env["KEYGATE_GC_THREAD_NICE"];
   if (raw === undefined) return DEFAULT_GC_THREAD_NICE;
   const nice = Number(raw);
-  return Number.isInteger(nice) && nice >= 0 && nice <= MAX_GC_THREAD_NICE ? nice : 0;
+  return Number.isInteger(nice) && nice >= 0 && nice <= MAX_GC_THREAD_NICE ? nice : DEFAULT_GC_THREAD_NICE;
 }
 
 function describe(error: unknown): string {
