@@ -192,7 +192,10 @@ export class DecisionPipeline {
       if (trace !== undefined) trace.cacheTier = "l1";
       decision = this.#judge(v, cached, v.presentCredentials.of(input.headers), route, true, trace);
     } else {
-      decision = this.deps.lookup.load(hash, trace).then((snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace));
+      // An embedded store answers in this turn (a traced decision takes the path its spans follow).
+      const read = trace === undefined ? this.deps.lookup.loadNow(hash) : undefined;
+      if (read !== undefined) decision = this.#judge(v, read, v.presentCredentials.of(input.headers), route, true, trace);
+      else decision = this.deps.lookup.load(hash, trace).then((snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace));
     }
     // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
     return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;

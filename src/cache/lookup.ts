@@ -162,6 +162,27 @@ export class SnapshotLookup {
     return snapshot;
   }
 
+  /**
+   * An L1 miss read from the store in the caller's turn, when nothing is asked before the store
+   * (no L2) and the store reads without waiting (SQLite): the miss is decided at once, without the
+   * promises and the budget timer a waiting read needs. undefined when the read must wait: load().
+   */
+  loadNow(hash: string): KeySnapshot | null | undefined {
+    const { store, shared } = this.#deps;
+    if (shared !== undefined || store.findSnapshotByHashNow === undefined) return undefined;
+    const started = performance.now();
+    let snapshot: KeySnapshot | null;
+    try {
+      snapshot = store.findSnapshotByHashNow(hash);
+    } catch (error) {
+      this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, false);
+      throw error;
+    }
+    this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
+    this.#remember(hash, snapshot);
+    return snapshot;
+  }
+
   async #storeRead(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
     const started = performance.now();
     try {

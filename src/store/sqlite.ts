@@ -379,6 +379,10 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
+    return this.findSnapshotByHashNow(hash);
+  }
+
+  findSnapshotByHashNow(hash: string): KeySnapshot | null {
     const row = this.#stmt.snapshotByHash.get(hash);
     if (row === undefined) return null;
     const key = readKeyRow(row);

@@ -224,6 +224,11 @@ export interface Rotation {
 export interface SnapshotStore {
   /** The key and its account by hash. */
   findSnapshotByHash(hash: string): Promise<KeySnapshot | null>;
+  /**
+   * The same read answered in the caller's turn, by a store that reads without waiting on I/O
+   * (embedded SQLite); absent on stores that must wait (MongoDB).
+   */
+  findSnapshotByHashNow?(hash: string): KeySnapshot | null;
 }
 
 /** Accounts and the key lifecycle (KeyAdmin). */

@@ -1,7 +1,7 @@
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { StoreUnavailableError } from "../../src/store/errors.js";
-import type { KeySnapshot } from "../../src/store/store.js";
+import type { KeySnapshot, SnapshotStore } from "../../src/store/store.js";
 import { checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
@@ -99,7 +99,73 @@ function suite(name: string, env: () => Record<string, string>): void {
   });
 }
 
-suite("lookup coalescing, embedded (SQLite, in-process cache)", () => ({}));
+/**
+ * Embedded SQLite answers a miss in the Check's own turn (SnapshotLookup.loadNow): the first of
+ * many concurrent Checks reads the key and puts it in L1 before the next one is decided, so there
+ * is nothing to coalesce and nothing to hold. Counts the reads, and makes the next `failures` throw
+ * as a failing store would.
+ */
+function countReadsNow(kg: TestKeygate, failures: number): () => number {
+  const store = kg.app.store as SnapshotStore;
+  const read = store.findSnapshotByHashNow?.bind(store);
+  if (read === undefined) throw new Error("the embedded store has no findSnapshotByHashNow");
+  let calls = 0;
+  let failing = failures;
+  vi.spyOn(store as Required<SnapshotStore>, "findSnapshotByHashNow").mockImplementation((hash: string): KeySnapshot | null => {
+    calls += 1;
+    if (failing > 0) {
+      failing -= 1;
+      throw new StoreUnavailableError("the test's store is down");
+    }
+    return read(hash);
+  });
+  return () => calls;
+}
+
+describe("lookup coalescing, embedded (SQLite read in the Check's turn, in-process cache)", () => {
+  let kg: TestKeygate;
+  let seq = 0;
+
+  beforeAll(async () => {
+    kg = await startKeygate();
+  });
+  afterAll(async () => {
+    vi.restoreAllMocks();
+    await kg?.stop();
+  });
+
+  async function freshKey(): Promise<string> {
+    const ownerId = `coalesce-now-${++seq}`;
+    await kg.admin.upsertAccount({ ownerId, plan: "business" });
+    return (await kg.admin.createKey({ ownerId, name: "coalesce" })).secret;
+  }
+
+  it(`${CONCURRENT} concurrent Checks for one uncached key make exactly one store read, none of it through a promise`, async () => {
+    const secret = await freshKey();
+    const waiting = vi.spyOn(kg.app.store, "findSnapshotByHash");
+    const reads = countReadsNow(kg, 0);
+    const answers = await Promise.all(Array.from({ length: CONCURRENT }, () => kg.check(checkInit({ "x-api-key": secret }))));
+    vi.restoreAllMocks();
+    expect(answers.map((a) => a.httpResponse.case)).toEqual(Array.from({ length: CONCURRENT }, () => "okResponse"));
+    expect(reads()).toBe(1);
+    expect(waiting).not.toHaveBeenCalled();
+  });
+
+  it("a read that throws answers that Check UNAVAILABLE and caches nothing: the next Check reads again and is allowed", async () => {
+    const secret = await freshKey();
+    const reads = countReadsNow(kg, 1);
+    const failed = await kg.check(checkInit({ "x-api-key": secret })).then(
+      () => "answered",
+      (error: unknown) => (error instanceof Error && "code" in error ? error.code : "other error"),
+    );
+    expect(failed).toBe(GrpcStatus.UNAVAILABLE);
+    const after = await kg.check(checkInit({ "x-api-key": secret }));
+    vi.restoreAllMocks();
+    expect(after.httpResponse.case).toBe("okResponse");
+    expect(reads()).toBe(2);
+  });
+});
+
 
 if (withRedis) {
   let redis: RedisServer | null = null;
