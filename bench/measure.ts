@@ -1,5 +1,7 @@
 import type { DataFile } from "./data.js";
 import { runGhz } from "./ghz.js";
+import { pausesDuring, readJvmPauses } from "./jvm-gc.js";
+import type { PauseSummary } from "./jvm-gc.js";
 import type { GhzResult, RunLength } from "./ghz.js";
 import { probeCheck, runH2load } from "./h2load.js";
 import type { FixedRequest, H2loadResult, ProbeResult } from "./h2load.js";
@@ -46,6 +48,8 @@ export interface PhaseResult {
   checks: CheckCounts | null;
   /** CPU cores used by each backend server (Redis, MongoDB-wire) during the run. */
   backendCores: Record<string, number>;
+  /** Stop-the-world GC pauses of each Java backend (the MongoDB-wire server) that overlapped the run. */
+  backendPauses: Record<string, PauseSummary>;
 }
 
 /** What to send in one run. */
@@ -98,14 +102,20 @@ async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec
   const end = measureResources(target.process.pid);
   const companions = (target.companions ?? []).map((c) => ({ ...c, before: cpuSeconds(c.pid) }));
   const startedAt = performance.now();
+  const fromMs = Date.now();
   const ghz = await drive(target, settings, spec);
+  const toMs = Date.now();
   const resources = end();
   const wallSeconds = Math.max(1e-9, (performance.now() - startedAt) / 1000);
   const backendCores: Record<string, number> = {};
-  for (const c of companions) backendCores[c.name] = round((cpuSeconds(c.pid) - c.before) / wallSeconds, 2);
+  const backendPauses: Record<string, PauseSummary> = {};
+  for (const c of companions) {
+    backendCores[c.name] = round((cpuSeconds(c.pid) - c.before) / wallSeconds, 2);
+    if (c.gcLog !== undefined) backendPauses[c.name] = pausesDuring(readJvmPauses(c.gcLog), fromMs, toMs);
+  }
   const checks = before === null || target.adminPort === null ? null : checkCounts(before, await scrape(target.adminPort));
   const answered = Math.max(1, ghz.requests);
-  return { ghz, resources, cpuMicrosPerCheck: round((resources.cpuSeconds * 1e6) / answered, 1), checks, backendCores };
+  return { ghz, resources, cpuMicrosPerCheck: round((resources.cpuSeconds * 1e6) / answered, 1), checks, backendCores, backendPauses };
 }
 
 /** Saturation: as fast as ghz can drive it, for the run's duration. */

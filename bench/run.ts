@@ -14,13 +14,14 @@ import { join, resolve } from "node:path";
 import { connectRedis } from "../src/cache/redis.js";
 import { MongoKeyStore } from "../src/store/mongo.js";
 import { SqliteKeyStore } from "../src/store/sqlite.js";
-import { mongoWireAvailable, tryStartMongoWire } from "../test/harness/mongo-wire.js";
+import { MONGO_WIRE_JVM_FLAGS, mongoWireAvailable, tryStartMongoWire } from "../test/harness/mongo-wire.js";
 import { startRedis } from "../test/harness/redis-server.js";
 import { checkRequest, writeScenarioData } from "./data.js";
 import type { ScenarioData } from "./data.js";
 import { findGhz, ghzInstallPath } from "./ghz.js";
 import { findH2load, probeCheck, writeFixedRequest } from "./h2load.js";
 import type { FixedRequest } from "./h2load.js";
+import { jvmGcLogOption } from "./jvm-gc.js";
 import { oneKey, pass, saturation } from "./measure.js";
 import type { LoadSettings, OneKeyResult } from "./measure.js";
 import { runMemory } from "./memory.js";
@@ -238,13 +239,20 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
     return null;
   }
   try {
-    const wire = mongoWireAvailable() ? await tryStartMongoWire() : null;
+    // Its stop-the-world GC pauses are logged, so each run can say which fell in it.
+    const gcLog = join(ctx.work, "mongo-wire-gc.log");
+    const wire = mongoWireAvailable() ? await tryStartMongoWire({ jvmOptions: [jvmGcLogOption(gcLog)] }) : null;
     if (wire === null) {
       ctx.skipped.push({ what: "redis-mongo", why: "the MongoDB-wire server is not installed (.ci/install-mongo-wire.sh)" });
       return null;
     }
     try {
       ctx.notes.push(`redis-mongo: ${wire.kind} and redis-server, both on 127.0.0.1 on the same machine`);
+      if (wire.kind !== "external") {
+        ctx.notes.push(
+          `redis-mongo: mongo-java-server runs with the test harness's JVM flags (${MONGO_WIRE_JVM_FLAGS.join(" ")}): its stop-the-world GC pauses, logged with -Xlog:gc, hold every lookup sent meanwhile; "backend GC >10ms" counts those that overlapped each fixed-rate run`,
+        );
+      }
       log(`redis-mongo: seeding ${ctx.planned.records.length} keys into ${wire.kind}`);
       const writer = await mongoBulkWriter(wire.uri);
       let seeding: SeedTiming;
@@ -262,7 +270,7 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
       const env = { KEYGATE_DATA_DIR: join(ctx.work, "redis-mongo"), KEYGATE_MONGODB_URI: wire.uri, KEYGATE_REDIS_URL: redis.url };
       const companions = [
         ...childPids(`:${redis.port}`).map((pid) => ({ name: "redis-server", pid })),
-        ...childPids("MongoWireServer").map((pid) => ({ name: "mongo-java-server", pid })),
+        ...childPids("MongoWireServer").map((pid) => ({ name: "mongo-java-server", pid, gcLog })),
       ];
       // By default the backends run beside the load generators, every thread, so that keygate's
       // core is keygate's alone (--backends-on server moves them onto it).
@@ -522,7 +530,7 @@ function report(input: {
     `${latencyHeading(results, ctx.settings)}:`,
     latencyTable(results),
     "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",
-    "GC >10ms: keygate's GC pauses over 10 ms during the run, any kind; major GC ms: its mark-compact pauses in total (nodejs_gc_duration_seconds, main thread only). I/O >10ms: keygate's Redis and store calls on the Check path that took over 10 ms, of all of them (keygate_backend_duration_seconds).",
+    "GC >10ms: keygate's GC pauses over 10 ms during the run, any kind; major GC ms: its mark-compact pauses in total (nodejs_gc_duration_seconds, main thread only). I/O >10ms: keygate's Redis and store calls on the Check path that took over 10 ms, of all of them (keygate_backend_duration_seconds). backend GC >10ms: the MongoDB-wire server's stop-the-world GC pauses over 10 ms that overlapped the run (its JVM's -Xlog:gc), with the longest in ms; - without a Java backend.",
     "",
     ...(input.oneKey.length === 0
       ? [`h2load one key: not run (${ctx.options.oneKey ? "h2load missing" : "--no-one-key"})`]

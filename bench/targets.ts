@@ -21,8 +21,11 @@ export interface Target {
   /** keygate's admin port (for /metrics); null for the no-op server. */
   readonly adminPort: number | null;
   readonly process: TrackedChild;
-  /** Backend servers whose CPU is measured with the target's (Redis, the MongoDB-wire server). */
-  readonly companions?: ReadonlyArray<{ name: string; pid: number }>;
+  /**
+   * Backend servers whose CPU is measured with the target's (Redis, the MongoDB-wire server); a
+   * Java one names the GC log its stop-the-world pauses are read from (jvmGcLogOption).
+   */
+  readonly companions?: ReadonlyArray<{ name: string; pid: number; gcLog?: string }>;
   /** The malloc keygate said it runs on ("keygate listening"'s allocator); absent for the no-op servers. */
   readonly allocator?: string;
   stop(): Promise<void>;

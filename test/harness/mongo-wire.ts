@@ -132,9 +132,12 @@ interface Launched {
   output(): string;
 }
 
-function launchJava(dir: string, dataDir: string, port: number): Launched {
+/** The JVM flags the server runs with: a small, quick-starting JVM for tests. */
+export const MONGO_WIRE_JVM_FLAGS: readonly string[] = ["-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"];
+
+function launchJava(dir: string, dataDir: string, port: number, jvmOptions: readonly string[]): Launched {
   const classpath = [join(dir, "classes"), join(dir, "lib", "*")].join(":");
-  const args = ["-Xss512k", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", `-Djava.io.tmpdir=${dataDir}`, "-cp", classpath, "MongoWireServer", String(port)];
+  const args = [...MONGO_WIRE_JVM_FLAGS, ...jvmOptions, `-Djava.io.tmpdir=${dataDir}`, "-cp", classpath, "MongoWireServer", String(port)];
   const child = spawn("java", args, { cwd: dataDir, stdio: ["ignore", "pipe", "pipe"] });
   running.add(child);
   let out = "";
@@ -186,8 +189,9 @@ function external(uri: string, database: string): MongoWire {
  * Starts mongo-java-server on a free port of 127.0.0.1 and waits for a driver ping, or uses
  * KEYGATE_TEST_MONGODB_URI (a real MongoDB; stop is a no-op) when it is set. Each call gets its
  * own database name. Resolves to null when the server is not installed (see mongoWireAvailable).
+ * `jvmOptions` are added to the JVM's flags (the bench logs its GC pauses with them).
  */
-export async function tryStartMongoWire(): Promise<MongoWire | null> {
+export async function tryStartMongoWire(options: { jvmOptions?: readonly string[] } = {}): Promise<MongoWire | null> {
   const database = `keygate_test_${randomBytes(4).toString("hex")}`;
   const uri = externalUri();
   if (uri !== null) return external(uri, database);
@@ -205,7 +209,7 @@ export async function tryStartMongoWire(): Promise<MongoWire | null> {
       dataDir = mkdtempSync(join(tmpdir(), "keygate-mongo-wire-"));
       tempDirs.add(dataDir);
     }
-    const launched = launchJava(dir, dataDir, port);
+    const launched = launchJava(dir, dataDir, port, options.jvmOptions ?? []);
     await waitReady(launched, port);
     current = launched;
   };
