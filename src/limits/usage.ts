@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
 import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
-import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "../store/write-behind.js";
+import { FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
 
 /**
  * Counts usage in memory and adds it to the store in batches: requests by key, day and
@@ -17,8 +17,8 @@ export class UsageRecorder {
   /** Rows and credit entries of the batch being written, not yet in the store. */
   #inFlight = 0;
   readonly #writer: WriteBehind;
-  /** The batch being written, while it is. */
-  #writing: Promise<void> | null = null;
+  /** The credits of the batch being written, while they are (the rows after them do not count). */
+  #writing: Promise<number | null> | null = null;
   /** Reads running under withoutFlush, and the flush waiting for them to end. */
   #readers = 0;
   #readersDone: Array<() => void> = [];
@@ -32,9 +32,10 @@ export class UsageRecorder {
   }
 
   /**
-   * Runs `read` (a store read of credits) while no batch is being written, so the store's answer
-   * and pendingSpend() agree: each spent credit is in exactly one of them. A batch written during
-   * the read could be in both (counted twice) or, when the read came first, in neither.
+   * Runs `read` (a store read of credits) while no batch's credits are being written, so the
+   * store's answer and pendingSpend() agree: each spent credit is in exactly one of them. Credits
+   * written during the read could be in both (counted twice) or, when the read came first, in
+   * neither. A batch's usage rows, written after its credits, do not hold the read.
    */
   async withoutFlush<T>(read: () => Promise<T>): Promise<T> {
     while (this.#writing !== null) await this.#writing;
@@ -121,50 +122,85 @@ export class UsageRecorder {
     return this.#writer.stop();
   }
 
+  /**
+   * Writes one batch: the credits spent first, then the usage rows. Credit reads (withoutFlush)
+   * wait for the credits only; the rows after them are counts no credit read needs, written while
+   * Checks go on.
+   */
   async #flushOnce(): Promise<void> {
     if (this.#usageRows === 0 && this.#credits.size === 0) return;
     while (this.#readers > 0) await new Promise<void>((resolve) => this.#readersDone.push(resolve));
-    const usage = [...this.#usage.values()].flat();
-    const credits = this.#credits;
+    const rows = [...this.#usage.values()].flat();
+    const spent = [...this.#credits.values()];
     this.#usage = new Map();
     this.#usageRows = 0;
     this.#credits = new Map();
-    const writing = this.#write(usage, credits);
+    this.#inFlight = rows.length + spent.length;
+    const writing = this.#writeCredits(spent, rows);
     this.#writing = writing;
+    let lastCall: number | null;
     try {
-      await writing;
+      lastCall = await writing;
     } finally {
       this.#writing = null;
+    }
+    if (lastCall !== null) await this.#writeRows(rows, lastCall);
+  }
+
+  /**
+   * Adds the batch's credits to the store, FLUSH_CHUNK accounts a call, pausing between calls
+   * (WriteBehind.between). Never rejects: when a call fails, the credits it and later calls held go
+   * back into the map, and so do all of the batch's usage rows (nothing of them was written yet).
+   * Resolves to when its last call started (0 with no credits to write), or null when one failed:
+   * the rows are then not written this time.
+   */
+  async #writeCredits(spent: CreditDelta[], rows: UsageDelta[]): Promise<number | null> {
+    let c = 0;
+    let callStarted = 0;
+    try {
+      while (c < spent.length) {
+        if (c > 0) await this.#writer.between(callStarted);
+        const chunk = spent.slice(c, c + FLUSH_CHUNK);
+        callStarted = performance.now();
+        await this.store.applyUsage([], chunk);
+        c += chunk.length;
+        this.#inFlight -= chunk.length;
+      }
+      return callStarted;
+    } catch (error) {
+      this.#inFlight = 0;
+      for (const e of spent.slice(c)) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
+      for (const e of rows) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
+      this.logger.warn({ err: error, rows: rows.length + spent.length - c }, "usage flush failed; will retry");
+      return null;
     }
   }
 
   /**
-   * Adds one batch to the store, FLUSH_CHUNK rows a call, yielding to the event loop between
-   * calls: a synchronous store (SQLite) writing a whole busy interval at once would hold every
-   * Check for the length of the write. Never rejects: the rows of the call that failed, and of
-   * those after it, go back into the maps (each call is one transaction, so none of them counted).
+   * Adds the batch's usage rows to the store, FLUSH_CHUNK rows a call, pausing between calls
+   * (WriteBehind.between): a synchronous store (SQLite) writing a whole busy interval at once would
+   * hold every Check for the length of the write, and a MongoDB that serves one request at a time
+   * would hold every key lookup. Never rejects: the rows of the call that failed, and of those
+   * after it, go back into the map (each call is one transaction, so none of them counted).
+   * `creditsCallStarted`: when the credits' last call started (0 when there was none).
    */
-  async #write(rows: UsageDelta[], credits: Map<string, CreditDelta>): Promise<void> {
-    const spent = [...credits.values()];
+  async #writeRows(rows: UsageDelta[], creditsCallStarted: number): Promise<void> {
     let u = 0;
-    let c = 0;
-    this.#inFlight = rows.length + spent.length;
+    let callStarted = creditsCallStarted;
     try {
-      while (u < rows.length || c < spent.length) {
-        if (u > 0 || c > 0) await yieldToEventLoop();
-        const usageChunk = rows.slice(u, u + FLUSH_CHUNK);
-        const creditChunk = spent.slice(c, c + FLUSH_CHUNK - usageChunk.length);
-        await this.store.applyUsage(usageChunk, creditChunk);
-        u += usageChunk.length;
-        c += creditChunk.length;
-        this.#inFlight -= usageChunk.length + creditChunk.length;
+      while (u < rows.length) {
+        if (callStarted > 0) await this.#writer.between(callStarted);
+        const chunk = rows.slice(u, u + FLUSH_CHUNK);
+        callStarted = performance.now();
+        await this.store.applyUsage(chunk, []);
+        u += chunk.length;
+        this.#inFlight -= chunk.length;
       }
     } catch (error) {
-      // What was not written goes back to the maps, where pendingCount counts it.
+      // What was not written goes back to the map, where pendingCount counts it.
       this.#inFlight = 0;
       for (const e of rows.slice(u)) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
-      for (const e of spent.slice(c)) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
-      this.logger.warn({ err: error, rows: rows.length - u + spent.length - c }, "usage flush failed; will retry");
+      this.logger.warn({ err: error, rows: rows.length - u }, "usage flush failed; will retry");
     }
   }
 }

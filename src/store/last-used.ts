@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { LastUsedStore } from "./store.js";
-import { FLUSH_CHUNK, WriteBehind, yieldToEventLoop } from "./write-behind.js";
+import { FLUSH_CHUNK, WriteBehind } from "./write-behind.js";
 
 /**
  * Collects last-use times in memory and writes them to the store in batches, so the Check
@@ -52,7 +52,7 @@ export class LastUsedRecorder {
   }
 
   /**
-   * Writes FLUSH_CHUNK keys a call, yielding between calls (see UsageRecorder's flush). The batch
+   * Writes FLUSH_CHUNK keys a call, pausing between calls (WriteBehind.between). The batch
    * is the pending map itself, read key by key: no list of [id, time] pairs, which would live as
    * long as the batch takes to write.
    */
@@ -63,15 +63,17 @@ export class LastUsedRecorder {
     this.#pending = new Map();
     const ids = batch.keys();
     let written = 0;
+    let callStarted = 0;
     this.#inFlight = batch.size;
     try {
       while (written < batch.size) {
-        if (written > 0) await yieldToEventLoop();
+        if (written > 0) await this.#writer.between(callStarted);
         const chunk = new Map<string, number>();
         for (let next = ids.next(); !next.done; next = ids.next()) {
           chunk.set(next.value, base + (batch.get(next.value) as number));
           if (chunk.size === FLUSH_CHUNK) break;
         }
+        callStarted = performance.now();
         await this.store.touchLastUsed(chunk);
         written += chunk.size;
         this.#inFlight -= chunk.size;

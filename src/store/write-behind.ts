@@ -1,10 +1,18 @@
 /**
  * Rows a write-behind flush gives the store in one call (one transaction). On SQLite without its
- * writing thread (writes on the event loop) a call of this size takes about a millisecond, so
- * Checks wait at most that long behind a flush, however many keys were busy in the interval; with
- * the thread, it bounds each message and each transaction that other connections wait behind.
+ * writing thread (writes on the event loop) a call of this size takes a fraction of a millisecond,
+ * so Checks wait at most that long behind a flush, however many keys were busy in the interval;
+ * with the thread, it bounds each message and each transaction that other connections wait
+ * behind. On a MongoDB that works through one request at a time (mongo-java-server, a small
+ * instance), it bounds how long a key lookup waits behind a write: a few milliseconds.
  */
-export const FLUSH_CHUNK = 256;
+export const FLUSH_CHUNK = 64;
+
+/** The longest pause between two calls of a flush, however long the call before took. */
+export const MAX_CALL_PAUSE_MS = 1000;
+
+/** Calls that take less than this are followed by one turn of the event loop only. */
+const PACED_CALL_MS = 1;
 
 /** Lets I/O and timers queued behind a long job run before it goes on. */
 export function yieldToEventLoop(): Promise<void> {
@@ -18,6 +26,7 @@ export function yieldToEventLoop(): Promise<void> {
 export class WriteBehind {
   #timer: NodeJS.Timeout | undefined;
   #chain: Promise<void> = Promise.resolve();
+  #stopping = false;
 
   constructor(
     private readonly flushOnce: () => Promise<void>,
@@ -36,8 +45,22 @@ export class WriteBehind {
     return this.#chain;
   }
 
+  /**
+   * What a flush waits before its next call, given when the call before started: a turn of the
+   * event loop, and, for a call that took a millisecond or more, as long again (up to
+   * MAX_CALL_PAUSE_MS). A flush then keeps the store busy at most half the time, so the key
+   * lookups of Checks that miss the caches are served between its calls instead of queueing
+   * behind the whole batch. Once stop() has begun, only the turn: shutdown writes at full speed.
+   */
+  between(callStartedMs: number): Promise<void> {
+    const tookMs = performance.now() - callStartedMs;
+    if (this.#stopping || tookMs < PACED_CALL_MS) return yieldToEventLoop();
+    return new Promise((resolve) => setTimeout(resolve, Math.min(tookMs, MAX_CALL_PAUSE_MS)));
+  }
+
   /** Stops the timer and flushes what is pending. */
   async stop(): Promise<void> {
+    this.#stopping = true;
     if (this.#timer !== undefined) clearInterval(this.#timer);
     this.#timer = undefined;
     await this.flush();

@@ -1,9 +1,9 @@
 import { pino } from "pino";
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { UsageRecorder } from "../../src/limits/usage.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
 import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
-import { FLUSH_CHUNK } from "../../src/store/write-behind.js";
+import { FLUSH_CHUNK, MAX_CALL_PAUSE_MS, WriteBehind } from "../../src/store/write-behind.js";
 
 // Write-behind flushes give the store FLUSH_CHUNK rows a call and let the event loop run between
 // calls, so a busy interval's flush never holds Checks for its whole length. A failed call puts
@@ -73,11 +73,13 @@ describe("write-behind flush happy", () => {
     setImmediate(tick);
     await recorder.flush();
     running = false;
+    // The credits first, in a call of their own, then the rows.
     expect(store.calls).toStrictEqual([
+      { usage: 0, credits: 20 },
       { usage: FLUSH_CHUNK, credits: 0 },
       { usage: FLUSH_CHUNK, credits: 0 },
       { usage: FLUSH_CHUNK, credits: 0 },
-      { usage: 10, credits: 20 },
+      { usage: 10, credits: 0 },
     ]);
     // Between any two calls, something else ran.
     const calls = store.events.map((event, i) => [event, i] as const).filter(([event]) => event.startsWith("call"));
@@ -99,10 +101,16 @@ describe("write-behind flush happy", () => {
     for (let i = 0; i < keys; i++) recorder.record("owner", `key-${i}`, "2026-12-03", "ALLOWED", 0);
     recorder.spend("owner", "2026-12", 5, 1);
     await recorder.flush();
-    expect(store.calls.map((c) => c.usage)).toStrictEqual([FLUSH_CHUNK, FLUSH_CHUNK, FLUSH_CHUNK]);
-    expect(store.counts.size).toBe(FLUSH_CHUNK * 2);
-    expect(recorder.pendingCount).toBe(FLUSH_CHUNK * 2 + 1);
-    expect(recorder.pendingSpend("owner", "2026-12")).toStrictEqual({ monthly: 5, topup: 1 });
+    // Call 1 wrote the credits, call 2 the first rows; call 3 failed.
+    expect(store.calls).toStrictEqual([
+      { usage: 0, credits: 1 },
+      { usage: FLUSH_CHUNK, credits: 0 },
+      { usage: FLUSH_CHUNK, credits: 0 },
+    ]);
+    expect(store.counts.size).toBe(FLUSH_CHUNK);
+    expect(store.spent.get("owner")).toBe(6);
+    expect(recorder.pendingCount).toBe(FLUSH_CHUNK * 3);
+    expect(recorder.pendingSpend("owner", "2026-12")).toStrictEqual({ monthly: 0, topup: 0 });
     // A request counted meanwhile joins the put-back row.
     recorder.record("owner", `key-${keys - 1}`, "2026-12-03", "ALLOWED", 0);
     await recorder.flush();
@@ -218,6 +226,116 @@ describe("write-behind flush happy", () => {
     await recorder.flush();
     expect(stored.get("key-a")).toBe(t + 55_000);
     expect(stored.get("key-d")).toBe(t + 40_000);
+    expect(recorder.pendingCount).toBe(0);
+  });
+});
+
+/** Resolves on the next turn of the real event loop (setImmediate is never faked below). */
+const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+describe("write-behind pacing", () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  it("waits as long as the call before took (at most MAX_CALL_PAUSE_MS), a turn after a quick call, and only a turn once stopping", async () => {
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "setInterval", "clearInterval"] });
+    const writer = new WriteBehind(async () => undefined, 60_000);
+    const settled = (promise: Promise<void>): (() => boolean) => {
+      let done = false;
+      void promise.then(() => {
+        done = true;
+      });
+      return () => done;
+    };
+
+    // A call that took 50 ms: no sooner than 50 ms of timers later.
+    const after50 = settled(writer.between(performance.now() - 50));
+    await turn();
+    await vi.advanceTimersByTimeAsync(45);
+    expect(after50()).toBe(false);
+    await vi.advanceTimersByTimeAsync(MAX_CALL_PAUSE_MS - 45);
+    expect(after50()).toBe(true);
+
+    // A call that took a minute: the pause stops at MAX_CALL_PAUSE_MS.
+    const afterMinute = settled(writer.between(performance.now() - 60_000));
+    await turn();
+    await vi.advanceTimersByTimeAsync(MAX_CALL_PAUSE_MS - 5);
+    expect(afterMinute()).toBe(false);
+    await vi.advanceTimersByTimeAsync(5);
+    expect(afterMinute()).toBe(true);
+
+    // A call that took no time: one turn, no timer.
+    const afterQuick = settled(writer.between(performance.now()));
+    await turn();
+    await turn();
+    expect(afterQuick()).toBe(true);
+
+    // Stopping: the slow call's pause is one turn too.
+    await writer.stop();
+    const whileStopping = settled(writer.between(performance.now() - 50));
+    await turn();
+    await turn();
+    expect(whileStopping()).toBe(true);
+  });
+
+  it("a flush leaves the store idle between two calls at least as long as the first took", async () => {
+    const CALL_MS = 20;
+    const spans: Array<{ start: number; end: number }> = [];
+    const slow = async (): Promise<void> => {
+      const start = performance.now();
+      await new Promise((resolve) => setTimeout(resolve, CALL_MS));
+      spans.push({ start, end: performance.now() });
+    };
+    const usage = new UsageRecorder({ applyUsage: slow }, silent, 60_000);
+    for (let i = 0; i < FLUSH_CHUNK * 2 + 1; i++) usage.record("owner", `key-${i}`, "2026-12-05", "ALLOWED", 0);
+    await usage.flush();
+    const lastUsed = new LastUsedRecorder({ touchLastUsed: slow }, silent, 60_000);
+    for (let i = 0; i < FLUSH_CHUNK * 2 + 1; i++) lastUsed.record(`key-${i}`, 1000);
+    await lastUsed.flush();
+    expect(spans).toHaveLength(6);
+    for (const pair of [spans.slice(0, 3), spans.slice(3)]) {
+      for (let i = 1; i < pair.length; i++) {
+        const before = pair[i - 1] as { start: number; end: number };
+        const next = pair[i] as { start: number; end: number };
+        // Measured from the call's start, as the writer does: idle at least as long as it took.
+        expect(next.start - before.end).toBeGreaterThanOrEqual(before.end - before.start - 1);
+      }
+    }
+  });
+
+  it("a credit read waits for the batch's credits only, not for its usage rows", async () => {
+    const held: Array<() => void> = [];
+    const entered: Array<{ usage: number; credits: number }> = [];
+    const store = {
+      applyUsage: (usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> => {
+        entered.push({ usage: usage.length, credits: credits.length });
+        return new Promise<void>((resolve) => held.push(resolve));
+      },
+    };
+    const recorder = new UsageRecorder(store, silent, 60_000);
+    recorder.record("owner", "key-1", "2026-12-05", "ALLOWED", 3);
+    recorder.spend("owner", "2026-12", 3, 0);
+    const flushed = recorder.flush();
+    await vi.waitFor(() => expect(entered).toEqual([{ usage: 0, credits: 1 }]));
+    // While the credits are being written, a read waits.
+    let reads = 0;
+    const firstRead = recorder.withoutFlush(async () => {
+      reads += 1;
+    });
+    await turn();
+    expect(reads).toBe(0);
+    held.shift()?.();
+    await firstRead;
+    expect(reads).toBe(1);
+    await vi.waitFor(() => expect(entered).toEqual([{ usage: 0, credits: 1 }, { usage: 1, credits: 0 }]));
+    // While the usage row is being written, a read goes ahead.
+    await recorder.withoutFlush(async () => {
+      reads += 1;
+    });
+    expect(reads).toBe(2);
+    held.shift()?.();
+    await flushed;
     expect(recorder.pendingCount).toBe(0);
   });
 });
