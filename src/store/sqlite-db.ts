@@ -44,32 +44,51 @@ function wrongType(column: string, expected: string, value: SQLOutputValue | und
   return new Error(`SQLite column ${column}: expected ${expected}, found ${value === null ? "NULL" : typeof value}`);
 }
 
-/** A TEXT column that is never NULL. */
-export function text(row: SqliteRow, column: string): string {
-  const value = row[column];
+/** A row read as an array (StatementSync.setReturnArrays): the values in the statement's column order. */
+export type SqliteArrayRow = readonly SQLOutputValue[];
+
+/** A TEXT value that is never NULL; `column` names it in the error. */
+export function asText(value: SQLOutputValue | undefined, column: string): string {
   if (typeof value !== "string") throw wrongType(column, "text", value);
   return value;
 }
 
-/** A TEXT column that may be NULL. */
-export function textOrNull(row: SqliteRow, column: string): string | null {
-  const value = row[column];
+/** A TEXT value that may be NULL. */
+export function asTextOrNull(value: SQLOutputValue | undefined, column: string): string | null {
   if (value === null) return null;
   if (typeof value !== "string") throw wrongType(column, "text or NULL", value);
   return value;
 }
 
-/** An INTEGER column that is never NULL (node:sqlite throws for one beyond Number.MAX_SAFE_INTEGER). */
-export function integer(row: SqliteRow, column: string): number {
-  const value = row[column];
+/** An INTEGER value that is never NULL (node:sqlite throws for one beyond Number.MAX_SAFE_INTEGER). */
+export function asInteger(value: SQLOutputValue | undefined, column: string): number {
   if (typeof value !== "number") throw wrongType(column, "integer", value);
   return value;
 }
 
-/** An INTEGER column that may be NULL. */
-export function integerOrNull(row: SqliteRow, column: string): number | null {
-  const value = row[column];
+/** An INTEGER value that may be NULL. */
+export function asIntegerOrNull(value: SQLOutputValue | undefined, column: string): number | null {
   if (value === null) return null;
   if (typeof value !== "number") throw wrongType(column, "integer or NULL", value);
   return value;
+}
+
+/** A TEXT column that is never NULL. */
+export function text(row: SqliteRow, column: string): string {
+  return asText(row[column], column);
+}
+
+/** A TEXT column that may be NULL. */
+export function textOrNull(row: SqliteRow, column: string): string | null {
+  return asTextOrNull(row[column], column);
+}
+
+/** An INTEGER column that is never NULL. */
+export function integer(row: SqliteRow, column: string): number {
+  return asInteger(row[column], column);
+}
+
+/** An INTEGER column that may be NULL. */
+export function integerOrNull(row: SqliteRow, column: string): number | null {
+  return asIntegerOrNull(row[column], column);
 }

@@ -2,8 +2,8 @@ import { chmodSync, closeSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
-import { immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
-import type { SqliteRow } from "./sqlite-db.js";
+import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
+import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import type {
@@ -101,6 +101,53 @@ function readKeyRow(row: SqliteRow): KeyRow {
     rotated_to_id: textOrNull(row, "rotated_to_id"),
     rate_limit: textOrNull(row, "rate_limit"),
     disabled_at: integerOrNull(row, "disabled_at"),
+  };
+}
+
+// The cold lookup's columns, in the order its statement lists them: the key's, then its account's.
+const SNAPSHOT_COLUMNS = [
+  "k.id", "k.hash", "k.owner_id", "k.project_id", "k.name", "k.mode", "k.start", "k.last4", "k.scopes", "k.metadata", "k.created_at",
+  "k.last_used_at", "k.expires_at", "k.revoked_at", "k.revoke_reason", "k.grace_ends_at", "k.rotated_to_id", "k.rate_limit", "k.disabled_at",
+  "a.plan", "a.subscription_status", "a.role", "a.created_at", "a.updated_at",
+] as const;
+const SNAPSHOT_SQL = `SELECT ${SNAPSHOT_COLUMNS.join(", ")} FROM keys k JOIN accounts a ON a.owner_id = k.owner_id WHERE k.hash = ?`;
+
+/**
+ * The cold lookup's row, read as an array (node:sqlite then builds no object with a property a
+ * column, a fifth of the lookup), with the same checked column reads as readKeyRow.
+ */
+function readSnapshotRow(row: SqliteArrayRow): KeySnapshot {
+  const key: KeyRow = {
+    id: asText(row[0], "id"),
+    hash: asText(row[1], "hash"),
+    owner_id: asText(row[2], "owner_id"),
+    project_id: asTextOrNull(row[3], "project_id"),
+    name: asText(row[4], "name"),
+    mode: asText(row[5], "mode"),
+    start: asText(row[6], "start"),
+    last4: asText(row[7], "last4"),
+    scopes: asText(row[8], "scopes"),
+    metadata: asText(row[9], "metadata"),
+    created_at: asInteger(row[10], "created_at"),
+    last_used_at: asIntegerOrNull(row[11], "last_used_at"),
+    expires_at: asIntegerOrNull(row[12], "expires_at"),
+    revoked_at: asIntegerOrNull(row[13], "revoked_at"),
+    revoke_reason: asTextOrNull(row[14], "revoke_reason"),
+    grace_ends_at: asIntegerOrNull(row[15], "grace_ends_at"),
+    rotated_to_id: asTextOrNull(row[16], "rotated_to_id"),
+    rate_limit: asTextOrNull(row[17], "rate_limit"),
+    disabled_at: asIntegerOrNull(row[18], "disabled_at"),
+  };
+  return {
+    key: toKey(key),
+    account: toAccount({
+      owner_id: key.owner_id,
+      plan: asText(row[19], "a_plan"),
+      subscription_status: asText(row[20], "a_subscription_status"),
+      role: asText(row[21], "a_role"),
+      created_at: asInteger(row[22], "a_created_at"),
+      updated_at: asInteger(row[23], "a_updated_at"),
+    }),
   };
 }
 
@@ -270,11 +317,7 @@ export class SqliteKeyStore implements KeyStore {
          VALUES (@id, @hash, @owner_id, @project_id, @name, @mode, @start, @last4, @scopes, @metadata, @created_at, @last_used_at, @expires_at, @revoked_at, @revoke_reason, @grace_ends_at, @rotated_to_id, @rate_limit, @disabled_at)`,
       ),
       getKey: db.prepare("SELECT * FROM keys WHERE id = ?"),
-      snapshotByHash: db.prepare(
-        `SELECT k.*, a.plan AS a_plan, a.subscription_status AS a_subscription_status, a.role AS a_role,
-                a.created_at AS a_created_at, a.updated_at AS a_updated_at
-         FROM keys k JOIN accounts a ON a.owner_id = k.owner_id WHERE k.hash = ?`,
-      ),
+      snapshotByHash: db.prepare(SNAPSHOT_SQL),
       updateName: db.prepare("UPDATE keys SET name = ? WHERE id = ?"),
       updateScopes: db.prepare("UPDATE keys SET scopes = ? WHERE id = ?"),
       updateRateLimit: db.prepare("UPDATE keys SET rate_limit = ? WHERE id = ?"),
@@ -291,6 +334,7 @@ export class SqliteKeyStore implements KeyStore {
       appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
       ping: db.prepare("SELECT 1"),
     };
+    this.#stmt.snapshotByHash.setReturnArrays(true);
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
@@ -383,20 +427,9 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   findSnapshotByHashNow(hash: string): KeySnapshot | null {
-    const row = this.#stmt.snapshotByHash.get(hash);
-    if (row === undefined) return null;
-    const key = readKeyRow(row);
-    return {
-      key: toKey(key),
-      account: toAccount({
-        owner_id: key.owner_id,
-        plan: text(row, "a_plan"),
-        subscription_status: text(row, "a_subscription_status"),
-        role: text(row, "a_role"),
-        created_at: integer(row, "a_created_at"),
-        updated_at: integer(row, "a_updated_at"),
-      }),
-    };
+    // setReturnArrays(true) (below): the row is an array in SNAPSHOT_COLUMNS' order.
+    const row = this.#stmt.snapshotByHash.get(hash) as unknown as SqliteArrayRow | undefined;
+    return row === undefined ? null : readSnapshotRow(row);
   }
 
   async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {

@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
+import { newKeyRecord } from "../../src/store/store.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
 runKeyStoreContract("sqlite", async () => {
@@ -45,6 +46,34 @@ describe("SqliteKeyStore on a file from an earlier version", () => {
       const again = new SqliteKeyStore(path);
       expect(await again.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
       await again.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("SqliteKeyStore's cold lookup reads its columns checked", () => {
+  it("refuses a row keygate did not write (a text created_at), naming the column, and reads a written one whole", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "keygate-sqlite-typed-"));
+    const path = join(dir, "keygate.db");
+    try {
+      const store = new SqliteKeyStore(path);
+      const key = newKeyRecord({ id: "key_01TYPED", hash: "h-typed", ownerId: "typed", name: "typed", mode: "live", start: "kg_live_abcd", last4: "wxyz", createdAtMs: 5 });
+      await store.createKey(
+        { ...key, scopes: ["read"], metadata: { team: "a" }, rateLimit: { limit: 7, windowSeconds: 30 } },
+        { nowMs: 10, maxActiveKeysFor: () => 10, accountDefaults: { plan: "basic", subscriptionStatus: "active", role: "standard" } },
+      );
+      const found = await store.findSnapshotByHash("h-typed");
+      expect(found).toEqual({ key: await store.getKey("key_01TYPED"), account: await store.getAccount("typed") });
+      expect(found?.key).toMatchObject({ scopes: ["read"], metadata: { team: "a" }, rateLimit: { limit: 7, windowSeconds: 30 }, createdAtMs: 5, lastUsedAtMs: null });
+      expect(found?.account).toMatchObject({ ownerId: "typed", plan: "basic", createdAtMs: 10 });
+      expect(await store.findSnapshotByHash("h-none")).toBeNull();
+
+      const other = new DatabaseSync(path);
+      other.prepare("UPDATE keys SET created_at = 'soon' WHERE id = 'key_01TYPED'").run();
+      other.close();
+      await expect(store.findSnapshotByHash("h-typed")).rejects.toThrow("SQLite column created_at: expected integer, found string");
+      await store.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
