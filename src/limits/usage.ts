@@ -2,6 +2,7 @@ import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
 import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
 import { FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
+import type { WriteBehindOptions } from "../store/write-behind.js";
 
 /**
  * Counts usage in memory and adds it to the store in batches: requests by key, day and
@@ -27,8 +28,9 @@ export class UsageRecorder {
     private readonly store: Pick<MeteringStore, "applyUsage">,
     private readonly logger: Logger,
     readonly flushIntervalMs: number,
+    options: WriteBehindOptions = {},
   ) {
-    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs);
+    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs, options.paced ?? true);
   }
 
   /**

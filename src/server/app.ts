@@ -246,7 +246,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const { store, secrets } = await openStore(config, options.migrate ?? true, logger);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
-  const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000);
+  // Flushes to MongoDB pause between calls, so the key lookups of other Checks are not held behind
+  // a whole batch; SQLite's writing thread needs no pauses (WriteBehind).
+  const writeBehind = { paced: store.kind !== "sqlite" };
+  const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000, writeBehind);
   const cache = await openCache(config, logger, store, usage, metrics, redisTls);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
@@ -254,7 +257,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // still has time to answer after a slow Redis.
   const l2TimeoutMs = Math.min(L2_TIMEOUT_MS, Math.ceil(config.checkBudgetMs / 3));
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, l2TimeoutMs, storeSystem: store.kind });
-  const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000);
+  const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000, writeBehind);
   const pipeline = new DecisionPipeline({
     format,
     hasher,

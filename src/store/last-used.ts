@@ -1,6 +1,7 @@
 import type { Logger } from "pino";
 import type { LastUsedStore } from "./store.js";
 import { FLUSH_CHUNK, WriteBehind } from "./write-behind.js";
+import type { WriteBehindOptions } from "./write-behind.js";
 
 /**
  * Collects last-use times in memory and writes them to the store in batches, so the Check
@@ -22,8 +23,9 @@ export class LastUsedRecorder {
     private readonly store: LastUsedStore,
     private readonly logger: Logger,
     flushIntervalMs: number,
+    options: WriteBehindOptions = {},
   ) {
-    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs);
+    this.#writer = new WriteBehind(() => this.#flushOnce(), flushIntervalMs, options.paced ?? true);
   }
 
   /** Remembers that the key was used at `atMs`. */

@@ -8,6 +8,12 @@
  */
 export const FLUSH_CHUNK = 64;
 
+/** How a recorder's flushes go to its store. */
+export interface WriteBehindOptions {
+  /** Pause between calls as long as each took (WriteBehind.between); default true. */
+  paced?: boolean;
+}
+
 /** The longest pause between two calls of a flush, however long the call before took. */
 export const MAX_CALL_PAUSE_MS = 1000;
 
@@ -28,9 +34,15 @@ export class WriteBehind {
   #chain: Promise<void> = Promise.resolve();
   #stopping = false;
 
+  /**
+   * `paced`: pause between calls as long as each took (between()). For a store on another server
+   * (MongoDB), whose lookups queue behind its writes; an embedded SQLite writes on a thread of its
+   * own at the lowest priority, where a call's time is mostly its wait for the core, not the store.
+   */
   constructor(
     private readonly flushOnce: () => Promise<void>,
     private readonly intervalMs: number,
+    private readonly paced = true,
   ) {}
 
   start(): void {
@@ -50,11 +62,12 @@ export class WriteBehind {
    * event loop, and, for a call that took a millisecond or more, as long again (up to
    * MAX_CALL_PAUSE_MS). A flush then keeps the store busy at most half the time, so the key
    * lookups of Checks that miss the caches are served between its calls instead of queueing
-   * behind the whole batch. Once stop() has begun, only the turn: shutdown writes at full speed.
+   * behind the whole batch. Once stop() has begun, only the turn: shutdown writes at full speed;
+   * and only the turn when the writer is not `paced`.
    */
   between(callStartedMs: number): Promise<void> {
     const tookMs = performance.now() - callStartedMs;
-    if (this.#stopping || tookMs < PACED_CALL_MS) return yieldToEventLoop();
+    if (!this.paced || this.#stopping || tookMs < PACED_CALL_MS) return yieldToEventLoop();
     return new Promise((resolve) => setTimeout(resolve, Math.min(tookMs, MAX_CALL_PAUSE_MS)));
   }
 

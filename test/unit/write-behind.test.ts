@@ -238,7 +238,7 @@ describe("write-behind pacing", () => {
     vi.useRealTimers();
   });
 
-  it("waits as long as the call before took (at most MAX_CALL_PAUSE_MS), a turn after a quick call, and only a turn once stopping", async () => {
+  it("waits as long as the call before took (at most MAX_CALL_PAUSE_MS), a turn after a quick call, when not paced, and once stopping", async () => {
     vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "setInterval", "clearInterval"] });
     const writer = new WriteBehind(async () => undefined, 60_000);
     const settled = (promise: Promise<void>): (() => boolean) => {
@@ -270,6 +270,13 @@ describe("write-behind pacing", () => {
     await turn();
     await turn();
     expect(afterQuick()).toBe(true);
+
+    // A writer that is not paced (embedded SQLite): one turn after a slow call too.
+    const unpaced = new WriteBehind(async () => undefined, 60_000, false);
+    const afterUnpaced = settled(unpaced.between(performance.now() - 50));
+    await turn();
+    await turn();
+    expect(afterUnpaced()).toBe(true);
 
     // Stopping: the slow call's pause is one turn too.
     await writer.stop();
