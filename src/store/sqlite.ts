@@ -111,6 +111,8 @@ const SNAPSHOT_COLUMNS = [
   "a.plan", "a.subscription_status", "a.role", "a.created_at", "a.updated_at",
 ] as const;
 const SNAPSHOT_SQL = `SELECT ${SNAPSHOT_COLUMNS.join(", ")} FROM keys k JOIN accounts a ON a.owner_id = k.owner_id WHERE k.hash = ?`;
+/** Where each of SNAPSHOT_COLUMNS is in the lookup's array row. */
+const AT = Object.fromEntries(SNAPSHOT_COLUMNS.map((column, index) => [column, index])) as Record<(typeof SNAPSHOT_COLUMNS)[number], number>;
 
 /**
  * The cold lookup's row, read as an array (node:sqlite then builds no object with a property a
@@ -118,35 +120,35 @@ const SNAPSHOT_SQL = `SELECT ${SNAPSHOT_COLUMNS.join(", ")} FROM keys k JOIN acc
  */
 function readSnapshotRow(row: SqliteArrayRow): KeySnapshot {
   const key: KeyRow = {
-    id: asText(row[0], "id"),
-    hash: asText(row[1], "hash"),
-    owner_id: asText(row[2], "owner_id"),
-    project_id: asTextOrNull(row[3], "project_id"),
-    name: asText(row[4], "name"),
-    mode: asText(row[5], "mode"),
-    start: asText(row[6], "start"),
-    last4: asText(row[7], "last4"),
-    scopes: asText(row[8], "scopes"),
-    metadata: asText(row[9], "metadata"),
-    created_at: asInteger(row[10], "created_at"),
-    last_used_at: asIntegerOrNull(row[11], "last_used_at"),
-    expires_at: asIntegerOrNull(row[12], "expires_at"),
-    revoked_at: asIntegerOrNull(row[13], "revoked_at"),
-    revoke_reason: asTextOrNull(row[14], "revoke_reason"),
-    grace_ends_at: asIntegerOrNull(row[15], "grace_ends_at"),
-    rotated_to_id: asTextOrNull(row[16], "rotated_to_id"),
-    rate_limit: asTextOrNull(row[17], "rate_limit"),
-    disabled_at: asIntegerOrNull(row[18], "disabled_at"),
+    id: asText(row[AT["k.id"]], "id"),
+    hash: asText(row[AT["k.hash"]], "hash"),
+    owner_id: asText(row[AT["k.owner_id"]], "owner_id"),
+    project_id: asTextOrNull(row[AT["k.project_id"]], "project_id"),
+    name: asText(row[AT["k.name"]], "name"),
+    mode: asText(row[AT["k.mode"]], "mode"),
+    start: asText(row[AT["k.start"]], "start"),
+    last4: asText(row[AT["k.last4"]], "last4"),
+    scopes: asText(row[AT["k.scopes"]], "scopes"),
+    metadata: asText(row[AT["k.metadata"]], "metadata"),
+    created_at: asInteger(row[AT["k.created_at"]], "created_at"),
+    last_used_at: asIntegerOrNull(row[AT["k.last_used_at"]], "last_used_at"),
+    expires_at: asIntegerOrNull(row[AT["k.expires_at"]], "expires_at"),
+    revoked_at: asIntegerOrNull(row[AT["k.revoked_at"]], "revoked_at"),
+    revoke_reason: asTextOrNull(row[AT["k.revoke_reason"]], "revoke_reason"),
+    grace_ends_at: asIntegerOrNull(row[AT["k.grace_ends_at"]], "grace_ends_at"),
+    rotated_to_id: asTextOrNull(row[AT["k.rotated_to_id"]], "rotated_to_id"),
+    rate_limit: asTextOrNull(row[AT["k.rate_limit"]], "rate_limit"),
+    disabled_at: asIntegerOrNull(row[AT["k.disabled_at"]], "disabled_at"),
   };
   return {
     key: toKey(key),
     account: toAccount({
       owner_id: key.owner_id,
-      plan: asText(row[19], "a_plan"),
-      subscription_status: asText(row[20], "a_subscription_status"),
-      role: asText(row[21], "a_role"),
-      created_at: asInteger(row[22], "a_created_at"),
-      updated_at: asInteger(row[23], "a_updated_at"),
+      plan: asText(row[AT["a.plan"]], "a_plan"),
+      subscription_status: asText(row[AT["a.subscription_status"]], "a_subscription_status"),
+      role: asText(row[AT["a.role"]], "a_role"),
+      created_at: asInteger(row[AT["a.created_at"]], "a_created_at"),
+      updated_at: asInteger(row[AT["a.updated_at"]], "a_updated_at"),
     }),
   };
 }
