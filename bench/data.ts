@@ -149,10 +149,15 @@ export interface DataSizes {
   floodEntries: number;
 }
 
+/** Valid keys a cold run's warm-up sends before it is measured (none of them in the cold data file). */
+export const COLD_WARM_KEYS = 1000;
+
 /** The data file of every scenario. */
 export interface ScenarioData {
-  /** Every valid key once (both plans), interleaved: cold runs take the first n, all distinct. */
+  /** Every valid key once (both plans), interleaved, but coldWarm's: cold runs take the first n, all distinct. */
   cold: DataFile;
+  /** Valid keys kept out of `cold` (its last ones): a cold run's warm-up takes the allow path with them. */
+  coldWarm: DataFile;
   /** Valid unlimited-plan keys, the first `hotKeys` of them: hot. */
   hot: DataFile;
   mixed: DataFile;
@@ -165,7 +170,10 @@ export interface ScenarioData {
 /** Writes the data files of all scenarios into `dir`. */
 export function writeScenarioData(dir: string, keys: SeededKeys, sizes: DataSizes, format: DataFormat): ScenarioData {
   const revoked = new Set(keys.revoked);
-  const coldKeys = keys.all.filter((k) => !revoked.has(k));
+  const valid = keys.all.filter((k) => !revoked.has(k));
+  // A cold run never meets these: at most COLD_WARM_KEYS, and a small share of a small store.
+  const warmKeys = Math.min(COLD_WARM_KEYS, Math.floor(valid.length / 20));
+  const coldKeys = valid.slice(0, valid.length - warmKeys);
   const m = sizes.mixedEntries;
   const mixedMalformed = Math.round(m * 0.03);
   const mixedUnknown = Math.round(m * 0.01);
@@ -183,6 +191,7 @@ export function writeScenarioData(dir: string, keys: SeededKeys, sizes: DataSize
   const flood = shuffle([...malformed(keys.unlimited, Math.floor(f / 2)), ...cycle(unknownKeys(f - Math.floor(f / 2)), f - Math.floor(f / 2), "unknown")], 7);
   return {
     cold: writeDataFile(dir, "cold", cycle(coldKeys, coldKeys.length, "valid"), format),
+    coldWarm: writeDataFile(dir, "cold-warm", cycle(valid.slice(coldKeys.length), warmKeys, "valid"), format),
     hot: writeDataFile(dir, "hot", cycle(keys.unlimited.slice(0, sizes.hotKeys), Math.min(sizes.hotKeys, keys.unlimited.length), "valid"), format),
     mixed: writeDataFile(dir, "mixed", mixed, format),
     flood: writeDataFile(dir, "flood", flood, format),
