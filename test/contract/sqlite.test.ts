@@ -19,11 +19,19 @@ runKeyStoreContract("sqlite", async () => {
   };
 });
 
+/** Runs `fn` with the path of a database file in a fresh directory, removed afterwards. */
+async function withDatabaseFile(prefix: string, fn: (path: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  try {
+    await fn(join(dir, "keygate.db"));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe("SqliteKeyStore on a file from an earlier version", () => {
   it("adds the top-up total to an accounts table that lacks it, keeping the credits already there", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "keygate-sqlite-upgrade-"));
-    const path = join(dir, "keygate.db");
-    try {
+    await withDatabaseFile("keygate-sqlite-upgrade-", async (path) => {
       // The accounts table as the first release wrote it: no topup_total column.
       const old = new DatabaseSync(path);
       old.exec(`CREATE TABLE accounts (
@@ -46,17 +54,13 @@ describe("SqliteKeyStore on a file from an earlier version", () => {
       const again = new SqliteKeyStore(path);
       expect(await again.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
       await again.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
 
 describe("SqliteKeyStore's cold lookup reads its columns checked", () => {
   it("refuses a row keygate did not write (a text created_at), naming the column, and reads a written one whole", async () => {
-    const dir = mkdtempSync(join(tmpdir(), "keygate-sqlite-typed-"));
-    const path = join(dir, "keygate.db");
-    try {
+    await withDatabaseFile("keygate-sqlite-typed-", async (path) => {
       const store = new SqliteKeyStore(path);
       const key = newKeyRecord({ id: "key_01TYPED", hash: "h-typed", ownerId: "typed", name: "typed", mode: "live", start: "kg_live_abcd", last4: "wxyz", createdAtMs: 5 });
       await store.createKey(
@@ -74,8 +78,6 @@ describe("SqliteKeyStore's cold lookup reads its columns checked", () => {
       other.close();
       await expect(store.findSnapshotByHash("h-typed")).rejects.toThrow("SQLite column created_at: expected integer, found string");
       await store.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
