@@ -2,7 +2,10 @@
  * rategen (bench/rategen, Go): the bench's open-loop load generator for latency at fixed rates.
  * Request i is sent at start + i/rate whatever happened to earlier ones, and its latency runs from
  * that scheduled time to its trailers, so a server that stalls is charged for every request that
- * waited behind the stall. ghz, closed loop with a pool of workers, stays for saturation.
+ * waited behind the stall. With `concurrency` instead of a rate it runs closed loop: that many
+ * calls in flight, each sent as soon as another ends, which saturates the server with many keys
+ * while spending little of its own core on each answer (it reads the grpc-status and nothing else;
+ * ghz decodes every CheckResponse).
  */
 import { createHash } from "node:crypto";
 import { readdirSync, readFileSync } from "node:fs";
@@ -45,11 +48,15 @@ export function findRategen(): string | null {
   return executable(path) ? path : null;
 }
 
-/** One rategen run: `rps` calls a second for `seconds`, round-robin over `connections`. */
-export interface RategenRun {
+/**
+ * One rategen run for `seconds`, round-robin over `connections`: open loop at `rps` calls a
+ * second, or closed loop with `concurrency` calls in flight (at most `requests` of them, when set).
+ */
+export type RategenRun = RategenCommon & ({ rps: number } | { concurrency: number; requests?: number });
+
+interface RategenCommon {
   port: number;
   data: DataFile;
-  rps: number;
   seconds: number;
   connections: number;
   /** GOMAXPROCS of rategen; default: all cores. */
@@ -62,6 +69,7 @@ const ms = z.number().nonnegative().nullable();
 const count = z.number().int().nonnegative();
 const reportSchema = z.object({
   tool: z.literal("rategen"),
+  concurrency: count,
   timer: z.string(),
   scheduled: count,
   sent: count,
@@ -103,7 +111,7 @@ export function parseRategenReport(text: string): GhzResult {
     statusCodes,
     errors: notOk + report.transportErrors + report.dropped,
     errorMessages,
-    endReason: `open loop: ${report.scheduled} scheduled, ${report.sent} sent`,
+    endReason: report.concurrency > 0 ? `closed loop: ${report.concurrency} in flight, ${report.sent} sent` : `open loop: ${report.scheduled} scheduled, ${report.sent} sent`,
     openLoop: {
       scheduled: report.scheduled,
       sent: report.sent,
@@ -127,7 +135,8 @@ export async function runRategen(rategen: string, run: RategenRun): Promise<GhzR
   const timeoutSeconds = run.timeoutSeconds ?? TIMEOUT_SECONDS;
   const args = [
     ...["-port", String(run.port), "-data", run.data.path],
-    ...["-rate", String(run.rps), "-duration", String(run.seconds), "-connections", String(run.connections)],
+    ...("rps" in run ? ["-rate", String(run.rps)] : ["-concurrency", String(run.concurrency), ...(run.requests === undefined ? [] : ["-requests", String(run.requests)])]),
+    ...["-duration", String(run.seconds), "-connections", String(run.connections)],
     ...["-timeout", `${timeoutSeconds}s`],
     ...(run.maxInflight === undefined ? [] : ["-max-inflight", String(run.maxInflight)]),
   ];

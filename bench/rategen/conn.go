@@ -134,10 +134,10 @@ func (c *conn) submit(r request) {
 	switch {
 	case c.dead != nil:
 		c.out.errors["connection lost: "+c.dead.Error()]++
-		c.run.inflight.Add(-1)
+		c.run.release(1)
 	case int64(len(r.body)) > c.streamWindow:
 		c.out.errors[fmt.Sprintf("a request of %d bytes does not fit the server's stream window (%d)", len(r.body), c.streamWindow)]++
-		c.run.inflight.Add(-1)
+		c.run.release(1)
 	case c.pendingHead == len(c.pending) && c.canSendLocked(r):
 		c.writeLocked(r)
 	default:
@@ -216,7 +216,7 @@ func (c *conn) failLocked(err error) {
 	message := "connection lost: " + err.Error()
 	n := int64(len(c.streams) + len(c.pending) - c.pendingHead)
 	c.out.errors[message] += n
-	c.run.inflight.Add(-n)
+	c.run.release(n)
 	clear(c.streams)
 	c.pending = c.pending[:0]
 	c.pendingHead = 0
@@ -235,7 +235,7 @@ func (c *conn) expire(now, timeout int64) {
 		}
 		delete(c.streams, id)
 		c.out.timedOut++
-		c.run.inflight.Add(-1)
+		c.run.release(1)
 		if err := c.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
 			c.failLocked(err)
 			return
@@ -245,7 +245,7 @@ func (c *conn) expire(now, timeout int64) {
 	for c.pendingHead < len(c.pending) && now-c.pending[c.pendingHead].sched > timeout {
 		c.pendingHead++
 		c.out.timedOut++
-		c.run.inflight.Add(-1)
+		c.run.release(1)
 	}
 	c.compactLocked()
 	c.drainLocked()
@@ -255,7 +255,7 @@ func (c *conn) expire(now, timeout int64) {
 // finishLocked ends a stream: an answer when a grpc-status arrived, else a transport error.
 func (c *conn) finishLocked(id uint32, s stream, problem string) {
 	delete(c.streams, id)
-	c.run.inflight.Add(-1)
+	c.run.release(1)
 	now := c.run.now()
 	switch {
 	case problem != "":
@@ -419,7 +419,7 @@ func (c *conn) onGoAwayLocked(f *http2.GoAwayFrame) {
 		c.dead = errors.New(message)
 		n := int64(len(c.pending) - c.pendingHead)
 		c.out.errors[message] += n
-		c.run.inflight.Add(-n)
+		c.run.release(n)
 		c.pending = c.pending[:0]
 		c.pendingHead = 0
 	}

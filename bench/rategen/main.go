@@ -27,6 +27,21 @@ const checkPath = "/envoy.service.auth.v3.Authorization/Check"
 type runner struct {
 	base     time.Time
 	inflight atomic.Int64
+	// freed wakes a closed-loop sender when calls end (one pending wake-up at most).
+	freed chan struct{}
+}
+
+func newRunner() *runner {
+	return &runner{base: time.Now(), freed: make(chan struct{}, 1)}
+}
+
+// release counts n calls as no longer in flight and wakes a closed-loop sender.
+func (r *runner) release(n int64) {
+	r.inflight.Add(-n)
+	select {
+	case r.freed <- struct{}{}:
+	default:
+	}
 }
 
 // now is nanoseconds since the run's base, on the monotonic clock.
@@ -39,6 +54,8 @@ type options struct {
 	duration    float64
 	connections int
 	maxInflight int64
+	concurrency int64
+	requests    int64
 	timeout     time.Duration
 }
 
@@ -48,6 +65,8 @@ func parseOptions(args []string) (options, error) {
 	fs.IntVar(&o.port, "port", 0, "gRPC port on 127.0.0.1")
 	fs.StringVar(&o.data, "data", "", "ghz binary data file: size-delimited CheckRequests, sent round-robin")
 	fs.Float64Var(&o.rate, "rate", 0, "requests a second, open loop")
+	fs.Int64Var(&o.concurrency, "concurrency", 0, "closed loop instead of -rate: keep this many calls in flight, each sent as soon as another ends (saturation)")
+	fs.Int64Var(&o.requests, "requests", 0, "closed loop: send at most this many calls (0: as many as -duration allows)")
 	fs.Float64Var(&o.duration, "duration", 5, "seconds of sending")
 	fs.IntVar(&o.connections, "connections", 2, "HTTP/2 connections; requests go round-robin")
 	fs.Int64Var(&o.maxInflight, "max-inflight", 1_000_000, "requests in flight at most; beyond it a request is dropped (counted, not sent)")
@@ -62,7 +81,15 @@ func parseOptions(args []string) (options, error) {
 		return o, errors.New("-port: must be 1 to 65535")
 	case o.data == "":
 		return o, errors.New("-data: a data file is required")
-	case !(o.rate > 0) || math.IsInf(o.rate, 0):
+	case o.concurrency < 0:
+		return o, errors.New("-concurrency: must be at least 1")
+	case o.requests < 0:
+		return o, errors.New("-requests: must be 0 (no limit) or more")
+	case o.requests > 0 && o.concurrency == 0:
+		return o, errors.New("-requests: only with -concurrency (the open loop sends -rate x -duration)")
+	case o.concurrency > 0 && o.rate != 0:
+		return o, errors.New("-rate and -concurrency: give one, not both (open or closed loop)")
+	case o.concurrency == 0 && (!(o.rate > 0) || math.IsInf(o.rate, 0)):
 		return o, errors.New("-rate: must be above 0")
 	case !(o.duration > 0) || math.IsInf(o.duration, 0):
 		return o, errors.New("-duration: must be above 0")
@@ -137,14 +164,15 @@ func run(o options) (report, error) {
 	if err != nil {
 		return report{}, fmt.Errorf("-data: %s: %w", o.data, err)
 	}
-	total := int64(math.Round(o.rate * o.duration))
-	if total < 1 {
-		total = 1
+	// The outcome lists' first capacity: the open loop's whole schedule; the closed loop grows them.
+	expected := int64(math.Round(o.rate * o.duration))
+	if o.concurrency > 0 {
+		expected = 100_000
 	}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(o.port))
 	block := headerBlock(addr)
-	r := &runner{base: time.Now()}
-	capacity := int(total/int64(o.connections)) + 16
+	r := newRunner()
+	capacity := int(max(expected, 1)/int64(o.connections)) + 16
 	conns := make([]*conn, 0, o.connections)
 	defer func() {
 		for _, c := range conns {
@@ -166,15 +194,52 @@ func run(o options) (report, error) {
 			return report{}, fmt.Errorf("%s sent no HTTP/2 SETTINGS within 10 s (is it an HTTP/2 cleartext gRPC server?)", addr)
 		}
 	}
-	w, err := newWaiter()
-	if err != nil {
-		return report{}, err
+	var s sent
+	timer := "none (closed loop)"
+	if o.concurrency > 0 {
+		r.base = time.Now()
+		stopSweep := sweep(r, conns, o.timeout)
+		s = closedLoop(o, r, conns, frames)
+		waitForAnswers(r, s.end, o.timeout)
+		stopSweep()
+	} else {
+		w, err := newWaiter()
+		if err != nil {
+			return report{}, err
+		}
+		timer = w.name()
+		r.base = time.Now()
+		if err := w.start(r.base); err != nil {
+			return report{}, err
+		}
+		stopSweep := sweep(r, conns, o.timeout)
+		s, err = openLoop(o, r, conns, frames, w)
+		if err != nil {
+			stopSweep()
+			return report{}, err
+		}
+		waitForAnswers(r, s.planned, o.timeout)
+		stopSweep()
 	}
-	r.base = time.Now()
-	if err := w.start(r.base); err != nil {
-		return report{}, err
+	results := make([]outcomes, 0, len(conns))
+	for _, c := range conns {
+		results = append(results, c.close())
 	}
-	stopSweep := sweep(r, conns, o.timeout)
+	conns = nil
+	return summarize(o, s, timer, results), nil
+}
+
+// sent is what a sending loop did: calls scheduled and dropped, when sending ended, and how long
+// the run was planned to last (ns since the base).
+type sent struct {
+	scheduled, dropped int64
+	end, planned       int64
+}
+
+// openLoop sends request i at i/rate, whatever happened to earlier ones; past -max-inflight a
+// request is dropped (counted, not sent).
+func openLoop(o options, r *runner, conns []*conn, frames [][]byte, w waiter) (sent, error) {
+	total := max(int64(math.Round(o.rate*o.duration)), 1)
 	period := 1e9 / o.rate
 	sched := func(i int64) int64 { return int64(float64(i) * period) }
 	dropped := int64(0)
@@ -190,30 +255,65 @@ func run(o options) (report, error) {
 			conns[k].submit(request{body: frames[i%int64(len(frames))], sched: sched(i)})
 			dirty[k] = true
 		}
-		for k, c := range conns {
-			if dirty[k] {
-				c.flush()
-				dirty[k] = false
-			}
-		}
+		flushDirty(conns, dirty)
 		if i < total {
 			if err := w.waitUntil(sched(i)); err != nil {
-				return report{}, fmt.Errorf("waiting for the next send: %w", err)
+				return sent{}, fmt.Errorf("waiting for the next send: %w", err)
 			}
 		}
 	}
-	sendEnd := r.now()
-	// Every call ends by its answer, a transport error or its timeout (the sweeper), whichever first.
-	for r.inflight.Load() > 0 && r.now() < sched(total-1)+int64(o.timeout)+int64(2*time.Second) {
+	return sent{scheduled: total, dropped: dropped, end: r.now(), planned: max(r.now(), int64(float64(total)/o.rate*1e9))}, nil
+}
+
+// closedLoop keeps -concurrency calls in flight for -duration (or until -requests were sent):
+// whenever calls end, as many new ones go out, round-robin over the connections and the data
+// file. A call's latency runs from when it was handed to its connection.
+func closedLoop(o options, r *runner, conns []*conn, frames [][]byte) sent {
+	end := int64(o.duration * 1e9)
+	stop := time.NewTimer(time.Duration(end))
+	defer stop.Stop()
+	dirty := make([]bool, len(conns))
+	var i int64
+	for {
+		now := r.now()
+		if now >= end {
+			break
+		}
+		if o.requests > 0 && i >= o.requests {
+			break
+		}
+		for ; r.inflight.Load() < o.concurrency && (o.requests == 0 || i < o.requests); i++ {
+			r.inflight.Add(1)
+			k := int(i % int64(len(conns)))
+			conns[k].submit(request{body: frames[i%int64(len(frames))], sched: r.now()})
+			dirty[k] = true
+		}
+		flushDirty(conns, dirty)
+		select {
+		case <-r.freed:
+		case <-stop.C:
+		}
+	}
+	// The run lasts until sending stopped (its duration, or earlier after -requests) and its answers.
+	now := r.now()
+	return sent{scheduled: i, end: now, planned: now}
+}
+
+func flushDirty(conns []*conn, dirty []bool) {
+	for k, c := range conns {
+		if dirty[k] {
+			c.flush()
+			dirty[k] = false
+		}
+	}
+}
+
+// waitForAnswers lets every call end by its answer, a transport error or its timeout (the
+// sweeper), whichever comes first.
+func waitForAnswers(r *runner, lastSend int64, timeout time.Duration) {
+	for r.inflight.Load() > 0 && r.now() < lastSend+int64(timeout)+int64(2*time.Second) {
 		time.Sleep(time.Millisecond)
 	}
-	stopSweep()
-	results := make([]outcomes, 0, len(conns))
-	for _, c := range conns {
-		results = append(results, c.close())
-	}
-	conns = nil
-	return summarize(o, total, dropped, sendEnd, w.name(), results), nil
 }
 
 // sweep expires calls older than the timeout, checking ten times per timeout (at most every 100 ms).
@@ -273,6 +373,7 @@ type lagMs struct {
 type report struct {
 	Tool            string           `json:"tool"`
 	TargetRps       float64          `json:"targetRps"`
+	Concurrency     int64            `json:"concurrency"`
 	Connections     int              `json:"connections"`
 	DurationSeconds float64          `json:"durationSeconds"`
 	TimeoutSeconds  float64          `json:"timeoutSeconds"`
@@ -307,23 +408,29 @@ func ms(ns int64) *float64 {
 	return &v
 }
 
-func summarize(o options, total, dropped, sendEnd int64, timer string, results []outcomes) report {
+func summarize(o options, s sent, timer string, results []outcomes) report {
+	measured := "from each request's scheduled send time to its trailers (or trailers-only headers), for every call answered with a grpc-status"
+	if o.concurrency > 0 {
+		measured = "closed loop: from when each request was handed to its connection to its trailers (or trailers-only headers), for every call answered with a grpc-status"
+	}
 	rep := report{
 		Tool:            "rategen",
 		TargetRps:       o.rate,
+		Concurrency:     o.concurrency,
 		Connections:     o.connections,
 		DurationSeconds: o.duration,
 		TimeoutSeconds:  o.timeout.Seconds(),
 		Timer:           timer,
-		Scheduled:       total,
-		Dropped:         dropped,
+		Scheduled:       s.scheduled,
+		Dropped:         s.dropped,
 		StatusCodes:     map[string]int64{},
 		ErrorMessages:   map[string]int64{},
-		LatencyMeasured: "from each request's scheduled send time to its trailers (or trailers-only headers), for every call answered with a grpc-status",
+		LatencyMeasured: measured,
 	}
 	var latencies, lags []int64
-	// The run lasts its schedule (total/rate), longer when answers came after it.
-	end := max(sendEnd, int64(float64(total)/o.rate*1e9))
+	// The run lasts as planned (the open loop's schedule, the closed loop's duration), longer when
+	// sending or answers went on past it.
+	end := max(s.end, s.planned)
 	for _, r := range results {
 		latencies = append(latencies, r.latencies...)
 		lags = append(lags, r.lags...)

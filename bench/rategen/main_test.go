@@ -39,13 +39,19 @@ func TestParseOptionsNamesTheBadFlag(t *testing.T) {
 		"-data: a data file is required":   {"-port", "1", "-rate", "10"},
 		"-connections: must be at least 1": append(append([]string{}, base...), "-connections", "0"),
 		"-timeout: must be above 0":        append(append([]string{}, base...), "-timeout", "0s"),
+		"-concurrency: must be at least 1": {"-port", "1", "-data", "x.bin", "-concurrency", "-2"},
+		"-requests: only with -concurrency (the open loop sends -rate x -duration)": append(append([]string{}, base...), "-requests", "5"),
+		"-requests: must be 0 (no limit) or more":                                   {"-port", "1", "-data", "x.bin", "-concurrency", "8", "-requests", "-1"},
+		"-rate and -concurrency: give one, not both (open or closed loop)":          append(append([]string{}, base...), "-concurrency", "8"),
 	}
 	for want, args := range cases {
 		if _, err := parseOptions(args); err == nil || err.Error() != want {
 			t.Errorf("%v: got %v, want %q", args, err, want)
 		}
 	}
-	if _, err := parseOptions(base); err != nil {
-		t.Errorf("%v: %v", base, err)
+	for _, ok := range [][]string{base, {"-port", "1", "-data", "x.bin", "-concurrency", "64"}, {"-port", "1", "-data", "x.bin", "-concurrency", "64", "-requests", "1000"}} {
+		if _, err := parseOptions(ok); err != nil {
+			t.Errorf("%v: %v", ok, err)
+		}
 	}
 }

@@ -72,7 +72,7 @@ async function serve(answer: (i: number, stream: ServerHttp2Stream) => void): Pr
   return address.port;
 }
 
-describe.runIf(rategen !== null)("rategen (open-loop fixed-rate load generator)", () => {
+describe.runIf(rategen !== null)("rategen (open-loop fixed-rate load generator; closed loop for saturation)", () => {
   const bin = rategen ?? "";
 
   it("counts each way a call can end: OK in trailers, a trailers-only status, a reset, HTTP 503 without grpc-status, no answer", { timeout: 60_000 }, async () => {
@@ -138,5 +138,39 @@ describe.runIf(rategen !== null)("rategen (open-loop fixed-rate load generator)"
     expect(result.requests).toBe(0);
     expect(result.errors).toBe(50);
     expect(result.errorMessages).toEqual({ "dropped: more than -max-inflight calls in flight": 40, "no answer within the timeout": 10 });
+  });
+
+  it("closed loop: keeps exactly -concurrency calls in flight, sends the next as one ends, and stops at -requests", { timeout: 60_000 }, async () => {
+    // The server holds calls until eight are open, then answers them all: a ninth in flight
+    // would show in mostOpen, and fewer than eight would never be answered.
+    const held: ServerHttp2Stream[] = [];
+    let mostOpen = 0;
+    let answered = 0;
+    const port = await serve((_, stream) => {
+      held.push(stream);
+      mostOpen = Math.max(mostOpen, held.length);
+      if (held.length < 8) return;
+      for (const s of held.splice(0)) answerOk(s);
+      answered += 8;
+    });
+    const result = await runRategen(bin, { port, data: dataFile(5), concurrency: 8, requests: 296, seconds: 30, connections: 2 });
+    expect(result.endReason).toBe("closed loop: 8 in flight, 296 sent");
+    expect(result.openLoop).toMatchObject({ scheduled: 296, sent: 296, dropped: 0, timedOut: 0, transportErrors: 0 });
+    expect(result.statusCodes).toEqual({ OK: 296 });
+    expect(result.requests).toBe(296);
+    expect(answered).toBe(296);
+    expect(mostOpen).toBe(8);
+  });
+
+  it("closed loop: a server that never answers holds -concurrency calls, and the timeout ends them", { timeout: 60_000 }, async () => {
+    let arrived = 0;
+    const port = await serve(() => {
+      arrived++;
+    });
+    const result = await runRategen(bin, { port, data: dataFile(5), concurrency: 6, seconds: 0.5, connections: 3, timeoutSeconds: 2 });
+    // No call ends before the run's half second is over, so no seventh call is ever sent.
+    expect(result.openLoop).toMatchObject({ scheduled: 6, sent: 6, dropped: 0, timedOut: 6, transportErrors: 0 });
+    expect(arrived).toBe(6);
+    expect(result.requests).toBe(0);
   });
 });

@@ -10,6 +10,7 @@ function report(overrides: Record<string, unknown> = {}): string {
   return JSON.stringify({
     tool: "rategen",
     targetRps: 3000,
+    concurrency: 0,
     connections: 2,
     durationSeconds: 2,
     timeoutSeconds: 10,
@@ -49,6 +50,12 @@ describe("bench rategen (open-loop fixed-rate load generator)", () => {
       "no answer within the timeout": 4,
     });
     expect(result.openLoop).toEqual({ scheduled: 6000, sent: 5990, dropped: 10, timedOut: 4, transportErrors: 6, p999Ms: 9.25, sendLagMs: { p50: 0.03, p99: 0.5, max: 2 }, timer: "timerfd" });
+  });
+
+  it("says a closed-loop run is one, with its calls in flight", () => {
+    const result = parseRategenReport(report({ targetRps: 0, concurrency: 64, scheduled: 5990, dropped: 0 }));
+    expect(result.endReason).toBe("closed loop: 64 in flight, 5990 sent");
+    expect(parseRategenReport(report()).endReason).toBe("open loop: 6000 scheduled, 5990 sent");
   });
 
   it("reads a run with no answer as NaN latencies and zero errors only when nothing failed", () => {
