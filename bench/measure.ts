@@ -58,6 +58,8 @@ interface RunSpec {
   shape: LoadShape;
   length: RunLength;
   rps?: number;
+  /** rategen's closed loop with the shape's concurrency, at most `requests` calls when set. */
+  closed?: { requests?: number };
 }
 
 // A timed run that got no answer at all (ghz still connecting on a starved machine) says nothing
@@ -76,6 +78,17 @@ export async function measure(target: Target, settings: LoadSettings, spec: RunS
 
 /** A fixed-rate run by time goes to rategen when it is there and can read the data; the rest to ghz. */
 function drive(target: Target, settings: LoadSettings, spec: RunSpec): Promise<GhzResult> {
+  if (spec.closed !== undefined && settings.rategen !== null && "durationSeconds" in spec.length) {
+    return runRategen(settings.rategen, {
+      port: target.grpcPort,
+      data: spec.data,
+      concurrency: spec.shape.concurrency,
+      ...(spec.closed.requests === undefined ? {} : { requests: spec.closed.requests }),
+      seconds: spec.length.durationSeconds,
+      connections: spec.shape.connections,
+      cpus: spec.shape.cpus,
+    });
+  }
   if (spec.rps !== undefined && settings.rategen !== null && spec.data.format === "binary" && "durationSeconds" in spec.length) {
     return runRategen(settings.rategen, {
       port: target.grpcPort,
@@ -121,6 +134,19 @@ async function measureOnce(target: Target, settings: LoadSettings, spec: RunSpec
 /** Saturation: as fast as ghz can drive it, for the run's duration. */
 export function saturation(target: Target, settings: LoadSettings, data: DataFile): Promise<PhaseResult> {
   return measure(target, settings, { data, shape: settings.saturation, length: { durationSeconds: settings.seconds } });
+}
+
+/**
+ * Saturation with rategen's closed loop, the same connections and calls in flight as ghz's: many
+ * keys, and a load generator that reads only each answer's grpc-status, so the server rather than
+ * the generator sets the pace (ghz decodes every CheckResponse, and keygate's allows, with their
+ * identity headers and metadata, cost it about twice a no-op's empty one). At most `requests`
+ * calls when set (a cold run's keys, so none wraps to a cached one). Null without rategen or a
+ * binary data file.
+ */
+export async function closedLoopSaturation(target: Target, settings: LoadSettings, data: DataFile, requests?: number): Promise<PhaseResult | null> {
+  if (settings.rategen === null || data.format !== "binary") return null;
+  return measure(target, settings, { data, shape: settings.saturation, length: { durationSeconds: settings.seconds }, closed: requests === undefined ? {} : { requests } });
 }
 
 /** One fixed-rate run: latency at a set number of Checks a second. */

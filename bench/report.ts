@@ -51,9 +51,16 @@ export function machineInfo(keygateNode: string): MachineInfo {
 }
 
 /** A target against the ceiling (the raw node:http2 no-op) for one scenario or the one-key run. */
+/** A scenario saturated by rategen's closed loop rather than ghz. */
+export type ClosedLoopScenario = `${ScenarioName} (closed loop)`;
+
+export function closedLoopName(scenario: ScenarioName): ClosedLoopScenario {
+  return `${scenario} (closed loop)`;
+}
+
 export interface Ratio {
   target: string;
-  scenario: ScenarioName | "one-key";
+  scenario: ScenarioName | ClosedLoopScenario | "one-key";
   /** The target's saturation throughput over the ceiling's, same requests, same run. */
   throughput: number;
   /** The target's CPU per Check over the ceiling's: 1.5 means half again the ceiling's cost. */
@@ -75,6 +82,18 @@ export function ratios(results: readonly ScenarioResult[], oneKey: readonly OneK
       },
     ];
   });
+  const closedRatios = results.flatMap((r): Ratio[] => {
+    const c = ceiling.get(r.scenario)?.closedLoop;
+    if (r.target === CEILING || c === undefined || c === null || r.closedLoop === null) return [];
+    return [
+      {
+        target: r.target,
+        scenario: closedLoopName(r.scenario),
+        throughput: round(r.closedLoop.ghz.rps / Math.max(1e-9, c.ghz.rps), 2),
+        cpu: round(r.closedLoop.cpuMicrosPerCheck / Math.max(1e-9, c.cpuMicrosPerCheck), 2),
+      },
+    ];
+  });
   const c1 = oneKey.find((o) => o.target === CEILING);
   const oneKeyRatios = c1 === undefined
     ? []
@@ -86,7 +105,7 @@ export function ratios(results: readonly ScenarioResult[], oneKey: readonly OneK
           throughput: round(o.h2load.rps / Math.max(1e-9, c1.h2load.rps), 2),
           cpu: round(o.cpuMicrosPerCheck / Math.max(1e-9, c1.cpuMicrosPerCheck), 2),
         }));
-  return [...scenarioRatios, ...oneKeyRatios];
+  return [...scenarioRatios, ...closedRatios, ...oneKeyRatios];
 }
 
 /** One line of the budget in DESIGN.md and issue 13, with where this run stands. */
@@ -123,8 +142,10 @@ export function budget(results: readonly ScenarioResult[], oneKey: readonly OneK
   const lines: BudgetLine[] = [];
   for (const t of keygates) {
     lines.push(line(`${t} hot (ghz, many keys): CPU per Check <= 1.5x ${CEILING}`, ratio(t, "hot")?.cpu, (v) => v <= 1.5, times));
+    lines.push(line(`${t} hot (rategen closed loop, many keys, server saturated): CPU per Check <= 1.5x ${CEILING}`, ratio(t, closedLoopName("hot"))?.cpu, (v) => v <= 1.5, times));
     lines.push(line(`${t} one key (h2load): CPU per Check <= 1.5x ${CEILING}`, ratio(t, "one-key")?.cpu, (v) => v <= 1.5, times));
     lines.push(line(`${t} flood-malformed: CPU per Check <= 1.2x ${CEILING}`, ratio(t, "flood-malformed")?.cpu, (v) => v <= 1.2, times));
+    lines.push(line(`${t} flood-malformed (rategen closed loop): CPU per Check <= 1.2x ${CEILING}`, ratio(t, closedLoopName("flood-malformed"))?.cpu, (v) => v <= 1.2, times));
     const p99 = rates.includes(3000) ? atRate(find(results, t, "hot"), 3000)?.ghz.latencyMs.p99 : undefined;
     lines.push(line(`${t} hot: p99 <= 2 ms at 3000 Checks/s`, p99, (v) => v <= 2, ms));
     // Judged embedded only: on MongoDB-wire, lookups the flood scenario queued can still finish
@@ -135,6 +156,9 @@ export function budget(results: readonly ScenarioResult[], oneKey: readonly OneK
     const cold = find(results, t, "cold");
     if (t.startsWith("embedded")) {
       lines.push(line(`${t} cold (SQLite): CPU per Check <= 2x hot`, hot === undefined || cold === undefined ? undefined : cold.saturation.cpuMicrosPerCheck / Math.max(1e-9, hot), (v) => v <= 2, times));
+      const hotClosed = find(results, t, "hot")?.closedLoop?.cpuMicrosPerCheck;
+      const coldClosed = cold?.closedLoop?.cpuMicrosPerCheck;
+      lines.push(line(`${t} cold (SQLite, rategen closed loop): CPU per Check <= 2x hot`, hotClosed === undefined || coldClosed === undefined ? undefined : coldClosed / Math.max(1e-9, hotClosed), (v) => v <= 2, times));
     } else {
       const coldAt1000 = rates.includes(1000) ? atRate(cold, 1000) : undefined;
       const coldLine = line(`${t} cold (MongoDB-wire): p99 <= 10 ms at 1000 Checks/s`, coldAt1000?.ghz.latencyMs.p99, (v) => v <= 10, ms);
@@ -199,7 +223,11 @@ function errorsOf(phase: PhaseResult): number {
 
 /** Share of lookups answered by L1 (hits and cached misses) during saturation; malformed keys never look up. */
 function l1HitPercent(r: ScenarioResult): string {
-  const cache = r.saturation.checks?.cache;
+  return l1HitPercentOf(r.saturation);
+}
+
+function l1HitPercentOf(phase: PhaseResult): string {
+  const cache = phase.checks?.cache;
   if (cache === undefined) return "-";
   const answered = (cache["l1 hit"] ?? 0) + (cache["l1 negative"] ?? 0);
   const lookups = answered + (cache["l1 miss"] ?? 0);
@@ -208,7 +236,11 @@ function l1HitPercent(r: ScenarioResult): string {
 
 /** CPU of Redis plus the MongoDB-wire server during saturation; "-" where there are none. */
 function backendCores(r: ScenarioResult): string {
-  const values = Object.values(r.saturation.backendCores);
+  return backendCoresOf(r.saturation);
+}
+
+function backendCoresOf(phase: PhaseResult): string {
+  const values = Object.values(phase.backendCores);
   return values.length === 0 ? "-" : values.reduce((a, b) => a + b, 0).toFixed(2);
 }
 
@@ -231,6 +263,33 @@ export function resultsTable(results: readonly ScenarioResult[], rates: readonly
       (peak / MB).toFixed(0),
       String(phases(r).reduce((sum, p) => sum + errorsOf(p), 0)),
       denials(r),
+    ];
+  });
+  return table(header, rows);
+}
+
+/** Saturation with rategen's closed loop: one row per target and scenario it ran. */
+export function closedLoopTable(results: readonly ScenarioResult[], rates: readonly Ratio[]): string {
+  const header = ["target", "scenario", "sat rps", "x h2 rps", "CPU us/chk", "x h2 CPU", "L1 hit %", "server cores", "backend cores", "p50 ms", "p99 ms", "errors"];
+  const rows = results.flatMap((r) => {
+    const c = r.closedLoop;
+    if (c === null) return [];
+    const rate = rates.find((x) => x.target === r.target && x.scenario === closedLoopName(r.scenario));
+    return [
+      [
+        r.target,
+        r.scenario,
+        Math.round(c.ghz.rps).toString(),
+        rate === undefined ? "-" : rate.throughput.toFixed(2),
+        c.cpuMicrosPerCheck.toFixed(0),
+        rate === undefined ? "-" : rate.cpu.toFixed(2),
+        l1HitPercentOf(c),
+        c.resources.cpuCores.toFixed(2),
+        backendCoresOf(c),
+        c.ghz.latencyMs.p50.toFixed(2),
+        c.ghz.latencyMs.p99.toFixed(2),
+        String(errorsOf(c)),
+      ],
     ];
   });
   return table(header, rows);

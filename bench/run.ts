@@ -36,7 +36,7 @@ import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { ONE_KEY_PROFILE, profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
-import { budget, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, writeResults } from "./report.js";
+import { budget, closedLoopTable, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, writeResults } from "./report.js";
 import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
 import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
@@ -527,6 +527,13 @@ function report(input: {
     "Ratios are target over ceiling: lower is better (the bench before issue 13 printed the ceiling over keygate).",
     "L1 hit %: lookups answered by L1 (hits and cached misses). Denials are gRPC OK answers that refuse (401/402/403/429).",
     "",
+    ...(results.some((r) => r.closedLoop !== null)
+      ? [
+          `rategen closed loop, many keys, saturation (the same requests, ${ctx.settings.saturation.connections} connections, ${ctx.settings.saturation.concurrency} in flight; reads only each answer's grpc-status, so the server sets the pace; cold: each key once at most, on a fresh process):`,
+          closedLoopTable(results, rates),
+          "",
+        ]
+      : [`rategen closed loop: not run (${ctx.settings.rategen === null ? "rategen not built" : "data files not binary"})`, ""]),
     `${latencyHeading(results, ctx.settings)}:`,
     latencyTable(results),
     "CPU us/chk at a fixed rate spreads the server's idle cost (timers, GC) over fewer Checks than saturation does; compare CPU at saturation.",

@@ -1,6 +1,6 @@
 import type { DataFile, ScenarioData } from "./data.js";
 import type { FixedRequest } from "./h2load.js";
-import { fixedRates, oneKey, pass, saturation } from "./measure.js";
+import { closedLoopSaturation, fixedRates, oneKey, pass, saturation } from "./measure.js";
 import type { FixedRateResult, LoadSettings, OneKeyResult, PhaseResult } from "./measure.js";
 import type { Target } from "./targets.js";
 
@@ -25,6 +25,8 @@ export interface ScenarioResult {
   data: { entries: number; composition: Record<string, number> };
   warmUp: { requests: number; seconds: number; errors: number } | null;
   saturation: PhaseResult;
+  /** Saturation with rategen's closed loop (the server saturated, many keys); null without rategen. */
+  closedLoop: PhaseResult | null;
   /** One run per fixed rate of the bench run, in the order given. */
   fixedRates: FixedRateResult[];
 }
@@ -44,13 +46,14 @@ export interface KeygateMode {
 
 type Log = (message: string) => void;
 
-function result(target: string, scenario: ScenarioName, data: DataFile, sat: PhaseResult, fixed: FixedRateResult[], warm: PhaseResult | null): ScenarioResult {
+function result(target: string, scenario: ScenarioName, data: DataFile, sat: PhaseResult, closed: PhaseResult | null, fixed: FixedRateResult[], warm: PhaseResult | null): ScenarioResult {
   return {
     target,
     scenario,
     data: { entries: data.entries, composition: data.composition },
     warmUp: warm === null ? null : { requests: warm.ghz.requests, seconds: warm.ghz.seconds, errors: warm.ghz.errors },
     saturation: sat,
+    closedLoop: closed,
     fixedRates: fixed,
   };
 }
@@ -71,8 +74,10 @@ export async function runNoopScenarios(name: string, noop: Target, settings: Loa
     log(`${name}: ${scenario}`);
     const file = fileOf(data, scenario);
     const sat = await saturation(noop, settings, file);
+    // Cold's keys once each, as keygate's cold run sends them.
+    const closed = await closedLoopSaturation(noop, settings, file, scenario === "cold" ? file.entries : undefined);
     const fixed = await fixedRates(noop, settings, file);
-    out.push(result(name, scenario, file, sat, fixed, null));
+    out.push(result(name, scenario, file, sat, closed, fixed, null));
   }
   if (settings.h2load !== null) log(`${name}: one key (h2load)`);
   return { scenarios: out, oneKey: await oneKey(name, noop, settings, request) };
@@ -98,8 +103,22 @@ async function warmForCold(target: Target, settings: LoadSettings, data: Scenari
   return { ...allows, ghz: { ...allows.ghz, requests: lookups.ghz.requests + allows.ghz.requests, seconds: lookups.ghz.seconds + allows.ghz.seconds, errors: lookups.ghz.errors + allows.ghz.errors } };
 }
 
+/** Cold saturation with rategen's closed loop, on a fresh process: each of the cold keys once at most. */
+async function coldClosedLoop(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<PhaseResult | null> {
+  if (settings.rategen === null || data.cold.format !== "binary") return null;
+  await mode.resetShared();
+  const target = await mode.start(`keygate ${mode.name} (cold, closed loop)`);
+  try {
+    await warmForCold(target, settings, data);
+    log(`${mode.name}: cold saturation (rategen closed loop)`);
+    return await closedLoopSaturation(target, settings, data.cold, data.cold.entries);
+  } finally {
+    await target.stop();
+  }
+}
+
 /** Cold: each run on a fresh process (and emptied Redis), every request a key it has not seen. */
-async function runCold(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<{ sat: PhaseResult; fixed: FixedRateResult[]; warm: PhaseResult; next: Target }> {
+async function runCold(mode: KeygateMode, settings: LoadSettings, data: ScenarioData, log: Log): Promise<{ sat: PhaseResult; closed: PhaseResult | null; fixed: FixedRateResult[]; warm: PhaseResult; next: Target }> {
   await mode.resetShared();
   const first = await mode.start(`keygate ${mode.name} (cold saturation)`);
   let sat: PhaseResult;
@@ -112,6 +131,7 @@ async function runCold(mode: KeygateMode, settings: LoadSettings, data: Scenario
   } finally {
     await first.stop();
   }
+  const closed = await coldClosedLoop(mode, settings, data, log);
   await mode.resetShared();
   const next = await mode.start(`keygate ${mode.name}`);
   try {
@@ -120,7 +140,7 @@ async function runCold(mode: KeygateMode, settings: LoadSettings, data: Scenario
     // Every rate on the same process: a later rate's keys wrap to ones an earlier rate cached
     // only past entries/seconds Checks a second, which "L1 hit %" of saturation would not show.
     const fixed = await fixedRates(next, settings, data.cold);
-    return { sat, fixed, warm, next };
+    return { sat, closed, fixed, warm, next };
   } catch (error) {
     await next.stop();
     throw error;
@@ -134,7 +154,7 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
   if (settings.scenarios.includes("cold")) {
     const cold = await runCold(mode, settings, data, log);
     target = cold.next;
-    out.set("cold", result(mode.name, "cold", data.cold, cold.sat, cold.fixed, cold.warm));
+    out.set("cold", result(mode.name, "cold", data.cold, cold.sat, cold.closed, cold.fixed, cold.warm));
   } else {
     target = await mode.start(`keygate ${mode.name}`);
   }
@@ -146,8 +166,9 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
       const warm = scenario === "hot" || scenario === "mixed" ? await pass(target, settings, file) : null;
       log(`${mode.name}: ${scenario}${warm === null ? "" : ` (warm-up: ${warm.ghz.requests} requests in ${warm.ghz.seconds.toFixed(1)} s)`}`);
       const sat = await saturation(target, settings, file);
+      const closed = await closedLoopSaturation(target, settings, file);
       const fixed = await fixedRates(target, settings, file);
-      out.set(scenario, result(mode.name, scenario, file, sat, fixed, warm));
+      out.set(scenario, result(mode.name, scenario, file, sat, closed, fixed, warm));
     }
     if (settings.h2load !== null) log(`${mode.name}: one key (h2load)`);
     const single = await oneKey(mode.name, target, settings, request);

@@ -83,7 +83,9 @@ const resultSchema = z.object({
     z.object({
       target: z.string(),
       scenario: z.enum(SCENARIOS),
+      data: z.object({ entries: counted }),
       saturation: phaseSchema,
+      closedLoop: phaseSchema.extend({ ghz: loadSchema.extend({ endReason: z.string() }) }).nullable(),
       fixedRates: z.array(
         phaseSchema.extend({
           targetRps: counted,
@@ -147,8 +149,10 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     for (const target of targets) {
       expect(result.scenarios.filter((s) => s.target === target).map((s) => s.scenario)).toEqual([...SCENARIOS]);
     }
-    // Every ratio is to the raw node:http2 no-op, for every other target.
-    expect(result.ratios.filter((r) => r.scenario !== "one-key")).toHaveLength((targets.length - 1) * SCENARIOS.length);
+    // Every ratio is to the raw node:http2 no-op, for every other target: ghz's saturation and rategen's closed loop.
+    expect(result.ratios.filter((r) => r.scenario !== "one-key" && !r.scenario.endsWith("(closed loop)"))).toHaveLength((targets.length - 1) * SCENARIOS.length);
+    expect(result.ratios.filter((r) => r.scenario.endsWith("(closed loop)"))).toHaveLength((targets.length - 1) * SCENARIOS.length);
+    expect(output).toContain("rategen closed loop, many keys, saturation");
     expect(result.ratios.some((r) => r.target === "noop-h2")).toBe(false);
     expect(result.config.fixedRates).toEqual([1000, 3000]);
     // Saturation is ghz's; every fixed-rate row is rategen's, open loop, with every scheduled call sent and answered.
@@ -172,7 +176,15 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
         expect(f.ghz.requests, at).toBe(f.targetRps);
         expect([open?.dropped, open?.timedOut, open?.transportErrors], at).toEqual([0, 0, 0]);
       }
-      const errors = s.saturation.ghz.errors + s.fixedRates.reduce((sum, f) => sum + f.ghz.errors, 0);
+      // The closed loop: rategen keeping ghz's calls in flight; cold sends each key once at most.
+      const closed = s.closedLoop;
+      expect(closed, `${s.target} ${s.scenario}`).not.toBeNull();
+      expect(closed?.ghz.tool, `${s.target} ${s.scenario}`).toBe("rategen");
+      expect(closed?.ghz.endReason, `${s.target} ${s.scenario}`).toMatch(/^closed loop: 64 in flight, \d+ sent$/);
+      expect(closed?.ghz.requests, `${s.target} ${s.scenario}`).toBeGreaterThan(0);
+      expect(closed?.ghz.errors, `${s.target} ${s.scenario}`).toBe(0);
+      if (s.scenario === "cold") expect(closed?.ghz.requests, `${s.target} cold`).toBeLessThanOrEqual(s.data.entries);
+      const errors = s.saturation.ghz.errors + (closed?.ghz.errors ?? 0) + s.fixedRates.reduce((sum, f) => sum + f.ghz.errors, 0);
       expect(errors, `${s.target} ${s.scenario}: non-OK gRPC statuses`).toBe(0);
     }
 
