@@ -50,7 +50,6 @@ export function machineInfo(keygateNode: string): MachineInfo {
   };
 }
 
-/** A target against the ceiling (the raw node:http2 no-op) for one scenario or the one-key run. */
 /** A scenario saturated by rategen's closed loop rather than ghz. */
 export type ClosedLoopScenario = `${ScenarioName} (closed loop)`;
 
@@ -58,6 +57,7 @@ export function closedLoopName(scenario: ScenarioName): ClosedLoopScenario {
   return `${scenario} (closed loop)`;
 }
 
+/** A target against the ceiling (the raw node:http2 no-op) for one scenario or the one-key run. */
 export interface Ratio {
   target: string;
   scenario: ScenarioName | ClosedLoopScenario | "one-key";
@@ -70,29 +70,21 @@ export interface Ratio {
 /** Ratios of every target but the ceiling to the ceiling's result of the same scenario, and of h2load's one-key runs. */
 export function ratios(results: readonly ScenarioResult[], oneKey: readonly OneKeyResult[]): Ratio[] {
   const ceiling = new Map(results.filter((r) => r.target === CEILING).map((r) => [r.scenario, r]));
+  const of = (target: string, scenario: Ratio["scenario"], phase: PhaseResult, c: PhaseResult): Ratio => ({
+    target,
+    scenario,
+    throughput: round(phase.ghz.rps / Math.max(1e-9, c.ghz.rps), 2),
+    cpu: round(phase.cpuMicrosPerCheck / Math.max(1e-9, c.cpuMicrosPerCheck), 2),
+  });
   const scenarioRatios = results.flatMap((r): Ratio[] => {
     const c = ceiling.get(r.scenario);
     if (r.target === CEILING || c === undefined) return [];
-    return [
-      {
-        target: r.target,
-        scenario: r.scenario,
-        throughput: round(r.saturation.ghz.rps / Math.max(1e-9, c.saturation.ghz.rps), 2),
-        cpu: round(r.saturation.cpuMicrosPerCheck / Math.max(1e-9, c.saturation.cpuMicrosPerCheck), 2),
-      },
-    ];
+    return [of(r.target, r.scenario, r.saturation, c.saturation)];
   });
   const closedRatios = results.flatMap((r): Ratio[] => {
     const c = ceiling.get(r.scenario)?.closedLoop;
     if (r.target === CEILING || c === undefined || c === null || r.closedLoop === null) return [];
-    return [
-      {
-        target: r.target,
-        scenario: closedLoopName(r.scenario),
-        throughput: round(r.closedLoop.ghz.rps / Math.max(1e-9, c.ghz.rps), 2),
-        cpu: round(r.closedLoop.cpuMicrosPerCheck / Math.max(1e-9, c.cpuMicrosPerCheck), 2),
-      },
-    ];
+    return [of(r.target, closedLoopName(r.scenario), r.closedLoop, c)];
   });
   const c1 = oneKey.find((o) => o.target === CEILING);
   const oneKeyRatios = c1 === undefined
@@ -221,11 +213,7 @@ function errorsOf(phase: PhaseResult): number {
   return phase.ghz.errors + (phase.checks?.decisions["error"] ?? 0);
 }
 
-/** Share of lookups answered by L1 (hits and cached misses) during saturation; malformed keys never look up. */
-function l1HitPercent(r: ScenarioResult): string {
-  return l1HitPercentOf(r.saturation);
-}
-
+/** Share of lookups answered by L1 (hits and cached misses) during a run; malformed keys never look up. */
 function l1HitPercentOf(phase: PhaseResult): string {
   const cache = phase.checks?.cache;
   if (cache === undefined) return "-";
@@ -234,11 +222,7 @@ function l1HitPercentOf(phase: PhaseResult): string {
   return lookups === 0 ? "-" : ((100 * answered) / lookups).toFixed(1);
 }
 
-/** CPU of Redis plus the MongoDB-wire server during saturation; "-" where there are none. */
-function backendCores(r: ScenarioResult): string {
-  return backendCoresOf(r.saturation);
-}
-
+/** CPU of Redis plus the MongoDB-wire server during a run; "-" where there are none. */
 function backendCoresOf(phase: PhaseResult): string {
   const values = Object.values(phase.backendCores);
   return values.length === 0 ? "-" : values.reduce((a, b) => a + b, 0).toFixed(2);
@@ -257,9 +241,9 @@ export function resultsTable(results: readonly ScenarioResult[], rates: readonly
       rate === undefined ? "-" : rate.throughput.toFixed(2),
       r.saturation.cpuMicrosPerCheck.toFixed(0),
       rate === undefined ? "-" : rate.cpu.toFixed(2),
-      l1HitPercent(r),
+      l1HitPercentOf(r.saturation),
       r.saturation.resources.cpuCores.toFixed(2),
-      backendCores(r),
+      backendCoresOf(r.saturation),
       (peak / MB).toFixed(0),
       String(phases(r).reduce((sum, p) => sum + errorsOf(p), 0)),
       denials(r),
