@@ -39,6 +39,7 @@ import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
 import { Readiness } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
+import { restoreFastStringPrototype } from "./string-prototype.js";
 import { listenerStartError, mongoStartError } from "./startup-errors.js";
 import type { Secrets } from "./secrets.js";
 import { TlsCertificates, redisTlsOptions } from "./tls.js";
@@ -239,6 +240,8 @@ async function openCache(
 export async function buildKeygate(config: Config, options: BuildOptions): Promise<Keygate> {
   const { logger } = options;
   const nowMs = options.nowMs ?? Date.now;
+  // Every module is loaded by now, ioredis's String subclass with them (string-prototype.ts).
+  restoreFastStringPrototype();
   const metrics = new Metrics({ defaultMetrics: options.defaultMetrics ?? true });
   // Before anything is opened: a bad certificate or key fails the start naming its variable.
   const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
