@@ -65,10 +65,16 @@ export class WriteBehind {
    * behind the whole batch. Once stop() has begun, only the turn: shutdown writes at full speed;
    * and only the turn when the writer is not `paced`.
    */
-  between(callStartedMs: number): Promise<void> {
-    const tookMs = performance.now() - callStartedMs;
+  async between(callStartedMs: number): Promise<void> {
+    const now = performance.now();
+    const tookMs = now - callStartedMs;
     if (!this.paced || this.#stopping || tookMs < PACED_CALL_MS) return yieldToEventLoop();
-    return new Promise((resolve) => setTimeout(resolve, Math.min(tookMs, MAX_CALL_PAUSE_MS)));
+    const until = now + Math.min(tookMs, MAX_CALL_PAUSE_MS);
+    // A timer counts from the event loop's clock, read when the loop's turn began, so on a busy
+    // process it can end a little before its delay: wait out what is left.
+    for (let left = until - now; left > 0; left = until - performance.now()) {
+      await new Promise((resolve) => setTimeout(resolve, left));
+    }
   }
 
   /** Stops the timer and flushes what is pending. */

@@ -239,7 +239,8 @@ describe("write-behind pacing", () => {
   });
 
   it("waits as long as the call before took (at most MAX_CALL_PAUSE_MS), a turn after a quick call, when not paced, and once stopping", async () => {
-    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "setInterval", "clearInterval"] });
+    // The clock too: the writer checks it against the pause's end when a timer fires.
+    vi.useFakeTimers({ toFake: ["setTimeout", "clearTimeout", "setInterval", "clearInterval", "performance"] });
     const writer = new WriteBehind(async () => undefined, 60_000);
     const settled = (promise: Promise<void>): (() => boolean) => {
       let done = false;
