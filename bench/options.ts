@@ -55,6 +55,8 @@ export interface BenchOptions {
   rategen: boolean;
   /** Where redis-server and the MongoDB-wire server run when pinned: with keygate (server) or beside the load. */
   backendsOn: "server" | "load";
+  /** JVM options for the MongoDB-wire server, after the test harness's own (a later option wins). */
+  backendJvmFlags: string[];
 }
 
 const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
@@ -104,6 +106,7 @@ const rawSchema = z.object({
   ghzCpus: z.number(),
   rategen: z.boolean(),
   backendsOn: z.enum(["server", "load"]),
+  backendJvmFlags: z.string().default(""),
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
@@ -139,6 +142,7 @@ function command(): Command {
     .option("--engines <list>", "keygate gRPC engines to run each mode with (KEYGATE_GRPC_ENGINE): h2, grpc-js; default: keygate's own default")
     .option("--no-pin", "do not pin servers and load generators to separate cores with taskset")
     .option("--backends-on <core>", "where redis-server and the MongoDB-wire server run when pinned: load (beside the load generators, keygate's core its own) or server (with keygate)", "load")
+    .option("--backend-jvm-flags <flags>", "JVM options for the MongoDB-wire server after the harness's own, space-separated (e.g. \"-XX:-UseSerialGC -XX:+UseZGC\")")
     .option("--h2load-clients <n>", "h2load connections for the one-key run", count, 4)
     .option("--h2load-streams <n>", "h2load concurrent streams per connection", count, 16)
     .option("--no-memory", "skip the memory scenario")
@@ -187,6 +191,7 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     scenarios: scenarioList(raw.scenarios),
     engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
     nodeFlags: raw.nodeFlags.split(" ").filter((f) => f !== ""),
+    backendJvmFlags: raw.backendJvmFlags.split(" ").filter((f) => f !== ""),
     gcThreadNice: raw.gcThreadNice ?? null,
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
     memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,

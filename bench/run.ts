@@ -241,7 +241,7 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
   try {
     // Its stop-the-world GC pauses are logged, so each run can say which fell in it.
     const gcLog = join(ctx.work, "mongo-wire-gc.log");
-    const wire = mongoWireAvailable() ? await tryStartMongoWire({ jvmOptions: [jvmGcLogOption(gcLog)] }) : null;
+    const wire = mongoWireAvailable() ? await tryStartMongoWire({ jvmOptions: [jvmGcLogOption(gcLog), ...ctx.options.backendJvmFlags] }) : null;
     if (wire === null) {
       ctx.skipped.push({ what: "redis-mongo", why: "the MongoDB-wire server is not installed (.ci/install-mongo-wire.sh)" });
       return null;
@@ -250,7 +250,7 @@ async function runRedisMongo(ctx: RunContext): Promise<{ results: Collected; see
       ctx.notes.push(`redis-mongo: ${wire.kind} and redis-server, both on 127.0.0.1 on the same machine`);
       if (wire.kind !== "external") {
         ctx.notes.push(
-          `redis-mongo: mongo-java-server runs with the test harness's JVM flags (${MONGO_WIRE_JVM_FLAGS.join(" ")}): its stop-the-world GC pauses, logged with -Xlog:gc, hold every lookup sent meanwhile; "backend GC >10ms" counts those that overlapped each fixed-rate run`,
+          `redis-mongo: mongo-java-server runs with the test harness's JVM flags (${[...MONGO_WIRE_JVM_FLAGS, ...ctx.options.backendJvmFlags].join(" ")}${ctx.options.backendJvmFlags.length > 0 ? ", the last from --backend-jvm-flags" : ""}): its stop-the-world GC pauses, logged with -Xlog:gc, hold every lookup sent meanwhile; "backend GC >10ms" counts those that overlapped each fixed-rate run`,
         );
       }
       log(`redis-mongo: seeding ${ctx.planned.records.length} keys into ${wire.kind}`);

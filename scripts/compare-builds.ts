@@ -2,7 +2,7 @@
 // revision's, in alternating runs on this machine: a change of a few percent is lost in the
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
-//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system]
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system] [--keys n] [--node-flags "..."]
 // Each run: a fresh embedded keygate (the bench's policy, the node flags keygate ships with)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
@@ -49,6 +49,7 @@ const options = z
     grpcTimeout: z.string().regex(/^\d{1,8}[HMSmun]$/, "1 to 8 digits and a unit: H M S m u n").optional(),
     malloc: z.enum(["jemalloc", "system"]),
     keys: z.coerce.number().int().min(1).max(200_000),
+    nodeFlags: z.string().default(""),
   })
   .refine((o) => o.keys === 1 || o.key === "valid", { message: "--keys above 1 needs --key valid" })
   .refine((o) => o.keys === 1 || o.grpcTimeout === undefined, { message: "--grpc-timeout goes with h2load's one key only" })
@@ -62,6 +63,7 @@ const options = z
       .option("--grpc-timeout <value>", "a grpc-timeout header on every Check (e.g. 1S)")
       .option("--malloc <allocator>", "keygate's malloc: jemalloc (LD_PRELOAD, as the image runs it) or system", "jemalloc")
       .option("--keys <n>", "valid keys, one request each in turn, under rategen's closed loop (1: h2load's one key)", "1")
+      .option("--node-flags <flags>", "extra node flags for every keygate run, space-separated (e.g. --cpu-prof --cpu-prof-dir=/tmp/prof)")
       .parse()
       .opts(),
   );
@@ -97,6 +99,7 @@ const base = AGAINST_NOOP || AGAINST_SYSTEM_MALLOC
     });
 
 const MANY = options.keys > 1;
+const EXTRA_NODE_FLAGS = options.nodeFlags.split(" ").filter((f) => f !== "");
 const h2load = findH2load();
 if (!MANY && h2load === null) throw new Error("h2load is not on PATH: bash bench/install-h2load.sh");
 const rategen = MANY ? findRategen() : null;
@@ -223,7 +226,7 @@ async function withKeygate<T>(build: string, preload: string | null, dataDir: st
     KEYGATE_LOG_LEVEL: "warn",
     LD_PRELOAD: preload ?? "",
   };
-  const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
+  const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, ...EXTRA_NODE_FLAGS, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
   try {
     await ready();
     return await use(env.KEYGATE_DATA_DIR, server.pid);

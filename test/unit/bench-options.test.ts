@@ -33,4 +33,9 @@ describe("bench options", () => {
     expect(parseOptions(argv("--gc-thread-nice", "0")).gcThreadNice).toBe(0);
     for (const bad of ["20", "-1", "1.5", "high"]) expect(() => parseOptions(argv("--gc-thread-nice", bad)), bad).toThrow(/0 to 19/);
   });
+
+  it("--backend-jvm-flags adds JVM options for the MongoDB-wire server, none by default", () => {
+    expect(parseOptions(argv()).backendJvmFlags).toEqual([]);
+    expect(parseOptions(argv("--backend-jvm-flags", " -XX:-UseSerialGC  -XX:+UseZGC ")).backendJvmFlags).toEqual(["-XX:-UseSerialGC", "-XX:+UseZGC"]);
+  });
 });
