@@ -117,6 +117,11 @@ function list(value: string): string[] {
   return value.split(",").map((m) => m.trim()).filter((m) => m !== "");
 }
 
+/** Space-separated command-line flags (node's, the JVM's) as a list. */
+export function flagList(value: string): string[] {
+  return value.split(" ").filter((f) => f !== "");
+}
+
 /** The scenarios named in `value`, in report order whatever order they were given in. */
 function scenarioList(value: string): ScenarioName[] {
   const named = list(value);
@@ -190,8 +195,8 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     modes: modeSchema.parse(list(raw.modes)),
     scenarios: scenarioList(raw.scenarios),
     engines: raw.engines === undefined ? [null] : engineSchema.parse(list(raw.engines)),
-    nodeFlags: raw.nodeFlags.split(" ").filter((f) => f !== ""),
-    backendJvmFlags: raw.backendJvmFlags.split(" ").filter((f) => f !== ""),
+    nodeFlags: flagList(raw.nodeFlags),
+    backendJvmFlags: flagList(raw.backendJvmFlags),
     gcThreadNice: raw.gcThreadNice ?? null,
     memoryKeys: Math.max(raw.memoryKeys ?? sizes.memoryKeys, keys),
     memoryTouch: raw.memoryTouch ?? sizes.memoryTouch,

@@ -495,6 +495,8 @@ function report(input: {
       keygateBuild: ctx.build,
       malloc: { asked: ctx.options.malloc, preload: ctx.preload, reported: [...ctx.allocators] },
       gcThreadNice: ctx.options.gcThreadNice,
+      nodeFlags: ctx.options.nodeFlags,
+      backendJvmFlags: ctx.options.backendJvmFlags,
       modes: ctx.options.modes,
       engines: ctx.options.engines.map((e) => e ?? "default"),
       ceiling: CEILING,

@@ -25,6 +25,7 @@ import { z } from "zod";
 import { checkRequest, malformedKey } from "../bench/data.js";
 import type { DataFile } from "../bench/data.js";
 import { findH2load, runH2load, writeFixedRequest } from "../bench/h2load.js";
+import { flagList } from "../bench/options.js";
 import { findRategen, runRategen } from "../bench/rategen.js";
 import { configurePinning } from "../bench/pinning.js";
 import { writeBenchPolicy } from "../bench/policy.js";
@@ -99,7 +100,7 @@ const base = AGAINST_NOOP || AGAINST_SYSTEM_MALLOC
     });
 
 const MANY = options.keys > 1;
-const EXTRA_NODE_FLAGS = options.nodeFlags.split(" ").filter((f) => f !== "");
+const EXTRA_NODE_FLAGS = flagList(options.nodeFlags);
 const h2load = findH2load();
 if (!MANY && h2load === null) throw new Error("h2load is not on PATH: bash bench/install-h2load.sh");
 const rategen = MANY ? findRategen() : null;
