@@ -7,6 +7,16 @@ import type {
   HttpRequestView,
   RequestView,
 } from "../gen/keygate/authz/v1/check_view_pb.js";
+import { HeaderList } from "./headers.js";
+
+/**
+ * keygate.authz.v1.CheckRequestView as decodeCheckRequest gives it: the HTTP request's headers
+ * map is a HeaderList (a name once, its last value) rather than an object.
+ */
+export type DecodedHttpRequest = Omit<HttpRequestView, "headers"> & { headers: HeaderList };
+export type DecodedRequest = Omit<RequestView, "http"> & { http?: DecodedHttpRequest };
+export type DecodedAttributes = Omit<AttributeContextView, "request"> & { request?: DecodedRequest };
+export type DecodedCheckRequest = Omit<CheckRequestView, "attributes"> & { attributes?: DecodedAttributes };
 
 // Field numbers of envoy/service/auth/v3/{external_auth,attribute_context}.proto and
 // envoy/config/core/v3/base.proto, as keygate/authz/v1/check_view.proto mirrors them.
@@ -29,16 +39,17 @@ const STRICT_UTF8 = true;
 /**
  * Decodes an envoy.service.auth.v3.CheckRequest into the fields Check reads, straight from the
  * wire: everything else Envoy sends (addresses, TLS, the body, query parameters, metadata) is
- * skipped without being built. The result equals `fromBinary(CheckRequestViewSchema, bytes)`
- * (test/unit/check-request-decode.test.ts holds it to that), including its merging of repeated
- * message fields, last-one-wins map keys, and which malformed inputs throw.
+ * skipped without being built. The result equals `fromBinary(CheckRequestViewSchema, bytes)`,
+ * the headers map read as a HeaderList (test/unit/check-request-decode.test.ts holds it to that),
+ * including its merging of repeated message fields, last-one-wins map keys, and which malformed
+ * inputs throw.
  */
-export function decodeCheckRequest(bytes: Uint8Array): CheckRequestView {
+export function decodeCheckRequest(bytes: Uint8Array): DecodedCheckRequest {
   const reader = new BinaryReader(bytes);
   decoding = bytes;
   decodingText = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   decodingWhole = undefined;
-  const message: CheckRequestView = { $typeName: "keygate.authz.v1.CheckRequestView" };
+  const message: DecodedCheckRequest = { $typeName: "keygate.authz.v1.CheckRequestView" };
   const end = bytes.byteLength;
   try {
     while (reader.pos < end) {
@@ -55,6 +66,23 @@ export function decodeCheckRequest(bytes: Uint8Array): CheckRequestView {
     decodingWhole = undefined;
   }
   return message;
+}
+
+/**
+ * The decoded request as protobuf-es's own view message, the headers back in an object (a name
+ * as an own property, __proto__ too): what `fromBinary(CheckRequestViewSchema, bytes)` gives.
+ */
+export function checkRequestView(decoded: DecodedCheckRequest): CheckRequestView {
+  const { attributes, ...rest } = decoded;
+  if (attributes === undefined) return rest;
+  const { request, ...attributesRest } = attributes;
+  if (request === undefined) return { ...rest, attributes: attributesRest };
+  const { http, ...requestRest } = request;
+  if (http === undefined) return { ...rest, attributes: { ...attributesRest, request: requestRest } };
+  const names = http.headers.names();
+  const values = http.headers.values();
+  const headers = Object.fromEntries(names.map((name, i) => [name, values[i] as string])) as { [key: string]: string };
+  return { ...rest, attributes: { ...attributesRest, request: { ...requestRest, http: { ...http, headers } } } };
 }
 
 // The message decodeCheckRequest is reading (decoding is synchronous), for readTag's overflow
@@ -188,8 +216,8 @@ function skipField(reader: BinaryReader, wireType: WireType, fieldNo: number, re
 // Each reader below takes the message a previous occurrence of its field built (or undefined)
 // and merges into it, as protobuf-es does when a singular message field repeats.
 
-function readAttributeContext(reader: BinaryReader, into: AttributeContextView | undefined): AttributeContextView {
-  const message: AttributeContextView = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: NO_EXTENSIONS };
+function readAttributeContext(reader: BinaryReader, into: DecodedAttributes | undefined): DecodedAttributes {
+  const message: DecodedAttributes = into ?? { $typeName: "keygate.authz.v1.AttributeContextView", contextExtensions: NO_EXTENSIONS };
   const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
@@ -212,8 +240,8 @@ function readAttributeContext(reader: BinaryReader, into: AttributeContextView |
  */
 const NO_EXTENSIONS: { [key: string]: string } = Object.freeze(Object.create(null) as { [key: string]: string });
 
-function readRequest(reader: BinaryReader, into: RequestView | undefined): RequestView {
-  const message: RequestView = into ?? { $typeName: "keygate.authz.v1.RequestView" };
+function readRequest(reader: BinaryReader, into: DecodedRequest | undefined): DecodedRequest {
+  const message: DecodedRequest = into ?? { $typeName: "keygate.authz.v1.RequestView" };
   const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
@@ -225,8 +253,8 @@ function readRequest(reader: BinaryReader, into: RequestView | undefined): Reque
   return message;
 }
 
-function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined): HttpRequestView {
-  const message: HttpRequestView = into ?? { $typeName: "keygate.authz.v1.HttpRequestView", id: "", method: "", headers: newRecord(), path: "" };
+function readHttpRequest(reader: BinaryReader, into: DecodedHttpRequest | undefined): DecodedHttpRequest {
+  const message: DecodedHttpRequest = into ?? { $typeName: "keygate.authz.v1.HttpRequestView", id: "", method: "", headers: new HeaderList(), path: "" };
   const end = readUint32(reader) + reader.pos;
   while (reader.pos < end) {
     const tag = readTag(reader);
@@ -240,7 +268,7 @@ function readHttpRequest(reader: BinaryReader, into: HttpRequestView | undefined
         message.method = readString(reader);
         break;
       case HttpRequestField.headers:
-        readStringMapEntry(reader, message.headers, Depth.httpRequest);
+        readHeaderEntry(reader, message.headers, Depth.httpRequest);
         break;
       case HttpRequestField.path:
         message.path = readString(reader);
@@ -287,7 +315,7 @@ function readHeaderValue(reader: BinaryReader): HeaderValueView {
 }
 
 /**
- * A record for a map field: no prototype, kept as a hash table from its first entry. Entries
+ * A record for a map field (the context extensions): no prototype, kept as a hash table from its first entry. Entries
  * are added under names that vary from request to request, which on an ordinary object makes
  * V8 walk (and at a busy server, miss) its cache of shape transitions, about a microsecond an
  * entry; a hash table takes them at the cost of a lookup.
@@ -296,10 +324,11 @@ function newRecord(): { [key: string]: string } {
   return Object.create(null) as { [key: string]: string };
 }
 
-// Header names repeat from request to request. A name decoded afresh is a new string, and adding
-// it to a record sends V8 to its runtime to find the name's canonical (internalized) copy; under
-// the copy kept here, the add stays in generated code. Bounded, so a client's made-up names
-// cannot grow it: past the bound a name is used as decoded.
+// Header names repeat from request to request. A name decoded afresh is a new string: adding it
+// to a record sends V8 to its runtime to find the name's canonical (internalized) copy, and
+// comparing it with a literal name (a HeaderList lookup) compares characters. Under the copy
+// kept here, the add stays in generated code and the comparison is of pointers. Bounded, so a
+// client's made-up names cannot grow it: past the bound a name is used as decoded.
 const MAX_NAMES = 1024;
 const names = new Map<string, string>();
 
@@ -334,6 +363,47 @@ function readStringMapEntry(reader: BinaryReader, record: { [key: string]: strin
   // A header named __proto__ is an own property like any other, never the record's prototype.
   if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
   else record[key] = value;
+}
+
+/** One entry of the HTTP request's headers map into `headers`, read as readStringMapEntry reads one. */
+function readHeaderEntry(reader: BinaryReader, headers: HeaderList, depth: number): void {
+  let key = "";
+  let value: string | number = "";
+  const end = readUint32(reader) + reader.pos;
+  while (reader.pos < end) {
+    const tag = readTag(reader);
+    const fieldNo = tag >>> 3;
+    const wireType: WireType = tag & 7;
+    if (fieldNo === MapEntryField.key) key = readName(reader);
+    else if (fieldNo === MapEntryField.value) value = readValueAt(reader);
+    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - depth);
+  }
+  if (typeof value === "number") headers.setAt(key, decodingWhole as string, value);
+  else headers.set(key, value);
+}
+
+/**
+ * A header value as readString reads it, or, for an ASCII value under 128 bytes in a message
+ * turned into text whole (decodingWhole), where its length byte is: HeaderList cuts the value
+ * from the text only when it is read.
+ */
+function readValueAt(reader: BinaryReader): string | number {
+  const at = reader.pos;
+  const from = at + 1;
+  const length = decoding[at] ?? 0x80;
+  if (length < 0x80 && decoding.length <= WHOLE_TEXT_BYTES) {
+    const to = from + length;
+    if (to <= decoding.length) {
+      let i = from;
+      while (i < to && (decoding[i] ?? 0x80) < 0x80) i++;
+      if (i === to) {
+        reader.pos = to;
+        decodingWhole ??= latin1(0, decoding.length);
+        return at;
+      }
+    }
+  }
+  return readString(reader);
 }
 
 // The names read most recently, by a hash of their bytes: a name found here is returned without

@@ -1,5 +1,4 @@
-/** Request headers by lowercase name, as Node and Envoy deliver them. */
-export type HeaderBag = Readonly<Record<string, string | string[] | undefined>>;
+import type { HeaderBag } from "./headers.js";
 
 /** The credential found in a request, or why there is none. */
 export type CredentialResult =
@@ -21,7 +20,7 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
   let found: string | undefined;
   let foundHeader = "";
   for (const name of headerNames) {
-    const raw = headers[name];
+    const raw = headers.get(name);
     if (raw === undefined) continue;
     if (typeof raw !== "string") return MALFORMED;
     let key: string;
@@ -67,11 +66,11 @@ export class PresentCredentialHeaders {
   /** The configured names present in `headers`, in configured order. Shared: do not mutate. */
   of(headers: HeaderBag): readonly string[] {
     const names = this.#names;
-    if (names.length > MAX_TABLED_HEADERS) return names.filter((name) => headers[name] !== undefined);
+    if (names.length > MAX_TABLED_HEADERS) return names.filter((name) => headers.get(name) !== undefined);
     let mask = 0;
     for (let i = 0; i < names.length; i++) {
       const name = names[i];
-      if (name !== undefined && headers[name] !== undefined) mask |= 1 << i;
+      if (name !== undefined && headers.get(name) !== undefined) mask |= 1 << i;
     }
     // Every mask is in the table; all names is the safe answer should that ever not hold.
     return this.#subsets[mask] ?? names;

@@ -11,7 +11,7 @@ import type { LastUsedRecorder } from "../store/last-used.js";
 import { ALLOWED_UNMETERED, allowedOutcome, keyState } from "../store/store.js";
 import type { AccountRecord, CheckSnapshot, CheckedKey } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
-import type { HeaderBag } from "./credential.js";
+import type { HeaderBag } from "./headers.js";
 import { DENIALS } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
 import { RouteRefusal } from "./routes.js";

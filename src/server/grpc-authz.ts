@@ -13,13 +13,14 @@ import type {
   UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import type { Logger } from "pino";
-import type { HeaderBag } from "../authz/credential.js";
+import { HeaderList, NO_HEADERS, RecordHeaders } from "../authz/headers.js";
+import type { HeaderBag } from "../authz/headers.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
-import { decodeCheckRequest } from "../authz/check-request.js";
+import { checkRequestView, decodeCheckRequest } from "../authz/check-request.js";
+import type { DecodedCheckRequest } from "../authz/check-request.js";
 import { encodeCheckResponse } from "../authz/to-envoy.js";
 import { CheckRequestSchema, CheckResponseSchema } from "../gen/envoy/service/auth/v3/external_auth_pb.js";
 import { CheckRequestViewSchema } from "../gen/keygate/authz/v1/check_view_pb.js";
-import type { CheckRequestView } from "../gen/keygate/authz/v1/check_view_pb.js";
 import {
   HealthCheckRequestSchema,
   HealthCheckResponse_ServingStatus,
@@ -77,7 +78,7 @@ export const authorizationServerDefinition = {
     path: authorizationDefinition.Check.path,
     requestStream: false,
     responseStream: false,
-    requestSerialize: (message: CheckRequestView) => Buffer.from(toBinary(CheckRequestViewSchema, message)),
+    requestSerialize: (message: DecodedCheckRequest) => Buffer.from(toBinary(CheckRequestViewSchema, checkRequestView(message))),
     requestDeserialize: (bytes: Buffer) => decodeCheck(bytes),
     responseSerialize: (bytes: Uint8Array) => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
     responseDeserialize: (bytes: Buffer): Uint8Array => bytes,
@@ -117,13 +118,12 @@ export const healthDefinition = {
 } satisfies ServiceDefinition;
 
 const HEALTH_SERVICES = new Set(["", "envoy.service.auth.v3.Authorization"]);
-const EMPTY_HEADERS: HeaderBag = {};
 const NO_NAMES: readonly string[] = [];
 const utf8 = new TextDecoder();
 
 /** The header fields of an HttpRequest, as Envoy's message and keygate's view both hold them. */
 export interface RequestHeaders {
-  headers: { [name: string]: string };
+  headers: HeaderList;
   headerMap?: { headers: ReadonlyArray<{ key: string; value: string; rawValue: Uint8Array }> };
 }
 
@@ -133,7 +133,7 @@ export interface RequestHeaders {
  * refuses. One pass, constant work a header.
  */
 export function headersOf(http: RequestHeaders | undefined): HeaderBag {
-  if (http === undefined) return EMPTY_HEADERS;
+  if (http === undefined) return NO_HEADERS;
   const raw = http.headerMap?.headers;
   if (raw === undefined || raw.length === 0) return http.headers;
   // Grouped in a Map, not an object: a client's header named __proto__ is a header like any
@@ -147,14 +147,14 @@ export function headersOf(http: RequestHeaders | undefined): HeaderBag {
     else if (typeof existing === "string") byName.set(name, [existing, value]);
     else existing.push(value);
   }
-  return Object.fromEntries(byName);
+  return new RecordHeaders(Object.fromEntries(byName));
 }
 
 /**
  * The one place a Check request's bytes become the view check() reads; both engines call it,
  * so a decoder is swapped in this single line.
  */
-export function decodeCheck(bytes: Uint8Array): CheckRequestView {
+export function decodeCheck(bytes: Uint8Array): DecodedCheckRequest {
   return decodeCheckRequest(bytes);
 }
 
@@ -194,18 +194,19 @@ export type CheckReply<T> = (target: T, answer: Uint8Array | null) => void;
 
 /** Check and health as both engines serve them: the engine only moves bytes and statuses. */
 export interface AuthzCore {
-  decodeCheck(bytes: Uint8Array): CheckRequestView;
+  decodeCheck(bytes: Uint8Array): DecodedCheckRequest;
   /** Decides one Check and hands the answer to `reply(target, …)`, at once or later. */
-  check<T>(request: CheckRequestView, target: T, reply: CheckReply<T>): void;
+  check<T>(request: DecodedCheckRequest, target: T, reply: CheckReply<T>): void;
   /** SERVING or NOT_SERVING for the services keygate reports on, null for any other (NOT_FOUND). */
   servingStatus(service: string): HealthCheckResponse_ServingStatus | null;
   readiness: Readiness;
 }
 
 /** The request id Check answers with: Envoy's, else the x-request-id header, else a new one. */
-function requestIdOf(request: CheckRequestView, headers: HeaderBag): string {
+function requestIdOf(request: DecodedCheckRequest, headers: HeaderBag): string {
   const http = request.attributes?.request?.http;
-  return http?.id || (typeof headers["x-request-id"] === "string" ? headers["x-request-id"] : "") || randomUUID();
+  const header = headers.get("x-request-id");
+  return http?.id || (typeof header === "string" ? header : "") || randomUUID();
 }
 
 /**
@@ -215,7 +216,7 @@ function requestIdOf(request: CheckRequestView, headers: HeaderBag): string {
 export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, framed: boolean): AuthzCore {
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
 
-  function fail(error: unknown, startedAt: number, request: CheckRequestView, headers: HeaderBag, trace: DecisionTrace | undefined): void {
+  function fail(error: unknown, startedAt: number, request: DecodedCheckRequest, headers: HeaderBag, trace: DecisionTrace | undefined): void {
     metrics.recordCheck("grpc", "UNAVAILABLE", startedAt, performance.now());
     // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
     // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
@@ -229,7 +230,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
 
   function answer<T>(
     d: Decision,
-    request: CheckRequestView,
+    request: DecodedCheckRequest,
     headers: HeaderBag,
     startedAt: number,
     target: T,
@@ -240,7 +241,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     let bytes: Uint8Array;
     try {
       // Only an allow needs the request's header names (to strip spoofed identity headers).
-      bytes = encodeCheckResponse(d, d.allow ? Object.keys(headers) : NO_NAMES, requestId, deps.nowMs(), framed);
+      bytes = encodeCheckResponse(d, d.allow ? headers.names() : NO_NAMES, requestId, deps.nowMs(), framed);
     } catch (error) {
       fail(error, startedAt, request, headers, trace);
       reply(target, null);
@@ -340,7 +341,7 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
     async start(host, port) {
       const server = new Server(grpcServerOptions(limits));
       server.addService(authorizationServerDefinition, {
-        Check(call: ServerUnaryCall<CheckRequestView, Uint8Array>, callback: sendUnaryData<Uint8Array>) {
+        Check(call: ServerUnaryCall<DecodedCheckRequest, Uint8Array>, callback: sendUnaryData<Uint8Array>) {
           core.check(call.request, callback, replyGrpcJs);
         },
       });

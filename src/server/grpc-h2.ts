@@ -6,7 +6,7 @@ import type { Logger } from "pino";
 import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus, HealthCheckResponseSchema } from "../gen/grpc/health/v1/health_pb.js";
 import { awaitOpening, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
-import type { CheckRequestView } from "../gen/keygate/authz/v1/check_view_pb.js";
+import type { DecodedCheckRequest } from "../authz/check-request.js";
 import type { AuthzCore, StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
@@ -504,7 +504,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     if (message === null) return finish(call, NO_MESSAGE_HEADERS);
     call.message = null;
     if (call.kind === Kind.Check) {
-      let request: CheckRequestView;
+      let request: DecodedCheckRequest;
       try {
         request = core.decodeCheck(message);
       } catch {

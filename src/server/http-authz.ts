@@ -3,7 +3,8 @@ import { createServer } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Logger } from "pino";
-import type { HeaderBag } from "../authz/credential.js";
+import { RecordHeaders } from "../authz/headers.js";
+import type { HeaderBag } from "../authz/headers.js";
 import type { HttpAuthzProxy } from "../config.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { renderDeniedEcho, toHttpAnswer, unavailableAnswer, withDenialHeaders } from "../authz/to-http.js";
@@ -50,10 +51,10 @@ function firstHeader(req: IncomingMessage, name: string): string | undefined {
  */
 export function headerBag(req: IncomingMessage, distinctNameCount: number): HeaderBag {
   // As many raw lines as distinct names means nothing repeats: the common path allocates nothing.
-  if (req.rawHeaders.length === distinctNameCount * 2) return req.headers;
+  if (req.rawHeaders.length === distinctNameCount * 2) return new RecordHeaders(req.headers);
   // Spread and fromEntries define own properties: a header named __proto__ stays a header.
   const repeated = Object.entries(req.headersDistinct).filter(([, values]) => values !== undefined && values.length > 1);
-  return { ...req.headers, ...Object.fromEntries(repeated) };
+  return new RecordHeaders({ ...req.headers, ...Object.fromEntries(repeated) });
 }
 
 function send(res: ServerResponse, answer: HttpAnswer): void {
@@ -98,7 +99,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const method = original.ok ? original.method : (req.method ?? "");
     const path = original.ok ? original.path : url;
     // The proxy's traceparent is read only when tracing is on; off, this is the one check.
-    const trace = tracer === undefined ? undefined : tracer.start("http", method, path, req.headers);
+    const trace = tracer === undefined ? undefined : tracer.start("http", method, path, new RecordHeaders(req.headers));
     const answer = (decision: Decision): void => {
       reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
       const reason = decision.allow ? "OK" : decision.reason;

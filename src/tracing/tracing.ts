@@ -2,7 +2,7 @@ import { ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/ap
 import type { Attributes, Context, Span, TextMapGetter, Tracer } from "@opentelemetry/api";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { ATTR_DB_SYSTEM_NAME, ATTR_HTTP_REQUEST_METHOD, ATTR_URL_PATH } from "@opentelemetry/semantic-conventions";
-import type { HeaderBag } from "../authz/credential.js";
+import type { HeaderBag } from "../authz/headers.js";
 import type { Decision } from "../authz/pipeline.js";
 import { DENIALS } from "../authz/reasons.js";
 
@@ -64,8 +64,11 @@ export class DecisionTrace {
 // Envoy and Node hand headers over with lower-case names; a repeated header is an array, and the
 // propagator reads its first value.
 const HEADER_GETTER: TextMapGetter<HeaderBag> = {
-  get: (carrier, key) => carrier[key],
-  keys: (carrier) => Object.keys(carrier),
+  get: (carrier, key) => {
+    const value = carrier.get(key);
+    return typeof value === "string" || value === undefined ? value : [...value];
+  },
+  keys: (carrier) => [...carrier.names()],
 };
 
 /** The request path without its query string, which may carry anything (even a credential). */

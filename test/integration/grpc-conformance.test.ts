@@ -39,8 +39,8 @@ class ControlledPipeline {
   decided = 0;
   decide(input: CheckInput): Decision | Promise<Decision> {
     this.decided += 1;
-    if (input.headers["x-test-throw"] === "1") throw new Error("store down");
-    if (input.headers["x-test-hold"] === "1") return new Promise<Decision>((resolve) => this.held.push(resolve));
+    if (input.headers.get("x-test-throw") === "1") throw new Error("store down");
+    if (input.headers.get("x-test-hold") === "1") return new Promise<Decision>((resolve) => this.held.push(resolve));
     return DENIAL;
   }
   release(): void {

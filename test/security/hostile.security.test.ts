@@ -21,6 +21,7 @@ import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
 import { ADMIN_TOKEN, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { newKeyRecord } from "../../src/store/store.js";
+import { RecordHeaders } from "../../src/authz/headers.js";
 
 const format = new KeyFormat("kg");
 const hasher = new KeyHasher("p".repeat(32));
@@ -159,7 +160,7 @@ describe("hostile input: the decision", () => {
         const before = lookups();
         let decision: Decision;
         try {
-          decision = await pipeline.decide({ method: "GET", path: `/${path}`, headers, contextExtensions: undefined });
+          decision = await pipeline.decide({ method: "GET", path: `/${path}`, headers: new RecordHeaders(headers), contextExtensions: undefined });
         } catch (error) {
           throw new Error(`decide threw: ${String(error)}`);
         }
@@ -189,7 +190,7 @@ describe("hostile input: the decision", () => {
       fc.asyncProperty(hostileHeaders, async (headers) => {
         fc.pre(carriedKey(headers) === null);
         const before = lookups();
-        const decision = await pipeline.decide({ method: "GET", path: "/", headers, contextExtensions: undefined });
+        const decision = await pipeline.decide({ method: "GET", path: "/", headers: new RecordHeaders(headers), contextExtensions: undefined });
         expect(decision.allow ? "ALLOW" : decision.reason).not.toBe("ALLOW");
         expect(lookups()).toBe(before);
       }),
@@ -201,7 +202,7 @@ describe("hostile input: the decision", () => {
     const { store, lookups } = spyStore();
     const pipeline = pipelineOver(store);
     const decide = async (headers: Record<string, string | string[]>): Promise<string> => {
-      const decision = await pipeline.decide({ method: "GET", path: "/", headers, contextExtensions: undefined });
+      const decision = await pipeline.decide({ method: "GET", path: "/", headers: new RecordHeaders(headers), contextExtensions: undefined });
       return decision.allow ? "ALLOW" : decision.reason;
     };
     expect(await decide({ authorization: `Bearer ${VALID}` })).toBe("ALLOW");
@@ -224,7 +225,7 @@ describe("hostile input: the decision", () => {
       for (const ch of alphabet) {
         if (VALID[i] === ch) continue;
         const mutated = VALID.slice(0, i) + ch + VALID.slice(i + 1);
-        const decision = await pipeline.decide({ method: "GET", path: "/", headers: { "x-api-key": mutated }, contextExtensions: undefined });
+        const decision = await pipeline.decide({ method: "GET", path: "/", headers: new RecordHeaders({ "x-api-key": mutated }), contextExtensions: undefined });
         expect(decision.allow ? "ALLOW" : decision.reason).toBe("MALFORMED_KEY");
       }
     }

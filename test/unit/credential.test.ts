@@ -1,5 +1,9 @@
 import { describe, expect, it } from "vitest";
-import { extractCredential } from "../../src/authz/credential.js";
+import { extractCredential as extractFrom } from "../../src/authz/credential.js";
+import { HeaderList, RecordHeaders } from "../../src/authz/headers.js";
+
+// Headers as the HTTP mode hands them over: an object of names, repeats as arrays.
+const extractCredential = (headers: Record<string, string | string[]>, names: readonly string[]) => extractFrom(new RecordHeaders(headers), names);
 
 const names = ["authorization", "x-api-key"];
 
@@ -33,5 +37,31 @@ describe("credential extraction", () => {
   it("reports a missing credential", () => {
     expect(extractCredential({}, names)).toEqual({ ok: false, reason: "MISSING_CREDENTIAL" });
     expect(extractCredential({ "x-api-key": "   " }, names)).toEqual({ ok: false, reason: "MISSING_CREDENTIAL" });
+  });
+});
+
+describe("header lists", () => {
+  it("keeps a name once with its last value, in first-seen order, scanned or indexed", () => {
+    for (const count of [3, 40]) {
+      const list = new HeaderList();
+      for (let i = 0; i < count; i++) list.set(`x-h${i}`, `v${i}`);
+      list.set("x-h1", "again");
+      list.set("authorization", "Bearer abc");
+      expect(list.size).toBe(count + 1);
+      expect(list.names()).toEqual([...Array.from({ length: count }, (_, i) => `x-h${i}`), "authorization"]);
+      expect(list.get("x-h1")).toBe("again");
+      expect(list.get("x-h0")).toBe("v0");
+      expect(list.get(`x-h${count - 1}`)).toBe(`v${count - 1}`);
+      expect(list.get("x-api-key")).toBeUndefined();
+      expect(list.get("constructor")).toBeUndefined();
+      expect(extractFrom(list, names)).toEqual({ ok: true, key: "abc", header: "authorization" });
+    }
+  });
+
+  it("reads only own names of a record", () => {
+    const headers = new RecordHeaders({ "x-api-key": "abc" });
+    expect(headers.get("constructor")).toBeUndefined();
+    expect(headers.get("toString")).toBeUndefined();
+    expect(headers.names()).toEqual(["x-api-key"]);
   });
 });

@@ -2,6 +2,7 @@ import { SpanStatusCode } from "@opentelemetry/api";
 import { AlwaysOnSampler, InMemorySpanExporter, SimpleSpanProcessor, TracerProvider } from "@opentelemetry/sdk-trace";
 import { describe, expect, it } from "vitest";
 import { DecisionTracer, STORE_LOOKUP_SPAN, backendAttributes, traceCall } from "../../src/tracing/tracing.js";
+import { RecordHeaders } from "../../src/authz/headers.js";
 
 function setup(): { tracer: DecisionTracer; exporter: InMemorySpanExporter } {
   const exporter = new InMemorySpanExporter();
@@ -12,7 +13,7 @@ function setup(): { tracer: DecisionTracer; exporter: InMemorySpanExporter } {
 describe("decision trace error", () => {
   it("a Check that could not be decided ends its span as an error, naming only the error's class", async () => {
     const { tracer, exporter } = setup();
-    const trace = tracer.start("grpc", "GET", "/v1/x?token=abc", { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" });
+    const trace = tracer.start("grpc", "GET", "/v1/x?token=abc", new RecordHeaders({ traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" }));
     trace.cacheTier = "store";
     const failing = Promise.reject(new TypeError("store said kg_live_secretsecretsecretsecretsecretse1234 is bad"));
     await expect(traceCall(trace, STORE_LOOKUP_SPAN, backendAttributes("mongodb", "find_snapshot"), () => failing)).rejects.toThrow(TypeError);
@@ -38,7 +39,7 @@ describe("decision trace error", () => {
 
   it("a call that throws at once still ends its span, and the error goes on", () => {
     const { tracer, exporter } = setup();
-    const trace = tracer.start("http", "GET", "/", {});
+    const trace = tracer.start("http", "GET", "/", new RecordHeaders({}));
     expect(() =>
       traceCall(trace, "keygate.redis.charge", backendAttributes("redis", "charge"), () => {
         throw new RangeError("x");
@@ -49,7 +50,7 @@ describe("decision trace error", () => {
 
   it("a malformed traceparent starts a new trace instead of failing the Check", () => {
     const { tracer, exporter } = setup();
-    const trace = tracer.start("grpc", "GET", "/", { traceparent: "00-zzzz-not-a-context" });
+    const trace = tracer.start("grpc", "GET", "/", new RecordHeaders({ traceparent: "00-zzzz-not-a-context" }));
     tracer.finish(trace, { allow: false, reason: "MISSING_CREDENTIAL", message: "m" });
     const [check] = exporter.getFinishedSpans();
     expect(check?.parentSpanContext).toBeUndefined();
