@@ -234,6 +234,7 @@ export function clearIdentitySlots(): void {
  */
 function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs: number, prefix: number): Uint8Array {
   const { snapshot } = decision;
+  const { key } = snapshot;
   const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
   // The limit headers are written from the numbers (limit-headers.ts) unless one of them is not
   // a plain count, which takes the general path through limitHeaders' strings.
@@ -243,22 +244,22 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   const { forwarded } = decision;
   const slot = identitySlot(snapshot);
   const kept = slot.snapshot === snapshot;
-  // Unless kept: the identity values and their UTF-8 sizes.
-  const values = kept ? NO_VALUES : identityValues(snapshot);
-  const valueBytes = kept ? NO_SIZES : new Array<number>(values.length);
-  for (let i = 0; i < values.length; i++) valueBytes[i] = utf8Length(values[i] as string);
-  const withProject = snapshot.key.projectId !== null;
+  // Unless kept: the key's own values (its project "" when it has none) and their UTF-8 sizes,
+  // and the encoded fields it shares with every key of its scopes, plan, role and mode.
+  const projectId = key.projectId ?? "";
+  const idBytes = kept ? 0 : utf8Length(key.id);
+  const ownerBytes = kept ? 0 : utf8Length(key.ownerId);
+  const projectBytes = kept ? 0 : utf8Length(projectId);
+  const shared = kept ? NO_SHARED : sharedIdentity(snapshot);
+  const withProject = key.projectId !== null;
   let okLength = 0;
   let structLength = 0;
   if (kept) {
     okLength = slot.headers.length;
     structLength = slot.metadata.length;
   } else {
-    for (let i = 0; i < values.length; i++) {
-      const bytes = valueBytes[i] as number;
-      if (i !== PROJECT_FIELD || withProject) okLength += fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, bytes)) + APPEND_ACTION.length);
-      structLength += fieldBytes(metadataEntryBytes(i, bytes));
-    }
+    okLength = identityHeaderBytes(ID_FIELD, idBytes) + identityHeaderBytes(OWNER_FIELD, ownerBytes) + (withProject ? identityHeaderBytes(PROJECT_FIELD, projectBytes) : 0) + shared.headers.length;
+    structLength = metadataFieldBytes(ID_FIELD, idBytes) + metadataFieldBytes(OWNER_FIELD, ownerBytes) + metadataFieldBytes(PROJECT_FIELD, projectBytes) + shared.metadata.length;
   }
   // UTF-8 sizes of each forwarded, then added, header's key, value and HeaderValue (three a header).
   const sizes = forwarded.length + add.length === 0 ? NO_SIZES : new Array<number>((forwarded.length + add.length) * 3);
@@ -275,7 +276,12 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
   if (kept) {
     out.set(slot.headers, at);
     at += slot.headers.length;
-  } else at = writeIdentityHeaders(out, at, values, valueBytes, withProject);
+  } else {
+    at = writeIdentityHeader(out, at, ID_FIELD, key.id, idBytes);
+    at = writeIdentityHeader(out, at, OWNER_FIELD, key.ownerId, ownerBytes);
+    if (withProject) at = writeIdentityHeader(out, at, PROJECT_FIELD, projectId, projectBytes);
+    at = copyBytes(out, at, shared.headers);
+  }
   const headersEnd = at;
   at = writeHeaders(out, at, IDENTITY_TAG, forwarded, sizes, 0);
   for (const name of remove) at = writeString(out, at, REMOVE_TAG, name, utf8Length(name));
@@ -288,53 +294,189 @@ function encodeAllow(decision: Allow, clientHeaderNames: Iterable<string>, nowMs
     return out;
   }
   const metadataAt = at;
-  at = writeMetadata(out, at, values, valueBytes);
+  at = writeMetadataEntry(out, at, ID_FIELD, key.id, idBytes);
+  at = writeMetadataEntry(out, at, OWNER_FIELD, key.ownerId, ownerBytes);
+  at = writeMetadataEntry(out, at, PROJECT_FIELD, projectId, projectBytes);
+  at = copyBytes(out, at, shared.metadata);
   if (++unkept % KEEP_EVERY === 0 && headersEnd - headersAt <= HEADERS_ROOM && at - metadataAt <= METADATA_ROOM) {
     slot.keep(snapshot, out, headersAt, headersEnd, metadataAt, at);
   }
   return out;
 }
 
-// Of the same element kinds as identityValues' and new Array<number>(n)'s arrays, so the code
-// reading them sees one kind of array either way. Always empty: nothing is written to them.
-const NO_VALUES: readonly string[] = [""].slice(1);
+// IDENTITY_FIELDS' indexes of the values each key has of its own: its id and owner (and project,
+// PROJECT_FIELD). The fields after them, from SHARED_FROM on, are the scopes, plan, role and mode,
+// which come from small configured sets; they are last in the headers and in the metadata alike
+// (METADATA_ORDER), so their encoding is one run of bytes in each, kept per combination.
+const ID_FIELD = 0;
+const OWNER_FIELD = 1;
+const SHARED_FROM = 3;
+if (PROJECT_FIELD !== SHARED_FROM - 1 || METADATA_ORDER.slice(0, SHARED_FROM).some((field, m) => field !== m)) {
+  throw new Error("to-envoy: the key's own identity fields must come first in the headers and the metadata");
+}
+
+/** The encoded identity fields from SHARED_FROM on: ok_response header fields, and Struct entries. */
+interface SharedIdentity {
+  readonly headers: Uint8Array;
+  readonly metadata: Uint8Array;
+}
+const NO_SHARED: SharedIdentity = { headers: new Uint8Array(0), metadata: new Uint8Array(0) };
+
+/**
+ * A slot of the table of shared identity fields: the combination it holds (scopes, plan, role,
+ * mode) and their encoding, in room of its own made once. A combination too long for the room (a
+ * long list of scopes) is encoded for its answer alone.
+ */
+class SharedSlot implements SharedIdentity {
+  scopes: readonly string[] = [];
+  plan = "";
+  role = "";
+  mode = "";
+  filled = false;
+  readonly #headersRoom: Buffer;
+  readonly #metadataRoom: Buffer;
+  headers: Buffer;
+  metadata: Buffer;
+
+  constructor(arena: Buffer, at: number) {
+    this.#headersRoom = arena.subarray(at, at + SHARED_HEADERS_ROOM);
+    this.#metadataRoom = arena.subarray(at + SHARED_HEADERS_ROOM, at + SHARED_SLOT_BYTES);
+    this.headers = this.#headersRoom.subarray(0, 0);
+    this.metadata = this.#metadataRoom.subarray(0, 0);
+  }
+
+  holds(key: CheckSnapshot["key"], account: CheckSnapshot["account"]): boolean {
+    return this.filled && this.plan === account.plan && this.role === account.role && this.mode === key.mode && sameList(this.scopes, key.scopes);
+  }
+
+  /** Holds the combination of `values` (IDENTITY_FIELDS' order, from SHARED_FROM on) when it fits; false when not. */
+  fill(key: CheckSnapshot["key"], account: CheckSnapshot["account"], values: readonly string[]): boolean {
+    this.filled = false;
+    const sizes = sharedSizes(values);
+    if (sizes.headers > SHARED_HEADERS_ROOM || sizes.metadata > SHARED_METADATA_ROOM) return false;
+    this.headers = this.#headersRoom.subarray(0, writeSharedHeaders(this.#headersRoom, values));
+    this.metadata = this.#metadataRoom.subarray(0, writeSharedMetadata(this.#metadataRoom, values));
+    this.scopes = key.scopes;
+    this.plan = account.plan;
+    this.role = account.role;
+    this.mode = key.mode;
+    this.filled = true;
+    return true;
+  }
+}
+const SHARED_SLOTS = 64;
+const SHARED_HEADERS_ROOM = 256;
+const SHARED_METADATA_ROOM = 256;
+const SHARED_SLOT_BYTES = SHARED_HEADERS_ROOM + SHARED_METADATA_ROOM;
+const sharedSlots: SharedSlot[] = (() => {
+  const arena = Buffer.allocUnsafeSlow(SHARED_SLOTS * SHARED_SLOT_BYTES);
+  return Array.from({ length: SHARED_SLOTS }, (_, i) => new SharedSlot(arena, i * SHARED_SLOT_BYTES));
+})();
+
+function sameList(a: readonly string[], b: readonly string[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+/** A few of a text's characters and its length, for picking a slot. */
+function textHash(text: string): number {
+  const n = text.length;
+  return n === 0 ? 0 : n * 31 + text.charCodeAt(0) * 7 + text.charCodeAt(n - 1);
+}
+
+/**
+ * The encoded scopes, plan, role and mode of a key: from their slot of the table when it holds
+ * them (a few comparisons, of shared copies as L1 keeps them), else encoded into it.
+ */
+function sharedIdentity(snapshot: CheckSnapshot): SharedIdentity {
+  const { key, account } = snapshot;
+  const { scopes } = key;
+  const last = scopes.length - 1;
+  const hash = ((textHash(account.plan) * 31 + textHash(account.role)) * 31 + textHash(key.mode)) * 31 + scopes.length * 17 + (last < 0 ? 0 : textHash(scopes[0] as string) + textHash(scopes[last] as string));
+  const slot = sharedSlots[hash & (SHARED_SLOTS - 1)] as SharedSlot;
+  if (slot.holds(key, account)) return slot;
+  const values = identityValues(snapshot).slice(SHARED_FROM);
+  if (slot.fill(key, account, values)) return slot;
+  const sizes = sharedSizes(values);
+  const headers = Buffer.allocUnsafe(sizes.headers);
+  const metadata = Buffer.allocUnsafe(sizes.metadata);
+  writeSharedHeaders(headers, values);
+  writeSharedMetadata(metadata, values);
+  return { headers, metadata };
+}
+
+/** Bytes of the shared fields' encodings; `values` from SHARED_FROM on. */
+function sharedSizes(values: readonly string[]): { headers: number; metadata: number } {
+  let headers = 0;
+  let metadata = 0;
+  for (let i = SHARED_FROM; i < IDENTITY_FIELDS.length; i++) {
+    const bytes = utf8Length(values[i - SHARED_FROM] as string);
+    headers += identityHeaderBytes(i, bytes);
+    metadata += metadataFieldBytes(i, bytes);
+  }
+  return { headers, metadata };
+}
+
+/** The shared fields as ok_response headers into `out` from 0, in IDENTITY_FIELDS' order; returns their bytes. */
+function writeSharedHeaders(out: Buffer, values: readonly string[]): number {
+  let at = 0;
+  for (let i = SHARED_FROM; i < IDENTITY_FIELDS.length; i++) {
+    const value = values[i - SHARED_FROM] as string;
+    at = writeIdentityHeader(out, at, i, value, utf8Length(value));
+  }
+  return at;
+}
+
+/** The shared fields as Struct entries into `out` from 0, in METADATA_ORDER; returns their bytes. */
+function writeSharedMetadata(out: Buffer, values: readonly string[]): number {
+  let at = 0;
+  for (let m = SHARED_FROM; m < METADATA_ORDER.length; m++) {
+    const i = METADATA_ORDER[m] as number;
+    const value = values[i - SHARED_FROM] as string;
+    at = writeMetadataEntry(out, at, i, value, utf8Length(value));
+  }
+  return at;
+}
+
 const NO_SIZES: number[] = new Array<number>(0);
 
-/** The identity headers (ok_response's first fields) from the values; returns the position after them. */
-function writeIdentityHeaders(out: Buffer, at: number, values: readonly string[], valueBytes: readonly number[], withProject: boolean): number {
+/** Bytes of identity field `i`'s header (a HeaderValueOption field) with a value of `valueBytes`. */
+function identityHeaderBytes(i: number, valueBytes: number): number {
+  return fieldBytes(fieldBytes(headerValueBytes(IDENTITY_HEADERS[i] as Buffer, valueBytes)) + APPEND_ACTION.length);
+}
+
+/** Bytes of identity field `i`'s metadata entry (a Struct fields entry) with a value of `valueBytes`. */
+function metadataFieldBytes(i: number, valueBytes: number): number {
+  return fieldBytes(metadataEntryBytes(i, valueBytes));
+}
+
+/** Identity field `i`'s header, an ok_response headers field; returns the position after it. */
+function writeIdentityHeader(out: Buffer, at: number, i: number, value: string, bytes: number): number {
+  const name = IDENTITY_HEADERS[i] as Buffer;
+  const headerBytes = headerValueBytes(name, bytes);
   let pos = at;
-  for (let i = 0; i < values.length; i++) {
-    if (i === PROJECT_FIELD && !withProject) continue;
-    const name = IDENTITY_HEADERS[i] as Buffer;
-    const bytes = valueBytes[i] as number;
-    const headerBytes = headerValueBytes(name, bytes);
-    out[pos++] = IDENTITY_TAG;
-    pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
-    out[pos++] = HEADER_TAG;
-    pos = writeVarint(out, pos, headerBytes);
-    pos = copyBytes(out, pos, name);
-    if (bytes !== 0) pos = writeString(out, pos, VALUE_TAG, values[i] as string, bytes);
-    out[pos++] = APPEND_ACTION[0];
-    out[pos++] = APPEND_ACTION[1];
-  }
+  out[pos++] = IDENTITY_TAG;
+  pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
+  out[pos++] = HEADER_TAG;
+  pos = writeVarint(out, pos, headerBytes);
+  pos = copyBytes(out, pos, name);
+  if (bytes !== 0) pos = writeString(out, pos, VALUE_TAG, value, bytes);
+  out[pos++] = APPEND_ACTION[0];
+  out[pos++] = APPEND_ACTION[1];
   return pos;
 }
 
-/** The identity metadata's Struct entries from the values; returns the position after them. */
-function writeMetadata(out: Buffer, at: number, values: readonly string[], valueBytes: readonly number[]): number {
+/** Identity field `i`'s metadata entry (a string_value, written even when empty); returns the position after it. */
+function writeMetadataEntry(out: Buffer, at: number, i: number, value: string, bytes: number): number {
   let pos = at;
-  for (let m = 0; m < METADATA_ORDER.length; m++) {
-    const i = METADATA_ORDER[m] as number;
-    const bytes = valueBytes[i] as number;
-    const name = METADATA_NAMES[i] as Buffer;
-    out[pos++] = STRUCT_ENTRY_TAG;
-    pos = writeVarint(out, pos, metadataEntryBytes(i, bytes));
-    pos = copyBytes(out, pos, name);
-    out[pos++] = ENTRY_VALUE_TAG;
-    pos = writeVarint(out, pos, fieldBytes(bytes));
-    pos = writeString(out, pos, STRING_VALUE_TAG, values[i] as string, bytes);
-  }
-  return pos;
+  out[pos++] = STRUCT_ENTRY_TAG;
+  pos = writeVarint(out, pos, metadataEntryBytes(i, bytes));
+  pos = copyBytes(out, pos, METADATA_NAMES[i] as Buffer);
+  out[pos++] = ENTRY_VALUE_TAG;
+  pos = writeVarint(out, pos, fieldBytes(bytes));
+  return writeString(out, pos, STRING_VALUE_TAG, value, bytes);
 }
 
 /**
