@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { extractCredential as extractFrom } from "../../src/authz/credential.js";
+import fc from "fast-check";
+import { bearerKey, extractCredential as extractFrom } from "../../src/authz/credential.js";
 import { HeaderList, RecordHeaders } from "../../src/authz/headers.js";
 
 // Headers as the HTTP mode hands them over: an object of names, repeats as arrays.
@@ -63,5 +64,46 @@ describe("header lists", () => {
     expect(headers.get("constructor")).toBeUndefined();
     expect(headers.get("toString")).toBeUndefined();
     expect(headers.names()).toEqual(["x-api-key"]);
+  });
+});
+
+describe("reading a Bearer value", () => {
+  // The reference: the regular expressions extractCredential used before bearerKey.
+  const BEARER = /^bearer[ \t]+([^ \t]+)[ \t]*$/i;
+  const reference = (value: string): string | "broken" | "other" => {
+    const match = BEARER.exec(value);
+    if (match !== null) return match[1] ?? "";
+    return /^bearer\b/i.test(value) ? "broken" : "other";
+  };
+  const read = (value: string): string | "broken" | "other" => {
+    const key = bearerKey(value);
+    return key === 0 ? "broken" : key === 1 ? "other" : key;
+  };
+
+  it("answers as the regular expressions do, for values built from the scheme's pieces and any text", () => {
+    const piece = fc.oneof(
+      fc.constantFrom("bearer", "Bearer", "BEARER", "bEaReR", "bearer_", "bearerx", "basic", "b", "bear", " ", "\t", "  \t", "\n", "\u00a0", ":", "=", "kg_live_abc", "a b", "ſ", "\u212a", "\u0130"),
+      fc.string({ maxLength: 6 }),
+      fc.string({ unit: "binary", maxLength: 4 }),
+    );
+    fc.assert(
+      fc.property(fc.array(piece, { maxLength: 6 }), (pieces) => {
+        const value = pieces.join("");
+        expect(read(value)).toBe(reference(value));
+      }),
+      { numRuns: 20_000 },
+    );
+  });
+
+  it("reads the usual shapes", () => {
+    expect(read("Bearer abc")).toBe("abc");
+    expect(read("bearer \t abc\t ")).toBe("abc");
+    expect(read("Bearer")).toBe("broken");
+    expect(read("Bearer ")).toBe("broken");
+    expect(read("Bearer a b")).toBe("broken");
+    expect(read("Bearer:abc")).toBe("broken");
+    expect(read("Bearerabc")).toBe("other");
+    expect(read("Basic dXNlcjpwYXNz")).toBe("other");
+    expect(read("")).toBe("other");
   });
 });
