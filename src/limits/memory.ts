@@ -95,7 +95,8 @@ export class MemoryMeter implements Meter {
   /** Runs `fn` once the account's quota count and balance are loaded. */
   #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
-    const quotaKey = `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}`;
+    // Only a daily quota is counted under this key: without one, no key is built.
+    const quotaKey = input.dailyQuota === null ? "" : `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}`;
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
@@ -107,7 +108,7 @@ export class MemoryMeter implements Meter {
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
     const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
-    const used = this.#quota.get(quotaKey)?.count ?? 0;
+    const used = input.dailyQuota === null ? 0 : (this.#quota.get(quotaKey)?.count ?? 0);
     const period = this.#calendar.month(nowMs);
     const cell = this.#credits.get(input.ownerId);
     const current = cell === undefined ? undefined : applyCreditDelta(cell, period, 0, 0);
@@ -136,7 +137,8 @@ export class MemoryMeter implements Meter {
   #seed(input: ChargeInput, day: string, quotaKey: string, quota: boolean, credits: boolean): Promise<void> {
     const { ownerId, nowMs } = input;
     const counted = allowedOutcome(input.meter, input.quota);
-    const id = `${quotaKey}|${quota}|${credits}`;
+    // The account and day whatever the quota: a seeding of credits alone is the account's too.
+    const id = `${ownerId}|${day}|${input.meter}|${input.quota ?? ""}|${quota}|${credits}`;
     let pending = this.#seeding.get(id);
     if (pending === undefined) {
       pending = (async () => {
