@@ -131,22 +131,27 @@ function latin1(from: number, to: number): string {
  */
 function readString(reader: BinaryReader): string {
   const at = reader.pos;
-  const from = at + 1;
-  const length = decoding[at] ?? 0x80;
-  // A one-byte length (under 128) covers header names and most values; longer ones go the general way.
-  if (length < 0x80) {
-    const to = from + length;
-    if (to <= decoding.length) {
-      let i = from;
-      while (i < to && (decoding[i] ?? 0x80) < 0x80) i++;
-      if (i === to) {
-        reader.pos = to;
-        if (decodingWhole === undefined) decodingWhole = decoding.length <= WHOLE_TEXT_BYTES ? latin1(0, decoding.length) : null;
-        return decodingWhole === null ? latin1(from, to) : decodingWhole.substring(from, to);
-      }
-    }
+  const to = shortAsciiEnd(at);
+  if (to !== -1) {
+    reader.pos = to;
+    if (decodingWhole === undefined) decodingWhole = decoding.length <= WHOLE_TEXT_BYTES ? latin1(0, decoding.length) : null;
+    return decodingWhole === null ? latin1(at + 1, to) : decodingWhole.substring(at + 1, to);
   }
   return reader.string(STRICT_UTF8);
+}
+
+/**
+ * Where the string field's value at `at` (its length byte) ends, when the length fits one byte
+ * (under 128: header names and most values) and the value is ASCII within the message; -1 for
+ * any other, which goes the general way.
+ */
+function shortAsciiEnd(at: number): number {
+  const length = decoding[at] ?? 0x80;
+  if (length >= 0x80) return -1;
+  const to = at + 1 + length;
+  if (to > decoding.length) return -1;
+  for (let i = at + 1; i < to; i++) if ((decoding[i] ?? 0x80) >= 0x80) return -1;
+  return to;
 }
 
 /**
@@ -343,30 +348,17 @@ function canonicalName(name: string): string {
   return canonical;
 }
 
-/**
- * One map<string, string> entry into `record`: a missing key or value is "", a repeated one
- * counts its last occurrence, and a key seen before is overwritten. `depth` is the depth of the
- * message holding the map.
- */
-function readStringMapEntry(reader: BinaryReader, record: { [key: string]: string }, depth: number): void {
-  let key = "";
-  let value = "";
-  const end = readUint32(reader) + reader.pos;
-  while (reader.pos < end) {
-    const tag = readTag(reader);
-    const fieldNo = tag >>> 3;
-    const wireType: WireType = tag & 7;
-    if (fieldNo === MapEntryField.key) key = readName(reader);
-    else if (fieldNo === MapEntryField.value) value = readString(reader);
-    else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - depth);
-  }
-  // A header named __proto__ is an own property like any other, never the record's prototype.
-  if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
-  else record[key] = value;
-}
+// The entry readMapEntry read last: its key, and its value (or, read with `lazy`, readValueAt's
+// position of it). Decoding is synchronous, so one pair serves every map.
+let entryKey = "";
+let entryValue: string | number = "";
 
-/** One entry of the HTTP request's headers map into `headers`, read as readStringMapEntry reads one. */
-function readHeaderEntry(reader: BinaryReader, headers: HeaderList, depth: number): void {
+/**
+ * One map<string, string> entry into entryKey and entryValue: a missing key or value is "", and
+ * a repeated one counts its last occurrence. `depth` is the depth of the message holding the
+ * map; with `lazy`, the value is read by readValueAt.
+ */
+function readMapEntry(reader: BinaryReader, depth: number, lazy: boolean): void {
   let key = "";
   let value: string | number = "";
   const end = readUint32(reader) + reader.pos;
@@ -375,11 +367,28 @@ function readHeaderEntry(reader: BinaryReader, headers: HeaderList, depth: numbe
     const fieldNo = tag >>> 3;
     const wireType: WireType = tag & 7;
     if (fieldNo === MapEntryField.key) key = readName(reader);
-    else if (fieldNo === MapEntryField.value) value = readValueAt(reader);
+    else if (fieldNo === MapEntryField.value) value = lazy ? readValueAt(reader) : readString(reader);
     else skipField(reader, wireType, fieldNo, RECURSION_LIMIT - depth);
   }
-  if (typeof value === "number") headers.setAt(key, decodingWhole as string, value);
-  else headers.set(key, value);
+  entryKey = key;
+  entryValue = value;
+}
+
+/** One map<string, string> entry into `record`, a key seen before overwritten. */
+function readStringMapEntry(reader: BinaryReader, record: { [key: string]: string }, depth: number): void {
+  readMapEntry(reader, depth, false);
+  const key = entryKey;
+  const value = entryValue as string;
+  // A header named __proto__ is an own property like any other, never the record's prototype.
+  if (key === "__proto__") Object.defineProperty(record, key, { value, writable: true, enumerable: true, configurable: true });
+  else record[key] = value;
+}
+
+/** One entry of the HTTP request's headers map into `headers`. */
+function readHeaderEntry(reader: BinaryReader, headers: HeaderList, depth: number): void {
+  readMapEntry(reader, depth, true);
+  if (typeof entryValue === "number") headers.setAt(entryKey, decodingWhole as string, entryValue);
+  else headers.set(entryKey, entryValue);
 }
 
 /**
@@ -389,21 +398,11 @@ function readHeaderEntry(reader: BinaryReader, headers: HeaderList, depth: numbe
  */
 function readValueAt(reader: BinaryReader): string | number {
   const at = reader.pos;
-  const from = at + 1;
-  const length = decoding[at] ?? 0x80;
-  if (length < 0x80 && decoding.length <= WHOLE_TEXT_BYTES) {
-    const to = from + length;
-    if (to <= decoding.length) {
-      let i = from;
-      while (i < to && (decoding[i] ?? 0x80) < 0x80) i++;
-      if (i === to) {
-        reader.pos = to;
-        decodingWhole ??= latin1(0, decoding.length);
-        return at;
-      }
-    }
-  }
-  return readString(reader);
+  const to = decoding.length <= WHOLE_TEXT_BYTES ? shortAsciiEnd(at) : -1;
+  if (to === -1) return readString(reader);
+  reader.pos = to;
+  decodingWhole ??= latin1(0, decoding.length);
+  return at;
 }
 
 // The names read most recently, by a hash of their bytes: a name found here is returned without

@@ -156,6 +156,38 @@ const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameFie
 
 
 /**
+ * Room for an identity's two runs of encoded bytes, ok_response header fields and Struct
+ * entries, cut from an arena made once and left uninitialized: only the rooms used take memory,
+ * and filling one allocates nothing (small buffers of their own would pin Node's 8 KiB pool
+ * slabs). `headers` and `metadata` are the parts filled; nothing past them is read.
+ */
+class EncodedRooms {
+  readonly headersRoom: Buffer;
+  readonly metadataRoom: Buffer;
+  headers: Buffer;
+  metadata: Buffer;
+
+  constructor(arena: Buffer, at: number, headersRoom: number, metadataRoom: number) {
+    this.headersRoom = arena.subarray(at, at + headersRoom);
+    this.metadataRoom = arena.subarray(at + headersRoom, at + headersRoom + metadataRoom);
+    this.headers = this.headersRoom.subarray(0, 0);
+    this.metadata = this.metadataRoom.subarray(0, 0);
+  }
+
+  /** The rooms' first `headersBytes` and `metadataBytes` are the filled parts. */
+  fill(headersBytes: number, metadataBytes: number): void {
+    this.headers = this.headersRoom.subarray(0, headersBytes);
+    this.metadata = this.metadataRoom.subarray(0, metadataBytes);
+  }
+}
+
+/** `count` slots made by `make`, each with rooms of `bytes` in one arena. */
+function slotTable<T>(count: number, bytes: number, make: (arena: Buffer, at: number) => T): T[] {
+  const arena = Buffer.allocUnsafeSlow(count * bytes);
+  return Array.from({ length: count }, (_, i) => make(arena, i * bytes));
+}
+
+/**
  * The encoded identity of keys that keep coming: each one's identity headers (the start of
  * ok_response) and metadata entries (the Struct's fields), kept per snapshot in a small
  * direct-mapped table. Every KEEP_EVERY-th answer not served from the table keeps its key's
@@ -165,49 +197,32 @@ const METADATA_NAMES: readonly Buffer[] = IDENTITY_FIELDS.map((field) => nameFie
  * back as a new snapshot, which its slot does not match. The table is bounded (IDENTITY_SLOTS
  * slots of SLOT_BYTES, in one buffer), so the memory per cached key stays that of L1.
  */
-class IdentitySlot {
+class IdentitySlot extends EncodedRooms {
   /** The snapshot whose identity the slot holds, or null. */
   snapshot: CheckSnapshot | null = null;
-  /** The slot's room for the identity headers, and the part of it they fill. */
-  readonly headersRoom: Buffer;
-  headers: Buffer;
-  /** The slot's room for the metadata entries, and the part of it they fill. */
-  readonly metadataRoom: Buffer;
-  metadata: Buffer;
 
   constructor(arena: Buffer, at: number) {
-    this.headersRoom = arena.subarray(at, at + HEADERS_ROOM);
-    this.metadataRoom = arena.subarray(at + HEADERS_ROOM, at + SLOT_BYTES);
-    this.headers = this.headersRoom.subarray(0, 0);
-    this.metadata = this.metadataRoom.subarray(0, 0);
+    super(arena, at, HEADERS_ROOM, METADATA_ROOM);
   }
 
   /** Holds the identity of `snapshot`, copied from an answer's bytes. */
   keep(snapshot: CheckSnapshot, answer: Buffer, headersAt: number, headersEnd: number, metadataAt: number, metadataEnd: number): void {
     this.snapshot = snapshot;
-    this.headers = this.headersRoom.subarray(0, answer.copy(this.headersRoom, 0, headersAt, headersEnd));
-    this.metadata = this.metadataRoom.subarray(0, answer.copy(this.metadataRoom, 0, metadataAt, metadataEnd));
+    this.fill(answer.copy(this.headersRoom, 0, headersAt, headersEnd), answer.copy(this.metadataRoom, 0, metadataAt, metadataEnd));
   }
 
   clear(): void {
     this.snapshot = null;
-    this.headers = this.headersRoom.subarray(0, 0);
-    this.metadata = this.metadataRoom.subarray(0, 0);
+    this.fill(0, 0);
   }
 }
 const IDENTITY_SLOTS = 1024;
 const KEEP_EVERY = 16;
-// Room a slot has for a key's identity: one buffer for the table, made once, so keeping an
-// identity allocates no memory of its own (small buffers would pin Node's 8 KiB pool slabs), and
-// left uninitialized, so only the slots used take memory. A slot's bytes are read only up to what
-// was copied in. An identity too long for it (a long list of scopes, say) is never kept.
+// Room a slot has for a key's identity. An identity too long for it (a long list of scopes, say)
+// is never kept.
 const HEADERS_ROOM = 512;
 const METADATA_ROOM = 384;
-const SLOT_BYTES = HEADERS_ROOM + METADATA_ROOM;
-const identitySlots: IdentitySlot[] = (() => {
-  const arena = Buffer.allocUnsafeSlow(IDENTITY_SLOTS * SLOT_BYTES);
-  return Array.from({ length: IDENTITY_SLOTS }, (_, i) => new IdentitySlot(arena, i * SLOT_BYTES));
-})();
+const identitySlots = slotTable(IDENTITY_SLOTS, HEADERS_ROOM + METADATA_ROOM, (arena, at) => new IdentitySlot(arena, at));
 /** Answers not served from the table, counted to pick every KEEP_EVERY-th. */
 let unkept = 0;
 
@@ -324,54 +339,42 @@ const NO_SHARED: SharedIdentity = { headers: new Uint8Array(0), metadata: new Ui
 
 /**
  * A slot of the table of shared identity fields: the combination it holds (scopes, plan, role,
- * mode) and their encoding, in room of its own made once. A combination too long for the room (a
- * long list of scopes) is encoded for its answer alone.
+ * mode) and their encoding. A combination too long for the rooms (a long list of scopes) is
+ * encoded for its answer alone.
  */
-class SharedSlot implements SharedIdentity {
+class SharedSlot extends EncodedRooms implements SharedIdentity {
   scopes: readonly string[] = [];
   plan = "";
   role = "";
   mode = "";
-  filled = false;
-  readonly #headersRoom: Buffer;
-  readonly #metadataRoom: Buffer;
-  headers: Buffer;
-  metadata: Buffer;
+  inUse = false;
 
   constructor(arena: Buffer, at: number) {
-    this.#headersRoom = arena.subarray(at, at + SHARED_HEADERS_ROOM);
-    this.#metadataRoom = arena.subarray(at + SHARED_HEADERS_ROOM, at + SHARED_SLOT_BYTES);
-    this.headers = this.#headersRoom.subarray(0, 0);
-    this.metadata = this.#metadataRoom.subarray(0, 0);
+    super(arena, at, SHARED_HEADERS_ROOM, SHARED_METADATA_ROOM);
   }
 
   holds(key: CheckSnapshot["key"], account: CheckSnapshot["account"]): boolean {
-    return this.filled && this.plan === account.plan && this.role === account.role && this.mode === key.mode && sameList(this.scopes, key.scopes);
+    return this.inUse && this.plan === account.plan && this.role === account.role && this.mode === key.mode && sameList(this.scopes, key.scopes);
   }
 
   /** Holds the combination of `values` (IDENTITY_FIELDS' order, from SHARED_FROM on) when it fits; false when not. */
-  fill(key: CheckSnapshot["key"], account: CheckSnapshot["account"], values: readonly string[]): boolean {
-    this.filled = false;
+  hold(key: CheckSnapshot["key"], account: CheckSnapshot["account"], values: readonly string[]): boolean {
+    this.inUse = false;
     const sizes = sharedSizes(values);
     if (sizes.headers > SHARED_HEADERS_ROOM || sizes.metadata > SHARED_METADATA_ROOM) return false;
-    this.headers = this.#headersRoom.subarray(0, writeSharedHeaders(this.#headersRoom, values));
-    this.metadata = this.#metadataRoom.subarray(0, writeSharedMetadata(this.#metadataRoom, values));
+    this.fill(writeSharedHeaders(this.headersRoom, values), writeSharedMetadata(this.metadataRoom, values));
     this.scopes = key.scopes;
     this.plan = account.plan;
     this.role = account.role;
     this.mode = key.mode;
-    this.filled = true;
+    this.inUse = true;
     return true;
   }
 }
 const SHARED_SLOTS = 64;
 const SHARED_HEADERS_ROOM = 256;
 const SHARED_METADATA_ROOM = 256;
-const SHARED_SLOT_BYTES = SHARED_HEADERS_ROOM + SHARED_METADATA_ROOM;
-const sharedSlots: SharedSlot[] = (() => {
-  const arena = Buffer.allocUnsafeSlow(SHARED_SLOTS * SHARED_SLOT_BYTES);
-  return Array.from({ length: SHARED_SLOTS }, (_, i) => new SharedSlot(arena, i * SHARED_SLOT_BYTES));
-})();
+const sharedSlots = slotTable(SHARED_SLOTS, SHARED_HEADERS_ROOM + SHARED_METADATA_ROOM, (arena, at) => new SharedSlot(arena, at));
 
 function sameList(a: readonly string[], b: readonly string[]): boolean {
   if (a === b) return true;
@@ -398,7 +401,7 @@ function sharedIdentity(snapshot: CheckSnapshot): SharedIdentity {
   const slot = sharedSlots[hash & (SHARED_SLOTS - 1)] as SharedSlot;
   if (slot.holds(key, account)) return slot;
   const values = identityValues(snapshot).slice(SHARED_FROM);
-  if (slot.fill(key, account, values)) return slot;
+  if (slot.hold(key, account, values)) return slot;
   const sizes = sharedSizes(values);
   const headers = Buffer.allocUnsafe(sizes.headers);
   const metadata = Buffer.allocUnsafe(sizes.metadata);
