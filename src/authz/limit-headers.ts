@@ -1,6 +1,6 @@
 import type { ChargeResult } from "../limits/limits.js";
 import { policyName, quotaLabel, quotaResetSeconds } from "./rate-headers.js";
-import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, writeVarint } from "./wire.js";
+import { ADD_TAG, APPEND_ACTION, KEY_TAG, fieldBytes, nameField, writeAppendAction, writeOptionHead } from "./wire.js";
 
 // An allow's limit headers (rate-headers.ts's limitHeaders) written straight into the answer from
 // the numbers: building their strings first, then measuring and copying them, was about half of
@@ -78,23 +78,9 @@ export function sizeLimitHeaders(limits: ChargeResult, nowMs: number): number {
   return total;
 }
 
-/** Everything of a header's field up to its value's bytes; returns where the value goes. */
+/** Everything of a response_headers_to_add field up to its value's bytes (never empty); returns where the value goes. */
 function writeHead(out: Buffer, at: number, name: Buffer, valueBytes: number): number {
-  const headerBytes = name.length + fieldBytes(valueBytes);
-  let pos = at;
-  out[pos++] = ADD_TAG;
-  pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
-  out[pos++] = HEADER_TAG;
-  pos = writeVarint(out, pos, headerBytes);
-  pos = copyBytes(out, pos, name);
-  out[pos++] = VALUE_TAG;
-  return writeVarint(out, pos, valueBytes);
-}
-
-function writeTail(out: Buffer, at: number): number {
-  out[at] = APPEND_ACTION[0];
-  out[at + 1] = APPEND_ACTION[1];
-  return at + 2;
+  return writeOptionHead(out, at, ADD_TAG, name, valueBytes);
 }
 
 function writeCount(out: Buffer, at: number, n: number): number {
@@ -113,7 +99,7 @@ function writeAscii(out: Buffer, at: number, text: string): number {
 }
 
 function writeNumberHeader(out: Buffer, at: number, name: Buffer, n: number): number {
-  return writeTail(out, writeCount(out, writeHead(out, at, name, digits(n)), n));
+  return writeAppendAction(out, writeCount(out, writeHead(out, at, name, digits(n)), n));
 }
 
 /** `"name";<sep>a;<sep2>b`: one entry of the RateLimit-Policy or RateLimit value. */
@@ -136,10 +122,10 @@ export function writeLimitHeaders(out: Buffer, at: number, limits: ChargeResult,
   pos = writeHead(out, pos, POLICY, policyBytes(limits));
   pos = writeEntry(out, pos, name, Q, rate.limit, W, rate.windowSeconds);
   if (quota !== null) pos = writeEntry(out, writeAscii(out, pos, NEXT), quotaLabel(quota.name), Q, quota.limit, DAY, null);
-  pos = writeTail(out, pos);
+  pos = writeAppendAction(out, pos);
   pos = writeHead(out, pos, STATE, stateBytes(limits, nowMs));
   pos = writeEntry(out, pos, name, R, rate.remaining, T, rate.resetSeconds);
   if (quota !== null) pos = writeEntry(out, writeAscii(out, pos, NEXT), quotaLabel(quota.name), R, quota.remaining, T, quotaResetSeconds(quota.resetAtMs, nowMs));
-  pos = writeTail(out, pos);
+  pos = writeAppendAction(out, pos);
   return credits === null ? pos : writeNumberHeader(out, pos, CREDITS, credits.balance);
 }

@@ -16,7 +16,7 @@ import type { CheckSnapshot } from "../store/store.js";
 import { IDENTITY_FIELDS, PROJECT_FIELD, grantedHeaderNames, headersToRemove, identityHeaders, identityValues } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import { directLimits, sizeLimitHeaders, writeLimitHeaders } from "./limit-headers.js";
-import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, utf8Length, writeString, writeVarint } from "./wire.js";
+import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, utf8Length, writeAppendAction, writeOptionHead, writeString, writeText, writeVarint } from "./wire.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
 import { DENIALS, errorBody } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
@@ -457,18 +457,8 @@ function metadataFieldBytes(i: number, valueBytes: number): number {
 
 /** Identity field `i`'s header, an ok_response headers field; returns the position after it. */
 function writeIdentityHeader(out: Buffer, at: number, i: number, value: string, bytes: number): number {
-  const name = IDENTITY_HEADERS[i] as Buffer;
-  const headerBytes = headerValueBytes(name, bytes);
-  let pos = at;
-  out[pos++] = IDENTITY_TAG;
-  pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
-  out[pos++] = HEADER_TAG;
-  pos = writeVarint(out, pos, headerBytes);
-  pos = copyBytes(out, pos, name);
-  if (bytes !== 0) pos = writeString(out, pos, VALUE_TAG, value, bytes);
-  out[pos++] = APPEND_ACTION[0];
-  out[pos++] = APPEND_ACTION[1];
-  return pos;
+  const pos = writeOptionHead(out, at, IDENTITY_TAG, IDENTITY_HEADERS[i] as Buffer, bytes);
+  return writeAppendAction(out, bytes === 0 ? pos : writeText(out, pos, value, bytes));
 }
 
 /** Identity field `i`'s metadata entry (a string_value, written even when empty); returns the position after it. */
@@ -515,8 +505,7 @@ function writeHeaders(out: Buffer, at: number, tag: number, headers: ReadonlyArr
     pos = writeVarint(out, pos, headerBytes);
     if (keyBytes !== 0) pos = writeString(out, pos, KEY_TAG, k, keyBytes);
     if (valueBytes !== 0) pos = writeString(out, pos, VALUE_TAG, v, valueBytes);
-    out[pos++] = APPEND_ACTION[0];
-    out[pos++] = APPEND_ACTION[1];
+    pos = writeAppendAction(out, pos);
   }
   return pos;
 }

@@ -66,11 +66,41 @@ const NATIVE_COPY_FROM = 64;
 /** Writes a length-delimited string field (`bytes` = its UTF-8 length); returns the position after it. */
 export function writeString(out: Buffer, at: number, tag: number, value: string, bytes: number): number {
   out[at] = tag;
-  const start = writeVarint(out, at + 1, bytes);
+  return writeText(out, writeVarint(out, at + 1, bytes), value, bytes);
+}
+
+/** Writes `value`'s UTF-8 bytes (`bytes` of them) at `at`; returns the position after them. */
+export function writeText(out: Buffer, at: number, value: string, bytes: number): number {
   // ASCII, the usual case: short strings are copied here, for less than a call into Buffer.write.
-  if (bytes !== value.length || bytes > NATIVE_COPY_FROM) return start + out.write(value, start, bytes, "utf8");
-  for (let i = 0; i < bytes; i++) out[start + i] = value.charCodeAt(i);
-  return start + bytes;
+  if (bytes !== value.length || bytes > NATIVE_COPY_FROM) return at + out.write(value, at, bytes, "utf8");
+  for (let i = 0; i < bytes; i++) out[at + i] = value.charCodeAt(i);
+  return at + bytes;
+}
+
+/**
+ * A HeaderValueOption field with `tag` up to its value's bytes: the option's and the header's
+ * lengths, the encoded name (nameField), then the value's tag and length unless the value is
+ * empty (left out, as protobuf-es leaves it). Returns where the value's bytes go; the caller
+ * writes them, then writeAppendAction.
+ */
+export function writeOptionHead(out: Buffer, at: number, tag: number, name: Buffer, valueBytes: number): number {
+  const headerBytes = name.length + (valueBytes === 0 ? 0 : fieldBytes(valueBytes));
+  let pos = at;
+  out[pos++] = tag;
+  pos = writeVarint(out, pos, fieldBytes(headerBytes) + APPEND_ACTION.length);
+  out[pos++] = HEADER_TAG;
+  pos = writeVarint(out, pos, headerBytes);
+  pos = copyBytes(out, pos, name);
+  if (valueBytes === 0) return pos;
+  out[pos++] = VALUE_TAG;
+  return writeVarint(out, pos, valueBytes);
+}
+
+/** APPEND_ACTION, a HeaderValueOption's last field; returns the position after it. */
+export function writeAppendAction(out: Buffer, at: number): number {
+  out[at] = APPEND_ACTION[0];
+  out[at + 1] = APPEND_ACTION[1];
+  return at + 2;
 }
 
 /**
