@@ -2,7 +2,7 @@
 // revision's, in alternating runs on this machine: a change of a few percent is lost in the
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
-//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system] [--keys n] [--node-flags "..."]
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system] [--keys n [--owners n]] [--node-flags "..."]
 // Each run: a fresh embedded keygate (the bench's policy, the node flags keygate ships with)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
@@ -50,6 +50,7 @@ const options = z
     grpcTimeout: z.string().regex(/^\d{1,8}[HMSmun]$/, "1 to 8 digits and a unit: H M S m u n").optional(),
     malloc: z.enum(["jemalloc", "system"]),
     keys: z.coerce.number().int().min(1).max(200_000),
+    owners: z.coerce.number().int().min(1).max(200_000),
     nodeFlags: z.string().default(""),
   })
   .refine((o) => o.keys === 1 || o.key === "valid", { message: "--keys above 1 needs --key valid" })
@@ -64,6 +65,7 @@ const options = z
       .option("--grpc-timeout <value>", "a grpc-timeout header on every Check (e.g. 1S)")
       .option("--malloc <allocator>", "keygate's malloc: jemalloc (LD_PRELOAD, as the image runs it) or system", "jemalloc")
       .option("--keys <n>", "valid keys, one request each in turn, under rategen's closed loop (1: h2load's one key)", "1")
+      .option("--owners <n>", "owners the many keys are spread over, in turn (the bench's hot keys: 10000)", "100")
       .option("--node-flags <flags>", "extra node flags for every keygate run, space-separated (e.g. --cpu-prof --cpu-prof-dir=/tmp/prof)")
       .parse()
       .opts(),
@@ -159,7 +161,7 @@ function writeManyKeyData(path: string, secrets: readonly string[]): DataFile {
 
 /**
  * The many-key data directory, made once: a keygate on the working tree creates the keys through
- * KeyAdmin (over 100 owners) and stops; every run starts from a copy, so each build reads the
+ * KeyAdmin (over --owners owners, 100 unless given) and stops; every run starts from a copy, so each build reads the
  * same SQLite file and pepper. Returns the directory and the secrets.
  */
 async function prepareManyKeys(): Promise<{ template: string; secrets: string[] }> {
@@ -170,7 +172,7 @@ async function prepareManyKeys(): Promise<{ template: string; secrets: string[] 
   await withKeygate(working, JEMALLOC, template, async (dataDir) => {
     const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
     for (let i = 0; i < options.keys; i += 32) {
-      const batch = Array.from({ length: Math.min(32, options.keys - i) }, (_, j) => createKey(token, `compare-${(i + j) % 100}`));
+      const batch = Array.from({ length: Math.min(32, options.keys - i) }, (_, j) => createKey(token, `compare-${(i + j) % options.owners}`));
       secrets.push(...(await Promise.all(batch)));
     }
   });

@@ -80,6 +80,9 @@ const flushSeconds = z
   .max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`)
   .default(5);
 
+/** lastUsedResolutionSeconds' default: a key's last use is kept to the minute. */
+export const DEFAULT_LAST_USED_RESOLUTION_SECONDS = 60;
+
 const FORWARDED_METADATA_NAME = /^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$/;
 
 /** ChargeUsage calls an account may make by default: 6,000 a minute. */
@@ -134,6 +137,12 @@ const policySchema = z
       })
       .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
     lastUsedFlushSeconds: flushSeconds,
+    /**
+     * How far a key's last use on record may lag its latest Check: a use is recorded only when the
+     * time on record is this old or more (or there is none), so a busy key costs the store one
+     * write this often, not one every flush. 0 records every use.
+     */
+    lastUsedResolutionSeconds: z.number().int().min(0).max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`).default(DEFAULT_LAST_USED_RESOLUTION_SECONDS),
     limits: z
       .object({
         /** Whose requests share a rate-limit bucket. A key with its own limit always has its own. */

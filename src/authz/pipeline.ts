@@ -1,6 +1,6 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
 import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
-import { ROLES } from "../config.js";
+import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "../limits/limits.js";
@@ -79,7 +79,7 @@ export interface PipelineDeps {
   lastUsed: LastUsedRecorder;
   meter: Meter;
   usage: UsageRecorder;
-  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata" | "testMode">>;
+  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata" | "testMode" | "lastUsedResolutionSeconds">>;
   nowMs: () => number;
   /** The most a Check may wait on its backends (KEYGATE_CHECK_BUDGET_MS); then it is UNAVAILABLE. */
   checkBudgetMs?: number;
@@ -115,12 +115,29 @@ function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[rea
   return { allow: false, reason, message, snapshot };
 }
 
+/**
+ * Records an allowed Check's use of `key` unless the last use on record is less than
+ * `resolutionMs` old: a busy key then costs the write-behind one row, and the store one write,
+ * once a resolution instead of once a flush. The snapshot's time moves on with each use recorded,
+ * so this replica records the next one a resolution later; a replica that read the key before
+ * another's write may record once more, which the store's never-backwards update makes harmless.
+ * A time on record later than now (another replica's clock) counts as recent.
+ */
+export function recordUse(lastUsed: Pick<LastUsedRecorder, "record">, key: CheckedKey, nowMs: number, resolutionMs: number): void {
+  const onRecord = key.lastUsedAtMs;
+  if (onRecord !== null && nowMs - onRecord < resolutionMs) return;
+  key.lastUsedAtMs = nowMs;
+  lastUsed.record(key.id, nowMs);
+}
+
 /** One policy and what is derived from it, built once when it comes into force. */
 class PolicyVersion {
   readonly defaultPlan: Plan;
   readonly presentCredentials: PresentCredentialHeaders;
   /** [metadata name, header name] of each forwarded entry. */
   readonly forward: ReadonlyArray<readonly [string, string]>;
+  /** lastUsedResolutionSeconds in milliseconds (recordUse). */
+  readonly lastUsedResolutionMs: number;
 
   constructor(
     readonly policy: PipelineDeps["policy"],
@@ -132,6 +149,7 @@ class PolicyVersion {
     this.defaultPlan = plan;
     this.presentCredentials = new PresentCredentialHeaders(credentialHeaders);
     this.forward = (policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
+    this.lastUsedResolutionMs = (policy.lastUsedResolutionSeconds ?? DEFAULT_LAST_USED_RESOLUTION_SECONDS) * 1000;
   }
 }
 
@@ -385,7 +403,7 @@ export class DecisionPipeline {
     if (limits.allowed || limits.reason === null) {
       const test = snapshot.key.mode === "test";
       this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode, test ? null : route.quota) : ALLOWED_UNMETERED, spent);
-      this.deps.lastUsed.record(snapshot.key.id, nowMs);
+      recordUse(this.deps.lastUsed, snapshot.key, nowMs, v.lastUsedResolutionMs);
       return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(v, snapshot) };
     }
     this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);

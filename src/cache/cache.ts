@@ -7,8 +7,11 @@ export type Invalidation = { kind: "key"; hash: string } | { kind: "owner"; owne
 export interface LocalCache {
   /** What a Check reads of the key, null for a cached miss, or undefined when nothing is cached. */
   get(hash: string): CheckSnapshot | null | undefined;
-  /** `ttlMs` shortens the entry's life below the default (used while invalidations may be missed). */
-  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void;
+  /**
+   * Keeps what a Check reads of `snapshot` and returns that copy, which later Checks get from get().
+   * `ttlMs` shortens the entry's life below the default (used while invalidations may be missed).
+   */
+  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): CheckSnapshot;
   setMissing(hash: string, ttlMs?: number): void;
   invalidate(event: Invalidation): void;
   readonly size: number;

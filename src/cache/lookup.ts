@@ -86,7 +86,7 @@ function pendingId(event: Invalidation): string {
 export class SnapshotLookup {
   readonly #deps: SnapshotLookupDeps;
   readonly #observer: LookupObserver;
-  readonly #inflight = new Map<string, Promise<KeySnapshot | null>>();
+  readonly #inflight = new Map<string, Promise<CheckSnapshot | null>>();
   /** Counts invalidations seen here: a read that began before one is answered but not cached. */
   #epoch = 0;
   /** Counts the bus's `all` events, and the count when L2 was last distrusted up to date. */
@@ -119,20 +119,20 @@ export class SnapshotLookup {
    * The slow path after an L1 miss; callers loading the same hash at once share one read. With a
    * decision's trace, the backend calls this load makes are spans under it.
    */
-  load(hash: string, trace?: DecisionTrace): Promise<KeySnapshot | null> {
+  load(hash: string, trace?: DecisionTrace): Promise<CheckSnapshot | null> {
     const inflight = this.#inflight.get(hash);
     if (inflight !== undefined) {
       if (trace !== undefined) trace.cacheTier = "shared";
       return inflight;
     }
-    const loading: Promise<KeySnapshot | null> = this.#load(hash, trace).finally(() => {
+    const loading: Promise<CheckSnapshot | null> = this.#load(hash, trace).finally(() => {
       if (this.#inflight.get(hash) === loading) this.#inflight.delete(hash);
     });
     this.#inflight.set(hash, loading);
     return loading;
   }
 
-  async #load(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
+  async #load(hash: string, trace: DecisionTrace | undefined): Promise<CheckSnapshot | null> {
     const epoch = this.#epoch;
     const { shared: configured, bus } = this.#deps;
     let shared = configured !== undefined && bus.connected ? configured : undefined;
@@ -143,8 +143,7 @@ export class SnapshotLookup {
       if (cached !== undefined) {
         if (cached.value !== undefined) {
           if (trace !== undefined) trace.cacheTier = "l2";
-          if (epoch === this.#epoch) this.#remember(hash, cached.value);
-          return cached.value;
+          return epoch === this.#epoch ? this.#remember(hash, cached.value) : cached.value;
         }
         fill = cached.fill;
       }
@@ -153,13 +152,13 @@ export class SnapshotLookup {
     const snapshot = await this.#storeRead(hash, trace);
     // A change seen while this read was running may have come after it: answer, but keep nothing.
     if (epoch !== this.#epoch) return snapshot;
-    this.#remember(hash, snapshot);
+    const kept = this.#remember(hash, snapshot);
     if (shared !== undefined && fill !== undefined) {
       const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot, fill);
       // Filling L2 is best effort and off the answer's path.
       write.catch((error: unknown) => this.#deps.logger?.warn({ err: error }, "L2 cache write failed"));
     }
-    return snapshot;
+    return kept;
   }
 
   /**
@@ -167,7 +166,7 @@ export class SnapshotLookup {
    * (no L2) and the store reads without waiting (SQLite): the miss is decided at once, without the
    * promises and the budget timer a waiting read needs. undefined when the read must wait: load().
    */
-  loadNow(hash: string): KeySnapshot | null | undefined {
+  loadNow(hash: string): CheckSnapshot | null | undefined {
     const { store, shared } = this.#deps;
     if (shared !== undefined || store.findSnapshotByHashNow === undefined) return undefined;
     const started = performance.now();
@@ -179,8 +178,7 @@ export class SnapshotLookup {
       throw error;
     }
     this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
-    this.#remember(hash, snapshot);
-    return snapshot;
+    return this.#remember(hash, snapshot);
   }
 
   async #storeRead(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
@@ -220,10 +218,12 @@ export class SnapshotLookup {
     return this.#l2TrustedAt === this.#busChanges && this.#deps.bus.connected ? shared : undefined;
   }
 
-  #remember(hash: string, snapshot: KeySnapshot | null): void {
+  /** Keeps the read in L1 and returns what L1 keeps: the copy later Checks of the key read. */
+  #remember(hash: string, snapshot: KeySnapshot | null): CheckSnapshot | null {
     const ttlMs = this.#deps.bus.connected ? undefined : DISCONNECTED_TTL_MS;
-    if (snapshot === null) this.#deps.local.setMissing(hash, ttlMs);
-    else this.#deps.local.set(hash, snapshot, ttlMs);
+    if (snapshot !== null) return this.#deps.local.set(hash, snapshot, ttlMs);
+    this.#deps.local.setMissing(hash, ttlMs);
+    return null;
   }
 
   async #sharedRead(shared: SharedCache, hash: string, trace: DecisionTrace | undefined): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {

@@ -60,6 +60,7 @@ function checkSnapshot(snapshot: KeySnapshot, forwardMetadata: readonly string[]
       rotatedToId: key.rotatedToId,
       rateLimit: key.rateLimit,
       disabledAtMs: key.disabledAtMs,
+      lastUsedAtMs: key.lastUsedAtMs,
       metadata: forwardedOnly(key.metadata, forwardMetadata),
     },
     account: {
@@ -126,12 +127,14 @@ export class MemoryCache implements LocalCache {
     return this.#misses.get(hash) === true ? null : undefined;
   }
 
-  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): void {
+  set(hash: string, snapshot: KeySnapshot, ttlMs?: number): CheckSnapshot {
     this.#misses.delete(hash);
     // Keyed by the snapshot's own copy of the hash when it is the same text: the caller's copy
     // (computed for the request) can then go, instead of a second 64-character string per key.
     const key = snapshot.key.hash === hash ? snapshot.key.hash : hash;
-    this.#hits.set(key, checkSnapshot(snapshot, this.#forwardMetadata), ttlMs === undefined ? undefined : { ttl: ttlMs });
+    const kept = checkSnapshot(snapshot, this.#forwardMetadata);
+    this.#hits.set(key, kept, ttlMs === undefined ? undefined : { ttl: ttlMs });
+    return kept;
   }
 
   setMissing(hash: string, ttlMs?: number): void {

@@ -165,6 +165,11 @@ export interface KeySnapshot {
 
 /** The key fields a Check reads: its state, its identity, its limits. */
 export type CheckedKey = Pick<KeyRecord, "id" | "ownerId" | "projectId" | "mode" | "expiresAtMs" | "revokedAtMs" | "graceEndsAtMs" | "rotatedToId" | "rateLimit" | "disabledAtMs"> & {
+  /**
+   * The last use on record when the snapshot was read, moved on by the Checks that record one
+   * (DecisionPipeline): a Check records the use only when this is null or lastUsedResolutionSeconds old.
+   */
+  lastUsedAtMs: number | null;
   readonly scopes: readonly string[];
   /** In L1, only the entries the policy forwards (forwardMetadata). */
   readonly metadata: Readonly<Record<string, string>>;

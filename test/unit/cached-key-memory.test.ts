@@ -136,7 +136,9 @@ describe("L1 happy", () => {
     stored.key.rotatedToId = "key_b";
     stored.key.rateLimit = { limit: 5, windowSeconds: 60 };
     stored.key.metadata = { team: "billing" };
-    cache.set("h", stored);
+    stored.key.lastUsedAtMs = 1_700_000_000_000;
+    const kept = cache.set("h", stored);
+    expect(cache.get("h")).toBe(kept);
     expect(cache.get("h")).toStrictEqual({
       key: {
         id: "key_a",
@@ -150,6 +152,8 @@ describe("L1 happy", () => {
         rotatedToId: "key_b",
         rateLimit: { limit: 5, windowSeconds: 60 },
         disabledAtMs: null,
+        // What a Check's use is measured against (recordUse).
+        lastUsedAtMs: 1_700_000_000_000,
         // Only the entries the policy forwards (none here).
         metadata: {},
       },

@@ -48,8 +48,11 @@ describe("SnapshotLookup.loadNow (an L1 miss read in the caller's turn)", () => 
     const store = nowStore();
     const observer = recorder();
     const lookup = new SnapshotLookup({ local: local(), store, bus: new LocalInvalidationBus(), observer });
-    expect(lookup.loadNow("h-known")).toStrictEqual(SNAPSHOT);
-    expect(lookup.peek("h-known")?.key.id).toBe("key_01NOW");
+    // What L1 keeps, the same object later Checks read.
+    const read = lookup.loadNow("h-known");
+    expect(read).toStrictEqual(local().set("h-known", SNAPSHOT));
+    expect(read?.key.id).toBe("key_01NOW");
+    expect(lookup.peek("h-known")).toBe(read);
     expect(store.now).toBe(1);
     expect(store.waiting).toBe(0);
     expect(observer.calls).toEqual(["store find_snapshot ok", "l1 hit"]);
@@ -77,7 +80,7 @@ describe("SnapshotLookup.loadNow (an L1 miss read in the caller's turn)", () => 
     const lookup = new SnapshotLookup({ local: local(), store: waitingOnly, bus: new LocalInvalidationBus() });
     expect(lookup.loadNow("h-known")).toBeUndefined();
     expect(lookup.peek("h-known")).toBeUndefined();
-    expect(await lookup.load("h-known")).toStrictEqual(SNAPSHOT);
+    expect(await lookup.load("h-known")).toStrictEqual(local().set("h-known", SNAPSHOT));
   });
 
   it("leaves the read to load() when an L2 comes first, even before a store that answers at once", () => {
