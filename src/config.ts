@@ -74,11 +74,8 @@ export const MAX_FLUSH_SECONDS = 86_400;
 
 // Node timers hold at most 2^31 - 1 ms (about 24.8 days); a longer delay fires after 1 ms, so an
 // interval past that would flush to the store in a busy loop. One day is far below the limit.
-const flushSeconds = z
-  .number()
-  .positive()
-  .max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`)
-  .default(5);
+const AT_MOST_A_DAY = `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`;
+const flushSeconds = z.number().positive().max(MAX_FLUSH_SECONDS, AT_MOST_A_DAY).default(5);
 
 /** lastUsedResolutionSeconds' default: a key's last use is kept to the minute. */
 export const DEFAULT_LAST_USED_RESOLUTION_SECONDS = 60;
@@ -142,7 +139,7 @@ const policySchema = z
      * time on record is this old or more (or there is none), so a busy key costs the store one
      * write this often, not one every flush. 0 records every use.
      */
-    lastUsedResolutionSeconds: z.number().int().min(0).max(MAX_FLUSH_SECONDS, `must be at most ${MAX_FLUSH_SECONDS} (one day); it is in seconds`).default(DEFAULT_LAST_USED_RESOLUTION_SECONDS),
+    lastUsedResolutionSeconds: z.number().int().min(0).max(MAX_FLUSH_SECONDS, AT_MOST_A_DAY).default(DEFAULT_LAST_USED_RESOLUTION_SECONDS),
     limits: z
       .object({
         /** Whose requests share a rate-limit bucket. A key with its own limit always has its own. */

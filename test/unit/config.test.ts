@@ -54,4 +54,15 @@ describe("config", () => {
     }
     expect(() => parsePolicy({ ...base, lastUsedFlushSeconds: 0 })).toThrow(/lastUsedFlushSeconds/);
   });
+
+  it("keeps last use to the minute unless told otherwise: whole seconds from 0 (every use) to one day", () => {
+    const base = { plans: { basic: { maxActiveKeys: 1, rateLimit: { limit: 1, windowSeconds: 1 } } }, scopes: { catalog: ["a"], default: ["a"] } };
+    expect(parsePolicy(base).lastUsedResolutionSeconds).toBe(60);
+    expect(parsePolicy({ ...base, lastUsedResolutionSeconds: 0 }).lastUsedResolutionSeconds).toBe(0);
+    expect(parsePolicy({ ...base, lastUsedResolutionSeconds: 86_400 }).lastUsedResolutionSeconds).toBe(86_400);
+    expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: 86_401 })).toThrow(/lastUsedResolutionSeconds: must be at most 86400 \(one day\); it is in seconds/);
+    expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: -1 })).toThrow(/lastUsedResolutionSeconds/);
+    expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: 1.5 })).toThrow(/lastUsedResolutionSeconds/);
+    expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: "60" })).toThrow(/lastUsedResolutionSeconds/);
+  });
 });
