@@ -44,10 +44,11 @@ const scopeLists = new SharedValues<readonly string[]>(
  * shape, with low-cardinality values (and the scope list, frozen) shared with every other key
  * that has them, and the account's owner id pointing at the key's (they are equal).
  */
-function checkSnapshot(snapshot: KeySnapshot, forwardMetadata: readonly string[]): CheckSnapshot {
+function checkSnapshot(snapshot: KeySnapshot, forwardMetadata: readonly string[], readEpoch: number): KeptSnapshot {
   const { key, account } = snapshot;
   const ownerId = key.ownerId;
   return {
+    readEpoch,
     key: {
       id: key.id,
       ownerId,
@@ -95,14 +96,35 @@ export interface MemoryCacheOptions {
   forwardMetadata?: readonly string[];
 }
 
-/** L1: a bounded LRU of what a Check reads, by hash, and a shorter-lived LRU of unknown hashes. */
+/** L1's copy of a snapshot: what a Check reads, and the read epoch in which it last moved up L1's order. */
+interface KeptSnapshot extends CheckSnapshot {
+  readEpoch: number;
+}
+
+// lru-cache's options objects for reads, made once (it makes an empty one per call without).
+const PEEK = {};
+const TOUCH = {};
+
+/**
+ * L1: a bounded LRU of what a Check reads, by hash, and a shorter-lived LRU of unknown hashes.
+ *
+ * A hit moves its entry to the most recent end of lru-cache's order at most once per read epoch
+ * (`maxEntries` hits): moving costs a few memory reads and writes in lru-cache's index lists,
+ * which, with many keys busy, are not in the CPU's caches. So an entry read in the current epoch
+ * is evicted only after every entry not read in it, and entries not read in it go in the order
+ * of their last move: least recently used first, to within one epoch.
+ */
 export class MemoryCache implements LocalCache {
-  readonly #hits: LRUCache<string, CheckSnapshot>;
+  readonly #hits: LRUCache<string, KeptSnapshot>;
   readonly #misses: LRUCache<string, true>;
   #forwardMetadata: readonly string[];
+  readonly #epochReads: number;
+  #reads = 0;
+  #epoch = 0;
 
   constructor(options: MemoryCacheOptions) {
     this.#forwardMetadata = options.forwardMetadata ?? [];
+    this.#epochReads = Math.max(1, options.maxEntries);
     this.#hits = new LRUCache({ max: options.maxEntries, ttl: options.ttlSeconds * 1000, ttlAutopurge: false });
     this.#misses = new LRUCache({ max: options.negativeMaxEntries, ttl: options.negativeTtlSeconds * 1000, ttlAutopurge: false });
   }
@@ -122,8 +144,18 @@ export class MemoryCache implements LocalCache {
   }
 
   get(hash: string): CheckSnapshot | null | undefined {
-    const hit = this.#hits.get(hash);
-    if (hit !== undefined) return hit;
+    const hit = this.#hits.peek(hash, PEEK);
+    if (hit !== undefined) {
+      if (++this.#reads === this.#epochReads) {
+        this.#reads = 0;
+        this.#epoch++;
+      }
+      if (hit.readEpoch !== this.#epoch) {
+        hit.readEpoch = this.#epoch;
+        this.#hits.get(hash, TOUCH);
+      }
+      return hit;
+    }
     return this.#misses.get(hash) === true ? null : undefined;
   }
 
@@ -132,7 +164,8 @@ export class MemoryCache implements LocalCache {
     // Keyed by the snapshot's own copy of the hash when it is the same text: the caller's copy
     // (computed for the request) can then go, instead of a second 64-character string per key.
     const key = snapshot.key.hash === hash ? snapshot.key.hash : hash;
-    const kept = checkSnapshot(snapshot, this.#forwardMetadata);
+    // Not yet read in this epoch: its first read moves it, as a read of an entry set earlier would.
+    const kept = checkSnapshot(snapshot, this.#forwardMetadata, this.#epoch - 1);
     this.#hits.set(key, kept, ttlMs === undefined ? undefined : { ttl: ttlMs });
     return kept;
   }

@@ -15,6 +15,11 @@ interface CreditCell {
 
 const MAX_ENTRIES = 1_000_000;
 
+/** A GCRA bucket's theoretical arrival time. */
+interface TatCell {
+  tatMs: number;
+}
+
 /**
  * A map bounded to `max` entries that forgets the least recently used one past it. lru-cache
  * bounded by size (each entry counts 1) rather than by count: with `max` it preallocates tables
@@ -67,7 +72,9 @@ export class MemoryMeter implements Meter {
   // A bucket's theoretical arrival time; one in the past means a full bucket (gcra reads it as
   // none), so an entry needs no expiry of its own: it is only the oldest to go when full.
   // By bucket kind, then id (ChargeInput's bucketKind and bucketId), each bounded on its own.
-  readonly #tats: Record<BucketKind, RecentMap<string, number>> = {
+  // Each bucket's time is a cell changed in place: a charge reads its bucket once, and stores no
+  // new number into the (old-generation) table, which a young-generation GC would have to keep.
+  readonly #tats: Record<BucketKind, RecentMap<string, TatCell>> = {
     k: new RecentMap(MAX_ENTRIES),
     a: new RecentMap(MAX_ENTRIES),
     t: new RecentMap(MAX_ENTRIES),
@@ -107,7 +114,7 @@ export class MemoryMeter implements Meter {
 
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
-    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
+    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId)?.tatMs, rate, nowMs);
     const used = input.dailyQuota === null ? 0 : (this.#quota.get(quotaKey)?.count ?? 0);
     const period = this.#calendar.month(nowMs);
     const cell = this.#credits.get(input.ownerId);
@@ -180,7 +187,8 @@ export class MemoryMeter implements Meter {
 
   #evaluate(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
-    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
+    const bucket = this.#tats[input.bucketKind].get(input.bucketId);
+    const step = gcra(bucket?.tatMs, rate, nowMs);
     const result: ChargeResult = {
       allowed: false,
       reason: null,
@@ -219,7 +227,8 @@ export class MemoryMeter implements Meter {
       }
     }
     // Every step passed: charge them all.
-    this.#tats[input.bucketKind].set(input.bucketId, step.tatMs);
+    if (bucket === undefined) this.#tats[input.bucketKind].set(input.bucketId, { tatMs: step.tatMs });
+    else bucket.tatMs = step.tatMs;
     if (input.dailyQuota !== null && result.quota !== null) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
       else quotaCell.count += 1;

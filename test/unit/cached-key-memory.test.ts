@@ -140,6 +140,8 @@ describe("L1 happy", () => {
     const kept = cache.set("h", stored);
     expect(cache.get("h")).toBe(kept);
     expect(cache.get("h")).toStrictEqual({
+      // L1's own: the read epoch in which the entry last moved up its order (the first epoch, 0).
+      readEpoch: 0,
       key: {
         id: "key_a",
         ownerId: "owner_a",
@@ -188,5 +190,74 @@ describe("L1 happy", () => {
     expect(c).toStrictEqual(["chat:write", "decks:read"]);
     first.key.scopes.push("admin");
     expect(cache.get("1")?.key.scopes).toStrictEqual(["decks:read", "chat:write"]);
+  });
+  // L1's order: a hit moves its entry up at most once per read epoch (maxEntries hits).
+  const held = (cache: MemoryCache, hashes: readonly string[]): string[] => hashes.filter((h) => cache.get(h) !== undefined);
+
+  it("moves a key up on its first hit of a read epoch only, and evicts the least recently moved", () => {
+    const cache = new MemoryCache({ maxEntries: 4, ttlSeconds: 60, negativeMaxEntries: 4, negativeTtlSeconds: 5 });
+    for (const h of ["a", "b", "c", "d"]) cache.set(h, snapshot({ id: `key_${h}`, ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+    // Hits 1 to 3, epoch 0: a moves, c moves, a's second hit does not move it. Order: b d a c.
+    for (const h of ["a", "c", "a"]) expect(cache.get(h)?.key.id).toBe(`key_${h}`);
+    cache.set("e", snapshot({ id: "key_e", ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+    cache.set("f", snapshot({ id: "key_f", ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+    cache.set("g", snapshot({ id: "key_g", ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+    // b, d, then a went (an exact LRU would have kept a, read last, and let c go).
+    const all = ["a", "b", "c", "d", "e", "f", "g"];
+    expect(cache.size).toBe(4);
+    // The reads below are hits 4 to 7, epoch 1: each held key's first hit moves it again.
+    expect(held(cache, all)).toStrictEqual(["c", "e", "f", "g"]);
+    cache.set("h", snapshot({ id: "key_h", ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+    // c was read first in epoch 1, so it is the least recently moved.
+    expect(held(cache, all.concat("h"))).toStrictEqual(["e", "f", "g", "h"]);
+  });
+
+  it("keeps and evicts as an LRU whose hits move an entry once per epoch of maxEntries hits", () => {
+    type L1Op = { kind: "set" | "get" | "invalidate"; key: number };
+    const l1Op: fc.Arbitrary<L1Op> = fc.record({ kind: fc.constantFrom("set", "set", "get", "get", "get", "invalidate"), key: fc.integer({ min: 0, max: 7 }) }) as fc.Arbitrary<L1Op>;
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 6 }), fc.array(l1Op, { minLength: 40, maxLength: 160 }), (max, ops) => {
+        const cache = new MemoryCache({ maxEntries: max, ttlSeconds: 600, negativeMaxEntries: max, negativeTtlSeconds: 5 });
+        // The reference: keys in order, least recently moved first, with the epoch of each one's last move.
+        const order: number[] = [];
+        const movedIn = new Map<number, number>();
+        let hits = 0;
+        let epoch = 0;
+        const moveToEnd = (key: number): void => {
+          const at = order.indexOf(key);
+          if (at !== -1) order.splice(at, 1);
+          order.push(key);
+        };
+        for (const op of ops) {
+          const hash = `h${op.key}`;
+          if (op.kind === "set") {
+            cache.set(hash, snapshot({ id: `key_${op.key}`, ownerId: "o", projectId: null, scopes: [], plan: "pro" }));
+            moveToEnd(op.key);
+            movedIn.set(op.key, epoch - 1);
+            if (order.length > max) movedIn.delete(order.shift() as number);
+          } else if (op.kind === "invalidate") {
+            cache.invalidate({ kind: "key", hash });
+            const at = order.indexOf(op.key);
+            if (at !== -1) order.splice(at, 1);
+            movedIn.delete(op.key);
+          } else {
+            const found = cache.get(hash);
+            expect(found?.key.id).toBe(movedIn.has(op.key) ? `key_${op.key}` : undefined);
+            if (found !== undefined && found !== null) {
+              if (++hits === max) {
+                hits = 0;
+                epoch++;
+              }
+              if (movedIn.get(op.key) !== epoch) {
+                movedIn.set(op.key, epoch);
+                moveToEnd(op.key);
+              }
+            }
+          }
+          expect(cache.size).toBe(order.length);
+        }
+      }),
+      { seed: 1313, numRuns: 1000 },
+    );
   });
 });
