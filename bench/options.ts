@@ -57,14 +57,22 @@ export interface BenchOptions {
   backendsOn: "server" | "load";
   /** JVM options for the MongoDB-wire server, after the test harness's own (a later option wins). */
   backendJvmFlags: string[];
+  /** Rounds of embedded hot's closed loop in turns with the ceiling (0: none). */
+  turns: number;
 }
 
-const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000 };
-const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 1_000, mixedEntries: 1_000, floodEntries: 2_000 };
+const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000, turns: 3 };
+const QUICK = { keys: 5_000, accounts: 500, seconds: 2, memoryKeys: 10_000, memoryTouch: 1_000, hotKeys: 1_000, mixedEntries: 1_000, floodEntries: 2_000, turns: 1 };
 
 function count(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n <= 0) throw new InvalidArgumentError("expected a whole number above 0");
+  return n;
+}
+
+function countOrNone(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError("expected a whole number, 0 or more");
   return n;
 }
 
@@ -107,6 +115,7 @@ const rawSchema = z.object({
   rategen: z.boolean(),
   backendsOn: z.enum(["server", "load"]),
   backendJvmFlags: z.string().default(""),
+  turns: z.number().optional(),
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
@@ -173,7 +182,8 @@ function command(): Command {
     .option("--fixed-connections <n>", "connections for fixed-rate runs (rategen or ghz)", count, 2)
     .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs when ghz measures them (enough to hold the rate at a few ms of latency)", count, 32)
     .option("--ghz-cpus <n>", "GOMAXPROCS of ghz and rategen (1 leaves a core to the server on 2 cores)", count, 1)
-    .option("--no-rategen", "measure fixed-rate latency with ghz (closed loop) even when rategen is built");
+    .option("--no-rategen", "measure fixed-rate latency with ghz (closed loop) even when rategen is built")
+    .option("--turns <n>", "rounds of embedded hot's rategen closed loop in turns with noop-h2, each on a fresh process, alternating which goes first (full 3, quick 1; 0 skips)", countOrNone);
 }
 
 /** Parses the command line (commander) and fills in the full or quick defaults. */
@@ -203,5 +213,6 @@ export function parseOptions(argv: readonly string[]): BenchOptions {
     hotKeys: raw.hotKeys ?? sizes.hotKeys,
     mixedEntries: raw.mixedEntries ?? sizes.mixedEntries,
     floodEntries: raw.floodEntries ?? sizes.floodEntries,
+    turns: raw.turns ?? sizes.turns,
   };
 }

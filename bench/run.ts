@@ -36,8 +36,9 @@ import { KEYGATE_NODE_FLAGS } from "../src/server/node-flags.js";
 import { ONE_KEY_PROFILE, profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
-import { budget, closedLoopTable, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, writeResults } from "./report.js";
-import { SCENARIO_DESCRIPTIONS, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
+import { budget, closedLoopTable, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, summarizeTurns, turnsText, writeResults } from "./report.js";
+import type { HotTurns } from "./report.js";
+import { SCENARIO_DESCRIPTIONS, runHotInTurns, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
 import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
 import type { PlannedKeys, SeedPlan, SeedTiming } from "./seed.js";
@@ -159,7 +160,7 @@ function profileFile(ctx: RunContext, scenario: string): string {
 }
 
 /** Embedded mode: SQLite seeded through the KeyStore API, then every scenario, the profile and memory. */
-async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profiles: ProfiledRun[] }> {
+async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profiles: ProfiledRun[]; turns: HotTurns | null }> {
   const dataDir = join(ctx.work, "embedded");
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const databasePath = join(dataDir, "keygate.db");
@@ -176,6 +177,24 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
   const env = { KEYGATE_DATA_DIR: dataDir };
   const first = { ...env, ...engineEnv(ctx.options.engines[0] ?? null) };
   const results = ctx.options.memoryOnly || ctx.options.profileOnly ? { scenarios: [], oneKey: [] } : await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
+  let turns: HotTurns | null = null;
+  if (ctx.options.turns > 0 && ctx.options.noops && !ctx.options.memoryOnly && !ctx.options.profileOnly && ctx.options.scenarios.includes("hot")) {
+    // The many-key goal's figure, measured again with keygate (the first engine) and the ceiling in turns.
+    const keygateName = targetName("embedded", ctx.options.engines[0] ?? null);
+    const runs = await timed(ctx, "embedded: hot in turns", () =>
+      runHotInTurns(
+        [
+          { name: CEILING, keygate: false, start: () => startNoop(ctx.options.node, CEILING) },
+          { name: keygateName, keygate: true, start: () => startWith(ctx, first)(`keygate ${keygateName} (hot in turns)`) },
+        ],
+        ctx.settings,
+        ctx.data,
+        ctx.options.turns,
+        log,
+      ),
+    );
+    turns = summarizeTurns(runs, CEILING, keygateName);
+  }
   const profiles: ProfiledRun[] = [];
   if (ctx.options.profile && !ctx.options.memoryOnly) {
     const start = (label: string, nodeArgs: readonly string[]): Promise<Target> => startWith(ctx, first, nodeArgs)(label);
@@ -219,7 +238,7 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
     );
     if (memory.touchedKeys < ctx.options.memoryTouch) ctx.notes.push(`memory: only ${memory.touchedKeys} keys could be touched (the secrets kept are those of the ${ctx.planned.records.length} seeded keys)`);
   }
-  return { results, seeding, memory, profiles };
+  return { results, seeding, memory, profiles, turns };
 }
 
 async function flushRedis(url: string): Promise<void> {
@@ -419,6 +438,7 @@ async function main(): Promise<void> {
     const seeding: Record<string, SeedTiming> = {};
     let memory: MemoryResult | null = null;
     let profiles: ProfiledRun[] = [];
+    let turns: HotTurns | null = null;
     if (options.modes.includes("embedded")) {
       const embedded = await runEmbedded(ctx);
       all.scenarios.push(...embedded.results.scenarios);
@@ -426,6 +446,7 @@ async function main(): Promise<void> {
       seeding["embedded"] = embedded.seeding;
       memory = embedded.memory;
       profiles = embedded.profiles;
+      turns = embedded.turns;
     }
     if (options.modes.includes("redis-mongo") && !options.memoryOnly && !options.profileOnly) {
       // A mode that breaks part-way still leaves the others' figures to report; the run then exits 1.
@@ -444,7 +465,7 @@ async function main(): Promise<void> {
       }
     }
     for (const s of ctx.skipped) log(`!!! SKIPPED ${s.what}: ${s.why}`);
-    report({ ctx, machine, startedAt, results: all.scenarios, oneKey: all.oneKey, seeding, memory, profiles });
+    report({ ctx, machine, startedAt, results: all.scenarios, oneKey: all.oneKey, seeding, memory, profiles, turns });
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -459,10 +480,11 @@ function report(input: {
   seeding: Record<string, SeedTiming>;
   memory: MemoryResult | null;
   profiles: ProfiledRun[];
+  turns: HotTurns | null;
 }): void {
   const { ctx, results } = input;
   const rates = ratios(results, input.oneKey);
-  const lines = budget(results, input.oneKey, input.memory, ctx.options.rps);
+  const lines = budget(results, input.oneKey, input.memory, ctx.options.rps, input.turns);
   const notes = [...ctx.notes, mallocNote(ctx), ...standingNotes(results, ctx.options, ctx.settings)];
   const comparison = profileComparisonText(input.profiles, CEILING);
   const wallSeconds = round((performance.now() - startedAtMs) / 1000, 1);
@@ -497,6 +519,7 @@ function report(input: {
       gcThreadNice: ctx.options.gcThreadNice,
       nodeFlags: ctx.options.nodeFlags,
       backendJvmFlags: ctx.options.backendJvmFlags,
+      turns: ctx.options.turns,
       modes: ctx.options.modes,
       engines: ctx.options.engines.map((e) => e ?? "default"),
       ceiling: CEILING,
@@ -508,6 +531,7 @@ function report(input: {
     seeding: input.seeding,
     scenarios: results,
     oneKey: input.oneKey,
+    hotInTurns: input.turns,
     ratios: rates,
     budget: lines,
     memory: input.memory,
@@ -551,6 +575,7 @@ function report(input: {
           "allows: keygate's own count over the run; it can exceed HTTP 200 by the streams in flight when h2load stopped.",
         ]),
     "",
+    ...(input.turns === null ? [] : [turnsText(input.turns), ""]),
     "budget (DESIGN.md, issue 13):",
     ...lines.map((l) => `  [${l.met === null ? " -- " : l.met ? " ok " : "MISS"}] ${l.goal}: ${l.measured}`),
     ...(input.memory === null ? [] : ["", memoryText(input.memory)]),

@@ -181,3 +181,46 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
     await target.stop();
   }
 }
+
+/** One measured run of hot in turns: which target, its CPU per Check, and the calls that failed. */
+export interface TurnRun {
+  target: string;
+  round: number;
+  cpuMicrosPerCheck: number;
+  checks: number;
+  errors: number;
+}
+
+/**
+ * Hot's closed loop on the ceiling and on keygate in turns, `rounds` times, alternating which
+ * goes first: each run on a fresh process, warmed as the scenario runs warm it (the no-op's JIT
+ * and connections; every one of keygate's hot keys in L1), then measured for the run's length.
+ * Two runs of a full bench are minutes apart, and this machine's speed drifts over minutes by
+ * more than the goal's margin; runs in turns see the same stretch. Empty without rategen.
+ */
+export async function runHotInTurns(
+  targets: ReadonlyArray<{ name: string; start(): Promise<Target>; keygate: boolean }>,
+  settings: LoadSettings,
+  data: ScenarioData,
+  rounds: number,
+  log: Log,
+): Promise<TurnRun[]> {
+  if (settings.rategen === null || data.hot.format !== "binary") return [];
+  const runs: TurnRun[] = [];
+  for (let round = 1; round <= rounds; round++) {
+    const order = round % 2 === 1 ? targets : [...targets].reverse();
+    for (const t of order) {
+      log(`hot in turns, round ${round} of ${rounds}: ${t.name}`);
+      const target = await t.start();
+      try {
+        await pass(target, settings, data.hot, t.keygate ? data.hot.entries : Math.min(data.hot.entries, NOOP_WARM_UP_REQUESTS));
+        const closed = await closedLoopSaturation(target, settings, data.hot);
+        if (closed === null) return [];
+        runs.push({ target: t.name, round, cpuMicrosPerCheck: closed.cpuMicrosPerCheck, checks: closed.ghz.requests, errors: closed.ghz.errors });
+      } finally {
+        await target.stop();
+      }
+    }
+  }
+  return runs;
+}

@@ -38,4 +38,11 @@ describe("bench options", () => {
     expect(parseOptions(argv()).backendJvmFlags).toEqual([]);
     expect(parseOptions(argv("--backend-jvm-flags", " -XX:-UseSerialGC  -XX:+UseZGC ")).backendJvmFlags).toEqual(["-XX:-UseSerialGC", "-XX:+UseZGC"]);
   });
+
+  it("--turns sets the rounds of hot in turns with the ceiling: 3 in a full run, 1 in a quick one, 0 to skip", () => {
+    expect(parseOptions(argv()).turns).toBe(3);
+    expect(parseOptions(argv("--quick")).turns).toBe(1);
+    expect(parseOptions(argv("--turns", "5")).turns).toBe(5);
+    expect(parseOptions(argv("--turns", "0")).turns).toBe(0);
+  });
 });
