@@ -231,7 +231,6 @@ function backendCoresOf(phase: PhaseResult): string {
   return values.length === 0 ? "-" : values.reduce((a, b) => a + b, 0).toFixed(2);
 }
 
-/** Saturation with ghz: one row per target and scenario. */
 /** One target's runs of hot in turns. */
 export interface TurnTarget {
   target: string;
@@ -271,6 +270,7 @@ export function summarizeTurns(runs: readonly TurnRun[], ceiling: string, keygat
   return { ceiling: c, keygate: k, ratio: valid ? round(k.median / c.median, 3) : null };
 }
 
+/** Hot in turns as the report prints it: each target's runs and median, then the ratio. */
 export function turnsText(turns: HotTurns): string {
   const row = (t: TurnTarget): string => `  ${t.target.padEnd(12)} ${t.micros.map((m) => m.toFixed(1)).join(", ")} us/chk (median ${t.median.toFixed(2)})${t.errors === 0 ? "" : `, ${t.errors} calls not gRPC OK`}`;
   return [
@@ -281,6 +281,7 @@ export function turnsText(turns: HotTurns): string {
   ].join("\n");
 }
 
+/** Saturation with ghz: one row per target and scenario. */
 export function resultsTable(results: readonly ScenarioResult[], rates: readonly Ratio[]): string {
   const header = ["target", "scenario", "sat rps", "x h2 rps", "CPU us/chk", "x h2 CPU", "L1 hit %", "server cores", "backend cores", "peak RSS MB", "errors", "denials"];
   const rows = results.map((r) => {
