@@ -145,16 +145,37 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       expect(result).toBeNull();
     });
 
-    it("64 concurrent cold lookups cost exactly 64 commands, with no getMore or killCursors", async () => {
+    it("64 cold lookups made together cost one command, each answered with its own key, with no getMore or killCursors", async () => {
       const { store } = started();
       const ownerIds = [nextOwner(), nextOwner()];
       const keys = Array.from({ length: 48 }, (_, i) => record(ownerIds[i % 2] ?? ""));
       for (const key of keys) await store.createKey(key, LIMITS);
       const hashes = [...keys.map((k) => k.hash), ...Array.from({ length: 16 }, (_, i) => `round-trips-unknown-${i}`)];
       const { result, sent } = await counted(() => Promise.all(hashes.map((hash) => store.findSnapshotByHash(hash))));
-      expect(sent).toEqual(hashes.map(() => "aggregate"));
+      expect(sent).toEqual(["aggregate"]);
       expect(result.map((snapshot) => snapshot?.key.id ?? null)).toEqual([...keys.map((k) => k.id), ...Array.from({ length: 16 }, () => null)]);
       expect(result.map((snapshot) => snapshot?.account.ownerId ?? null)).toEqual([...keys.map((k) => k.ownerId), ...Array.from({ length: 16 }, () => null)]);
+      for (const [i, key] of keys.entries()) expect(result[i]?.key).toEqual(key);
+    });
+
+    it("150 lookups made together, 20 of them repeats, go as commands of at most 64 distinct keys, every lookup answered", async () => {
+      const { store } = started();
+      const ownerId = nextOwner();
+      const keys = Array.from({ length: 100 }, () => record(ownerId));
+      for (const key of keys) await store.createKey(key, LIMITS);
+      const unknown = Array.from({ length: 30 }, (_, i) => `round-trips-batch-unknown-${i}`);
+      const hashes = [...keys.map((k) => k.hash), ...unknown, ...keys.slice(0, 20).map((k) => k.hash)];
+      const { result, sent } = await counted(() => Promise.all(hashes.map((hash) => store.findSnapshotByHash(hash))));
+      // Two commands go out at once (64 and 64 keys); the last 2 distinct keys and the 20 repeats wait for one of them.
+      expect(sent).toEqual(["aggregate", "aggregate", "aggregate"]);
+      const asked = commands.map((c) => {
+        const pipeline = c.command["pipeline"] as Array<Record<string, { hash?: { $literal?: unknown } }>>;
+        return pipeline[1]?.["$project"]?.hash?.$literal as string[];
+      });
+      expect(asked.map((list) => list.length)).toEqual([64, 64, 22]);
+      for (const list of asked) expect(new Set(list).size).toBe(list.length);
+      expect(new Set(asked.flat()).size).toBe(130);
+      expect(result.map((snapshot) => snapshot?.key.id ?? null)).toEqual([...keys.map((k) => k.id), ...unknown.map(() => null), ...keys.slice(0, 20).map((k) => k.id)]);
     });
 
     it("an emptied anchor collection is refilled and the lookup asked again, never read as an unknown key", async () => {
