@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
-import { Redis } from "ioredis";
+import { Socket } from "node:net";
+import { Cluster, Redis } from "ioredis";
 import type { RedisOptions } from "ioredis";
 import type { Logger } from "pino";
 import { z } from "zod";
@@ -26,6 +27,24 @@ export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
     retryStrategy: (attempt: number) => Math.min(attempt * 100, 2000),
     ...overrides,
   };
+}
+
+/** Uncorks a connection's socket: the writes held since holdWritesForThisTurn go out as one. */
+function release(stream: { uncork(): void }): void {
+  stream.uncork();
+}
+
+/**
+ * Holds a standalone connection's writes until the current turn's callbacks and promise
+ * reactions have run, then sends them in one write (Node's cork, uncorked on the next tick). A
+ * Cluster spreads commands over many sockets and is left alone.
+ */
+export function holdWritesForThisTurn(redis: Redis | Cluster): void {
+  if (!(redis instanceof Redis) || redis.status !== "ready") return;
+  const stream: unknown = redis.stream;
+  if (!(stream instanceof Socket) || stream.destroyed || stream.writableCorked > 0) return;
+  stream.cork();
+  process.nextTick(release, stream);
 }
 
 /**
@@ -310,9 +329,14 @@ export class RedisSharedCache implements SharedCache {
     return { value: undefined, fill };
   }
 
-  /** Stores the snapshot, clears a miss marker and indexes the hash under its owner, atomically. */
+  /**
+   * Stores the snapshot, clears a miss marker and indexes the hash under its owner, atomically.
+   * The fill goes out with what the Check sends next in this turn (its charge): one write, and
+   * Redis answers both in one, where two would wake the Check's process twice.
+   */
   async set(hash: string, snapshot: KeySnapshot, fill?: FillToken): Promise<boolean> {
     const ownerId = snapshot.account.ownerId;
+    holdWritesForThisTurn(this.#redis);
     const written = await this.#run(
       FILL,
       [this.#snapKey(hash), this.#missKey(hash), this.#ownerKey(ownerId), this.#genKey, this.#floorKey, this.#keyMarker(hash), this.#ownerMarker(ownerId)],

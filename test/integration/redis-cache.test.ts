@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { Socket } from "node:net";
 import { Writable } from "node:stream";
 import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -133,6 +134,37 @@ function redisSuites(redisServer: RedisServer): void {
         const ownerTtl = await admin.ttl(`${ns}t1:owner:o1`);
         expect(ownerTtl).toBeGreaterThan(0);
         expect(ownerTtl).toBeLessThanOrEqual(30);
+      });
+
+      it("sends an L2 fill in one socket write with the command a Check sends after it in the same turn (its charge)", async () => {
+        const redis = await open();
+        const cache = new RedisSharedCache(redis, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: `${ns}t-turn:` });
+        // The first fill on a server loads the script (EVALSHA, NOSCRIPT, EVAL): not the case counted.
+        await cache.set("h0", snapshot("o-turn", "k0"));
+        const socket = redis.stream;
+        if (!(socket instanceof Socket)) throw new Error("a standalone connection has a socket");
+        let writes = 0;
+        // Count the writes the socket hands to the OS: one per write, one per batch of corked writes.
+        const { _write: write, _writev: writev } = socket;
+        socket._write = function (this: Socket, ...args: Parameters<Socket["_write"]>) {
+          writes += 1;
+          write.apply(this, args);
+        };
+        socket._writev = function (this: Socket, ...args: Parameters<NonNullable<Socket["_writev"]>>) {
+          writes += 1;
+          writev?.apply(this, args);
+        };
+        try {
+          const filled = cache.set("h1", snapshot("o-turn", "k1"));
+          const pinged = redis.ping();
+          expect(await Promise.all([filled, pinged])).toEqual([true, "PONG"]);
+          expect(writes).toBe(1);
+        } finally {
+          delete (socket as Partial<Socket>)._write;
+          delete (socket as Partial<Socket>)._writev;
+        }
+        expect((await cache.get("h1"))?.key.id).toBe("k1");
+        expect(socket.writableCorked).toBe(0);
       });
 
       it("returns null for a cached miss and undefined for nothing cached", async () => {
