@@ -577,7 +577,11 @@ export class MongoKeyStore implements KeyStore {
       if (docs.length === 0) throw new StoreUnavailableError("MongoDB's lookup anchor could not be placed");
     }
     const found = new Map<string, AnchoredSnapshotDoc>();
-    for (const doc of docs) found.set(doc.hash, doc);
+    for (const doc of docs) {
+      // The hash index is unique, so this never happens; if it did, neither key may be chosen.
+      if (found.has(doc.hash)) throw new StoreUnavailableError("MongoDB answered a key lookup with two keys for one hash");
+      found.set(doc.hash, doc);
+    }
     for (const hash of hashes) {
       if (!found.has(hash)) throw new StoreUnavailableError("MongoDB answered a key lookup without one of the keys it was asked for");
     }

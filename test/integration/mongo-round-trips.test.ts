@@ -5,7 +5,7 @@ import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newKeyId } from "../../src/keys/ids.js";
 import { StoreUnavailableError } from "../../src/store/errors.js";
-import { MongoKeyStore } from "../../src/store/mongo.js";
+import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { AccountDoc, KeyDoc } from "../../src/store/mongo.js";
 import type { CreateLimits, KeyRecord } from "../../src/store/store.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
@@ -176,6 +176,31 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       for (const list of asked) expect(new Set(list).size).toBe(list.length);
       expect(new Set(asked.flat()).size).toBe(130);
       expect(result.map((snapshot) => snapshot?.key.id ?? null)).toEqual([...keys.map((k) => k.id), ...unknown.map(() => null), ...keys.slice(0, 20).map((k) => k.id)]);
+    });
+
+    it("two keys with one hash (the unique index gone) fail the lookup: neither key is chosen", async () => {
+      if (server === undefined || raw === undefined) throw new Error("the MongoDB-wire server did not start");
+      const uri = new URL(server.uri);
+      const database = `${uri.pathname.slice(1)}_two_keys`;
+      uri.pathname = `/${database}`;
+      const twice = await MongoKeyStore.connect(uri.toString());
+      try {
+        const ownerId = nextOwner();
+        const first = record(ownerId);
+        await twice.createKey(first, LIMITS);
+        const keys = raw.db(database).collection<KeyDoc>("keys");
+        await keys.dropIndex("hash_unique");
+        await keys.insertOne(keyDocument(record(ownerId, { hash: first.hash }), true));
+        expect(await keys.countDocuments({ hash: first.hash })).toBe(2);
+        const error = await twice.findSnapshotByHash(first.hash).then(
+          (snapshot) => snapshot,
+          (reason: unknown) => reason,
+        );
+        expect(error).toBeInstanceOf(StoreUnavailableError);
+        expect(error).toMatchObject({ message: "MongoDB answered a key lookup with two keys for one hash" });
+      } finally {
+        await twice.close();
+      }
     });
 
     it("an emptied anchor collection is refilled and the lookup asked again, never read as an unknown key", async () => {
