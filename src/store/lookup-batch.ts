@@ -16,7 +16,7 @@ interface Waiting<V> {
   key: string;
   resolve: (value: V) => void;
   reject: (error: unknown) => void;
-  timer: NodeJS.Timeout;
+  timer?: NodeJS.Timeout;
   settled: boolean;
 }
 
@@ -48,7 +48,7 @@ export class LookupBatcher<V> {
   /** The value for `key`, read alone or with others. */
   get(key: string): Promise<V> {
     return new Promise<V>((resolve, reject) => {
-      const waiting: Waiting<V> = { key, resolve, reject, timer: undefined as unknown as NodeJS.Timeout, settled: false };
+      const waiting: Waiting<V> = { key, resolve, reject, settled: false };
       waiting.timer = setTimeout(() => {
         waiting.settled = true;
         reject(this.options.timeoutError());

@@ -190,17 +190,17 @@ function slotCounter(key: Pick<KeyDoc, "test_slot">): SlotCounter {
   return key.test_slot === true ? "active_test_key_count" : "active_key_count";
 }
 /** One document of the cold lookup's answer: a hash asked for, its key and the key's account, each absent when not found. */
-interface AnchoredSnapshotDoc {
+export interface AnchoredSnapshotDoc {
   hash: string;
   key?: KeyDoc;
   account?: AccountDoc;
 }
 /**
- * The documents of an `aggregate` command's first batch, each checked: a hash, and a key (when
- * one was found) whose own hash is that hash, so a wrong join can never hand one key's record to
- * another's lookup.
+ * The documents of an `aggregate` command's first batch, each checked: a hash, a key (when one
+ * was found) whose own hash is that hash, and an account (when one was found) that is that key's
+ * owner, so a wrong join can never hand one key's record, or another account's plan, to a lookup.
  */
-function firstBatch(reply: mongoose.mongo.Document): AnchoredSnapshotDoc[] {
+export function firstBatch(reply: mongoose.mongo.Document): AnchoredSnapshotDoc[] {
   const cursor: unknown = reply["cursor"];
   const batch: unknown = typeof cursor === "object" && cursor !== null && "firstBatch" in cursor ? cursor.firstBatch : undefined;
   if (!Array.isArray(batch)) throw new StoreUnavailableError("MongoDB answered the key lookup without a first batch");
@@ -212,9 +212,13 @@ function firstBatch(reply: mongoose.mongo.Document): AnchoredSnapshotDoc[] {
 
 function isAnchoredSnapshot(value: unknown): value is AnchoredSnapshotDoc {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return false;
-  const { hash, key } = value as { hash?: unknown; key?: unknown };
+  const { hash, key, account } = value as { hash?: unknown; key?: unknown; account?: unknown };
   if (typeof hash !== "string") return false;
-  return key === undefined || (typeof key === "object" && key !== null && (key as { hash?: unknown }).hash === hash);
+  if (key === undefined) return account === undefined;
+  if (typeof key !== "object" || key === null) return false;
+  const { hash: keyHash, owner_id: ownerId } = key as { hash?: unknown; owner_id?: unknown };
+  if (keyHash !== hash) return false;
+  return account === undefined || (typeof account === "object" && account !== null && (account as { _id?: unknown })._id === ownerId);
 }
 
 /** The anchor collection's document (see snapshotPipeline). */
