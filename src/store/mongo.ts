@@ -250,7 +250,7 @@ const ANCHOR_ID = "anchor";
  * next path reads it, because that server resolves neither a dotted `localField` nor a dotted
  * projection through an array; its `$arrayElemAt` evaluates the elements' strings as
  * expressions, so a name starting with "$" would break it. The key and the account come back
- * whole, as any other query reads them (toKey and toAccount read what they need): a final
+ * whole, as every other query reads them (toKey and toAccount read what they need): a final
  * `$project` of their fields saved about 100 bytes a lookup, and cost that server more than the
  * rest of the lookup, resolving each dotted path anew (a third of its CPU at 1,000 cold Checks/s).
  */
