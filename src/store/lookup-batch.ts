@@ -76,14 +76,14 @@ export class LookupBatcher<V> {
 
   #drain(): void {
     while (this.#inFlight < this.options.maxInFlight) {
-      const batch = this.#take();
+      const { batch, keys } = this.#take();
       if (batch.length === 0) return;
-      this.#read(batch);
+      this.#read(batch, [...keys]);
     }
   }
 
-  /** Up to maxBatch distinct keys' lookups, oldest first; timed-out lookups are dropped. */
-  #take(): Array<Waiting<V>> {
+  /** Up to maxBatch distinct keys' lookups, oldest first, and those keys; timed-out lookups are dropped. */
+  #take(): { batch: Array<Waiting<V>>; keys: Set<string> } {
     const batch: Array<Waiting<V>> = [];
     const keys = new Set<string>();
     let index = 0;
@@ -97,10 +97,10 @@ export class LookupBatcher<V> {
       batch.push(waiting);
     }
     this.#waiting.splice(0, index);
-    return batch;
+    return { batch, keys };
   }
 
-  #read(batch: Array<Waiting<V>>): void {
+  #read(batch: Array<Waiting<V>>, keys: readonly string[]): void {
     this.#inFlight += 1;
     let holding = true;
     const release = (): void => {
@@ -113,7 +113,6 @@ export class LookupBatcher<V> {
     // A read that outlives the lookups' deadline stops holding its place: a stalled connection
     // must not keep every later lookup from being sent.
     const slow = setTimeout(release, this.options.timeoutMs);
-    const keys = [...new Set(batch.map((waiting) => waiting.key))];
     let read: Promise<ReadonlyMap<string, V>>;
     try {
       read = this.readMany(keys);
