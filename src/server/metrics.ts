@@ -75,6 +75,7 @@ export class Metrics implements LookupObserver {
   readonly #reloads: Counter<"file" | "result">;
   readonly #reloadFailing: Gauge<"file">;
   readonly #tlsHandshakeFailures: Counter<"listener">;
+  readonly #unhandledRejections: Counter;
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -149,6 +150,12 @@ export class Metrics implements LookupObserver {
       labelNames: ["listener"],
       registers,
     });
+    this.#unhandledRejections = new Counter({
+      name: "keygate_unhandled_rejections_total",
+      help: "Promises rejected with no handler (each logged at error level); keygate serve keeps serving instead of exiting",
+      registers,
+    });
+    this.#unhandledRejections.inc(0);
     // Every listener's series exists from the start, so a dashboard shows 0 rather than nothing.
     for (const listener of LISTENERS) {
       this.#connections.labels(listener).set(0);
@@ -200,6 +207,11 @@ export class Metrics implements LookupObserver {
   configReloaded(file: "policy" | "admin_tokens" | "tls", result: "applied" | "unchanged" | "failed"): void {
     this.#reloads.labels(file, result).inc();
     this.#reloadFailing.labels(file).set(result === "failed" ? 1 : 0);
+  }
+
+  /** Counts one promise rejected with no handler. */
+  unhandledRejection(): void {
+    this.#unhandledRejections.inc();
   }
 
   /** Counts a TLS handshake that failed on a listener. */

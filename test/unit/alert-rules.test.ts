@@ -51,7 +51,7 @@ async function exercisedMetricsText(): Promise<string> {
 }
 
 describe("alert rules: what they name", () => {
-  it("cover errors, UNAVAILABLE, latency, Redis and store errors, reload failures and a cache-hit collapse", () => {
+  it("cover errors, UNAVAILABLE, latency, Redis and store errors, reload failures, a cache-hit collapse and unhandled rejections", () => {
     expect(rules.map((r) => r.alert).sort()).toEqual(
       [
         "KeygateCacheHitCollapse",
@@ -64,6 +64,7 @@ describe("alert rules: what they name", () => {
         "KeygateRedisErrors",
         "KeygateStoreErrors",
         "KeygateUnavailableAnswers",
+        "KeygateUnhandledRejections",
         "KeygateWriteBehindBacklog",
       ].sort(),
     );

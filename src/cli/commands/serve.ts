@@ -61,6 +61,13 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   };
   const keygate = await buildKeygate(config, { logger, announce, migrate: options.migrate }).catch(exitOnStartError);
   generatedAdminToken = keygate.generatedAdminToken;
+  // Node ends the process on a promise rejected with no handler. One from a library's internals
+  // (ioredis's flush of queued commands on a reconnect has been seen to leave one) must not take
+  // every Check in flight down with it: it is logged, counted, and keygate keeps serving.
+  process.on("unhandledRejection", (reason: unknown) => {
+    keygate.metrics.unhandledRejection();
+    logger.error({ err: reason }, "unhandled promise rejection");
+  });
   await keygate.start().catch(exitOnStartError);
   if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
   let stopping = false;
