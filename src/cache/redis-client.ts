@@ -218,6 +218,15 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
 }
 
 /**
+ * The subscriber connection does not re-subscribe on its own after a reconnect: the bus does, and
+ * handles the answer (RedisInvalidationBus). ioredis's own re-subscription is a promise nobody
+ * holds: when the connection drops again before Redis confirms it, and the next attempt is
+ * refused too, ioredis rejects it (MaxRetriesPerRequestError) with no handler, an unhandled
+ * rejection.
+ */
+const SUBSCRIBER_OVERRIDES: RedisOptions = { autoResubscribe: false };
+
+/**
  * Opens the invalidation bus's subscriber. Standalone and Sentinel: a connection of its own
  * (through Sentinel it follows the master across a failover, dropping and coming back, so the
  * bus clears L1 and subscribes again). Cluster: PUBLISH reaches every node, so one node's
@@ -231,9 +240,9 @@ export async function openSubscriber(
 ): Promise<SubscriberConnection & { disconnect(): void; quit(): Promise<unknown> }> {
   switch (topology.kind) {
     case "standalone":
-      return connectRedis(topology.url, standaloneOverrides(tls), logger);
+      return connectRedis(topology.url, { ...standaloneOverrides(tls), ...SUBSCRIBER_OVERRIDES }, logger);
     case "sentinel":
-      return connectWatched(new Redis(sentinelOptions(topology, tls)), logger);
+      return connectWatched(new Redis({ ...sentinelOptions(topology, tls), ...SUBSCRIBER_OVERRIDES }), logger);
     case "cluster": {
       if (!(main instanceof Cluster)) throw new Error("a Cluster topology needs a Cluster client");
       const auth = { username: topology.username, password: topology.password, tls: topology.tls ? tls : undefined };

@@ -591,8 +591,9 @@ export class RedisInvalidationBus implements InvalidationBus {
   };
 
   /**
-   * ioredis re-subscribes on its own after "ready", but without telling us when it is done.
-   * Subscribing again and awaiting it means "all" goes out only once no event can slip by.
+   * The subscriber connection does not re-subscribe by itself (openSubscriber turns ioredis's
+   * autoResubscribe off): the bus subscribes after each "ready" and awaits it, so "all" goes out
+   * only once no event can slip by, and a failed SUBSCRIBE is handled here.
    */
   async #resubscribe(): Promise<void> {
     try {

@@ -1,0 +1,133 @@
+import { randomUUID } from "node:crypto";
+import { connect, createServer } from "node:net";
+import type { AddressInfo, Server, Socket } from "node:net";
+import { Redis } from "ioredis";
+import { afterAll, describe, expect, it } from "vitest";
+import type { Invalidation } from "../../src/cache/cache.js";
+import { RedisInvalidationBus, connectRedis } from "../../src/cache/redis.js";
+import { openSubscriber } from "../../src/cache/redis-client.js";
+import { until } from "../harness/poll.js";
+import { suiteWithServer } from "../harness/ports.js";
+import { startRedis } from "../harness/redis-server.js";
+import type { RedisServer } from "../harness/redis-server.js";
+
+const SUITE = "invalidation subscriber across reconnects";
+const server = await startRedis();
+
+suiteWithServer(SUITE, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", suites);
+
+/**
+ * A TCP relay to Redis that can drop every connection, and can be told to drop the next
+ * connection that sends a SUBSCRIBE (without relaying it) and then refuse connections until
+ * `listen()` is called again.
+ */
+class Relay {
+  readonly #target: number;
+  readonly #sockets = new Set<Socket>();
+  #server: Server | null = null;
+  #port = 0;
+  dropOnSubscribe = false;
+
+  constructor(target: number) {
+    this.#target = target;
+  }
+
+  get url(): string {
+    return `redis://127.0.0.1:${this.#port}`;
+  }
+
+  async listen(): Promise<void> {
+    const server = createServer((client) => this.#relay(client));
+    await new Promise<void>((done, fail) => {
+      server.once("error", fail);
+      server.listen(this.#port, "127.0.0.1", () => done());
+    });
+    this.#port = (server.address() as AddressInfo).port;
+    this.#server = server;
+  }
+
+  dropAll(): void {
+    for (const socket of this.#sockets) socket.destroy();
+    this.#sockets.clear();
+  }
+
+  async close(): Promise<void> {
+    const server = this.#server;
+    this.#server = null;
+    this.dropAll();
+    if (server !== null) await new Promise<void>((done) => server.close(() => done()));
+  }
+
+  #relay(client: Socket): void {
+    const upstream = connect(this.#target, "127.0.0.1");
+    this.#sockets.add(client);
+    this.#sockets.add(upstream);
+    client.on("error", () => client.destroy());
+    upstream.on("error", () => upstream.destroy());
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+    upstream.pipe(client);
+    client.on("data", (chunk: Buffer) => {
+      if (this.dropOnSubscribe && chunk.toString("latin1").toLowerCase().includes("subscribe")) {
+        this.dropOnSubscribe = false;
+        void this.close();
+        return;
+      }
+      upstream.write(chunk);
+    });
+  }
+}
+
+function suites(redisServer: RedisServer): void {
+  describe(SUITE, () => {
+    const closers: Array<() => Promise<unknown> | void> = [];
+    afterAll(async () => {
+      for (const close of closers.reverse()) await close();
+      await redisServer.stop();
+    });
+
+    it("a SUBSCRIBE lost in a second drop fails nowhere unhandled, and the bus subscribes again once Redis is back", async () => {
+      const rejections: unknown[] = [];
+      const onRejection = (reason: unknown): void => {
+        rejections.push(reason);
+      };
+      process.on("unhandledRejection", onRejection);
+      closers.push(() => process.off("unhandledRejection", onRejection));
+
+      const relay = new Relay(redisServer.port);
+      await relay.listen();
+      closers.push(() => relay.close());
+      const publisher = await connectRedis(redisServer.url);
+      closers.push(() => publisher.disconnect());
+      const subscriber = await openSubscriber({ kind: "standalone", url: relay.url }, publisher);
+      closers.push(() => subscriber.disconnect());
+      const reconnects: number[] = [];
+      (subscriber as Redis).on("reconnecting", () => reconnects.push(reconnects.length));
+      const channel = `resubscribe-${randomUUID().slice(0, 8)}`;
+      const bus = new RedisInvalidationBus(publisher, subscriber, { channel });
+      closers.push(() => bus.close());
+      const heard: Invalidation[] = [];
+      bus.subscribe((event) => heard.push(event));
+      await bus.start();
+
+      // Drop 1: the connection comes back, and the first SUBSCRIBE sent on it is lost with the
+      // connection (drop 2), after which Redis refuses connections: the second failed attempt
+      // flushes every command still queued with MaxRetriesPerRequestError.
+      relay.dropOnSubscribe = true;
+      relay.dropAll();
+      await until(() => reconnects.length >= 3, 20_000, "the subscriber's third reconnect attempt (the second since the lost SUBSCRIBE)", { intervalMs: 10 });
+      // Rejections with no handler are reported once the turn that made them has run its microtasks.
+      await new Promise((done) => setImmediate(done));
+      await new Promise((done) => setImmediate(done));
+      expect(rejections.map((r) => (r instanceof Error ? `${r.name}: ${r.message}` : String(r)))).toEqual([]);
+
+      // Redis is reachable again: the bus subscribes on its own and hears invalidations.
+      await relay.listen();
+      await until(() => bus.connected, 20_000, "the bus connected again", { intervalMs: 10 });
+      heard.length = 0;
+      await bus.publish({ kind: "key", hash: "h-after" });
+      await until(() => heard.some((e) => e.kind === "key" && e.hash === "h-after"), 10_000, "the invalidation published after the reconnect, heard", { intervalMs: 10 });
+      expect(rejections).toEqual([]);
+    });
+  });
+}
