@@ -92,7 +92,9 @@ function suites(redisServer: RedisServer): void {
         rejections.push(reason);
       };
       process.on("unhandledRejection", onRejection);
-      closers.push(() => process.off("unhandledRejection", onRejection));
+      closers.push(() => {
+        process.off("unhandledRejection", onRejection);
+      });
 
       const relay = new Relay(redisServer.port);
       await relay.listen();
