@@ -36,6 +36,7 @@ describe("a promise rejected with no handler", () => {
       cwd: dir,
       env: embeddedEnv({ dataDir: join(dir, "data"), adminToken: ADMIN_TOKEN, extra: { KEYGATE_LOG_LEVEL: "info" } }),
       args: ["--import", preload, builtCli(), "serve"],
+      allowUnhandledRejections: true,
     });
     running.push(keygate);
     expect(await counted(keygate.ports.admin)).toBe("0");

@@ -82,12 +82,17 @@ export function sharedBackendEnv(options: { mongoUri: string; redisUrl: string; 
   };
 }
 
+/** The log line of a promise rejected with no handler: keygate keeps serving, and a test fails on it. */
+const UNHANDLED_REJECTION = '"msg":"unhandled promise rejection"';
+
 /**
  * Spawns `keygate serve` with exactly `env` for its KEYGATE_* variables (inherited ones are
  * dropped) and waits for its "keygate listening" line. `args` (node's arguments) runs another
- * build, such as an earlier release's `dist/cli.js serve`.
+ * build, such as an earlier release's `dist/cli.js serve`. `stop()` fails when the process
+ * logged an unhandled promise rejection (a defect keygate survives), unless
+ * `allowUnhandledRejections` is set.
  */
-export function spawnKeygate(options: { cwd: string; env: Record<string, string>; args?: readonly string[] }): Promise<KeygateProcess> {
+export function spawnKeygate(options: { cwd: string; env: Record<string, string>; args?: readonly string[]; allowUnhandledRejections?: boolean }): Promise<KeygateProcess> {
   const env: NodeJS.ProcessEnv = {};
   for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
   // Test machines are shared and loaded: a budget as short as production's would turn a slow
@@ -114,9 +119,12 @@ export function spawnKeygate(options: { cwd: string; env: Record<string, string>
           stdout: () => out,
           stderr: () => err,
           exit,
-          stop(signal = "SIGTERM") {
+          async stop(signal = "SIGTERM") {
             if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-            return exit;
+            const code = await exit;
+            const rejection = out.split("\n").find((line) => line.includes(UNHANDLED_REJECTION));
+            if (rejection !== undefined && options.allowUnhandledRejections !== true) throw new Error(`keygate logged an unhandled promise rejection:\n${rejection}`);
+            return code;
           },
         });
         return;
