@@ -15,7 +15,7 @@ import type { AdminAuth } from "../admin/auth.js";
 import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
 import type { Permission } from "../admin/permissions.js";
-import { awaitOpening, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { awaitOpening, stopAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
@@ -106,7 +106,7 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
     stream.respond({ ":status": status, ...headers }, { endStream: body === "" });
     if (body !== "") stream.end(body);
     // RFC 9113 §8.1: once answered, the server may tell the client to stop sending with NO_ERROR.
-    if (!stream.endAfterHeaders) stream.close(http2Constants.NGHTTP2_NO_ERROR);
+    if (!stream.endAfterHeaders) stopAfterAnswer(stream);
     return;
   }
   // Node ends a "Connection: close" answer with destroySoon(), which closes the socket with the
@@ -175,7 +175,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     const socket = req.socket;
     res.once("finish", () => {
       if (req.complete) return;
-      if (isHttp2(req)) req.stream.close(http2Constants.NGHTTP2_NO_ERROR);
+      if (isHttp2(req)) stopAfterAnswer(req.stream);
       else lingeringClose(socket);
     });
     admittedBody?.();

@@ -1,4 +1,6 @@
 import { readFileSync } from "node:fs";
+import { constants as http2Constants } from "node:http2";
+import type { ServerHttp2Stream } from "node:http2";
 import type { Server as NetServer, Socket } from "node:net";
 import type { ListenerSettings } from "../config.js";
 import type { ListenerName, Metrics } from "./metrics.js";
@@ -128,4 +130,21 @@ export function awaitOpening(socket: Socket, timeoutMs: number, allowHttp1: bool
     ready(opening);
   }
   socket.on("data", onData);
+}
+
+/**
+ * Tells a client that may still be sending that its answer is complete: RST_STREAM with
+ * NO_ERROR (RFC 9113 §8.1), so it stops sending a body keygate will not read. Call it after the
+ * answer's respond() (and end()); the reset goes one turn of the event loop later. Made in the
+ * same turn, on Node 26 the reset reaches nghttp2 ahead of the answer's HEADERS, which are then
+ * never sent: the client sees a reset without a status (grpc-js: INTERNAL, "Call ended without
+ * gRPC status"). Node 24 held the reset back until the answer was written; setImmediate runs
+ * after node:http2 has handed the answer over, on both.
+ */
+export function stopAfterAnswer(stream: ServerHttp2Stream): void {
+  setImmediate(closeWithNoError, stream);
+}
+
+function closeWithNoError(stream: ServerHttp2Stream): void {
+  if (!stream.destroyed && !stream.closed) stream.close(http2Constants.NGHTTP2_NO_ERROR);
 }

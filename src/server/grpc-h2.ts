@@ -4,7 +4,7 @@ import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
 import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus, HealthCheckResponseSchema } from "../gen/grpc/health/v1/health_pb.js";
-import { awaitOpening, trackConnections } from "./connections.js";
+import { awaitOpening, stopAfterAnswer, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { DecodedCheckRequest } from "../authz/check-request.js";
 import type { AuthzCore, StartedServer } from "./grpc-authz.js";
@@ -261,7 +261,7 @@ function finish(call: Call, headers: OutgoingHttpHeaders): void {
     stream.respond(headers, END_STREAM);
     // The client may still be sending (an oversize body, say): RST_STREAM NO_ERROR after the
     // answer tells it to stop (RFC 9113 §8.1), and keygate reads no more of it.
-    if (!call.halfClosed) stream.close(h2.NGHTTP2_NO_ERROR);
+    if (!call.halfClosed) stopAfterAnswer(stream);
   } catch {
     stream.destroy();
   }
@@ -589,7 +589,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
   function rejectHttp(stream: ServerHttp2Stream, headers: OutgoingHttpHeaders): void {
     try {
       stream.respond(headers, END_HTTP);
-      if (!stream.endAfterHeaders) stream.close(h2.NGHTTP2_NO_ERROR);
+      if (!stream.endAfterHeaders) stopAfterAnswer(stream);
     } catch {
       stream.destroy();
     }
