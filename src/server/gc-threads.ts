@@ -11,8 +11,11 @@ export const DEFAULT_GC_THREAD_NICE = 0;
 /** The highest nice value, Linux's lowest priority: KEYGATE_GC_THREAD_NICE runs from 0 to this. */
 export const MAX_GC_THREAD_NICE = 19;
 
-/** Linux's name for V8's worker threads (/proc/<pid>/task/<tid>/comm). */
-const V8_WORKER = "V8Worker";
+/**
+ * The names Linux shows for V8's worker threads (/proc/<pid>/task/<tid>/comm): Node 24 names them
+ * V8Worker, Node 26 prefixes every thread of its own with "node-".
+ */
+const V8_WORKER_NAMES: ReadonlySet<string> = new Set(["V8Worker", "node-V8Worker"]);
 
 /** What lowerGcThreadPriority did: the threads it set, and the first refusal, if any. */
 export interface GcThreadPriority {
@@ -54,7 +57,7 @@ export function lowerGcThreadPriority(nice: number, platform: NodeJS.Platform = 
       // The thread ended after the listing.
       continue;
     }
-    if (name !== V8_WORKER) continue;
+    if (!V8_WORKER_NAMES.has(name)) continue;
     try {
       setPriority(Number(tid), nice);
       result.threads += 1;

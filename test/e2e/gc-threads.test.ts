@@ -6,6 +6,9 @@ import { lowerGcThreadPriority } from "../../src/server/gc-threads.js";
 import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
+/** V8's worker threads as Linux names them: V8Worker on Node 24, node-V8Worker on Node 26. */
+const V8_WORKER = /^(node-)?V8Worker$/;
+
 // keygate sets V8's worker threads (GC marking, sweeping, compaction) to KEYGATE_GC_THREAD_NICE
 // at start (default 0: left as they are), and nothing else: the event loop's thread keeps the
 // process's priority.
@@ -52,7 +55,7 @@ describe.runIf(linux)("V8's GC threads at a lower priority", () => {
     const keygate = await start({ KEYGATE_GC_THREAD_NICE: "19" });
     const pid = keygate.child.pid as number;
     const all = threads(pid);
-    const workers = all.filter((t) => t.name === "V8Worker");
+    const workers = all.filter((t) => V8_WORKER.test(t.name));
     expect(workers.length).toBeGreaterThan(0);
     expect(workers.map((t) => t.nice)).toStrictEqual(workers.map(() => 19));
     expect(all.find((t) => t.tid === pid)?.nice).toBe(ownNice());
@@ -63,7 +66,7 @@ describe.runIf(linux)("V8's GC threads at a lower priority", () => {
     // A value above the inherited one: raising a nice value needs no privilege.
     const chosen = Math.min(19, ownNice() + 7);
     const seven = await start({ KEYGATE_GC_THREAD_NICE: String(chosen) });
-    const sevenWorkers = threads(seven.child.pid as number).filter((t) => t.name === "V8Worker");
+    const sevenWorkers = threads(seven.child.pid as number).filter((t) => V8_WORKER.test(t.name));
     expect(sevenWorkers.length).toBeGreaterThan(0);
     expect(sevenWorkers.map((t) => t.nice)).toStrictEqual(sevenWorkers.map(() => chosen));
     await seven.stop();
@@ -71,7 +74,7 @@ describe.runIf(linux)("V8's GC threads at a lower priority", () => {
     const unset: Record<string, string> = {};
     for (const env of [unset, { KEYGATE_GC_THREAD_NICE: "0" }]) {
       const left = await start(env);
-      const leftWorkers = threads(left.child.pid as number).filter((t) => t.name === "V8Worker");
+      const leftWorkers = threads(left.child.pid as number).filter((t) => V8_WORKER.test(t.name));
       expect(leftWorkers.length).toBeGreaterThan(0);
       expect(leftWorkers.map((t) => t.nice)).toStrictEqual(leftWorkers.map(() => ownNice()));
       await left.stop();
