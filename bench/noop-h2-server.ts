@@ -1,7 +1,8 @@
 /**
  * The ceiling: Node's own HTTP/2 limit for a unary gRPC call. A Check handler written directly on
  * `node:http2` that reads the request's 5-byte-framed message, checks the frame, and answers one
- * fixed OK CheckResponse (framed and encoded once) with `grpc-status: 0` in trailers. It does not
+ * fixed OK CheckResponse (framed and encoded once) with `grpc-status: 0` in trailers (sent as
+ * keygate sends them, src/server/h2-trailers.ts, so both pay the same turns). It does not
  * decode the protobuf message: what it costs is the transport, which every server pays. Anything
  * but POST /envoy.service.auth.v3.Authorization/Check is a trailers-only UNIMPLEMENTED. Run as its
  * own process so its CPU is accounted apart; prints one JSON line with its port, then serves until
@@ -11,6 +12,7 @@ import { create, toBinary } from "@bufbuild/protobuf";
 import { constants, createServer } from "node:http2";
 import type { IncomingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import { CheckResponseSchema } from "../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { sendOkTrailers } from "../src/server/h2-trailers.js";
 
 const CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check";
 // Larger than any bench CheckRequest; a bigger frame is refused like a server's size limit would.
@@ -65,7 +67,8 @@ function onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void
       return;
     }
     stream.respond(RESPONSE_HEADERS, { waitForTrailers: true });
-    stream.once("wantTrailers", () => stream.sendTrailers(OK_TRAILERS));
+    // As keygate sends them: in the turn that ends the DATA where this Node allows it.
+    stream.once("wantTrailers", () => sendOkTrailers(stream, OK_TRAILERS));
     stream.end(OK_FRAME);
   });
 }

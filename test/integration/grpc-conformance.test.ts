@@ -20,6 +20,7 @@ import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
 import { until } from "../harness/poll.js";
+import { H2_PREFACE, H2_SETTINGS, h2Frame, hpackLiterals, openSocket } from "../harness/sockets.js";
 
 // The same cases run against both engines that can serve the gRPC port: keygate's own server on
 // node:http2 and @grpc/grpc-js. grpc-js is the reference client throughout; raw node:http2 client
@@ -754,6 +755,72 @@ describe("h2 engine, closed streams", () => {
       expect(stillHeld).toEqual([[], [], []]);
     } finally {
       diagnostics.unsubscribe(STREAM_CLOSE_CHANNEL, onClose);
+    }
+  });
+});
+
+/** One HTTP/2 frame as read off the wire: its type, flags and stream. */
+interface WireFrame {
+  type: number;
+  flags: number;
+  streamId: number;
+}
+
+const FRAME_HEADERS = 0x1;
+const FRAME_DATA = 0x0;
+const FLAG_END_STREAM = 0x1;
+
+describe("h2 engine, trailers in the answer's turn", () => {
+  // The client here runs on keygate's own event loop, so it reads only between turns: an answer
+  // whose trailers went out in the turn that ended its DATA arrives in one read; trailers a turn
+  // later (node:http2's sendTrailers) arrive in a read of their own.
+  it("sends an OK answer's trailers in the turn that ends its DATA, not a turn later", async () => {
+    const entry = await start("h2");
+    const socket = await openSocket(entry.server.port);
+    // Each 'data' event is one read of what keygate wrote by then; the frames each read carried.
+    const reads: WireFrame[][] = [];
+    let pending = Buffer.alloc(0);
+    socket.on("data", (chunk: Buffer) => {
+      pending = Buffer.concat([pending, chunk]);
+      const frames: WireFrame[] = [];
+      while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+        frames.push({ type: pending.readUInt8(3), flags: pending.readUInt8(4), streamId: pending.readUInt32BE(5) & 0x7fffffff });
+        pending = pending.subarray(9 + pending.readUIntBE(0, 3));
+      }
+      reads.push(frames);
+    });
+    try {
+      socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
+      // The server's SETTINGS, then its acknowledgement of ours; then ours of its.
+      await until(() => reads.flat().some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
+      socket.write(h2Frame(0x4, 0x1, 0));
+      const streams = [1, 3, 5, 7, 9];
+      for (const streamId of streams) {
+        const headers = hpackLiterals([
+          [":method", "POST"],
+          [":scheme", "http"],
+          [":path", CHECK_PATH],
+          [":authority", "keygate"],
+          ["content-type", "application/grpc"],
+          ["te", "trailers"],
+        ]);
+        // One write with the request whole, then wait for the answer's END_STREAM.
+        socket.write(Buffer.concat([h2Frame(FRAME_HEADERS, 0x4, streamId, headers), h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`)))]));
+        await until(() => reads.flat().some((frame) => frame.streamId === streamId && (frame.flags & FLAG_END_STREAM) === 1), WAIT_MS, `the answer on stream ${streamId}`);
+      }
+      for (const streamId of streams) {
+        const carrying = reads.filter((frames) => frames.some((frame) => frame.streamId === streamId));
+        // One read held the whole answer: HEADERS, one DATA, then the trailers ending the stream.
+        expect(carrying.map((frames) => frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM]))).toEqual([
+          [
+            [FRAME_HEADERS, 0],
+            [FRAME_DATA, 0],
+            [FRAME_HEADERS, FLAG_END_STREAM],
+          ],
+        ]);
+      }
+    } finally {
+      socket.destroy();
     }
   });
 });
