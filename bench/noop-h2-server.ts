@@ -35,7 +35,6 @@ const OK_FRAME = framed(
   ),
 );
 const RESPONSE_HEADERS = { [constants.HTTP2_HEADER_STATUS]: 200, [constants.HTTP2_HEADER_CONTENT_TYPE]: "application/grpc" };
-const OK_TRAILERS = { "grpc-status": "0" };
 
 function trailersOnly(stream: ServerHttp2Stream, code: number, message: string): void {
   stream.respond({ ...RESPONSE_HEADERS, "grpc-status": String(code), "grpc-message": encodeURIComponent(message) }, { endStream: true });
@@ -68,7 +67,7 @@ function onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void
     }
     stream.respond(RESPONSE_HEADERS, { waitForTrailers: true });
     // As keygate sends them: in the turn that ends the DATA where this Node allows it.
-    stream.once("wantTrailers", () => sendOkTrailers(stream, OK_TRAILERS));
+    stream.once("wantTrailers", () => sendOkTrailers(stream));
     stream.end(OK_FRAME);
   });
 }

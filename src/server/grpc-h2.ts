@@ -5,8 +5,8 @@ import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import type { Logger } from "pino";
 import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus, HealthCheckResponseSchema } from "../gen/grpc/health/v1/health_pb.js";
 import { awaitOpening, stopAfterAnswer, trackConnections } from "./connections.js";
-import { sendOkTrailers } from "./h2-trailers.js";
 import type { ListenerLimits } from "./connections.js";
+import { sendOkTrailers } from "./h2-trailers.js";
 import type { DecodedCheckRequest } from "../authz/check-request.js";
 import type { AuthzCore, StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
@@ -240,7 +240,7 @@ function ignore(): void {}
 function sendTrailers(this: CallStream): void {
   const call = this[CALL];
   try {
-    if (call === undefined || call.pendingTrailers === OK_TRAILERS) sendOkTrailers(this, OK_TRAILERS);
+    if (call === undefined || call.pendingTrailers === OK_TRAILERS) sendOkTrailers(this);
     else this.sendTrailers(call.pendingTrailers);
   } catch {
     this.destroy();

@@ -20,7 +20,9 @@ import type { OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
  * do with it: the stream is destroyed (the client sees a reset, never a wrong status).
  */
 const NODE_MAJORS_READ = new Set(["24", "26"]);
-// grpc-status: 0, no flags (NGHTTP2_NV_FLAG_NONE as one character), one field.
+// grpc-status: 0 for the public API, and as node:http2's header list: no flags
+// (NGHTTP2_NV_FLAG_NONE as one character), one field.
+const OK_TRAILERS: OutgoingHttpHeaders = Object.freeze({ "grpc-status": "0" });
 const OK_TRAILER_LIST: readonly [string, number] = Object.freeze(["grpc-status\u00000\u0000\u0000", 1] as const);
 
 interface StreamHandle {
@@ -40,13 +42,13 @@ function handleOf(stream: ServerHttp2Stream): StreamHandle | null {
 
 /**
  * Sends `grpc-status: 0` as the stream's trailers. Call it from the stream's 'wantTrailers'
- * event: there it is submitted at once; `sendTrailers(fallback)` where this Node's handle is not
- * the one described above.
+ * event: there it is submitted at once; through the public `sendTrailers` where this Node's handle
+ * is not the one described above.
  */
-export function sendOkTrailers(stream: ServerHttp2Stream, fallback: OutgoingHttpHeaders): void {
+export function sendOkTrailers(stream: ServerHttp2Stream): void {
   const handle = handleOf(stream);
   if (handle === null) {
-    stream.sendTrailers(fallback);
+    stream.sendTrailers(OK_TRAILERS);
     return;
   }
   if (handle.trailers(OK_TRAILER_LIST) < 0) stream.destroy();
