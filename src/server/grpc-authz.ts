@@ -197,6 +197,14 @@ export interface AuthzCore {
   decodeCheck(bytes: Uint8Array): DecodedCheckRequest;
   /** Decides one Check and hands the answer to `reply(target, …)`, at once or later. */
   check<T>(request: DecodedCheckRequest, target: T, reply: CheckReply<T>): void;
+  /**
+   * Decides Checks that arrived together, in their order, and hands each answer to
+   * `reply(targets[i], …)`: every decision first, then every answer's encoding, then every reply,
+   * so each step's code and data stay in the CPU's caches across the batch (what a Check costs on
+   * a busy core is mostly those caches' misses). A Check that waits on a backend is answered when
+   * its decision comes, as with `check`.
+   */
+  checkAll<T>(requests: readonly DecodedCheckRequest[], targets: readonly T[], reply: CheckReply<T>): void;
   /** SERVING or NOT_SERVING for the services keygate reports on, null for any other (NOT_FOUND). */
   servingStatus(service: string): HealthCheckResponse_ServingStatus | null;
   readiness: Readiness;
@@ -228,26 +236,19 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     }
   }
 
-  function answer<T>(
-    d: Decision,
-    request: DecodedCheckRequest,
-    headers: HeaderBag,
-    startedAt: number,
-    target: T,
-    reply: CheckReply<T>,
-    trace: DecisionTrace | undefined,
-  ): void {
-    const requestId = requestIdOf(request, headers);
-    let bytes: Uint8Array;
+  /** The encoded answer to a decision, or null (logged and counted) when it cannot be encoded. */
+  function encode(d: Decision, request: DecodedCheckRequest, headers: HeaderBag, requestId: string, startedAt: number, trace: DecisionTrace | undefined): Uint8Array | null {
     try {
       // Only an allow needs the request's header names (to strip spoofed identity headers).
-      bytes = encodeCheckResponse(d, d.allow ? headers.names() : NO_NAMES, requestId, deps.nowMs(), framed);
+      return encodeCheckResponse(d, d.allow ? headers.names() : NO_NAMES, requestId, deps.nowMs(), framed);
     } catch (error) {
       fail(error, startedAt, request, headers, trace);
-      reply(target, null);
-      return;
+      return null;
     }
-    reply(target, bytes);
+  }
+
+  /** Counts, traces and logs an answered decision. */
+  function record(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;
     metrics.recordCheck("grpc", reason, startedAt, performance.now());
     if (trace !== undefined) tracer?.finish(trace, d);
@@ -260,10 +261,24 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
   }
 
-  return {
-    decodeCheck,
-    readiness,
-    check(request, target, reply) {
+  /** Answers a decision that came later (it waited on a backend). */
+  function answerLater<T>(d: Decision, request: DecodedCheckRequest, headers: HeaderBag, startedAt: number, target: T, reply: CheckReply<T>, trace: DecisionTrace | undefined): void {
+    const requestId = requestIdOf(request, headers);
+    const bytes = encode(d, request, headers, requestId, startedAt, trace);
+    reply(target, bytes);
+    if (bytes !== null) record(d, request, requestId, startedAt, trace);
+  }
+
+  function checkAll<T>(requests: readonly DecodedCheckRequest[], targets: readonly T[], reply: CheckReply<T>): void {
+    const count = requests.length;
+    // What each Check's later steps need; a slot left undefined is a Check already answered.
+    const decided: Array<Decision | undefined> = new Array<Decision | undefined>(count);
+    const headersOfCheck: HeaderBag[] = new Array<HeaderBag>(count);
+    const startedAts: number[] = new Array<number>(count);
+    const traces: Array<DecisionTrace | undefined> = new Array<DecisionTrace | undefined>(count);
+    for (let i = 0; i < count; i++) {
+      const request = requests[i] as DecodedCheckRequest;
+      const target = targets[i] as T;
       const startedAt = performance.now();
       const http = request.attributes?.request?.http;
       const headers = headersOf(http);
@@ -277,18 +292,50 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       } catch (error) {
         fail(error, startedAt, request, headers, trace);
         reply(target, null);
-        return;
+        continue;
       }
       if (decision instanceof Promise) {
         decision.then(
-          (d) => answer(d, request, headers, startedAt, target, reply, trace),
+          (d) => answerLater(d, request, headers, startedAt, target, reply, trace),
           (error: unknown) => {
             fail(error, startedAt, request, headers, trace);
             reply(target, null);
           },
         );
-      } else answer(decision, request, headers, startedAt, target, reply, trace);
+        continue;
+      }
+      decided[i] = decision;
+      headersOfCheck[i] = headers;
+      startedAts[i] = startedAt;
+      traces[i] = trace;
+    }
+    const requestIds: string[] = new Array<string>(count);
+    const answers: Array<Uint8Array | null> = new Array<Uint8Array | null>(count);
+    for (let i = 0; i < count; i++) {
+      const d = decided[i];
+      if (d === undefined) continue;
+      const request = requests[i] as DecodedCheckRequest;
+      const headers = headersOfCheck[i] as HeaderBag;
+      const requestId = requestIdOf(request, headers);
+      requestIds[i] = requestId;
+      answers[i] = encode(d, request, headers, requestId, startedAts[i] as number, traces[i]);
+    }
+    for (let i = 0; i < count; i++) {
+      const d = decided[i];
+      if (d === undefined) continue;
+      const bytes = answers[i] as Uint8Array | null;
+      reply(targets[i] as T, bytes);
+      if (bytes !== null) record(d, requests[i] as DecodedCheckRequest, requestIds[i] as string, startedAts[i] as number, traces[i]);
+    }
+  }
+
+  return {
+    decodeCheck,
+    readiness,
+    check(request, target, reply) {
+      checkAll([request], [target], reply);
     },
+    checkAll,
     servingStatus(service) {
       if (!HEALTH_SERVICES.has(service)) return null;
       return readiness.serving ? HealthCheckResponse_ServingStatus.SERVING : HealthCheckResponse_ServingStatus.NOT_SERVING;

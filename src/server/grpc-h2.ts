@@ -495,6 +495,48 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
   const watchers = new Set<Call>();
   const deadlines = new DeadlineLists();
 
+  // The Checks whose request ended in this turn of the event loop after its first, or null before
+  // that first. One read of a busy connection carries many Checks, and node:http2 hands them over
+  // one by one, each between the HTTP/2 work of the next. The first is decided at once, as an idle
+  // server's only Check; the others are decoded, decided, encoded and answered together once the
+  // turn's reads are done (setImmediate runs right after them, in the same turn), so that each
+  // step runs for all of them while its code and tables are still in the CPU's caches, where a
+  // Check run on its own finds them evicted by node:http2 and the kernel.
+  let waiting: Call[] | null = null;
+
+  function endTurn(): void {
+    const calls = waiting;
+    waiting = null;
+    if (calls !== null && calls.length > 0) decideAll(calls);
+  }
+
+  function decideAll(calls: readonly Call[]): void {
+    const requests: DecodedCheckRequest[] = [];
+    const targets: Call[] = [];
+    for (const call of calls) {
+      const message = call.message;
+      call.message = null;
+      // Reset since it arrived (settle let go of its message): nothing is decided or charged.
+      if (call.done || message === null) continue;
+      try {
+        requests.push(core.decodeCheck(message));
+      } catch {
+        finish(call, UNDECODABLE_HEADERS);
+        continue;
+      }
+      targets.push(call);
+    }
+    if (requests.length === 0) return;
+    try {
+      core.checkAll(requests, targets, replyCheck);
+    } catch (error) {
+      // checkAll answers its own failures; were anything else to throw, no Check of the batch is
+      // left waiting for its deadline.
+      logger.error({ err: error }, "checks could not be answered");
+      for (const call of targets) finish(call, UNAVAILABLE_HEADERS);
+    }
+  }
+
   /** The client half-closed: the one message is complete, or the call is malformed. */
   function onEnd(this: CallStream): void {
     const call = this[CALL];
@@ -504,17 +546,17 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     if (call.bodyLength !== -1 || call.prefixFilled !== 0) return finish(call, TRUNCATED_HEADERS);
     const message = call.message;
     if (message === null) return finish(call, NO_MESSAGE_HEADERS);
-    call.message = null;
     if (call.kind === Kind.Check) {
-      let request: DecodedCheckRequest;
-      try {
-        request = core.decodeCheck(message);
-      } catch {
-        return finish(call, UNDECODABLE_HEADERS);
+      if (waiting !== null) {
+        // Decided with the turn's others (endTurn); its message waits on the call until then.
+        waiting.push(call);
+        return;
       }
-      core.check(request, call, replyCheck);
-      return;
+      waiting = [];
+      setImmediate(endTurn);
+      return decideAll([call]);
     }
+    call.message = null;
     let service: string;
     try {
       service = fromBinary(HealthCheckRequestSchema, message, { readUnknownFields: false }).service;

@@ -769,6 +769,7 @@ interface WireFrame {
 const FRAME_HEADERS = 0x1;
 const FRAME_DATA = 0x0;
 const FLAG_END_STREAM = 0x1;
+const FRAME_RST_STREAM = 0x3;
 
 describe("h2 engine, trailers in the answer's turn", () => {
   // The client here runs on keygate's own event loop, so it reads only between turns: an answer
@@ -817,6 +818,65 @@ describe("h2 engine, trailers in the answer's turn", () => {
             [FRAME_DATA, 0],
             [FRAME_HEADERS, FLAG_END_STREAM],
           ],
+        ]);
+      }
+    } finally {
+      socket.destroy();
+    }
+  });
+});
+
+describe("h2 engine, Checks that arrive together", () => {
+  // One write of the client's, so one read of keygate's: three whole Check requests, then a reset
+  // of the second. keygate decides a turn's first Check at once and the turn's others together
+  // after its reads; a Check reset before then is neither decided nor charged.
+  it("decides each Check of a read once, and never one the client reset in that read", async () => {
+    const entry = await start("h2");
+    const socket = await openSocket(entry.server.port);
+    const frames: WireFrame[] = [];
+    let pending = Buffer.alloc(0);
+    socket.on("data", (chunk: Buffer) => {
+      pending = Buffer.concat([pending, chunk]);
+      while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+        frames.push({ type: pending.readUInt8(3), flags: pending.readUInt8(4), streamId: pending.readUInt32BE(5) & 0x7fffffff });
+        pending = pending.subarray(9 + pending.readUIntBE(0, 3));
+      }
+    });
+    try {
+      socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
+      await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
+      const request = (streamId: number): Buffer[] => [
+        h2Frame(
+          FRAME_HEADERS,
+          0x4,
+          streamId,
+          hpackLiterals([
+            [":method", "POST"],
+            [":scheme", "http"],
+            [":path", CHECK_PATH],
+            [":authority", "keygate"],
+            ["content-type", "application/grpc"],
+            ["te", "trailers"],
+          ]),
+        ),
+        h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`))),
+      ];
+      const cancel = Buffer.alloc(4);
+      cancel.writeUInt32BE(0x8);
+      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...request(1), ...request(3), ...request(5), h2Frame(FRAME_RST_STREAM, 0, 3, cancel)]));
+      await until(() => [1, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1 and 5");
+      // A Check after them, in a write of its own: once it is answered, nothing of the first
+      // write is still to be decided.
+      socket.write(Buffer.concat(request(7)));
+      await until(() => frames.some((frame) => frame.streamId === 7 && (frame.flags & FLAG_END_STREAM) === 1), WAIT_MS, "the answer on stream 7");
+      expect(entry.pipeline.decided).toBe(3);
+      expect(frames.filter((frame) => frame.streamId === 3)).toEqual([]);
+      // Streams 1, 5 and 7: HEADERS, DATA, then trailers ending the stream, each answered once.
+      for (const streamId of [1, 5, 7]) {
+        expect(frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM])).toEqual([
+          [FRAME_HEADERS, 0],
+          [FRAME_DATA, 0],
+          [FRAME_HEADERS, FLAG_END_STREAM],
         ]);
       }
     } finally {
