@@ -1,6 +1,7 @@
 import diagnostics from "node:diagnostics_channel";
 import { connect as h2Connect, constants as h2 } from "node:http2";
 import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
+import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
 import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
@@ -771,6 +772,33 @@ const FRAME_DATA = 0x0;
 const FLAG_END_STREAM = 0x1;
 const FRAME_RST_STREAM = 0x3;
 
+/** Calls `onRead` with the whole frames each 'data' event of a raw HTTP/2 socket completed. */
+function readFrames(socket: Socket, onRead: (frames: WireFrame[]) => void): void {
+  let pending = Buffer.alloc(0);
+  socket.on("data", (chunk: Buffer) => {
+    pending = Buffer.concat([pending, chunk]);
+    const frames: WireFrame[] = [];
+    while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+      frames.push({ type: pending.readUInt8(3), flags: pending.readUInt8(4), streamId: pending.readUInt32BE(5) & 0x7fffffff });
+      pending = pending.subarray(9 + pending.readUIntBE(0, 3));
+    }
+    onRead(frames);
+  });
+}
+
+/** A whole Check request on `streamId`: HEADERS, then its message in DATA with END_STREAM. */
+function checkRequestFrames(streamId: number): Buffer[] {
+  const headers = hpackLiterals([
+    [":method", "POST"],
+    [":scheme", "http"],
+    [":path", CHECK_PATH],
+    [":authority", "keygate"],
+    ["content-type", "application/grpc"],
+    ["te", "trailers"],
+  ]);
+  return [h2Frame(FRAME_HEADERS, 0x4, streamId, headers), h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`)))];
+}
+
 describe("h2 engine, trailers in the answer's turn", () => {
   // The client here runs on keygate's own event loop, so it reads only between turns: an answer
   // whose trailers went out in the turn that ended its DATA arrives in one read; trailers a turn
@@ -780,16 +808,7 @@ describe("h2 engine, trailers in the answer's turn", () => {
     const socket = await openSocket(entry.server.port);
     // Each 'data' event is one read of what keygate wrote by then; the frames each read carried.
     const reads: WireFrame[][] = [];
-    let pending = Buffer.alloc(0);
-    socket.on("data", (chunk: Buffer) => {
-      pending = Buffer.concat([pending, chunk]);
-      const frames: WireFrame[] = [];
-      while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
-        frames.push({ type: pending.readUInt8(3), flags: pending.readUInt8(4), streamId: pending.readUInt32BE(5) & 0x7fffffff });
-        pending = pending.subarray(9 + pending.readUIntBE(0, 3));
-      }
-      reads.push(frames);
-    });
+    readFrames(socket, (frames) => reads.push(frames));
     try {
       socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
       // The server's SETTINGS, then its acknowledgement of ours; then ours of its.
@@ -797,16 +816,8 @@ describe("h2 engine, trailers in the answer's turn", () => {
       socket.write(h2Frame(0x4, 0x1, 0));
       const streams = [1, 3, 5, 7, 9];
       for (const streamId of streams) {
-        const headers = hpackLiterals([
-          [":method", "POST"],
-          [":scheme", "http"],
-          [":path", CHECK_PATH],
-          [":authority", "keygate"],
-          ["content-type", "application/grpc"],
-          ["te", "trailers"],
-        ]);
         // One write with the request whole, then wait for the answer's END_STREAM.
-        socket.write(Buffer.concat([h2Frame(FRAME_HEADERS, 0x4, streamId, headers), h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`)))]));
+        socket.write(Buffer.concat(checkRequestFrames(streamId)));
         await until(() => reads.flat().some((frame) => frame.streamId === streamId && (frame.flags & FLAG_END_STREAM) === 1), WAIT_MS, `the answer on stream ${streamId}`);
       }
       for (const streamId of streams) {
@@ -834,40 +845,17 @@ describe("h2 engine, Checks that arrive together", () => {
     const entry = await start("h2");
     const socket = await openSocket(entry.server.port);
     const frames: WireFrame[] = [];
-    let pending = Buffer.alloc(0);
-    socket.on("data", (chunk: Buffer) => {
-      pending = Buffer.concat([pending, chunk]);
-      while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
-        frames.push({ type: pending.readUInt8(3), flags: pending.readUInt8(4), streamId: pending.readUInt32BE(5) & 0x7fffffff });
-        pending = pending.subarray(9 + pending.readUIntBE(0, 3));
-      }
-    });
+    readFrames(socket, (read) => frames.push(...read));
     try {
       socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
       await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
-      const request = (streamId: number): Buffer[] => [
-        h2Frame(
-          FRAME_HEADERS,
-          0x4,
-          streamId,
-          hpackLiterals([
-            [":method", "POST"],
-            [":scheme", "http"],
-            [":path", CHECK_PATH],
-            [":authority", "keygate"],
-            ["content-type", "application/grpc"],
-            ["te", "trailers"],
-          ]),
-        ),
-        h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`))),
-      ];
       const cancel = Buffer.alloc(4);
       cancel.writeUInt32BE(0x8);
-      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...request(1), ...request(3), ...request(5), h2Frame(FRAME_RST_STREAM, 0, 3, cancel)]));
+      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5), h2Frame(FRAME_RST_STREAM, 0, 3, cancel)]));
       await until(() => [1, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1 and 5");
       // A Check after them, in a write of its own: once it is answered, nothing of the first
       // write is still to be decided.
-      socket.write(Buffer.concat(request(7)));
+      socket.write(Buffer.concat(checkRequestFrames(7)));
       await until(() => frames.some((frame) => frame.streamId === 7 && (frame.flags & FLAG_END_STREAM) === 1), WAIT_MS, "the answer on stream 7");
       expect(entry.pipeline.decided).toBe(3);
       expect(frames.filter((frame) => frame.streamId === 3)).toEqual([]);
