@@ -35,6 +35,13 @@ export interface LoadSettings {
   seconds: number;
   /** The scenarios to run, in report order. */
   scenarios: readonly ScenarioName[];
+  /**
+   * false (the default): every scenario's fixed rates run before any saturation run on the
+   * process, so a fixed rate is measured at that rate, not while the process collects what a
+   * saturation run left in its old generation. true: each scenario's saturation runs, then its
+   * fixed rates (--saturation-first).
+   */
+  saturationFirst: boolean;
 }
 
 /** One load-generator run against one target, with the target's own CPU, memory and decision counts. */

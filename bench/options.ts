@@ -59,6 +59,8 @@ export interface BenchOptions {
   backendJvmFlags: string[];
   /** Rounds of embedded hot's closed loop in turns with the ceiling (0: none). */
   turns: number;
+  /** Each scenario's saturation runs before its fixed rates, on the same process (the order before fixed rates came first). */
+  saturationFirst: boolean;
 }
 
 const FULL = { keys: 100_000, accounts: 10_000, seconds: 6, memoryKeys: 1_000_000, memoryTouch: 100_000, hotKeys: 20_000, mixedEntries: 10_000, floodEntries: 20_000, turns: 3 };
@@ -116,6 +118,7 @@ const rawSchema = z.object({
   backendsOn: z.enum(["server", "load"]),
   backendJvmFlags: z.string().default(""),
   turns: z.number().optional(),
+  saturationFirst: z.boolean().default(false),
 });
 
 const modeSchema = z.array(z.enum(["embedded", "redis-mongo"])).min(1);
@@ -183,7 +186,8 @@ function command(): Command {
     .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs when ghz measures them (enough to hold the rate at a few ms of latency)", count, 32)
     .option("--ghz-cpus <n>", "GOMAXPROCS of ghz and rategen (1 leaves a core to the server on 2 cores)", count, 1)
     .option("--no-rategen", "measure fixed-rate latency with ghz (closed loop) even when rategen is built")
-    .option("--turns <n>", "rounds of embedded hot's rategen closed loop in turns with noop-h2, each on a fresh process, alternating which goes first (full 3, quick 1; 0 skips)", countOrNone);
+    .option("--turns <n>", "rounds of embedded hot's rategen closed loop in turns with noop-h2, each on a fresh process, alternating which goes first (full 3, quick 1; 0 skips)", countOrNone)
+    .option("--saturation-first", "run each scenario's saturation runs before its fixed rates (default: every scenario's fixed rates first, before any saturation run on the process)");
 }
 
 /** Parses the command line (commander) and fills in the full or quick defaults. */

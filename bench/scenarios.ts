@@ -62,23 +62,82 @@ function fileOf(data: ScenarioData, scenario: ScenarioName): DataFile {
   return scenario === "flood-malformed" ? data.floodMalformed : data[scenario];
 }
 
+/** What one scenario measured on one target. */
+interface ScenarioParts {
+  warm: PhaseResult | null;
+  fixed: FixedRateResult[];
+  sat: PhaseResult;
+  closed: PhaseResult | null;
+}
+
+/** How one target runs its scenarios: its name, each scenario's warm-up, and its closed loop's length. */
+interface ScenarioRunner {
+  name: string;
+  /** The warm-up pass before a scenario's first run, or null for none. */
+  warmUp(scenario: ScenarioName, file: DataFile): Promise<PhaseResult | null>;
+  /** Requests of a scenario's closed loop, or undefined for the run's duration. */
+  closedRequests(scenario: ScenarioName, file: DataFile): number | undefined;
+}
+
+/**
+ * Every scenario of `scenarios` on one target. By default every scenario's warm-up and fixed
+ * rates come first, then every scenario's saturation runs: a fixed rate is measured at that rate,
+ * not while the process collects what a saturation run left behind (node:http2 makes each
+ * request's header values in the old generation, so a saturation run fills it for a mark-compact
+ * that would otherwise fall in the next window). With settings.saturationFirst, scenario by
+ * scenario: warm-up, saturation, closed loop, fixed rates.
+ */
+async function runScenarios(target: Target, settings: LoadSettings, data: ScenarioData, scenarios: readonly ScenarioName[], runner: ScenarioRunner, log: Log): Promise<Map<ScenarioName, ScenarioParts>> {
+  const out = new Map<ScenarioName, ScenarioParts>();
+  const warmUp = async (scenario: ScenarioName, file: DataFile, what: string): Promise<PhaseResult | null> => {
+    const warm = await runner.warmUp(scenario, file);
+    log(`${runner.name}: ${scenario}${what}${warm === null ? "" : ` (warm-up: ${warm.ghz.requests} requests in ${warm.ghz.seconds.toFixed(1)} s)`}`);
+    return warm;
+  };
+  const saturate = async (scenario: ScenarioName, file: DataFile): Promise<{ sat: PhaseResult; closed: PhaseResult | null }> => {
+    const sat = await saturation(target, settings, file);
+    const closed = await closedLoopSaturation(target, settings, file, runner.closedRequests(scenario, file));
+    return { sat, closed };
+  };
+  if (settings.saturationFirst) {
+    for (const scenario of scenarios) {
+      const file = fileOf(data, scenario);
+      const warm = await warmUp(scenario, file, "");
+      const { sat, closed } = await saturate(scenario, file);
+      out.set(scenario, { warm, sat, closed, fixed: await fixedRates(target, settings, file) });
+    }
+    return out;
+  }
+  const latency = new Map<ScenarioName, { warm: PhaseResult | null; fixed: FixedRateResult[] }>();
+  for (const scenario of scenarios) {
+    const file = fileOf(data, scenario);
+    const warm = await warmUp(scenario, file, ", fixed rates");
+    latency.set(scenario, { warm, fixed: await fixedRates(target, settings, file) });
+  }
+  for (const scenario of scenarios) {
+    const measured = latency.get(scenario);
+    if (measured === undefined) continue;
+    log(`${runner.name}: ${scenario}, saturation`);
+    out.set(scenario, { ...measured, ...(await saturate(scenario, fileOf(data, scenario))) });
+  }
+  return out;
+}
+
 const NOOP_WARM_UP_REQUESTS = 5000;
 
 /** A no-op server: the same requests as every keygate scenario, then h2load's one key. */
 export async function runNoopScenarios(name: string, noop: Target, settings: LoadSettings, data: ScenarioData, request: FixedRequest, log: Log): Promise<TargetResults> {
-  const out: ScenarioResult[] = [];
   // Warm the no-op's JIT and connections first, as keygate's hot and mixed are warmed, so the
   // ceiling's first scenario is not charged for start-up.
   await pass(noop, settings, data.hot, Math.min(data.hot.entries, NOOP_WARM_UP_REQUESTS));
-  for (const scenario of settings.scenarios) {
-    log(`${name}: ${scenario}`);
-    const file = fileOf(data, scenario);
-    const sat = await saturation(noop, settings, file);
+  const parts = await runScenarios(noop, settings, data, settings.scenarios, {
+    name,
+    warmUp: () => Promise.resolve(null),
     // Cold's keys once each, as keygate's cold run sends them.
-    const closed = await closedLoopSaturation(noop, settings, file, scenario === "cold" ? file.entries : undefined);
-    const fixed = await fixedRates(noop, settings, file);
-    out.push(result(name, scenario, file, sat, closed, fixed, null));
-  }
+    closedRequests: (scenario, file) => (scenario === "cold" ? file.entries : undefined),
+  }, log);
+  const out: ScenarioResult[] = [];
+  for (const [scenario, p] of parts) out.push(result(name, scenario, fileOf(data, scenario), p.sat, p.closed, p.fixed, null));
   if (settings.h2load !== null) log(`${name}: one key (h2load)`);
   return { scenarios: out, oneKey: await oneKey(name, noop, settings, request) };
 }
@@ -159,17 +218,13 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
     target = await mode.start(`keygate ${mode.name}`);
   }
   try {
-    for (const scenario of settings.scenarios) {
-      if (scenario === "cold") continue;
-      const file = fileOf(data, scenario);
+    const parts = await runScenarios(target, settings, data, settings.scenarios.filter((s) => s !== "cold"), {
+      name: mode.name,
       // Hot and mixed are measured in steady state: every key of the data file seen once before.
-      const warm = scenario === "hot" || scenario === "mixed" ? await pass(target, settings, file) : null;
-      log(`${mode.name}: ${scenario}${warm === null ? "" : ` (warm-up: ${warm.ghz.requests} requests in ${warm.ghz.seconds.toFixed(1)} s)`}`);
-      const sat = await saturation(target, settings, file);
-      const closed = await closedLoopSaturation(target, settings, file);
-      const fixed = await fixedRates(target, settings, file);
-      out.set(scenario, result(mode.name, scenario, file, sat, closed, fixed, warm));
-    }
+      warmUp: (scenario, file) => (scenario === "hot" || scenario === "mixed" ? pass(target, settings, file) : Promise.resolve(null)),
+      closedRequests: () => undefined,
+    }, log);
+    for (const [scenario, p] of parts) out.set(scenario, result(mode.name, scenario, fileOf(data, scenario), p.sat, p.closed, p.fixed, p.warm));
     if (settings.h2load !== null) log(`${mode.name}: one key (h2load)`);
     const single = await oneKey(mode.name, target, settings, request);
     const scenarios = SCENARIOS.flatMap((s) => {

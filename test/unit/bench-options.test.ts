@@ -45,4 +45,9 @@ describe("bench options", () => {
     expect(parseOptions(argv("--turns", "5")).turns).toBe(5);
     expect(parseOptions(argv("--turns", "0")).turns).toBe(0);
   });
+
+  it("fixed rates run before saturation unless --saturation-first", () => {
+    expect(parseOptions(argv()).saturationFirst).toBe(false);
+    expect(parseOptions(argv("--saturation-first")).saturationFirst).toBe(true);
+  });
 });
