@@ -2,7 +2,7 @@
 // revision's, in alternating runs on this machine: a change of a few percent is lost in the
 // noise between two bench runs (which measure each build once, minutes apart), but shows when
 // the builds take turns under the same one-key load. Not part of `npm test`.
-//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system] [--keys n [--owners n]] [--node-flags "..."]
+//   npx tsx scripts/compare-builds.ts --base <rev> [--rounds 5] [--seconds 5] [--key valid|unknown|malformed] [--grpc-timeout 1S] [--malloc jemalloc|system] [--keys n [--owners n]] [--node-flags "..."] [--head-node-flags "..."]
 // Each run: a fresh embedded keygate (the bench's policy, the node flags keygate ships with)
 // pinned to CPU 0, h2load (4 connections × 16 streams, one fixed request) on CPU 1 for
 // --warmup seconds, then --seconds measured: keygate's user + system CPU (/proc) over the Checks
@@ -52,6 +52,7 @@ const options = z
     keys: z.coerce.number().int().min(1).max(200_000),
     owners: z.coerce.number().int().min(1).max(200_000),
     nodeFlags: z.string().default(""),
+    headNodeFlags: z.string().default(""),
   })
   .refine((o) => o.keys === 1 || o.key === "valid", { message: "--keys above 1 needs --key valid" })
   .refine((o) => o.keys === 1 || o.grpcTimeout === undefined, { message: "--grpc-timeout goes with h2load's one key only" })
@@ -67,6 +68,7 @@ const options = z
       .option("--keys <n>", "valid keys, one request each in turn, under rategen's closed loop (1: h2load's one key)", "1")
       .option("--owners <n>", "owners the many keys are spread over, in turn (the bench's hot keys: 10000)", "100")
       .option("--node-flags <flags>", "extra node flags for every keygate run, space-separated (e.g. --cpu-prof --cpu-prof-dir=/tmp/prof)")
+      .option("--head-node-flags <flags>", "extra node flags for the working tree's runs only (with --base HEAD: the same code with and without them)")
       .parse()
       .opts(),
   );
@@ -103,6 +105,7 @@ const base = AGAINST_NOOP || AGAINST_SYSTEM_MALLOC
 
 const MANY = options.keys > 1;
 const EXTRA_NODE_FLAGS = flagList(options.nodeFlags);
+const HEAD_NODE_FLAGS = flagList(options.headNodeFlags);
 const h2load = findH2load();
 if (!MANY && h2load === null) throw new Error("h2load is not on PATH: bash bench/install-h2load.sh");
 const rategen = MANY ? findRategen() : null;
@@ -169,7 +172,7 @@ async function prepareManyKeys(): Promise<{ template: string; secrets: string[] 
   rmSync(template, { recursive: true, force: true });
   mkdirSync(template, { recursive: true });
   const secrets: string[] = [];
-  await withKeygate(working, JEMALLOC, template, async (dataDir) => {
+  await withKeygate(working, JEMALLOC, [], template, async (dataDir) => {
     const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
     for (let i = 0; i < options.keys; i += 32) {
       const batch = Array.from({ length: Math.min(32, options.keys - i) }, (_, j) => createKey(token, `compare-${(i + j) % options.owners}`));
@@ -216,7 +219,7 @@ async function measureNoop(): Promise<{ micros: number; checks: number }> {
  * Runs `build` on `preload` (LD_PRELOAD; null: the system's malloc) with the bench's policy and
  * `dataDir`/data as its data directory, pinned as a server, until `use` is done.
  */
-async function withKeygate<T>(build: string, preload: string | null, dataDir: string, use: (keygateData: string, pid: number) => Promise<T>): Promise<T> {
+async function withKeygate<T>(build: string, preload: string | null, flags: readonly string[], dataDir: string, use: (keygateData: string, pid: number) => Promise<T>): Promise<T> {
   const policy = join(dataDir, "policy.yaml");
   writeBenchPolicy(policy, Math.max(100, options.keys));
   const env = {
@@ -229,7 +232,7 @@ async function withKeygate<T>(build: string, preload: string | null, dataDir: st
     KEYGATE_LOG_LEVEL: "warn",
     LD_PRELOAD: preload ?? "",
   };
-  const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, ...EXTRA_NODE_FLAGS, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
+  const server = spawnTracked("keygate", process.execPath, [...KEYGATE_NODE_FLAGS, ...EXTRA_NODE_FLAGS, ...flags, join(build, "dist", "cli.js"), "serve"], { cwd: dataDir, env, role: "server" });
   try {
     await ready();
     return await use(env.KEYGATE_DATA_DIR, server.pid);
@@ -238,16 +241,16 @@ async function withKeygate<T>(build: string, preload: string | null, dataDir: st
   }
 }
 
-/** One run of `build` on `preload`: CPU µs per Check answered. */
-async function measure(build: string, preload: string | null): Promise<{ micros: number; checks: number }> {
+/** One run of `build` on `preload` with `flags` after the others: CPU µs per Check answered. */
+async function measure(build: string, preload: string | null, flags: readonly string[] = []): Promise<{ micros: number; checks: number }> {
   const dataDir = mkdtempSync(join(tmpdir(), "keygate-compare-"));
   try {
     if (many !== null) {
       cpSync(join(many.template, "data"), join(dataDir, "data"), { recursive: true });
       const data = writeManyKeyData(join(dataDir, "requests.bin"), many.secrets);
-      return await withKeygate(build, preload, dataDir, (_, pid) => loadManyAndMeasure(pid, PORTS.grpc, data));
+      return await withKeygate(build, preload, flags, dataDir, (_, pid) => loadManyAndMeasure(pid, PORTS.grpc, data));
     }
-    return await withKeygate(build, preload, dataDir, async (keygateData, pid) => {
+    return await withKeygate(build, preload, flags, dataDir, async (keygateData, pid) => {
       const request = writeFixedRequest(join(dataDir, "request.grpc"), checkRequest(await keyFor(keygateData), 0));
       return loadAndMeasure(pid, PORTS.grpc, request);
     });
@@ -259,7 +262,7 @@ async function measure(build: string, preload: string | null): Promise<{ micros:
 const many = MANY ? await prepareManyKeys() : null;
 
 const builds = [
-  { name: AGAINST_SYSTEM_MALLOC ? "working tree on jemalloc" : "working tree", run: () => measure(working, JEMALLOC), runs: [] as number[] },
+  { name: AGAINST_SYSTEM_MALLOC ? "working tree on jemalloc" : "working tree", run: () => measure(working, JEMALLOC, HEAD_NODE_FLAGS), runs: [] as number[] },
   AGAINST_SYSTEM_MALLOC
     ? { name: "working tree on the system's malloc", run: () => measure(working, null), runs: [] as number[] }
     : base === null
