@@ -247,8 +247,19 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     }
   }
 
-  /** Counts, traces and logs an answered decision. */
+  /**
+   * Counts, traces and logs an answered decision. It runs after the answer is handed over, and a
+   * fault in it is logged, never thrown: it must not hold the batch's later answers.
+   */
   function record(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
+    try {
+      recordAnswered(d, request, requestId, startedAt, trace);
+    } catch (error) {
+      logger.error({ err: error, requestId }, "an answered check could not be recorded");
+    }
+  }
+
+  function recordAnswered(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;
     metrics.recordCheck("grpc", reason, startedAt, performance.now());
     if (trace !== undefined) tracer?.finish(trace, d);
@@ -281,13 +292,17 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       const target = targets[i] as T;
       const startedAt = performance.now();
       const http = request.attributes?.request?.http;
-      const headers = headersOf(http);
-      const method = http?.method ?? "";
-      const path = http?.path ?? "/";
-      // The proxy's traceparent is read only when tracing is on; off, this is the one check.
-      const trace = tracer === undefined ? undefined : tracer.start("grpc", method, path, headers);
+      let headers: HeaderBag = NO_HEADERS;
+      let trace: DecisionTrace | undefined;
       let decision: Decision | Promise<Decision>;
+      // Whatever fails before a decision (reading the headers, opening the span, deciding) makes
+      // this Check UNAVAILABLE, counted and logged, and leaves the others of the batch alone.
       try {
+        headers = headersOf(http);
+        const method = http?.method ?? "";
+        const path = http?.path ?? "/";
+        // The proxy's traceparent is read only when tracing is on; off, this is the one check.
+        trace = tracer === undefined ? undefined : tracer.start("grpc", method, path, headers);
         decision = pipeline.decide({ method, path, headers, contextExtensions: request.attributes?.contextExtensions, trace });
       } catch (error) {
         fail(error, startedAt, request, headers, trace);

@@ -3,6 +3,7 @@ import { connect as h2Connect, constants as h2 } from "node:http2";
 import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { trace } from "@opentelemetry/api";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
 import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
 import fc from "fast-check";
@@ -20,6 +21,8 @@ import { encodeGrpcMessage, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../
 import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
+import { DecisionTracer } from "../../src/tracing/tracing.js";
+import type { DecisionTrace } from "../../src/tracing/tracing.js";
 import { until } from "../harness/poll.js";
 import { H2_PREFACE, H2_SETTINGS, h2Frame, hpackLiterals, openSocket } from "../harness/sockets.js";
 
@@ -50,9 +53,30 @@ class ControlledPipeline {
   }
 }
 
+/** A tracer that cannot open a Check's span: a fault outside the decision itself. */
+class FailingTracer extends DecisionTracer {
+  constructor() {
+    super(trace.getTracer("keygate-test"));
+  }
+  override start(): DecisionTrace {
+    throw new Error("tracer down");
+  }
+}
+
+/** A tracer that opens spans but cannot close one: a fault after the answer is handed over. */
+class UnrecordableTracer extends DecisionTracer {
+  constructor() {
+    super(trace.getTracer("keygate-test"));
+  }
+  override finish(): void {
+    throw new Error("exporter down");
+  }
+}
+
 interface Running {
   server: StartedServer;
   pipeline: ControlledPipeline;
+  metrics: Metrics;
   readiness: Readiness;
   url: string;
   stopped: boolean;
@@ -62,21 +86,23 @@ const running: Running[] = [];
 const clients: GrpcClient[] = [];
 const sessions: ClientHttp2Session[] = [];
 
-async function start(engine: GrpcEngine): Promise<Running> {
+async function start(engine: GrpcEngine, tracer?: DecisionTracer): Promise<Running> {
   const pipeline = new ControlledPipeline();
   const readiness = new Readiness();
   readiness.setReady(true);
+  const metrics = new Metrics({ defaultMetrics: false });
   const grpc = createGrpcAuthzServer({
     pipeline,
     readiness,
-    metrics: new Metrics({ defaultMetrics: false }),
+    metrics,
+    tracer,
     logger: createLogger("silent"),
     nowMs: () => Date.now(),
     limits: { headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
     engine,
   });
   const server = await grpc.start("127.0.0.1", 0);
-  const entry = { server, pipeline, readiness, url: `http://127.0.0.1:${server.port}`, stopped: false };
+  const entry = { server, pipeline, metrics, readiness, url: `http://127.0.0.1:${server.port}`, stopped: false };
   running.push(entry);
   return entry;
 }
@@ -473,6 +499,17 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       expect(outcome).toEqual({ ok: false, code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" });
     });
 
+    it("a Check whose trace cannot be opened is UNAVAILABLE and counted, and the next is served", async () => {
+      const entry = await start(engine, new FailingTracer());
+      const client = grpcClient(entry);
+      const unavailable = { ok: false, code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" };
+      expect(await check(client, checkRequest("first"))).toEqual(unavailable);
+      expect(await check(client, checkRequest("second"))).toEqual(unavailable);
+      expect(entry.pipeline.decided).toBe(0);
+      const counted = (await entry.metrics.registry.getSingleMetric("keygate_checks_total")?.get())?.values ?? [];
+      expect(counted.map((v) => ({ reason: v.labels["reason"], value: v.value }))).toEqual([{ reason: "UNAVAILABLE", value: 2 }]);
+    });
+
     it("an unknown method of a known service is UNIMPLEMENTED", async () => {
       const entry = await start(engine);
       const outcome = await check(grpcClient(entry), checkRequest("x"), "/envoy.service.auth.v3.Authorization/Nope");
@@ -829,6 +866,30 @@ describe("h2 engine, trailers in the answer's turn", () => {
             [FRAME_DATA, 0],
             [FRAME_HEADERS, FLAG_END_STREAM],
           ],
+        ]);
+      }
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it("a Check whose answer cannot be recorded holds none of the others of its read", async () => {
+    const entry = await start("h2", new UnrecordableTracer());
+    const socket = await openSocket(entry.server.port);
+    const frames: WireFrame[] = [];
+    readFrames(socket, (read) => frames.push(...read));
+    try {
+      socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
+      await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
+      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5)]));
+      await until(() => [1, 3, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1, 3 and 5");
+      expect(entry.pipeline.decided).toBe(3);
+      // Each its decision (HEADERS, DATA, trailers), none a trailers-only UNAVAILABLE.
+      for (const streamId of [1, 3, 5]) {
+        expect(frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM])).toEqual([
+          [FRAME_HEADERS, 0],
+          [FRAME_DATA, 0],
+          [FRAME_HEADERS, FLAG_END_STREAM],
         ]);
       }
     } finally {
