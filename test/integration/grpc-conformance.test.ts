@@ -885,18 +885,23 @@ describe("h2 engine, trailers in the answer's turn", () => {
       await until(() => [1, 3, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1, 3 and 5");
       expect(entry.pipeline.decided).toBe(3);
       // Each its decision (HEADERS, DATA, trailers), none a trailers-only UNAVAILABLE.
-      for (const streamId of [1, 3, 5]) {
-        expect(frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM])).toEqual([
-          [FRAME_HEADERS, 0],
-          [FRAME_DATA, 0],
-          [FRAME_HEADERS, FLAG_END_STREAM],
-        ]);
-      }
+      expectAnsweredOnce(frames, [1, 3, 5]);
     } finally {
       socket.destroy();
     }
   });
 });
+
+/** Each stream got one whole answer: HEADERS, DATA, then trailers ending the stream. */
+function expectAnsweredOnce(frames: readonly WireFrame[], streamIds: readonly number[]): void {
+  for (const streamId of streamIds) {
+    expect(frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM])).toEqual([
+      [FRAME_HEADERS, 0],
+      [FRAME_DATA, 0],
+      [FRAME_HEADERS, FLAG_END_STREAM],
+    ]);
+  }
+}
 
 describe("h2 engine, Checks that arrive together", () => {
   // One write of the client's, so one read of keygate's: three whole Check requests, then a reset
@@ -921,13 +926,7 @@ describe("h2 engine, Checks that arrive together", () => {
       expect(entry.pipeline.decided).toBe(3);
       expect(frames.filter((frame) => frame.streamId === 3)).toEqual([]);
       // Streams 1, 5 and 7: HEADERS, DATA, then trailers ending the stream, each answered once.
-      for (const streamId of [1, 5, 7]) {
-        expect(frames.filter((frame) => frame.streamId === streamId).map((frame) => [frame.type, frame.flags & FLAG_END_STREAM])).toEqual([
-          [FRAME_HEADERS, 0],
-          [FRAME_DATA, 0],
-          [FRAME_HEADERS, FLAG_END_STREAM],
-        ]);
-      }
+      expectAnsweredOnce(frames, [1, 5, 7]);
     } finally {
       socket.destroy();
     }
