@@ -16,13 +16,14 @@ import { timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
-import type { DecisionTracer } from "../tracing/tracing.js";
+import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
 import type { AccessLog } from "./access-log.js";
 import type { ListenerTls } from "./tls.js";
 
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
-  pipeline: DecisionPipeline;
+  /** Only `decide` is called, so tests can hand in a pipeline they control. */
+  pipeline: Pick<DecisionPipeline, "decide">;
   readiness: Readiness;
   metrics: Metrics;
   logger: Logger;
@@ -98,15 +99,22 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
     const method = original.ok ? original.method : (req.method ?? "");
     const path = original.ok ? original.path : url;
-    // The proxy's traceparent is read only when tracing is on; off, this is the one check.
-    const trace = tracer === undefined ? undefined : tracer.start("http", method, path, new RecordHeaders(req.headers));
-    const answer = (decision: Decision): void => {
-      reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
+    let trace: DecisionTrace | undefined;
+    // Recording runs after the answer is sent: a fault in it is logged and changes no answer.
+    const record = (decision: Decision): void => {
       const reason = decision.allow ? "OK" : decision.reason;
       metrics.recordCheck("http", reason, startedAt, performance.now());
       if (trace !== undefined) tracer?.finish(trace, decision);
       if (accessLog !== undefined) accessLog.decided("http", decision, method, path, requestId, startedAt);
       if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: decision.snapshot?.key.id, decision: reason, mode: "http" }, "check");
+    };
+    const answer = (decision: Decision): void => {
+      reply(toHttpAnswer(decision, headerNames, requestId, deps.nowMs()));
+      try {
+        record(decision);
+      } catch (error) {
+        logger.error({ err: error, requestId }, "an answered check could not be recorded");
+      }
     };
     const fail = (error: unknown): void => {
       metrics.recordCheck("http", "UNAVAILABLE", startedAt, performance.now());
@@ -115,6 +123,15 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt);
       reply(unavailableAnswer(requestId));
     };
+    // A fault before the decision (opening the span here) is a 503, counted and logged, as a
+    // failure to decide is: never a thrown request handler.
+    try {
+      // The proxy's traceparent is read only when tracing is on; off, this is the one check.
+      trace = tracer === undefined ? undefined : tracer.start("http", method, path, new RecordHeaders(req.headers));
+    } catch (error) {
+      fail(error);
+      return;
+    }
     if (!original.ok) {
       // Every request fails the same way until the setting or the proxy is fixed: say it once.
       if (original.refusal.reason === "PROXY_MISCONFIGURED" && !misconfigurationLogged) {
@@ -126,7 +143,15 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     }
     try {
       const decision = pipeline.decide({ method, path, headers: headerBag(req, headerNames.length), contextExtensions: undefined, trace });
-      if (decision instanceof Promise) decision.then(answer, fail);
+      if (decision instanceof Promise) {
+        decision.then((d) => {
+          try {
+            answer(d);
+          } catch (error) {
+            fail(error);
+          }
+        }, fail);
+      }
       else answer(decision);
     } catch (error) {
       fail(error);
