@@ -151,8 +151,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
             fail(error);
           }
         }, fail);
-      }
-      else answer(decision);
+      } else answer(decision);
     } catch (error) {
       fail(error);
     }
