@@ -3,7 +3,6 @@ import { connect as h2Connect, constants as h2 } from "node:http2";
 import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
-import { trace } from "@opentelemetry/api";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
 import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
 import fc from "fast-check";
@@ -21,9 +20,9 @@ import { encodeGrpcMessage, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../
 import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
-import { DecisionTracer } from "../../src/tracing/tracing.js";
-import type { DecisionTrace } from "../../src/tracing/tracing.js";
+import type { DecisionTracer } from "../../src/tracing/tracing.js";
 import { until } from "../harness/poll.js";
+import { FailingTracer, UnrecordableTracer } from "../harness/tracers.js";
 import { H2_PREFACE, H2_SETTINGS, h2Frame, hpackLiterals, openSocket } from "../harness/sockets.js";
 
 // The same cases run against both engines that can serve the gRPC port: keygate's own server on
@@ -50,26 +49,6 @@ class ControlledPipeline {
   }
   release(): void {
     for (const resolve of this.held.splice(0)) resolve(DENIAL);
-  }
-}
-
-/** A tracer that cannot open a Check's span: a fault outside the decision itself. */
-class FailingTracer extends DecisionTracer {
-  constructor() {
-    super(trace.getTracer("keygate-test"));
-  }
-  override start(): DecisionTrace {
-    throw new Error("tracer down");
-  }
-}
-
-/** A tracer that opens spans but cannot close one: a fault after the answer is handed over. */
-class UnrecordableTracer extends DecisionTracer {
-  constructor() {
-    super(trace.getTracer("keygate-test"));
-  }
-  override finish(): void {
-    throw new Error("exporter down");
   }
 }
 
@@ -872,25 +851,22 @@ describe("h2 engine, trailers in the answer's turn", () => {
       socket.destroy();
     }
   });
-
-  it("a Check whose answer cannot be recorded holds none of the others of its read", async () => {
-    const entry = await start("h2", new UnrecordableTracer());
-    const socket = await openSocket(entry.server.port);
-    const frames: WireFrame[] = [];
-    readFrames(socket, (read) => frames.push(...read));
-    try {
-      socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
-      await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
-      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5)]));
-      await until(() => [1, 3, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1, 3 and 5");
-      expect(entry.pipeline.decided).toBe(3);
-      // Each its decision (HEADERS, DATA, trailers), none a trailers-only UNAVAILABLE.
-      expectAnsweredOnce(frames, [1, 3, 5]);
-    } finally {
-      socket.destroy();
-    }
-  });
 });
+
+/** A raw HTTP/2 connection past the preface and keygate's SETTINGS ack, and every frame it reads. */
+async function openRawSession(entry: Running): Promise<{ socket: Socket; frames: WireFrame[] }> {
+  const socket = await openSocket(entry.server.port);
+  const frames: WireFrame[] = [];
+  readFrames(socket, (read) => frames.push(...read));
+  try {
+    socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
+    await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
+  } catch (error) {
+    socket.destroy();
+    throw error;
+  }
+  return { socket, frames };
+}
 
 /** Each stream got one whole answer: HEADERS, DATA, then trailers ending the stream. */
 function expectAnsweredOnce(frames: readonly WireFrame[], streamIds: readonly number[]): void {
@@ -909,12 +885,8 @@ describe("h2 engine, Checks that arrive together", () => {
   // after its reads; a Check reset before then is neither decided nor charged.
   it("decides each Check of a read once, and never one the client reset in that read", async () => {
     const entry = await start("h2");
-    const socket = await openSocket(entry.server.port);
-    const frames: WireFrame[] = [];
-    readFrames(socket, (read) => frames.push(...read));
+    const { socket, frames } = await openRawSession(entry);
     try {
-      socket.write(Buffer.concat([H2_PREFACE, H2_SETTINGS]));
-      await until(() => frames.some((frame) => frame.type === 0x4 && (frame.flags & 0x1) === 1), WAIT_MS, "keygate's SETTINGS ack");
       const cancel = Buffer.alloc(4);
       cancel.writeUInt32BE(0x8);
       socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5), h2Frame(FRAME_RST_STREAM, 0, 3, cancel)]));
@@ -927,6 +899,20 @@ describe("h2 engine, Checks that arrive together", () => {
       expect(frames.filter((frame) => frame.streamId === 3)).toEqual([]);
       // Streams 1, 5 and 7: HEADERS, DATA, then trailers ending the stream, each answered once.
       expectAnsweredOnce(frames, [1, 5, 7]);
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it("a Check whose answer cannot be recorded holds none of the others of its read", async () => {
+    const entry = await start("h2", new UnrecordableTracer());
+    const { socket, frames } = await openRawSession(entry);
+    try {
+      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5)]));
+      await until(() => [1, 3, 5].every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the answers on streams 1, 3 and 5");
+      expect(entry.pipeline.decided).toBe(3);
+      // Each its decision (HEADERS, DATA, trailers), none a trailers-only UNAVAILABLE.
+      expectAnsweredOnce(frames, [1, 3, 5]);
     } finally {
       socket.destroy();
     }

@@ -1,4 +1,3 @@
-import { trace } from "@opentelemetry/api";
 import { afterEach, describe, expect, it } from "vitest";
 import type { CheckInput, Decision } from "../../src/authz/pipeline.js";
 import type { StartedServer } from "../../src/server/grpc-authz.js";
@@ -6,8 +5,8 @@ import { createHttpAuthzServer } from "../../src/server/http-authz.js";
 import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
-import { DecisionTracer } from "../../src/tracing/tracing.js";
-import type { DecisionTrace } from "../../src/tracing/tracing.js";
+import type { DecisionTracer } from "../../src/tracing/tracing.js";
+import { FailingTracer, UnrecordableTracer } from "../harness/tracers.js";
 
 // Faults around a decision in the HTTP authorization mode (nginx auth_request, Caddy
 // forward_auth, Envoy's HTTP service): a fault before the decision is the Check's 503, counted,
@@ -22,26 +21,6 @@ class DenyingPipeline {
   decide(input: CheckInput): Decision | Promise<Decision> {
     this.decided += 1;
     return input.headers.get("x-test-later") === "1" ? new Promise<Decision>((resolve) => setImmediate(() => resolve(DENIAL))) : DENIAL;
-  }
-}
-
-/** Cannot open a Check's span. */
-class FailingTracer extends DecisionTracer {
-  constructor() {
-    super(trace.getTracer("keygate-test"));
-  }
-  override start(): DecisionTrace {
-    throw new Error("tracer down");
-  }
-}
-
-/** Opens spans but cannot close one. */
-class UnrecordableTracer extends DecisionTracer {
-  constructor() {
-    super(trace.getTracer("keygate-test"));
-  }
-  override finish(): void {
-    throw new Error("exporter down");
   }
 }
 
