@@ -45,7 +45,7 @@ const serveCommand = program
     if (unknown !== undefined) program.error(`unknown command '${unknown}'`, { code: "commander.unknownCommand" });
     // V8's GC threads get their priority (KEYGATE_GC_THREAD_NICE) before the server's modules
     // load: set after them, the process settled in a state where each young-generation GC
-    // promoted about 1.4 MB instead of 80 KB at 3,000 Checks/s on one key (README, Performance).
+    // promoted about 1.4 MB instead of 80 KB at 3,000 Checks/s on one key (docs/performance-log.md).
     const { gcThreadNiceFromEnv, lowerGcThreadPriority } = await import("./server/gc-threads.js");
     const gcThreads = lowerGcThreadPriority(gcThreadNiceFromEnv(process.env));
     // Loaded on demand, so client subcommands do not pay for the server's modules.

@@ -14,7 +14,7 @@ import type { RedisClient, SubscriberConnection } from "./redis-client.js";
  * as it is issued, not auto-pipelined: with ioredis's auto-pipelining, every Check's objects
  * (its stream, its request, the pipeline's callbacks) outlived young-generation GCs and were
  * promoted, about 1.2 MB a scavenge at 3,000 Checks/s against 7 KB without it, and the old
- * generation then filled for the mark-compacts that set the p99 (README, Performance).
+ * generation then filled for the mark-compacts that set the p99 (docs/performance-log.md).
  */
 export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
   return {

@@ -6,7 +6,7 @@ import { existsSync, readFileSync } from "node:fs";
  * otherwise. Why it matters: node:http2 hands every request header value to JavaScript as an
  * external string whose bytes live in malloc'd memory, and only a mark-compact frees them, all
  * at once and inside its pause. glibc's malloc then merges the freed chunks in that pause
- * (`malloc_consolidate`); jemalloc does not (README, Performance).
+ * (`malloc_consolidate`); jemalloc does not (docs/performance-log.md).
  */
 export type Allocator = "jemalloc" | "tcmalloc" | "mimalloc" | "system" | "unknown";
 

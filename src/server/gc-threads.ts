@@ -4,7 +4,7 @@ import { setPriority } from "node:os";
 /**
  * KEYGATE_GC_THREAD_NICE's default: the threads keep the process's priority. At 19 they cost CPU
  * where the GC works hardest, and some processes settled where young-generation GCs promoted
- * far more (README, Performance, "V8's GC threads").
+ * far more (docs/performance-log.md, "V8's GC threads take turns with the event loop").
  */
 export const DEFAULT_GC_THREAD_NICE = 0;
 
@@ -30,8 +30,8 @@ export interface GcThreadPriority {
  * (a pod held to one CPU, a process pinned to one core) each is one more thread the scheduler
  * takes turns with, and every Check that arrives meanwhile waits for its turn to end: at 3,000
  * Checks/s on one key and one pinned core, p99 was 56-61 ms in four 8-second runs of fresh
- * processes of five, and 2.2-6.8 ms in 21 of 22 with the threads at nice 19 (README,
- * Performance). At a low priority they run when the event loop leaves the core idle, and V8 does
+ * processes of five, and 2.2-6.8 ms in 21 of 22 with the threads at nice 19
+ * (docs/performance-log.md). At a low priority they run when the event loop leaves the core idle, and V8 does
  * what they have not done on the event loop, in small steps.
  *
  * Linux keeps a nice value per thread, so setpriority(2) on a thread id sets that thread alone;

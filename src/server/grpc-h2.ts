@@ -367,7 +367,7 @@ function onStreamClose(this: CallStream): void {
   // closures over the request (its headers among them). Cutting them here took what each
   // young-generation GC promoted to the old generation from about 575 KB to 5-44 KB at 3,000
   // Checks/s (about 1 KB a Check before), and with it the mark-compacts that set the p99 at that
-  // rate (README, Performance). The listener table itself may live in the old generation (V8
+  // rate (docs/performance-log.md). The listener table itself may live in the old generation (V8
   // pretenures the allocation site of every emitter's table in some processes), where a young
   // closure it still points to survives every scavenge until the next mark-compact: so its
   // entries are cleared in place first, then the stream takes an empty table (one allocation,

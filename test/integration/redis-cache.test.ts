@@ -109,7 +109,7 @@ function redisSuites(redisServer: RedisServer): void {
     describe("happy", () => {
       it("builds the hot-path options: no auto-pipelining, no offline queue, a command timeout, bounded retries", () => {
         for (const options of [redisOptions(), redisOptions({ lazyConnect: false })]) {
-          // ioredis's auto-pipelining kept every Check's objects past young-generation GCs (README, Performance).
+          // ioredis's auto-pipelining kept every Check's objects past young-generation GCs (docs/performance-log.md).
           expect(options.enableAutoPipelining).toBe(false);
           expect(options.enableOfflineQueue).toBe(false);
           // ioredis waits forever without a commandTimeout, and retries without end when maxRetriesPerRequest is null.
