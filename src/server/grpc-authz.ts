@@ -35,7 +35,8 @@ import { awaitOpening, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import { listen } from "./http-lifecycle.js";
 // grpc-h2 imports only types from this module, so there is no import cycle at run time.
-import { CHECK_UNAVAILABLE_MESSAGE, createH2GrpcServer } from "./grpc-h2.js";
+import { CHECK_UNAVAILABLE_MESSAGE, MAX_CONCURRENT_STREAMS, createH2GrpcServer } from "./grpc-h2.js";
+import type { H2ServerDeps } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
 import type { AccessLog } from "./access-log.js";
@@ -108,6 +109,9 @@ export function grpcServerOptions(limits: ListenerLimits): ChannelOptions {
     "grpc.max_connection_idle_ms": limits.idleTimeoutMs,
     "grpc.keepalive_time_ms": limits.idleTimeoutMs,
     "grpc.keepalive_timeout_ms": limits.headersTimeoutMs,
+    // The h2 engine's stream cap; its bounds on held request bytes and the arrival timeout are
+    // its own (grpc-js holds at most a 4 MiB message a stream).
+    "grpc.max_concurrent_streams": MAX_CONCURRENT_STREAMS,
   };
 }
 
@@ -176,6 +180,8 @@ export interface GrpcAuthzDeps {
   accessLog?: AccessLog | undefined;
   /** TLS on this listener (ALPN h2), or null for cleartext HTTP/2. */
   tls?: ListenerTls | null;
+  /** Bounds on the request bytes the h2 engine's calls hold (default HELD_REQUEST_BYTES). */
+  heldRequestBytes?: H2ServerDeps["heldRequestBytes"];
 }
 
 /** A started gRPC listener. */
@@ -360,7 +366,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
 
 /** Builds the Envoy ext_authz gRPC server (Check and health) on the configured engine. `start` binds it. */
 export function createGrpcAuthzServer(deps: GrpcAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
-  if (deps.engine === "h2") return createH2GrpcServer(createAuthzCore(deps, true), { limits: deps.limits, metrics: deps.metrics, logger: deps.logger, tls: deps.tls ?? null });
+  if (deps.engine === "h2") return createH2GrpcServer(createAuthzCore(deps, true), { limits: deps.limits, metrics: deps.metrics, logger: deps.logger, tls: deps.tls ?? null, heldRequestBytes: deps.heldRequestBytes });
   return createGrpcJsServer(createAuthzCore(deps, false), deps.limits, deps.metrics, deps.tls ?? null);
 }
 

@@ -31,6 +31,19 @@ export const CHECK_UNAVAILABLE_MESSAGE = "the key could not be checked right now
 
 /** Largest request message accepted, as grpc-js's default receive limit (4 MiB). */
 export const MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+/**
+ * Streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), as Go's HTTP/2
+ * server allows by default. A proxy with more Checks in flight opens another connection or queues
+ * them; uncapped, one connection could open streams until keygate's memory ran out.
+ */
+export const MAX_CONCURRENT_STREAMS = 250;
+/**
+ * Request bytes the calls of one connection, and of the whole listener, may hold at once: the
+ * parts of messages still arriving, and messages whose call has not ended. Four messages of the
+ * largest size a connection, and a bound the listener's memory can afford. A call whose bytes
+ * would pass either bound is answered RESOURCE_EXHAUSTED and its bytes let go.
+ */
+export const HELD_REQUEST_BYTES = { perConnection: 4 * MAX_MESSAGE_BYTES, perListener: 128 * 1024 * 1024 } as const;
 const PREFIX_BYTES = 5;
 // Node's timers hold at most 2^31 - 1 ms; a deadline further away than that (about 24.8 days)
 // is as good as none, and a longer delay would fire after 1 ms.
@@ -88,6 +101,9 @@ function errorHeaders(code: GrpcCodeValue, message: string): OutgoingHttpHeaders
 const WATCH_END_HEADERS: OutgoingHttpHeaders = { "grpc-status": "0" };
 const UNAVAILABLE_HEADERS = errorHeaders(GrpcCode.UNAVAILABLE, CHECK_UNAVAILABLE_MESSAGE);
 const DEADLINE_HEADERS = errorHeaders(GrpcCode.DEADLINE_EXCEEDED, "Deadline exceeded");
+const ARRIVAL_HEADERS = errorHeaders(GrpcCode.DEADLINE_EXCEEDED, "the request did not arrive within the request timeout (KEYGATE_REQUEST_TIMEOUT_SECONDS)");
+const CONNECTION_HELD_HEADERS = errorHeaders(GrpcCode.RESOURCE_EXHAUSTED, "this connection's calls hold too many request bytes; end or cancel some calls");
+const LISTENER_HELD_HEADERS = errorHeaders(GrpcCode.RESOURCE_EXHAUSTED, "keygate holds too many request bytes right now; retry");
 const COMPRESSED_HEADERS = errorHeaders(GrpcCode.UNIMPLEMENTED, "compressed messages are not accepted; send identity encoding");
 const TOO_LARGE_HEADERS = errorHeaders(GrpcCode.RESOURCE_EXHAUSTED, `Received message larger than max (${MAX_MESSAGE_BYTES} bytes)`);
 const SECOND_MESSAGE_HEADERS = errorHeaders(GrpcCode.INTERNAL, "a unary call carries exactly one request message; a second one arrived");
@@ -209,13 +225,74 @@ class Call {
   previousInList: Call | null = null;
   nextInList: Call | null = null;
   deadlineAt = 0;
+  /**
+   * The deadline armed is the request's arrival timeout (KEYGATE_REQUEST_TIMEOUT_SECONDS), not
+   * the call's own: it is let go once the request has arrived.
+   */
+  arrivalOnly = false;
+  /** The call's own grpc-timeout deadline (performance.now()) when it is later than the arrival timeout; 0 for none. */
+  laterDeadlineAt = 0;
   unsubscribe: (() => void) | undefined = undefined;
   pendingTrailers: OutgoingHttpHeaders = OK_TRAILERS;
+  /** Where the request bytes this call holds are counted, and how many it holds. */
+  heldIn: HeldBytes;
+  held = 0;
 
-  constructor(kind: Kind, stream: ServerHttp2Stream) {
+  constructor(kind: Kind, stream: ServerHttp2Stream, heldIn: HeldBytes) {
     this.kind = kind;
     this.stream = stream;
+    this.heldIn = heldIn;
   }
+}
+
+/**
+ * The request bytes held by the calls of one connection (or of the listener, `parent` null):
+ * counted as a call keeps them and let go when its message is decided or the call ends.
+ */
+class HeldBytes {
+  held = 0;
+
+  constructor(
+    readonly max: number,
+    readonly refusal: OutgoingHttpHeaders,
+    readonly parent: HeldBytes | null,
+  ) {}
+
+  /** Counts `bytes` here and in the parent; the refusal of the bound they would pass (nothing counted), else null. */
+  take(bytes: number): OutgoingHttpHeaders | null {
+    if (this.held + bytes > this.max) return this.refusal;
+    if (this.parent !== null) {
+      const refused = this.parent.take(bytes);
+      if (refused !== null) return refused;
+    }
+    this.held += bytes;
+    return null;
+  }
+
+  give(bytes: number): void {
+    this.held -= bytes;
+    this.parent?.give(bytes);
+  }
+}
+
+/** Counts `bytes` more held by the call; false (and the call answered RESOURCE_EXHAUSTED) past a bound. */
+function hold(call: Call, bytes: number): boolean {
+  const refused = call.heldIn.take(bytes);
+  if (refused === null) {
+    call.held += bytes;
+    return true;
+  }
+  finish(call, refused);
+  return false;
+}
+
+/** Lets go of the call's request message and the bytes it held. */
+function dropMessage(call: Call): void {
+  call.parts = null;
+  call.message = null;
+  if (call.held === 0) return;
+  call.heldIn.give(call.held);
+  call.held = 0;
 }
 
 const CALL = Symbol("keygate.call");
@@ -233,6 +310,8 @@ interface GuardedSession extends Http2Session {
 interface SessionGuard {
   opened(): void;
   closed(): void;
+  /** The request bytes held by the session's calls. */
+  held: HeldBytes;
 }
 
 function ignore(): void {}
@@ -277,8 +356,7 @@ function settle(call: Call): void {
   call.deadlineList?.remove(call);
   call.unsubscribe?.();
   call.unsubscribe = undefined;
-  call.parts = null;
-  call.message = null;
+  dropMessage(call);
 }
 
 /** Sends one framed message and OK trailers: one output buffer, constant headers. */
@@ -334,6 +412,7 @@ function onData(this: CallStream, chunk: Buffer): void {
       // Refused on the prefix alone: nothing of an oversize message is held.
       if (length > MAX_MESSAGE_BYTES) return finish(call, TOO_LARGE_HEADERS);
       if (chunk.length - at >= length) {
+        if (!hold(call, length)) return;
         // The common case: the whole message is in this chunk, so it is a view, not a copy.
         call.message = chunk.subarray(at, at + length);
         at += length;
@@ -346,6 +425,7 @@ function onData(this: CallStream, chunk: Buffer): void {
     const parts = call.parts;
     if (parts === null) return;
     const take = Math.min(call.bodyLength - call.bodyFilled, chunk.length - at);
+    if (!hold(call, take)) return;
     parts.push(chunk.subarray(at, at + take));
     call.bodyFilled += take;
     at += take;
@@ -391,7 +471,21 @@ function clearListenerTable(emitter: NodeJS.EventEmitter): void {
 
 function onDeadline(call: Call): void {
   call.deadline = undefined;
-  finish(call, DEADLINE_HEADERS);
+  finish(call, call.arrivalOnly ? ARRIVAL_HEADERS : DEADLINE_HEADERS);
+}
+
+/**
+ * The request has arrived: an arrival timeout armed for it is let go, and the call's own later
+ * deadline, if it has one, is armed for what is left of it.
+ */
+function arrived(call: Call): void {
+  if (!call.arrivalOnly) return;
+  call.arrivalOnly = false;
+  call.deadlineList?.remove(call);
+  if (call.deadline !== undefined) clearTimeout(call.deadline);
+  call.deadline = undefined;
+  if (call.laterDeadlineAt === 0) return;
+  call.deadline = setTimeout(onDeadline, Math.max(1, Math.ceil(call.laterDeadlineAt - performance.now())), call);
 }
 
 /**
@@ -484,6 +578,8 @@ export interface H2ServerDeps {
   logger: Logger;
   /** TLS on this listener (ALPN h2), or null for cleartext HTTP/2 with prior knowledge. */
   tls?: ListenerTls | null;
+  /** Bounds on the request bytes calls hold (default HELD_REQUEST_BYTES). */
+  heldRequestBytes?: { perConnection: number; perListener: number } | undefined;
 }
 
 /**
@@ -492,8 +588,10 @@ export interface H2ServerDeps {
  */
 export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { limits, metrics, logger } = deps;
+  const heldBounds = deps.heldRequestBytes ?? HELD_REQUEST_BYTES;
   const watchers = new Set<Call>();
   const deadlines = new DeadlineLists();
+  const listenerHeld = new HeldBytes(heldBounds.perListener, LISTENER_HELD_HEADERS, null);
 
   // The Checks whose request ended in this turn of the event loop after its first, or null before
   // that first. One read of a busy connection carries many Checks, and node:http2 hands them over
@@ -515,7 +613,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const targets: Call[] = [];
     for (const call of calls) {
       const message = call.message;
-      call.message = null;
+      dropMessage(call);
       // Reset since it arrived (settle let go of its message): nothing is decided or charged.
       if (call.done || message === null) continue;
       try {
@@ -546,6 +644,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     if (call.bodyLength !== -1 || call.prefixFilled !== 0) return finish(call, TRUNCATED_HEADERS);
     const message = call.message;
     if (message === null) return finish(call, NO_MESSAGE_HEADERS);
+    arrived(call);
     if (call.kind === Kind.Check) {
       if (waiting !== null) {
         // Decided with the turn's others (endTurn); its message waits on the call until then.
@@ -556,7 +655,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       setImmediate(endTurn);
       return decideAll([call]);
     }
-    call.message = null;
+    dropMessage(call);
     let service: string;
     try {
       service = fromBinary(HealthCheckRequestSchema, message, { readUnknownFields: false }).service;
@@ -612,21 +711,27 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const pathHeader = headers[h2.HTTP2_HEADER_PATH];
     const path = typeof pathHeader === "string" ? pathHeader : "";
     const kind = KIND_BY_PATH.get(path);
-    const call = new Call(kind ?? Kind.Check, stream);
+    const call = new Call(kind ?? Kind.Check, stream, guard?.held ?? listenerHeld);
     callStream[CALL] = call;
     stream.on("end", onEnd);
     if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));
     const encoding = headers["grpc-encoding"];
     if (encoding !== undefined && encoding !== "identity") return finish(call, COMPRESSED_HEADERS);
+    let ms = Infinity;
     const timeout = headers["grpc-timeout"];
     if (timeout !== undefined) {
       const timeoutMs = typeof timeout === "string" ? parseGrpcTimeoutMs(timeout) : null;
       if (timeoutMs === null) return finish(call, errorHeaders(GrpcCode.INTERNAL, `Invalid grpc-timeout value "${String(timeout)}"`));
-      if (timeoutMs < MAX_TIMER_MS) {
-        const ms = Math.floor(timeoutMs);
-        if (!deadlines.add(call, ms)) call.deadline = setTimeout(onDeadline, ms, call);
-      }
+      if (timeoutMs < MAX_TIMER_MS) ms = Math.floor(timeoutMs);
     }
+    // Whatever the call's own deadline, its request must arrive within the request timeout: a
+    // call that never ends its request would otherwise hold its stream and bytes for good.
+    if (ms > limits.requestTimeoutMs) {
+      call.arrivalOnly = true;
+      if (ms !== Infinity) call.laterDeadlineAt = performance.now() + ms;
+      ms = limits.requestTimeoutMs;
+    }
+    if (!deadlines.add(call, ms)) call.deadline = setTimeout(onDeadline, ms, call);
     stream.on("data", onData);
   }
 
@@ -694,6 +799,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     // onStream and onStreamClose report each stream: no listener or closure per stream here.
     const guarded: GuardedSession = session;
     guarded[GUARD] = {
+      held: new HeldBytes(heldBounds.perConnection, CONNECTION_HELD_HEADERS, listenerHeld),
       opened() {
         open += 1;
       },
@@ -710,7 +816,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
 
   return {
     async start(host, port) {
-      const http2 = createHttp2Server();
+      const http2 = createHttp2Server({ settings: { maxConcurrentStreams: MAX_CONCURRENT_STREAMS } });
       http2.on("stream", onStream);
       // A session's protocol errors close it; they are the peer's fault, not keygate's.
       http2.on("sessionError", (error: Error) => logger.debug({ err: error }, "grpc session error"));

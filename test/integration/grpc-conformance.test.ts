@@ -1,6 +1,6 @@
 import diagnostics from "node:diagnostics_channel";
 import { connect as h2Connect, constants as h2 } from "node:http2";
-import type { ClientHttp2Session, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
+import type { ClientHttp2Session, ClientHttp2Stream, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import type { Socket } from "node:net";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
@@ -16,12 +16,12 @@ import { HealthCheckRequestSchema, HealthCheckResponse_ServingStatus } from "../
 import type { HealthCheckRequest, HealthCheckResponse } from "../../src/gen/grpc/health/v1/health_pb.js";
 import { authorizationDefinition, createGrpcAuthzServer, healthDefinition } from "../../src/server/grpc-authz.js";
 import type { StartedServer } from "../../src/server/grpc-authz.js";
-import { encodeGrpcMessage, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../src/server/grpc-h2.js";
+import { encodeGrpcMessage, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES, parseGrpcTimeoutMs } from "../../src/server/grpc-h2.js";
 import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
 import type { DecisionTracer } from "../../src/tracing/tracing.js";
-import { until } from "../harness/poll.js";
+import { until, untilValue } from "../harness/poll.js";
 import { FailingTracer, UnrecordableTracer } from "../harness/tracers.js";
 import { H2_PREFACE, H2_SETTINGS, h2Frame, hpackLiterals, openSocket } from "../harness/sockets.js";
 
@@ -65,7 +65,13 @@ const running: Running[] = [];
 const clients: GrpcClient[] = [];
 const sessions: ClientHttp2Session[] = [];
 
-async function start(engine: GrpcEngine, tracer?: DecisionTracer): Promise<Running> {
+interface StartOptions {
+  tracer?: DecisionTracer;
+  requestTimeoutMs?: number;
+  heldRequestBytes?: { perConnection: number; perListener: number };
+}
+
+async function start(engine: GrpcEngine, options: StartOptions = {}): Promise<Running> {
   const pipeline = new ControlledPipeline();
   const readiness = new Readiness();
   readiness.setReady(true);
@@ -74,11 +80,12 @@ async function start(engine: GrpcEngine, tracer?: DecisionTracer): Promise<Runni
     pipeline,
     readiness,
     metrics,
-    tracer,
+    tracer: options.tracer,
     logger: createLogger("silent"),
     nowMs: () => Date.now(),
-    limits: { headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
+    limits: { headersTimeoutMs: 10_000, requestTimeoutMs: options.requestTimeoutMs ?? 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
     engine,
+    heldRequestBytes: options.heldRequestBytes,
   });
   const server = await grpc.start("127.0.0.1", 0);
   const entry = { server, pipeline, metrics, readiness, url: `http://127.0.0.1:${server.port}`, stopped: false };
@@ -479,7 +486,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
     });
 
     it("a Check whose trace cannot be opened is UNAVAILABLE and counted, and the next is served", async () => {
-      const entry = await start(engine, new FailingTracer());
+      const entry = await start(engine, { tracer: new FailingTracer() });
       const client = grpcClient(entry);
       const unavailable = { ok: false, code: GrpcStatus.UNAVAILABLE, details: "the key could not be checked right now" };
       expect(await check(client, checkRequest("first"))).toEqual(unavailable);
@@ -609,6 +616,13 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
   });
 
   describe("security", () => {
+    it(`a connection may open at most ${MAX_CONCURRENT_STREAMS} streams at once (SETTINGS_MAX_CONCURRENT_STREAMS)`, async () => {
+      const entry = await start(engine);
+      const session = rawSession(entry);
+      await new Promise<void>((resolve) => session.once("remoteSettings", () => resolve()));
+      expect(session.remoteSettings.maxConcurrentStreams).toBe(MAX_CONCURRENT_STREAMS);
+    });
+
     it("a client reset while its Check is being decided does not disturb the server", async () => {
       const entry = await start(engine);
       const session = rawSession(entry);
@@ -701,6 +715,112 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       const after = await check(grpcClient(entry), checkRequest("after-destroy"));
       expect(after.ok && requestIdOf(after.value)).toBe("after-destroy");
     });
+  });
+});
+
+/** Opens a Check stream on `session` and writes `bytes` without ending it; resolves once they are written. */
+async function openUnended(session: ClientHttp2Session, bytes: Uint8Array, headers: OutgoingHttpHeaders = {}): Promise<ClientHttp2Stream> {
+  const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers", ...headers });
+  stream.on("error", () => undefined);
+  if (bytes.length > 0) await new Promise<void>((resolve) => stream.write(bytes, () => resolve()));
+  return stream;
+}
+
+/** The first `bytes` of a framed message that declares `declared` bytes: a message still arriving. */
+function messageStart(declared: number, bytes: number): Buffer {
+  const out = Buffer.alloc(5 + bytes, 0x61);
+  out[0] = 0;
+  out.writeUInt32BE(declared, 1);
+  return out;
+}
+
+/** A CheckRequest whose framed size is about `bytes`. */
+function paddedCheck(id: string, bytes: number): Buffer {
+  return framed(toBinary(CheckRequestSchema, checkRequest(id, { "x-pad": "p".repeat(bytes) })));
+}
+
+// The h2 engine's own bounds (grpc-js holds a message per stream until it is whole, without
+// them): a request must arrive within the request timeout, and what calls hold is capped per
+// connection and per listener. Each case hangs on a server without the bound.
+describe("h2 engine, bounds on what calls hold", () => {
+  it("a request that has not arrived within the request timeout is answered DEADLINE_EXCEEDED, never decided", async () => {
+    const entry = await start("h2", { requestTimeoutMs: 300 });
+    const session = rawSession(entry);
+    const halfMessage = await raw(entry, [messageStart(1000, 10)], { session, end: false });
+    const headersOnly = await raw(entry, [], { session, end: false });
+    for (const answer of [halfMessage, headersOnly]) {
+      expect(grpcStatusOf(answer)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+      expect(answer.headers["grpc-message"]).toBe(encodeGrpcMessage("the request did not arrive within the request timeout (KEYGATE_REQUEST_TIMEOUT_SECONDS)"));
+    }
+    // A whole message without END_STREAM has not arrived either.
+    const unended = await raw(entry, [framed(checkBytes("unended"))], { session, end: false });
+    expect(grpcStatusOf(unended)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+    expect(entry.pipeline.decided).toBe(0);
+    const after = await raw(entry, [framed(checkBytes("after-timeouts"))], { session });
+    expect(requestIdOf(checkResponseOf(after))).toBe("after-timeouts");
+  });
+
+  it("once its request has arrived, a call keeps its own grpc-timeout past the request timeout", async () => {
+    const entry = await start("h2", { requestTimeoutMs: 300 });
+    const answer = await raw(entry, [framed(toBinary(CheckRequestSchema, checkRequest("held", { "x-test-hold": "1" })))], { headers: { "grpc-timeout": "1500m" } });
+    expect(grpcStatusOf(answer)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+    expect(answer.headers["grpc-message"]).toBe("Deadline exceeded");
+    expect(entry.pipeline.decided).toBe(1);
+  });
+
+  it("a Watch whose request has arrived outlives the request timeout", async () => {
+    const entry = await start("h2", { requestTimeoutMs: 300 });
+    const def = healthDefinition.Watch;
+    const statuses: HealthCheckResponse_ServingStatus[] = [];
+    const watch = grpcClient(entry).makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
+      def.path,
+      def.requestSerialize,
+      def.responseDeserialize,
+      create(HealthCheckRequestSchema, { service: "" }),
+    );
+    watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
+    watch.on("error", () => undefined);
+    await until(() => statuses.length === 1, WAIT_MS, "the first status");
+    // A request opened after the Watch timing out shows the request timeout has passed for the Watch too.
+    const late = await raw(entry, [], { end: false });
+    expect(grpcStatusOf(late)).toBe(GrpcStatus.DEADLINE_EXCEEDED);
+    entry.readiness.setReady(false);
+    await until(() => statuses.length === 2, WAIT_MS, "NOT_SERVING on the Watch");
+    expect(statuses).toEqual([HealthCheckResponse_ServingStatus.SERVING, HealthCheckResponse_ServingStatus.NOT_SERVING]);
+    watch.cancel();
+  });
+
+  it("a connection's calls hold at most its bound of request bytes; a call past it is RESOURCE_EXHAUSTED and what a call held is let go when it ends", async () => {
+    const entry = await start("h2", { heldRequestBytes: { perConnection: 64 * 1024, perListener: 1024 * 1024 } });
+    const session = rawSession(entry);
+    const first = await openUnended(session, messageStart(200_000, 40 * 1024));
+    const refused = await raw(entry, [messageStart(200_000, 30 * 1024)], { session, end: false });
+    expect(grpcStatusOf(refused)).toBe(GrpcStatus.RESOURCE_EXHAUSTED);
+    expect(refused.headers["grpc-message"]).toBe(encodeGrpcMessage("this connection's calls hold too many request bytes; end or cancel some calls"));
+    // What still fits is decided.
+    const small = await raw(entry, [framed(checkBytes("small"))], { session });
+    expect(requestIdOf(checkResponseOf(small))).toBe("small");
+    // Once the first call is gone, a Check that needs its room is decided.
+    first.close(h2.NGHTTP2_CANCEL);
+    const big = await untilValue(
+      () => raw(entry, [paddedCheck("big", 50 * 1024)], { session }),
+      (answer) => grpcStatusOf(answer) === GrpcStatus.OK,
+      WAIT_MS,
+      "a 50 KiB Check decided once the first call's bytes are let go",
+    );
+    expect(requestIdOf(checkResponseOf(big.value))).toBe("big");
+    expect(entry.pipeline.decided).toBe(2);
+  });
+
+  it("the listener's calls hold at most its bound of request bytes, whichever connections they come on", async () => {
+    const entry = await start("h2", { heldRequestBytes: { perConnection: 64 * 1024, perListener: 96 * 1024 } });
+    const answers = [rawSession(entry), rawSession(entry)].map((session) => raw(entry, [messageStart(200_000, 60 * 1024)], { session, end: false }));
+    const refused = await Promise.race(answers);
+    expect(grpcStatusOf(refused)).toBe(GrpcStatus.RESOURCE_EXHAUSTED);
+    expect(refused.headers["grpc-message"]).toBe(encodeGrpcMessage("keygate holds too many request bytes right now; retry"));
+    // The call that fits is still held, and a small Check beside it is decided.
+    const small = await raw(entry, [framed(checkBytes("small"))]);
+    expect(requestIdOf(checkResponseOf(small))).toBe("small");
   });
 });
 
@@ -905,7 +1025,7 @@ describe("h2 engine, Checks that arrive together", () => {
   });
 
   it("a Check whose answer cannot be recorded holds none of the others of its read", async () => {
-    const entry = await start("h2", new UnrecordableTracer());
+    const entry = await start("h2", { tracer: new UnrecordableTracer() });
     const { socket, frames } = await openRawSession(entry);
     try {
       socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), ...checkRequestFrames(1), ...checkRequestFrames(3), ...checkRequestFrames(5)]));
