@@ -143,6 +143,28 @@ describe.each(shippedProxies())("proxy trust security: behind $name (the shipped
     expect(upstream.requests.length).toBe(before + 1);
   });
 
+  it.runIf(available)("the upstream gets none of a client's rewrite and method-override headers, nor the key's underscore spelling", async () => {
+    // Frameworks and servers that obey one of these would serve another method or path than the
+    // one keygate judged; CGI-style servers read X_Api_Key as X-Api-Key.
+    const rewrites: Record<string, string> = {
+      "X-Original-URI": "/v1/admin",
+      "X-Original-Method": "DELETE",
+      "X-Original-URL": "/v1/admin",
+      "X-Rewrite-URL": "/v1/admin",
+      "X-Forwarded-Uri": "/v1/admin",
+      "X-Forwarded-Method": "DELETE",
+      "X-HTTP-Method-Override": "DELETE",
+      "X-HTTP-Method": "DELETE",
+      "X-Method-Override": "DELETE",
+    };
+    const res = await send(proxy.port, "GET", "/v1/decks", { "x-api-key": decksKey, X_Api_Key: decksKey, ...rewrites });
+    expect(res.status, res.text).toBe(200);
+    const seen = JSON.parse(res.text) as EchoedRequest;
+    expect({ method: seen.method, url: seen.url }).toEqual({ method: "GET", url: "/v1/decks" });
+    const reached = [...Object.keys(rewrites), "X_Api_Key", "X-Api-Key"].filter((name) => seen.headers[name.toLowerCase()] !== undefined);
+    expect(reached).toEqual([]);
+  });
+
   it.runIf(available)("a read key's GET /public with X-*-Uri: /v1/decks is judged /public: 200, and the upstream serves /public", async () => {
     const res = await send(proxy.port, "GET", "/public", { "x-api-key": readKey, "X-Forwarded-Uri": "/v1/decks", "X-Original-URI": "/v1/decks" });
     expect(res.status, res.text).toBe(200);

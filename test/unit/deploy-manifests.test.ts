@@ -523,7 +523,7 @@ const extAuthzSchema = z.object({
 
 const hcmSchema = z.object({
   "@type": z.literal("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
-  route_config: z.object({ virtual_hosts: z.array(z.object({ name: z.string(), routes: z.array(envoyRouteSchema) })) }),
+  route_config: z.object({ virtual_hosts: z.array(z.object({ name: z.string(), request_headers_to_remove: z.array(z.string()).default([]), routes: z.array(envoyRouteSchema) })) }),
   normalize_path: z.boolean().optional(),
   merge_slashes: z.boolean().optional(),
   path_with_escaped_slashes_action: z.string().optional(),
@@ -1395,6 +1395,32 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
     expect(readFileSync(NGINX, "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY=nginx");
   });
 
+  /**
+   * Headers that name another method or path than the request's own: the original-request headers
+   * of the proxies keygate works behind, and the URL-rewrite and method-override headers some
+   * frameworks and servers obey. None may reach the API from a client.
+   */
+  const REWRITE_HEADERS = ["X-Original-URI", "X-Original-Method", "X-Original-URL", "X-Rewrite-URL", "X-Forwarded-Uri", "X-Forwarded-Method", "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"];
+
+  it("every shipped proxy drops the rewrite and method-override headers on the way to the API", () => {
+    const toApi = new Map([...nginxLocation(readFileSync(NGINX, "utf8"), "/").matchAll(/^\s*proxy_set_header (\S+) (.+);$/gm)].map((m) => [(m[1] ?? "").toLowerCase(), m[2] ?? ""]));
+    for (const name of REWRITE_HEADERS) expect(toApi.get(name.toLowerCase()), `nginx ${name}`).toBe('""');
+    const caddyfile = readFileSync(CADDY, "utf8");
+    const reverseProxy = caddyfile.slice(caddyfile.search(/^\s*reverse_proxy /m));
+    const dropped = new Set([...reverseProxy.matchAll(/^\s*header_up -(\S+)$/gm)].map((m) => (m[1] ?? "").toLowerCase()));
+    // X-Original-* goes before the check (request_header -X-Original-*), for the API as well.
+    for (const name of REWRITE_HEADERS.filter((n) => !n.startsWith("X-Original-"))) expect(dropped.has(name.toLowerCase()), `Caddy ${name}`).toBe(true);
+    expect(caddyfile).toContain("request_header -X-Original-*");
+    expect(dropped.has("x_api_key")).toBe(true);
+    const { http } = traefik();
+    expect(http.routers["keygate-api"]?.middlewares).toEqual(["keygate-auth", "keygate-strip-credentials", "keygate-strip-rewrites"]);
+    const rewrites = http.middlewares["keygate-strip-rewrites"]?.headers.customRequestHeaders ?? {};
+    expect(Object.keys(rewrites).map((k) => k.toLowerCase()).sort()).toEqual([...REWRITE_HEADERS, "X_Api_Key"].map((k) => k.toLowerCase()).sort());
+    expect(Object.values(rewrites).every((v) => v === "")).toBe(true);
+    const [vhost] = readEnvoy().hcm.route_config.virtual_hosts;
+    expect(vhost?.request_headers_to_remove).toEqual(REWRITE_HEADERS.map((n) => n.toLowerCase()));
+  });
+
   it("Caddy: forward_auth calls a bare /check and nginx's names are dropped before it", () => {
     const caddyfile = readFileSync(CADDY, "utf8");
     // forward_auth itself sets X-Forwarded-Method and X-Forwarded-Uri, replacing a client's.
@@ -1420,6 +1446,7 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
           }),
         }),
         "keygate-strip-credentials": z.object({ headers: z.object({ customRequestHeaders: z.record(z.string(), z.string()) }) }),
+        "keygate-strip-rewrites": z.object({ headers: z.object({ customRequestHeaders: z.record(z.string(), z.string()) }) }).optional(),
       }),
       services: z.record(z.string(), z.object({ loadBalancer: z.object({ servers: z.array(z.object({ url: z.string() })) }) })),
     }),
@@ -1460,7 +1487,7 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
       Object.fromEntries(DEFAULTS.policy.credentialHeaders.map((h) => [h, ""])),
     );
     const router = http.routers["keygate-api"];
-    expect(router?.middlewares).toEqual(["keygate-auth", "keygate-strip-credentials"]);
+    expect(router?.middlewares).toEqual(["keygate-auth", "keygate-strip-credentials", "keygate-strip-rewrites"]);
     expect(router?.service).toBe("keygate-api-upstream");
     expect(readFileSync(TRAEFIK, "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY=traefik");
   });
