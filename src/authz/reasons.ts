@@ -169,13 +169,13 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     retryable: false,
     grpcCode: INTERNAL_CODE,
   },
-  // A path that servers could read differently; refused before the key is looked up. The
-  // message names what is wrong with the path (routes.ts), never echoing it.
+  // A path (or a method's letter case) that servers could read differently; refused before the
+  // key is looked up. The message names what is wrong (routes.ts), never echoing the request.
   INVALID_PATH: {
     httpStatus: 400,
     code: "INVALID_REQUEST",
-    title: "Invalid request path",
-    message: "The request path is not in canonical form, so it is refused.",
+    title: "Invalid request",
+    message: "The request path or method is not in canonical form, so it is refused.",
     retryable: false,
     grpcCode: INVALID_ARGUMENT_CODE,
   },

@@ -56,6 +56,16 @@ export const PATH_REFUSALS = {
   ),
 } as const;
 
+/**
+ * A method not in upper case whose upper-case spelling picks another route. HTTP methods are
+ * case-sensitive, but servers differ: some read "post" as POST, others as a method of its own,
+ * so whichever route keygate picked would be wrong for some upstream.
+ */
+export const METHOD_CASE_REFUSAL = new RouteRefusal(
+  "INVALID_PATH",
+  "The request method is not in upper case and matches another route when upper-cased, as some servers read it, so it is refused. Send the method in upper case.",
+);
+
 /** Proxy per-route settings keygate cannot use: a denial with status 500, never a guess. */
 export const ROUTE_CONFIG_REFUSALS = {
   cost: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "cost" (context_extensions) is not a whole number. This is a gateway configuration error.'),
@@ -448,6 +458,10 @@ export class RouteTable {
     if (path instanceof RouteRefusal) return path;
     if (this.#entries.length === 0) return null;
     const upperMethod = method.toUpperCase();
+    if (upperMethod !== method) {
+      const judged = this.#caseInsensitive ? path.toLowerCase() : path;
+      if (this.#find(method, judged, false) !== this.#find(upperMethod, judged, false)) return METHOD_CASE_REFUSAL;
+    }
     if (this.#caseInsensitive) return this.#find(upperMethod, path.toLowerCase(), false);
     const exact = this.#find(upperMethod, path, false);
     // A case-insensitive upstream serves "/V1/Decks" as "/v1/decks": if that is another route,

@@ -1,5 +1,6 @@
 import { request } from "node:http";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { METHOD_CASE_REFUSAL } from "../../src/authz/routes.js";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import type { HttpAuthzProxy } from "../../src/config.js";
 import { startKeygate } from "../harness/keygate.js";
@@ -213,6 +214,9 @@ function headerModeCases(proxy: Exclude<HttpAuthzProxy, "envoy">): DirectCase[] 
     { name: `judges ${t.uri}: /public`, method: "GET", path: "/check", headers: trusted("/public"), status: 200 },
     { name: `judges ${t.method}: POST, not the check's own GET`, method: "GET", path: "/check", headers: trusted("/v1/notes", "POST"), status: 403, code: "FORBIDDEN", message: WRITE_MESSAGE },
     { name: `judges ${t.method}: GET, not the check's own POST`, method: "POST", path: "/check", headers: trusted("/v1/notes", "GET"), status: 200 },
+    // Caddy and Traefik pass a lower-case method on as sent: some servers read "post" as POST.
+    { name: `refuses ${t.method}: post where POST has a route of its own`, method: "GET", path: "/check", headers: trusted("/v1/notes", "post"), status: 400, code: "INVALID_REQUEST", message: METHOD_CASE_REFUSAL.message },
+    { name: `judges ${t.method}: get where no route depends on it`, method: "GET", path: "/check", headers: trusted("/public", "get"), status: 200 },
     {
       name: `refuses ${t.uri} repeated with different values`,
       method: "GET",

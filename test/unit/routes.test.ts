@@ -2,7 +2,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT, parsePolicy } from "../../src/config.js";
 import { DENIALS } from "../../src/authz/reasons.js";
-import { PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
+import { METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
   { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
@@ -99,7 +99,7 @@ describe("routes happy", () => {
     expect(required("GET", "/v1/%64ecks/").requiredScopes).toEqual(["decks"]);
     expect(required("GET", "/v1/decksx").requiredScopes).toEqual([]);
     expect(required("GET", "/v1/hooks").requiredScopes).toEqual([]);
-    expect(required("post", "/v1/hooks/1").requiredScopes).toEqual(["webhooks"]);
+    expect(required("POST", "/v1/hooks/1").requiredScopes).toEqual(["webhooks"]);
   });
 
   it("context_extensions win field by field", () => {
@@ -192,6 +192,22 @@ describe("letter case", () => {
     // Case ignored, these still find the same route.
     expect(exact.match("GET", "/v1/Things")).toBe(routes[1]);
     expect(exact.match("GET", "/Other")).toBeNull();
+  });
+
+  it("a method not in upper case is refused where upper-casing it picks another route, and judged as sent where it does not", () => {
+    const byMethod = new RouteTable([
+      { method: "POST", pathPrefix: "/v1/hooks", requiredScopes: ["webhooks"], cost: 1, metered: true },
+      { method: "GET", pathPrefix: "/v1/decks", requiredScopes: ["read"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
+    ]);
+    // Some servers read "post" as POST, others as a method of its own: no route is right for both.
+    for (const [method, path] of [["post", "/v1/hooks/1"], ["Post", "/v1/hooks"], ["get", "/v1/decks"]] as const) expect(byMethod.match(method, path), `${method} ${path}`).toBe(METHOD_CASE_REFUSAL);
+    // Either reading finds the same route (or none): nothing to refuse.
+    expect(byMethod.match("delete", "/v1/decks")).toMatchObject({ pathPrefix: "/v1/decks", method: "*" });
+    expect(byMethod.match("get", "/other")).toBeNull();
+    expect(byMethod.match("POST", "/v1/hooks")).toMatchObject({ method: "POST" });
+    expect(METHOD_CASE_REFUSAL).toMatchObject({ allow: false, reason: "INVALID_PATH" });
+    expect(DENIALS[METHOD_CASE_REFUSAL.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
   });
 
   it("a mixed-case prefix is held to the same rule, even for a lower-case path", () => {
