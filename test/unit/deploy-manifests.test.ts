@@ -1421,6 +1421,74 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
     expect(vhost?.request_headers_to_remove).toEqual(REWRITE_HEADERS.map((n) => n.toLowerCase()));
   });
 
+  const patternsSchema = z.object({ patterns: z.array(z.object({ exact: z.string().optional(), prefix: z.string().optional() }).strict()) });
+  const envoyHttpSchema = z.object({
+    static_resources: z.object({
+      listeners: z.array(
+        z.object({
+          filter_chains: z.array(
+            z.object({
+              filters: z.array(
+                z.object({
+                  typed_config: z.object({
+                    normalize_path: z.literal(true),
+                    merge_slashes: z.literal(true),
+                    path_with_escaped_slashes_action: z.literal("REJECT_REQUEST"),
+                    common_http_protocol_options: z.object({ headers_with_underscores_action: z.literal("REJECT_REQUEST") }),
+                    route_config: z.object({ virtual_hosts: z.array(z.object({ request_headers_to_remove: z.array(z.string()) })) }),
+                    http_filters: z.array(z.object({ name: z.string(), typed_config: z.record(z.string(), z.unknown()) })),
+                  }),
+                }),
+              ),
+            }),
+          ),
+        }),
+      ),
+      clusters: z.array(z.object({ name: z.string(), load_assignment: z.unknown() })),
+    }),
+  });
+  const envoyHttpAuthzSchema = z.object({
+    failure_mode_allow: z.literal(false),
+    allowed_headers: patternsSchema,
+    http_service: z.object({
+      server_uri: z.object({ uri: z.string(), cluster: z.string(), timeout: z.string() }),
+      path_prefix: z.literal("/check"),
+      authorization_response: z.object({ allowed_upstream_headers: patternsSchema, allowed_client_headers_on_success: patternsSchema, allowed_client_headers: patternsSchema }),
+    }),
+  });
+
+  /** Whether an Envoy string matcher list (exact or prefix entries) matches `name`. */
+  function envoyMatches(list: z.infer<typeof patternsSchema>, name: string): boolean {
+    return list.patterns.some((p) => p.exact === name || (p.prefix !== undefined && name.startsWith(p.prefix)));
+  }
+
+  it("Envoy's HTTP service: keygate sees every header it judges or strips, and its identity and rate-limit headers reach the app", () => {
+    const bootstrap = envoyHttpSchema.parse(loadOne(join(DEPLOY, "envoy/envoy-http.yaml")));
+    const hcm = bootstrap.static_resources.listeners[0]?.filter_chains[0]?.filters[0]?.typed_config;
+    const authzFilter = hcm?.http_filters.find((f) => f.name === "envoy.filters.http.ext_authz");
+    expect(authzFilter).toBeDefined();
+    const authz = envoyHttpAuthzSchema.parse(authzFilter?.typed_config);
+    expect(authz.http_service.server_uri.uri).toBe(`http://keygate:${DEFAULTS.httpAuthzPort}`);
+    expect(bootstrap.static_resources.clusters.map((c) => c.name)).toContain(authz.http_service.server_uri.cluster);
+    // Authorization is always sent by Envoy's HTTP service; every other credential header must be listed.
+    for (const name of DEFAULTS.policy.credentialHeaders.filter((h) => h !== "authorization")) expect(envoyMatches(authz.allowed_headers, name), name).toBe(true);
+    for (const name of ["x-keygate-owner-id", "x-keygate-tenant", "x-request-id"]) expect(envoyMatches(authz.allowed_headers, name), name).toBe(true);
+    const response = authz.http_service.authorization_response;
+    for (const name of ["x-keygate-key-id", "x-keygate-owner-id", "x-keygate-project-id", "x-keygate-scopes", "x-keygate-plan", "x-keygate-role", "x-keygate-mode"]) {
+      expect(envoyMatches(response.allowed_upstream_headers, name), name).toBe(true);
+    }
+    const rateHeaders = ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit", "x-credits-remaining"];
+    for (const name of rateHeaders) expect(envoyMatches(response.allowed_client_headers_on_success, name), name).toBe(true);
+    for (const name of ["content-type", "www-authenticate", "retry-after", ...rateHeaders]) expect(envoyMatches(response.allowed_client_headers, name), name).toBe(true);
+    // No credential header is ever copied into the request to the app or the answer to the client.
+    for (const name of DEFAULTS.policy.credentialHeaders) {
+      expect(envoyMatches(response.allowed_upstream_headers, name), name).toBe(false);
+      expect(envoyMatches(response.allowed_client_headers, name), name).toBe(false);
+    }
+    expect(hcm?.route_config.virtual_hosts[0]?.request_headers_to_remove).toEqual(REWRITE_HEADERS.map((n) => n.toLowerCase()));
+    expect(readFileSync(join(DEPLOY, "envoy/envoy-http.yaml"), "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY");
+  });
+
   it("Caddy: forward_auth calls a bare /check and nginx's names are dropped before it", () => {
     const caddyfile = readFileSync(CADDY, "utf8");
     // forward_auth itself sets X-Forwarded-Method and X-Forwarded-Uri, replacing a client's.
