@@ -485,6 +485,9 @@ export class RouteTable {
       if (entry.route.method !== "*" && entry.route.method !== upperMethod) continue;
       if (folded ? under(path, entry.foldedHead, entry.foldedTail) : under(path, entry.head, entry.tail)) return entry;
     }
+    // Servers answer HEAD with the GET handler: a HEAD no route names takes GET's route, so a
+    // policy that lists GET alone does not leave HEAD needing no scope.
+    if (upperMethod === "HEAD") return this.#find("GET", path, folded);
     return null;
   }
 }

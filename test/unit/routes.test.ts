@@ -102,6 +102,26 @@ describe("routes happy", () => {
     expect(required("POST", "/v1/hooks/1").requiredScopes).toEqual(["webhooks"]);
   });
 
+  it("a HEAD that no route names takes GET's route, as servers answer HEAD with the GET handler", () => {
+    const getOnly = new RouteTable([
+      { method: "GET", pathPrefix: "/v1/decks", requiredScopes: ["read"], cost: 1, metered: true },
+      { method: "POST", pathPrefix: "/v1/decks", requiredScopes: ["write"], cost: 1, metered: true },
+    ]);
+    expect(getOnly.match("HEAD", "/v1/decks/7")).toMatchObject({ method: "GET", requiredScopes: ["read"] });
+    expect(getOnly.match("HEAD", "/other")).toBeNull();
+    // A route that names HEAD, or takes every method, still decides.
+    const named = new RouteTable([
+      { method: "HEAD", pathPrefix: "/v1", requiredScopes: ["peek"], cost: 1, metered: true },
+      { method: "GET", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+    ]);
+    expect(named.match("HEAD", "/v1/x")).toMatchObject({ method: "HEAD" });
+    const star = new RouteTable([
+      { method: "GET", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1", requiredScopes: ["write"], cost: 1, metered: true },
+    ]);
+    expect(star.match("HEAD", "/v1/x")).toMatchObject({ method: "*" });
+  });
+
   it("context_extensions win field by field", () => {
     expect(required("GET", "/v1/decks/export", { cost: "0" })).toEqual({ requiredScopes: ["decks", "export"], projectId: null, cost: 0, metered: true, minRole: null, quota: null });
     expect(required("GET", "/other", { required_scopes: "a,,b ", project_id: "p1" })).toEqual({ requiredScopes: ["a", "b"], projectId: "p1", cost: 1, metered: true, minRole: null, quota: null });
