@@ -14,7 +14,7 @@ import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./headers.js";
 import { DENIALS } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
-import { RouteRefusal } from "./routes.js";
+import { ROUTE_CONFIG_REFUSALS, RouteRefusal } from "./routes.js";
 import { REDIS_CHARGE_SPAN, REDIS_PEEK_SPAN, backendAttributes, traceCall } from "../tracing/tracing.js";
 import type { DecisionTrace } from "../tracing/tracing.js";
 import type { RouteRequirements, RouteTable } from "./routes.js";
@@ -138,6 +138,8 @@ class PolicyVersion {
   readonly forward: ReadonlyArray<readonly [string, string]>;
   /** lastUsedResolutionSeconds in milliseconds (recordUse). */
   readonly lastUsedResolutionMs: number;
+  /** Every quota name some plan lists: a route (or the proxy) naming another is misconfigured. */
+  readonly quotaNames: ReadonlySet<string>;
 
   constructor(
     readonly policy: PipelineDeps["policy"],
@@ -150,7 +152,13 @@ class PolicyVersion {
     this.presentCredentials = new PresentCredentialHeaders(credentialHeaders);
     this.forward = (policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
     this.lastUsedResolutionMs = (policy.lastUsedResolutionSeconds ?? DEFAULT_LAST_USED_RESOLUTION_SECONDS) * 1000;
+    this.quotaNames = new Set(Object.values(policy.plans).flatMap((p) => Object.keys(p.quotas)));
   }
+}
+
+/** The plan's cap for a named quota; null (unlimited on this plan) when the plan does not list it. */
+function namedQuota(plan: Plan, quota: string): number | null {
+  return Object.hasOwn(plan.quotas, quota) ? (plan.quotas[quota] ?? null) : null;
 }
 
 /**
@@ -201,6 +209,9 @@ export class DecisionPipeline {
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
     const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
     if (route instanceof RouteRefusal) return route;
+    // A quota no plan lists (a typo in the proxy's per-route settings) would leave the route
+    // uncapped on every plan: refused as the proxy's mistake, never allowed on a guess.
+    if (route.quota !== null && !v.quotaNames.has(route.quota)) return ROUTE_CONFIG_REFUSALS.unknownQuota;
     const trace = input.trace;
     // A key in L1 is judged here and now, without the closure a lookup waits with.
     const hash = this.deps.hasher.hash(credential.key);
@@ -258,7 +269,7 @@ export class DecisionPipeline {
       bucketKind: test ? "ut" : "u",
       bucketId: account.ownerId,
       rate: v.policy.limits.chargeRateLimit,
-      dailyQuota: test ? (v.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
+      dailyQuota: test ? (v.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : namedQuota(plan, quota),
       monthlyCredits: test ? null : plan.monthlyCredits,
       cost: test ? 0 : cost,
       nowMs,
@@ -360,7 +371,7 @@ export class DecisionPipeline {
       rate: this.#rateRule(v, snapshot, plan),
       // An unmetered route counts toward no quota and spends nothing; a named quota the plan
       // does not list is unlimited on it.
-      dailyQuota: !route.metered ? null : quota === null ? plan.dailyQuota : (plan.quotas[quota] ?? null),
+      dailyQuota: !route.metered ? null : quota === null ? plan.dailyQuota : namedQuota(plan, quota),
       monthlyCredits: plan.monthlyCredits,
       cost: route.metered ? route.cost : 0,
       nowMs,

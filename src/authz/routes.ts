@@ -76,6 +76,7 @@ export const ROUTE_CONFIG_REFUSALS = {
     'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
   ),
   quota: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "quota" (context_extensions) is not a quota name. This is a gateway configuration error.'),
+  unknownQuota: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "quota" (context_extensions) names a quota no plan has. This is a gateway configuration error.'),
   projectId: new RouteRefusal(
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "project_id" (context_extensions) names another project than the request path does. This is a gateway configuration error.',
@@ -447,7 +448,8 @@ export class RouteTable {
     let parsed = this.#parsedScopes.get(text);
     if (parsed !== undefined) return parsed;
     const names = text.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
-    parsed = names.every((name) => SCOPE_NAME_PATTERN.test(name)) ? names : null;
+    // A value that is not blank but names no scope (",") is a mistake, not "no scope needed".
+    parsed = names.length > 0 && names.every((name) => SCOPE_NAME_PATTERN.test(name)) ? names : null;
     if (this.#parsedScopes.size >= MAX_PARSED_SCOPES) this.#parsedScopes.clear();
     this.#parsedScopes.set(text, parsed);
     return parsed;

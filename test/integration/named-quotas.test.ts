@@ -82,4 +82,16 @@ describe("named daily quotas", () => {
     expect(error).toBeInstanceOf(ConnectError);
     expect([(error as ConnectError).code, (error as ConnectError).rawMessage]).toEqual([Code.InvalidArgument, 'quota: unknown quota "mesages"; the plans\' quotas: messages, exports']);
   });
+
+  it("context_extensions.quota naming a quota no plan has (a typo, or an Object property) is 500 ROUTE_MISCONFIGURED, never an uncapped route", async () => {
+    const ownerId = "named-quotas-typo";
+    await kg.admin.upsertAccount({ ownerId, plan: "tiers" });
+    const secret = (await kg.admin.createKey({ ownerId, name: "app" })).secret;
+    for (const quota of ["mesages", "constructor"]) {
+      const answer = outcome(await kg.check(checkInit({ "x-api-key": secret }, "/v1/other", "GET", { quota })));
+      expect(answer, quota).toEqual({ status: 500, message: 'The gateway\'s per-route "quota" (context_extensions) names a quota no plan has. This is a gateway configuration error.' });
+    }
+    // The plan's dailyQuota (2) was not spent by the refusals.
+    for (let i = 0; i < 2; i++) expect(outcome(await kg.check(checkInit({ "x-api-key": secret }, "/v1/other"))).status).toBe(200);
+  });
 });

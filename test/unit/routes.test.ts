@@ -143,7 +143,8 @@ describe("routes error", () => {
   });
 
   it("required_scopes that are not scope names are a ROUTE_MISCONFIGURED denial", () => {
-    for (const scopes of ["Decks", "read write", "read;write", "decks,*", "ünï"]) {
+    // A value that is not blank but names no scope is a mistake, not "no scope needed".
+    for (const scopes of ["Decks", "read write", "read;write", "decks,*", "ünï", ",", " , ", ",,"]) {
       expect(table.requirements("GET", "/v1/decks", { required_scopes: scopes }), scopes).toBe(ROUTE_CONFIG_REFUSALS.requiredScopes);
     }
   });
