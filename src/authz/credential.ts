@@ -75,25 +75,47 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
 }
 
 // With more configured headers than this, the present ones are listed per request instead.
-const MAX_TABLED_HEADERS = 8;
+const MAX_TABLED_HEADERS = 10;
 
 /**
- * Which configured credential headers a request carries. Every one present is removed upstream,
- * not only the one the key came in: a second copy of the key must not reach the API either.
- * The answer comes from a table of every subset, built once, so the Check path allocates nothing.
+ * `name` and its spellings with `_` for any `-`: CGI-style servers (WSGI, PHP, Rack) read every
+ * one of them as `name` (x_api_key is X-Api-Key to them). Every combination for up to three
+ * dashes, else the all-dash and all-underscore spellings.
+ */
+function separatorSpellings(name: string): string[] {
+  const dashes: number[] = [];
+  for (let i = 0; i < name.length; i++) if (name[i] === "-") dashes.push(i);
+  if (dashes.length > 3) return [name, name.replaceAll("-", "_")];
+  const spellings: string[] = [];
+  for (let mask = 0; mask < 1 << dashes.length; mask++) {
+    const chars = [...name];
+    dashes.forEach((at, bit) => {
+      if ((mask & (1 << bit)) !== 0) chars[at] = "_";
+    });
+    spellings.push(chars.join(""));
+  }
+  return spellings;
+}
+
+/**
+ * Which configured credential headers a request carries, in any spelling an upstream reads as
+ * one of them. Every one present is removed upstream, not only the one the key came in: a second
+ * copy of the key must not reach the API either, nor one under `_` spelling (a proxy that lets
+ * underscores through passes x_api_key on). The answer comes from a table of every subset, built
+ * once, so the Check path allocates nothing.
  */
 export class PresentCredentialHeaders {
   readonly #names: readonly string[];
   readonly #subsets: ReadonlyArray<readonly string[]>;
 
   constructor(names: readonly string[]) {
-    this.#names = [...new Set(names)];
+    this.#names = [...new Set(names.flatMap(separatorSpellings))];
     const count = this.#names.length;
     this.#subsets =
       count > MAX_TABLED_HEADERS ? [] : Array.from({ length: 1 << count }, (_, mask) => this.#names.filter((_name, i) => (mask & (1 << i)) !== 0));
   }
 
-  /** The configured names present in `headers`, in configured order. Shared: do not mutate. */
+  /** The configured names (and spellings) present in `headers`, in configured order. Shared: do not mutate. */
   of(headers: HeaderBag): readonly string[] {
     const names = this.#names;
     if (names.length > MAX_TABLED_HEADERS) return names.filter((name) => headers.get(name) !== undefined);

@@ -81,6 +81,16 @@ describe("credential removal security: gRPC Check (headers_to_remove)", () => {
     expect(okOf(response).headersToRemove).toEqual(["x-api-key"]);
   });
 
+  it("a credential header under `_` spellings (which CGI-style servers read as X-Api-Key) is removed too, never read as the key", async () => {
+    const key = await issue();
+    const spellings = { x_api_key: "kg_other_secret", "x-api_key": "kg_other_secret", "x_api-key": "kg_other_secret" };
+    const response = await kg.check(checkInit({ authorization: `Bearer ${key.secret}`, ...spellings }));
+    expect(okOf(response).headersToRemove).toEqual(["authorization", "x_api-key", "x-api_key", "x_api_key"]);
+    // Alone, an underscore spelling is no credential: the Check has none.
+    const alone = await kg.check(checkInit({ x_api_key: key.secret }));
+    expect(alone.httpResponse.case).toBe("deniedResponse");
+  });
+
   it("identity spoofs in underscore and mixed-case spellings are stripped or overwritten", async () => {
     const key = await issue();
     const response = await kg.check(
@@ -119,6 +129,13 @@ describe("credential removal security: HTTP mode (x-envoy-auth-headers-to-remove
     const res = await httpCheck(kg.ports.http, "/check/v1/things", { authorization: "Basic dXNlcjpwYXNz", "x-api-key": key.secret });
     expect(res.status).toBe(200);
     expect(res.headers.get("x-envoy-auth-headers-to-remove")).toBe("authorization,x-api-key");
+  });
+
+  it("a credential header under a `_` spelling is listed too", async () => {
+    const key = await issue();
+    const res = await httpCheck(kg.ports.http, "/check/v1/things", { authorization: `Bearer ${key.secret}`, x_api_key: "kg_other_secret" });
+    expect(res.status).toBe(200);
+    expect(res.headers.get("x-envoy-auth-headers-to-remove")).toBe("authorization,x_api_key");
   });
 
   it("identity spoofs in underscore and mixed-case spellings are listed or overwritten", async () => {
