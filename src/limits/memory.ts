@@ -262,7 +262,18 @@ export class MemoryMeter implements Meter {
     return applyCreditDelta(cell, this.#calendar.month(nowMs), 0, 0);
   }
 
-  async close(): Promise<void> {
+  /**
+   * Drops every count: rate buckets, quota counts and credit balances. A meter that stood in for
+   * Redis calls this once Redis answers again, so a later outage loads its counts afresh from the
+   * store instead of charging against what it held the last time.
+   */
+  reset(): void {
     for (const tats of Object.values(this.#tats)) tats.clear();
+    this.#quota.clear();
+    this.#credits.clear();
+  }
+
+  async close(): Promise<void> {
+    this.reset();
   }
 }

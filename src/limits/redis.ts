@@ -142,6 +142,8 @@ export class RedisMeter implements Meter {
   readonly #unsynced = new Map<string, number>();
   #retryTimer: NodeJS.Timeout | undefined;
   #retrying = false;
+  /** A charge went to the in-process fallback since Redis last answered one. */
+  #fellBack = false;
 
   constructor(
     private readonly redis: RedisClient,
@@ -176,7 +178,18 @@ export class RedisMeter implements Meter {
   }
 
   charge(input: ChargeInput): Promise<ChargeResult> {
-    return this.#charge(input, true, false).catch((error: unknown) => this.#degrade(input, error));
+    return this.#charge(input, true, false).then(
+      (result) => {
+        // Redis is back: the counts the fallback held are out of date from now on (Redis counts
+        // on), so they go, and a later outage loads them afresh.
+        if (this.#fellBack) {
+          this.#fellBack = false;
+          this.fallback.reset();
+        }
+        return result;
+      },
+      (error: unknown) => this.#degrade(input, error),
+    );
   }
 
   peek(input: ChargeInput): Promise<ChargeResult> {
@@ -270,7 +283,10 @@ export class RedisMeter implements Meter {
   async #degrade(input: ChargeInput, error: unknown): Promise<ChargeResult> {
     this.logger.warn({ err: error, mode: this.onError }, "Redis limits failed");
     if (this.onError === "fail-closed") throw error;
-    if (this.onError === "fallback") return this.fallback.charge(input);
+    if (this.onError === "fallback") {
+      this.#fellBack = true;
+      return this.fallback.charge(input);
+    }
     return {
       allowed: true,
       reason: null,

@@ -179,6 +179,13 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
       const back = (await untilValue(() => check(keygate.ports.http, secret), (x) => x.status === 200, RECOVERY_TIMEOUT_MS, "checks passing again after Redis restarted", RECOVERY)).value;
       expect(back.headers.get("x-ratelimit-remaining")).toBe("9");
       await expectRedisInUse(redis, keygate, secret, ownerId, "fallback");
+
+      // Redis answered again, so the in-process counts were dropped: a second outage loads them
+      // afresh (the bucket starts full again), never charging against what the first one left.
+      await redis.stop();
+      const again = await concurrentChecks(keygate.ports.http, secret, 30);
+      expect(again.filter((x) => x.status === 200)).toHaveLength(10);
+      expect(again.filter((x) => x.status === 429)).toHaveLength(20);
     }, 60_000);
   });
 });
