@@ -436,9 +436,12 @@ export class LifecycleService {
       },
       nowMs,
     );
+    // A disabled key's successor is disabled too (since the same time): rotating a paused key must
+    // not hand out a secret that works, and enabling stays the one way back.
+    const successor = old.disabledAtMs === null ? record : { ...record, disabledAtMs: old.disabledAtMs };
     let rotation;
     try {
-      rotation = await this.deps.store.rotateKey(id, record, nowMs + graceDays * DAY_MS, nowMs);
+      rotation = await this.deps.store.rotateKey(id, successor, nowMs + graceDays * DAY_MS, nowMs);
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
       throw error;

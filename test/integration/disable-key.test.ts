@@ -58,6 +58,17 @@ describe("DisableKey and EnableKey happy", () => {
     expect(await check(key.secret)).toEqual({ status: 200, code: null });
   });
 
+  it("rotating a disabled key issues a disabled successor: the new secret is refused KEY_DISABLED until it is enabled", async () => {
+    const key = await newKey(owner());
+    await kg.admin.disableKey({ id: key.id, reason: "card declined" });
+    const rotated = await kg.admin.rotateKey({ id: key.id, graceDays: 0 });
+    expect(rotated.key?.state).toBe("disabled");
+    expect(await check(rotated.secret)).toEqual({ status: 401, code: "KEY_DISABLED" });
+    expect(await check(key.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
+    await kg.admin.enableKey({ id: rotated.key?.id ?? "" });
+    expect(await check(rotated.secret)).toEqual({ status: 200, code: null });
+  });
+
   it("disabling twice keeps the first time; enabling an enabled key changes nothing", async () => {
     const key = await newKey(owner());
     const first = await kg.admin.disableKey({ id: key.id, reason: "" });
