@@ -42,7 +42,7 @@ const STRICT_UTF8 = true;
  * skipped without being built. The result equals `fromBinary(CheckRequestViewSchema, bytes)`,
  * the headers map read as a HeaderList (test/unit/check-request-decode.test.ts holds it to that),
  * including its merging of repeated message fields, last-one-wins map keys, and which malformed
- * inputs throw.
+ * inputs throw; except that invalid UTF-8 in the HTTP request's path reads as U+FFFD (readPath).
  */
 export function decodeCheckRequest(bytes: Uint8Array): DecodedCheckRequest {
   const reader = new BinaryReader(bytes);
@@ -138,6 +138,21 @@ function readString(reader: BinaryReader): string {
     return decodingWhole === null ? latin1(at + 1, to) : decodingWhole.substring(at + 1, to);
   }
   return reader.string(STRICT_UTF8);
+}
+
+// The request path, read without refusing invalid UTF-8 (below).
+const LENIENT_UTF8 = new TextDecoder("utf-8", { fatal: false });
+
+/**
+ * The HTTP request's path. Envoy copies the client's :path bytes into the CheckRequest as they
+ * came, so a client can put bytes there that are not UTF-8 (a Latin-1 "é" in the query, say):
+ * refusing the message for them would make the client's own bytes a gRPC error, which Envoy's
+ * failure_mode_allow turns into an allow. They are read as U+FFFD instead, and the routes step
+ * refuses a path (before its query) that holds one. Truncation still throws, as readString's.
+ */
+function readPath(reader: BinaryReader): string {
+  if (shortAsciiEnd(reader.pos) !== -1) return readString(reader);
+  return LENIENT_UTF8.decode(reader.bytes());
 }
 
 /**
@@ -276,7 +291,7 @@ function readHttpRequest(reader: BinaryReader, into: DecodedHttpRequest | undefi
         readHeaderEntry(reader, message.headers, Depth.httpRequest);
         break;
       case HttpRequestField.path:
-        message.path = readString(reader);
+        message.path = readPath(reader);
         break;
       case HttpRequestField.headerMap:
         message.headerMap = readHeaderMap(reader, message.headerMap);

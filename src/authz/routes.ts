@@ -39,6 +39,7 @@ const invalidPath = (problem: string): RouteRefusal =>
 export const PATH_REFUSALS = {
   notOriginForm: invalidPath('does not start with "/"'),
   control: invalidPath("contains a control character, a space or a NUL"),
+  notUtf8: invalidPath("is not valid UTF-8 (or holds U+FFFD)"),
   fragment: invalidPath('contains "#"'),
   backslash: invalidPath('contains a backslash ("\\")'),
   parameter: invalidPath('contains ";" (a path parameter, as in ";x=1" or "..;/")'),
@@ -96,11 +97,14 @@ const DOT = 0x2e;
  * in "." (which covers "." and ".." segments). A loop: it runs on every Check, and measured
  * faster than a regular expression with these alternatives.
  */
+/** U+FFFD, what invalid UTF-8 in a gRPC Check's path reads as. */
+const REPLACEMENT = 0xfffd;
+
 function needsWork(path: string): boolean {
   let previous = 0;
   for (let i = 0; i < path.length; i++) {
     const code = path.charCodeAt(i);
-    if (code <= 0x20 || code === 0x7f || code === 0x3f || code === 0x23 || code === 0x25 || code === 0x3b || code === 0x5c) return true;
+    if (code <= 0x20 || code === 0x7f || code === 0x3f || code === 0x23 || code === 0x25 || code === 0x3b || code === 0x5c || code === REPLACEMENT) return true;
     if (code === SLASH && (previous === SLASH || previous === DOT)) return true;
     previous = code;
   }
@@ -188,6 +192,8 @@ export function canonicalPath(rawPath: string): string | RouteRefusal {
   for (let i = 1; i < end; i++) {
     const code = rawPath.charCodeAt(i);
     if (code <= 0x20 || code === 0x7f) return PATH_REFUSALS.control;
+    // Bytes that were not UTF-8 (readPath): no server reads them alike.
+    if (code === REPLACEMENT) return PATH_REFUSALS.notUtf8;
     switch (code) {
       case SLASH: {
         const problem = segmentProblem(out, segmentStart);

@@ -40,9 +40,11 @@ const DENIAL: Decision = { allow: false, reason: "MISSING_CREDENTIAL", message: 
 
 class ControlledPipeline {
   readonly held: Array<(decision: Decision) => void> = [];
+  readonly paths: string[] = [];
   decided = 0;
   decide(input: CheckInput): Decision | Promise<Decision> {
     this.decided += 1;
+    this.paths.push(input.path);
     if (input.headers.get("x-test-throw") === "1") throw new Error("store down");
     if (input.headers.get("x-test-hold") === "1") return new Promise<Decision>((resolve) => this.held.push(resolve));
     return DENIAL;
@@ -616,6 +618,18 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
   });
 
   describe("security", () => {
+    it("a path whose bytes are not UTF-8 (Envoy passes a client's :path on as it came) is decided, never a gRPC error failure_mode_allow would allow", async () => {
+      const entry = await start(engine);
+      const bytes = Buffer.from(toBinary(CheckRequestSchema, create(CheckRequestSchema, { attributes: { request: { http: { id: "latin1", method: "GET", path: "/v1/decks?q=@@@" } } } })));
+      const at = bytes.indexOf("@@@");
+      expect(at).toBeGreaterThan(0);
+      bytes[at] = 0xe9; // Latin-1 "é": not UTF-8.
+      const answer = await raw(entry, [framed(bytes)]);
+      expect(grpcStatusOf(answer)).toBe(GrpcStatus.OK);
+      expect(requestIdOf(checkResponseOf(answer))).toBe("latin1");
+      expect(entry.pipeline.paths).toEqual(["/v1/decks?q=\uFFFD@@"]);
+    });
+
     it(`a connection may open at most ${MAX_CONCURRENT_STREAMS} streams at once (SETTINGS_MAX_CONCURRENT_STREAMS)`, async () => {
       const entry = await start(engine);
       const session = rawSession(entry);

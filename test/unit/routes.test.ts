@@ -61,6 +61,8 @@ describe("canonical path security", () => {
     ["empty segments", PATH_REFUSALS.emptySegment, ["//v1/decks", "/v1//decks", "/v1/decks//", "/v1//"]],
     ["dot segments", PATH_REFUSALS.dotSegment, ["/v1/x/../decks", "/v1/./decks", "/..", "/.", "/../v1/decks", "/v1/decks/.", "/v1/decks/..", "/v1/%78/../decks"]],
     ["segments ending in a dot or a space", PATH_REFUSALS.trailingDot, ["/v1/decks.", "/v1/decks./x", "/v1/decks...", "/v1/decks%20", "/v1/decks%20/x", "/v1/%64ecks."]],
+    // What a gRPC Check's path bytes that are not UTF-8 read as (check-request.ts readPath).
+    ["bytes that are not UTF-8", PATH_REFUSALS.notUtf8, ["/v1/d\uFFFDcks", "/\uFFFD", "/v1/decks\uFFFD?q=1"]],
   ];
 
   it.each(refused)("refuses %s", (_name, refusal, paths) => {
@@ -80,6 +82,7 @@ describe("canonical path security", () => {
 
   it("a query may hold anything: it is cut before the path is judged", () => {
     expect(canonicalPath("/v1/decks?a=%2F&b=..;/\\&c=%zz")).toBe("/v1/decks");
+    expect(canonicalPath("/v1/decks?q=\uFFFD")).toBe("/v1/decks");
   });
 
   it("the routes table refuses what canonicalPath refuses, for every method", () => {
