@@ -13,16 +13,29 @@ export class CheckBudgetExceededError extends Error {
   }
 }
 
+/** Set once a Check's budget has run out: work not yet begun for it is not begun. */
+export interface BudgetState {
+  expired: boolean;
+}
+
 /**
- * Settles like `work`, or rejects with CheckBudgetExceededError once `budgetMs` has passed.
- * The abandoned work settles later on its own deadline; its failure is not reported twice.
+ * Settles like `work`, or rejects with CheckBudgetExceededError once `budgetMs` has passed, and
+ * then marks `state` expired. The abandoned work settles later on its own deadline; its failure
+ * is not reported twice.
  */
-export function withinBudget<T>(work: Promise<T>, budgetMs: number): Promise<T> {
+export function withinBudget<T>(work: Promise<T>, budgetMs: number, state?: BudgetState): Promise<T> {
   return new Promise<T>((resolve, reject) => {
     // Node runs due timers before it reads sockets: after a stalled event loop the budget's timer
     // and a backend's answer can both be due. setImmediate runs after the sockets are read, so an
     // answer that did arrive in time wins.
-    const timer = setTimeout(() => setImmediate(() => reject(new CheckBudgetExceededError(budgetMs))), budgetMs);
+    const timer = setTimeout(
+      () =>
+        setImmediate(() => {
+          if (state !== undefined) state.expired = true;
+          reject(new CheckBudgetExceededError(budgetMs));
+        }),
+      budgetMs,
+    );
     work.then(
       (value) => {
         clearTimeout(timer);

@@ -1,5 +1,6 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
-import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
+import { CheckBudgetExceededError, DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
+import type { BudgetState } from "./budget.js";
 import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
@@ -224,7 +225,16 @@ export class DecisionPipeline {
       // An embedded store answers in this turn (a traced decision takes the path its spans follow).
       const read = trace === undefined ? this.deps.lookup.loadNow(hash) : undefined;
       if (read !== undefined) decision = this.#judge(v, read, v.presentCredentials.of(input.headers), route, true, trace);
-      else decision = this.deps.lookup.load(hash, trace).then((snapshot) => this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace));
+      else {
+        // A lookup that answers after the budget ran out is not judged: the Check was answered
+        // UNAVAILABLE, and a refused request is never charged or counted as used.
+        const budget: BudgetState = { expired: false };
+        const late = this.deps.lookup.load(hash, trace).then((snapshot) => {
+          if (budget.expired) throw new CheckBudgetExceededError(this.#checkBudgetMs);
+          return this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace);
+        });
+        return withinBudget(late, this.#checkBudgetMs, budget);
+      }
     }
     // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
     return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;
