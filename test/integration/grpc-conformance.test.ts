@@ -117,6 +117,21 @@ function grpcClient(entry: Running): GrpcClient {
   return client;
 }
 
+/** A health Watch of `service`, and the statuses it has streamed so far. */
+function openWatch(entry: Running, service: string): { watch: ClientReadableStream<HealthCheckResponse>; statuses: HealthCheckResponse_ServingStatus[] } {
+  const def = healthDefinition.Watch;
+  const statuses: HealthCheckResponse_ServingStatus[] = [];
+  const watch = grpcClient(entry).makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
+    def.path,
+    def.requestSerialize,
+    def.responseDeserialize,
+    create(HealthCheckRequestSchema, { service }),
+  );
+  watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
+  watch.on("error", () => undefined);
+  return { watch, statuses };
+}
+
 function checkRequest(id: string, headers: Record<string, string> = {}): CheckRequest {
   return create(CheckRequestSchema, { attributes: { request: { http: { id, method: "GET", path: "/v1/decks", headers } } } });
 }
@@ -533,19 +548,9 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
 
     it("Watch: the status now, every change, and the end with OK on drain", async () => {
       const entry = await start(engine);
-      const client = grpcClient(entry);
-      const def = healthDefinition.Watch;
-      const statuses: HealthCheckResponse_ServingStatus[] = [];
       let ended: { code: number } | null = null;
-      const watch: ClientReadableStream<HealthCheckResponse> = client.makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        create(HealthCheckRequestSchema, { service: "envoy.service.auth.v3.Authorization" }),
-      );
-      watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
+      const { watch, statuses } = openWatch(entry, "envoy.service.auth.v3.Authorization");
       watch.on("status", (status: { code: number }) => (ended = status));
-      watch.on("error", () => undefined);
       await until(() => statuses.length === 1, WAIT_MS, "the first status");
       entry.readiness.setReady(false);
       await until(() => statuses.length === 2, WAIT_MS, "NOT_SERVING");
@@ -560,16 +565,7 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
 
     it("Watch of an unknown service streams SERVICE_UNKNOWN", async () => {
       const entry = await start(engine);
-      const def = healthDefinition.Watch;
-      const statuses: HealthCheckResponse_ServingStatus[] = [];
-      const watch = grpcClient(entry).makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        create(HealthCheckRequestSchema, { service: "other" }),
-      );
-      watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
-      watch.on("error", () => undefined);
+      const { watch, statuses } = openWatch(entry, "other");
       await until(() => statuses.length === 1, WAIT_MS, "the first status");
       expect(statuses).toEqual([HealthCheckResponse_ServingStatus.SERVICE_UNKNOWN]);
       watch.cancel();
@@ -784,16 +780,7 @@ describe("h2 engine, bounds on what calls hold", () => {
 
   it("a Watch whose request has arrived outlives the request timeout", async () => {
     const entry = await start("h2", { requestTimeoutMs: 300 });
-    const def = healthDefinition.Watch;
-    const statuses: HealthCheckResponse_ServingStatus[] = [];
-    const watch = grpcClient(entry).makeServerStreamRequest<HealthCheckRequest, HealthCheckResponse>(
-      def.path,
-      def.requestSerialize,
-      def.responseDeserialize,
-      create(HealthCheckRequestSchema, { service: "" }),
-    );
-    watch.on("data", (message: HealthCheckResponse) => statuses.push(message.status));
-    watch.on("error", () => undefined);
+    const { watch, statuses } = openWatch(entry, "");
     await until(() => statuses.length === 1, WAIT_MS, "the first status");
     // A request opened after the Watch timing out shows the request timeout has passed for the Watch too.
     const late = await raw(entry, [], { end: false });
