@@ -192,7 +192,7 @@ export function canonicalPath(rawPath: string): string | RouteRefusal {
   for (let i = 1; i < end; i++) {
     const code = rawPath.charCodeAt(i);
     if (code <= 0x20 || code === 0x7f) return PATH_REFUSALS.control;
-    // Bytes that were not UTF-8 (readPath): no server reads them alike.
+    // Bytes that were not UTF-8 (check-request.ts LENIENT_UTF8): no server reads them alike.
     if (code === REPLACEMENT) return PATH_REFUSALS.notUtf8;
     switch (code) {
       case SLASH: {

@@ -51,7 +51,7 @@ function expectSameAsProtobufEs(bytes: Uint8Array): Outcome {
   const reference = outcome(() => fromBinary(CheckRequestViewSchema, bytes, DECODE));
   const decoded = outcome(() => decodeCheckRequest(bytes));
   if (!reference.ok && /utf-8/i.test(reference.error) && decoded.ok) {
-    // The one departure: the HTTP request's path reads invalid UTF-8 as U+FFFD (readPath), where
+    // The one departure: the HTTP request's path reads invalid UTF-8 as U+FFFD (LENIENT_UTF8), where
     // protobuf-es refuses the message; every other string field still refuses it.
     expect(decoded.value.attributes?.request?.http?.path ?? "").toContain("\uFFFD");
     return { ok: true, value: withPlainRecords(decoded.value) };

@@ -61,7 +61,7 @@ describe("canonical path security", () => {
     ["empty segments", PATH_REFUSALS.emptySegment, ["//v1/decks", "/v1//decks", "/v1/decks//", "/v1//"]],
     ["dot segments", PATH_REFUSALS.dotSegment, ["/v1/x/../decks", "/v1/./decks", "/..", "/.", "/../v1/decks", "/v1/decks/.", "/v1/decks/..", "/v1/%78/../decks"]],
     ["segments ending in a dot or a space", PATH_REFUSALS.trailingDot, ["/v1/decks.", "/v1/decks./x", "/v1/decks...", "/v1/decks%20", "/v1/decks%20/x", "/v1/%64ecks."]],
-    // What a gRPC Check's path bytes that are not UTF-8 read as (check-request.ts readPath).
+    // What a gRPC Check's path bytes that are not UTF-8 read as (check-request.ts LENIENT_UTF8).
     ["bytes that are not UTF-8", PATH_REFUSALS.notUtf8, ["/v1/d\uFFFDcks", "/\uFFFD", "/v1/decks\uFFFD?q=1"]],
   ];
 
