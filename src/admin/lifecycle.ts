@@ -13,7 +13,7 @@ import { ConflictError } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
-import { keyState, newKeyRecord } from "../store/store.js";
+import { newKeyRecord } from "../store/store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -104,6 +104,20 @@ export interface AccountView {
 
 /** Keys of one owner read when ending an earlier rotation's grace (an owner has its cap plus one in grace). */
 const MAX_KEYS_SCANNED = 1000;
+
+/**
+ * Whether `key` was rotated to `successorId` and its grace has not ended: it still authenticates
+ * unless disabled, so a disabled key in grace counts too (enabling it would let it through).
+ */
+function inGraceFor(key: KeyRecord, successorId: string, nowMs: number): boolean {
+  return (
+    key.rotatedToId === successorId &&
+    key.revokedAtMs === null &&
+    key.graceEndsAtMs !== null &&
+    nowMs < key.graceEndsAtMs &&
+    (key.expiresAtMs === null || nowMs < key.expiresAtMs)
+  );
+}
 
 /** A new key and its secret, which is shown once. */
 export interface IssuedKey {
@@ -349,6 +363,14 @@ export class LifecycleService {
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
     await this.#audit(actor, "key.update", id, updated.ownerId, { name, scopes, rate_limit: rateLimit });
+    // The key in grace is the same customer's old secret for the same access: new scopes or a new
+    // rate limit hold for it too, or narrowing the successor would leave the old secret wider.
+    if (scopes !== undefined || rateLimit !== undefined) {
+      await this.#followSuccessor(updated, actor, "key.update", (key) => this.deps.store.updateKey(key.id, { scopes, rateLimit }), {
+        scopes,
+        rate_limit: rateLimit,
+      });
+    }
     return updated;
   }
 
@@ -360,6 +382,9 @@ export class LifecycleService {
     if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash });
     await this.#audit(actor, "key.revoke", id, revoked.ownerId, { reason: input.reason });
+    // Revoking a rotation's new key ends the old key's grace: the old secret must not outlive it.
+    const reason = "its successor was revoked";
+    await this.#followSuccessor(revoked, actor, "key.revoke", (key) => this.deps.store.revokeKey(key.id, this.deps.nowMs(), reason), { reason });
     return revoked;
   }
 
@@ -387,7 +412,47 @@ export class LifecycleService {
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
     await this.#audit(actor, action, id, updated.ownerId, changes);
+    // The key in grace pauses with its successor (since the same time), and comes back with it
+    // only when they were paused together: one disabled on its own stays disabled.
+    const pausedAtMs = updated.disabledAtMs;
+    await this.#followSuccessor(
+      updated,
+      actor,
+      action,
+      (key) => {
+        if (pausedAtMs !== null) return key.disabledAtMs === null ? this.deps.store.updateKey(key.id, { disabledAtMs: pausedAtMs }) : Promise.resolve(null);
+        return key.disabledAtMs !== null && key.disabledAtMs === current.disabledAtMs ? this.deps.store.updateKey(key.id, { disabledAtMs: null }) : Promise.resolve(null);
+      },
+      changes,
+    );
     return updated;
+  }
+
+  /**
+   * Applies a change made to `successor` to the keys still in grace from rotating to it (at most
+   * one, but a concurrent rotation could leave two), each dropped from every cache and audited
+   * with `successor_id`. `change` answers null when the key needs no change.
+   */
+  async #followSuccessor(
+    successor: KeyRecord,
+    actor: Actor,
+    action: string,
+    change: (key: KeyRecord) => Promise<KeyRecord | null>,
+    changes: Record<string, unknown>,
+  ): Promise<void> {
+    const nowMs = this.deps.nowMs();
+    const keys = await this.deps.store.listKeys({ ownerId: successor.ownerId, includeRevoked: false, limit: MAX_KEYS_SCANNED, nowMs });
+    for (const key of keys) {
+      if (!inGraceFor(key, successor.id, nowMs)) continue;
+      const changed = await change(key);
+      if (changed === null) continue;
+      // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
+      await this.deps.lookup.invalidate({ kind: "key", hash: changed.hash }).catch((error: unknown) => {
+        if (!(error instanceof CacheUnavailableError)) throw error;
+        this.deps.logger?.warn({ err: error, keyId: key.id }, "key in grace: caches not told yet; retrying in the background");
+      });
+      await this.#audit(actor, action, key.id, key.ownerId, { ...changes, successor_id: successor.id });
+    }
   }
 
   /**
@@ -398,7 +463,7 @@ export class LifecycleService {
   async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
     const keys = await this.deps.store.listKeys({ ownerId: rotated.ownerId, includeRevoked: false, limit: MAX_KEYS_SCANNED, nowMs });
     for (const earlier of keys) {
-      if (earlier.rotatedToId !== rotated.id || keyState(earlier, nowMs) !== "grace") continue;
+      if (!inGraceFor(earlier, rotated.id, nowMs)) continue;
       const reason = "a later rotation ended its grace period";
       const revoked = await this.deps.store.revokeKey(earlier.id, nowMs, reason);
       if (revoked === null) continue;

@@ -158,6 +158,8 @@ for (const { name, ready, start } of BACKENDS) {
           ["key.update", id],
           ["key.rotate", id],
           ["key.revoke", rotated.key?.id],
+          // The old key was in grace: it follows its successor's revoke.
+          ["key.revoke", id],
           ["credits.add", ""],
         ]);
         for (const event of events) {
@@ -180,7 +182,8 @@ for (const { name, ready, start } of BACKENDS) {
         expect(events[3]?.changes["rotated_to_id"]).toBe(JSON.stringify(rotated.key?.id));
         expect(events[3]?.changes["grace_days"]).toBe("2");
         expect(events[4]?.changes).toEqual({ reason: '"leaked"' });
-        expect(events[5]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
+        expect(events[5]?.changes).toEqual({ reason: '"its successor was revoked"', successor_id: JSON.stringify(rotated.key?.id) });
+        expect(events[6]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
       });
 
       it("filters by key and time, and pages", async () => {
@@ -256,6 +259,8 @@ for (const { name, ready, start } of BACKENDS) {
           "key.rotate",
           "key.rotate",
           "key.update",
+          "key.update",
+          "key.revoke",
           "key.revoke",
           "credits.add",
         ]);

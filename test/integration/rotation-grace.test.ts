@@ -1,0 +1,125 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { checkInit, startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+
+// A rotation's old key, while in grace, is the customer's old secret for the same access: what
+// is done to the new key (revoke, disable, enable, rescope) holds for the old one too, or the
+// old secret would stay wider than the key that replaced it.
+let kg: TestKeygate;
+let seq = 0;
+const owner = (): string => `owner-grace-${++seq}`;
+
+beforeAll(async () => {
+  kg = await startKeygate();
+});
+afterAll(async () => {
+  await kg.stop();
+});
+
+/** The HTTP status Envoy would answer with, and keygate's error code for a denial. */
+function outcome(response: CheckResponse): { status: number; code: string | null } {
+  if (response.httpResponse.case === "okResponse") return { status: 200, code: null };
+  if (response.httpResponse.case !== "deniedResponse") throw new Error("a Check answered neither allow nor deny");
+  const body = JSON.parse(response.httpResponse.value.body) as { error: { code: string } };
+  return { status: response.httpResponse.value.status?.code ?? 0, code: body.error.code };
+}
+
+const check = async (secret: string, path = "/v1/things"): Promise<{ status: number; code: string | null }> =>
+  outcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, path)));
+
+const ALLOWED = { status: 200, code: null };
+
+interface Rotated {
+  old: { id: string; secret: string };
+  next: { id: string; secret: string };
+}
+
+/** A business-plan key with `scopes`, rotated with 7 days of grace; both secrets pass a Check. */
+async function rotated(ownerId: string, scopes: string[] = ["tutor"]): Promise<Rotated> {
+  await kg.admin.upsertAccount({ ownerId, plan: "business" });
+  const created = await kg.admin.createKey({ ownerId, name: "grace test", scopes });
+  if (created.key === undefined) throw new Error("CreateKey answered no key");
+  const rotation = await kg.admin.rotateKey({ id: created.key.id, graceDays: 7 });
+  if (rotation.key === undefined) throw new Error("RotateKey answered no key");
+  const pair = { old: { id: created.key.id, secret: created.secret }, next: { id: rotation.key.id, secret: rotation.secret } };
+  expect(await check(pair.old.secret)).toEqual(ALLOWED);
+  expect(await check(pair.next.secret)).toEqual(ALLOWED);
+  return pair;
+}
+
+async function stateOf(id: string): Promise<string | undefined> {
+  return (await kg.admin.getKey({ id })).key?.state;
+}
+
+describe("a key in grace follows its successor", () => {
+  it("revoking the new key revokes the old one at once (401 KEY_REVOKED), audited with the successor's id", async () => {
+    const ownerId = owner();
+    const { old, next } = await rotated(ownerId);
+    await kg.admin.revokeKey({ id: next.id, reason: "customer offboarded" });
+    expect(await check(next.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
+    expect(await check(old.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
+    const oldKey = (await kg.admin.getKey({ id: old.id })).key;
+    expect(oldKey?.state).toBe("revoked");
+    expect(oldKey?.revokeReason).toBe("its successor was revoked");
+    const events = (await kg.admin.listAuditEvents({ keyId: old.id })).events.map((e) => ({ action: e.action, changes: e.changes }));
+    expect(events.at(-1)).toEqual({ action: "key.revoke", changes: { reason: '"its successor was revoked"', successor_id: JSON.stringify(next.id) } });
+  });
+
+  it("disabling the new key disables the old one (401 KEY_DISABLED); enabling it lets both through again", async () => {
+    const { old, next } = await rotated(owner());
+    const disabled = await kg.admin.disableKey({ id: next.id, reason: "card declined" });
+    expect(await check(next.secret)).toEqual({ status: 401, code: "KEY_DISABLED" });
+    expect(await check(old.secret)).toEqual({ status: 401, code: "KEY_DISABLED" });
+    expect((await kg.admin.getKey({ id: old.id })).key?.disabledAt).toEqual(disabled.key?.disabledAt);
+    await kg.admin.enableKey({ id: next.id });
+    expect(await check(next.secret)).toEqual(ALLOWED);
+    expect(await check(old.secret)).toEqual(ALLOWED);
+    expect(await stateOf(old.id)).toBe("grace");
+  });
+
+  it("an old key disabled on its own stays disabled when the new key is disabled and enabled again", async () => {
+    const { old, next } = await rotated(owner());
+    await kg.admin.disableKey({ id: old.id, reason: "leaked" });
+    kg.clock.advanceMs(60_000);
+    await kg.admin.disableKey({ id: next.id, reason: "card declined" });
+    await kg.admin.enableKey({ id: next.id });
+    expect(await check(next.secret)).toEqual(ALLOWED);
+    expect(await check(old.secret)).toEqual({ status: 401, code: "KEY_DISABLED" });
+  });
+
+  it("narrowing the new key's scopes narrows the old one's (403 FORBIDDEN on the scope taken away)", async () => {
+    const { old, next } = await rotated(owner(), ["tutor", "decks"]);
+    expect(await check(old.secret, "/v1/decks/1")).toEqual(ALLOWED);
+    await kg.admin.updateKey({ id: next.id, scopes: ["tutor"] });
+    expect(await check(next.secret, "/v1/decks/1")).toEqual({ status: 403, code: "FORBIDDEN" });
+    expect(await check(old.secret, "/v1/decks/1")).toEqual({ status: 403, code: "FORBIDDEN" });
+    expect((await kg.admin.getKey({ id: old.id })).key?.scopes).toEqual(["tutor"]);
+    expect(await check(old.secret)).toEqual(ALLOWED);
+  });
+
+  it("renaming the new key leaves the old one's name, and changes nothing else about it", async () => {
+    const { old, next } = await rotated(owner());
+    const before = (await kg.admin.getKey({ id: old.id })).key;
+    await kg.admin.updateKey({ id: next.id, name: "renamed" });
+    expect((await kg.admin.getKey({ id: old.id })).key).toEqual(before);
+  });
+
+  it("a disabled old key in grace is revoked by the next rotation, so enabling it cannot bring back a second key in grace", async () => {
+    const { old, next } = await rotated(owner());
+    await kg.admin.disableKey({ id: old.id, reason: "" });
+    await kg.admin.rotateKey({ id: next.id, graceDays: 7 });
+    expect(await stateOf(old.id)).toBe("revoked");
+    await expect(kg.admin.enableKey({ id: old.id })).rejects.toThrow(/is revoked/);
+    expect(await check(old.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
+  });
+
+  it("once the grace has ended the old key no longer follows: revoking the new key leaves it rotated", async () => {
+    const { old, next } = await rotated(owner());
+    kg.clock.advanceMs(8 * 86_400_000);
+    await kg.admin.revokeKey({ id: next.id, reason: "" });
+    const oldKey = (await kg.admin.getKey({ id: old.id })).key;
+    expect(oldKey?.state).toBe("rotated");
+    expect(oldKey?.revokeReason).toBe("");
+  });
+});
