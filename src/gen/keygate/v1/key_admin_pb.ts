@@ -1358,7 +1358,8 @@ export const KeyAdmin: GenService<{
     output: typeof RevokeKeyResponseSchema;
   },
   /**
-   * RotateKey issues a successor; the old key works until its grace period ends.
+   * RotateKey issues a successor; the old key works until its grace period ends, and meanwhile
+   * follows the successor: revoked, disabled, enabled or rescoped with it.
    *
    * @generated from rpc keygate.v1.KeyAdmin.RotateKey
    */
