@@ -6,6 +6,8 @@ import { join, relative, resolve } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { parse as parseYaml, parseAllDocuments } from "yaml";
 import { z } from "zod";
+import { IDENTITY_FIELDS } from "../../src/authz/identity.js";
+import { METADATA_HEADER_PREFIX } from "../../src/authz/pipeline.js";
 import { RouteTable } from "../../src/authz/routes.js";
 import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import type { Config } from "../../src/config.js";
@@ -508,6 +510,7 @@ const envoyRouteSchema = z.object({
     headers: z.array(z.object({ name: z.string(), string_match: z.object({ exact: z.string() }) })).default([]),
   }),
   route: z.object({ cluster: z.string() }).optional(),
+  request_headers_to_remove: z.array(z.string()).default([]),
   typed_per_filter_config: z.record(z.string(), z.unknown()).default({}),
 });
 type EnvoyRoute = z.infer<typeof envoyRouteSchema>;
@@ -840,6 +843,14 @@ describe("deploy manifests: envoy.yaml", () => {
     for (const route of envoy.routes) expect(envoy.endpoints.has(route.route?.cluster ?? ""), JSON.stringify(route.match)).toBe(true);
     const skipping = envoy.routes.filter((r) => perRouteAuthz(r)?.disabled === true);
     expect(skipping.map((r) => r.match.path)).toEqual(["/healthz"]);
+  });
+
+  it("a route that skips keygate removes every identity header keygate would, and each forwarded metadata header of the policy", () => {
+    const { envoy, policy } = read();
+    const expected = [...IDENTITY_FIELDS.map((f) => f.header), ...policy.forwardMetadata.map((name) => `${METADATA_HEADER_PREFIX}${name}`)];
+    const skipping = envoy.routes.filter((r) => perRouteAuthz(r)?.disabled === true);
+    expect(skipping.length).toBeGreaterThan(0);
+    for (const route of skipping) expect(route.request_headers_to_remove, JSON.stringify(route.match)).toEqual(expected);
   });
 
   it("sets only context_extensions keys keygate reads, with scopes from the policy's catalog", () => {
@@ -1284,7 +1295,7 @@ describe("deploy manifests: Istio", () => {
         selector: z.object({ matchLabels: labelsSchema }),
         action: z.string(),
         provider: z.object({ name: z.string() }),
-        rules: z.array(z.object({ to: z.array(z.object({ operation: z.object({ paths: z.array(z.string()).optional(), notPaths: z.array(z.string()).optional() }) })) })),
+        rules: z.array(z.record(z.string(), z.unknown())),
       }),
     })
     .parse(loadOne(join(DEPLOY, "istio/authorization-policy.yaml"))),
@@ -1315,13 +1326,12 @@ describe("deploy manifests: Istio", () => {
     expect(operator().spec.meshConfig.pathNormalization).toEqual({ normalization: "MERGE_SLASHES" });
   });
 
-  it("sends every request to sample-api except /healthz through keygate", () => {
+  it("sends every request to sample-api through keygate, /healthz too: an unchecked request would keep a client's x-keygate-* headers", () => {
     expect(policy().spec.action).toBe("CUSTOM");
     expect(operator().spec.meshConfig.extensionProviders.map((p) => p.name)).toContain(policy().spec.provider.name);
     expect(policy().spec.selector.matchLabels).toEqual({ app: "sample-api" });
-    const operations = policy().spec.rules.flatMap((r) => r.to.map((t) => t.operation));
-    expect(operations).toHaveLength(1);
-    expect(operations[0]).toEqual({ notPaths: ["/healthz"] });
+    // One rule with no condition (no `to`, `from` or `when`) matches every request.
+    expect(policy().spec.rules).toEqual([{}]);
   });
 });
 
