@@ -58,6 +58,13 @@ export const PATH_REFUSALS = {
 } as const;
 
 /**
+ * CONNECT asks a proxy for a tunnel, not for an API resource: its target is a host and port,
+ * which a proxy may pass on as the path "/" (Caddy does), so no route keygate picked would be
+ * what the request does. Refused in any letter case, before any lookup or charge.
+ */
+export const CONNECT_REFUSAL = new RouteRefusal("INVALID_PATH", "The CONNECT method opens a tunnel, not an API request, so it is refused.");
+
+/**
  * A method not in upper case whose upper-case spelling picks another route. HTTP methods are
  * case-sensitive, but servers differ: some read "post" as POST, others as a method of its own,
  * so whichever route keygate picked would be wrong for some upstream.
@@ -464,8 +471,9 @@ export class RouteTable {
   #resolve(method: string, rawPath: string): Entry | null | RouteRefusal {
     const path = canonicalPath(rawPath);
     if (path instanceof RouteRefusal) return path;
-    if (this.#entries.length === 0) return null;
     const upperMethod = method.toUpperCase();
+    if (upperMethod === "CONNECT") return CONNECT_REFUSAL;
+    if (this.#entries.length === 0) return null;
     if (upperMethod !== method) {
       const judged = this.#caseInsensitive ? path.toLowerCase() : path;
       if (this.#find(method, judged, false) !== this.#find(upperMethod, judged, false)) return METHOD_CASE_REFUSAL;

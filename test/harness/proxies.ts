@@ -2,7 +2,8 @@ import { execFileSync, spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
-import type { Server } from "node:http";
+import type { IncomingMessage, Server } from "node:http";
+import type { Duplex } from "node:stream";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import type { HttpAuthzProxy } from "../../src/config.js";
@@ -49,6 +50,11 @@ export async function startEchoUpstream(): Promise<{ port: number; requests: Ech
     requests.push(echoed);
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify(echoed));
+  });
+  // A CONNECT that got through is kept too (Node hands it to "connect", not to the handler).
+  server.on("connect", (req: IncomingMessage, socket: Duplex) => {
+    requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
+    socket.end("HTTP/1.1 200 Connection Established\r\n\r\n");
   });
   await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
   const address = server.address();

@@ -1,6 +1,7 @@
 import { request } from "node:http";
+import { connect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { METHOD_CASE_REFUSAL } from "../../src/authz/routes.js";
+import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL } from "../../src/authz/routes.js";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import type { HttpAuthzProxy } from "../../src/config.js";
 import { startKeygate } from "../harness/keygate.js";
@@ -58,6 +59,23 @@ function send(port: number, method: string, path: string, headers: Record<string
     });
     req.on("error", reject);
     req.end();
+  });
+}
+
+/**
+ * A CONNECT with its authority-form target, on a raw socket (node:http's client hands a CONNECT
+ * answer to its tunnel logic); the proxy closes the connection after its answer.
+ */
+function sendConnect(port: number, target: string, headers: Record<string, string>): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const lines = [`CONNECT ${target} HTTP/1.1`, `Host: ${target}`, "Connection: close", ...Object.entries(headers).map(([name, value]) => `${name}: ${value}`)];
+    // Written, not ended: a client that half-closes has gone, and Caddy answers it nothing.
+    const socket = connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
+    let text = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => (text += chunk));
+    socket.on("close", () => resolve({ status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1] ?? 0), text }));
+    socket.on("error", reject);
   });
 }
 
@@ -166,6 +184,15 @@ describe.each(shippedProxies())("proxy trust security: behind $name (the shipped
     expect(reached).toEqual([]);
   });
 
+  it.runIf(available)("a CONNECT with a valid key is refused 400, and no tunnel to the upstream opens (Caddy passes it on as the path \"/\")", async () => {
+    const before = upstream.requests.length;
+    const res = await sendConnect(proxy.port, `127.0.0.1:${upstream.port}`, { "x-api-key": decksKey });
+    expect(res.status, res.text).toBe(400);
+    // nginx refuses an authority-form target itself; Caddy asks keygate, which refuses the method.
+    if (name === "caddy") expect(res.text).toContain(JSON.stringify(CONNECT_REFUSAL.message));
+    expect(upstream.requests.length).toBe(before);
+  });
+
   it.runIf(available)("a read key's GET /public with X-*-Uri: /v1/decks is judged /public: 200, and the upstream serves /public", async () => {
     const res = await send(proxy.port, "GET", "/public", { "x-api-key": readKey, "X-Forwarded-Uri": "/v1/decks", "X-Original-URI": "/v1/decks" });
     expect(res.status, res.text).toBe(200);
@@ -217,6 +244,8 @@ function headerModeCases(proxy: Exclude<HttpAuthzProxy, "envoy">): DirectCase[] 
     // Caddy and Traefik pass a lower-case method on as sent: some servers read "post" as POST.
     { name: `refuses ${t.method}: post where POST has a route of its own`, method: "GET", path: "/check", headers: trusted("/v1/notes", "post"), status: 400, code: "INVALID_REQUEST", message: METHOD_CASE_REFUSAL.message },
     { name: `judges ${t.method}: get where no route depends on it`, method: "GET", path: "/check", headers: trusted("/public", "get"), status: 200 },
+    // Caddy passes a CONNECT on as the path "/": a tunnel, not an API request.
+    { name: `refuses ${t.method}: CONNECT, whatever the path`, method: "GET", path: "/check", headers: trusted("/", "CONNECT"), status: 400, code: "INVALID_REQUEST", message: CONNECT_REFUSAL.message },
     {
       name: `refuses ${t.uri} repeated with different values`,
       method: "GET",

@@ -2,7 +2,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT, parsePolicy } from "../../src/config.js";
 import { DENIALS } from "../../src/authz/reasons.js";
-import { METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
+import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
   { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
@@ -232,6 +232,19 @@ describe("letter case", () => {
     expect(byMethod.match("POST", "/v1/hooks")).toMatchObject({ method: "POST" });
     expect(METHOD_CASE_REFUSAL).toMatchObject({ allow: false, reason: "INVALID_PATH" });
     expect(DENIALS[METHOD_CASE_REFUSAL.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+  });
+
+  it("CONNECT is refused in any letter case, with routes or without, before a route is picked", () => {
+    const table = new RouteTable([{ method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true }]);
+    for (const method of ["CONNECT", "connect", "Connect"]) {
+      for (const path of ["/", "/v1/x"]) {
+        expect(table.match(method, path), `${method} ${path}`).toBe(CONNECT_REFUSAL);
+        expect(new RouteTable([]).match(method, path), `${method} ${path}, no routes`).toBe(CONNECT_REFUSAL);
+      }
+    }
+    expect(table.requirements("CONNECT", "/", undefined)).toBe(CONNECT_REFUSAL);
+    expect(DENIALS[CONNECT_REFUSAL.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+    expect(table.match("OPTIONS", "/v1/x")).toMatchObject({ pathPrefix: "/v1" });
   });
 
   it("a mixed-case prefix is held to the same rule, even for a lower-case path", () => {
