@@ -47,6 +47,26 @@ export interface Refused {
 const CONFLICT = Symbol("conflict");
 
 /**
+ * An upgrade to cleartext HTTP/2 ("Upgrade: h2c"). Caddy and Traefik pass it on to the upstream,
+ * and an upstream that accepts it turns the connection into HTTP/2 that the proxy only relays:
+ * every later request on it would reach the upstream without a check (h2c smuggling). A
+ * WebSocket upgrade is judged like any request, for the one resource it names.
+ */
+const H2C_UPGRADE: Refused = refusal(
+  "INVALID_PATH",
+  "The request asks to upgrade its connection to h2c, which would carry later requests to the upstream unchecked, so it is refused.",
+);
+
+/** Whether an Upgrade header value (a comma-separated list, repeats joined) names h2c. */
+function namesH2c(upgrade: string): boolean {
+  for (const token of upgrade.split(",")) {
+    const protocol = token.trim().toLowerCase();
+    if (protocol === "h2c" || protocol.startsWith("h2c/")) return true;
+  }
+  return false;
+}
+
+/**
  * One header's value: undefined when absent or empty, CONFLICT when repeated with different
  * values. `repeats` says whether any header name came twice: only then is headersDistinct
  * (which allocates) read, because Node joins repeats of an X- header with ", ".
@@ -115,6 +135,8 @@ export class OriginalRequestReader {
     const url = req.url ?? "/";
     if (url !== CHECK_PREFIX && !url.startsWith(`${CHECK_PREFIX}/`) && !url.startsWith(`${CHECK_PREFIX}?`)) return null;
     const suffix = url.startsWith(`${CHECK_PREFIX}/`) ? url.slice(CHECK_PREFIX.length) : "";
+    const upgrade = req.headers.upgrade;
+    if (upgrade !== undefined && namesH2c(upgrade)) return H2C_UPGRADE;
     return this.#trusted === null ? this.#fromSuffix(req, suffix, repeats) : this.#fromHeaders(req, this.#trusted, suffix, repeats);
   }
 

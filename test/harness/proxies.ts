@@ -51,10 +51,15 @@ export async function startEchoUpstream(): Promise<{ port: number; requests: Ech
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify(echoed));
   });
-  // A CONNECT that got through is kept too (Node hands it to "connect", not to the handler).
+  // A CONNECT or an upgrade that got through is kept too (Node hands them to "connect" and
+  // "upgrade", not to the handler), and accepted, as an upstream that tunnels would.
   server.on("connect", (req: IncomingMessage, socket: Duplex) => {
     requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
     socket.end("HTTP/1.1 200 Connection Established\r\n\r\n");
+  });
+  server.on("upgrade", (req: IncomingMessage, socket: Duplex) => {
+    requests.push({ method: req.method ?? "", url: req.url ?? "", headers: req.headers });
+    socket.end(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${String(req.headers.upgrade)}\r\n\r\n`);
   });
   await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
   const address = server.address();

@@ -57,6 +57,11 @@ function send(port: number, method: string, path: string, headers: Record<string
       res.on("end", () => resolve({ status: res.statusCode ?? 0, contentType: res.headers["content-type"], text }));
       res.on("error", reject);
     });
+    // An upgrade the far end accepted (101): answered here, so a test fails on it at once.
+    req.on("upgrade", (res, socket) => {
+      socket.destroy();
+      resolve({ status: res.statusCode ?? 0, contentType: res.headers["content-type"], text: "" });
+    });
     req.on("error", reject);
     req.end();
   });
@@ -193,6 +198,21 @@ describe.each(shippedProxies())("proxy trust security: behind $name (the shipped
     expect(upstream.requests.length).toBe(before);
   });
 
+  it.runIf(available)("an h2c upgrade with a valid key never reaches the upstream as an upgrade (Caddy passes it on: keygate refuses it 400)", async () => {
+    const before = upstream.requests.length;
+    const res = await send(proxy.port, "GET", "/public", { "x-api-key": decksKey, connection: "Upgrade, HTTP2-Settings", upgrade: "h2c", "http2-settings": "AAMAAABkAARAAAAAAAIAAAAA" });
+    const upgrades = upstream.requests.slice(before).filter((r) => r.headers["upgrade"] !== undefined);
+    expect(upgrades).toEqual([]);
+    if (name === "caddy") {
+      expect(res.status, res.text).toBe(400);
+      expect(errorOf(res)).toMatchObject({ code: "INVALID_REQUEST", message: H2C_MESSAGE });
+      expect(upstream.requests.length).toBe(before);
+    } else {
+      // nginx sends neither Upgrade nor Connection on: a plain GET, judged and served.
+      expect(res.status, res.text).toBe(200);
+    }
+  });
+
   it.runIf(available)("a read key's GET /public with X-*-Uri: /v1/decks is judged /public: 200, and the upstream serves /public", async () => {
     const res = await send(proxy.port, "GET", "/public", { "x-api-key": readKey, "X-Forwarded-Uri": "/v1/decks", "X-Original-URI": "/v1/decks" });
     expect(res.status, res.text).toBe(200);
@@ -316,11 +336,20 @@ function envoyCases(): DirectCase[] {
   ];
 }
 
+const H2C_MESSAGE = "The request asks to upgrade its connection to h2c, which would carry later requests to the upstream unchecked, so it is refused.";
+
+/** Upgrade headers, the same in every mode: h2c in any spelling is refused, a WebSocket judged. */
+function upgradeCases(proxy: HttpAuthzProxy): DirectCase[] {
+  const [method, path, judged] = proxy === "envoy" ? ["GET", "/check/public", {}] : ["GET", "/check", { [PAIRS[proxy === "nginx" ? "original" : "forwarded"].uri]: "/public", [PAIRS[proxy === "nginx" ? "original" : "forwarded"].method]: "GET" }];
+  const h2c = (upgrade: string): DirectCase => ({ name: `refuses Upgrade: ${upgrade}`, method, path, headers: { ...judged, upgrade }, status: 400, code: "INVALID_REQUEST", message: H2C_MESSAGE });
+  return [h2c("h2c"), h2c("H2C"), h2c("websocket, h2c"), { name: "judges Upgrade: websocket as the request it names", method, path, headers: { ...judged, upgrade: "websocket" }, status: 200 }];
+}
+
 const SETTINGS: Array<{ proxy: HttpAuthzProxy; cases: DirectCase[] }> = [
-  { proxy: "envoy", cases: envoyCases() },
-  { proxy: "nginx", cases: headerModeCases("nginx") },
-  { proxy: "caddy", cases: headerModeCases("caddy") },
-  { proxy: "traefik", cases: headerModeCases("traefik") },
+  { proxy: "envoy", cases: [...envoyCases(), ...upgradeCases("envoy")] },
+  { proxy: "nginx", cases: [...headerModeCases("nginx"), ...upgradeCases("nginx")] },
+  { proxy: "caddy", cases: [...headerModeCases("caddy"), ...upgradeCases("caddy")] },
+  { proxy: "traefik", cases: [...headerModeCases("traefik"), ...upgradeCases("traefik")] },
 ];
 
 describe.each(SETTINGS)("proxy trust security: the HTTP mode with KEYGATE_HTTP_AUTHZ_PROXY=$proxy", ({ proxy, cases }) => {
