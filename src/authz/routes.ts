@@ -55,6 +55,10 @@ export const PATH_REFUSALS = {
     "INVALID_PATH",
     "The request path matches another route when letter case is ignored, as case-insensitive servers do, so it is refused. Send it in the letter case of the route.",
   ),
+  unicodeCase: new RouteRefusal(
+    "INVALID_PATH",
+    'The request path holds a character that servers ignoring letter case read as an ASCII letter (such as "ſ", "ı" or the Kelvin sign), and read that way it matches another route, so it is refused. Send those letters in ASCII.',
+  ),
 } as const;
 
 /**
@@ -264,6 +268,70 @@ function utf8Sequence(path: string, i: number, end: number, lead: number): numbe
     if (k === 0 ? !firstContinuationOk(lead, byte) : byte < 0x80 || byte > 0xbf) return -1;
   }
   return at;
+}
+
+/** A character's ASCII letters when case-mapped, or null; see asciiCaseReading. */
+const asciiReadings = new Map<number, string | null>();
+const ASCII_LETTERS = /[A-Za-z]/g;
+
+/**
+ * What servers that ignore letter case may read a non-ASCII character as: the ASCII letters of
+ * its upper- or lower-case mapping ("ſ" upper-cases to "S", "ı" to "I", the Kelvin sign and "İ"
+ * lower-case to "k" and "i", "ß" upper-cases to "SS"), lower-cased; null when neither holds one.
+ * Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase match "ſecret" to "/secret" this way.
+ */
+function asciiReading(codePoint: number): string | null {
+  let reading = asciiReadings.get(codePoint);
+  if (reading !== undefined) return reading;
+  const char = String.fromCodePoint(codePoint);
+  const letters = (char.toUpperCase().match(ASCII_LETTERS) ?? char.toLowerCase().match(ASCII_LETTERS))?.join("") ?? "";
+  reading = letters === "" ? null : letters.toLowerCase();
+  if (asciiReadings.size < 4096) asciiReadings.set(codePoint, reading);
+  return reading;
+}
+
+/**
+ * A canonical path with every character that case-insensitive servers may read as ASCII letters
+ * (raw, or escaped as UTF-8: the upstream decodes it) replaced by those letters; null when the
+ * path has none, which is every ASCII path. Only called for a path holding "%" or a non-ASCII
+ * character.
+ */
+export function asciiCaseReading(path: string): string | null {
+  let out: string | null = null;
+  let copied = 0;
+  for (let i = 0; i < path.length; i++) {
+    const code = path.charCodeAt(i);
+    let codePoint = -1;
+    let next = i + 1;
+    if (code >= 0x80) {
+      codePoint = path.codePointAt(i) ?? code;
+      if (codePoint > 0xffff) next = i + 2;
+    } else if (code === 0x25) {
+      const byte = escapeAt(path, i, path.length);
+      if (byte < 0x80) continue;
+      // Canonical, so the escapes from here are well-formed UTF-8 (canonicalPath checked them).
+      next = utf8Sequence(path, i, path.length, byte);
+      if (next < 0) return null;
+      codePoint = decodeURIComponent(path.slice(i, next)).codePointAt(0) ?? -1;
+    }
+    if (codePoint < 0) continue;
+    const reading = asciiReading(codePoint);
+    if (reading !== null) {
+      out = `${out ?? ""}${path.slice(copied, i)}${reading}`;
+      copied = next;
+    }
+    i = next - 1;
+  }
+  return out === null ? null : out + path.slice(copied);
+}
+
+/** Whether a path holds "%" or a non-ASCII character: only then can asciiCaseReading find one. */
+function mayReadAsAscii(path: string): boolean {
+  for (let i = 0; i < path.length; i++) {
+    const code = path.charCodeAt(i);
+    if (code >= 0x80 || code === 0x25) return true;
+  }
+  return false;
 }
 
 /** Why the segment of `out` from `start` to its end is refused, or null. */
@@ -478,12 +546,22 @@ export class RouteTable {
       const judged = this.#caseInsensitive ? path.toLowerCase() : path;
       if (this.#find(method, judged, false) !== this.#find(upperMethod, judged, false)) return METHOD_CASE_REFUSAL;
     }
-    if (this.#caseInsensitive) return this.#find(upperMethod, path.toLowerCase(), false);
-    const exact = this.#find(upperMethod, path, false);
-    // A case-insensitive upstream serves "/V1/Decks" as "/v1/decks": if that is another route,
-    // whichever keygate picked would be wrong for some upstream, so the path is refused.
-    if ((this.#upperInPrefixes || this.#upperWhereItMatters(path)) && this.#find(upperMethod, path.toLowerCase(), true) !== exact) return PATH_REFUSALS.letterCase;
-    return exact;
+    let chosen: Entry | null;
+    if (this.#caseInsensitive) {
+      chosen = this.#find(upperMethod, path.toLowerCase(), false);
+    } else {
+      chosen = this.#find(upperMethod, path, false);
+      // A case-insensitive upstream serves "/V1/Decks" as "/v1/decks": if that is another route,
+      // whichever keygate picked would be wrong for some upstream, so the path is refused.
+      if ((this.#upperInPrefixes || this.#upperWhereItMatters(path)) && this.#find(upperMethod, path.toLowerCase(), true) !== chosen) return PATH_REFUSALS.letterCase;
+    }
+    // The same for characters such servers read as ASCII letters: "/v1/ſecret" is "/v1/secret"
+    // to Java's equalsIgnoreCase and .NET's OrdinalIgnoreCase.
+    if (mayReadAsAscii(path)) {
+      const reading = asciiCaseReading(path);
+      if (reading !== null && this.#find(upperMethod, reading.toLowerCase(), !this.#caseInsensitive) !== chosen) return PATH_REFUSALS.unicodeCase;
+    }
+    return chosen;
   }
 
   /** Whether an upper-case ASCII letter sits where a prefix could meet it (ids further on do not). */

@@ -2,7 +2,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT, parsePolicy } from "../../src/config.js";
 import { DENIALS } from "../../src/authz/reasons.js";
-import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, canonicalPath } from "../../src/authz/routes.js";
+import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, asciiCaseReading, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
   { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
@@ -232,6 +232,36 @@ describe("letter case", () => {
     expect(byMethod.match("POST", "/v1/hooks")).toMatchObject({ method: "POST" });
     expect(METHOD_CASE_REFUSAL).toMatchObject({ allow: false, reason: "INVALID_PATH" });
     expect(DENIALS[METHOD_CASE_REFUSAL.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+  });
+
+  it("reads characters that case-insensitive servers take for ASCII letters as those letters, raw or escaped", () => {
+    // "ſ" and "ı" upper-case to S and I; the Kelvin sign and "İ" lower-case to k and i; "ß" to SS.
+    expect(asciiCaseReading("/v1/\u017Fecret")).toBe("/v1/secret");
+    expect(asciiCaseReading("/v1/adm\u0131n")).toBe("/v1/admin");
+    expect(asciiCaseReading("/v1/\u212Aeys")).toBe("/v1/keys");
+    expect(asciiCaseReading("/v1/%E2%84%AAeys/%C4%B0d")).toBe("/v1/keys/id");
+    expect(asciiCaseReading("/v1/stra%C3%9Fe")).toBe("/v1/strasse");
+    // Nothing to read: ASCII, other escapes, letters without an ASCII case mapping, emoji.
+    for (const path of ["/v1/keys", "/v1/a%20b", "/v1/caf%C3%A9", "/v1/\u00E9t\u00E9", "/v1/%F0%9F%98%80", "/v1/\u{1F600}"]) expect(asciiCaseReading(path), path).toBeNull();
+  });
+
+  it("a path whose ASCII reading picks another route is refused, in both matching modes; one whose reading picks the same route is judged", () => {
+    const routes = [
+      { method: "*", pathPrefix: "/v1/secret", requiredScopes: ["admin"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+    ];
+    for (const caseInsensitive of [false, true]) {
+      const table = new RouteTable(routes, { caseInsensitive });
+      for (const path of ["/v1/\u017Fecret", "/v1/%C5%BFecret/x", "/v1/adm\u0131n", "/v1/ADM%C4%B1N", "/v1/\u017Fecret?x=1"]) {
+        expect(table.match("GET", path), `${path}, caseInsensitive ${caseInsensitive}`).toBe(PATH_REFUSALS.unicodeCase);
+      }
+      // Read either way, these land on the same route: judged as usual.
+      expect(table.match("GET", "/v1/caf%C3%A9")).toMatchObject({ pathPrefix: "/v1" });
+      expect(table.match("GET", "/v1/stra%C3%9Fe")).toMatchObject({ pathPrefix: "/v1" });
+      expect(table.match("GET", "/v1/secret/\u017F")).toMatchObject({ pathPrefix: "/v1/secret" });
+    }
+    expect(DENIALS[PATH_REFUSALS.unicodeCase.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
   });
 
   it("CONNECT is refused in any letter case, with routes or without, before a route is picked", () => {
