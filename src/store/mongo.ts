@@ -723,21 +723,14 @@ export class MongoKeyStore implements KeyStore {
 
   async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
     return guarded(async () => {
-      const immediate = graceEndsAtMs <= nowMs;
       const now = new Date(nowMs);
-      // The slot passes from the old key to the new one: the old key stops counting, the new one counts.
+      // The slot passes from the old key to the new one: the old key stops counting, the new one
+      // counts. With no grace the old key is refused from here on (its grace is over), and is
+      // marked revoked only once the new key is in: a revoke that comes in between is never undone.
       const previous = await this.#keys
         .findOneAndUpdate(
           { _id: previousId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] },
-          {
-            $set: {
-              rotated_to_id: next.id,
-              grace_ends_at: new Date(graceEndsAtMs),
-              revoked_at: immediate ? now : null,
-              revoke_reason: immediate ? "rotated" : null,
-              counted: false,
-            },
-          },
+          { $set: { rotated_to_id: next.id, grace_ends_at: new Date(graceEndsAtMs), counted: false } },
           { returnDocument: "after" },
         )
         .lean<KeyDoc>();
@@ -745,14 +738,27 @@ export class MongoKeyStore implements KeyStore {
       try {
         await this.#keys.create(keyDocument(next, true));
       } catch (error) {
-        await this.#keys.updateOne(
-          { _id: previousId },
-          { $set: { rotated_to_id: null, grace_ends_at: null, revoked_at: null, revoke_reason: null, counted: true } },
-        );
+        await this.#undoRotation(previous, next.id);
         throw error;
       }
-      return { next, previous: toKey(previous) };
+      if (graceEndsAtMs > nowMs) return { next, previous: toKey(previous) };
+      await this.#keys.updateOne({ _id: previousId, revoked_at: null }, { $set: { revoked_at: now, revoke_reason: "rotated" } });
+      const revoked = await this.#keys.findById(previousId).lean<KeyDoc>();
+      return { next, previous: toKey(revoked ?? previous) };
     });
+  }
+
+  /**
+   * Puts back a key whose rotation's new key could not be inserted: active and holding its slot
+   * again, unless it was revoked meanwhile. Then it stays revoked, and the slot the rotation took
+   * from it (held by no key now) goes back to the account.
+   */
+  async #undoRotation(previous: KeyDoc, nextId: string): Promise<void> {
+    const rotation = { _id: previous._id, rotated_to_id: nextId };
+    const restored = await this.#keys.updateOne({ ...rotation, revoked_at: null }, { $set: { rotated_to_id: null, grace_ends_at: null, counted: true } });
+    if (restored.modifiedCount > 0) return;
+    const released = await this.#keys.updateOne(rotation, { $set: { rotated_to_id: null, grace_ends_at: null } });
+    if (released.modifiedCount > 0) await this.#accounts.updateOne({ _id: previous.owner_id }, { $inc: { [slotCounter(previous)]: -1 } });
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {

@@ -1,5 +1,5 @@
 import mongoose from "mongoose";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
 import { CapExceededError } from "../../src/store/errors.js";
@@ -156,6 +156,74 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       } finally {
         await client.close();
       }
+    });
+  });
+
+  describe("MongoKeyStore.rotateKey when the new key cannot be inserted", () => {
+    const NOW = 1_800_000_000_000;
+    const caps = { maxActiveKeysFor: () => 1, accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: NOW };
+    let store: MongoKeyStore;
+    let keys: mongoose.Model<KeyDoc>;
+    let owner = 0;
+    beforeAll(async () => {
+      store = await MongoKeyStore.connect(started().uri);
+      // The store's own connection, the newest one: its Key model is where the insert is failed.
+      const model = mongoose.connections.at(-1)?.models["Key"];
+      if (model === undefined) throw new Error("the store's Key model was not found");
+      keys = model as mongoose.Model<KeyDoc>;
+    });
+    afterAll(async () => {
+      vi.restoreAllMocks();
+      await store?.close();
+    });
+
+    /** Fails the next insert of a key, after running `meanwhile` (a revoke racing the rotation). */
+    function failNextInsert(meanwhile: () => Promise<unknown>): void {
+      vi.spyOn(keys, "create").mockImplementationOnce((async () => {
+        await meanwhile();
+        throw new Error("insert failed");
+      }) as never);
+    }
+
+    it.each([
+      ["with grace", NOW + 86_400_000],
+      ["with no grace", NOW],
+    ])("%s: a revoke that came in meanwhile stands, and the slot goes back to the account", async (_name, graceEndsAtMs) => {
+      const ownerId = `rotate-undo-${++owner}`;
+      const key = testKeyRecord(ownerId, NOW);
+      await store.createKey(key, caps);
+      failNextInsert(() => store.revokeKey(key.id, NOW + 1, "leaked"));
+      await expect(store.rotateKey(key.id, testKeyRecord(ownerId, NOW), graceEndsAtMs, NOW)).rejects.toThrow("insert failed");
+      const after = await store.getKey(key.id);
+      expect(after).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked", rotatedToId: null, graceEndsAtMs: null });
+      // The revoked key holds no slot: one new key fits under the cap of one, a second does not.
+      await store.createKey(testKeyRecord(ownerId, NOW), caps);
+      await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+    });
+
+    it("with nothing in between, the old key is put back active, holding its slot", async () => {
+      const ownerId = `rotate-undo-${++owner}`;
+      const key = testKeyRecord(ownerId, NOW);
+      await store.createKey(key, caps);
+      failNextInsert(async () => undefined);
+      await expect(store.rotateKey(key.id, testKeyRecord(ownerId, NOW), NOW, NOW)).rejects.toThrow("insert failed");
+      expect(await store.getKey(key.id)).toEqual(key);
+      await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+    });
+
+    it("a revoke between the old key's rotation and its mark with no grace keeps its reason", async () => {
+      const ownerId = `rotate-undo-${++owner}`;
+      const key = testKeyRecord(ownerId, NOW);
+      await store.createKey(key, caps);
+      const next = testKeyRecord(ownerId, NOW);
+      const create = keys.create.bind(keys);
+      vi.spyOn(keys, "create").mockImplementationOnce((async (doc: unknown) => {
+        await store.revokeKey(key.id, NOW + 1, "leaked");
+        return create(doc as never);
+      }) as never);
+      const rotation = await store.rotateKey(key.id, next, NOW, NOW);
+      expect(rotation.previous).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked", rotatedToId: next.id });
+      expect(await store.getKey(next.id)).toMatchObject({ id: next.id, revokedAtMs: null });
     });
   });
 
