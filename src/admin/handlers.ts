@@ -317,9 +317,10 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         replayed: answer.replayed,
       });
     }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId })),
-    addCredits: guard(async (req, actor) => ({
-      account: toAccount(await service.addCredits({ ownerId: req.ownerId, amount: wholeNumber(req.amount), reason: req.reason }, actor)),
-    }), (r) => ({ ownerId: r.ownerId })),
+    addCredits: guard(async (req, actor) => {
+      const added = await service.addCredits({ ownerId: req.ownerId, amount: wholeNumber(req.amount), reason: req.reason, idempotencyKey: unset(req.idempotencyKey) }, actor);
+      return { account: toAccount(added.view), replayed: added.replayed };
+    }, (r) => ({ ownerId: r.ownerId })),
     listAuditEvents: guard(async (req) => {
       const page = await service.listAudit({
         ownerId: unset(req.ownerId),

@@ -210,19 +210,33 @@ export class LifecycleService {
    * The live counters never fail the call (one they cannot reach is retried in the background):
    * after the store write, an error would make the caller retry and add the credits twice.
    */
-  async addCredits(input: { ownerId: string; amount: number; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<AccountView> {
+  async addCredits(
+    input: { ownerId: string; amount: number; reason: string; idempotencyKey?: string | undefined },
+    actor: Actor = SYSTEM_ACTOR,
+  ): Promise<{ view: AccountView; replayed: boolean }> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     const amount = input.amount;
     if (!Number.isInteger(amount) || amount < 1 || amount > MAX_CREDITS_PER_TOPUP) {
       throw new InvalidArgumentError("amount", `must be a whole number from 1 to ${MAX_CREDITS_PER_TOPUP}`);
     }
     if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    const idempotencyKey = input.idempotencyKey;
+    if (idempotencyKey !== undefined && !IDEMPOTENCY_KEY.test(idempotencyKey)) {
+      throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per top-up (or left empty)");
+    }
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
-    const credited = await this.deps.store.addCredits(ownerId, amount);
-    await this.deps.meter.addCredits(ownerId, credited.topupTotal);
-    await this.#audit(actor, "credits.add", null, ownerId, { amount, reason: input.reason });
-    return this.#view(account);
+    const topUp = async (): Promise<AccountView> => {
+      const credited = await this.deps.store.addCredits(ownerId, amount);
+      await this.deps.meter.addCredits(ownerId, credited.topupTotal);
+      await this.#audit(actor, "credits.add", null, ownerId, { amount, reason: input.reason, idempotency_key: idempotencyKey });
+      return this.#view(account);
+    };
+    if (idempotencyKey === undefined) return { view: await topUp(), replayed: false };
+    // ChargeUsage's ledger, in a space of its own: its keys start with an owner id, which never
+    // holds a space, so no charge key starts with one.
+    const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, topUp);
+    return { view: once.value, replayed: once.replayed };
   }
 
   /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */

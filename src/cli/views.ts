@@ -1,6 +1,6 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import type { Account, ApiKey, AuditEvent, ChargeUsageResponse, GetUsageResponse, RateLimit, UsageCounts, VerifyKeyResponse } from "../gen/keygate/v1/key_admin_pb.js";
+import type { Account, AddCreditsResponse, ApiKey, AuditEvent, ChargeUsageResponse, GetUsageResponse, RateLimit, UsageCounts, VerifyKeyResponse } from "../gen/keygate/v1/key_admin_pb.js";
 import { NONE, details, list, table } from "./format.js";
 
 /** A timestamp as ISO 8601 UTC, or NONE when unset. */
@@ -50,7 +50,19 @@ export function keyTable(keys: readonly ApiKey[]): string {
 
 /** An account with its plan's limits and its credit balance. */
 export function accountDetails(account: Account): string {
-  return details([
+  return details(accountPairs(account));
+}
+
+/** A top-up's account, and a line saying so when its idempotency key had been used: nothing was added. */
+export function topUpDetails(answer: AddCreditsResponse): string {
+  if (answer.account === undefined) return "";
+  const pairs = accountPairs(answer.account);
+  if (answer.replayed) pairs.push(["replayed", "yes (the first answer for this idempotency key; nothing added)"]);
+  return details(pairs);
+}
+
+function accountPairs(account: Account): Pair[] {
+  return [
     ["owner", account.ownerId],
     ["plan", account.plan],
     ["subscription", account.subscriptionStatus],
@@ -61,7 +73,7 @@ export function accountDetails(account: Account): string {
     ["rate limit", rate(account.rateLimit)],
     ["created", time(account.createdAt)],
     ["updated", time(account.updatedAt)],
-  ]);
+  ];
 }
 
 /** The verdict on a key, then who it belongs to when the server knows. */

@@ -383,6 +383,18 @@ describe("keygate accounts, usage and audit: happy", { timeout: 60_000 }, () => 
     expect((await kg.admin.getAccount({ ownerId: "cli-credits" })).account?.topupCredits).toBe(500n);
   });
 
+  it("accounts add-credits with an idempotency key adds once and says so on the repeat", async () => {
+    await kg.admin.upsertAccount({ ownerId: "cli-topup" });
+    const first = await cli(["accounts", "add-credits", "cli-topup", "40", "--idempotency-key", "pay-40"]);
+    expect(first.code).toBe(0);
+    expect(first.stdout).toMatch(/^credits:\s+\d+ \(monthly 0, top-up 40\)$/m);
+    expect(first.stdout).not.toMatch(/^replayed:/m);
+    const retry = await cli(["accounts", "add-credits", "cli-topup", "40", "--idempotency-key", "pay-40"]);
+    expect(retry.stdout).toMatch(/^replayed:\s+yes \(the first answer for this idempotency key; nothing added\)$/m);
+    expect(json(await cli(["--json", "accounts", "add-credits", "cli-topup", "40", "--idempotency-key", "pay-40"]))).toMatchObject({ account: { topupCredits: "40" }, replayed: true });
+    expect((await kg.admin.getAccount({ ownerId: "cli-topup" })).account?.topupCredits).toBe(40n);
+  });
+
   it("accounts charge charges once per idempotency key and prints the answer", async () => {
     await kg.admin.upsertAccount({ ownerId: "cli-charge" });
     const first = await cli(["accounts", "charge", "cli-charge", "3", "--idempotency-key", "order-9"]);

@@ -199,4 +199,17 @@ describe.runIf(redisReady)("ChargeUsage (two replicas sharing Redis)", () => {
     expect(retry.headers).toEqual(first.headers);
     expect(await balance(b, ownerId)).toBe(BigInt(BALANCE - 5));
   });
+
+  it("an AddCredits retried on the other replica with the same idempotency key adds once; a ChargeUsage key of the same text is another key", async () => {
+    const [a, b] = replicas as [TestKeygate, TestKeygate];
+    const ownerId = "topup-retry-elsewhere";
+    await a.admin.upsertAccount({ ownerId, plan: "paid" });
+    const first = await a.admin.addCredits({ ownerId, amount: 7n, reason: "order 9", idempotencyKey: "pay-9" });
+    const retry = await b.admin.addCredits({ ownerId, amount: 7n, reason: "order 9", idempotencyKey: "pay-9" });
+    expect([first.replayed, retry.replayed]).toEqual([false, true]);
+    expect(retry.account).toEqual(first.account);
+    expect(await balance(b, ownerId)).toBe(BigInt(BALANCE + 7));
+    expect((await b.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "pay-9" })).replayed).toBe(false);
+    expect(await balance(a, ownerId)).toBe(BigInt(BALANCE + 6));
+  });
 });

@@ -184,12 +184,39 @@ describe("credits", () => {
     expect(renewed.headers.get("x-credits-remaining")).toBe("2");
   });
 
+  it("a top-up repeated with its idempotency key adds once and answers the first account again; another key or owner adds", async () => {
+    const key = await issue("metered");
+    const other = await issue("metered");
+    const first = await kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, reason: "order 7", idempotencyKey: "pay_7" });
+    expect([first.account?.topupCredits, first.replayed]).toEqual([5n, false]);
+    // The retry of a call whose answer was lost, and a concurrent pair: nothing more is added.
+    const [retry, concurrent] = await Promise.all([
+      kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, reason: "order 7", idempotencyKey: "pay_7" }),
+      kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, reason: "order 7", idempotencyKey: "pay_7" }),
+    ]);
+    expect([retry.replayed, concurrent.replayed]).toEqual([true, true]);
+    expect([retry.account?.topupCredits, concurrent.account?.topupCredits]).toEqual([5n, 5n]);
+    expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(5n);
+    expect((await kg.admin.addCredits({ ownerId: key.ownerId, amount: 2n, idempotencyKey: "pay_8" })).account?.topupCredits).toBe(7n);
+    // The key is the owner's own: another owner's top-up with the same key adds.
+    expect((await kg.admin.addCredits({ ownerId: other.ownerId, amount: 3n, idempotencyKey: "pay_7" })).replayed).toBe(false);
+    expect((await kg.admin.getAccount({ ownerId: other.ownerId })).account?.topupCredits).toBe(3n);
+    // Without a key every call adds, as before.
+    await kg.admin.addCredits({ ownerId: key.ownerId, amount: 1n });
+    await kg.admin.addCredits({ ownerId: key.ownerId, amount: 1n });
+    expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(9n);
+    const audited = (await kg.admin.listAuditEvents({ ownerId: key.ownerId })).events.filter((e) => e.action === "credits.add");
+    expect(audited.map((e) => e.changes["idempotency_key"])).toEqual(['"pay_7"', '"pay_8"', undefined, undefined]);
+  });
+
   it("rejects a bad top-up, naming the field, and adds nothing", async () => {
     const key = await issue("metered");
     const before = (await kg.admin.getAccount({ ownerId: key.ownerId })).account?.creditBalance;
     await expect(kg.admin.addCredits({ ownerId: key.ownerId, amount: 0n })).rejects.toThrow(/amount: must be a whole number from 1 to 1000000000/);
     await expect(kg.admin.addCredits({ ownerId: key.ownerId, amount: -5n })).rejects.toThrow(/amount/);
     await expect(kg.admin.addCredits({ ownerId: "nobody-at-all", amount: 5n })).rejects.toMatchObject({ code: 5 });
+    await expect(kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, idempotencyKey: "x".repeat(201) })).rejects.toThrow(/idempotency_key: must be 1-200 printable ASCII characters/);
+    await expect(kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, idempotencyKey: "pay\n1" })).rejects.toThrow(/idempotency_key/);
     expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.creditBalance).toBe(before);
   });
 });

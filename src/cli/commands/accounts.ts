@@ -5,7 +5,7 @@ import type { Account } from "../../gen/keygate/v1/key_admin_pb.js";
 import { argsOf, onRun, optionsOf } from "../context.js";
 import { credits } from "../parsers.js";
 import { oneId } from "../schemas.js";
-import { accountDetails, chargeDetails } from "../views.js";
+import { accountDetails, chargeDetails, topUpDetails } from "../views.js";
 
 function shown(account: Account | undefined): string {
   return account === undefined ? "" : accountDetails(account);
@@ -42,12 +42,13 @@ export function registerAccounts(program: Command): void {
     .description("top up an account's credit balance (adds; never replaces)")
     .argument("<owner>", "owner id")
     .argument("<amount>", "credits to add, 1 to 1000000000", credits)
-    .option("--reason <text>", "why (an order id, say); kept in the log and the audit trail");
+    .option("--reason <text>", "why (an order id, say); kept in the log and the audit trail")
+    .option("--idempotency-key <key>", "the top-up's own id (the order or payment id): a repeat within 24 hours adds nothing");
   onRun(addCredits, async (context) => {
     const [ownerId, amount] = argsOf(addCredits, z.tuple([z.string(), z.bigint()]));
-    const options = optionsOf(addCredits, z.object({ reason: z.string().optional() }));
-    const response = await context.admin.addCredits({ ownerId, amount, reason: options.reason ?? "" });
-    context.emit(AddCreditsResponseSchema, response, () => shown(response.account));
+    const options = optionsOf(addCredits, z.object({ reason: z.string().optional(), idempotencyKey: z.string().optional() }));
+    const response = await context.admin.addCredits({ ownerId, amount, reason: options.reason ?? "", idempotencyKey: options.idempotencyKey ?? "" });
+    context.emit(AddCreditsResponseSchema, response, () => topUpDetails(response));
   });
 
   const charge = accounts
