@@ -1,5 +1,6 @@
 import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
+import { PartialWriteError } from "../store/errors.js";
 import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
 import { FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
 import type { WriteBehindOptions } from "../store/write-behind.js";
@@ -159,10 +160,11 @@ export class UsageRecorder {
   async #writeCredits(spent: CreditDelta[], rows: UsageDelta[]): Promise<number | null> {
     let c = 0;
     let callStarted = 0;
+    let chunk: CreditDelta[] = [];
     try {
       while (c < spent.length) {
         if (c > 0) await this.#writer.between(callStarted);
-        const chunk = spent.slice(c, c + FLUSH_CHUNK);
+        chunk = spent.slice(c, c + FLUSH_CHUNK);
         callStarted = performance.now();
         await this.store.applyUsage([], chunk);
         c += chunk.length;
@@ -171,11 +173,18 @@ export class UsageRecorder {
       return callStarted;
     } catch (error) {
       this.#inFlight = 0;
-      for (const e of spent.slice(c)) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
+      const failed = unwritten(error, [], chunk);
+      for (const e of [...failed.credits, ...spent.slice(c + chunk.length)]) this.spend(e.ownerId, e.period, e.monthlyUsed, e.topupUsed);
       for (const e of rows) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
-      this.logger.warn({ err: error, rows: rows.length + spent.length - c }, "usage flush failed; will retry");
+      this.#warn(error, rows.length + failed.credits.length + spent.length - c - chunk.length, failed.unsure);
       return null;
     }
+  }
+
+  /** Logs a failed flush: what is kept for the next one, and what may be written and is not kept. */
+  #warn(error: unknown, kept: number, unsure: number): void {
+    if (unsure === 0) this.logger.warn({ err: error, rows: kept }, "usage flush failed; will retry");
+    else this.logger.error({ err: error, rows: kept, unsure }, "usage flush failed; will retry the rows not written, and not those that may have been (never counted twice)");
   }
 
   /**
@@ -189,10 +198,11 @@ export class UsageRecorder {
   async #writeRows(rows: UsageDelta[], creditsCallStarted: number): Promise<void> {
     let u = 0;
     let callStarted = creditsCallStarted;
+    let chunk: UsageDelta[] = [];
     try {
       while (u < rows.length) {
         if (callStarted > 0) await this.#writer.between(callStarted);
-        const chunk = rows.slice(u, u + FLUSH_CHUNK);
+        chunk = rows.slice(u, u + FLUSH_CHUNK);
         callStarted = performance.now();
         await this.store.applyUsage(chunk, []);
         u += chunk.length;
@@ -201,8 +211,19 @@ export class UsageRecorder {
     } catch (error) {
       // What was not written goes back to the map, where pendingCount counts it.
       this.#inFlight = 0;
-      for (const e of rows.slice(u)) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
-      this.logger.warn({ err: error, rows: rows.length - u }, "usage flush failed; will retry");
+      const failed = unwritten(error, chunk, []);
+      for (const e of [...failed.usage, ...rows.slice(u + chunk.length)]) this.#addUsage(e.ownerId, e.keyId, e.day, e.outcome, e.count, e.credits);
+      this.#warn(error, failed.usage.length + rows.length - u - chunk.length, failed.unsure);
     }
   }
+}
+
+/**
+ * What of a failed call is sure not to be in the store: all of it for a store whose call is one
+ * transaction; what PartialWriteError names for one whose call is not, with the count of deltas
+ * that may have been written (kept out of the retry, so never counted twice).
+ */
+function unwritten(error: unknown, usage: UsageDelta[], credits: CreditDelta[]): { usage: UsageDelta[]; credits: CreditDelta[]; unsure: number } {
+  if (error instanceof PartialWriteError) return { ...error.unapplied, unsure: error.unsure };
+  return { usage, credits, unsure: 0 };
 }

@@ -1,3 +1,5 @@
+import type { CreditDelta, UsageDelta } from "./store.js";
+
 /** The plan's cap on active keys (of one mode: test keys are counted apart) is reached. */
 export class CapExceededError extends Error {
   override readonly name = "CapExceededError";
@@ -18,6 +20,25 @@ export class ConflictError extends Error {
 /** A uniqueness violation (duplicate key hash or id). */
 export class DuplicateError extends Error {
   override readonly name = "DuplicateError";
+}
+
+/**
+ * A write-behind call (applyUsage) that failed after some of it may have been made: a store
+ * whose call is not one transaction (MongoDB). `unapplied` holds the deltas sure not to be in
+ * the store, which the caller writes again; `unsure` counts those that may be, which it must
+ * not write again: a write whose answer was lost may have been made, and writing it again would
+ * count usage and spend credits twice.
+ */
+export class PartialWriteError extends Error {
+  override readonly name = "PartialWriteError";
+  constructor(
+    message: string,
+    readonly unapplied: { usage: UsageDelta[]; credits: CreditDelta[] },
+    readonly unsure: number,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
 }
 
 /** The store cannot be reached; the caller answers UNAVAILABLE. */

@@ -1,6 +1,6 @@
 import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
-import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, StoreUnavailableError } from "./errors.js";
+import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, PartialWriteError, StoreUnavailableError } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
 import type {
@@ -341,6 +341,32 @@ export function keyDocument(key: KeyRecord, counted: boolean): KeyDoc {
 }
 
 const NETWORK_ERRORS = new Set(["MongoNetworkError", "MongoServerSelectionError", "MongoNotConnectedError", "MongoNetworkTimeoutError", "MongoTopologyClosedError"]);
+
+/**
+ * Whether a failed write surely made no change: it never reached a server (none selected, the
+ * client closed), or the server refused it. Any other failure (a connection lost or timed out,
+ * which may be while the write was out) may come after the change.
+ */
+function neverWritten(error: unknown): boolean {
+  if (!(error instanceof mongoose.mongo.MongoError)) return false;
+  if (error instanceof mongoose.mongo.MongoWriteConcernError || error instanceof mongoose.mongo.MongoBulkWriteError) return false;
+  return (
+    error instanceof mongoose.mongo.MongoServerSelectionError ||
+    error instanceof mongoose.mongo.MongoNotConnectedError ||
+    error instanceof mongoose.mongo.MongoTopologyClosedError ||
+    error instanceof mongoose.mongo.MongoServerError
+  );
+}
+
+/**
+ * The operations of a bulk write that the server answered with an error (so did not make), when
+ * it answered at all; the others were made. null when the failure is not such an answer.
+ */
+function refusedOperations(error: unknown): ReadonlySet<number> | null {
+  if (!(error instanceof mongoose.mongo.MongoBulkWriteError) || error.writeConcernError !== undefined) return null;
+  const errors = Array.isArray(error.writeErrors) ? error.writeErrors : [error.writeErrors];
+  return new Set(errors.map((e) => e.index));
+}
 
 /** Maps driver errors: E11000 to DuplicateError, lost connections to StoreUnavailableError. */
 function translate(error: unknown): unknown {
@@ -776,9 +802,14 @@ export class MongoKeyStore implements KeyStore {
     return toCredits(doc);
   }
 
+  /**
+   * Usage rows in one unordered bulk write, then each account's credits. Not one transaction: on
+   * a failure, PartialWriteError names the deltas sure not to be written (never sent, or refused
+   * by the server), and counts those whose answer was lost, which may have been made.
+   */
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
-    await guarded(async () => {
-      if (usage.length > 0) {
+    if (usage.length > 0) {
+      try {
         await this.#usageRows.bulkWrite(
           usage.map((u) => ({
             updateOne: {
@@ -792,9 +823,27 @@ export class MongoKeyStore implements KeyStore {
           })),
           { ordered: false },
         );
+      } catch (error) {
+        // The server's answer names the rows it refused (the others are written); without one,
+        // either none was sent, or the answer was lost and any of them may be written.
+        const refused = refusedOperations(error);
+        const sure = refused !== null || neverWritten(error);
+        const unapplied = refused !== null ? usage.filter((_, i) => refused.has(i)) : sure ? [...usage] : [];
+        throw new PartialWriteError("MongoDB did not take every usage row", { usage: unapplied, credits: [...credits] }, sure ? 0 : usage.length, { cause: translate(error) });
       }
-      for (const c of credits) await this.#spendCredits(c);
-    });
+    }
+    for (let i = 0; i < credits.length; i++) {
+      const delta = credits[i];
+      if (delta === undefined) continue;
+      try {
+        await this.#spendCredits(delta);
+      } catch (error) {
+        const sure = neverWritten(error);
+        throw new PartialWriteError("MongoDB did not take every credit delta", { usage: [], credits: credits.slice(sure ? i : i + 1) }, sure ? 0 : 1, {
+          cause: translate(error),
+        });
+      }
+    }
   }
 
   /**

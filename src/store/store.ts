@@ -267,7 +267,11 @@ export interface MeteringStore {
   getCredits(ownerId: string): Promise<CreditState>;
   /** Adds to the top-up balance and to the top-up total, atomically (never replaces either). */
   addCredits(ownerId: string, amount: number): Promise<CreditState>;
-  /** Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush. */
+  /**
+   * Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush.
+   * A store whose call is one transaction writes all of it or none; one that is not (MongoDB)
+   * rejects with PartialWriteError, naming what is sure not to have been written.
+   */
   applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;
   /** Usage rows of an owner for days in [fromDay, toDay] ("YYYY-MM-DD", inclusive). */
   listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]>;

@@ -2,7 +2,8 @@ import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
-import { CapExceededError } from "../../src/store/errors.js";
+import { CapExceededError, PartialWriteError } from "../../src/store/errors.js";
+import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
@@ -156,6 +157,42 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       } finally {
         await client.close();
       }
+    });
+  });
+
+  describe("MongoKeyStore.applyUsage when a call fails part way", () => {
+    const row = (keyId: string): UsageDelta => ({ ownerId: "partial-usage", keyId, day: "2026-12-06", outcome: "ALLOWED", count: 2, credits: 0 });
+
+    it("names the rows the server refused as unapplied, and writes the others once", async () => {
+      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      const store = await MongoKeyStore.connect(started().uri);
+      try {
+        // A row whose count is not a number: the server refuses to add to it.
+        await client.db().collection("usage").insertOne({ _id: "partial-usage|2026-12-06|key_bad|ALLOWED" as never, owner_id: "partial-usage", key_id: "key_bad", day: "2026-12-06", outcome: "ALLOWED", count: "x", credits: 0 });
+        const credit: CreditDelta = { ownerId: "partial-usage", period: "2026-12", monthlyUsed: 1, topupUsed: 0 };
+        const error = await store.applyUsage([row("key_a"), row("key_bad"), row("key_b")], [credit]).then(() => null, (e: unknown) => e);
+        expect(error).toBeInstanceOf(PartialWriteError);
+        const partial = error as PartialWriteError;
+        expect(partial.unapplied).toEqual({ usage: [row("key_bad")], credits: [credit] });
+        expect(partial.unsure).toBe(0);
+        const counts = Object.fromEntries((await store.listUsage("partial-usage", "2026-12-06", "2026-12-06")).map((r) => [r.keyId, r.count]));
+        expect(counts).toEqual({ key_a: 2, key_b: 2, key_bad: "x" });
+      } finally {
+        await store.close();
+        await client.close();
+      }
+    });
+
+    it("names every delta unapplied when nothing reached the server", async () => {
+      const store = await MongoKeyStore.connect(started().uri);
+      await store.close();
+      const credit: CreditDelta = { ownerId: "partial-usage", period: "2026-12", monthlyUsed: 1, topupUsed: 0 };
+      const error = await store.applyUsage([row("key_c")], [credit]).then(() => null, (e: unknown) => e);
+      expect(error).toBeInstanceOf(PartialWriteError);
+      expect(error).toMatchObject({ unapplied: { usage: [row("key_c")], credits: [credit] }, unsure: 0 });
+      const credits = await store.applyUsage([], [credit]).then(() => null, (e: unknown) => e);
+      expect(credits).toMatchObject({ unapplied: { usage: [], credits: [credit] }, unsure: 0 });
     });
   });
 

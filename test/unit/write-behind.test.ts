@@ -1,6 +1,7 @@
 import { pino } from "pino";
 import { afterEach, describe, expect, it, vi } from "vitest";
 import { UsageRecorder } from "../../src/limits/usage.js";
+import { PartialWriteError } from "../../src/store/errors.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
 import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
 import { FLUSH_CHUNK, MAX_CALL_PAUSE_MS, WriteBehind } from "../../src/store/write-behind.js";
@@ -118,6 +119,43 @@ describe("write-behind flush happy", () => {
     expect(store.counts.get(`key-${keys - 1}|2026-12-03|ALLOWED`)).toBe(2);
     expect([...store.counts.values()].reduce((a, b) => a + b, 0)).toBe(keys + 1);
     expect(store.spent.get("owner")).toBe(6);
+    expect(recorder.pendingCount).toBe(0);
+  });
+
+  it("after a call that was not one transaction fails, writes again only what it was sure is not written: nothing counted twice", async () => {
+    // As MongoDB's applyUsage answers: of a failed call, rows the server refused are named
+    // unapplied; rows whose answer was lost may be written, and are counted as unsure.
+    const counts = new Map<string, number>();
+    const spent = new Map<string, number>();
+    let call = 0;
+    const store = {
+      async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
+        call += 1;
+        // Call 1: the first account's spend made, the second's made but its answer lost, the third never sent.
+        const made = call === 1 ? credits.slice(0, 2) : credits;
+        for (const c of made) spent.set(c.ownerId, (spent.get(c.ownerId) ?? 0) + c.monthlyUsed + c.topupUsed);
+        if (call === 1) throw new PartialWriteError("partial", { usage: [], credits: credits.slice(2) }, 1);
+        const refused = call === 2 ? usage.filter((u) => u.keyId === "key_refused") : [];
+        for (const u of usage) if (!refused.includes(u)) counts.set(u.keyId, (counts.get(u.keyId) ?? 0) + u.count);
+        if (call === 2) throw new PartialWriteError("partial", { usage: refused, credits: [] }, 0);
+      },
+    };
+    const logs: Array<{ level: number; msg: string; unsure?: number }> = [];
+    const logger = pino({ level: "warn" }, { write: (line: string) => void logs.push(JSON.parse(line) as { level: number; msg: string; unsure?: number }) });
+    const recorder = new UsageRecorder(store, logger, 60_000);
+    for (const owner of ["acct_a", "acct_b", "acct_c"]) recorder.spend(owner, "2026-12", 2, 0);
+    recorder.record("acct_a", "key_ok", "2026-12-03", "ALLOWED", 0);
+    recorder.record("acct_a", "key_refused", "2026-12-03", "ALLOWED", 0);
+    await recorder.flush();
+    // The credits call failed: acct_c (never sent) is kept, acct_b (maybe written) is not; the rows wait.
+    expect(recorder.pendingSpend("acct_c", "2026-12")).toStrictEqual({ monthly: 2, topup: 0 });
+    expect(recorder.pendingSpend("acct_b", "2026-12")).toStrictEqual({ monthly: 0, topup: 0 });
+    expect(logs.at(-1)).toMatchObject({ level: 50, unsure: 1, msg: "usage flush failed; will retry the rows not written, and not those that may have been (never counted twice)" });
+    await recorder.flush();
+    // Call 2 wrote the credits; call 3 the rows, refusing one, which call 4 writes.
+    await recorder.flush();
+    expect(Object.fromEntries(spent)).toStrictEqual({ acct_a: 2, acct_b: 2, acct_c: 2 });
+    expect(Object.fromEntries(counts)).toStrictEqual({ key_ok: 1, key_refused: 1 });
     expect(recorder.pendingCount).toBe(0);
   });
 
