@@ -72,8 +72,13 @@ function send(port: number, method: string, path: string, headers: Record<string
  * answer to its tunnel logic); the proxy closes the connection after its answer.
  */
 function sendConnect(port: number, target: string, headers: Record<string, string>): Promise<{ status: number; text: string }> {
+  return sendRaw(port, `CONNECT ${target} HTTP/1.1`, [["Host", target], ["Connection", "close"], ...Object.entries(headers)]);
+}
+
+/** One request written as given, header lines in order (repeats included), on a raw socket. */
+function sendRaw(port: number, requestLine: string, headers: ReadonlyArray<readonly [string, string]>): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
-    const lines = [`CONNECT ${target} HTTP/1.1`, `Host: ${target}`, "Connection: close", ...Object.entries(headers).map(([name, value]) => `${name}: ${value}`)];
+    const lines = [requestLine, ...headers.map(([name, value]) => `${name}: ${value}`)];
     // Written, not ended: a client that half-closes has gone, and Caddy answers it nothing.
     const socket = connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
     let text = "";
@@ -196,6 +201,26 @@ describe.each(shippedProxies())("proxy trust security: behind $name (the shipped
     // nginx refuses an authority-form target itself; Caddy asks keygate, which refuses the method.
     if (name === "caddy") expect(res.text).toContain(JSON.stringify(CONNECT_REFUSAL.message));
     expect(upstream.requests.length).toBe(before);
+  });
+
+  it.runIf(available).each([
+    ["one Connection line", [["Connection", "close, X-Keygate-Owner-Id, x-keygate-scopes"]]],
+    ["a second Connection line", [["Connection", "close"], ["Connection", "X-Keygate-Key-Id"]]],
+    ["the underscore spelling", [["Connection", "close, X_Keygate_Owner_Id"]]],
+  ] as const)("a Connection header naming x-keygate-* headers never takes keygate's identity off an allowed request (%s)", async (_name, connection) => {
+    const before = upstream.requests.length;
+    const res = await sendRaw(proxy.port, "GET /v1/decks HTTP/1.1", [["Host", "127.0.0.1"], ["x-api-key", decksKey], ...connection]);
+    if (name === "caddy") {
+      // Caddy drops what Connection names after the check: refused before it.
+      expect(res.status, res.text).toBe(400);
+      expect(res.text).toContain('"code":"INVALID_REQUEST"');
+      expect(upstream.requests.length).toBe(before);
+      return;
+    }
+    // nginx does not drop what Connection names: the API gets keygate's identity.
+    expect(res.status, res.text).toBe(200);
+    const seen = upstream.requests.at(-1);
+    expect([seen?.headers["x-keygate-owner-id"], seen?.headers["x-keygate-scopes"], typeof seen?.headers["x-keygate-key-id"]]).toEqual([`trust-${name}-decks`, "read,decks", "string"]);
   });
 
   it.runIf(available)("an h2c upgrade with a valid key never reaches the upstream as an upgrade (Caddy passes it on: keygate refuses it 400)", async () => {
