@@ -57,6 +57,17 @@ const H2C_UPGRADE: Refused = refusal(
   "The request asks to upgrade its connection to h2c, which would carry later requests to the upstream unchecked, so it is refused.",
 );
 
+/**
+ * A path as Node hands it over (the request target or a header value: one character a byte)
+ * read as the UTF-8 its bytes are, which is how the API reads them: raw "ſ" (C5 BF) must reach
+ * the routes step as "ſ", not as "Å¿". Bytes that are not UTF-8 read as U+FFFD, which the routes
+ * step refuses. An ASCII path, nearly every one, is returned as it is.
+ */
+function asUtf8(path: string): string {
+  for (let i = 0; i < path.length; i++) if (path.charCodeAt(i) >= 0x80) return Buffer.from(path, "latin1").toString("utf8");
+  return path;
+}
+
 /** Whether an Upgrade header value (a comma-separated list, repeats joined) names h2c. */
 function namesH2c(upgrade: string): boolean {
   for (const token of upgrade.split(",")) {
@@ -153,7 +164,7 @@ export class OriginalRequestReader {
       if (uri !== undefined && uri !== path) return this.#deny(this.#disagrees, pair.uri);
       if (claimed !== undefined && claimed !== method) return this.#deny(this.#disagrees, pair.method);
     }
-    return { ok: true, method, path };
+    return { ok: true, method, path: asUtf8(path) };
   }
 
   #fromHeaders(req: IncomingMessage, trusted: HeaderPair, suffix: string, repeats: boolean): OriginalRequest {
@@ -174,7 +185,7 @@ export class OriginalRequestReader {
       if (uri !== undefined && uri !== path) return this.#deny(this.#disagrees, pair.uri);
       if (claimed !== undefined && claimed !== method) return this.#deny(this.#disagrees, pair.method);
     }
-    return { ok: true, method, path };
+    return { ok: true, method, path: asUtf8(path) };
   }
 
   #deny(table: ReadonlyMap<string, Refused>, header: string): Refused {

@@ -1,7 +1,7 @@
 import { request } from "node:http";
 import { connect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL } from "../../src/authz/routes.js";
+import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS } from "../../src/authz/routes.js";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import type { HttpAuthzProxy } from "../../src/config.js";
 import { startKeygate } from "../harness/keygate.js";
@@ -223,6 +223,15 @@ describe.each(shippedProxies())("proxy trust security: behind $name (the shipped
     expect([seen?.headers["x-keygate-owner-id"], seen?.headers["x-keygate-scopes"], typeof seen?.headers["x-keygate-key-id"]]).toEqual([`trust-${name}-decks`, "read,decks", "string"]);
   });
 
+  it.runIf(available)("a path in raw UTF-8 is judged as the UTF-8 the API reads: \"/v1/deckſ\" is refused, never judged as a path with no route", async () => {
+    const before = upstream.requests.length;
+    // sendRaw writes UTF-8: "ſ" goes as the two bytes C5 BF.
+    const res = await sendRaw(proxy.port, "GET /v1/deck\u017f HTTP/1.1", [["Host", "127.0.0.1"], ["Connection", "close"], ["x-api-key", readKey]]);
+    expect(res.status, res.text).toBe(400);
+    expect(res.text).toContain(JSON.stringify(UNICODE_CASE_MESSAGE));
+    expect(upstream.requests.length).toBe(before);
+  });
+
   it.runIf(available)("an h2c upgrade with a valid key never reaches the upstream as an upgrade (Caddy passes it on: keygate refuses it 400)", async () => {
     const before = upstream.requests.length;
     const res = await send(proxy.port, "GET", "/public", { "x-api-key": decksKey, connection: "Upgrade, HTTP2-Settings", upgrade: "h2c", "http2-settings": "AAMAAABkAARAAAAAAAIAAAAA" });
@@ -370,11 +379,32 @@ function upgradeCases(proxy: HttpAuthzProxy): DirectCase[] {
   return [h2c("h2c"), h2c("H2C"), h2c("websocket, h2c"), { name: "judges Upgrade: websocket as the request it names", method, path, headers: { ...judged, upgrade: "websocket" }, status: 200 }];
 }
 
+const UNICODE_CASE_MESSAGE = PATH_REFUSALS.unicodeCase.message;
+
+/**
+ * Raw UTF-8 in the path, as a client can send it through nginx and Caddy (node:http writes each
+ * character below U+0100 as one byte): "deck" + C5 BF is "deckſ", which Java and .NET read as
+ * "decks" when they ignore case; C3 A9 is "é", read as nothing else; a lone FF is not UTF-8.
+ */
+function rawUtf8Cases(proxy: HttpAuthzProxy): DirectCase[] {
+  // Node's HTTP parser refuses such a request target itself (400, no body): below /check it never reaches the routes step.
+  if (proxy === "envoy") return [{ name: "refuses a request target in raw UTF-8 (Node's parser)", method: "GET", path: "/check/v1/deck\u00c5\u00bf", headers: {}, status: 400 }];
+  const at = (path: string): Pick<DirectCase, "path" | "headers"> => {
+    const pair = PAIRS[proxy === "nginx" ? "original" : "forwarded"];
+    return { path: "/check", headers: { [pair.uri]: path, [pair.method]: "GET" } };
+  };
+  return [
+    { name: "refuses raw UTF-8 whose case-insensitive reading is another route (deckſ)", method: "GET", ...at("/v1/deck\u00c5\u00bf"), status: 400, code: "INVALID_REQUEST", message: UNICODE_CASE_MESSAGE },
+    { name: "judges raw UTF-8 with no ASCII reading as the path it is (café)", method: "GET", ...at("/v1/caf\u00c3\u00a9"), status: 200 },
+    { name: "refuses raw bytes that are not UTF-8", method: "GET", ...at("/v1/x\u00ff"), status: 400, code: "INVALID_REQUEST" },
+  ];
+}
+
 const SETTINGS: Array<{ proxy: HttpAuthzProxy; cases: DirectCase[] }> = [
-  { proxy: "envoy", cases: [...envoyCases(), ...upgradeCases("envoy")] },
-  { proxy: "nginx", cases: [...headerModeCases("nginx"), ...upgradeCases("nginx")] },
-  { proxy: "caddy", cases: [...headerModeCases("caddy"), ...upgradeCases("caddy")] },
-  { proxy: "traefik", cases: [...headerModeCases("traefik"), ...upgradeCases("traefik")] },
+  { proxy: "envoy", cases: [...envoyCases(), ...upgradeCases("envoy"), ...rawUtf8Cases("envoy")] },
+  { proxy: "nginx", cases: [...headerModeCases("nginx"), ...upgradeCases("nginx"), ...rawUtf8Cases("nginx")] },
+  { proxy: "caddy", cases: [...headerModeCases("caddy"), ...upgradeCases("caddy"), ...rawUtf8Cases("caddy")] },
+  { proxy: "traefik", cases: [...headerModeCases("traefik"), ...upgradeCases("traefik"), ...rawUtf8Cases("traefik")] },
 ];
 
 describe.each(SETTINGS)("proxy trust security: the HTTP mode with KEYGATE_HTTP_AUTHZ_PROXY=$proxy", ({ proxy, cases }) => {
