@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { Socket } from "node:net";
 import { Cluster, Redis } from "ioredis";
 import type { RedisOptions } from "ioredis";
@@ -441,7 +441,7 @@ function parseInvalidation(text: string): Invalidation | undefined {
   return result.success ? result.data : undefined;
 }
 
-/** How often the bus pings Redis over its subscriber connection. */
+/** How often the bus sends itself a heartbeat through Redis. */
 export const HEARTBEAT_INTERVAL_MS = 500;
 /**
  * How long the subscriber connection may stay silent before the bus counts itself
@@ -464,16 +464,20 @@ export interface RedisInvalidationBusOptions {
 /**
  * Cross-replica invalidation over Redis pub/sub. The bus borrows both connections: the caller
  * opens them, and closes them after `close()`. `subscriber` must be ready before `start()` and
- * is used for nothing else but its own pings, since a subscribed connection cannot run other
- * commands. The bus is connected while its subscription is confirmed and Redis has answered on
- * that connection within the silence limit. When that stops (the connection drops, or Redis
- * stops answering: frozen, hung, partitioned), and again once it is back, handlers get
- * `{kind: "all"}`: invalidations sent in between may have been missed.
+ * is used for nothing else, since a subscribed connection cannot run other commands. The bus is
+ * connected while its subscription is confirmed and a heartbeat it published came back on that
+ * connection within the silence limit: the heartbeat takes the path an invalidation takes, so a
+ * subscriber on a server that the publishes do not reach (a Sentinel failover's old master that
+ * still answers PING, a partition) is noticed as well as a frozen or hung Redis. When that stops,
+ * and again once it is back, handlers get `{kind: "all"}`: invalidations sent in between may have
+ * been missed.
  */
 export class RedisInvalidationBus implements InvalidationBus {
   readonly #publisher: Pick<RedisClient, "publish">;
   readonly #subscriber: SubscriberConnection;
   readonly #channel: string;
+  /** This replica's own heartbeat channel: nobody else publishes to it or listens on it. */
+  readonly #heartbeatChannel: string;
   readonly #logger: Logger | undefined;
   readonly #heartbeatIntervalMs: number;
   readonly #silenceLimitMs: number;
@@ -482,9 +486,10 @@ export class RedisInvalidationBus implements InvalidationBus {
   #listening = false;
   /** The subscription is confirmed on the current connection. */
   #subscribed = false;
-  /** When Redis last answered on the subscriber connection (performance.now()). */
+  /** When a heartbeat last came back on the subscriber connection (performance.now()). */
   #lastHeardMs = 0;
-  #pinging = false;
+  /** A heartbeat's PUBLISH is out (at most one; ioredis's command timeout ends one that gets no answer). */
+  #beating = false;
   #heartbeat: NodeJS.Timeout | undefined;
 
   /** The third argument may still be a bare logger (the earlier signature). */
@@ -493,6 +498,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     this.#publisher = publisher;
     this.#subscriber = subscriber;
     this.#channel = settings.channel ?? "keygate:invalidate";
+    this.#heartbeatChannel = `${this.#channel}:heartbeat:${randomUUID()}`;
     this.#logger = settings.logger;
     this.#heartbeatIntervalMs = settings.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS;
     this.#silenceLimitMs = settings.silenceLimitMs ?? HEARTBEAT_SILENCE_MS;
@@ -510,7 +516,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     this.#subscriber.on("message", this.#onMessage);
     this.#subscriber.on("close", this.#onDrop);
     this.#subscriber.on("ready", this.#onReady);
-    await this.#subscriber.subscribe(this.#channel);
+    await this.#subscribeBoth();
     this.#subscribed = true;
     this.#lastHeardMs = performance.now();
     this.#connected = true;
@@ -542,6 +548,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     if (!wasListening || this.#subscriber.status !== "ready") return;
     try {
       await this.#subscriber.unsubscribe(this.#channel);
+      await this.#subscriber.unsubscribe(this.#heartbeatChannel);
     } catch (error) {
       // Shutdown goes on: the owner is about to close the connection anyway.
       this.#logger?.warn({ err: error }, "could not unsubscribe from invalidations");
@@ -549,8 +556,12 @@ export class RedisInvalidationBus implements InvalidationBus {
   }
 
   readonly #onMessage = (channel: string, message: string): void => {
+    if (channel === this.#heartbeatChannel) {
+      this.#lastHeardMs = performance.now();
+      this.#update();
+      return;
+    }
     if (channel !== this.#channel) return;
-    this.#lastHeardMs = performance.now();
     const event = parseInvalidation(message);
     if (event === undefined) {
       this.#logger?.warn({ channel, length: message.length }, "ignored a malformed invalidation message");
@@ -560,25 +571,30 @@ export class RedisInvalidationBus implements InvalidationBus {
   };
 
   /**
-   * One heartbeat: a PING on the subscriber connection (at most one outstanding; ioredis's
-   * command timeout ends one that gets no answer), then a look at how long Redis has been silent.
+   * One heartbeat: a PUBLISH on this replica's heartbeat channel through the publishing
+   * connection, heard when it comes back on the subscriber connection (#onMessage), then a look
+   * at how long it has been since one did.
    */
   readonly #beat = (): void => {
-    if (this.#subscribed && !this.#pinging && this.#subscriber.status === "ready") {
-      this.#pinging = true;
-      this.#subscriber.ping().then(
+    if (this.#subscribed && !this.#beating && this.#subscriber.status === "ready") {
+      this.#beating = true;
+      this.#publisher.publish(this.#heartbeatChannel, "1").then(
         () => {
-          this.#pinging = false;
-          this.#lastHeardMs = performance.now();
-          this.#update();
+          this.#beating = false;
         },
         () => {
-          this.#pinging = false;
+          this.#beating = false;
         },
       );
     }
     this.#update();
   };
+
+  /** The invalidation channel, then the heartbeat channel; each confirmed by Redis. */
+  async #subscribeBoth(): Promise<void> {
+    await this.#subscriber.subscribe(this.#channel);
+    await this.#subscriber.subscribe(this.#heartbeatChannel);
+  }
 
   readonly #onDrop = (): void => {
     this.#subscribed = false;
@@ -597,7 +613,7 @@ export class RedisInvalidationBus implements InvalidationBus {
    */
   async #resubscribe(): Promise<void> {
     try {
-      await this.#subscriber.subscribe(this.#channel);
+      await this.#subscribeBoth();
     } catch (error) {
       // The connection dropped again; the next "ready" retries.
       this.#logger?.warn({ err: error }, "re-subscribing to invalidations failed");
@@ -622,7 +638,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     } else {
       this.#logger?.warn(
         { channel: this.#channel, silentMs: Math.round(silentMs) },
-        "Redis stopped answering on the invalidation channel; clearing L1 and reading keys from the store until it answers",
+        "heartbeats stopped coming back on the invalidation channel (Redis frozen, or the subscriber on a server the publishes do not reach); clearing L1 and reading keys from the store until they do",
       );
     }
     this.#emit({ kind: "all" });

@@ -403,6 +403,29 @@ function redisSuites(redisServer: RedisServer): void {
         }
       });
 
+      it.skipIf(external)("a subscriber on a server the publishes do not reach, one that still answers PING, counts as disconnected: every L1 cleared", async () => {
+        // As after a Sentinel failover that left the subscriber on the old master: the publisher
+        // writes to one server, the subscriber listens on another.
+        const elsewhere = await startRedis();
+        if (elsewhere === null) throw new Error("redis-server is not on PATH");
+        try {
+          const publisher = await open();
+          const subscriber = new Redis(elsewhere.url, redisOptions({ lazyConnect: false, maxRetriesPerRequest: 1, retryStrategy: () => 100 }));
+          connections.push(subscriber);
+          subscriber.on("error", () => {});
+          await until(() => subscriber.status === "ready", 5000, "subscriber ready", POLL);
+          const split = new RedisInvalidationBus(publisher, subscriber, { channel: `${ns}t20:inv`, heartbeatIntervalMs: 100, silenceLimitMs: 600 });
+          buses.push(split);
+          const seen: Invalidation[] = [];
+          split.subscribe((event) => seen.push(event));
+          await split.start();
+          await until(() => !split.connected, 5000, "the bus counted itself disconnected", POLL);
+          expect(seen).toEqual([{ kind: "all" }]);
+        } finally {
+          await elsewhere.stop();
+        }
+      });
+
       it("ignores and logs malformed messages, and one failing handler does not stop the others", async () => {
         const [pubA, subA, pubB, subB] = await Promise.all([open(), open(), open(), open()]);
         const logLines: string[] = [];
