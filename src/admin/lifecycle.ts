@@ -102,8 +102,8 @@ export interface AccountView {
   rateLimit: KeyRateLimit;
 }
 
-/** Keys of one owner read when ending an earlier rotation's grace (an owner has its cap plus one in grace). */
-const MAX_KEYS_SCANNED = 1000;
+/** Keys of one owner read a call when looking for the keys in grace from a rotation. */
+const KEYS_PAGE = 1000;
 
 /**
  * Whether `key` was rotated to `successorId` and its grace has not ended: it still authenticates
@@ -454,10 +454,7 @@ export class LifecycleService {
     change: (key: KeyRecord) => Promise<KeyRecord | null>,
     changes: Record<string, unknown>,
   ): Promise<void> {
-    const nowMs = this.deps.nowMs();
-    const keys = await this.deps.store.listKeys({ ownerId: successor.ownerId, includeRevoked: false, limit: MAX_KEYS_SCANNED, nowMs });
-    for (const key of keys) {
-      if (!inGraceFor(key, successor.id, nowMs)) continue;
+    for (const key of await this.#inGraceFor(successor, this.deps.nowMs())) {
       const changed = await change(key);
       if (changed === null) continue;
       // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
@@ -469,15 +466,26 @@ export class LifecycleService {
     }
   }
 
+  /** The keys still in grace from rotating to `successor`, found among all of its owner's live keys, a page at a time. */
+  async #inGraceFor(successor: KeyRecord, nowMs: number): Promise<KeyRecord[]> {
+    const found: KeyRecord[] = [];
+    let afterId: string | undefined;
+    for (;;) {
+      const page = await this.deps.store.listKeys({ ownerId: successor.ownerId, includeRevoked: false, limit: KEYS_PAGE, nowMs, ...(afterId === undefined ? {} : { afterId }) });
+      for (const key of page) if (inGraceFor(key, successor.id, nowMs)) found.push(key);
+      const last = page.at(-1);
+      if (page.length < KEYS_PAGE || last === undefined) return found;
+      afterId = last.id;
+    }
+  }
+
   /**
    * A rotation chain keeps at most one key in grace: the one just rotated. A key still in grace
    * from rotating to `rotated` (an earlier link) is revoked now, or chained rotations would leave
    * a one-key plan with a working key per rotation.
    */
   async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
-    const keys = await this.deps.store.listKeys({ ownerId: rotated.ownerId, includeRevoked: false, limit: MAX_KEYS_SCANNED, nowMs });
-    for (const earlier of keys) {
-      if (!inGraceFor(earlier, rotated.id, nowMs)) continue;
+    for (const earlier of await this.#inGraceFor(rotated, nowMs)) {
       const reason = "a later rotation ended its grace period";
       const revoked = await this.deps.store.revokeKey(earlier.id, nowMs, reason);
       if (revoked === null) continue;

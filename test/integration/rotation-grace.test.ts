@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import { checkInit, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY, checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
 // A rotation's old key, while in grace, is the customer's old secret for the same access: what
@@ -10,8 +10,14 @@ let kg: TestKeygate;
 let seq = 0;
 const owner = (): string => `owner-grace-${++seq}`;
 
+// A plan with room for more keys than one page of an owner's keys (1,000).
+const POLICY = {
+  ...TEST_POLICY,
+  plans: { ...TEST_POLICY.plans, bulk: { maxActiveKeys: 1100, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } },
+};
+
 beforeAll(async () => {
-  kg = await startKeygate();
+  kg = await startKeygate({ policy: POLICY });
 });
 afterAll(async () => {
   await kg.stop();
@@ -112,6 +118,20 @@ describe("a key in grace follows its successor", () => {
     expect(await stateOf(old.id)).toBe("revoked");
     await expect(kg.admin.enableKey({ id: old.id })).rejects.toThrow(/is revoked/);
     expect(await check(old.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
+  });
+
+  it("an owner with more keys than a page finds the key in grace past the first page", { timeout: 120_000 }, async () => {
+    const ownerId = owner();
+    await kg.admin.upsertAccount({ ownerId, plan: "bulk" });
+    // Keys list by id, in the order they were made: 1,000 made first fill the first page.
+    for (let batch = 0; batch < 20; batch++) {
+      await Promise.all(Array.from({ length: 50 }, (_, i) => kg.admin.createKey({ ownerId, name: `filler ${batch * 50 + i}` })));
+    }
+    const created = await kg.admin.createKey({ ownerId, name: "rotated" });
+    const next = await kg.admin.rotateKey({ id: created.key?.id ?? "", graceDays: 7 });
+    expect(await check(created.secret)).toEqual(ALLOWED);
+    await kg.admin.revokeKey({ id: next.key?.id ?? "", reason: "" });
+    expect(await check(created.secret)).toEqual({ status: 401, code: "KEY_REVOKED" });
   });
 
   it("once the grace has ended the old key no longer follows: revoking the new key leaves it rotated", async () => {
