@@ -55,6 +55,7 @@ export const PATH_REFUSALS = {
     "INVALID_PATH",
     "The request path matches another route when letter case is ignored, as case-insensitive servers do, so it is refused. Send it in the letter case of the route.",
   ),
+  tooLong: new RouteRefusal("INVALID_PATH", "The request path is longer than 16384 characters before its query, so it is refused. Send a shorter path."),
   unicodeCase: new RouteRefusal(
     "INVALID_PATH",
     'The request path holds a character that servers ignoring letter case read as an ASCII letter (such as "ſ", "ı" or the Kelvin sign), and read that way it matches another route, so it is refused. Send those letters in ASCII.',
@@ -98,6 +99,15 @@ export const ROUTE_CONFIG_REFUSALS = {
 const HAS_UPPER = /[A-Z]/;
 const BLANK = /^\s*$/;
 const WHOLE_NUMBER = /^\s*\d{1,9}\s*$/;
+
+/** The longest path (before its query) a Check is judged for: nginx's default request line is 8 KiB. */
+export const MAX_PATH_LENGTH = 16_384;
+
+/** Where a path's query starts, or its length when it has none. */
+function pathEnd(rawPath: string): number {
+  const query = rawPath.indexOf("?");
+  return query < 0 ? rawPath.length : query;
+}
 
 const SLASH = 0x2f;
 const DOT = 0x2e;
@@ -194,6 +204,9 @@ function escapeAt(path: string, i: number, end: number): number {
  */
 export function canonicalPath(rawPath: string): string | RouteRefusal {
   if (rawPath.charCodeAt(0) !== SLASH) return PATH_REFUSALS.notOriginForm;
+  // A gRPC Check's path may be megabytes long (the message limit, not the proxy's header limit,
+  // bounds it), and the work below is per character: longer than any server serves, refused.
+  if (rawPath.length > MAX_PATH_LENGTH && pathEnd(rawPath) > MAX_PATH_LENGTH) return PATH_REFUSALS.tooLong;
   if (!needsWork(rawPath)) return rawPath;
   let end = rawPath.indexOf("?");
   if (end < 0) end = rawPath.length;

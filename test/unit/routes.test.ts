@@ -2,7 +2,7 @@ import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT, parsePolicy } from "../../src/config.js";
 import { DENIALS } from "../../src/authz/reasons.js";
-import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, asciiCaseReading, canonicalPath } from "../../src/authz/routes.js";
+import { CONNECT_REFUSAL, MAX_PATH_LENGTH, METHOD_CASE_REFUSAL, PATH_REFUSALS, ROUTE_CONFIG_REFUSALS, RouteRefusal, RouteTable, asciiCaseReading, canonicalPath } from "../../src/authz/routes.js";
 
 const table = new RouteTable([
   { method: "*", pathPrefix: "/v1/decks", requiredScopes: ["decks"], cost: 1, metered: true },
@@ -262,6 +262,13 @@ describe("letter case", () => {
       expect(table.match("GET", "/v1/secret/\u017F")).toMatchObject({ pathPrefix: "/v1/secret" });
     }
     expect(DENIALS[PATH_REFUSALS.unicodeCase.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+  });
+
+  it("a path longer than MAX_PATH_LENGTH before its query is refused; a long query is not the path's length", () => {
+    expect(canonicalPath(`/${"a".repeat(MAX_PATH_LENGTH - 1)}`)).toBe(`/${"a".repeat(MAX_PATH_LENGTH - 1)}`);
+    expect(canonicalPath(`/${"a".repeat(MAX_PATH_LENGTH)}`)).toBe(PATH_REFUSALS.tooLong);
+    expect(canonicalPath(`/${"%C5%BF".repeat(700_000)}`)).toBe(PATH_REFUSALS.tooLong);
+    expect(canonicalPath(`/v1/x?${"q".repeat(MAX_PATH_LENGTH * 2)}`)).toBe("/v1/x");
   });
 
   it("CONNECT is refused in any letter case, with routes or without, before a route is picked", () => {
