@@ -845,9 +845,9 @@ describe("deploy manifests: envoy.yaml", () => {
     expect(skipping.map((r) => r.match.path)).toEqual(["/healthz"]);
   });
 
-  it("a route that skips keygate removes every identity header keygate would, and each forwarded metadata header of the policy", () => {
+  it("a route that skips keygate removes every identity header keygate would, each forwarded metadata header of the policy, and the credential headers", () => {
     const { envoy, policy } = read();
-    const expected = [...IDENTITY_FIELDS.map((f) => f.header), ...policy.forwardMetadata.map((name) => `${METADATA_HEADER_PREFIX}${name}`)];
+    const expected = [...IDENTITY_FIELDS.map((f) => f.header), ...policy.forwardMetadata.map((name) => `${METADATA_HEADER_PREFIX}${name}`), ...policy.credentialHeaders];
     const skipping = envoy.routes.filter((r) => perRouteAuthz(r)?.disabled === true);
     expect(skipping.length).toBeGreaterThan(0);
     for (const route of skipping) expect(route.request_headers_to_remove, JSON.stringify(route.match)).toEqual(expected);
