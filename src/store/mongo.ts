@@ -768,9 +768,15 @@ export class MongoKeyStore implements KeyStore {
         throw error;
       }
       if (graceEndsAtMs > nowMs) return { next, previous: toKey(previous) };
-      await this.#keys.updateOne({ _id: previousId, revoked_at: null }, { $set: { revoked_at: now, revoke_reason: "rotated" } });
-      const revoked = await this.#keys.findById(previousId).lean<KeyDoc>();
-      return { next, previous: toKey(revoked ?? previous) };
+      // The mark is for the record: the old key is refused already (its grace is over), and the
+      // new secret must still be returned, so a failure here is not the rotation's.
+      try {
+        await this.#keys.updateOne({ _id: previousId, revoked_at: null }, { $set: { revoked_at: now, revoke_reason: "rotated" } });
+        const revoked = await this.#keys.findById(previousId).lean<KeyDoc>();
+        return { next, previous: toKey(revoked ?? previous) };
+      } catch {
+        return { next, previous: toKey(previous) };
+      }
     });
   }
 

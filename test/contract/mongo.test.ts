@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
 import { CapExceededError, PartialWriteError } from "../../src/store/errors.js";
+import { keyState } from "../../src/store/store.js";
 import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
@@ -249,6 +250,19 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       await expect(store.rotateKey(key.id, testKeyRecord(ownerId, NOW), NOW, NOW)).rejects.toThrow("insert failed");
       expect(await store.getKey(key.id)).toEqual(key);
       await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+    });
+
+    it("with no grace, a failure to mark the old key revoked still returns the rotation: the old key is refused as rotated", async () => {
+      const ownerId = `rotate-undo-${++owner}`;
+      const key = testKeyRecord(ownerId, NOW);
+      await store.createKey(key, caps);
+      const next = testKeyRecord(ownerId, NOW);
+      vi.spyOn(keys, "updateOne").mockRejectedValueOnce(new Error("connection lost"));
+      const rotation = await store.rotateKey(key.id, next, NOW, NOW);
+      expect(rotation.next).toEqual(next);
+      const old = await store.getKey(key.id);
+      expect(old === null ? null : keyState(old, NOW)).toBe("rotated");
+      expect(await store.getKey(next.id)).toMatchObject({ id: next.id, revokedAtMs: null });
     });
 
     it("a revoke between the old key's rotation and its mark with no grace keeps its reason", async () => {
