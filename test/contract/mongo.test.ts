@@ -41,6 +41,19 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     await server?.stop();
   });
 
+  /** A plain driver client and a store on the test server, for a case that writes documents itself; both closed after. */
+  async function withClientAndStore(run: (client: mongoose.mongo.MongoClient, store: MongoKeyStore) => Promise<void>): Promise<void> {
+    const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
+    await client.connect();
+    const store = await MongoKeyStore.connect(started().uri);
+    try {
+      await run(client, store);
+    } finally {
+      await store.close();
+      await client.close();
+    }
+  }
+
   // Declared first, so it runs first: its connect is the first one on the fresh database.
   describe("MongoKeyStore.connect", () => {
     let client: mongoose.mongo.MongoClient | undefined;
@@ -83,10 +96,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
 
   describe("MongoKeyStore on documents from an earlier version", () => {
     it("reads an account without a top-up total as 0 and starts counting it at the next top-up", async () => {
-      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
-      await client.connect();
-      const store = await MongoKeyStore.connect(started().uri);
-      try {
+      await withClientAndStore(async (client, store) => {
         // An account document as the first release wrote it: no topup_total field.
         await client
           .db()
@@ -106,10 +116,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         expect(await store.getCredits("legacy-mongo")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 70, topupTotal: 0 });
         expect(await store.addCredits("legacy-mongo", 30)).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
         expect((await store.getAccount("legacy-mongo"))?.plan).toBe("pro");
-      } finally {
-        await store.close();
-        await client.close();
-      }
+      });
     });
   });
 
@@ -165,10 +172,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     const row = (keyId: string): UsageDelta => ({ ownerId: "partial-usage", keyId, day: "2026-12-06", outcome: "ALLOWED", count: 2, credits: 0 });
 
     it("names the rows the server refused as unapplied, and writes the others once", async () => {
-      const client = new mongoose.mongo.MongoClient(started().uri, { serverSelectionTimeoutMS: 3000 });
-      await client.connect();
-      const store = await MongoKeyStore.connect(started().uri);
-      try {
+      await withClientAndStore(async (client, store) => {
         // A row whose count is not a number: the server refuses to add to it.
         await client
           .db()
@@ -182,10 +186,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         expect(partial.unsure).toBe(0);
         const counts = Object.fromEntries((await store.listUsage("partial-usage", "2026-12-06", "2026-12-06")).map((r) => [r.keyId, r.count]));
         expect(counts).toEqual({ key_a: 2, key_b: 2, key_bad: "x" });
-      } finally {
-        await store.close();
-        await client.close();
-      }
+      });
     });
 
     it("names every delta unapplied when nothing reached the server", async () => {

@@ -136,6 +136,14 @@ export function checkInit(
   return { attributes: { request: { http: { id: "req-1", method, path, host: "api.example.com", headers } }, contextExtensions } };
 }
 
+/** The HTTP status Envoy would answer a Check with, and keygate's error code for a denial (null on an allow). */
+export function checkOutcome(response: CheckResponse): { status: number; code: string | null } {
+  if (response.httpResponse.case === "okResponse") return { status: 200, code: null };
+  if (response.httpResponse.case !== "deniedResponse") throw new Error("a Check answered neither allow nor deny");
+  const body = JSON.parse(response.httpResponse.value.body) as { error: { code: string } };
+  return { status: response.httpResponse.value.status?.code ?? 0, code: body.error.code };
+}
+
 /** A POST of Connect JSON to KeyAdmin, exactly what `curl -d` sends. */
 export async function postJson(port: number, method: string, body: unknown, token: string | null = ADMIN_TOKEN): Promise<{ status: number; json: Record<string, unknown> }> {
   const headers: Record<string, string> = { "content-type": "application/json" };

@@ -1,7 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import { checkInit, postJson, startKeygate } from "../harness/keygate.js";
+import { checkInit, checkOutcome, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
 // DisableKey / EnableKey: a reversible refusal (Unkey's "disable"), where RevokeKey is final.
@@ -16,14 +15,6 @@ afterAll(async () => {
   await kg.stop();
 });
 
-/** The HTTP status Envoy would answer with, and keygate's error code for a denial. */
-function outcome(response: CheckResponse): { status: number; code: string | null } {
-  if (response.httpResponse.case === "okResponse") return { status: 200, code: null };
-  if (response.httpResponse.case !== "deniedResponse") throw new Error("a Check answered neither allow nor deny");
-  const body = JSON.parse(response.httpResponse.value.body) as { error: { code: string } };
-  return { status: response.httpResponse.value.status?.code ?? 0, code: body.error.code };
-}
-
 async function newKey(ownerId: string, plan = "business"): Promise<{ id: string; secret: string }> {
   await kg.admin.upsertAccount({ ownerId, plan });
   const created = await kg.admin.createKey({ ownerId, name: "disable test" });
@@ -32,7 +23,7 @@ async function newKey(ownerId: string, plan = "business"): Promise<{ id: string;
 }
 
 const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-  outcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` })));
+  checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` })));
 
 async function failure(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
   try {

@@ -1,6 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import { TEST_POLICY, checkInit, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
 // A rotation's old key, while in grace, is the customer's old secret for the same access: what
@@ -23,16 +22,8 @@ afterAll(async () => {
   await kg.stop();
 });
 
-/** The HTTP status Envoy would answer with, and keygate's error code for a denial. */
-function outcome(response: CheckResponse): { status: number; code: string | null } {
-  if (response.httpResponse.case === "okResponse") return { status: 200, code: null };
-  if (response.httpResponse.case !== "deniedResponse") throw new Error("a Check answered neither allow nor deny");
-  const body = JSON.parse(response.httpResponse.value.body) as { error: { code: string } };
-  return { status: response.httpResponse.value.status?.code ?? 0, code: body.error.code };
-}
-
 const check = async (secret: string, path = "/v1/things"): Promise<{ status: number; code: string | null }> =>
-  outcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, path)));
+  checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, path)));
 
 const ALLOWED = { status: 200, code: null };
 

@@ -7,9 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { MONGO_SCHEMA_VERSION } from "../../src/store/mongo.js";
-import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { TestClock } from "../harness/clock.js";
-import { checkInit, startKeygate } from "../harness/keygate.js";
+import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
@@ -34,14 +33,6 @@ const release = JSON.parse(readFileSync(join(fixtureDir, "release.json"), "utf8"
 
 function written(store: "sqlite" | "mongo"): Written {
   return JSON.parse(readFileSync(join(fixtureDir, `${store}-expected.json`), "utf8")) as Written;
-}
-
-/** The HTTP status Envoy would answer with, and keygate's error code for a denial. */
-function outcome(response: CheckResponse): { status: number; code: string | null } {
-  if (response.httpResponse.case === "okResponse") return { status: 200, code: null };
-  if (response.httpResponse.case !== "deniedResponse") throw new Error("a Check answered neither allow nor deny");
-  const body = JSON.parse(response.httpResponse.value.body) as { error: { code: string } };
-  return { status: response.httpResponse.value.status?.code ?? 0, code: body.error.code };
 }
 
 /** The same assertions on either store: `start` opens keygate on the previous release's data. */
@@ -84,7 +75,7 @@ function upgradeSuite(store: "sqlite" | "mongo", start: (clock: TestClock) => Pr
   it("every key answers as it did: active, in grace and its successor allowed; revoked, lapsed and canceled denied", async () => {
     const answers: Record<string, { status: number; code: string | null }> = {};
     for (const [name, key] of Object.entries(data.keys)) {
-      answers[name] = outcome(await running().check(checkInit({ authorization: `Bearer ${key.secret}` })));
+      answers[name] = checkOutcome(await running().check(checkInit({ authorization: `Bearer ${key.secret}` })));
     }
     expect(answers).toEqual({
       active: { status: 200, code: null },
@@ -99,7 +90,7 @@ function upgradeSuite(store: "sqlite" | "mongo", start: (clock: TestClock) => Pr
   it("new keys can be made, and are allowed", async () => {
     const created = await running().admin.createKey({ ownerId: data.usage.ownerId, name: "after the upgrade" });
     expect(created.key?.ownerId).toBe(data.usage.ownerId);
-    expect(outcome(await running().check(checkInit({ authorization: `Bearer ${created.secret}` })))).toEqual({ status: 200, code: null });
+    expect(checkOutcome(await running().check(checkInit({ authorization: `Bearer ${created.secret}` })))).toEqual({ status: 200, code: null });
   });
 }
 
