@@ -18,7 +18,6 @@ export interface SubscriberConnection {
   readonly status: string;
   subscribe(channel: string): Promise<unknown>;
   unsubscribe(channel: string): Promise<unknown>;
-  ping(): Promise<string>;
   on(event: "message", listener: (channel: string, message: string) => void): unknown;
   on(event: "close" | "ready", listener: () => void): unknown;
   off(event: "message", listener: (channel: string, message: string) => void): unknown;
@@ -312,10 +311,6 @@ export class ClusterNodeSubscriber extends EventEmitter implements SubscriberCon
 
   async unsubscribe(channel: string): Promise<unknown> {
     return this.#current().unsubscribe(channel);
-  }
-
-  async ping(): Promise<string> {
-    return this.#current().ping();
   }
 
   disconnect(): void {
