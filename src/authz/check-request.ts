@@ -33,16 +33,14 @@ const MapEntryField = { key: 1, value: 2 } as const;
 const RECURSION_LIMIT = 100;
 const Depth = { checkRequest: 1, attributeContext: 2, request: 3, httpRequest: 4, headerMap: 5, headerValue: 6 } as const;
 
-// proto3 strings are validated: invalid UTF-8 throws, as protobuf-es's fromBinary does.
-const STRICT_UTF8 = true;
-
 /**
  * Decodes an envoy.service.auth.v3.CheckRequest into the fields Check reads, straight from the
  * wire: everything else Envoy sends (addresses, TLS, the body, query parameters, metadata) is
  * skipped without being built. The result equals `fromBinary(CheckRequestViewSchema, bytes)`,
  * the headers map read as a HeaderList (test/unit/check-request-decode.test.ts holds it to that),
  * including its merging of repeated message fields, last-one-wins map keys, and which malformed
- * inputs throw; except that invalid UTF-8 in the HTTP request's path reads as U+FFFD (LENIENT_UTF8).
+ * inputs throw; except that invalid UTF-8 in a string reads as U+FFFD (LENIENT_UTF8) where
+ * protobuf-es refuses the message.
  */
 export function decodeCheckRequest(bytes: Uint8Array): DecodedCheckRequest {
   const reader = new BinaryReader(bytes);
@@ -125,11 +123,10 @@ function latin1(from: number, to: number): string {
  * (header names and values, the path, the method) is ASCII, which reads as one latin1 slice of
  * the message's bytes; protobuf-es builds an array of char codes (up to 32 bytes) or a view for
  * its TextDecoder first, which made decoding allocate twice as much (a million bench requests
- * decoded: 725 scavenges of an 8 MiB young generation before, 364 after). Anything else, and
- * any string running past the message, is left to BinaryReader.string, so invalid UTF-8 and
- * truncation throw exactly as there; with `lenientUtf8` (the path), invalid UTF-8 reads as U+FFFD.
+ * decoded: 725 scavenges of an 8 MiB young generation before, 364 after). Anything else is read
+ * from BinaryReader.bytes, so truncation throws exactly as there, and decoded with LENIENT_UTF8.
  */
-function readString(reader: BinaryReader, lenientUtf8 = false): string {
+function readString(reader: BinaryReader): string {
   const at = reader.pos;
   const to = shortAsciiEnd(at);
   if (to !== -1) {
@@ -137,17 +134,20 @@ function readString(reader: BinaryReader, lenientUtf8 = false): string {
     if (decodingWhole === undefined) decodingWhole = decoding.length <= WHOLE_TEXT_BYTES ? latin1(0, decoding.length) : null;
     return decodingWhole === null ? latin1(at + 1, to) : decodingWhole.substring(at + 1, to);
   }
-  return lenientUtf8 ? LENIENT_UTF8.decode(reader.bytes()) : reader.string(STRICT_UTF8);
+  return LENIENT_UTF8.decode(reader.bytes());
 }
 
 /**
- * How the HTTP request's path is read. Envoy copies the client's :path bytes into the CheckRequest
- * as they came, so a client can put bytes there that are not UTF-8 (a Latin-1 "é" in the query,
- * say): refusing the message for them would make the client's own bytes a gRPC error, which
- * Envoy's failure_mode_allow turns into an allow. They are read as U+FFFD instead, and the routes
- * step refuses a path (before its query) that holds one. Truncation still throws.
+ * How a string that is not ASCII is read. Envoy copies the client's :path and header values into
+ * the CheckRequest as they came, and HTTP/1.1 lets a client send bytes that are not UTF-8 in
+ * both (a Latin-1 "é" in the query or in any header): refusing the message for them, as a
+ * proto3 decoder does, would make the client's own bytes a gRPC error, which Envoy's
+ * failure_mode_allow turns into an allow. They are read as U+FFFD instead: the routes step
+ * refuses a path (before its query) that holds one, and a credential holding one is not a key's
+ * shape. Every string field is read so, not only the two a client writes today.
  */
-const LENIENT_UTF8 = new TextDecoder("utf-8", { fatal: false });
+// ignoreBOM keeps a leading U+FEFF in the string, as protobuf-es reads it (by default TextDecoder drops it).
+const LENIENT_UTF8 = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
 
 /**
  * Where the string field's value at `at` (its length byte) ends, when the length fits one byte
@@ -285,7 +285,7 @@ function readHttpRequest(reader: BinaryReader, into: DecodedHttpRequest | undefi
         readHeaderEntry(reader, message.headers, Depth.httpRequest);
         break;
       case HttpRequestField.path:
-        message.path = readString(reader, true);
+        message.path = readString(reader);
         break;
       case HttpRequestField.headerMap:
         message.headerMap = readHeaderMap(reader, message.headerMap);

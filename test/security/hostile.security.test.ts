@@ -2,6 +2,9 @@ import { request } from "node:http";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
 import fc from "fast-check";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -18,7 +21,8 @@ import { MemoryMeter } from "../../src/limits/memory.js";
 import { UsageRecorder } from "../../src/limits/usage.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
 import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
-import { ADMIN_TOKEN, postJson, startKeygate } from "../harness/keygate.js";
+import { ADMIN_TOKEN, checkOutcome, postJson, startKeygate } from "../harness/keygate.js";
+import { CheckRequestSchema, CheckResponseSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { newKeyRecord } from "../../src/store/store.js";
 import { RecordHeaders } from "../../src/authz/headers.js";
@@ -446,5 +450,65 @@ describe("hostile input: real listeners", () => {
     } finally {
       await local.stop();
     }
+  });
+});
+
+describe("hostile input: gRPC Check bytes that are not UTF-8", () => {
+  // Envoy copies a client's header values into the CheckRequest as they came, and HTTP/1.1 lets a
+  // client send bytes 0x80-0xFF in a value (obs-text): not UTF-8. A gRPC error for them would be
+  // the client's to cause, and Envoy's failure_mode_allow turns an error into an allow.
+  let kg: TestKeygate;
+  let grpc: GrpcClient;
+  let secret = "";
+  beforeAll(async () => {
+    kg = await startKeygate();
+    await kg.admin.upsertAccount({ ownerId: "hostile-latin1", plan: "business" });
+    secret = (await kg.admin.createKey({ ownerId: "hostile-latin1", name: "latin1" })).secret;
+    grpc = new GrpcClient(`127.0.0.1:${kg.ports.grpc}`, credentials.createInsecure());
+  });
+  afterAll(async () => {
+    grpc.close();
+    await kg.stop();
+  });
+
+  /** A CheckRequest with `headers`, in which the value of `header` ends in the Latin-1 byte 0xE9 ("é"). */
+  function latin1Request(headers: Record<string, string>, header: string): Buffer {
+    const marked = { ...headers, [header]: `${headers[header] ?? "caf"}@` };
+    const bytes = Buffer.from(toBinary(CheckRequestSchema, create(CheckRequestSchema, { attributes: { request: { http: { id: "latin1", method: "GET", path: "/v1/things", headers: marked } } } })));
+    const at = bytes.indexOf(`${marked[header]}`) + (marked[header]?.length ?? 0) - 1;
+    expect(bytes[at]).toBe(0x40);
+    bytes[at] = 0xe9;
+    return bytes;
+  }
+
+  /** The Check's status and code, and a denial's message; or the gRPC error's code. */
+  function send(bytes: Buffer): Promise<{ status: number; code: string | null; message?: string } | { grpcError: number }> {
+    return new Promise((resolve) => {
+      grpc.makeUnaryRequest<Buffer, Buffer>(
+        "/envoy.service.auth.v3.Authorization/Check",
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+        bytes,
+        (error: ServiceError | null, response?: Buffer) => {
+          if (error !== null || response === undefined) return resolve({ grpcError: error?.code ?? -1 });
+          const answer = fromBinary(CheckResponseSchema, response);
+          const outcome = checkOutcome(answer);
+          if (answer.httpResponse.case !== "deniedResponse") return resolve(outcome);
+          resolve({ ...outcome, message: (JSON.parse(answer.httpResponse.value.body) as { error: { message: string } }).error.message });
+        },
+      );
+    });
+  }
+
+  it("in another header, without a key: denied 401, not a gRPC error", async () => {
+    expect(await send(latin1Request({}, "x-note"))).toEqual({ status: 401, code: "UNAUTHENTICATED", message: DENIALS.MISSING_CREDENTIAL.message });
+  });
+
+  it("in another header, with a valid key: allowed", async () => {
+    expect(await send(latin1Request({ "x-api-key": secret }, "x-note"))).toEqual({ status: 200, code: null });
+  });
+
+  it("in the credential itself: denied 401 as a malformed key", async () => {
+    expect(await send(latin1Request({ "x-api-key": secret }, "x-api-key"))).toEqual({ status: 401, code: "UNAUTHENTICATED", message: DENIALS.MALFORMED_KEY.message });
   });
 });
