@@ -11,10 +11,21 @@ export const SUBSCRIPTION_STATUSES = ["active", "none", "past_due", "canceled"] 
 /** Key modes, the middle part of a key. */
 export const KEY_MODES = ["live", "test"] as const;
 
-const rateLimitSchema = z.object({
-  limit: z.number().int().positive(),
-  windowSeconds: z.number().int().positive(),
-});
+/**
+ * The largest window (in ms) times limit a rate limit may have: GCRA counts a bucket in parts of
+ * 1/limit ms (limits.ts), and its sums must stay whole, exact numbers. 1,000,000 a second and
+ * 10,000,000 a day are within it.
+ */
+export const MAX_RATE_PARTS = 2 ** 50;
+
+const rateLimitSchema = z
+  .object({
+    limit: z.number().int().positive(),
+    windowSeconds: z.number().int().positive(),
+  })
+  .refine((rule) => rule.windowSeconds * 1000 * rule.limit <= MAX_RATE_PARTS, {
+    message: `limit times windowSeconds must be at most ${Math.floor(MAX_RATE_PARTS / 1000)} (1000000 a second and 10000000 a day are within it)`,
+  });
 
 /** A named daily quota: lowercase letters, digits, "_" and "-". */
 export const QUOTA_NAME_PATTERN = /^[a-z][a-z0-9_-]{0,31}$/;

@@ -1,6 +1,7 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { LRUCache } from "lru-cache";
-import { gcra } from "../limits/limits.js";
+import { gcra, msUntil } from "../limits/limits.js";
+import type { Tat } from "../limits/limits.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import { ALL_PERMISSIONS } from "./permissions.js";
 import type { Permission, ScopedToken } from "./permissions.js";
@@ -81,7 +82,7 @@ export const AUTH_FAILURE_LIMIT = { limit: 10, windowSeconds: 60 } as const;
  * are not counted.
  */
 export class AuthFailureLimiter {
-  readonly #buckets = new LRUCache<string, number>({ max: 100_000 });
+  readonly #buckets = new LRUCache<string, Tat>({ max: 100_000 });
 
   constructor(private readonly nowMs: () => number = Date.now) {}
 
@@ -95,7 +96,7 @@ export class AuthFailureLimiter {
   fail(source: string): void {
     const nowMs = this.nowMs();
     const step = gcra(this.#buckets.get(source), AUTH_FAILURE_LIMIT, nowMs);
-    if (step.allowed) this.#buckets.set(source, step.tatMs, { ttl: Math.ceil(step.tatMs - nowMs) + 1000 });
+    if (step.allowed) this.#buckets.set(source, step.tat, { ttl: msUntil(step.tat, nowMs) + 1000 });
   }
 }
 

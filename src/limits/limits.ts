@@ -112,10 +112,23 @@ export class UtcCalendar {
   }
 }
 
-/** Result of a GCRA step on one bucket; `tatMs` is the new theoretical arrival time to store. */
+/**
+ * A bucket's theoretical arrival time, exactly: `ms` whole milliseconds since the epoch plus
+ * `frac` of one. GCRA steps by windowMs/limit, rarely a whole number of milliseconds; summed as
+ * one float near 1.8e12, where floats are 2^-12 ms apart, a burst's roundings grew past any fixed
+ * tolerance, and a plan of 9 a minute let 8 through at some instants (nearly half of all limits
+ * from 1 to 1000 a minute came out one short at some time). `frac` is a multiple of 1/limit,
+ * recovered exactly from the float (Math.round(frac * limit)) for every limit keygate accepts.
+ */
+export interface Tat {
+  ms: number;
+  frac: number;
+}
+
+/** Result of a GCRA step on one bucket; `tat` is the new theoretical arrival time to store. */
 export interface GcraStep {
   allowed: boolean;
-  tatMs: number;
+  tat: Tat;
   remaining: number;
   resetSeconds: number;
   /** Reset as it stood before this request, for a refusal that does not charge the bucket. */
@@ -123,36 +136,53 @@ export interface GcraStep {
   retryAfterSeconds: number;
 }
 
-// Floating point: limit * (windowMs / limit) can exceed windowMs by a rounding error.
-const EPSILON_MS = 1e-6;
-
 /**
  * GCRA (the generic cell rate algorithm): a bucket allows `limit` requests at once and then
- * one every windowMs/limit. The Redis script implements the same arithmetic.
+ * one every windowMs/limit. Times are counted from now in parts of 1/limit ms, whole numbers, so
+ * one interval is windowMs parts and a full bucket windowMs * limit: every sum and comparison
+ * is exact (config.ts bounds windowMs * limit by MAX_RATE_PARTS). The Redis script (limits/redis.ts)
+ * implements the same arithmetic.
  */
-export function gcra(storedTatMs: number | undefined, rule: RateLimitRule, nowMs: number): GcraStep {
+export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number): GcraStep {
+  const { limit } = rule;
   const windowMs = rule.windowSeconds * 1000;
-  const intervalMs = windowMs / rule.limit;
-  const tatMs = storedTatMs === undefined || storedTatMs < nowMs ? nowMs : storedTatMs;
-  const nextTatMs = tatMs + intervalMs;
-  if (nextTatMs - nowMs > windowMs + EPSILON_MS) {
+  const full = windowMs * limit;
+  const nowWhole = Math.floor(nowMs);
+  const nowParts = Math.floor((nowMs - nowWhole) * limit);
+  // Parts from now to the stored time; one in the past is a full bucket.
+  const ahead = stored === undefined ? 0 : (stored.ms - nowWhole) * limit + Math.round(stored.frac * limit) - nowParts;
+  const before = ahead > 0 ? ahead : 0;
+  const after = before + windowMs;
+  const partsPerSecond = 1000 * limit;
+  if (after > full) {
     return {
       allowed: false,
-      tatMs,
+      tat: tatAt(nowWhole, nowParts + before, limit),
       remaining: 0,
-      resetSeconds: Math.ceil((tatMs - nowMs) / 1000),
-      resetSecondsBefore: Math.ceil((tatMs - nowMs) / 1000),
-      retryAfterSeconds: Math.max(1, Math.ceil((nextTatMs - windowMs - nowMs) / 1000)),
+      resetSeconds: Math.ceil(before / partsPerSecond),
+      resetSecondsBefore: Math.ceil(before / partsPerSecond),
+      retryAfterSeconds: Math.max(1, Math.ceil((after - full) / partsPerSecond)),
     };
   }
   return {
     allowed: true,
-    tatMs: nextTatMs,
-    remaining: Math.max(0, Math.floor((windowMs - (nextTatMs - nowMs) + EPSILON_MS) / intervalMs)),
-    resetSeconds: Math.ceil((nextTatMs - nowMs) / 1000),
-    resetSecondsBefore: Math.ceil((tatMs - nowMs) / 1000),
+    tat: tatAt(nowWhole, nowParts + after, limit),
+    remaining: Math.floor((full - after) / windowMs),
+    resetSeconds: Math.ceil(after / partsPerSecond),
+    resetSecondsBefore: Math.ceil(before / partsPerSecond),
     retryAfterSeconds: 0,
   };
+}
+
+/** The time `parts` (1/limit ms each, whole) after the whole millisecond `whole`. */
+function tatAt(whole: number, parts: number, limit: number): Tat {
+  const ms = Math.floor(parts / limit);
+  return { ms: whole + ms, frac: (parts - ms * limit) / limit };
+}
+
+/** Milliseconds from `nowMs` to `tat`, rounded up: how long a bucket's state must be kept. */
+export function msUntil(tat: Tat, nowMs: number): number {
+  return Math.max(0, Math.ceil(tat.ms - nowMs + tat.frac));
 }
 
 /** Splits a cost between this month's allowance and top-ups; null when the balance is short. */

@@ -15,9 +15,10 @@ interface CreditCell {
 
 const MAX_ENTRIES = 1_000_000;
 
-/** A GCRA bucket's theoretical arrival time. */
+/** A GCRA bucket's theoretical arrival time (a Tat, changed in place). */
 interface TatCell {
-  tatMs: number;
+  ms: number;
+  frac: number;
 }
 
 /**
@@ -114,7 +115,7 @@ export class MemoryMeter implements Meter {
 
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
-    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId)?.tatMs, rate, nowMs);
+    const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
     const used = input.dailyQuota === null ? 0 : (this.#quota.get(quotaKey)?.count ?? 0);
     const period = this.#calendar.month(nowMs);
     const cell = this.#credits.get(input.ownerId);
@@ -188,7 +189,7 @@ export class MemoryMeter implements Meter {
   #evaluate(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
     const bucket = this.#tats[input.bucketKind].get(input.bucketId);
-    const step = gcra(bucket?.tatMs, rate, nowMs);
+    const step = gcra(bucket, rate, nowMs);
     const result: ChargeResult = {
       allowed: false,
       reason: null,
@@ -227,8 +228,11 @@ export class MemoryMeter implements Meter {
       }
     }
     // Every step passed: charge them all.
-    if (bucket === undefined) this.#tats[input.bucketKind].set(input.bucketId, { tatMs: step.tatMs });
-    else bucket.tatMs = step.tatMs;
+    if (bucket === undefined) this.#tats[input.bucketKind].set(input.bucketId, { ms: step.tat.ms, frac: step.tat.frac });
+    else {
+      bucket.ms = step.tat.ms;
+      bucket.frac = step.tat.frac;
+    }
     if (input.dailyQuota !== null && result.quota !== null) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
       else quotaCell.count += 1;

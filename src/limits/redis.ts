@@ -10,7 +10,10 @@ import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
 
 // One round trip per Check: rate (GCRA), daily quota and credits are tested in that order and
-// charged together only when all pass. Same arithmetic as limits.ts.
+// charged together only when all pass. Same arithmetic as limits.ts: times from now in parts of
+// 1/limit ms, whole numbers (one interval is windowMs parts, a full bucket windowMs * limit),
+// and the bucket's time stored as "<whole ms>.<fraction>", the fraction a multiple of 1/limit
+// written to 17 places so it reads back exactly (an earlier "%.4f" time reads as its nearest).
 // KEYS: rate bucket, quota counter, credit hash.
 // ARGV: now ms, window ms, limit, quota (-1 none), quota lifetime ms, metered (0/1), allowance, period, cost,
 //       dry run (1: report the state and write nothing), credit idle lifetime ms.
@@ -22,15 +25,24 @@ const CHARGE = `
 local now = tonumber(ARGV[1])
 local windowMs = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
-local interval = windowMs / limit
-local eps = 0.000001
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local nextTat = tat + interval
+local full = windowMs * limit
+local nowWhole = math.floor(now)
+local nowParts = math.floor((now - nowWhole) * limit)
+local before = 0
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local dot = string.find(stored, '.', 1, true)
+  local whole = tonumber(dot and string.sub(stored, 1, dot - 1) or stored)
+  local frac = 0
+  if dot then frac = tonumber('0' .. string.sub(stored, dot)) end
+  local ahead = (whole - nowWhole) * limit + math.floor(frac * limit + 0.5) - nowParts
+  if ahead > 0 then before = ahead end
+end
+local after = before + windowMs
 if ARGV[10] == '1' then
-  local before = 0
-  if nextTat - now <= windowMs + eps then
-    before = math.min(limit, math.max(0, math.floor((windowMs - (nextTat - now) + eps) / interval)) + 1)
+  local conforming = 0
+  if after <= full then
+    conforming = math.min(limit, math.floor((full - after) / windowMs) + 1)
   end
   local usedNow = 0
   if tonumber(ARGV[4]) >= 0 then usedNow = tonumber(redis.call('GET', KEYS[2]) or '0') end
@@ -41,14 +53,14 @@ if ARGV[10] == '1' then
     if (c[1] or '') < ARGV[8] then monthlyUsed = 0 end
     balanceNow = math.max(0, tonumber(ARGV[7]) - monthlyUsed) + math.max(0, tonumber(c[3] or '0'))
   end
-  return {5, before, math.ceil(tat - now), 0, usedNow, balanceNow, 0, 0}
+  return {5, conforming, math.ceil(before / limit), 0, usedNow, balanceNow, 0, 0}
 end
-if nextTat - now > windowMs + eps then
-  return {1, 0, math.ceil(tat - now), math.max(1000, math.ceil(nextTat - windowMs - now)), -1, -1, 0, 0}
+if after > full then
+  return {1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), -1, -1, 0, 0}
 end
-local remainingAfter = math.max(0, math.floor((windowMs - (nextTat - now) + eps) / interval))
-local resetMs = math.ceil(nextTat - now)
-local resetBeforeMs = math.ceil(tat - now)
+local remainingAfter = math.floor((full - after) / windowMs)
+local resetMs = math.ceil(after / limit)
+local resetBeforeMs = math.ceil(before / limit)
 local quota = tonumber(ARGV[4])
 local used = 0
 if quota >= 0 then
@@ -79,7 +91,10 @@ if ARGV[6] == '1' then
   redis.call('HSET', KEYS[3], 'period', period, 'monthly_used', monthlyUsed + spendMonthly, 'topup', topup - spendTopup)
   redis.call('PEXPIRE', KEYS[3], ARGV[11])
 end
-redis.call('SET', KEYS[1], string.format('%.4f', nextTat), 'PX', resetMs + 1000)
+local tatParts = nowParts + after
+local tatMs = math.floor(tatParts / limit)
+local tatText = string.format('%.0f', nowWhole + tatMs) .. string.sub(string.format('%.17f', (tatParts - tatMs * limit) / limit), 2)
+redis.call('SET', KEYS[1], tatText, 'PX', resetMs + 1000)
 if quota >= 0 then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])

@@ -159,8 +159,9 @@ describe.runIf(ready)("limits shared through Redis", () => {
       const stored = await withRedis(redis.url, (client) =>
         client.mget("kg:rl:a:redis-one-rate", "kg:q:redis-one-quota:2026-11-22", "kg:q:redis-one-quota:2026-11-23"),
       );
-      // Ten requests at T0 moved the bucket's theoretical arrival time 10 x 6 s ahead.
-      expect(stored).toEqual([`${Date.parse(ONE_PROCESS_T0) + 60_000}.0000`, "5", "1"]);
+      // Ten requests at T0 moved the bucket's theoretical arrival time 10 x 6 s ahead (whole
+      // milliseconds, and the fraction of one to 17 places).
+      expect(stored).toEqual([`${Date.parse(ONE_PROCESS_T0) + 60_000}.${"0".repeat(17)}`, "5", "1"]);
     });
   });
 

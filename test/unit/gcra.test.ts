@@ -1,0 +1,96 @@
+import fc from "fast-check";
+import { describe, expect, it } from "vitest";
+import { MAX_RATE_PARTS, parsePolicy, DEFAULT_POLICY_INPUT } from "../../src/config.js";
+import { gcra } from "../../src/limits/limits.js";
+import type { GcraStep, Tat } from "../../src/limits/limits.js";
+
+/**
+ * GCRA in exact arithmetic, the reference: the theoretical arrival time as a big integer count of
+ * 1/limit ms since the epoch, so nothing rounds. `limit` requests at once, then one every
+ * windowMs/limit ms.
+ */
+class ExactBucket {
+  #tat: bigint | undefined;
+  constructor(
+    private readonly limit: number,
+    private readonly windowSeconds: number,
+  ) {}
+
+  step(nowMs: number): Omit<GcraStep, "tat"> {
+    const limit = BigInt(this.limit);
+    const windowMs = BigInt(this.windowSeconds * 1000);
+    const full = windowMs * limit;
+    const perSecond = 1000n * limit;
+    const now = BigInt(nowMs) * limit;
+    const tat = this.#tat === undefined || this.#tat < now ? now : this.#tat;
+    const next = tat + windowMs;
+    const ceil = (a: bigint, b: bigint): number => Number((a + b - 1n) / b);
+    if (next - now > full) {
+      return { allowed: false, remaining: 0, resetSeconds: ceil(tat - now, perSecond), resetSecondsBefore: ceil(tat - now, perSecond), retryAfterSeconds: Math.max(1, ceil(next - now - full, perSecond)) };
+    }
+    this.#tat = next;
+    return { allowed: true, remaining: Number((full - (next - now)) / windowMs), resetSeconds: ceil(next - now, perSecond), resetSecondsBefore: ceil(tat - now, perSecond), retryAfterSeconds: 0 };
+  }
+}
+
+/** keygate's gcra over a sequence, its state kept as a meter keeps it. */
+function run(limit: number, windowSeconds: number, times: number[]): Array<Omit<GcraStep, "tat">> {
+  let tat: Tat | undefined;
+  return times.map((nowMs) => {
+    const { tat: next, ...step } = gcra(tat, { limit, windowSeconds }, nowMs);
+    if (step.allowed) tat = next;
+    return step;
+  });
+}
+
+function exact(limit: number, windowSeconds: number, times: number[]): Array<Omit<GcraStep, "tat">> {
+  const bucket = new ExactBucket(limit, windowSeconds);
+  return times.map((nowMs) => bucket.step(nowMs));
+}
+
+/** Request times from `start`: each the one before plus a gap (0 for a burst). */
+const requestTimes = (start: number, gaps: number[]): number[] => {
+  let at = start;
+  return gaps.map((gap) => (at += gap));
+};
+
+const NOW = Date.parse("2026-12-03T12:00:00.000Z");
+
+describe("gcra", () => {
+  it("lets a full burst of every limit from 1 to 1000 a minute through at once, and no more", () => {
+    for (let limit = 1; limit <= 1000; limit++) {
+      const answers = run(limit, 60, Array.from({ length: limit + 1 }, () => NOW));
+      const allowed = answers.filter((a) => a.allowed).length;
+      if (allowed !== limit) expect.fail(`${limit} a minute: ${allowed} allowed at once`);
+      expect(answers[0]?.remaining).toBe(limit - 1);
+      expect(answers[limit]?.allowed).toBe(false);
+    }
+  });
+
+  it("answers as exact arithmetic does, for any limit, window and request times", () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 5000 }),
+        fc.constantFrom(1, 2, 7, 60, 3600, 86_400),
+        fc.integer({ min: 1_700_000_000_000, max: 2_500_000_000_000 }),
+        fc.array(fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 50 }), fc.integer({ min: 0, max: 90_000_000 })), { minLength: 1, maxLength: 300 }),
+        (limit, windowSeconds, start, gaps) => {
+          const times = requestTimes(start, gaps);
+          expect(run(limit, windowSeconds, times)).toEqual(exact(limit, windowSeconds, times));
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+
+  it("stays exact at the largest limit a configuration may have", () => {
+    const limit = Math.floor(MAX_RATE_PARTS / 1000); // with a one-second window
+    const times = requestTimes(NOW, [0, 0, 0, 1, 0, 999, 1000]);
+    expect(run(limit, 1, times)).toEqual(exact(limit, 1, times));
+  });
+
+  it("a configuration whose limit and window are too large to count exactly is refused", () => {
+    const plans = { ...DEFAULT_POLICY_INPUT.plans, huge: { maxActiveKeys: 1, rateLimit: { limit: 1_000_000_000, windowSeconds: 86_400 }, dailyQuota: null, monthlyCredits: null } };
+    expect(() => parsePolicy({ ...DEFAULT_POLICY_INPUT, plans })).toThrow(/limit times windowSeconds must be at most 1125899906842/);
+  });
+});
