@@ -96,7 +96,9 @@ export class AuthFailureLimiter {
   fail(source: string): void {
     const nowMs = this.nowMs();
     const step = gcra(this.#buckets.get(source), AUTH_FAILURE_LIMIT, nowMs);
-    if (step.allowed) this.#buckets.set(source, step.tat, { ttl: msUntil(step.tat, nowMs) + 1000 });
+    if (!step.allowed) return;
+    const tat: Tat = { ms: step.tatMs, frac: step.tatFrac };
+    this.#buckets.set(source, tat, { ttl: msUntil(tat, nowMs) + 1000 });
   }
 }
 

@@ -125,10 +125,14 @@ export interface Tat {
   frac: number;
 }
 
-/** Result of a GCRA step on one bucket; `tat` is the new theoretical arrival time to store. */
+/**
+ * Result of a GCRA step on one bucket; `tatMs` and `tatFrac` are the new theoretical arrival
+ * time to store (a Tat's `ms` and `frac`, kept apart so a Check allocates no Tat of its own).
+ */
 export interface GcraStep {
   allowed: boolean;
-  tat: Tat;
+  tatMs: number;
+  tatFrac: number;
   remaining: number;
   resetSeconds: number;
   /** Reset as it stood before this request, for a refusal that does not charge the bucket. */
@@ -153,31 +157,21 @@ export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number
   const ahead = stored === undefined ? 0 : (stored.ms - nowWhole) * limit + Math.round(stored.frac * limit) - nowParts;
   const before = ahead > 0 ? ahead : 0;
   const after = before + windowMs;
+  const allowed = after <= full;
+  // The time to store: the one after this request if it is allowed, else the one before.
+  const tatParts = nowParts + (allowed ? after : before);
+  const tatWhole = Math.floor(tatParts / limit);
   const partsPerSecond = 1000 * limit;
-  if (after > full) {
-    return {
-      allowed: false,
-      tat: tatAt(nowWhole, nowParts + before, limit),
-      remaining: 0,
-      resetSeconds: Math.ceil(before / partsPerSecond),
-      resetSecondsBefore: Math.ceil(before / partsPerSecond),
-      retryAfterSeconds: Math.max(1, Math.ceil((after - full) / partsPerSecond)),
-    };
-  }
+  const resetSecondsBefore = Math.ceil(before / partsPerSecond);
   return {
-    allowed: true,
-    tat: tatAt(nowWhole, nowParts + after, limit),
-    remaining: Math.floor((full - after) / windowMs),
-    resetSeconds: Math.ceil(after / partsPerSecond),
-    resetSecondsBefore: Math.ceil(before / partsPerSecond),
-    retryAfterSeconds: 0,
+    allowed,
+    tatMs: nowWhole + tatWhole,
+    tatFrac: (tatParts - tatWhole * limit) / limit,
+    remaining: allowed ? Math.floor((full - after) / windowMs) : 0,
+    resetSeconds: allowed ? Math.ceil(after / partsPerSecond) : resetSecondsBefore,
+    resetSecondsBefore,
+    retryAfterSeconds: allowed ? 0 : Math.max(1, Math.ceil((after - full) / partsPerSecond)),
   };
-}
-
-/** The time `parts` (1/limit ms each, whole) after the whole millisecond `whole`. */
-function tatAt(whole: number, parts: number, limit: number): Tat {
-  const ms = Math.floor(parts / limit);
-  return { ms: whole + ms, frac: (parts - ms * limit) / limit };
 }
 
 /** Milliseconds from `nowMs` to `tat`, rounded up: how long a bucket's state must be kept. */

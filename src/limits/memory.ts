@@ -228,10 +228,10 @@ export class MemoryMeter implements Meter {
       }
     }
     // Every step passed: charge them all.
-    if (bucket === undefined) this.#tats[input.bucketKind].set(input.bucketId, { ms: step.tat.ms, frac: step.tat.frac });
+    if (bucket === undefined) this.#tats[input.bucketKind].set(input.bucketId, { ms: step.tatMs, frac: step.tatFrac });
     else {
-      bucket.ms = step.tat.ms;
-      bucket.frac = step.tat.frac;
+      bucket.ms = step.tatMs;
+      bucket.frac = step.tatFrac;
     }
     if (input.dailyQuota !== null && result.quota !== null) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });

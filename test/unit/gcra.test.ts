@@ -4,6 +4,9 @@ import { MAX_RATE_PARTS, parsePolicy, DEFAULT_POLICY_INPUT } from "../../src/con
 import { gcra } from "../../src/limits/limits.js";
 import type { GcraStep, Tat } from "../../src/limits/limits.js";
 
+/** A step's answer, without the time it stores. */
+type Answer = Omit<GcraStep, "tatMs" | "tatFrac">;
+
 /**
  * GCRA in exact arithmetic, the reference: the theoretical arrival time as a big integer count of
  * 1/limit ms since the epoch, so nothing rounds. `limit` requests at once, then one every
@@ -16,7 +19,7 @@ class ExactBucket {
     private readonly windowSeconds: number,
   ) {}
 
-  step(nowMs: number): Omit<GcraStep, "tat"> {
+  step(nowMs: number): Answer {
     const limit = BigInt(this.limit);
     const windowMs = BigInt(this.windowSeconds * 1000);
     const full = windowMs * limit;
@@ -34,16 +37,16 @@ class ExactBucket {
 }
 
 /** keygate's gcra over a sequence, its state kept as a meter keeps it. */
-function run(limit: number, windowSeconds: number, times: number[]): Array<Omit<GcraStep, "tat">> {
+function run(limit: number, windowSeconds: number, times: number[]): Answer[] {
   let tat: Tat | undefined;
   return times.map((nowMs) => {
-    const { tat: next, ...step } = gcra(tat, { limit, windowSeconds }, nowMs);
-    if (step.allowed) tat = next;
+    const { tatMs, tatFrac, ...step } = gcra(tat, { limit, windowSeconds }, nowMs);
+    if (step.allowed) tat = { ms: tatMs, frac: tatFrac };
     return step;
   });
 }
 
-function exact(limit: number, windowSeconds: number, times: number[]): Array<Omit<GcraStep, "tat">> {
+function exact(limit: number, windowSeconds: number, times: number[]): Answer[] {
   const bucket = new ExactBucket(limit, windowSeconds);
   return times.map((nowMs) => bucket.step(nowMs));
 }
