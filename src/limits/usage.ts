@@ -10,9 +10,20 @@ import type { WriteBehindOptions } from "../store/write-behind.js";
  * outcome, and credits spent by account. Deltas are additive, so every replica flushes its
  * own. `flush()` runs on a timer and on shutdown.
  */
+/**
+ * Where a usage row waits for its flush: under its key's id, or, for an account's rows that no
+ * key made (key id ""), under a space and the owner's id, which no key id begins with. Rows of
+ * no key must stay apart by owner: under "" alone, every account's would have been added up in
+ * the first one's row, and counted (and their quota reloaded) as that account's.
+ */
+function usageId(ownerId: string, keyId: string): string {
+  return keyId === "" ? ` ${ownerId}` : keyId;
+}
+
 export class UsageRecorder {
   // By key id, then its (day, outcome) rows, usually one: a Check finds its row by the key id
-  // its snapshot already holds, without building a composite key (a string per Check).
+  // its snapshot already holds, without building a composite key (a string per Check). Rows of
+  // no key (an account's ChargeUsage without key_id) are under " " and the owner's id (usageId).
   #usage = new Map<string, UsageDelta[]>();
   #usageRows = 0;
   #credits = new Map<string, CreditDelta>();
@@ -57,10 +68,11 @@ export class UsageRecorder {
   }
 
   #addUsage(ownerId: string, keyId: string, day: string, outcome: string, count: number, credits: number): void {
-    const rows = this.#usage.get(keyId);
+    const id = usageId(ownerId, keyId);
+    const rows = this.#usage.get(id);
     if (rows !== undefined) {
       for (const row of rows) {
-        if (row.day === day && row.outcome === outcome) {
+        if (row.day === day && row.outcome === outcome && row.ownerId === ownerId) {
           row.count += count;
           row.credits += credits;
           return;
@@ -70,7 +82,7 @@ export class UsageRecorder {
     } else {
       // A key's first row of the interval: an array made to hold one (an empty one grows to
       // room for 17 on its first push), kept until the flush like the row itself.
-      this.#usage.set(keyId, [{ ownerId, keyId, day, outcome, count, credits }]);
+      this.#usage.set(id, [{ ownerId, keyId, day, outcome, count, credits }]);
     }
     this.#usageRows += 1;
   }
