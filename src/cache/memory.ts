@@ -32,10 +32,12 @@ const modes = new SharedValues<CheckedKey["mode"]>(String);
 const plans = new SharedValues<string>(String);
 const statuses = new SharedValues<CheckSnapshot["account"]["subscriptionStatus"]>(String);
 const roles = new SharedValues<CheckSnapshot["account"]["role"]>(String);
-// Scope names hold no comma (config.ts's SCOPE_NAME_PATTERN), so a joined list names its scopes.
+// Named by their JSON, which no two different lists share whatever they hold: joined with commas,
+// ["a,b"] and ["a","b"] would have one name, and keys of one would be handed the list of the
+// other. The stores refuse such lists (stored-values.ts); this holds if one ever got past them.
 // Shared lists are frozen: one key's list is every such key's.
 const scopeLists = new SharedValues<readonly string[]>(
-  (scopes) => scopes.join(","),
+  (scopes) => JSON.stringify(scopes),
   (scopes) => Object.freeze(scopes.slice()),
 );
 

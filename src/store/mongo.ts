@@ -3,6 +3,7 @@ import type { Connection, Model } from "mongoose";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, PartialWriteError, StoreUnavailableError } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
+import { storedRateLimit, storedScopes } from "./stored-values.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -159,7 +160,9 @@ export const keySchema = new mongoose.Schema<KeyDoc>(
     start: { type: String, required: true },
     last4: { type: String, required: true },
     scopes: { type: [String], required: true },
-    metadata: { type: Map, of: String, default: {} },
+    // A plain subdocument, the shape mongoose's Map of String stored: a Map refuses a key with "."
+    // (KeyAdmin's metadata keys may hold one), a Mixed field stores each key as it is.
+    metadata: { type: mongoose.Schema.Types.Mixed, default: () => ({}) },
     created_at: { type: Date, required: true },
     last_used_at: { type: Date, default: null },
     expires_at: { type: Date, default: null },
@@ -172,7 +175,8 @@ export const keySchema = new mongoose.Schema<KeyDoc>(
     counted: { type: Boolean, required: true },
     test_slot: { type: Boolean, default: false },
   },
-  { collection: "keys", versionKey: false, strict: "throw" },
+  // minimize: false keeps an empty metadata as {}, as the Map wrote it, rather than leaving it out.
+  { collection: "keys", versionKey: false, strict: "throw", minimize: false },
 );
 keySchema.index({ hash: 1 }, { unique: true, name: "hash_unique" });
 keySchema.index({ owner_id: 1, revoked_at: 1, _id: 1 }, { name: "owner_state" });
@@ -289,7 +293,10 @@ function toCredits(doc: AccountDoc | null): CreditState {
   return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0, topupTotal: doc?.topup_total ?? 0 };
 }
 
+// The fields a Check decides by are checked (stored-values.ts): a document edited by hand (a
+// $push without $each, a camelCase rate_limit) fails the read instead of reaching L1.
 function toKey(doc: KeySnapshotDoc): KeyRecord {
+  const at = { store: "MongoDB", keyId: doc._id };
   return {
     id: doc._id,
     hash: doc.hash,
@@ -299,7 +306,7 @@ function toKey(doc: KeySnapshotDoc): KeyRecord {
     mode: doc.mode,
     start: doc.start,
     last4: doc.last4,
-    scopes: [...doc.scopes],
+    scopes: [...storedScopes(doc.scopes, at)],
     metadata: { ...doc.metadata },
     createdAtMs: doc.created_at.getTime(),
     lastUsedAtMs: ms(doc.last_used_at),
@@ -308,7 +315,7 @@ function toKey(doc: KeySnapshotDoc): KeyRecord {
     revokeReason: doc.revoke_reason,
     graceEndsAtMs: ms(doc.grace_ends_at),
     rotatedToId: doc.rotated_to_id,
-    rateLimit: doc.rate_limit === null || doc.rate_limit === undefined ? null : { limit: doc.rate_limit.limit, windowSeconds: doc.rate_limit.window_seconds },
+    rateLimit: storedRateLimit(doc.rate_limit, "window_seconds", at),
     disabledAtMs: ms(doc.disabled_at ?? null),
   };
 }

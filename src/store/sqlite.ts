@@ -6,6 +6,7 @@ import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction,
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
+import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -20,7 +21,6 @@ import type {
   Rotation,
   SubscriptionStatus,
   KeyMode,
-  KeyRateLimit,
   CreditState,
   UsageDelta,
   CreditDelta,
@@ -171,7 +171,10 @@ function toAccount(row: AccountRow): AccountRecord {
   };
 }
 
+// The columns a Check decides by are checked (stored-values.ts): a value keygate never wrote
+// fails the read instead of reaching L1.
 function toKey(row: KeyRow): KeyRecord {
+  const at = { store: "SQLite", keyId: row.id };
   return {
     id: row.id,
     hash: row.hash,
@@ -181,7 +184,7 @@ function toKey(row: KeyRow): KeyRecord {
     mode: row.mode as KeyMode,
     start: row.start,
     last4: row.last4,
-    scopes: JSON.parse(row.scopes) as string[],
+    scopes: storedScopes(storedJson(row.scopes, "scopes", at), at),
     metadata: JSON.parse(row.metadata) as Record<string, string>,
     createdAtMs: row.created_at,
     lastUsedAtMs: row.last_used_at,
@@ -190,7 +193,7 @@ function toKey(row: KeyRow): KeyRecord {
     revokeReason: row.revoke_reason,
     graceEndsAtMs: row.grace_ends_at,
     rotatedToId: row.rotated_to_id,
-    rateLimit: row.rate_limit === null ? null : (JSON.parse(row.rate_limit) as KeyRateLimit),
+    rateLimit: row.rate_limit === null ? null : storedRateLimit(storedJson(row.rate_limit, "rate_limit", at), "windowSeconds", at),
     disabledAtMs: row.disabled_at,
   };
 }

@@ -308,7 +308,10 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         fc.string({ minLength: 1, maxLength: 12 }),
         fc.string({ maxLength: 8 }).map((tail) => `$${tail}`),
       );
-      const metadataKey = fc.stringMatching(/^[a-z][a-z0-9_-]{0,8}$/);
+      // Scopes are scope names (a store read refuses anything else); metadata keys are what
+      // KeyAdmin accepts, "." included.
+      const scope = fc.stringMatching(/^[a-z][a-z0-9_.:-]{0,8}$/);
+      const metadataKey = fc.stringMatching(/^[A-Za-z0-9_.-]{1,8}$/);
       const optionalTime = fc.option(fc.integer({ min: 0, max: 4_000_000_000_000 }), { nil: null });
       await fc.assert(
         fc.asyncProperty(
@@ -316,7 +319,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
             projectId: fc.option(text, { nil: null }),
             name: text,
             mode: fc.constantFrom("live" as const, "test" as const),
-            scopes: fc.array(text, { maxLength: 4 }),
+            scopes: fc.array(scope, { maxLength: 4 }),
             metadata: fc.dictionary(metadataKey, text, { maxKeys: 3, noNullPrototype: true }),
             expiresAtMs: optionalTime,
             rateLimit: fc.option(fc.record({ limit: fc.integer({ min: 1, max: 1_000_000 }), windowSeconds: fc.integer({ min: 1, max: 86_400 }) }), { nil: null }),
