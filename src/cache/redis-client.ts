@@ -42,10 +42,21 @@ export interface RedisKeyLayout {
 
 /** The names the released keygate used, for one server and for Sentinel. */
 export const BARE_LAYOUT: RedisKeyLayout = { owner: (ownerId) => ownerId, bucket: (_ownerId, bucket) => bucket, l2Prefix: "kg:" };
+/**
+ * An owner's id as a hash tag. Redis reads a tag up to the first "}" after the first "{", so an
+ * id starting with "}" (KeyAdmin accepts any printable ASCII) would make an empty tag, which
+ * Redis ignores: each name would hash whole, the charge script's keys would land in different
+ * slots and every charge fail with CROSSSLOT. Such an id goes behind a space, which no owner id
+ * holds, so its tag is " " and its names are no other owner's.
+ */
+function ownerTag(ownerId: string): string {
+  return ownerId.startsWith("}") ? `{ ${ownerId}}` : `{${ownerId}}`;
+}
+
 /** Hash-tagged names, for a Cluster. */
 export const CLUSTER_LAYOUT: RedisKeyLayout = {
-  owner: (ownerId) => `{${ownerId}}`,
-  bucket: (ownerId, bucket) => `{${ownerId}}:${bucket}`,
+  owner: ownerTag,
+  bucket: (ownerId, bucket) => `${ownerTag(ownerId)}:${bucket}`,
   l2Prefix: "kg:{l2}:",
 };
 

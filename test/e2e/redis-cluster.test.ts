@@ -84,6 +84,18 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
       for (const answer of limited) expect(JSON.parse(answer.body).error.code).toBe("RATE_LIMITED");
     });
 
+    it("rate limit of an owner whose id starts with '}' (an empty hash tag): exactly `limit` pass too, with no CROSSSLOT", async () => {
+      const { secret } = await issue(b, "}cluster-brace", "small");
+      const answers = await Promise.all(Array.from({ length: 30 }, (_, i) => check(i % 2 === 0 ? a : b, secret)));
+      expect(answers.filter((x) => x.status === 200)).toHaveLength(10);
+      expect(answers.filter((x) => x.status === 429)).toHaveLength(20);
+      const slots = await Promise.all(
+        ["kg:rl:{ }cluster-brace}:a:}cluster-brace", "kg:q:{ }cluster-brace}:2026-01-01", "kg:c:{ }cluster-brace}"].map((name) => redisCommand(cluster.nodes[0]?.port ?? 0, "CLUSTER", "KEYSLOT", name)),
+      );
+      expect(new Set(slots).size).toBe(1);
+      expect(await probe.exists("kg:rl:{ }cluster-brace}:a:}cluster-brace")).toBe(1);
+    });
+
     it("daily quota: exactly 5 of 20 concurrent Checks pass across both replicas", async () => {
       const { secret } = await issue(b, "cluster-quota", "quota");
       const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => check(i % 2 === 0 ? a : b, secret)));

@@ -107,6 +107,10 @@ describe("Redis key names by topology", () => {
     expect(`kg:rl:${CLUSTER_LAYOUT.bucket("acme", "k:key_01")}`).toBe("kg:rl:{acme}:k:key_01");
     expect(`kg:q:${CLUSTER_LAYOUT.owner("acme")}:2026-01-01`).toBe("kg:q:{acme}:2026-01-01");
     expect(`kg:c:${CLUSTER_LAYOUT.owner("acme")}`).toBe("kg:c:{acme}");
+    // An id starting with "}" would make an empty tag: it goes behind a space, which no owner id holds.
+    expect(`kg:c:${CLUSTER_LAYOUT.owner("}acme")}`).toBe("kg:c:{ }acme}");
+    expect(`kg:rl:${CLUSTER_LAYOUT.bucket("}acme", "a:}acme")}`).toBe("kg:rl:{ }acme}:a:}acme");
+    expect(`kg:c:${CLUSTER_LAYOUT.owner("a}cme")}`).toBe("kg:c:{a}cme}");
     expect(CLUSTER_LAYOUT.l2Prefix).toBe("kg:{l2}:");
   });
 });
