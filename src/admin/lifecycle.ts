@@ -2,6 +2,7 @@ import type { Logger } from "pino";
 import { KEY_MODES, ROLES, SUBSCRIPTION_STATUSES } from "../config.js";
 import type { Policy } from "../config.js";
 import { CacheUnavailableError } from "../cache/cache.js";
+import type { Invalidation } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
@@ -102,6 +103,25 @@ export interface AccountView {
   rateLimit: KeyRateLimit;
 }
 
+/**
+ * The latest expires_at a key may have: 9999-12-31T23:59:59Z, the end of the range of a protobuf
+ * Timestamp in JSON (and of what every store and client can read back as a date).
+ */
+const MAX_EXPIRES_AT_MS = Date.UTC(9999, 11, 31, 23, 59, 59);
+
+/** A key's expiry: none, or a time after now and no later than MAX_EXPIRES_AT_MS. */
+function checkExpiresAt(expiresAtMs: number | null, nowMs: number): number | null {
+  if (expiresAtMs === null) return null;
+  if (!Number.isFinite(expiresAtMs) || expiresAtMs > MAX_EXPIRES_AT_MS) throw new InvalidArgumentError("expires_at", "must be no later than 9999-12-31T23:59:59Z");
+  if (expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
+  return expiresAtMs;
+}
+
+/** Whether two versions of a key have the same name, scopes and rate limit (what UpdateKey sets). */
+function sameFields(a: KeyRecord, b: KeyRecord): boolean {
+  return a.name === b.name && JSON.stringify(a.scopes) === JSON.stringify(b.scopes) && JSON.stringify(a.rateLimit) === JSON.stringify(b.rateLimit);
+}
+
 /** Keys of one owner read a call when looking for the keys in grace from a rotation. */
 const KEYS_PAGE = 1000;
 
@@ -157,9 +177,14 @@ export class LifecycleService {
     const subscriptionStatus =
       input.subscriptionStatus === undefined ? undefined : checkOneOf<SubscriptionStatus>("subscription_status", input.subscriptionStatus, SUBSCRIPTION_STATUSES);
     const role = input.role === undefined ? undefined : checkOneOf<Role>("role", input.role, ROLES);
+    const before = await this.deps.store.getAccount(ownerId);
     const account = await this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs());
-    await this.deps.lookup.invalidate({ kind: "owner", ownerId });
-    await this.#audit(actor, "account.upsert", null, ownerId, { plan, subscription_status: subscriptionStatus, role });
+    // Still told when nothing changed: a retry of a call that answered UNAVAILABLE is how the
+    // other replicas get told. Only a new account or a new plan, status or role is audited.
+    const untold = await this.#tell({ kind: "owner", ownerId });
+    const changed = before === null || before.plan !== account.plan || before.subscriptionStatus !== account.subscriptionStatus || before.role !== account.role;
+    if (changed) await this.#audit(actor, "account.upsert", null, ownerId, { plan, subscription_status: subscriptionStatus, role });
+    if (untold !== null) throw untold;
     return this.#view(account);
   }
 
@@ -207,8 +232,8 @@ export class LifecycleService {
   /**
    * Tops up: the store first (durable), then the live counters, told the store's new top-up
    * total rather than the amount, so a top-up racing a balance being loaded is counted once.
-   * The live counters never fail the call (one they cannot reach is retried in the background):
-   * after the store write, an error would make the caller retry and add the credits twice.
+   * Nothing after the store write fails the top-up: an error there would make the ledger forget
+   * the idempotency key, and the caller's retry would add the credits twice.
    */
   async addCredits(
     input: { ownerId: string; amount: number; reason: string; idempotencyKey?: string | undefined },
@@ -226,17 +251,26 @@ export class LifecycleService {
     }
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
-    const topUp = async (): Promise<AccountView> => {
+    const changes = { amount, reason: input.reason, idempotency_key: idempotencyKey };
+    // The answer is the account as the top-up left it; null when it could not be read then, and
+    // it is read again below (a failure there fails only the answer, the key stays remembered).
+    const topUp = async (): Promise<AccountView | null> => {
       const credited = await this.deps.store.addCredits(ownerId, amount);
-      await this.deps.meter.addCredits(ownerId, credited.topupTotal);
-      await this.#audit(actor, "credits.add", null, ownerId, { amount, reason: input.reason, idempotency_key: idempotencyKey });
-      return this.#view(account);
+      // The live counters retry in the background when they cannot be told now.
+      await this.deps.meter.addCredits(ownerId, credited.topupTotal).catch((error: unknown) => {
+        this.deps.logger?.error({ err: error, ownerId }, "top-up saved, but the live balance could not be told");
+      });
+      await this.#audit(actor, "credits.add", null, ownerId, changes);
+      return this.#view(account).catch((error: unknown) => {
+        this.deps.logger?.warn({ err: error, ownerId }, "top-up saved, but the account could not be read for the answer");
+        return null;
+      });
     };
-    if (idempotencyKey === undefined) return { view: await topUp(), replayed: false };
+    if (idempotencyKey === undefined) return { view: (await topUp()) ?? (await this.#view(account)), replayed: false };
     // ChargeUsage's ledger, in a space of its own: its keys start with an owner id, which never
     // holds a space, so no charge key starts with one.
     const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, topUp);
-    return { view: once.value, replayed: once.replayed };
+    return { view: once.value ?? (await this.#view(account)), replayed: once.replayed };
   }
 
   /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */
@@ -288,10 +322,21 @@ export class LifecycleService {
     const name = check(keyName, "name", input.name);
     const scopes = input.scopes.length === 0 ? [...this.deps.policy.scopes.default] : this.#checkScopes("scopes", input.scopes);
     const mode: KeyMode = input.mode === undefined ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
-    if (input.expiresAtMs !== null && input.expiresAtMs <= nowMs) throw new InvalidArgumentError("expires_at", "must be in the future");
+    const expiresAtMs = checkExpiresAt(input.expiresAtMs, nowMs);
     const metadata = checkMetadata(input.metadata);
     const rateLimit = input.rateLimit === undefined ? null : checkRateLimit(input.rateLimit);
-    const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs: input.expiresAtMs, metadata, rateLimit }, nowMs);
+    const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs, metadata, rateLimit }, nowMs);
+    // Built before the key is saved: nothing that could throw may stand between the insert and
+    // the answer that carries the secret.
+    const changes = {
+      name,
+      scopes,
+      mode,
+      project_id: projectId,
+      expires_at: expiresAtMs === null ? null : new Date(expiresAtMs).toISOString(),
+      rate_limit: rateLimit,
+      metadata,
+    };
     await this.deps.store.createKey(record, {
       maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
       accountDefaults: this.accountDefaults,
@@ -300,15 +345,7 @@ export class LifecycleService {
     // No cache is told: nothing can be cached under a hash that did not exist. Only a caller who
     // presented this exact secret before it was issued (a 190-bit guess) could have left a
     // negative entry, and that lasts the negative TTL. So the secret is never lost to a cache error.
-    await this.#audit(actor, "key.create", record.id, ownerId, {
-      name,
-      scopes,
-      mode,
-      project_id: projectId,
-      expires_at: input.expiresAtMs === null ? null : new Date(input.expiresAtMs).toISOString(),
-      rate_limit: rateLimit,
-      metadata,
-    });
+    await this.#audit(actor, "key.create", record.id, ownerId, changes);
     return { key: record, secret };
   }
 
@@ -373,18 +410,27 @@ export class LifecycleService {
     if (name === undefined && scopes === undefined && rateLimit === undefined) {
       throw new InvalidArgumentError("name", "set name, scopes or rate_limit");
     }
+    const current = await this.deps.store.getKey(id);
+    if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     const updated = await this.deps.store.updateKey(id, { name, scopes, rateLimit });
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
-    await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
-    await this.#audit(actor, "key.update", id, updated.ownerId, { name, scopes, rate_limit: rateLimit });
+    const untold = await this.#tell({ kind: "key", hash: updated.hash });
+    if (!sameFields(current, updated)) await this.#audit(actor, "key.update", id, updated.ownerId, { name, scopes, rate_limit: rateLimit });
     // The key in grace is the same customer's old secret for the same access: new scopes or a new
     // rate limit hold for it too, or narrowing the successor would leave the old secret wider.
     if (scopes !== undefined || rateLimit !== undefined) {
-      await this.#followSuccessor(updated, actor, "key.update", (key) => this.deps.store.updateKey(key.id, { scopes, rateLimit }), {
-        scopes,
-        rate_limit: rateLimit,
-      });
+      await this.#followSuccessor(
+        updated,
+        actor,
+        "key.update",
+        async (key) => {
+          const followed = await this.deps.store.updateKey(key.id, { scopes, rateLimit });
+          return followed === null || sameFields(key, followed) ? null : followed;
+        },
+        { scopes, rate_limit: rateLimit },
+      );
     }
+    if (untold !== null) throw untold;
     return updated;
   }
 
@@ -392,14 +438,38 @@ export class LifecycleService {
   async revokeKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
-    const revoked = await this.deps.store.revokeKey(id, this.deps.nowMs(), input.reason === "" ? null : input.reason);
+    const current = await this.deps.store.getKey(id);
+    if (current === null) throw new NotFoundError(`key ${id} does not exist`);
+    const nowMs = this.deps.nowMs();
+    const revoked = await this.#revoke(id, nowMs, input.reason === "" ? null : input.reason);
     if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
-    await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash });
-    await this.#audit(actor, "key.revoke", id, revoked.ownerId, { reason: input.reason });
+    // Still told when the key was revoked before: a retry of a call that answered UNAVAILABLE
+    // is how the other replicas get told.
+    const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
+    if (current.revokedAtMs === null && revoked.changed) await this.#audit(actor, "key.revoke", id, revoked.key.ownerId, { reason: input.reason });
     // Revoking a rotation's new key ends the old key's grace: the old secret must not outlive it.
     const reason = "its successor was revoked";
-    await this.#followSuccessor(revoked, actor, "key.revoke", (key) => this.deps.store.revokeKey(key.id, this.deps.nowMs(), reason), { reason });
-    return revoked;
+    await this.#followSuccessor(
+      revoked.key,
+      actor,
+      "key.revoke",
+      async (key) => {
+        const followed = await this.#revoke(key.id, this.deps.nowMs(), reason);
+        return followed?.changed === true ? followed.key : null;
+      },
+      { reason },
+    );
+    if (untold !== null) throw untold;
+    return revoked.key;
+  }
+
+  /**
+   * Revokes a key; `changed` is false when it was revoked before (the store keeps the first
+   * revocation, so its time and reason are not this call's).
+   */
+  async #revoke(id: string, nowMs: number, reason: string | null): Promise<{ key: KeyRecord; changed: boolean } | null> {
+    const key = await this.deps.store.revokeKey(id, nowMs, reason);
+    return key === null ? null : { key, changed: key.revokedAtMs === nowMs && key.revokeReason === reason };
   }
 
   /**
@@ -424,8 +494,11 @@ export class LifecycleService {
     if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
     const updated = await this.deps.store.updateKey(id, { disabledAtMs });
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
-    await this.deps.lookup.invalidate({ kind: "key", hash: updated.hash });
-    await this.#audit(actor, action, id, updated.ownerId, changes);
+    const untold = await this.#tell({ kind: "key", hash: updated.hash });
+    // Disabling a disabled key keeps its first time, and enabling an enabled one does nothing:
+    // neither is a change to audit.
+    const changed = disabledAtMs === null ? current.disabledAtMs !== null : current.disabledAtMs === null && updated.disabledAtMs === disabledAtMs;
+    if (changed) await this.#audit(actor, action, id, updated.ownerId, changes);
     // The key in grace pauses with its successor (since the same time), and comes back with it
     // only when they were paused together: one disabled on its own stays disabled.
     const pausedAtMs = updated.disabledAtMs;
@@ -439,6 +512,7 @@ export class LifecycleService {
       },
       changes,
     );
+    if (untold !== null) throw untold;
     return updated;
   }
 
@@ -458,10 +532,8 @@ export class LifecycleService {
       const changed = await change(key);
       if (changed === null) continue;
       // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
-      await this.deps.lookup.invalidate({ kind: "key", hash: changed.hash }).catch((error: unknown) => {
-        if (!(error instanceof CacheUnavailableError)) throw error;
-        this.deps.logger?.warn({ err: error, keyId: key.id }, "key in grace: caches not told yet; retrying in the background");
-      });
+      const untold = await this.#tell({ kind: "key", hash: changed.hash });
+      if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: key.id }, "key in grace: caches not told yet; retrying in the background");
       await this.#audit(actor, action, key.id, key.ownerId, { ...changes, successor_id: successor.id });
     }
   }
@@ -487,12 +559,10 @@ export class LifecycleService {
   async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
     for (const earlier of await this.#inGraceFor(rotated, nowMs)) {
       const reason = "a later rotation ended its grace period";
-      const revoked = await this.deps.store.revokeKey(earlier.id, nowMs, reason);
-      if (revoked === null) continue;
-      await this.deps.lookup.invalidate({ kind: "key", hash: revoked.hash }).catch((error: unknown) => {
-        if (!(error instanceof CacheUnavailableError)) throw error;
-        this.deps.logger?.warn({ err: error, keyId: earlier.id }, "superseded key: caches not told yet; retrying in the background");
-      });
+      const revoked = await this.#revoke(earlier.id, nowMs, reason);
+      if (revoked?.changed !== true) continue;
+      const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
+      if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: earlier.id }, "superseded key: caches not told yet; retrying in the background");
       await this.#audit(actor, "key.revoke", earlier.id, earlier.ownerId, { reason });
     }
   }
@@ -526,9 +596,11 @@ export class LifecycleService {
     // A disabled key's successor is disabled too (since the same time): rotating a paused key must
     // not hand out a secret that works, and enabling stays the one way back.
     const successor = old.disabledAtMs === null ? record : { ...record, disabledAtMs: old.disabledAtMs };
+    const graceEndsAtMs = nowMs + graceDays * DAY_MS;
+    const changes = { rotated_to_id: record.id, grace_days: graceDays, grace_ends_at: new Date(graceEndsAtMs).toISOString() };
     let rotation;
     try {
-      rotation = await this.deps.store.rotateKey(id, successor, nowMs + graceDays * DAY_MS, nowMs);
+      rotation = await this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs);
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
       throw error;
@@ -537,16 +609,14 @@ export class LifecycleService {
     // cannot be told now, the lookup keeps retrying; the new secret is still returned and audited,
     // since failing here would lose it with the rotation already saved. The new hash, like
     // CreateKey's, needs no invalidation.
-    await this.deps.lookup.invalidate({ kind: "key", hash: rotation.previous.hash }).catch((error: unknown) => {
-      if (!(error instanceof CacheUnavailableError)) throw error;
-      this.deps.logger?.warn({ err: error, keyId: id }, "rotated key: caches not told yet; retrying in the background");
+    const untold = await this.#tell({ kind: "key", hash: rotation.previous.hash });
+    if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: id }, "rotated key: caches not told yet; retrying in the background");
+    await this.#audit(actor, "key.rotate", id, old.ownerId, changes);
+    // The rotation is saved: a failure to end the earlier grace must not cost the new secret
+    // (that key then stays in grace until its own grace ends).
+    await this.#endEarlierGrace(old, nowMs, actor).catch((error: unknown) => {
+      this.deps.logger?.error({ err: error, keyId: id }, "rotated, but the grace of the key rotated before it could not be ended");
     });
-    await this.#audit(actor, "key.rotate", id, old.ownerId, {
-      rotated_to_id: record.id,
-      grace_days: graceDays,
-      grace_ends_at: new Date(rotation.previous.graceEndsAtMs ?? nowMs).toISOString(),
-    });
-    await this.#endEarlierGrace(old, nowMs, actor);
     return { key: rotation.next, secret, previous: rotation.previous };
   }
 
@@ -555,20 +625,36 @@ export class LifecycleService {
    * event in full, which holds no secret) rather than failing the call and losing a new secret.
    */
   async #audit(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>): Promise<void> {
-    const record: AuditRecord = {
-      id: newEventId(),
-      atMs: this.deps.nowMs(),
-      actor: actor.tokenId,
-      action,
-      keyId,
-      ownerId,
-      changes: Object.fromEntries(Object.entries(changes).filter(([, value]) => value !== undefined)),
-      source: actor.source,
-    };
+    let record: AuditRecord | undefined;
     try {
+      record = {
+        id: newEventId(),
+        atMs: this.deps.nowMs(),
+        actor: actor.tokenId,
+        action,
+        keyId,
+        ownerId,
+        changes: Object.fromEntries(Object.entries(changes).filter(([, value]) => value !== undefined)),
+        source: actor.source,
+      };
       await this.deps.store.appendAudit(record);
     } catch (error) {
-      this.deps.logger?.error({ err: error, audit: record }, "audit append failed");
+      this.deps.logger?.error({ err: error, audit: record ?? { action, keyId, ownerId, changes } }, "audit append failed");
+    }
+  }
+
+  /**
+   * Drops a changed record from every cache. When Redis cannot be told, the lookup keeps
+   * retrying and the error is returned, not thrown: the rest of the change (its audit record,
+   * the key in grace that follows it) is made first, then the caller hears UNAVAILABLE.
+   */
+  async #tell(event: Invalidation): Promise<CacheUnavailableError | null> {
+    try {
+      await this.deps.lookup.invalidate(event);
+      return null;
+    } catch (error) {
+      if (error instanceof CacheUnavailableError) return error;
+      throw error;
     }
   }
 

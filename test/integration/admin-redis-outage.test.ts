@@ -1,5 +1,6 @@
+import { Code, ConnectError } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { TEST_POLICY, checkInit, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
@@ -12,6 +13,21 @@ const POLL = { intervalMs: 20 } as const;
 // CreateKey, RotateKey and AddCredits while Redis is stopped or frozen: the store change is the
 // call's result, so a cache that cannot be told must not turn it into an error (the secret would
 // be lost, no audit row written, and the caller's retry would hit the plan cap or add twice).
+// The other changes answer UNAVAILABLE then, but only after the whole change is made: audited,
+// and followed by the key still in grace from a rotation to the changed key.
+
+/** What a change answers when it is saved but Redis could not be told. */
+const UNTOLD = { code: Code.Unavailable, message: "the change is saved; other replicas could not be told yet, and keygate keeps telling them until Redis answers" };
+
+async function refusal(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
+  try {
+    await call;
+  } catch (error) {
+    if (error instanceof ConnectError) return { code: error.code, message: error.rawMessage };
+    throw error;
+  }
+  throw new Error("the call succeeded");
+}
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
@@ -117,6 +133,95 @@ describe.runIf(ready)("KeyAdmin changes while Redis is stopped or frozen", () =>
     await until(delivered, 10_000, "the queued invalidation reaching Redis", POLL);
     expect(await allowed(old.secret)).toBe(false);
   });
+
+  it("UpsertAccount with Redis stopped saves and audits the change, then answers UNAVAILABLE", async () => {
+    const ownerId = "outage-upsert";
+    await upsertAccount(ownerId, "single");
+    await redis.stop();
+    let answer: { code: Code; message: string };
+    try {
+      answer = await refusal(kg.admin.upsertAccount({ ownerId, plan: "business" }));
+    } finally {
+      await redis.start();
+    }
+    expect(answer).toEqual(UNTOLD);
+    expect((await kg.admin.getAccount({ ownerId })).account?.plan).toBe("business");
+    const events = (await kg.admin.listAuditEvents({ ownerId, pageSize: 100 })).events;
+    expect(events.map((e) => [e.action, e.changes["plan"]])).toEqual([
+      ["account.upsert", '"single"'],
+      ["account.upsert", '"business"'],
+    ]);
+  });
+
+  /** A rotation's new key changed with Redis stopped, and what the old key in grace must show for it. */
+  const FOLLOWING: Array<{
+    action: string;
+    setUp?: (newId: string) => Promise<unknown>;
+    change: (newId: string) => Promise<unknown>;
+    audited: string;
+    changes: Record<string, string>;
+    check: { status: number; code: string | null };
+  }> = [
+    {
+      action: "RevokeKey",
+      change: (id) => kg.admin.revokeKey({ id, reason: "leaked" }),
+      audited: "key.revoke",
+      changes: { reason: '"its successor was revoked"' },
+      check: { status: 401, code: "KEY_REVOKED" },
+    },
+    {
+      action: "DisableKey",
+      change: (id) => kg.admin.disableKey({ id, reason: "unpaid" }),
+      audited: "key.disable",
+      changes: { reason: '"unpaid"' },
+      check: { status: 401, code: "KEY_DISABLED" },
+    },
+    {
+      action: "EnableKey",
+      setUp: (id) => kg.admin.disableKey({ id, reason: "unpaid" }),
+      change: (id) => kg.admin.enableKey({ id }),
+      audited: "key.enable",
+      changes: {},
+      check: { status: 200, code: null },
+    },
+    {
+      action: "UpdateKey (scopes)",
+      change: (id) => kg.admin.updateKey({ id, scopes: ["decks"] }),
+      audited: "key.update",
+      changes: { scopes: '["decks"]' },
+      check: { status: 200, code: null },
+    },
+  ];
+
+  for (const { action, setUp, change, audited, changes, check } of FOLLOWING) {
+    it(`${action} on a rotation's new key with Redis stopped: the old key in grace follows it, both are audited, then UNAVAILABLE`, async () => {
+      const ownerId = `outage-follow-${action.split(" ")[0]?.toLowerCase()}`;
+      await upsertAccount(ownerId, "business");
+      const old = await kg.admin.createKey({ ownerId, name: "old" });
+      const oldId = old.key?.id ?? "";
+      const rotated = await kg.admin.rotateKey({ id: oldId, graceDays: 7 });
+      const newId = rotated.key?.id ?? "";
+      await setUp?.(newId);
+      const before = (await kg.admin.listAuditEvents({ ownerId, pageSize: 100 })).events.length;
+      await redis.stop();
+      let answer: { code: Code; message: string };
+      try {
+        answer = await refusal(change(newId));
+      } finally {
+        await redis.start();
+      }
+      expect(answer).toEqual(UNTOLD);
+      expect(checkOutcome(await kg.check(checkInit({ "x-api-key": old.secret })))).toEqual(check);
+      expect(checkOutcome(await kg.check(checkInit({ "x-api-key": rotated.secret })))).toEqual(check);
+      if (action.startsWith("UpdateKey")) expect((await kg.admin.getKey({ id: oldId })).key?.scopes).toEqual(["decks"]);
+      const events = (await kg.admin.listAuditEvents({ ownerId, pageSize: 100 })).events.slice(before);
+      expect(events.map((e) => [e.action, e.keyId])).toEqual([
+        [audited, newId],
+        [audited, oldId],
+      ]);
+      expect(events[1]?.changes).toEqual({ ...changes, successor_id: JSON.stringify(newId) });
+    });
+  }
 
   it("AddCredits with Redis frozen succeeds once, and the live balance has the top-up once Redis answers", async () => {
     await upsertAccount("outage-credits", "metered");

@@ -208,6 +208,37 @@ for (const { name, ready, start } of BACKENDS) {
         const future = await admin.listAuditEvents({ keyId: id, since: timestampFromMs(Date.now() + 60_000) });
         expect(future.events).toEqual([]);
       });
+
+      it("a call that changes nothing appends nothing: revoking again, disabling again, enabling an enabled key, the same name or plan", async () => {
+        const { admin } = backend;
+        const ownerId = "audit-unchanged";
+        await admin.upsertAccount({ ownerId, plan: "business" });
+        await admin.upsertAccount({ ownerId, plan: "business" });
+        const revoked = await admin.createKey({ ownerId, name: "revoked" });
+        const revokedId = revoked.key?.id ?? "";
+        await admin.revokeKey({ id: revokedId, reason: "leaked" });
+        const again = await admin.revokeKey({ id: revokedId, reason: "routine cleanup" });
+        // The answer is the key as it is: revoked for the first reason.
+        expect([again.key?.state, again.key?.revokeReason]).toEqual(["revoked", "leaked"]);
+        const paused = await admin.createKey({ ownerId, name: "paused" });
+        const pausedId = paused.key?.id ?? "";
+        await admin.enableKey({ id: pausedId });
+        await admin.disableKey({ id: pausedId, reason: "card declined" });
+        await admin.disableKey({ id: pausedId, reason: "second notice" });
+        await admin.enableKey({ id: pausedId });
+        await admin.enableKey({ id: pausedId });
+        await admin.updateKey({ id: pausedId, name: "paused" });
+
+        const { events } = await admin.listAuditEvents({ ownerId, pageSize: 100 });
+        expect(events.map((e) => [e.action, e.keyId, e.changes["reason"] ?? e.changes["plan"]])).toEqual([
+          ["account.upsert", "", '"business"'],
+          ["key.create", revokedId, undefined],
+          ["key.revoke", revokedId, '"leaked"'],
+          ["key.create", pausedId, undefined],
+          ["key.disable", pausedId, '"card declined"'],
+          ["key.enable", pausedId, undefined],
+        ]);
+      });
     });
 
     describe("error", () => {

@@ -2,7 +2,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { StoreUnavailableError } from "../../src/store/errors.js";
 import { TestClock } from "../harness/clock.js";
 import { checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -38,6 +39,19 @@ async function refusal(call: Promise<unknown>): Promise<{ code: Code; message: s
 
 async function balance(kg: TestKeygate, ownerId: string): Promise<bigint> {
   return (await kg.admin.getAccount({ ownerId })).account?.creditBalance ?? -1n;
+}
+
+/**
+ * Runs `call` while the store cannot count keys, which every account answer reads: a top-up's
+ * write goes through, its answer cannot be built.
+ */
+async function withAccountReadsFailing<T>(kg: TestKeygate, call: () => Promise<T>): Promise<T> {
+  const spy = vi.spyOn(kg.app.store, "countActiveKeys").mockRejectedValue(new StoreUnavailableError("injected: the store stopped answering reads"));
+  try {
+    return await call();
+  } finally {
+    spy.mockRestore();
+  }
 }
 
 describe("ChargeUsage (one replica)", () => {
@@ -138,6 +152,28 @@ describe("ChargeUsage (one replica)", () => {
     expect((await refusal(kg.admin.verifyKey({ secret, cost: 1n }))).code).toBe(Code.InvalidArgument);
   });
 
+  it("an AddCredits whose answer could not be read has added once: a retry with its idempotency key adds nothing and answers replayed", async () => {
+    const ownerId = `topup-unanswered-${++seq}`;
+    await kg.admin.upsertAccount({ ownerId, plan: "paid" });
+    const failed = await withAccountReadsFailing(kg, () => refusal(kg.admin.addCredits({ ownerId, amount: 100n, reason: "order 1", idempotencyKey: "pay-1" })));
+    expect(failed).toEqual({ code: Code.Unavailable, message: "the key store is unavailable; retry shortly" });
+    // The caller saw an error and retries, as it should: the top-up is already saved.
+    const retry = await kg.admin.addCredits({ ownerId, amount: 100n, reason: "order 1", idempotencyKey: "pay-1" });
+    expect([retry.replayed, retry.account?.topupCredits, retry.account?.creditBalance]).toEqual([true, 100n, BigInt(BALANCE + 100)]);
+    expect(await balance(kg, ownerId)).toBe(BigInt(BALANCE + 100));
+    const audited = (await kg.admin.listAuditEvents({ ownerId })).events.filter((e) => e.action === "credits.add");
+    expect(audited.map((e) => e.changes["idempotency_key"])).toEqual(['"pay-1"']);
+  });
+
+  it("an AddCredits whose first account read fails once still answers the account, added once", async () => {
+    const ownerId = `topup-read-retried-${++seq}`;
+    await kg.admin.upsertAccount({ ownerId, plan: "paid" });
+    const spy = vi.spyOn(kg.app.store, "countActiveKeys").mockRejectedValueOnce(new StoreUnavailableError("injected: one read refused"));
+    const added = await kg.admin.addCredits({ ownerId, amount: 5n, reason: "order 2", idempotencyKey: "pay-2" }).finally(() => spy.mockRestore());
+    expect([added.replayed, added.account?.topupCredits]).toEqual([false, 5n]);
+    expect(await balance(kg, ownerId)).toBe(BigInt(BALANCE + 5));
+  });
+
   it(`50 concurrent ChargeUsage and Checks against a balance of ${BALANCE} leave exactly ${BALANCE} charged`, async () => {
     const { ownerId, secret } = await account("paid");
     const outcomes = await Promise.all(
@@ -211,5 +247,17 @@ describe.runIf(redisReady)("ChargeUsage (two replicas sharing Redis)", () => {
     expect(await balance(b, ownerId)).toBe(BigInt(BALANCE + 7));
     expect((await b.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "pay-9" })).replayed).toBe(false);
     expect(await balance(a, ownerId)).toBe(BigInt(BALANCE + 6));
+  });
+
+  it("an AddCredits whose answer could not be read on one replica, retried on the other, adds once", async () => {
+    const [a, b] = replicas as [TestKeygate, TestKeygate];
+    const ownerId = "topup-unanswered-elsewhere";
+    await a.admin.upsertAccount({ ownerId, plan: "paid" });
+    const failed = await withAccountReadsFailing(a, () => refusal(a.admin.addCredits({ ownerId, amount: 40n, reason: "order 10", idempotencyKey: "pay-10" })));
+    expect(failed.code).toBe(Code.Unavailable);
+    const retry = await b.admin.addCredits({ ownerId, amount: 40n, reason: "order 10", idempotencyKey: "pay-10" });
+    expect([retry.replayed, retry.account?.topupCredits]).toEqual([true, 40n]);
+    expect(await balance(a, ownerId)).toBe(BigInt(BALANCE + 40));
+    expect(await balance(b, ownerId)).toBe(BigInt(BALANCE + 40));
   });
 });
