@@ -611,6 +611,11 @@ export class LifecycleService {
     // CreateKey's, needs no invalidation.
     const untold = await this.#tell({ kind: "key", hash: rotation.previous.hash });
     if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: id }, "rotated key: caches not told yet; retrying in the background");
+    // Rotating never hands out a fresh rate bucket: the new key takes the old key's, which the old
+    // key, in grace, charges from now on too (a failure leaves the new key a bucket of its own).
+    await this.deps.meter.inheritKeyBucket(old.ownerId, id, record.id).catch((error: unknown) => {
+      this.deps.logger?.warn({ err: error, keyId: id }, "rotated, but the new key could not take the old key's rate bucket");
+    });
     await this.#audit(actor, "key.rotate", id, old.ownerId, changes);
     // The rotation is saved: a failure to end the earlier grace must not cost the new secret
     // (that key then stays in grace until its own grace ends).

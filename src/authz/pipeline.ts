@@ -356,13 +356,16 @@ export class DecisionPipeline {
     const { key, account } = snapshot;
     const plan = v.policy.plans[account.plan] ?? v.defaultPlan;
     const ownBucket = key.rateLimit !== null || v.policy.limits.rateLimitPer === "key";
+    // A key's own bucket; a key in grace from a rotation charges its successor's, which took this
+    // one's at the rotation (Meter.inheritKeyBucket): old and new secret share one limit.
+    const keyBucket = key.rotatedToId ?? key.id;
     if (key.mode === "test") {
       // Test keys are counted apart from live keys: their own bucket and quota, no credits.
       const test = v.policy.testMode;
       return {
         ownerId: account.ownerId,
         bucketKind: ownBucket ? "k" : "t",
-        bucketId: ownBucket ? key.id : account.ownerId,
+        bucketId: ownBucket ? keyBucket : account.ownerId,
         rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(v, snapshot, plan),
         dailyQuota: route.metered ? (test?.dailyQuota ?? null) : null,
         monthlyCredits: null,
@@ -377,7 +380,7 @@ export class DecisionPipeline {
     return {
       ownerId: account.ownerId,
       bucketKind: ownBucket ? "k" : "a",
-      bucketId: ownBucket ? key.id : account.ownerId,
+      bucketId: ownBucket ? keyBucket : account.ownerId,
       rate: this.#rateRule(v, snapshot, plan),
       // An unmetered route counts toward no quota and spends nothing; a named quota the plan
       // does not list is unlimited on it.

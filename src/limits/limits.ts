@@ -72,6 +72,12 @@ export interface Meter {
   addCredits(ownerId: string, topupTotal: number): Promise<void>;
   /** The live credit state, if this meter holds it. */
   credits(ownerId: string, nowMs: number, monthlyCredits: number | null): Promise<{ monthlyUsed: number; topupBalance: number; period: string } | null>;
+  /**
+   * Gives a rotation's new key the rate bucket of the key it replaces (kind "k": a key's own
+   * bucket), so rotating never hands out a fresh one; the old key, while in grace, charges the
+   * new key's bucket from then on (ChargeInput.bucketId). Nothing when the old key has none.
+   */
+  inheritKeyBucket(ownerId: string, fromKeyId: string, toKeyId: string): Promise<void>;
   close(): Promise<void>;
 }
 

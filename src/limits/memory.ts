@@ -113,6 +113,14 @@ export class MemoryMeter implements Meter {
     return fn(quotaKey);
   }
 
+  async inheritKeyBucket(_ownerId: string, fromKeyId: string, toKeyId: string): Promise<void> {
+    const from = this.#tats.k.get(fromKeyId);
+    if (from === undefined) return;
+    const own = this.#tats.k.get(toKeyId);
+    if (own !== undefined && own.ms + own.frac >= from.ms + from.frac) return;
+    this.#tats.k.set(toKeyId, { ms: from.ms, frac: from.frac });
+  }
+
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
     const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);

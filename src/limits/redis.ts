@@ -130,6 +130,20 @@ redis.call('HSET', KEYS[1], 'seen', ARGV[1])
 return 2
 `;
 
+// Gives a rotation's new key the old key's rate bucket, for what is left of its lifetime, unless
+// the new key's own is further ahead already (the old key in grace charges it from the rotation on).
+// KEYS: the old key's bucket, the new key's. Reply: 1 copied, 0 not.
+const INHERIT = `
+local tat = redis.call('GET', KEYS[1])
+if not tat then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl <= 0 then return 0 end
+local own = redis.call('GET', KEYS[2])
+if own and tonumber(own) >= tonumber(tat) then return 0 end
+redis.call('SET', KEYS[2], tat, 'PX', ttl)
+return 1
+`;
+
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
 const QUOTA_KEEP_MS = 86_400_000;
 /**
@@ -188,7 +202,7 @@ export class RedisMeter implements Meter {
       ok = true;
       return reply;
     } finally {
-      this.observer?.backendCall("redis", script === CHARGE ? "charge" : "credits", (performance.now() - started) / 1000, ok);
+      this.observer?.backendCall("redis", script === CHARGE ? "charge" : script === INHERIT ? "inherit_bucket" : "credits", (performance.now() - started) / 1000, ok);
     }
   }
 
@@ -364,6 +378,12 @@ export class RedisMeter implements Meter {
       this.#retryTimer = undefined;
       this.logger.info("waiting top-ups reached Redis");
     }
+  }
+
+  async inheritKeyBucket(ownerId: string, fromKeyId: string, toKeyId: string): Promise<void> {
+    const name = (keyId: string): string => `${this.prefix}rl:${this.layout.bucket(ownerId, bucketName({ bucketKind: "k", bucketId: keyId }))}`;
+    await this.#run(INHERIT, [name(fromKeyId), name(toKeyId)], []);
+    await this.fallback.inheritKeyBucket(ownerId, fromKeyId, toKeyId);
   }
 
   async credits(ownerId: string, nowMs: number): Promise<{ period: string; monthlyUsed: number; topupBalance: number } | null> {
