@@ -280,7 +280,7 @@ export class LifecycleService {
     const to = checkDay("to", input.to);
     const spanDays = (Date.parse(`${to}T00:00:00Z`) - Date.parse(`${from}T00:00:00Z`)) / 86_400_000;
     if (spanDays < 0) throw new InvalidArgumentError("to", "must not be before from");
-    if (spanDays >= MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `the range is at most ${MAX_USAGE_DAYS} days`);
+    if (spanDays > MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `must be at most ${MAX_USAGE_DAYS} days after from`);
     await this.deps.usage.flush();
     const rows = await this.deps.store.listUsage(ownerId, from, to);
     // Names as they are now, one read per key in the range (a report, not the hot path).

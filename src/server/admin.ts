@@ -162,7 +162,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     const method = path.slice(path.lastIndexOf("/") + 1);
     const needed = METHOD_PERMISSIONS[method];
     if (needed !== undefined && !admission.permissions.has(needed)) {
-      logger.warn({ source, method, token: admission.tokenId, needed }, "admin call refused: missing permission");
+      logger.warn({ source, method, tokenId: admission.tokenId, needed }, "admin call refused: missing permission");
       return refuse(req, res, Code.PermissionDenied, missingPermission(admission.tokenId, needed, method));
     }
     const declared = declaredLength(req);

@@ -5,6 +5,7 @@ import { ATTR_DB_SYSTEM_NAME, ATTR_HTTP_REQUEST_METHOD, ATTR_URL_PATH } from "@o
 import type { HeaderBag } from "../authz/headers.js";
 import type { Decision } from "../authz/pipeline.js";
 import { DENIALS } from "../authz/reasons.js";
+import { redactText } from "../keys/redact.js";
 
 /** The decision span's name. */
 export const CHECK_SPAN = "keygate.check";
@@ -71,10 +72,14 @@ const HEADER_GETTER: TextMapGetter<HeaderBag> = {
   keys: (carrier) => [...carrier.names()],
 };
 
-/** The request path without its query string, which may carry anything (even a credential). */
+/**
+ * The request path without its query string, which may carry anything, and with anything shaped
+ * like a secret replaced (a client can put its key in the path too, a webhook-style URL or a
+ * misconfigured SDK).
+ */
 export function pathOnly(path: string): string {
   const query = path.indexOf("?");
-  return query === -1 ? path : path.slice(0, query);
+  return redactText(query === -1 ? path : path.slice(0, query));
 }
 
 /**

@@ -861,7 +861,7 @@ export type ChargeUsageResponse = Message<"keygate.v1.ChargeUsageResponse"> & {
 
   /**
    * "OK" or the denial code a Check would get: QUOTA_EXCEEDED, INSUFFICIENT_CREDITS, RATE_LIMITED,
-   * PLAN_REQUIRED, KEY_REVOKED, KEY_EXPIRED, KEY_DISABLED, KEY_ROTATED.
+   * PLAN_REQUIRED, KEY_REVOKED (a rotated key past its grace too), KEY_EXPIRED, KEY_DISABLED.
    *
    * @generated from field: string code = 2;
    */
