@@ -19,7 +19,7 @@ if (ready && externalRedis) console.warn("\n!!! SKIPPING the Redis failure-mode 
 const T0 = "2026-11-22T12:00:00.000Z";
 // The "small" plan: 10 a minute, one slot every 6 s. With the clock frozen at T0, the first
 // charge in an empty Redis moves the bucket to T0 + 6 s.
-const FIRST_CHARGE_TAT = `${Date.parse(T0) + 6000}.0000`;
+const FIRST_CHARGE_TAT = `${Date.parse(T0) + 6000}.${"0".repeat(17)}`;
 const RECOVERY_TIMEOUT_MS = 20_000;
 /**
  * Checks are repeated every 100 ms until keygate is back on Redis (it reconnects on its own
