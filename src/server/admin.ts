@@ -8,7 +8,6 @@ import type { ConnectRouter } from "@connectrpc/connect";
 import { codeToHttpStatus, errorToJson } from "@connectrpc/connect/protocol-connect";
 import { contentTypeRegExp as grpcContentType, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { contentTypeRegExp as grpcWebContentType } from "@connectrpc/connect/protocol-grpc-web";
-import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import { AdminGate } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
@@ -16,6 +15,7 @@ import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey,
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
 import type { Permission } from "../admin/permissions.js";
 import { awaitOpening, stopAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { scrubbedConnectHandler } from "./connect-scrub.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { listen } from "./http-lifecycle.js";
@@ -129,8 +129,9 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
   const gate = new AdminGate(deps.auth);
   // The token of each admitted request: its id for the handlers' audit entries, and its permissions.
   const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null }>();
-  const connect = connectNodeAdapter({
+  const connect = scrubbedConnectHandler({
     routes: deps.routes,
+    logger,
     interceptors: [adminAuthInterceptor(gate, logger)],
     // Unknown JSON keys ("__proto__", "constructor", typos) are refused rather than dropped.
     jsonOptions: { ignoreUnknownFields: false },
