@@ -80,11 +80,50 @@ export function isIdentitySpelling(name: string): boolean {
 }
 
 /**
+ * Headers that name another method or path than the request's own: the original-request headers
+ * proxies send to an authorizer, the URL-rewrite header and the method-override headers, which
+ * frameworks (Symfony, Laravel, Rails' Rack middleware) and servers obey. The API must serve what
+ * keygate judged, so a client's copy of any of them never goes upstream (the shipped proxy
+ * configs drop them too, where the proxy can).
+ */
+export const OTHER_REQUEST_HEADERS: readonly string[] = [
+  "x-original-uri",
+  "x-original-method",
+  "x-original-url",
+  "x-rewrite-url",
+  "x-forwarded-uri",
+  "x-forwarded-method",
+  "x-http-method-override",
+  "x-http-method",
+  "x-method-override",
+];
+
+/**
+ * True when `name` is `target` (lowercase, dashes) as an upstream may read it: in any letter case,
+ * and with "_" for "-" (CGI-style servers read X_Api_Key as X-Api-Key). Compares in place.
+ */
+function spells(name: string, target: string): boolean {
+  if (name.length !== target.length) return false;
+  for (let i = 0; i < target.length; i++) {
+    const expected = target.charCodeAt(i);
+    const got = name.charCodeAt(i);
+    if (expected === DASH ? got !== DASH && got !== UNDERSCORE : (got | 0x20) !== expected) return false;
+  }
+  return true;
+}
+
+function spellsAny(name: string, targets: readonly string[]): boolean {
+  for (const target of targets) if (spells(name, target)) return true;
+  return false;
+}
+
+/**
  * The header names to remove before the request goes upstream: every configured credential
- * header present, then every client-sent spelling of an identity header that the allow does not
- * overwrite under that exact name. One pass over the names, each step constant time (a Set
- * removes repeats), so a request with 150,000 x-keygate-* headers costs 150,000 steps, not their
- * square. Names go out lowercase, as Envoy matches them.
+ * header, then every name the client sent that an upstream could read as a credential header,
+ * as one of OTHER_REQUEST_HEADERS or as an identity header the allow does not overwrite under
+ * that exact name (in any letter case, "_" for "-"). One pass over the names, each step constant
+ * time (a Set removes repeats), so a request with 150,000 x-keygate-* headers costs 150,000 steps,
+ * not their square. Names go out lowercase, as Envoy matches them.
  */
 export function headersToRemove(
   clientHeaderNames: Iterable<string>,
@@ -94,9 +133,10 @@ export function headersToRemove(
   const out = credentialHeaders.slice();
   let seen: Set<string> | undefined;
   for (const name of clientHeaderNames) {
-    if (!isIdentitySpelling(name)) continue;
+    const identity = isIdentitySpelling(name);
+    if (!identity && !spellsAny(name, OTHER_REQUEST_HEADERS) && !spellsAny(name, credentialHeaders)) continue;
     const lower = name.toLowerCase();
-    if (isGranted(granted, lower)) continue;
+    if (identity && isGranted(granted, lower)) continue;
     seen ??= new Set(credentialHeaders);
     if (seen.has(lower)) continue;
     seen.add(lower);
