@@ -20,6 +20,9 @@ import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
 import type { AccessLog } from "./access-log.js";
 import type { ListenerTls } from "./tls.js";
 
+/** Largest request head the HTTP authorization port reads (request line and headers). */
+export const MAX_HEADER_BYTES = 64 * 1024;
+
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
   /** Only `decide` is called, so tests can hand in a pipeline they control. */
@@ -162,6 +165,10 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       const { limits } = deps;
       const tls = deps.tls ?? null;
       const options = {
+        // The proxies pass every client header on to the check (nginx takes up to 32 KiB of them,
+        // Caddy 1 MiB): Node's 16 KiB would refuse (431) a request with a large cookie jar that
+        // the API itself would take. 64 KiB, as Envoy's own default (max_request_headers_kb: 60).
+        maxHeaderSize: MAX_HEADER_BYTES,
         headersTimeout: limits.headersTimeoutMs,
         requestTimeout: limits.requestTimeoutMs,
         // Above nginx's 60 s upstream keepalive_timeout by default, so the proxy closes first.

@@ -42,10 +42,13 @@ export interface EchoedRequest {
   headers: Record<string, string | string[] | undefined>;
 }
 
-/** A sample upstream that echoes the request it received, and keeps every one in `requests`. */
+/**
+ * A sample upstream that echoes the request it received, and keeps every one in `requests`. It
+ * takes request heads up to 1 MiB, as an API behind a proxy may (Node's own default is 16 KiB).
+ */
 export async function startEchoUpstream(): Promise<{ port: number; requests: EchoedRequest[]; stop(): Promise<void> }> {
   const requests: EchoedRequest[] = [];
-  const server: Server = createServer((req, res) => {
+  const server: Server = createServer({ maxHeaderSize: 1024 * 1024 }, (req, res) => {
     const echoed: EchoedRequest = { method: req.method ?? "", url: req.url ?? "", headers: req.headers };
     requests.push(echoed);
     res.writeHead(200, { "content-type": "application/json" });
