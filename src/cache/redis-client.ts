@@ -65,6 +65,28 @@ export function keyLayout(topology: RedisTopology): RedisKeyLayout {
   return topology.kind === "cluster" ? CLUSTER_LAYOUT : BARE_LAYOUT;
 }
 
+/**
+ * Redis must keep keygate's keys until they expire. Under an eviction policy, an invalidation
+ * marker evicted within seconds of a revocation lets a store read that began before it fill L2,
+ * where the revoked key passes for the L2 TTL, and an evicted rate bucket or quota counter starts
+ * again from zero. So a server set to evict is named in a warning at start. A server that refuses
+ * CONFIG (many managed ones) is not asked again; its provider's setting is the operator's to check.
+ */
+export async function warnIfEvicting(redis: RedisClient, logger: Logger): Promise<void> {
+  let reply: unknown;
+  try {
+    reply = await redis.call("CONFIG", "GET", "maxmemory-policy");
+  } catch {
+    return;
+  }
+  const policy = Array.isArray(reply) ? reply[1] : undefined;
+  if (typeof policy !== "string" || policy === "noeviction") return;
+  logger.warn(
+    { maxmemoryPolicy: policy },
+    "Redis may evict keygate's keys (maxmemory-policy is not noeviction): an evicted invalidation marker can let a revoked key pass from L2 for up to the cache TTL, and an evicted rate bucket or quota count starts again; set maxmemory-policy noeviction",
+  );
+}
+
 /** How long an invalidation through Sentinel waits for a replica to hold it. */
 const REPLICA_WAIT_MS = 500;
 

@@ -130,7 +130,7 @@ export const snapshotSchema = z.object({
     revokeReason: nullableString,
     graceEndsAtMs: nullableNumber,
     rotatedToId: nullableString,
-    rateLimit: z.object({ limit: z.number(), windowSeconds: z.number() }).nullable(),
+    rateLimit: z.object({ limit: z.number().int().positive(), windowSeconds: z.number().int().positive() }).nullable(),
     disabledAtMs: nullableNumber,
   }),
   account: z.object({
@@ -213,10 +213,25 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
 `;
 
+// The next generation. A counter that is missing (a new Redis, or one that lost its data: FLUSHALL,
+// a restart without persistence, an eviction) starts again from Redis's clock in microseconds, not
+// from 1: a fill token read before the loss holds an older generation than any marker set after
+// it, so it is refused as every token read before an invalidation is. Written with %.0f, as a
+// whole number INCR takes.
+const NEXT_GENERATION = `
+local function nextGeneration(genKey)
+  if redis.call('EXISTS', genKey) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', genKey, string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  return redis.call('INCR', genKey)
+end
+`;
+
 // Invalidates one key: a new generation, the key's marker at it, and its entries deleted.
 // KEYS: snapshot, miss marker, gen, key marker. ARGV: marker TTL s.
-const INVALIDATE_KEY = `
-local g = redis.call('INCR', KEYS[3])
+const INVALIDATE_KEY = `${NEXT_GENERATION}
+local g = nextGeneration(KEYS[3])
 redis.call('SET', KEYS[4], g, 'EX', ARGV[1])
 redis.call('DEL', KEYS[1], KEYS[2])
 return g
@@ -225,8 +240,8 @@ return g
 // Invalidates every key of an owner, in one step so a fill cannot slip between listing the
 // owner's hashes and deleting them. KEYS: owner index, gen, owner marker.
 // ARGV: marker TTL s, snapshot key prefix, batch size.
-const INVALIDATE_OWNER = `
-local g = redis.call('INCR', KEYS[2])
+const INVALIDATE_OWNER = `${NEXT_GENERATION}
+local g = nextGeneration(KEYS[2])
 redis.call('SET', KEYS[3], g, 'EX', ARGV[1])
 local hashes = redis.call('SMEMBERS', KEYS[1])
 local batch = tonumber(ARGV[3])
@@ -240,8 +255,8 @@ return g
 `;
 
 // Distrusts every entry written so far. KEYS: gen, floor.
-const DISTRUST = `
-local g = redis.call('INCR', KEYS[1])
+const DISTRUST = `${NEXT_GENERATION}
+local g = nextGeneration(KEYS[1])
 redis.call('SET', KEYS[2], g)
 return g
 `;

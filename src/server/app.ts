@@ -11,7 +11,7 @@ import { L2_TIMEOUT_MS, SnapshotLookup } from "../cache/lookup.js";
 import type { InvalidationBus, SharedCache } from "../cache/cache.js";
 import { LocalInvalidationBus, MemoryCache } from "../cache/memory.js";
 import { RedisConnectError, RedisInvalidationBus, RedisSharedCache } from "../cache/redis.js";
-import { connectRedisClient, keyLayout, openSubscriber, sentinelConfirmation } from "../cache/redis-client.js";
+import { connectRedisClient, keyLayout, openSubscriber, sentinelConfirmation, warnIfEvicting } from "../cache/redis-client.js";
 import { ConfigError, loadPolicyFile } from "../config.js";
 import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
@@ -205,6 +205,7 @@ async function openCache(
   // comes from the KEYGATE_REDIS_TLS_* files, for every topology.
   const tls = redisTls ?? {};
   const main = await connectRedisClient(topology, logger, tls).catch(redisStartError);
+  await warnIfEvicting(main, logger);
   const subscriber = await openSubscriber(topology, main, logger, tls).catch(async (error: unknown) => {
     main.disconnect();
     return redisStartError(error);
