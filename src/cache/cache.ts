@@ -32,6 +32,11 @@ export interface SharedRead {
   /** A snapshot, null for a cached miss, or undefined when nothing (trusted) is cached. */
   value: KeySnapshot | null | undefined;
   fill: FillToken;
+  /**
+   * What is left of the entry's lifetime in L2, in ms, when it has one: L1 keeps the entry no
+   * longer, so a copy is never trusted past the TTL its first read started.
+   */
+  ttlMs?: number | undefined;
 }
 
 /** A cache shared by replicas (Redis). Reads are asynchronous. */

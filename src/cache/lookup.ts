@@ -4,7 +4,7 @@ import { REDIS_L2_GET_SPAN, STORE_LOOKUP_SPAN, backendAttributes, traced } from 
 import type { DecisionTrace } from "../tracing/tracing.js";
 import type { CheckSnapshot, KeySnapshot, SnapshotStore } from "../store/store.js";
 import { CacheUnavailableError } from "./cache.js";
-import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache } from "./cache.js";
+import type { FillToken, Invalidation, InvalidationBus, LocalCache, SharedCache, SharedRead } from "./cache.js";
 
 /** Receives cache results and backend timings (the metrics). */
 export interface LookupObserver {
@@ -143,7 +143,7 @@ export class SnapshotLookup {
       if (cached !== undefined) {
         if (cached.value !== undefined) {
           if (trace !== undefined) trace.cacheTier = "l2";
-          return epoch === this.#epoch ? this.#remember(hash, cached.value) : cached.value;
+          return epoch === this.#epoch ? this.#remember(hash, cached.value, cached.ttlMs) : cached.value;
         }
         fill = cached.fill;
       }
@@ -218,15 +218,20 @@ export class SnapshotLookup {
     return this.#l2TrustedAt === this.#busChanges && this.#deps.bus.connected ? shared : undefined;
   }
 
-  /** Keeps the read in L1 and returns what L1 keeps: the copy later Checks of the key read. */
-  #remember(hash: string, snapshot: KeySnapshot | null): CheckSnapshot | null {
-    const ttlMs = this.#deps.bus.connected ? undefined : DISCONNECTED_TTL_MS;
+  /**
+   * Keeps the read in L1 and returns what L1 keeps: the copy later Checks of the key read. An L2
+   * entry is kept for what is left of its own lifetime at most (`leftMs`): a change whose
+   * invalidation never reached this replica is then seen within one cache TTL of the store read
+   * that filled L2, not two.
+   */
+  #remember(hash: string, snapshot: KeySnapshot | null, leftMs?: number): CheckSnapshot | null {
+    const ttlMs = !this.#deps.bus.connected ? DISCONNECTED_TTL_MS : leftMs;
     if (snapshot !== null) return this.#deps.local.set(hash, snapshot, ttlMs);
     this.#deps.local.setMissing(hash, ttlMs);
     return null;
   }
 
-  async #sharedRead(shared: SharedCache, hash: string, trace: DecisionTrace | undefined): Promise<{ value: KeySnapshot | null | undefined; fill: FillToken } | undefined> {
+  async #sharedRead(shared: SharedCache, hash: string, trace: DecisionTrace | undefined): Promise<SharedRead | undefined> {
     const started = performance.now();
     try {
       const read = withDeadline(shared.read(hash), this.#l2TimeoutMs, "L2 read");

@@ -170,7 +170,8 @@ const MARKER_TTL_SECONDS = 60;
 // `gen` counts invalidations; `floor` is the lowest generation still trusted. Older entries,
 // and entries without a generation (written by an earlier version), read as not cached.
 // KEYS: snapshot, miss marker, gen, floor.
-// Reply: status (0 nothing, 1 snapshot, 2 cached miss), snapshot JSON, generation, Redis time ms.
+// Reply: status (0 nothing, 1 snapshot, 2 cached miss), snapshot JSON, generation, Redis time ms,
+// what is left of the entry's lifetime in ms (PTTL: -1 for none).
 const READ = `
 local gen = tonumber(redis.call('GET', KEYS[3]) or '0')
 local t = redis.call('TIME')
@@ -180,12 +181,12 @@ if v then
   local sep = string.find(v, '|', 1, true)
   local stamp = sep and tonumber(string.sub(v, 1, sep - 1))
   if stamp and stamp >= tonumber(redis.call('GET', KEYS[4]) or '0') then
-    return {1, string.sub(v, sep + 1), gen, nowMs}
+    return {1, string.sub(v, sep + 1), gen, nowMs, redis.call('PTTL', KEYS[1])}
   end
   redis.call('DEL', KEYS[1])
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {2, '', gen, nowMs} end
-return {0, '', gen, nowMs}
+if redis.call('EXISTS', KEYS[2]) == 1 then return {2, '', gen, nowMs, redis.call('PTTL', KEYS[2])} end
+return {0, '', gen, nowMs, -1}
 `;
 
 // Writes a snapshot read from the store, unless the key or its owner was invalidated after the
@@ -261,7 +262,7 @@ redis.call('SET', KEYS[2], g)
 return g
 `;
 
-const readReply = z.tuple([z.number(), z.string(), z.number(), z.number()]);
+const readReply = z.tuple([z.number(), z.string(), z.number(), z.number(), z.number()]);
 
 /** TTLs and key prefix of the Redis L2. */
 export interface RedisCacheOptions {
@@ -333,13 +334,14 @@ export class RedisSharedCache implements SharedCache {
     const snapKey = this.#snapKey(hash);
     const reply = readReply.safeParse(await this.#run(READ, [snapKey, this.#missKey(hash), this.#genKey, this.#floorKey], []));
     if (!reply.success) throw new Error("unexpected reply from the L2 read script");
-    const [status, json, generation, atMs] = reply.data;
+    const [status, json, generation, atMs, leftMs] = reply.data;
     const fill: FillToken = { generation, atMs };
-    if (status === 2) return { value: null, fill };
+    const ttlMs = leftMs > 0 ? leftMs : undefined;
+    if (status === 2) return { value: null, fill, ttlMs };
     if (status !== 1) return { value: undefined, fill };
     const parsed = parseSnapshot(json);
     if (parsed === OTHER_FORMAT) return { value: undefined, fill };
-    if (parsed !== undefined) return { value: parsed, fill };
+    if (parsed !== undefined) return { value: parsed, fill, ttlMs };
     await this.#redis.del(snapKey);
     return { value: undefined, fill };
   }
