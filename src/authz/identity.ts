@@ -113,7 +113,34 @@ function spells(name: string, target: string): boolean {
 }
 
 function spellsAny(name: string, targets: readonly string[]): boolean {
-  for (const target of targets) if (spells(name, target)) return true;
+  for (let i = 0; i < targets.length; i++) if (spells(name, targets[i] as string)) return true;
+  return false;
+}
+
+// OTHER_REQUEST_HEADERS by length: a name of no such length (most of a request's) is passed over
+// with one lookup, not a comparison with each.
+const NO_NAMES: readonly string[] = [];
+const OTHER_BY_LENGTH: ReadonlyArray<readonly string[]> = (() => {
+  const table: Array<readonly string[]> = Array.from({ length: 32 }, () => NO_NAMES);
+  for (const name of OTHER_REQUEST_HEADERS) table[name.length] = [...(table[name.length] ?? NO_NAMES), name];
+  return table;
+})();
+
+const LOWER_X = 0x78;
+
+/**
+ * True for a spelling of one of OTHER_REQUEST_HEADERS, or of a credential header other than its
+ * own name (which headersToRemove lists anyway). Most of a request's names are passed over by
+ * their first letter and length alone: every check runs for each name of every allowed request.
+ */
+function isOtherOrCredentialSpelling(name: string, credentialHeaders: readonly string[]): boolean {
+  const first = name.charCodeAt(0) | 0x20;
+  const length = name.length;
+  if (first === LOWER_X && length < OTHER_BY_LENGTH.length && spellsAny(name, OTHER_BY_LENGTH[length] as readonly string[])) return true;
+  for (let i = 0; i < credentialHeaders.length; i++) {
+    const credential = credentialHeaders[i] as string;
+    if (credential.length === length && credential.charCodeAt(0) === first && credential !== name && spells(name, credential)) return true;
+  }
   return false;
 }
 
@@ -134,7 +161,7 @@ export function headersToRemove(
   let seen: Set<string> | undefined;
   for (const name of clientHeaderNames) {
     const identity = isIdentitySpelling(name);
-    if (!identity && !spellsAny(name, OTHER_REQUEST_HEADERS) && !spellsAny(name, credentialHeaders)) continue;
+    if (!identity && !isOtherOrCredentialSpelling(name, credentialHeaders)) continue;
     const lower = name.toLowerCase();
     if (identity && isGranted(granted, lower)) continue;
     seen ??= new Set(credentialHeaders);
