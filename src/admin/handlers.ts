@@ -27,6 +27,7 @@ import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
 import type { AdminGate } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
+import { MAX_EXPIRES_AT_MS } from "./lifecycle.js";
 import type { AccountView, Actor, ChargeUsageAnswer, LifecycleService } from "./lifecycle.js";
 import type { UsageCounts } from "./usage-report.js";
 import type { AuditRecord } from "../store/store.js";
@@ -78,7 +79,9 @@ function toApiKey(key: KeyRecord, nowMs: number): ApiKey {
     scopes: key.scopes,
     createdAt: ts(key.createdAtMs),
     lastUsedAt: ts(key.lastUsedAtMs),
-    expiresAt: ts(key.expiresAtMs),
+    // An expiry past the last Timestamp JSON can write (stored before CreateKey bounded it) is
+    // shown as that last one: the key would otherwise make its owner's list unreadable as JSON.
+    expiresAt: ts(key.expiresAtMs === null ? null : Math.min(key.expiresAtMs, MAX_EXPIRES_AT_MS)),
     revokedAt: ts(key.revokedAtMs),
     graceEndsAt: ts(key.graceEndsAtMs),
     rotatedToId: key.rotatedToId ?? "",

@@ -107,7 +107,7 @@ export interface AccountView {
  * The latest expires_at a key may have: 9999-12-31T23:59:59Z, the end of the range of a protobuf
  * Timestamp in JSON (and of what every store and client can read back as a date).
  */
-const MAX_EXPIRES_AT_MS = Date.UTC(9999, 11, 31, 23, 59, 59);
+export const MAX_EXPIRES_AT_MS = Date.UTC(9999, 11, 31, 23, 59, 59);
 
 /** A key's expiry: none, or a time after now and no later than MAX_EXPIRES_AT_MS. */
 function checkExpiresAt(expiresAtMs: number | null, nowMs: number): number | null {

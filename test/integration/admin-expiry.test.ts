@@ -1,3 +1,5 @@
+import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { postJson, startKeygate } from "../harness/keygate.js";
@@ -91,3 +93,25 @@ for (const { name, ready, start } of BACKENDS) {
     });
   });
 }
+
+describe("a key an earlier version stored with an expiry past 9999 (SQLite)", () => {
+  it("is listed over Connect JSON with expires_at 9999-12-31T23:59:59Z, not a 500 for its owner's whole list", async () => {
+    const kg = await startKeygate();
+    try {
+      const ownerId = "expiry-earlier";
+      const created = await kg.admin.createKey({ ownerId, name: "far" });
+      // As CreateKey stored it before expiry had an upper bound: year 11476.
+      const db = new DatabaseSync(join(kg.dataDir, "keygate.db"));
+      try {
+        db.prepare("UPDATE keys SET expires_at = ? WHERE id = ?").run(300_000_000_000_000, created.key?.id ?? "");
+      } finally {
+        db.close();
+      }
+      const listed = await postJson(kg.ports.admin, "ListKeys", { ownerId });
+      expect(listed.status).toBe(200);
+      expect((listed.json["keys"] as Array<Record<string, unknown>>).map((k) => k["expiresAt"])).toEqual(["9999-12-31T23:59:59Z"]);
+    } finally {
+      await kg.stop();
+    }
+  });
+});
