@@ -26,6 +26,7 @@ import type { ScopedToken } from "../admin/permissions.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
+import { DataDirLock } from "../store/data-dir-lock.js";
 import { SqliteKeyStore } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
 import { createTracing } from "../tracing/otlp.js";
@@ -92,16 +93,25 @@ export interface BuildOptions {
  * store, so they must share the pepper and admin tokens too: both must come from the
  * environment, and nothing is generated.
  */
-async function openStore(config: Config, migrate: boolean, logger: Logger): Promise<{ store: KeyStore; secrets: Secrets }> {
+async function openStore(config: Config, migrate: boolean, logger: Logger): Promise<{ store: KeyStore; secrets: Secrets; release(): void }> {
   if (config.mongodbUri === undefined) {
     ensureDataDir(config.dataDir);
-    const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
-    const store = new SqliteKeyStore(join(config.dataDir, "keygate.db"), {
-      migrate,
-      writeInBackground: true,
-      onWriterFailure: (message) => logger.warn(message),
-    });
-    return { store, secrets };
+    const lock = DataDirLock.acquire(config.dataDir);
+    if (lock === null) {
+      throw new ConfigError(`KEYGATE_DATA_DIR ${config.dataDir} is in use by another keygate process; each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`);
+    }
+    try {
+      const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
+      const store = new SqliteKeyStore(join(config.dataDir, "keygate.db"), {
+        migrate,
+        writeInBackground: true,
+        onWriterFailure: (message) => logger.warn(message),
+      });
+      return { store, secrets, release: () => lock.release() };
+    } catch (error) {
+      lock.release();
+      throw error;
+    }
   }
   if (config.pepper === undefined) throw new ConfigError("KEYGATE_PEPPER is required when KEYGATE_MONGODB_URI is set");
   if (config.adminTokens === undefined && config.adminTokensFile === undefined) {
@@ -110,7 +120,7 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
-  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null } };
+  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null }, release: () => undefined };
 }
 
 /**
@@ -247,7 +257,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // Before anything is opened: a bad certificate or key fails the start naming its variable.
   const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
   const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
-  const { store, secrets } = await openStore(config, options.migrate ?? true, logger);
+  const { store, secrets, release: releaseStore } = await openStore(config, options.migrate ?? true, logger);
   const format = new KeyFormat(config.keyPrefix);
   const hasher = new KeyHasher(secrets.pepper);
   // Flushes to MongoDB pause between calls, so the key lookups of other Checks are not held behind
@@ -406,6 +416,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       await lookup.close();
       await cache.close();
       await store.close();
+      releaseStore();
       // After the listeners drained: the spans of the last Checks go out before the process ends.
       await tracing?.shutdown();
       logger.info("keygate stopped");
