@@ -117,7 +117,7 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   if (config.adminTokens === undefined && config.adminTokensFile === undefined) {
     throw new ConfigError("KEYGATE_ADMIN_TOKENS (or KEYGATE_ADMIN_TOKENS_FILE) is required when KEYGATE_MONGODB_URI is set");
   }
-  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs }).catch((error: unknown) => {
+  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs, logger }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
   return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null }, release: () => undefined };

@@ -1,5 +1,6 @@
 import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
+import type { Logger } from "pino";
 import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, PartialWriteError, StoreUnavailableError } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
@@ -425,13 +426,16 @@ export interface MongoConnectOptions {
   migrate?: boolean;
   /** How long a Check's key lookup waits before it fails as unavailable (default 1000 ms). */
   lookupTimeoutMs?: number;
+  /** Where a key insert whose outcome could not be settled is reported, at error level, by ids. */
+  logger?: Pick<Logger, "error">;
 }
 
 /**
  * The production store: MongoDB through mongoose. The active-key cap holds across replicas
  * without transactions: one conditional increment on the account admits a key, the insert
- * follows, and a failed insert gives the slot back. Each key's `counted` flag makes the
- * release on revoke or expiry happen exactly once.
+ * follows, and an insert sure to have made nothing gives the slot back (one whose answer was
+ * lost is settled first: #insertMade). Each key's `counted` flag makes the release on revoke or
+ * expiry happen exactly once.
  */
 export class MongoKeyStore implements KeyStore {
   readonly kind = "mongodb";
@@ -457,10 +461,12 @@ export class MongoKeyStore implements KeyStore {
   readonly #snapshotPipeline: (hashes: readonly string[]) => mongoose.mongo.Document[];
   /** Cold lookups, read together when they come together (LookupBatcher). */
   readonly #lookups: LookupBatcher<AnchoredSnapshotDoc>;
+  readonly #logger: Pick<Logger, "error"> | undefined;
 
   /** Called once the connection is open, so its driver database exists. */
-  private constructor(connection: Connection, lookupTimeoutMs = LOOKUP_TIMEOUT_MS) {
+  private constructor(connection: Connection, lookupTimeoutMs = LOOKUP_TIMEOUT_MS, logger?: Pick<Logger, "error">) {
     this.#connection = connection;
+    this.#logger = logger;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
@@ -497,7 +503,7 @@ export class MongoKeyStore implements KeyStore {
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     await guarded(() => connection.asPromise());
-    const store = new MongoKeyStore(connection, options.lookupTimeoutMs);
+    const store = new MongoKeyStore(connection, options.lookupTimeoutMs, options.logger);
     try {
       const pending = await guarded(() => store.pendingMigrations());
       if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("MongoDB", pending);
@@ -692,13 +698,64 @@ export class MongoKeyStore implements KeyStore {
         try {
           await this.#keys.create(keyDocument(record, true));
         } catch (error) {
-          await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { [counter]: -1 } });
-          throw error;
+          return this.#failCreate(record, counter, limits.nowMs, error);
         }
         return record;
       }
       throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
     });
+  }
+
+  /**
+   * After a failed insert of a key whose slot was taken: the slot goes back when the insert
+   * surely made nothing. When it made the key, the key holds the slot but its secret never
+   * reaches the caller, so no one can ever present it: it is revoked and the slot given back,
+   * rather than kept active and holding the cap until someone notices (a retry of the create
+   * then fits under the cap). The call still fails, as unavailable.
+   */
+  async #failCreate(record: KeyRecord, counter: SlotCounter, nowMs: number, error: unknown): Promise<never> {
+    if (!(await this.#insertMade(keyDocument(record, true), error))) {
+      await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { [counter]: -1 } });
+      throw error;
+    }
+    try {
+      await this.#keys.updateOne({ _id: record.id, revoked_at: null }, { $set: { revoked_at: new Date(nowMs), revoke_reason: "never issued: the answer to its creation was lost" } });
+      await this.#releaseSlot(record.id, record.ownerId);
+    } catch {
+      // The counter stays right: the key holds the slot it took, until it is revoked.
+      this.#logger?.error({ keyId: record.id, ownerId: record.ownerId }, "a key whose secret was never returned could not be revoked and its slot given back");
+    }
+    throw new StoreUnavailableError("MongoDB lost the answer to the key's insert; the key was not issued", { cause: error });
+  }
+
+  /**
+   * After an insert of `doc` failed: whether the key is in. false only when the insert surely
+   * made nothing: never sent or refused by the server (neverWritten), or failed before the
+   * driver had it (mongoose refused the document) with no such key found. Any other driver
+   * error may come after the insert was made, or while it is still on its way, so a read that
+   * finds nothing would prove nothing: an upsert on _id of the same document settles it, finding
+   * the key or making it, and an insert still on its way then fails on _id. When that fails too,
+   * the outcome is unknown: StoreUnavailableError, with nothing given back (a slot held by no key
+   * refuses one key too many; a slot given back twice would admit one).
+   */
+  async #insertMade(doc: KeyDoc, error: unknown): Promise<boolean> {
+    if (neverWritten(error)) return false;
+    try {
+      if (!(error instanceof mongoose.mongo.MongoError)) return (await this.#keys.exists({ _id: doc._id })) !== null;
+      const { _id, ...fields } = doc;
+      try {
+        await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+      } catch (upsertError) {
+        // E11000: the lost insert landed meanwhile (on _id), or the hash is another key's, which
+        // the lost insert would have hit too.
+        if (!(upsertError instanceof Error && "code" in upsertError && upsertError.code === 11000)) throw upsertError;
+        return (await this.#keys.exists({ _id })) !== null;
+      }
+      return true;
+    } catch (settleError) {
+      this.#logger?.error({ keyId: doc._id, ownerId: doc.owner_id }, "a key insert failed and whether it was made could not be read; its slot is kept");
+      throw new StoreUnavailableError("MongoDB lost the answer to a key insert and could not be asked whether it was made", { cause: settleError });
+    }
   }
 
   async getKey(id: string): Promise<KeyRecord | null> {
@@ -768,11 +825,16 @@ export class MongoKeyStore implements KeyStore {
         )
         .lean<KeyDoc>();
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
+      const successor = keyDocument(next, true);
       try {
-        await this.#keys.create(keyDocument(next, true));
+        await this.#keys.create(successor);
       } catch (error) {
-        await this.#undoRotation(previous, next.id);
-        throw error;
+        // Once the new key is in, the rotation is made whatever the insert answered, and goes on
+        // as a successful one: undoing it would leave two keys holding one slot.
+        if (!(await this.#insertMade(successor, error))) {
+          await this.#undoRotation(previous, next.id);
+          throw error;
+        }
       }
       if (graceEndsAtMs > nowMs) return { next, previous: toKey(previous) };
       // The mark is for the record: the old key is refused already (its grace is over), and the

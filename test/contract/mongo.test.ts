@@ -1,10 +1,10 @@
 import mongoose from "mongoose";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
-import { CapExceededError, PartialWriteError } from "../../src/store/errors.js";
+import { CapExceededError, PartialWriteError, StoreUnavailableError } from "../../src/store/errors.js";
 import { keyState } from "../../src/store/store.js";
-import type { CreditDelta, UsageDelta } from "../../src/store/store.js";
+import type { CreditDelta, KeyMode, KeyRecord, UsageDelta } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
@@ -281,6 +281,162 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       const rotation = await store.rotateKey(key.id, next, NOW, NOW);
       expect(rotation.previous).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked", rotatedToId: next.id });
       expect(await store.getKey(next.id)).toMatchObject({ id: next.id, revokedAtMs: null });
+    });
+  });
+
+  describe("MongoKeyStore when the answer to a key insert is lost", () => {
+    const NOW = 1_800_000_000_000;
+    const caps = { maxActiveKeysFor: () => 1, accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: NOW };
+    const logged = { error: vi.fn() };
+    let store: MongoKeyStore;
+    let keys: mongoose.Model<KeyDoc>;
+    let accounts: mongoose.Model<AccountDoc>;
+    let owner = 0;
+    beforeAll(async () => {
+      store = await MongoKeyStore.connect(started().uri, { logger: logged });
+      const models = mongoose.connections.at(-1)?.models;
+      const key = models?.["Key"];
+      const account = models?.["Account"];
+      if (key === undefined || account === undefined) throw new Error("the store's models were not found");
+      keys = key;
+      accounts = account;
+    });
+    afterEach(() => {
+      vi.restoreAllMocks();
+      logged.error.mockClear();
+    });
+    afterAll(async () => {
+      await store?.close();
+    });
+
+    /**
+     * The next key insert fails as a dropped connection does: after the server made it
+     * (`made`), or with the insert still on its way, which the returned call then delivers.
+     */
+    function loseNextInsertAnswer(record: KeyRecord, made: boolean): () => Promise<unknown> {
+      const insert = vi.spyOn(keys, "create");
+      insert.mockImplementationOnce(async () => {
+        insert.mockRestore();
+        if (made) await keys.create([keyDocument(record, true)]);
+        throw new mongoose.mongo.MongoNetworkError("connection 3 to 127.0.0.1:27017 closed");
+      });
+      return () => keys.create([keyDocument(record, true)]);
+    }
+
+    /**
+     * The store cannot be asked whether the insert was made: its next upsert of a key (how it
+     * asks) fails as a dropped connection does; other key updates (an undo) go through.
+     */
+    function loseNextKeyUpsert(): void {
+      const collection = keys.collection;
+      const original = collection.updateOne.bind(collection);
+      const update = vi.spyOn(collection, "updateOne");
+      update.mockImplementation(async (filter, change, options) => {
+        if (options?.upsert !== true) return original(filter, change, options);
+        update.mockRestore();
+        throw new mongoose.mongo.MongoNetworkError("connection 4 to 127.0.0.1:27017 closed");
+      });
+    }
+
+    async function slotsHeld(ownerId: string, mode: KeyMode = "live"): Promise<number | undefined> {
+      const account = await accounts.findById(ownerId).lean<AccountDoc>();
+      return mode === "test" ? account?.active_test_key_count : account?.active_key_count;
+    }
+
+    async function counted(id: string): Promise<boolean | undefined> {
+      return (await keys.findById(id).lean<KeyDoc>())?.counted;
+    }
+
+    describe("createKey.error", () => {
+      it.each<KeyMode>(["live", "test"])("%s: the key the insert made is revoked and its slot given back; a retry fits a cap of one, a third key is refused", async (mode) => {
+        const ownerId = `lost-create-${++owner}`;
+        const orphan = testKeyRecord(ownerId, NOW, { mode });
+        loseNextInsertAnswer(orphan, true);
+        await expect(store.createKey(orphan, caps)).rejects.toBeInstanceOf(StoreUnavailableError);
+        expect(await store.getKey(orphan.id)).toMatchObject({ revokedAtMs: NOW, rotatedToId: null });
+        expect([await counted(orphan.id), await slotsHeld(ownerId, mode)]).toEqual([false, 0]);
+        await store.createKey(testKeyRecord(ownerId, NOW, { mode }), caps);
+        // Revoking the orphan again (an operator who saw it) gives nothing back a second time.
+        await store.revokeKey(orphan.id, NOW + 1, "orphan");
+        await expect(store.createKey(testKeyRecord(ownerId, NOW, { mode }), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW, mode), await slotsHeld(ownerId, mode)]).toEqual([1, 1]);
+        expect(logged.error).not.toHaveBeenCalled();
+      });
+
+      it("an insert still on its way when its slot went back can no longer land", async () => {
+        const ownerId = `lost-create-${++owner}`;
+        const lost = testKeyRecord(ownerId, NOW);
+        const lateInsert = loseNextInsertAnswer(lost, false);
+        await expect(store.createKey(lost, caps)).rejects.toBeInstanceOf(StoreUnavailableError);
+        expect(await slotsHeld(ownerId)).toBe(0);
+        await expect(lateInsert()).rejects.toMatchObject({ code: 11000 });
+        await store.createKey(testKeyRecord(ownerId, NOW), caps);
+        await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW), await slotsHeld(ownerId)]).toEqual([1, 1]);
+      });
+
+      it("when the store cannot be asked whether the insert was made, the slot is kept and the ids logged", async () => {
+        const ownerId = `lost-create-${++owner}`;
+        const orphan = testKeyRecord(ownerId, NOW);
+        loseNextInsertAnswer(orphan, true);
+        loseNextKeyUpsert();
+        await expect(store.createKey(orphan, caps)).rejects.toBeInstanceOf(StoreUnavailableError);
+        expect([await counted(orphan.id), await slotsHeld(ownerId)]).toEqual([true, 1]);
+        await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW), await slotsHeld(ownerId)]).toEqual([1, 1]);
+        expect(logged.error.mock.calls).toEqual([[{ keyId: orphan.id, ownerId }, expect.any(String)]]);
+      });
+    });
+
+    describe("rotateKey.error", () => {
+      it.each([
+        ["with grace", NOW + 86_400_000, "grace", null],
+        ["with no grace", NOW, "revoked", "rotated"],
+      ])("%s: the new key the insert made stands and the rotation is returned, as if answered; one slot held", async (_name, graceEndsAtMs, oldState, revokeReason) => {
+        const ownerId = `lost-rotate-${++owner}`;
+        const key = testKeyRecord(ownerId, NOW);
+        await store.createKey(key, caps);
+        const next = testKeyRecord(ownerId, NOW);
+        loseNextInsertAnswer(next, true);
+        const rotation = await store.rotateKey(key.id, next, graceEndsAtMs, NOW);
+        expect(rotation.next).toEqual(next);
+        expect(rotation.previous).toMatchObject({ id: key.id, rotatedToId: next.id, graceEndsAtMs, revokeReason });
+        const old = await store.getKey(key.id);
+        expect(old === null ? null : keyState(old, NOW)).toBe(oldState);
+        expect([await counted(key.id), await counted(next.id)]).toEqual([false, true]);
+        await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW), await slotsHeld(ownerId)]).toEqual([1, 1]);
+        expect(logged.error).not.toHaveBeenCalled();
+      });
+
+      it("a new key's insert still on its way is made by the store instead, and can no longer land", async () => {
+        const ownerId = `lost-rotate-${++owner}`;
+        const key = testKeyRecord(ownerId, NOW);
+        await store.createKey(key, caps);
+        const next = testKeyRecord(ownerId, NOW);
+        const lateInsert = loseNextInsertAnswer(next, false);
+        const rotation = await store.rotateKey(key.id, next, NOW + 86_400_000, NOW);
+        expect(rotation.next).toEqual(next);
+        await expect(lateInsert()).rejects.toMatchObject({ code: 11000 });
+        expect(await store.getKey(next.id)).toEqual(next);
+        await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW), await slotsHeld(ownerId)]).toEqual([1, 1]);
+      });
+
+      it("when the store cannot be asked whether the new key was made, the rotation is not undone and the ids are logged", async () => {
+        const ownerId = `lost-rotate-${++owner}`;
+        const key = testKeyRecord(ownerId, NOW);
+        await store.createKey(key, caps);
+        const next = testKeyRecord(ownerId, NOW);
+        loseNextInsertAnswer(next, true);
+        loseNextKeyUpsert();
+        await expect(store.rotateKey(key.id, next, NOW + 86_400_000, NOW)).rejects.toBeInstanceOf(StoreUnavailableError);
+        expect(await store.getKey(key.id)).toMatchObject({ rotatedToId: next.id });
+        expect([await counted(key.id), await counted(next.id)]).toEqual([false, true]);
+        await expect(store.createKey(testKeyRecord(ownerId, NOW), caps)).rejects.toBeInstanceOf(CapExceededError);
+        expect([await store.countActiveKeys(ownerId, NOW), await slotsHeld(ownerId)]).toEqual([1, 1]);
+        expect(logged.error.mock.calls).toEqual([[{ keyId: next.id, ownerId }, expect.any(String)]]);
+      });
     });
   });
 
