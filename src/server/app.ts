@@ -93,12 +93,19 @@ export interface BuildOptions {
  * store, so they must share the pepper and admin tokens too: both must come from the
  * environment, and nothing is generated.
  */
+const NO_LOCK = { release: (): void => undefined };
+
 async function openStore(config: Config, migrate: boolean, logger: Logger): Promise<{ store: KeyStore; secrets: Secrets; release(): void }> {
   if (config.mongodbUri === undefined) {
     ensureDataDir(config.dataDir);
-    const lock = DataDirLock.acquire(config.dataDir);
+    // Without Redis nothing would tell another process on this directory of a change (its
+    // caches, invalidations and limits are its own), so the directory is held; processes that
+    // share Redis hear each other's changes and share limits, as replicas do.
+    const lock = config.redis === undefined ? DataDirLock.acquire(config.dataDir) : NO_LOCK;
     if (lock === null) {
-      throw new ConfigError(`KEYGATE_DATA_DIR ${config.dataDir} is in use by another keygate process; each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`);
+      throw new ConfigError(
+        `KEYGATE_DATA_DIR ${config.dataDir} is in use by another keygate process; without Redis each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`,
+      );
     }
     try {
       const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });

@@ -2,12 +2,12 @@ import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 
 /**
- * The embedded data directory, held by one serving keygate at a time. Two processes on one
- * directory (a second start by mistake, a supervisor that starts the new process before the old
- * one has gone, a volume mounted by two pods on one node) would each keep their own caches,
- * invalidations and in-process limits over one database: a key revoked through one would pass
- * through the other until its cache entry expired, and each would allow a plan's whole rate. So
- * the second start is refused.
+ * The embedded data directory, held by one serving keygate at a time when there is no Redis. Two
+ * processes on one directory (a second start by mistake, a supervisor that starts the new process
+ * before the old one has gone, a volume mounted by two pods on one node) would each keep their
+ * own caches, invalidations and in-process limits over one database: a key revoked through one
+ * would pass through the other until its cache entry expired, and each would allow a plan's whole
+ * rate. So the second start is refused.
  *
  * The lock is an exclusive SQLite transaction on `keygate.lock`, held open for the process's
  * life: the operating system lets it go with the process, however it ends, so a crash leaves

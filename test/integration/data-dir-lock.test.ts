@@ -4,8 +4,10 @@ import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { startKeygate } from "../harness/keygate.js";
 
-// One embedded data directory, one serving keygate: a second on it would keep caches and limits
-// of its own over the same database, and a key revoked through one would pass through the other.
+// One embedded data directory, one serving keygate without Redis: a second on it would keep
+// caches and limits of its own over the same database, and a key revoked through one would pass
+// through the other. (Processes sharing Redis hear each other's changes, as replicas do:
+// test/integration/charge-usage.test.ts runs two on one directory.)
 
 describe("the embedded data directory", () => {
   const dataDir = mkdtempSync(join(tmpdir(), "keygate-data-dir-lock-"));
@@ -15,7 +17,7 @@ describe("the embedded data directory", () => {
     const first = await startKeygate({ dataDir });
     try {
       await expect(startKeygate({ dataDir })).rejects.toThrow(
-        `KEYGATE_DATA_DIR ${dataDir} is in use by another keygate process; each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`,
+        `KEYGATE_DATA_DIR ${dataDir} is in use by another keygate process; without Redis each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`,
       );
       // The first goes on serving.
       expect((await first.admin.createKey({ ownerId: "lock-owner", name: "k" })).key?.state).toBe("active");
