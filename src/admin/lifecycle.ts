@@ -197,7 +197,10 @@ export class LifecycleService {
 
   async #view(account: AccountRecord): Promise<AccountView> {
     const nowMs = this.deps.nowMs();
-    const plan = this.deps.policy.plans[account.plan] ?? this.deps.policy.plans[this.deps.policy.defaultPlan];
+    // A plan the policy no longer has (renamed or removed): Checks on it are refused (UNKNOWN_PLAN),
+    // so the view shows no limits, never the default plan's.
+    const plans = this.deps.policy.plans;
+    const plan = Object.hasOwn(plans, account.plan) ? plans[account.plan] : undefined;
     const allowance = plan?.monthlyCredits ?? 0;
     const credits = await this.#credits(account.ownerId, nowMs, allowance);
     return {
@@ -211,8 +214,8 @@ export class LifecycleService {
         monthlyCredits: allowance,
         topupCredits: Math.max(0, credits.topupBalance),
       },
-      dailyQuota: plan?.dailyQuota ?? null,
-      rateLimit: this.deps.policy.limits.roleRateLimits[account.role] ?? plan?.rateLimit ?? { limit: 0, windowSeconds: 60 },
+      dailyQuota: plan === undefined ? 0 : plan.dailyQuota,
+      rateLimit: plan === undefined ? { limit: 0, windowSeconds: 60 } : (this.deps.policy.limits.roleRateLimits[account.role] ?? plan.rateLimit),
     };
   }
 

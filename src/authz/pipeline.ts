@@ -80,7 +80,7 @@ export interface PipelineDeps {
   lastUsed: LastUsedRecorder;
   meter: Meter;
   usage: UsageRecorder;
-  policy: Pick<Policy, "plans" | "defaultPlan" | "limits"> & Partial<Pick<Policy, "forwardMetadata" | "testMode" | "lastUsedResolutionSeconds">>;
+  policy: Pick<Policy, "plans" | "defaultPlan" | "limits" | "scopes"> & Partial<Pick<Policy, "forwardMetadata" | "testMode" | "lastUsedResolutionSeconds">>;
   nowMs: () => number;
   /** The most a Check may wait on its backends (KEYGATE_CHECK_BUDGET_MS); then it is UNAVAILABLE. */
   checkBudgetMs?: number;
@@ -133,7 +133,11 @@ export function recordUse(lastUsed: Pick<LastUsedRecorder, "record">, key: Check
 
 /** One policy and what is derived from it, built once when it comes into force. */
 class PolicyVersion {
-  readonly defaultPlan: Plan;
+  /**
+   * The plans by name. An account's plan not among them is refused (UNKNOWN_PLAN), never judged
+   * on another; a Map, so no name can read Object.prototype.
+   */
+  readonly plans: ReadonlyMap<string, Plan>;
   readonly presentCredentials: PresentCredentialHeaders;
   /** [metadata name, header name] of each forwarded entry. */
   readonly forward: ReadonlyArray<readonly [string, string]>;
@@ -141,19 +145,21 @@ class PolicyVersion {
   readonly lastUsedResolutionMs: number;
   /** Every quota name some plan lists: a route (or the proxy) naming another is misconfigured. */
   readonly quotaNames: ReadonlySet<string>;
+  /** The scopes a key can hold: a per-route required scope outside it is the proxy's mistake. */
+  readonly scopeCatalog: ReadonlySet<string>;
 
   constructor(
     readonly policy: PipelineDeps["policy"],
     readonly routes: RouteTable,
     readonly credentialHeaders: readonly string[],
   ) {
-    const plan = policy.plans[policy.defaultPlan];
-    if (plan === undefined) throw new Error(`default plan "${policy.defaultPlan}" is not configured`);
-    this.defaultPlan = plan;
+    this.plans = new Map(Object.entries(policy.plans));
+    if (!this.plans.has(policy.defaultPlan)) throw new Error(`default plan "${policy.defaultPlan}" is not configured`);
     this.presentCredentials = new PresentCredentialHeaders(credentialHeaders);
     this.forward = (policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
     this.lastUsedResolutionMs = (policy.lastUsedResolutionSeconds ?? DEFAULT_LAST_USED_RESOLUTION_SECONDS) * 1000;
     this.quotaNames = new Set(Object.values(policy.plans).flatMap((p) => Object.keys(p.quotas)));
+    this.scopeCatalog = new Set(policy.scopes.catalog);
   }
 }
 
@@ -208,7 +214,7 @@ export class DecisionPipeline {
     // After the credential's shape (a keyless or malformed request is a 401 whatever its path, and
     // a flood of bad keys pays nothing for routing) and before the lookup: a path with no canonical
     // form, or unusable per-route settings, is refused before anything is looked up or charged.
-    const route = v.routes.requirements(input.method, input.path, input.contextExtensions);
+    const route = v.routes.requirements(input.method, input.path, input.contextExtensions, v.scopeCatalog);
     if (route instanceof RouteRefusal) return route;
     // A quota no plan lists (a typo in the proxy's per-route settings) would leave the route
     // uncapped on every plan: refused as the proxy's mistake, never allowed on a guess.
@@ -270,7 +276,8 @@ export class DecisionPipeline {
     }
     if (account.subscriptionStatus !== "active") return refused("PLAN_REQUIRED", null);
     const v = this.#version;
-    const plan = v.policy.plans[account.plan] ?? v.defaultPlan;
+    const plan = v.plans.get(account.plan);
+    if (plan === undefined) return refused("UNKNOWN_PLAN", null);
     // A test key's charge uses the test-mode quota and spends nothing, as its Checks do.
     const test = key !== null && key.mode === "test";
     const quota = test ? null : quotaName;
@@ -309,20 +316,27 @@ export class DecisionPipeline {
   ): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
-    const refusal = this.#refusal(snapshot, route, nowMs);
+    const plan = v.plans.get(snapshot.account.plan);
+    const refusal = this.#refusal(snapshot, plan, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
       this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
-      return this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, route, nowMs), trace);
+      // Without a plan there are no limits to report.
+      return plan === undefined ? refusal : this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, plan, route, nowMs), trace);
     }
+    // #refusal refuses every account whose plan the policy does not have.
+    if (plan === undefined) throw new Error(`plan "${snapshot.account.plan}" is not configured, yet it was not refused`);
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
-    const charged = this.#charge(this.#chargeInput(v, snapshot, route, nowMs), trace);
+    const charged = this.#charge(this.#chargeInput(v, snapshot, plan, route, nowMs), trace);
     if (charged instanceof Promise) return charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs));
     return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
   }
 
-  /** Key state, project lock, subscription and scopes: the steps that cost nothing. */
-  #refusal(snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): Deny | null {
+  /**
+   * Key state, project lock, subscription (on a plan the policy has; `plan` is undefined when it
+   * does not), scopes and role: the steps that cost nothing.
+   */
+  #refusal(snapshot: CheckSnapshot, plan: Plan | undefined, route: RouteRequirements, nowMs: number): Deny | null {
     const { key, account } = snapshot;
     switch (keyState(key, nowMs)) {
       case "revoked":
@@ -341,6 +355,9 @@ export class DecisionPipeline {
       return deny("PROJECT_MISMATCH", snapshot);
     }
     if (account.subscriptionStatus !== "active") return deny("PLAN_REQUIRED", snapshot);
+    // A plan renamed or removed since the account was put on it: the default plan, or any other,
+    // could be unlimited where the account's was not.
+    if (plan === undefined) return deny("UNKNOWN_PLAN", snapshot);
     for (const scope of route.requiredScopes) {
       if (!key.scopes.includes(scope)) {
         return deny("MISSING_SCOPE", snapshot, `This API key does not have the "${scope}" scope.`);
@@ -352,9 +369,8 @@ export class DecisionPipeline {
     return null;
   }
 
-  #chargeInput(v: PolicyVersion, snapshot: CheckSnapshot, route: RouteRequirements, nowMs: number): ChargeInput {
+  #chargeInput(v: PolicyVersion, snapshot: CheckSnapshot, plan: Plan, route: RouteRequirements, nowMs: number): ChargeInput {
     const { key, account } = snapshot;
-    const plan = v.policy.plans[account.plan] ?? v.defaultPlan;
     const ownBucket = key.rateLimit !== null || v.policy.limits.rateLimitPer === "key";
     // A key's own bucket; a key in grace from a rotation charges its successor's, which took this
     // one's at the rotation (Meter.inheritKeyBucket): old and new secret share one limit.

@@ -9,6 +9,7 @@ export type DenyReason =
   | "KEY_DISABLED"
   | "PROJECT_MISMATCH"
   | "PLAN_REQUIRED"
+  | "UNKNOWN_PLAN"
   | "MISSING_SCOPE"
   | "MISSING_ROLE"
   | "RATE_LIMITED"
@@ -110,6 +111,17 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     retryable: false,
     grpcCode: PERMISSION_DENIED,
   },
+  // The account's plan is not in the policy in force (renamed or removed since the account was put
+  // on it). Refused, never judged on another plan's limits; a reason of its own, so
+  // keygate_checks_total{reason="UNKNOWN_PLAN"} tells the operator's mistake from a lapsed subscription.
+  UNKNOWN_PLAN: {
+    httpStatus: 402,
+    code: "PLAN_REQUIRED",
+    title: "Plan required",
+    message: "This API key is valid, but its account is on a plan that is not configured. Ask the API's owner to move the account to a configured plan.",
+    retryable: false,
+    grpcCode: PERMISSION_DENIED,
+  },
   MISSING_SCOPE: {
     httpStatus: 403,
     code: "FORBIDDEN",
@@ -191,8 +203,13 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
   },
 };
 
-/** The JSON error body, identical for gRPC denied_response and the HTTP mode. */
+/**
+ * The JSON error body, identical for gRPC denied_response and the HTTP mode. It echoes the
+ * request id only when it is at most MAX_ECHOED_REQUEST_ID printable ASCII characters, and an
+ * empty one otherwise.
+ */
 export function errorBody(spec: DenialSpec, message: string, requestId: string): string {
+  const echoed = JSON.stringify(isEchoable(requestId) ? requestId : "");
   // The standard wording is the common case (every bad-key flood), so its prefix is kept.
   if (message === spec.message) {
     let prefix = STANDARD_PREFIXES.get(spec);
@@ -200,9 +217,27 @@ export function errorBody(spec: DenialSpec, message: string, requestId: string):
       prefix = bodyPrefix(spec, message);
       STANDARD_PREFIXES.set(spec, prefix);
     }
-    return `${prefix}${JSON.stringify(requestId)}}`;
+    return `${prefix}${echoed}}`;
   }
-  return `${bodyPrefix(spec, message)}${JSON.stringify(requestId)}}`;
+  return `${bodyPrefix(spec, message)}${echoed}}`;
+}
+
+/**
+ * Longest request id a denial echoes: room for a UUID (Envoy's x-request-id), a W3C traceparent
+ * or an AWS trace header. The id is the client's to choose (Envoy passes x-request-id on), and
+ * the whole of a 4 MiB Check could be one: echoed, and JSON-escaped six bytes to a control
+ * character, it would make a denial 24 MiB.
+ */
+export const MAX_ECHOED_REQUEST_ID = 128;
+
+/** At most MAX_ECHOED_REQUEST_ID characters, each printable ASCII (0x20-0x7E). */
+function isEchoable(requestId: string): boolean {
+  if (requestId.length > MAX_ECHOED_REQUEST_ID) return false;
+  for (let i = 0; i < requestId.length; i++) {
+    const c = requestId.charCodeAt(i);
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
 }
 
 const STANDARD_PREFIXES = new Map<DenialSpec, string>();

@@ -88,6 +88,10 @@ export const ROUTE_CONFIG_REFUSALS = {
     "ROUTE_MISCONFIGURED",
     'The gateway\'s per-route "required_scopes" (context_extensions) is not a comma-separated list of scope names. This is a gateway configuration error.',
   ),
+  unknownScope: new RouteRefusal(
+    "ROUTE_MISCONFIGURED",
+    'The gateway\'s per-route "required_scopes" (context_extensions) names a scope that is not in the policy\'s scopes.catalog, so no key can hold it. This is a gateway configuration error.',
+  ),
   quota: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "quota" (context_extensions) is not a quota name. This is a gateway configuration error.'),
   unknownQuota: new RouteRefusal("ROUTE_MISCONFIGURED", 'The gateway\'s per-route "quota" (context_extensions) names a quota no plan has. This is a gateway configuration error.'),
   projectId: new RouteRefusal(
@@ -408,7 +412,9 @@ export class RouteTable {
   readonly #upperInPrefixes: boolean;
   /** Letters past this many characters never decide a match (the longest prefix, and its "/"). */
   readonly #decidingLength: number;
-  readonly #parsedScopes = new Map<string, readonly string[] | null>();
+  readonly #parsedScopes = new Map<string, readonly string[] | RouteRefusal>();
+  /** The scope catalog #parsedScopes was judged against. */
+  #parsedCatalog: ReadonlySet<string> | undefined;
 
   constructor(routes: readonly Route[], matching: RouteMatching = { caseInsensitive: false }) {
     this.#caseInsensitive = matching.caseInsensitive;
@@ -461,10 +467,16 @@ export class RouteTable {
   /**
    * What the request must satisfy. Envoy's per-route context_extensions win field by field and
    * the routes table fills the rest; a blank value means "not set". A path that has no canonical
-   * form, or a per-route value that keygate cannot use, is a refusal: never an exception, which
-   * Envoy's failure_mode_allow could turn into an allow, and never a guess.
+   * form, or a per-route value that keygate cannot use (a required scope outside `scopeCatalog`,
+   * when given, included), is a refusal: never an exception, which Envoy's failure_mode_allow
+   * could turn into an allow, and never a guess.
    */
-  requirements(method: string, rawPath: string, extensions: Readonly<Record<string, string>> | undefined): RouteRequirements | RouteRefusal {
+  requirements(
+    method: string,
+    rawPath: string,
+    extensions: Readonly<Record<string, string>> | undefined,
+    scopeCatalog?: ReadonlySet<string>,
+  ): RouteRequirements | RouteRefusal {
     const entry = this.#resolve(method, rawPath);
     if (entry instanceof RouteRefusal) return entry;
     let base = entry === null ? NO_REQUIREMENTS : entry.requirements;
@@ -489,8 +501,8 @@ export class RouteTable {
     if (!scopesSet && !projectSet && !costSet && !meteredSet && !roleSet && !quotaSet) return base;
     let requiredScopes = base.requiredScopes;
     if (scopesSet) {
-      const parsed = this.#scopes(scopesText);
-      if (parsed === null) return ROUTE_CONFIG_REFUSALS.requiredScopes;
+      const parsed = this.#scopes(scopesText, scopeCatalog);
+      if (parsed instanceof RouteRefusal) return parsed;
       requiredScopes = parsed;
     }
     let cost = base.cost;
@@ -537,13 +549,24 @@ export class RouteTable {
     return path.slice(entry.head.length + 1, projectEnd(path, entry.head.length));
   }
 
-  /** A non-blank required_scopes value as scope names, or null when one is not a scope name. */
-  #scopes(text: string): readonly string[] | null {
+  /**
+   * A non-blank required_scopes value as scope names, or the refusal when one is not a scope name
+   * or not in the catalog. Judged once per value, so the catalog costs a Check nothing.
+   */
+  #scopes(text: string, catalog: ReadonlySet<string> | undefined): readonly string[] | RouteRefusal {
+    if (catalog !== this.#parsedCatalog) {
+      this.#parsedScopes.clear();
+      this.#parsedCatalog = catalog;
+    }
     let parsed = this.#parsedScopes.get(text);
     if (parsed !== undefined) return parsed;
     const names = text.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
-    // A value that is not blank but names no scope (",") is a mistake, not "no scope needed".
-    parsed = names.length > 0 && names.every((name) => SCOPE_NAME_PATTERN.test(name)) ? names : null;
+    // A value that is not blank but names no scope (",") is a mistake, not "no scope needed". A
+    // scope outside the catalog (a typo such as "deck") is one no key can hold: every caller
+    // would get 403 for the proxy's mistake.
+    if (names.length === 0 || !names.every((name) => SCOPE_NAME_PATTERN.test(name))) parsed = ROUTE_CONFIG_REFUSALS.requiredScopes;
+    else if (catalog !== undefined && !names.every((name) => catalog.has(name))) parsed = ROUTE_CONFIG_REFUSALS.unknownScope;
+    else parsed = names;
     if (this.#parsedScopes.size >= MAX_PARSED_SCOPES) this.#parsedScopes.clear();
     this.#parsedScopes.set(text, parsed);
     return parsed;
@@ -588,13 +611,26 @@ export class RouteTable {
   }
 
   #find(upperMethod: string, path: string, folded: boolean): Entry | null {
+    if (upperMethod === "HEAD") return this.#findHead(path, folded);
     for (const entry of this.#entries) {
       if (entry.route.method !== "*" && entry.route.method !== upperMethod) continue;
       if (folded ? under(path, entry.foldedHead, entry.foldedTail) : under(path, entry.head, entry.tail)) return entry;
     }
-    // Servers answer HEAD with the GET handler: a HEAD no route names takes GET's route, so a
-    // policy that lists GET alone does not leave HEAD needing no scope.
-    if (upperMethod === "HEAD") return this.#find("GET", path, folded);
+    return null;
+  }
+
+  /**
+   * HEAD's route. Servers answer HEAD with the GET handler, so GET's routes match HEAD too: the
+   * first route, most specific first, for HEAD, GET or every method. Where GET's route for a path
+   * comes first, HEAD is judged exactly as that GET (scopes, role, project, quota and cost), so a
+   * shorter HEAD or catch-all route can never ask less of HEAD than GET's route asks of GET.
+   */
+  #findHead(path: string, folded: boolean): Entry | null {
+    for (const entry of this.#entries) {
+      const method = entry.route.method;
+      if (method !== "*" && method !== "HEAD" && method !== "GET") continue;
+      if (folded ? under(path, entry.foldedHead, entry.foldedTail) : under(path, entry.head, entry.tail)) return entry;
+    }
     return null;
   }
 }

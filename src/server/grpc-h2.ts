@@ -45,6 +45,10 @@ export const MAX_CONCURRENT_STREAMS = 250;
  */
 export const HELD_REQUEST_BYTES = { perConnection: 4 * MAX_MESSAGE_BYTES, perListener: 128 * 1024 * 1024 } as const;
 const PREFIX_BYTES = 5;
+// The largest block a message still arriving is kept in: one default-size DATA frame.
+const BLOCK_BYTES = 16 * 1024;
+// An empty message is this one buffer: a view of no bytes would still keep its read alive.
+const EMPTY_MESSAGE = Buffer.alloc(0);
 // Node's timers hold at most 2^31 - 1 ms; a deadline further away than that (about 24.8 days)
 // is as good as none, and a longer delay would fire after 1 ms.
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -202,17 +206,21 @@ function healthFrame(status: HealthCheckResponse_ServingStatus): Buffer {
 class Call {
   kind: Kind;
   stream: ServerHttp2Stream;
-  /** The 5-byte prefix while it arrives split across DATA frames. */
-  prefix: Buffer | null = null;
+  /** The 5-byte prefix while it arrives split across DATA frames: bytes read, flag, length so far. */
   prefixFilled = 0;
+  prefixFlag = 0;
+  prefixLength = 0;
   /** Length of the message being read, or -1 while reading a prefix. */
   bodyLength = -1;
   /**
-   * The parts of a message split across DATA frames, as views of them. Nothing is allocated
-   * from the prefix's length alone, so memory follows the bytes a client actually sent.
+   * A message split across DATA frames, copied as it arrives into blocks of keygate's own (see
+   * `keepBody`): DATA chunks are slices of whole socket reads, so a view of a few bytes would keep
+   * a whole read alive. Nothing is allocated from the prefix's length alone.
    */
-  parts: Buffer[] | null = null;
+  blocks: Buffer[] | null = null;
+  /** Bytes of the message arrived, and of them in the last block. */
   bodyFilled = 0;
+  lastBlockFilled = 0;
   message: Buffer | null = null;
   /** The answer is out, or the stream is gone: nothing more is written. */
   done = false;
@@ -237,11 +245,14 @@ class Call {
   /** Where the request bytes this call holds are counted, and how many it holds. */
   heldIn: HeldBytes;
   held = 0;
+  /** The list the call waits in once answered, until the client has taken the answer. */
+  untaken: DeadlineList;
 
-  constructor(kind: Kind, stream: ServerHttp2Stream, heldIn: HeldBytes) {
+  constructor(kind: Kind, stream: ServerHttp2Stream, heldIn: HeldBytes, untaken: DeadlineList) {
     this.kind = kind;
     this.stream = stream;
     this.heldIn = heldIn;
+    this.untaken = untaken;
   }
 }
 
@@ -286,9 +297,82 @@ function hold(call: Call, bytes: number): boolean {
   return false;
 }
 
+/**
+ * Copies `take` bytes of `chunk` from `at` into the call's blocks, counting each block whole as it
+ * is allocated; false (and the call answered RESOURCE_EXHAUSTED) past a bound. A new block is as
+ * large as what has arrived so far, up to BLOCK_BYTES, and at least what this chunk brings, never
+ * past the message's end: what a call counts is what it holds, at most twice what it was sent,
+ * and a message sent a byte at a time fills blocks that double up to BLOCK_BYTES, not one a byte.
+ * The blocks are joined once, when the message is whole.
+ */
+function keepBody(call: Call, chunk: Buffer, at: number, take: number): boolean {
+  const blocks = (call.blocks ??= []);
+  let from = at;
+  const end = at + take;
+  while (from < end) {
+    let last = blocks[blocks.length - 1];
+    if (last === undefined || call.lastBlockFilled === last.length) {
+      const size = Math.min(call.bodyLength - call.bodyFilled, Math.max(end - from, Math.min(BLOCK_BYTES, call.bodyFilled)));
+      if (!hold(call, size)) return false;
+      // Not from Node's shared pool: a pooled slice would keep its whole 8 KiB pool alive.
+      last = Buffer.allocUnsafeSlow(size);
+      blocks.push(last);
+      call.lastBlockFilled = 0;
+    }
+    const copied = chunk.copy(last, call.lastBlockFilled, from, end);
+    call.lastBlockFilled += copied;
+    call.bodyFilled += copied;
+    from += copied;
+  }
+  return true;
+}
+
+/** The whole message from its blocks: the one block as it is, else joined into one buffer. */
+function joinBlocks(blocks: readonly Buffer[], length: number): Buffer {
+  const only = blocks[0];
+  if (blocks.length === 1 && only !== undefined) return only;
+  const message = Buffer.allocUnsafeSlow(length);
+  let at = 0;
+  for (const block of blocks) at += block.copy(message, at);
+  return message;
+}
+
+/** A copy of `bytes` in a buffer of its own. */
+function ownCopy(bytes: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(bytes.length);
+  bytes.copy(copy);
+  return copy;
+}
+
+// The calls whose message is a view of a socket read taken in this turn of the event loop, or
+// null before the first. A call whose request has not ended by the end of the turn (ownViews)
+// gets a copy: otherwise a small message, counted at its size, would keep its whole read alive
+// (up to 64 KiB) for as long as the client leaves the call open.
+let viewing: Call[] | null = null;
+
+function keepViewForTurn(call: Call): void {
+  if (viewing === null) {
+    viewing = [];
+    setImmediate(ownViews);
+  }
+  viewing.push(call);
+}
+
+function ownViews(): void {
+  const calls = viewing;
+  viewing = null;
+  if (calls === null) return;
+  for (const call of calls) {
+    const message = call.message;
+    // Decided, or ended and decided in this turn (endTurn): the view goes with the turn.
+    if (message === null || call.done || call.halfClosed) continue;
+    call.message = ownCopy(message);
+  }
+}
+
 /** Lets go of the call's request message and the bytes it held. */
 function dropMessage(call: Call): void {
-  call.parts = null;
+  call.blocks = null;
   call.message = null;
   if (call.held === 0) return;
   call.heldIn.give(call.held);
@@ -337,15 +421,33 @@ function finish(call: Call, headers: OutgoingHttpHeaders): void {
       const message = headers["grpc-message"];
       call.pendingTrailers = message === undefined ? { "grpc-status": headers["grpc-status"] } : { "grpc-status": headers["grpc-status"], "grpc-message": message };
       stream.end();
+      awaitTaken(call);
       return;
     }
     stream.respond(headers, END_STREAM);
     // The client may still be sending (an oversize body, say): RST_STREAM NO_ERROR after the
     // answer tells it to stop (RFC 9113 §8.1), and keygate reads no more of it.
     if (!call.halfClosed) stopAfterAnswer(stream);
+    awaitTaken(call);
   } catch {
     stream.destroy();
   }
+}
+
+/**
+ * The answer is written; the client has the request timeout to take it. An answer's DATA waits
+ * for the client's flow-control window, so a client that never opens it (SETTINGS_INITIAL_WINDOW_SIZE
+ * 0, or one that stops reading) would keep the stream, and the answer queued in it, for as long as
+ * it answers keepalive pings. Its stream closes once the answer is out, taking it off the list.
+ */
+function awaitTaken(call: Call): void {
+  call.untaken.add(call, performance.now());
+}
+
+/** An answer not taken within the request timeout: the stream is reset and the answer let go. */
+function abandon(call: Call): void {
+  const stream = call.stream;
+  if (!stream.destroyed && !stream.closed) stream.close(h2.NGHTTP2_CANCEL);
 }
 
 /** Marks a call answered and lets go of its timer and subscriptions. */
@@ -371,6 +473,7 @@ function answer(call: Call, framed: Uint8Array): void {
     // the wrapper `once` makes per call.
     stream.on("wantTrailers", sendTrailers);
     stream.end(framed);
+    awaitTaken(call);
   } catch {
     stream.destroy();
   }
@@ -397,41 +500,49 @@ function onData(this: CallStream, chunk: Buffer): void {
         length = chunk.readUInt32BE(at + 1);
         at += PREFIX_BYTES;
       } else {
-        const prefix = (call.prefix ??= Buffer.allocUnsafe(PREFIX_BYTES));
-        const take = Math.min(PREFIX_BYTES - call.prefixFilled, chunk.length - at);
-        chunk.copy(prefix, call.prefixFilled, at, at + take);
-        call.prefixFilled += take;
-        at += take;
+        // A prefix split across DATA frames is read a byte at a time into numbers: no buffer
+        // (a pooled one would keep its 8 KiB pool alive) for five bytes.
+        while (call.prefixFilled < PREFIX_BYTES && at < chunk.length) {
+          const byte = chunk[at] ?? 0;
+          if (call.prefixFilled === 0) call.prefixFlag = byte;
+          else call.prefixLength = call.prefixLength * 256 + byte;
+          call.prefixFilled += 1;
+          at += 1;
+        }
         if (call.prefixFilled < PREFIX_BYTES) return;
+        flag = call.prefixFlag;
+        length = call.prefixLength;
         call.prefixFilled = 0;
-        flag = prefix[0] ?? 0;
-        length = prefix.readUInt32BE(1);
+        call.prefixLength = 0;
       }
       if (flag === 1) return finish(call, COMPRESSED_HEADERS);
       if (flag !== 0) return finish(call, BAD_FLAG_HEADERS);
       // Refused on the prefix alone: nothing of an oversize message is held.
       if (length > MAX_MESSAGE_BYTES) return finish(call, TOO_LARGE_HEADERS);
+      if (length === 0) {
+        call.message = EMPTY_MESSAGE;
+        continue;
+      }
       if (chunk.length - at >= length) {
         if (!hold(call, length)) return;
-        // The common case: the whole message is in this chunk, so it is a view, not a copy.
+        // The common case: the whole message is in this chunk, so it is a view, not a copy, for
+        // as long as this turn (keepViewForTurn).
         call.message = chunk.subarray(at, at + length);
+        keepViewForTurn(call);
         at += length;
         continue;
       }
       call.bodyLength = length;
-      call.parts = [];
       call.bodyFilled = 0;
+      call.lastBlockFilled = 0;
     }
-    const parts = call.parts;
-    if (parts === null) return;
     const take = Math.min(call.bodyLength - call.bodyFilled, chunk.length - at);
-    if (!hold(call, take)) return;
-    parts.push(chunk.subarray(at, at + take));
-    call.bodyFilled += take;
+    if (!keepBody(call, chunk, at, take)) return;
     at += take;
-    if (call.bodyFilled === call.bodyLength) {
-      call.message = Buffer.concat(parts, call.bodyLength);
-      call.parts = null;
+    const blocks = call.blocks;
+    if (call.bodyFilled === call.bodyLength && blocks !== null) {
+      call.message = joinBlocks(blocks, call.bodyLength);
+      call.blocks = null;
       call.bodyLength = -1;
     }
   }
@@ -439,7 +550,10 @@ function onData(this: CallStream, chunk: Buffer): void {
 
 function onStreamClose(this: CallStream): void {
   const call = this[CALL];
-  if (call !== undefined && !call.done) settle(call);
+  if (call !== undefined) {
+    if (!call.done) settle(call);
+    else call.deadlineList?.remove(call);
+  }
   this[GUARD]?.closed();
   this[CALL] = undefined;
   this[GUARD] = undefined;
@@ -471,6 +585,7 @@ function clearListenerTable(emitter: NodeJS.EventEmitter): void {
 
 function onDeadline(call: Call): void {
   call.deadline = undefined;
+  if (call.done) return abandon(call);
   finish(call, call.arrivalOnly ? ARRIVAL_HEADERS : DEADLINE_HEADERS);
 }
 
@@ -492,7 +607,8 @@ function arrived(call: Call): void {
  * The calls waiting on one grpc-timeout value, in the order they came, which is their deadline
  * order: one timer, set for the first call's deadline, serves them all, and a call that is
  * answered leaves the list in constant time. A proxy sends the same timeout with every call
- * (Envoy's ext_authz timeout), so this replaces a timer made and cleared per call.
+ * (Envoy's ext_authz timeout), so this replaces a timer made and cleared per call. The server
+ * keeps one more, of answered calls waiting for their answer to be taken (`lists` null).
  */
 class DeadlineList {
   #first: Call | null = null;
@@ -501,7 +617,7 @@ class DeadlineList {
 
   constructor(
     readonly timeoutMs: number,
-    private readonly lists: DeadlineLists,
+    private readonly lists: DeadlineLists | null,
   ) {}
 
   add(call: Call, now: number): void {
@@ -543,7 +659,7 @@ class DeadlineList {
       call = this.#first;
     }
     if (call !== null) this.#arm(call.deadlineAt - now);
-    else this.lists.forget(this);
+    else this.lists?.forget(this);
   };
 }
 
@@ -591,6 +707,8 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
   const heldBounds = deps.heldRequestBytes ?? HELD_REQUEST_BYTES;
   const watchers = new Set<Call>();
   const deadlines = new DeadlineLists();
+  // Answered calls whose stream is still open, each given the request timeout to be taken.
+  const untaken = new DeadlineList(limits.requestTimeoutMs, null);
   const listenerHeld = new HeldBytes(heldBounds.perListener, LISTENER_HELD_HEADERS, null);
 
   // The Checks whose request ended in this turn of the event loop after its first, or null before
@@ -711,7 +829,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const pathHeader = headers[h2.HTTP2_HEADER_PATH];
     const path = typeof pathHeader === "string" ? pathHeader : "";
     const kind = KIND_BY_PATH.get(path);
-    const call = new Call(kind ?? Kind.Check, stream, guard?.held ?? listenerHeld);
+    const call = new Call(kind ?? Kind.Check, stream, guard?.held ?? listenerHeld, untaken);
     callStream[CALL] = call;
     stream.on("end", onEnd);
     if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));

@@ -1,8 +1,13 @@
+import { readFileSync } from "node:fs";
+import { resolve } from "node:path";
 import { create } from "@bufbuild/protobuf";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parse } from "yaml";
+import { z } from "zod";
 import { HeaderMapSchema } from "../../src/gen/envoy/config/core/v3/base_pb.js";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { KeyFormat } from "../../src/keys/key-format.js";
 import { checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
@@ -35,6 +40,15 @@ function headerMap(response: CheckResponse): Record<string, string> {
 function deniedStatus(response: CheckResponse): number {
   if (response.httpResponse.case !== "deniedResponse") throw new Error(`expected denial, got ${response.httpResponse.case ?? "nothing"}`);
   return response.httpResponse.value.status?.code ?? 0;
+}
+
+const errorBodySchema = z.object({ error: z.object({ code: z.string(), message: z.string() }) });
+
+/** A denial's HTTP status, error code and message. */
+function denial(response: CheckResponse): { status: number; code: string; message: string } {
+  if (response.httpResponse.case !== "deniedResponse") throw new Error(`expected denial, got ${response.httpResponse.case ?? "nothing"}`);
+  const { error } = errorBodySchema.parse(JSON.parse(response.httpResponse.value.body));
+  return { status: response.httpResponse.value.status?.code ?? 0, ...error };
 }
 
 describe("gRPC Check happy", () => {
@@ -180,6 +194,93 @@ describe("gRPC Check error", () => {
   it("answers a 500 denial, not a gRPC error, for a cost extension that is not a number", async () => {
     const key = await issue();
     expect(deniedStatus(await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/", "GET", { cost: "free" })))).toBe(500);
+  });
+
+  it("context_extensions.required_scopes naming a scope outside scopes.catalog is 500 ROUTE_MISCONFIGURED for every key, before the lookup, charging nothing", async () => {
+    const key = await issue({ scopes: ["tutor", "decks", "progress", "webhooks"] });
+    const remaining = async () => okOf(await kg.check(checkInit({ authorization: `Bearer ${key.secret}` }, "/v1/things", "GET", { required_scopes: "decks" }))).responseHeadersToAdd.find((h) => h.header?.key === "x-ratelimit-remaining")?.header?.value;
+    expect(await remaining()).toBe("999");
+    // A key holding every catalog scope, and a well-formed key that was never issued: the typo is the proxy's, not theirs.
+    for (const secret of [key.secret, new KeyFormat("kg").generate("live")]) {
+      for (const scopes of ["deck", "decks, deck"]) {
+        expect(denial(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things", "GET", { required_scopes: scopes }))), scopes).toEqual({
+          status: 500,
+          code: "ROUTE_MISCONFIGURED",
+          message: 'The gateway\'s per-route "required_scopes" (context_extensions) names a scope that is not in the policy\'s scopes.catalog, so no key can hold it. This is a gateway configuration error.',
+        });
+      }
+    }
+    expect(await remaining()).toBe("998");
+  });
+});
+
+// Servers answer HEAD with the GET handler, so HEAD must never need less than GET on the same path.
+describe("HEAD under a GET-only route", () => {
+  const reportsPolicy = {
+    defaultPlan: "basic",
+    plans: { basic: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } },
+    scopes: { catalog: ["read", "reports"], default: ["read"] },
+    // A GET-only prefix under the catch-all `/` route the README recommends.
+    routes: [
+      { method: "GET", pathPrefix: "/v1/reports", requiredScopes: ["reports"] },
+      { method: "*", pathPrefix: "/", requiredScopes: ["read"] },
+    ],
+  };
+  const missing = (scope: string) => ({ status: 403, code: "FORBIDDEN", message: `This API key does not have the "${scope}" scope.` });
+  let head: TestKeygate;
+  let readOnly: string;
+  let reports: string;
+  beforeAll(async () => {
+    head = await startKeygate({ policy: reportsPolicy });
+    readOnly = (await head.admin.createKey({ ownerId: "head-read", name: "read", scopes: ["read"] })).secret;
+    reports = (await head.admin.createKey({ ownerId: "head-reports", name: "reports", scopes: ["reports"] })).secret;
+  });
+  afterAll(async () => {
+    await head.stop();
+  });
+
+  it("gRPC: HEAD needs the GET route's scope, not the shorter catch-all's", async () => {
+    for (const method of ["GET", "HEAD"]) {
+      expect(denial(await head.check(checkInit({ authorization: `Bearer ${readOnly}` }, "/v1/reports/q3", method))), method).toEqual(missing("reports"));
+      expect((await head.check(checkInit({ authorization: `Bearer ${reports}` }, "/v1/reports/q3", method))).status?.code, method).toBe(0);
+    }
+    // Elsewhere the catch-all decides for both.
+    expect((await head.check(checkInit({ authorization: `Bearer ${readOnly}` }, "/v1/other", "HEAD"))).status?.code).toBe(0);
+    expect(denial(await head.check(checkInit({ authorization: `Bearer ${reports}` }, "/v1/other", "HEAD")))).toEqual(missing("read"));
+  });
+
+  it("HTTP mode: HEAD needs the GET route's scope, not the shorter catch-all's", async () => {
+    const ask = (method: string, secret: string) => fetch(`http://127.0.0.1:${head.ports.http}/check/v1/reports/q3`, { method, headers: { authorization: `Bearer ${secret}` } });
+    for (const method of ["GET", "HEAD"]) {
+      const refused = await ask(method, readOnly);
+      expect([refused.status, refused.headers.get("x-keygate-owner-id")], method).toEqual([403, null]);
+      expect((await ask(method, reports)).status, method).toBe(200);
+    }
+    // GET's body names the scope (a HEAD answer has none).
+    expect(errorBodySchema.parse(await (await ask("GET", readOnly)).json()).error.message).toBe(missing("reports").message);
+  });
+
+  it("deploy/config/keygate.example.yaml with a GET-only route under /v1: HEAD needs that route's scope, not the HEAD /v1 route's", async () => {
+    const example = z.object({ scopes: z.object({ catalog: z.array(z.string()) }).passthrough(), routes: z.array(z.unknown()) }).passthrough().parse(
+      parse(readFileSync(resolve(import.meta.dirname, "../../deploy/config/keygate.example.yaml"), "utf8")),
+    );
+    const policy = {
+      ...example,
+      scopes: { ...example.scopes, catalog: [...example.scopes.catalog, "billing"] },
+      routes: [{ method: "GET", pathPrefix: "/v1/billing", requiredScopes: ["billing"] }, ...example.routes],
+    };
+    const instance = await startKeygate({ policy });
+    try {
+      const reader = (await instance.admin.createKey({ ownerId: "head-example", name: "read", scopes: ["read"] })).secret;
+      for (const method of ["GET", "HEAD"]) {
+        expect(denial(await instance.check(checkInit({ authorization: `Bearer ${reader}` }, "/v1/billing/invoices", method))), method).toEqual(missing("billing"));
+        expect((await instance.check(checkInit({ authorization: `Bearer ${reader}` }, "/v1/decks", method))).status?.code, method).toBe(0);
+      }
+      const res = await fetch(`http://127.0.0.1:${instance.ports.http}/check/v1/billing/invoices`, { method: "HEAD", headers: { authorization: `Bearer ${reader}` } });
+      expect(res.status).toBe(403);
+    } finally {
+      await instance.stop();
+    }
   });
 });
 

@@ -2,6 +2,8 @@ import diagnostics from "node:diagnostics_channel";
 import { connect as h2Connect, constants as h2 } from "node:http2";
 import type { ClientHttp2Session, ClientHttp2Stream, IncomingHttpHeaders, OutgoingHttpHeaders, ServerHttp2Stream } from "node:http2";
 import type { Socket } from "node:net";
+import v8 from "node:v8";
+import vm from "node:vm";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Client as GrpcClient, credentials, Metadata, status as GrpcStatus } from "@grpc/grpc-js";
 import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
@@ -37,6 +39,10 @@ const WAIT_MS = 10_000;
 // The pipeline is the test's: a Check with x-test-hold waits for release(), one with x-test-throw
 // fails to decide, any other is the missing-credential denial, which carries the request's id.
 const DENIAL: Decision = { allow: false, reason: "MISSING_CREDENTIAL", message: "No API key was sent." };
+// A Check with x-test-long-message gets a denial whose answer is about 6 MiB: its message is 1 MiB
+// of a control character, which the JSON body writes as \u0001.
+const LONG_DENIAL: Decision = { ...DENIAL, message: "\u0001".repeat(1024 * 1024) };
+const MiB = 1024 * 1024;
 
 class ControlledPipeline {
   readonly held: Array<(decision: Decision) => void> = [];
@@ -47,6 +53,7 @@ class ControlledPipeline {
     this.paths.push(input.path);
     if (input.headers.get("x-test-throw") === "1") throw new Error("store down");
     if (input.headers.get("x-test-hold") === "1") return new Promise<Decision>((resolve) => this.held.push(resolve));
+    if (input.headers.get("x-test-long-message") === "1") return LONG_DENIAL;
     return DENIAL;
   }
   release(): void {
@@ -626,6 +633,27 @@ describe.each(ENGINES)("gRPC conformance, engine %s", (engine) => {
       expect(entry.pipeline.paths).toEqual(["/v1/decks?q=\uFFFD@@"]);
     });
 
+    it("a denial echoes a request id of at most 128 printable ASCII characters, and an empty one for any other", async () => {
+      const entry = await start(engine);
+      const client = grpcClient(entry);
+      const echoed = async (request: CheckRequest): Promise<{ id: string; answerBytes: number }> => {
+        const outcome = await check(client, request);
+        if (!outcome.ok) throw new Error(`Check failed: ${outcome.code} ${outcome.details}`);
+        return { id: requestIdOf(outcome.value), answerBytes: toBinary(CheckResponseSchema, outcome.value).length };
+      };
+      const longest = "r".repeat(128);
+      expect((await echoed(checkRequest(longest))).id).toBe(longest);
+      expect((await echoed(checkRequest(' "~\\'))).id).toBe(' "~\\');
+      for (const id of ["r".repeat(129), "req-\u00e9", "req\n1", "req\u007f"]) expect((await echoed(checkRequest(id))).id).toBe("");
+      // From x-request-id when Envoy's id is empty: bounded the same way.
+      expect((await echoed(checkRequest("", { "x-request-id": "h".repeat(128) }))).id).toBe("h".repeat(128));
+      expect((await echoed(checkRequest("", { "x-request-id": "h".repeat(129) }))).id).toBe("");
+      // The largest Check, all of it the id: echoed and JSON-escaped (\u0001) it made a 24 MiB answer.
+      const largest = await echoed(checkRequest("\u0001".repeat(MAX_MESSAGE_BYTES - 4096)));
+      expect(largest.id).toBe("");
+      expect(largest.answerBytes).toBeLessThan(1024);
+    });
+
     it(`a connection may open at most ${MAX_CONCURRENT_STREAMS} streams at once (SETTINGS_MAX_CONCURRENT_STREAMS)`, async () => {
       const entry = await start(engine);
       const session = rawSession(entry);
@@ -823,7 +851,117 @@ describe("h2 engine, bounds on what calls hold", () => {
     const small = await raw(entry, [framed(checkBytes("small"))]);
     expect(requestIdOf(checkResponseOf(small))).toBe("small");
   });
+
+  // node:http2 hands a stream its DATA as slices of the whole socket read they came in (up to
+  // 64 KiB): a call that kept such a slice of a few bytes would keep the whole read alive.
+  it("a message sent a byte per socket read holds the bytes sent, not the reads they came in", async () => {
+    const entry = await start("h2");
+    const { socket, frames } = await openRawSession(entry);
+    try {
+      // A path that tells any byte lost, doubled or moved in reassembly.
+      const path = `/v1/${Array.from({ length: 3000 }, (_, i) => String.fromCharCode(97 + ((i * 7 + (i >> 5)) % 26))).join("")}`;
+      const whole = framed(toBinary(CheckRequestSchema, create(CheckRequestSchema, { attributes: { request: { http: { id: "bytewise", method: "GET", path } } } })));
+      socket.write(Buffer.concat([h2Frame(0x4, 0x1, 0), checkHeadersFrame(1), h2Frame(FRAME_DATA, 0, 1, whole.subarray(0, 5))]));
+      const before = arrayBuffersAfterGc();
+      const BYTES = 2200;
+      for (let i = 5; i < 5 + BYTES; i++) await writeAll(socket, inReadOfItsOwn(h2Frame(FRAME_DATA, 0, 1, whole.subarray(i, i + 1))));
+      await everythingRead(socket, frames);
+      const grown = arrayBuffersAfterGc() - before;
+      // The call holds 2,200 bytes; with a view of each read it held about 137 MiB.
+      expect(grown).toBeLessThan(4 * MiB);
+      socket.write(h2Frame(FRAME_DATA, FLAG_END_STREAM, 1, whole.subarray(5 + BYTES)));
+      await until(() => frames.some((frame) => frame.streamId === 1 && (frame.flags & FLAG_END_STREAM) === 1), WAIT_MS, "the answer on stream 1");
+      expectAnsweredOnce(frames, [1]);
+      expect(entry.pipeline.paths).toEqual([path]);
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it("Checks whose whole message came in a read but whose request has not ended hold their messages, not the reads", async () => {
+    const entry = await start("h2");
+    const { socket, frames } = await openRawSession(entry);
+    try {
+      socket.write(h2Frame(0x4, 0x1, 0));
+      const streamIds = Array.from({ length: 200 }, (_, i) => 1 + 2 * i);
+      const before = arrayBuffersAfterGc();
+      for (const id of streamIds) await writeAll(socket, inReadOfItsOwn(Buffer.concat([checkHeadersFrame(id), h2Frame(FRAME_DATA, 0, id, framed(checkBytes(`unended-${id}`)))])));
+      await everythingRead(socket, frames);
+      const grown = arrayBuffersAfterGc() - before;
+      // About 40 bytes a message; with a view of each read, 200 reads of 64 KiB (12.5 MiB).
+      expect(grown).toBeLessThan(2 * MiB);
+      expect(entry.pipeline.decided).toBe(0);
+      socket.write(Buffer.concat(streamIds.map((id) => h2Frame(FRAME_DATA, FLAG_END_STREAM, id))));
+      await until(() => streamIds.every((id) => frames.some((frame) => frame.streamId === id && (frame.flags & FLAG_END_STREAM) === 1)), WAIT_MS, "the 200 answers");
+      expectAnsweredOnce(frames, streamIds);
+      expect(entry.pipeline.decided).toBe(streamIds.length);
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it("an answer the client does not take within the request timeout is reset (CANCEL) and let go", async () => {
+    const requestTimeoutMs = 2000;
+    const entry = await start("h2", { requestTimeoutMs });
+    const before = arrayBuffersAfterGc();
+    // A window of 0 for the server's DATA: the answer's HEADERS come, its DATA never can.
+    const session = h2Connect(entry.url, { settings: { initialWindowSize: 0 } });
+    session.on("error", () => undefined);
+    sessions.push(session);
+    const stream = session.request({ ":method": "POST", ":path": CHECK_PATH, "content-type": "application/grpc", te: "trailers" });
+    stream.on("error", () => undefined);
+    const status = new Promise<unknown>((resolve) => stream.once("response", (headers) => resolve(headers[h2.HTTP2_HEADER_STATUS])));
+    stream.end(framed(toBinary(CheckRequestSchema, checkRequest("untaken", { "x-test-long-message": "1" }))));
+    expect(await status).toBe(200);
+    const answeredAt = performance.now();
+    // The answer (about 6 MiB) waits in keygate for the window.
+    expect(arrayBuffersAfterGc() - before).toBeGreaterThan(5 * MiB);
+    await until(() => stream.closed, WAIT_MS, "keygate to reset the stream whose answer is not taken");
+    expect(stream.rstCode).toBe(h2.NGHTTP2_CANCEL);
+    // Not before the request timeout (less the time the answer's HEADERS took to arrive).
+    expect(performance.now() - answeredAt).toBeGreaterThan(requestTimeoutMs / 2);
+    expect(arrayBuffersAfterGc() - before).toBeLessThan(1 * MiB);
+    // A client that reads its answers on the same server is answered in full.
+    const taken = await raw(entry, [framed(checkBytes("taken"))]);
+    expect(requestIdOf(checkResponseOf(taken))).toBe("taken");
+  });
 });
+
+v8.setFlagsFromString("--expose-gc");
+const exposedGc: unknown = vm.runInNewContext("gc");
+
+/** The process's array buffer bytes, once two full collections have run. */
+function arrayBuffersAfterGc(): number {
+  if (typeof exposedGc !== "function") throw new Error("gc is not exposed");
+  exposedGc();
+  exposedGc();
+  return process.memoryUsage().arrayBuffers;
+}
+
+/** An HTTP/2 frame of an unknown type (0x20), which the server reads and ignores (RFC 9113 §5.5). */
+function unknownFrame(length: number): Buffer {
+  return h2Frame(0x20, 0, 0, Buffer.alloc(length, 0x7a));
+}
+
+/**
+ * `bytes` padded with ignored frames to just under 64 KiB, the most node:http2 reads from a
+ * socket at once: sent one after another, each comes in a read of its own.
+ */
+function inReadOfItsOwn(bytes: Buffer): Buffer {
+  return Buffer.concat([unknownFrame(16_384), unknownFrame(16_384), unknownFrame(16_384), unknownFrame(16_000 - bytes.length), bytes]);
+}
+
+async function writeAll(socket: Socket, bytes: Buffer): Promise<void> {
+  if (!socket.write(bytes)) await new Promise<void>((resolve) => socket.once("drain", () => resolve()));
+}
+
+/** Resolves once keygate has acknowledged a PING sent now, so has read every byte sent before it. */
+async function everythingRead(socket: Socket, frames: readonly WireFrame[]): Promise<void> {
+  const acks = (): number => frames.filter((frame) => frame.type === FRAME_PING && (frame.flags & 0x1) === 1).length;
+  const before = acks();
+  socket.write(h2Frame(FRAME_PING, 0, 0, Buffer.alloc(8)));
+  await until(() => acks() > before, WAIT_MS, "keygate's PING ack");
+}
 
 describe("KEYGATE_GRPC_ENGINE", () => {
   it("is h2 unless set, takes grpc-js, and refuses anything else naming the variable", () => {
@@ -908,6 +1046,7 @@ const FRAME_HEADERS = 0x1;
 const FRAME_DATA = 0x0;
 const FLAG_END_STREAM = 0x1;
 const FRAME_RST_STREAM = 0x3;
+const FRAME_PING = 0x6;
 
 /** Calls `onRead` with the whole frames each 'data' event of a raw HTTP/2 socket completed. */
 function readFrames(socket: Socket, onRead: (frames: WireFrame[]) => void): void {
@@ -923,8 +1062,8 @@ function readFrames(socket: Socket, onRead: (frames: WireFrame[]) => void): void
   });
 }
 
-/** A whole Check request on `streamId`: HEADERS, then its message in DATA with END_STREAM. */
-function checkRequestFrames(streamId: number): Buffer[] {
+/** The HEADERS frame opening a Check on `streamId` (END_HEADERS; the request goes on). */
+function checkHeadersFrame(streamId: number): Buffer {
   const headers = hpackLiterals([
     [":method", "POST"],
     [":scheme", "http"],
@@ -933,7 +1072,12 @@ function checkRequestFrames(streamId: number): Buffer[] {
     ["content-type", "application/grpc"],
     ["te", "trailers"],
   ]);
-  return [h2Frame(FRAME_HEADERS, 0x4, streamId, headers), h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`)))];
+  return h2Frame(FRAME_HEADERS, 0x4, streamId, headers);
+}
+
+/** A whole Check request on `streamId`: HEADERS, then its message in DATA with END_STREAM. */
+function checkRequestFrames(streamId: number): Buffer[] {
+  return [checkHeadersFrame(streamId), h2Frame(FRAME_DATA, FLAG_END_STREAM, streamId, framed(checkBytes(`req-${streamId}`)))];
 }
 
 describe("h2 engine, trailers in the answer's turn", () => {

@@ -62,6 +62,7 @@ const BAD_SETTINGS: Array<[string, Record<string, string>, RegExp]> = [
   ['cost "12abc"', { cost: " 12abc " }, /"cost"/],
   ['required_scopes "read write" (spaces, not commas)', { required_scopes: "read write" }, /"required_scopes"/],
   ['required_scopes "Decks" (not a scope name)', { required_scopes: "Decks" }, /"required_scopes"/],
+  ['required_scopes "deck" (not in scopes.catalog, so no key can hold it)', { required_scopes: "deck" }, /"required_scopes".*scopes\.catalog/],
 ];
 
 describe("fail closed: malformed context_extensions", () => {

@@ -119,10 +119,51 @@ describe("routes happy", () => {
     ]);
     expect(named.match("HEAD", "/v1/x")).toMatchObject({ method: "HEAD" });
     const star = new RouteTable([
-      { method: "GET", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
       { method: "*", pathPrefix: "/v1", requiredScopes: ["write"], cost: 1, metered: true },
+      { method: "GET", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
     ]);
     expect(star.match("HEAD", "/v1/x")).toMatchObject({ method: "*" });
+  });
+
+  it("a HEAD is judged on GET's route wherever that route comes before the HEAD or catch-all route, so it never needs less than GET", () => {
+    const reports = { method: "GET", pathPrefix: "/v1/reports", requiredScopes: ["reports"], cost: 3, metered: true, quota: "exports" };
+    const tables = {
+      // The catch-all the README recommends, under a GET-only prefix.
+      catchAll: [reports, { method: "*", pathPrefix: "/", requiredScopes: ["read"], cost: 1, metered: true }],
+      // deploy/config/keygate.example.yaml's routes, with a GET-only prefix deeper under /v1.
+      example: [
+        reports,
+        { method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"], cost: 1, metered: true },
+        { method: "GET", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+        { method: "HEAD", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+        { method: "*", pathPrefix: "/v1", requiredScopes: ["write"], cost: 1, metered: true },
+      ],
+      // The same prefix: GET listed before the catch-all, so GET takes it, and HEAD with it.
+      samePrefix: [
+        { method: "GET", pathPrefix: "/v1", requiredScopes: ["reports"], cost: 1, metered: true },
+        { method: "*", pathPrefix: "/v1", requiredScopes: ["read"], cost: 1, metered: true },
+      ],
+    };
+    for (const [name, routes] of Object.entries(tables)) {
+      const routeTable = new RouteTable(routes);
+      for (const path of ["/v1/reports", "/v1/reports/q3?x=1", "/v1/%72eports/q3", "/v1/other", "/v1/admin/x", "/elsewhere"]) {
+        expect(routeTable.requirements("HEAD", path, undefined), `${name} ${path}`).toEqual(routeTable.requirements("GET", path, undefined));
+      }
+    }
+    expect(new RouteTable(tables.catchAll).match("HEAD", "/v1/reports/q3")).toBe(reports);
+    expect(new RouteTable(tables.example).requirements("HEAD", "/v1/reports/q3", undefined)).toEqual({
+      requiredScopes: ["reports"],
+      projectId: null,
+      cost: 3,
+      metered: true,
+      minRole: null,
+      quota: "exports",
+    });
+    // A HEAD route more specific than GET's still decides: the policy names HEAD there.
+    const peek = { method: "HEAD", pathPrefix: "/v1/reports/peek", requiredScopes: [], cost: 0, metered: false };
+    expect(new RouteTable([...tables.catchAll, peek]).match("HEAD", "/v1/reports/peek/1")).toBe(peek);
+    // Lower-case "head" is not HEAD to every server: refused where the readings differ.
+    expect(new RouteTable(tables.catchAll).match("head", "/v1/reports/q3")).toBe(METHOD_CASE_REFUSAL);
   });
 
   it("context_extensions win field by field", () => {
@@ -150,6 +191,22 @@ describe("routes error", () => {
     for (const scopes of ["Decks", "read write", "read;write", "decks,*", "ünï", ",", " , ", ",,"]) {
       expect(table.requirements("GET", "/v1/decks", { required_scopes: scopes }), scopes).toBe(ROUTE_CONFIG_REFUSALS.requiredScopes);
     }
+  });
+
+  it("required_scopes naming a scope outside the policy's catalog is a ROUTE_MISCONFIGURED denial, judged once per value", () => {
+    const catalog = new Set(["decks", "export", "webhooks"]);
+    expect(table.requirements("GET", "/other", { required_scopes: "decks, export" }, catalog)).toMatchObject({ requiredScopes: ["decks", "export"] });
+    for (const scopes of ["deck", "decks,deck", "read"]) {
+      expect(table.requirements("GET", "/v1/decks", { required_scopes: scopes }, catalog), scopes).toBe(ROUTE_CONFIG_REFUSALS.unknownScope);
+    }
+    expect(ROUTE_CONFIG_REFUSALS.unknownScope).toMatchObject({
+      reason: "ROUTE_MISCONFIGURED",
+      message: 'The gateway\'s per-route "required_scopes" (context_extensions) names a scope that is not in the policy\'s scopes.catalog, so no key can hold it. This is a gateway configuration error.',
+    });
+    // Not a scope name at all is still that refusal; another catalog judges the same value anew.
+    expect(table.requirements("GET", "/v1/decks", { required_scopes: "Deck" }, catalog)).toBe(ROUTE_CONFIG_REFUSALS.requiredScopes);
+    expect(table.requirements("GET", "/v1/decks", { required_scopes: "deck" }, new Set(["deck"]))).toMatchObject({ requiredScopes: ["deck"] });
+    expect(table.requirements("GET", "/v1/decks", { required_scopes: "deck" }, catalog)).toBe(ROUTE_CONFIG_REFUSALS.unknownScope);
   });
 
   it("a metered route counts toward the named quota the policy or context_extensions.quota gives; a bad name is ROUTE_MISCONFIGURED", () => {
