@@ -209,7 +209,7 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
  * empty one otherwise.
  */
 export function errorBody(spec: DenialSpec, message: string, requestId: string): string {
-  const echoed = JSON.stringify(isEchoable(requestId) ? requestId : "");
+  const echoed = JSON.stringify(echoedRequestId(requestId));
   // The standard wording is the common case (every bad-key flood), so its prefix is kept.
   if (message === spec.message) {
     let prefix = STANDARD_PREFIXES.get(spec);
@@ -229,6 +229,11 @@ export function errorBody(spec: DenialSpec, message: string, requestId: string):
  * character, it would make a denial 24 MiB.
  */
 export const MAX_ECHOED_REQUEST_ID = 128;
+
+/** The request id an answer echoes: `requestId` when isEchoable, else "". */
+export function echoedRequestId(requestId: string): string {
+  return isEchoable(requestId) ? requestId : "";
+}
 
 /** At most MAX_ECHOED_REQUEST_ID characters, each printable ASCII (0x20-0x7E). */
 function isEchoable(requestId: string): boolean {

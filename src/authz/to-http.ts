@@ -1,7 +1,7 @@
 import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
-import { DENIALS, errorBody } from "./reasons.js";
+import { DENIALS, echoedRequestId, errorBody } from "./reasons.js";
 
 /** An HTTP-mode answer: what nginx, Caddy, Traefik or Envoy's HTTP service receive. */
 export interface HttpAnswer {
@@ -47,7 +47,7 @@ export function unavailableAnswer(requestId: string): HttpAnswer {
         statusCode: 503,
         code: "UNAVAILABLE",
       },
-      requestId,
+      requestId: echoedRequestId(requestId),
     }),
   };
 }

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import type { Deny } from "../../src/authz/pipeline.js";
 import { DENIALS, errorBody, MAX_ECHOED_REQUEST_ID } from "../../src/authz/reasons.js";
-import { toHttpAnswer } from "../../src/authz/to-http.js";
+import { toHttpAnswer, unavailableAnswer } from "../../src/authz/to-http.js";
 
 const SPEC = DENIALS.MISSING_CREDENTIAL;
 
@@ -37,6 +37,11 @@ describe("denial body: the request id it echoes", () => {
       const deny: Deny = { allow: false, reason: "MISSING_CREDENTIAL", message: SPEC.message };
       expect(echoedId(toHttpAnswer(deny, [], "r".repeat(MAX_ECHOED_REQUEST_ID), 0).body)).toBe("r".repeat(MAX_ECHOED_REQUEST_ID));
       expect(echoedId(toHttpAnswer(deny, [], "r".repeat(MAX_ECHOED_REQUEST_ID + 1), 0).body)).toBe("");
+    });
+
+    it("the HTTP mode's 503 when a key cannot be checked is bounded the same way", () => {
+      expect(echoedId(unavailableAnswer("r".repeat(MAX_ECHOED_REQUEST_ID)).body)).toBe("r".repeat(MAX_ECHOED_REQUEST_ID));
+      expect(echoedId(unavailableAnswer("\u0001".repeat(1024)).body)).toBe("");
     });
   });
 });
