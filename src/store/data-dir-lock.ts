@@ -1,3 +1,4 @@
+import { chmodSync, closeSync, openSync } from "node:fs";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 
@@ -18,7 +19,11 @@ export class DataDirLock {
 
   /** Takes the directory, or returns null when another process holds it. */
   static acquire(dataDir: string): DataDirLock | null {
-    const db = new DatabaseSync(join(dataDir, "keygate.lock"));
+    const path = join(dataDir, "keygate.lock");
+    // Owner-only, as everything in the data directory (it holds nothing, but nothing there is shared).
+    closeSync(openSync(path, "a", 0o600));
+    chmodSync(path, 0o600);
+    const db = new DatabaseSync(path);
     try {
       db.exec("PRAGMA locking_mode = EXCLUSIVE");
       db.exec("BEGIN EXCLUSIVE");
