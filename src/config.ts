@@ -19,7 +19,7 @@ export const KEY_MODES = ["live", "test"] as const;
 export const MAX_RATE_PARTS = 2 ** 50;
 
 const rateLimitSchema = z
-  .object({
+  .strictObject({
     limit: z.number().int().positive(),
     windowSeconds: z.number().int().positive(),
   })
@@ -31,7 +31,7 @@ const rateLimitSchema = z
 export const QUOTA_NAME_PATTERN = /^[a-z][a-z0-9_-]{0,31}$/;
 const quotaName = z.string().regex(QUOTA_NAME_PATTERN, 'a quota name is lowercase letters, digits, "_" and "-", starting with a letter');
 
-const planSchema = z.object({
+const planSchema = z.strictObject({
   maxActiveKeys: z.number().int().min(0),
   rateLimit: rateLimitSchema,
   /** Requests a UTC day to metered routes that name no quota; null: unlimited. */
@@ -56,9 +56,15 @@ const CANONICAL_PREFIX = /^(?:\/(?:[A-Za-z0-9._~-]*[A-Za-z0-9_~-]|\{project\}))*
 /** The path segment of a route prefix that matches any one segment and gives the project the key must be locked to (or unlocked). */
 export const PROJECT_SEGMENT = "{project}";
 
-const routeSchema = z.object({
+const routeSchema = z.strictObject({
   /** HTTP method, or "*" for any. */
-  method: z.string().default("*").transform((m) => m.toUpperCase()),
+  // One method (any letter case) or "*": "GET,POST" would name a method no request has, and the
+  // route would never match.
+  method: z
+    .string()
+    .regex(/^(\*|[A-Za-z][A-Za-z-]*)$/, 'a method is one HTTP method, such as GET, or "*" for every method')
+    .default("*")
+    .transform((m) => m.toUpperCase()),
   pathPrefix: z
     .string()
     .startsWith("/")
@@ -97,10 +103,10 @@ const FORWARDED_METADATA_NAME = /^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$/;
 const DEFAULT_CHARGE_RATE_LIMIT = { limit: 6000, windowSeconds: 60 };
 
 const policySchema = z
-  .object({
+  .strictObject({
     defaultPlan: z.string().default("basic"),
     plans: z.record(z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/), planSchema),
-    scopes: z.object({
+    scopes: z.strictObject({
       catalog: z.array(scopeName).min(1),
       default: z.array(scopeName).min(1),
     }),
@@ -110,14 +116,14 @@ const policySchema = z
      * "/v1/decks" (IIS, ASP.NET): matching ignores letter case. false (the default) matches case
      * exactly and refuses a path that would match another route with case ignored.
      */
-    routeMatching: z.object({ caseInsensitive: z.boolean().default(false) }).default({ caseInsensitive: false }),
+    routeMatching: z.strictObject({ caseInsensitive: z.boolean().default(false) }).default({ caseInsensitive: false }),
     /**
      * Limits of test-mode keys (kg_test_…), kept apart from live keys': their own rate bucket per
      * account (or per key), their own daily quota, their own key cap, and no credits spent.
      * rateLimit null: the plan's; dailyQuota null: unlimited; maxActiveKeys null: the plan's cap.
      */
     testMode: z
-      .object({
+      .strictObject({
         rateLimit: rateLimitSchema.nullable().default(null),
         dailyQuota: z.number().int().min(0).nullable().default(null),
         maxActiveKeys: z.number().int().min(0).nullable().default(null),
@@ -137,7 +143,7 @@ const policySchema = z
       .min(1)
       .default(["authorization", "x-api-key"]),
     cache: z
-      .object({
+      .strictObject({
         maxEntries: z.number().int().positive().default(100_000),
         ttlSeconds: z.number().positive().default(30),
         negativeMaxEntries: z.number().int().positive().default(100_000),
@@ -152,11 +158,11 @@ const policySchema = z
      */
     lastUsedResolutionSeconds: z.number().int().min(0).max(MAX_FLUSH_SECONDS, AT_MOST_A_DAY).default(DEFAULT_LAST_USED_RESOLUTION_SECONDS),
     limits: z
-      .object({
+      .strictObject({
         /** Whose requests share a rate-limit bucket. A key with its own limit always has its own. */
         rateLimitPer: z.enum(["account", "key"]).default("account"),
         /** Rate limits by account role; they replace the plan's limit for that role. */
-        roleRateLimits: z.object({ standard: rateLimitSchema, premium: rateLimitSchema, admin: rateLimitSchema }).partial().default({}),
+        roleRateLimits: z.strictObject({ standard: rateLimitSchema, premium: rateLimitSchema, admin: rateLimitSchema }).partial().default({}),
         /**
          * When Redis fails: "fallback" counts in-process on each replica (the default), "fail-open"
          * lets requests through uncharged, "fail-closed" answers UNAVAILABLE.

@@ -41,19 +41,20 @@ export interface ScopedToken {
   owners: ReadonlySet<string> | null;
 }
 
-const tokensFileSchema = z.object({
-  tokens: z
-    .array(
-      z.object({
-        /** Shown in logs and the audit trail instead of the token. */
-        name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,63}$/, 'a token name is 1-64 lowercase letters, digits, "_", "." and "-"'),
-        token: z.string().min(24, "must be at least 24 characters"),
-        permissions: z.array(z.enum(PERMISSIONS)).min(1),
-        /** Optional: only these owners' accounts, keys, usage and audit events. */
-        owners: z.array(z.string().regex(/^[\x21-\x7e]{1,128}$/, "an owner id is 1-128 printable ASCII characters without spaces")).min(1).optional(),
-      }),
-    )
-    .min(1),
+// Strict: a misspelled field ("owner" for "owners") would otherwise be dropped, and a token meant
+// for some owners would hold every owner's keys.
+const tokensFileSchema = z.strictObject({
+  // An empty list is a file whose tokens have all been removed: each removal revokes its token.
+  tokens: z.array(
+    z.strictObject({
+      /** Shown in logs and the audit trail instead of the token. */
+      name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,63}$/, 'a token name is 1-64 lowercase letters, digits, "_", "." and "-"'),
+      token: z.string().min(24, "must be at least 24 characters"),
+      permissions: z.array(z.enum(PERMISSIONS)).min(1),
+      /** Optional: only these owners' accounts, keys, usage and audit events. */
+      owners: z.array(z.string().regex(/^[\x21-\x7e]{1,128}$/, "an owner id is 1-128 printable ASCII characters without spaces")).min(1).optional(),
+    }),
+  ),
 });
 
 /** Reads KEYGATE_ADMIN_TOKENS_FILE; an error names the file and the problem, never a token. */

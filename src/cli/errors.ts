@@ -24,7 +24,8 @@ function hint(code: Code, url: string): string | null {
     case Code.Unauthenticated:
       return "set --token or KEYGATE_ADMIN_TOKEN to an admin token";
     case Code.PermissionDenied:
-      return "use an admin token, not an API key";
+      // An API key is refused as unauthenticated: this is a named token without the permission or owner.
+      return "use an admin token that has that permission (and, for a token limited to owners, that owner)";
     case Code.Unavailable:
     case Code.Unknown:
       return `is keygate running at ${url}? (set --url or KEYGATE_URL)`;
