@@ -39,6 +39,7 @@ import { CHECK_UNAVAILABLE_MESSAGE, MAX_CONCURRENT_STREAMS, createH2GrpcServer }
 import type { H2ServerDeps } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
+import { echoedRequestId } from "../authz/reasons.js";
 import type { AccessLog } from "./access-log.js";
 import { createAcceptor } from "./tls.js";
 import type { ListenerTls } from "./tls.js";
@@ -216,12 +217,19 @@ export interface AuthzCore {
   readiness: Readiness;
 }
 
-/** The request id Check answers with: Envoy's, else the x-request-id header, else a new one. */
+/**
+ * The request id Check answers and logs with: Envoy's, else the x-request-id header, else a new
+ * one. An id a client could have chosen is taken only within echoedRequestId's bounds (128
+ * printable characters): a 60,000-character one would otherwise go whole into every log line.
+ */
 function requestIdOf(request: DecodedCheckRequest, headers: HeaderBag): string {
   const http = request.attributes?.request?.http;
   const header = headers.get("x-request-id");
-  return http?.id || (typeof header === "string" ? header : "") || randomUUID();
+  return echoedRequestId(http?.id || (typeof header === "string" ? header : "")) || randomUUID();
 }
+
+/** How often the error line for bad per-route settings is written; every such Check is counted. */
+const MISCONFIGURED_LOG_INTERVAL_MS = 60_000;
 
 /**
  * Builds the engine-independent Check and health logic. `framed`: answers come with their gRPC
@@ -265,6 +273,9 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     }
   }
 
+  let misconfiguredLoggedAt = Number.NEGATIVE_INFINITY;
+  let misconfiguredUnlogged = 0;
+
   function recordAnswered(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;
     metrics.recordCheck("grpc", reason, startedAt, performance.now());
@@ -273,8 +284,17 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       const http = request.attributes?.request?.http;
       accessLog.decided("grpc", d, http?.method ?? "", http?.path ?? "/", requestId, startedAt);
     }
-    // The client's answer names the bad setting; the operator's log also gets its value.
-    if (reason === "ROUTE_MISCONFIGURED") logger.error({ requestId, contextExtensions: request.attributes?.contextExtensions }, "bad per-route settings from the proxy");
+    // The client's answer names the bad setting; the operator's log also gets its value, once a
+    // minute (with how many more there were): a client can send such Checks as fast as it likes,
+    // and keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
+    if (reason === "ROUTE_MISCONFIGURED") {
+      const now = performance.now();
+      if (now - misconfiguredLoggedAt >= MISCONFIGURED_LOG_INTERVAL_MS) {
+        logger.error({ requestId, contextExtensions: request.attributes?.contextExtensions, since: misconfiguredUnlogged }, "bad per-route settings from the proxy");
+        misconfiguredLoggedAt = now;
+        misconfiguredUnlogged = 0;
+      } else misconfiguredUnlogged += 1;
+    }
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
   }
 

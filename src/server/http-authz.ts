@@ -17,6 +17,7 @@ import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
+import { echoedRequestId } from "../authz/reasons.js";
 import type { AccessLog } from "./access-log.js";
 import type { ListenerTls } from "./tls.js";
 
@@ -84,7 +85,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     }
     if (url === "/denied") {
       req.resume();
-      const requestId = firstHeader(req, "x-request-id") || randomUUID();
+      const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
       send(res, renderDeniedEcho(firstHeader(req, "x-keygate-status"), firstHeader(req, "x-keygate-body"), requestId));
       return;
     }
@@ -97,7 +98,8 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     }
     // The body of an authorization subrequest is never read; drain it so keep-alive works.
     req.resume();
-    const requestId = firstHeader(req, "x-request-id") || randomUUID();
+    // A client's id, within the bounds an answer echoes (it goes into every log line too).
+    const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
     const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
     const method = original.ok ? original.method : (req.method ?? "");

@@ -13,6 +13,8 @@ import { DecisionTracer } from "./tracing.js";
 const SCOPE = "keygate";
 /** How long the last spans may take to reach the collector at shutdown. */
 const SHUTDOWN_FLUSH_MS = 5000;
+/** The longest span attribute value kept (the SDK's default keeps any length). */
+const MAX_ATTRIBUTE_LENGTH = 2048;
 /** The SDK's complaints (a collector that does not answer) are logged at most this often. */
 const DIAG_LOG_INTERVAL_MS = 60_000;
 
@@ -75,6 +77,9 @@ export function createTracing(
     sampler: samplerFor(settings.sampler, settings.samplerRatio),
     spanProcessors: [new BatchSpanProcessor({ exporter: out, scheduledDelayMillis: settings.scheduleDelayMs })],
     forceFlushTimeoutMillis: SHUTDOWN_FLUSH_MS,
+    // keygate's own attributes are short (pathOnly keeps 1,024 characters of a path); this bounds
+    // any other, so a queue of spans cannot grow with what clients send.
+    spanLimits: { attributeValueLengthLimit: MAX_ATTRIBUTE_LENGTH },
   });
   const tracer = new DecisionTracer(provider.getTracer(SCOPE));
   return {

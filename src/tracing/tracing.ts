@@ -79,8 +79,15 @@ const HEADER_GETTER: TextMapGetter<HeaderBag> = {
  */
 export function pathOnly(path: string): string {
   const query = path.indexOf("?");
+  const end = query === -1 ? path.length : query;
+  // A path is refused past 16,384 characters, but a span and a log line keep 1,024 of any path
+  // at most: a client can send one of 60,000, and each would go whole into the access log.
+  if (end > MAX_LOGGED_PATH) return `${redactText(path.slice(0, MAX_LOGGED_PATH))}…`;
   return redactText(query === -1 ? path : path.slice(0, query));
 }
+
+/** The most of a request path a span or a log line keeps. */
+export const MAX_LOGGED_PATH = 1024;
 
 /**
  * Starts and ends decision spans. A Check's `traceparent` and `tracestate` headers (the
