@@ -3,9 +3,9 @@ import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
-import { RedisInvalidationBus, RedisSharedCache, redisOptions } from "../../src/cache/redis.js";
-import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
-import { newKeyRecord } from "../../src/store/store.js";
+import { RedisInvalidationBus, RedisSharedCache } from "../../src/cache/redis.js";
+import type { KeySnapshot } from "../../src/store/store.js";
+import { heldStore, lookupSnapshot, mapStore, redisConnections } from "../harness/lookup-stores.js";
 import { startKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
@@ -23,77 +23,12 @@ const POLL = { intervalMs: 10 } as const;
 // FLUSHALL below would wipe a shared server: run only against a redis-server of our own.
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server") && (process.env["KEYGATE_TEST_REDIS_URL"] ?? "") === "";
 
-function snapshot(ownerId: string, id: string, hash: string, revokedAtMs: number | null = null): KeySnapshot {
-  return {
-    key: newKeyRecord({
-      id,
-      hash,
-      ownerId,
-      name: id,
-      mode: "live",
-      start: "kg_live_abcd",
-      last4: "wxyz",
-      scopes: ["read"],
-      createdAtMs: 1_700_000_000_000,
-      revokedAtMs,
-    }),
-    account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
-  };
-}
-
-/** A store whose reads wait for the test to answer them: a store read in flight across a revocation. */
-function heldStore(): { store: KeyStore; calls: () => number; answer: (value: KeySnapshot | null) => void } {
-  let calls = 0;
-  const waiting: Array<(value: KeySnapshot | null) => void> = [];
-  const unused = async (): Promise<never> => {
-    throw new Error("not used");
-  };
-  const store: KeyStore = {
-    kind: "held",
-    findSnapshotByHash: (_hash) =>
-      new Promise<KeySnapshot | null>((resolve) => {
-        calls += 1;
-        waiting.push(resolve);
-      }),
-    upsertAccount: unused,
-    getAccount: unused,
-    countActiveKeys: unused,
-    createKey: unused,
-    getKey: unused,
-    listKeys: unused,
-    updateKey: unused,
-    revokeKey: unused,
-    rotateKey: unused,
-    getCredits: unused,
-    addCredits: unused,
-    applyUsage: unused,
-    listUsage: unused,
-    appendAudit: unused,
-    listAudit: unused,
-    touchLastUsed: unused,
-    ping: unused,
-    close: async () => undefined,
-  };
-  return { store, calls: () => calls, answer: (value) => waiting.shift()?.(value) };
-}
-
-/** A store that answers from a map at once. */
-function mapStore(snapshots: Map<string, KeySnapshot>): KeyStore {
-  const held = heldStore().store;
-  return { ...held, kind: "map", findSnapshotByHash: async (hash) => snapshots.get(hash) ?? null };
-}
+const snapshot = lookupSnapshot;
 
 describe.runIf(ready)("the L2 fill guard when Redis loses its data", () => {
   let server: RedisServer;
-  const connections: Redis[] = [];
-
-  async function open(): Promise<Redis> {
-    const redis = new Redis(server.url, redisOptions({ lazyConnect: false, retryStrategy: () => 100 }));
-    redis.on("error", () => undefined);
-    connections.push(redis);
-    await until(() => redis.status === "ready", 5000, "connection ready", POLL);
-    return redis;
-  }
+  const connections = redisConnections(() => server.url);
+  const open = (): Promise<Redis> => connections.open();
 
   beforeAll(async () => {
     const started = await startRedis();
@@ -102,7 +37,7 @@ describe.runIf(ready)("the L2 fill guard when Redis loses its data", () => {
   });
 
   afterAll(async () => {
-    for (const connection of connections) connection.disconnect();
+    connections.closeAll();
     await server?.stop();
   });
 
@@ -142,7 +77,7 @@ describe.runIf(ready)("the L2 fill guard when Redis loses its data", () => {
     const stored = new Map<string, KeySnapshot>();
     const held = heldStore();
     const lookupB = new SnapshotLookup({ local: l1(), shared: new RedisSharedCache(mainB, cacheOptions), store: held.store, bus: busB });
-    const lookupC = new SnapshotLookup({ local: l1(), shared: new RedisSharedCache(mainC, cacheOptions), store: mapStore(stored), bus: busC });
+    const lookupC = new SnapshotLookup({ local: l1(), shared: new RedisSharedCache(mainC, cacheOptions), store: mapStore(stored).store, bus: busC });
     try {
       for (let i = 0; i < 5; i++) await sharedA.invalidate({ kind: "key", hash: `other-${i}` });
 

@@ -5,7 +5,8 @@ import type { Invalidation } from "../../src/cache/cache.js";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
 import { RedisInvalidationBus, RedisSharedCache, redisOptions } from "../../src/cache/redis.js";
-import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
+import type { KeySnapshot } from "../../src/store/store.js";
+import { mapStore } from "../harness/lookup-stores.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
@@ -39,40 +40,6 @@ function snapshot(ownerId: string, id: string, revokedAtMs: number | null = null
     }),
     account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
   };
-}
-
-/** Only findSnapshotByHash is used by the lookup; it serves a map and counts calls. */
-function mapStore(snapshots: Map<string, KeySnapshot>): { store: KeyStore; calls: () => number } {
-  let calls = 0;
-  const unused = async (): Promise<never> => {
-    throw new Error("not used");
-  };
-  const store: KeyStore = {
-    kind: "map",
-    findSnapshotByHash: async (hash) => {
-      calls += 1;
-      return snapshots.get(hash) ?? null;
-    },
-    upsertAccount: unused,
-    getAccount: unused,
-    countActiveKeys: unused,
-    createKey: unused,
-    getKey: unused,
-    listKeys: unused,
-    updateKey: unused,
-    revokeKey: unused,
-    rotateKey: unused,
-    getCredits: unused,
-    addCredits: unused,
-    applyUsage: unused,
-    listUsage: unused,
-    appendAudit: unused,
-    listAudit: unused,
-    touchLastUsed: unused,
-    ping: unused,
-    close: async () => undefined,
-  };
-  return { store, calls: () => calls };
 }
 
 describe.runIf(ready)("L2 freshness and the bus heartbeat (Redis)", () => {

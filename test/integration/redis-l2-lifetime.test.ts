@@ -3,9 +3,9 @@ import { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { MemoryCache } from "../../src/cache/memory.js";
-import { RedisInvalidationBus, RedisSharedCache, redisOptions } from "../../src/cache/redis.js";
-import type { KeySnapshot, KeyStore } from "../../src/store/store.js";
-import { newKeyRecord } from "../../src/store/store.js";
+import { RedisInvalidationBus, RedisSharedCache } from "../../src/cache/redis.js";
+import type { KeySnapshot } from "../../src/store/store.js";
+import { lookupOnlyStore, lookupSnapshot, redisConnections } from "../harness/lookup-stores.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
@@ -17,30 +17,19 @@ import type { RedisServer } from "../harness/redis-server.js";
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
-function snapshot(hash: string): KeySnapshot {
-  return {
-    key: newKeyRecord({ id: "key_life", hash, ownerId: "life-owner", name: "life", mode: "live", start: "kg_live_abcd", last4: "wxyz", scopes: ["read"], createdAtMs: 1_700_000_000_000 }),
-    account: { ownerId: "life-owner", plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: 1, updatedAtMs: 2 },
-  };
-}
+const snapshot = (hash: string): KeySnapshot => lookupSnapshot("life-owner", "key_life", hash);
 
 describe.runIf(ready)("an L2 hit in L1", () => {
   let server: RedisServer;
-  const connections: Redis[] = [];
-  async function open(): Promise<Redis> {
-    const redis = new Redis(server.url, redisOptions({ lazyConnect: false }));
-    redis.on("error", () => undefined);
-    connections.push(redis);
-    await until(() => redis.status === "ready", 5000, "connection ready", { intervalMs: 10 });
-    return redis;
-  }
+  const connections = redisConnections(() => server.url);
+  const open = (): Promise<Redis> => connections.open();
   beforeAll(async () => {
     const started = await startRedis();
     if (started === null) throw new Error("redis-server is not on PATH");
     server = started;
   });
   afterAll(async () => {
-    for (const connection of connections) connection.disconnect();
+    connections.closeAll();
     await server?.stop();
   });
 
@@ -51,7 +40,7 @@ describe.runIf(ready)("an L2 hit in L1", () => {
     await bus.start();
     const shared = new RedisSharedCache(main, { ttlSeconds: 30, negativeTtlSeconds: 5, keyPrefix: prefix });
     const local = new MemoryCache({ maxEntries: 100, ttlSeconds: 30, negativeMaxEntries: 100, negativeTtlSeconds: 5 });
-    const store = { findSnapshotByHash: async () => snapshot("h") } as unknown as KeyStore;
+    const store = lookupOnlyStore(async () => snapshot("h"));
     const lookup = new SnapshotLookup({ local, shared, store, bus });
     try {
       expect(await shared.set("h", snapshot("h"))).toBe(true);
