@@ -5,7 +5,7 @@ import { stringify } from "yaml";
 import { Writable } from "node:stream";
 import { create } from "@bufbuild/protobuf";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import type { Client, Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
@@ -160,4 +160,15 @@ export async function postJson(port: number, method: string, body: unknown, toke
 export async function httpCheck(port: number, path: string, headers: Record<string, string>): Promise<{ status: number; headers: Headers; body: string }> {
   const res = await fetch(`http://127.0.0.1:${port}${path}`, { headers });
   return { status: res.status, headers: res.headers, body: await res.text() };
+}
+
+/** The code and message a KeyAdmin call was refused with; throws if it succeeded or failed otherwise. */
+export async function adminRefusal(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
+  try {
+    await call;
+  } catch (error) {
+    if (error instanceof ConnectError) return { code: error.code, message: error.rawMessage };
+    throw error;
+  }
+  throw new Error("the call succeeded");
 }

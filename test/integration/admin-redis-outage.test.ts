@@ -1,6 +1,6 @@
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY, adminRefusal, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
@@ -19,15 +19,7 @@ const POLL = { intervalMs: 20 } as const;
 /** What a change answers when it is saved but Redis could not be told. */
 const UNTOLD = { code: Code.Unavailable, message: "the change is saved; other replicas could not be told yet, and keygate keeps telling them until Redis answers" };
 
-async function refusal(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
-  try {
-    await call;
-  } catch (error) {
-    if (error instanceof ConnectError) return { code: error.code, message: error.rawMessage };
-    throw error;
-  }
-  throw new Error("the call succeeded");
-}
+const refusal = adminRefusal;
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 

@@ -1,11 +1,11 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { StoreUnavailableError } from "../../src/store/errors.js";
 import { TestClock } from "../harness/clock.js";
-import { checkInit, startKeygate } from "../harness/keygate.js";
+import { adminRefusal, checkInit, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { requireServer } from "../harness/ports.js";
@@ -27,15 +27,7 @@ const POLICY = {
 
 const redisReady = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
-async function refusal(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
-  try {
-    await call;
-  } catch (error) {
-    if (error instanceof ConnectError) return { code: error.code, message: error.rawMessage };
-    throw error;
-  }
-  throw new Error("the call succeeded");
-}
+const refusal = adminRefusal;
 
 async function balance(kg: TestKeygate, ownerId: string): Promise<bigint> {
   return (await kg.admin.getAccount({ ownerId })).account?.creditBalance ?? -1n;
