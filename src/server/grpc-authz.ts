@@ -228,8 +228,10 @@ function requestIdOf(request: DecodedCheckRequest, headers: HeaderBag): string {
   return echoedRequestId(http?.id || (typeof header === "string" ? header : "")) || randomUUID();
 }
 
-/** How often the error line for bad per-route settings is written; every such Check is counted. */
+/** How often the error line for one set of bad per-route settings is written; every such Check is counted. */
 const MISCONFIGURED_LOG_INTERVAL_MS = 60_000;
+/** Sets of bad per-route settings remembered for that; past it they start over. */
+const MAX_MISCONFIGURED_SETTINGS = 256;
 
 /**
  * Builds the engine-independent Check and health logic. `framed`: answers come with their gRPC
@@ -273,8 +275,8 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     }
   }
 
-  let misconfiguredLoggedAt = Number.NEGATIVE_INFINITY;
-  let misconfiguredUnlogged = 0;
+  /** Each set of bad per-route settings logged lately: when, and how many Checks since. */
+  const misconfiguredLogged = new Map<string, { at: number; unlogged: number }>();
 
   function recordAnswered(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;
@@ -285,15 +287,19 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       accessLog.decided("grpc", d, http?.method ?? "", http?.path ?? "/", requestId, startedAt);
     }
     // The client's answer names the bad setting; the operator's log also gets its value, once a
-    // minute (with how many more there were): a client can send such Checks as fast as it likes,
-    // and keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
+    // minute for each set of settings (with how many more there were since): a client can send
+    // such Checks as fast as it likes, while the settings are the proxy's, a handful.
+    // keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
     if (reason === "ROUTE_MISCONFIGURED") {
+      const contextExtensions = request.attributes?.contextExtensions;
+      const settings = JSON.stringify(contextExtensions ?? {});
       const now = performance.now();
-      if (now - misconfiguredLoggedAt >= MISCONFIGURED_LOG_INTERVAL_MS) {
-        logger.error({ requestId, contextExtensions: request.attributes?.contextExtensions, since: misconfiguredUnlogged }, "bad per-route settings from the proxy");
-        misconfiguredLoggedAt = now;
-        misconfiguredUnlogged = 0;
-      } else misconfiguredUnlogged += 1;
+      const seen = misconfiguredLogged.get(settings);
+      if (seen === undefined || now - seen.at >= MISCONFIGURED_LOG_INTERVAL_MS) {
+        logger.error({ requestId, contextExtensions, since: seen?.unlogged ?? 0 }, "bad per-route settings from the proxy");
+        if (seen === undefined && misconfiguredLogged.size >= MAX_MISCONFIGURED_SETTINGS) misconfiguredLogged.clear();
+        misconfiguredLogged.set(settings, { at: now, unlogged: 0 });
+      } else seen.unlogged += 1;
     }
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
   }
