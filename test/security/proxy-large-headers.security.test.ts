@@ -1,23 +1,15 @@
 import { connect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import { startKeygate } from "../harness/keygate.js";
 import { MAX_HEADER_BYTES } from "../../src/server/http-authz.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { shippedProxies, startEchoUpstream } from "../harness/proxies.js";
-import type { RunningProxy } from "../harness/proxies.js";
+import { shippedProxies } from "../harness/proxies.js";
+import { OPEN_POLICY, startProxiedKeygate } from "../harness/proxied-keygate.js";
+import type { ProxiedKeygate } from "../harness/proxied-keygate.js";
 
 // nginx takes request headers up to 4 x 8 KiB and Caddy up to 1 MiB, and both pass every client
 // header on to keygate's check: keygate's HTTP port reads heads up to 64 KiB (MAX_HEADER_BYTES),
 // so a request with a large cookie jar that the API would take is judged, not refused 431.
 
-const POLICY = {
-  ...DEFAULT_POLICY_INPUT,
-  defaultPlan: "standard",
-  plans: { standard: { maxActiveKeys: 10, rateLimit: { limit: 10_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } },
-  scopes: { catalog: ["read"], default: ["read"] },
-  routes: [],
-};
 
 function sendRaw(port: number, lines: string[]): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -30,38 +22,28 @@ function sendRaw(port: number, lines: string[]): Promise<number> {
   });
 }
 
-describe.each(shippedProxies())("large request heads behind $name (the shipped config)", ({ available, start, setting, name }) => {
-  let kg: TestKeygate;
-  let upstream: Awaited<ReturnType<typeof startEchoUpstream>>;
-  let proxy: RunningProxy;
-  let key = "";
+describe.each(shippedProxies())("large request heads behind $name (the shipped config)", (shipped) => {
+  const { available } = shipped;
+  let running: ProxiedKeygate;
   beforeAll(async () => {
-    if (!available) return;
-    kg = await startKeygate({ policy: POLICY, httpAuthzProxy: setting });
-    upstream = await startEchoUpstream();
-    proxy = await start(kg.ports.http, upstream.port);
-    await kg.admin.upsertAccount({ ownerId: `lh-${name}`, plan: "standard" });
-    key = (await kg.admin.createKey({ ownerId: `lh-${name}`, name: "lh" })).secret;
+    if (available) running = await startProxiedKeygate(shipped, `lh-${shipped.name}`);
   });
   afterAll(async () => {
-    if (!available) return;
-    await proxy?.stop();
-    await upstream?.stop();
-    await kg?.stop();
+    await running?.stop();
   });
 
   it.runIf(available)("a valid key's request with three 7 KB cookie/header lines (within nginx's and Caddy's limits) is served", async () => {
     const big = "a".repeat(7000);
-    const before = upstream.requests.length;
-    const status = await sendRaw(proxy.port, ["GET /v1/things HTTP/1.1", "Host: 127.0.0.1", "Connection: close", `X-Api-Key: ${key}`, `Cookie: c1=${big}`, `Cookie: c2=${big}`, `X-Trace-Context: ${big}`]);
+    const before = running.upstream.requests.length;
+    const status = await sendRaw(running.proxy.port, ["GET /v1/things HTTP/1.1", "Host: 127.0.0.1", "Connection: close", `X-Api-Key: ${running.key}`, `Cookie: c1=${big}`, `Cookie: c2=${big}`, `X-Trace-Context: ${big}`]);
     expect(status).toBe(200);
-    expect(upstream.requests.length).toBe(before + 1);
+    expect(running.upstream.requests.length).toBe(before + 1);
   });
 });
 
 describe("keygate's HTTP port and a request head past its bound", () => {
   it(`answers 431 to a head over ${MAX_HEADER_BYTES} bytes, and goes on deciding`, async () => {
-    const kg = await startKeygate({ policy: POLICY });
+    const kg = await startKeygate({ policy: OPEN_POLICY });
     try {
       const big = "a".repeat(8000);
       const lines = ["GET /check/v1/things HTTP/1.1", "Host: 127.0.0.1", "Connection: close"];

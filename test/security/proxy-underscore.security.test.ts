@@ -1,10 +1,9 @@
 import { request } from "node:http";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
-import { startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { shippedProxies, startEchoUpstream } from "../harness/proxies.js";
-import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
+import { shippedProxies } from "../harness/proxies.js";
+import { startProxiedKeygate } from "../harness/proxied-keygate.js";
+import type { ProxiedKeygate } from "../harness/proxied-keygate.js";
+import type { EchoedRequest } from "../harness/proxies.js";
 
 // CGI-style servers (WSGI, PHP through Caddy's php_fastcgi, Rack/Puma) read every "_" in a
 // header name as "-", in any case: X-Api_Key, x_api-key and X_HTTP_Method_Override are X-Api-Key
@@ -12,13 +11,6 @@ import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
 // header reaches the API through a shipped proxy: nginx ignores names with "_", and the Caddyfile
 // drops them all before the check.
 
-const POLICY = {
-  ...DEFAULT_POLICY_INPUT,
-  defaultPlan: "standard",
-  plans: { standard: { maxActiveKeys: 10, rateLimit: { limit: 10_000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: null } },
-  scopes: { catalog: ["read"], default: ["read"] },
-  routes: [],
-};
 
 /** What a CGI-style server makes of a header name: upper case, "-" and "_" the same. */
 const cgi = (name: string): string => name.toUpperCase().replaceAll("-", "_");
@@ -50,40 +42,29 @@ function send(port: number, method: string, path: string, headers: Record<string
   });
 }
 
-describe.each(shippedProxies())("underscore spellings behind $name (the shipped config)", ({ available, start, setting, name }) => {
-  let kg: TestKeygate;
-  let upstream: Awaited<ReturnType<typeof startEchoUpstream>>;
-  let proxy: RunningProxy;
-  let key = "";
-
+describe.each(shippedProxies())("underscore spellings behind $name (the shipped config)", (shipped) => {
+  const { available } = shipped;
+  let running: ProxiedKeygate;
   beforeAll(async () => {
-    if (!available) return;
-    kg = await startKeygate({ policy: POLICY, httpAuthzProxy: setting });
-    upstream = await startEchoUpstream();
-    proxy = await start(kg.ports.http, upstream.port);
-    await kg.admin.upsertAccount({ ownerId: `us-${name}`, plan: "standard" });
-    key = (await kg.admin.createKey({ ownerId: `us-${name}`, name: "us" })).secret;
+    if (available) running = await startProxiedKeygate(shipped, `us-${shipped.name}`);
   });
   afterAll(async () => {
-    if (!available) return;
-    await proxy?.stop();
-    await upstream?.stop();
-    await kg?.stop();
+    await running?.stop();
   });
 
   it.runIf(available)("no mixed '-'/'_' spelling of a credential header reaches the upstream (the key, or a value keygate never checked)", async () => {
-    const res = await send(proxy.port, "GET", "/v1/things", { "X-Api-Key": key, "x-api_key": key, "x_api-key": "kg_unchecked_value" });
+    const res = await send(running.proxy.port, "GET", "/v1/things", { "X-Api-Key": running.key, "x-api_key": running.key, "x_api-key": "kg_unchecked_value" });
     expect(res.status, res.text).toBe(200);
     const seen = JSON.parse(res.text) as EchoedRequest;
     const reached = Object.keys(seen.headers).filter((header) => CREDENTIAL.includes(cgi(header)));
     expect(reached).toEqual([]);
     const values = Object.values(seen.headers).flatMap((v) => (v === undefined ? [] : Array.isArray(v) ? v : [v]));
-    expect(values.filter((v) => v.includes(key.slice(-12))).length, "the key reached the upstream").toBe(0);
+    expect(values.filter((v) => v.includes(running.key.slice(-12))).length, "the key reached the upstream").toBe(0);
   });
 
   it.runIf(available)("no underscore spelling of a rewrite or method-override header reaches the upstream (keygate judged POST /v1/things)", async () => {
-    const res = await send(proxy.port, "POST", "/v1/things", {
-      "x-api-key": key,
+    const res = await send(running.proxy.port, "POST", "/v1/things", {
+      "x-api-key": running.key,
       "content-length": "0",
       X_HTTP_Method_Override: "DELETE",
       X_HTTP_Method: "DELETE",
