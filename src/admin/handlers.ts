@@ -20,6 +20,7 @@ import { DENIALS } from "../authz/reasons.js";
 import { CacheUnavailableError } from "../cache/cache.js";
 import { CapExceededError, StoreUnavailableError } from "../store/errors.js";
 import { IdempotencyInProgressError, IdempotencyUnavailableError } from "../limits/idempotency.js";
+import { MeterUnavailableError } from "../limits/limits.js";
 import { limitHeaders } from "../authz/rate-headers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "./permissions.js";
 import type { Permission } from "./permissions.js";
@@ -158,6 +159,12 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
   if (error instanceof IdempotencyUnavailableError) {
     logger.warn({ err: error.cause }, "idempotency ledger unavailable");
     return new ConnectError(error.message, Code.Unavailable);
+  }
+  if (error instanceof MeterUnavailableError) {
+    return new ConnectError(
+      "usage cannot be charged: Redis is unavailable; retry shortly with the same idempotency_key (a charge Redis received before failing is not made twice)",
+      Code.Unavailable,
+    );
   }
   if (error instanceof StoreUnavailableError) {
     logger.warn({ err: error }, "store unavailable");

@@ -701,7 +701,7 @@ export class LifecycleService {
     const account = stored ?? { ownerId: owner, ...this.accountDefaults };
     // Owner ids are printable ASCII without spaces, so the first space ends one.
     const once = await this.deps.idempotency.once(`${owner} ${input.idempotencyKey}`, async () => ({
-      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null),
+      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey),
       atMs: this.deps.nowMs(),
     }));
     return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed };

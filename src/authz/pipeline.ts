@@ -262,8 +262,15 @@ export class DecisionPipeline {
    * given), without a request: the daily quota and credits a Check on a metered route uses, in the
    * same meter and as atomically. Charges have a rate bucket of their own per account
    * (limits.chargeRateLimit), so backend charging never uses up the account's Check rate.
+   * `idempotencyKey` (unique per owner) goes to the meter (ChargeInput.idempotencyKey).
    */
-  async chargeUsage(account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">, key: CheckedKey | null, cost: number, quotaName: string | null = null): Promise<UsageCharge> {
+  async chargeUsage(
+    account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">,
+    key: CheckedKey | null,
+    cost: number,
+    quotaName: string | null,
+    idempotencyKey: string,
+  ): Promise<UsageCharge> {
     const nowMs = this.deps.nowMs();
     const keyId = key === null ? "" : key.id;
     const refused = (reason: DenyReason, limits: ChargeResult | null, message = DENIALS[reason].message): UsageCharge => {
@@ -292,6 +299,7 @@ export class DecisionPipeline {
       nowMs,
       meter: test ? "test" : "live",
       quota,
+      idempotencyKey,
     });
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);

@@ -36,6 +36,21 @@ export interface ChargeInput {
   meter: KeyMode;
   /** The named daily quota `dailyQuota` is (counted apart from the others); null: the plan's dailyQuota. */
   quota: string | null;
+  /**
+   * ChargeUsage's idempotency key (unique per owner): a meter that can answer a charge without
+   * its caller hearing the answer (Redis) keeps the charge's outcome under it, so a retry after
+   * such a charge is answered from it and charges nothing. Checks have none.
+   */
+  idempotencyKey?: string;
+}
+
+/**
+ * The shared limits could not be asked (Redis failed, limits.onRedisError fail-closed): nothing
+ * was decided. A charge already sent may still be made when Redis answers again; a retry of a
+ * ChargeUsage with the same idempotency key is then answered from it (ChargeInput.idempotencyKey).
+ */
+export class MeterUnavailableError extends Error {
+  override readonly name = "MeterUnavailableError";
 }
 
 /** Why the limits step refused. */

@@ -4,8 +4,9 @@ import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
-import { UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
+import { MeterUnavailableError, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
+import { IDEMPOTENCY_TTL_MS } from "./idempotency.js";
 import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
 
@@ -14,14 +15,35 @@ import type { UsageRecorder } from "./usage.js";
 // 1/limit ms, whole numbers (one interval is windowMs parts, a full bucket windowMs * limit),
 // and the bucket's time stored as "<whole ms>.<fraction>", the fraction a multiple of 1/limit
 // written to 17 places so it reads back exactly (an earlier "%.4f" time reads as its nearest).
-// KEYS: rate bucket, quota counter, credit hash.
+// KEYS: rate bucket, quota counter, credit hash, and for a charge with an idempotency key its
+//       outcome (see below).
 // ARGV: now ms, window ms, limit, quota (-1 none), quota lifetime ms, metered (0/1), allowance, period, cost,
-//       dry run (1: report the state and write nothing), credit idle lifetime ms.
+//       dry run (1: report the state and write nothing), credit idle lifetime ms, outcome lifetime ms.
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
 // earlier version) is reported as not loaded and seeded again.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up.
+// A charge with an idempotency key (ChargeUsage) keeps its reply under the fourth key, and a
+// script with a kept reply answers it again and charges nothing: a charge whose answer never came
+// back (a frozen Redis runs it when it thaws, after the caller was told UNAVAILABLE and its claim
+// was let go) is then not made a second time by the caller's retry, whichever runs first.
 const CHARGE = `
+local function outcome(reply)
+  if KEYS[4] then
+    local parts = {}
+    for i, v in ipairs(reply) do parts[i] = string.format('%.0f', v) end
+    redis.call('SET', KEYS[4], table.concat(parts, ','), 'PX', ARGV[12])
+  end
+  return reply
+end
+if KEYS[4] then
+  local kept = redis.call('GET', KEYS[4])
+  if kept then
+    local reply = {}
+    for v in string.gmatch(kept, '[^,]+') do reply[#reply + 1] = tonumber(v) end
+    return reply
+  end
+end
 local now = tonumber(ARGV[1])
 local windowMs = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
@@ -56,7 +78,7 @@ if ARGV[10] == '1' then
   return {5, conforming, math.ceil(before / limit), 0, usedNow, balanceNow, 0, 0}
 end
 if after > full then
-  return {1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), -1, -1, 0, 0}
+  return outcome({1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), -1, -1, 0, 0})
 end
 local remainingAfter = math.floor((full - after) / windowMs)
 local resetMs = math.ceil(after / limit)
@@ -65,7 +87,7 @@ local quota = tonumber(ARGV[4])
 local used = 0
 if quota >= 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if used >= quota then return {2, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
+  if used >= quota then return outcome({2, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0}) end
 end
 local balance = -1
 local spendMonthly = 0
@@ -84,7 +106,7 @@ if ARGV[6] == '1' then
   local monthlyLeft = math.max(0, allowance - monthlyUsed)
   local cost = tonumber(ARGV[9])
   balance = monthlyLeft + math.max(0, topup)
-  if balance < cost then return {3, remainingAfter + 1, resetBeforeMs, 0, used, balance, 0, 0} end
+  if balance < cost then return outcome({3, remainingAfter + 1, resetBeforeMs, 0, used, balance, 0, 0}) end
   spendMonthly = math.min(monthlyLeft, cost)
   spendTopup = cost - spendMonthly
   balance = balance - cost
@@ -99,7 +121,7 @@ if quota >= 0 then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
-return {0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup}
+return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup})
 `;
 
 // Loads an account's credit state read from the store, unless another replica already did.
@@ -173,6 +195,8 @@ export class RedisMeter implements Meter {
   #retrying = false;
   /** A charge went to the in-process fallback since Redis last answered one. */
   #fellBack = false;
+  /** Charges skip Redis while it is known not to answer (logged once each time). */
+  #skipping = false;
 
   constructor(
     private readonly redis: RedisClient,
@@ -184,6 +208,12 @@ export class RedisMeter implements Meter {
     private readonly observer?: LookupObserver,
     private readonly prefix = "kg:",
     private readonly layout: RedisKeyLayout = BARE_LAYOUT,
+    /**
+     * True while Redis is known not to answer (the invalidation bus's heartbeats stopped): a
+     * frozen Redis keeps its connections open, and each charge would wait out the command
+     * timeout, longer than a Check's budget, so fallback and fail-open would never take over.
+     */
+    private readonly redisLost: () => boolean = () => false,
   ) {}
 
   async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
@@ -206,7 +236,16 @@ export class RedisMeter implements Meter {
     }
   }
 
-  charge(input: ChargeInput): Promise<ChargeResult> {
+  charge(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    // fail-closed keeps asking: it refuses either way, and Redis may answer this connection yet.
+    if (this.onError !== "fail-closed" && this.redisLost()) {
+      if (!this.#skipping) {
+        this.#skipping = true;
+        this.logger.warn({ mode: this.onError }, "Redis limits failed: Redis is not answering; charges go to limits.onRedisError until it is back");
+      }
+      return this.#degraded(input);
+    }
+    this.#skipping = false;
     return this.#charge(input, true, false).then(
       (result) => {
         // Redis is back: the counts the fallback held are out of date from now on (Redis counts
@@ -221,7 +260,11 @@ export class RedisMeter implements Meter {
     );
   }
 
-  peek(input: ChargeInput): Promise<ChargeResult> {
+  peek(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    if (this.onError !== "fail-closed" && this.redisLost()) {
+      if (this.onError === "fallback") return this.fallback.peek(input);
+      return Promise.reject(new MeterUnavailableError("Redis is not answering"));
+    }
     return this.#charge(input, false, true).catch((error: unknown) => {
       if (this.onError === "fallback") return this.fallback.peek(input);
       throw error;
@@ -233,9 +276,11 @@ export class RedisMeter implements Meter {
     const day = this.#calendar.day(nowMs);
     const period = this.#calendar.month(nowMs);
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
+    const keys = [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)];
+    if (input.idempotencyKey !== undefined && !dryRun) keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
     const reply = await this.#run(
       CHARGE,
-      [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)],
+      keys,
       [
         nowMs,
         input.rate.windowSeconds * 1000,
@@ -249,6 +294,7 @@ export class RedisMeter implements Meter {
         input.cost,
         dryRun ? 1 : 0,
         this.#creditIdleMs,
+        IDEMPOTENCY_TTL_MS,
       ],
     );
     if (!Array.isArray(reply) || reply.length !== 8 || !reply.every((v): v is number => typeof v === "number")) {
@@ -311,7 +357,12 @@ export class RedisMeter implements Meter {
 
   async #degrade(input: ChargeInput, error: unknown): Promise<ChargeResult> {
     this.logger.warn({ err: error, mode: this.onError }, "Redis limits failed");
-    if (this.onError === "fail-closed") throw error;
+    if (this.onError === "fail-closed") throw new MeterUnavailableError("rate limits, quotas and credits cannot be checked: Redis is unavailable", { cause: error });
+    return this.#degraded(input);
+  }
+
+  /** A charge without Redis, as limits.onRedisError says: counted in-process, or let through. */
+  #degraded(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
     if (this.onError === "fallback") {
       this.#fellBack = true;
       return this.fallback.charge(input);

@@ -245,7 +245,7 @@ async function openCache(
   return {
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, ...confirmation }),
     bus,
-    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout),
+    meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout, () => !bus.connected),
     idempotency: new RedisIdempotencyLedger(main),
     async close() {
       await bus.close();

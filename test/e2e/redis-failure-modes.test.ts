@@ -142,7 +142,8 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
         expect(answer.headers.get("x-ratelimit-remaining")).toBe("10");
         expect(answer.headers.get("x-ratelimit-reset")).toBe("0");
       }
-      expect(failureLines(keygate, "fail-open").length).toBeGreaterThanOrEqual(30);
+      // Each charge that found Redis failing logged it; once keygate knows Redis is gone, one line says so.
+      expect(failureLines(keygate, "fail-open").length).toBeGreaterThanOrEqual(1);
 
       await redis.start();
       // Uncharged answers report a full bucket; the first one Redis charges reports 9.
@@ -172,7 +173,7 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
         expect(JSON.parse(answer.body).error.code).toBe("RATE_LIMITED");
         expect(answer.headers.get("retry-after")).toBe("6");
       }
-      expect(failureLines(keygate, "fallback").length).toBeGreaterThanOrEqual(30);
+      expect(failureLines(keygate, "fallback").length).toBeGreaterThanOrEqual(1);
 
       await redis.start();
       // In-process the bucket is empty at the frozen clock, so a 200 means Redis decided.
