@@ -1,7 +1,9 @@
 import { randomUUID } from "node:crypto";
-import { createServer } from "node:http";
+import { STATUS_CODES, createServer } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Duplex } from "node:stream";
+import { CONNECT_REFUSAL } from "../authz/routes.js";
 import type { Logger } from "pino";
 import { RecordHeaders } from "../authz/headers.js";
 import type { HeaderBag } from "../authz/headers.js";
@@ -162,6 +164,27 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     }
   }
 
+  /**
+   * node:http hands a CONNECT to the 'connect' event, never to the request handler, and closes
+   * the connection when nothing listens: to Envoy's HTTP service (which sends the client's own
+   * method) an error, which failure_mode_allow turns into an allow of the tunnel. A CONNECT is
+   * answered as the decision answers one wherever it arrives: 400 INVALID_REQUEST, then closed.
+   */
+  function refuseConnect(req: IncomingMessage, socket: Duplex): void {
+    socket.on("error", () => socket.destroy());
+    const startedAt = performance.now();
+    const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
+    const answer = toHttpAnswer(CONNECT_REFUSAL, Object.keys(req.headers), requestId, deps.nowMs());
+    const sent = req.headers["x-keygate-denial-headers"] === "1" ? withDenialHeaders(answer) : answer;
+    const body = Buffer.from(sent.body);
+    const head = [`HTTP/1.1 ${sent.status} ${STATUS_CODES[sent.status] ?? ""}`];
+    for (const [name, value] of Object.entries(sent.headers)) head.push(`${name}: ${value}`);
+    head.push(`content-length: ${body.length}`, "connection: close", "", "");
+    socket.end(Buffer.concat([Buffer.from(head.join("\r\n"), "latin1"), body]));
+    metrics.recordCheck("http", CONNECT_REFUSAL.reason, startedAt, performance.now());
+    accessLog?.decided("http", CONNECT_REFUSAL, "CONNECT", req.url ?? "", requestId, startedAt);
+  }
+
   return {
     async start(host, port) {
       const { limits } = deps;
@@ -184,6 +207,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
         server = createHttpsServer({ ...options, ...tls.serverOptions(), handshakeTimeout: limits.headersTimeoutMs }, handle);
         tls.attach(server);
       }
+      server.on("connect", refuseConnect);
       // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
       server.timeout = limits.requestTimeoutMs;
       trackConnections(server, "http", limits, deps.metrics);
