@@ -294,6 +294,7 @@ export class DecisionPipeline {
       bucketId: account.ownerId,
       rate: v.policy.limits.chargeRateLimit,
       dailyQuota: test ? (v.policy.testMode?.dailyQuota ?? null) : quota === null ? plan.dailyQuota : namedQuota(plan, quota),
+      countsDaily: true,
       monthlyCredits: test ? null : plan.monthlyCredits,
       cost: test ? 0 : cost,
       nowMs,
@@ -392,6 +393,7 @@ export class DecisionPipeline {
         bucketId: ownBucket ? keyBucket : account.ownerId,
         rate: key.rateLimit ?? test?.rateLimit ?? this.#rateRule(v, snapshot, plan),
         dailyQuota: route.metered ? (test?.dailyQuota ?? null) : null,
+        countsDaily: route.metered,
         monthlyCredits: null,
         cost: 0,
         nowMs,
@@ -409,6 +411,7 @@ export class DecisionPipeline {
       // An unmetered route counts toward no quota and spends nothing; a named quota the plan
       // does not list is unlimited on it.
       dailyQuota: !route.metered ? null : quota === null ? plan.dailyQuota : namedQuota(plan, quota),
+      countsDaily: route.metered,
       monthlyCredits: plan.monthlyCredits,
       cost: route.metered ? route.cost : 0,
       nowMs,

@@ -25,6 +25,12 @@ export interface ChargeInput {
   rate: RateLimitRule;
   /** Requests a UTC day; null is unlimited. */
   dailyQuota: number | null;
+  /**
+   * The request counts toward its quota's count for the day (a metered route's), whether or not
+   * the plan limits it: a plan given a daily quota later in the day (a downgrade) finds the
+   * day's requests counted, in both meters, as a count loaded from the store would have them.
+   */
+  countsDaily: boolean;
   /** The plan's monthly credit allowance; null when the plan is not metered. */
   monthlyCredits: number | null;
   cost: number;

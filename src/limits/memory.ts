@@ -103,9 +103,10 @@ export class MemoryMeter implements Meter {
   /** Runs `fn` once the account's quota count and balance are loaded. */
   #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
-    // Only a daily quota is counted under this key: without one, no key is built.
-    const quotaKey = input.dailyQuota === null ? "" : `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}`;
-    const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
+    // A metered request is counted under this key whether or not its plan has a limit; an
+    // unmetered one builds no key.
+    const quotaKey = input.countsDaily ? `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}` : "";
+    const needsQuota = input.countsDaily && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
       return this.#seed(input, day, quotaKey, needsQuota, needsCredits).then(() => fn(quotaKey));
@@ -212,7 +213,7 @@ export class MemoryMeter implements Meter {
       result.retryAfterSeconds = step.retryAfterSeconds;
       return result;
     }
-    const quotaCell = input.dailyQuota === null ? undefined : this.#quota.get(quotaKey);
+    const quotaCell = input.countsDaily ? this.#quota.get(quotaKey) : undefined;
     if (input.dailyQuota !== null) {
       const used = quotaCell?.count ?? 0;
       const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
@@ -241,10 +242,10 @@ export class MemoryMeter implements Meter {
       bucket.ms = step.tatMs;
       bucket.frac = step.tatFrac;
     }
-    if (input.dailyQuota !== null && result.quota !== null) {
+    if (input.countsDaily) {
       if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
       else quotaCell.count += 1;
-      result.quota.remaining -= 1;
+      if (result.quota !== null) result.quota.remaining -= 1;
     }
     if (cell !== undefined && spend !== null) {
       this.#credits.set(input.ownerId, { ...applyCreditDelta(cell, period, spend.monthly, spend.topup), seenTotal: cell.seenTotal });

@@ -18,7 +18,8 @@ import type { UsageRecorder } from "./usage.js";
 // KEYS: rate bucket, quota counter, credit hash, and for a charge with an idempotency key its
 //       outcome (see below).
 // ARGV: now ms, window ms, limit, quota (-1 none), quota lifetime ms, metered (0/1), allowance, period, cost,
-//       dry run (1: report the state and write nothing), credit idle lifetime ms, outcome lifetime ms.
+//       dry run (1: report the state and write nothing), credit idle lifetime ms, outcome lifetime ms,
+//       counted (1: the request counts toward the quota counter whether or not a quota limits it).
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
 // earlier version) is reported as not loaded and seeded again.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
@@ -117,7 +118,7 @@ local tatParts = nowParts + after
 local tatMs = math.floor(tatParts / limit)
 local tatText = string.format('%.0f', nowWhole + tatMs) .. string.sub(string.format('%.17f', (tatParts - tatMs * limit) / limit), 2)
 redis.call('SET', KEYS[1], tatText, 'PX', resetMs + 1000)
-if quota >= 0 then
+if quota >= 0 or ARGV[13] == '1' then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
@@ -295,6 +296,7 @@ export class RedisMeter implements Meter {
         dryRun ? 1 : 0,
         this.#creditIdleMs,
         IDEMPOTENCY_TTL_MS,
+        input.countsDaily ? 1 : 0,
       ],
     );
     if (!Array.isArray(reply) || reply.length !== 8 || !reply.every((v): v is number => typeof v === "number")) {
