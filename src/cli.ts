@@ -75,6 +75,26 @@ function oneLineErrors(command: Command, path: string): void {
 }
 oneLineErrors(program, "keygate");
 
+/**
+ * The secrets the CLI was given (its admin token, and serve's tokens and pepper), each whole and
+ * as its visible runs, since an error may quote a token broken at a line break; longest first.
+ */
+function givenSecrets(): string[] {
+  const token: unknown = program.getOptionValue("token");
+  const env = process.env;
+  const given = [typeof token === "string" ? token : "", env.KEYGATE_ADMIN_TOKEN ?? "", env.KEYGATE_PEPPER ?? "", ...(env.KEYGATE_ADMIN_TOKENS ?? "").split(",")];
+  const forms = given.flatMap((secret) => [secret.replace(/\s+/g, " ").trim(), ...secret.split(/[^\x21-\x7e]+/)]);
+  return [...new Set(forms)].filter((form) => form !== "").sort((a, b) => b.length - a.length);
+}
+
+/** An error nothing else handled, as one line without the secrets the CLI was given. */
+async function unexpectedLine(error: unknown): Promise<string> {
+  // Loaded here only: it brings pino, which client subcommands otherwise never load.
+  const { redactText } = await import("./keys/redact.js");
+  const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  return redactText(text.replace(/\s+/g, " ").trim(), givenSecrets());
+}
+
 try {
   await program.parseAsync(process.argv);
 } catch (error) {
@@ -85,6 +105,9 @@ try {
     process.stderr.write(`keygate: ${error.message}\n`);
     process.exitCode = error.exitCode;
   } else {
-    throw error;
+    // A defect: one line, not a stack trace, which can quote a secret (Headers.set quotes the
+    // whole header it refuses, the admin token with it).
+    process.stderr.write(`keygate: unexpected error: ${await unexpectedLine(error)}\n`);
+    process.exitCode = 1;
   }
 }

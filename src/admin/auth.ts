@@ -1,4 +1,5 @@
 import { createHash, timingSafeEqual } from "node:crypto";
+import { createContextKey } from "@connectrpc/connect";
 import { LRUCache } from "lru-cache";
 import { gcra, msUntil } from "../limits/limits.js";
 import type { Tat } from "../limits/limits.js";
@@ -29,6 +30,7 @@ interface KnownToken {
 export class AdminAuth {
   #tokens: KnownToken[];
   readonly #unscoped: KnownToken[];
+  #generation = 0;
 
   /** `tokens` may do everything (named by a digest prefix); `scoped` what each lists (named by its name). */
   constructor(
@@ -52,6 +54,12 @@ export class AdminAuth {
   replaceScoped(scoped: readonly ScopedToken[]): void {
     if (this.#unscoped.length + scoped.length === 0) throw new Error("at least one admin token is required");
     this.#tokens = [...this.#unscoped, ...AdminAuth.#known(scoped)];
+    this.#generation += 1;
+  }
+
+  /** Which set of tokens is in force: it changes with every {@link replaceScoped}. */
+  get generation(): number {
+    return this.#generation;
   }
 
   /** Checks an Authorization header value. */
@@ -102,10 +110,13 @@ export class AuthFailureLimiter {
   }
 }
 
-/** Whether a caller may use KeyAdmin: its token id, or why not. */
+/** Whether a caller may use KeyAdmin: its token id and the tokens' generation it was checked against, or why not. */
 export type AdminAdmission =
-  | { ok: true; tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null }
+  | { ok: true; tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null; generation: number }
   | { ok: false; refusal: "unauthenticated" | "blocked"; message: string };
+
+/** The tokens' generation a call was admitted under, set by the admin server; -1: not admitted yet. */
+export const admittedGenerationKey = createContextKey<number>(-1, { description: "admin tokens generation at admission" });
 
 /**
  * The admin API's door: the failed-login limiter first (a blocked address costs one map
@@ -118,14 +129,33 @@ export class AdminGate {
     private readonly failures: AuthFailureLimiter = new AuthFailureLimiter(),
   ) {}
 
+  /** The generation of the admin tokens in force. */
+  get generation(): number {
+    return this.auth.generation;
+  }
+
   admit(source: string, authorization: string | null): AdminAdmission {
     const waitSeconds = this.failures.blockedForSeconds(source);
     if (waitSeconds > 0) {
       return { ok: false, refusal: "blocked", message: `too many failed admin authentications from this address; retry in ${waitSeconds} s` };
     }
+    const admission = this.#check(authorization);
+    if (!admission.ok) this.failures.fail(source);
+    return admission;
+  }
+
+  /**
+   * Checks an admitted call's token again, against tokens a reload put in force since. A refusal
+   * is not counted as a failed login: the token was good when the call was admitted, so it is no
+   * guess, and a reload must not lock out an address that only had calls in flight.
+   */
+  readmit(authorization: string | null): AdminAdmission {
+    return this.#check(authorization);
+  }
+
+  #check(authorization: string | null): AdminAdmission {
+    const generation = this.auth.generation;
     const result = this.auth.authenticate(authorization);
-    if (result.ok) return result;
-    this.failures.fail(source);
-    return { ok: false, refusal: "unauthenticated", message: result.message };
+    return result.ok ? { ...result, generation } : { ok: false, refusal: "unauthenticated", message: result.message };
   }
 }

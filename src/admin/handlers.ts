@@ -26,6 +26,7 @@ import { METHOD_PERMISSIONS, missingPermission } from "./permissions.js";
 import type { Permission } from "./permissions.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
+import { admittedGenerationKey } from "./auth.js";
 import type { AdminGate } from "./auth.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 import { MAX_EXPIRES_AT_MS } from "./lifecycle.js";
@@ -179,21 +180,30 @@ export function toConnectError(error: unknown, logger: Logger): ConnectError {
  * server admits a call before its body is read and passes the token id in adminIdentityKey;
  * a call that arrives here without one (routes mounted some other way) is admitted here, so
  * no route is ever reachable without a token. An address that keeps failing is refused with
- * RESOURCE_EXHAUSTED before its token is even compared.
+ * RESOURCE_EXHAUSTED before its token is even compared. A call admitted before a reload of the
+ * tokens is checked again here, against the tokens the reload put in force.
  */
 export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Interceptor {
   return (next) => async (req) => {
-    if (req.contextValues.get(adminIdentityKey) === "") {
-      const source = req.contextValues.get(sourceAddressKey);
-      const admission = gate.admit(source, req.header.get("authorization"));
+    const values = req.contextValues;
+    const source = values.get(sourceAddressKey);
+    const admittedAs = values.get(adminIdentityKey);
+    // The body of a call arrives after its admission, for up to the request timeout: a token a
+    // reload removed or narrowed in between must not finish the call under its old grant.
+    const reloaded = admittedAs !== "" && values.get(admittedGenerationKey) !== gate.generation;
+    if (admittedAs === "" || reloaded) {
+      const authorization = req.header.get("authorization");
+      const admission = reloaded ? gate.readmit(authorization) : gate.admit(source, authorization);
       if (!admission.ok) {
         if (admission.refusal === "blocked") throw new ConnectError(admission.message, Code.ResourceExhausted);
-        logger.warn({ source, method: req.method.name }, "admin authentication failed");
+        if (reloaded) logger.warn({ source, method: req.method.name, tokenId: admittedAs }, "admin call refused: a reload removed its token");
+        else logger.warn({ source, method: req.method.name }, "admin authentication failed");
         throw new ConnectError(admission.message, Code.Unauthenticated);
       }
-      req.contextValues.set(adminIdentityKey, admission.tokenId);
-      req.contextValues.set(adminPermissionsKey, admission.permissions);
-      req.contextValues.set(adminOwnersKey, admission.owners);
+      values.set(adminIdentityKey, admission.tokenId);
+      values.set(adminPermissionsKey, admission.permissions);
+      values.set(adminOwnersKey, admission.owners);
+      values.set(admittedGenerationKey, admission.generation);
     }
     // Checked here as well as in the admin server: no route is reachable without its permission.
     const needed = METHOD_PERMISSIONS[req.method.name];

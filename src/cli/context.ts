@@ -19,6 +19,18 @@ export interface CliContext {
 // Commander hands option values over as `any`; these schemas are where they become typed.
 const globalOptions = z.object({ url: z.string(), token: z.string().optional(), json: z.boolean().optional() });
 
+/**
+ * What in `token` an Authorization header cannot carry, or null when it can be sent. The token
+ * itself goes into no message: Headers.set would quote the whole header in its TypeError.
+ */
+function unsendable(token: string): string | null {
+  if (/[\r\n]/.test(token)) return "a line break";
+  if (/[ \t]/.test(token)) return "a space or tab";
+  if (/[\x00-\x1f\x7f]/.test(token)) return "a control character";
+  if (/[^\x21-\x7e]/.test(token)) return "a character outside ASCII";
+  return null;
+}
+
 function contextFor(command: Command): CliContext {
   const globals = globalOptions.parse(command.optsWithGlobals());
   let url: URL;
@@ -29,6 +41,11 @@ function contextFor(command: Command): CliContext {
   }
   if (url.protocol !== "http:" && url.protocol !== "https:") command.error(`--url must start with http:// or https://; got "${globals.url}"`);
   if (globals.token === undefined || globals.token === "") command.error("no admin token: set --token or KEYGATE_ADMIN_TOKEN");
+  const problem = unsendable(globals.token);
+  if (problem !== null) {
+    const source = command.getOptionValueSourceWithGlobals("token") === "env" ? "KEYGATE_ADMIN_TOKEN" : "--token";
+    command.error(`${source} contains ${problem}, which an Authorization header cannot carry; an admin token is printable ASCII without spaces`);
+  }
   const baseUrl = globals.url.replace(/\/+$/, "");
   const json = globals.json === true;
   return {

@@ -9,7 +9,7 @@ import { codeToHttpStatus, errorToJson } from "@connectrpc/connect/protocol-conn
 import { contentTypeRegExp as grpcContentType, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
 import { contentTypeRegExp as grpcWebContentType } from "@connectrpc/connect/protocol-grpc-web";
 import type { Logger } from "pino";
-import { AdminGate } from "../admin/auth.js";
+import { AdminGate, admittedGenerationKey } from "../admin/auth.js";
 import type { AdminAuth } from "../admin/auth.js";
 import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
@@ -127,8 +127,9 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
 export function createAdminServer(deps: AdminServerDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { limits, logger, maxBodyBytes } = deps;
   const gate = new AdminGate(deps.auth);
-  // The token of each admitted request: its id for the handlers' audit entries, and its permissions.
-  const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null }>();
+  // The token of each admitted request: its id for the handlers' audit entries, its permissions,
+  // and the tokens' generation, so that the interceptor checks it again after a reload.
+  const admitted = new WeakMap<AnyRequest, { tokenId: string; permissions: ReadonlySet<Permission>; owners: ReadonlySet<string> | null; generation: number }>();
   const connect = scrubbedConnectHandler({
     routes: deps.routes,
     logger,
@@ -142,7 +143,8 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
         .set(sourceAddressKey, req.socket.remoteAddress ?? "")
         .set(adminIdentityKey, admitted.get(req)?.tokenId ?? "")
         .set(adminPermissionsKey, admitted.get(req)?.permissions ?? NO_PERMISSIONS)
-        .set(adminOwnersKey, admitted.get(req)?.owners ?? null),
+        .set(adminOwnersKey, admitted.get(req)?.owners ?? null)
+        .set(admittedGenerationKey, admitted.get(req)?.generation ?? -1),
   });
 
   function plain(res: AnyResponse, status: number, contentType: string, body: string): void {
@@ -171,7 +173,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       const message = `the request body is ${declared} bytes; the admin API accepts at most ${maxBodyBytes} (KEYGATE_ADMIN_MAX_BODY_BYTES)`;
       return refuse(req, res, Code.ResourceExhausted, message);
     }
-    admitted.set(req, { tokenId: admission.tokenId, permissions: admission.permissions, owners: admission.owners });
+    admitted.set(req, admission);
     // An error answered mid-body (a message over the limit) leaves the rest unread: stop it.
     const socket = req.socket;
     res.once("finish", () => {
