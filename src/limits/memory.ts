@@ -103,10 +103,10 @@ export class MemoryMeter implements Meter {
   /** Runs `fn` once the account's quota count and balance are loaded. */
   #withState(input: ChargeInput, fn: (quotaKey: string) => ChargeResult): ChargeResult | Promise<ChargeResult> {
     const day = this.#calendar.day(input.nowMs);
-    // A metered request is counted under this key whether or not its plan has a limit; an
-    // unmetered one builds no key.
+    // A metered request is counted under this key whether or not its plan has a limit (an
+    // unmetered one builds no key); the count is loaded from the store only once a limit applies.
     const quotaKey = input.countsDaily ? `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}` : "";
-    const needsQuota = input.countsDaily && !this.#quota.has(quotaKey);
+    const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
       return this.#seed(input, day, quotaKey, needsQuota, needsCredits).then(() => fn(quotaKey));
@@ -242,11 +242,11 @@ export class MemoryMeter implements Meter {
       bucket.ms = step.tatMs;
       bucket.frac = step.tatFrac;
     }
-    if (input.countsDaily) {
-      if (quotaCell === undefined) this.#quota.set(quotaKey, { count: 1 });
-      else quotaCell.count += 1;
-      if (result.quota !== null) result.quota.remaining -= 1;
-    }
+    // Without a limit, a count is kept on only once loaded: the usage rows the store loads it
+    // from hold the requests made meanwhile.
+    if (quotaCell !== undefined) quotaCell.count += 1;
+    else if (input.dailyQuota !== null) this.#quota.set(quotaKey, { count: 1 });
+    if (result.quota !== null) result.quota.remaining -= 1;
     if (cell !== undefined && spend !== null) {
       this.#credits.set(input.ownerId, { ...applyCreditDelta(cell, period, spend.monthly, spend.topup), seenTotal: cell.seenTotal });
       result.credits = { balance: spend.balanceAfter };
