@@ -29,6 +29,8 @@ import type {
   SubscriptionStatus,
 } from "../store/store.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
+import { ledgered, ledgeredAnswer, topUpRefusal } from "./top-ups.js";
+import type { LedgeredTopUp } from "./top-ups.js";
 import { summarizeUsage } from "./usage-report.js";
 import type { UsageReport } from "./usage-report.js";
 import {
@@ -235,8 +237,10 @@ export class LifecycleService {
   /**
    * Tops up: the store first (durable), then the live counters, told the store's new top-up
    * total rather than the amount, so a top-up racing a balance being loaded is counted once.
-   * Nothing after the store write fails the top-up: an error there would make the ledger forget
-   * the idempotency key, and the caller's retry would add the credits twice.
+   * With an idempotency key the store records the key in the same write as the credits and adds
+   * nothing under it again (on any replica, after a restart or a lost answer); the ledger in
+   * front answers a repeat without a store write and refuses one still running. Nothing after
+   * the store write fails the top-up.
    */
   async addCredits(
     input: { ownerId: string; amount: number; reason: string; idempotencyKey?: string | undefined },
@@ -255,25 +259,37 @@ export class LifecycleService {
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
     const changes = { amount, reason: input.reason, idempotency_key: idempotencyKey };
-    // The answer is the account as the top-up left it; null when it could not be read then, and
-    // it is read again below (a failure there fails only the answer, the key stays remembered).
-    const topUp = async (): Promise<AccountView | null> => {
-      const credited = await this.deps.store.addCredits(ownerId, amount);
+    // Tells the live counters the store's top-up total (after a repeat too: the call that added
+    // may have failed before telling them), audits a top-up that added, and reads the answer: the
+    // account as the top-up left it; null when it could not be read then, and it is read again
+    // below (a failure there fails only the answer, the key stays remembered).
+    const settle = async (topupTotal: number, added: boolean): Promise<AccountView | null> => {
       // The live counters retry in the background when they cannot be told now.
-      await this.deps.meter.addCredits(ownerId, credited.topupTotal).catch((error: unknown) => {
+      await this.deps.meter.addCredits(ownerId, topupTotal).catch((error: unknown) => {
         this.deps.logger?.error({ err: error, ownerId }, "top-up saved, but the live balance could not be told");
       });
-      await this.#audit(actor, "credits.add", null, ownerId, changes);
+      if (added) await this.#audit(actor, "credits.add", null, ownerId, changes);
       return this.#view(account).catch((error: unknown) => {
         this.deps.logger?.warn({ err: error, ownerId }, "top-up saved, but the account could not be read for the answer");
         return null;
       });
     };
-    if (idempotencyKey === undefined) return { view: (await topUp()) ?? (await this.#view(account)), replayed: false };
+    if (idempotencyKey === undefined) {
+      const credited = await this.deps.store.addCredits(ownerId, amount);
+      return { view: (await settle(credited.topupTotal, true)) ?? (await this.#view(account)), replayed: false };
+    }
+    const keyedTopUp = async (): Promise<LedgeredTopUp> => {
+      const keyed = await this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, this.deps.nowMs()).catch((error: unknown) => {
+        throw topUpRefusal(error, ownerId);
+      });
+      if (keyed === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
+      return ledgered(await settle(keyed.credits.topupTotal, !keyed.replayed), amount, keyed.replayed);
+    };
     // ChargeUsage's ledger, in a space of its own: its keys start with an owner id, which never
     // holds a space, so no charge key starts with one.
-    const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, topUp);
-    return { view: once.value ?? (await this.#view(account)), replayed: once.replayed };
+    const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, keyedTopUp);
+    const answer = ledgeredAnswer(once.value, amount);
+    return { view: answer.view ?? (await this.#view(account)), replayed: once.replayed || answer.storeReplayed };
   }
 
   /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */

@@ -41,6 +41,29 @@ export class PartialWriteError extends Error {
   }
 }
 
+/** A top-up's idempotency key was used for a top-up of another amount: nothing was added. */
+export class IdempotencyKeyReusedError extends Error {
+  override readonly name = "IdempotencyKeyReusedError";
+  constructor(
+    readonly firstAmount: number,
+    readonly amount: number,
+  ) {
+    super(`the idempotency key was used for a top-up of ${firstAmount}, not ${amount}`);
+  }
+}
+
+/** The account has as many keyed top-ups within their retention as a store keeps: nothing was added. */
+export class TopUpKeysExhaustedError extends Error {
+  override readonly name = "TopUpKeysExhaustedError";
+  constructor(
+    readonly maxKeyedTopUps: number,
+    /** When the oldest of them is forgotten, freeing a place. */
+    readonly freeAtMs: number,
+  ) {
+    super(`the account has ${maxKeyedTopUps} top-ups with an idempotency key kept; one is freed at ${new Date(freeAtMs).toISOString()}`);
+  }
+}
+
 /** The store cannot be reached; the caller answers UNAVAILABLE. */
 export class StoreUnavailableError extends Error {
   override readonly name = "StoreUnavailableError";

@@ -1,4 +1,4 @@
-import type { AccountRecord, AuditRecord, KeyRecord, UsageDelta } from "./store.js";
+import type { AccountRecord, AuditRecord, KeyRecord, TopUpRecord, UsageDelta } from "./store.js";
 
 /**
  * Where one record field lives in each representation: its SQLite column, its MongoDB document
@@ -53,11 +53,27 @@ export const ACCOUNT_FIELDS = {
   updatedAtMs: { sqlite: "updated_at", mongo: "updated_at", proto: "updatedAt" },
 } as const satisfies Record<keyof AccountRecord, FieldPlaces>;
 
-/** Stored with an account, in no AccountRecord field: the credit state (CreditState) and MongoDB's cap counts (live and test keys). */
+/**
+ * Stored with an account, in no AccountRecord field: the credit state (CreditState), and in
+ * MongoDB the cap counts (live and test keys) and the keyed top-ups (TOPUP_FIELDS).
+ */
 export const ACCOUNT_STORE_ONLY = {
   sqlite: ["credit_period", "monthly_used", "topup_balance", "topup_total"] as readonly string[],
-  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count", "active_test_key_count"] as readonly string[],
+  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count", "active_test_key_count", "credit_topups"] as readonly string[],
 };
+
+/**
+ * A keyed top-up (TopUpRecord), field by field: a row of SQLite's credit_topups table, and an
+ * element of the account document's credit_topups array in MongoDB (whose owner is the
+ * account's own _id). The API never shows one.
+ */
+export const TOPUP_FIELDS = {
+  ownerId: { sqlite: "owner_id", mongo: "_id", proto: null },
+  idempotencyKey: { sqlite: "idempotency_key", mongo: "idempotency_key", proto: null },
+  amount: { sqlite: "amount", mongo: "amount", proto: null },
+  topupTotal: { sqlite: "topup_total", mongo: "topup_total", proto: null },
+  atMs: { sqlite: "at", mongo: "at", proto: null },
+} as const satisfies Record<keyof TopUpRecord, FieldPlaces>;
 
 /**
  * A usage counter (UsageDelta, UsageRow without the owner), field by field. In the API a row is

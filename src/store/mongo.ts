@@ -1,10 +1,21 @@
 import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
 import type { Logger } from "pino";
-import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError, NewerSchemaError, PartialWriteError, StoreUnavailableError } from "./errors.js";
+import {
+  CapExceededError,
+  ConflictError,
+  DuplicateError,
+  IdempotencyKeyReusedError,
+  MigrationsPendingError,
+  NewerSchemaError,
+  PartialWriteError,
+  StoreUnavailableError,
+  TopUpKeysExhaustedError,
+} from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
 import { storedRateLimit, storedScopes } from "./stored-values.js";
+import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -21,6 +32,8 @@ import type {
   SubscriptionStatus,
   CreditState,
   CreditDelta,
+  KeyedTopUp,
+  TopUpRecord,
   UsageDelta,
   UsageRow,
   AuditRecord,
@@ -46,7 +59,31 @@ export interface AccountDoc {
   topup_balance?: number;
   /** Absent on accounts written by versions before it existed: read as 0, and $inc starts it there. */
   topup_total?: number;
+  /**
+   * The account's top-ups made with an idempotency key (TopUpRecord), written in the same update
+   * as the credits they added; those older than TOPUP_KEY_RETENTION_MS are dropped by the next
+   * keyed top-up. Absent on accounts written before it existed, or never topped up with a key: none.
+   */
+  credit_topups?: TopUpDoc[];
 }
+
+/** A keyed top-up in its account's credit_topups (the owner is the account's _id). */
+export interface TopUpDoc {
+  idempotency_key: string;
+  amount: number;
+  topup_total: number;
+  at: Date;
+}
+
+export const topUpSchema = new mongoose.Schema<TopUpDoc>(
+  {
+    idempotency_key: { type: String, required: true },
+    amount: { type: Number, required: true },
+    topup_total: { type: Number, required: true },
+    at: { type: Date, required: true },
+  },
+  { _id: false, versionKey: false, strict: "throw" },
+);
 
 /** An audit document. */
 interface AuditDoc {
@@ -116,6 +153,8 @@ export const accountSchema = new mongoose.Schema<AccountDoc>(
     monthly_used: { type: Number, default: 0 },
     topup_balance: { type: Number, default: 0 },
     topup_total: { type: Number, default: 0 },
+    // No default: an account never topped up with a key has no array, as before it existed.
+    credit_topups: { type: [topUpSchema], default: undefined },
   },
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
@@ -275,6 +314,13 @@ function snapshotPipeline(keys: string, accounts: string): (hashes: readonly str
 
 // A concurrent period change makes an attempt miss; more than a few in a row means the account is gone.
 const SPEND_ATTEMPTS = 4;
+/**
+ * A keyed top-up misses only when another top-up of the account was written between its read
+ * and its update, and then that one was made: each attempt lets at least one of them through.
+ */
+const TOPUP_ATTEMPTS = 32;
+/** The credit fields of an account (CreditState). */
+const CREDIT_PROJECTION = { credit_period: 1, monthly_used: 1, topup_balance: 1, topup_total: 1 } as const;
 
 const ms = (date: Date | null): number | null => (date === null ? null : date.getTime());
 const date = (value: number | null): Date | null => (value === null ? null : new Date(value));
@@ -292,6 +338,10 @@ function toAccount(doc: AccountSnapshotDoc): AccountRecord {
 
 function toCredits(doc: AccountDoc | null): CreditState {
   return { period: doc?.credit_period ?? "", monthlyUsed: doc?.monthly_used ?? 0, topupBalance: doc?.topup_balance ?? 0, topupTotal: doc?.topup_total ?? 0 };
+}
+
+function toTopUp(ownerId: string, doc: TopUpDoc): TopUpRecord {
+  return { ownerId, idempotencyKey: doc.idempotency_key, amount: doc.amount, topupTotal: doc.topup_total, atMs: doc.at.getTime() };
 }
 
 // The fields a Check decides by are checked (stored-values.ts): a document edited by hand (a
@@ -864,7 +914,7 @@ export class MongoKeyStore implements KeyStore {
 
   async getCredits(ownerId: string): Promise<CreditState> {
     const doc = await guarded(() =>
-      this.#accounts.findById(ownerId, { credit_period: 1, monthly_used: 1, topup_balance: 1, topup_total: 1 }).lean<AccountDoc>(),
+      this.#accounts.findById(ownerId, CREDIT_PROJECTION).lean<AccountDoc>(),
     );
     return toCredits(doc);
   }
@@ -875,6 +925,58 @@ export class MongoKeyStore implements KeyStore {
       this.#accounts.findByIdAndUpdate(ownerId, { $inc: { topup_balance: amount, topup_total: amount } }, { returnDocument: "after" }).lean<AccountDoc>(),
     );
     return toCredits(doc);
+  }
+
+  /**
+   * One update of the account document adds the credits and records the key, so no answer lost
+   * between them can leave one without the other (MongoDB has no transaction without a replica
+   * set, and a record in a collection of its own would be a second write). That update is
+   * conditional on the top-up total read with the key's absence: every top-up moves the total,
+   * so a match means no top-up, with this key or any other, came in between. Expired records are
+   * pulled first, in an update of their own (it adds nothing, so it needs no such condition).
+   */
+  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null> {
+    const expired = new Date(nowMs - TOPUP_KEY_RETENTION_MS);
+    return guarded(async () => {
+      for (let attempt = 0; attempt < TOPUP_ATTEMPTS; attempt++) {
+        // Only this key's record comes back, never the account's whole array; an expired one of
+        // the same key, not yet pulled, is not it.
+        const projection = { ...CREDIT_PROJECTION, credit_topups: { $elemMatch: { idempotency_key: idempotencyKey, at: { $gt: expired } } } };
+        const doc = await this.#accounts.findById(ownerId, projection).lean<AccountDoc>();
+        if (doc === null) return null;
+        const first = doc.credit_topups?.[0];
+        if (first !== undefined) {
+          if (first.amount !== amount) throw new IdempotencyKeyReusedError(first.amount, amount);
+          return { topUp: toTopUp(ownerId, first), replayed: true, credits: toCredits(doc) };
+        }
+        await this.#accounts.updateOne({ _id: ownerId, "credit_topups.at": { $lte: expired } }, { $pull: { credit_topups: { at: { $lte: expired } } } });
+        const entry: TopUpDoc = { idempotency_key: idempotencyKey, amount, topup_total: (doc.topup_total ?? 0) + amount, at: new Date(nowMs) };
+        const updated = await this.#accounts
+          .findOneAndUpdate(
+            // null matches an account written before topup_total existed, which has none.
+            { _id: ownerId, topup_total: doc.topup_total ?? null, [`credit_topups.${MAX_KEYED_TOPUPS - 1}`]: { $exists: false } },
+            { $set: { topup_total: entry.topup_total }, $inc: { topup_balance: amount }, $push: { credit_topups: entry } },
+            { returnDocument: "after", projection: CREDIT_PROJECTION },
+          )
+          .lean<AccountDoc>();
+        if (updated !== null) return { topUp: toTopUp(ownerId, entry), replayed: false, credits: toCredits(updated) };
+        await this.#refuseWhenFull(ownerId, doc.topup_total, expired);
+      }
+      throw new ConflictError(`the top-up total of account ${ownerId} changed under each of ${TOPUP_ATTEMPTS} attempts to top it up; nothing was added`);
+    });
+  }
+
+  /**
+   * After a keyed top-up's update missed: throws TopUpKeysExhaustedError when the account still
+   * has the total read and MAX_KEYED_TOPUPS records that have not expired. Otherwise another
+   * top-up came in between (or records expired meanwhile), and the caller tries again.
+   */
+  async #refuseWhenFull(ownerId: string, totalRead: number | undefined, expired: Date): Promise<void> {
+    const now = await this.#accounts.findById(ownerId, { topup_total: 1, credit_topups: 1 }).lean<AccountDoc>();
+    if (now === null || now.topup_total !== totalRead) return;
+    const kept = (now.credit_topups ?? []).filter((t) => t.at > expired);
+    if (kept.length < MAX_KEYED_TOPUPS) return;
+    throw new TopUpKeysExhaustedError(MAX_KEYED_TOPUPS, Math.min(...kept.map((t) => t.at.getTime())) + TOPUP_KEY_RETENTION_MS);
   }
 
   /**

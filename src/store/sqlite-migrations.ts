@@ -106,6 +106,25 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
       db.exec("ALTER TABLE keys ADD COLUMN disabled_at INTEGER");
     },
   },
+  {
+    version: 3,
+    description:
+      "add the credit_topups table: each AddCredits idempotency key with its amount and resulting top-up total, written with " +
+      "the credits, so a repeat adds nothing after a restart or a lost answer; existing credits are unchanged",
+    apply(db) {
+      db.exec(`
+        CREATE TABLE credit_topups (
+          owner_id TEXT NOT NULL,
+          idempotency_key TEXT NOT NULL,
+          amount INTEGER NOT NULL,
+          topup_total INTEGER NOT NULL,
+          at INTEGER NOT NULL,
+          PRIMARY KEY (owner_id, idempotency_key)
+        );
+        CREATE INDEX credit_topups_at ON credit_topups (at);
+      `);
+    },
+  },
 ];
 
 /** The schema version this keygate writes. */

@@ -1,17 +1,19 @@
 import { chmodSync, closeSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
-import { CapExceededError, ConflictError, DuplicateError, MigrationsPendingError } from "./errors.js";
+import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, MigrationsPendingError, TopUpKeysExhaustedError } from "./errors.js";
 import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
+import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
   AccountUpsert,
   CreateLimits,
+  KeyedTopUp,
   KeyPatch,
   KeyRecord,
   KeySnapshot,
@@ -61,6 +63,12 @@ interface KeyRow {
   disabled_at: number | null;
 }
 
+
+/**
+ * Expired keyed top-ups deleted by each keyed top-up: it adds one, so they go far faster than
+ * they come, and no call does more than this much of that work.
+ */
+const TOPUP_PRUNE_BATCH = 64;
 
 function toCredits(row: SqliteRow | undefined): CreditState {
   if (row === undefined) return { period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 };
@@ -268,7 +276,7 @@ function tightenWalFiles(path: string): void {
 type StatementName =
   | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
   | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
-  | "listUsage" | "revoke" | "markRotated" | "appendAudit" | "ping";
+  | "getTopUp" | "countTopUps" | "putTopUp" | "pruneTopUps" | "listUsage" | "revoke" | "markRotated" | "appendAudit" | "ping";
 
 /** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
@@ -331,6 +339,13 @@ export class SqliteKeyStore implements KeyStore {
       enable: db.prepare("UPDATE keys SET disabled_at = NULL WHERE id = ?"),
       getCredits: db.prepare("SELECT credit_period, monthly_used, topup_balance, topup_total FROM accounts WHERE owner_id = ?"),
       addCredits: db.prepare("UPDATE accounts SET topup_balance = topup_balance + @amount, topup_total = topup_total + @amount WHERE owner_id = @owner"),
+      getTopUp: db.prepare("SELECT amount, topup_total, at FROM credit_topups WHERE owner_id = ? AND idempotency_key = ?"),
+      countTopUps: db.prepare("SELECT COUNT(*) AS n, MIN(at) AS oldest FROM credit_topups WHERE owner_id = ? AND at > ?"),
+      // REPLACE: an expired record of the same key, not yet pruned, gives way to the new one.
+      putTopUp: db.prepare(
+        "INSERT OR REPLACE INTO credit_topups (owner_id, idempotency_key, amount, topup_total, at) VALUES (@owner, @key, @amount, @total, @at)",
+      ),
+      pruneTopUps: db.prepare(`DELETE FROM credit_topups WHERE rowid IN (SELECT rowid FROM credit_topups WHERE at <= ? ORDER BY at LIMIT ${TOPUP_PRUNE_BATCH})`),
       listUsage: db.prepare(
         "SELECT key_id AS keyId, day, outcome, count, credits FROM usage WHERE owner_id = ? AND day >= ? AND day <= ? ORDER BY day, key_id, outcome",
       ),
@@ -509,6 +524,29 @@ export class SqliteKeyStore implements KeyStore {
       return this.#stmt.getCredits.get(ownerId);
     });
     return toCredits(row);
+  }
+
+  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null> {
+    const expiredAtMs = nowMs - TOPUP_KEY_RETENTION_MS;
+    // One IMMEDIATE transaction: the key's record and the credits are written together or not at
+    // all, and a second process with the same key waits for this one and then finds its record.
+    return immediateTransaction(this.#db, () => {
+      this.#stmt.pruneTopUps.run(expiredAtMs);
+      const kept = this.#stmt.getTopUp.get(ownerId, idempotencyKey);
+      if (kept !== undefined && integer(kept, "at") > expiredAtMs) {
+        const topUp = { ownerId, idempotencyKey, amount: integer(kept, "amount"), topupTotal: integer(kept, "topup_total"), atMs: integer(kept, "at") };
+        if (topUp.amount !== amount) throw new IdempotencyKeyReusedError(topUp.amount, amount);
+        return { topUp, replayed: true, credits: toCredits(this.#stmt.getCredits.get(ownerId)) };
+      }
+      const held = this.#stmt.countTopUps.get(ownerId, expiredAtMs);
+      if (held !== undefined && integer(held, "n") >= MAX_KEYED_TOPUPS) {
+        throw new TopUpKeysExhaustedError(MAX_KEYED_TOPUPS, integer(held, "oldest") + TOPUP_KEY_RETENTION_MS);
+      }
+      if (Number(this.#stmt.addCredits.run({ amount, owner: ownerId }).changes) === 0) return null;
+      const credits = toCredits(this.#stmt.getCredits.get(ownerId));
+      this.#stmt.putTopUp.run({ owner: ownerId, key: idempotencyKey, amount, total: credits.topupTotal, at: nowMs });
+      return { topUp: { ownerId, idempotencyKey, amount, topupTotal: credits.topupTotal, atMs: nowMs }, replayed: false, credits };
+    });
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {

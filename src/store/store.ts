@@ -87,6 +87,40 @@ export interface CreditState {
 }
 
 /**
+ * How long a store keeps a top-up made with an idempotency key: a repeat within this time adds
+ * nothing. Older records are treated as gone and pruned as later keyed top-ups are written.
+ */
+export const TOPUP_KEY_RETENTION_MS = 24 * 3_600_000;
+
+/**
+ * Keyed top-ups an account may have within TOPUP_KEY_RETENTION_MS. MongoDB keeps them in the
+ * account's document, which every cold key lookup reads and which may not pass 16 MB, so they
+ * are bounded: past this, a keyed top-up is refused (TopUpKeysExhaustedError) rather than one
+ * of the keys forgotten early.
+ */
+export const MAX_KEYED_TOPUPS = 1000;
+
+/** A top-up made with an idempotency key, as the store keeps it beside the credits it added. */
+export interface TopUpRecord {
+  ownerId: string;
+  idempotencyKey: string;
+  amount: number;
+  /** The account's top-up total (CreditState.topupTotal) right after this top-up. */
+  topupTotal: number;
+  atMs: number;
+}
+
+/** What addCreditsOnce did. */
+export interface KeyedTopUp {
+  /** The top-up under the key: made by this call, or by an earlier one when `replayed`. */
+  topUp: TopUpRecord;
+  /** The key had been used within TOPUP_KEY_RETENTION_MS: nothing was added. */
+  replayed: boolean;
+  /** The credit state after this call: with the top-up added, or as it stands when replayed. */
+  credits: CreditState;
+}
+
+/**
  * A usage outcome of an allowed request on a metered route: these, and only these, count toward
  * the daily quota (a restart reseeds the day's count from them).
  */
@@ -267,6 +301,15 @@ export interface MeteringStore {
   getCredits(ownerId: string): Promise<CreditState>;
   /** Adds to the top-up balance and to the top-up total, atomically (never replaces either). */
   addCredits(ownerId: string, amount: number): Promise<CreditState>;
+  /**
+   * addCredits once per idempotency key and owner: the key is recorded (TopUpRecord) in the
+   * same atomic write as the credits, so a repeat within TOPUP_KEY_RETENTION_MS, on any replica
+   * and after any restart or lost answer, adds nothing and gets the first top-up back
+   * (`replayed`). A repeat for another amount throws IdempotencyKeyReusedError and an account
+   * at MAX_KEYED_TOPUPS throws TopUpKeysExhaustedError, both having written nothing. null when
+   * the account does not exist (nothing written).
+   */
+  addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null>;
   /**
    * Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush.
    * A store whose call is one transaction writes all of it or none; one that is not (MongoDB)

@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
-import { CapExceededError, ConflictError, DuplicateError } from "../../src/store/errors.js";
+import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, TopUpKeysExhaustedError } from "../../src/store/errors.js";
+import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 
@@ -363,6 +364,93 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       for (const ownerId of owners) {
         expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 7, topupBalance: -1, topupTotal: 0 });
       }
+    });
+
+    describe("keyed top-ups (addCreditsOnce)", () => {
+      const topUp = (ownerId: string, idempotencyKey: string, amount: number, topupTotal: number, atMs = NOW) => ({ ownerId, idempotencyKey, amount, topupTotal, atMs });
+      const credits = (topup: number) => ({ period: "", monthlyUsed: 0, topupBalance: topup, topupTotal: topup });
+      const newAccount = async (): Promise<string> => {
+        const ownerId = nextOwner();
+        await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+        return ownerId;
+      };
+
+      it("happy: adds once per key and owner; a repeat adds nothing and gets the first top-up back, whatever was added since", async () => {
+        const ownerId = await newAccount();
+        expect(await store.addCreditsOnce(ownerId, 100, "order-1", NOW)).toEqual({ topUp: topUp(ownerId, "order-1", 100, 100), replayed: false, credits: credits(100) });
+        await store.addCredits(ownerId, 5);
+        await store.applyUsage([], [{ ownerId, period: "2026-11", monthlyUsed: 0, topupUsed: 1 }]);
+        expect(await store.addCreditsOnce(ownerId, 100, "order-1", NOW + 60_000)).toEqual({
+          topUp: topUp(ownerId, "order-1", 100, 100),
+          replayed: true,
+          credits: { period: "2026-11", monthlyUsed: 0, topupBalance: 104, topupTotal: 105 },
+        });
+        expect(await store.addCreditsOnce(ownerId, 7, "order 2 (card)", NOW + 1)).toEqual({
+          topUp: topUp(ownerId, "order 2 (card)", 7, 112, NOW + 1),
+          replayed: false,
+          credits: { period: "2026-11", monthlyUsed: 0, topupBalance: 111, topupTotal: 112 },
+        });
+        // The key is the owner's own: another owner's same key is another top-up.
+        const other = await newAccount();
+        expect(await store.addCreditsOnce(other, 100, "order-1", NOW)).toMatchObject({ replayed: false, credits: credits(100) });
+        expect(await store.getCredits(ownerId)).toEqual({ period: "2026-11", monthlyUsed: 0, topupBalance: 111, topupTotal: 112 });
+      });
+
+      it("happy: a key is kept for 24 hours: a repeat a millisecond before adds nothing, one at 24 hours adds again", async () => {
+        const ownerId = await newAccount();
+        await store.addCreditsOnce(ownerId, 10, "order-24h", NOW);
+        expect(await store.addCreditsOnce(ownerId, 10, "order-24h", NOW + TOPUP_KEY_RETENTION_MS - 1)).toMatchObject({ replayed: true, credits: credits(10) });
+        expect(await store.addCreditsOnce(ownerId, 10, "order-24h", NOW + TOPUP_KEY_RETENTION_MS)).toEqual({
+          topUp: topUp(ownerId, "order-24h", 10, 20, NOW + TOPUP_KEY_RETENTION_MS),
+          replayed: false,
+          credits: credits(20),
+        });
+        // The new record is kept for 24 hours of its own.
+        expect(await store.addCreditsOnce(ownerId, 10, "order-24h", NOW + 2 * TOPUP_KEY_RETENTION_MS - 1)).toMatchObject({ replayed: true, credits: credits(20) });
+      });
+
+      it("happy: 20 keys and 10 repeats of one more, all at once, add each key exactly once", async () => {
+        const ownerId = await newAccount();
+        const answers = await Promise.all([
+          ...Array.from({ length: 20 }, (_, i) => store.addCreditsOnce(ownerId, i + 1, `order-${i}`, NOW)),
+          ...Array.from({ length: 10 }, () => store.addCreditsOnce(ownerId, 1000, "order-once", NOW)),
+        ]);
+        expect(answers.slice(0, 20).map((a) => a?.replayed)).toEqual(Array.from({ length: 20 }, () => false));
+        expect(answers.slice(20).filter((a) => a?.replayed === false).length).toBe(1);
+        // Every repeat got the one top-up that was made.
+        const made = answers.slice(20).map((a) => a?.topUp);
+        expect(new Set(made.map((t) => JSON.stringify(t))).size).toBe(1);
+        expect(await store.getCredits(ownerId)).toEqual(credits(210 + 1000));
+      });
+
+      it("error: a repeat for another amount is refused and writes nothing", async () => {
+        const ownerId = await newAccount();
+        await store.addCreditsOnce(ownerId, 100, "order-9", NOW);
+        const error = await refusal(store.addCreditsOnce(ownerId, 50, "order-9", NOW + 1));
+        expect(error).toBeInstanceOf(IdempotencyKeyReusedError);
+        expect(error).toMatchObject({ firstAmount: 100, amount: 50 });
+        expect(await store.getCredits(ownerId)).toEqual(credits(100));
+        expect(await store.addCreditsOnce(ownerId, 100, "order-9", NOW + 2)).toMatchObject({ topUp: topUp(ownerId, "order-9", 100, 100), replayed: true });
+      });
+
+      it("error: an account that does not exist gets null, and nothing is recorded for it", async () => {
+        const ownerId = nextOwner();
+        expect(await store.addCreditsOnce(ownerId, 5, "order-ghost", NOW)).toBeNull();
+        await store.upsertAccount({ ownerId }, limits().accountDefaults, NOW);
+        expect(await store.addCreditsOnce(ownerId, 5, "order-ghost", NOW + 1)).toMatchObject({ replayed: false, credits: credits(5) });
+      });
+
+      it(`error: an account holding ${MAX_KEYED_TOPUPS} keyed top-ups is refused another until the oldest is 24 hours old`, async () => {
+        const ownerId = await newAccount();
+        for (let i = 0; i < MAX_KEYED_TOPUPS; i++) await store.addCreditsOnce(ownerId, 1, `bulk-${i}`, NOW + i);
+        const error = await refusal(store.addCreditsOnce(ownerId, 1, "one-too-many", NOW + MAX_KEYED_TOPUPS));
+        expect(error).toBeInstanceOf(TopUpKeysExhaustedError);
+        expect(error).toMatchObject({ maxKeyedTopUps: MAX_KEYED_TOPUPS, freeAtMs: NOW + TOPUP_KEY_RETENTION_MS });
+        expect(await store.getCredits(ownerId)).toEqual(credits(MAX_KEYED_TOPUPS));
+        // Repeats of the keys held still answer; once the oldest has gone, one more fits.
+        expect(await store.addCreditsOnce(ownerId, 1, "bulk-0", NOW + TOPUP_KEY_RETENTION_MS - 1)).toMatchObject({ replayed: true });
+        expect(await store.addCreditsOnce(ownerId, 1, "one-too-many", NOW + TOPUP_KEY_RETENTION_MS)).toMatchObject({ replayed: false, credits: credits(MAX_KEYED_TOPUPS + 1) });
+      });
     });
 
     it("stores a key's own rate limit and clears it", async () => {

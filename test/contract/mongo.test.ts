@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest
 import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
 import { CapExceededError, PartialWriteError, StoreUnavailableError } from "../../src/store/errors.js";
-import { keyState } from "../../src/store/store.js";
+import { TOPUP_KEY_RETENTION_MS, keyState } from "../../src/store/store.js";
 import type { CreditDelta, KeyMode, KeyRecord, UsageDelta } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
@@ -24,6 +24,9 @@ async function listIndexes(client: mongoose.mongo.MongoClient, collection: strin
   // Field order is part of a compound index, so the spec is compared as an ordered list.
   return indexes.map((index) => ({ name: index.name, fields: Object.entries(index.key), unique: index.unique === true }));
 }
+
+/** A time for the records of the cases that need one. */
+const NOW = 1_800_000_000_000;
 
 /** An account document as the first release wrote it: no top-up total. */
 type LegacyAccount = Omit<AccountDoc, "topup_total">;
@@ -118,6 +121,105 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         expect((await store.getAccount("legacy-mongo"))?.plan).toBe("pro");
       });
     });
+
+    it("tops up an account without a top-up total or keyed top-ups once per key, counting its total from 0", async () => {
+      await withClientAndStore(async (client, store) => {
+        await client
+          .db()
+          .collection<LegacyAccount>("accounts")
+          .insertOne({ _id: "legacy-keyed", plan: "pro", subscription_status: "active", role: "standard", active_key_count: 0, created_at: new Date(1), updated_at: new Date(2), topup_balance: 70 });
+        const topUp = { ownerId: "legacy-keyed", idempotencyKey: "order-1", amount: 30, topupTotal: 30, atMs: NOW };
+        const after = { period: "", monthlyUsed: 0, topupBalance: 100, topupTotal: 30 };
+        expect(await store.addCreditsOnce("legacy-keyed", 30, "order-1", NOW)).toEqual({ topUp, replayed: false, credits: after });
+        expect(await store.addCreditsOnce("legacy-keyed", 30, "order-1", NOW + 1)).toEqual({ topUp, replayed: true, credits: after });
+      });
+    });
+  });
+
+  describe("MongoKeyStore.addCreditsOnce when an answer is lost", () => {
+    let store: MongoKeyStore;
+    let accounts: mongoose.Model<AccountDoc>;
+    let owner = 0;
+    beforeAll(async () => {
+      store = await MongoKeyStore.connect(started().uri);
+      const model = mongoose.connections.at(-1)?.models["Account"];
+      if (model === undefined) throw new Error("the store's Account model was not found");
+      accounts = model;
+    });
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+    afterAll(async () => {
+      await store?.close();
+    });
+
+    type TopUpFilter = mongoose.mongo.Filter<mongoose.mongo.Document>;
+    type TopUpUpdate = mongoose.mongo.UpdateFilter<mongoose.mongo.Document>;
+    type TopUpOptions = mongoose.mongo.FindOneAndUpdateOptions;
+
+    async function newAccount(): Promise<string> {
+      const ownerId = `lost-topup-${++owner}`;
+      await store.upsertAccount({ ownerId }, { plan: "basic", subscriptionStatus: "active", role: "standard" }, NOW);
+      return ownerId;
+    }
+
+    /** The next findOneAndUpdate on accounts (the top-up's update) fails as a dropped connection does, after the server made it when `made`. */
+    function loseNextUpdateAnswer(made: boolean): void {
+      const collection = accounts.collection;
+      const original = collection.findOneAndUpdate.bind(collection);
+      vi.spyOn(collection, "findOneAndUpdate").mockImplementationOnce(async (filter: TopUpFilter, update: TopUpUpdate, options?: TopUpOptions) => {
+        if (made) await original(filter, update, options ?? {});
+        throw new mongoose.mongo.MongoNetworkError("connection 5 to 127.0.0.1:27017 closed");
+      });
+    }
+
+    it("error: the update made but its answer lost: UNAVAILABLE, and the retry adds nothing and gets the top-up back", async () => {
+      const ownerId = await newAccount();
+      loseNextUpdateAnswer(true);
+      await expect(store.addCreditsOnce(ownerId, 100, "order-lost", NOW)).rejects.toBeInstanceOf(StoreUnavailableError);
+      expect(await store.getCredits(ownerId)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 100, topupTotal: 100 });
+      expect(await store.addCreditsOnce(ownerId, 100, "order-lost", NOW + 1000)).toEqual({
+        topUp: { ownerId, idempotencyKey: "order-lost", amount: 100, topupTotal: 100, atMs: NOW },
+        replayed: true,
+        credits: { period: "", monthlyUsed: 0, topupBalance: 100, topupTotal: 100 },
+      });
+    });
+
+    it("error: the update lost before it was made: the retry adds, once", async () => {
+      const ownerId = await newAccount();
+      loseNextUpdateAnswer(false);
+      await expect(store.addCreditsOnce(ownerId, 100, "order-unsent", NOW)).rejects.toBeInstanceOf(StoreUnavailableError);
+      expect(await store.getCredits(ownerId)).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 });
+      expect(await store.addCreditsOnce(ownerId, 100, "order-unsent", NOW + 1000)).toMatchObject({ replayed: false, credits: { topupBalance: 100, topupTotal: 100 } });
+      expect(await store.addCreditsOnce(ownerId, 100, "order-unsent", NOW + 2000)).toMatchObject({ replayed: true, credits: { topupBalance: 100, topupTotal: 100 } });
+    });
+
+    it("happy: a top-up without a key between the read and the update makes it read again; both are counted", async () => {
+      const ownerId = await newAccount();
+      const collection = accounts.collection;
+      const original = collection.findOneAndUpdate.bind(collection);
+      vi.spyOn(collection, "findOneAndUpdate").mockImplementationOnce(async (filter: TopUpFilter, update: TopUpUpdate, options?: TopUpOptions) => {
+        await store.addCredits(ownerId, 5);
+        return original(filter, update, options ?? {});
+      });
+      expect(await store.addCreditsOnce(ownerId, 100, "order-raced", NOW)).toEqual({
+        topUp: { ownerId, idempotencyKey: "order-raced", amount: 100, topupTotal: 105, atMs: NOW },
+        replayed: false,
+        credits: { period: "", monthlyUsed: 0, topupBalance: 105, topupTotal: 105 },
+      });
+    });
+
+    it("happy: the account document keeps only the keyed top-ups of the last 24 hours; the next keyed top-up drops those older", async () => {
+      const ownerId = await newAccount();
+      for (let i = 0; i < 3; i++) await store.addCreditsOnce(ownerId, 1, `old-${i}`, NOW + i);
+      await store.addCreditsOnce(ownerId, 1, "new", NOW + TOPUP_KEY_RETENTION_MS + 1);
+      const doc = await accounts.findById(ownerId, { credit_topups: 1 }).lean<AccountDoc>();
+      // old-0 and old-1 are 24 hours old or more; old-2, a millisecond younger, is kept.
+      expect(doc?.credit_topups?.map((t) => [t.idempotency_key, t.amount, t.topup_total, t.at.getTime()])).toEqual([
+        ["old-2", 1, 3, NOW + 2],
+        ["new", 1, 4, NOW + TOPUP_KEY_RETENTION_MS + 1],
+      ]);
+    });
   });
 
   describe("schema step 2: test keys counted apart", () => {
@@ -202,7 +304,6 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
   });
 
   describe("MongoKeyStore.rotateKey when the new key cannot be inserted", () => {
-    const NOW = 1_800_000_000_000;
     const caps = { maxActiveKeysFor: () => 1, accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: NOW };
     let store: MongoKeyStore;
     let keys: mongoose.Model<KeyDoc>;
@@ -285,7 +386,6 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
   });
 
   describe("MongoKeyStore when the answer to a key insert is lost", () => {
-    const NOW = 1_800_000_000_000;
     const caps = { maxActiveKeysFor: () => 1, accountDefaults: { plan: "basic", subscriptionStatus: "active" as const, role: "standard" as const }, nowMs: NOW };
     const logged = { error: vi.fn() };
     let store: MongoKeyStore;

@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
-import { newKeyRecord } from "../../src/store/store.js";
+import { TOPUP_KEY_RETENTION_MS, newKeyRecord } from "../../src/store/store.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
 runKeyStoreContract("sqlite", async () => {
@@ -54,6 +54,74 @@ describe("SqliteKeyStore on a file from an earlier version", () => {
       const again = new SqliteKeyStore(path);
       expect(await again.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
       await again.close();
+    });
+  });
+});
+
+describe("SqliteKeyStore's keyed top-ups", () => {
+  const NOW = 1_800_000_000_000;
+  const DEFAULTS = { plan: "basic", subscriptionStatus: "active", role: "standard" } as const;
+  const rows = (path: string): number => {
+    const db = new DatabaseSync(path, { readOnly: true });
+    try {
+      return Number(db.prepare("SELECT COUNT(*) AS n FROM credit_topups").get()?.["n"]);
+    } finally {
+      db.close();
+    }
+  };
+
+  it("happy: a second process with the same key finds the first one's record and adds nothing", async () => {
+    await withDatabaseFile("keygate-sqlite-topup-", async (path) => {
+      const first = new SqliteKeyStore(path);
+      const second = new SqliteKeyStore(path);
+      try {
+        await first.upsertAccount({ ownerId: "payer" }, DEFAULTS, NOW);
+        expect(await first.addCreditsOnce("payer", 100, "order-1", NOW)).toMatchObject({ replayed: false, credits: { topupBalance: 100, topupTotal: 100 } });
+        expect(await second.addCreditsOnce("payer", 100, "order-1", NOW + 1)).toMatchObject({ replayed: true, credits: { topupBalance: 100, topupTotal: 100 } });
+      } finally {
+        await first.close();
+        await second.close();
+      }
+    });
+  });
+
+  it("error: the key's record and the credits are one transaction: a record that cannot be written adds no credits", async () => {
+    await withDatabaseFile("keygate-sqlite-topup-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      try {
+        await store.upsertAccount({ ownerId: "payer" }, DEFAULTS, NOW);
+        const other = new DatabaseSync(path);
+        other.exec("CREATE TRIGGER refuse_topup BEFORE INSERT ON credit_topups BEGIN SELECT RAISE(ABORT, 'injected: the record cannot be written'); END");
+        await expect(store.addCreditsOnce("payer", 100, "order-1", NOW)).rejects.toThrow("injected: the record cannot be written");
+        expect(await store.getCredits("payer")).toEqual({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 });
+        other.exec("DROP TRIGGER refuse_topup");
+        other.close();
+        expect(await store.addCreditsOnce("payer", 100, "order-1", NOW + 1)).toMatchObject({ replayed: false, credits: { topupBalance: 100, topupTotal: 100 } });
+      } finally {
+        await store.close();
+      }
+    });
+  });
+
+  it("happy: records 24 hours old are deleted by later keyed top-ups, at most 64 a call", async () => {
+    await withDatabaseFile("keygate-sqlite-topup-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      try {
+        for (let i = 0; i < 100; i++) {
+          await store.upsertAccount({ ownerId: `payer-${i}` }, DEFAULTS, NOW);
+          await store.addCreditsOnce(`payer-${i}`, 1, "order", NOW);
+        }
+        expect(rows(path)).toBe(100);
+        await store.upsertAccount({ ownerId: "later" }, DEFAULTS, NOW);
+        await store.addCreditsOnce("later", 1, "order-a", NOW + TOPUP_KEY_RETENTION_MS);
+        expect(rows(path)).toBe(100 - 64 + 1);
+        await store.addCreditsOnce("later", 1, "order-b", NOW + TOPUP_KEY_RETENTION_MS);
+        expect(rows(path)).toBe(2);
+        // A deleted record's key adds again, as an expired one not yet deleted would.
+        expect(await store.addCreditsOnce("payer-0", 1, "order", NOW + TOPUP_KEY_RETENTION_MS)).toMatchObject({ replayed: false, credits: { topupTotal: 2 } });
+      } finally {
+        await store.close();
+      }
     });
   });
 });

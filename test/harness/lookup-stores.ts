@@ -31,6 +31,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     rotateKey: unused,
     getCredits: unused,
     addCredits: unused,
+    addCreditsOnce: unused,
     applyUsage: unused,
     listUsage: unused,
     appendAudit: unused,

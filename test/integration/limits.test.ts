@@ -1,5 +1,6 @@
+import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
+import { adminRefusal, checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
 
@@ -207,6 +208,23 @@ describe("credits", () => {
     expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(9n);
     const audited = (await kg.admin.listAuditEvents({ ownerId: key.ownerId })).events.filter((e) => e.action === "credits.add");
     expect(audited.map((e) => e.changes["idempotency_key"])).toEqual(['"pay_7"', '"pay_8"', undefined, undefined]);
+  });
+
+  it("refuses a keyed top-up past 1,000 for the account in 24 hours, naming when a place frees, and adds nothing", async () => {
+    kg.clock.freeze(T0);
+    const key = await issue("metered");
+    // The account's first 1,000 keyed top-ups, written to the store as AddCredits writes them.
+    for (let i = 0; i < 1000; i++) await kg.app.store.addCreditsOnce(key.ownerId, 1, `bulk-${i}`, kg.clock.now());
+    const before = (await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits;
+    expect(before).toBe(1000n);
+    expect(await adminRefusal(kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, idempotencyKey: "order-1001" }))).toEqual({
+      code: Code.FailedPrecondition,
+      message: `account "${key.ownerId}" has had 1000 top-ups with an idempotency_key in 24 hours, as many as keygate keeps; nothing was added: retry after 2026-11-23T12:00:00.000Z`,
+    });
+    expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(1000n);
+    // A repeat of a key held is still answered, and a top-up without a key still adds.
+    expect((await kg.admin.addCredits({ ownerId: key.ownerId, amount: 1n, idempotencyKey: "bulk-0" })).replayed).toBe(true);
+    expect((await kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n })).account?.topupCredits).toBe(1005n);
   });
 
   it("rejects a bad top-up, naming the field, and adds nothing", async () => {

@@ -87,6 +87,18 @@ function upgradeSuite(store: "sqlite" | "mongo", start: (clock: TestClock) => Pr
     });
   });
 
+  it("the release's account takes a top-up with an idempotency key once: a repeat adds nothing and answers replayed", async () => {
+    const ownerId = data.credits.ownerId;
+    const first = await running().admin.addCredits({ ownerId, amount: 25n, reason: "after the upgrade", idempotencyKey: "upgrade-order-1" });
+    const repeat = await running().admin.addCredits({ ownerId, amount: 25n, reason: "after the upgrade", idempotencyKey: "upgrade-order-1" });
+    expect([first.replayed, first.account?.topupCredits, repeat.replayed, repeat.account?.topupCredits]).toEqual([
+      false,
+      BigInt(data.credits.added + 25),
+      true,
+      BigInt(data.credits.added + 25),
+    ]);
+  });
+
   it("new keys can be made, and are allowed", async () => {
     const created = await running().admin.createKey({ ownerId: data.usage.ownerId, name: "after the upgrade" });
     expect(created.key?.ownerId).toBe(data.usage.ownerId);

@@ -70,6 +70,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     rotateKey: refuse,
     getCredits: refuse,
     addCredits: refuse,
+    addCreditsOnce: refuse,
     applyUsage: refuse,
     listUsage: refuse,
     appendAudit: refuse,

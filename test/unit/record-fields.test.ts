@@ -2,8 +2,8 @@ import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { snapshotSchema } from "../../src/cache/redis.js";
 import { AccountSchema, ApiKeySchema, AuditEventSchema, KeyDayUsageSchema } from "../../src/gen/keygate/v1/key_admin_pb.js";
-import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, AUDIT_FIELDS, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY, USAGE_FIELDS, USAGE_STORE_ONLY } from "../../src/store/fields.js";
-import { accountSchema, auditSchema, keySchema, usageSchema } from "../../src/store/mongo.js";
+import { ACCOUNT_FIELDS, ACCOUNT_STORE_ONLY, AUDIT_FIELDS, KEY_FIELDS, KEY_PROTO_ONLY, KEY_STORE_ONLY, TOPUP_FIELDS, USAGE_FIELDS, USAGE_STORE_ONLY } from "../../src/store/fields.js";
+import { accountSchema, auditSchema, keySchema, topUpSchema, usageSchema } from "../../src/store/mongo.js";
 import { text } from "../../src/store/sqlite-db.js";
 import { migrateSqlite } from "../../src/store/sqlite-migrations.js";
 import { newKeyRecord } from "../../src/store/store.js";
@@ -57,6 +57,14 @@ describe("record fields happy", () => {
     expect(sorted(mongoPaths(usageSchema))).toEqual(sorted([...fields.map((f) => f.mongo), ...USAGE_STORE_ONLY.mongo]));
     // KeyDayUsage's `usage` holds the outcome, count and credits, folded into counts; `keyName` is the key's, looked up.
     expect(sorted(KeyDayUsageSchema.fields.map((f) => f.localName))).toEqual(sorted([...fields.flatMap((f) => (f.proto === null ? [] : [f.proto])), "usage", "keyName"]));
+  });
+
+  it("the keyed top-up: SQLite's credit_topups columns and the fields of MongoDB's credit_topups elements hold exactly its fields", () => {
+    const { ownerId, ...own } = TOPUP_FIELDS;
+    expect(sorted(sqliteColumns("credit_topups"))).toEqual(sorted(Object.values(TOPUP_FIELDS).map((f) => f.sqlite)));
+    // In MongoDB the owner is the account document's own _id, which holds the array.
+    expect(ownerId.mongo).toBe(ACCOUNT_FIELDS.ownerId.mongo);
+    expect(sorted(mongoPaths(topUpSchema))).toEqual(sorted(Object.values(own).map((f) => f.mongo)));
   });
 
   it("the audit event: SQLite columns, MongoDB fields and the proto hold exactly its fields", () => {

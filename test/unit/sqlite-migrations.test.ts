@@ -80,6 +80,31 @@ describe("SQLite schema migrations happy", () => {
     }
   });
 
+  it("a database at schema 2, as the release before keyed top-ups left it, gains credit_topups at step 3 and keeps its credits", async () => {
+    const path = tempDb();
+    const old = new DatabaseSync(path);
+    expect(migrateSqlite(old, SQLITE_MIGRATIONS.filter((m) => m.version <= 2))).toEqual([1, 2]);
+    old.prepare("INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at, topup_balance, topup_total) VALUES ('acct_1', 'pro', 'active', 'standard', 1, 2, 70, 90)").run();
+    expect(old.prepare("SELECT name FROM sqlite_master WHERE name = 'credit_topups'").all()).toEqual([]);
+    old.close();
+
+    const store = new SqliteKeyStore(path);
+    try {
+      expect(await store.getCredits("acct_1")).toEqual({ period: "", monthlyUsed: 0, topupBalance: 70, topupTotal: 90 });
+      expect(await store.addCreditsOnce("acct_1", 10, "order-1", 1_800_000_000_000)).toMatchObject({ replayed: false, credits: { topupBalance: 80, topupTotal: 100 } });
+      expect(await store.addCreditsOnce("acct_1", 10, "order-1", 1_800_000_000_001)).toMatchObject({ replayed: true, credits: { topupBalance: 80, topupTotal: 100 } });
+    } finally {
+      await store.close();
+    }
+    const migrated = new DatabaseSync(path, { readOnly: true });
+    try {
+      expect(schemaVersion(migrated)).toBe(SQLITE_SCHEMA_VERSION);
+      expect(shape(migrated)).toEqual(freshShape());
+    } finally {
+      migrated.close();
+    }
+  });
+
   it("a second open, or a second process opening the file, applies nothing again", () => {
     const path = tempDb();
     const first = new DatabaseSync(path);

@@ -932,9 +932,10 @@ export type AddCreditsRequest = Message<"keygate.v1.AddCreditsRequest"> & {
   reason: string;
 
   /**
-   * Optional, 1-200 printable ASCII characters (the order or payment id, say): a repeat for the
-   * same owner within 24 hours adds nothing and answers the first call's account again, so a
-   * retried top-up is counted once. Left empty, every call adds.
+   * Optional, 1-200 printable ASCII characters (the order or payment id, say): the store keeps it
+   * with the credits, so a repeat for the same owner within 24 hours of the top-up adds nothing
+   * (after a restart or a lost answer too) and answers replayed, so a retried top-up is counted
+   * once. The same key for another amount is refused (INVALID_ARGUMENT). Left empty, every call adds.
    *
    * @generated from field: string idempotency_key = 4;
    */
