@@ -43,6 +43,20 @@ export function bearerKey(value: string): string | typeof BROKEN_BEARER | typeof
 }
 
 /**
+ * `value` without the spaces and tabs around it (HTTP's optional white space), and nothing else:
+ * String.prototype.trim also strips Unicode white space (no-break space, byte-order mark,
+ * U+2028), which a gRPC Check reads from UTF-8 and the HTTP mode from Latin-1, so the same bytes
+ * trimmed to the key on one and to a malformed credential on the other.
+ */
+function trimOws(value: string): string {
+  let from = 0;
+  let to = value.length;
+  while (from < to && (value.charCodeAt(from) === SPACE || value.charCodeAt(from) === TAB)) from++;
+  while (to > from && (value.charCodeAt(to - 1) === SPACE || value.charCodeAt(to - 1) === TAB)) to--;
+  return from === 0 && to === value.length ? value : value.slice(from, to);
+}
+
+/**
  * Reads the API key from the configured headers. `authorization` counts only with the Bearer
  * scheme. Two headers carrying different keys, or a repeated header, are refused as malformed:
  * a proxy and an upstream could disagree about which one wins. A repeat must arrive as an array:
@@ -62,7 +76,7 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
       if (bearer === OTHER_SCHEME) continue; // Another scheme (Basic, say) is not ours to judge.
       key = bearer;
     } else {
-      key = raw.trim();
+      key = trimOws(raw);
       if (key.length === 0) continue;
     }
     if (found !== undefined && found !== key) return MALFORMED;

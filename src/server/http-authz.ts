@@ -3,7 +3,7 @@ import { STATUS_CODES, createServer } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
-import { CONNECT_REFUSAL } from "../authz/routes.js";
+import { CONNECT_REFUSAL, RouteRefusal } from "../authz/routes.js";
 import type { Logger } from "pino";
 import { RecordHeaders } from "../authz/headers.js";
 import type { HeaderBag } from "../authz/headers.js";
@@ -62,6 +62,23 @@ export function headerBag(req: IncomingMessage, distinctNameCount: number): Head
   // Spread and fromEntries define own properties: a header named __proto__ stays a header.
   const repeated = Object.entries(req.headersDistinct).filter(([, values]) => values !== undefined && values.length > 1);
   return new RecordHeaders({ ...req.headers, ...Object.fromEntries(repeated) });
+}
+
+const UNREADABLE_REFUSAL = new RouteRefusal(
+  "INVALID_PATH",
+  "The request could not be read as HTTP/1.1 (a method HTTP servers do not know, or bytes HTTP does not allow in the request line or a header), so it is refused.",
+);
+
+/**
+ * An answer written on a socket node:http no longer serves, and the connection closed after it.
+ * The answer to a HEAD has no body: a client reads none, and would take one for the next answer.
+ */
+function endWith(socket: Duplex, answer: HttpAnswer, toHead = false): void {
+  const body = toHead ? Buffer.alloc(0) : Buffer.from(answer.body);
+  const head = [`HTTP/1.1 ${answer.status} ${STATUS_CODES[answer.status] ?? ""}`];
+  for (const [name, value] of Object.entries(answer.headers)) head.push(`${name}: ${value}`);
+  head.push(`content-length: ${body.length}`, "connection: close", "", "");
+  socket.end(Buffer.concat([Buffer.from(head.join("\r\n"), "latin1"), body]));
 }
 
 function send(res: ServerResponse, answer: HttpAnswer): void {
@@ -175,14 +192,31 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     const startedAt = performance.now();
     const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
     const answer = toHttpAnswer(CONNECT_REFUSAL, Object.keys(req.headers), requestId, deps.nowMs());
-    const sent = req.headers["x-keygate-denial-headers"] === "1" ? withDenialHeaders(answer) : answer;
-    const body = Buffer.from(sent.body);
-    const head = [`HTTP/1.1 ${sent.status} ${STATUS_CODES[sent.status] ?? ""}`];
-    for (const [name, value] of Object.entries(sent.headers)) head.push(`${name}: ${value}`);
-    head.push(`content-length: ${body.length}`, "connection: close", "", "");
-    socket.end(Buffer.concat([Buffer.from(head.join("\r\n"), "latin1"), body]));
+    endWith(socket, req.headers["x-keygate-denial-headers"] === "1" ? withDenialHeaders(answer) : answer);
     metrics.recordCheck("http", CONNECT_REFUSAL.reason, startedAt, performance.now());
     accessLog?.decided("http", CONNECT_REFUSAL, "CONNECT", req.url ?? "", requestId, startedAt);
+  }
+
+  /**
+   * A request node:http cannot read (a method outside http.METHODS, which Envoy's HTTP service
+   * passes on as the client sent it, or bytes HTTP does not allow in the request line or a
+   * header) gets keygate's JSON refusal rather than Node's bare 400: a denial in keygate's form,
+   * which a proxy passes to the client. Heads over the limit and timeouts answer as Node would.
+   */
+  function refuseUnreadable(error: NodeJS.ErrnoException, socket: Duplex): void {
+    if (error.code === "ECONNRESET" || !socket.writable) {
+      socket.destroy();
+      return;
+    }
+    // As Node answers them.
+    if (error.code === "HPE_HEADER_OVERFLOW") socket.end("HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n");
+    else if (error.code === "ERR_HTTP_REQUEST_TIMEOUT") socket.end("HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n");
+    else {
+      // The parser may have read the method before what it refused (Node passes the bytes it read).
+      const read: unknown = (error as { rawPacket?: unknown }).rawPacket;
+      const toHead = Buffer.isBuffer(read) && read.subarray(0, 5).toString("latin1") === "HEAD ";
+      endWith(socket, toHttpAnswer(UNREADABLE_REFUSAL, [], randomUUID(), deps.nowMs()), toHead);
+    }
   }
 
   return {
@@ -208,6 +242,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
         tls.attach(server);
       }
       server.on("connect", refuseConnect);
+      server.on("clientError", refuseUnreadable);
       // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
       server.timeout = limits.requestTimeoutMs;
       trackConnections(server, "http", limits, deps.metrics);

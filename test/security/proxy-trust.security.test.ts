@@ -388,7 +388,7 @@ const UNICODE_CASE_MESSAGE = PATH_REFUSALS.unicodeCase.message;
  */
 function rawUtf8Cases(proxy: HttpAuthzProxy): DirectCase[] {
   // Node's HTTP parser refuses such a request target itself (400, no body): below /check it never reaches the routes step.
-  if (proxy === "envoy") return [{ name: "refuses a request target in raw UTF-8 (Node's parser)", method: "GET", path: "/check/v1/deck\u00c5\u00bf", headers: {}, status: 400 }];
+  if (proxy === "envoy") return [{ name: "refuses a request target in raw UTF-8 (Node's parser)", method: "GET", path: "/check/v1/deck\u00c5\u00bf", headers: {}, status: 400, code: "INVALID_REQUEST" }];
   const at = (path: string): Pick<DirectCase, "path" | "headers"> => {
     const pair = PAIRS[proxy === "nginx" ? "original" : "forwarded"];
     return { path: "/check", headers: { [pair.uri]: path, [pair.method]: "GET" } };
