@@ -287,6 +287,24 @@ const HOST_PORT = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9._-]+))(?::(\d{1,5}))?$/;
 const MASTER_NAME = /^[A-Za-z0-9._-]{1,128}$/;
 const SENTINEL_QUERY = new Set(["sentinelUsername", "sentinelPassword", "db"]);
 
+const UNPARSED_URL = "is not a valid URL; percent-encode / ? # @ % in the user name and password";
+
+/**
+ * Whether a redis:// or rediss:// URL reads as ioredis reads it (WHATWG URL, then the user info
+ * percent-decoded), and not as a host cut short by a password's unescaped "/", "?" or "#" that
+ * pushes the "@" and the real host into the path, query or fragment.
+ */
+function standaloneUrlParses(url: string): boolean {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return false;
+  }
+  if (parsed.hash !== "" || `${parsed.pathname}${parsed.search}`.includes("@")) return false;
+  return parseUserinfo(`${parsed.username}:${parsed.password}`) !== null;
+}
+
 /**
  * Parses KEYGATE_REDIS_URL; a bad form adds an issue saying what is wrong. Messages never
  * repeat the URL, which may hold a password.
@@ -296,7 +314,7 @@ function parseRedisUrl(url: string, ctx: z.RefinementCtx): RedisTopology {
     ctx.addIssue({ code: "custom", message });
     return z.NEVER;
   };
-  if (/^rediss?:\/\//.test(url)) return { kind: "standalone", url };
+  if (/^rediss?:\/\//.test(url)) return standaloneUrlParses(url) ? { kind: "standalone", url } : fail(UNPARSED_URL);
   const match = MULTI_HOST_URL.exec(url);
   if (match === null) {
     return fail("must start with redis://, rediss://, redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel:// (one host:port list, no fragment)");
@@ -353,6 +371,39 @@ function parseUserinfo(userinfo: string | undefined): RedisCredentials | null {
   } catch {
     return null;
   }
+}
+
+// The password in a URL's user info as WHATWG URL (and so ioredis) reads it, up to the
+// authority's last "@", and as the MongoDB driver reads it, up to the first "@".
+const PASSWORD_AS_URL = /^[^:/?#]+:\/\/[^/?#:]*:([^/?#]*)@/;
+const PASSWORD_AS_MONGODB = /^[^/]+:\/\/[^:@]*:([^@]*)@/;
+
+/** A URL's password in every form a library's error might quote: as written and percent-decoded. */
+function urlPasswords(url: string): string[] {
+  const written = [PASSWORD_AS_URL.exec(url)?.[1], PASSWORD_AS_MONGODB.exec(url)?.[1]].filter((p): p is string => p !== undefined);
+  return written.flatMap((password) => {
+    try {
+      return [password, decodeURIComponent(password)];
+    } catch {
+      return [password];
+    }
+  });
+}
+
+/**
+ * The passwords KEYGATE_REDIS_URL and KEYGATE_MONGODB_URI hold, for the log redaction: a client
+ * library's error may quote the URL or the password it decoded from it.
+ */
+export function connectionPasswords(config: Pick<Config, "redis" | "mongodbUri">): string[] {
+  const redis = config.redis;
+  const found = [
+    // ioredis also takes the password as a query parameter (?password=).
+    ...(redis?.kind === "standalone" ? [...urlPasswords(redis.url), URL.parse(redis.url)?.searchParams.get("password") ?? undefined] : []),
+    redis === undefined || redis.kind === "standalone" ? undefined : redis.password,
+    redis?.kind === "sentinel" ? redis.sentinelPassword : undefined,
+    ...(config.mongodbUri === undefined ? [] : urlPasswords(config.mongodbUri)),
+  ];
+  return [...new Set(found)].filter((password): password is string => password !== undefined && password !== "");
 }
 
 /** OTEL_TRACES_SAMPLER values keygate understands (the SDK's built-in samplers). */

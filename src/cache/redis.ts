@@ -52,7 +52,14 @@ export function holdWritesForThisTurn(redis: Redis | Cluster): void {
  * reconnects by itself); without a listener ioredis prints each one as an unhandled error event.
  */
 export async function connectRedis(url: string, overrides: RedisOptions = {}, logger?: Logger): Promise<Redis> {
-  const redis = new Redis(url, redisOptions(overrides));
+  let redis: Redis;
+  try {
+    redis = new Redis(url, redisOptions(overrides));
+  } catch {
+    // ioredis parses the URL here, and new URL()'s TypeError quotes all of it, password included:
+    // the error is dropped, not kept as the cause.
+    throw new RedisConnectError("the URL does not parse; percent-encode / ? # @ % in the user name and password");
+  }
   let lastMessage = "";
   let lastError: unknown = null;
   redis.on("error", (error: unknown) => {

@@ -466,10 +466,11 @@ function checkDeployment(docs: readonly unknown[]): void {
   const tmp = container.volumeMounts.find((m) => m.mountPath === "/tmp");
   expect(tmp !== undefined && volumes.get(tmp.name)?.emptyDir !== undefined).toBe(true);
 
-  // SIGTERM: preStop sleep, then keygate's drain; the kubelet must wait for both.
+  // SIGTERM: preStop sleep, then keygate's drain, then its final flush of last-used times and
+  // usage; the kubelet must wait for all three (15 s for the flush, as the Helm chart renders it).
   const preStop = preStopSeconds(container);
   expect(preStop).toBeGreaterThan(0);
-  expect(pod.spec.terminationGracePeriodSeconds).toBeGreaterThan(preStop + config.shutdownDelaySeconds + config.shutdownGraceSeconds);
+  expect(pod.spec.terminationGracePeriodSeconds).toBeGreaterThanOrEqual(preStop + config.shutdownDelaySeconds + config.shutdownGraceSeconds + 15);
 
   // Replicas spread over nodes.
   const spreadByHost = pod.spec.topologySpreadConstraints.some(

@@ -1,7 +1,10 @@
+import { Redis } from "ioredis";
 import { describe, expect, it } from "vitest";
-import { ConfigError, loadConfig } from "../../src/config.js";
+import { ConfigError, connectionPasswords, loadConfig } from "../../src/config.js";
 import type { RedisTopology } from "../../src/config.js";
 import { BARE_LAYOUT, CLUSTER_LAYOUT, keyLayout } from "../../src/cache/redis-client.js";
+import { RedisConnectError, connectRedis } from "../../src/cache/redis.js";
+import { redactLogObject } from "../../src/keys/redact.js";
 
 function topology(url: string): RedisTopology | undefined {
   return loadConfig({ KEYGATE_REDIS_URL: url }).redis;
@@ -87,6 +90,64 @@ describe("KEYGATE_REDIS_URL topologies", () => {
       expect(refusal("redis+sentinel://s1:26379/mymaster?password=s3cret-pass")).toContain('unknown query parameter "password"');
       expect(refusal("redis+sentinel://:s3cret-pass%zz@s1/mymaster")).toContain("must be percent-encoded");
       expect(refusal("redis+sentinel://s1:26379/mymaster#frag")).toContain("must start with");
+    });
+
+    // Passwords from `openssl rand -base64` hold "/" and "+"; ioredis reads redis:// with WHATWG
+    // URL, whose TypeError quotes the whole URL, so a form it cannot read is refused here, by name.
+    it.each([
+      ["an unescaped / (the host ends at it)", "redis://:Zk9/s3cret-pass@127.0.0.1:6379/0"],
+      ["an unescaped / after a digits-only start (it reads as a port)", "redis://user:123/s3cret-pass@127.0.0.1:6379"],
+      ["an unescaped #", "redis://:ab#s3cret-pass@127.0.0.1:6379/0"],
+      ["an unescaped # after a digits-only start (it reads as a port)", "rediss://user:123#s3cret-pass@127.0.0.1:6379"],
+      ["an unescaped ? after a digits-only start (it reads as a port)", "redis://user:123?s3cret-pass@127.0.0.1:6379"],
+      ["a % that starts no escape", "redis://:s3cret-pass%zz@127.0.0.1:6379/0"],
+      ["a % in the user name", "redis://us%zzer:s3cret-pass@127.0.0.1:6379"],
+      ["a port out of range", "redis://:s3cret-pass@127.0.0.1:65536"],
+    ])("a redis:// URL with %s is refused as not a URL, without the password", (_title, url) => {
+      expect(refusal(url)).toBe("invalid environment: KEYGATE_REDIS_URL: is not a valid URL; percent-encode / ? # @ % in the user name and password");
+    });
+
+    it.each([
+      ["redis+cluster://:Zk9/s3cret-pass@h1:7000,h2:7001", "each seed node is host:port"],
+      ["redis+cluster://user:7000/s3cret-pass@h1:7000", "a Redis Cluster has only database 0"],
+      ["redis+cluster://:ab#s3cret-pass@h1:7000", "must start with"],
+      ["redis+cluster://:s3cret-pass%zz@h1:7000", "must be percent-encoded"],
+      ["redis+sentinel://:Zk9/s3cret-pass@s1:26379/mymaster", "each Sentinel is host:port"],
+      ["redis+sentinel://user:26379/s3cret-pass@s1:26379/mymaster", "needs the master's name as its path"],
+      ["redis+sentinel://:ab#s3cret-pass@s1:26379/mymaster", "must start with"],
+    ])("the multi-host form %s is refused by its own parser, without the password", (url, problem) => {
+      expect(refusal(url)).toContain(problem);
+    });
+  });
+
+  describe("security", () => {
+    it("a percent-encoded password is a valid redis:// URL, and ioredis reads it back decoded", () => {
+      const url = "redis://:Zk9%2Fs3cret%2Bpass%23x%25@127.0.0.1:6379/0";
+      expect(topology(url)).toEqual({ kind: "standalone", url });
+      const redis = new Redis(url, { lazyConnect: true });
+      expect(redis.options.password).toBe("Zk9/s3cret+pass#x%");
+      redis.disconnect();
+    });
+
+    it("connectRedis turns a URL ioredis cannot parse into a RedisConnectError that holds neither the URL nor the error quoting it", async () => {
+      const error: unknown = await connectRedis("redis://:ab#s3cret-pass@127.0.0.1:6379/0").catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(RedisConnectError);
+      expect(error instanceof Error ? error.cause : "no error").toBeUndefined();
+      expect(JSON.stringify(redactLogObject(error))).not.toContain("s3cret-pass");
+      expect(String(error)).not.toContain("s3cret-pass");
+    });
+
+    it("every password in KEYGATE_REDIS_URL and KEYGATE_MONGODB_URI, as written and decoded, goes to the log redaction", () => {
+      const passwords = (env: Record<string, string>): string[] => connectionPasswords(loadConfig(env)).sort();
+      expect(passwords({})).toEqual([]);
+      expect(passwords({ KEYGATE_REDIS_URL: "redis://127.0.0.1:6379", KEYGATE_MONGODB_URI: "mongodb://h1:27017,h2:27017/keygate" })).toEqual([]);
+      expect(passwords({ KEYGATE_REDIS_URL: "redis://kg:p%2Fw%23d@127.0.0.1:6379/0" })).toEqual(["p%2Fw%23d", "p/w#d"]);
+      expect(passwords({ KEYGATE_REDIS_URL: "rediss://127.0.0.1:6379?password=q%2Fpw" })).toEqual(["q/pw"]);
+      expect(passwords({ KEYGATE_REDIS_URL: "redis+cluster://:cl%40pw@h1:7000" })).toEqual(["cl@pw"]);
+      expect(passwords({ KEYGATE_REDIS_URL: "redis+sentinel://:mpw@s1/mymaster?sentinelPassword=spw" })).toEqual(["mpw", "spw"]);
+      // The MongoDB driver ends the password at the first "@", WHATWG URL at the last: both are kept.
+      expect(passwords({ KEYGATE_MONGODB_URI: "mongodb://kg:m%2Fpw@h1:27017,h2:27017/keygate?authSource=admin" })).toEqual(["m%2Fpw", "m/pw"]);
+      expect(passwords({ KEYGATE_MONGODB_URI: "mongodb://kg:a@b%zz@h1/keygate" })).toEqual(["a", "a@b%zz"]);
     });
   });
 });

@@ -4,7 +4,7 @@ import { basename, dirname, resolve } from "node:path";
 import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { loadTokensFile } from "../../admin/permissions.js";
-import { ConfigError, loadConfig } from "../../config.js";
+import { ConfigError, connectionPasswords, loadConfig } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
 import type { GcThreadPriority } from "../../server/gc-threads.js";
@@ -29,8 +29,12 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   } catch (error) {
     exitOnConfigError(error);
   }
-  // The configured pepper and admin tokens are scrubbed from every log line by value, too.
-  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile)];
+  // The configured pepper, admin tokens and the Redis and MongoDB passwords are scrubbed from
+  // every log line and start error by value, too; longest first, so that one secret inside
+  // another cannot leave the rest of the longer one showing.
+  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile), ...connectionPasswords(config)].sort(
+    (a, b) => b.length - a.length,
+  );
   const logger = createLogger(config.logLevel, undefined, secrets);
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
