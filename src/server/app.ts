@@ -38,7 +38,7 @@ import { createGrpcAuthzServer } from "./grpc-authz.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
-import { Readiness } from "./readiness.js";
+import { Readiness, sharedPing } from "./readiness.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { restoreFastStringPrototype } from "./string-prototype.js";
 import { listenerStartError, mongoStartError } from "./startup-errors.js";
@@ -324,7 +324,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     readiness,
     metrics,
     logger,
-    probe: () => store.ping(),
+    probe: sharedPing(
+      () => store.ping(),
+      (error) => logger.warn({ err: error }, "readiness probe failed"),
+    ),
     maxBodyBytes: config.adminMaxBodyBytes,
     limits,
     tls: tls?.forListener("admin") ?? null,
