@@ -27,7 +27,7 @@ import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
 import { DataDirLock } from "../store/data-dir-lock.js";
-import { SqliteKeyStore } from "../store/sqlite.js";
+import { SqliteKeyStore, sqliteFileHoldsKeys } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
 import { createTracing } from "../tracing/otlp.js";
 import { AccessLog } from "./access-log.js";
@@ -39,6 +39,7 @@ import type { StartedServer } from "./grpc-authz.js";
 import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
 import { Readiness, sharedPing } from "./readiness.js";
+import { settlePepper } from "./pepper.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { restoreFastStringPrototype } from "./string-prototype.js";
 import { listenerStartError, mongoStartError } from "./startup-errors.js";
@@ -108,8 +109,9 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
       );
     }
     try {
-      const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens });
-      const store = new SqliteKeyStore(join(config.dataDir, "keygate.db"), {
+      const path = join(config.dataDir, "keygate.db");
+      const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens }, () => sqliteFileHoldsKeys(path));
+      const store = new SqliteKeyStore(path, {
         migrate,
         writeInBackground: true,
         onWriterFailure: (message) => logger.warn(message),
@@ -127,7 +129,7 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs, logger }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
-  return { store, secrets: { pepper: config.pepper, adminTokens: config.adminTokens ?? [], generatedAdminToken: null }, release: () => undefined };
+  return { store, secrets: { pepper: config.pepper, pepperFile: null, adminTokens: config.adminTokens ?? [], generatedAdminToken: null }, release: () => undefined };
 }
 
 /**
@@ -265,8 +267,14 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
   const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
   const { store, secrets, release: releaseStore } = await openStore(config, options.migrate ?? true, logger);
+  const pepperSource = { file: secrets.pepperFile, dataDirFile: config.mongodbUri === undefined ? join(config.dataDir, "pepper") : null };
+  const pepper = await settlePepper(store, secrets.pepper, pepperSource, logger).catch(async (error: unknown) => {
+    await store.close().catch(() => undefined);
+    releaseStore();
+    throw error;
+  });
   const format = new KeyFormat(config.keyPrefix);
-  const hasher = new KeyHasher(secrets.pepper);
+  const hasher = new KeyHasher(pepper);
   // Flushes to MongoDB pause between calls, so the key lookups of other Checks are not held behind
   // a whole batch; SQLite's writing thread needs no pauses (WriteBehind).
   const writeBehind = { paced: store.kind !== "sqlite" };

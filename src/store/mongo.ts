@@ -271,7 +271,10 @@ interface AnchorDoc {
   note: string;
 }
 const ANCHOR_COLLECTION = "lookup_anchor";
-/** Where the schema version is kept: one document, { _id: "schema", version }. */
+/**
+ * Where the schema version is kept: one document, { _id: "schema", version, pepper_check }. A
+ * release that does not know pepper_check reads only `version` (1dffb08 reads nothing here).
+ */
 const SCHEMA_COLLECTION = "keygate_schema";
 const SCHEMA_ID = "schema";
 /** The schema version this keygate writes: the last step of MongoKeyStore's migrations. */
@@ -279,6 +282,8 @@ export const MONGO_SCHEMA_VERSION = 2;
 interface SchemaDoc {
   _id: string;
   version: number;
+  /** The check of the pepper this database's keys are hashed with (src/keys/pepper-check.ts). */
+  pepper_check?: string;
 }
 const ANCHOR_ID = "anchor";
 
@@ -1092,6 +1097,21 @@ export class MongoKeyStore implements KeyStore {
       updateOne: { filter: { _id: id }, update: { $max: { last_used_at: new Date(atMs) } } },
     }));
     await guarded(() => this.#keyRows.bulkWrite(operations, { ordered: false }));
+  }
+
+  async claimPepperCheck(check: string): Promise<string> {
+    return guarded(async () => {
+      try {
+        // Matches only while no check is recorded, so of replicas starting at once one records.
+        await this.#schema.updateOne({ _id: SCHEMA_ID, pepper_check: { $exists: false } }, { $set: { pepper_check: check } }, { upsert: true });
+      } catch (error) {
+        // A check is recorded: the upsert's insert hit the _id index.
+        if (!(error instanceof Error && "code" in error && error.code === 11000)) throw error;
+      }
+      const doc = await this.#schema.findOne({ _id: SCHEMA_ID });
+      if (typeof doc?.pepper_check !== "string") throw new StoreUnavailableError(`MongoDB did not keep the pepper check in ${SCHEMA_COLLECTION}`);
+      return doc.pepper_check;
+    });
   }
 
   async ping(): Promise<void> {

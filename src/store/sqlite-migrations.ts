@@ -86,6 +86,11 @@ function columnsOf(db: DatabaseSync, table: string): Set<string> {
   return new Set(db.prepare(`SELECT name FROM pragma_table_info('${table}')`).all().map((c) => text(c, "name")));
 }
 
+/** Facts about the store itself, one row a name (schema step 4). */
+export const META_TABLE = "keygate_meta";
+/** The row of META_TABLE that holds the pepper check (src/keys/pepper-check.ts). */
+export const PEPPER_CHECK_NAME = "pepper_check";
+
 export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
   {
     version: 1,
@@ -123,6 +128,15 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
         );
         CREATE INDEX credit_topups_at ON credit_topups (at);
       `);
+    },
+  },
+  {
+    version: 4,
+    description:
+      "add the keygate_meta table (name, value): the store's pepper check, recorded by the first start on it, so a start " +
+      "with another pepper is refused instead of answering every key as unknown; existing rows are unchanged",
+    apply(db) {
+      db.exec(`CREATE TABLE ${META_TABLE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
     },
   },
 ];

@@ -1,11 +1,11 @@
-import { chmodSync, closeSync, openSync } from "node:fs";
+import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, MigrationsPendingError, TopUpKeysExhaustedError } from "./errors.js";
 import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
-import { migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
+import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
 import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
 import type {
@@ -277,6 +277,23 @@ type StatementName =
   | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
   | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
   | "getTopUp" | "countTopUps" | "putTopUp" | "pruneTopUps" | "listUsage" | "revoke" | "markRotated" | "appendAudit" | "ping";
+
+/**
+ * Whether the SQLite file at `path` holds a key or a recorded pepper check, read without writing
+ * and before any schema step (a file of any version): a data directory that lost its pepper file
+ * must not be given a new pepper.
+ */
+export function sqliteFileHoldsKeys(path: string): boolean {
+  if (!existsSync(path)) return false;
+  const db = new DatabaseSync(path, { readOnly: true, timeout: BUSY_TIMEOUT_MS });
+  try {
+    const tables = new Set(db.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").all().map((row) => text(row, "name")));
+    if (tables.has("keys") && db.prepare("SELECT 1 FROM keys LIMIT 1").get() !== undefined) return true;
+    return tables.has(META_TABLE) && db.prepare(`SELECT 1 FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME) !== undefined;
+  } finally {
+    db.close();
+  }
+}
 
 /** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
@@ -596,6 +613,14 @@ export class SqliteKeyStore implements KeyStore {
 
   async ping(): Promise<void> {
     this.#stmt.ping.get();
+  }
+
+  async claimPepperCheck(check: string): Promise<string> {
+    // Once a start: prepared here rather than kept with the store's statements.
+    this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`).run(PEPPER_CHECK_NAME, check);
+    const row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME);
+    if (row === undefined) throw new Error(`SQLite: ${META_TABLE} lost its ${PEPPER_CHECK_NAME} row`);
+    return text(row, "value");
   }
 
   /**

@@ -339,6 +339,13 @@ export interface LastUsedStore {
  */
 export interface KeyStore extends SnapshotStore, LifecycleStore, MeteringStore, AuditStore, LastUsedStore {
   readonly kind: string;
+  /**
+   * Records `check` (pepperCheck of the pepper in force) as the check of the pepper this store's
+   * keys are hashed with, unless one is recorded already, in one atomic write; then returns the
+   * one recorded: `check`, or another when the store was first used with another pepper. Of
+   * two starts at once, only one records.
+   */
+  claimPepperCheck(check: string): Promise<string>;
   /** Throws when the store cannot serve requests. */
   ping(): Promise<void>;
   close(): Promise<void>;

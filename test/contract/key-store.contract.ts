@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
+import { pepperCheck } from "../../src/keys/pepper-check.js";
 import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, TopUpKeysExhaustedError } from "../../src/store/errors.js";
 import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
@@ -43,11 +44,21 @@ async function expectDuplicateRefusal(attempt: Promise<unknown>): Promise<void> 
   expect(error).toMatchObject({ message: "a key with this id or hash already exists" });
 }
 
-/** The KeyStore contract: every implementation must pass these same cases. */
-export function runKeyStoreContract(name: string, open: () => Promise<{ store: KeyStore; close(): Promise<void> } | null>): void {
+/** A store the contract runs on, and how to close it. */
+export interface OpenedStore {
+  store: KeyStore;
+  close(): Promise<void>;
+}
+
+/**
+ * The KeyStore contract: every implementation must pass these same cases. `twin` opens another
+ * store on the same database, as another process or replica would.
+ */
+export function runKeyStoreContract(name: string, open: () => Promise<(OpenedStore & { twin(): Promise<OpenedStore> }) | null>): void {
   describe(`KeyStore contract: ${name}`, () => {
     let store: KeyStore;
     let close: (() => Promise<void>) | undefined;
+    let twin: () => Promise<OpenedStore> = () => Promise.reject(new Error("the store did not open"));
     let owner = 0;
     const nextOwner = (): string => `${name}-owner-${++owner}-${Date.now()}`;
 
@@ -56,6 +67,7 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       if (opened === null) throw new Error(`${name}: store could not be opened`);
       store = opened.store;
       close = opened.close;
+      twin = opened.twin;
     });
     afterAll(async () => {
       await close?.();
@@ -494,6 +506,29 @@ export function runKeyStoreContract(name: string, open: () => Promise<{ store: K
       expect((await store.listAudit({ keyId, limit: 10 })).map((r) => r.action)).toEqual(["action.1", "action.2"]);
       expect((await store.listAudit({ ownerId, sinceMs: NOW + 2, limit: 10 })).map((r) => r.action)).toEqual(["action.2", "action.3"]);
       expect((await store.listAudit({ ownerId, afterId: records[1]?.id, limit: 1 })).map((r) => r.action)).toEqual(["action.2"]);
+    });
+
+    it("records one pepper check: claims at once through two connections agree, and every later claim gets it back", async () => {
+      const [mine, theirs, later] = [pepperCheck("pepper-of-this-start-0123456789abcdef"), pepperCheck("pepper-of-a-replica-0123456789abcdef"), pepperCheck("a-later-pepper-0123456789abcdefghij")];
+      const other = await twin();
+      let recorded: string;
+      try {
+        const [first, second] = await Promise.all([store.claimPepperCheck(mine), other.store.claimPepperCheck(theirs)]);
+        expect(second).toBe(first);
+        expect([mine, theirs]).toContain(first);
+        recorded = first;
+        expect(await store.claimPepperCheck(later)).toBe(recorded);
+        expect(await other.store.claimPepperCheck(recorded)).toBe(recorded);
+      } finally {
+        await other.close();
+      }
+      // Kept: a connection opened afterwards (the next start) finds it.
+      const next = await twin();
+      try {
+        expect(await next.store.claimPepperCheck(later)).toBe(recorded);
+      } finally {
+        await next.close();
+      }
     });
 
     it("writes last use behind; a later time wins", async () => {

@@ -1,6 +1,7 @@
 import mongoose from "mongoose";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
-import { MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
+import { pepperCheck } from "../../src/keys/pepper-check.js";
+import { MONGO_SCHEMA_VERSION, MongoKeyStore, keyDocument } from "../../src/store/mongo.js";
 import type { KeyDoc } from "../../src/store/mongo.js";
 import { CapExceededError, PartialWriteError, StoreUnavailableError } from "../../src/store/errors.js";
 import { TOPUP_KEY_RETENTION_MS, keyState } from "../../src/store/store.js";
@@ -266,6 +267,40 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         }
       } finally {
         await client.close();
+      }
+    });
+  });
+
+  describe("MongoKeyStore's pepper check, kept in the keygate_schema document", () => {
+    it("is added beside the schema version, which stays as it was: a version-only reader (the release before) sees the same document", async () => {
+      // A database of its own: the contract's claims its check once.
+      const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_pepper$2");
+      const client = new mongoose.mongo.MongoClient(uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      const schema = client.db().collection<{ _id: string; version: number; pepper_check?: string }>("keygate_schema");
+      const store = await MongoKeyStore.connect(uri);
+      try {
+        expect(await schema.findOne({ _id: "schema" })).toEqual({ _id: "schema", version: MONGO_SCHEMA_VERSION });
+        const check = pepperCheck("mongo-pepper-of-at-least-32-characters-0123");
+        expect(await store.claimPepperCheck(check)).toBe(check);
+        expect(await schema.find().toArray()).toEqual([{ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: check }]);
+        expect(await MongoKeyStore.pendingAt(uri)).toEqual([]);
+      } finally {
+        await store.close();
+        await client.close();
+      }
+    });
+
+    it("of six replicas starting at once with three peppers, every one reads back the same check", async () => {
+      const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_pepper_race$2");
+      const stores = await Promise.all(Array.from({ length: 6 }, () => MongoKeyStore.connect(uri)));
+      try {
+        const checks = ["one", "two", "three"].map((name) => pepperCheck(`pepper-${name}-of-at-least-32-characters-0123`));
+        const recorded = await Promise.all(stores.map((store, i) => store.claimPepperCheck(checks[i % 3] ?? "")));
+        expect(new Set(recorded).size).toBe(1);
+        expect(checks).toContain(recorded[0]);
+      } finally {
+        await Promise.all(stores.map((store) => store.close()));
       }
     });
   });
@@ -544,6 +579,10 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     const store = await MongoKeyStore.connect(started().uri);
     return {
       store,
+      async twin() {
+        const other = await MongoKeyStore.connect(started().uri);
+        return { store: other, close: () => other.close() };
+      },
       async close() {
         await store.close();
       },

@@ -1,9 +1,10 @@
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
-import { SqliteKeyStore } from "../../src/store/sqlite.js";
+import { pepperCheck } from "../../src/keys/pepper-check.js";
+import { SqliteKeyStore, sqliteFileHoldsKeys } from "../../src/store/sqlite.js";
 import { TOPUP_KEY_RETENTION_MS, newKeyRecord } from "../../src/store/store.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
@@ -12,6 +13,10 @@ runKeyStoreContract("sqlite", async () => {
   const store = new SqliteKeyStore(join(dir, "keygate.db"));
   return {
     store,
+    async twin() {
+      const other = new SqliteKeyStore(join(dir, "keygate.db"));
+      return { store: other, close: () => other.close() };
+    },
     async close() {
       await store.close();
       rmSync(dir, { recursive: true, force: true });
@@ -146,6 +151,60 @@ describe("SqliteKeyStore's cold lookup reads its columns checked", () => {
       other.close();
       await expect(store.findSnapshotByHash("h-typed")).rejects.toThrow("SQLite column created_at: expected integer, found string");
       await store.close();
+    });
+  });
+});
+
+describe("sqliteFileHoldsKeys: whether a data directory that lost its pepper file may be given a new one", () => {
+  const schemas = join(import.meta.dirname, "../fixtures/sqlite-schemas");
+  const caps = { nowMs: 10, maxActiveKeysFor: () => 10, accountDefaults: { plan: "basic", subscriptionStatus: "active", role: "standard" } } as const;
+
+  it("happy: no file, or a migrated file with no key and no check, holds none (a new pepper is safe), and is not written", async () => {
+    await withDatabaseFile("keygate-sqlite-holds-", async (path) => {
+      expect(sqliteFileHoldsKeys(path)).toBe(false);
+      expect(existsSync(path)).toBe(false);
+      await new SqliteKeyStore(path).close();
+      expect(sqliteFileHoldsKeys(path)).toBe(false);
+    });
+  });
+
+  it("error: a file with a key, or with a recorded pepper check, holds keys", async () => {
+    await withDatabaseFile("keygate-sqlite-holds-key-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      await store.createKey(newKeyRecord({ id: "key_01HOLDS", hash: "h-holds", ownerId: "holds", name: "k", mode: "live", start: "kg_live_abcd", last4: "wxyz", createdAtMs: 5 }), caps);
+      await store.close();
+      expect(sqliteFileHoldsKeys(path)).toBe(true);
+    });
+    await withDatabaseFile("keygate-sqlite-holds-check-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      await store.claimPepperCheck(pepperCheck("pepper-of-at-least-32-characters-0123456"));
+      await store.close();
+      expect(sqliteFileHoldsKeys(path)).toBe(true);
+    });
+  });
+
+  it("error: a file of an unversioned release with a key holds keys, read as it is (no schema step applied)", async () => {
+    await withDatabaseFile("keygate-sqlite-holds-old-", async (path) => {
+      const old = new DatabaseSync(path);
+      old.exec(readFileSync(join(schemas, "1dffb08.sql"), "utf8"));
+      old.prepare("INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES ('acct_1', 'pro', 'active', 'standard', 1, 2)").run();
+      old.close();
+      expect(sqliteFileHoldsKeys(path)).toBe(false);
+      const again = new DatabaseSync(path);
+      again
+        .prepare(
+          `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at)
+           VALUES ('key_1', 'hash_1', 'acct_1', NULL, 'old key', 'live', 'kg_live_abcd', 'wxyz', '[]', '{}', 3)`,
+        )
+        .run();
+      again.close();
+      expect(sqliteFileHoldsKeys(path)).toBe(true);
+      const after = new DatabaseSync(path, { readOnly: true });
+      try {
+        expect(after.prepare("PRAGMA user_version").get()?.["user_version"]).toBe(0);
+      } finally {
+        after.close();
+      }
     });
   });
 });

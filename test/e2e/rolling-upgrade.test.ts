@@ -140,6 +140,16 @@ describe.runIf(servers)(`rolling upgrade from ${RELEASE}: both versions on one M
     for (const replica of [old, current]) expect(await checked(replica, kept.secret)).toBe("allow");
   });
 
+  it("a replica of the release still starts on the store after this version recorded its pepper check there, and knows every key", async () => {
+    const kept = await createKey(current, "rolling-after-check");
+    const another = await spawnKeygate({ cwd: dir, env, args: release.serveArgs });
+    try {
+      for (const replica of [another, current]) expect(await checked(replica, kept.secret)).toBe("allow");
+    } finally {
+      expect(await another.stop("SIGTERM")).toBe(0);
+    }
+  });
+
   it("no Check failed along the way", () => {
     expect(answers.length).toBeGreaterThan(400);
     expect(answers.filter((answer) => typeof answer === "string" && answer.startsWith("grpc error"))).toEqual([]);

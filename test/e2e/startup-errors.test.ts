@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import type { Server } from "node:net";
 import { tmpdir } from "node:os";
@@ -113,6 +113,81 @@ describe("start-up errors.error", () => {
   });
 });
 
+/** Every listener on a port of 127.0.0.1 the system picks. */
+const LOOPBACK = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" } as const;
+const OTHER_PEPPER = "q".repeat(40);
+
+/** The one line a start with a pepper the store's keys were not hashed with exits with. */
+function pepperMismatchLine(where: string): string {
+  return `keygate: KEYGATE_PEPPER is not the pepper this store's keys were hashed with: every key would be unknown. Restore the pepper the store was created with (${where})\n`;
+}
+
+describe("start-up errors: the pepper.error", () => {
+  /** A data directory a first start has used (generated pepper, its check recorded), and that pepper. */
+  async function usedDataDir(): Promise<{ cwd: string; dataDir: string; pepper: string }> {
+    const cwd = tempDir();
+    const dataDir = join(cwd, "data");
+    const first = await spawnKeygate({ cwd, env: { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK } });
+    expect(await first.stop("SIGTERM")).toBe(0);
+    return { cwd, dataDir, pepper: readFileSync(join(dataDir, "pepper"), "utf8").trim() };
+  }
+
+  it("a KEYGATE_PEPPER other than the one the store was made with: exit 2, one line naming the variable, and no pepper printed", async () => {
+    const { cwd, dataDir, pepper } = await usedDataDir();
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: OTHER_PEPPER, ...LOOPBACK });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toBe(pepperMismatchLine(`${join(dataDir, "pepper")}, or the keygate-secrets Secret`));
+    expect(result.stdout).not.toContain("keygate listening");
+    for (const secret of [pepper, OTHER_PEPPER]) expect(result.stdout + result.stderr).not.toContain(secret);
+  });
+
+  it("data/pepper replaced: exit 2, one line naming the file", async () => {
+    const { cwd, dataDir, pepper } = await usedDataDir();
+    const file = join(dataDir, "pepper");
+    writeFileSync(file, `${OTHER_PEPPER}\n`, { mode: 0o600 });
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toBe(
+      `keygate: ${file} is not the pepper this store's keys were hashed with: every key would be unknown. Restore the ${file} the store was created with, or set KEYGATE_PEPPER to that pepper\n`,
+    );
+    for (const secret of [pepper, OTHER_PEPPER]) expect(result.stdout + result.stderr).not.toContain(secret);
+  });
+
+  it("data/pepper missing beside the store: exit 2, one line, and no new pepper is generated", async () => {
+    const { cwd, dataDir } = await usedDataDir();
+    const file = join(dataDir, "pepper");
+    rmSync(file);
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK });
+    expect(result.code).toBe(2);
+    expect(result.stderr).toBe(
+      `keygate: ${file} is missing but the data directory holds keys: a new pepper would make every key unknown. Restore it from a backup, or set KEYGATE_PEPPER to the pepper the keys were made with\n`,
+    );
+    expect(existsSync(file)).toBe(false);
+  });
+});
+
+describe("start-up: the pepper.happy", () => {
+  it("data/pepper given as KEYGATE_PEPPER with its trailing newline (a --from-file Secret) starts, warns naming the variable, and prints no pepper", async () => {
+    const cwd = tempDir();
+    const dataDir = join(cwd, "data");
+    const first = await spawnKeygate({ cwd, env: { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK } });
+    expect(await first.stop("SIGTERM")).toBe(0);
+    const fileBytes = readFileSync(join(dataDir, "pepper"), "utf8");
+    expect(fileBytes.endsWith("\n")).toBe(true);
+    const second = await spawnKeygate({ cwd, env: { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: fileBytes, ...LOOPBACK } });
+    const warnings = second
+      .stdout()
+      .split("\n")
+      .filter((line) => line.startsWith("{"))
+      .map((line) => JSON.parse(line) as Record<string, unknown>)
+      .filter((entry) => entry["level"] === 40);
+    expect(warnings.map((entry) => entry["variable"])).toEqual(["KEYGATE_PEPPER"]);
+    expect(await second.stop("SIGTERM")).toBe(0);
+    expect(second.stderr()).toBe("");
+    expect(second.stdout()).not.toContain(fileBytes.trim());
+  });
+});
+
 const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
 
 describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
@@ -133,6 +208,21 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
     const line = expectOneLine(result.stderr, "KEYGATE_MONGODB_URI");
     expect(line).toContain("MongoDB refused the credentials");
     expect(result.stdout + result.stderr).not.toContain(password);
+  });
+
+  it("a second keygate with another pepper on the same MongoDB: exit 2, one line naming KEYGATE_PEPPER, no pepper printed; the first keeps serving", async () => {
+    const uri = mongo.uri.replace(/\/([^/?]+)(\?|$)/, "/$1_pepper$2");
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: uri, KEYGATE_ADMIN_TOKENS: ADMIN, ...LOOPBACK };
+    const first = await spawnKeygate({ cwd: tempDir(), env: { ...env, KEYGATE_PEPPER: PEPPER } });
+    try {
+      const second = await serveUntilExit(tempDir(), { ...env, KEYGATE_PEPPER: OTHER_PEPPER });
+      expect(second.code).toBe(2);
+      expect(second.stderr).toBe(pepperMismatchLine("the keygate-secrets Secret; every replica needs the same one"));
+      for (const secret of [PEPPER, OTHER_PEPPER]) expect(second.stdout + second.stderr).not.toContain(secret);
+      expect((await fetch(`http://127.0.0.1:${first.ports.admin}/readyz`)).status).toBe(200);
+    } finally {
+      expect(await first.stop("SIGTERM")).toBe(0);
+    }
   });
 
   it("an unreachable MongoDB is one line naming KEYGATE_MONGODB_URI", async () => {

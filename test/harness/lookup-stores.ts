@@ -37,6 +37,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     appendAudit: unused,
     listAudit: unused,
     touchLastUsed: unused,
+    claimPepperCheck: unused,
     ping: unused,
     close: async () => undefined,
   };

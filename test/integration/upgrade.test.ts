@@ -4,6 +4,7 @@ import { join, resolve } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { pepperCheck } from "../../src/keys/pepper-check.js";
 import { schemaVersion } from "../../src/store/sqlite-db.js";
 import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { MONGO_SCHEMA_VERSION } from "../../src/store/mongo.js";
@@ -126,10 +127,11 @@ describe(`upgrade from ${RELEASE}: SQLite`, () => {
     return startKeygate({ dataDir, clock, env: { KEYGATE_PEPPER: release.pepper } });
   });
 
-  it("the database is migrated to this keygate's schema version", () => {
+  it("the database is migrated to this keygate's schema version, and records the check of the release's pepper", () => {
     const db = new DatabaseSync(join(dataDir, "keygate.db"), { readOnly: true });
     try {
       expect(schemaVersion(db)).toBe(SQLITE_SCHEMA_VERSION);
+      expect(db.prepare("SELECT name, value FROM keygate_meta").all()).toEqual([{ name: "pepper_check", value: pepperCheck(release.pepper) }]);
     } finally {
       db.close();
     }
@@ -160,11 +162,11 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       return startKeygate({ clock, env: { KEYGATE_MONGODB_URI: uri(), KEYGATE_PEPPER: release.pepper } });
     });
 
-    it("the database records this keygate's schema version", async () => {
+    it("the database records this keygate's schema version, and the check of the release's pepper beside it", async () => {
       const client = await mongoose.mongo.MongoClient.connect(uri());
       try {
         const doc = await client.db().collection<{ _id: string; version: number }>("keygate_schema").findOne({ _id: "schema" });
-        expect(doc?.version).toBe(MONGO_SCHEMA_VERSION);
+        expect(doc).toEqual({ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: pepperCheck(release.pepper) });
       } finally {
         await client.close();
       }

@@ -76,6 +76,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     appendAudit: refuse,
     listAudit: refuse,
     touchLastUsed: refuse,
+    claimPepperCheck: refuse,
     ping: refuse,
     close: async () => undefined,
   };

@@ -105,6 +105,36 @@ describe("SQLite schema migrations happy", () => {
     }
   });
 
+  it("a database at schema 3, as the release before the pepper check left it, gains keygate_meta at step 4, empty until a start claims the check", async () => {
+    const path = tempDb();
+    const old = new DatabaseSync(path);
+    expect(migrateSqlite(old, SQLITE_MIGRATIONS.filter((m) => m.version <= 3))).toEqual([1, 2, 3]);
+    expect(old.prepare("SELECT name FROM sqlite_master WHERE name = 'keygate_meta'").all()).toEqual([]);
+    old.close();
+
+    const store = new SqliteKeyStore(path);
+    try {
+      const reading = new DatabaseSync(path, { readOnly: true });
+      try {
+        expect(schemaVersion(reading)).toBe(4);
+        expect(reading.prepare("SELECT name, value FROM keygate_meta").all()).toEqual([]);
+      } finally {
+        reading.close();
+      }
+      expect(await store.claimPepperCheck("check-a")).toBe("check-a");
+      expect(await store.claimPepperCheck("check-b")).toBe("check-a");
+    } finally {
+      await store.close();
+    }
+    const migrated = new DatabaseSync(path, { readOnly: true });
+    try {
+      expect(shape(migrated)).toEqual(freshShape());
+      expect(migrated.prepare("SELECT name, value FROM keygate_meta").all()).toEqual([{ name: "pepper_check", value: "check-a" }]);
+    } finally {
+      migrated.close();
+    }
+  });
+
   it("a second open, or a second process opening the file, applies nothing again", () => {
     const path = tempDb();
     const first = new DatabaseSync(path);

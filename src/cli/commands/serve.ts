@@ -31,8 +31,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   }
   // The configured pepper, admin tokens and the Redis and MongoDB passwords are scrubbed from
   // every log line and start error by value, too; longest first, so that one secret inside
-  // another cannot leave the rest of the longer one showing.
-  const secrets = [config.pepper ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile), ...connectionPasswords(config)].sort(
+  // another cannot leave the rest of the longer one showing. The pepper also without trailing
+  // space: that form may be the one in force (settlePepper).
+  const secrets = [config.pepper ?? "", config.pepper?.trimEnd() ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile), ...connectionPasswords(config)].sort(
     (a, b) => b.length - a.length,
   );
   const logger = createLogger(config.logLevel, undefined, secrets);
