@@ -7,10 +7,10 @@ import type { SnapshotLookup } from "../cache/lookup.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { DENIALS } from "../authz/reasons.js";
-import { newEventId, newKeyId } from "../keys/ids.js";
+import { EventIds, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
-import { ConflictError } from "../store/errors.js";
+import { ConflictError, StoreUnavailableError } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -27,6 +27,8 @@ import type {
   AuditStore,
   Role,
   SubscriptionStatus,
+  KeyedTopUp,
+  TopUpRecord,
 } from "../store/store.js";
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ledgered, ledgeredAnswer, topUpRefusal } from "./top-ups.js";
@@ -124,6 +126,53 @@ function sameFields(a: KeyRecord, b: KeyRecord): boolean {
   return a.name === b.name && JSON.stringify(a.scopes) === JSON.stringify(b.scopes) && JSON.stringify(a.rateLimit) === JSON.stringify(b.rateLimit);
 }
 
+/** What a key.create record holds of a new key: every field CreateKey sets (never its secret or hash). */
+function issuedFields(key: KeyRecord): Record<string, unknown> {
+  return {
+    name: key.name,
+    scopes: key.scopes,
+    mode: key.mode,
+    project_id: key.projectId,
+    expires_at: key.expiresAtMs === null ? null : new Date(key.expiresAtMs).toISOString(),
+    rate_limit: key.rateLimit,
+    metadata: key.metadata,
+  };
+}
+
+/** What the key.create of a rotation's new key holds: its fields, whether it is disabled, and the key it replaces. */
+function rotatedFields(successor: KeyRecord, rotatedFromId: string): Record<string, unknown> {
+  return {
+    ...issuedFields(successor),
+    disabled_at: successor.disabledAtMs === null ? undefined : new Date(successor.disabledAtMs).toISOString(),
+    rotated_from_id: rotatedFromId,
+  };
+}
+
+/**
+ * A record named after its change rather than after its append (EventIds.derived): the change's own
+ * time and what identifies it, so every call that finds the change made appends the same record.
+ */
+interface ChangeIdentity {
+  atMs: number;
+  identity: readonly string[];
+}
+
+/** A key's revocation: a key is revoked once, at its revoked_at. */
+function revocation(keyId: string, revokedAtMs: number): ChangeIdentity {
+  return { atMs: revokedAtMs, identity: ["key.revoke", keyId] };
+}
+
+/** A keyed top-up: one per owner and idempotency key, at the time the store recorded it. */
+function keyedTopUp(ownerId: string, idempotencyKey: string, atMs: number): ChangeIdentity {
+  return { atMs, identity: ["credits.add", ownerId, idempotencyKey] };
+}
+
+/**
+ * Records of the owner (or key) read after a change's time when looking for its record written by
+ * an earlier release (a random id): that record was appended in the same call, so among the first.
+ */
+const RECORDED_PAGE = 100;
+
 /** Keys of one owner read a call when looking for the keys in grace from a rotation. */
 const KEYS_PAGE = 1000;
 
@@ -152,6 +201,9 @@ export interface IssuedKey {
  * written, and every change that affects a decision drops the cached snapshot everywhere.
  */
 export class LifecycleService {
+  /** Audit event ids, monotonic along this service's clock. */
+  readonly #eventIds = new EventIds();
+
   constructor(private readonly deps: LifecycleDeps) {}
 
   /** Puts a reloaded policy in force for the calls that start after it. */
@@ -179,13 +231,18 @@ export class LifecycleService {
     const subscriptionStatus =
       input.subscriptionStatus === undefined ? undefined : checkOneOf<SubscriptionStatus>("subscription_status", input.subscriptionStatus, SUBSCRIPTION_STATUSES);
     const role = input.role === undefined ? undefined : checkOneOf<Role>("role", input.role, ROLES);
+    const changes = { plan, subscription_status: subscriptionStatus, role };
     const before = await this.deps.store.getAccount(ownerId);
-    const account = await this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs());
+    const account = await this.#unsure(
+      () => this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs()),
+      () => [this.#record(actor, "account.upsert", null, ownerId, changes)],
+    );
     // Still told when nothing changed: a retry of a call that answered UNAVAILABLE is how the
-    // other replicas get told. Only a new account or a new plan, status or role is audited.
+    // other replicas get told. Only a new account or a new plan, status or role is audited (so
+    // such a retry appends nothing: the call whose answer was lost logged the record).
     const untold = await this.#tell({ kind: "owner", ownerId });
     const changed = before === null || before.plan !== account.plan || before.subscriptionStatus !== account.subscriptionStatus || before.role !== account.role;
-    if (changed) await this.#audit(actor, "account.upsert", null, ownerId, { plan, subscription_status: subscriptionStatus, role });
+    if (changed) await this.#audit(actor, "account.upsert", null, ownerId, changes);
     if (untold !== null) throw untold;
     return this.#view(account);
   }
@@ -260,36 +317,56 @@ export class LifecycleService {
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
     const changes = { amount, reason: input.reason, idempotency_key: idempotencyKey };
     // Tells the live counters the store's top-up total (after a repeat too: the call that added
-    // may have failed before telling them), audits a top-up that added, and reads the answer: the
-    // account as the top-up left it; null when it could not be read then, and it is read again
-    // below (a failure there fails only the answer, the key stays remembered).
-    const settle = async (topupTotal: number, added: boolean): Promise<AccountView | null> => {
+    // may have failed before telling them), audits the top-up, and reads the answer: the account
+    // as the top-up left it; null when it could not be read then, and it is read again below (a
+    // failure there fails only the answer, the key stays remembered).
+    const settle = async (topupTotal: number, audit: () => Promise<void>): Promise<AccountView | null> => {
       // The live counters retry in the background when they cannot be told now.
       await this.deps.meter.addCredits(ownerId, topupTotal).catch((error: unknown) => {
         this.deps.logger?.error({ err: error, ownerId }, "top-up saved, but the live balance could not be told");
       });
-      if (added) await this.#audit(actor, "credits.add", null, ownerId, changes);
+      await audit();
       return this.#view(account).catch((error: unknown) => {
         this.deps.logger?.warn({ err: error, ownerId }, "top-up saved, but the account could not be read for the answer");
         return null;
       });
     };
     if (idempotencyKey === undefined) {
-      const credited = await this.deps.store.addCredits(ownerId, amount);
-      return { view: (await settle(credited.topupTotal, true)) ?? (await this.#view(account)), replayed: false };
+      const credited = await this.#unsure(
+        () => this.deps.store.addCredits(ownerId, amount),
+        () => [this.#record(actor, "credits.add", null, ownerId, changes)],
+      );
+      const view = await settle(credited.topupTotal, () => this.#audit(actor, "credits.add", null, ownerId, changes));
+      return { view: view ?? (await this.#view(account)), replayed: false };
     }
-    const keyedTopUp = async (): Promise<LedgeredTopUp> => {
-      const keyed = await this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, this.deps.nowMs()).catch((error: unknown) => {
+    const keyedCall = async (): Promise<LedgeredTopUp> => {
+      const atMs = this.deps.nowMs();
+      const keyed = await this.#unsure(
+        () => this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, atMs),
+        () => [this.#record(actor, "credits.add", null, ownerId, changes, keyedTopUp(ownerId, idempotencyKey, atMs))],
+      ).catch((error: unknown) => {
         throw topUpRefusal(error, ownerId);
       });
       if (keyed === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
-      return ledgered(await settle(keyed.credits.topupTotal, !keyed.replayed), amount, keyed.replayed);
+      const view = await settle(keyed.credits.topupTotal, () => this.#auditKeyedTopUp(actor, keyed, changes));
+      return ledgered(view, amount, keyed.replayed);
     };
     // ChargeUsage's ledger, in a space of its own: its keys start with an owner id, which never
     // holds a space, so no charge key starts with one.
-    const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, keyedTopUp);
+    const once = await this.deps.idempotency.once(` credits ${ownerId} ${idempotencyKey}`, keyedCall);
     const answer = ledgeredAnswer(once.value, amount);
     return { view: answer.view ?? (await this.#view(account)), replayed: once.replayed || answer.storeReplayed };
+  }
+
+  /**
+   * Records a keyed top-up under the id named after it, also when the store replays it: that is
+   * how a retry after a lost answer records it, once however often. One an earlier release
+   * recorded (under an id of its own) is not recorded again.
+   */
+  async #auditKeyedTopUp(actor: Actor, keyed: KeyedTopUp, changes: Record<string, unknown>): Promise<void> {
+    const { ownerId, idempotencyKey, atMs } = keyed.topUp;
+    if (keyed.replayed && (await this.#topUpRecorded(keyed.topUp))) return;
+    await this.#audit(actor, "credits.add", null, ownerId, changes, keyedTopUp(ownerId, idempotencyKey, atMs));
   }
 
   /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */
@@ -347,20 +424,16 @@ export class LifecycleService {
     const { record, secret } = this.#newRecord({ ownerId, projectId, name, scopes, mode, expiresAtMs, metadata, rateLimit }, nowMs);
     // Built before the key is saved: nothing that could throw may stand between the insert and
     // the answer that carries the secret.
-    const changes = {
-      name,
-      scopes,
-      mode,
-      project_id: projectId,
-      expires_at: expiresAtMs === null ? null : new Date(expiresAtMs).toISOString(),
-      rate_limit: rateLimit,
-      metadata,
-    };
-    await this.deps.store.createKey(record, {
-      maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
-      accountDefaults: this.accountDefaults,
-      nowMs,
-    });
+    const changes = issuedFields(record);
+    await this.#unsure(
+      () =>
+        this.deps.store.createKey(record, {
+          maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
+          accountDefaults: this.accountDefaults,
+          nowMs,
+        }),
+      () => [this.#record(actor, "key.create", record.id, ownerId, changes)],
+    );
     // No cache is told: nothing can be cached under a hash that did not exist. Only a caller who
     // presented this exact secret before it was issued (a 190-bit guess) could have left a
     // negative entry, and that lasts the negative TTL. So the secret is never lost to a cache error.
@@ -431,10 +504,14 @@ export class LifecycleService {
     }
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
-    const updated = await this.deps.store.updateKey(id, { name, scopes, rateLimit });
+    const changes = { name, scopes, rate_limit: rateLimit };
+    const updated = await this.#unsure(
+      () => this.deps.store.updateKey(id, { name, scopes, rateLimit }),
+      () => [this.#record(actor, "key.update", id, current.ownerId, changes)],
+    );
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
-    if (!sameFields(current, updated)) await this.#audit(actor, "key.update", id, updated.ownerId, { name, scopes, rate_limit: rateLimit });
+    if (!sameFields(current, updated)) await this.#audit(actor, "key.update", id, updated.ownerId, changes);
     // The key in grace is the same customer's old secret for the same access: new scopes or a new
     // rate limit hold for it too, or narrowing the successor would leave the old secret wider.
     if (scopes !== undefined || rateLimit !== undefined) {
@@ -460,23 +537,33 @@ export class LifecycleService {
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     const nowMs = this.deps.nowMs();
-    const revoked = await this.#revoke(id, nowMs, input.reason === "" ? null : input.reason);
+    const reason = input.reason === "" ? null : input.reason;
+    const changes = { reason: input.reason };
+    const revoked = await this.#unsure(
+      () => this.#revoke(id, nowMs, reason),
+      () => [this.#record(actor, "key.revoke", id, current.ownerId, changes, revocation(id, nowMs))],
+    );
     if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
     // Still told when the key was revoked before: a retry of a call that answered UNAVAILABLE
     // is how the other replicas get told.
     const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
-    if (current.revokedAtMs === null && revoked.changed) await this.#audit(actor, "key.revoke", id, revoked.key.ownerId, { reason: input.reason });
+    // The record is named after the revocation (its time and the key), so the call that revoked
+    // and a retry of it (a key revoked for the same reason: its answer was lost) append it once.
+    // A key revoked for another reason was revoked by another call, which recorded it.
+    if (revoked.changed || (revoked.key.revokeReason === reason && !(await this.#revokeRecorded(revoked.key)))) {
+      await this.#audit(actor, "key.revoke", id, revoked.key.ownerId, changes, revocation(id, revoked.key.revokedAtMs ?? nowMs));
+    }
     // Revoking a rotation's new key ends the old key's grace: the old secret must not outlive it.
-    const reason = "its successor was revoked";
+    const followReason = "its successor was revoked";
     await this.#followSuccessor(
       revoked.key,
       actor,
       "key.revoke",
       async (key) => {
-        const followed = await this.#revoke(key.id, this.deps.nowMs(), reason);
+        const followed = await this.#revoke(key.id, this.deps.nowMs(), followReason);
         return followed?.changed === true ? followed.key : null;
       },
-      { reason },
+      { reason: followReason },
     );
     if (untold !== null) throw untold;
     return revoked.key;
@@ -511,7 +598,10 @@ export class LifecycleService {
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
-    const updated = await this.deps.store.updateKey(id, { disabledAtMs });
+    const updated = await this.#unsure(
+      () => this.deps.store.updateKey(id, { disabledAtMs }),
+      () => [this.#record(actor, action, id, current.ownerId, changes)],
+    );
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
     // Disabling a disabled key keeps its first time, and enabling an enabled one does nothing:
@@ -548,12 +638,16 @@ export class LifecycleService {
     changes: Record<string, unknown>,
   ): Promise<void> {
     for (const key of await this.#inGraceFor(successor, this.deps.nowMs())) {
-      const changed = await change(key);
+      const followed = { ...changes, successor_id: successor.id };
+      const changed = await this.#unsure(
+        () => change(key),
+        () => [this.#record(actor, action, key.id, key.ownerId, followed)],
+      );
       if (changed === null) continue;
       // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
       const untold = await this.#tell({ kind: "key", hash: changed.hash });
       if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: key.id }, "key in grace: caches not told yet; retrying in the background");
-      await this.#audit(actor, action, key.id, key.ownerId, { ...changes, successor_id: successor.id });
+      await this.#audit(actor, action, key.id, key.ownerId, followed);
     }
   }
 
@@ -578,7 +672,10 @@ export class LifecycleService {
   async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
     for (const earlier of await this.#inGraceFor(rotated, nowMs)) {
       const reason = "a later rotation ended its grace period";
-      const revoked = await this.#revoke(earlier.id, nowMs, reason);
+      const revoked = await this.#unsure(
+        () => this.#revoke(earlier.id, nowMs, reason),
+        () => [this.#record(actor, "key.revoke", earlier.id, earlier.ownerId, { reason })],
+      );
       if (revoked?.changed !== true) continue;
       const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
       if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: earlier.id }, "superseded key: caches not told yet; retrying in the background");
@@ -617,9 +714,13 @@ export class LifecycleService {
     const successor = old.disabledAtMs === null ? record : { ...record, disabledAtMs: old.disabledAtMs };
     const graceEndsAtMs = nowMs + graceDays * DAY_MS;
     const changes = { rotated_to_id: record.id, grace_days: graceDays, grace_ends_at: new Date(graceEndsAtMs).toISOString() };
+    const issued = rotatedFields(successor, id);
     let rotation;
     try {
-      rotation = await this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs);
+      rotation = await this.#unsure(
+        () => this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs),
+        () => [this.#record(actor, "key.rotate", id, old.ownerId, changes), this.#record(actor, "key.create", record.id, old.ownerId, issued)],
+      );
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
       throw error;
@@ -636,6 +737,9 @@ export class LifecycleService {
       this.deps.logger?.warn({ err: error, keyId: id }, "rotated, but the new key could not take the old key's rate bucket");
     });
     await this.#audit(actor, "key.rotate", id, old.ownerId, changes);
+    // The new key has its key.create under its own id, as every issued key does, naming the key
+    // it replaces: "who issued this key, when, from where" is answered by its id alone.
+    await this.#audit(actor, "key.create", record.id, old.ownerId, issued);
     // The rotation is saved: a failure to end the earlier grace must not cost the new secret
     // (that key then stays in grace until its own grace ends).
     await this.#endEarlierGrace(old, nowMs, actor).catch((error: unknown) => {
@@ -645,26 +749,68 @@ export class LifecycleService {
   }
 
   /**
+   * An audit record: at the time of the append under a new id, or, for a change that has one
+   * (`change`), at the change's time under the id derived from it.
+   */
+  #record(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>, change?: ChangeIdentity): AuditRecord {
+    const atMs = change?.atMs ?? this.deps.nowMs();
+    return {
+      id: change === undefined ? this.#eventIds.next(atMs) : this.#eventIds.derived(atMs, change.identity),
+      atMs,
+      actor: actor.tokenId,
+      action,
+      keyId,
+      ownerId,
+      changes: Object.fromEntries(Object.entries(changes).filter(([, value]) => value !== undefined)),
+      source: actor.source,
+    };
+  }
+
+  /**
    * Appends to the audit trail. The change is already made, so a failed append is logged (the
    * event in full, which holds no secret) rather than failing the call and losing a new secret.
    */
-  async #audit(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>): Promise<void> {
+  async #audit(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>, change?: ChangeIdentity): Promise<void> {
     let record: AuditRecord | undefined;
     try {
-      record = {
-        id: newEventId(),
-        atMs: this.deps.nowMs(),
-        actor: actor.tokenId,
-        action,
-        keyId,
-        ownerId,
-        changes: Object.fromEntries(Object.entries(changes).filter(([, value]) => value !== undefined)),
-        source: actor.source,
-      };
+      record = this.#record(actor, action, keyId, ownerId, changes, change);
       await this.deps.store.appendAudit(record);
     } catch (error) {
       this.deps.logger?.error({ err: error, audit: record ?? { action, keyId, ownerId, changes } }, "audit append failed");
     }
+  }
+
+  /**
+   * Makes a store change whose failure may come after the change was made (MongoDB's answer lost:
+   * StoreUnavailableError). Such a failure logs the records the change appends, in full at error
+   * level, before the caller hears UNAVAILABLE: a retry may find the change made and append
+   * nothing (only a revoke and a keyed top-up are recorded by their retry, under the same id).
+   */
+  async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[]): Promise<T> {
+    try {
+      return await write();
+    } catch (error) {
+      if (error instanceof StoreUnavailableError) {
+        try {
+          for (const audit of records()) this.deps.logger?.error({ err: error, audit }, "change outcome unknown: its audit record was not appended");
+        } catch (recordError) {
+          this.deps.logger?.error({ err: recordError }, "change outcome unknown, and its audit record could not be built");
+        }
+      }
+      throw error;
+    }
+  }
+
+  /** Whether the trail holds a key.revoke of `key` (one an earlier release wrote has an id of its own). */
+  async #revokeRecorded(key: KeyRecord): Promise<boolean> {
+    const after = await this.deps.store.listAudit({ keyId: key.id, sinceMs: key.revokedAtMs ?? undefined, limit: RECORDED_PAGE }).catch(() => []);
+    return after.some((record) => record.action === "key.revoke");
+  }
+
+  /** Whether the trail holds the credits.add of a keyed top-up (one an earlier release wrote has an id of its own). */
+  async #topUpRecorded(topUp: TopUpRecord): Promise<boolean> {
+    const after = await this.deps.store.listAudit({ ownerId: topUp.ownerId, sinceMs: topUp.atMs, limit: RECORDED_PAGE }).catch(() => []);
+    return after.some((record) => record.action === "credits.add" && record.changes["idempotency_key"] === topUp.idempotencyKey);
   }
 
   /**
@@ -686,6 +832,10 @@ export class LifecycleService {
   async listAudit(input: { ownerId?: string | undefined; keyId?: string | undefined; sinceMs: number | null; pageSize: number; pageToken?: string | undefined }): Promise<{ events: AuditRecord[]; nextPageToken: string }> {
     const ownerId = input.ownerId === undefined ? undefined : check(externalId, "owner_id", input.ownerId);
     const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
+    // A Timestamp carries any int64 seconds; past what a date holds, MongoDB would be sent an Invalid Date.
+    if (input.sinceMs !== null && !(input.sinceMs >= 0 && input.sinceMs <= MAX_EXPIRES_AT_MS)) {
+      throw new InvalidArgumentError("since", "must be from 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z");
+    }
     const limit = checkPageSize(input.pageSize);
     const afterId = input.pageToken === undefined ? undefined : decodeToken(input.pageToken, AUDIT_ID);
     const rows = await this.deps.store.listAudit({ ownerId, keyId, sinceMs: input.sinceMs ?? undefined, afterId, limit: limit + 1 });

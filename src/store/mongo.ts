@@ -1056,18 +1056,24 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async appendAudit(record: AuditRecord): Promise<void> {
-    await guarded(() =>
-      this.#audit.create({
-        _id: record.id,
-        at: new Date(record.atMs),
-        actor: record.actor,
-        action: record.action,
-        key_id: record.keyId,
-        owner_id: record.ownerId,
-        changes: record.changes,
-        source: record.source,
-      }),
-    );
+    try {
+      await guarded(() =>
+        this.#audit.create({
+          _id: record.id,
+          at: new Date(record.atMs),
+          actor: record.actor,
+          action: record.action,
+          key_id: record.keyId,
+          owner_id: record.ownerId,
+          changes: record.changes,
+          source: record.source,
+        }),
+      );
+    } catch (error) {
+      // E11000 on _id (the collection's one unique index): the same change, recorded by an
+      // earlier call (EventIds.derived) or by the driver's retry of this insert. The first stands.
+      if (!(error instanceof DuplicateError)) throw error;
+    }
   }
 
   async listAudit(query: AuditQuery): Promise<AuditRecord[]> {

@@ -368,7 +368,8 @@ export class SqliteKeyStore implements KeyStore {
       ),
       revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
       markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
-      appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+      // An id already in is the same change, recorded by an earlier call (EventIds.derived): the first record stands.
+      appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"),
       ping: db.prepare("SELECT 1"),
     };
     this.#stmt.snapshotByHash.setReturnArrays(true);

@@ -322,6 +322,7 @@ export interface MeteringStore {
 
 /** The audit trail of KeyAdmin changes. */
 export interface AuditStore {
+  /** Appends a record; one whose id is already in (the same change, recorded again) is not written and is no error. */
   appendAudit(record: AuditRecord): Promise<void>;
   listAudit(query: AuditQuery): Promise<AuditRecord[]>;
 }

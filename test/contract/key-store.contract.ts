@@ -508,6 +508,15 @@ export function runKeyStoreContract(name: string, open: () => Promise<(OpenedSto
       expect((await store.listAudit({ ownerId, afterId: records[1]?.id, limit: 1 })).map((r) => r.action)).toEqual(["action.2"]);
     });
 
+    it("keeps the first audit record of an id: appending the id again (a retry recording the same change) writes nothing and is no error", async () => {
+      const ownerId = nextOwner();
+      const first = { id: newEventId(NOW), atMs: NOW, actor: "tok_first", action: "key.revoke", keyId: newKeyId(), ownerId, changes: { reason: "leaked" }, source: "10.0.0.1" };
+      await store.appendAudit(first);
+      await store.appendAudit(first);
+      await store.appendAudit({ ...first, actor: "tok_retry", source: "10.0.0.2", changes: { reason: "leaked", again: true } });
+      expect(await store.listAudit({ ownerId, limit: 10 })).toEqual([first]);
+    });
+
     it("records one pepper check: claims at once through two connections agree, and every later claim gets it back", async () => {
       const [mine, theirs, later] = [pepperCheck("pepper-of-this-start-0123456789abcdef"), pepperCheck("pepper-of-a-replica-0123456789abcdef"), pepperCheck("a-later-pepper-0123456789abcdefghij")];
       const other = await twin();

@@ -2,7 +2,7 @@ import { createHash } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@connectrpc/connect";
 import type { Client, Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -157,6 +157,8 @@ for (const { name, ready, start } of BACKENDS) {
           ["key.create", id],
           ["key.update", id],
           ["key.rotate", id],
+          // The rotation's new key is issued: its own key.create, naming the key it replaces.
+          ["key.create", rotated.key?.id],
           ["key.revoke", rotated.key?.id],
           // The old key was in grace: it follows its successor's revoke.
           ["key.revoke", id],
@@ -181,9 +183,53 @@ for (const { name, ready, start } of BACKENDS) {
         expect(events[2]?.changes).toEqual({ name: '"renamed"', scopes: '["tutor","decks"]' });
         expect(events[3]?.changes["rotated_to_id"]).toBe(JSON.stringify(rotated.key?.id));
         expect(events[3]?.changes["grace_days"]).toBe("2");
-        expect(events[4]?.changes).toEqual({ reason: '"leaked"' });
-        expect(events[5]?.changes).toEqual({ reason: '"its successor was revoked"', successor_id: JSON.stringify(rotated.key?.id) });
-        expect(events[6]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
+        expect(events[4]?.changes).toEqual({
+          name: '"renamed"',
+          scopes: '["tutor","decks"]',
+          mode: '"live"',
+          project_id: "null",
+          expires_at: "null",
+          rate_limit: '{"limit":5,"windowSeconds":60}',
+          metadata: "{}",
+          rotated_from_id: JSON.stringify(id),
+        });
+        expect(events[5]?.changes).toEqual({ reason: '"leaked"' });
+        expect(events[6]?.changes).toEqual({ reason: '"its successor was revoked"', successor_id: JSON.stringify(rotated.key?.id) });
+        expect(events[7]?.changes).toEqual({ amount: "5", reason: '"order 7"' });
+      });
+
+      it("a rotation's new key has its key.create under its own id, naming the key it replaces", async () => {
+        const { admin } = backend;
+        const ownerId = "audit-rotated";
+        await admin.upsertAccount({ ownerId, plan: "business" });
+        const created = await admin.createKey({ ownerId, name: "k", scopes: ["decks"], metadata: { team: "billing" } });
+        const id = created.key?.id ?? "";
+        const rotated = await admin.rotateKey({ id, graceDays: 1 });
+        const successor = rotated.key?.id ?? "";
+        const issued = {
+          name: '"k"',
+          scopes: '["decks"]',
+          mode: '"live"',
+          project_id: "null",
+          expires_at: "null",
+          rate_limit: "null",
+          metadata: '{"team":"billing"}',
+          rotated_from_id: JSON.stringify(id),
+        };
+        const bySuccessor = (await admin.listAuditEvents({ keyId: successor })).events;
+        expect(bySuccessor.map((e) => [e.action, e.keyId, e.ownerId, e.actor, e.changes])).toEqual([["key.create", successor, ownerId, tokenId, issued]]);
+        // The old key's trail is as before: its creation and its rotation.
+        expect((await admin.listAuditEvents({ keyId: id })).events.map((e) => e.action)).toEqual(["key.create", "key.rotate"]);
+
+        // A disabled key's successor is issued disabled, since the same time, and its record says so.
+        await admin.disableKey({ id: successor, reason: "card declined" });
+        const paused = await admin.rotateKey({ id: successor, graceDays: 1 });
+        const third = (await admin.listAuditEvents({ keyId: paused.key?.id ?? "" })).events;
+        const disabledAt = paused.key?.disabledAt;
+        if (disabledAt === undefined) throw new Error("the successor of a disabled key is not disabled");
+        expect(third.map((e) => [e.action, e.changes["rotated_from_id"], e.changes["disabled_at"]])).toEqual([
+          ["key.create", JSON.stringify(successor), JSON.stringify(new Date(timestampMs(disabledAt)).toISOString())],
+        ]);
       });
 
       it("filters by key and time, and pages", async () => {
@@ -288,7 +334,9 @@ for (const { name, ready, start } of BACKENDS) {
           "key.create",
           "key.create",
           "key.rotate",
+          "key.create",
           "key.rotate",
+          "key.create",
           "key.update",
           "key.update",
           "key.revoke",

@@ -198,6 +198,9 @@ describe("credits", () => {
     expect([retry.replayed, concurrent.replayed]).toEqual([true, true]);
     expect([retry.account?.topupCredits, concurrent.account?.topupCredits]).toEqual([5n, 5n]);
     expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(5n);
+    // A keyed top-up's record is named after it (its time and key), so two of the same
+    // millisecond are in no set order: the clock, frozen, moves on between them.
+    kg.clock.advanceMs(1);
     expect((await kg.admin.addCredits({ ownerId: key.ownerId, amount: 2n, idempotencyKey: "pay_8" })).account?.topupCredits).toBe(7n);
     // The key is the owner's own: another owner's top-up with the same key adds.
     expect((await kg.admin.addCredits({ ownerId: other.ownerId, amount: 3n, idempotencyKey: "pay_7" })).replayed).toBe(false);

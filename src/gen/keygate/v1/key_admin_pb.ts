@@ -1102,13 +1102,17 @@ export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*
  */
 export type AuditEvent = Message<"keygate.v1.AuditEvent"> & {
   /**
-   * "evt_" followed by a ULID.
+   * "evt_" followed by a ULID of `time`: events sort by it. A revoke's and a keyed top-up's
+   * event is named after the change (its time, action and key, or owner and idempotency key),
+   * so a retry after a lost answer records it once.
    *
    * @generated from field: string id = 1;
    */
   id: string;
 
   /**
+   * When the change was made (a revoke's revoked_at, a keyed top-up's time), else appended.
+   *
    * @generated from field: google.protobuf.Timestamp time = 2;
    */
   time?: Timestamp | undefined;
@@ -1121,7 +1125,9 @@ export type AuditEvent = Message<"keygate.v1.AuditEvent"> & {
   actor: string;
 
   /**
-   * e.g. account.upsert, key.create, key.update, key.revoke, key.rotate, credits.add.
+   * account.upsert, key.create, key.update, key.revoke, key.rotate, key.disable, key.enable or
+   * credits.add. A rotation records key.rotate on the old key (rotated_to_id) and key.create on
+   * the new one (rotated_from_id).
    *
    * @generated from field: string action = 4;
    */
@@ -1176,6 +1182,8 @@ export type ListAuditEventsRequest = Message<"keygate.v1.ListAuditEventsRequest"
   keyId: string;
 
   /**
+   * Events whose time is at or after it; 1970-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+   *
    * @generated from field: google.protobuf.Timestamp since = 3;
    */
   since?: Timestamp | undefined;
