@@ -248,9 +248,13 @@ export class MemoryMeter implements Meter {
     else if (input.dailyQuota !== null) this.#quota.set(quotaKey, { count: 1 });
     if (result.quota !== null) result.quota.remaining -= 1;
     if (cell !== undefined && spend !== null) {
-      this.#credits.set(input.ownerId, { ...applyCreditDelta(cell, period, spend.monthly, spend.topup), seenTotal: cell.seenTotal });
+      // The period charged is the cell's, the later of the two when this clock reads an earlier
+      // month than the balance has (a clock stepped back across a month's start): spend written
+      // under the earlier month would be dropped, here and by the store.
+      const charged = cell.period;
+      this.#credits.set(input.ownerId, { ...applyCreditDelta(cell, charged, spend.monthly, spend.topup), seenTotal: cell.seenTotal });
       result.credits = { balance: spend.balanceAfter };
-      result.spent = { period, monthly: spend.monthly, topup: spend.topup };
+      result.spent = { period: charged, monthly: spend.monthly, topup: spend.topup };
     }
     result.allowed = true;
     return result;

@@ -23,7 +23,9 @@ import type { UsageRecorder } from "./usage.js";
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
 // earlier version) is reported as not loaded and seeded again.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
-//        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up.
+//        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up,
+//        and on 0 the period charged as YYYYMM (0 when not metered): the balance's, which is later
+//        than the caller's when the caller's clock reads an earlier month than another replica's.
 // A charge with an idempotency key (ChargeUsage) keeps its reply under the fourth key, and a
 // script with a kept reply answers it again and charges nothing: a charge whose answer never came
 // back (a frozen Redis runs it when it thaws, after the caller was told UNAVAILABLE and its claim
@@ -93,6 +95,7 @@ end
 local balance = -1
 local spendMonthly = 0
 local spendTopup = 0
+local chargedPeriod = 0
 if ARGV[6] == '1' then
   if redis.call('HEXISTS', KEYS[3], 'seen') == 0 then return {4, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0} end
   local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
@@ -113,6 +116,7 @@ if ARGV[6] == '1' then
   balance = balance - cost
   redis.call('HSET', KEYS[3], 'period', period, 'monthly_used', monthlyUsed + spendMonthly, 'topup', topup - spendTopup)
   redis.call('PEXPIRE', KEYS[3], ARGV[11])
+  chargedPeriod = tonumber(string.sub(period, 1, 4) .. string.sub(period, 6, 7))
 end
 local tatParts = nowParts + after
 local tatMs = math.floor(tatParts / limit)
@@ -122,7 +126,7 @@ if quota >= 0 or ARGV[13] == '1' then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
-return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup})
+return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup, chargedPeriod})
 `;
 
 // Loads an account's credit state read from the store, unless another replica already did.
@@ -168,6 +172,11 @@ return 1
 `;
 
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
+
+/** A period the charge script names as YYYYMM, as "YYYY-MM". */
+function periodText(yyyymm: number): string {
+  return `${Math.floor(yyyymm / 100)}-${String(yyyymm % 100).padStart(2, "0")}`;
+}
 const QUOTA_KEEP_MS = 86_400_000;
 /**
  * Least idle lifetime of a credit hash; it is also at least three usage flush intervals, so a
@@ -299,10 +308,10 @@ export class RedisMeter implements Meter {
         input.countsDaily ? 1 : 0,
       ],
     );
-    if (!Array.isArray(reply) || reply.length !== 8 || !reply.every((v): v is number => typeof v === "number")) {
+    if (!Array.isArray(reply) || (reply.length !== 8 && reply.length !== 9) || !reply.every((v): v is number => typeof v === "number")) {
       throw new Error("unexpected reply from the charge script");
     }
-    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0] = reply;
+    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0, chargedPeriod = 0] = reply;
     if (status === 4) {
       if (!mayLoad) throw new Error("credit state did not load");
       await this.#loadCredits(input.ownerId, period);
@@ -321,7 +330,7 @@ export class RedisMeter implements Meter {
           ? null
           : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
       credits: input.monthlyCredits === null || balance < 0 ? null : { balance },
-      spent: status === 0 && input.monthlyCredits !== null ? { period, monthly: spentMonthly, topup: spentTopup } : null,
+      spent: status === 0 && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
     };
   }
 
