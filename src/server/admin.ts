@@ -300,8 +300,9 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
           http1.closeIdleConnections();
           // Sockets were handed to the HTTP servers by hand, so they are closed here: once the
           // in-flight calls are done, or when the grace period is over.
-          const deadline = Date.now() + graceMs;
-          while (Date.now() < deadline && (inFlight > 0 || sessions.size > 0)) {
+          // The monotonic clock: a wall-clock step (NTP) must neither stretch nor cut the grace.
+          const deadline = performance.now() + graceMs;
+          while (performance.now() < deadline && (inFlight > 0 || sessions.size > 0)) {
             await new Promise((resolve) => setTimeout(resolve, 20));
             http1.closeIdleConnections();
           }
