@@ -753,10 +753,12 @@ export class LifecycleService {
    * (`change`), at the change's time under the id derived from it.
    */
   #record(actor: Actor, action: string, keyId: string | null, ownerId: string | null, changes: Record<string, unknown>, change?: ChangeIdentity): AuditRecord {
-    const atMs = change?.atMs ?? this.deps.nowMs();
+    const id = change === undefined ? this.#eventIds.next(this.deps.nowMs()) : this.#eventIds.derived(change.atMs, change.identity);
     return {
-      id: change === undefined ? this.#eventIds.next(atMs) : this.#eventIds.derived(atMs, change.identity),
-      atMs,
+      id,
+      // A new record's time is its id's: after the clock went back, the last id's, so `since`
+      // (which filters on this time) and the id order agree.
+      atMs: change === undefined ? this.#eventIds.lastMs : change.atMs,
       actor: actor.tokenId,
       action,
       keyId,

@@ -33,6 +33,11 @@ export class EventIds {
   #lastMs = -1;
   #lastRandom = "";
 
+  /** The time the last id made carries (later than the clock's when the clock went back). */
+  get lastMs(): number {
+    return this.#lastMs;
+  }
+
   /** A new id for a record at `atMs`; monotonic, so at the last id's time when the clock went back. */
   next(atMs: number): string {
     if (atMs > this.#lastMs) {
