@@ -165,6 +165,12 @@ export interface GcraStep {
   /** Reset as it stood before this request, for a refusal that does not charge the bucket. */
   resetSecondsBefore: number;
   retryAfterSeconds: number;
+  /**
+   * The stored time was further ahead than a full bucket reaches (a clock that ran ahead wrote
+   * it, or the window was shortened since): it counts as a full bucket from now, and the refusal
+   * stores that time (tatMs, tatFrac), so the bucket drains on this clock.
+   */
+  rebased: boolean;
 }
 
 /**
@@ -180,9 +186,12 @@ export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number
   const full = windowMs * limit;
   const nowWhole = Math.floor(nowMs);
   const nowParts = Math.floor((nowMs - nowWhole) * limit);
-  // Parts from now to the stored time; one in the past is a full bucket.
+  // Parts from now to the stored time; one in the past is a full bucket, and one further ahead
+  // than a full bucket reaches a full bucket's debt from now (else a replica whose clock ran an
+  // hour ahead, or a clock stepped forward and back, refused the account for that hour).
   const ahead = stored === undefined ? 0 : (stored.ms - nowWhole) * limit + Math.round(stored.frac * limit) - nowParts;
-  const before = ahead > 0 ? ahead : 0;
+  const rebased = ahead > full;
+  const before = rebased ? full : ahead > 0 ? ahead : 0;
   const after = before + windowMs;
   const allowed = after <= full;
   // The time to store: the one after this request if it is allowed, else the one before.
@@ -198,6 +207,7 @@ export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number
     resetSeconds: allowed ? Math.ceil(after / partsPerSecond) : resetSecondsBefore,
     resetSecondsBefore,
     retryAfterSeconds: allowed ? 0 : Math.max(1, Math.ceil((after - full) / partsPerSecond)),
+    rebased,
   };
 }
 

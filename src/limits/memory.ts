@@ -209,6 +209,11 @@ export class MemoryMeter implements Meter {
       spent: null,
     };
     if (!step.allowed) {
+      // A time from a clock that ran ahead is kept as a full bucket's debt from this clock's now.
+      if (step.rebased && bucket !== undefined) {
+        bucket.ms = step.tatMs;
+        bucket.frac = step.tatFrac;
+      }
       result.reason = "RATE_LIMITED";
       result.retryAfterSeconds = step.retryAfterSeconds;
       return result;

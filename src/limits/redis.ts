@@ -54,6 +54,7 @@ local full = windowMs * limit
 local nowWhole = math.floor(now)
 local nowParts = math.floor((now - nowWhole) * limit)
 local before = 0
+local rebased = false
 local stored = redis.call('GET', KEYS[1])
 if stored then
   local dot = string.find(stored, '.', 1, true)
@@ -61,7 +62,14 @@ if stored then
   local frac = 0
   if dot then frac = tonumber('0' .. string.sub(stored, dot)) end
   local ahead = (whole - nowWhole) * limit + math.floor(frac * limit + 0.5) - nowParts
-  if ahead > 0 then before = ahead end
+  if ahead > full then
+    -- Further ahead than a full bucket reaches (a replica whose clock runs ahead wrote it, or the
+    -- window was shortened): a full bucket's debt from this caller's now, stored on refusal.
+    before = full
+    rebased = true
+  elseif ahead > 0 then
+    before = ahead
+  end
 end
 local after = before + windowMs
 if ARGV[10] == '1' then
@@ -80,7 +88,12 @@ if ARGV[10] == '1' then
   end
   return {5, conforming, math.ceil(before / limit), 0, usedNow, balanceNow, 0, 0}
 end
+local function tatOf(parts)
+  local ms = math.floor(parts / limit)
+  return string.format('%.0f', nowWhole + ms) .. string.sub(string.format('%.17f', (parts - ms * limit) / limit), 2)
+end
 if after > full then
+  if rebased then redis.call('SET', KEYS[1], tatOf(nowParts + before), 'PX', math.ceil(before / limit) + 1000) end
   return outcome({1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), -1, -1, 0, 0})
 end
 local remainingAfter = math.floor((full - after) / windowMs)
@@ -118,10 +131,7 @@ if ARGV[6] == '1' then
   redis.call('PEXPIRE', KEYS[3], ARGV[11])
   chargedPeriod = tonumber(string.sub(period, 1, 4) .. string.sub(period, 6, 7))
 end
-local tatParts = nowParts + after
-local tatMs = math.floor(tatParts / limit)
-local tatText = string.format('%.0f', nowWhole + tatMs) .. string.sub(string.format('%.17f', (tatParts - tatMs * limit) / limit), 2)
-redis.call('SET', KEYS[1], tatText, 'PX', resetMs + 1000)
+redis.call('SET', KEYS[1], tatOf(nowParts + after), 'PX', resetMs + 1000)
 if quota >= 0 or ARGV[13] == '1' then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])

@@ -4,8 +4,8 @@ import { MAX_RATE_PARTS, parsePolicy, DEFAULT_POLICY_INPUT } from "../../src/con
 import { gcra } from "../../src/limits/limits.js";
 import type { GcraStep, Tat } from "../../src/limits/limits.js";
 
-/** A step's answer, without the time it stores. */
-type Answer = Omit<GcraStep, "tatMs" | "tatFrac">;
+/** A step's answer, without the time it stores (and without rebased, which in-order times never set). */
+type Answer = Omit<GcraStep, "tatMs" | "tatFrac" | "rebased">;
 
 /**
  * GCRA in exact arithmetic, the reference: the theoretical arrival time as a big integer count of
@@ -40,7 +40,8 @@ class ExactBucket {
 function run(limit: number, windowSeconds: number, times: number[]): Answer[] {
   let tat: Tat | undefined;
   return times.map((nowMs) => {
-    const { tatMs, tatFrac, ...step } = gcra(tat, { limit, windowSeconds }, nowMs);
+    const { tatMs, tatFrac, rebased, ...step } = gcra(tat, { limit, windowSeconds }, nowMs);
+    if (rebased) expect.fail(`a stored time ahead of a full bucket at ${nowMs}`);
     if (step.allowed) tat = { ms: tatMs, frac: tatFrac };
     return step;
   });
@@ -60,6 +61,24 @@ const requestTimes = (start: number, gaps: number[]): number[] => {
 const NOW = Date.parse("2026-12-03T12:00:00.000Z");
 
 describe("gcra", () => {
+  it("takes a stored time further ahead than a full bucket (a clock that ran ahead) as a full bucket from now, refused for one interval", () => {
+    // 10 a minute: one interval is 6 s. A replica an hour ahead stored its time after one request.
+    const rule = { limit: 10, windowSeconds: 60 };
+    const fromAhead: Tat = { ms: NOW + 3_600_000 + 6000, frac: 0 };
+    const refused = gcra(fromAhead, rule, NOW);
+    expect({ allowed: refused.allowed, rebased: refused.rebased, retryAfterSeconds: refused.retryAfterSeconds, tat: [refused.tatMs, refused.tatFrac] }).toEqual({
+      allowed: false,
+      rebased: true,
+      retryAfterSeconds: 6,
+      // The refusal keeps a full bucket's debt from this clock: a minute from now.
+      tat: [NOW + 60_000, 0],
+    });
+    const kept: Tat = { ms: refused.tatMs, frac: refused.tatFrac };
+    expect(gcra(kept, rule, NOW + 5999).allowed).toBe(false);
+    const next = gcra(kept, rule, NOW + 6000);
+    expect({ allowed: next.allowed, rebased: next.rebased, remaining: next.remaining }).toEqual({ allowed: true, rebased: false, remaining: 0 });
+  });
+
   it("lets a full burst of every limit from 1 to 1000 a minute through at once, and no more", () => {
     for (let limit = 1; limit <= 1000; limit++) {
       const answers = run(limit, 60, Array.from({ length: limit + 1 }, () => NOW));
