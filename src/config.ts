@@ -229,9 +229,42 @@ export const DEFAULT_POLICY_INPUT = {
   routes: [],
 };
 
-const port = z.coerce.number().int().min(0).max(65535);
+const WHOLE_DECIMAL = /^[0-9]+$/;
+const FRACTION_DECIMAL = /^(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$/;
+
+/**
+ * A KEYGATE_* number variable's text as a number: decimal digits (and a fraction where
+ * `digits` is "fraction"), surrounding blanks ignored. Not z.coerce: Number() reads "" and " " as
+ * 0 (a variable a template left empty would listen on a port the kernel picks, or drain for 0 s)
+ * and takes "0x1F90" and "1e3", which no one means as a port.
+ */
+function decimal(digits: "whole" | "fraction", message: string) {
+  const pattern = digits === "whole" ? WHOLE_DECIMAL : FRACTION_DECIMAL;
+  return z.string().transform((text, ctx) => {
+    const trimmed = text.trim();
+    if (trimmed === "") {
+      ctx.addIssue({ code: "custom", message: "must not be empty" });
+      return z.NEVER;
+    }
+    if (!pattern.test(trimmed)) {
+      ctx.addIssue({ code: "custom", message });
+      return z.NEVER;
+    }
+    return Number(trimmed);
+  });
+}
+
+/** A whole-number variable from `min` to `max`; `message` says so, for a bad form and a value out of range alike. */
+function wholeNumber(min: number, max: number, message = `must be a whole number from ${min} to ${max}`) {
+  return decimal("whole", message).pipe(z.number().min(min, message).max(max, message));
+}
+
+const port = wholeNumber(0, 65535);
+const SECONDS_0_TO_300 = "must be a number of seconds from 0 to 300";
+const shutdownSeconds = decimal("fraction", SECONDS_0_TO_300).pipe(z.number().min(0, SECONDS_0_TO_300).max(300, SECONDS_0_TO_300));
 // Fractions are allowed (tests use tenths of a second); an hour is far past any sane value.
-const timeoutSeconds = z.coerce.number().positive().max(3600);
+const TIMEOUT_SECONDS = "must be a number of seconds above 0, at most 3600";
+const timeoutSeconds = decimal("fraction", TIMEOUT_SECONDS).pipe(z.number().positive(TIMEOUT_SECONDS).max(3600, TIMEOUT_SECONDS));
 
 /**
  * Which proxy calls the HTTP authorization port, and so where the judged method and path come
@@ -439,11 +472,7 @@ const listenerList = z
 const GC_THREAD_NICE_RANGE = `must be a whole number from 0 to ${MAX_GC_THREAD_NICE}`;
 
 /** A KEYGATE_GC_THREAD_NICE value (0 to 19); the bench's --gc-thread-nice takes the same. */
-export const gcThreadNiceSchema = z.coerce
-  .number({ error: GC_THREAD_NICE_RANGE })
-  .int(GC_THREAD_NICE_RANGE)
-  .min(0, GC_THREAD_NICE_RANGE)
-  .max(MAX_GC_THREAD_NICE, GC_THREAD_NICE_RANGE);
+export const gcThreadNiceSchema = wholeNumber(0, MAX_GC_THREAD_NICE, GC_THREAD_NICE_RANGE);
 
 const envSchema = z.object({
   KEYGATE_DATA_DIR: z.string().min(1).default("./data"),
@@ -467,16 +496,16 @@ const envSchema = z.object({
   KEYGATE_HTTP_AUTHZ_PROXY: z.enum(HTTP_AUTHZ_PROXIES, { error: `must be one of ${HTTP_AUTHZ_PROXIES.join(", ")}` }).default("envoy"),
   KEYGATE_ADMIN_PORT: port.default(8080),
   KEYGATE_LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
-  KEYGATE_SHUTDOWN_GRACE_SECONDS: z.coerce.number().min(0).max(300).default(20),
-  KEYGATE_CHECK_BUDGET_MS: z.coerce.number().int().min(10).max(60_000).default(DEFAULT_CHECK_BUDGET_MS),
+  KEYGATE_SHUTDOWN_GRACE_SECONDS: shutdownSeconds.default(20),
+  KEYGATE_CHECK_BUDGET_MS: wholeNumber(10, 60_000).default(DEFAULT_CHECK_BUDGET_MS),
   KEYGATE_GC_THREAD_NICE: gcThreadNiceSchema.default(DEFAULT_GC_THREAD_NICE),
-  KEYGATE_SHUTDOWN_DELAY_SECONDS: z.coerce.number().min(0).max(300).default(0),
-  KEYGATE_ADMIN_MAX_BODY_BYTES: z.coerce.number().int().min(1024).max(16 * 1024 * 1024).default(64 * 1024),
+  KEYGATE_SHUTDOWN_DELAY_SECONDS: shutdownSeconds.default(0),
+  KEYGATE_ADMIN_MAX_BODY_BYTES: wholeNumber(1024, 16 * 1024 * 1024).default(64 * 1024),
   KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),
   KEYGATE_REQUEST_TIMEOUT_SECONDS: timeoutSeconds.default(30),
   KEYGATE_IDLE_TIMEOUT_SECONDS: timeoutSeconds.default(65),
-  KEYGATE_MAX_CONNECTIONS: z.coerce.number().int().min(1).max(1_000_000).optional(),
-  KEYGATE_ACCESS_LOG_SAMPLE: z.coerce.number({ error: "must be a number from 0 to 1" }).min(0, "must be from 0 to 1").max(1, "must be from 0 to 1").default(0),
+  KEYGATE_MAX_CONNECTIONS: wholeNumber(1, 1_000_000).optional(),
+  KEYGATE_ACCESS_LOG_SAMPLE: decimal("fraction", "must be a number from 0 to 1").pipe(z.number().min(0, "must be from 0 to 1").max(1, "must be from 0 to 1")).default(0),
   // OpenTelemetry's own variables (opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables).
   // The spec reads booleans case-insensitively.
   OTEL_SDK_DISABLED: z

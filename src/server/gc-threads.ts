@@ -68,16 +68,19 @@ export function lowerGcThreadPriority(nice: number, platform: NodeJS.Platform = 
   return result;
 }
 
+const WHOLE_DECIMAL = /^[0-9]+$/;
+
 /**
  * KEYGATE_GC_THREAD_NICE as `keygate serve` reads it before its modules load, ahead of the
  * configuration: a value the configuration will refuse (it names the problem and keygate exits)
  * changes nothing here.
  */
 export function gcThreadNiceFromEnv(env: NodeJS.ProcessEnv): number {
-  const raw = env["KEYGATE_GC_THREAD_NICE"];
-  if (raw === undefined) return DEFAULT_GC_THREAD_NICE;
+  const raw = env["KEYGATE_GC_THREAD_NICE"]?.trim();
+  // Decimal digits only, as the configuration reads it: Number() takes "0x10" and "1e1" too.
+  if (raw === undefined || !WHOLE_DECIMAL.test(raw)) return DEFAULT_GC_THREAD_NICE;
   const nice = Number(raw);
-  return Number.isInteger(nice) && nice >= 0 && nice <= MAX_GC_THREAD_NICE ? nice : DEFAULT_GC_THREAD_NICE;
+  return nice <= MAX_GC_THREAD_NICE ? nice : DEFAULT_GC_THREAD_NICE;
 }
 
 function describe(error: unknown): string {

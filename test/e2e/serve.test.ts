@@ -98,6 +98,36 @@ describe("keygate serve with no environment (the Quick start)", () => {
     expect(code).toBe(2);
     expect(err).toContain("KEYGATE_GRPC_PORT");
   });
+
+  // An empty variable (compose's `${GRPC_PORT}` with GRPC_PORT unset) was read as 0: a port the
+  // kernel picks, which no proxy is configured for, or a 0 s drain.
+  it.each(["KEYGATE_GRPC_PORT", "KEYGATE_HTTP_AUTHZ_PORT", "KEYGATE_ADMIN_PORT", "KEYGATE_SHUTDOWN_GRACE_SECONDS"])(
+    "refuses to start on an empty %s, naming it, exit 2",
+    async (variable) => {
+      const cwd = mkdtempSync(join(tmpdir(), "keygate-emptyenv-"));
+      dirs.push(cwd);
+      const env: NodeJS.ProcessEnv = {};
+      for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
+      // Ports the system picks for the other listeners: a keygate that starts anyway holds no default port.
+      Object.assign(env, { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", [variable]: "" });
+      const child = spawn(process.execPath, serveArgs(), { cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+      let out = "";
+      let err = "";
+      // One that starts anyway is stopped at once, so it fails the test instead of outliving it.
+      child.stdout.on("data", (chunk: Buffer) => {
+        out += chunk.toString();
+        if (out.includes("keygate listening")) child.kill("SIGKILL");
+      });
+      child.stderr.on("data", (chunk: Buffer) => (err += chunk.toString()));
+      const stuck = setTimeout(() => child.kill("SIGKILL"), 20_000);
+      // "close", not "exit": stderr is read to its end before the exact comparison.
+      const code = await new Promise<number | null>((done) => child.on("close", done));
+      clearTimeout(stuck);
+      expect(out).not.toContain("keygate listening");
+      expect(code).toBe(2);
+      expect(err).toBe(`keygate: invalid environment: ${variable}: must not be empty\n`);
+    },
+  );
 });
 
 const root = resolve(import.meta.dirname, "../..");

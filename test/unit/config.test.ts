@@ -1,6 +1,7 @@
 import { resolve } from "node:path";
 import { describe, expect, it } from "vitest";
 import { ConfigError, loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
+import { gcThreadNiceFromEnv } from "../../src/server/gc-threads.js";
 
 describe("config", () => {
   it("has working defaults with no environment", () => {
@@ -64,5 +65,95 @@ describe("config", () => {
     expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: -1 })).toThrow(/lastUsedResolutionSeconds/);
     expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: 1.5 })).toThrow(/lastUsedResolutionSeconds/);
     expect(() => parsePolicy({ ...base, lastUsedResolutionSeconds: "60" })).toThrow(/lastUsedResolutionSeconds/);
+  });
+});
+
+/** The message loadConfig refuses `env` with; fails the test when it is accepted. */
+function refusal(env: NodeJS.ProcessEnv): string {
+  try {
+    loadConfig(env);
+  } catch (error) {
+    if (error instanceof ConfigError) return error.message;
+    throw error;
+  }
+  throw new Error(`accepted ${JSON.stringify(env)}`);
+}
+
+// README "Environment": keygate refuses a bad value naming the variable. A variable set but empty
+// (compose's `${GRPC_PORT}` with GRPC_PORT unset, a Helm value left blank and `| quote`d) is one:
+// read as 0 it was a port the kernel picks, which no proxy is configured for, or a 0 s drain.
+const NUMBER_VARIABLES = [
+  "KEYGATE_GRPC_PORT",
+  "KEYGATE_HTTP_AUTHZ_PORT",
+  "KEYGATE_ADMIN_PORT",
+  "KEYGATE_SHUTDOWN_GRACE_SECONDS",
+  "KEYGATE_SHUTDOWN_DELAY_SECONDS",
+  "KEYGATE_ACCESS_LOG_SAMPLE",
+  "KEYGATE_GC_THREAD_NICE",
+  "KEYGATE_CHECK_BUDGET_MS",
+  "KEYGATE_ADMIN_MAX_BODY_BYTES",
+  "KEYGATE_HEADERS_TIMEOUT_SECONDS",
+  "KEYGATE_REQUEST_TIMEOUT_SECONDS",
+  "KEYGATE_IDLE_TIMEOUT_SECONDS",
+  "KEYGATE_MAX_CONNECTIONS",
+] as const;
+
+describe("config: number variables.error", () => {
+  it.each(NUMBER_VARIABLES)("%s set to an empty or blank value is refused naming it, never read as 0", (name) => {
+    for (const value of ["", " ", "\t\n"]) {
+      expect(refusal({ [name]: value }), JSON.stringify(value)).toBe(`invalid environment: ${name}: must not be empty`);
+    }
+  });
+
+  it.each(["KEYGATE_GRPC_PORT", "KEYGATE_HTTP_AUTHZ_PORT", "KEYGATE_ADMIN_PORT"])("%s takes decimal digits only, from 0 to 65535", (name) => {
+    for (const value of ["0x1F90", "1e3", "8080.0", "+8080", "-1", "65536", "0b1", "Infinity", "not-a-port"]) {
+      expect(refusal({ [name]: value }), value).toBe(`invalid environment: ${name}: must be a whole number from 0 to 65535`);
+    }
+  });
+
+  it("the other whole-number variables refuse hex and exponent forms alike", () => {
+    expect(refusal({ KEYGATE_CHECK_BUDGET_MS: "1e3" })).toBe("invalid environment: KEYGATE_CHECK_BUDGET_MS: must be a whole number from 10 to 60000");
+    expect(refusal({ KEYGATE_MAX_CONNECTIONS: "0x10" })).toBe("invalid environment: KEYGATE_MAX_CONNECTIONS: must be a whole number from 1 to 1000000");
+    expect(refusal({ KEYGATE_ADMIN_MAX_BODY_BYTES: "1e5" })).toBe("invalid environment: KEYGATE_ADMIN_MAX_BODY_BYTES: must be a whole number from 1024 to 16777216");
+    expect(refusal({ KEYGATE_GC_THREAD_NICE: "0x10" })).toBe("invalid environment: KEYGATE_GC_THREAD_NICE: must be a whole number from 0 to 19");
+    // Read before the configuration, so a form it refuses must not lower any thread's priority.
+    expect(gcThreadNiceFromEnv({ KEYGATE_GC_THREAD_NICE: "0x10" })).toBe(0);
+    expect(gcThreadNiceFromEnv({ KEYGATE_GC_THREAD_NICE: "1e1" })).toBe(0);
+    expect(gcThreadNiceFromEnv({ KEYGATE_GC_THREAD_NICE: "10" })).toBe(10);
+  });
+
+  it("seconds and shares take a decimal fraction, never an exponent or hex", () => {
+    expect(refusal({ KEYGATE_SHUTDOWN_GRACE_SECONDS: "1e1" })).toBe("invalid environment: KEYGATE_SHUTDOWN_GRACE_SECONDS: must be a number of seconds from 0 to 300");
+    expect(refusal({ KEYGATE_SHUTDOWN_DELAY_SECONDS: "301" })).toBe("invalid environment: KEYGATE_SHUTDOWN_DELAY_SECONDS: must be a number of seconds from 0 to 300");
+    expect(refusal({ KEYGATE_IDLE_TIMEOUT_SECONDS: "0x10" })).toBe("invalid environment: KEYGATE_IDLE_TIMEOUT_SECONDS: must be a number of seconds above 0, at most 3600");
+    expect(refusal({ KEYGATE_ACCESS_LOG_SAMPLE: "1e-2" })).toBe("invalid environment: KEYGATE_ACCESS_LOG_SAMPLE: must be a number from 0 to 1");
+  });
+});
+
+describe("config: number variables.happy", () => {
+  it("an explicit 0 stays valid where it was: ports the system picks, no drain, no delay, no sampling, nice 0", () => {
+    const config = loadConfig({
+      KEYGATE_GRPC_PORT: "0",
+      KEYGATE_HTTP_AUTHZ_PORT: "0",
+      KEYGATE_ADMIN_PORT: "0",
+      KEYGATE_SHUTDOWN_GRACE_SECONDS: "0",
+      KEYGATE_SHUTDOWN_DELAY_SECONDS: "0",
+      KEYGATE_ACCESS_LOG_SAMPLE: "0",
+      KEYGATE_GC_THREAD_NICE: "0",
+    });
+    expect(config).toMatchObject({ grpcPort: 0, httpAuthzPort: 0, adminPort: 0, shutdownGraceSeconds: 0, shutdownDelaySeconds: 0, accessLogSampleRate: 0, gcThreadNice: 0 });
+  });
+
+  it("reads decimal values, fractions where seconds or shares take them, and ignores surrounding blanks", () => {
+    const config = loadConfig({
+      KEYGATE_GRPC_PORT: " 9000 ",
+      KEYGATE_ADMIN_PORT: "08080",
+      KEYGATE_SHUTDOWN_GRACE_SECONDS: "2.5",
+      KEYGATE_IDLE_TIMEOUT_SECONDS: ".5",
+      KEYGATE_ACCESS_LOG_SAMPLE: "0.25",
+      KEYGATE_MAX_CONNECTIONS: "1000",
+    });
+    expect(config).toMatchObject({ grpcPort: 9000, adminPort: 8080, shutdownGraceSeconds: 2.5, accessLogSampleRate: 0.25 });
+    expect(config.listeners).toMatchObject({ idleTimeoutMs: 500, maxConnections: 1000 });
   });
 });

@@ -11,6 +11,7 @@ import type { GcThreadPriority } from "../../server/gc-threads.js";
 import type { BoundPorts } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
+import { adminCurlLines } from "../admin-curl.js";
 
 /** Configuration mistakes exit 2 with the message; anything else is a crash. */
 function exitOnConfigError(error: unknown): never {
@@ -45,16 +46,15 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   if (gc !== undefined && gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
   else if (gc !== undefined && gc.nice !== 0) logger.info({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority lowered");
   let generatedAdminToken: string | null = null;
-  const adminScheme = config.tls?.listeners.has("admin") === true ? "https" : "http";
+  const tls = config.tls;
+  const adminTls = tls?.listeners.has("admin") === true ? { certFile: tls.certFile, clientAuth: tls.clientAuthListeners.has("admin") } : null;
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate
   // listening" line, so whoever waits for that line has the token too.
   const announce = (ports: BoundPorts): void => {
     if (generatedAdminToken === null) return;
-    process.stdout.write(
-      `\nkeygate generated an admin token (stored in ${config.dataDir}/admin-token, mode 0600):\n  ${generatedAdminToken}\n` +
-        `Use it: curl -H "Authorization: Bearer $(cat ${config.dataDir}/admin-token)" -H 'content-type: application/json' ` +
-        `-d '{"ownerId":"user_1","name":"first key"}' ${adminScheme}://127.0.0.1:${ports.admin}/keygate.v1.KeyAdmin/CreateKey\n\n`,
-    );
+    const tokenFile = `${config.dataDir}/admin-token`;
+    const use = adminCurlLines({ host: config.host, port: ports.admin, tokenFile, tls: adminTls });
+    process.stdout.write(`\nkeygate generated an admin token (stored in ${tokenFile}, mode 0600):\n  ${generatedAdminToken}\n${use.join("\n")}\n\n`);
   };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
   const exitOnStartError = (error: unknown): never => {
