@@ -83,6 +83,12 @@ export class MemoryMeter implements Meter {
     ut: new RecentMap(MAX_ENTRIES),
   };
   readonly #quota = new RecentMap<string, { count: number }>(MAX_ENTRIES);
+  /**
+   * Owners that have had a count (a limited plan's): only for them does a request without a limit
+   * build its count's name, so an unlimited plan's Check allocates nothing for it. Emptied at
+   * MAX_ENTRIES: an owner then missing counts on once a limit applies again (loaded from the store).
+   */
+  readonly #countedOwners = new Set<string>();
   readonly #credits = new RecentMap<string, CreditCell>(MAX_ENTRIES);
   readonly #seeding = new Map<string, Promise<void>>();
   readonly #calendar = new UtcCalendar();
@@ -105,7 +111,8 @@ export class MemoryMeter implements Meter {
     const day = this.#calendar.day(input.nowMs);
     // A metered request is counted under this key whether or not its plan has a limit (an
     // unmetered one builds no key); the count is loaded from the store only once a limit applies.
-    const quotaKey = input.countsDaily ? `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}` : "";
+    const counted = input.countsDaily && (input.dailyQuota !== null || this.#countedOwners.has(input.ownerId));
+    const quotaKey = counted ? `${input.ownerId}|${day}|${input.meter}|${input.quota ?? ""}` : "";
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
@@ -162,7 +169,7 @@ export class MemoryMeter implements Meter {
         if (quota && !this.#quota.has(quotaKey)) {
           const rows = await this.store.listUsage(ownerId, day, day);
           const stored = rows.reduce((sum, row) => sum + (row.outcome === counted ? row.count : 0), 0);
-          if (!this.#quota.has(quotaKey)) this.#quota.set(quotaKey, { count: stored + this.usage.pendingAllowed(ownerId, day, counted) });
+          if (!this.#quota.has(quotaKey)) this.#setCount(ownerId, quotaKey, stored + this.usage.pendingAllowed(ownerId, day, counted));
         }
         if (credits && !this.#credits.has(ownerId)) await this.#seedCredits(ownerId, this.#calendar.month(nowMs));
       })().finally(() => this.#seeding.delete(id));
@@ -218,7 +225,7 @@ export class MemoryMeter implements Meter {
       result.retryAfterSeconds = step.retryAfterSeconds;
       return result;
     }
-    const quotaCell = input.countsDaily ? this.#quota.get(quotaKey) : undefined;
+    const quotaCell = quotaKey === "" ? undefined : this.#quota.get(quotaKey);
     if (input.dailyQuota !== null) {
       const used = quotaCell?.count ?? 0;
       const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
@@ -250,7 +257,7 @@ export class MemoryMeter implements Meter {
     // Without a limit, a count is kept on only once loaded: the usage rows the store loads it
     // from hold the requests made meanwhile.
     if (quotaCell !== undefined) quotaCell.count += 1;
-    else if (input.dailyQuota !== null) this.#quota.set(quotaKey, { count: 1 });
+    else if (input.dailyQuota !== null) this.#setCount(input.ownerId, quotaKey, 1);
     if (result.quota !== null) result.quota.remaining -= 1;
     if (cell !== undefined && spend !== null) {
       // The period charged is the cell's, the later of the two when this clock reads an earlier
@@ -289,9 +296,16 @@ export class MemoryMeter implements Meter {
    * Redis calls this once Redis answers again, so a later outage loads its counts afresh from the
    * store instead of charging against what it held the last time.
    */
+  #setCount(ownerId: string, quotaKey: string, count: number): void {
+    if (this.#countedOwners.size >= MAX_ENTRIES) this.#countedOwners.clear();
+    this.#countedOwners.add(ownerId);
+    this.#quota.set(quotaKey, { count });
+  }
+
   reset(): void {
     for (const tats of Object.values(this.#tats)) tats.clear();
     this.#quota.clear();
+    this.#countedOwners.clear();
     this.#credits.clear();
   }
 
