@@ -10,30 +10,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { freePort, requireServer, waitForPort } from "../harness/ports.js";
-import { serveArgs, spawnKeygate } from "../harness/process.js";
+import { serveUntilExit, spawnKeygate } from "../harness/process.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
 const PEPPER = "p".repeat(40);
 const ADMIN = `kgadm_${"t".repeat(30)}`;
-
-/** Runs `keygate serve` with exactly `env` for KEYGATE_* and waits for it to exit by itself. */
-function serveUntilExit(cwd: string, env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const childEnv: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
-  Object.assign(childEnv, env);
-  const child = spawn(process.execPath, serveArgs(), { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
-  children.add(child);
-  let stdout = "";
-  let stderr = "";
-  child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
-  child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
-  return new Promise((done) =>
-    child.on("close", (code) => {
-      children.delete(child);
-      done({ code, stdout, stderr });
-    }),
-  );
-}
 
 const children = new Set<ChildProcess>();
 const dirs: string[] = [];
@@ -83,7 +64,7 @@ describe("start-up errors.error", () => {
         KEYGATE_ADMIN_PORT: "0",
         [variable]: String(busy),
       };
-      const result = await serveUntilExit(tempDir(), env);
+      const result = await serveUntilExit(tempDir(), env, children);
       expect(result.code).toBe(2);
       const line = expectOneLine(result.stderr, variable);
       expect(line).toBe(`keygate: ${variable}: port ${busy} on 127.0.0.1 is already in use; stop what holds it or choose another port`);
@@ -96,7 +77,7 @@ describe("start-up errors.error", () => {
     const dataDir = join(cwd, "data");
     const busy = await occupiedPort();
     const base = { KEYGATE_DATA_DIR: dataDir, KEYGATE_HOST: "127.0.0.1", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const failed = await serveUntilExit(cwd, { ...base, KEYGATE_GRPC_PORT: String(busy) });
+    const failed = await serveUntilExit(cwd, { ...base, KEYGATE_GRPC_PORT: String(busy) }, children);
     expect(failed.code).toBe(2);
     const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
     expect(failed.stdout).not.toContain(token);
@@ -134,7 +115,7 @@ describe("start-up errors: the pepper.error", () => {
 
   it("a KEYGATE_PEPPER other than the one the store was made with: exit 2, one line naming the variable, and no pepper printed", async () => {
     const { cwd, dataDir, pepper } = await usedDataDir();
-    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: OTHER_PEPPER, ...LOOPBACK });
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, KEYGATE_PEPPER: OTHER_PEPPER, ...LOOPBACK }, children);
     expect(result.code).toBe(2);
     expect(result.stderr).toBe(pepperMismatchLine(`${join(dataDir, "pepper")}, or the keygate-secrets Secret`));
     expect(result.stdout).not.toContain("keygate listening");
@@ -145,7 +126,7 @@ describe("start-up errors: the pepper.error", () => {
     const { cwd, dataDir, pepper } = await usedDataDir();
     const file = join(dataDir, "pepper");
     writeFileSync(file, `${OTHER_PEPPER}\n`, { mode: 0o600 });
-    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK });
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK }, children);
     expect(result.code).toBe(2);
     expect(result.stderr).toBe(
       `keygate: ${file} is not the pepper this store's keys were hashed with: every key would be unknown. Restore the ${file} the store was created with, or set KEYGATE_PEPPER to that pepper\n`,
@@ -157,7 +138,7 @@ describe("start-up errors: the pepper.error", () => {
     const { cwd, dataDir } = await usedDataDir();
     const file = join(dataDir, "pepper");
     rmSync(file);
-    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK });
+    const result = await serveUntilExit(cwd, { KEYGATE_DATA_DIR: dataDir, ...LOOPBACK }, children);
     expect(result.code).toBe(2);
     expect(result.stderr).toBe(
       `keygate: ${file} is missing but the data directory holds keys: a new pepper would make every key unknown. Restore it from a backup, or set KEYGATE_PEPPER to the pepper the keys were made with\n`,
@@ -203,7 +184,7 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
     const password = `pw${randomBytes(12).toString("hex")}`;
     const uri = mongo.uri.replace("mongodb://", `mongodb://keygate:${password}@`);
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: uri, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     const line = expectOneLine(result.stderr, "KEYGATE_MONGODB_URI");
     expect(line).toContain("MongoDB refused the credentials");
@@ -215,7 +196,7 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: uri, KEYGATE_ADMIN_TOKENS: ADMIN, ...LOOPBACK };
     const first = await spawnKeygate({ cwd: tempDir(), env: { ...env, KEYGATE_PEPPER: PEPPER } });
     try {
-      const second = await serveUntilExit(tempDir(), { ...env, KEYGATE_PEPPER: OTHER_PEPPER });
+      const second = await serveUntilExit(tempDir(), { ...env, KEYGATE_PEPPER: OTHER_PEPPER }, children);
       expect(second.code).toBe(2);
       expect(second.stderr).toBe(pepperMismatchLine("the keygate-secrets Secret; every replica needs the same one"));
       for (const secret of [PEPPER, OTHER_PEPPER]) expect(second.stdout + second.stderr).not.toContain(secret);
@@ -228,7 +209,7 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
   it("an unreachable MongoDB is one line naming KEYGATE_MONGODB_URI", async () => {
     const port = await freePort();
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: `mongodb://127.0.0.1:${port}/keygate`, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_MONGODB_URI")).toContain("no MongoDB server answered");
   });
@@ -250,7 +231,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
   it("a wrong Redis password is one line naming KEYGATE_REDIS_URL, and neither password is printed", async () => {
     const wrong = `wrong${randomBytes(8).toString("hex")}`;
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://:${wrong}@127.0.0.1:${port}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: Redis refused the credentials (WRONGPASS)");
     // The connection error is logged, but ioredis's copy of the AUTH command (with the password) is not.
@@ -261,7 +242,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
   it("a Redis that refuses connections is one line naming KEYGATE_REDIS_URL", async () => {
     const closed = await freePort();
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED)");
   });
@@ -271,7 +252,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     const [p1, p2] = [await freePort(), await freePort()];
     const url = `redis+cluster://:${secret}@127.0.0.1:${p1},127.0.0.1:${p2}`;
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no seed node of the Cluster answered");
     expect(result.stdout + result.stderr).not.toContain(secret);
@@ -282,7 +263,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     const sentinelSecret = `sentinelpw${randomBytes(8).toString("hex")}`;
     const url = `redis+sentinel://:${secret}@127.0.0.1:${await freePort()}/mymaster?sentinelPassword=${sentinelSecret}`;
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no Sentinel answered");
     expect(result.stdout + result.stderr).not.toContain(secret);
@@ -292,7 +273,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
   it("a malformed topology URL is refused before any connection, naming the variable and not the password", async () => {
     const secret = `formpw${randomBytes(8).toString("hex")}`;
     const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis+sentinel://:${secret}@127.0.0.1:26379`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
-    const result = await serveUntilExit(tempDir(), env);
+    const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(result.stderr.trimEnd()).toBe(
       "keygate: invalid environment: KEYGATE_REDIS_URL: redis+sentinel:// needs the master's name as its path: redis+sentinel://host:26379/mymaster",

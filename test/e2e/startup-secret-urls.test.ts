@@ -1,11 +1,11 @@
-import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { serveArgs } from "../harness/process.js";
+import { serveUntilExit } from "../harness/process.js";
+import type { ExitedServe } from "../harness/process.js";
 
 // Passwords from `openssl rand -base64` hold "/" and "+", and hand-made ones "#" or "%". Left
 // unescaped in KEYGATE_REDIS_URL, ioredis's new URL() threw a TypeError quoting the whole URL,
@@ -23,25 +23,12 @@ afterAll(() => {
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
 });
 
-/** Runs `keygate serve` with exactly `env` for KEYGATE_* (ports 0) and waits for it to exit by itself. */
-function serveUntilExit(env: Record<string, string>): Promise<{ code: number | null; stdout: string; stderr: string }> {
+/** Runs `keygate serve` in a new temporary directory, with exactly `env` for KEYGATE_* (ports 0), until it exits by itself. */
+function serveInTempDir(env: Record<string, string>): Promise<ExitedServe> {
   const cwd = mkdtempSync(join(tmpdir(), "keygate-secret-urls-"));
   dirs.push(cwd);
-  const childEnv: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
-  Object.assign(childEnv, { KEYGATE_DATA_DIR: join(cwd, "data"), KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" }, env);
-  const child = spawn(process.execPath, serveArgs(), { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
-  children.add(child);
-  let stdout = "";
-  let stderr = "";
-  child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
-  child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
-  return new Promise((done) =>
-    child.on("close", (code) => {
-      children.delete(child);
-      done({ code, stdout, stderr });
-    }),
-  );
+  const base = { KEYGATE_DATA_DIR: join(cwd, "data"), KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+  return serveUntilExit(cwd, { ...base, ...env }, children);
 }
 
 /** A password unique to the test, around the character that breaks the URL. */
@@ -58,7 +45,7 @@ const BREAKING_CHARACTERS = [
 describe("start-up with a secret URL that does not parse.security", () => {
   it.each(BREAKING_CHARACTERS)("KEYGATE_REDIS_URL (redis://) with %s in the password: exit 2, one line naming the variable, the password nowhere", async (_title, character) => {
     const password = passwordWith(character);
-    const result = await serveUntilExit({ KEYGATE_REDIS_URL: `redis://:${password}@127.0.0.1:6379/0` });
+    const result = await serveInTempDir({ KEYGATE_REDIS_URL: `redis://:${password}@127.0.0.1:6379/0` });
     expect(result.stdout).not.toContain(password);
     expect(result.stderr).not.toContain(password);
     expect(result.stderr).toBe(`keygate: invalid environment: KEYGATE_REDIS_URL: ${NOT_A_URL}\n`);
@@ -67,7 +54,7 @@ describe("start-up with a secret URL that does not parse.security", () => {
 
   it.each(BREAKING_CHARACTERS)("KEYGATE_REDIS_URL (rediss://, user and password) with %s in the password: the same line, the password nowhere", async (_title, character) => {
     const password = passwordWith(character);
-    const result = await serveUntilExit({ KEYGATE_REDIS_URL: `rediss://default:${password}@127.0.0.1:6380` });
+    const result = await serveInTempDir({ KEYGATE_REDIS_URL: `rediss://default:${password}@127.0.0.1:6380` });
     expect(result.stdout + result.stderr).not.toContain(password);
     expect(result.stderr).toBe(`keygate: invalid environment: KEYGATE_REDIS_URL: ${NOT_A_URL}\n`);
     expect(result.code).toBe(2);
@@ -82,7 +69,7 @@ describe("start-up with a secret URL that does not parse.security", () => {
   ])("KEYGATE_REDIS_URL (%s://) with %s in the password: one line naming the variable, the password nowhere", async (scheme, character, problem) => {
     const password = passwordWith(character);
     const path = scheme === "redis+sentinel" ? "/mymaster" : "";
-    const result = await serveUntilExit({ KEYGATE_REDIS_URL: `${scheme}://:${password}@127.0.0.1:7000${path}` });
+    const result = await serveInTempDir({ KEYGATE_REDIS_URL: `${scheme}://:${password}@127.0.0.1:7000${path}` });
     expect(result.stdout + result.stderr).not.toContain(password);
     expect(result.stderr).toBe(`keygate: invalid environment: KEYGATE_REDIS_URL: ${problem}\n`);
     expect(result.code).toBe(2);
@@ -95,7 +82,7 @@ describe("start-up with a secret URL that does not parse.security", () => {
     ["a % that starts no escape", "%zz", "URI malformed"],
   ])("KEYGATE_MONGODB_URI with %s in the password: one line naming the variable, the password nowhere", async (_title, character, problem) => {
     const password = passwordWith(character);
-    const result = await serveUntilExit({ KEYGATE_MONGODB_URI: `mongodb://keygate:${password}@127.0.0.1:27017/keygate`, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN });
+    const result = await serveInTempDir({ KEYGATE_MONGODB_URI: `mongodb://keygate:${password}@127.0.0.1:27017/keygate`, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN });
     expect(result.stdout + result.stderr).not.toContain(password);
     expect(result.stderr).toBe(`keygate: KEYGATE_MONGODB_URI: MongoDB could not be opened (${problem})\n`);
     expect(result.code).toBe(2);

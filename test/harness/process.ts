@@ -82,6 +82,36 @@ export function sharedBackendEnv(options: { mongoUri: string; redisUrl: string; 
   };
 }
 
+/** What a `keygate serve` that exited by itself printed, and its exit code. */
+export interface ExitedServe {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs `keygate serve` in `cwd` with exactly `env` for its KEYGATE_* variables (inherited ones are
+ * dropped) and waits for it to exit by itself. The child is in `running` until then, for the
+ * suite's afterAll to kill one that never exits.
+ */
+export function serveUntilExit(cwd: string, env: Record<string, string>, running: Set<ChildProcess>): Promise<ExitedServe> {
+  const childEnv: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) childEnv[name] = value;
+  Object.assign(childEnv, env);
+  const child = spawn(process.execPath, serveArgs(), { cwd, env: childEnv, stdio: ["ignore", "pipe", "pipe"] });
+  running.add(child);
+  let stdout = "";
+  let stderr = "";
+  child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
+  child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  return new Promise((done) =>
+    child.on("close", (code) => {
+      running.delete(child);
+      done({ code, stdout, stderr });
+    }),
+  );
+}
+
 /** The log line of a promise rejected with no handler: keygate keeps serving, and a test fails on it. */
 const UNHANDLED_REJECTION = '"msg":"unhandled promise rejection"';
 

@@ -1,5 +1,6 @@
 import { Agent, createServer, request } from "node:http";
 import type { IncomingHttpHeaders, Server } from "node:http";
+import { connect } from "node:net";
 
 /** An HTTP answer as the client received it. */
 export interface RawAnswer {
@@ -23,6 +24,24 @@ export function rawRequest(port: number, method: string, target: string, headers
     });
     req.on("error", reject);
     req.end();
+  });
+}
+
+/**
+ * One request written as given on a raw socket, request line and header lines in order (repeats
+ * included), for what node:http's client will not send; resolves with all the server sent once
+ * it closes the connection, and the status from its first line (0 when there is none).
+ */
+export function sendRaw(port: number, requestLine: string, headers: ReadonlyArray<readonly [string, string]>): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const lines = [requestLine, ...headers.map(([name, value]) => `${name}: ${value}`)];
+    // Written, not ended: a client that half-closes has gone, and Caddy answers it nothing.
+    const socket = connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
+    let text = "";
+    socket.setEncoding("utf8");
+    socket.on("data", (chunk: string) => (text += chunk));
+    socket.on("close", () => resolve({ status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1] ?? 0), text }));
+    socket.on("error", reject);
   });
 }
 

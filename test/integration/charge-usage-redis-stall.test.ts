@@ -1,5 +1,3 @@
-import { connect, createServer } from "node:net";
-import type { AddressInfo, Server, Socket } from "node:net";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_POLICY, adminRefusal, startKeygate } from "../harness/keygate.js";
@@ -8,6 +6,8 @@ import { until, untilValue } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, redisCommand, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
+import type { TcpRelay } from "../harness/tcp-relay.js";
 
 // ChargeUsage with `limits.onRedisError: fail-closed` when Redis stalls right after the
 // idempotency key was claimed (a frozen Redis, a partition, a long command ahead of the charge):
@@ -18,73 +18,6 @@ import type { RedisServer } from "../harness/redis-server.js";
 // connection) until the test lets it through, as a SIGSTOP/SIGCONT would, but at a chosen point.
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
-
-/** A TCP relay to Redis that can hold a connection's outgoing bytes from a matching chunk on. */
-class StallingRelay {
-  readonly #sockets = new Set<Socket>();
-  readonly #held: Array<() => void> = [];
-  #server: Server | null = null;
-  port = 0;
-  /** When set, the first client chunk it matches (and all after it on that connection) is held. */
-  holdWhen: ((chunk: string) => boolean) | null = null;
-  heldChunks = 0;
-
-  constructor(private readonly target: number) {}
-
-  get url(): string {
-    return `redis://127.0.0.1:${this.port}`;
-  }
-
-  async listen(): Promise<void> {
-    const server = createServer((client) => this.#relay(client));
-    await new Promise<void>((done, fail) => {
-      server.once("error", fail);
-      server.listen(0, "127.0.0.1", () => done());
-    });
-    this.port = (server.address() as AddressInfo).port;
-    this.#server = server;
-  }
-
-  /** Lets every held byte through, in order. */
-  release(): void {
-    for (const go of this.#held.splice(0)) go();
-  }
-
-  async close(): Promise<void> {
-    for (const s of this.#sockets) s.destroy();
-    const server = this.#server;
-    if (server !== null) await new Promise<void>((done) => server.close(() => done()));
-  }
-
-  #relay(client: Socket): void {
-    const upstream = connect(this.target, "127.0.0.1");
-    this.#sockets.add(client);
-    this.#sockets.add(upstream);
-    client.on("error", () => client.destroy());
-    upstream.on("error", () => upstream.destroy());
-    client.on("close", () => upstream.destroy());
-    upstream.on("close", () => client.destroy());
-    upstream.pipe(client);
-    let queue: Buffer[] | null = null;
-    client.on("data", (chunk: Buffer) => {
-      if (queue === null && this.holdWhen !== null && this.holdWhen(chunk.toString("latin1"))) {
-        this.holdWhen = null;
-        queue = [];
-        const held = queue;
-        this.#held.push(() => {
-          for (const c of held) upstream.write(c);
-          queue = null;
-        });
-      }
-      if (queue !== null) {
-        this.heldChunks += 1;
-        queue.push(chunk);
-        return;
-      }
-      upstream.write(chunk);
-    });
-  }
-}
 
 const POLICY = {
   ...TEST_POLICY,
@@ -97,16 +30,15 @@ const POLICY = {
 
 describe.runIf(ready)("ChargeUsage, fail-closed, Redis stalling after the idempotency claim", () => {
   let redis: RedisServer;
-  let relay: StallingRelay;
+  let relay: TcpRelay;
   let kg: TestKeygate;
 
   beforeAll(async () => {
     const started = await startRedis();
     if (started === null) throw new Error("redis-server is not on PATH");
     redis = started;
-    relay = new StallingRelay(redis.port);
-    await relay.listen();
-    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: relay.url } });
+    relay = await startTcpRelay(redis.port);
+    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
   });
 
   afterAll(async () => {

@@ -1,5 +1,3 @@
-import { connect, createServer } from "node:net";
-import type { Server, Socket } from "node:net";
 import fc from "fast-check";
 import mongoose from "mongoose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -12,6 +10,7 @@ import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 import { testKeyRecord } from "../harness/records.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
 
 // A Check on a key that no cache holds reads it from MongoDB with findSnapshotByHash. These cases
 // count the commands that read sends, with the driver's command monitoring, against the
@@ -35,61 +34,6 @@ type LegacyKey = Omit<KeyDoc, "rate_limit" | "disabled_at">;
 
 /** An account document as the first release wrote it: no top-up total. */
 type LegacyAccount = Omit<AccountDoc, "topup_total">;
-
-/**
- * A TCP relay in front of the MongoDB-wire server that can stop forwarding, as a paused or
- * partitioned server looks to the driver: connections stay open and nothing comes back.
- */
-interface Relay {
-  port: number;
-  freeze(): void;
-  thaw(): void;
-  close(): Promise<void>;
-}
-
-async function startRelay(upstreamPort: number): Promise<Relay> {
-  let frozen = false;
-  const held: Array<() => void> = [];
-  const sockets = new Set<Socket>();
-  const forward = (from: Socket, to: Socket): void => {
-    from.on("data", (chunk: Buffer) => {
-      if (frozen) held.push(() => to.write(chunk));
-      else to.write(chunk);
-    });
-  };
-  const server: Server = createServer((client) => {
-    const upstream = connect(upstreamPort, "127.0.0.1");
-    sockets.add(client);
-    sockets.add(upstream);
-    forward(client, upstream);
-    forward(upstream, client);
-    const end = (): void => {
-      client.destroy();
-      upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
-    };
-    client.on("close", end).on("error", end);
-    upstream.on("close", end).on("error", end);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  if (address === null || typeof address === "string") throw new Error("the relay has no TCP address");
-  return {
-    port: address.port,
-    freeze: () => {
-      frozen = true;
-    },
-    thaw: () => {
-      frozen = false;
-      for (const write of held.splice(0)) write();
-    },
-    close: async () => {
-      for (const socket of sockets) socket.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
 
 if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI")) {
   let server: MongoWire | undefined;
@@ -341,7 +285,8 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     it("is StoreUnavailableError after the lookup deadline, never a null, and reads again once it answers", async () => {
       if (server === undefined) throw new Error("the MongoDB-wire server did not start");
       const port = Number(new URL(server.uri).port);
-      const relay = await startRelay(port);
+      // freeze() is a paused or partitioned server as the driver sees it: connections stay open and nothing comes back.
+      const relay = await startTcpRelay(port);
       const uri = new URL(server.uri);
       uri.port = String(relay.port);
       const paused = await MongoKeyStore.connect(uri.toString());

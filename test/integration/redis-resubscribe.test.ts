@@ -1,6 +1,4 @@
 import { randomUUID } from "node:crypto";
-import { connect, createServer } from "node:net";
-import type { AddressInfo, Server, Socket } from "node:net";
 import { Redis } from "ioredis";
 import { afterAll, describe, expect, it } from "vitest";
 import type { Invalidation } from "../../src/cache/cache.js";
@@ -10,73 +8,12 @@ import { until } from "../harness/poll.js";
 import { suiteWithServer } from "../harness/ports.js";
 import { startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
 
 const SUITE = "invalidation subscriber across reconnects";
 const server = await startRedis();
 
 suiteWithServer(SUITE, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", suites);
-
-/**
- * A TCP relay to Redis that can drop every connection, and can be told to drop the next
- * connection that sends a SUBSCRIBE (without relaying it) and then refuse connections until
- * `listen()` is called again.
- */
-class Relay {
-  readonly #target: number;
-  readonly #sockets = new Set<Socket>();
-  #server: Server | null = null;
-  #port = 0;
-  dropOnSubscribe = false;
-
-  constructor(target: number) {
-    this.#target = target;
-  }
-
-  get url(): string {
-    return `redis://127.0.0.1:${this.#port}`;
-  }
-
-  async listen(): Promise<void> {
-    const server = createServer((client) => this.#relay(client));
-    await new Promise<void>((done, fail) => {
-      server.once("error", fail);
-      server.listen(this.#port, "127.0.0.1", () => done());
-    });
-    this.#port = (server.address() as AddressInfo).port;
-    this.#server = server;
-  }
-
-  dropAll(): void {
-    for (const socket of this.#sockets) socket.destroy();
-    this.#sockets.clear();
-  }
-
-  async close(): Promise<void> {
-    const server = this.#server;
-    this.#server = null;
-    this.dropAll();
-    if (server !== null) await new Promise<void>((done) => server.close(() => done()));
-  }
-
-  #relay(client: Socket): void {
-    const upstream = connect(this.#target, "127.0.0.1");
-    this.#sockets.add(client);
-    this.#sockets.add(upstream);
-    client.on("error", () => client.destroy());
-    upstream.on("error", () => upstream.destroy());
-    client.on("close", () => upstream.destroy());
-    upstream.on("close", () => client.destroy());
-    upstream.pipe(client);
-    client.on("data", (chunk: Buffer) => {
-      if (this.dropOnSubscribe && chunk.toString("latin1").toLowerCase().includes("subscribe")) {
-        this.dropOnSubscribe = false;
-        void this.close();
-        return;
-      }
-      upstream.write(chunk);
-    });
-  }
-}
 
 function suites(redisServer: RedisServer): void {
   describe(SUITE, () => {
@@ -96,12 +33,11 @@ function suites(redisServer: RedisServer): void {
         process.off("unhandledRejection", onRejection);
       });
 
-      const relay = new Relay(redisServer.port);
-      await relay.listen();
+      const relay = await startTcpRelay(redisServer.port);
       closers.push(() => relay.close());
       const publisher = await connectRedis(redisServer.url);
       closers.push(() => publisher.disconnect());
-      const subscriber = await openSubscriber({ kind: "standalone", url: relay.url }, publisher);
+      const subscriber = await openSubscriber({ kind: "standalone", url: `redis://127.0.0.1:${relay.port}` }, publisher);
       closers.push(() => subscriber.disconnect());
       const reconnects: number[] = [];
       (subscriber as Redis).on("reconnecting", () => reconnects.push(reconnects.length));
@@ -115,7 +51,8 @@ function suites(redisServer: RedisServer): void {
       // Drop 1: the connection comes back, and the first SUBSCRIBE sent on it is lost with the
       // connection (drop 2), after which Redis refuses connections: the second failed attempt
       // flushes every command still queued with MaxRetriesPerRequestError.
-      relay.dropOnSubscribe = true;
+      // The next connection to send a SUBSCRIBE is dropped with it unsent, and the relay refuses connections until listen().
+      relay.dropWhen = (chunk) => chunk.toLowerCase().includes("subscribe");
       relay.dropAll();
       await until(() => reconnects.length >= 3, 20_000, "the subscriber's third reconnect attempt (the second since the lost SUBSCRIBE)", { intervalMs: 10 });
       // Rejections with no handler are reported once the turn that made them has run its microtasks.

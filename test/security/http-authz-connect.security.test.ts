@@ -1,8 +1,8 @@
-import { connect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CONNECT_REFUSAL } from "../../src/authz/routes.js";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { sendRaw } from "../harness/raw-http.js";
 
 // Envoy's HTTP ext_authz service (KEYGATE_HTTP_AUTHZ_PROXY=envoy, the default) sends the check
 // with the client's own method. For a CONNECT (Envoy with `upgrade_configs: CONNECT`) its HTTP/1
@@ -11,18 +11,6 @@ import type { TestKeygate } from "../harness/keygate.js";
 // listening the connection closed with no answer, to Envoy an ext_authz error, which
 // `failure_mode_allow: true` turns into an allow of the tunnel. A CONNECT is refused as the
 // decision refuses it anywhere: 400 INVALID_REQUEST, counted, and the port keeps serving.
-
-function sendRaw(port: number, requestLine: string, headers: ReadonlyArray<readonly [string, string]>): Promise<{ status: number; text: string }> {
-  return new Promise((resolve, reject) => {
-    const lines = [requestLine, ...headers.map(([name, value]) => `${name}: ${value}`)];
-    const socket = connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
-    let text = "";
-    socket.setEncoding("utf8");
-    socket.on("data", (chunk: string) => (text += chunk));
-    socket.on("close", () => resolve({ status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1] ?? 0), text }));
-    socket.on("error", reject);
-  });
-}
 
 describe("a CONNECT check on the HTTP authorization port (Envoy's HTTP service)", () => {
   let kg: TestKeygate;

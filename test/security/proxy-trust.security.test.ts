@@ -1,5 +1,4 @@
 import { request } from "node:http";
-import { connect } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CONNECT_REFUSAL, METHOD_CASE_REFUSAL, PATH_REFUSALS } from "../../src/authz/routes.js";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
@@ -8,6 +7,7 @@ import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { shippedProxies, startEchoUpstream } from "../harness/proxies.js";
 import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
+import { sendRaw } from "../harness/raw-http.js";
 
 // Finding 1 of issue 12: the route and method keygate judged were chosen by the client. keygate
 // read X-Forwarded-Uri before X-Original-URI (and X-Forwarded-Method before X-Original-Method),
@@ -73,20 +73,6 @@ function send(port: number, method: string, path: string, headers: Record<string
  */
 function sendConnect(port: number, target: string, headers: Record<string, string>): Promise<{ status: number; text: string }> {
   return sendRaw(port, `CONNECT ${target} HTTP/1.1`, [["Host", target], ["Connection", "close"], ...Object.entries(headers)]);
-}
-
-/** One request written as given, header lines in order (repeats included), on a raw socket. */
-function sendRaw(port: number, requestLine: string, headers: ReadonlyArray<readonly [string, string]>): Promise<{ status: number; text: string }> {
-  return new Promise((resolve, reject) => {
-    const lines = [requestLine, ...headers.map(([name, value]) => `${name}: ${value}`)];
-    // Written, not ended: a client that half-closes has gone, and Caddy answers it nothing.
-    const socket = connect(port, "127.0.0.1", () => socket.write(`${lines.join("\r\n")}\r\n\r\n`));
-    let text = "";
-    socket.setEncoding("utf8");
-    socket.on("data", (chunk: string) => (text += chunk));
-    socket.on("close", () => resolve({ status: Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1] ?? 0), text }));
-    socket.on("error", reject);
-  });
 }
 
 async function issue(kg: TestKeygate, ownerId: string, scopes: string[]): Promise<string> {

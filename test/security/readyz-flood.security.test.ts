@@ -1,7 +1,5 @@
 import { connect as h2connect } from "node:http2";
 import type { ClientHttp2Session } from "node:http2";
-import { connect, createServer } from "node:net";
-import type { Server, Socket } from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -9,6 +7,8 @@ import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
+import type { TcpRelay } from "../harness/tcp-relay.js";
 
 /**
  * The admin port's /readyz needs no token (the kubelet calls it), and its store ping is a command
@@ -21,62 +21,6 @@ import { requireServer } from "../harness/ports.js";
 
 const FLOOD_SESSIONS = 16;
 const MONGO_PEPPER = "exhaust-readyz-pepper-0123456789abcdefgh";
-
-interface Relay {
-  port: number;
-  freeze(): void;
-  thaw(): void;
-  close(): Promise<void>;
-}
-
-/** A TCP relay in front of MongoDB: `delayMs` delays every answer chunk; freeze() holds everything. */
-async function startRelay(upstreamPort: number, delayMs: () => number): Promise<Relay> {
-  let frozen = false;
-  const held: Array<() => void> = [];
-  const sockets = new Set<Socket>();
-  const forward = (from: Socket, to: Socket, delayed: boolean): void => {
-    from.on("data", (chunk: Buffer) => {
-      const write = (): void => {
-        if (!to.destroyed) to.write(chunk);
-      };
-      if (frozen) held.push(write);
-      else if (delayed && delayMs() > 0) setTimeout(write, delayMs());
-      else write();
-    });
-  };
-  const server: Server = createServer((client) => {
-    const upstream = connect(upstreamPort, "127.0.0.1");
-    sockets.add(client);
-    sockets.add(upstream);
-    forward(client, upstream, false);
-    forward(upstream, client, true);
-    const end = (): void => {
-      client.destroy();
-      upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
-    };
-    client.on("close", end).on("error", end);
-    upstream.on("close", end).on("error", end);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const address = server.address();
-  if (address === null || typeof address === "string") throw new Error("the relay has no TCP address");
-  return {
-    port: address.port,
-    freeze: () => {
-      frozen = true;
-    },
-    thaw: () => {
-      frozen = false;
-      for (const write of held.splice(0)) write();
-    },
-    close: async () => {
-      for (const socket of sockets) socket.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
 
 /** Opens `count` GET streams of `path` on one HTTP/2 session; resolves to their statuses as they end. */
 function streams(session: ClientHttp2Session, path: string, count: number): Array<Promise<number>> {
@@ -100,7 +44,7 @@ function streams(session: ClientHttp2Session, path: string, count: number): Arra
 if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh")) {
   describe("admin /readyz flooded: store pings shared", () => {
     let mongo: MongoWire | undefined;
-    let relay: Relay | undefined;
+    let relay: TcpRelay | undefined;
     let kg: TestKeygate | undefined;
     let delay = 0;
     let outstanding = 0;
@@ -109,7 +53,8 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     beforeAll(async () => {
       mongo = await startMongoWire();
       const upstreamPort = Number(new URL(mongo.uri).port);
-      relay = await startRelay(upstreamPort, () => delay);
+      // A relay in front of MongoDB: `delay` delays every answer chunk; freeze() holds everything.
+      relay = await startTcpRelay(upstreamPort, { answerDelayMs: () => delay });
       const uri = mongo.uri.replace(`:${upstreamPort}/`, `:${relay.port}/`);
       // A budget a loaded machine cannot exhaust: the pings outstanding and made are what the
       // test judges (with a ping per /readyz, the Check of a cold key also ran out of 400 ms).
