@@ -264,7 +264,7 @@ export class SnapshotLookup {
   async invalidate(event: Invalidation): Promise<void> {
     this.#dropLocal(event);
     try {
-      await this.#deliver(event);
+      await this.#deliver(event, true);
     } catch (error) {
       this.#keepForRetry(event, error);
       throw new CacheUnavailableError("the change is saved; other replicas could not be told yet, and keygate keeps telling them until Redis answers", {
@@ -273,11 +273,26 @@ export class SnapshotLookup {
     }
   }
 
-  async #deliver(event: Invalidation): Promise<void> {
+  /**
+   * L2 first, then the bus. When L2 could not be told on a change's first try, L2 may still hold
+   * what the change made stale while Redis answers reads and PUBLISH (a demoted master's READONLY,
+   * a full one's OOM): no replica reads L2 again until a distrust of earlier entries is written.
+   * Here at once, elsewhere through an `all` on the bus when it can still carry one.
+   */
+  async #deliver(event: Invalidation, firstTry = false): Promise<void> {
     const { shared, bus } = this.#deps;
     if (shared !== undefined) {
-      if (event.kind === "all") await shared.distrustEarlierEntries();
-      else await shared.invalidate(event);
+      try {
+        if (event.kind === "all") await shared.distrustEarlierEntries();
+        else await shared.invalidate(event);
+      } catch (error) {
+        if (firstTry) {
+          this.#dropLocal({ kind: "all" });
+          // Not awaited: a frozen Redis would hold the caller's answer for another command timeout.
+          bus.publish({ kind: "all" }).catch(() => undefined);
+        }
+        throw error;
+      }
     }
     await bus.publish(event);
   }

@@ -147,6 +147,26 @@ async function askSentinelForMaster(sentinel: RedisAddress, topology: Extract<Re
 // READONLY on a write: reconnect, which asks the Sentinels for the master again.
 const reconnectOnReadonly = (error: Error): boolean => error.message.startsWith("READONLY");
 
+/** How often a plain URL's connection reconnects on READONLY at most. */
+const READONLY_RECONNECT_MS = 1000;
+
+/**
+ * A plain URL whose server was demoted (a managed Redis's primary endpoint after a failover: the
+ * name now leads to the new master, the open connection stays on the old one): reconnect on
+ * READONLY, at most once a second, so a URL that names a replica for good does not reconnect on
+ * every write.
+ */
+function reconnectOnReadonlyAtMostOnceASecond(): (error: Error) => boolean {
+  let lastMs = -Infinity;
+  return (error) => {
+    if (!reconnectOnReadonly(error)) return false;
+    const now = performance.now();
+    if (now - lastMs < READONLY_RECONNECT_MS) return false;
+    lastMs = now;
+    return true;
+  };
+}
+
 /** ioredis options for a Sentinel-managed master (credentials, TLS, master name). */
 function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>, tls: RedisTlsOptions): RedisOptions {
   return redisOptions({
@@ -210,7 +230,7 @@ const START_TIMEOUT_MS = 15_000;
 export async function connectRedisClient(topology: RedisTopology, logger?: Logger, tls: RedisTlsOptions = {}): Promise<RedisClient> {
   switch (topology.kind) {
     case "standalone":
-      return connectRedis(topology.url, standaloneOverrides(tls), logger);
+      return connectRedis(topology.url, { ...standaloneOverrides(tls), reconnectOnError: reconnectOnReadonlyAtMostOnceASecond() }, logger);
     case "sentinel":
       return connectWatched(new Redis(sentinelOptions(topology, tls)), logger);
     case "cluster":

@@ -473,6 +473,8 @@ export const HEARTBEAT_INTERVAL_MS = 500;
  * how the bus notices. Revocation then reaches this replica within about this long.
  */
 export const HEARTBEAT_SILENCE_MS = 2000;
+/** How long a heartbeat's key lives in Redis: one small key per running replica. */
+const HEARTBEAT_KEY_TTL_MS = 10_000;
 
 /** Channel, logger and heartbeat of the Redis invalidation bus. */
 export interface RedisInvalidationBusOptions {
@@ -494,14 +496,21 @@ export interface RedisInvalidationBusOptions {
  * subscriber on a server that the publishes do not reach (a Sentinel failover's old master that
  * still answers PING, a partition) is noticed as well as a frozen or hung Redis. When that stops,
  * and again once it is back, handlers get `{kind: "all"}`: invalidations sent in between may have
- * been missed.
+ * been missed. A heartbeat is a write (a key of its own, with a TTL) before its PUBLISH: a Redis
+ * that refuses writes while it still answers reads and PUBLISH (a master demoted to a replica
+ * under a plain URL, READONLY; a full one under noeviction, OOM) can take no invalidation, so it
+ * counts as lost too.
  */
 export class RedisInvalidationBus implements InvalidationBus {
-  readonly #publisher: Pick<RedisClient, "publish">;
+  readonly #publisher: Pick<RedisClient, "publish" | "set">;
   readonly #subscriber: SubscriberConnection;
   readonly #channel: string;
   /** This replica's own heartbeat channel: nobody else publishes to it or listens on it. */
   readonly #heartbeatChannel: string;
+  /** The key each heartbeat writes before it publishes. */
+  readonly #heartbeatKey: string;
+  /** Why the last heartbeat failed (Redis's error message), for the log line when the bus goes silent. */
+  #heartbeatError: string | undefined;
   readonly #logger: Logger | undefined;
   readonly #heartbeatIntervalMs: number;
   readonly #silenceLimitMs: number;
@@ -517,12 +526,14 @@ export class RedisInvalidationBus implements InvalidationBus {
   #heartbeat: NodeJS.Timeout | undefined;
 
   /** The third argument may still be a bare logger (the earlier signature). */
-  constructor(publisher: Pick<RedisClient, "publish">, subscriber: SubscriberConnection, options: RedisInvalidationBusOptions | Logger = {}) {
+  constructor(publisher: Pick<RedisClient, "publish" | "set">, subscriber: SubscriberConnection, options: RedisInvalidationBusOptions | Logger = {}) {
     const settings: RedisInvalidationBusOptions = "info" in options ? { logger: options } : options;
     this.#publisher = publisher;
     this.#subscriber = subscriber;
     this.#channel = settings.channel ?? "keygate:invalidate";
-    this.#heartbeatChannel = `${this.#channel}:heartbeat:${randomUUID()}`;
+    const replica = randomUUID();
+    this.#heartbeatChannel = `${this.#channel}:heartbeat:${replica}`;
+    this.#heartbeatKey = `kg:hb:${replica}`;
     this.#logger = settings.logger;
     this.#heartbeatIntervalMs = settings.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS;
     this.#silenceLimitMs = settings.silenceLimitMs ?? HEARTBEAT_SILENCE_MS;
@@ -595,21 +606,26 @@ export class RedisInvalidationBus implements InvalidationBus {
   };
 
   /**
-   * One heartbeat: a PUBLISH on this replica's heartbeat channel through the publishing
-   * connection, heard when it comes back on the subscriber connection (#onMessage), then a look
-   * at how long it has been since one did.
+   * One heartbeat: a write of this replica's heartbeat key, then a PUBLISH on its heartbeat
+   * channel, both through the publishing connection; heard when it comes back on the subscriber
+   * connection (#onMessage). Then a look at how long it has been since one did.
    */
   readonly #beat = (): void => {
     if (this.#subscribed && !this.#beating && this.#subscriber.status === "ready") {
       this.#beating = true;
-      this.#publisher.publish(this.#heartbeatChannel, "1").then(
-        () => {
-          this.#beating = false;
-        },
-        () => {
-          this.#beating = false;
-        },
-      );
+      this.#publisher
+        .set(this.#heartbeatKey, "1", "PX", HEARTBEAT_KEY_TTL_MS)
+        .then(() => this.#publisher.publish(this.#heartbeatChannel, "1"))
+        .then(
+          () => {
+            this.#beating = false;
+            this.#heartbeatError = undefined;
+          },
+          (error: unknown) => {
+            this.#beating = false;
+            this.#heartbeatError = error instanceof Error ? error.message.slice(0, 200) : "unknown error";
+          },
+        );
     }
     this.#update();
   };
@@ -661,8 +677,8 @@ export class RedisInvalidationBus implements InvalidationBus {
       this.#logger?.warn({ channel: this.#channel }, "invalidation subscription lost; clearing L1 and reading keys from the store until it is back");
     } else {
       this.#logger?.warn(
-        { channel: this.#channel, silentMs: Math.round(silentMs) },
-        "heartbeats stopped coming back on the invalidation channel (Redis frozen, or the subscriber on a server the publishes do not reach); clearing L1 and reading keys from the store until they do",
+        { channel: this.#channel, silentMs: Math.round(silentMs), ...(this.#heartbeatError !== undefined ? { heartbeatError: this.#heartbeatError } : {}) },
+        "heartbeats stopped coming back on the invalidation channel (Redis frozen or refusing writes, or the subscriber on a server the publishes do not reach); clearing L1 and reading keys from the store until they do",
       );
     }
     this.#emit({ kind: "all" });

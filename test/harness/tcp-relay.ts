@@ -11,10 +11,11 @@ export interface TcpRelayOptions {
  * A TCP relay on 127.0.0.1 in front of a local server, for making a store misbehave at a chosen
  * point: delay its answers, freeze every connection (a paused or partitioned server: connections
  * stay open and nothing moves), hold one connection's requests from a matching chunk on (a stall
- * at a chosen command), or drop connections and refuse new ones until `listen()` again.
+ * at a chosen command), drop connections and refuse new ones until `listen()` again, or send new
+ * connections elsewhere (an endpoint that moved).
  */
 export class TcpRelay {
-  readonly #targetPort: number;
+  #targetPort: number;
   readonly #answerDelayMs: () => number;
   readonly #sockets = new Set<Socket>();
   /** Held writes, in the order they arrived; release() or thaw() runs them. */
@@ -47,6 +48,11 @@ export class TcpRelay {
     if (address === null || typeof address === "string") throw new Error("the relay has no TCP address");
     this.port = address.port;
     this.#server = server;
+  }
+
+  /** Sends new connections to `targetPort` from now on (a DNS name moved); open ones stay where they are. */
+  retarget(targetPort: number): void {
+    this.#targetPort = targetPort;
   }
 
   /** Holds every byte in both directions from now on, until thaw(). */
