@@ -35,7 +35,7 @@ import { awaitOpening, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import { listen } from "./http-lifecycle.js";
 // grpc-h2 imports only types from this module, so there is no import cycle at run time.
-import { CHECK_UNAVAILABLE_MESSAGE, MAX_CONCURRENT_STREAMS, createH2GrpcServer } from "./grpc-h2.js";
+import { CHECK_UNAVAILABLE_MESSAGE, MAX_CONCURRENT_STREAMS, createH2GrpcServer, echoedName } from "./grpc-h2.js";
 import type { H2ServerDeps } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
@@ -95,6 +95,10 @@ export const GRPC_SERVER_OPTIONS = {
   "grpc.keepalive_permit_without_calls": 1,
   // keygate serves no channelz service, so the per-call channelz bookkeeping is left off.
   "grpc.enable_channelz": 0,
+  // node:http2's per-session memory check, in MB (Node's default, which the h2 engine keeps);
+  // grpc-js turns it off unless told. Off, 140 KB of HEADERS whose values repeat one HPACK table
+  // entry held about 250 MiB on two connections, for as long as the client kept the streams open.
+  "grpc-node.max_session_memory": 10,
 } as const;
 
 /**
@@ -412,7 +416,7 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
 
   const health: UntypedServiceImplementation = {
     Check(call: ServerUnaryCall<HealthCheckRequest, HealthCheckResponse>, callback: sendUnaryData<HealthCheckResponse>) {
-      if (core.servingStatus(call.request.service) === null) callback({ code: GrpcStatus.NOT_FOUND, details: `unknown service "${call.request.service}"` });
+      if (core.servingStatus(call.request.service) === null) callback({ code: GrpcStatus.NOT_FOUND, details: `unknown service "${echoedName(call.request.service)}"` });
       else callback(null, responseFor(call.request.service));
     },
     Watch(call: ServerWritableStream<HealthCheckRequest, HealthCheckResponse>) {

@@ -29,6 +29,18 @@ type GrpcCodeValue = (typeof GrpcCode)[keyof typeof GrpcCode];
 /** The grpc-message of a Check that could not be decided (UNAVAILABLE), on either engine. */
 export const CHECK_UNAVAILABLE_MESSAGE = "the key could not be checked right now";
 
+/** Longest client-sent name (a path, a health service) an error message quotes. */
+const MAX_ECHOED_NAME = 200;
+
+/**
+ * A client-sent name as an error message quotes it: cut at MAX_ECHOED_NAME characters, so the
+ * answer's grpc-message (percent-encoded, up to three times longer) always fits a client's header
+ * limit and the caller learns its mistake instead of getting a reset stream.
+ */
+export function echoedName(name: string): string {
+  return name.length <= MAX_ECHOED_NAME ? name : `${name.slice(0, MAX_ECHOED_NAME)}… (${name.length} characters)`;
+}
+
 /** Largest request message accepted, as grpc-js's default receive limit (4 MiB). */
 export const MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
 /**
@@ -782,7 +794,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     }
     if (call.kind === Kind.HealthCheck) {
       const status = core.servingStatus(service);
-      if (status === null) finish(call, errorHeaders(GrpcCode.NOT_FOUND, `unknown service "${service}"`));
+      if (status === null) finish(call, errorHeaders(GrpcCode.NOT_FOUND, `unknown service "${echoedName(service)}"`));
       else answer(call, healthFrame(status));
       return;
     }
@@ -832,7 +844,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const call = new Call(kind ?? Kind.Check, stream, guard?.held ?? listenerHeld, untaken);
     callStream[CALL] = call;
     stream.on("end", onEnd);
-    if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${path}`));
+    if (kind === undefined) return finish(call, errorHeaders(GrpcCode.UNIMPLEMENTED, `The server does not implement the method ${echoedName(path)}`));
     const encoding = headers["grpc-encoding"];
     if (encoding !== undefined && encoding !== "identity") return finish(call, COMPRESSED_HEADERS);
     let ms = Infinity;
