@@ -206,7 +206,7 @@ export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Intercept
       values.set(admittedGenerationKey, admission.generation);
     }
     // Checked here as well as in the admin server: no route is reachable without its permission.
-    const needed = METHOD_PERMISSIONS[req.method.name];
+    const needed = METHOD_PERMISSIONS.get(req.method.name);
     const tokenId = req.contextValues.get(adminIdentityKey);
     if (needed === undefined) throw new ConnectError(`${req.method.name} has no permission assigned; refusing it`, Code.PermissionDenied);
     if (!req.contextValues.get(adminPermissionsKey).has(needed)) throw new ConnectError(missingPermission(tokenId, needed, req.method.name), Code.PermissionDenied);

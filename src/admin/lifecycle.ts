@@ -54,6 +54,7 @@ import {
   encodePageToken,
   externalId,
   keyName,
+  reasonText,
 } from "./vocabulary.js";
 
 /** Dependencies of the lifecycle service. */
@@ -217,7 +218,8 @@ export class LifecycleService {
 
   /** The cap of a plan's live keys, or of its test keys (testMode.maxActiveKeys, else the same number, counted apart). */
   maxActiveKeysFor(plan: string, mode: KeyMode = "live"): number {
-    const live = this.deps.policy.plans[plan]?.maxActiveKeys ?? 0;
+    const plans = this.deps.policy.plans;
+    const live = Object.hasOwn(plans, plan) ? (plans[plan]?.maxActiveKeys ?? 0) : 0;
     return mode === "test" ? (this.deps.policy.testMode.maxActiveKeys ?? live) : live;
   }
 
@@ -308,14 +310,14 @@ export class LifecycleService {
     if (!Number.isInteger(amount) || amount < 1 || amount > MAX_CREDITS_PER_TOPUP) {
       throw new InvalidArgumentError("amount", `must be a whole number from 1 to ${MAX_CREDITS_PER_TOPUP}`);
     }
-    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    const reason = check(reasonText, "reason", input.reason);
     const idempotencyKey = input.idempotencyKey;
     if (idempotencyKey !== undefined && !IDEMPOTENCY_KEY.test(idempotencyKey)) {
       throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per top-up (or left empty)");
     }
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
-    const changes = { amount, reason: input.reason, idempotency_key: idempotencyKey };
+    const changes = { amount, reason, idempotency_key: idempotencyKey };
     // Tells the live counters the store's top-up total (after a repeat too: the call that added
     // may have failed before telling them), audits the top-up, and reads the answer: the account
     // as the top-up left it; null when it could not be read then, and it is read again below (a
@@ -533,12 +535,12 @@ export class LifecycleService {
   /** Idempotent; refused by every cache at once. */
   async revokeKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
-    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
+    const reasonSent = check(reasonText, "reason", input.reason);
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     const nowMs = this.deps.nowMs();
-    const reason = input.reason === "" ? null : input.reason;
-    const changes = { reason: input.reason };
+    const reason = reasonSent === "" ? null : reasonSent;
+    const changes = { reason: reasonSent };
     const revoked = await this.#unsure(
       () => this.#revoke(id, nowMs, reason),
       () => [this.#record(actor, "key.revoke", id, current.ownerId, changes, revocation(id, nowMs))],
@@ -585,8 +587,8 @@ export class LifecycleService {
    */
   async disableKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
-    if (input.reason.length > 200) throw new InvalidArgumentError("reason", "must be at most 200 characters");
-    return this.#setDisabled(id, this.deps.nowMs(), actor, "key.disable", { reason: input.reason });
+    const reason = check(reasonText, "reason", input.reason);
+    return this.#setDisabled(id, this.deps.nowMs(), actor, "key.disable", { reason });
   }
 
   /** Lets a disabled key through again, at once in every cache. Idempotent; not for a revoked key. */

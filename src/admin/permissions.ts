@@ -12,25 +12,26 @@ export const ALL_PERMISSIONS: ReadonlySet<Permission> = new Set(PERMISSIONS);
 
 /**
  * The permission each KeyAdmin method needs. VerifyKey with a cost also needs usage:write (its
- * handler checks that, since it depends on the request).
+ * handler checks that, since it depends on the request). A Map, since it is looked up by the
+ * request's path: an object would answer "constructor" or "__proto__" with what it inherits.
  */
-export const METHOD_PERMISSIONS: Readonly<Record<string, Permission>> = {
-  UpsertAccount: "accounts:write",
-  GetAccount: "accounts:read",
-  AddCredits: "accounts:write",
-  CreateKey: "keys:write",
-  UpdateKey: "keys:write",
-  RevokeKey: "keys:write",
-  RotateKey: "keys:write",
-  DisableKey: "keys:write",
-  EnableKey: "keys:write",
-  GetKey: "keys:read",
-  ListKeys: "keys:read",
-  VerifyKey: "verify",
-  ChargeUsage: "usage:write",
-  GetUsage: "usage:read",
-  ListAuditEvents: "audit:read",
-};
+export const METHOD_PERMISSIONS: ReadonlyMap<string, Permission> = new Map<string, Permission>([
+  ["UpsertAccount", "accounts:write"],
+  ["GetAccount", "accounts:read"],
+  ["AddCredits", "accounts:write"],
+  ["CreateKey", "keys:write"],
+  ["UpdateKey", "keys:write"],
+  ["RevokeKey", "keys:write"],
+  ["RotateKey", "keys:write"],
+  ["DisableKey", "keys:write"],
+  ["EnableKey", "keys:write"],
+  ["GetKey", "keys:read"],
+  ["ListKeys", "keys:read"],
+  ["VerifyKey", "verify"],
+  ["ChargeUsage", "usage:write"],
+  ["GetUsage", "usage:read"],
+  ["ListAuditEvents", "audit:read"],
+]);
 
 /** An admin token with a name and the permissions it grants. */
 export interface ScopedToken {

@@ -18,19 +18,32 @@ export const GRACE_DAYS = { default: 7, min: 0, max: 30 } as const;
 export const DEFAULT_PAGE_SIZE = 50;
 export const MAX_PAGE_SIZE = 100;
 export const MAX_NAME_LENGTH = 100;
+export const MAX_REASON_LENGTH = 200;
 
 // Identifiers from callers' systems (user ids, emails, UUIDs): printable ASCII, no spaces.
 export const externalId = z.string().regex(/^[\x21-\x7e]{1,128}$/, "must be 1-128 printable ASCII characters without spaces");
+
+// Free text is printed to operators (`keygate keys get`, terminals, log viewers): a control
+// character (newline, ESC, NUL), a format character (bidi override, zero-width space) or a line or
+// paragraph separator there would forge lines, hide text or run terminal escapes. The format
+// characters that writing needs stay: the zero-width joiner and non-joiner (emoji sequences,
+// Persian and Indic text) and the tag characters of flag emoji.
+const PLAIN_TEXT = /^(?:(?![\p{Cc}\p{Zl}\p{Zp}])(?:[\u200C\u200D\u{E0020}-\u{E007F}]|\P{Cf}))*$/u;
+
+/** Free text an operator reads: at most `maxLength` characters, none of them control or format characters. */
+export function plainText(maxLength: number): z.ZodString {
+  return z
+    .string()
+    .max(maxLength, `must be at most ${maxLength} characters`)
+    .regex(PLAIN_TEXT, "must not contain control or format characters (such as a newline, ESC or a bidi override)");
+}
+
 export const keyName = z
   .string()
   .transform((s) => s.trim())
-  .pipe(
-    z
-      .string()
-      .min(1, "must not be empty")
-      .max(MAX_NAME_LENGTH, `must be at most ${MAX_NAME_LENGTH} characters`)
-      .regex(/^[^\p{Cc}]*$/u, "must not contain control characters"),
-  );
+  .pipe(plainText(MAX_NAME_LENGTH).min(1, "must not be empty"));
+/** Why a key was revoked or disabled, or credits added: optional ("" is none), kept and shown as sent. */
+export const reasonText = plainText(MAX_REASON_LENGTH);
 export const METADATA_KEY = /^[A-Za-z0-9_.-]{1,64}$/;
 export const MAX_METADATA_ENTRIES = 16;
 export const MAX_METADATA_VALUE_LENGTH = 512;

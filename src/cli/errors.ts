@@ -1,5 +1,6 @@
 import { Code } from "@connectrpc/connect";
 import type { ConnectError } from "@connectrpc/connect";
+import { printable } from "./format.js";
 
 /** A failure the CLI reports as one line on stderr before exiting with `exitCode`. */
 export class CliFailure extends Error {
@@ -51,6 +52,7 @@ function hint(code: Code, url: string): string | null {
 /** Turns an error from a KeyAdmin call into the one line the CLI prints, exiting 1. */
 export function serverFailure(error: ConnectError, url: string): CliFailure {
   const advice = hint(error.code, url);
-  const message = error.rawMessage.replace(/\s+/g, " ").trim();
+  // A message may quote a refused value back (echo), control characters included.
+  const message = printable(error.rawMessage.replace(/\s+/g, " ").trim());
   return new CliFailure(`${codeName(error.code)}: ${message}${advice === null ? "" : `; ${advice}`}`, 1, { cause: error });
 }

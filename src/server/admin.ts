@@ -163,7 +163,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     }
     // A method the token may not call is refused here too, before its body is read.
     const method = path.slice(path.lastIndexOf("/") + 1);
-    const needed = METHOD_PERMISSIONS[method];
+    const needed = METHOD_PERMISSIONS.get(method);
     if (needed !== undefined && !admission.permissions.has(needed)) {
       logger.warn({ source, method, tokenId: admission.tokenId, needed }, "admin call refused: missing permission");
       return refuse(req, res, Code.PermissionDenied, missingPermission(admission.tokenId, needed, method));

@@ -1,10 +1,11 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
-import { Code, ConnectError, createConnectRouter } from "@connectrpc/connect";
-import type { ConnectRouter, ConnectRouterOptions, ContextValues } from "@connectrpc/connect";
-import type { UniversalHandler, UniversalServerResponse } from "@connectrpc/connect/protocol";
-import { contentTypeRegExp as grpcContentType } from "@connectrpc/connect/protocol-grpc";
-import { contentTypeRegExp as grpcWebContentType } from "@connectrpc/connect/protocol-grpc-web";
+import { Code, ConnectError, createConnectRouter, createContextKey } from "@connectrpc/connect";
+import type { ConnectRouter, ConnectRouterOptions, ContextValues, Interceptor } from "@connectrpc/connect";
+import type { Compression, UniversalHandler, UniversalServerResponse } from "@connectrpc/connect/protocol";
+import { codeToHttpStatus, errorToJson } from "@connectrpc/connect/protocol-connect";
+import { contentTypeRegExp as grpcContentType, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { contentTypeRegExp as grpcWebContentType, trailerParse, trailerSerialize } from "@connectrpc/connect/protocol-grpc-web";
 import { compressionBrotli, compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import { redactText } from "../keys/redact.js";
@@ -12,11 +13,59 @@ import { redactText } from "../keys/redact.js";
 type AnyRequest = IncomingMessage | Http2ServerRequest;
 type AnyResponse = ServerResponse | Http2ServerResponse;
 
+const GRPC_STATUS = "grpc-status";
 const GRPC_MESSAGE = "grpc-message";
-const COMPRESSIONS = [compressionGzip, compressionBrotli];
+/** zlib's error for input that ends before its stream does: a body cut short. */
+const CUT_SHORT = "Z_BUF_ERROR";
+// connect-es answers a protobuf message it cannot parse INTERNAL, "parse binary: <reason>"
+// (protocol/serialization.js); its JSON decoder already answers INVALID_ARGUMENT.
+const UNPARSABLE_PREFIX = "parse binary: ";
 /** An error body keygate writes is far smaller; a larger one inflated is cut off here. */
 const MAX_ERROR_BYTES = 1024 * 1024;
 const TRAILER_FRAME = 0x80;
+
+/**
+ * `compression` with a body it cannot inflate answered as the caller's mistake: connect-node
+ * answers one cut short INTERNAL. Its other answers stand: RESOURCE_EXHAUSTED past readMaxBytes,
+ * and INTERNAL for a zlib failure that is not about the input (out of memory).
+ */
+function callersCompression(compression: Compression): Compression {
+  const message = `the request body is not valid ${compression.name}`;
+  return {
+    name: compression.name,
+    compress: (bytes) => compression.compress(bytes),
+    decompress: (bytes, readMaxBytes) =>
+      compression.decompress(bytes, readMaxBytes).catch((error: unknown) => {
+        if (!(error instanceof ConnectError)) throw error;
+        const cutShort = error.code === Code.Internal && error.cause instanceof Error && "code" in error.cause && error.cause.code === CUT_SHORT;
+        if (error.code !== Code.InvalidArgument && !cutShort) throw error;
+        throw new ConnectError(message, Code.InvalidArgument, undefined, undefined, error);
+      }),
+  };
+}
+
+const COMPRESSIONS = [callersCompression(compressionGzip), callersCompression(compressionBrotli)];
+
+/**
+ * Whether the request's message was decoded. Interceptors run only once it is (KeyAdmin's
+ * methods are all unary), so a call that never reached one failed in the decoder or before it.
+ * A streaming method would run them first: its decoder's errors would then stay INTERNAL.
+ */
+const decodedKey = createContextKey(false, { description: "request message decoded" });
+const markDecoded: Interceptor = (next) => (req) => {
+  req.contextValues.set(decodedKey, true);
+  return next(req);
+};
+
+/**
+ * The decoder's refusal of a protobuf message as what it is, the caller's mistake: its reason
+ * (such as "premature EOF") without the decoder's framing. Null for any other error, and for
+ * every error of a call whose message was decoded: a failure of keygate's own stays INTERNAL.
+ */
+function callersMistake(decoded: boolean, code: Code, rawMessage: string): ConnectError | null {
+  if (decoded || code !== Code.Internal || !rawMessage.startsWith(UNPARSABLE_PREFIX)) return null;
+  return new ConnectError(`the request body is not a valid protobuf message: ${rawMessage.slice(UNPARSABLE_PREFIX.length)}`, Code.InvalidArgument);
+}
 
 /** What scrubbedConnectHandler needs: the router's options, its routes, and each request's context values. */
 export interface ScrubbedConnectOptions extends ConnectRouterOptions {
@@ -33,11 +82,12 @@ export interface ScrubbedConnectOptions extends ConnectRouterOptions {
  * number. keygate never repeats a secret, the caller's own included, so such text is replaced
  * wherever an error message travels: a Connect error body, a grpc-message header or trailer, a
  * gRPC-Web trailer frame. Answers that are not errors are passed as they are (CreateKey's holds
- * the secret it issues).
+ * the secret it issues). A body that cannot be inflated or decoded is INVALID_ARGUMENT, not the
+ * INTERNAL connect-es answers.
  */
 export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: AnyRequest, res: AnyResponse) => void {
   const { routes, contextValues, logger, ...routerOptions } = options;
-  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions });
+  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, interceptors: [markDecoded, ...(routerOptions.interceptors ?? [])] });
   routes(router);
   const handlers = new Map<string, UniversalHandler>(router.handlers.map((handler) => [handler.requestPath, handler]));
   return (req, res) => {
@@ -47,25 +97,37 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
       res.end();
       return;
     }
-    const request = universalRequestFromNodeRequest(req, res, undefined, contextValues(req));
+    const values = contextValues(req);
+    const request = universalRequestFromNodeRequest(req, res, undefined, values);
+    // The handler answers once the message is decoded and handled, or has failed: the flag is final.
     handler(request)
-      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer), res))
+      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey)), res))
       .catch((reason: unknown) => {
         if (ConnectError.from(reason).code === Code.Aborted) return;
         logger.error({ err: reason, method: handler.method.name }, "KeyAdmin handler failed");
+        // Never left hanging until the request timeout: a bare 500, or a reset once headers went.
+        if (!res.headersSent) {
+          res.statusCode = 500;
+          res.end();
+        } else if (!res.writableEnded) {
+          res.destroy();
+        }
       });
   };
 }
 
 
-/** `answer` with the text of its error messages redacted; anything else is left as it is. */
-export async function withoutSecrets(answer: UniversalServerResponse): Promise<UniversalServerResponse> {
-  scrubGrpcMessage(answer.header);
-  scrubGrpcMessage(answer.trailer);
+/**
+ * `answer` with the text of its error messages redacted, and, unless the request's message was
+ * `decoded`, the decoder's refusal of it reclassified (callersMistake); anything else is left as it is.
+ */
+export async function withoutSecrets(answer: UniversalServerResponse, decoded: boolean): Promise<UniversalServerResponse> {
+  scrubGrpcStatus(answer.header, decoded);
+  scrubGrpcStatus(answer.trailer, decoded);
   const type = answer.header?.get("content-type") ?? "";
   if (answer.body === undefined) return answer;
   // gRPC: a failure met while the body is read sets the trailers as the body ends.
-  if (grpcContentType.test(type)) return { ...answer, body: thenScrubbed(answer.body, answer.trailer) };
+  if (grpcContentType.test(type)) return { ...answer, body: thenScrubbed(answer.body, answer.trailer, decoded) };
   // A Connect unary error: its status is not 200 and its body is the error's JSON.
   if (answer.status !== 200 && type.startsWith("application/json")) {
     // A large error body may have been compressed for a caller that accepts it; it goes back
@@ -75,19 +137,34 @@ export async function withoutSecrets(answer: UniversalServerResponse): Promise<U
     if (compression === undefined) return answer;
     let bytes = await readAll(answer.body);
     if (compression !== null) bytes = await compression.decompress(bytes, MAX_ERROR_BYTES);
-    const body = new TextEncoder().encode(scrubJsonError(new TextDecoder().decode(bytes)));
+    const error = scrubJsonError(new TextDecoder().decode(bytes), answer.status, decoded);
+    const body = new TextEncoder().encode(error.text);
     answer.header?.delete("content-encoding");
     answer.header?.set("content-length", String(body.byteLength));
-    return { ...answer, body: once(body) };
+    return { ...answer, status: error.status, body: once(body) };
   }
   // gRPC-Web: the status and message travel in the last frame, flagged 0x80, as header lines.
-  if (grpcWebContentType.test(type)) return { ...answer, body: once(scrubTrailerFrames(await readAll(answer.body))) };
+  if (grpcWebContentType.test(type)) return { ...answer, body: once(scrubTrailerFrames(await readAll(answer.body), decoded)) };
   return answer;
 }
 
-async function* thenScrubbed(body: AsyncIterable<Uint8Array>, trailer: Headers | undefined): AsyncIterable<Uint8Array> {
+async function* thenScrubbed(body: AsyncIterable<Uint8Array>, trailer: Headers | undefined, decoded: boolean): AsyncIterable<Uint8Array> {
   yield* body;
-  scrubGrpcMessage(trailer);
+  scrubGrpcStatus(trailer, decoded);
+}
+
+/** A gRPC status (in headers, a trailer or a gRPC-Web trailer frame) reclassified when it is callersMistake; whether it was. */
+function reclassifyGrpcStatus(headers: Headers | undefined, decoded: boolean): boolean {
+  if (headers === undefined || headers.get(GRPC_STATUS) !== String(Code.Internal)) return false;
+  const mistake = callersMistake(decoded, Code.Internal, decodeGrpcMessage(headers.get(GRPC_MESSAGE) ?? ""));
+  if (mistake === null) return false;
+  setTrailerStatus(headers, mistake);
+  return true;
+}
+
+function scrubGrpcStatus(headers: Headers | undefined, decoded: boolean): void {
+  reclassifyGrpcStatus(headers, decoded);
+  scrubGrpcMessage(headers);
 }
 
 /**
@@ -97,14 +174,18 @@ async function* thenScrubbed(body: AsyncIterable<Uint8Array>, trailer: Headers |
 function scrubGrpcMessage(headers: Headers | undefined): void {
   const message = headers?.get(GRPC_MESSAGE);
   if (message === null || message === undefined) return;
-  let text: string;
-  try {
-    text = decodeURIComponent(message);
-  } catch {
-    text = message;
-  }
+  const text = decodeGrpcMessage(message);
   const redacted = redactText(text);
   if (redacted !== text) headers?.set(GRPC_MESSAGE, encodeGrpcMessage(redacted));
+}
+
+/** A grpc-message as text; one that is not valid percent-encoding, as it is. */
+function decodeGrpcMessage(message: string): string {
+  try {
+    return decodeURIComponent(message);
+  } catch {
+    return message;
+  }
 }
 
 function encodeGrpcMessage(text: string): string {
@@ -115,21 +196,22 @@ function encodeGrpcMessage(text: string): string {
   return out;
 }
 
-function scrubJsonError(text: string): string {
+/** A Connect error body redacted, or, when it is callersMistake, replaced (and its HTTP status with it). */
+function scrubJsonError(text: string, status: number, decoded: boolean): { text: string; status: number } {
   let error: unknown;
   try {
     error = JSON.parse(text);
   } catch {
-    return redactText(text);
+    return { text: redactText(text), status };
   }
-  if (typeof error === "object" && error !== null && "message" in error && typeof error.message === "string") {
-    return JSON.stringify({ ...error, message: redactText(error.message) });
-  }
-  return text;
+  if (typeof error !== "object" || error === null || !("message" in error) || typeof error.message !== "string") return { text, status };
+  const mistake = "code" in error && error.code === "internal" ? callersMistake(decoded, Code.Internal, error.message) : null;
+  if (mistake !== null) return { text: JSON.stringify(errorToJson(mistake, undefined)), status: codeToHttpStatus(mistake.code) };
+  return { text: JSON.stringify({ ...error, message: redactText(error.message) }), status };
 }
 
-/** gRPC-Web frames (flag byte, 4-byte length, data) with each trailer frame's text redacted. */
-function scrubTrailerFrames(bytes: Uint8Array): Uint8Array {
+/** gRPC-Web frames (flag byte, 4-byte length, data) with each trailer frame's text redacted, and its status reclassified when it is callersMistake. */
+function scrubTrailerFrames(bytes: Uint8Array, decoded: boolean): Uint8Array {
   const frames: Uint8Array[] = [];
   let at = 0;
   while (at + 5 <= bytes.byteLength) {
@@ -141,7 +223,10 @@ function scrubTrailerFrames(bytes: Uint8Array): Uint8Array {
       frames.push(bytes.subarray(at - 5 - length, at));
       continue;
     }
-    const text = new TextEncoder().encode(redactText(new TextDecoder().decode(data)));
+    // Reclassified before it is redacted: redacting the encoded grpc-message may cut an escape in two.
+    const trailer = trailerParse(data);
+    const fields = reclassifyGrpcStatus(trailer, decoded) ? trailerSerialize(trailer) : data;
+    const text = new TextEncoder().encode(redactText(new TextDecoder().decode(fields)));
     const head = new Uint8Array(5);
     head[0] = flags;
     new DataView(head.buffer).setUint32(1, text.byteLength);

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Redis } from "ioredis";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, describe, expect, it } from "vitest";
 import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
