@@ -203,8 +203,34 @@ const policySchema = z
           ctx.addIssue({ code: "custom", path: ["routes", i, "requiredScopes", j], message: `"${scope}" is not in scopes.catalog` });
         }
       });
+      if (!route.metered && route.quota !== undefined) {
+        ctx.addIssue({ code: "custom", path: ["routes", i, "quota"], message: "an unmetered route counts toward no quota; remove quota or set metered: true" });
+      }
+      if (!route.metered && route.cost > 1) {
+        ctx.addIssue({ code: "custom", path: ["routes", i, "cost"], message: "an unmetered route spends no credits; remove cost or set metered: true" });
+      }
+      // At equal prefixes the route listed first wins: a later one for the same method, or any
+      // method after a "*" one, would never match, and its scopes, role and cost would never
+      // apply. (A HEAD route after GET's is judged as GET, which is what it is for: it loads.)
+      const prefix = comparablePrefix(route.pathPrefix, policy.routeMatching.caseInsensitive);
+      const earlier = policy.routes.findIndex(
+        (other, k) => k < i && comparablePrefix(other.pathPrefix, policy.routeMatching.caseInsensitive) === prefix && (other.method === "*" || other.method === route.method),
+      );
+      if (earlier !== -1) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["routes", i],
+          message: `never matches: routes.${earlier} (${policy.routes[earlier]?.method} ${policy.routes[earlier]?.pathPrefix}) comes first for the same path prefix${route.method === "*" ? "" : ` and method ${route.method}`}; at equal prefixes the first route listed wins, so list the more specific method first or merge them`,
+        });
+      }
     });
   });
+
+/** A route prefix as matching compares it: without a trailing "/", letter case folded when matching ignores it. */
+function comparablePrefix(pathPrefix: string, caseInsensitive: boolean): string {
+  const bare = pathPrefix.length > 1 && pathPrefix.endsWith("/") ? pathPrefix.slice(0, -1) : pathPrefix;
+  return caseInsensitive ? bare.toLowerCase() : bare;
+}
 
 /** Plans, scopes, routes and cache bounds: the YAML policy after validation. */
 export type Policy = z.infer<typeof policySchema>;

@@ -448,10 +448,12 @@ export class RouteTable {
       .sort((a, b) => b.segments - a.segments || Number(a.entry.tail !== null) - Number(b.entry.tail !== null) || b.entry.head.length - a.entry.head.length)
       .map(({ entry }) => entry);
     this.#upperInPrefixes = this.#entries.some((entry) => HAS_UPPER.test(entry.head) || HAS_UPPER.test(entry.tail ?? ""));
-    // Past a {project} segment, of any length, letters may still decide a match.
+    // Past a {project} segment, of any length, letters may still decide a match; else up to the
+    // longest prefix, which need not be the first entry's (the deepest: "/v1/me/keys" comes
+    // before the longer "/v1/administration").
     this.#decidingLength = this.#entries.some((entry) => entry.tail !== null)
       ? Number.POSITIVE_INFINITY
-      : (this.#entries[0]?.head.length ?? 0) + 1;
+      : this.#entries.reduce((longest, entry) => Math.max(longest, entry.head.length), 0) + 1;
   }
 
   get isEmpty(): boolean {
