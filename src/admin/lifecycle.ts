@@ -191,6 +191,30 @@ function inGraceFor(key: KeyRecord, successorId: string, nowMs: number): boolean
   );
 }
 
+/**
+ * Whether `key`, in grace for `successor`, is disabled only because its successor is: disabling
+ * the successor gives it the successor's time, always after the successor's issue (disabledSince),
+ * and enabling the successor brings it back. A key disabled on its own never has its successor's
+ * time, except one whose successor took it when issued (releases before this one issued the
+ * successor of a disabled key with that key's time), which is not after the successor's issue. A
+ * tie reads as disabled on its own: the key stays disabled.
+ */
+function pausedWith(key: KeyRecord, successor: KeyRecord): boolean {
+  return key.disabledAtMs !== null && key.disabledAtMs === successor.disabledAtMs && key.disabledAtMs > successor.createdAtMs;
+}
+
+/**
+ * The time a key disabled now is disabled since: the first millisecond from `nowMs` that is after
+ * the key's issue and none of `taken` (the times of the key it follows and of the keys that follow
+ * it). On a clock that has not moved between two calls, a key disabled on its own must not read as
+ * paused with its successor (pausedWith).
+ */
+function disabledSince(key: Pick<KeyRecord, "createdAtMs">, nowMs: number, taken: ReadonlyArray<number | null>): number {
+  let atMs = Math.max(nowMs, key.createdAtMs + 1);
+  while (taken.includes(atMs)) atMs += 1;
+  return atMs;
+}
+
 /** A new key and its secret, which is shown once. */
 export interface IssuedKey {
   key: KeyRecord;
@@ -588,27 +612,52 @@ export class LifecycleService {
   async disableKey(input: { id: string; reason: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     const reason = check(reasonText, "reason", input.reason);
-    return this.#setDisabled(id, this.deps.nowMs(), actor, "key.disable", { reason });
+    const current = await this.#disablable(id);
+    const nowMs = this.deps.nowMs();
+    // A time of its own: neither its successor's nor that of a key in grace for it (pausedWith).
+    const successor = current.rotatedToId === null ? null : await this.deps.store.getKey(current.rotatedToId);
+    const inGrace = current.disabledAtMs === null ? await this.#inGraceFor(current, nowMs) : [];
+    const disabledAtMs = disabledSince(current, nowMs, [successor?.disabledAtMs ?? null, ...inGrace.map((key) => key.disabledAtMs)]);
+    // A key in grace disabled only because its successor was is now disabled on its own: it moves
+    // to its own time, so enabling the successor leaves it disabled. Otherwise the first time stays.
+    const write =
+      successor !== null && pausedWith(current, successor)
+        ? () => this.deps.store.redisableKey(id, disabledAtMs)
+        : () => this.deps.store.updateKey(id, { disabledAtMs });
+    return this.#setDisabled(current, disabledAtMs, write, actor, "key.disable", { reason });
   }
 
   /** Lets a disabled key through again, at once in every cache. Idempotent; not for a revoked key. */
   async enableKey(input: { id: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
-    return this.#setDisabled(checkKeyId("id", input.id), null, actor, "key.enable", {});
+    const id = checkKeyId("id", input.id);
+    const current = await this.#disablable(id);
+    return this.#setDisabled(current, null, () => this.deps.store.updateKey(id, { disabledAtMs: null }), actor, "key.enable", {});
   }
 
-  async #setDisabled(id: string, disabledAtMs: number | null, actor: Actor, action: "key.disable" | "key.enable", changes: Record<string, unknown>): Promise<KeyRecord> {
+  /** The key DisableKey or EnableKey changes: one that exists and is not revoked. */
+  async #disablable(id: string): Promise<KeyRecord> {
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
-    const updated = await this.#unsure(
-      () => this.deps.store.updateKey(id, { disabledAtMs }),
-      () => [this.#record(actor, action, id, current.ownerId, changes)],
-    );
+    return current;
+  }
+
+  /** Writes a disable (at `disabledAtMs`) or an enable (null), then tells, audits and has the key in grace follow. */
+  async #setDisabled(
+    current: KeyRecord,
+    disabledAtMs: number | null,
+    write: () => Promise<KeyRecord | null>,
+    actor: Actor,
+    action: "key.disable" | "key.enable",
+    changes: Record<string, unknown>,
+  ): Promise<KeyRecord> {
+    const id = current.id;
+    const updated = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)]);
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
-    // Disabling a disabled key keeps its first time, and enabling an enabled one does nothing:
-    // neither is a change to audit.
-    const changed = disabledAtMs === null ? current.disabledAtMs !== null : current.disabledAtMs === null && updated.disabledAtMs === disabledAtMs;
+    // Disabling a disabled key keeps its first time (unless it moved to a time of its own), and
+    // enabling an enabled one does nothing: neither is a change to audit.
+    const changed = disabledAtMs === null ? current.disabledAtMs !== null : current.disabledAtMs !== disabledAtMs && updated.disabledAtMs === disabledAtMs;
     if (changed) await this.#audit(actor, action, id, updated.ownerId, changes);
     // The key in grace pauses with its successor (since the same time), and comes back with it
     // only when they were paused together: one disabled on its own stays disabled.
@@ -619,7 +668,7 @@ export class LifecycleService {
       action,
       (key) => {
         if (pausedAtMs !== null) return key.disabledAtMs === null ? this.deps.store.updateKey(key.id, { disabledAtMs: pausedAtMs }) : Promise.resolve(null);
-        return key.disabledAtMs !== null && key.disabledAtMs === current.disabledAtMs ? this.deps.store.updateKey(key.id, { disabledAtMs: null }) : Promise.resolve(null);
+        return pausedWith(key, current) ? this.deps.store.updateKey(key.id, { disabledAtMs: null }) : Promise.resolve(null);
       },
       changes,
     );
@@ -711,9 +760,10 @@ export class LifecycleService {
       },
       nowMs,
     );
-    // A disabled key's successor is disabled too (since the same time): rotating a paused key must
-    // not hand out a secret that works, and enabling stays the one way back.
-    const successor = old.disabledAtMs === null ? record : { ...record, disabledAtMs: old.disabledAtMs };
+    // A disabled key's successor is disabled too, from its issue on: rotating a paused key must not
+    // hand out a secret that works, and enabling stays the one way back. The old key was disabled
+    // on its own, so its time stays apart from the successor's: enabling the successor leaves it disabled.
+    const successor = old.disabledAtMs === null ? record : { ...record, disabledAtMs: disabledSince(record, nowMs, [old.disabledAtMs]) };
     const graceEndsAtMs = nowMs + graceDays * DAY_MS;
     const changes = { rotated_to_id: record.id, grace_days: graceDays, grace_ends_at: new Date(graceEndsAtMs).toISOString() };
     const issued = rotatedFields(successor, id);
@@ -890,9 +940,9 @@ export class LifecycleService {
   }
 
   /**
-   * "Who is this key": the decision without charging, and the key's record when it was found.
-   * The decision may come from the in-process cache, which keeps only what a Check reads; the
-   * record (name, metadata, times) is read from the store.
+   * "Who is this key": the decision (charged only with `charge`), and the key's record when it was
+   * found. The decision may come from the in-process cache, which keeps only what a Check reads;
+   * the record (name, metadata, times) is read from the store. A valid answer records a use.
    */
   async verifyKey(input: {
     secret: string;
@@ -915,6 +965,9 @@ export class LifecycleService {
     const key = decision.snapshot === undefined ? null : await this.deps.store.getKey(decision.snapshot.key.id);
     // Only a valid key is charged: a refused verify costs nothing.
     const charge = input.charge === undefined || !decision.allow || key === null ? null : await this.chargeUsage({ keyId: key.id, ...input.charge });
+    // A valid answer is a use of the key, as an allowed Check is: a backend without a proxy
+    // authenticates each request with VerifyKey. A refused charge makes the answer invalid.
+    if (decision.allow && (charge === null || charge.charge.reason === null)) this.deps.pipeline.recordVerifiedUse(decision);
     return { decision, key, charge };
   }
 }

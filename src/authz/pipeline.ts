@@ -258,6 +258,14 @@ export class DecisionPipeline {
   }
 
   /**
+   * Records the use of a key VerifyKey answered valid for, as an allowed Check records its use
+   * (recordUse: the same write-behind and resolution, no store write of its own).
+   */
+  recordVerifiedUse(decision: Allow): void {
+    recordUse(this.deps.lastUsed, decision.snapshot.key, this.deps.nowMs(), this.#version.lastUsedResolutionMs);
+  }
+
+  /**
    * ChargeUsage: one metered use costing `cost` credits, by an account (and one of its keys, when
    * given), without a request: the daily quota and credits a Check on a metered route uses, in the
    * same meter and as atomically. Charges have a rate bucket of their own per account

@@ -856,6 +856,14 @@ export class MongoKeyStore implements KeyStore {
     return doc === null ? null : toKey(doc);
   }
 
+  async redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null> {
+    return guarded(async () => {
+      await this.#keys.updateOne({ _id: id, revoked_at: null }, { $set: { disabled_at: new Date(disabledAtMs) } });
+      const doc = await this.#keys.findById(id).lean<KeyDoc>();
+      return doc === null ? null : toKey(doc);
+    });
+  }
+
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
     return guarded(async () => {
       await this.#keys.updateOne({ _id: id, revoked_at: null }, { $set: { revoked_at: new Date(nowMs), revoke_reason: reason } });

@@ -502,6 +502,15 @@ export class SqliteKeyStore implements KeyStore {
     return row === undefined ? null : toKey(row);
   }
 
+  async redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null> {
+    // Prepared per call: a rare admin write, kept out of the hot statements.
+    const row = immediateTransaction(this.#db, () => {
+      this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND revoked_at IS NULL").run(disabledAtMs, id);
+      return this.#getKeyRow(id);
+    });
+    return row === undefined ? null : toKey(row);
+  }
+
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
     const row = immediateTransaction(this.#db, () => {
       this.#stmt.revoke.run(nowMs, reason, id);

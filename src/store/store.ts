@@ -285,6 +285,11 @@ export interface LifecycleStore {
   getKey(id: string): Promise<KeyRecord | null>;
   listKeys(query: ListKeysQuery): Promise<KeyRecord[]>;
   updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
+  /**
+   * Disables a key that is not revoked since `disabledAtMs`, replacing the time of an earlier
+   * disable (which updateKey keeps); a revoked key is left as it is. null when there is no such key.
+   */
+  redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null>;
   /** Idempotent: a revoked key keeps its first revocation time and reason. */
   revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null>;
   /**

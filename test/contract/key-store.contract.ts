@@ -487,6 +487,20 @@ export function runKeyStoreContract(name: string, open: () => Promise<(OpenedSto
       expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBeNull();
     });
 
+    it("redisables a key: moves the time of a disabled key, disables an enabled one, and leaves a revoked one as it is", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      await store.updateKey(key.id, { disabledAtMs: NOW + 1000 });
+      expect((await store.redisableKey(key.id, NOW + 5000))?.disabledAtMs).toBe(NOW + 5000);
+      expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBe(NOW + 5000);
+      await store.updateKey(key.id, { disabledAtMs: null });
+      expect((await store.redisableKey(key.id, NOW + 6000))?.disabledAtMs).toBe(NOW + 6000);
+      await store.revokeKey(key.id, NOW + 7000, "leaked");
+      expect(await store.redisableKey(key.id, NOW + 8000)).toMatchObject({ revokedAtMs: NOW + 7000, disabledAtMs: NOW + 6000 });
+      expect(await store.redisableKey(newKeyId(), NOW)).toBeNull();
+    });
+
     it("appends audit records and lists them by owner, key, time and page", async () => {
       const ownerId = nextOwner();
       const keyId = newKeyId();

@@ -27,6 +27,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     getKey: unused,
     listKeys: unused,
     updateKey: unused,
+    redisableKey: unused,
     revokeKey: unused,
     rotateKey: unused,
     getCredits: unused,

@@ -1,9 +1,11 @@
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-node";
 import { KeyAdmin } from "../../src/gen/keygate/v1/key_admin_pb.js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TestClock } from "../harness/clock.js";
 import { checkInit, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
@@ -136,6 +138,36 @@ describe("KeyAdmin happy (Connect JSON, as curl sends it)", () => {
     const restarted = await startKeygate({ dataDir: local.dataDir });
     try {
       expect((await restarted.admin.getKey({ id: created.key?.id ?? "" })).key?.lastUsedAt).toBeDefined();
+    } finally {
+      await restarted.stop();
+    }
+  });
+});
+
+describe("KeyAdmin VerifyKey and last use", () => {
+  it("records the use of a key VerifyKey answers valid for, charged or not, as a Check's; none for one it answers valid: false", async () => {
+    const clock = new TestClock();
+    clock.freeze("2026-06-01T12:00:00Z");
+    const local = await startKeygate({ clock });
+    const issue = async (name: string): Promise<{ id: string; secret: string }> => {
+      const created = await local.admin.createKey({ ownerId: owner(), name });
+      return { id: created.key?.id ?? "", secret: created.secret };
+    };
+    const [viaCheck, viaVerify, viaCharged, refused] = [await issue("proxy"), await issue("backend"), await issue("metered backend"), await issue("refused")];
+    expect((await local.check(checkInit({ authorization: `Bearer ${viaCheck.secret}` }))).status?.code).toBe(0);
+    const verified = await local.admin.verifyKey({ secret: viaVerify.secret });
+    const charged = await local.admin.verifyKey({ secret: viaCharged.secret, cost: 1n, idempotencyKey: "req-1" });
+    const wrongScope = await local.admin.verifyKey({ secret: refused.secret, requiredScopes: ["decks"] });
+    expect([verified.valid, charged.valid, charged.charged, wrongScope.valid, wrongScope.code]).toEqual([true, true, true, false, "FORBIDDEN"]);
+    await local.stop({ keepData: true });
+    const restarted = await startKeygate({ dataDir: local.dataDir });
+    try {
+      const lastUsed = async (id: string): Promise<string | null> => {
+        const at = (await restarted.admin.getKey({ id })).key?.lastUsedAt;
+        return at === undefined ? null : new Date(timestampMs(at)).toISOString();
+      };
+      const used = "2026-06-01T12:00:00.000Z";
+      expect([await lastUsed(viaCheck.id), await lastUsed(viaVerify.id), await lastUsed(viaCharged.id), await lastUsed(refused.id)]).toEqual([used, used, used, null]);
     } finally {
       await restarted.stop();
     }

@@ -221,7 +221,7 @@ for (const { name, ready, start } of BACKENDS) {
         // The old key's trail is as before: its creation and its rotation.
         expect((await admin.listAuditEvents({ keyId: id })).events.map((e) => e.action)).toEqual(["key.create", "key.rotate"]);
 
-        // A disabled key's successor is issued disabled, since the same time, and its record says so.
+        // A disabled key's successor is issued disabled (from its issue on), and its record says so.
         await admin.disableKey({ id: successor, reason: "card declined" });
         const paused = await admin.rotateKey({ id: successor, graceDays: 1 });
         const third = (await admin.listAuditEvents({ keyId: paused.key?.id ?? "" })).events;

@@ -6,6 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { LifecycleService } from "../../src/admin/lifecycle.js";
 import { RecordHeaders } from "../../src/authz/headers.js";
 import { DecisionPipeline, recordUse } from "../../src/authz/pipeline.js";
+import { DENIALS } from "../../src/authz/reasons.js";
 import { RouteTable } from "../../src/authz/routes.js";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { LocalInvalidationBus, MemoryCache } from "../../src/cache/memory.js";
@@ -84,7 +85,12 @@ describe("last_used_at through Checks, the write-behind and SQLite", () => {
   });
 
   /** A pipeline over the store as buildKeygate wires the embedded mode, on this test's clock; the flushes run only when called. */
-  async function setUp(policyInput: Record<string, unknown>): Promise<{ check: () => Promise<void>; storedMs: () => Promise<number | null> }> {
+  async function setUp(policyInput: Record<string, unknown>): Promise<{
+    check: () => Promise<void>;
+    verify: (options?: { requiredScopes?: string[]; cost?: number }) => Promise<string>;
+    storedMs: () => Promise<number | null>;
+    unflushedMs: () => Promise<number | null>;
+  }> {
     const logger = pino({ level: "silent" });
     const policy: Policy = parsePolicy({ ...DEFAULT_POLICY_INPUT, ...policyInput });
     const format = new KeyFormat("kg");
@@ -103,8 +109,19 @@ describe("last_used_at through Checks, the write-behind and SQLite", () => {
         const decision = await pipeline.decide({ method: "GET", path: "/v1/things", headers: new RecordHeaders({ "x-api-key": issued.secret }), contextExtensions: undefined });
         expect(decision.allow).toBe(true);
       },
+      /** VerifyKey's code as KeyAdmin answers it: "OK" for valid, else the denial's or the refused charge's. */
+      async verify(options = {}) {
+        const charge = options.cost === undefined ? undefined : { cost: options.cost, idempotencyKey: `charge-${nowMs}-${options.cost}` };
+        const { decision, charge: charged } = await lifecycle.verifyKey({ secret: issued.secret, requiredScopes: options.requiredScopes ?? [], charge });
+        if (!decision.allow) return DENIALS[decision.reason].code;
+        return charged === null || charged.charge.reason === null ? "OK" : DENIALS[charged.charge.reason].code;
+      },
       async storedMs() {
         await lastUsed.flush();
+        return (await store.getKey(id))?.lastUsedAtMs ?? null;
+      },
+      /** The store's time without a flush: a call that wrote it itself shows here. */
+      async unflushedMs() {
         return (await store.getKey(id))?.lastUsedAtMs ?? null;
       },
     };
@@ -123,6 +140,34 @@ describe("last_used_at through Checks, the write-behind and SQLite", () => {
     await check();
     expect(lastUsed.pendingCount).toBe(1);
     expect(await storedMs()).toBe(T0 + 60_000);
+  });
+
+  it("a VerifyKey that answers valid records the use as a Check does: through the write-behind, at the same resolution, with or without a charge", async () => {
+    const { verify, storedMs, unflushedMs } = await setUp({});
+    expect(await verify()).toBe("OK");
+    expect(lastUsed.pendingCount).toBe(1);
+    expect(await unflushedMs()).toBeNull();
+    expect(await storedMs()).toBe(T0);
+    nowMs = T0 + 10_000;
+    expect(await verify({ cost: 1 })).toBe("OK");
+    expect(lastUsed.pendingCount).toBe(0);
+    expect(await storedMs()).toBe(T0);
+    nowMs = T0 + 60_000;
+    expect(await verify({ cost: 1 })).toBe("OK");
+    expect(lastUsed.pendingCount).toBe(1);
+    expect(await unflushedMs()).toBe(T0);
+    expect(await storedMs()).toBe(T0 + 60_000);
+  });
+
+  it("a VerifyKey that answers valid: false records nothing: a refused key, a refused charge", async () => {
+    const basic = { maxActiveKeys: 1, rateLimit: { limit: 100, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 };
+    const { verify, storedMs } = await setUp({ plans: { basic }, scopes: { catalog: ["tutor", "decks"], default: ["tutor"] }, lastUsedResolutionSeconds: 0 });
+    expect(await verify({ requiredScopes: ["decks"] })).toBe("FORBIDDEN");
+    expect(await verify({ cost: 11 })).toBe("INSUFFICIENT_CREDITS");
+    expect(lastUsed.pendingCount).toBe(0);
+    expect(await storedMs()).toBeNull();
+    expect(await verify({ cost: 10 })).toBe("OK");
+    expect(await storedMs()).toBe(T0);
   });
 
   it("writes every use with lastUsedResolutionSeconds: 0", async () => {

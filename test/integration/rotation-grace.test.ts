@@ -1,4 +1,7 @@
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { TestClock } from "../harness/clock.js";
 import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
@@ -132,5 +135,150 @@ describe("a key in grace follows its successor", () => {
     const oldKey = (await kg.admin.getKey({ id: old.id })).key;
     expect(oldKey?.state).toBe("rotated");
     expect(oldKey?.revokeReason).toBe("");
+  });
+});
+
+// "EnableKey lets it through again (unless it was disabled on its own before)": a key in grace
+// comes back with its successor only when it was paused with it. Each case runs on a clock that
+// moves between calls and on one that stays put (two calls in one millisecond), where equal times
+// must never read as "paused together".
+describe.each([
+  { clock: "a clock that moves between calls", stepMs: 60_000 },
+  { clock: "a clock that stays put between calls", stepMs: 0 },
+])("a key disabled on its own stays disabled when its successor is enabled, on $clock", ({ stepMs }) => {
+  let gate: TestKeygate;
+  let seqHere = 0;
+  beforeAll(async () => {
+    const clock = new TestClock();
+    clock.freeze("2026-06-01T12:00:00Z");
+    gate = await startKeygate({ policy: POLICY, clock });
+  });
+  afterAll(async () => {
+    await gate.stop();
+  });
+
+  const tick = (): void => gate.clock.advanceMs(stepMs);
+  const checkHere = async (secret: string): Promise<{ status: number; code: string | null }> =>
+    checkOutcome(await gate.check(checkInit({ authorization: `Bearer ${secret}` })));
+  const ms = (at: Timestamp | undefined): number => (at === undefined ? Number.NaN : timestampMs(at));
+  const DISABLED = { status: 401, code: "KEY_DISABLED" };
+
+  async function created(): Promise<{ ownerId: string; id: string; secret: string }> {
+    const ownerId = `owner-own-disable-${stepMs}-${++seqHere}`;
+    await gate.admin.upsertAccount({ ownerId, plan: "business" });
+    const key = await gate.admin.createKey({ ownerId, name: "own disable" });
+    return { ownerId, id: key.key?.id ?? "", secret: key.secret };
+  }
+
+  async function rotatedHere(id: string): Promise<{ id: string; secret: string; createdAtMs: number; disabledAtMs: number | null }> {
+    const rotation = await gate.admin.rotateKey({ id, graceDays: 7 });
+    const disabledAt = rotation.key?.disabledAt;
+    return {
+      id: rotation.key?.id ?? "",
+      secret: rotation.secret,
+      createdAtMs: ms(rotation.key?.createdAt),
+      disabledAtMs: disabledAt === undefined ? null : timestampMs(disabledAt),
+    };
+  }
+
+  /** The old key as Check, VerifyKey and GetKey see it. */
+  async function seen(secret: string, id: string): Promise<{ check: { status: number; code: string | null }; verify: [boolean | undefined, string]; state: string | undefined }> {
+    const verified = await gate.admin.verifyKey({ secret });
+    return { check: await checkHere(secret), verify: [verified.valid, verified.code], state: (await gate.admin.getKey({ id })).key?.state };
+  }
+
+  async function trail(id: string): Promise<Array<[string, unknown, unknown]>> {
+    const { events } = await gate.admin.listAuditEvents({ keyId: id });
+    return events.map((e) => [e.action, e.changes["reason"], e.changes["successor_id"]]);
+  }
+
+  it("a key disabled, then rotated: its successor is disabled from its issue, and enabling it leaves the old key refused KEY_DISABLED", async () => {
+    const old = await created();
+    const disabled = await gate.admin.disableKey({ id: old.id, reason: "suspected leak" });
+    tick();
+    const next = await rotatedHere(old.id);
+    // After its issue and apart from the old key's own time, on either clock.
+    expect(next.disabledAtMs).toBeGreaterThan(next.createdAtMs);
+    expect(next.disabledAtMs).not.toBe(ms(disabled.key?.disabledAt));
+    expect(await checkHere(next.secret)).toEqual(DISABLED);
+    tick();
+    await gate.admin.enableKey({ id: next.id });
+    expect(await checkHere(next.secret)).toEqual(ALLOWED);
+    expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
+    expect(await trail(old.id)).toEqual([
+      ["key.create", undefined, undefined],
+      ["key.disable", JSON.stringify("suspected leak"), undefined],
+      ["key.rotate", undefined, undefined],
+    ]);
+    expect((await trail(next.id)).map(([action]) => action)).toEqual(["key.create", "key.enable"]);
+  });
+
+  it("a key in grace paused with its successor, then disabled on its own, moves to its own time (audited) and stays refused once the successor is enabled", async () => {
+    const old = await created();
+    const next = await rotatedHere(old.id);
+    const paused = await gate.admin.disableKey({ id: next.id, reason: "card declined" });
+    expect((await gate.admin.getKey({ id: old.id })).key?.disabledAt).toEqual(paused.key?.disabledAt);
+    tick();
+    const own = await gate.admin.disableKey({ id: old.id, reason: "leaked" });
+    expect(own.key?.state).toBe("disabled");
+    expect(ms(own.key?.disabledAt)).toBeGreaterThan(ms(paused.key?.disabledAt));
+    tick();
+    await gate.admin.enableKey({ id: next.id });
+    expect(await checkHere(next.secret)).toEqual(ALLOWED);
+    expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
+    expect(await trail(old.id)).toEqual([
+      ["key.create", undefined, undefined],
+      ["key.rotate", undefined, undefined],
+      ["key.disable", JSON.stringify("card declined"), JSON.stringify(next.id)],
+      ["key.disable", JSON.stringify("leaked"), undefined],
+    ]);
+  });
+
+  it("a key in grace disabled on its own before its successor is disabled stays refused once the successor is enabled", async () => {
+    const old = await created();
+    const next = await rotatedHere(old.id);
+    const own = await gate.admin.disableKey({ id: old.id, reason: "leaked" });
+    tick();
+    const paused = await gate.admin.disableKey({ id: next.id, reason: "card declined" });
+    expect(ms(paused.key?.disabledAt)).toBeGreaterThan(ms(own.key?.disabledAt));
+    await gate.admin.enableKey({ id: next.id });
+    expect(await checkHere(next.secret)).toEqual(ALLOWED);
+    expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
+  });
+
+  it("a key in grace paused with its successor comes back with it (grace), and disabling it again then is no change", async () => {
+    const old = await created();
+    const next = await rotatedHere(old.id);
+    await gate.admin.disableKey({ id: next.id, reason: "card declined" });
+    tick();
+    await gate.admin.disableKey({ id: next.id, reason: "second notice" });
+    tick();
+    await gate.admin.enableKey({ id: next.id });
+    expect(await seen(old.secret, old.id)).toEqual({ check: ALLOWED, verify: [true, "OK"], state: "grace" });
+    const own = await gate.admin.disableKey({ id: old.id, reason: "leaked" });
+    tick();
+    const again = await gate.admin.disableKey({ id: old.id, reason: "leaked again" });
+    expect(again.key?.disabledAt).toEqual(own.key?.disabledAt);
+    expect((await trail(old.id)).map(([action, reason]) => [action, reason])).toEqual([
+      ["key.create", undefined],
+      ["key.rotate", undefined],
+      ["key.disable", JSON.stringify("card declined")],
+      ["key.enable", undefined],
+      ["key.disable", JSON.stringify("leaked")],
+    ]);
+  });
+
+  it("a successor issued with the disabled old key's own time (as releases before this one did), disabled and rotated in one millisecond, leaves the old key refused once enabled", async () => {
+    const old = await created();
+    await gate.admin.disableKey({ id: old.id, reason: "suspected leak" });
+    tick();
+    const next = await rotatedHere(old.id);
+    // Such a release disabled at the call's time and gave the successor that time: both keys
+    // disabled since the rotation's millisecond, which a key paused with its successor never is.
+    await gate.app.store.redisableKey(old.id, next.createdAtMs);
+    await gate.app.store.redisableKey(next.id, next.createdAtMs);
+    await gate.admin.enableKey({ id: next.id });
+    expect(await checkHere(next.secret)).toEqual(ALLOWED);
+    expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
   });
 });

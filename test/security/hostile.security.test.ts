@@ -66,6 +66,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     getKey: refuse,
     listKeys: refuse,
     updateKey: refuse,
+    redisableKey: refuse,
     revokeKey: refuse,
     rotateKey: refuse,
     getCredits: refuse,
