@@ -167,9 +167,13 @@ export class MemoryMeter implements Meter {
     if (pending === undefined) {
       pending = (async () => {
         if (quota && !this.#quota.has(quotaKey)) {
-          const rows = await this.store.listUsage(ownerId, day, day);
-          const stored = rows.reduce((sum, row) => sum + (row.outcome === counted ? row.count : 0), 0);
-          if (!this.#quota.has(quotaKey)) this.#setCount(ownerId, quotaKey, stored + this.usage.pendingAllowed(ownerId, day, counted));
+          // Rows of a batch being written are in neither the store's answer nor pendingAllowed.
+          const used = await this.usage.withRowsSettled(ownerId, day, counted, async () => {
+            const rows = await this.store.listUsage(ownerId, day, day);
+            const stored = rows.reduce((sum, row) => sum + (row.outcome === counted ? row.count : 0), 0);
+            return stored + this.usage.pendingAllowed(ownerId, day, counted);
+          });
+          if (!this.#quota.has(quotaKey)) this.#setCount(ownerId, quotaKey, used);
         }
         if (credits && !this.#credits.has(ownerId)) await this.#seedCredits(ownerId, this.#calendar.month(nowMs));
       })().finally(() => this.#seeding.delete(id));

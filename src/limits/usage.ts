@@ -29,12 +29,23 @@ export class UsageRecorder {
   #credits = new Map<string, CreditDelta>();
   /** Rows and credit entries of the batch being written, not yet in the store. */
   #inFlight = 0;
+  /**
+   * The usage rows of the batch being written, and how many of them (from the first) the store
+   * has confirmed; null between batches. A row past `written` is in neither the map nor, surely,
+   * the store.
+   */
+  #flight: { rows: UsageDelta[]; written: number } | null = null;
+  /** Reads waiting (withRowsSettled) for the batch being written to move on. */
+  #flightMoved: Array<() => void> = [];
   readonly #writer: WriteBehind;
   /** The credits of the batch being written, while they are (the rows after them do not count). */
   #writing: Promise<number | null> | null = null;
-  /** Reads running under withoutFlush, and the flush waiting for them to end. */
+  /** Reads running under withoutFlush or withRowsSettled, and the flush waiting for them to end. */
   #readers = 0;
   #readersDone: Array<() => void> = [];
+  /** Since stop() began: the last failure of a flush, and deltas that may or may not have been written. */
+  #stopError: unknown = null;
+  #stopUnsure = 0;
 
   constructor(
     private readonly store: Pick<MeteringStore, "applyUsage">,
@@ -53,6 +64,23 @@ export class UsageRecorder {
    */
   async withoutFlush<T>(read: () => Promise<T>): Promise<T> {
     while (this.#writing !== null) await this.#writing;
+    return this.#asReader(read);
+  }
+
+  /**
+   * Runs `read` (a store read of an owner's usage rows of `day`, with pendingAllowed() inside it)
+   * once no row of that owner, day and `outcome` is in the batch being written, and keeps the next
+   * batch from being taken until it ends: each request is then counted exactly once, in the
+   * store's answer or in pendingAllowed(). A row being written is in neither; counting it as
+   * pending instead could count it twice (the store may have it before this process hears so).
+   * Waits only for a batch holding that owner's rows of the day, and not at all between batches.
+   */
+  async withRowsSettled<T>(ownerId: string, day: string, outcome: string, read: () => Promise<T>): Promise<T> {
+    while (this.#rowsInFlight(ownerId, day, outcome)) await new Promise<void>((resolve) => this.#flightMoved.push(resolve));
+    return this.#asReader(read);
+  }
+
+  async #asReader<T>(read: () => Promise<T>): Promise<T> {
     this.#readers += 1;
     try {
       return await read();
@@ -60,6 +88,21 @@ export class UsageRecorder {
       this.#readers -= 1;
       if (this.#readers === 0) for (const wake of this.#readersDone.splice(0)) wake();
     }
+  }
+
+  #rowsInFlight(ownerId: string, day: string, outcome: string): boolean {
+    const flight = this.#flight;
+    if (flight === null) return false;
+    for (let i = flight.written; i < flight.rows.length; i++) {
+      const row = flight.rows[i];
+      if (row !== undefined && row.ownerId === ownerId && row.day === day && row.outcome === outcome) return true;
+    }
+    return false;
+  }
+
+  /** Wakes the reads waiting for the batch being written to move on. */
+  #flightMovedOn(): void {
+    for (const wake of this.#flightMoved.splice(0)) wake();
   }
 
   /** Counts one request of `keyId` on `day` with `outcome` (ALLOWED, ALLOWED_UNMETERED or a denial code). */
@@ -103,7 +146,10 @@ export class UsageRecorder {
     return this.#usageRows + this.#credits.size + this.#inFlight;
   }
 
-  /** Requests of an owner on a day with `outcome` (ALLOWED by default) not yet in the store. */
+  /**
+   * Requests of an owner on a day with `outcome` (ALLOWED by default) waiting for the next flush
+   * (not those of the batch being written: see withRowsSettled).
+   */
   pendingAllowed(ownerId: string, day: string, outcome: string = ALLOWED): number {
     let total = 0;
     for (const rows of this.#usage.values()) {
@@ -133,8 +179,28 @@ export class UsageRecorder {
     return this.#writer.flush();
   }
 
-  stop(): Promise<void> {
-    return this.#writer.stop();
+  /**
+   * Stops the timer and writes what is pending, again while the store refuses it, until
+   * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line saying
+   * how many rows, requests and spent credits are lost, when the process would end without them.
+   */
+  async stop(deadlineMs = 0): Promise<boolean> {
+    await this.#writer.stop(deadlineMs, () => this.#usageRows > 0 || this.#credits.size > 0);
+    const rows = [...this.#usage.values()].flat();
+    const spent = [...this.#credits.values()];
+    if (rows.length === 0 && spent.length === 0 && this.#stopUnsure === 0) return true;
+    this.logger.error(
+      {
+        err: this.#stopError,
+        rows: rows.length,
+        requests: rows.reduce((n, row) => n + row.count, 0),
+        accounts: spent.length,
+        creditsSpent: spent.reduce((n, entry) => n + entry.monthlyUsed + entry.topupUsed, 0),
+        unsure: this.#stopUnsure,
+      },
+      "usage not written at shutdown: the store refused it until the shutdown grace period ran out, so these requests and spent credits are lost",
+    );
+    return false;
   }
 
   /**
@@ -151,15 +217,22 @@ export class UsageRecorder {
     this.#usageRows = 0;
     this.#credits = new Map();
     this.#inFlight = rows.length + spent.length;
-    const writing = this.#writeCredits(spent, rows);
-    this.#writing = writing;
-    let lastCall: number | null;
+    this.#flight = { rows, written: 0 };
     try {
-      lastCall = await writing;
+      const writing = this.#writeCredits(spent, rows);
+      this.#writing = writing;
+      let lastCall: number | null;
+      try {
+        lastCall = await writing;
+      } finally {
+        this.#writing = null;
+      }
+      if (lastCall !== null) await this.#writeRows(rows, lastCall);
     } finally {
-      this.#writing = null;
+      // Every row is written or back in the map by now.
+      this.#flight = null;
+      this.#flightMovedOn();
     }
-    if (lastCall !== null) await this.#writeRows(rows, lastCall);
   }
 
   /**
@@ -193,9 +266,17 @@ export class UsageRecorder {
     }
   }
 
-  /** Logs a failed flush: what is kept for the next one, and what may be written and is not kept. */
+  /**
+   * Logs a failed flush: what is kept for the next one, and what may be written and is not kept.
+   * Once stopping, only stop() retries, until the grace period ends, and it reports what is lost.
+   */
   #warn(error: unknown, kept: number, unsure: number): void {
-    if (unsure === 0) this.logger.warn({ err: error, rows: kept }, "usage flush failed; will retry");
+    if (this.#writer.stopping) {
+      this.#stopError = error;
+      this.#stopUnsure += unsure;
+      if (unsure === 0) this.logger.warn({ err: error, rows: kept }, "usage flush failed during shutdown");
+      else this.logger.error({ err: error, rows: kept, unsure }, "usage flush failed during shutdown; the rows that may have been written are not written again (never counted twice)");
+    } else if (unsure === 0) this.logger.warn({ err: error, rows: kept }, "usage flush failed; will retry");
     else this.logger.error({ err: error, rows: kept, unsure }, "usage flush failed; will retry the rows not written, and not those that may have been (never counted twice)");
   }
 
@@ -219,6 +300,8 @@ export class UsageRecorder {
         await this.store.applyUsage(chunk, []);
         u += chunk.length;
         this.#inFlight -= chunk.length;
+        if (this.#flight !== null) this.#flight.written = u;
+        this.#flightMovedOn();
       }
     } catch (error) {
       // What was not written goes back to the map, where pendingCount counts it.

@@ -26,7 +26,8 @@ import type { ScopedToken } from "../admin/permissions.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { UsageRecorder } from "../limits/usage.js";
 import { MongoKeyStore } from "../store/mongo.js";
-import { DataDirLock } from "../store/data-dir-lock.js";
+import { DataDirLock, LOCK_FILE } from "../store/data-dir-lock.js";
+import type { DataDirLockMode } from "../store/data-dir-lock.js";
 import { SqliteKeyStore, sqliteFileHoldsKeys } from "../store/sqlite.js";
 import type { KeyStore } from "../store/store.js";
 import { createTracing } from "../tracing/otlp.js";
@@ -53,6 +54,15 @@ export interface BoundPorts {
   admin: number;
 }
 
+/** How a stop ended. */
+export interface StopReport {
+  /**
+   * Write-behind data (usage, spent credits, last-use times) that the store refused until the
+   * shutdown grace period ran out, and that ends with the process; each recorder logged it.
+   */
+  writesLost: boolean;
+}
+
 /** A built keygate: start binds the three listeners, stop drains and closes everything. */
 export interface Keygate {
   readonly lifecycle: LifecycleService;
@@ -61,7 +71,7 @@ export interface Keygate {
   readonly generatedAdminToken: string | null;
   readonly adminTokens: readonly string[];
   start(): Promise<BoundPorts>;
-  stop(): Promise<void>;
+  stop(): Promise<StopReport>;
   /**
    * Reads the policy file (KEYGATE_CONFIG) and the admin tokens file (KEYGATE_ADMIN_TOKENS_FILE)
    * again and puts each in force if it is valid; a bad file keeps the version in force, logs one
@@ -89,28 +99,48 @@ export interface BuildOptions {
   migrate?: boolean;
 }
 
+/** The start refused because other keygates hold the data directory: who holds it, and what to do. */
+function dataDirInUse(dataDir: string, wanted: DataDirLockMode, heldBy: DataDirLockMode): ConfigError {
+  const holders =
+    heldBy === "exclusive"
+      ? `one without Redis, which holds ${join(dataDir, LOCK_FILE)} alone`
+      : `one or more with KEYGATE_REDIS_URL, which share ${join(dataDir, LOCK_FILE)}`;
+  const remedy =
+    wanted === "exclusive" && heldBy === "exclusive"
+      ? "without Redis each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)"
+      : wanted === "exclusive"
+        ? "a keygate without Redis needs the data directory to itself: set KEYGATE_REDIS_URL as they do, or stop them first"
+        : "keygates with Redis share a data directory only with each other: stop that one first, or give it KEYGATE_REDIS_URL too";
+  return new ConfigError(
+    `KEYGATE_DATA_DIR ${dataDir} is in use by another keygate process (${holders}); ${remedy}. The lock is never stale: the operating system releases it when the process holding it ends, so do not delete ${LOCK_FILE}`,
+  );
+}
+
 /**
  * Embedded mode keeps everything in the data directory. With MongoDB, replicas share the
  * store, so they must share the pepper and admin tokens too: both must come from the
  * environment, and nothing is generated.
  */
-const NO_LOCK = { release: (): void => undefined };
-
 async function openStore(config: Config, migrate: boolean, logger: Logger): Promise<{ store: KeyStore; secrets: Secrets; release(): void }> {
   if (config.mongodbUri === undefined) {
     ensureDataDir(config.dataDir);
     // Without Redis nothing would tell another process on this directory of a change (its
-    // caches, invalidations and limits are its own), so the directory is held; processes that
-    // share Redis hear each other's changes and share limits, as replicas do.
-    const lock = config.redis === undefined ? DataDirLock.acquire(config.dataDir) : NO_LOCK;
-    if (lock === null) {
-      throw new ConfigError(
-        `KEYGATE_DATA_DIR ${config.dataDir} is in use by another keygate process; without Redis each embedded keygate needs a data directory of its own (replicas share MongoDB and Redis instead)`,
-      );
-    }
+    // caches, invalidations and limits are its own), so it holds the directory alone; processes
+    // that share Redis hear each other's changes and share limits, as replicas do, so they hold it
+    // together, and neither kind starts beside the other.
+    const mode: DataDirLockMode = config.redis === undefined ? "exclusive" : "shared";
+    const lock = DataDirLock.acquire(config.dataDir, mode, logger);
+    if (!(lock instanceof DataDirLock)) throw dataDirInUse(config.dataDir, mode, lock.heldBy);
     try {
       const path = join(config.dataDir, "keygate.db");
       const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens }, () => sqliteFileHoldsKeys(path));
+      // Used anyway: a released keygate may have made keys with it, and their hashes depend on it.
+      if (secrets.pepperFileProblems.length > 0) {
+        logger.error(
+          { file: secrets.pepperFile, problems: secrets.pepperFileProblems },
+          "the pepper file is weaker than a generated one; keygate uses it, since the stored keys' hashes depend on it",
+        );
+      }
       const store = new SqliteKeyStore(path, {
         migrate,
         writeInBackground: true,
@@ -129,7 +159,11 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs, logger }).catch((error: unknown) => {
     throw mongoStartError(error);
   });
-  return { store, secrets: { pepper: config.pepper, pepperFile: null, adminTokens: config.adminTokens ?? [], generatedAdminToken: null }, release: () => undefined };
+  return {
+    store,
+    secrets: { pepper: config.pepper, pepperFile: null, pepperFileProblems: [], adminTokens: config.adminTokens ?? [], generatedAdminToken: null },
+    release: () => undefined,
+  };
 }
 
 /**
@@ -425,11 +459,15 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       readiness.drain();
       if (config.shutdownDelaySeconds > 0) await new Promise((resolve) => setTimeout(resolve, config.shutdownDelaySeconds * 1000));
       const graceMs = config.shutdownGraceSeconds * 1000;
+      // One grace period for the drain and the final flush: a flush the store refuses is tried
+      // again for what the drain left of it (at least once), so the stop still ends within the
+      // grace and one flush, as the pod's terminationGracePeriodSeconds allows for.
+      const graceEndsAt = performance.now() + graceMs;
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];
       tls?.close();
-      await lastUsed.stop();
-      await usage.stop();
+      // Side by side: the usage retries are not held behind last-use times the store refuses.
+      const written = await Promise.all([lastUsed.stop(graceEndsAt), usage.stop(graceEndsAt)]);
       await meter.close();
       await lookup.close();
       await cache.close();
@@ -437,7 +475,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       releaseStore();
       // After the listeners drained: the spans of the last Checks go out before the process ends.
       await tracing?.shutdown();
-      logger.info("keygate stopped");
+      const writesLost = written.includes(false);
+      logger.info({ writesLost }, "keygate stopped");
+      return { writesLost };
     },
   };
 }

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { ConfigError } from "../config.js";
 
@@ -8,6 +8,11 @@ export interface Secrets {
   pepper: string;
   /** The file the pepper was read from or generated into; null when it came from KEYGATE_PEPPER. */
   pepperFile: string | null;
+  /**
+   * What is wrong with a pepper file that is used anyway (shorter than KEYGATE_PEPPER may be,
+   * readable by others): the store's keys were hashed with it, so refusing it would refuse them all.
+   */
+  pepperFileProblems: string[];
   adminTokens: string[];
   /** Set on the start that created the admin-token file, and on later ones until one printed it. */
   generatedAdminToken: string | null;
@@ -18,9 +23,40 @@ export function ensureDataDir(dataDir: string): void {
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
 }
 
+/** KEYGATE_PEPPER's minimum length (src/config.ts), which a generated pepper file far exceeds. */
+export const PEPPER_MIN_LENGTH = 32;
+
+/** The system error code of a file system error, or "". */
+function fsCode(error: unknown): string {
+  return error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
+}
+
+/**
+ * The file's text, trimmed. A path that is there but cannot be read as a file (a directory, a
+ * file this user may not read, a symbolic link to nothing) is refused, naming it. A symbolic link
+ * to a file is read through: a Kubernetes Secret volume's files are links.
+ */
+function readSecretFile(path: string): string {
+  try {
+    return readFileSync(path, "utf8").trim();
+  } catch (error) {
+    const code = fsCode(error);
+    const problem =
+      code === "EISDIR"
+        ? "is a directory, not a file"
+        : code === "EACCES" || code === "EPERM"
+          ? "cannot be read by this user (permission denied)"
+          : code === "ENOENT"
+            ? "is a symbolic link to a file that does not exist"
+            : `cannot be read (${error instanceof Error ? error.message : String(error)})`;
+    throw new ConfigError(`${path} ${problem}`, { cause: error });
+  }
+}
+
 function readOrCreate(path: string, make: () => string): { value: string; created: boolean } {
-  if (existsSync(path)) {
-    const value = readFileSync(path, "utf8").trim();
+  // lstat, not exists: a link to nothing is there (and refused), not missing (and generated).
+  if (lstatSync(path, { throwIfNoEntry: false }) !== undefined) {
+    const value = readSecretFile(path);
     if (value === "") throw new Error(`${path} is empty; delete it to generate a new one`);
     return { value, created: false };
   }
@@ -41,19 +77,20 @@ export function loadSecrets(
   fromEnv: { pepper: string | undefined; adminTokens: string[] | undefined },
   holdsKeys: () => boolean = () => false,
 ): Secrets {
-  const { pepper, pepperFile } = fromEnv.pepper === undefined ? filePepper(join(dataDir, "pepper"), holdsKeys) : { pepper: fromEnv.pepper, pepperFile: null };
-  if (fromEnv.adminTokens !== undefined) return { pepper, pepperFile, adminTokens: fromEnv.adminTokens, generatedAdminToken: null };
+  const { pepper, pepperFile, pepperFileProblems } =
+    fromEnv.pepper === undefined ? filePepper(join(dataDir, "pepper"), holdsKeys) : { pepper: fromEnv.pepper, pepperFile: null, pepperFileProblems: [] };
+  if (fromEnv.adminTokens !== undefined) return { pepper, pepperFile, pepperFileProblems, adminTokens: fromEnv.adminTokens, generatedAdminToken: null };
   const token = readOrCreate(join(dataDir, "admin-token"), () => `kgadm_${randomBytes(32).toString("base64url")}`);
   // Until a start has printed the generated token, every start prints it: a first start that
   // fails (a busy port, say) must not leave a token nobody was shown.
   const unshown = join(dataDir, UNSHOWN_MARKER);
   if (token.created) writeFileSync(unshown, "", { mode: 0o600 });
-  return { pepper, pepperFile, adminTokens: [token.value], generatedAdminToken: token.created || existsSync(unshown) ? token.value : null };
+  return { pepper, pepperFile, pepperFileProblems, adminTokens: [token.value], generatedAdminToken: token.created || existsSync(unshown) ? token.value : null };
 }
 
 /** The pepper of `file`, generated into it when missing, unless the data directory's database holds keys. */
-function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; pepperFile: string } {
-  const pepper = readOrCreate(file, () => {
+function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; pepperFile: string; pepperFileProblems: string[] } {
+  const { value: pepper } = readOrCreate(file, () => {
     if (holdsKeys()) {
       throw new ConfigError(
         `${file} is missing but the data directory holds keys: a new pepper would make every key unknown. ` +
@@ -61,8 +98,18 @@ function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; p
       );
     }
     return randomBytes(32).toString("base64url");
-  }).value;
-  return { pepper, pepperFile: file };
+  });
+  return { pepper, pepperFile: file, pepperFileProblems: pepperProblems(file, pepper) };
+}
+
+/** What makes a pepper file weaker than a generated one; never the pepper itself. */
+function pepperProblems(file: string, pepper: string): string[] {
+  const problems: string[] = [];
+  if (pepper.length < PEPPER_MIN_LENGTH) problems.push(`shorter than ${PEPPER_MIN_LENGTH} characters (KEYGATE_PEPPER's minimum)`);
+  // The mode of the file a link leads to: what decides who can read it.
+  const mode = statSync(file).mode & 0o777;
+  if ((mode & 0o044) !== 0) problems.push(`readable by group or others (mode ${mode.toString(8).padStart(4, "0")}; chmod 600 it)`);
+  return problems;
 }
 
 const UNSHOWN_MARKER = "admin-token.unshown";

@@ -17,6 +17,8 @@ export class LastUsedRecorder {
   #base = 0;
   /** Keys of the batch being written, not yet in the store. */
   #inFlight = 0;
+  /** The last failure of a flush since stop() began. */
+  #stopError: unknown = null;
   readonly #writer: WriteBehind;
 
   constructor(
@@ -48,9 +50,19 @@ export class LastUsedRecorder {
     return this.#writer.flush();
   }
 
-  /** Stops the timer and writes what is pending. */
-  stop(): Promise<void> {
-    return this.#writer.stop();
+  /**
+   * Stops the timer and writes what is pending, again while the store refuses it, until
+   * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line with
+   * the count of keys, when the process would end without their last-use times.
+   */
+  async stop(deadlineMs = 0): Promise<boolean> {
+    await this.#writer.stop(deadlineMs, () => this.#pending.size > 0);
+    if (this.#pending.size === 0) return true;
+    this.logger.error(
+      { err: this.#stopError, keys: this.#pending.size },
+      "last-use times not written at shutdown: the store refused them until the shutdown grace period ran out, so they are lost",
+    );
+    return false;
   }
 
   /**
@@ -90,7 +102,12 @@ export class LastUsedRecorder {
         const newer = this.#pending.get(id);
         if (newer === undefined || this.#base + newer < atMs) this.record(id, atMs);
       }
-      this.logger.warn({ err: error, keys: batch.size - written }, "last-used flush failed; will retry");
+      if (!this.#writer.stopping) this.logger.warn({ err: error, keys: batch.size - written }, "last-used flush failed; will retry");
+      else {
+        // Only stop() retries now, until the grace period ends, and it reports what is lost.
+        this.#stopError = error;
+        this.logger.warn({ err: error, keys: batch.size - written }, "last-used flush failed during shutdown");
+      }
     }
   }
 }

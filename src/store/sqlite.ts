@@ -6,6 +6,7 @@ import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction,
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
+import { namingFile } from "./sqlite-errors.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
 import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
 import type {
@@ -285,19 +286,49 @@ type StatementName =
  */
 export function sqliteFileHoldsKeys(path: string): boolean {
   if (!existsSync(path)) return false;
-  const db = new DatabaseSync(path, { readOnly: true, timeout: BUSY_TIMEOUT_MS });
+  let db: DatabaseSync | undefined;
   try {
+    db = new DatabaseSync(path, { readOnly: true, timeout: BUSY_TIMEOUT_MS });
     const tables = new Set(db.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").all().map((row) => text(row, "name")));
     if (tables.has("keys") && db.prepare("SELECT 1 FROM keys LIMIT 1").get() !== undefined) return true;
     return tables.has(META_TABLE) && db.prepare(`SELECT 1 FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME) !== undefined;
+  } catch (error) {
+    throw namingFile(path, error);
   } finally {
-    db.close();
+    if (db?.isOpen === true) db.close();
+  }
+}
+
+/**
+ * Opens the database file in WAL mode and applies its pending schema steps; with `migrate` false
+ * a database that needs any is refused (MigrationsPendingError). SQLite's own errors name the file
+ * ("<path>: file is not a database"): a start that fails on a damaged file says which one.
+ */
+function openDatabase(path: string, migrate: boolean): DatabaseSync {
+  let db: DatabaseSync | undefined;
+  try {
+    // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
+    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL while
+    // another process holds the file waits, as the PRAGMA below does for everything after.
+    db = new DatabaseSync(path, { allowBareNamedParameters: true, timeout: BUSY_TIMEOUT_MS });
+    db.exec("PRAGMA journal_mode = WAL");
+    db.exec("PRAGMA synchronous = NORMAL");
+    db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    db.exec("PRAGMA foreign_keys = ON");
+    const pending = pendingSqliteMigrations(db);
+    if (!migrate && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
+    migrateSqlite(db);
+    return db;
+  } catch (error) {
+    if (db?.isOpen === true) db.close();
+    throw namingFile(path, error);
   }
 }
 
 /** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
 export class SqliteKeyStore implements KeyStore {
   readonly kind = "sqlite";
+  readonly #path: string;
   readonly #db: DatabaseSync;
   readonly #stmt: Record<StatementName, StatementSync>;
   readonly #writeBehind: WriteBehindStatements;
@@ -311,27 +342,22 @@ export class SqliteKeyStore implements KeyStore {
   constructor(path: string, options: SqliteStoreOptions = {}) {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
-    // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
-    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL while
-    // another process holds the file waits, as the PRAGMA below does for everything after.
-    this.#db = new DatabaseSync(path, { allowBareNamedParameters: true, timeout: BUSY_TIMEOUT_MS });
-    this.#db.exec("PRAGMA journal_mode = WAL");
-    this.#db.exec("PRAGMA synchronous = NORMAL");
-    this.#db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
-    this.#db.exec("PRAGMA foreign_keys = ON");
+    this.#path = path;
+    this.#db = openDatabase(path, options.migrate !== false);
+    const db = this.#db;
     try {
-      const pending = pendingSqliteMigrations(this.#db);
-      if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
-      migrateSqlite(this.#db);
+      this.#writeBehind = new WriteBehindStatements(db);
+      this.#stmt = this.#prepare(db);
     } catch (error) {
-      this.#db.close();
-      throw error;
+      db.close();
+      throw namingFile(path, error);
     }
     if (onDisk) tightenWalFiles(path);
     if (onDisk && options.writeInBackground === true) this.#startWriter(path, options.onWriterFailure);
-    const db = this.#db;
-    this.#writeBehind = new WriteBehindStatements(db);
-    this.#stmt = {
+  }
+
+  #prepare(db: DatabaseSync): Record<StatementName, StatementSync> {
+    const stmt: Record<StatementName, StatementSync> = {
       getAccount: db.prepare("SELECT * FROM accounts WHERE owner_id = ?"),
       insertAccount: db.prepare(
         "INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES (@owner_id, @plan, @subscription_status, @role, @created_at, @updated_at)",
@@ -372,7 +398,8 @@ export class SqliteKeyStore implements KeyStore {
       appendAudit: db.prepare("INSERT INTO audit (id, at, actor, action, key_id, owner_id, changes, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"),
       ping: db.prepare("SELECT 1"),
     };
-    this.#stmt.snapshotByHash.setReturnArrays(true);
+    stmt.snapshotByHash.setReturnArrays(true);
+    return stmt;
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
@@ -626,9 +653,15 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async claimPepperCheck(check: string): Promise<string> {
-    // Once a start: prepared here rather than kept with the store's statements.
-    this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`).run(PEPPER_CHECK_NAME, check);
-    const row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME);
+    let row: SqliteRow | undefined;
+    try {
+      // Once a start: prepared here rather than kept with the store's statements.
+      this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`).run(PEPPER_CHECK_NAME, check);
+      row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME);
+    } catch (error) {
+      // The start's first read past the schema: a file damaged there is named.
+      throw namingFile(this.#path, error);
+    }
     if (row === undefined) throw new Error(`SQLite: ${META_TABLE} lost its ${PEPPER_CHECK_NAME} row`);
     return text(row, "value");
   }

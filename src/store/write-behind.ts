@@ -20,6 +20,10 @@ export const MAX_CALL_PAUSE_MS = 1000;
 /** Calls that take less than this are followed by one turn of the event loop only. */
 const PACED_CALL_MS = 1;
 
+/** The first pause before a stop flushes again what the store refused; each later one doubles, up to the next. */
+const STOP_RETRY_FIRST_MS = 250;
+const STOP_RETRY_MAX_MS = 2000;
+
 /** Lets I/O and timers queued behind a long job run before it goes on. */
 export function yieldToEventLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
@@ -77,11 +81,27 @@ export class WriteBehind {
     }
   }
 
-  /** Stops the timer and flushes what is pending. */
-  async stop(): Promise<void> {
+  /** Whether stop() has begun: a failed flush is then not retried by a timer. */
+  get stopping(): boolean {
+    return this.#stopping;
+  }
+
+  /**
+   * Stops the timer and flushes what is pending. While `unwritten()` says the store refused part
+   * of it, flushes again after a pause (250 ms, doubling up to 2 s) until `deadlineMs`
+   * (performance.now()'s clock) has passed: a store that is down or full for a moment at shutdown
+   * (a failover, a disk being freed) still gets what the process would otherwise take with it.
+   */
+  async stop(deadlineMs = 0, unwritten: () => boolean = () => false): Promise<void> {
     this.#stopping = true;
     if (this.#timer !== undefined) clearInterval(this.#timer);
     this.#timer = undefined;
     await this.flush();
+    for (let pauseMs = STOP_RETRY_FIRST_MS; unwritten(); pauseMs = Math.min(2 * pauseMs, STOP_RETRY_MAX_MS)) {
+      const leftMs = deadlineMs - performance.now();
+      if (leftMs <= 0) return;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(pauseMs, leftMs)));
+      await this.flush();
+    }
   }
 }

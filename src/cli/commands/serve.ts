@@ -80,8 +80,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     if (stopping) return;
     stopping = true;
     logger.info({ signal }, "draining");
+    // 1 when usage, spent credits or last-use times are lost with the process (logged at error level).
     keygate.stop().then(
-      () => process.exit(0),
+      (report) => process.exit(report.writesLost ? 1 : 0),
       (error: unknown) => {
         logger.error({ err: error }, "shutdown failed");
         process.exit(1);
