@@ -407,8 +407,8 @@ const NETWORK_ERRORS = new Set(["MongoNetworkError", "MongoServerSelectionError"
 
 /**
  * Whether a failed write surely made no change: it never reached a server (none selected, the
- * client closed), or the server refused it. Any other failure (a connection lost or timed out,
- * which may be while the write was out) may come after the change.
+ * client closed, no connection made or handed out), or the server refused it. Any other failure
+ * (a connection lost or timed out, which may be while the write was out) may come after the change.
  */
 function neverWritten(error: unknown): boolean {
   if (!(error instanceof mongoose.mongo.MongoError)) return false;
@@ -417,18 +417,49 @@ function neverWritten(error: unknown): boolean {
     error instanceof mongoose.mongo.MongoServerSelectionError ||
     error instanceof mongoose.mongo.MongoNotConnectedError ||
     error instanceof mongoose.mongo.MongoTopologyClosedError ||
-    error instanceof mongoose.mongo.MongoServerError
+    error instanceof mongoose.mongo.MongoServerError ||
+    noConnection(error)
   );
 }
 
+/** The pool's refusals to hand out a connection (cleared, closed, its wait queue timed out). */
+const CHECKOUT_ERRORS = new Set(["MongoPoolClearedError", "MongoPoolClosedError", "MongoWaitQueueTimeoutError"]);
+/** The system calls of making a socket: an error in one means no socket was ever there. */
+const CONNECT_SYSCALLS = new Set(["connect", "getaddrinfo"]);
+
 /**
- * The operations of a bulk write that the server answered with an error (so did not make), when
- * it answered at all; the others were made. null when the failure is not such an answer.
+ * Whether a driver error came before any connection carried the command: the pool handed none
+ * out, or the new connection failed while it was made (refused, unresolved, in its handshake).
+ * MongoPoolClearedError only: the pool interrupts a connection in use with PoolClearedOnNetworkError.
  */
-function refusedOperations(error: unknown): ReadonlySet<number> | null {
-  if (!(error instanceof mongoose.mongo.MongoBulkWriteError) || error.writeConcernError !== undefined) return null;
-  const errors = Array.isArray(error.writeErrors) ? error.writeErrors : [error.writeErrors];
-  return new Set(errors.map((e) => e.index));
+function noConnection(error: mongoose.mongo.MongoError): boolean {
+  if (CHECKOUT_ERRORS.has(error.name)) return true;
+  if (!(error instanceof mongoose.mongo.MongoNetworkError)) return false;
+  if (error.hasErrorLabel(mongoose.mongo.MongoErrorLabel.HandshakeError)) return true;
+  const cause: unknown = error.cause;
+  return typeof cause === "object" && cause !== null && "syscall" in cause && CONNECT_SYSCALLS.has(String(cause.syscall));
+}
+
+/**
+ * What a failed bulk write made: `refused` names the operations the server answered with an
+ * error (the others were made); "none" when it surely made nothing; "unknown" when any of them
+ * may be made.
+ */
+type BulkOutcome = { refused: ReadonlySet<number> } | "none" | "unknown";
+
+function bulkOutcome(error: unknown): BulkOutcome {
+  if (!(error instanceof mongoose.mongo.MongoBulkWriteError)) return neverWritten(error) ? "none" : "unknown";
+  // Made, but maybe not as durably as asked: a failover may still undo them.
+  if (error.result.getWriteConcernError() !== undefined) return "unknown";
+  const writeErrors = Array.isArray(error.writeErrors) ? error.writeErrors : [error.writeErrors];
+  if (writeErrors.length > 0) return { refused: new Set(writeErrors.map((e) => e.index)) };
+  // No answer naming rows: the driver wraps a failure of its own (a server not selected, a
+  // connection refused or dropped) with no write errors, and keeps it as errorResponse. It made
+  // nothing only when that failure is sure to have, and no earlier batch of the write was made.
+  const failure: unknown = error.errorResponse;
+  const { insertedCount, matchedCount, modifiedCount, upsertedCount, deletedCount } = error.result;
+  const nothingMade = insertedCount + matchedCount + modifiedCount + upsertedCount + deletedCount === 0;
+  return failure instanceof Error && neverWritten(failure) && nothingMade ? "none" : "unknown";
 }
 
 /** Maps driver errors: E11000 to DuplicateError, lost connections to StoreUnavailableError. */
@@ -461,6 +492,14 @@ async function guarded<T>(operation: () => Promise<T>): Promise<T> {
   } catch (error) {
     throw translate(error);
   }
+}
+
+/** A schema index's fields, in order, as the driver takes them: keygate's indexes are all ascending or descending. */
+function indexSpec(fields: mongoose.IndexDefinition): Array<[string, 1 | -1]> {
+  return Object.entries(fields).map(([field, direction]) => {
+    if (direction !== 1 && direction !== -1) throw new Error(`keygate creates no index of direction ${String(direction)} (on ${field})`);
+    return [field, direction];
+  });
 }
 
 /** Filter for keys that hold a slot: not revoked, not rotated away, not expired. */
@@ -563,7 +602,9 @@ export class MongoKeyStore implements KeyStore {
       const pending = await guarded(() => store.pendingMigrations());
       if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("MongoDB", pending);
       await guarded(() => store.#migrate(pending));
-      // Every start, not only a migration: a database restored without the anchor gets it back.
+      // Every start, not only a migration: a database restored without the anchor, or without an
+      // index (dropped by hand, mongorestore --noIndexRestore), gets it back.
+      await guarded(() => store.#createIndexes());
       await guarded(() => store.#placeAnchor());
     } catch (error) {
       await connection.close().catch(() => undefined);
@@ -644,6 +685,31 @@ export class MongoKeyStore implements KeyStore {
         },
       },
     ];
+  }
+
+  /**
+   * Creates the indexes the schemas declare (keySchema, usageSchema, auditSchema), one command
+   * each; the server makes one only where it is missing, so this costs a round trip an index at
+   * start. An index in the way of one (that name on other fields or options, or those fields
+   * under another name) fails the start, naming both.
+   */
+  async #createIndexes(): Promise<void> {
+    for (const model of [this.#keys, this.#usage, this.#audit]) {
+      const collection = this.#db.collection(model.collection.collectionName);
+      for (const [fields, options] of model.schema.indexes()) {
+        const unique = options.unique === true;
+        try {
+          await collection.createIndex(indexSpec(fields), { name: options.name, ...(unique ? { unique } : {}) });
+        } catch (error) {
+          if (!(error instanceof mongoose.mongo.MongoServerError)) throw error;
+          throw new Error(
+            `MongoDB could not create keygate's ${unique ? "unique " : ""}index ${collection.collectionName}.${String(options.name)} on ${JSON.stringify(fields)}: ` +
+              `${error.message}; drop the index in its way and start keygate again`,
+            { cause: error },
+          );
+        }
+      }
+    }
   }
 
   /**
@@ -880,13 +946,24 @@ export class MongoKeyStore implements KeyStore {
       // The slot passes from the old key to the new one: the old key stops counting, the new one
       // counts. With no grace the old key is refused from here on (its grace is over), and is
       // marked revoked only once the new key is in: a revoke that comes in between is never undone.
-      const previous = await this.#keys
-        .findOneAndUpdate(
-          { _id: previousId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] },
-          { $set: { rotated_to_id: next.id, grace_ends_at: new Date(graceEndsAtMs), counted: false } },
-          { returnDocument: "after" },
-        )
-        .lean<KeyDoc>();
+      const mark = (): Promise<KeyDoc | null> =>
+        this.#keys
+          .findOneAndUpdate(
+            { _id: previousId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] },
+            { $set: { rotated_to_id: next.id, grace_ends_at: new Date(graceEndsAtMs), counted: false } },
+            { returnDocument: "after" },
+          )
+          .lean<KeyDoc>();
+      let previous = await mark();
+      if (previous === null) {
+        // A rotation of this key whose new key never went in (its answer lost, the caller now
+        // retrying; the process gone between the two writes) is undone, and this one made instead.
+        // One still between its two writes cannot be told apart: it then fails on its new key's
+        // _id, and this one is the rotation made (never both, never neither). Only a rotation
+        // settles this; a revoke in between must leave a live rotation to finish.
+        const current = await this.#keys.findById(previousId).lean<KeyDoc>();
+        if (current !== null && current.rotated_to_id !== null && (await this.#undoUnfinishedRotation(current, now))) previous = await mark();
+      }
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
       const successor = keyDocument(next, true);
       try {
@@ -910,6 +987,45 @@ export class MongoKeyStore implements KeyStore {
         return { next, previous: toKey(previous) };
       }
     });
+  }
+
+  /**
+   * Undoes `key`'s rotation when its new key is not in (#undoRotation); false when it is, so the
+   * rotation was made. The new key's id is taken first by a revoked placeholder, so an insert of
+   * it still on its way (one whose answer was lost, unsettled) fails on _id instead of landing
+   * as a second key for one slot. Its secret was never returned, so no one can miss the key.
+   */
+  async #undoUnfinishedRotation(key: KeyDoc, now: Date): Promise<boolean> {
+    const nextId = key.rotated_to_id;
+    if (nextId === null) return false;
+    const placeholder: KeyDoc = {
+      ...key,
+      _id: nextId,
+      // Never a key's hash (HMAC-SHA256 in hex), so no Check finds it, and unique as the id is.
+      hash: `never-issued:${nextId}`,
+      last4: "",
+      metadata: {},
+      created_at: now,
+      last_used_at: null,
+      revoked_at: now,
+      revoke_reason: "never issued: the rotation that named it was not finished",
+      grace_ends_at: null,
+      rotated_to_id: null,
+      disabled_at: null,
+      counted: false,
+    };
+    const { _id, ...fields } = placeholder;
+    try {
+      const placed = await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+      if (placed.upsertedCount === 0) return false;
+    } catch (error) {
+      // E11000: the new key landed meanwhile, on _id.
+      if (error instanceof Error && "code" in error && error.code === 11000) return false;
+      throw error;
+    }
+    this.#logger?.error({ keyId: key._id, ownerId: key.owner_id, nextId }, "a rotation whose new key never went in was undone");
+    await this.#undoRotation(key, nextId);
+    return true;
   }
 
   /**
@@ -1016,10 +1132,10 @@ export class MongoKeyStore implements KeyStore {
       } catch (error) {
         // The server's answer names the rows it refused (the others are written); without one,
         // either none was sent, or the answer was lost and any of them may be written.
-        const refused = refusedOperations(error);
-        const sure = refused !== null || neverWritten(error);
-        const unapplied = refused !== null ? usage.filter((_, i) => refused.has(i)) : sure ? [...usage] : [];
-        throw new PartialWriteError("MongoDB did not take every usage row", { usage: unapplied, credits: [...credits] }, sure ? 0 : usage.length, { cause: translate(error) });
+        const outcome = bulkOutcome(error);
+        const unapplied = outcome === "unknown" ? [] : outcome === "none" ? [...usage] : usage.filter((_, i) => outcome.refused.has(i));
+        const unsure = outcome === "unknown" ? usage.length : 0;
+        throw new PartialWriteError("MongoDB did not take every usage row", { usage: unapplied, credits: [...credits] }, unsure, { cause: translate(error) });
       }
     }
     for (let i = 0; i < credits.length; i++) {
