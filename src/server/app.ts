@@ -40,6 +40,7 @@ import type { StartedServer } from "./grpc-authz.js";
 import { createHttpAuthzServer } from "./http-authz.js";
 import { Metrics } from "./metrics.js";
 import { Readiness, sharedPing } from "./readiness.js";
+import { settleKeyPrefix } from "./key-prefix.js";
 import { settlePepper } from "./pepper.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { restoreFastStringPrototype } from "./string-prototype.js";
@@ -302,7 +303,14 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
   const { store, secrets, release: releaseStore } = await openStore(config, options.migrate ?? true, logger);
   const pepperSource = { file: secrets.pepperFile, dataDirFile: config.mongodbUri === undefined ? join(config.dataDir, "pepper") : null };
-  const pepper = await settlePepper(store, secrets.pepper, pepperSource, logger).catch(async (error: unknown) => {
+  // What the store's keys were made with, the pepper and then the prefix: a start with another
+  // would answer every key 401 while reporting ready, so it is refused.
+  const settled = async (): Promise<string> => {
+    const pepper = await settlePepper(store, secrets.pepper, pepperSource, logger);
+    await settleKeyPrefix(store, config.keyPrefix);
+    return pepper;
+  };
+  const pepper = await settled().catch(async (error: unknown) => {
     await store.close().catch(() => undefined);
     releaseStore();
     throw error;

@@ -15,7 +15,7 @@ import {
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
 import { storedRateLimit, storedScopes } from "./stored-values.js";
-import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
+import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -272,8 +272,9 @@ interface AnchorDoc {
 }
 const ANCHOR_COLLECTION = "lookup_anchor";
 /**
- * Where the schema version is kept: one document, { _id: "schema", version, pepper_check }. A
- * release that does not know pepper_check reads only `version` (1dffb08 reads nothing here).
+ * Where the schema version is kept: one document, { _id: "schema", version, pepper_check,
+ * key_prefix }. A release that knows neither of the last two reads only `version` (1dffb08 reads
+ * nothing here).
  */
 const SCHEMA_COLLECTION = "keygate_schema";
 const SCHEMA_ID = "schema";
@@ -284,6 +285,8 @@ interface SchemaDoc {
   version: number;
   /** The check of the pepper this database's keys are hashed with (src/keys/pepper-check.ts). */
   pepper_check?: string;
+  /** The prefix this database's keys are issued with (KEYGATE_KEY_PREFIX; claimKeyPrefix). */
+  key_prefix?: string;
 }
 const ANCHOR_ID = "anchor";
 
@@ -1241,6 +1244,26 @@ export class MongoKeyStore implements KeyStore {
       const doc = await this.#schema.findOne({ _id: SCHEMA_ID });
       if (typeof doc?.pepper_check !== "string") throw new StoreUnavailableError(`MongoDB did not keep the pepper check in ${SCHEMA_COLLECTION}`);
       return doc.pepper_check;
+    });
+  }
+
+  async claimKeyPrefix(prefix: string): Promise<string> {
+    return guarded(async () => {
+      const recorded = await this.#schema.findOne({ _id: SCHEMA_ID });
+      if (typeof recorded?.key_prefix === "string") return recorded.key_prefix;
+      // Ids are key_ + ULID: the _id index gives the newest key.
+      const newest = await this.#keyRows.find({}, { projection: { start: 1 } }).sort({ _id: -1 }).limit(1).next();
+      const claimed = (newest === null ? null : keyPrefixOfStart(newest.start)) ?? prefix;
+      try {
+        // Matches only while no prefix is recorded, so of replicas starting at once one records.
+        await this.#schema.updateOne({ _id: SCHEMA_ID, key_prefix: { $exists: false } }, { $set: { key_prefix: claimed } }, { upsert: true });
+      } catch (error) {
+        // A prefix is recorded: the upsert's insert hit the _id index.
+        if (!(error instanceof Error && "code" in error && error.code === 11000)) throw error;
+      }
+      const doc = await this.#schema.findOne({ _id: SCHEMA_ID });
+      if (typeof doc?.key_prefix !== "string") throw new StoreUnavailableError(`MongoDB did not keep the key prefix in ${SCHEMA_COLLECTION}`);
+      return doc.key_prefix;
     });
   }
 

@@ -8,7 +8,7 @@ import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { namingFile } from "./sqlite-errors.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
-import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "./store.js";
+import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -256,6 +256,12 @@ export interface SqliteStoreOptions {
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
 const OWNER_ONLY = 0o600;
+
+/**
+ * The row of the keygate_meta table (schema step 4) that holds the prefix the store's keys are
+ * issued with (claimKeyPrefix); beside the pepper check, in the same table.
+ */
+const KEY_PREFIX_NAME = "key_prefix";
 
 /** Creates the database file owner-only before SQLite opens it; SQLite gives its -wal and -shm the same mode. */
 function createOwnerOnly(path: string): void {
@@ -664,6 +670,23 @@ export class SqliteKeyStore implements KeyStore {
     }
     if (row === undefined) throw new Error(`SQLite: ${META_TABLE} lost its ${PEPPER_CHECK_NAME} row`);
     return text(row, "value");
+  }
+
+  async claimKeyPrefix(prefix: string): Promise<string> {
+    try {
+      // Once a start: prepared here rather than kept with the store's statements. IMMEDIATE, so
+      // the newest key read and the row written are one step against other processes' claims.
+      return immediateTransaction(this.#db, () => {
+        const row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(KEY_PREFIX_NAME);
+        if (row !== undefined) return text(row, "value");
+        const newest = this.#db.prepare("SELECT start FROM keys ORDER BY id DESC LIMIT 1").get();
+        const claimed = (newest === undefined ? null : keyPrefixOfStart(text(newest, "start"))) ?? prefix;
+        this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?)`).run(KEY_PREFIX_NAME, claimed);
+        return claimed;
+      });
+    } catch (error) {
+      throw namingFile(this.#path, error);
+    }
   }
 
   /**

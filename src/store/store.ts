@@ -41,6 +41,14 @@ export interface KeyRecord {
   disabledAtMs: number | null;
 }
 
+// A key's `start` is its prefix, "_live_" or "_test_", and the first 4 body characters (KeyFormat.parse).
+const START_SHAPE = /^(.+)_(?:live|test)_[0-9A-Za-z]{4}$/;
+
+/** The prefix a key was issued with, read from its stored `start`; null when the start is not of that shape. */
+export function keyPrefixOfStart(start: string): string | null {
+  return START_SHAPE.exec(start)?.[1] ?? null;
+}
+
 /** What a new key record must be given; every other attribute starts unset. */
 export type NewKeyFields = Pick<KeyRecord, "id" | "hash" | "ownerId" | "name" | "mode" | "start" | "last4" | "createdAtMs"> & Partial<KeyRecord>;
 
@@ -352,6 +360,14 @@ export interface KeyStore extends SnapshotStore, LifecycleStore, MeteringStore, 
    * two starts at once, only one records.
    */
   claimPepperCheck(check: string): Promise<string>;
+  /**
+   * Records `prefix` as the prefix this store's keys are issued with, unless one is recorded
+   * already, in one atomic write; then returns the one recorded. A store that holds keys but no
+   * prefix (written by a release without the record) records the prefix of its newest key's
+   * `start` instead (keyPrefixOfStart), the prefix that release was issuing with; `prefix` only
+   * when that start has none. Of two starts at once, only one records.
+   */
+  claimKeyPrefix(prefix: string): Promise<string>;
   /** Throws when the store cannot serve requests. */
   ping(): Promise<void>;
   close(): Promise<void>;

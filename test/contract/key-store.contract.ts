@@ -50,15 +50,21 @@ export interface OpenedStore {
   close(): Promise<void>;
 }
 
-/**
- * The KeyStore contract: every implementation must pass these same cases. `twin` opens another
- * store on the same database, as another process or replica would.
- */
-export function runKeyStoreContract(name: string, open: () => Promise<(OpenedStore & { twin(): Promise<OpenedStore> }) | null>): void {
+/** What a contract run opens: its store, and how to open others. */
+export interface ContractStores extends OpenedStore {
+  /** Another store on the same database, as another process or replica would open it. */
+  twin(): Promise<OpenedStore>;
+  /** A new, empty database of its own: each call of the function returned opens another store on it. */
+  empty(): () => Promise<OpenedStore>;
+}
+
+/** The KeyStore contract: every implementation must pass these same cases. */
+export function runKeyStoreContract(name: string, open: () => Promise<ContractStores | null>): void {
   describe(`KeyStore contract: ${name}`, () => {
     let store: KeyStore;
     let close: (() => Promise<void>) | undefined;
     let twin: () => Promise<OpenedStore> = () => Promise.reject(new Error("the store did not open"));
+    let empty: () => () => Promise<OpenedStore> = () => () => Promise.reject(new Error("the store did not open"));
     let owner = 0;
     const nextOwner = (): string => `${name}-owner-${++owner}-${Date.now()}`;
 
@@ -68,6 +74,7 @@ export function runKeyStoreContract(name: string, open: () => Promise<(OpenedSto
       store = opened.store;
       close = opened.close;
       twin = opened.twin;
+      empty = opened.empty;
     });
     afterAll(async () => {
       await close?.();
@@ -549,6 +556,50 @@ export function runKeyStoreContract(name: string, open: () => Promise<(OpenedSto
       const next = await twin();
       try {
         expect(await next.store.claimPepperCheck(later)).toBe(recorded);
+      } finally {
+        await next.close();
+      }
+    });
+
+    it("records one key prefix on a store with no keys: claims at once through two connections agree, and every later claim gets it back", async () => {
+      const connect = empty();
+      const [one, two] = await Promise.all([connect(), connect()]);
+      let recorded: string;
+      try {
+        const [first, second] = await Promise.all([one.store.claimKeyPrefix("kg"), two.store.claimKeyPrefix("acme")]);
+        expect(second).toBe(first);
+        expect(["kg", "acme"]).toContain(first);
+        recorded = first;
+        // Keys issued afterwards, under any prefix, do not move it.
+        await one.store.createKey(record(nextOwner(), { start: "zeta_live_abcd" }), limits());
+        expect(await one.store.claimKeyPrefix("zeta")).toBe(recorded);
+      } finally {
+        await Promise.all([one.close(), two.close()]);
+      }
+      // Kept: a connection opened afterwards (the next start) finds it.
+      const next = await connect();
+      try {
+        expect(await next.store.claimKeyPrefix("zeta")).toBe(recorded);
+      } finally {
+        await next.close();
+      }
+    });
+
+    it("a store with keys and no recorded prefix (written by a release before the record) records the prefix of its newest key's start, not the claimed one", async () => {
+      const connect = empty();
+      const opened = await connect();
+      try {
+        const ownerId = nextOwner();
+        await opened.store.createKey(record(ownerId, { start: "old_live_abcd" }), limits());
+        await opened.store.createKey(record(ownerId, { start: "acme_test_Zz09", mode: "test" }), limits());
+        expect(await opened.store.claimKeyPrefix("kg")).toBe("acme");
+        expect(await opened.store.claimKeyPrefix("acme")).toBe("acme");
+      } finally {
+        await opened.close();
+      }
+      const next = await connect();
+      try {
+        expect(await next.store.claimKeyPrefix("kg")).toBe("acme");
       } finally {
         await next.close();
       }

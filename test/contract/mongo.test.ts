@@ -271,7 +271,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     });
   });
 
-  describe("MongoKeyStore's pepper check, kept in the keygate_schema document", () => {
+  describe("MongoKeyStore's pepper check and key prefix, kept in the keygate_schema document", () => {
     it("is added beside the schema version, which stays as it was: a version-only reader (the release before) sees the same document", async () => {
       // A database of its own: the contract's claims its check once.
       const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_pepper$2");
@@ -284,6 +284,24 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
         const check = pepperCheck("mongo-pepper-of-at-least-32-characters-0123");
         expect(await store.claimPepperCheck(check)).toBe(check);
         expect(await schema.find().toArray()).toEqual([{ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: check }]);
+        expect(await MongoKeyStore.pendingAt(uri)).toEqual([]);
+      } finally {
+        await store.close();
+        await client.close();
+      }
+    });
+
+    it("keeps the key prefix beside the check, the version as it was: a version-only reader sees nothing pending", async () => {
+      const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_key_prefix$2");
+      const client = new mongoose.mongo.MongoClient(uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      const schema = client.db().collection<{ _id: string; version: number; pepper_check?: string; key_prefix?: string }>("keygate_schema");
+      const store = await MongoKeyStore.connect(uri);
+      try {
+        const check = pepperCheck("mongo-pepper-of-at-least-32-characters-0123");
+        expect(await store.claimPepperCheck(check)).toBe(check);
+        expect(await store.claimKeyPrefix("acme")).toBe("acme");
+        expect(await schema.find().toArray()).toEqual([{ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: check, key_prefix: "acme" }]);
         expect(await MongoKeyStore.pendingAt(uri)).toEqual([]);
       } finally {
         await store.close();
@@ -577,11 +595,17 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
 
   runKeyStoreContract("mongodb", async () => {
     const store = await MongoKeyStore.connect(started().uri);
+    let databases = 0;
+    const openAt = async (uri: string) => {
+      const opened = await MongoKeyStore.connect(uri);
+      return { store: opened, close: () => opened.close() };
+    };
     return {
       store,
-      async twin() {
-        const other = await MongoKeyStore.connect(started().uri);
-        return { store: other, close: () => other.close() };
+      twin: () => openAt(started().uri),
+      empty() {
+        const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, `/$1_empty_${++databases}$2`);
+        return () => openAt(uri);
       },
       async close() {
         await store.close();

@@ -6,16 +6,23 @@ import { describe, expect, it } from "vitest";
 import { pepperCheck } from "../../src/keys/pepper-check.js";
 import { SqliteKeyStore, sqliteFileHoldsKeys } from "../../src/store/sqlite.js";
 import { TOPUP_KEY_RETENTION_MS, newKeyRecord } from "../../src/store/store.js";
+import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
 runKeyStoreContract("sqlite", async () => {
   const dir = mkdtempSync(join(tmpdir(), "keygate-sqlite-"));
   const store = new SqliteKeyStore(join(dir, "keygate.db"));
+  let databases = 0;
+  const openAt = async (path: string) => {
+    const opened = new SqliteKeyStore(path);
+    return { store: opened, close: () => opened.close() };
+  };
   return {
     store,
-    async twin() {
-      const other = new SqliteKeyStore(join(dir, "keygate.db"));
-      return { store: other, close: () => other.close() };
+    twin: () => openAt(join(dir, "keygate.db")),
+    empty() {
+      const path = join(dir, `empty-${++databases}.db`);
+      return () => openAt(path);
     },
     async close() {
       await store.close();
@@ -59,6 +66,31 @@ describe("SqliteKeyStore on a file from an earlier version", () => {
       const again = new SqliteKeyStore(path);
       expect(await again.getCredits("legacy")).toEqual({ period: "2026-10", monthlyUsed: 4, topupBalance: 100, topupTotal: 30 });
       await again.close();
+    });
+  });
+});
+
+describe("SqliteKeyStore's key prefix, a row of keygate_meta beside the pepper check", () => {
+  it("needs no schema step: a store at this version records it, and a store that may not migrate opens the file after", async () => {
+    await withDatabaseFile("keygate-sqlite-prefix-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      const check = pepperCheck("pepper-of-at-least-32-characters-0123456");
+      expect(await store.claimPepperCheck(check)).toBe(check);
+      expect(await store.claimKeyPrefix("acme")).toBe("acme");
+      await store.close();
+      const db = new DatabaseSync(path, { readOnly: true });
+      try {
+        expect(db.prepare("SELECT name, value FROM keygate_meta ORDER BY name").all()).toEqual([
+          { name: "key_prefix", value: "acme" },
+          { name: "pepper_check", value: check },
+        ]);
+        expect(db.prepare("PRAGMA user_version").get()?.["user_version"]).toBe(SQLITE_SCHEMA_VERSION);
+      } finally {
+        db.close();
+      }
+      const unmigrated = new SqliteKeyStore(path, { migrate: false });
+      expect(await unmigrated.claimKeyPrefix("kg")).toBe("acme");
+      await unmigrated.close();
     });
   });
 });

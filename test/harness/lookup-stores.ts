@@ -39,6 +39,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     listAudit: unused,
     touchLastUsed: unused,
     claimPepperCheck: unused,
+    claimKeyPrefix: unused,
     ping: unused,
     close: async () => undefined,
   };

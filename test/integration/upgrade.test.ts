@@ -127,11 +127,14 @@ describe(`upgrade from ${RELEASE}: SQLite`, () => {
     return startKeygate({ dataDir, clock, env: { KEYGATE_PEPPER: release.pepper } });
   });
 
-  it("the database is migrated to this keygate's schema version, and records the check of the release's pepper", () => {
+  it("the database is migrated to this keygate's schema version, and records the check of the release's pepper and the prefix of its keys", () => {
     const db = new DatabaseSync(join(dataDir, "keygate.db"), { readOnly: true });
     try {
       expect(schemaVersion(db)).toBe(SQLITE_SCHEMA_VERSION);
-      expect(db.prepare("SELECT name, value FROM keygate_meta").all()).toEqual([{ name: "pepper_check", value: pepperCheck(release.pepper) }]);
+      expect(db.prepare("SELECT name, value FROM keygate_meta ORDER BY name").all()).toEqual([
+        { name: "key_prefix", value: "kg" },
+        { name: "pepper_check", value: pepperCheck(release.pepper) },
+      ]);
     } finally {
       db.close();
     }
@@ -162,11 +165,11 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       return startKeygate({ clock, env: { KEYGATE_MONGODB_URI: uri(), KEYGATE_PEPPER: release.pepper } });
     });
 
-    it("the database records this keygate's schema version, and the check of the release's pepper beside it", async () => {
+    it("the database records this keygate's schema version, and the check of the release's pepper and the prefix of its keys beside it", async () => {
       const client = await mongoose.mongo.MongoClient.connect(uri());
       try {
         const doc = await client.db().collection<{ _id: string; version: number }>("keygate_schema").findOne({ _id: "schema" });
-        expect(doc).toEqual({ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: pepperCheck(release.pepper) });
+        expect(doc).toEqual({ _id: "schema", version: MONGO_SCHEMA_VERSION, pepper_check: pepperCheck(release.pepper), key_prefix: "kg" });
       } finally {
         await client.close();
       }

@@ -78,6 +78,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     listAudit: refuse,
     touchLastUsed: refuse,
     claimPepperCheck: refuse,
+    claimKeyPrefix: refuse,
     ping: refuse,
     close: async () => undefined,
   };

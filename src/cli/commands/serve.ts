@@ -5,10 +5,11 @@ import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { loadTokensFile } from "../../admin/permissions.js";
 import { ConfigError, connectionPasswords, loadConfig } from "../../config.js";
+import type { Config } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
 import type { GcThreadPriority } from "../../server/gc-threads.js";
-import type { BoundPorts } from "../../server/app.js";
+import type { BoundPorts, Keygate } from "../../server/app.js";
 import { createLogger } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
 import { adminCurlLines } from "../admin-curl.js";
@@ -38,6 +39,11 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     (a, b) => b.length - a.length,
   );
   const logger = createLogger(config.logLevel, undefined, secrets);
+  // SIGHUP and file changes are listened for in the same turn that read the files, not once the
+  // start is done: the start can wait many seconds (Redis, MongoDB, schema steps), an edit made
+  // meanwhile would be lost, and a SIGHUP with no handler ends the process. Until keygate has
+  // started, a reload is held.
+  const reloads = liveReload(config, logger);
   // grpc-js writes its own errors to stderr as bare lines ("No address added ..."); they go to the
   // JSON log instead, and a failure that stops the start is reported once, below.
   setGrpcLogger({ error: (...args: unknown[]) => logger.debug({ grpc: args.map(String).join(" ") }, "grpc-js") });
@@ -79,6 +85,7 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   const shutdown = (signal: string): void => {
     if (stopping) return;
     stopping = true;
+    reloads.stop();
     logger.info({ signal }, "draining");
     // 1 when usage, spent credits or last-use times are lost with the process (logged at error level).
     keygate.stop().then(
@@ -89,39 +96,87 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
       },
     );
   };
-  // Live reload: SIGHUP, or a change to either file (a ConfigMap or Secret update swaps the
-  // directory's ..data link, so the directory is watched). A burst of events is one reload.
-  let pending: NodeJS.Timeout | undefined;
+  process.on("SIGTERM", () => shutdown("SIGTERM"));
+  process.on("SIGINT", () => shutdown("SIGINT"));
+  reloads.started(keygate);
+}
+
+/** Live reload of `keygate serve`, listened for from the start on. */
+interface LiveReload {
+  /** Hands reloads to the started keygate, and runs the one held during the start, if any. */
+  started(keygate: Pick<Keygate, "reload">): void;
+  /** From the drain on: SIGHUP and file changes are ignored (the handler stays, so SIGHUP cannot end the process). */
+  stop(): void;
+}
+
+/**
+ * Reloads on SIGHUP, or on a change to the policy or admin tokens file (a ConfigMap or Secret
+ * update swaps the directory's ..data link, so the directory is watched; a burst of events is one
+ * reload). Until started(), a reload is held and logged as held; started() runs it once.
+ */
+function liveReload(config: Config, logger: Logger): LiveReload {
+  let keygate: Pick<Keygate, "reload"> | null = null;
+  let held: string | null = null;
+  let stopped = false;
+  let settling: NodeJS.Timeout | undefined;
   const reload = (why: string): void => {
-    if (stopping) return;
+    if (stopped) return;
+    if (keygate === null) {
+      held ??= why;
+      logger.info({ why }, "configuration reload held until keygate has started");
+      return;
+    }
     const outcome = keygate.reload();
     // "adminTokens" is a secret's field name to the log redaction, so the outcome is logged per file.
     logger.info({ why, policyFile: outcome.policy, adminTokensFile: outcome.adminTokens, tlsFiles: outcome.tls }, "configuration reload");
   };
   const soon = (): void => {
-    if (pending !== undefined) clearTimeout(pending);
-    pending = setTimeout(() => reload("file changed"), RELOAD_SETTLE_MS);
-    pending.unref();
+    if (settling !== undefined) clearTimeout(settling);
+    settling = setTimeout(() => reload("file changed"), RELOAD_SETTLE_MS);
+    settling.unref();
   };
-  const watchers = [config.policyFile, config.adminTokensFile].flatMap((file) => (file === undefined ? [] : [watchFile(file, soon, logger)]));
+  const watchers = [config.policyFile, config.adminTokensFile].flatMap((file) => (file === undefined ? [] : (watchFile(file, soon, logger) ?? [])));
+  const unwatch = (): void => {
+    for (const watcher of watchers.splice(0)) watcher.close();
+  };
   process.on("SIGHUP", () => reload("SIGHUP"));
-  process.on("SIGTERM", () => shutdown("SIGTERM"));
-  process.on("SIGINT", () => shutdown("SIGINT"));
-  process.once("exit", () => {
-    for (const watcher of watchers) watcher.close();
-  });
+  process.once("exit", unwatch);
+  return {
+    started(built) {
+      keygate = built;
+      if (held === null) return;
+      const why = held;
+      held = null;
+      reload(`${why}, held during the start`);
+    },
+    stop() {
+      stopped = true;
+      if (settling !== undefined) clearTimeout(settling);
+      unwatch();
+    },
+  };
 }
 
 /** How long a file must stay quiet after a change before it is read: editors write in steps. */
 const RELOAD_SETTLE_MS = 200;
 
-/** Watches a file's directory for changes to it (or to the ..data link Kubernetes swaps). */
-function watchFile(file: string, changed: () => void, logger: Logger): FSWatcher {
+/**
+ * Watches a file's directory for changes to it (or to the ..data link Kubernetes swaps); null,
+ * with a warning, when the directory cannot be watched (a missing tokens file fails the start anyway).
+ */
+function watchFile(file: string, changed: () => void, logger: Logger): FSWatcher | null {
   const name = basename(file);
-  const watcher = watch(dirname(resolve(file)), (_event, changedName) => {
-    if (changedName === null || changedName === name || changedName === "..data") changed();
-  });
-  watcher.on("error", (error: unknown) => logger.warn({ err: error, file }, "cannot watch the file for changes; reload with SIGHUP"));
+  const cannotWatch = (error: unknown): void => logger.warn({ err: error, file }, "cannot watch the file for changes; reload with SIGHUP");
+  let watcher: FSWatcher;
+  try {
+    watcher = watch(dirname(resolve(file)), (_event, changedName) => {
+      if (changedName === null || changedName === name || changedName === "..data") changed();
+    });
+  } catch (error) {
+    cannotWatch(error);
+    return null;
+  }
+  watcher.on("error", cannotWatch);
   watcher.unref();
   return watcher;
 }
