@@ -140,7 +140,7 @@ describe.runIf(servers)("policy edits and SIGHUP while keygate starts", { timeou
     expect(await kg.exited).toEqual({ code: 0, signal: null });
   });
 
-  it("error: a SIGTERM while the start waits for Redis still ends the process", async () => {
+  it("error: a SIGTERM while the start waits for Redis still ends the process (as Node's default does: nothing listens yet)", async () => {
     const kg = await startWaiting();
     kg.child.kill("SIGTERM");
     expect(await kg.exited).toEqual({ code: null, signal: "SIGTERM" });

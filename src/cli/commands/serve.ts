@@ -57,6 +57,10 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate
   // listening" line, so whoever waits for that line has the token too.
   const announce = (ports: BoundPorts): void => {
+    // From the moment the listeners take work, SIGTERM drains (the "keygate listening" line comes
+    // after this): before it, a SIGTERM ends the start as Node's default does.
+    process.on("SIGTERM", () => shutdown("SIGTERM"));
+    process.on("SIGINT", () => shutdown("SIGINT"));
     if (generatedAdminToken === null) return;
     const tokenFile = `${config.dataDir}/admin-token`;
     const use = adminCurlLines({ host: config.host, port: ports.admin, tokenFile, tls: adminTls });
@@ -79,10 +83,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     keygate.metrics.unhandledRejection();
     logger.error({ err: reason }, "unhandled promise rejection");
   });
-  await keygate.start().catch(exitOnStartError);
-  if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
   let stopping = false;
-  const shutdown = (signal: string): void => {
+  // Installed by announce: a signal there may come before start() has returned.
+  function shutdown(signal: string): void {
     if (stopping) return;
     stopping = true;
     reloads.stop();
@@ -95,10 +98,11 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
         process.exit(1);
       },
     );
-  };
-  process.on("SIGTERM", () => shutdown("SIGTERM"));
-  process.on("SIGINT", () => shutdown("SIGINT"));
-  reloads.started(keygate);
+  }
+  await keygate.start().catch(exitOnStartError);
+  if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
+  // A drain that began within the start ignores reloads already (reloads.stop()).
+  if (!stopping) reloads.started(keygate);
 }
 
 /** Live reload of `keygate serve`, listened for from the start on. */
