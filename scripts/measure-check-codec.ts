@@ -55,7 +55,7 @@ function allows(count: number): Allow[] {
     if (cached === undefined || cached === null) throw new Error("L1 did not keep the snapshot");
     const limits: ChargeResult = {
       allowed: true, reason: null, rate: { limit: 6000, windowSeconds: 60, remaining: 5000 + (i % 900), resetSeconds: 31 },
-      retryAfterSeconds: null, quota: null, credits: null, spent: null,
+      retryAfterSeconds: null, quota: null, credits: null, spent: null, replayed: false,
     };
     return { allow: true, snapshot: cached, credentialHeaders: ["authorization"], route: NO_REQUIREMENTS, limits, forwarded: [] };
   });

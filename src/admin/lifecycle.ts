@@ -4,6 +4,7 @@ import type { Policy } from "../config.js";
 import { CacheUnavailableError } from "../cache/cache.js";
 import type { Invalidation } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
+import { keptUnderIdempotencyKey } from "../authz/pipeline.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { DENIALS } from "../authz/reasons.js";
@@ -920,11 +921,17 @@ export class LifecycleService {
     if (stored === null && key === null) throw new NotFoundError(`account "${owner}" does not exist`);
     const account = stored ?? { ownerId: owner, ...this.accountDefaults };
     // Owner ids are printable ASCII without spaces, so the first space ends one.
-    const once = await this.deps.idempotency.once(`${owner} ${input.idempotencyKey}`, async () => ({
-      charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey),
-      atMs: this.deps.nowMs(),
-    }));
-    return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed };
+    const once = await this.deps.idempotency.once(
+      `${owner} ${input.idempotencyKey}`,
+      async () => ({
+        charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey),
+        atMs: this.deps.nowMs(),
+      }),
+      // A refusal by rate charged nothing: not kept, so a retry with the key is judged again.
+      (answer) => keptUnderIdempotencyKey(answer.charge),
+    );
+    // Replayed by the ledger, or by the meter from the charge it kept (the ledger's answer lost).
+    return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed || once.value.charge.replayed };
   }
 
   /** A charge's cost, idempotency key and quota name, checked before anything is read or charged. */

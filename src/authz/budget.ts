@@ -13,15 +13,18 @@ export class CheckBudgetExceededError extends Error {
   }
 }
 
-/** Set once a Check's budget has run out: work not yet begun for it is not begun. */
+/**
+ * Set once a Check's budget has run out and it was answered UNAVAILABLE: work not yet begun for it
+ * is not begun. A Check's ChargeInput is one, so the meter learns it without an object of its own.
+ */
 export interface BudgetState {
-  expired: boolean;
+  budgetExpired: boolean;
 }
 
 /**
  * Settles like `work`, or rejects with CheckBudgetExceededError once `budgetMs` has passed, and
- * then marks `state` expired. The abandoned work settles later on its own deadline; its failure
- * is not reported twice.
+ * then marks `state` expired (in the same turn, before anything hears the rejection). The
+ * abandoned work settles later on its own deadline; its failure is not reported twice.
  */
 export function withinBudget<T>(work: Promise<T>, budgetMs: number, state?: BudgetState): Promise<T> {
   return new Promise<T>((resolve, reject) => {
@@ -31,7 +34,7 @@ export function withinBudget<T>(work: Promise<T>, budgetMs: number, state?: Budg
     const timer = setTimeout(
       () =>
         setImmediate(() => {
-          if (state !== undefined) state.expired = true;
+          if (state !== undefined) state.budgetExpired = true;
           reject(new CheckBudgetExceededError(budgetMs));
         }),
       budgetMs,

@@ -1,6 +1,5 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
-import { CheckBudgetExceededError, DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
-import type { BudgetState } from "./budget.js";
+import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
 import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
@@ -68,6 +67,20 @@ export interface UsageCharge {
   /** Null when refused before the limits step (the key's state, the subscription). */
   limits: ChargeResult | null;
   retryAfterSeconds: number | null;
+  /**
+   * The answer Redis kept beside its counters for this idempotency key (an earlier call's, whose
+   * answer the ledger lost): nothing was charged, counted or spent again.
+   */
+  replayed: boolean;
+}
+
+/**
+ * Whether a ChargeUsage answer is kept under its idempotency key (IdempotencyLedger.once's `keep`).
+ * A refusal by rate is not: like a payments API's 429 it is no charge, and a retry with the same
+ * key after its Retry-After is judged again. Every other answer, refusals included, is kept.
+ */
+export function keptUnderIdempotencyKey(charge: UsageCharge): boolean {
+  return charge.reason !== "RATE_LIMITED";
 }
 
 /** Everything the pipeline reads. Tests pass real or in-memory parts. */
@@ -223,27 +236,20 @@ export class DecisionPipeline {
     // A key in L1 is judged here and now, without the closure a lookup waits with.
     const hash = this.deps.hasher.hash(credential.key);
     const cached = this.deps.lookup.peek(hash);
-    let decision: Decision | Promise<Decision>;
     if (cached !== undefined) {
       if (trace !== undefined) trace.cacheTier = "l1";
-      decision = this.#judge(v, cached, v.presentCredentials.of(input.headers), route, true, trace);
-    } else {
-      // An embedded store answers in this turn (a traced decision takes the path its spans follow).
-      const read = trace === undefined ? this.deps.lookup.loadNow(hash) : undefined;
-      if (read !== undefined) decision = this.#judge(v, read, v.presentCredentials.of(input.headers), route, true, trace);
-      else {
-        // A lookup that answers after the budget ran out is not judged: the Check was answered
-        // UNAVAILABLE, and a refused request is never charged or counted as used.
-        const budget: BudgetState = { expired: false };
-        const late = this.deps.lookup.load(hash, trace).then((snapshot) => {
-          if (budget.expired) throw new CheckBudgetExceededError(this.#checkBudgetMs);
-          return this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace);
-        });
-        return withinBudget(late, this.#checkBudgetMs, budget);
-      }
+      return this.#judge(v, cached, v.presentCredentials.of(input.headers), route, true, trace, this.#checkBudgetMs);
     }
-    // Only a decision that waits on a backend (L2, the store, the Redis meter) needs the budget.
-    return decision instanceof Promise ? withinBudget(decision, this.#checkBudgetMs) : decision;
+    // An embedded store answers in this turn (a traced decision takes the path its spans follow).
+    const read = trace === undefined ? this.deps.lookup.loadNow(hash) : undefined;
+    if (read !== undefined) return this.#judge(v, read, v.presentCredentials.of(input.headers), route, true, trace, this.#checkBudgetMs);
+    // A lookup that answers after the budget ran out is not judged: the Check was answered
+    // UNAVAILABLE, and a refused request is never charged or counted as used. What is left of
+    // the budget then bounds the limits step.
+    const startedMs = performance.now();
+    return withinBudget(this.deps.lookup.load(hash, trace), this.#checkBudgetMs).then((snapshot) =>
+      this.#judge(v, snapshot, v.presentCredentials.of(input.headers), route, true, trace, Math.max(0, this.#checkBudgetMs - (performance.now() - startedMs))),
+    );
   }
 
   /** VerifyKey: the same steps for a bare key, with optional requirements, charging nothing. */
@@ -254,7 +260,7 @@ export class DecisionPipeline {
     const cached = this.deps.lookup.peek(hash);
     // undefined: not in L1; null: in L1 as unknown.
     const snapshot = cached !== undefined ? cached : await this.deps.lookup.load(hash, undefined);
-    return this.#judge(v, snapshot, NO_HEADERS, route, false, undefined);
+    return this.#judge(v, snapshot, NO_HEADERS, route, false, undefined, this.#checkBudgetMs);
   }
 
   /**
@@ -283,7 +289,7 @@ export class DecisionPipeline {
     const keyId = key === null ? "" : key.id;
     const refused = (reason: DenyReason, limits: ChargeResult | null, message = DENIALS[reason].message): UsageCharge => {
       this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), DENIALS[reason].code, 0);
-      return { charged: false, reason, message, limits, retryAfterSeconds: limits?.retryAfterSeconds ?? null };
+      return { charged: false, reason, message, limits, retryAfterSeconds: limits?.retryAfterSeconds ?? null, replayed: false };
     };
     if (key !== null) {
       const state = keyState(key, nowMs);
@@ -309,12 +315,18 @@ export class DecisionPipeline {
       meter: test ? "test" : "live",
       quota,
       idempotencyKey,
+      budgetExpired: false,
     });
+    // Answered from the charge Redis kept for this key: the call that kept it counted it and its spend.
+    if (limits.replayed) {
+      const message = limits.reason === null ? "" : limitMessage(limits, cost);
+      return { charged: limits.allowed, reason: limits.reason, message, limits, retryAfterSeconds: limits.retryAfterSeconds, replayed: true };
+    }
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
     this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live", quota), spent);
-    return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null };
+    return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null, replayed: false };
   }
 
   /** The limits step; a Redis meter's call is a span of a traced decision. */
@@ -330,6 +342,8 @@ export class DecisionPipeline {
     route: RouteRequirements,
     charge: boolean,
     trace: DecisionTrace | undefined,
+    /** The most the limits step may wait (what is left of the Check's budget). */
+    budgetMs: number,
   ): Decision | Promise<Decision> {
     if (snapshot === null) return FIXED.UNKNOWN_KEY;
     const nowMs = this.deps.nowMs();
@@ -337,16 +351,24 @@ export class DecisionPipeline {
     const refusal = this.#refusal(snapshot, plan, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
-      this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
       // Without a plan there are no limits to report.
-      return plan === undefined ? refusal : this.#withLimitHeaders(refusal, this.#chargeInput(v, snapshot, plan, route, nowMs), trace);
+      if (plan !== undefined) return this.#withLimitHeaders(refusal, snapshot, this.#chargeInput(v, snapshot, plan, route, nowMs), trace, budgetMs);
+      this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
+      return refusal;
     }
     // #refusal refuses every account whose plan the policy does not have.
     if (plan === undefined) throw new Error(`plan "${snapshot.account.plan}" is not configured, yet it was not refused`);
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
-    const charged = this.#charge(this.#chargeInput(v, snapshot, plan, route, nowMs), trace);
-    if (charged instanceof Promise) return charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs));
-    return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
+    const limitsInput = this.#chargeInput(v, snapshot, plan, route, nowMs);
+    const charged = this.#charge(limitsInput, trace);
+    if (!(charged instanceof Promise)) return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
+    // Only a decision that waits on a backend (the store, the Redis meter) needs the budget. Once
+    // it runs out the meter learns so from its input (budgetExpired) and charges nothing not yet sent.
+    return withinBudget(
+      charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs)),
+      budgetMs,
+      limitsInput,
+    );
   }
 
   /**
@@ -408,6 +430,7 @@ export class DecisionPipeline {
         meter: "test",
         // Test keys have one daily quota, whatever quota the route names.
         quota: null,
+        budgetExpired: false,
       };
     }
     const quota = route.metered ? route.quota : null;
@@ -425,27 +448,40 @@ export class DecisionPipeline {
       nowMs,
       meter: "live",
       quota,
+      budgetExpired: false,
     };
   }
 
   /**
    * A refusal of a known key still tells the caller where it stands on its limits, charging
-   * nothing. If the limits cannot be read, the refusal goes out without those headers.
+   * nothing, and is counted. If the limits cannot be read, the refusal goes out without those
+   * headers. One whose limits are read after the budget ran out was answered UNAVAILABLE instead,
+   * and is not counted.
    */
-  #withLimitHeaders(refusal: Deny, input: ChargeInput, trace: DecisionTrace | undefined): Deny | Promise<Deny> {
-    const attach = (limits: ChargeResult): Deny => {
-      refusal.limits = limits;
-      return refusal;
-    };
+  #withLimitHeaders(refusal: Deny, snapshot: CheckSnapshot, input: ChargeInput, trace: DecisionTrace | undefined, budgetMs: number): Deny | Promise<Deny> {
+    const code = DENIALS[refusal.reason].code;
+    let peeked: ChargeResult | Promise<ChargeResult>;
     try {
-      const peeked =
+      peeked =
         trace === undefined || this.deps.limitsBackend !== "redis"
           ? this.deps.meter.peek(input)
           : traceCall(trace, REDIS_PEEK_SPAN, PEEK_ATTRIBUTES, () => this.deps.meter.peek(input));
-      return peeked instanceof Promise ? peeked.then(attach, () => refusal) : attach(peeked);
     } catch {
+      this.#count(snapshot, input.nowMs, code, 0);
       return refusal;
     }
+    if (!(peeked instanceof Promise)) {
+      this.#count(snapshot, input.nowMs, code, 0);
+      refusal.limits = peeked;
+      return refusal;
+    }
+    const attach = (limits: ChargeResult | null): Deny => {
+      if (input.budgetExpired) return refusal;
+      this.#count(snapshot, input.nowMs, code, 0);
+      if (limits !== null) refusal.limits = limits;
+      return refusal;
+    };
+    return withinBudget(peeked.then(attach, () => attach(null)), budgetMs, input);
   }
 
   /** The key's own limit, else its account role's tier, else the plan's. */

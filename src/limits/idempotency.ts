@@ -1,3 +1,4 @@
+import type { Logger } from "pino";
 import type { RedisClient } from "../cache/redis-client.js";
 import { RecentMap } from "./memory.js";
 
@@ -29,12 +30,17 @@ export interface Once<T> {
   replayed: boolean;
 }
 
+/** Every answer is kept: the default of IdempotencyLedger.once's `keep`. */
+const KEEP_ALL = (): boolean => true;
+
 /**
  * Runs a charge once per idempotency key: a repeat within IDEMPOTENCY_TTL_MS gets the first
- * answer instead of running again. A charge that throws is not remembered, so it can be retried.
+ * answer instead of running again. A charge that throws is not remembered, so it can be retried;
+ * nor is an answer `keep` rejects (a refusal by rate: no charge was made, and a retry with the
+ * same key after its Retry-After is judged again).
  */
 export interface IdempotencyLedger {
-  once<T>(key: string, run: () => Promise<T>): Promise<Once<T>>;
+  once<T>(key: string, run: () => Promise<T>, keep?: (value: T) => boolean): Promise<Once<T>>;
 }
 
 /** The ledger of one process: concurrent calls with one key share the first one's answer. */
@@ -43,18 +49,25 @@ export class LocalIdempotencyLedger implements IdempotencyLedger {
 
   constructor(private readonly nowMs: () => number = Date.now) {}
 
-  async once<T>(key: string, run: () => Promise<T>): Promise<Once<T>> {
+  async once<T>(key: string, run: () => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
     const known = this.#answers.get(key);
-    if (known !== undefined && this.nowMs() - known.atMs < IDEMPOTENCY_TTL_MS) return { value: (await known.answer) as T, replayed: true };
+    if (known !== undefined && this.nowMs() - known.atMs < IDEMPOTENCY_TTL_MS) {
+      const value = (await known.answer) as T;
+      // The call it waited for was not kept (its own call has let the key go by now): judged afresh.
+      return keep(value) ? { value, replayed: true } : this.once(key, run, keep);
+    }
     const answer = run();
     const entry = { atMs: this.nowMs(), answer };
     this.#answers.set(key, entry);
+    let value: T;
     try {
-      return { value: await answer, replayed: false };
+      value = await answer;
     } catch (error) {
       if (this.#answers.get(key) === entry) this.#answers.delete(key);
       throw error;
     }
+    if (!keep(value) && this.#answers.get(key) === entry) this.#answers.delete(key);
+    return { value, replayed: false };
   }
 }
 
@@ -70,15 +83,17 @@ const RUNNING = "running";
 export class RedisIdempotencyLedger implements IdempotencyLedger {
   constructor(
     private readonly redis: RedisClient,
+    /** Where an answer that could not be stored is reported; without it, nowhere. */
+    private readonly logger?: Pick<Logger, "warn">,
     private readonly prefix = "kg:idem:",
   ) {}
 
-  async once<T>(key: string, run: () => Promise<T>): Promise<Once<T>> {
+  async once<T>(key: string, run: () => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
     const name = this.prefix + key;
     const claimed = await this.redis.set(name, RUNNING, "PX", CLAIM_TTL_MS, "NX").catch(unavailable);
     if (claimed === null) {
       const stored = await this.redis.get(name).catch(unavailable);
-      if (stored === null) return this.once(key, run);
+      if (stored === null) return this.once(key, run, keep);
       if (stored === RUNNING) throw new IdempotencyInProgressError("a call with this idempotency key is still running; retry it shortly");
       return { value: JSON.parse(stored) as T, replayed: true };
     }
@@ -89,10 +104,34 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
       await this.redis.del(name).catch(() => undefined);
       throw error;
     }
-    // The charge is made: if its answer cannot be stored, the claim runs out and a retry after
-    // CLAIM_TTL_MS charges again. The caller still gets this answer.
-    await this.redis.set(name, JSON.stringify(value), "PX", IDEMPOTENCY_TTL_MS).catch(() => undefined);
+    if (!keep(value)) {
+      // Let go at once; if Redis does not take that, the claim runs out by itself.
+      await this.redis.del(name).catch(() => undefined);
+      return { value, replayed: false };
+    }
+    await this.#keep(key, JSON.stringify(value));
     return { value, replayed: false };
+  }
+
+  /**
+   * Stores an answer, trying twice. If it still fails, the claim runs out after CLAIM_TTL_MS and a
+   * retry is answered from the charge the meter kept beside its counters (a Redis meter), charging
+   * nothing; or, where it kept none, charges again. The caller still gets this answer.
+   */
+  async #keep(key: string, answer: string): Promise<void> {
+    let failure: unknown;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        await this.redis.set(this.prefix + key, answer, "PX", IDEMPOTENCY_TTL_MS);
+        return;
+      } catch (error) {
+        failure = error;
+      }
+    }
+    this.logger?.warn(
+      { err: failure, idempotencyKey: key },
+      "the answer under an idempotency key was not stored (tried twice): a retry with the key is ABORTED until its 30 s claim runs out, then answered from what Redis kept beside the counters (ChargeUsage) or the store's top-up record (AddCredits)",
+    );
   }
 }
 

@@ -48,6 +48,12 @@ export interface ChargeInput {
    * such a charge is answered from it and charges nothing. Checks have none.
    */
   idempotencyKey?: string;
+  /**
+   * Set by the Check's budget (withinBudget) once the Check was answered UNAVAILABLE without this
+   * charge: a meter still waiting on a load charges nothing more, and does not send its charge
+   * (ChargeAbandonedError). A charge already sent to Redis may still land. Always false to start.
+   */
+  budgetExpired: boolean;
 }
 
 /**
@@ -57,6 +63,14 @@ export interface ChargeInput {
  */
 export class MeterUnavailableError extends Error {
   override readonly name = "MeterUnavailableError";
+}
+
+/**
+ * The Check this charge was for has been answered already (its budget ran out, UNAVAILABLE), so
+ * the meter charged nothing: README, "One budget per Check". No client ever sees it.
+ */
+export class ChargeAbandonedError extends Error {
+  override readonly name = "ChargeAbandonedError";
 }
 
 /** Why the limits step refused. */
@@ -75,6 +89,11 @@ export interface ChargeResult {
   credits: { balance: number } | null;
   /** Credits this request spent, split by bucket, for the write-behind. */
   spent: { period: string; monthly: number; topup: number } | null;
+  /**
+   * The answer Redis kept for this charge's idempotency key (ChargeInput.idempotencyKey): an
+   * earlier call charged, and nothing was charged now. Its spend is recorded already.
+   */
+  replayed: boolean;
 }
 
 /** Counts a request against its rate limit, daily quota and credits, in that order, atomically. */

@@ -1,7 +1,7 @@
 import { LRUCache } from "lru-cache";
 import { allowedOutcome } from "../store/store.js";
 import type { MeteringStore } from "../store/store.js";
-import { UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
+import { ChargeAbandonedError, UtcCalendar, applyCreditDelta, gcra, spendCredits } from "./limits.js";
 import type { BucketKind, ChargeInput, ChargeResult, GcraStep, Meter } from "./limits.js";
 import type { UsageRecorder } from "./usage.js";
 
@@ -116,7 +116,11 @@ export class MemoryMeter implements Meter {
     const needsQuota = input.dailyQuota !== null && !this.#quota.has(quotaKey);
     const needsCredits = input.monthlyCredits !== null && !this.#credits.has(input.ownerId);
     if (needsQuota || needsCredits) {
-      return this.#seed(input, day, quotaKey, needsQuota, needsCredits).then(() => fn(quotaKey));
+      return this.#seed(input, day, quotaKey, needsQuota, needsCredits).then(() => {
+        // The load outlasted the Check's budget: it was answered UNAVAILABLE, so nothing is charged.
+        if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered before its limits were loaded");
+        return fn(quotaKey);
+      });
     }
     return fn(quotaKey);
   }
@@ -132,10 +136,6 @@ export class MemoryMeter implements Meter {
   #peek(input: ChargeInput, quotaKey: string): ChargeResult {
     const { rate, nowMs } = input;
     const step = gcra(this.#tats[input.bucketKind].get(input.bucketId), rate, nowMs);
-    const used = input.dailyQuota === null ? 0 : (this.#quota.get(quotaKey)?.count ?? 0);
-    const period = this.#calendar.month(nowMs);
-    const cell = this.#credits.get(input.ownerId);
-    const current = cell === undefined ? undefined : applyCreditDelta(cell, period, 0, 0);
     return {
       allowed: false,
       reason: null,
@@ -146,16 +146,27 @@ export class MemoryMeter implements Meter {
         resetSeconds: step.resetSecondsBefore,
       },
       retryAfterSeconds: null,
-      quota:
-        input.dailyQuota === null
-          ? null
-          : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs: this.#calendar.nextMidnightMs(nowMs) },
-      credits:
-        input.monthlyCredits === null || current === undefined
-          ? null
-          : { balance: Math.max(0, input.monthlyCredits - current.monthlyUsed) + Math.max(0, current.topupBalance) },
+      quota: this.#quotaNow(input, quotaKey),
+      credits: this.#balanceNow(input),
       spent: null,
+      replayed: false,
     };
+  }
+
+  /** Where the request's daily quota stands, charging nothing; null when none limits it. */
+  #quotaNow(input: ChargeInput, quotaKey: string): ChargeResult["quota"] {
+    if (input.dailyQuota === null) return null;
+    const used = this.#quota.get(quotaKey)?.count ?? 0;
+    return { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs: this.#calendar.nextMidnightMs(input.nowMs) };
+  }
+
+  /** The account's balance, charging nothing; null when the plan is not metered or none is loaded. */
+  #balanceNow(input: ChargeInput): ChargeResult["credits"] {
+    if (input.monthlyCredits === null) return null;
+    const cell = this.#credits.get(input.ownerId);
+    if (cell === undefined) return null;
+    const current = applyCreditDelta(cell, this.#calendar.month(input.nowMs), 0, 0);
+    return { balance: Math.max(0, input.monthlyCredits - current.monthlyUsed) + Math.max(0, current.topupBalance) };
   }
 
   #seed(input: ChargeInput, day: string, quotaKey: string, quota: boolean, credits: boolean): Promise<void> {
@@ -218,6 +229,7 @@ export class MemoryMeter implements Meter {
       quota: null,
       credits: null,
       spent: null,
+      replayed: false,
     };
     if (!step.allowed) {
       // A time from a clock that ran ahead is kept as a full bucket's debt from this clock's now.
@@ -227,6 +239,9 @@ export class MemoryMeter implements Meter {
       }
       result.reason = "RATE_LIMITED";
       result.retryAfterSeconds = step.retryAfterSeconds;
+      // A refusal still says where the quota and balance stand (README, Headers); read only here.
+      result.quota = this.#quotaNow(input, quotaKey);
+      result.credits = this.#balanceNow(input);
       return result;
     }
     const quotaCell = quotaKey === "" ? undefined : this.#quota.get(quotaKey);
@@ -235,6 +250,7 @@ export class MemoryMeter implements Meter {
       const resetAtMs = this.#calendar.nextMidnightMs(nowMs);
       result.quota = { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
       if (used >= input.dailyQuota) {
+        result.credits = this.#balanceNow(input);
         return this.#refuse(result, step, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
       }
     }

@@ -4,7 +4,7 @@ import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
-import { MeterUnavailableError, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
+import { ChargeAbandonedError, MeterUnavailableError, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
 import { IDEMPOTENCY_TTL_MS } from "./idempotency.js";
 import type { MemoryMeter } from "./memory.js";
@@ -23,13 +23,18 @@ import type { UsageRecorder } from "./usage.js";
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
 // earlier version) is reported as not loaded and seeded again.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
-//        rate reset ms, retry-after ms, quota used, credit balance, spent monthly, spent top-up,
-//        and on 0 the period charged as YYYYMM (0 when not metered): the balance's, which is later
-//        than the caller's when the caller's clock reads an earlier month than another replica's.
+//        rate reset ms, retry-after ms, quota used, credit balance (-1 not metered or not loaded),
+//        spent monthly, spent top-up, and on 0 the period charged as YYYYMM (0 when not metered):
+//        the balance's, which is later than the caller's when the caller's clock reads an earlier
+//        month than another replica's. Refusals read the quota count and balance they report only
+//        on their own branch, so an allowed charge reads nothing more for them.
 // A charge with an idempotency key (ChargeUsage) keeps its reply under the fourth key, and a
 // script with a kept reply answers it again and charges nothing: a charge whose answer never came
 // back (a frozen Redis runs it when it thaws, after the caller was told UNAVAILABLE and its claim
-// was let go) is then not made a second time by the caller's retry, whichever runs first.
+// was let go) is then not made a second time by the caller's retry, whichever runs first. A kept
+// reply is answered padded to 9 places with a 10th, 1, so the caller records nothing again. A
+// refusal by rate is not kept: like a payments API's 429 it is no charge, and the retry its
+// Retry-After asks for, with the same key, is judged again.
 const CHARGE = `
 local function outcome(reply)
   if KEYS[4] then
@@ -44,8 +49,18 @@ if KEYS[4] then
   if kept then
     local reply = {}
     for v in string.gmatch(kept, '[^,]+') do reply[#reply + 1] = tonumber(v) end
+    for i = #reply + 1, 9 do reply[i] = 0 end
+    reply[10] = 1
     return reply
   end
+end
+-- The balance as it stands, for an answer that charges nothing (-1: not metered, or not loaded).
+local function balanceNow()
+  if ARGV[6] ~= '1' or redis.call('HEXISTS', KEYS[3], 'seen') == 0 then return -1 end
+  local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
+  local monthlyUsed = tonumber(c[2] or '0')
+  if (c[1] or '') < ARGV[8] then monthlyUsed = 0 end
+  return math.max(0, tonumber(ARGV[7]) - monthlyUsed) + math.max(0, tonumber(c[3] or '0'))
 end
 local now = tonumber(ARGV[1])
 local windowMs = tonumber(ARGV[2])
@@ -79,14 +94,7 @@ if ARGV[10] == '1' then
   end
   local usedNow = 0
   if tonumber(ARGV[4]) >= 0 then usedNow = tonumber(redis.call('GET', KEYS[2]) or '0') end
-  local balanceNow = -1
-  if ARGV[6] == '1' and redis.call('HEXISTS', KEYS[3], 'seen') == 1 then
-    local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
-    local monthlyUsed = tonumber(c[2] or '0')
-    if (c[1] or '') < ARGV[8] then monthlyUsed = 0 end
-    balanceNow = math.max(0, tonumber(ARGV[7]) - monthlyUsed) + math.max(0, tonumber(c[3] or '0'))
-  end
-  return {5, conforming, math.ceil(before / limit), 0, usedNow, balanceNow, 0, 0}
+  return {5, conforming, math.ceil(before / limit), 0, usedNow, balanceNow(), 0, 0}
 end
 local function tatOf(parts)
   local ms = math.floor(parts / limit)
@@ -94,7 +102,9 @@ local function tatOf(parts)
 end
 if after > full then
   if rebased then redis.call('SET', KEYS[1], tatOf(nowParts + before), 'PX', math.ceil(before / limit) + 1000) end
-  return outcome({1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), -1, -1, 0, 0})
+  local usedNow = 0
+  if tonumber(ARGV[4]) >= 0 then usedNow = tonumber(redis.call('GET', KEYS[2]) or '0') end
+  return {1, 0, math.ceil(before / limit), math.max(1000, math.ceil((after - full) / limit)), usedNow, balanceNow(), 0, 0}
 end
 local remainingAfter = math.floor((full - after) / windowMs)
 local resetMs = math.ceil(after / limit)
@@ -103,7 +113,7 @@ local quota = tonumber(ARGV[4])
 local used = 0
 if quota >= 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if used >= quota then return outcome({2, remainingAfter + 1, resetBeforeMs, 0, used, -1, 0, 0}) end
+  if used >= quota then return outcome({2, remainingAfter + 1, resetBeforeMs, 0, used, balanceNow(), 0, 0}) end
 end
 local balance = -1
 local spendMonthly = 0
@@ -318,29 +328,33 @@ export class RedisMeter implements Meter {
         input.countsDaily ? 1 : 0,
       ],
     );
-    if (!Array.isArray(reply) || (reply.length !== 8 && reply.length !== 9) || !reply.every((v): v is number => typeof v === "number")) {
+    if (!Array.isArray(reply) || reply.length < 8 || reply.length > 10 || !reply.every((v): v is number => typeof v === "number")) {
       throw new Error("unexpected reply from the charge script");
     }
-    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0, chargedPeriod = 0] = reply;
+    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0, chargedPeriod = 0, kept = 0] = reply;
     if (status === 4) {
       if (!mayLoad) throw new Error("credit state did not load");
+      // A Check answered UNAVAILABLE meanwhile is charged nothing: the script is not sent again.
+      if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered before its balance was loaded");
       await this.#loadCredits(input.ownerId, period);
+      if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered while its balance loaded");
       return this.#charge(input, false, false);
     }
     const reason = STATUS_REASON[status] ?? null;
     const quotaUsed = status === 0 ? used : Math.max(0, used);
+    const replayed = kept === 1;
     return {
       allowed: status === 0,
       reason,
       rate: { limit: input.rate.limit, windowSeconds: input.rate.windowSeconds, remaining, resetSeconds: Math.ceil(resetMs / 1000) },
       retryAfterSeconds:
         reason === "RATE_LIMITED" ? Math.max(1, Math.ceil(retryMs / 1000)) : reason === "QUOTA_EXCEEDED" ? Math.max(1, Math.ceil((midnightMs - nowMs) / 1000)) : null,
-      quota:
-        input.dailyQuota === null || status === 1
-          ? null
-          : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
+      quota: input.dailyQuota === null ? null : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
       credits: input.monthlyCredits === null || balance < 0 ? null : { balance },
-      spent: status === 0 && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
+      // A kept reply's credits were spent by the call that kept it, and recorded then.
+      spent:
+        status === 0 && !replayed && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
+      replayed,
     };
   }
 
@@ -377,8 +391,12 @@ export class RedisMeter implements Meter {
   }
 
   async #degrade(input: ChargeInput, error: unknown): Promise<ChargeResult> {
+    // Not a Redis failure: the Check was answered before its charge was sent.
+    if (error instanceof ChargeAbandonedError) throw error;
     this.logger.warn({ err: error, mode: this.onError }, "Redis limits failed");
     if (this.onError === "fail-closed") throw new MeterUnavailableError("rate limits, quotas and credits cannot be checked: Redis is unavailable", { cause: error });
+    // A failure that came after the Check was answered UNAVAILABLE: the fallback charges nothing either.
+    if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered before Redis failed", { cause: error });
     return this.#degraded(input);
   }
 
@@ -396,6 +414,7 @@ export class RedisMeter implements Meter {
       quota: null,
       credits: null,
       spent: null,
+      replayed: false,
     };
   }
 

@@ -283,7 +283,7 @@ async function openCache(
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, ...confirmation }),
     bus,
     meter: new RedisMeter(main, store, usage, memoryMeter, config.policy.limits.onRedisError, logger, metrics, "kg:", layout, () => !bus.connected),
-    idempotency: new RedisIdempotencyLedger(main),
+    idempotency: new RedisIdempotencyLedger(main, logger),
     async close() {
       await bus.close();
       await Promise.allSettled([main.quit(), subscriber.quit(), confirmation?.invalidationConnection.quit()]);

@@ -30,7 +30,7 @@ const OWNER = "acct_seed";
 function input(ownerId: string, extra: Partial<ChargeInput> = {}): ChargeInput {
   return {
     ownerId, bucketKind: "a", bucketId: ownerId, rate: { limit: 1000, windowSeconds: 60 },
-    dailyQuota: null, countsDaily: true, monthlyCredits: null, cost: 1, nowMs: NOW, meter: "live", quota: null, ...extra,
+    dailyQuota: null, countsDaily: true, monthlyCredits: null, cost: 1, nowMs: NOW, meter: "live", quota: null, budgetExpired: false, ...extra,
   };
 }
 

@@ -61,6 +61,7 @@ const limitsArb: fc.Arbitrary<ChargeResult> = fc.record({
   quota: fc.option(fc.record({ name: fc.constantFrom(null, "messages", "nachrichtenü"), limit: count, remaining: count, resetAtMs: count }), { nil: null }),
   credits: fc.option(fc.record({ balance: count }), { nil: null }),
   spent: fc.constant(null),
+  replayed: fc.constant(false),
 });
 
 const allowArb: fc.Arbitrary<Allow> = fc.record({
@@ -211,6 +212,7 @@ const GOLDEN_LIMITS: ChargeResult = {
   quota: null,
   credits: null,
   spent: null,
+  replayed: false,
 };
 const GOLDEN_NAMES = ["authorization", "accept", "x-keygate-owner-id", "x-keygate-tenant", "X-Keygate-Tier", "x-keygate-tenant"];
 const GOLDEN_HEX =

@@ -124,6 +124,7 @@ const LIMITS: ChargeResult = {
   quota: null,
   credits: null,
   spent: null,
+  replayed: false,
 };
 
 describe("Envoy wire format happy", () => {

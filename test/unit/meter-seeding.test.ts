@@ -14,7 +14,7 @@ const NOW = Date.parse("2026-11-22T12:00:00.000Z");
 function input(ownerId: string, extra: Partial<ChargeInput> = {}): ChargeInput {
   return {
     ownerId, bucketKind: "a", bucketId: ownerId, rate: { limit: 100, windowSeconds: 60 },
-    dailyQuota: null, countsDaily: true, monthlyCredits: 3, cost: 1, nowMs: NOW, meter: "live", quota: null, ...extra,
+    dailyQuota: null, countsDaily: true, monthlyCredits: 3, cost: 1, nowMs: NOW, meter: "live", quota: null, budgetExpired: false, ...extra,
   };
 }
 
