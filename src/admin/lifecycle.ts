@@ -178,6 +178,9 @@ const RECORDED_PAGE = 100;
 /** Keys of one owner read a call when looking for the keys in grace from a rotation. */
 const KEYS_PAGE = 1000;
 
+/** How many times a DisableKey moves its key away from a time another DisableKey took at once (#apart). */
+const APART_ROUNDS = 8;
+
 /**
  * Whether `key` was rotated to `successorId` and its grace has not ended: it still authenticates
  * unless disabled, so a disabled key in grace counts too (enabling it would let it through).
@@ -621,18 +624,56 @@ export class LifecycleService {
     const disabledAtMs = disabledSince(current, nowMs, [successor?.disabledAtMs ?? null, ...inGrace.map((key) => key.disabledAtMs)]);
     // A key in grace disabled only because its successor was is now disabled on its own: it moves
     // to its own time, so enabling the successor leaves it disabled. Otherwise the first time stays.
-    const write =
-      successor !== null && pausedWith(current, successor)
-        ? () => this.deps.store.redisableKey(id, disabledAtMs)
-        : () => this.deps.store.updateKey(id, { disabledAtMs });
-    return this.#setDisabled(current, disabledAtMs, write, actor, "key.disable", { reason });
+    const paused = successor !== null && pausedWith(current, successor);
+    const write = async (): Promise<{ key: KeyRecord; changed: boolean } | null> => {
+      const written = paused ? await this.deps.store.redisableKey(id, disabledAtMs) : await this.deps.store.updateKey(id, { disabledAtMs });
+      if (written === null) return null;
+      // Disabling a disabled key keeps its first time: not a change to audit, unless it moved.
+      const set = current.disabledAtMs !== disabledAtMs && written.disabledAtMs === disabledAtMs;
+      const moved = await this.#apart(written, set, nowMs);
+      return { key: moved ?? written, changed: set || moved !== null };
+    };
+    return this.#setDisabled(current, write, actor, "key.disable", { reason });
+  }
+
+  /**
+   * After a DisableKey's write: moves the key to a time of its own when a DisableKey of its
+   * successor or of a key in grace for it, in the same millisecond, took the same time (each read
+   * the other's as none), or when its successor's DisableKey paused it meanwhile: a key disabled on
+   * its own must never read as paused with its successor (pausedWith), or enabling the successor
+   * would enable it. `set`: this call's write set the key's time, so a key in grace at that time
+   * was not paused by it (the call pauses keys in grace after this). The successor moves past the
+   * other's time by two and the key in grace to the next free one, so two calls moving at once
+   * part. null when the key did not move.
+   */
+  async #apart(key: KeyRecord, set: boolean, nowMs: number): Promise<KeyRecord | null> {
+    let moved: KeyRecord | null = null;
+    for (let round = 0; round < APART_ROUNDS; round += 1) {
+      const current: KeyRecord = moved ?? key;
+      if (current.disabledAtMs === null || current.revokedAtMs !== null) return moved;
+      const successor = current.rotatedToId === null ? null : await this.deps.store.getKey(current.rotatedToId);
+      const inGrace = await this.#inGraceFor(current, nowMs);
+      const clashing = set ? inGrace.filter((other) => other.disabledAtMs === current.disabledAtMs) : [];
+      if (clashing.length === 0 && !(successor !== null && pausedWith(current, successor))) return moved;
+      const fromMs = Math.max(nowMs, ...clashing.map((other) => (other.disabledAtMs ?? 0) + 2));
+      const atMs = disabledSince(current, fromMs, [successor?.disabledAtMs ?? null, ...inGrace.map((other) => other.disabledAtMs)]);
+      moved = (await this.deps.store.redisableKey(current.id, atMs)) ?? moved;
+      if (moved === null) return null;
+    }
+    this.deps.logger?.error({ keyId: key.id }, "a disabled key's time kept meeting that of its successor or of a key in grace for it; enabling the successor may enable it too");
+    return moved;
   }
 
   /** Lets a disabled key through again, at once in every cache. Idempotent; not for a revoked key. */
   async enableKey(input: { id: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     const current = await this.#disablable(id);
-    return this.#setDisabled(current, null, () => this.deps.store.updateKey(id, { disabledAtMs: null }), actor, "key.enable", {});
+    const write = async (): Promise<{ key: KeyRecord; changed: boolean } | null> => {
+      const key = await this.deps.store.updateKey(id, { disabledAtMs: null });
+      // Enabling an enabled key does nothing: not a change to audit.
+      return key === null ? null : { key, changed: current.disabledAtMs !== null };
+    };
+    return this.#setDisabled(current, write, actor, "key.enable", {});
   }
 
   /** The key DisableKey or EnableKey changes: one that exists and is not revoked. */
@@ -643,23 +684,23 @@ export class LifecycleService {
     return current;
   }
 
-  /** Writes a disable (at `disabledAtMs`) or an enable (null), then tells, audits and has the key in grace follow. */
+  /**
+   * Writes a disable or an enable (`write` says whether it changed the key, so is audited), then
+   * tells, audits and has the key in grace follow.
+   */
   async #setDisabled(
     current: KeyRecord,
-    disabledAtMs: number | null,
-    write: () => Promise<KeyRecord | null>,
+    write: () => Promise<{ key: KeyRecord; changed: boolean } | null>,
     actor: Actor,
     action: "key.disable" | "key.enable",
     changes: Record<string, unknown>,
   ): Promise<KeyRecord> {
     const id = current.id;
-    const updated = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)]);
-    if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
+    const written = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)]);
+    if (written === null) throw new NotFoundError(`key ${id} does not exist`);
+    const updated = written.key;
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
-    // Disabling a disabled key keeps its first time (unless it moved to a time of its own), and
-    // enabling an enabled one does nothing: neither is a change to audit.
-    const changed = disabledAtMs === null ? current.disabledAtMs !== null : current.disabledAtMs !== disabledAtMs && updated.disabledAtMs === disabledAtMs;
-    if (changed) await this.#audit(actor, action, id, updated.ownerId, changes);
+    if (written.changed) await this.#audit(actor, action, id, updated.ownerId, changes);
     // The key in grace pauses with its successor (since the same time), and comes back with it
     // only when they were paused together: one disabled on its own stays disabled.
     const pausedAtMs = updated.disabledAtMs;

@@ -97,6 +97,8 @@ export class DataDirLock {
   #released = false;
   /** The file another process locked after ours was deleted, reported once. */
   #reportedTaken: Stats | null = null;
+  /** The file at the name (its device and inode, or "missing") that could not be locked, reported once. */
+  #reportedFailure: string | null = null;
 
   private constructor(
     readonly path: string,
@@ -121,7 +123,7 @@ export class DataDirLock {
     const path = join(dataDir, LOCK_FILE);
     let db: DatabaseSync | null;
     try {
-      db = DataDirLock.#lockRecovering(path, mode, logger);
+      db = DataDirLock.#lockRecovering(path, mode, mode === "shared" ? SHARED_WAIT_MS : 0, logger);
     } catch (error) {
       throw namingFile(path, error);
     }
@@ -130,8 +132,7 @@ export class DataDirLock {
   }
 
   /** tryLock, once more after emptying a keygate.lock that SQLite cannot read. */
-  static #lockRecovering(path: string, mode: DataDirLockMode, logger: Pick<Logger, "warn">): DatabaseSync | null {
-    const waitMs = mode === "shared" ? SHARED_WAIT_MS : 0;
+  static #lockRecovering(path: string, mode: DataDirLockMode, waitMs: number, logger: Pick<Logger, "warn">): DatabaseSync | null {
     try {
       return tryLock(path, mode, waitMs);
     } catch (error) {
@@ -171,16 +172,25 @@ export class DataDirLock {
     }
   }
 
-  /** keygate.lock was deleted or replaced: locks the file now at that name, made anew if missing. */
+  /**
+   * keygate.lock was deleted or replaced: locks the file now at that name, made anew if missing,
+   * as a start would (one SQLite cannot read, such as a text file an editor saved over it, is
+   * emptied and locked). A failure is logged once per file: the look every second repeats it.
+   */
   #relock(): void {
     let db: DatabaseSync | null;
     try {
       // No wait: this runs on a serving keygate's event loop.
-      db = tryLock(this.path, this.mode, 0);
+      db = DataDirLock.#lockRecovering(this.path, this.mode, 0, this.logger);
     } catch (error) {
+      const file = statSync(this.path, { throwIfNoEntry: false });
+      const failed = file === undefined ? "missing" : `${file.dev}:${file.ino}`;
+      if (failed === this.#reportedFailure) return;
+      this.#reportedFailure = failed;
       this.logger.error({ file: this.path, err: namingFile(this.path, error) }, "keygate.lock was deleted or replaced while this keygate held it, and could not be locked again");
       return;
     }
+    this.#reportedFailure = null;
     const now = statSync(this.path, { throwIfNoEntry: false });
     if (now === undefined) {
       // Deleted again meanwhile: the next look locks what is there then.

@@ -860,22 +860,25 @@ export class MongoKeyStore implements KeyStore {
    * finds nothing would prove nothing: an upsert on _id of the same document settles it, finding
    * the key or making it, and an insert still on its way then fails on _id. When that fails too,
    * the outcome is unknown: StoreUnavailableError, with nothing given back (a slot held by no key
-   * refuses one key too many; a slot given back twice would admit one).
+   * refuses one key too many; a slot given back twice would admit one). A document found at that
+   * _id is this insert only with its hash: the revoked placeholder of #undoUnfinishedRotation takes
+   * the id of a rotation's new key that was not in, and that rotation was undone, not made.
    */
   async #insertMade(doc: KeyDoc, error: unknown): Promise<boolean> {
     if (neverWritten(error)) return false;
+    const { _id, ...fields } = doc;
+    const stored = async (): Promise<boolean> => (await this.#keys.exists({ _id, hash: doc.hash })) !== null;
     try {
-      if (!(error instanceof mongoose.mongo.MongoError)) return (await this.#keys.exists({ _id: doc._id })) !== null;
-      const { _id, ...fields } = doc;
+      if (!(error instanceof mongoose.mongo.MongoError)) return await stored();
       try {
-        await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+        const upserted = await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+        return upserted.upsertedCount > 0 || (await stored());
       } catch (upsertError) {
         // E11000: the lost insert landed meanwhile (on _id), or the hash is another key's, which
         // the lost insert would have hit too.
         if (!(upsertError instanceof Error && "code" in upsertError && upsertError.code === 11000)) throw upsertError;
-        return (await this.#keys.exists({ _id })) !== null;
+        return await stored();
       }
-      return true;
     } catch (settleError) {
       this.#logger?.error({ keyId: doc._id, ownerId: doc.owner_id }, "a key insert failed and whether it was made could not be read; its slot is kept");
       throw new StoreUnavailableError("MongoDB lost the answer to a key insert and could not be asked whether it was made", { cause: settleError });

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync, unlinkSync } from "node:fs";
+import { mkdtempSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pino } from "pino";
@@ -99,6 +99,35 @@ describe("the embedded data directory", () => {
         lock.release();
       }
       held(DataDirLock.acquire(dataDir, "exclusive", logger)).release();
+    }
+  });
+
+  it("security: stays held when an editor saves a text file over keygate.lock: the holder empties it and locks it, as a start would", async () => {
+    for (const mode of ["exclusive", "shared"] as const) {
+      const dataDir = mkdtempSync(join(root, `replaced-${mode}-`));
+      const lockFile = join(dataDir, "keygate.lock");
+      const holder = recordingLogger();
+      const lock = held(DataDirLock.acquire(dataDir, mode, holder.logger));
+      try {
+        // An editor's save: a new file written beside it, then renamed over it.
+        writeFileSync(join(dataDir, "keygate.lock.swp"), "this file is a lock, do not edit\n");
+        renameSync(join(dataDir, "keygate.lock.swp"), lockFile);
+        await until(() => holder.lines.some((line) => line.level === 40 && line.msg.includes("locked the file now there")), 5000, "the holder to lock the file saved over keygate.lock");
+        expect(holder.lines).toEqual([
+          { level: 40, file: lockFile, problem: "file is not a database", msg: "keygate.lock was not a lock file keygate made; emptied it (it holds no data)" },
+          {
+            level: 40,
+            file: lockFile,
+            msg: "keygate.lock was deleted or replaced while this keygate held it; locked the file now there. The lock is never stale (the operating system releases it when the process ends): do not delete keygate.lock",
+          },
+        ]);
+        expect(readFileSync(lockFile, "utf8")).toBe("");
+        // A second keygate without Redis is refused: it meets the holder's lock on the new file.
+        expect(DataDirLock.acquire(dataDir, "exclusive", recordingLogger().logger)).toEqual({ heldBy: mode });
+      } finally {
+        lock.release();
+      }
+      held(DataDirLock.acquire(dataDir, "exclusive", recordingLogger().logger)).release();
     }
   });
 

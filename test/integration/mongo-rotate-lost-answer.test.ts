@@ -12,6 +12,7 @@ import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
+import { until } from "../harness/poll.js";
 
 // A RotateKey whose first MongoDB write (the old key marked rotated to the new id, its slot moved
 // to the new key) is made while its answer is lost answers UNAVAILABLE, and the caller retries,
@@ -186,6 +187,50 @@ describe.runIf(mongoReady)("RotateKey on MongoDB after a lost answer", { timeout
           activeKeys: await store.countActiveKeys(ownerId, NOW),
           slotsHeld: await slotsHeld(ownerId),
         }).toEqual({ old: ["grace", true, NOW + DAY_MS], another: "RESOURCE_EXHAUSTED", activeKeys: 1, slotsHeld: 1 });
+      });
+
+      it("a rotation whose insert is still on its way when another rotation undoes it fails: its new key is the revoked placeholder, and the old key stays in grace for the other's", async () => {
+        const ownerId = `lost-insert-undone-${++owner}`;
+        const key = testKeyRecord(ownerId, NOW);
+        await store.createKey(key, caps);
+        // The first rotation's insert is held until the second rotation is done, then its answer
+        // is lost before it reached the server (a dropped connection).
+        let release = (): void => undefined;
+        const held = new Promise<void>((resolve) => (release = resolve));
+        let reached = false;
+        const collection = keys.collection as unknown as Record<"insertOne", (...args: unknown[]) => Promise<unknown>>;
+        vi.spyOn(collection, "insertOne").mockImplementationOnce(async () => {
+          reached = true;
+          await held;
+          throw new mongoose.mongo.MongoNetworkError("connection 7 to 127.0.0.1:27017 closed");
+        });
+        const first = testKeyRecord(ownerId, NOW);
+        const firstRotation = outcome(store.rotateKey(key.id, first, NOW, NOW));
+        await until(() => reached, 10_000, "the first rotation's insert to be on its way");
+        // A second RotateKey (another operator, or the caller's retry after a timeout), with grace.
+        const second = testKeyRecord(ownerId, NOW);
+        await store.rotateKey(key.id, second, NOW + DAY_MS, NOW);
+        release();
+        const firstAnswer = await firstRotation;
+        const old = await store.getKey(key.id);
+        const placeholder = await store.getKey(first.id);
+        expect({
+          firstAnswer: firstAnswer.startsWith("StoreUnavailableError"),
+          placeholder: placeholder === null ? null : [keyState(placeholder, NOW), placeholder.revokeReason, placeholder.hash === first.hash],
+          lookup: await store.findSnapshotByHash(first.hash),
+          old: old === null ? null : [keyState(old, NOW), old.rotatedToId === second.id, old.graceEndsAtMs],
+          second: keyState((await store.getKey(second.id)) ?? second, NOW),
+          activeKeys: await store.countActiveKeys(ownerId, NOW),
+          slotsHeld: await slotsHeld(ownerId),
+        }).toEqual({
+          firstAnswer: true,
+          placeholder: ["revoked", "never issued: the rotation that named it was not finished", false],
+          lookup: null,
+          old: ["grace", true, NOW + DAY_MS],
+          second: "active",
+          activeKeys: 1,
+          slotsHeld: 1,
+        });
       });
     });
 

@@ -1,9 +1,10 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { TestClock } from "../harness/clock.js";
 import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
+import { until } from "../harness/poll.js";
 
 // A rotation's old key, while in grace, is the customer's old secret for the same access: what
 // is done to the new key (revoke, disable, enable, rescope) holds for the old one too, or the
@@ -280,5 +281,95 @@ describe.each([
     await gate.admin.enableKey({ id: next.id });
     expect(await checkHere(next.secret)).toEqual(ALLOWED);
     expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
+  });
+
+  // Two operators, or a script disabling an owner's keys in parallel: each call reads the other
+  // key's time as none and picks the same millisecond. Either call may start first, and the other
+  // a few event-loop turns later, so each of them may be the one that reads the other's write.
+  it("security: a key in grace and its successor disabled at once keep times apart: enabling the successor leaves the key in grace refused, audited once as disabled on its own", async () => {
+    const outcomes = [];
+    for (const oldFirst of [true, false]) {
+      for (const lagTurns of [0, 1, 2, 3, 4, 6, 8, 12]) {
+        const old = await created();
+        const next = await rotatedHere(old.id);
+        const disableOld = (): Promise<unknown> => gate.app.lifecycle.disableKey({ id: old.id, reason: "leaked" });
+        const disableNext = (): Promise<unknown> => gate.app.lifecycle.disableKey({ id: next.id, reason: "card declined" });
+        const [first, second] = oldFirst ? [disableOld, disableNext] : [disableNext, disableOld];
+        const firstCall = first();
+        for (let turn = 0; turn < lagTurns; turn += 1) await new Promise((resolve) => setImmediate(resolve));
+        await Promise.all([firstCall, second()]);
+        const times = [(await gate.app.lifecycle.getKey(old.id)).disabledAtMs, (await gate.app.lifecycle.getKey(next.id)).disabledAtMs];
+        tick();
+        await gate.admin.enableKey({ id: next.id });
+        outcomes.push({
+          oldFirst,
+          lagTurns,
+          apart: times[0] !== null && times[1] !== null && times[0] !== times[1],
+          next: await checkHere(next.secret),
+          old: await seen(old.secret, old.id),
+          ownDisables: (await trail(old.id)).filter(([action, , successorId]) => action === "key.disable" && successorId === undefined),
+          nextTrail: (await trail(next.id)).map(([action, reason]) => [action, reason]),
+        });
+      }
+    }
+    expect(outcomes).toEqual(
+      outcomes.map(({ oldFirst, lagTurns }) => ({
+        oldFirst,
+        lagTurns,
+        apart: true,
+        next: ALLOWED,
+        old: { check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" },
+        ownDisables: [["key.disable", JSON.stringify("leaked"), undefined]],
+        nextTrail: [
+          ["key.create", undefined],
+          ["key.disable", JSON.stringify("card declined")],
+          ["key.enable", undefined],
+        ],
+      })),
+    );
+  });
+
+  it("security: when only the successor's call finds the two times equal (the key in grace's call answered before the successor's write), the successor moves to a time of its own", async () => {
+    const old = await created();
+    const next = await rotatedHere(old.id);
+    const store = gate.app.store;
+    const updateKey = store.updateKey.bind(store);
+    let release = (): void => undefined;
+    const held = new Promise<void>((resolve) => (release = resolve));
+    // The successor's write waits until the key in grace's DisableKey has answered.
+    const spy = vi.spyOn(store, "updateKey").mockImplementation(async (id, patch) => {
+      if (id === next.id && typeof patch.disabledAtMs === "number") await held;
+      return updateKey(id, patch);
+    });
+    let times: Array<number | null>;
+    try {
+      const nextCall = gate.app.lifecycle.disableKey({ id: next.id, reason: "card declined" });
+      await until(() => spy.mock.calls.some(([id]) => id === next.id), 5000, "the successor's DisableKey to reach its write");
+      const oldDisabled = await gate.app.lifecycle.disableKey({ id: old.id, reason: "leaked" });
+      release();
+      const nextDisabled = await nextCall;
+      times = [oldDisabled.disabledAtMs, nextDisabled.disabledAtMs];
+    } finally {
+      release();
+      spy.mockRestore();
+    }
+    expect(times[0]).not.toBeNull();
+    expect(times[1]).not.toBeNull();
+    expect(times[1]).not.toBe(times[0]);
+    expect([(await gate.app.lifecycle.getKey(old.id)).disabledAtMs, (await gate.app.lifecycle.getKey(next.id)).disabledAtMs]).toEqual(times);
+    tick();
+    await gate.admin.enableKey({ id: next.id });
+    expect(await checkHere(next.secret)).toEqual(ALLOWED);
+    expect(await seen(old.secret, old.id)).toEqual({ check: DISABLED, verify: [false, "KEY_DISABLED"], state: "disabled" });
+    expect(await trail(old.id)).toEqual([
+      ["key.create", undefined, undefined],
+      ["key.rotate", undefined, undefined],
+      ["key.disable", JSON.stringify("leaked"), undefined],
+    ]);
+    expect((await trail(next.id)).map(([action, reason]) => [action, reason])).toEqual([
+      ["key.create", undefined],
+      ["key.disable", JSON.stringify("card declined")],
+      ["key.enable", undefined],
+    ]);
   });
 });
