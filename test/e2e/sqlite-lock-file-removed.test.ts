@@ -7,6 +7,7 @@ import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
 import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { until } from "../harness/poll.js";
+import { TEN_CREDITS_POLICY } from "../harness/limits-policy.js";
 
 // Without Redis, one serving keygate a data directory (README, KEYGATE_DATA_DIR): its credit
 // balances are in-process, so a second keygate on the same database would spend each balance
@@ -54,12 +55,7 @@ describe("embedded keygate: the data directory lock after keygate.lock is delete
       const policy = join(root, "policy.yaml");
       writeFileSync(
         policy,
-        stringify({
-          defaultPlan: "metered",
-          plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 100000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 } },
-          scopes: { catalog: ["scrape"], default: ["scrape"] },
-          routes: [{ method: "*", pathPrefix: "/v1/scrape", requiredScopes: ["scrape"], cost: 1 }],
-        }),
+        stringify(TEN_CREDITS_POLICY),
       );
       const dataDir = mkdtempSync(join(root, "data-"));
       const env = embeddedEnv({ dataDir, adminToken: ADMIN_TOKEN, policyFile: policy, extra: { KEYGATE_LOG_LEVEL: "info" } });

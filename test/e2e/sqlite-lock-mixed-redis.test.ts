@@ -9,6 +9,7 @@ import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { TEN_CREDITS_POLICY } from "../harness/limits-policy.js";
 
 // An embedded data directory is held by one keygate without Redis (its limits and credit balances
 // are in-process), or by any number of keygates with Redis (they share limits in Redis, as
@@ -53,12 +54,7 @@ function freshEnv(): { env: Record<string, string>; dataDir: string } {
   const policy = `${dataDir}-policy.yaml`;
   writeFileSync(
     policy,
-    stringify({
-      defaultPlan: "metered",
-      plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 100000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 } },
-      scopes: { catalog: ["scrape"], default: ["scrape"] },
-      routes: [{ method: "*", pathPrefix: "/v1/scrape", requiredScopes: ["scrape"], cost: 1 }],
-    }),
+    stringify(TEN_CREDITS_POLICY),
   );
   return { env: embeddedEnv({ dataDir, adminToken: ADMIN_TOKEN, policyFile: policy, extra: { KEYGATE_LOG_LEVEL: "info" } }), dataDir };
 }

@@ -10,6 +10,7 @@ import { suiteWithServer } from "../harness/ports.js";
 import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { until } from "../harness/poll.js";
+import { TEN_CREDITS_POLICY } from "../harness/limits-policy.js";
 
 // Usage and spent credits are written behind, and on SIGTERM (README, Caching and write-behind).
 // When the store refuses the last flush (here a full disk), keygate tries it again until the
@@ -88,10 +89,7 @@ async function keygateOnFullDisk(disk: string, graceSeconds: number) {
   writeFileSync(
     policy,
     stringify({
-      defaultPlan: "metered",
-      plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 100000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 } },
-      scopes: { catalog: ["scrape"], default: ["scrape"] },
-      routes: [{ method: "*", pathPrefix: "/v1/scrape", requiredScopes: ["scrape"], cost: 1 }],
+      ...TEN_CREDITS_POLICY,
       limits: { usageFlushSeconds: 1 },
       lastUsedFlushSeconds: 1,
     }),

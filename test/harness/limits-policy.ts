@@ -19,3 +19,14 @@ export const LIMITS_POLICY = {
   ],
   limits: { roleRateLimits: { admin: { limit: 20, windowSeconds: 60 } } },
 };
+
+/**
+ * One metered plan of 10 credits and a `/v1/scrape` route costing 1: a balance two keygates on
+ * one data directory must not both spend.
+ */
+export const TEN_CREDITS_POLICY = {
+  defaultPlan: "metered",
+  plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 100000, windowSeconds: 60 }, dailyQuota: null, monthlyCredits: 10 } },
+  scopes: { catalog: ["scrape"], default: ["scrape"] },
+  routes: [{ method: "*", pathPrefix: "/v1/scrape", requiredScopes: ["scrape"], cost: 1 }],
+};
