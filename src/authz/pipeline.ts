@@ -284,12 +284,14 @@ export class DecisionPipeline {
     cost: number,
     quotaName: string | null,
     idempotencyKey: string,
+    /** An earlier call with the key failed having recorded nothing (IdempotencyLedger.once). */
+    afterFailure = false,
   ): Promise<UsageCharge> {
     const nowMs = this.deps.nowMs();
     const keyId = key === null ? "" : key.id;
     const refused = (reason: DenyReason, limits: ChargeResult | null, message = DENIALS[reason].message): UsageCharge => {
       this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), DENIALS[reason].code, 0);
-      return { charged: false, reason, message, limits, retryAfterSeconds: limits?.retryAfterSeconds ?? null, replayed: false };
+      return { charged: false, reason, message, limits, retryAfterSeconds: limits?.retryAfterSeconds ?? null, replayed: limits?.replayed ?? false };
     };
     if (key !== null) {
       const state = keyState(key, nowMs);
@@ -315,10 +317,12 @@ export class DecisionPipeline {
       meter: test ? "test" : "live",
       quota,
       idempotencyKey,
+      recordReplay: afterFailure,
       budgetExpired: false,
     });
-    // Answered from the charge Redis kept for this key: the call that kept it counted it and its spend.
-    if (limits.replayed) {
+    // Answered from the charge Redis kept for this key: the call that kept it counted it and its
+    // spend, unless it failed before it could (afterFailure): then it is recorded here, once.
+    if (limits.replayed && !afterFailure) {
       const message = limits.reason === null ? "" : limitMessage(limits, cost);
       return { charged: limits.allowed, reason: limits.reason, message, limits, retryAfterSeconds: limits.retryAfterSeconds, replayed: true };
     }
@@ -326,7 +330,7 @@ export class DecisionPipeline {
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
     if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
     this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live", quota), spent);
-    return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null, replayed: false };
+    return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null, replayed: limits.replayed };
   }
 
   /** The limits step; a Redis meter's call is a span of a traced decision. */

@@ -37,10 +37,12 @@ const KEEP_ALL = (): boolean => true;
  * Runs a charge once per idempotency key: a repeat within IDEMPOTENCY_TTL_MS gets the first
  * answer instead of running again. A charge that throws is not remembered, so it can be retried;
  * nor is an answer `keep` rejects (a refusal by rate: no charge was made, and a retry with the
- * same key after its Retry-After is judged again).
+ * same key after its Retry-After is judged again). `run` is told `afterFailure` when an earlier
+ * call with the key threw, having recorded nothing: a charge its meter made anyway (a frozen
+ * Redis running it when it thaws) is then the retry's to record.
  */
 export interface IdempotencyLedger {
-  once<T>(key: string, run: () => Promise<T>, keep?: (value: T) => boolean): Promise<Once<T>>;
+  once<T>(key: string, run: (afterFailure: boolean) => Promise<T>, keep?: (value: T) => boolean): Promise<Once<T>>;
 }
 
 /** The ledger of one process: concurrent calls with one key share the first one's answer. */
@@ -49,14 +51,15 @@ export class LocalIdempotencyLedger implements IdempotencyLedger {
 
   constructor(private readonly nowMs: () => number = Date.now) {}
 
-  async once<T>(key: string, run: () => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
+  // In-process the meter never answers a charge its caller did not hear: afterFailure is always false.
+  async once<T>(key: string, run: (afterFailure: boolean) => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
     const known = this.#answers.get(key);
     if (known !== undefined && this.nowMs() - known.atMs < IDEMPOTENCY_TTL_MS) {
       const value = (await known.answer) as T;
       // The call it waited for was not kept (its own call has let the key go by now): judged afresh.
       return keep(value) ? { value, replayed: true } : this.once(key, run, keep);
     }
-    const answer = run();
+    const answer = run(false);
     const entry = { atMs: this.nowMs(), answer };
     this.#answers.set(key, entry);
     let value: T;
@@ -73,6 +76,11 @@ export class LocalIdempotencyLedger implements IdempotencyLedger {
 
 /** The claim's value while the charge runs; an answer is stored as JSON, which never equals it. */
 const RUNNING = "running";
+/** The key's value after a call that threw, having recorded nothing: the next call claims it. */
+const FAILED = "failed";
+
+/** Claims a key that holds FAILED, atomically: 1 when this call now holds the claim. */
+const CLAIM_FAILED = `if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0`;
 
 /**
  * The ledger shared by replicas, in Redis: the first call claims the key (SET NX), runs, and
@@ -88,20 +96,27 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
     private readonly prefix = "kg:idem:",
   ) {}
 
-  async once<T>(key: string, run: () => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
+  async once<T>(key: string, run: (afterFailure: boolean) => Promise<T>, keep: (value: T) => boolean = KEEP_ALL): Promise<Once<T>> {
     const name = this.prefix + key;
     const claimed = await this.redis.set(name, RUNNING, "PX", CLAIM_TTL_MS, "NX").catch(unavailable);
+    let afterFailure = false;
     if (claimed === null) {
       const stored = await this.redis.get(name).catch(unavailable);
       if (stored === null) return this.once(key, run, keep);
       if (stored === RUNNING) throw new IdempotencyInProgressError("a call with this idempotency key is still running; retry it shortly");
-      return { value: JSON.parse(stored) as T, replayed: true };
+      if (stored !== FAILED) return { value: JSON.parse(stored) as T, replayed: true };
+      const taken = await this.redis.eval(CLAIM_FAILED, 1, name, FAILED, RUNNING, String(CLAIM_TTL_MS)).catch(unavailable);
+      if (taken !== 1) return this.once(key, run, keep);
+      afterFailure = true;
     }
     let value: T;
     try {
-      value = await run();
+      value = await run(afterFailure);
     } catch (error) {
-      await this.redis.del(name).catch(() => undefined);
+      // Not a DEL: the charge may still be made (sent to a Redis that answers late), and the
+      // retry that finds FAILED records what it replays. Written on the same connection after the
+      // charge, so it lands after it.
+      await this.redis.set(name, FAILED, "PX", IDEMPOTENCY_TTL_MS).catch(() => undefined);
       throw error;
     }
     if (!keep(value)) {

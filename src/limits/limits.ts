@@ -49,6 +49,11 @@ export interface ChargeInput {
    */
   idempotencyKey?: string;
   /**
+   * A retry after a call with this idempotency key failed having recorded nothing: a kept answer
+   * it meets is this call's to record (its `spent` is given), not a repeat of a recorded one.
+   */
+  recordReplay?: boolean;
+  /**
    * Set by the Check's budget (withinBudget) once the Check was answered UNAVAILABLE without this
    * charge: a meter still waiting on a load charges nothing more, and does not send its charge
    * (ChargeAbandonedError). A charge already sent to Redis may still land. Always false to start.
@@ -91,7 +96,8 @@ export interface ChargeResult {
   spent: { period: string; monthly: number; topup: number } | null;
   /**
    * The answer Redis kept for this charge's idempotency key (ChargeInput.idempotencyKey): an
-   * earlier call charged, and nothing was charged now. Its spend is recorded already.
+   * earlier call charged, and nothing was charged now. Its spend is recorded already, unless
+   * ChargeInput.recordReplay said the earlier call failed (then `spent` is given).
    */
   replayed: boolean;
 }

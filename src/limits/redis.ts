@@ -351,9 +351,10 @@ export class RedisMeter implements Meter {
         reason === "RATE_LIMITED" ? Math.max(1, Math.ceil(retryMs / 1000)) : reason === "QUOTA_EXCEEDED" ? Math.max(1, Math.ceil((midnightMs - nowMs) / 1000)) : null,
       quota: input.dailyQuota === null ? null : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
       credits: input.monthlyCredits === null || balance < 0 ? null : { balance },
-      // A kept reply's credits were spent by the call that kept it, and recorded then.
+      // A kept reply's credits were spent by the call that kept it, and recorded then, unless
+      // that call failed (recordReplay): then this one records them.
       spent:
-        status === 0 && !replayed && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
+        status === 0 && (!replayed || input.recordReplay === true) && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
       replayed,
     };
   }

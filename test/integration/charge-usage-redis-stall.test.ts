@@ -62,7 +62,8 @@ describe.runIf(ready)("ChargeUsage, fail-closed, Redis stalling after the idempo
     expect(relay.heldChunks).toBeGreaterThan(0);
     // Redis answers again (SIGCONT): what was sent reaches it.
     relay.release();
-    await until(async () => (await redisCommand(redis.port, "EXISTS", `kg:idem:${ownerId} ${idempotencyKey}`)) === 0, 10_000, "the claim's DEL reaching Redis", { intervalMs: 20 });
+    // The claim is not deleted but marked failed (its retry then records what the late charge did).
+    await until(async () => (await redisCommand(redis.port, "GET", `kg:idem:${ownerId} ${idempotencyKey}`)) === "failed", 10_000, "the claim's failure mark reaching Redis", { intervalMs: 20 });
     return answer;
   }
 
@@ -85,8 +86,15 @@ describe.runIf(ready)("ChargeUsage, fail-closed, Redis stalling after the idempo
       "a retried ChargeUsage answering",
       { retryErrors: true, intervalMs: 50 },
     );
-    expect(retried.charged).toBe(true);
+    expect([retried.charged, retried.replayed]).toEqual([true, true]);
     // One charge of 3 for order-1 after the warm-up's 1: 10 - 1 - 3.
     expect(await balance(ownerId)).toBe(6n);
+    // The first call failed having recorded nothing, so the retry records the charge Redis made
+    // when it thawed, once: usage and the store's spend say what Redis says (they said 1 and 1).
+    const day = new Date().toISOString().slice(0, 10);
+    const usage = await kg.admin.getUsage({ ownerId, from: day, to: day });
+    expect({ allowed: usage.totals?.allowed, creditsUsed: usage.totals?.creditsUsed }).toEqual({ allowed: 2n, creditsUsed: 4n });
+    const { value: stored } = await untilValue(() => kg.app.store.getCredits(ownerId), (credits) => credits.monthlyUsed >= 4, 15_000, "the spend flushed", { intervalMs: 100 });
+    expect(stored.monthlyUsed).toBe(4);
   });
 });
