@@ -897,10 +897,14 @@ export class LifecycleService {
     }
   }
 
-  /** Whether the trail holds a key.revoke of `key` (one an earlier release wrote has an id of its own). */
+  /**
+   * Whether the trail holds the record of `key`'s revocation: a key.revoke (one an earlier release
+   * wrote has an id of its own), or the key.rotate of a rotation without grace, which revoked the
+   * key itself (reason "rotated").
+   */
   async #revokeRecorded(key: KeyRecord): Promise<boolean> {
     const after = await this.deps.store.listAudit({ keyId: key.id, sinceMs: key.revokedAtMs ?? undefined, limit: RECORDED_PAGE }).catch(() => []);
-    return after.some((record) => record.action === "key.revoke");
+    return after.some((record) => record.action === "key.revoke" || (record.action === "key.rotate" && record.changes["grace_days"] === 0));
   }
 
   /** Whether the trail holds the credits.add of a keyed top-up (one an earlier release wrote has an id of its own). */
