@@ -968,8 +968,8 @@ export class LifecycleService {
     // Owner ids are printable ASCII without spaces, so the first space ends one.
     const once = await this.deps.idempotency.once(
       `${owner} ${input.idempotencyKey}`,
-      async (afterFailure) => ({
-        charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure),
+      async (afterFailure, confirmClaim) => ({
+        charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure, confirmClaim),
         atMs: this.deps.nowMs(),
       }),
       // A refusal by rate charged nothing: not kept, so a retry with the key is judged again.

@@ -4,6 +4,7 @@ import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar } from "../limits/limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "../limits/limits.js";
+import type { ConfirmClaim } from "../limits/idempotency.js";
 import type { UsageRecorder } from "../limits/usage.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
@@ -286,6 +287,8 @@ export class DecisionPipeline {
     idempotencyKey: string,
     /** An earlier call with the key failed having recorded nothing (IdempotencyLedger.once). */
     afterFailure = false,
+    /** Whether the call still holds its key's claim (IdempotencyLedger.once); none: it always does. */
+    confirmClaim?: ConfirmClaim,
   ): Promise<UsageCharge> {
     const nowMs = this.deps.nowMs();
     const keyId = key === null ? "" : key.id;
@@ -318,6 +321,7 @@ export class DecisionPipeline {
       quota,
       idempotencyKey,
       recordReplay: afterFailure,
+      confirmClaim,
       budgetExpired: false,
     });
     // Answered from the charge Redis kept for this key: the call that kept it counted it and its

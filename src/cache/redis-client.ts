@@ -199,8 +199,10 @@ function clusterOptions(topology: Extract<RedisTopology, { kind: "cluster" }>, t
     // Not auto-pipelined, as on one server (redisOptions): each command is written as it is issued.
     enableAutoPipelining: false,
     scaleReads: "master",
-    // A failover moves slots: refresh the map and retry within a command's budget.
-    retryDelayOnFailover: 100,
+    // A failover moves slots: refresh the map and retry within a command's budget, when the
+    // node refused the command (MOVED, TRYAGAIN, CLUSTERDOWN). Not when its connection closed:
+    // the node may have run it, and a charge sent again would be made twice (redisOptions).
+    retryDelayOnFailover: 0,
     retryDelayOnClusterDown: 100,
     retryDelayOnTryAgain: 100,
     slotsRefreshTimeout: 2000,

@@ -15,12 +15,20 @@ import type { RedisClient, SubscriberConnection } from "./redis-client.js";
  * (its stream, its request, the pipeline's callbacks) outlived young-generation GCs and were
  * promoted, about 1.2 MB a scavenge at 3,000 Checks/s against 7 KB without it, and the old
  * generation then filled for the mark-compacts that set the p99 (docs/performance-log.md).
+ * A command whose connection resets before its answer fails at once and is never sent again:
+ * Redis may have run it (the answer was lost, not the command), and the charge script is not
+ * idempotent, so a resent Check's charge would be made twice. The reset is a Redis failure, left
+ * to each caller (limits.onRedisError, the idempotency ledger's retry, the store for L2 reads).
  */
 export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
   return {
     enableAutoPipelining: false,
     enableOfflineQueue: false,
-    maxRetriesPerRequest: 1,
+    // 0: the commands written on a connection that closes are failed when it closes; with 1 they
+    // would wait for the next connection, and be sent again on it (autoResendUnfulfilledCommands)
+    // or, with that off, only time out (commandTimeout).
+    maxRetriesPerRequest: 0,
+    autoResendUnfulfilledCommands: false,
     connectTimeout: 2000,
     commandTimeout: 1000,
     lazyConnect: true,

@@ -1,5 +1,6 @@
 import type { RateLimitRule } from "../config.js";
 import type { KeyMode } from "../store/store.js";
+import type { ConfirmClaim } from "./idempotency.js";
 
 /**
  * Who shares a rate-limit bucket: one key ("k"), an account's live or test-mode keys ("a", "t"),
@@ -53,6 +54,12 @@ export interface ChargeInput {
    * it meets is this call's to record (its `spent` is given), not a repeat of a recorded one.
    */
   recordReplay?: boolean;
+  /**
+   * ChargeUsage: resolves while the call still holds its idempotency key's claim, rejects once
+   * another call may hold it. A meter that would charge where the key's later calls cannot see it
+   * (Redis's in-process fallback) asks first. Checks have none.
+   */
+  confirmClaim?: ConfirmClaim;
   /**
    * Set by the Check's budget (withinBudget) once the Check was answered UNAVAILABLE without this
    * charge: a meter still waiting on a load charges nothing more, and does not send its charge

@@ -1,4 +1,4 @@
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { BARE_LAYOUT } from "../cache/redis-client.js";
 import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
@@ -34,12 +34,16 @@ import type { UsageRecorder } from "./usage.js";
 // was let go) is then not made a second time by the caller's retry, whichever runs first. A kept
 // reply is answered padded to 9 places with a 10th, 1, so the caller records nothing again. A
 // refusal by rate is not kept: like a payments API's 429 it is no charge, and the retry its
-// Retry-After asks for, with the same key, is judged again.
+// Retry-After asks for, with the same key, is judged again. ARGV[14], with the fourth key: the
+// charge's own nonce, kept as the 10th place (earlier releases read it as a number and overwrite
+// it with 1); a script that finds its own nonce kept (the same script run again) answers a 10th
+// place of 0, so the call records the charge it made.
 const CHARGE = `
 local function outcome(reply)
   if KEYS[4] then
     local parts = {}
-    for i, v in ipairs(reply) do parts[i] = string.format('%.0f', v) end
+    for i = 1, 9 do parts[i] = string.format('%.0f', reply[i] or 0) end
+    parts[10] = ARGV[14] or '0'
     redis.call('SET', KEYS[4], table.concat(parts, ','), 'PX', ARGV[12])
   end
   return reply
@@ -47,10 +51,11 @@ end
 if KEYS[4] then
   local kept = redis.call('GET', KEYS[4])
   if kept then
+    local parts = {}
+    for v in string.gmatch(kept, '[^,]+') do parts[#parts + 1] = v end
     local reply = {}
-    for v in string.gmatch(kept, '[^,]+') do reply[#reply + 1] = tonumber(v) end
-    for i = #reply + 1, 9 do reply[i] = 0 end
-    reply[10] = 1
+    for i = 1, 9 do reply[i] = tonumber(parts[i] or '0') or 0 end
+    if ARGV[14] and parts[10] == ARGV[14] then reply[10] = 0 else reply[10] = 1 end
     return reply
   end
 end
@@ -307,27 +312,27 @@ export class RedisMeter implements Meter {
     const period = this.#calendar.month(nowMs);
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
     const keys = [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)];
-    if (input.idempotencyKey !== undefined && !dryRun) keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
-    const reply = await this.#run(
-      CHARGE,
-      keys,
-      [
-        nowMs,
-        input.rate.windowSeconds * 1000,
-        input.rate.limit,
-        input.dailyQuota ?? -1,
-        // Relative, so the counter's life does not depend on Redis's clock agreeing with ours.
-        midnightMs + QUOTA_KEEP_MS - nowMs,
-        input.monthlyCredits === null ? 0 : 1,
-        input.monthlyCredits ?? 0,
-        period,
-        input.cost,
-        dryRun ? 1 : 0,
-        this.#creditIdleMs,
-        IDEMPOTENCY_TTL_MS,
-        input.countsDaily ? 1 : 0,
-      ],
-    );
+    const args: Array<string | number> = [
+      nowMs,
+      input.rate.windowSeconds * 1000,
+      input.rate.limit,
+      input.dailyQuota ?? -1,
+      // Relative, so the counter's life does not depend on Redis's clock agreeing with ours.
+      midnightMs + QUOTA_KEEP_MS - nowMs,
+      input.monthlyCredits === null ? 0 : 1,
+      input.monthlyCredits ?? 0,
+      period,
+      input.cost,
+      dryRun ? 1 : 0,
+      this.#creditIdleMs,
+      IDEMPOTENCY_TTL_MS,
+      input.countsDaily ? 1 : 0,
+    ];
+    if (input.idempotencyKey !== undefined && !dryRun) {
+      keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
+      args.push(randomBytes(9).toString("base64url"));
+    }
+    const reply = await this.#run(CHARGE, keys, args);
     if (!Array.isArray(reply) || reply.length < 8 || reply.length > 10 || !reply.every((v): v is number => typeof v === "number")) {
       throw new Error("unexpected reply from the charge script");
     }
@@ -403,6 +408,12 @@ export class RedisMeter implements Meter {
 
   /** A charge without Redis, as limits.onRedisError says: counted in-process, or let through. */
   #degraded(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+    // A ChargeUsage's retries look for its charge in Redis, under its idempotency key: one that
+    // outlasted its claim (a retry may hold the key, and have charged) charges nothing here.
+    if (input.confirmClaim !== undefined) {
+      const { confirmClaim, ...confirmed } = input;
+      return confirmClaim().then(() => this.#degraded(confirmed));
+    }
     if (this.onError === "fallback") {
       this.#fellBack = true;
       return this.fallback.charge(input);
