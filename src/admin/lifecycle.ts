@@ -408,7 +408,12 @@ export class LifecycleService {
     if (spanDays < 0) throw new InvalidArgumentError("to", "must not be before from");
     if (spanDays > MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `must be at most ${MAX_USAGE_DAYS} days after from`);
     await this.deps.usage.flush();
-    const rows = await this.deps.store.listUsage(ownerId, from, to);
+    // What the flush could not write (the store refusing it: a full disk) is still this
+    // replica's to report: added from the recorder, each row counted once (withOwnerRowsSettled).
+    const rows = await this.deps.usage.withOwnerRowsSettled(ownerId, from, to, async () => {
+      const stored = await this.deps.store.listUsage(ownerId, from, to);
+      return [...stored, ...this.deps.usage.pendingRows(ownerId, from, to)];
+    });
     // Names as they are now, one read per key in the range (a report, not the hot path).
     const names = new Map<string, string>();
     for (const keyId of new Set(rows.map((row) => row.keyId))) {

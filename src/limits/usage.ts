@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
 import { PartialWriteError } from "../store/errors.js";
-import type { CreditDelta, MeteringStore, UsageDelta } from "../store/store.js";
+import type { CreditDelta, MeteringStore, UsageDelta, UsageRow } from "../store/store.js";
 import { FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
 import type { WriteBehindOptions } from "../store/write-behind.js";
 
@@ -80,6 +80,17 @@ export class UsageRecorder {
     return this.#asReader(read);
   }
 
+  /**
+   * Runs `read` (a store read of an owner's usage rows from `fromDay` to `toDay`, with pendingRows()
+   * inside it) once none of those rows is in the batch being written, and keeps the next batch from
+   * being taken until it ends: each row is then in exactly one of the store's answer and
+   * pendingRows(), as in withRowsSettled.
+   */
+  async withOwnerRowsSettled<T>(ownerId: string, fromDay: string, toDay: string, read: () => Promise<T>): Promise<T> {
+    while (this.#ownerRowsInFlight(ownerId, fromDay, toDay)) await new Promise<void>((resolve) => this.#flightMoved.push(resolve));
+    return this.#asReader(read);
+  }
+
   async #asReader<T>(read: () => Promise<T>): Promise<T> {
     this.#readers += 1;
     try {
@@ -96,6 +107,16 @@ export class UsageRecorder {
     for (let i = flight.written; i < flight.rows.length; i++) {
       const row = flight.rows[i];
       if (row !== undefined && row.ownerId === ownerId && row.day === day && row.outcome === outcome) return true;
+    }
+    return false;
+  }
+
+  #ownerRowsInFlight(ownerId: string, fromDay: string, toDay: string): boolean {
+    const flight = this.#flight;
+    if (flight === null) return false;
+    for (let i = flight.written; i < flight.rows.length; i++) {
+      const row = flight.rows[i];
+      if (row !== undefined && row.ownerId === ownerId && row.day >= fromDay && row.day <= toDay) return true;
     }
     return false;
   }
@@ -156,6 +177,20 @@ export class UsageRecorder {
       for (const entry of rows) if (entry.ownerId === ownerId && entry.day === day && entry.outcome === outcome) total += entry.count;
     }
     return total;
+  }
+
+  /**
+   * An owner's usage rows from `fromDay` to `toDay` waiting for the next flush (after a failed one
+   * too), as the store lists them; not those of the batch being written (see withOwnerRowsSettled).
+   */
+  pendingRows(ownerId: string, fromDay: string, toDay: string): UsageRow[] {
+    const rows: UsageRow[] = [];
+    for (const entries of this.#usage.values()) {
+      for (const { ownerId: owner, keyId, day, outcome, count, credits } of entries) {
+        if (owner === ownerId && day >= fromDay && day <= toDay) rows.push({ keyId, day, outcome, count, credits });
+      }
+    }
+    return rows;
   }
 
   /** Credits of an owner spent but not yet in the store. */
