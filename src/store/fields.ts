@@ -38,8 +38,11 @@ export const KEY_FIELDS = {
   disabledAtMs: { sqlite: "disabled_at", mongo: "disabled_at", proto: "disabledAt" },
 } as const satisfies Record<keyof KeyRecord, FieldPlaces>;
 
-/** Stored with a key, in no record field: MongoDB's count of the key against its plan's cap, and in which counter (live or test). */
-export const KEY_STORE_ONLY = { sqlite: [] as readonly string[], mongo: ["counted", "test_slot"] as readonly string[] };
+/**
+ * Stored with a key, in no record field: MongoDB's count of the key against its plan's cap, in
+ * which counter (live or test), and the nonce of its slot's release while one is in progress.
+ */
+export const KEY_STORE_ONLY = { sqlite: [] as readonly string[], mongo: ["counted", "test_slot", "slot_release"] as readonly string[] };
 /** In KeyAdmin's ApiKey, derived rather than stored: the key's state at the time of the answer. */
 export const KEY_PROTO_ONLY: readonly string[] = ["state"];
 
@@ -55,11 +58,12 @@ export const ACCOUNT_FIELDS = {
 
 /**
  * Stored with an account, in no AccountRecord field: the credit state (CreditState), and in
- * MongoDB the cap counts (live and test keys) and the keyed top-ups (TOPUP_FIELDS).
+ * MongoDB the cap counts (live and test keys), the tokens of their changes (slot_claims) and the
+ * keyed top-ups (TOPUP_FIELDS).
  */
 export const ACCOUNT_STORE_ONLY = {
   sqlite: ["credit_period", "monthly_used", "topup_balance", "topup_total"] as readonly string[],
-  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count", "active_test_key_count", "credit_topups"] as readonly string[],
+  mongo: ["credit_period", "monthly_used", "topup_balance", "topup_total", "active_key_count", "active_test_key_count", "credit_topups", "slot_claims"] as readonly string[],
 };
 
 /**

@@ -1,6 +1,7 @@
 import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
 import type { Logger } from "pino";
+import { decodeTime, ulid } from "ulid";
 import {
   CapExceededError,
   ConflictError,
@@ -65,6 +66,12 @@ export interface AccountDoc {
    * keyed top-up. Absent on accounts written before it existed, or never topped up with a key: none.
    */
   credit_topups?: TopUpDoc[];
+  /**
+   * The slot changes in progress (SlotClaim), each written in the same update as its change to a
+   * counter, so a retried change is made once. Absent (on accounts written before it existed, and
+   * by releases that know nothing of it): none.
+   */
+  slot_claims?: string[];
 }
 
 /** A keyed top-up in its account's credit_topups (the owner is the account's _id). */
@@ -137,6 +144,11 @@ export interface KeyDoc {
    * moves the test keys among them).
    */
   test_slot?: boolean;
+  /**
+   * Set with `counted: false` when the key's slot is released, to the release's nonce, until the
+   * account's counter has given the slot back under "rel:<nonce>" (#releaseSlot); absent: none.
+   */
+  slot_release?: string | null;
 }
 
 export const accountSchema = new mongoose.Schema<AccountDoc>(
@@ -155,6 +167,8 @@ export const accountSchema = new mongoose.Schema<AccountDoc>(
     topup_total: { type: Number, default: 0 },
     // No default: an account never topped up with a key has no array, as before it existed.
     credit_topups: { type: [topUpSchema], default: undefined },
+    // No default either: an account that never had a slot change in progress has no array.
+    slot_claims: { type: [String], default: undefined },
   },
   { collection: "accounts", versionKey: false, strict: "throw" },
 );
@@ -214,6 +228,7 @@ export const keySchema = new mongoose.Schema<KeyDoc>(
     disabled_at: { type: Date, default: null },
     counted: { type: Boolean, required: true },
     test_slot: { type: Boolean, default: false },
+    slot_release: { type: String, default: undefined },
   },
   // minimize: false keeps an empty metadata as {}, as the Map wrote it, rather than leaving it out.
   { collection: "keys", versionKey: false, strict: "throw", minimize: false },
@@ -225,13 +240,103 @@ keySchema.index({ project_id: 1 }, { name: "project" });
 /** The fields of an account that toAccount reads: a Check needs no counters or credits. */
 type AccountSnapshotDoc = Pick<AccountDoc, "_id" | "plan" | "subscription_status" | "role" | "created_at" | "updated_at">;
 /** The fields of a key that toKey reads: all but the slot flags. */
-type KeySnapshotDoc = Omit<KeyDoc, "counted" | "test_slot">;
+type KeySnapshotDoc = Omit<KeyDoc, "counted" | "test_slot" | "slot_release">;
 
 /** The account counter a key's slot is held in. */
 type SlotCounter = "active_key_count" | "active_test_key_count";
+/** The fields of a key that #settleSlots reads. */
+type SlotWorkKey = Pick<KeyDoc, "_id" | "counted" | "expires_at" | "revoked_at" | "test_slot" | "slot_release">;
 
 function slotCounter(key: Pick<KeyDoc, "test_slot">): SlotCounter {
   return key.test_slot === true ? "active_test_key_count" : "active_key_count";
+}
+
+/**
+ * How long a slot change may take, from the time its token carries (a key id's ULID, a release
+ * nonce's): past it, the operation that began the change writes nothing more for it (#within),
+ * and the next CreateKey of the owner finishes or undoes it (#settleSlots).
+ */
+export const SLOT_LEASE_MS = 30_000;
+
+/**
+ * A token in accounts.slot_claims, written in the same update as the counter change it names:
+ * "add:<mode>:<keyId>", a slot taken for a key being inserted; "rel:<nonce>", the slot of a key
+ * whose slot_release is that nonce, given back; "mv:<keyId>", schema step 2's move of a legacy
+ * test key's slot to the test counter. An update that adds one filters on its absence, one that
+ * undoes or consumes one on its presence, so each change is made once however often it is sent.
+ */
+type SlotClaim = { kind: "add"; mode: KeyMode; keyId: string } | { kind: "rel"; nonce: string } | { kind: "mv"; keyId: string };
+
+const addClaim = (mode: KeyMode, keyId: string): string => `add:${mode}:${keyId}`;
+const releaseClaim = (nonce: string): string => `rel:${nonce}`;
+const moveClaim = (keyId: string): string => `mv:${keyId}`;
+
+/** A token of slot_claims read back; null for one this release does not know (a newer one's). */
+function parseClaim(token: string): SlotClaim | null {
+  const [kind, first, second, ...rest] = token.split(":");
+  if (rest.length > 0 || first === undefined || first === "") return null;
+  if (kind === "add" && (first === "live" || first === "test") && second !== undefined && second !== "") return { kind, mode: first, keyId: second };
+  if (kind === "rel" && second === undefined) return { kind, nonce: first };
+  if (kind === "mv" && second === undefined) return { kind, keyId: first };
+  return null;
+}
+
+/** The time of a ULID, bare (a nonce) or after a prefix ("key_…"); null when `text` holds none. */
+function ulidTimeMs(text: string): number | null {
+  try {
+    return decodeTime(text.slice(text.lastIndexOf("_") + 1));
+  } catch {
+    return null;
+  }
+}
+
+/** The hash of a placeholder: never a key's (HMAC-SHA256 in hex), so no Check finds it, and unique as the id is. */
+const placeholderHash = (id: string): string => `never-issued:${id}`;
+
+/**
+ * A revoked document that takes `id`, the id of a key that was never issued, so an insert of it
+ * still on its way fails on _id instead of landing. It holds no slot.
+ */
+function placeholderDocument(id: string, like: Pick<KeyDoc, "owner_id" | "project_id" | "name" | "mode" | "start" | "scopes" | "expires_at" | "rate_limit" | "test_slot">, now: Date, reason: string): KeyDoc {
+  return {
+    _id: id,
+    hash: placeholderHash(id),
+    owner_id: like.owner_id,
+    project_id: like.project_id,
+    name: like.name,
+    mode: like.mode,
+    start: like.start,
+    last4: "",
+    scopes: like.scopes,
+    metadata: {},
+    created_at: now,
+    last_used_at: null,
+    expires_at: like.expires_at,
+    revoked_at: now,
+    revoke_reason: reason,
+    grace_ends_at: null,
+    rotated_to_id: null,
+    rate_limit: like.rate_limit,
+    disabled_at: null,
+    counted: false,
+    test_slot: like.test_slot === true,
+  };
+}
+
+/** Whether a driver error is E11000 (a unique index refused the write). */
+const duplicate = (error: unknown): boolean => error instanceof Error && "code" in error && error.code === 11000;
+
+/**
+ * Sends an idempotent write (one a slot token makes happen once) a second time when the first
+ * fails: its answer may only have been lost. `before` runs first (#within).
+ */
+async function resend<T>(write: () => Promise<T>, before: () => void): Promise<T> {
+  try {
+    return await write();
+  } catch {
+    before();
+    return await write();
+  }
 }
 /** One document of the cold lookup's answer: a hash asked for, its key and the key's account, each absent when not found. */
 export interface AnchoredSnapshotDoc {
@@ -525,6 +630,11 @@ export interface MongoConnectOptions {
   lookupTimeoutMs?: number;
   /** Where a key insert whose outcome could not be settled is reported, at error level, by ids. */
   logger?: Pick<Logger, "error">;
+  /**
+   * The wall clock slot changes are timed on against SLOT_LEASE_MS (default Date.now, the clock
+   * key ids are made on): tests move it past a lease instead of waiting for one.
+   */
+  clock?: () => number;
 }
 
 /**
@@ -532,7 +642,10 @@ export interface MongoConnectOptions {
  * without transactions: one conditional increment on the account admits a key, the insert
  * follows, and an insert sure to have made nothing gives the slot back (one whose answer was
  * lost is settled first: #insertMade). Each key's `counted` flag makes the release on revoke or
- * expiry happen exactly once.
+ * expiry happen exactly once. Every change to a counter carries a token (SlotClaim) in the same
+ * update, so one retried after a lost answer is made once, and one left unfinished (its answer
+ * and the read that would settle it both lost, or the process gone) is finished or undone by the
+ * owner's next CreateKey once its lease is over (#settleSlots).
  */
 export class MongoKeyStore implements KeyStore {
   readonly kind = "mongodb";
@@ -559,11 +672,14 @@ export class MongoKeyStore implements KeyStore {
   /** Cold lookups, read together when they come together (LookupBatcher). */
   readonly #lookups: LookupBatcher<AnchoredSnapshotDoc>;
   readonly #logger: Pick<Logger, "error"> | undefined;
+  readonly #clock: () => number;
 
   /** Called once the connection is open, so its driver database exists. */
-  private constructor(connection: Connection, lookupTimeoutMs = LOOKUP_TIMEOUT_MS, logger?: Pick<Logger, "error">) {
+  private constructor(connection: Connection, options: Pick<MongoConnectOptions, "lookupTimeoutMs" | "logger" | "clock"> = {}) {
+    const lookupTimeoutMs = options.lookupTimeoutMs ?? LOOKUP_TIMEOUT_MS;
     this.#connection = connection;
-    this.#logger = logger;
+    this.#logger = options.logger;
+    this.#clock = options.clock ?? Date.now;
     this.#accounts = connection.model<AccountDoc>("Account", accountSchema);
     this.#keys = connection.model<KeyDoc>("Key", keySchema);
     this.#usage = connection.model<UsageDoc>("Usage", usageSchema);
@@ -600,7 +716,7 @@ export class MongoKeyStore implements KeyStore {
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     await guarded(() => connection.asPromise());
-    const store = new MongoKeyStore(connection, options.lookupTimeoutMs, options.logger);
+    const store = new MongoKeyStore(connection, options);
     try {
       const pending = await guarded(() => store.pendingMigrations());
       if (options.migrate === false && pending.length > 0) throw new MigrationsPendingError("MongoDB", pending);
@@ -676,18 +792,53 @@ export class MongoKeyStore implements KeyStore {
         description:
           "test-mode keys hold slots of their own: each counted test key moves from accounts.active_key_count to " +
           "accounts.active_test_key_count (once per key: keys.test_slot)",
-        apply: async () => {
-          const legacy = await this.#keys.find({ mode: "test", test_slot: { $ne: true } }, { _id: 1, owner_id: 1, counted: 1 }).lean<Array<Pick<KeyDoc, "_id" | "owner_id" | "counted">>>();
-          for (const key of legacy) {
-            // The filter makes each move happen once, whoever runs the step.
-            const moved = await this.#keys.updateOne({ _id: key._id, test_slot: { $ne: true } }, { $set: { test_slot: true } });
-            if (moved.modifiedCount === 1 && key.counted) {
-              await this.#accounts.updateOne({ _id: key.owner_id }, { $inc: { active_key_count: -1, active_test_key_count: 1 } });
-            }
-          }
-        },
+        // Released as the key's mark, then the move: a start stopped between them left the move
+        // undone for good. The move now goes first, with its token; a database the step
+        // completed on is the same either way, and the step never runs on it again.
+        apply: () => this.#moveLegacyTestSlots(),
       },
     ];
+  }
+
+  /**
+   * Schema step 2: each legacy test key (test_slot not true) is marked, and a counted one's slot
+   * first moved from active_key_count to active_test_key_count with its token (mv:<keyId>) in
+   * the same update. The token stays: a start stopped between the move and the mark is finished
+   * by the next (the key is still legacy, its move is not made again), and of two replicas
+   * running the step at once, one that read the key before the other marked it cannot move it
+   * again however late its move comes (pulling the token after the mark would allow that).
+   */
+  async #moveLegacyTestSlots(): Promise<void> {
+    const legacy = await this.#keys.find({ mode: "test", test_slot: { $ne: true } }, { _id: 1, owner_id: 1, counted: 1 }).lean<Array<Pick<KeyDoc, "_id" | "owner_id" | "counted">>>();
+    for (const key of legacy) {
+      if (key.counted) {
+        const token = moveClaim(key._id);
+        await this.#accounts.updateOne(
+          { _id: key.owner_id, slot_claims: { $ne: token } },
+          { $inc: { active_key_count: -1, active_test_key_count: 1 }, $push: { slot_claims: token } },
+        );
+      }
+      await this.#keys.updateOne({ _id: key._id, test_slot: { $ne: true } }, { $set: { test_slot: true } });
+    }
+  }
+
+  /** Whether the lease of the change named by a ULID (a key id's, a nonce) is over; false when it holds none. */
+  #leaseOver(ulidText: string): boolean {
+    const atMs = ulidTimeMs(ulidText);
+    return atMs !== null && this.#clock() - atMs >= SLOT_LEASE_MS;
+  }
+
+  /**
+   * Throws once the wall clock reaches `deadlineMs`, the end of a slot change's lease: after it
+   * the repair may be making the same change (#settleSlots), and a write of ours could then be
+   * made twice. It is checked before each write, not during one: a write sent just before the
+   * deadline and made after it (a process frozen with the write out, a server that runs it late)
+   * is the residual risk, which the lease's length makes small.
+   */
+  #within(deadlineMs: number): void {
+    if (this.#clock() >= deadlineMs) {
+      throw new StoreUnavailableError(`a change to an account's key slots took longer than ${SLOT_LEASE_MS} ms; the owner's next CreateKey settles it`);
+    }
   }
 
   /**
@@ -761,6 +912,11 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
+    return toAccount(await guarded(() => this.#upsertAccountDoc(input, defaults, nowMs)));
+  }
+
+  /** upsertAccount's one write, answering the whole document (createKey reads its slot claims). */
+  async #upsertAccountDoc(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountDoc> {
     const now = new Date(nowMs);
     const set: Partial<AccountDoc> = { updated_at: now };
     const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0, active_test_key_count: 0 };
@@ -770,11 +926,9 @@ export class MongoKeyStore implements KeyStore {
     else onInsert.subscription_status = defaults.subscriptionStatus;
     if (input.role !== undefined) set.role = input.role;
     else onInsert.role = defaults.role;
-    const doc = await guarded(() =>
-      this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, returnDocument: "after" }).lean<AccountDoc>(),
-    );
+    const doc = await this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, returnDocument: "after" }).lean<AccountDoc>();
     if (doc === null) throw new Error(`upsert of account ${input.ownerId} returned nothing`);
-    return toAccount(doc);
+    return doc;
   }
 
   async getAccount(ownerId: string): Promise<AccountRecord | null> {
@@ -786,44 +940,183 @@ export class MongoKeyStore implements KeyStore {
     return guarded(() => this.#keys.countDocuments({ ...activeFilter(ownerId, nowMs), mode }));
   }
 
-  /** Gives back the slots of keys that expired; the `counted` flag makes each release happen once. */
-  async #releaseExpired(ownerId: string, nowMs: number): Promise<void> {
-    const expired = await this.#keys
-      .find({ owner_id: ownerId, counted: true, expires_at: { $ne: null, $lte: new Date(nowMs) } }, { _id: 1 })
-      .lean<Array<{ _id: string }>>();
-    for (const { _id } of expired) await this.#releaseSlot(_id, ownerId);
+  /**
+   * The owner's keys with slot work to do, in one query on the owner index: counted keys that
+   * expired, or were revoked (a revoke, or an undone rotation, stopped before its release);
+   * keys whose release is unfinished (slot_release); legacy test keys (schema step 2 may have
+   * moved one's slot and not marked it).
+   */
+  async #keysWithSlotWork(ownerId: string, nowMs: number): Promise<SlotWorkKey[]> {
+    return this.#keys
+      .find(
+        {
+          owner_id: ownerId,
+          $or: [
+            { counted: true, expires_at: { $ne: null, $lte: new Date(nowMs) } },
+            { counted: true, revoked_at: { $ne: null } },
+            { slot_release: { $ne: null } },
+            { mode: "test", test_slot: { $ne: true } },
+          ],
+        },
+        { _id: 1, counted: 1, expires_at: 1, revoked_at: 1, test_slot: 1, slot_release: 1 },
+      )
+      .lean<SlotWorkKey[]>();
   }
 
+  /**
+   * Run by createKey before its admission: gives back the slots of counted keys that expired or
+   * were revoked, and finishes or undoes the owner's slot changes left unfinished whose lease is
+   * over (SLOT_LEASE_MS; one still in it is left to its own operation). `account` was read before
+   * the keys are: a rel: token seen then, with no key holding its nonce now, is surely finished.
+   * Nothing but that one query when there is nothing to do.
+   */
+  async #settleSlots(account: AccountDoc, nowMs: number): Promise<void> {
+    const claims = account.slot_claims ?? [];
+    const keys = await this.#keysWithSlotWork(account._id, nowMs);
+    // mv: tokens stay for good (#moveLegacyTestSlots); only a legacy key read above needs one.
+    if (keys.length === 0 && claims.every((token) => parseClaim(token)?.kind === "mv")) return;
+    const releasing = new Set(keys.flatMap((key) => (typeof key.slot_release === "string" ? [key.slot_release] : [])));
+    for (const token of claims) {
+      const claim = parseClaim(token);
+      if (claim?.kind === "add" && this.#leaseOver(claim.keyId)) await this.#settleAdmission(account._id, claim.mode, claim.keyId, new Date(nowMs));
+      if (claim?.kind === "rel" && !releasing.has(claim.nonce)) await this.#accounts.updateOne({ _id: account._id }, { $pull: { slot_claims: token } });
+    }
+    for (const key of keys) {
+      let testSlot = key.test_slot === true;
+      if (!testSlot && claims.includes(moveClaim(key._id))) {
+        await this.#keys.updateOne({ _id: key._id, test_slot: { $ne: true } }, { $set: { test_slot: true } });
+        testSlot = true;
+      }
+      if (typeof key.slot_release === "string") {
+        if (this.#leaseOver(key.slot_release)) await this.#resumeRelease(key._id, account._id, key.slot_release, slotCounter({ test_slot: testSlot }), claims);
+      } else if (key.counted && (key.revoked_at !== null || (key.expires_at !== null && key.expires_at.getTime() <= nowMs))) {
+        await this.#releaseSlot(key._id, account._id);
+      }
+    }
+  }
+
+  /**
+   * An admission whose lease is over: its key is in (the token is pulled; the slot stays the
+   * key's, revoked or not: a revoke gives it back under a release of its own), or it never
+   * will be: its id is taken by a revoked placeholder first, so an insert still on its way fails,
+   * and the slot goes back with the token. Either write is decided by the token or the _id
+   * index, so it is made once whatever the admission's own operation is still doing.
+   */
+  async #settleAdmission(ownerId: string, mode: KeyMode, keyId: string, now: Date): Promise<void> {
+    const like = { owner_id: ownerId, project_id: null, name: "never issued", mode, start: "", scopes: [], expires_at: null, rate_limit: null, test_slot: mode === "test" };
+    const placed = await this.#placePlaceholder(placeholderDocument(keyId, like, now, "never issued: the admission that named it was not finished"));
+    const found = placed ? null : await this.#keys.findById(keyId, { hash: 1 }).lean<Pick<KeyDoc, "hash">>();
+    const token = addClaim(mode, keyId);
+    if (placed || found?.hash === placeholderHash(keyId)) {
+      const undone = await this.#consumeAdmission(ownerId, mode, token);
+      if (undone) this.#logger?.error({ keyId, ownerId }, "a key admission whose key never went in was undone, its slot given back");
+    } else if (found !== null) {
+      await this.#accounts.updateOne({ _id: ownerId }, { $pull: { slot_claims: token } });
+    }
+  }
+
+  /** Gives back the slot of an admission whose key is not in, once: true when this call did. */
+  async #consumeAdmission(ownerId: string, mode: KeyMode, token: string): Promise<boolean> {
+    const counter = slotCounter({ test_slot: mode === "test" });
+    const consumed = await resend(
+      () => this.#accounts.updateOne({ _id: ownerId, slot_claims: token }, { $inc: { [counter]: -1 }, $pull: { slot_claims: token } }),
+      () => undefined,
+    );
+    return consumed.modifiedCount > 0;
+  }
+
+  /**
+   * Releases a key's slot: the flip of `counted` (only the call that makes it gives the slot
+   * back) carries a nonce, so a flip whose answer was lost is read back as made or not, and the
+   * release is finished by the steps of #finishRelease. A flip still unknown after that read is
+   * found by #settleSlots once its lease is over.
+   */
   async #releaseSlot(keyId: string, ownerId: string): Promise<void> {
-    // The document as it was: only the call that turned `counted` off gives the slot back.
-    const released = await this.#keys.findOneAndUpdate({ _id: keyId, counted: true }, { $set: { counted: false } }, { projection: { test_slot: 1 } }).lean<Pick<KeyDoc, "test_slot">>();
-    if (released !== null) await this.#accounts.updateOne({ _id: ownerId }, { $inc: { [slotCounter(released)]: -1 } });
+    const nonce = ulid(this.#clock());
+    let released: Pick<KeyDoc, "test_slot"> | null;
+    try {
+      released = await this.#keys
+        .findOneAndUpdate({ _id: keyId, counted: true }, { $set: { counted: false, slot_release: nonce } }, { projection: { test_slot: 1 } })
+        .lean<Pick<KeyDoc, "test_slot">>();
+    } catch (error) {
+      if (neverWritten(error)) throw error;
+      const now = await this.#keys.findById(keyId, { test_slot: 1, slot_release: 1 }).lean<Pick<KeyDoc, "test_slot" | "slot_release">>();
+      if (now?.slot_release !== nonce) throw error;
+      released = now;
+    }
+    if (released !== null) await this.#finishRelease(keyId, ownerId, nonce, slotCounter(released));
+  }
+
+  /**
+   * The account's side of a release under `nonce`, in three steps, each made once however often
+   * it is sent: the counter gives the slot back with the token rel:<nonce>; the key's nonce is
+   * cleared; the token is pulled (only then: while the key holds the nonce, the token must stay,
+   * or the first step would be made again). None is sent once the nonce's lease is over, when
+   * #resumeRelease may be finishing the release.
+   */
+  async #finishRelease(keyId: string, ownerId: string, nonce: string, counter: SlotCounter): Promise<void> {
+    const token = releaseClaim(nonce);
+    const within = (): void => this.#within((ulidTimeMs(nonce) ?? 0) + SLOT_LEASE_MS);
+    within();
+    await resend(() => this.#accounts.updateOne({ _id: ownerId, slot_claims: { $ne: token } }, { $inc: { [counter]: -1 }, $push: { slot_claims: token } }), within);
+    await this.#clearRelease(keyId, ownerId, nonce, within);
+  }
+
+  /** The last two steps of #finishRelease. */
+  async #clearRelease(keyId: string, ownerId: string, nonce: string, within: () => void): Promise<void> {
+    within();
+    await resend(() => this.#keys.updateOne({ _id: keyId, slot_release: nonce }, { $unset: { slot_release: 1 } }), within);
+    await resend(() => this.#accounts.updateOne({ _id: ownerId }, { $pull: { slot_claims: releaseClaim(nonce) } }), () => undefined);
+  }
+
+  /**
+   * A release whose lease is over (its operation sends nothing more). When the account held
+   * rel:<nonce> (`claims`, read before the key), the slot was given back, and only its nonce and
+   * token are cleared. Otherwise the release is taken over under a nonce of its own, which one
+   * repair alone can do (the key's nonce is the filter), and made anew.
+   */
+  async #resumeRelease(keyId: string, ownerId: string, nonce: string, counter: SlotCounter, claims: readonly string[]): Promise<void> {
+    if (claims.includes(releaseClaim(nonce))) {
+      await this.#clearRelease(keyId, ownerId, nonce, () => undefined);
+      return;
+    }
+    const next = ulid(this.#clock());
+    const taken = await this.#keys.updateOne({ _id: keyId, slot_release: nonce }, { $set: { slot_release: next } });
+    if (taken.modifiedCount === 0) return;
+    this.#logger?.error({ keyId, ownerId }, "a key release left unfinished was finished");
+    await this.#finishRelease(keyId, ownerId, next, counter);
   }
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
     return guarded(async () => {
-      await this.upsertAccount({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
-      await this.#releaseExpired(record.ownerId, limits.nowMs);
+      await this.#settleSlots(await this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs), limits.nowMs);
+      const token = addClaim(record.mode, record.id);
+      let rotationsUndone = false;
       // The plan is part of the filter, so a concurrent plan change makes this retry, not miscount.
       for (let attempt = 0; attempt < 3; attempt++) {
         const account = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
         if (account === null) throw new Error(`account ${record.ownerId} vanished`);
         const cap = limits.maxActiveKeysFor(account.plan, record.mode);
-        const counter = slotCounter({ test_slot: record.mode === "test" });
         if (cap <= 0) throw new CapExceededError(account.plan, cap, record.mode);
-        // An account written before test keys were counted apart has no test counter: 0.
-        const free = counter === "active_test_key_count" ? { $or: [{ [counter]: { $lt: cap } }, { [counter]: { $exists: false } }] } : { [counter]: { $lt: cap } };
-        const admitted = await this.#accounts.updateOne({ _id: record.ownerId, plan: account.plan, ...free }, { $inc: { [counter]: 1 } });
-        if (admitted.modifiedCount === 0) {
+        if (!(await this.#admit(record, account.plan, cap, token))) {
           const now = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
           if (now !== null && now.plan !== account.plan) continue;
-          throw new CapExceededError(account.plan, cap, record.mode);
+          // Taken by an earlier send of this same admission (the driver's retry of a write).
+          if (now?.slot_claims?.includes(token) !== true) {
+            if (!rotationsUndone && (await this.#undoRevokedRotations(record.ownerId, limits.nowMs))) {
+              rotationsUndone = true;
+              continue;
+            }
+            throw new CapExceededError(account.plan, cap, record.mode);
+          }
         }
         try {
           await this.#keys.create(keyDocument(record, true));
         } catch (error) {
-          return this.#failCreate(record, counter, limits.nowMs, error);
+          return this.#failCreate(record, token, limits.nowMs, error);
         }
+        // The key holds the slot now. A token this fails to pull is pulled by #settleAdmission.
+        await this.#accounts.updateOne({ _id: record.ownerId }, { $pull: { slot_claims: token } }).catch(() => undefined);
         return record;
       }
       throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
@@ -831,22 +1124,70 @@ export class MongoKeyStore implements KeyStore {
   }
 
   /**
-   * After a failed insert of a key whose slot was taken: the slot goes back when the insert
-   * surely made nothing. When it made the key, the key holds the slot but its secret never
-   * reaches the caller, so no one can ever present it: it is revoked and the slot given back,
-   * rather than kept active and holding the cap until someone notices (a retry of the create
-   * then fits under the cap). The call still fails, as unavailable.
+   * At the cap: undoes the rotations of the owner's revoked keys whose new key never went in and
+   * whose lease is over (a revoke that came while such a rotation could still be finishing left
+   * it), which gives their slots back; true when one was undone. Only a revoked key's: undoing
+   * the rotation of one that is not would make a key its operator rotated away work again (its
+   * caller's retry of the rotation undoes that). Read only when a CreateKey is refused.
    */
-  async #failCreate(record: KeyRecord, counter: SlotCounter, nowMs: number, error: unknown): Promise<never> {
+  async #undoRevokedRotations(ownerId: string, nowMs: number): Promise<boolean> {
+    const rotated = await this.#keys
+      .find({ owner_id: ownerId, revoked_at: { $ne: null }, counted: false, rotated_to_id: { $ne: null } })
+      .lean<KeyDoc[]>();
+    const stale = rotated.filter((key) => key.rotated_to_id !== null && this.#leaseOver(key.rotated_to_id));
+    if (stale.length === 0) return false;
+    const nextIds = stale.flatMap((key) => (key.rotated_to_id === null ? [] : [key.rotated_to_id]));
+    const issued = await this.#keys.find({ _id: { $in: nextIds } }, { hash: 1 }).lean<Array<Pick<KeyDoc, "_id" | "hash">>>();
+    const made = new Set(issued.filter((key) => key.hash !== placeholderHash(key._id)).map((key) => key._id));
+    let undone = false;
+    for (const key of stale) {
+      if (key.rotated_to_id !== null && !made.has(key.rotated_to_id)) undone = (await this.#undoUnfinishedRotation(key, new Date(nowMs))) || undone;
+    }
+    return undone;
+  }
+
+  /**
+   * Takes a slot for `record` while its counter is below the cap, with the admission's token:
+   * true when taken. A lost answer is settled by reading the token: an admission made is undone
+   * and the call fails as unavailable (the caller retries); when that read fails too, the token
+   * stays for #settleSlots.
+   */
+  async #admit(record: KeyRecord, plan: string, cap: number, token: string): Promise<boolean> {
+    const counter = slotCounter({ test_slot: record.mode === "test" });
+    // An account written before test keys were counted apart has no test counter: 0.
+    const free = counter === "active_test_key_count" ? { $or: [{ [counter]: { $lt: cap } }, { [counter]: { $exists: false } }] } : { [counter]: { $lt: cap } };
+    try {
+      const admitted = await this.#accounts.updateOne(
+        { _id: record.ownerId, plan, slot_claims: { $ne: token }, ...free },
+        { $inc: { [counter]: 1 }, $push: { slot_claims: token } },
+      );
+      return admitted.modifiedCount > 0;
+    } catch (error) {
+      if (neverWritten(error)) throw error;
+      if ((await this.#accounts.exists({ _id: record.ownerId, slot_claims: token })) !== null) await this.#consumeAdmission(record.ownerId, record.mode, token);
+      throw error;
+    }
+  }
+
+  /**
+   * After a failed insert of a key whose slot was taken: the slot goes back with the admission's
+   * token when the insert surely made nothing. When it made the key, the key holds the slot but
+   * its secret never reaches the caller, so no one can ever present it: it is revoked and its slot
+   * released, rather than kept active and holding the cap until someone notices (a retry of the
+   * create then fits under the cap). The call still fails, as unavailable.
+   */
+  async #failCreate(record: KeyRecord, token: string, nowMs: number, error: unknown): Promise<never> {
     if (!(await this.#insertMade(keyDocument(record, true), error))) {
-      await this.#accounts.updateOne({ _id: record.ownerId }, { $inc: { [counter]: -1 } });
+      await this.#consumeAdmission(record.ownerId, record.mode, token);
       throw error;
     }
     try {
       await this.#keys.updateOne({ _id: record.id, revoked_at: null }, { $set: { revoked_at: new Date(nowMs), revoke_reason: "never issued: the answer to its creation was lost" } });
       await this.#releaseSlot(record.id, record.ownerId);
+      await this.#accounts.updateOne({ _id: record.ownerId }, { $pull: { slot_claims: token } });
     } catch {
-      // The counter stays right: the key holds the slot it took, until it is revoked.
+      // The counter stays right: the key holds the slot it took until it is released, by the
+      // owner's next CreateKey if not here (#settleSlots).
       this.#logger?.error({ keyId: record.id, ownerId: record.ownerId }, "a key whose secret was never returned could not be revoked and its slot given back");
     }
     throw new StoreUnavailableError("MongoDB lost the answer to the key's insert; the key was not issued", { cause: error });
@@ -861,8 +1202,8 @@ export class MongoKeyStore implements KeyStore {
    * the key or making it, and an insert still on its way then fails on _id. When that fails too,
    * the outcome is unknown: StoreUnavailableError, with nothing given back (a slot held by no key
    * refuses one key too many; a slot given back twice would admit one). A document found at that
-   * _id is this insert only with its hash: the revoked placeholder of #undoUnfinishedRotation takes
-   * the id of a rotation's new key that was not in, and that rotation was undone, not made.
+   * _id is this insert only with its hash: a revoked placeholder (#placePlaceholder) takes the id
+   * of a rotation's new key that was not in, or of an admission's, and that change was undone.
    */
   async #insertMade(doc: KeyDoc, error: unknown): Promise<boolean> {
     if (neverWritten(error)) return false;
@@ -939,8 +1280,15 @@ export class MongoKeyStore implements KeyStore {
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
     return guarded(async () => {
       await this.#keys.updateOne({ _id: id, revoked_at: null }, { $set: { revoked_at: new Date(nowMs), revoke_reason: reason } });
-      const doc = await this.#keys.findById(id).lean<KeyDoc>();
+      let doc = await this.#keys.findById(id).lean<KeyDoc>();
       if (doc === null) return null;
+      // A rotation of this key whose new key never went in passed the slot to no key: it is
+      // undone, which gives the slot back to this key and releases it (#undoRotation). Only once
+      // its lease is over: a rotation still between its two writes must be left to finish (its
+      // new key then holds the slot); the next CreateKey refused at the cap undoes it later.
+      if (!doc.counted && doc.rotated_to_id !== null && this.#leaseOver(doc.rotated_to_id) && (await this.#undoUnfinishedRotation(doc, new Date(nowMs)))) {
+        doc = (await this.#keys.findById(id).lean<KeyDoc>()) ?? doc;
+      }
       await this.#releaseSlot(doc._id, doc.owner_id);
       return toKey(doc);
     });
@@ -999,52 +1347,45 @@ export class MongoKeyStore implements KeyStore {
    * Undoes `key`'s rotation when its new key is not in (#undoRotation); false when it is, so the
    * rotation was made. The new key's id is taken first by a revoked placeholder, so an insert of
    * it still on its way (one whose answer was lost, unsettled) fails on _id instead of landing
-   * as a second key for one slot. Its secret was never returned, so no one can miss the key.
+   * as a second key for one slot. Its secret was never returned, so no one can miss the key. A
+   * placeholder found there already (an undo stopped after placing it) is undone the same way.
    */
   async #undoUnfinishedRotation(key: KeyDoc, now: Date): Promise<boolean> {
     const nextId = key.rotated_to_id;
     if (nextId === null) return false;
-    const placeholder: KeyDoc = {
-      ...key,
-      _id: nextId,
-      // Never a key's hash (HMAC-SHA256 in hex), so no Check finds it, and unique as the id is.
-      hash: `never-issued:${nextId}`,
-      last4: "",
-      metadata: {},
-      created_at: now,
-      last_used_at: null,
-      revoked_at: now,
-      revoke_reason: "never issued: the rotation that named it was not finished",
-      grace_ends_at: null,
-      rotated_to_id: null,
-      disabled_at: null,
-      counted: false,
-    };
-    const { _id, ...fields } = placeholder;
-    try {
-      const placed = await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
-      if (placed.upsertedCount === 0) return false;
-    } catch (error) {
-      // E11000: the new key landed meanwhile, on _id.
-      if (error instanceof Error && "code" in error && error.code === 11000) return false;
-      throw error;
+    const placeholder = placeholderDocument(nextId, key, now, "never issued: the rotation that named it was not finished");
+    if (!(await this.#placePlaceholder(placeholder))) {
+      const found = await this.#keys.findById(nextId, { hash: 1 }).lean<Pick<KeyDoc, "hash">>();
+      if (found?.hash !== placeholder.hash) return false;
     }
     this.#logger?.error({ keyId: key._id, ownerId: key.owner_id, nextId }, "a rotation whose new key never went in was undone");
     await this.#undoRotation(key, nextId);
     return true;
   }
 
+  /** Inserts `placeholder` unless a document holds its _id: true when this call placed it. */
+  async #placePlaceholder(placeholder: KeyDoc): Promise<boolean> {
+    const { _id, ...fields } = placeholder;
+    try {
+      const placed = await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+      return placed.upsertedCount > 0;
+    } catch (error) {
+      // E11000: the key landed meanwhile, on _id.
+      if (duplicate(error)) return false;
+      throw error;
+    }
+  }
+
   /**
-   * Puts back a key whose rotation's new key could not be inserted: active and holding its slot
-   * again, unless it was revoked meanwhile. Then it stays revoked, and the slot the rotation took
-   * from it (held by no key now) goes back to the account.
+   * Puts back a key whose rotation's new key could not be inserted: it holds its slot again (the
+   * rotation had passed it to the new key), once, whoever undoes the rotation. When it was
+   * revoked meanwhile, that slot is then released, as a revoke releases one.
    */
   async #undoRotation(previous: KeyDoc, nextId: string): Promise<void> {
-    const rotation = { _id: previous._id, rotated_to_id: nextId };
-    const restored = await this.#keys.updateOne({ ...rotation, revoked_at: null }, { $set: { rotated_to_id: null, grace_ends_at: null, counted: true } });
-    if (restored.modifiedCount > 0) return;
-    const released = await this.#keys.updateOne(rotation, { $set: { rotated_to_id: null, grace_ends_at: null } });
-    if (released.modifiedCount > 0) await this.#accounts.updateOne({ _id: previous.owner_id }, { $inc: { [slotCounter(previous)]: -1 } });
+    const restored = await this.#keys
+      .findOneAndUpdate({ _id: previous._id, rotated_to_id: nextId }, { $set: { rotated_to_id: null, grace_ends_at: null, counted: true } }, { returnDocument: "after", projection: { revoked_at: 1 } })
+      .lean<Pick<KeyDoc, "revoked_at">>();
+    if (restored !== null && restored.revoked_at !== null) await this.#releaseSlot(previous._id, previous.owner_id);
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
