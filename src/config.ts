@@ -1,5 +1,6 @@
 import { readFileSync } from "node:fs";
-import { parse as parseYaml } from "yaml";
+import { isNode, isPair, isScalar, isSeq, LineCounter, parseDocument, visit } from "yaml";
+import type { Document, Node, Pair } from "yaml";
 import { z } from "zod";
 import { DEFAULT_CHECK_BUDGET_MS } from "./authz/budget.js";
 import { DEFAULT_GC_THREAD_NICE, MAX_GC_THREAD_NICE } from "./server/gc-threads.js";
@@ -179,7 +180,8 @@ const policySchema = z
       .default({ rateLimitPer: "account", roleRateLimits: {}, onRedisError: "fallback", usageFlushSeconds: 5, chargeRateLimit: DEFAULT_CHARGE_RATE_LIMIT }),
   })
   .superRefine((policy, ctx) => {
-    if (!(policy.defaultPlan in policy.plans)) {
+    // Own names only: `in` would also find Object.prototype's ("constructor", "toString").
+    if (!Object.hasOwn(policy.plans, policy.defaultPlan)) {
       ctx.addIssue({ code: "custom", path: ["defaultPlan"], message: `unknown plan "${policy.defaultPlan}"` });
     }
     const catalog = new Set(policy.scopes.catalog);
@@ -680,13 +682,104 @@ export function loadPolicyFile(path: string): Policy {
   } catch (cause) {
     throw new ConfigError(`KEYGATE_CONFIG: cannot read ${path}`, { cause });
   }
-  let parsed: unknown;
-  try {
-    parsed = parseYaml(text);
-  } catch (cause) {
-    throw new ConfigError(`KEYGATE_CONFIG: ${path} is not valid YAML: ${cause instanceof Error ? cause.message : String(cause)}`);
+  const parsed = parseYamlText(text);
+  if (!parsed.ok) {
+    const { problem } = parsed;
+    const field = problem.field === "" ? "" : `, in ${problem.field}`;
+    throw new ConfigError(`KEYGATE_CONFIG: ${path} is not valid YAML: ${describeYamlProblem(problem)}${field}`);
   }
-  return parsePolicy(parsed, `KEYGATE_CONFIG (${path})`);
+  return parsePolicy(parsed.value, `KEYGATE_CONFIG (${path})`);
+}
+
+/** What is wrong with a YAML text, and where: never a piece of the text itself. */
+export interface YamlProblem {
+  /** The yaml library's code: DUPLICATE_KEY, BAD_INDENT, TAG_RESOLVE_FAILED, BAD_ALIAS, ... */
+  code: string;
+  /** 1-based; null when the problem has no one place (too many aliases). */
+  line: number | null;
+  column: number | null;
+  /** The field the problem is in, as dotted keys and indexes ("routes.0.requiredScopes"); "" when none. */
+  field: string;
+}
+
+/**
+ * Parses one YAML document. Errors, warnings (an unknown tag, read as "" otherwise) and an alias
+ * with no anchor all fail it, and are told by code and place only: the library's messages quote
+ * the text (the alias or tag, a source excerpt), and a file of admin tokens is secrets.
+ */
+export function parseYamlText(text: string): { ok: true; value: unknown } | { ok: false; problem: YamlProblem } {
+  const lines = new LineCounter();
+  // logLevel "error": nothing goes through process.emitWarning, which Node prints to stderr
+  // outside the log; "silent" would also drop the error of a second document in the file.
+  const doc = parseDocument(text, { prettyErrors: false, logLevel: "error", lineCounter: lines });
+  const at = (code: string, offset: number): { ok: false; problem: YamlProblem } => {
+    const { line, col } = lines.linePos(offset);
+    return { ok: false, problem: { code, line, column: col, field: fieldAt(doc, offset) } };
+  };
+  const first = doc.errors[0] ?? doc.warnings[0];
+  if (first !== undefined) return at(first.code, first.pos[0]);
+  const alias = unresolvedAliasAt(doc);
+  if (alias !== null) return at("BAD_ALIAS", alias);
+  try {
+    return { ok: true, value: doc.toJS() };
+  } catch {
+    // With every alias resolved, only the library's cap on alias expansion is left to refuse.
+    return { ok: false, problem: { code: "RESOURCE_EXHAUSTION", line: null, column: null, field: "" } };
+  }
+}
+
+/** A YamlProblem's code and place, with the usual cause of the codes an unquoted "*" or "!" value gives. */
+export function describeYamlProblem(problem: YamlProblem): string {
+  const place = problem.line === null ? "" : ` at line ${problem.line}, column ${problem.column ?? 1}`;
+  const hint = problem.code === "BAD_ALIAS" || problem.code === "TAG_RESOLVE_FAILED" ? ' (quote a value that starts with "*" or "!")' : "";
+  return `${problem.code}${place}${hint}`;
+}
+
+/** Where the first alias that names no earlier anchor is; null when every alias resolves. */
+function unresolvedAliasAt(doc: Document.Parsed): number | null {
+  let offset: number | null = null;
+  visit(doc, {
+    Alias(_key, node) {
+      if (node.resolve(doc) !== undefined) return undefined;
+      offset = node.range?.[0] ?? 0;
+      return visit.BREAK;
+    },
+  });
+  return offset;
+}
+
+/**
+ * The dotted path of the deepest node, or key and value pair, that holds the offset: map keys and
+ * sequence indexes. A pair spans its key to its value's end, so that what lies between them (a
+ * tag, whose empty value starts after it) is in that field.
+ */
+function fieldAt(doc: Document.Parsed, offset: number): string {
+  let field = "";
+  const holds = (start: number | undefined, end: number | undefined): boolean => start !== undefined && end !== undefined && start <= offset && offset < end;
+  visit(doc, {
+    Node(_key, node, ancestors) {
+      if (holds(node.range?.[0], node.range?.[2])) field = fieldPath([...ancestors, node]);
+      return undefined;
+    },
+    Pair(_key, pair, ancestors) {
+      const start = isNode(pair.key) ? pair.key.range?.[0] : undefined;
+      const end = isNode(pair.value) ? pair.value.range?.[2] : isNode(pair.key) ? pair.key.range?.[2] : undefined;
+      if (holds(start, end)) field = fieldPath([...ancestors, pair]);
+      return undefined;
+    },
+  });
+  return field;
+}
+
+/** A chain of YAML nodes, outermost first, as "plans.basic.rateLimit" or "routes.0.pathPrefix". */
+function fieldPath(chain: readonly (Document | Node | Pair)[]): string {
+  const parts: string[] = [];
+  chain.forEach((item, i) => {
+    const next = chain[i + 1];
+    if (isPair(item)) parts.push(isScalar(item.key) ? String(item.key.value) : "?");
+    else if (isSeq(item) && next !== undefined) parts.push(String(item.items.indexOf(next)));
+  });
+  return parts.join(".");
 }
 
 /**
@@ -714,8 +807,12 @@ function tracingSettings(e: z.infer<typeof envSchema>): TracingSettings | undefi
 
 /** Parses the environment once; bad values fail with a message naming the variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  // OpenTelemetry treats an empty OTEL_* variable as unset (a manifest may set it to "").
-  const result = envSchema.safeParse(Object.fromEntries(Object.entries(env).filter(([name, value]) => !(name.startsWith("OTEL_") && value === ""))));
+  // OpenTelemetry treats an empty OTEL_* variable as unset (a manifest may set it to ""). A port
+  // variable holding a service link (a Service named keygate-admin sets KEYGATE_ADMIN_PORT to
+  // tcp://10.0.0.1:8080) was never set by the operator: unset too (ignoredVariables names it).
+  const result = envSchema.safeParse(
+    Object.fromEntries(Object.entries(env).filter(([name, value]) => !(name.startsWith("OTEL_") && value === "") && !linkedPortVariable(name, value ?? ""))),
+  );
   if (!result.success) throw new ConfigError(`invalid environment: ${describeIssues("", result.error)}`);
   const e = result.data;
   if (e.KEYGATE_HEADERS_TIMEOUT_SECONDS > e.KEYGATE_REQUEST_TIMEOUT_SECONDS) {
@@ -757,6 +854,96 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     tls,
     redisTls,
   };
+}
+
+/** The KEYGATE_* variables the CLI's client subcommands read (src/cli.ts): a shell that runs both sets them for serve too. */
+const CLI_VARIABLES = ["KEYGATE_URL", "KEYGATE_ADMIN_TOKEN"];
+
+/** Every KEYGATE_* variable keygate reads, serve's and the CLI's. */
+const KNOWN_VARIABLES: readonly string[] = [...Object.keys(envSchema.shape).filter((name) => name.startsWith("KEYGATE_")), ...CLI_VARIABLES];
+
+// The service links Kubernetes injects for a Service named keygate or keygate-<name> (KEYGATE_SERVICE_HOST,
+// KEYGATE_SERVICE_PORT and KEYGATE_SERVICE_PORT_<port name>, KEYGATE_PORT_8080_TCP and its _PROTO,
+// _PORT and _ADDR), which Docker links share. A bare <prefix>_PORT is one only with its
+// proto://host:port value: a misspelled port variable holds a number.
+const SERVICE_LINK_NAME = /_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)$/;
+const SERVICE_LINK_PORT = /^(?:tcp|udp|sctp):\/\//;
+
+/** The most edits (inserted, deleted or changed letters) between a misspelling and the name it was meant to be. */
+const MAX_SPELLING_EDITS = 2;
+
+/**
+ * A port variable keygate reads whose value is a Kubernetes or Docker service link's
+ * (tcp://host:port), as a Service named keygate-admin, keygate-grpc or keygate-http-authz sets
+ * in every pod of its namespace: a port given that way was never meant, and keygate's default
+ * stands (the pod would otherwise fail to start once the Service exists).
+ */
+function linkedPortVariable(name: string, value: string): boolean {
+  return KNOWN_VARIABLES.includes(name) && name.endsWith("_PORT") && SERVICE_LINK_VALUE.test(value);
+}
+const SERVICE_LINK_VALUE = /^(?:tcp|udp|sctp):\/\/[^\s/]+:[0-9]+$/;
+
+/** A KEYGATE_* variable keygate does not read, and the known name it is likely meant to be. */
+export interface IgnoredVariable {
+  name: string;
+  /** The closest known name, when one is close; null when none is. */
+  closest: string | null;
+  /** A port variable keygate reads, holding a service link's value (linkedPortVariable). */
+  serviceLink?: true;
+}
+
+/**
+ * The KEYGATE_* variables in `env` (any letter case) that keygate does not read, sorted by name,
+ * leaving out Kubernetes and Docker service links. Only names: their values may be secrets.
+ */
+export function ignoredVariables(env: NodeJS.ProcessEnv): IgnoredVariable[] {
+  const ignored: IgnoredVariable[] = [];
+  for (const [name, value = ""] of Object.entries(env)) {
+    if (linkedPortVariable(name, value)) ignored.push({ name, closest: null, serviceLink: true });
+    else if (name.toUpperCase().startsWith("KEYGATE_") && !KNOWN_VARIABLES.includes(name) && !isServiceLink(name, value)) {
+      ignored.push({ name, closest: closestKnownVariable(name.toUpperCase()) });
+    }
+  }
+  return ignored.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+}
+
+function isServiceLink(name: string, value: string): boolean {
+  return SERVICE_LINK_NAME.test(name) || (name.endsWith("_PORT") && SERVICE_LINK_PORT.test(value));
+}
+
+/**
+ * The known name a few edits away (the fewest wins), else the longest known name that starts it
+ * (KEYGATE_CONFIG for KEYGATE_CONFIG_FILE), else the one known name it starts (KEYGATE_TLS_CERT_FILE
+ * for KEYGATE_TLS_CERT); null when none.
+ */
+function closestKnownVariable(name: string): string | null {
+  let closest: string | null = null;
+  let fewest = MAX_SPELLING_EDITS + 1;
+  for (const known of KNOWN_VARIABLES) {
+    const edits = editDistance(name, known, fewest);
+    if (edits < fewest) [closest, fewest] = [known, edits];
+  }
+  if (closest !== null) return closest;
+  const within = KNOWN_VARIABLES.filter((known) => name.startsWith(`${known}_`)).sort((a, b) => b.length - a.length);
+  if (within[0] !== undefined) return within[0];
+  const extended = KNOWN_VARIABLES.filter((known) => known.startsWith(`${name}_`));
+  return extended.length === 1 ? (extended[0] ?? null) : null;
+}
+
+/** Levenshtein distance between a and b, or `cap` once it cannot be less than that. */
+function editDistance(a: string, b: string, cap: number): number {
+  if (Math.abs(a.length - b.length) >= cap) return cap;
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const change = (previous[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1);
+      current.push(Math.min(change, (previous[j] ?? 0) + 1, (current[j - 1] ?? 0) + 1));
+    }
+    if (Math.min(...current) >= cap) return cap;
+    previous = current;
+  }
+  return Math.min(previous[b.length] ?? cap, cap);
 }
 
 type Env = z.infer<typeof envSchema>;

@@ -1,6 +1,6 @@
 import { readFileSync } from "node:fs";
-import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { describeYamlProblem, parseYamlText } from "../config.js";
 
 /** What an admin token may do. A token from KEYGATE_ADMIN_TOKENS may do everything. */
 export const PERMISSIONS = ["keys:read", "keys:write", "accounts:read", "accounts:write", "usage:read", "usage:write", "verify", "audit:read"] as const;
@@ -60,13 +60,17 @@ const tokensFileSchema = z.strictObject({
 
 /** Reads KEYGATE_ADMIN_TOKENS_FILE; an error names the file and the problem, never a token. */
 export function loadTokensFile(path: string): ScopedToken[] {
-  let parsed: unknown;
+  let text: string;
   try {
-    parsed = parseYaml(readFileSync(path, "utf8"));
+    text = readFileSync(path, "utf8");
   } catch (cause) {
-    throw new Error(`KEYGATE_ADMIN_TOKENS_FILE: cannot read ${path} as YAML: ${cause instanceof Error ? cause.message.split("\n")[0] : String(cause)}`);
+    throw new Error(`KEYGATE_ADMIN_TOKENS_FILE: cannot read ${path}: ${cause instanceof Error ? cause.message.split("\n")[0] : String(cause)}`);
   }
-  const result = tokensFileSchema.safeParse(parsed);
+  // The problem by its code and line and column only: a field path or the library's message can
+  // hold a token written where YAML reads something else.
+  const parsed = parseYamlText(text);
+  if (!parsed.ok) throw new Error(`KEYGATE_ADMIN_TOKENS_FILE: cannot read ${path} as YAML: ${describeYamlProblem(parsed.problem)}`);
+  const result = tokensFileSchema.safeParse(parsed.value);
   if (!result.success) {
     const issues = result.error.issues.map((issue) => `${issue.path.map(String).join(".")}: ${issue.message}`).join("; ");
     throw new Error(`KEYGATE_ADMIN_TOKENS_FILE (${path}): ${issues}`);

@@ -450,6 +450,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
           grpcPort: g.port,
           httpPort: h.port,
           adminPort: a.port,
+          // The policy judging Checks: its file (KEYGATE_CONFIG), or the built-in one with no routes.
+          policy: config.policyFile ?? "built-in",
           store: store.kind,
           cache: shared === undefined ? "memory" : "redis",
           tracing: config.tracing === undefined ? "off" : config.tracing.protocol,

@@ -1,6 +1,6 @@
 import { resolve } from "node:path";
 import { describe, expect, it } from "vitest";
-import { ConfigError, loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
+import { ConfigError, ignoredVariables, loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
 import { gcThreadNiceFromEnv } from "../../src/server/gc-threads.js";
 
 describe("config", () => {
@@ -40,6 +40,66 @@ describe("config", () => {
     expect(() => parsePolicy({ ...base, defaultPlan: "gold" })).toThrow(/defaultPlan: unknown plan "gold"/);
     expect(() => parsePolicy({ ...base, scopes: { catalog: ["a"], default: ["b"] } })).toThrow(/scopes.default.0: "b" is not in scopes.catalog/);
     expect(() => parsePolicy({ ...base, routes: [{ pathPrefix: "/x", requiredScopes: ["zz"] }] })).toThrow(/routes.0.requiredScopes.0/);
+  });
+
+  it("names the KEYGATE_* variables it does not read, with the known name each may mean, leaving out service links", () => {
+    const env = {
+      KEYGATE_CONFIG_FILE: "policy.yaml",
+      KEYGATE_GPRC_PORT: "9191",
+      KEYGATE_ADMN_PORT: "8080",
+      KEYGATE_TLS_CERT: "tls.crt",
+      keygate_pepper: "p",
+      KEYGATE_FEATURE_X: "1",
+      KEYGATE_CONFIG: "policy.yaml",
+      KEYGATE_URL: "http://127.0.0.1:8080",
+      KEYGATE_ADMIN_TOKEN: "t",
+      KEYGATE_SERVICE_HOST: "10.96.0.10",
+      KEYGATE_SERVICE_PORT_GRPC: "9191",
+      KEYGATE_PORT: "tcp://10.96.0.10:8080",
+      KEYGATE_PORT_9191_TCP_ADDR: "10.96.0.10",
+      KEYGATE_REDIS_PORT: "tcp://10.96.0.11:6379",
+      KEYGATE_REDIS_SERVICE_PORT: "6379",
+      OTEL_SERVICE_NAME: "keygate",
+    };
+    expect(ignoredVariables(env)).toEqual([
+      { name: "KEYGATE_ADMN_PORT", closest: "KEYGATE_ADMIN_PORT" },
+      { name: "KEYGATE_CONFIG_FILE", closest: "KEYGATE_CONFIG" },
+      { name: "KEYGATE_FEATURE_X", closest: null },
+      { name: "KEYGATE_GPRC_PORT", closest: "KEYGATE_GRPC_PORT" },
+      { name: "KEYGATE_TLS_CERT", closest: "KEYGATE_TLS_CERT_FILE" },
+      { name: "keygate_pepper", closest: "KEYGATE_PEPPER" },
+    ]);
+  });
+
+  it("leaves its port variables at their defaults when they hold a service link, and names them", () => {
+    // Services named keygate-admin, keygate-grpc and keygate-http-authz set these in every pod of
+    // their namespace (enableServiceLinks defaults to true).
+    const env = {
+      KEYGATE_DATA_DIR: "/tmp/x",
+      KEYGATE_ADMIN_PORT: "tcp://10.96.0.10:8080",
+      KEYGATE_GRPC_PORT: "tcp://10.96.0.12:9191",
+      KEYGATE_HTTP_AUTHZ_PORT: "9999",
+    };
+    const config = loadConfig(env);
+    expect([config.adminPort, config.grpcPort, config.httpAuthzPort]).toEqual([8080, 9191, 9999]);
+    expect(ignoredVariables(env)).toEqual([
+      { name: "KEYGATE_ADMIN_PORT", closest: null, serviceLink: true },
+      { name: "KEYGATE_GRPC_PORT", closest: null, serviceLink: true },
+    ]);
+    // Anything else in a port variable is still refused, naming it.
+    expect(() => loadConfig({ ...env, KEYGATE_ADMIN_PORT: "tcp://10.96.0.10" })).toThrow("KEYGATE_ADMIN_PORT: must be a whole number from 0 to 65535");
+    expect(() => loadConfig({ ...env, KEYGATE_ADMIN_PORT: "http://10.96.0.10:8080" })).toThrow("KEYGATE_ADMIN_PORT: must be a whole number from 0 to 65535");
+  });
+
+  it("looks defaultPlan up among the plans' own names, never Object.prototype's", () => {
+    const base = { plans: { basic: { maxActiveKeys: 1, rateLimit: { limit: 1, windowSeconds: 1 } } }, scopes: { catalog: ["a"], default: ["a"] } };
+    for (const name of ["constructor", "toString", "__proto__", "hasOwnProperty"]) {
+      const parse = (): unknown => parsePolicy({ ...base, defaultPlan: name }, "KEYGATE_CONFIG (policy.yaml)");
+      expect(parse).toThrow(ConfigError);
+      expect(parse).toThrow(`invalid KEYGATE_CONFIG (policy.yaml): defaultPlan: unknown plan "${name}"`);
+    }
+    // A plan of that name is the policy's own, and may be the default.
+    expect(parsePolicy({ ...base, plans: { constructor: base.plans.basic }, defaultPlan: "constructor" }).defaultPlan).toBe("constructor");
   });
 
   it("caps the flush intervals at one day, below where Node timers overflow and fire every 1 ms", () => {

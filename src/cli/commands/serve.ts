@@ -4,7 +4,7 @@ import { basename, dirname, resolve } from "node:path";
 import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { loadTokensFile } from "../../admin/permissions.js";
-import { ConfigError, connectionPasswords, loadConfig } from "../../config.js";
+import { ConfigError, connectionPasswords, ignoredVariables, loadConfig } from "../../config.js";
 import type { Config } from "../../config.js";
 import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
@@ -14,10 +14,10 @@ import { createLogger } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
 import { adminCurlLines } from "../admin-curl.js";
 
-/** Configuration mistakes exit 2 with the message; anything else is a crash. */
-function exitOnConfigError(error: unknown): never {
+/** Configuration mistakes exit 2 with the message, scrubbed as a log line is; anything else is a crash. */
+function exitOnConfigError(error: unknown, secrets: readonly string[] = []): never {
   if (error instanceof ConfigError) {
-    process.stderr.write(`keygate: ${error.message}\n`);
+    process.stderr.write(`keygate: ${redactText(error.message, secrets)}\n`);
     process.exit(2);
   }
   throw error;
@@ -39,6 +39,7 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     (a, b) => b.length - a.length,
   );
   const logger = createLogger(config.logLevel, undefined, secrets);
+  warnOfIgnoredVariables(logger);
   // SIGHUP and file changes are listened for in the same turn that read the files, not once the
   // start is done: the start can wait many seconds (Redis, MongoDB, schema steps), an edit made
   // meanwhile would be lost, and a SIGHUP with no handler ends the process. Until keygate has
@@ -68,7 +69,7 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
   const exitOnStartError = (error: unknown): never => {
-    if (error instanceof ConfigError) exitOnConfigError(error);
+    if (error instanceof ConfigError) exitOnConfigError(error, secrets);
     logger.fatal({ err: error }, "keygate could not start");
     const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
     process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
@@ -103,6 +104,20 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
   // A drain that began within the start ignores reloads already (reloads.stop()).
   if (!stopping) reloads.started(keygate);
+}
+
+/**
+ * One line naming the KEYGATE_* variables keygate does not read, each with the name it may have
+ * meant: a misspelled one (KEYGATE_CONFIG_FILE) would otherwise leave its default in force without
+ * a word. Not a refusal: Kubernetes, CI and the CLI set KEYGATE_* names of their own.
+ */
+function warnOfIgnoredVariables(logger: Logger): void {
+  const ignored = ignoredVariables(process.env);
+  if (ignored.length === 0) return;
+  const variables = ignored.map(({ name, closest, serviceLink }) =>
+    serviceLink === true ? `${name} (a Kubernetes or Docker service link, not a port: the default stands)` : closest === null ? name : `${name} (did you mean ${closest}?)`,
+  );
+  logger.warn({ variables }, "environment variables keygate does not read are ignored");
 }
 
 /** Live reload of `keygate serve`, listened for from the start on. */
