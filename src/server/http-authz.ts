@@ -91,8 +91,13 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
   const source = new OriginalRequestReader(deps.proxy);
   let misconfigurationLogged = false;
+  // Once stop is called, every answer closes its connection: a proxy's busy keep-alive connection
+  // then ends with the Check in flight, instead of taking new Checks until the grace is over and
+  // being cut with one in flight (closeHttpServer closes only the connections idle at the time).
+  let draining = false;
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
+    if (draining) res.setHeader("connection", "close");
     const url = req.url ?? "/";
     if (url === "/healthz") {
       res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
@@ -120,7 +125,10 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
     // A client's id, within the bounds an answer echoes (it goes into every log line too).
     const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
-    const reply = (answer: HttpAnswer): void => send(res, denialHeaders ? withDenialHeaders(answer) : answer);
+    const reply = (answer: HttpAnswer): void => {
+      if (draining) res.setHeader("connection", "close");
+      send(res, denialHeaders ? withDenialHeaders(answer) : answer);
+    };
     const method = original.ok ? original.method : (req.method ?? "");
     const path = original.ok ? original.path : url;
     let trace: DecisionTrace | undefined;
@@ -247,7 +255,13 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       server.timeout = limits.requestTimeoutMs;
       trackConnections(server, "http", limits, deps.metrics);
       const boundPort = await listen(server, host, port);
-      return { port: boundPort, stop: (graceMs) => closeHttpServer(server, graceMs) };
+      return {
+        port: boundPort,
+        stop: (graceMs) => {
+          draining = true;
+          return closeHttpServer(server, graceMs);
+        },
+      };
     },
   };
 }
