@@ -107,6 +107,12 @@ function isClaim(stored: string): boolean {
  * was lost, tried again); else 0, and nothing written. KEYS: the key. ARGV: expected, new, ms.
  */
 const SWAP = `local v = redis.call('GET', KEYS[1]) if v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end if v == ARGV[2] then return 1 end return 0`;
+/**
+ * SWAP for a call's last write (its answer, or its failure mark), which may also land where the
+ * key is gone: its claim ran out (a stall longer than CLAIM_TTL_MS) and no other call took the key.
+ * Still never over another call's claim or answer.
+ */
+const SETTLE = `local v = redis.call('GET', KEYS[1]) if v == ARGV[1] or not v then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end if v == ARGV[2] then return 1 end return 0`;
 /** Deletes the key while it holds ARGV[1] (the call's own claim): 1 when deleted. */
 const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end return 0`;
 /** Extends the key's life to ARGV[2] ms while it holds ARGV[1] (the call's own claim): 1 when it does. */
@@ -189,6 +195,14 @@ class RedisClaim {
  * retry that claimed the key after it.
  */
 export class RedisIdempotencyLedger implements IdempotencyLedger {
+  /**
+   * Failure marks Redis did not take (a connection resetting with the call's charge in flight):
+   * the key's name and the claim the mark replaces, sent again every MARK_RETRY_MS until Redis
+   * answers. Oldest first; at most MAX_PENDING_MARKS.
+   */
+  readonly #pendingMarks = new Map<string, string>();
+  #markTimer: NodeJS.Timeout | undefined;
+
   constructor(
     private readonly redis: RedisClient,
     /** Where an answer that could not be stored is reported; without it, nowhere. */
@@ -219,8 +233,8 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
       claim.stop();
       // Not a DEL: the charge may still be made (sent to a Redis that answers late), and the
       // retry that finds FAILED records what it replays. Written on the same connection after the
-      // charge, so it lands after it.
-      await this.redis.eval(SWAP, 1, name, token, FAILED, String(IDEMPOTENCY_TTL_MS)).catch(() => undefined);
+      // charge, so it lands after it; sent again until Redis takes it (#markFailed).
+      await this.#markFailed(name, token);
       throw error;
     }
     claim.stop();
@@ -243,7 +257,7 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
     let failure: unknown;
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
-        const stored = await this.redis.eval(SWAP, 1, claim.name, claim.token, answer, String(IDEMPOTENCY_TTL_MS));
+        const stored = await this.redis.eval(SETTLE, 1, claim.name, claim.token, answer, String(IDEMPOTENCY_TTL_MS));
         if (stored !== 1) {
           this.logger?.warn({ idempotencyKey: key }, "the answer under an idempotency key was not stored: the call outlasted its claim, and the key holds another call's claim or answer now");
         }
@@ -257,7 +271,50 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
       "the answer under an idempotency key was not stored (tried twice): a retry with the key is ABORTED until its 30 s claim runs out, then answered from what Redis kept beside the counters (ChargeUsage) or the store's top-up record (AddCredits)",
     );
   }
+
+  /**
+   * Replaces the call's claim (or its absence: the claim ran out) with FAILED. When Redis does not
+   * take it (the connection that carried the charge resetting), it is sent again every
+   * MARK_RETRY_MS until Redis answers: without it, the claim would run out, and the retry would
+   * take the charge Redis kept for another call's, recording nothing. Another call's claim or
+   * answer under the key by then stays (SETTLE).
+   */
+  async #markFailed(name: string, token: string): Promise<void> {
+    try {
+      await this.redis.eval(SETTLE, 1, name, token, FAILED, String(IDEMPOTENCY_TTL_MS));
+    } catch {
+      this.#pendingMarks.delete(name);
+      this.#pendingMarks.set(name, token);
+      for (const oldest of this.#pendingMarks.keys()) {
+        if (this.#pendingMarks.size <= MAX_PENDING_MARKS) break;
+        this.#pendingMarks.delete(oldest);
+        this.logger?.warn({ idempotencyKey: oldest.slice(this.prefix.length) }, "a failed call's mark under its idempotency key was dropped unsent (too many waiting for Redis): a retry that replays its charge records nothing");
+      }
+      this.#markTimer ??= setInterval(() => void this.#resendMarks(), MARK_RETRY_MS).unref();
+    }
+  }
+
+  async #resendMarks(): Promise<void> {
+    for (const [name, token] of [...this.#pendingMarks]) {
+      try {
+        await this.redis.eval(SETTLE, 1, name, token, FAILED, String(IDEMPOTENCY_TTL_MS));
+      } catch {
+        // Redis still unreachable: the rest wait for the next round.
+        return;
+      }
+      if (this.#pendingMarks.get(name) === token) this.#pendingMarks.delete(name);
+    }
+    if (this.#pendingMarks.size === 0) {
+      clearInterval(this.#markTimer);
+      this.#markTimer = undefined;
+    }
+  }
 }
+
+/** How often failure marks Redis did not take are sent again. */
+const MARK_RETRY_MS = 1_000;
+/** Failure marks kept for sending again at most (the oldest go first, with a warning). */
+const MAX_PENDING_MARKS = 10_000;
 
 function unavailable(error: unknown): never {
   throw new IdempotencyUnavailableError("idempotency keys cannot be checked: Redis is unavailable; nothing was charged, retry shortly", { cause: error });

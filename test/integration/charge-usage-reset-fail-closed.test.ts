@@ -1,0 +1,86 @@
+import { Redis } from "ioredis";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { Code } from "@connectrpc/connect";
+import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
+import { adminRefusal, startKeygate } from "../harness/keygate.js";
+import type { TestKeygate } from "../harness/keygate.js";
+import { until } from "../harness/poll.js";
+import { requireServer } from "../harness/ports.js";
+import { redisAvailable, startRedis } from "../harness/redis-server.js";
+import type { RedisServer } from "../harness/redis-server.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
+import type { TcpRelay } from "../harness/tcp-relay.js";
+
+// README: a ChargeUsage whose charge script's answer a connection reset lost is UNAVAILABLE, "whose
+// retry is answered from the charge Redis kept and records it once". Under fail-closed nothing is
+// charged in-process: the first call's failure mark, refused on the connection that just reset
+// (no offline queue), must still reach Redis, or the claim runs out and the retry, claiming the
+// key afresh, replays the kept charge as another call's and records nothing.
+
+const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
+
+const POLICY = {
+  ...DEFAULT_POLICY_INPUT,
+  defaultPlan: "metered",
+  plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: 100, monthlyCredits: 10 } },
+  scopes: { catalog: ["read"], default: ["read"] },
+  routes: [{ method: "*", pathPrefix: "/v1", cost: 1 }],
+  limits: { onRedisError: "fail-closed" },
+};
+
+describe.runIf(ready)("ChargeUsage under fail-closed whose charge answer a connection reset lost", () => {
+  let redis: RedisServer;
+  let relay: TcpRelay;
+  let kg: TestKeygate;
+  let client: Redis;
+  let delayAnswers = false;
+
+  beforeAll(async () => {
+    const started = await startRedis();
+    if (started === null) throw new Error("redis-server is not on PATH");
+    redis = started;
+    relay = await startTcpRelay(redis.port, { answerDelayMs: () => (delayAnswers ? 3000 : 0) });
+    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
+    client = new Redis(redis.url);
+  });
+  afterAll(async () => {
+    client?.disconnect();
+    await kg?.stop();
+    await relay?.close();
+    await redis?.stop();
+  });
+
+  it("the retry records the charge Redis made once", async () => {
+    const ownerId = "fc-reset-owner";
+    await kg.admin.upsertAccount({ ownerId, plan: "metered" });
+    const warm = await kg.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "warm" });
+    expect(warm.charged).toBe(true);
+    const scriptFor = `kg:cu:${ownerId} job-1`;
+    relay.holdWhen = (chunk) => chunk.toLowerCase().includes("evalsha") && chunk.includes(scriptFor);
+    const heldBefore = relay.heldChunks;
+    const pending = adminRefusal(kg.admin.chargeUsage({ ownerId, cost: 3n, idempotencyKey: "job-1" }));
+    await until(() => relay.heldChunks > heldBefore, 5000, "the charge script sent", { intervalMs: 1 });
+    delayAnswers = true;
+    relay.release();
+    await until(async () => (await client.exists(scriptFor)) === 1, 5000, "Redis ran the charge", { intervalMs: 5 });
+    relay.dropAll();
+    delayAnswers = false;
+    const first = await pending;
+    expect(first.code).toBe(Code.Unavailable);
+    await until(() => kg.admin.upsertAccount({ ownerId: "reconnected", plan: "metered" }).then(() => true), 10_000, "Redis answering keygate again", { intervalMs: 50, retryErrors: true });
+    // The failure mark the reset kept from Redis is sent again once Redis answers: the key is
+    // marked failed before its claim (30 s) could run out.
+    const claim = `kg:idem:${ownerId} job-1`;
+    await until(async () => (await client.get(claim)) === "failed", 10_000, "the failure mark in Redis", { intervalMs: 20 });
+    const retry = await kg.admin.chargeUsage({ ownerId, cost: 3n, idempotencyKey: "job-1" });
+    const day = new Date(kg.clock.now()).toISOString().slice(0, 10);
+    const usage = await kg.admin.getUsage({ ownerId, from: day, to: day });
+    expect({
+      charged: retry.charged,
+      replayed: retry.replayed,
+      redisMonthlyUsed: await client.hget(`kg:c:${ownerId}`, "monthly_used"),
+      allowed: usage.totals?.allowed,
+      creditsUsed: usage.totals?.creditsUsed,
+    }).toEqual({ charged: true, replayed: true, redisMonthlyUsed: "4", allowed: 2n, creditsUsed: 4n });
+  });
+});
