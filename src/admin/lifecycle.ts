@@ -266,6 +266,7 @@ export class LifecycleService {
     const account = await this.#unsure(
       () => this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs()),
       () => [this.#record(actor, "account.upsert", null, ownerId, changes)],
+      { kind: "owner", ownerId },
     );
     // Still told when nothing changed: a retry of a call that answered UNAVAILABLE is how the
     // other replicas get told. Only a new account or a new plan, status or role is audited (so
@@ -543,6 +544,7 @@ export class LifecycleService {
     const updated = await this.#unsure(
       () => this.deps.store.updateKey(id, { name, scopes, rateLimit }),
       () => [this.#record(actor, "key.update", id, current.ownerId, changes)],
+      { kind: "key", hash: current.hash },
     );
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
@@ -577,6 +579,7 @@ export class LifecycleService {
     const revoked = await this.#unsure(
       () => this.#revoke(id, nowMs, reason),
       () => [this.#record(actor, "key.revoke", id, current.ownerId, changes, revocation(id, nowMs))],
+      { kind: "key", hash: current.hash },
     );
     if (revoked === null) throw new NotFoundError(`key ${id} does not exist`);
     // Still told when the key was revoked before: a retry of a call that answered UNAVAILABLE
@@ -701,7 +704,7 @@ export class LifecycleService {
     changes: Record<string, unknown>,
   ): Promise<KeyRecord> {
     const id = current.id;
-    const written = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)]);
+    const written = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)], { kind: "key", hash: current.hash });
     if (written === null) throw new NotFoundError(`key ${id} does not exist`);
     const updated = written.key;
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
@@ -740,6 +743,7 @@ export class LifecycleService {
       const changed = await this.#unsure(
         () => change(key),
         () => [this.#record(actor, action, key.id, key.ownerId, followed)],
+        { kind: "key", hash: key.hash },
       );
       if (changed === null) continue;
       // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
@@ -773,6 +777,7 @@ export class LifecycleService {
       const revoked = await this.#unsure(
         () => this.#revoke(earlier.id, nowMs, reason),
         () => [this.#record(actor, "key.revoke", earlier.id, earlier.ownerId, { reason })],
+        { kind: "key", hash: earlier.hash },
       );
       if (revoked?.changed !== true) continue;
       const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
@@ -819,6 +824,7 @@ export class LifecycleService {
       rotation = await this.#unsure(
         () => this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs),
         () => [this.#record(actor, "key.rotate", id, old.ownerId, changes), this.#record(actor, "key.create", record.id, old.ownerId, issued)],
+        { kind: "key", hash: old.hash },
       );
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
@@ -886,8 +892,10 @@ export class LifecycleService {
    * StoreUnavailableError). Such a failure logs the records the change appends, in full at error
    * level, before the caller hears UNAVAILABLE: a retry may find the change made and append
    * nothing (only a revoke and a keyed top-up are recorded by their retry, under the same id).
+   * And the caches are told of `told` all the same: a change that was made (a revoke) must not
+   * wait for the caller's retry to stop cached copies passing; one that was not costs a re-read.
    */
-  async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[]): Promise<T> {
+  async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[], told?: Invalidation): Promise<T> {
     try {
       return await write();
     } catch (error) {
@@ -897,6 +905,7 @@ export class LifecycleService {
         } catch (recordError) {
           this.deps.logger?.error({ err: recordError }, "change outcome unknown, and its audit record could not be built");
         }
+        if (told !== undefined) await this.#tell(told).catch(() => null);
       }
       throw error;
     }
