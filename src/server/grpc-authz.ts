@@ -103,7 +103,8 @@ export const GRPC_SERVER_OPTIONS = {
 
 /**
  * GRPC_SERVER_OPTIONS with this listener's timeouts. A connection with no call for the idle
- * timeout gets GOAWAY (clients reconnect for their next call, none fails). Every connection is
+ * timeout gets GOAWAY (clients reconnect for their next call; one sent as the GOAWAY crosses it
+ * is not taken, so a proxy's pool should close idle connections first: deploy/envoy's 55 s). Every connection is
  * pinged once per idle timeout and closed if the ping goes unanswered for the headers timeout:
  * a peer that vanished, or one holding a half-sent call open without speaking HTTP/2, loses its
  * connection, while a live stream such as Health Watch answers the pings and stays.
@@ -128,7 +129,9 @@ export const healthDefinition = {
 
 const HEALTH_SERVICES = new Set(["", "envoy.service.auth.v3.Authorization"]);
 const NO_NAMES: readonly string[] = [];
-const utf8 = new TextDecoder();
+// ignoreBOM: a leading BOM stays in the value (and fails the key's format), as Envoy's string
+// fields and the HTTP mode keep it; the default decoder drops it, and the key would pass.
+const utf8 = new TextDecoder("utf-8", { ignoreBOM: true });
 
 /** The header fields of an HttpRequest, as Envoy's message and keygate's view both hold them. */
 export interface RequestHeaders {

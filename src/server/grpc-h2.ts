@@ -851,7 +851,7 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
     const timeout = headers["grpc-timeout"];
     if (timeout !== undefined) {
       const timeoutMs = typeof timeout === "string" ? parseGrpcTimeoutMs(timeout) : null;
-      if (timeoutMs === null) return finish(call, errorHeaders(GrpcCode.INTERNAL, `Invalid grpc-timeout value "${String(timeout)}"`));
+      if (timeoutMs === null) return finish(call, errorHeaders(GrpcCode.INTERNAL, `Invalid grpc-timeout value "${echoedName(String(timeout))}"`));
       if (timeoutMs < MAX_TIMER_MS) ms = Math.floor(timeoutMs);
     }
     // Whatever the call's own deadline, its request must arrive within the request timeout: a
