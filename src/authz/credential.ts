@@ -90,16 +90,19 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
 
 // With more configured headers than this, the present ones are listed per request instead.
 const MAX_TABLED_HEADERS = 10;
+// Names with more dashes than this have too many spellings to list (2^dashes).
+const MAX_SPELLED_DASHES = 3;
 
 /**
  * `name` and its spellings with `_` for any `-`: CGI-style servers (WSGI, PHP, Rack) read every
  * one of them as `name` (x_api_key is X-Api-Key to them). Every combination for up to three
- * dashes, else the all-dash and all-underscore spellings.
+ * dashes, else the all-dash and all-underscore spellings (PresentCredentialHeaders finds the mixed
+ * ones of such a name in the request's names).
  */
 function separatorSpellings(name: string): string[] {
   const dashes: number[] = [];
   for (let i = 0; i < name.length; i++) if (name[i] === "-") dashes.push(i);
-  if (dashes.length > 3) return [name, name.replaceAll("-", "_")];
+  if (dashes.length > MAX_SPELLED_DASHES) return [name, name.replaceAll("-", "_")];
   const spellings: string[] = [];
   for (let mask = 0; mask < 1 << dashes.length; mask++) {
     const chars = [...name];
@@ -121,8 +124,15 @@ function separatorSpellings(name: string): string[] {
 export class PresentCredentialHeaders {
   readonly #names: readonly string[];
   readonly #subsets: ReadonlyArray<readonly string[]>;
+  /**
+   * Configured names with more dashes than separatorSpellings lists every spelling of: their
+   * mixed spellings (x_acme-org-api-key) are found by reading the request's names. Empty for the
+   * usual names, so the Check path reads no more than the table.
+   */
+  readonly #scanned: ReadonlySet<string>;
 
   constructor(names: readonly string[]) {
+    this.#scanned = new Set(names.filter((name) => name.split("-").length - 1 > MAX_SPELLED_DASHES));
     this.#names = [...new Set(names.flatMap(separatorSpellings))];
     const count = this.#names.length;
     this.#subsets =
@@ -131,6 +141,14 @@ export class PresentCredentialHeaders {
 
   /** The configured names (and spellings) present in `headers`, in configured order. Shared: do not mutate. */
   of(headers: HeaderBag): readonly string[] {
+    const found = this.#listed(headers);
+    if (this.#scanned.size === 0) return found;
+    const mixed = headers.names().filter((name) => name.includes("_") && !found.includes(name) && this.#scanned.has(name.replaceAll("_", "-")));
+    return mixed.length === 0 ? found : [...found, ...mixed];
+  }
+
+  /** The listed names and spellings present in `headers`, in configured order. */
+  #listed(headers: HeaderBag): readonly string[] {
     const names = this.#names;
     if (names.length > MAX_TABLED_HEADERS) return names.filter((name) => headers.get(name) !== undefined);
     let mask = 0;

@@ -27,10 +27,11 @@ const SECRET_FIELDS = new Set([
 
 /**
  * Secret shapes inside any string, such as an error message that quotes a value:
- * an API key (`<prefix>_live_…` or `<prefix>_test_…`), a generated admin token (`kgadm_…`), a
+ * an API key (`<prefix>_live_…` or `<prefix>_test_…`, wherever it starts, its underscores
+ * percent-encoded too, as a path may carry it), a generated admin token (`kgadm_…`), a
  * 64-hex-digit key hash, and the credential after an HTTP authentication scheme.
  */
-const SECRET_IN_TEXT = /\b[A-Za-z0-9]{1,16}_(?:live|test)_[0-9A-Za-z]{8,}|\bkgadm_[A-Za-z0-9_-]{8,}|\b[0-9a-fA-F]{64}\b|\b(?:Bearer|Basic)\s+[^\s"',;]+/gi;
+const SECRET_IN_TEXT = /[A-Za-z0-9]{0,16}(?:_|%5[Ff])(?:live|test)(?:_|%5[Ff])[0-9A-Za-z]{8,}|\bkgadm_[A-Za-z0-9_-]{8,}|\b[0-9a-fA-F]{64}\b|\b(?:Bearer|Basic)\s+[^\s"',;]+/gi;
 const AUTH_SCHEME = /^(Bearer|Basic)\s/i;
 
 /** Deeper than this, a log value is replaced whole: keygate logs nothing nested this far. */
@@ -38,12 +39,14 @@ const MAX_DEPTH = 8;
 
 /** `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. */
 export function redactText(text: string, secrets: readonly string[] = []): string {
-  let out = text.replace(SECRET_IN_TEXT, (match) => {
+  // The literals first: a shape replaced inside one (a password holding "_live_") would leave the
+  // rest of it unmatched, and printed.
+  let out = text;
+  for (const secret of secrets) if (secret !== "" && out.includes(secret)) out = out.split(secret).join(REDACTED);
+  return out.replace(SECRET_IN_TEXT, (match) => {
     const scheme = AUTH_SCHEME.exec(match);
     return scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}`;
   });
-  for (const secret of secrets) if (secret !== "" && out.includes(secret)) out = out.split(secret).join(REDACTED);
-  return out;
 }
 
 /**
