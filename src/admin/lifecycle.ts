@@ -11,7 +11,7 @@ import { DENIALS } from "../authz/reasons.js";
 import { EventIds, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
-import { ConflictError, StoreUnavailableError } from "../store/errors.js";
+import { ConflictError, StoreBusyError, StoreUnavailableError } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -899,7 +899,8 @@ export class LifecycleService {
     try {
       return await write();
     } catch (error) {
-      if (error instanceof StoreUnavailableError) {
+      // A store that surely wrote nothing (StoreBusyError) leaves nothing unknown to log or tell.
+      if (error instanceof StoreUnavailableError && !(error instanceof StoreBusyError)) {
         try {
           for (const audit of records()) this.deps.logger?.error({ err: error, audit }, "change outcome unknown: its audit record was not appended");
         } catch (recordError) {

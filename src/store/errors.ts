@@ -66,7 +66,12 @@ export class TopUpKeysExhaustedError extends Error {
 
 /** The store cannot be reached; the caller answers UNAVAILABLE. */
 export class StoreUnavailableError extends Error {
-  override readonly name = "StoreUnavailableError";
+  override readonly name: string = "StoreUnavailableError";
+}
+
+/** The store could not take the change (SQLite's write lock held past the wait): surely nothing was written. */
+export class StoreBusyError extends StoreUnavailableError {
+  override readonly name = "StoreBusyError";
 }
 
 /** A schema step as `keygate migrate --dry-run` lists it. */

@@ -17,13 +17,38 @@ export function isUniqueViolation(error: unknown): boolean {
 }
 
 /**
+ * SQLite's primary result code for a lock another connection holds. Here rather than with the
+ * other codes (sqlite-errors.ts, which re-exports it): the writing thread loads this module as it is.
+ */
+export const SQLITE_BUSY = 5;
+
+/**
+ * BEGIN IMMEDIATE met SQLITE_BUSY (another connection holds the write lock, and the connection's
+ * busy timeout ran out): the transaction made nothing, so it may be run again whole.
+ */
+export class WriteLockBusyError extends Error {
+  override readonly name = "WriteLockBusyError";
+}
+
+function isBusy(error: unknown): error is Error {
+  return error instanceof Error && "errcode" in error && typeof error.errcode === "number" && (error.errcode & 0xff) === SQLITE_BUSY;
+}
+
+/**
  * Runs `fn` in one IMMEDIATE transaction (the write lock is taken at BEGIN, so a read-then-write
  * inside cannot lose to another process): committed when it returns, rolled back when it throws.
+ * A write lock held elsewhere fails it before `fn` runs, with WriteLockBusyError; an error from
+ * `fn` or COMMIT (the lock held, neither waits for one) is thrown as it is.
  */
 export function immediateTransaction<T>(db: DatabaseSync, fn: () => T): T {
   // Nesting would need savepoints; no caller nests, so one would be a bug.
   if (db.isTransaction) throw new Error("SQLite: a transaction is already open on this connection");
-  db.exec("BEGIN IMMEDIATE");
+  try {
+    db.exec("BEGIN IMMEDIATE");
+  } catch (error) {
+    if (isBusy(error) && !db.isTransaction) throw new WriteLockBusyError(error.message, { cause: error });
+    throw error;
+  }
   try {
     const result = fn();
     db.exec("COMMIT");

@@ -1,5 +1,6 @@
-/** SQLite's primary result codes that keygate tells apart (node:sqlite's `errcode`). */
-export const SQLITE_BUSY = 5;
+export { SQLITE_BUSY } from "./sqlite-db.js";
+
+/** SQLite's primary result codes that keygate tells apart (node:sqlite's `errcode`), with SQLITE_BUSY. */
 export const SQLITE_LOCKED = 6;
 export const SQLITE_CORRUPT = 11;
 export const SQLITE_NOTADB = 26;

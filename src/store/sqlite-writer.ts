@@ -141,13 +141,23 @@ function dataOf(value: unknown): WriterData | null {
   };
 }
 
+/**
+ * The thread's connection. synchronous = NORMAL: a commit is not synced, so a power loss or an OS
+ * crash may lose the batches of the last moments (counts and last-use times, as the README says);
+ * WAL mode keeps the file consistent, and the store's own connection syncs each KeyAdmin change.
+ */
+export function openWriterDatabase(path: string, busyTimeoutMs: number): DatabaseSync {
+  const db = new DatabaseSync(path, { timeout: busyTimeoutMs });
+  db.exec("PRAGMA synchronous = NORMAL");
+  db.exec("PRAGMA wal_autocheckpoint = 0");
+  return db;
+}
+
 function runThread(port: NonNullable<typeof parentPort>, data: WriterData): void {
   // setpriority(2) on the calling thread: only Linux keeps nice values per thread; elsewhere it
   // would lower the whole process, event loop included.
   if (process.platform === "linux") setPriority(0, LOWEST_PRIORITY);
-  const db = new DatabaseSync(data.path, { timeout: data.busyTimeoutMs });
-  db.exec("PRAGMA synchronous = NORMAL");
-  db.exec("PRAGMA wal_autocheckpoint = 0");
+  const db = openWriterDatabase(data.path, data.busyTimeoutMs);
   const statements = new WriteBehindStatements(db);
   const reply = (message: WriterReply): void => port.postMessage(message);
   // PASSIVE copies what it can without waiting for, or blocking, another connection.

@@ -1,8 +1,29 @@
 import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
-import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, MigrationsPendingError, TopUpKeysExhaustedError } from "./errors.js";
-import { asInteger, asIntegerOrNull, asText, asTextOrNull, immediateTransaction, integer, integerOrNull, isUniqueViolation, text, textOrNull } from "./sqlite-db.js";
+import { setTimeout as sleep } from "node:timers/promises";
+import {
+  CapExceededError,
+  ConflictError,
+  DuplicateError,
+  IdempotencyKeyReusedError,
+  MigrationsPendingError,
+  StoreBusyError,
+  TopUpKeysExhaustedError,
+} from "./errors.js";
+import {
+  WriteLockBusyError,
+  asInteger,
+  asIntegerOrNull,
+  asText,
+  asTextOrNull,
+  immediateTransaction,
+  integer,
+  integerOrNull,
+  isUniqueViolation,
+  text,
+  textOrNull,
+} from "./sqlite-db.js";
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
@@ -231,8 +252,17 @@ function keyParams(key: KeyRecord): Record<string, string | number | null> {
   };
 }
 
-/** How long a statement waits for another process's lock before failing with SQLITE_BUSY. */
+/**
+ * How long SQLite waits for another connection's lock before failing with SQLITE_BUSY: while the
+ * store opens (before it serves) and on the writing thread. The store's own connection then waits
+ * not at all (node:sqlite would wait on the event loop); its writes wait in whenUnlocked instead.
+ */
 const BUSY_TIMEOUT_MS = 5000;
+/** How long a write of the store's own connection waits for the write lock before failing as unavailable. */
+const LOCK_WAIT_MS = BUSY_TIMEOUT_MS;
+/** The first and the longest pause between two tries for the write lock (doubling from the first). */
+const LOCK_RETRY_FIRST_MS = 1;
+const LOCK_RETRY_LONGEST_MS = 50;
 /** How often the writing thread copies the WAL into the database file. */
 const CHECKPOINT_INTERVAL_MS = 1000;
 const WRITER_STOP_MS = 5000;
@@ -306,28 +336,57 @@ export function sqliteFileHoldsKeys(path: string): boolean {
 }
 
 /**
- * Opens the database file in WAL mode and applies its pending schema steps; with `migrate` false
- * a database that needs any is refused (MigrationsPendingError). SQLite's own errors name the file
- * ("<path>: file is not a database"): a start that fails on a damaged file says which one.
+ * Opens the store's own connection (every KeyAdmin write, and every read) to the database file
+ * in WAL mode and applies its pending schema steps; with `migrate` false a database that needs
+ * any is refused (MigrationsPendingError). SQLite's own errors name the file ("<path>: file is
+ * not a database"): a start that fails on a damaged file says which one.
  */
-function openDatabase(path: string, migrate: boolean): DatabaseSync {
+export function openStoreDatabase(path: string, migrate: boolean): DatabaseSync {
   let db: DatabaseSync | undefined;
   try {
     // Named parameters are bound from bare keys ({ owner_id } for @owner_id), as better-sqlite3 did.
-    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL while
-    // another process holds the file waits, as the PRAGMA below does for everything after.
+    // The busy timeout is set at open (node:sqlite's default is 0), so switching to WAL and the
+    // schema steps wait for another process holding the file: the store does not serve yet.
     db = new DatabaseSync(path, { allowBareNamedParameters: true, timeout: BUSY_TIMEOUT_MS });
     db.exec("PRAGMA journal_mode = WAL");
-    db.exec("PRAGMA synchronous = NORMAL");
-    db.exec(`PRAGMA busy_timeout = ${BUSY_TIMEOUT_MS}`);
+    // FULL: a commit syncs the WAL before it returns, so a change answered OK (a revoke, a keyed
+    // top-up) survives a power loss or an OS crash; with NORMAL it could roll back. The writing
+    // thread's batches keep NORMAL (openWriterDatabase), as do those written here when it is down.
+    db.exec("PRAGMA synchronous = FULL");
     db.exec("PRAGMA foreign_keys = ON");
     const pending = pendingSqliteMigrations(db);
     if (!migrate && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
     migrateSqlite(db);
+    // From here a lock held elsewhere fails a statement at once (whenUnlocked tries writes again
+    // off the event loop). Reads take no lock a writer holds in WAL mode, so they do not meet it.
+    db.exec("PRAGMA busy_timeout = 0");
     return db;
   } catch (error) {
     if (db?.isOpen === true) db.close();
     throw namingFile(path, error);
+  }
+}
+
+/**
+ * Runs `attempt`, a transaction of the store's own connection, until it finds the write lock free
+ * (another process's `sqlite3` session or VACUUM, the writing thread's batch): the connection does
+ * not wait in SQLite, which would hold the event loop and every Check with it, so a transaction
+ * whose BEGIN met the lock (WriteLockBusyError: nothing ran) is run again after a pause, from 1 ms
+ * doubling to 50 ms, for LOCK_WAIT_MS; then the call fails as unavailable, with nothing written.
+ */
+async function whenUnlocked<T>(attempt: () => T): Promise<T> {
+  const deadlineMs = performance.now() + LOCK_WAIT_MS;
+  for (let pauseMs = LOCK_RETRY_FIRST_MS; ; pauseMs = Math.min(pauseMs * 2, LOCK_RETRY_LONGEST_MS)) {
+    try {
+      return attempt();
+    } catch (error) {
+      if (!(error instanceof WriteLockBusyError)) throw error;
+      const leftMs = deadlineMs - performance.now();
+      if (leftMs <= 0) {
+        throw new StoreBusyError(`SQLite: another connection held the database's write lock for ${LOCK_WAIT_MS} ms; nothing was written`, { cause: error });
+      }
+      await sleep(Math.min(pauseMs, leftMs));
+    }
   }
 }
 
@@ -349,7 +408,7 @@ export class SqliteKeyStore implements KeyStore {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
     this.#path = path;
-    this.#db = openDatabase(path, options.migrate !== false);
+    this.#db = openStoreDatabase(path, options.migrate !== false);
     const db = this.#db;
     try {
       this.#writeBehind = new WriteBehindStatements(db);
@@ -409,7 +468,25 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
-    return immediateTransaction(this.#db, () => this.#upsertAccountSync(input, defaults, nowMs));
+    return this.#transaction(() => this.#upsertAccountSync(input, defaults, nowMs));
+  }
+
+  /** `fn` in one IMMEDIATE transaction of the store's connection, once the write lock is free (whenUnlocked). */
+  #transaction<T>(fn: () => T): Promise<T> {
+    return whenUnlocked(() => immediateTransaction(this.#db, fn));
+  }
+
+  /**
+   * A write-behind batch written here (the writing thread down, or none): with synchronous NORMAL,
+   * as on the thread. Synced, each call of a flush (64 rows) would hold the event loop for an fsync.
+   */
+  #unsynced(write: () => void): void {
+    this.#db.exec("PRAGMA synchronous = NORMAL");
+    try {
+      write();
+    } finally {
+      this.#db.exec("PRAGMA synchronous = FULL");
+    }
   }
 
   #getAccountRow(ownerId: string): AccountRow | undefined {
@@ -454,7 +531,7 @@ export class SqliteKeyStore implements KeyStore {
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
     // IMMEDIATE takes the write lock before counting, so the cap also holds across processes.
-    immediateTransaction(this.#db, () => {
+    await this.#transaction(() => {
       let account = this.#getAccountRow(record.ownerId);
       if (account === undefined) {
         this.#upsertAccountSync({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
@@ -472,6 +549,7 @@ export class SqliteKeyStore implements KeyStore {
   /**
    * Inserts keys of existing accounts in one transaction, without the active-key cap: for
    * restores and for seeding large stores, where one transaction per key would take minutes.
+   * It waits for no lock (WriteLockBusyError): for a file that no keygate is serving from.
    */
   importKeys(records: readonly KeyRecord[]): void {
     immediateTransaction(this.#db, () => {
@@ -524,7 +602,7 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
-    const row = immediateTransaction(this.#db, () => {
+    const row = await this.#transaction(() => {
       if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
       if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
       if (patch.rateLimit !== undefined) this.#stmt.updateRateLimit.run(patch.rateLimit === null ? null : JSON.stringify(patch.rateLimit), id);
@@ -537,7 +615,7 @@ export class SqliteKeyStore implements KeyStore {
 
   async redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null> {
     // Prepared per call: a rare admin write, kept out of the hot statements.
-    const row = immediateTransaction(this.#db, () => {
+    const row = await this.#transaction(() => {
       this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND revoked_at IS NULL").run(disabledAtMs, id);
       return this.#getKeyRow(id);
     });
@@ -545,7 +623,7 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
-    const row = immediateTransaction(this.#db, () => {
+    const row = await this.#transaction(() => {
       this.#stmt.revoke.run(nowMs, reason, id);
       return this.#getKeyRow(id);
     });
@@ -553,7 +631,7 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
-    return immediateTransaction(this.#db, () => {
+    return this.#transaction(() => {
       const row = this.#getKeyRow(previousId);
       if (row === undefined) throw new ConflictError(`key ${previousId} does not exist`);
       const previous = toKey(row);
@@ -571,7 +649,7 @@ export class SqliteKeyStore implements KeyStore {
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
     if (this.#writer !== null) return this.#writer.touch(lastUsed);
-    this.#writeBehind.touch(lastUsed);
+    return whenUnlocked(() => this.#unsynced(() => this.#writeBehind.touch(lastUsed)));
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
@@ -579,7 +657,7 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async addCredits(ownerId: string, amount: number): Promise<CreditState> {
-    const row = immediateTransaction(this.#db, () => {
+    const row = await this.#transaction(() => {
       this.#stmt.addCredits.run({ amount, owner: ownerId });
       return this.#stmt.getCredits.get(ownerId);
     });
@@ -590,7 +668,7 @@ export class SqliteKeyStore implements KeyStore {
     const expiredAtMs = nowMs - TOPUP_KEY_RETENTION_MS;
     // One IMMEDIATE transaction: the key's record and the credits are written together or not at
     // all, and a second process with the same key waits for this one and then finds its record.
-    return immediateTransaction(this.#db, () => {
+    return this.#transaction(() => {
       this.#stmt.pruneTopUps.run(expiredAtMs);
       const kept = this.#stmt.getTopUp.get(ownerId, idempotencyKey);
       if (kept !== undefined && integer(kept, "at") > expiredAtMs) {
@@ -611,7 +689,7 @@ export class SqliteKeyStore implements KeyStore {
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
     if (this.#writer !== null) return this.#writer.applyUsage(usage, credits);
-    this.#writeBehind.applyUsage(usage, credits);
+    return whenUnlocked(() => this.#unsynced(() => this.#writeBehind.applyUsage(usage, credits)));
   }
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
@@ -619,7 +697,9 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async appendAudit(record: AuditRecord): Promise<void> {
-    this.#stmt.appendAudit.run(record.id, record.atMs, record.actor, record.action, record.keyId, record.ownerId, JSON.stringify(record.changes), record.source);
+    await this.#transaction(() => {
+      this.#stmt.appendAudit.run(record.id, record.atMs, record.actor, record.action, record.keyId, record.ownerId, JSON.stringify(record.changes), record.source);
+    });
   }
 
   async listAudit(query: AuditQuery): Promise<AuditRecord[]> {
@@ -662,8 +742,10 @@ export class SqliteKeyStore implements KeyStore {
     let row: SqliteRow | undefined;
     try {
       // Once a start: prepared here rather than kept with the store's statements.
-      this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`).run(PEPPER_CHECK_NAME, check);
-      row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME);
+      row = await this.#transaction(() => {
+        this.#db.prepare(`INSERT INTO ${META_TABLE} (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING`).run(PEPPER_CHECK_NAME, check);
+        return this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(PEPPER_CHECK_NAME);
+      });
     } catch (error) {
       // The start's first read past the schema: a file damaged there is named.
       throw namingFile(this.#path, error);
@@ -676,7 +758,7 @@ export class SqliteKeyStore implements KeyStore {
     try {
       // Once a start: prepared here rather than kept with the store's statements. IMMEDIATE, so
       // the newest key read and the row written are one step against other processes' claims.
-      return immediateTransaction(this.#db, () => {
+      return await this.#transaction(() => {
         const row = this.#db.prepare(`SELECT value FROM ${META_TABLE} WHERE name = ?`).get(KEY_PREFIX_NAME);
         if (row !== undefined) return text(row, "value");
         const newest = this.#db.prepare("SELECT start FROM keys ORDER BY id DESC LIMIT 1").get();

@@ -4,9 +4,11 @@ import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { describe, expect, it } from "vitest";
 import { pepperCheck } from "../../src/keys/pepper-check.js";
-import { SqliteKeyStore, sqliteFileHoldsKeys } from "../../src/store/sqlite.js";
+import { SqliteKeyStore, openStoreDatabase, sqliteFileHoldsKeys } from "../../src/store/sqlite.js";
 import { TOPUP_KEY_RETENTION_MS, newKeyRecord } from "../../src/store/store.js";
 import { SQLITE_SCHEMA_VERSION } from "../../src/store/sqlite-migrations.js";
+import { openWriterDatabase } from "../../src/store/sqlite-writer.js";
+import { testKeyRecord } from "../harness/records.js";
 import { runKeyStoreContract } from "./key-store.contract.js";
 
 runKeyStoreContract("sqlite", async () => {
@@ -236,6 +238,112 @@ describe("sqliteFileHoldsKeys: whether a data directory that lost its pepper fil
         expect(after.prepare("PRAGMA user_version").get()?.["user_version"]).toBe(0);
       } finally {
         after.close();
+      }
+    });
+  });
+});
+
+describe("SqliteKeyStore's connections: a KeyAdmin change answered OK is on disk", () => {
+  // The value of a PRAGMA's one column (busy_timeout's is named timeout).
+  const pragma = (db: DatabaseSync, name: string): unknown => Object.values(db.prepare(`PRAGMA ${name}`).get() ?? {})[0];
+
+  it("happy: the store's connection (every KeyAdmin write) syncs each commit; the writing thread's does not", async () => {
+    await withDatabaseFile("keygate-sqlite-sync-", async (path) => {
+      // In WAL mode, NORMAL (1) writes a commit to the WAL without fsync: after a power loss or an
+      // OS crash a revoke answered OK could be undone (the leaked key works again), a keyed top-up
+      // lost with its idempotency record. FULL (2) syncs the WAL before COMMIT returns. The writing
+      // thread keeps NORMAL: it may lose the last moments of counts and last-use times (README).
+      const store = openStoreDatabase(path, true);
+      const writer = openWriterDatabase(path, 5000);
+      try {
+        expect(pragma(store, "journal_mode")).toBe("wal");
+        expect(pragma(store, "synchronous")).toBe(2);
+        // A lock held elsewhere fails a statement at once: waiting in SQLite would hold the event loop.
+        expect(pragma(store, "busy_timeout")).toBe(0);
+        expect(pragma(writer, "synchronous")).toBe(1);
+        expect(pragma(writer, "busy_timeout")).toBe(5000);
+      } finally {
+        writer.close();
+        store.close();
+      }
+    });
+  });
+});
+
+describe("SqliteKeyStore's writes while another connection holds the write lock", () => {
+  const NOW = 1_800_000_000_000;
+  const DEFAULTS = { plan: "basic", subscriptionStatus: "active", role: "standard" } as const;
+  const caps = { nowMs: NOW, maxActiveKeysFor: () => 10, accountDefaults: DEFAULTS };
+
+  it("happy: every write waits off the event loop and is made once, after the release", async () => {
+    await withDatabaseFile("keygate-sqlite-locked-", async (path) => {
+      // No writing thread: write-behind batches are written on the store's connection too.
+      const store = new SqliteKeyStore(path);
+      const holder = new DatabaseSync(path, { timeout: 0 });
+      try {
+        await store.upsertAccount({ ownerId: "payer" }, DEFAULTS, NOW);
+        const [renamed, revoked, rotated] = [testKeyRecord("payer", NOW), testKeyRecord("payer", NOW), testKeyRecord("payer", NOW)];
+        for (const key of [renamed, revoked, rotated]) await store.createKey(key, caps);
+        const added = testKeyRecord("other", NOW);
+        const next = testKeyRecord("payer", NOW);
+        const audit = { id: "aud_locked", atMs: NOW, actor: "test", action: "test", keyId: null, ownerId: "payer", changes: {}, source: "test" };
+
+        holder.exec("BEGIN IMMEDIATE");
+        let settled = 0;
+        const writes = [
+          store.upsertAccount({ ownerId: "other", plan: "pro" }, DEFAULTS, NOW),
+          store.createKey(added, caps),
+          store.updateKey(renamed.id, { name: "renamed" }),
+          store.redisableKey(renamed.id, NOW),
+          store.revokeKey(revoked.id, NOW, "leaked"),
+          store.rotateKey(rotated.id, next, NOW + 60_000, NOW),
+          store.addCredits("payer", 100),
+          store.addCreditsOnce("payer", 50, "order-1", NOW),
+          store.appendAudit(audit),
+          store.touchLastUsed(new Map([[renamed.id, NOW + 5]])),
+          store.applyUsage([{ ownerId: "payer", keyId: renamed.id, day: "2027-01-15", outcome: "ALLOWED", count: 3, credits: 0 }], []),
+          store.claimKeyPrefix("kg"),
+        ].map((write) => write.finally(() => (settled += 1)));
+        // The event loop goes on (this timer fires) while every write waits for the lock.
+        await new Promise((resolve) => setTimeout(resolve, 30));
+        expect(settled).toBe(0);
+        holder.exec("COMMIT");
+        await Promise.all(writes);
+
+        expect((await store.getAccount("other"))?.plan).toBe("pro");
+        expect((await store.getKey(added.id))?.ownerId).toBe("other");
+        expect(await store.getKey(renamed.id)).toMatchObject({ name: "renamed", disabledAtMs: NOW, lastUsedAtMs: NOW + 5 });
+        expect(await store.getKey(revoked.id)).toMatchObject({ revokedAtMs: NOW, revokeReason: "leaked" });
+        expect(await store.getKey(rotated.id)).toMatchObject({ rotatedToId: next.id, graceEndsAtMs: NOW + 60_000 });
+        // Each transaction ran once: a top-up run twice would show here.
+        expect(await store.getCredits("payer")).toMatchObject({ topupBalance: 150, topupTotal: 150 });
+        expect(await store.listAudit({ limit: 10 })).toEqual([audit]);
+        expect(await store.listUsage("payer", "2027-01-15", "2027-01-15")).toEqual([{ keyId: renamed.id, day: "2027-01-15", outcome: "ALLOWED", count: 3, credits: 0 }]);
+        expect(await store.claimKeyPrefix("other")).toBe("kg");
+      } finally {
+        holder.close();
+        await store.close();
+      }
+    });
+  });
+
+  it("happy: a key lookup and the store's reads are answered while the lock is held", async () => {
+    await withDatabaseFile("keygate-sqlite-locked-read-", async (path) => {
+      const store = new SqliteKeyStore(path);
+      const holder = new DatabaseSync(path, { timeout: 0 });
+      try {
+        const key = testKeyRecord("reader", NOW);
+        await store.createKey(key, caps);
+        holder.exec("BEGIN IMMEDIATE");
+        holder.prepare("UPDATE accounts SET plan = 'uncommitted' WHERE owner_id = ?").run("reader");
+        // WAL readers take no lock a writer holds: the Check's cold read does not wait, nor fail.
+        expect(store.findSnapshotByHashNow(key.hash)?.account.plan).toBe("basic");
+        expect((await store.listKeys({ ownerId: "reader", includeRevoked: false, nowMs: NOW, limit: 10 })).map((k) => k.id)).toEqual([key.id]);
+        await store.ping();
+        holder.exec("ROLLBACK");
+      } finally {
+        holder.close();
+        await store.close();
       }
     });
   });
