@@ -4,7 +4,7 @@ import { Cluster, Redis } from "ioredis";
 import type { ClusterOptions, RedisOptions } from "ioredis";
 import type { Logger } from "pino";
 import type { RedisAddress, RedisTopology } from "../config.js";
-import { RedisConnectError, connectRedis, describeConnectFailure, redisOptions, withoutCommand } from "./redis.js";
+import { RedisConnectError, connectRedis, describeConnectFailure, logConnectionErrors, redisOptions, withoutCommand } from "./redis.js";
 
 /** A connection keygate runs commands on: one server (standalone or through Sentinel) or a Cluster. */
 export type RedisClient = Redis | Cluster;
@@ -22,6 +22,11 @@ export interface SubscriberConnection {
   on(event: "close" | "ready", listener: () => void): unknown;
   off(event: "message", listener: (channel: string, message: string) => void): unknown;
   off(event: "close" | "ready", listener: () => void): unknown;
+  /**
+   * With `reconnect`, drops the connection and opens another: through Sentinel to the master the
+   * Sentinels name now, on a Cluster to another node. Without it, closes for good.
+   */
+  disconnect(reconnect?: boolean): void;
 }
 
 /**
@@ -179,9 +184,12 @@ function sentinelOptions(topology: Extract<RedisTopology, { kind: "sentinel" }>,
     sentinelPassword: topology.sentinelPassword,
     ...(topology.tls ? { tls, sentinelTLS: tls, enableTLSForSentinelMode: true } : {}),
     // Off: ioredis's detector closes the connector on +switch-master, and if that lands while a
-    // reconnect is resolving the master, the connection ends for good ("Connection is closed.").
+    // reconnect is resolving the master, the connection ends for good ("Connection is closed.");
+    // it also holds a pub/sub connection to every Sentinel for each of keygate's connections.
     // A failover reaches keygate anyway: Sentinel kills the old master's clients when it
-    // reconfigures it, a dead master drops them, and a write to a demoted one is READONLY.
+    // reconfigures it, a dead master drops them, a write to a demoted one is READONLY, and a
+    // master that stopped answering with its sockets open (frozen, hung, cut off) is left by the
+    // socket timeout (redisOptions) and, for the subscriber, by the bus (RedisInvalidationBus).
     failoverDetector: false,
     // Never gives up: ioredis ends a connection for good once this returns null, and a
     // replica must come back when the Sentinels do. A start waits START_TIMEOUT_MS at most.
@@ -240,20 +248,9 @@ export async function connectRedisClient(topology: RedisTopology, logger?: Logge
   }
 }
 
-/** Connects a client built lazily, logging one line per distinct error, within START_TIMEOUT_MS. */
+/** Connects a client built lazily, logging its errors (logConnectionErrors), within START_TIMEOUT_MS. */
 async function connectWatched<T extends RedisClient>(client: T, logger: Logger | undefined): Promise<T> {
-  let lastMessage = "";
-  let lastError: unknown = null;
-  client.on("error", (error: unknown) => {
-    lastError = error;
-    const message = error instanceof Error ? error.message : String(error);
-    if (message === lastMessage) return;
-    lastMessage = message;
-    logger?.warn({ err: withoutCommand(error) }, "Redis connection error");
-  });
-  client.on("ready", () => {
-    lastMessage = "";
-  });
+  const lastError = logConnectionErrors(client, logger);
   let timer: NodeJS.Timeout | undefined;
   try {
     await Promise.race([
@@ -264,7 +261,7 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
     ]);
   } catch (error) {
     client.disconnect();
-    throw new RedisConnectError(describeConnectFailure(lastError ?? error), { cause: withoutCommand(lastError ?? error) });
+    throw new RedisConnectError(describeConnectFailure(lastError() ?? error), { cause: withoutCommand(lastError() ?? error) });
   } finally {
     clearTimeout(timer);
   }
@@ -278,13 +275,21 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
  * refused too, ioredis rejects it (MaxRetriesPerRequestError) with no handler, an unhandled
  * rejection.
  */
-const SUBSCRIBER_OVERRIDES: RedisOptions = { autoResubscribe: false };
+const SUBSCRIBER_OVERRIDES: RedisOptions = {
+  autoResubscribe: false,
+  // The bus drops the subscriber when its server stopped answering (disconnect(true)): ending
+  // the socket gracefully would wait for a close that never comes (2 s by default) before the
+  // reconnect could begin.
+  disconnectTimeout: 100,
+};
 
 /**
  * Opens the invalidation bus's subscriber. Standalone and Sentinel: a connection of its own
  * (through Sentinel it follows the master across a failover, dropping and coming back, so the
- * bus clears L1 and subscribes again). Cluster: PUBLISH reaches every node, so one node's
- * connection hears every replica; ClusterNodeSubscriber moves to another node when it drops.
+ * bus clears L1 and subscribes again; the bus drops it itself when no heartbeat comes back,
+ * since a subscriber has no command waiting for the socket timeout to notice a frozen master).
+ * Cluster: PUBLISH reaches every node, so one node's connection hears every replica;
+ * ClusterNodeSubscriber moves to another node when it drops or the bus drops it.
  */
 export async function openSubscriber(
   topology: RedisTopology,
@@ -368,7 +373,12 @@ export class ClusterNodeSubscriber extends EventEmitter implements SubscriberCon
     return this.#current().unsubscribe(channel);
   }
 
-  disconnect(): void {
+  /** Closes for good; with `reconnect`, leaves the current node and moves to the next one. */
+  disconnect(reconnect = false): void {
+    if (reconnect) {
+      this.#leave();
+      return;
+    }
     this.#closing = true;
     clearTimeout(this.#retry);
     this.#connection?.disconnect();
@@ -434,6 +444,16 @@ export class ClusterNodeSubscriber extends EventEmitter implements SubscriberCon
     this.emit("close");
     if (this.#closing) return;
     this.#logger?.warn({ node: `${address.host}:${address.port}` }, "the invalidation subscriber lost its Cluster node; moving to another");
+    this.#scheduleRetry();
+  }
+
+  /** Drops the current node's connection at once (its close may never come) and moves on. */
+  #leave(): void {
+    const connection = this.#connection;
+    if (connection === null || this.#closing) return;
+    this.#connection = null;
+    connection.disconnect();
+    this.emit("close");
     this.#scheduleRetry();
   }
 

@@ -9,6 +9,17 @@ import type { FillToken, Invalidation, InvalidationBus, SharedCache, SharedRead 
 import type { RedisClient, SubscriberConnection } from "./redis-client.js";
 
 /**
+ * How long a connection may go without a byte from Redis while a command waits (redisOptions).
+ * A healthy connection never comes near it: keygate sends no blocking command, waits at most
+ * 500 ms server-side (WAIT), and its scripts are short. It is over twice the command timeout: a
+ * command that fails on a stalled connection may be followed there by one more (ChargeUsage's
+ * failure mark goes on the connection that carried the charge, so it lands after it), and both
+ * are decided by their own timeouts before the connection is dropped, which would leave the
+ * mark to be sent again on another connection.
+ */
+export const SOCKET_TIMEOUT_MS = 3000;
+
+/**
  * ioredis options for the hot path: commands fail fast instead of queueing while disconnected
  * (no unbounded offline queue), and time out rather than hang a Check. Each command is written
  * as it is issued, not auto-pipelined: with ioredis's auto-pipelining, every Check's objects
@@ -31,6 +42,12 @@ export function redisOptions(overrides: RedisOptions = {}): RedisOptions {
     autoResendUnfulfilledCommands: false,
     connectTimeout: 2000,
     commandTimeout: 1000,
+    // A server that stops answering without closing the socket (frozen, a hung VM, a partition
+    // that drops packets) would hold the connection for good: commands only time out, and
+    // ioredis never reconnects, so through Sentinel it never asks the Sentinels for the new
+    // master. This drops a socket from which nothing has come for SOCKET_TIMEOUT_MS while a
+    // command waits; any reply resets it.
+    socketTimeout: SOCKET_TIMEOUT_MS,
     lazyConnect: true,
     retryStrategy: (attempt: number) => Math.min(attempt * 100, 2000),
     ...overrides,
@@ -68,26 +85,38 @@ export async function connectRedis(url: string, overrides: RedisOptions = {}, lo
     // the error is dropped, not kept as the cause.
     throw new RedisConnectError("the URL does not parse; percent-encode / ? # @ % in the user name and password");
   }
-  let lastMessage = "";
-  let lastError: unknown = null;
-  redis.on("error", (error: unknown) => {
-    lastError = error;
-    // One line per distinct failure, not one per reconnect attempt.
-    const message = error instanceof Error ? error.message : String(error);
-    if (message === lastMessage) return;
-    lastMessage = message;
-    logger?.warn({ err: withoutCommand(error) }, "Redis connection error");
-  });
-  redis.on("ready", () => {
-    lastMessage = "";
-  });
+  const lastError = logConnectionErrors(redis, logger);
   try {
     await redis.connect();
   } catch (error) {
     redis.disconnect();
-    throw new RedisConnectError(describeConnectFailure(lastError ?? error), { cause: withoutCommand(lastError ?? error) });
+    throw new RedisConnectError(describeConnectFailure(lastError() ?? error), { cause: withoutCommand(lastError() ?? error) });
   }
   return redis;
+}
+
+/** How many distinct error messages a connection logs at most between two readies. */
+const DISTINCT_ERRORS_LOGGED = 16;
+
+/**
+ * Logs a connection's errors, one line per distinct message until it is ready again, not one per
+ * reconnect attempt: against a server that stops answering without closing its sockets, each
+ * attempt connects and then fails in turn on the socket timeout and on the ready check's command
+ * timeout, for as long as the server stays that way. Returns the latest error, for the start's
+ * one line when it never gets ready.
+ */
+export function logConnectionErrors(client: Redis | Cluster, logger: Logger | undefined): () => unknown {
+  const logged = new Set<string>();
+  let lastError: unknown = null;
+  client.on("error", (error: unknown) => {
+    lastError = error;
+    const message = error instanceof Error ? error.message : String(error);
+    if (logged.has(message) || logged.size >= DISTINCT_ERRORS_LOGGED) return;
+    logged.add(message);
+    logger?.warn({ err: withoutCommand(error) }, "Redis connection error");
+  });
+  client.on("ready", () => logged.clear());
+  return () => lastError;
 }
 
 /** Redis could not be reached or refused the connection when keygate started. */
@@ -483,6 +512,8 @@ export const HEARTBEAT_INTERVAL_MS = 500;
 export const HEARTBEAT_SILENCE_MS = 2000;
 /** How long a heartbeat's key lives in Redis: one small key per running replica. */
 const HEARTBEAT_KEY_TTL_MS = 10_000;
+/** How often at most the bus drops a subscriber that hears no heartbeat, so that it connects again. */
+export const SILENT_SUBSCRIBER_DROP_MS = 5000;
 
 /** Channel, logger and heartbeat of the Redis invalidation bus. */
 export interface RedisInvalidationBusOptions {
@@ -507,7 +538,8 @@ export interface RedisInvalidationBusOptions {
  * been missed. A heartbeat is a write (a key of its own, with a TTL) before its PUBLISH: a Redis
  * that refuses writes while it still answers reads and PUBLISH (a master demoted to a replica
  * under a plain URL, READONLY; a full one under noeviction, OOM) can take no invalidation, so it
- * counts as lost too.
+ * counts as lost too. A subscriber that stays silent for another reason is dropped, so that it
+ * connects again, perhaps elsewhere (#dropIfSilent), and trusted only once a heartbeat comes back.
  */
 export class RedisInvalidationBus implements InvalidationBus {
   readonly #publisher: Pick<RedisClient, "publish" | "set">;
@@ -519,6 +551,16 @@ export class RedisInvalidationBus implements InvalidationBus {
   readonly #heartbeatKey: string;
   /** Why the last heartbeat failed (Redis's error message), for the log line when the bus goes silent. */
   #heartbeatError: string | undefined;
+  /** Redis itself refused the last heartbeat (READONLY, OOM): it answers, so its connections are alive. */
+  #heartbeatRefused = false;
+  /** When the bus last dropped its silent subscriber (performance.now()). */
+  #droppedAtMs = -Infinity;
+  /**
+   * The bus dropped its subscriber for silence and has heard no heartbeat since: a new
+   * subscription is trusted only once a heartbeat comes back on it, since the server it lands on
+   * may be the one that did not answer.
+   */
+  #awaitingHeartbeat = false;
   readonly #logger: Logger | undefined;
   readonly #heartbeatIntervalMs: number;
   readonly #silenceLimitMs: number;
@@ -601,6 +643,7 @@ export class RedisInvalidationBus implements InvalidationBus {
   readonly #onMessage = (channel: string, message: string): void => {
     if (channel === this.#heartbeatChannel) {
       this.#lastHeardMs = performance.now();
+      this.#awaitingHeartbeat = false;
       this.#update();
       return;
     }
@@ -628,15 +671,42 @@ export class RedisInvalidationBus implements InvalidationBus {
           () => {
             this.#beating = false;
             this.#heartbeatError = undefined;
+            this.#heartbeatRefused = false;
           },
           (error: unknown) => {
             this.#beating = false;
             this.#heartbeatError = error instanceof Error ? error.message.slice(0, 200) : "unknown error";
+            // Redis's own error replies (redis-errors' ReplyError), not a timeout or a closed connection.
+            this.#heartbeatRefused = error instanceof Error && error.name === "ReplyError";
           },
         );
     }
     this.#update();
+    this.#dropIfSilent();
   };
+
+  /**
+   * Drops a subscriber connection that hears no heartbeat although it looks up: its server stopped
+   * answering without closing the socket (frozen, hung, cut off by a partition; with no command
+   * waiting on a subscriber, ioredis's socket timeout never fires) or no longer gets the
+   * publishes. Its next connection finds the server anew: through Sentinel the master the
+   * Sentinels name now (a frozen master is failed over but never closes its clients), on a Cluster
+   * another node. Not when Redis refused the heartbeat: it answered, so the connection is alive.
+   * At most once every SILENT_SUBSCRIBER_DROP_MS; one warning until a heartbeat comes back.
+   */
+  #dropIfSilent(): void {
+    if (this.#connected || !this.#listening || !this.#subscribed || this.#heartbeatRefused || this.#subscriber.status !== "ready") return;
+    // Not connected while subscribed: silent past the limit.
+    const nowMs = performance.now();
+    if (nowMs - this.#droppedAtMs < SILENT_SUBSCRIBER_DROP_MS) return;
+    this.#droppedAtMs = nowMs;
+    const fields = { channel: this.#channel, silentMs: Math.round(nowMs - this.#lastHeardMs) };
+    const message = "no heartbeat came back on the invalidation subscriber's connection; dropping it to connect again";
+    if (this.#awaitingHeartbeat) this.#logger?.debug(fields, message);
+    else this.#logger?.warn(fields, message);
+    this.#awaitingHeartbeat = true;
+    this.#subscriber.disconnect(true);
+  }
 
   /** The invalidation channel, then the heartbeat channel; each confirmed by Redis. */
   async #subscribeBoth(): Promise<void> {
@@ -669,7 +739,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     }
     if (this.#subscribed || !this.#listening) return;
     this.#subscribed = true;
-    this.#lastHeardMs = performance.now();
+    if (!this.#awaitingHeartbeat) this.#lastHeardMs = performance.now();
     this.#update();
   }
 
