@@ -125,6 +125,7 @@ const HEADER_VALUE = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
 
 // A key state that refuses, and the denial it is.
 const KEY_STATE_DENIALS = { revoked: "KEY_REVOKED", rotated: "KEY_ROTATED", expired: "KEY_EXPIRED", disabled: "KEY_DISABLED" } as const satisfies Record<string, DenyReason>;
+const KEY_STATE_REFUSALS: ReadonlySet<DenyReason> = new Set(Object.values(KEY_STATE_DENIALS));
 
 function deny(reason: DenyReason, snapshot: CheckSnapshot, message = DENIALS[reason].message): Deny {
   return { allow: false, reason, message, snapshot };
@@ -359,8 +360,12 @@ export class DecisionPipeline {
     const refusal = this.#refusal(snapshot, plan, route, nowMs);
     if (refusal !== null) {
       if (!charge) return refusal;
-      // Without a plan there are no limits to report.
-      if (plan !== undefined) return this.#withLimitHeaders(refusal, snapshot, this.#chargeInput(v, snapshot, plan, route, nowMs), trace, budgetMs);
+      // Without a plan there are no limits to report; nor to a key that no longer authenticates
+      // (revoked, rotated, expired, disabled): its holder learns nothing of the account's balance,
+      // plan or traffic.
+      if (plan !== undefined && !KEY_STATE_REFUSALS.has(refusal.reason)) {
+        return this.#withLimitHeaders(refusal, snapshot, this.#chargeInput(v, snapshot, plan, route, nowMs), trace, budgetMs);
+      }
       this.#count(snapshot, nowMs, DENIALS[refusal.reason].code, 0);
       return refusal;
     }
