@@ -40,6 +40,12 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   );
   const logger = createLogger(config.logLevel, undefined, secrets);
   warnOfIgnoredVariables(logger);
+  if (config.mongodbUri !== undefined && config.redis === undefined) {
+    // Nothing refuses several such replicas (none knows of the others), so say what they would do.
+    logger.warn(
+      "MongoDB without KEYGATE_REDIS_URL: this replica's caches, rate limits, quotas and credit counts are its own; run one replica, or give every replica the same Redis",
+    );
+  }
   // SIGHUP and file changes are listened for in the same turn that read the files, not once the
   // start is done: the start can wait many seconds (Redis, MongoDB, schema steps), an edit made
   // meanwhile would be lost, and a SIGHUP with no handler ends the process. Until keygate has
