@@ -278,6 +278,8 @@ async function openCache(
   }
   const bus = new RedisInvalidationBus(main, subscriber, logger);
   await bus.start();
+  // Lost exactly when the meter below skips Redis: no Redis call fails then, so no error rate shows it.
+  metrics.watchRedis(() => bus.connected);
   const { ttlSeconds, negativeTtlSeconds } = config.policy.cache;
   return {
     shared: new RedisSharedCache(main, { ttlSeconds, negativeTtlSeconds, keyPrefix: layout.l2Prefix, ...confirmation }),
@@ -347,6 +349,14 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
   metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();
+  // What /readyz last said of the store: start() has just read it, so it answers until a ping fails.
+  let storeAnswering = true;
+  const pingStore = sharedPing(
+    () => store.ping(),
+    (error) => logger.warn({ err: error }, "readiness probe failed"),
+  );
+  // Not-ready pods leave the Service and get no Checks, so no Check-based rate can show it.
+  metrics.watchReady(() => readiness.serving && storeAnswering);
   const scopedTokens = config.adminTokensFile === undefined ? [] : scopedTokensFrom(config.adminTokensFile);
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
@@ -374,10 +384,16 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     readiness,
     metrics,
     logger,
-    probe: sharedPing(
-      () => store.ping(),
-      (error) => logger.warn({ err: error }, "readiness probe failed"),
-    ),
+    probe: () =>
+      pingStore().then(
+        () => {
+          storeAnswering = true;
+        },
+        (error: unknown) => {
+          storeAnswering = false;
+          throw error;
+        },
+      ),
     maxBodyBytes: config.adminMaxBodyBytes,
     limits,
     tls: tls?.forListener("admin") ?? null,

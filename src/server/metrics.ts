@@ -76,6 +76,9 @@ export class Metrics implements LookupObserver {
   readonly #reloadFailing: Gauge<"file">;
   readonly #tlsHandshakeFailures: Counter<"listener">;
   readonly #unhandledRejections: Counter;
+  readonly #redisConnected: Gauge;
+  /** States read at each scrape (watchReady, watchRedis). */
+  readonly #states = { ready: (): boolean => false, redisConnected: (): boolean => false };
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -162,6 +165,25 @@ export class Metrics implements LookupObserver {
       this.#connectionsRejected.labels(listener).inc(0);
       this.#tlsHandshakeFailures.labels(listener).inc(0);
     }
+    // Read at each scrape, never per Check: the states are kept where /readyz and the bus keep them.
+    const states = this.#states;
+    new Gauge({
+      name: "keygate_ready",
+      help: "1 while this replica reports ready on /readyz (serving, and the store answered its last ping), else 0 (starting, draining, or the store not answering)",
+      registers,
+      collect() {
+        this.set(states.ready() ? 1 : 0);
+      },
+    });
+    // Registered by watchRedis only: a keygate without Redis has no such series, rather than a 0 that would page.
+    this.#redisConnected = new Gauge({
+      name: "keygate_redis_connected",
+      help: "1 while the invalidation bus hears Redis (subscribed, its heartbeats coming back), 0 while Redis is lost (limits follow limits.onRedisError, L2 is not read); only with KEYGATE_REDIS_URL",
+      registers: [],
+      collect() {
+        this.set(states.redisConnected() ? 1 : 0);
+      },
+    });
     const sizes = this.#queueSizes;
     new Gauge({
       name: "keygate_write_behind_pending",
@@ -217,6 +239,17 @@ export class Metrics implements LookupObserver {
   /** Counts a TLS handshake that failed on a listener. */
   tlsHandshakeFailed(listener: ListenerName): void {
     this.#tlsHandshakeFailures.labels(listener).inc();
+  }
+
+  /** Reports at each scrape whether this replica would answer /readyz ready (keygate_ready). */
+  watchReady(isReady: () => boolean): void {
+    this.#states.ready = isReady;
+  }
+
+  /** Exports keygate_redis_connected, read at each scrape; only a keygate with Redis calls this. */
+  watchRedis(isConnected: () => boolean): void {
+    if (this.registry.getSingleMetric("keygate_redis_connected") === undefined) this.registry.registerMetric(this.#redisConnected);
+    this.#states.redisConnected = isConnected;
   }
 
   /** Reports a write-behind queue's size at each scrape. */

@@ -7,6 +7,7 @@ import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
 import { z } from "zod";
 import { Metrics } from "../../src/server/metrics.js";
 import { requireServer } from "../harness/ports.js";
+import { promtool } from "../harness/promtool.js";
 
 // The PrometheusRule in deploy/k8s/monitoring/ against keygate itself (every metric it names is one
 // keygate exports, every alert has a runbook section in the README) and against promtool (the
@@ -47,11 +48,13 @@ async function exercisedMetricsText(): Promise<string> {
   metrics.connectionOpened("grpc");
   metrics.connectionRejected("http");
   metrics.watchQueue("usage", () => 3);
+  metrics.watchReady(() => true);
+  metrics.watchRedis(() => false);
   return metrics.registry.metrics();
 }
 
 describe("alert rules: what they name", () => {
-  it("cover errors, UNAVAILABLE, latency, Redis and store errors, reload failures, a cache-hit collapse and unhandled rejections", () => {
+  it("cover replicas down, gone or not ready, errors, UNAVAILABLE, latency, Redis lost or failing, store errors, reload failures, a cache-hit collapse and unhandled rejections", () => {
     expect(rules.map((r) => r.alert).sort()).toEqual(
       [
         "KeygateCacheHitCollapse",
@@ -61,7 +64,9 @@ describe("alert rules: what they name", () => {
         "KeygateConnectionsRejected",
         "KeygateDown",
         "KeygateMisconfigured",
+        "KeygateNotReady",
         "KeygateRedisErrors",
+        "KeygateRedisLost",
         "KeygateStoreErrors",
         "KeygateUnavailableAnswers",
         "KeygateUnhandledRejections",
@@ -71,7 +76,10 @@ describe("alert rules: what they name", () => {
   });
 
   it("query only metrics keygate exports, each selected by the ServiceMonitor's job", async () => {
-    const exported = new Set((await new Metrics({ defaultMetrics: true }).registry.getMetricsAsJSON()).map((m) => m.name));
+    const metrics = new Metrics({ defaultMetrics: true });
+    // keygate_redis_connected exists only in a keygate with Redis.
+    metrics.watchRedis(() => true);
+    const exported = new Set((await metrics.registry.getMetricsAsJSON()).map((m) => m.name));
     exported.add("up");
     for (const rule of rules) {
       const series = [...rule.expr.matchAll(/\b(keygate_[a-z_]+|up)(\{[^}]*\})/g)];
@@ -81,6 +89,17 @@ describe("alert rules: what they name", () => {
         expect(selector, `${rule.alert}: ${name}`).toContain('job="keygate-admin"');
       }
     }
+  });
+
+  it("keygate_redis_connected is exported only by a keygate with Redis (a 0 without Redis would page)", async () => {
+    const metrics = new Metrics({ defaultMetrics: false });
+    expect(await metrics.registry.metrics()).not.toContain("keygate_redis_connected");
+    expect(await metrics.registry.metrics()).toContain("keygate_ready 0");
+    let connected = true;
+    metrics.watchRedis(() => connected);
+    expect(await metrics.registry.metrics()).toContain("keygate_redis_connected 1");
+    connected = false;
+    expect(await metrics.registry.metrics()).toContain("keygate_redis_connected 0");
   });
 
   it("each point at a README runbook section of the alert's name", () => {
@@ -103,7 +122,6 @@ describe("alert rules: what they name", () => {
   });
 });
 
-const promtool = ["promtool", "/usr/bin/promtool"].find((p) => spawnSync(p, ["--version"], { stdio: "ignore" }).status === 0);
 const HAS_PROMTOOL = requireServer("promtool", promtool !== undefined, "apt-get install prometheus (Debian's package ships promtool)");
 
 describe.skipIf(!HAS_PROMTOOL)("alert rules and metrics: promtool", () => {
@@ -127,16 +145,29 @@ describe.skipIf(!HAS_PROMTOOL)("alert rules and metrics: promtool", () => {
     expect(result.status).toBe(0);
   });
 
-  it("promtool test rules fails when a rule changes (the cases are not vacuous)", () => {
-    const loosened = prometheusRule.spec.groups.map((g) => ({
+  // Each change is one a reviewer could make by mistake; the fixture's cases must catch it.
+  const weakened: ReadonlyArray<{ alert: string; change: string; expr: (expr: string) => string }> = [
+    { alert: "KeygateUnavailableAnswers", change: "a threshold of 50%", expr: (e) => e.replace("> 0.01", "> 0.5") },
+    { alert: "KeygateDown", change: "no absent() arm (targets gone never fire)", expr: (e) => e.replace(/\s+or absent\(.*\)\s*$/s, "") },
+    { alert: "KeygateDown", change: "absent() without the namespace (the alert loses it)", expr: (e) => e.replace(', namespace="keygate"})', "})") },
+    { alert: "KeygateNotReady", change: "min instead of max (one replica not ready pages)", expr: (e) => e.replace("max by", "min by") },
+    {
+      alert: "KeygateRedisLost",
+      change: "only when every replica has lost Redis",
+      expr: () => 'max by (namespace, job) (keygate_redis_connected{job="keygate-admin"}) == 0',
+    },
+  ];
+  it.each(weakened)("promtool test rules fails for $alert with $change (the cases are not vacuous)", ({ alert, expr }) => {
+    const changed = prometheusRule.spec.groups.map((g) => ({
       ...g,
-      rules: g.rules.map((r) => (r.alert === "KeygateUnavailableAnswers" ? { ...r, expr: r.expr.replace("> 0.01", "> 0.5") } : r)),
+      rules: g.rules.map((r) => (r.alert === alert ? { ...r, expr: expr(r.expr) } : r)),
     }));
-    writeFileSync(join(scratch, "rules.yaml"), stringifyYaml({ groups: loosened }));
+    expect(JSON.stringify(changed)).not.toBe(JSON.stringify(prometheusRule.spec.groups));
+    writeFileSync(join(scratch, "rules.yaml"), stringifyYaml({ groups: changed }));
     try {
       const result = run(["test", "rules", "alert-rules.test.yaml"]);
       expect(result.status).not.toBe(0);
-      expect(result.stdout + result.stderr).toContain("alertname: KeygateUnavailableAnswers");
+      expect(result.stdout + result.stderr).toContain(`alertname: ${alert}`);
     } finally {
       writeFileSync(join(scratch, "rules.yaml"), stringifyYaml({ groups: prometheusRule.spec.groups }));
     }
@@ -145,6 +176,8 @@ describe.skipIf(!HAS_PROMTOOL)("alert rules and metrics: promtool", () => {
   it("promtool check metrics: /metrics has no lint problem", async () => {
     const text = await exercisedMetricsText();
     expect(text).toContain("keygate_checks_total{");
+    expect(text).toContain("keygate_ready 1");
+    expect(text).toContain("keygate_redis_connected 0");
     const result = run(["check", "metrics"], text);
     expect(result.stdout + result.stderr).toBe("");
     expect(result.status).toBe(0);
