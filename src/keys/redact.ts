@@ -37,16 +37,38 @@ const AUTH_SCHEME = /^(Bearer|Basic)\s/i;
 /** Deeper than this, a log value is replaced whole: keygate logs nothing nested this far. */
 const MAX_DEPTH = 8;
 
-/** `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. */
+/**
+ * `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. Both
+ * are found in the text as given, and where they overlap (a password holding "_live_", a password
+ * that is part of a key) the two become one run, replaced once: replaced one after the other, the
+ * first marker would split the second match and leave the rest of a key or a password printed.
+ */
 export function redactText(text: string, secrets: readonly string[] = []): string {
-  // The literals first: a shape replaced inside one (a password holding "_live_") would leave the
-  // rest of it unmatched, and printed.
-  let out = text;
-  for (const secret of secrets) if (secret !== "" && out.includes(secret)) out = out.split(secret).join(REDACTED);
-  return out.replace(SECRET_IN_TEXT, (match) => {
-    const scheme = AUTH_SCHEME.exec(match);
-    return scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}`;
-  });
+  const runs: Array<{ start: number; end: number; marker: string }> = [];
+  for (const match of text.matchAll(SECRET_IN_TEXT)) {
+    const scheme = AUTH_SCHEME.exec(match[0]);
+    runs.push({ start: match.index, end: match.index + match[0].length, marker: scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}` });
+  }
+  for (const secret of secrets) {
+    if (secret === "") continue;
+    for (let at = text.indexOf(secret); at !== -1; at = text.indexOf(secret, at + secret.length)) runs.push({ start: at, end: at + secret.length, marker: REDACTED });
+  }
+  if (runs.length === 0) return text;
+  // By start, the longer first: a run that starts inside the one before joins it, keeping its marker.
+  runs.sort((a, b) => a.start - b.start || b.end - a.end);
+  let out = "";
+  let written = 0;
+  let current = runs[0] as { start: number; end: number; marker: string };
+  for (const run of runs.slice(1)) {
+    if (run.start < current.end) {
+      current = { ...current, end: Math.max(current.end, run.end) };
+      continue;
+    }
+    out += text.slice(written, current.start) + current.marker;
+    written = current.end;
+    current = run;
+  }
+  return out + text.slice(written, current.start) + current.marker + text.slice(current.end);
 }
 
 /**

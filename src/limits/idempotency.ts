@@ -142,6 +142,11 @@ class RedisClaim {
     this.#timer.unref();
   }
 
+  /** Until when (performance.now()) the claim surely lives: CLAIM_TTL_MS after its last confirmed renewal. */
+  get heldUntilMs(): number {
+    return this.#heldSinceMs + CLAIM_TTL_MS;
+  }
+
   /** The call has settled: no more renewals. */
   stop(): void {
     clearInterval(this.#timer);
@@ -197,10 +202,11 @@ class RedisClaim {
 export class RedisIdempotencyLedger implements IdempotencyLedger {
   /**
    * Failure marks Redis did not take (a connection resetting with the call's charge in flight):
-   * the key's name and the claim the mark replaces, sent again every MARK_RETRY_MS until Redis
-   * answers. Oldest first; at most MAX_PENDING_MARKS.
+   * the key's name, the claim the mark replaces and until when that claim surely lives, sent
+   * again every MARK_RETRY_MS until Redis answers or the claim may have run out. Oldest first; at
+   * most MAX_PENDING_MARKS.
    */
-  readonly #pendingMarks = new Map<string, string>();
+  readonly #pendingMarks = new Map<string, { token: string; heldUntilMs: number }>();
   #markTimer: NodeJS.Timeout | undefined;
 
   constructor(
@@ -234,7 +240,7 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
       // Not a DEL: the charge may still be made (sent to a Redis that answers late), and the
       // retry that finds FAILED records what it replays. Written on the same connection after the
       // charge, so it lands after it; sent again until Redis takes it (#markFailed).
-      await this.#markFailed(name, token);
+      await this.#markFailed(name, token, claim.heldUntilMs);
       throw error;
     }
     claim.stop();
@@ -275,39 +281,50 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
   /**
    * Replaces the call's claim (or its absence: the claim ran out) with FAILED. When Redis does not
    * take it (the connection that carried the charge resetting), it is sent again every
-   * MARK_RETRY_MS until Redis answers: without it, the claim would run out, and the retry would
-   * take the charge Redis kept for another call's, recording nothing. Another call's claim or
-   * answer under the key by then stays (SETTLE).
+   * MARK_RETRY_MS while the claim surely still lives, and then only over the claim itself: without
+   * it, the claim would run out, and the retry would take the charge Redis kept for another call's,
+   * recording nothing; once the claim may have run out, an empty key may be another call's doing
+   * (a retry that charged and recorded, then lost its own answer), where a late mark would make the
+   * next retry record that charge again. Another call's claim or answer under the key stays.
    */
-  async #markFailed(name: string, token: string): Promise<void> {
+  async #markFailed(name: string, token: string, heldUntilMs: number): Promise<void> {
     try {
       await this.redis.eval(SETTLE, 1, name, token, FAILED, String(IDEMPOTENCY_TTL_MS));
     } catch {
       this.#pendingMarks.delete(name);
-      this.#pendingMarks.set(name, token);
+      this.#pendingMarks.set(name, { token, heldUntilMs });
       for (const oldest of this.#pendingMarks.keys()) {
         if (this.#pendingMarks.size <= MAX_PENDING_MARKS) break;
         this.#pendingMarks.delete(oldest);
-        this.logger?.warn({ idempotencyKey: oldest.slice(this.prefix.length) }, "a failed call's mark under its idempotency key was dropped unsent (too many waiting for Redis): a retry that replays its charge records nothing");
+        this.#markLost(oldest, "too many waiting for Redis");
       }
       this.#markTimer ??= setInterval(() => void this.#resendMarks(), MARK_RETRY_MS).unref();
     }
   }
 
   async #resendMarks(): Promise<void> {
-    for (const [name, token] of [...this.#pendingMarks]) {
+    for (const [name, mark] of [...this.#pendingMarks]) {
+      if (performance.now() >= mark.heldUntilMs) {
+        this.#pendingMarks.delete(name);
+        this.#markLost(name, "Redis did not answer before the call's claim could run out");
+        continue;
+      }
       try {
-        await this.redis.eval(SETTLE, 1, name, token, FAILED, String(IDEMPOTENCY_TTL_MS));
+        await this.redis.eval(SWAP, 1, name, mark.token, FAILED, String(IDEMPOTENCY_TTL_MS));
       } catch {
         // Redis still unreachable: the rest wait for the next round.
         return;
       }
-      if (this.#pendingMarks.get(name) === token) this.#pendingMarks.delete(name);
+      if (this.#pendingMarks.get(name) === mark) this.#pendingMarks.delete(name);
     }
     if (this.#pendingMarks.size === 0) {
       clearInterval(this.#markTimer);
       this.#markTimer = undefined;
     }
+  }
+
+  #markLost(name: string, why: string): void {
+    this.logger?.warn({ idempotencyKey: name.slice(this.prefix.length) }, `a failed call's mark under its idempotency key was dropped unsent (${why}): a retry that replays its charge records nothing`);
   }
 }
 
