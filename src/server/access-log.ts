@@ -1,7 +1,7 @@
 import type { Logger } from "pino";
 import type { Decision } from "../authz/pipeline.js";
 import { DENIALS } from "../authz/reasons.js";
-import { pathOnly } from "../tracing/tracing.js";
+import { methodOnly, pathOnly } from "../tracing/tracing.js";
 import type { EntryPoint } from "../tracing/tracing.js";
 
 /**
@@ -34,7 +34,7 @@ export class AccessLog {
       {
         entry,
         requestId,
-        method,
+        method: methodOnly(method),
         path: pathOnly(path),
         decision: decision.allow ? "allow" : "deny",
         reason: decision.allow ? "OK" : decision.reason,
@@ -53,7 +53,7 @@ export class AccessLog {
     if (this.#sampleRate < 1 && Math.random() >= this.#sampleRate) return;
     const latencyUs = Math.round((performance.now() - startedAt) * 1000);
     this.#logger.info(
-      { entry, requestId, method, path: pathOnly(path), decision: "unavailable", reason: "UNAVAILABLE", code: "UNAVAILABLE", status: 503, keyId: null, ownerId: null, latencyUs },
+      { entry, requestId, method: methodOnly(method), path: pathOnly(path), decision: "unavailable", reason: "UNAVAILABLE", code: "UNAVAILABLE", status: 503, keyId: null, ownerId: null, latencyUs },
       "access",
     );
   }

@@ -85,10 +85,22 @@ export function createTracing(
   return {
     tracer,
     async shutdown() {
+      // provider.shutdown waits for the exporter's own timeout (10 s by default, or
+      // OTEL_EXPORTER_OTLP_TIMEOUT): a collector that takes the request and never answers must not
+      // hold SIGTERM past the SHUTDOWN_FLUSH_MS promised.
+      let timer: NodeJS.Timeout | undefined;
+      const late = new Promise<"late">((resolve) => {
+        timer = setTimeout(() => resolve("late"), SHUTDOWN_FLUSH_MS);
+        timer.unref();
+      });
       try {
-        await provider.shutdown();
+        if ((await Promise.race([provider.shutdown(), late])) === "late") {
+          logger.warn(`the last trace spans were not sent within ${SHUTDOWN_FLUSH_MS} ms of the shutdown; they are dropped`);
+        }
       } catch (error) {
         logger.warn({ err: error }, "could not send the last trace spans");
+      } finally {
+        clearTimeout(timer);
       }
     },
   };

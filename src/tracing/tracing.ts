@@ -63,14 +63,35 @@ export class DecisionTrace {
 }
 
 // Envoy and Node hand headers over with lower-case names; a repeated header is an array, and the
-// propagator reads its first value.
+// propagator reads its first value. The trace headers are read only within their W3C sizes (a
+// traceparent of 55 characters; a tracestate of 32 entries, 512 characters kept), and copied: a
+// span queued for export would otherwise keep the client's whole header alive (OpenTelemetry's
+// TraceState keeps the raw text; the ids are slices of it), up to 64 KiB a span.
+const MAX_TRACEPARENT = 55;
+const MAX_TRACESTATE = 512;
 const HEADER_GETTER: TextMapGetter<HeaderBag> = {
   get: (carrier, key) => {
     const value = carrier.get(key);
-    return typeof value === "string" || value === undefined ? value : [...value];
+    const first = typeof value === "string" || value === undefined ? value : value[0];
+    if (first === undefined) return undefined;
+    const most = key === "traceparent" ? MAX_TRACEPARENT : key === "tracestate" ? MAX_TRACESTATE : Infinity;
+    return first.length > most ? undefined : copied(first);
   },
   keys: (carrier) => [...carrier.names()],
 };
+
+/** A string of its own, not a view into the (larger) text it was cut from. */
+function copied(text: string): string {
+  return Buffer.from(text, "utf8").toString("utf8");
+}
+
+/** The most of a request method a span or a log line keeps (a proxy may pass one of 60 KiB). */
+export const MAX_LOGGED_METHOD = 32;
+
+/** The request method as a span or a log line keeps it: cut to MAX_LOGGED_METHOD characters. */
+export function methodOnly(method: string): string {
+  return method.length > MAX_LOGGED_METHOD ? `${method.slice(0, MAX_LOGGED_METHOD)}…` : method;
+}
 
 /**
  * The request path without its query string, which may carry anything, and with anything shaped
@@ -106,7 +127,7 @@ export class DecisionTracer {
     const parent = this.#propagator.extract(ROOT_CONTEXT, headers, HEADER_GETTER);
     const span = this.#tracer.startSpan(
       CHECK_SPAN,
-      { kind: SpanKind.SERVER, attributes: { [TraceAttr.entry]: entry, [ATTR_HTTP_REQUEST_METHOD]: method, [ATTR_URL_PATH]: pathOnly(path) } },
+      { kind: SpanKind.SERVER, attributes: { [TraceAttr.entry]: entry, [ATTR_HTTP_REQUEST_METHOD]: methodOnly(method), [ATTR_URL_PATH]: pathOnly(path) } },
       parent,
     );
     return new DecisionTrace(this.#tracer, span, parent);
