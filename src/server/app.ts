@@ -366,9 +366,21 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const tracer = tracing?.tracer;
   const accessLog = AccessLog.create(logger, config.accessLogSampleRate);
   const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog, tls: tls?.forListener("grpc") ?? null });
+  // /readyz on the admin and HTTP authorization ports: the shared store ping (at most one at a time).
+  const probe = (): Promise<void> =>
+    pingStore().then(
+      () => {
+        storeAnswering = true;
+      },
+      (error: unknown) => {
+        storeAnswering = false;
+        throw error;
+      },
+    );
   const http = createHttpAuthzServer({
     pipeline,
     readiness,
+    probe,
     metrics,
     logger,
     nowMs,
@@ -384,16 +396,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     readiness,
     metrics,
     logger,
-    probe: () =>
-      pingStore().then(
-        () => {
-          storeAnswering = true;
-        },
-        (error: unknown) => {
-          storeAnswering = false;
-          throw error;
-        },
-      ),
+    probe,
     maxBodyBytes: config.adminMaxBodyBytes,
     limits,
     tls: tls?.forListener("admin") ?? null,

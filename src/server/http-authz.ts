@@ -31,6 +31,11 @@ export interface HttpAuthzDeps {
   /** Only `decide` is called, so tests can hand in a pipeline they control. */
   pipeline: Pick<DecisionPipeline, "decide">;
   readiness: Readiness;
+  /**
+   * /readyz's check of the store, shared with the admin port's (it rejects when the store does
+   * not answer); none: /readyz reflects starting and draining only.
+   */
+  probe?: () => Promise<void>;
   metrics: Metrics;
   logger: Logger;
   nowMs: () => number;
@@ -104,7 +109,19 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       return;
     }
     if (url === "/readyz") {
-      res.writeHead(readiness.serving ? 200 : 503, { "content-type": "text/plain" }).end(readiness.serving ? "ready\n" : "not ready\n");
+      if (!readiness.serving) {
+        res.writeHead(503, { "content-type": "text/plain" }).end("not ready: draining or starting\n");
+        return;
+      }
+      if (deps.probe === undefined) {
+        res.writeHead(200, { "content-type": "text/plain" }).end("ready\n");
+        return;
+      }
+      // The probe logs a failed ping itself, once however many probes it answers.
+      deps.probe().then(
+        () => res.writeHead(200, { "content-type": "text/plain" }).end("ready\n"),
+        () => res.writeHead(503, { "content-type": "text/plain" }).end("not ready: store unreachable\n"),
+      );
       return;
     }
     if (url === "/denied") {

@@ -135,7 +135,7 @@ function registerUpdates(keys: Command): void {
 
   const revoke = keys
     .command("revoke")
-    .description("disable a key at once (revoking a revoked key changes nothing)")
+    .description("revoke a key for good, at once (revoking a revoked key changes nothing; keys disable pauses one)")
     .argument("<id>", "key id (key_…)")
     .option("--reason <text>", "why, kept with the key and in the audit trail");
   onRun(revoke, async (context) => {
