@@ -38,27 +38,33 @@ const AUTH_SCHEME = /^(Bearer|Basic)\s/i;
 const MAX_DEPTH = 8;
 
 /**
- * `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. Both
- * are found in the text as given, and where they overlap (a password holding "_live_", a password
- * that is part of a key) the two become one run, replaced once: replaced one after the other, the
- * first marker would split the second match and leave the rest of a key or a password printed.
+ * `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. The
+ * shapes are looked for in the text as given (a key holding a short password is still a key) and
+ * with the literals blanked out (a hash or a token right after a password still starts a word);
+ * where runs overlap they become one, replaced once: replaced one after the other, the first
+ * marker would split the second match and leave the rest of a key or a password printed.
  */
 export function redactText(text: string, secrets: readonly string[] = []): string {
-  const runs: Array<{ start: number; end: number; marker: string }> = [];
-  for (const match of text.matchAll(SECRET_IN_TEXT)) {
-    const scheme = AUTH_SCHEME.exec(match[0]);
-    runs.push({ start: match.index, end: match.index + match[0].length, marker: scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}` });
-  }
+  const runs: Run[] = [];
   for (const secret of secrets) {
     if (secret === "") continue;
-    for (let at = text.indexOf(secret); at !== -1; at = text.indexOf(secret, at + secret.length)) runs.push({ start: at, end: at + secret.length, marker: REDACTED });
+    // Every occurrence, overlapping ones too ("abab" twice in "ababab").
+    for (let at = text.indexOf(secret); at !== -1; at = text.indexOf(secret, at + 1)) runs.push({ start: at, end: at + secret.length, marker: REDACTED });
+  }
+  const literals = runs.length;
+  addShapes(runs, text);
+  if (literals > 0) {
+    // Code units, as the indexes are: blank each literal's span with spaces (no word character).
+    const blanked = text.split("");
+    for (const run of runs.slice(0, literals)) blanked.fill(" ", run.start, run.end);
+    addShapes(runs, blanked.join(""));
   }
   if (runs.length === 0) return text;
   // By start, the longer first: a run that starts inside the one before joins it, keeping its marker.
   runs.sort((a, b) => a.start - b.start || b.end - a.end);
   let out = "";
   let written = 0;
-  let current = runs[0] as { start: number; end: number; marker: string };
+  let current = runs[0] as Run;
   for (const run of runs.slice(1)) {
     if (run.start < current.end) {
       current = { ...current, end: Math.max(current.end, run.end) };
@@ -69,6 +75,20 @@ export function redactText(text: string, secrets: readonly string[] = []): strin
     current = run;
   }
   return out + text.slice(written, current.start) + current.marker + text.slice(current.end);
+}
+
+interface Run {
+  start: number;
+  end: number;
+  marker: string;
+}
+
+/** The secret-shaped runs of `text`, an authentication scheme's kept before the marker. */
+function addShapes(runs: Run[], text: string): void {
+  for (const match of text.matchAll(SECRET_IN_TEXT)) {
+    const scheme = AUTH_SCHEME.exec(match[0]);
+    runs.push({ start: match.index, end: match.index + match[0].length, marker: scheme === null ? REDACTED : `${scheme[1] ?? ""} ${REDACTED}` });
+  }
 }
 
 /**

@@ -349,14 +349,13 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
   metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();
-  // What /readyz last said of the store: start() has just read it, so it answers until a ping fails.
-  let storeAnswering = true;
-  const pingStore = sharedPing(
+  // /readyz on the admin and HTTP authorization ports, and keygate_ready: one store ping at a time,
+  // its answer reused for a second.
+  const probe = sharedPing(
     () => store.ping(),
     (error) => logger.warn({ err: error }, "readiness probe failed"),
   );
-  // Not-ready pods leave the Service and get no Checks, so no Check-based rate can show it.
-  metrics.watchReady(() => readiness.serving && storeAnswering);
+
   const scopedTokens = config.adminTokensFile === undefined ? [] : scopedTokensFrom(config.adminTokensFile);
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
@@ -366,17 +365,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const tracer = tracing?.tracer;
   const accessLog = AccessLog.create(logger, config.accessLogSampleRate);
   const grpc = createGrpcAuthzServer({ pipeline, readiness, metrics, logger, nowMs, limits, engine: config.grpcEngine, tracer, accessLog, tls: tls?.forListener("grpc") ?? null });
-  // /readyz on the admin and HTTP authorization ports: the shared store ping (at most one at a time).
-  const probe = (): Promise<void> =>
-    pingStore().then(
-      () => {
-        storeAnswering = true;
-      },
-      (error: unknown) => {
-        storeAnswering = false;
-        throw error;
-      },
-    );
+  // Asked at each scrape (the shared ping), so it holds where nothing polls /readyz. Not-ready pods
+  // leave the Service and get no Checks, so no Check-based rate can show it.
+  metrics.watchReady(() => (readiness.serving ? probe().then(() => true, () => false) : false));
   const http = createHttpAuthzServer({
     pipeline,
     readiness,

@@ -78,7 +78,7 @@ export class Metrics implements LookupObserver {
   readonly #unhandledRejections: Counter;
   readonly #redisConnected: Gauge;
   /** States read at each scrape (watchReady, watchRedis). */
-  readonly #states = { ready: (): boolean => false, redisConnected: (): boolean => false };
+  readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false };
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -169,10 +169,10 @@ export class Metrics implements LookupObserver {
     const states = this.#states;
     new Gauge({
       name: "keygate_ready",
-      help: "1 while this replica reports ready on /readyz (serving, and the store answered its last ping), else 0 (starting, draining, or the store not answering)",
+      help: "1 while this replica reports ready on /readyz (serving, and the store answers a ping), else 0 (starting, draining, or the store not answering)",
       registers,
-      collect() {
-        this.set(states.ready() ? 1 : 0);
+      async collect() {
+        this.set((await states.ready()) ? 1 : 0);
       },
     });
     // Registered by watchRedis only: a keygate without Redis has no such series, rather than a 0 that would page.
@@ -241,8 +241,11 @@ export class Metrics implements LookupObserver {
     this.#tlsHandshakeFailures.labels(listener).inc();
   }
 
-  /** Reports at each scrape whether this replica would answer /readyz ready (keygate_ready). */
-  watchReady(isReady: () => boolean): void {
+  /**
+   * Reports at each scrape whether this replica would answer /readyz ready (keygate_ready): asked
+   * at the scrape, so it holds where nothing polls /readyz.
+   */
+  watchReady(isReady: () => boolean | Promise<boolean>): void {
     this.#states.ready = isReady;
   }
 
