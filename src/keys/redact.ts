@@ -40,7 +40,8 @@ const MAX_DEPTH = 8;
 /**
  * `text` with every secret-shaped run, and every literal in `secrets`, replaced by the marker. The
  * shapes are looked for in the text as given (a key holding a short password is still a key) and
- * with the literals blanked out (a hash or a token right after a password still starts a word);
+ * with the literals blanked out (a hash, a token or a scheme right after a password still starts
+ * a word);
  * where runs overlap they become one, replaced once: replaced one after the other, the first
  * marker would split the second match and leave the rest of a key or a password printed.
  */
@@ -54,9 +55,11 @@ export function redactText(text: string, secrets: readonly string[] = []): strin
   const literals = runs.length;
   addShapes(runs, text);
   if (literals > 0) {
-    // Code units, as the indexes are: blank each literal's span with spaces (no word character).
+    // Code units, as the indexes are: blank each literal's span with ";", which is no word
+    // character (a shape after it starts a word) and ends a scheme's credential (a literal that
+    // is the credential after "Bearer " does not make the next word one).
     const blanked = text.split("");
-    for (const run of runs.slice(0, literals)) blanked.fill(" ", run.start, run.end);
+    for (const run of runs.slice(0, literals)) blanked.fill(";", run.start, run.end);
     addShapes(runs, blanked.join(""));
   }
   if (runs.length === 0) return text;

@@ -220,16 +220,19 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
     const name = this.prefix + key;
     const token = `${RUNNING}:${randomBytes(12).toString("base64url")}`;
     const claimedAtMs = performance.now();
-    const claimed = await this.redis.set(name, token, "PX", CLAIM_TTL_MS, "NX").catch(unavailable);
+    const claimed = await onceMore(() => this.redis.set(name, token, "PX", CLAIM_TTL_MS, "NX")).catch(unavailable);
     let afterFailure = false;
     if (claimed === null) {
-      const stored = await this.redis.get(name).catch(unavailable);
+      const stored = await onceMore(() => this.redis.get(name)).catch(unavailable);
       if (stored === null) return this.once(key, run, keep);
-      if (isClaim(stored)) throw new IdempotencyInProgressError("a call with this idempotency key is still running; retry it shortly");
-      if (stored !== FAILED) return { value: JSON.parse(stored) as T, replayed: true };
-      const taken = await this.redis.eval(SWAP, 1, name, FAILED, token, String(CLAIM_TTL_MS)).catch(unavailable);
-      if (taken !== 1) return this.once(key, run, keep);
-      afterFailure = true;
+      // This call's own claim: a first SET whose answer a closed connection lost, sent again.
+      if (stored !== token) {
+        if (isClaim(stored)) throw new IdempotencyInProgressError("a call with this idempotency key is still running; retry it shortly");
+        if (stored !== FAILED) return { value: JSON.parse(stored) as T, replayed: true };
+        const taken = await onceMore(() => this.redis.eval(SWAP, 1, name, FAILED, token, String(CLAIM_TTL_MS))).catch(unavailable);
+        if (taken !== 1) return this.once(key, run, keep);
+        afterFailure = true;
+      }
     }
     const claim = new RedisClaim(this.redis, name, token, claimedAtMs);
     let value: T;
@@ -332,6 +335,29 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
 const MARK_RETRY_MS = 1_000;
 /** Failure marks kept for sending again at most (the oldest go first, with a warning). */
 const MAX_PENDING_MARKS = 10_000;
+
+/**
+ * Runs a ledger command, and again (up to CLOSED_TRIES) when its connection closed before the answer (a Cluster
+ * node's connection replaced as the client learns the slots): the client itself sends nothing
+ * again (redisOptions), since a charge must not be made twice, but each of these is safe to send
+ * twice (a GET; a SET NX or a swap that finds its own value says so).
+ */
+async function onceMore<T>(command: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await command();
+    } catch (error) {
+      if (!(error instanceof Error && error.message === CONNECTION_CLOSED) || attempt === CLOSED_TRIES) throw error;
+      // As the Cluster client waited before it was told not to: time for the new connection.
+      await new Promise((resolve) => setTimeout(resolve, CLOSED_RETRY_MS));
+    }
+  }
+}
+/** Tries of a ledger command whose connection closed, and the pause between them. */
+const CLOSED_TRIES = 3;
+const CLOSED_RETRY_MS = 100;
+/** ioredis's message for a command whose connection closed before its answer. */
+const CONNECTION_CLOSED = "Connection is closed.";
 
 function unavailable(error: unknown): never {
   throw new IdempotencyUnavailableError("idempotency keys cannot be checked: Redis is unavailable; nothing was charged, retry shortly", { cause: error });

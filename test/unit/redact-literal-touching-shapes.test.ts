@@ -28,3 +28,13 @@ describe("redactText where literals touch or overlap shapes", () => {
     expect(redactText("xababab y", ["abab"])).toBe("x[redacted] y");
   });
 });
+
+describe("redactText: a literal that is a scheme's credential", () => {
+  it("redacts the credential and leaves the next word", () => {
+    expect(redactText("called with Bearer s3cr3t-value and more", ["s3cr3t-value"])).toBe("called with Bearer [redacted] and more");
+  });
+
+  it("a scheme right after a literal still hides its credential", () => {
+    expect(redactText("pwBearer abcdefgh", ["pw"])).toBe("[redacted]Bearer [redacted]");
+  });
+});
