@@ -11,6 +11,8 @@ import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { loseNextAnswer, modelOn } from "../harness/mongo-lost-answer.js";
+import type { LosableMethod } from "../harness/mongo-lost-answer.js";
 import { requireServer } from "../harness/ports.js";
 
 // A KeyAdmin change whose MongoDB write was made but whose answer was lost answers UNAVAILABLE,
@@ -63,15 +65,8 @@ describe.runIf(mongoReady)("audit of a change whose MongoDB answer was lost, the
   });
 
   /** The next `method` call on the model's collection is made by the server, then its answer is lost. */
-  function loseNext(modelName: string, method: "updateOne" | "findOneAndUpdate" | "insertOne"): void {
-    const model = connections.find((c) => c.models[modelName] !== undefined)?.models[modelName];
-    if (model === undefined) throw new Error(`model ${modelName} not found`);
-    const collection = model.collection as unknown as Record<typeof method, (...args: unknown[]) => Promise<unknown>>;
-    const original = collection[method].bind(collection);
-    vi.spyOn(collection, method).mockImplementationOnce(async (...args: unknown[]) => {
-      await original(...args);
-      throw new mongoose.mongo.MongoNetworkError("connection 7 to 127.0.0.1:27017 closed");
-    });
+  function loseNext(modelName: string, method: LosableMethod): void {
+    loseNextAnswer(modelOn(connections, modelName), method);
   }
 
   const trail = async (filter: { ownerId?: string; keyId?: string }): Promise<AuditEvent[]> => (await kg.admin.listAuditEvents({ ...filter, pageSize: 100 })).events;

@@ -5,6 +5,8 @@ import { adminRefusal, checkInit, checkOutcome, startKeygate, TEST_POLICY } from
 import type { TestKeygate } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { loseNextAnswer, modelOn } from "../harness/mongo-lost-answer.js";
+import type { LosableMethod } from "../harness/mongo-lost-answer.js";
 import { requireServer } from "../harness/ports.js";
 
 // A KeyAdmin change MongoDB made but whose answer was lost answers UNAVAILABLE, and the caller is
@@ -34,15 +36,8 @@ describe.runIf(mongoReady)("a KeyAdmin change whose MongoDB answer was lost stil
   });
 
   /** The next `method` call on the model's collection is made by the server, then its answer is lost. */
-  function loseNext(modelName: string, method: "updateOne" | "findOneAndUpdate"): void {
-    const model = connections.find((c) => c.models[modelName] !== undefined)?.models[modelName];
-    if (model === undefined) throw new Error(`model ${modelName} not found`);
-    const collection = model.collection as unknown as Record<typeof method, (...args: unknown[]) => Promise<unknown>>;
-    const original = collection[method].bind(collection);
-    vi.spyOn(collection, method).mockImplementationOnce(async (...args: unknown[]) => {
-      await original(...args);
-      throw new mongoose.mongo.MongoNetworkError("connection 7 to 127.0.0.1:27017 closed");
-    });
+  function loseNext(modelName: string, method: LosableMethod): void {
+    loseNextAnswer(modelOn(connections, modelName), method);
   }
 
   it("RevokeKey: the key is refused at once, before any retry", async () => {

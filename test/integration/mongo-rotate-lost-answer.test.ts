@@ -11,6 +11,7 @@ import type { TestKeygate } from "../harness/keygate.js";
 import { testKeyRecord } from "../harness/records.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
+import { loseNextAnswer } from "../harness/mongo-lost-answer.js";
 import { requireServer } from "../harness/ports.js";
 import { until } from "../harness/poll.js";
 
@@ -32,12 +33,7 @@ type Method = "findOneAndUpdate";
 
 /** The next `method` on `model`'s collection is made by the server, then its answer is lost (as a dropped connection). */
 function loseNext(model: mongoose.Model<KeyDoc>, method: Method): void {
-  const collection = model.collection as unknown as Record<Method, (...args: unknown[]) => Promise<unknown>>;
-  const original = collection[method].bind(collection);
-  vi.spyOn(collection, method).mockImplementationOnce(async (...args: unknown[]) => {
-    await original(...args);
-    throw new mongoose.mongo.MongoNetworkError("connection 7 to 127.0.0.1:27017 closed");
-  });
+  loseNextAnswer(model, method);
 }
 
 /** The store's Key model on the connection made last. */
