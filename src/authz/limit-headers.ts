@@ -1,5 +1,5 @@
 import type { ChargeResult } from "../limits/limits.js";
-import { policyName, quotaLabel, quotaResetSeconds } from "./rate-headers.js";
+import { quotaLabel, quotaResetSeconds, rateName } from "./rate-headers.js";
 import { ADD_TAG, APPEND_ACTION, KEY_TAG, fieldBytes, nameField, writeAppendAction, writeOptionHead } from "./wire.js";
 
 // An allow's limit headers (rate-headers.ts's limitHeaders) written straight into the answer from
@@ -46,20 +46,20 @@ function digits(n: number): number {
 export function directLimits(limits: ChargeResult, nowMs: number): boolean {
   const { rate, quota, credits } = limits;
   if (!isCount(rate.limit) || !isCount(rate.remaining) || !isCount(rate.resetSeconds) || !isCount(rate.windowSeconds)) return false;
-  if (!isAscii(policyName(rate.windowSeconds))) return false;
+  if (!isAscii(rateName(rate.windowSeconds, quota))) return false;
   if (quota !== null && (!isCount(quota.limit) || !isCount(quota.remaining) || !isCount(quotaResetSeconds(quota.resetAtMs, nowMs)) || !isAscii(quotaLabel(quota.name)))) return false;
   return credits === null || isCount(credits.balance);
 }
 
 function policyBytes(limits: ChargeResult): number {
   const { rate, quota } = limits;
-  const own = 1 + policyName(rate.windowSeconds).length + Q.length + digits(rate.limit) + W.length + digits(rate.windowSeconds);
+  const own = 1 + rateName(rate.windowSeconds, quota).length + Q.length + digits(rate.limit) + W.length + digits(rate.windowSeconds);
   return quota === null ? own : own + NEXT.length + 1 + quotaLabel(quota.name).length + Q.length + digits(quota.limit) + DAY.length;
 }
 
 function stateBytes(limits: ChargeResult, nowMs: number): number {
   const { rate, quota } = limits;
-  const own = 1 + policyName(rate.windowSeconds).length + R.length + digits(rate.remaining) + T.length + digits(rate.resetSeconds);
+  const own = 1 + rateName(rate.windowSeconds, quota).length + R.length + digits(rate.remaining) + T.length + digits(rate.resetSeconds);
   if (quota === null) return own;
   return own + NEXT.length + 1 + quotaLabel(quota.name).length + R.length + digits(quota.remaining) + T.length + digits(quotaResetSeconds(quota.resetAtMs, nowMs));
 }
@@ -115,7 +115,7 @@ function writeEntry(out: Buffer, at: number, name: string, sep: string, a: numbe
 /** Writes the limit headers' fields at `at` (limits directLimits accepts); returns the position after them. */
 export function writeLimitHeaders(out: Buffer, at: number, limits: ChargeResult, nowMs: number): number {
   const { rate, quota, credits } = limits;
-  const name = policyName(rate.windowSeconds);
+  const name = rateName(rate.windowSeconds, quota);
   let pos = writeNumberHeader(out, at, LIMIT, rate.limit);
   pos = writeNumberHeader(out, pos, REMAINING, rate.remaining);
   pos = writeNumberHeader(out, pos, RESET, rate.resetSeconds);

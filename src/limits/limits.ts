@@ -69,9 +69,10 @@ export interface ChargeInput {
 }
 
 /**
- * The shared limits could not be asked (Redis failed, limits.onRedisError fail-closed): nothing
- * was decided. A charge already sent may still be made when Redis answers again; a retry of a
- * ChargeUsage with the same idempotency key is then answered from it (ChargeInput.idempotencyKey).
+ * The shared limits could not be asked (Redis failed, limits.onRedisError fail-closed, or
+ * fail-open for a charge with an idempotency key): nothing was decided. A charge already sent may
+ * still be made when Redis answers again; a retry of a ChargeUsage with the same idempotency key
+ * is then answered from it (ChargeInput.idempotencyKey).
  */
 export class MeterUnavailableError extends Error {
   override readonly name = "MeterUnavailableError";

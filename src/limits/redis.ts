@@ -212,7 +212,10 @@ const CREDIT_IDLE_MIN_MS = 3_600_000;
 const TOPUP_RETRY_MS = 1000;
 const MAX_UNSYNCED_TOPUPS = 100_000;
 
-/** What to do when Redis fails: count in-process, let through uncharged, or refuse to decide. */
+/**
+ * What to do when Redis fails: count in-process, let through uncharged, or refuse to decide.
+ * fail-open lets Checks through; a charge with an idempotency key is refused as fail-closed.
+ */
 export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
 
 /** The Redis key of a daily quota counter: per owner and day, test keys' and each named quota's apart. */
@@ -278,7 +281,7 @@ export class RedisMeter implements Meter {
         this.#skipping = true;
         this.logger.warn({ mode: this.onError }, "Redis limits failed: Redis is not answering; charges go to limits.onRedisError until it is back");
       }
-      return this.#degraded(input);
+      return this.#degraded(input, undefined);
     }
     this.#skipping = false;
     return this.#charge(input, true, false).then(
@@ -403,21 +406,36 @@ export class RedisMeter implements Meter {
     if (this.onError === "fail-closed") throw new MeterUnavailableError("rate limits, quotas and credits cannot be checked: Redis is unavailable", { cause: error });
     // A failure that came after the Check was answered UNAVAILABLE: the fallback charges nothing either.
     if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered before Redis failed", { cause: error });
-    return this.#degraded(input);
+    return this.#degraded(input, error);
   }
 
-  /** A charge without Redis, as limits.onRedisError says: counted in-process, or let through. */
-  #degraded(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
+  /**
+   * A charge without Redis, as limits.onRedisError says: counted in-process, or let through.
+   * `failure`: what Redis failed with; undefined when it was not asked (known not to answer).
+   */
+  #degraded(input: ChargeInput, failure: unknown): ChargeResult | Promise<ChargeResult> {
+    // fail-open lets no charge with an idempotency key (ChargeUsage, VerifyKey with a cost)
+    // through: its answer is kept under the key, so a charge Redis made whose reply was lost
+    // (a connection reset) would never be recorded, and one Redis never saw never made. It is
+    // UNAVAILABLE as under fail-closed, and the retry is answered from the charge Redis kept (and
+    // records it once) or charges afresh.
+    if (this.onError === "fail-open" && input.idempotencyKey !== undefined) {
+      const message = "a charge with an idempotency key is not let through uncharged: Redis is unavailable";
+      return Promise.reject(failure === undefined ? new MeterUnavailableError(message) : new MeterUnavailableError(message, { cause: failure }));
+    }
     // A ChargeUsage's retries look for its charge in Redis, under its idempotency key: one that
     // outlasted its claim (a retry may hold the key, and have charged) charges nothing here.
     if (input.confirmClaim !== undefined) {
       const { confirmClaim, ...confirmed } = input;
-      return confirmClaim().then(() => this.#degraded(confirmed));
+      return confirmClaim().then(() => this.#degraded(confirmed, failure));
     }
     if (this.onError === "fallback") {
       this.#fellBack = true;
       return this.fallback.charge(input);
     }
+    // A Check whose reply a reset lost may have been charged by Redis all the same: its credits
+    // are then in Redis's balance but never recorded, and come back when the balance is next
+    // loaded from the store. Telling would cost a nonce and a write per Check; fail-open is lenient.
     return {
       allowed: true,
       reason: null,

@@ -58,7 +58,8 @@ const limitsArb: fc.Arbitrary<ChargeResult> = fc.record({
   reason: fc.constantFrom(null, "RATE_LIMITED" as const, "QUOTA_EXCEEDED" as const, "INSUFFICIENT_CREDITS" as const),
   rate: fc.record({ limit: count, windowSeconds: fc.constantFrom(1, 60, 3600, 86_400, 17), remaining: count, resetSeconds: count }),
   retryAfterSeconds: fc.option(count, { nil: null }),
-  quota: fc.option(fc.record({ name: fc.constantFrom(null, "messages", "nachrichtenü"), limit: count, remaining: count, resetAtMs: count }), { nil: null }),
+  // "minute" and null ("day") share a name with a rate window: both encoders rename the rate entry.
+  quota: fc.option(fc.record({ name: fc.constantFrom(null, "messages", "minute", "nachrichtenü"), limit: count, remaining: count, resetAtMs: count }), { nil: null }),
   credits: fc.option(fc.record({ balance: count }), { nil: null }),
   spent: fc.constant(null),
   replayed: fc.constant(false),
