@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 import { readFileSync } from "node:fs";
 import { Command, CommanderError, Option } from "commander";
-import { DEFAULT_ADMIN_URL } from "./cli/client.js";
+import { DEFAULT_ADMIN_URL, DEFAULT_TIMEOUT_SECONDS } from "./cli/client.js";
 import { registerAccounts } from "./cli/commands/accounts.js";
 import { registerAudit } from "./cli/commands/audit.js";
 import { registerIstio } from "./cli/commands/istio.js";
 import { registerKeys } from "./cli/commands/keys.js";
 import { registerUsage } from "./cli/commands/usage.js";
 import { CliFailure } from "./cli/errors.js";
+import { timeoutSeconds } from "./cli/parsers.js";
+import { onStdoutError } from "./cli/stdout.js";
+import { urlPasswords } from "./cli/url.js";
 
 /** The version in keygate's package.json, two directories up from src/cli.ts and dist/cli.js alike. */
 function packageVersion(): string {
@@ -31,6 +34,8 @@ const program = new Command()
   .addOption(new Option("--url <url>", "keygate's admin (KeyAdmin) URL").env("KEYGATE_URL").default(DEFAULT_ADMIN_URL))
   .addOption(new Option("--token <token>", "an admin token; prefer the variable, which stays out of shell history").env("KEYGATE_ADMIN_TOKEN"))
   .option("--json", "print the KeyAdmin response as proto JSON (for scripts)")
+  // Not --timeout: program options are read after the subcommand too, and istio mesh-config has its own --timeout.
+  .addOption(new Option("--call-timeout <seconds>", "how long to wait for keygate's answer, 1-3600").argParser(timeoutSeconds).default(DEFAULT_TIMEOUT_SECONDS))
   .addHelpText("after", "\nExit codes: 0 ok; 1 keygate refused the call or could not be reached; 2 bad usage.");
 
 const serveCommand = program
@@ -76,13 +81,21 @@ function oneLineErrors(command: Command, path: string): void {
 oneLineErrors(program, "keygate");
 
 /**
- * The secrets the CLI was given (its admin token, and serve's tokens and pepper), each whole and
- * as its visible runs, since an error may quote a token broken at a line break; longest first.
+ * The secrets the CLI was given (its admin token, a password in its URL, and serve's tokens and
+ * pepper), each whole and as its visible runs, since an error may quote a token broken at a line
+ * break; longest first.
  */
 function givenSecrets(): string[] {
   const token: unknown = program.getOptionValue("token");
+  const url: unknown = program.getOptionValue("url");
   const env = process.env;
-  const given = [typeof token === "string" ? token : "", env.KEYGATE_ADMIN_TOKEN ?? "", env.KEYGATE_PEPPER ?? "", ...(env.KEYGATE_ADMIN_TOKENS ?? "").split(",")];
+  const given = [
+    typeof token === "string" ? token : "",
+    ...(typeof url === "string" ? urlPasswords(url) : []),
+    env.KEYGATE_ADMIN_TOKEN ?? "",
+    env.KEYGATE_PEPPER ?? "",
+    ...(env.KEYGATE_ADMIN_TOKENS ?? "").split(","),
+  ];
   const forms = given.flatMap((secret) => [secret.replace(/\s+/g, " ").trim(), ...secret.split(/[^\x21-\x7e]+/)]);
   return [...new Set(forms)].filter((form) => form !== "").sort((a, b) => b.length - a.length);
 }
@@ -94,6 +107,9 @@ async function unexpectedLine(error: unknown): Promise<string> {
   const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
   return redactText(text.replace(/\s+/g, " ").trim(), givenSecrets());
 }
+
+// A closed stdout (`keygate … | head -c0`) is one line and exit 1, not Node's stack trace.
+process.stdout.on("error", onStdoutError);
 
 try {
   await program.parseAsync(process.argv);

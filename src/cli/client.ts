@@ -9,15 +9,15 @@ export type AdminClient = Client<typeof KeyAdmin>;
 /** Where the CLI finds keygate's admin port when neither `--url` nor `KEYGATE_URL` says. */
 export const DEFAULT_ADMIN_URL = "http://127.0.0.1:8080";
 
-// A call that hangs this long is reported as deadline_exceeded instead of blocking a script.
-const CALL_TIMEOUT_MS = 30_000;
+/** How long a call may take when `--call-timeout` does not say; past it, deadline_exceeded instead of a blocked script. */
+export const DEFAULT_TIMEOUT_SECONDS = 30;
 
-/** A Connect (HTTP/1.1) KeyAdmin client that sends `Authorization: Bearer <token>` on every call. */
-export function createAdminClient(baseUrl: string, token: string): AdminClient {
+/** A Connect (HTTP/1.1) KeyAdmin client that sends `Authorization: Bearer <token>` on every call, each given `timeoutSeconds`. */
+export function createAdminClient(baseUrl: string, token: string, timeoutSeconds: number): AdminClient {
   const bearer: Interceptor = (next) => (req) => {
     req.header.set("authorization", `Bearer ${token}`);
     return next(req);
   };
-  const transport = createConnectTransport({ baseUrl, httpVersion: "1.1", interceptors: [bearer], defaultTimeoutMs: CALL_TIMEOUT_MS });
+  const transport = createConnectTransport({ baseUrl, httpVersion: "1.1", interceptors: [bearer], defaultTimeoutMs: timeoutSeconds * 1000 });
   return createClient(KeyAdmin, transport);
 }

@@ -19,9 +19,35 @@ export function codeName(code: Code): string {
   return Code[code].replace(/[A-Z]/g, (letter, offset: number) => (offset === 0 ? "" : "_") + letter.toLowerCase());
 }
 
-/** What the operator can do about each code; the server's message already names the field or record. */
-function hint(code: Code, url: string): string | null {
-  switch (code) {
+/**
+ * How the connection failed when the error is the client's own (Node's error is its cause), or
+ * null when keygate answered. "never made": no request was sent (refused, no such host).
+ */
+function connectionFailure(error: ConnectError): "never made" | "broken" | null {
+  for (let cause: unknown = error.cause, depth = 0; cause instanceof Error && depth < 8; cause = cause.cause, depth++) {
+    if (!("code" in cause) || typeof cause.code !== "string") continue;
+    const syscall = "syscall" in cause ? cause.syscall : undefined;
+    return syscall === "connect" || syscall === "getaddrinfo" ? "never made" : "broken";
+  }
+  return null;
+}
+
+/** `advice`, then what to check before retrying a write whose answer was lost (keygate may have done it). */
+function withUnsafeRetry(advice: string, beforeRetry: string | null): string {
+  return beforeRetry === null ? advice : `${advice}; ${beforeRetry}`;
+}
+
+/**
+ * What the operator can do about a failed call; the server's message already names the field or
+ * record. `beforeRetry` is set for a write a repeat would do twice (keys create): when the answer
+ * is lost, keygate may have done it, so the advice says how to check instead of "retry".
+ */
+function hint(error: ConnectError, url: string, beforeRetry: string | null): string | null {
+  const connection = connectionFailure(error);
+  if (connection === "never made") return `is keygate running at ${url}? (set --url or KEYGATE_URL)`;
+  // A reset, EPIPE or unparseable answer: most often --url names another port (the gRPC Check port), not keygate failing.
+  if (connection === "broken") return withUnsafeRetry(`the connection to ${url} failed: is it keygate's admin port? (set --url or KEYGATE_URL)`, beforeRetry);
+  switch (error.code) {
     case Code.Unauthenticated:
       return "set --token or KEYGATE_ADMIN_TOKEN to an admin token";
     case Code.PermissionDenied:
@@ -29,9 +55,9 @@ function hint(code: Code, url: string): string | null {
       return "use an admin token that has that permission (and, for a token limited to owners, that owner)";
     case Code.Unavailable:
     case Code.Unknown:
-      return `is keygate running at ${url}? (set --url or KEYGATE_URL)`;
+      return withUnsafeRetry(`is keygate running at ${url}? (set --url or KEYGATE_URL)`, beforeRetry);
     case Code.DeadlineExceeded:
-      return `keygate at ${url} did not answer in time; retry`;
+      return `keygate at ${url} did not answer in time; ${beforeRetry ?? "retry"}`;
     case Code.Unimplemented:
       return `is ${url} keygate's admin port? (set --url or KEYGATE_URL)`;
     case Code.InvalidArgument:
@@ -49,10 +75,13 @@ function hint(code: Code, url: string): string | null {
   }
 }
 
-/** Turns an error from a KeyAdmin call into the one line the CLI prints, exiting 1. */
-export function serverFailure(error: ConnectError, url: string): CliFailure {
-  const advice = hint(error.code, url);
-  // A message may quote a refused value back (echo), control characters included.
-  const message = printable(error.rawMessage.replace(/\s+/g, " ").trim());
-  return new CliFailure(`${codeName(error.code)}: ${message}${advice === null ? "" : `; ${advice}`}`, 1, { cause: error });
+/**
+ * Turns an error from a KeyAdmin call into the one line the CLI prints, exiting 1. `url` is as
+ * printed (without a password); `beforeRetry` as hint() takes it.
+ */
+export function serverFailure(error: ConnectError, url: string, beforeRetry: string | null = null): CliFailure {
+  const advice = hint(error, url, beforeRetry);
+  const message = error.rawMessage.replace(/\s+/g, " ").trim();
+  // A message may quote a refused value back (echo), and the advice an owner as typed, control characters included.
+  return new CliFailure(printable(`${codeName(error.code)}: ${message}${advice === null ? "" : `; ${advice}`}`), 1, { cause: error });
 }

@@ -1,3 +1,5 @@
+import { shellQuote } from "./admin-curl.js";
+
 /** Text shown for a value that is not set. */
 export const NONE = "-";
 
@@ -14,6 +16,11 @@ const SHORT_ESCAPES: ReadonlyMap<string, string> = new Map([
 /** `text` with each control or format character spelled as an escape (`\n`, `\u{1b}`, `\u{202e}`), so it prints as one inert line. */
 export function printable(text: string): string {
   return text.replace(UNPRINTABLE, (char) => SHORT_ESCAPES.get(char) ?? `\\u{${(char.codePointAt(0) ?? 0).toString(16)}}`);
+}
+
+/** `text` as one POSIX shell word in a command the CLI suggests: as it is when that is safe, else in single quotes. */
+export function shellWord(text: string): string {
+  return /^[\w.:@%+=,/-]+$/.test(text) ? text : shellQuote(text);
 }
 
 function pad(cells: readonly string[], widths: readonly number[]): string {

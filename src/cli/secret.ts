@@ -1,6 +1,8 @@
 import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
 import type { Command } from "commander";
 import type { CliContext } from "./context.js";
+import { CliFailure } from "./errors.js";
+import { writeStdout } from "./stdout.js";
 import type { Pair } from "./views.js";
 
 /** How `keys create` and `keys rotate` print the secret they receive. */
@@ -16,11 +18,18 @@ export interface IssuedSecret<Desc extends DescMessage> {
 /**
  * Prints a newly issued secret exactly once. `--json`: the response on stdout (its `secret` field
  * carries it). `--quiet`: the secret alone on stdout, so it pipes into a secret store. Otherwise
- * the details, then the secret on its own line. The warning always goes to stderr, without it.
+ * the details, then the secret on its own line. The warning goes to stderr, without it, once the
+ * secret is written; when stdout cannot take it (the reader has gone), a failure saying the key
+ * is unusable and how to revoke it instead.
  */
-export function printIssuedSecret<Desc extends DescMessage>(context: CliContext, quiet: boolean, issued: IssuedSecret<Desc>): void {
-  if (quiet) process.stdout.write(`${issued.secret}\n`);
-  else context.emit(issued.schema, issued.response, () => issued.human(["secret", issued.secret]));
+export async function printIssuedSecret<Desc extends DescMessage>(context: CliContext, quiet: boolean, issued: IssuedSecret<Desc>): Promise<void> {
+  const text = quiet ? `${issued.secret}\n` : context.render(issued.schema, issued.response, () => issued.human(["secret", issued.secret]));
+  try {
+    await writeStdout(text);
+  } catch (error) {
+    const id = issued.keyId;
+    throw new CliFailure(`the secret of ${id} could not be written to stdout and cannot be shown again; revoke it: keygate keys revoke ${id}`, 1, { cause: error });
+  }
   process.stderr.write(`keygate: store the secret of ${issued.keyId} now: it is shown only once and cannot be retrieved again\n`);
 }
 

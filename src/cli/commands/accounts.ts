@@ -3,6 +3,7 @@ import { z } from "zod";
 import { AddCreditsResponseSchema, ChargeUsageResponseSchema, GetAccountResponseSchema, UpsertAccountResponseSchema } from "../../gen/keygate/v1/key_admin_pb.js";
 import type { Account } from "../../gen/keygate/v1/key_admin_pb.js";
 import { argsOf, onRun, optionsOf } from "../context.js";
+import { shellWord } from "../format.js";
 import { credits } from "../parsers.js";
 import { oneId } from "../schemas.js";
 import { accountDetails, chargeDetails, topUpDetails } from "../views.js";
@@ -44,12 +45,20 @@ export function registerAccounts(program: Command): void {
     .argument("<amount>", "credits to add, 1 to 1000000000", credits)
     .option("--reason <text>", "why (an order id, say); kept in the log and the audit trail")
     .option("--idempotency-key <key>", "the top-up's own id (the order or payment id): a repeat within 24 hours adds nothing");
+  const addCreditsArgs = z.tuple([z.string(), z.bigint()]);
+  const addCreditsOptions = z.object({ reason: z.string().optional(), idempotencyKey: z.string().optional() });
+  // Without an idempotency key, a blind retry after a lost answer adds the credits twice; with one it adds nothing, so "retry" is right.
+  const beforeRetry = (): string | null => {
+    if (optionsOf(addCredits, addCreditsOptions).idempotencyKey !== undefined) return null;
+    const owner = shellWord(argsOf(addCredits, addCreditsArgs)[0]);
+    return `keygate may have added the credits all the same: before retrying, look for the top-up in keygate audit --owner ${owner} (a top-up given --idempotency-key can be retried safely)`;
+  };
   onRun(addCredits, async (context) => {
-    const [ownerId, amount] = argsOf(addCredits, z.tuple([z.string(), z.bigint()]));
-    const options = optionsOf(addCredits, z.object({ reason: z.string().optional(), idempotencyKey: z.string().optional() }));
+    const [ownerId, amount] = argsOf(addCredits, addCreditsArgs);
+    const options = optionsOf(addCredits, addCreditsOptions);
     const response = await context.admin.addCredits({ ownerId, amount, reason: options.reason ?? "", idempotencyKey: options.idempotencyKey ?? "" });
     context.emit(AddCreditsResponseSchema, response, () => topUpDetails(response));
-  });
+  }, beforeRetry);
 
   const charge = accounts
     .command("charge")

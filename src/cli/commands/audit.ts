@@ -13,7 +13,7 @@ export function registerAudit(program: Command): void {
     .description("list KeyAdmin changes (who changed which key or account, and what), oldest first")
     .option("--owner <id>", "only changes to this owner's account and keys")
     .option("--key <id>", "only changes to this key")
-    .option("--since <time>", "only changes at or after this ISO 8601 time", instant)
+    .option("--since <time>", "only changes at or after this RFC 3339 time, e.g. 2027-01-31T00:00:00Z", instant)
     .option("--page-size <n>", "events per page, 1-100 (default: 50)", wholeNumber)
     .option("--page-token <token>", "the token a previous page printed");
   const schema = z.object({

@@ -14,7 +14,7 @@ import {
 } from "../../gen/keygate/v1/key_admin_pb.js";
 import type { ApiKey } from "../../gen/keygate/v1/key_admin_pb.js";
 import { argsOf, onRun, optionsOf } from "../context.js";
-import { details } from "../format.js";
+import { details, shellWord } from "../format.js";
 import { collect, collectPairs, instant, rateLimit, wholeNumber } from "../parsers.js";
 import { oneId, rateLimitValue, strings, timestamp } from "../schemas.js";
 import { checkQuiet, printIssuedSecret } from "../secret.js";
@@ -37,7 +37,7 @@ function registerCreate(keys: Command): void {
     .option("--scope <scope>", "a scope the key grants; repeat for more (default: the policy's default scopes)", collect)
     .option("--project <id>", "lock the key to one project")
     .addOption(new Option("--mode <mode>", "live or test (default: live)").choices(["live", "test"]))
-    .option("--expires <time>", "when the key stops working, ISO 8601 (default: never)", instant)
+    .option("--expires <time>", "when the key stops working, RFC 3339, e.g. 2027-01-31T00:00:00Z (default: never)", instant)
     .option("--rate-limit <requests/seconds>", "the key's own rate limit, e.g. 100/60 (default: the plan's)", rateLimit)
     .option("--metadata <key=value>", "a metadata entry; repeat for more", collectPairs)
     .option("-q, --quiet", QUIET_HELP);
@@ -52,6 +52,10 @@ function registerCreate(keys: Command): void {
     metadata: z.record(z.string(), z.string()).optional(),
     quiet: z.boolean().optional(),
   });
+  // CreateKey takes no idempotency key: after a lost answer, a blind retry issues a second key.
+  const beforeRetry = (): string =>
+    `keygate may have issued the key all the same: before retrying, look for it with keygate keys list --owner ${shellWord(optionsOf(create, schema).owner)}, ` +
+    "and revoke a key whose secret you did not get (keygate keys revoke <id>)";
   onRun(create, async (context) => {
     const options = optionsOf(create, schema);
     const quiet = options.quiet === true;
@@ -66,14 +70,14 @@ function registerCreate(keys: Command): void {
       rateLimit: options.rateLimit,
       metadata: options.metadata ?? {},
     });
-    printIssuedSecret(context, quiet, {
+    await printIssuedSecret(context, quiet, {
       schema: CreateKeyResponseSchema,
       response,
       secret: response.secret,
       keyId: response.key?.id ?? "the new key",
       human: (secretLine) => shown(response.key, [secretLine]),
     });
-  });
+  }, beforeRetry);
 }
 
 function registerList(keys: Command): void {
@@ -182,20 +186,25 @@ function registerRotate(keys: Command): void {
     .option("--grace-days <n>", "days the old key keeps working, 0-30; 0 revokes it at once (default: 7)", wholeNumber)
     .option("-q, --quiet", QUIET_HELP);
   const schema = z.object({ graceDays: z.number().optional(), quiet: z.boolean().optional() });
+  // A retry of a rotation that was made is refused (the key is no longer active), but the successor's secret is lost.
+  const beforeRetry = (): string => {
+    const id = shellWord(argsOf(rotate, oneId)[0]);
+    return `keygate may have rotated ${id} all the same: before retrying, check keygate keys get ${id}; if it shows "rotated to", revoke that successor, whose secret you did not get (keygate keys revoke <id>)`;
+  };
   onRun(rotate, async (context) => {
     const [id] = argsOf(rotate, oneId);
     const options = optionsOf(rotate, schema);
     const quiet = options.quiet === true;
     checkQuiet(rotate, context, quiet);
     const response = await context.admin.rotateKey({ id, graceDays: options.graceDays });
-    printIssuedSecret(context, quiet, {
+    await printIssuedSecret(context, quiet, {
       schema: RotateKeyResponseSchema,
       response,
       secret: response.secret,
       keyId: response.key?.id ?? "the new key",
       human: (secretLine) => shown(response.key, [...previousLines(response.previous), secretLine]),
     });
-  });
+  }, beforeRetry);
 }
 
 async function secretFrom(command: Command, argument: string | undefined): Promise<string> {
