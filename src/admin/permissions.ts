@@ -7,6 +7,9 @@ export const PERMISSIONS = ["keys:read", "keys:write", "accounts:read", "account
 /** One of PERMISSIONS. */
 export type Permission = (typeof PERMISSIONS)[number];
 
+/** The shortest admin token keygate accepts, from any source. */
+export const ADMIN_TOKEN_MIN_LENGTH = 24;
+
 /** Every permission: the grant of an unscoped token. */
 export const ALL_PERMISSIONS: ReadonlySet<Permission> = new Set(PERMISSIONS);
 
@@ -50,13 +53,38 @@ const tokensFileSchema = z.strictObject({
     z.strictObject({
       /** Shown in logs and the audit trail instead of the token. */
       name: z.string().regex(/^[a-z0-9][a-z0-9_.-]{0,63}$/, 'a token name is 1-64 lowercase letters, digits, "_", "." and "-"'),
-      token: z.string().min(24, "must be at least 24 characters"),
-      permissions: z.array(z.enum(PERMISSIONS)).min(1),
+      token: z.string().min(ADMIN_TOKEN_MIN_LENGTH, `must be at least ${ADMIN_TOKEN_MIN_LENGTH} characters`),
+      permissions: z.array(z.enum(PERMISSIONS)).min(1, "must list at least one permission"),
       /** Optional: only these owners' accounts, keys, usage and audit events. */
-      owners: z.array(z.string().regex(/^[\x21-\x7e]{1,128}$/, "an owner id is 1-128 printable ASCII characters without spaces")).min(1).optional(),
+      owners: z.array(z.string().regex(/^[\x21-\x7e]{1,128}$/, "an owner id is 1-128 printable ASCII characters without spaces")).min(1, "must list at least one owner").optional(),
     }),
   ),
 });
+
+/**
+ * One schema problem, told by its code and place only: zod's own message for an unknown field
+ * quotes the field's name, and a typo (`token; "…"`) makes the token part of that name.
+ */
+function schemaProblem(issue: z.core.$ZodIssue): string {
+  const place = issue.path.length === 0 ? "the file" : issue.path.map(String).join(".");
+  switch (issue.code) {
+    case "unrecognized_keys": {
+      const allowed = Object.keys(issue.path.length === 0 ? tokensFileSchema.shape : tokensFileSchema.shape.tokens.element.shape);
+      return `${place}: unknown field (allowed: ${allowed.join(", ")})`;
+    }
+    case "invalid_type":
+      return `${place}: expected ${issue.expected}`;
+    case "invalid_value":
+      // The schema's options, never the value found.
+      return `${place}: expected one of ${issue.values.map(String).join(", ")}`;
+    case "too_small":
+    case "invalid_format":
+      // Every such check above has a message written here, which names the rule only.
+      return `${place}: ${issue.message}`;
+    default:
+      return `${place}: invalid (${issue.code})`;
+  }
+}
 
 /** Reads KEYGATE_ADMIN_TOKENS_FILE; an error names the file and the problem, never a token. */
 export function loadTokensFile(path: string): ScopedToken[] {
@@ -72,7 +100,7 @@ export function loadTokensFile(path: string): ScopedToken[] {
   if (!parsed.ok) throw new Error(`KEYGATE_ADMIN_TOKENS_FILE: cannot read ${path} as YAML: ${describeYamlProblem(parsed.problem)}`);
   const result = tokensFileSchema.safeParse(parsed.value);
   if (!result.success) {
-    const issues = result.error.issues.map((issue) => `${issue.path.map(String).join(".")}: ${issue.message}`).join("; ");
+    const issues = result.error.issues.map(schemaProblem).join("; ");
     throw new Error(`KEYGATE_ADMIN_TOKENS_FILE (${path}): ${issues}`);
   }
   const names = new Set<string>();

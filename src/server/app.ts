@@ -134,12 +134,25 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
     if (!(lock instanceof DataDirLock)) throw dataDirInUse(config.dataDir, mode, lock.heldBy);
     try {
       const path = join(config.dataDir, "keygate.db");
-      const secrets = loadSecrets(config.dataDir, { pepper: config.pepper, adminTokens: config.adminTokens }, () => sqliteFileHoldsKeys(path));
+      const secrets = loadSecrets(
+        config.dataDir,
+        { pepper: config.pepper, adminTokens: config.adminTokens, adminTokensFile: config.adminTokensFile },
+        () => sqliteFileHoldsKeys(path),
+      );
       // Used anyway: a released keygate may have made keys with it, and their hashes depend on it.
       if (secrets.pepperFileProblems.length > 0) {
         logger.error(
           { file: secrets.pepperFile, problems: secrets.pepperFileProblems },
           "the pepper file is weaker than a generated one; keygate uses it, since the stored keys' hashes depend on it",
+        );
+      }
+      if (secrets.adminTokenFileProblems.length > 0) {
+        logger.error({ file: secrets.adminTokenFile, problems: secrets.adminTokenFileProblems }, "the admin token file is weaker than a generated one; keygate uses it");
+      }
+      if (secrets.ignoredAdminTokenFile !== null) {
+        logger.warn(
+          { file: secrets.ignoredAdminTokenFile },
+          "the admin token file is ignored: with KEYGATE_ADMIN_TOKENS_FILE and no KEYGATE_ADMIN_TOKENS, that file's scoped tokens are the only admin tokens; delete it",
         );
       }
       const store = new SqliteKeyStore(path, {
@@ -162,7 +175,16 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   });
   return {
     store,
-    secrets: { pepper: config.pepper, pepperFile: null, pepperFileProblems: [], adminTokens: config.adminTokens ?? [], generatedAdminToken: null },
+    secrets: {
+      pepper: config.pepper,
+      pepperFile: null,
+      pepperFileProblems: [],
+      adminTokens: config.adminTokens ?? [],
+      generatedAdminToken: null,
+      adminTokenFile: null,
+      adminTokenFileProblems: [],
+      ignoredAdminTokenFile: null,
+    },
     release: () => undefined,
   };
 }
@@ -357,6 +379,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   );
 
   const scopedTokens = config.adminTokensFile === undefined ? [] : scopedTokensFrom(config.adminTokensFile);
+  // Beside a tokens file no admin token is generated, so an empty one alone would leave no way in.
+  if (config.adminTokensFile !== undefined && secrets.adminTokens.length + scopedTokens.length === 0) {
+    throw new ConfigError(`KEYGATE_ADMIN_TOKENS_FILE (${config.adminTokensFile}) lists no tokens and KEYGATE_ADMIN_TOKENS is unset: keygate needs at least one admin token`);
+  }
   const auth = new AdminAuth(secrets.adminTokens, format, scopedTokens);
 
   const limits = listenerLimits(config.listeners);

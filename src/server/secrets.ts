@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { ADMIN_TOKEN_MIN_LENGTH } from "../admin/permissions.js";
 import { ConfigError } from "../config.js";
 
 /** The pepper and admin tokens in force, and whether this start generated the token. */
@@ -16,6 +17,12 @@ export interface Secrets {
   adminTokens: string[];
   /** Set on the start that created the admin-token file, and on later ones until one printed it. */
   generatedAdminToken: string | null;
+  /** The data directory's admin-token file when the token in force came from it; otherwise null. */
+  adminTokenFile: string | null;
+  /** What is wrong with that file that is not worth refusing it (readable by others); never the token. */
+  adminTokenFileProblems: string[];
+  /** A data directory admin-token file left unused because KEYGATE_ADMIN_TOKENS_FILE is set; otherwise null. */
+  ignoredAdminTokenFile: string | null;
 }
 
 /** Creates the data directory, owner-only. */
@@ -71,21 +78,40 @@ function readOrCreate(path: string, make: () => string): { value: string; create
  * Embedded-mode secrets: environment values win; otherwise the pepper and one admin token
  * are generated into the data directory with mode 0600 on first start. A pepper is never
  * generated beside a database that `holdsKeys` says has keys: they would all be unknown.
+ * With KEYGATE_ADMIN_TOKENS_FILE alone, its scoped tokens are the only admin tokens.
  */
 export function loadSecrets(
   dataDir: string,
-  fromEnv: { pepper: string | undefined; adminTokens: string[] | undefined },
+  fromEnv: { pepper: string | undefined; adminTokens: string[] | undefined; adminTokensFile: string | undefined },
   holdsKeys: () => boolean = () => false,
 ): Secrets {
-  const { pepper, pepperFile, pepperFileProblems } =
+  const pepperPart =
     fromEnv.pepper === undefined ? filePepper(join(dataDir, "pepper"), holdsKeys) : { pepper: fromEnv.pepper, pepperFile: null, pepperFileProblems: [] };
-  if (fromEnv.adminTokens !== undefined) return { pepper, pepperFile, pepperFileProblems, adminTokens: fromEnv.adminTokens, generatedAdminToken: null };
-  const token = readOrCreate(join(dataDir, "admin-token"), () => `kgadm_${randomBytes(32).toString("base64url")}`);
+  const noFile = { adminTokenFile: null, adminTokenFileProblems: [], ignoredAdminTokenFile: null };
+  if (fromEnv.adminTokens !== undefined) return { ...pepperPart, adminTokens: fromEnv.adminTokens, generatedAdminToken: null, ...noFile };
+  const file = join(dataDir, "admin-token");
+  // A do-everything token beside scoped ones would be one that no edit of their file can revoke.
+  if (fromEnv.adminTokensFile !== undefined) {
+    const present = lstatSync(file, { throwIfNoEntry: false }) !== undefined;
+    return { ...pepperPart, adminTokens: [], generatedAdminToken: null, ...noFile, ignoredAdminTokenFile: present ? file : null };
+  }
+  const token = readOrCreate(file, () => `kgadm_${randomBytes(32).toString("base64url")}`);
+  // Only a hand-written file can be short; every other admin token must have this length.
+  if (token.value.length < ADMIN_TOKEN_MIN_LENGTH) {
+    throw new ConfigError(`${file} holds an admin token shorter than ${ADMIN_TOKEN_MIN_LENGTH} characters; delete it to generate a new one`);
+  }
   // Until a start has printed the generated token, every start prints it: a first start that
   // fails (a busy port, say) must not leave a token nobody was shown.
   const unshown = join(dataDir, UNSHOWN_MARKER);
   if (token.created) writeFileSync(unshown, "", { mode: 0o600 });
-  return { pepper, pepperFile, pepperFileProblems, adminTokens: [token.value], generatedAdminToken: token.created || existsSync(unshown) ? token.value : null };
+  return {
+    ...pepperPart,
+    adminTokens: [token.value],
+    generatedAdminToken: token.created || existsSync(unshown) ? token.value : null,
+    adminTokenFile: file,
+    adminTokenFileProblems: modeProblems(file),
+    ignoredAdminTokenFile: null,
+  };
 }
 
 /** The pepper of `file`, generated into it when missing, unless the data directory's database holds keys. */
@@ -106,10 +132,14 @@ function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; p
 function pepperProblems(file: string, pepper: string): string[] {
   const problems: string[] = [];
   if (pepper.length < PEPPER_MIN_LENGTH) problems.push(`shorter than ${PEPPER_MIN_LENGTH} characters (KEYGATE_PEPPER's minimum)`);
+  return [...problems, ...modeProblems(file)];
+}
+
+/** A secret file that group or others may read, as a problem naming its mode; never its content. */
+function modeProblems(file: string): string[] {
   // The mode of the file a link leads to: what decides who can read it.
   const mode = statSync(file).mode & 0o777;
-  if ((mode & 0o044) !== 0) problems.push(`readable by group or others (mode ${mode.toString(8).padStart(4, "0")}; chmod 600 it)`);
-  return problems;
+  return (mode & 0o044) !== 0 ? [`readable by group or others (mode ${mode.toString(8).padStart(4, "0")}; chmod 600 it)`] : [];
 }
 
 const UNSHOWN_MARKER = "admin-token.unshown";

@@ -106,6 +106,9 @@ describe("scoped admin tokens error", () => {
       [{ tokens: [{ name: "a", token: "x".repeat(30), permissions: ["keys:delete"] }] }, /tokens\.0\.permissions\.0/],
       [{ tokens: [{ name: "a", token: "x".repeat(30), permissions: ["verify"] }, { name: "a", token: "y".repeat(30), permissions: ["verify"] }] }, /the name "a" is used twice/],
       [{ tokens: [{ name: "a", token: "z".repeat(30), permissions: ["verify"] }, { name: "b", token: "z".repeat(30), permissions: ["verify"] }] }, /two entries \(one is "b"\) have the same token/],
+      // A typo that makes a token part of a field's name: the problem names the place, not the field.
+      [{ tokens: [{ name: "a", permissions: ["verify"], [`token; "${"x".repeat(30)}"`]: null }] }, /tokens\.0: unknown field \(allowed: name, token, permissions, owners\)$/],
+      [{ [`tokens, "${"y".repeat(30)}"`]: null, tokens: [] }, /the file: unknown field \(allowed: tokens\)$/],
     ];
     for (const [entries, message] of cases) {
       const path = tokensFile(entries);

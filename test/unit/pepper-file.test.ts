@@ -36,7 +36,7 @@ function dataDirWithPepper(pepper: string, mode: number, name = "data"): string 
   return dataDir;
 }
 
-const FROM_FILE = { pepper: undefined, adminTokens: ["kgadm_test_token_0123456789abcdefghij"] };
+const FROM_FILE = { pepper: undefined, adminTokens: ["kgadm_test_token_0123456789abcdefghij"], adminTokensFile: undefined };
 
 describe("the embedded pepper file: happy", () => {
   it("reports nothing for a generated pepper", () => {
