@@ -14,10 +14,11 @@ import type { AdminAuth } from "../admin/auth.js";
 import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
 import type { Permission } from "../admin/permissions.js";
-import { awaitOpening, stopAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { awaitOpening, closeAfterAnswer, lingeringClose, stopAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import { scrubbedConnectHandler } from "./connect-scrub.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
+import { echoedName } from "./grpc-h2.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -51,9 +52,8 @@ function writeHead(res: AnyResponse, status: number, headers: OutgoingHttpHeader
 
 // Concurrent streams one admin HTTP/2 connection may open; each may hold a flow-control window of body.
 const MAX_CONCURRENT_STREAMS = 100;
-// After an answer that leaves request bytes unread, how long an HTTP/1.1 connection is kept
-// half-closed, discarding input, so that the answer is not lost to a TCP reset (RFC 9112 §9.6).
-const LINGER_MS = 2000;
+/** Node's own answer to a request head that did not arrive within the headers timeout. */
+const HEAD_TIMEOUT_ANSWER = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n";
 
 /** The body size a request declares, or null when it declares none (chunked, or HTTP/2). */
 function declaredLength(req: AnyRequest): number | null {
@@ -65,17 +65,14 @@ function isHttp2(req: AnyRequest): req is Http2ServerRequest {
   return "stream" in req;
 }
 
-/**
- * Half-closes an HTTP/1.1 connection whose request was not read to the end, discards what
- * still arrives for a moment, then closes it, rather than reading an unbounded body through.
- */
-function lingeringClose(socket: Socket): void {
-  if (socket.destroyed) return;
-  socket.end();
-  socket.resume();
-  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
-  timer.unref();
-  socket.once("close", () => clearTimeout(timer));
+/** Whether an HTTP/1.1 request announces a body (RFC 9112 §6.3): a length other than 0, or a transfer coding. */
+function announcesBody(req: IncomingMessage): boolean {
+  return req.headers["transfer-encoding"] !== undefined || (declaredLength(req) ?? 0) > 0;
+}
+
+/** The last segment of a KeyAdmin path as a log line quotes it: a caller's path is cut, as the gRPC port cuts one. */
+function loggedMethod(path: string): string {
+  return echoedName(path.slice(path.lastIndexOf("/") + 1));
 }
 
 /**
@@ -158,7 +155,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     const admission = gate.admit(source, req.headers.authorization ?? null);
     if (!admission.ok) {
       if (admission.refusal === "blocked") return refuse(req, res, Code.ResourceExhausted, admission.message);
-      logger.warn({ source, method: path.slice(path.lastIndexOf("/") + 1) }, "admin authentication failed");
+      logger.warn({ source, method: loggedMethod(path) }, "admin authentication failed");
       return refuse(req, res, Code.Unauthenticated, admission.message);
     }
     // A method the token may not call is refused here too, before its body is read.
@@ -174,21 +171,29 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       return refuse(req, res, Code.ResourceExhausted, message);
     }
     admitted.set(req, admission);
-    // An error answered mid-body (a message over the limit) leaves the rest unread: stop it.
+    admittedBody?.();
+    connect(req, res);
+  }
+
+  /**
+   * `admittedBody` is called only for an admitted KeyAdmin call: /healthz, /readyz and /metrics
+   * read no body, so they never invite one with "100 Continue".
+   */
+  function handle(req: AnyRequest, res: AnyResponse, admittedBody?: () => void): void {
+    // An answer given before the body was read through (a probe, an error mid-body such as a
+    // message over the limit) ends the request: the rest is not read, on any path. The socket is
+    // taken now: Node may have let go of req.socket by the time the answer has finished.
     const socket = req.socket;
     res.once("finish", () => {
       if (req.complete) return;
       if (isHttp2(req)) stopAfterAnswer(req.stream);
       else lingeringClose(socket);
     });
-    admittedBody?.();
-    connect(req, res);
-  }
-
-  function handle(req: AnyRequest, res: AnyResponse, admittedBody?: () => void): void {
     const path = (req.url ?? "/").split("?")[0] ?? "/";
     const probe = path === "/healthz" || path === "/readyz" || path === "/metrics";
-    if (probe) admittedBody?.();
+    // A probe's body is never read: Node would read it through after the answer, and the next
+    // request's after that, on a keep-alive connection no token was asked for.
+    if (probe && !isHttp2(req) && !("stream" in res) && announcesBody(req)) closeAfterAnswer(socket, res);
     if (path === "/healthz") return plain(res, 200, "text/plain", "ok\n");
     if (path === "/readyz") {
       if (!deps.readiness.serving) return plain(res, 503, "text/plain", "not ready: draining or starting\n");
@@ -258,16 +263,31 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       const http2 = createHttp2Server({ settings: { maxConcurrentStreams: MAX_CONCURRENT_STREAMS } }, handle);
       const sessions = new Set<Http2Session>();
       const sockets = new Set<Socket>();
+      // The head deadline of each HTTP/1.1 connection until its first request arrives.
+      const headDeadlines = new WeakMap<Socket, NodeJS.Timeout>();
+      // Node's headers timeout starts when the connection is handed over, after awaitOpening has
+      // waited for the opening bytes: alone it would let a head take twice the timeout ("P", a
+      // prefix of the HTTP/2 preface, just before the first deadline, then a trickled head).
+      const awaitHead = (socket: Socket, leftMs: number): void => {
+        const timer = setTimeout(() => {
+          if (socket.writable) socket.write(HEAD_TIMEOUT_ANSWER);
+          socket.destroy();
+        }, leftMs);
+        timer.unref();
+        headDeadlines.set(socket, timer);
+        socket.once("close", () => clearTimeout(timer));
+      };
       let inFlight = 0;
-      const countInFlight = (res: ServerResponse): void => {
+      const countInFlight = (req: IncomingMessage, res: ServerResponse): void => {
+        clearTimeout(headDeadlines.get(req.socket));
         inFlight += 1;
         res.once("close", () => (inFlight -= 1));
       };
-      http1.on("request", (_req: IncomingMessage, res: ServerResponse) => countInFlight(res));
+      http1.on("request", countInFlight);
       // curl and others ask before sending a large body: "100 Continue" only goes to an admitted
       // call, so a refused one never sends its body at all.
       http1.on("checkContinue", (req: IncomingMessage, res: ServerResponse) => {
-        countInFlight(res);
+        countInFlight(req, res);
         handle(req, res, () => res.writeContinue());
       });
       http2.on("session", (session: Http2Session) => {
@@ -280,11 +300,12 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       const tcp = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
-        awaitOpening(socket, limits.headersTimeoutMs, true, (opening) => {
+        awaitOpening(socket, limits.headersTimeoutMs, true, (opening, leftMs) => {
           if (opening === "http2") {
             // The HTTP/2 session reads the unshifted bytes itself; resuming would drop them.
             http2.emit("connection", socket);
           } else {
+            awaitHead(socket, leftMs);
             http1.emit("connection", socket);
             socket.resume();
           }

@@ -23,6 +23,13 @@ const UNPARSABLE_PREFIX = "parse binary: ";
 /** An error body keygate writes is far smaller; a larger one inflated is cut off here. */
 const MAX_ERROR_BYTES = 1024 * 1024;
 const TRAILER_FRAME = 0x80;
+// protobuf-es's JSON decoder names the message or field, then quotes the caller's input whole:
+// "cannot decode message T from JSON: key "…" is unknown", "…: expected bigint (int64): … out of range".
+const DECODER_DETAIL = " from JSON: ";
+/** Characters of the caller's input a decoder's message repeats, as echo() allows keygate's own messages. */
+const MAX_ECHOED_INPUT = 64;
+/** The end of a cut message, kept so that it still reads: what follows the input ('" is unknown'). */
+const KEPT_ENDING = 16;
 
 /**
  * `compression` with a body it cannot inflate answered as the caller's mistake: connect-node
@@ -65,6 +72,20 @@ const markDecoded: Interceptor = (next) => (req) => {
 function callersMistake(decoded: boolean, code: Code, rawMessage: string): ConnectError | null {
   if (decoded || code !== Code.Internal || !rawMessage.startsWith(UNPARSABLE_PREFIX)) return null;
   return new ConnectError(`the request body is not a valid protobuf message: ${rawMessage.slice(UNPARSABLE_PREFIX.length)}`, Code.InvalidArgument);
+}
+
+/**
+ * The JSON decoder's message with what it quotes of the input cut to MAX_ECHOED_INPUT characters
+ * and the last KEPT_ENDING: 60 KB of unknown key sent, 60 KB came back. The cut is by length,
+ * not at the closing quote, which a key may hold itself. Messages of a decoded call are keygate's
+ * own, which bound what they quote (echo()), and are left as they are.
+ */
+function boundedDecoderMessage(message: string, decoded: boolean): string {
+  const at = message.indexOf(DECODER_DETAIL);
+  if (decoded || at === -1) return message;
+  const start = at + DECODER_DETAIL.length;
+  if (message.length - start <= MAX_ECHOED_INPUT + KEPT_ENDING) return message;
+  return `${message.slice(0, start + MAX_ECHOED_INPUT)}…${message.slice(-KEPT_ENDING)}`;
 }
 
 /** What scrubbedConnectHandler needs: the router's options, its routes, and each request's context values. */
@@ -164,19 +185,23 @@ function reclassifyGrpcStatus(headers: Headers | undefined, decoded: boolean): b
 
 function scrubGrpcStatus(headers: Headers | undefined, decoded: boolean): void {
   reclassifyGrpcStatus(headers, decoded);
-  scrubGrpcMessage(headers);
+  scrubGrpcMessage(headers, decoded);
 }
 
 /**
  * A grpc-message, percent-encoded (gRPC's rule: bytes outside printable ASCII, and "%"), decoded,
- * redacted and encoded again: redacting the encoded text could cut an escape in two.
+ * redacted, bounded (boundedDecoderMessage) and encoded again: redacting the encoded text could
+ * cut an escape in two. Whether it changed.
  */
-function scrubGrpcMessage(headers: Headers | undefined): void {
+function scrubGrpcMessage(headers: Headers | undefined, decoded: boolean): boolean {
   const message = headers?.get(GRPC_MESSAGE);
-  if (message === null || message === undefined) return;
+  if (message === null || message === undefined) return false;
   const text = decodeGrpcMessage(message);
-  const redacted = redactText(text);
-  if (redacted !== text) headers?.set(GRPC_MESSAGE, encodeGrpcMessage(redacted));
+  // Redacted before it is cut: a cut could leave part of a key that no longer looks like one.
+  const scrubbed = boundedDecoderMessage(redactText(text), decoded);
+  if (scrubbed === text) return false;
+  headers?.set(GRPC_MESSAGE, encodeGrpcMessage(scrubbed));
+  return true;
 }
 
 /** A grpc-message as text; one that is not valid percent-encoding, as it is. */
@@ -207,7 +232,7 @@ function scrubJsonError(text: string, status: number, decoded: boolean): { text:
   if (typeof error !== "object" || error === null || !("message" in error) || typeof error.message !== "string") return { text, status };
   const mistake = "code" in error && error.code === "internal" ? callersMistake(decoded, Code.Internal, error.message) : null;
   if (mistake !== null) return { text: JSON.stringify(errorToJson(mistake, undefined)), status: codeToHttpStatus(mistake.code) };
-  return { text: JSON.stringify({ ...error, message: redactText(error.message) }), status };
+  return { text: JSON.stringify({ ...error, message: boundedDecoderMessage(redactText(error.message), decoded) }), status };
 }
 
 /** gRPC-Web frames (flag byte, 4-byte length, data) with each trailer frame's text redacted, and its status reclassified when it is callersMistake. */
@@ -223,9 +248,10 @@ function scrubTrailerFrames(bytes: Uint8Array, decoded: boolean): Uint8Array {
       frames.push(bytes.subarray(at - 5 - length, at));
       continue;
     }
-    // Reclassified before it is redacted: redacting the encoded grpc-message may cut an escape in two.
+    // Reclassified and its message scrubbed decoded: redacting the encoded grpc-message may cut an escape in two.
     const trailer = trailerParse(data);
-    const fields = reclassifyGrpcStatus(trailer, decoded) ? trailerSerialize(trailer) : data;
+    const reclassified = reclassifyGrpcStatus(trailer, decoded);
+    const fields = scrubGrpcMessage(trailer, decoded) || reclassified ? trailerSerialize(trailer) : data;
     const text = new TextEncoder().encode(redactText(new TextDecoder().decode(fields)));
     const head = new Uint8Array(5);
     head[0] = flags;

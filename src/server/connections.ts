@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import type { ServerResponse } from "node:http";
 import { constants as http2Constants } from "node:http2";
 import type { ServerHttp2Stream } from "node:http2";
 import type { Server as NetServer, Socket } from "node:net";
@@ -101,11 +102,13 @@ export function classifyOpening(bytes: Buffer): Opening {
  * Holds a new connection until its opening is known, then hands it on with every byte still
  * unread. A connection that sends nothing, or only part of the HTTP/2 preface and SETTINGS,
  * within `timeoutMs` is closed; so is one whose opening is "invalid" or, when `allowHttp1` is
- * off, not HTTP/2.
+ * off, not HTTP/2. `ready` gets the milliseconds of `timeoutMs` still left: a server that reads
+ * the request head next counts its deadline on from the connection, not from the hand-over.
  */
-export function awaitOpening(socket: Socket, timeoutMs: number, allowHttp1: boolean, ready: (opening: "http1" | "http2") => void): void {
+export function awaitOpening(socket: Socket, timeoutMs: number, allowHttp1: boolean, ready: (opening: "http1" | "http2", leftMs: number) => void): void {
   const chunks: Buffer[] = [];
   let received = 0;
+  const deadline = performance.now() + timeoutMs;
   const timer = setTimeout(() => socket.destroy(), timeoutMs);
   const stop = (): void => {
     clearTimeout(timer);
@@ -127,9 +130,38 @@ export function awaitOpening(socket: Socket, timeoutMs: number, allowHttp1: bool
     }
     socket.pause();
     socket.unshift(bytes);
-    ready(opening);
+    ready(opening, Math.max(0, deadline - performance.now()));
   }
   socket.on("data", onData);
+}
+
+// After an answer that leaves request bytes unread, how long an HTTP/1.1 connection is kept
+// half-closed, discarding input, so that the answer is not lost to a TCP reset (RFC 9112 §9.6).
+const LINGER_MS = 2000;
+
+/**
+ * Half-closes an HTTP/1.1 connection whose request was not read to the end, discards what
+ * still arrives for a moment, then closes it, rather than reading an unbounded body through.
+ * A connection already half-closed (a lingering close under way) is left as it is.
+ */
+export function lingeringClose(socket: Socket): void {
+  if (socket.destroyed || socket.writableEnded) return;
+  socket.end();
+  socket.resume();
+  const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+  timer.unref();
+  socket.once("close", () => clearTimeout(timer));
+}
+
+/**
+ * Makes the answer to an HTTP/1.1 request whose body keygate will not read the last on its
+ * connection: "Connection: close", and a lingering close rather than Node's destroySoon(), which
+ * closes with the body still arriving, so the kernel resets the connection and the client may
+ * lose the answer. Call it before the answer's head is written.
+ */
+export function closeAfterAnswer(socket: Socket, res: ServerResponse): void {
+  socket.destroySoon = () => lingeringClose(socket);
+  res.setHeader("connection", "close");
 }
 
 /**

@@ -14,7 +14,7 @@ import type { HttpAnswer } from "../authz/to-http.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 import { closeHttpServer, listen } from "./http-lifecycle.js";
-import { timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { closeAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
@@ -25,6 +25,23 @@ import type { ListenerTls } from "./tls.js";
 
 /** Largest request head the HTTP authorization port reads (request line and headers). */
 export const MAX_HEADER_BYTES = 64 * 1024;
+/**
+ * Largest body the HTTP authorization port reads through (and throws away) to keep a connection
+ * alive: a proxy that forwards a small body (Traefik's forwardBody, Envoy's with_request_body)
+ * keeps its connection. A larger body, or one of unknown length, is not read: the answer closes
+ * the connection.
+ */
+export const MAX_DRAINED_BODY_BYTES = 64 * 1024;
+
+/**
+ * Whether a request announces a body too large to read through, or of unknown length (chunked).
+ * Node's parser has refused a Content-Length that is not digits. On the normal path (no body, or
+ * a small one) this costs two header lookups and a comparison.
+ */
+function announcesLargeBody(req: IncomingMessage): boolean {
+  const length = req.headers["content-length"];
+  return req.headers["transfer-encoding"] !== undefined || (length !== undefined && Number(length) > MAX_DRAINED_BODY_BYTES);
+}
 
 /** What the HTTP authz server needs. */
 export interface HttpAuthzDeps {
@@ -103,6 +120,10 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
     if (draining) res.setHeader("connection", "close");
+    // Node reads an unread body through after the answer, and the next request's after that:
+    // unbounded work for a caller on any path, /healthz included. The answer ends the connection.
+    const unread = announcesLargeBody(req);
+    if (unread) closeAfterAnswer(req.socket, res);
     const url = req.url ?? "/";
     if (url === "/healthz") {
       res.writeHead(200, { "content-type": "text/plain" }).end("ok\n");
@@ -125,7 +146,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       return;
     }
     if (url === "/denied") {
-      req.resume();
+      if (!unread) req.resume();
       const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
       send(res, renderDeniedEcho(firstHeader(req, "x-keygate-status"), firstHeader(req, "x-keygate-body"), requestId));
       return;
@@ -137,8 +158,8 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       res.writeHead(404, { "content-type": "application/json" }).end('{"success":false,"error":{"code":"NOT_FOUND","message":"use /check"}}');
       return;
     }
-    // The body of an authorization subrequest is never read; drain it so keep-alive works.
-    req.resume();
+    // The body of an authorization subrequest is never read; a small one is drained so keep-alive works.
+    if (!unread) req.resume();
     // A client's id, within the bounds an answer echoes (it goes into every log line too).
     const requestId = echoedRequestId(firstHeader(req, "x-request-id") ?? "") || randomUUID();
     const denialHeaders = req.headers["x-keygate-denial-headers"] === "1";
@@ -266,6 +287,12 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
         server = createHttpsServer({ ...options, ...tls.serverOptions(), handshakeTimeout: limits.headersTimeoutMs }, handle);
         tls.attach(server);
       }
+      // Node answers "Expect: 100-continue" with 100 Continue itself unless told otherwise: a body
+      // this port will not read is not invited.
+      server.on("checkContinue", (req: IncomingMessage, res: ServerResponse) => {
+        if (!announcesLargeBody(req)) res.writeContinue();
+        handle(req, res);
+      });
       server.on("connect", refuseConnect);
       server.on("clientError", refuseUnreadable);
       // A peer that stops reading our answer, or goes silent mid-request, is cut after this.
