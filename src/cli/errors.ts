@@ -26,10 +26,18 @@ export function codeName(code: Code): string {
 function connectionFailure(error: ConnectError): "never made" | "broken" | null {
   for (let cause: unknown = error.cause, depth = 0; cause instanceof Error && depth < 8; cause = cause.cause, depth++) {
     if (!("code" in cause) || typeof cause.code !== "string") continue;
-    const syscall = "syscall" in cause ? cause.syscall : undefined;
-    return syscall === "connect" || syscall === "getaddrinfo" ? "never made" : "broken";
+    // A host with several addresses that all failed (an IPv6 and an IPv4 localhost): Node's
+    // AggregateError carries no syscall of its own; each attempt it holds does.
+    const attempts = cause instanceof AggregateError ? (cause.errors as unknown[]) : [cause];
+    return attempts.length > 0 && attempts.every(neverConnected) ? "never made" : "broken";
   }
   return null;
+}
+
+/** Whether a Node error is a connection that was never made (refused, unreachable, no such host). */
+function neverConnected(error: unknown): boolean {
+  const syscall = error instanceof Error && "syscall" in error ? error.syscall : undefined;
+  return syscall === "connect" || syscall === "getaddrinfo";
 }
 
 /** `advice`, then what to check before retrying a write whose answer was lost (keygate may have done it). */
