@@ -30,12 +30,33 @@ export const externalId = z.string().regex(/^[\x21-\x7e]{1,128}$/, "must be 1-12
 // Persian and Indic text) and the tag characters of flag emoji.
 const PLAIN_TEXT = /^(?:(?![\p{Cc}\p{Zl}\p{Zp}])(?:[\u200C\u200D\u{E0020}-\u{E007F}]|\P{Cf}))*$/u;
 
-/** Free text an operator reads: at most `maxLength` characters, none of them control or format characters. */
+/**
+ * Credentials in text keygate keeps (a name, a reason, metadata): those are recorded in the audit
+ * trail, which every audit:read token and exporter reads, so a pasted key or token would outlive
+ * its revocation there. The log redactor's shapes (redact.ts), narrowed to whole credentials so
+ * that text naming them passes ("the kg_live_ prefix", a key's start "kg_live_AbC1"): a key's
+ * random part (32 base62 characters) after _live_ or _test_, its underscores percent-encoded too;
+ * "kgadm_" and the 18 characters that make the shortest admin token (24); a Bearer or Basic
+ * credential of 16 characters or more. A 64-hex run is let through: the log redactor hides it as
+ * a key hash, but no API shows a key's hash, and here it is far more often a SHA-256 digest (of an
+ * image or a file) kept as metadata.
+ */
+export const SECRET_IN_FREE_TEXT = /(?:_|%5F)(?:live|test)(?:_|%5F)[0-9A-Za-z]{32}|\bkgadm_[A-Za-z0-9_-]{18}|\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/-]{16}/i;
+const NO_SECRET = "must not contain an API key, an admin token or another credential (it would be kept in the audit trail); name a key by its id or start…last4";
+
+/** Refuses `value` when it holds a credential (SECRET_IN_FREE_TEXT), naming `field` and never quoting the value. */
+export function checkNoSecret(field: string, value: string): string {
+  if (SECRET_IN_FREE_TEXT.test(value)) throw new InvalidArgumentError(field, NO_SECRET);
+  return value;
+}
+
+/** Free text an operator reads: at most `maxLength` characters, none of them control or format characters, and no credential. */
 export function plainText(maxLength: number): z.ZodString {
   return z
     .string()
     .max(maxLength, `must be at most ${maxLength} characters`)
-    .regex(PLAIN_TEXT, "must not contain control or format characters (such as a newline, ESC or a bidi override)");
+    .regex(PLAIN_TEXT, "must not contain control or format characters (such as a newline, ESC or a bidi override)")
+    .refine((text) => !SECRET_IN_FREE_TEXT.test(text), NO_SECRET);
 }
 
 export const keyName = z
@@ -53,7 +74,9 @@ export function checkMetadata(metadata: Record<string, string>): Record<string, 
   if (entries.length > MAX_METADATA_ENTRIES) throw new InvalidArgumentError("metadata", `at most ${MAX_METADATA_ENTRIES} entries`);
   for (const [key, value] of entries) {
     if (!METADATA_KEY.test(key)) throw new InvalidArgumentError(`metadata.${echo(key)}`, "keys are 1-64 letters, digits, _ . -");
+    checkNoSecret(`metadata.${REDACTED}`, key);
     if (value.length > MAX_METADATA_VALUE_LENGTH) throw new InvalidArgumentError(`metadata.${key}`, `values are at most ${MAX_METADATA_VALUE_LENGTH} characters`);
+    checkNoSecret(`metadata.${key}`, value);
   }
   return Object.fromEntries(entries);
 }
