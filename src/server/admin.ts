@@ -14,11 +14,10 @@ import type { AdminAuth } from "../admin/auth.js";
 import { NO_PERMISSIONS, adminAuthInterceptor, adminIdentityKey, adminOwnersKey, adminPermissionsKey, sourceAddressKey } from "../admin/handlers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "../admin/permissions.js";
 import type { Permission } from "../admin/permissions.js";
-import { awaitOpening, closeAfterAnswer, lingeringClose, stopAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { awaitOpening, closeAfterAnswer, lastAnswerDecided, lingeringClose, stopAfterAnswer, stopReading, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import { scrubbedConnectHandler } from "./connect-scrub.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
-import { echoedName } from "./grpc-h2.js";
 import { listen } from "./http-lifecycle.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -70,16 +69,21 @@ function announcesBody(req: IncomingMessage): boolean {
   return req.headers["transfer-encoding"] !== undefined || (declaredLength(req) ?? 0) > 0;
 }
 
-/** The last segment of a KeyAdmin path as a log line quotes it: a caller's path is cut, as the gRPC port cuts one. */
-function loggedMethod(path: string): string {
-  return echoedName(path.slice(path.lastIndexOf("/") + 1));
+/**
+ * The last segment of a KeyAdmin path as a log line names it: a KeyAdmin method by its name, any
+ * other text by its length only. The logger redacts admin tokens by their exact text, which a cut
+ * could split, and a path no token admitted is the caller's to fill.
+ */
+function loggedMethod(path: string): { method: string } | { methodLength: number } {
+  const method = path.slice(path.lastIndexOf("/") + 1);
+  return METHOD_PERMISSIONS.has(method) ? { method } : { methodLength: method.length };
 }
 
 /**
  * Answers a KeyAdmin call with an error without reading its body, in the caller's protocol:
  * gRPC and gRPC-Web as a trailers-only response (grpc-status in the headers), Connect as the
  * JSON error with its HTTP status. The request's stream is then reset (HTTP/2) or its
- * connection closed (HTTP/1.1), so an unread body is never drained.
+ * connection closed with a lingering close (HTTP/1.1), so an unread body is never read through.
  */
 function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string): void {
   const contentType = req.headers["content-type"] ?? "";
@@ -106,12 +110,9 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
     if (!stream.endAfterHeaders) stopAfterAnswer(stream);
     return;
   }
-  // Node ends a "Connection: close" answer with destroySoon(), which closes the socket with the
-  // body still arriving: the kernel then resets the connection and the client may lose the
-  // answer. A lingering close half-closes instead and discards input for a bounded moment.
-  const socket = req.socket;
-  socket.destroySoon = () => lingeringClose(socket);
-  writeHead(res, status, { ...headers, connection: "close" });
+  // The body is not read: the answer ends the connection, and no request pipelined behind it runs.
+  if (!("stream" in res)) closeAfterAnswer(req.socket, res);
+  writeHead(res, status, headers);
   res.end(body);
 }
 
@@ -155,7 +156,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     const admission = gate.admit(source, req.headers.authorization ?? null);
     if (!admission.ok) {
       if (admission.refusal === "blocked") return refuse(req, res, Code.ResourceExhausted, admission.message);
-      logger.warn({ source, method: loggedMethod(path) }, "admin authentication failed");
+      logger.warn({ source, ...loggedMethod(path) }, "admin authentication failed");
       return refuse(req, res, Code.Unauthenticated, admission.message);
     }
     // A method the token may not call is refused here too, before its body is read.
@@ -180,9 +181,12 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
    * read no body, so they never invite one with "100 Continue".
    */
   function handle(req: AnyRequest, res: AnyResponse, admittedBody?: () => void): void {
+    // A request pipelined behind an answer that closes the connection is never answered: a
+    // KeyAdmin call would change data (CreateKey) and its answer, a key's secret, would be lost.
+    if (!isHttp2(req) && lastAnswerDecided(req.socket)) return stopReading(req.socket);
     // An answer given before the body was read through (a probe, an error mid-body such as a
-    // message over the limit) ends the request: the rest is not read, on any path. The socket is
-    // taken now: Node may have let go of req.socket by the time the answer has finished.
+    // message over the limit) ends the request: the rest is not read through, on any path. The
+    // socket is taken now: Node may have let go of req.socket by the time the answer has finished.
     const socket = req.socket;
     res.once("finish", () => {
       if (req.complete) return;
@@ -191,7 +195,7 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
     });
     const path = (req.url ?? "/").split("?")[0] ?? "/";
     const probe = path === "/healthz" || path === "/readyz" || path === "/metrics";
-    // A probe's body is never read: Node would read it through after the answer, and the next
+    // A probe's body is not read through: Node would read it after the answer, and the next
     // request's after that, on a keep-alive connection no token was asked for.
     if (probe && !isHttp2(req) && !("stream" in res) && announcesBody(req)) closeAfterAnswer(socket, res);
     if (path === "/healthz") return plain(res, 200, "text/plain", "ok\n");

@@ -77,15 +77,28 @@ function callersMistake(decoded: boolean, code: Code, rawMessage: string): Conne
 /**
  * The JSON decoder's message with what it quotes of the input cut to MAX_ECHOED_INPUT characters
  * and the last KEPT_ENDING: 60 KB of unknown key sent, 60 KB came back. The cut is by length,
- * not at the closing quote, which a key may hold itself. Messages of a decoded call are keygate's
- * own, which bound what they quote (echo()), and are left as they are.
+ * not at the closing quote, which a key may hold itself, and never inside a surrogate pair: half
+ * an emoji is a lone surrogate ("\ud83d" in the JSON error), which strict decoders refuse. Messages
+ * of a decoded call are keygate's own, which bound what they quote (echo()), and are left as they are.
  */
 function boundedDecoderMessage(message: string, decoded: boolean): string {
   const at = message.indexOf(DECODER_DETAIL);
   if (decoded || at === -1) return message;
   const start = at + DECODER_DETAIL.length;
   if (message.length - start <= MAX_ECHOED_INPUT + KEPT_ENDING) return message;
-  return `${message.slice(0, start + MAX_ECHOED_INPUT)}…${message.slice(-KEPT_ENDING)}`;
+  // A pair at either cut is left out whole: the head one character shorter, the ending too.
+  let headEnd = start + MAX_ECHOED_INPUT;
+  if (splitsSurrogatePair(message, headEnd)) headEnd -= 1;
+  let endingStart = message.length - KEPT_ENDING;
+  if (splitsSurrogatePair(message, endingStart)) endingStart += 1;
+  return `${message.slice(0, headEnd)}…${message.slice(endingStart)}`;
+}
+
+/** Whether a cut of `text` before index `at` falls between a high and a low surrogate. */
+function splitsSurrogatePair(text: string, at: number): boolean {
+  const before = text.charCodeAt(at - 1);
+  const after = text.charCodeAt(at);
+  return before >= 0xd800 && before <= 0xdbff && after >= 0xdc00 && after <= 0xdfff;
 }
 
 /** What scrubbedConnectHandler needs: the router's options, its routes, and each request's context values. */

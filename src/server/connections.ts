@@ -136,15 +136,42 @@ export function awaitOpening(socket: Socket, timeoutMs: number, allowHttp1: bool
 }
 
 // After an answer that leaves request bytes unread, how long an HTTP/1.1 connection is kept
-// half-closed, discarding input, so that the answer is not lost to a TCP reset (RFC 9112 §9.6).
+// half-closed, so that the answer is not lost to a TCP reset (RFC 9112 §9.6).
 const LINGER_MS = 2000;
 
+/** Marks an HTTP/1.1 socket whose last answer is decided: see lastAnswerDecided. */
+const LAST_ANSWER_DECIDED = Symbol("keygate.lastAnswerDecided");
+
 /**
- * Half-closes an HTTP/1.1 connection whose request was not read to the end, discards what
- * still arrives for a moment, then closes it, rather than reading an unbounded body through.
+ * Whether an earlier answer on this HTTP/1.1 connection has been made its last (closeAfterAnswer,
+ * lingeringClose). Node's parser still reads requests pipelined behind it and hands them to the
+ * request handler, but their answers would never be sent: such a request must run nothing
+ * (stopReading). One property lookup, as it sits on the Check path.
+ */
+export function lastAnswerDecided(socket: Socket): boolean {
+  return LAST_ANSWER_DECIDED in socket;
+}
+
+/**
+ * What a request read behind its connection's last answer gets: nothing is run or answered, and
+ * the connection reads no more. Not destroyed here: the answer ahead of it may not have been
+ * written yet (pipelined in the same packet), and a close with input unread resets the connection,
+ * which may lose that answer. The lingering close (or Node's close) ends it; Node then destroys
+ * the responses still queued behind the last one.
+ */
+export function stopReading(socket: Socket): void {
+  socket.pause();
+}
+
+/**
+ * Half-closes an HTTP/1.1 connection whose request was not read to the end, then closes it
+ * after LINGER_MS, rather than reading an unbounded body through. In the meantime Node's parser
+ * reads on: the rest of the unread body is thrown away (Node dumps a body no one read), and the
+ * first request pipelined behind it stops the reading (lastAnswerDecided, stopReading).
  * A connection already half-closed (a lingering close under way) is left as it is.
  */
 export function lingeringClose(socket: Socket): void {
+  markLastAnswerDecided(socket);
   if (socket.destroyed || socket.writableEnded) return;
   socket.end();
   socket.resume();
@@ -157,11 +184,17 @@ export function lingeringClose(socket: Socket): void {
  * Makes the answer to an HTTP/1.1 request whose body keygate will not read the last on its
  * connection: "Connection: close", and a lingering close rather than Node's destroySoon(), which
  * closes with the body still arriving, so the kernel resets the connection and the client may
- * lose the answer. Call it before the answer's head is written.
+ * lose the answer. Call it before the answer's head is written, and before a later request on the
+ * connection can be read: from then on, every one is refused by lastAnswerDecided.
  */
 export function closeAfterAnswer(socket: Socket, res: ServerResponse): void {
+  markLastAnswerDecided(socket);
   socket.destroySoon = () => lingeringClose(socket);
   res.setHeader("connection", "close");
+}
+
+function markLastAnswerDecided(socket: Socket): void {
+  if (!lastAnswerDecided(socket)) Object.defineProperty(socket, LAST_ANSWER_DECIDED, { value: true });
 }
 
 /**

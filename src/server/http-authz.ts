@@ -14,7 +14,7 @@ import type { HttpAnswer } from "../authz/to-http.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 import { closeHttpServer, listen } from "./http-lifecycle.js";
-import { closeAfterAnswer, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
+import { closeAfterAnswer, lastAnswerDecided, stopReading, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
@@ -119,6 +119,9 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
   let draining = false;
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
+    // A request pipelined behind an answer that closes the connection is never answered: deciding
+    // it would charge its key's rate, quota and credits for nothing.
+    if (lastAnswerDecided(req.socket)) return stopReading(req.socket);
     if (draining) res.setHeader("connection", "close");
     // Node reads an unread body through after the answer, and the next request's after that:
     // unbounded work for a caller on any path, /healthz included. The answer ends the connection.
@@ -290,7 +293,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       // Node answers "Expect: 100-continue" with 100 Continue itself unless told otherwise: a body
       // this port will not read is not invited.
       server.on("checkContinue", (req: IncomingMessage, res: ServerResponse) => {
-        if (!announcesLargeBody(req)) res.writeContinue();
+        if (!announcesLargeBody(req) && !lastAnswerDecided(req.socket)) res.writeContinue();
         handle(req, res);
       });
       server.on("connect", refuseConnect);

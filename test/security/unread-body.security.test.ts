@@ -11,7 +11,8 @@ import { closedByServer, openSocket } from "../harness/sockets.js";
 // and Node read the whole body through, then the next request's: a caller with no token made
 // keygate read bodies of any size for as long as it liked (958 MiB in 1.5 s on the thread that
 // serves Checks). An answer given with the body unread now ends the connection: "Connection:
-// close", a half-close, and what still arrives is discarded for 2 s at most.
+// close", a half-close, and for 2 s at most the rest of the body is read and thrown away. A
+// request pipelined behind it is not run (*-pipelined-behind-close.security.test.ts).
 
 /** Far longer than any answer, or the 2 s of a lingering close, needs; far shorter than the request timeout below. */
 const DEADLINE_MS = 8_000;
