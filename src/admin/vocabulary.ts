@@ -1,6 +1,7 @@
 import { z } from "zod";
 import { REDACTED } from "../keys/redact.js";
 import { isKeyId } from "../keys/ids.js";
+import { KEY_CHECKSUM_LENGTH, KEY_RANDOM_LENGTH, KeyFormat } from "../keys/key-format.js";
 import type { KeyRateLimit } from "../store/store.js";
 import { InvalidArgumentError } from "./errors.js";
 
@@ -33,20 +34,46 @@ const PLAIN_TEXT = /^(?:(?![\p{Cc}\p{Zl}\p{Zp}])(?:[\u200C\u200D\u{E0020}-\u{E00
 /**
  * Credentials in text keygate keeps (a name, a reason, metadata): those are recorded in the audit
  * trail, which every audit:read token and exporter reads, so a pasted key or token would outlive
- * its revocation there. The log redactor's shapes (redact.ts), narrowed to whole credentials so
- * that text naming them passes ("the kg_live_ prefix", a key's start "kg_live_AbC1"): a key's
- * random part (32 base62 characters) after _live_ or _test_, its underscores percent-encoded too;
- * "kgadm_" and the 18 characters that make the shortest admin token (24); a Bearer or Basic
- * credential of 16 characters or more. A 64-hex run is let through: the log redactor hides it as
- * a key hash, but no API shows a key's hash, and here it is far more often a SHA-256 digest (of an
- * image or a file) kept as metadata.
+ * its revocation there. Only whole credentials count, so that text naming one passes ("the
+ * kg_live_ prefix", a key's start "kg_live_AbC1") and so do other systems' ids of a like shape
+ * (Stripe's "cs_live_…", a suite's "e2e_test_<uuid>"):
+ * - a key under any prefix keygate allows, found by its checksum (the 6 characters after the 32
+ *   random ones), its underscores percent-encoded too, with any text before or after it;
+ * - "kgadm_" and the 18 characters that make the shortest admin token (24);
+ * - a Bearer or Basic credential: 16 characters or more, a digit among them ("Basic
+ *   internationalization" is a name).
+ * A 64-hex run is let through: the log redactor hides it as a key hash, but no API shows a key's
+ * hash, and here it is far more often a SHA-256 digest (of an image or a file) kept as metadata.
  */
-export const SECRET_IN_FREE_TEXT = /(?:_|%5F)(?:live|test)(?:_|%5F)[0-9A-Za-z]{32}|\bkgadm_[A-Za-z0-9_-]{18}|\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/-]{16}/i;
+export function holdsCredential(text: string): boolean {
+  return ADMIN_OR_SCHEME_CREDENTIAL.test(text) || holdsKey(text);
+}
+
+const ADMIN_OR_SCHEME_CREDENTIAL = /\bkgadm_[A-Za-z0-9_-]{18}|\b(?:Bearer|Basic)\s+(?=[A-Za-z0-9._~+/-]*[0-9])[A-Za-z0-9._~+/-]{16}/i;
+// A key's mode between its underscores (either may be written %5F), then its random part and checksum.
+const KEY_HEAD = /(?:_|%5[Ff])(live|test)(?:_|%5[Ff])(?=[0-9A-Za-z]{38})/g;
+const KEY_PREFIX = /^[a-z][a-z0-9]{1,9}$/;
+const MAX_PREFIX_LENGTH = 10;
+
+/** Whether `text` holds a whole key: each head found is tried with every prefix it could follow. */
+function holdsKey(text: string): boolean {
+  for (const head of text.matchAll(KEY_HEAD)) {
+    const bodyStart = head.index + head[0].length;
+    const body = text.slice(bodyStart, bodyStart + KEY_RANDOM_LENGTH + KEY_CHECKSUM_LENGTH);
+    for (let length = 2; length <= Math.min(MAX_PREFIX_LENGTH, head.index); length++) {
+      const prefix = text.slice(head.index - length, head.index);
+      if (!KEY_PREFIX.test(prefix)) continue;
+      if (new KeyFormat(prefix).isWellFormed(`${prefix}_${head[1]}_${body}`)) return true;
+    }
+  }
+  return false;
+}
+
 const NO_SECRET = "must not contain an API key, an admin token or another credential (it would be kept in the audit trail); name a key by its id or start…last4";
 
-/** Refuses `value` when it holds a credential (SECRET_IN_FREE_TEXT), naming `field` and never quoting the value. */
+/** Refuses `value` when it holds a credential (holdsCredential), naming `field` and never quoting the value. */
 export function checkNoSecret(field: string, value: string): string {
-  if (SECRET_IN_FREE_TEXT.test(value)) throw new InvalidArgumentError(field, NO_SECRET);
+  if (holdsCredential(value)) throw new InvalidArgumentError(field, NO_SECRET);
   return value;
 }
 
@@ -56,7 +83,7 @@ export function plainText(maxLength: number): z.ZodString {
     .string()
     .max(maxLength, `must be at most ${maxLength} characters`)
     .regex(PLAIN_TEXT, "must not contain control or format characters (such as a newline, ESC or a bidi override)")
-    .refine((text) => !SECRET_IN_FREE_TEXT.test(text), NO_SECRET);
+    .refine((text) => !holdsCredential(text), NO_SECRET);
 }
 
 export const keyName = z
