@@ -15,7 +15,7 @@ import { ConflictError, StoreBusyError, StoreUnavailableError } from "../store/e
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
-import { newKeyRecord } from "../store/store.js";
+import { CHAIN_GRACE_ENDED, newKeyRecord } from "../store/store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -626,22 +626,60 @@ export class LifecycleService {
     const reason = check(reasonText, "reason", input.reason);
     const current = await this.#disablable(id);
     const nowMs = this.deps.nowMs();
-    // A time of its own: neither its successor's nor that of a key in grace for it (pausedWith).
-    const successor = current.rotatedToId === null ? null : await this.deps.store.getKey(current.rotatedToId);
-    const inGrace = current.disabledAtMs === null ? await this.#inGraceFor(current, nowMs) : [];
-    const disabledAtMs = disabledSince(current, nowMs, [successor?.disabledAtMs ?? null, ...inGrace.map((key) => key.disabledAtMs)]);
-    // A key in grace disabled only because its successor was is now disabled on its own: it moves
-    // to its own time, so enabling the successor leaves it disabled. Otherwise the first time stays.
-    const paused = successor !== null && pausedWith(current, successor);
-    const write = async (): Promise<{ key: KeyRecord; changed: boolean } | null> => {
-      const written = paused ? await this.deps.store.redisableKey(id, disabledAtMs) : await this.deps.store.updateKey(id, { disabledAtMs });
+    const changes = { reason };
+    const written = await this.#unsure(
+      () => this.#disable(current, nowMs),
+      () => [this.#record(actor, "key.disable", id, current.ownerId, changes)],
+      { kind: "key", hash: current.hash },
+    );
+    if (written === null) throw new NotFoundError(`key ${id} does not exist`);
+    const updated = written.key;
+    const untold = await this.#tell({ kind: "key", hash: updated.hash });
+    if (written.changed) await this.#audit(actor, "key.disable", id, updated.ownerId, changes);
+    // The keys in grace pause with it: disabled since its time as it stands at their write, so an
+    // EnableKey of it that came meanwhile (and brought back the keys paused with it) pauses nothing.
+    const inGrace = await this.#inGraceFor(updated, this.deps.nowMs());
+    if (inGrace.length > 0) {
+      const followed = { ...changes, successor_id: id };
+      const paused = await this.#unsure(
+        () => this.deps.store.pauseKeysInGrace(id, inGrace.map((key) => key.id)),
+        () => inGrace.filter((key) => key.disabledAtMs === null).map((key) => this.#record(actor, "key.disable", key.id, key.ownerId, followed)),
+        inGrace.map((key): Invalidation => ({ kind: "key", hash: key.hash })),
+      );
+      await this.#followed(paused, actor, "key.disable", followed);
+    }
+    if (untold !== null) throw untold;
+    return updated;
+  }
+
+  /**
+   * DisableKey's write: an enabled key is disabled since a time of its own (disabledSince), apart
+   * from its successor's and from those of the keys in grace for it (pausedWith); a key in grace
+   * disabled only because its successor is moves to such a time, so enabling the successor leaves
+   * it disabled; any other disabled key keeps its first time. The write is made only while the
+   * key's time is still the one this was decided on (redisableKey's whileAtMs): an EnableKey of its
+   * successor brings back only a key still paused with it, so it cannot undo this disable, and a
+   * time changed meanwhile (paused, brought back) is read and decided again. `changed`: the write
+   * set or moved the key's time, so is audited.
+   */
+  async #disable(read: KeyRecord, nowMs: number): Promise<{ key: KeyRecord; changed: boolean } | null> {
+    let key = read;
+    for (let round = 0; round < APART_ROUNDS; round += 1) {
+      const successor = key.rotatedToId === null ? null : await this.deps.store.getKey(key.rotatedToId);
+      const inGrace = key.disabledAtMs === null ? await this.#inGraceFor(key, nowMs) : [];
+      const ownMs = disabledSince(key, nowMs, [successor?.disabledAtMs ?? null, ...inGrace.map((other) => other.disabledAtMs)]);
+      const atMs = key.disabledAtMs !== null && !(successor !== null && pausedWith(key, successor)) ? key.disabledAtMs : ownMs;
+      const written = await this.deps.store.redisableKey(key.id, atMs, key.disabledAtMs);
       if (written === null) return null;
-      // Disabling a disabled key keeps its first time: not a change to audit, unless it moved.
-      const set = current.disabledAtMs !== disabledAtMs && written.disabledAtMs === disabledAtMs;
-      const moved = await this.#apart(written, set, nowMs);
-      return { key: moved ?? written, changed: set || moved !== null };
-    };
-    return this.#setDisabled(current, write, actor, "key.disable", { reason });
+      if (written.revokedAtMs !== null) throw new FailedPreconditionError(`key ${key.id} is revoked; a revoked key cannot be disabled or enabled`);
+      if (written.disabledAtMs === atMs) {
+        const set = atMs !== key.disabledAtMs;
+        const moved = await this.#apart(written, set, nowMs);
+        return { key: moved ?? written, changed: set || moved !== null };
+      }
+      key = written;
+    }
+    throw new StoreBusyError(`key ${read.id}: its disabled time kept changing under DisableKey; nothing was written, retry`);
   }
 
   /**
@@ -672,16 +710,32 @@ export class LifecycleService {
     return moved;
   }
 
-  /** Lets a disabled key through again, at once in every cache. Idempotent; not for a revoked key. */
+  /**
+   * Lets a disabled key through again, at once in every cache, and with it the keys in grace for it
+   * that were paused with it (in the same store call, before it: a retry after a failure between
+   * still finds them paused with it). Idempotent; not for a revoked key.
+   */
   async enableKey(input: { id: string }, actor: Actor = SYSTEM_ACTOR): Promise<KeyRecord> {
     const id = checkKeyId("id", input.id);
     const current = await this.#disablable(id);
-    const write = async (): Promise<{ key: KeyRecord; changed: boolean } | null> => {
-      const key = await this.deps.store.updateKey(id, { disabledAtMs: null });
-      // Enabling an enabled key does nothing: not a change to audit.
-      return key === null ? null : { key, changed: current.disabledAtMs !== null };
-    };
-    return this.#setDisabled(current, write, actor, "key.enable", {});
+    const inGrace = await this.#inGraceFor(current, this.deps.nowMs());
+    const followed = { successor_id: id };
+    // For an outcome unknown only: the store decides which keys come back, by the key's time as it stands.
+    const paused = inGrace.filter((key) => pausedWith(key, current));
+    const enabled = await this.#unsure(
+      () => this.deps.store.enableKey(id, inGrace.map((key) => key.id)),
+      () => [this.#record(actor, "key.enable", id, current.ownerId, {}), ...paused.map((key) => this.#record(actor, "key.enable", key.id, key.ownerId, followed))],
+      [{ kind: "key", hash: current.hash }, ...paused.map((key): Invalidation => ({ kind: "key", hash: key.hash }))],
+    );
+    if (enabled === null) throw new NotFoundError(`key ${id} does not exist`);
+    if (enabled.key.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
+    const updated = enabled.key;
+    const untold = await this.#tell({ kind: "key", hash: updated.hash });
+    // Enabling an enabled key does nothing: not a change to audit.
+    if (current.disabledAtMs !== null) await this.#audit(actor, "key.enable", id, updated.ownerId, {});
+    await this.#followed(enabled.resumed, actor, "key.enable", followed);
+    if (untold !== null) throw untold;
+    return updated;
   }
 
   /** The key DisableKey or EnableKey changes: one that exists and is not revoked. */
@@ -690,40 +744,6 @@ export class LifecycleService {
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
     return current;
-  }
-
-  /**
-   * Writes a disable or an enable (`write` says whether it changed the key, so is audited), then
-   * tells, audits and has the key in grace follow.
-   */
-  async #setDisabled(
-    current: KeyRecord,
-    write: () => Promise<{ key: KeyRecord; changed: boolean } | null>,
-    actor: Actor,
-    action: "key.disable" | "key.enable",
-    changes: Record<string, unknown>,
-  ): Promise<KeyRecord> {
-    const id = current.id;
-    const written = await this.#unsure(write, () => [this.#record(actor, action, id, current.ownerId, changes)], { kind: "key", hash: current.hash });
-    if (written === null) throw new NotFoundError(`key ${id} does not exist`);
-    const updated = written.key;
-    const untold = await this.#tell({ kind: "key", hash: updated.hash });
-    if (written.changed) await this.#audit(actor, action, id, updated.ownerId, changes);
-    // The key in grace pauses with its successor (since the same time), and comes back with it
-    // only when they were paused together: one disabled on its own stays disabled.
-    const pausedAtMs = updated.disabledAtMs;
-    await this.#followSuccessor(
-      updated,
-      actor,
-      action,
-      (key) => {
-        if (pausedAtMs !== null) return key.disabledAtMs === null ? this.deps.store.updateKey(key.id, { disabledAtMs: pausedAtMs }) : Promise.resolve(null);
-        return pausedWith(key, current) ? this.deps.store.updateKey(key.id, { disabledAtMs: null }) : Promise.resolve(null);
-      },
-      changes,
-    );
-    if (untold !== null) throw untold;
-    return updated;
   }
 
   /**
@@ -738,18 +758,26 @@ export class LifecycleService {
     change: (key: KeyRecord) => Promise<KeyRecord | null>,
     changes: Record<string, unknown>,
   ): Promise<void> {
+    const followed = { ...changes, successor_id: successor.id };
     for (const key of await this.#inGraceFor(successor, this.deps.nowMs())) {
-      const followed = { ...changes, successor_id: successor.id };
       const changed = await this.#unsure(
         () => change(key),
         () => [this.#record(actor, action, key.id, key.ownerId, followed)],
         { kind: "key", hash: key.hash },
       );
-      if (changed === null) continue;
-      // Told in the background when Redis cannot be told now (as for the successor, whose change stands).
-      const untold = await this.#tell({ kind: "key", hash: changed.hash });
+      if (changed !== null) await this.#followed([changed], actor, action, followed);
+    }
+  }
+
+  /**
+   * Drops keys changed along with another (keys in grace) from every cache and audits each. Told in
+   * the background when Redis cannot be told now: the change of the key they follow stands.
+   */
+  async #followed(keys: readonly KeyRecord[], actor: Actor, action: string, changes: Record<string, unknown>): Promise<void> {
+    for (const key of keys) {
+      const untold = await this.#tell({ kind: "key", hash: key.hash });
       if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: key.id }, "key in grace: caches not told yet; retrying in the background");
-      await this.#audit(actor, action, key.id, key.ownerId, followed);
+      await this.#audit(actor, action, key.id, key.ownerId, changes);
     }
   }
 
@@ -763,26 +791,6 @@ export class LifecycleService {
       const last = page.at(-1);
       if (page.length < KEYS_PAGE || last === undefined) return found;
       afterId = last.id;
-    }
-  }
-
-  /**
-   * A rotation chain keeps at most one key in grace: the one just rotated. A key still in grace
-   * from rotating to `rotated` (an earlier link) is revoked now, or chained rotations would leave
-   * a one-key plan with a working key per rotation.
-   */
-  async #endEarlierGrace(rotated: KeyRecord, nowMs: number, actor: Actor): Promise<void> {
-    for (const earlier of await this.#inGraceFor(rotated, nowMs)) {
-      const reason = "a later rotation ended its grace period";
-      const revoked = await this.#unsure(
-        () => this.#revoke(earlier.id, nowMs, reason),
-        () => [this.#record(actor, "key.revoke", earlier.id, earlier.ownerId, { reason })],
-        { kind: "key", hash: earlier.hash },
-      );
-      if (revoked?.changed !== true) continue;
-      const untold = await this.#tell({ kind: "key", hash: revoked.key.hash });
-      if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: earlier.id }, "superseded key: caches not told yet; retrying in the background");
-      await this.#audit(actor, "key.revoke", earlier.id, earlier.ownerId, { reason });
     }
   }
 
@@ -819,12 +827,20 @@ export class LifecycleService {
     const graceEndsAtMs = nowMs + graceDays * DAY_MS;
     const changes = { rotated_to_id: record.id, grace_days: graceDays, grace_ends_at: new Date(graceEndsAtMs).toISOString() };
     const issued = rotatedFields(successor, id);
+    // A chain keeps one key in grace: the store revokes a key still in grace from rotating to the old
+    // key with the rotation (Rotation.ended). Read here only for an outcome unknown.
+    const earlier = await this.#inGraceFor(old, nowMs);
+    const ended = { reason: CHAIN_GRACE_ENDED };
     let rotation;
     try {
       rotation = await this.#unsure(
         () => this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs),
-        () => [this.#record(actor, "key.rotate", id, old.ownerId, changes), this.#record(actor, "key.create", record.id, old.ownerId, issued)],
-        { kind: "key", hash: old.hash },
+        () => [
+          this.#record(actor, "key.rotate", id, old.ownerId, changes),
+          this.#record(actor, "key.create", record.id, old.ownerId, issued),
+          ...earlier.map((key) => this.#record(actor, "key.revoke", key.id, key.ownerId, ended)),
+        ],
+        [{ kind: "key", hash: old.hash }, ...earlier.map((key): Invalidation => ({ kind: "key", hash: key.hash }))],
       );
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
@@ -845,11 +861,7 @@ export class LifecycleService {
     // The new key has its key.create under its own id, as every issued key does, naming the key
     // it replaces: "who issued this key, when, from where" is answered by its id alone.
     await this.#audit(actor, "key.create", record.id, old.ownerId, issued);
-    // The rotation is saved: a failure to end the earlier grace must not cost the new secret
-    // (that key then stays in grace until its own grace ends).
-    await this.#endEarlierGrace(old, nowMs, actor).catch((error: unknown) => {
-      this.deps.logger?.error({ err: error, keyId: id }, "rotated, but the grace of the key rotated before it could not be ended");
-    });
+    await this.#followed(rotation.ended, actor, "key.revoke", ended);
     return { key: rotation.next, secret, previous: rotation.previous };
   }
 
@@ -895,7 +907,7 @@ export class LifecycleService {
    * And the caches are told of `told` all the same: a change that was made (a revoke) must not
    * wait for the caller's retry to stop cached copies passing; one that was not costs a re-read.
    */
-  async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[], told?: Invalidation): Promise<T> {
+  async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[], told?: Invalidation | readonly Invalidation[]): Promise<T> {
     try {
       return await write();
     } catch (error) {
@@ -906,7 +918,8 @@ export class LifecycleService {
         } catch (recordError) {
           this.deps.logger?.error({ err: recordError }, "change outcome unknown, and its audit record could not be built");
         }
-        if (told !== undefined) await this.#tell(told).catch(() => null);
+        const events: readonly Invalidation[] = told === undefined ? [] : "kind" in told ? [told] : told;
+        for (const event of events) await this.#tell(event).catch(() => null);
       }
       throw error;
     }

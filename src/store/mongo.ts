@@ -16,12 +16,13 @@ import {
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
 import { storedRateLimit, storedScopes } from "./stored-values.js";
-import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
+import { CHAIN_GRACE_ENDED, MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
   AccountUpsert,
   CreateLimits,
+  EnabledKey,
   KeyMode,
   KeyPatch,
   KeyRecord,
@@ -432,6 +433,11 @@ const SPEND_ATTEMPTS = 4;
  * and its update, and then that one was made: each attempt lets at least one of them through.
  */
 const TOPUP_ATTEMPTS = 32;
+/**
+ * An enable misses only when the key's disabled time changed between its read and its write
+ * (disabled again after another enable, moved apart by a DisableKey): each attempt reads it again.
+ */
+const ENABLE_ATTEMPTS = 8;
 /** The credit fields of an account (CreditState). */
 const CREDIT_PROJECTION = { credit_period: 1, monthly_used: 1, topup_balance: 1, topup_total: 1 } as const;
 
@@ -1269,11 +1275,57 @@ export class MongoKeyStore implements KeyStore {
     return doc === null ? null : toKey(doc);
   }
 
-  async redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null> {
+  async redisableKey(id: string, disabledAtMs: number, whileAtMs?: number | null): Promise<KeyRecord | null> {
+    // disabled_at: null also matches a key written before keys could be disabled (no such field).
+    const filter: mongoose.QueryFilter<KeyDoc> = whileAtMs === undefined ? { _id: id, revoked_at: null } : { _id: id, revoked_at: null, disabled_at: date(whileAtMs) };
     return guarded(async () => {
-      await this.#keys.updateOne({ _id: id, revoked_at: null }, { $set: { disabled_at: new Date(disabledAtMs) } });
+      await this.#keys.updateOne(filter, { $set: { disabled_at: new Date(disabledAtMs) } });
       const doc = await this.#keys.findById(id).lean<KeyDoc>();
       return doc === null ? null : toKey(doc);
+    });
+  }
+
+  async enableKey(id: string, inGraceIds: readonly string[]): Promise<EnabledKey | null> {
+    return guarded(async () => {
+      const resumed: KeyRecord[] = [];
+      for (let attempt = 0; attempt < ENABLE_ATTEMPTS; attempt += 1) {
+        const doc = await this.#keys.findById(id).lean<KeyDoc>();
+        if (doc === null) return null;
+        const since = doc.disabled_at ?? null;
+        if (doc.revoked_at !== null || since === null) return { key: toKey(doc), resumed };
+        // No transaction: the keys paused with it come back first, so a failure before the key's
+        // own write leaves it disabled, with its time, for a retry to find them by.
+        if (since.getTime() > doc.created_at.getTime()) {
+          for (const keyId of inGraceIds) {
+            const follower = await this.#keys
+              .findOneAndUpdate({ _id: keyId, rotated_to_id: id, disabled_at: since, revoked_at: null }, { $set: { disabled_at: null } }, { returnDocument: "after" })
+              .lean<KeyDoc>();
+            if (follower !== null) resumed.push(toKey(follower));
+          }
+        }
+        // Only while its time is still the one read: one that changed meanwhile paused the keys in
+        // grace with the new time, so they are read and brought back again first.
+        const enabled = await this.#keys.findOneAndUpdate({ _id: id, disabled_at: since }, { $set: { disabled_at: null } }, { returnDocument: "after" }).lean<KeyDoc>();
+        if (enabled !== null) return { key: toKey(enabled), resumed };
+      }
+      throw new StoreUnavailableError(`key ${id}: its disabled time kept changing while it was being enabled; retry`);
+    });
+  }
+
+  async pauseKeysInGrace(id: string, inGraceIds: readonly string[]): Promise<KeyRecord[]> {
+    return guarded(async () => {
+      // Read just before the writes: a key enabled since the caller's change pauses nothing.
+      const successor = await this.#keys.findById(id, { disabled_at: 1 }).lean<Pick<KeyDoc, "disabled_at">>();
+      const pausedAt = successor?.disabled_at ?? null;
+      if (pausedAt === null) return [];
+      const paused: KeyRecord[] = [];
+      for (const keyId of inGraceIds) {
+        const follower = await this.#keys
+          .findOneAndUpdate({ _id: keyId, rotated_to_id: id, disabled_at: null, revoked_at: null }, { $set: { disabled_at: pausedAt } }, { returnDocument: "after" })
+          .lean<KeyDoc>();
+        if (follower !== null) paused.push(toKey(follower));
+      }
+      return paused;
     });
   }
 
@@ -1319,6 +1371,16 @@ export class MongoKeyStore implements KeyStore {
         if (current !== null && current.rotated_to_id !== null && (await this.#undoUnfinishedRotation(current, now))) previous = await mark();
       }
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
+      // A chain keeps one key in grace. Before the new key goes in: a failure here undoes the mark,
+      // so the rotation is not made and the caller's retry ends the grace too (the earlier key,
+      // revoked already, stays revoked, as that retry would leave it).
+      let ended: KeyRecord[];
+      try {
+        ended = await this.#endGraceFor(previousId, previous.owner_id, nowMs);
+      } catch (error) {
+        await this.#undoRotation(previous, next.id).catch(() => undefined);
+        throw error;
+      }
       const successor = keyDocument(next, true);
       try {
         await this.#keys.create(successor);
@@ -1330,17 +1392,35 @@ export class MongoKeyStore implements KeyStore {
           throw error;
         }
       }
-      if (graceEndsAtMs > nowMs) return { next, previous: toKey(previous) };
+      if (graceEndsAtMs > nowMs) return { next, previous: toKey(previous), ended };
       // The mark is for the record: the old key is refused already (its grace is over), and the
       // new secret must still be returned, so a failure here is not the rotation's.
       try {
         await this.#keys.updateOne({ _id: previousId, revoked_at: null }, { $set: { revoked_at: now, revoke_reason: "rotated" } });
         const revoked = await this.#keys.findById(previousId).lean<KeyDoc>();
-        return { next, previous: toKey(revoked ?? previous) };
+        return { next, previous: toKey(revoked ?? previous), ended };
       } catch {
-        return { next, previous: toKey(previous) };
+        return { next, previous: toKey(previous), ended };
       }
     });
+  }
+
+  /**
+   * Revokes the keys still in grace from rotating to `rotatedId` (an earlier link of its chain),
+   * each as revokeKey does; the keys this call revoked.
+   */
+  async #endGraceFor(rotatedId: string, ownerId: string, nowMs: number): Promise<KeyRecord[]> {
+    const now = new Date(nowMs);
+    // By owner, so the owner_state index finds them.
+    const inGrace = await this.#keys
+      .find({ owner_id: ownerId, revoked_at: null, rotated_to_id: rotatedId, grace_ends_at: { $gt: now }, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] }, { _id: 1 })
+      .lean<Array<Pick<KeyDoc, "_id">>>();
+    const ended: KeyRecord[] = [];
+    for (const { _id } of inGrace) {
+      const revoked = await this.revokeKey(_id, nowMs, CHAIN_GRACE_ENDED);
+      if (revoked !== null && revoked.revokedAtMs === nowMs && revoked.revokeReason === CHAIN_GRACE_ENDED) ended.push(revoked);
+    }
+    return ended;
   }
 
   /**

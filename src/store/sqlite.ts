@@ -29,12 +29,13 @@ import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { namingFile } from "./sqlite-errors.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
-import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
+import { CHAIN_GRACE_ENDED, MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
   AccountRecord,
   AccountUpsert,
   CreateLimits,
+  EnabledKey,
   KeyedTopUp,
   KeyPatch,
   KeyRecord,
@@ -613,13 +614,50 @@ export class SqliteKeyStore implements KeyStore {
     return row === undefined ? null : toKey(row);
   }
 
-  async redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null> {
-    // Prepared per call: a rare admin write, kept out of the hot statements.
+  async redisableKey(id: string, disabledAtMs: number, whileAtMs?: number | null): Promise<KeyRecord | null> {
+    // Prepared per call: a rare admin write, kept out of the hot statements. `IS` matches NULL too.
     const row = await this.#transaction(() => {
-      this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND revoked_at IS NULL").run(disabledAtMs, id);
+      if (whileAtMs === undefined) this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND revoked_at IS NULL").run(disabledAtMs, id);
+      else this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND revoked_at IS NULL AND disabled_at IS ?").run(disabledAtMs, id, whileAtMs);
       return this.#getKeyRow(id);
     });
     return row === undefined ? null : toKey(row);
+  }
+
+  async enableKey(id: string, inGraceIds: readonly string[]): Promise<EnabledKey | null> {
+    return this.#transaction(() => {
+      const row = this.#getKeyRow(id);
+      if (row === undefined) return null;
+      if (row.revoked_at !== null || row.disabled_at === null) return { key: toKey(row), resumed: [] };
+      const resumed: KeyRecord[] = [];
+      // Paused with it: its own time, after its issue (pausedWith in the lifecycle).
+      if (row.disabled_at > row.created_at) {
+        const resume = this.#db.prepare("UPDATE keys SET disabled_at = NULL WHERE id = ? AND rotated_to_id = ? AND disabled_at = ? AND revoked_at IS NULL");
+        for (const keyId of inGraceIds) {
+          if (Number(resume.run(keyId, id, row.disabled_at).changes) === 0) continue;
+          const follower = this.#getKeyRow(keyId);
+          if (follower !== undefined) resumed.push(toKey(follower));
+        }
+      }
+      this.#stmt.enable.run(id);
+      const enabled = this.#getKeyRow(id);
+      return enabled === undefined ? null : { key: toKey(enabled), resumed };
+    });
+  }
+
+  async pauseKeysInGrace(id: string, inGraceIds: readonly string[]): Promise<KeyRecord[]> {
+    return this.#transaction(() => {
+      const pausedAtMs = this.#getKeyRow(id)?.disabled_at ?? null;
+      if (pausedAtMs === null) return [];
+      const pause = this.#db.prepare("UPDATE keys SET disabled_at = ? WHERE id = ? AND rotated_to_id = ? AND disabled_at IS NULL AND revoked_at IS NULL");
+      const paused: KeyRecord[] = [];
+      for (const keyId of inGraceIds) {
+        if (Number(pause.run(pausedAtMs, keyId, id).changes) === 0) continue;
+        const follower = this.#getKeyRow(keyId);
+        if (follower !== undefined) paused.push(toKey(follower));
+      }
+      return paused;
+    });
   }
 
   async revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null> {
@@ -643,8 +681,24 @@ export class SqliteKeyStore implements KeyStore {
       this.#stmt.markRotated.run(next.id, graceEndsAtMs, immediate ? nowMs : null, immediate ? "rotated" : null, previousId);
       const updated = this.#getKeyRow(previousId);
       if (updated === undefined) throw new ConflictError(`key ${previousId} vanished during rotation`);
-      return { next, previous: toKey(updated) };
+      return { next, previous: toKey(updated), ended: this.#endGraceFor(previous, nowMs) };
     });
+  }
+
+  /** Inside a rotation of `rotated`: revokes the keys still in grace from rotating to it (an earlier link of the chain). */
+  #endGraceFor(rotated: KeyRecord, nowMs: number): KeyRecord[] {
+    // By owner, so the owner_state index finds them.
+    const inGrace = this.#db
+      .prepare("SELECT id FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id = ? AND grace_ends_at > ? AND (expires_at IS NULL OR expires_at > ?)")
+      .all(rotated.ownerId, rotated.id, nowMs, nowMs);
+    const ended: KeyRecord[] = [];
+    for (const found of inGrace) {
+      const keyId = text(found, "id");
+      this.#stmt.revoke.run(nowMs, CHAIN_GRACE_ENDED, keyId);
+      const row = this.#getKeyRow(keyId);
+      if (row !== undefined) ended.push(toKey(row));
+    }
+    return ended;
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {

@@ -265,6 +265,17 @@ export interface KeyPatch {
 export interface Rotation {
   next: KeyRecord;
   previous: KeyRecord;
+  /** Keys that were still in grace from rotating to the old key (an earlier link of the chain), revoked by this rotation. */
+  ended: KeyRecord[];
+}
+
+/** The revoke reason of a key whose grace a later rotation of the chain ended (Rotation.ended). */
+export const CHAIN_GRACE_ENDED = "a later rotation ended its grace period";
+
+/** The outcome of enableKey: the key, and the keys in grace for it that came back with it. */
+export interface EnabledKey {
+  key: KeyRecord;
+  resumed: KeyRecord[];
 }
 
 /** The hot path's read on a cache miss (SnapshotLookup). */
@@ -295,15 +306,37 @@ export interface LifecycleStore {
   updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
   /**
    * Disables a key that is not revoked since `disabledAtMs`, replacing the time of an earlier
-   * disable (which updateKey keeps); a revoked key is left as it is. null when there is no such key.
+   * disable (which updateKey keeps); a revoked key is left as it is. With `whileAtMs`, only while
+   * the key's time is still that one (null: while it is enabled), in one atomic write. Returns the
+   * key as it stands after, changed or not; null when there is no such key.
    */
-  redisableKey(id: string, disabledAtMs: number): Promise<KeyRecord | null>;
+  redisableKey(id: string, disabledAtMs: number, whileAtMs?: number | null): Promise<KeyRecord | null>;
+  /**
+   * Enables a key and, before it (in the same transaction where the store has them), each of
+   * `inGraceIds` (keys in grace from rotating to it) that is paused with it: rotated to it, not
+   * revoked, and disabled since the key's own time, which is after the key's issue. A key disabled
+   * on its own stays disabled. Where the two writes are apart (MongoDB), the key is enabled only
+   * while its time is still the one read, so a failure between leaves it disabled and a retry
+   * finds the same keys. A revoked key is left as it is. null when there is no such key.
+   */
+  enableKey(id: string, inGraceIds: readonly string[]): Promise<EnabledKey | null>;
+  /**
+   * Pauses with a disabled key each of `inGraceIds` (keys in grace from rotating to it) that is
+   * rotated to it, enabled and not revoked: disabled since the key's time as it stands (read in
+   * the same transaction as the writes; on MongoDB just before them), so a key enabled since the
+   * caller's change pauses nothing. The keys it changed.
+   */
+  pauseKeysInGrace(id: string, inGraceIds: readonly string[]): Promise<KeyRecord[]>;
   /** Idempotent: a revoked key keeps its first revocation time and reason. */
   revokeKey(id: string, nowMs: number, reason: string | null): Promise<KeyRecord | null>;
   /**
    * Inserts `next` and marks `previousId` rotated to it, with its grace period ending at
    * `graceEndsAtMs` (revoked at once when that is now). Throws ConflictError if the old key
    * is no longer active. The old key's slot passes to the new one, so the count is unchanged.
+   * A key still in grace from rotating to the old key is revoked (CHAIN_GRACE_ENDED), so a chain
+   * keeps one key in grace: in the same transaction, or, where there is none (MongoDB), before the
+   * new key is inserted, the old key's mark undone when that revoke fails, so no rotation is made
+   * without it and the caller's retry finishes it (Rotation.ended: the keys this call revoked).
    */
   rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
 }

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
 import { pepperCheck } from "../../src/keys/pepper-check.js";
 import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, TopUpKeysExhaustedError } from "../../src/store/errors.js";
-import { MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "../../src/store/store.js";
+import { CHAIN_GRACE_ENDED, MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS } from "../../src/store/store.js";
 import type { CreateLimits, KeyRecord, KeyStore } from "../../src/store/store.js";
 import { testKeyRecord } from "../harness/records.js";
 
@@ -506,6 +506,109 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
       await store.revokeKey(key.id, NOW + 7000, "leaked");
       expect(await store.redisableKey(key.id, NOW + 8000)).toMatchObject({ revokedAtMs: NOW + 7000, disabledAtMs: NOW + 6000 });
       expect(await store.redisableKey(newKeyId(), NOW)).toBeNull();
+    });
+
+    it("redisables a key only while its time is the one given: null for an enabled key; a key whose time changed is left as it is", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      expect((await store.redisableKey(key.id, NOW + 1000, NOW + 500))?.disabledAtMs).toBeNull();
+      expect((await store.redisableKey(key.id, NOW + 1000, null))?.disabledAtMs).toBe(NOW + 1000);
+      expect((await store.redisableKey(key.id, NOW + 2000, null))?.disabledAtMs).toBe(NOW + 1000);
+      expect((await store.redisableKey(key.id, NOW + 3000, NOW + 1000))?.disabledAtMs).toBe(NOW + 3000);
+      expect((await store.findSnapshotByHash(key.hash))?.key.disabledAtMs).toBe(NOW + 3000);
+      await store.revokeKey(key.id, NOW + 4000, "leaked");
+      expect(await store.redisableKey(key.id, NOW + 5000, NOW + 3000)).toMatchObject({ revokedAtMs: NOW + 4000, disabledAtMs: NOW + 3000 });
+      expect(await store.redisableKey(newKeyId(), NOW, null)).toBeNull();
+    });
+
+    /** A key of a new owner rotated, with 7 days of grace, to a new key issued at NOW + 10. */
+    async function inGraceFor(): Promise<{ old: KeyRecord; next: KeyRecord }> {
+      const ownerId = nextOwner();
+      const old = record(ownerId);
+      await store.createKey(old, limits());
+      const next = record(ownerId, { createdAtMs: NOW + 10 });
+      await store.rotateKey(old.id, next, NOW + 7 * DAY, NOW + 10);
+      return { old, next };
+    }
+
+    it("enables a key and, first, the keys in grace for it paused with it (its time, after its issue); others stay as they are", async () => {
+      const paused = await inGraceFor();
+      await store.updateKey(paused.next.id, { disabledAtMs: NOW + 100 });
+      await store.updateKey(paused.old.id, { disabledAtMs: NOW + 100 });
+      const enabled = await store.enableKey(paused.next.id, [paused.old.id]);
+      expect({ key: enabled?.key.disabledAtMs, resumed: enabled?.resumed.map((key) => [key.id, key.disabledAtMs]) }).toEqual({ key: null, resumed: [[paused.old.id, null]] });
+      expect((await store.findSnapshotByHash(paused.old.hash))?.key.disabledAtMs).toBeNull();
+
+      // Disabled on its own (another time), revoked, or with a time not after the successor's issue
+      // (releases before this one gave a disabled key's successor that key's time): left disabled.
+      const own = await inGraceFor();
+      await store.updateKey(own.next.id, { disabledAtMs: NOW + 100 });
+      await store.updateKey(own.old.id, { disabledAtMs: NOW + 99 });
+      const revoked = await inGraceFor();
+      await store.updateKey(revoked.next.id, { disabledAtMs: NOW + 100 });
+      await store.updateKey(revoked.old.id, { disabledAtMs: NOW + 100 });
+      await store.revokeKey(revoked.old.id, NOW + 200, "leaked");
+      const legacy = await inGraceFor();
+      await store.updateKey(legacy.next.id, { disabledAtMs: NOW + 10 });
+      await store.updateKey(legacy.old.id, { disabledAtMs: NOW + 10 });
+      for (const pair of [own, revoked, legacy]) {
+        const after = await store.enableKey(pair.next.id, [pair.old.id]);
+        expect({ key: after?.key.disabledAtMs, resumed: after?.resumed }).toEqual({ key: null, resumed: [] });
+      }
+      expect([(await store.getKey(own.old.id))?.disabledAtMs, (await store.getKey(revoked.old.id))?.disabledAtMs, (await store.getKey(legacy.old.id))?.disabledAtMs]).toEqual([NOW + 99, NOW + 100, NOW + 10]);
+
+      // Only keys rotated to it come back, an enabled key changes nothing, a revoked one is left as it is.
+      const stranger = record(nextOwner(), { disabledAtMs: NOW + 100 });
+      await store.createKey(stranger, limits());
+      const plain = record(nextOwner());
+      await store.createKey(plain, limits());
+      await store.updateKey(plain.id, { disabledAtMs: NOW + 100 });
+      expect((await store.enableKey(plain.id, [stranger.id]))?.resumed).toEqual([]);
+      expect((await store.getKey(stranger.id))?.disabledAtMs).toBe(NOW + 100);
+      expect(await store.enableKey(plain.id, [])).toMatchObject({ key: { id: plain.id, disabledAtMs: null }, resumed: [] });
+      await store.updateKey(plain.id, { disabledAtMs: NOW + 300 });
+      await store.revokeKey(plain.id, NOW + 400, "leaked");
+      expect(await store.enableKey(plain.id, [])).toMatchObject({ key: { revokedAtMs: NOW + 400, disabledAtMs: NOW + 300 }, resumed: [] });
+      expect(await store.enableKey(newKeyId(), [])).toBeNull();
+    });
+
+    it("pauses the enabled keys in grace for a disabled key with its time as it stands, and nothing once it is enabled", async () => {
+      const pair = await inGraceFor();
+      expect(await store.pauseKeysInGrace(pair.next.id, [pair.old.id])).toEqual([]);
+      await store.updateKey(pair.next.id, { disabledAtMs: NOW + 100 });
+      const paused = await store.pauseKeysInGrace(pair.next.id, [pair.old.id]);
+      expect(paused.map((key) => [key.id, key.disabledAtMs])).toEqual([[pair.old.id, NOW + 100]]);
+      expect((await store.findSnapshotByHash(pair.old.hash))?.key.disabledAtMs).toBe(NOW + 100);
+      // A key disabled already keeps its time; a revoked one and one not rotated to it are left as they are.
+      await store.redisableKey(pair.old.id, NOW + 99);
+      expect(await store.pauseKeysInGrace(pair.next.id, [pair.old.id])).toEqual([]);
+      expect((await store.getKey(pair.old.id))?.disabledAtMs).toBe(NOW + 99);
+      const revoked = await inGraceFor();
+      await store.revokeKey(revoked.old.id, NOW + 200, "leaked");
+      await store.updateKey(revoked.next.id, { disabledAtMs: NOW + 100 });
+      const stranger = record(nextOwner());
+      await store.createKey(stranger, limits());
+      expect(await store.pauseKeysInGrace(revoked.next.id, [revoked.old.id, stranger.id])).toEqual([]);
+      expect([(await store.getKey(revoked.old.id))?.disabledAtMs, (await store.getKey(stranger.id))?.disabledAtMs]).toEqual([null, null]);
+    });
+
+    it("a rotation revokes the keys still in grace from rotating to the old key, so a chain keeps one key in grace", async () => {
+      const ownerId = nextOwner();
+      const first = record(ownerId);
+      await store.createKey(first, limits());
+      const second = record(ownerId);
+      expect((await store.rotateKey(first.id, second, NOW + 7 * DAY, NOW)).ended).toEqual([]);
+      const third = record(ownerId);
+      const rotation = await store.rotateKey(second.id, third, NOW + 7 * DAY, NOW + 50);
+      expect(rotation.ended.map((key) => [key.id, key.revokedAtMs, key.revokeReason])).toEqual([[first.id, NOW + 50, CHAIN_GRACE_ENDED]]);
+      expect(await store.getKey(first.id)).toMatchObject({ revokedAtMs: NOW + 50, revokeReason: CHAIN_GRACE_ENDED });
+      expect(rotation.previous).toMatchObject({ id: second.id, rotatedToId: third.id, revokedAtMs: null });
+      expect(await store.countActiveKeys(ownerId, NOW + 50)).toBe(1);
+      // A key whose grace is over is left as it is (rotated, refused already).
+      const fourth = record(ownerId);
+      expect((await store.rotateKey(third.id, fourth, NOW + 7 * DAY, NOW + 8 * DAY)).ended).toEqual([]);
+      expect((await store.getKey(second.id))?.revokedAtMs).toBeNull();
     });
 
     it("appends audit records and lists them by owner, key, time and page", async () => {

@@ -28,6 +28,8 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     listKeys: unused,
     updateKey: unused,
     redisableKey: unused,
+    enableKey: unused,
+    pauseKeysInGrace: unused,
     revokeKey: unused,
     rotateKey: unused,
     getCredits: unused,

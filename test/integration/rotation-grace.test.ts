@@ -333,13 +333,13 @@ describe.each([
     const old = await created();
     const next = await rotatedHere(old.id);
     const store = gate.app.store;
-    const updateKey = store.updateKey.bind(store);
+    const redisableKey = store.redisableKey.bind(store);
     let release = (): void => undefined;
     const held = new Promise<void>((resolve) => (release = resolve));
     // The successor's write waits until the key in grace's DisableKey has answered.
-    const spy = vi.spyOn(store, "updateKey").mockImplementation(async (id, patch) => {
-      if (id === next.id && typeof patch.disabledAtMs === "number") await held;
-      return updateKey(id, patch);
+    const spy = vi.spyOn(store, "redisableKey").mockImplementation(async (id, atMs, whileAtMs) => {
+      if (id === next.id) await held;
+      return redisableKey(id, atMs, whileAtMs);
     });
     let times: Array<number | null>;
     try {

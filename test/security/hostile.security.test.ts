@@ -67,6 +67,8 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     listKeys: refuse,
     updateKey: refuse,
     redisableKey: refuse,
+    enableKey: refuse,
+    pauseKeysInGrace: refuse,
     revokeKey: refuse,
     rotateKey: refuse,
     getCredits: refuse,
