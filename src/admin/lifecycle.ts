@@ -11,7 +11,7 @@ import { DENIALS } from "../authz/reasons.js";
 import { EventIds, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
-import { ConflictError, StoreBusyError, StoreUnavailableError } from "../store/errors.js";
+import { ConflictError, DuplicateError, StoreBusyError, StoreUnavailableError } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -46,6 +46,7 @@ import {
   checkDay,
   checkKeyId,
   checkMetadata,
+  checkNoSecret,
   checkOneOf,
   checkPageSize,
   checkRateLimit,
@@ -139,6 +140,11 @@ function issuedFields(key: KeyRecord): Record<string, unknown> {
     rate_limit: key.rateLimit,
     metadata: key.metadata,
   };
+}
+
+/** What the account.upsert of a new account holds: the plan, status and role it was given. */
+function accountFields(account: AccountRecord): Record<string, unknown> {
+  return { plan: account.plan, subscription_status: account.subscriptionStatus, role: account.role };
 }
 
 /** What the key.create of a rotation's new key holds: its fields, whether it is disabled, and the key it replaces. */
@@ -235,6 +241,25 @@ export class LifecycleService {
 
   constructor(private readonly deps: LifecycleDeps) {}
 
+  /**
+   * Continues the audit ids after the trail's newest, so a process started after the clock went
+   * back still appends its records after the ones already there (an exporter tailing by `since`
+   * or by id would miss them otherwise). Called once at start, before the first change.
+   */
+  async init(): Promise<void> {
+    const lastId = await this.deps.store.lastAuditId();
+    if (lastId !== null) this.#eventIds.seed(lastId);
+  }
+
+  /**
+   * The time of a change its audit record is named after (a revocation, a keyed top-up): never
+   * before the trail's newest record, or after the clock went back its record would sort before
+   * the records already read by an exporter tailing the trail. A retry reads the stored time back.
+   */
+  #changeMs(): number {
+    return Math.max(this.deps.nowMs(), this.#eventIds.lastMs);
+  }
+
   /** Puts a reloaded policy in force for the calls that start after it. */
   reconfigure(policy: Policy): void {
     this.deps.policy = policy;
@@ -255,25 +280,27 @@ export class LifecycleService {
     input: { ownerId: string; plan?: string | undefined; subscriptionStatus?: string | undefined; role?: string | undefined },
     actor: Actor = SYSTEM_ACTOR,
   ): Promise<AccountView> {
-    const ownerId = check(externalId, "owner_id", input.ownerId);
+    // Kept in the audit trail with every record of the account: a write refuses a credential in it.
+    const ownerId = checkNoSecret("owner_id", check(externalId, "owner_id", input.ownerId));
     const plans = Object.keys(this.deps.policy.plans);
     const plan = input.plan === undefined ? undefined : checkOneOf("plan", input.plan, plans);
     const subscriptionStatus =
       input.subscriptionStatus === undefined ? undefined : checkOneOf<SubscriptionStatus>("subscription_status", input.subscriptionStatus, SUBSCRIPTION_STATUSES);
     const role = input.role === undefined ? undefined : checkOneOf<Role>("role", input.role, ROLES);
     const changes = { plan, subscription_status: subscriptionStatus, role };
-    const before = await this.deps.store.getAccount(ownerId);
-    const account = await this.#unsure(
+    const { account, before } = await this.#unsure(
       () => this.deps.store.upsertAccount({ ownerId, plan, subscriptionStatus, role }, this.accountDefaults, this.deps.nowMs()),
       () => [this.#record(actor, "account.upsert", null, ownerId, changes)],
       { kind: "owner", ownerId },
     );
     // Still told when nothing changed: a retry of a call that answered UNAVAILABLE is how the
-    // other replicas get told. Only a new account or a new plan, status or role is audited (so
-    // such a retry appends nothing: the call whose answer was lost logged the record).
+    // other replicas get told. Only a new account or a new plan, status or role is audited, as the
+    // store's write found it (so such a retry, or the second of two identical calls at once,
+    // appends nothing: the call whose write made the change records it).
     const untold = await this.#tell({ kind: "owner", ownerId });
     const changed = before === null || before.plan !== account.plan || before.subscriptionStatus !== account.subscriptionStatus || before.role !== account.role;
-    if (changed) await this.#audit(actor, "account.upsert", null, ownerId, changes);
+    // A new account is recorded with all it was given (defaults too): the trail holds every plan it was on.
+    if (changed) await this.#audit(actor, "account.upsert", null, ownerId, before === null ? accountFields(account) : changes);
     if (untold !== null) throw untold;
     return this.#view(account);
   }
@@ -344,6 +371,8 @@ export class LifecycleService {
     if (idempotencyKey !== undefined && !IDEMPOTENCY_KEY.test(idempotencyKey)) {
       throw new InvalidArgumentError("idempotency_key", "must be 1-200 printable ASCII characters, unique per top-up (or left empty)");
     }
+    // Kept in the audit trail (changes.idempotency_key).
+    if (idempotencyKey !== undefined) checkNoSecret("idempotency_key", idempotencyKey);
     const account = await this.deps.store.getAccount(ownerId);
     if (account === null) throw new NotFoundError(`account "${ownerId}" does not exist`);
     const changes = { amount, reason, idempotency_key: idempotencyKey };
@@ -371,7 +400,7 @@ export class LifecycleService {
       return { view: view ?? (await this.#view(account)), replayed: false };
     }
     const keyedCall = async (): Promise<LedgeredTopUp> => {
-      const atMs = this.deps.nowMs();
+      const atMs = this.#changeMs();
       const keyed = await this.#unsure(
         () => this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, atMs),
         () => [this.#record(actor, "credits.add", null, ownerId, changes, keyedTopUp(ownerId, idempotencyKey, atMs))],
@@ -449,8 +478,9 @@ export class LifecycleService {
     rateLimit?: { limit: number; windowSeconds: number } | undefined;
   }, actor: Actor = SYSTEM_ACTOR): Promise<IssuedKey> {
     const nowMs = this.deps.nowMs();
-    const ownerId = check(externalId, "owner_id", input.ownerId);
-    const projectId = input.projectId === undefined ? null : check(externalId, "project_id", input.projectId);
+    // Both kept with the key and in the audit trail: a new key refuses a credential in either.
+    const ownerId = checkNoSecret("owner_id", check(externalId, "owner_id", input.ownerId));
+    const projectId = input.projectId === undefined ? null : checkNoSecret("project_id", check(externalId, "project_id", input.projectId));
     const name = check(keyName, "name", input.name);
     const scopes = input.scopes.length === 0 ? [...this.deps.policy.scopes.default] : this.#checkScopes("scopes", input.scopes);
     const mode: KeyMode = input.mode === undefined ? "live" : checkOneOf<KeyMode>("mode", input.mode, KEY_MODES);
@@ -461,7 +491,7 @@ export class LifecycleService {
     // Built before the key is saved: nothing that could throw may stand between the insert and
     // the answer that carries the secret.
     const changes = issuedFields(record);
-    await this.#unsure(
+    const created = await this.#unsure(
       () =>
         this.deps.store.createKey(record, {
           maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
@@ -473,6 +503,8 @@ export class LifecycleService {
     // No cache is told: nothing can be cached under a hash that did not exist. Only a caller who
     // presented this exact secret before it was issued (a 190-bit guess) could have left a
     // negative entry, and that lasts the negative TTL. So the secret is never lost to a cache error.
+    // The account this made for an unknown owner is recorded first, with the plan it is on.
+    if (created.createdAccount !== null) await this.#audit(actor, "account.upsert", null, ownerId, accountFields(created.createdAccount));
     await this.#audit(actor, "key.create", record.id, ownerId, changes);
     return { key: record, secret };
   }
@@ -573,7 +605,7 @@ export class LifecycleService {
     const reasonSent = check(reasonText, "reason", input.reason);
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
-    const nowMs = this.deps.nowMs();
+    const nowMs = this.#changeMs();
     const reason = reasonSent === "" ? null : reasonSent;
     const changes = { reason: reasonSent };
     const revoked = await this.#unsure(
@@ -690,20 +722,27 @@ export class LifecycleService {
    * would enable it. `set`: this call's write set the key's time, so a key in grace at that time
    * was not paused by it (the call pauses keys in grace after this). The successor moves past the
    * other's time by two and the key in grace to the next free one, so two calls moving at once
-   * part. null when the key did not move.
+   * part. The key is read again each round: an EnableKey of its successor that came while it had
+   * the successor's time brought it back as paused, so a key whose time this call set or moved and
+   * that is enabled now is disabled again, after that time. null when the key did not move.
    */
   async #apart(key: KeyRecord, set: boolean, nowMs: number): Promise<KeyRecord | null> {
     let moved: KeyRecord | null = null;
     for (let round = 0; round < APART_ROUNDS; round += 1) {
-      const current: KeyRecord = moved ?? key;
-      if (current.disabledAtMs === null || current.revokedAtMs !== null) return moved;
+      const current = await this.deps.store.getKey(key.id);
+      if (current === null || current.revokedAtMs !== null) return moved;
+      const resumed = current.disabledAtMs === null;
+      // Enabled by a call after it that this one wrote nothing against: that call's outcome stands.
+      if (resumed && !set && moved === null) return null;
       const successor = current.rotatedToId === null ? null : await this.deps.store.getKey(current.rotatedToId);
       const inGrace = await this.#inGraceFor(current, nowMs);
-      const clashing = set ? inGrace.filter((other) => other.disabledAtMs === current.disabledAtMs) : [];
-      if (clashing.length === 0 && !(successor !== null && pausedWith(current, successor))) return moved;
-      const fromMs = Math.max(nowMs, ...clashing.map((other) => (other.disabledAtMs ?? 0) + 2));
+      const clashing = set && !resumed ? inGrace.filter((other) => other.disabledAtMs === current.disabledAtMs) : [];
+      if (!resumed && clashing.length === 0 && !(successor !== null && pausedWith(current, successor))) return moved === null ? null : current;
+      const writtenMs = (moved ?? key).disabledAtMs ?? nowMs;
+      const fromMs = resumed ? Math.max(nowMs, writtenMs + 1) : Math.max(nowMs, ...clashing.map((other) => (other.disabledAtMs ?? 0) + 2));
       const atMs = disabledSince(current, fromMs, [successor?.disabledAtMs ?? null, ...inGrace.map((other) => other.disabledAtMs)]);
-      moved = (await this.deps.store.redisableKey(current.id, atMs)) ?? moved;
+      // Only over the time read: one changed since is read and decided again next round.
+      moved = (await this.deps.store.redisableKey(current.id, atMs, current.disabledAtMs)) ?? moved;
       if (moved === null) return null;
     }
     this.deps.logger?.error({ keyId: key.id }, "a disabled key's time kept meeting that of its successor or of a key in grace for it; enabling the successor may enable it too");
@@ -731,8 +770,9 @@ export class LifecycleService {
     if (enabled.key.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
     const updated = enabled.key;
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
-    // Enabling an enabled key does nothing: not a change to audit.
-    if (current.disabledAtMs !== null) await this.#audit(actor, "key.enable", id, updated.ownerId, {});
+    // Enabling an enabled key does nothing: not a change to audit. Nor is one another call enabled
+    // between this call's read and its write (the store says whose write enabled it).
+    if (enabled.changed) await this.#audit(actor, "key.enable", id, updated.ownerId, {});
     await this.#followed(enabled.resumed, actor, "key.enable", followed);
     if (untold !== null) throw untold;
     return updated;
@@ -828,7 +868,7 @@ export class LifecycleService {
     const changes = { rotated_to_id: record.id, grace_days: graceDays, grace_ends_at: new Date(graceEndsAtMs).toISOString() };
     const issued = rotatedFields(successor, id);
     // A chain keeps one key in grace: the store revokes a key still in grace from rotating to the old
-    // key with the rotation (Rotation.ended). Read here only for an outcome unknown.
+    // key with the rotation (Rotation.ended). Read here only for a call that fails.
     const earlier = await this.#inGraceFor(old, nowMs);
     const ended = { reason: CHAIN_GRACE_ENDED };
     let rotation;
@@ -838,12 +878,15 @@ export class LifecycleService {
         () => [
           this.#record(actor, "key.rotate", id, old.ownerId, changes),
           this.#record(actor, "key.create", record.id, old.ownerId, issued),
-          ...earlier.map((key) => this.#record(actor, "key.revoke", key.id, key.ownerId, ended)),
+          ...earlier.map((key) => this.#record(actor, "key.revoke", key.id, key.ownerId, ended, revocation(key.id, nowMs))),
         ],
         [{ kind: "key", hash: old.hash }, ...earlier.map((key): Invalidation => ({ kind: "key", hash: key.hash }))],
       );
     } catch (error) {
       if (error instanceof ConflictError) throw new FailedPreconditionError(error.message, { cause: error });
+      // MongoDB: the new key's id was taken by the placeholder of a rotation of this key made
+      // meanwhile (this call's retry after a timeout, or another caller's), which undid this one.
+      if (error instanceof DuplicateError) throw new StoreUnavailableError(`key ${id}: another rotation of it was made at the same time; retry`, { cause: error });
       throw error;
     }
     // The old key changed (grace end, or revoked with grace 0), so caches must drop it. When they
@@ -852,6 +895,12 @@ export class LifecycleService {
     // CreateKey's, needs no invalidation.
     const untold = await this.#tell({ kind: "key", hash: rotation.previous.hash });
     if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: id }, "rotated key: caches not told yet; retrying in the background");
+    // The keys whose grace the rotation ended, revoked by this call or by an attempt of it that
+    // failed after their revoke (whose retry this may be): told by every call that makes it.
+    for (const key of rotation.ended) {
+      const untoldEnded = await this.#tell({ kind: "key", hash: key.hash });
+      if (untoldEnded !== null) this.deps.logger?.warn({ err: untoldEnded, keyId: key.id }, "superseded key: caches not told yet; retrying in the background");
+    }
     // Rotating never hands out a fresh rate bucket: the new key takes the old key's, which the old
     // key, in grace, charges from now on too (a failure leaves the new key a bucket of its own).
     await this.deps.meter.inheritKeyBucket(old.ownerId, id, record.id).catch((error: unknown) => {
@@ -861,7 +910,10 @@ export class LifecycleService {
     // The new key has its key.create under its own id, as every issued key does, naming the key
     // it replaces: "who issued this key, when, from where" is answered by its id alone.
     await this.#audit(actor, "key.create", record.id, old.ownerId, issued);
-    await this.#followed(rotation.ended, actor, "key.revoke", ended);
+    // Named after the revocation (its time and the key), so whichever calls find it append it once.
+    for (const key of rotation.ended) {
+      if (!(await this.#revokeRecorded(key))) await this.#audit(actor, "key.revoke", key.id, key.ownerId, ended, revocation(key.id, key.revokedAtMs ?? nowMs));
+    }
     return { key: rotation.next, secret, previous: rotation.previous };
   }
 
@@ -904,23 +956,25 @@ export class LifecycleService {
    * StoreUnavailableError). Such a failure logs the records the change appends, in full at error
    * level, before the caller hears UNAVAILABLE: a retry may find the change made and append
    * nothing (only a revoke and a keyed top-up are recorded by their retry, under the same id).
-   * And the caches are told of `told` all the same: a change that was made (a revoke) must not
-   * wait for the caller's retry to stop cached copies passing; one that was not costs a re-read.
+   * And on any failure but StoreBusyError the caches are told of `told`: a change made in part (a
+   * rotation that revoked the earlier key of its chain, then lost its new key's insert) or in full
+   * must not wait for the caller's retry to stop cached copies passing; one not made costs a re-read.
    */
   async #unsure<T>(write: () => Promise<T>, records: () => AuditRecord[], told?: Invalidation | readonly Invalidation[]): Promise<T> {
     try {
       return await write();
     } catch (error) {
       // A store that surely wrote nothing (StoreBusyError) leaves nothing unknown to log or tell.
-      if (error instanceof StoreUnavailableError && !(error instanceof StoreBusyError)) {
+      if (error instanceof StoreBusyError) throw error;
+      if (error instanceof StoreUnavailableError) {
         try {
           for (const audit of records()) this.deps.logger?.error({ err: error, audit }, "change outcome unknown: its audit record was not appended");
         } catch (recordError) {
           this.deps.logger?.error({ err: recordError }, "change outcome unknown, and its audit record could not be built");
         }
-        const events: readonly Invalidation[] = told === undefined ? [] : "kind" in told ? [told] : told;
-        for (const event of events) await this.#tell(event).catch(() => null);
       }
+      const events: readonly Invalidation[] = told === undefined ? [] : "kind" in told ? [told] : told;
+      for (const event of events) await this.#tell(event).catch(() => null);
       throw error;
     }
   }

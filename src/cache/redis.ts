@@ -553,6 +553,8 @@ export class RedisInvalidationBus implements InvalidationBus {
   #heartbeatError: string | undefined;
   /** Redis itself refused the last heartbeat (READONLY, OOM): it answers, so its connections are alive. */
   #heartbeatRefused = false;
+  /** The refusal the last "heartbeats stopped" warning named, so that a refusal seen later is named once too. */
+  #loggedRefusal: string | undefined;
   /** When the bus last dropped its silent subscriber (performance.now()). */
   #droppedAtMs = -Infinity;
   /**
@@ -678,6 +680,8 @@ export class RedisInvalidationBus implements InvalidationBus {
             this.#heartbeatError = error instanceof Error ? error.message.slice(0, 200) : "unknown error";
             // Redis's own error replies (redis-errors' ReplyError), not a timeout or a closed connection.
             this.#heartbeatRefused = error instanceof Error && error.name === "ReplyError";
+            // Silent already (a stall before Redis began refusing): the warning then named no cause.
+            if (this.#heartbeatRefused && !this.#connected && this.#heartbeatError !== this.#loggedRefusal) this.#warnSilent();
           },
         );
     }
@@ -750,16 +754,27 @@ export class RedisInvalidationBus implements InvalidationBus {
     if (healthy === this.#connected) return;
     this.#connected = healthy;
     if (healthy) {
+      this.#loggedRefusal = undefined;
       this.#logger?.info({ channel: this.#channel }, "invalidation channel answering again; clearing L1");
     } else if (!this.#subscribed) {
       this.#logger?.warn({ channel: this.#channel }, "invalidation subscription lost; clearing L1 and reading keys from the store until it is back");
     } else {
-      this.#logger?.warn(
-        { channel: this.#channel, silentMs: Math.round(silentMs), ...(this.#heartbeatError !== undefined ? { heartbeatError: this.#heartbeatError } : {}) },
-        "heartbeats stopped coming back on the invalidation channel (Redis frozen or refusing writes, or the subscriber on a server the publishes do not reach); clearing L1 and reading keys from the store until they do",
-      );
+      this.#warnSilent();
     }
     this.#emit({ kind: "all" });
+  }
+
+  /** The warning that heartbeats stopped, with why the last one failed when Redis said. */
+  #warnSilent(): void {
+    this.#loggedRefusal = this.#heartbeatError;
+    this.#logger?.warn(
+      {
+        channel: this.#channel,
+        silentMs: Math.round(performance.now() - this.#lastHeardMs),
+        ...(this.#heartbeatError !== undefined ? { heartbeatError: this.#heartbeatError } : {}),
+      },
+      "heartbeats stopped coming back on the invalidation channel (Redis frozen or refusing writes, or the subscriber on a server the publishes do not reach); clearing L1 and reading keys from the store until they do",
+    );
   }
 
   #emit(event: Invalidation): void {

@@ -1,7 +1,8 @@
 import { createHash, randomBytes } from "node:crypto";
-import { encodeTime, incrementBase32, monotonicFactory } from "ulid";
+import { decodeTime, encodeTime, incrementBase32, monotonicFactory } from "ulid";
 
 const KEY_ID = /^key_[0-9A-HJKMNP-TV-Z]{26}$/;
+const EVENT_ID = /^evt_[0-7][0-9A-HJKMNP-TV-Z]{25}$/;
 const CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 // Monotonic: ids made in the same millisecond still sort in the order they were made.
 const nextUlid = monotonicFactory();
@@ -36,6 +37,21 @@ export class EventIds {
   /** The time the last id made carries (later than the clock's when the clock went back). */
   get lastMs(): number {
     return this.#lastMs;
+  }
+
+  /**
+   * Continues after `lastId`, the newest id in the trail (written by an earlier process or another
+   * replica): without it, a process started after the clock went back would name its records
+   * before the ones already in the trail. An id not of this shape (or older) changes nothing.
+   */
+  seed(lastId: string): void {
+    if (!EVENT_ID.test(lastId)) return;
+    const atMs = decodeTime(lastId.slice(4));
+    const random = lastId.slice(14);
+    if (atMs > this.#lastMs || (atMs === this.#lastMs && random > this.#lastRandom)) {
+      this.#lastMs = atMs;
+      this.#lastRandom = random;
+    }
   }
 
   /** A new id for a record at `atMs`; monotonic, so at the last id's time when the clock went back. */
@@ -76,6 +92,22 @@ const eventIds = new EventIds();
 /** A new audit event id at `atMs` (now by default), from this module's own EventIds. */
 export function newEventId(atMs: number = Date.now()): string {
   return eventIds.next(atMs);
+}
+
+/**
+ * How far an id's time may be before its record's: the release that first kept the trail took the
+ * id's time from Date.now and then, separately, the record's from the service clock (a
+ * millisecond apart at most in practice); later releases name a record no earlier than its time
+ * (EventIds). The margin keeps such records found by `since`.
+ */
+const EVENT_ID_EARLY_MS = 60_000;
+
+/**
+ * The least id a record at `sinceMs` or later can have: a lower bound on the id that lets the
+ * stores search the trail from `since` by its id index instead of reading it from its start.
+ */
+export function eventIdFloor(sinceMs: number): string {
+  return `evt_${encodeTime(Math.max(0, sinceMs - EVENT_ID_EARLY_MS))}`;
 }
 
 /** True when the text has the shape of a key id. */

@@ -368,6 +368,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
     limitsBackend: shared === undefined ? "memory" : "redis",
   });
   const lifecycle = new LifecycleService({ store, lookup, pipeline, format, hasher, policy: config.policy, meter, usage, idempotency, nowMs, logger });
+  // The store answered the pepper's check just now; should this read fail still, the start goes on
+  // with ids monotonic from this process's own clock (the trail's order across a clock step back at risk).
+  await lifecycle.init().catch((error: unknown) => logger.warn({ err: error }, "audit ids: the trail's newest id could not be read; continuing from the clock"));
   metrics.watchQueue("last_used", () => lastUsed.pendingCount);
   metrics.watchQueue("usage", () => usage.pendingCount);
   const readiness = new Readiness();

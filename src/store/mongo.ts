@@ -2,6 +2,7 @@ import mongoose from "mongoose";
 import type { Connection, Model } from "mongoose";
 import type { Logger } from "pino";
 import { decodeTime, ulid } from "ulid";
+import { eventIdFloor } from "../keys/ids.js";
 import {
   CapExceededError,
   ConflictError,
@@ -40,6 +41,8 @@ import type {
   UsageRow,
   AuditRecord,
   AuditQuery,
+  CreatedKey,
+  UpsertedAccount,
 } from "./store.js";
 
 /**
@@ -92,6 +95,20 @@ export const topUpSchema = new mongoose.Schema<TopUpDoc>(
   },
   { _id: false, versionKey: false, strict: "throw" },
 );
+
+/** upsertAccount's update: the fields given are set, the others take the defaults on an insert. */
+function accountUpdate(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): { $set: Partial<AccountDoc>; $setOnInsert: Partial<AccountDoc> } {
+  const now = new Date(nowMs);
+  const set: Partial<AccountDoc> = { updated_at: now };
+  const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0, active_test_key_count: 0 };
+  if (input.plan !== undefined) set.plan = input.plan;
+  else onInsert.plan = defaults.plan;
+  if (input.subscriptionStatus !== undefined) set.subscription_status = input.subscriptionStatus;
+  else onInsert.subscription_status = defaults.subscriptionStatus;
+  if (input.role !== undefined) set.role = input.role;
+  else onInsert.role = defaults.role;
+  return { $set: set, $setOnInsert: onInsert };
+}
 
 /** An audit document. */
 interface AuditDoc {
@@ -674,6 +691,11 @@ export class MongoKeyStore implements KeyStore {
    */
   readonly #usageRows: mongoose.mongo.Collection<UsageDoc>;
   readonly #keyRows: mongoose.mongo.Collection<KeyDoc>;
+  /**
+   * The Key model's own collection (mongoose keeps one a name), typed: key inserts go through it
+   * rather than the model, whose document building drops a metadata key "prototype" (#insertKey).
+   */
+  readonly #keyDocs: mongoose.Collection<KeyDoc>;
   readonly #snapshotPipeline: (hashes: readonly string[]) => mongoose.mongo.Document[];
   /** Cold lookups, read together when they come together (LookupBatcher). */
   readonly #lookups: LookupBatcher<AnchoredSnapshotDoc>;
@@ -697,6 +719,7 @@ export class MongoKeyStore implements KeyStore {
     this.#schema = db.collection<SchemaDoc>(SCHEMA_COLLECTION);
     this.#usageRows = db.collection<UsageDoc>(this.#usage.collection.collectionName);
     this.#keyRows = db.collection<KeyDoc>(this.#keys.collection.collectionName);
+    this.#keyDocs = connection.collection<KeyDoc>(this.#keys.collection.collectionName);
     this.#snapshotPipeline = snapshotPipeline(this.#keys.collection.collectionName, this.#accounts.collection.collectionName);
     // A server that stops answering (paused, partitioned) is not seen as disconnected until the
     // driver's heartbeat gives up, so each lookup has a deadline: the Check answers UNAVAILABLE /
@@ -917,24 +940,42 @@ export class MongoKeyStore implements KeyStore {
     return firstBatch(reply);
   }
 
-  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
-    return toAccount(await guarded(() => this.#upsertAccountDoc(input, defaults, nowMs)));
+  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<UpsertedAccount> {
+    // The document as the write found it, so the caller sees whether this write changed it; the
+    // account after is what the write made of it: the fields given, the others as they were (or
+    // the defaults on an insert).
+    const { $set, $setOnInsert } = accountUpdate(input, defaults, nowMs);
+    const found = await guarded(() =>
+      this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set, $setOnInsert }, { upsert: true, returnDocument: "before" }).lean<AccountDoc>(),
+    );
+    const before = found === null ? null : toAccount(found);
+    const account: AccountRecord = {
+      ownerId: input.ownerId,
+      plan: input.plan ?? before?.plan ?? defaults.plan,
+      subscriptionStatus: input.subscriptionStatus ?? before?.subscriptionStatus ?? defaults.subscriptionStatus,
+      role: input.role ?? before?.role ?? defaults.role,
+      createdAtMs: before?.createdAtMs ?? nowMs,
+      updatedAtMs: nowMs,
+    };
+    return { account, before };
   }
 
-  /** upsertAccount's one write, answering the whole document (createKey reads its slot claims). */
-  async #upsertAccountDoc(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountDoc> {
-    const now = new Date(nowMs);
-    const set: Partial<AccountDoc> = { updated_at: now };
-    const onInsert: Partial<AccountDoc> = { created_at: now, active_key_count: 0, active_test_key_count: 0 };
-    if (input.plan !== undefined) set.plan = input.plan;
-    else onInsert.plan = defaults.plan;
-    if (input.subscriptionStatus !== undefined) set.subscription_status = input.subscriptionStatus;
-    else onInsert.subscription_status = defaults.subscriptionStatus;
-    if (input.role !== undefined) set.role = input.role;
-    else onInsert.role = defaults.role;
-    const doc = await this.#accounts.findOneAndUpdate({ _id: input.ownerId }, { $set: set, $setOnInsert: onInsert }, { upsert: true, returnDocument: "after" }).lean<AccountDoc>();
+  /**
+   * upsertAccount's one write, answering the whole document (createKey reads its slot claims) and
+   * whether it inserted it.
+   */
+  async #upsertAccountDoc(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<{ doc: AccountDoc; created: boolean }> {
+    const { $set, $setOnInsert } = accountUpdate(input, defaults, nowMs);
+    const result = await this.#accounts
+      .findOneAndUpdate({ _id: input.ownerId }, { $set, $setOnInsert }, { upsert: true, returnDocument: "after", includeResultMetadata: true })
+      .lean<mongoose.mongo.ModifyResult<AccountDoc>>();
+    const doc = result.value;
     if (doc === null) throw new Error(`upsert of account ${input.ownerId} returned nothing`);
-    return doc;
+    // MongoDB reports updatedExisting; a wire server that leaves it out (mongo-java-server, on an
+    // insert) is read by the creation time this write would have set.
+    const updatedExisting = result.lastErrorObject?.["updatedExisting"];
+    const created = typeof updatedExisting === "boolean" ? !updatedExisting : doc.created_at.getTime() === nowMs;
+    return { doc, created };
   }
 
   async getAccount(ownerId: string): Promise<AccountRecord | null> {
@@ -1093,9 +1134,11 @@ export class MongoKeyStore implements KeyStore {
     await this.#finishRelease(keyId, ownerId, next, counter);
   }
 
-  async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
+  async createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey> {
     return guarded(async () => {
-      await this.#settleSlots(await this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs), limits.nowMs);
+      const upserted = await this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
+      const createdAccount = upserted.created ? toAccount(upserted.doc) : null;
+      await this.#settleSlots(upserted.doc, limits.nowMs);
       const token = addClaim(record.mode, record.id);
       let rotationsUndone = false;
       // The plan is part of the filter, so a concurrent plan change makes this retry, not miscount.
@@ -1117,13 +1160,13 @@ export class MongoKeyStore implements KeyStore {
           }
         }
         try {
-          await this.#keys.create(keyDocument(record, true));
+          await this.#insertKey(keyDocument(record, true));
         } catch (error) {
           return this.#failCreate(record, token, limits.nowMs, error);
         }
         // The key holds the slot now. A token this fails to pull is pulled by #settleAdmission.
         await this.#accounts.updateOne({ _id: record.ownerId }, { $pull: { slot_claims: token } }).catch(() => undefined);
-        return record;
+        return { key: record, createdAccount };
       }
       throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
     });
@@ -1211,6 +1254,16 @@ export class MongoKeyStore implements KeyStore {
    * _id is this insert only with its hash: a revoked placeholder (#placePlaceholder) takes the id
    * of a rotation's new key that was not in, or of an admission's, and that change was undone.
    */
+  /**
+   * Inserts a key document as keyDocument built it (every field set, so nothing for the schema's
+   * defaults to add), through the model's driver collection: mongoose's document building skips
+   * its "special properties", so a metadata key "prototype" or "__proto__", which KeyAdmin
+   * accepts, was dropped.
+   */
+  async #insertKey(doc: KeyDoc): Promise<void> {
+    await this.#keyDocs.insertOne(doc);
+  }
+
   async #insertMade(doc: KeyDoc, error: unknown): Promise<boolean> {
     if (neverWritten(error)) return false;
     const { _id, ...fields } = doc;
@@ -1218,7 +1271,8 @@ export class MongoKeyStore implements KeyStore {
     try {
       if (!(error instanceof mongoose.mongo.MongoError)) return await stored();
       try {
-        const upserted = await this.#keys.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
+        // Through the collection, as #insertKey: mongoose's casting would drop a "prototype" metadata key.
+        const upserted = await this.#keyDocs.updateOne({ _id }, { $setOnInsert: fields }, { upsert: true });
         return upserted.upsertedCount > 0 || (await stored());
       } catch (upsertError) {
         // E11000: the lost insert landed meanwhile (on _id), or the hash is another key's, which
@@ -1292,7 +1346,8 @@ export class MongoKeyStore implements KeyStore {
         const doc = await this.#keys.findById(id).lean<KeyDoc>();
         if (doc === null) return null;
         const since = doc.disabled_at ?? null;
-        if (doc.revoked_at !== null || since === null) return { key: toKey(doc), resumed };
+        // Enabled already, or by another call between this one's read and its write: not this call's change.
+        if (doc.revoked_at !== null || since === null) return { key: toKey(doc), resumed, changed: false };
         // No transaction: the keys paused with it come back first, so a failure before the key's
         // own write leaves it disabled, with its time, for a retry to find them by.
         if (since.getTime() > doc.created_at.getTime()) {
@@ -1306,7 +1361,7 @@ export class MongoKeyStore implements KeyStore {
         // Only while its time is still the one read: one that changed meanwhile paused the keys in
         // grace with the new time, so they are read and brought back again first.
         const enabled = await this.#keys.findOneAndUpdate({ _id: id, disabled_at: since }, { $set: { disabled_at: null } }, { returnDocument: "after" }).lean<KeyDoc>();
-        if (enabled !== null) return { key: toKey(enabled), resumed };
+        if (enabled !== null) return { key: toKey(enabled), resumed, changed: true };
       }
       throw new StoreUnavailableError(`key ${id}: its disabled time kept changing while it was being enabled; retry`);
     });
@@ -1373,17 +1428,17 @@ export class MongoKeyStore implements KeyStore {
       if (previous === null) throw new ConflictError(`key ${previousId} is not active, so it cannot be rotated`);
       // A chain keeps one key in grace. Before the new key goes in: a failure here undoes the mark,
       // so the rotation is not made and the caller's retry ends the grace too (the earlier key,
-      // revoked already, stays revoked, as that retry would leave it).
+      // revoked already, stays revoked, as that retry would leave it, and is in that retry's `ended`).
       let ended: KeyRecord[];
       try {
-        ended = await this.#endGraceFor(previousId, previous.owner_id, nowMs);
+        ended = await this.#endGraceFor(previous, nowMs);
       } catch (error) {
         await this.#undoRotation(previous, next.id).catch(() => undefined);
         throw error;
       }
       const successor = keyDocument(next, true);
       try {
-        await this.#keys.create(successor);
+        await this.#insertKey(successor);
       } catch (error) {
         // Once the new key is in, the rotation is made whatever the insert answered, and goes on
         // as a successful one: undoing it would leave two keys holding one slot.
@@ -1406,21 +1461,25 @@ export class MongoKeyStore implements KeyStore {
   }
 
   /**
-   * Revokes the keys still in grace from rotating to `rotatedId` (an earlier link of its chain),
-   * each as revokeKey does; the keys this call revoked.
+   * Revokes the keys still in grace from rotating to `rotated` (an earlier link of its chain), each
+   * as revokeKey does. Answers every key a rotation of `rotated` revoked so (Rotation.ended): this
+   * call's, and those of an attempt that failed after its revoke (its answer lost, its new key
+   * refused), which find no key in grace now. A key is rotated once, so they are all this
+   * rotation's, and each answer tells the caches of them.
    */
-  async #endGraceFor(rotatedId: string, ownerId: string, nowMs: number): Promise<KeyRecord[]> {
+  async #endGraceFor(rotated: KeyDoc, nowMs: number): Promise<KeyRecord[]> {
     const now = new Date(nowMs);
     // By owner, so the owner_state index finds them.
     const inGrace = await this.#keys
-      .find({ owner_id: ownerId, revoked_at: null, rotated_to_id: rotatedId, grace_ends_at: { $gt: now }, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] }, { _id: 1 })
+      .find({ owner_id: rotated.owner_id, revoked_at: null, rotated_to_id: rotated._id, grace_ends_at: { $gt: now }, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] }, { _id: 1 })
       .lean<Array<Pick<KeyDoc, "_id">>>();
-    const ended: KeyRecord[] = [];
-    for (const { _id } of inGrace) {
-      const revoked = await this.revokeKey(_id, nowMs, CHAIN_GRACE_ENDED);
-      if (revoked !== null && revoked.revokedAtMs === nowMs && revoked.revokeReason === CHAIN_GRACE_ENDED) ended.push(revoked);
-    }
-    return ended;
+    for (const { _id } of inGrace) await this.revokeKey(_id, nowMs, CHAIN_GRACE_ENDED);
+    // Revoked since the rotated key's issue (no rotation of it came before): the index's range.
+    const ended = await this.#keys
+      .find({ owner_id: rotated.owner_id, revoked_at: { $gte: rotated.created_at }, rotated_to_id: rotated._id, revoke_reason: CHAIN_GRACE_ENDED })
+      .sort({ _id: 1 })
+      .lean<KeyDoc[]>();
+    return ended.map(toKey);
   }
 
   /**
@@ -1631,8 +1690,14 @@ export class MongoKeyStore implements KeyStore {
     const filter: mongoose.QueryFilter<AuditDoc> = {};
     if (query.ownerId !== undefined) filter.owner_id = query.ownerId;
     if (query.keyId !== undefined) filter.key_id = query.keyId;
-    if (query.sinceMs !== undefined) filter.at = { $gte: new Date(query.sinceMs) };
-    if (query.afterId !== undefined) filter._id = { $gt: query.afterId };
+    // The _id bound lets the server search from `since` by the _id (or owner, key) index; `at` decides.
+    const ids: { $gte?: string; $gt?: string } = {};
+    if (query.sinceMs !== undefined) {
+      filter.at = { $gte: new Date(query.sinceMs) };
+      ids.$gte = eventIdFloor(query.sinceMs);
+    }
+    if (query.afterId !== undefined) ids.$gt = query.afterId;
+    if (ids.$gte !== undefined || ids.$gt !== undefined) filter._id = ids;
     const docs = await guarded(() => this.#audit.find(filter).sort({ _id: 1 }).limit(query.limit).lean<AuditDoc[]>());
     return docs.map((d) => ({
       id: d._id,
@@ -1644,6 +1709,11 @@ export class MongoKeyStore implements KeyStore {
       changes: d.changes,
       source: d.source,
     }));
+  }
+
+  async lastAuditId(): Promise<string | null> {
+    const docs = await guarded(() => this.#audit.find({}, { _id: 1 }).sort({ _id: -1 }).limit(1).lean<Array<Pick<AuditDoc, "_id">>>());
+    return docs[0]?._id ?? null;
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {

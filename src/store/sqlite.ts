@@ -2,6 +2,7 @@ import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { setTimeout as sleep } from "node:timers/promises";
+import { eventIdFloor } from "../keys/ids.js";
 import {
   CapExceededError,
   ConflictError,
@@ -52,6 +53,8 @@ import type {
   UsageRow,
   AuditRecord,
   AuditQuery,
+  CreatedKey,
+  UpsertedAccount,
 } from "./store.js";
 
 
@@ -468,8 +471,11 @@ export class SqliteKeyStore implements KeyStore {
     return stmt;
   }
 
-  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord> {
-    return this.#transaction(() => this.#upsertAccountSync(input, defaults, nowMs));
+  async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<UpsertedAccount> {
+    return this.#transaction(() => {
+      const existing = this.#getAccountRow(input.ownerId);
+      return { account: this.#upsertAccountSync(input, defaults, nowMs), before: existing === undefined ? null : toAccount(existing) };
+    });
   }
 
   /** `fn` in one IMMEDIATE transaction of the store's connection, once the write lock is free (whenUnlocked). */
@@ -530,21 +536,18 @@ export class SqliteKeyStore implements KeyStore {
     return this.#countActive(ownerId, mode, nowMs);
   }
 
-  async createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord> {
+  async createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey> {
     // IMMEDIATE takes the write lock before counting, so the cap also holds across processes.
-    await this.#transaction(() => {
-      let account = this.#getAccountRow(record.ownerId);
-      if (account === undefined) {
-        this.#upsertAccountSync({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
-        account = this.#getAccountRow(record.ownerId);
-      }
-      const plan = account?.plan ?? limits.accountDefaults.plan;
+    return this.#transaction(() => {
+      const existing = this.#getAccountRow(record.ownerId);
+      const createdAccount = existing === undefined ? this.#upsertAccountSync({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs) : null;
+      const plan = existing?.plan ?? createdAccount?.plan ?? limits.accountDefaults.plan;
       const cap = limits.maxActiveKeysFor(plan, record.mode);
       const active = this.#countActive(record.ownerId, record.mode, limits.nowMs);
       if (active >= cap) throw new CapExceededError(plan, cap, record.mode);
       this.#insertKeySync(record);
+      return { key: record, createdAccount };
     });
-    return record;
   }
 
   /**
@@ -628,7 +631,7 @@ export class SqliteKeyStore implements KeyStore {
     return this.#transaction(() => {
       const row = this.#getKeyRow(id);
       if (row === undefined) return null;
-      if (row.revoked_at !== null || row.disabled_at === null) return { key: toKey(row), resumed: [] };
+      if (row.revoked_at !== null || row.disabled_at === null) return { key: toKey(row), resumed: [], changed: false };
       const resumed: KeyRecord[] = [];
       // Paused with it: its own time, after its issue (pausedWith in the lifecycle).
       if (row.disabled_at > row.created_at) {
@@ -641,7 +644,7 @@ export class SqliteKeyStore implements KeyStore {
       }
       this.#stmt.enable.run(id);
       const enabled = this.#getKeyRow(id);
-      return enabled === undefined ? null : { key: toKey(enabled), resumed };
+      return enabled === undefined ? null : { key: toKey(enabled), resumed, changed: true };
     });
   }
 
@@ -768,7 +771,9 @@ export class SqliteKeyStore implements KeyStore {
       params["key_id"] = query.keyId;
     }
     if (query.sinceMs !== undefined) {
-      where.push("at >= @since");
+      // The id bound lets SQLite search from `since` by the id (or owner, key) index; `at` decides.
+      where.push("id >= @min_id", "at >= @since");
+      params["min_id"] = eventIdFloor(query.sinceMs);
       params["since"] = query.sinceMs;
     }
     if (query.afterId !== undefined) {
@@ -786,6 +791,12 @@ export class SqliteKeyStore implements KeyStore {
       changes: JSON.parse(text(row, "changes")) as Record<string, unknown>,
       source: text(row, "source"),
     }));
+  }
+
+  async lastAuditId(): Promise<string | null> {
+    // Once a start: prepared here rather than kept with the store's statements.
+    const row: SqliteRow | undefined = this.#db.prepare("SELECT id FROM audit ORDER BY id DESC LIMIT 1").get();
+    return row === undefined ? null : text(row, "id");
   }
 
   async ping(): Promise<void> {

@@ -265,7 +265,11 @@ export interface KeyPatch {
 export interface Rotation {
   next: KeyRecord;
   previous: KeyRecord;
-  /** Keys that were still in grace from rotating to the old key (an earlier link of the chain), revoked by this rotation. */
+  /**
+   * Keys that were still in grace from rotating to the old key (an earlier link of the chain),
+   * revoked by this rotation: by this call, or by an attempt of it that failed after the revoke
+   * (MongoDB), so the call that makes the rotation tells the caches of them and audits them.
+   */
   ended: KeyRecord[];
 }
 
@@ -276,6 +280,17 @@ export const CHAIN_GRACE_ENDED = "a later rotation ended its grace period";
 export interface EnabledKey {
   key: KeyRecord;
   resumed: KeyRecord[];
+  /** This call's write enabled the key: false when it was enabled already (by another call meanwhile, too). */
+  changed: boolean;
+}
+
+/**
+ * What upsertAccount did: the account after the write, and as the write found it (null: the write
+ * created it), read in the same atomic write, so of two identical calls at once only one sees a change.
+ */
+export interface UpsertedAccount {
+  account: AccountRecord;
+  before: AccountRecord | null;
 }
 
 /** The hot path's read on a cache miss (SnapshotLookup). */
@@ -291,7 +306,7 @@ export interface SnapshotStore {
 
 /** Accounts and the key lifecycle (KeyAdmin). */
 export interface LifecycleStore {
-  upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<AccountRecord>;
+  upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<UpsertedAccount>;
   getAccount(ownerId: string): Promise<AccountRecord | null>;
   /** Keys that count against the plan cap: not revoked, not rotated away, not expired. */
   /** Keys of an owner that hold a slot under the cap of `mode` (live by default). */
@@ -300,7 +315,7 @@ export interface LifecycleStore {
    * Inserts a key if the owner has fewer than `maxActiveKeys` active keys, creating the
    * account with `defaults` when it does not exist. Throws CapExceededError otherwise.
    */
-  createKey(record: KeyRecord, limits: CreateLimits): Promise<KeyRecord>;
+  createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey>;
   getKey(id: string): Promise<KeyRecord | null>;
   listKeys(query: ListKeysQuery): Promise<KeyRecord[]>;
   updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
@@ -336,7 +351,7 @@ export interface LifecycleStore {
    * A key still in grace from rotating to the old key is revoked (CHAIN_GRACE_ENDED), so a chain
    * keeps one key in grace: in the same transaction, or, where there is none (MongoDB), before the
    * new key is inserted, the old key's mark undone when that revoke fails, so no rotation is made
-   * without it and the caller's retry finishes it (Rotation.ended: the keys this call revoked).
+   * without it and the caller's retry finishes it (Rotation.ended: the keys it revoked, that retry's included).
    */
   rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
 }
@@ -371,6 +386,8 @@ export interface AuditStore {
   /** Appends a record; one whose id is already in (the same change, recorded again) is not written and is no error. */
   appendAudit(record: AuditRecord): Promise<void>;
   listAudit(query: AuditQuery): Promise<AuditRecord[]>;
+  /** The greatest audit id in the trail (ids sort as written), or null when the trail is empty. */
+  lastAuditId(): Promise<string | null>;
 }
 
 /** Write-behind of last-use times; later times win. */
@@ -404,6 +421,12 @@ export interface KeyStore extends SnapshotStore, LifecycleStore, MeteringStore, 
   /** Throws when the store cannot serve requests. */
   ping(): Promise<void>;
   close(): Promise<void>;
+}
+
+/** What createKey made: the key, and the account when this call created it (else null). */
+export interface CreatedKey {
+  key: KeyRecord;
+  createdAccount: AccountRecord | null;
 }
 
 /** Cap and account defaults for CreateKey. */

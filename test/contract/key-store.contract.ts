@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ulid } from "ulid";
 import { newEventId, newKeyId } from "../../src/keys/ids.js";
 import { pepperCheck } from "../../src/keys/pepper-check.js";
 import { CapExceededError, ConflictError, DuplicateError, IdempotencyKeyReusedError, TopUpKeysExhaustedError } from "../../src/store/errors.js";
@@ -112,15 +113,57 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
       expect((await store.findSnapshotByHash(old.hash))?.key).toMatchObject({ rotatedToId: next.id, rateLimit: { limit: 7, windowSeconds: 30 }, lastUsedAtMs: NOW + 11 });
     });
 
+    it("createKey answers the account it created for an unknown owner, and null once the account exists", async () => {
+      const ownerId = nextOwner();
+      const first = record(ownerId);
+      expect(await store.createKey(first, limits())).toEqual({
+        key: first,
+        createdAccount: { ownerId, plan: "basic", subscriptionStatus: "active", role: "standard", createdAtMs: NOW, updatedAtMs: NOW },
+      });
+      await store.upsertAccount({ ownerId, plan: "pro" }, limits().accountDefaults, NOW);
+      const second = record(ownerId);
+      expect(await store.createKey(second, limits())).toEqual({ key: second, createdAccount: null });
+    });
+
     it("upserts accounts partially", async () => {
       const ownerId = nextOwner();
       const defaults = limits().accountDefaults;
       const created = await store.upsertAccount({ ownerId, plan: "pro" }, defaults, NOW);
-      expect(created).toMatchObject({ ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: NOW });
+      expect(created).toEqual({ account: { ownerId, plan: "pro", subscriptionStatus: "active", role: "standard", createdAtMs: NOW, updatedAtMs: NOW }, before: null });
       const updated = await store.upsertAccount({ ownerId, role: "admin" }, defaults, NOW + 5);
-      expect(updated).toMatchObject({ plan: "pro", role: "admin", createdAtMs: NOW, updatedAtMs: NOW + 5 });
-      expect(await store.getAccount(ownerId)).toEqual(updated);
+      expect(updated).toEqual({ account: { ...created.account, role: "admin", updatedAtMs: NOW + 5 }, before: created.account });
+      expect(await store.getAccount(ownerId)).toEqual(updated.account);
       expect(await store.getAccount(nextOwner())).toBeNull();
+    });
+
+    it("upserts answer the account as each write found it: of the same change made twice at once, one finds it made", async () => {
+      const ownerId = nextOwner();
+      const defaults = limits().accountDefaults;
+      await store.upsertAccount({ ownerId, plan: "basic" }, defaults, NOW);
+      const { store: other, close: closeOther } = await twin();
+      try {
+        const both = await Promise.all([store.upsertAccount({ ownerId, plan: "pro" }, defaults, NOW + 1), other.upsertAccount({ ownerId, plan: "pro" }, defaults, NOW + 1)]);
+        expect(both.map((answer) => answer.before?.plan).sort()).toEqual(["basic", "pro"]);
+        expect(both.map((answer) => answer.account.plan)).toEqual(["pro", "pro"]);
+      } finally {
+        await closeOther();
+      }
+    });
+
+    it("enables a disabled key once: of two enables at once, one made the change", async () => {
+      const ownerId = nextOwner();
+      const key = record(ownerId);
+      await store.createKey(key, limits());
+      await store.redisableKey(key.id, NOW + 1);
+      const { store: other, close: closeOther } = await twin();
+      try {
+        const both = await Promise.all([store.enableKey(key.id, []), other.enableKey(key.id, [])]);
+        expect(both.map((answer) => answer?.changed).sort()).toEqual([false, true]);
+        expect(both.map((answer) => answer?.key.disabledAtMs)).toEqual([null, null]);
+        expect((await store.enableKey(key.id, []))?.changed).toBe(false);
+      } finally {
+        await closeOther();
+      }
     });
 
     it("refuses a duplicate hash", async () => {
@@ -242,7 +285,7 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
         await store.createKey(taken, limits());
         const ownerId = nextOwner();
         await expectDuplicateRefusal(store.createKey(record(ownerId, { hash: taken.hash }), limits()));
-        await expect(store.createKey(record(ownerId), limits())).resolves.toMatchObject({ ownerId });
+        await expect(store.createKey(record(ownerId), limits())).resolves.toMatchObject({ key: { ownerId } });
         await expectBasicCapRefusal(store.createKey(record(ownerId), limits()));
       });
 
@@ -614,8 +657,9 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
     it("appends audit records and lists them by owner, key, time and page", async () => {
       const ownerId = nextOwner();
       const keyId = newKeyId();
+      // Ids of each record's time, as EventIds makes them: `since` bounds the id too.
       const make = (i: number, key: string | null) => ({
-        id: newEventId(),
+        id: newEventId(NOW + i),
         atMs: NOW + i,
         actor: "tok_test",
         action: `action.${i}`,
@@ -630,6 +674,23 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
       expect((await store.listAudit({ keyId, limit: 10 })).map((r) => r.action)).toEqual(["action.1", "action.2"]);
       expect((await store.listAudit({ ownerId, sinceMs: NOW + 2, limit: 10 })).map((r) => r.action)).toEqual(["action.2", "action.3"]);
       expect((await store.listAudit({ ownerId, afterId: records[1]?.id, limit: 1 })).map((r) => r.action)).toEqual(["action.2"]);
+    });
+
+    it("lists by since a record whose id is a little earlier than its time (the first release took them apart), and the trail's newest id", async () => {
+      const { store: fresh, close: closeFresh } = await empty()();
+      try {
+        expect(await fresh.lastAuditId()).toBeNull();
+        const ownerId = nextOwner();
+        const base = { actor: "tok_test", action: "key.create", keyId: null, ownerId, changes: {}, source: "127.0.0.1" };
+        const early = { ...base, id: `evt_${ulid(NOW + 9)}`, atMs: NOW + 10 };
+        const before = { ...base, id: `evt_${ulid(NOW + 5)}`, atMs: NOW + 5 };
+        for (const record of [before, early]) await fresh.appendAudit(record);
+        expect((await fresh.listAudit({ ownerId, sinceMs: NOW + 10, limit: 10 })).map((r) => r.id)).toEqual([early.id]);
+        expect((await fresh.listAudit({ sinceMs: NOW + 6, limit: 10 })).map((r) => r.id)).toEqual([early.id]);
+        expect(await fresh.lastAuditId()).toBe(early.id);
+      } finally {
+        await closeFresh();
+      }
     });
 
     it("keeps the first audit record of an id: appending the id again (a retry recording the same change) writes nothing and is no error", async () => {

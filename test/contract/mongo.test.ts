@@ -29,6 +29,11 @@ async function listIndexes(client: mongoose.mongo.MongoClient, collection: strin
 /** A time for the records of the cases that need one. */
 const NOW = 1_800_000_000_000;
 
+/** The Key model's collection, typed: the one the store inserts keys through (MongoKeyStore#insertKey). */
+function keyDocsOf(keys: mongoose.Model<KeyDoc>): mongoose.Collection<KeyDoc> {
+  return keys.db.collection<KeyDoc>(keys.collection.collectionName);
+}
+
 /** An account document as the first release wrote it: no top-up total. */
 type LegacyAccount = Omit<AccountDoc, "topup_total">;
 
@@ -375,7 +380,7 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
 
     /** Fails the next insert of a key, after running `meanwhile` (a revoke racing the rotation). */
     function failNextInsert(meanwhile: () => Promise<unknown>): void {
-      vi.spyOn(keys, "create").mockImplementationOnce(async () => {
+      vi.spyOn(keyDocsOf(keys), "insertOne").mockImplementationOnce(async () => {
         await meanwhile();
         throw new Error("insert failed");
       });
@@ -426,11 +431,11 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       await store.createKey(key, caps);
       const next = testKeyRecord(ownerId, NOW);
       // The insert goes ahead as the store would make it, once the revoke is in.
-      const insert = vi.spyOn(keys, "create");
+      const insert = vi.spyOn(keyDocsOf(keys), "insertOne");
       insert.mockImplementationOnce(async () => {
         await store.revokeKey(key.id, NOW + 1, "leaked");
         insert.mockRestore();
-        return keys.create([keyDocument(next, true)]);
+        return keyDocsOf(keys).insertOne(keyDocument(next, true));
       });
       const rotation = await store.rotateKey(key.id, next, NOW, NOW);
       expect(rotation.previous).toMatchObject({ revokedAtMs: NOW + 1, revokeReason: "leaked", rotatedToId: next.id });
@@ -467,13 +472,13 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
      * (`made`), or with the insert still on its way, which the returned call then delivers.
      */
     function loseNextInsertAnswer(record: KeyRecord, made: boolean): () => Promise<unknown> {
-      const insert = vi.spyOn(keys, "create");
+      const insert = vi.spyOn(keyDocsOf(keys), "insertOne");
       insert.mockImplementationOnce(async () => {
         insert.mockRestore();
-        if (made) await keys.create([keyDocument(record, true)]);
+        if (made) await keyDocsOf(keys).insertOne(keyDocument(record, true));
         throw new mongoose.mongo.MongoNetworkError("connection 3 to 127.0.0.1:27017 closed");
       });
-      return () => keys.create([keyDocument(record, true)]);
+      return () => keyDocsOf(keys).insertOne(keyDocument(record, true));
     }
 
     /**

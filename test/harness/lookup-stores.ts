@@ -39,6 +39,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     listUsage: unused,
     appendAudit: unused,
     listAudit: unused,
+    lastAuditId: unused,
     touchLastUsed: unused,
     claimPepperCheck: unused,
     claimKeyPrefix: unused,

@@ -170,7 +170,8 @@ for (const { name, ready, start } of BACKENDS) {
           expect(event.source).toMatch(/^(::ffff:)?127\.0\.0\.1$/);
           expect(event.id).toMatch(/^evt_[0-9A-HJKMNP-TV-Z]{26}$/);
         }
-        expect(events[0]?.changes).toEqual({ plan: '"business"' });
+        // A new account: the plan it was given and the defaults it took.
+        expect(events[0]?.changes).toEqual({ plan: '"business"', subscription_status: '"active"', role: '"standard"' });
         expect(events[1]?.changes).toEqual({
           name: '"first"',
           scopes: '["tutor"]',
@@ -247,8 +248,10 @@ for (const { name, ready, start } of BACKENDS) {
         expect([first.events.length, second.events.length, third.events.length]).toEqual([2, 2, 1]);
         expect([...first.events, ...second.events, ...third.events].map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
         expect(third.nextPageToken).toBe("");
-        // The owner filter holds the account's key events too (CreateKey made the account, unaudited).
-        expect((await admin.listAuditEvents({ ownerId })).events.map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
+        // The owner filter holds the account's key events too, after the account CreateKey made.
+        const byOwner = (await admin.listAuditEvents({ ownerId })).events;
+        expect(byOwner.map((e) => e.action)).toEqual(["account.upsert", ...byKey.events.map((e) => e.action)]);
+        expect(byOwner.slice(1).map((e) => e.id)).toEqual(byKey.events.map((e) => e.id));
         const sinceLast = await admin.listAuditEvents({ keyId: id, since: byKey.events.at(-1)?.time });
         expect(sinceLast.events.map((e) => e.id)).toContain(byKey.events.at(-1)?.id);
         const future = await admin.listAuditEvents({ keyId: id, since: timestampFromMs(Date.now() + 60_000) });

@@ -214,7 +214,9 @@ describe("credits", () => {
   });
 
   it("refuses a keyed top-up past 1,000 for the account in 24 hours, naming when a place frees, and adds nothing", async () => {
-    kg.clock.freeze(T0);
+    // After the test above (December): a keyed top-up's time is never before the trail's newest
+    // record, so a clock stepped back to T0 would put these at December and age the bulk out.
+    kg.clock.freeze("2026-12-02T12:00:00.000Z");
     const key = await issue("metered");
     // The account's first 1,000 keyed top-ups, written to the store as AddCredits writes them.
     for (let i = 0; i < 1000; i++) await kg.app.store.addCreditsOnce(key.ownerId, 1, `bulk-${i}`, kg.clock.now());
@@ -222,7 +224,7 @@ describe("credits", () => {
     expect(before).toBe(1000n);
     expect(await adminRefusal(kg.admin.addCredits({ ownerId: key.ownerId, amount: 5n, idempotencyKey: "order-1001" }))).toEqual({
       code: Code.FailedPrecondition,
-      message: `account "${key.ownerId}" has had 1000 top-ups with an idempotency_key in 24 hours, as many as keygate keeps; nothing was added: retry after 2026-11-23T12:00:00.000Z`,
+      message: `account "${key.ownerId}" has had 1000 top-ups with an idempotency_key in 24 hours, as many as keygate keeps; nothing was added: retry after 2026-12-03T12:00:00.000Z`,
     });
     expect((await kg.admin.getAccount({ ownerId: key.ownerId })).account?.topupCredits).toBe(1000n);
     // A repeat of a key held is still answered, and a top-up without a key still adds.

@@ -68,7 +68,10 @@ describe("scoped admin tokens security", () => {
     const created = await as("key-admin", "CreateKey", { ownerId: "scoped-4", name: "audited" });
     expect(created.status).toBe(200);
     const events = await kg.admin.listAuditEvents({ ownerId: "scoped-4" });
-    expect(events.events.map((e) => [e.action, e.actor])).toEqual([["key.create", "key-admin"]]);
+    expect(events.events.map((e) => [e.action, e.actor])).toEqual([
+      ["account.upsert", "key-admin"],
+      ["key.create", "key-admin"],
+    ]);
   });
 });
 
@@ -95,7 +98,7 @@ describe("owner-limited admin tokens security", () => {
     expect((await as("acme-only", "ListAuditEvents", { ownerId: "globex" })).status).toBe(403);
     expect((await as("acme-only", "ListAuditEvents", { ownerId: "acme" })).status).toBe(200);
     const globexEvents = await kg.admin.listAuditEvents({ ownerId: "globex" });
-    expect(globexEvents.events.map((e) => e.action)).toEqual(["key.create"]);
+    expect(globexEvents.events.map((e) => e.action)).toEqual(["account.upsert", "key.create"]);
   });
 });
 

@@ -87,7 +87,7 @@ describe("SqliteKeyStore: write-behind batches on the writing thread", () => {
       await store.applyUsage([], [{ ownerId: "acct_writer", period: "2026-12", monthlyUsed: 1, topupUsed: 0 }]);
       expect(await store.getCredits("acct_writer")).toEqual({ period: "2026-12", monthlyUsed: 8, topupBalance: 47, topupTotal: 50 });
       const defaults = { plan: "free", subscriptionStatus: "active", role: "standard" } as const;
-      const key = await store.createKey(testKeyRecord("acct_writer", 1), { maxActiveKeysFor: () => 10, accountDefaults: defaults, nowMs: 1 });
+      const { key } = await store.createKey(testKeyRecord("acct_writer", 1), { maxActiveKeysFor: () => 10, accountDefaults: defaults, nowMs: 1 });
       await store.touchLastUsed(new Map([[key.id, 5000]]));
       await store.touchLastUsed(new Map([[key.id, 4000]]));
       expect((await store.getKey(key.id))?.lastUsedAtMs).toBe(5000);

@@ -133,6 +133,40 @@ describe("audit security: a credential in free text is refused, and never reache
     expect((await postJson(kg.ports.admin, "GetAccount", { ownerId })).status).toBe(404);
   });
 
+  it("AddCredits with a key as its idempotency_key (kept in the trail): 400 naming idempotency_key, nothing added or recorded", async () => {
+    const ownerId = "audit-secret-idempotency-key";
+    const { id, secret } = await newKey(ownerId);
+    const before = await stateOf(ownerId, id);
+    const answers = [];
+    for (const idempotencyKey of [secret, `order-${secret}`, ADMIN_TOKEN]) answers.push(await answerOf("AddCredits", { ownerId, amount: "5", reason: "order", idempotencyKey }));
+    expect(answers).toEqual([1, 2, 3].map(() => ({ status: 400, code: "invalid_argument", message: `idempotency_key: ${NO_SECRET}` })));
+    expect(await stateOf(ownerId, id)).toEqual(before);
+    // The same key is refused again, not answered as a replay of a top-up never made.
+    expect(await adminRefusal(kg.admin.addCredits({ ownerId, amount: 5n, reason: "order", idempotencyKey: secret }))).toEqual({ code: Code.InvalidArgument, message: `idempotency_key: ${NO_SECRET}` });
+  });
+
+  it("UpsertAccount and CreateKey with a key as owner_id or project_id: 400 naming the field, no account or key made", async () => {
+    const leaked = new KeyFormat("kg").generate("live");
+    expect(await answerOf("UpsertAccount", { ownerId: leaked, plan: "business" })).toEqual({ status: 400, code: "invalid_argument", message: `owner_id: ${NO_SECRET}` });
+    expect(await answerOf("CreateKey", { ownerId: leaked, name: "k" })).toEqual({ status: 400, code: "invalid_argument", message: `owner_id: ${NO_SECRET}` });
+    expect(await answerOf("CreateKey", { ownerId: "audit-secret-project", projectId: `proj-${leaked}`, name: "k" })).toEqual({
+      status: 400,
+      code: "invalid_argument",
+      message: `project_id: ${NO_SECRET}`,
+    });
+    expect((await postJson(kg.ports.admin, "GetAccount", { ownerId: leaked })).status).toBe(404);
+    expect((await postJson(kg.ports.admin, "GetAccount", { ownerId: "audit-secret-project" })).status).toBe(404);
+    expect((await trailText(leaked)) + (await trailText("audit-secret-project"))).toBe("[][]");
+  });
+
+  it("happy: an account whose owner_id holds a key (written by a release before the check) still reads", async () => {
+    const leaked = new KeyFormat("kg").generate("live");
+    await kg.app.store.upsertAccount({ ownerId: leaked, plan: "business" }, { plan: "basic", subscriptionStatus: "active", role: "standard" }, Date.now());
+    const read = await postJson(kg.ports.admin, "GetAccount", { ownerId: leaked });
+    expect([read.status, (read.json["account"] as Record<string, unknown>)["plan"]]).toEqual([200, "business"]);
+    expect((await postJson(kg.ports.admin, "ListKeys", { ownerId: leaked })).status).toBe(200);
+  });
+
   it("happy: text that names credentials without holding one is kept as sent", async () => {
     const ownerId = "audit-secret-happy";
     const { id, secret } = await newKey(ownerId);

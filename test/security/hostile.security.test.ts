@@ -78,6 +78,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     listUsage: refuse,
     appendAudit: refuse,
     listAudit: refuse,
+    lastAuditId: refuse,
     touchLastUsed: refuse,
     claimPepperCheck: refuse,
     claimKeyPrefix: refuse,

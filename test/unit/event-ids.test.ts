@@ -48,4 +48,24 @@ describe("audit event ids error", () => {
     expect(back > later).toBe(true);
     expect(timeOf(back)).toBe(T + 5);
   });
+
+  it("seeded with the trail's newest id (a restart after the clock went back), new ids sort after it, at its time", () => {
+    const newest = new EventIds().derived(T + 3_600_000, ["key.revoke", "key_01KC0000000000000000000000"]);
+    const ids = new EventIds();
+    ids.seed(newest);
+    expect(ids.lastMs).toBe(T + 3_600_000);
+    const next = ids.next(T);
+    expect(next > newest).toBe(true);
+    expect(timeOf(next)).toBe(T + 3_600_000);
+  });
+
+  it("a seed older than the ids made, or not an event id, changes nothing", () => {
+    const ids = new EventIds();
+    const made = ids.next(T + 5);
+    ids.seed(new EventIds().next(T));
+    ids.seed("aud_marker");
+    ids.seed("evt_Z0000000000000000000000000");
+    expect(ids.lastMs).toBe(T + 5);
+    expect(ids.next(T + 5) > made).toBe(true);
+  });
 });
