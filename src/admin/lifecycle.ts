@@ -186,6 +186,8 @@ const KEYS_PAGE = 1000;
 
 /** How many times a DisableKey moves its key away from a time another DisableKey took at once (#apart). */
 const APART_ROUNDS = 8;
+/** How far ahead of this clock the trail's newest record may be and still carry the next records' times. */
+const MAX_SEED_LEAD_MS = DAY_MS;
 
 /**
  * Whether `key` was rotated to `successorId` and its grace has not ended: it still authenticates
@@ -248,7 +250,11 @@ export class LifecycleService {
    */
   async init(): Promise<void> {
     const lastId = await this.deps.store.lastAuditId();
-    if (lastId !== null) this.#eventIds.seed(lastId);
+    if (lastId === null || this.#eventIds.seed(lastId, this.deps.nowMs() + MAX_SEED_LEAD_MS)) return;
+    this.deps.logger?.warn(
+      { lastAuditId: lastId },
+      "the audit trail's newest record is more than a day ahead of this clock; new records follow this clock, not it (check the clocks of the replicas that wrote it)",
+    );
   }
 
   /**
@@ -402,7 +408,8 @@ export class LifecycleService {
     const keyedCall = async (): Promise<LedgeredTopUp> => {
       const atMs = this.#changeMs();
       const keyed = await this.#unsure(
-        () => this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, atMs),
+        // Kept records expire by the clock; a time ahead of it (the trail's newest) would expire them early.
+        () => this.deps.store.addCreditsOnce(ownerId, amount, idempotencyKey, this.deps.nowMs(), atMs),
         () => [this.#record(actor, "credits.add", null, ownerId, changes, keyedTopUp(ownerId, idempotencyKey, atMs))],
       ).catch((error: unknown) => {
         throw topUpRefusal(error, ownerId);
@@ -844,7 +851,8 @@ export class LifecycleService {
     if (!Number.isInteger(graceDays) || graceDays < GRACE_DAYS.min || graceDays > GRACE_DAYS.max) {
       throw new InvalidArgumentError("grace_days", `must be a whole number from ${GRACE_DAYS.min} to ${GRACE_DAYS.max}; got ${graceDays}`);
     }
-    const nowMs = this.deps.nowMs();
+    // The rotation's time names the key.revoke of a chain's earlier key: never before the trail's newest.
+    const nowMs = this.#changeMs();
     const old = await this.deps.store.getKey(id);
     if (old === null) throw new NotFoundError(`key ${id} does not exist`);
     const { record, secret } = this.#newRecord(

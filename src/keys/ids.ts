@@ -42,16 +42,20 @@ export class EventIds {
   /**
    * Continues after `lastId`, the newest id in the trail (written by an earlier process or another
    * replica): without it, a process started after the clock went back would name its records
-   * before the ones already in the trail. An id not of this shape (or older) changes nothing.
+   * before the ones already in the trail. An id not of this shape (or older) changes nothing, and
+   * so does one whose time is after `latestMs` (false): a replica's clock far ahead, or a damaged
+   * record, would otherwise carry every later record's time with it.
    */
-  seed(lastId: string): void {
-    if (!EVENT_ID.test(lastId)) return;
+  seed(lastId: string, latestMs = Number.POSITIVE_INFINITY): boolean {
+    if (!EVENT_ID.test(lastId)) return true;
     const atMs = decodeTime(lastId.slice(4));
+    if (atMs > latestMs) return false;
     const random = lastId.slice(14);
     if (atMs > this.#lastMs || (atMs === this.#lastMs && random > this.#lastRandom)) {
       this.#lastMs = atMs;
       this.#lastRandom = random;
     }
+    return true;
   }
 
   /** A new id for a record at `atMs`; monotonic, so at the last id's time when the clock went back. */

@@ -1550,7 +1550,7 @@ export class MongoKeyStore implements KeyStore {
    * so a match means no top-up, with this key or any other, came in between. Expired records are
    * pulled first, in an update of their own (it adds nothing, so it needs no such condition).
    */
-  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null> {
+  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number, atMs = nowMs): Promise<KeyedTopUp | null> {
     const expired = new Date(nowMs - TOPUP_KEY_RETENTION_MS);
     return guarded(async () => {
       for (let attempt = 0; attempt < TOPUP_ATTEMPTS; attempt++) {
@@ -1565,7 +1565,7 @@ export class MongoKeyStore implements KeyStore {
           return { topUp: toTopUp(ownerId, first), replayed: true, credits: toCredits(doc) };
         }
         await this.#accounts.updateOne({ _id: ownerId, "credit_topups.at": { $lte: expired } }, { $pull: { credit_topups: { at: { $lte: expired } } } });
-        const entry: TopUpDoc = { idempotency_key: idempotencyKey, amount, topup_total: (doc.topup_total ?? 0) + amount, at: new Date(nowMs) };
+        const entry: TopUpDoc = { idempotency_key: idempotencyKey, amount, topup_total: (doc.topup_total ?? 0) + amount, at: new Date(atMs) };
         const updated = await this.#accounts
           .findOneAndUpdate(
             // null matches an account written before topup_total existed, which has none.

@@ -721,7 +721,7 @@ export class SqliteKeyStore implements KeyStore {
     return toCredits(row);
   }
 
-  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null> {
+  async addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number, atMs = nowMs): Promise<KeyedTopUp | null> {
     const expiredAtMs = nowMs - TOPUP_KEY_RETENTION_MS;
     // One IMMEDIATE transaction: the key's record and the credits are written together or not at
     // all, and a second process with the same key waits for this one and then finds its record.
@@ -739,8 +739,8 @@ export class SqliteKeyStore implements KeyStore {
       }
       if (Number(this.#stmt.addCredits.run({ amount, owner: ownerId }).changes) === 0) return null;
       const credits = toCredits(this.#stmt.getCredits.get(ownerId));
-      this.#stmt.putTopUp.run({ owner: ownerId, key: idempotencyKey, amount, total: credits.topupTotal, at: nowMs });
-      return { topUp: { ownerId, idempotencyKey, amount, topupTotal: credits.topupTotal, atMs: nowMs }, replayed: false, credits };
+      this.#stmt.putTopUp.run({ owner: ownerId, key: idempotencyKey, amount, total: credits.topupTotal, at: atMs });
+      return { topUp: { ownerId, idempotencyKey, amount, topupTotal: credits.topupTotal, atMs }, replayed: false, credits };
     });
   }
 

@@ -368,9 +368,11 @@ export interface MeteringStore {
    * and after any restart or lost answer, adds nothing and gets the first top-up back
    * (`replayed`). A repeat for another amount throws IdempotencyKeyReusedError and an account
    * at MAX_KEYED_TOPUPS throws TopUpKeysExhaustedError, both having written nothing. null when
-   * the account does not exist (nothing written).
+   * the account does not exist (nothing written). Records expire by `nowMs`, the clock's time;
+   * the top-up is recorded at `atMs` (its audit record's time, which never runs before the trail's
+   * newest: later than `nowMs` after the clock went back).
    */
-  addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number): Promise<KeyedTopUp | null>;
+  addCreditsOnce(ownerId: string, amount: number, idempotencyKey: string, nowMs: number, atMs?: number): Promise<KeyedTopUp | null>;
   /**
    * Write-behind of counted usage and spent credits; deltas are added, so replicas can each flush.
    * A store whose call is one transaction writes all of it or none; one that is not (MongoDB)
