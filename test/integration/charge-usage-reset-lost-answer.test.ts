@@ -12,23 +12,25 @@ import { startTcpRelay } from "../harness/tcp-relay.js";
 import type { TcpRelay } from "../harness/tcp-relay.js";
 
 // README: a ChargeUsage whose charge script's answer a connection reset lost is UNAVAILABLE, "whose
-// retry is answered from the charge Redis kept and records it once". Under fail-closed nothing is
-// charged in-process: the first call's failure mark, refused on the connection that just reset
-// (no offline queue), must still reach Redis, or the claim runs out and the retry, claiming the
-// key afresh, replays the kept charge as another call's and records nothing.
+// retry is answered from the charge Redis kept and records it once", under fail-closed and
+// fail-open alike. Nothing is charged in-process: the first call's failure mark, refused on the
+// connection that just reset (no offline queue), must still reach Redis, or the claim runs out and
+// the retry, claiming the key afresh, replays the kept charge as another call's and records
+// nothing. Under fail-open the call was answered `charged: true` with nothing recorded, and every
+// retry replayed that (charge-usage-reset-fail-open.test.ts has the meter's side).
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
-const POLICY = {
+const policy = (onRedisError: "fail-closed" | "fail-open") => ({
   ...DEFAULT_POLICY_INPUT,
   defaultPlan: "metered",
   plans: { metered: { maxActiveKeys: 5, rateLimit: { limit: 1000, windowSeconds: 60 }, dailyQuota: 100, monthlyCredits: 10 } },
   scopes: { catalog: ["read"], default: ["read"] },
   routes: [{ method: "*", pathPrefix: "/v1", cost: 1 }],
-  limits: { onRedisError: "fail-closed" },
-};
+  limits: { onRedisError },
+});
 
-describe.runIf(ready)("ChargeUsage under fail-closed whose charge answer a connection reset lost", () => {
+describe.runIf(ready).each(["fail-closed", "fail-open"] as const)("ChargeUsage under %s whose charge answer a connection reset lost", (mode) => {
   let redis: RedisServer;
   let relay: TcpRelay;
   let kg: TestKeygate;
@@ -40,7 +42,7 @@ describe.runIf(ready)("ChargeUsage under fail-closed whose charge answer a conne
     if (started === null) throw new Error("redis-server is not on PATH");
     redis = started;
     relay = await startTcpRelay(redis.port, { answerDelayMs: () => (delayAnswers ? 3000 : 0) });
-    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
+    kg = await startKeygate({ policy: policy(mode), env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
     client = new Redis(redis.url);
   });
   afterAll(async () => {
@@ -50,8 +52,8 @@ describe.runIf(ready)("ChargeUsage under fail-closed whose charge answer a conne
     await redis?.stop();
   });
 
-  it("the retry records the charge Redis made once", async () => {
-    const ownerId = "fc-reset-owner";
+  it("is UNAVAILABLE, and the retry records the charge Redis made once", async () => {
+    const ownerId = `${mode}-reset-owner`;
     await kg.admin.upsertAccount({ ownerId, plan: "metered" });
     const warm = await kg.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "warm" });
     expect(warm.charged).toBe(true);
@@ -82,5 +84,5 @@ describe.runIf(ready)("ChargeUsage under fail-closed whose charge answer a conne
       allowed: usage.totals?.allowed,
       creditsUsed: usage.totals?.creditsUsed,
     }).toEqual({ charged: true, replayed: true, redisMonthlyUsed: "4", allowed: 2n, creditsUsed: 4n });
-  });
+  }, 60_000);
 });
