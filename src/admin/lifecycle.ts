@@ -851,8 +851,7 @@ export class LifecycleService {
     if (!Number.isInteger(graceDays) || graceDays < GRACE_DAYS.min || graceDays > GRACE_DAYS.max) {
       throw new InvalidArgumentError("grace_days", `must be a whole number from ${GRACE_DAYS.min} to ${GRACE_DAYS.max}; got ${graceDays}`);
     }
-    // The rotation's time names the key.revoke of a chain's earlier key: never before the trail's newest.
-    const nowMs = this.#changeMs();
+    const nowMs = this.deps.nowMs();
     const old = await this.deps.store.getKey(id);
     if (old === null) throw new NotFoundError(`key ${id} does not exist`);
     const { record, secret } = this.#newRecord(
@@ -879,14 +878,17 @@ export class LifecycleService {
     // key with the rotation (Rotation.ended). Read here only for a call that fails.
     const earlier = await this.#inGraceFor(old, nowMs);
     const ended = { reason: CHAIN_GRACE_ENDED };
+    // Keys are judged by the clock; a chain's earlier key is revoked at a time that names its
+    // key.revoke after the trail's newest record (later than the clock after it went back).
+    const revokedAtMs = this.#changeMs();
     let rotation;
     try {
       rotation = await this.#unsure(
-        () => this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs),
+        () => this.deps.store.rotateKey(id, successor, graceEndsAtMs, nowMs, revokedAtMs),
         () => [
           this.#record(actor, "key.rotate", id, old.ownerId, changes),
           this.#record(actor, "key.create", record.id, old.ownerId, issued),
-          ...earlier.map((key) => this.#record(actor, "key.revoke", key.id, key.ownerId, ended, revocation(key.id, nowMs))),
+          ...earlier.map((key) => this.#record(actor, "key.revoke", key.id, key.ownerId, ended, revocation(key.id, revokedAtMs))),
         ],
         [{ kind: "key", hash: old.hash }, ...earlier.map((key): Invalidation => ({ kind: "key", hash: key.hash }))],
       );

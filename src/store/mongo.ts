@@ -1401,7 +1401,7 @@ export class MongoKeyStore implements KeyStore {
     });
   }
 
-  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
+  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number, revokedAtMs = nowMs): Promise<Rotation> {
     return guarded(async () => {
       const now = new Date(nowMs);
       // The slot passes from the old key to the new one: the old key stops counting, the new one
@@ -1431,7 +1431,7 @@ export class MongoKeyStore implements KeyStore {
       // revoked already, stays revoked, as that retry would leave it, and is in that retry's `ended`).
       let ended: KeyRecord[];
       try {
-        ended = await this.#endGraceFor(previous, nowMs);
+        ended = await this.#endGraceFor(previous, nowMs, revokedAtMs);
       } catch (error) {
         await this.#undoRotation(previous, next.id).catch(() => undefined);
         throw error;
@@ -1467,13 +1467,13 @@ export class MongoKeyStore implements KeyStore {
    * refused), which find no key in grace now. A key is rotated once, so they are all this
    * rotation's, and each answer tells the caches of them.
    */
-  async #endGraceFor(rotated: KeyDoc, nowMs: number): Promise<KeyRecord[]> {
+  async #endGraceFor(rotated: KeyDoc, nowMs: number, revokedAtMs: number): Promise<KeyRecord[]> {
     const now = new Date(nowMs);
     // By owner, so the owner_state index finds them.
     const inGrace = await this.#keys
       .find({ owner_id: rotated.owner_id, revoked_at: null, rotated_to_id: rotated._id, grace_ends_at: { $gt: now }, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] }, { _id: 1 })
       .lean<Array<Pick<KeyDoc, "_id">>>();
-    for (const { _id } of inGrace) await this.revokeKey(_id, nowMs, CHAIN_GRACE_ENDED);
+    for (const { _id } of inGrace) await this.revokeKey(_id, revokedAtMs, CHAIN_GRACE_ENDED);
     // Revoked since the rotated key's issue (no rotation of it came before): the index's range.
     const ended = await this.#keys
       .find({ owner_id: rotated.owner_id, revoked_at: { $gte: rotated.created_at }, rotated_to_id: rotated._id, revoke_reason: CHAIN_GRACE_ENDED })

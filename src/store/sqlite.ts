@@ -671,7 +671,7 @@ export class SqliteKeyStore implements KeyStore {
     return row === undefined ? null : toKey(row);
   }
 
-  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation> {
+  async rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number, revokedAtMs = nowMs): Promise<Rotation> {
     return this.#transaction(() => {
       const row = this.#getKeyRow(previousId);
       if (row === undefined) throw new ConflictError(`key ${previousId} does not exist`);
@@ -684,12 +684,12 @@ export class SqliteKeyStore implements KeyStore {
       this.#stmt.markRotated.run(next.id, graceEndsAtMs, immediate ? nowMs : null, immediate ? "rotated" : null, previousId);
       const updated = this.#getKeyRow(previousId);
       if (updated === undefined) throw new ConflictError(`key ${previousId} vanished during rotation`);
-      return { next, previous: toKey(updated), ended: this.#endGraceFor(previous, nowMs) };
+      return { next, previous: toKey(updated), ended: this.#endGraceFor(previous, nowMs, revokedAtMs) };
     });
   }
 
   /** Inside a rotation of `rotated`: revokes the keys still in grace from rotating to it (an earlier link of the chain). */
-  #endGraceFor(rotated: KeyRecord, nowMs: number): KeyRecord[] {
+  #endGraceFor(rotated: KeyRecord, nowMs: number, revokedAtMs: number): KeyRecord[] {
     // By owner, so the owner_state index finds them.
     const inGrace = this.#db
       .prepare("SELECT id FROM keys WHERE owner_id = ? AND revoked_at IS NULL AND rotated_to_id = ? AND grace_ends_at > ? AND (expires_at IS NULL OR expires_at > ?)")
@@ -697,7 +697,7 @@ export class SqliteKeyStore implements KeyStore {
     const ended: KeyRecord[] = [];
     for (const found of inGrace) {
       const keyId = text(found, "id");
-      this.#stmt.revoke.run(nowMs, CHAIN_GRACE_ENDED, keyId);
+      this.#stmt.revoke.run(revokedAtMs, CHAIN_GRACE_ENDED, keyId);
       const row = this.#getKeyRow(keyId);
       if (row !== undefined) ended.push(toKey(row));
     }

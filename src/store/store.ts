@@ -352,8 +352,10 @@ export interface LifecycleStore {
    * keeps one key in grace: in the same transaction, or, where there is none (MongoDB), before the
    * new key is inserted, the old key's mark undone when that revoke fails, so no rotation is made
    * without it and the caller's retry finishes it (Rotation.ended: the keys it revoked, that retry's included).
+   * Keys are judged by `nowMs`, the clock's time; such a revoke is recorded at `revokedAtMs` (its
+   * audit record's time, never before the trail's newest: later than `nowMs` after the clock went back).
    */
-  rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number): Promise<Rotation>;
+  rotateKey(previousId: string, next: KeyRecord, graceEndsAtMs: number, nowMs: number, revokedAtMs?: number): Promise<Rotation>;
 }
 
 /** Credits and counted usage (the meters, the usage recorder, KeyAdmin's credit calls). */
