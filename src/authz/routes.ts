@@ -540,15 +540,22 @@ export class RouteTable {
   }
 
   /**
-   * The project a matched {project} route's path names: the segment as the upstream reads it
-   * (canonical, so unreserved escapes decoded and nothing else escaped to stand for "/"). Compared
-   * with the key's project exactly, even when matching ignores case: a differently cased project
-   * is refused, never guessed equal.
+   * The project a matched {project} route's path names, as the upstream reads it: the canonical
+   * segment (no escape in it stands for "/", "\\", "." or "%", and its UTF-8 is well formed)
+   * percent-decoded, as every router decodes a path parameter ("team%3Aa" is project "team:a").
+   * Compared with the key's project exactly, even when matching ignores case: a differently cased
+   * project is refused, never guessed equal.
    */
   #pathProject(entry: Entry, rawPath: string): string | RouteRefusal {
     const path = canonicalPath(rawPath);
     if (path instanceof RouteRefusal) return path;
-    return path.slice(entry.head.length + 1, projectEnd(path, entry.head.length));
+    const segment = path.slice(entry.head.length + 1, projectEnd(path, entry.head.length));
+    if (!segment.includes("%")) return segment;
+    try {
+      return decodeURIComponent(segment);
+    } catch {
+      return PATH_REFUSALS.malformedEscape;
+    }
   }
 
   /**
