@@ -1474,9 +1474,10 @@ export class MongoKeyStore implements KeyStore {
       .find({ owner_id: rotated.owner_id, revoked_at: null, rotated_to_id: rotated._id, grace_ends_at: { $gt: now }, $or: [{ expires_at: null }, { expires_at: { $gt: now } }] }, { _id: 1 })
       .lean<Array<Pick<KeyDoc, "_id">>>();
     for (const { _id } of inGrace) await this.revokeKey(_id, revokedAtMs, CHAIN_GRACE_ENDED);
-    // Revoked since the rotated key's issue (no rotation of it came before): the index's range.
+    // Revoked, in the index's range, and by no clock: the rotated key's issue time came from
+    // another replica's clock, and a revoke from a replica running behind it would be left out.
     const ended = await this.#keys
-      .find({ owner_id: rotated.owner_id, revoked_at: { $gte: rotated.created_at }, rotated_to_id: rotated._id, revoke_reason: CHAIN_GRACE_ENDED })
+      .find({ owner_id: rotated.owner_id, revoked_at: { $ne: null }, rotated_to_id: rotated._id, revoke_reason: CHAIN_GRACE_ENDED })
       .sort({ _id: 1 })
       .lean<KeyDoc[]>();
     return ended.map(toKey);
