@@ -445,7 +445,8 @@ describe("keygate accounts, usage and audit: happy", { timeout: 60_000 }, () => 
           actor: expect.stringMatching(/^tok_[0-9a-f]{8}$/),
           action: "account.upsert",
           ownerId: "cli-audit",
-          changes: { plan: '"pro"' },
+          // A new account's record holds the plan, status and role it was given.
+          changes: { plan: '"pro"', role: '"standard"', subscription_status: '"active"' },
           source: expect.any(String),
         },
         {
