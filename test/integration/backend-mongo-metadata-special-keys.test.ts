@@ -70,7 +70,11 @@ describe.runIf(mongoReady)("MongoDB keeps every metadata key KeyAdmin accepts", 
     if (connection === undefined) throw new Error("no connection");
     const record = testKeyRecord("meta-shape", Date.UTC(2026, 11, 7), { rateLimit: { limit: 5, windowSeconds: 60 }, expiresAtMs: Date.UTC(2027, 0, 1), projectId: "p1" });
     await kg.app.store.createKey(record, { maxActiveKeysFor: () => 5, accountDefaults: { plan: "business", subscriptionStatus: "active", role: "standard" }, nowMs: Date.now() });
-    await connection.model("KeyByCreate", keySchema, "keys_by_create").create(keyDocument(record, true));
+    const byCreate = connection.model("KeyByCreate", keySchema, "keys_by_create");
+    // The model creates its collection and indexes in the background (mongoose's autoCreate and
+    // autoIndex); an insert racing them made the MongoDB-wire server fail with "Unknown error".
+    await byCreate.init();
+    await byCreate.create(keyDocument(record, true));
     const db = connection.db;
     if (db === undefined) throw new Error("no database");
     const [inserted, created] = await Promise.all([db.collection("keys").findOne({ _id: record.id as never }), db.collection("keys_by_create").findOne({ _id: record.id as never })]);
