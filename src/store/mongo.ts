@@ -741,6 +741,9 @@ export class MongoKeyStore implements KeyStore {
       heartbeatFrequencyMS: 2000,
       socketTimeoutMS: 10_000,
       autoIndex: false,
+      // Collections are made by #createIndexes and the first insert; mongoose's background
+      // createCollection per model would race them, and write on a dry run.
+      autoCreate: false,
       monitorCommands: onCommandStarted !== undefined,
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
@@ -763,7 +766,7 @@ export class MongoKeyStore implements KeyStore {
 
   /** The steps `uri`'s database still needs, read without writing anything (`keygate migrate --dry-run`). */
   static async pendingAt(uri: string, options: Pick<MongoConnectOptions, "serverSelectionTimeoutMs"> = {}): Promise<SchemaStep[]> {
-    const connection = mongoose.createConnection(uri, { bufferCommands: false, serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000, autoIndex: false });
+    const connection = mongoose.createConnection(uri, { bufferCommands: false, serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000, autoIndex: false, autoCreate: false });
     try {
       await guarded(() => connection.asPromise());
       return await guarded(() => new MongoKeyStore(connection).pendingMigrations());

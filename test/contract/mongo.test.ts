@@ -276,6 +276,21 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
     });
   });
 
+  describe("MongoKeyStore.pendingAt (keygate migrate --dry-run)", () => {
+    it("on an empty database lists every step and creates no collection", async () => {
+      const uri = started().uri.replace(/\/([^/?]+)(\?|$)/, "/$1_dry_run$2");
+      const client = new mongoose.mongo.MongoClient(uri, { serverSelectionTimeoutMS: 3000 });
+      await client.connect();
+      try {
+        const pending = await MongoKeyStore.pendingAt(uri);
+        expect(pending.map((step) => step.version)).toEqual(Array.from({ length: MONGO_SCHEMA_VERSION }, (_, i) => i + 1));
+        expect((await client.db().listCollections().toArray()).map((c) => c.name)).toEqual([]);
+      } finally {
+        await client.close();
+      }
+    });
+  });
+
   describe("MongoKeyStore's pepper check and key prefix, kept in the keygate_schema document", () => {
     it("is added beside the schema version, which stays as it was: a version-only reader (the release before) sees the same document", async () => {
       // A database of its own: the contract's claims its check once.
