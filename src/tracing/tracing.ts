@@ -88,9 +88,14 @@ function copied(text: string): string {
 /** The most of a request method a span or a log line keeps (a proxy may pass one of 60 KiB). */
 export const MAX_LOGGED_METHOD = 32;
 
-/** The request method as a span or a log line keeps it: cut to MAX_LOGGED_METHOD characters. */
+/**
+ * The request method as a span or a log line keeps it: cut to MAX_LOGGED_METHOD characters, with
+ * anything shaped like a secret replaced (Envoy passes the client's method as it came, and nginx's
+ * X-Original-Method too, so a client's key can arrive as the method; spans never pass the log's
+ * scrubber).
+ */
 export function methodOnly(method: string): string {
-  return method.length > MAX_LOGGED_METHOD ? `${method.slice(0, MAX_LOGGED_METHOD)}…` : method;
+  return redactText(method.length > MAX_LOGGED_METHOD ? `${method.slice(0, MAX_LOGGED_METHOD)}…` : method);
 }
 
 /**
