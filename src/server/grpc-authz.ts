@@ -28,6 +28,7 @@ import {
 } from "../gen/grpc/health/v1/health_pb.js";
 import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
 import { create } from "@bufbuild/protobuf";
+import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 import type { Socket } from "node:net";
@@ -248,10 +249,12 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
 
   function fail(error: unknown, startedAt: number, request: DecodedCheckRequest, headers: HeaderBag, trace: DecisionTrace | undefined): void {
-    metrics.recordCheck("grpc", "UNAVAILABLE", startedAt, performance.now());
+    const reason = failureReason(error);
+    metrics.recordCheck("grpc", reason, startedAt, performance.now());
     // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
     // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
-    logger.warn({ err: error }, "check could not be decided");
+    if (reason === "INTERNAL") logger.error({ err: error, requestId: requestIdOf(request, headers) }, "check could not be decided");
+    else logger.warn({ err: error }, "check could not be decided");
     if (trace !== undefined) tracer?.fail(trace, error);
     if (accessLog !== undefined) {
       const http = request.attributes?.request?.http;

@@ -761,7 +761,11 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       // checkAll answers its own failures; were anything else to throw, no Check of the batch is
       // left waiting for its deadline.
       logger.error({ err: error }, "checks could not be answered");
-      for (const call of targets) finish(call, UNAVAILABLE_HEADERS);
+      const now = performance.now();
+      for (const call of targets) {
+        if (!call.done) metrics.recordCheck("grpc", "INTERNAL", now, now);
+        finish(call, UNAVAILABLE_HEADERS);
+      }
     }
   }
 

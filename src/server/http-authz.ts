@@ -11,6 +11,7 @@ import type { HttpAuthzProxy } from "../config.js";
 import type { Decision, DecisionPipeline } from "../authz/pipeline.js";
 import { renderDeniedEcho, toHttpAnswer, unavailableAnswer, withDenialHeaders } from "../authz/to-http.js";
 import type { HttpAnswer } from "../authz/to-http.js";
+import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
 import { closeHttpServer, listen } from "./http-lifecycle.js";
@@ -190,8 +191,10 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       }
     };
     const fail = (error: unknown): void => {
-      metrics.recordCheck("http", "UNAVAILABLE", startedAt, performance.now());
-      logger.warn({ err: error }, "check could not be decided");
+      const reason = failureReason(error);
+      metrics.recordCheck("http", reason, startedAt, performance.now());
+      if (reason === "INTERNAL") logger.error({ err: error, requestId }, "check could not be decided");
+      else logger.warn({ err: error }, "check could not be decided");
       if (trace !== undefined) tracer?.fail(trace, error);
       if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt);
       reply(unavailableAnswer(requestId));

@@ -2,6 +2,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom
 import type { LookupObserver } from "../cache/lookup.js";
 import { LISTENER_NAMES } from "../config.js";
 import type { ListenerId } from "../config.js";
+import { StoredValueError } from "../store/stored-values.js";
 import { OneLabelHistogram } from "./histogram.js";
 
 // Sub-millisecond buckets: a cached Check takes tens of microseconds.
@@ -54,6 +55,18 @@ class CountCells<L extends string> {
       }
     }
   }
+}
+
+/**
+ * What a Check that could not be decided is counted as. It is answered UNAVAILABLE either way (fail
+ * closed; the proxy's failure_mode_allow decides), but only a backend that failed or a deadline is
+ * an outage: a programming error (TypeError and its kin) or a stored value keygate never writes is
+ * a defect, counted INTERNAL so KeygateCheckErrors fires, and logged at level 50.
+ */
+export function failureReason(error: unknown): "UNAVAILABLE" | "INTERNAL" {
+  const defect =
+    error instanceof TypeError || error instanceof RangeError || error instanceof ReferenceError || error instanceof SyntaxError || error instanceof EvalError || error instanceof StoredValueError;
+  return defect ? "INTERNAL" : "UNAVAILABLE";
 }
 
 function decisionOf(reason: string): string {
@@ -196,7 +209,7 @@ export class Metrics implements LookupObserver {
     });
   }
 
-  /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" an error. */
+  /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" and "INTERNAL" errors. */
   recordCheck(mode: "grpc" | "http", reason: string, startedAtMs: number, endedAtMs: number): void {
     this.#checkCounts.add(mode, reason);
     this.#checkDuration.cell(mode).observe((endedAtMs - startedAtMs) / 1000);
