@@ -42,6 +42,11 @@ export interface Allow {
   limits: ChargeResult | null;
   /** The key's metadata the policy forwards, as [x-keygate-meta-<name>, value]; usually none. */
   forwarded: ReadonlyArray<readonly [string, string]>;
+  /**
+   * The header of every entry the policy forwards, the key's or not: the HTTP answer sends each,
+   * empty where the key has no value, for proxies that copy a fixed list of names.
+   */
+  forwardHeaders?: readonly string[];
 }
 
 /** A refused request. Denials are data; failures are thrown. */
@@ -156,6 +161,8 @@ class PolicyVersion {
   readonly presentCredentials: PresentCredentialHeaders;
   /** [metadata name, header name] of each forwarded entry. */
   readonly forward: ReadonlyArray<readonly [string, string]>;
+  /** The header names of `forward`. */
+  readonly forwardHeaders: readonly string[];
   /** lastUsedResolutionSeconds in milliseconds (recordUse). */
   readonly lastUsedResolutionMs: number;
   /** Every quota name some plan lists: a route (or the proxy) naming another is misconfigured. */
@@ -172,6 +179,7 @@ class PolicyVersion {
     if (!this.plans.has(policy.defaultPlan)) throw new Error(`default plan "${policy.defaultPlan}" is not configured`);
     this.presentCredentials = new PresentCredentialHeaders(credentialHeaders);
     this.forward = (policy.forwardMetadata ?? []).map((name) => [name, `${METADATA_HEADER_PREFIX}${name}`] as const);
+    this.forwardHeaders = this.forward.map(([, header]) => header);
     this.lastUsedResolutionMs = (policy.lastUsedResolutionSeconds ?? DEFAULT_LAST_USED_RESOLUTION_SECONDS) * 1000;
     this.quotaNames = new Set(Object.values(policy.plans).flatMap((p) => Object.keys(p.quotas)));
     this.scopeCatalog = new Set(policy.scopes.catalog);
@@ -371,7 +379,7 @@ export class DecisionPipeline {
     }
     // #refusal refuses every account whose plan the policy does not have.
     if (plan === undefined) throw new Error(`plan "${snapshot.account.plan}" is not configured, yet it was not refused`);
-    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot) };
+    if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot), forwardHeaders: v.forwardHeaders };
     const limitsInput = this.#chargeInput(v, snapshot, plan, route, nowMs);
     const charged = this.#charge(limitsInput, trace);
     if (!(charged instanceof Promise)) return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
@@ -512,7 +520,7 @@ export class DecisionPipeline {
       const test = snapshot.key.mode === "test";
       this.#count(snapshot, nowMs, route.metered ? allowedOutcome(snapshot.key.mode, test ? null : route.quota) : ALLOWED_UNMETERED, spent);
       recordUse(this.deps.lastUsed, snapshot.key, nowMs, v.lastUsedResolutionMs);
-      return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(v, snapshot) };
+      return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(v, snapshot), forwardHeaders: v.forwardHeaders };
     }
     this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);
     const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));

@@ -19,6 +19,9 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
     // headers (Caddy's copy_headers) must not be left to copy a client-sent value or nothing.
     headers["x-keygate-project-id"] ??= "";
     for (const [name, value] of decision.forwarded) headers[name] = value;
+    // Each forwarded name too, empty where the key has no value (or one keygate will not put in a
+    // header): Caddy 2.6 copies a listed name the answer lacks as its placeholder text.
+    if (decision.forwardHeaders !== undefined) for (const name of decision.forwardHeaders) headers[name] ??= "";
     const remove = headersToRemove(clientHeaderNames, grantedHeaderNames(decision.snapshot, decision.forwarded), decision.credentialHeaders);
     // Envoy's HTTP ext_authz service reads this list and strips the headers before upstream.
     if (remove.length > 0) headers["x-envoy-auth-headers-to-remove"] = remove.join(",");
