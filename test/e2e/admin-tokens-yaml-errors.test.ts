@@ -1,13 +1,11 @@
-import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { stringify } from "yaml";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import { postJson } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
-import { serveUntilExit, spawnKeygate } from "../harness/process.js";
+import { serveUntilExit, spawnedKeygates, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
 // README (Operations): a broken edit of the admin tokens file "logs one line (... naming the file
@@ -28,18 +26,7 @@ const POLL = { intervalMs: 50 } as const;
 const withUnquotedToken = (token: string): string =>
   `tokens:\n  - name: ops\n    token: ${OPS.token}\n    permissions: [keys:read]\n  - name: billing\n    token: ${token}\n    permissions: [verify]\n`;
 
-const dirs: string[] = [];
-const children = new Set<ChildProcess>();
-afterAll(() => {
-  for (const child of children) child.kill("SIGKILL");
-  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
-});
-
-function tempDir(): string {
-  const dir = mkdtempSync(join(tmpdir(), "keygate-tokens-yaml-"));
-  dirs.push(dir);
-  return dir;
-}
+const { children, tempDir } = spawnedKeygates("keygate-tokens-yaml-");
 
 describe("a broken admin tokens file on reload.security", { timeout: 90_000 }, () => {
   let dir: string;

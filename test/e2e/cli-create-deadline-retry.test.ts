@@ -1,7 +1,6 @@
-import { execFile } from "node:child_process";
-import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { builtCli } from "../harness/built-cli.js";
+import { builtCli, runBuiltCli } from "../harness/built-cli.js";
+import type { CliResult } from "../harness/built-cli.js";
 import { ADMIN_TOKEN, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { TcpRelay } from "../harness/tcp-relay.js";
@@ -12,30 +11,14 @@ import { TcpRelay } from "../harness/tcp-relay.js";
 // and the first one's secret was never shown to anyone. Now a write a repeat would do twice says
 // how to check whether keygate did it; reads, and writes a repeat leaves as they are, say "retry".
 
-const root = resolve(import.meta.dirname, "../..");
 // Short, so the test waits 2 s instead of the default 30 s for each deadline.
 const CALL_TIMEOUT = ["--call-timeout", "2"];
 let kg: TestKeygate;
 let slow: TcpRelay;
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
+/** Runs `keygate <args>` against `url`. */
 function cli(url: string, args: readonly string[]): Promise<CliResult> {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
-  Object.assign(env, { KEYGATE_URL: url, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN });
-  return new Promise((done, fail) => {
-    const child = execFile(process.execPath, [builtCli(), ...args], { env, cwd: root, timeout: 60_000 }, (error, stdout, stderr) => {
-      if (error === null) done({ code: 0, stdout, stderr });
-      else if (typeof error.code === "number") done({ code: error.code, stdout, stderr });
-      else fail(new Error(`keygate ${args.join(" ")} did not exit normally (${error.message}):\n${stdout}\n${stderr}`));
-    });
-    child.stdin?.end();
-  });
+  return runBuiltCli(args, { url, adminToken: ADMIN_TOKEN, timeoutMs: 60_000 });
 }
 
 /** Runs the CLI through the relay that holds every answer past the deadline. */

@@ -1,7 +1,6 @@
-import { execFile } from "node:child_process";
-import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { builtCli } from "../harness/built-cli.js";
+import { builtCli, runBuiltCli } from "../harness/built-cli.js";
+import type { CliResult } from "../harness/built-cli.js";
 import { ADMIN_TOKEN, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
@@ -10,27 +9,11 @@ import type { TestKeygate } from "../harness/keygate.js";
 // keygate's log", blaming a server that logged nothing, or "aborted: read ECONNRESET" with no
 // advice. A connection that breaks is the client's failure: the hint says so and names the port.
 
-const root = resolve(import.meta.dirname, "../..");
 let kg: TestKeygate;
 
-interface CliResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
+/** Runs `keygate <args>` against `url`. */
 function cli(url: string, args: readonly string[]): Promise<CliResult> {
-  const env: NodeJS.ProcessEnv = {};
-  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
-  Object.assign(env, { KEYGATE_URL: url, KEYGATE_ADMIN_TOKEN: ADMIN_TOKEN });
-  return new Promise((done, fail) => {
-    const child = execFile(process.execPath, [builtCli(), ...args], { env, cwd: root, timeout: 20_000 }, (error, stdout, stderr) => {
-      if (error === null) done({ code: 0, stdout, stderr });
-      else if (typeof error.code === "number") done({ code: error.code, stdout, stderr });
-      else fail(new Error(`keygate ${args.join(" ")} did not exit normally (${error.message}):\n${stdout}\n${stderr}`));
-    });
-    child.stdin?.end();
-  });
+  return runBuiltCli(args, { url, adminToken: ADMIN_TOKEN, timeoutMs: 20_000 });
 }
 
 beforeAll(async () => {

@@ -1,12 +1,9 @@
-import type { ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { stringify } from "yaml";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { postJson } from "../harness/keygate.js";
-import { serveUntilExit, spawnKeygate } from "../harness/process.js";
-import type { KeygateProcess } from "../harness/process.js";
+import { serveUntilExit, spawnedKeygates, spawnKeygate } from "../harness/process.js";
 
 // The embedded store's data/admin-token is a token that may do everything. With
 // KEYGATE_ADMIN_TOKENS_FILE alone, the file's scoped tokens are the only admin tokens, as with
@@ -21,23 +18,7 @@ const GENERATED_MSG = "keygate generated an admin token";
 const IGNORED_MSG = "the admin token file is ignored: with KEYGATE_ADMIN_TOKENS_FILE and no KEYGATE_ADMIN_TOKENS, that file's scoped tokens are the only admin tokens; delete it";
 const WEAK_MSG = "the admin token file is weaker than a generated one; keygate uses it";
 
-const running: KeygateProcess[] = [];
-const children = new Set<ChildProcess>();
-const dirs: string[] = [];
-afterAll(async () => {
-  for (const child of children) child.kill("SIGKILL");
-  await Promise.all(running.map((p) => p.stop("SIGKILL").catch(() => null)));
-  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
-});
-
-/** A fresh directory with an empty, owner-only data directory in it. */
-function tempDataDir(): { dir: string; dataDir: string } {
-  const dir = mkdtempSync(join(tmpdir(), "keygate-admin-token-file-"));
-  dirs.push(dir);
-  const dataDir = join(dir, "data");
-  mkdirSync(dataDir, { mode: 0o700 });
-  return { dir, dataDir };
-}
+const { running, children, tempDataDir } = spawnedKeygates("keygate-admin-token-file-");
 
 /** A tokens file holding only the scoped dashboard token. */
 function scopedTokensFile(dir: string): string {

@@ -1,14 +1,11 @@
-import { spawn } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { readFileSync } from "node:fs";
+import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { TEST_POLICY, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
-import { binaryAvailable, startEchoUpstream } from "../harness/proxies.js";
+import { binaryAvailable, startCaddy, startEchoUpstream } from "../harness/proxies.js";
 import type { EchoedRequest, RunningProxy } from "../harness/proxies.js";
-import { freePort, requireServer, waitForPort } from "../harness/ports.js";
+import { requireServer } from "../harness/ports.js";
 
 // README "The decision": with forwardMetadata, add each forwarded name to Caddy's copy_headers
 // line (X-Keygate-Meta-Team). Caddy 2.6 (the shipped Caddyfile's own comment) copies a listed
@@ -17,39 +14,6 @@ import { freePort, requireServer, waitForPort } from "../harness/ports.js";
 // "{http.reverse_proxy.header.X-Keygate-Meta-Team}". The HTTP answer now carries every forwarded
 // name, empty where the key has no value, as it does x-keygate-project-id.
 const available = requireServer("caddy", binaryAvailable("caddy", ["version"]), "apt-get install caddy");
-
-async function startCaddyWith(config: string, keygatePort: number, upstreamPort: number): Promise<RunningProxy> {
-  const dir = mkdtempSync(join(tmpdir(), "keygate-caddy-meta-"));
-  const port = await freePort();
-  writeFileSync(join(dir, "Caddyfile"), config);
-  let stderr = "";
-  const child: ChildProcess = spawn("caddy", ["run", "--config", join(dir, "Caddyfile"), "--adapter", "caddyfile"], {
-    stdio: ["ignore", "ignore", "pipe"],
-    env: {
-      ...process.env,
-      HOME: dir,
-      XDG_DATA_HOME: dir,
-      XDG_CONFIG_HOME: dir,
-      LISTEN_PORT: String(port),
-      KEYGATE_HTTP_AUTHZ: `127.0.0.1:${keygatePort}`,
-      API_UPSTREAM: `127.0.0.1:${upstreamPort}`,
-    },
-  });
-  child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
-  await waitForPort(port, 15_000, () => stderr);
-  return {
-    port,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) {
-        await new Promise<void>((done) => {
-          child.once("exit", () => done());
-          child.kill("SIGTERM");
-        });
-      }
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
 
 describe.runIf(available)("forwarded metadata behind Caddy, configured as the README says", () => {
   let kg: TestKeygate;
@@ -63,7 +27,7 @@ describe.runIf(available)("forwarded metadata behind Caddy, configured as the RE
     const anchor = "copy_headers X-Keygate-Key-Id ";
     expect(shipped).toContain(anchor);
     // README: "and `X-Keygate-Meta-Team` on Caddy's `copy_headers` line".
-    proxy = await startCaddyWith(shipped.replace(anchor, `${anchor}X-Keygate-Meta-Team `), kg.ports.http, upstream.port);
+    proxy = await startCaddy(kg.ports.http, upstream.port, { caddyfile: shipped.replace(anchor, `${anchor}X-Keygate-Meta-Team `) });
   }, 60_000);
   afterAll(async () => {
     await proxy?.stop();

@@ -1,11 +1,8 @@
-import type { ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { existsSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
-import { embeddedEnv, serveUntilExit, spawnKeygate } from "../harness/process.js";
-import type { KeygateProcess } from "../harness/process.js";
+import { embeddedEnv, serveUntilExit, spawnedKeygates, spawnKeygate } from "../harness/process.js";
 
 // KEYGATE_PEPPER must be at least 32 characters, but a data/pepper file shorter than that (written
 // by hand, or a restore gone wrong) may be the pepper a released keygate made its keys with: their
@@ -15,23 +12,7 @@ import type { KeygateProcess } from "../harness/process.js";
 // through (a Kubernetes Secret volume's files are links); a pepper path that cannot be read as a
 // file is refused, naming it.
 
-const running: KeygateProcess[] = [];
-const children = new Set<ChildProcess>();
-const dirs: string[] = [];
-afterAll(async () => {
-  for (const child of children) child.kill("SIGKILL");
-  await Promise.all(running.map((p) => p.stop("SIGKILL").catch(() => null)));
-  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
-});
-
-/** A fresh directory with an empty, owner-only data directory in it. */
-function tempDataDir(): { dir: string; dataDir: string } {
-  const dir = mkdtempSync(join(tmpdir(), "keygate-pepper-file-"));
-  dirs.push(dir);
-  const dataDir = join(dir, "data");
-  mkdirSync(dataDir, { mode: 0o700 });
-  return { dir, dataDir };
-}
+const { running, children, tempDataDir } = spawnedKeygates("keygate-pepper-file-");
 
 const SHORT_PEPPER = "short~pepper~7";
 const WEAK_PEPPER_MSG = "the pepper file is weaker than a generated one; keygate uses it, since the stored keys' hashes depend on it";

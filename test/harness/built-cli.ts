@@ -1,3 +1,4 @@
+import { execFile } from "node:child_process";
 import { existsSync, readdirSync, statSync } from "node:fs";
 import { join, relative, resolve } from "node:path";
 
@@ -36,4 +37,30 @@ export function builtCli(): string {
   if (stale !== null) throw new Error(`${stale}: tests spawn the compiled CLI; run \`npm run build\` first`);
   checked = true;
   return BUILT_CLI;
+}
+
+/** What a CLI run printed, and the code it exited with. */
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs the built `keygate <args>` against `url` with `adminToken`, from the repository root and with
+ * stdin closed. Inherited KEYGATE_* variables are dropped, so only these two reach it. Resolves
+ * on any exit code; rejects when the CLI did not exit by itself (killed after `timeoutMs`).
+ */
+export function runBuiltCli(args: readonly string[], options: { url: string; adminToken: string; timeoutMs: number }): Promise<CliResult> {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) if (!name.startsWith("KEYGATE_")) env[name] = value;
+  Object.assign(env, { KEYGATE_URL: options.url, KEYGATE_ADMIN_TOKEN: options.adminToken });
+  return new Promise((done, fail) => {
+    const child = execFile(process.execPath, [builtCli(), ...args], { env, cwd: root, timeout: options.timeoutMs }, (error, stdout, stderr) => {
+      if (error === null) done({ code: 0, stdout, stderr });
+      else if (typeof error.code === "number") done({ code: error.code, stdout, stderr });
+      else fail(new Error(`keygate ${args.join(" ")} did not exit normally (${error.message}):\n${stdout}\n${stderr}`));
+    });
+    child.stdin?.end();
+  });
 }

@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { connect } from "node:http2";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { stringify } from "yaml";
@@ -154,6 +155,49 @@ export async function postJson(port: number, method: string, body: unknown, toke
     body: typeof body === "string" ? body : JSON.stringify(body),
   });
   return { status: res.status, json: (await res.json()) as Record<string, unknown> };
+}
+
+/** A gRPC or gRPC-Web message frame of `json`: flag 0, its length, then the bytes. */
+export function grpcFrame(json: string): Buffer {
+  const data = Buffer.from(json);
+  const head = Buffer.alloc(5);
+  head.writeUInt32BE(data.length, 1);
+  return Buffer.concat([head, data]);
+}
+
+/** A KeyAdmin call over gRPC with the JSON codec: the grpc-status and the decoded grpc-message it ended with. */
+export async function grpcJsonCall(port: number, method: string, json: string): Promise<{ status: string; message: string }> {
+  const session = connect(`http://127.0.0.1:${port}`);
+  try {
+    return await new Promise<{ status: string; message: string }>((resolve, reject) => {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": `/keygate.v1.KeyAdmin/${method}`,
+        "content-type": "application/grpc+json",
+        te: "trailers",
+        authorization: `Bearer ${ADMIN_TOKEN}`,
+      });
+      let headers: Record<string, unknown> = {};
+      stream.on("response", (h) => (headers = h));
+      stream.on("trailers", (t) => (headers = { ...headers, ...t }));
+      stream.on("data", () => undefined);
+      stream.on("error", reject);
+      stream.on("close", () => resolve({ status: String(headers["grpc-status"]), message: decodeURIComponent(String(headers["grpc-message"])) }));
+      stream.end(grpcFrame(json));
+    });
+  } finally {
+    session.close();
+  }
+}
+
+/** A KeyAdmin call over gRPC-Web with the JSON codec: the whole response body, frames and all. */
+export async function grpcWebJsonCall(port: number, method: string, json: string): Promise<Buffer> {
+  const res = await fetch(`http://127.0.0.1:${port}/keygate.v1.KeyAdmin/${method}`, {
+    method: "POST",
+    headers: { "content-type": "application/grpc-web+json", authorization: `Bearer ${ADMIN_TOKEN}` },
+    body: grpcFrame(json),
+  });
+  return Buffer.from(await res.arrayBuffer());
 }
 
 /** A GET to the HTTP authz port's /check, as nginx or Caddy would send it. */

@@ -1,5 +1,9 @@
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll } from "vitest";
 import { z } from "zod";
 import { builtCli } from "./built-cli.js";
 
@@ -166,4 +170,44 @@ export function spawnKeygate(options: { cwd: string; env: Record<string, string>
       fail(new Error(`keygate exited with ${code}:\n${out}\n${err}`));
     });
   });
+}
+
+/** What a suite's spawned keygates leave behind until its afterAll. */
+export interface SpawnedKeygates {
+  /** Started keygates: the suite pushes each one, and its afterAll kills them (SIGKILL). */
+  running: KeygateProcess[];
+  /** For serveUntilExit: the children still running when the suite's afterAll kills them. */
+  children: Set<ChildProcess>;
+  /** A fresh directory; the suite's afterAll removes it. */
+  tempDir(): string;
+  /** A fresh directory with an empty, owner-only data directory in it; the suite's afterAll removes it. */
+  tempDataDir(): { dir: string; dataDir: string };
+}
+
+/** Registers the calling suite's afterAll that kills every keygate it spawns and removes every directory it makes (named from `tempPrefix`). */
+export function spawnedKeygates(tempPrefix: string): SpawnedKeygates {
+  const running: KeygateProcess[] = [];
+  const children = new Set<ChildProcess>();
+  const dirs: string[] = [];
+  afterAll(async () => {
+    for (const child of children) child.kill("SIGKILL");
+    await Promise.all(running.map((p) => p.stop("SIGKILL").catch(() => null)));
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+  const tempDir = (): string => {
+    const dir = mkdtempSync(join(tmpdir(), tempPrefix));
+    dirs.push(dir);
+    return dir;
+  };
+  return {
+    running,
+    children,
+    tempDir,
+    tempDataDir() {
+      const dir = tempDir();
+      const dataDir = join(dir, "data");
+      mkdirSync(dataDir, { mode: 0o700 });
+      return { dir, dataDir };
+    },
+  };
 }

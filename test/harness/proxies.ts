@@ -209,15 +209,19 @@ http {
 
 /**
  * Runs Caddy with deploy/caddy/Caddyfile, its placeholders filled from the environment; with
- * `tls`, its TLS variant, given the files through KEYGATE_CA_CERT and KEYGATE_CLIENT_CERT/KEY.
+ * `tls`, its TLS variant, given the files through KEYGATE_CA_CERT and KEYGATE_CLIENT_CERT/KEY;
+ * with `caddyfile`, that text instead (an edit of the shipped file), its placeholders filled the same way.
  */
-export async function startCaddy(keygateHttpPort: number, upstreamPort: number, options: { tls?: ProxyTls } = {}): Promise<RunningProxy> {
+export async function startCaddy(keygateHttpPort: number, upstreamPort: number, options: { tls?: ProxyTls; caddyfile?: string } = {}): Promise<RunningProxy> {
   const dir = mkdtempSync(join(tmpdir(), "keygate-caddy-"));
   const port = await freePort();
   let stderr = "";
   let config = join(deployDir, "caddy/Caddyfile");
   const tlsEnv: Record<string, string> = {};
-  if (options.tls !== undefined) {
+  if (options.caddyfile !== undefined) {
+    config = join(dir, "Caddyfile");
+    writeFileSync(config, options.caddyfile);
+  } else if (options.tls !== undefined) {
     config = join(dir, "Caddyfile");
     writeFileSync(config, tlsVariant(join(deployDir, "caddy/Caddyfile"), options.tls, []));
     tlsEnv["KEYGATE_CA_CERT"] = options.tls.caFile;

@@ -6,8 +6,9 @@ import { tmpdir } from "node:os";
 import { connect as tlsConnect } from "node:tls";
 import { delimiter, join } from "node:path";
 import { Redis } from "ioredis";
+import { afterAll, describe } from "vitest";
 import { until } from "./poll.js";
-import { freePort } from "./ports.js";
+import { freePort, suiteWithServer } from "./ports.js";
 
 /** A redis-server for tests, on a free port of 127.0.0.1, with persistence off. */
 export interface RedisServer {
@@ -432,4 +433,26 @@ export async function startRedisSentinel(): Promise<RedisSentinelSet | null> {
     await stop();
     throw error;
   }
+}
+
+/** What a suite's tests leave to close: its afterAll runs them last first. */
+export type Closers = Array<() => Promise<unknown> | void>;
+
+/**
+ * Starts a redis-server and declares `suite` as describe(`name`) over it, as suiteWithServer does
+ * (failing in CI, skipped elsewhere, when there is none). The suite's afterAll runs what its tests
+ * pushed to `closers`, last first, then stops the server.
+ */
+export async function suiteWithRedis(name: string, suite: (redisServer: RedisServer, closers: Closers) => void): Promise<void> {
+  const server = await startRedis();
+  suiteWithServer(name, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", (redisServer) => {
+    describe(name, () => {
+      const closers: Closers = [];
+      afterAll(async () => {
+        for (const close of closers.reverse()) await close();
+        await redisServer.stop();
+      });
+      suite(redisServer, closers);
+    });
+  });
 }

@@ -1,6 +1,5 @@
-import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterEach, describe, expect, it } from "vitest";
-import type { AuditEvent } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { newestMs, readAuditFrom, SETTLE_MARGIN_MS } from "../harness/audit-tail.js";
 import { TestClock } from "../harness/clock.js";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -10,24 +9,11 @@ import type { TestKeygate } from "../harness/keygate.js";
 // README's tailing exporter (re-read from newest seen − 5 min, or by page token) missed it. The
 // rotation's time is now never before the trail's newest, as a revoke's is.
 
-const SETTLE_MARGIN_MS = 5 * 60_000;
-
 let kg: TestKeygate | undefined;
 afterEach(async () => {
   await kg?.stop();
   kg = undefined;
 });
-
-async function readFrom(k: TestKeygate, ownerId: string, since: number): Promise<AuditEvent[]> {
-  const events: AuditEvent[] = [];
-  let pageToken = "";
-  do {
-    const page = await k.admin.listAuditEvents({ ownerId, since: timestampFromMs(since), pageSize: 50, pageToken });
-    events.push(...page.events);
-    pageToken = page.nextPageToken;
-  } while (pageToken !== "");
-  return events;
-}
 
 describe("a chain revoke after a 1 h clock step back", () => {
   it("is found by the exporter re-reading from the newest time seen minus the margin", async () => {
@@ -38,16 +24,16 @@ describe("a chain revoke after a 1 h clock step back", () => {
     await kg.admin.upsertAccount({ ownerId, plan: "business" });
     const a = await kg.admin.createKey({ ownerId, name: "k" });
     const b = await kg.admin.rotateKey({ id: a.key?.id ?? "", graceDays: 3 });
-    const before = await readFrom(kg, ownerId, 0);
+    const before = await readAuditFrom(kg, ownerId, 0);
     const seen = new Set(before.map((e) => e.id));
-    const newest = Math.max(...before.map((e) => timestampMs(e.time ?? timestampFromMs(0))));
+    const newest = newestMs(before);
 
     clock.freeze("2027-05-20T09:00:00.000Z");
     await kg.admin.rotateKey({ id: b.key?.id ?? "", graceDays: 3 });
-    const all = await readFrom(kg, ownerId, 0);
+    const all = await readAuditFrom(kg, ownerId, 0);
     expect(all.filter((e) => e.action === "key.revoke").map((e) => e.keyId)).toEqual([a.key?.id]);
 
-    const fresh = (await readFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
+    const fresh = (await readAuditFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
     expect(fresh.map((e) => [e.action, e.keyId]).sort()).toEqual(
       [["key.rotate", b.key?.id], ["key.create", expect.any(String)], ["key.revoke", a.key?.id]].sort(),
     );

@@ -1,6 +1,6 @@
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterEach, describe, expect, it } from "vitest";
-import type { AuditEvent } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { newestMs, readAuditFrom, SETTLE_MARGIN_MS } from "../harness/audit-tail.js";
 import { TestClock } from "../harness/clock.js";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -13,28 +13,11 @@ import type { TestKeygate } from "../harness/keygate.js";
 // takes its time no earlier than the last id's. And a process started after the step back seeds
 // its ids from the trail's newest, so its records still sort after the earlier ones.
 
-const SETTLE_MARGIN_MS = 5 * 60_000;
-
 let kg: TestKeygate | undefined;
 afterEach(async () => {
   await kg?.stop();
   kg = undefined;
 });
-
-async function readFrom(k: TestKeygate, ownerId: string, since: number): Promise<AuditEvent[]> {
-  const events: AuditEvent[] = [];
-  let pageToken = "";
-  do {
-    const page = await k.admin.listAuditEvents({ ownerId, since: timestampFromMs(since), pageSize: 50, pageToken });
-    events.push(...page.events);
-    pageToken = page.nextPageToken;
-  } while (pageToken !== "");
-  return events;
-}
-
-function newestMs(events: readonly AuditEvent[]): number {
-  return Math.max(...events.map((e) => timestampMs(e.time ?? timestampFromMs(0))));
-}
 
 describe("audit tailing across a wall-clock step back: records named after their change", () => {
   it("a RevokeKey after a 1 h step back is found by the exporter re-reading from newest seen minus the margin", async () => {
@@ -44,17 +27,17 @@ describe("audit tailing across a wall-clock step back: records named after their
     const ownerId = "audit-back-revoke";
     await kg.admin.upsertAccount({ ownerId, plan: "business" });
     const created = await kg.admin.createKey({ ownerId, name: "k" });
-    const seen = new Set((await readFrom(kg, ownerId, 0)).map((e) => e.id));
-    const newest = newestMs(await readFrom(kg, ownerId, 0));
+    const seen = new Set((await readAuditFrom(kg, ownerId, 0)).map((e) => e.id));
+    const newest = newestMs(await readAuditFrom(kg, ownerId, 0));
 
     clock.freeze("2027-05-20T09:00:00.000Z");
     await kg.admin.revokeKey({ id: created.key?.id ?? "", reason: "leaked" });
     // The revocation (the key's revoked_at and its record) takes the last record's time, not 09:00.
-    const revoke = (await readFrom(kg, ownerId, 0)).find((e) => e.action === "key.revoke");
+    const revoke = (await readAuditFrom(kg, ownerId, 0)).find((e) => e.action === "key.revoke");
     expect(revoke === undefined ? null : new Date(timestampMs(revoke.time ?? timestampFromMs(0))).toISOString()).toBe("2027-05-20T10:00:00.000Z");
     expect((await kg.admin.getKey({ id: created.key?.id ?? "" })).key?.revokedAt).toEqual(timestampFromMs(newest));
 
-    const fresh = (await readFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
+    const fresh = (await readAuditFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
     expect(fresh.map((e) => [e.action, e.keyId])).toEqual([["key.revoke", created.key?.id]]);
   });
 
@@ -64,16 +47,16 @@ describe("audit tailing across a wall-clock step back: records named after their
     kg = await startKeygate({ clock });
     const ownerId = "audit-back-topup";
     await kg.admin.upsertAccount({ ownerId, plan: "business" });
-    const seen = new Set((await readFrom(kg, ownerId, 0)).map((e) => e.id));
-    const newest = newestMs(await readFrom(kg, ownerId, 0));
+    const seen = new Set((await readAuditFrom(kg, ownerId, 0)).map((e) => e.id));
+    const newest = newestMs(await readAuditFrom(kg, ownerId, 0));
 
     clock.freeze("2027-05-20T09:00:00.000Z");
     await kg.admin.addCredits({ ownerId, amount: 100n, reason: "order 1", idempotencyKey: "order-1" });
     // A retry finds the stored top-up and its time, so names the same record: still one.
     await kg.admin.addCredits({ ownerId, amount: 100n, reason: "order 1", idempotencyKey: "order-1" });
-    expect((await readFrom(kg, ownerId, 0)).filter((e) => e.action === "credits.add")).toHaveLength(1);
+    expect((await readAuditFrom(kg, ownerId, 0)).filter((e) => e.action === "credits.add")).toHaveLength(1);
 
-    const fresh = (await readFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
+    const fresh = (await readAuditFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
     expect(fresh.map((e) => [e.action, e.changes["idempotency_key"]])).toEqual([["credits.add", '"order-1"']]);
   });
 
@@ -85,7 +68,7 @@ describe("audit tailing across a wall-clock step back: records named after their
     const ownerId = "audit-back-restart";
     await first.admin.upsertAccount({ ownerId, plan: "business" });
     await first.admin.createKey({ ownerId, name: "before" });
-    const before = await readFrom(first, ownerId, 0);
+    const before = await readAuditFrom(first, ownerId, 0);
     const seen = new Set(before.map((e) => e.id));
     const newest = newestMs(before);
     await first.stop({ keepData: true });
@@ -94,10 +77,10 @@ describe("audit tailing across a wall-clock step back: records named after their
     kg = await startKeygate({ clock, dataDir });
     const after = await kg.admin.createKey({ ownerId, name: "after-restart" });
 
-    const fresh = (await readFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
+    const fresh = (await readAuditFrom(kg, ownerId, newest - SETTLE_MARGIN_MS)).filter((e) => !seen.has(e.id));
     expect(fresh.map((e) => [e.action, e.keyId])).toEqual([["key.create", after.key?.id]]);
     // And the id order still is the order written: the new record sorts after every earlier one.
-    const all = await readFrom(kg, ownerId, 0);
+    const all = await readAuditFrom(kg, ownerId, 0);
     expect(all.at(-1)?.keyId).toBe(after.key?.id);
   });
 });

@@ -1,6 +1,7 @@
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, describe, expect, it } from "vitest";
 import type { AuditEvent } from "../../src/gen/keygate/v1/key_admin_pb.js";
+import { readAuditFrom, SETTLE_MARGIN_MS } from "../harness/audit-tail.js";
 import { TestClock } from "../harness/clock.js";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
@@ -11,24 +12,13 @@ import type { TestKeygate } from "../harness/keygate.js";
 // (re-read from `since` = newest time seen minus the margin) never returned the records written
 // after the step, though their ids sort after everything it had seen.
 
-const SETTLE_MARGIN_MS = 5 * 60_000;
-
 describe("audit trail tailing across a wall-clock step back", () => {
   let kg: TestKeygate;
   afterAll(async () => {
     await kg?.stop();
   });
 
-  async function readFrom(ownerId: string, since: number): Promise<AuditEvent[]> {
-    const events: AuditEvent[] = [];
-    let pageToken = "";
-    do {
-      const page = await kg.admin.listAuditEvents({ ownerId, since: timestampFromMs(since), pageSize: 50, pageToken });
-      events.push(...page.events);
-      pageToken = page.nextPageToken;
-    } while (pageToken !== "");
-    return events;
-  }
+  const readFrom = (ownerId: string, since: number): Promise<AuditEvent[]> => readAuditFrom(kg, ownerId, since);
 
   it("a record written after a 1 h step back is found by the exporter that re-reads from the newest time seen minus the margin", async () => {
     const clock = new TestClock();

@@ -2,6 +2,7 @@ import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import type { AuditEvent } from "../../src/gen/keygate/v1/key_admin_pb.js";
 import type { AuditRecord } from "../../src/store/store.js";
+import { readAuditFrom, SETTLE_MARGIN_MS } from "../harness/audit-tail.js";
 import { startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
@@ -15,8 +16,6 @@ import { until } from "../harness/poll.js";
 // exporter: re-read from `since` the newest time seen minus a margin, and drop the ids it has.
 
 const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
-/** The margin README "Audit trail" gives a tailing exporter. */
-const SETTLE_MARGIN_MS = 5 * 60_000;
 
 const BACKENDS = [
   { name: "SQLite", ready: true, mongo: false },
@@ -39,17 +38,8 @@ for (const backend of BACKENDS) {
       await mongo?.stop();
     });
 
-    /** Every event from `since` on, page by page. */
-    async function readFrom(ownerId: string, since: number): Promise<AuditEvent[]> {
-      const events: AuditEvent[] = [];
-      let pageToken = "";
-      do {
-        const page = await kg.admin.listAuditEvents({ ownerId, since: timestampFromMs(since), pageSize: 1, pageToken });
-        events.push(...page.events);
-        pageToken = page.nextPageToken;
-      } while (pageToken !== "");
-      return events;
-    }
+    /** Every event from `since` on, page by page, one a page. */
+    const readFrom = (ownerId: string, since: number): Promise<AuditEvent[]> => readAuditFrom(kg, ownerId, since, 1);
 
     it("happy: re-reading from the newest time seen minus the margin finds a record inserted late, once", async () => {
       const ownerId = "audit-tailing";

@@ -1,13 +1,10 @@
-import { Redis } from "ioredis";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { pino } from "pino";
+import { describe, expect, it } from "vitest";
 import { MeterUnavailableError } from "../../src/limits/limits.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { RedisMeter } from "../../src/limits/redis.js";
-import { UsageRecorder } from "../../src/limits/usage.js";
 import { requireServer } from "../harness/ports.js";
-import { redisAvailable, startRedis } from "../harness/redis-server.js";
-import type { RedisServer } from "../harness/redis-server.js";
+import { chargeInput, stubMeterDeps, suiteRedisClient } from "../harness/redis-charge.js";
+import { redisAvailable } from "../harness/redis-server.js";
 
 // limits.onRedisError: fail-open lets Checks through uncharged, but never a charge with an
 // idempotency key (ChargeUsage, VerifyKey with a cost): its answer is kept under the key, so a
@@ -17,44 +14,15 @@ import type { RedisServer } from "../harness/redis-server.js";
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
 describe.runIf(ready)("error: fail-open while Redis is known not to answer (its heartbeats stopped)", () => {
-  let redis: RedisServer;
-  let client: Redis;
-  beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    client = new Redis(redis.url);
-  });
-  afterAll(async () => {
-    client?.disconnect();
-    await redis?.stop();
-  });
+  const redisClient = suiteRedisClient();
 
   it("refuses a charge with an idempotency key as unavailable, sending nothing, and lets a Check through uncharged", async () => {
-    const logger = pino({ level: "silent" });
-    const store = {
-      getCredits: async () => ({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 }),
-      listUsage: async () => [],
-      applyUsage: async () => undefined,
-    };
-    const usage = new UsageRecorder(store, logger, 5000);
+    const client = redisClient();
+    const { logger, store, usage } = stubMeterDeps();
     // The connection itself still answers (the idempotency ledger's calls go through), but the
     // invalidation bus has reported Redis lost.
     const meter = new RedisMeter(client, store, usage, new MemoryMeter(store, usage), "fail-open", logger, undefined, "kg:", undefined, () => true);
-    const input = {
-      ownerId: "lost-owner",
-      bucketKind: "u" as const,
-      bucketId: "lost-owner",
-      rate: { limit: 1000, windowSeconds: 60 },
-      dailyQuota: 100,
-      countsDaily: true,
-      monthlyCredits: 10,
-      cost: 3,
-      nowMs: Date.parse("2026-12-03T12:00:00Z"),
-      meter: "live" as const,
-      quota: null,
-      budgetExpired: false,
-    };
+    const input = chargeInput("lost-owner");
     let confirmed = 0;
     const charge = meter.charge({ ...input, idempotencyKey: "job-1", confirmClaim: async () => void confirmed++ });
     await expect(charge).rejects.toBeInstanceOf(MeterUnavailableError);

@@ -1,15 +1,14 @@
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Code } from "@connectrpc/connect";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
-import { adminRefusal, startKeygate } from "../harness/keygate.js";
+import { adminRefusal } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { redisAvailable, startRedis } from "../harness/redis-server.js";
-import type { RedisServer } from "../harness/redis-server.js";
-import { startTcpRelay } from "../harness/tcp-relay.js";
-import type { TcpRelay } from "../harness/tcp-relay.js";
+import { startKeygateBehindRelay } from "../harness/redis-charge.js";
+import type { KeygateBehindRelay } from "../harness/redis-charge.js";
+import { redisAvailable } from "../harness/redis-server.js";
 
 // README: a ChargeUsage whose charge script's answer a connection reset lost is UNAVAILABLE, "whose
 // retry is answered from the charge Redis kept and records it once", under fail-closed and
@@ -31,25 +30,16 @@ const policy = (onRedisError: "fail-closed" | "fail-open") => ({
 });
 
 describe.runIf(ready).each(["fail-closed", "fail-open"] as const)("ChargeUsage under %s whose charge answer a connection reset lost", (mode) => {
-  let redis: RedisServer;
-  let relay: TcpRelay;
+  let stack: KeygateBehindRelay;
   let kg: TestKeygate;
   let client: Redis;
-  let delayAnswers = false;
 
   beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    relay = await startTcpRelay(redis.port, { answerDelayMs: () => (delayAnswers ? 3000 : 0) });
-    kg = await startKeygate({ policy: policy(mode), env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
-    client = new Redis(redis.url);
+    stack = await startKeygateBehindRelay(policy(mode));
+    ({ kg, client } = stack);
   });
   afterAll(async () => {
-    client?.disconnect();
-    await kg?.stop();
-    await relay?.close();
-    await redis?.stop();
+    await stack?.stop();
   });
 
   it("is UNAVAILABLE, and the retry records the charge Redis made once", async () => {
@@ -58,18 +48,12 @@ describe.runIf(ready).each(["fail-closed", "fail-open"] as const)("ChargeUsage u
     const warm = await kg.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "warm" });
     expect(warm.charged).toBe(true);
     const scriptFor = `kg:cu:${ownerId} job-1`;
-    relay.holdWhen = (chunk) => chunk.toLowerCase().includes("evalsha") && chunk.includes(scriptFor);
-    const heldBefore = relay.heldChunks;
-    const pending = adminRefusal(kg.admin.chargeUsage({ ownerId, cost: 3n, idempotencyKey: "job-1" }));
-    await until(() => relay.heldChunks > heldBefore, 5000, "the charge script sent", { intervalMs: 1 });
-    delayAnswers = true;
-    relay.release();
-    await until(async () => (await client.exists(scriptFor)) === 1, 5000, "Redis ran the charge", { intervalMs: 5 });
-    relay.dropAll();
-    delayAnswers = false;
-    const first = await pending;
+    const first = await stack.withAnswerLost(
+      () => adminRefusal(kg.admin.chargeUsage({ ownerId, cost: 3n, idempotencyKey: "job-1" })),
+      async () => (await client.exists(scriptFor)) === 1,
+      scriptFor,
+    );
     expect(first.code).toBe(Code.Unavailable);
-    await until(() => kg.admin.upsertAccount({ ownerId: "reconnected", plan: "metered" }).then(() => true), 10_000, "Redis answering keygate again", { intervalMs: 50, retryErrors: true });
     // The failure mark the reset kept from Redis is sent again once Redis answers: the key is
     // marked failed before its claim (30 s) could run out.
     const claim = `kg:idem:${ownerId} job-1`;

@@ -1,13 +1,11 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import mongoose from "mongoose";
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { beforeAll, describe, expect, it, vi } from "vitest";
 import type { KeyDoc } from "../../src/store/mongo.js";
 import { CHAIN_GRACE_ENDED } from "../../src/store/store.js";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
+import { lifecycleKeygate } from "../harness/lifecycle-keygate.js";
 import { loseNextAnswer } from "../harness/mongo-lost-answer.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
+import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 
@@ -26,44 +24,27 @@ const ALLOWED = { status: 200, code: null };
 const REVOKED = { status: 401, code: "KEY_REVOKED" };
 
 describe.runIf(mongoReady)("RotateKey(B) on MongoDB that revoked the earlier key A and then failed, and its retry", { timeout: 60_000 }, () => {
-  let mongo: MongoWire | undefined;
-  let kg: TestKeygate;
+  const suite = lifecycleKeygate({ pepper: PEPPER });
+  const { check } = suite;
   let keys: mongoose.Model<KeyDoc>;
   let seq = 0;
-  beforeAll(async () => {
-    mongo = await startMongoWire();
-    const before = mongoose.connections.length;
-    kg = await startKeygate({ policy: TEST_POLICY, env: { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER } });
-    const model = mongoose.connections.slice(before).findLast((c) => c.models["Key"] !== undefined)?.models["Key"];
+  beforeAll(() => {
+    const model = suite.keys;
     if (model === undefined) throw new Error("Key model not found");
     keys = model;
-  }, 120_000);
-  afterEach(() => {
-    vi.restoreAllMocks();
   });
-  afterAll(async () => {
-    await kg?.stop();
-    await mongo?.stop();
-  });
-
-  const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-    checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things")));
 
   /** A basic-plan key A rotated with 7 days of grace to B; both pass, so A is in this replica's cache. */
   async function chain(): Promise<{ a: { id: string; secret: string }; b: { id: string; secret: string } }> {
     const ownerId = `owner-chain-retry-${++seq}`;
-    await kg.admin.upsertAccount({ ownerId, plan: "basic" });
-    const created = await kg.admin.createKey({ ownerId, name: "chain", scopes: ["tutor"] });
-    const rotated = await kg.admin.rotateKey({ id: created.key?.id ?? "", graceDays: 7 });
-    const a = { id: created.key?.id ?? "", secret: created.secret };
-    const b = { id: rotated.key?.id ?? "", secret: rotated.secret };
+    const { a, b } = await suite.rotatedAtOnce(ownerId, "basic", "chain");
     expect([await check(a.secret), await check(b.secret)]).toEqual([ALLOWED, ALLOWED]);
-    kg.clock.advanceMs(1000);
+    suite.kg.clock.advanceMs(1000);
     return { a, b };
   }
 
   const rotate = (id: string): Promise<{ answer: string; secret: string }> =>
-    kg.admin.rotateKey({ id, graceDays: 7 }).then(
+    suite.kg.admin.rotateKey({ id, graceDays: 7 }).then(
       (rotated) => ({ answer: "OK", secret: rotated.secret }),
       (error: unknown) => {
         if (error instanceof ConnectError) return { answer: Code[error.code], secret: "" };
@@ -72,7 +53,7 @@ describe.runIf(mongoReady)("RotateKey(B) on MongoDB that revoked the earlier key
     );
 
   const revokeReasons = async (id: string): Promise<unknown[]> =>
-    (await kg.admin.listAuditEvents({ keyId: id })).events.filter((event) => event.action === "key.revoke").map((event) => event.changes["reason"]);
+    (await suite.kg.admin.listAuditEvents({ keyId: id })).events.filter((event) => event.action === "key.revoke").map((event) => event.changes["reason"]);
 
   describe("security", () => {
     it("a retry after a timeout while the first call's new key is still on its way: A refused from the retry's OK on, its revoke audited once, the first call UNAVAILABLE", async () => {
@@ -97,7 +78,7 @@ describe.runIf(mongoReady)("RotateKey(B) on MongoDB that revoked the earlier key
       expect({ ...afterRetry, first: (await first).answer }).toEqual({ retry: "OK", a: REVOKED, b: ALLOWED, c: ALLOWED, first: "Unavailable" });
       expect({
         a: await check(a.secret),
-        aState: (await kg.admin.getKey({ id: a.id })).key?.state,
+        aState: (await suite.kg.admin.getKey({ id: a.id })).key?.state,
         reasons: await revokeReasons(a.id),
       }).toEqual({ a: REVOKED, aState: "revoked", reasons: [JSON.stringify(CHAIN_GRACE_ENDED)] });
     });
@@ -116,7 +97,7 @@ describe.runIf(mongoReady)("RotateKey(B) on MongoDB that revoked the earlier key
         retry: retried.answer,
         a: await check(a.secret),
         c: await check(retried.secret),
-        aState: (await kg.admin.getKey({ id: a.id })).key?.state,
+        aState: (await suite.kg.admin.getKey({ id: a.id })).key?.state,
         reasons: await revokeReasons(a.id),
       }).toEqual({ first: "Unavailable", retry: "OK", a: REVOKED, c: ALLOWED, aState: "revoked", reasons: [JSON.stringify(CHAIN_GRACE_ENDED)] });
     });

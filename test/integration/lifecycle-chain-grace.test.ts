@@ -1,11 +1,9 @@
 import { Code, ConnectError } from "@connectrpc/connect";
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { StoreBusyError, StoreUnavailableError } from "../../src/store/errors.js";
 import { CHAIN_GRACE_ENDED } from "../../src/store/store.js";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
+import { lifecycleKeygate } from "../harness/lifecycle-keygate.js";
+import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 
 // README (KeyAdmin API reference, RotateKey): "a key still in grace from the rotation before is
@@ -32,34 +30,16 @@ const REVOKED = { status: 401, code: "KEY_REVOKED" };
 
 for (const { store, ready, refusal, first } of BACKENDS) {
   describe.runIf(ready)(`a chain of rotations keeps one key in grace, on ${store}`, { timeout: 60_000 }, () => {
-    let mongo: MongoWire | undefined;
-    let kg: TestKeygate;
+    const suite = lifecycleKeygate(store === "MongoDB" ? { pepper: PEPPER } : null);
+    const { check } = suite;
     let seq = 0;
-    beforeAll(async () => {
-      mongo = store === "MongoDB" ? await startMongoWire() : undefined;
-      const env: Record<string, string> = mongo === undefined ? {} : { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER };
-      kg = await startKeygate({ policy: TEST_POLICY, env });
-    }, 120_000);
-    afterEach(() => {
-      vi.restoreAllMocks();
-    });
-    afterAll(async () => {
-      await kg?.stop();
-      await mongo?.stop();
-    });
 
-    const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-      checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things")));
-    const stateOf = async (id: string): Promise<string | undefined> => (await kg.admin.getKey({ id })).key?.state;
+    const stateOf = async (id: string): Promise<string | undefined> => (await suite.kg.admin.getKey({ id })).key?.state;
 
     /** A basic-plan key A rotated with 7 days of grace to B; both pass. */
     async function chain(): Promise<{ ownerId: string; a: { id: string; secret: string }; b: { id: string; secret: string } }> {
       const ownerId = `owner-chain-${++seq}`;
-      await kg.admin.upsertAccount({ ownerId, plan: "basic" });
-      const created = await kg.admin.createKey({ ownerId, name: "chain", scopes: ["tutor"] });
-      const rotated = await kg.admin.rotateKey({ id: created.key?.id ?? "", graceDays: 7 });
-      const a = { id: created.key?.id ?? "", secret: created.secret };
-      const b = { id: rotated.key?.id ?? "", secret: rotated.secret };
+      const { a, b } = await suite.rotatedAtOnce(ownerId, "basic", "chain");
       expect([await check(a.secret), await check(b.secret)]).toEqual([ALLOWED, ALLOWED]);
       return { ownerId, a, b };
     }
@@ -67,7 +47,7 @@ for (const { store, ready, refusal, first } of BACKENDS) {
     /** RotateKey(id) with 7 days of grace: "OK" and the new secret, or the refusal's code. */
     async function rotate(id: string): Promise<{ answer: string; secret: string }> {
       try {
-        const rotated = await kg.admin.rotateKey({ id, graceDays: 7 });
+        const rotated = await suite.kg.admin.rotateKey({ id, graceDays: 7 });
         return { answer: "OK", secret: rotated.secret };
       } catch (error) {
         if (error instanceof ConnectError) return { answer: Code[error.code], secret: "" };
@@ -76,16 +56,16 @@ for (const { store, ready, refusal, first } of BACKENDS) {
     }
 
     async function revokeTrail(id: string): Promise<unknown[]> {
-      const { events } = await kg.admin.listAuditEvents({ keyId: id });
+      const { events } = await suite.kg.admin.listAuditEvents({ keyId: id });
       return events.filter((event) => event.action === "key.revoke").map((event) => event.changes["reason"]);
     }
 
     describe("security", () => {
       it("a store refusing the earlier key's revoke once (nothing written): no OK leaves it in grace, and the retry finishes the rotation", async () => {
         const { ownerId, a, b } = await chain();
-        const original = kg.app.store.revokeKey.bind(kg.app.store);
+        const original = suite.kg.app.store.revokeKey.bind(suite.kg.app.store);
         let refused = 0;
-        vi.spyOn(kg.app.store, "revokeKey").mockImplementation(async (id, nowMs, reason) => {
+        vi.spyOn(suite.kg.app.store, "revokeKey").mockImplementation(async (id, nowMs, reason) => {
           if (id === a.id && refused === 0) {
             refused += 1;
             throw refusal();
@@ -107,16 +87,16 @@ for (const { store, ready, refusal, first } of BACKENDS) {
           b: ["grace", ALLOWED],
           c: ALLOWED,
         });
-        expect((await kg.admin.getKey({ id: a.id })).key?.revokeReason).toBe(CHAIN_GRACE_ENDED);
+        expect((await suite.kg.admin.getKey({ id: a.id })).key?.revokeReason).toBe(CHAIN_GRACE_ENDED);
         expect(await revokeTrail(a.id)).toEqual([JSON.stringify(CHAIN_GRACE_ENDED)]);
-        expect((await kg.admin.getAccount({ ownerId })).account?.activeKeyCount).toBe(1);
+        expect((await suite.kg.admin.getAccount({ ownerId })).account?.activeKeyCount).toBe(1);
       });
 
       it("the earlier key's revoke made and its answer lost: it is refused at once, and the retry finishes the rotation", async () => {
         const { ownerId, a, b } = await chain();
-        const original = kg.app.store.revokeKey.bind(kg.app.store);
+        const original = suite.kg.app.store.revokeKey.bind(suite.kg.app.store);
         let lost = 0;
-        vi.spyOn(kg.app.store, "revokeKey").mockImplementation(async (id, nowMs, reason) => {
+        vi.spyOn(suite.kg.app.store, "revokeKey").mockImplementation(async (id, nowMs, reason) => {
           const revoked = await original(id, nowMs, reason);
           if (id === a.id && lost === 0) {
             lost += 1;
@@ -132,7 +112,7 @@ for (const { store, ready, refusal, first } of BACKENDS) {
           first === "OK" ? { lost: 0, afterFirst: { answer: "OK", a: REVOKED, b: "grace" }, retry: "OK" } : { lost: 1, afterFirst: { answer: "Unavailable", a: REVOKED, b: "active" }, retry: "OK" },
         );
         expect({ a: await check(a.secret), b: [await stateOf(b.id), await check(b.secret)], c: await check(retried.secret) }).toEqual({ a: REVOKED, b: ["grace", ALLOWED], c: ALLOWED });
-        expect((await kg.admin.getAccount({ ownerId })).account?.activeKeyCount).toBe(1);
+        expect((await suite.kg.admin.getAccount({ ownerId })).account?.activeKeyCount).toBe(1);
       });
     });
   });

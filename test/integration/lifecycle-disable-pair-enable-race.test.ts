@@ -1,9 +1,6 @@
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
-import { TestClock } from "../harness/clock.js";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
+import { describe, expect, it, vi } from "vitest";
+import { lifecycleKeygate } from "../harness/lifecycle-keygate.js";
+import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 
@@ -25,39 +22,22 @@ for (const { store, ready } of [
   { store: "MongoDB", ready: mongoReady },
 ]) {
   describe.runIf(ready)(`DisableKey(A) and DisableKey(B) in one millisecond, EnableKey(B) between their writes and their answers, on ${store}`, { timeout: 60_000 }, () => {
-    let mongo: MongoWire | undefined;
-    let kg: TestKeygate;
-    beforeAll(async () => {
-      mongo = store === "MongoDB" ? await startMongoWire() : undefined;
-      const clock = new TestClock();
-      clock.freeze("2026-06-01T12:00:00Z");
-      const env: Record<string, string> = mongo === undefined ? {} : { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER };
-      kg = await startKeygate({ policy: TEST_POLICY, clock, env });
-    }, 120_000);
-    afterEach(() => {
-      vi.restoreAllMocks();
-    });
-    afterAll(async () => {
-      await kg?.stop();
-      await mongo?.stop();
-    });
-
-    const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-      checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things")));
+    const suite = lifecycleKeygate(store === "MongoDB" ? { pepper: PEPPER } : null, { frozenAt: "2026-06-01T12:00:00Z" });
+    const { check } = suite;
 
     describe("security", () => {
       it("A, which DisableKey(A) answered disabled for, stays refused, then and after another EnableKey(B)", async () => {
         const ownerId = `owner-disable-pair-${store}`;
-        await kg.admin.upsertAccount({ ownerId, plan: "business" });
-        const created = await kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
+        await suite.kg.admin.upsertAccount({ ownerId, plan: "business" });
+        const created = await suite.kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
         const a = { id: created.key?.id ?? "", secret: created.secret };
-        kg.clock.advanceMs(1000);
-        const rotated = await kg.admin.rotateKey({ id: a.id, graceDays: 7 });
+        suite.kg.clock.advanceMs(1000);
+        const rotated = await suite.kg.admin.rotateKey({ id: a.id, graceDays: 7 });
         const b = { id: rotated.key?.id ?? "", secret: rotated.secret };
-        kg.clock.advanceMs(1000);
+        suite.kg.clock.advanceMs(1000);
         expect([await check(a.secret), await check(b.secret)]).toEqual([ALLOWED, ALLOWED]);
 
-        const st = kg.app.store;
+        const st = suite.kg.app.store;
         const redisableKey = st.redisableKey.bind(st);
         let bReached = false;
         let aWritten = false;
@@ -86,11 +66,11 @@ for (const { store, ready } of [
           }
           return redisableKey(id, atMs, whileAtMs);
         });
-        const disableA = kg.admin.disableKey({ id: a.id, reason: "leaked" });
-        const disableB = kg.admin.disableKey({ id: b.id, reason: "card declined" });
+        const disableA = suite.kg.admin.disableKey({ id: a.id, reason: "leaked" });
+        const disableB = suite.kg.admin.disableKey({ id: b.id, reason: "card declined" });
         await until(async () => (await st.getKey(b.id))?.disabledAtMs !== null && aWritten, 10_000, "both writes made");
         // Billing enables B (the invoice was paid) while both DisableKeys are still finishing.
-        await kg.admin.enableKey({ id: b.id });
+        await suite.kg.admin.enableKey({ id: b.id });
         releaseAnswers();
         const [answeredA, answeredB] = await Promise.all([disableA, disableB]);
         vi.restoreAllMocks();
@@ -107,7 +87,7 @@ for (const { store, ready } of [
         }).toEqual({ answeredA: "disabled", storedA: "disabled", apartFromB: true, checkA: DISABLED, answeredB: "disabled", checkB: DISABLED });
 
         // Disabled on its own, not paused with B: enabling B again leaves it refused.
-        await kg.admin.enableKey({ id: b.id });
+        await suite.kg.admin.enableKey({ id: b.id });
         expect({ checkA: await check(a.secret), checkB: await check(b.secret) }).toEqual({ checkA: DISABLED, checkB: ALLOWED });
       });
     });

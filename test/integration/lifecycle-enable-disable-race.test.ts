@@ -1,10 +1,7 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
-import { TestClock } from "../harness/clock.js";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
+import { describe, expect, it, vi } from "vitest";
+import { lifecycleKeygate } from "../harness/lifecycle-keygate.js";
+import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 
 // A rotation's old key A, paused with its new key B (DisableKey(B) disabled A since B's time).
@@ -36,27 +33,11 @@ const DISABLED = { status: 401, code: "KEY_DISABLED" };
 
 for (const { store, ready } of BACKENDS) {
   describe.runIf(ready).each(CLOCKS)(`EnableKey of a rotation's new key racing a DisableKey, on ${store}, on $clock`, { timeout: 60_000 }, ({ stepMs }) => {
-    let mongo: MongoWire | undefined;
-    let kg: TestKeygate;
+    const suite = lifecycleKeygate(store === "MongoDB" ? { pepper: PEPPER } : null, { frozenAt: "2026-06-01T12:00:00Z" });
+    const { check } = suite;
     let seq = 0;
-    beforeAll(async () => {
-      mongo = store === "MongoDB" ? await startMongoWire() : undefined;
-      const clock = new TestClock();
-      clock.freeze("2026-06-01T12:00:00Z");
-      const env: Record<string, string> = mongo === undefined ? {} : { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER };
-      kg = await startKeygate({ policy: TEST_POLICY, clock, env });
-    }, 120_000);
-    afterEach(() => {
-      vi.restoreAllMocks();
-    });
-    afterAll(async () => {
-      await kg?.stop();
-      await mongo?.stop();
-    });
 
-    const tick = (): void => kg.clock.advanceMs(stepMs);
-    const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-      checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things")));
+    const tick = (): void => suite.kg.clock.advanceMs(stepMs);
 
     interface Pair {
       a: { id: string; secret: string };
@@ -66,15 +47,15 @@ for (const { store, ready } of BACKENDS) {
     /** A key rotated with 7 days of grace (A) to a new key (B); with `paused`, B disabled and A paused with it. */
     async function rotatedPair(paused: boolean): Promise<Pair> {
       const ownerId = `owner-race-${stepMs}-${++seq}`;
-      await kg.admin.upsertAccount({ ownerId, plan: "business" });
-      const created = await kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
+      await suite.kg.admin.upsertAccount({ ownerId, plan: "business" });
+      const created = await suite.kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
       const a = { id: created.key?.id ?? "", secret: created.secret };
       tick();
-      const rotated = await kg.admin.rotateKey({ id: a.id, graceDays: 7 });
+      const rotated = await suite.kg.admin.rotateKey({ id: a.id, graceDays: 7 });
       const b = { id: rotated.key?.id ?? "", secret: rotated.secret };
       tick();
       if (paused) {
-        await kg.admin.disableKey({ id: b.id, reason: "card declined" });
+        await suite.kg.admin.disableKey({ id: b.id, reason: "card declined" });
         expect(await check(a.secret)).toEqual(DISABLED);
         tick();
       }
@@ -82,7 +63,7 @@ for (const { store, ready } of BACKENDS) {
     }
 
     const disabledAtMs = async (id: string): Promise<number | null> => {
-      const at = (await kg.admin.getKey({ id })).key?.disabledAt;
+      const at = (await suite.kg.admin.getKey({ id })).key?.disabledAt;
       return at === undefined ? null : timestampMs(at);
     };
 
@@ -95,9 +76,9 @@ for (const { store, ready } of BACKENDS) {
     /** A, disabled on its own, stays refused when B is disabled and enabled again. */
     async function staysDisabledOnItsOwn(pair: Pair): Promise<{ status: number; code: string | null }> {
       tick();
-      await kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
+      await suite.kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
       tick();
-      await kg.admin.enableKey({ id: pair.b.id });
+      await suite.kg.admin.enableKey({ id: pair.b.id });
       expect(await check(pair.b.secret)).toEqual(ALLOWED);
       return check(pair.a.secret);
     }
@@ -105,16 +86,16 @@ for (const { store, ready } of BACKENDS) {
     describe("security", () => {
       it("DisableKey(A) between EnableKey(B)'s write and its audit: A ends disabled on its own", async () => {
         const pair = await rotatedPair(true);
-        const original = kg.app.store.appendAudit.bind(kg.app.store);
+        const original = suite.kg.app.store.appendAudit.bind(suite.kg.app.store);
         let disableA: Promise<{ key?: { state: string } | undefined }> | undefined;
-        vi.spyOn(kg.app.store, "appendAudit").mockImplementation(async (record) => {
+        vi.spyOn(suite.kg.app.store, "appendAudit").mockImplementation(async (record) => {
           if (disableA === undefined && record.action === "key.enable" && record.keyId === pair.b.id) {
-            disableA = kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
+            disableA = suite.kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
             await disableA;
           }
           return original(record);
         });
-        await kg.admin.enableKey({ id: pair.b.id });
+        await suite.kg.admin.enableKey({ id: pair.b.id });
         vi.restoreAllMocks();
         expect((await disableA)?.key?.state).toBe("disabled");
         expect(await outcome(pair)).toEqual({ a: DISABLED, b: ALLOWED, pausedTogether: false });
@@ -123,16 +104,16 @@ for (const { store, ready } of BACKENDS) {
 
       it("DisableKey(A) after EnableKey(B) read the keys in grace, before its store write: A ends disabled on its own", async () => {
         const pair = await rotatedPair(true);
-        const original = kg.app.store.enableKey.bind(kg.app.store);
+        const original = suite.kg.app.store.enableKey.bind(suite.kg.app.store);
         let disableA: Promise<{ key?: { state: string } | undefined }> | undefined;
-        vi.spyOn(kg.app.store, "enableKey").mockImplementation(async (id, inGraceIds) => {
+        vi.spyOn(suite.kg.app.store, "enableKey").mockImplementation(async (id, inGraceIds) => {
           if (disableA === undefined && id === pair.b.id) {
-            disableA = kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
+            disableA = suite.kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
             await disableA;
           }
           return original(id, inGraceIds);
         });
-        await kg.admin.enableKey({ id: pair.b.id });
+        await suite.kg.admin.enableKey({ id: pair.b.id });
         vi.restoreAllMocks();
         expect((await disableA)?.key?.state).toBe("disabled");
         expect(await outcome(pair)).toEqual({ a: DISABLED, b: ALLOWED, pausedTogether: false });
@@ -141,16 +122,16 @@ for (const { store, ready } of BACKENDS) {
 
       it("EnableKey(B) between DisableKey(A)'s reads and its write: A ends disabled on its own", async () => {
         const pair = await rotatedPair(true);
-        const original = kg.app.store.redisableKey.bind(kg.app.store);
+        const original = suite.kg.app.store.redisableKey.bind(suite.kg.app.store);
         let enableB: Promise<unknown> | undefined;
-        vi.spyOn(kg.app.store, "redisableKey").mockImplementation(async (id, atMs, whileAtMs) => {
+        vi.spyOn(suite.kg.app.store, "redisableKey").mockImplementation(async (id, atMs, whileAtMs) => {
           if (enableB === undefined && id === pair.a.id) {
-            enableB = kg.admin.enableKey({ id: pair.b.id });
+            enableB = suite.kg.admin.enableKey({ id: pair.b.id });
             await enableB;
           }
           return original(id, atMs, whileAtMs);
         });
-        const disabled = await kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
+        const disabled = await suite.kg.admin.disableKey({ id: pair.a.id, reason: "leaked" });
         vi.restoreAllMocks();
         expect(enableB).toBeDefined();
         expect(disabled.key?.state).toBe("disabled");
@@ -160,36 +141,36 @@ for (const { store, ready } of BACKENDS) {
 
       it("DisableKey(B) between EnableKey(B)'s write and its audit: both end disabled, paused together (DisableKey after EnableKey)", async () => {
         const pair = await rotatedPair(true);
-        const original = kg.app.store.appendAudit.bind(kg.app.store);
+        const original = suite.kg.app.store.appendAudit.bind(suite.kg.app.store);
         let disableB: Promise<unknown> | undefined;
-        vi.spyOn(kg.app.store, "appendAudit").mockImplementation(async (record) => {
+        vi.spyOn(suite.kg.app.store, "appendAudit").mockImplementation(async (record) => {
           if (disableB === undefined && record.action === "key.enable" && record.keyId === pair.b.id) {
-            disableB = kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
+            disableB = suite.kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
             await disableB;
           }
           return original(record);
         });
-        await kg.admin.enableKey({ id: pair.b.id });
+        await suite.kg.admin.enableKey({ id: pair.b.id });
         vi.restoreAllMocks();
         expect(disableB).toBeDefined();
         expect(await outcome(pair)).toEqual({ a: DISABLED, b: DISABLED, pausedTogether: true });
         tick();
-        await kg.admin.enableKey({ id: pair.b.id });
+        await suite.kg.admin.enableKey({ id: pair.b.id });
         expect(await outcome(pair)).toEqual({ a: ALLOWED, b: ALLOWED, pausedTogether: false });
       });
 
       it("DisableKey(B) after EnableKey(B) read the keys in grace, before its store write: both end enabled (EnableKey after DisableKey)", async () => {
         const pair = await rotatedPair(true);
-        const original = kg.app.store.enableKey.bind(kg.app.store);
+        const original = suite.kg.app.store.enableKey.bind(suite.kg.app.store);
         let disableB: Promise<unknown> | undefined;
-        vi.spyOn(kg.app.store, "enableKey").mockImplementation(async (id, inGraceIds) => {
+        vi.spyOn(suite.kg.app.store, "enableKey").mockImplementation(async (id, inGraceIds) => {
           if (disableB === undefined && id === pair.b.id) {
-            disableB = kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
+            disableB = suite.kg.admin.disableKey({ id: pair.b.id, reason: "card declined again" });
             await disableB;
           }
           return original(id, inGraceIds);
         });
-        await kg.admin.enableKey({ id: pair.b.id });
+        await suite.kg.admin.enableKey({ id: pair.b.id });
         vi.restoreAllMocks();
         expect(disableB).toBeDefined();
         expect(await outcome(pair)).toEqual({ a: ALLOWED, b: ALLOWED, pausedTogether: false });
@@ -197,16 +178,16 @@ for (const { store, ready } of BACKENDS) {
 
       it("EnableKey(B) between DisableKey(B)'s write and its pause of A: both end enabled (EnableKey after DisableKey)", async () => {
         const pair = await rotatedPair(false);
-        const original = kg.app.store.pauseKeysInGrace.bind(kg.app.store);
+        const original = suite.kg.app.store.pauseKeysInGrace.bind(suite.kg.app.store);
         let enableB: Promise<unknown> | undefined;
-        vi.spyOn(kg.app.store, "pauseKeysInGrace").mockImplementation(async (id, inGraceIds) => {
+        vi.spyOn(suite.kg.app.store, "pauseKeysInGrace").mockImplementation(async (id, inGraceIds) => {
           if (enableB === undefined && id === pair.b.id) {
-            enableB = kg.admin.enableKey({ id: pair.b.id });
+            enableB = suite.kg.admin.enableKey({ id: pair.b.id });
             await enableB;
           }
           return original(id, inGraceIds);
         });
-        const disabled = await kg.admin.disableKey({ id: pair.b.id, reason: "card declined" });
+        const disabled = await suite.kg.admin.disableKey({ id: pair.b.id, reason: "card declined" });
         vi.restoreAllMocks();
         expect(enableB).toBeDefined();
         expect(disabled.key?.state).toBe("disabled");

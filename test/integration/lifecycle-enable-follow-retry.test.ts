@@ -1,13 +1,10 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import mongoose from "mongoose";
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { StoreBusyError, StoreUnavailableError } from "../../src/store/errors.js";
-import type { KeyDoc } from "../../src/store/mongo.js";
 import type { KeyStore } from "../../src/store/store.js";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
+import { lifecycleKeygate } from "../harness/lifecycle-keygate.js";
+import { mongoWireAvailable } from "../harness/mongo-wire.js";
 import { requireServer } from "../harness/ports.js";
 
 // README: EnableKey on a rotation's new key B lets the old key A, paused with it, "through again",
@@ -58,45 +55,27 @@ function refuseWrites(store: KeyStore, fire: () => boolean, refusal: () => Error
 
 for (const { store, ready, refusal } of BACKENDS) {
   describe.runIf(ready)(`a retried EnableKey of a rotation's new key, on ${store}`, { timeout: 60_000 }, () => {
-    let mongo: MongoWire | undefined;
-    let kg: TestKeygate;
-    let keys: mongoose.Model<KeyDoc> | undefined;
+    const suite = lifecycleKeygate(store === "MongoDB" ? { pepper: PEPPER } : null);
+    const { check } = suite;
     let seq = 0;
-    beforeAll(async () => {
-      mongo = store === "MongoDB" ? await startMongoWire() : undefined;
-      const env: Record<string, string> = mongo === undefined ? {} : { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER };
-      const before = mongoose.connections.length;
-      kg = await startKeygate({ policy: TEST_POLICY, env });
-      keys = mongoose.connections.slice(before).findLast((connection) => connection.models["Key"] !== undefined)?.models["Key"];
-    }, 120_000);
-    afterEach(() => {
-      vi.restoreAllMocks();
-    });
-    afterAll(async () => {
-      await kg?.stop();
-      await mongo?.stop();
-    });
-
-    const check = async (secret: string): Promise<{ status: number; code: string | null }> =>
-      checkOutcome(await kg.check(checkInit({ authorization: `Bearer ${secret}` }, "/v1/things")));
 
     /** A key (A) rotated with 7 days of grace to B, then B disabled: A is paused with it. */
     async function pausedPair(): Promise<{ a: { id: string; secret: string }; b: { id: string; secret: string } }> {
       const ownerId = `owner-enable-retry-${++seq}`;
-      await kg.admin.upsertAccount({ ownerId, plan: "business" });
-      const created = await kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
-      const rotated = await kg.admin.rotateKey({ id: created.key?.id ?? "", graceDays: 7 });
+      await suite.kg.admin.upsertAccount({ ownerId, plan: "business" });
+      const created = await suite.kg.admin.createKey({ ownerId, name: "pair", scopes: ["tutor"] });
+      const rotated = await suite.kg.admin.rotateKey({ id: created.key?.id ?? "", graceDays: 7 });
       const pair = { a: { id: created.key?.id ?? "", secret: created.secret }, b: { id: rotated.key?.id ?? "", secret: rotated.secret } };
-      kg.clock.advanceMs(1000);
-      await kg.admin.disableKey({ id: pair.b.id, reason: "card declined" });
+      suite.kg.clock.advanceMs(1000);
+      await suite.kg.admin.disableKey({ id: pair.b.id, reason: "card declined" });
       expect([await check(pair.a.secret), await check(pair.b.secret)]).toEqual([DISABLED, DISABLED]);
-      kg.clock.advanceMs(1000);
+      suite.kg.clock.advanceMs(1000);
       return pair;
     }
 
     /** EnableKey(id): "OK", or the refusal's code. */
     const enable = (id: string): Promise<string> =>
-      kg.admin.enableKey({ id }).then(
+      suite.kg.admin.enableKey({ id }).then(
         () => "OK",
         (error: unknown) => {
           if (error instanceof ConnectError) return Code[error.code];
@@ -122,7 +101,7 @@ for (const { store, ready, refusal } of BACKENDS) {
         for (let n = 1; ; n += 1) {
           const pair = await pausedPair();
           const nth = failNth(n);
-          refuseWrites(kg.app.store, nth.fire, refusal);
+          refuseWrites(suite.kg.app.store, nth.fire, refusal);
           const first = await enable(pair.b.id);
           vi.restoreAllMocks();
           if (!nth.reached()) {
@@ -130,7 +109,7 @@ for (const { store, ready, refusal } of BACKENDS) {
             break;
           }
           const retry = await enable(pair.b.id);
-          outcomes.push({ n, first, retry, a: await check(pair.a.secret), b: await check(pair.b.secret), state: (await kg.admin.getKey({ id: pair.a.id })).key?.state });
+          outcomes.push({ n, first, retry, a: await check(pair.a.secret), b: await check(pair.b.secret), state: (await suite.kg.admin.getKey({ id: pair.a.id })).key?.state });
         }
         expect(outcomes.length).toBeGreaterThan(0);
         expect(outcomes).toEqual(outcomes.map(({ n }) => ({ n, first: "Unavailable", retry: "OK", a: ALLOWED, b: ALLOWED, state: "grace" })));
@@ -138,6 +117,7 @@ for (const { store, ready, refusal } of BACKENDS) {
 
       // Its two writes apart (no transaction): each may fail on its own.
       if (store === "MongoDB") it("MongoDB failing any one key write of EnableKey(B), before it is made or with its answer lost: the retry brings back both keys", async () => {
+        const keys = suite.keys;
         if (keys === undefined) throw new Error("the store's Key model was not found");
         const collection = keys.collection as unknown as Record<"findOneAndUpdate" | "updateOne", (...args: unknown[]) => Promise<unknown>>;
         const outcomes = [];

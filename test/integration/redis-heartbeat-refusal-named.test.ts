@@ -1,13 +1,12 @@
 import { Writable } from "node:stream";
-import { afterAll, describe, expect, it } from "vitest";
+import { expect, it } from "vitest";
 import { RedisInvalidationBus, connectRedis } from "../../src/cache/redis.js";
 import { openSubscriber } from "../../src/cache/redis-client.js";
 import { createLogger } from "../../src/server/logger.js";
 import { until } from "../harness/poll.js";
-import { suiteWithServer } from "../harness/ports.js";
-import { redisCommand, startRedis } from "../harness/redis-server.js";
+import { redisCommand, suiteWithRedis } from "../harness/redis-server.js";
 import { startTcpRelay } from "../harness/tcp-relay.js";
-import type { RedisServer } from "../harness/redis-server.js";
+import type { Closers, RedisServer } from "../harness/redis-server.js";
 
 // The warning that heartbeats stopped names Redis's refusal (READONLY, OOM) so an operator knows
 // why. When a heartbeat had stalled first (a busy host, a slow network) the warning went out with
@@ -15,47 +14,37 @@ import type { RedisServer } from "../harness/redis-server.js";
 // then looked like a stall in the log.
 
 const SUITE = "the heartbeat warning names a refusal that came after a stall";
-const server = await startRedis();
+await suiteWithRedis(SUITE, suites);
 
-suiteWithServer(SUITE, server, "redis-server is not on PATH (apt-get install redis-server, or set KEYGATE_TEST_REDIS_URL)", suites);
-
-function suites(redisServer: RedisServer): void {
-  describe(SUITE, () => {
-    const closers: Array<() => Promise<unknown> | void> = [];
-    afterAll(async () => {
-      for (const close of closers.reverse()) await close();
-      await redisServer.stop();
+function suites(redisServer: RedisServer, closers: Closers): void {
+  it("error: a stall, then READONLY: one warning without a cause, then one naming READONLY", async () => {
+    const lines: Array<Record<string, unknown>> = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _encoding, done) {
+        for (const line of chunk.toString("utf8").split("\n").filter(Boolean)) lines.push(JSON.parse(line) as Record<string, unknown>);
+        done();
+      },
     });
+    // The heartbeats go through a relay that can hold them, as a stalled connection does.
+    const relay = await startTcpRelay(redisServer.port);
+    closers.push(() => relay.close());
+    const publisher = await connectRedis(`redis://127.0.0.1:${relay.port}`);
+    closers.push(() => publisher.disconnect());
+    const subscriber = await openSubscriber({ kind: "standalone", url: redisServer.url }, publisher);
+    const bus = new RedisInvalidationBus(publisher, subscriber, { logger: createLogger("info", sink), channel: "hb-refusal", heartbeatIntervalMs: 50, silenceLimitMs: 400 });
+    closers.push(() => bus.close());
+    await bus.start();
+    await until(() => bus.connected, 5_000, "the bus answering");
 
-    it("error: a stall, then READONLY: one warning without a cause, then one naming READONLY", async () => {
-      const lines: Array<Record<string, unknown>> = [];
-      const sink = new Writable({
-        write(chunk: Buffer, _encoding, done) {
-          for (const line of chunk.toString("utf8").split("\n").filter(Boolean)) lines.push(JSON.parse(line) as Record<string, unknown>);
-          done();
-        },
-      });
-      // The heartbeats go through a relay that can hold them, as a stalled connection does.
-      const relay = await startTcpRelay(redisServer.port);
-      closers.push(() => relay.close());
-      const publisher = await connectRedis(`redis://127.0.0.1:${relay.port}`);
-      closers.push(() => publisher.disconnect());
-      const subscriber = await openSubscriber({ kind: "standalone", url: redisServer.url }, publisher);
-      const bus = new RedisInvalidationBus(publisher, subscriber, { logger: createLogger("info", sink), channel: "hb-refusal", heartbeatIntervalMs: 50, silenceLimitMs: 400 });
-      closers.push(() => bus.close());
-      await bus.start();
-      await until(() => bus.connected, 5_000, "the bus answering");
-
-      relay.holdWhen = (chunk) => chunk.includes("kg:hb:");
-      await until(() => !bus.connected, 5_000, "the bus silent from the stall");
-      await redisCommand(redisServer.port, "REPLICAOF", "127.0.0.1", "1");
-      closers.push(() => redisCommand(redisServer.port, "REPLICAOF", "NO", "ONE"));
-      relay.holdWhen = null;
-      relay.release();
-      const warnings = (): Array<Record<string, unknown>> => lines.filter((line) => String(line["msg"]).startsWith("heartbeats stopped coming back"));
-      await until(() => warnings().some((line) => String(line["heartbeatError"]).startsWith("READONLY")), 10_000, "a warning naming READONLY");
-      expect(warnings().map((line) => (line["heartbeatError"] === undefined ? "no cause" : String(line["heartbeatError"]).split(" ")[0]))).toEqual(["no cause", "READONLY"]);
-      expect(bus.connected).toBe(false);
-    });
+    relay.holdWhen = (chunk) => chunk.includes("kg:hb:");
+    await until(() => !bus.connected, 5_000, "the bus silent from the stall");
+    await redisCommand(redisServer.port, "REPLICAOF", "127.0.0.1", "1");
+    closers.push(() => redisCommand(redisServer.port, "REPLICAOF", "NO", "ONE"));
+    relay.holdWhen = null;
+    relay.release();
+    const warnings = (): Array<Record<string, unknown>> => lines.filter((line) => String(line["msg"]).startsWith("heartbeats stopped coming back"));
+    await until(() => warnings().some((line) => String(line["heartbeatError"]).startsWith("READONLY")), 10_000, "a warning naming READONLY");
+    expect(warnings().map((line) => (line["heartbeatError"] === undefined ? "no cause" : String(line["heartbeatError"]).split(" ")[0]))).toEqual(["no cause", "READONLY"]);
+    expect(bus.connected).toBe(false);
   });
 }

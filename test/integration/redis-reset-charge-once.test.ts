@@ -1,18 +1,14 @@
-import { Redis } from "ioredis";
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { pino } from "pino";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { RedisMeter } from "../../src/limits/redis.js";
-import { UsageRecorder } from "../../src/limits/usage.js";
-import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
+import { checkInit, checkOutcome } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
-import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { redisAvailable, startRedis } from "../harness/redis-server.js";
-import type { RedisServer } from "../harness/redis-server.js";
-import { startTcpRelay } from "../harness/tcp-relay.js";
-import type { TcpRelay } from "../harness/tcp-relay.js";
+import { chargeInput, startKeygateBehindRelay, stubMeterDeps, suiteRedisClient } from "../harness/redis-charge.js";
+import type { KeygateBehindRelay } from "../harness/redis-charge.js";
+import { redisAvailable } from "../harness/redis-server.js";
 
 // A charge script whose answer is lost when its connection resets (a network blip, a load
 // balancer's idle cut, a failover) may have run in Redis: keygate never sends it again (ioredis
@@ -31,46 +27,17 @@ const POLICY = {
 };
 
 describe.runIf(ready)("error: a charge script whose answer was lost when its connection reset", () => {
-  let redis: RedisServer;
-  let relay: TcpRelay;
+  let stack: KeygateBehindRelay;
   let kg: TestKeygate;
   let client: Redis;
-  let delayAnswers = false;
 
   beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    relay = await startTcpRelay(redis.port, { answerDelayMs: () => (delayAnswers ? 3000 : 0) });
-    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}` } });
-    client = new Redis(redis.url);
+    stack = await startKeygateBehindRelay(POLICY);
+    ({ kg, client } = stack);
   });
   afterAll(async () => {
-    client?.disconnect();
-    await kg?.stop();
-    await relay?.close();
-    await redis?.stop();
+    await stack?.stop();
   });
-
-  /** Runs `call` while Redis's answers are held, and resets the connections once `ran` says Redis ran the charge. */
-  async function withAnswerLost<T>(call: () => Promise<T>, ran: () => Promise<boolean>, scriptFor: string): Promise<T> {
-    // Hold the charge script for a moment, so only its answer (not the idempotency claim's) is delayed.
-    relay.holdWhen = (chunk) => chunk.toLowerCase().includes("evalsha") && chunk.includes(scriptFor);
-    const heldBefore = relay.heldChunks;
-    const pending = call();
-    await until(() => relay.heldChunks > heldBefore, 5000, "the charge script sent", { intervalMs: 1 });
-    delayAnswers = true;
-    relay.release();
-    await until(ran, 5000, "Redis running the charge script", { intervalMs: 5 });
-    // The answer is on its way back when the connection resets.
-    relay.dropAll();
-    delayAnswers = false;
-    const answer = await pending;
-    // keygate's connections come back by themselves: an admin change (which tells every replica
-    // through Redis) goes through again.
-    await until(() => kg.admin.upsertAccount({ ownerId: "reconnected", plan: "metered" }).then(() => true), 10_000, "Redis answering keygate again", { intervalMs: 50, retryErrors: true });
-    return answer;
-  }
 
   it("a Check charged once by Redis is charged once (credits and quota)", async () => {
     const ownerId = "check-owner";
@@ -80,7 +47,7 @@ describe.runIf(ready)("error: a charge script whose answer was lost when its con
     // Loads the balance into Redis: 10 - 1.
     expect(checkOutcome(await kg.check(checkInit(headers, "/v1/a"))).code).toBe(null);
     expect(await client.hget(`kg:c:${ownerId}`, "monthly_used")).toBe("1");
-    const second = await withAnswerLost(
+    const second = await stack.withAnswerLost(
       () => kg.check(checkInit(headers, "/v1/b")),
       async () => (await client.hget(`kg:c:${ownerId}`, "monthly_used")) === "2",
       `kg:c:${ownerId}`,
@@ -102,7 +69,7 @@ describe.runIf(ready)("error: a charge script whose answer was lost when its con
     await kg.admin.upsertAccount({ ownerId, plan: "metered" });
     const warm = await kg.admin.chargeUsage({ ownerId, cost: 1n, idempotencyKey: "warm" });
     expect(warm.charged).toBe(true);
-    const first = await withAnswerLost(
+    const first = await stack.withAnswerLost(
       () => kg.admin.chargeUsage({ ownerId, cost: 3n, idempotencyKey: "job-1" }),
       async () => (await client.exists(`kg:cu:${ownerId} job-1`)) === 1,
       `kg:cu:${ownerId} job-1`,
@@ -120,27 +87,11 @@ describe.runIf(ready)("error: a charge script whose answer was lost when its con
 });
 
 describe.runIf(ready)("error: a ChargeUsage's charge script run twice for one call", () => {
-  let redis: RedisServer;
-  let client: Redis;
-  beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    client = new Redis(redis.url);
-  });
-  afterAll(async () => {
-    client?.disconnect();
-    await redis?.stop();
-  });
+  const redisClient = suiteRedisClient();
 
   it("answers the second run as the call's own charge (not replayed), and a retry's run as replayed", async () => {
-    const logger = pino({ level: "silent" });
-    const store = {
-      getCredits: async () => ({ period: "", monthlyUsed: 0, topupBalance: 0, topupTotal: 0 }),
-      listUsage: async () => [],
-      applyUsage: async () => undefined,
-    };
-    const usage = new UsageRecorder(store, logger, 5000);
+    const client = redisClient();
+    const { logger, store, usage } = stubMeterDeps();
     // A connection that sends each charge script twice and answers the second reply, as a client
     // resending a command whose first answer it lost would.
     const twice = new Proxy(client, {
@@ -153,21 +104,7 @@ describe.runIf(ready)("error: a ChargeUsage's charge script run twice for one ca
       },
     });
     const meter = new RedisMeter(twice, store, usage, new MemoryMeter(store, usage), "fail-closed", logger);
-    const input = {
-      ownerId: "twice-owner",
-      bucketKind: "u" as const,
-      bucketId: "twice-owner",
-      rate: { limit: 1000, windowSeconds: 60 },
-      dailyQuota: 100,
-      countsDaily: true,
-      monthlyCredits: 10,
-      cost: 3,
-      nowMs: Date.parse("2026-12-03T12:00:00Z"),
-      meter: "live" as const,
-      quota: null,
-      idempotencyKey: "job-1",
-      budgetExpired: false,
-    };
+    const input = { ...chargeInput("twice-owner"), idempotencyKey: "job-1" };
     const first = await meter.charge(input);
     expect([first.allowed, first.replayed, first.spent, first.credits]).toEqual([true, false, { period: "2026-12", monthly: 3, topup: 0 }, { balance: 7 }]);
     const retry = await meter.charge({ ...input });

@@ -1,6 +1,5 @@
-import { connect } from "node:http2";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ADMIN_TOKEN, postJson, startKeygate } from "../harness/keygate.js";
+import { grpcJsonCall, grpcWebJsonCall, postJson, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 
 // KeyAdmin decodes a request before any of keygate's code runs, and the JSON decoder's error
@@ -19,14 +18,6 @@ afterAll(async () => {
 
 const LONG_KEY = "X".repeat(60_000);
 const UNKNOWN_KEY = `cannot decode message keygate.v1.VerifyKeyRequest from JSON: key "${"X".repeat(59)}…XXXX" is unknown`;
-
-/** A gRPC or gRPC-Web message frame of `json`. */
-function frame(json: string): Buffer {
-  const data = Buffer.from(json);
-  const head = Buffer.alloc(5);
-  head.writeUInt32BE(data.length, 1);
-  return Buffer.concat([head, data]);
-}
 
 describe("KeyAdmin decoder errors quote a bounded part of the input", () => {
   it("Connect JSON, a 60,000-character unknown key: 400, the message cut to 64 characters and its ending", async () => {
@@ -47,37 +38,12 @@ describe("KeyAdmin decoder errors quote a bounded part of the input", () => {
   });
 
   it("gRPC with the JSON codec: grpc-message 3, cut the same way", async () => {
-    const session = connect(`http://127.0.0.1:${kg.ports.admin}`);
-    try {
-      const answer = await new Promise<{ status: string; message: string }>((resolve, reject) => {
-        const stream = session.request({
-          ":method": "POST",
-          ":path": "/keygate.v1.KeyAdmin/VerifyKey",
-          "content-type": "application/grpc+json",
-          te: "trailers",
-          authorization: `Bearer ${ADMIN_TOKEN}`,
-        });
-        let headers: Record<string, unknown> = {};
-        stream.on("response", (h) => (headers = h));
-        stream.on("trailers", (t) => (headers = { ...headers, ...t }));
-        stream.on("data", () => undefined);
-        stream.on("error", reject);
-        stream.on("close", () => resolve({ status: String(headers["grpc-status"]), message: decodeURIComponent(String(headers["grpc-message"])) }));
-        stream.end(frame(JSON.stringify({ [LONG_KEY]: "x" })));
-      });
-      expect(answer).toEqual({ status: "3", message: UNKNOWN_KEY });
-    } finally {
-      session.close();
-    }
+    const answer = await grpcJsonCall(kg.ports.admin, "VerifyKey", JSON.stringify({ [LONG_KEY]: "x" }));
+    expect(answer).toEqual({ status: "3", message: UNKNOWN_KEY });
   });
 
   it("gRPC-Web with the JSON codec: the trailer frame's grpc-message, cut the same way", async () => {
-    const res = await fetch(`http://127.0.0.1:${kg.ports.admin}/keygate.v1.KeyAdmin/VerifyKey`, {
-      method: "POST",
-      headers: { "content-type": "application/grpc-web+json", authorization: `Bearer ${ADMIN_TOKEN}` },
-      body: frame(JSON.stringify({ [LONG_KEY]: "x" })),
-    });
-    const bytes = Buffer.from(await res.arrayBuffer());
+    const bytes = await grpcWebJsonCall(kg.ports.admin, "VerifyKey", JSON.stringify({ [LONG_KEY]: "x" }));
     // The only frame is the trailer frame: flag 0x80, its length, then header lines.
     expect(bytes[0]).toBe(0x80);
     expect(bytes.readUInt32BE(1)).toBe(bytes.length - 5);

@@ -1,11 +1,7 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import type { Socket } from "node:net";
-import type { CheckInput, Decision } from "../../src/authz/pipeline.js";
 import type { StartedServer } from "../../src/server/grpc-authz.js";
-import { createHttpAuthzServer } from "../../src/server/http-authz.js";
-import { createLogger } from "../../src/server/logger.js";
-import { Metrics } from "../../src/server/metrics.js";
-import { Readiness } from "../../src/server/readiness.js";
+import { HeldPipeline, startHttpAuthzOver } from "../harness/held-pipeline.js";
 import { httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { closedByServer, openSocket } from "../harness/sockets.js";
@@ -78,33 +74,6 @@ describe("HTTP authorization port security: a Check pipelined behind a closing a
   });
 });
 
-const DENIAL: Decision = { allow: false, reason: "MISSING_CREDENTIAL", message: "No API key was sent." };
-
-/** A pipeline whose decisions wait until the test releases them. */
-class HeldPipeline {
-  decided = 0;
-  readonly #waiting: Array<() => void> = [];
-  #onDecide: (() => void) | undefined;
-  decide(_input: CheckInput): Promise<Decision> {
-    this.decided += 1;
-    this.#onDecide?.();
-    return new Promise((resolve) => this.#waiting.push(() => resolve(DENIAL)));
-  }
-  release(): void {
-    for (const go of this.#waiting.splice(0)) go();
-  }
-  /** Resolves once `count` decisions have started. */
-  reached(count: number): Promise<void> {
-    return new Promise((resolve) => {
-      const check = (): void => {
-        if (this.decided >= count) resolve();
-      };
-      this.#onDecide = check;
-      check();
-    });
-  }
-}
-
 describe("HTTP authorization port security: Checks read behind a closing answer still being decided", () => {
   const running: StartedServer[] = [];
   const sockets: Socket[] = [];
@@ -115,17 +84,7 @@ describe("HTTP authorization port security: Checks read behind a closing answer 
 
   it("the first Check's decision is held while three pipelined in the same packet are read: they are not decided, and its answer still arrives", async () => {
     const pipeline = new HeldPipeline();
-    const readiness = new Readiness();
-    readiness.setReady(true);
-    const server = await createHttpAuthzServer({
-      pipeline,
-      readiness,
-      metrics: new Metrics({ defaultMetrics: false }),
-      logger: createLogger("silent"),
-      nowMs: () => Date.now(),
-      proxy: "envoy",
-      limits: { headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
-    }).start("127.0.0.1", 0);
+    const server = await startHttpAuthzOver(pipeline);
     running.push(server);
 
     const socket = await openSocket(server.port);

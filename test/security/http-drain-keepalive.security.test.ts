@@ -1,45 +1,14 @@
 import { connect } from "node:net";
 import type { Socket } from "node:net";
 import { afterEach, describe, expect, it } from "vitest";
-import type { CheckInput, Decision } from "../../src/authz/pipeline.js";
 import type { StartedServer } from "../../src/server/grpc-authz.js";
-import { createHttpAuthzServer } from "../../src/server/http-authz.js";
-import { createLogger } from "../../src/server/logger.js";
-import { Metrics } from "../../src/server/metrics.js";
-import { Readiness } from "../../src/server/readiness.js";
+import { HeldPipeline, startHttpAuthzOver } from "../harness/held-pipeline.js";
 
 // SIGTERM "stops accepting work, lets in-flight calls finish". On the HTTP authorization port,
 // closing the server closes only the keep-alive connections idle at that instant: a connection
 // with a Check in flight (every busy nginx/Envoy upstream connection) must get its answer with
 // "Connection: close", not go on being handed new Checks for the whole grace period and be cut
 // with one in flight when it ends (after that Check may have been charged).
-
-const DENIAL: Decision = { allow: false, reason: "MISSING_CREDENTIAL", message: "No API key was sent." };
-
-/** A pipeline whose every decision waits until the test releases it. */
-class GatedPipeline {
-  decided = 0;
-  readonly #waiting: Array<() => void> = [];
-  #onDecide: (() => void) | undefined;
-  decide(_input: CheckInput): Promise<Decision> {
-    this.decided += 1;
-    this.#onDecide?.();
-    return new Promise((resolve) => this.#waiting.push(() => resolve(DENIAL)));
-  }
-  release(): void {
-    for (const go of this.#waiting.splice(0)) go();
-  }
-  /** Resolves once `count` decisions have started. */
-  reached(count: number): Promise<void> {
-    return new Promise((resolve) => {
-      const check = (): void => {
-        if (this.decided >= count) resolve();
-      };
-      this.#onDecide = check;
-      check();
-    });
-  }
-}
 
 const running: StartedServer[] = [];
 const sockets: Socket[] = [];
@@ -70,19 +39,8 @@ const CHECK = "GET /check/v1/things HTTP/1.1\r\nHost: keygate\r\n\r\n";
 
 describe("HTTP authorization port: a busy keep-alive connection during the drain", () => {
   it("the answer to the Check in flight when the drain began closes its connection; no later Check is taken on it", async () => {
-    const pipeline = new GatedPipeline();
-    const readiness = new Readiness();
-    readiness.setReady(true);
-    const http = createHttpAuthzServer({
-      pipeline,
-      readiness,
-      metrics: new Metrics({ defaultMetrics: false }),
-      logger: createLogger("silent"),
-      nowMs: () => Date.now(),
-      proxy: "envoy",
-      limits: { headersTimeoutMs: 10_000, requestTimeoutMs: 30_000, idleTimeoutMs: 60_000, maxConnections: 1000 },
-    });
-    const server = await http.start("127.0.0.1", 0);
+    const pipeline = new HeldPipeline();
+    const server = await startHttpAuthzOver(pipeline);
     running.push(server);
 
     const conn = await open(server.port);

@@ -1,12 +1,10 @@
-import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { stringify } from "yaml";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { postJson } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
-import { serveUntilExit, spawnKeygate } from "../harness/process.js";
+import { serveUntilExit, spawnedKeygates, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 
 // README (Operations): a broken tokens file fails the start or the reload with one line "naming
@@ -28,18 +26,7 @@ const RELOAD_TIMEOUT_MS = 15_000;
 
 const listeners = { KEYGATE_HOST: "127.0.0.1", KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
 
-const dirs: string[] = [];
-const children = new Set<ChildProcess>();
-afterAll(() => {
-  for (const child of children) child.kill("SIGKILL");
-  for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
-});
-
-function tempDir(): string {
-  const dir = mkdtempSync(join(tmpdir(), "keygate-tokens-typo-"));
-  dirs.push(dir);
-  return dir;
-}
+const { children, tempDir } = spawnedKeygates("keygate-tokens-typo-");
 
 describe("a tokens file with a one-character typo in a flow-style entry.security", { timeout: 90_000 }, () => {
   it.each([[";"], [","], ["="]])("at start ('token%s'): exits 2 with one line naming the file and the field, never the token", async (sep) => {
