@@ -218,22 +218,25 @@ export class UsageRecorder {
    * Stops the timer and writes what is pending, again while the store refuses it, until
    * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line saying
    * how many rows, requests and spent credits are lost, when the process would end without them.
+   * A batch still being written then (the store took the call and has not answered) is counted as
+   * `unsure`: it may or may not land, and is never written again.
    */
   async stop(deadlineMs = 0): Promise<boolean> {
-    await this.#writer.stop(deadlineMs, () => this.#usageRows > 0 || this.#credits.size > 0);
+    const settled = await this.#writer.stop(deadlineMs, () => this.#usageRows > 0 || this.#credits.size > 0);
     const rows = [...this.#usage.values()].flat();
     const spent = [...this.#credits.values()];
-    if (rows.length === 0 && spent.length === 0 && this.#stopUnsure === 0) return true;
+    const unsure = this.#stopUnsure + (settled ? 0 : this.#inFlight);
+    if (rows.length === 0 && spent.length === 0 && unsure === 0) return true;
     this.logger.error(
       {
-        err: this.#stopError,
+        err: settled ? this.#stopError : new Error("the store did not answer a usage write before the shutdown grace period ran out"),
         rows: rows.length,
         requests: rows.reduce((n, row) => n + row.count, 0),
         accounts: spent.length,
         creditsSpent: spent.reduce((n, entry) => n + entry.monthlyUsed + entry.topupUsed, 0),
-        unsure: this.#stopUnsure,
+        unsure,
       },
-      "usage not written at shutdown: the store refused it until the shutdown grace period ran out, so these requests and spent credits are lost",
+      "usage not written at shutdown: the store refused it or did not answer until the shutdown grace period ran out, so these requests and spent credits are lost; the unsure rows and credits may or may not have been written",
     );
     return false;
   }

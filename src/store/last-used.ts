@@ -53,14 +53,20 @@ export class LastUsedRecorder {
   /**
    * Stops the timer and writes what is pending, again while the store refuses it, until
    * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line with
-   * the count of keys, when the process would end without their last-use times.
+   * the count of keys, when the process would end without their last-use times; keys of a batch
+   * the store took and had not answered then are among them, and counted as `unsure` too.
    */
   async stop(deadlineMs = 0): Promise<boolean> {
-    await this.#writer.stop(deadlineMs, () => this.#pending.size > 0);
-    if (this.#pending.size === 0) return true;
+    const settled = await this.#writer.stop(deadlineMs, () => this.#pending.size > 0);
+    const unsure = settled ? 0 : this.#inFlight;
+    if (this.#pending.size + unsure === 0) return true;
     this.logger.error(
-      { err: this.#stopError, keys: this.#pending.size },
-      "last-use times not written at shutdown: the store refused them until the shutdown grace period ran out, so they are lost",
+      {
+        err: settled ? this.#stopError : new Error("the store did not answer a last-use write before the shutdown grace period ran out"),
+        keys: this.#pending.size + unsure,
+        unsure,
+      },
+      "last-use times not written at shutdown: the store refused them or did not answer until the shutdown grace period ran out, so they are lost",
     );
     return false;
   }

@@ -740,6 +740,11 @@ export class MongoKeyStore implements KeyStore {
       serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
       heartbeatFrequencyMS: 2000,
       socketTimeoutMS: 10_000,
+      // The driver's defaults wait 30 s for a new connection's handshake (and the heartbeat's
+      // answer, which says the server is gone) and for ever for a connection from the pool: with
+      // a server that takes connections and never answers, one call outlived the shutdown grace.
+      connectTimeoutMS: 3000,
+      waitQueueTimeoutMS: 3000,
       autoIndex: false,
       // Collections are made by #createIndexes and the first insert; mongoose's background
       // createCollection per model would race them, and write on a dry run.

@@ -24,6 +24,13 @@ const PACED_CALL_MS = 1;
 const STOP_RETRY_FIRST_MS = 250;
 const STOP_RETRY_MAX_MS = 2000;
 
+/**
+ * How long stop() waits for a flush at least, however near (or past) its deadline: the drain may
+ * have used the whole grace, and a store that answers writes a busy interval's batch in well under
+ * this. So a stop ends at most this long after its deadline.
+ */
+export const STOP_FLUSH_WAIT_MIN_MS = 5000;
+
 /** Lets I/O and timers queued behind a long job run before it goes on. */
 export function yieldToEventLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
@@ -91,17 +98,39 @@ export class WriteBehind {
    * of it, flushes again after a pause (250 ms, doubling up to 2 s) until `deadlineMs`
    * (performance.now()'s clock) has passed: a store that is down or full for a moment at shutdown
    * (a failover, a disk being freed) still gets what the process would otherwise take with it.
+   * No flush is waited for past `deadlineMs`, or STOP_FLUSH_WAIT_MIN_MS after it began if that
+   * is later: a store that takes calls and never answers (a frozen MongoDB) would otherwise hold
+   * the process until the kubelet's SIGKILL, and nothing would say what was lost. Resolves to
+   * false when a flush was still running then: its calls may still land, so what it holds may or
+   * may not be written, and it is never written again.
    */
-  async stop(deadlineMs = 0, unwritten: () => boolean = () => false): Promise<void> {
+  async stop(deadlineMs = 0, unwritten: () => boolean = () => false): Promise<boolean> {
     this.#stopping = true;
     if (this.#timer !== undefined) clearInterval(this.#timer);
     this.#timer = undefined;
-    await this.flush();
+    if (!(await this.#flushBy(deadlineMs))) return false;
     for (let pauseMs = STOP_RETRY_FIRST_MS; unwritten(); pauseMs = Math.min(2 * pauseMs, STOP_RETRY_MAX_MS)) {
       const leftMs = deadlineMs - performance.now();
-      if (leftMs <= 0) return;
+      if (leftMs <= 0) return true;
       await new Promise((resolve) => setTimeout(resolve, Math.min(pauseMs, leftMs)));
-      await this.flush();
+      if (!(await this.#flushBy(deadlineMs))) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Queues a flush and waits for it until `deadlineMs` or STOP_FLUSH_WAIT_MIN_MS, whichever ends
+   * later: false when it is still running then.
+   */
+  async #flushBy(deadlineMs: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), Math.max(deadlineMs - performance.now(), STOP_FLUSH_WAIT_MIN_MS));
+    });
+    try {
+      return await Promise.race([this.flush().then(() => true), late]);
+    } finally {
+      clearTimeout(timer);
     }
   }
 }
