@@ -1,4 +1,4 @@
-import { watch } from "node:fs";
+import { statSync, watch } from "node:fs";
 import type { FSWatcher } from "node:fs";
 import { basename, dirname, resolve } from "node:path";
 import { setLogger as setGrpcLogger } from "@grpc/grpc-js";
@@ -137,13 +137,14 @@ interface LiveReload {
 /**
  * Reloads on SIGHUP, or on a change to the policy or admin tokens file (a ConfigMap or Secret
  * update swaps the directory's ..data link, so the directory is watched; a burst of events is one
- * reload). Until started(), a reload is held and logged as held; started() runs it once.
+ * reload), once the files are quiet (quietReloads). Until started(), a reload is held and logged
+ * as held; started() runs it once.
  */
 function liveReload(config: Config, logger: Logger): LiveReload {
   let keygate: Pick<Keygate, "reload"> | null = null;
   let held: string | null = null;
   let stopped = false;
-  let settling: NodeJS.Timeout | undefined;
+  const files = [config.policyFile, config.adminTokensFile].filter((file) => file !== undefined);
   const reload = (why: string): void => {
     if (stopped) return;
     if (keygate === null) {
@@ -155,16 +156,12 @@ function liveReload(config: Config, logger: Logger): LiveReload {
     // "adminTokens" is a secret's field name to the log redaction, so the outcome is logged per file.
     logger.info({ why, policyFile: outcome.policy, adminTokensFile: outcome.adminTokens, tlsFiles: outcome.tls }, "configuration reload");
   };
-  const soon = (): void => {
-    if (settling !== undefined) clearTimeout(settling);
-    settling = setTimeout(() => reload("file changed"), RELOAD_SETTLE_MS);
-    settling.unref();
-  };
-  const watchers = [config.policyFile, config.adminTokensFile].flatMap((file) => (file === undefined ? [] : (watchFile(file, soon, logger) ?? [])));
+  const quiet = quietReloads(files, reload, logger);
+  const watchers = files.flatMap((file) => watchFile(file, () => quiet.ask("file changed", RELOAD_SETTLE_MS), logger) ?? []);
   const unwatch = (): void => {
     for (const watcher of watchers.splice(0)) watcher.close();
   };
-  process.on("SIGHUP", () => reload("SIGHUP"));
+  process.on("SIGHUP", () => quiet.ask("SIGHUP", 0));
   process.once("exit", unwatch);
   return {
     started(built) {
@@ -172,11 +169,11 @@ function liveReload(config: Config, logger: Logger): LiveReload {
       if (held === null) return;
       const why = held;
       held = null;
-      reload(`${why}, held during the start`);
+      quiet.ask(`${why}, held during the start`, 0);
     },
     stop() {
       stopped = true;
-      if (settling !== undefined) clearTimeout(settling);
+      quiet.stop();
       unwatch();
     },
   };
@@ -184,6 +181,71 @@ function liveReload(config: Config, logger: Logger): LiveReload {
 
 /** How long a file must stay quiet after a change before it is read: editors write in steps. */
 const RELOAD_SETTLE_MS = 200;
+
+/** The longest a reload waits for files that keep changing (or are dated ahead of the clock). */
+const RELOAD_SETTLE_MAX_MS = 10_000;
+
+/**
+ * Runs `reload` once none of `files` has been written for RELOAD_SETTLE_MS, checked from the
+ * files' mtimes after `delayMs` and again while they keep changing, for at most
+ * RELOAD_SETTLE_MAX_MS; then it reads them anyway, with a warning. A file read mid-rewrite is
+ * usually a valid policy (a prefix that ends before `routes:` has no scope requirement at all);
+ * this covers a writer that is still writing, not one paused longer than the settle, which only
+ * an atomic replace (a rename, as ConfigMap mounts do) rules out. Asks while one waits join it.
+ */
+function quietReloads(files: readonly string[], reload: (why: string) => void, logger: Logger): { ask(why: string, delayMs: number): void; stop(): void } {
+  let wanted: { why: string; sinceMs: number; waitLogged: boolean } | null = null;
+  let timer: NodeJS.Timeout | undefined;
+  const later = (delayMs: number): void => {
+    if (timer !== undefined) clearTimeout(timer);
+    timer = setTimeout(whenQuiet, delayMs);
+    timer.unref();
+  };
+  function whenQuiet(): void {
+    timer = undefined;
+    if (wanted === null) return;
+    const changedAgoMs = quietForMs(files);
+    const waitedMs = performance.now() - wanted.sinceMs;
+    if (changedAgoMs < RELOAD_SETTLE_MS && waitedMs < RELOAD_SETTLE_MAX_MS) {
+      if (!wanted.waitLogged) logger.info({ why: wanted.why, files }, "configuration reload waits until the files have not changed for 200 ms");
+      wanted.waitLogged = true;
+      later(Math.min(Math.max(RELOAD_SETTLE_MS - changedAgoMs, 1), RELOAD_SETTLE_MS, RELOAD_SETTLE_MAX_MS - waitedMs));
+      return;
+    }
+    if (changedAgoMs < RELOAD_SETTLE_MS) logger.warn({ why: wanted.why, files, waitedMs: Math.round(waitedMs) }, "configuration files kept changing for 10 s; reading them anyway");
+    const { why } = wanted;
+    wanted = null;
+    reload(why);
+  }
+  return {
+    ask(why, delayMs) {
+      wanted ??= { why, sinceMs: performance.now(), waitLogged: false };
+      later(delayMs);
+    },
+    stop() {
+      wanted = null;
+      if (timer !== undefined) clearTimeout(timer);
+    },
+  };
+}
+
+/**
+ * How long ago the most recently changed of `files` was last written (by its mtime, following a
+ * ConfigMap's links); 0 for one that cannot be read at the moment (a replace in steps).
+ */
+function quietForMs(files: readonly string[]): number {
+  let quietMs = Number.POSITIVE_INFINITY;
+  for (const file of files) {
+    let mtimeMs: number;
+    try {
+      mtimeMs = statSync(file).mtimeMs;
+    } catch {
+      return 0;
+    }
+    quietMs = Math.min(quietMs, Date.now() - mtimeMs);
+  }
+  return quietMs;
+}
 
 /**
  * Watches a file's directory for changes to it (or to the ..data link Kubernetes swaps); null,
