@@ -56,6 +56,10 @@ export const PATH_REFUSALS = {
     "The request path matches another route when letter case is ignored, as case-insensitive servers do, so it is refused. Send it in the letter case of the route.",
   ),
   tooLong: new RouteRefusal("INVALID_PATH", "The request path is longer than 16384 characters before its query, so it is refused. Send a shorter path."),
+  formatSuffix: new RouteRefusal(
+    "INVALID_PATH",
+    'The request path ends in a format suffix (such as ".json") that servers such as Rails read as the format of the path without it, and that path matches another route, so it is refused. Send the path without the suffix, or name the suffixed path in a route.',
+  ),
   unicodeCase: new RouteRefusal(
     "INVALID_PATH",
     'The request path holds a character that servers ignoring letter case read as an ASCII letter (such as "ſ", "ı" or the Kelvin sign), and read that way it matches another route, so it is refused. Send those letters in ASCII.',
@@ -606,7 +610,26 @@ export class RouteTable {
       const reading = asciiCaseReading(path);
       if (reading !== null && this.#find(upperMethod, reading.toLowerCase(), !this.#caseInsensitive) !== chosen) return PATH_REFUSALS.unicodeCase;
     }
+    // Rails (every route's optional "(.:format)"), Grape, Django REST framework's format suffixes
+    // and Spring MVC before 5.3 serve "/v1/chat.json" as "/v1/chat": if that is another route
+    // (or none), whichever keygate picked would be wrong for such an upstream, so the path is
+    // refused, unless the chosen route names the suffixed segment itself.
+    // Cut at the last segment's first dot and at its last ("/v1/export.csv.json" is
+    // "/v1/export.csv" as JSON to a route that names "/v1/export.csv"); a trailing slash, which
+    // such servers drop, does not end the segment.
+    const end = path.length > 1 && path.charCodeAt(path.length - 1) === SLASH ? path.length - 1 : path.length;
+    const first = path.indexOf(".", path.lastIndexOf("/", end - 1) + 2);
+    if (first !== -1 && first < end && (this.#suffixPicksAnother(upperMethod, path, first, chosen) || this.#suffixPicksAnother(upperMethod, path, path.lastIndexOf(".", end - 1), chosen))) {
+      return PATH_REFUSALS.formatSuffix;
+    }
     return chosen;
+  }
+
+  /** Whether `path` cut at `dot` is another route's (or none's), where `chosen` does not name the suffixed segment. */
+  #suffixPicksAnother(upperMethod: string, path: string, dot: number, chosen: Entry | null): boolean {
+    if (chosen !== null && (chosen.head.length > dot || (chosen.tail?.includes(".") ?? false))) return false;
+    const bare = path.slice(0, dot);
+    return this.#find(upperMethod, this.#caseInsensitive ? bare.toLowerCase() : bare, false) !== chosen;
   }
 
   /** Whether an upper-case ASCII letter sits where a prefix could meet it (ids further on do not). */

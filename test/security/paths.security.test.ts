@@ -298,6 +298,15 @@ function servedRoute(method: string, path: string, caseInsensitive: boolean | "u
 const UNRESERVED = /^[A-Za-z0-9._~-]$/;
 const cutQuery = (p: string): string => p.split("?")[0] ?? "";
 const cutFragment = (p: string): string => p.split("#")[0] ?? "";
+/**
+ * A format suffix taken off the last segment, as Rails' optional "(.:format)" (at the last dot)
+ * or Spring MVC's suffix patterns before 5.3 (at the first) read it; a leading dot is a name.
+ */
+const cutFormat = (p: string, at: "first" | "last"): string => {
+  const start = p.lastIndexOf("/") + 2;
+  const dot = at === "first" ? p.indexOf(".", start) : p.lastIndexOf(".");
+  return dot >= start ? p.slice(0, dot) : p;
+};
 const decodeUnreserved = (p: string): string =>
   p.replace(/%([0-9A-Fa-f]{2})/g, (escape, hex: string) => {
     const char = String.fromCharCode(parseInt(hex, 16));
@@ -345,6 +354,8 @@ const READINGS: Reading[] = [
     caseInsensitive: true,
   },
   { name: "Java/.NET ignoring case (UTF-8 decoded, Unicode case mapping)", serve: (p) => resolveDots(decodeUtf8(cutFragment(cutQuery(p)))), caseInsensitive: "unicode" },
+  { name: "format suffix at the last dot (Rails)", serve: (p) => cutFormat(resolveDots(decodeUnreserved(cutFragment(cutQuery(p)))), "last"), caseInsensitive: false },
+  { name: "format suffix at the first dot (Spring MVC before 5.3)", serve: (p) => cutFormat(resolveDots(decodeUnreserved(cutFragment(cutQuery(p)))), "first"), caseInsensitive: false },
 ];
 
 // Pieces of the paths: names of the routes in several spellings (letter case, escaped letters),
@@ -354,7 +365,7 @@ const FIRST = fc.constantFrom("v1", "V1", "%76%31", "v2", "public", "Public", "x
 const PLAIN = fc.constantFrom("decks", "DECKS", "Decks", "admin", "Admin", "%61dmin", "%64ecks", "%44ecks", "export", "beta", "Beta", "x", "d%65cks", "%7Ex", "a%20b", "v1", "deck%C5%BF", "adm%C4%B1n", "caf%C3%A9");
 const RISKY = fc.constantFrom(
   ".", "..", "%2e%2e", "%2E", "..;", "decks;x=1", ";x=1", "decks.", "decks..", "decks%20", "decks%00", "%00", "%2F", "%2f", "%5C", "\\",
-  "%252F", "..%2F", "..%2f", "%C0%AE", "decks%3Bx", "admin%23",
+  "%252F", "..%2F", "..%2f", "%C0%AE", "decks%3Bx", "admin%23", "decks.json", "admin.xml", "export.csv.json", "x.json",
 );
 const SEGMENT = fc.oneof({ arbitrary: PLAIN, weight: 5 }, { arbitrary: RISKY, weight: 2 });
 const SEPARATOR = fc.oneof(

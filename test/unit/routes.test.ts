@@ -321,6 +321,44 @@ describe("letter case", () => {
     expect(DENIALS[PATH_REFUSALS.unicodeCase.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
   });
 
+  it("a format suffix whose bare path picks another route (or none) is refused, in both matching modes; one that names its own route, or lands on the same one, is judged", () => {
+    const routes = [
+      { method: "*", pathPrefix: "/v1/chat", requiredScopes: ["tutor"], cost: 1, metered: true },
+      { method: "GET", pathPrefix: "/v1/export.csv", requiredScopes: ["export"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/v1/files", requiredScopes: ["files"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/projects/{project}/report.pdf", requiredScopes: ["reports"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/", requiredScopes: [], cost: 0, metered: false },
+    ];
+    for (const caseInsensitive of [false, true]) {
+      const table = new RouteTable(routes, { caseInsensitive });
+      // Rails reads each of these as /v1/chat (or /v1/chat/x): the catch-all would judge them.
+      for (const [method, path] of [
+        ["POST", "/v1/chat.json"],
+        ["HEAD", "/v1/chat.xml"],
+        ["GET", "/v1/chat.json?x=1"],
+        ["GET", "/v1/chat.tar.gz"],
+        ["GET", "/v1/export.csv.json"],
+        ["GET", "/v1/chat.json/"],
+      ] as const) {
+        expect(table.match(method, path), `${method} ${path}, caseInsensitive ${caseInsensitive}`).toBe(PATH_REFUSALS.formatSuffix);
+      }
+      // The same route either way, a route naming the suffixed segment, a leading dot, a dot
+      // before the last segment: judged as usual.
+      expect(table.match("GET", "/v1/files/report.pdf")).toMatchObject({ pathPrefix: "/v1/files" });
+      expect(table.match("GET", "/v1/chat/messages.json")).toMatchObject({ pathPrefix: "/v1/chat" });
+      expect(table.match("GET", "/v1/export.csv")).toMatchObject({ pathPrefix: "/v1/export.csv" });
+      expect(table.match("GET", "/projects/p1/report.pdf")).toMatchObject({ pathPrefix: "/projects/{project}/report.pdf" });
+      expect(table.match("GET", "/favicon.ico")).toMatchObject({ pathPrefix: "/" });
+      expect(table.match("GET", "/v1/.well-known")).toMatchObject({ pathPrefix: "/" });
+      expect(table.match("GET", "/v1.2/chat")).toMatchObject({ pathPrefix: "/" });
+    }
+    // No route but the suffixed one's bare path: "none" is another route too.
+    const bare = new RouteTable([{ method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"], cost: 1, metered: true }]);
+    expect(bare.match("GET", "/v1/admin.json")).toBe(PATH_REFUSALS.formatSuffix);
+    expect(bare.match("GET", "/v1/other.json")).toBeNull();
+    expect(DENIALS[PATH_REFUSALS.formatSuffix.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+  });
+
   it("a path longer than MAX_PATH_LENGTH before its query is refused; a long query is not the path's length", () => {
     expect(canonicalPath(`/${"a".repeat(MAX_PATH_LENGTH - 1)}`)).toBe(`/${"a".repeat(MAX_PATH_LENGTH - 1)}`);
     expect(canonicalPath(`/${"a".repeat(MAX_PATH_LENGTH)}`)).toBe(PATH_REFUSALS.tooLong);
