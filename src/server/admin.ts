@@ -301,11 +301,15 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       });
       // With TLS the opening is still read from the decrypted bytes; ALPN has told the client
       // which protocol to open with, so the two agree.
-      const tcp = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
+      const acceptor = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
         awaitOpening(socket, limits.headersTimeoutMs, true, (opening, leftMs) => {
-          if (opening === "http2") {
+          // Only connections serving at stop() get the grace: one whose opening (or TLS
+          // handshake) ends after it is closed, not served (an HTTP/2 session would get no GOAWAY).
+          if (acceptor.stopped) {
+            socket.destroy();
+          } else if (opening === "http2") {
             // The HTTP/2 session reads the unshifted bytes itself; resuming would drop them.
             http2.emit("connection", socket);
           } else {
@@ -315,12 +319,13 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
           }
         });
       });
-      trackConnections(tcp, "admin", limits, deps.metrics);
-      const boundPort = await listen(tcp, host, port);
+      trackConnections(acceptor.server, "admin", limits, deps.metrics);
+      const boundPort = await listen(acceptor.server, host, port);
       return {
         port: boundPort,
         async stop(graceMs) {
-          const tcpClosed = new Promise<void>((resolve) => tcp.close(() => resolve()));
+          // Also closes the connections still in their TLS handshake, which no set here holds.
+          const tcpClosed = new Promise<void>((resolve) => acceptor.stop(resolve));
           for (const session of sessions) session.close();
           http1.closeIdleConnections();
           // Sockets were handed to the HTTP servers by hand, so they are closed here: once the

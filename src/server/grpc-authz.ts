@@ -458,7 +458,7 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
       const opening = new Set<Socket>();
       const sockets = new Set<Socket>();
       let onSocketClosed = (): void => undefined;
-      const tcp = createAcceptor(tls, limits.headersTimeoutMs, (socket: Socket) => {
+      const acceptor = createAcceptor(tls, limits.headersTimeoutMs, (socket: Socket) => {
         opening.add(socket);
         sockets.add(socket);
         socket.once("close", () => {
@@ -468,16 +468,20 @@ function createGrpcJsServer(core: AuthzCore, limits: ListenerLimits, metrics: Me
         });
         awaitOpening(socket, limits.headersTimeoutMs, false, () => {
           opening.delete(socket);
+          // grpc-js would serve a connection injected after its shutdown began.
+          if (acceptor.stopped) return void socket.destroy();
           injector.injectConnection(socket);
         });
       });
-      trackConnections(tcp, "grpc", limits, metrics);
-      const boundPort = await listen(tcp, host, port);
+      trackConnections(acceptor.server, "grpc", limits, metrics);
+      const boundPort = await listen(acceptor.server, host, port);
       return {
         port: boundPort,
         stop: (graceMs) =>
           new Promise<void>((resolve) => {
-            tcp.close();
+            // Connections not yet handed to grpc-js (in their TLS handshake, or before their
+            // opening bytes) are closed: only those serving at stop() get the grace.
+            acceptor.stop();
             for (const socket of opening) socket.destroy();
             for (const call of watchers) call.end();
             watchers.clear();

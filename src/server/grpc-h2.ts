@@ -968,22 +968,26 @@ export function createH2GrpcServer(core: AuthzCore, deps: H2ServerDeps): { start
       // keygate owns the TCP listener and hands HTTP/2 only connections that opened with the
       // preface and SETTINGS in time, so it can cap them and close silent ones.
       const opening = new Set<Socket>();
-      const tcp = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
+      const acceptor = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
         opening.add(socket);
         socket.once("close", () => opening.delete(socket));
         awaitOpening(socket, limits.headersTimeoutMs, false, () => {
           opening.delete(socket);
+          // A session made after stop() would get no GOAWAY, and stop() may have ended already.
+          if (acceptor.stopped) return void socket.destroy();
           // The session reads the unshifted bytes itself; resuming would drop them.
           http2.emit("connection", socket);
         });
       });
-      trackConnections(tcp, "grpc", limits, metrics);
-      const boundPort = await listen(tcp, host, port);
+      trackConnections(acceptor.server, "grpc", limits, metrics);
+      const boundPort = await listen(acceptor.server, host, port);
       return {
         port: boundPort,
         stop: (graceMs) =>
           new Promise<void>((resolve) => {
-            tcp.close();
+            // Connections not yet handed to HTTP/2 (in their TLS handshake, or before their
+            // opening bytes) are closed: only sessions serving at stop() get the grace.
+            acceptor.stop();
             for (const socket of opening) socket.destroy();
             // Readiness has already sent NOT_SERVING to every Watch; now they end with OK.
             for (const call of [...watchers]) finish(call, WATCH_END_HEADERS);

@@ -22,7 +22,8 @@ import { OriginalRequestReader } from "./original-request.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
 import { echoedRequestId } from "../authz/reasons.js";
 import type { AccessLog } from "./access-log.js";
-import type { ListenerTls } from "./tls.js";
+import { trackHandshakes } from "./tls.js";
+import type { Handshakes, ListenerTls } from "./tls.js";
 
 /** Largest request head the HTTP authorization port reads (request line and headers). */
 export const MAX_HEADER_BYTES = 64 * 1024;
@@ -287,10 +288,12 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
         connectionsCheckingInterval: timeoutCheckIntervalMs(limits),
       };
       let server;
+      let handshakes: Handshakes | null = null;
       if (tls === null) {
         server = createServer(options, handle);
       } else {
         server = createHttpsServer({ ...options, ...tls.serverOptions(), handshakeTimeout: limits.headersTimeoutMs }, handle);
+        handshakes = trackHandshakes(server);
         tls.attach(server);
       }
       // Node answers "Expect: 100-continue" with 100 Continue itself unless told otherwise: a body
@@ -309,7 +312,11 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
         port: boundPort,
         stop: (graceMs) => {
           draining = true;
-          return closeHttpServer(server, graceMs);
+          const closed = closeHttpServer(server, graceMs);
+          // node:http holds a connection only once its handshake is done: one still in it at
+          // stop() would be served after its grace, and hold the close until it ends.
+          handshakes?.stop();
+          return closed;
         },
       };
     },

@@ -156,6 +156,8 @@ export class TlsCertificates {
         // Before Node's own listener makes the TLS socket from the server's context.
         server.prependListener("connection", () => this.#maybeReload());
         server.on("tlsClientError", (error: Error) => {
+          // Once the listener is closed, the handshakes that end are those its stop() cut.
+          if (!server.listening) return;
           this.#metrics.tlsHandshakeFailed(listener);
           const code = "code" in error && typeof error.code === "string" ? error.code : error.message.slice(0, 120);
           this.#logger.debug({ listener, code }, "TLS handshake failed");
@@ -248,16 +250,109 @@ export class TlsCertificates {
   }
 }
 
+/** A listener's accepting server, and its stop. */
+export interface Acceptor {
+  /** The server to listen on: plain TCP, or TLS over it. */
+  readonly server: NetServer;
+  /** True from stop() on: a connection the listener has not handed to a protocol server yet is closed, never handed over. */
+  readonly stopped: boolean;
+  /**
+   * Stops accepting and closes the connections still in their TLS handshake, which are in no
+   * protocol server's hands yet; `closed` runs once every accepted connection has closed (as
+   * net.Server.close's callback). Connections already handed on are the listener's to drain.
+   */
+  stop(closed?: () => void): void;
+}
+
 /**
  * A listener's accepting server: plain TCP, or TLS with the listener's context. `onSocket` gets
- * the decrypted socket once the handshake is done; a handshake must finish within
- * `handshakeTimeoutMs`. Connection caps and counts apply to the TCP connections either way.
+ * the decrypted socket once the handshake is done, unless stop() came first; a handshake must
+ * finish within `handshakeTimeoutMs`. Connection caps and counts apply to the TCP connections
+ * either way.
  */
-export function createAcceptor(tls: ListenerTls | null, handshakeTimeoutMs: number, onSocket: (socket: Socket) => void): NetServer {
-  if (tls === null) return createNetServer(onSocket);
-  const server = createTlsServer({ ...tls.serverOptions(), handshakeTimeout: handshakeTimeoutMs }, (socket: TLSSocket) => onSocket(socket));
+export function createAcceptor(tls: ListenerTls | null, handshakeTimeoutMs: number, onSocket: (socket: Socket) => void): Acceptor {
+  if (tls === null) {
+    const server = createNetServer(onSocket);
+    let stopped = false;
+    return {
+      server,
+      get stopped() {
+        return stopped;
+      },
+      stop(closed) {
+        stopped = true;
+        server.close(() => closed?.());
+      },
+    };
+  }
+  const server = createTlsServer({ ...tls.serverOptions(), handshakeTimeout: handshakeTimeoutMs });
+  const handshakes = trackHandshakes(server);
+  server.on("secureConnection", (socket: TLSSocket) => {
+    if (!handshakes.stopped) onSocket(socket);
+  });
   tls.attach(server);
-  return server;
+  return {
+    server,
+    get stopped() {
+      return handshakes.stopped;
+    },
+    stop(closed) {
+      server.close(() => closed?.());
+      handshakes.stop();
+    },
+  };
+}
+
+/** A TLS server's connections whose handshake is under way; see trackHandshakes. */
+export interface Handshakes {
+  /** True from stop() on. */
+  readonly stopped: boolean;
+  /** Closes every connection still in its TLS handshake; one whose handshake completes later is closed at once. */
+  stop(): void;
+}
+
+/**
+ * Tracks the TCP connections of a TLS server from accept to the end of their handshake. Node
+ * hands a connection to the server's 'secureConnection' listeners only then, so a listener's
+ * own sets miss it, and a handshake that completes after the listener's stop() would be served.
+ * Call stop() after server.close(): the cut connections count as no failed handshake.
+ */
+export function trackHandshakes(server: TlsServer): Handshakes {
+  // By the connection's addresses and ports: Node gives no public link from the TCP socket to
+  // its TLS socket, and both name the same connection, unique among those open.
+  const handshaking = new Map<string, Socket>();
+  let stopped = false;
+  server.on("connection", (raw: Socket) => {
+    const id = connectionId(raw);
+    if (id === null) return;
+    handshaking.set(id, raw);
+    raw.once("close", () => {
+      if (handshaking.get(id) === raw) handshaking.delete(id);
+    });
+  });
+  // Ahead of the protocol server's own listener (node:https registers its connection handler here).
+  server.prependListener("secureConnection", (socket: TLSSocket) => {
+    const id = connectionId(socket);
+    if (id !== null) handshaking.delete(id);
+    if (stopped) socket.destroy();
+  });
+  return {
+    get stopped() {
+      return stopped;
+    },
+    stop() {
+      stopped = true;
+      for (const raw of handshaking.values()) raw.destroy();
+      handshaking.clear();
+    },
+  };
+}
+
+/** The local and remote address and port of an open connection, or null once they are unknown (closed). */
+function connectionId(socket: Socket): string | null {
+  const { localAddress, localPort, remoteAddress, remotePort } = socket;
+  if (localAddress === undefined || localPort === undefined || remoteAddress === undefined || remotePort === undefined) return null;
+  return `${localAddress} ${localPort} ${remoteAddress} ${remotePort}`;
 }
 
 /** The ioredis `tls` options for rediss:// with a private CA or a client certificate; files read at start. */

@@ -49,7 +49,7 @@ describe.runIf(requireServer("openssl", opensslAvailable(), "install the openssl
       { certFile: join(dir, "tls.crt"), keyFile: join(dir, "tls.key"), clientCaFile: undefined, listeners: new Set(LISTENER_NAMES), clientAuthListeners: new Set() },
       { logger: createLogger("info", sink), metrics, nowMs: () => nowMs },
     );
-    server = createAcceptor(holder.forListener("http"), 5000, (socket) => socket.end());
+    server = createAcceptor(holder.forListener("http"), 5000, (socket) => socket.end()).server;
     await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
     const address = server.address();
     port = typeof address === "object" && address !== null ? address.port : 0;
@@ -131,7 +131,7 @@ describe.runIf(requireServer("openssl", opensslAvailable(), "install the openssl
     // The server answers one byte once the handshake, client certificate included, is through.
     // Refused, the client sees an alert (an error) or, by timing, only the close: no byte either way.
     const NO_ANSWER = ["refused:", ""];
-    const mtlsServer = createAcceptor(mtls.forListener("admin"), 5000, (socket) => socket.end("k"));
+    const mtlsServer = createAcceptor(mtls.forListener("admin"), 5000, (socket) => socket.end("k")).server;
     await new Promise<void>((resolve) => mtlsServer.listen(0, "127.0.0.1", resolve));
     const address = mtlsServer.address();
     const mtlsPort = typeof address === "object" && address !== null ? address.port : 0;
