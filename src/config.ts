@@ -99,6 +99,17 @@ const flushSeconds = z.number().positive().max(MAX_FLUSH_SECONDS, AT_MOST_A_DAY)
 export const DEFAULT_LAST_USED_RESOLUTION_SECONDS = 60;
 
 const FORWARDED_METADATA_NAME = /^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$/;
+/** An HTTP field name (RFC 9110 token), lower-cased. */
+const HEADER_NAME = /^[a-z0-9!#$%&'*+\-.^_`|~]{1,64}$/;
+/**
+ * Headers a proxy owns or that frame the message: a credential read from one of them would be
+ * removed from the request on allow, which no proxy or upstream could live with.
+ */
+const NOT_CREDENTIAL_HEADERS: ReadonlySet<string> = new Set([
+  "host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+  "content-length", "content-type", "content-encoding", "x-request-id", "x-forwarded-for", "x-forwarded-proto",
+  "x-forwarded-host", "x-forwarded-uri", "x-forwarded-method", "x-original-uri", "x-original-method",
+]);
 
 /** ChargeUsage calls an account may make by default: 6,000 a minute. */
 const DEFAULT_CHARGE_RATE_LIMIT = { limit: 6000, windowSeconds: 60 };
@@ -140,8 +151,16 @@ const policySchema = z
       .refine((names) => new Set(names).size === names.length, "names must not repeat")
       .default([]),
     credentialHeaders: z
-      .array(z.string().transform((h) => h.toLowerCase()))
+      .array(
+        z
+          .string()
+          .transform((h) => h.toLowerCase())
+          .refine((h) => HEADER_NAME.test(h), "a credential header is an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+          .refine((h) => !h.startsWith("x-keygate-"), "a credential header cannot be an x-keygate-* header (keygate sets those for the upstream)")
+          .refine((h) => !NOT_CREDENTIAL_HEADERS.has(h), "a credential header cannot be a connection or message header (host, connection, content-length, ...)"),
+      )
       .min(1)
+      .refine((names) => new Set(names).size === names.length, "names must not repeat")
       .default(["authorization", "x-api-key"]),
     cache: z
       .strictObject({

@@ -13,6 +13,8 @@ const TAB = 0x09;
 
 /** What an Authorization value holds: a Bearer key, a Bearer scheme without one usable key, or another scheme. */
 const BROKEN_BEARER = 0;
+/** A Bearer credential after a comma: an Authorization repeated and joined into one value. */
+const JOINED_BEARER = /,[ \t]*bearer(?:[ \t]|$)/i;
 const OTHER_SCHEME = 1;
 
 function isWordChar(c: number): boolean {
@@ -73,7 +75,12 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
     if (name === "authorization") {
       const bearer = bearerKey(raw);
       if (bearer === BROKEN_BEARER) return MALFORMED;
-      if (bearer === OTHER_SCHEME) continue; // Another scheme (Basic, say) is not ours to judge.
+      // A Bearer after a comma is a repeated Authorization that Envoy joined ("Basic …,Bearer
+      // <key>"): refused as any repeat is, not judged as another scheme.
+      if (bearer === OTHER_SCHEME) {
+        if (JOINED_BEARER.test(raw)) return MALFORMED;
+        continue; // Another scheme (Basic, say) is not ours to judge.
+      }
       key = bearer;
     } else {
       key = trimOws(raw);

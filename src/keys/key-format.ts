@@ -46,9 +46,12 @@ export class KeyFormat {
     this.#testHeadCrc = ascii ? crc32Update(CRC32_START, this.testHead, this.testHead.length) : null;
   }
 
-  /** The regular expression secret scanners can use to find leaked keys. */
+  /**
+   * The regular expression secret scanners can use to find leaked keys: anywhere, joined to other
+   * text too ("slack_kg_live_…", "Bearer%20kg_live_…"), and not followed by another letter or digit.
+   */
   get pattern(): RegExp {
-    return new RegExp(`\\b${this.prefix}_(live|test)_[0-9A-Za-z]{${BODY_LENGTH}}\\b`);
+    return new RegExp(`${this.prefix}_(live|test)_[0-9A-Za-z]{${BODY_LENGTH}}(?![0-9A-Za-z])`);
   }
 
   /** Issues a new key from the CSPRNG. */

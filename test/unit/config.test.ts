@@ -42,6 +42,23 @@ describe("config", () => {
     expect(() => parsePolicy({ ...base, routes: [{ pathPrefix: "/x", requiredScopes: ["zz"] }] })).toThrow(/routes.0.requiredScopes.0/);
   });
 
+  it("takes credential headers that are header names a credential can travel in, lower-cased, once each", () => {
+    const base = { plans: { basic: { maxActiveKeys: 1, rateLimit: { limit: 1, windowSeconds: 1 } } }, scopes: { catalog: ["a"], default: ["a"] } };
+    expect(parsePolicy({ ...base, credentialHeaders: ["Authorization", "X-Api-Key", "x-partner_token"] }).credentialHeaders).toEqual(["authorization", "x-api-key", "x-partner_token"]);
+    // An identity header was set for the upstream and then removed as a credential: the upstream
+    // got no identity. A framing header would be stripped from every allowed request.
+    const refused: Array<[string, RegExp]> = [
+      ["", /credentialHeaders.0: a credential header is an HTTP header name/],
+      ["x api key", /credentialHeaders.0: a credential header is an HTTP header name/],
+      [":authority", /credentialHeaders.0: a credential header is an HTTP header name/],
+      ["X-Keygate-Owner-Id", /credentialHeaders.0: a credential header cannot be an x-keygate-\* header/],
+      ["Host", /credentialHeaders.0: a credential header cannot be a connection or message header/],
+      ["content-length", /credentialHeaders.0: a credential header cannot be a connection or message header/],
+    ];
+    for (const [name, message] of refused) expect(() => parsePolicy({ ...base, credentialHeaders: [name] }), name).toThrow(message);
+    expect(() => parsePolicy({ ...base, credentialHeaders: ["x-api-key", "X-API-Key"] })).toThrow(/credentialHeaders: names must not repeat/);
+  });
+
   it("names the KEYGATE_* variables it does not read, with the known name each may mean, leaving out service links", () => {
     const env = {
       KEYGATE_CONFIG_FILE: "policy.yaml",

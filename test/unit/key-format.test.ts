@@ -15,6 +15,15 @@ describe("key format happy", () => {
     }
   });
 
+  it("the scanner pattern finds a key joined to the text around it, and nothing longer", () => {
+    const key = format.generate("live");
+    for (const text of [`GET /hooks/slack_${key} 200`, `curl 'https://gw/x?auth=Bearer%20${key}'`, `https://gw/v1/notes?q=api_key%3D${key}`, `{"log":"token:\\n${key}"}`, `${key}_suffix`]) {
+      expect(format.pattern.test(text), text).toBe(true);
+    }
+    expect(format.pattern.test(`${key}X`)).toBe(false);
+    expect(format.pattern.test(key.slice(0, -1))).toBe(false);
+  });
+
   it("the checksum is 6 base62 characters of CRC32", () => {
     expect(checksum("")).toBe("000000");
     expect(checksum("kg_live_")).toMatch(/^[0-9A-Za-z]{6}$/);
