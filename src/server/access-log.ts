@@ -48,12 +48,12 @@ export class AccessLog {
     );
   }
 
-  /** Logs a Check that could not be decided (UNAVAILABLE), if this one is in the sample. */
-  failed(entry: EntryPoint, method: string, path: string, requestId: string, startedAt: number): void {
+  /** Logs a Check that could not be decided (answered UNAVAILABLE; `reason` as keygate_checks_total counts it), if this one is in the sample. */
+  failed(entry: EntryPoint, method: string, path: string, requestId: string, startedAt: number, reason: "UNAVAILABLE" | "INTERNAL"): void {
     if (this.#sampleRate < 1 && Math.random() >= this.#sampleRate) return;
     const latencyUs = Math.round((performance.now() - startedAt) * 1000);
     this.#logger.info(
-      { entry, requestId, method: methodOnly(method), path: pathOnly(path), decision: "unavailable", reason: "UNAVAILABLE", code: "UNAVAILABLE", status: 503, keyId: null, ownerId: null, latencyUs },
+      { entry, requestId, method: methodOnly(method), path: pathOnly(path), decision: "unavailable", reason, code: "UNAVAILABLE", status: 503, keyId: null, ownerId: null, latencyUs },
       "access",
     );
   }

@@ -258,7 +258,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     if (trace !== undefined) tracer?.fail(trace, error);
     if (accessLog !== undefined) {
       const http = request.attributes?.request?.http;
-      accessLog.failed("grpc", http?.method ?? "", http?.path ?? "/", requestIdOf(request, headers), startedAt);
+      accessLog.failed("grpc", http?.method ?? "", http?.path ?? "/", requestIdOf(request, headers), startedAt, reason);
     }
   }
 

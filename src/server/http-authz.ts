@@ -197,7 +197,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       if (reason === "INTERNAL") logger.error({ err: error, requestId }, "check could not be decided");
       else logger.warn({ err: error }, "check could not be decided");
       if (trace !== undefined) tracer?.fail(trace, error);
-      if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt);
+      if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt, reason);
       reply(unavailableAnswer(requestId));
     };
     // A fault before the decision (opening the span here) is a 503, counted and logged, as a

@@ -24,7 +24,7 @@ function checkErrors(metrics: string): string[] {
 describe("a Check keygate fails to decide from a defect", () => {
   let kg: TestKeygate;
   beforeAll(async () => {
-    kg = await startKeygate({ httpAuthzProxy: "nginx" });
+    kg = await startKeygate({ httpAuthzProxy: "nginx", env: { KEYGATE_ACCESS_LOG_SAMPLE: "1" } });
   });
   afterAll(async () => {
     await kg?.stop();
@@ -66,6 +66,16 @@ describe("a Check keygate fails to decide from a defect", () => {
       [50, "defect-http-1"],
       [50, "req-1"],
       [50, "defect-http-2"],
+    ]);
+    const access = kg.logLines
+      .map((line) => JSON.parse(line) as { msg?: string; entry?: string; reason?: string; code?: string; status?: number })
+      .filter((line) => line.msg === "access")
+      .map((line) => [line.entry, line.reason, line.code, line.status]);
+    expect(access).toEqual([
+      ["grpc", "INTERNAL", "UNAVAILABLE", 503],
+      ["http", "INTERNAL", "UNAVAILABLE", 503],
+      ["grpc", "INTERNAL", "UNAVAILABLE", 503],
+      ["http", "INTERNAL", "UNAVAILABLE", 503],
     ]);
     expect(kg.logLines.join("").includes(created.secret.slice(12))).toBe(false);
     if (!alertReady) return;
