@@ -619,17 +619,35 @@ export class RouteTable {
     // such servers drop, does not end the segment.
     const end = path.length > 1 && path.charCodeAt(path.length - 1) === SLASH ? path.length - 1 : path.length;
     const first = path.indexOf(".", path.lastIndexOf("/", end - 1) + 2);
-    if (first !== -1 && first < end && (this.#suffixPicksAnother(upperMethod, path, first, chosen) || this.#suffixPicksAnother(upperMethod, path, path.lastIndexOf(".", end - 1), chosen))) {
-      return PATH_REFUSALS.formatSuffix;
+    if (first !== -1 && first < end) {
+      const last = path.lastIndexOf(".", end - 1);
+      if (this.#suffixPicksAnother(upperMethod, path, first, chosen) || (last !== first && this.#suffixPicksAnother(upperMethod, path, last, chosen))) return PATH_REFUSALS.formatSuffix;
     }
     return chosen;
   }
 
-  /** Whether `path` cut at `dot` is another route's (or none's), where `chosen` does not name the suffixed segment. */
+  /**
+   * Whether `path` cut at `dot` is another route's (or none's), read as the checks above read the
+   * whole path too (letter case ignored; characters read as ASCII letters), since a server may do
+   * both (Spring's case-insensitive matcher with suffix patterns). A chosen route whose match runs
+   * past the dot names the suffixed segment itself (pathPrefix /v1/export.csv) and is judged, unless
+   * the dot is in its {project} segment: a format-suffix server reads the project without it.
+   */
   #suffixPicksAnother(upperMethod: string, path: string, dot: number, chosen: Entry | null): boolean {
-    if (chosen !== null && (chosen.head.length > dot || (chosen.tail?.includes(".") ?? false))) return false;
+    if (chosen !== null) {
+      const projectAt = chosen.head.length;
+      const matchEnd = chosen.tail === null ? projectAt : projectEnd(path, projectAt) + chosen.tail.length;
+      if (matchEnd > dot) return chosen.tail !== null && dot > projectAt && dot < projectEnd(path, projectAt);
+    }
     const bare = path.slice(0, dot);
-    return this.#find(upperMethod, this.#caseInsensitive ? bare.toLowerCase() : bare, false) !== chosen;
+    if (this.#caseInsensitive) {
+      if (this.#find(upperMethod, bare.toLowerCase(), false) !== chosen) return true;
+    } else if (this.#find(upperMethod, bare, false) !== chosen || this.#find(upperMethod, bare.toLowerCase(), true) !== chosen) {
+      return true;
+    }
+    if (!mayReadAsAscii(bare)) return false;
+    const reading = asciiCaseReading(bare);
+    return reading !== null && this.#find(upperMethod, reading.toLowerCase(), !this.#caseInsensitive) !== chosen;
   }
 
   /** Whether an upper-case ASCII letter sits where a prefix could meet it (ids further on do not). */

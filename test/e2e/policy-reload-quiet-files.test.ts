@@ -97,4 +97,19 @@ describe("policy reload while the file is being written", { timeout: 90_000 }, (
     expect(warned[0]?.waitedMs).toBeGreaterThanOrEqual(10_000);
     expect([await status("/v1/admin/users"), await status("/v1/billing/invoices")]).toEqual([403, 403]);
   });
+
+  it("error: change events that keep coming less than 200 ms apart do not put the reload off past 10 s", async () => {
+    const reloadsBefore = lines("configuration reload").length;
+    const warnedBefore = lines(READ_ANYWAY).length;
+    writeStillWriting(WHOLE);
+    // Each touch is a change event to the watcher; each used to restart its 200 ms wait, so the
+    // reload (and the 10 s bound, checked only when the wait ran out) never came.
+    const touching = setInterval(() => utimesSync(policyFile, new Date(), new Date(Date.now() + 60_000)), 50);
+    try {
+      await until(() => lines("configuration reload").length > reloadsBefore, WAIT_MS, "the reload while the file keeps changing", POLL);
+    } finally {
+      clearInterval(touching);
+    }
+    expect(lines(READ_ANYWAY).length).toBe(warnedBefore + 1);
+  });
 });

@@ -48,4 +48,14 @@ describe("daily-message-tiers.yaml: a format suffix never reaches an endpoint it
     const statuses = [await check(secret, "GET", "/api/v1/curriculum.json"), await check(secret, "GET", "/api/v1/pronunciation.xml")];
     expect(statuses).toEqual([400, 400]);
   });
+
+  it("a path that is the curriculum endpoint only with both its letter case ignored and its suffix cut is refused too", async () => {
+    // Spring MVC before 5.3 with a case-insensitive matcher serves /api/v1/Curriculum.json as
+    // /api/v1/curriculum; each reading alone was refused, both together were judged as the catch-all.
+    await kg.admin.upsertAccount({ ownerId: "tiers-suffix-case", plan: "free" });
+    const { secret } = await kg.admin.createKey({ ownerId: "tiers-suffix-case", name: "app" });
+    const statuses = [];
+    for (const path of ["/api/v1/curriculum", "/api/v1/Curriculum", "/api/v1/curriculum.json", "/api/v1/Curriculum.json", "/api/v1/CURRICULUM.JSON/"]) statuses.push(await check(secret, "GET", path));
+    expect(statuses).toEqual([403, 400, 400, 400, 400]);
+  });
 });

@@ -356,6 +356,7 @@ const READINGS: Reading[] = [
   { name: "Java/.NET ignoring case (UTF-8 decoded, Unicode case mapping)", serve: (p) => resolveDots(decodeUtf8(cutFragment(cutQuery(p)))), caseInsensitive: "unicode" },
   { name: "format suffix at the last dot (Rails)", serve: (p) => cutFormat(resolveDots(decodeUnreserved(cutFragment(cutQuery(p)))), "last"), caseInsensitive: false },
   { name: "format suffix at the first dot (Spring MVC before 5.3)", serve: (p) => cutFormat(resolveDots(decodeUnreserved(cutFragment(cutQuery(p)))), "first"), caseInsensitive: false },
+  { name: "format suffix, letter case ignored (Spring's case-insensitive matcher)", serve: (p) => cutFormat(resolveDots(decodeUnreserved(cutFragment(cutQuery(p)))), "first"), caseInsensitive: true },
 ];
 
 // Pieces of the paths: names of the routes in several spellings (letter case, escaped letters),
@@ -365,7 +366,7 @@ const FIRST = fc.constantFrom("v1", "V1", "%76%31", "v2", "public", "Public", "x
 const PLAIN = fc.constantFrom("decks", "DECKS", "Decks", "admin", "Admin", "%61dmin", "%64ecks", "%44ecks", "export", "beta", "Beta", "x", "d%65cks", "%7Ex", "a%20b", "v1", "deck%C5%BF", "adm%C4%B1n", "caf%C3%A9");
 const RISKY = fc.constantFrom(
   ".", "..", "%2e%2e", "%2E", "..;", "decks;x=1", ";x=1", "decks.", "decks..", "decks%20", "decks%00", "%00", "%2F", "%2f", "%5C", "\\",
-  "%252F", "..%2F", "..%2f", "%C0%AE", "decks%3Bx", "admin%23", "decks.json", "admin.xml", "export.csv.json", "x.json",
+  "%252F", "..%2F", "..%2f", "%C0%AE", "decks%3Bx", "admin%23", "decks.json", "admin.xml", "export.csv.json", "x.json", "Decks.json", "ADMIN.XML",
 );
 const SEGMENT = fc.oneof({ arbitrary: PLAIN, weight: 5 }, { arbitrary: RISKY, weight: 2 });
 const SEPARATOR = fc.oneof(

@@ -352,6 +352,24 @@ describe("letter case", () => {
       expect(table.match("GET", "/v1/.well-known")).toMatchObject({ pathPrefix: "/" });
       expect(table.match("GET", "/v1.2/chat")).toMatchObject({ pathPrefix: "/" });
     }
+    // Letter case ignored and the suffix cut, together (Spring's case-insensitive matcher).
+    const secret = new RouteTable([
+      { method: "*", pathPrefix: "/v1/secret", requiredScopes: ["admin"], cost: 1, metered: true },
+      { method: "*", pathPrefix: "/", requiredScopes: [], cost: 0, metered: false },
+    ]);
+    for (const path of ["/v1/Secret.json", "/v1/SECRET.xml/", "/v1/\u017Fecret.json"]) expect(secret.match("GET", path), path).toBe(PATH_REFUSALS.formatSuffix);
+    // A {project} route whose tail holds a dot elsewhere still has its last segment's suffix read.
+    const versioned = new RouteTable([
+      { method: "*", pathPrefix: "/projects/{project}/v1.0", requiredScopes: [], cost: 0, metered: false },
+      { method: "*", pathPrefix: "/projects/{project}/v1.0/admin", requiredScopes: ["admin"], cost: 1, metered: true },
+    ]);
+    expect(versioned.match("GET", "/projects/p1/v1.0/admin.json")).toBe(PATH_REFUSALS.formatSuffix);
+    expect(versioned.match("GET", "/projects/p1/v1.0")).toMatchObject({ pathPrefix: "/projects/{project}/v1.0" });
+    // A suffix on the {project} segment: Rails reads project "acme", not "acme.json".
+    const project = new RouteTable([{ method: "*", pathPrefix: "/projects/{project}", requiredScopes: [], cost: 1, metered: true }]);
+    expect(project.requirements("GET", "/projects/acme.json", undefined)).toBe(PATH_REFUSALS.formatSuffix);
+    expect(project.requirements("GET", "/projects/acme.json/jobs", undefined)).toMatchObject({ projectId: "acme.json" });
+    expect(project.requirements("GET", "/projects/acme/export.csv", undefined)).toMatchObject({ projectId: "acme" });
     // No route but the suffixed one's bare path: "none" is another route too.
     const bare = new RouteTable([{ method: "*", pathPrefix: "/v1/admin", requiredScopes: ["admin"], cost: 1, metered: true }]);
     expect(bare.match("GET", "/v1/admin.json")).toBe(PATH_REFUSALS.formatSuffix);

@@ -220,7 +220,9 @@ function quietReloads(files: readonly string[], reload: (why: string) => void, l
   return {
     ask(why, delayMs) {
       wanted ??= { why, sinceMs: performance.now(), waitLogged: false };
-      later(delayMs);
+      // A wait under way is not put off: it reads the files' times itself, and a stream of change
+      // events less than RELOAD_SETTLE_MS apart would otherwise hold it past RELOAD_SETTLE_MAX_MS.
+      if (timer === undefined) later(delayMs);
     },
     stop() {
       wanted = null;
