@@ -1,5 +1,6 @@
 import { randomBytes } from "node:crypto";
-import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, constants, fchmodSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import type { Stats } from "node:fs";
 import { join } from "node:path";
 import { ADMIN_TOKEN_MIN_LENGTH } from "../admin/permissions.js";
 import { ConfigError } from "../config.js";
@@ -38,40 +39,104 @@ function fsCode(error: unknown): string {
   return error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
 }
 
+const { O_CREAT, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_RDONLY, O_WRONLY } = constants;
+
 /**
- * The file's text, trimmed. A path that is there but cannot be read as a file (a directory, a
- * file this user may not read, a symbolic link to nothing) is refused, naming it. A symbolic link
- * to a file is read through: a Kubernetes Secret volume's files are links.
+ * Refuses a data directory file (or the link at its name) that another user owns: whoever can
+ * write the directory (an emptyDir is 0777, a directory another user made first) could have put it
+ * there, and its content would be trusted as the pepper or a do-everything admin token. This
+ * process's user and root (a Secret volume's files) may own it; names the uids, never the content.
  */
-function readSecretFile(path: string): string {
+function refuseForeignOwner(path: string, what: string, owner: number): void {
+  const uid = typeof process.geteuid === "function" ? process.geteuid() : null;
+  if (uid === null || owner === uid || owner === 0) return;
+  throw new ConfigError(
+    `${path} ${what} owned by uid ${owner}, not by uid ${uid} that keygate runs as (nor root): another user may have put it there. ` +
+      `Delete it, or if it is yours, chown it to the user keygate runs as`,
+  );
+}
+
+/** Why `path` could not be opened for reading, as a ConfigError naming it. */
+function unreadable(path: string, error: unknown, missing: string): ConfigError {
+  const code = fsCode(error);
+  const problem =
+    code === "EACCES" || code === "EPERM"
+      ? "cannot be read by this user (permission denied)"
+      : code === "ENOENT"
+        ? missing
+        : `cannot be read (${error instanceof Error ? error.message : String(error)})`;
+  return new ConfigError(`${path} ${problem}`, { cause: error });
+}
+
+function sameFile(a: Stats | undefined, b: Stats): boolean {
+  return a !== undefined && a.dev === b.dev && a.ino === b.ino;
+}
+
+/**
+ * Opens a secret file for reading: the file at `path` itself, or the one a symbolic link there
+ * leads to, when this user or root made the link (a Kubernetes Secret volume's files are links).
+ * O_NONBLOCK: a FIFO put there must not hang the start (it is refused as no regular file).
+ */
+function openSecretFile(path: string): { fd: number; linked: boolean } {
   try {
-    return readFileSync(path, "utf8").trim();
+    return { fd: openSync(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK), linked: false };
   } catch (error) {
-    const code = fsCode(error);
-    const problem =
-      code === "EISDIR"
-        ? "is a directory, not a file"
-        : code === "EACCES" || code === "EPERM"
-          ? "cannot be read by this user (permission denied)"
-          : code === "ENOENT"
-            ? "is a symbolic link to a file that does not exist"
-            : `cannot be read (${error instanceof Error ? error.message : String(error)})`;
-    throw new ConfigError(`${path} ${problem}`, { cause: error });
+    if (fsCode(error) !== "ELOOP") throw unreadable(path, error, "was removed while keygate read it");
+  }
+  const link = lstatSync(path, { throwIfNoEntry: false });
+  if (link === undefined) throw new ConfigError(`${path} was removed while keygate read it`);
+  refuseForeignOwner(path, "is a symbolic link", link.uid);
+  let fd: number;
+  try {
+    fd = openSync(path, O_RDONLY | O_NONBLOCK);
+  } catch (error) {
+    throw unreadable(path, error, "is a symbolic link to a file that does not exist");
+  }
+  // Whoever can write the directory could swap the link between the look and the open: the file
+  // read must be the one the same link still leads to.
+  if (!sameFile(lstatSync(path, { throwIfNoEntry: false }), link) || !sameFile(statSync(path, { throwIfNoEntry: false }), fstatSync(fd))) {
+    closeSync(fd);
+    throw new ConfigError(`${path} changed while keygate read it; start keygate again`);
+  }
+  return { fd, linked: true };
+}
+
+/**
+ * The file's text, trimmed, and its mode, from one open: the owner checked is the file read. A
+ * path that is there but cannot be read as a file (a directory, a file this user may not read, a
+ * symbolic link to nothing) or that another user owns is refused, naming it.
+ */
+function readSecretFile(path: string): { value: string; mode: number } {
+  const { fd, linked } = openSecretFile(path);
+  try {
+    const file = fstatSync(fd);
+    if (file.isDirectory()) throw new ConfigError(`${path} is a directory, not a file`);
+    if (!file.isFile()) throw new ConfigError(`${path} is not a regular file`);
+    refuseForeignOwner(path, linked ? "is a symbolic link to a file" : "is a file", file.uid);
+    return { value: readFileSync(fd, "utf8").trim(), mode: file.mode };
+  } finally {
+    closeSync(fd);
   }
 }
 
-function readOrCreate(path: string, make: () => string): { value: string; created: boolean } {
+function readOrCreate(path: string, make: () => string): { value: string; mode: number; created: boolean } {
   // lstat, not exists: a link to nothing is there (and refused), not missing (and generated).
   if (lstatSync(path, { throwIfNoEntry: false }) !== undefined) {
-    const value = readSecretFile(path);
+    const { value, mode } = readSecretFile(path);
     if (value === "") throw new Error(`${path} is empty; delete it to generate a new one`);
-    return { value, created: false };
+    return { value, mode, created: false };
   }
   const value = make();
-  // "wx" fails if another process created the file first, so two starts never disagree.
-  writeFileSync(path, `${value}\n`, { mode: 0o600, flag: "wx" });
-  chmodSync(path, 0o600);
-  return { value, created: true };
+  // O_EXCL fails if another process created the file first, so two starts never disagree (and,
+  // with O_NOFOLLOW, if a link was put there meanwhile); fchmod: the umask must not widen it.
+  const fd = openSync(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+  try {
+    fchmodSync(fd, 0o600);
+    writeFileSync(fd, `${value}\n`);
+  } finally {
+    closeSync(fd);
+  }
+  return { value, mode: 0o600, created: true };
 }
 
 /**
@@ -103,20 +168,20 @@ export function loadSecrets(
   // Until a start has printed the generated token, every start prints it: a first start that
   // fails (a busy port, say) must not leave a token nobody was shown.
   const unshown = join(dataDir, UNSHOWN_MARKER);
-  if (token.created) writeFileSync(unshown, "", { mode: 0o600 });
+  if (token.created) createMarker(unshown);
   return {
     ...pepperPart,
     adminTokens: [token.value],
-    generatedAdminToken: token.created || existsSync(unshown) ? token.value : null,
+    generatedAdminToken: token.created || markerPresent(unshown) ? token.value : null,
     adminTokenFile: file,
-    adminTokenFileProblems: modeProblems(file),
+    adminTokenFileProblems: modeProblems(token.mode),
     ignoredAdminTokenFile: null,
   };
 }
 
 /** The pepper of `file`, generated into it when missing, unless the data directory's database holds keys. */
 function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; pepperFile: string; pepperFileProblems: string[] } {
-  const { value: pepper } = readOrCreate(file, () => {
+  const { value: pepper, mode } = readOrCreate(file, () => {
     if (holdsKeys()) {
       throw new ConfigError(
         `${file} is missing but the data directory holds keys: a new pepper would make every key unknown. ` +
@@ -125,24 +190,47 @@ function filePepper(file: string, holdsKeys: () => boolean): { pepper: string; p
     }
     return randomBytes(32).toString("base64url");
   });
-  return { pepper, pepperFile: file, pepperFileProblems: pepperProblems(file, pepper) };
+  return { pepper, pepperFile: file, pepperFileProblems: pepperProblems(pepper, mode) };
 }
 
 /** What makes a pepper file weaker than a generated one; never the pepper itself. */
-function pepperProblems(file: string, pepper: string): string[] {
+function pepperProblems(pepper: string, mode: number): string[] {
   const problems: string[] = [];
   if (pepper.length < PEPPER_MIN_LENGTH) problems.push(`shorter than ${PEPPER_MIN_LENGTH} characters (KEYGATE_PEPPER's minimum)`);
-  return [...problems, ...modeProblems(file)];
+  return [...problems, ...modeProblems(mode)];
 }
 
 /** A secret file that group or others may read, as a problem naming its mode; never its content. */
-function modeProblems(file: string): string[] {
-  // The mode of the file a link leads to: what decides who can read it.
-  const mode = statSync(file).mode & 0o777;
+function modeProblems(fileMode: number): string[] {
+  // The mode of the file read (through a link, the file it leads to): what decides who can read it.
+  const mode = fileMode & 0o777;
   return (mode & 0o044) !== 0 ? [`readable by group or others (mode ${mode.toString(8).padStart(4, "0")}; chmod 600 it)`] : [];
 }
 
 const UNSHOWN_MARKER = "admin-token.unshown";
+
+/** The error for a symbolic link at the name of a file keygate makes itself: it never writes through one. */
+function linkAtMarker(path: string, cause?: unknown): ConfigError {
+  return new ConfigError(`${path} is a symbolic link; keygate makes this file itself and never follows a link there: delete it`, { cause });
+}
+
+/**
+ * Creates the marker, or leaves one there alone (an earlier start's token was never shown, and
+ * the admin-token file was deleted since): no O_TRUNC, so nothing already at the name is changed.
+ */
+function createMarker(path: string): void {
+  try {
+    closeSync(openSync(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0o600));
+  } catch (error) {
+    throw fsCode(error) === "ELOOP" ? linkAtMarker(path, error) : error;
+  }
+}
+
+function markerPresent(path: string): boolean {
+  const marker = lstatSync(path, { throwIfNoEntry: false });
+  if (marker?.isSymbolicLink() === true) throw linkAtMarker(path);
+  return marker !== undefined;
+}
 
 /** Records that the generated admin token has been printed, so later starts do not print it. */
 export function markAdminTokenShown(dataDir: string): void {

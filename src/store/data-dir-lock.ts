@@ -1,9 +1,10 @@
-import { chmodSync, closeSync, openSync, statSync, truncateSync, watch } from "node:fs";
+import { closeSync, constants, fchmodSync, fstatSync, ftruncateSync, openSync, statSync, watch } from "node:fs";
 import type { FSWatcher, Stats } from "node:fs";
 import { stat } from "node:fs/promises";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import type { Logger } from "pino";
+import { ConfigError } from "../config.js";
 import { SQLITE_BUSY, SQLITE_CORRUPT, SQLITE_LOCKED, SQLITE_NOTADB, namingFile, sqliteErrorCode } from "./sqlite-errors.js";
 
 /**
@@ -25,14 +26,38 @@ const SHARED_WAIT_MS = 2000;
 /** How often the holder checks that keygate.lock is still the file it locked (besides watching it). */
 const RECHECK_MS = 1000;
 
+const { O_APPEND, O_CREAT, O_NOFOLLOW, O_NONBLOCK, O_WRONLY } = constants;
+
+/**
+ * Runs `use` on keygate.lock opened (made if missing, owner-only), never through a symbolic link:
+ * whoever can write the directory could point one at any file, and keygate would chmod it (and
+ * empty it, were it not an SQLite file) with its own rights. Closed before SQLite locks the file:
+ * closing any descriptor of a file drops every POSIX lock this process holds on it.
+ */
+function withLockFile<T>(path: string, use: (fd: number) => T): T {
+  let fd: number;
+  try {
+    fd = openSync(path, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_NONBLOCK, 0o600);
+  } catch (error) {
+    if (error instanceof Error && "code" in error && error.code === "ELOOP") {
+      throw new ConfigError(`${path} is a symbolic link; keygate makes this file itself and never follows a link there: delete it`, { cause: error });
+    }
+    throw error;
+  }
+  try {
+    return use(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /**
  * Takes the lock on `path`'s file; null when another process's lock is in the way. `waitMs`: how
  * long SQLite waits for a lock in the way to go (it waits on the calling thread).
  */
 function tryLock(path: string, mode: DataDirLockMode, waitMs: number): DatabaseSync | null {
   // Owner-only, as everything in the data directory (it holds nothing, but nothing there is shared).
-  closeSync(openSync(path, "a", 0o600));
-  chmodSync(path, 0o600);
+  withLockFile(path, (fd) => fchmodSync(fd, 0o600));
   const db = new DatabaseSync(path, { timeout: waitMs });
   try {
     if (mode === "exclusive") {
@@ -66,6 +91,16 @@ function holderOf(path: string, refused: DataDirLockMode): DataDirLockMode {
   } finally {
     probe.close();
   }
+}
+
+/**
+ * Empties keygate.lock. One with another name too (a hard link to it) is left alone: emptying it
+ * would empty that file, which may be anyone's.
+ */
+function emptyLockFile(path: string, fd: number): void {
+  const links = fstatSync(fd).nlink;
+  if (links > 1) throw new ConfigError(`${path} is not an SQLite file and has ${links - 1} other hard link(s); keygate empties only a lock file of its own: delete it`);
+  ftruncateSync(fd, 0);
 }
 
 function sameFile(a: Stats, b: Stats): boolean {
@@ -140,7 +175,7 @@ export class DataDirLock {
       if (code !== SQLITE_NOTADB && code !== SQLITE_CORRUPT) throw error;
       // Emptied, never deleted and made anew: a process holding the file keeps holding it, and
       // every start still meets its lock on this one file.
-      truncateSync(path, 0);
+      withLockFile(path, (fd) => emptyLockFile(path, fd));
       logger.warn({ file: path, problem: error instanceof Error ? error.message : String(error) }, "keygate.lock was not a lock file keygate made; emptied it (it holds no data)");
       return tryLock(path, mode, waitMs);
     }

@@ -1,7 +1,8 @@
-import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
+import { chmodSync, closeSync, constants, existsSync, fchmodSync, lstatSync, openSync } from "node:fs";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { setTimeout as sleep } from "node:timers/promises";
+import { ConfigError } from "../config.js";
 import { eventIdFloor } from "../keys/ids.js";
 import {
   CapExceededError,
@@ -297,10 +298,38 @@ const OWNER_ONLY = 0o600;
  */
 const KEY_PREFIX_NAME = "key_prefix";
 
+const { O_APPEND, O_CREAT, O_NONBLOCK, O_WRONLY } = constants;
+
+function linkRefused(path: string, owner: number): ConfigError {
+  return new ConfigError(
+    `${path} is a symbolic link owned by uid ${owner}, not by the user keygate runs as (nor root): another user may have put it there, and keygate would write through it. Delete it, or if it is yours, chown -h it to the user keygate runs as`,
+  );
+}
+
+/**
+ * Refuses a symbolic link at the database's name or its journal files' that another user owns:
+ * whoever can write the directory could point one at any file, which keygate would chmod and
+ * SQLite write into (SQLite follows links, and a read-only connection still writes the -shm
+ * file). A link of keygate's own user or root (a database kept on another volume) is followed.
+ */
+function refuseLinks(path: string): void {
+  const uid = typeof process.geteuid === "function" ? process.geteuid() : null;
+  if (uid === null) return;
+  for (const name of [path, `${path}-wal`, `${path}-shm`, `${path}-journal`]) {
+    const link = lstatSync(name, { throwIfNoEntry: false });
+    if (link?.isSymbolicLink() === true && link.uid !== uid && link.uid !== 0) throw linkRefused(name, link.uid);
+  }
+}
+
 /** Creates the database file owner-only before SQLite opens it; SQLite gives its -wal and -shm the same mode. */
 function createOwnerOnly(path: string): void {
-  closeSync(openSync(path, "a", OWNER_ONLY));
-  chmodSync(path, OWNER_ONLY);
+  refuseLinks(path);
+  const fd = openSync(path, O_WRONLY | O_CREAT | O_APPEND | O_NONBLOCK, OWNER_ONLY);
+  try {
+    fchmodSync(fd, OWNER_ONLY);
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** Tightens WAL files an older version left world-readable; SQLite keeps the mode of a file it reuses. */
@@ -325,6 +354,7 @@ type StatementName =
  * must not be given a new pepper.
  */
 export function sqliteFileHoldsKeys(path: string): boolean {
+  refuseLinks(path);
   if (!existsSync(path)) return false;
   let db: DatabaseSync | undefined;
   try {

@@ -8,19 +8,20 @@ import { PEPPER_MIN_LENGTH, loadSecrets } from "../../src/server/secrets.js";
 // The embedded pepper file: used whatever its length (a released keygate may have made keys with
 // it), its problems reported for the start to log; refused, naming it, when it cannot be read.
 // Tests run as root in CI, where every file is readable: a read refused for permissions is
-// simulated for the pepper files of directories named UNREADABLE; every other read is the real one.
+// simulated for the pepper files of directories named UNREADABLE (at the open: keygate reads the
+// file through the descriptor it checked); every other open is the real one.
 
 const UNREADABLE = "unreadable-data";
 
 vi.mock("node:fs", async (importOriginal) => {
   const fs = await importOriginal<typeof import("node:fs")>();
-  const readFileSync = ((...args: Parameters<typeof fs.readFileSync>) => {
+  const openSync = ((...args: Parameters<typeof fs.openSync>) => {
     if (String(args[0]).endsWith(`${UNREADABLE}/pepper`)) {
       throw Object.assign(new Error(`EACCES: permission denied, open '${String(args[0])}'`), { code: "EACCES" });
     }
-    return fs.readFileSync(...args);
-  }) as typeof fs.readFileSync;
-  return { ...fs, readFileSync, default: { ...fs, readFileSync } };
+    return fs.openSync(...args);
+  }) as typeof fs.openSync;
+  return { ...fs, openSync, default: { ...fs, openSync } };
 });
 
 const root = mkdtempSync(join(tmpdir(), "keygate-pepper-unit-"));
