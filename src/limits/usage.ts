@@ -2,7 +2,7 @@ import type { Logger } from "pino";
 import { ALLOWED } from "../store/store.js";
 import { PartialWriteError } from "../store/errors.js";
 import type { CreditDelta, MeteringStore, UsageDelta, UsageRow } from "../store/store.js";
-import { FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
+import { CallUnansweredError, FLUSH_CHUNK, WriteBehind } from "../store/write-behind.js";
 import type { WriteBehindOptions } from "../store/write-behind.js";
 
 /**
@@ -216,10 +216,11 @@ export class UsageRecorder {
 
   /**
    * Stops the timer and writes what is pending, again while the store refuses it, until
-   * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line saying
-   * how many rows, requests and spent credits are lost, when the process would end without them.
-   * A batch still being written then (the store took the call and has not answered) is counted as
-   * `unsure`: it may or may not land, and is never written again.
+   * `deadlineMs` (performance.now()'s clock; WriteBehind.stop says how long past it a flush the
+   * store answers goes on). Resolves to false, after one error-level line saying how many rows,
+   * requests and spent credits are lost, when the process would end without them: refused, or
+   * never sent once the store stopped answering. The call the store took and had not answered
+   * then is counted as `unsure`: it may or may not land, and is never written again.
    */
   async stop(deadlineMs = 0): Promise<boolean> {
     const settled = await this.#writer.stop(deadlineMs, () => this.#usageRows > 0 || this.#credits.size > 0);
@@ -229,14 +230,14 @@ export class UsageRecorder {
     if (rows.length === 0 && spent.length === 0 && unsure === 0) return true;
     this.logger.error(
       {
-        err: settled ? this.#stopError : new Error("the store did not answer a usage write before the shutdown grace period ran out"),
+        err: settled ? this.#stopError : new Error("the store did not answer a usage write before the final flush's wait ran out"),
         rows: rows.length,
         requests: rows.reduce((n, row) => n + row.count, 0),
         accounts: spent.length,
         creditsSpent: spent.reduce((n, entry) => n + entry.monthlyUsed + entry.topupUsed, 0),
         unsure,
       },
-      "usage not written at shutdown: the store refused it or did not answer until the shutdown grace period ran out, so these requests and spent credits are lost; the unsure rows and credits may or may not have been written",
+      "usage not written at shutdown: the store refused it until the shutdown grace period ran out, or stopped answering, so these requests and spent credits are lost; the unsure rows and credits were in a write it did not answer, and may or may not have been written",
     );
     return false;
   }
@@ -289,7 +290,7 @@ export class UsageRecorder {
         if (c > 0) await this.#writer.between(callStarted);
         chunk = spent.slice(c, c + FLUSH_CHUNK);
         callStarted = performance.now();
-        await this.store.applyUsage([], chunk);
+        await this.#writer.send(() => this.store.applyUsage([], chunk));
         c += chunk.length;
         this.#inFlight -= chunk.length;
       }
@@ -335,7 +336,7 @@ export class UsageRecorder {
         if (callStarted > 0) await this.#writer.between(callStarted);
         chunk = rows.slice(u, u + FLUSH_CHUNK);
         callStarted = performance.now();
-        await this.store.applyUsage(chunk, []);
+        await this.#writer.send(() => this.store.applyUsage(chunk, []));
         u += chunk.length;
         this.#inFlight -= chunk.length;
         if (this.#flight !== null) this.#flight.written = u;
@@ -354,9 +355,11 @@ export class UsageRecorder {
 /**
  * What of a failed call is sure not to be in the store: all of it for a store whose call is one
  * transaction; what PartialWriteError names for one whose call is not, with the count of deltas
- * that may have been written (kept out of the retry, so never counted twice).
+ * that may have been written (kept out of the retry, so never counted twice); none of a call the
+ * store took and stop() gave up waiting for (CallUnansweredError).
  */
 function unwritten(error: unknown, usage: UsageDelta[], credits: CreditDelta[]): { usage: UsageDelta[]; credits: CreditDelta[]; unsure: number } {
   if (error instanceof PartialWriteError) return { ...error.unapplied, unsure: error.unsure };
+  if (error instanceof CallUnansweredError) return { usage: [], credits: [], unsure: usage.length + credits.length };
   return { usage, credits, unsure: 0 };
 }

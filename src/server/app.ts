@@ -509,9 +509,10 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
       if (config.shutdownDelaySeconds > 0) await new Promise((resolve) => setTimeout(resolve, config.shutdownDelaySeconds * 1000));
       const graceMs = config.shutdownGraceSeconds * 1000;
       // One grace period for the drain and the final flush: a flush the store refuses is tried
-      // again for what the drain left of it (at least once), and none is waited for past the
-      // grace or 5 s (STOP_FLUSH_WAIT_MIN_MS), whichever ends later, so the stop still ends
-      // within the grace and one flush, as the pod's terminationGracePeriodSeconds allows for.
+      // again for what the drain left of it (at least once); one the store answers goes on for
+      // up to 12 s past the grace (STOP_FLUSH_OVERRUN_MS), and a call it does not answer is given
+      // up after the grace or 5 s (STOP_CALL_WAIT_MS), whichever ends later, so the stop ends
+      // within the 15 s the pod's terminationGracePeriodSeconds gives the flush after the grace.
       const graceEndsAt = performance.now() + graceMs;
       await Promise.all(started.map((s) => s.stop(graceMs)));
       started = [];

@@ -1,6 +1,6 @@
 import type { Logger } from "pino";
 import type { LastUsedStore } from "./store.js";
-import { FLUSH_CHUNK, WriteBehind } from "./write-behind.js";
+import { CallUnansweredError, FLUSH_CHUNK, WriteBehind } from "./write-behind.js";
 import type { WriteBehindOptions } from "./write-behind.js";
 
 /**
@@ -17,8 +17,9 @@ export class LastUsedRecorder {
   #base = 0;
   /** Keys of the batch being written, not yet in the store. */
   #inFlight = 0;
-  /** The last failure of a flush since stop() began. */
+  /** Since stop() began: the last failure of a flush, and keys of a call it gave up waiting for. */
   #stopError: unknown = null;
+  #stopUnsure = 0;
   readonly #writer: WriteBehind;
 
   constructor(
@@ -52,21 +53,22 @@ export class LastUsedRecorder {
 
   /**
    * Stops the timer and writes what is pending, again while the store refuses it, until
-   * `deadlineMs` (performance.now()'s clock). Resolves to false, after one error-level line with
-   * the count of keys, when the process would end without their last-use times; keys of a batch
-   * the store took and had not answered then are among them, and counted as `unsure` too.
+   * `deadlineMs` (performance.now()'s clock; WriteBehind.stop says how long past it a flush the
+   * store answers goes on). Resolves to false, after one error-level line with the count of keys,
+   * when the process would end without their last-use times; keys of the call the store took and
+   * had not answered then are among them, and counted as `unsure` too (never written again).
    */
   async stop(deadlineMs = 0): Promise<boolean> {
     const settled = await this.#writer.stop(deadlineMs, () => this.#pending.size > 0);
-    const unsure = settled ? 0 : this.#inFlight;
+    const unsure = this.#stopUnsure + (settled ? 0 : this.#inFlight);
     if (this.#pending.size + unsure === 0) return true;
     this.logger.error(
       {
-        err: settled ? this.#stopError : new Error("the store did not answer a last-use write before the shutdown grace period ran out"),
+        err: settled ? this.#stopError : new Error("the store did not answer a last-use write before the final flush's wait ran out"),
         keys: this.#pending.size + unsure,
         unsure,
       },
-      "last-use times not written at shutdown: the store refused them or did not answer until the shutdown grace period ran out, so they are lost",
+      "last-use times not written at shutdown: the store refused them until the shutdown grace period ran out, or stopped answering, so they are lost",
     );
     return false;
   }
@@ -84,6 +86,8 @@ export class LastUsedRecorder {
     const ids = batch.keys();
     let written = 0;
     let callStarted = 0;
+    // Keys of the call out, which a CallUnansweredError leaves unsure (not put back).
+    let sending = 0;
     this.#inFlight = batch.size;
     try {
       while (written < batch.size) {
@@ -94,16 +98,18 @@ export class LastUsedRecorder {
           if (chunk.size === FLUSH_CHUNK) break;
         }
         callStarted = performance.now();
-        await this.store.touchLastUsed(chunk);
+        sending = chunk.size;
+        await this.#writer.send(() => this.store.touchLastUsed(chunk));
         written += chunk.size;
         this.#inFlight -= chunk.size;
       }
     } catch (error) {
       // What was not written goes back to the map, where pendingCount counts it.
       this.#inFlight = 0;
+      const unsure = error instanceof CallUnansweredError ? sending : 0;
       let index = 0;
       for (const [id, offset] of batch) {
-        if (index++ < written) continue;
+        if (index++ < written + unsure) continue;
         const atMs = base + offset;
         const newer = this.#pending.get(id);
         if (newer === undefined || this.#base + newer < atMs) this.record(id, atMs);
@@ -112,7 +118,8 @@ export class LastUsedRecorder {
       else {
         // Only stop() retries now, until the grace period ends, and it reports what is lost.
         this.#stopError = error;
-        this.logger.warn({ err: error, keys: batch.size - written }, "last-used flush failed during shutdown");
+        this.#stopUnsure += unsure;
+        this.logger.warn({ err: error, keys: batch.size - written, unsure }, "last-used flush failed during shutdown");
       }
     }
   }

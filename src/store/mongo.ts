@@ -593,11 +593,22 @@ function bulkOutcome(error: unknown): BulkOutcome {
   return failure instanceof Error && neverWritten(failure) && nothingMade ? "none" : "unknown";
 }
 
-/** Maps driver errors: E11000 to DuplicateError, lost connections to StoreUnavailableError. */
+/**
+ * Maps driver errors: E11000 to DuplicateError; lost connections, and a pool that handed out none
+ * (its wait queue timed out, it was cleared or closed: CHECKOUT_ERRORS, and PoolClearedOnNetworkError,
+ * a cleared pool interrupting a connection in use) to StoreUnavailableError. Not StoreBusyError,
+ * though a call the pool refused surely sent nothing: a store method is often several calls
+ * (guarded as one), and one refused after another was made leaves a change made in part.
+ */
 function translate(error: unknown): unknown {
   if (error instanceof Error) {
     if ("code" in error && error.code === 11000) return new DuplicateError("a key with this id or hash already exists", { cause: error });
-    if (NETWORK_ERRORS.has(error.name) || /buffering timed out|connection .* closed|Client must be connected/i.test(error.message)) {
+    if (CHECKOUT_ERRORS.has(error.name)) return new StoreUnavailableError("MongoDB's connection pool handed out no connection", { cause: error });
+    if (
+      NETWORK_ERRORS.has(error.name) ||
+      error instanceof mongoose.mongo.MongoNetworkError ||
+      /buffering timed out|connection .* closed|Client must be connected/i.test(error.message)
+    ) {
       return new StoreUnavailableError("MongoDB is unreachable", { cause: error });
     }
   }

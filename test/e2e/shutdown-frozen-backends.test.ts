@@ -19,8 +19,9 @@ import type { TcpRelay } from "../harness/tcp-relay.js";
 // within what the manifests give it after the preStop sleep, the grace and 15 s for the final flush
 // (README, Helm), and usage it could not write must be named at error level with exit 1: the
 // kubelet's SIGKILL came first once (a final flush waited 63 s on MongoDB), and billed usage was
-// lost without a word. The bound is the chart's, not this machine's speed: keygate waits for the
-// final flush until the grace ends, and at least 5 s.
+// lost without a word. The bound is the chart's, not this machine's speed: keygate waits for a
+// write the store does not answer until the grace ends, or 5 s after it was sent if that is later,
+// and for a flush the store answers at most 12 s past the grace.
 
 const ready =
   requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&

@@ -3,13 +3,14 @@ import { afterEach, describe, expect, it, vi } from "vitest";
 import { z } from "zod";
 import { UsageRecorder } from "../../src/limits/usage.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
-import { STOP_FLUSH_WAIT_MIN_MS } from "../../src/store/write-behind.js";
+import { STOP_CALL_WAIT_MS } from "../../src/store/write-behind.js";
 
 // A store that takes a write and never answers (a frozen MongoDB) must not hold a stop past its
-// deadline, or STOP_FLUSH_WAIT_MIN_MS after the flush began if that is later: the kubelet's SIGKILL
-// would come first, and nothing would say what was lost. What that flush held is named as unsure
+// deadline, or STOP_CALL_WAIT_MS after that call was sent if that is later: the kubelet's SIGKILL
+// would come first, and nothing would say what was lost. What that call held is named as unsure
 // (it may still land) and never written again; a store that answers within the wait loses nothing.
-// test/e2e/shutdown-frozen-backends.test.ts runs the same through SIGTERM and a frozen MongoDB.
+// test/unit/write-behind-slow-store.test.ts has a store that answers slowly, or stops answering
+// partway; test/e2e/shutdown-frozen-backends.test.ts runs this through SIGTERM and a frozen MongoDB.
 
 const DAY = "2025-01-01";
 const logged = z.object({ level: z.number(), msg: z.string(), rows: z.number().optional(), requests: z.number().optional(), unsure: z.number().optional(), keys: z.number().optional() });
@@ -51,7 +52,7 @@ describe("write-behind stop against a store that does not answer", () => {
     const usage = new UsageRecorder({ applyUsage: store.held }, capturing(lines), 60_000);
     for (let i = 0; i < 5; i++) usage.record("acme", "key_1", DAY, "ALLOWED", 0);
     const stopped = watch(usage.stop(performance.now() + 1000));
-    await vi.advanceTimersByTimeAsync(STOP_FLUSH_WAIT_MIN_MS - 1);
+    await vi.advanceTimersByTimeAsync(STOP_CALL_WAIT_MS - 1);
     expect(stopped()).toEqual({ done: false });
     await vi.advanceTimersByTimeAsync(1);
     expect(stopped()).toEqual({ done: true, value: false });
@@ -70,7 +71,7 @@ describe("write-behind stop against a store that does not answer", () => {
     const lastUsed = new LastUsedRecorder({ touchLastUsed: store.held }, capturing(lines), 60_000);
     lastUsed.record("key_1", Date.now());
     lastUsed.record("key_2", Date.now());
-    const graceMs = 2 * STOP_FLUSH_WAIT_MIN_MS;
+    const graceMs = 2 * STOP_CALL_WAIT_MS;
     const stopped = watch(lastUsed.stop(performance.now() + graceMs));
     await vi.advanceTimersByTimeAsync(graceMs - 1);
     expect(stopped()).toEqual({ done: false });
@@ -88,7 +89,7 @@ describe("write-behind stop against a store that does not answer", () => {
     usage.record("acme", "key_1", DAY, "ALLOWED", 0);
     // The drain used the whole grace: the deadline has passed as the stop begins.
     const stopped = watch(usage.stop(performance.now()));
-    await vi.advanceTimersByTimeAsync(STOP_FLUSH_WAIT_MIN_MS - 1);
+    await vi.advanceTimersByTimeAsync(STOP_CALL_WAIT_MS - 1);
     store.answer();
     await vi.advanceTimersByTimeAsync(0);
     expect(stopped()).toEqual({ done: true, value: true });
