@@ -56,6 +56,10 @@ export const PATH_REFUSALS = {
     "The request path matches another route when letter case is ignored, as case-insensitive servers do, so it is refused. Send it in the letter case of the route.",
   ),
   tooLong: new RouteRefusal("INVALID_PATH", "The request path is longer than 16384 characters before its query, so it is refused. Send a shorter path."),
+  projectSuffix: new RouteRefusal(
+    "INVALID_PATH",
+    'The request path ends in its project segment, which has a format suffix (such as ".json") that servers such as Rails cut off to read another project, so it is refused. Send a segment after the project, or use a project id with no dot.',
+  ),
   formatSuffix: new RouteRefusal(
     "INVALID_PATH",
     'The request path ends in a format suffix (such as ".json") that servers such as Rails read as the format of the path without it, and that path matches another route, so it is refused. Send the path without the suffix, or name the suffixed path in a route.',
@@ -621,33 +625,34 @@ export class RouteTable {
     const first = path.indexOf(".", path.lastIndexOf("/", end - 1) + 2);
     if (first !== -1 && first < end) {
       const last = path.lastIndexOf(".", end - 1);
-      if (this.#suffixPicksAnother(upperMethod, path, first, chosen) || (last !== first && this.#suffixPicksAnother(upperMethod, path, last, chosen))) return PATH_REFUSALS.formatSuffix;
+      const refusal = this.#suffixRefusal(upperMethod, path, first, chosen) ?? (last !== first ? this.#suffixRefusal(upperMethod, path, last, chosen) : null);
+      if (refusal !== null) return refusal;
     }
     return chosen;
   }
 
   /**
-   * Whether `path` cut at `dot` is another route's (or none's), read as the checks above read the
+   * The refusal when `path` cut at `dot` is another route's (or none's), read as the checks above read the
    * whole path too (letter case ignored; characters read as ASCII letters), since a server may do
    * both (Spring's case-insensitive matcher with suffix patterns). A chosen route whose match runs
    * past the dot names the suffixed segment itself (pathPrefix /v1/export.csv) and is judged, unless
    * the dot is in its {project} segment: a format-suffix server reads the project without it.
    */
-  #suffixPicksAnother(upperMethod: string, path: string, dot: number, chosen: Entry | null): boolean {
+  #suffixRefusal(upperMethod: string, path: string, dot: number, chosen: Entry | null): RouteRefusal | null {
     if (chosen !== null) {
       const projectAt = chosen.head.length;
       const matchEnd = chosen.tail === null ? projectAt : projectEnd(path, projectAt) + chosen.tail.length;
-      if (matchEnd > dot) return chosen.tail !== null && dot > projectAt && dot < projectEnd(path, projectAt);
+      if (matchEnd > dot) return chosen.tail !== null && dot > projectAt && dot < projectEnd(path, projectAt) ? PATH_REFUSALS.projectSuffix : null;
     }
     const bare = path.slice(0, dot);
     if (this.#caseInsensitive) {
-      if (this.#find(upperMethod, bare.toLowerCase(), false) !== chosen) return true;
+      if (this.#find(upperMethod, bare.toLowerCase(), false) !== chosen) return PATH_REFUSALS.formatSuffix;
     } else if (this.#find(upperMethod, bare, false) !== chosen || this.#find(upperMethod, bare.toLowerCase(), true) !== chosen) {
-      return true;
+      return PATH_REFUSALS.formatSuffix;
     }
-    if (!mayReadAsAscii(bare)) return false;
+    if (!mayReadAsAscii(bare)) return null;
     const reading = asciiCaseReading(bare);
-    return reading !== null && this.#find(upperMethod, reading.toLowerCase(), !this.#caseInsensitive) !== chosen;
+    return reading !== null && this.#find(upperMethod, reading.toLowerCase(), !this.#caseInsensitive) !== chosen ? PATH_REFUSALS.formatSuffix : null;
   }
 
   /** Whether an upper-case ASCII letter sits where a prefix could meet it (ids further on do not). */

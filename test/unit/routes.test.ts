@@ -367,7 +367,8 @@ describe("letter case", () => {
     expect(versioned.match("GET", "/projects/p1/v1.0")).toMatchObject({ pathPrefix: "/projects/{project}/v1.0" });
     // A suffix on the {project} segment: Rails reads project "acme", not "acme.json".
     const project = new RouteTable([{ method: "*", pathPrefix: "/projects/{project}", requiredScopes: [], cost: 1, metered: true }]);
-    expect(project.requirements("GET", "/projects/acme.json", undefined)).toBe(PATH_REFUSALS.formatSuffix);
+    expect(project.requirements("GET", "/projects/acme.json", undefined)).toBe(PATH_REFUSALS.projectSuffix);
+    expect(PATH_REFUSALS.projectSuffix.message).not.toMatch(/another route|name the suffixed path/);
     expect(project.requirements("GET", "/projects/acme.json/jobs", undefined)).toMatchObject({ projectId: "acme.json" });
     expect(project.requirements("GET", "/projects/acme/export.csv", undefined)).toMatchObject({ projectId: "acme" });
     // No route but the suffixed one's bare path: "none" is another route too.
@@ -375,6 +376,7 @@ describe("letter case", () => {
     expect(bare.match("GET", "/v1/admin.json")).toBe(PATH_REFUSALS.formatSuffix);
     expect(bare.match("GET", "/v1/other.json")).toBeNull();
     expect(DENIALS[PATH_REFUSALS.formatSuffix.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
+    expect(DENIALS[PATH_REFUSALS.projectSuffix.reason]).toMatchObject({ httpStatus: 400, code: "INVALID_REQUEST" });
   });
 
   it("a path longer than MAX_PATH_LENGTH before its query is refused; a long query is not the path's length", () => {
