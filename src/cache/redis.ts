@@ -644,7 +644,13 @@ export class RedisInvalidationBus implements InvalidationBus {
 
   readonly #onMessage = (channel: string, message: string): void => {
     if (channel === this.#heartbeatChannel) {
-      this.#lastHeardMs = performance.now();
+      // Fresh as of when it was sent, not when it came: Redis delivers one connection's messages in
+      // the order it ran their PUBLISHes, so every invalidation published before that time has
+      // come too. A subscriber connection that lags (a queue building on its flow) would otherwise
+      // look healthy while invalidations wait behind the lag.
+      const sentAt = Number(message);
+      const nowMs = performance.now();
+      this.#lastHeardMs = Math.max(this.#lastHeardMs, Number.isFinite(sentAt) && sentAt <= nowMs ? sentAt : nowMs);
       this.#awaitingHeartbeat = false;
       this.#update();
       return;
@@ -666,9 +672,11 @@ export class RedisInvalidationBus implements InvalidationBus {
   readonly #beat = (): void => {
     if (this.#subscribed && !this.#beating && this.#subscriber.status === "ready") {
       this.#beating = true;
+      // This process's clock: the channel is this bus's alone (its name holds a random id).
+      const sentAt = String(performance.now());
       this.#publisher
         .set(this.#heartbeatKey, "1", "PX", HEARTBEAT_KEY_TTL_MS)
-        .then(() => this.#publisher.publish(this.#heartbeatChannel, "1"))
+        .then(() => this.#publisher.publish(this.#heartbeatChannel, sentAt))
         .then(
           () => {
             this.#beating = false;
