@@ -56,7 +56,9 @@ describe("forwarded metadata security", () => {
     const secret = await key({ team: "billing\r\nx-keygate-owner-id: evil", tier: " padded" });
     expect(metaHeaders(allowOf(await kg.check(checkInit({ "x-api-key": secret }))).headers)).toEqual({});
     const http = await httpCheck(kg.ports.http, "/check/v1/things", { "x-api-key": secret });
-    expect([http.status, http.headers.get("x-keygate-meta-team"), http.headers.get("x-keygate-meta-tier")]).toEqual([200, null, null]);
+    // The HTTP answer carries every forwarded name, empty where nothing is forwarded (a proxy that
+    // copies a fixed list, Caddy 2.6, would copy its placeholder text for a missing one).
+    expect([http.status, http.headers.get("x-keygate-meta-team"), http.headers.get("x-keygate-meta-tier")]).toEqual([200, "", ""]);
   });
 
   it("the policy names entries as lowercase letters, digits and -, once each", () => {
