@@ -672,11 +672,11 @@ export class RedisInvalidationBus implements InvalidationBus {
   readonly #beat = (): void => {
     if (this.#subscribed && !this.#beating && this.#subscriber.status === "ready") {
       this.#beating = true;
-      // This process's clock: the channel is this bus's alone (its name holds a random id).
-      const sentAt = String(performance.now());
       this.#publisher
         .set(this.#heartbeatKey, "1", "PX", HEARTBEAT_KEY_TTL_MS)
-        .then(() => this.#publisher.publish(this.#heartbeatChannel, sentAt))
+        // Stamped as the PUBLISH is sent, on this process's clock (the channel is this bus's
+        // alone: its name holds a random id), so the SET's time does not count as lag.
+        .then(() => this.#publisher.publish(this.#heartbeatChannel, String(performance.now())))
         .then(
           () => {
             this.#beating = false;
