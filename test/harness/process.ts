@@ -182,6 +182,19 @@ export interface SpawnedKeygates {
   tempDir(): string;
   /** A fresh directory with an empty, owner-only data directory in it; the suite's afterAll removes it. */
   tempDataDir(): { dir: string; dataDir: string };
+  /**
+   * How a start ended: its exit code and last line (stderr's, for a refused start), or "served"
+   * when keygate started (stopped again at once), so a test of a start that must be refused
+   * fails rather than waits when keygate serves instead.
+   */
+  startOutcome(cwd: string, env: Record<string, string>): Promise<StartOutcome>;
+}
+
+/** See SpawnedKeygates.startOutcome. */
+export interface StartOutcome {
+  code: number | "served";
+  lastLine: string;
+  output: string;
 }
 
 /** Registers the calling suite's afterAll that kills every keygate it spawns and removes every directory it makes (named from `tempPrefix`). */
@@ -208,6 +221,19 @@ export function spawnedKeygates(tempPrefix: string): SpawnedKeygates {
       const dataDir = join(dir, "data");
       mkdirSync(dataDir, { mode: 0o700 });
       return { dir, dataDir };
+    },
+    async startOutcome(cwd, env) {
+      try {
+        const keygate = await spawnKeygate({ cwd, env });
+        running.push(keygate);
+        await keygate.stop("SIGTERM");
+        return { code: "served", lastLine: "", output: keygate.stdout() + keygate.stderr() };
+      } catch (error) {
+        const exited = /^Error: keygate exited with (\d+):\n([\s\S]*)$/.exec(String(error));
+        if (exited === null) throw error;
+        const output = exited[2] ?? "";
+        return { code: Number(exited[1]), lastLine: output.trimEnd().split("\n").at(-1) ?? "", output };
+      }
     },
   };
 }

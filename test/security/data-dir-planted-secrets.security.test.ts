@@ -15,7 +15,7 @@ import { spawnedKeygates, spawnKeygate } from "../harness/process.js";
 // naming the file and both uids, never the content. The directory's own owner and mode are not
 // refused. Making files another user owns needs root: CI runs as root, so these run there.
 
-const { running, tempDir } = spawnedKeygates("keygate-planted-secrets-");
+const { running, tempDir, startOutcome } = spawnedKeygates("keygate-planted-secrets-");
 
 const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 const asRoot = requireServer("root-only data directory ownership", isRoot, "these tests chown files to uid 65534, which needs root");
@@ -48,24 +48,6 @@ const refusal = (path: string, what: string): { code: number; lastLine: string }
     "Delete it, or if it is yours, chown it to the user keygate runs as",
 });
 
-/**
- * How a start ended: its exit code and last line (stderr's, for a refused start), or "served"
- * when keygate started (stopped again at once): the code before this fix served, and a test
- * waiting for an exit would only time out.
- */
-async function startOutcome(cwd: string, env: Record<string, string>): Promise<{ code: number | "served"; lastLine: string; output: string }> {
-  try {
-    const keygate = await spawnKeygate({ cwd, env });
-    running.push(keygate);
-    await keygate.stop("SIGTERM");
-    return { code: "served", lastLine: "", output: keygate.stdout() + keygate.stderr() };
-  } catch (error) {
-    const exited = /^Error: keygate exited with (\d+):\n([\s\S]*)$/.exec(String(error));
-    if (exited === null) throw error;
-    const output = exited[2] ?? "";
-    return { code: Number(exited[1]), lastLine: output.trimEnd().split("\n").at(-1) ?? "", output };
-  }
-}
 
 describe.skipIf(!asRoot)("secret files another user put in the data directory: security", { timeout: 60_000 }, () => {
   it("refuses an admin-token another user owns, naming it and both uids, never the token", async () => {

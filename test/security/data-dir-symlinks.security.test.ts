@@ -7,7 +7,7 @@ import { DataDirLock } from "../../src/store/data-dir-lock.js";
 import { ADMIN_TOKEN } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { embeddedEnv, spawnedKeygates, spawnKeygate } from "../harness/process.js";
+import { embeddedEnv, spawnedKeygates } from "../harness/process.js";
 
 // keygate makes keygate.lock, admin-token.unshown, keygate.db and its WAL files itself, so one of
 // them being a symbolic link another user owns means someone who can write the data directory (an
@@ -20,7 +20,7 @@ import { embeddedEnv, spawnedKeygates, spawnKeygate } from "../harness/process.j
 // Secret volume's files are; test/security/data-dir-planted-secrets.security.test.ts covers who
 // may own them.)
 
-const { running, tempDataDir } = spawnedKeygates("keygate-data-dir-symlinks-");
+const { tempDataDir, startOutcome } = spawnedKeygates("keygate-data-dir-symlinks-");
 /** Another user, for links only root can give away (CI runs as root). */
 const FOREIGN_UID = 65534;
 const isRoot = requireServer("root (to plant another user's links)", typeof process.geteuid === "function" && process.geteuid() === 0, "run the suite as root");
@@ -41,24 +41,6 @@ function victimState(victim: string): { text: string; mode: string } {
 
 const UNTOUCHED = { text: VICTIM_TEXT, mode: "644" };
 
-/**
- * How a start ended: its exit code and last line (stderr's, for a refused start), or "served"
- * when keygate started (stopped again at once): the code before this fix served, and a test
- * waiting for an exit would only time out.
- */
-async function startOutcome(cwd: string, env: Record<string, string>): Promise<{ code: number | "served"; lastLine: string; output: string }> {
-  try {
-    const keygate = await spawnKeygate({ cwd, env });
-    running.push(keygate);
-    await keygate.stop("SIGTERM");
-    return { code: "served", lastLine: "", output: keygate.stdout() + keygate.stderr() };
-  } catch (error) {
-    const exited = /^Error: keygate exited with (\d+):\n([\s\S]*)$/.exec(String(error));
-    if (exited === null) throw error;
-    const output = exited[2] ?? "";
-    return { code: Number(exited[1]), lastLine: output.trimEnd().split("\n").at(-1) ?? "", output };
-  }
-}
 
 /** The refusal of a link at the database's names that uid 65534 owns. */
 const foreignLink = (path: string): string =>
