@@ -23,6 +23,7 @@ import { IdempotencyInProgressError, IdempotencyUnavailableError } from "../limi
 import { MeterUnavailableError } from "../limits/limits.js";
 import { limitHeaders } from "../authz/rate-headers.js";
 import { METHOD_PERMISSIONS, missingPermission } from "./permissions.js";
+import { checkKeyId } from "./vocabulary.js";
 import type { Permission } from "./permissions.js";
 import { keyState } from "../store/store.js";
 import type { KeyRecord } from "../store/store.js";
@@ -214,6 +215,13 @@ export function adminAuthInterceptor(gate: AdminGate, logger: Logger): Intercept
   };
 }
 
+/** The owner and/or key a call acts for; `keyField` is the key id's field name in the request ("id" unless named). */
+interface Subject {
+  ownerId?: string;
+  keyId?: string;
+  keyField?: string;
+}
+
 /** KeyAdmin handlers: translate between proto and the lifecycle domain, nothing more. */
 export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, logger: Logger): (router: ConnectRouter) => void {
   /**
@@ -221,11 +229,13 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
    * a call acts for. Another owner's account is PERMISSION_DENIED; another owner's key reads as
    * one that does not exist, so key ids of other owners are not confirmed.
    */
-  const checkSubject = async (ctx: HandlerContext, subject: { ownerId?: string; keyId?: string }): Promise<void> => {
+  const checkSubject = async (ctx: HandlerContext, subject: Subject): Promise<void> => {
     const owners = ctx.values.get(adminOwnersKey);
     if (owners === null) return;
     const tokenId = ctx.values.get(adminIdentityKey);
     if (subject.keyId !== undefined && subject.keyId !== "") {
+      // Named as the caller sent it (key_id on ChargeUsage and ListAuditEvents), before the lookup.
+      checkKeyId(subject.keyField ?? "id", subject.keyId);
       const key = await service.getKey(subject.keyId);
       if (!owners.has(key.ownerId)) throw new NotFoundError(`key ${key.id} does not exist`);
       if (subject.ownerId === undefined || subject.ownerId === "") return;
@@ -237,7 +247,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
   };
 
   const guard =
-    <Req, Res>(fn: (req: Req, actor: Actor, ctx: HandlerContext) => Promise<Res>, subject?: (req: Req) => { ownerId?: string; keyId?: string }) =>
+    <Req, Res>(fn: (req: Req, actor: Actor, ctx: HandlerContext) => Promise<Res>, subject?: (req: Req) => Subject) =>
     async (req: Req, ctx: HandlerContext): Promise<Res> => {
       try {
         if (subject !== undefined) await checkSubject(ctx, subject(req));
@@ -336,7 +346,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         headers,
         replayed: answer.replayed,
       });
-    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId })),
+    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId, keyField: "key_id" })),
     addCredits: guard(async (req, actor) => {
       const added = await service.addCredits({ ownerId: req.ownerId, amount: wholeNumber(req.amount), reason: req.reason, idempotencyKey: unset(req.idempotencyKey) }, actor);
       return { account: toAccount(added.view), replayed: added.replayed };
@@ -350,7 +360,7 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
         pageToken: unset(req.pageToken),
       });
       return { events: page.events.map(toAuditEvent), nextPageToken: page.nextPageToken };
-    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId })),
+    }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId, keyField: "key_id" })),
     getUsage: guard(async (req) => {
       const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
       return create(GetUsageResponseSchema, {
