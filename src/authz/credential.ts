@@ -76,7 +76,7 @@ export function extractCredential(headers: HeaderBag, headerNames: readonly stri
       const bearer = bearerKey(raw);
       if (bearer === BROKEN_BEARER) return MALFORMED;
       // A Bearer after a comma is a repeated Authorization that Envoy joined ("Basic …,Bearer
-      // <key>"): refused as any repeat is, not judged as another scheme.
+      // <key>"): refused like every other repeat, not judged as another scheme.
       if (bearer === OTHER_SCHEME) {
         if (JOINED_BEARER.test(raw)) return MALFORMED;
         continue; // Another scheme (Basic, say) is not ours to judge.

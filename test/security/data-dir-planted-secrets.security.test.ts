@@ -11,7 +11,7 @@ import { spawnedKeygates, spawnKeygate } from "../harness/process.js";
 // (or pepper) of their own there before keygate's first start, and keygate would serve with it as
 // a do-everything admin token (or hash keys with a pepper they know). So a secret file keygate
 // reads from the data directory, or the link at its name, must be owned by the user keygate runs
-// as or by root (a Secret volume's files): any other owner stops the start (exit 2) with one line
+// as or by root (a Secret volume's files): another owner stops the start (exit 2) with one line
 // naming the file and both uids, never the content. The directory's own owner and mode are not
 // refused. Making files another user owns needs root: CI runs as root, so these run there.
 
