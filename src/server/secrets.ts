@@ -226,10 +226,13 @@ function createMarker(path: string): void {
   }
 }
 
+/** Whether the marker is there; one another user put there would have the token printed again, so it is refused. */
 function markerPresent(path: string): boolean {
   const marker = lstatSync(path, { throwIfNoEntry: false });
-  if (marker?.isSymbolicLink() === true) throw linkAtMarker(path);
-  return marker !== undefined;
+  if (marker === undefined) return false;
+  if (marker.isSymbolicLink()) throw linkAtMarker(path);
+  refuseForeignOwner(path, "is a file", marker.uid);
+  return true;
 }
 
 /** Records that the generated admin token has been printed, so later starts do not print it. */

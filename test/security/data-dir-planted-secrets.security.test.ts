@@ -87,6 +87,19 @@ describe.skipIf(!asRoot)("secret files another user put in the data directory: s
     expect({ code, lastLine }).toEqual(refusal(join(dataDir, "admin-token"), "is a symbolic link to a file"));
     expect(output).not.toContain(PLANTED);
   });
+
+  it("refuses an admin-token.unshown another user put there: the token would be printed again, into the start's log", async () => {
+    const { dir, dataDir } = foreignDataDir();
+    const first = await startOutcome(dir, { KEYGATE_DATA_DIR: dataDir, ...LISTENERS });
+    const token = readFileSync(join(dataDir, "admin-token"), "utf8").trim();
+    // The first start printed it once; a second start prints nothing.
+    expect({ code: first.code, printed: first.output.split(token).length - 1 }).toEqual({ code: "served", printed: 1 });
+    const second = await startOutcome(dir, { KEYGATE_DATA_DIR: dataDir, ...LISTENERS });
+    expect({ code: second.code, printed: second.output.includes(token) }).toEqual({ code: "served", printed: false });
+    plant(join(dataDir, "admin-token.unshown"), "", NOBODY);
+    const { code, lastLine, output } = await startOutcome(dir, { KEYGATE_DATA_DIR: dataDir, ...LISTENERS });
+    expect({ code, lastLine, printed: output.includes(token) }).toEqual({ ...refusal(join(dataDir, "admin-token.unshown"), "is a file"), printed: false });
+  });
 });
 
 describe.skipIf(!asRoot)("a data directory another user owns, or a group shares: happy", { timeout: 60_000 }, () => {
