@@ -254,7 +254,8 @@ export class RedisMeter implements Meter {
     private readonly redisLost: () => boolean = () => false,
   ) {}
 
-  async #run(script: string, keys: string[], args: Array<string | number>): Promise<unknown> {
+  /** Runs a script; `op` names it in the backend metrics (a dry-run charge is a peek). */
+  async #run(script: string, keys: string[], args: Array<string | number>, op: string = script === CHARGE ? "charge" : script === INHERIT ? "inherit_bucket" : "credits"): Promise<unknown> {
     let sha = this.#sha.get(script);
     if (sha === undefined) {
       sha = createHash("sha1").update(script).digest("hex");
@@ -270,7 +271,7 @@ export class RedisMeter implements Meter {
       ok = true;
       return reply;
     } finally {
-      this.observer?.backendCall("redis", script === CHARGE ? "charge" : script === INHERIT ? "inherit_bucket" : "credits", (performance.now() - started) / 1000, ok);
+      this.observer?.backendCall("redis", op, (performance.now() - started) / 1000, ok);
     }
   }
 
@@ -335,7 +336,7 @@ export class RedisMeter implements Meter {
       keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
       args.push(randomBytes(9).toString("base64url"));
     }
-    const reply = await this.#run(CHARGE, keys, args);
+    const reply = await this.#run(CHARGE, keys, args, dryRun ? "peek" : "charge");
     if (!Array.isArray(reply) || reply.length < 8 || reply.length > 10 || !reply.every((v): v is number => typeof v === "number")) {
       throw new Error("unexpected reply from the charge script");
     }

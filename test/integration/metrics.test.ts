@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { KeyFormat } from "../../src/keys/key-format.js";
-import { TEST_POLICY, checkInit, httpCheck, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY, checkInit, checkOutcome, httpCheck, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { requireServer } from "../harness/ports.js";
 import { spawnKeygate } from "../harness/process.js";
@@ -124,6 +124,18 @@ describe.runIf(requireServer("redis-server", redisAvailable(), "apt-get install 
     // One charge script run per allowed Check: the limits live in Redis.
     expect(sample(text, "keygate_backend_duration_seconds_count", { backend: "redis", op: "charge" })).toBe(4);
     expect(sample(text, "keygate_backend_errors_total", { backend: "redis" })).toBeUndefined();
+  });
+
+  it("counts the read of a refused key's limits as op peek, not as a charge", async () => {
+    const before = await scrape(rkg.ports.admin);
+    const charges = sample(before, "keygate_backend_duration_seconds_count", { backend: "redis", op: "charge" }) ?? 0;
+    const peeks = sample(before, "keygate_backend_duration_seconds_count", { backend: "redis", op: "peek" }) ?? 0;
+    // The default scope is tutor; /v1/decks needs decks: refused 403, its limits read, nothing charged.
+    const refused = await rkg.check(checkInit({ authorization: `Bearer ${a}` }, "/v1/decks"));
+    expect(checkOutcome(refused)).toEqual({ status: 403, code: "FORBIDDEN" });
+    const after = await scrape(rkg.ports.admin);
+    expect(sample(after, "keygate_backend_duration_seconds_count", { backend: "redis", op: "peek" })).toBe(peeks + 1);
+    expect(sample(after, "keygate_backend_duration_seconds_count", { backend: "redis", op: "charge" }) ?? 0).toBe(charges);
   });
 });
 
