@@ -268,7 +268,12 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       // The parser may have read the method before what it refused (Node passes the bytes it read).
       const read: unknown = (error as { rawPacket?: unknown }).rawPacket;
       const toHead = Buffer.isBuffer(read) && read.subarray(0, 5).toString("latin1") === "HEAD ";
-      endWith(socket, toHttpAnswer(UNREADABLE_REFUSAL, [], randomUUID(), deps.nowMs()), toHead);
+      const startedAt = performance.now();
+      const requestId = randomUUID();
+      endWith(socket, toHttpAnswer(UNREADABLE_REFUSAL, [], requestId, deps.nowMs()), toHead);
+      // Counted and logged as the refusal it is; the method and path are not known.
+      metrics.recordCheck("http", UNREADABLE_REFUSAL.reason, startedAt, performance.now());
+      accessLog?.decided("http", UNREADABLE_REFUSAL, "", "", requestId, startedAt);
     }
   }
 

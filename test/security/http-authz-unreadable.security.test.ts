@@ -67,6 +67,18 @@ describe("a method node:http does not know, in the HTTP mode", () => {
     expect(body).toBe("");
   });
 
+  it("such a refusal is counted as a denied Check, as the CONNECT refusal is", async () => {
+    const denied = async (): Promise<number> => {
+      const text = await (await fetch(`http://127.0.0.1:${kg.ports.admin}/metrics`)).text();
+      const line = text.split("\n").find((l) => l.startsWith('keygate_checks_total{decision="deny",reason="INVALID_PATH",mode="http"}'));
+      return line === undefined ? 0 : Number(line.split(" ")[1]);
+    };
+    const before = await denied();
+    const answer = await rawRequest(kg.ports.http, "FOO", "/check/v1/things", { "x-api-key": key });
+    expect(answer.status).toBe(400);
+    expect(await denied()).toBe(before + 1);
+  });
+
   it("gRPC Check judges such a method like any other (a valid key on a \"*\" route passes)", async () => {
     expect(checkOutcome(await kg.check(checkInit({ "x-api-key": key }, "/v1/things", "BREW")))).toEqual({ status: 200, code: null });
   });
