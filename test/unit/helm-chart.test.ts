@@ -131,6 +131,18 @@ describe.runIf(READY)("Helm chart", () => {
     expect(after).not.toBe(before);
   });
 
+  // A block scalar takes its indentation from its first line unless told: a policy file whose
+  // first line is indented (a commented-out block, say) would fail to render, or read differently.
+  it("puts a policy file whose first line is indented into the ConfigMap as written", () => {
+    const policy = "  # plans below\nplans: {}\n";
+    const file = join(scratch, "indented-policy.yaml");
+    writeFileSync(file, policy);
+    const configMap = z
+      .object({ kind: z.literal("ConfigMap"), data: z.object({ "policy.yaml": z.string() }) })
+      .parse(docsOf(helmTemplate("--set-file", `policy=${file}`)).find((d) => isRecord(d) && d["kind"] === "ConfigMap"));
+    expect(configMap.data["policy.yaml"]).toBe(policy);
+  });
+
   // The kubelet's SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts:
   // the preStop sleep, keygate's drain (up to the grace) and its final flush of last-used times
   // and usage must fit, with the 15 s for the flush that the defaults (5 + 20 + 15 = 40) leave.
