@@ -417,19 +417,48 @@ export class RedisSharedCache implements SharedCache {
    * back); see distrustEarlierEntries for its L2 counterpart.
    */
   async invalidate(event: Invalidation): Promise<void> {
-    switch (event.kind) {
-      case "key":
-        await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS], this.#invalidator);
-        return this.#confirm();
-      case "owner":
-        await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
-          MARKER_TTL_SECONDS,
-          `${this.#prefix}snap:`,
-          DELETE_BATCH,
-        ], this.#invalidator);
-        return this.#confirm();
-      case "all":
-        return;
+    if (event.kind === "all") return;
+    try {
+      await this.#writeInvalidation(event);
+    } catch (error) {
+      // Redis refused the script (a full one under noeviction refuses a script whose first write
+      // may grow memory, here the generation's SET), but it takes a plain DEL. Replicas of an
+      // earlier release read their own entries with no generation, and the `all` the caller then
+      // publishes sends them back to L2: the entries must be gone before it. Deleting adds no
+      // entry and leaves the generation, floor and markers alone, so fills are refused as before.
+      // Only on Redis's own refusal: one that did not answer (frozen, cut off) would hold the
+      // caller's UNAVAILABLE for another command timeout.
+      if (error instanceof Error && error.name === "ReplyError") await this.#deleteEntries(event).catch(() => undefined);
+      throw error;
+    }
+    return this.#confirm();
+  }
+
+  async #writeInvalidation(event: Exclude<Invalidation, { kind: "all" }>): Promise<void> {
+    if (event.kind === "key") {
+      await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS], this.#invalidator);
+      return;
+    }
+    await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
+      MARKER_TTL_SECONDS,
+      `${this.#prefix}snap:`,
+      DELETE_BATCH,
+    ], this.#invalidator);
+  }
+
+  /**
+   * The entries an invalidation drops, deleted without its generation and marker. The owner's
+   * index stays: a fill between its SMEMBERS and a DEL of it would go unlisted, and the
+   * invalidation's retry still needs it.
+   */
+  async #deleteEntries(event: Exclude<Invalidation, { kind: "all" }>): Promise<void> {
+    if (event.kind === "key") {
+      await this.#invalidator.del(this.#snapKey(event.hash), this.#missKey(event.hash));
+      return;
+    }
+    const keys = (await this.#invalidator.smembers(this.#ownerKey(event.ownerId))).map((hash) => this.#snapKey(hash));
+    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
+      await this.#invalidator.del(...keys.slice(i, i + DELETE_BATCH));
     }
   }
 
