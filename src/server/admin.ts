@@ -53,6 +53,9 @@ function writeHead(res: AnyResponse, status: number, headers: OutgoingHttpHeader
 const MAX_CONCURRENT_STREAMS = 100;
 /** Node's own answer to a request head that did not arrive within the headers timeout. */
 const HEAD_TIMEOUT_ANSWER = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n";
+// CreateKey and RotateKey answer with a secret shown once: no KeyAdmin answer, whatever its
+// method, protocol or outcome, may be kept by a cache between the caller and keygate.
+const NO_STORE = "no-store";
 
 /** The body size a request declares, or null when it declares none (chunked, or HTTP/2). */
 function declaredLength(req: AnyRequest): number | null {
@@ -93,12 +96,12 @@ function refuse(req: AnyRequest, res: AnyResponse, code: Code, message: string):
   let body: string;
   if (grpcContentType.test(contentType) || grpcWebContentType.test(contentType)) {
     status = 200;
-    headers = { "content-type": contentType };
+    headers = { "content-type": contentType, "cache-control": NO_STORE };
     setTrailerStatus(new Headers(), error).forEach((value, name) => (headers[name] = value));
     body = "";
   } else {
     status = codeToHttpStatus(code);
-    headers = { "content-type": "application/json" };
+    headers = { "content-type": "application/json", "cache-control": NO_STORE };
     body = JSON.stringify(errorToJson(error, undefined));
   }
   if (isHttp2(req)) {
@@ -152,6 +155,8 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
 
   /** `admittedBody` runs once the call may send its body (for HTTP/1.1 "Expect: 100-continue"). */
   function keyAdmin(req: AnyRequest, res: AnyResponse, path: string, admittedBody?: () => void): void {
+    // Carried by every answer written through `res`; refuse() names it itself (HTTP/2 answers on the stream).
+    res.setHeader("cache-control", NO_STORE);
     const source = req.socket.remoteAddress ?? "";
     const admission = gate.admit(source, req.headers.authorization ?? null);
     if (!admission.ok) {

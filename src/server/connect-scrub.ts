@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { Code, ConnectError, createConnectRouter, createContextKey } from "@connectrpc/connect";
 import type { ConnectRouter, ConnectRouterOptions, ContextValues, Interceptor } from "@connectrpc/connect";
+import { compressedFlag } from "@connectrpc/connect/protocol";
 import type { Compression, UniversalHandler, UniversalServerResponse } from "@connectrpc/connect/protocol";
 import { codeToHttpStatus, errorToJson } from "@connectrpc/connect/protocol-connect";
 import { contentTypeRegExp as grpcContentType, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
@@ -135,7 +136,7 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
     const request = universalRequestFromNodeRequest(req, res, undefined, values);
     // The handler answers once the message is decoded and handled, or has failed: the flag is final.
     handler(request)
-      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey)), res))
+      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey), logger), res))
       .catch((reason: unknown) => {
         if (ConnectError.from(reason).code === Code.Aborted) return;
         logger.error({ err: reason, method: handler.method.name }, "KeyAdmin handler failed");
@@ -154,8 +155,9 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
 /**
  * `answer` with the text of its error messages redacted, and, unless the request's message was
  * `decoded`, the decoder's refusal of it reclassified (callersMistake); anything else is left as it is.
+ * `logger` hears of a gRPC-Web trailer frame that could not be inflated (it is answered INTERNAL).
  */
-export async function withoutSecrets(answer: UniversalServerResponse, decoded: boolean): Promise<UniversalServerResponse> {
+export async function withoutSecrets(answer: UniversalServerResponse, decoded: boolean, logger?: Logger): Promise<UniversalServerResponse> {
   scrubGrpcStatus(answer.header, decoded);
   scrubGrpcStatus(answer.trailer, decoded);
   const type = answer.header?.get("content-type") ?? "";
@@ -178,7 +180,10 @@ export async function withoutSecrets(answer: UniversalServerResponse, decoded: b
     return { ...answer, status: error.status, body: once(body) };
   }
   // gRPC-Web: the status and message travel in the last frame, flagged 0x80, as header lines.
-  if (grpcWebContentType.test(type)) return { ...answer, body: once(scrubTrailerFrames(await readAll(answer.body), decoded)) };
+  if (grpcWebContentType.test(type)) {
+    const encoding = answer.header?.get("grpc-encoding") ?? null;
+    return { ...answer, body: once(await scrubTrailerFrames(await readAll(answer.body), encoding, decoded, logger)) };
+  }
   return answer;
 }
 
@@ -248,8 +253,14 @@ function scrubJsonError(text: string, status: number, decoded: boolean): { text:
   return { text: JSON.stringify({ ...error, message: boundedDecoderMessage(redactText(error.message), decoded) }), status };
 }
 
-/** gRPC-Web frames (flag byte, 4-byte length, data) with each trailer frame's text redacted, and its status reclassified when it is callersMistake. */
-function scrubTrailerFrames(bytes: Uint8Array, decoded: boolean): Uint8Array {
+/**
+ * gRPC-Web frames (flag byte, 4-byte length, data) with each trailer frame's text redacted, and its
+ * status reclassified when it is callersMistake. connect-es compresses a trailer frame like any
+ * other once it reaches compressMinBytes (1 KiB) and the caller accepts `encoding`: such a frame is
+ * inflated, scrubbed, and goes back uncompressed (identity is always acceptable), as a Connect
+ * error body does. One that cannot be inflated within MAX_ERROR_BYTES becomes an INTERNAL trailer.
+ */
+async function scrubTrailerFrames(bytes: Uint8Array, encoding: string | null, decoded: boolean, logger: Logger | undefined): Promise<Uint8Array> {
   const frames: Uint8Array[] = [];
   let at = 0;
   while (at + 5 <= bytes.byteLength) {
@@ -261,18 +272,38 @@ function scrubTrailerFrames(bytes: Uint8Array, decoded: boolean): Uint8Array {
       frames.push(bytes.subarray(at - 5 - length, at));
       continue;
     }
-    // Reclassified and its message scrubbed decoded: redacting the encoded grpc-message may cut an escape in two.
-    const trailer = trailerParse(data);
-    const reclassified = reclassifyGrpcStatus(trailer, decoded);
-    const fields = scrubGrpcMessage(trailer, decoded) || reclassified ? trailerSerialize(trailer) : data;
-    const text = new TextEncoder().encode(redactText(new TextDecoder().decode(fields)));
+    const text = (flags & compressedFlag) === 0 ? scrubTrailer(data, decoded) : await scrubCompressedTrailer(data, encoding, decoded, logger);
     const head = new Uint8Array(5);
-    head[0] = flags;
+    head[0] = flags & ~compressedFlag;
     new DataView(head.buffer).setUint32(1, text.byteLength);
     frames.push(head, text);
   }
   if (at < bytes.byteLength) frames.push(bytes.subarray(at));
   return concat(frames);
+}
+
+/** A trailer frame's header lines redacted, and its status reclassified when it is callersMistake. */
+function scrubTrailer(data: Uint8Array, decoded: boolean): Uint8Array {
+  // Reclassified and its message scrubbed decoded: redacting the encoded grpc-message may cut an escape in two.
+  const trailer = trailerParse(data);
+  const reclassified = reclassifyGrpcStatus(trailer, decoded);
+  const fields = scrubGrpcMessage(trailer, decoded) || reclassified ? trailerSerialize(trailer) : data;
+  return new TextEncoder().encode(redactText(new TextDecoder().decode(fields)));
+}
+
+/**
+ * A compressed trailer frame inflated and scrubTrailer'd. Its bytes never pass unread: one that
+ * cannot be inflated (or is not header lines) is replaced with INTERNAL, and the cause logged.
+ */
+async function scrubCompressedTrailer(data: Uint8Array, encoding: string | null, decoded: boolean, logger: Logger | undefined): Promise<Uint8Array> {
+  try {
+    const compression = COMPRESSIONS.find((c) => c.name === encoding);
+    if (compression === undefined) throw new Error(`a compressed gRPC-Web trailer frame with grpc-encoding ${String(encoding)}`);
+    return scrubTrailer(await compression.decompress(data, MAX_ERROR_BYTES), decoded);
+  } catch (error) {
+    logger?.error({ err: error }, "KeyAdmin error trailer unreadable");
+    return trailerSerialize(setTrailerStatus(new Headers(), new ConnectError("internal error", Code.Internal)));
+  }
 }
 
 async function readAll(body: AsyncIterable<Uint8Array>): Promise<Uint8Array> {
