@@ -21,7 +21,7 @@ import type { UsageRecorder } from "./usage.js";
 //       dry run (1: report the state and write nothing), credit idle lifetime ms, outcome lifetime ms,
 //       counted (1: the request counts toward the quota counter whether or not a quota limits it).
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
-// earlier version) is reported as not loaded and seeded again.
+// earlier release) is reported as not loaded, and SEED adopts or replaces it.
 // Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance (-1 not metered or not loaded),
 //        spent monthly, spent top-up, and on 0 the period charged as YYYYMM (0 when not metered):
@@ -157,24 +157,51 @@ return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spen
 // Loads an account's credit state read from the store, unless another replica already did.
 // `seen` is the store's top-up total (CreditState.topupTotal) the balance includes; it is
 // written in the same command as every other field, so its presence means the whole hash is
-// there. A hash without it is replaced whole. The hash lives while the account is charged and expires once it has
-// been idle for the idle lifetime, by when every replica has flushed its spend: the next
-// charge then reloads it from the store, so a wrong balance does not last forever.
+// there. The hash lives while the account is charged and expires once it has been idle for the
+// idle lifetime, by when every replica has flushed its spend: the next charge then reloads it
+// from the store, so a wrong balance does not last forever.
+// A hash with the balance but neither `seen` nor an expiry was loaded by an earlier release
+// (those write period, monthly_used and topup only, and never expire the hash; this version's
+// hashes always have both), whose replicas may still be charging it. It is adopted, not
+// replaced, as the store lacks what they spent since their last flush: its balance stays (one of
+// an earlier month is reset by the charge, as any other) and `seen` is the total just read, for
+// those releases add their own top-ups to the hash and never move the total, and a top-up of
+// this version that reached the hash first dropped it (see ADD). One whose ADD is still on its
+// way after the store write the total was read from is missing from the adopted balance (a
+// window of one store read and one script) until the hash next reloads. Any other hash without
+// `seen` (partial, or altered by hand) is replaced whole.
 // KEYS: credit hash. ARGV: period, monthly used, top-up balance, top-up total, idle lifetime ms.
+// Reply: 0 already loaded, 1 loaded, 2 adopted.
 const SEED = `
 if redis.call('HEXISTS', KEYS[1], 'seen') == 1 then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'period', ARGV[1], 'monthly_used', ARGV[2], 'topup', ARGV[3], 'seen', ARGV[4])
+local reply = 2
+local c = redis.call('HMGET', KEYS[1], 'period', 'monthly_used', 'topup')
+if c[1] and c[2] and c[3] and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[4])
+else
+  reply = 1
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'period', ARGV[1], 'monthly_used', ARGV[2], 'topup', ARGV[3], 'seen', ARGV[4])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+return reply
 `;
 
 // Brings a loaded balance up to a top-up total: adds what it has not seen, and nothing twice.
 // An unloaded balance is left alone: whoever loads it reads the total again after seeding it.
-// KEYS: credit hash. ARGV: top-up total. Reply: 0 not loaded, 1 already included, 2 added.
+// An earlier release's hash (no `seen`) is dropped: it lacks this top-up, the total does not tell
+// the amount to add, and SEED would adopt it as including the total. The next charge reloads it
+// from the store, which has the top-up but not what the earlier release's replicas spent since
+// their last flush: the bound of a lost Redis, paid only for a top-up made through this version
+// before its first charge of the account.
+// KEYS: credit hash. ARGV: top-up total. Reply: 0 not loaded, 1 already included, 2 added,
+// 3 an earlier release's hash dropped.
 const ADD = `
 local seen = redis.call('HGET', KEYS[1], 'seen')
-if not seen then return 0 end
+if not seen then
+  if redis.call('DEL', KEYS[1]) == 1 then return 3 end
+  return 0
+end
 local gap = tonumber(ARGV[1]) - tonumber(seen)
 if gap <= 0 then return 1 end
 redis.call('HINCRBY', KEYS[1], 'topup', gap)
@@ -378,9 +405,10 @@ export class RedisMeter implements Meter {
   }
 
   /**
-   * Seeds Redis with the store's balance minus what this replica spent and has not flushed.
-   * Credits other replicas spent in their last flush interval are not in it: that is the
-   * bound of what a lost Redis can give back.
+   * Seeds Redis with the store's balance minus what this replica spent and has not flushed, or
+   * adopts the balance an earlier release's replica loaded (see SEED). Credits other replicas
+   * spent in their last flush interval are not in the store: that is the bound of what a lost
+   * Redis can give back.
    *
    * A top-up racing the seed cannot be lost or doubled: the seed records the top-up total it
    * read, so a top-up it already includes is not added again when its ADD comes later; and an

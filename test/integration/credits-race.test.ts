@@ -269,7 +269,7 @@ describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)"
     expect(Number((await kg.admin.getAccount({ ownerId })).account?.creditBalance ?? -1n)).toBe(ALLOWANCE - 2 * COST);
   });
 
-  it("a credit hash missing its top-up total (partial, or written by an earlier version) is not taken as loaded, and the hash expires when idle", async () => {
+  it("a credit hash missing its top-up total but expiring (partial, or altered by hand) is not taken as loaded, and the hash expires when idle", async () => {
     const [kg] = await replicas(1);
     if (kg === undefined) throw new Error("no replica");
     const ownerId = "race-partial";
@@ -289,7 +289,8 @@ describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)"
       const ttlMs = await probe.pttl(hash);
       expect(ttlMs).toBeGreaterThan(3_000_000);
       expect(ttlMs).toBeLessThanOrEqual(3_600_000);
-      // A wrong balance without the field that says the hash is whole: reloaded from the store.
+      // A wrong balance without the field that says the hash is whole, on a hash that expires (an
+      // earlier release's never does; rolling-upgrade-credits adopts those): reloaded from the store.
       await probe.hset(hash, "topup", 999_999);
       await probe.hdel(hash, "seen");
       await charge();

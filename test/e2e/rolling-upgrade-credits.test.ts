@@ -1,0 +1,195 @@
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { create } from "@bufbuild/protobuf";
+import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { authorizationDefinition } from "../../src/server/grpc-authz.js";
+import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
+import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
+import type { MongoWire } from "../harness/mongo-wire.js";
+import { spawnKeygate } from "../harness/process.js";
+import type { KeygateProcess } from "../harness/process.js";
+import { requireServer } from "../harness/ports.js";
+import { redisAvailable, redisCommand, startRedis } from "../harness/redis-server.js";
+import type { RedisServer } from "../harness/redis-server.js";
+import { installedRelease, releaseInstalled } from "../harness/release.js";
+
+// Credit balances across a rolling upgrade (README, "so a rolling upgrade keeps every credit
+// balance and quota count"): a replica of the previous release and one of this keygate share
+// MongoDB and Redis. The release loads a balance into kg:c:<owner> with period, monthly_used and
+// topup, and no `seen`, the top-up total this version records beside them. This version adopts
+// such a hash rather than reloading it from the store, which lacks what the old replicas spent
+// since their last usage flush (usageFlushSeconds 60 here, so none of this suite's spend is
+// flushed unless a replica stops): a reload would give those credits back.
+const RELEASE = "1dffb08";
+
+const servers =
+  requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&
+  requireServer("redis-server", redisAvailable(), "apt-get install redis-server") &&
+  requireServer(`keygate release ${RELEASE}`, releaseInstalled(RELEASE), `run bash .ci/install-release.sh ${RELEASE}`);
+
+/** What a replica answered: "allow", a denial's HTTP status, or the gRPC error that failed the Check. */
+type Answer = "allow" | number | `grpc error ${number}`;
+
+async function check(replica: KeygateProcess, secret: string): Promise<Answer> {
+  const client = new GrpcClient(`127.0.0.1:${replica.ports.grpc}`, credentials.createInsecure());
+  const def = authorizationDefinition.Check;
+  const request = create(CheckRequestSchema, {
+    attributes: { request: { http: { id: "rolling-credits", method: "GET", path: "/v1/things", host: "api.example.com", headers: { "x-api-key": secret } } } },
+  });
+  return new Promise<Answer>((done) => {
+    client.makeUnaryRequest<CheckRequest, CheckResponse>(def.path, def.requestSerialize, def.responseDeserialize, request, (error: ServiceError | null, response?: CheckResponse) => {
+      if (error !== null || response === undefined) done(`grpc error ${error?.code ?? -1}`);
+      else if (response.httpResponse.case === "okResponse") done("allow");
+      else done(response.httpResponse.case === "deniedResponse" ? (response.httpResponse.value.status?.code ?? 0) : 0);
+    });
+  }).finally(() => client.close());
+}
+
+/** `count` Checks in a row through one replica. */
+async function checks(replica: KeygateProcess, secret: string, count: number): Promise<Answer[]> {
+  const answers: Answer[] = [];
+  for (let i = 0; i < count; i++) answers.push(await check(replica, secret));
+  return answers;
+}
+
+/** A metered account and a key of it, made through `replica`; returns the key's secret. */
+async function meteredKey(replica: KeygateProcess, ownerId: string): Promise<string> {
+  expect((await postJson(replica.ports.admin, "UpsertAccount", { ownerId, plan: "metered" })).status).toBe(200);
+  const created = await postJson(replica.ports.admin, "CreateKey", { ownerId, name: "rolling credits" });
+  expect(created.status, JSON.stringify(created.json)).toBe(200);
+  return created.json["secret"] as string;
+}
+
+async function addCredits(replica: KeygateProcess, ownerId: string, amount: number): Promise<void> {
+  const answer = await postJson(replica.ports.admin, "AddCredits", { ownerId, amount: String(amount), reason: "rolling upgrade" });
+  expect(answer.status, JSON.stringify(answer.json)).toBe(200);
+}
+
+/** The credit hash's fields, as a record. */
+async function creditHash(redis: RedisServer, ownerId: string): Promise<Record<string, string>> {
+  const flat = (await redisCommand(redis.port, "HGETALL", `kg:c:${ownerId}`)) as string[];
+  const fields: Record<string, string> = {};
+  for (let i = 0; i + 1 < flat.length; i += 2) fields[String(flat[i])] = String(flat[i + 1]);
+  return fields;
+}
+
+/** The UTC month before this one, as the credit hash spells a period ("YYYY-MM"). */
+function lastMonth(): string {
+  const now = new Date();
+  return new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth() - 1, 1)).toISOString().slice(0, 7);
+}
+
+const ALLOWANCE = 5;
+
+const POLICY = `
+defaultPlan: metered
+plans:
+  metered:
+    maxActiveKeys: 5
+    rateLimit: { limit: 1000, windowSeconds: 60 }
+    dailyQuota: null
+    monthlyCredits: ${ALLOWANCE}
+scopes:
+  catalog: [read]
+  default: [read]
+routes:
+  - { method: "*", pathPrefix: /v1, requiredScopes: [read], cost: 1 }
+limits:
+  usageFlushSeconds: 60
+`;
+
+describe.runIf(servers)(`credits across a rolling upgrade from ${RELEASE}: both versions on one MongoDB and one Redis`, () => {
+  let mongo: MongoWire;
+  let redis: RedisServer;
+  let old: KeygateProcess;
+  let current: KeygateProcess;
+  let dir: string;
+
+  beforeAll(async () => {
+    const release = installedRelease(RELEASE);
+    const [startedMongo, startedRedis] = await Promise.all([startMongoWire(), startRedis()]);
+    if (startedRedis === null) throw new Error("redis-server is not on PATH");
+    [mongo, redis] = [startedMongo, startedRedis];
+    dir = mkdtempSync(join(tmpdir(), "keygate-rolling-credits-"));
+    writeFileSync(join(dir, "policy.yaml"), POLICY);
+    const env = {
+      KEYGATE_MONGODB_URI: mongo.uri,
+      KEYGATE_REDIS_URL: redis.url,
+      KEYGATE_PEPPER: "rolling-upgrade-pepper-0123456789abcdefghij",
+      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
+      KEYGATE_CONFIG: join(dir, "policy.yaml"),
+      KEYGATE_HOST: "127.0.0.1",
+      KEYGATE_GRPC_PORT: "0",
+      KEYGATE_HTTP_AUTHZ_PORT: "0",
+      KEYGATE_ADMIN_PORT: "0",
+      KEYGATE_SHUTDOWN_GRACE_SECONDS: "5",
+    };
+    // The old replica runs first, as before an upgrade; the new one joins it.
+    old = await spawnKeygate({ cwd: dir, env, args: release.serveArgs });
+    current = await spawnKeygate({ cwd: dir, env });
+  }, 180_000);
+
+  afterAll(async () => {
+    await Promise.allSettled([old?.stop("SIGKILL"), current?.stop("SIGKILL")]);
+    await Promise.allSettled([mongo?.stop(), redis?.stop()]);
+    if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("a balance an old replica spent to zero stays spent on the new replica", async () => {
+    const ownerId = "credits-spent";
+    const secret = await meteredKey(old, ownerId);
+    expect(await checks(old, secret, ALLOWANCE + 1)).toEqual(["allow", "allow", "allow", "allow", "allow", 402]);
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0" });
+    // The store has none of that spend yet: reloaded from it, the balance would be 5 again.
+    expect(await checks(current, secret, 3)).toEqual([402, 402, 402]);
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0" });
+  });
+
+  it("after the new replica adopts the balance, both replicas charge it and see each other's top-ups", async () => {
+    const ownerId = "credits-shared";
+    const secret = await meteredKey(old, ownerId);
+    expect(await checks(old, secret, 3)).toEqual(["allow", "allow", "allow"]);
+    expect(await checks(current, secret, 1)).toEqual(["allow"]);
+    expect(await creditHash(redis, ownerId)).toMatchObject({ monthly_used: "4", seen: "0" });
+    // The release charges the adopted hash with its own script, and keeps `seen`.
+    expect(await checks(old, secret, 1)).toEqual(["allow"]);
+    expect([await check(current, secret), await check(old, secret)]).toEqual([402, 402]);
+    // A top-up through the release adds to the hash and leaves the store's top-up total alone.
+    await addCredits(old, ownerId, 2);
+    expect([await check(current, secret), await check(old, secret)]).toEqual(["allow", "allow"]);
+    expect([await check(current, secret), await check(old, secret)]).toEqual([402, 402]);
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0" });
+  });
+
+  it("a balance an old replica left in an earlier month starts the new month's allowance when adopted", async () => {
+    const ownerId = "credits-last-month";
+    const secret = await meteredKey(old, ownerId);
+    expect(await check(old, secret)).toBe("allow");
+    // As the release leaves it when the account spent its whole allowance last month.
+    await redisCommand(redis.port, "HSET", `kg:c:${ownerId}`, "period", lastMonth(), "monthly_used", ALLOWANCE, "topup", 0);
+    expect(await checks(current, secret, ALLOWANCE + 1)).toEqual(["allow", "allow", "allow", "allow", "allow", 402]);
+    expect(await check(old, secret)).toBe(402);
+    expect(await creditHash(redis, ownerId)).toMatchObject({ monthly_used: "5", topup: "0", seen: "0" });
+    expect((await creditHash(redis, ownerId))["period"]).not.toBe(lastMonth());
+  });
+
+  // Last: it stops the old replica, so that the store has its spend.
+  it("a top-up through the new replica before it charged the account is not lost to the adoption", async () => {
+    const ownerId = "credits-topup-first";
+    const secret = await meteredKey(old, ownerId);
+    expect(await checks(old, secret, ALLOWANCE + 1)).toEqual(["allow", "allow", "allow", "allow", "allow", 402]);
+    // A stopping replica flushes its usage: the store then has all 5 spent.
+    expect(await old.stop("SIGTERM")).toBe(0);
+    // The total (3) tells this version's ADD neither whether the release's hash has the top-up
+    // nor how much to add, so it drops the hash; the balance reloads from the store.
+    await addCredits(current, ownerId, 3);
+    expect(await redisCommand(redis.port, "EXISTS", `kg:c:${ownerId}`)).toBe(0);
+    expect(await checks(current, secret, 4)).toEqual(["allow", "allow", "allow", 402]);
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "3" });
+  });
+});
