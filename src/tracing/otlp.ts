@@ -1,9 +1,10 @@
-import { DiagLogLevel, diag } from "@opentelemetry/api";
+import { DiagLogLevel, TraceFlags, diag, isSpanContextValid, trace } from "@opentelemetry/api";
+import type { Context } from "@opentelemetry/api";
 import { OTLPTraceExporter as JsonExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { OTLPTraceExporter as ProtobufExporter } from "@opentelemetry/exporter-trace-otlp-proto";
 import { resourceFromAttributes } from "@opentelemetry/resources";
-import { AlwaysOffSampler, AlwaysOnSampler, BatchSpanProcessor, ParentBasedSampler, TraceIdRatioBasedSampler, TracerProvider } from "@opentelemetry/sdk-trace";
-import type { Sampler, SpanExporter } from "@opentelemetry/sdk-trace";
+import { AlwaysOffSampler, AlwaysOnSampler, BatchSpanProcessor, ParentBasedSampler, SamplingDecision, TraceIdRatioBasedSampler, TracerProvider } from "@opentelemetry/sdk-trace";
+import type { Sampler, SamplingResult, SpanExporter } from "@opentelemetry/sdk-trace";
 import { ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
 import type { Logger } from "pino";
 import type { TraceSampler, TracingSettings } from "../config.js";
@@ -35,20 +36,55 @@ function logSdkProblems(logger: Logger): void {
   diag.setLogger({ error: report, warn: report, info: ignore, debug: ignore, verbose: ignore }, { logLevel: DiagLogLevel.WARN, suppressOverrideMessage: true });
 }
 
-/** The SDK sampler an OTEL_TRACES_SAMPLER value names. */
-export function samplerFor(name: TraceSampler, ratio: number): Sampler {
+/**
+ * `traceidratio` decided on keygate's own randomness. The SDK's sampler decides from the trace id
+ * alone, and a Check's trace id is the client's (its traceparent): a client that sends one the SDK
+ * samples (000…001) has every Check traced, at any ratio. Here the client's trace id and sampled
+ * flag decide nothing; the span still continues the client's trace. A backend call's span follows
+ * its decision span's (its local parent), so a decision is traced whole or not at all.
+ */
+class KeygateRatioSampler implements Sampler {
+  readonly #ratio: number;
+  readonly #random: () => number;
+
+  constructor(ratio: number, random: () => number) {
+    this.#ratio = ratio;
+    this.#random = random;
+  }
+
+  shouldSample(context: Context): SamplingResult {
+    const parent = trace.getSpanContext(context);
+    if (parent !== undefined && isSpanContextValid(parent) && parent.isRemote !== true) {
+      return { decision: (parent.traceFlags & TraceFlags.SAMPLED) === TraceFlags.SAMPLED ? SamplingDecision.RECORD_AND_SAMPLED : SamplingDecision.NOT_RECORD };
+    }
+    // random() is in [0, 1): a ratio of 0 samples nothing, and 1 everything.
+    return { decision: this.#random() < this.#ratio ? SamplingDecision.RECORD_AND_SAMPLED : SamplingDecision.NOT_RECORD };
+  }
+
+  // Described as the SDK's sampler: it is the setting OTEL_TRACES_SAMPLER names, at that ratio.
+  toString(): string {
+    return `TraceIdRatioBased{${this.#ratio}}`;
+  }
+}
+
+/**
+ * The sampler an OTEL_TRACES_SAMPLER value names; `random` (tests pass their own) is where
+ * `traceidratio` draws from.
+ */
+export function samplerFor(name: TraceSampler, ratio: number, random: () => number = Math.random): Sampler {
   switch (name) {
     case "always_on":
       return new AlwaysOnSampler();
     case "always_off":
       return new AlwaysOffSampler();
     case "traceidratio":
-      return new TraceIdRatioBasedSampler(ratio);
+      return new KeygateRatioSampler(ratio, random);
     case "parentbased_always_on":
       return new ParentBasedSampler({ root: new AlwaysOnSampler() });
     case "parentbased_always_off":
       return new ParentBasedSampler({ root: new AlwaysOffSampler() });
     case "parentbased_traceidratio":
+      // The SDK's sampler decides only a trace that starts here, whose id keygate drew itself.
       return new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio) });
   }
 }

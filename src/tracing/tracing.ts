@@ -75,7 +75,13 @@ const HEADER_GETTER: TextMapGetter<HeaderBag> = {
     const first = typeof value === "string" || value === undefined ? value : value[0];
     if (first === undefined) return undefined;
     const most = key === "traceparent" ? MAX_TRACEPARENT : key === "tracestate" ? MAX_TRACESTATE : Infinity;
-    return first.length > most ? undefined : copied(first);
+    if (first.length > most) return undefined;
+    // Every span of the trace exports the tracestate as it came, and a client (or its SDK) can put
+    // its key there: one with anything redactText recognises as a secret is dropped whole (the
+    // parent link, from traceparent, stays). Only those shapes: a key cut across list members, or
+    // encoded otherwise (base64, say), is not recognised and goes out as sent.
+    if (key === "tracestate" && redactText(first) !== first) return undefined;
+    return copied(first);
   },
   keys: (carrier) => [...carrier.names()],
 };
