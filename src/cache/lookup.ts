@@ -1,5 +1,6 @@
 import type { Attributes } from "@opentelemetry/api";
 import type { Logger } from "pino";
+import { LogThrottle } from "../log-throttle.js";
 import { REDIS_L2_GET_SPAN, STORE_LOOKUP_SPAN, backendAttributes, traced } from "../tracing/tracing.js";
 import type { DecisionTrace } from "../tracing/tracing.js";
 import type { CheckSnapshot, KeySnapshot, SnapshotStore } from "../store/store.js";
@@ -26,6 +27,8 @@ export interface SnapshotLookupDeps {
   l2TimeoutMs?: number | undefined;
   /** The store's db.system.name in trace spans ("sqlite", "mongodb"). */
   storeSystem?: string | undefined;
+  /** A monotonic clock in ms for spacing out L2 failure lines (default performance.now). */
+  nowMs?: (() => number) | undefined;
 }
 
 const L2_GET_ATTRIBUTES: Attributes = backendAttributes("redis", "l2_get");
@@ -41,6 +44,11 @@ export const DISCONNECTED_TTL_MS = 1000;
  * a millisecond; a Redis that takes this long is failing, and the store answers correctly.
  */
 export const L2_TIMEOUT_MS = 250;
+
+/** How often the warn line for one L2 failure is written; every such failure is counted. */
+const L2_FAILURE_LOG_INTERVAL_MS = 60_000;
+/** Distinct L2 failures remembered for that; past it they start over. */
+const MAX_L2_FAILURES_TRACKED = 256;
 
 /** How often invalidations that did not reach Redis are sent again, and how many may wait. */
 const INVALIDATION_RETRY_MS = 1000;
@@ -97,6 +105,8 @@ export class SnapshotLookup {
   #retryTimer: NodeJS.Timeout | undefined;
   #retrying = false;
   readonly #storeAttributes: Attributes;
+  /** Each L2 failure logged lately, by its line and error message. */
+  readonly #l2Failures: LogThrottle;
 
   readonly #l2TimeoutMs: number;
 
@@ -105,6 +115,7 @@ export class SnapshotLookup {
     this.#l2TimeoutMs = deps.l2TimeoutMs ?? L2_TIMEOUT_MS;
     this.#storeAttributes = backendAttributes(deps.storeSystem ?? "unknown", "find_snapshot");
     this.#observer = deps.observer ?? NO_OBSERVER;
+    this.#l2Failures = new LogThrottle(L2_FAILURE_LOG_INTERVAL_MS, MAX_L2_FAILURES_TRACKED, deps.nowMs);
     deps.bus.subscribe((event) => this.#dropLocal(event));
   }
 
@@ -156,7 +167,7 @@ export class SnapshotLookup {
     if (shared !== undefined && fill !== undefined) {
       const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot, fill);
       // Filling L2 is best effort and off the answer's path.
-      write.catch((error: unknown) => this.#deps.logger?.warn({ err: error }, "L2 cache write failed"));
+      write.catch((error: unknown) => this.#warnL2(error, "L2 cache write failed"));
     }
     return kept;
   }
@@ -208,7 +219,7 @@ export class SnapshotLookup {
             this.#l2TrustedAt = upTo;
             this.#deps.logger?.info("L2 entries from before the invalidation channel came back are no longer trusted");
           },
-          (error: unknown) => this.#deps.logger?.warn({ err: error }, "could not distrust earlier L2 entries; reading the store"),
+          (error: unknown) => this.#warnL2(error, "could not distrust earlier L2 entries; reading the store"),
         )
         .finally(() => {
           this.#distrusting = null;
@@ -241,10 +252,23 @@ export class SnapshotLookup {
       return cached;
     } catch (error) {
       this.#observer.backendCall("redis", "l2_get", (performance.now() - started) / 1000, false);
-      this.#deps.logger?.warn({ err: error }, "L2 cache read failed; reading the store");
+      this.#warnL2(error, "L2 cache read failed; reading the store");
       return undefined;
     }
   }
+
+  /**
+   * Logs an L2 failure met by a Check once a minute for each line and error message, with how
+   * many more there were since (`since`): a Redis that refuses every fill fails each Check the
+   * same way, and a made-up key with a valid checksum, which anyone can send, reaches L2.
+   */
+  #warnL2(error: unknown, line: string): void {
+    const logger = this.#deps.logger;
+    if (logger === undefined) return;
+    const since = this.#l2Failures.due(`${line}\n${error instanceof Error ? error.message : String(error)}`);
+    if (since !== null) logger.warn({ err: error, since }, line);
+  }
+
 
   /** Drops L1 entries for an event from this replica or another; reads in flight stop counting. */
   #dropLocal(event: Invalidation): void {

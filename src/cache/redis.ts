@@ -237,7 +237,7 @@ return {0, '', gen, nowMs, -1}
 // cache read that preceded the store read (its marker is newer), everything before some point
 // was distrusted since (floor), or the write comes more than the fill window after that read.
 // KEYS: snapshot, miss marker, owner index, gen, floor, key marker, owner marker.
-// ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL s, window ms, hash.
+// ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL ms, window ms, hash.
 const FILL = `
 local stamp = ARGV[1]
 if stamp == '' then
@@ -251,10 +251,10 @@ else
   local age = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[2])
   if age < 0 or age > tonumber(ARGV[5]) then return 0 end
 end
-redis.call('SET', KEYS[1], stamp .. '|' .. ARGV[3], 'EX', ARGV[4])
+redis.call('SET', KEYS[1], stamp .. '|' .. ARGV[3], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[6])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return 1
 `;
 
@@ -310,6 +310,7 @@ const readReply = z.tuple([z.number(), z.string(), z.number(), z.number(), z.num
 
 /** TTLs and key prefix of the Redis L2. */
 export interface RedisCacheOptions {
+  /** Any positive number of seconds, as the policy allows (a fraction too). */
   ttlSeconds: number;
   negativeTtlSeconds: number;
   /** Prepended to every key; default "kg:". */
@@ -338,8 +339,8 @@ export interface RedisCacheOptions {
 export class RedisSharedCache implements SharedCache {
   readonly #redis: RedisClient;
   readonly #invalidator: RedisClient;
-  readonly #ttlSeconds: number;
-  readonly #negativeTtlSeconds: number;
+  readonly #ttlMs: number;
+  readonly #negativeTtlMs: number;
   readonly #prefix: string;
   readonly #genKey: string;
   readonly #floorKey: string;
@@ -350,8 +351,12 @@ export class RedisSharedCache implements SharedCache {
     this.#confirm = options.confirmInvalidation ?? (async () => undefined);
     this.#invalidator = options.invalidationConnection ?? redis;
     this.#redis = redis;
-    this.#ttlSeconds = options.ttlSeconds;
-    this.#negativeTtlSeconds = options.negativeTtlSeconds;
+    // In whole milliseconds (PX, PEXPIRE): the policy takes a fraction of a second, which L1
+    // honours, and Redis refuses one for EX and EXPIRE, so every fill and miss marker would fail.
+    // Replicas of an earlier release still write with EX during a rolling upgrade; the unit is
+    // each command's own, so their entries and these mix.
+    this.#ttlMs = Math.max(1, Math.round(options.ttlSeconds * 1000));
+    this.#negativeTtlMs = Math.max(1, Math.round(options.negativeTtlSeconds * 1000));
     this.#prefix = options.keyPrefix ?? "kg:";
     this.#genKey = `${this.#prefix}l2:gen`;
     this.#floorKey = `${this.#prefix}l2:floor`;
@@ -401,14 +406,14 @@ export class RedisSharedCache implements SharedCache {
     const written = await this.#run(
       FILL,
       [this.#snapKey(hash), this.#missKey(hash), this.#ownerKey(ownerId), this.#genKey, this.#floorKey, this.#keyMarker(hash), this.#ownerMarker(ownerId)],
-      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlSeconds, FILL_WINDOW_MS, hash],
+      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlMs, FILL_WINDOW_MS, hash],
     );
     return written === 1;
   }
 
   /** Remembers that no key has this hash, for the negative TTL. */
   async setMissing(hash: string): Promise<void> {
-    await this.#redis.set(this.#missKey(hash), "1", "EX", this.#negativeTtlSeconds);
+    await this.#redis.set(this.#missKey(hash), "1", "PX", this.#negativeTtlMs);
   }
 
   /**

@@ -28,6 +28,7 @@ import {
 } from "../gen/grpc/health/v1/health_pb.js";
 import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
 import { create } from "@bufbuild/protobuf";
+import { LogThrottle } from "../log-throttle.js";
 import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -285,8 +286,8 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     }
   }
 
-  /** Each set of bad per-route settings logged lately: when, and how many Checks since. */
-  const misconfiguredLogged = new Map<string, { at: number; unlogged: number }>();
+  /** Each set of bad per-route settings logged lately. */
+  const misconfiguredLogged = new LogThrottle(MISCONFIGURED_LOG_INTERVAL_MS, MAX_MISCONFIGURED_SETTINGS);
 
   function recordAnswered(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;
@@ -302,14 +303,8 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     // keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
     if (reason === "ROUTE_MISCONFIGURED") {
       const contextExtensions = request.attributes?.contextExtensions;
-      const settings = JSON.stringify(contextExtensions ?? {});
-      const now = performance.now();
-      const seen = misconfiguredLogged.get(settings);
-      if (seen === undefined || now - seen.at >= MISCONFIGURED_LOG_INTERVAL_MS) {
-        logger.error({ requestId, contextExtensions, since: seen?.unlogged ?? 0 }, "bad per-route settings from the proxy");
-        if (seen === undefined && misconfiguredLogged.size >= MAX_MISCONFIGURED_SETTINGS) misconfiguredLogged.clear();
-        misconfiguredLogged.set(settings, { at: now, unlogged: 0 });
-      } else seen.unlogged += 1;
+      const since = misconfiguredLogged.due(JSON.stringify(contextExtensions ?? {}));
+      if (since !== null) logger.error({ requestId, contextExtensions, since }, "bad per-route settings from the proxy");
     }
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
   }
