@@ -166,10 +166,11 @@ return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spen
 // replaced, as the store lacks what they spent since their last flush: its balance stays (one of
 // an earlier month is reset by the charge, as any other) and `seen` is the total just read, for
 // those releases add their own top-ups to the hash and never move the total, and a top-up of
-// this version that reached the hash first dropped it (see ADD). One whose ADD is still on its
-// way after the store write the total was read from is missing from the adopted balance (a
-// window of one store read and one script) until the hash next reloads. Any other hash without
-// `seen` (partial, or altered by hand) is replaced whole.
+// this version that reached the hash first dropped it (see ADD). A top-up of this version whose
+// ADD is still on its way (queued for a retry, or lost with the replica that wrote the store) is
+// in that total but not in the balance: the hash is marked `adopted`, and the next ADD drops it
+// as it drops an earlier release's, so the next charge reloads it from the store, which has every
+// top-up. Any other hash without `seen` (partial, or altered by hand) is replaced whole.
 // KEYS: credit hash. ARGV: period, monthly used, top-up balance, top-up total, idle lifetime ms.
 // Reply: 0 already loaded, 1 loaded, 2 adopted.
 const SEED = `
@@ -177,7 +178,7 @@ if redis.call('HEXISTS', KEYS[1], 'seen') == 1 then return 0 end
 local reply = 2
 local c = redis.call('HMGET', KEYS[1], 'period', 'monthly_used', 'topup')
 if c[1] and c[2] and c[3] and redis.call('PTTL', KEYS[1]) == -1 then
-  redis.call('HSET', KEYS[1], 'seen', ARGV[4])
+  redis.call('HSET', KEYS[1], 'seen', ARGV[4], 'adopted', 1)
 else
   reply = 1
   redis.call('DEL', KEYS[1])
@@ -190,15 +191,15 @@ return reply
 // Brings a loaded balance up to a top-up total: adds what it has not seen, and nothing twice.
 // An unloaded balance is left alone: whoever loads it reads the total again after seeding it.
 // An earlier release's hash (no `seen`) is dropped: it lacks this top-up, the total does not tell
-// the amount to add, and SEED would adopt it as including the total. The next charge reloads it
-// from the store, which has the top-up but not what the earlier release's replicas spent since
-// their last flush: the bound of a lost Redis, paid only for a top-up made through this version
-// before its first charge of the account.
+// the amount to add, and SEED would adopt it as including the total. So is an adopted one (see
+// SEED): its `seen` may count top-ups it lacks. The next charge reloads it from the store, which
+// has every top-up but not what the earlier release's replicas spent since their last flush: the
+// bound of a lost Redis, paid once for each balance such a release loaded.
 // KEYS: credit hash. ARGV: top-up total. Reply: 0 not loaded, 1 already included, 2 added,
-// 3 an earlier release's hash dropped.
+// 3 an earlier release's (or an adopted) hash dropped.
 const ADD = `
 local seen = redis.call('HGET', KEYS[1], 'seen')
-if not seen then
+if not seen or redis.call('HEXISTS', KEYS[1], 'adopted') == 1 then
   if redis.call('DEL', KEYS[1]) == 1 then return 3 end
   return 0
 end

@@ -147,7 +147,8 @@ describe.runIf(servers)(`credits across a rolling upgrade from ${RELEASE}: both 
     expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0" });
     // The store has none of that spend yet: reloaded from it, the balance would be 5 again.
     expect(await checks(current, secret, 3)).toEqual([402, 402, 402]);
-    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0" });
+    // Marked adopted: this version's next top-up drops it for a reload (credits-adopted-late-topup).
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0", adopted: "1" });
   });
 
   it("after the new replica adopts the balance, both replicas charge it and see each other's top-ups", async () => {
@@ -163,7 +164,7 @@ describe.runIf(servers)(`credits across a rolling upgrade from ${RELEASE}: both 
     await addCredits(old, ownerId, 2);
     expect([await check(current, secret), await check(old, secret)]).toEqual(["allow", "allow"]);
     expect([await check(current, secret), await check(old, secret)]).toEqual([402, 402]);
-    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0" });
+    expect(await creditHash(redis, ownerId)).toEqual({ period: expect.any(String), monthly_used: "5", topup: "0", seen: "0", adopted: "1" });
   });
 
   it("a balance an old replica left in an earlier month starts the new month's allowance when adopted", async () => {
