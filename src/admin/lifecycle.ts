@@ -1064,7 +1064,8 @@ export class LifecycleService {
         charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure, confirmClaim),
         atMs: this.deps.nowMs(),
       }),
-      // A refusal by rate charged nothing: not kept, so a retry with the key is judged again.
+      // A refusal by rate or by daily quota charged nothing: not kept, so a retry with the key
+      // (after its Retry-After) is judged again.
       (answer) => keptUnderIdempotencyKey(answer.charge),
     );
     // Replayed by the ledger, or by the meter from the charge it kept (the ledger's answer lost).

@@ -2,7 +2,7 @@ import type { SnapshotLookup } from "../cache/lookup.js";
 import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
 import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
-import { UtcCalendar } from "../limits/limits.js";
+import { UtcCalendar, noQuotaAllowance } from "../limits/limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "../limits/limits.js";
 import type { ConfirmClaim } from "../limits/idempotency.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -13,7 +13,7 @@ import { ALLOWED_UNMETERED, allowedOutcome, keyState } from "../store/store.js";
 import type { AccountRecord, CheckSnapshot, CheckedKey } from "../store/store.js";
 import { PresentCredentialHeaders, extractCredential } from "./credential.js";
 import type { HeaderBag } from "./headers.js";
-import { DENIALS } from "./reasons.js";
+import { DENIALS, NO_QUOTA_ALLOWANCE } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
 import { ROUTE_CONFIG_REFUSALS, RouteRefusal } from "./routes.js";
 import { REDIS_CHARGE_SPAN, REDIS_PEEK_SPAN, backendAttributes, traceCall } from "../tracing/tracing.js";
@@ -82,11 +82,12 @@ export interface UsageCharge {
 
 /**
  * Whether a ChargeUsage answer is kept under its idempotency key (IdempotencyLedger.once's `keep`).
- * A refusal by rate is not: like a payments API's 429 it is no charge, and a retry with the same
- * key after its Retry-After is judged again. Every other answer, refusals included, is kept.
+ * A refusal by rate or by daily quota is not: like a payments API's 429 it is no charge, and a
+ * retry with the same key after its Retry-After (the quota's reset at midnight) is judged again.
+ * Every other answer, refusals included, is kept.
  */
 export function keptUnderIdempotencyKey(charge: UsageCharge): boolean {
-  return charge.reason !== "RATE_LIMITED";
+  return charge.reason !== "RATE_LIMITED" && charge.reason !== "QUOTA_EXCEEDED";
 }
 
 /** Everything the pipeline reads. Tests pass real or in-memory parts. */
@@ -316,7 +317,7 @@ export class DecisionPipeline {
     // A test key's charge uses the test-mode quota and spends nothing, as its Checks do.
     const test = key !== null && key.mode === "test";
     const quota = test ? null : quotaName;
-    const limits = await this.deps.meter.charge({
+    const input: ChargeInput = {
       ownerId: account.ownerId,
       bucketKind: test ? "ut" : "u",
       bucketId: account.ownerId,
@@ -332,16 +333,17 @@ export class DecisionPipeline {
       recordReplay: afterFailure,
       confirmClaim,
       budgetExpired: false,
-    });
+    };
+    const limits = await this.deps.meter.charge(input);
     // Answered from the charge Redis kept for this key: the call that kept it counted it and its
     // spend, unless it failed before it could (afterFailure): then it is recorded here, once.
     if (limits.replayed && !afterFailure) {
-      const message = limits.reason === null ? "" : limitMessage(limits, cost);
+      const message = limits.reason === null ? "" : limitMessage(limits, input);
       return { charged: limits.allowed, reason: limits.reason, message, limits, retryAfterSeconds: limits.retryAfterSeconds, replayed: true };
     }
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) this.deps.usage.spend(account.ownerId, limits.spent.period, limits.spent.monthly, limits.spent.topup);
-    if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, cost));
+    if (!limits.allowed && limits.reason !== null) return refused(limits.reason, limits, limitMessage(limits, input));
     this.deps.usage.record(account.ownerId, keyId, this.#calendar.day(nowMs), allowedOutcome(test ? "test" : "live", quota), spent);
     return { charged: true, reason: null, message: "", limits, retryAfterSeconds: null, replayed: limits.replayed };
   }
@@ -382,11 +384,11 @@ export class DecisionPipeline {
     if (!charge) return { allow: true, snapshot, credentialHeaders, route, limits: null, forwarded: this.#forwarded(v, snapshot), forwardHeaders: v.forwardHeaders };
     const limitsInput = this.#chargeInput(v, snapshot, plan, route, nowMs);
     const charged = this.#charge(limitsInput, trace);
-    if (!(charged instanceof Promise)) return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, nowMs);
+    if (!(charged instanceof Promise)) return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, limitsInput);
     // Only a decision that waits on a backend (the store, the Redis meter) needs the budget. Once
     // it runs out the meter learns so from its input (budgetExpired) and charges nothing not yet sent.
     return withinBudget(
-      charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, nowMs)),
+      charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, limitsInput)),
       budgetMs,
       limitsInput,
     );
@@ -510,7 +512,8 @@ export class DecisionPipeline {
     return snapshot.key.rateLimit ?? v.policy.limits.roleRateLimits[snapshot.account.role] ?? plan.rateLimit;
   }
 
-  #afterLimits(v: PolicyVersion, snapshot: CheckSnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, nowMs: number): Decision {
+  #afterLimits(v: PolicyVersion, snapshot: CheckSnapshot, credentialHeaders: readonly string[], route: RouteRequirements, limits: ChargeResult, input: ChargeInput): Decision {
+    const { nowMs } = input;
     // Credits count as used only when the plan is metered and they were actually spent.
     const spent = limits.spent === null ? 0 : limits.spent.monthly + limits.spent.topup;
     if (limits.spent !== null && spent > 0) {
@@ -523,7 +526,7 @@ export class DecisionPipeline {
       return { allow: true, snapshot, credentialHeaders, route, limits, forwarded: this.#forwarded(v, snapshot), forwardHeaders: v.forwardHeaders };
     }
     this.#count(snapshot, nowMs, DENIALS[limits.reason].code, 0);
-    const refused = deny(limits.reason, snapshot, limitMessage(limits, route.cost));
+    const refused = deny(limits.reason, snapshot, limitMessage(limits, input));
     refused.limits = limits;
     if (limits.retryAfterSeconds !== null) refused.retryAfterSeconds = limits.retryAfterSeconds;
     return refused;
@@ -535,19 +538,30 @@ export class DecisionPipeline {
   }
 }
 
-/** The words of a limits refusal: what ran out and when it comes back. */
-function limitMessage(limits: ChargeResult, cost: number): string {
+/**
+ * The words of a limits refusal: what ran out and when it comes back. An allowance of 0 (a daily
+ * quota, a plan's monthly credits) never comes back, so none is promised.
+ */
+function limitMessage(limits: ChargeResult, input: Pick<ChargeInput, "cost" | "monthlyCredits" | "meter">): string {
   switch (limits.reason) {
     case "RATE_LIMITED":
       return `Rate limit of ${limits.rate.limit} requests per ${describeWindow(limits.rate.windowSeconds)} exceeded. Retry in ${limits.retryAfterSeconds ?? 1} seconds.`;
     case "QUOTA_EXCEEDED": {
-      const resets = new Date(limits.quota?.resetAtMs ?? 0).toISOString();
       const name = limits.quota?.name ?? null;
+      if (noQuotaAllowance(limits.quota)) {
+        if (input.meter === "test") return "Test-mode keys include no requests (a daily quota of 0).";
+        return name === null ? NO_QUOTA_ALLOWANCE.message : `The plan includes no "${name}" requests (a daily quota of 0).`;
+      }
+      const resets = new Date(limits.quota?.resetAtMs ?? 0).toISOString();
       if (name !== null) return `The daily "${name}" quota of ${limits.quota?.limit ?? 0} is used up. It resets at ${resets}.`;
       return `The daily quota of ${limits.quota?.limit ?? 0} requests is used up. It resets at ${resets}.`;
     }
-    case "INSUFFICIENT_CREDITS":
-      return `This request costs ${cost} credit${cost === 1 ? "" : "s"} and the account has ${limits.credits?.balance ?? 0} left. Add credits or wait for the monthly renewal.`;
+    case "INSUFFICIENT_CREDITS": {
+      const { cost } = input;
+      const short = `This request costs ${cost} credit${cost === 1 ? "" : "s"} and the account has ${limits.credits?.balance ?? 0} left.`;
+      // A plan of top-ups only: the monthly renewal adds nothing.
+      return input.monthlyCredits === 0 ? `${short} Add credits.` : `${short} Add credits or wait for the monthly renewal.`;
+    }
     case null:
       return "";
   }

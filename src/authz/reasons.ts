@@ -1,3 +1,6 @@
+import { noQuotaAllowance } from "../limits/limits.js";
+import type { ChargeResult } from "../limits/limits.js";
+
 /** Why a request was refused. Several reasons share one public code. */
 export type DenyReason =
   | "MISSING_CREDENTIAL"
@@ -202,6 +205,23 @@ export const DENIALS: Readonly<Record<DenyReason, DenialSpec>> = {
     grpcCode: INTERNAL_CODE,
   },
 };
+
+/**
+ * QUOTA_EXCEEDED of a daily quota of 0 (the plan, or test mode, includes none of its requests):
+ * the same status and code, and counted under the same reason, but not retryable, as midnight
+ * brings another 0 (and it carries no Retry-After).
+ */
+export const NO_QUOTA_ALLOWANCE: DenialSpec = {
+  ...DENIALS.QUOTA_EXCEEDED,
+  message: "The plan includes no requests (a daily quota of 0).",
+  retryable: false,
+};
+
+/** The spec a denial is answered with: its reason's, or NO_QUOTA_ALLOWANCE for a quota of 0. */
+export function denialSpec(denial: { reason: DenyReason; limits?: ChargeResult | undefined }): DenialSpec {
+  if (denial.reason === "QUOTA_EXCEEDED" && denial.limits !== undefined && noQuotaAllowance(denial.limits.quota)) return NO_QUOTA_ALLOWANCE;
+  return DENIALS[denial.reason];
+}
 
 /**
  * The JSON error body, identical for gRPC denied_response and the HTTP mode. It echoes the

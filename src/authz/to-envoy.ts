@@ -18,7 +18,7 @@ import { limitHeaders } from "./rate-headers.js";
 import { directLimits, sizeLimitHeaders, writeLimitHeaders } from "./limit-headers.js";
 import { ADD_TAG, APPEND_ACTION, HEADER_TAG, KEY_TAG, VALUE_TAG, copyBytes, fieldBytes, nameField, utf8Length, writeAppendAction, writeOptionHead, writeString, writeText, writeVarint } from "./wire.js";
 import type { Allow, Decision, Deny } from "./pipeline.js";
-import { DENIALS, errorBody } from "./reasons.js";
+import { DENIALS, denialSpec, errorBody } from "./reasons.js";
 import type { DenyReason } from "./reasons.js";
 
 // Messages are only read when encoded, so constant parts are shared between responses.
@@ -70,7 +70,7 @@ function denialRest(decision: Deny, requestId: string, nowMs: number): { headers
   const headers: Array<[string, string]> = [];
   if (decision.retryAfterSeconds !== undefined) headers.push(["retry-after", String(decision.retryAfterSeconds)]);
   if (decision.limits !== undefined) headers.push(...limitHeaders(decision.limits, nowMs));
-  return { headers, body: errorBody(DENIALS[decision.reason], decision.message, requestId) };
+  return { headers, body: errorBody(denialSpec(decision), decision.message, requestId) };
 }
 
 /**

@@ -1,7 +1,7 @@
 import { grantedHeaderNames, headersToRemove, identityHeaders } from "./identity.js";
 import { limitHeaders } from "./rate-headers.js";
 import type { Decision } from "./pipeline.js";
-import { DENIALS, echoedRequestId, errorBody } from "./reasons.js";
+import { DENIALS, denialSpec, echoedRequestId, errorBody } from "./reasons.js";
 
 /** An HTTP-mode answer: what nginx, Caddy, Traefik or Envoy's HTTP service receive. */
 export interface HttpAnswer {
@@ -28,7 +28,7 @@ export function toHttpAnswer(decision: Decision, clientHeaderNames: Iterable<str
     if (decision.limits !== null) for (const [k, v] of limitHeaders(decision.limits, nowMs)) headers[k] = v;
     return { status: 200, headers, body: "" };
   }
-  const spec = DENIALS[decision.reason];
+  const spec = denialSpec(decision);
   const headers: Record<string, string> = { "content-type": "application/json" };
   if (spec.httpStatus === 401) headers["www-authenticate"] = "Bearer";
   if (decision.retryAfterSeconds !== undefined) headers["retry-after"] = String(decision.retryAfterSeconds);

@@ -94,7 +94,7 @@ export interface ChargeResult {
   allowed: boolean;
   reason: LimitReason | null;
   rate: { limit: number; windowSeconds: number; remaining: number; resetSeconds: number };
-  /** Set on RATE_LIMITED and QUOTA_EXCEEDED. */
+  /** Set on RATE_LIMITED, and on QUOTA_EXCEEDED unless the quota is 0 (noQuotaAllowance). */
   retryAfterSeconds: number | null;
   /** `name`: the named quota charged, null for the plan's dailyQuota. */
   quota: { name: string | null; limit: number; remaining: number; resetAtMs: number } | null;
@@ -108,6 +108,14 @@ export interface ChargeResult {
    * ChargeInput.recordReplay said the earlier call failed (then `spent` is given).
    */
   replayed: boolean;
+}
+
+/**
+ * A daily quota of 0: the plan (or test mode) includes none of the quota's requests. Its refusal
+ * names no reset, for midnight brings another 0: no Retry-After, not retryable.
+ */
+export function noQuotaAllowance(quota: ChargeResult["quota"]): boolean {
+  return quota !== null && quota.limit === 0;
 }
 
 /** Counts a request against its rate limit, daily quota and credits, in that order, atomically. */

@@ -251,7 +251,9 @@ export class MemoryMeter implements Meter {
       result.quota = { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - used), resetAtMs };
       if (used >= input.dailyQuota) {
         result.credits = this.#balanceNow(input);
-        return this.#refuse(result, step, "QUOTA_EXCEEDED", Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000)));
+        // A quota of 0 comes back as 0 at midnight: no time to retry at.
+        const retryAfterSeconds = input.dailyQuota === 0 ? null : Math.max(1, Math.ceil((resetAtMs - nowMs) / 1000));
+        return this.#refuse(result, step, "QUOTA_EXCEEDED", retryAfterSeconds);
       }
     }
     let cell: CreditCell | undefined;

@@ -33,8 +33,9 @@ import type { UsageRecorder } from "./usage.js";
 // back (a frozen Redis runs it when it thaws, after the caller was told UNAVAILABLE and its claim
 // was let go) is then not made a second time by the caller's retry, whichever runs first. A kept
 // reply is answered padded to 9 places with a 10th, 1, so the caller records nothing again. A
-// refusal by rate is not kept: like a payments API's 429 it is no charge, and the retry its
-// Retry-After asks for, with the same key, is judged again. ARGV[14], with the fourth key: the
+// refusal by rate or by daily quota is not kept: like a payments API's 429 it is no charge, and
+// the retry its Retry-After asks for (the quota's reset at midnight), with the same key, is
+// judged again (keptUnderIdempotencyKey, the ledger's rule). ARGV[14], with the fourth key: the
 // charge's own nonce, kept as the 10th place (earlier releases read it as a number and overwrite
 // it with 1); a script that finds its own nonce kept (the same script run again) answers a 10th
 // place of 0, so the call records the charge it made.
@@ -118,7 +119,7 @@ local quota = tonumber(ARGV[4])
 local used = 0
 if quota >= 0 then
   used = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if used >= quota then return outcome({2, remainingAfter + 1, resetBeforeMs, 0, used, balanceNow(), 0, 0}) end
+  if used >= quota then return {2, remainingAfter + 1, resetBeforeMs, 0, used, balanceNow(), 0, 0} end
 end
 local balance = -1
 local spendMonthly = 0
@@ -384,8 +385,13 @@ export class RedisMeter implements Meter {
       allowed: status === 0,
       reason,
       rate: { limit: input.rate.limit, windowSeconds: input.rate.windowSeconds, remaining, resetSeconds: Math.ceil(resetMs / 1000) },
+      // A quota of 0 comes back as 0 at midnight: no time to retry at.
       retryAfterSeconds:
-        reason === "RATE_LIMITED" ? Math.max(1, Math.ceil(retryMs / 1000)) : reason === "QUOTA_EXCEEDED" ? Math.max(1, Math.ceil((midnightMs - nowMs) / 1000)) : null,
+        reason === "RATE_LIMITED"
+          ? Math.max(1, Math.ceil(retryMs / 1000))
+          : reason === "QUOTA_EXCEEDED" && input.dailyQuota !== 0
+            ? Math.max(1, Math.ceil((midnightMs - nowMs) / 1000))
+            : null,
       quota: input.dailyQuota === null ? null : { name: input.quota, limit: input.dailyQuota, remaining: Math.max(0, input.dailyQuota - quotaUsed), resetAtMs: midnightMs },
       credits: input.monthlyCredits === null || balance < 0 ? null : { balance },
       // A kept reply's credits were spent by the call that kept it, and recorded then, unless
