@@ -16,6 +16,7 @@ import { ConfigError, loadPolicyFile } from "../config.js";
 import type { Config, Policy } from "../config.js";
 import { KeyHasher } from "../keys/hasher.js";
 import { KeyFormat } from "../keys/key-format.js";
+import { LogThrottle } from "../log-throttle.js";
 import { LastUsedRecorder } from "../store/last-used.js";
 import { MemoryMeter } from "../limits/memory.js";
 import type { Meter } from "../limits/limits.js";
@@ -29,7 +30,7 @@ import { MongoKeyStore } from "../store/mongo.js";
 import { DataDirLock, LOCK_FILE } from "../store/data-dir-lock.js";
 import type { DataDirLockMode } from "../store/data-dir-lock.js";
 import { SqliteKeyStore, sqliteFileHoldsKeys } from "../store/sqlite.js";
-import type { KeyStore } from "../store/store.js";
+import type { KeyStore, LastUsedStore, MeteringStore } from "../store/store.js";
 import { createTracing } from "../tracing/otlp.js";
 import { AccessLog } from "./access-log.js";
 import { createAdminServer } from "./admin.js";
@@ -100,6 +101,15 @@ export interface BuildOptions {
   migrate?: boolean;
 }
 
+/**
+ * How often the warn line for one failure of the SQLite writing thread is written. Its PASSIVE
+ * checkpoint runs every second, and on a full disk (or a read-only volume) each one fails the same
+ * way: a line each would be 86,400 a day, written to what is often that same full disk.
+ */
+const WRITER_FAILURE_LOG_INTERVAL_MS = 60_000;
+/** Distinct writing-thread failures remembered for that; past it they start over. */
+const MAX_WRITER_FAILURES_TRACKED = 64;
+
 /** The start refused because other keygates hold the data directory: who holds it, and what to do. */
 function dataDirInUse(dataDir: string, wanted: DataDirLockMode, heldBy: DataDirLockMode): ConfigError {
   const holders =
@@ -155,10 +165,15 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
           "the admin token file is ignored: with KEYGATE_ADMIN_TOKENS_FILE and no KEYGATE_ADMIN_TOKENS, that file's scoped tokens are the only admin tokens; delete it",
         );
       }
+      // Once a minute for each message, with how many more there were since (`since`).
+      const writerFailures = new LogThrottle(WRITER_FAILURE_LOG_INTERVAL_MS, MAX_WRITER_FAILURES_TRACKED);
       const store = new SqliteKeyStore(path, {
         migrate,
         writeInBackground: true,
-        onWriterFailure: (message) => logger.warn(message),
+        onWriterFailure: (message) => {
+          const since = writerFailures.due(message);
+          if (since !== null) logger.warn({ since }, message);
+        },
       });
       return { store, secrets, release: () => lock.release() };
     } catch (error) {
@@ -186,6 +201,30 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
       ignoredAdminTokenFile: null,
     },
     release: () => undefined,
+  };
+}
+
+/**
+ * The store as the write-behind recorders write to it, each call counted in
+ * keygate_backend_duration_seconds and keygate_backend_errors_total (backend "store", op
+ * apply_usage or touch_last_used). Checks only read the store, so when it refuses writes (a full
+ * disk, a MongoDB that takes no writes) they go on answering while billed usage and last-use
+ * times pile up in memory: these counts are what KeygateStoreErrors sees of it.
+ */
+function countedFlushWrites(store: KeyStore, metrics: Metrics): Pick<MeteringStore, "applyUsage"> & LastUsedStore {
+  const counted = async (op: string, call: () => Promise<void>): Promise<void> => {
+    const started = performance.now();
+    let ok = false;
+    try {
+      await call();
+      ok = true;
+    } finally {
+      metrics.backendCall("store", op, (performance.now() - started) / 1000, ok);
+    }
+  };
+  return {
+    applyUsage: (usage, credits) => counted("apply_usage", () => store.applyUsage(usage, credits)),
+    touchLastUsed: (lastUsed) => counted("touch_last_used", () => store.touchLastUsed(lastUsed)),
   };
 }
 
@@ -344,7 +383,8 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // Flushes to MongoDB pause between calls, so the key lookups of other Checks are not held behind
   // a whole batch; SQLite's writing thread needs no pauses (WriteBehind).
   const writeBehind = { paced: store.kind !== "sqlite" };
-  const usage = new UsageRecorder(store, logger, config.policy.limits.usageFlushSeconds * 1000, writeBehind);
+  const flushWrites = countedFlushWrites(store, metrics);
+  const usage = new UsageRecorder(flushWrites, logger, config.policy.limits.usageFlushSeconds * 1000, writeBehind);
   const cache = await openCache(config, logger, store, usage, metrics, redisTls);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
@@ -352,7 +392,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // still has time to answer after a slow Redis.
   const l2TimeoutMs = Math.min(L2_TIMEOUT_MS, Math.ceil(config.checkBudgetMs / 3));
   const lookup = new SnapshotLookup({ local, shared, store, bus, logger, observer: metrics, l2TimeoutMs, storeSystem: store.kind });
-  const lastUsed = new LastUsedRecorder(store, logger, config.policy.lastUsedFlushSeconds * 1000, writeBehind);
+  const lastUsed = new LastUsedRecorder(flushWrites, logger, config.policy.lastUsedFlushSeconds * 1000, writeBehind);
   const pipeline = new DecisionPipeline({
     format,
     hasher,

@@ -137,14 +137,14 @@ export class Metrics implements LookupObserver {
     });
     this.#ioDuration = new Histogram({
       name: "keygate_backend_duration_seconds",
-      help: "Latency of store and Redis calls on the Check path, by backend and operation",
+      help: "Latency of store and Redis calls by backend and operation: those of the Check path, and the store writes of write-behind flushes (op apply_usage, touch_last_used)",
       labelNames: ["backend", "op"],
       buckets: IO_BUCKETS,
       registers,
     });
     this.#ioErrors = new Counter({
       name: "keygate_backend_errors_total",
-      help: "Failed store and Redis calls on the Check path, by backend and operation",
+      help: "Failed store and Redis calls by backend and operation: those of the Check path, and the store writes of write-behind flushes (op apply_usage, touch_last_used)",
       labelNames: ["backend", "op"],
       registers,
     });

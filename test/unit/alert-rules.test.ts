@@ -42,7 +42,7 @@ async function exercisedMetricsText(): Promise<string> {
   metrics.recordCheck("http", "UNAVAILABLE", 0, 3);
   metrics.cacheResult("l1", "hit");
   metrics.cacheResult("l2", "miss");
-  metrics.backendCall("store", "lookup", 0.002, true);
+  metrics.backendCall("store", "find_snapshot", 0.002, true);
   metrics.backendCall("redis", "limit", 0.001, false);
   metrics.configReloaded("policy", "failed");
   metrics.connectionOpened("grpc");
@@ -151,6 +151,7 @@ describe.skipIf(!HAS_PROMTOOL)("alert rules and metrics: promtool", () => {
     { alert: "KeygateDown", change: "no absent() arm (targets gone never fire)", expr: (e) => e.replace(/\s+or absent\(.*\)\s*$/s, "") },
     { alert: "KeygateDown", change: "absent() without the namespace (the alert loses it)", expr: (e) => e.replace(', namespace="keygate"})', "})") },
     { alert: "KeygateNotReady", change: "min instead of max (one replica not ready pages)", expr: (e) => e.replace("max by", "min by") },
+    { alert: "KeygateStoreErrors", change: "one ratio over every op (failing flushes diluted by lookups)", expr: (e) => e.replaceAll("namespace, job, op", "namespace, job") },
     {
       alert: "KeygateRedisLost",
       change: "only when every replica has lost Redis",
