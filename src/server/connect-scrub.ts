@@ -21,8 +21,12 @@ const CUT_SHORT = "Z_BUF_ERROR";
 // connect-es answers a protobuf message it cannot parse INTERNAL, "parse binary: <reason>"
 // (protocol/serialization.js); its JSON decoder already answers INVALID_ARGUMENT.
 const UNPARSABLE_PREFIX = "parse binary: ";
-/** An error body keygate writes is far smaller; a larger one inflated is cut off here. */
+/** The bound of an inflated error body with no readMaxBytes, and its floor: keygate's own messages are far smaller. */
 const MAX_ERROR_BYTES = 1024 * 1024;
+/** What an error body holds besides the input it quotes: the decoder's framing, grpc-status, JSON keys. */
+const ERROR_FRAMING_BYTES = 64 * 1024;
+/** The internal error that stands in for an error body or trailer that cannot be read. */
+const UNREADABLE_ERROR = new ConnectError("internal error", Code.Internal);
 const TRAILER_FRAME = 0x80;
 // protobuf-es's JSON decoder names the message or field, then quotes the caller's input whole:
 // "cannot decode message T from JSON: key "…" is unknown", "…: expected bigint (int64): … out of range".
@@ -102,6 +106,17 @@ function splitsSurrogatePair(text: string, at: number): boolean {
   return before >= 0xd800 && before <= 0xdbff && after >= 0xdc00 && after <= 0xdfff;
 }
 
+/**
+ * The most an error body or trailer keygate writes can hold once inflated, when a message may be
+ * `readMaxBytes` long (after decompression). The decoder's message quotes the caller's input whole
+ * (a JSON key as long as the message) before keygate bounds it, and a grpc-message percent-encodes
+ * each of its bytes as at most three. These are keygate's own bytes, compressed from a buffer it
+ * held: inflating them within this bound takes no more memory than writing them did.
+ */
+function maxErrorBytes(readMaxBytes: number | undefined): number {
+  return readMaxBytes === undefined ? MAX_ERROR_BYTES : Math.max(MAX_ERROR_BYTES, 3 * readMaxBytes + ERROR_FRAMING_BYTES);
+}
+
 /** What scrubbedConnectHandler needs: the router's options, its routes, and each request's context values. */
 export interface ScrubbedConnectOptions extends ConnectRouterOptions {
   routes: (router: ConnectRouter) => void;
@@ -125,6 +140,7 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
   const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, interceptors: [markDecoded, ...(routerOptions.interceptors ?? [])] });
   routes(router);
   const handlers = new Map<string, UniversalHandler>(router.handlers.map((handler) => [handler.requestPath, handler]));
+  const errorBytes = maxErrorBytes(routerOptions.readMaxBytes);
   return (req, res) => {
     const handler = handlers.get((req.url ?? "").split("?", 2)[0] ?? "");
     if (handler === undefined) {
@@ -136,7 +152,7 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
     const request = universalRequestFromNodeRequest(req, res, undefined, values);
     // The handler answers once the message is decoded and handled, or has failed: the flag is final.
     handler(request)
-      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey), logger), res))
+      .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey), logger, errorBytes), res))
       .catch((reason: unknown) => {
         if (ConnectError.from(reason).code === Code.Aborted) return;
         logger.error({ err: reason, method: handler.method.name }, "KeyAdmin handler failed");
@@ -155,9 +171,10 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
 /**
  * `answer` with the text of its error messages redacted, and, unless the request's message was
  * `decoded`, the decoder's refusal of it reclassified (callersMistake); anything else is left as it is.
- * `logger` hears of a gRPC-Web trailer frame that could not be inflated (it is answered INTERNAL).
+ * `logger` hears of an error body or gRPC-Web trailer frame that could not be inflated within
+ * `errorBytes` (maxErrorBytes); it is answered INTERNAL.
  */
-export async function withoutSecrets(answer: UniversalServerResponse, decoded: boolean, logger?: Logger): Promise<UniversalServerResponse> {
+export async function withoutSecrets(answer: UniversalServerResponse, decoded: boolean, logger?: Logger, errorBytes = MAX_ERROR_BYTES): Promise<UniversalServerResponse> {
   scrubGrpcStatus(answer.header, decoded);
   scrubGrpcStatus(answer.trailer, decoded);
   const type = answer.header?.get("content-type") ?? "";
@@ -171,9 +188,7 @@ export async function withoutSecrets(answer: UniversalServerResponse, decoded: b
     const encoding = answer.header?.get("content-encoding") ?? null;
     const compression = encoding === null ? null : COMPRESSIONS.find((c) => c.name === encoding);
     if (compression === undefined) return answer;
-    let bytes = await readAll(answer.body);
-    if (compression !== null) bytes = await compression.decompress(bytes, MAX_ERROR_BYTES);
-    const error = scrubJsonError(new TextDecoder().decode(bytes), answer.status, decoded);
+    const error = await scrubConnectError(await readAll(answer.body), compression, answer.status, decoded, errorBytes, logger);
     const body = new TextEncoder().encode(error.text);
     answer.header?.delete("content-encoding");
     answer.header?.set("content-length", String(body.byteLength));
@@ -182,7 +197,7 @@ export async function withoutSecrets(answer: UniversalServerResponse, decoded: b
   // gRPC-Web: the status and message travel in the last frame, flagged 0x80, as header lines.
   if (grpcWebContentType.test(type)) {
     const encoding = answer.header?.get("grpc-encoding") ?? null;
-    return { ...answer, body: once(await scrubTrailerFrames(await readAll(answer.body), encoding, decoded, logger)) };
+    return { ...answer, body: once(await scrubTrailerFrames(await readAll(answer.body), encoding, decoded, errorBytes, logger)) };
   }
   return answer;
 }
@@ -239,6 +254,29 @@ function encodeGrpcMessage(text: string): string {
   return out;
 }
 
+/**
+ * A Connect error body, inflated when it was compressed, then scrubJsonError'd. Its bytes never
+ * pass unread: one that cannot be inflated within `errorBytes` is replaced with a well-formed
+ * INTERNAL error (not a bare 500), and the cause logged.
+ */
+async function scrubConnectError(
+  bytes: Uint8Array,
+  compression: Compression | null,
+  status: number,
+  decoded: boolean,
+  errorBytes: number,
+  logger: Logger | undefined,
+): Promise<{ text: string; status: number }> {
+  let inflated = bytes;
+  try {
+    if (compression !== null) inflated = await compression.decompress(bytes, errorBytes);
+  } catch (error) {
+    logger?.error({ err: error }, "KeyAdmin error body unreadable");
+    return { text: JSON.stringify(errorToJson(UNREADABLE_ERROR, undefined)), status: codeToHttpStatus(UNREADABLE_ERROR.code) };
+  }
+  return scrubJsonError(new TextDecoder().decode(inflated), status, decoded);
+}
+
 /** A Connect error body redacted, or, when it is callersMistake, replaced (and its HTTP status with it). */
 function scrubJsonError(text: string, status: number, decoded: boolean): { text: string; status: number } {
   let error: unknown;
@@ -258,9 +296,9 @@ function scrubJsonError(text: string, status: number, decoded: boolean): { text:
  * status reclassified when it is callersMistake. connect-es compresses a trailer frame like any
  * other once it reaches compressMinBytes (1 KiB) and the caller accepts `encoding`: such a frame is
  * inflated, scrubbed, and goes back uncompressed (identity is always acceptable), as a Connect
- * error body does. One that cannot be inflated within MAX_ERROR_BYTES becomes an INTERNAL trailer.
+ * error body does. One that cannot be inflated within `errorBytes` becomes an INTERNAL trailer.
  */
-async function scrubTrailerFrames(bytes: Uint8Array, encoding: string | null, decoded: boolean, logger: Logger | undefined): Promise<Uint8Array> {
+async function scrubTrailerFrames(bytes: Uint8Array, encoding: string | null, decoded: boolean, errorBytes: number, logger: Logger | undefined): Promise<Uint8Array> {
   const frames: Uint8Array[] = [];
   let at = 0;
   while (at + 5 <= bytes.byteLength) {
@@ -272,7 +310,7 @@ async function scrubTrailerFrames(bytes: Uint8Array, encoding: string | null, de
       frames.push(bytes.subarray(at - 5 - length, at));
       continue;
     }
-    const text = (flags & compressedFlag) === 0 ? scrubTrailer(data, decoded) : await scrubCompressedTrailer(data, encoding, decoded, logger);
+    const text = (flags & compressedFlag) === 0 ? scrubTrailer(data, decoded) : await scrubCompressedTrailer(data, encoding, decoded, errorBytes, logger);
     const head = new Uint8Array(5);
     head[0] = flags & ~compressedFlag;
     new DataView(head.buffer).setUint32(1, text.byteLength);
@@ -295,14 +333,14 @@ function scrubTrailer(data: Uint8Array, decoded: boolean): Uint8Array {
  * A compressed trailer frame inflated and scrubTrailer'd. Its bytes never pass unread: one that
  * cannot be inflated (or is not header lines) is replaced with INTERNAL, and the cause logged.
  */
-async function scrubCompressedTrailer(data: Uint8Array, encoding: string | null, decoded: boolean, logger: Logger | undefined): Promise<Uint8Array> {
+async function scrubCompressedTrailer(data: Uint8Array, encoding: string | null, decoded: boolean, errorBytes: number, logger: Logger | undefined): Promise<Uint8Array> {
   try {
     const compression = COMPRESSIONS.find((c) => c.name === encoding);
     if (compression === undefined) throw new Error(`a compressed gRPC-Web trailer frame with grpc-encoding ${String(encoding)}`);
-    return scrubTrailer(await compression.decompress(data, MAX_ERROR_BYTES), decoded);
+    return scrubTrailer(await compression.decompress(data, errorBytes), decoded);
   } catch (error) {
     logger?.error({ err: error }, "KeyAdmin error trailer unreadable");
-    return trailerSerialize(setTrailerStatus(new Headers(), new ConnectError("internal error", Code.Internal)));
+    return trailerSerialize(setTrailerStatus(new Headers(), UNREADABLE_ERROR));
   }
 }
 

@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { STATUS_CODES, createServer } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { CONNECT_REFUSAL, RouteRefusal } from "../authz/routes.js";
 import type { Logger } from "pino";
@@ -119,11 +120,15 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
   // then ends with the Check in flight, instead of taking new Checks until the grace is over and
   // being cut with one in flight (closeHttpServer closes only the connections idle at the time).
   let draining = false;
+  // The answer to the last request handed to `handle` on each connection (res.req is the request):
+  // node:http reports a parse error in that request's body as it does a request it cannot read.
+  const handedOver = new WeakMap<Duplex, ServerResponse>();
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
     // A request pipelined behind an answer that closes the connection is never answered: deciding
     // it would charge its key's rate, quota and credits for nothing.
     if (lastAnswerDecided(req.socket)) return stopReading(req.socket);
+    handedOver.set(req.socket, res);
     if (draining) res.setHeader("connection", "close");
     // Node reads an unread body through after the answer, and the next request's after that:
     // unbounded work for a caller on any path, /healthz included. The answer ends the connection.
@@ -255,10 +260,30 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
    * passes on as the client sent it, or bytes HTTP does not allow in the request line or a
    * header) gets keygate's JSON refusal rather than Node's bare 400: a denial in keygate's form,
    * which a proxy passes to the client. Heads over the limit and timeouts answer as Node would.
+   * Only a request of its own is answered, counted and logged: never the body of a request
+   * handed to `handle`, which has its one answer (node:http reports both through clientError).
    */
   function refuseUnreadable(error: NodeJS.ErrnoException, socket: Duplex): void {
     if (error.code === "ECONNRESET" || !socket.writable) {
       socket.destroy();
+      return;
+    }
+    // Behind an answer that ends the connection (closeAfterAnswer): the rest of the chunked body
+    // of the request it answers (a chunk node:http cannot parse), or a request pipelined behind
+    // it, which `handle` would not run either (stopReading). That answer, written or still being
+    // decided, is the connection's last, and its lingering close ends the connection.
+    if (socket instanceof Socket && lastAnswerDecided(socket)) return stopReading(socket);
+    const last = handedOver.get(socket);
+    // The body of a request handed over, still arriving at the request timeout: that request
+    // has its answer, and the connection cannot be read on.
+    if (last !== undefined && !last.req.complete) {
+      socket.destroy();
+      return;
+    }
+    // Pipelined behind a Check still being decided: refused once that answer is written, so that
+    // the answers keep their order.
+    if (last !== undefined && !last.writableFinished) {
+      last.once("finish", () => refuseUnreadable(error, socket));
       return;
     }
     // As Node answers them.

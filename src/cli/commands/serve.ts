@@ -107,9 +107,22 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     );
   }
   await keygate.start().catch(exitOnStartError);
-  if (generatedAdminToken !== null) markAdminTokenShown(config.dataDir);
+  if (generatedAdminToken !== null) markShown(config.dataDir, logger);
   // A drain that began within the start ignores reloads already (reloads.stop()).
   if (!stopping) reloads.started(keygate);
+}
+
+/**
+ * markAdminTokenShown, once the token has been printed. keygate is serving by then: a marker it
+ * cannot remove (a read-only data directory, a directory at its name) is a warning, and the next
+ * start prints the token again; a throw here would leave live reload never started.
+ */
+function markShown(dataDir: string, logger: Logger): void {
+  try {
+    markAdminTokenShown(dataDir);
+  } catch (error) {
+    logger.warn({ file: `${dataDir}/admin-token.unshown`, err: error }, "the generated admin token could not be marked as shown: the next start prints it again");
+  }
 }
 
 /**
