@@ -57,6 +57,11 @@ const HEAD_TIMEOUT_ANSWER = "HTTP/1.1 408 Request Timeout\r\nConnection: close\r
 // method, protocol or outcome, may be kept by a cache between the caller and keygate.
 const NO_STORE = "no-store";
 
+/** The connection's peer address, read (and so kept by Node) while it can be. */
+function peerAddress(socket: Socket): string {
+  return socket.remoteAddress ?? "";
+}
+
 /** The body size a request declares, or null when it declares none (chunked, or HTTP/2). */
 function declaredLength(req: AnyRequest): number | null {
   const value = req.headers["content-length"];
@@ -307,6 +312,10 @@ export function createAdminServer(deps: AdminServerDeps): { start(host: string, 
       // With TLS the opening is still read from the decrypted bytes; ALPN has told the client
       // which protocol to open with, so the two agree.
       const acceptor = createAcceptor(deps.tls ?? null, limits.headersTimeoutMs, (socket: Socket) => {
+        // Node reads the peer's address when first asked and keeps it, but cannot once the peer has
+        // reset the connection: asked now, a call the client reset still has its source (login
+        // limits, the audit trail), where it had "".
+        peerAddress(socket);
         sockets.add(socket);
         socket.once("close", () => sockets.delete(socket));
         awaitOpening(socket, limits.headersTimeoutMs, true, (opening, leftMs) => {

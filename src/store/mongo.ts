@@ -200,7 +200,9 @@ export const auditSchema = new mongoose.Schema<AuditDoc>(
     key_id: { type: String, default: null },
     owner_id: { type: String, default: null },
     changes: { type: mongoose.Schema.Types.Mixed, required: true },
-    source: { type: String, required: true },
+    // Not `required`: mongoose's refuses "", and a record must never be lost for its source (SQLite
+    // takes "", as this does).
+    source: { type: String, default: "" },
   },
   { collection: "audit", versionKey: false, strict: "throw", minimize: false },
 );
