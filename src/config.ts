@@ -19,10 +19,39 @@ export const KEY_MODES = ["live", "test"] as const;
  */
 export const MAX_RATE_PARTS = 2 ** 50;
 
+/**
+ * The largest rate limit number and key cap: KeyAdmin's RateLimit and Account messages carry them
+ * as int32, and an account on a plan past it could be answered on no binary (gRPC) connection.
+ */
+export const MAX_INT32 = 2_147_483_647;
+const INT32_MESSAGE = `must be at most ${MAX_INT32} (KeyAdmin sends it as a 32-bit integer)`;
+
+/**
+ * The largest credit allowance and daily quota. Redis answers counts as integers that ioredis
+ * reads digit by digit in a double, which loses units in the last few below 2^53; 10^15 keeps
+ * an allowance or a quota, and a balance with top-ups on it, far below that.
+ */
+export const MAX_AMOUNT = 1_000_000_000_000_000;
+const AMOUNT_MESSAGE = `must be at most ${MAX_AMOUNT} (10^15)`;
+
+/** A route's largest cost: ChargeUsage's, and the most a context_extensions cost can say (9 digits). */
+export const MAX_ROUTE_COST = 1_000_000_000;
+
+/**
+ * The largest bound of each in-process cache: lru-cache allocates its tables for the whole bound
+ * at start (about 50 bytes an entry with its TTL), so 10^7 is some 500 MB a cache; past 2^32 - 1
+ * it cannot at all.
+ */
+export const MAX_CACHE_ENTRIES = 10_000_000;
+const CACHE_ENTRIES_MESSAGE = `must be at most ${MAX_CACHE_ENTRIES} (the cache allocates its table for the whole bound at start)`;
+
+const amount = z.number().int().min(0).max(MAX_AMOUNT, AMOUNT_MESSAGE);
+const keyCap = z.number().int().min(0).max(MAX_INT32, INT32_MESSAGE);
+
 const rateLimitSchema = z
   .strictObject({
-    limit: z.number().int().positive(),
-    windowSeconds: z.number().int().positive(),
+    limit: z.number().int().positive().max(MAX_INT32, INT32_MESSAGE),
+    windowSeconds: z.number().int().positive().max(MAX_INT32, INT32_MESSAGE),
   })
   .refine((rule) => rule.windowSeconds * 1000 * rule.limit <= MAX_RATE_PARTS, {
     message: `limit times windowSeconds must be at most ${Math.floor(MAX_RATE_PARTS / 1000)} (1000000 a second and 10000000 a day are within it)`,
@@ -33,16 +62,16 @@ export const QUOTA_NAME_PATTERN = /^[a-z][a-z0-9_-]{0,31}$/;
 const quotaName = z.string().regex(QUOTA_NAME_PATTERN, 'a quota name is lowercase letters, digits, "_" and "-", starting with a letter');
 
 const planSchema = z.strictObject({
-  maxActiveKeys: z.number().int().min(0),
+  maxActiveKeys: keyCap,
   rateLimit: rateLimitSchema,
   /** Requests a UTC day to metered routes that name no quota; null: unlimited. */
-  dailyQuota: z.number().int().min(0).nullable().default(null),
+  dailyQuota: amount.nullable().default(null),
   /**
    * Named daily quotas, counted apart: a metered route with `quota: <name>` counts toward this
    * one instead of dailyQuota. A name the plan does not list (or null) is unlimited on it.
    */
-  quotas: z.record(quotaName, z.number().int().min(0).nullable()).default({}),
-  monthlyCredits: z.number().int().min(0).nullable().default(null),
+  quotas: z.record(quotaName, amount.nullable()).default({}),
+  monthlyCredits: amount.nullable().default(null),
 });
 
 /** A scope name: the policy's catalog and Envoy's per-route required_scopes are held to it. */
@@ -75,7 +104,7 @@ const routeSchema = z.strictObject({
     ),
   requiredScopes: z.array(scopeName).default([]),
   projectId: z.string().min(1).optional(),
-  cost: z.number().int().min(0).default(1),
+  cost: z.number().int().min(0).max(MAX_ROUTE_COST, `must be at most ${MAX_ROUTE_COST} (10^9), as a ChargeUsage cost`).default(1),
   /**
    * Whether the route counts toward the daily quota and spends credits (its cost). An unmetered
    * route is never refused for either; the rate limit still applies. Default: metered.
@@ -137,8 +166,8 @@ const policySchema = z
     testMode: z
       .strictObject({
         rateLimit: rateLimitSchema.nullable().default(null),
-        dailyQuota: z.number().int().min(0).nullable().default(null),
-        maxActiveKeys: z.number().int().min(0).nullable().default(null),
+        dailyQuota: amount.nullable().default(null),
+        maxActiveKeys: keyCap.nullable().default(null),
       })
       .default({ rateLimit: null, dailyQuota: null, maxActiveKeys: null }),
     /**
@@ -164,9 +193,9 @@ const policySchema = z
       .default(["authorization", "x-api-key"]),
     cache: z
       .strictObject({
-        maxEntries: z.number().int().positive().default(100_000),
+        maxEntries: z.number().int().positive().max(MAX_CACHE_ENTRIES, CACHE_ENTRIES_MESSAGE).default(100_000),
         ttlSeconds: z.number().positive().default(30),
-        negativeMaxEntries: z.number().int().positive().default(100_000),
+        negativeMaxEntries: z.number().int().positive().max(MAX_CACHE_ENTRIES, CACHE_ENTRIES_MESSAGE).default(100_000),
         negativeTtlSeconds: z.number().positive().default(5),
       })
       .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
@@ -311,7 +340,17 @@ const SECONDS_0_TO_300 = "must be a number of seconds from 0 to 300";
 const shutdownSeconds = decimal("fraction", SECONDS_0_TO_300).pipe(z.number().min(0, SECONDS_0_TO_300).max(300, SECONDS_0_TO_300));
 // Fractions are allowed (tests use tenths of a second); an hour is far past any sane value.
 const TIMEOUT_SECONDS = "must be a number of seconds above 0, at most 3600";
-const timeoutSeconds = decimal("fraction", TIMEOUT_SECONDS).pipe(z.number().positive(TIMEOUT_SECONDS).max(3600, TIMEOUT_SECONDS));
+// The listeners take whole ms, and Node's HTTP server reads 0 ms as no timeout at all (while the
+// h2 acceptors would drop every connection at once): a value must be 1 ms or more. (0 and below
+// are positive()'s to refuse, with the message a bad form gets.)
+const TIMEOUT_UNDER_1_MS = "must be at least 0.001 (1 ms); a timeout of 0 ms is no timeout";
+const timeoutSeconds = decimal("fraction", TIMEOUT_SECONDS).pipe(
+  z
+    .number()
+    .positive(TIMEOUT_SECONDS)
+    .max(3600, TIMEOUT_SECONDS)
+    .refine((seconds) => seconds <= 0 || seconds >= 0.001, TIMEOUT_UNDER_1_MS),
+);
 
 /**
  * Which proxy calls the HTTP authorization port, and so where the judged method and path come

@@ -127,8 +127,10 @@ export class MemoryCache implements LocalCache {
   constructor(options: MemoryCacheOptions) {
     this.#forwardMetadata = options.forwardMetadata ?? [];
     this.#epochReads = Math.max(1, options.maxEntries);
-    this.#hits = new LRUCache({ max: options.maxEntries, ttl: options.ttlSeconds * 1000, ttlAutopurge: false });
-    this.#misses = new LRUCache({ max: options.negativeMaxEntries, ttl: options.negativeTtlSeconds * 1000, ttlAutopurge: false });
+    // lru-cache takes whole ms only (16.1 s is 16100.000000000002 ms in floats): rounded, at
+    // least 1 ms, as the Redis L2 keeps them.
+    this.#hits = new LRUCache({ max: options.maxEntries, ttl: Math.max(1, Math.round(options.ttlSeconds * 1000)), ttlAutopurge: false });
+    this.#misses = new LRUCache({ max: options.negativeMaxEntries, ttl: Math.max(1, Math.round(options.negativeTtlSeconds * 1000)), ttlAutopurge: false });
   }
 
   get size(): number {

@@ -350,8 +350,9 @@ export class RedisMeter implements Meter {
       input.rate.windowSeconds * 1000,
       input.rate.limit,
       input.dailyQuota ?? -1,
-      // Relative, so the counter's life does not depend on Redis's clock agreeing with ours.
-      midnightMs + QUOTA_KEEP_MS - nowMs,
+      // Relative, so the counter's life does not depend on Redis's clock agreeing with ours. Whole
+      // ms, as every duration the script sends to PX or PEXPIRE (the script takes a fractional now).
+      Math.ceil(midnightMs + QUOTA_KEEP_MS - nowMs),
       input.monthlyCredits === null ? 0 : 1,
       input.monthlyCredits ?? 0,
       period,
@@ -381,7 +382,7 @@ export class RedisMeter implements Meter {
     const reason = STATUS_REASON[status] ?? null;
     const quotaUsed = status === 0 ? used : Math.max(0, used);
     const replayed = kept === 1;
-    return {
+    const result: ChargeResult = {
       allowed: status === 0,
       reason,
       rate: { limit: input.rate.limit, windowSeconds: input.rate.windowSeconds, remaining, resetSeconds: Math.ceil(resetMs / 1000) },
@@ -400,6 +401,28 @@ export class RedisMeter implements Meter {
         status === 0 && (!replayed || input.recordReplay === true) && input.monthlyCredits !== null ? { period: chargedPeriod > 0 ? periodText(chargedPeriod) : period, monthly: spentMonthly, topup: spentTopup } : null,
       replayed,
     };
+    // A refusal or peek of a metered account whose balance no charge has loaded yet (its first
+    // request, or the first since the hash went idle) loads it, as the in-process meter does, so
+    // it reports X-Credits-Remaining as every later one does. Allows never come here.
+    if (status !== 0 && balance < 0 && input.monthlyCredits !== null) return this.#withBalance(result, input.monthlyCredits, input, period);
+    return result;
+  }
+
+  /**
+   * `refusal` with the account's balance, loaded into Redis from the store first. The refusal
+   * stands without it when the load fails or comes after the Check was answered (as a failed
+   * peek leaves a refusal without its limit headers): it charged nothing, so nothing falls back.
+   */
+  async #withBalance(refusal: ChargeResult, monthlyCredits: number, input: ChargeInput, period: string): Promise<ChargeResult> {
+    if (input.budgetExpired) return refusal;
+    try {
+      await this.#loadCredits(input.ownerId, period);
+      const state = await this.credits(input.ownerId, input.nowMs);
+      if (state === null) return refusal;
+      return { ...refusal, credits: { balance: Math.max(0, monthlyCredits - state.monthlyUsed) + Math.max(0, state.topupBalance) } };
+    } catch {
+      return refusal;
+    }
   }
 
   /** The hash holding an owner's credit state. */
@@ -408,7 +431,9 @@ export class RedisMeter implements Meter {
   }
 
   get #creditIdleMs(): number {
-    return Math.max(CREDIT_IDLE_MIN_MS, 3 * this.usage.flushIntervalMs);
+    // Whole ms: PEXPIRE refuses a fraction (a usageFlushSeconds of 2048.2 is 2048199.9999999998 ms
+    // in floats), and the scripts send it after writing the credit hash, which an error does not undo.
+    return Math.max(CREDIT_IDLE_MIN_MS, Math.ceil(3 * this.usage.flushIntervalMs));
   }
 
   /**
