@@ -227,14 +227,15 @@ export interface AuthzCore {
 }
 
 /**
- * The request id Check answers and logs with: Envoy's, else the x-request-id header, else a new
- * one. An id a client could have chosen is taken only within echoedRequestId's bounds (128
- * printable characters): a 60,000-character one would otherwise go whole into every log line.
+ * The request id Check answers and logs with: the x-request-id header, else the Check's own id,
+ * else a new one. Envoy's x-request-id is the id it forwards to the API and logs; the Check's id
+ * is only its stream id (a random number found in no log). An id a client could have chosen is
+ * taken only within echoedRequestId's bounds (128 printable characters): a 60,000-character one
+ * would otherwise go whole into every log line.
  */
 function requestIdOf(request: DecodedCheckRequest, headers: HeaderBag): string {
-  const http = request.attributes?.request?.http;
   const header = headers.get("x-request-id");
-  return echoedRequestId(http?.id || (typeof header === "string" ? header : "")) || randomUUID();
+  return echoedRequestId(typeof header === "string" ? header : "") || echoedRequestId(request.attributes?.request?.http?.id ?? "") || randomUUID();
 }
 
 /** How often the error line for one set of bad per-route settings is written; every such Check is counted. */

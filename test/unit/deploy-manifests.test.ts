@@ -814,7 +814,8 @@ describe("deploy manifests: envoy.yaml", () => {
     expect(names.indexOf("envoy.filters.http.ext_authz")).toBeLessThan(names.indexOf("envoy.filters.http.router"));
     expect(envoy.extAuthz.transport_api_version).toBe("V3");
     expect(envoy.extAuthz.failure_mode_allow).toBe(false);
-    expect(envoy.extAuthz.include_peer_certificate).toBe(true);
+    // keygate reads no client certificate: sending one would add 2-4 KB to every Check.
+    expect(envoy.extAuthz.include_peer_certificate).toBeUndefined();
     expect(envoy.extAuthz.grpc_service.timeout).toMatch(/^\d+(\.\d+)?s$/);
     // keygate decides on headers only: no body buffering.
     expect(envoy.extAuthz.with_request_body).toBeUndefined();
