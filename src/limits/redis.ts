@@ -404,25 +404,30 @@ export class RedisMeter implements Meter {
     // A refusal or peek of a metered account whose balance no charge has loaded yet (its first
     // request, or the first since the hash went idle) loads it, as the in-process meter does, so
     // it reports X-Credits-Remaining as every later one does. Allows never come here.
-    if (status !== 0 && balance < 0 && input.monthlyCredits !== null) return this.#withBalance(result, input.monthlyCredits, input, period);
+    if (status !== 0 && balance < 0 && input.monthlyCredits !== null) return this.#withBalance(result, input.monthlyCredits, input, period, dryRun);
     return result;
   }
 
   /**
    * `refusal` with the account's balance, loaded into Redis from the store first. The refusal
-   * stands without it when the load fails or comes after the Check was answered (as a failed
-   * peek leaves a refusal without its limit headers): it charged nothing, so nothing falls back.
+   * stands without it when the load fails (as a failed peek leaves a refusal without its limit
+   * headers): it charged nothing, so nothing falls back. A charge's refusal whose Check was
+   * answered (UNAVAILABLE) while the balance loaded is abandoned, as a charge waiting on a load
+   * is, so it is not counted as a refusal too; a peek's caller sees the budget itself.
    */
-  async #withBalance(refusal: ChargeResult, monthlyCredits: number, input: ChargeInput, period: string): Promise<ChargeResult> {
+  async #withBalance(refusal: ChargeResult, monthlyCredits: number, input: ChargeInput, period: string, dryRun: boolean): Promise<ChargeResult> {
+    // A reply that came after the Check was answered is counted as it came, as any late reply.
     if (input.budgetExpired) return refusal;
+    let balance: ChargeResult["credits"] = null;
     try {
       await this.#loadCredits(input.ownerId, period);
       const state = await this.credits(input.ownerId, input.nowMs);
-      if (state === null) return refusal;
-      return { ...refusal, credits: { balance: Math.max(0, monthlyCredits - state.monthlyUsed) + Math.max(0, state.topupBalance) } };
+      if (state !== null) balance = { balance: Math.max(0, monthlyCredits - state.monthlyUsed) + Math.max(0, state.topupBalance) };
     } catch {
-      return refusal;
+      // The refusal stands without the balance.
     }
+    if (input.budgetExpired && !dryRun) throw new ChargeAbandonedError("the check was answered while its refusal's balance loaded");
+    return balance === null ? refusal : { ...refusal, credits: balance };
   }
 
   /** The hash holding an owner's credit state. */
