@@ -174,6 +174,7 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
           const since = writerFailures.due(message);
           if (since !== null) logger.warn({ since }, message);
         },
+        logger,
       });
       return { store, secrets, release: () => lock.release() };
     } catch (error) {

@@ -23,8 +23,8 @@ export const LOCK_FILE = "keygate.lock";
  */
 const SHARED_WAIT_MS = 2000;
 
-/** How often the holder checks that keygate.lock is still the file it locked (besides watching it). */
-const RECHECK_MS = 1000;
+/** How often the holder checks that keygate.lock is still the file it locked (besides watching it); the SQLite store does the same for keygate.db. */
+export const RECHECK_MS = 1000;
 
 const { O_APPEND, O_CREAT, O_NOFOLLOW, O_NONBLOCK, O_WRONLY } = constants;
 
@@ -103,7 +103,8 @@ function emptyLockFile(path: string, fd: number): void {
   ftruncateSync(fd, 0);
 }
 
-function sameFile(a: Stats, b: Stats): boolean {
+/** Whether two stats are of one file (device and inode). */
+export function sameFile(a: Stats, b: Stats): boolean {
   return a.dev === b.dev && a.ino === b.ino;
 }
 

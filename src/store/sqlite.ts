@@ -1,7 +1,10 @@
-import { chmodSync, closeSync, constants, existsSync, fchmodSync, lstatSync, openSync } from "node:fs";
+import { chmodSync, closeSync, constants, existsSync, fchmodSync, lstatSync, openSync, statSync } from "node:fs";
+import type { Stats } from "node:fs";
+import { stat } from "node:fs/promises";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { setTimeout as sleep } from "node:timers/promises";
+import type { Logger } from "pino";
 import { ConfigError } from "../config.js";
 import { eventIdFloor } from "../keys/ids.js";
 import {
@@ -11,14 +14,17 @@ import {
   IdempotencyKeyReusedError,
   MigrationsPendingError,
   StoreBusyError,
+  StoreUnavailableError,
   TopUpKeysExhaustedError,
 } from "./errors.js";
 import {
+  NothingWrittenError,
   WriteLockBusyError,
   asInteger,
   asIntegerOrNull,
   asText,
   asTextOrNull,
+  fileSystemRefusal,
   immediateTransaction,
   integer,
   integerOrNull,
@@ -28,6 +34,7 @@ import {
 } from "./sqlite-db.js";
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
 import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
+import { RECHECK_MS, sameFile } from "./data-dir-lock.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { namingFile } from "./sqlite-errors.js";
 import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
@@ -287,6 +294,8 @@ export interface SqliteStoreOptions {
   writeInBackground?: boolean;
   /** Told when the writing thread fails or stops (the store then writes and checkpoints here), or a checkpoint fails. */
   onWriterFailure?: (message: string) => void;
+  /** Told, once, that the database file was deleted or replaced while the store had it open. */
+  logger?: Pick<Logger, "error">;
 }
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
@@ -402,19 +411,33 @@ export function openStoreDatabase(path: string, migrate: boolean): DatabaseSync 
 }
 
 /**
+ * A write's failure as the caller hears it, naming the file and never the rows: the file system's
+ * refusal with nothing written (NothingWrittenError: a full volume, an I/O error before COMMIT) as
+ * StoreBusyError, answered UNAVAILABLE with nothing unknown to log; one at COMMIT that may have
+ * been written after all (an I/O error there) as StoreUnavailableError, whose outcome is unknown.
+ */
+function writeFailure(path: string, error: unknown): unknown {
+  if (error instanceof NothingWrittenError) return new StoreBusyError(`SQLite: ${path}: ${error.reason}; nothing was written`, { cause: error });
+  const reason = fileSystemRefusal(error);
+  if (reason !== null) return new StoreUnavailableError(`SQLite: ${path}: ${reason} at COMMIT; the change may have been written`, { cause: error });
+  return error;
+}
+
+/**
  * Runs `attempt`, a transaction of the store's own connection, until it finds the write lock free
  * (another process's `sqlite3` session or VACUUM, the writing thread's batch): the connection does
  * not wait in SQLite, which would hold the event loop and every Check with it, so a transaction
  * whose BEGIN met the lock (WriteLockBusyError: nothing ran) is run again after a pause, from 1 ms
  * doubling to 50 ms, for LOCK_WAIT_MS; then the call fails as unavailable, with nothing written.
+ * Any other failure is thrown as writeFailure tells it.
  */
-async function whenUnlocked<T>(attempt: () => T): Promise<T> {
+async function whenUnlocked<T>(path: string, attempt: () => T): Promise<T> {
   const deadlineMs = performance.now() + LOCK_WAIT_MS;
   for (let pauseMs = LOCK_RETRY_FIRST_MS; ; pauseMs = Math.min(pauseMs * 2, LOCK_RETRY_LONGEST_MS)) {
     try {
       return attempt();
     } catch (error) {
-      if (!(error instanceof WriteLockBusyError)) throw error;
+      if (!(error instanceof WriteLockBusyError)) throw writeFailure(path, error);
       const leftMs = deadlineMs - performance.now();
       if (leftMs <= 0) {
         throw new StoreBusyError(`SQLite: another connection held the database's write lock for ${LOCK_WAIT_MS} ms; nothing was written`, { cause: error });
@@ -422,6 +445,10 @@ async function whenUnlocked<T>(attempt: () => T): Promise<T> {
       await sleep(Math.min(pauseMs, leftMs));
     }
   }
+}
+
+function isMissing(error: unknown): boolean {
+  return error instanceof Error && "code" in error && error.code === "ENOENT";
 }
 
 /** The embedded store: one SQLite file through Node's built-in node:sqlite, in WAL mode. */
@@ -432,6 +459,15 @@ export class SqliteKeyStore implements KeyStore {
   readonly #stmt: Record<StatementName, StatementSync>;
   readonly #writeBehind: WriteBehindStatements;
   #writer: WriterThread | null = null;
+  readonly #logger: Pick<Logger, "error"> | undefined;
+  /**
+   * The database file opened: its device and inode, stat'ed through a link at the path (keygate's
+   * own link to a database on another volume), as SQLite opened it. null in memory.
+   */
+  readonly #opened: Stats | null;
+  /** What is at the path instead of the file opened, once found: the store then writes nothing until a restart. */
+  #moved: "nothing" | "another file" | null = null;
+  readonly #recheck: NodeJS.Timeout | null = null;
 
   /**
    * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
@@ -442,6 +478,9 @@ export class SqliteKeyStore implements KeyStore {
     const onDisk = path !== ":memory:" && path !== "";
     if (onDisk) createOwnerOnly(path);
     this.#path = path;
+    this.#logger = options.logger;
+    // Before the open: a file put at the path in between is then found moved, never taken for the one opened.
+    this.#opened = onDisk ? statSync(path) : null;
     this.#db = openStoreDatabase(path, options.migrate !== false);
     const db = this.#db;
     try {
@@ -453,6 +492,55 @@ export class SqliteKeyStore implements KeyStore {
     }
     if (onDisk) tightenWalFiles(path);
     if (onDisk && options.writeInBackground === true) this.#startWriter(path, options.onWriterFailure);
+    if (onDisk) {
+      this.#recheck = setInterval(() => void this.#recheckFile(), RECHECK_MS);
+      this.#recheck.unref();
+    }
+  }
+
+  /**
+   * SQLite holds the file it opened, not its name: deleted, or replaced (`mv` of a backup over
+   * it), it keeps writing into a file no name leads to, which the next start does not open, so
+   * every change answered OK from then on would vanish with the process. So the store looks that
+   * the path still names that file (once a second, in every write transaction after its BEGIN, and
+   * at each readiness ping); once it does not, the store refuses writes with nothing written
+   * (StoreBusyError), fails its ping (/readyz 503) and its key lookups: a Check of a key not cached
+   * fails closed rather than be decided from a file that is no longer the database.
+   */
+  async #recheckFile(): Promise<void> {
+    if (this.#moved !== null) return;
+    // Other errors (a permission taken away) are left to the next write's look, which reports them.
+    const now = await stat(this.#path).catch((error: unknown) => (isMissing(error) ? undefined : null));
+    if (now !== null) this.#compareFile(now);
+  }
+
+  /** Compares the file now at the path (undefined: none) with the one opened; a difference is kept and logged once. */
+  #compareFile(now: Stats | undefined): void {
+    if (this.#opened === null || this.#moved !== null || (now !== undefined && sameFile(now, this.#opened))) return;
+    this.#moved = now === undefined ? "nothing" : "another file";
+    if (this.#recheck !== null) clearInterval(this.#recheck);
+    this.#logger?.error(
+      { file: this.#path, found: this.#moved },
+      `the SQLite database file was deleted or replaced while keygate served from it: SQLite writes only into the file it opened, which the next start does not open, so keygate writes nothing (KeyAdmin changes answer UNAVAILABLE), /readyz answers 503 and Checks of keys it has not cached are refused. Restart keygate with SIGTERM (a clean stop empties the WAL of the file it opened, which the next start would otherwise apply to the file now there); until it stops, the file it opened is readable through /proc/${process.pid}/fd`,
+    );
+  }
+
+  /** Refuses, with nothing written, a write (or a ping) once the path no longer names the file opened; looks again first. */
+  #refuseIfMoved(): void {
+    if (this.#opened !== null && this.#moved === null) {
+      let now: Stats | undefined;
+      try {
+        now = statSync(this.#path, { throwIfNoEntry: false });
+      } catch (error) {
+        throw new StoreBusyError(`SQLite: ${this.#path} could not be stat'ed to check that it is still the file keygate opened; nothing was written`, { cause: error });
+      }
+      this.#compareFile(now);
+    }
+    if (this.#moved !== null) throw this.#movedError();
+  }
+
+  #movedError(): StoreBusyError {
+    return new StoreBusyError(`SQLite: ${this.#path} is no longer the file keygate opened (deleted or replaced); keygate writes nothing until it is restarted`);
   }
 
   #prepare(db: DatabaseSync): Record<StatementName, StatementSync> {
@@ -508,9 +596,18 @@ export class SqliteKeyStore implements KeyStore {
     });
   }
 
-  /** `fn` in one IMMEDIATE transaction of the store's connection, once the write lock is free (whenUnlocked). */
+  /**
+   * `fn` in one IMMEDIATE transaction of the store's connection, once the write lock is free
+   * (whenUnlocked), and while the path still names the file opened: looked at after BEGIN, so a
+   * file moved before this write's lock is found by it.
+   */
   #transaction<T>(fn: () => T): Promise<T> {
-    return whenUnlocked(() => immediateTransaction(this.#db, fn));
+    return whenUnlocked(this.#path, () =>
+      immediateTransaction(this.#db, () => {
+        this.#refuseIfMoved();
+        return fn();
+      }),
+    );
   }
 
   /**
@@ -587,6 +684,7 @@ export class SqliteKeyStore implements KeyStore {
    */
   importKeys(records: readonly KeyRecord[]): void {
     immediateTransaction(this.#db, () => {
+      this.#refuseIfMoved();
       for (const record of records) this.#insertKeySync(record);
     });
   }
@@ -610,6 +708,8 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   findSnapshotByHashNow(hash: string): KeySnapshot | null {
+    // No look at the file here (the hot path): the flag the once-a-second look and the writes keep.
+    if (this.#moved !== null) throw this.#movedError();
     // setReturnArrays(true) (below): the row is an array in SNAPSHOT_COLUMNS' order.
     const row = this.#stmt.snapshotByHash.get(hash) as unknown as SqliteArrayRow | undefined;
     return row === undefined ? null : readSnapshotRow(row);
@@ -735,8 +835,9 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async touchLastUsed(lastUsed: ReadonlyMap<string, number>): Promise<void> {
+    this.#refuseIfMoved();
     if (this.#writer !== null) return this.#writer.touch(lastUsed);
-    return whenUnlocked(() => this.#unsynced(() => this.#writeBehind.touch(lastUsed)));
+    return whenUnlocked(this.#path, () => this.#unsynced(() => this.#writeBehind.touch(lastUsed)));
   }
 
   async getCredits(ownerId: string): Promise<CreditState> {
@@ -775,8 +876,9 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void> {
+    this.#refuseIfMoved();
     if (this.#writer !== null) return this.#writer.applyUsage(usage, credits);
-    return whenUnlocked(() => this.#unsynced(() => this.#writeBehind.applyUsage(usage, credits)));
+    return whenUnlocked(this.#path, () => this.#unsynced(() => this.#writeBehind.applyUsage(usage, credits)));
   }
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
@@ -830,6 +932,7 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async ping(): Promise<void> {
+    this.#refuseIfMoved();
     this.#stmt.ping.get();
   }
 
@@ -892,9 +995,36 @@ export class SqliteKeyStore implements KeyStore {
   }
 
   async close(): Promise<void> {
+    if (this.#recheck !== null) clearInterval(this.#recheck);
     const writer = this.#writer;
     this.#writer = null;
     await writer?.stop();
-    if (this.#db.isOpen) this.#db.close();
+    if (!this.#db.isOpen) return;
+    if (this.#moved !== null) this.#emptyOwnLog();
+    this.#db.close();
+  }
+
+  /**
+   * Before closing a file moved since its open: SQLite then neither checkpoints its WAL nor deletes
+   * it, and the next start would apply that log, of the file opened, to the file now at the path
+   * (a restored backup would come up mixed with the pages it replaced, or damaged). A TRUNCATE
+   * checkpoint empties it through the handles SQLite holds, so it touches only the files opened
+   * (one renamed away ends complete); one another process still reads is logged instead.
+   */
+  #emptyOwnLog(): void {
+    let emptied = false;
+    try {
+      const row = this.#db.prepare("PRAGMA wal_checkpoint(TRUNCATE)").get();
+      emptied = row !== undefined && integer(row, "busy") === 0;
+    } catch (error) {
+      this.#logger?.error({ file: `${this.#path}-wal`, err: error }, "the WAL of the moved SQLite file could not be emptied");
+      return;
+    }
+    if (!emptied) {
+      this.#logger?.error(
+        { file: `${this.#path}-wal` },
+        "the WAL of the moved SQLite file could not be emptied (another connection reads it): the next start would apply it to the file now at the path; stop every keygate on this data directory, then delete it before starting one",
+      );
+    }
   }
 }
