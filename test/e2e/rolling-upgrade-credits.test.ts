@@ -1,22 +1,10 @@
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { create } from "@bufbuild/protobuf";
-import { Client as GrpcClient, credentials } from "@grpc/grpc-js";
-import type { ServiceError } from "@grpc/grpc-js";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import type { CheckRequest, CheckResponse } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
-import { authorizationDefinition } from "../../src/server/grpc-authz.js";
-import { ADMIN_TOKEN, postJson } from "../harness/keygate.js";
-import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
-import type { MongoWire } from "../harness/mongo-wire.js";
-import { spawnKeygate } from "../harness/process.js";
+import { postJson } from "../harness/keygate.js";
 import type { KeygateProcess } from "../harness/process.js";
-import { requireServer } from "../harness/ports.js";
-import { redisAvailable, redisCommand, startRedis } from "../harness/redis-server.js";
+import { redisCommand } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
-import { installedRelease, releaseInstalled } from "../harness/release.js";
+import { checkReplica, rollingUpgradeServers, startRollingUpgrade } from "../harness/rolling-upgrade.js";
+import type { Answer, RollingUpgrade } from "../harness/rolling-upgrade.js";
 
 // Credit balances across a rolling upgrade (README, "so a rolling upgrade keeps every credit
 // balance and quota count"): a replica of the previous release and one of this keygate share
@@ -27,28 +15,9 @@ import { installedRelease, releaseInstalled } from "../harness/release.js";
 // flushed unless a replica stops): a reload would give those credits back.
 const RELEASE = "1dffb08";
 
-const servers =
-  requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh") &&
-  requireServer("redis-server", redisAvailable(), "apt-get install redis-server") &&
-  requireServer(`keygate release ${RELEASE}`, releaseInstalled(RELEASE), `run bash .ci/install-release.sh ${RELEASE}`);
+const servers = rollingUpgradeServers(RELEASE);
 
-/** What a replica answered: "allow", a denial's HTTP status, or the gRPC error that failed the Check. */
-type Answer = "allow" | number | `grpc error ${number}`;
-
-async function check(replica: KeygateProcess, secret: string): Promise<Answer> {
-  const client = new GrpcClient(`127.0.0.1:${replica.ports.grpc}`, credentials.createInsecure());
-  const def = authorizationDefinition.Check;
-  const request = create(CheckRequestSchema, {
-    attributes: { request: { http: { id: "rolling-credits", method: "GET", path: "/v1/things", host: "api.example.com", headers: { "x-api-key": secret } } } },
-  });
-  return new Promise<Answer>((done) => {
-    client.makeUnaryRequest<CheckRequest, CheckResponse>(def.path, def.requestSerialize, def.responseDeserialize, request, (error: ServiceError | null, response?: CheckResponse) => {
-      if (error !== null || response === undefined) done(`grpc error ${error?.code ?? -1}`);
-      else if (response.httpResponse.case === "okResponse") done("allow");
-      else done(response.httpResponse.case === "deniedResponse" ? (response.httpResponse.value.status?.code ?? 0) : 0);
-    });
-  }).finally(() => client.close());
-}
+const check = (replica: KeygateProcess, secret: string): Promise<Answer> => checkReplica(replica, secret, "rolling-credits");
 
 /** `count` Checks in a row through one replica. */
 async function checks(replica: KeygateProcess, secret: string, count: number): Promise<Answer[]> {
@@ -104,41 +73,18 @@ limits:
 `;
 
 describe.runIf(servers)(`credits across a rolling upgrade from ${RELEASE}: both versions on one MongoDB and one Redis`, () => {
-  let mongo: MongoWire;
+  let upgrade: RollingUpgrade;
   let redis: RedisServer;
   let old: KeygateProcess;
   let current: KeygateProcess;
-  let dir: string;
 
   beforeAll(async () => {
-    const release = installedRelease(RELEASE);
-    const [startedMongo, startedRedis] = await Promise.all([startMongoWire(), startRedis()]);
-    if (startedRedis === null) throw new Error("redis-server is not on PATH");
-    [mongo, redis] = [startedMongo, startedRedis];
-    dir = mkdtempSync(join(tmpdir(), "keygate-rolling-credits-"));
-    writeFileSync(join(dir, "policy.yaml"), POLICY);
-    const env = {
-      KEYGATE_MONGODB_URI: mongo.uri,
-      KEYGATE_REDIS_URL: redis.url,
-      KEYGATE_PEPPER: "rolling-upgrade-pepper-0123456789abcdefghij",
-      KEYGATE_ADMIN_TOKENS: ADMIN_TOKEN,
-      KEYGATE_CONFIG: join(dir, "policy.yaml"),
-      KEYGATE_HOST: "127.0.0.1",
-      KEYGATE_GRPC_PORT: "0",
-      KEYGATE_HTTP_AUTHZ_PORT: "0",
-      KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_SHUTDOWN_GRACE_SECONDS: "5",
-    };
     // The old replica runs first, as before an upgrade; the new one joins it.
-    old = await spawnKeygate({ cwd: dir, env, args: release.serveArgs });
-    current = await spawnKeygate({ cwd: dir, env });
+    upgrade = await startRollingUpgrade(RELEASE, { tempPrefix: "keygate-rolling-credits-", policy: POLICY });
+    ({ redis, old, current } = upgrade);
   }, 180_000);
 
-  afterAll(async () => {
-    await Promise.allSettled([old?.stop("SIGKILL"), current?.stop("SIGKILL")]);
-    await Promise.allSettled([mongo?.stop(), redis?.stop()]);
-    if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
-  });
+  afterAll(() => upgrade?.stop());
 
   it("a balance an old replica spent to zero stays spent on the new replica", async () => {
     const ownerId = "credits-spent";

@@ -1,6 +1,4 @@
-import { spawnSync } from "node:child_process";
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { stringify } from "yaml";
@@ -11,6 +9,7 @@ import { embeddedEnv, spawnKeygate } from "../harness/process.js";
 import type { KeygateProcess } from "../harness/process.js";
 import { until } from "../harness/poll.js";
 import { TEN_CREDITS_POLICY } from "../harness/limits-policy.js";
+import { fillDisk, tmpfsMounts } from "../harness/tmpfs.js";
 
 // Usage and spent credits are written behind, and on SIGTERM (README, Caching and write-behind).
 // When the store refuses the last flush (here a full disk), keygate tries it again until the
@@ -21,46 +20,19 @@ import { TEN_CREDITS_POLICY } from "../harness/limits-policy.js";
 // Each case runs on a tmpfs of its own (32 MB) filled to the last byte, which needs mount(8): it is
 // skipped loudly without it, and fails in CI, which runs as root.
 
-const root = mkdtempSync(join(tmpdir(), "keygate-sigterm-full-disk-"));
-const mounts: string[] = [];
+const tmpfs = tmpfsMounts("keygate-sigterm-full-disk-");
 const running: KeygateProcess[] = [];
 
-/** A tmpfs of 32 MB under root, or null when this process may not mount one. */
-function mountTmpfs(name: string): string | null {
-  const mountPoint = join(root, name);
-  mkdirSync(mountPoint);
-  if (spawnSync("mount", ["-t", "tmpfs", "-o", "size=32m", "tmpfs", mountPoint]).status !== 0) return null;
-  mounts.push(mountPoint);
-  return mountPoint;
-}
-
 const disks = ((): { lost: string; freed: string } | null => {
-  const lost = mountTmpfs("lost");
-  const freed = lost === null ? null : mountTmpfs("freed");
+  const lost = tmpfs.mount("lost", 32);
+  const freed = lost === null ? null : tmpfs.mount("freed", 32);
   return lost === null || freed === null ? null : { lost, freed };
 })();
 
 afterAll(async () => {
   await Promise.all(running.map((p) => p.stop("SIGKILL").catch(() => null)));
-  // A lazy unmount as a last resort: a mount left behind would outlive the test run.
-  for (const mountPoint of mounts) if (spawnSync("umount", [mountPoint]).status !== 0) spawnSync("umount", ["-l", mountPoint]);
-  rmSync(root, { recursive: true, force: true });
+  tmpfs.remove();
 });
-
-/** Fills the file system holding `dir` to the last byte; returns the file that does. */
-function fillDisk(dir: string): string {
-  const filler = join(dir, "filler");
-  const fd = openSync(filler, "w");
-  const chunk = Buffer.alloc(4096);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch {
-    // ENOSPC: full. (The last partial block is left free; SQLite's WAL needs whole pages.)
-  } finally {
-    closeSync(fd);
-  }
-  return filler;
-}
 
 interface LogLine {
   level: number;

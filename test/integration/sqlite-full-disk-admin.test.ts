@@ -1,12 +1,10 @@
-import { spawnSync } from "node:child_process";
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { rmSync } from "node:fs";
 import { Code } from "@connectrpc/connect";
 import { afterAll, beforeAll, expect, it } from "vitest";
 import { adminRefusal, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { suiteWithServer } from "../harness/ports.js";
+import { fillDisk, tmpfsMounts } from "../harness/tmpfs.js";
 
 // The embedded store's volume fills up while keygate serves. SQLite refuses the KeyAdmin write
 // (SQLITE_FULL, at its COMMIT: the WAL frames cannot be appended) and rolls it back, so nothing
@@ -18,10 +16,8 @@ import { suiteWithServer } from "../harness/ports.js";
 // Needs root (mount -t tmpfs): skipped loudly without it, and failed in CI, which runs as root.
 // The mount is removed in afterAll, lazily if it is still busy.
 
-const root = mkdtempSync(join(tmpdir(), "keygate-full-disk-admin-"));
-const mnt = join(root, "data");
-mkdirSync(mnt);
-const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt]).status === 0;
+const tmpfs = tmpfsMounts("keygate-full-disk-admin-");
+const disk = tmpfs.mount("data", 8);
 let kg: TestKeygate | undefined;
 let filler: string | null = null;
 
@@ -29,28 +25,12 @@ afterAll(async () => {
   // Freed first: the stop's final flush then succeeds at once instead of retrying for the grace period.
   if (filler !== null) rmSync(filler, { force: true });
   await kg?.stop().catch(() => null);
-  if (mounted && spawnSync("umount", [mnt]).status !== 0) spawnSync("umount", ["-l", mnt]);
-  rmSync(root, { recursive: true, force: true });
+  tmpfs.remove();
 });
-
-/** Fills the file system holding `dir` to the last byte; returns the file that does. */
-function fillDisk(dir: string): string {
-  const file = join(dir, "filler");
-  const fd = openSync(file, "w");
-  const chunk = Buffer.alloc(4096);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch {
-    // ENOSPC: full.
-  } finally {
-    closeSync(fd);
-  }
-  return file;
-}
 
 const outcomeUnknownLines = (k: TestKeygate): number => k.logLines.filter((line) => line.includes("change outcome unknown")).length;
 
-suiteWithServer("embedded keygate: KeyAdmin writes while the data volume is full", mounted ? {} : null, "mounting a tmpfs needs root (mount -t tmpfs)", () => {
+suiteWithServer("embedded keygate: KeyAdmin writes while the data volume is full", disk, "mounting a tmpfs needs root (mount -t tmpfs)", (mnt) => {
   let revokeTarget: { id: string; secret: string };
   beforeAll(async () => {
     kg = await startKeygate({ dataDir: mnt });

@@ -1,6 +1,4 @@
-import { spawnSync } from "node:child_process";
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, statSync, writeSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { rmSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
 import { afterAll, beforeAll, expect, it } from "vitest";
@@ -8,6 +6,7 @@ import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { until, untilValue } from "../harness/poll.js";
 import { suiteWithServer } from "../harness/ports.js";
+import { fillDisk, tmpfsMounts } from "../harness/tmpfs.js";
 
 // The embedded store's volume fills up while keygate serves (the default `npm start` mode). Checks
 // only read, so they go on answering; what fails is every write: the writing thread's checkpoint,
@@ -19,11 +18,10 @@ import { suiteWithServer } from "../harness/ports.js";
 // Runs on a tmpfs of its own (8 MB) filled to the last byte, which needs mount(8): skipped loudly
 // without it, and failing in CI, which runs as root.
 
-const root = mkdtempSync(join(tmpdir(), "keygate-full-disk-writes-"));
-const disk = join(root, "data");
-mkdirSync(disk);
-const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", disk]).status === 0;
-const dbPath = join(disk, "keygate.db");
+const tmpfs = tmpfsMounts("keygate-full-disk-writes-");
+const mounted = tmpfs.mount("data", 8);
+// Never opened when the suite is skipped (nothing mounted).
+const dbPath = join(mounted ?? "", "keygate.db");
 let kg: TestKeygate | undefined;
 let reader: DatabaseSync | undefined;
 let filler: string | undefined;
@@ -33,25 +31,8 @@ afterAll(async () => {
   // Freed first: the stop's final flush then succeeds at once instead of retrying for the grace period.
   if (filler !== undefined) rmSync(filler, { force: true });
   await kg?.stop().catch(() => null);
-  // A lazy unmount as a last resort: a mount left behind would outlive the test run.
-  if (mounted && spawnSync("umount", [disk]).status !== 0) spawnSync("umount", ["-l", disk]);
-  rmSync(root, { recursive: true, force: true });
+  tmpfs.remove();
 });
-
-/** Fills the file system holding `dir` to the last byte; returns the file that does. */
-function fillDisk(dir: string): string {
-  const file = join(dir, "filler");
-  const fd = openSync(file, "w");
-  const chunk = Buffer.alloc(4096);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch {
-    // ENOSPC: full.
-  } finally {
-    closeSync(fd);
-  }
-  return file;
-}
 
 /**
  * Pages of the database as SQLite sees it (the WAL's included) past the end of its file: pages a
@@ -100,7 +81,7 @@ function storeSeries(text: string, name: string): Record<string, number> {
   return byOp;
 }
 
-suiteWithServer("embedded keygate: the data volume fills up while serving (store writes)", mounted ? {} : null, "mounting a tmpfs needs root (mount -t tmpfs)", () => {
+suiteWithServer("embedded keygate: the data volume fills up while serving (store writes)", mounted, "mounting a tmpfs needs root (mount -t tmpfs)", (disk) => {
   beforeAll(async () => {
     kg = await startKeygate({ dataDir: disk });
     // The full disk must come while writes wait in the WAL to grow the database file, or the
