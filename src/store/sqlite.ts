@@ -1000,6 +1000,14 @@ export class SqliteKeyStore implements KeyStore {
     this.#writer = null;
     await writer?.stop();
     if (!this.#db.isOpen) return;
+    // One more look: a file swapped since the last (an idle keygate writes nothing, and a stop
+    // right after `mv backup.db keygate.db` comes before the timer's) leaves SQLite's close its
+    // WAL at the path, which the next start would apply to the file now there.
+    try {
+      this.#compareFile(statSync(this.#path, { throwIfNoEntry: false }));
+    } catch {
+      // A file that cannot be looked at is left as the last look found it.
+    }
     if (this.#moved !== null) this.#emptyOwnLog();
     this.#db.close();
   }
