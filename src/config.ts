@@ -44,6 +44,9 @@ export const MAX_ROUTE_COST = 1_000_000_000;
  */
 export const MAX_CACHE_ENTRIES = 10_000_000;
 const CACHE_ENTRIES_MESSAGE = `must be at most ${MAX_CACHE_ENTRIES} (the cache allocates its table for the whole bound at start)`;
+/** A year: a longer cache lifetime is no bound on a revocation, and past some Redis refuses every L2 write. */
+export const MAX_CACHE_TTL_SECONDS = 31_536_000;
+const CACHE_TTL_MESSAGE = `must be at most ${MAX_CACHE_TTL_SECONDS} (a year)`;
 
 const amount = z.number().int().min(0).max(MAX_AMOUNT, AMOUNT_MESSAGE);
 const keyCap = z.number().int().min(0).max(MAX_INT32, INT32_MESSAGE);
@@ -194,9 +197,9 @@ const policySchema = z
     cache: z
       .strictObject({
         maxEntries: z.number().int().positive().max(MAX_CACHE_ENTRIES, CACHE_ENTRIES_MESSAGE).default(100_000),
-        ttlSeconds: z.number().positive().default(30),
+        ttlSeconds: z.number().positive().max(MAX_CACHE_TTL_SECONDS, CACHE_TTL_MESSAGE).default(30),
         negativeMaxEntries: z.number().int().positive().max(MAX_CACHE_ENTRIES, CACHE_ENTRIES_MESSAGE).default(100_000),
-        negativeTtlSeconds: z.number().positive().default(5),
+        negativeTtlSeconds: z.number().positive().max(MAX_CACHE_TTL_SECONDS, CACHE_TTL_MESSAGE).default(5),
       })
       .default({ maxEntries: 100_000, ttlSeconds: 30, negativeMaxEntries: 100_000, negativeTtlSeconds: 5 }),
     lastUsedFlushSeconds: flushSeconds,

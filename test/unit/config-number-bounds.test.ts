@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { ConfigError, MAX_AMOUNT, MAX_CACHE_ENTRIES, MAX_INT32, MAX_ROUTE_COST, loadConfig, parsePolicy } from "../../src/config.js";
+import { ConfigError, MAX_AMOUNT, MAX_CACHE_ENTRIES, MAX_CACHE_TTL_SECONDS, MAX_INT32, MAX_ROUTE_COST, loadConfig, parsePolicy } from "../../src/config.js";
 
 // Numbers the policy and the environment took that keygate could not carry out, each refused at
 // validation now, naming the field or variable:
@@ -102,6 +102,15 @@ describe("cache bounds", () => {
       );
     }
     expect(parsePolicy({ ...BASE, cache: { [field]: MAX_CACHE_ENTRIES } }).cache).toMatchObject({ [field]: MAX_CACHE_ENTRIES });
+  });
+
+  // Redis refuses an expiry past its range (1e20 s failed every L2 fill), and a lifetime past a
+  // year bounds no revocation.
+  it.each(["ttlSeconds", "negativeTtlSeconds"])("cache.%s past a year is refused naming it; a year is taken", (field) => {
+    for (const seconds of [MAX_CACHE_TTL_SECONDS + 1, 1e20]) {
+      expect(policyRefusal({ ...BASE, cache: { [field]: seconds } })).toBe(`invalid KEYGATE_CONFIG (policy.yaml): cache.${field}: must be at most ${MAX_CACHE_TTL_SECONDS} (a year)`);
+    }
+    expect(parsePolicy({ ...BASE, cache: { [field]: MAX_CACHE_TTL_SECONDS } }).cache).toMatchObject({ [field]: MAX_CACHE_TTL_SECONDS });
   });
 });
 
