@@ -141,7 +141,13 @@ const NOT_CREDENTIAL_HEADERS: ReadonlySet<string> = new Set([
   "host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
   "content-length", "content-type", "content-encoding", "x-request-id", "x-forwarded-for", "x-forwarded-proto",
   "x-forwarded-host", "x-forwarded-uri", "x-forwarded-method", "x-original-uri", "x-original-method",
+  "cookie", "forwarded", "via",
 ]);
+
+/** Whether a credential header would be one of those, or of the proxy's own x-forwarded-* / x-original-* families. */
+function proxyOrMessageHeader(name: string): boolean {
+  return NOT_CREDENTIAL_HEADERS.has(name) || name.startsWith("x-forwarded-") || name.startsWith("x-original-");
+}
 
 /** ChargeUsage calls an account may make by default: 6,000 a minute. */
 const DEFAULT_CHARGE_RATE_LIMIT = { limit: 6000, windowSeconds: 60 };
@@ -188,8 +194,9 @@ const policySchema = z
           .string()
           .transform((h) => h.toLowerCase())
           .refine((h) => HEADER_NAME.test(h), "a credential header is an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
-          .refine((h) => !h.startsWith("x-keygate-"), "a credential header cannot be an x-keygate-* header (keygate sets those for the upstream)")
-          .refine((h) => !NOT_CREDENTIAL_HEADERS.has(h), "a credential header cannot be a connection or message header (host, connection, content-length, ...)"),
+          // x_keygate_owner_id is X-Keygate-Owner-Id to CGI-style apps (WSGI, PHP).
+          .refine((h) => !h.replaceAll("_", "-").startsWith("x-keygate-"), "a credential header cannot be an x-keygate-* header (keygate sets those for the upstream)")
+          .refine((h) => !proxyOrMessageHeader(h), "a credential header cannot be a connection or message header (host, connection, content-length, cookie, x-forwarded-*, ...)"),
       )
       .min(1)
       .refine((names) => new Set(names).size === names.length, "names must not repeat")
