@@ -15,7 +15,7 @@ import { ConflictError, DuplicateError, StoreBusyError, StoreUnavailableError } 
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
-import { CHAIN_GRACE_ENDED, newKeyRecord } from "../store/store.js";
+import { CHAIN_GRACE_ENDED, keyState, newKeyRecord } from "../store/store.js";
 import type {
   AccountDefaults,
   AccountRecord,
@@ -579,6 +579,13 @@ export class LifecycleService {
     }
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
+    // A revoke is final: the record keeps what the key held when it was revoked.
+    if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be changed`);
+    // A rotation's old key follows its successor (below): scopes or a rate limit of its own would
+    // make the old secret wider than the new one.
+    if (current.rotatedToId !== null && (scopes !== undefined || rateLimit !== undefined)) {
+      throw new FailedPreconditionError(`key ${id} was rotated to ${current.rotatedToId}, whose scopes and rate limit it follows: change that key`);
+    }
     const changes = { name, scopes, rate_limit: rateLimit };
     const updated = await this.#unsure(
       () => this.deps.store.updateKey(id, { name, scopes, rateLimit }),
@@ -790,6 +797,9 @@ export class LifecycleService {
     const current = await this.deps.store.getKey(id);
     if (current === null) throw new NotFoundError(`key ${id} does not exist`);
     if (current.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be disabled or enabled`);
+    if (keyState(current, this.deps.nowMs()) === "rotated") {
+      throw new FailedPreconditionError(`key ${id} was rotated and its grace period is over; it cannot be disabled or enabled`);
+    }
     return current;
   }
 

@@ -448,7 +448,11 @@ export type KeyState = "active" | "disabled" | "grace" | "rotated" | "revoked" |
 export function keyState(key: Pick<KeyRecord, "revokedAtMs" | "expiresAtMs" | "disabledAtMs" | "rotatedToId" | "graceEndsAtMs">, nowMs: number): KeyState {
   if (key.revokedAtMs !== null) return "revoked";
   if (key.expiresAtMs !== null && nowMs >= key.expiresAtMs) return "expired";
+  // A rotation's grace over is as final as a revoke, disabled or not (a paused key is told it may
+  // come back).
+  const inGrace = key.graceEndsAtMs !== null && nowMs < key.graceEndsAtMs;
+  if (key.rotatedToId !== null && !inGrace) return "rotated";
   if (key.disabledAtMs !== null) return "disabled";
-  if (key.rotatedToId !== null) return key.graceEndsAtMs !== null && nowMs < key.graceEndsAtMs ? "grace" : "rotated";
+  if (key.rotatedToId !== null) return "grace";
   return "active";
 }
