@@ -587,12 +587,18 @@ export class LifecycleService {
       throw new FailedPreconditionError(`key ${id} was rotated to ${current.rotatedToId}, whose scopes and rate limit it follows: change that key`);
     }
     const changes = { name, scopes, rate_limit: rateLimit };
+    // The same conditions, in the write: a revoke or rotation since the read is not written over.
+    const changesAccess = scopes !== undefined || rateLimit !== undefined;
     const updated = await this.#unsure(
-      () => this.deps.store.updateKey(id, { name, scopes, rateLimit }),
+      () => this.deps.store.updateKey(id, { name, scopes, rateLimit }, { unrevoked: true, unrotated: changesAccess }),
       () => [this.#record(actor, "key.update", id, current.ownerId, changes)],
       { kind: "key", hash: current.hash },
     );
     if (updated === null) throw new NotFoundError(`key ${id} does not exist`);
+    if (updated.revokedAtMs !== null) throw new FailedPreconditionError(`key ${id} is revoked; a revoked key cannot be changed`);
+    if (changesAccess && updated.rotatedToId !== null) {
+      throw new FailedPreconditionError(`key ${id} was rotated to ${updated.rotatedToId}, whose scopes and rate limit it follows: change that key`);
+    }
     const untold = await this.#tell({ kind: "key", hash: updated.hash });
     if (!sameFields(current, updated)) await this.#audit(actor, "key.update", id, updated.ownerId, changes);
     // The key in grace is the same customer's old secret for the same access: new scopes or a new

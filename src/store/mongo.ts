@@ -26,6 +26,7 @@ import type {
   EnabledKey,
   KeyMode,
   KeyPatch,
+  KeyUpdateGuard,
   KeyRecord,
   KeySnapshot,
   KeyStore,
@@ -1332,7 +1333,7 @@ export class MongoKeyStore implements KeyStore {
     return docs.map(toKey);
   }
 
-  async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
+  async updateKey(id: string, patch: KeyPatch, guard?: KeyUpdateGuard): Promise<KeyRecord | null> {
     const set: Partial<KeyDoc> = {};
     if (patch.name !== undefined) set.name = patch.name;
     if (patch.scopes !== undefined) set.scopes = patch.scopes;
@@ -1345,7 +1346,10 @@ export class MongoKeyStore implements KeyStore {
       if (patch.disabledAtMs !== null && patch.disabledAtMs !== undefined) {
         await this.#keys.updateOne({ _id: id, disabled_at: null }, { $set: { disabled_at: new Date(patch.disabledAtMs) } });
       }
-      return this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>();
+      if (guard === undefined) return this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>();
+      const filter = { _id: id, ...(guard.unrevoked === true ? { revoked_at: null } : {}), ...(guard.unrotated === true ? { rotated_to_id: null } : {}) };
+      // A key no longer what the guard asks is answered as it is, unchanged.
+      return (await this.#keys.findOneAndUpdate(filter, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>()) ?? (await this.#keys.findById(id).lean<KeyDoc>());
     });
     return doc === null ? null : toKey(doc);
   }

@@ -47,6 +47,7 @@ import type {
   EnabledKey,
   KeyedTopUp,
   KeyPatch,
+  KeyUpdateGuard,
   KeyRecord,
   KeySnapshot,
   KeyStore,
@@ -735,8 +736,14 @@ export class SqliteKeyStore implements KeyStore {
     return rows.map((row) => toKey(readKeyRow(row)));
   }
 
-  async updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null> {
+  async updateKey(id: string, patch: KeyPatch, guard?: KeyUpdateGuard): Promise<KeyRecord | null> {
     const row = await this.#transaction(() => {
+      if (guard !== undefined) {
+        const before = this.#getKeyRow(id);
+        if (before === undefined) return undefined;
+        const key = toKey(before);
+        if ((guard.unrevoked === true && key.revokedAtMs !== null) || (guard.unrotated === true && key.rotatedToId !== null)) return before;
+      }
       if (patch.name !== undefined) this.#stmt.updateName.run(patch.name, id);
       if (patch.scopes !== undefined) this.#stmt.updateScopes.run(JSON.stringify(patch.scopes), id);
       if (patch.rateLimit !== undefined) this.#stmt.updateRateLimit.run(patch.rateLimit === null ? null : JSON.stringify(patch.rateLimit), id);

@@ -261,6 +261,17 @@ export interface KeyPatch {
   disabledAtMs?: number | null | undefined;
 }
 
+/**
+ * What a key must still be for updateKey to write, checked in the same atomic write as the patch:
+ * a change decided on an earlier read must not land on a key revoked or rotated since.
+ */
+export interface KeyUpdateGuard {
+  /** Not revoked. */
+  unrevoked?: boolean;
+  /** Not rotated (no successor). */
+  unrotated?: boolean;
+}
+
 /** The outcome of a rotation: the new key and the old one with its grace period set. */
 export interface Rotation {
   next: KeyRecord;
@@ -318,7 +329,11 @@ export interface LifecycleStore {
   createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey>;
   getKey(id: string): Promise<KeyRecord | null>;
   listKeys(query: ListKeysQuery): Promise<KeyRecord[]>;
-  updateKey(id: string, patch: KeyPatch): Promise<KeyRecord | null>;
+  /**
+   * Applies `patch`, and returns the key as it is after; with `guard`, only while the key is still
+   * what it asks (otherwise the key is returned as it is, unchanged). Null when there is no key.
+   */
+  updateKey(id: string, patch: KeyPatch, guard?: KeyUpdateGuard): Promise<KeyRecord | null>;
   /**
    * Disables a key that is not revoked since `disabledAtMs`, replacing the time of an earlier
    * disable (which updateKey keeps); a revoked key is left as it is. With `whileAtMs`, only while

@@ -206,6 +206,24 @@ export function runKeyStoreContract(name: string, open: () => Promise<ContractSt
       expect(await store.updateKey(newKeyId(), { name: "x" })).toBeNull();
     });
 
+    it("updates under a guard only a key still unrevoked (and unrotated when asked), in the same write", async () => {
+      const ownerId = nextOwner();
+      const revoked = record(ownerId, { scopes: ["read"] });
+      await store.createKey(revoked, limits());
+      await store.revokeKey(revoked.id, NOW + 1, "leaked");
+      const refused = await store.updateKey(revoked.id, { name: "renamed", scopes: ["read", "write"] }, { unrevoked: true });
+      expect({ name: refused?.name, scopes: refused?.scopes, revoked: refused?.revokedAtMs }).toEqual({ name: revoked.name, scopes: ["read"], revoked: NOW + 1 });
+      const old = record(ownerId, { scopes: ["read"] });
+      await store.createKey(old, limits());
+      const next = record(ownerId, { scopes: ["read"] });
+      await store.rotateKey(old.id, next, NOW + DAY, NOW);
+      const unrotated = await store.updateKey(old.id, { scopes: ["read", "write"] }, { unrevoked: true, unrotated: true });
+      expect({ scopes: unrotated?.scopes, rotatedTo: unrotated?.rotatedToId }).toEqual({ scopes: ["read"], rotatedTo: next.id });
+      // A rename asks only for an unrevoked key: a key in grace takes it.
+      expect((await store.updateKey(old.id, { name: "old one" }, { unrevoked: true }))?.name).toBe("old one");
+      expect(await store.updateKey(newKeyId(), { name: "x" }, { unrevoked: true })).toBeNull();
+    });
+
     it("revokes idempotently and gives the slot back once", async () => {
       const ownerId = nextOwner();
       const key = record(ownerId);
