@@ -24,6 +24,7 @@ import type {
   KeyRateLimit,
   KeyRecord,
   LifecycleStore,
+  Rotation,
   MeteringStore,
   AuditStore,
   Role,
@@ -609,7 +610,8 @@ export class LifecycleService {
         actor,
         "key.update",
         async (key) => {
-          const followed = await this.deps.store.updateKey(key.id, { scopes, rateLimit });
+          // A revoke since the read is final: not written over (the guard answers the key unchanged).
+          const followed = await this.deps.store.updateKey(key.id, { scopes, rateLimit }, { unrevoked: true });
           return followed === null || sameFields(key, followed) ? null : followed;
         },
         { scopes, rate_limit: rateLimit },
@@ -940,7 +942,25 @@ export class LifecycleService {
     for (const key of rotation.ended) {
       if (!(await this.#revokeRecorded(key))) await this.#audit(actor, "key.revoke", key.id, key.ownerId, ended, revocation(key.id, key.revokedAtMs ?? nowMs));
     }
-    return { key: rotation.next, secret, previous: rotation.previous };
+    return { key: await this.#withAccessAsRotated(rotation, actor), secret, previous: rotation.previous };
+  }
+
+  /**
+   * The new key, with the scopes and rate limit the old key had when the rotation's write found it:
+   * the new key was built from this call's earlier read, and an UpdateKey of the old key that
+   * landed between them (answered OK, as made before the rotation) would otherwise leave the new
+   * secret with what the update took away. Changed as an UpdateKey of the new key is, and audited.
+   */
+  async #withAccessAsRotated(rotation: Rotation, actor: Actor): Promise<KeyRecord> {
+    const { next, previous } = rotation;
+    if (JSON.stringify(next.scopes) === JSON.stringify(previous.scopes) && JSON.stringify(next.rateLimit) === JSON.stringify(previous.rateLimit)) return next;
+    const changes = { scopes: previous.scopes, rate_limit: previous.rateLimit };
+    const updated = await this.deps.store.updateKey(next.id, { scopes: previous.scopes, rateLimit: previous.rateLimit }, { unrevoked: true });
+    if (updated === null || sameFields(next, updated)) return updated ?? next;
+    const untold = await this.#tell({ kind: "key", hash: updated.hash });
+    if (untold !== null) this.deps.logger?.warn({ err: untold, keyId: next.id }, "rotated key's access: caches not told yet; retrying in the background");
+    await this.#audit(actor, "key.update", next.id, next.ownerId, changes);
+    return updated;
   }
 
   /**

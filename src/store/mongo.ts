@@ -1343,11 +1343,11 @@ export class MongoKeyStore implements KeyStore {
     if (patch.disabledAtMs === null) set.disabled_at = null;
     const doc = await guarded(async () => {
       // Disabling a disabled key keeps the time it was first disabled.
+      const filter = { _id: id, ...(guard?.unrevoked === true ? { revoked_at: null } : {}), ...(guard?.unrotated === true ? { rotated_to_id: null } : {}) };
       if (patch.disabledAtMs !== null && patch.disabledAtMs !== undefined) {
-        await this.#keys.updateOne({ _id: id, disabled_at: null }, { $set: { disabled_at: new Date(patch.disabledAtMs) } });
+        await this.#keys.updateOne({ ...filter, disabled_at: null }, { $set: { disabled_at: new Date(patch.disabledAtMs) } });
       }
       if (guard === undefined) return this.#keys.findByIdAndUpdate(id, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>();
-      const filter = { _id: id, ...(guard.unrevoked === true ? { revoked_at: null } : {}), ...(guard.unrotated === true ? { rotated_to_id: null } : {}) };
       // A key no longer what the guard asks is answered as it is, unchanged.
       return (await this.#keys.findOneAndUpdate(filter, { $set: set }, { returnDocument: "after" }).lean<KeyDoc>()) ?? (await this.#keys.findById(id).lean<KeyDoc>());
     });
