@@ -106,4 +106,29 @@ describe("UpdateKey racing RotateKey and RevokeKey", () => {
     // A revoke is final: the record keeps what the key held when it was revoked.
     expect(old?.scopes).toEqual(["read"]);
   });
+
+  // The order the guarded write covers: a RotateKey committing between UpdateKey's read and its
+  // write left the old secret (in grace) wider than the new one, an outcome no order of the two
+  // calls gives.
+  it("an UpdateKey whose read comes before a RotateKey's write never leaves the old key in grace with scopes its successor lacks", async () => {
+    const hook: { fn: Hook | null } = { fn: null };
+    const lifecycle = build(hook);
+    const issued = await lifecycle.createKey({ ownerId: "acct_update_race", name: "k", scopes: ["read"], mode: "live", expiresAtMs: null, metadata: {} });
+    const targetId = issued.key.id;
+    let rotation: Promise<unknown> | null = null;
+    hook.fn = async (prop, args) => {
+      if (prop === "updateKey" && args[0] === targetId && rotation === null) {
+        rotation = lifecycle.rotateKey({ id: targetId, graceDays: 7 });
+        await rotation;
+      }
+    };
+    const outcome = await lifecycle.updateKey({ id: targetId, scopes: ["read", "admin"] }).then(() => "OK", (e: unknown) => String(e));
+    const { key: successor } = (await rotation) as unknown as { key: { id: string } };
+    const old = await store.getKey(targetId);
+    const next = await store.getKey(successor.id);
+    // Update then rotate: both ["read","admin"]; rotate then update: refused, both ["read"].
+    expect({ outcome, old: old?.scopes, next: next?.scopes, oldRotatedTo: old?.rotatedToId }).toEqual(
+      outcome === "OK" ? { outcome, old: ["read", "admin"], next: ["read", "admin"], oldRotatedTo: successor.id } : { outcome, old: ["read"], next: ["read"], oldRotatedTo: successor.id },
+    );
+  });
 });
