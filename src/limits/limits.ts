@@ -221,6 +221,17 @@ export interface GcraStep {
  * is exact (config.ts bounds windowMs * limit by MAX_RATE_PARTS). The Redis script (limits/redis.ts)
  * implements the same arithmetic.
  */
+/**
+ * How far past a full bucket a stored time must reach before a refusal rebases it (ms). Replicas
+ * share a Redis bucket, each judging it on its own clock: a time one ahead by a few seconds wrote
+ * reads on the others as more than a full bucket. Rebased at once, it moved back by that skew,
+ * and the replica ahead found room again: with round-robin traffic over clocks 2 s apart, every
+ * request through the one ahead passed. Within this margin such a time is a debt like any other
+ * (refused, nothing written); past it, it is a clock stepped ahead, which would otherwise hold the
+ * account for as long as the step.
+ */
+export const REBASE_BEYOND_MS = 5 * 60_000;
+
 export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number): GcraStep {
   const { limit } = rule;
   const windowMs = rule.windowSeconds * 1000;
@@ -228,10 +239,11 @@ export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number
   const nowWhole = Math.floor(nowMs);
   const nowParts = Math.floor((nowMs - nowWhole) * limit);
   // Parts from now to the stored time; one in the past is a full bucket, and one further ahead
-  // than a full bucket reaches a full bucket's debt from now (else a replica whose clock ran an
-  // hour ahead, or a clock stepped forward and back, refused the account for that hour).
+  // than a full bucket reaches by REBASE_BEYOND_MS a full bucket's debt from now (else a replica
+  // whose clock ran an hour ahead, or a clock stepped forward and back, refused the account for
+  // that hour).
   const ahead = stored === undefined ? 0 : (stored.ms - nowWhole) * limit + Math.round(stored.frac * limit) - nowParts;
-  const rebased = ahead > full;
+  const rebased = ahead > full + REBASE_BEYOND_MS * limit;
   const before = rebased ? full : ahead > 0 ? ahead : 0;
   const after = before + windowMs;
   const allowed = after <= full;

@@ -4,7 +4,7 @@ import type { RedisClient, RedisKeyLayout } from "../cache/redis-client.js";
 import type { Logger } from "pino";
 import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
-import { ChargeAbandonedError, MeterUnavailableError, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
+import { ChargeAbandonedError, MeterUnavailableError, REBASE_BEYOND_MS, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
 import { IDEMPOTENCY_TTL_MS } from "./idempotency.js";
 import type { MemoryMeter } from "./memory.js";
@@ -83,9 +83,10 @@ if stored then
   local frac = 0
   if dot then frac = tonumber('0' .. string.sub(stored, dot)) end
   local ahead = (whole - nowWhole) * limit + math.floor(frac * limit + 0.5) - nowParts
-  if ahead > full then
-    -- Further ahead than a full bucket reaches (a replica whose clock runs ahead wrote it, or the
-    -- window was shortened): a full bucket's debt from this caller's now, stored on refusal.
+  if ahead > full + ${REBASE_BEYOND_MS} * limit then
+    -- Further ahead than a full bucket reaches, by more than a few replicas' clock skew (a clock
+    -- stepped ahead wrote it, or the window was shortened): a full bucket's debt from this
+    -- caller's now, stored on refusal (limits.ts, REBASE_BEYOND_MS).
     before = full
     rebased = true
   elseif ahead > 0 then

@@ -1,7 +1,7 @@
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
 import { MAX_RATE_PARTS, parsePolicy, DEFAULT_POLICY_INPUT } from "../../src/config.js";
-import { gcra } from "../../src/limits/limits.js";
+import { REBASE_BEYOND_MS, gcra } from "../../src/limits/limits.js";
 import type { GcraStep, Tat } from "../../src/limits/limits.js";
 
 /** A step's answer, without the time it stores (and without rebased, which in-order times never set). */
@@ -77,6 +77,24 @@ describe("gcra", () => {
     expect(gcra(kept, rule, NOW + 5999).allowed).toBe(false);
     const next = gcra(kept, rule, NOW + 6000);
     expect({ allowed: next.allowed, rebased: next.rebased, remaining: next.remaining }).toEqual({ allowed: true, rebased: false, remaining: 0 });
+  });
+
+  it("takes a stored time a few seconds past a full bucket (a replica whose clock runs ahead) as a debt: refused, nothing moved back", () => {
+    // 10 a minute; a replica 2 s ahead filled the bucket. Rebasing it to this clock's full bucket
+    // moved it back 2 s, and the replica ahead found room again at every refusal here.
+    const rule = { limit: 10, windowSeconds: 60 };
+    const filledAhead: Tat = { ms: NOW + 60_000 + 2000, frac: 0 };
+    const refused = gcra(filledAhead, rule, NOW);
+    expect({ allowed: refused.allowed, rebased: refused.rebased, retryAfterSeconds: refused.retryAfterSeconds, tat: [refused.tatMs, refused.tatFrac] }).toEqual({
+      allowed: false,
+      rebased: false,
+      // The interval, and the 2 s this clock is behind the one that wrote the time.
+      retryAfterSeconds: 8,
+      tat: [NOW + 62_000, 0],
+    });
+    // The margin: up to REBASE_BEYOND_MS past a full bucket is a debt; a millisecond more is rebased.
+    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS, frac: 0 }, rule, NOW).rebased).toBe(false);
+    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS + 1, frac: 0 }, rule, NOW).rebased).toBe(true);
   });
 
   it("lets a full burst of every limit from 1 to 1000 a minute through at once, and no more", () => {
