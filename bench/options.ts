@@ -57,7 +57,7 @@ export interface BenchOptions {
   backendsOn: "server" | "load";
   /** JVM options for the MongoDB-wire server, after the test harness's own (a later option wins). */
   backendJvmFlags: string[];
-  /** Rounds of embedded hot's closed loop in turns with the ceiling (0: none). */
+  /** Rounds of embedded hot's and flood-malformed's closed loops in turns with the ceiling (0: none). */
   turns: number;
   /** Each scenario's saturation runs before its fixed rates, on the same process (the order before fixed rates came first). */
   saturationFirst: boolean;
@@ -186,7 +186,7 @@ function command(): Command {
     .option("--fixed-concurrency <n>", "ghz workers for fixed-rate runs when ghz measures them (enough to hold the rate at a few ms of latency)", count, 32)
     .option("--ghz-cpus <n>", "GOMAXPROCS of ghz and rategen (1 leaves a core to the server on 2 cores)", count, 1)
     .option("--no-rategen", "measure fixed-rate latency with ghz (closed loop) even when rategen is built")
-    .option("--turns <n>", "rounds of embedded hot's rategen closed loop in turns with noop-h2, each on a fresh process, alternating which goes first (full 3, quick 1; 0 skips)", countOrNone)
+    .option("--turns <n>", "rounds of embedded hot's and flood-malformed's rategen closed loops in turns with noop-h2, each on a fresh process, alternating which goes first (full 3, quick 1; 0 skips)", countOrNone)
     .option("--saturation-first", "run each scenario's saturation runs before its fixed rates (default: every scenario's fixed rates first, before any saturation run on the process)");
 }
 

@@ -9,7 +9,7 @@ import type { CheckCounts } from "./metrics.js";
 import { round } from "./processes.js";
 import { ONE_KEY_PROFILE, busyMicrosPerCheck, costByCategory } from "./profile.js";
 import type { ProfiledRun } from "./profile.js";
-import type { ScenarioName, ScenarioResult, TurnRun } from "./scenarios.js";
+import type { ScenarioName, ScenarioResult, TurnRun, TurnScenario } from "./scenarios.js";
 import { CEILING, NOOPS } from "./targets.js";
 
 const root = resolve(import.meta.dirname, "..");
@@ -123,24 +123,27 @@ const GOAL_CACHED_KEYS = 100_000;
  * Where the run stands against issue 13's goals, per keygate target; `met` is null when the run
  * did not measure it (or, for memory, measured it at smaller sizes than the goal names).
  */
-export function budget(results: readonly ScenarioResult[], oneKey: readonly OneKeyResult[], memory: MemoryResult | null, rates: readonly number[], turns: HotTurns | null = null): BudgetLine[] {
+export function budget(results: readonly ScenarioResult[], oneKey: readonly OneKeyResult[], memory: MemoryResult | null, rates: readonly number[], turns: readonly Turns[] = []): BudgetLine[] {
   const all = ratios(results, oneKey);
   const ratio = (target: string, scenario: Ratio["scenario"]): Ratio | undefined => all.find((r) => r.target === target && r.scenario === scenario);
   const line = (goal: string, value: number | undefined, ok: (v: number) => boolean, show: (v: number) => string): BudgetLine =>
     value === undefined ? { goal, measured: "not measured", met: null } : { goal, measured: show(value), met: ok(value) };
   const times = (v: number): string => `${v.toFixed(2)}x`;
   const ms = (v: number): string => `${v.toFixed(2)} ms`;
-  const keygates = [...new Set([...results.map((r) => r.target), ...(turns === null ? [] : [turns.keygate.target])])].filter((t) => !(t in NOOPS));
+  const keygates = [...new Set([...results.map((r) => r.target), ...turns.map((x) => x.keygate.target)])].filter((t) => !(t in NOOPS));
   const lines: BudgetLine[] = [];
   for (const t of keygates) {
     lines.push(line(`${t} hot (ghz, many keys): CPU per Check <= 1.5x ${CEILING}`, ratio(t, "hot")?.cpu, (v) => v <= 1.5, times));
     lines.push(line(`${t} hot (rategen closed loop, many keys, server saturated): CPU per Check <= 1.5x ${CEILING}`, ratio(t, closedLoopName("hot"))?.cpu, (v) => v <= 1.5, times));
-    if (turns !== null && turns.keygate.target === t) {
-      lines.push(line(`${t} hot (rategen closed loop, in turns with ${CEILING}, median of ${turns.keygate.micros.length}): CPU per Check <= 1.5x ${CEILING}`, turns.ratio ?? undefined, (v) => v <= 1.5, times));
-    }
+    const inTurns = (scenario: TurnScenario, limit: number): void => {
+      const x = turns.find((y) => y.scenario === scenario && y.keygate.target === t);
+      if (x !== undefined) lines.push(line(`${t} ${scenario} (rategen closed loop, in turns with ${CEILING}, median of ${x.keygate.micros.length}): CPU per Check <= ${limit}x ${CEILING}`, x.ratio ?? undefined, (v) => v <= limit, times));
+    };
+    inTurns("hot", 1.5);
     lines.push(line(`${t} one key (h2load): CPU per Check <= 1.5x ${CEILING}`, ratio(t, "one-key")?.cpu, (v) => v <= 1.5, times));
     lines.push(line(`${t} flood-malformed: CPU per Check <= 1.2x ${CEILING}`, ratio(t, "flood-malformed")?.cpu, (v) => v <= 1.2, times));
     lines.push(line(`${t} flood-malformed (rategen closed loop): CPU per Check <= 1.2x ${CEILING}`, ratio(t, closedLoopName("flood-malformed"))?.cpu, (v) => v <= 1.2, times));
+    inTurns("flood-malformed", 1.2);
     const p99 = rates.includes(3000) ? atRate(find(results, t, "hot"), 3000)?.ghz.latencyMs.p99 : undefined;
     lines.push(line(`${t} hot: p99 <= 2 ms at 3000 Checks/s`, p99, (v) => v <= 2, ms));
     // Judged embedded only: on MongoDB-wire, lookups the flood scenario queued can still finish
@@ -231,7 +234,7 @@ function backendCoresOf(phase: PhaseResult): string {
   return values.length === 0 ? "-" : values.reduce((a, b) => a + b, 0).toFixed(2);
 }
 
-/** One target's runs of hot in turns. */
+/** One target's runs of a scenario in turns. */
 export interface TurnTarget {
   target: string;
   /** CPU µs per Check of each run, in round order. */
@@ -241,8 +244,9 @@ export interface TurnTarget {
   errors: number;
 }
 
-/** Hot's closed loop on the ceiling and keygate in turns (runHotInTurns). */
-export interface HotTurns {
+/** A scenario's closed loop on the ceiling and keygate in turns (runInTurns). */
+export interface Turns {
+  scenario: TurnScenario;
   ceiling: TurnTarget;
   keygate: TurnTarget;
   /** keygate's median over the ceiling's; null when a run failed a call or measured nothing. */
@@ -255,10 +259,10 @@ function median(values: readonly number[]): number {
   return sorted.length % 2 === 1 ? (sorted[middle] as number) : ((sorted[middle - 1] as number) + (sorted[middle] as number)) / 2;
 }
 
-/** The runs of hot in turns by target, their medians and the ratio; null without runs of both. */
-export function summarizeTurns(runs: readonly TurnRun[], ceiling: string, keygate: string): HotTurns | null {
+/** The runs of `scenario` in turns by target, their medians and the ratio; null without runs of both. */
+export function summarizeTurns(runs: readonly TurnRun[], ceiling: string, keygate: string, scenario: TurnScenario = "hot"): Turns | null {
   const of = (target: string): TurnTarget | null => {
-    const mine = runs.filter((r) => r.target === target);
+    const mine = runs.filter((r) => r.target === target && r.scenario === scenario);
     if (mine.length === 0) return null;
     const micros = mine.map((r) => r.cpuMicrosPerCheck);
     return { target, micros, median: round(median(micros), 2), errors: mine.reduce((sum, r) => sum + r.errors, 0) };
@@ -267,14 +271,14 @@ export function summarizeTurns(runs: readonly TurnRun[], ceiling: string, keygat
   const k = of(keygate);
   if (c === null || k === null) return null;
   const valid = c.errors === 0 && k.errors === 0 && c.median > 0;
-  return { ceiling: c, keygate: k, ratio: valid ? round(k.median / c.median, 3) : null };
+  return { scenario, ceiling: c, keygate: k, ratio: valid ? round(k.median / c.median, 3) : null };
 }
 
-/** Hot in turns as the report prints it: each target's runs and median, then the ratio. */
-export function turnsText(turns: HotTurns): string {
+/** A scenario in turns as the report prints it: each target's runs and median, then the ratio. */
+export function turnsText(turns: Turns): string {
   const row = (t: TurnTarget): string => `  ${t.target.padEnd(12)} ${t.micros.map((m) => m.toFixed(1)).join(", ")} us/chk (median ${t.median.toFixed(2)})${t.errors === 0 ? "" : `, ${t.errors} calls not gRPC OK`}`;
   return [
-    `hot in turns (rategen closed loop, many keys, ${turns.keygate.micros.length} rounds; each run a fresh, warmed process; the two alternate which goes first):`,
+    `${turns.scenario} in turns (rategen closed loop, many keys, ${turns.keygate.micros.length} rounds; each run a fresh, warmed process; the two alternate which goes first):`,
     row(turns.ceiling),
     row(turns.keygate),
     `  ${turns.keygate.target} / ${turns.ceiling.target}: ${turns.ratio === null ? "not judged (a call failed)" : `${turns.ratio.toFixed(3)}x`} (medians)`,

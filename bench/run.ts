@@ -37,8 +37,8 @@ import { ONE_KEY_PROFILE, profileRun } from "./profile.js";
 import { findRategen, rategenInstallPath } from "./rategen.js";
 import type { ProfiledRun } from "./profile.js";
 import { budget, closedLoopTable, fixedRateTools, latencyHeading, latencyNote, latencyTable, machineInfo, memoryText, oneKeyTable, profileComparisonText, profileText, ratios, resultsTable, summarizeTurns, turnsText, writeResults } from "./report.js";
-import type { HotTurns } from "./report.js";
-import { SCENARIO_DESCRIPTIONS, runHotInTurns, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
+import type { Turns } from "./report.js";
+import { SCENARIO_DESCRIPTIONS, TURN_SCENARIOS, runInTurns, runKeygateScenarios, runNoopScenarios } from "./scenarios.js";
 import type { KeygateMode, ScenarioResult, TargetResults } from "./scenarios.js";
 import { keysPerAccount, mongoBulkWriter, planKeys, storeWriter, verifySeed, writeSeed } from "./seed.js";
 import type { PlannedKeys, SeedPlan, SeedTiming } from "./seed.js";
@@ -160,7 +160,7 @@ function profileFile(ctx: RunContext, scenario: string): string {
 }
 
 /** Embedded mode: SQLite seeded through the KeyStore API, then every scenario, the profile and memory. */
-async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profiles: ProfiledRun[]; turns: HotTurns | null }> {
+async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seeding: SeedTiming; memory: MemoryResult | null; profiles: ProfiledRun[]; turns: Turns[] }> {
   const dataDir = join(ctx.work, "embedded");
   mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const databasePath = join(dataDir, "keygate.db");
@@ -177,23 +177,28 @@ async function runEmbedded(ctx: RunContext): Promise<{ results: Collected; seedi
   const env = { KEYGATE_DATA_DIR: dataDir };
   const first = { ...env, ...engineEnv(ctx.options.engines[0] ?? null) };
   const results = ctx.options.memoryOnly || ctx.options.profileOnly ? { scenarios: [], oneKey: [] } : await perEngine(ctx, "embedded", env, (start) => start, async () => undefined);
-  let turns: HotTurns | null = null;
-  if (ctx.options.turns > 0 && ctx.options.noops && !ctx.options.memoryOnly && !ctx.options.profileOnly && ctx.options.scenarios.includes("hot")) {
-    // The many-key goal's figure, measured again with keygate (the first engine) and the ceiling in turns.
+  const turns: Turns[] = [];
+  const inTurns = TURN_SCENARIOS.filter((s) => ctx.options.scenarios.includes(s));
+  if (ctx.options.turns > 0 && ctx.options.noops && !ctx.options.memoryOnly && !ctx.options.profileOnly && inTurns.length > 0) {
+    // The CPU goals' figures, measured again with keygate (the first engine) and the ceiling in turns.
     const keygateName = targetName("embedded", ctx.options.engines[0] ?? null);
-    const runs = await timed(ctx, "embedded: hot in turns", () =>
-      runHotInTurns(
+    const runs = await timed(ctx, "embedded: in turns", () =>
+      runInTurns(
         [
           { name: CEILING, keygate: false, start: () => startNoop(ctx.options.node, CEILING) },
-          { name: keygateName, keygate: true, start: () => startWith(ctx, first)(`keygate ${keygateName} (hot in turns)`) },
+          { name: keygateName, keygate: true, start: () => startWith(ctx, first)(`keygate ${keygateName} (in turns)`) },
         ],
         ctx.settings,
         ctx.data,
+        inTurns,
         ctx.options.turns,
         log,
       ),
     );
-    turns = summarizeTurns(runs, CEILING, keygateName);
+    for (const scenario of inTurns) {
+      const summary = summarizeTurns(runs, CEILING, keygateName, scenario);
+      if (summary !== null) turns.push(summary);
+    }
   }
   const profiles: ProfiledRun[] = [];
   if (ctx.options.profile && !ctx.options.memoryOnly) {
@@ -439,7 +444,7 @@ async function main(): Promise<void> {
     const seeding: Record<string, SeedTiming> = {};
     let memory: MemoryResult | null = null;
     let profiles: ProfiledRun[] = [];
-    let turns: HotTurns | null = null;
+    let turns: Turns[] = [];
     if (options.modes.includes("embedded")) {
       const embedded = await runEmbedded(ctx);
       all.scenarios.push(...embedded.results.scenarios);
@@ -481,7 +486,7 @@ function report(input: {
   seeding: Record<string, SeedTiming>;
   memory: MemoryResult | null;
   profiles: ProfiledRun[];
-  turns: HotTurns | null;
+  turns: Turns[];
 }): void {
   const { ctx, results } = input;
   const rates = ratios(results, input.oneKey);
@@ -532,7 +537,7 @@ function report(input: {
     seeding: input.seeding,
     scenarios: results,
     oneKey: input.oneKey,
-    hotInTurns: input.turns,
+    inTurns: input.turns,
     ratios: rates,
     budget: lines,
     memory: input.memory,
@@ -576,7 +581,7 @@ function report(input: {
           "allows: keygate's own count over the run; it can exceed HTTP 200 by the streams in flight when h2load stopped.",
         ]),
     "",
-    ...(input.turns === null ? [] : [turnsText(input.turns), ""]),
+    ...input.turns.flatMap((t) => [turnsText(t), ""]),
     "budget (DESIGN.md, issue 13):",
     ...lines.map((l) => `  [${l.met === null ? " -- " : l.met ? " ok " : "MISS"}] ${l.goal}: ${l.measured}`),
     ...(input.memory === null ? [] : ["", memoryText(input.memory)]),

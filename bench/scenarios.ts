@@ -237,8 +237,14 @@ export async function runKeygateScenarios(mode: KeygateMode, settings: LoadSetti
   }
 }
 
-/** One measured run of hot in turns: which target, its CPU per Check, and the calls that failed. */
+/** The scenarios measured in turns with the ceiling: each goal's CPU ratio (hot <= 1.5, flood-malformed <= 1.2). */
+export const TURN_SCENARIOS = ["hot", "flood-malformed"] as const;
+/** A scenario measured in turns. */
+export type TurnScenario = (typeof TURN_SCENARIOS)[number];
+
+/** One measured run in turns: which scenario and target, its CPU per Check, and the calls that failed. */
 export interface TurnRun {
+  scenario: TurnScenario;
   target: string;
   round: number;
   cpuMicrosPerCheck: number;
@@ -247,33 +253,39 @@ export interface TurnRun {
 }
 
 /**
- * Hot's closed loop on the ceiling and on keygate in turns, `rounds` times, alternating which
- * goes first: each run on a fresh process, warmed as the scenario runs warm it (the no-op's JIT
- * and connections; every one of keygate's hot keys in L1), then measured for the run's length.
- * Two runs of a full bench are minutes apart, and this machine's speed drifts over minutes by
- * more than the goal's margin; runs in turns see the same stretch. Empty without rategen.
+ * Each of `scenarios`' closed loop on the ceiling and on keygate in turns, `rounds` times,
+ * alternating which goes first: each run on a fresh process, warmed as the scenario runs warm it
+ * (the no-op's JIT and connections; for hot, every one of keygate's hot keys in L1), then measured
+ * for the run's length. Two runs of a full bench are minutes apart, and this machine's speed
+ * drifts over minutes by more than the goals' margins; runs in turns see the same stretch. Empty
+ * without rategen.
  */
-export async function runHotInTurns(
+export async function runInTurns(
   targets: ReadonlyArray<{ name: string; start(): Promise<Target>; keygate: boolean }>,
   settings: LoadSettings,
   data: ScenarioData,
+  scenarios: readonly TurnScenario[],
   rounds: number,
   log: Log,
 ): Promise<TurnRun[]> {
-  if (settings.rategen === null || data.hot.format !== "binary") return [];
+  if (settings.rategen === null) return [];
   const runs: TurnRun[] = [];
   for (let round = 1; round <= rounds; round++) {
     const order = round % 2 === 1 ? targets : [...targets].reverse();
-    for (const t of order) {
-      log(`hot in turns, round ${round} of ${rounds}: ${t.name}`);
-      const target = await t.start();
-      try {
-        await pass(target, settings, data.hot, t.keygate ? data.hot.entries : Math.min(data.hot.entries, NOOP_WARM_UP_REQUESTS));
-        const closed = await closedLoopSaturation(target, settings, data.hot);
-        if (closed === null) return [];
-        runs.push({ target: t.name, round, cpuMicrosPerCheck: closed.cpuMicrosPerCheck, checks: closed.ghz.requests, errors: closed.ghz.errors });
-      } finally {
-        await target.stop();
+    for (const scenario of scenarios) {
+      const file = fileOf(data, scenario);
+      if (file.format !== "binary") return [];
+      for (const t of order) {
+        log(`${scenario} in turns, round ${round} of ${rounds}: ${t.name}`);
+        const target = await t.start();
+        try {
+          await pass(target, settings, file, t.keygate ? file.entries : Math.min(file.entries, NOOP_WARM_UP_REQUESTS));
+          const closed = await closedLoopSaturation(target, settings, file);
+          if (closed === null) return [];
+          runs.push({ scenario, target: t.name, round, cpuMicrosPerCheck: closed.cpuMicrosPerCheck, checks: closed.ghz.requests, errors: closed.ghz.errors });
+        } finally {
+          await target.stop();
+        }
       }
     }
   }

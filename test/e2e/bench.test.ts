@@ -99,11 +99,14 @@ const resultSchema = z.object({
   oneKey: z.array(oneKeySchema),
   ratios: z.array(z.object({ target: z.string(), scenario: z.string(), throughput: counted, cpu: counted })),
   budget: z.array(z.object({ goal: z.string(), met: z.boolean().nullable() })),
-  hotInTurns: z.object({
-    ceiling: z.object({ target: z.literal("noop-h2"), micros: z.array(z.number().positive()), errors: z.literal(0) }),
-    keygate: z.object({ target: z.literal("embedded"), micros: z.array(z.number().positive()), errors: z.literal(0) }),
-    ratio: z.number().positive(),
-  }),
+  inTurns: z.array(
+    z.object({
+      scenario: z.enum(["hot", "flood-malformed"]),
+      ceiling: z.object({ target: z.literal("noop-h2"), micros: z.array(z.number().positive()), errors: z.literal(0) }),
+      keygate: z.object({ target: z.literal("embedded"), micros: z.array(z.number().positive()), errors: z.literal(0) }),
+      ratio: z.number().positive(),
+    }),
+  ),
   memory: z.object({
     storeKeys: z.literal(1000),
     touchedKeys: z.literal(100),
@@ -158,10 +161,15 @@ describe.runIf(ready)("npm run bench (the harness itself, at tiny sizes)", () =>
     expect(result.ratios.filter((r) => r.scenario !== "one-key" && !r.scenario.endsWith("(closed loop)"))).toHaveLength((targets.length - 1) * SCENARIOS.length);
     expect(result.ratios.filter((r) => r.scenario.endsWith("(closed loop)"))).toHaveLength((targets.length - 1) * SCENARIOS.length);
     expect(output).toContain("rategen closed loop, many keys, saturation");
-    // --quick: one round of hot in turns, a run of each, judged as the ratio of their medians.
-    expect(result.hotInTurns.ceiling.micros).toHaveLength(1);
-    expect(result.hotInTurns.keygate.micros).toHaveLength(1);
-    expect(result.budget.filter((l) => l.goal.includes("in turns with noop-h2, median of 1")).map((l) => l.met === null)).toEqual([false]);
+    // --quick: one round of hot and of flood-malformed in turns, a run of each, judged as the ratio of their medians.
+    expect(result.inTurns.map((t) => [t.scenario, t.ceiling.micros.length, t.keygate.micros.length])).toEqual([
+      ["hot", 1, 1],
+      ["flood-malformed", 1, 1],
+    ]);
+    expect(result.budget.filter((l) => l.goal.includes("in turns with noop-h2, median of 1")).map((l) => [l.goal.split(" ")[1], l.met === null])).toEqual([
+      ["hot", false],
+      ["flood-malformed", false],
+    ]);
     expect(result.ratios.some((r) => r.target === "noop-h2")).toBe(false);
     expect(result.config.fixedRates).toEqual([1000, 3000]);
     // Saturation is ghz's; every fixed-rate row is rategen's, open loop, with every scheduled call sent and answered.
