@@ -207,9 +207,10 @@ export interface GcraStep {
   resetSecondsBefore: number;
   retryAfterSeconds: number;
   /**
-   * The stored time was further ahead than a full bucket reaches (a clock that ran ahead wrote
-   * it, or the window was shortened since): it counts as a full bucket from now, and the refusal
-   * stores that time (tatMs, tatFrac), so the bucket drains on this clock.
+   * The stored time was further ahead than a full bucket reaches (a clock stepped ahead wrote it,
+   * or the window was shortened since; see gcra for a time another replica's clock wrote): it
+   * counts as a full bucket from now, and the refusal stores that time (tatMs, tatFrac), so the
+   * bucket drains on this clock.
    */
   rebased: boolean;
 }
@@ -222,28 +223,36 @@ export interface GcraStep {
  * implements the same arithmetic.
  */
 /**
- * How far past a full bucket a stored time must reach before a refusal rebases it (ms). Replicas
- * share a Redis bucket, each judging it on its own clock: a time one ahead by a few seconds wrote
- * reads on the others as more than a full bucket. Rebased at once, it moved back by that skew,
- * and the replica ahead found room again: with round-robin traffic over clocks 2 s apart, every
- * request through the one ahead passed. Within this margin such a time is a debt like any other
- * (refused, nothing written); past it, it is a clock stepped ahead, which would otherwise hold the
- * account for as long as the step.
+ * How far past a full bucket a stored time must reach, on the caller's clock, before a refusal
+ * rebases it (ms), when nothing says it was written under a longer window. Replicas share a Redis
+ * bucket, each judging it on its own clock: a time one ahead by a few seconds wrote reads on the
+ * others as more than a full bucket. Rebased at once, it moved back by that skew, and the replica
+ * ahead found room again: with round-robin traffic over clocks 2 s apart, every request through
+ * the one ahead passed. Within this margin such a time is a debt like any other (refused, nothing
+ * written); past it, it is a clock stepped ahead, which would otherwise hold the account for as
+ * long as the step.
  */
 export const REBASE_BEYOND_MS = 5 * 60_000;
 
-export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number): GcraStep {
+/**
+ * One request on a bucket. `debtMs` is how long the stored time's debt still runs by the clock
+ * of whoever keeps it (a Redis key's remaining life, less its second of slack), when another
+ * clock may have written it; omitted in process, where this clock wrote it.
+ */
+export function gcra(stored: Tat | undefined, rule: RateLimitRule, nowMs: number, debtMs?: number): GcraStep {
   const { limit } = rule;
   const windowMs = rule.windowSeconds * 1000;
   const full = windowMs * limit;
   const nowWhole = Math.floor(nowMs);
   const nowParts = Math.floor((nowMs - nowWhole) * limit);
-  // Parts from now to the stored time; one in the past is a full bucket, and one further ahead
-  // than a full bucket reaches by REBASE_BEYOND_MS a full bucket's debt from now (else a replica
-  // whose clock ran an hour ahead, or a clock stepped forward and back, refused the account for
-  // that hour).
+  // Parts from now to the stored time; one in the past is a full bucket. One further ahead than a
+  // full bucket reaches is a full bucket's debt from now (else a clock stepped forward and back,
+  // or a replica whose clock ran an hour ahead, refused the account for that hour; and a window
+  // shortened by a reload held it to the old one) when this clock wrote it, when its keeper says
+  // it runs longer than a window (written under a longer one), or when it is past a full bucket
+  // by more than REBASE_BEYOND_MS; else it is a debt (another replica's clock runs a little ahead).
   const ahead = stored === undefined ? 0 : (stored.ms - nowWhole) * limit + Math.round(stored.frac * limit) - nowParts;
-  const rebased = ahead > full + REBASE_BEYOND_MS * limit;
+  const rebased = ahead > full && (debtMs === undefined || debtMs > windowMs || ahead > full + REBASE_BEYOND_MS * limit);
   const before = rebased ? full : ahead > 0 ? ahead : 0;
   const after = before + windowMs;
   const allowed = after <= full;

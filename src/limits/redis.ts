@@ -83,10 +83,11 @@ if stored then
   local frac = 0
   if dot then frac = tonumber('0' .. string.sub(stored, dot)) end
   local ahead = (whole - nowWhole) * limit + math.floor(frac * limit + 0.5) - nowParts
-  if ahead > full + ${REBASE_BEYOND_MS} * limit then
-    -- Further ahead than a full bucket reaches, by more than a few replicas' clock skew (a clock
-    -- stepped ahead wrote it, or the window was shortened): a full bucket's debt from this
-    -- caller's now, stored on refusal (limits.ts, REBASE_BEYOND_MS).
+  if ahead > full and (ahead > full + ${REBASE_BEYOND_MS} * limit or redis.call('PTTL', KEYS[1]) - 1000 > windowMs) then
+    -- Further ahead than a full bucket reaches, and either by more than replicas' clocks differ
+    -- (a clock stepped ahead wrote it) or, by the key's own life, written under a longer window:
+    -- a full bucket's debt from this caller's now, stored on refusal. A time a replica whose clock
+    -- runs a little ahead wrote is a debt (limits.ts, gcra and REBASE_BEYOND_MS).
     before = full
     rebased = true
   elseif ahead > 0 then

@@ -79,12 +79,13 @@ describe("gcra", () => {
     expect({ allowed: next.allowed, rebased: next.rebased, remaining: next.remaining }).toEqual({ allowed: true, rebased: false, remaining: 0 });
   });
 
-  it("takes a stored time a few seconds past a full bucket (a replica whose clock runs ahead) as a debt: refused, nothing moved back", () => {
-    // 10 a minute; a replica 2 s ahead filled the bucket. Rebasing it to this clock's full bucket
-    // moved it back 2 s, and the replica ahead found room again at every refusal here.
+  it("takes a time another clock wrote a few seconds past a full bucket (a replica whose clock runs ahead) as a debt: refused, nothing moved back", () => {
+    // 10 a minute; a replica 2 s ahead filled the bucket, and Redis says its debt runs a minute
+    // (debtMs). Rebasing it to this clock's full bucket moved it back 2 s, and the replica ahead
+    // found room again at every refusal here.
     const rule = { limit: 10, windowSeconds: 60 };
     const filledAhead: Tat = { ms: NOW + 60_000 + 2000, frac: 0 };
-    const refused = gcra(filledAhead, rule, NOW);
+    const refused = gcra(filledAhead, rule, NOW, 60_000);
     expect({ allowed: refused.allowed, rebased: refused.rebased, retryAfterSeconds: refused.retryAfterSeconds, tat: [refused.tatMs, refused.tatFrac] }).toEqual({
       allowed: false,
       rebased: false,
@@ -93,8 +94,12 @@ describe("gcra", () => {
       tat: [NOW + 62_000, 0],
     });
     // The margin: up to REBASE_BEYOND_MS past a full bucket is a debt; a millisecond more is rebased.
-    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS, frac: 0 }, rule, NOW).rebased).toBe(false);
-    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS + 1, frac: 0 }, rule, NOW).rebased).toBe(true);
+    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS, frac: 0 }, rule, NOW, 60_000).rebased).toBe(false);
+    expect(gcra({ ms: NOW + 60_000 + REBASE_BEYOND_MS + 1, frac: 0 }, rule, NOW, 60_000).rebased).toBe(true);
+    // A debt that runs longer than a window was written under a longer one (a reload shortened
+    // it): rebased within the margin too. And in process (no debtMs) this clock wrote it: rebased.
+    expect(gcra(filledAhead, rule, NOW, 62_000).rebased).toBe(true);
+    expect(gcra(filledAhead, rule, NOW).rebased).toBe(true);
   });
 
   it("lets a full burst of every limit from 1 to 1000 a minute through at once, and no more", () => {
