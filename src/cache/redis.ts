@@ -236,6 +236,10 @@ return {0, '', gen, nowMs, -1}
 // Writes a snapshot read from the store, unless the key or its owner was invalidated after the
 // cache read that preceded the store read (its marker is newer), everything before some point
 // was distrusted since (floor), or the write comes more than the fill window after that read.
+// The owner index's lifetime is only ever lengthened: replicas may run different cache TTLs (one
+// restarted after a policy edit), and a shorter one would let the index expire before snapshots
+// the others wrote, so an account change would find none of them to delete. PTTL is -1 for the
+// set SADD has just made.
 // KEYS: snapshot, miss marker, owner index, gen, floor, key marker, owner marker.
 // ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL ms, window ms, hash.
 const FILL = `
@@ -254,7 +258,7 @@ end
 redis.call('SET', KEYS[1], stamp .. '|' .. ARGV[3], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[6])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
+if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
 return 1
 `;
 
