@@ -144,7 +144,7 @@ function issuedFields(key: KeyRecord): Record<string, unknown> {
 }
 
 /** What the account.upsert of a new account holds: the plan, status and role it was given. */
-function accountFields(account: AccountRecord): Record<string, unknown> {
+function accountFields(account: Pick<AccountRecord, "plan" | "subscriptionStatus" | "role">): Record<string, unknown> {
   return { plan: account.plan, subscription_status: account.subscriptionStatus, role: account.role };
 }
 
@@ -499,14 +499,21 @@ export class LifecycleService {
     // Built before the key is saved: nothing that could throw may stand between the insert and
     // the answer that carries the secret.
     const changes = issuedFields(record);
+    const accountDefaults = this.accountDefaults;
+    // Read first so a lost answer logs the account too: on MongoDB the account is made before the
+    // key, and a retry finds it made and records only its key.
+    const hadAccount = (await this.deps.store.getAccount(ownerId)) !== null;
     const created = await this.#unsure(
       () =>
         this.deps.store.createKey(record, {
           maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
-          accountDefaults: this.accountDefaults,
+          accountDefaults,
           nowMs,
         }),
-      () => [this.#record(actor, "key.create", record.id, ownerId, changes)],
+      () => [
+        ...(hadAccount ? [] : [this.#record(actor, "account.upsert", null, ownerId, accountFields(accountDefaults))]),
+        this.#record(actor, "key.create", record.id, ownerId, changes),
+      ],
     );
     // No cache is told: nothing can be cached under a hash that did not exist. Only a caller who
     // presented this exact secret before it was issued (a 190-bit guess) could have left a

@@ -1158,6 +1158,13 @@ export class MongoKeyStore implements KeyStore {
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey> {
     return guarded(async () => {
+      // An owner with no account would be on the default plan: at a cap of 0 it is refused before
+      // the account is made, so a refused CreateKey writes nothing (as SQLite's transaction), and
+      // never leaves an account made without its account.upsert record.
+      const defaultCap = limits.maxActiveKeysFor(limits.accountDefaults.plan, record.mode);
+      if (defaultCap <= 0 && (await this.#accounts.exists({ _id: record.ownerId })) === null) {
+        throw new CapExceededError(limits.accountDefaults.plan, defaultCap, record.mode);
+      }
       const upserted = await this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
       const createdAccount = upserted.created ? toAccount(upserted.doc) : null;
       await this.#settleSlots(upserted.doc, limits.nowMs);
