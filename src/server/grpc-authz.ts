@@ -40,7 +40,7 @@ import { listen } from "./http-lifecycle.js";
 import { CHECK_UNAVAILABLE_MESSAGE, MAX_CONCURRENT_STREAMS, createH2GrpcServer, echoedName } from "./grpc-h2.js";
 import type { H2ServerDeps } from "./grpc-h2.js";
 import type { GrpcEngine } from "../config.js";
-import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
+import type { DecisionTrace, DecisionTracer, EntryPoint } from "../tracing/tracing.js";
 import { echoedRequestId } from "../authz/reasons.js";
 import type { AccessLog } from "./access-log.js";
 import { createAcceptor } from "./tls.js";
@@ -192,6 +192,8 @@ export interface GrpcAuthzDeps {
   tls?: ListenerTls | null;
   /** Bounds on the request bytes the h2 engine's calls hold (default HELD_REQUEST_BYTES). */
   heldRequestBytes?: H2ServerDeps["heldRequestBytes"];
+  /** The monotonic clock that spaces out repeated log lines (default performance.now); tests step it. */
+  logClockMs?: () => number;
 }
 
 /** A started gRPC listener. */
@@ -238,6 +240,28 @@ function requestIdOf(request: DecodedCheckRequest, headers: HeaderBag): string {
   return echoedRequestId(typeof header === "string" ? header : "") || echoedRequestId(request.attributes?.request?.http?.id ?? "") || randomUUID();
 }
 
+/** How often the warn line for one kind of outage error is written; every such Check is counted. */
+const UNDECIDED_LOG_INTERVAL_MS = 60_000;
+/** Kinds of outage error remembered for that; past it they start over. */
+const MAX_UNDECIDED_KINDS = 256;
+
+/**
+ * Writes the warn line of a Check that an outage left undecided (UNAVAILABLE): once a minute for
+ * each kind of error (its name and message), with how many more there were since. During an
+ * outage every Check of a key no cache holds fails, and anyone can send such keys (a made-up one
+ * with a valid checksum needs no secret): a line with its stack for each would fill the log, and
+ * cached keys' Checks would wait behind its writes (pino writes on the event loop).
+ * keygate_checks_total{reason="UNAVAILABLE"} counts every one. A defect (INTERNAL) is not
+ * passed here: each of those is logged, with its request id.
+ */
+export function undecidedCheckLog(logger: Logger, mode: EntryPoint, logClockMs?: () => number): (error: unknown) => void {
+  const logged = new LogThrottle(UNDECIDED_LOG_INTERVAL_MS, MAX_UNDECIDED_KINDS, logClockMs);
+  return (error) => {
+    const since = logged.due(error instanceof Error ? `${error.name}\n${error.message}` : String(error));
+    if (since !== null) logger.warn({ err: error, mode, since }, "check could not be decided");
+  };
+}
+
 /** How often the error line for one set of bad per-route settings is written; every such Check is counted. */
 const MISCONFIGURED_LOG_INTERVAL_MS = 60_000;
 /** Sets of bad per-route settings remembered for that; past it they start over. */
@@ -249,6 +273,7 @@ const MAX_MISCONFIGURED_SETTINGS = 256;
  */
 export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, framed: boolean): AuthzCore {
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
+  const warnUndecided = undecidedCheckLog(logger, "grpc", deps.logClockMs);
 
   function fail(error: unknown, startedAt: number, request: DecodedCheckRequest, headers: HeaderBag, trace: DecisionTrace | undefined): void {
     const reason = failureReason(error);
@@ -256,7 +281,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
     // Only a failure to decide gets here (bad per-route settings are a ROUTE_MISCONFIGURED
     // denial): Envoy's failure_mode_allow decides what happens, keygate never guesses.
     if (reason === "INTERNAL") logger.error({ err: error, requestId: requestIdOf(request, headers) }, "check could not be decided");
-    else logger.warn({ err: error }, "check could not be decided");
+    else warnUndecided(error);
     if (trace !== undefined) tracer?.fail(trace, error);
     if (accessLog !== undefined) {
       const http = request.attributes?.request?.http;
@@ -288,7 +313,7 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
   }
 
   /** Each set of bad per-route settings logged lately. */
-  const misconfiguredLogged = new LogThrottle(MISCONFIGURED_LOG_INTERVAL_MS, MAX_MISCONFIGURED_SETTINGS);
+  const misconfiguredLogged = new LogThrottle(MISCONFIGURED_LOG_INTERVAL_MS, MAX_MISCONFIGURED_SETTINGS, deps.logClockMs);
 
   function recordAnswered(d: Decision, request: DecodedCheckRequest, requestId: string, startedAt: number, trace: DecisionTrace | undefined): void {
     const reason = d.allow ? "OK" : d.reason;

@@ -18,6 +18,7 @@ import type { Readiness } from "./readiness.js";
 import { closeHttpServer, listen } from "./http-lifecycle.js";
 import { closeAfterAnswer, lastAnswerDecided, stopReading, timeoutCheckIntervalMs, trackConnections } from "./connections.js";
 import type { ListenerLimits } from "./connections.js";
+import { undecidedCheckLog } from "./grpc-authz.js";
 import type { StartedServer } from "./grpc-authz.js";
 import { OriginalRequestReader } from "./original-request.js";
 import type { DecisionTrace, DecisionTracer } from "../tracing/tracing.js";
@@ -69,6 +70,8 @@ export interface HttpAuthzDeps {
   accessLog?: AccessLog | undefined;
   /** TLS on this listener (ALPN http/1.1), or null for plain HTTP. */
   tls?: ListenerTls | null;
+  /** The monotonic clock that spaces out repeated log lines (default performance.now); tests step it. */
+  logClockMs?: () => number;
 }
 
 function firstHeader(req: IncomingMessage, name: string): string | undefined {
@@ -115,6 +118,7 @@ function send(res: ServerResponse, answer: HttpAnswer): void {
 export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string, port: number): Promise<StartedServer> } {
   const { pipeline, metrics, logger, readiness, tracer, accessLog } = deps;
   const source = new OriginalRequestReader(deps.proxy);
+  const warnUndecided = undecidedCheckLog(logger, "http", deps.logClockMs);
   let misconfigurationLogged = false;
   // Once stop is called, every answer closes its connection: a proxy's busy keep-alive connection
   // then ends with the Check in flight, instead of taking new Checks until the grace is over and
@@ -200,7 +204,7 @@ export function createHttpAuthzServer(deps: HttpAuthzDeps): { start(host: string
       const reason = failureReason(error);
       metrics.recordCheck("http", reason, startedAt, performance.now());
       if (reason === "INTERNAL") logger.error({ err: error, requestId }, "check could not be decided");
-      else logger.warn({ err: error }, "check could not be decided");
+      else warnUndecided(error);
       if (trace !== undefined) tracer?.fail(trace, error);
       if (accessLog !== undefined) accessLog.failed("http", method, path, requestId, startedAt, reason);
       reply(unavailableAnswer(requestId));
