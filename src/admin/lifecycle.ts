@@ -6,6 +6,7 @@ import type { Invalidation } from "../cache/cache.js";
 import type { SnapshotLookup } from "../cache/lookup.js";
 import { keptUnderIdempotencyKey } from "../authz/pipeline.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
+import { IdempotencyKeyMismatchError } from "../limits/idempotency.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
 import { DENIALS } from "../authz/reasons.js";
 import { EventIds, newKeyId } from "../keys/ids.js";
@@ -84,6 +85,41 @@ export interface ChargeUsageAnswer {
   /** When the charge was decided: its limit headers are as of then. */
   atMs: number;
   replayed: boolean;
+}
+
+/**
+ * What a ChargeUsage charged, kept with its answer under the idempotency key: a call with the key
+ * is answered from it only when it is for the same charge. `keyId` is "" for an owner's charge.
+ */
+interface ChargeFingerprint {
+  cost: number;
+  keyId: string;
+  quota: string;
+  mode: KeyMode;
+}
+
+/** What the idempotency ledger keeps of a ChargeUsage; `fingerprint` is absent from an earlier release's, which replays whatever it is asked. */
+interface LedgeredCharge {
+  charge: UsageCharge;
+  atMs: number;
+  fingerprint?: ChargeFingerprint;
+}
+
+function sameCharge(a: ChargeFingerprint, b: ChargeFingerprint): boolean {
+  return a.cost === b.cost && a.keyId === b.keyId && a.quota === b.quota && a.mode === b.mode;
+}
+
+function chargeText(charge: ChargeFingerprint): string {
+  const by = charge.keyId === "" ? "the account" : `${charge.mode === "test" ? "test " : ""}key ${charge.keyId}`;
+  return `a charge of ${charge.cost} credits by ${by}${charge.quota === "" ? "" : ` against quota "${charge.quota}"`}`;
+}
+
+/** The refusal of an idempotency key kept for another charge (`usedFor`), as AddCredits refuses one kept for another amount. */
+function reusedChargeKey(usedFor: string, charge: ChargeFingerprint): InvalidArgumentError {
+  return new InvalidArgumentError(
+    "idempotency_key",
+    `was used for ${usedFor}, and this one is ${chargeText(charge)}; nothing was charged: a different charge needs a key of its own`,
+  );
 }
 
 /** The most credits one ChargeUsage may cost. */
@@ -1082,7 +1118,9 @@ export class LifecycleService {
   /**
    * ChargeUsage: one metered use of `cost` credits by an account or one of its keys, from a
    * backend. Every input is checked before anything is charged; a retry with the same
-   * idempotency key (per owner) gets the first answer and charges nothing.
+   * idempotency key (per owner) gets the first answer and charges nothing. A call with the key for
+   * another charge (cost, key, quota or mode) is refused, charging nothing: its answer would
+   * otherwise be the first charge's, and what it asked for never billed.
    */
   async chargeUsage(input: { ownerId?: string | undefined; keyId?: string | undefined; cost: number; idempotencyKey: string; quota?: string | undefined }): Promise<ChargeUsageAnswer> {
     const keyId = input.keyId === undefined ? undefined : checkKeyId("key_id", input.keyId);
@@ -1100,17 +1138,26 @@ export class LifecycleService {
     const stored = await this.deps.store.getAccount(owner);
     if (stored === null && key === null) throw new NotFoundError(`account "${owner}" does not exist`);
     const account = stored ?? { ownerId: owner, ...this.accountDefaults };
+    const fingerprint: ChargeFingerprint = { cost: input.cost, keyId: key?.id ?? "", quota: input.quota ?? "", mode: key?.mode ?? "live" };
     // Owner ids are printable ASCII without spaces, so the first space ends one.
-    const once = await this.deps.idempotency.once(
-      `${owner} ${input.idempotencyKey}`,
-      async (afterFailure, confirmClaim) => ({
-        charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure, confirmClaim),
-        atMs: this.deps.nowMs(),
-      }),
-      // A refusal by rate or by daily quota charged nothing: not kept, so a retry with the key
-      // (after its Retry-After) is judged again.
-      (answer) => keptUnderIdempotencyKey(answer.charge),
-    );
+    const once = await this.deps.idempotency
+      .once<LedgeredCharge>(
+        `${owner} ${input.idempotencyKey}`,
+        async (afterFailure, confirmClaim) => ({
+          charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure, confirmClaim),
+          atMs: this.deps.nowMs(),
+          fingerprint,
+        }),
+        // A refusal by rate or by daily quota charged nothing: not kept, so a retry with the key
+        // (after its Retry-After) is judged again.
+        (answer) => keptUnderIdempotencyKey(answer.charge),
+      )
+      // The charge Redis kept beside its counters (the ledger's answer lost) was for another charge.
+      .catch((error: unknown) => {
+        throw error instanceof IdempotencyKeyMismatchError ? reusedChargeKey(error.usedFor, fingerprint) : error;
+      });
+    const kept = once.value.fingerprint;
+    if (once.replayed && kept !== undefined && !sameCharge(kept, fingerprint)) throw reusedChargeKey(chargeText(kept), fingerprint);
     // Replayed by the ledger, or by the meter from the charge it kept (the ledger's answer lost).
     return { ownerId: owner, keyId: key?.id ?? "", charge: once.value.charge, atMs: once.value.atMs, replayed: once.replayed || once.value.charge.replayed };
   }

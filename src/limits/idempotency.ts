@@ -27,6 +27,18 @@ export class IdempotencyUnavailableError extends Error {
   override readonly name = "IdempotencyUnavailableError";
 }
 
+/**
+ * The answer kept under an idempotency key is for another call than this one (a charge of
+ * another cost, mode or quota): nothing was run or charged. `usedFor` says what the key was used
+ * for, to name in the refusal.
+ */
+export class IdempotencyKeyMismatchError extends Error {
+  override readonly name = "IdempotencyKeyMismatchError";
+  constructor(readonly usedFor: string) {
+    super(`the idempotency key was used for ${usedFor}`);
+  }
+}
+
 /** A first answer, or the first answer again. */
 export interface Once<T> {
   value: T;
@@ -240,6 +252,13 @@ export class RedisIdempotencyLedger implements IdempotencyLedger {
       value = await run(afterFailure, claim.confirm);
     } catch (error) {
       claim.stop();
+      // Refused for another call's kept answer, having charged nothing: the key is left as it was
+      // found, free (let go here) or FAILED (marked again below), so the identical retry replays
+      // the kept charge and records it only when its own call never did.
+      if (error instanceof IdempotencyKeyMismatchError && !afterFailure) {
+        await this.redis.eval(RELEASE, 1, name, token).catch(() => undefined);
+        throw error;
+      }
       // Not a DEL: the charge may still be made (sent to a Redis that answers late), and the
       // retry that finds FAILED records what it replays. Written on the same connection after the
       // charge, so it lands after it; sent again until Redis takes it (#markFailed).

@@ -46,7 +46,8 @@ export interface ChargeInput {
   /**
    * ChargeUsage's idempotency key (unique per owner): a meter that can answer a charge without
    * its caller hearing the answer (Redis) keeps the charge's outcome under it, so a retry after
-   * such a charge is answered from it and charges nothing. Checks have none.
+   * such a charge is answered from it and charges nothing; one for another charge (its mode,
+   * cost or quota differ) is refused (IdempotencyKeyMismatchError). Checks have none.
    */
   idempotencyKey?: string;
   /**

@@ -6,7 +6,7 @@ import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
 import { ChargeAbandonedError, MeterUnavailableError, REBASE_BEYOND_MS, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
-import { IDEMPOTENCY_TTL_MS } from "./idempotency.js";
+import { IDEMPOTENCY_TTL_MS, IdempotencyKeyMismatchError } from "./idempotency.js";
 import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
 
@@ -22,7 +22,8 @@ import type { UsageRecorder } from "./usage.js";
 //       counted (1: the request counts toward the quota counter whether or not a quota limits it).
 // A credit hash is loaded when it has `seen` (see SEED); one without it (partial, or written by an
 // earlier release) is reported as not loaded, and SEED adopts or replaces it.
-// Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run), rate remaining,
+// Reply: status (0 ok, 1 rate, 2 quota, 3 credits, 4 credits not loaded, 5 dry run, 6 the
+//        idempotency key was used for another charge: see below), rate remaining,
 //        rate reset ms, retry-after ms, quota used, credit balance (-1 not metered or not loaded),
 //        spent monthly, spent top-up, and on 0 the period charged as YYYYMM (0 when not metered):
 //        the balance's, which is later than the caller's when the caller's clock reads an earlier
@@ -38,13 +39,18 @@ import type { UsageRecorder } from "./usage.js";
 // judged again (keptUnderIdempotencyKey, the ledger's rule). ARGV[14], with the fourth key: the
 // charge's own nonce, kept as the 10th place (earlier releases read it as a number and overwrite
 // it with 1); a script that finds its own nonce kept (the same script run again) answers a 10th
-// place of 0, so the call records the charge it made.
+// place of 0, so the call records the charge it made. ARGV[15], with the fourth key: what the
+// charge is for (chargeFingerprint), kept as the 11th place; a kept reply whose 11th place differs
+// is not answered: the reply is {6, the kept fingerprint}, and nothing is charged. A kept reply
+// without one (an earlier release's) is answered as before. Earlier releases' scripts read the
+// 11th place as a number (it is never one, so it is dropped) or not at all.
 const CHARGE = `
 local function outcome(reply)
   if KEYS[4] then
     local parts = {}
     for i = 1, 9 do parts[i] = string.format('%.0f', reply[i] or 0) end
     parts[10] = ARGV[14] or '0'
+    if ARGV[15] then parts[11] = ARGV[15] end
     redis.call('SET', KEYS[4], table.concat(parts, ','), 'PX', ARGV[12])
   end
   return reply
@@ -54,6 +60,7 @@ if KEYS[4] then
   if kept then
     local parts = {}
     for v in string.gmatch(kept, '[^,]+') do parts[#parts + 1] = v end
+    if ARGV[15] and parts[11] and parts[11] ~= ARGV[15] then return {6, parts[11]} end
     local reply = {}
     for i = 1, 9 do reply[i] = tonumber(parts[i] or '0') or 0 end
     if ARGV[14] and parts[10] == ARGV[14] then reply[10] = 0 else reply[10] = 1 end
@@ -229,6 +236,24 @@ return 1
 
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
 
+/**
+ * What a charge with an idempotency key is for, kept with its reply (CHARGE's ARGV[15]): mode,
+ * cost and quota, which decide what it charges (a test key's cost is 0: it spends nothing). No
+ * comma (the kept reply's separator), and never a number (earlier releases' scripts drop it).
+ */
+function chargeFingerprint(input: ChargeInput): string {
+  return `${input.meter}:${input.cost}:${input.quota ?? ""}`;
+}
+const FINGERPRINT = /^(live|test):(\d+):([a-z0-9_-]*)$/;
+
+/** What a kept fingerprint's charge was, for IdempotencyKeyMismatchError. */
+function keptChargeText(fingerprint: unknown): string {
+  const [, meter, cost, quota] = (typeof fingerprint === "string" ? FINGERPRINT.exec(fingerprint) : null) ?? [];
+  if (meter === undefined || cost === undefined) return "another charge";
+  const against = quota === undefined || quota === "" ? "" : ` against quota "${quota}"`;
+  return meter === "test" ? `a test key's charge${against}` : `a charge of ${cost} credits${against}`;
+}
+
 /** A period the charge script names as YYYYMM, as "YYYY-MM". */
 function periodText(yyyymm: number): string {
   return `${Math.floor(yyyymm / 100)}-${String(yyyymm % 100).padStart(2, "0")}`;
@@ -366,9 +391,10 @@ export class RedisMeter implements Meter {
     ];
     if (input.idempotencyKey !== undefined && !dryRun) {
       keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
-      args.push(randomBytes(9).toString("base64url"));
+      args.push(randomBytes(9).toString("base64url"), chargeFingerprint(input));
     }
     const reply = await this.#run(CHARGE, keys, args, dryRun ? "peek" : "charge");
+    if (Array.isArray(reply) && reply[0] === 6) throw new IdempotencyKeyMismatchError(keptChargeText(reply[1]));
     if (!Array.isArray(reply) || reply.length < 8 || reply.length > 10 || !reply.every((v): v is number => typeof v === "number")) {
       throw new Error("unexpected reply from the charge script");
     }
@@ -468,8 +494,9 @@ export class RedisMeter implements Meter {
   }
 
   async #degrade(input: ChargeInput, error: unknown): Promise<ChargeResult> {
-    // Not a Redis failure: the Check was answered before its charge was sent.
-    if (error instanceof ChargeAbandonedError) throw error;
+    // Not a Redis failure: the Check was answered before its charge was sent, or Redis refused
+    // the charge for another one's idempotency key.
+    if (error instanceof ChargeAbandonedError || error instanceof IdempotencyKeyMismatchError) throw error;
     this.logger.warn({ err: error, mode: this.onError }, "Redis limits failed");
     if (this.onError === "fail-closed") throw new MeterUnavailableError("rate limits, quotas and credits cannot be checked: Redis is unavailable", { cause: error });
     // A failure that came after the Check was answered UNAVAILABLE: the fallback charges nothing either.
