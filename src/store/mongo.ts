@@ -359,11 +359,16 @@ async function resend<T>(write: () => Promise<T>, before: () => void): Promise<T
     return await write();
   }
 }
+/**
+ * The account as the cold lookup joins it: without its keyed top-ups and slot claims, which a
+ * Check never reads (snapshotPipeline).
+ */
+export type JoinedAccountDoc = Omit<AccountDoc, "credit_topups" | "slot_claims">;
 /** One document of the cold lookup's answer: a hash asked for, its key and the key's account, each absent when not found. */
 export interface AnchoredSnapshotDoc {
   hash: string;
   key?: KeyDoc;
-  account?: AccountDoc;
+  account?: JoinedAccountDoc;
 }
 /**
  * The documents of an `aggregate` command's first batch, each checked: a hash, a key (when one
@@ -378,6 +383,34 @@ export function firstBatch(reply: mongoose.mongo.Document): AnchoredSnapshotDoc[
     if (!isAnchoredSnapshot(doc)) throw new StoreUnavailableError("MongoDB answered the key lookup with something other than its documents");
   }
   return batch as AnchoredSnapshotDoc[];
+}
+
+/**
+ * The cold lookup's answer from its `aggregate` reply: the first batch, when the reply leaves no
+ * cursor open. MongoDB ends a batch at 16 MiB of documents whatever batchSize asked, and keeps a
+ * cursor for the rest; a getMore would have to carry the session the aggregate ran in (the
+ * driver's implicit one). So a reply in more than one batch fails the lookup, and its cursor is
+ * killed with `run` (not waited for), rather than left open on the server until its idle timeout.
+ */
+export function lookupAnswer(reply: mongoose.mongo.Document, run: (command: mongoose.mongo.Document) => Promise<unknown>): AnchoredSnapshotDoc[] {
+  const cursorId = openCursorId(reply);
+  if (cursorId !== null) {
+    void run({ killCursors: ANCHOR_COLLECTION, cursors: [cursorId] }).catch(() => undefined);
+    throw new StoreUnavailableError("MongoDB answered the key lookup in more than one batch");
+  }
+  return firstBatch(reply);
+}
+
+/**
+ * The id of the cursor a reply leaves open; null when it leaves none (id 0). The driver reads an
+ * id that fits a double as a number; the server wants it back as a 64-bit integer
+ * (mongo-java-server refuses a killCursors of an int32).
+ */
+function openCursorId(reply: mongoose.mongo.Document): mongoose.mongo.Long | null {
+  const cursor: unknown = reply["cursor"];
+  const id: unknown = typeof cursor === "object" && cursor !== null && "id" in cursor ? cursor.id : undefined;
+  if (mongoose.mongo.Long.isLong(id)) return id.isZero() ? null : id;
+  return typeof id === "number" && Number.isSafeInteger(id) && id !== 0 ? mongoose.mongo.Long.fromNumber(id) : null;
 }
 
 function isAnchoredSnapshot(value: unknown): value is AnchoredSnapshotDoc {
@@ -431,6 +464,11 @@ const ANCHOR_ID = "anchor";
  * whole, as every other query reads them (toKey and toAccount read what they need): a final
  * `$project` of their fields saved about 100 bytes a lookup, and cost that server more than the
  * rest of the lookup, resolving each dotted path anew (a third of its CPU at 1,000 cold Checks/s).
+ * Whole but for the account's two arrays, which a Check never reads and which grow: its keyed
+ * top-ups (up to MAX_KEYED_TOPUPS records of a key of up to 200 characters, about 267 KB) and its
+ * slot claims. Joined onto each of 64 keys, the top-ups came to more than the 16 MiB MongoDB puts
+ * in one reply batch. A final exclusion `$project` of those two paths leaves them out (that
+ * server's `$lookup` takes no sub-pipeline beside `localField`).
  */
 function snapshotPipeline(keys: string, accounts: string): (hashes: readonly string[]) => mongoose.mongo.Document[] {
   const limit = { $limit: 1 };
@@ -439,6 +477,7 @@ function snapshotPipeline(keys: string, accounts: string): (hashes: readonly str
     { $unwind: { path: "$key", preserveNullAndEmptyArrays: true } },
     { $lookup: { from: accounts, localField: "key.owner_id", foreignField: "_id", as: "account" } },
     { $unwind: { path: "$account", preserveNullAndEmptyArrays: true } },
+    { $project: { "account.credit_topups": 0, "account.slot_claims": 0 } },
   ];
   const unwindHashes = { $unwind: { path: "$hash" } };
   // $literal: the hashes are data, never read as field paths or operators. $unwind makes one
@@ -934,9 +973,9 @@ export class MongoKeyStore implements KeyStore {
   /**
    * The cold lookup of `hashes`: one `aggregate` command, read from its reply (the driver's cursor
    * around it, its options, session and cleanup, cost about a fifth of a cold lookup's CPU). The
-   * anchor gives one document a hash, so the first batch holds the whole answer and the server
-   * keeps no cursor. An empty answer means the anchor is gone, so nothing was asked: never read
-   * as "no such key", it is put back and the lookup asked again.
+   * anchor gives one document a hash, so the first batch holds the whole answer (lookupAnswer).
+   * An empty answer means the anchor is gone, so nothing was asked: never read as "no such key",
+   * it is put back and the lookup asked again.
    */
   async #readSnapshots(hashes: readonly string[]): Promise<Map<string, AnchoredSnapshotDoc>> {
     let docs = await this.#readBatch(hashes);
@@ -958,8 +997,11 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async #readBatch(hashes: readonly string[]): Promise<AnchoredSnapshotDoc[]> {
-    const reply = await this.#db.command({ aggregate: ANCHOR_COLLECTION, pipeline: this.#snapshotPipeline(hashes), cursor: { batchSize: hashes.length } });
-    return firstBatch(reply);
+    // One more than the answer holds: MongoDB closes the cursor only once it has read past the
+    // last document, and a batch of exactly batchSize documents leaves it open.
+    const batchSize = hashes.length + 1;
+    const reply = await this.#db.command({ aggregate: ANCHOR_COLLECTION, pipeline: this.#snapshotPipeline(hashes), cursor: { batchSize } });
+    return lookupAnswer(reply, (command) => this.#db.command(command));
   }
 
   async upsertAccount(input: AccountUpsert, defaults: AccountDefaults, nowMs: number): Promise<UpsertedAccount> {

@@ -1,6 +1,7 @@
+import mongoose from "mongoose";
 import { describe, expect, it } from "vitest";
 import { StoreUnavailableError } from "../../src/store/errors.js";
-import { firstBatch } from "../../src/store/mongo.js";
+import { firstBatch, lookupAnswer } from "../../src/store/mongo.js";
 
 // The cold lookup's answer is checked document by document before any of it is used: a join that
 // went wrong (a server bug, a hand-edited collection) must fail the lookup, never hand a Check
@@ -46,5 +47,63 @@ describe("the cold lookup's answer (firstBatch)", () => {
 
   it("refuses a reply without a first batch", () => {
     expect(() => firstBatch({ ok: 1 })).toThrow(new StoreUnavailableError("MongoDB answered the key lookup without a first batch"));
+  });
+});
+
+// MongoDB ends a reply batch at 16 MiB and keeps a cursor for the rest: a reply with a cursor open
+// is not the whole answer. It fails the lookup (a hash left out must never read as unknown), and
+// the cursor is killed rather than left on the server until its idle timeout.
+describe("the cold lookup's whole answer (lookupAnswer)", () => {
+  const docs = [{ hash: "h1", key: key("h1", "o1"), account: account("o1") }, { hash: "h2" }];
+  const withCursor = (id: unknown): Record<string, unknown> => ({ cursor: { id, ns: "keygate.lookup_anchor", firstBatch: docs }, ok: 1 });
+
+  function answer(reply: Record<string, unknown>, run: (command: mongoose.mongo.Document) => Promise<unknown> = () => Promise.resolve({ ok: 1 })): { result: unknown; sent: mongoose.mongo.Document[] } {
+    const sent: mongoose.mongo.Document[] = [];
+    try {
+      return {
+        result: lookupAnswer(reply, (command) => {
+          sent.push(command);
+          return run(command);
+        }),
+        sent,
+      };
+    } catch (error) {
+      return { result: error, sent };
+    }
+  }
+
+  it.each([
+    ["0", 0],
+    ["a 64-bit 0", mongoose.mongo.Long.ZERO],
+  ])("is the first batch when the reply's cursor id is %s, and sends nothing", (_, id) => {
+    expect(answer(withCursor(id))).toEqual({ result: docs, sent: [] });
+  });
+
+  it.each([
+    ["a number (the driver's reading of an id that fits a double)", 7, mongoose.mongo.Long.fromNumber(7)],
+    ["a 64-bit integer", mongoose.mongo.Long.fromString("8646911284551352321"), mongoose.mongo.Long.fromString("8646911284551352321")],
+  ])("fails the lookup and kills the cursor when the reply leaves one open, its id %s", (_, id, killed) => {
+    const { result, sent } = answer(withCursor(id));
+    expect(result).toBeInstanceOf(StoreUnavailableError);
+    expect(result).toMatchObject({ message: "MongoDB answered the key lookup in more than one batch" });
+    expect(sent).toEqual([{ killCursors: "lookup_anchor", cursors: [killed] }]);
+    expect(mongoose.mongo.Long.isLong(sent[0]?.["cursors"]?.[0])).toBe(true);
+  });
+
+  it("fails the lookup the same way when the kill itself fails, leaving no rejection unhandled", async () => {
+    let unhandled: unknown;
+    const onUnhandled = (reason: unknown): void => {
+      unhandled = reason;
+    };
+    process.on("unhandledRejection", onUnhandled);
+    try {
+      const { result, sent } = answer(withCursor(7), () => Promise.reject(new Error("connection closed")));
+      expect(result).toMatchObject({ message: "MongoDB answered the key lookup in more than one batch" });
+      expect(sent).toHaveLength(1);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(unhandled).toBeUndefined();
+    } finally {
+      process.off("unhandledRejection", onUnhandled);
+    }
   });
 });
