@@ -200,6 +200,11 @@ const invalidationSchema = z.discriminatedUnion("kind", [
 
 /** DEL arguments per command when dropping an owner's snapshots; keeps one command bounded. */
 const DELETE_BATCH = 500;
+/**
+ * How many hashes an owner's index may hold before a fill prunes it, whatever it kept at its
+ * last pruning: an owner with a few live keys is not pruned at every other fill.
+ */
+export const OWNER_INDEX_PRUNE_FLOOR = 64;
 
 /**
  * How long after its cache read a store read may still be written to L2. Above a slow store
@@ -240,8 +245,18 @@ return {0, '', gen, nowMs, -1}
 // restarted after a policy edit), and a shorter one would let the index expire before snapshots
 // the others wrote, so an account change would find none of them to delete. PTTL is -1 for the
 // set SADD has just made.
-// KEYS: snapshot, miss marker, owner index, gen, floor, key marker, owner marker.
-// ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL ms, window ms, hash.
+// The index is pruned here too. A hash stays listed when its snapshot expires, or is deleted
+// other than by INVALIDATE_KEY (READ dropping a stale entry, the plain-DEL fallback, a replica of
+// an earlier release), and an index kept alive by one key in use would grow with every key the
+// owner ever used, for INVALIDATE_OWNER to walk in one script.
+// Once it holds more than twice the members it kept at its last pruning (and more than the
+// floor), the members whose snapshot is gone are removed, in this script, so no fill can write
+// one of them back between the look and the removal; a member whose snapshot exists always
+// stays. That costs O(1) a fill, amortized. The size kept is lowered when the index is found
+// smaller (deleted and made again, or members removed), and lives as long as the index.
+// KEYS: snapshot, miss marker, owner index, gen, floor, key marker, owner marker, index size kept.
+// ARGV: generation ("" for a snapshot known to be current), read time ms, JSON, TTL ms, window ms,
+// hash, snapshot key prefix, pruning floor.
 const FILL = `
 local stamp = ARGV[1]
 if stamp == '' then
@@ -258,7 +273,23 @@ end
 redis.call('SET', KEYS[1], stamp .. '|' .. ARGV[3], 'PX', ARGV[4])
 redis.call('DEL', KEYS[2])
 redis.call('SADD', KEYS[3], ARGV[6])
-if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+local life = redis.call('PTTL', KEYS[3])
+if life < tonumber(ARGV[4]) then
+  life = tonumber(ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], life)
+end
+local kept = tonumber(redis.call('GET', KEYS[8]) or '0') or 0
+local size = redis.call('SCARD', KEYS[3])
+if size > math.max(2 * kept, tonumber(ARGV[8])) then
+  for _, hash in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    if redis.call('EXISTS', ARGV[7] .. hash) == 0 then redis.call('SREM', KEYS[3], hash) end
+  end
+  redis.call('SET', KEYS[8], redis.call('SCARD', KEYS[3]), 'PX', life)
+elseif size < kept then
+  redis.call('SET', KEYS[8], size, 'PX', life)
+elseif kept > 0 and redis.call('PTTL', KEYS[8]) < life then
+  redis.call('PEXPIRE', KEYS[8], life)
+end
 return 1
 `;
 
@@ -277,17 +308,31 @@ local function nextGeneration(genKey)
 end
 `;
 
-// Invalidates one key: a new generation, the key's marker at it, and its entries deleted.
-// KEYS: snapshot, miss marker, gen, key marker. ARGV: marker TTL s.
+// Invalidates one key: a new generation, the key's marker at it, and its entries deleted. The
+// hash leaves its owner's index with the snapshot: the owner is read from the snapshot itself
+// ("<generation>|<json>", or bare JSON from a release before generations), since the invalidation
+// names only the hash. So the index's name is built here (undeclared, as INVALIDATE_OWNER's
+// snapshot names: the L2 prefix's hash tag keeps it in the same Cluster slot). redis.pcall: an
+// index that is not a set must not fail the invalidation, whose deletions are made by then.
+// KEYS: snapshot, miss marker, gen, key marker. ARGV: marker TTL s, owner index prefix, hash.
 const INVALIDATE_KEY = `${NEXT_GENERATION}
 local g = nextGeneration(KEYS[3])
 redis.call('SET', KEYS[4], g, 'EX', ARGV[1])
+local v = redis.call('GET', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2])
+if v then
+  local sep = string.sub(v, 1, 1) ~= '{' and string.find(v, '|', 1, true)
+  local ok, snapshot = pcall(cjson.decode, sep and string.sub(v, sep + 1) or v)
+  local account = ok and type(snapshot) == 'table' and snapshot.account
+  if type(account) == 'table' and type(account.ownerId) == 'string' then
+    redis.pcall('SREM', ARGV[2] .. account.ownerId, ARGV[3])
+  end
+end
 return g
 `;
 
 // Invalidates every key of an owner, in one step so a fill cannot slip between listing the
-// owner's hashes and deleting them. KEYS: owner index, gen, owner marker.
+// owner's hashes and deleting them. KEYS: owner index, gen, owner marker, index size kept.
 // ARGV: marker TTL s, snapshot key prefix, batch size.
 const INVALIDATE_OWNER = `${NEXT_GENERATION}
 local g = nextGeneration(KEYS[2])
@@ -299,7 +344,7 @@ for i = 1, #hashes, batch do
   for j = i, math.min(i + batch - 1, #hashes) do keys[#keys + 1] = ARGV[2] .. hashes[j] end
   redis.call('DEL', unpack(keys))
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[4])
 return g
 `;
 
@@ -337,8 +382,9 @@ export interface RedisCacheOptions {
 /**
  * L2 in Redis: snapshots under `snap:<hash>` (with the generation they were read under), cached
  * misses under `miss:<hash>`, and a set of hashes per owner under `owner:<ownerId>` so an
- * account change can drop all of its snapshots. A read is one script call. Redis errors
- * propagate; the caller decides how to degrade.
+ * account change can drop all of its snapshots (kept within about twice the owner's live
+ * snapshots: see FILL). A read is one script call. Redis errors propagate; the caller decides how
+ * to degrade.
  */
 export class RedisSharedCache implements SharedCache {
   readonly #redis: RedisClient;
@@ -409,8 +455,17 @@ export class RedisSharedCache implements SharedCache {
     holdWritesForThisTurn(this.#redis);
     const written = await this.#run(
       FILL,
-      [this.#snapKey(hash), this.#missKey(hash), this.#ownerKey(ownerId), this.#genKey, this.#floorKey, this.#keyMarker(hash), this.#ownerMarker(ownerId)],
-      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlMs, FILL_WINDOW_MS, hash],
+      [
+        this.#snapKey(hash),
+        this.#missKey(hash),
+        this.#ownerKey(ownerId),
+        this.#genKey,
+        this.#floorKey,
+        this.#keyMarker(hash),
+        this.#ownerMarker(ownerId),
+        this.#ownerIndexSizeKey(ownerId),
+      ],
+      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlMs, FILL_WINDOW_MS, hash, this.#snapKey(""), OWNER_INDEX_PRUNE_FLOOR],
     );
     return written === 1;
   }
@@ -445,12 +500,13 @@ export class RedisSharedCache implements SharedCache {
 
   async #writeInvalidation(event: Exclude<Invalidation, { kind: "all" }>): Promise<void> {
     if (event.kind === "key") {
-      await this.#run(INVALIDATE_KEY, [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)], [MARKER_TTL_SECONDS], this.#invalidator);
+      const keys = [this.#snapKey(event.hash), this.#missKey(event.hash), this.#genKey, this.#keyMarker(event.hash)];
+      await this.#run(INVALIDATE_KEY, keys, [MARKER_TTL_SECONDS, this.#ownerKey(""), event.hash], this.#invalidator);
       return;
     }
-    await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId)], [
+    await this.#run(INVALIDATE_OWNER, [this.#ownerKey(event.ownerId), this.#genKey, this.#ownerMarker(event.ownerId), this.#ownerIndexSizeKey(event.ownerId)], [
       MARKER_TTL_SECONDS,
-      `${this.#prefix}snap:`,
+      this.#snapKey(""),
       DELETE_BATCH,
     ], this.#invalidator);
   }
@@ -493,6 +549,11 @@ export class RedisSharedCache implements SharedCache {
 
   #ownerMarker(ownerId: string): string {
     return `${this.#prefix}l2:inv:o:${ownerId}`;
+  }
+
+  /** How many hashes the owner's index held after its last pruning (FILL). */
+  #ownerIndexSizeKey(ownerId: string): string {
+    return `${this.#prefix}l2:pruned:o:${ownerId}`;
   }
 }
 
