@@ -247,7 +247,7 @@ const MAX_UNDECIDED_KINDS = 256;
 
 /**
  * Writes the warn line of a Check that an outage left undecided (UNAVAILABLE): once a minute for
- * each kind of error (its name and message), with how many more there were since. During an
+ * each kind of error (its name and message, numbers aside), with how many more there were since. During an
  * outage every Check of a key no cache holds fails, and anyone can send such keys (a made-up one
  * with a valid checksum needs no secret): a line with its stack for each would fill the log, and
  * cached keys' Checks would wait behind its writes (pino writes on the event loop).
@@ -257,7 +257,9 @@ const MAX_UNDECIDED_KINDS = 256;
 export function undecidedCheckLog(logger: Logger, mode: EntryPoint, logClockMs?: () => number): (error: unknown) => void {
   const logged = new LogThrottle(UNDECIDED_LOG_INTERVAL_MS, MAX_UNDECIDED_KINDS, logClockMs);
   return (error) => {
-    const since = logged.due(error instanceof Error ? `${error.name}\n${error.message}` : String(error));
+    // Numbers masked: a message may carry one that differs from Check to Check (what was left of
+    // a budget, a duration), which would make each line a kind of its own.
+    const since = logged.due((error instanceof Error ? `${error.name}\n${error.message}` : String(error)).replace(/\d+(?:\.\d+)?/g, "#"));
     if (since !== null) logger.warn({ err: error, mode, since }, "check could not be decided");
   };
 }
