@@ -109,6 +109,17 @@ function sameCharge(a: ChargeFingerprint, b: ChargeFingerprint): boolean {
   return a.cost === b.cost && a.keyId === b.keyId && a.quota === b.quota && a.mode === b.mode;
 }
 
+/**
+ * The fingerprint as the meter keeps it beside its charge (ChargeInput.idempotencyFingerprint), so
+ * the charge Redis replays when the ledger's answer was lost is refused or replayed as the ledger
+ * would: "mode:cost:quota:keyId", e.g. "live:5::key_…". Unambiguous: a mode is live or test, a
+ * cost digits, and quota names and key ids have no colon (nor a comma, which separates the kept
+ * reply's places).
+ */
+function fingerprintText(charge: ChargeFingerprint): string {
+  return `${charge.mode}:${charge.cost}:${charge.quota}:${charge.keyId}`;
+}
+
 function chargeText(charge: ChargeFingerprint): string {
   const by = charge.keyId === "" ? "the account" : `${charge.mode === "test" ? "test " : ""}key ${charge.keyId}`;
   return `a charge of ${charge.cost} credits by ${by}${charge.quota === "" ? "" : ` against quota "${charge.quota}"`}`;
@@ -1143,8 +1154,11 @@ export class LifecycleService {
     const once = await this.deps.idempotency
       .once<LedgeredCharge>(
         `${owner} ${input.idempotencyKey}`,
+        // The meter replays a charge it kept only for this same fingerprint, so the one the ledger
+        // keeps with a replayed charge is the one kept with it (one kept in the earlier form,
+        // without the key, is replayed only when the mode, cost and quota it names match).
         async (afterFailure, confirmClaim) => ({
-          charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, afterFailure, confirmClaim),
+          charge: await this.deps.pipeline.chargeUsage(account, key, input.cost, input.quota ?? null, input.idempotencyKey, fingerprintText(fingerprint), afterFailure, confirmClaim),
           atMs: this.deps.nowMs(),
           fingerprint,
         }),

@@ -287,7 +287,8 @@ export class DecisionPipeline {
    * given), without a request: the daily quota and credits a Check on a metered route uses, in the
    * same meter and as atomically. Charges have a rate bucket of their own per account
    * (limits.chargeRateLimit), so backend charging never uses up the account's Check rate.
-   * `idempotencyKey` (unique per owner) goes to the meter (ChargeInput.idempotencyKey).
+   * `idempotencyKey` (unique per owner) goes to the meter (ChargeInput.idempotencyKey), with
+   * `idempotencyFingerprint`, what the charge is as the caller's ledger compares it.
    */
   async chargeUsage(
     account: Pick<AccountRecord, "ownerId" | "plan" | "subscriptionStatus">,
@@ -295,6 +296,8 @@ export class DecisionPipeline {
     cost: number,
     quotaName: string | null,
     idempotencyKey: string,
+    /** The charge as asked, before the test-mode adjustments below (ChargeInput.idempotencyFingerprint). */
+    idempotencyFingerprint: string,
     /** An earlier call with the key failed having recorded nothing (IdempotencyLedger.once). */
     afterFailure = false,
     /** Whether the call still holds its key's claim (IdempotencyLedger.once); none: it always does. */
@@ -330,6 +333,7 @@ export class DecisionPipeline {
       meter: test ? "test" : "live",
       quota,
       idempotencyKey,
+      idempotencyFingerprint,
       recordReplay: afterFailure,
       confirmClaim,
       budgetExpired: false,

@@ -46,10 +46,17 @@ export interface ChargeInput {
   /**
    * ChargeUsage's idempotency key (unique per owner): a meter that can answer a charge without
    * its caller hearing the answer (Redis) keeps the charge's outcome under it, so a retry after
-   * such a charge is answered from it and charges nothing; one for another charge (its mode,
-   * cost or quota differ) is refused (IdempotencyKeyMismatchError). Checks have none.
+   * such a charge is answered from it and charges nothing; one for another charge
+   * (idempotencyFingerprint differs) is refused (IdempotencyKeyMismatchError). Checks have none.
    */
   idempotencyKey?: string;
+  /**
+   * What the charge is, as ChargeUsage's ledger compares it: "mode:cost:quota:keyId", the cost and
+   * quota as asked (a test key's, which this input charges as 0 and against no named quota, too)
+   * and keyId "" for the account's. Kept with the outcome under idempotencyKey; without it, the
+   * meter's own mode, cost and quota stand for it.
+   */
+  idempotencyFingerprint?: string;
   /**
    * A retry after a call with this idempotency key failed having recorded nothing: a kept answer
    * it meets is this call's to record (its `spent` is given), not a repeat of a recorded one.

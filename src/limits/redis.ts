@@ -40,10 +40,10 @@ import type { UsageRecorder } from "./usage.js";
 // charge's own nonce, kept as the 10th place (earlier releases read it as a number and overwrite
 // it with 1); a script that finds its own nonce kept (the same script run again) answers a 10th
 // place of 0, so the call records the charge it made. ARGV[15], with the fourth key: what the
-// charge is for (chargeFingerprint), kept as the 11th place; a kept reply whose 11th place differs
-// is not answered: the reply is {6, the kept fingerprint}, and nothing is charged. A kept reply
-// without one (an earlier release's) is answered as before. Earlier releases' scripts read the
-// 11th place as a number (it is never one, so it is dropped) or not at all.
+// charge is for (ChargeInput.idempotencyFingerprint, the ledger's own), kept as the 11th place; a
+// kept reply whose 11th place differs is not answered: the reply is {6, the kept fingerprint}, and
+// nothing is charged. A kept reply without one (an earlier release's) is answered as before. Earlier releases' scripts read the 11th place as a number (it is never one,
+// so it is dropped) or not at all.
 const CHARGE = `
 local function outcome(reply)
   if KEYS[4] then
@@ -237,21 +237,24 @@ return 1
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
 
 /**
- * What a charge with an idempotency key is for, kept with its reply (CHARGE's ARGV[15]): mode,
- * cost and quota, which decide what it charges (a test key's cost is 0: it spends nothing). No
- * comma (the kept reply's separator), and never a number (earlier releases' scripts drop it).
+ * A charge's fingerprint when its caller gave none (ChargeInput.idempotencyFingerprint): its mode,
+ * cost and quota as charged, and no key. No comma (the kept reply's separator), and never a
+ * number (earlier releases' scripts drop it).
  */
-function chargeFingerprint(input: ChargeInput): string {
-  return `${input.meter}:${input.cost}:${input.quota ?? ""}`;
+function meterFingerprint(input: ChargeInput): string {
+  return `${input.meter}:${input.cost}:${input.quota ?? ""}:`;
 }
-const FINGERPRINT = /^(live|test):(\d+):([a-z0-9_-]*)$/;
+const FINGERPRINT = /^(live|test):(\d+):((?:[a-z][a-z0-9_-]*)?):((?:key_[0-9A-HJKMNP-TV-Z]{26})?)$/;
 
-/** What a kept fingerprint's charge was, for IdempotencyKeyMismatchError. */
+/**
+ * What a kept fingerprint's charge was, for IdempotencyKeyMismatchError, in ChargeUsage's words.
+ * Only what the pattern matches is named: never the idempotency key, nor text the reply carried.
+ */
 function keptChargeText(fingerprint: unknown): string {
-  const [, meter, cost, quota] = (typeof fingerprint === "string" ? FINGERPRINT.exec(fingerprint) : null) ?? [];
-  if (meter === undefined || cost === undefined) return "another charge";
-  const against = quota === undefined || quota === "" ? "" : ` against quota "${quota}"`;
-  return meter === "test" ? `a test key's charge${against}` : `a charge of ${cost} credits${against}`;
+  const [, mode, cost, quota = "", keyId] = (typeof fingerprint === "string" ? FINGERPRINT.exec(fingerprint) : null) ?? [];
+  if (mode === undefined || cost === undefined || keyId === undefined) return "another charge";
+  const by = keyId === "" ? "the account" : `${mode === "test" ? "test " : ""}key ${keyId}`;
+  return `a charge of ${cost} credits by ${by}${quota === "" ? "" : ` against quota "${quota}"`}`;
 }
 
 /** A period the charge script names as YYYYMM, as "YYYY-MM". */
@@ -391,7 +394,7 @@ export class RedisMeter implements Meter {
     ];
     if (input.idempotencyKey !== undefined && !dryRun) {
       keys.push(`${this.prefix}cu:${this.layout.owner(input.ownerId)} ${input.idempotencyKey}`);
-      args.push(randomBytes(9).toString("base64url"), chargeFingerprint(input));
+      args.push(randomBytes(9).toString("base64url"), input.idempotencyFingerprint ?? meterFingerprint(input));
     }
     const reply = await this.#run(CHARGE, keys, args, dryRun ? "peek" : "charge");
     if (Array.isArray(reply) && reply[0] === 6) throw new IdempotencyKeyMismatchError(keptChargeText(reply[1]));

@@ -21,8 +21,13 @@ import type { RedisServer } from "../harness/redis-server.js";
 // ones free). It is refused with INVALID_ARGUMENT naming idempotency_key, charging nothing, as
 // AddCredits refuses a key reused for another amount; the identical retry still replays. With
 // Redis the check holds in both places an answer is kept: the ledger (kg:idem:…) and the charge
-// script's kept reply (kg:cu:…, which answers when the ledger's answer was lost). A kept answer an
-// earlier release wrote (no record of what it charged) replays as it did.
+// script's kept reply (kg:cu:…, which answers when the ledger's answer was lost). The kept reply
+// carries what the ledger compares (mode, the cost and quota as asked, and the key): with only
+// what the meter charged, another key's charge (or a test key's of another cost, all charged as
+// 0) was answered from it and never billed, and the ledger then kept that call's fingerprint with
+// the first charge, refusing the first charge's own retry. A kept answer an earlier release wrote
+// (no record of what it charged) replays as it did; one kept without the key (mode:cost:quota as
+// charged) replays to a call whose mode, cost and quota match.
 
 const BALANCE = 100;
 const POLICY = {
@@ -212,7 +217,7 @@ describe.runIf(redisReady)("an idempotency key reused for another charge (two re
     expect([first.charged, first.replayed]).toEqual([true, false]);
     await lapseClaim(ownerId, "job-1");
     expect(await adminRefusal(b.admin.chargeUsage({ ownerId, cost: 9n, idempotencyKey: "job-1" }))).toEqual(
-      reused("a charge of 5 credits", "a charge of 9 credits by the account"),
+      reused("a charge of 5 credits by the account", "a charge of 9 credits by the account"),
     );
     // Let go, not marked failed: a retry after a failure records the kept charge again.
     expect(await client.get(`kg:idem:${ownerId} job-1`)).toBeNull();
@@ -245,10 +250,57 @@ describe.runIf(redisReady)("an idempotency key reused for another charge (two re
     await lapseClaim(ownerId, "job-kept");
     const keptKey = `kg:cu:${ownerId} job-kept`;
     const kept = (await client.get(keptKey)) ?? "";
-    expect(kept.split(",").slice(10)).toEqual(["live:3:"]);
+    expect(kept.split(",").slice(10)).toEqual(["live:3::"]);
     await client.set(keptKey, kept.split(",").slice(0, 10).join(","), "KEEPTTL");
     const fromKept = await b.admin.chargeUsage({ ownerId, cost: 8n, idempotencyKey: "job-kept" });
     expect([fromKept.charged, fromKept.replayed]).toEqual([true, true]);
     expect(await balance(a, ownerId)).toBe(BigInt(BALANCE - 5));
+  });
+  it("security: with the ledger's answer lost, another key's charge is refused, not answered from the kept one and never billed; the first key's retry replays it", async () => {
+    const [a, b] = pair();
+    const ownerId = "reuse-redis-kept-key";
+    await a.admin.upsertAccount({ ownerId, plan: "paid" });
+    const first = (await a.admin.createKey({ ownerId, name: "first" })).key?.id ?? "";
+    const other = (await a.admin.createKey({ ownerId, name: "other" })).key?.id ?? "";
+    loseLedgerAnswer();
+    const charged = await a.admin.chargeUsage({ keyId: first, cost: 5n, idempotencyKey: "job-key" });
+    vi.restoreAllMocks();
+    expect([charged.charged, charged.replayed]).toEqual([true, false]);
+    await lapseClaim(ownerId, "job-key");
+    expect((await client.get(`kg:cu:${ownerId} job-key`))?.split(",").slice(10)).toEqual([`live:5::${first}`]);
+    expect(await adminRefusal(b.admin.chargeUsage({ keyId: other, cost: 5n, idempotencyKey: "job-key" }))).toEqual(
+      reused(`a charge of 5 credits by key ${first}`, `a charge of 5 credits by key ${other}`),
+    );
+    expect(await adminRefusal(b.admin.chargeUsage({ ownerId, cost: 5n, idempotencyKey: "job-key" }))).toEqual(
+      reused(`a charge of 5 credits by key ${first}`, "a charge of 5 credits by the account"),
+    );
+    expect(await client.get(`kg:idem:${ownerId} job-key`)).toBeNull();
+    // The first key's retry replays its kept charge, and the ledger keeps that charge's fingerprint
+    // with it (were it another call's, this very retry would be refused from then on).
+    const retry = await a.admin.chargeUsage({ keyId: first, cost: 5n, idempotencyKey: "job-key" });
+    expect([retry.charged, retry.replayed]).toEqual([true, true]);
+    const ledgered = JSON.parse((await client.get(`kg:idem:${ownerId} job-key`)) ?? "null") as { fingerprint?: unknown };
+    expect(ledgered.fingerprint).toEqual({ cost: 5, keyId: first, quota: "", mode: "live" });
+    const again = await b.admin.chargeUsage({ keyId: first, cost: 5n, idempotencyKey: "job-key" });
+    expect([again.charged, again.replayed, await balance(a, ownerId)]).toEqual([true, true, BigInt(BALANCE - 5)]);
+  });
+
+  it("error: with the ledger's answer lost, a test key's charge of another cost or quota is refused (both charged as 0); its identical retry replays", async () => {
+    const [a, b] = pair();
+    const ownerId = "reuse-redis-kept-test";
+    const { test } = await accountWithKeys(a, ownerId);
+    loseLedgerAnswer();
+    await a.admin.chargeUsage({ keyId: test.id, cost: 3n, idempotencyKey: "job-test" });
+    vi.restoreAllMocks();
+    await lapseClaim(ownerId, "job-test");
+    expect((await client.get(`kg:cu:${ownerId} job-test`))?.split(",").slice(10)).toEqual([`test:3::${test.id}`]);
+    expect(await adminRefusal(b.admin.chargeUsage({ keyId: test.id, cost: 9n, idempotencyKey: "job-test" }))).toEqual(
+      reused(`a charge of 3 credits by test key ${test.id}`, `a charge of 9 credits by test key ${test.id}`),
+    );
+    expect(await adminRefusal(b.admin.chargeUsage({ keyId: test.id, cost: 3n, idempotencyKey: "job-test", quota: "exports" }))).toEqual(
+      reused(`a charge of 3 credits by test key ${test.id}`, `a charge of 3 credits by test key ${test.id} against quota "exports"`),
+    );
+    const retry = await a.admin.chargeUsage({ keyId: test.id, cost: 3n, idempotencyKey: "job-test" });
+    expect([retry.charged, retry.replayed, await balance(a, ownerId)]).toEqual([true, true, BigInt(BALANCE)]);
   });
 });
