@@ -24,3 +24,70 @@ export function createLogger(level: LevelWithSilent, destination?: DestinationSt
   };
   return destination === undefined ? pino(options) : pino(options, destination);
 }
+
+/**
+ * The most log, in bytes, `keygate serve` holds for a stdout that does not take it (a stuck log
+ * shipper, a container runtime's full log pipe): past it, lines are dropped and counted rather
+ * than kept until the replica is killed for its memory. Normal bursts stay far below it.
+ */
+export const STDOUT_LOG_MAX_BYTES = 4 * 1024 * 1024;
+
+/** `keygate serve`'s log destination, stdout, written asynchronously with a bound on what waits. */
+export interface StdoutLog {
+  readonly destination: DestinationStream;
+  /** Log lines dropped since the start because STDOUT_LOG_MAX_BYTES were waiting for stdout. */
+  droppedLines(): number;
+  /** Logs, once stdout has taken what waited, a warning with the lines dropped meanwhile. */
+  reportDropsTo(logger: Logger): void;
+  /**
+   * Resolves true once what was logged has been written; false after `timeoutMs` without that,
+   * having discarded the rest, so that pino's exit hook (a flushSync retrying EAGAIN every 100 ms
+   * for as long as nobody reads) lets the process exit. Nothing may be logged after a false.
+   */
+  drain(timeoutMs: number): Promise<boolean>;
+}
+
+/** stdout as `keygate serve`'s log destination: pino's default (an asynchronous SonicBoom on fd 1), bounded. */
+export function createStdoutLog(): StdoutLog {
+  // sonic-boom drops a whole line (and emits "drop") when it would take the bytes not yet written
+  // past maxLength; the line in flight counts, so the bound holds.
+  const stream = pino.destination({ fd: 1, sync: false, maxLength: STDOUT_LOG_MAX_BYTES });
+  let dropped = 0;
+  let unreported = 0;
+  let report: ((lines: number) => void) | null = null;
+  // "drain" comes when nothing waits any more, so the warning is not dropped itself.
+  const reportOnDrain = (): void => {
+    const lines = unreported;
+    unreported = 0;
+    report?.(lines);
+  };
+  stream.on("drop", () => {
+    dropped += 1;
+    unreported += 1;
+    if (unreported === 1) stream.once("drain", reportOnDrain);
+  });
+  return {
+    destination: stream,
+    droppedLines: () => dropped,
+    reportDropsTo(logger) {
+      report = (lines) => logger.warn({ droppedLines: lines, maxBytes: STDOUT_LOG_MAX_BYTES }, "log lines dropped: stdout was not read while maxBytes of log waited for it");
+    },
+    drain(timeoutMs) {
+      return new Promise((done) => {
+        const timer = setTimeout(() => {
+          stream.off("drain", written);
+          stream.destroy();
+          done(false);
+        }, timeoutMs);
+        function written(): void {
+          clearTimeout(timer);
+          done(true);
+        }
+        stream.once("drain", written);
+        // flush(cb) calls back at once when minLength is 0; an empty write is queued behind what
+        // waits, and "drain" follows once it (so everything before it) is written.
+        stream.write("");
+      });
+    },
+  };
+}

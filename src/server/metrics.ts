@@ -90,8 +90,8 @@ export class Metrics implements LookupObserver {
   readonly #tlsHandshakeFailures: Counter<"listener">;
   readonly #unhandledRejections: Counter;
   readonly #redisConnected: Gauge;
-  /** States read at each scrape (watchReady, watchRedis). */
-  readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false };
+  /** States read at each scrape (watchReady, watchRedis, watchLogDrops). */
+  readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false, logLinesDropped: (): number => 0 };
 
   constructor(options: { defaultMetrics: boolean } = { defaultMetrics: true }) {
     if (options.defaultMetrics) {
@@ -101,6 +101,7 @@ export class Metrics implements LookupObserver {
       for (const name of MISNAMED_DEFAULT_GAUGES) this.registry.removeSingleMetric(name);
     }
     const registers = [this.registry];
+    const states = this.#states;
     this.#reloads = new Counter({
       name: "keygate_config_reloads_total",
       help: "Reloads of the policy file, the admin tokens file or the TLS certificate files (file=tls) by result: applied, unchanged, or failed (the previous version stays in force)",
@@ -172,6 +173,18 @@ export class Metrics implements LookupObserver {
       registers,
     });
     this.#unhandledRejections.inc(0);
+    // The count is kept where the lines are dropped (the stdout destination); read at each scrape.
+    let logLinesReported = 0;
+    new Counter({
+      name: "keygate_log_lines_dropped_total",
+      help: "Log lines dropped because stdout was not read while 4 MiB of log waited for it (a stuck log shipper, a full log pipe)",
+      registers,
+      collect() {
+        const dropped = states.logLinesDropped();
+        this.inc(dropped - logLinesReported);
+        logLinesReported = dropped;
+      },
+    });
     // Every listener's series exists from the start, so a dashboard shows 0 rather than nothing.
     for (const listener of LISTENERS) {
       this.#connections.labels(listener).set(0);
@@ -179,7 +192,6 @@ export class Metrics implements LookupObserver {
       this.#tlsHandshakeFailures.labels(listener).inc(0);
     }
     // Read at each scrape, never per Check: the states are kept where /readyz and the bus keep them.
-    const states = this.#states;
     new Gauge({
       name: "keygate_ready",
       help: "1 while this replica reports ready on /readyz (serving, and the store answers a ping), else 0 (starting, draining, or the store not answering)",
@@ -266,6 +278,11 @@ export class Metrics implements LookupObserver {
   watchRedis(isConnected: () => boolean): void {
     if (this.registry.getSingleMetric("keygate_redis_connected") === undefined) this.registry.registerMetric(this.#redisConnected);
     this.#states.redisConnected = isConnected;
+  }
+
+  /** Exports the log lines the stdout destination dropped (keygate_log_lines_dropped_total), read at each scrape. */
+  watchLogDrops(droppedLines: () => number): void {
+    this.#states.logLinesDropped = droppedLines;
   }
 
   /** Reports a write-behind queue's size at each scrape. */

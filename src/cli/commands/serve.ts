@@ -10,9 +10,12 @@ import { redactText } from "../../keys/redact.js";
 import { buildKeygate } from "../../server/app.js";
 import type { GcThreadPriority } from "../../server/gc-threads.js";
 import type { BoundPorts, Keygate } from "../../server/app.js";
-import { createLogger } from "../../server/logger.js";
+import { createLogger, createStdoutLog } from "../../server/logger.js";
 import { markAdminTokenShown } from "../../server/secrets.js";
 import { adminCurlLines } from "../admin-curl.js";
+
+/** How long an exit waits for stdout to take the log lines still waiting for it. */
+const LOG_DRAIN_MS = 2000;
 
 /** Configuration mistakes exit 2 with the message, scrubbed as a log line is; anything else is a crash. */
 function exitOnConfigError(error: unknown, secrets: readonly string[] = []): never {
@@ -38,7 +41,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   const secrets = [config.pepper ?? "", config.pepper?.trimEnd() ?? "", ...(config.adminTokens ?? []), ...fileTokens(config.adminTokensFile), ...connectionPasswords(config)].sort(
     (a, b) => b.length - a.length,
   );
-  const logger = createLogger(config.logLevel, undefined, secrets);
+  const stdoutLog = createStdoutLog();
+  const logger = createLogger(config.logLevel, stdoutLog.destination, secrets);
+  stdoutLog.reportDropsTo(logger);
   warnOfIgnoredVariables(logger);
   if (config.mongodbUri !== undefined && config.redis === undefined) {
     // Nothing refuses several such replicas (none knows of the others), so say what they would do.
@@ -73,16 +78,23 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     const use = adminCurlLines({ host: config.host, port: ports.admin, tokenFile, tls: adminTls });
     process.stdout.write(`\nkeygate generated an admin token (stored in ${tokenFile}, mode 0600):\n  ${generatedAdminToken}\n${use.join("\n")}\n\n`);
   };
+  // The log is written asynchronously; what waits is written before the exit, for at most
+  // LOG_DRAIN_MS: a stdout nobody reads would otherwise hold the exit for ever (pino's exit hook).
+  const exitAfterLog = async (code: number): Promise<never> => {
+    await stdoutLog.drain(LOG_DRAIN_MS);
+    process.exit(code);
+  };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
-  const exitOnStartError = (error: unknown): never => {
+  const exitOnStartError = async (error: unknown): Promise<never> => {
     if (error instanceof ConfigError) exitOnConfigError(error, secrets);
     logger.fatal({ err: error }, "keygate could not start");
     const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
     process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
-    process.exit(1);
+    return exitAfterLog(1);
   };
   const keygate = await buildKeygate(config, { logger, announce, migrate: options.migrate }).catch(exitOnStartError);
   generatedAdminToken = keygate.generatedAdminToken;
+  keygate.metrics.watchLogDrops(() => stdoutLog.droppedLines());
   // Node ends the process on a promise rejected with no handler. One from a library's internals
   // (ioredis's flush of queued commands on a reconnect has been seen to leave one) must not take
   // every Check in flight down with it: it is logged, counted, and keygate keeps serving.
@@ -99,10 +111,10 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     logger.info({ signal }, "draining");
     // 1 when usage, spent credits or last-use times are lost with the process (logged at error level).
     keygate.stop().then(
-      (report) => process.exit(report.writesLost ? 1 : 0),
+      (report) => exitAfterLog(report.writesLost ? 1 : 0),
       (error: unknown) => {
         logger.error({ err: error }, "shutdown failed");
-        process.exit(1);
+        return exitAfterLog(1);
       },
     );
   }
