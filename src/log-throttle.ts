@@ -29,3 +29,12 @@ export class LogThrottle {
     return seen?.unlogged ?? 0;
   }
 }
+
+/**
+ * An error's kind for a LogThrottle: its name and message with numbers masked, since a message
+ * may carry one that differs from call to call (what was left of a budget, a duration), which
+ * would make each line a kind of its own.
+ */
+export function errorKind(error: unknown): string {
+  return (error instanceof Error ? `${error.name}\n${error.message}` : String(error)).replace(/\d+(?:\.\d+)?/g, "#");
+}

@@ -6,6 +6,7 @@ import type { LookupObserver } from "../cache/lookup.js";
 import type { MeteringStore } from "../store/store.js";
 import { ChargeAbandonedError, MeterUnavailableError, REBASE_BEYOND_MS, UtcCalendar, applyCreditDelta, bucketName } from "./limits.js";
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
+import { LogThrottle, errorKind } from "../log-throttle.js";
 import { IDEMPOTENCY_TTL_MS, IdempotencyKeyMismatchError } from "./idempotency.js";
 import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
@@ -262,6 +263,10 @@ function periodText(yyyymm: number): string {
   return `${Math.floor(yyyymm / 100)}-${String(yyyymm % 100).padStart(2, "0")}`;
 }
 const QUOTA_KEEP_MS = 86_400_000;
+/** How often the warn line for one kind of Redis failure of a charge is written; each is counted (keygate_backend_errors_total). */
+const REDIS_FAILURE_LOG_INTERVAL_MS = 60_000;
+/** Kinds of Redis failure remembered for that; past it they start over. */
+const MAX_REDIS_FAILURES_TRACKED = 256;
 /**
  * Least idle lifetime of a credit hash; it is also at least three usage flush intervals, so a
  * reload from the store after it expired finds every replica's spend flushed.
@@ -294,6 +299,12 @@ export class RedisMeter implements Meter {
   #fellBack = false;
   /** Charges skip Redis while it is known not to answer (logged once each time). */
   #skipping = false;
+  /**
+   * Each Redis failure logged lately: a charge fails with it for every Check of a known key while
+   * Redis is down (under fail-closed, every one), and a line with its stack for each would let
+   * anyone holding a key flood the log while cached keys' Checks wait behind its writes.
+   */
+  readonly #failures = new LogThrottle(REDIS_FAILURE_LOG_INTERVAL_MS, MAX_REDIS_FAILURES_TRACKED);
 
   constructor(
     private readonly redis: RedisClient,
@@ -500,7 +511,8 @@ export class RedisMeter implements Meter {
     // Not a Redis failure: the Check was answered before its charge was sent, or Redis refused
     // the charge for another one's idempotency key.
     if (error instanceof ChargeAbandonedError || error instanceof IdempotencyKeyMismatchError) throw error;
-    this.logger.warn({ err: error, mode: this.onError }, "Redis limits failed");
+    const since = this.#failures.due(errorKind(error));
+    if (since !== null) this.logger.warn({ err: error, mode: this.onError, since }, "Redis limits failed");
     if (this.onError === "fail-closed") throw new MeterUnavailableError("rate limits, quotas and credits cannot be checked: Redis is unavailable", { cause: error });
     // A failure that came after the Check was answered UNAVAILABLE: the fallback charges nothing either.
     if (input.budgetExpired) throw new ChargeAbandonedError("the check was answered before Redis failed", { cause: error });

@@ -28,7 +28,7 @@ import {
 } from "../gen/grpc/health/v1/health_pb.js";
 import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
 import { create } from "@bufbuild/protobuf";
-import { LogThrottle } from "../log-throttle.js";
+import { LogThrottle, errorKind } from "../log-throttle.js";
 import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -257,9 +257,7 @@ const MAX_UNDECIDED_KINDS = 256;
 export function undecidedCheckLog(logger: Logger, mode: EntryPoint, logClockMs?: () => number): (error: unknown) => void {
   const logged = new LogThrottle(UNDECIDED_LOG_INTERVAL_MS, MAX_UNDECIDED_KINDS, logClockMs);
   return (error) => {
-    // Numbers masked: a message may carry one that differs from Check to Check (what was left of
-    // a budget, a duration), which would make each line a kind of its own.
-    const since = logged.due((error instanceof Error ? `${error.name}\n${error.message}` : String(error)).replace(/\d+(?:\.\d+)?/g, "#"));
+    const since = logged.due(errorKind(error));
     if (since !== null) logger.warn({ err: error, mode, since }, "check could not be decided");
   };
 }

@@ -118,7 +118,8 @@ describe.runIf(ready && !externalRedis)("when Redis fails", () => {
       expect(down.headers.get("retry-after")).toBe("1");
       expect(down.headers.get("x-ratelimit-limit")).toBeNull();
       await expect(keygate.check(checkInit({ "x-api-key": secret }, "/v1"))).rejects.toMatchObject({ code: GrpcStatus.UNAVAILABLE });
-      expect(failureLines(keygate, "fail-closed").length).toBeGreaterThanOrEqual(2);
+      // Once a minute per kind of failure, however many Checks failed with it.
+      expect(failureLines(keygate, "fail-closed").length).toBeGreaterThanOrEqual(1);
 
       await redis.start();
       const back = (await untilValue(() => check(keygate.ports.http, secret), (x) => x.status === 200, RECOVERY_TIMEOUT_MS, "checks passing again after Redis restarted", RECOVERY)).value;
