@@ -12,7 +12,7 @@ import { DENIALS } from "../authz/reasons.js";
 import { EventIds, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
 import type { KeyHasher } from "../keys/hasher.js";
-import { ConflictError, DuplicateError, StoreBusyError, StoreUnavailableError } from "../store/errors.js";
+import { ConflictError, DuplicateError, StoreBusyError, StoreUnavailableError, createdAccountOf } from "../store/errors.js";
 import { applyCreditDelta } from "../limits/limits.js";
 import type { Meter } from "../limits/limits.js";
 import type { UsageRecorder } from "../limits/usage.js";
@@ -550,15 +550,24 @@ export class LifecycleService {
     // Read first so a lost answer logs the account too: on MongoDB the account is made before the
     // key, and a retry finds it made and records only its key.
     const hadAccount = (await this.deps.store.getAccount(ownerId)) !== null;
+    // The account.upsert a lost answer logs: none once the account this call made is recorded.
+    let unrecordedAccount: Record<string, unknown> | null = hadAccount ? null : accountFields(accountDefaults);
     const created = await this.#unsure(
-      () =>
-        this.deps.store.createKey(record, {
-          maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
-          accountDefaults,
-          nowMs,
-        }),
+      async () => {
+        try {
+          return await this.deps.store.createKey(record, {
+            maxActiveKeysFor: (plan, keyMode) => this.maxActiveKeysFor(plan, keyMode),
+            accountDefaults,
+            nowMs,
+          });
+        } catch (error) {
+          const made = createdAccountOf(error);
+          if (made !== null) unrecordedAccount = (await this.#recordMadeAccount(actor, made, error)) ? null : accountFields(made);
+          throw error;
+        }
+      },
       () => [
-        ...(hadAccount ? [] : [this.#record(actor, "account.upsert", null, ownerId, accountFields(accountDefaults))]),
+        ...(unrecordedAccount === null ? [] : [this.#record(actor, "account.upsert", null, ownerId, unrecordedAccount)]),
         this.#record(actor, "key.create", record.id, ownerId, changes),
       ],
     );
@@ -569,6 +578,25 @@ export class LifecycleService {
     if (created.createdAccount !== null) await this.#audit(actor, "account.upsert", null, ownerId, accountFields(created.createdAccount));
     await this.#audit(actor, "key.create", record.id, ownerId, changes);
     return { key: record, secret };
+  }
+
+  /**
+   * Appends the account.upsert of the account a failed CreateKey made (MongoDB makes it in a write
+   * of its own, before the key): a retry, or a CreateKey racing this one on another replica, finds
+   * it made and records only its key. False when the append failed, which is logged here unless
+   * the call's answer was lost: #unsure logs the record then, with the key's.
+   */
+  async #recordMadeAccount(actor: Actor, account: AccountRecord, failure: unknown): Promise<boolean> {
+    let record: AuditRecord | undefined;
+    try {
+      record = this.#record(actor, "account.upsert", null, account.ownerId, accountFields(account));
+      await this.deps.store.appendAudit(record);
+      return true;
+    } catch (error) {
+      const unsure = failure instanceof StoreUnavailableError && !(failure instanceof StoreBusyError);
+      if (!unsure) this.deps.logger?.error({ err: error, audit: record ?? { action: "account.upsert", ownerId: account.ownerId } }, "audit append failed");
+      return false;
+    }
   }
 
   #newRecord(

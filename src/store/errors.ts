@@ -1,4 +1,4 @@
-import type { CreditDelta, UsageDelta } from "./store.js";
+import type { AccountRecord, CreditDelta, UsageDelta } from "./store.js";
 
 /** The plan's cap on active keys (of one mode: test keys are counted apart) is reached. */
 export class CapExceededError extends Error {
@@ -10,6 +10,24 @@ export class CapExceededError extends Error {
   ) {
     super(`plan "${plan}" allows at most ${maxActiveKeys} active ${mode === "test" ? "test-mode " : ""}key${maxActiveKeys === 1 ? "" : "s"}`);
   }
+}
+
+/**
+ * The accounts that failed createKey calls made, by their errors: on MongoDB the account is a write
+ * of its own, before the key's slot and insert, and stays made when they fail or are refused.
+ */
+const createdAccounts = new WeakMap<Error, AccountRecord>();
+
+/** Marks the error of a createKey that made `account` before it failed; the error's class (and so its status) is unchanged. */
+export function withCreatedAccount(error: unknown, account: AccountRecord): Error {
+  const marked = error instanceof Error ? error : new Error(String(error), { cause: error });
+  createdAccounts.set(marked, account);
+  return marked;
+}
+
+/** The account a failed createKey made before failing (withCreatedAccount), else null. */
+export function createdAccountOf(error: unknown): AccountRecord | null {
+  return error instanceof Error ? (createdAccounts.get(error) ?? null) : null;
 }
 
 /** The record changed under the caller (for example, a key already rotated). */

@@ -13,6 +13,7 @@ import {
   PartialWriteError,
   StoreUnavailableError,
   TopUpKeysExhaustedError,
+  withCreatedAccount,
 } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
@@ -1199,48 +1200,61 @@ export class MongoKeyStore implements KeyStore {
   }
 
   async createKey(record: KeyRecord, limits: CreateLimits): Promise<CreatedKey> {
-    return guarded(async () => {
+    const upserted = await guarded(async () => {
       // An owner with no account would be on the default plan: at a cap of 0 it is refused before
-      // the account is made, so a refused CreateKey writes nothing (as SQLite's transaction), and
-      // never leaves an account made without its account.upsert record.
+      // the account is made, so a refused CreateKey writes nothing (as SQLite's transaction).
       const defaultCap = limits.maxActiveKeysFor(limits.accountDefaults.plan, record.mode);
       if (defaultCap <= 0 && (await this.#accounts.exists({ _id: record.ownerId })) === null) {
         throw new CapExceededError(limits.accountDefaults.plan, defaultCap, record.mode);
       }
-      const upserted = await this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
-      const createdAccount = upserted.created ? toAccount(upserted.doc) : null;
-      await this.#settleSlots(upserted.doc, limits.nowMs);
-      const token = addClaim(record.mode, record.id);
-      let rotationsUndone = false;
-      // The plan is part of the filter, so a concurrent plan change makes this retry, not miscount.
-      for (let attempt = 0; attempt < 3; attempt++) {
-        const account = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
-        if (account === null) throw new Error(`account ${record.ownerId} vanished`);
-        const cap = limits.maxActiveKeysFor(account.plan, record.mode);
-        if (cap <= 0) throw new CapExceededError(account.plan, cap, record.mode);
-        if (!(await this.#admit(record, account.plan, cap, token))) {
-          const now = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
-          if (now !== null && now.plan !== account.plan) continue;
-          // Taken by an earlier send of this same admission (the driver's retry of a write).
-          if (now?.slot_claims?.includes(token) !== true) {
-            if (!rotationsUndone && (await this.#undoRevokedRotations(record.ownerId, limits.nowMs))) {
-              rotationsUndone = true;
-              continue;
-            }
-            throw new CapExceededError(account.plan, cap, record.mode);
-          }
-        }
-        try {
-          await this.#insertKey(keyDocument(record, true));
-        } catch (error) {
-          return this.#failCreate(record, token, limits.nowMs, error);
-        }
-        // The key holds the slot now. A token this fails to pull is pulled by #settleAdmission.
-        await this.#accounts.updateOne({ _id: record.ownerId }, { $pull: { slot_claims: token } }).catch(() => undefined);
-        return { key: record, createdAccount };
-      }
-      throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
+      return this.#upsertAccountDoc({ ownerId: record.ownerId }, limits.accountDefaults, limits.nowMs);
     });
+    const createdAccount = upserted.created ? toAccount(upserted.doc) : null;
+    try {
+      await guarded(() => this.#issueKey(record, upserted.doc, limits));
+    } catch (error) {
+      // The account stays made whatever fails or refuses after its write. A retry, or a CreateKey
+      // for the same owner on another replica, finds it made and records only its key: the error
+      // carries it, so that this call records it and an account is never made without its
+      // account.upsert record.
+      throw createdAccount === null ? error : withCreatedAccount(error, createdAccount);
+    }
+    return { key: record, createdAccount };
+  }
+
+  /** createKey after the account's upsert, which answered `upserted`: the owner's slot work, the admission, the insert. */
+  async #issueKey(record: KeyRecord, upserted: AccountDoc, limits: CreateLimits): Promise<void> {
+    await this.#settleSlots(upserted, limits.nowMs);
+    const token = addClaim(record.mode, record.id);
+    let rotationsUndone = false;
+    // The plan is part of the filter, so a concurrent plan change makes this retry, not miscount.
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const account = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
+      if (account === null) throw new Error(`account ${record.ownerId} vanished`);
+      const cap = limits.maxActiveKeysFor(account.plan, record.mode);
+      if (cap <= 0) throw new CapExceededError(account.plan, cap, record.mode);
+      if (!(await this.#admit(record, account.plan, cap, token))) {
+        const now = await this.#accounts.findById(record.ownerId).lean<AccountDoc>();
+        if (now !== null && now.plan !== account.plan) continue;
+        // Taken by an earlier send of this same admission (the driver's retry of a write).
+        if (now?.slot_claims?.includes(token) !== true) {
+          if (!rotationsUndone && (await this.#undoRevokedRotations(record.ownerId, limits.nowMs))) {
+            rotationsUndone = true;
+            continue;
+          }
+          throw new CapExceededError(account.plan, cap, record.mode);
+        }
+      }
+      try {
+        await this.#insertKey(keyDocument(record, true));
+      } catch (error) {
+        return this.#failCreate(record, token, limits.nowMs, error);
+      }
+      // The key holds the slot now. A token this fails to pull is pulled by #settleAdmission.
+      await this.#accounts.updateOne({ _id: record.ownerId }, { $pull: { slot_claims: token } }).catch(() => undefined);
+      return;
+    }
+    throw new ConflictError(`the plan of ${record.ownerId} kept changing; retry`);
   }
 
   /**

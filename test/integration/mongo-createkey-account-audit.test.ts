@@ -17,9 +17,16 @@ import type { TcpRelay } from "../harness/tcp-relay.js";
 //  - error: the connection dropped after the upsert. The lost call logged only its key.create,
 //    and the retry found the account made and recorded only its key. The lost call now logs the
 //    account.upsert as well, with the defaults the store made the account from.
+//    When the store is back at once, the lost call appends the account.upsert (it knows its write
+//    made the account) and logs only its key.create: the account is in the trail once.
 //  - a refusal, with no fault: a test key at testMode.maxActiveKeys 0 answered RESOURCE_EXHAUSTED
 //    with the account made on MongoDB (SQLite rolls it back in the CreateKey's transaction). Both
 //    stores now refuse it with nothing written.
+//  - a refusal after the account was made: two CreateKeys for one new owner on two replicas (a
+//    client's retry sent to another replica). A's upsert made the account, B found it made
+//    (recording only its key) and took the plan's one slot, and A was refused RESOURCE_EXHAUSTED,
+//    its account.upsert lost with the refusal: the account had no record in the trail or in any
+//    log. The refused call now appends it.
 
 const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh");
 const PEPPER = "mongo-createkey-account-audit-pepper-0123";
@@ -27,6 +34,8 @@ const PEPPER = "mongo-createkey-account-audit-pepper-0123";
 const POLICY = { ...TEST_POLICY, testMode: { rateLimit: null, dailyQuota: null, maxActiveKeys: 0 } };
 /** The account.upsert of an account CreateKey makes: the default plan, active, standard. */
 const CREATED = { plan: "basic", subscription_status: "active", role: "standard" };
+/** CREATED as ListAuditEvents answers it: each value JSON. */
+const CREATED_ON_WIRE = Object.fromEntries(Object.entries(CREATED).map(([field, value]) => [field, JSON.stringify(value)]));
 
 const loggedRecord = z.object({
   level: z.number(),
@@ -89,6 +98,92 @@ describe.runIf(mongoReady)("CreateKey of an owner with no account on MongoDB, it
     // The retry finds the account made and appends only its key's record: the account's is the log's.
     expect(events.map((e) => [e.action, e.keyId])).toEqual([["key.create", key?.id]]);
     expect((await app.admin.getAccount({ ownerId })).account?.plan).toBe(CREATED.plan);
+  });
+
+  it("error: the answer lost after the account was made, the store back at once: the account.upsert is appended, and only the key.create is logged", async () => {
+    if (kg === undefined || relay === undefined) throw new Error("keygate did not start");
+    const app = kg;
+    const tcp = relay;
+    const ownerId = "lost-admission-account-recorded";
+    // The slot admission (the first update naming the owner, after the account's findAndModify)
+    // is held, and its connection dropped with it unsent: the driver answers a lost connection,
+    // which may have carried the write. The relay takes new connections, so the append can land.
+    const heldBefore = tcp.heldChunks;
+    tcp.holdWhen = (chunk) => chunk.includes(ownerId) && chunk.includes("\x02update\x00");
+    const first = adminRefusal(app.admin.createKey({ ownerId, name: "first" }));
+    await until(() => tcp.heldChunks > heldBefore, 20_000, "the admission held");
+    tcp.dropAll();
+    tcp.release();
+    expect((await first).code).toBe(Code.Unavailable);
+
+    const { events } = await app.admin.listAuditEvents({ ownerId });
+    expect(events.map((e) => [e.action, e.keyId, e.changes])).toEqual([["account.upsert", "", CREATED_ON_WIRE]]);
+    // The account's record is in the trail, so the log holds only the key's: no second account.upsert.
+    expect(unsureRecords(app, ownerId).map((r) => [r.level, r.audit.action, r.audit.changes["name"]])).toEqual([[50, "key.create", "first"]]);
+
+    // The retry finds the account made and records only its key (the admission never landed: the slot is free).
+    const { key } = await app.admin.createKey({ ownerId, name: "retry" });
+    const after = await app.admin.listAuditEvents({ ownerId });
+    expect(after.events.map((e) => [e.action, e.keyId])).toEqual([
+      ["account.upsert", ""],
+      ["key.create", key?.id],
+    ]);
+  });
+});
+
+describe.runIf(mongoReady)("two CreateKeys for one new owner on two replicas, the one that made the account refused at the cap (MongoDB)", { timeout: 120_000 }, () => {
+  let mongo: MongoWire | undefined;
+  let relay: TcpRelay | undefined;
+  let a: TestKeygate | undefined;
+  let b: TestKeygate | undefined;
+  beforeAll(async () => {
+    mongo = await startMongoWire();
+    relay = await startTcpRelay(Number(new URL(mongo.uri).port));
+    const viaRelay = new URL(mongo.uri);
+    viaRelay.port = String(relay.port);
+    // TEST_POLICY's default plan (basic) allows one live key: the two calls race for its slot.
+    a = await startKeygate({ policy: TEST_POLICY, env: { KEYGATE_MONGODB_URI: viaRelay.toString(), KEYGATE_PEPPER: PEPPER } });
+    b = await startKeygate({ policy: TEST_POLICY, env: { KEYGATE_MONGODB_URI: mongo.uri, KEYGATE_PEPPER: PEPPER } });
+  }, 120_000);
+  afterAll(async () => {
+    relay?.release();
+    await a?.stop();
+    await b?.stop();
+    await relay?.close();
+    await mongo?.stop();
+  });
+
+  it("error: A, whose write made the account, is RESOURCE_EXHAUSTED and appends its account.upsert; B records only its key", async () => {
+    if (a === undefined || b === undefined || relay === undefined) throw new Error("keygate did not start");
+    const tcp = relay;
+    const ownerId = "race-new-owner";
+    // A's commands after its account's upsert (its slot work, its admission) wait until B is done.
+    let upserted = false;
+    tcp.holdWhen = (chunk) => {
+      if (!chunk.includes(ownerId)) return false;
+      if (chunk.includes("\x02findAndModify\x00")) {
+        upserted = true;
+        return false;
+      }
+      return upserted;
+    };
+    const first = adminRefusal(a.admin.createKey({ ownerId, name: "from-a" }));
+    await until(() => tcp.heldChunks > 0, 20_000, "A's CreateKey held after its account's upsert");
+
+    // B finds the account A made, and takes its plan's one slot.
+    const { key } = await b.admin.createKey({ ownerId, name: "from-b" });
+    tcp.release();
+    expect((await first).code).toBe(Code.ResourceExhausted);
+
+    expect((await b.admin.getAccount({ ownerId })).account?.plan).toBe(CREATED.plan);
+    const { events } = await b.admin.listAuditEvents({ ownerId });
+    // In the order appended: A records the account once its refusal is known, after B's key.
+    expect(events.map((e) => [e.action, e.keyId, e.action === "account.upsert" ? e.changes : {}])).toEqual([
+      ["key.create", key?.id, {}],
+      ["account.upsert", "", CREATED_ON_WIRE],
+    ]);
+    // A refusal's outcome is known: nothing is logged as unknown.
+    expect(unsureRecords(a, ownerId)).toEqual([]);
   });
 });
 
