@@ -17,10 +17,15 @@ import { adminCurlLines } from "../admin-curl.js";
 /** How long an exit waits for stdout to take the log lines still waiting for it. */
 const LOG_DRAIN_MS = 2000;
 
-/** Configuration mistakes exit 2 with the message, scrubbed as a log line is; anything else is a crash. */
-function exitOnConfigError(error: unknown, secrets: readonly string[] = []): never {
+/** A configuration mistake's one line on stderr, scrubbed as a log line is. */
+function reportConfigError(error: ConfigError, secrets: readonly string[] = []): void {
+  process.stderr.write(`keygate: ${redactText(error.message, secrets)}\n`);
+}
+
+/** Configuration mistakes found before the log exists exit 2 with the message; anything else is a crash. */
+function exitOnConfigError(error: unknown): never {
   if (error instanceof ConfigError) {
-    process.stderr.write(`keygate: ${redactText(error.message, secrets)}\n`);
+    reportConfigError(error);
     process.exit(2);
   }
   throw error;
@@ -86,7 +91,12 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
   const exitOnStartError = async (error: unknown): Promise<never> => {
-    if (error instanceof ConfigError) exitOnConfigError(error, secrets);
+    // A mistake found once the log exists (Redis refused, the data directory in use, the tokens
+    // file, TLS) exits 2 too, after the log's bounded wait like any other exit.
+    if (error instanceof ConfigError) {
+      reportConfigError(error, secrets);
+      return exitAfterLog(2);
+    }
     logger.fatal({ err: error }, "keygate could not start");
     const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
     process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
