@@ -32,7 +32,9 @@ async function check(replica: KeygateProcess, secret: string, path = "/v1"): Pro
 }
 
 async function issue(replica: KeygateProcess, ownerId: string, plan: string): Promise<{ id: string; secret: string }> {
-  expect((await postJson(replica.ports.admin, "UpsertAccount", { ownerId, plan })).status).toBe(200);
+  const upserted = await postJson(replica.ports.admin, "UpsertAccount", { ownerId, plan });
+  // On a failure, what the replica logged says which Cluster command failed.
+  expect(upserted.status, `${JSON.stringify(upserted.json)}\n${replica.stdout().slice(-3000)}`).toBe(200);
   const created = await postJson(replica.ports.admin, "CreateKey", { ownerId, name: "cluster" });
   expect(created.status, JSON.stringify(created.json)).toBe(200);
   const key = created.json["key"];
@@ -60,6 +62,13 @@ describe.runIf(ready)("two replicas on a three-master Redis Cluster", () => {
     writeFileSync(policy, stringify(LIMITS_POLICY));
     const env = sharedBackendEnv({ mongoUri: mongo.uri, redisUrl: cluster.url, pepper: "cluster-test-pepper-0123456789abcdefghijklmn", policyFile: policy, adminToken: ADMIN_TOKEN });
     [a, b] = await Promise.all([spawnKeygate({ cwd: dir, env }), spawnKeygate({ cwd: dir, env })]);
+    // Each replica ready, and its first account change told to the Cluster and the other replica:
+    // on a loaded machine a replica's connections to the Cluster's nodes can still be settling
+    // when it starts listening, and a change made then answers UNAVAILABLE (saved, told later).
+    for (const replica of [a, b]) {
+      await until(async () => (await fetch(`http://127.0.0.1:${replica.ports.admin}/readyz`)).status === 200, 30_000, "the replica ready");
+      await until(async () => (await postJson(replica.ports.admin, "UpsertAccount", { ownerId: "cluster-warm-up", plan: "small" })).status === 200, 30_000, "an account change told to the Cluster");
+    }
     probe = new Cluster(
       cluster.nodes.map((node) => ({ host: "127.0.0.1", port: node.port })),
       { lazyConnect: true, redisOptions: { maxRetriesPerRequest: 1 } },
