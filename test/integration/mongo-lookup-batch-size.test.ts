@@ -43,7 +43,9 @@ function firstBatchCount(sizes: readonly number[]): number {
   return count;
 }
 
-if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI")) {
+const mongoReady = requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-mongo-wire.sh or set KEYGATE_TEST_MONGODB_URI");
+
+describe.runIf(mongoReady)("the cold lookup on the MongoDB-wire server", () => {
   let server: MongoWire | undefined;
   let store: MongoKeyStore | undefined;
   let raw: mongoose.mongo.MongoClient | undefined;
@@ -150,8 +152,4 @@ if (requireServer("MongoDB-wire server", mongoWireAvailable(), "run .ci/install-
       expect(await getMore(id)).toMatchObject({ code: 43 });
     });
   });
-} else {
-  describe.skip("MongoDB cold lookup: the reply batch", () => {
-    it("needs a MongoDB-wire server", () => undefined);
-  });
-}
+});
