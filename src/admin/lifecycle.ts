@@ -8,6 +8,8 @@ import { keptUnderIdempotencyKey } from "../authz/pipeline.js";
 import type { DecisionPipeline, Decision, UsageCharge } from "../authz/pipeline.js";
 import { IdempotencyKeyMismatchError } from "../limits/idempotency.js";
 import type { IdempotencyLedger } from "../limits/idempotency.js";
+import { chargeText, fingerprintText } from "../limits/charge-fingerprint.js";
+import type { ChargeFingerprint } from "../limits/charge-fingerprint.js";
 import { DENIALS } from "../authz/reasons.js";
 import { EventIds, newKeyId } from "../keys/ids.js";
 import type { KeyFormat } from "../keys/key-format.js";
@@ -87,17 +89,6 @@ export interface ChargeUsageAnswer {
   replayed: boolean;
 }
 
-/**
- * What a ChargeUsage charged, kept with its answer under the idempotency key: a call with the key
- * is answered from it only when it is for the same charge. `keyId` is "" for an owner's charge.
- */
-interface ChargeFingerprint {
-  cost: number;
-  keyId: string;
-  quota: string;
-  mode: KeyMode;
-}
-
 /** What the idempotency ledger keeps of a ChargeUsage; `fingerprint` is absent from an earlier release's, which replays whatever it is asked. */
 interface LedgeredCharge {
   charge: UsageCharge;
@@ -107,22 +98,6 @@ interface LedgeredCharge {
 
 function sameCharge(a: ChargeFingerprint, b: ChargeFingerprint): boolean {
   return a.cost === b.cost && a.keyId === b.keyId && a.quota === b.quota && a.mode === b.mode;
-}
-
-/**
- * The fingerprint as the meter keeps it beside its charge (ChargeInput.idempotencyFingerprint), so
- * the charge Redis replays when the ledger's answer was lost is refused or replayed as the ledger
- * would: "mode:cost:quota:keyId", e.g. "live:5::key_…". Unambiguous: a mode is live or test, a
- * cost digits, and quota names and key ids have no colon (nor a comma, which separates the kept
- * reply's places).
- */
-function fingerprintText(charge: ChargeFingerprint): string {
-  return `${charge.mode}:${charge.cost}:${charge.quota}:${charge.keyId}`;
-}
-
-function chargeText(charge: ChargeFingerprint): string {
-  const by = charge.keyId === "" ? "the account" : `${charge.mode === "test" ? "test " : ""}key ${charge.keyId}`;
-  return `a charge of ${charge.cost} credits by ${by}${charge.quota === "" ? "" : ` against quota "${charge.quota}"`}`;
 }
 
 /** The refusal of an idempotency key kept for another charge (`usedFor`), as AddCredits refuses one kept for another amount. */

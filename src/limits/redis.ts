@@ -8,6 +8,7 @@ import { ChargeAbandonedError, MeterUnavailableError, REBASE_BEYOND_MS, UtcCalen
 import type { ChargeInput, ChargeResult, Meter } from "./limits.js";
 import { LogThrottle, errorKind } from "../log-throttle.js";
 import { IDEMPOTENCY_TTL_MS, IdempotencyKeyMismatchError } from "./idempotency.js";
+import { chargeText, fingerprintText, parseFingerprint } from "./charge-fingerprint.js";
 import type { MemoryMeter } from "./memory.js";
 import type { UsageRecorder } from "./usage.js";
 
@@ -243,19 +244,13 @@ const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CRE
  * number (earlier releases' scripts drop it).
  */
 function meterFingerprint(input: ChargeInput): string {
-  return `${input.meter}:${input.cost}:${input.quota ?? ""}:`;
+  return fingerprintText({ mode: input.meter, cost: input.cost, quota: input.quota ?? "", keyId: "" });
 }
-const FINGERPRINT = /^(live|test):(\d+):((?:[a-z][a-z0-9_-]*)?):((?:key_[0-9A-HJKMNP-TV-Z]{26})?)$/;
 
-/**
- * What a kept fingerprint's charge was, for IdempotencyKeyMismatchError, in ChargeUsage's words.
- * Only what the pattern matches is named: never the idempotency key, nor text the reply carried.
- */
+/** What a kept fingerprint's charge was, for IdempotencyKeyMismatchError; never the idempotency key, nor other text the reply carried. */
 function keptChargeText(fingerprint: unknown): string {
-  const [, mode, cost, quota = "", keyId] = (typeof fingerprint === "string" ? FINGERPRINT.exec(fingerprint) : null) ?? [];
-  if (mode === undefined || cost === undefined || keyId === undefined) return "another charge";
-  const by = keyId === "" ? "the account" : `${mode === "test" ? "test " : ""}key ${keyId}`;
-  return `a charge of ${cost} credits by ${by}${quota === "" ? "" : ` against quota "${quota}"`}`;
+  const charge = parseFingerprint(fingerprint);
+  return charge === null ? "another charge" : chargeText(charge);
 }
 
 /** A period the charge script names as YYYYMM, as "YYYY-MM". */
