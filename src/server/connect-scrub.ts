@@ -1,5 +1,8 @@
+import { AsyncLocalStorage } from "node:async_hooks";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
+import { fromJsonString } from "@bufbuild/protobuf";
+import type { DescMessage, JsonReadOptions } from "@bufbuild/protobuf";
 import { Code, ConnectError, createConnectRouter, createContextKey } from "@connectrpc/connect";
 import type { ConnectRouter, ConnectRouterOptions, ContextValues, Interceptor } from "@connectrpc/connect";
 import { compressedFlag } from "@connectrpc/connect/protocol";
@@ -35,6 +38,10 @@ const DECODER_DETAIL = " from JSON: ";
 const MAX_ECHOED_INPUT = 64;
 /** The end of a cut message, kept so that it still reads: what follows the input ('" is unknown'). */
 const KEPT_ENDING = 16;
+/** A JSON escape of a surrogate ("\\ud800"): a request's text, decoded from UTF-8, holds a lone one by no other means. */
+const SURROGATE_ESCAPE = /\\u[dD][89a-fA-F]/;
+/** A surrogate without its other half. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
 
 /**
  * `compression` with a body it cannot inflate answered as the caller's mistake: connect-node
@@ -57,6 +64,37 @@ function callersCompression(compression: Compression): Compression {
 }
 
 const COMPRESSIONS = [callersCompression(compressionGzip), callersCompression(compressionBrotli)];
+
+/** The request message type of the call under way, for the JSON decoder (wellFormedJsonErrors). */
+const decodingInput = new AsyncLocalStorage<DescMessage>();
+
+/**
+ * The text decoder of connect-es's JSON serialization, which calls it inside the try whose refusal
+ * is INVALID_ARGUMENT. The JSON decoder quotes the key or value it refuses ('key "\\ud800x" is
+ * unknown', a string where a message belongs), and connect-es percent-encodes a gRPC or gRPC-Web
+ * error message with encodeURIComponent, which throws on a lone surrogate: the refusal became a
+ * bare 500. So a body that escapes a surrogate is decoded here first, and its refusal thrown with
+ * each lone surrogate shown as U+FFFD; the decoder then reads it again (such bodies are rare).
+ */
+function wellFormedJsonErrors(options: Partial<JsonReadOptions> | undefined): { decode(input?: Uint8Array): string } {
+  const utf8 = new TextDecoder();
+  // connect-es ignores unknown fields unless told otherwise (getJsonOptions): read as it does.
+  const readOptions = { ...options, ignoreUnknownFields: options?.ignoreUnknownFields ?? true };
+  return {
+    decode(input) {
+      const text = utf8.decode(input);
+      const desc = decodingInput.getStore();
+      if (desc === undefined || !SURROGATE_ESCAPE.test(text)) return text;
+      try {
+        fromJsonString(desc, text, readOptions);
+      } catch (error) {
+        const message = error instanceof Error ? error.message : String(error);
+        throw new ConnectError(message.replace(LONE_SURROGATE, "\uFFFD"), Code.InvalidArgument, undefined, undefined, error);
+      }
+      return text;
+    },
+  };
+}
 
 /**
  * Whether the request's message was decoded. Interceptors run only once it is (KeyAdmin's
@@ -137,7 +175,9 @@ export interface ScrubbedConnectOptions extends ConnectRouterOptions {
  */
 export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: AnyRequest, res: AnyResponse) => void {
   const { routes, contextValues, logger, ...routerOptions } = options;
-  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, interceptors: [markDecoded, ...(routerOptions.interceptors ?? [])] });
+  // connect-es hands jsonOptions to its JSON serialization, which takes a textDecoder.
+  const jsonOptions = { ...routerOptions.jsonOptions, textDecoder: wellFormedJsonErrors(routerOptions.jsonOptions) };
+  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, jsonOptions, interceptors: [markDecoded, ...(routerOptions.interceptors ?? [])] });
   routes(router);
   const handlers = new Map<string, UniversalHandler>(router.handlers.map((handler) => [handler.requestPath, handler]));
   const errorBytes = maxErrorBytes(routerOptions.readMaxBytes);
@@ -151,7 +191,8 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
     const values = contextValues(req);
     const request = universalRequestFromNodeRequest(req, res, undefined, values);
     // The handler answers once the message is decoded and handled, or has failed: the flag is final.
-    handler(request)
+    decodingInput
+      .run(handler.method.input, () => handler(request))
       .then(async (answer) => universalResponseToNodeResponse(await withoutSecrets(answer, values.get(decodedKey), logger, errorBytes), res))
       .catch((reason: unknown) => {
         if (ConnectError.from(reason).code === Code.Aborted) return;
