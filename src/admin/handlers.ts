@@ -362,10 +362,11 @@ export function keyAdminRoutes(service: LifecycleService, nowMs: () => number, l
       return { events: page.events.map(toAuditEvent), nextPageToken: page.nextPageToken };
     }, (r) => ({ ownerId: r.ownerId, keyId: r.keyId, keyField: "key_id" })),
     getUsage: guard(async (req) => {
-      const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to });
+      const report = await service.getUsage({ ownerId: req.ownerId, from: req.from, to: req.to, pageSize: req.pageSize, pageToken: unset(req.pageToken) });
       return create(GetUsageResponseSchema, {
         totals: toCounts(report.totals),
         byKey: report.byKey.map((entry) => ({ keyId: entry.keyId, keyName: report.names.get(entry.keyId) ?? "", day: entry.day, usage: toCounts(entry.usage) })),
+        nextPageToken: report.nextPageToken,
       });
     }, (r) => ({ ownerId: r.ownerId })),
   };

@@ -38,7 +38,7 @@ import type {
 import { FailedPreconditionError, InvalidArgumentError, NotFoundError } from "./errors.js";
 import { ledgered, ledgeredAnswer, topUpRefusal } from "./top-ups.js";
 import type { LedgeredTopUp } from "./top-ups.js";
-import { summarizeUsage } from "./usage-report.js";
+import { usagePageOf, usageReportPage } from "./usage-report.js";
 import type { UsageReport } from "./usage-report.js";
 import {
   AUDIT_ID,
@@ -459,28 +459,34 @@ export class LifecycleService {
     await this.#audit(actor, "credits.add", null, ownerId, changes, keyedTopUp(ownerId, idempotencyKey, atMs));
   }
 
-  /** Usage between two UTC days, inclusive, including what this replica has not flushed yet. */
-  async getUsage(input: { ownerId: string; from: string; to: string }): Promise<UsageReport> {
+  /**
+   * Usage between two UTC days, inclusive, including what this replica has not flushed yet:
+   * totals over the whole range, and the per-key, per-day rows a page at a time (usagePageOf).
+   */
+  async getUsage(input: { ownerId: string; from: string; to: string; pageSize: number; pageToken?: string | undefined }): Promise<UsageReport> {
     const ownerId = check(externalId, "owner_id", input.ownerId);
     const from = checkDay("from", input.from);
     const to = checkDay("to", input.to);
     const spanDays = (Date.parse(`${to}T00:00:00Z`) - Date.parse(`${from}T00:00:00Z`)) / 86_400_000;
     if (spanDays < 0) throw new InvalidArgumentError("to", "must not be before from");
     if (spanDays > MAX_USAGE_DAYS) throw new InvalidArgumentError("to", `must be at most ${MAX_USAGE_DAYS} days after from`);
+    const range = { ownerId, from, to };
+    const request = usagePageOf(range, input.pageSize, input.pageToken);
     await this.deps.usage.flush();
     // What the flush could not write (the store refusing it: a full disk) is still this
     // replica's to report: added from the recorder, each row counted once (withOwnerRowsSettled).
-    const rows = await this.deps.usage.withOwnerRowsSettled(ownerId, from, to, async () => {
-      const stored = await this.deps.store.listUsage(ownerId, from, to);
-      return [...stored, ...this.deps.usage.pendingRows(ownerId, from, to)];
+    // One key-day past the page tells whether another page exists.
+    const page = await this.deps.usage.withOwnerRowsSettled(ownerId, from, to, async () => {
+      const stored = await this.deps.store.listUsagePage({ ownerId, fromDay: from, toDay: to, after: request.after, keyDays: request.keyDays + 1 });
+      return usageReportPage(range, request, stored, this.deps.usage.pendingRows(ownerId, from, to));
     });
-    // Names as they are now, one read per key in the range (a report, not the hot path).
+    // Names as they are now, one read per key in the page (a report, not the hot path).
     const names = new Map<string, string>();
-    for (const keyId of new Set(rows.map((row) => row.keyId))) {
+    for (const keyId of new Set(page.byKey.map((row) => row.keyId))) {
       const key = await this.deps.store.getKey(keyId);
       if (key !== null) names.set(keyId, key.name);
     }
-    return summarizeUsage(rows, names);
+    return { ...page, names };
   }
 
   #checkScopes(field: string, scopes: readonly string[]): string[] {

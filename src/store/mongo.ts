@@ -40,6 +40,8 @@ import type {
   KeyedTopUp,
   TopUpRecord,
   UsageDelta,
+  UsagePage,
+  UsagePageQuery,
   UsageRow,
   AuditRecord,
   AuditQuery,
@@ -133,6 +135,19 @@ interface UsageDoc {
   outcome: string;
   count: number;
   credits: number;
+}
+
+/** An owner's usage documents added up by outcome (MongoKeyStore.listUsagePage). */
+interface UsageTotalDoc {
+  _id: string;
+  count: number;
+  credits: number;
+}
+
+/** The usage documents of one key and day, one row per outcome (MongoKeyStore.listUsagePage). */
+interface UsageKeyDayDoc {
+  _id: { day: string; key_id: string };
+  rows: Array<Pick<UsageDoc, "outcome" | "count" | "credits">>;
 }
 
 /** A key document. `counted` is true while the key holds one of the account's slots. */
@@ -1752,6 +1767,33 @@ export class MongoKeyStore implements KeyStore {
       this.#usage.find({ owner_id: ownerId, day: { $gte: fromDay, $lte: toDay } }).sort({ day: 1, key_id: 1, outcome: 1 }).lean<UsageDoc[]>(),
     );
     return docs.map((d) => ({ keyId: d.key_id, day: d.day, outcome: d.outcome, count: d.count, credits: d.credits }));
+  }
+
+  async listUsagePage(query: UsagePageQuery): Promise<UsagePage> {
+    const { ownerId, fromDay, toDay, after, keyDays } = query;
+    const range = { owner_id: ownerId, day: { $gte: fromDay, $lte: toDay } };
+    // A later page starts at its day on the index, then skips that day's keys up to the last one.
+    const rest =
+      after === null
+        ? range
+        : { owner_id: ownerId, day: { $gte: after.day > fromDay ? after.day : fromDay, $lte: toDay }, $or: [{ day: { $gt: after.day } }, { key_id: { $gt: after.keyId } }] };
+    // Both are added up by the server (on the owner_day index): keygate receives one row per
+    // outcome and the documents of one page of key-days, however long the range.
+    const [totals, keyDayDocs] = await guarded(() =>
+      Promise.all([
+        this.#usage.aggregate<UsageTotalDoc>([{ $match: range }, { $group: { _id: "$outcome", count: { $sum: "$count" }, credits: { $sum: "$credits" } } }, { $sort: { _id: 1 } }]),
+        this.#usage.aggregate<UsageKeyDayDoc>([
+          { $match: rest },
+          { $group: { _id: { day: "$day", key_id: "$key_id" }, rows: { $push: { outcome: "$outcome", count: "$count", credits: "$credits" } } } },
+          { $sort: { "_id.day": 1, "_id.key_id": 1 } },
+          { $limit: keyDays },
+        ]),
+      ]),
+    );
+    const rows = keyDayDocs.flatMap((d) =>
+      d.rows.map((r) => ({ keyId: d._id.key_id, day: d._id.day, outcome: r.outcome, count: r.count, credits: r.credits })).sort((a, b) => (a.outcome < b.outcome ? -1 : a.outcome > b.outcome ? 1 : 0)),
+    );
+    return { totals: totals.map((t) => ({ outcome: t._id, count: t.count, credits: t.credits })), rows };
   }
 
   async appendAudit(record: AuditRecord): Promise<void> {

@@ -59,6 +59,8 @@ import type {
   CreditState,
   UsageDelta,
   CreditDelta,
+  UsagePage,
+  UsagePageQuery,
   UsageRow,
   AuditRecord,
   AuditQuery,
@@ -356,7 +358,7 @@ function tightenWalFiles(path: string): void {
 type StatementName =
   | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
   | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
-  | "getTopUp" | "countTopUps" | "putTopUp" | "pruneTopUps" | "listUsage" | "revoke" | "markRotated" | "appendAudit" | "ping";
+  | "getTopUp" | "countTopUps" | "putTopUp" | "pruneTopUps" | "listUsage" | "usageKeyDays" | "usageTotals" | "revoke" | "markRotated" | "appendAudit" | "ping";
 
 /**
  * Whether the SQLite file at `path` holds a key or a recorded pepper check, read without writing
@@ -579,6 +581,18 @@ export class SqliteKeyStore implements KeyStore {
       pruneTopUps: db.prepare(`DELETE FROM credit_topups WHERE rowid IN (SELECT rowid FROM credit_topups WHERE at <= ? ORDER BY at LIMIT ${TOPUP_PRUNE_BATCH})`),
       listUsage: db.prepare(
         "SELECT key_id AS keyId, day, outcome, count, credits FROM usage WHERE owner_id = ? AND day >= ? AND day <= ? ORDER BY day, key_id, outcome",
+      ),
+      // A page of key-days walks the primary key (owner_id, day, key_id, outcome) from the
+      // previous page's last one and stops after @limit, then reads each one's rows (CROSS JOIN
+      // keeps that order; a plain JOIN scanned all of the owner's rows): one page, whatever the range.
+      usageKeyDays: db.prepare(
+        "WITH page AS (SELECT DISTINCT day, key_id FROM usage WHERE owner_id = @owner AND day >= @from AND day <= @to AND (day, key_id) > (@afterDay, @afterKey) " +
+          "ORDER BY day, key_id LIMIT @limit) " +
+          "SELECT u.key_id AS keyId, u.day AS day, u.outcome AS outcome, u.count AS count, u.credits AS credits FROM page " +
+          "CROSS JOIN usage u WHERE u.owner_id = @owner AND u.day = page.day AND u.key_id = page.key_id ORDER BY u.day, u.key_id, u.outcome",
+      ),
+      usageTotals: db.prepare(
+        "SELECT outcome, SUM(count) AS count, SUM(credits) AS credits FROM usage WHERE owner_id = ? AND day >= ? AND day <= ? GROUP BY outcome ORDER BY outcome",
       ),
       revoke: db.prepare("UPDATE keys SET revoked_at = ?, revoke_reason = ? WHERE id = ? AND revoked_at IS NULL"),
       markRotated: db.prepare("UPDATE keys SET rotated_to_id = ?, grace_ends_at = ?, revoked_at = ?, revoke_reason = ? WHERE id = ?"),
@@ -890,6 +904,16 @@ export class SqliteKeyStore implements KeyStore {
 
   async listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]> {
     return this.#stmt.listUsage.all(ownerId, fromDay, toDay).map(readUsageRow);
+  }
+
+  async listUsagePage(query: UsagePageQuery): Promise<UsagePage> {
+    const { ownerId, fromDay, toDay, after, keyDays } = query;
+    const totals = this.#stmt.usageTotals.all(ownerId, fromDay, toDay).map((row) => ({ outcome: text(row, "outcome"), count: integer(row, "count"), credits: integer(row, "credits") }));
+    // A day is never "": the first page starts after ("", ""). A later one seeks from its day
+    // (@from), which the row value alone does not make the index do.
+    const from = after !== null && after.day > fromDay ? after.day : fromDay;
+    const rows = this.#stmt.usageKeyDays.all({ owner: ownerId, from, to: toDay, afterDay: after?.day ?? "", afterKey: after?.keyId ?? "", limit: keyDays });
+    return { totals, rows: rows.map(readUsageRow) };
   }
 
   async appendAudit(record: AuditRecord): Promise<void> {

@@ -178,6 +178,34 @@ export interface CreditDelta {
 /** A stored usage row. */
 export type UsageRow = Omit<UsageDelta, "ownerId">;
 
+/** A key's day of usage: where a page of a usage report ends. Reports go by day, then key id. */
+export interface UsageKeyDay {
+  day: string;
+  keyId: string;
+}
+
+/** Requests and credits of one outcome, added up over a range of days. */
+export type UsageTotal = Pick<UsageRow, "outcome" | "count" | "credits">;
+
+/** What GetUsage reads of an owner's days in [fromDay, toDay] for one page. */
+export interface UsagePageQuery {
+  ownerId: string;
+  fromDay: string;
+  toDay: string;
+  /** The previous page's last key-day; null for the first page. */
+  after: UsageKeyDay | null;
+  /** How many key-days (each one or more rows, one per outcome) at most. */
+  keyDays: number;
+}
+
+/** One page of an owner's usage, and the totals of the whole range. */
+export interface UsagePage {
+  /** Every row of the range added up by outcome, whatever the page. */
+  totals: UsageTotal[];
+  /** The rows of the first `keyDays` key-days after `after`, by day, key id and outcome. */
+  rows: UsageRow[];
+}
+
 /** One audited KeyAdmin change. `changes` maps field names to their new values; never a secret. */
 export interface AuditRecord {
   id: string;
@@ -398,6 +426,11 @@ export interface MeteringStore {
   applyUsage(usage: readonly UsageDelta[], credits: readonly CreditDelta[]): Promise<void>;
   /** Usage rows of an owner for days in [fromDay, toDay] ("YYYY-MM-DD", inclusive). */
   listUsage(ownerId: string, fromDay: string, toDay: string): Promise<UsageRow[]>;
+  /**
+   * A page of an owner's usage report: the rows of at most `keyDays` key-days and the range's
+   * totals by outcome, added up by the store, so that neither grows with the range.
+   */
+  listUsagePage(query: UsagePageQuery): Promise<UsagePage>;
 }
 
 /** The audit trail of KeyAdmin changes. */

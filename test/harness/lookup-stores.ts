@@ -37,6 +37,7 @@ export function lookupOnlyStore(findSnapshotByHash: (hash: string) => Promise<Ke
     addCreditsOnce: unused,
     applyUsage: unused,
     listUsage: unused,
+    listUsagePage: unused,
     appendAudit: unused,
     listAudit: unused,
     lastAuditId: unused,

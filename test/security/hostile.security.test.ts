@@ -76,6 +76,7 @@ function spyStore(): { store: KeyStore; lookups: () => number } {
     addCreditsOnce: refuse,
     applyUsage: refuse,
     listUsage: refuse,
+    listUsagePage: refuse,
     appendAudit: refuse,
     listAudit: refuse,
     lastAuditId: refuse,
