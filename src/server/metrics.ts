@@ -90,6 +90,8 @@ export class Metrics implements LookupObserver {
   readonly #tlsHandshakeFailures: Counter<"listener">;
   readonly #unhandledRejections: Counter;
   readonly #redisConnected: Gauge;
+  /** The render under way for /metrics, which every scrape arriving meanwhile answers with (render). */
+  #rendering: Promise<string> | null = null;
   /** States read at each scrape (watchReady, watchRedis, watchLogDrops). */
   readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false, logLinesDropped: (): number => 0 };
 
@@ -219,6 +221,23 @@ export class Metrics implements LookupObserver {
         for (const [queue, size] of sizes) this.set({ queue }, size());
       },
     });
+  }
+
+  /**
+   * The registry's text for /metrics, shared: /metrics needs no token, and each render builds
+   * ~10 KiB of text and waits for keygate_ready (the store ping), so a flood of pipelined scrapes
+   * rendered and held one each. Scrapes while a render runs wait for it and answer its text; none
+   * is kept once it is done, so a scrape that follows a Check counts it.
+   */
+  render(): Promise<string> {
+    if (this.#rendering !== null) return this.#rendering;
+    const rendering = this.registry.metrics().finally(() => {
+      this.#rendering = null;
+    });
+    // Every caller handles the rejection; this copy only keeps it from counting as unhandled.
+    rendering.catch(() => undefined);
+    this.#rendering = rendering;
+    return rendering;
   }
 
   /** Counts one answered Check and observes its duration; reason "OK" is an allow, "UNAVAILABLE" and "INTERNAL" errors. */
