@@ -40,9 +40,15 @@ export interface StdoutLog {
   /** Logs, once stdout has taken what waited, a warning with the lines dropped meanwhile. */
   reportDropsTo(logger: Logger): void;
   /**
+   * Writes text that is not a log line (the generated admin token's banner) in its place among
+   * the log lines and within the same bound; false when it was dropped or stdout is closed.
+   */
+  print(text: string): boolean;
+  /**
    * Resolves true once what was logged has been written; false after `timeoutMs` without that,
    * having discarded the rest, so that pino's exit hook (a flushSync retrying EAGAIN every 100 ms
-   * for as long as nobody reads) lets the process exit. Nothing may be logged after a false.
+   * for as long as nobody reads) lets the process exit; false at once when the reader of stdout
+   * has gone (EPIPE), since nothing will be written again. Nothing may be logged after a false.
    */
   drain(timeoutMs: number): Promise<boolean>;
 }
@@ -66,13 +72,33 @@ export function createStdoutLog(): StdoutLog {
     unreported += 1;
     if (unreported === 1) stream.once("drain", reportOnDrain);
   });
+  // EPIPE: the reader has gone (`keygate serve | head -1`). pino's own listener then turns every
+  // write (and destroy) into a no-op, so no "drain" ever comes. Once, and ahead of pino's: any
+  // other error pino re-emits after removing its listener, and with none left it still ends the
+  // process, as it did.
+  let closed = false;
+  let onClosed: (() => void) | null = null;
+  stream.prependOnceListener("error", (error: unknown) => {
+    if (!(error instanceof Error && "code" in error && error.code === "EPIPE")) return;
+    closed = true;
+    onClosed?.();
+  });
   return {
-    destination: stream,
+    // Not the stream itself: pino's fatal() flushSync()s a destination that has a flushSync, which
+    // for a stdout nobody reads retries EAGAIN every 100 ms for ever. Exits drain instead (drain).
+    destination: { write: (line: string) => stream.write(line) },
     droppedLines: () => dropped,
     reportDropsTo(logger) {
       report = (lines) => logger.warn({ droppedLines: lines, maxBytes: STDOUT_LOG_MAX_BYTES }, "log lines dropped: stdout was not read while maxBytes of log waited for it");
     },
+    print(text) {
+      if (closed) return false;
+      const droppedBefore = dropped;
+      stream.write(text);
+      return dropped === droppedBefore;
+    },
     drain(timeoutMs) {
+      if (closed) return Promise.resolve(false);
       return new Promise((done) => {
         const timer = setTimeout(() => {
           stream.off("drain", written);
@@ -83,6 +109,11 @@ export function createStdoutLog(): StdoutLog {
           clearTimeout(timer);
           done(true);
         }
+        onClosed = () => {
+          clearTimeout(timer);
+          stream.off("drain", written);
+          done(false);
+        };
         stream.once("drain", written);
         // flush(cb) calls back at once when minLength is 0; an empty write is queued behind what
         // waits, and "drain" follows once it (so everything before it) is written.

@@ -31,6 +31,12 @@ function exitOnConfigError(error: unknown): never {
   throw error;
 }
 
+/** An error as one line, as the CLI reports a defect (src/cli.ts): its name and message. */
+function oneLine(error: unknown): string {
+  const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  return text.replace(/\s+/g, " ").trim();
+}
+
 /** `keygate serve`: reads the environment, starts every listener, and drains on SIGTERM or SIGINT. */
 export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPriority } = { migrate: true }): Promise<void> {
   let config;
@@ -49,6 +55,21 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   const stdoutLog = createStdoutLog();
   const logger = createLogger(config.logLevel, stdoutLog.destination, secrets);
   stdoutLog.reportDropsTo(logger);
+  // The log is written asynchronously; what waits is written before the exit, for at most
+  // LOG_DRAIN_MS: a stdout nobody reads would otherwise hold the exit for ever (pino's exit hook).
+  const exitAfterLog = async (code: number): Promise<never> => {
+    await stdoutLog.drain(LOG_DRAIN_MS);
+    process.exit(code);
+  };
+  // An exception nothing caught (and, until keygate's handler below, a rejection nothing handled,
+  // which Node raises as one) exits 1 as Node's default does, but after the log's bounded wait:
+  // Node's own exit runs pino's exit hook, which never returns while stdout is not read. One line
+  // on stderr, not Node's stack trace, which can quote a secret; the whole error is in the log.
+  process.on("uncaughtException", (error: unknown, origin: NodeJS.UncaughtExceptionOrigin) => {
+    logger.fatal({ err: error, origin }, "uncaught exception");
+    process.stderr.write(`keygate: unexpected error: ${redactText(oneLine(error), secrets)}\n`);
+    void exitAfterLog(1);
+  });
   warnOfIgnoredVariables(logger);
   if (config.mongodbUri !== undefined && config.redis === undefined) {
     // Nothing refuses several such replicas (none knows of the others), so say what they would do.
@@ -69,6 +90,7 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   if (gc !== undefined && gc.error !== null) logger.warn({ gcThreadNice: gc.nice, threads: gc.threads, error: gc.error }, "could not lower the priority of every V8 GC thread");
   else if (gc !== undefined && gc.nice !== 0) logger.info({ gcThreadNice: gc.nice, threads: gc.threads }, "V8 GC threads' priority lowered");
   let generatedAdminToken: string | null = null;
+  let tokenPrinted = false;
   const tls = config.tls;
   const adminTls = tls?.listeners.has("admin") === true ? { certFile: tls.certFile, clientAuth: tls.clientAuthListeners.has("admin") } : null;
   // Printed by the first start that gets its listeners up, and never logged; before the "keygate
@@ -81,13 +103,10 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     if (generatedAdminToken === null) return;
     const tokenFile = `${config.dataDir}/admin-token`;
     const use = adminCurlLines({ host: config.host, port: ports.admin, tokenFile, tls: adminTls });
-    process.stdout.write(`\nkeygate generated an admin token (stored in ${tokenFile}, mode 0600):\n  ${generatedAdminToken}\n${use.join("\n")}\n\n`);
-  };
-  // The log is written asynchronously; what waits is written before the exit, for at most
-  // LOG_DRAIN_MS: a stdout nobody reads would otherwise hold the exit for ever (pino's exit hook).
-  const exitAfterLog = async (code: number): Promise<never> => {
-    await stdoutLog.drain(LOG_DRAIN_MS);
-    process.exit(code);
+    // Through the log's writer, not process.stdout: the one writer on fd 1 keeps it before the
+    // "keygate listening" line and out of the middle of a line still waiting for stdout, and it is
+    // held within the log's bound and its wait at exit.
+    tokenPrinted = stdoutLog.print(`\nkeygate generated an admin token (stored in ${tokenFile}, mode 0600):\n  ${generatedAdminToken}\n${use.join("\n")}\n\n`);
   };
   // Anything else that stops a start is one line too, with the full error in the (scrubbed) log.
   const exitOnStartError = async (error: unknown): Promise<never> => {
@@ -129,7 +148,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
     );
   }
   await keygate.start().catch(exitOnStartError);
-  if (generatedAdminToken !== null) markShown(config.dataDir, logger);
+  // A banner dropped (the log's bound reached) or never written (stdout closed) is not marked
+  // shown: the next start prints it again.
+  if (tokenPrinted) markShown(config.dataDir, logger);
   // A drain that began within the start ignores reloads already (reloads.stop()).
   if (!stopping) reloads.started(keygate);
 }
