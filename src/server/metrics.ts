@@ -90,8 +90,10 @@ export class Metrics implements LookupObserver {
   readonly #tlsHandshakeFailures: Counter<"listener">;
   readonly #unhandledRejections: Counter;
   readonly #redisConnected: Gauge;
-  /** The render under way for /metrics, which every scrape arriving meanwhile answers with (render). */
+  /** The render waiting for readiness for /metrics, which every scrape arriving meanwhile answers with (render). */
   #rendering: Promise<string> | null = null;
+  /** Readiness as render read it, for keygate_ready while render reads the registry; null otherwise. */
+  #renderReady: { ready: boolean | null } = { ready: null };
   /** States read at each scrape (watchReady, watchRedis, watchLogDrops). */
   readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false, logLinesDropped: (): number => 0 };
 
@@ -104,6 +106,7 @@ export class Metrics implements LookupObserver {
     }
     const registers = [this.registry];
     const states = this.#states;
+    const renderReady = this.#renderReady;
     this.#reloads = new Counter({
       name: "keygate_config_reloads_total",
       help: "Reloads of the policy file, the admin tokens file or the TLS certificate files (file=tls) by result: applied, unchanged, or failed (the previous version stays in force)",
@@ -198,8 +201,11 @@ export class Metrics implements LookupObserver {
       name: "keygate_ready",
       help: "1 while this replica reports ready on /readyz (serving, and the store answers a ping), else 0 (starting, draining, or the store not answering)",
       registers,
-      async collect() {
-        this.set((await states.ready()) ? 1 : 0);
+      collect() {
+        // render asked already, just before reading the registry: no wait here, so every count is
+        // read when the registry is (a scrape that follows a Check counts it).
+        if (renderReady.ready !== null) return void this.set(renderReady.ready ? 1 : 0);
+        return Promise.resolve(states.ready()).then((ready) => void this.set(ready ? 1 : 0));
       },
     });
     // Registered by watchRedis only: a keygate without Redis has no such series, rather than a 0 that would page.
@@ -226,14 +232,28 @@ export class Metrics implements LookupObserver {
   /**
    * The registry's text for /metrics, shared: /metrics needs no token, and each render builds
    * ~10 KiB of text and waits for keygate_ready (the store ping), so a flood of pipelined scrapes
-   * rendered and held one each. Scrapes while a render runs wait for it and answer its text; none
-   * is kept once it is done, so a scrape that follows a Check counts it.
+   * rendered and held one each. Scrapes that come while the ping is awaited share it and the text
+   * read once it is answered: prom-client reads every count when the registry's render starts, so
+   * that starts only then, with readiness already known, and a scrape that follows a Check counts
+   * it. One that comes after that starts a render of its own.
    */
   render(): Promise<string> {
     if (this.#rendering !== null) return this.#rendering;
-    const rendering = this.registry.metrics().finally(() => {
-      this.#rendering = null;
-    });
+    const rendering = (async () => {
+      let ready: boolean;
+      try {
+        ready = await this.#states.ready();
+      } finally {
+        this.#rendering = null;
+      }
+      // Every synchronous collect runs within metrics()'s call, keygate_ready's reading this.
+      this.#renderReady.ready = ready;
+      try {
+        return this.registry.metrics();
+      } finally {
+        this.#renderReady.ready = null;
+      }
+    })();
     // Every caller handles the rejection; this copy only keeps it from counting as unhandled.
     rendering.catch(() => undefined);
     this.#rendering = rendering;

@@ -53,6 +53,12 @@ describe("keygate usage over several pages", { timeout: 60_000 }, () => {
     expect(human.stdout).not.toMatch(/more:|page-token/);
   });
 
+  it("error: --page-size 0 is bad usage (exit 2): sent, it would ask for the whole range in one answer", async () => {
+    const result = await cli(["usage", OWNER, ...RANGE, "--page-size", "0"]);
+    expect(result.code).toBe(2);
+    expect(result.stderr.split("\n")[0]).toMatch(/--page-size.*must be between 1 and 1000/);
+  });
+
   it("error: --page-size past 1000 is refused by keygate naming page_size (exit 1)", async () => {
     const result = await cli(["usage", OWNER, ...RANGE, "--page-size", "1001"]);
     expect(result.code).toBe(1);

@@ -31,10 +31,14 @@ function exitOnConfigError(error: unknown): never {
   throw error;
 }
 
-/** An error as one line, as the CLI reports a defect (src/cli.ts): its name and message. */
-function oneLine(error: unknown): string {
+/**
+ * An error as one line, as the CLI reports a defect (src/cli.ts): its name and message, its
+ * secrets redacted before its whitespace is folded (a pepper or password may hold a tab, a line
+ * break or two spaces, and would no longer be found as written).
+ */
+function oneLine(error: unknown, secrets: readonly string[]): string {
   const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
-  return text.replace(/\s+/g, " ").trim();
+  return redactText(text, secrets).replace(/\s+/g, " ").trim();
 }
 
 /** `keygate serve`: reads the environment, starts every listener, and drains on SIGTERM or SIGINT. */
@@ -67,7 +71,7 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
   // on stderr, not Node's stack trace, which can quote a secret; the whole error is in the log.
   process.on("uncaughtException", (error: unknown, origin: NodeJS.UncaughtExceptionOrigin) => {
     logger.fatal({ err: error, origin }, "uncaught exception");
-    process.stderr.write(`keygate: unexpected error: ${redactText(oneLine(error), secrets)}\n`);
+    process.stderr.write(`keygate: unexpected error: ${oneLine(error, secrets)}\n`);
     void exitAfterLog(1);
   });
   warnOfIgnoredVariables(logger);
@@ -117,8 +121,9 @@ export async function serve(options: { migrate: boolean; gcThreads?: GcThreadPri
       return exitAfterLog(2);
     }
     logger.fatal({ err: error }, "keygate could not start");
-    const firstLine = (error instanceof Error ? error.message : String(error)).split("\n")[0] ?? "";
-    process.stderr.write(`keygate: could not start: ${redactText(firstLine, secrets)}\n`);
+    // Redacted whole, then cut: a secret holding a line break would not be found in a part of it.
+    const firstLine = redactText(error instanceof Error ? error.message : String(error), secrets).split("\n")[0] ?? "";
+    process.stderr.write(`keygate: could not start: ${firstLine}\n`);
     return exitAfterLog(1);
   };
   const keygate = await buildKeygate(config, { logger, announce, migrate: options.migrate }).catch(exitOnStartError);

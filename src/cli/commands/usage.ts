@@ -1,4 +1,5 @@
 import { create, equals } from "@bufbuild/protobuf";
+import { InvalidArgumentError } from "commander";
 import type { Command } from "commander";
 import { z } from "zod";
 import { GetUsageResponseSchema, UsageCountsSchema } from "../../gen/keygate/v1/key_admin_pb.js";
@@ -15,6 +16,16 @@ function sameTotals(a: UsageCounts | undefined, b: UsageCounts | undefined): boo
   return equals(UsageCountsSchema, a ?? create(UsageCountsSchema), b ?? create(UsageCountsSchema));
 }
 
+/**
+ * --page-size: a whole number, and not 0, which would ask keygate for the whole range in one
+ * answer (page_size 0 without a page_token), refused past 10,000 rows; larger ones keygate refuses.
+ */
+function pageSize(value: string): number {
+  const size = wholeNumber(value);
+  if (size === 0) throw new InvalidArgumentError(`must be between 1 and ${MAX_PAGE_SIZE}`);
+  return size;
+}
+
 /** `keygate usage`: counted requests and spent credits per key and day. */
 export function registerUsage(program: Command): void {
   const usage = program
@@ -23,7 +34,7 @@ export function registerUsage(program: Command): void {
     .argument("<owner>", "owner id")
     .requiredOption("--from <day>", "first UTC day, YYYY-MM-DD, inclusive", day)
     .requiredOption("--to <day>", "last UTC day, YYYY-MM-DD, inclusive; at most 366 days after --from", day)
-    .option("--page-size <n>", `rows asked for per call, 1-${MAX_PAGE_SIZE} (default: ${MAX_PAGE_SIZE}); every page is fetched and printed as one report`, wholeNumber);
+    .option("--page-size <n>", `rows asked for per call, 1-${MAX_PAGE_SIZE} (default: ${MAX_PAGE_SIZE}); every page is fetched and printed as one report`, pageSize);
   onRun(usage, async (context) => {
     const [ownerId] = argsOf(usage, oneId);
     const options = optionsOf(usage, z.object({ from: z.string(), to: z.string(), pageSize: z.number().optional() }));
