@@ -2,6 +2,7 @@ import { z } from "zod";
 import { REDACTED } from "../keys/redact.js";
 import { isKeyId } from "../keys/ids.js";
 import { KEY_CHECKSUM_LENGTH, KEY_RANDOM_LENGTH, KeyFormat } from "../keys/key-format.js";
+import { splitsSurrogatePair } from "../surrogates.js";
 import type { KeyRateLimit } from "../store/store.js";
 import { InvalidArgumentError } from "./errors.js";
 
@@ -119,9 +120,14 @@ export function check<T>(schema: z.ZodType<T>, field: string, value: unknown): T
 // Anything that looks like a key or a token is not repeated back, even in an error.
 export const SECRET_LIKE = /[A-Za-z0-9]{2,10}_(live|test)_[0-9A-Za-z]{8,}|kgadm_|[A-Za-z0-9_-]{32,}/;
 
+/** Characters of a bad value echo() quotes. */
+const MAX_ECHO = 64;
+
 /** A bad value, quoted back to the caller: short, and never something that looks like a secret. */
 export function echo(value: string): string {
-  return SECRET_LIKE.test(value) ? REDACTED : value.slice(0, 64);
+  if (SECRET_LIKE.test(value)) return REDACTED;
+  // Never half an emoji: a lone surrogate breaks the gRPC and gRPC-Web status (src/surrogates.ts).
+  return value.slice(0, splitsSurrogatePair(value, MAX_ECHO) ? MAX_ECHO - 1 : MAX_ECHO);
 }
 
 export function checkKeyId(field: string, id: string): string {

@@ -13,6 +13,7 @@ import { contentTypeRegExp as grpcWebContentType, trailerParse, trailerSerialize
 import { compressionBrotli, compressionGzip, universalRequestFromNodeRequest, universalResponseToNodeResponse } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import { redactText } from "../keys/redact.js";
+import { splitsSurrogatePair, withoutLoneSurrogates } from "../surrogates.js";
 
 type AnyRequest = IncomingMessage | Http2ServerRequest;
 type AnyResponse = ServerResponse | Http2ServerResponse;
@@ -38,10 +39,11 @@ const DECODER_DETAIL = " from JSON: ";
 const MAX_ECHOED_INPUT = 64;
 /** The end of a cut message, kept so that it still reads: what follows the input ('" is unknown'). */
 const KEPT_ENDING = 16;
-/** A JSON escape of a surrogate ("\\ud800"): a request's text, decoded from UTF-8, holds a lone one by no other means. */
-const SURROGATE_ESCAPE = /\\u[dD][89a-fA-F]/;
-/** A surrogate without its other half. */
-const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g;
+/**
+ * A surrogate, raw (half of a character sent in UTF-8) or escaped ("\\ud800"): the only text whose
+ * JSON error can quote a lone one (wellFormedJsonErrors).
+ */
+const SURROGATE = /[\uD800-\uDFFF]|\\u[dD][89a-fA-F]/;
 
 /**
  * `compression` with a body it cannot inflate answered as the caller's mistake: connect-node
@@ -73,8 +75,11 @@ const decodingInput = new AsyncLocalStorage<DescMessage>();
  * is INVALID_ARGUMENT. The JSON decoder quotes the key or value it refuses ('key "\\ud800x" is
  * unknown', a string where a message belongs), and connect-es percent-encodes a gRPC or gRPC-Web
  * error message with encodeURIComponent, which throws on a lone surrogate: the refusal became a
- * bare 500. So a body that escapes a surrogate is decoded here first, and its refusal thrown with
- * each lone surrogate shown as U+FFFD; the decoder then reads it again (such bodies are rare).
+ * bare 500. JSON escapes one alone, and V8's SyntaxError cuts a raw pair in two: it quotes the
+ * token it stopped at as one code unit ("Unexpected token '\\ud83d'") and the source's first ten
+ * or so ('"a😀😀😀😀\\ud83d"... is not valid JSON'). So a body that holds a surrogate, raw or
+ * escaped, is decoded here first, and its refusal thrown with each lone surrogate shown as U+FFFD;
+ * the decoder then reads it again (such bodies are rare, and bounded by readMaxBytes).
  */
 function wellFormedJsonErrors(options: Partial<JsonReadOptions> | undefined): { decode(input?: Uint8Array): string } {
   const utf8 = new TextDecoder();
@@ -84,12 +89,12 @@ function wellFormedJsonErrors(options: Partial<JsonReadOptions> | undefined): { 
     decode(input) {
       const text = utf8.decode(input);
       const desc = decodingInput.getStore();
-      if (desc === undefined || !SURROGATE_ESCAPE.test(text)) return text;
+      if (desc === undefined || !SURROGATE.test(text)) return text;
       try {
         fromJsonString(desc, text, readOptions);
       } catch (error) {
         const message = error instanceof Error ? error.message : String(error);
-        throw new ConnectError(message.replace(LONE_SURROGATE, "\uFFFD"), Code.InvalidArgument, undefined, undefined, error);
+        throw new ConnectError(withoutLoneSurrogates(message), Code.InvalidArgument, undefined, undefined, error);
       }
       return text;
     },
@@ -105,6 +110,27 @@ const decodedKey = createContextKey(false, { description: "request message decod
 const markDecoded: Interceptor = (next) => (req) => {
   req.contextValues.set(decodedKey, true);
   return next(req);
+};
+
+/**
+ * An error of a handler or interceptor with each lone surrogate of its message shown as U+FFFD.
+ * keygate's messages quote the caller's input (echo()), and a quote cut inside a pair, by keygate
+ * or a library, would make connect-es's encodeURIComponent of a gRPC or gRPC-Web error message
+ * throw: a bare 500, no grpc-status. Outermost, so that it sees every other interceptor's errors.
+ */
+const wellFormedErrors: Interceptor = (next) => async (req) => {
+  try {
+    return await next(req);
+  } catch (reason) {
+    // Only a ConnectError's message is the caller's to read; anything else stays as thrown.
+    if (!(reason instanceof ConnectError)) throw reason;
+    const error = reason;
+    const message = withoutLoneSurrogates(error.rawMessage);
+    if (message === error.rawMessage) throw reason;
+    const wellFormed = new ConnectError(message, error.code, error.metadata, undefined, error.cause);
+    wellFormed.details = error.details;
+    throw wellFormed;
+  }
 };
 
 /**
@@ -135,13 +161,6 @@ function boundedDecoderMessage(message: string, decoded: boolean): string {
   let endingStart = message.length - KEPT_ENDING;
   if (splitsSurrogatePair(message, endingStart)) endingStart += 1;
   return `${message.slice(0, headEnd)}…${message.slice(endingStart)}`;
-}
-
-/** Whether a cut of `text` before index `at` falls between a high and a low surrogate. */
-function splitsSurrogatePair(text: string, at: number): boolean {
-  const before = text.charCodeAt(at - 1);
-  const after = text.charCodeAt(at);
-  return before >= 0xd800 && before <= 0xdbff && after >= 0xdc00 && after <= 0xdfff;
 }
 
 /**
@@ -177,7 +196,7 @@ export function scrubbedConnectHandler(options: ScrubbedConnectOptions): (req: A
   const { routes, contextValues, logger, ...routerOptions } = options;
   // connect-es hands jsonOptions to its JSON serialization, which takes a textDecoder.
   const jsonOptions = { ...routerOptions.jsonOptions, textDecoder: wellFormedJsonErrors(routerOptions.jsonOptions) };
-  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, jsonOptions, interceptors: [markDecoded, ...(routerOptions.interceptors ?? [])] });
+  const router = createConnectRouter({ acceptCompression: COMPRESSIONS, ...routerOptions, jsonOptions, interceptors: [wellFormedErrors, markDecoded, ...(routerOptions.interceptors ?? [])] });
   routes(router);
   const handlers = new Map<string, UniversalHandler>(router.handlers.map((handler) => [handler.requestPath, handler]));
   const errorBytes = maxErrorBytes(routerOptions.readMaxBytes);

@@ -9,6 +9,11 @@ import type { TestKeygate } from "../harness/keygate.js";
 // refused like any other mistake, INVALID_ARGUMENT on every protocol (Connect 400, gRPC and
 // gRPC-Web grpc-status 3), with the decoder's message, each lone surrogate shown as U+FFFD, and
 // nothing written.
+//
+// A body needs no escape for its refusal to quote half a pair: V8's JSON SyntaxError quotes the
+// token it stopped at as one code unit and about ten units of the source, cutting a raw (UTF-8)
+// emoji in two. And keygate's own refusals quote the caller's value cut at 64 code units (echo()),
+// which split an emoji straddling the cut. Both are answered the same way.
 
 let kg: TestKeygate;
 beforeAll(async () => {
@@ -106,5 +111,71 @@ describe("KeyAdmin happy: escaped surrogate pairs are characters like any other"
     expect(answer).toEqual({ status: 200, frames: [{ flags: 0 }, { flags: 0x80, status: "0", message: "" }] });
     const { keys } = await kg.admin.listKeys({ ownerId: PAIR_OWNER });
     expect(keys.map((key) => key.name)).toEqual(["n😀"]);
+  });
+});
+
+/** Bodies with a JSON syntax error beside raw emoji, sent as UTF-8, and the refusal, each half an emoji V8 quotes shown as U+FFFD. */
+const SYNTAX_CASES: Array<{ name: string; json: string; message: string }> = [
+  { name: "an emoji where a value belongs (the token quoted)", json: "[😀😀😀😀😀😀😀😀😀😀 x", message: `${CREATE}Unexpected token '\uFFFD', "[😀😀😀😀😀"... is not valid JSON` },
+  { name: "an emoji as the token after a literal's first letters", json: "tru😀😀😀😀😀😀😀😀 x", message: `${CREATE}Unexpected token '\uFFFD', "tru😀😀😀😀😀"... is not valid JSON` },
+  { name: "an emoji cut by the source's quoted start", json: "a😀😀😀😀😀😀😀😀😀😀 x", message: `${CREATE}Unexpected token 'a', "a😀😀😀😀\uFFFD"... is not valid JSON` },
+  { name: "a lone emoji", json: "😀", message: `${CREATE}Unexpected token '\uFFFD', "😀" is not valid JSON` },
+];
+
+describe("KeyAdmin error: a JSON syntax error beside raw emoji is INVALID_ARGUMENT on every protocol", () => {
+  for (const { name, json, message } of SYNTAX_CASES) {
+    it(`${name}: Connect 400 invalid_argument, the half emoji shown as U+FFFD`, async () => {
+      expect(await connectCall("CreateKey", json)).toEqual({ status: 400, json: { code: "invalid_argument", message } });
+    });
+
+    it(`${name}: gRPC-Web 200 with one trailer frame, grpc-status 3`, async () => {
+      expect(await grpcWebCall("CreateKey", json)).toEqual({ status: 200, frames: [{ flags: 0x80, status: "3", message }] });
+    });
+
+    it(`${name}: gRPC grpc-status 3`, async () => {
+      expect(await grpcJsonCall(kg.ports.admin, "CreateKey", json)).toEqual({ status: "3", message });
+    });
+  }
+
+  it("no call failed inside keygate", () => {
+    expect(kg.logLines.filter((line) => line.includes("KeyAdmin handler failed"))).toEqual([]);
+  });
+});
+
+// 63 code units (no run that SECRET_LIKE would redact), then an emoji across units 64 and 65.
+const HEAD_63 = `${"a.".repeat(31)}a`;
+const STRADDLING = `${HEAD_63}😀`;
+
+/** Bodies keygate refuses after decoding, quoting STRADDLING through echo(), and the refusal: the emoji left out whole. */
+const ECHO_CASES: Array<{ name: string; method: string; json: string; message: string }> = [
+  { name: "an unknown scope", method: "CreateKey", json: JSON.stringify({ owner_id: OWNER, name: "k", scopes: [STRADDLING] }), message: `scopes[0]: unknown scope "${HEAD_63}"; known scopes: tutor, decks, progress, webhooks` },
+  { name: "a metadata key outside its alphabet", method: "CreateKey", json: JSON.stringify({ owner_id: OWNER, name: "k", metadata: { [STRADDLING]: "v" } }), message: `metadata.${HEAD_63}: keys are 1-64 letters, digits, _ . -` },
+  { name: "an unknown plan", method: "UpsertAccount", json: JSON.stringify({ owner_id: OWNER, plan: STRADDLING }), message: `plan: must be one of basic, pro, business; got "${HEAD_63}"` },
+];
+
+describe("KeyAdmin error: keygate's own refusal never quotes half an emoji", () => {
+  for (const { name, method, json, message } of ECHO_CASES) {
+    it(`${name}: Connect 400 invalid_argument, the value cut before the emoji`, async () => {
+      expect(await connectCall(method, json)).toEqual({ status: 400, json: { code: "invalid_argument", message } });
+    });
+
+    it(`${name}: gRPC-Web 200 with one trailer frame, grpc-status 3`, async () => {
+      expect(await grpcWebCall(method, json)).toEqual({ status: 200, frames: [{ flags: 0x80, status: "3", message }] });
+    });
+
+    it(`${name}: gRPC grpc-status 3`, async () => {
+      expect(await grpcJsonCall(kg.ports.admin, method, json)).toEqual({ status: "3", message });
+    });
+  }
+
+  it("happy: an emoji that ends within 64 code units is quoted whole", async () => {
+    const scope = `${"a.".repeat(31)}😀`;
+    const json = JSON.stringify({ owner_id: OWNER, name: "k", scopes: [scope] });
+    expect(await grpcJsonCall(kg.ports.admin, "CreateKey", json)).toEqual({ status: "3", message: `scopes[0]: unknown scope "${scope}"; known scopes: tutor, decks, progress, webhooks` });
+  });
+
+  it("nothing was written, and no call failed inside keygate", async () => {
+    expect(await ownersKeys()).toBe(0);
+    expect(kg.logLines.filter((line) => line.includes("KeyAdmin handler failed"))).toEqual([]);
   });
 });
