@@ -34,7 +34,7 @@ export const STOP_CALL_WAIT_MS = 5000;
 /**
  * How long past its deadline a stop's final flush may go on while the store answers each call:
  * the manifests give the flush 15 s after the grace before the kubelet's SIGKILL
- * (terminationGracePeriodSeconds = preStop 5 s + grace + 15 s), and closing the store and the
+ * (terminationGracePeriodSeconds = preStop 5 s + delay + grace + 15 s), and closing the store and the
  * caches after it needs the rest.
  */
 export const STOP_FLUSH_OVERRUN_MS = 12_000;

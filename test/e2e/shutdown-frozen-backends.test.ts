@@ -16,8 +16,8 @@ import { startTcpRelay } from "../harness/tcp-relay.js";
 import type { TcpRelay } from "../harness/tcp-relay.js";
 
 // SIGTERM while Redis or MongoDB is frozen (connections open, nothing answers). The stop must end
-// within what the manifests give it after the preStop sleep, the grace and 15 s for the final flush
-// (README, Helm), and usage it could not write must be named at error level with exit 1: the
+// within what the manifests give it after the preStop sleep and the delay: the grace and 15 s for
+// the final flush (README, Helm), and usage it could not write must be named at error level with exit 1: the
 // kubelet's SIGKILL came first once (a final flush waited 63 s on MongoDB), and billed usage was
 // lost without a word. The bound is the chart's, not this machine's speed: keygate waits for a
 // write the store does not answer until the grace ends, or 5 s after it was sent if that is later,
@@ -28,7 +28,7 @@ const ready =
   requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
 
 const GRACE_SECONDS = 2;
-/** What the Helm chart's terminationGracePeriodSeconds leaves after the grace (and preStop). */
+/** What the Helm chart's terminationGracePeriodSeconds leaves after the grace (and the preStop sleep and the delay). */
 const FINAL_FLUSH_BUDGET_SECONDS = 15;
 
 // Nothing is written behind before the SIGTERM: the stop's flush holds the key's one usage row

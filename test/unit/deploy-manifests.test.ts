@@ -10,6 +10,7 @@ import { IDENTITY_FIELDS } from "../../src/authz/identity.js";
 import { METADATA_HEADER_PREFIX } from "../../src/authz/pipeline.js";
 import { RouteTable } from "../../src/authz/routes.js";
 import { loadConfig, loadPolicyFile, parsePolicy } from "../../src/config.js";
+import { Authorization } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import type { Config } from "../../src/config.js";
 import { requireServer } from "../harness/ports.js";
 import { judgedHeaders } from "../../src/server/original-request.js";
@@ -223,7 +224,7 @@ type NetworkPolicy = z.infer<typeof networkPolicySchema>;
 
 const pdbSchema = z.object({
   kind: z.literal("PodDisruptionBudget"),
-  spec: z.object({ maxUnavailable: z.number().int(), selector: z.object({ matchLabels: labelsSchema }) }),
+  spec: z.object({ maxUnavailable: z.number().int(), unhealthyPodEvictionPolicy: z.string().optional(), selector: z.object({ matchLabels: labelsSchema }) }),
 });
 
 const hpaSchema = z.object({
@@ -536,6 +537,16 @@ const hcmSchema = z.object({
 });
 
 const socketAddressSchema = z.object({ address: z.string(), port_value: z.number().int() });
+const envoySecondsSchema = z
+  .string()
+  .regex(/^\d+(\.\d+)?s$/)
+  .transform((d) => Number(d.slice(0, -1)));
+const healthCheckSchema = z.object({
+  timeout: envoySecondsSchema,
+  interval: envoySecondsSchema,
+  unhealthy_threshold: z.number().int(),
+  grpc_health_check: z.object({ service_name: z.string() }).optional(),
+});
 const envoySchema = z.object({
   static_resources: z.object({
     listeners: z.array(
@@ -548,6 +559,7 @@ const envoySchema = z.object({
       z.object({
         name: z.string(),
         typed_extension_protocol_options: z.record(z.string(), z.unknown()).optional(),
+        health_checks: z.array(healthCheckSchema).default([]),
         load_assignment: z.object({
           endpoints: z.array(z.object({ lb_endpoints: z.array(z.object({ endpoint: z.object({ address: z.object({ socket_address: socketAddressSchema }) }) })) })),
         }),
@@ -767,7 +779,7 @@ describe.each(VARIANTS)("deploy manifests: $name", ({ name, docs: render, replic
     for (const peer of adminPeers) expect(peer.podSelector?.matchLabels, "every admin peer is selected by pod label").toBeDefined();
   });
 
-  it("takes one replica at a time in voluntary disruptions and autoscales on CPU from at least 2", () => {
+  it("leaves at most one replica unavailable in voluntary disruptions, keeps not-Ready ones through a store outage, and autoscales on CPU from at least 2", () => {
     if (store === "embedded") {
       // One embedded replica: a budget of one could never be met, and a second replica would
       // have a store of its own.
@@ -778,6 +790,12 @@ describe.each(VARIANTS)("deploy manifests: $name", ({ name, docs: render, replic
     const deployment = theDeployment(render());
     const [pdb] = ofKind(render(), "PodDisruptionBudget", pdbSchema);
     expect(pdb?.spec.maxUnavailable).toBe(1);
+    // Not AlwaysAllow: during a MongoDB outage every replica is not Ready on purpose (/readyz pings
+    // the store, test/integration/alert-store-lost.test.ts), and a replacement exits 2 at start while
+    // MongoDB is unreachable (test/e2e/startup-errors.test.ts). AlwaysAllow would let a drain evict
+    // every warm replica at once, and keygate would return only after the replacements' crash-loop
+    // back-off; the default evicts a not-Ready replica only while the budget holds.
+    expect(pdb?.spec.unhealthyPodEvictionPolicy ?? "IfHealthyBudget").toBe("IfHealthyBudget");
     expect(selects(pdb?.spec.selector.matchLabels ?? {}, deployment.spec.template.metadata.labels)).toBe(true);
     const [hpa] = ofKind(render(), "HorizontalPodAutoscaler", hpaSchema);
     expect(hpa?.spec.scaleTargetRef).toEqual({ apiVersion: "apps/v1", kind: "Deployment", name: deployment.metadata.name });
@@ -838,6 +856,25 @@ describe("deploy manifests: envoy.yaml", () => {
     expect(envoy.endpoints.get(clusterName)?.map((a) => a.port_value)).toEqual([DEFAULTS.grpcPort]);
     const options = cluster?.typed_extension_protocol_options?.["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
     expect(http2OptionsSchema.safeParse(options).success).toBe(true);
+  });
+
+  // From SIGTERM keygate reports NOT_SERVING but answers for KEYGATE_SHUTDOWN_DELAY_SECONDS, then
+  // sends its GOAWAY: a Check Envoy sent as that GOAWAY crossed it is refused (REFUSED_STREAM), and
+  // Envoy answers the client 503 without retrying it (envoyproxy/envoy#36450). So the Deployment's
+  // delay must outlast what these health checks take to mark the replica unhealthy: at worst a
+  // check passed just before SIGTERM, then unhealthy_threshold failures an interval apart, the last
+  // one timing out.
+  it("health-checks keygate's Check service, and marks a draining replica unhealthy within the Deployment's drain delay", () => {
+    const { envoy } = read();
+    const clusterName = envoy.extAuthz.grpc_service.envoy_grpc.cluster_name;
+    const checks = envoy.bootstrap.static_resources.clusters.find((c) => c.name === clusterName)?.health_checks ?? [];
+    expect(checks.map((c) => c.grpc_health_check?.service_name)).toEqual([Authorization.typeName]);
+    const detectionSeconds = Math.max(...checks.map((c) => c.unhealthy_threshold * c.interval + c.timeout));
+    expect(detectionSeconds).toBe(11);
+    for (const variant of VARIANTS) {
+      const delaySeconds = keygateConfigOf(theContainer(theDeployment(variant.docs()))).shutdownDelaySeconds;
+      expect(delaySeconds, variant.name).toBeGreaterThan(detectionSeconds);
+    }
   });
 
   it("routes only to defined clusters, and only /healthz skips keygate", () => {
@@ -1202,8 +1239,8 @@ const SCHEMALESS_CRDS: Readonly<Record<string, string>> = {
   "deploy/k8s/monitoring/servicemonitor.yaml": "ServiceMonitor monitoring.coreos.com/v1",
   "deploy/k8s/monitoring/prometheusrule.yaml": "PrometheusRule monitoring.coreos.com/v1",
 };
-// The oldest release whose schemas accept every field used (unhealthyPodEvictionPolicy and
-// matchLabelKeys are beta from 1.27), and the newest the package ships (its default, 1.37).
+// The oldest release whose schemas accept every field used (matchLabelKeys is beta from 1.27),
+// and the newest the package ships (its default, 1.37).
 const KUBERNETES_VERSIONS = ["1.27.0", "newest bundled"] as const;
 
 const kubernetesValidate = findTool("kubernetes-validate", ["--version"]);

@@ -144,20 +144,32 @@ describe.runIf(READY)("Helm chart", () => {
   });
 
   // The kubelet's SIGKILL comes terminationGracePeriodSeconds after the preStop hook starts:
-  // the preStop sleep, keygate's drain (up to the grace) and its final flush of last-used times
-  // and usage must fit, with the 15 s for the flush that the defaults (5 + 20 + 15 = 40) leave.
-  it.each(["20", "45", "60", "12.5", "300"])("with shutdownGraceSeconds=%s, the kubelet waits for the preStop sleep, the drain and the final flush", (grace) => {
+  // the preStop sleep, keygate's delay (not ready, still answering), its drain (up to the grace)
+  // and its final flush of last-used times and usage must fit, with the 15 s for the flush that
+  // the defaults (5 + 15 + 20 + 15 = 55) leave.
+  it.each([
+    ["15", "20"],
+    ["15", "45"],
+    ["15", "60"],
+    ["15", "12.5"],
+    ["15", "300"],
+    ["0", "20"],
+    ["7.5", "20"],
+    ["300", "300"],
+  ])("with shutdownDelaySeconds=%s and shutdownGraceSeconds=%s, the kubelet waits for the preStop sleep, the delay, the drain and the final flush", (delay, grace) => {
     const containerSchema = z.object({
       env: z.array(z.object({ name: z.string(), value: z.string().optional() })),
       lifecycle: z.object({ preStop: z.object({ exec: z.object({ command: z.tuple([z.literal("sleep"), z.string().regex(/^\d+$/)]) }) }) }),
     });
     const podSchema = z.object({ spec: z.object({ template: z.object({ spec: z.object({ terminationGracePeriodSeconds: z.number().int(), containers: z.tuple([containerSchema]) }) }) }) });
-    const pod = podSchema.parse(docsOf(helmTemplate("--set", `shutdownGraceSeconds=${grace}`)).find((d) => isRecord(d) && d["kind"] === "Deployment")).spec.template.spec;
+    const rendered = helmTemplate("--set", `shutdownDelaySeconds=${delay}`, "--set", `shutdownGraceSeconds=${grace}`);
+    const pod = podSchema.parse(docsOf(rendered).find((d) => isRecord(d) && d["kind"] === "Deployment")).spec.template.spec;
     const [container] = pod.containers;
+    expect(container.env.find((e) => e.name === "KEYGATE_SHUTDOWN_DELAY_SECONDS")?.value).toBe(delay);
     expect(container.env.find((e) => e.name === "KEYGATE_SHUTDOWN_GRACE_SECONDS")?.value).toBe(grace);
     const preStopSeconds = Number(container.lifecycle.preStop.exec.command[1]);
     expect(preStopSeconds).toBeGreaterThan(0);
-    expect(pod.terminationGracePeriodSeconds).toBeGreaterThanOrEqual(preStopSeconds + Number(grace) + 15);
+    expect(pod.terminationGracePeriodSeconds).toBeGreaterThanOrEqual(preStopSeconds + Number(delay) + Number(grace) + 15);
   });
 
   it("takes the image, the budget and the NetworkPolicy switch from values", () => {
