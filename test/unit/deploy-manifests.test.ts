@@ -1494,7 +1494,15 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
           ),
         }),
       ),
-      clusters: z.array(z.object({ name: z.string(), load_assignment: z.unknown() })),
+      clusters: z.array(
+        z.object({
+          name: z.string(),
+          load_assignment: z.unknown(),
+          health_checks: z
+            .array(z.object({ timeout: envoySecondsSchema, interval: envoySecondsSchema, unhealthy_threshold: z.number(), http_health_check: z.object({ path: z.string() }).optional() }))
+            .optional(),
+        }),
+      ),
     }),
   });
   const envoyHttpAuthzSchema = z.object({
@@ -1537,6 +1545,19 @@ describe("deploy manifests: HTTP-mode proxy configs set exactly the headers keyg
     }
     expect(hcm?.route_config.virtual_hosts[0]?.request_headers_to_remove).toEqual(REWRITE_HEADERS.map((n) => n.toLowerCase()));
     expect(readFileSync(join(DEPLOY, "envoy/envoy-http.yaml"), "utf8")).toContain("KEYGATE_HTTP_AUTHZ_PROXY");
+  });
+
+  // At the end of its drain delay keygate closes idle keep-alive connections on the HTTP port: a
+  // Check Envoy sends on one as it closes is an ext_authz error. The same bound as the gRPC checks'.
+  it("Envoy's HTTP service: health-checks /readyz and marks a draining replica unhealthy within the Deployment's drain delay", () => {
+    const bootstrap = envoyHttpSchema.parse(loadOne(join(DEPLOY, "envoy/envoy-http.yaml")));
+    const checks = bootstrap.static_resources.clusters.find((c) => c.name === "keygate_http")?.health_checks ?? [];
+    expect(checks.map((c) => c.http_health_check?.path)).toEqual(["/readyz"]);
+    const detectionSeconds = Math.max(...checks.map((c) => c.unhealthy_threshold * c.interval + c.timeout));
+    expect(detectionSeconds).toBe(11);
+    for (const variant of VARIANTS) {
+      expect(keygateConfigOf(theContainer(theDeployment(variant.docs()))).shutdownDelaySeconds, variant.name).toBeGreaterThan(detectionSeconds);
+    }
   });
 
   it("Caddy: forward_auth calls a bare /check and nginx's names are dropped before it", () => {
