@@ -342,15 +342,17 @@ function newRecord(): { [key: string]: string } {
 // to a record sends V8 to its runtime to find the name's canonical (internalized) copy, and
 // comparing it with a literal name (a HeaderList lookup) compares characters. Under the copy
 // kept here, the add stays in generated code and the comparison is of pointers. Bounded, so a
-// client's made-up names cannot grow it: past the bound a name is used as decoded.
+// client's made-up names cannot grow it: only names under 128 bytes are kept (readName), and
+// past MAX_NAMES of them the table starts over, so names a client made up first cannot keep
+// the proxy's out for the life of the process.
 const MAX_NAMES = 1024;
 const names = new Map<string, string>();
 
-/** The process's canonical copy of a name used as a property key. */
+/** The process's canonical copy of a name (under 128 bytes) used as a property key. */
 function canonicalName(name: string): string {
   const known = names.get(name);
   if (known !== undefined) return known;
-  if (names.size >= MAX_NAMES) return name;
+  if (names.size >= MAX_NAMES) names.clear();
   // A property key is always held internalized: the key read back is the canonical copy.
   const canonical = Object.keys({ [name]: 0 })[0] ?? name;
   names.set(canonical, canonical);
@@ -422,8 +424,9 @@ const NAME_SLOTS = 256;
 const slotNames: string[] = new Array<string>(NAME_SLOTS).fill("");
 
 /**
- * A map entry's key as readString reads it, as the process's canonical copy (canonicalName). An
- * ASCII name under 128 bytes is found in the slots by its bytes when it was read before.
+ * A map entry's key as readString reads it, as the process's canonical copy (canonicalName) when
+ * it is under 128 bytes. An ASCII name under 128 bytes is found in the slots by its bytes when it
+ * was read before.
  */
 function readName(reader: BinaryReader): string {
   const at = reader.pos;
@@ -450,7 +453,10 @@ function readName(reader: BinaryReader): string {
       return name;
     }
   }
-  return canonicalName(readString(reader));
+  // A name of 128 bytes or more is a client's making, not one that repeats (the proxy's header
+  // names and route settings are short), and may be up to the 4 MiB message limit: kept in the
+  // table, a thousand of them would pin gigabytes. It is used as decoded.
+  return length < 0x80 ? canonicalName(readString(reader)) : readString(reader);
 }
 
 /** True when the message's bytes from `from` are `text`'s character codes (text is ASCII). */

@@ -29,6 +29,8 @@ import {
 import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
 import { create } from "@bufbuild/protobuf";
 import { LogThrottle, errorKind } from "../log-throttle.js";
+import { redactText } from "../keys/redact.js";
+import { splitsSurrogatePair } from "../surrogates.js";
 import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -266,6 +268,30 @@ export function undecidedCheckLog(logger: Logger, mode: EntryPoint, logClockMs?:
 const MISCONFIGURED_LOG_INTERVAL_MS = 60_000;
 /** Sets of bad per-route settings remembered for that; past it they start over. */
 const MAX_MISCONFIGURED_SETTINGS = 256;
+/**
+ * The context_extensions RouteTable.requirements reads: the only ones a ROUTE_MISCONFIGURED
+ * line shows. The others are the proxy's (or a client's) own, any number of any size.
+ */
+const ROUTE_SETTINGS = ["required_scopes", "project_id", "cost", "metered", "min_role", "quota"] as const;
+/** Characters of a per-route setting's value its error line shows (then "…", and its length). */
+const MAX_LOGGED_SETTING = 64;
+
+/** The first MAX_LOGGED_SETTING characters of `value`, never half a surrogate pair. */
+function settingHead(value: string): string {
+  if (value.length <= MAX_LOGGED_SETTING) return value;
+  return value.slice(0, splitsSurrogatePair(value, MAX_LOGGED_SETTING) ? MAX_LOGGED_SETTING - 1 : MAX_LOGGED_SETTING);
+}
+
+/**
+ * A setting's value as its error line shows it: settingHead, then "…" when cut. Secret shapes are
+ * looked for before the cut, in what follows too: a key cut in half no longer has a key's shape,
+ * and the log's scrubber would let its first characters through.
+ */
+function settingShown(value: string): string {
+  if (value.length <= MAX_LOGGED_SETTING) return value;
+  const redacted = redactText(value.slice(0, 4 * MAX_LOGGED_SETTING));
+  return `${settingHead(redacted)}…`;
+}
 
 /**
  * Builds the engine-independent Check and health logic. `framed`: answers come with their gRPC
@@ -323,16 +349,36 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       const http = request.attributes?.request?.http;
       accessLog.decided("grpc", d, http?.method ?? "", http?.path ?? "/", requestId, startedAt);
     }
-    // The client's answer names the bad setting; the operator's log also gets its value, once a
-    // minute for each set of settings (with how many more there were since): a client can send
-    // such Checks as fast as it likes, while the settings are the proxy's, a handful.
+    // The client's answer names the bad setting; the operator's log also gets its value (its
+    // head), once a minute for each set of settings (with how many more there were since): a
+    // client can send such Checks as fast as it likes, while the settings are the proxy's, a handful.
     // keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
-    if (reason === "ROUTE_MISCONFIGURED") {
-      const contextExtensions = request.attributes?.contextExtensions;
-      const since = misconfiguredLogged.due(JSON.stringify(contextExtensions ?? {}));
-      if (since !== null) logger.error({ requestId, contextExtensions, since }, "bad per-route settings from the proxy");
-    }
+    if (reason === "ROUTE_MISCONFIGURED") logMisconfigured(request.attributes?.contextExtensions ?? {}, requestId);
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");
+  }
+
+  /**
+   * The error line of a ROUTE_MISCONFIGURED Check: keygate's settings only, each cut to its head
+   * with its length. A client talking to the Check port can send a value of up to the 4 MiB
+   * message limit, a new one each time: whole, each would be kept as a throttle key, scanned for
+   * secrets character by character and written out.
+   */
+  function logMisconfigured(extensions: Readonly<Record<string, string>>, requestId: string): void {
+    const heads: Record<string, string> = {};
+    for (const name of ROUTE_SETTINGS) {
+      const value = extensions[name];
+      if (value !== undefined) heads[name] = settingHead(value);
+    }
+    const since = misconfiguredLogged.due(JSON.stringify(heads));
+    if (since === null) return;
+    const contextExtensions: Record<string, string> = {};
+    const contextExtensionLengths: Record<string, number> = {};
+    for (const name of Object.keys(heads)) {
+      const value = extensions[name] ?? "";
+      contextExtensions[name] = settingShown(value);
+      contextExtensionLengths[name] = value.length;
+    }
+    logger.error({ requestId, contextExtensions, contextExtensionLengths, since }, "bad per-route settings from the proxy");
   }
 
   /** Answers a decision that came later (it waited on a backend). */
