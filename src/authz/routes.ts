@@ -222,8 +222,13 @@ export function canonicalPath(rawPath: string): string | RouteRefusal {
   if (!needsWork(rawPath)) return rawPath;
   let end = rawPath.indexOf("?");
   if (end < 0) end = rawPath.length;
-  let out = "/";
-  // Start of the current segment within `out`.
+  // The canonical path is rawPath's runs between the escapes it rewrites, joined once each, and
+  // never read while it grows: a string built by += is a rope that every read copies whole, which
+  // at each "/" of a long path was quadratic. Segments are judged on rawPath (segmentProblem).
+  let out = "";
+  // rawPath before `copied` is in `out`; from it up to `i`, it is canonical as it is.
+  let copied = 0;
+  // Start of the current segment within rawPath.
   let segmentStart = 1;
   for (let i = 1; i < end; i++) {
     const code = rawPath.charCodeAt(i);
@@ -232,10 +237,9 @@ export function canonicalPath(rawPath: string): string | RouteRefusal {
     if (code === REPLACEMENT) return PATH_REFUSALS.notUtf8;
     switch (code) {
       case SLASH: {
-        const problem = segmentProblem(out, segmentStart);
+        const problem = segmentProblem(rawPath, segmentStart, i);
         if (problem !== null) return problem;
-        out += "/";
-        segmentStart = out.length;
+        segmentStart = i + 1;
         continue;
       }
       case 0x23: // "#"
@@ -249,32 +253,24 @@ export function canonicalPath(rawPath: string): string | RouteRefusal {
         if (byte < 0) return PATH_REFUSALS.malformedEscape;
         const refused = escapedRefusal(byte);
         if (refused !== null) return refused;
-        if (isUnreserved(byte)) {
-          out += String.fromCharCode(byte);
-          i += 2;
-          continue;
-        }
+        let next = i + 3;
         if (byte >= 0x80) {
-          const next = utf8Sequence(rawPath, i, end, byte);
+          next = utf8Sequence(rawPath, i, end, byte);
           if (next < 0) return PATH_REFUSALS.malformedEscape;
-          out += rawPath.slice(i, next).toUpperCase();
-          i = next - 1;
-          continue;
         }
-        out += rawPath.slice(i, i + 3).toUpperCase();
-        i += 2;
+        out += rawPath.slice(copied, i) + (isUnreserved(byte) ? String.fromCharCode(byte) : rawPath.slice(i, next).toUpperCase());
+        copied = next;
+        i = next - 1;
         continue;
       }
-      default:
-        out += rawPath[i] ?? "";
     }
   }
   // The last segment: an empty one is a trailing slash, which every server reads alike.
-  if (out.length > segmentStart) {
-    const problem = segmentProblem(out, segmentStart);
+  if (end > segmentStart) {
+    const problem = segmentProblem(rawPath, segmentStart, end);
     if (problem !== null) return problem;
   }
-  return out;
+  return out + rawPath.slice(copied, end);
 }
 
 /**
@@ -359,15 +355,20 @@ function mayReadAsAscii(path: string): boolean {
   return false;
 }
 
-/** Why the segment of `out` from `start` to its end is refused, or null. */
-function segmentProblem(out: string, start: number): RouteRefusal | null {
-  const length = out.length - start;
+/**
+ * Why the segment of rawPath from `start` to `end` is refused, or null. Judged on rawPath, which
+ * tells what its canonical form would: an escape never decodes to "." (%2E is refused) and a kept
+ * escape keeps its digits, so the canonical segment is empty, ".", "..", ends in "." or ends in
+ * "%20" exactly when the raw one is or does.
+ */
+function segmentProblem(rawPath: string, start: number, end: number): RouteRefusal | null {
+  const length = end - start;
   if (length === 0) return PATH_REFUSALS.emptySegment;
-  if (out.charCodeAt(out.length - 1) === DOT) {
-    const dotSegment = length === 1 || (length === 2 && out.charCodeAt(start) === DOT);
+  if (rawPath.charCodeAt(end - 1) === DOT) {
+    const dotSegment = length === 1 || (length === 2 && rawPath.charCodeAt(start) === DOT);
     return dotSegment ? PATH_REFUSALS.dotSegment : PATH_REFUSALS.trailingDot;
   }
-  if (length >= 3 && out.endsWith("%20")) return PATH_REFUSALS.trailingDot;
+  if (length >= 3 && rawPath.startsWith("%20", end - 3)) return PATH_REFUSALS.trailingDot;
   return null;
 }
 
@@ -408,8 +409,11 @@ function projectEnd(path: string, slashAt: number): number {
 /** What a request that no route names must satisfy: nothing beyond a valid key; metered, cost 1. */
 export const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true, minRole: null, quota: null };
 
-// Distinct context_extensions values are few (one per proxy route), so parsed ones are kept.
+// Distinct context_extensions values are few (one per proxy route), so their judgments are kept.
+// A Check on the gRPC port may send any value up to the 4 MiB message limit: only values as short
+// as a proxy route's are kept, so made-up ones pin a few MiB at most, never gigabytes.
 const MAX_PARSED_SCOPES = 1024;
+const MAX_KEPT_SCOPES_LENGTH = 1024;
 
 /** The routes table from config, matched by method and longest path prefix on canonical paths. */
 export class RouteTable {
@@ -568,7 +572,8 @@ export class RouteTable {
 
   /**
    * A non-blank required_scopes value as scope names, or the refusal when one is not a scope name
-   * or not in the catalog. Judged once per value, so the catalog costs a Check nothing.
+   * or not in the catalog. Judged once per value (of up to MAX_KEPT_SCOPES_LENGTH characters; a
+   * longer one, which no proxy route needs, each time), so the catalog costs a Check nothing.
    */
   #scopes(text: string, catalog: ReadonlySet<string> | undefined): readonly string[] | RouteRefusal {
     if (catalog !== this.#parsedCatalog) {
@@ -584,6 +589,7 @@ export class RouteTable {
     if (names.length === 0 || !names.every((name) => SCOPE_NAME_PATTERN.test(name))) parsed = ROUTE_CONFIG_REFUSALS.requiredScopes;
     else if (catalog !== undefined && !names.every((name) => catalog.has(name))) parsed = ROUTE_CONFIG_REFUSALS.unknownScope;
     else parsed = names;
+    if (text.length > MAX_KEPT_SCOPES_LENGTH) return parsed;
     if (this.#parsedScopes.size >= MAX_PARSED_SCOPES) this.#parsedScopes.clear();
     this.#parsedScopes.set(text, parsed);
     return parsed;
