@@ -29,8 +29,6 @@ import {
 import type { HealthCheckRequest, HealthCheckResponse } from "../gen/grpc/health/v1/health_pb.js";
 import { create } from "@bufbuild/protobuf";
 import { LogThrottle, errorKind } from "../log-throttle.js";
-import { redactText } from "../keys/redact.js";
-import { splitsSurrogatePair } from "../surrogates.js";
 import { failureReason } from "./metrics.js";
 import type { Metrics } from "./metrics.js";
 import type { Readiness } from "./readiness.js";
@@ -273,24 +271,17 @@ const MAX_MISCONFIGURED_SETTINGS = 256;
  * line shows. The others are the proxy's (or a client's) own, any number of any size.
  */
 const ROUTE_SETTINGS = ["required_scopes", "project_id", "cost", "metered", "min_role", "quota"] as const;
-/** Characters of a per-route setting's value its error line shows (then "…", and its length). */
+/**
+ * The longest per-route setting value its error line shows. A longer one is shown by its length
+ * alone: a proxy's settings are short, and a cut piece of a long one could hold part of a secret
+ * (a key, a hash, the pepper) that no longer has its shape or its whole text for the log's
+ * scrubber to find. A short one is shown whole, and scrubbed like every field of the line.
+ */
 const MAX_LOGGED_SETTING = 64;
 
-/** The first MAX_LOGGED_SETTING characters of `value`, never half a surrogate pair. */
-function settingHead(value: string): string {
-  if (value.length <= MAX_LOGGED_SETTING) return value;
-  return value.slice(0, splitsSurrogatePair(value, MAX_LOGGED_SETTING) ? MAX_LOGGED_SETTING - 1 : MAX_LOGGED_SETTING);
-}
-
-/**
- * A setting's value as its error line shows it: settingHead, then "…" when cut. Secret shapes are
- * looked for before the cut, in what follows too: a key cut in half no longer has a key's shape,
- * and the log's scrubber would let its first characters through.
- */
+/** A setting's value as its error line shows it (and as its throttle tells sets of settings apart). */
 function settingShown(value: string): string {
-  if (value.length <= MAX_LOGGED_SETTING) return value;
-  const redacted = redactText(value.slice(0, 4 * MAX_LOGGED_SETTING));
-  return `${settingHead(redacted)}…`;
+  return value.length <= MAX_LOGGED_SETTING ? value : `[${value.length} characters, not shown]`;
 }
 
 /**
@@ -358,27 +349,20 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
   }
 
   /**
-   * The error line of a ROUTE_MISCONFIGURED Check: keygate's settings only, each cut to its head
-   * with its length. A client talking to the Check port can send a value of up to the 4 MiB
+   * The error line of a ROUTE_MISCONFIGURED Check: keygate's settings only, a long value by its
+   * length (settingShown). A client talking to the Check port can send a value of up to the 4 MiB
    * message limit, a new one each time: whole, each would be kept as a throttle key, scanned for
    * secrets character by character and written out.
    */
   function logMisconfigured(extensions: Readonly<Record<string, string>>, requestId: string): void {
-    const heads: Record<string, string> = {};
+    const contextExtensions: Record<string, string> = {};
     for (const name of ROUTE_SETTINGS) {
       const value = extensions[name];
-      if (value !== undefined) heads[name] = settingHead(value);
+      if (value !== undefined) contextExtensions[name] = settingShown(value);
     }
-    const since = misconfiguredLogged.due(JSON.stringify(heads));
+    const since = misconfiguredLogged.due(JSON.stringify(contextExtensions));
     if (since === null) return;
-    const contextExtensions: Record<string, string> = {};
-    const contextExtensionLengths: Record<string, number> = {};
-    for (const name of Object.keys(heads)) {
-      const value = extensions[name] ?? "";
-      contextExtensions[name] = settingShown(value);
-      contextExtensionLengths[name] = value.length;
-    }
-    logger.error({ requestId, contextExtensions, contextExtensionLengths, since }, "bad per-route settings from the proxy");
+    logger.error({ requestId, contextExtensions, since }, "bad per-route settings from the proxy");
   }
 
   /** Answers a decision that came later (it waited on a backend). */
