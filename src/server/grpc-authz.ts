@@ -340,9 +340,10 @@ export function createAuthzCore(deps: Omit<GrpcAuthzDeps, "limits" | "engine">, 
       const http = request.attributes?.request?.http;
       accessLog.decided("grpc", d, http?.method ?? "", http?.path ?? "/", requestId, startedAt);
     }
-    // The client's answer names the bad setting; the operator's log also gets its value (its
-    // head), once a minute for each set of settings (with how many more there were since): a
-    // client can send such Checks as fast as it likes, while the settings are the proxy's, a handful.
+    // The client's answer names the bad setting; the operator's log also gets its value (a short
+    // one whole, a long one by its length), once a minute for each set of settings (with how many
+    // more there were since): a client can send such Checks as fast as it likes, while the
+    // settings are the proxy's, a handful.
     // keygate_checks_total{reason="ROUTE_MISCONFIGURED"} counts every one.
     if (reason === "ROUTE_MISCONFIGURED") logMisconfigured(request.attributes?.contextExtensions ?? {}, requestId);
     if (logger.isLevelEnabled("debug")) logger.debug({ requestId, keyId: d.snapshot?.key.id, decision: reason, mode: "grpc" }, "check");

@@ -73,7 +73,7 @@ export function createStdoutLog(): StdoutLog {
     if (unreported === 1) stream.once("drain", reportOnDrain);
   });
   // EPIPE: the reader has gone (`keygate serve | head -1`). pino's own listener then turns every
-  // write (and destroy) into a no-op, so no "drain" ever comes. Once, and ahead of pino's: any
+  // write (and destroy) into a no-op, so no "drain" ever comes. Once, and ahead of pino's; every
   // other error pino re-emits after removing its listener, and with none left it still ends the
   // process, as it did.
   let closed = false;

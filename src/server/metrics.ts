@@ -93,7 +93,7 @@ export class Metrics implements LookupObserver {
   /** The render waiting for readiness for /metrics, which every scrape arriving meanwhile answers with (render). */
   #rendering: Promise<string> | null = null;
   /** Readiness as render read it, for keygate_ready while render reads the registry; null otherwise. */
-  #renderReady: { ready: boolean | null } = { ready: null };
+  readonly #renderReady: { ready: boolean | null } = { ready: null };
   /** States read at each scrape (watchReady, watchRedis, watchLogDrops). */
   readonly #states = { ready: (): boolean | Promise<boolean> => false, redisConnected: (): boolean => false, logLinesDropped: (): number => 0 };
 

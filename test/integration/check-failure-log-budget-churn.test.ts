@@ -1,7 +1,6 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Writable } from "node:stream";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { pino } from "pino";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
@@ -18,13 +17,10 @@ import { LocalIdempotencyLedger } from "../../src/limits/idempotency.js";
 import type { ChargeInput, ChargeResult } from "../../src/limits/limits.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { UsageRecorder } from "../../src/limits/usage.js";
-import { createAuthzCore } from "../../src/server/grpc-authz.js";
-import { createLogger } from "../../src/server/logger.js";
-import { Metrics } from "../../src/server/metrics.js";
-import { Readiness } from "../../src/server/readiness.js";
 import { LastUsedRecorder } from "../../src/store/last-used.js";
 import { SqliteKeyStore } from "../../src/store/sqlite.js";
 import type { SnapshotStore } from "../../src/store/store.js";
+import { collectingLogger, readyAuthzCore } from "../harness/authz-core.js";
 import { checkInit } from "../harness/keygate.js";
 
 // The warn line "check could not be decided" of an UNAVAILABLE Check is written once a minute per
@@ -78,17 +74,8 @@ describe("the throttled undecided-Check warn line when the meter does not answer
     const secrets: string[] = [];
     for (let i = 0; i < 6; i++) secrets.push((await lifecycle.createKey({ ownerId: `acct_churn_${i}`, name: "k", scopes: [], mode: "live", expiresAtMs: null, metadata: {} })).secret);
 
-    const lines: string[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _encoding, callback) {
-        lines.push(chunk.toString("utf8"));
-        callback();
-      },
-    });
-    const readiness = new Readiness();
-    readiness.setReady(true);
-    const metrics = new Metrics({ defaultMetrics: false });
-    const core = createAuthzCore({ pipeline, readiness, metrics, logger: createLogger("info", sink), nowMs: () => Date.now(), logClockMs: () => 0 }, false);
+    const { logger, lines } = collectingLogger();
+    const { core } = readyAuthzCore(pipeline, logger);
     const ask = (secret: string): Promise<boolean> =>
       new Promise((resolve) => {
         const bytes = toBinary(CheckRequestSchema, create(CheckRequestSchema, checkInit({ "x-api-key": secret })));

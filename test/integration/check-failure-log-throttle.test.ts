@@ -1,4 +1,3 @@
-import { Writable } from "node:stream";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { status as GrpcStatus } from "@grpc/grpc-js";
 import type { ServiceError } from "@grpc/grpc-js";
@@ -10,10 +9,10 @@ import { KeyFormat } from "../../src/keys/key-format.js";
 import { createAuthzCore } from "../../src/server/grpc-authz.js";
 import type { GrpcAuthzDeps, StartedServer } from "../../src/server/grpc-authz.js";
 import { createHttpAuthzServer } from "../../src/server/http-authz.js";
-import { createLogger } from "../../src/server/logger.js";
 import { Metrics } from "../../src/server/metrics.js";
 import { Readiness } from "../../src/server/readiness.js";
 import { StoreUnavailableError } from "../../src/store/errors.js";
+import { collectingLogger } from "../harness/authz-core.js";
 import { checkInit, checkOutcome, startKeygate, TEST_POLICY } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
@@ -86,18 +85,12 @@ afterEach(async () => {
 
 /** What both modes' entry points are built from, and what the test reads of them. */
 function parts(): Omit<Entry, "ask"> & { deps: Pick<GrpcAuthzDeps, "pipeline" | "readiness" | "metrics" | "logger" | "nowMs" | "logClockMs"> } {
-  const lines: string[] = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _encoding, callback) {
-      lines.push(chunk.toString("utf8"));
-      callback();
-    },
-  });
+  const { logger, lines } = collectingLogger();
   const clock = { ms: 0 };
   const readiness = new Readiness();
   readiness.setReady(true);
   const metrics = new Metrics({ defaultMetrics: false });
-  const deps = { pipeline: new FailingPipeline(), readiness, metrics, logger: createLogger("info", sink), nowMs: () => Date.now(), logClockMs: () => clock.ms };
+  const deps = { pipeline: new FailingPipeline(), readiness, metrics, logger, nowMs: () => Date.now(), logClockMs: () => clock.ms };
   return { metrics, lines, clock, deps };
 }
 

@@ -1,14 +1,10 @@
 import { createHash } from "node:crypto";
-import { Writable } from "node:stream";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import type { Decision } from "../../src/authz/pipeline.js";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
 import { KeyFormat } from "../../src/keys/key-format.js";
-import { createAuthzCore } from "../../src/server/grpc-authz.js";
-import { createLogger } from "../../src/server/logger.js";
-import { Metrics } from "../../src/server/metrics.js";
-import { Readiness } from "../../src/server/readiness.js";
+import { collectingLogger, readyAuthzCore } from "../harness/authz-core.js";
 import { checkInit } from "../harness/keygate.js";
 
 // The ROUTE_MISCONFIGURED line shows a per-route setting of more than 64 characters by its
@@ -21,21 +17,9 @@ const MSG = "bad per-route settings from the proxy";
 
 /** Runs one ROUTE_MISCONFIGURED Check with these settings through the gRPC core; returns the log lines. */
 async function logOf(extensions: Record<string, string>, secrets: readonly string[] = []): Promise<string[]> {
-  const lines: string[] = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _encoding, callback) {
-      lines.push(chunk.toString("utf8"));
-      callback();
-    },
-  });
-  const readiness = new Readiness();
-  readiness.setReady(true);
-  const denial: Decision = { allow: false, reason: "ROUTE_MISCONFIGURED", message: "bad per-route settings" } as Decision;
-  const pipeline = { decide: () => Promise.resolve(denial) };
-  const core = createAuthzCore(
-    { pipeline, readiness, metrics: new Metrics({ defaultMetrics: false }), logger: createLogger("info", sink, secrets), nowMs: () => Date.now(), logClockMs: () => 0 } as never,
-    false,
-  );
+  const { logger, lines } = collectingLogger(secrets);
+  const denial: Decision = { allow: false, reason: "ROUTE_MISCONFIGURED", message: "bad per-route settings" };
+  const { core } = readyAuthzCore({ decide: () => Promise.resolve(denial) }, logger);
   const bytes = toBinary(CheckRequestSchema, create(CheckRequestSchema, checkInit({ "x-request-id": "r1" }, "/v1/things", "GET", extensions)));
   await new Promise<void>((resolve) => core.check(core.decodeCheck(bytes), undefined, () => resolve()));
   // record() runs after the answer is handed over.

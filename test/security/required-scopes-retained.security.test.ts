@@ -1,7 +1,6 @@
-import { setFlagsFromString } from "node:v8";
-import { runInNewContext } from "node:vm";
 import { describe, expect, it } from "vitest";
 import { ROUTE_CONFIG_REFUSALS, RouteTable } from "../../src/authz/routes.js";
+import { retainedMiB } from "../harness/heap.js";
 
 // RouteTable keeps its judgment of each distinct required_scopes value (context_extensions), so a
 // proxy route's value is parsed once. A Check on keygate's gRPC port may carry any value, up to
@@ -10,17 +9,6 @@ import { ROUTE_CONFIG_REFUSALS, RouteTable } from "../../src/authz/routes.js";
 // Values longer than any proxy route's are judged each time and never kept.
 
 const MiB = 1024 * 1024;
-
-setFlagsFromString("--expose-gc");
-const gc = runInNewContext("gc") as () => void;
-
-function retainedMiB(run: () => void): number {
-  gc();
-  const before = process.memoryUsage().heapUsed;
-  run();
-  gc();
-  return (process.memoryUsage().heapUsed - before) / MiB;
-}
 
 describe("required_scopes values a client makes up are not kept", () => {
   const catalog = new Set(["decks"]);

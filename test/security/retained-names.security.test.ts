@@ -1,10 +1,9 @@
-import { setFlagsFromString } from "node:v8";
-import { runInNewContext } from "node:vm";
 import { describe, expect, it } from "vitest";
 import { create, toBinary } from "@bufbuild/protobuf";
 import type { MessageInitShape } from "@bufbuild/protobuf";
 import { decodeCheckRequest } from "../../src/authz/check-request.js";
 import { CheckRequestSchema } from "../../src/gen/envoy/service/auth/v3/external_auth_pb.js";
+import { retainedMiB } from "../harness/heap.js";
 
 // The Check decoder keeps a process-wide canonical copy of the header names and
 // context_extensions keys it reads (check-request.ts canonicalName), so that names repeating from
@@ -18,18 +17,6 @@ const MiB = 1024 * 1024;
 const COUNT = 48;
 /** Under Node's 1 MiB external-string threshold, so a kept name is on the V8 heap heapUsed counts. */
 const NAME_BYTES = MiB / 2;
-
-setFlagsFromString("--expose-gc");
-const gc = runInNewContext("gc") as () => void;
-
-/** Heap still in use after a full GC, less what was before `run`. */
-function retainedMiB(run: () => void): number {
-  gc();
-  const before = process.memoryUsage().heapUsed;
-  run();
-  gc();
-  return (process.memoryUsage().heapUsed - before) / MiB;
-}
 
 /**
  * COUNT encodings of `init(name)`, each with a distinct NAME_BYTES name starting with `prefix`
