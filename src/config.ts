@@ -347,6 +347,12 @@ function wholeNumber(min: number, max: number, message = `must be a whole number
 
 const port = wholeNumber(0, 65535);
 const SECONDS_0_TO_300 = "must be a number of seconds from 0 to 300";
+/**
+ * A start's wait for a MongoDB or Redis that does not answer yet (a cluster starting together, a
+ * store restarting): shorter than the 60 s the manifests' startupProbe gives a start, so a replica
+ * that gives up is restarted by the kubelet rather than killed by the probe.
+ */
+const DEFAULT_STARTUP_WAIT_SECONDS = 30;
 const shutdownSeconds = decimal("fraction", SECONDS_0_TO_300).pipe(z.number().min(0, SECONDS_0_TO_300).max(300, SECONDS_0_TO_300));
 // Fractions are allowed (tests use tenths of a second); an hour is far past any sane value.
 const TIMEOUT_SECONDS = "must be a number of seconds above 0, at most 3600";
@@ -596,6 +602,7 @@ const envSchema = z.object({
   KEYGATE_CHECK_BUDGET_MS: wholeNumber(10, 60_000).default(DEFAULT_CHECK_BUDGET_MS),
   KEYGATE_GC_THREAD_NICE: gcThreadNiceSchema.default(DEFAULT_GC_THREAD_NICE),
   KEYGATE_SHUTDOWN_DELAY_SECONDS: shutdownSeconds.default(0),
+  KEYGATE_STARTUP_WAIT_SECONDS: shutdownSeconds.default(DEFAULT_STARTUP_WAIT_SECONDS),
   KEYGATE_ADMIN_MAX_BODY_BYTES: wholeNumber(1024, 16 * 1024 * 1024).default(64 * 1024),
   KEYGATE_HEADERS_TIMEOUT_SECONDS: timeoutSeconds.default(10),
   KEYGATE_REQUEST_TIMEOUT_SECONDS: timeoutSeconds.default(30),
@@ -693,6 +700,8 @@ export interface Config {
   gcThreadNice: number;
   /** After SIGTERM: report not-ready but keep serving this long, so load balancers move away first. */
   shutdownDelaySeconds: number;
+  /** How long a start keeps trying a MongoDB or Redis that does not answer before it gives up (exit 2). */
+  startupWaitSeconds: number;
   /** Largest admin request message, as sent and after decompression. */
   adminMaxBodyBytes: number;
   /** Timeouts and the connection cap of every listener. */
@@ -909,6 +918,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     checkBudgetMs: e.KEYGATE_CHECK_BUDGET_MS,
     gcThreadNice: e.KEYGATE_GC_THREAD_NICE,
     shutdownDelaySeconds: e.KEYGATE_SHUTDOWN_DELAY_SECONDS,
+    startupWaitSeconds: e.KEYGATE_STARTUP_WAIT_SECONDS,
     adminMaxBodyBytes: e.KEYGATE_ADMIN_MAX_BODY_BYTES,
     listeners: {
       headersTimeoutMs: Math.round(e.KEYGATE_HEADERS_TIMEOUT_SECONDS * 1000),

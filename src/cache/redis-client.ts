@@ -4,7 +4,7 @@ import { Cluster, Redis } from "ioredis";
 import type { ClusterOptions, RedisOptions } from "ioredis";
 import type { Logger } from "pino";
 import type { RedisAddress, RedisTopology } from "../config.js";
-import { RedisConnectError, connectRedis, describeConnectFailure, logConnectionErrors, redisOptions, withoutCommand } from "./redis.js";
+import { RedisConnectError, connectRedis, describeConnectFailure, isUnanswered, logConnectionErrors, redisOptions, withoutCommand } from "./redis.js";
 
 /** A connection keygate runs commands on: one server (standalone or through Sentinel) or a Cluster. */
 export type RedisClient = Redis | Cluster;
@@ -261,7 +261,8 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
     ]);
   } catch (error) {
     client.disconnect();
-    throw new RedisConnectError(describeConnectFailure(lastError() ?? error), { cause: withoutCommand(lastError() ?? error) });
+    const failure = lastError() ?? error;
+    throw new RedisConnectError(describeConnectFailure(failure), { cause: withoutCommand(failure), unanswered: isUnanswered(failure) });
   } finally {
     clearTimeout(timer);
   }

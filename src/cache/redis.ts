@@ -90,7 +90,8 @@ export async function connectRedis(url: string, overrides: RedisOptions = {}, lo
     await redis.connect();
   } catch (error) {
     redis.disconnect();
-    throw new RedisConnectError(describeConnectFailure(lastError() ?? error), { cause: withoutCommand(lastError() ?? error) });
+    const failure = lastError() ?? error;
+    throw new RedisConnectError(describeConnectFailure(failure), { cause: withoutCommand(failure), unanswered: isUnanswered(failure) });
   }
   return redis;
 }
@@ -122,6 +123,13 @@ export function logConnectionErrors(client: Redis | Cluster, logger: Logger | un
 /** Redis could not be reached or refused the connection when keygate started. */
 export class RedisConnectError extends Error {
   override readonly name = "RedisConnectError";
+  /** The server did not answer (isUnanswered), rather than refusing the connection's credentials or certificate. */
+  readonly unanswered: boolean;
+
+  constructor(message: string, options: { cause?: unknown; unanswered?: boolean } = {}) {
+    super(message, { cause: options.cause });
+    this.unanswered = options.unanswered ?? false;
+  }
 }
 
 /**
@@ -135,6 +143,21 @@ export function withoutCommand(error: unknown): unknown {
   copy.stack = error.stack ?? error.message;
   return copy;
 }
+
+/**
+ * Whether a connection failed because nothing answered (refused, a name that does not resolve
+ * yet, a reset, a timeout): a Redis still starting. Refused credentials (WRONGPASS, NOAUTH,
+ * NOPERM) and a certificate not trusted are not.
+ */
+export function isUnanswered(error: unknown): boolean {
+  const code = error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
+  const message = error instanceof Error ? error.message : String(error);
+  if (/CERT|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL/.test(code)) return false;
+  if (UNANSWERED_CODES.has(code)) return true;
+  return /^All sentinels are unreachable|^Failed to refresh slots cache|^Connection is closed|timeout/i.test(message);
+}
+
+const UNANSWERED_CODES = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "ETIMEDOUT", "ECONNRESET", "EHOSTUNREACH", "ENETUNREACH", "EPIPE"]);
 
 /** One line on why a connection failed, from the error's code or Redis's reply; never the URL. */
 export function describeConnectFailure(error: unknown): string {

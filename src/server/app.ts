@@ -45,7 +45,7 @@ import { settleKeyPrefix } from "./key-prefix.js";
 import { settlePepper } from "./pepper.js";
 import { ensureDataDir, loadSecrets } from "./secrets.js";
 import { restoreFastStringPrototype } from "./string-prototype.js";
-import { listenerStartError, mongoStartError } from "./startup-errors.js";
+import { BackendUnansweredError, listenerStartError, mongoStartError, untilAnswered } from "./startup-errors.js";
 import type { Secrets } from "./secrets.js";
 import { TlsCertificates, redisTlsOptions } from "./tls.js";
 
@@ -132,7 +132,7 @@ function dataDirInUse(dataDir: string, wanted: DataDirLockMode, heldBy: DataDirL
  * store, so they must share the pepper and admin tokens too: both must come from the
  * environment, and nothing is generated.
  */
-async function openStore(config: Config, migrate: boolean, logger: Logger): Promise<{ store: KeyStore; secrets: Secrets; release(): void }> {
+async function openStore(config: Config, migrate: boolean, logger: Logger, giveUpAtMs: number): Promise<{ store: KeyStore; secrets: Secrets; release(): void }> {
   if (config.mongodbUri === undefined) {
     ensureDataDir(config.dataDir);
     // Without Redis nothing would tell another process on this directory of a change (its
@@ -186,9 +186,14 @@ async function openStore(config: Config, migrate: boolean, logger: Logger): Prom
   if (config.adminTokens === undefined && config.adminTokensFile === undefined) {
     throw new ConfigError("KEYGATE_ADMIN_TOKENS (or KEYGATE_ADMIN_TOKENS_FILE) is required when KEYGATE_MONGODB_URI is set");
   }
-  const store = await MongoKeyStore.connect(config.mongodbUri, { migrate, lookupTimeoutMs: config.checkBudgetMs, logger }).catch((error: unknown) => {
-    throw mongoStartError(error);
-  });
+  const uri = config.mongodbUri;
+  const store = await untilAnswered(
+    () =>
+      MongoKeyStore.connect(uri, { migrate, lookupTimeoutMs: config.checkBudgetMs, logger }).catch((error: unknown) => {
+        throw mongoStartError(error);
+      }),
+    { giveUpAtMs, logger },
+  );
   return {
     store,
     secrets: {
@@ -298,7 +303,10 @@ function scopedTokensFrom(path: string): ScopedToken[] {
 
 /** Redis failing at start, as one line naming KEYGATE_REDIS_URL (the URL may hold a password). */
 function redisStartError(error: unknown): never {
-  if (error instanceof RedisConnectError) throw new ConfigError(`KEYGATE_REDIS_URL: ${error.message}`, { cause: error });
+  if (error instanceof RedisConnectError) {
+    const message = `KEYGATE_REDIS_URL: ${error.message}`;
+    throw error.unanswered ? new BackendUnansweredError(message, { cause: error }) : new ConfigError(message, { cause: error });
+  }
   throw error;
 }
 
@@ -310,6 +318,7 @@ async function openCache(
   usage: UsageRecorder,
   metrics: Metrics,
   redisTls: ReturnType<typeof redisTlsOptions> | undefined,
+  giveUpAtMs: number,
 ): Promise<{ shared: SharedCache | undefined; bus: InvalidationBus; meter: Meter; idempotency: IdempotencyLedger; close(): Promise<void> }> {
   const memoryMeter = new MemoryMeter(store, usage);
   if (config.redis === undefined) {
@@ -320,7 +329,9 @@ async function openCache(
   // rediss alone verifies Redis against the system's CAs; a private CA or a client certificate
   // comes from the KEYGATE_REDIS_TLS_* files, for every topology.
   const tls = redisTls ?? {};
-  const main = await connectRedisClient(topology, logger, tls).catch(redisStartError);
+  // The first connection waits for a Redis still starting (untilAnswered); once it answered, the
+  // others are expected to connect as it did.
+  const main = await untilAnswered(() => connectRedisClient(topology, logger, tls).catch(redisStartError), { giveUpAtMs, logger });
   await warnIfEvicting(main, logger);
   const subscriber = await openSubscriber(topology, main, logger, tls).catch(async (error: unknown) => {
     main.disconnect();
@@ -365,7 +376,9 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   // Before anything is opened: a bad certificate or key fails the start naming its variable.
   const tls = config.tls === null ? null : new TlsCertificates(config.tls, { logger, metrics });
   const redisTls = config.redisTls === null ? undefined : redisTlsOptions(config.redisTls);
-  const { store, secrets, release: releaseStore } = await openStore(config, options.migrate ?? true, logger);
+  // MongoDB and Redis that do not answer yet are tried again until then, the two waits together.
+  const giveUpAtMs = performance.now() + config.startupWaitSeconds * 1000;
+  const { store, secrets, release: releaseStore } = await openStore(config, options.migrate ?? true, logger, giveUpAtMs);
   const pepperSource = { file: secrets.pepperFile, dataDirFile: config.mongodbUri === undefined ? join(config.dataDir, "pepper") : null };
   // What the store's keys were made with, the pepper and then the prefix: a start with another
   // would answer every key 401 while reporting ready, so it is refused.
@@ -386,7 +399,7 @@ export async function buildKeygate(config: Config, options: BuildOptions): Promi
   const writeBehind = { paced: store.kind !== "sqlite" };
   const flushWrites = countedFlushWrites(store, metrics);
   const usage = new UsageRecorder(flushWrites, logger, config.policy.limits.usageFlushSeconds * 1000, writeBehind);
-  const cache = await openCache(config, logger, store, usage, metrics, redisTls);
+  const cache = await openCache(config, logger, store, usage, metrics, redisTls, giveUpAtMs);
   const { bus, shared, meter, idempotency } = cache;
   const local = new MemoryCache({ ...config.policy.cache, forwardMetadata: config.policy.forwardMetadata });
   // Every backend call of a Check gives up within the Check's budget; L2 sooner, so the store

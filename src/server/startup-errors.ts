@@ -1,3 +1,5 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import type { Logger } from "pino";
 import { ConfigError } from "../config.js";
 import { MigrationsPendingError, NewerSchemaError } from "../store/errors.js";
 
@@ -30,6 +32,46 @@ export function listenerStartError(variable: string, host: string, port: number,
   }
 }
 
+/**
+ * A backend a start needs did not answer (nothing listening, a name that does not resolve yet, a
+ * timeout): what a store or Redis still starting looks like, so the start tries it again
+ * (untilAnswered). Refused credentials, a certificate not trusted or a bad URI are mistakes no
+ * wait mends, and stay plain ConfigErrors.
+ */
+export class BackendUnansweredError extends ConfigError {}
+
+/** The first wait between two tries of a backend at start, and the longest. */
+const RETRY_FIRST_MS = 1000;
+const RETRY_LONGEST_MS = 5000;
+
+/**
+ * Runs `attempt` until it succeeds or fails other than by BackendUnansweredError, trying again
+ * after 1, 2, 4, then every 5 s, for as long as `giveUpAtMs` (on `nowMs`'s clock) has not passed;
+ * then its last error is the start's. Each failed try is one warning line, so a start that waits
+ * says what it waits for (the message names the variable, never a password).
+ */
+export async function untilAnswered<T>(
+  attempt: () => Promise<T>,
+  options: { giveUpAtMs: number; logger: Logger; nowMs?: () => number; sleepMs?: (ms: number) => Promise<unknown> },
+): Promise<T> {
+  const nowMs = options.nowMs ?? (() => performance.now());
+  const sleepMs = options.sleepMs ?? ((ms: number) => sleep(ms));
+  for (let waitMs = RETRY_FIRST_MS; ; waitMs = Math.min(waitMs * 2, RETRY_LONGEST_MS)) {
+    try {
+      return await attempt();
+    } catch (error) {
+      const leftMs = options.giveUpAtMs - nowMs();
+      if (!(error instanceof BackendUnansweredError) || leftMs <= 0) throw error;
+      const retryInMs = Math.ceil(Math.min(waitMs, leftMs));
+      options.logger.warn({ retryInMs, givesUpInMs: Math.ceil(leftMs) }, `${error.message}; trying again (the start waits KEYGATE_STARTUP_WAIT_SECONDS)`);
+      await sleepMs(retryInMs);
+    }
+  }
+}
+
+/** A TLS verification failure in a driver's message (Node's codes and OpenSSL's wording). */
+const UNTRUSTED_CERTIFICATE = /certificate|CERT_|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL|SSL routines/i;
+
 /** MongoDB driver errors that mean the server refused who we said we are. */
 const AUTH_CODES = new Set([11, 13, 18, 59]);
 
@@ -51,7 +93,10 @@ export function mongoStartError(error: unknown): Error {
     return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB refused the credentials (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
   }
   if (/ServerSelection|Network|Topology/.test(inner.name) || /ECONNREFUSED|ENOTFOUND|timed out/i.test(inner.message)) {
-    return new ConfigError(`KEYGATE_MONGODB_URI: no MongoDB server answered (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
+    const message = `KEYGATE_MONGODB_URI: no MongoDB server answered (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`;
+    // The driver reports a certificate it does not trust as a server it could not select.
+    if (UNTRUSTED_CERTIFICATE.test(inner.message)) return new ConfigError(message, { cause: error });
+    return new BackendUnansweredError(message, { cause: error });
   }
   return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB could not be opened (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
 }

@@ -821,7 +821,14 @@ export class MongoKeyStore implements KeyStore {
       monitorCommands: onCommandStarted !== undefined,
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
-    await guarded(() => connection.asPromise());
+    try {
+      await guarded(() => connection.asPromise());
+    } catch (error) {
+      // The driver's monitors would go on trying a server that never answered, for the life of
+      // the process: a start that tries again (untilAnswered) would add another set each time.
+      await connection.close().catch(() => undefined);
+      throw error;
+    }
     const store = new MongoKeyStore(connection, options);
     try {
       const pending = await guarded(() => store.pendingMigrations());

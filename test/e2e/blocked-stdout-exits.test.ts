@@ -256,7 +256,7 @@ describe("keygate serve's exits with a stdout that is not read or is closed", { 
   it("error: with stdout closed by its reader (EPIPE), a failed start exits 2 without waiting for a stdout that cannot drain", async () => {
     // Port 1: nothing listens there, so the start fails at once (KEYGATE_REDIS_URL, exit 2), after
     // log lines that meet EPIPE.
-    const kg = serve({ preloads: ["SENTINEL_AFTER_FAILURE_LINE"], stdout: "pipe", extra: { KEYGATE_REDIS_URL: "redis://127.0.0.1:1", KEYGATE_LOG_LEVLE: "info" } });
+    const kg = serve({ preloads: ["SENTINEL_AFTER_FAILURE_LINE"], stdout: "pipe", extra: { KEYGATE_REDIS_URL: "redis://127.0.0.1:1", KEYGATE_STARTUP_WAIT_SECONDS: "0", KEYGATE_LOG_LEVLE: "info" } });
     kg.child.stdout?.destroy();
     expect(await kg.exitWithinDeadline()).toEqual({ code: 2, signal: null });
     // Before: the sentinel's line came too, the log's wait having run its full 2 s.

@@ -20,7 +20,7 @@ describe("keygate serve, failed start (ConfigError) with a stdout nobody reads",
     // A misspelled variable: its "ignored" warning is written (and blocked) before the Redis
     // connection error line, which then waits in SonicBoom's buffer for pino's exit flush.
     // Port 1: nothing listens there, so the connection is refused (ECONNREFUSED) at once.
-    Object.assign(env, embeddedEnv({ dataDir, adminToken: ADMIN_TOKEN, extra: { KEYGATE_REDIS_URL: "redis://127.0.0.1:1", KEYGATE_LOG_LEVLE: "info" } }));
+    Object.assign(env, embeddedEnv({ dataDir, adminToken: ADMIN_TOKEN, extra: { KEYGATE_REDIS_URL: "redis://127.0.0.1:1", KEYGATE_STARTUP_WAIT_SECONDS: "0", KEYGATE_LOG_LEVLE: "info" } }));
     env.KG_NODE = process.execPath;
     // stdout is a real pipe whose reader (sleep) never reads, filled before keygate starts (dd
     // stops at EAGAIN whatever the pipe's capacity); `timeout 10` bounds the hang; the exit code

@@ -206,13 +206,27 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
     }
   });
 
-  it("an unreachable MongoDB is one line naming KEYGATE_MONGODB_URI", async () => {
+  it("an unreachable MongoDB is tried again until KEYGATE_STARTUP_WAIT_SECONDS, then one line naming KEYGATE_MONGODB_URI", async () => {
     const port = await freePort();
-    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_MONGODB_URI: `mongodb://127.0.0.1:${port}/keygate`, KEYGATE_PEPPER: PEPPER, KEYGATE_ADMIN_TOKENS: ADMIN, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    // 4 s: a try waits 3 s for a server (serverSelectionTimeoutMS), so a second one is made.
+    const env = {
+      KEYGATE_DATA_DIR: join(tempDir(), "data"),
+      KEYGATE_MONGODB_URI: `mongodb://127.0.0.1:${port}/keygate`,
+      KEYGATE_PEPPER: PEPPER,
+      KEYGATE_ADMIN_TOKENS: ADMIN,
+      KEYGATE_GRPC_PORT: "0",
+      KEYGATE_HTTP_AUTHZ_PORT: "0",
+      KEYGATE_ADMIN_PORT: "0",
+      KEYGATE_STARTUP_WAIT_SECONDS: "4",
+    };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_MONGODB_URI")).toContain("no MongoDB server answered");
-  });
+    const retries = result.stdout.split("\n").filter((line) => line.includes("trying again (the start waits KEYGATE_STARTUP_WAIT_SECONDS)"));
+    expect(retries).toHaveLength(1);
+    expect(retries[0]).toContain(`"level":40`);
+    expect(retries[0]).toContain("KEYGATE_MONGODB_URI: no MongoDB server answered");
+  }, 60_000);
 });
 
 const redisReady = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
@@ -241,7 +255,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
 
   it("a Redis that refuses connections is one line naming KEYGATE_REDIS_URL", async () => {
     const closed = await freePort();
-    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_STARTUP_WAIT_SECONDS: "0" };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED)");
@@ -251,7 +265,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     const secret = `clusterpw${randomBytes(8).toString("hex")}`;
     const [p1, p2] = [await freePort(), await freePort()];
     const url = `redis+cluster://:${secret}@127.0.0.1:${p1},127.0.0.1:${p2}`;
-    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_STARTUP_WAIT_SECONDS: "0" };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no seed node of the Cluster answered");
@@ -262,7 +276,7 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     const secret = `masterpw${randomBytes(8).toString("hex")}`;
     const sentinelSecret = `sentinelpw${randomBytes(8).toString("hex")}`;
     const url = `redis+sentinel://:${secret}@127.0.0.1:${await freePort()}/mymaster?sentinelPassword=${sentinelSecret}`;
-    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0" };
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: url, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_STARTUP_WAIT_SECONDS: "0" };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: no Sentinel answered");

@@ -72,6 +72,9 @@ export async function startKeygate(
     // Test machines are shared and loaded: a budget as short as production's would turn a slow
     // test run into UNAVAILABLE answers. Tests of the budget set their own.
     KEYGATE_CHECK_BUDGET_MS: "5000",
+    // A backend that does not answer fails the start at once, as the tests of a failed start
+    // expect; tests of the start's wait for one set their own.
+    KEYGATE_STARTUP_WAIT_SECONDS: "0",
     ...(options.httpAuthzProxy === undefined ? {} : { KEYGATE_HTTP_AUTHZ_PROXY: options.httpAuthzProxy }),
     ...options.env,
   });
