@@ -248,6 +248,26 @@ export async function connectRedisClient(topology: RedisTopology, logger?: Logge
   }
 }
 
+/** A Redis reply or TLS failure that says the server answered and refused: no wait mends it. */
+const REFUSAL = /^(?:ReplyError: )?(?:ERR|WRONGPASS|NOAUTH|NOPERM|WRONGTYPE)\b|No such master|invalid reply|certificate|CERT_|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL/;
+
+/**
+ * The refusal a Sentinel or Cluster client's failure wraps, or null: ioredis ends a Sentinel try
+ * with "All sentinels are unreachable … Last error: …" and a Cluster's with a ClusterAllFailedError
+ * holding the node's error, which read as an outage whatever the cause: a wrong password, a master
+ * the Sentinels do not know, a node without cluster support.
+ */
+function wrappedRefusal(failure: unknown): Error | null {
+  if (!(failure instanceof Error)) return null;
+  if ("lastNodeError" in failure && failure.lastNodeError instanceof Error) {
+    const node = failure.lastNodeError;
+    const code = "code" in node && typeof node.code === "string" ? node.code : "";
+    return REFUSAL.test(node.message) || REFUSAL.test(code) ? node : null;
+  }
+  const last = /Last error: (.+)$/s.exec(failure.message)?.[1]?.trim();
+  return last !== undefined && REFUSAL.test(last) ? new Error(last.replace(/^ReplyError: /, "")) : null;
+}
+
 /** Connects a client built lazily, logging its errors (logConnectionErrors), within START_TIMEOUT_MS. */
 async function connectWatched<T extends RedisClient>(client: T, logger: Logger | undefined): Promise<T> {
   const lastError = logConnectionErrors(client, logger);
@@ -262,7 +282,9 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
   } catch (error) {
     client.disconnect();
     const failure = lastError() ?? error;
-    throw new RedisConnectError(describeConnectFailure(failure), { cause: withoutCommand(failure), unanswered: isUnanswered(failure) });
+    // A refusal wrapped in the client's own "cannot reach" error is named as the refusal.
+    const refusal = wrappedRefusal(failure);
+    throw new RedisConnectError(describeConnectFailure(refusal ?? failure), { cause: withoutCommand(failure), unanswered: refusal === null && isUnanswered(failure) });
   } finally {
     clearTimeout(timer);
   }

@@ -72,6 +72,14 @@ export async function untilAnswered<T>(
 /** A TLS verification failure in a driver's message (Node's codes and OpenSSL's wording). */
 const UNTRUSTED_CERTIFICATE = /certificate|CERT_|SIGNATURE|ISSUER|ERR_TLS|ERR_SSL|SSL routines/i;
 
+/**
+ * Server codes of a member that answers but is not a primary yet, or is between states: a
+ * single-node replica set restarting is SECONDARY for a few seconds before it elects itself
+ * (NotWritablePrimary, NotPrimaryNoSecondaryOk, NotPrimaryOrSecondary, InterruptedAtShutdown,
+ * InterruptedDueToReplStateChange, ShutdownInProgress, PrimarySteppedDown).
+ */
+const NOT_PRIMARY_YET = new Set([10107, 13435, 13436, 11600, 11602, 91, 189]);
+
 /** MongoDB driver errors that mean the server refused who we said we are. */
 const AUTH_CODES = new Set([11, 13, 18, 59]);
 
@@ -91,6 +99,9 @@ export function mongoStartError(error: unknown): Error {
   const innerHandshake = "errorLabelSet" in inner && inner.errorLabelSet instanceof Set && inner.errorLabelSet.has("HandshakeError");
   if ((innerCode !== null && AUTH_CODES.has(innerCode) && (handshake || innerHandshake)) || /authentication failed/i.test(inner.message)) {
     return new ConfigError(`KEYGATE_MONGODB_URI: MongoDB refused the credentials (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
+  }
+  if (innerCode !== null && NOT_PRIMARY_YET.has(innerCode)) {
+    return new BackendUnansweredError(`KEYGATE_MONGODB_URI: MongoDB is not primary yet (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`, { cause: error });
   }
   if (/ServerSelection|Network|Topology/.test(inner.name) || /ECONNREFUSED|ENOTFOUND|timed out/i.test(inner.message)) {
     const message = `KEYGATE_MONGODB_URI: no MongoDB server answered (${inner.message.replace(/\s+/g, " ").slice(0, 160)})`;
