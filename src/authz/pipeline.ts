@@ -1,5 +1,5 @@
 import type { SnapshotLookup } from "../cache/lookup.js";
-import { DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
+import { CheckBudgetExceededError, DEFAULT_CHECK_BUDGET_MS, withinBudget } from "./budget.js";
 import { DEFAULT_LAST_USED_RESOLUTION_SECONDS, ROLES } from "../config.js";
 import type { Plan, Policy, RateLimitRule } from "../config.js";
 import { UtcCalendar, noQuotaAllowance } from "../limits/limits.js";
@@ -390,9 +390,14 @@ export class DecisionPipeline {
     const charged = this.#charge(limitsInput, trace);
     if (!(charged instanceof Promise)) return this.#afterLimits(v, snapshot, credentialHeaders, route, charged, limitsInput);
     // Only a decision that waits on a backend (the store, the Redis meter) needs the budget. Once
-    // it runs out the meter learns so from its input (budgetExpired) and charges nothing not yet sent.
+    // it runs out the meter learns so from its input (budgetExpired): it charges nothing not yet
+    // sent, and gives back an allow that comes back later. The Check was answered UNAVAILABLE, so
+    // a late answer is neither counted nor recorded as a use (the budget's rejection stands).
     return withinBudget(
-      charged.then((limits) => this.#afterLimits(v, snapshot, credentialHeaders, route, limits, limitsInput)),
+      charged.then((limits) => {
+        if (limitsInput.budgetExpired) throw new CheckBudgetExceededError(budgetMs);
+        return this.#afterLimits(v, snapshot, credentialHeaders, route, limits, limitsInput);
+      }),
       budgetMs,
       limitsInput,
     );

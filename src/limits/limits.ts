@@ -71,7 +71,8 @@ export interface ChargeInput {
   /**
    * Set by the Check's budget (withinBudget) once the Check was answered UNAVAILABLE without this
    * charge: a meter still waiting on a load charges nothing more, and does not send its charge
-   * (ChargeAbandonedError). A charge already sent to Redis may still land. Always false to start.
+   * (ChargeAbandonedError). A charge already sent to Redis that it allows is given back when its
+   * answer comes (ChargeAbandonedError too). Always false to start.
    */
   budgetExpired: boolean;
 }

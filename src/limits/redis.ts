@@ -236,6 +236,51 @@ redis.call('SET', KEYS[2], tat, 'PX', ttl)
 return 1
 `;
 
+// Gives back what an allowed charge took when the Check it was for had been answered UNAVAILABLE
+// before the answer came back (README, "One budget per Check"): the client was refused, so it is
+// charged nothing. Same arithmetic as CHARGE, from the charge's own now: one interval off the
+// rate bucket's time, one off the quota counter (a bucket full again, or a counter back at 0, is
+// dropped, as if never charged), and the credits spent back into the balance, the monthly part
+// only while the balance is in the month charged. Charges made since keep theirs: each moved the
+// bucket and the counters by its own amount. A balance no longer loaded (dropped since, see ADD)
+// is left alone: the store it is loaded from never had this charge.
+// KEYS: rate bucket, quota counter, credit hash. ARGV: now ms, window ms, limit, counted (1: the
+// charge counted toward the quota counter), monthly spent, top-up spent, period charged (YYYY-MM).
+const GIVE_BACK = `
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[3])
+local nowWhole = math.floor(now)
+local nowParts = math.floor((now - nowWhole) * limit)
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local dot = string.find(stored, '.', 1, true)
+  local whole = tonumber(dot and string.sub(stored, 1, dot - 1) or stored)
+  local frac = 0
+  if dot then frac = tonumber('0' .. string.sub(stored, dot)) end
+  local ahead = (whole - nowWhole) * limit + math.floor(frac * limit + 0.5) - nowParts - tonumber(ARGV[2])
+  if ahead <= 0 then
+    redis.call('DEL', KEYS[1])
+  else
+    local parts = nowParts + ahead
+    local ms = math.floor(parts / limit)
+    local tat = string.format('%.0f', nowWhole + ms) .. string.sub(string.format('%.17f', (parts - ms * limit) / limit), 2)
+    redis.call('SET', KEYS[1], tat, 'PX', math.ceil(ahead / limit) + 1000)
+  end
+end
+if ARGV[4] == '1' then
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used > 1 then redis.call('DECR', KEYS[2]) elseif used == 1 then redis.call('DEL', KEYS[2]) end
+end
+local monthly = tonumber(ARGV[5])
+local topup = tonumber(ARGV[6])
+if (monthly > 0 or topup > 0) and redis.call('HEXISTS', KEYS[3], 'seen') == 1 then
+  local c = redis.call('HMGET', KEYS[3], 'period', 'monthly_used', 'topup')
+  redis.call('HSET', KEYS[3], 'topup', tonumber(c[3] or '0') + topup)
+  if c[1] == ARGV[7] then redis.call('HSET', KEYS[3], 'monthly_used', math.max(0, tonumber(c[2] or '0') - monthly)) end
+end
+return 1
+`;
+
 const STATUS_REASON = [null, "RATE_LIMITED", "QUOTA_EXCEEDED", "INSUFFICIENT_CREDITS"] as const;
 
 /**
@@ -292,6 +337,11 @@ export class RedisMeter implements Meter {
   #retrying = false;
   /** A charge went to the in-process fallback since Redis last answered one. */
   #fellBack = false;
+  /**
+   * Charges the fallback made, ever: a Redis answer proves Redis counts again only for a charge
+   * sent after the last of them (see charge()).
+   */
+  #fallbackCharges = 0;
   /** Charges skip Redis while it is known not to answer (logged once each time). */
   #skipping = false;
   /**
@@ -350,18 +400,49 @@ export class RedisMeter implements Meter {
       return this.#degraded(input, undefined);
     }
     this.#skipping = false;
+    const fallbackChargesBefore = this.#fallbackCharges;
     return this.#charge(input, true, false).then(
       (result) => {
         // Redis is back: the counts the fallback held are out of date from now on (Redis counts
-        // on), so they go, and a later outage loads them afresh.
-        if (this.#fellBack) {
+        // on), so they go, and a later outage loads them afresh. Only an answer to a charge sent
+        // after the fallback's last charge, and with Redis not counted lost, says so: a slow
+        // Redis's late answer to a charge sent before it was counted lost would otherwise wipe
+        // the buckets the fallback still counts in, a fresh bucket per late answer.
+        if (this.#fellBack && fallbackChargesBefore === this.#fallbackCharges && !this.redisLost()) {
           this.#fellBack = false;
           this.fallback.reset();
         }
+        // Checks carry no idempotency key; a ChargeUsage, which does, has no budget.
+        if (input.budgetExpired && result.allowed && input.idempotencyKey === undefined) return this.#giveBack(input, result);
         return result;
       },
       (error: unknown) => this.#degrade(input, error),
     );
+  }
+
+  /**
+   * An allow that came back after its Check was answered UNAVAILABLE (a Redis slower than the
+   * budget): what it took is given back (GIVE_BACK) and nothing is recorded, for the client was
+   * refused. A give-back Redis does not take leaves that charge in Redis, never recorded: the
+   * bucket and quota count come back with their window and day, the credits when the balance is
+   * next loaded from the store.
+   */
+  async #giveBack(input: ChargeInput, charged: ChargeResult): Promise<never> {
+    const spent = charged.spent ?? { period: "", monthly: 0, topup: 0 };
+    const counted = input.dailyQuota !== null || input.countsDaily ? 1 : 0;
+    try {
+      await this.#run(GIVE_BACK, this.#chargeKeys(input), [input.nowMs, input.rate.windowSeconds * 1000, input.rate.limit, counted, spent.monthly, spent.topup, spent.period], "give_back");
+    } catch (error) {
+      const since = this.#failures.due(`give back: ${errorKind(error)}`);
+      if (since !== null) this.logger.warn({ err: error, since }, "a charge whose Check was answered UNAVAILABLE could not be given back in Redis");
+    }
+    throw new ChargeAbandonedError("the check was answered before its charge came back; the charge was given back");
+  }
+
+  /** A charge's rate bucket, quota counter and credit hash, in CHARGE's and GIVE_BACK's order. */
+  #chargeKeys(input: ChargeInput): string[] {
+    const day = this.#calendar.day(input.nowMs);
+    return [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)];
   }
 
   peek(input: ChargeInput): ChargeResult | Promise<ChargeResult> {
@@ -377,10 +458,9 @@ export class RedisMeter implements Meter {
 
   async #charge(input: ChargeInput, mayLoad: boolean, dryRun: boolean): Promise<ChargeResult> {
     const { nowMs } = input;
-    const day = this.#calendar.day(nowMs);
     const period = this.#calendar.month(nowMs);
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
-    const keys = [`${this.prefix}rl:${this.layout.bucket(input.ownerId, bucketName(input))}`, quotaCounter(this.prefix, this.layout, input, day), this.#creditKey(input.ownerId)];
+    const keys = this.#chargeKeys(input);
     const args: Array<string | number> = [
       nowMs,
       input.rate.windowSeconds * 1000,
@@ -453,7 +533,8 @@ export class RedisMeter implements Meter {
    * is, so it is not counted as a refusal too; a peek's caller sees the budget itself.
    */
   async #withBalance(refusal: ChargeResult, monthlyCredits: number, input: ChargeInput, period: string, dryRun: boolean): Promise<ChargeResult> {
-    // A reply that came after the Check was answered is counted as it came, as any late reply.
+    // A reply that came after the Check was answered is not counted (the pipeline drops it): no
+    // balance is loaded for it.
     if (input.budgetExpired) return refusal;
     let balance: ChargeResult["credits"] = null;
     try {
@@ -536,6 +617,7 @@ export class RedisMeter implements Meter {
     }
     if (this.onError === "fallback") {
       this.#fellBack = true;
+      this.#fallbackCharges += 1;
       return this.fallback.charge(input);
     }
     // A Check whose reply a reset lost may have been charged by Redis all the same: its credits
