@@ -4,6 +4,7 @@ import { Cluster, Redis } from "ioredis";
 import type { RedisOptions } from "ioredis";
 import type { Logger } from "pino";
 import { z } from "zod";
+import { LogThrottle } from "../log-throttle.js";
 import type { KeySnapshot } from "../store/store.js";
 import type { FillToken, Invalidation, InvalidationBus, SharedCache, SharedRead } from "./cache.js";
 import type { RedisClient, SubscriberConnection } from "./redis-client.js";
@@ -176,6 +177,7 @@ export function describeConnectFailure(error: unknown): string {
 }
 
 const nullableString = z.string().nullable();
+// zod 4's z.number() refuses NaN and ±Infinity: a time read back is a time or null, never neither.
 const nullableNumber = z.number().nullable();
 
 export const snapshotSchema = z.object({
@@ -475,6 +477,7 @@ export class RedisSharedCache implements SharedCache {
    */
   async set(hash: string, snapshot: KeySnapshot, fill?: FillToken): Promise<boolean> {
     const ownerId = snapshot.account.ownerId;
+    const encoded = encodeSnapshot(snapshot);
     holdWritesForThisTurn(this.#redis);
     const written = await this.#run(
       FILL,
@@ -488,7 +491,7 @@ export class RedisSharedCache implements SharedCache {
         this.#ownerMarker(ownerId),
         this.#ownerIndexSizeKey(ownerId),
       ],
-      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encodeSnapshot(snapshot), this.#ttlMs, FILL_WINDOW_MS, hash, this.#snapKey(""), OWNER_INDEX_PRUNE_FLOOR],
+      [fill === undefined ? "" : fill.generation, fill?.atMs ?? 0, encoded, this.#ttlMs, FILL_WINDOW_MS, hash, this.#snapKey(""), OWNER_INDEX_PRUNE_FLOOR],
     );
     return written === 1;
   }
@@ -591,7 +594,17 @@ export class RedisSharedCache implements SharedCache {
  */
 export const SNAPSHOT_FORMAT = 2;
 
+/**
+ * The entry's text. A snapshot the schema would refuse is not cached: JSON writes NaN and
+ * ±Infinity as null, which reads back as another answer (a NaN revokedAtMs, revoked on the replica
+ * that read the store, as never revoked on every other).
+ */
 function encodeSnapshot(snapshot: KeySnapshot): string {
+  const checked = snapshotSchema.safeParse(snapshot);
+  if (!checked.success) {
+    const fields = checked.error.issues.map((issue) => issue.path.join(".")).join(", ");
+    throw new Error(`not cached in L2: the snapshot of key ${snapshot.key.id} holds a value its schema refuses (${fields})`);
+  }
   return JSON.stringify({ v: SNAPSHOT_FORMAT, ...snapshot });
 }
 
@@ -636,6 +649,8 @@ export const HEARTBEAT_SILENCE_MS = 2000;
 const HEARTBEAT_KEY_TTL_MS = 10_000;
 /** How often at most the bus drops a subscriber that hears no heartbeat, so that it connects again. */
 export const SILENT_SUBSCRIBER_DROP_MS = 5000;
+/** How often at most a replica writes the "ignored a malformed invalidation message" line, with how many more came since. */
+export const MALFORMED_LOG_INTERVAL_MS = 60_000;
 
 /** Channel, logger and heartbeat of the Redis invalidation bus. */
 export interface RedisInvalidationBusOptions {
@@ -646,6 +661,8 @@ export interface RedisInvalidationBusOptions {
   heartbeatIntervalMs?: number;
   /** Default HEARTBEAT_SILENCE_MS. */
   silenceLimitMs?: number;
+  /** The monotonic clock that spaces out the malformed-message line (default performance.now); tests step it. */
+  logClockMs?: () => number;
 }
 
 /**
@@ -686,6 +703,11 @@ export class RedisInvalidationBus implements InvalidationBus {
    */
   #awaitingHeartbeat = false;
   readonly #logger: Logger | undefined;
+  /**
+   * Malformed messages logged lately: anything that can PUBLISH on the channel (a tool sharing
+   * the Redis) would otherwise write a line on every replica for each message it sends.
+   */
+  readonly #malformedLogged: LogThrottle;
   readonly #heartbeatIntervalMs: number;
   readonly #silenceLimitMs: number;
   readonly #handlers: Array<(event: Invalidation) => void> = [];
@@ -711,6 +733,7 @@ export class RedisInvalidationBus implements InvalidationBus {
     this.#logger = settings.logger;
     this.#heartbeatIntervalMs = settings.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS;
     this.#silenceLimitMs = settings.silenceLimitMs ?? HEARTBEAT_SILENCE_MS;
+    this.#malformedLogged = new LogThrottle(MALFORMED_LOG_INTERVAL_MS, 1, settings.logClockMs);
   }
 
   /** True while the subscription is live and answering; while false, this replica may miss invalidations. */
@@ -780,7 +803,11 @@ export class RedisInvalidationBus implements InvalidationBus {
     if (channel !== this.#channel) return;
     const event = parseInvalidation(message);
     if (event === undefined) {
-      this.#logger?.warn({ channel, length: message.length }, "ignored a malformed invalidation message");
+      // Ignored, not read as an `all`: a tool that publishes on this channel by mistake would
+      // then clear every replica's L1 and distrust L2 (a Redis write) at its own rate, sending
+      // the Checks of cached keys to the store.
+      const since = this.#malformedLogged.due("malformed");
+      if (since !== null) this.#logger?.warn({ channel, length: message.length, since }, "ignored a malformed invalidation message");
       return;
     }
     this.#emit(event);

@@ -17,7 +17,7 @@ import {
 } from "./errors.js";
 import type { SchemaStep } from "./errors.js";
 import { LookupBatcher } from "./lookup-batch.js";
-import { storedRateLimit, storedScopes } from "./stored-values.js";
+import { storedDate, storedRateLimit, storedRequiredDate, storedScopes } from "./stored-values.js";
 import { CHAIN_GRACE_ENDED, MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
@@ -516,17 +516,17 @@ const ENABLE_ATTEMPTS = 8;
 /** The credit fields of an account (CreditState). */
 const CREDIT_PROJECTION = { credit_period: 1, monthly_used: 1, topup_balance: 1, topup_total: 1 } as const;
 
-const ms = (date: Date | null): number | null => (date === null ? null : date.getTime());
 const date = (value: number | null): Date | null => (value === null ? null : new Date(value));
 
 function toAccount(doc: AccountSnapshotDoc): AccountRecord {
+  const at = { store: "MongoDB", ownerId: doc._id };
   return {
     ownerId: doc._id,
     plan: doc.plan,
     subscriptionStatus: doc.subscription_status,
     role: doc.role,
-    createdAtMs: doc.created_at.getTime(),
-    updatedAtMs: doc.updated_at.getTime(),
+    createdAtMs: storedRequiredDate(doc.created_at, "created_at", at),
+    updatedAtMs: storedRequiredDate(doc.updated_at, "updated_at", at),
   };
 }
 
@@ -539,7 +539,8 @@ function toTopUp(ownerId: string, doc: TopUpDoc): TopUpRecord {
 }
 
 // The fields a Check decides by are checked (stored-values.ts): a document edited by hand (a
-// $push without $each, a camelCase rate_limit) fails the read instead of reaching L1.
+// $push without $each, a camelCase rate_limit, a date out of a JS Date's range) fails the read
+// instead of reaching L1.
 function toKey(doc: KeySnapshotDoc): KeyRecord {
   const at = { store: "MongoDB", keyId: doc._id };
   return {
@@ -553,15 +554,15 @@ function toKey(doc: KeySnapshotDoc): KeyRecord {
     last4: doc.last4,
     scopes: [...storedScopes(doc.scopes, at)],
     metadata: { ...doc.metadata },
-    createdAtMs: doc.created_at.getTime(),
-    lastUsedAtMs: ms(doc.last_used_at),
-    expiresAtMs: ms(doc.expires_at),
-    revokedAtMs: ms(doc.revoked_at),
+    createdAtMs: storedRequiredDate(doc.created_at, "created_at", at),
+    lastUsedAtMs: storedDate(doc.last_used_at, "last_used_at", at),
+    expiresAtMs: storedDate(doc.expires_at, "expires_at", at),
+    revokedAtMs: storedDate(doc.revoked_at, "revoked_at", at),
     revokeReason: doc.revoke_reason,
-    graceEndsAtMs: ms(doc.grace_ends_at),
+    graceEndsAtMs: storedDate(doc.grace_ends_at, "grace_ends_at", at),
     rotatedToId: doc.rotated_to_id,
     rateLimit: storedRateLimit(doc.rate_limit, "window_seconds", at),
-    disabledAtMs: ms(doc.disabled_at ?? null),
+    disabledAtMs: storedDate(doc.disabled_at ?? null, "disabled_at", at),
   };
 }
 
@@ -707,6 +708,14 @@ function activeFilter(ownerId: string, nowMs: number): mongoose.QueryFilter<KeyD
   return { owner_id: ownerId, revoked_at: null, rotated_to_id: null, $or: [{ expires_at: null }, { expires_at: { $gt: new Date(nowMs) } }] };
 }
 
+/**
+ * Every read goes to the primary, whatever KEYGATE_MONGODB_URI asks (the driver takes an option
+ * given here over the URI's): a key looked up on a lagging secondary after its revocation would
+ * be cached, unrevoked, for the whole TTL. The URI's readPreferenceTags are then ignored, and a
+ * maxStalenessSeconds fails the connect (the driver refuses it with primary).
+ */
+const PRIMARY_READS = { readPreference: "primary" } as const;
+
 /** Options of MongoKeyStore.connect. */
 export interface MongoConnectOptions {
   serverSelectionTimeoutMs?: number;
@@ -819,6 +828,7 @@ export class MongoKeyStore implements KeyStore {
       // createCollection per model would race them, and write on a dry run.
       autoCreate: false,
       monitorCommands: onCommandStarted !== undefined,
+      ...PRIMARY_READS,
     });
     if (onCommandStarted !== undefined) connection.getClient().on("commandStarted", onCommandStarted);
     try {
@@ -847,7 +857,13 @@ export class MongoKeyStore implements KeyStore {
 
   /** The steps `uri`'s database still needs, read without writing anything (`keygate migrate --dry-run`). */
   static async pendingAt(uri: string, options: Pick<MongoConnectOptions, "serverSelectionTimeoutMs"> = {}): Promise<SchemaStep[]> {
-    const connection = mongoose.createConnection(uri, { bufferCommands: false, serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000, autoIndex: false, autoCreate: false });
+    const connection = mongoose.createConnection(uri, {
+      bufferCommands: false,
+      serverSelectionTimeoutMS: options.serverSelectionTimeoutMs ?? 3000,
+      autoIndex: false,
+      autoCreate: false,
+      ...PRIMARY_READS,
+    });
     try {
       await guarded(() => connection.asPromise());
       return await guarded(() => new MongoKeyStore(connection).pendingMigrations());

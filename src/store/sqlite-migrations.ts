@@ -9,7 +9,9 @@ import { immediateTransaction, schemaVersion, text } from "./sqlite-db.js";
  * processes opening one file at once apply each step once). A database newer than the last step
  * here was written by a newer keygate and is refused: this one would not know its columns.
  *
- * Never edit a released step: add the next one.
+ * Never change what a released step makes: add the next one. Every step is idempotent (a column
+ * added only where missing, IF NOT EXISTS): a file restored from `sqlite3 .dump` holds the whole
+ * schema but not its user_version (.dump drops it), so its start applies every step again.
  */
 export interface SqliteMigration extends SchemaStep {
   apply(db: DatabaseSync): void;
@@ -108,7 +110,7 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
     version: 2,
     description: "add keys.disabled_at (a disabled key is refused with KEY_DISABLED until enabled); existing keys stay enabled",
     apply(db) {
-      db.exec("ALTER TABLE keys ADD COLUMN disabled_at INTEGER");
+      if (!columnsOf(db, "keys").has("disabled_at")) db.exec("ALTER TABLE keys ADD COLUMN disabled_at INTEGER");
     },
   },
   {
@@ -118,7 +120,7 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
       "the credits, so a repeat adds nothing after a restart or a lost answer; existing credits are unchanged",
     apply(db) {
       db.exec(`
-        CREATE TABLE credit_topups (
+        CREATE TABLE IF NOT EXISTS credit_topups (
           owner_id TEXT NOT NULL,
           idempotency_key TEXT NOT NULL,
           amount INTEGER NOT NULL,
@@ -126,7 +128,7 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
           at INTEGER NOT NULL,
           PRIMARY KEY (owner_id, idempotency_key)
         );
-        CREATE INDEX credit_topups_at ON credit_topups (at);
+        CREATE INDEX IF NOT EXISTS credit_topups_at ON credit_topups (at);
       `);
     },
   },
@@ -136,7 +138,7 @@ export const SQLITE_MIGRATIONS: readonly SqliteMigration[] = [
       "add the keygate_meta table (name, value): the store's pepper check, recorded by the first start on it, so a start " +
       "with another pepper is refused instead of answering every key as unknown; existing rows are unchanged",
     apply(db) {
-      db.exec(`CREATE TABLE ${META_TABLE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
+      db.exec(`CREATE TABLE IF NOT EXISTS ${META_TABLE} (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
     },
   },
 ];

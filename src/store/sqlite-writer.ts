@@ -7,12 +7,13 @@
  * that the thread runs as it is from src/ (node strips the types) and from dist/.
  */
 import { once } from "node:events";
+import { statSync } from "node:fs";
 import { setPriority } from "node:os";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { Worker, parentPort, workerData } from "node:worker_threads";
 import type { CreditDelta, UsageDelta } from "./store.ts";
-import { immediateTransaction } from "./sqlite-db.ts";
+import { immediateTransaction, integer } from "./sqlite-db.ts";
 
 /** The write-behind statements, on whichever connection runs them (the thread's, or the store's own as a fallback). */
 export class WriteBehindStatements {
@@ -60,8 +61,20 @@ type WriteRequest =
   | { id: number; touch: Array<[string, number]> }
   | { id: number; usage: UsageDelta[]; credits: CreditDelta[] };
 
-/** What the thread answers: a batch written (error null) or failed, or a checkpoint that failed. */
-type WriterReply = { id: number; error: string | null } | { checkpointError: string };
+/**
+ * A WAL that checkpoints have not copied back for WAL_PINNED_CHECKPOINTS in a row and that is past
+ * JOURNAL_SIZE_LIMIT_BYTES: another connection's read transaction holds it.
+ */
+export interface WalPinned {
+  /** The -wal file's size on disk. */
+  walBytes: number;
+  /** Frames in the log, and how many of them the last checkpoint had copied into the database file. */
+  logFrames: number;
+  checkpointedFrames: number;
+}
+
+/** What the thread answers: a batch written (error null) or failed, a checkpoint that failed, or a WAL it cannot copy back. */
+type WriterReply = { id: number; error: string | null } | { checkpointError: string } | { walPinned: WalPinned };
 
 /** What the store gives the thread. */
 interface WriterData {
@@ -77,6 +90,18 @@ const WRITER_ROLE = "keygate-sqlite-writer";
 const STOP = "stop";
 /** The nice value of the thread (Linux: a per-thread attribute): it runs when Checks leave the core idle. */
 const LOWEST_PRIORITY = 19;
+/**
+ * The size the -wal file is cut back to when a writer starts the log over (`journal_size_limit`,
+ * on every connection of the store's): without it the file keeps the largest size it ever
+ * reached, such as the one a long read transaction elsewhere made it grow to, for the life of the
+ * database. A second's batches of a busy keygate fit well within it.
+ */
+export const JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024;
+/**
+ * How many checkpoints in a row must fall short (frames left uncopied) before the thread reports
+ * the WAL as pinned: one alone is the store's own read, or a backup's, that was under way.
+ */
+const WAL_PINNED_CHECKPOINTS = 5;
 
 function errorText(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
@@ -126,6 +151,11 @@ function parseReply(message: unknown): WriterReply | null {
   if (!isObject(message)) return null;
   const checkpointError: unknown = Reflect.get(message, "checkpointError");
   if (isString(checkpointError)) return { checkpointError };
+  const walPinned: unknown = Reflect.get(message, "walPinned");
+  if (isObject(walPinned)) {
+    const [walBytes, logFrames, checkpointedFrames]: unknown[] = ["walBytes", "logFrames", "checkpointedFrames"].map((name) => Reflect.get(walPinned, name));
+    return isNumber(walBytes) && isNumber(logFrames) && isNumber(checkpointedFrames) ? { walPinned: { walBytes, logFrames, checkpointedFrames } } : null;
+  }
   const id: unknown = Reflect.get(message, "id");
   const error: unknown = Reflect.get(message, "error");
   return isNumber(id) && (error === null || isString(error)) ? { id, error } : null;
@@ -150,7 +180,29 @@ export function openWriterDatabase(path: string, busyTimeoutMs: number): Databas
   const db = new DatabaseSync(path, { timeout: busyTimeoutMs });
   db.exec("PRAGMA synchronous = NORMAL");
   db.exec("PRAGMA wal_autocheckpoint = 0");
+  db.exec(`PRAGMA journal_size_limit = ${JOURNAL_SIZE_LIMIT_BYTES}`);
   return db;
+}
+
+/**
+ * Runs the thread's PASSIVE checkpoint and returns a report once the WAL is pinned: copied short
+ * (frames left) WAL_PINNED_CHECKPOINTS times in a row, and grown past JOURNAL_SIZE_LIMIT_BYTES.
+ * PASSIVE copies nothing past the oldest snapshot another connection still reads (an operator's
+ * `sqlite3` session left inside BEGIN), so the log then grows with every write, unseen, until the
+ * volume is full.
+ */
+function checkpointer(db: DatabaseSync, walPath: string): () => WalPinned | null {
+  const checkpoint = db.prepare("PRAGMA wal_checkpoint(PASSIVE)");
+  let shortInARow = 0;
+  return () => {
+    const row = checkpoint.get();
+    const logFrames = row === undefined ? 0 : integer(row, "log");
+    const checkpointedFrames = row === undefined ? 0 : integer(row, "checkpointed");
+    shortInARow = checkpointedFrames < logFrames ? shortInARow + 1 : 0;
+    if (shortInARow < WAL_PINNED_CHECKPOINTS) return null;
+    const walBytes = statSync(walPath, { throwIfNoEntry: false })?.size ?? 0;
+    return walBytes > JOURNAL_SIZE_LIMIT_BYTES ? { walBytes, logFrames, checkpointedFrames } : null;
+  };
 }
 
 function runThread(port: NonNullable<typeof parentPort>, data: WriterData): void {
@@ -161,9 +213,11 @@ function runThread(port: NonNullable<typeof parentPort>, data: WriterData): void
   const statements = new WriteBehindStatements(db);
   const reply = (message: WriterReply): void => port.postMessage(message);
   // PASSIVE copies what it can without waiting for, or blocking, another connection.
+  const checkpoint = checkpointer(db, `${data.path}-wal`);
   const timer = setInterval(() => {
     try {
-      db.exec("PRAGMA wal_checkpoint(PASSIVE)");
+      const walPinned = checkpoint();
+      if (walPinned !== null) reply({ walPinned });
     } catch (error) {
       reply({ checkpointError: errorText(error) });
     }
@@ -199,6 +253,8 @@ export interface WriterThreadOptions {
   onStopped: (message: string) => void;
   /** Called when a checkpoint fails (the thread goes on). */
   onCheckpointError: (message: string) => void;
+  /** Called at each checkpoint while the WAL is pinned (WalPinned): spaced out by the caller. */
+  onWalPinned?: (report: WalPinned) => void;
 }
 
 /** The store's handle on its writing thread: batches go in, each answered by its own reply. */
@@ -270,6 +326,10 @@ export class WriterThread {
     if (reply === null) return;
     if ("checkpointError" in reply) {
       this.#options.onCheckpointError(reply.checkpointError);
+      return;
+    }
+    if ("walPinned" in reply) {
+      this.#options.onWalPinned?.(reply.walPinned);
       return;
     }
     const waiter = this.#pending.get(reply.id);

@@ -7,6 +7,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import type { Logger } from "pino";
 import { ConfigError } from "../config.js";
 import { eventIdFloor } from "../keys/ids.js";
+import { LogThrottle } from "../log-throttle.js";
 import {
   CapExceededError,
   ConflictError,
@@ -33,11 +34,12 @@ import {
   textOrNull,
 } from "./sqlite-db.js";
 import type { SqliteArrayRow, SqliteRow } from "./sqlite-db.js";
-import { WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
+import { JOURNAL_SIZE_LIMIT_BYTES, WriteBehindStatements, WriterThread } from "./sqlite-writer.js";
+import type { WalPinned } from "./sqlite-writer.js";
 import { RECHECK_MS, sameFile } from "./data-dir-lock.js";
 import { META_TABLE, PEPPER_CHECK_NAME, migrateSqlite, pendingSqliteMigrations } from "./sqlite-migrations.js";
 import { namingFile } from "./sqlite-errors.js";
-import { storedJson, storedRateLimit, storedScopes } from "./stored-values.js";
+import { storedJson, storedMs, storedRateLimit, storedScopes } from "./stored-values.js";
 import { CHAIN_GRACE_ENDED, MAX_KEYED_TOPUPS, TOPUP_KEY_RETENTION_MS, keyPrefixOfStart } from "./store.js";
 import type {
   AccountDefaults,
@@ -206,18 +208,20 @@ function readUsageRow(row: SqliteRow): UsageRow {
 
 // Rows are written only by this module, so their enum columns hold values it wrote.
 function toAccount(row: AccountRow): AccountRecord {
+  const at = { store: "SQLite", ownerId: row.owner_id };
   return {
     ownerId: row.owner_id,
     plan: row.plan,
     subscriptionStatus: row.subscription_status as SubscriptionStatus,
     role: row.role as Role,
-    createdAtMs: row.created_at,
-    updatedAtMs: row.updated_at,
+    createdAtMs: storedMs(row.created_at, "created_at", at),
+    updatedAtMs: storedMs(row.updated_at, "updated_at", at),
   };
 }
 
 // The columns a Check decides by are checked (stored-values.ts): a value keygate never wrote
-// fails the read instead of reaching L1.
+// (a scope list it would not make, a time of 9e999, which SQLite keeps as a REAL that reads as
+// Infinity) fails the read instead of reaching L1.
 function toKey(row: KeyRow): KeyRecord {
   const at = { store: "SQLite", keyId: row.id };
   return {
@@ -231,15 +235,15 @@ function toKey(row: KeyRow): KeyRecord {
     last4: row.last4,
     scopes: storedScopes(storedJson(row.scopes, "scopes", at), at),
     metadata: JSON.parse(row.metadata) as Record<string, string>,
-    createdAtMs: row.created_at,
-    lastUsedAtMs: row.last_used_at,
-    expiresAtMs: row.expires_at,
-    revokedAtMs: row.revoked_at,
+    createdAtMs: storedMs(row.created_at, "created_at", at),
+    lastUsedAtMs: storedMs(row.last_used_at, "last_used_at", at),
+    expiresAtMs: storedMs(row.expires_at, "expires_at", at),
+    revokedAtMs: storedMs(row.revoked_at, "revoked_at", at),
     revokeReason: row.revoke_reason,
-    graceEndsAtMs: row.grace_ends_at,
+    graceEndsAtMs: storedMs(row.grace_ends_at, "grace_ends_at", at),
     rotatedToId: row.rotated_to_id,
     rateLimit: row.rate_limit === null ? null : storedRateLimit(storedJson(row.rate_limit, "rate_limit", at), "windowSeconds", at),
-    disabledAtMs: row.disabled_at,
+    disabledAtMs: storedMs(row.disabled_at, "disabled_at", at),
   };
 }
 
@@ -281,6 +285,10 @@ const LOCK_RETRY_LONGEST_MS = 50;
 /** How often the writing thread copies the WAL into the database file. */
 const CHECKPOINT_INTERVAL_MS = 1000;
 const WRITER_STOP_MS = 5000;
+/** How long the stop's TRUNCATE checkpoint waits for other connections' reads to end (keygates sharing the file, a backup). */
+const STOP_CHECKPOINT_WAIT_MS = 1000;
+/** The warn line of a pinned WAL (WalPinned) at most this often: the thread reports it every second while it lasts. */
+const WAL_PINNED_LOG_INTERVAL_MS = 60_000;
 /** SQLite's own automatic checkpoint threshold, in pages, restored if the thread fails. */
 const DEFAULT_AUTOCHECKPOINT_PAGES = 1000;
 // From src/ (tests, tsx) the thread runs from its .ts file, which node strips of types; from dist/, the .js.
@@ -297,8 +305,11 @@ export interface SqliteStoreOptions {
   writeInBackground?: boolean;
   /** Told when the writing thread fails or stops (the store then writes and checkpoints here), or a checkpoint fails. */
   onWriterFailure?: (message: string) => void;
-  /** Told, once, that the database file was deleted or replaced while the store had it open. */
-  logger?: Pick<Logger, "error">;
+  /**
+   * Told, once, that the database file was deleted or replaced while the store had it open, or
+   * that a stop could not empty the WAL (error); once a minute while the WAL is pinned (warn).
+   */
+  logger?: Pick<Logger, "error" | "warn">;
 }
 
 /** The database and the WAL files beside it: they hold key hashes, so only the owner may read them. */
@@ -400,6 +411,9 @@ export function openStoreDatabase(path: string, migrate: boolean): DatabaseSync 
     // thread's batches keep NORMAL (openWriterDatabase), as do those written here when it is down.
     db.exec("PRAGMA synchronous = FULL");
     db.exec("PRAGMA foreign_keys = ON");
+    // This connection's commits also start the log over (KeyAdmin writes): the -wal file is then
+    // cut back, whatever size it grew to (sqlite-writer.ts).
+    db.exec(`PRAGMA journal_size_limit = ${JOURNAL_SIZE_LIMIT_BYTES}`);
     const pending = pendingSqliteMigrations(db);
     if (!migrate && pending.length > 0) throw new MigrationsPendingError("SQLite", pending);
     migrateSqlite(db);
@@ -462,7 +476,7 @@ export class SqliteKeyStore implements KeyStore {
   readonly #stmt: Record<StatementName, StatementSync>;
   readonly #writeBehind: WriteBehindStatements;
   #writer: WriterThread | null = null;
-  readonly #logger: Pick<Logger, "error"> | undefined;
+  readonly #logger: Pick<Logger, "error" | "warn"> | undefined;
   /**
    * The database file opened: its device and inode, stat'ed through a link at the path (keygate's
    * own link to a database on another volume), as SQLite opened it. null in memory.
@@ -471,6 +485,8 @@ export class SqliteKeyStore implements KeyStore {
   /** What is at the path instead of the file opened, once found: the store then writes nothing until a restart. */
   #moved: "nothing" | "another file" | null = null;
   readonly #recheck: NodeJS.Timeout | null = null;
+  /** Spaces out the writing thread's reports of a pinned WAL (one kind). */
+  readonly #walPinnedLog = new LogThrottle(WAL_PINNED_LOG_INTERVAL_MS, 1);
 
   /**
    * Opens (and creates) the database file; ":memory:" gives a private in-memory store. Pending
@@ -1021,8 +1037,18 @@ export class SqliteKeyStore implements KeyStore {
         onFailure?.(`the SQLite writing thread stopped (${message}); write-behind batches and checkpoints run on the main thread again`);
       },
       onCheckpointError: (message) => onFailure?.(`a WAL checkpoint failed: ${message}`),
+      onWalPinned: (report) => this.#walPinned(report),
     });
     this.#writer = writer;
+  }
+
+  #walPinned(report: WalPinned): void {
+    const since = this.#walPinnedLog.due("wal-pinned");
+    if (since === null) return;
+    this.#logger?.warn(
+      { file: `${this.#path}-wal`, ...report, since },
+      `the WAL keeps growing: checkpoints cannot copy it back into the database file while another connection holds a read transaction on it (a sqlite3 session inside BEGIN, a long backup); it grows with every write until that transaction ends, then is cut back to ${JOURNAL_SIZE_LIMIT_BYTES / 1024 / 1024} MiB`,
+    );
   }
 
   async close(): Promise<void> {
@@ -1039,30 +1065,41 @@ export class SqliteKeyStore implements KeyStore {
     } catch {
       // A file that cannot be looked at is left as the last look found it.
     }
-    if (this.#moved !== null) this.#emptyOwnLog();
+    if (this.#opened !== null) this.#emptyOwnLog();
     this.#db.close();
   }
 
   /**
-   * Before closing a file moved since its open: SQLite then neither checkpoints its WAL nor deletes
-   * it, and the next start would apply that log, of the file opened, to the file now at the path
-   * (a restored backup would come up mixed with the pages it replaced, or damaged). A TRUNCATE
-   * checkpoint empties it through the handles SQLite holds, so it touches only the files opened
-   * (one renamed away ends complete); one another process still reads is logged instead.
+   * Before closing: SQLite's close checkpoints the WAL and deletes it only as the file's last
+   * connection in any process. Another one left open (an idle `sqlite3` session, a second keygate)
+   * or a file moved since its open would leave the stop's last frames at the path, and the next
+   * start would apply that log to the file then there: a backup restored by `mv` would come up
+   * with keys made after it, or damaged. A TRUNCATE checkpoint empties it through the handles
+   * SQLite holds, so it touches only the files opened (one renamed away ends complete); one that
+   * another connection's read transaction keeps from emptying is logged instead.
    */
   #emptyOwnLog(): void {
+    const moved = this.#moved !== null;
     let emptied = false;
     try {
+      // Waits (on the event loop, which serves nothing by now) for other connections' reads to end.
+      this.#db.exec(`PRAGMA busy_timeout = ${STOP_CHECKPOINT_WAIT_MS}`);
       const row = this.#db.prepare("PRAGMA wal_checkpoint(TRUNCATE)").get();
       emptied = row !== undefined && integer(row, "busy") === 0;
     } catch (error) {
-      this.#logger?.error({ file: `${this.#path}-wal`, err: error }, "the WAL of the moved SQLite file could not be emptied");
+      this.#logger?.error({ file: `${this.#path}-wal`, err: error }, `the WAL of the ${moved ? "moved " : ""}SQLite file could not be emptied`);
       return;
     }
-    if (!emptied) {
+    if (emptied) return;
+    if (moved) {
       this.#logger?.error(
         { file: `${this.#path}-wal` },
         "the WAL of the moved SQLite file could not be emptied (another connection reads it): the next start would apply it to the file now at the path; stop every keygate on this data directory, then delete it before starting one",
+      );
+    } else {
+      this.#logger?.error(
+        { file: `${this.#path}-wal` },
+        "the WAL of the SQLite file could not be emptied at the stop (another connection holds a read transaction on it): the next start applies it to whatever file is then at the path; before restoring a backup there, close every other connection to the file and delete its -wal and -shm files",
       );
     }
   }

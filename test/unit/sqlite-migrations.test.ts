@@ -149,6 +149,35 @@ describe("SQLite schema migrations happy", () => {
     }
   });
 
+  // `sqlite3 keygate.db .dump` carries every table, column and row but not user_version: the file
+  // restored from it says 0, and its start applies every step again (step 2's ALTER TABLE failed
+  // on the column already there, and the start with it).
+  it("a database with the whole schema but user_version 0, as restored from sqlite3 .dump, applies every step again and keeps its rows", async () => {
+    const path = tempDb();
+    const dumped = new DatabaseSync(path);
+    migrateSqlite(dumped);
+    dumped.prepare("INSERT INTO accounts (owner_id, plan, subscription_status, role, created_at, updated_at) VALUES ('acct_1', 'pro', 'active', 'standard', 1, 2)").run();
+    dumped
+      .prepare(
+        `INSERT INTO keys (id, hash, owner_id, project_id, name, mode, start, last4, scopes, metadata, created_at, disabled_at)
+         VALUES ('key_1', 'hash_1', 'acct_1', NULL, 'old key', 'live', 'kg_live_abcd', 'wxyz', '["read"]', '{}', 3, 4)`,
+      )
+      .run();
+    dumped.prepare("INSERT INTO credit_topups (owner_id, idempotency_key, amount, topup_total, at) VALUES ('acct_1', 'order-1', 5, 5, 6)").run();
+    dumped.prepare("INSERT INTO keygate_meta (name, value) VALUES ('pepper_check', 'check-a')").run();
+    dumped.exec("PRAGMA user_version = 0");
+    expect(migrateSqlite(dumped)).toEqual(SQLITE_MIGRATIONS.map((m) => m.version));
+    try {
+      expect(schemaVersion(dumped)).toBe(SQLITE_SCHEMA_VERSION);
+      expect(shape(dumped)).toEqual(freshShape());
+      expect(dumped.prepare("SELECT id, disabled_at FROM keys").all()).toEqual([{ id: "key_1", disabled_at: 4 }]);
+      expect(dumped.prepare("SELECT idempotency_key FROM credit_topups").all()).toEqual([{ idempotency_key: "order-1" }]);
+      expect(dumped.prepare("SELECT name, value FROM keygate_meta").all()).toEqual([{ name: "pepper_check", value: "check-a" }]);
+    } finally {
+      dumped.close();
+    }
+  });
+
   it("steps are numbered 1, 2, 3… in order, and each says what it changes", () => {
     expect(SQLITE_MIGRATIONS.map((m) => m.version)).toEqual(SQLITE_MIGRATIONS.map((_, i) => i + 1));
     for (const step of SQLITE_MIGRATIONS) expect(step.description.length).toBeGreaterThan(20);
