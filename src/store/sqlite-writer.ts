@@ -81,6 +81,7 @@ interface WriterData {
   /** Marks the thread's data: the module is also loaded (for WriterThread) in other threads, where it runs nothing. */
   role: typeof WRITER_ROLE;
   path: string;
+  walPath: string;
   checkpointIntervalMs: number;
   busyTimeoutMs: number;
 }
@@ -166,6 +167,7 @@ function dataOf(value: unknown): WriterData | null {
   return {
     role: WRITER_ROLE,
     path: field(value, "path", isString),
+    walPath: field(value, "walPath", isString),
     checkpointIntervalMs: field(value, "checkpointIntervalMs", isNumber),
     busyTimeoutMs: field(value, "busyTimeoutMs", isNumber),
   };
@@ -213,7 +215,7 @@ function runThread(port: NonNullable<typeof parentPort>, data: WriterData): void
   const statements = new WriteBehindStatements(db);
   const reply = (message: WriterReply): void => port.postMessage(message);
   // PASSIVE copies what it can without waiting for, or blocking, another connection.
-  const checkpoint = checkpointer(db, `${data.path}-wal`);
+  const checkpoint = checkpointer(db, data.walPath);
   const timer = setInterval(() => {
     try {
       const walPinned = checkpoint();
@@ -245,6 +247,11 @@ function runThread(port: NonNullable<typeof parentPort>, data: WriterData): void
 /** How the store reaches its writing thread. */
 export interface WriterThreadOptions {
   path: string;
+  /**
+   * The -wal file's name, whose size tells a pinned WAL: beside the file a link at `path` leads
+   * to, where SQLite keeps it, not beside the link (there, nothing: a WAL never seen to grow).
+   */
+  walPath: string;
   url: URL;
   checkpointIntervalMs: number;
   busyTimeoutMs: number;
@@ -267,7 +274,7 @@ export class WriterThread {
 
   constructor(options: WriterThreadOptions) {
     this.#options = options;
-    const data: WriterData = { role: WRITER_ROLE, path: options.path, checkpointIntervalMs: options.checkpointIntervalMs, busyTimeoutMs: options.busyTimeoutMs };
+    const data: WriterData = { role: WRITER_ROLE, path: options.path, walPath: options.walPath, checkpointIntervalMs: options.checkpointIntervalMs, busyTimeoutMs: options.busyTimeoutMs };
     // None of the process's node flags: the thread needs none, and some (--cpu-prof, a loader's
     // --input-type) would misapply to it.
     const worker = new Worker(options.url, { workerData: data, execArgv: [] });

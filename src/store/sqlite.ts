@@ -1,4 +1,4 @@
-import { chmodSync, closeSync, constants, existsSync, fchmodSync, lstatSync, openSync, statSync } from "node:fs";
+import { chmodSync, closeSync, constants, existsSync, fchmodSync, lstatSync, openSync, realpathSync, statSync } from "node:fs";
 import type { Stats } from "node:fs";
 import { stat } from "node:fs/promises";
 import { DatabaseSync } from "node:sqlite";
@@ -366,6 +366,20 @@ function tightenWalFiles(path: string): void {
   }
 }
 
+/**
+ * The name of the WAL file SQLite keeps for the database at `path`: SQLite resolves links in the
+ * path it opens and keeps -wal and -shm beside the file a link leads to (keygate's own link to a
+ * database on another volume), so the name beside the link leads nowhere. The given path's if it
+ * cannot be resolved.
+ */
+function walPathOf(path: string): string {
+  try {
+    return `${realpathSync(path)}-wal`;
+  } catch {
+    return `${path}-wal`;
+  }
+}
+
 type StatementName =
   | "getAccount" | "insertAccount" | "updateAccount" | "countActive" | "insertKey" | "getKey" | "snapshotByHash"
   | "updateName" | "updateScopes" | "updateRateLimit" | "disable" | "enable" | "getCredits" | "addCredits"
@@ -482,6 +496,8 @@ export class SqliteKeyStore implements KeyStore {
    * own link to a database on another volume), as SQLite opened it. null in memory.
    */
   readonly #opened: Stats | null;
+  /** The WAL file of the database opened (walPathOf), named in the log lines about it. */
+  readonly #walPath: string;
   /** What is at the path instead of the file opened, once found: the store then writes nothing until a restart. */
   #moved: "nothing" | "another file" | null = null;
   readonly #recheck: NodeJS.Timeout | null = null;
@@ -500,6 +516,9 @@ export class SqliteKeyStore implements KeyStore {
     this.#logger = options.logger;
     // Before the open: a file put at the path in between is then found moved, never taken for the one opened.
     this.#opened = onDisk ? statSync(path) : null;
+    // Resolved with the stat, so that both name the file SQLite opens: a link pointed elsewhere
+    // later does not move the WAL SQLite holds.
+    this.#walPath = onDisk ? walPathOf(path) : `${path}-wal`;
     this.#db = openStoreDatabase(path, options.migrate !== false);
     const db = this.#db;
     try {
@@ -1026,6 +1045,7 @@ export class SqliteKeyStore implements KeyStore {
     this.#db.exec("PRAGMA wal_autocheckpoint = 0");
     const writer = new WriterThread({
       path,
+      walPath: this.#walPath,
       url: WRITER_URL,
       checkpointIntervalMs: CHECKPOINT_INTERVAL_MS,
       busyTimeoutMs: BUSY_TIMEOUT_MS,
@@ -1046,7 +1066,7 @@ export class SqliteKeyStore implements KeyStore {
     const since = this.#walPinnedLog.due("wal-pinned");
     if (since === null) return;
     this.#logger?.warn(
-      { file: `${this.#path}-wal`, ...report, since },
+      { file: this.#walPath, ...report, since },
       `the WAL keeps growing: checkpoints cannot copy it back into the database file while another connection holds a read transaction on it (a sqlite3 session inside BEGIN, a long backup); it grows with every write until that transaction ends, then is cut back to ${JOURNAL_SIZE_LIMIT_BYTES / 1024 / 1024} MiB`,
     );
   }
@@ -1087,18 +1107,18 @@ export class SqliteKeyStore implements KeyStore {
       const row = this.#db.prepare("PRAGMA wal_checkpoint(TRUNCATE)").get();
       emptied = row !== undefined && integer(row, "busy") === 0;
     } catch (error) {
-      this.#logger?.error({ file: `${this.#path}-wal`, err: error }, `the WAL of the ${moved ? "moved " : ""}SQLite file could not be emptied`);
+      this.#logger?.error({ file: this.#walPath, err: error }, `the WAL of the ${moved ? "moved " : ""}SQLite file could not be emptied`);
       return;
     }
     if (emptied) return;
     if (moved) {
       this.#logger?.error(
-        { file: `${this.#path}-wal` },
+        { file: this.#walPath },
         "the WAL of the moved SQLite file could not be emptied (another connection reads it): the next start would apply it to the file now at the path; stop every keygate on this data directory, then delete it before starting one",
       );
     } else {
       this.#logger?.error(
-        { file: `${this.#path}-wal` },
+        { file: this.#walPath },
         "the WAL of the SQLite file could not be emptied at the stop (another connection holds a read transaction on it): the next start applies it to whatever file is then at the path; before restoring a backup there, close every other connection to the file and delete its -wal and -shm files",
       );
     }

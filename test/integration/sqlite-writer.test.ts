@@ -140,6 +140,7 @@ describe("WriterThread: a thread that fails or hangs", () => {
     const stopped: string[] = [];
     const writer = new WriterThread({
       path: "unused.db",
+      walPath: "unused.db-wal",
       url,
       checkpointIntervalMs: 1000,
       busyTimeoutMs: 5000,
