@@ -29,8 +29,10 @@ import type { UsageRecorder } from "./usage.js";
 //        rate reset ms, retry-after ms, quota used, credit balance (-1 not metered or not loaded),
 //        spent monthly, spent top-up, and on 0 the period charged as YYYYMM (0 when not metered):
 //        the balance's, which is later than the caller's when the caller's clock reads an earlier
-//        month than another replica's. Refusals read the quota count and balance they report only
-//        on their own branch, so an allowed charge reads nothing more for them.
+//        month than another replica's, a 10th place of 0 (not a kept reply, see below) and the
+//        rate bucket's time as written (a string: a reply's numbers are integers), for GIVE_BACK
+//        to tell whether a charge was made since. Refusals read the quota count and balance they
+//        report only on their own branch, so an allowed charge reads nothing more for them.
 // A charge with an idempotency key (ChargeUsage) keeps its reply under the fourth key, and a
 // script with a kept reply answers it again and charges nothing: a charge whose answer never came
 // back (a frozen Redis runs it when it thaws, after the caller was told UNAVAILABLE and its claim
@@ -158,12 +160,13 @@ if ARGV[6] == '1' then
   redis.call('PEXPIRE', KEYS[3], ARGV[11])
   chargedPeriod = tonumber(string.sub(period, 1, 4) .. string.sub(period, 6, 7))
 end
-redis.call('SET', KEYS[1], tatOf(nowParts + after), 'PX', resetMs + 1000)
+local written = tatOf(nowParts + after)
+redis.call('SET', KEYS[1], written, 'PX', resetMs + 1000)
 if quota >= 0 or ARGV[13] == '1' then
   used = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
-return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup, chargedPeriod})
+return outcome({0, remainingAfter, resetMs, 0, used, balance, spendMonthly, spendTopup, chargedPeriod, 0, written})
 `;
 
 // Loads an account's credit state read from the store, unless another replica already did.
@@ -242,17 +245,23 @@ return 1
 // rate bucket's time, one off the quota counter (a bucket full again, or a counter back at 0, is
 // dropped, as if never charged), and the credits spent back into the balance, the monthly part
 // only while the balance is in the month charged. Charges made since keep theirs: each moved the
-// bucket and the counters by its own amount. A balance no longer loaded (dropped since, see ADD)
-// is left alone: the store it is loaded from never had this charge.
+// counters by its own amount. The bucket's interval is given back only while the bucket still
+// holds the time this charge wrote: a charge made since started from the later of that time and
+// its own now, so when this charge's slot had come back on its own before it (an answer later than
+// one interval), an interval off its time would free a slot a served charge used, one request
+// over the limit. The slot is then left taken: it comes back within one window. A balance no
+// longer loaded (dropped since, see ADD) is left alone: the store it is loaded from never had
+// this charge.
 // KEYS: rate bucket, quota counter, credit hash. ARGV: now ms, window ms, limit, counted (1: the
-// charge counted toward the quota counter), monthly spent, top-up spent, period charged (YYYY-MM).
+// charge counted toward the quota counter), monthly spent, top-up spent, period charged (YYYY-MM),
+// the bucket's time the charge wrote (CHARGE's reply).
 const GIVE_BACK = `
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[3])
 local nowWhole = math.floor(now)
 local nowParts = math.floor((now - nowWhole) * limit)
 local stored = redis.call('GET', KEYS[1])
-if stored then
+if stored and stored == ARGV[8] then
   local dot = string.find(stored, '.', 1, true)
   local whole = tonumber(dot and string.sub(stored, 1, dot - 1) or stored)
   local frac = 0
@@ -325,6 +334,12 @@ export type RedisFailureMode = "fallback" | "fail-open" | "fail-closed";
 /** The Redis key of a daily quota counter: per owner and day, test keys' and each named quota's apart. */
 function quotaCounter(prefix: string, layout: RedisKeyLayout, input: ChargeInput, day: string): string {
   return `${prefix}q:${layout.owner(input.ownerId)}:${day}${input.meter === "test" ? ":test" : ""}${input.quota === null ? "" : `:n:${input.quota}`}`;
+}
+
+/** A charge's answer, and for an allow the rate bucket's time it wrote: GIVE_BACK's sign that no charge was made since. */
+interface Charged {
+  result: ChargeResult;
+  bucketTime: string | null;
 }
 
 /** Limits shared by every replica, in Redis: one Lua script per Check. */
@@ -402,7 +417,7 @@ export class RedisMeter implements Meter {
     this.#skipping = false;
     const fallbackChargesBefore = this.#fallbackCharges;
     return this.#charge(input, true, false).then(
-      (result) => {
+      ({ result, bucketTime }) => {
         // Redis is back: the counts the fallback held are out of date from now on (Redis counts
         // on), so they go, and a later outage loads them afresh. Only an answer to a charge sent
         // after the fallback's last charge, and with Redis not counted lost, says so: a slow
@@ -413,7 +428,7 @@ export class RedisMeter implements Meter {
           this.fallback.reset();
         }
         // Checks carry no idempotency key; a ChargeUsage, which does, has no budget.
-        if (input.budgetExpired && result.allowed && input.idempotencyKey === undefined) return this.#giveBack(input, result);
+        if (input.budgetExpired && result.allowed && input.idempotencyKey === undefined) return this.#giveBack(input, result, bucketTime);
         return result;
       },
       (error: unknown) => this.#degrade(input, error),
@@ -427,11 +442,13 @@ export class RedisMeter implements Meter {
    * bucket and quota count come back with their window and day, the credits when the balance is
    * next loaded from the store.
    */
-  async #giveBack(input: ChargeInput, charged: ChargeResult): Promise<never> {
+  async #giveBack(input: ChargeInput, charged: ChargeResult, bucketTime: string | null): Promise<never> {
     const spent = charged.spent ?? { period: "", monthly: 0, topup: 0 };
     const counted = input.dailyQuota !== null || input.countsDaily ? 1 : 0;
+    // No bucket time (never for a fresh allow): no stored time matches "", so the slot is left.
+    const args = [input.nowMs, input.rate.windowSeconds * 1000, input.rate.limit, counted, spent.monthly, spent.topup, spent.period, bucketTime ?? ""];
     try {
-      await this.#run(GIVE_BACK, this.#chargeKeys(input), [input.nowMs, input.rate.windowSeconds * 1000, input.rate.limit, counted, spent.monthly, spent.topup, spent.period], "give_back");
+      await this.#run(GIVE_BACK, this.#chargeKeys(input), args, "give_back");
     } catch (error) {
       const since = this.#failures.due(`give back: ${errorKind(error)}`);
       if (since !== null) this.logger.warn({ err: error, since }, "a charge whose Check was answered UNAVAILABLE could not be given back in Redis");
@@ -450,13 +467,16 @@ export class RedisMeter implements Meter {
       if (this.onError === "fallback") return this.fallback.peek(input);
       return Promise.reject(new MeterUnavailableError("Redis is not answering"));
     }
-    return this.#charge(input, false, true).catch((error: unknown) => {
-      if (this.onError === "fallback") return this.fallback.peek(input);
-      throw error;
-    });
+    return this.#charge(input, false, true).then(
+      ({ result }) => result,
+      (error: unknown) => {
+        if (this.onError === "fallback") return this.fallback.peek(input);
+        throw error;
+      },
+    );
   }
 
-  async #charge(input: ChargeInput, mayLoad: boolean, dryRun: boolean): Promise<ChargeResult> {
+  async #charge(input: ChargeInput, mayLoad: boolean, dryRun: boolean): Promise<Charged> {
     const { nowMs } = input;
     const period = this.#calendar.month(nowMs);
     const midnightMs = this.#calendar.nextMidnightMs(nowMs);
@@ -484,10 +504,13 @@ export class RedisMeter implements Meter {
     }
     const reply = await this.#run(CHARGE, keys, args, dryRun ? "peek" : "charge");
     if (Array.isArray(reply) && reply[0] === 6) throw new IdempotencyKeyMismatchError(keptChargeText(reply[1]));
-    if (!Array.isArray(reply) || reply.length < 8 || reply.length > 10 || !reply.every((v): v is number => typeof v === "number")) {
+    if (!Array.isArray(reply) || reply.length < 8 || reply.length > 11) throw new Error("unexpected reply from the charge script");
+    const counts = reply.slice(0, 10);
+    const written: unknown = reply[10];
+    if (!counts.every((v): v is number => typeof v === "number") || (written !== undefined && typeof written !== "string")) {
       throw new Error("unexpected reply from the charge script");
     }
-    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0, chargedPeriod = 0, kept = 0] = reply;
+    const [status = 0, remaining = 0, resetMs = 0, retryMs = 0, used = 0, balance = -1, spentMonthly = 0, spentTopup = 0, chargedPeriod = 0, kept = 0] = counts;
     if (status === 4) {
       if (!mayLoad) throw new Error("credit state did not load");
       // A Check answered UNAVAILABLE meanwhile is charged nothing: the script is not sent again.
@@ -521,8 +544,8 @@ export class RedisMeter implements Meter {
     // A refusal or peek of a metered account whose balance no charge has loaded yet (its first
     // request, or the first since the hash went idle) loads it, as the in-process meter does, so
     // it reports X-Credits-Remaining as every later one does. Allows never come here.
-    if (status !== 0 && balance < 0 && input.monthlyCredits !== null) return this.#withBalance(result, input.monthlyCredits, input, period, dryRun);
-    return result;
+    if (status !== 0 && balance < 0 && input.monthlyCredits !== null) return { result: await this.#withBalance(result, input.monthlyCredits, input, period, dryRun), bucketTime: null };
+    return { result, bucketTime: written ?? null };
   }
 
   /**
