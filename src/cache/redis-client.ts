@@ -272,11 +272,18 @@ function wrappedRefusal(failure: unknown): Error | null {
 async function connectWatched<T extends RedisClient>(client: T, logger: Logger | undefined): Promise<T> {
   const lastError = logConnectionErrors(client, logger);
   let timer: NodeJS.Timeout | undefined;
+  let refused: ((error: unknown) => void) | undefined;
   try {
     await Promise.race([
       client.connect(),
       new Promise<never>((_, reject) => {
         timer = setTimeout(() => reject(new Error(`no ready connection within ${START_TIMEOUT_MS} ms (timeout)`)), START_TIMEOUT_MS);
+        // ioredis goes on trying Sentinels that refused it (a wrong password, an unknown master)
+        // until the timeout: a refusal ends the start at once, as no wait mends it.
+        refused = (error: unknown) => {
+          if (wrappedRefusal(error) !== null) reject(error);
+        };
+        client.on("error", refused);
       }),
     ]);
   } catch (error) {
@@ -287,6 +294,7 @@ async function connectWatched<T extends RedisClient>(client: T, logger: Logger |
     throw new RedisConnectError(describeConnectFailure(refusal ?? failure), { cause: withoutCommand(failure), unanswered: refusal === null && isUnanswered(failure) });
   } finally {
     clearTimeout(timer);
+    if (refused !== undefined) client.off("error", refused);
   }
   return client;
 }

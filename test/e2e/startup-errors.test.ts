@@ -206,9 +206,8 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
     }
   });
 
-  it("an unreachable MongoDB is tried again until KEYGATE_STARTUP_WAIT_SECONDS, then one line naming KEYGATE_MONGODB_URI", async () => {
+  it("an unreachable MongoDB is one line naming KEYGATE_MONGODB_URI", async () => {
     const port = await freePort();
-    // 4 s: a try waits 3 s for a server (serverSelectionTimeoutMS), so a second one is made.
     const env = {
       KEYGATE_DATA_DIR: join(tempDir(), "data"),
       KEYGATE_MONGODB_URI: `mongodb://127.0.0.1:${port}/keygate`,
@@ -217,16 +216,12 @@ describe.runIf(mongoReady)("start-up errors: MongoDB.error", () => {
       KEYGATE_GRPC_PORT: "0",
       KEYGATE_HTTP_AUTHZ_PORT: "0",
       KEYGATE_ADMIN_PORT: "0",
-      KEYGATE_STARTUP_WAIT_SECONDS: "4",
+      KEYGATE_STARTUP_WAIT_SECONDS: "0",
     };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_MONGODB_URI")).toContain("no MongoDB server answered");
-    const retries = result.stdout.split("\n").filter((line) => line.includes("trying again (the start waits KEYGATE_STARTUP_WAIT_SECONDS)"));
-    expect(retries).toHaveLength(1);
-    expect(retries[0]).toContain(`"level":40`);
-    expect(retries[0]).toContain("KEYGATE_MONGODB_URI: no MongoDB server answered");
-  }, 60_000);
+  });
 });
 
 const redisReady = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
@@ -253,12 +248,19 @@ describe.runIf(redisReady)("start-up errors: Redis.error", () => {
     expect(result.stdout + result.stderr).not.toContain(password);
   });
 
-  it("a Redis that refuses connections is one line naming KEYGATE_REDIS_URL", async () => {
+  it("a Redis that refuses connections is tried again until KEYGATE_STARTUP_WAIT_SECONDS, then one line naming KEYGATE_REDIS_URL", async () => {
     const closed = await freePort();
-    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_STARTUP_WAIT_SECONDS: "0" };
+    const env = { KEYGATE_DATA_DIR: join(tempDir(), "data"), KEYGATE_REDIS_URL: `redis://127.0.0.1:${closed}`, KEYGATE_GRPC_PORT: "0", KEYGATE_HTTP_AUTHZ_PORT: "0", KEYGATE_ADMIN_PORT: "0", KEYGATE_STARTUP_WAIT_SECONDS: "2" };
     const result = await serveUntilExit(tempDir(), env, children);
     expect(result.code).toBe(2);
     expect(expectOneLine(result.stderr, "KEYGATE_REDIS_URL")).toBe("keygate: KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED)");
+    // A refused connection fails at once, so the 2 s hold at least one more try (after 1 s).
+    const retries = result.stdout.split("\n").filter((line) => line.includes("trying again (the start waits KEYGATE_STARTUP_WAIT_SECONDS)"));
+    expect(retries.length).toBeGreaterThanOrEqual(1);
+    for (const line of retries) {
+      expect(line).toContain(`"level":40`);
+      expect(line).toContain("KEYGATE_REDIS_URL: nothing accepts connections at that host and port (ECONNREFUSED); trying again");
+    }
   });
 
   it("a Cluster whose seed nodes do not answer is one line naming KEYGATE_REDIS_URL, without the password", async () => {
