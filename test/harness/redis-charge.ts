@@ -3,10 +3,12 @@ import { pino } from "pino";
 import { afterAll, beforeAll } from "vitest";
 import type { Logger } from "pino";
 import type { ChargeInput } from "../../src/limits/limits.js";
+import type { RedisMeter } from "../../src/limits/redis.js";
 import { UsageRecorder } from "../../src/limits/usage.js";
 import type { MeteringStore } from "../../src/store/store.js";
-import { startKeygate } from "./keygate.js";
+import { checkInit, checkOutcome, startKeygate } from "./keygate.js";
 import type { TestKeygate } from "./keygate.js";
+import { startOrderedDelayRelay } from "./ordered-delay-relay.js";
 import { until } from "./poll.js";
 import { startRedis } from "./redis-server.js";
 import type { RedisServer } from "./redis-server.js";
@@ -142,4 +144,61 @@ export async function startKeygateBehindRelay(policy: unknown): Promise<KeygateB
       await redis.stop();
     },
   };
+}
+
+/** Scripts of kind `op` ("charge", "give_back", …) `kg` has run against Redis, answered or failed (keygate_backend_duration_seconds's count). */
+export async function redisCallCount(kg: TestKeygate, op: string): Promise<number> {
+  const metric = kg.app.metrics.registry.getSingleMetric("keygate_backend_duration_seconds");
+  if (metric === undefined) throw new Error("keygate_backend_duration_seconds is not registered");
+  const { values } = await metric.get();
+  return values.find((v) => "metricName" in v && v.metricName === "keygate_backend_duration_seconds_count" && v.labels["backend"] === "redis" && v.labels["op"] === op)?.value ?? 0;
+}
+
+/** Charges `input` as a Check whose budget runs out while the charge is in Redis: "charged", or what the charge threw. */
+export async function lateCharge(meter: RedisMeter, input: ChargeInput): Promise<unknown> {
+  const late = { ...input };
+  const charged = meter.charge(late);
+  late.budgetExpired = true;
+  return Promise.resolve(charged).then(
+    () => "charged",
+    (error: unknown) => error,
+  );
+}
+
+/** A keygate whose Redis answers every command `delayMs()` late, in order, and a Check budget of its own. */
+export interface KeygateBehindSlowRedis {
+  kg: TestKeygate;
+  stop(): Promise<void>;
+}
+
+/** Starts a redis-server, an ordered delay relay in front of it, and a keygate with `policy` and KEYGATE_CHECK_BUDGET_MS `budgetMs` on the relay. */
+export async function startKeygateBehindSlowRedis(policy: unknown, budgetMs: number, delayMs: () => number): Promise<KeygateBehindSlowRedis> {
+  const redis = await startRedis();
+  if (redis === null) throw new Error("redis-server is not on PATH");
+  const relay = await startOrderedDelayRelay(redis.port, delayMs).catch(async (error: unknown) => {
+    await redis.stop();
+    throw error;
+  });
+  const kg = await startKeygate({ policy, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}`, KEYGATE_CHECK_BUDGET_MS: String(budgetMs) } }).catch(async (error: unknown) => {
+    await relay.close();
+    await redis.stop();
+    throw error;
+  });
+  return {
+    kg,
+    async stop() {
+      await kg.stop();
+      await relay.close();
+      await redis.stop();
+    },
+  };
+}
+
+/** A gRPC Check's HTTP status, or "grpc <code>" when the call itself failed (UNAVAILABLE is "grpc 14"). */
+export async function checkStatusOrCode(kg: TestKeygate, secret: string, path?: string): Promise<number | string> {
+  try {
+    return checkOutcome(await kg.check(checkInit({ "x-api-key": secret }, path))).status;
+  } catch (error) {
+    return `grpc ${error instanceof Error && "code" in error ? String(error.code) : "?"}`;
+  }
 }

@@ -10,6 +10,7 @@ import type { TestKeygate } from "../harness/keygate.js";
 import { LIMITS_POLICY } from "../harness/limits-policy.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
+import { redisCallCount } from "../harness/redis-charge.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 
@@ -104,13 +105,6 @@ class StoreHooks {
   }
 }
 
-/** Charge scripts this replica has run against Redis (answered or failed). */
-async function redisCharges(kg: TestKeygate): Promise<number> {
-  const metric = kg.app.metrics.registry.getSingleMetric("keygate_backend_duration_seconds");
-  if (metric === undefined) throw new Error("keygate_backend_duration_seconds is not registered");
-  const { values } = await metric.get();
-  return values.find((v) => "metricName" in v && v.metricName === "keygate_backend_duration_seconds_count" && v.labels["backend"] === "redis" && v.labels["op"] === "charge")?.value ?? 0;
-}
 
 describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)", () => {
   let redis: RedisServer;
@@ -256,11 +250,11 @@ describe.runIf(ready)("a top-up racing an account's first charged Check (Redis)"
     await probe.connect();
     expect(await probe.del(`kg:c:${ownerId}`)).toBe(1);
     probe.disconnect();
-    const chargesBefore = await redisCharges(kg);
+    const chargesBefore = await redisCallCount(kg, "charge");
     const reloading = charge();
     // The Check's charge found no balance in Redis; what follows at once is the reload from the
     // store, which must not read the store while the held batch is in neither place.
-    await until(async () => (await redisCharges(kg)) > chargesBefore, 10_000, "the Check reaching Redis", POLL);
+    await until(async () => (await redisCallCount(kg, "charge")) > chargesBefore, 10_000, "the Check reaching Redis", POLL);
     await new Promise((resolve) => setImmediate(resolve));
     gate.release();
     await Promise.all([reloading, report]);

@@ -4,7 +4,7 @@ import type { ChargeInput } from "../../src/limits/limits.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { RedisMeter } from "../../src/limits/redis.js";
 import { requireServer } from "../harness/ports.js";
-import { chargeInput, startRedisWithClient, stubMeterDeps } from "../harness/redis-charge.js";
+import { chargeInput, lateCharge, startRedisWithClient, stubMeterDeps } from "../harness/redis-charge.js";
 import type { RedisWithClient } from "../harness/redis-charge.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
@@ -16,17 +16,6 @@ import { redisAvailable } from "../harness/redis-server.js";
 // and one request more than the limit went through per give-back.
 
 const ready = requireServer("redis-server", redisAvailable(), "apt-get install redis-server");
-
-/** Charges `input` as a Check whose budget runs out while the charge is in Redis. */
-async function lateCharge(meter: RedisMeter, input: ChargeInput): Promise<unknown> {
-  const late = { ...input };
-  const charged = meter.charge(late);
-  late.budgetExpired = true;
-  return Promise.resolve(charged).then(
-    () => "charged",
-    (error: unknown) => error,
-  );
-}
 
 describe.runIf(ready)("the give-back of a late charge whose rate slot had already come back", () => {
   let r: RedisWithClient;

@@ -5,7 +5,7 @@ import type { ChargeInput } from "../../src/limits/limits.js";
 import { MemoryMeter } from "../../src/limits/memory.js";
 import { RedisMeter } from "../../src/limits/redis.js";
 import { requireServer } from "../harness/ports.js";
-import { chargeInput, startRedisWithClient, stubMeterDeps } from "../harness/redis-charge.js";
+import { chargeInput, lateCharge, startRedisWithClient, stubMeterDeps } from "../harness/redis-charge.js";
 import type { RedisWithClient } from "../harness/redis-charge.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
@@ -24,17 +24,6 @@ async function everything(client: Redis): Promise<Record<string, unknown>> {
     out[key] = (await client.type(key)) === "hash" ? Object.fromEntries(Object.entries(await client.hgetall(key)).sort()) : await client.get(key);
   }
   return out;
-}
-
-/** Charges `input` as a Check whose budget runs out while the charge is in Redis. */
-async function lateCharge(meter: RedisMeter, input: ChargeInput): Promise<unknown> {
-  const late = { ...input };
-  const charged = meter.charge(late);
-  late.budgetExpired = true;
-  return Promise.resolve(charged).then(
-    () => "charged",
-    (error: unknown) => error,
-  );
 }
 
 describe.runIf(ready)("the Redis meter gives back an allow that comes after its Check's budget", () => {

@@ -1,12 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { TEST_POLICY, checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
+import { TEST_POLICY } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
-import { startOrderedDelayRelay } from "../harness/ordered-delay-relay.js";
-import type { OrderedDelayRelay } from "../harness/ordered-delay-relay.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { redisAvailable, startRedis } from "../harness/redis-server.js";
-import type { RedisServer } from "../harness/redis-server.js";
+import { checkStatusOrCode, redisCallCount, startKeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import type { KeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import { redisAvailable } from "../harness/redis-server.js";
 
 // README "If Redis fails": under limits.onRedisError `fallback` limits are per replica meanwhile,
 // one in-process bucket each. A Redis that answers every command, but 800 ms late (under ioredis's
@@ -27,46 +26,26 @@ const POLICY = {
   limits: { onRedisError: "fallback" },
 };
 
-/** Charge scripts this replica has run against Redis, answered or failed. */
-async function redisCharges(kg: TestKeygate): Promise<number> {
-  const metric = kg.app.metrics.registry.getSingleMetric("keygate_backend_duration_seconds");
-  if (metric === undefined) throw new Error("keygate_backend_duration_seconds is not registered");
-  const { values } = await metric.get();
-  return values.find((v) => "metricName" in v && v.metricName === "keygate_backend_duration_seconds_count" && v.labels["backend"] === "redis" && v.labels["op"] === "charge")?.value ?? 0;
-}
-
 describe.runIf(ready)("a slow (800 ms) Redis under limits.onRedisError fallback and a 150 ms Check budget", () => {
-  let redis: RedisServer;
-  let relay: OrderedDelayRelay;
+  let slow: KeygateBehindSlowRedis;
   let kg: TestKeygate;
   let delayMs = 0;
 
   beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    relay = await startOrderedDelayRelay(redis.port, () => delayMs);
-    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}`, KEYGATE_CHECK_BUDGET_MS: "150" } });
+    slow = await startKeygateBehindSlowRedis(POLICY, 150, () => delayMs);
+    kg = slow.kg;
   });
 
   afterAll(async () => {
     delayMs = 0;
-    await kg?.stop();
-    await relay?.close();
-    await redis?.stop();
+    await slow?.stop();
   });
 
   it("once Redis counts as lost, the replica lets through one in-process bucket (3), however many late charge answers land", async () => {
     const ownerId = "slow-redis-fallback";
     await kg.admin.upsertAccount({ ownerId, plan: "tiny" });
     const key = await kg.admin.createKey({ ownerId, name: "k" });
-    const status = async (): Promise<number | string> => {
-      try {
-        return checkOutcome(await kg.check(checkInit({ "x-api-key": key.secret }))).status;
-      } catch (error) {
-        return `grpc ${(error as { code?: number }).code}`;
-      }
-    };
+    const status = (): Promise<number | string> => checkStatusOrCode(kg, key.secret);
     // One of the three in Redis's bucket, with Redis fast.
     expect(await status()).toBe(200);
     delayMs = 800;
@@ -88,7 +67,7 @@ describe.runIf(ready)("a slow (800 ms) Redis under limits.onRedisError fallback 
     await until(
       async () => {
         after.push(await status());
-        return (await redisCharges(kg)) >= sentToRedis;
+        return (await redisCallCount(kg, "charge")) >= sentToRedis;
       },
       10_000,
       "every charge sent to Redis answered",

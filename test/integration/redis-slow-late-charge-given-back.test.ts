@@ -1,13 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
-import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
+import { checkInit, checkOutcome } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
-import { startOrderedDelayRelay } from "../harness/ordered-delay-relay.js";
-import type { OrderedDelayRelay } from "../harness/ordered-delay-relay.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { redisAvailable, startRedis } from "../harness/redis-server.js";
-import type { RedisServer } from "../harness/redis-server.js";
+import { checkStatusOrCode, redisCallCount, startKeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import type { KeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import { redisAvailable } from "../harness/redis-server.js";
 
 // README "One budget per Check". A Redis that answers every command 300 ms late: slower than a
 // Check's budget (150 ms), far faster than ioredis's 1 s command timeout and the bus's 2 s of
@@ -29,49 +28,29 @@ const POLICY = {
   routes: [],
 };
 
-/** Scripts of kind `op` ("charge", "give_back") this replica has run against Redis, answered or failed. */
-async function redisCalls(kg: TestKeygate, op: string): Promise<number> {
-  const metric = kg.app.metrics.registry.getSingleMetric("keygate_backend_duration_seconds");
-  if (metric === undefined) throw new Error("keygate_backend_duration_seconds is not registered");
-  const { values } = await metric.get();
-  return values.find((v) => "metricName" in v && v.metricName === "keygate_backend_duration_seconds_count" && v.labels["backend"] === "redis" && v.labels["op"] === op)?.value ?? 0;
-}
-
 describe.runIf(ready)("a Redis slower (300 ms) than the Check budget (150 ms)", () => {
-  let redis: RedisServer;
-  let relay: OrderedDelayRelay;
+  let slow: KeygateBehindSlowRedis;
   let kg: TestKeygate;
   let delayMs = 0;
 
   beforeAll(async () => {
-    const started = await startRedis();
-    if (started === null) throw new Error("redis-server is not on PATH");
-    redis = started;
-    relay = await startOrderedDelayRelay(redis.port, () => delayMs);
-    kg = await startKeygate({ policy: POLICY, env: { KEYGATE_REDIS_URL: `redis://127.0.0.1:${relay.port}`, KEYGATE_CHECK_BUDGET_MS: "150" } });
+    slow = await startKeygateBehindSlowRedis(POLICY, 150, () => delayMs);
+    kg = slow.kg;
   });
 
   afterAll(async () => {
     delayMs = 0;
-    await kg?.stop();
-    await relay?.close();
-    await redis?.stop();
+    await slow?.stop();
   });
 
   it("Checks answered UNAVAILABLE are not billed, not counted allowed, and use up none of the daily quota", async () => {
     const ownerId = "slow-redis-late-charge";
     await kg.admin.upsertAccount({ ownerId, plan: "small" });
     const key = await kg.admin.createKey({ ownerId, name: "k" });
-    const status = async (): Promise<number | string> => {
-      try {
-        return checkOutcome(await kg.check(checkInit({ "x-api-key": key.secret }, "/v1/x"))).status;
-      } catch (error) {
-        return `grpc ${(error as { code?: number }).code}`;
-      }
-    };
+    const status = (): Promise<number | string> => checkStatusOrCode(kg, key.secret, "/v1/x");
     // One served while Redis is fast; it also loads the account's credit balance into Redis.
     expect(await status()).toBe(200);
-    const chargesBefore = await redisCalls(kg, "charge");
+    const chargesBefore = await redisCallCount(kg, "charge");
     delayMs = 300;
     const logged = kg.logLines.length;
     const answers: Array<number | string> = [];
@@ -79,13 +58,13 @@ describe.runIf(ready)("a Redis slower (300 ms) than the Check budget (150 ms)", 
       answers.push(await status());
       // Its charge's give-back runs before the next Check's charge: a give-back takes the rate
       // slot back only while no charge came since (redis-meter-give-back-rate-slot.test.ts).
-      await until(async () => (await redisCalls(kg, "give_back")) >= i + 1, 5000, "the late charge given back", { intervalMs: 20 });
+      await until(async () => (await redisCallCount(kg, "give_back")) >= i + 1, 5000, "the late charge given back", { intervalMs: 20 });
     }
     // Each waited out its budget: UNAVAILABLE (gRPC code 14).
     expect(answers).toEqual(["grpc 14", "grpc 14", "grpc 14"]);
     delayMs = 0;
     // The three charges answer (Redis allowed each), and each is given back.
-    await until(async () => (await redisCalls(kg, "charge")) >= chargesBefore + 3 && (await redisCalls(kg, "give_back")) >= 3, 5000, "the three late charges answered and given back", { intervalMs: 20 });
+    await until(async () => (await redisCallCount(kg, "charge")) >= chargesBefore + 3 && (await redisCallCount(kg, "give_back")) >= 3, 5000, "the three late charges answered and given back", { intervalMs: 20 });
     // Redis was never counted lost: it was only slow, so no limits.onRedisError mode stood in.
     expect(kg.logLines.slice(logged).some((l) => l.includes("heartbeats stopped coming back"))).toBe(false);
     const today = new Date().toISOString().slice(0, 10);
