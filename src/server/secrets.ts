@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { closeSync, constants, fchmodSync, fstatSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, constants, fchmodSync, fstatSync, fsyncSync, linkSync, lstatSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import type { Stats } from "node:fs";
 import { join } from "node:path";
 import { ADMIN_TOKEN_MIN_LENGTH } from "../admin/permissions.js";
@@ -127,14 +127,28 @@ function readOrCreate(path: string, make: () => string): { value: string; mode: 
     return { value, mode, created: false };
   }
   const value = make();
-  // O_EXCL fails if another process created the file first, so two starts never disagree (and,
-  // with O_NOFOLLOW, if a link was put there meanwhile); fchmod: the umask must not widen it.
-  const fd = openSync(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+  // Written whole under a name of its own, then linked at `path`: the file is never seen empty
+  // or half written there, and the link fails if another process put a file (or a link) at the
+  // name first. Keygates sharing the data directory may start together: the one that loses uses
+  // the winner's value, so two starts never disagree. fchmod: the umask must not widen it.
+  const temporary = `${path}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
+  const fd = openSync(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
   try {
-    fchmodSync(fd, 0o600);
-    writeFileSync(fd, `${value}\n`);
+    try {
+      fchmodSync(fd, 0o600);
+      writeFileSync(fd, `${value}\n`);
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    linkSync(temporary, path);
+  } catch (error) {
+    if (!(error instanceof Error && "code" in error && error.code === "EEXIST")) throw error;
+    const existing = readSecretFile(path);
+    if (existing.value === "") throw new Error(`${path} is empty; delete it to generate a new one`, { cause: error });
+    return { ...existing, created: false };
   } finally {
-    closeSync(fd);
+    rmSync(temporary, { force: true });
   }
   return { value, mode: 0o600, created: true };
 }
