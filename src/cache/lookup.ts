@@ -50,6 +50,15 @@ const L2_FAILURE_LOG_INTERVAL_MS = 60_000;
 /** Distinct L2 failures remembered for that; past it they start over. */
 const MAX_L2_FAILURES_TRACKED = 256;
 
+/**
+ * How long after its store read was asked a late answer (one that came after the store's deadline
+ * failed the lookup) may still be cached: as long as L2 takes a fill read that long ago, so L1
+ * trusts no older view of the store than L2 does.
+ */
+export const LATE_ANSWER_WINDOW_MS = 5000;
+/** Keys whose late answer is awaited; past it the oldest is given up. */
+const MAX_LATE_ANSWERS = 4096;
+
 /** How often invalidations that did not reach Redis are sent again, and how many may wait. */
 const INVALIDATION_RETRY_MS = 1000;
 const MAX_PENDING_INVALIDATIONS = 10_000;
@@ -97,6 +106,14 @@ export class SnapshotLookup {
   readonly #inflight = new Map<string, Promise<CheckSnapshot | null>>();
   /** Counts invalidations seen here: a read that began before one is answered but not cached. */
   #epoch = 0;
+  /** Counts store reads asked here, so of two reads of one key the later is known. */
+  #storeReads = 0;
+  /**
+   * Keys whose store read failed (its deadline) while a late answer may still come, each with the
+   * first read whose late answer may be cached. Any answer kept for the key removes it: a read's
+   * answer never replaces a newer one in the caches, as reads answered in time never can.
+   */
+  readonly #lateFrom = new Map<string, number>();
   /** Counts the bus's `all` events, and the count when L2 was last distrusted up to date. */
   #busChanges = 0;
   #l2TrustedAt = 0;
@@ -154,15 +171,42 @@ export class SnapshotLookup {
       if (cached !== undefined) {
         if (cached.value !== undefined) {
           if (trace !== undefined) trace.cacheTier = "l2";
-          return epoch === this.#epoch ? this.#remember(hash, cached.value, cached.ttlMs) : cached.value;
+          if (epoch !== this.#epoch) return cached.value;
+          if (this.#lateFrom.size !== 0) this.#lateFrom.delete(hash);
+          return this.#remember(hash, cached.value, cached.ttlMs);
         }
         fill = cached.fill;
       }
     }
     if (trace !== undefined) trace.cacheTier = "store";
-    const snapshot = await this.#storeRead(hash, trace);
+    const read = (this.#storeReads += 1);
+    const askedMs = performance.now();
+    // A read that outlives the store's deadline (the Check was answered UNAVAILABLE) goes on; its
+    // answer is kept as one in time would have been, under this load's epoch and fill token, so
+    // the retry is answered from the cache instead of reading the store again (and again failing).
+    const late = (answer: KeySnapshot | null): void => {
+      const from = this.#lateFrom.get(hash);
+      if (from === undefined || read < from || performance.now() - askedMs > LATE_ANSWER_WINDOW_MS) return;
+      this.#keep(hash, answer, epoch, shared, fill);
+    };
+    let snapshot: KeySnapshot | null;
+    try {
+      snapshot = await this.#storeRead(hash, trace, late);
+    } catch (error) {
+      this.#awaitLate(hash, read, epoch);
+      throw error;
+    }
+    return this.#keep(hash, snapshot, epoch, shared, fill);
+  }
+
+  /**
+   * Keeps a store read's answer in L1 and, with the fill token of the L2 read before it, in L2;
+   * returns what L1 keeps. Nothing is kept when a change was seen since the load began.
+   */
+  #keep(hash: string, snapshot: KeySnapshot | null, epoch: number, shared: SharedCache | undefined, fill: FillToken | undefined): CheckSnapshot | null {
     // A change seen while this read was running may have come after it: answer, but keep nothing.
     if (epoch !== this.#epoch) return snapshot;
+    if (this.#lateFrom.size !== 0) this.#lateFrom.delete(hash);
     const kept = this.#remember(hash, snapshot);
     if (shared !== undefined && fill !== undefined) {
       const write = snapshot === null ? shared.setMissing(hash) : shared.set(hash, snapshot, fill);
@@ -170,6 +214,22 @@ export class SnapshotLookup {
       write.catch((error: unknown) => this.#warnL2(error, "L2 cache write failed"));
     }
     return kept;
+  }
+
+  /**
+   * After read `read` of `hash` failed: its late answer, or a later read's, may be kept, unless an
+   * earlier read's is awaited already (the first to come is kept; the older the read, the sooner).
+   */
+  #awaitLate(hash: string, read: number, epoch: number): void {
+    if (epoch !== this.#epoch || this.#lateFrom.has(hash)) return;
+    if (this.#lateFrom.size >= MAX_LATE_ANSWERS) {
+      // A store slow for long: the key waiting longest is given up (its late answer is not kept).
+      for (const oldest of this.#lateFrom.keys()) {
+        this.#lateFrom.delete(oldest);
+        break;
+      }
+    }
+    this.#lateFrom.set(hash, read);
   }
 
   /**
@@ -192,10 +252,10 @@ export class SnapshotLookup {
     return this.#remember(hash, snapshot);
   }
 
-  async #storeRead(hash: string, trace: DecisionTrace | undefined): Promise<KeySnapshot | null> {
+  async #storeRead(hash: string, trace: DecisionTrace | undefined, late: (snapshot: KeySnapshot | null) => void): Promise<KeySnapshot | null> {
     const started = performance.now();
     try {
-      const read = this.#deps.store.findSnapshotByHash(hash);
+      const read = this.#deps.store.findSnapshotByHash(hash, late);
       const snapshot = await (trace === undefined ? read : traced(trace.child(STORE_LOOKUP_SPAN, this.#storeAttributes), read));
       this.#observer.backendCall("store", "find_snapshot", (performance.now() - started) / 1000, true);
       return snapshot;
@@ -275,6 +335,8 @@ export class SnapshotLookup {
     this.#deps.local.invalidate(event);
     this.#epoch += 1;
     this.#inflight.clear();
+    // Every late answer awaited began before this change: none of them is kept.
+    this.#lateFrom.clear();
     if (event.kind === "all") this.#busChanges += 1;
   }
 

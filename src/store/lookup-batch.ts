@@ -10,7 +10,18 @@ export interface LookupBatchOptions {
    */
   timeoutMs: number;
   timeoutError: () => Error;
+  /**
+   * Timed-out lookups whose read went on that are remembered, to be told its answer (`late`);
+   * past it the oldest is forgotten (default MAX_LATE_LOOKUPS).
+   */
+  maxLate?: number;
 }
+
+/**
+ * How many timed-out lookups are remembered for their late answer by default: while the backend
+ * stays slower than the deadline, outstanding reads hold a steady stream of them.
+ */
+export const MAX_LATE_LOOKUPS = 4096;
 
 interface Waiting<V> {
   key: string;
@@ -18,6 +29,9 @@ interface Waiting<V> {
   reject: (error: unknown) => void;
   timer?: NodeJS.Timeout;
   settled: boolean;
+  /** In a read (not only waiting to be sent): only then can an answer come after the deadline. */
+  sent: boolean;
+  late: ((value: V) => void) | undefined;
 }
 
 /**
@@ -30,9 +44,14 @@ interface Waiting<V> {
  * `readMany` answers every key it was given (never with undefined), or throws: then every lookup
  * in the read fails. A key it leaves out fails on its own: a missing answer is never read as
  * "no such key".
+ *
+ * A lookup that timed out while its read was out can be given `late`: the read's answer, when it
+ * comes after all, is handed to it, so a backend slower than the deadline still warms a cache.
  */
 export class LookupBatcher<V> {
   readonly #waiting: Array<Waiting<V>> = [];
+  /** Timed-out lookups whose read is still out and which asked for its answer, oldest first. */
+  readonly #late = new Set<Waiting<V>>();
   #inFlight = 0;
   #scheduled = false;
   readonly #send = (): void => {
@@ -45,12 +64,17 @@ export class LookupBatcher<V> {
     private readonly options: LookupBatchOptions,
   ) {}
 
-  /** The value for `key`, read alone or with others. */
-  get(key: string): Promise<V> {
+  /**
+   * The value for `key`, read alone or with others. `late`, when given, is told the value if the
+   * lookup timed out after its read was sent and the read answers later (at most once, never
+   * after the lookup was answered or failed otherwise, and not once maxLate later ones replaced it).
+   */
+  get(key: string, late?: (value: V) => void): Promise<V> {
     return new Promise<V>((resolve, reject) => {
-      const waiting: Waiting<V> = { key, resolve, reject, settled: false };
+      const waiting: Waiting<V> = { key, resolve, reject, settled: false, sent: false, late };
       waiting.timer = setTimeout(() => {
         waiting.settled = true;
+        if (waiting.sent && waiting.late !== undefined) this.#rememberLate(waiting);
         reject(this.options.timeoutError());
       }, this.options.timeoutMs);
       this.#waiting.push(waiting);
@@ -66,6 +90,36 @@ export class LookupBatcher<V> {
   /** Reads outstanding and still holding their place. */
   get inFlight(): number {
     return this.#inFlight;
+  }
+
+  /** Timed-out lookups remembered for their read's late answer. */
+  get late(): number {
+    return this.#late.size;
+  }
+
+  #rememberLate(waiting: Waiting<V>): void {
+    this.#late.add(waiting);
+    if (this.#late.size <= (this.options.maxLate ?? MAX_LATE_LOOKUPS)) return;
+    // A backend slow for long keeps timing lookups out: the oldest is forgotten (its read is the
+    // most likely to be stalled for good), so what is remembered stays bounded.
+    for (const oldest of this.#late) {
+      this.#late.delete(oldest);
+      oldest.late = undefined;
+      return;
+    }
+  }
+
+  /** Hands a late answer to a timed-out lookup still remembered; a failing listener fails nothing else. */
+  #tellLate(waiting: Waiting<V>, value: V | undefined): void {
+    if (!this.#late.delete(waiting)) return;
+    const late = waiting.late;
+    waiting.late = undefined;
+    if (late === undefined || value === undefined) return;
+    try {
+      late(value);
+    } catch {
+      // The lookup has failed already; an answer that cannot be used is only not kept.
+    }
   }
 
   #schedule(): void {
@@ -94,6 +148,7 @@ export class LookupBatcher<V> {
         if (keys.size === this.options.maxBatch) break;
         keys.add(waiting.key);
       }
+      waiting.sent = true;
       batch.push(waiting);
     }
     this.#waiting.splice(0, index);
@@ -124,13 +179,17 @@ export class LookupBatcher<V> {
         release();
         for (const waiting of batch) {
           const value = found.get(waiting.key);
-          if (value === undefined) fail(waiting, new Error("the batched read gave no answer for a key it was asked for"));
+          if (waiting.settled) this.#tellLate(waiting, value);
+          else if (value === undefined) fail(waiting, new Error("the batched read gave no answer for a key it was asked for"));
           else succeed(waiting, value);
         }
       },
       (error: unknown) => {
         release();
-        for (const waiting of batch) fail(waiting, error);
+        for (const waiting of batch) {
+          if (waiting.settled) this.#late.delete(waiting);
+          else fail(waiting, error);
+        }
       },
     );
   }

@@ -687,6 +687,11 @@ const LOOKUP_TIMEOUT_MS = 1000;
 const LOOKUP_BATCH_MAX = 64;
 const LOOKUPS_IN_FLIGHT = 2;
 
+/** The snapshot in a cold lookup's document; a key whose account is gone reads as unknown, as it always has. */
+function snapshotOfDoc(doc: AnchoredSnapshotDoc): KeySnapshot | null {
+  return doc.key === undefined || doc.account === undefined ? null : { key: toKey(doc.key), account: toAccount(doc.account) };
+}
+
 async function guarded<T>(operation: () => Promise<T>): Promise<T> {
   try {
     return await operation();
@@ -1414,12 +1419,12 @@ export class MongoKeyStore implements KeyStore {
     return doc === null ? null : toKey(doc);
   }
 
-  async findSnapshotByHash(hash: string): Promise<KeySnapshot | null> {
+  async findSnapshotByHash(hash: string, late?: (snapshot: KeySnapshot | null) => void): Promise<KeySnapshot | null> {
     // On the Check path a known-dead connection answers at once instead of waiting for server selection.
     if (this.#connection.readyState !== mongoose.ConnectionStates.connected) throw new StoreUnavailableError("MongoDB is not connected");
-    const doc = await this.#lookups.get(hash);
-    // A key whose account is gone reads as unknown, as it always has.
-    return doc.key === undefined || doc.account === undefined ? null : { key: toKey(doc.key), account: toAccount(doc.account) };
+    // A late answer read from a document that does not convert (toKey throws) is dropped by the batcher, as the read would have failed.
+    const doc = await this.#lookups.get(hash, late === undefined ? undefined : (answer) => late(snapshotOfDoc(answer)));
+    return snapshotOfDoc(doc);
   }
 
   async listKeys(query: ListKeysQuery): Promise<KeyRecord[]> {

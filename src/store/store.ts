@@ -334,8 +334,12 @@ export interface UpsertedAccount {
 
 /** The hot path's read on a cache miss (SnapshotLookup). */
 export interface SnapshotStore {
-  /** The key and its account by hash. */
-  findSnapshotByHash(hash: string): Promise<KeySnapshot | null>;
+  /**
+   * The key and its account by hash. A store that gives up on a read at a deadline while the read
+   * goes on (MongoDB) tells `late` the read's answer when it comes after this call failed on that
+   * deadline, so the caller can still cache it; one that never gives up (SQLite) never calls it.
+   */
+  findSnapshotByHash(hash: string, late?: (snapshot: KeySnapshot | null) => void): Promise<KeySnapshot | null>;
   /**
    * The same read answered in the caller's turn, by a store that reads without waiting on I/O
    * (embedded SQLite); absent on stores that must wait (MongoDB).

@@ -140,4 +140,101 @@ describe("LookupBatcher", () => {
     expect(batcher.inFlight).toBe(0);
     expect(batcher.waiting).toBe(0);
   });
+  // A backend slower than the deadline (MongoDB under load) still warms the cache: a lookup that
+  // timed out while its read was out is told the read's answer when it comes (SnapshotLookup
+  // caches it), and no more such lookups are remembered than maxLate.
+  describe("late answers", () => {
+    it("happy: a lookup that timed out with its read out is told that read's answer once, after its timeout", async () => {
+      vi.useFakeTimers();
+      const backend = manualBackend();
+      const batcher = new LookupBatcher(backend.readMany, OPTIONS);
+      const told: string[] = [];
+      const timedOut = batcher.get("a", (value) => told.push(`a: ${value}`)).catch((error: unknown) => error);
+      const plain = batcher.get("b").catch((error: unknown) => error);
+      await vi.advanceTimersByTimeAsync(1000);
+      expect(await timedOut).toBeInstanceOf(Timeout);
+      expect(await plain).toBeInstanceOf(Timeout);
+      expect(batcher.late).toBe(1);
+      backend.reads[0]?.answer();
+      await vi.advanceTimersByTimeAsync(0);
+      expect(told).toEqual(["a: value of a"]);
+      expect(batcher.late).toBe(0);
+    });
+
+    it("happy: a lookup answered in time is never told again", async () => {
+      const backend = manualBackend();
+      const batcher = new LookupBatcher(backend.readMany, OPTIONS);
+      const told: string[] = [];
+      const answer = batcher.get("a", (value) => told.push(value));
+      await settle();
+      backend.reads[0]?.answer();
+      expect(await answer).toBe("value of a");
+      expect(told).toEqual([]);
+      expect(batcher.late).toBe(0);
+    });
+
+    it("error: nothing is told for a lookup that timed out before its read was sent, nor when the read fails or leaves its key out", async () => {
+      vi.useFakeTimers();
+      const backend = manualBackend();
+      const batcher = new LookupBatcher(backend.readMany, { ...OPTIONS, maxBatch: 1, maxInFlight: 1 });
+      const told: string[] = [];
+      // "b" and "c" wait behind "a"'s read and time out there: never sent, so no answer can come.
+      const lookups = ["a", "b", "c"].map((k) => batcher.get(k, (value) => told.push(value)).catch(() => undefined));
+      await vi.advanceTimersByTimeAsync(1000);
+      await Promise.all(lookups);
+      expect(backend.reads.map((r) => r.keys)).toEqual([["a"]]);
+      expect(batcher.late).toBe(1);
+      backend.reads[0]?.fail(new Error("connection closed"));
+      await vi.advanceTimersByTimeAsync(0);
+      expect(batcher.late).toBe(0);
+
+      const leftOut = batcher.get("d", (value) => told.push(value)).catch(() => undefined);
+      await vi.advanceTimersByTimeAsync(1000);
+      await leftOut;
+      expect(batcher.late).toBe(1);
+      backend.reads[1]?.answer(new Map());
+      await vi.advanceTimersByTimeAsync(0);
+      expect(told).toEqual([]);
+      expect(batcher.late).toBe(0);
+    });
+
+    it("error: a listener that throws fails nothing else: the read's other late lookups are still told", async () => {
+      vi.useFakeTimers();
+      const backend = manualBackend();
+      const batcher = new LookupBatcher(backend.readMany, OPTIONS);
+      const told: string[] = [];
+      const lookups = [
+        batcher.get("a", () => {
+          throw new Error("cannot convert");
+        }),
+        batcher.get("b", (value) => told.push(value)),
+      ].map((lookup) => lookup.catch(() => undefined));
+      await vi.advanceTimersByTimeAsync(1000);
+      await Promise.all(lookups);
+      backend.reads[0]?.answer();
+      await vi.advanceTimersByTimeAsync(0);
+      expect(told).toEqual(["value of b"]);
+    });
+
+    it("security: at most maxLate timed-out lookups are remembered; the oldest are forgotten and never told", async () => {
+      vi.useFakeTimers();
+      const backend = manualBackend();
+      const batcher = new LookupBatcher(backend.readMany, { ...OPTIONS, maxBatch: 1, maxInFlight: 1, maxLate: 2 });
+      const told: string[] = [];
+      // A backend that stays slow: every read outlives its lookup, which a steady stream of cold
+      // Checks follows with another.
+      const lookups: Array<Promise<unknown>> = [];
+      for (const key of ["a", "b", "c", "d"]) {
+        lookups.push(batcher.get(key, (value) => told.push(value)).catch(() => undefined));
+        await vi.advanceTimersByTimeAsync(1000);
+      }
+      await Promise.all(lookups);
+      expect(backend.reads.map((r) => r.keys)).toEqual([["a"], ["b"], ["c"], ["d"]]);
+      expect(batcher.late).toBe(2);
+      for (const read of backend.reads) read.answer();
+      await vi.advanceTimersByTimeAsync(0);
+      expect(told).toEqual(["value of c", "value of d"]);
+      expect(batcher.late).toBe(0);
+    });
+  });
 });
