@@ -95,4 +95,12 @@ describe.runIf(redisReady)("a refused Redis Cluster or Sentinel exits 2 at once,
     expect(result.stderr).toBe("keygate: KEYGATE_REDIS_URL: Redis refused the credentials (WRONGPASS)\n");
     expect(result.stdout + result.stderr).not.toContain(wrong);
   }, 60_000);
+
+  it("a Sentinel that answers but does not know the master is not tried again", async () => {
+    const sentinel = await sentinelWith([]);
+    const result = await serveUntilExit(tempDir(), env(`redis+sentinel://127.0.0.1:${sentinel}/mymaster`, "8"), children);
+    expect(result.code).toBe(2);
+    expect(retries(result.stdout)).toEqual([]);
+    expect(result.stderr).toBe("keygate: KEYGATE_REDIS_URL: the connection failed (ERR No such master with that name)\n");
+  }, 60_000);
 });
