@@ -597,7 +597,7 @@ export const SNAPSHOT_FORMAT = 2;
 /**
  * The entry's text. A snapshot the schema would refuse is not cached: JSON writes NaN and
  * ±Infinity as null, which reads back as another answer (a NaN revokedAtMs, revoked on the replica
- * that read the store, as never revoked on every other).
+ * that read the store, and not revoked on every other one).
  */
 function encodeSnapshot(snapshot: KeySnapshot): string {
   const checked = snapshotSchema.safeParse(snapshot);
