@@ -171,6 +171,35 @@ export interface KeygateBehindSlowRedis {
   stop(): Promise<void>;
 }
 
+/** A suite's keygate behind a slow Redis (suiteBehindSlowRedis): the keygate, and the delay every answer waits, set by the test. */
+export interface SuiteBehindSlowRedis {
+  kg(): TestKeygate;
+  /** Milliseconds each Redis answer waits from now on (0 at the start and after the suite). */
+  setDelay(ms: number): void;
+}
+
+/** Starts a keygate behind a slow Redis (startKeygateBehindSlowRedis) in the calling suite's beforeAll and stops it in its afterAll. */
+export function suiteBehindSlowRedis(policy: unknown, budgetMs: number): SuiteBehindSlowRedis {
+  let delayMs = 0;
+  let started: KeygateBehindSlowRedis | undefined;
+  beforeAll(async () => {
+    started = await startKeygateBehindSlowRedis(policy, budgetMs, () => delayMs);
+  });
+  afterAll(async () => {
+    delayMs = 0;
+    await started?.stop();
+  });
+  return {
+    kg() {
+      if (started === undefined) throw new Error("the suite's keygate did not start");
+      return started.kg;
+    },
+    setDelay(ms) {
+      delayMs = ms;
+    },
+  };
+}
+
 /** Starts a redis-server, an ordered delay relay in front of it, and a keygate with `policy` and KEYGATE_CHECK_BUDGET_MS `budgetMs` on the relay. */
 export async function startKeygateBehindSlowRedis(policy: unknown, budgetMs: number, delayMs: () => number): Promise<KeygateBehindSlowRedis> {
   const redis = await startRedis();

@@ -1,10 +1,8 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { TEST_POLICY } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { checkStatusOrCode, redisCallCount, startKeygateBehindSlowRedis } from "../harness/redis-charge.js";
-import type { KeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import { checkStatusOrCode, redisCallCount, suiteBehindSlowRedis } from "../harness/redis-charge.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
 // README "If Redis fails": under limits.onRedisError `fallback` limits are per replica meanwhile,
@@ -27,28 +25,17 @@ const POLICY = {
 };
 
 describe.runIf(ready)("a slow (800 ms) Redis under limits.onRedisError fallback and a 150 ms Check budget", () => {
-  let slow: KeygateBehindSlowRedis;
-  let kg: TestKeygate;
-  let delayMs = 0;
-
-  beforeAll(async () => {
-    slow = await startKeygateBehindSlowRedis(POLICY, 150, () => delayMs);
-    kg = slow.kg;
-  });
-
-  afterAll(async () => {
-    delayMs = 0;
-    await slow?.stop();
-  });
+  const slow = suiteBehindSlowRedis(POLICY, 150);
 
   it("once Redis counts as lost, the replica lets through one in-process bucket (3), however many late charge answers land", async () => {
+    const kg = slow.kg();
     const ownerId = "slow-redis-fallback";
     await kg.admin.upsertAccount({ ownerId, plan: "tiny" });
     const key = await kg.admin.createKey({ ownerId, name: "k" });
     const status = (): Promise<number | string> => checkStatusOrCode(kg, key.secret);
     // One of the three in Redis's bucket, with Redis fast.
     expect(await status()).toBe(200);
-    delayMs = 800;
+    slow.setDelay(800);
     const logged = kg.logLines.length;
     const lost = (): boolean => kg.logLines.slice(logged).some((l) => l.includes("Redis is not answering; charges go to limits.onRedisError"));
     // Charged Checks, one at a time, until one finds Redis counted lost: each before it waits out its budget.

@@ -1,11 +1,9 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { DEFAULT_POLICY_INPUT } from "../../src/config.js";
 import { checkInit, checkOutcome } from "../harness/keygate.js";
-import type { TestKeygate } from "../harness/keygate.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
-import { checkStatusOrCode, redisCallCount, startKeygateBehindSlowRedis } from "../harness/redis-charge.js";
-import type { KeygateBehindSlowRedis } from "../harness/redis-charge.js";
+import { checkStatusOrCode, redisCallCount, suiteBehindSlowRedis } from "../harness/redis-charge.js";
 import { redisAvailable } from "../harness/redis-server.js";
 
 // README "One budget per Check". A Redis that answers every command 300 ms late: slower than a
@@ -29,21 +27,10 @@ const POLICY = {
 };
 
 describe.runIf(ready)("a Redis slower (300 ms) than the Check budget (150 ms)", () => {
-  let slow: KeygateBehindSlowRedis;
-  let kg: TestKeygate;
-  let delayMs = 0;
-
-  beforeAll(async () => {
-    slow = await startKeygateBehindSlowRedis(POLICY, 150, () => delayMs);
-    kg = slow.kg;
-  });
-
-  afterAll(async () => {
-    delayMs = 0;
-    await slow?.stop();
-  });
+  const slow = suiteBehindSlowRedis(POLICY, 150);
 
   it("Checks answered UNAVAILABLE are not billed, not counted allowed, and use up none of the daily quota", async () => {
+    const kg = slow.kg();
     const ownerId = "slow-redis-late-charge";
     await kg.admin.upsertAccount({ ownerId, plan: "small" });
     const key = await kg.admin.createKey({ ownerId, name: "k" });
@@ -51,7 +38,7 @@ describe.runIf(ready)("a Redis slower (300 ms) than the Check budget (150 ms)", 
     // One served while Redis is fast; it also loads the account's credit balance into Redis.
     expect(await status()).toBe(200);
     const chargesBefore = await redisCallCount(kg, "charge");
-    delayMs = 300;
+    slow.setDelay(300);
     const logged = kg.logLines.length;
     const answers: Array<number | string> = [];
     for (let i = 0; i < 3; i++) {
@@ -62,7 +49,7 @@ describe.runIf(ready)("a Redis slower (300 ms) than the Check budget (150 ms)", 
     }
     // Each waited out its budget: UNAVAILABLE (gRPC code 14).
     expect(answers).toEqual(["grpc 14", "grpc 14", "grpc 14"]);
-    delayMs = 0;
+    slow.setDelay(0);
     // The three charges answer (Redis allowed each), and each is given back.
     await until(async () => (await redisCallCount(kg, "charge")) >= chargesBefore + 3 && (await redisCallCount(kg, "give_back")) >= 3, 5000, "the three late charges answered and given back", { intervalMs: 20 });
     // Redis stayed counted healthy: it was only slow, so no limits.onRedisError mode stood in.
