@@ -185,6 +185,10 @@ export class SnapshotLookup {
     // answer is kept as one in time would have been, under this load's epoch and fill token, so
     // the retry is answered from the cache instead of reading the store again (and again failing).
     const late = (answer: KeySnapshot | null): void => {
+      // While the bus is down no invalidation reaches this replica, and L1 trusts a read for
+      // DISCONNECTED_TTL_MS from when it is kept: an answer read up to LATE_ANSWER_WINDOW_MS ago
+      // would outlast that bound (a key revoked on another replica meanwhile would pass), so none is kept.
+      if (!this.#deps.bus.connected) return;
       const from = this.#lateFrom.get(hash);
       if (from === undefined || read < from || performance.now() - askedMs > LATE_ANSWER_WINDOW_MS) return;
       this.#keep(hash, answer, epoch, shared, fill);

@@ -2,6 +2,7 @@ import { describe, expect, it } from "vitest";
 import { SnapshotLookup } from "../../src/cache/lookup.js";
 import { LocalInvalidationBus, MemoryCache } from "../../src/cache/memory.js";
 import { StoreUnavailableError } from "../../src/store/errors.js";
+import type { Invalidation, InvalidationBus } from "../../src/cache/cache.js";
 import type { KeySnapshot, SnapshotStore } from "../../src/store/store.js";
 import { lookupSnapshot } from "../harness/lookup-stores.js";
 
@@ -38,6 +39,16 @@ function setup(): { lookup: SnapshotLookup; store: ReturnType<typeof slowStore>;
   const bus = new LocalInvalidationBus();
   const local = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 });
   return { lookup: new SnapshotLookup({ local, store, bus }), store, bus };
+}
+
+/** A bus whose Redis is down: it delivers nothing, and publishing fails. */
+class DownBus implements InvalidationBus {
+  readonly connected = false;
+  async publish(): Promise<void> {
+    throw new Error("Redis is down");
+  }
+  subscribe(_handler: (event: Invalidation) => void): void {}
+  async close(): Promise<void> {}
 }
 
 describe("SnapshotLookup: a store answer that comes after the lookup failed", () => {
@@ -85,5 +96,19 @@ describe("SnapshotLookup: a store answer that comes after the lookup failed", ()
     for (let i = 0; i < 3; i += 1) await expect(lookup.load(HASH)).rejects.toBeInstanceOf(StoreUnavailableError);
     store.late[0]?.(LIVE);
     expect(lookup.peek(HASH)?.key.id).toBe("key_late");
+  });
+
+  it("security: is not kept while the bus is down, when no invalidation could reach this replica", async () => {
+    // While Redis is down L1 trusts a read for DISCONNECTED_TTL_MS (1 s) from when it is kept, so
+    // a key revoked on another replica stops passing here within about a second. A late answer
+    // may show the store as it was up to LATE_ANSWER_WINDOW_MS (5 s) ago: kept, it let a key
+    // revoked elsewhere after its read ran pass for up to about 6 s.
+    const store = slowStore();
+    const local = new MemoryCache({ maxEntries: 10, ttlSeconds: 60, negativeMaxEntries: 10, negativeTtlSeconds: 5 });
+    const lookup = new SnapshotLookup({ local, store, bus: new DownBus() });
+    await expect(lookup.load(HASH)).rejects.toBeInstanceOf(StoreUnavailableError);
+    expect(store.late).toHaveLength(1);
+    store.late[0]?.(LIVE);
+    expect(lookup.peek(HASH)).toBeUndefined();
   });
 });
