@@ -119,38 +119,80 @@ function readSecretFile(path: string): { value: string; mode: number } {
   }
 }
 
-function readOrCreate(path: string, make: () => string): { value: string; mode: number; created: boolean } {
-  // lstat, not exists: a link to nothing is there (and refused), not missing (and generated).
-  if (lstatSync(path, { throwIfNoEntry: false }) !== undefined) {
-    const { value, mode } = readSecretFile(path);
-    if (value === "") throw new Error(`${path} is empty; delete it to generate a new one`);
-    return { value, mode, created: false };
-  }
-  const value = make();
-  // Written whole under a name of its own, then linked at `path`: the file is never seen empty
-  // or half written there, and the link fails if another process put a file (or a link) at the
-  // name first. Keygates sharing the data directory may start together: the one that loses uses
-  // the winner's value, so two starts never disagree. fchmod: the umask must not widen it.
-  const temporary = `${path}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
-  const fd = openSync(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+/** link(2)'s answers on a file system without hard links (exFAT/FAT, some FUSE and SMB mounts). */
+const NO_HARD_LINKS = new Set(["EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS"]);
+
+/** How long a start that lost the race to create a secret file waits for the winner's write, at most. */
+const WINNER_WRITE_WAIT_MS = 200;
+
+function errorCode(error: unknown): string {
+  return error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
+}
+
+/** Writes `text` to a new file at `fd` with mode 0600 (the umask must not widen it), synced. */
+function writeSecret(fd: number, text: string): void {
   try {
-    try {
-      fchmodSync(fd, 0o600);
-      writeFileSync(fd, `${value}\n`);
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
+    fchmodSync(fd, 0o600);
+    writeFileSync(fd, text);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Creates `path` holding `text` unless something (a file, a link) is there already: false then.
+ * Written whole under a name of its own, then linked at `path`, so the file is never seen empty or
+ * half written there. Where the file system has no hard links it is created in place (O_EXCL).
+ */
+function createSecretFile(path: string, text: string): boolean {
+  const temporary = `${path}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
+  try {
+    writeSecret(openSync(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600), text);
     linkSync(temporary, path);
+    return true;
   } catch (error) {
-    if (!(error instanceof Error && "code" in error && error.code === "EEXIST")) throw error;
-    const existing = readSecretFile(path);
-    if (existing.value === "") throw new Error(`${path} is empty; delete it to generate a new one`, { cause: error });
-    return { ...existing, created: false };
+    if (errorCode(error) === "EEXIST") return false;
+    if (!NO_HARD_LINKS.has(errorCode(error))) throw error;
   } finally {
     rmSync(temporary, { force: true });
   }
-  return { value, mode: 0o600, created: true };
+  let fd: number;
+  try {
+    fd = openSync(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+  } catch (error) {
+    if (errorCode(error) === "EEXIST") return false;
+    throw error;
+  }
+  writeSecret(fd, text);
+  return true;
+}
+
+/** The winner's file, once its value is there: created in place (no hard links), it is empty until written. */
+function readWinnersFile(path: string): { value: string; mode: number } {
+  const waitUntil = performance.now() + WINNER_WRITE_WAIT_MS;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (;;) {
+    const existing = readSecretFile(path);
+    if (existing.value !== "" || performance.now() >= waitUntil) return existing;
+    Atomics.wait(pause, 0, 0, 10);
+  }
+}
+
+function readOrCreate(path: string, make: () => string): { value: string; mode: number; created: boolean } {
+  // lstat, not exists: a link to nothing is there (and refused), not missing (and generated).
+  if (lstatSync(path, { throwIfNoEntry: false }) === undefined) {
+    const value = make();
+    // Keygates sharing the data directory may start together: the one that loses uses the
+    // winner's value, so two starts never disagree.
+    if (createSecretFile(path, `${value}\n`)) return { value, mode: 0o600, created: true };
+    const { value: winners, mode } = readWinnersFile(path);
+    if (winners === "") throw new Error(`${path} is empty; delete it to generate a new one`);
+    return { value: winners, mode, created: false };
+  }
+  const { value, mode } = readSecretFile(path);
+  if (value === "") throw new Error(`${path} is empty; delete it to generate a new one`);
+  return { value, mode, created: false };
 }
 
 /**
