@@ -123,7 +123,7 @@ function readSecretFile(path: string): { value: string; mode: number } {
 const NO_HARD_LINKS = new Set(["EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS"]);
 
 /** How long a start that lost the race to create a secret file waits for the winner's write, at most. */
-const WINNER_WRITE_WAIT_MS = 200;
+const WINNER_WRITE_WAIT_MS = 1000;
 
 function errorCode(error: unknown): string {
   return error instanceof Error && "code" in error && typeof error.code === "string" ? error.code : "";
@@ -186,11 +186,9 @@ function readOrCreate(path: string, make: () => string): { value: string; mode: 
     // Keygates sharing the data directory may start together: the one that loses uses the
     // winner's value, so two starts never disagree.
     if (createSecretFile(path, `${value}\n`)) return { value, mode: 0o600, created: true };
-    const { value: winners, mode } = readWinnersFile(path);
-    if (winners === "") throw new Error(`${path} is empty; delete it to generate a new one`);
-    return { value: winners, mode, created: false };
   }
-  const { value, mode } = readSecretFile(path);
+  // Another start's file, or an earlier one's: created in place (no hard links), it is empty until written.
+  const { value, mode } = readWinnersFile(path);
   if (value === "") throw new Error(`${path} is empty; delete it to generate a new one`);
   return { value, mode, created: false };
 }

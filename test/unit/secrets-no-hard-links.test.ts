@@ -1,6 +1,7 @@
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Worker } from "node:worker_threads";
 import { afterAll, describe, expect, it, vi } from "vitest";
 
 // A data directory on a file system without hard links (exFAT/FAT, s3fs, gcsfuse, some SMB
@@ -20,6 +21,8 @@ vi.mock("node:fs", async (importOriginal) => {
 });
 
 const { loadSecrets } = await import("../../src/server/secrets.js");
+
+const WINNERS_PEPPER = "pepper-written-by-the-winning-keygate-0123456789abcdef";
 
 const root = mkdtempSync(join(tmpdir(), "keygate-nolink-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -41,5 +44,40 @@ describe("a data directory on a file system without hard links", () => {
     }
     expect(outcome).toBe("generated");
     expect(readdirSync(dataDir).filter((name) => name.endsWith(".tmp"))).toEqual([]);
+  });
+
+  // The winning start creates the file in place (O_CREAT|O_EXCL) and writes it just after, so it
+  // is empty for a moment (on SMB or FUSE across hosts, until its close). A start whose look comes
+  // then was told the file was empty, "delete it to generate a new one": advice that, followed,
+  // would change the pepper under every key made meanwhile. Here the winner is a worker thread
+  // that writes 50 ms after the start began.
+  it("a start that finds the winner's file created in place but not yet written waits for the write and uses its pepper instead of failing on an empty file", async () => {
+    const dataDir = mkdtempSync(join(root, "data-"));
+    const pepperFile = join(dataDir, "pepper");
+    // The winner's open(O_CREAT|O_EXCL, 0600): there, empty.
+    writeFileSync(pepperFile, "", { mode: 0o600, flag: "wx" });
+    const go = new Int32Array(new SharedArrayBuffer(4));
+    const winner = new Worker(
+      `const { workerData } = require("node:worker_threads");
+       const { writeFileSync } = require("node:fs");
+       const go = new Int32Array(workerData.go);
+       Atomics.wait(go, 0, 0);
+       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+       writeFileSync(workerData.path, workerData.value + "\\n");`,
+      { eval: true, workerData: { go: go.buffer, path: pepperFile, value: WINNERS_PEPPER } },
+    );
+    const done = new Promise((resolve) => winner.once("exit", resolve));
+    await new Promise((resolve) => winner.once("online", resolve));
+    Atomics.store(go, 0, 1);
+    Atomics.notify(go, 0);
+    let outcome: string;
+    try {
+      const secrets = loadSecrets(dataDir, { pepper: undefined, adminTokens: ["kgadm_test_token_0123456789abcdefghij"], adminTokensFile: undefined }, () => false);
+      outcome = secrets.pepper === WINNERS_PEPPER ? "uses the winner's pepper" : "uses another pepper";
+    } catch (error) {
+      outcome = `start fails: ${error instanceof Error ? error.message.replace(dataDir, "<data>") : String(error)}`;
+    }
+    await done;
+    expect(outcome).toBe("uses the winner's pepper");
   });
 });
