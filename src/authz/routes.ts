@@ -410,7 +410,7 @@ function projectEnd(path: string, slashAt: number): number {
 export const NO_REQUIREMENTS: RouteRequirements = { requiredScopes: [], projectId: null, cost: 1, metered: true, minRole: null, quota: null };
 
 // Distinct context_extensions values are few (one per proxy route), so their judgments are kept.
-// A Check on the gRPC port may send any value up to the 4 MiB message limit: only values as short
+// A Check on the gRPC port may send a value of up to the 4 MiB message limit: only values as short
 // as a proxy route's are kept, so made-up ones pin a few MiB at most, never gigabytes.
 const MAX_PARSED_SCOPES = 1024;
 const MAX_KEPT_SCOPES_LENGTH = 1024;

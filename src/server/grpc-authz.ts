@@ -268,7 +268,7 @@ const MISCONFIGURED_LOG_INTERVAL_MS = 60_000;
 const MAX_MISCONFIGURED_SETTINGS = 256;
 /**
  * The context_extensions RouteTable.requirements reads: the only ones a ROUTE_MISCONFIGURED
- * line shows. The others are the proxy's (or a client's) own, any number of any size.
+ * line shows. The others are the proxy's (or a client's) own, in whatever number and size.
  */
 const ROUTE_SETTINGS = ["required_scopes", "project_id", "cost", "metered", "min_role", "quota"] as const;
 /**

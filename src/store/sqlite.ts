@@ -1091,7 +1091,7 @@ export class SqliteKeyStore implements KeyStore {
 
   /**
    * Before closing: SQLite's close checkpoints the WAL and deletes it only as the file's last
-   * connection in any process. Another one left open (an idle `sqlite3` session, a second keygate)
+   * connection across all processes. Another one left open (an idle `sqlite3` session, a second keygate)
    * or a file moved since its open would leave the stop's last frames at the path, and the next
    * start would apply that log to the file then there: a backup restored by `mv` would come up
    * with keys made after it, or damaged. A TRUNCATE checkpoint empties it through the handles

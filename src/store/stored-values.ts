@@ -65,7 +65,7 @@ export function storedMs<T extends number | null>(value: T, field: string, at: S
 
 /**
  * A date field (MongoDB's BSON datetime) as milliseconds since 1970: null for none, else a Date a
- * JS Date holds. A BSON datetime is any int64 of milliseconds (another tool's "max date"
+ * JS Date holds. A BSON datetime is a whole int64 of milliseconds (another tool's "max date"
  * sentinel); past ±8.64e15 the driver's Date reads NaN.
  */
 export function storedDate(value: unknown, field: string, at: StoredAt): number | null {

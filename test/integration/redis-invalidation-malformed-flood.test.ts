@@ -73,7 +73,7 @@ describe.runIf(ready)("malformed invalidation messages and the log", { timeout: 
       await bus.publish({ kind: "owner", ownerId: "after" });
       await until(() => seen.length > 1, 5000, "the second valid event", POLL);
       expect(malformed().map(({ since }) => since)).toEqual([0, MALFORMED - 1]);
-      // Ignored: no event of any kind, an `all` included, came of them.
+      // Ignored: no event at all, not even an `all`, came of them.
       expect(seen).toEqual([
         { kind: "key", hash: "valid" },
         { kind: "owner", ownerId: "after" },

@@ -11,7 +11,7 @@ import { redisAvailable } from "../harness/redis-server.js";
 // README "One budget per Check": a late allow's give-back (GIVE_BACK) takes the rate bucket's
 // interval back only while the bucket still holds the time that charge wrote. It took one
 // interval off whatever time was stored: when the late charge's slot had already come back on its
-// own (its answer came later than one interval, as any answer later than a 150 ms budget is for a
+// own (its answer came later than one interval, as every answer later than a 150 ms budget is for a
 // limit of 10 a second) before later charges ran, the interval taken off was a served charge's,
 // and one request more than the limit went through per give-back.
 

@@ -12,7 +12,7 @@ import { until } from "../harness/poll.js";
 // README, Backups: the restore (stop keygate with SIGTERM, `mv backup.db keygate.db`, start it)
 // while another process still has keygate.db open (an operator's idle `sqlite3 data/keygate.db`
 // session in another terminal, a metrics exporter). SQLite's close checkpoints the WAL and deletes
-// it only as the file's last connection in any process, and keygate emptied it itself only for a
+// it only as the file's last connection across all processes, and keygate emptied it itself only for a
 // file it found moved: the stop's last frames (the keys made after the backup, or the final
 // flush's usage) stayed in keygate.db-wal, and the next start applied them to the restored file.
 // Keys made after the backup were accepted, and the restored file failed its integrity check. The

@@ -3,10 +3,10 @@ import { ROUTE_CONFIG_REFUSALS, RouteTable } from "../../src/authz/routes.js";
 import { retainedMiB } from "../harness/heap.js";
 
 // RouteTable keeps its judgment of each distinct required_scopes value (context_extensions), so a
-// proxy route's value is parsed once. A Check on keygate's gRPC port may carry any value, up to
+// proxy route's value is parsed once. A Check on keygate's gRPC port may carry a value of up to
 // the 4 MiB message limit, after only the key's public CRC32 check: were every distinct value a
 // key of that cache (1024 before it is cleared), made-up values, refused or not, would pin ~4 GiB.
-// Values longer than any proxy route's are judged each time and never kept.
+// Values longer than every proxy route's are judged each time and never kept.
 
 const MiB = 1024 * 1024;
 

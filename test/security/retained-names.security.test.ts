@@ -8,7 +8,7 @@ import { retainedMiB } from "../harness/heap.js";
 // The Check decoder keeps a process-wide canonical copy of the header names and
 // context_extensions keys it reads (check-request.ts canonicalName), so that names repeating from
 // request to request are added and compared as one string. It used to keep the first 1024
-// distinct names of any length for the life of the process: 48 Checks with one distinct 512 KiB
+// distinct names of whatever length for the life of the process: 48 Checks with one distinct 512 KiB
 // header name each pinned 22 MiB, 1024 of ~4 MiB ~4 GiB, and every later name went uncached.
 // Names are read before anything is judged, so no key is needed. Now only names under 128 bytes
 // (the slot cache's bound) are kept.

@@ -22,7 +22,7 @@ import { testKeyRecord } from "../harness/records.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
 
-// Dates a JS Date cannot hold, as another tool leaves them. A BSON datetime is any int64 of
+// Dates a JS Date cannot hold, as another tool leaves them. A BSON datetime is an int64 of
 // milliseconds (a Go or Java "max date" sentinel is 9e18 and more); the driver reads one past
 // ±8.64e15 as a Date whose getTime() is NaN. SQLite keeps 9e999 as a REAL that reads as Infinity.
 // Such a time is neither null nor a time: a NaN revoked_at read as revoked on the replica that
@@ -124,7 +124,7 @@ describe.runIf(mongoReady && redisReady)("out-of-range dates security: MongoDB, 
     await editKey(far.id, { revoked_at: new FarFutureDate(0), revoke_reason: "another tool" });
 
     expect(await outcome(kg1, far.secret)).toBe(UNAVAILABLE);
-    // The control's fill goes out after any fill of the first Check, on the same connection: once
+    // The control's fill goes out after every fill of the first Check, on the same connection: once
     // it is in L2, a fill of the far key would be too.
     expect(await outcome(kg1, control.secret)).toBe("allow");
     await until(async () => (await peek.exists(`kg:snap:${control.hash}`)) === 1, 5000, "the control key's L2 fill", { intervalMs: 20 });

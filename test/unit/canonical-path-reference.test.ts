@@ -87,7 +87,7 @@ function escapeAt(path: string, i: number, end: number): number {
 function referenceCanonicalPath(rawPath: string): string | RouteRefusal {
   if (rawPath.charCodeAt(0) !== SLASH) return PATH_REFUSALS.notOriginForm;
   // A gRPC Check's path may be megabytes long (the message limit, not the proxy's header limit,
-  // bounds it), and the work below is per character: longer than any server serves, refused.
+  // bounds it), and the work below is per character: longer than servers serve, refused.
   if (rawPath.length > MAX_PATH_LENGTH && pathEnd(rawPath) > MAX_PATH_LENGTH) return PATH_REFUSALS.tooLong;
   if (!needsWork(rawPath)) return rawPath;
   let end = rawPath.indexOf("?");

@@ -13,7 +13,7 @@ import { splitsSurrogatePair, withoutLoneSurrogates } from "../../src/surrogates
 // connect-es percent-encodes a gRPC or gRPC-Web error message with encodeURIComponent, which
 // throws on a lone surrogate: the refusal became a bare HTTP 500. keygate's refusals quote the
 // caller's input cut by length (echo()), and a cut inside a pair leaves half an emoji. echo() never
-// cuts there, and scrubbedConnectHandler shows any lone surrogate a handler's error still holds as
+// cuts there, and scrubbedConnectHandler shows each lone surrogate a handler's error still holds as
 // U+FFFD, so that a refusal stays what it is on every protocol.
 
 const EMOJI = "😀";
