@@ -8,7 +8,6 @@ import { UsageRecorder } from "../../src/limits/usage.js";
 import type { MeteringStore } from "../../src/store/store.js";
 import { checkInit, checkOutcome, startKeygate } from "./keygate.js";
 import type { TestKeygate } from "./keygate.js";
-import { startOrderedDelayRelay } from "./ordered-delay-relay.js";
 import { until } from "./poll.js";
 import { startRedis } from "./redis-server.js";
 import type { RedisServer } from "./redis-server.js";
@@ -204,7 +203,7 @@ export function suiteBehindSlowRedis(policy: unknown, budgetMs: number): SuiteBe
 export async function startKeygateBehindSlowRedis(policy: unknown, budgetMs: number, delayMs: () => number): Promise<KeygateBehindSlowRedis> {
   const redis = await startRedis();
   if (redis === null) throw new Error("redis-server is not on PATH");
-  const relay = await startOrderedDelayRelay(redis.port, delayMs).catch(async (error: unknown) => {
+  const relay = await startTcpRelay(redis.port, { answerDelayMs: delayMs }).catch(async (error: unknown) => {
     await redis.stop();
     throw error;
   });

@@ -3,7 +3,11 @@ import type { Server, Socket } from "node:net";
 
 /** How a relay treats the answers (upstream to client) it forwards. */
 export interface TcpRelayOptions {
-  /** Milliseconds each answer chunk waits before it is forwarded, read per chunk; 0 forwards at once. */
+  /**
+   * Milliseconds each answer chunk waits before it is forwarded, read per chunk; 0 forwards at
+   * once. A chunk never leaves before the one ahead of it on its connection, so a delay changed
+   * mid-connection slows or speeds the answers without reordering a connection's bytes.
+   */
   answerDelayMs?: () => number;
 }
 
@@ -100,7 +104,9 @@ export class TcpRelay {
     client.on("close", end).on("error", end);
     upstream.on("close", end).on("error", end);
     client.on("data", (chunk: Buffer) => this.#request(client, upstream, chunk));
-    upstream.on("data", (chunk: Buffer) => this.#answer(client, chunk));
+    // When this connection's latest delayed answer leaves: a later one never leaves before it.
+    const order = { lastLeavesAtMs: 0 };
+    upstream.on("data", (chunk: Buffer) => this.#answer(client, chunk, order));
   }
 
   #request(client: Socket, upstream: Socket, chunk: Buffer): void {
@@ -120,14 +126,17 @@ export class TcpRelay {
     else write();
   }
 
-  #answer(client: Socket, chunk: Buffer): void {
+  #answer(client: Socket, chunk: Buffer, order: { lastLeavesAtMs: number }): void {
     const write = (): void => {
       if (!client.destroyed) client.write(chunk);
     };
-    const delayMs = this.#answerDelayMs();
+    const nowMs = performance.now();
+    const leavesAtMs = Math.max(order.lastLeavesAtMs, nowMs + this.#answerDelayMs());
     if (this.#frozen) this.#hold(write);
-    else if (delayMs > 0) setTimeout(write, delayMs);
-    else write();
+    else if (leavesAtMs > nowMs) {
+      order.lastLeavesAtMs = leavesAtMs;
+      setTimeout(write, leavesAtMs - nowMs);
+    } else write();
   }
 
   #hold(write: () => void): void {

@@ -5,12 +5,12 @@ import { checkInit, checkOutcome, startKeygate } from "../harness/keygate.js";
 import type { TestKeygate } from "../harness/keygate.js";
 import { mongoWireAvailable, startMongoWire } from "../harness/mongo-wire.js";
 import type { MongoWire } from "../harness/mongo-wire.js";
-import { startOrderedDelayRelay } from "../harness/ordered-delay-relay.js";
-import type { OrderedDelayRelay } from "../harness/ordered-delay-relay.js";
 import { until } from "../harness/poll.js";
 import { requireServer } from "../harness/ports.js";
 import { redisAvailable, startRedis } from "../harness/redis-server.js";
 import type { RedisServer } from "../harness/redis-server.js";
+import { startTcpRelay } from "../harness/tcp-relay.js";
+import type { TcpRelay } from "../harness/tcp-relay.js";
 
 // While MongoDB answers slower than the Check budget (load, a GC pause, every key cold after a
 // restart), a key no cache holds is answered UNAVAILABLE. Its lookup's read goes on, and its
@@ -62,14 +62,14 @@ describe.runIf(mongoReady).each([
 ] as const)("MongoDB slower than the Check budget, %s: a late lookup answer", (_name, redisToo) => {
   let mongo: MongoWire | undefined;
   let redis: RedisServer | null = null;
-  let relay: OrderedDelayRelay | undefined;
+  let relay: TcpRelay | undefined;
   let kg: TestKeygate;
   let delayMs = 0;
   let seq = 0;
 
   beforeAll(async () => {
     mongo = await startMongoWire();
-    relay = await startOrderedDelayRelay(Number(new URL(mongo.uri).port), () => delayMs);
+    relay = await startTcpRelay(Number(new URL(mongo.uri).port), { answerDelayMs: () => delayMs });
     const uri = new URL(mongo.uri);
     uri.port = String(relay.port);
     if (redisToo && withRedis) redis = await startRedis();
